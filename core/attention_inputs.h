@@ -1,0 +1,65 @@
+// One attention request as nn.MultiheadAttention.forward takes it (batch_first=True, eval mode), and its
+// validation into the engine's canonical batched form.
+#pragma once
+
+#include <cstdint>
+
+#include "absl/status/statusor.h"
+#include "core/mha_config.h"
+#include "core/tensor.h"
+
+namespace attnserve {
+
+struct AttentionInputs {
+  TensorView query;             // [B, L, E], or [L, E] unbatched. FLOAT32.
+  TensorView key;               // [B, S, kdim] / [S, kdim]. Absent with value: self-attention (key = query).
+  TensorView value;             // [B, S, vdim] / [S, vdim].
+  TensorView key_padding_mask;  // [B, S] / [S]. BOOL (true = ignore that key) or FLOAT32 (added to scores).
+  TensorView attn_mask;         // [L, S] or [B*H, L, S] (head index b*H + h). BOOL (true = may not attend) or
+                                // FLOAT32 (added).
+  bool is_causal = false;       // query i may attend keys j <= i only; combines with the masks above.
+  bool need_weights = false;    // also return the attention probabilities
+  bool average_attn_weights = true;  // weights [B, L, S] averaged over heads, else [B, H, L, S]
+};
+
+struct AttentionOutputs {
+  Tensor output;        // [B, L, E] ([L, E] unbatched)
+  Tensor attn_weights;  // need_weights only: [B, L, S] or [B, H, L, S] (B dropped when unbatched)
+};
+
+// Per-layer limits on what a request may ask for; 0 means no limit.
+struct AttentionLimits {
+  int64_t max_sequence_length = 0;  // bound on L and S
+  int64_t max_tokens = 0;           // bound on B*L and B*S
+};
+
+enum class MaskType { kNone, kBool, kFloat };
+
+// A request that passed validation, in batched form. Views point into the caller's data.
+struct ParsedAttention {
+  const AttentionInputs* inputs = nullptr;
+  bool unbatched = false;
+  bool self_attention = false;
+  int64_t batch = 0;    // B (1 when unbatched)
+  int64_t q_len = 0;    // L
+  int64_t kv_len = 0;   // S
+  MaskType key_padding_mask = MaskType::kNone;
+  MaskType attn_mask = MaskType::kNone;
+  bool attn_mask_per_head = false;  // [B*H, L, S] rather than [L, S]
+
+  bool has_mask() const {
+    return key_padding_mask != MaskType::kNone || attn_mask != MaskType::kNone || inputs->is_causal;
+  }
+  int64_t query_tokens() const { return batch * q_len; }
+  int64_t kv_tokens() const { return batch * kv_len; }
+};
+
+// Checks every tensor against the layer and the limits. InvalidArgument names the field and gives the
+// expected and actual shape or dtype, e.g. "key_padding_mask: expected shape [2, 7] (B, S), got [2, 8]".
+absl::StatusOr<ParsedAttention> ParseAttentionInputs(const AttentionInputs& inputs, const MhaConfig& config,
+                                                     const AttentionLimits& limits);
+
+// Useful floating-point operations of one request: the four projections and the two attention matmuls.
+int64_t AttentionFlops(const MhaConfig& config, int64_t batch, int64_t q_len, int64_t kv_len);
+
+}  // namespace attnserve

@@ -1,0 +1,80 @@
+// One multi-head attention layer with PyTorch's nn.MultiheadAttention semantics (batch_first=True, eval):
+//   output = softmax(Q K^T / sqrt(Dh) + masks) V, per head, with Q = query Wq^T + bq, K = key Wk^T + bk,
+//   V = value Wv^T + bv, then output = concat(heads) Wo^T + bo.
+// Differences from PyTorch 1.13: a query row whose keys are all masked gets zero weights and a zero
+// attention output (so output = out_proj.bias there) where PyTorch returns NaN; is_causal is applied as a
+// mask of its own (combined with any attn_mask) rather than being a hint about attn_mask.
+//
+// Compute, on oneDNN: the projections are single matmuls over all tokens of all requests concatenated (one
+// fused [3E, E] matmul for self-attention); attention runs per sequence and per query block, reading the
+// heads in place from the projection output through strided memory descriptors; the scores of one block
+// (bounded by Options::scores_block_bytes) go through the mask pass and the softmax primitive; the context
+// is written over the block's Q columns, which the output projection then reads.
+//
+// Thread-safety: immutable after Create(); Forward and ForwardBatch may run on many threads at once. Each
+// thread keeps its own scratch buffers (grown to the high-water mark, released above 64 MiB).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "core/attention_inputs.h"
+#include "core/mha_config.h"
+#include "core/mha_weights.h"
+#include "core/onednn_ops.h"
+
+namespace attnserve {
+
+class MultiheadAttention {
+ public:
+  struct Options {
+    MhaConfig config;
+    AttentionLimits limits;
+    // Attention scores held at once by one thread (one query block, all heads); bounds the memory of long
+    // sequences: B=1, L=32768, H=16 needs 16 x 32768 x 4 bytes per query row.
+    int64_t scores_block_bytes = int64_t{2} << 20;
+    // Softmax primitives kept, one per (rows, S) shape seen.
+    int64_t softmax_cache_capacity = 512;
+  };
+
+  // InvalidArgument for a bad config or weights that do not match it.
+  static absl::StatusOr<std::unique_ptr<MultiheadAttention>> Create(const Options& options,
+                                                                    const MhaWeights& weights);
+  ~MultiheadAttention();
+
+  const MhaConfig& config() const { return options_.config; }
+  const Options& options() const { return options_; }
+
+  // Validation alone (what Forward checks first), for callers that reject bad requests before queueing.
+  absl::StatusOr<ParsedAttention> Validate(const AttentionInputs& inputs) const;
+
+  absl::StatusOr<AttentionOutputs> Forward(const AttentionInputs& inputs) const;
+
+  // Runs independent requests as one ragged batch, without padding. Result i answers requests[i]: its
+  // outputs, or its own validation error; a bad request does not affect the others. Equal to calling
+  // Forward on each request alone.
+  std::vector<absl::StatusOr<AttentionOutputs>> ForwardBatch(
+      absl::Span<const AttentionInputs* const> requests) const;
+
+  // impl_info_str() of every oneDNN primitive this layer has run or built, e.g. "gemm:jit".
+  std::vector<std::string> ImplementationsUsed() const;
+
+ private:
+  struct Group;
+  MultiheadAttention(const Options& options) : options_(options), softmax_(options.softmax_cache_capacity) {}
+  absl::Status RunGroup(Group& group) const;
+  absl::Status Attend(const ParsedAttention& p, float* q, int64_t ldq, const float* k, int64_t ldk,
+                      const float* v, int64_t ldv, Tensor* weights) const;
+
+  Options options_;
+  std::unique_ptr<LinearOp> qkv_proj_;  // fused [3E, E], only when kdim == vdim == E
+  std::unique_ptr<LinearOp> q_proj_, k_proj_, v_proj_, out_proj_;
+  std::unique_ptr<HeadMatmulOp> scores_op_, context_op_;
+  SoftmaxCache softmax_;
+};
+
+}  // namespace attnserve

@@ -1,0 +1,251 @@
+#include "core/onednn_ops.h"
+
+#include <algorithm>
+#include <dnnl.hpp>
+
+#include "absl/strings/str_cat.h"
+
+namespace attnserve {
+namespace {
+
+using dt = dnnl::memory::data_type;
+using tag = dnnl::memory::format_tag;
+constexpr dnnl::memory::dim kRt = DNNL_RUNTIME_DIM_VAL;
+
+const dnnl::engine& CpuEngine() {
+  static const dnnl::engine* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
+  return *engine;
+}
+
+// Per calling thread: a stream (streams are not thread-safe) and a scratchpad that grows to the largest
+// request of any op run on this thread.
+struct ThreadState {
+  dnnl::stream stream{CpuEngine()};
+  std::vector<uint8_t> scratchpad;
+
+  dnnl::memory Scratchpad(const dnnl::memory::desc& md) {
+    const size_t size = md.get_size();
+    if (scratchpad.size() < size) scratchpad.resize(size);
+    return dnnl::memory(md, CpuEngine(), size ? scratchpad.data() : nullptr);
+  }
+};
+
+ThreadState& ThisThread() {
+  thread_local ThreadState state;
+  return state;
+}
+
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+absl::Status FromDnnl(const dnnl::error& e, const char* what) {
+  return absl::InternalError(absl::StrCat("oneDNN ", what, " failed: ", e.what(), " (status ", e.status, ")"));
+}
+
+dnnl::memory::desc Desc4(const View4& v) {
+  return dnnl::memory::desc({v.dims[0], v.dims[1], v.dims[2], v.dims[3]}, dt::f32,
+                            {v.strides[0], v.strides[1], v.strides[2], v.strides[3]});
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------- LinearOp
+
+struct LinearOp::Impl {
+  dnnl::matmul::primitive_desc pd;
+  dnnl::matmul prim;
+  dnnl::memory weights_mem;
+  dnnl::memory bias_mem;
+  int64_t k = 0, n = 0;
+};
+
+LinearOp::LinearOp(std::unique_ptr<Impl> impl) : impl_ptr_(std::move(impl)), impl_(impl_ptr_->pd.impl_info_str()) {}
+LinearOp::~LinearOp() = default;
+
+absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Create(int64_t k, int64_t n, const std::vector<float>& weight,
+                                                          const std::vector<float>& bias) {
+  if (k <= 0 || n <= 0 || weight.size() != static_cast<size_t>(k * n) ||
+      (!bias.empty() && bias.size() != static_cast<size_t>(n))) {
+    return absl::InvalidArgumentError(absl::StrCat("LinearOp: weight must be [", n, ", ", k, "] and bias [", n,
+                                                   "] or empty; got ", weight.size(), " and ", bias.size(),
+                                                   " values"));
+  }
+  try {
+    auto impl = std::make_unique<Impl>();
+    impl->k = k;
+    impl->n = n;
+    const dnnl::memory::desc src_md({kRt, k}, dt::f32, {kRt, 1});
+    const dnnl::memory::desc weights_md({k, n}, dt::f32, tag::any);
+    const dnnl::memory::desc bias_md({1, n}, dt::f32, tag::ab);
+    const dnnl::memory::desc dst_md({kRt, n}, dt::f32, {kRt, 1});
+    impl->pd = dnnl::matmul::primitive_desc(
+        bias.empty() ? dnnl::matmul::desc(src_md, weights_md, dst_md)
+                     : dnnl::matmul::desc(src_md, weights_md, bias_md, dst_md),
+        UserScratchpad(), CpuEngine());
+    impl->prim = dnnl::matmul(impl->pd);
+
+    // PyTorch's W [n, k] row-major is W^T [k, n] with strides {1, k}: one reorder into the chosen layout.
+    const dnnl::memory::desc torch_md({k, n}, dt::f32, {1, k});
+    dnnl::memory torch_mem(torch_md, CpuEngine(), const_cast<float*>(weight.data()));
+    impl->weights_mem = dnnl::memory(impl->pd.weights_desc(), CpuEngine());
+    ThreadState& ts = ThisThread();
+    dnnl::reorder(torch_mem, impl->weights_mem).execute(ts.stream, torch_mem, impl->weights_mem);
+    if (!bias.empty()) {
+      impl->bias_mem = dnnl::memory(bias_md, CpuEngine());
+      std::copy(bias.begin(), bias.end(), static_cast<float*>(impl->bias_mem.get_data_handle()));
+    }
+    ts.stream.wait();
+    return std::unique_ptr<LinearOp>(new LinearOp(std::move(impl)));
+  } catch (const dnnl::error& e) {
+    return FromDnnl(e, "linear layer creation");
+  }
+}
+
+absl::Status LinearOp::Execute(const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const {
+  if (m == 0) return absl::OkStatus();
+  const Impl& p = *impl_ptr_;
+  try {
+    ThreadState& ts = ThisThread();
+    dnnl::memory src(dnnl::memory::desc({m, p.k}, dt::f32, {ldx, 1}), CpuEngine(), const_cast<float*>(x));
+    dnnl::memory dst(dnnl::memory::desc({m, p.n}, dt::f32, {ldy, 1}), CpuEngine(), y);
+    std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src},
+                                                  {DNNL_ARG_WEIGHTS, p.weights_mem},
+                                                  {DNNL_ARG_DST, dst},
+                                                  {DNNL_ARG_SCRATCHPAD, ts.Scratchpad(p.pd.scratchpad_desc())}};
+    if (p.bias_mem) args.emplace(DNNL_ARG_BIAS, p.bias_mem);
+    p.prim.execute(ts.stream, args);
+    ts.stream.wait();
+    return absl::OkStatus();
+  } catch (const dnnl::error& e) {
+    return FromDnnl(e, "linear layer");
+  }
+}
+
+// ------------------------------------------------------------------------------------------ HeadMatmulOp
+
+struct HeadMatmulOp::Impl {
+  dnnl::matmul::primitive_desc pd;
+  dnnl::matmul prim;
+};
+
+HeadMatmulOp::HeadMatmulOp(std::unique_ptr<Impl> impl)
+    : impl_ptr_(std::move(impl)), impl_(impl_ptr_->pd.impl_info_str()) {}
+HeadMatmulOp::~HeadMatmulOp() = default;
+
+absl::StatusOr<std::unique_ptr<HeadMatmulOp>> HeadMatmulOp::Create(Kind kind, int64_t heads, int64_t head_dim) {
+  try {
+    auto impl = std::make_unique<Impl>();
+    // Fixed heads and head dim, fixed unit inner strides: what keeps oneDNN 2.6 on gemm:jit (a fully
+    // runtime-shaped matmul falls back to ref:any).
+    const int64_t h = heads, d = head_dim;
+    dnnl::memory::desc a_md, b_md, c_md;
+    if (kind == Kind::kScores) {
+      a_md = dnnl::memory::desc({kRt, h, kRt, d}, dt::f32, {kRt, kRt, kRt, 1});
+      b_md = dnnl::memory::desc({kRt, h, d, kRt}, dt::f32, {kRt, kRt, 1, kRt});
+      c_md = dnnl::memory::desc({kRt, h, kRt, kRt}, dt::f32, {kRt, kRt, kRt, 1});
+    } else {
+      a_md = dnnl::memory::desc({kRt, h, kRt, kRt}, dt::f32, {kRt, kRt, kRt, 1});
+      b_md = dnnl::memory::desc({kRt, h, kRt, d}, dt::f32, {kRt, kRt, kRt, 1});
+      c_md = dnnl::memory::desc({kRt, h, kRt, d}, dt::f32, {kRt, kRt, kRt, 1});
+    }
+    impl->pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, c_md), UserScratchpad(), CpuEngine());
+    impl->prim = dnnl::matmul(impl->pd);
+    return std::unique_ptr<HeadMatmulOp>(new HeadMatmulOp(std::move(impl)));
+  } catch (const dnnl::error& e) {
+    return FromDnnl(e, "attention matmul creation");
+  }
+}
+
+absl::Status HeadMatmulOp::Execute(const View4& a, const View4& b, const View4& c) const {
+  const Impl& p = *impl_ptr_;
+  try {
+    ThreadState& ts = ThisThread();
+    dnnl::memory a_mem(Desc4(a), CpuEngine(), a.data);
+    dnnl::memory b_mem(Desc4(b), CpuEngine(), b.data);
+    dnnl::memory c_mem(Desc4(c), CpuEngine(), c.data);
+    p.prim.execute(ts.stream, {{DNNL_ARG_SRC, a_mem},
+                               {DNNL_ARG_WEIGHTS, b_mem},
+                               {DNNL_ARG_DST, c_mem},
+                               {DNNL_ARG_SCRATCHPAD, ts.Scratchpad(p.pd.scratchpad_desc())}});
+    ts.stream.wait();
+    return absl::OkStatus();
+  } catch (const dnnl::error& e) {
+    return FromDnnl(e, "attention matmul");
+  }
+}
+
+// ------------------------------------------------------------------------------------------ SoftmaxCache
+
+struct SoftmaxCache::Entry {
+  dnnl::softmax_forward::primitive_desc pd;
+  dnnl::softmax_forward prim;
+};
+
+SoftmaxCache::SoftmaxCache(size_t capacity) : capacity_(std::max<size_t>(capacity, 1)) {}
+SoftmaxCache::~SoftmaxCache() = default;
+
+absl::StatusOr<std::shared_ptr<const SoftmaxCache::Entry>> SoftmaxCache::Get(int64_t rows, int64_t cols) const {
+  const Key key{rows, cols};
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = map_.find(key);
+    if (it != map_.end()) {
+      lru_.splice(lru_.begin(), lru_, it->second.second);
+      return it->second.first;
+    }
+  }
+  // Built outside the lock: creation takes tens of microseconds and other shapes need not wait for it.
+  auto entry = std::make_shared<Entry>();
+  try {
+    const dnnl::memory::desc md({rows, cols}, dt::f32, tag::ab);
+    entry->pd = dnnl::softmax_forward::primitive_desc(
+        dnnl::softmax_forward::desc(dnnl::prop_kind::forward_inference, md, 1), UserScratchpad(), CpuEngine());
+    entry->prim = dnnl::softmax_forward(entry->pd);
+  } catch (const dnnl::error& e) {
+    return FromDnnl(e, "softmax creation");
+  }
+  absl::MutexLock lock(&mu_);
+  auto it = map_.find(key);
+  if (it != map_.end()) return it->second.first;  // another thread built it meanwhile
+  const std::string impl = entry->pd.impl_info_str();
+  if (std::find(impls_seen_.begin(), impls_seen_.end(), impl) == impls_seen_.end()) impls_seen_.push_back(impl);
+  lru_.push_front(key);
+  map_.emplace(key, std::make_pair(entry, lru_.begin()));
+  while (map_.size() > capacity_) {
+    map_.erase(lru_.back());
+    lru_.pop_back();
+  }
+  return std::shared_ptr<const Entry>(entry);
+}
+
+absl::Status SoftmaxCache::Execute(float* data, int64_t rows, int64_t cols) const {
+  if (rows == 0) return absl::OkStatus();
+  auto entry = Get(rows, cols);
+  if (!entry.ok()) return entry.status();
+  try {
+    ThreadState& ts = ThisThread();
+    dnnl::memory mem((*entry)->pd.src_desc(), CpuEngine(), data);
+    (*entry)->prim.execute(ts.stream, {{DNNL_ARG_SRC, mem},
+                                       {DNNL_ARG_DST, mem},
+                                       {DNNL_ARG_SCRATCHPAD, ts.Scratchpad((*entry)->pd.scratchpad_desc())}});
+    ts.stream.wait();
+    return absl::OkStatus();
+  } catch (const dnnl::error& e) {
+    return FromDnnl(e, "softmax");
+  }
+}
+
+std::vector<std::string> SoftmaxCache::Impls() const {
+  absl::MutexLock lock(&mu_);
+  return impls_seen_;
+}
+
+size_t SoftmaxCache::size() const {
+  absl::MutexLock lock(&mu_);
+  return map_.size();
+}
+
+}  // namespace attnserve

@@ -1,0 +1,97 @@
+// The oneDNN adapter: the only code that includes dnnl.hpp or sees dnnl::error. Each op is built once (with
+// oneDNN runtime dimensions where a size changes from call to call) and then executed many times.
+//
+// Thread-safety: every op is immutable after Create() and may be executed from many threads at once; each
+// calling thread gets its own oneDNN stream and scratchpad (user scratchpad mode), so no execution shares
+// mutable state. SoftmaxCache guards its map with a mutex.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+
+namespace attnserve {
+
+// y[M, N] = x[M, K] . W^T (+ b), PyTorch's nn.Linear: W is [N, K] row-major, b is [N]. M and the row
+// strides of x and y are given per call, so one op serves any number of tokens.
+class LinearOp {
+ public:
+  // `weight` [n, k] and `bias` [n] (empty: no bias) are copied into oneDNN's preferred layout.
+  static absl::StatusOr<std::unique_ptr<LinearOp>> Create(int64_t k, int64_t n, const std::vector<float>& weight,
+                                                          const std::vector<float>& bias);
+  ~LinearOp();
+  // x: m rows of k floats, row stride ldx; y: m rows of n floats, row stride ldy. m == 0 is a no-op.
+  absl::Status Execute(const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
+  const std::string& impl() const { return impl_; }
+
+ private:
+  struct Impl;
+  explicit LinearOp(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_ptr_;
+  std::string impl_;
+};
+
+// A rank-4 strided view: element (i0, i1, i2, i3) at data[i0*s0 + i1*s1 + i2*s2 + i3*s3].
+struct View4 {
+  float* data = nullptr;
+  int64_t dims[4] = {0, 0, 0, 0};
+  int64_t strides[4] = {0, 0, 0, 0};
+};
+
+// Batched matmul over [sequences, heads]: C[b, h, M, N] = A[b, h, M, K] . B[b, h, K, N]. The number of
+// heads and one of K or N (the head dim) are fixed at creation; everything else, including all strides,
+// comes per call. That is how the head split reads Q, K and V in place inside the projection output
+// (row stride 3E, head h at column offset h*Dh) without a transpose copy.
+class HeadMatmulOp {
+ public:
+  enum class Kind {
+    kScores,   // A = Q [b,h,M,Dh] (inner stride 1), B = K^T [b,h,Dh,N] (stride 1 along Dh), C dense.
+    kContext,  // A = P [b,h,M,K] dense, B = V [b,h,K,Dh] (inner stride 1), C [b,h,M,Dh] (inner stride 1).
+  };
+  static absl::StatusOr<std::unique_ptr<HeadMatmulOp>> Create(Kind kind, int64_t heads, int64_t head_dim);
+  ~HeadMatmulOp();
+  absl::Status Execute(const View4& a, const View4& b, const View4& c) const;
+  const std::string& impl() const { return impl_; }
+
+ private:
+  struct Impl;
+  explicit HeadMatmulOp(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_ptr_;
+  std::string impl_;
+};
+
+// In-place softmax over the last axis of a dense [rows, cols] matrix, with the softmax primitive. oneDNN's
+// softmax has no runtime dimensions, so primitives are cached per (rows, cols), least recently used first
+// out once `capacity` is reached.
+class SoftmaxCache {
+ public:
+  explicit SoftmaxCache(size_t capacity);
+  ~SoftmaxCache();
+  absl::Status Execute(float* data, int64_t rows, int64_t cols) const;
+  // impl_info_str() of every softmax primitive this cache has created, deduplicated.
+  std::vector<std::string> Impls() const;
+  size_t size() const;
+
+ private:
+  struct Entry;
+  using Key = std::pair<int64_t, int64_t>;
+  absl::StatusOr<std::shared_ptr<const Entry>> Get(int64_t rows, int64_t cols) const;
+
+  const size_t capacity_;
+  mutable absl::Mutex mu_;
+  mutable std::list<Key> lru_ ABSL_GUARDED_BY(mu_);  // front = most recently used
+  mutable absl::flat_hash_map<Key, std::pair<std::shared_ptr<const Entry>, std::list<Key>::iterator>> map_
+      ABSL_GUARDED_BY(mu_);
+  mutable std::vector<std::string> impls_seen_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace attnserve

@@ -1,0 +1,55 @@
+// Dense row-major tensors as the engine sees them: non-owning views for inputs (so the server can hand
+// the engine bytes that live in a protobuf message without a copy) and an owning f32 tensor for outputs.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/types/span.h"
+
+namespace attnserve {
+
+enum class DType { kFloat32, kBool };
+
+const char* DTypeName(DType dtype);
+size_t DTypeSize(DType dtype);
+
+using Shape = std::vector<int64_t>;
+
+// "[2, 16, 256]".
+std::string ShapeToString(absl::Span<const int64_t> shape);
+// Product of the dims (1 for a scalar shape []). Dims must be non-negative.
+int64_t NumElements(absl::Span<const int64_t> shape);
+
+// A read-only view of caller-owned row-major data; `data` may be unaligned and must outlive the view.
+// A default-constructed view (data == nullptr, empty shape) means "absent".
+struct TensorView {
+  DType dtype = DType::kFloat32;
+  Shape shape;
+  const void* data = nullptr;
+
+  bool present() const { return data != nullptr || !shape.empty(); }
+  int64_t num_elements() const { return NumElements(shape); }
+  size_t num_bytes() const { return static_cast<size_t>(num_elements()) * DTypeSize(dtype); }
+
+  static TensorView F32(const float* data, Shape shape) { return {DType::kFloat32, std::move(shape), data}; }
+  // Bool values are one byte each, 0 = false, anything else = true.
+  static TensorView Bool(const uint8_t* data, Shape shape) { return {DType::kBool, std::move(shape), data}; }
+};
+
+// An owning, row-major f32 tensor.
+struct Tensor {
+  Shape shape;
+  std::vector<float> values;
+
+  Tensor() = default;
+  explicit Tensor(Shape s) : shape(std::move(s)), values(static_cast<size_t>(NumElements(shape))) {}
+  Tensor(Shape s, std::vector<float> v) : shape(std::move(s)), values(std::move(v)) {}
+
+  TensorView view() const { return TensorView::F32(values.data(), shape); }
+  int64_t num_elements() const { return NumElements(shape); }
+};
+
+}  // namespace attnserve

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs every build, test and run dependency of attnserve from Debian 12's archive (and npm for the
+# Node example). Idempotent: packages already present are skipped, so a second run costs a dpkg query.
+# Usage: scripts/install-deps.sh [--bench]   (--bench adds PyTorch and OpenBLAS for bench/torch_mha.py)
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+PKGS=(
+  build-essential cmake pkg-config ninja-build
+  libdnnl-dev
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libspdlog-dev libfmt-dev prometheus-cpp-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  libabsl-dev nlohmann-json3-dev
+  python3 python3-numpy python3-grpcio python3-protobuf
+  prometheus curl procps
+)
+if [ "${1:-}" = "--bench" ]; then
+  PKGS+=(python3-torch libopenblas0-pthread)
+fi
+
+missing=()
+for p in "${PKGS[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+# Node.js and npm: the machine image may ship its own build (which conflicts with Debian's npm package);
+# only install Debian's when no npm is on PATH.
+if ! command -v npm >/dev/null 2>&1; then missing+=(nodejs npm); fi
+
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "install-deps: all Debian packages present"
+fi

@@ -1,0 +1,129 @@
+// A ragged batch (requests of different lengths, masks and kinds run together without padding) gives each
+// request what it gets alone, and a bad request in the batch gets its own error without disturbing the rest.
+#include <random>
+
+#include "core/multihead_attention.h"
+#include "gtest/gtest.h"
+#include "tests/testing/naive_mha.h"
+
+namespace attnserve {
+namespace {
+
+using testing::RandomValues;
+
+struct OwnedRequest {
+  std::vector<float> query, key, value, attn_mask;
+  std::vector<uint8_t> kpm;
+  AttentionInputs inputs;
+};
+
+std::unique_ptr<OwnedRequest> RandomRequest(std::mt19937_64& rng, const MhaConfig& c, bool self) {
+  auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  auto r = std::make_unique<OwnedRequest>();
+  const int64_t b = pick(1, 3), l = pick(1, 40), s = self ? l : pick(1, 40), e = c.embed_dim;
+  r->query = RandomValues(rng, b * l * e);
+  r->inputs.query = TensorView::F32(r->query.data(), {b, l, e});
+  if (!self) {
+    r->key = RandomValues(rng, b * s * e);
+    r->value = RandomValues(rng, b * s * e);
+    r->inputs.key = TensorView::F32(r->key.data(), {b, s, e});
+    r->inputs.value = TensorView::F32(r->value.data(), {b, s, e});
+  }
+  if (pick(0, 1)) {
+    for (int64_t i = 0; i < b * s; ++i) r->kpm.push_back(pick(0, 4) == 0);
+    r->inputs.key_padding_mask = TensorView::Bool(r->kpm.data(), {b, s});
+  }
+  if (pick(0, 1)) {
+    r->attn_mask = RandomValues(rng, l * s);
+    r->inputs.attn_mask = TensorView::F32(r->attn_mask.data(), {l, s});
+  }
+  r->inputs.is_causal = pick(0, 3) == 0;
+  r->inputs.need_weights = pick(0, 1);
+  r->inputs.average_attn_weights = pick(0, 1);
+  return r;
+}
+
+TEST(RaggedBatchTest, BatchEqualsEachRequestAlone) {
+  std::mt19937_64 rng(42);
+  MhaConfig config{64, 4, 0, 0, true};
+  const MhaWeights weights = testing::RandomTestWeights(config, rng);
+  for (int64_t block_bytes : {int64_t{2} << 20, int64_t{4096}}) {
+    MultiheadAttention::Options options;
+    options.config = config;
+    options.scores_block_bytes = block_bytes;
+    auto layer = MultiheadAttention::Create(options, weights);
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    for (int round = 0; round < 10; ++round) {
+      std::vector<std::unique_ptr<OwnedRequest>> owned;
+      std::vector<const AttentionInputs*> batch;
+      const int n = 2 + round;
+      for (int i = 0; i < n; ++i) {
+        owned.push_back(RandomRequest(rng, config, /*self=*/i % 3 != 2));
+        batch.push_back(&owned.back()->inputs);
+      }
+      auto together = (*layer)->ForwardBatch(batch);
+      ASSERT_EQ(together.size(), batch.size());
+      for (int i = 0; i < n; ++i) {
+        auto alone = (*layer)->Forward(*batch[i]);
+        ASSERT_TRUE(alone.ok()) << alone.status();
+        ASSERT_TRUE(together[i].ok()) << together[i].status();
+        EXPECT_EQ(together[i]->output.shape, alone->output.shape);
+        EXPECT_LE(testing::MaxAbsDiff(together[i]->output.values, alone->output.values), 1e-6)
+            << "request " << i << " of " << n;
+        EXPECT_LE(testing::MaxAbsDiff(together[i]->attn_weights.values, alone->attn_weights.values), 1e-6);
+        // and both agree with the float64 reference
+        const auto want = testing::NaiveMultiheadAttention(config, weights, *batch[i]);
+        EXPECT_LE(testing::MaxAbsDiff(together[i]->output.values, want.output), 2e-5);
+      }
+    }
+  }
+}
+
+TEST(RaggedBatchTest, BadRequestGetsItsOwnErrorOthersUnaffected) {
+  std::mt19937_64 rng(43);
+  MhaConfig config{32, 4, 0, 0, true};
+  const MhaWeights weights = testing::RandomTestWeights(config, rng);
+  MultiheadAttention::Options options;
+  options.config = config;
+  auto layer = MultiheadAttention::Create(options, weights);
+  ASSERT_TRUE(layer.ok());
+  auto good1 = RandomRequest(rng, config, true);
+  auto good2 = RandomRequest(rng, config, false);
+  std::vector<float> bad_query = RandomValues(rng, 2 * 5 * 31);
+  AttentionInputs bad;
+  bad.query = TensorView::F32(bad_query.data(), {2, 5, 31});
+  std::vector<const AttentionInputs*> batch = {&good1->inputs, &bad, &good2->inputs};
+  auto results = (*layer)->ForwardBatch(batch);
+  ASSERT_EQ(results.size(), 3u);
+  EXPECT_EQ(results[1].status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(results[1].status().message().find("query"), std::string::npos) << results[1].status();
+  for (int i : {0, 2}) {
+    ASSERT_TRUE(results[i].ok()) << results[i].status();
+    auto alone = (*layer)->Forward(*batch[i]);
+    EXPECT_LE(testing::MaxAbsDiff(results[i]->output.values, alone->output.values), 1e-6);
+  }
+}
+
+TEST(RaggedBatchTest, UnalignedInputDataIsHandled) {
+  std::mt19937_64 rng(44);
+  MhaConfig config{16, 2, 0, 0, true};
+  const MhaWeights weights = testing::RandomTestWeights(config, rng);
+  MultiheadAttention::Options options;
+  options.config = config;
+  auto layer = MultiheadAttention::Create(options, weights);
+  ASSERT_TRUE(layer.ok());
+  const std::vector<float> query = RandomValues(rng, 3 * 16);
+  // Bytes as they might sit inside a protobuf message: at an odd address.
+  std::vector<char> raw(query.size() * 4 + 1);
+  std::memcpy(raw.data() + 1, query.data(), query.size() * 4);
+  AttentionInputs aligned, unaligned;
+  aligned.query = TensorView::F32(query.data(), {3, 16});
+  unaligned.query = {DType::kFloat32, {3, 16}, raw.data() + 1};
+  auto a = (*layer)->Forward(aligned);
+  auto u = (*layer)->Forward(unaligned);
+  ASSERT_TRUE(a.ok() && u.ok());
+  EXPECT_EQ(a->output.values, u->output.values);
+}
+
+}  // namespace
+}  // namespace attnserve

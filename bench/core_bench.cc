@@ -1,1 +1,105 @@
-int main(){}
+// attnserve_core_bench: the engine's in-process speed, in GFLOP/s (counter GFLOPS), for the shapes of
+// BENCHMARKS.md, beside a large oneDNN sgemm measured in the same run as the machine's practical peak.
+// FLOPs counted as in AttentionFlops(): QKV and output projections plus QK^T and PV.
+#include <benchmark/benchmark.h>
+
+#include <dnnl.hpp>
+#include <random>
+#include <vector>
+
+#include "core/multihead_attention.h"
+
+namespace attnserve {
+namespace {
+
+std::vector<float> Random(int64_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = u(rng);
+  return v;
+}
+
+// Args: B, L, E, H. Self-attention, need_weights=false (what torch_mha.py times).
+void BM_SelfAttention(benchmark::State& state) {
+  const int64_t b = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
+  MultiheadAttention::Options options;
+  options.config = {e, h, 0, 0, true};
+  auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
+  if (!layer.ok()) {
+    state.SkipWithError(layer.status().ToString().c_str());
+    return;
+  }
+  const std::vector<float> query = Random(b * l * e, 2);
+  AttentionInputs in;
+  in.query = TensorView::F32(query.data(), {b, l, e});
+  for (auto _ : state) {
+    auto out = (*layer)->Forward(in);
+    if (!out.ok()) state.SkipWithError(out.status().ToString().c_str());
+    benchmark::DoNotOptimize(out);
+  }
+  const double flops = static_cast<double>(AttentionFlops(options.config, b, l, l));
+  state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// The same requests as one ragged batch of B single sequences of different lengths (mean L).
+void BM_RaggedBatch(benchmark::State& state) {
+  const int64_t b = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
+  MultiheadAttention::Options options;
+  options.config = {e, h, 0, 0, true};
+  auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
+  std::vector<std::vector<float>> queries;
+  std::vector<AttentionInputs> inputs(b);
+  std::vector<const AttentionInputs*> batch;
+  double flops = 0;
+  std::mt19937_64 rng(5);
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t len = std::uniform_int_distribution<int64_t>(l / 2, l + l / 2)(rng);
+    queries.push_back(Random(len * e, 10 + i));
+    inputs[i].query = TensorView::F32(queries.back().data(), {1, len, e});
+    batch.push_back(&inputs[i]);
+    flops += static_cast<double>(AttentionFlops(options.config, 1, len, len));
+  }
+  for (auto _ : state) {
+    auto out = (*layer)->ForwardBatch(batch);
+    benchmark::DoNotOptimize(out);
+  }
+  state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// oneDNN's sgemm on a large square problem: what the machine's f32 matmul reaches.
+void BM_PeakSgemm(benchmark::State& state) {
+  const int64_t n = state.range(0);
+  const std::vector<float> a = Random(n * n, 3), b = Random(n * n, 4);
+  std::vector<float> c(n * n);
+  for (auto _ : state) {
+    dnnl::sgemm('N', 'N', n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+    benchmark::DoNotOptimize(c.data());
+  }
+  state.counters["GFLOPS"] =
+      benchmark::Counter(2.0 * n * n * n / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+BENCHMARK(BM_PeakSgemm)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SelfAttention)
+    ->Args({1, 128, 512, 8})
+    ->Args({8, 512, 1024, 16})
+    ->Args({1, 2048, 1024, 16})
+    ->Args({32, 64, 512, 8})
+    ->Args({64, 16, 256, 4})
+    ->ArgNames({"B", "L", "E", "H"})
+    ->UseRealTime()
+    ->MinTime(0.5)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_RaggedBatch)
+    ->Args({32, 64, 512, 8})
+    ->Args({64, 16, 256, 4})
+    ->ArgNames({"B", "L", "E", "H"})
+    ->UseRealTime()
+    ->MinTime(0.5)
+    ->Unit(benchmark::kMillisecond);
+
+}  // namespace
+}  // namespace attnserve
+
+BENCHMARK_MAIN();

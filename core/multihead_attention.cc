@@ -7,12 +7,12 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "core/attention_masks.h"
 #include "core/status_macros.h"
 
 namespace attnserve {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Scratch buffers larger than this are freed after each call, so one long request does not pin its
 // high-water mark on a worker thread for good.
 constexpr size_t kRetainBytes = size_t{64} << 20;
@@ -45,20 +45,30 @@ Workspace& ThreadWorkspace() {
 
 bool Aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % alignof(float) == 0; }
 
-// Element i of a mask view as an additive value (bool true -> -inf). Float data may be unaligned.
-inline float MaskValue(MaskType type, const void* data, int64_t i) {
-  if (type == MaskType::kBool) return static_cast<const uint8_t*>(data)[i] ? kNegInf : 0.0f;
-  float v;
-  std::memcpy(&v, static_cast<const char*>(data) + i * sizeof(float), sizeof(float));
-  return v;
-}
-
 // Copies the float data of `views` one after another into `dst`.
 void Gather(const std::vector<const TensorView*>& views, float* dst) {
   for (const TensorView* t : views) {
     std::memcpy(dst, t->data, t->num_bytes());
     dst += t->num_elements();
   }
+}
+
+// How Attend cuts a request into blocks whose scores [seqs, heads, rows, S] fit the budget.
+struct BlockPlan {
+  int64_t seqs, heads, rows;
+};
+
+// Short sequences: whole sequences, all heads, as many as fit (few, larger matmuls). Long ones: one
+// sequence, all heads or one head, at least min_block_rows query rows (Options::min_block_rows).
+BlockPlan PlanBlocks(int64_t batch, int64_t heads, int64_t len_q, int64_t len_k, int64_t budget_bytes,
+                     int64_t min_block_rows) {
+  const int64_t row_bytes = len_k * static_cast<int64_t>(sizeof(float));
+  const int64_t seq_bytes = heads * len_q * row_bytes;
+  if (seq_bytes <= budget_bytes) return {std::min(batch, budget_bytes / seq_bytes), heads, len_q};
+  const int64_t min_rows = std::min(len_q, min_block_rows);
+  const int64_t rows_all_heads = budget_bytes / (heads * row_bytes);
+  if (rows_all_heads >= min_rows) return {1, heads, std::min(len_q, rows_all_heads)};
+  return {1, 1, std::clamp(budget_bytes / row_bytes, min_rows, len_q)};
 }
 
 }  // namespace
@@ -79,6 +89,9 @@ absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(c
   if (options.scores_block_bytes < 4) {
     return absl::InvalidArgumentError(
         absl::StrCat("scores_block_bytes must be >= 4, got ", options.scores_block_bytes));
+  }
+  if (options.min_block_rows < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("min_block_rows must be >= 1, got ", options.min_block_rows));
   }
   if (options.softmax_cache_capacity < 1) {
     return absl::InvalidArgumentError(
@@ -114,9 +127,9 @@ absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(c
     ASSIGN_OR_RETURN(layer->qkv_proj_, LinearOp::Create(e, 3 * e, w_qkv, b_qkv));
   }
   ASSIGN_OR_RETURN(layer->out_proj_, LinearOp::Create(e, e, weights.out_proj_weight, weights.out_proj_bias));
-  ASSIGN_OR_RETURN(layer->scores_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, c.num_heads, c.head_dim()));
+  ASSIGN_OR_RETURN(layer->scores_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, c.head_dim()));
   ASSIGN_OR_RETURN(layer->context_op_,
-                   HeadMatmulOp::Create(HeadMatmulOp::Kind::kContext, c.num_heads, c.head_dim()));
+                   HeadMatmulOp::Create(HeadMatmulOp::Kind::kContext, c.head_dim()));
   return layer;
 }
 
@@ -251,105 +264,75 @@ absl::Status MultiheadAttention::Attend(const ParsedAttention& p, float* q, int6
   const int64_t batch = p.batch, len_q = p.q_len, len_k = p.kv_len;
   Workspace& ws = ThreadWorkspace();
 
-  // Whole sequences per call when they fit the scores budget (fewer, larger matmuls for short
-  // sequences); otherwise one sequence in blocks of query rows.
-  const int64_t row_bytes = h * len_k * static_cast<int64_t>(sizeof(float));
-  const int64_t budget_rows = std::max<int64_t>(1, options_.scores_block_bytes / row_bytes);
-  const int64_t seqs_per_call = budget_rows >= len_q ? std::min(batch, budget_rows / len_q) : 1;
-  const int64_t rows_per_block = std::min(len_q, budget_rows);
-
+  const BlockPlan plan = PlanBlocks(batch, h, len_q, len_k, options_.scores_block_bytes, options_.min_block_rows);
   const bool masked = p.has_mask();
   const float inv_heads = 1.0f / static_cast<float>(h);
 
-  for (int64_t b0 = 0; b0 < batch; b0 += seqs_per_call) {
-    const int64_t nb = std::min(seqs_per_call, batch - b0);
-    for (int64_t l0 = 0; l0 < len_q; l0 += rows_per_block) {
-      const int64_t lb = std::min(rows_per_block, len_q - l0);
-      float* scores = Workspace::Grow(ws.scores, static_cast<size_t>(nb * h * lb * len_k));
-      float* q_blk = q + (b0 * len_q + l0) * ldq;
-      const float* k_seq = k + b0 * len_k * ldk;
-      const float* v_seq = v + b0 * len_k * ldv;
+  for (int64_t b0 = 0; b0 < batch; b0 += plan.seqs) {
+    const int64_t nb = std::min(plan.seqs, batch - b0);
+    // Heads outer, query blocks inner: one head's K and V stay in cache across its query blocks.
+    for (int64_t h0 = 0; h0 < h; h0 += plan.heads) {
+      const int64_t hb = std::min(plan.heads, h - h0);
+      const float* k_seq = k + b0 * len_k * ldk + h0 * dh;
+      const float* v_seq = v + b0 * len_k * ldv + h0 * dh;
+      for (int64_t l0 = 0; l0 < len_q; l0 += plan.rows) {
+        const int64_t lb = std::min(plan.rows, len_q - l0);
+        // Causal: keys past the block's last query are masked for every row of it, so they are not
+        // computed at all (their weights stay zero). Halves the work of a causal self-attention.
+        const int64_t cols = in.is_causal ? std::min(len_k, l0 + lb) : len_k;
+        float* scores = Workspace::Grow(ws.scores, static_cast<size_t>(nb * hb * lb * cols));
+        float* q_blk = q + (b0 * len_q + l0) * ldq + h0 * dh;
+        const View4 probs{scores, {nb, hb, lb, cols}, {hb * lb * cols, lb * cols, cols, 1}};
+        const View4 qa{q_blk, {nb, hb, lb, dh}, {len_q * ldq, dh, ldq, 1}};
+        const View4 kb{const_cast<float*>(k_seq), {nb, hb, dh, cols}, {len_k * ldk, dh, 1, ldk}};
+        RETURN_IF_ERROR(scores_op_->Execute(qa, kb, probs));
 
-      View4 qa{q_blk, {nb, h, lb, dh}, {len_q * ldq, dh, ldq, 1}};
-      View4 kb{const_cast<float*>(k_seq), {nb, h, dh, len_k}, {len_k * ldk, dh, 1, ldk}};
-      View4 sc{scores, {nb, h, lb, len_k}, {h * lb * len_k, lb * len_k, len_k, 1}};
-      RETURN_IF_ERROR(scores_op_->Execute(qa, kb, sc));
-
-      uint8_t* dead = nullptr;
-      if (masked) {
-        dead = Workspace::Grow(ws.dead_rows, static_cast<size_t>(nb * h * lb));
-        float* comb = Workspace::Grow(ws.mask_rows, static_cast<size_t>(nb * lb * len_k));
-        for (int64_t sb = 0; sb < nb; ++sb) {
-          const int64_t b = b0 + sb;
-          // Masks shared by all heads, combined once per block row.
-          for (int64_t i = 0; i < lb; ++i) {
-            const int64_t l = l0 + i;
-            float* row = comb + (sb * lb + i) * len_k;
-            for (int64_t j = 0; j < len_k; ++j) {
-              float m = (in.is_causal && j > l) ? kNegInf : 0.0f;
-              if (p.key_padding_mask != MaskType::kNone) {
-                m += MaskValue(p.key_padding_mask, in.key_padding_mask.data, b * len_k + j);
-              }
-              if (p.attn_mask != MaskType::kNone && !p.attn_mask_per_head) {
-                m += MaskValue(p.attn_mask, in.attn_mask.data, l * len_k + j);
-              }
-              row[j] = m;
-            }
-          }
-          for (int64_t hh = 0; hh < h; ++hh) {
+        uint8_t* dead = nullptr;  // [nb, hb, lb]: rows with every key masked
+        if (masked) {
+          dead = Workspace::Grow(ws.dead_rows, static_cast<size_t>(nb * hb * lb));
+          float* shared = Workspace::Grow(ws.mask_rows, static_cast<size_t>(cols));
+          for (int64_t sb = 0; sb < nb; ++sb) {
             for (int64_t i = 0; i < lb; ++i) {
-              const int64_t l = l0 + i;
-              float* s = scores + ((sb * h + hh) * lb + i) * len_k;
-              const float* m = comb + (sb * lb + i) * len_k;
-              bool any_open = false;
-              if (p.attn_mask_per_head) {
-                const int64_t base = ((b * h + hh) * len_q + l) * len_k;
-                for (int64_t j = 0; j < len_k; ++j) {
-                  s[j] += m[j] + MaskValue(p.attn_mask, in.attn_mask.data, base + j);
-                  any_open |= s[j] != kNegInf;
-                }
-              } else {
-                for (int64_t j = 0; j < len_k; ++j) {
-                  s[j] += m[j];
-                  any_open |= s[j] != kNegInf;
-                }
-              }
-              dead[(sb * h + hh) * lb + i] = !any_open;
-            }
-          }
-        }
-      }
-
-      RETURN_IF_ERROR(softmax_.Execute(scores, nb * h * lb, len_k));
-
-      if (dead != nullptr) {
-        for (int64_t r = 0; r < nb * h * lb; ++r) {
-          if (dead[r]) std::fill_n(scores + r * len_k, len_k, 0.0f);
-        }
-      }
-      if (weights != nullptr) {
-        float* w = weights->values.data();
-        for (int64_t sb = 0; sb < nb; ++sb) {
-          const int64_t b = b0 + sb;
-          for (int64_t hh = 0; hh < h; ++hh) {
-            for (int64_t i = 0; i < lb; ++i) {
-              const float* src = scores + ((sb * h + hh) * lb + i) * len_k;
-              if (in.average_attn_weights) {
-                float* dst = w + (b * len_q + l0 + i) * len_k;
-                for (int64_t j = 0; j < len_k; ++j) dst[j] += src[j] * inv_heads;
-              } else {
-                std::memcpy(w + ((b * h + hh) * len_q + l0 + i) * len_k, src, len_k * sizeof(float));
+              const bool any_open = BuildSharedMaskRow(p, b0 + sb, l0 + i, cols, shared);
+              for (int64_t hi = 0; hi < hb; ++hi) {
+                float* row = scores + ((sb * hb + hi) * lb + i) * cols;
+                const bool open = AddMaskRow(p, h, b0 + sb, h0 + hi, l0 + i, cols, shared, row);
+                dead[(sb * hb + hi) * lb + i] = !(any_open && open);
               }
             }
           }
         }
-      }
 
-      // Context over the block's Q columns: Q of these rows is no longer needed.
-      View4 pa{scores, {nb, h, lb, len_k}, {h * lb * len_k, lb * len_k, len_k, 1}};
-      View4 vb{const_cast<float*>(v_seq), {nb, h, len_k, dh}, {len_k * ldv, dh, ldv, 1}};
-      View4 ctx{q_blk, {nb, h, lb, dh}, {len_q * ldq, dh, ldq, 1}};
-      RETURN_IF_ERROR(context_op_->Execute(pa, vb, ctx));
+        RETURN_IF_ERROR(softmax_.Execute(scores, nb * hb * lb, cols));
+
+        if (dead != nullptr) {
+          for (int64_t r = 0; r < nb * hb * lb; ++r) {
+            if (dead[r]) std::fill_n(scores + r * cols, cols, 0.0f);
+          }
+        }
+        if (weights != nullptr) {
+          float* w = weights->values.data();
+          for (int64_t sb = 0; sb < nb; ++sb) {
+            const int64_t b = b0 + sb;
+            for (int64_t hi = 0; hi < hb; ++hi) {
+              for (int64_t i = 0; i < lb; ++i) {
+                const float* src = scores + ((sb * hb + hi) * lb + i) * cols;
+                if (in.average_attn_weights) {
+                  float* dst = w + (b * len_q + l0 + i) * len_k;
+                  for (int64_t j = 0; j < cols; ++j) dst[j] += src[j] * inv_heads;
+                } else {
+                  std::memcpy(w + ((b * h + h0 + hi) * len_q + l0 + i) * len_k, src, cols * sizeof(float));
+                }
+              }
+            }
+          }
+        }
+
+        // Context over the block's Q columns: Q of these heads and rows is no longer needed.
+        const View4 vb{const_cast<float*>(v_seq), {nb, hb, cols, dh}, {len_k * ldv, dh, ldv, 1}};
+        const View4 ctx{q_blk, {nb, hb, lb, dh}, {len_q * ldq, dh, ldq, 1}};
+        RETURN_IF_ERROR(context_op_->Execute(probs, vb, ctx));
+      }
     }
   }
   return absl::OkStatus();

@@ -34,9 +34,12 @@ class MultiheadAttention {
   struct Options {
     MhaConfig config;
     AttentionLimits limits;
-    // Attention scores held at once by one thread (one query block, all heads); bounds the memory of long
-    // sequences: B=1, L=32768, H=16 needs 16 x 32768 x 4 bytes per query row.
-    int64_t scores_block_bytes = int64_t{2} << 20;
+    // Attention scores held at once by one thread (one block of sequences x heads x query rows); bounds
+    // the memory of long sequences (B=1, L=32768, H=16 needs 2 MiB per query row of all heads).
+    int64_t scores_block_bytes = int64_t{4} << 20;
+    // Query rows per block at least, even past scores_block_bytes: thinner blocks re-read K and V once per
+    // block and turn the matmuls into matrix-vector products. Tests set 1 to exercise blocking.
+    int64_t min_block_rows = 64;
     // Softmax primitives kept, one per (rows, S) shape seen.
     int64_t softmax_cache_capacity = 512;
   };

@@ -135,12 +135,12 @@ HeadMatmulOp::HeadMatmulOp(std::unique_ptr<Impl> impl)
     : impl_ptr_(std::move(impl)), impl_(impl_ptr_->pd.impl_info_str()) {}
 HeadMatmulOp::~HeadMatmulOp() = default;
 
-absl::StatusOr<std::unique_ptr<HeadMatmulOp>> HeadMatmulOp::Create(Kind kind, int64_t heads, int64_t head_dim) {
+absl::StatusOr<std::unique_ptr<HeadMatmulOp>> HeadMatmulOp::Create(Kind kind, int64_t head_dim) {
   try {
     auto impl = std::make_unique<Impl>();
-    // Fixed heads and head dim, fixed unit inner strides: what keeps oneDNN 2.6 on gemm:jit (a fully
-    // runtime-shaped matmul falls back to ref:any).
-    const int64_t h = heads, d = head_dim;
+    // A fixed head dim and unit inner strides keep oneDNN 2.6 on gemm:jit; a fully runtime-shaped
+    // matmul falls back to ref:any.
+    const int64_t h = kRt, d = head_dim;
     dnnl::memory::desc a_md, b_md, c_md;
     if (kind == Kind::kScores) {
       a_md = dnnl::memory::desc({kRt, h, kRt, d}, dt::f32, {kRt, kRt, kRt, 1});

@@ -47,9 +47,9 @@ struct View4 {
   int64_t strides[4] = {0, 0, 0, 0};
 };
 
-// Batched matmul over [sequences, heads]: C[b, h, M, N] = A[b, h, M, K] . B[b, h, K, N]. The number of
-// heads and one of K or N (the head dim) are fixed at creation; everything else, including all strides,
-// comes per call. That is how the head split reads Q, K and V in place inside the projection output
+// Batched matmul over [sequences, heads]: C[b, h, M, N] = A[b, h, M, K] . B[b, h, K, N]. The head dim
+// (K or N) and the unit inner strides are fixed at creation; everything else, including the other
+// strides, comes per call. That is how the head split reads Q, K and V in place inside the projection output
 // (row stride 3E, head h at column offset h*Dh) without a transpose copy.
 class HeadMatmulOp {
  public:
@@ -57,7 +57,7 @@ class HeadMatmulOp {
     kScores,   // A = Q [b,h,M,Dh] (inner stride 1), B = K^T [b,h,Dh,N] (stride 1 along Dh), C dense.
     kContext,  // A = P [b,h,M,K] dense, B = V [b,h,K,Dh] (inner stride 1), C [b,h,M,Dh] (inner stride 1).
   };
-  static absl::StatusOr<std::unique_ptr<HeadMatmulOp>> Create(Kind kind, int64_t heads, int64_t head_dim);
+  static absl::StatusOr<std::unique_ptr<HeadMatmulOp>> Create(Kind kind, int64_t head_dim);
   ~HeadMatmulOp();
   absl::Status Execute(const View4& a, const View4& b, const View4& c) const;
   const std::string& impl() const { return impl_; }

@@ -50,6 +50,9 @@ class SafetensorsFile {
                                                                  const std::string& source = "<memory>");
 
   // nullptr when absent.
+  SafetensorsFile(const SafetensorsFile&) = delete;  // entries point into bytes_
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+
   const SafetensorsEntry* Find(std::string_view name) const;
   // All tensor names, sorted.
   std::vector<std::string> Names() const;

@@ -82,6 +82,7 @@ TEST(MhaReferenceTest, RandomShapesAndMasksMatchFloat64Reference) {
     MultiheadAttention::Options options;
     options.config = c.config;
     options.scores_block_bytes = c.block_bytes;
+    options.min_block_rows = 1;
     auto layer = MultiheadAttention::Create(options, weights);
     ASSERT_TRUE(layer.ok()) << layer.status();
 

@@ -15,7 +15,8 @@ TEST(OnednnImplTest, NoReferenceKernelsOnTheForwardPath) {
   for (MhaConfig config : {MhaConfig{64, 4, 0, 0, true}, MhaConfig{48, 6, 20, 28, false}}) {
     MultiheadAttention::Options options;
     options.config = config;
-    options.scores_block_bytes = 8192;  // exercise query blocking too
+    options.scores_block_bytes = 8192;  // exercise query and head blocking too
+    options.min_block_rows = 1;
     auto layer = MultiheadAttention::Create(options, testing::RandomTestWeights(config, rng));
     ASSERT_TRUE(layer.ok());
     for (int64_t len : {1, 7, 64, 200}) {

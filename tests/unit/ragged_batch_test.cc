@@ -51,6 +51,7 @@ TEST(RaggedBatchTest, BatchEqualsEachRequestAlone) {
     MultiheadAttention::Options options;
     options.config = config;
     options.scores_block_bytes = block_bytes;
+    options.min_block_rows = 1;
     auto layer = MultiheadAttention::Create(options, weights);
     ASSERT_TRUE(layer.ok()) << layer.status();
     for (int round = 0; round < 10; ++round) {

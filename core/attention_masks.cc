@@ -1,0 +1,57 @@
+#include "core/attention_masks.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+namespace attnserve {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Applies `n` mask values starting at element `offset` of `mask` to `row`: bool true -> -inf, float added.
+// Float data may be unaligned (it can sit inside a protobuf message), hence memcpy.
+void ApplyMask(MaskType type, const void* mask, int64_t offset, int64_t n, float* row) {
+  if (type == MaskType::kBool) {
+    const uint8_t* m = static_cast<const uint8_t*>(mask) + offset;
+    for (int64_t j = 0; j < n; ++j) {
+      if (m[j]) row[j] = kNegInf;
+    }
+  } else if (type == MaskType::kFloat) {
+    const char* m = static_cast<const char*>(mask) + offset * sizeof(float);
+    for (int64_t j = 0; j < n; ++j) {
+      float v;
+      std::memcpy(&v, m + j * sizeof(float), sizeof(float));
+      row[j] += v;
+    }
+  }
+}
+
+bool AnyOpen(const float* row, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (row[j] != kNegInf) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+bool BuildSharedMaskRow(const ParsedAttention& p, int64_t b, int64_t l, int64_t cols, float* row) {
+  const AttentionInputs& in = *p.inputs;
+  const int64_t open = in.is_causal ? std::min(cols, l + 1) : cols;
+  std::fill_n(row, open, 0.0f);
+  std::fill(row + open, row + cols, kNegInf);
+  ApplyMask(p.key_padding_mask, in.key_padding_mask.data, b * p.kv_len, cols, row);
+  if (!p.attn_mask_per_head) ApplyMask(p.attn_mask, in.attn_mask.data, l * p.kv_len, cols, row);
+  return AnyOpen(row, cols);
+}
+
+bool AddMaskRow(const ParsedAttention& p, int64_t num_heads, int64_t b, int64_t head, int64_t l, int64_t cols,
+                const float* shared, float* scores) {
+  for (int64_t j = 0; j < cols; ++j) scores[j] += shared[j];
+  if (!p.attn_mask_per_head) return true;  // the caller knows from the shared row
+  ApplyMask(p.attn_mask, p.inputs->attn_mask.data, ((b * num_heads + head) * p.q_len + l) * p.kv_len, cols, scores);
+  return AnyOpen(scores, cols);
+}
+
+}  // namespace attnserve

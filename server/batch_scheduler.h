@@ -1,0 +1,208 @@
+// Runs batches from several named queues (one per model layer) on a fixed pool of worker threads.
+//
+// Each queue follows its own BatchingOptions (server/batch_queue.h). An idle worker takes the next Ready batch
+// among all queues, picking the queue whose oldest entry is the oldest (so no layer starves), and calls
+// run_batch with it outside the lock. With nothing ready it sleeps on a condition variable until a Schedule,
+// a Shutdown, or the earliest time a queue becomes ready through its delay (converted from the injected
+// clock to a real deadline: absl::Now() + (next_ready - clock->Now())).
+//
+// Guarantee: nothing accepted is dropped. Every item for which Schedule returned OK reaches run_batch
+// exactly once, including the items still queued when Shutdown begins (they run as forced batches, without
+// waiting for the delay). Items are moved, never copied.
+//
+// Thread-safety: every public method may be called from any thread at once, except that Shutdown (and the
+// destructor) must not be called from inside run_batch (it waits for the workers, one of which is the
+// caller). run_batch runs on the worker threads, up to worker_threads calls at once, possibly for the same
+// queue; it may call Schedule (e.g. to feed the next layer), which returns UNAVAILABLE once Shutdown began.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "server/batch_queue.h"
+#include "server/clock.h"
+
+namespace attnserve {
+
+template <typename T>
+class BatchScheduler {
+ public:
+  using Entry = typename BatchQueue<T>::Entry;
+
+  struct Options {
+    int32_t worker_threads = 1;         // threads running batches, >= 1
+    const Clock* clock = RealClock();   // not owned; must outlive the scheduler
+  };
+
+  // Called with a non-empty batch, in the queue's FIFO order, and the name of the queue it came from.
+  using BatchFn = std::function<void(const std::string& queue_name, std::vector<Entry> batch)>;
+
+  // Starts the workers. InvalidArgument when worker_threads < 1, clock is null or run_batch is empty.
+  static absl::StatusOr<std::unique_ptr<BatchScheduler>> Create(const Options& options, BatchFn run_batch) {
+    if (options.worker_threads < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("worker_threads must be >= 1, got ", options.worker_threads));
+    }
+    if (options.clock == nullptr) return absl::InvalidArgumentError("clock must not be null");
+    if (!run_batch) return absl::InvalidArgumentError("run_batch must not be empty");
+    std::unique_ptr<BatchScheduler> scheduler(new BatchScheduler(options, std::move(run_batch)));
+    scheduler->StartWorkers();
+    return scheduler;
+  }
+
+  BatchScheduler(const BatchScheduler&) = delete;
+  BatchScheduler& operator=(const BatchScheduler&) = delete;
+
+  // Shutdown(): runs everything still queued before returning.
+  ~BatchScheduler() { Shutdown(); }
+
+  // Adds an empty queue, at any time (also while batches run). InvalidArgument for an empty name or invalid
+  // options (the message names the layer and the field); AlreadyExists for a name already added.
+  absl::Status AddQueue(const std::string& name, const BatchingOptions& options) ABSL_LOCKS_EXCLUDED(mu_) {
+    if (name.empty()) return absl::InvalidArgumentError("layer name must not be empty");
+    if (absl::Status s = options.Validate(); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("layer '", name, "': ", s.message()));
+    }
+    absl::MutexLock lock(&mu_);
+    if (queues_.count(name) > 0) {
+      return absl::AlreadyExistsError(absl::StrCat("layer '", name, "' already has a queue"));
+    }
+    queues_.emplace(name, std::make_unique<BatchQueue<T>>(options, clock_));
+    return absl::OkStatus();
+  }
+
+  // Queues `item` (moved from on success) with its token count. On error `item` is left untouched, so the
+  // caller can still answer it: UNAVAILABLE ("server is shutting down") once Shutdown began; NOT_FOUND
+  // ("no layer named 'x'") for an unknown queue; RESOURCE_EXHAUSTED when the queue is full;
+  // INVALID_ARGUMENT when tokens < 0.
+  absl::Status Schedule(const std::string& queue, T& item, int64_t tokens) ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    if (shutting_down_) return absl::UnavailableError("server is shutting down");
+    auto it = queues_.find(queue);
+    if (it == queues_.end()) return absl::NotFoundError(absl::StrCat("no layer named '", queue, "'"));
+    if (absl::Status s = it->second->Push(item, tokens); !s.ok()) return s;
+    // One idle worker suffices: it rescans every queue, and hands on to another if work remains.
+    cv_.Signal();
+    return absl::OkStatus();
+  }
+
+  // Entries waiting in `queue` (not counting batches being run); 0 for an unknown queue.
+  size_t QueueDepth(const std::string& queue) const ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    auto it = queues_.find(queue);
+    return it == queues_.end() ? 0 : it->second->size();
+  }
+
+  // Batches taken from their queue whose run_batch has not returned yet.
+  int64_t InflightBatches() const ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    return inflight_batches_;
+  }
+
+  // Stops accepting (Schedule -> UNAVAILABLE), runs everything already queued (forced batches, ignoring
+  // the delay; size and token limits still hold), waits for the running batches and joins the workers.
+  // Idempotent; a concurrent second call returns once the first is done. Also called by the destructor.
+  void Shutdown() ABSL_LOCKS_EXCLUDED(mu_, join_mu_) {
+    {
+      absl::MutexLock lock(&mu_);
+      shutting_down_ = true;
+      cv_.SignalAll();
+    }
+    absl::MutexLock lock(&join_mu_);
+    for (std::thread& worker : workers_) worker.join();
+    workers_.clear();
+  }
+
+ private:
+  using QueueMap = std::map<std::string, std::unique_ptr<BatchQueue<T>>>;
+
+  BatchScheduler(const Options& options, BatchFn run_batch)
+      : worker_threads_(options.worker_threads), clock_(options.clock), run_batch_(std::move(run_batch)) {}
+
+  void StartWorkers() ABSL_LOCKS_EXCLUDED(join_mu_) {
+    absl::MutexLock lock(&join_mu_);
+    for (int32_t i = 0; i < worker_threads_; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+  }
+
+  // The non-empty queue to take a batch from now (every non-empty queue qualifies once shutting down,
+  // otherwise only the Ready ones), the one whose oldest entry is the oldest; queues_.end() if none. Sets
+  // *next_ready to the earliest time a queue that is not ready becomes ready through its delay.
+  typename QueueMap::iterator PickQueue(absl::Time* next_ready) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    *next_ready = absl::InfiniteFuture();
+    auto best = queues_.end();
+    for (auto it = queues_.begin(); it != queues_.end(); ++it) {
+      const BatchQueue<T>& q = *it->second;
+      if (q.empty()) continue;
+      if (shutting_down_ || q.Ready()) {
+        if (best == queues_.end() || q.OldestEnqueued() < best->second->OldestEnqueued()) best = it;
+      } else {
+        *next_ready = std::min(*next_ready, q.NextReadyTime());
+      }
+    }
+    return best;
+  }
+
+  bool AnyQueued() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return std::any_of(queues_.begin(), queues_.end(), [](const auto& q) { return !q.second->empty(); });
+  }
+
+  void WorkerLoop() ABSL_LOCKS_EXCLUDED(mu_) {
+    mu_.Lock();
+    while (true) {
+      absl::Time next_ready;
+      auto it = PickQueue(&next_ready);
+      if (it != queues_.end()) {
+        std::vector<Entry> batch = it->second->TakeBatch(/*force=*/shutting_down_);
+        ++inflight_batches_;
+        // Whoever was signalled for the rest of the work may be this worker: pass it on so that another
+        // idle worker runs it, or at least sleeps with the right deadline.
+        if (AnyQueued()) cv_.Signal();
+        // Queues are never removed, so the map node (and its key) outlives the unlocked call.
+        const std::string& name = it->first;
+        mu_.Unlock();
+        run_batch_(name, std::move(batch));
+        mu_.Lock();
+        --inflight_batches_;
+        continue;
+      }
+      // Once shutting down every non-empty queue qualifies and no new item is accepted: nothing is left.
+      if (shutting_down_) break;
+      if (next_ready == absl::InfiniteFuture()) {
+        cv_.Wait(&mu_);
+      } else {
+        cv_.WaitWithDeadline(&mu_, absl::Now() + (next_ready - clock_->Now()));
+      }
+    }
+    mu_.Unlock();
+  }
+
+  const int32_t worker_threads_;
+  const Clock* const clock_;
+  const BatchFn run_batch_;  // called concurrently by the workers
+
+  mutable absl::Mutex mu_;
+  absl::CondVar cv_;  // signalled on Schedule, Shutdown, and by a worker leaving work behind
+  QueueMap queues_ ABSL_GUARDED_BY(mu_);  // never erased from (see WorkerLoop)
+  bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t inflight_batches_ ABSL_GUARDED_BY(mu_) = 0;
+
+  // Separate from mu_ so that concurrent Shutdown calls join each worker once, without holding mu_.
+  absl::Mutex join_mu_;
+  std::vector<std::thread> workers_ ABSL_GUARDED_BY(join_mu_);
+};
+
+}  // namespace attnserve

@@ -22,7 +22,7 @@ test-asan: deps
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j 1 -LE perf
 
 run: build
-	./$(BUILD)/core/attnserve_demo
+	./$(BUILD)/server/attnserve $(ARGS)
 
 bench: build
 	bash scripts/install-deps.sh --bench

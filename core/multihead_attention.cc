@@ -16,6 +16,8 @@ namespace {
 // Scratch buffers larger than this are freed after each call, so one long request does not pin its
 // high-water mark on a worker thread for good.
 constexpr size_t kRetainBytes = size_t{64} << 20;
+// Requests whose attention (QK^T and PV) is below this many FLOPs are run side by side, see RunGroup.
+constexpr int64_t kSmallAttentionFlops = int64_t{32} << 20;
 
 // Per-thread scratch, reused across calls and layers.
 struct Workspace {
@@ -235,14 +237,33 @@ absl::Status MultiheadAttention::RunGroup(Group& g) const {
     v = vp;
   }
 
-  int64_t q_row = 0, kv_row = 0;
-  for (size_t i = 0; i < g.members.size(); ++i) {
+  // Attention per request. Small ones run side by side on the OpenMP threads, each with single-threaded
+  // oneDNN calls: one parallel region for the lot instead of three per request, whose fork/join would
+  // otherwise cost more than their arithmetic. Large ones run one after another, each using every thread.
+  const size_t n = g.members.size();
+  std::vector<int64_t> q_rows(n), kv_rows(n);
+  std::vector<size_t> small, large;
+  for (size_t i = 0, q_row = 0, kv_row = 0; i < n; ++i) {
     const ParsedAttention& p = *g.members[i];
-    Tensor* weights = p.inputs->need_weights ? &g.outputs[i]->attn_weights : nullptr;
-    RETURN_IF_ERROR(Attend(p, q + q_row * ldq, ldq, k + kv_row * ldk, ldk, v + kv_row * ldv, ldv, weights));
+    q_rows[i] = static_cast<int64_t>(q_row);
+    kv_rows[i] = static_cast<int64_t>(kv_row);
     q_row += p.query_tokens();
     kv_row += p.kv_tokens();
+    const int64_t attention_flops = 4 * p.batch * p.q_len * p.kv_len * e;
+    (attention_flops < kSmallAttentionFlops ? small : large).push_back(i);
   }
+  std::vector<absl::Status> statuses(n);
+  auto attend = [&](size_t i) {
+    const ParsedAttention& p = *g.members[i];
+    Tensor* weights = p.inputs->need_weights ? &g.outputs[i]->attn_weights : nullptr;
+    statuses[i] = Attend(p, q + q_rows[i] * ldq, ldq, k + kv_rows[i] * ldk, ldk, v + kv_rows[i] * ldv, ldv,
+                         weights);
+  };
+  const int64_t num_small = static_cast<int64_t>(small.size());
+#pragma omp parallel for schedule(dynamic, 1) if (num_small > 1)
+  for (int64_t s = 0; s < num_small; ++s) attend(small[s]);
+  for (size_t i : large) attend(i);
+  for (const absl::Status& status : statuses) RETURN_IF_ERROR(status);
 
   if (g.members.size() == 1) {
     return out_proj_->Execute(q, n_q, ldq, g.outputs[0]->output.values.data(), e);

@@ -50,8 +50,8 @@ class BatchQueue {
  public:
   struct Entry {
     T item;
-    int64_t tokens;      // >= 0, as given to Push
-    absl::Time enqueued; // clock->Now() at Push
+    int64_t tokens;       // >= 0, as given to Push
+    absl::Time enqueued;  // clock->Now() at Push
   };
 
   // `options` must be valid (options.Validate().ok()).

@@ -94,9 +94,13 @@ class BatchScheduler {
     if (shutting_down_) return absl::UnavailableError("server is shutting down");
     auto it = queues_.find(queue);
     if (it == queues_.end()) return absl::NotFoundError(absl::StrCat("no layer named '", queue, "'"));
-    if (absl::Status s = it->second->Push(item, tokens); !s.ok()) return s;
-    // One idle worker suffices: it rescans every queue, and hands on to another if work remains.
-    cv_.Signal();
+    BatchQueue<T>& q = *it->second;
+    const bool was_empty = q.empty();
+    if (absl::Status s = q.Push(item, tokens); !s.ok()) return s;
+    // Wake a worker only if this push changed what the workers wait for: a batch to run now, or a new
+    // earliest deadline (a push behind older entries does not move the queue's). One suffices: it rescans
+    // every queue, and hands on to another idle worker if work remains.
+    if (was_empty || q.Ready()) cv_.Signal();
     return absl::OkStatus();
   }
 

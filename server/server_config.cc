@@ -28,7 +28,8 @@ using attnserve::v1::LayerConfig;
 using attnserve::v1::ServerConfig;
 
 // Kept identical to deploy/config/default.pbtxt so that file is a tested, working example.
-constexpr char kDefaultServerConfigPbtxt[] = R"pb(# attnserve's built-in configuration, served when no --config is given.
+constexpr char kDefaultServerConfigPbtxt[] =
+    R"pb(# attnserve's built-in configuration, served when no --config is given.
 # Protobuf text format of attnserve.v1.ServerConfig (proto/attnserve/v1/config.proto).
 
 # host:port for gRPC; flag --grpc-address / env ATTNSERVE_GRPC_ADDRESS override it.

@@ -112,11 +112,12 @@ const std::vector<FlagSpec>& Specs() {
        "Prometheus /metrics listen address; overrides the config's metrics_address.", &SetMetricsAddress},
       {"worker-threads", "ATTNSERVE_WORKER_THREADS", "N", "1",
        "Threads computing batches (1-256); overrides the config's worker_threads.", &SetWorkerThreads},
-      {"log-level", "ATTNSERVE_LOG_LEVEL", "LEVEL", "info", "trace|debug|info|warn|error|off.", &SetLogLevel},
-      {"log-format", "ATTNSERVE_LOG_FORMAT", "FORMAT", "text", "text|json (one JSON object per line).",
+      {"log-level", "ATTNSERVE_LOG_LEVEL", "LEVEL", "info", "Log level: trace|debug|info|warn|error|off.",
+       &SetLogLevel},
+      {"log-format", "ATTNSERVE_LOG_FORMAT", "FORMAT", "text", "Log line format: text|json.",
        &SetLogFormat},
       {"shutdown-grace", "ATTNSERVE_SHUTDOWN_GRACE", "DURATION", "30s",
-       "On SIGTERM/SIGINT, how long in-flight requests may finish: \"30s\", \"500ms\", \"2m\" or seconds.",
+       "On shutdown, how long in-flight requests may finish: \"30s\", \"500ms\", \"2m\" or seconds.",
        &SetShutdownGrace},
   };
   return *specs;

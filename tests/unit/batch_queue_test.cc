@@ -341,7 +341,9 @@ TEST(BatchQueuePropertyTest, RandomOperations) {
       ASSERT_LE(batch.size(), static_cast<size_t>(o.max_batch_size));
       int64_t sum = 0;
       for (const auto& e : batch) sum += e.tokens;
-      if (batch.size() > 1) ASSERT_LE(sum, o.max_batch_tokens);
+      if (batch.size() > 1) {
+        ASSERT_LE(sum, o.max_batch_tokens);
+      }
       // Maximal: FIFO prefix of the model, and the next entry could not have joined.
       ASSERT_LE(batch.size(), model.size());
       for (size_t i = 0; i < batch.size(); ++i) {
@@ -424,7 +426,9 @@ TEST(BatchQueuePropertyTest, RandomOperations) {
     ASSERT_TRUE(model.empty());
     for (int id = 0; id < next_id; ++id) ASSERT_EQ(seen_count[id], 1) << "id " << id;
     EXPECT_GT(next_id, 2000);
-    if (o.max_queue_size <= 16) EXPECT_GT(rejected, 0);  // the full-queue path was exercised
+    if (o.max_queue_size <= 16) {
+      EXPECT_GT(rejected, 0);  // the full-queue path was exercised
+    }
   }
 }
 

@@ -1,0 +1,172 @@
+// attnserve: serves the configured attention layers over gRPC, with dynamic batching, health, reflection
+// and Prometheus metrics. See README.md for flags and behaviour on SIGTERM.
+#include <omp.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <future>
+#include <iostream>
+#include <thread>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <spdlog/spdlog.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "server/attention_service.h"
+#include "server/batch_executor.h"
+#include "server/layer_registry.h"
+#include "server/logging.h"
+#include "server/metrics.h"
+#include "server/server_config.h"
+#include "server/server_flags.h"
+
+namespace attnserve {
+namespace {
+
+constexpr char kServiceName[] = "attnserve.v1.AttentionService";
+// Requests carry whole [B, L, E] tensors: gRPC's 4 MiB default would refuse a single [1, 2048, 768] query.
+constexpr int kMaxMessageBytes = 64 << 20;
+
+BatchingOptions ToBatchingOptions(const attnserve::v1::BatchingConfig& b) {
+  BatchingOptions o;
+  o.max_batch_size = b.max_batch_size();
+  o.max_queue_delay_us = b.max_queue_delay_us();
+  o.max_queue_size = b.max_queue_size();
+  o.max_batch_tokens = b.max_batch_tokens();
+  return o;
+}
+
+int Run(int argc, char** argv) {
+  // SIGTERM/SIGINT are taken by sigwait in this thread: blocked here, before any thread starts, so every
+  // thread inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto flags = ParseServerFlags(argc, argv, [](const char* name) { return std::getenv(name); });
+  if (!flags.ok()) {
+    std::fprintf(stderr, "attnserve: %s\n\n%s", std::string(flags.status().message()).c_str(), ServerUsage().c_str());
+    return 2;
+  }
+  if (flags->help) {
+    std::fputs(ServerUsage().c_str(), stdout);
+    return 0;
+  }
+  if (flags->version) {
+    std::printf("attnserve %s\n", kAttnserveVersion);
+    return 0;
+  }
+  ConfigureLogging(flags->log_level, flags->log_format);
+
+  auto config = BuildServerConfig(*flags);
+  if (!config.ok()) {
+    spdlog::critical("invalid configuration: {}", std::string(config.status().message()));
+    return 2;
+  }
+
+  // Threads: each worker computes a whole batch with oneDNN, which parallelises it over OpenMP threads.
+  // Workers x OpenMP threads per worker = cores, so the two never oversubscribe the machine.
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int workers = config->worker_threads();
+  const int omp_threads = std::max(1, cores / workers);
+
+  auto registry = LayerRegistry::Create(*config);
+  if (!registry.ok()) {
+    spdlog::critical("cannot load layers: {}", std::string(registry.status().message()));
+    return 2;
+  }
+  std::vector<std::string> names;
+  for (const auto& l : config->layers()) names.push_back(l.name());
+  ServerMetrics metrics(names);
+  if (absl::Status s = metrics.Serve(config->metrics_address()); !s.ok()) {
+    spdlog::critical("{}", std::string(s.message()));
+    return 2;
+  }
+
+  BatchExecutor executor(&metrics, RealClock());
+  CallScheduler::Options scheduler_options;
+  scheduler_options.worker_threads = workers;
+  auto scheduler = CallScheduler::Create(
+      scheduler_options, [&](const std::string& layer, std::vector<CallScheduler::Entry> batch) {
+        omp_set_num_threads(omp_threads);  // per worker thread; cheap to repeat
+        metrics.SetQueueDepth(layer, 0);
+        executor.Run(layer, std::move(batch));
+      });
+  if (!scheduler.ok()) {
+    spdlog::critical("{}", std::string(scheduler.status().message()));
+    return 2;
+  }
+  for (const auto& l : config->layers()) {
+    if (absl::Status s = (*scheduler)->AddQueue(l.name(), ToBatchingOptions(l.batching())); !s.ok()) {
+      spdlog::critical("layer {}: {}", l.name(), std::string(s.message()));
+      return 2;
+    }
+  }
+
+  AttentionServiceImpl service(registry->get(), scheduler->get(), &metrics, RealClock());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int grpc_port = 0;
+  builder.AddListeningPort(config->grpc_address(), grpc::InsecureServerCredentials(), &grpc_port);
+  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  builder.SetMaxSendMessageSize(kMaxMessageBytes);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || grpc_port == 0) {
+    spdlog::critical("grpc_address {}: cannot listen", config->grpc_address());
+    return 2;
+  }
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus("", true);
+  health->SetServingStatus(kServiceName, true);
+
+  for (const ServedLayer* layer : (*registry)->layers()) {
+    const auto& c = layer->config;
+    spdlog::info("layer {}: embed_dim={} num_heads={} kdim={} vdim={} bias={} weights={} max_batch_size={} "
+                 "max_queue_delay_us={} max_queue_size={} max_batch_tokens={} max_sequence_length={}",
+                 c.name(), c.embed_dim(), c.num_heads(), c.kdim(), c.vdim(), c.bias(),
+                 c.weights_path().empty() ? absl::StrCat("seed:", c.seed()) : c.weights_path(),
+                 c.batching().max_batch_size(), c.batching().max_queue_delay_us(), c.batching().max_queue_size(),
+                 c.batching().max_batch_tokens(), c.max_sequence_length());
+  }
+  spdlog::info("attnserve {} ready: grpc_port={} metrics_port={} grpc_address={} metrics_address={} workers={} "
+               "omp_threads_per_worker={} layers={}",
+               kAttnserveVersion, grpc_port, metrics.port(), config->grpc_address(), config->metrics_address(),
+               workers, omp_threads, absl::StrJoin(names, ","));
+
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  const absl::Time stop_start = absl::Now();
+  const absl::Time stop_deadline = stop_start + flags->shutdown_grace;
+  spdlog::info("received {}: draining (grace {})", signal_number == SIGTERM ? "SIGTERM" : "SIGINT",
+               absl::FormatDuration(flags->shutdown_grace));
+  health->Shutdown();         // NOT_SERVING for every service, at once
+  service.StartShutdown();    // new requests: UNAVAILABLE
+  // Answer everything accepted: the scheduler runs all queued batches, then stops its workers.
+  auto drained = std::async(std::launch::async, [&] { (*scheduler)->Shutdown(); });
+  const bool in_time =
+      drained.wait_for(absl::ToChronoNanoseconds(stop_deadline - absl::Now())) == std::future_status::ready;
+  // Waits for in-flight RPCs (their answers are being written) until the deadline, then cancels the rest.
+  server->Shutdown(absl::ToChronoTime(stop_deadline));
+  if (!in_time) {
+    spdlog::error("shutdown grace of {} ran out before every queued request was answered",
+                  absl::FormatDuration(flags->shutdown_grace));
+    std::_Exit(1);
+  }
+  server->Wait();
+  spdlog::info("stopped after {}", absl::FormatDuration(absl::Now() - stop_start));
+  return 0;
+}
+
+}  // namespace
+}  // namespace attnserve
+
+int main(int argc, char** argv) { return attnserve::Run(argc, argv); }

@@ -1,0 +1,25 @@
+// Between the API's Tensor message and the engine's tensors. Decoding makes views into the message (no
+// copy), so the message must outlive the view.
+#pragma once
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "attnserve/v1/attention.pb.h"
+#include "core/tensor.h"
+
+namespace attnserve {
+
+// Which dtypes a field accepts.
+enum class AcceptedDTypes { kFloat32, kFloat32OrBool };
+
+// An absent field (no shape, no values) gives an absent view. Otherwise the values must come in exactly one
+// of raw_data, float_data, bool_data, agree with dtype, and their count with the shape. InvalidArgument
+// names `field`, e.g. "query: raw_data holds 100 bytes, expected 128 (shape [2, 4, 4] x FLOAT32)".
+absl::StatusOr<TensorView> DecodeTensor(const attnserve::v1::Tensor& tensor, const std::string& field,
+                                        AcceptedDTypes accepted);
+
+// shape and raw_data (little-endian f32), dtype FLOAT32.
+void EncodeTensor(const Tensor& tensor, attnserve::v1::Tensor* out);
+
+}  // namespace attnserve

@@ -1,5 +1,7 @@
 #include "core/multihead_attention.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -54,6 +56,18 @@ void Gather(const std::vector<const TensorView*>& views, float* dst) {
     dst += t->num_elements();
   }
 }
+
+// Sets this thread's OpenMP team size (what oneDNN reads at execution) for a scope.
+class ScopedOmpThreads {
+ public:
+  explicit ScopedOmpThreads(int threads) : saved_(omp_get_max_threads()) { omp_set_num_threads(threads); }
+  ~ScopedOmpThreads() { omp_set_num_threads(saved_); }
+  ScopedOmpThreads(const ScopedOmpThreads&) = delete;
+  ScopedOmpThreads& operator=(const ScopedOmpThreads&) = delete;
+
+ private:
+  const int saved_;
+};
 
 // How Attend cuts a request into blocks whose scores [seqs, heads, rows, S] fit the budget.
 struct BlockPlan {
@@ -169,12 +183,15 @@ std::vector<absl::StatusOr<AttentionOutputs>> MultiheadAttention::ForwardBatch(
     }
     results.emplace_back(std::move(out));
   }
+  int64_t flops = 0;
   for (size_t i = 0; i < requests.size(); ++i) {
     if (!results[i].ok()) continue;
+    flops += AttentionFlops(c, parsed[i].batch, parsed[i].q_len, parsed[i].kv_len);
     Group& g = groups[parsed[i].self_attention ? 0 : 1];
     g.members.push_back(&parsed[i]);
     g.outputs.push_back(&*results[i]);
   }
+  const ScopedOmpThreads threads(flops < options_.single_thread_below_flops ? 1 : omp_get_max_threads());
   for (Group& g : groups) {
     if (g.members.empty()) continue;
     absl::Status status = RunGroup(g);

@@ -40,6 +40,10 @@ class MultiheadAttention {
     // Query rows per block at least, even past scores_block_bytes: thinner blocks re-read K and V once per
     // block and turn the matmuls into matrix-vector products. Tests set 1 to exercise blocking.
     int64_t min_block_rows = 64;
+    // A batch with fewer FLOPs than this runs on the calling thread alone: below it the fork/join of
+    // OpenMP threads costs more than it saves, and on a loaded machine a descheduled team thread stalls
+    // every barrier. 0 disables.
+    int64_t single_thread_below_flops = int64_t{16} << 20;
     // Softmax primitives kept, one per (rows, S) shape seen.
     int64_t softmax_cache_capacity = 512;
   };

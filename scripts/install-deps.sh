@@ -40,3 +40,14 @@ if ((${#missing[@]})); then
 else
   echo "install-deps: all Debian packages present"
 fi
+
+# The Node example's npm packages (examples/node, pinned by its package-lock.json), run by the examples test.
+# Installed again only when node_modules is missing or older than the lock file.
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+NODE_EXAMPLE="$REPO_ROOT/examples/node"
+if [ ! -d "$NODE_EXAMPLE/node_modules" ] || [ "$NODE_EXAMPLE/package-lock.json" -nt "$NODE_EXAMPLE/node_modules" ]; then
+  echo "install-deps: npm ci in examples/node"
+  npm ci --prefix "$NODE_EXAMPLE" --no-audit --no-fund
+else
+  echo "install-deps: examples/node/node_modules up to date"
+fi

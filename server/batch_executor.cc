@@ -12,12 +12,13 @@ void BatchExecutor::Run(const std::string& layer_name, std::vector<CallScheduler
   runnable.reserve(batch.size());
   for (CallScheduler::Entry& entry : batch) {
     std::unique_ptr<InferenceCall>& call = entry.item;
-    if (call->is_cancelled && call->is_cancelled()) {
-      call->finish(grpc::Status(grpc::StatusCode::CANCELLED, "request cancelled while queued"));
-    } else if (call->deadline <= start) {
+    // The deadline first: once it passes gRPC cancels the call too, and it is the deadline that ended it.
+    if (call->deadline <= start) {
       call->finish(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                                 absl::StrCat("deadline passed while queued (waited ",
                                              absl::ToInt64Microseconds(start - call->arrival), " us)")));
+    } else if (call->is_cancelled && call->is_cancelled()) {
+      call->finish(grpc::Status(grpc::StatusCode::CANCELLED, "request cancelled while queued"));
     } else {
       runnable.push_back(std::move(call));
     }

@@ -146,10 +146,11 @@ int Run(int argc, char** argv) {
   sigwait(&signals, &signal_number);
   const absl::Time stop_start = absl::Now();
   const absl::Time stop_deadline = stop_start + flags->shutdown_grace;
-  spdlog::info("received {}: draining (grace {})", signal_number == SIGTERM ? "SIGTERM" : "SIGINT",
-               absl::FormatDuration(flags->shutdown_grace));
   health->Shutdown();         // NOT_SERVING for every service, at once
   service.StartShutdown();    // new requests: UNAVAILABLE
+  // Logged once both hold, so whoever sees this line also sees NOT_SERVING and UNAVAILABLE.
+  spdlog::info("received {}: draining (grace {})", signal_number == SIGTERM ? "SIGTERM" : "SIGINT",
+               absl::FormatDuration(flags->shutdown_grace));
   // Answer everything accepted: the scheduler runs all queued batches, then stops its workers.
   auto drained = std::async(std::launch::async, [&] { (*scheduler)->Shutdown(); });
   const bool in_time =

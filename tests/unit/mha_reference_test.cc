@@ -83,6 +83,7 @@ TEST(MhaReferenceTest, RandomShapesAndMasksMatchFloat64Reference) {
     options.config = c.config;
     options.scores_block_bytes = c.block_bytes;
     options.min_block_rows = 1;
+    if (iter % 2) options.single_thread_below_flops = 0;  // also the multi-threaded paths
     auto layer = MultiheadAttention::Create(options, weights);
     ASSERT_TRUE(layer.ok()) << layer.status();
 

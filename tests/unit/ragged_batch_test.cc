@@ -52,6 +52,7 @@ TEST(RaggedBatchTest, BatchEqualsEachRequestAlone) {
     options.config = config;
     options.scores_block_bytes = block_bytes;
     options.min_block_rows = 1;
+    options.single_thread_below_flops = block_bytes == 4096 ? 0 : options.single_thread_below_flops;
     auto layer = MultiheadAttention::Create(options, weights);
     ASSERT_TRUE(layer.ok()) << layer.status();
     for (int round = 0; round < 10; ++round) {

@@ -1,0 +1,140 @@
+// The API's Tensor message to engine views and back, and the validate stage's errors.
+#include <cstring>
+#include <random>
+
+#include "gtest/gtest.h"
+#include "server/inference_call.h"
+#include "server/tensor_codec.h"
+#include "tests/testing/naive_mha.h"
+
+namespace attnserve {
+namespace {
+
+using attnserve::v1::Tensor;
+
+Tensor RawF32(const std::vector<float>& values, std::vector<int64_t> shape) {
+  Tensor t;
+  for (int64_t d : shape) t.add_shape(d);
+  t.set_dtype(v1::FLOAT32);
+  t.set_raw_data(std::string(reinterpret_cast<const char*>(values.data()), values.size() * 4));
+  return t;
+}
+
+void ExpectError(const Tensor& t, AcceptedDTypes accepted, const std::string& needle) {
+  auto v = DecodeTensor(t, "query", accepted);
+  ASSERT_FALSE(v.ok()) << needle;
+  EXPECT_EQ(v.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(v.status().message().find(needle), std::string::npos) << v.status();
+}
+
+TEST(TensorCodecTest, DecodesEachEncoding) {
+  std::mt19937_64 rng(1);
+  const std::vector<float> values = testing::RandomValues(rng, 6);
+  const Tensor raw_msg = RawF32(values, {2, 3});  // the view points into the message
+  auto raw = DecodeTensor(raw_msg, "query", AcceptedDTypes::kFloat32);
+  ASSERT_TRUE(raw.ok()) << raw.status();
+  EXPECT_EQ(raw->shape, (Shape{2, 3}));
+  EXPECT_EQ(std::memcmp(raw->data, values.data(), 24), 0);
+
+  Tensor floats;
+  floats.add_shape(6);
+  for (float v : values) floats.add_float_data(v);  // dtype left unspecified
+  auto f = DecodeTensor(floats, "query", AcceptedDTypes::kFloat32);
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->dtype, DType::kFloat32);
+  EXPECT_EQ(std::memcmp(f->data, values.data(), 24), 0);
+
+  Tensor bools;
+  bools.add_shape(3);
+  for (bool b : {true, false, true}) bools.add_bool_data(b);
+  auto b = DecodeTensor(bools, "key_padding_mask", AcceptedDTypes::kFloat32OrBool);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(b->dtype, DType::kBool);
+  EXPECT_EQ(static_cast<const uint8_t*>(b->data)[0], 1);
+  EXPECT_EQ(static_cast<const uint8_t*>(b->data)[1], 0);
+
+  auto absent = DecodeTensor(Tensor(), "key", AcceptedDTypes::kFloat32);
+  ASSERT_TRUE(absent.ok());
+  EXPECT_FALSE(absent->present());
+}
+
+TEST(TensorCodecTest, ErrorsNameFieldExpectedAndActual) {
+  std::mt19937_64 rng(2);
+  const std::vector<float> values = testing::RandomValues(rng, 6);
+  Tensor t = RawF32(values, {2, 4});
+  ExpectError(t, AcceptedDTypes::kFloat32, "query: raw_data holds 24 bytes, expected 32 (shape [2, 4] x FLOAT32)");
+  t = RawF32(values, {2, 3});
+  t.add_float_data(1.0f);
+  ExpectError(t, AcceptedDTypes::kFloat32, "exactly one of raw_data, float_data, bool_data");
+  t = RawF32(values, {2, 3});
+  t.set_dtype(v1::BOOL);
+  ExpectError(t, AcceptedDTypes::kFloat32, "query: dtype must be FLOAT32, got BOOL");
+  t = RawF32(values, {2, 3});
+  t.set_dtype(v1::DATA_TYPE_UNSPECIFIED);
+  ExpectError(t, AcceptedDTypes::kFloat32, "dtype must be FLOAT32, got DATA_TYPE_UNSPECIFIED");
+  t = RawF32(values, {2, -3});
+  ExpectError(t, AcceptedDTypes::kFloat32, "every dimension must be positive, got shape [2, -3]");
+  t = RawF32(values, {1ll << 30, 1ll << 30});
+  ExpectError(t, AcceptedDTypes::kFloat32, "is too large");
+  Tensor floats;
+  floats.add_shape(4);
+  floats.add_float_data(1.0f);
+  ExpectError(floats, AcceptedDTypes::kFloat32, "float_data holds 1 values, expected 4 (shape [4])");
+  Tensor no_shape;
+  no_shape.add_float_data(1.0f);
+  ExpectError(no_shape, AcceptedDTypes::kFloat32, "has values but no shape");
+  Tensor mixed;
+  mixed.add_shape(1);
+  mixed.set_dtype(v1::FLOAT32);
+  mixed.add_bool_data(true);
+  ExpectError(mixed, AcceptedDTypes::kFloat32OrBool, "dtype is FLOAT32 but values are in bool_data");
+}
+
+TEST(TensorCodecTest, EncodeRoundTrips) {
+  std::mt19937_64 rng(3);
+  attnserve::Tensor out({2, 2}, testing::RandomValues(rng, 4));
+  Tensor msg;
+  EncodeTensor(out, &msg);
+  auto back = DecodeTensor(msg, "output", AcceptedDTypes::kFloat32);
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->shape, out.shape);
+  EXPECT_EQ(std::memcmp(back->data, out.values.data(), 16), 0);
+}
+
+TEST(PrepareInferenceCallTest, LayerAndFieldErrors) {
+  v1::ServerConfig config;
+  auto* layer = config.add_layers();
+  layer->set_name("tiny");
+  layer->set_embed_dim(8);
+  layer->set_num_heads(2);
+  layer->set_max_sequence_length(16);
+  auto registry = LayerRegistry::Create(config);
+  ASSERT_TRUE(registry.ok()) << registry.status();
+
+  std::mt19937_64 rng(4);
+  v1::InferRequest req;
+  InferenceCall call;
+  call.request = &req;
+  req.set_layer("nope");
+  EXPECT_EQ(PrepareInferenceCall(**registry, &call).code(), absl::StatusCode::kNotFound);
+
+  req.set_layer("tiny");
+  *req.mutable_query() = RawF32(testing::RandomValues(rng, 2 * 3 * 8), {2, 3, 8});
+  ASSERT_TRUE(PrepareInferenceCall(**registry, &call).ok());
+  EXPECT_EQ(call.query_tokens, 6);
+  EXPECT_GT(call.flops, 0);
+  EXPECT_TRUE(call.inputs.average_attn_weights);
+
+  *req.mutable_key_padding_mask() = RawF32(testing::RandomValues(rng, 2 * 4), {2, 4});
+  absl::Status s = PrepareInferenceCall(**registry, &call);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("key_padding_mask: expected shape [2, 3] (B, S), got [2, 4]"), std::string::npos) << s;
+
+  req.clear_key_padding_mask();
+  *req.mutable_query() = RawF32(testing::RandomValues(rng, 20 * 8), {20, 8});
+  s = PrepareInferenceCall(**registry, &call);
+  EXPECT_NE(s.message().find("max_sequence_length of 16"), std::string::npos) << s;
+}
+
+}  // namespace
+}  // namespace attnserve

@@ -26,8 +26,14 @@ run: build
 
 bench: build
 	bash scripts/install-deps.sh --bench
-	./$(BUILD)/bench/attnserve_core_bench --benchmark_counters_tabular=true
-	/usr/bin/python3 bench/torch_mha.py
+	/usr/bin/python3 bench/compare_core.py --bench $(BUILD)/bench/attnserve_core_bench
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)
+
+# The container test: builds the Dockerfile's image with buildah (no Docker engine needed) and runs it
+# (deploy/test-container.sh). Needs root; installs buildah and debootstrap first.
+.PHONY: test-container
+test-container: build
+	bash scripts/install-deps.sh --container
+	nice -n 10 bash deploy/test-container.sh

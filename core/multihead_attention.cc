@@ -254,12 +254,19 @@ absl::Status MultiheadAttention::RunGroup(Group& g) const {
     v = vp;
   }
 
-  // Attention per request. Small ones run side by side on the OpenMP threads, each with single-threaded
-  // oneDNN calls: one parallel region for the lot instead of three per request, whose fork/join would
-  // otherwise cost more than their arithmetic. Large ones run one after another, each using every thread.
+  // Attention per request. Small requests are cut into work units of a few sequences that run side by
+  // side on the OpenMP threads, each with single-threaded oneDNN calls: one parallel region for the lot,
+  // rather than several per request whose fork/join costs more than their arithmetic. Large requests
+  // run one after another, each using every thread inside oneDNN.
+  struct Unit {
+    size_t member;
+    int64_t seq_begin, seq_end;
+  };
   const size_t n = g.members.size();
+  const int64_t threads = omp_get_max_threads();
   std::vector<int64_t> q_rows(n), kv_rows(n);
-  std::vector<size_t> small, large;
+  std::vector<Unit> small;
+  std::vector<size_t> large;
   for (size_t i = 0, q_row = 0, kv_row = 0; i < n; ++i) {
     const ParsedAttention& p = *g.members[i];
     q_rows[i] = static_cast<int64_t>(q_row);
@@ -267,19 +274,31 @@ absl::Status MultiheadAttention::RunGroup(Group& g) const {
     q_row += p.query_tokens();
     kv_row += p.kv_tokens();
     const int64_t attention_flops = 4 * p.batch * p.q_len * p.kv_len * e;
-    (attention_flops < kSmallAttentionFlops ? small : large).push_back(i);
+    if (attention_flops >= kSmallAttentionFlops) {
+      large.push_back(i);
+      continue;
+    }
+    // About four units per thread from one request, so a lone request still spreads over the threads.
+    const int64_t per_unit = std::max<int64_t>(1, p.batch / (4 * threads));
+    for (int64_t b = 0; b < p.batch; b += per_unit) small.push_back({i, b, std::min(p.batch, b + per_unit)});
   }
   std::vector<absl::Status> statuses(n);
-  auto attend = [&](size_t i) {
+  auto attend = [&](size_t i, int64_t seq_begin, int64_t seq_end) {
     const ParsedAttention& p = *g.members[i];
     Tensor* weights = p.inputs->need_weights ? &g.outputs[i]->attn_weights : nullptr;
-    statuses[i] = Attend(p, q + q_rows[i] * ldq, ldq, k + kv_rows[i] * ldk, ldk, v + kv_rows[i] * ldv, ldv,
-                         weights);
+    return Attend(p, seq_begin, seq_end, q + q_rows[i] * ldq, ldq, k + kv_rows[i] * ldk, ldk,
+                  v + kv_rows[i] * ldv, ldv, weights);
   };
+  std::vector<absl::Status> unit_statuses(small.size());
   const int64_t num_small = static_cast<int64_t>(small.size());
 #pragma omp parallel for schedule(dynamic, 1) if (num_small > 1)
-  for (int64_t s = 0; s < num_small; ++s) attend(small[s]);
-  for (size_t i : large) attend(i);
+  for (int64_t u = 0; u < num_small; ++u) {
+    unit_statuses[u] = attend(small[u].member, small[u].seq_begin, small[u].seq_end);
+  }
+  for (size_t u = 0; u < small.size(); ++u) {
+    if (!unit_statuses[u].ok()) statuses[small[u].member] = unit_statuses[u];
+  }
+  for (size_t i : large) statuses[i] = attend(i, 0, g.members[i]->batch);
   for (const absl::Status& status : statuses) RETURN_IF_ERROR(status);
 
   if (g.members.size() == 1) {
@@ -294,7 +313,8 @@ absl::Status MultiheadAttention::RunGroup(Group& g) const {
   return absl::OkStatus();
 }
 
-absl::Status MultiheadAttention::Attend(const ParsedAttention& p, float* q, int64_t ldq, const float* k,
+absl::Status MultiheadAttention::Attend(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end, float* q,
+                                        int64_t ldq, const float* k,
                                         int64_t ldk, const float* v, int64_t ldv, Tensor* weights) const {
   const MhaConfig& c = options_.config;
   const AttentionInputs& in = *p.inputs;
@@ -306,8 +326,8 @@ absl::Status MultiheadAttention::Attend(const ParsedAttention& p, float* q, int6
   const bool masked = p.has_mask();
   const float inv_heads = 1.0f / static_cast<float>(h);
 
-  for (int64_t b0 = 0; b0 < batch; b0 += plan.seqs) {
-    const int64_t nb = std::min(plan.seqs, batch - b0);
+  for (int64_t b0 = seq_begin; b0 < seq_end; b0 += plan.seqs) {
+    const int64_t nb = std::min(plan.seqs, seq_end - b0);
     // Heads outer, query blocks inner: one head's K and V stay in cache across its query blocks.
     for (int64_t h0 = 0; h0 < h; h0 += plan.heads) {
       const int64_t hb = std::min(plan.heads, h - h0);

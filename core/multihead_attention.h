@@ -74,8 +74,9 @@ class MultiheadAttention {
   struct Group;
   MultiheadAttention(const Options& options) : options_(options), softmax_(options.softmax_cache_capacity) {}
   absl::Status RunGroup(Group& group) const;
-  absl::Status Attend(const ParsedAttention& p, float* q, int64_t ldq, const float* k, int64_t ldk,
-                      const float* v, int64_t ldv, Tensor* weights) const;
+  // Attention of sequences [seq_begin, seq_end) of one request; q, k, v point at its first token.
+  absl::Status Attend(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end, float* q, int64_t ldq,
+                      const float* k, int64_t ldk, const float* v, int64_t ldv, Tensor* weights) const;
 
   Options options_;
   std::unique_ptr<LinearOp> qkv_proj_;  // fused [3E, E], only when kdim == vdim == E

@@ -1,0 +1,89 @@
+#!/usr/bin/python3
+"""Runs the engine benchmark and the PyTorch baseline side by side and prints BENCHMARKS.md's table.
+
+    /usr/bin/python3 bench/compare_core.py [--bench build/bench/attnserve_core_bench] [--rounds 3]
+
+Each round runs attnserve_core_bench (median of its repetitions) and then bench/torch_mha.py on the same
+shapes, so both see the same machine state; the table reports the median over rounds of each. Target per
+shape (issue #2): GFLOP/s >= min(1.5 x PyTorch, 0.85 x the same round's oneDNN sgemm peak).
+"""
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+
+SHAPES = [(1, 128, 512, 8), (8, 512, 1024, 16), (1, 2048, 1024, 16), (32, 64, 512, 8), (64, 16, 256, 4)]
+
+
+def run_engine(binary, repetitions):
+    out = subprocess.run(
+        [binary, "--benchmark_format=json", f"--benchmark_repetitions={repetitions}",
+         "--benchmark_report_aggregates_only=true"],
+        check=True, capture_output=True, text=True).stdout
+    results = {}
+    for b in json.loads(out)["benchmarks"]:
+        if b.get("aggregate_name") != "median":
+            continue
+        name = b["run_name"]
+        m = re.match(r"BM_SelfAttention/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)", name)
+        if m:
+            results[tuple(int(x) for x in m.groups())] = b["GFLOPS"]
+        elif name.startswith("BM_PeakSgemm"):
+            results["sgemm"] = b["GFLOPS"]
+        elif name.startswith("BM_RaggedBatch"):
+            m = re.match(r"BM_RaggedBatch/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)", name)
+            results[("ragged",) + tuple(int(x) for x in m.groups())] = b["GFLOPS"]
+    return results
+
+
+def run_torch(script):
+    shapes = ";".join(",".join(str(x) for x in s) for s in SHAPES)
+    out = subprocess.run(["/usr/bin/python3", script, "--json", "--shapes", shapes], check=True,
+                         capture_output=True, text=True).stdout
+    return {(r["B"], r["L"], r["E"], r["H"]): r["gflops"] for r in json.loads(out)["results"]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", default="build/bench/attnserve_core_bench")
+    ap.add_argument("--torch", default="bench/torch_mha.py")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repetitions", type=int, default=3)
+    args = ap.parse_args()
+
+    engine_rounds, torch_rounds = [], []
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
+        engine_rounds.append(run_engine(args.bench, args.repetitions))
+        torch_rounds.append(run_torch(args.torch))
+
+    def med(rounds, key):
+        return statistics.median(x[key] for x in rounds)
+
+    sgemm = med(engine_rounds, "sgemm")
+    print(f"oneDNN sgemm 2048^3 (same runs): {sgemm:.0f} GFLOP/s\n")
+    print("| B | L | E | H | attnserve GFLOP/s | PyTorch GFLOP/s | ratio | target | met |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    all_met = True
+    for s in SHAPES:
+        ours, theirs = med(engine_rounds, s), med(torch_rounds, s)
+        target = min(1.5 * theirs, 0.85 * sgemm)
+        met = ours >= target
+        all_met &= met
+        print(f"| {s[0]} | {s[1]} | {s[2]} | {s[3]} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x | "
+              f"{target:.0f} | {'yes' if met else 'NO'} |")
+    ragged = [k for k in engine_rounds[0] if isinstance(k, tuple) and k[0] == "ragged"]
+    if ragged:
+        print("\nRagged batches (B single sequences, lengths uniform in [L/2, 3L/2], one ForwardBatch call):\n")
+        print("| B | mean L | E | H | GFLOP/s |")
+        print("|---|---|---|---|---|")
+        for k in sorted(ragged):
+            print(f"| {k[1]} | {k[2]} | {k[3]} | {k[4]} | {med(engine_rounds, k):.0f} |")
+    return 0 if all_met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

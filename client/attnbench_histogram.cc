@@ -38,7 +38,7 @@ int64_t LatencyHistogram::BucketHighest(int index) {
   if (index < kExact) return index;
   const int64_t rel = index - kExact;
   const int msb = static_cast<int>(rel / kSub) + kSubBits + 1;
-  return BucketLowest(index) + (int64_t{1} << (msb - kSubBits)) - 1;
+  return BucketLowest(index) + ((int64_t{1} << (msb - kSubBits)) - 1);  // no overflow at the top bucket
 }
 
 void LatencyHistogram::Record(int64_t value) {

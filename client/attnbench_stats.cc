@@ -14,7 +14,6 @@ void StepRecorder::Record(int64_t latency_ns, const Outcome& outcome) {
   absl::MutexLock lock(&mu_);
   if (outcome.code != 0) {
     ++stats_.errors[StatusCodeName(outcome.code)];
-    ++errors_;
     return;
   }
   ++stats_.ok;
@@ -29,12 +28,6 @@ void StepRecorder::Record(int64_t latency_ns, const Outcome& outcome) {
 StepStats StepRecorder::Snapshot() const {
   absl::MutexLock lock(&mu_);
   return stats_;
-}
-
-void StepRecorder::Counts(int64_t* ok, int64_t* errors) const {
-  absl::MutexLock lock(&mu_);
-  *ok = stats_.ok;
-  *errors = errors_;
 }
 
 }  // namespace attnserve

@@ -39,13 +39,10 @@ class StepRecorder {
  public:
   void Record(int64_t latency_ns, const Outcome& outcome);
   StepStats Snapshot() const;
-  // Counts only: cheap enough for a progress line.
-  void Counts(int64_t* ok, int64_t* errors) const;
 
  private:
   mutable absl::Mutex mu_;
   StepStats stats_ ABSL_GUARDED_BY(mu_);
-  int64_t errors_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace attnserve

@@ -52,7 +52,6 @@ absl::Status EncodeValues(const std::string& field, absl::Span<const T> values, 
 }
 
 absl::Status EncodeMask(const std::string& field, const Client::MaskInput& mask, attnserve::v1::Tensor* out) {
-  if (mask.shape.empty()) return absl::OkStatus();
   return mask.is_bool ? EncodeValues(field, mask.bool_values, mask.shape, attnserve::v1::BOOL, out)
                       : EncodeValues(field, mask.float_values, mask.shape, attnserve::v1::FLOAT32, out);
 }
@@ -68,7 +67,7 @@ absl::StatusOr<Client::Tensor> DecodeFloatTensor(const attnserve::v1::Tensor& t,
       return absl::InternalError(absl::StrCat(field, ": raw_data of ", t.raw_data().size(), " bytes is not FLOAT32"));
     }
     out.values.resize(t.raw_data().size() / sizeof(float));
-    std::memcpy(out.values.data(), t.raw_data().data(), t.raw_data().size());
+    if (!out.values.empty()) std::memcpy(out.values.data(), t.raw_data().data(), t.raw_data().size());
   }
   if (static_cast<int64_t>(out.values.size()) != n) {
     return absl::InternalError(absl::StrCat("server sent ", field, " with ", out.values.size(),
@@ -154,8 +153,13 @@ absl::StatusOr<attnserve::v1::InferRequest> Client::MakeInferRequest(const std::
     RETURN_IF_ERROR(EncodeValues("value", options.value.values, options.value.shape, attnserve::v1::FLOAT32,
                                  request.mutable_value()));
   }
-  RETURN_IF_ERROR(EncodeMask("key_padding_mask", options.key_padding_mask, request.mutable_key_padding_mask()));
-  RETURN_IF_ERROR(EncodeMask("attn_mask", options.attn_mask, request.mutable_attn_mask()));
+  // mutable_*() would create the field, which the server reads as "present": only for a given mask.
+  if (!options.key_padding_mask.shape.empty()) {
+    RETURN_IF_ERROR(EncodeMask("key_padding_mask", options.key_padding_mask, request.mutable_key_padding_mask()));
+  }
+  if (!options.attn_mask.shape.empty()) {
+    RETURN_IF_ERROR(EncodeMask("attn_mask", options.attn_mask, request.mutable_attn_mask()));
+  }
   request.set_is_causal(options.is_causal);
   request.set_need_weights(options.need_weights);
   if (!options.average_attn_weights) request.set_average_attn_weights(false);

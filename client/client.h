@@ -111,8 +111,11 @@ class Client {
   // for a bad shape, UNAVAILABLE when no server can be reached, DEADLINE_EXCEEDED), or InvalidArgument
   // before sending when a span's length does not match its shape.
   absl::StatusOr<InferResult> Infer(const std::string& layer, absl::Span<const float> query,
-                                    const std::vector<int64_t>& query_shape,
-                                    const InferOptions& options = {}) const;
+                                    const std::vector<int64_t>& query_shape, const InferOptions& options) const;
+  absl::StatusOr<InferResult> Infer(const std::string& layer, absl::Span<const float> query,
+                                    const std::vector<int64_t>& query_shape) const {
+    return Infer(layer, query, query_shape, InferOptions());
+  }
 
   // The same call on protobufs, for tools. `timeout_ms` as in InferOptions.
   absl::StatusOr<attnserve::v1::InferResponse> InferRaw(const attnserve::v1::InferRequest& request,

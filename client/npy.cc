@@ -222,7 +222,7 @@ absl::StatusOr<NpyArray> ParseNpy(absl::string_view bytes) {
   }
   if (array.dtype == NpyArray::DType::kFloat32) {
     array.floats.resize(count);
-    std::memcpy(array.floats.data(), data.data(), data.size());
+    if (count > 0) std::memcpy(array.floats.data(), data.data(), data.size());  // (no null pointers to memcpy)
   } else {
     array.bools.resize(count);
     for (size_t i = 0; i < count; ++i) array.bools[i] = data[i] != 0 ? 1 : 0;

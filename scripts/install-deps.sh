@@ -51,3 +51,40 @@ if [ ! -d "$NODE_EXAMPLE/node_modules" ] || [ "$NODE_EXAMPLE/package-lock.json" 
 else
   echo "install-deps: examples/node/node_modules up to date"
 fi
+
+# --container (make test-container): buildah and debootstrap, which build and run the Dockerfile's image
+# without a Docker engine (deploy/test-container.sh). Only that target installs them.
+if [ "${1:-}" = "--container" ]; then
+  container_missing=()
+  for p in buildah debootstrap; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+      container_missing+=("$p")
+    fi
+  done
+  if ((${#container_missing[@]})); then
+    echo "install-deps: installing ${container_missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${container_missing[@]}"
+  fi
+fi
+
+# kubectl, whose `kubectl kustomize` renders deploy/k8s for its test (k8s_manifests_test): Debian's
+# kubernetes-client only where no kubectl is on PATH (a kubectl the machine already has is newer, and its
+# package would conflict with Debian's). Without any, the test renders the kustomization's listed files.
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "install-deps: installing kubernetes-client (kubectl)"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends kubernetes-client
+fi
+
+# The Kubernetes manifests' validator (deploy/k8s/validate: kubernetes-models, yaml, typescript): npm ci when
+# its node_modules is missing or older than its package-lock.json.
+k8s_validate_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/deploy/k8s/validate"
+if [ -f "$k8s_validate_dir/package-lock.json" ] &&
+   { [ ! -f "$k8s_validate_dir/node_modules/.package-lock.json" ] ||
+     [ "$k8s_validate_dir/package-lock.json" -nt "$k8s_validate_dir/node_modules/.package-lock.json" ]; }; then
+  echo "install-deps: npm ci in deploy/k8s/validate"
+  npm ci --prefix "$k8s_validate_dir" --no-audit --no-fund --loglevel=error
+fi

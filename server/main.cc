@@ -31,6 +31,11 @@ namespace {
 constexpr char kServiceName[] = "attnserve.v1.AttentionService";
 // Requests carry whole [B, L, E] tensors: gRPC's 4 MiB default would refuse a single [1, 2048, 768] query.
 constexpr int kMaxMessageBytes = 64 << 20;
+// After SIGTERM, new calls are answered UNAVAILABLE by the service for at least this long (overlapping the
+// drain, capped by the grace) before grpc::Server::Shutdown: gRPC fails calls that arrive once Shutdown has
+// begun with CANCELLED, their handler never running (grpc/grpc#41785), so clients would otherwise see
+// CANCELLED instead of UNAVAILABLE when their next request races the listener's close.
+constexpr absl::Duration kUnavailableLinger = absl::Seconds(1);
 
 BatchingOptions ToBatchingOptions(const attnserve::v1::BatchingConfig& b) {
   BatchingOptions o;
@@ -93,16 +98,18 @@ int Run(int argc, char** argv) {
   BatchExecutor executor(&metrics, RealClock());
   CallScheduler::Options scheduler_options;
   scheduler_options.worker_threads = workers;
+  CallScheduler* queues = nullptr;  // set before the first batch can be queued
   auto scheduler = CallScheduler::Create(
       scheduler_options, [&](const std::string& layer, std::vector<CallScheduler::Entry> batch) {
         omp_set_num_threads(omp_threads);  // per worker thread; cheap to repeat
-        metrics.SetQueueDepth(layer, 0);
+        metrics.SetQueueDepth(layer, static_cast<double>(queues->QueueDepth(layer)));
         executor.Run(layer, std::move(batch));
       });
   if (!scheduler.ok()) {
     spdlog::critical("{}", std::string(scheduler.status().message()));
     return 2;
   }
+  queues = scheduler->get();
   for (const auto& l : config->layers()) {
     if (absl::Status s = (*scheduler)->AddQueue(l.name(), ToBatchingOptions(l.batching())); !s.ok()) {
       spdlog::critical("layer {}: {}", l.name(), std::string(s.message()));
@@ -155,6 +162,7 @@ int Run(int argc, char** argv) {
   auto drained = std::async(std::launch::async, [&] { (*scheduler)->Shutdown(); });
   const bool in_time =
       drained.wait_for(absl::ToChronoNanoseconds(stop_deadline - absl::Now())) == std::future_status::ready;
+  if (in_time) absl::SleepFor(std::min(stop_start + kUnavailableLinger, stop_deadline) - absl::Now());
   // Waits for in-flight RPCs (their answers are being written) until the deadline, then cancels the rest.
   server->Shutdown(absl::ToChronoTime(stop_deadline));
   if (!in_time) {

@@ -4,7 +4,7 @@ ASAN_BUILD ?= build-asan
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?= -G Ninja -DCMAKE_BUILD_TYPE=Release
 
-.PHONY: deps build test test-asan run bench clean
+.PHONY: deps build test test-asan run bench bench-serving clean
 
 deps:
 	bash scripts/install-deps.sh
@@ -27,6 +27,9 @@ run: build
 bench: build
 	bash scripts/install-deps.sh --bench
 	/usr/bin/python3 bench/compare_core.py --bench $(BUILD)/bench/attnserve_core_bench
+
+bench-serving: build
+	/usr/bin/python3 bench/serving_bench.py --build $(BUILD)
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)

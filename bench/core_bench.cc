@@ -67,6 +67,29 @@ void BM_RaggedBatch(benchmark::State& state) {
   state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// A batch as the server forms it: R separate requests of [1, L, E] self-attention in one ForwardBatch.
+// Args: R, L, E, H. bench/serving_bench.py compares the server's achieved rate with this.
+void BM_ServerBatch(benchmark::State& state) {
+  const int64_t r = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
+  MultiheadAttention::Options options;
+  options.config = {e, h, 0, 0, true};
+  auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
+  std::vector<std::vector<float>> queries;
+  std::vector<AttentionInputs> inputs(r);
+  std::vector<const AttentionInputs*> batch;
+  for (int64_t i = 0; i < r; ++i) {
+    queries.push_back(Random(l * e, 20 + i));
+    inputs[i].query = TensorView::F32(queries.back().data(), {1, l, e});
+    batch.push_back(&inputs[i]);
+  }
+  for (auto _ : state) {
+    auto out = (*layer)->ForwardBatch(batch);
+    benchmark::DoNotOptimize(out);
+  }
+  const double flops = static_cast<double>(r * AttentionFlops(options.config, 1, l, l));
+  state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 // oneDNN's sgemm on a large square problem: what the machine's f32 matmul reaches.
 void BM_PeakSgemm(benchmark::State& state) {
   const int64_t n = state.range(0);
@@ -91,6 +114,14 @@ BENCHMARK(BM_SelfAttention)
     ->UseRealTime()
     ->MinTime(0.5)
     ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_ServerBatch)
+    ->ArgsProduct({{1, 2, 4, 8, 16, 32, 64}, {128}, {768}, {12}})
+    ->Args({1, 16, 256, 4})
+    ->Args({1, 32, 512, 8})
+    ->ArgNames({"R", "L", "E", "H"})
+    ->UseRealTime()
+    ->MinTime(0.3)
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_RaggedBatch)
     ->Args({32, 64, 512, 8})
     ->Args({64, 16, 256, 4})

@@ -1,0 +1,208 @@
+#!/usr/bin/python3
+"""Serving benchmarks of issue #4, measured side by side in one run; prints BENCHMARKS.md's tables.
+
+    /usr/bin/python3 bench/serving_bench.py [--build build] [--duration 10]
+
+Starts the servers itself on loopback (attnserve with generated configs, the echo floor), drives them with
+attnbench, scrapes /metrics, and checks each target:
+  1. floor: echo with a 4 KiB payload, p50 at concurrency 1 and requests/s at concurrency 32;
+  2. latency: E=256, H=4, B=1, L=16 at concurrency 1: p50 <= echo p50 + engine in-process time + 50 us;
+  3. batching: concurrency 64, L=32 on E=512, H=8: throughput with dynamic batching >= 2x max_batch_size=1;
+  4. efficiency: saturation with B=1, L=128 on E=768, H=12: achieved GFLOP/s (attnserve_flops_total over
+     wall time) >= 70% of the engine's in-process GFLOP/s on batches of the size the server formed;
+  5. open loop at 70% of the measured maximum rate: p99 <= 5x p50.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+
+class Proc:
+    """A server started in the background; `ready` is the regex whose groups are its ports."""
+
+    def __init__(self, args, ready, log_path):
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with open(log_path) as f:
+                m = re.search(ready, f.read())
+            if m:
+                self.ports = [int(g) for g in m.groups()]
+                return
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"{args[0]} did not start: " + open(log_path).read()[-2000:])
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+        self.log.close()
+
+
+def attnbench(build, target, *args):
+    out = subprocess.run([f"{build}/client/attnbench", "--target", target, "--json", "--quiet", *args],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def metrics(port):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, value = line.rsplit(" ", 1)
+        values[name] = float(value)
+    return values
+
+
+def metric_sum(values, prefix):
+    return sum(v for k, v in values.items() if k.startswith(prefix))
+
+
+def engine_bench(build, filt):
+    out = subprocess.run([f"{build}/bench/attnserve_core_bench", "--benchmark_format=json",
+                          f"--benchmark_filter={filt}", "--benchmark_repetitions=3",
+                          "--benchmark_report_aggregates_only=true"],
+                         check=True, capture_output=True, text=True).stdout
+    return {b["run_name"]: b for b in json.loads(out)["benchmarks"] if b.get("aggregate_name") == "median"}
+
+
+def server(build, tmp, name, layers, worker_threads=1):
+    cfg = os.path.join(tmp, f"{name}.pbtxt")
+    with open(cfg, "w") as f:
+        f.write('grpc_address: "127.0.0.1:0"\nmetrics_address: "127.0.0.1:0"\n')
+        f.write(f"worker_threads: {worker_threads}\n")
+        for layer in layers:
+            f.write("layers { " + layer + " }\n")
+    return Proc([f"{build}/server/attnserve", "--config", cfg],
+                r"ready: grpc_port=(\d+) metrics_port=(\d+)", os.path.join(tmp, f"{name}.log"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured step")
+    args = ap.parse_args()
+    build, dur = args.build, f"{args.duration}s"
+    tmp = tempfile.mkdtemp(prefix="attnserve_bench_")
+    procs = []
+    results = {}
+    try:
+        # 1. The floor.
+        echo = Proc([f"{build}/bench/attnserve_echo_server", "--address", "127.0.0.1:0"], r"ready: port=(\d+)",
+                    os.path.join(tmp, "echo.log"))
+        procs.append(echo)
+        e = attnbench(build, f"127.0.0.1:{echo.ports[0]}", "--echo", "--payload-bytes", "4096",
+                      "--concurrency", "1,32", "--duration", dur)
+        results["echo_c1_p50_ms"] = e[0]["latency_ms"]["p50"]
+        results["echo_c1_rps"] = e[0]["requests_per_second"]
+        results["echo_c32_rps"] = e[1]["requests_per_second"]
+        results["echo_c32_p50_ms"] = e[1]["latency_ms"]["p50"]
+        echo.stop()
+
+        # 2. Latency, E=256 H=4 B=1 L=16, concurrency 1.
+        s = server(build, tmp, "latency", ['name: "small" embed_dim: 256 num_heads: 4 seed: 1'])
+        procs.append(s)
+        lat = attnbench(build, f"127.0.0.1:{s.ports[0]}", "--layer", "small", "--seq", "16",
+                        "--concurrency", "1", "--duration", dur)[0]
+        s.stop()
+        eng = engine_bench(build, "BM_ServerBatch/R:1/L:16/E:256/H:4")
+        engine_us = next(iter(eng.values()))["real_time"]  # microseconds (benchmark unit)
+        results["lat_p50_ms"] = lat["latency_ms"]["p50"]
+        results["lat_p99_ms"] = lat["latency_ms"]["p99"]
+        results["lat_server_compute_p50_us"] = lat["server"]["compute_us"]["p50"]
+        results["lat_engine_us"] = engine_us
+        results["lat_bound_ms"] = results["echo_c1_p50_ms"] + engine_us / 1000 + 0.05
+
+        # 3. Batching: dynamic vs max_batch_size 1 at concurrency 64, L=32, E=512 H=8.
+        for label, batching in (("dynamic", "max_batch_size: 64"), ("single", "max_batch_size: 1")):
+            s = server(build, tmp, f"batch_{label}",
+                       [f'name: "mid" embed_dim: 512 num_heads: 8 seed: 3 batching {{ {batching} }}'])
+            procs.append(s)
+            r = attnbench(build, f"127.0.0.1:{s.ports[0]}", "--layer", "mid", "--seq", "32",
+                          "--concurrency", "64", "--duration", dur)[0]
+            s.stop()
+            results[f"batch_{label}_rps"] = r["requests_per_second"]
+            results[f"batch_{label}_p50_ms"] = r["latency_ms"]["p50"]
+            results[f"batch_{label}_mean_batch"] = r["server"]["batch_size"]["mean"]
+        results["batch_ratio"] = results["batch_dynamic_rps"] / results["batch_single_rps"]
+
+        # 4. Efficiency at saturation, B=1 L=128 on E=768 H=12; 5. open loop at 70% of the maximum.
+        s = server(build, tmp, "efficiency", ['name: "base" embed_dim: 768 num_heads: 12 seed: 2'])
+        procs.append(s)
+        target = f"127.0.0.1:{s.ports[0]}"
+        attnbench(build, target, "--layer", "base", "--seq", "128", "--concurrency", "64", "--duration", "2s")
+        before, t0 = metrics(s.ports[1]), time.time()
+        sat = attnbench(build, target, "--layer", "base", "--seq", "128", "--concurrency", "64",
+                        "--duration", dur, "--warmup", "0s")[0]
+        after, t1 = metrics(s.ports[1]), time.time()
+        flops = metric_sum(after, "attnserve_flops_total") - metric_sum(before, "attnserve_flops_total")
+        compute = (metric_sum(after, "attnserve_compute_duration_seconds_sum")
+                   - metric_sum(before, "attnserve_compute_duration_seconds_sum"))
+        batches = (metric_sum(after, "attnserve_batch_size_count")
+                   - metric_sum(before, "attnserve_batch_size_count"))
+        requests = (metric_sum(after, "attnserve_batch_size_sum") - metric_sum(before, "attnserve_batch_size_sum"))
+        mean_batch = requests / batches
+        results["eff_rps"] = sat["requests_per_second"]
+        results["eff_achieved_gflops"] = flops / (t1 - t0) / 1e9
+        results["eff_compute_gflops"] = flops / compute / 1e9
+        results["eff_mean_batch"] = mean_batch
+        max_rate = sat["requests_per_second"]
+        rate = int(0.7 * max_rate)
+        ol = attnbench(build, target, "--layer", "base", "--seq", "128", "--rate", str(rate), "--duration", dur)[0]
+        s.stop()
+        results["ol_rate"] = rate
+        results["ol_p50_ms"] = ol["latency_ms"]["p50"]
+        results["ol_p99_ms"] = ol["latency_ms"]["p99"]
+        results["ol_errors"] = ol["errors"]
+        pow2 = min((1, 2, 4, 8, 16, 32, 64), key=lambda k: abs(k - mean_batch))
+        eng = engine_bench(build, f"BM_ServerBatch/R:{pow2}/L:128/E:768/H:12")
+        results["eff_engine_batch"] = pow2
+        results["eff_engine_gflops"] = next(iter(eng.values()))["GFLOPS"]
+    finally:
+        for p in procs:
+            p.stop()
+
+    r = results
+    def yes(ok):
+        return "yes" if ok else "NO"
+    print(json.dumps(r, indent=1), file=sys.stderr)
+    print("| measurement | value | target | met |")
+    print("|---|---|---|---|")
+    print(f"| echo floor, 4 KiB, c=1: p50 | {r['echo_c1_p50_ms'] * 1000:.0f} us ({r['echo_c1_rps']:.0f} req/s) | - | - |")
+    print(f"| echo floor, 4 KiB, c=32: throughput | {r['echo_c32_rps']:.0f} req/s (p50 {r['echo_c32_p50_ms'] * 1000:.0f} us) | - | - |")
+    print(f"| latency E=256 H=4 B=1 L=16, c=1: p50 | {r['lat_p50_ms'] * 1000:.0f} us (p99 {r['lat_p99_ms'] * 1000:.0f} us; "
+          f"engine in-process {r['lat_engine_us']:.0f} us, server compute p50 {r['lat_server_compute_p50_us']:.0f} us) | "
+          f"<= {r['lat_bound_ms'] * 1000:.0f} us | {yes(r['lat_p50_ms'] <= r['lat_bound_ms'])} |")
+    print(f"| batching E=512 H=8 L=32, c=64: dynamic / max_batch_size=1 | {r['batch_dynamic_rps']:.0f} / "
+          f"{r['batch_single_rps']:.0f} req/s = {r['batch_ratio']:.2f}x (mean batch {r['batch_dynamic_mean_batch']:.1f}) | "
+          f">= 2x | {yes(r['batch_ratio'] >= 2)} |")
+    print(f"| efficiency E=768 H=12 B=1 L=128, c=64: achieved / in-process | {r['eff_achieved_gflops']:.0f} / "
+          f"{r['eff_engine_gflops']:.0f} GFLOP/s = {100 * r['eff_achieved_gflops'] / r['eff_engine_gflops']:.0f}% "
+          f"({r['eff_rps']:.0f} req/s, mean batch {r['eff_mean_batch']:.1f}, engine measured on batches of "
+          f"{r['eff_engine_batch']}; server compute-time rate {r['eff_compute_gflops']:.0f}) | >= 70% | "
+          f"{yes(r['eff_achieved_gflops'] >= 0.7 * r['eff_engine_gflops'])} |")
+    print(f"| open loop at 70% of max ({r['ol_rate']} req/s): p99 / p50 | {r['ol_p99_ms']:.2f} / {r['ol_p50_ms']:.2f} ms "
+          f"= {r['ol_p99_ms'] / r['ol_p50_ms']:.1f}x ({r['ol_errors']} errors) | <= 5x | "
+          f"{yes(r['ol_p99_ms'] <= 5 * r['ol_p50_ms'])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -42,23 +42,20 @@ void BM_SelfAttention(benchmark::State& state) {
   state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// The same requests as one ragged batch of B single sequences of different lengths (mean L).
-void BM_RaggedBatch(benchmark::State& state) {
-  const int64_t b = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
+// Times ForwardBatch over separate [1, len, E] self-attention requests, one per entry of `lengths`.
+void RunRequestBatch(benchmark::State& state, int64_t e, int64_t h, const std::vector<int64_t>& lengths) {
   MultiheadAttention::Options options;
   options.config = {e, h, 0, 0, true};
   auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
   std::vector<std::vector<float>> queries;
-  std::vector<AttentionInputs> inputs(b);
+  std::vector<AttentionInputs> inputs(lengths.size());
   std::vector<const AttentionInputs*> batch;
   double flops = 0;
-  std::mt19937_64 rng(5);
-  for (int64_t i = 0; i < b; ++i) {
-    const int64_t len = std::uniform_int_distribution<int64_t>(l / 2, l + l / 2)(rng);
-    queries.push_back(Random(len * e, 10 + i));
-    inputs[i].query = TensorView::F32(queries.back().data(), {1, len, e});
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    queries.push_back(Random(lengths[i] * e, 10 + i));
+    inputs[i].query = TensorView::F32(queries.back().data(), {1, lengths[i], e});
     batch.push_back(&inputs[i]);
-    flops += static_cast<double>(AttentionFlops(options.config, 1, len, len));
+    flops += static_cast<double>(AttentionFlops(options.config, 1, lengths[i], lengths[i]));
   }
   for (auto _ : state) {
     auto out = (*layer)->ForwardBatch(batch);
@@ -67,27 +64,19 @@ void BM_RaggedBatch(benchmark::State& state) {
   state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// A batch as the server forms it: R separate requests of [1, L, E] self-attention in one ForwardBatch.
-// Args: R, L, E, H. bench/serving_bench.py compares the server's achieved rate with this.
+// A ragged batch: B single sequences with lengths uniform in [L/2, 3L/2]. Args: B, L, E, H.
+void BM_RaggedBatch(benchmark::State& state) {
+  const int64_t b = state.range(0), l = state.range(1);
+  std::mt19937_64 rng(5);
+  std::vector<int64_t> lengths(b);
+  for (int64_t& len : lengths) len = std::uniform_int_distribution<int64_t>(l / 2, l + l / 2)(rng);
+  RunRequestBatch(state, state.range(2), state.range(3), lengths);
+}
+
+// A batch as the server forms it from equal requests: R requests of [1, L, E]. Args: R, L, E, H.
+// bench/serving_bench.py compares the server's achieved rate with this.
 void BM_ServerBatch(benchmark::State& state) {
-  const int64_t r = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
-  MultiheadAttention::Options options;
-  options.config = {e, h, 0, 0, true};
-  auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
-  std::vector<std::vector<float>> queries;
-  std::vector<AttentionInputs> inputs(r);
-  std::vector<const AttentionInputs*> batch;
-  for (int64_t i = 0; i < r; ++i) {
-    queries.push_back(Random(l * e, 20 + i));
-    inputs[i].query = TensorView::F32(queries.back().data(), {1, l, e});
-    batch.push_back(&inputs[i]);
-  }
-  for (auto _ : state) {
-    auto out = (*layer)->ForwardBatch(batch);
-    benchmark::DoNotOptimize(out);
-  }
-  const double flops = static_cast<double>(r * AttentionFlops(options.config, 1, l, l));
-  state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  RunRequestBatch(state, state.range(2), state.range(3), std::vector<int64_t>(state.range(0), state.range(1)));
 }
 
 // oneDNN's sgemm on a large square problem: what the machine's f32 matmul reaches.

@@ -6,10 +6,10 @@
 # buildah container on loopback ports, with deploy/k8s/config.pbtxt (the Kubernetes ConfigMap's config)
 # mounted at /etc/attnserve/config.pbtxt, and the test checks, from the host: health, an Infer with attnctl,
 # /metrics, the image's HEALTHCHECK command run inside the container, the server's uid, a short attnbench
-# load without errors, and that on SIGTERM the server answers every request it had accepted and exits 0. Everything it started (processes, working containers, temporary
-# files) is removed on exit, also on failure, and so are untagged images (the build's cached layers, unless
-# ATTNSERVE_KEEP_BUILD_CACHE=1); the base image and the built image stay in buildah's storage (remove them
-# with `buildah --storage-driver vfs rmi IMAGE`).
+# load without errors, and that on SIGTERM the server answers every request it had accepted and exits 0.
+# Everything it started (processes, working containers, temporary files) is removed on exit, also on
+# failure, and so are untagged images (the build's cached layers, unless ATTNSERVE_KEEP_BUILD_CACHE=1); the
+# base image and the built image stay in buildah's storage (`buildah --storage-driver vfs rmi IMAGE`).
 #
 # Needs root (buildah and debootstrap), buildah and debootstrap (scripts/install-deps.sh --container), and
 # the host's build/client/attnctl and attnbench (built here when missing).

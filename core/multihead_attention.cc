@@ -17,7 +17,7 @@ namespace {
 
 // Scratch buffers larger than this are freed after each call, so one long request does not pin its
 // high-water mark on a worker thread for good.
-constexpr size_t kRetainBytes = size_t{64} << 20;
+constexpr size_t kRetainBytes = size_t{256} << 20;
 // Requests whose attention (QK^T and PV) is below this many FLOPs are run side by side, see RunGroup.
 constexpr int64_t kSmallAttentionFlops = int64_t{32} << 20;
 
@@ -291,9 +291,17 @@ absl::Status MultiheadAttention::RunGroup(Group& g) const {
   };
   std::vector<absl::Status> unit_statuses(small.size());
   const int64_t num_small = static_cast<int64_t>(small.size());
-#pragma omp parallel for schedule(dynamic, 1) if (num_small > 1)
-  for (int64_t u = 0; u < num_small; ++u) {
-    unit_statuses[u] = attend(small[u].member, small[u].seq_begin, small[u].seq_end);
+  if (num_small == 1 || threads == 1) {
+    // No parallel construct at all: even a serialized one (`if` false) would make every oneDNN call
+    // inside it a nested region, and libgomp starts fresh threads for each nested team.
+    for (int64_t u = 0; u < num_small; ++u) {
+      unit_statuses[u] = attend(small[u].member, small[u].seq_begin, small[u].seq_end);
+    }
+  } else {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t u = 0; u < num_small; ++u) {
+      unit_statuses[u] = attend(small[u].member, small[u].seq_begin, small[u].seq_end);
+    }
   }
   for (size_t u = 0; u < small.size(); ++u) {
     if (!unit_statuses[u].ok()) statuses[small[u].member] = unit_statuses[u];

@@ -12,7 +12,7 @@
 // is written over the block's Q columns, which the output projection then reads.
 //
 // Thread-safety: immutable after Create(); Forward and ForwardBatch may run on many threads at once. Each
-// thread keeps its own scratch buffers (grown to the high-water mark, released above 64 MiB).
+// thread keeps its own scratch buffers (grown to the high-water mark, released above 256 MiB).
 #pragma once
 
 #include <cstdint>
@@ -43,7 +43,7 @@ class MultiheadAttention {
     // A batch with fewer FLOPs than this runs on the calling thread alone: below it the fork/join of
     // OpenMP threads costs more than it saves, and on a loaded machine a descheduled team thread stalls
     // every barrier. 0 disables.
-    int64_t single_thread_below_flops = int64_t{16} << 20;
+    int64_t single_thread_below_flops = int64_t{4} << 20;
     // Softmax primitives kept, one per (rows, S) shape seen.
     int64_t softmax_cache_capacity = 512;
   };

@@ -43,7 +43,7 @@ class MultiheadAttention {
     // A batch with fewer FLOPs than this runs on the calling thread alone: below it the fork/join of
     // OpenMP threads costs more than it saves, and on a loaded machine a descheduled team thread stalls
     // every barrier. 0 disables.
-    int64_t single_thread_below_flops = int64_t{4} << 20;
+    int64_t single_thread_below_flops = int64_t{64} << 20;
     // Softmax primitives kept, one per (rows, S) shape seen.
     int64_t softmax_cache_capacity = 512;
   };

@@ -1,7 +1,10 @@
 #include "core/onednn_ops.h"
 
 #include <algorithm>
+#include <omp.h>
+
 #include <dnnl.hpp>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 
@@ -50,19 +53,75 @@ dnnl::memory::desc Desc4(const View4& v) {
                             {v.strides[0], v.strides[1], v.strides[2], v.strides[3]});
 }
 
+// oneDNN with the OpenMP runtime fixes a primitive's threading when the primitive is created (from
+// omp_get_max_threads() then); run under a smaller team it still wakes the threads it was built for, which
+// costs more than a small matmul itself. So each op keeps one primitive per team size it is executed with.
+int TeamSize() { return omp_get_max_threads(); }
+
+// The matmul primitives of one op, by team size, built on first use from one descriptor.
+class MatmulVariants {
+ public:
+  struct Variant {
+    dnnl::matmul::primitive_desc pd;
+    dnnl::matmul prim;
+    dnnl::memory weights;  // LinearOp only: the weights in this primitive's layout
+  };
+
+  explicit MatmulVariants(const dnnl::matmul::desc& desc) : desc_(desc) {}
+
+  // Throws dnnl::error (callers are the ops below, which convert it).
+  Variant& Get() {
+    const int team = TeamSize();
+    absl::MutexLock lock(&mu_);
+    std::unique_ptr<Variant>& v = variants_[team];
+    if (v == nullptr) {
+      auto made = std::make_unique<Variant>();
+      made->pd = dnnl::matmul::primitive_desc(desc_, UserScratchpad(), CpuEngine());
+      made->prim = dnnl::matmul(made->pd);
+      v = std::move(made);
+    }
+    return *v;
+  }
+
+ private:
+  const dnnl::matmul::desc desc_;
+  absl::Mutex mu_;
+  std::map<int, std::unique_ptr<Variant>> variants_ ABSL_GUARDED_BY(mu_);  // nodes never move
+};
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------- LinearOp
 
 struct LinearOp::Impl {
-  dnnl::matmul::primitive_desc pd;
-  dnnl::matmul prim;
-  dnnl::memory weights_mem;
+  explicit Impl(const dnnl::matmul::desc& desc) : variants(desc) {}
+  MatmulVariants variants;
+  dnnl::memory weights_mem;  // in the layout of the first primitive built
   dnnl::memory bias_mem;
   int64_t k = 0, n = 0;
+
+  // The primitive for the current team size, with the weights in its layout (reordered once if it
+  // chose another layout than the first).
+  MatmulVariants::Variant& Get() {
+    MatmulVariants::Variant& v = variants.Get();
+    absl::MutexLock lock(&weights_mu);
+    if (!v.weights) {
+      if (v.pd.weights_desc() == weights_mem.get_desc()) {
+        v.weights = weights_mem;
+      } else {
+        v.weights = dnnl::memory(v.pd.weights_desc(), CpuEngine());
+        dnnl::stream& stream = ThisThread().stream;
+        dnnl::reorder(weights_mem, v.weights).execute(stream, weights_mem, v.weights);
+        stream.wait();
+      }
+    }
+    return v;
+  }
+  absl::Mutex weights_mu;
 };
 
-LinearOp::LinearOp(std::unique_ptr<Impl> impl) : impl_ptr_(std::move(impl)), impl_(impl_ptr_->pd.impl_info_str()) {}
+LinearOp::LinearOp(std::unique_ptr<Impl> impl)
+    : impl_ptr_(std::move(impl)), impl_(impl_ptr_->variants.Get().pd.impl_info_str()) {}
 LinearOp::~LinearOp() = default;
 
 absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Create(int64_t k, int64_t n, const std::vector<float>& weight,
@@ -74,23 +133,21 @@ absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Create(int64_t k, int64_t n,
                                                    " values"));
   }
   try {
-    auto impl = std::make_unique<Impl>();
-    impl->k = k;
-    impl->n = n;
     const dnnl::memory::desc src_md({kRt, k}, dt::f32, {kRt, 1});
     const dnnl::memory::desc weights_md({k, n}, dt::f32, tag::any);
     const dnnl::memory::desc bias_md({1, n}, dt::f32, tag::ab);
     const dnnl::memory::desc dst_md({kRt, n}, dt::f32, {kRt, 1});
-    impl->pd = dnnl::matmul::primitive_desc(
-        bias.empty() ? dnnl::matmul::desc(src_md, weights_md, dst_md)
-                     : dnnl::matmul::desc(src_md, weights_md, bias_md, dst_md),
-        UserScratchpad(), CpuEngine());
-    impl->prim = dnnl::matmul(impl->pd);
+    auto impl = std::make_unique<Impl>(bias.empty() ? dnnl::matmul::desc(src_md, weights_md, dst_md)
+                                                    : dnnl::matmul::desc(src_md, weights_md, bias_md, dst_md));
+    impl->k = k;
+    impl->n = n;
+    MatmulVariants::Variant& first = impl->variants.Get();
 
     // PyTorch's W [n, k] row-major is W^T [k, n] with strides {1, k}: one reorder into the chosen layout.
     const dnnl::memory::desc torch_md({k, n}, dt::f32, {1, k});
     dnnl::memory torch_mem(torch_md, CpuEngine(), const_cast<float*>(weight.data()));
-    impl->weights_mem = dnnl::memory(impl->pd.weights_desc(), CpuEngine());
+    impl->weights_mem = dnnl::memory(first.pd.weights_desc(), CpuEngine());
+    first.weights = impl->weights_mem;
     ThreadState& ts = ThisThread();
     dnnl::reorder(torch_mem, impl->weights_mem).execute(ts.stream, torch_mem, impl->weights_mem);
     if (!bias.empty()) {
@@ -106,17 +163,18 @@ absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Create(int64_t k, int64_t n,
 
 absl::Status LinearOp::Execute(const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const {
   if (m == 0) return absl::OkStatus();
-  const Impl& p = *impl_ptr_;
+  Impl& p = *impl_ptr_;
   try {
+    MatmulVariants::Variant& v = p.Get();
     ThreadState& ts = ThisThread();
     dnnl::memory src(dnnl::memory::desc({m, p.k}, dt::f32, {ldx, 1}), CpuEngine(), const_cast<float*>(x));
     dnnl::memory dst(dnnl::memory::desc({m, p.n}, dt::f32, {ldy, 1}), CpuEngine(), y);
     std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src},
-                                                  {DNNL_ARG_WEIGHTS, p.weights_mem},
+                                                  {DNNL_ARG_WEIGHTS, v.weights},
                                                   {DNNL_ARG_DST, dst},
-                                                  {DNNL_ARG_SCRATCHPAD, ts.Scratchpad(p.pd.scratchpad_desc())}};
+                                                  {DNNL_ARG_SCRATCHPAD, ts.Scratchpad(v.pd.scratchpad_desc())}};
     if (p.bias_mem) args.emplace(DNNL_ARG_BIAS, p.bias_mem);
-    p.prim.execute(ts.stream, args);
+    v.prim.execute(ts.stream, args);
     ts.stream.wait();
     return absl::OkStatus();
   } catch (const dnnl::error& e) {
@@ -127,17 +185,16 @@ absl::Status LinearOp::Execute(const float* x, int64_t m, int64_t ldx, float* y,
 // ------------------------------------------------------------------------------------------ HeadMatmulOp
 
 struct HeadMatmulOp::Impl {
-  dnnl::matmul::primitive_desc pd;
-  dnnl::matmul prim;
+  explicit Impl(const dnnl::matmul::desc& desc) : variants(desc) {}
+  MatmulVariants variants;
 };
 
 HeadMatmulOp::HeadMatmulOp(std::unique_ptr<Impl> impl)
-    : impl_ptr_(std::move(impl)), impl_(impl_ptr_->pd.impl_info_str()) {}
+    : impl_ptr_(std::move(impl)), impl_(impl_ptr_->variants.Get().pd.impl_info_str()) {}
 HeadMatmulOp::~HeadMatmulOp() = default;
 
 absl::StatusOr<std::unique_ptr<HeadMatmulOp>> HeadMatmulOp::Create(Kind kind, int64_t head_dim) {
   try {
-    auto impl = std::make_unique<Impl>();
     // A fixed head dim and unit inner strides keep oneDNN 2.6 on gemm:jit; a fully runtime-shaped
     // matmul falls back to ref:any.
     const int64_t h = kRt, d = head_dim;
@@ -151,8 +208,7 @@ absl::StatusOr<std::unique_ptr<HeadMatmulOp>> HeadMatmulOp::Create(Kind kind, in
       b_md = dnnl::memory::desc({kRt, h, kRt, d}, dt::f32, {kRt, kRt, kRt, 1});
       c_md = dnnl::memory::desc({kRt, h, kRt, d}, dt::f32, {kRt, kRt, kRt, 1});
     }
-    impl->pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, c_md), UserScratchpad(), CpuEngine());
-    impl->prim = dnnl::matmul(impl->pd);
+    auto impl = std::make_unique<Impl>(dnnl::matmul::desc(a_md, b_md, c_md));
     return std::unique_ptr<HeadMatmulOp>(new HeadMatmulOp(std::move(impl)));
   } catch (const dnnl::error& e) {
     return FromDnnl(e, "attention matmul creation");
@@ -160,16 +216,16 @@ absl::StatusOr<std::unique_ptr<HeadMatmulOp>> HeadMatmulOp::Create(Kind kind, in
 }
 
 absl::Status HeadMatmulOp::Execute(const View4& a, const View4& b, const View4& c) const {
-  const Impl& p = *impl_ptr_;
   try {
+    MatmulVariants::Variant& v = impl_ptr_->variants.Get();
     ThreadState& ts = ThisThread();
     dnnl::memory a_mem(Desc4(a), CpuEngine(), a.data);
     dnnl::memory b_mem(Desc4(b), CpuEngine(), b.data);
     dnnl::memory c_mem(Desc4(c), CpuEngine(), c.data);
-    p.prim.execute(ts.stream, {{DNNL_ARG_SRC, a_mem},
+    v.prim.execute(ts.stream, {{DNNL_ARG_SRC, a_mem},
                                {DNNL_ARG_WEIGHTS, b_mem},
                                {DNNL_ARG_DST, c_mem},
-                               {DNNL_ARG_SCRATCHPAD, ts.Scratchpad(p.pd.scratchpad_desc())}});
+                               {DNNL_ARG_SCRATCHPAD, ts.Scratchpad(v.pd.scratchpad_desc())}});
     ts.stream.wait();
     return absl::OkStatus();
   } catch (const dnnl::error& e) {
@@ -188,7 +244,7 @@ SoftmaxCache::SoftmaxCache(size_t capacity) : capacity_(std::max<size_t>(capacit
 SoftmaxCache::~SoftmaxCache() = default;
 
 absl::StatusOr<std::shared_ptr<const SoftmaxCache::Entry>> SoftmaxCache::Get(int64_t rows, int64_t cols) const {
-  const Key key{rows, cols};
+  const Key key{rows, cols, TeamSize()};
   {
     absl::MutexLock lock(&mu_);
     auto it = map_.find(key);

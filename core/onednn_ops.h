@@ -1,9 +1,13 @@
 // The oneDNN adapter: the only code that includes dnnl.hpp or sees dnnl::error. Each op is built once (with
 // oneDNN runtime dimensions where a size changes from call to call) and then executed many times.
 //
-// Thread-safety: every op is immutable after Create() and may be executed from many threads at once; each
-// calling thread gets its own oneDNN stream and scratchpad (user scratchpad mode), so no execution shares
-// mutable state. SoftmaxCache guards its map with a mutex.
+// oneDNN (OpenMP runtime) fixes a primitive's threading when it is created, so every op builds one
+// primitive per OpenMP team size it is executed with (omp_get_max_threads() of the calling thread), on
+// first use; the weights are shared between them.
+//
+// Thread-safety: every op may be executed from many threads at once; each calling thread gets its own
+// oneDNN stream and scratchpad (user scratchpad mode), and the per-team-size primitives are built under
+// a mutex.
 #pragma once
 
 #include <cstddef>
@@ -11,6 +15,7 @@
 #include <list>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -70,8 +75,8 @@ class HeadMatmulOp {
 };
 
 // In-place softmax over the last axis of a dense [rows, cols] matrix, with the softmax primitive. oneDNN's
-// softmax has no runtime dimensions, so primitives are cached per (rows, cols), least recently used first
-// out once `capacity` is reached.
+// softmax has no runtime dimensions, so primitives are cached per (rows, cols, OpenMP team size), least
+// recently used first out once `capacity` is reached.
 class SoftmaxCache {
  public:
   explicit SoftmaxCache(size_t capacity);
@@ -83,7 +88,7 @@ class SoftmaxCache {
 
  private:
   struct Entry;
-  using Key = std::pair<int64_t, int64_t>;
+  using Key = std::tuple<int64_t, int64_t, int>;  // rows, cols, OpenMP team size
   absl::StatusOr<std::shared_ptr<const Entry>> Get(int64_t rows, int64_t cols) const;
 
   const size_t capacity_;

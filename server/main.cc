@@ -98,6 +98,9 @@ int Run(int argc, char** argv) {
   BatchExecutor executor(&metrics, RealClock());
   CallScheduler::Options scheduler_options;
   scheduler_options.worker_threads = workers;
+  // An idle worker polls 200 us before sleeping: a request arriving meanwhile skips a thread wake-up
+  // (tens of microseconds here); the cost is at most 200 us of one core after each batch.
+  scheduler_options.idle_spin_us = 200;
   CallScheduler* queues = nullptr;  // set before the first batch can be queued
   auto scheduler = CallScheduler::Create(
       scheduler_options, [&](const std::string& layer, std::vector<CallScheduler::Entry> batch) {

@@ -19,6 +19,7 @@
 #include "absl/strings/str_join.h"
 #include "server/attention_service.h"
 #include "server/batch_executor.h"
+#include "server/cpu_budget.h"
 #include "server/layer_registry.h"
 #include "server/logging.h"
 #include "server/metrics.h"
@@ -31,6 +32,8 @@ namespace {
 constexpr char kServiceName[] = "attnserve.v1.AttentionService";
 // Requests carry whole [B, L, E] tensors: gRPC's 4 MiB default would refuse a single [1, 2048, 768] query.
 constexpr int kMaxMessageBytes = 64 << 20;
+constexpr int kMaxConnectionAgeMs = 5 * 60 * 1000;
+constexpr int kMaxConnectionAgeGraceMs = 30 * 1000;
 // After SIGTERM, new calls are answered UNAVAILABLE by the service for at least this long (overlapping the
 // drain, capped by the grace) before grpc::Server::Shutdown: gRPC fails calls that arrive once Shutdown has
 // begun with CANCELLED, their handler never running (grpc/grpc#41785), so clients would otherwise see
@@ -78,7 +81,7 @@ int Run(int argc, char** argv) {
 
   // Threads: each worker computes a whole batch with oneDNN, which parallelises it over OpenMP threads.
   // Workers x OpenMP threads per worker = cores, so the two never oversubscribe the machine.
-  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int cores = AvailableCpus();  // affinity mask and cgroup quota, as a container sees them
   const int workers = config->worker_threads();
   const int omp_threads = std::max(1, cores / workers);
 
@@ -128,6 +131,10 @@ int Run(int argc, char** argv) {
   builder.AddListeningPort(config->grpc_address(), grpc::InsecureServerCredentials(), &grpc_port);
   builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
+  // Connections are recycled every few minutes so clients balancing over a headless Service (gRPC
+  // round_robin) also reach replicas added since they connected; in-flight calls get the grace to end.
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, kMaxConnectionAgeMs);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, kMaxConnectionAgeGraceMs);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || grpc_port == 0) {

@@ -410,10 +410,13 @@ std::vector<std::string> MultiheadAttention::ImplementationsUsed() const {
     if (std::find(impls.begin(), impls.end(), s) == impls.end()) impls.push_back(s);
   };
   for (const LinearOp* op : {qkv_proj_.get(), q_proj_.get(), k_proj_.get(), v_proj_.get(), out_proj_.get()}) {
-    if (op != nullptr) add(op->impl());
+    if (op != nullptr) {
+      for (const std::string& impl : op->Impls()) add(impl);
+    }
   }
-  add(scores_op_->impl());
-  add(context_op_->impl());
+  for (const HeadMatmulOp* op : {scores_op_.get(), context_op_.get()}) {
+    for (const std::string& impl : op->Impls()) add(impl);
+  }
   for (const std::string& s : softmax_.Impls()) add(s);
   return impls;
 }

@@ -67,7 +67,8 @@ class MultiheadAttention {
   std::vector<absl::StatusOr<AttentionOutputs>> ForwardBatch(
       absl::Span<const AttentionInputs* const> requests) const;
 
-  // impl_info_str() of every oneDNN primitive this layer has run or built, e.g. "gemm:jit".
+  // impl_info_str() of every oneDNN primitive this layer has built (for every OpenMP team size it ran
+  // with), e.g. "gemm:jit".
   std::vector<std::string> ImplementationsUsed() const;
 
  private:

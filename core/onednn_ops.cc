@@ -70,6 +70,13 @@ class MatmulVariants {
   explicit MatmulVariants(const dnnl::matmul::desc& desc) : desc_(desc) {}
 
   // Throws dnnl::error (callers are the ops below, which convert it).
+  std::vector<std::string> Impls() {
+    absl::MutexLock lock(&mu_);
+    std::vector<std::string> impls;
+    for (const auto& [team, v] : variants_) impls.push_back(v->pd.impl_info_str());
+    return impls;
+  }
+
   Variant& Get() {
     const int team = TeamSize();
     absl::MutexLock lock(&mu_);
@@ -120,9 +127,9 @@ struct LinearOp::Impl {
   absl::Mutex weights_mu;
 };
 
-LinearOp::LinearOp(std::unique_ptr<Impl> impl)
-    : impl_ptr_(std::move(impl)), impl_(impl_ptr_->variants.Get().pd.impl_info_str()) {}
+LinearOp::LinearOp(std::unique_ptr<Impl> impl) : impl_ptr_(std::move(impl)) {}
 LinearOp::~LinearOp() = default;
+std::vector<std::string> LinearOp::Impls() const { return impl_ptr_->variants.Impls(); }
 
 absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Create(int64_t k, int64_t n, const std::vector<float>& weight,
                                                           const std::vector<float>& bias) {
@@ -189,9 +196,9 @@ struct HeadMatmulOp::Impl {
   MatmulVariants variants;
 };
 
-HeadMatmulOp::HeadMatmulOp(std::unique_ptr<Impl> impl)
-    : impl_ptr_(std::move(impl)), impl_(impl_ptr_->variants.Get().pd.impl_info_str()) {}
+HeadMatmulOp::HeadMatmulOp(std::unique_ptr<Impl> impl) : impl_ptr_(std::move(impl)) {}
 HeadMatmulOp::~HeadMatmulOp() = default;
+std::vector<std::string> HeadMatmulOp::Impls() const { return impl_ptr_->variants.Impls(); }
 
 absl::StatusOr<std::unique_ptr<HeadMatmulOp>> HeadMatmulOp::Create(Kind kind, int64_t head_dim) {
   try {
@@ -209,6 +216,7 @@ absl::StatusOr<std::unique_ptr<HeadMatmulOp>> HeadMatmulOp::Create(Kind kind, in
       c_md = dnnl::memory::desc({kRt, h, kRt, d}, dt::f32, {kRt, kRt, kRt, 1});
     }
     auto impl = std::make_unique<Impl>(dnnl::matmul::desc(a_md, b_md, c_md));
+    impl->variants.Get();  // build the primitive for the creating thread's team size now
     return std::unique_ptr<HeadMatmulOp>(new HeadMatmulOp(std::move(impl)));
   } catch (const dnnl::error& e) {
     return FromDnnl(e, "attention matmul creation");

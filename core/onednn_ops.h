@@ -36,13 +36,13 @@ class LinearOp {
   ~LinearOp();
   // x: m rows of k floats, row stride ldx; y: m rows of n floats, row stride ldy. m == 0 is a no-op.
   absl::Status Execute(const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
-  const std::string& impl() const { return impl_; }
+  // impl_info_str() of each primitive built so far (one per OpenMP team size used).
+  std::vector<std::string> Impls() const;
 
  private:
   struct Impl;
   explicit LinearOp(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_ptr_;
-  std::string impl_;
 };
 
 // A rank-4 strided view: element (i0, i1, i2, i3) at data[i0*s0 + i1*s1 + i2*s2 + i3*s3].
@@ -65,13 +65,13 @@ class HeadMatmulOp {
   static absl::StatusOr<std::unique_ptr<HeadMatmulOp>> Create(Kind kind, int64_t head_dim);
   ~HeadMatmulOp();
   absl::Status Execute(const View4& a, const View4& b, const View4& c) const;
-  const std::string& impl() const { return impl_; }
+  // impl_info_str() of each primitive built so far (one per OpenMP team size used).
+  std::vector<std::string> Impls() const;
 
  private:
   struct Impl;
   explicit HeadMatmulOp(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_ptr_;
-  std::string impl_;
 };
 
 // In-place softmax over the last axis of a dense [rows, cols] matrix, with the softmax primitive. oneDNN's

@@ -10,41 +10,51 @@
 namespace attnserve {
 namespace {
 
-TEST(OnednnImplTest, NoReferenceKernelsOnTheForwardPath) {
+// Runs masked, causal forwards with weights over several lengths; returns every primitive's impl.
+std::vector<std::string> ImplsAfterForwards(const MhaConfig& config, int64_t single_thread_below_flops) {
   std::mt19937_64 rng(1);
+  MultiheadAttention::Options options;
+  options.config = config;
+  options.single_thread_below_flops = single_thread_below_flops;
+  options.scores_block_bytes = 8192;  // exercise query and head blocking too
+  options.min_block_rows = 1;
+  auto layer = MultiheadAttention::Create(options, testing::RandomTestWeights(config, rng));
+  EXPECT_TRUE(layer.ok()) << layer.status();
+  if (!layer.ok()) return {};
+  for (int64_t len : {1, 7, 64, 200}) {
+    const int64_t b = 2, e = config.embed_dim;
+    const auto q = testing::RandomValues(rng, b * len * e);
+    const auto k = testing::RandomValues(rng, b * len * config.key_dim());
+    const auto v = testing::RandomValues(rng, b * len * config.value_dim());
+    std::vector<uint8_t> mask(b * len, 0);
+    AttentionInputs in;
+    in.query = TensorView::F32(q.data(), {b, len, e});
+    if (!config.same_qkv_dim()) {
+      in.key = TensorView::F32(k.data(), {b, len, config.key_dim()});
+      in.value = TensorView::F32(v.data(), {b, len, config.value_dim()});
+    }
+    in.key_padding_mask = TensorView::Bool(mask.data(), {b, len});
+    in.is_causal = true;
+    in.need_weights = true;
+    EXPECT_TRUE((*layer)->Forward(in).ok());
+  }
+  return (*layer)->ImplementationsUsed();
+}
+
+TEST(OnednnImplTest, NoReferenceKernelsOnTheForwardPath) {
   for (MhaConfig config : {MhaConfig{64, 4, 0, 0, true}, MhaConfig{48, 6, 20, 28, false}}) {
-    MultiheadAttention::Options options;
-    options.config = config;
-    options.scores_block_bytes = 8192;  // exercise query and head blocking too
-    options.min_block_rows = 1;
-    auto layer = MultiheadAttention::Create(options, testing::RandomTestWeights(config, rng));
-    ASSERT_TRUE(layer.ok());
-    for (int64_t len : {1, 7, 64, 200}) {
-      const int64_t b = 2, e = config.embed_dim;
-      const auto q = testing::RandomValues(rng, b * len * e);
-      const auto k = testing::RandomValues(rng, b * len * config.key_dim());
-      const auto v = testing::RandomValues(rng, b * len * config.value_dim());
-      std::vector<uint8_t> mask(b * len, 0);
-      AttentionInputs in;
-      in.query = TensorView::F32(q.data(), {b, len, e});
-      if (!config.same_qkv_dim()) {
-        in.key = TensorView::F32(k.data(), {b, len, config.key_dim()});
-        in.value = TensorView::F32(v.data(), {b, len, config.value_dim()});
+    // Both thread paths: these small batches run single-threaded by default; threshold 0 runs them on
+    // every OpenMP thread (primitives are built per team size, so both sets are checked).
+    for (int64_t threshold : {MultiheadAttention::Options().single_thread_below_flops, int64_t{0}}) {
+      const std::vector<std::string> impls = ImplsAfterForwards(config, threshold);
+      EXPECT_GE(impls.size(), 2u);
+      std::string all;
+      for (const std::string& impl : impls) {
+        EXPECT_THAT(impl, ::testing::Not(::testing::StartsWith("ref"))) << config.DebugString();
+        all += impl + " ";
       }
-      in.key_padding_mask = TensorView::Bool(mask.data(), {b, len});
-      in.is_causal = true;
-      in.need_weights = true;
-      ASSERT_TRUE((*layer)->Forward(in).ok());
+      std::cout << config.DebugString() << " single_thread_below_flops=" << threshold << ": " << all << "\n";
     }
-    const std::vector<std::string> impls = (*layer)->ImplementationsUsed();
-    EXPECT_GE(impls.size(), 2u);
-    for (const std::string& impl : impls) {
-      EXPECT_THAT(impl, ::testing::Not(::testing::StartsWith("ref"))) << config.DebugString();
-    }
-    std::string all;
-    for (const auto& s : impls) all += s + " ";
-    RecordProperty("impls", all);
-    std::cout << config.DebugString() << ": " << all << "\n";
   }
 }
 

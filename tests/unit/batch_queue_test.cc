@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
+#include "tests/testing/batching_options.h"
 #include "tests/testing/fake_clock.h"
 
 namespace attnserve {
@@ -17,15 +18,7 @@ namespace {
 using Item = std::unique_ptr<int>;  // move-only, like the server's requests
 using Queue = BatchQueue<Item>;
 
-BatchingOptions Opts(int32_t max_batch_size, int64_t max_queue_delay_us, int32_t max_queue_size = 1024,
-                     int64_t max_batch_tokens = 8192) {
-  BatchingOptions o;
-  o.max_batch_size = max_batch_size;
-  o.max_queue_delay_us = max_queue_delay_us;
-  o.max_queue_size = max_queue_size;
-  o.max_batch_tokens = max_batch_tokens;
-  return o;
-}
+using testing::Opts;
 
 void PushId(Queue& q, int id, int64_t tokens = 1) {
   Item item = std::make_unique<int>(id);

@@ -20,6 +20,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
+#include "tests/testing/batching_options.h"
 #include "tests/testing/fake_clock.h"
 
 namespace attnserve {
@@ -37,15 +38,7 @@ constexpr absl::Duration kHangTimeout = absl::Seconds(60);  // only turns a hang
 
 Item MakeItem(int producer, int seq) { return std::make_unique<Request>(Request{producer, seq}); }
 
-BatchingOptions Opts(int32_t max_batch_size, int64_t max_queue_delay_us, int32_t max_queue_size = 1024,
-                     int64_t max_batch_tokens = 8192) {
-  BatchingOptions o;
-  o.max_batch_size = max_batch_size;
-  o.max_queue_delay_us = max_queue_delay_us;
-  o.max_queue_size = max_queue_size;
-  o.max_batch_tokens = max_batch_tokens;
-  return o;
-}
+using testing::Opts;
 
 // What run_batch saw, thread-safe.
 class Recorder {

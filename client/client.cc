@@ -15,7 +15,7 @@
 #include "absl/synchronization/notification.h"
 #include "client/grpc_status.h"
 #include "client/health_wire.h"
-#include "core/status_macros.h"
+#include "common/status_macros.h"
 
 // Tensors travel as little-endian raw_data; the bytes are copied as they are.
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "attnserve::Client assumes a little-endian host");
@@ -40,7 +40,7 @@ absl::StatusOr<int64_t> CountElements(const std::vector<int64_t>& shape, const s
 template <typename T>
 absl::Status EncodeValues(const std::string& field, absl::Span<const T> values, const std::vector<int64_t>& shape,
                           DataType dtype, attnserve::v1::Tensor* out) {
-  ASSIGN_OR_RETURN(const int64_t n, CountElements(shape, field));
+  ATTN_ASSIGN_OR_RETURN(const int64_t n, CountElements(shape, field));
   if (static_cast<int64_t>(values.size()) != n) {
     return absl::InvalidArgumentError(
         absl::StrCat(field, ": ", values.size(), " values given for shape ", ShapeString(shape), " (", n, ")"));
@@ -59,7 +59,7 @@ absl::Status EncodeMask(const std::string& field, const Client::MaskInput& mask,
 absl::StatusOr<Client::Tensor> DecodeFloatTensor(const attnserve::v1::Tensor& t, const std::string& field) {
   Client::Tensor out;
   out.shape.assign(t.shape().begin(), t.shape().end());
-  ASSIGN_OR_RETURN(const int64_t n, CountElements(out.shape, field));
+  ATTN_ASSIGN_OR_RETURN(const int64_t n, CountElements(out.shape, field));
   if (t.float_data_size() > 0) {
     out.values.assign(t.float_data().begin(), t.float_data().end());
   } else {
@@ -119,7 +119,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const Options& options) {
   if (!options.use_tls && !options.tls_root_certs_path.empty()) {
     return absl::InvalidArgumentError("tls_root_certs_path: only meaningful with use_tls");
   }
-  ASSIGN_OR_RETURN(auto credentials, MakeCredentials(options));
+  ATTN_ASSIGN_OR_RETURN(auto credentials, MakeCredentials(options));
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
@@ -144,21 +144,21 @@ absl::StatusOr<attnserve::v1::InferRequest> Client::MakeInferRequest(const std::
                                                                      const InferOptions& options) {
   attnserve::v1::InferRequest request;
   request.set_layer(layer);
-  RETURN_IF_ERROR(EncodeValues("query", query, query_shape, attnserve::v1::FLOAT32, request.mutable_query()));
+  ATTN_RETURN_IF_ERROR(EncodeValues("query", query, query_shape, attnserve::v1::FLOAT32, request.mutable_query()));
   if (!options.key.shape.empty()) {
-    RETURN_IF_ERROR(EncodeValues("key", options.key.values, options.key.shape, attnserve::v1::FLOAT32,
+    ATTN_RETURN_IF_ERROR(EncodeValues("key", options.key.values, options.key.shape, attnserve::v1::FLOAT32,
                                  request.mutable_key()));
   }
   if (!options.value.shape.empty()) {
-    RETURN_IF_ERROR(EncodeValues("value", options.value.values, options.value.shape, attnserve::v1::FLOAT32,
+    ATTN_RETURN_IF_ERROR(EncodeValues("value", options.value.values, options.value.shape, attnserve::v1::FLOAT32,
                                  request.mutable_value()));
   }
   // mutable_*() would create the field, which the server reads as "present": only for a given mask.
   if (!options.key_padding_mask.shape.empty()) {
-    RETURN_IF_ERROR(EncodeMask("key_padding_mask", options.key_padding_mask, request.mutable_key_padding_mask()));
+    ATTN_RETURN_IF_ERROR(EncodeMask("key_padding_mask", options.key_padding_mask, request.mutable_key_padding_mask()));
   }
   if (!options.attn_mask.shape.empty()) {
-    RETURN_IF_ERROR(EncodeMask("attn_mask", options.attn_mask, request.mutable_attn_mask()));
+    ATTN_RETURN_IF_ERROR(EncodeMask("attn_mask", options.attn_mask, request.mutable_attn_mask()));
   }
   request.set_is_causal(options.is_causal);
   request.set_need_weights(options.need_weights);
@@ -172,9 +172,9 @@ absl::StatusOr<Client::InferResult> Client::ReadInferResponse(const attnserve::v
     return absl::Status(static_cast<absl::StatusCode>(response.error().code()), response.error().message());
   }
   InferResult result;
-  ASSIGN_OR_RETURN(result.output, DecodeFloatTensor(response.output(), "output"));
+  ATTN_ASSIGN_OR_RETURN(result.output, DecodeFloatTensor(response.output(), "output"));
   if (response.has_attn_weights()) {
-    ASSIGN_OR_RETURN(result.attn_weights, DecodeFloatTensor(response.attn_weights(), "attn_weights"));
+    ATTN_ASSIGN_OR_RETURN(result.attn_weights, DecodeFloatTensor(response.attn_weights(), "attn_weights"));
   }
   result.timing = {response.timing().queue_us(), response.timing().compute_us(), response.timing().batch_size()};
   result.id = response.id();
@@ -184,8 +184,8 @@ absl::StatusOr<Client::InferResult> Client::ReadInferResponse(const attnserve::v
 absl::StatusOr<Client::InferResult> Client::Infer(const std::string& layer, absl::Span<const float> query,
                                                   const std::vector<int64_t>& query_shape,
                                                   const InferOptions& options) const {
-  ASSIGN_OR_RETURN(const attnserve::v1::InferRequest request, MakeInferRequest(layer, query, query_shape, options));
-  ASSIGN_OR_RETURN(const attnserve::v1::InferResponse response, InferRaw(request, options.timeout_ms));
+  ATTN_ASSIGN_OR_RETURN(const attnserve::v1::InferRequest request, MakeInferRequest(layer, query, query_shape, options));
+  ATTN_ASSIGN_OR_RETURN(const attnserve::v1::InferResponse response, InferRaw(request, options.timeout_ms));
   return ReadInferResponse(response);
 }
 
@@ -194,7 +194,7 @@ absl::StatusOr<attnserve::v1::InferResponse> Client::InferRaw(const attnserve::v
   grpc::ClientContext context;
   SetDeadline(&context, timeout_ms);
   attnserve::v1::InferResponse response;
-  RETURN_IF_ERROR(FromGrpcStatus(stub_->Infer(&context, request, &response)));
+  ATTN_RETURN_IF_ERROR(FromGrpcStatus(stub_->Infer(&context, request, &response)));
   return response;
 }
 
@@ -214,10 +214,10 @@ absl::StatusOr<Client::HealthStatus> Client::Health(const std::string& service) 
                       done.Notify();
                     });
   done.WaitForNotification();
-  RETURN_IF_ERROR(FromGrpcStatus(status));
+  ATTN_RETURN_IF_ERROR(FromGrpcStatus(status));
   grpc::Slice body;
-  RETURN_IF_ERROR(FromGrpcStatus(response.DumpToSingleSlice(&body)));
-  ASSIGN_OR_RETURN(const int value, DecodeHealthCheckResponse(absl::string_view(
+  ATTN_RETURN_IF_ERROR(FromGrpcStatus(response.DumpToSingleSlice(&body)));
+  ATTN_ASSIGN_OR_RETURN(const int value, DecodeHealthCheckResponse(absl::string_view(
                                         reinterpret_cast<const char*>(body.begin()), body.size())));
   if (value < 0 || value > 3) return HealthStatus::kUnknown;
   return static_cast<HealthStatus>(value);
@@ -227,7 +227,7 @@ absl::StatusOr<std::vector<attnserve::v1::Layer>> Client::ListLayers() const {
   grpc::ClientContext context;
   SetDeadline(&context, std::nullopt);
   attnserve::v1::ListLayersResponse response;
-  RETURN_IF_ERROR(FromGrpcStatus(stub_->ListLayers(&context, attnserve::v1::ListLayersRequest(), &response)));
+  ATTN_RETURN_IF_ERROR(FromGrpcStatus(stub_->ListLayers(&context, attnserve::v1::ListLayersRequest(), &response)));
   return std::vector<attnserve::v1::Layer>(response.layers().begin(), response.layers().end());
 }
 
@@ -237,7 +237,7 @@ absl::StatusOr<attnserve::v1::Layer> Client::GetLayer(const std::string& name) c
   attnserve::v1::GetLayerRequest request;
   request.set_name(name);
   attnserve::v1::Layer layer;
-  RETURN_IF_ERROR(FromGrpcStatus(stub_->GetLayer(&context, request, &layer)));
+  ATTN_RETURN_IF_ERROR(FromGrpcStatus(stub_->GetLayer(&context, request, &layer)));
   return layer;
 }
 

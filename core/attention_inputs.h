@@ -46,6 +46,7 @@ struct ParsedAttention {
   MaskType key_padding_mask = MaskType::kNone;
   MaskType attn_mask = MaskType::kNone;
   bool attn_mask_per_head = false;  // [B*H, L, S] rather than [L, S]
+  int64_t flops = 0;                // AttentionFlops of this request, counted once here
 
   bool has_mask() const {
     return key_padding_mask != MaskType::kNone || attn_mask != MaskType::kNone || inputs->is_causal;

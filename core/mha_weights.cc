@@ -6,7 +6,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/safetensors.h"
-#include "core/status_macros.h"
+#include "common/status_macros.h"
 #include "core/tensor.h"
 
 namespace attnserve {
@@ -48,19 +48,19 @@ void FillUniform(std::mt19937_64& rng, float bound, std::vector<float>& values) 
 
 absl::Status MhaWeights::CheckShapes(const MhaConfig& config) const {
   const size_t e = config.embed_dim;
-  RETURN_IF_ERROR(CheckSize(q_proj_weight, e * e, "q_proj_weight"));
-  RETURN_IF_ERROR(CheckSize(k_proj_weight, e * config.key_dim(), "k_proj_weight"));
-  RETURN_IF_ERROR(CheckSize(v_proj_weight, e * config.value_dim(), "v_proj_weight"));
-  RETURN_IF_ERROR(CheckSize(out_proj_weight, e * e, "out_proj.weight"));
-  RETURN_IF_ERROR(CheckSize(in_proj_bias, config.bias ? 3 * e : 0, "in_proj_bias"));
-  RETURN_IF_ERROR(CheckSize(out_proj_bias, config.bias ? e : 0, "out_proj.bias"));
+  ATTN_RETURN_IF_ERROR(CheckSize(q_proj_weight, e * e, "q_proj_weight"));
+  ATTN_RETURN_IF_ERROR(CheckSize(k_proj_weight, e * config.key_dim(), "k_proj_weight"));
+  ATTN_RETURN_IF_ERROR(CheckSize(v_proj_weight, e * config.value_dim(), "v_proj_weight"));
+  ATTN_RETURN_IF_ERROR(CheckSize(out_proj_weight, e * e, "out_proj.weight"));
+  ATTN_RETURN_IF_ERROR(CheckSize(in_proj_bias, config.bias ? 3 * e : 0, "in_proj_bias"));
+  ATTN_RETURN_IF_ERROR(CheckSize(out_proj_bias, config.bias ? e : 0, "out_proj.bias"));
   return absl::OkStatus();
 }
 
 absl::StatusOr<MhaWeights> LoadMhaWeights(const std::string& path, const std::string& prefix,
                                           const MhaConfig& config) {
-  RETURN_IF_ERROR(config.Validate());
-  ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file, SafetensorsFile::Open(path));
+  ATTN_RETURN_IF_ERROR(config.Validate());
+  ATTN_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file, SafetensorsFile::Open(path));
   const int64_t e = config.embed_dim;
 
   // Every tensor under the prefix must be one we know: a stray one means the config does not describe the
@@ -90,20 +90,20 @@ absl::StatusOr<MhaWeights> LoadMhaWeights(const std::string& path, const std::st
                                                      "expected q_proj_weight, k_proj_weight, v_proj_weight for ",
                                                      config.DebugString()));
     }
-    ASSIGN_OR_RETURN(std::vector<float> in_proj, ReadTensor(*file, prefix, "in_proj_weight", {3 * e, e}));
+    ATTN_ASSIGN_OR_RETURN(std::vector<float> in_proj, ReadTensor(*file, prefix, "in_proj_weight", {3 * e, e}));
     const auto block = static_cast<ptrdiff_t>(e * e);
     w.q_proj_weight.assign(in_proj.begin(), in_proj.begin() + block);
     w.k_proj_weight.assign(in_proj.begin() + block, in_proj.begin() + 2 * block);
     w.v_proj_weight.assign(in_proj.begin() + 2 * block, in_proj.end());
   } else {
-    ASSIGN_OR_RETURN(w.q_proj_weight, ReadTensor(*file, prefix, "q_proj_weight", {e, e}));
-    ASSIGN_OR_RETURN(w.k_proj_weight, ReadTensor(*file, prefix, "k_proj_weight", {e, config.key_dim()}));
-    ASSIGN_OR_RETURN(w.v_proj_weight, ReadTensor(*file, prefix, "v_proj_weight", {e, config.value_dim()}));
+    ATTN_ASSIGN_OR_RETURN(w.q_proj_weight, ReadTensor(*file, prefix, "q_proj_weight", {e, e}));
+    ATTN_ASSIGN_OR_RETURN(w.k_proj_weight, ReadTensor(*file, prefix, "k_proj_weight", {e, config.key_dim()}));
+    ATTN_ASSIGN_OR_RETURN(w.v_proj_weight, ReadTensor(*file, prefix, "v_proj_weight", {e, config.value_dim()}));
   }
-  ASSIGN_OR_RETURN(w.out_proj_weight, ReadTensor(*file, prefix, "out_proj.weight", {e, e}));
+  ATTN_ASSIGN_OR_RETURN(w.out_proj_weight, ReadTensor(*file, prefix, "out_proj.weight", {e, e}));
   if (config.bias) {
-    ASSIGN_OR_RETURN(w.in_proj_bias, ReadTensor(*file, prefix, "in_proj_bias", {3 * e}));
-    ASSIGN_OR_RETURN(w.out_proj_bias, ReadTensor(*file, prefix, "out_proj.bias", {e}));
+    ATTN_ASSIGN_OR_RETURN(w.in_proj_bias, ReadTensor(*file, prefix, "in_proj_bias", {3 * e}));
+    ATTN_ASSIGN_OR_RETURN(w.out_proj_bias, ReadTensor(*file, prefix, "out_proj.bias", {e}));
   }
   return w;
 }

@@ -10,7 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/attention_masks.h"
-#include "core/status_macros.h"
+#include "common/status_macros.h"
 
 namespace attnserve {
 namespace {
@@ -18,8 +18,6 @@ namespace {
 // Scratch buffers larger than this are freed after each call, so one long request does not pin its
 // high-water mark on a worker thread for good.
 constexpr size_t kRetainBytes = size_t{256} << 20;
-// Requests whose attention (QK^T and PV) is below this many FLOPs are run side by side, see RunGroup.
-constexpr int64_t kSmallAttentionFlops = int64_t{32} << 20;
 
 // Per-thread scratch, reused across calls and layers.
 struct Workspace {
@@ -95,13 +93,27 @@ struct MultiheadAttention::Group {
   std::vector<AttentionOutputs*> outputs;  // same order as members
 };
 
+// A group's projections: Q (then the context, written over it) with row stride ldq, K and V; rows of all
+// members one after another.
+struct MultiheadAttention::Projected {
+  float* q = nullptr;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t ldq = 0, ldk = 0, ldv = 0;
+  int64_t q_rows = 0;
+};
+
+// One block of Attend: sequences [b0, b0+nb), heads [h0, h0+hb), query rows [l0, l0+lb), keys [0, cols).
+struct MultiheadAttention::Block {
+  int64_t b0, nb, h0, hb, l0, lb, cols;
+};
+
 MultiheadAttention::~MultiheadAttention() = default;
 
 absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(const Options& options,
                                                                               const MhaWeights& weights) {
-  const MhaConfig& c = options.config;
-  RETURN_IF_ERROR(c.Validate());
-  RETURN_IF_ERROR(weights.CheckShapes(c));
+  ATTN_RETURN_IF_ERROR(options.config.Validate());
+  ATTN_RETURN_IF_ERROR(weights.CheckShapes(options.config));
   if (options.scores_block_bytes < 4) {
     return absl::InvalidArgumentError(
         absl::StrCat("scores_block_bytes must be >= 4, got ", options.scores_block_bytes));
@@ -113,9 +125,19 @@ absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(c
     return absl::InvalidArgumentError(
         absl::StrCat("softmax_cache_capacity must be >= 1, got ", options.softmax_cache_capacity));
   }
+  if (options.single_thread_below_flops < 0 || options.small_attention_flops < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "single_thread_below_flops and small_attention_flops must be >= 0, got ", options.single_thread_below_flops,
+        " and ", options.small_attention_flops));
+  }
   auto layer = std::unique_ptr<MultiheadAttention>(new MultiheadAttention(options));
-  const int64_t e = c.embed_dim;
+  ATTN_RETURN_IF_ERROR(layer->BuildPrimitives(weights));
+  return layer;
+}
 
+absl::Status MultiheadAttention::BuildPrimitives(const MhaWeights& weights) {
+  const MhaConfig& c = options_.config;
+  const int64_t e = c.embed_dim;
   // 1/sqrt(Dh) is folded into the Q weights and bias: the scores matmul then needs no scaling pass.
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim()));
   std::vector<float> wq = weights.q_proj_weight;
@@ -127,9 +149,9 @@ absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(c
     bk.assign(weights.in_proj_bias.begin() + e, weights.in_proj_bias.begin() + 2 * e);
     bv.assign(weights.in_proj_bias.begin() + 2 * e, weights.in_proj_bias.end());
   }
-  ASSIGN_OR_RETURN(layer->q_proj_, LinearOp::Create(e, e, wq, bq));
-  ASSIGN_OR_RETURN(layer->k_proj_, LinearOp::Create(c.key_dim(), e, weights.k_proj_weight, bk));
-  ASSIGN_OR_RETURN(layer->v_proj_, LinearOp::Create(c.value_dim(), e, weights.v_proj_weight, bv));
+  ATTN_ASSIGN_OR_RETURN(q_proj_, LinearOp::Create(e, e, wq, bq));
+  ATTN_ASSIGN_OR_RETURN(k_proj_, LinearOp::Create(c.key_dim(), e, weights.k_proj_weight, bk));
+  ATTN_ASSIGN_OR_RETURN(v_proj_, LinearOp::Create(c.value_dim(), e, weights.v_proj_weight, bv));
   if (c.same_qkv_dim()) {
     std::vector<float> w_qkv = wq;
     w_qkv.insert(w_qkv.end(), weights.k_proj_weight.begin(), weights.k_proj_weight.end());
@@ -140,71 +162,114 @@ absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(c
       b_qkv.insert(b_qkv.end(), bk.begin(), bk.end());
       b_qkv.insert(b_qkv.end(), bv.begin(), bv.end());
     }
-    ASSIGN_OR_RETURN(layer->qkv_proj_, LinearOp::Create(e, 3 * e, w_qkv, b_qkv));
+    ATTN_ASSIGN_OR_RETURN(qkv_proj_, LinearOp::Create(e, 3 * e, w_qkv, b_qkv));
   }
-  ASSIGN_OR_RETURN(layer->out_proj_, LinearOp::Create(e, e, weights.out_proj_weight, weights.out_proj_bias));
-  ASSIGN_OR_RETURN(layer->scores_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, c.head_dim()));
-  ASSIGN_OR_RETURN(layer->context_op_,
-                   HeadMatmulOp::Create(HeadMatmulOp::Kind::kContext, c.head_dim()));
-  return layer;
+  ATTN_ASSIGN_OR_RETURN(out_proj_, LinearOp::Create(e, e, weights.out_proj_weight, weights.out_proj_bias));
+  ATTN_ASSIGN_OR_RETURN(scores_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, c.head_dim()));
+  ATTN_ASSIGN_OR_RETURN(context_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kContext, c.head_dim()));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<ParsedAttention> MultiheadAttention::Validate(const AttentionInputs& inputs) const {
   return ParseAttentionInputs(inputs, options_.config, options_.limits);
 }
 
-absl::StatusOr<AttentionOutputs> MultiheadAttention::Forward(const AttentionInputs& inputs) const {
+absl::StatusOr<AttentionOutputs> MultiheadAttention::Forward(const AttentionInputs& inputs, int max_threads) const {
   const AttentionInputs* one[] = {&inputs};
-  return std::move(ForwardBatch(one)[0]);
+  return std::move(ForwardBatch(one, max_threads)[0]);
 }
 
 std::vector<absl::StatusOr<AttentionOutputs>> MultiheadAttention::ForwardBatch(
-    absl::Span<const AttentionInputs* const> requests) const {
-  const MhaConfig& c = options_.config;
+    absl::Span<const AttentionInputs* const> requests, int max_threads) const {
+  std::vector<absl::StatusOr<ParsedAttention>> parsed;
+  parsed.reserve(requests.size());
+  std::vector<const ParsedAttention*> valid;
+  for (const AttentionInputs* in : requests) {
+    parsed.push_back(Validate(*in));
+    if (parsed.back().ok()) valid.push_back(&*parsed.back());
+  }
+  std::vector<absl::StatusOr<AttentionOutputs>> computed = ForwardParsed(valid, max_threads);
   std::vector<absl::StatusOr<AttentionOutputs>> results;
   results.reserve(requests.size());
-  std::vector<ParsedAttention> parsed(requests.size());
+  for (size_t i = 0, next = 0; i < requests.size(); ++i) {
+    if (parsed[i].ok()) {
+      results.push_back(std::move(computed[next++]));
+    } else {
+      results.emplace_back(parsed[i].status());
+    }
+  }
+  return results;
+}
+
+namespace {
+
+// The answer tensors of one request, zeroed: [B, L, E] and, with need_weights, [B, L, S] or [B, H, L, S]
+// (B dropped when unbatched).
+AttentionOutputs AllocateOutputs(const ParsedAttention& p, const MhaConfig& c) {
+  AttentionOutputs out;
+  const int64_t b = p.batch, l = p.q_len, s = p.kv_len;
+  out.output = Tensor(p.unbatched ? Shape{l, c.embed_dim} : Shape{b, l, c.embed_dim});
+  if (p.inputs->need_weights) {
+    Shape ws = p.inputs->average_attn_weights ? Shape{b, l, s} : Shape{b, c.num_heads, l, s};
+    if (p.unbatched) ws.erase(ws.begin());
+    out.attn_weights = Tensor(ws);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<absl::StatusOr<AttentionOutputs>> MultiheadAttention::ForwardParsed(
+    absl::Span<const ParsedAttention* const> requests, int max_threads) const {
+  std::vector<absl::StatusOr<AttentionOutputs>> results;
+  results.reserve(requests.size());
   Group groups[2];  // [0]: self-attention (fused QKV), [1]: cross-attention
   groups[0].self_attention = true;
-  for (size_t i = 0; i < requests.size(); ++i) {
-    absl::StatusOr<ParsedAttention> p = Validate(*requests[i]);
-    if (!p.ok()) {
-      results.emplace_back(p.status());
-      continue;
-    }
-    parsed[i] = *p;
-    AttentionOutputs out;
-    const int64_t b = p->batch, l = p->q_len, s = p->kv_len, h = c.num_heads;
-    out.output = Tensor(p->unbatched ? Shape{l, c.embed_dim} : Shape{b, l, c.embed_dim});
-    if (requests[i]->need_weights) {
-      Shape ws = requests[i]->average_attn_weights ? Shape{b, l, s} : Shape{b, h, l, s};
-      if (p->unbatched) ws.erase(ws.begin());
-      out.attn_weights = Tensor(ws);
-    }
-    results.emplace_back(std::move(out));
-  }
   int64_t flops = 0;
+  for (const ParsedAttention* p : requests) results.emplace_back(AllocateOutputs(*p, options_.config));
   for (size_t i = 0; i < requests.size(); ++i) {
-    if (!results[i].ok()) continue;
-    flops += AttentionFlops(c, parsed[i].batch, parsed[i].q_len, parsed[i].kv_len);
-    Group& g = groups[parsed[i].self_attention ? 0 : 1];
-    g.members.push_back(&parsed[i]);
+    flops += requests[i]->flops;
+    Group& g = groups[requests[i]->self_attention ? 0 : 1];
+    g.members.push_back(requests[i]);
     g.outputs.push_back(&*results[i]);
   }
-  const ScopedOmpThreads threads(flops < options_.single_thread_below_flops ? 1 : omp_get_max_threads());
-  for (Group& g : groups) {
+  const int budget = max_threads > 0 ? max_threads : omp_get_max_threads();
+  const int threads = flops < options_.single_thread_below_flops ? 1 : budget;
+  // oneDNN reads the team size of the calling thread when it executes a primitive.
+  const ScopedOmpThreads team(threads);
+  for (const Group& g : groups) {
     if (g.members.empty()) continue;
-    absl::Status status = RunGroup(g);
+    absl::Status status = RunGroup(g, threads);
     if (status.ok()) continue;
     for (size_t i = 0; i < requests.size(); ++i) {
-      if (results[i].ok() && parsed[i].self_attention == g.self_attention) results[i] = status;
+      if (requests[i]->self_attention == g.self_attention) results[i] = status;
     }
   }
   ThreadWorkspace().ReleaseLarge();
   return results;
 }
 
-absl::Status MultiheadAttention::RunGroup(Group& g) const {
+absl::Status MultiheadAttention::RunGroup(const Group& g, int threads) const {
+  ATTN_ASSIGN_OR_RETURN(const Projected proj, Project(g));
+  ATTN_RETURN_IF_ERROR(AttendGroup(g, proj, threads));
+  return ProjectOutput(g, proj);
+}
+
+namespace {
+
+// The rows of `views` as one matrix: read in place for one request with aligned data, otherwise
+// concatenated into `buf`, so that each projection is one matmul over every token of the batch.
+const float* InputRows(const std::vector<const TensorView*>& views, std::vector<float>& buf, int64_t rows,
+                       int64_t cols) {
+  if (views.size() == 1 && Aligned(views[0]->data)) return static_cast<const float*>(views[0]->data);
+  float* dst = Workspace::Grow(buf, static_cast<size_t>(rows * cols));
+  Gather(views, dst);
+  return dst;
+}
+
+}  // namespace
+
+absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::Project(const Group& g) const {
   const MhaConfig& c = options_.config;
   const int64_t e = c.embed_dim;
   Workspace& ws = ThreadWorkspace();
@@ -217,77 +282,75 @@ absl::Status MultiheadAttention::RunGroup(Group& g) const {
     keys.push_back(&p->inputs->key);
     values.push_back(&p->inputs->value);
   }
-  // One request with aligned data is read in place; otherwise its inputs are concatenated first, so each
-  // projection is one matmul over every token of the batch.
-  auto input_rows = [&](const std::vector<const TensorView*>& views, std::vector<float>& buf, int64_t rows,
-                        int64_t cols) -> const float* {
-    if (views.size() == 1 && Aligned(views[0]->data)) return static_cast<const float*>(views[0]->data);
-    float* dst = Workspace::Grow(buf, static_cast<size_t>(rows * cols));
-    Gather(views, dst);
-    return dst;
-  };
-
-  float* q;  // projected Q (then the context, in place); row stride ldq
-  int64_t ldq;
-  const float *k, *v;
-  int64_t ldk, ldv;
+  Projected proj;
+  proj.q_rows = n_q;
+  const float* xq = InputRows(queries, ws.gather_q, n_q, e);
   if (g.self_attention) {
-    const float* x = input_rows(queries, ws.gather_q, n_q, e);
-    q = Workspace::Grow(ws.q, static_cast<size_t>(n_q * 3 * e));
-    RETURN_IF_ERROR(qkv_proj_->Execute(x, n_q, e, q, 3 * e));
-    ldq = ldk = ldv = 3 * e;
-    k = q + e;
-    v = q + 2 * e;
-  } else {
-    const float* xq = input_rows(queries, ws.gather_q, n_q, e);
-    const float* xk = input_rows(keys, ws.gather_k, n_kv, c.key_dim());
-    const float* xv = input_rows(values, ws.gather_v, n_kv, c.value_dim());
-    q = Workspace::Grow(ws.q, static_cast<size_t>(n_q * e));
-    float* kp = Workspace::Grow(ws.k, static_cast<size_t>(n_kv * e));
-    float* vp = Workspace::Grow(ws.v, static_cast<size_t>(n_kv * e));
-    RETURN_IF_ERROR(q_proj_->Execute(xq, n_q, e, q, e));
-    RETURN_IF_ERROR(k_proj_->Execute(xk, n_kv, c.key_dim(), kp, e));
-    RETURN_IF_ERROR(v_proj_->Execute(xv, n_kv, c.value_dim(), vp, e));
-    ldq = e;
-    ldk = ldv = e;
-    k = kp;
-    v = vp;
+    proj.q = Workspace::Grow(ws.q, static_cast<size_t>(n_q * 3 * e));
+    ATTN_RETURN_IF_ERROR(qkv_proj_->Execute(xq, n_q, e, proj.q, 3 * e));
+    proj.ldq = proj.ldk = proj.ldv = 3 * e;
+    proj.k = proj.q + e;
+    proj.v = proj.q + 2 * e;
+    return proj;
   }
+  const float* xk = InputRows(keys, ws.gather_k, n_kv, c.key_dim());
+  const float* xv = InputRows(values, ws.gather_v, n_kv, c.value_dim());
+  proj.q = Workspace::Grow(ws.q, static_cast<size_t>(n_q * e));
+  float* kp = Workspace::Grow(ws.k, static_cast<size_t>(n_kv * e));
+  float* vp = Workspace::Grow(ws.v, static_cast<size_t>(n_kv * e));
+  ATTN_RETURN_IF_ERROR(q_proj_->Execute(xq, n_q, e, proj.q, e));
+  ATTN_RETURN_IF_ERROR(k_proj_->Execute(xk, n_kv, c.key_dim(), kp, e));
+  ATTN_RETURN_IF_ERROR(v_proj_->Execute(xv, n_kv, c.value_dim(), vp, e));
+  proj.ldq = proj.ldk = proj.ldv = e;
+  proj.k = kp;
+  proj.v = vp;
+  return proj;
+}
 
-  // Attention per request. Small requests are cut into work units of a few sequences that run side by
-  // side on the OpenMP threads, each with single-threaded oneDNN calls: one parallel region for the lot,
-  // rather than several per request whose fork/join costs more than their arithmetic. Large requests
-  // run one after another, each using every thread inside oneDNN.
-  struct Unit {
-    size_t member;
-    int64_t seq_begin, seq_end;
-  };
-  const size_t n = g.members.size();
-  const int64_t threads = omp_get_max_threads();
-  std::vector<int64_t> q_rows(n), kv_rows(n);
-  std::vector<Unit> small;
-  std::vector<size_t> large;
-  for (size_t i = 0, q_row = 0, kv_row = 0; i < n; ++i) {
-    const ParsedAttention& p = *g.members[i];
-    q_rows[i] = static_cast<int64_t>(q_row);
-    kv_rows[i] = static_cast<int64_t>(kv_row);
-    q_row += p.query_tokens();
-    kv_row += p.kv_tokens();
-    const int64_t attention_flops = 4 * p.batch * p.q_len * p.kv_len * e;
-    if (attention_flops >= kSmallAttentionFlops) {
-      large.push_back(i);
+namespace {
+
+// Sequences [seq_begin, seq_end) of one member of a group: the unit of attention work.
+struct AttentionUnit {
+  size_t member;
+  int64_t seq_begin, seq_end;
+};
+
+// Small requests (attention below `small_flops`) are cut into units of a few sequences, about four per
+// thread from one request so that a lone request still spreads over the threads; large ones are listed
+// whole, to run one after another with every thread inside oneDNN.
+void PlanAttentionUnits(const std::vector<const ParsedAttention*>& members, int64_t embed_dim, int64_t threads,
+                        int64_t small_flops, std::vector<AttentionUnit>* small, std::vector<size_t>* large) {
+  for (size_t i = 0; i < members.size(); ++i) {
+    const ParsedAttention& p = *members[i];
+    const int64_t attention_flops = 4 * p.batch * p.q_len * p.kv_len * embed_dim;
+    if (attention_flops >= small_flops) {
+      large->push_back(i);
       continue;
     }
-    // About four units per thread from one request, so a lone request still spreads over the threads.
     const int64_t per_unit = std::max<int64_t>(1, p.batch / (4 * threads));
-    for (int64_t b = 0; b < p.batch; b += per_unit) small.push_back({i, b, std::min(p.batch, b + per_unit)});
+    for (int64_t b = 0; b < p.batch; b += per_unit) small->push_back({i, b, std::min(p.batch, b + per_unit)});
   }
-  std::vector<absl::Status> statuses(n);
+}
+
+}  // namespace
+
+absl::Status MultiheadAttention::AttendGroup(const Group& g, const Projected& proj, int threads) const {
+  const size_t n = g.members.size();
+  std::vector<int64_t> q_rows(n), kv_rows(n);  // each member's first row in the projections
+  for (size_t i = 0, q_row = 0, kv_row = 0; i < n; ++i) {
+    q_rows[i] = static_cast<int64_t>(q_row);
+    kv_rows[i] = static_cast<int64_t>(kv_row);
+    q_row += g.members[i]->query_tokens();
+    kv_row += g.members[i]->kv_tokens();
+  }
+  std::vector<AttentionUnit> small;
+  std::vector<size_t> large;
+  PlanAttentionUnits(g.members, options_.config.embed_dim, threads, options_.small_attention_flops, &small, &large);
   auto attend = [&](size_t i, int64_t seq_begin, int64_t seq_end) {
     const ParsedAttention& p = *g.members[i];
     Tensor* weights = p.inputs->need_weights ? &g.outputs[i]->attn_weights : nullptr;
-    return Attend(p, seq_begin, seq_end, q + q_rows[i] * ldq, ldq, k + kv_rows[i] * ldk, ldk,
-                  v + kv_rows[i] * ldv, ldv, weights);
+    return Attend(p, seq_begin, seq_end, proj.q + q_rows[i] * proj.ldq, proj.ldq, proj.k + kv_rows[i] * proj.ldk,
+                  proj.ldk, proj.v + kv_rows[i] * proj.ldv, proj.ldv, weights);
   };
   std::vector<absl::Status> unit_statuses(small.size());
   const int64_t num_small = static_cast<int64_t>(small.size());
@@ -298,22 +361,23 @@ absl::Status MultiheadAttention::RunGroup(Group& g) const {
       unit_statuses[u] = attend(small[u].member, small[u].seq_begin, small[u].seq_end);
     }
   } else {
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t u = 0; u < num_small; ++u) {
       unit_statuses[u] = attend(small[u].member, small[u].seq_begin, small[u].seq_end);
     }
   }
-  for (size_t u = 0; u < small.size(); ++u) {
-    if (!unit_statuses[u].ok()) statuses[small[u].member] = unit_statuses[u];
-  }
-  for (size_t i : large) statuses[i] = attend(i, 0, g.members[i]->batch);
-  for (const absl::Status& status : statuses) RETURN_IF_ERROR(status);
+  for (const absl::Status& status : unit_statuses) ATTN_RETURN_IF_ERROR(status);
+  for (size_t i : large) ATTN_RETURN_IF_ERROR(attend(i, 0, g.members[i]->batch));
+  return absl::OkStatus();
+}
 
+absl::Status MultiheadAttention::ProjectOutput(const Group& g, const Projected& proj) const {
+  const int64_t e = options_.config.embed_dim;
   if (g.members.size() == 1) {
-    return out_proj_->Execute(q, n_q, ldq, g.outputs[0]->output.values.data(), e);
+    return out_proj_->Execute(proj.q, proj.q_rows, proj.ldq, g.outputs[0]->output.values.data(), e);
   }
-  float* out = Workspace::Grow(ws.context_out, static_cast<size_t>(n_q * e));
-  RETURN_IF_ERROR(out_proj_->Execute(q, n_q, ldq, out, e));
+  float* out = Workspace::Grow(ThreadWorkspace().context_out, static_cast<size_t>(proj.q_rows * e));
+  ATTN_RETURN_IF_ERROR(out_proj_->Execute(proj.q, proj.q_rows, proj.ldq, out, e));
   for (AttentionOutputs* o : g.outputs) {
     std::memcpy(o->output.values.data(), out, o->output.values.size() * sizeof(float));
     out += o->output.values.size();
@@ -322,18 +386,12 @@ absl::Status MultiheadAttention::RunGroup(Group& g) const {
 }
 
 absl::Status MultiheadAttention::Attend(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end, float* q,
-                                        int64_t ldq, const float* k,
-                                        int64_t ldk, const float* v, int64_t ldv, Tensor* weights) const {
-  const MhaConfig& c = options_.config;
-  const AttentionInputs& in = *p.inputs;
-  const int64_t h = c.num_heads, dh = c.head_dim();
-  const int64_t batch = p.batch, len_q = p.q_len, len_k = p.kv_len;
+                                        int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                                        Tensor* weights) const {
+  const int64_t h = options_.config.num_heads, dh = options_.config.head_dim();
+  const int64_t len_q = p.q_len, len_k = p.kv_len;
   Workspace& ws = ThreadWorkspace();
-
-  const BlockPlan plan = PlanBlocks(batch, h, len_q, len_k, options_.scores_block_bytes, options_.min_block_rows);
-  const bool masked = p.has_mask();
-  const float inv_heads = 1.0f / static_cast<float>(h);
-
+  const BlockPlan plan = PlanBlocks(p.batch, h, len_q, len_k, options_.scores_block_bytes, options_.min_block_rows);
   for (int64_t b0 = seq_begin; b0 < seq_end; b0 += plan.seqs) {
     const int64_t nb = std::min(plan.seqs, seq_end - b0);
     // Heads outer, query blocks inner: one head's K and V stay in cache across its query blocks.
@@ -345,63 +403,68 @@ absl::Status MultiheadAttention::Attend(const ParsedAttention& p, int64_t seq_be
         const int64_t lb = std::min(plan.rows, len_q - l0);
         // Causal: keys past the block's last query are masked for every row of it, so they are not
         // computed at all (their weights stay zero). Halves the work of a causal self-attention.
-        const int64_t cols = in.is_causal ? std::min(len_k, l0 + lb) : len_k;
+        const Block blk{b0, nb, h0, hb, l0, lb, p.inputs->is_causal ? std::min(len_k, l0 + lb) : len_k};
+        const int64_t cols = blk.cols;
         float* scores = Workspace::Grow(ws.scores, static_cast<size_t>(nb * hb * lb * cols));
         float* q_blk = q + (b0 * len_q + l0) * ldq + h0 * dh;
         const View4 probs{scores, {nb, hb, lb, cols}, {hb * lb * cols, lb * cols, cols, 1}};
         const View4 qa{q_blk, {nb, hb, lb, dh}, {len_q * ldq, dh, ldq, 1}};
         const View4 kb{const_cast<float*>(k_seq), {nb, hb, dh, cols}, {len_k * ldk, dh, 1, ldk}};
-        RETURN_IF_ERROR(scores_op_->Execute(qa, kb, probs));
-
-        uint8_t* dead = nullptr;  // [nb, hb, lb]: rows with every key masked
-        if (masked) {
-          dead = Workspace::Grow(ws.dead_rows, static_cast<size_t>(nb * hb * lb));
-          float* shared = Workspace::Grow(ws.mask_rows, static_cast<size_t>(cols));
-          for (int64_t sb = 0; sb < nb; ++sb) {
-            for (int64_t i = 0; i < lb; ++i) {
-              const bool any_open = BuildSharedMaskRow(p, b0 + sb, l0 + i, cols, shared);
-              for (int64_t hi = 0; hi < hb; ++hi) {
-                float* row = scores + ((sb * hb + hi) * lb + i) * cols;
-                const bool open = AddMaskRow(p, h, b0 + sb, h0 + hi, l0 + i, cols, shared, row);
-                dead[(sb * hb + hi) * lb + i] = !(any_open && open);
-              }
-            }
-          }
+        ATTN_RETURN_IF_ERROR(scores_op_->Execute(qa, kb, probs));
+        const uint8_t* dead = MaskBlock(p, blk, scores);
+        ATTN_RETURN_IF_ERROR(softmax_.Execute(scores, nb * hb * lb, cols));
+        for (int64_t r = 0; dead != nullptr && r < nb * hb * lb; ++r) {
+          if (dead[r]) std::fill_n(scores + r * cols, cols, 0.0f);
         }
-
-        RETURN_IF_ERROR(softmax_.Execute(scores, nb * hb * lb, cols));
-
-        if (dead != nullptr) {
-          for (int64_t r = 0; r < nb * hb * lb; ++r) {
-            if (dead[r]) std::fill_n(scores + r * cols, cols, 0.0f);
-          }
-        }
-        if (weights != nullptr) {
-          float* w = weights->values.data();
-          for (int64_t sb = 0; sb < nb; ++sb) {
-            const int64_t b = b0 + sb;
-            for (int64_t hi = 0; hi < hb; ++hi) {
-              for (int64_t i = 0; i < lb; ++i) {
-                const float* src = scores + ((sb * hb + hi) * lb + i) * cols;
-                if (in.average_attn_weights) {
-                  float* dst = w + (b * len_q + l0 + i) * len_k;
-                  for (int64_t j = 0; j < cols; ++j) dst[j] += src[j] * inv_heads;
-                } else {
-                  std::memcpy(w + ((b * h + h0 + hi) * len_q + l0 + i) * len_k, src, cols * sizeof(float));
-                }
-              }
-            }
-          }
-        }
-
+        if (weights != nullptr) AddBlockWeights(p, blk, scores, weights);
         // Context over the block's Q columns: Q of these heads and rows is no longer needed.
         const View4 vb{const_cast<float*>(v_seq), {nb, hb, cols, dh}, {len_k * ldv, dh, ldv, 1}};
         const View4 ctx{q_blk, {nb, hb, lb, dh}, {len_q * ldq, dh, ldq, 1}};
-        RETURN_IF_ERROR(context_op_->Execute(probs, vb, ctx));
+        ATTN_RETURN_IF_ERROR(context_op_->Execute(probs, vb, ctx));
       }
     }
   }
   return absl::OkStatus();
+}
+
+const uint8_t* MultiheadAttention::MaskBlock(const ParsedAttention& p, const Block& blk, float* scores) const {
+  if (!p.has_mask()) return nullptr;
+  Workspace& ws = ThreadWorkspace();
+  const int64_t h = options_.config.num_heads, cols = blk.cols;
+  uint8_t* dead = Workspace::Grow(ws.dead_rows, static_cast<size_t>(blk.nb * blk.hb * blk.lb));
+  float* shared = Workspace::Grow(ws.mask_rows, static_cast<size_t>(cols));
+  for (int64_t sb = 0; sb < blk.nb; ++sb) {
+    for (int64_t i = 0; i < blk.lb; ++i) {
+      const bool any_open = BuildSharedMaskRow(p, blk.b0 + sb, blk.l0 + i, cols, shared);
+      for (int64_t hi = 0; hi < blk.hb; ++hi) {
+        float* row = scores + ((sb * blk.hb + hi) * blk.lb + i) * cols;
+        const bool open = AddMaskRow(p, h, blk.b0 + sb, blk.h0 + hi, blk.l0 + i, cols, shared, row);
+        dead[(sb * blk.hb + hi) * blk.lb + i] = !(any_open && open);
+      }
+    }
+  }
+  return dead;
+}
+
+void MultiheadAttention::AddBlockWeights(const ParsedAttention& p, const Block& blk, const float* probs,
+                                         Tensor* weights) const {
+  const int64_t h = options_.config.num_heads, len_q = p.q_len, len_k = p.kv_len, cols = blk.cols;
+  const float inv_heads = 1.0f / static_cast<float>(h);
+  float* w = weights->values.data();
+  for (int64_t sb = 0; sb < blk.nb; ++sb) {
+    const int64_t b = blk.b0 + sb;
+    for (int64_t hi = 0; hi < blk.hb; ++hi) {
+      for (int64_t i = 0; i < blk.lb; ++i) {
+        const float* src = probs + ((sb * blk.hb + hi) * blk.lb + i) * cols;
+        if (p.inputs->average_attn_weights) {
+          float* dst = w + (b * len_q + blk.l0 + i) * len_k;
+          for (int64_t j = 0; j < cols; ++j) dst[j] += src[j] * inv_heads;
+        } else {
+          std::memcpy(w + ((b * h + blk.h0 + hi) * len_q + blk.l0 + i) * len_k, src, cols * sizeof(float));
+        }
+      }
+    }
+  }
 }
 
 std::vector<std::string> MultiheadAttention::ImplementationsUsed() const {

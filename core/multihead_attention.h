@@ -44,6 +44,10 @@ class MultiheadAttention {
     // OpenMP threads costs more than it saves, and on a loaded machine a descheduled team thread stalls
     // every barrier. 0 disables.
     int64_t single_thread_below_flops = int64_t{64} << 20;
+    // Inside a batch, a request whose attention matmuls (QK^T and PV) have fewer FLOPs than this is cut
+    // into units of a few sequences that run side by side on the OpenMP threads, each with single-threaded
+    // oneDNN calls (one parallel region for the lot); larger ones run one after another on every thread.
+    int64_t small_attention_flops = int64_t{32} << 20;
     // Softmax primitives kept, one per (rows, S) shape seen.
     int64_t softmax_cache_capacity = 512;
   };
@@ -59,13 +63,23 @@ class MultiheadAttention {
   // Validation alone (what Forward checks first), for callers that reject bad requests before queueing.
   absl::StatusOr<ParsedAttention> Validate(const AttentionInputs& inputs) const;
 
-  absl::StatusOr<AttentionOutputs> Forward(const AttentionInputs& inputs) const;
+  // The thread budget of one engine call: `max_threads` is the OpenMP team size the call may use (the
+  // caller's share of the CPUs, >= 1); 0 takes omp_get_max_threads() of the calling thread (for tests and
+  // benchmarks; the server always passes its budget). A batch below Options::single_thread_below_flops
+  // runs on the calling thread alone whatever the budget.
+  absl::StatusOr<AttentionOutputs> Forward(const AttentionInputs& inputs, int max_threads = 0) const;
 
   // Runs independent requests as one ragged batch, without padding. Result i answers requests[i]: its
   // outputs, or its own validation error; a bad request does not affect the others. Equal to calling
   // Forward on each request alone.
-  std::vector<absl::StatusOr<AttentionOutputs>> ForwardBatch(
-      absl::Span<const AttentionInputs* const> requests) const;
+  std::vector<absl::StatusOr<AttentionOutputs>> ForwardBatch(absl::Span<const AttentionInputs* const> requests,
+                                                             int max_threads = 0) const;
+
+  // The same for requests already validated by this layer's Validate (the server validates once, when a
+  // request arrives): nothing is parsed or counted again. Each ParsedAttention and the inputs it points to
+  // must stay valid for the call.
+  std::vector<absl::StatusOr<AttentionOutputs>> ForwardParsed(absl::Span<const ParsedAttention* const> requests,
+                                                              int max_threads) const;
 
   // impl_info_str() of every oneDNN primitive this layer has built (for every OpenMP team size it ran
   // with), e.g. "gemm:jit".
@@ -73,11 +87,23 @@ class MultiheadAttention {
 
  private:
   struct Group;
+  struct Projected;
+  struct Block;
   MultiheadAttention(const Options& options) : options_(options), softmax_(options.softmax_cache_capacity) {}
-  absl::Status RunGroup(Group& group) const;
+  absl::Status BuildPrimitives(const MhaWeights& weights);
+  // The stages of one group (self- or cross-attention members of a batch): projections, attention per
+  // request on `threads` OpenMP threads, output projection.
+  absl::Status RunGroup(const Group& group, int threads) const;
+  absl::StatusOr<Projected> Project(const Group& group) const;
+  absl::Status AttendGroup(const Group& group, const Projected& proj, int threads) const;
+  absl::Status ProjectOutput(const Group& group, const Projected& proj) const;
   // Attention of sequences [seq_begin, seq_end) of one request; q, k, v point at its first token.
   absl::Status Attend(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end, float* q, int64_t ldq,
                       const float* k, int64_t ldk, const float* v, int64_t ldv, Tensor* weights) const;
+  // The parts of one Attend block: additive masks over the block's scores (returns the rows with every key
+  // masked, or null when unmasked), and the weights it adds to `weights`.
+  const uint8_t* MaskBlock(const ParsedAttention& p, const Block& blk, float* scores) const;
+  void AddBlockWeights(const ParsedAttention& p, const Block& blk, const float* probs, Tensor* weights) const;
 
   Options options_;
   std::unique_ptr<LinearOp> qkv_proj_;  // fused [3E, E], only when kdim == vdim == E

@@ -16,7 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "core/half_float.h"
-#include "core/status_macros.h"
+#include "common/status_macros.h"
 #include "core/tensor.h"
 #include "nlohmann/json.hpp"
 
@@ -233,9 +233,9 @@ absl::StatusOr<SafetensorsEntry> ParseEntry(const std::string& name, const Json&
   entry.dtype = dtype->get<std::string>();
   const size_t dtype_size = SafetensorsDtypeSize(entry.dtype);
   if (dtype_size == 0) return InvalidTensor(source, name, absl::StrCat("unknown dtype \"", entry.dtype, "\""));
-  ASSIGN_OR_RETURN(entry.shape, ParseShape(*shape_json, source, name));
-  ASSIGN_OR_RETURN(const uint64_t expected_bytes, ExpectedByteCount(entry.shape, dtype_size, source, name));
-  ASSIGN_OR_RETURN(*range, ParseOffsets(*offsets, source, name));
+  ATTN_ASSIGN_OR_RETURN(entry.shape, ParseShape(*shape_json, source, name));
+  ATTN_ASSIGN_OR_RETURN(const uint64_t expected_bytes, ExpectedByteCount(entry.shape, dtype_size, source, name));
+  ATTN_ASSIGN_OR_RETURN(*range, ParseOffsets(*offsets, source, name));
   const uint64_t span = range->end - range->begin;
   if (span != expected_bytes) {
     return InvalidTensor(source, name, absl::StrCat("data_offsets span ", span, " bytes, expected ",
@@ -356,24 +356,24 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Parse(std::str
   file->bytes_ = std::move(bytes);
   const std::string& all = file->bytes_;
 
-  ASSIGN_OR_RETURN(const std::string_view header, SplitHeader(all, source));
-  ASSIGN_OR_RETURN(const Json json, ParseHeaderJson(header, source));
+  ATTN_ASSIGN_OR_RETURN(const std::string_view header, SplitHeader(all, source));
+  ATTN_ASSIGN_OR_RETURN(const Json json, ParseHeaderJson(header, source));
   const size_t data_start = kLengthPrefixBytes + header.size();
   const uint64_t buffer_size = all.size() - data_start;
 
   std::vector<ByteRange> ranges;
   for (const auto& [name, value] : json.items()) {
     if (name == kMetadataKey) {
-      ASSIGN_OR_RETURN(file->metadata_, ParseMetadata(value, source));
+      ATTN_ASSIGN_OR_RETURN(file->metadata_, ParseMetadata(value, source));
       continue;
     }
     ByteRange range;
-    ASSIGN_OR_RETURN(SafetensorsEntry entry, ParseEntry(name, value, source, &range));
+    ATTN_ASSIGN_OR_RETURN(SafetensorsEntry entry, ParseEntry(name, value, source, &range));
     // JSON object keys are unique (duplicates were rejected), so this always inserts.
     range.entry = &file->entries_.emplace(name, std::move(entry)).first->second;
     ranges.push_back(range);
   }
-  RETURN_IF_ERROR(CheckTiling(&ranges, buffer_size, source));
+  ATTN_RETURN_IF_ERROR(CheckTiling(&ranges, buffer_size, source));
 
   // Only now is every range known to lie inside the buffer.
   const auto* data = reinterpret_cast<const uint8_t*>(all.data()) + data_start;

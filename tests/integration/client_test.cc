@@ -24,7 +24,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "client/client.h"
-#include "client/npy.h"
+#include "tools/npy.h"
 #include "core/attention_inputs.h"
 #include "core/mha_weights.h"
 #include "core/multihead_attention.h"

@@ -3,7 +3,7 @@
 
 #include <cstdint>
 
-#include "server/batch_queue.h"
+#include "server/batching/batch_queue.h"
 
 namespace attnserve::testing {
 

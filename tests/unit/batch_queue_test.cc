@@ -1,5 +1,5 @@
 // BatchQueue: the batching policy alone, on one thread, with a fake clock (no sleeps).
-#include "server/batch_queue.h"
+#include "server/batching/batch_queue.h"
 
 #include <cstdint>
 #include <memory>

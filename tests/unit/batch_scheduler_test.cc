@@ -1,7 +1,7 @@
 // BatchScheduler: real threads. Correctness never depends on timing: tests wait for conditions (with long
 // timeouts that only turn a hang into a failure), gate run_batch with notifications, or use a fake clock
 // that never moves so that the delay cannot be what closes a batch.
-#include "server/batch_scheduler.h"
+#include "server/batching/batch_scheduler.h"
 
 #include <algorithm>
 #include <atomic>

@@ -11,17 +11,16 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
-#include "client/attnbench_args.h"
-#include "client/attnbench_histogram.h"
-#include "client/attnbench_report.h"
-#include "client/attnbench_requests.h"
-#include "client/attnbench_runner.h"
-#include "client/attnbench_stats.h"
-#include "client/cli_flags.h"
+#include "tools/attnbench_args.h"
+#include "tools/attnbench_histogram.h"
+#include "tools/attnbench_report.h"
+#include "tools/attnbench_requests.h"
+#include "tools/attnbench_runner.h"
+#include "tools/attnbench_stats.h"
 #include "client/client.h"
 #include "client/health_wire.h"
-#include "client/npy.h"
-#include "client/tensor_summary.h"
+#include "tools/npy.h"
+#include "tools/tensor_summary.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -158,7 +157,7 @@ TEST(NpyTest, RefusesWhatItDoesNotSupportWithAClearMessage) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Small pieces: health wire format, value summary, flags.
+// Small pieces: health wire format, value summary.
 
 TEST(HealthWireTest, EncodesAndDecodes) {
   EXPECT_EQ(EncodeHealthCheckRequest(""), "");
@@ -181,24 +180,6 @@ TEST(ValueSummaryTest, FiniteStatisticsAndNonFiniteCounts) {
   EXPECT_DOUBLE_EQ(s.std, std::sqrt(1.25));
   EXPECT_EQ(s.min, 1);
   EXPECT_EQ(s.max, 4);
-}
-
-TEST(CliFlagsTest, ParsesBothValueFormsSwitchesAndPositionals) {
-  const FlagSpec specs[] = {{"seq", true}, {"json", false}};
-  auto cl = ParseCommandLine({"infer", "--seq=4", "small", "--json", "--seq", "8"}, specs);
-  ASSERT_TRUE(cl.ok()) << cl.status();
-  EXPECT_THAT(cl->positional, ElementsAre("infer", "small"));
-  EXPECT_EQ(*cl->Get("seq"), "8");
-  EXPECT_TRUE(cl->Has("json"));
-  EXPECT_FALSE(ParseCommandLine({"--seq"}, specs).ok());
-  EXPECT_FALSE(ParseCommandLine({"--seq", "--json"}, specs).ok());
-  EXPECT_FALSE(ParseCommandLine({"--json=1"}, specs).ok());
-  EXPECT_FALSE(ParseCommandLine({"--nope"}, specs).ok());
-  EXPECT_FALSE(ParseCommandLine({"-x"}, specs).ok());
-  EXPECT_EQ(*ParseDurationFlag("d", "1.5"), absl::Milliseconds(1500));
-  EXPECT_EQ(*ParseDurationFlag("d", "250ms"), absl::Milliseconds(250));
-  EXPECT_FALSE(ParseDurationFlag("d", "-1s").ok());
-  EXPECT_FALSE(ParseDurationFlag("d", "inf").ok());
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 // Thread sizing sees container CPU limits.
-#include "server/cpu_budget.h"
+#include "server/startup/cpu_budget.h"
 
 #include <thread>
 

@@ -10,8 +10,8 @@
 #include "gmock/gmock.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "gtest/gtest.h"
-#include "server/server_config.h"
-#include "server/server_flags.h"
+#include "server/startup/server_config.h"
+#include "server/startup/server_flags.h"
 
 namespace attnserve {
 namespace {

@@ -3,8 +3,8 @@
 #include <random>
 
 #include "gtest/gtest.h"
-#include "server/inference_call.h"
-#include "server/tensor_codec.h"
+#include "server/api/infer_request.h"
+#include "server/api/tensor_codec.h"
 #include "tests/testing/naive_mha.h"
 
 namespace attnserve {
@@ -114,25 +114,27 @@ TEST(PrepareInferenceCallTest, LayerAndFieldErrors) {
   std::mt19937_64 rng(4);
   v1::InferRequest req;
   InferenceCall call;
-  call.request = &req;
   req.set_layer("nope");
-  EXPECT_EQ(PrepareInferenceCall(**registry, &call).code(), absl::StatusCode::kNotFound);
+  // An unknown layer is NOT_FOUND whatever its tensors (a bad one here).
+  req.mutable_query()->add_shape(3);
+  EXPECT_EQ(PrepareInferenceCall(**registry, req, &call).code(), absl::StatusCode::kNotFound);
 
   req.set_layer("tiny");
   *req.mutable_query() = RawF32(testing::RandomValues(rng, 2 * 3 * 8), {2, 3, 8});
-  ASSERT_TRUE(PrepareInferenceCall(**registry, &call).ok());
-  EXPECT_EQ(call.query_tokens, 6);
-  EXPECT_GT(call.flops, 0);
+  ASSERT_TRUE(PrepareInferenceCall(**registry, req, &call).ok());
+  EXPECT_EQ(call.parsed.query_tokens(), 6);
+  EXPECT_EQ(call.parsed.flops, AttentionFlops(call.layer->engine->config(), 2, 3, 3));
+  EXPECT_EQ(call.layer->version, 1);
   EXPECT_TRUE(call.inputs.average_attn_weights);
 
   *req.mutable_key_padding_mask() = RawF32(testing::RandomValues(rng, 2 * 4), {2, 4});
-  absl::Status s = PrepareInferenceCall(**registry, &call);
+  absl::Status s = PrepareInferenceCall(**registry, req, &call);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("key_padding_mask: expected shape [2, 3] (B, S), got [2, 4]"), std::string::npos) << s;
 
   req.clear_key_padding_mask();
   *req.mutable_query() = RawF32(testing::RandomValues(rng, 20 * 8), {20, 8});
-  s = PrepareInferenceCall(**registry, &call);
+  s = PrepareInferenceCall(**registry, req, &call);
   EXPECT_NE(s.message().find("max_sequence_length of 16"), std::string::npos) << s;
 }
 

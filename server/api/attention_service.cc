@@ -1,0 +1,160 @@
+#include "server/api/attention_service.h"
+
+#include <chrono>
+#include <deque>
+
+#include <spdlog/spdlog.h>
+
+#include "absl/synchronization/mutex.h"
+#include "server/api/grpc_status.h"
+#include "server/api/infer_request.h"
+
+namespace attnserve {
+namespace {
+
+using attnserve::v1::InferRequest;
+using attnserve::v1::InferResponse;
+
+absl::Time DeadlineOf(const grpc::CallbackServerContext& ctx) {
+  const auto deadline = ctx.deadline();
+  // No deadline is reported as a far-away time point; anything beyond a year counts as none.
+  if (deadline - std::chrono::system_clock::now() > std::chrono::hours(24 * 365)) return absl::InfiniteFuture();
+  return absl::FromChrono(deadline);
+}
+
+}  // namespace
+
+std::unique_ptr<InferenceCall> AttentionServiceImpl::MakeCall(grpc::CallbackServerContext* ctx,
+                                                              const InferRequest& request, InferResponse* response,
+                                                              std::function<void(const grpc::Status&)> on_answer) const {
+  auto call = std::make_unique<InferenceCall>();
+  DecodeInferRequest(request, call.get());
+  call->arrival = clock_->Now();
+  call->deadline = DeadlineOf(*ctx);
+  call->is_cancelled = [ctx] { return ctx->IsCancelled(); };
+  call->finish = [self = call.get(), response, on_answer = std::move(on_answer)](const absl::Status& status) {
+    if (status.ok()) EncodeInferResponse(*self, response);
+    on_answer(ToGrpcStatus(status));
+  };
+  return call;
+}
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::Infer(grpc::CallbackServerContext* ctx, const InferRequest* request,
+                                                      InferResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  dispatcher_->Submit(
+      MakeCall(ctx, *request, response, [reactor](const grpc::Status& status) { reactor->Finish(status); }));
+  return reactor;
+}
+
+// One InferStream: each request read is submitted like a unary one; answers are written back in the order
+// they complete (matched by id), one write in flight at a time. The stream finishes once the client has
+// closed its side and every request read has been answered and written.
+class AttentionServiceImpl::StreamReactor final : public grpc::ServerBidiReactor<InferRequest, InferResponse> {
+ public:
+  StreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* ctx) : service_(service), ctx_(ctx) {
+    StartRead(&incoming_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      absl::MutexLock lock(&mu_);
+      reads_done_ = true;
+      MaybeFinishLocked();
+      return;
+    }
+    auto item = std::make_shared<Item>();
+    item->request = std::move(incoming_);
+    {
+      absl::MutexLock lock(&mu_);
+      ++pending_;
+    }
+    auto call = service_->MakeCall(ctx_, item->request, &item->response,
+                                   [this, item](const grpc::Status& status) { Answered(item, status); });
+    incoming_.Clear();
+    service_->dispatcher_->Submit(std::move(call));
+    StartRead(&incoming_);
+  }
+
+  void OnWriteDone(bool /*ok*/) override {
+    absl::MutexLock lock(&mu_);
+    writes_.pop_front();
+    if (!writes_.empty()) {
+      StartWrite(&writes_.front()->response);
+    } else {
+      MaybeFinishLocked();
+    }
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  struct Item {
+    InferRequest request;
+    InferResponse response;
+  };
+
+  void Answered(const std::shared_ptr<Item>& item, const grpc::Status& status) {
+    if (!status.ok()) {
+      item->response.Clear();
+      item->response.set_id(item->request.id());
+      item->response.mutable_error()->set_code(static_cast<int32_t>(status.error_code()));
+      item->response.mutable_error()->set_message(status.error_message());
+    }
+    absl::MutexLock lock(&mu_);
+    --pending_;
+    writes_.push_back(item);
+    if (writes_.size() == 1) StartWrite(&writes_.front()->response);
+  }
+
+  void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (reads_done_ && pending_ == 0 && writes_.empty() && !finished_) {
+      finished_ = true;
+      Finish(ctx_->IsCancelled() ? grpc::Status::CANCELLED : grpc::Status::OK);
+    }
+  }
+
+  AttentionServiceImpl* service_;
+  grpc::CallbackServerContext* ctx_;
+  InferRequest incoming_;  // only touched by the read chain, one read at a time
+  absl::Mutex mu_;
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t pending_ ABSL_GUARDED_BY(mu_) = 0;                 // submitted, not yet answered
+  std::deque<std::shared_ptr<Item>> writes_ ABSL_GUARDED_BY(mu_);  // front is being written
+};
+
+grpc::ServerBidiReactor<InferRequest, InferResponse>* AttentionServiceImpl::InferStream(
+    grpc::CallbackServerContext* ctx) {
+  return new StreamReactor(this, ctx);
+}
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::ListLayers(grpc::CallbackServerContext* ctx,
+                                                           const attnserve::v1::ListLayersRequest* /*request*/,
+                                                           attnserve::v1::ListLayersResponse* response) {
+  for (const auto& layer : registry_->Layers()) {
+    auto* out = response->add_layers();
+    *out->mutable_config() = layer->config;
+    out->set_ready(true);
+  }
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::GetLayer(grpc::CallbackServerContext* ctx,
+                                                         const attnserve::v1::GetLayerRequest* request,
+                                                         attnserve::v1::Layer* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  const std::shared_ptr<const ServedLayer> layer = registry_->Find(request->name());
+  if (layer == nullptr) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND, "name: no layer named '" + request->name() + "'"));
+    return reactor;
+  }
+  *response->mutable_config() = layer->config;
+  response->set_ready(true);
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace attnserve

@@ -1,0 +1,51 @@
+// attnserve.v1.AttentionService on gRPC's callback API. Handlers never block: Infer decodes the request
+// into an InferenceCall and hands it to the Dispatcher (validate, admit, queue); the worker that computes
+// the batch finishes the call, and its `finish` encodes the response here. absl::Status becomes
+// grpc::Status only here (ToGrpcStatus).
+//
+// Thread-safety: gRPC calls the handlers from its own threads; workers finish calls from theirs.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+
+#include "attnserve/v1/attention.grpc.pb.h"
+#include "server/batching/clock.h"
+#include "server/runtime/dispatcher.h"
+#include "server/runtime/layer_registry.h"
+
+namespace attnserve {
+
+class AttentionServiceImpl final : public attnserve::v1::AttentionService::CallbackService {
+ public:
+  // None owned; all must outlive the service.
+  AttentionServiceImpl(const LayerRegistry* registry, Dispatcher* dispatcher, const Clock* clock)
+      : registry_(registry), dispatcher_(dispatcher), clock_(clock) {}
+
+  grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const attnserve::v1::InferRequest* request,
+                                  attnserve::v1::InferResponse* response) override;
+  grpc::ServerBidiReactor<attnserve::v1::InferRequest, attnserve::v1::InferResponse>* InferStream(
+      grpc::CallbackServerContext* ctx) override;
+  grpc::ServerUnaryReactor* ListLayers(grpc::CallbackServerContext* ctx,
+                                       const attnserve::v1::ListLayersRequest* request,
+                                       attnserve::v1::ListLayersResponse* response) override;
+  grpc::ServerUnaryReactor* GetLayer(grpc::CallbackServerContext* ctx, const attnserve::v1::GetLayerRequest* request,
+                                     attnserve::v1::Layer* response) override;
+
+ private:
+  class StreamReactor;
+  // A call for `request` (which must outlive it), decoded; `on_answer` gets the final grpc::Status after
+  // the response has been filled on OK.
+  std::unique_ptr<InferenceCall> MakeCall(grpc::CallbackServerContext* ctx, const attnserve::v1::InferRequest& request,
+                                          attnserve::v1::InferResponse* response,
+                                          std::function<void(const grpc::Status&)> on_answer) const;
+
+  const LayerRegistry* registry_;
+  Dispatcher* dispatcher_;
+  const Clock* clock_;
+};
+
+}  // namespace attnserve

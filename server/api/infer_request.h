@@ -1,0 +1,23 @@
+// attnserve.v1's InferRequest and InferResponse to and from the protocol-free InferenceCall.
+#pragma once
+
+#include "absl/status/status.h"
+#include "attnserve/v1/attention.pb.h"
+#include "server/runtime/inference_call.h"
+#include "server/runtime/layer_registry.h"
+
+namespace attnserve {
+
+// The decode stage: sets call->layer_name, id and inputs (views into `request`, which must outlive the
+// call) from the request's fields. A tensor that cannot be decoded sets call->decode_status
+// (INVALID_ARGUMENT naming the field), which ValidateCall reports.
+void DecodeInferRequest(const attnserve::v1::InferRequest& request, InferenceCall* call);
+
+// Decode, then the validate stage (ValidateCall): what a request goes through before it may be queued.
+absl::Status PrepareInferenceCall(const LayerRegistry& registry, const attnserve::v1::InferRequest& request,
+                                  InferenceCall* call);
+
+// The answer of a call finished OK: id, output, attn_weights when asked, timing.
+void EncodeInferResponse(const InferenceCall& call, attnserve::v1::InferResponse* response);
+
+}  // namespace attnserve

@@ -1,2 +1,0 @@
-// BatchScheduler is a template, all in the header; this file checks that the header stands alone.
-#include "server/batch_scheduler.h"

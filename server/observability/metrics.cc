@@ -1,0 +1,159 @@
+#include "server/observability/metrics.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+
+namespace attnserve {
+namespace {
+
+// 50 us to 10 s: 1-2-5 steps per decade.
+prometheus::Histogram::BucketBoundaries LatencyBuckets() {
+  prometheus::Histogram::BucketBoundaries b;
+  for (double decade = 1e-5; decade < 10.0; decade *= 10) {
+    for (double step : {1.0, 2.0, 5.0}) {
+      const double v = decade * step;
+      if (v >= 50e-6 - 1e-12 && v <= 10.0 + 1e-9) b.push_back(v);
+    }
+  }
+  b.push_back(10.0);
+  return b;
+}
+
+prometheus::Histogram::BucketBoundaries PowersOfTwo(double max) {
+  prometheus::Histogram::BucketBoundaries b;
+  for (double v = 1; v <= max; v *= 2) b.push_back(v);
+  return b;
+}
+
+}  // namespace
+
+struct ServerMetrics::Families {
+  prometheus::Family<prometheus::Histogram>* request_duration;
+  prometheus::Family<prometheus::Histogram>* queue_duration;
+  prometheus::Family<prometheus::Histogram>* compute_duration;
+  prometheus::Family<prometheus::Histogram>* batch_size;
+  prometheus::Family<prometheus::Histogram>* batch_tokens;
+  prometheus::Family<prometheus::Gauge>* queue_depth;
+  prometheus::Family<prometheus::Counter>* flops;
+};
+
+namespace {
+
+prometheus::Family<prometheus::Histogram>* Histogram(prometheus::Registry& r, const char* name, const char* help) {
+  return &prometheus::BuildHistogram().Name(name).Help(help).Register(r);
+}
+
+}  // namespace
+
+ServerMetrics::ServerMetrics(const std::vector<std::string>& layers)
+    : registry_(std::make_shared<prometheus::Registry>()), families_(std::make_unique<Families>()) {
+  prometheus::Registry& r = *registry_;
+  requests_ = &prometheus::BuildCounter()
+                   .Name("attnserve_requests_total")
+                   .Help("Answered inference requests by layer and status code")
+                   .Register(r);
+  families_->request_duration =
+      Histogram(r, "attnserve_request_duration_seconds", "Time from a request's arrival to its answer");
+  families_->queue_duration = Histogram(r, "attnserve_queue_duration_seconds",
+                                        "Time a request waited in its layer's queue before its batch started");
+  families_->compute_duration =
+      Histogram(r, "attnserve_compute_duration_seconds", "Compute time of each executed batch");
+  families_->batch_size = Histogram(r, "attnserve_batch_size", "Requests per executed batch");
+  families_->batch_tokens = Histogram(r, "attnserve_batch_tokens", "Query tokens per executed batch");
+  families_->queue_depth =
+      &prometheus::BuildGauge().Name("attnserve_queue_depth").Help("Requests waiting in the layer's queue").Register(r);
+  inflight_ = &prometheus::BuildGauge()
+                   .Name("attnserve_inflight_requests")
+                   .Help("Requests accepted and not yet answered")
+                   .Register(r)
+                   .Add({});
+  inflight_batches_ =
+      &prometheus::BuildGauge().Name("attnserve_inflight_batches").Help("Batches being computed").Register(r).Add({});
+  families_->flops = &prometheus::BuildCounter()
+                          .Name("attnserve_flops_total")
+                          .Help("Useful floating-point operations computed (projections and attention matmuls)")
+                          .Register(r);
+  absl::MutexLock lock(&mu_);
+  for (const std::string& name : layers) AddLayerLocked(name);
+}
+
+ServerMetrics::~ServerMetrics() = default;
+
+void ServerMetrics::AddLayer(const std::string& layer) {
+  absl::MutexLock lock(&mu_);
+  AddLayerLocked(layer);
+}
+
+void ServerMetrics::AddLayerLocked(const std::string& name) {
+  if (layers_.count(name) > 0) return;
+  static const auto* const latency = new prometheus::Histogram::BucketBoundaries(LatencyBuckets());
+  const prometheus::Labels l{{"layer", name}};
+  const Families& f = *families_;
+  layers_[name] = LayerSeries{&f.request_duration->Add(l, *latency), &f.queue_duration->Add(l, *latency),
+                              &f.compute_duration->Add(l, *latency), &f.batch_size->Add(l, PowersOfTwo(1024)),
+                              &f.batch_tokens->Add(l, PowersOfTwo(1 << 20)), &f.queue_depth->Add(l),
+                              &f.flops->Add(l)};
+  request_counters_[{name, 0}] = &requests_->Add({{"layer", name}, {"code", "OK"}});
+}
+
+absl::Status ServerMetrics::Serve(const std::string& address) {
+  try {
+    exposer_ = std::make_unique<prometheus::Exposer>(address);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrCat("metrics_address ", address, ": cannot listen: ", e.what()));
+  }
+  exposer_->RegisterCollectable(registry_);
+  return absl::OkStatus();
+}
+
+int ServerMetrics::port() const {
+  if (!exposer_) return 0;
+  auto ports = exposer_->GetListeningPorts();
+  return ports.empty() ? 0 : ports[0];
+}
+
+const ServerMetrics::LayerSeries* ServerMetrics::Find(const std::string& layer) const {
+  absl::MutexLock lock(&mu_);
+  auto it = layers_.find(layer);
+  return it == layers_.end() ? nullptr : &it->second;
+}
+
+void ServerMetrics::RequestDone(const std::string& layer, absl::StatusCode code, double duration_s) {
+  prometheus::Counter* counter;
+  const LayerSeries* series;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = layers_.find(layer);
+    series = it == layers_.end() ? nullptr : &it->second;
+    // Unknown layer names are folded into one series so a client cannot grow the label set without bound.
+    const std::string key_layer = series ? layer : "<unknown>";
+    auto& slot = request_counters_[{key_layer, static_cast<int>(code)}];
+    if (slot == nullptr) {
+      slot = &requests_->Add({{"layer", key_layer}, {"code", absl::StatusCodeToString(code)}});
+    }
+    counter = slot;
+  }
+  counter->Increment();
+  if (series != nullptr) series->request_duration->Observe(duration_s);
+}
+
+void ServerMetrics::QueueWait(const std::string& layer, double seconds) {
+  if (const LayerSeries* s = Find(layer)) s->queue_duration->Observe(seconds);
+}
+
+void ServerMetrics::BatchDone(const std::string& layer, int requests, int64_t tokens, double compute_s,
+                              double flops) {
+  const LayerSeries* s = Find(layer);
+  if (s == nullptr) return;
+  s->compute_duration->Observe(compute_s);
+  s->batch_size->Observe(requests);
+  s->batch_tokens->Observe(static_cast<double>(tokens));
+  s->flops->Increment(flops);
+}
+
+void ServerMetrics::SetQueueDepth(const std::string& layer, double depth) {
+  if (const LayerSeries* s = Find(layer)) s->queue_depth->Set(depth);
+}
+
+}  // namespace attnserve

@@ -1,0 +1,90 @@
+// The server's Prometheus metrics (prometheus-cpp), served on --metrics-address at /metrics.
+//
+//   attnserve_requests_total{layer,code}            counter   every answered Infer request, by status code
+//   attnserve_request_duration_seconds{layer}       histogram arrival to answer
+//   attnserve_queue_duration_seconds{layer}         histogram arrival to the start of its batch's compute
+//   attnserve_compute_duration_seconds{layer}       histogram per executed batch
+//   attnserve_batch_size{layer}                     histogram requests per executed batch
+//   attnserve_batch_tokens{layer}                   histogram query tokens per executed batch
+//   attnserve_queue_depth{layer}                    gauge     requests waiting
+//   attnserve_inflight_requests                     gauge     accepted and not yet answered
+//   attnserve_inflight_batches                      gauge     batches being computed
+//   attnserve_flops_total{layer}                    counter   useful floating-point operations computed
+//
+// Status codes are labelled with their canonical names (absl::StatusCodeToString: "OK", "NOT_FOUND", ...,
+// the same names as gRPC's). Layers can be added while serving (AddLayer); their series are kept after a
+// layer is unloaded, so counters never go back.
+//
+// Thread-safety: all methods may be called from any thread (prometheus-cpp metrics are atomic; the per-layer
+// handles are found under a mutex).
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+
+namespace attnserve {
+
+class ServerMetrics {
+ public:
+  ~ServerMetrics();
+  // Registers every family and the per-layer series of `layers`.
+  explicit ServerMetrics(const std::vector<std::string>& layers);
+  // The per-layer series of a layer added later; no-op when it has them already.
+  void AddLayer(const std::string& layer);
+  ServerMetrics(const ServerMetrics&) = delete;
+  ServerMetrics& operator=(const ServerMetrics&) = delete;
+
+  // Starts the HTTP endpoint on host:port (port 0 picks one; see port()).
+  absl::Status Serve(const std::string& address);
+  int port() const;
+
+  // Requests for a layer without series are counted under layer="<unknown>" (bounded label set).
+  void RequestDone(const std::string& layer, absl::StatusCode code, double duration_s);
+  void QueueWait(const std::string& layer, double seconds);
+  void BatchDone(const std::string& layer, int requests, int64_t tokens, double compute_s, double flops);
+  void SetQueueDepth(const std::string& layer, double depth);
+  void InflightAdd(double delta) { inflight_->Increment(delta); }
+  void SetInflightBatches(int64_t batches) { inflight_batches_->Set(static_cast<double>(batches)); }
+
+  std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
+
+ private:
+  struct LayerSeries {
+    prometheus::Histogram* request_duration;
+    prometheus::Histogram* queue_duration;
+    prometheus::Histogram* compute_duration;
+    prometheus::Histogram* batch_size;
+    prometheus::Histogram* batch_tokens;
+    prometheus::Gauge* queue_depth;
+    prometheus::Counter* flops;
+  };
+  struct Families;
+  const LayerSeries* Find(const std::string& layer) const ABSL_LOCKS_EXCLUDED(mu_);
+  void AddLayerLocked(const std::string& layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<Families> families_;  // the per-layer families, for AddLayer
+  prometheus::Family<prometheus::Counter>* requests_;
+  prometheus::Gauge* inflight_;
+  prometheus::Gauge* inflight_batches_;
+  mutable absl::Mutex mu_;
+  // std::map: a found LayerSeries stays put while other layers are added.
+  std::map<std::string, LayerSeries> layers_ ABSL_GUARDED_BY(mu_);
+  std::map<std::pair<std::string, int>, prometheus::Counter*> request_counters_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<prometheus::Exposer> exposer_;
+};
+
+}  // namespace attnserve

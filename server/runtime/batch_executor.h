@@ -1,0 +1,45 @@
+// The compute stage: runs one closed batch of a layer through the engine and answers every call in it.
+// Calls cancelled or past their deadline while queued are answered without compute. Calls of one batch
+// may hold different versions of their layer (it was replaced while they waited): each version computes
+// its own calls.
+//
+// Thread-safety: Run may be called from several worker threads at once.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "server/batching/clock.h"
+#include "server/observability/metrics.h"
+#include "server/runtime/inference_call.h"
+
+namespace attnserve {
+
+class BatchExecutor {
+ public:
+  struct Options {
+    ServerMetrics* metrics = nullptr;  // not owned, may be null
+    const Clock* clock = RealClock();  // not owned, required
+    // OpenMP threads one batch may use (the worker's share of the CPUs), >= 1.
+    int threads_per_batch = 1;
+  };
+  // InvalidArgument for a null clock or threads_per_batch < 1.
+  static absl::StatusOr<std::unique_ptr<BatchExecutor>> Create(const Options& options);
+
+  // The scheduler's run_batch: `layer_name` is the queue the batch came from.
+  void Run(const std::string& layer_name, std::vector<CallScheduler::Entry> batch) const;
+
+ private:
+  explicit BatchExecutor(const Options& options) : options_(options) {}
+  // Answers the calls that must not be computed; returns the others, in batch order.
+  std::vector<std::unique_ptr<InferenceCall>> DropExpired(std::vector<CallScheduler::Entry>& batch,
+                                                          absl::Time start) const;
+  // Computes calls that share one layer version and answers them.
+  void Compute(const std::string& layer_name, std::vector<std::unique_ptr<InferenceCall>> calls) const;
+
+  const Options options_;
+};
+
+}  // namespace attnserve

@@ -1,0 +1,48 @@
+// The admit stage, shared by every protocol's service: it instruments each call's answer (the
+// requests_total and duration metrics, the in-flight gauge, the log line), refuses new calls once shutting
+// down (UNAVAILABLE), validates the call against its layer (ValidateCall) and queues it on that layer.
+//
+// Thread-safety: Submit and StartShutdown may be called from any thread at once.
+#pragma once
+
+#include <atomic>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "server/batching/clock.h"
+#include "server/observability/metrics.h"
+#include "server/runtime/inference_call.h"
+#include "server/runtime/layer_registry.h"
+
+namespace attnserve {
+
+class Dispatcher {
+ public:
+  struct Options {
+    const LayerRegistry* registry = nullptr;  // required
+    CallScheduler* scheduler = nullptr;       // required
+    ServerMetrics* metrics = nullptr;         // may be null
+    const Clock* clock = RealClock();         // required
+  };
+  // None of the pointers is owned; all must outlive the dispatcher. InvalidArgument for a missing one.
+  static absl::StatusOr<std::unique_ptr<Dispatcher>> Create(const Options& options);
+
+  // Validates and queues `call`; its `finish` is called exactly once, now (a rejection) or by the worker
+  // that computes it.
+  void Submit(std::unique_ptr<InferenceCall> call);
+
+  // From now on Submit answers UNAVAILABLE; calls already queued are still computed.
+  void StartShutdown() { shutting_down_.store(true); }
+  bool shutting_down() const { return shutting_down_.load(); }
+
+ private:
+  explicit Dispatcher(const Options& options) : options_(options) {}
+  // Wraps call->finish with the metrics and the log line.
+  void Instrument(InferenceCall& call);
+
+  const Options options_;
+  std::atomic<bool> shutting_down_{false};
+};
+
+}  // namespace attnserve

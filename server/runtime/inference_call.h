@@ -1,0 +1,59 @@
+// One inference request on its way through the server, whatever wire protocol brought it:
+//   decode (api/) -> validate (ValidateCall) -> admit and queue (Dispatcher) -> batch -> engine
+//   (BatchExecutor) -> answer (`finish`, which the protocol's service turns into its response).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "core/attention_inputs.h"
+#include "server/batching/batch_scheduler.h"
+#include "server/runtime/layer_registry.h"
+
+namespace attnserve {
+
+// Where an answered request's time went, for its response and its log line.
+struct CallTiming {
+  int64_t queue_us = 0;    // arrival to the start of its batch's compute
+  int64_t compute_us = 0;  // its batch's engine time
+  int32_t batch_size = 0;  // requests computed together
+};
+
+struct InferenceCall {
+  // Set by the protocol's service when the request arrives.
+  std::string layer_name;  // as the client sent it (NOT_FOUND names it; metrics fold unknown ones)
+  std::string id;          // the client's request id, for log lines
+  AttentionInputs inputs;  // views into the protocol's request message, which outlives the call
+  // Why the protocol could not decode `inputs`, if it could not: reported by ValidateCall after the layer
+  // lookup, so that an unknown layer is NOT_FOUND whatever its tensors.
+  absl::Status decode_status;
+  absl::Time arrival;
+  absl::Time deadline = absl::InfiniteFuture();
+  std::function<bool()> is_cancelled;  // may be empty
+  // Answers the call, exactly once, with OK (then `outputs` and `timing` hold the answer) or the error.
+  // The call object may be destroyed right after.
+  std::function<void(const absl::Status&)> finish;
+
+  // Set by ValidateCall: the layer version the call was admitted with (held until it is answered, so a
+  // replaced layer finishes its requests) and the request checked against it (once: the engine reuses it).
+  std::shared_ptr<const ServedLayer> layer;
+  ParsedAttention parsed;  // parsed.inputs points at `inputs`: the call must not move (it lives in a unique_ptr)
+
+  // Set by the executor before finish(OK).
+  AttentionOutputs outputs;
+  CallTiming timing;
+};
+
+// The per-layer queues and workers, carrying calls.
+using CallScheduler = BatchScheduler<std::unique_ptr<InferenceCall>>;
+
+// The validate stage: the newest version of call->layer_name (NOT_FOUND "layer: no layer named 'x'", or
+// "layer: is required"), then decode_status, then the inputs against the layer (INVALID_ARGUMENT naming the
+// field). Sets `layer` and `parsed`.
+absl::Status ValidateCall(const LayerRegistry& registry, InferenceCall* call);
+
+}  // namespace attnserve

@@ -1,0 +1,77 @@
+#include "server/runtime/layer_registry.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "server/startup/layer_options.h"
+
+namespace attnserve {
+
+absl::StatusOr<std::unique_ptr<ServedLayer>> LoadLayer(const attnserve::v1::LayerConfig& lc) {
+  const MultiheadAttention::Options options = ToEngineOptions(lc);
+  absl::StatusOr<MhaWeights> weights = lc.weights_path().empty()
+                                           ? RandomMhaWeights(options.config, lc.seed())
+                                           : LoadMhaWeights(lc.weights_path(), lc.weights_prefix(), options.config);
+  if (!weights.ok()) return weights.status();
+  auto engine = MultiheadAttention::Create(options, *weights);
+  if (!engine.ok()) return engine.status();
+  auto layer = std::make_unique<ServedLayer>();
+  layer->config = lc;
+  layer->engine = std::move(*engine);
+  return layer;
+}
+
+absl::StatusOr<std::unique_ptr<LayerRegistry>> LayerRegistry::Create(const attnserve::v1::ServerConfig& config) {
+  auto registry = std::make_unique<LayerRegistry>();
+  for (int i = 0; i < config.layers_size(); ++i) {
+    const auto& lc = config.layers(i);
+    auto layer = LoadLayer(lc);
+    if (!layer.ok()) {
+      return absl::Status(layer.status().code(),
+                          absl::StrCat("layers[", i, "] '", lc.name(), "': ", layer.status().message()));
+    }
+    registry->Publish(std::move(*layer));
+  }
+  return registry;
+}
+
+std::shared_ptr<const ServedLayer> LayerRegistry::Find(const std::string& name) const {
+  absl::ReaderMutexLock lock(&mu_);
+  auto it = layers_.find(name);
+  return it == layers_.end() ? nullptr : it->second.newest;
+}
+
+std::vector<std::shared_ptr<const ServedLayer>> LayerRegistry::Layers() const {
+  std::vector<const Entry*> entries;
+  std::vector<std::shared_ptr<const ServedLayer>> out;
+  absl::ReaderMutexLock lock(&mu_);
+  for (const auto& [name, entry] : layers_) entries.push_back(&entry);
+  std::sort(entries.begin(), entries.end(), [](const Entry* a, const Entry* b) { return a->order < b->order; });
+  for (const Entry* e : entries) out.push_back(e->newest);
+  return out;
+}
+
+int64_t LayerRegistry::Publish(std::unique_ptr<ServedLayer> layer) {
+  std::shared_ptr<const ServedLayer> previous;  // freed after the lock, when it was the last reference
+  absl::MutexLock lock(&mu_);
+  const std::string name = layer->config.name();
+  layer->version = ++last_version_[name];
+  const int64_t version = layer->version;
+  auto [it, added] = layers_.try_emplace(name);
+  if (added) it->second.order = next_order_++;
+  previous = std::move(it->second.newest);
+  it->second.newest = std::move(layer);
+  return version;
+}
+
+absl::Status LayerRegistry::Remove(const std::string& name) {
+  std::shared_ptr<const ServedLayer> previous;  // freed after the lock, when it was the last reference
+  absl::MutexLock lock(&mu_);
+  auto it = layers_.find(name);
+  if (it == layers_.end()) return absl::NotFoundError(absl::StrCat("no layer named '", name, "'"));
+  previous = std::move(it->second.newest);
+  layers_.erase(it);
+  return absl::OkStatus();
+}
+
+}  // namespace attnserve

@@ -1,0 +1,219 @@
+#include "server/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/notification.h"
+#include "common/status_macros.h"
+#include "common/version.h"
+#include "server/api/attention_service.h"
+#include "server/runtime/batch_executor.h"
+#include "server/runtime/dispatcher.h"
+#include "server/startup/cpu_budget.h"
+#include "server/startup/layer_options.h"
+#include "server/startup/server_config.h"
+
+namespace attnserve {
+namespace {
+
+constexpr char kServiceName[] = "attnserve.v1.AttentionService";
+// Requests carry whole [B, L, E] tensors: gRPC's 4 MiB default would refuse a single [1, 2048, 768] query.
+constexpr int kMaxMessageBytes = 64 << 20;
+// Connections are recycled every few minutes so clients balancing over a headless Service (gRPC
+// round_robin) also reach replicas added since they connected; in-flight calls get the grace to end.
+constexpr int kMaxConnectionAgeMs = 5 * 60 * 1000;
+constexpr int kMaxConnectionAgeGraceMs = 30 * 1000;
+
+// The scheduler reports its queue depths and running batches straight to the metrics.
+class MetricsObserver final : public SchedulerObserver {
+ public:
+  explicit MetricsObserver(ServerMetrics* metrics) : metrics_(metrics) {}
+  void QueueDepthChanged(const std::string& queue, size_t depth) override {
+    metrics_->SetQueueDepth(queue, static_cast<double>(depth));
+  }
+  void InflightBatchesChanged(int64_t batches) override { metrics_->SetInflightBatches(batches); }
+
+ private:
+  ServerMetrics* metrics_;
+};
+
+}  // namespace
+
+// Declared in the order they are built; destroyed in reverse, so gRPC stops before the services and the
+// scheduler (which runs what is still queued) before the executor.
+struct Server::Parts {
+  std::unique_ptr<LayerRegistry> registry;
+  std::unique_ptr<ServerMetrics> metrics;
+  std::unique_ptr<MetricsObserver> observer;
+  std::unique_ptr<BatchExecutor> executor;
+  std::unique_ptr<CallScheduler> scheduler;
+  std::unique_ptr<Dispatcher> dispatcher;
+  std::unique_ptr<AttentionServiceImpl> service;
+  std::unique_ptr<grpc::Server> grpc_server;
+  int grpc_port = 0;
+  bool drained = false;
+};
+
+Server::Server(const attnserve::v1::ServerConfig& config, const ServerOptions& options)
+    : config_(config), options_(options), parts_(std::make_unique<Parts>()) {}
+
+Server::~Server() {
+  if (parts_->grpc_server != nullptr && !parts_->drained) Drain(absl::InfiniteFuture()).IgnoreError();
+}
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Create(const attnserve::v1::ServerConfig& config,
+                                                       const ServerOptions& options) {
+  if (options.clock == nullptr) return absl::InvalidArgumentError("ServerOptions.clock must not be null");
+  std::unique_ptr<Server> server(new Server(config, options));
+  ATTN_RETURN_IF_ERROR(server->Build());
+  return server;
+}
+
+absl::Status Server::Build() {
+  Parts& p = *parts_;
+  // Workers x OpenMP threads per worker = CPUs, so the two never oversubscribe the machine.
+  const int cpus = options_.cpus > 0 ? options_.cpus : AvailableCpus();
+  threads_per_batch_ = std::max(1, cpus / std::max(1, config_.worker_threads()));
+  ATTN_ASSIGN_OR_RETURN(p.registry, LayerRegistry::Create(config_));
+  std::vector<std::string> names;
+  for (const auto& l : config_.layers()) names.push_back(l.name());
+  p.metrics = std::make_unique<ServerMetrics>(names);
+  p.observer = std::make_unique<MetricsObserver>(p.metrics.get());
+  ATTN_ASSIGN_OR_RETURN(p.executor, BatchExecutor::Create({p.metrics.get(), options_.clock, threads_per_batch_}));
+  CallScheduler::Options scheduler_options;
+  scheduler_options.worker_threads = config_.worker_threads();
+  scheduler_options.clock = options_.clock;
+  scheduler_options.idle_spin_us = options_.idle_spin_us;
+  scheduler_options.observer = p.observer.get();
+  BatchExecutor* executor = p.executor.get();
+  ATTN_ASSIGN_OR_RETURN(p.scheduler,
+                        CallScheduler::Create(scheduler_options, [executor](const std::string& layer, auto batch) {
+                          executor->Run(layer, std::move(batch));
+                        }));
+  for (const auto& l : config_.layers()) {
+    ATTN_RETURN_IF_ERROR(p.scheduler->AddQueue(l.name(), ToBatchingOptions(l.batching())));
+  }
+  ATTN_ASSIGN_OR_RETURN(p.dispatcher,
+                        Dispatcher::Create({p.registry.get(), p.scheduler.get(), p.metrics.get(), options_.clock}));
+  p.service = std::make_unique<AttentionServiceImpl>(p.registry.get(), p.dispatcher.get(), options_.clock);
+  return absl::OkStatus();
+}
+
+absl::Status Server::Start() {
+  Parts& p = *parts_;
+  ATTN_RETURN_IF_ERROR(p.metrics->Serve(config_.metrics_address()));
+  grpc::EnableDefaultHealthCheckService(true);
+  if (options_.enable_reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(config_.grpc_address(), grpc::InsecureServerCredentials(), &p.grpc_port);
+  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  builder.SetMaxSendMessageSize(kMaxMessageBytes);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, kMaxConnectionAgeMs);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, kMaxConnectionAgeGraceMs);
+  builder.RegisterService(p.service.get());
+  p.grpc_server = builder.BuildAndStart();
+  if (p.grpc_server == nullptr || p.grpc_port == 0) {
+    p.grpc_server.reset();
+    return absl::UnavailableError(absl::StrCat("grpc_address ", config_.grpc_address(), ": cannot listen"));
+  }
+  grpc::HealthCheckServiceInterface* health = p.grpc_server->GetHealthCheckService();
+  health->SetServingStatus("", true);
+  health->SetServingStatus(kServiceName, true);
+  LogLayers();
+  spdlog::info("attnserve {} ready: grpc_port={} metrics_port={} grpc_address={} metrics_address={} workers={} "
+               "omp_threads_per_worker={}",
+               kAttnserveVersion, p.grpc_port, p.metrics->port(), config_.grpc_address(),
+               config_.metrics_address(), config_.worker_threads(), threads_per_batch_);
+  return absl::OkStatus();
+}
+
+void Server::LogLayers() const {
+  std::vector<std::string> names;
+  for (const auto& layer : parts_->registry->Layers()) {
+    const auto& c = layer->config;
+    names.push_back(c.name());
+    spdlog::info("layer {}: version={} embed_dim={} num_heads={} kdim={} vdim={} bias={} weights={} "
+                 "max_batch_size={} max_queue_delay_us={} max_queue_size={} max_batch_tokens={} "
+                 "max_sequence_length={}",
+                 c.name(), layer->version, c.embed_dim(), c.num_heads(), c.kdim(), c.vdim(), c.bias(),
+                 c.weights_path().empty() ? absl::StrCat("seed:", c.seed()) : c.weights_path(),
+                 c.batching().max_batch_size(), c.batching().max_queue_delay_us(), c.batching().max_queue_size(),
+                 c.batching().max_batch_tokens(), c.max_sequence_length());
+  }
+  spdlog::info("layers={}", absl::StrJoin(names, ","));
+}
+
+void Server::StopAccepting() {
+  if (parts_->grpc_server == nullptr) return;
+  parts_->grpc_server->GetHealthCheckService()->Shutdown();  // NOT_SERVING for every service, at once
+  parts_->dispatcher->StartShutdown();                       // new requests: UNAVAILABLE
+}
+
+absl::Status Server::Drain(absl::Time deadline) {
+  Parts& p = *parts_;
+  if (p.grpc_server == nullptr || p.drained) return absl::OkStatus();
+  p.drained = true;
+  const absl::Time start = absl::Now();
+  StopAccepting();
+  // Answer everything accepted: the scheduler runs all queued batches, then stops its workers. On a
+  // thread of its own, so that a deadline running out leaves it behind rather than blocking here.
+  auto drained = std::make_shared<absl::Notification>();
+  std::thread([scheduler = p.scheduler.get(), drained] {
+    scheduler->Shutdown();
+    drained->Notify();
+  }).detach();
+  const bool in_time = drained->WaitForNotificationWithDeadline(deadline);
+  if (in_time) absl::SleepFor(std::min(start + options_.unavailable_linger, deadline) - absl::Now());
+  // Waits for in-flight RPCs (their answers are being written) until the deadline, then cancels the rest.
+  p.grpc_server->Shutdown(absl::ToChronoTime(deadline));
+  if (!in_time) return absl::DeadlineExceededError("batches were still running at the drain deadline");
+  p.grpc_server->Wait();
+  spdlog::info("stopped after {}", absl::FormatDuration(absl::Now() - start));
+  return absl::OkStatus();
+}
+
+Server::Ports Server::ports() const {
+  return Ports{parts_->grpc_port, parts_->metrics->port()};
+}
+
+absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
+  attnserve::v1::LayerConfig config = layer;
+  ATTN_RETURN_IF_ERROR(ApplyLayerDefaultsAndValidate(&config));
+  ATTN_ASSIGN_OR_RETURN(std::unique_ptr<ServedLayer> loaded, attnserve::LoadLayer(config));
+  Parts& p = *parts_;
+  absl::MutexLock lock(&layers_mu_);
+  const BatchingOptions batching = ToBatchingOptions(config.batching());
+  if (p.registry->Find(config.name()) != nullptr) {
+    ATTN_RETURN_IF_ERROR(p.scheduler->UpdateQueue(config.name(), batching));
+  } else {
+    // The queue first: a request that finds the layer must find its queue.
+    p.metrics->AddLayer(config.name());
+    ATTN_RETURN_IF_ERROR(p.scheduler->AddQueue(config.name(), batching));
+  }
+  const int64_t version = p.registry->Publish(std::move(loaded));
+  spdlog::info("layer {}: version {} loaded", config.name(), version);
+  return absl::OkStatus();
+}
+
+absl::Status Server::UnloadLayer(const std::string& name) {
+  Parts& p = *parts_;
+  absl::MutexLock lock(&layers_mu_);
+  ATTN_RETURN_IF_ERROR(p.registry->Remove(name));
+  // Requests that found the layer before Remove are in its queue or about to be refused by it (NOT_FOUND).
+  ATTN_RETURN_IF_ERROR(p.scheduler->RemoveQueue(name));
+  spdlog::info("layer {}: unloaded", name);
+  return absl::OkStatus();
+}
+
+const LayerRegistry& Server::registry() const { return *parts_->registry; }
+ServerMetrics& Server::metrics() { return *parts_->metrics; }
+
+}  // namespace attnserve

@@ -1,0 +1,106 @@
+// One attnserve server: the layer registry, the per-layer batcher and its workers, the executor, the
+// metrics endpoint and the gRPC server with its services, built from a validated ServerConfig.
+//
+//   auto server = Server::Create(config, {});   // loads every layer; nothing listens yet
+//   server->Start();                             // gRPC and /metrics listen (port 0: see ports())
+//   ...
+//   server->Drain(absl::Now() + absl::Seconds(30));
+//
+// Layers can be loaded, replaced and unloaded while the server runs (LoadLayer / UnloadLayer): requests
+// admitted to a version finish on it, and a version's memory is freed when its last request is answered.
+//
+// Thread-safety: Start and Drain are called once each, from one thread; LoadLayer, UnloadLayer, ports() and
+// the accessors from any thread once Start returned.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "attnserve/v1/config.pb.h"
+#include "server/batching/clock.h"
+#include "server/observability/metrics.h"
+#include "server/runtime/layer_registry.h"
+
+namespace attnserve {
+
+struct ServerOptions {
+  // The time source of the batcher and the request timings; not owned, must outlive the server.
+  const Clock* clock = RealClock();
+  // CPUs the server may use; 0 = AvailableCpus() (affinity mask capped by the cgroup quota). Each of the
+  // config's worker_threads computes its batches on max(1, cpus / worker_threads) OpenMP threads.
+  int32_t cpus = 0;
+  // An idle worker polls its queues this long before sleeping (takes a thread wake-up off a lone request's
+  // latency; costs at most this much of one core after each batch).
+  int64_t idle_spin_us = 200;
+  // After Drain begins, new calls are answered UNAVAILABLE for at least this long before gRPC's own
+  // shutdown, which fails late calls with CANCELLED instead (grpc/grpc#41785).
+  absl::Duration unavailable_linger = absl::Seconds(1);
+  // Serve the gRPC reflection service (grpcurl-style tools without the .proto files).
+  bool enable_reflection = true;
+};
+
+class Server {
+ public:
+  // Loads every layer of `config` (which must have passed ApplyDefaultsAndValidate) and builds the
+  // components; InvalidArgument / the loader's error naming the layer otherwise. Nothing listens yet.
+  static absl::StatusOr<std::unique_ptr<Server>> Create(const attnserve::v1::ServerConfig& config,
+                                                        const ServerOptions& options);
+  // Drains with no deadline if Drain was not called.
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // Starts /metrics and gRPC on the config's addresses (port 0 picks a free port) and turns health
+  // SERVING. UNAVAILABLE naming the address when one cannot be listened on.
+  absl::Status Start();
+
+  // Health NOT_SERVING for every service and new calls UNAVAILABLE, at once (the first step of Drain, for
+  // callers that log in between). Idempotent.
+  void StopAccepting();
+
+  // Stops taking requests (StopAccepting), answers every accepted request, then shuts gRPC down. OK when all of it finished before `deadline`; DEADLINE_EXCEEDED when
+  // batches were still running then (the server must then not be destroyed: the caller exits).
+  absl::Status Drain(absl::Time deadline);
+
+  struct Ports {
+    int grpc = 0;
+    int metrics = 0;
+  };
+  // The bound ports once Start returned OK.
+  Ports ports() const;
+  // The config served, with defaults applied (layers as created; LoadLayer/UnloadLayer do not change it).
+  const attnserve::v1::ServerConfig& config() const { return config_; }
+  // OpenMP threads each worker computes a batch with.
+  int threads_per_batch() const { return threads_per_batch_; }
+
+  // Loads `layer` (validated like a config entry) off the request path, then publishes it: a new name gets
+  // its queue, metrics and traffic; an existing one gets a new version (its batching options apply to the
+  // next batch), requests already admitted finish on the old one. A failed load changes nothing.
+  absl::Status LoadLayer(const attnserve::v1::LayerConfig& layer);
+  // Stops routing requests to `name` (NOT_FOUND from now on), runs what its queue holds, and returns once
+  // its last batch is done. NOT_FOUND for an unknown layer.
+  absl::Status UnloadLayer(const std::string& name);
+
+  const LayerRegistry& registry() const;
+  ServerMetrics& metrics();
+
+ private:
+  struct Parts;
+  Server(const attnserve::v1::ServerConfig& config, const ServerOptions& options);
+  absl::Status Build();
+  void LogLayers() const;
+
+  const attnserve::v1::ServerConfig config_;
+  const ServerOptions options_;
+  int threads_per_batch_ = 1;
+  std::unique_ptr<Parts> parts_;
+  absl::Mutex layers_mu_;  // serialises LoadLayer / UnloadLayer (each is a registry + scheduler change)
+};
+
+}  // namespace attnserve

@@ -1,0 +1,31 @@
+#include "server/startup/layer_options.h"
+
+namespace attnserve {
+
+MhaConfig ToMhaConfig(const attnserve::v1::LayerConfig& layer) {
+  MhaConfig c;
+  c.embed_dim = layer.embed_dim();
+  c.num_heads = layer.num_heads();
+  c.kdim = layer.kdim();
+  c.vdim = layer.vdim();
+  c.bias = !layer.has_bias() || layer.bias();
+  return c;
+}
+
+MultiheadAttention::Options ToEngineOptions(const attnserve::v1::LayerConfig& layer) {
+  MultiheadAttention::Options options;
+  options.config = ToMhaConfig(layer);
+  options.limits.max_sequence_length = layer.max_sequence_length();
+  return options;
+}
+
+BatchingOptions ToBatchingOptions(const attnserve::v1::BatchingConfig& batching) {
+  BatchingOptions o;
+  o.max_batch_size = batching.max_batch_size();
+  o.max_queue_delay_us = batching.max_queue_delay_us();
+  o.max_queue_size = batching.max_queue_size();
+  o.max_batch_tokens = batching.max_batch_tokens();
+  return o;
+}
+
+}  // namespace attnserve

@@ -1,0 +1,21 @@
+// What a LayerConfig (proto/attnserve/v1/config.proto) means to the engine and the batcher: the one place
+// each config field becomes an option, so the config's validation and the layers the server builds agree.
+#pragma once
+
+#include "attnserve/v1/config.pb.h"
+#include "core/multihead_attention.h"
+#include "server/batching/batch_queue.h"
+
+namespace attnserve {
+
+// embed_dim, num_heads, kdim, vdim as given (0 = embed_dim), bias unset = true.
+MhaConfig ToMhaConfig(const attnserve::v1::LayerConfig& layer);
+
+// The engine's options: ToMhaConfig and the layer's max_sequence_length; the rest at their defaults.
+MultiheadAttention::Options ToEngineOptions(const attnserve::v1::LayerConfig& layer);
+
+// Field by field; zero fields are left to ApplyDefaultsAndValidate, which fills them from BatchingOptions'
+// own defaults (the one source of each default).
+BatchingOptions ToBatchingOptions(const attnserve::v1::BatchingConfig& batching);
+
+}  // namespace attnserve

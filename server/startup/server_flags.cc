@@ -1,0 +1,180 @@
+#include "server/startup/server_flags.h"
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/command_line.h"
+#include "common/duration.h"
+#include "common/status_macros.h"
+#include "server/startup/server_config.h"
+
+namespace attnserve {
+namespace {
+
+using Setter = absl::Status (*)(const FlagValue&, ServerFlags*);
+
+// A value flag: how the parser reads it (name, variable, value name), how --help shows it, and where its
+// checked value goes.
+struct ServerFlag {
+  FlagSpec spec;
+  const char* default_text;
+  const char* help;
+  Setter set;
+};
+
+absl::Status SetConfig(const FlagValue& value, ServerFlags* f) {
+  f->config_path = value.text;
+  return absl::OkStatus();
+}
+
+absl::Status SetAddress(const FlagValue& value, std::optional<std::string>* out) {
+  const absl::Status status = CheckHostPort(value.text);
+  if (!status.ok()) return FlagError(value, status);
+  *out = value.text;
+  return absl::OkStatus();
+}
+absl::Status SetGrpcAddress(const FlagValue& value, ServerFlags* f) { return SetAddress(value, &f->grpc_address); }
+absl::Status SetMetricsAddress(const FlagValue& value, ServerFlags* f) {
+  return SetAddress(value, &f->metrics_address);
+}
+
+absl::Status SetWorkerThreads(const FlagValue& value, ServerFlags* f) {
+  int32_t n = 0;
+  if (!absl::SimpleAtoi(value.text, &n)) return BadFlagValue(value, "expected an integer");
+  // Checked here too: 0 would otherwise be taken by the config as "unset" and silently become 1.
+  if (n < kMinWorkerThreads || n > kMaxWorkerThreads) {
+    return BadFlagValue(value, absl::StrCat("must be between ", kMinWorkerThreads, " and ", kMaxWorkerThreads));
+  }
+  f->worker_threads = n;
+  return absl::OkStatus();
+}
+
+absl::Status SetOneOf(const FlagValue& value, const std::vector<std::string>& allowed, std::string* out) {
+  const std::string lower = absl::AsciiStrToLower(value.text);
+  for (const std::string& a : allowed) {
+    if (lower == a) {
+      *out = lower;
+      return absl::OkStatus();
+    }
+  }
+  return BadFlagValue(value, absl::StrCat("expected one of ", absl::StrJoin(allowed, "|")));
+}
+absl::Status SetLogLevel(const FlagValue& value, ServerFlags* f) {
+  return SetOneOf(value, {"trace", "debug", "info", "warn", "error", "off"}, &f->log_level);
+}
+absl::Status SetLogFormat(const FlagValue& value, ServerFlags* f) {
+  return SetOneOf(value, {"text", "json"}, &f->log_format);
+}
+
+absl::Status SetShutdownGrace(const FlagValue& value, ServerFlags* f) {
+  absl::StatusOr<absl::Duration> grace = ParseDuration(value.text);
+  if (!grace.ok()) return FlagError(value, grace.status());
+  f->shutdown_grace = *grace;
+  return absl::OkStatus();
+}
+
+// The value flags, in --help order.
+const std::vector<ServerFlag>& Flags() {
+  static const auto* flags = new std::vector<ServerFlag>{
+      {{"config", true, "ATTNSERVE_CONFIG", "FILE"}, "(embedded: small + base layers)",
+       "Config file: .pbtxt/.textproto/.txtpb (protobuf text) or .json.", &SetConfig},
+      {{"grpc-address", true, "ATTNSERVE_GRPC_ADDRESS", "HOST:PORT"}, kDefaultGrpcAddress,
+       "gRPC listen address; overrides the config's grpc_address. Port 0 picks a free port.", &SetGrpcAddress},
+      {{"metrics-address", true, "ATTNSERVE_METRICS_ADDRESS", "HOST:PORT"}, kDefaultMetricsAddress,
+       "Prometheus /metrics listen address; overrides the config's metrics_address.", &SetMetricsAddress},
+      {{"worker-threads", true, "ATTNSERVE_WORKER_THREADS", "N"}, "1",
+       "Threads computing batches (1-256); overrides the config's worker_threads.", &SetWorkerThreads},
+      {{"log-level", true, "ATTNSERVE_LOG_LEVEL", "LEVEL"}, "info", "Log level: trace|debug|info|warn|error|off.",
+       &SetLogLevel},
+      {{"log-format", true, "ATTNSERVE_LOG_FORMAT", "FORMAT"}, "text", "Log line format: text|json.",
+       &SetLogFormat},
+      {{"shutdown-grace", true, "ATTNSERVE_SHUTDOWN_GRACE", "DURATION"}, "30s",
+       "On shutdown, how long in-flight requests may finish: \"30s\", \"500ms\", \"2m\" or seconds.",
+       &SetShutdownGrace},
+  };
+  return *flags;
+}
+
+// What the parser accepts: the value flags and the two switches.
+const std::vector<FlagSpec>& ParserSpecs() {
+  static const auto* specs = [] {
+    auto* out = new std::vector<FlagSpec>{{"help", false}, {"version", false}};
+    for (const ServerFlag& flag : Flags()) out->push_back(flag.spec);
+    return out;
+  }();
+  return *specs;
+}
+
+}  // namespace
+
+absl::StatusOr<ServerFlags> ParseServerFlags(int argc, const char* const* argv,
+                                             const std::function<const char*(const char*)>& getenv_fn) {
+  std::vector<std::string> args;
+  for (int i = 1; i < argc; ++i) args.push_back(argv[i] == nullptr ? "" : argv[i]);
+  ATTN_ASSIGN_OR_RETURN(const CommandLine cl, ParseCommandLine(args, ParserSpecs(), getenv_fn));
+  if (!cl.positional.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unexpected argument \"", cl.positional[0], "\"; flags start with -- (see --help)"));
+  }
+  ServerFlags flags;
+  flags.help = cl.Has("help");
+  flags.version = cl.Has("version");
+  // Values go unchecked then, so help works with a broken environment; unknown flags were refused above.
+  if (flags.help || flags.version) return flags;
+
+  for (const ServerFlag& flag : Flags()) {
+    if (const FlagValue* value = cl.Find(flag.spec.name)) ATTN_RETURN_IF_ERROR(flag.set(*value, &flags));
+  }
+  return flags;
+}
+
+std::string ServerUsage() {
+  std::string out = absl::StrCat(
+      "Usage: attnserve [flags]\n"
+      "\n"
+      "Serves multi-head attention layers over gRPC (attnserve.v1), with Prometheus metrics.\n"
+      "Each flag may also be set by its environment variable; the command line wins. Flags also\n"
+      "override the config file's fields of the same name.\n"
+      "\n"
+      "Flags (--flag=value or --flag value):\n");
+  for (const ServerFlag& flag : Flags()) {
+    absl::StrAppend(&out, "  --", flag.spec.name, " ", flag.spec.value_name, "\n", "      ", flag.help, "\n",
+                    "      env: ", flag.spec.env, "    default: ", flag.default_text, "\n");
+  }
+  absl::StrAppend(&out,
+                  "  -h, --help\n"
+                  "      Print this help and exit.\n"
+                  "  --version\n"
+                  "      Print the version (",
+                  kAttnserveVersion, ") and exit.\n");
+  return out;
+}
+
+void ApplyFlagsToConfig(const ServerFlags& flags, attnserve::v1::ServerConfig* config) {
+  if (flags.grpc_address) config->set_grpc_address(*flags.grpc_address);
+  if (flags.metrics_address) config->set_metrics_address(*flags.metrics_address);
+  if (flags.worker_threads) config->set_worker_threads(*flags.worker_threads);
+}
+
+absl::StatusOr<attnserve::v1::ServerConfig> BuildServerConfig(const ServerFlags& flags) {
+  attnserve::v1::ServerConfig config;
+  std::string source;
+  if (flags.config_path.empty()) {
+    config = DefaultServerConfig();
+    source = "embedded default config";
+  } else {
+    ATTN_ASSIGN_OR_RETURN(config, LoadServerConfigFile(flags.config_path));  // errors already name the path
+    source = flags.config_path;
+  }
+  ApplyFlagsToConfig(flags, &config);
+  const absl::Status status = ApplyDefaultsAndValidate(&config);
+  if (!status.ok()) return absl::Status(status.code(), absl::StrCat(source, ": ", status.message()));
+  return config;
+}
+
+}  // namespace attnserve

@@ -1,0 +1,141 @@
+#include "tools/attnbench_args.h"
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "common/command_line.h"
+#include "common/status_macros.h"
+
+namespace attnserve {
+namespace {
+
+constexpr FlagSpec kFlags[] = {
+    {"help", false},        {"target", true},      {"tls", false},       {"tls-root-certs", true},
+    {"echo", false},        {"payload-bytes", true}, {"layer", true},    {"batch", true},
+    {"seq", true},          {"seq-dist", true},    {"kv-seq", true},     {"causal", false},
+    {"stream", false},      {"streams", true},     {"concurrency", true}, {"rate", true},
+    {"duration", true},     {"warmup", true},      {"timeout-ms", true}, {"seed", true},
+    {"json", false},        {"csv", false},        {"quiet", false},
+};
+
+constexpr int64_t kMaxDim = int64_t{1} << 20;
+
+}  // namespace
+
+absl::StatusOr<BenchArgs> ParseBenchArgs(const std::vector<std::string>& args) {
+  ATTN_ASSIGN_OR_RETURN(const CommandLine cl, ParseCommandLine(args, kFlags));
+  BenchArgs out;
+  out.help = cl.Has("help");
+  if (out.help) return out;
+  if (!cl.positional.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unexpected argument \"", cl.positional[0], "\" (attnbench takes flags only; see --help)"));
+  }
+  auto get = [&](const char* name) { return cl.Get(name); };
+
+  if (auto v = get("target")) out.target = *v;
+  out.tls = cl.Has("tls");
+  if (auto v = get("tls-root-certs")) out.tls_root_certs = *v;
+  if (!out.tls_root_certs.empty() && !out.tls) return absl::InvalidArgumentError("--tls-root-certs needs --tls");
+  out.echo = cl.Has("echo");
+  if (auto v = get("payload-bytes")) {
+    ATTN_ASSIGN_OR_RETURN(out.payload_bytes, ParseIntFlag("payload-bytes", *v, 0, 64 << 20));
+  }
+  if (auto v = get("layer")) out.layer = *v;
+  if (auto v = get("batch")) {
+    ATTN_ASSIGN_OR_RETURN(out.batch, ParseIntFlag("batch", *v, 1, kMaxDim));
+  }
+  if (auto v = get("seq")) {
+    ATTN_ASSIGN_OR_RETURN(out.seq, ParseIntFlag("seq", *v, 1, kMaxDim));
+  }
+  if (auto v = get("seq-dist")) {
+    if (cl.Has("seq")) return absl::InvalidArgumentError("--seq and --seq-dist: give one of them");
+    ATTN_ASSIGN_OR_RETURN(out.seq_dist, ParseSeqDist(*v));
+  }
+  if (auto v = get("kv-seq")) {
+    ATTN_ASSIGN_OR_RETURN(out.kv_seq, ParseIntFlag("kv-seq", *v, 1, kMaxDim));
+  }
+  out.causal = cl.Has("causal");
+  out.stream = cl.Has("stream");
+  if (out.stream && out.echo) return absl::InvalidArgumentError("--stream: the echo service is unary only");
+  if (auto v = get("streams")) {
+    ATTN_ASSIGN_OR_RETURN(out.streams, ParseIntFlag("streams", *v, 1, 1024));
+  }
+  if (auto v = get("concurrency")) {
+    if (cl.Has("rate")) {
+      return absl::InvalidArgumentError(
+          "--concurrency (closed loop) and --rate (open loop): give one of them");
+    }
+    ATTN_ASSIGN_OR_RETURN(out.concurrency, ParseIntListFlag("concurrency", *v, 1, 4096));
+  }
+  if (auto v = get("rate")) {
+    ATTN_ASSIGN_OR_RETURN(out.rates, ParsePositiveDoubleListFlag("rate", *v));
+  }
+  if (auto v = get("duration")) {
+    ATTN_ASSIGN_OR_RETURN(out.duration, ParseDurationFlag("duration", *v));
+  }
+  if (out.duration <= absl::ZeroDuration()) return absl::InvalidArgumentError("--duration: must be positive");
+  if (auto v = get("warmup")) {
+    ATTN_ASSIGN_OR_RETURN(out.warmup, ParseDurationFlag("warmup", *v));
+  }
+  if (auto v = get("timeout-ms")) {
+    ATTN_ASSIGN_OR_RETURN(out.timeout_ms, ParseIntFlag("timeout-ms", *v, 0, 3'600'000));
+  }
+  if (auto v = get("seed")) {
+    ATTN_ASSIGN_OR_RETURN(const int64_t seed, ParseIntFlag("seed", *v, 0, INT64_MAX));
+    out.seed = static_cast<uint64_t>(seed);
+  }
+  if (cl.Has("json") && cl.Has("csv")) return absl::InvalidArgumentError("--json and --csv: give one of them");
+  if (cl.Has("json")) out.format = BenchArgs::Format::kJson;
+  if (cl.Has("csv")) out.format = BenchArgs::Format::kCsv;
+  out.quiet = cl.Has("quiet");
+  return out;
+}
+
+std::string BenchUsage() {
+  return R"(Usage: attnbench [flags]
+
+Load generator for attnserve (and for the echo server, the gRPC serving floor). Runs one step per
+--concurrency value (closed loop) or per --rate value (open loop), each a --warmup then a --duration,
+and reports per step: requests/s, latency percentiles, errors by status code, and the server's split
+of its time (queue, compute, batch size) from the responses' timing.
+
+Target:
+  --target TARGET        gRPC target (default 127.0.0.1:50051). Several servers round-robin:
+                         ipv4:127.0.0.1:50051,127.0.0.1:50052 or dns:///name:50051
+  --tls                  TLS instead of plaintext
+  --tls-root-certs FILE  PEM root certificates for --tls (default: gRPC's)
+  --timeout-ms N         deadline per request, 0 = none (default 30000)
+
+Requests (random float32 values):
+  --layer NAME           layer to call (default small); its dims come from GetLayer
+  --batch B              sequences per request (default 1)
+  --seq L                query length (default 128)
+  --seq-dist uniform:A:B draw L per request, uniformly in [A, B] (ragged batching)
+  --kv-seq S             separate key/value of length S (cross-attention); default self-attention
+  --causal               causal attention
+  --stream               send on InferStream (answers matched by id) instead of unary Infer
+  --streams N            streams of an open-loop --stream run (default 4; closed loop: one per worker)
+  --seed N               seed of the values and drawn lengths (default 1)
+  --echo                 call attnserve.bench.EchoService/Echo (attnserve_echo_server) instead
+  --payload-bytes N      echo payload size (default 4096)
+
+Load:
+  --concurrency N[,M..]  closed loop: N workers, one request in flight each (default 1)
+  --rate R[,S..]         open loop: R requests/s at fixed intended times; latency counts from the
+                         intended time, so stalls show in the tail
+  --duration D           measured time per step: 10s, 500ms, 2m or seconds (default 10s)
+  --warmup D             unrecorded time before each step (default 1s)
+
+Output:
+  (default)              a table on stdout
+  --json                 a JSON array of steps on stdout
+  --csv                  CSV with a header row on stdout
+  --quiet                no progress line (otherwise one per second on stderr when --duration > 2s)
+  --help                 this text
+
+Exit status: 0 when every step ran (failed requests are counted, not fatal), 1 for a usage error,
+2 when the target cannot be reached or the layer cannot be looked up before the run.
+)";
+}
+
+}  // namespace attnserve

@@ -1,0 +1,213 @@
+// attnbench: the load generator for attnserve and for the echo server. Wires the pieces together: flags
+// (attnbench_args), requests (attnbench_requests), senders (attnbench_senders), the closed and open loops
+// (attnbench_runner), and the report (attnbench_report); adds the progress line. See BenchUsage().
+#include <unistd.h>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/notification.h"
+#include "tools/attnbench_args.h"
+#include "tools/attnbench_report.h"
+#include "tools/attnbench_requests.h"
+#include "tools/attnbench_runner.h"
+#include "tools/attnbench_senders.h"
+#include "client/client.h"
+#include "client/grpc_status.h"
+
+namespace attnserve {
+namespace {
+
+constexpr int kExitUsage = 1;
+constexpr int kExitUnreachable = 2;
+// Looking up the layer (or trying the echo service) before the run should not wait a whole request timeout.
+constexpr int64_t kProbeTimeoutMs = 10'000;
+
+std::string Workload(const BenchArgs& a) {
+  if (a.echo) return absl::StrCat("echo payload=", a.payload_bytes, "B unary");
+  std::string w = absl::StrCat(a.layer, " B=", a.batch, " L=",
+                               a.seq_dist.drawn ? absl::StrCat("uniform:", a.seq_dist.min, ":", a.seq_dist.max)
+                                                : absl::StrCat(a.seq));
+  if (a.kv_seq > 0) absl::StrAppend(&w, " S=", a.kv_seq);
+  if (a.causal) absl::StrAppend(&w, " causal");
+  absl::StrAppend(&w, a.stream ? " stream" : " unary");
+  return w;
+}
+
+// Prints a line a second on stderr while a step runs: over itself on a terminal, one per line otherwise.
+class ProgressLine {
+ public:
+  ProgressLine(const StepRecorder* recorder, std::string label, absl::Duration warmup, absl::Duration duration)
+      : recorder_(recorder), label_(std::move(label)), warmup_(warmup), duration_(duration),
+        tty_(isatty(STDERR_FILENO) == 1), thread_([this] { Loop(); }) {}
+  ~ProgressLine() {
+    stop_.Notify();
+    thread_.join();
+    if (tty_) std::fputs("\r\033[K", stderr);
+  }
+
+ private:
+  void Loop() {
+    const absl::Time start = absl::Now();
+    while (!stop_.WaitForNotificationWithTimeout(absl::Seconds(1))) {
+      const absl::Duration elapsed = absl::Now() - start;
+      const StepStats s = recorder_->Snapshot();
+      const double measured = absl::ToDoubleSeconds(elapsed - warmup_);
+      std::string line = absl::StrFormat("attnbench %s: %.0fs/%.0fs%s  %d ok  %d errors", label_,
+                                         absl::ToDoubleSeconds(elapsed), absl::ToDoubleSeconds(warmup_ + duration_),
+                                         measured < 0 ? " (warmup)" : "", s.ok, s.error_count());
+      if (measured > 0) {
+        absl::StrAppendFormat(&line, "  %.1f req/s  p50 %.2f ms  p99 %.2f ms",
+                              static_cast<double>(s.requests()) / measured, s.latency_ns.Percentile(50) / 1e6,
+                              s.latency_ns.Percentile(99) / 1e6);
+      }
+      std::fprintf(stderr, tty_ ? "\r\033[K%s" : "%s\n", line.c_str());
+      std::fflush(stderr);
+    }
+  }
+
+  const StepRecorder* recorder_;
+  std::string label_;
+  absl::Duration warmup_, duration_;
+  bool tty_;
+  absl::Notification stop_;
+  std::thread thread_;
+};
+
+// The error exit for a failed probe, with what a shell user can do about it.
+int ProbeFailed(const BenchArgs& args, const absl::Status& status) {
+  std::fprintf(stderr, "attnbench: %s at %s: %s: %s\n", args.echo ? "echo service" : "layer lookup",
+               args.target.c_str(), StatusCodeName(static_cast<int>(status.code())).c_str(),
+               std::string(status.message()).c_str());
+  if (status.code() == absl::StatusCode::kUnavailable || status.code() == absl::StatusCode::kDeadlineExceeded) {
+    std::fprintf(stderr, "attnbench: is the server running at --target %s?\n", args.target.c_str());
+  } else if (status.code() == absl::StatusCode::kNotFound) {
+    std::fprintf(stderr, "attnbench: no layer \"%s\" there (attnctl list shows the layers)\n", args.layer.c_str());
+  }
+  return kExitUnreachable;
+}
+
+absl::Status ProbeEcho(const Client& client) {
+  auto stub = attnserve::bench::EchoService::NewStub(client.channel());
+  grpc::ClientContext context;
+  client.SetDeadline(&context, kProbeTimeoutMs);
+  attnserve::bench::EchoMessage request, response;
+  return FromGrpcStatus(stub->Echo(&context, request, &response));
+}
+
+int Run(int argc, char** argv) {
+  auto args = ParseBenchArgs(std::vector<std::string>(argv + 1, argv + argc));
+  if (!args.ok()) {
+    std::fprintf(stderr, "attnbench: %s\n(see attnbench --help)\n", std::string(args.status().message()).c_str());
+    return kExitUsage;
+  }
+  if (args->help) {
+    std::fputs(BenchUsage().c_str(), stdout);
+    return 0;
+  }
+  Client::Options options;
+  options.target = args->target;
+  options.use_tls = args->tls;
+  options.tls_root_certs_path = args->tls_root_certs;
+  options.default_timeout_ms = args->timeout_ms;
+  auto client = Client::Create(options);
+  if (!client.ok()) {
+    std::fprintf(stderr, "attnbench: %s\n", std::string(client.status().message()).c_str());
+    return kExitUsage;
+  }
+
+  std::unique_ptr<InferRequestSource> source;
+  if (args->echo) {
+    if (absl::Status s = ProbeEcho(**client); !s.ok()) return ProbeFailed(*args, s);
+  } else {
+    auto layer = (*client)->GetLayer(args->layer);
+    if (!layer.ok()) return ProbeFailed(*args, layer.status());
+    InferRequestSource::Options r;
+    r.layer = args->layer;
+    r.embed_dim = layer->config().embed_dim();
+    r.kdim = layer->config().kdim() > 0 ? layer->config().kdim() : r.embed_dim;
+    r.vdim = layer->config().vdim() > 0 ? layer->config().vdim() : r.embed_dim;
+    r.batch = args->batch;
+    r.seq_len = args->seq;
+    r.seq_dist = args->seq_dist;
+    r.kv_seq_len = args->kv_seq;
+    r.is_causal = args->causal;
+    r.seed = args->seed;
+    auto created = InferRequestSource::Create(r);
+    if (!created.ok()) {
+      std::fprintf(stderr, "attnbench: %s\n", std::string(created.status().message()).c_str());
+      return kExitUsage;
+    }
+    source = std::move(*created);
+  }
+
+  const std::string workload = Workload(*args);
+  const size_t steps = args->open_loop() ? args->rates.size() : args->concurrency.size();
+  std::vector<StepReport> reports;
+  for (size_t i = 0; i < steps; ++i) {
+    StepReport report;
+    report.workload = workload;
+    report.open_loop = args->open_loop();
+    if (report.open_loop) {
+      report.target_rate = args->rates[i];
+    } else {
+      report.concurrency = args->concurrency[i];
+    }
+    std::unique_ptr<RequestSender> sender;
+    if (args->echo) {
+      sender = std::make_unique<EchoSender>(client->get(), args->payload_bytes, args->timeout_ms);
+    } else if (args->stream) {
+      // Streams carry no per-request deadline: the whole stream ends at the latest a timeout after the step.
+      const absl::Duration limit = args->warmup + args->duration +
+                                   (args->timeout_ms > 0 ? absl::Milliseconds(args->timeout_ms) : absl::Hours(24));
+      sender = std::make_unique<StreamInferSender>(client->get(), source.get(),
+                                                   report.open_loop ? args->streams : report.concurrency,
+                                                   absl::ToChronoTime(absl::Now() + limit));
+    } else {
+      sender = std::make_unique<UnaryInferSender>(client->get(), source.get(), args->timeout_ms);
+    }
+
+    StepRecorder recorder;
+    absl::StatusOr<LoopResult> result;
+    {
+      const std::string label = report.open_loop ? absl::StrFormat("rate=%g", report.target_rate)
+                                                 : absl::StrCat("c=", report.concurrency);
+      std::unique_ptr<ProgressLine> progress;
+      if (!args->quiet && args->duration > absl::Seconds(2)) {
+        progress = std::make_unique<ProgressLine>(&recorder, label, args->warmup, args->duration);
+      }
+      if (report.open_loop) {
+        result = RunOpenLoop(sender.get(), RealBenchClock(), {report.target_rate, args->warmup, args->duration},
+                             &recorder);
+      } else {
+        result = RunClosedLoop(sender.get(), RealBenchClock(), {report.concurrency, args->warmup, args->duration},
+                               &recorder);
+      }
+    }
+    sender.reset();  // streams end here, before the next step starts
+    if (!result.ok()) {
+      std::fprintf(stderr, "attnbench: %s\n", std::string(result.status().message()).c_str());
+      return kExitUsage;
+    }
+    report.elapsed_seconds = result->elapsed_seconds;
+    report.stats = recorder.Snapshot();
+    reports.push_back(std::move(report));
+  }
+
+  switch (args->format) {
+    case BenchArgs::Format::kTable: std::fputs(FormatTable(reports).c_str(), stdout); break;
+    case BenchArgs::Format::kJson: std::fputs(FormatJson(reports).c_str(), stdout); break;
+    case BenchArgs::Format::kCsv: std::fputs(FormatCsv(reports).c_str(), stdout); break;
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace attnserve
+
+int main(int argc, char** argv) { return attnserve::Run(argc, argv); }

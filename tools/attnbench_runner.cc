@@ -1,0 +1,150 @@
+#include "tools/attnbench_runner.h"
+
+#include <algorithm>
+#include <cmath>
+#include <atomic>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+
+namespace attnserve {
+namespace {
+
+class RealClock final : public BenchClock {
+ public:
+  BenchTime Now() const override { return std::chrono::steady_clock::now(); }
+  void SleepUntil(BenchTime t) override { std::this_thread::sleep_until(t); }
+};
+
+std::chrono::nanoseconds ToChrono(absl::Duration d) { return absl::ToChronoNanoseconds(d); }
+
+int64_t Nanos(BenchTime from, BenchTime to) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(to - from).count();
+}
+
+absl::Status CheckDurations(absl::Duration warmup, absl::Duration duration) {
+  if (warmup < absl::ZeroDuration() || duration < absl::ZeroDuration() || warmup == absl::InfiniteDuration() ||
+      duration == absl::InfiniteDuration()) {
+    return absl::InvalidArgumentError("warmup and duration must be finite and non-negative");
+  }
+  return absl::OkStatus();
+}
+
+// The latest answer recorded, shared by the threads that record.
+class LastAnswer {
+ public:
+  explicit LastAnswer(BenchTime floor) : last_(floor) {}
+  void Update(BenchTime t) {
+    absl::MutexLock lock(&mu_);
+    last_ = std::max(last_, t);
+  }
+  BenchTime Get() const {
+    absl::MutexLock lock(&mu_);
+    return last_;
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  BenchTime last_;
+};
+
+}  // namespace
+
+BenchClock* RealBenchClock() {
+  static auto* clock = new RealClock();
+  return clock;
+}
+
+absl::StatusOr<LoopResult> RunClosedLoop(RequestSender* sender, BenchClock* clock, const ClosedLoopOptions& options,
+                                         StepRecorder* recorder) {
+  if (options.concurrency < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("concurrency must be >= 1, got ", options.concurrency));
+  }
+  if (absl::Status s = CheckDurations(options.warmup, options.duration); !s.ok()) return s;
+  const BenchTime measure_start = clock->Now() + ToChrono(options.warmup);
+  const BenchTime end = measure_start + ToChrono(options.duration);
+  std::atomic<uint64_t> seq{0};
+  LastAnswer last(end);
+
+  // A thread per worker: each waits for its own answer, so at most `concurrency` requests are in flight.
+  auto worker = [&](uint64_t lane) {
+    while (true) {
+      const BenchTime sent = clock->Now();
+      if (sent >= end) return;
+      Outcome outcome;
+      BenchTime answered;
+      absl::Notification done;
+      sender->Send(seq.fetch_add(1), lane, [&](const Outcome& o) {
+        answered = clock->Now();  // taken here, not after the wake-up, which may lag on a busy machine
+        outcome = o;
+        done.Notify();
+      });
+      done.WaitForNotification();
+      if (sent >= measure_start) {
+        recorder->Record(Nanos(sent, answered), outcome);
+        last.Update(answered);
+      }
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int64_t w = 1; w < options.concurrency; ++w) threads.emplace_back(worker, static_cast<uint64_t>(w));
+  worker(0);
+  for (std::thread& t : threads) t.join();
+  return LoopResult{std::chrono::duration<double>(last.Get() - measure_start).count(),
+                    static_cast<int64_t>(seq.load())};
+}
+
+absl::StatusOr<LoopResult> RunOpenLoop(RequestSender* sender, BenchClock* clock, const OpenLoopOptions& options,
+                                       StepRecorder* recorder) {
+  if (!(options.rate_per_second > 0) || !std::isfinite(options.rate_per_second)) {
+    return absl::InvalidArgumentError(absl::StrCat("rate must be > 0, got ", options.rate_per_second));
+  }
+  if (absl::Status s = CheckDurations(options.warmup, options.duration); !s.ok()) return s;
+  const BenchTime start = clock->Now();
+  const BenchTime measure_start = start + ToChrono(options.warmup);
+  const BenchTime end = measure_start + ToChrono(options.duration);
+
+  // Shared with the callbacks, which may outlive this frame by the moment between their notify and return.
+  struct Outstanding {
+    absl::Mutex mu;
+    int64_t count ABSL_GUARDED_BY(mu) = 0;
+  };
+  auto outstanding = std::make_shared<Outstanding>();
+  auto last = std::make_shared<LastAnswer>(end);
+  uint64_t i = 0;
+  for (;; ++i) {
+    // From the start each time (not by accumulating the interval), so rounding does not drift the rate.
+    const BenchTime intended =
+        start + std::chrono::duration_cast<std::chrono::nanoseconds>(
+                    std::chrono::duration<double>(static_cast<double>(i) / options.rate_per_second));
+    if (intended >= end) break;
+    clock->SleepUntil(intended);
+    {
+      absl::MutexLock lock(&outstanding->mu);
+      ++outstanding->count;
+    }
+    const bool measured = intended >= measure_start;
+    sender->Send(i, i, [=](const Outcome& outcome) {
+      const BenchTime answered = clock->Now();
+      if (measured) {
+        recorder->Record(Nanos(intended, answered), outcome);
+        last->Update(answered);
+      }
+      absl::MutexLock lock(&outstanding->mu);
+      --outstanding->count;
+    });
+  }
+  {
+    absl::MutexLock lock(&outstanding->mu);
+    outstanding->mu.Await(absl::Condition(
+        +[](int64_t* count) { return *count == 0; }, &outstanding->count));
+  }
+  return LoopResult{std::chrono::duration<double>(last->Get() - measure_start).count(), static_cast<int64_t>(i)};
+}
+
+}  // namespace attnserve

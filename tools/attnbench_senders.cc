@@ -1,0 +1,210 @@
+#include "tools/attnbench_senders.h"
+
+#include <deque>
+#include <map>
+#include <random>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+
+namespace attnserve {
+namespace {
+
+using attnserve::v1::InferRequest;
+using attnserve::v1::InferResponse;
+
+Outcome FromResponse(const grpc::Status& status, const InferResponse& response) {
+  Outcome o;
+  o.code = static_cast<int>(status.error_code());
+  if (status.ok() && response.has_error() && response.error().code() != 0) o.code = response.error().code();
+  if (o.code == 0 && response.has_timing()) {
+    o.has_timing = true;
+    o.queue_us = response.timing().queue_us();
+    o.compute_us = response.timing().compute_us();
+    o.batch_size = response.timing().batch_size();
+  }
+  return o;
+}
+
+}  // namespace
+
+void UnaryInferSender::Send(uint64_t seq, uint64_t /*lane*/, std::function<void(const Outcome&)> done) {
+  struct Call {
+    grpc::ClientContext context;
+    std::shared_ptr<const InferRequest> request;
+    InferResponse response;
+  };
+  auto* call = new Call;
+  call->request = source_->Get(seq);
+  client_->SetDeadline(&call->context, timeout_ms_);
+  client_->stub()->async()->Infer(&call->context, call->request.get(), &call->response,
+                                  [call, done = std::move(done)](grpc::Status status) {
+                                    done(FromResponse(status, call->response));
+                                    delete call;
+                                  });
+}
+
+// One InferStream. Writes go out one at a time (the reactor allows one in flight) from a queue; a read is
+// always pending; answers find their callback by id. A hold keeps OnDone back while Send may still start a
+// write from outside the reactor's own callbacks, and is released once the stream stops taking requests.
+class InferStreamReactor final : public grpc::ClientBidiReactor<InferRequest, InferResponse> {
+ public:
+  InferStreamReactor(attnserve::v1::AttentionService::Stub* stub, std::chrono::system_clock::time_point deadline) {
+    context_.set_deadline(deadline);
+    stub->async()->InferStream(&context_, this);
+    StartRead(&response_);
+    AddHold();
+    StartCall();
+  }
+
+  // Takes `request` and `done` and returns true, or leaves both untouched and returns false once the stream
+  // no longer takes requests.
+  bool Send(InferRequest& request, std::function<void(const Outcome&)>& done) {
+    absl::MutexLock lock(&mu_);
+    if (closing_) return false;
+    pending_.emplace(request.id(), std::move(done));
+    queue_.push_back(std::move(request));
+    if (!writing_) {
+      writing_ = true;
+      StartWrite(&queue_.front());
+    }
+    return true;
+  }
+
+  // Half-closes after the queued writes, then waits for the stream to end.
+  void CloseAndWait() {
+    {
+      absl::MutexLock lock(&mu_);
+      closing_ = true;
+      if (!writing_) ReleaseLocked();
+    }
+    ended_.WaitForNotification();
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    queue_.pop_front();
+    if (!ok) {  // the stream broke; OnDone fails what is pending
+      closing_ = true;
+      queue_.clear();
+    }
+    if (!queue_.empty()) {
+      StartWrite(&queue_.front());
+      return;
+    }
+    writing_ = false;
+    if (closing_) ReleaseLocked();
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      absl::MutexLock lock(&mu_);
+      closing_ = true;
+      if (!writing_) ReleaseLocked();
+      return;
+    }
+    const Outcome outcome = FromResponse(grpc::Status::OK, response_);
+    std::function<void(const Outcome&)> done;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = pending_.find(response_.id());
+      if (it != pending_.end()) {
+        done = std::move(it->second);
+        pending_.erase(it);
+      }
+    }
+    StartRead(&response_);
+    if (done) done(outcome);
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    std::map<std::string, std::function<void(const Outcome&)>> unanswered;
+    {
+      absl::MutexLock lock(&mu_);
+      unanswered.swap(pending_);
+    }
+    Outcome failed;
+    failed.code = status.ok() ? static_cast<int>(grpc::StatusCode::UNKNOWN) : static_cast<int>(status.error_code());
+    for (auto& [id, done] : unanswered) done(failed);
+    ended_.Notify();  // last: the owner may free this reactor from here on
+  }
+
+ private:
+  void ReleaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (released_) return;
+    released_ = true;
+    StartWritesDone();
+    RemoveHold();
+  }
+
+  grpc::ClientContext context_;
+  InferResponse response_;
+  absl::Notification ended_;
+  absl::Mutex mu_;
+  std::deque<InferRequest> queue_ ABSL_GUARDED_BY(mu_);  // front: the write in flight
+  std::map<std::string, std::function<void(const Outcome&)>> pending_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  bool released_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+StreamInferSender::StreamInferSender(const Client* client, const InferRequestSource* source, int64_t streams,
+                                     std::chrono::system_clock::time_point deadline)
+    : client_(client), source_(source), deadline_(deadline) {
+  for (int64_t i = 0; i < std::max<int64_t>(1, streams); ++i) slots_.push_back(std::make_unique<Slot>());
+}
+
+StreamInferSender::~StreamInferSender() {
+  for (auto& slot : slots_) {
+    absl::MutexLock lock(&slot->mu);
+    if (slot->stream != nullptr) slot->stream->CloseAndWait();
+    for (auto& old : slot->retired) old->CloseAndWait();
+  }
+}
+
+void StreamInferSender::Send(uint64_t seq, uint64_t lane, std::function<void(const Outcome&)> done) {
+  InferRequest request = *source_->Get(seq);  // a copy: each send needs its own id
+  request.set_id(absl::StrCat(seq));
+  Slot& slot = *slots_[lane % slots_.size()];
+  {
+    absl::MutexLock lock(&slot.mu);
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      if (slot.stream == nullptr) slot.stream = std::make_unique<InferStreamReactor>(client_->stub(), deadline_);
+      if (slot.stream->Send(request, done)) return;
+      slot.retired.push_back(std::move(slot.stream));  // ended: the next attempt opens a new stream
+    }
+  }
+  // Even a fresh stream refused it: it failed at once (e.g. no server reachable).
+  Outcome failed;
+  failed.code = static_cast<int>(grpc::StatusCode::UNAVAILABLE);
+  done(failed);
+}
+
+EchoSender::EchoSender(const Client* client, int64_t payload_bytes, std::optional<int64_t> timeout_ms)
+    : client_(client),
+      stub_(attnserve::bench::EchoService::NewStub(client->channel())),
+      timeout_ms_(timeout_ms) {
+  std::mt19937_64 rng(1);
+  std::string payload(static_cast<size_t>(std::max<int64_t>(0, payload_bytes)), '\0');
+  for (char& c : payload) c = static_cast<char>(rng());
+  message_.set_payload(std::move(payload));
+}
+
+void EchoSender::Send(uint64_t /*seq*/, uint64_t /*lane*/, std::function<void(const Outcome&)> done) {
+  struct Call {
+    grpc::ClientContext context;
+    attnserve::bench::EchoMessage response;
+  };
+  auto* call = new Call;
+  client_->SetDeadline(&call->context, timeout_ms_);
+  stub_->async()->Echo(&call->context, &message_, &call->response, [call, done = std::move(done)](grpc::Status s) {
+    Outcome o;
+    o.code = static_cast<int>(s.error_code());
+    done(o);
+    delete call;
+  });
+}
+
+}  // namespace attnserve

@@ -1,6 +1,8 @@
-// BatchScheduler: real threads. Correctness never depends on timing: tests wait for conditions (with long
-// timeouts that only turn a hang into a failure), gate run_batch with notifications, or use a fake clock
-// that never moves so that the delay cannot be what closes a batch.
+// BatchScheduler: real threads, virtual time. Correctness never depends on timing: tests wait for conditions
+// (with long timeouts that only turn a hang into a failure), gate run_batch with notifications, and drive
+// the batching delays with a fake clock whose waits the workers sleep in (FakeClock::AwaitWaiters tells
+// when every worker is asleep, so a test advances time only then). No test sleeps, except the one that
+// checks the real clock's wait.
 #include "server/batching/batch_scheduler.h"
 
 #include <algorithm>
@@ -8,6 +10,7 @@
 #include <cstdio>
 #include <cstdint>
 #include <map>
+#include <random>
 #include <memory>
 #include <string>
 #include <thread>
@@ -234,12 +237,14 @@ TEST(BatchSchedulerTest, ManyProducersEveryItemRunsExactlyOnce) { RunManyProduce
 // Idle workers that poll before sleeping lose nothing either (the poll and the sleep race with Schedule).
 TEST(BatchSchedulerTest, ManyProducersWithIdleSpin) { RunManyProducers(500); }
 
-// Eager mode under load: one worker with a slow run_batch; what arrives meanwhile forms bigger batches.
-TEST(BatchSchedulerTest, SlowRunBatchFormsBatches) {
+// Eager mode under load: what arrives while the only worker computes forms full batches next. The first
+// batch is held in run_batch until every item is queued, so the batches after it are exactly determined.
+TEST(BatchSchedulerTest, RequestsArrivingWhileTheWorkerComputesFormFullBatches) {
   constexpr int kProducers = 8, kItemsPerProducer = 500, kMaxBatch = 32;
   Recorder rec;
+  absl::Notification all_queued;
   auto scheduler = Scheduler::Create({}, [&](const std::string& q, std::vector<Entry> b) {
-    absl::SleepFor(absl::Milliseconds(2));
+    all_queued.WaitForNotification();
     rec.Record(q, b);
   });
   ASSERT_TRUE(scheduler.ok());
@@ -255,17 +260,20 @@ TEST(BatchSchedulerTest, SlowRunBatchFormsBatches) {
     });
   }
   for (std::thread& t : producers) t.join();
+  all_queued.Notify();
   ASSERT_TRUE(rec.WaitForItems(kProducers * kItemsPerProducer));
   s.Shutdown();
-  size_t largest = 0;
+  const std::vector<Recorder::Batch> batches = rec.batches();
   std::vector<int> next_seq(kProducers, 0);  // one worker: global FIFO per producer
-  for (const Recorder::Batch& b : rec.batches()) {
-    EXPECT_LE(b.requests.size(), static_cast<size_t>(kMaxBatch));
-    largest = std::max(largest, b.requests.size());
-    for (const Request& r : b.requests) EXPECT_EQ(r.seq, next_seq[r.producer]++);
+  for (size_t i = 0; i < batches.size(); ++i) {
+    for (const Request& r : batches[i].requests) EXPECT_EQ(r.seq, next_seq[r.producer]++);
+    // After the first batch everything was waiting: every batch is full but the last.
+    if (i > 0 && i + 1 < batches.size()) {
+      EXPECT_EQ(batches[i].requests.size(), static_cast<size_t>(kMaxBatch)) << i;
+    }
   }
-  EXPECT_GT(largest, 1u);
-  EXPECT_LT(rec.batches().size(), static_cast<size_t>(kProducers * kItemsPerProducer));
+  const size_t rest = kProducers * kItemsPerProducer - batches.front().requests.size();
+  EXPECT_EQ(batches.size(), 1 + (rest + kMaxBatch - 1) / kMaxBatch);
 }
 
 TEST(BatchSchedulerTest, ShutdownRunsEverythingQueuedThenRejects) {
@@ -354,7 +362,7 @@ TEST(BatchSchedulerTest, ShutdownDuringRunningBatchDropsNothing) {
       continue;
     }
     if (st.code() == absl::StatusCode::kResourceExhausted && item != nullptr) {  // outran the workers
-      absl::SleepFor(absl::Microseconds(50));
+      std::this_thread::yield();
       --i;  // retry the same item number, so that the accepted ones stay 0..accepted-1
       continue;
     }
@@ -450,15 +458,12 @@ TEST(BatchSchedulerTest, SizeTriggeredBatchesDoNotWaitForTheDelay) {
   ASSERT_TRUE(scheduler.ok());
   Scheduler& s = **scheduler;
   ASSERT_TRUE(s.AddQueue("layer", Opts(kBatch, /*max_queue_delay_us=*/200'000)).ok());
-  const absl::Time start = absl::Now();
   for (int i = 0; i < kBatch * kFullBatches + 3; ++i) {
     Item item = MakeItem(0, i);
     ASSERT_TRUE(s.Schedule("layer", item, 1).ok());
   }
   ASSERT_TRUE(rec.WaitForItems(kBatch * kFullBatches));
-  const absl::Duration elapsed = absl::Now() - start;
-  // Informational (not asserted, timing): full batches closed without waiting 200 ms.
-  std::printf("%d full batches ran in %s\n", kFullBatches, absl::FormatDuration(elapsed).c_str());
+  ASSERT_TRUE(clock.AwaitWaiters(3));  // every worker asleep: nothing else can close
   // The 3 left over cannot close by size, and the frozen clock keeps their delay from expiring.
   EXPECT_EQ(s.QueueDepth("layer"), 3u);
   for (const auto& b : rec.batches()) EXPECT_EQ(b.requests.size(), static_cast<size_t>(kBatch));
@@ -467,8 +472,8 @@ TEST(BatchSchedulerTest, SizeTriggeredBatchesDoNotWaitForTheDelay) {
   EXPECT_EQ(rec.batches().back().requests.size(), 3u);
 }
 
-// The delay path through the injected clock: workers sleep until the converted deadline and then see the
-// fake time that has moved meanwhile.
+// The delay path in virtual time: the worker sleeps in the fake clock until the oldest request's delay has
+// passed, not a microsecond earlier.
 TEST(BatchSchedulerTest, DelayTriggeredCloseWithFakeClock) {
   testing::FakeClock clock;
   Recorder rec;
@@ -481,12 +486,48 @@ TEST(BatchSchedulerTest, DelayTriggeredCloseWithFakeClock) {
   for (int i = 0; i < 5; ++i) {
     Item item = MakeItem(0, i);
     ASSERT_TRUE(s.Schedule("layer", item, 1).ok());
+    clock.Advance(absl::Microseconds(100));  // the first request is the oldest: 500 us waited
   }
-  EXPECT_EQ(rec.items(), 0);  // the fake time has not moved: not full, not late
-  clock.Advance(absl::Microseconds(2'000));
-  ASSERT_TRUE(rec.WaitForItems(5));  // the worker wakes at its real deadline, ~2 ms later
+  ASSERT_TRUE(clock.AwaitWaiters(1));
+  clock.Advance(absl::Microseconds(1'499));  // 1999 us: one short
+  ASSERT_TRUE(clock.AwaitWaiters(1));
+  EXPECT_EQ(rec.items(), 0);
+  clock.Advance(absl::Microseconds(1));
+  ASSERT_TRUE(rec.WaitForItems(5));
   ASSERT_EQ(rec.batches().size(), 1u);
   EXPECT_EQ(rec.batches()[0].requests.size(), 5u);
+}
+
+// Several queues with different delays, random arrivals and random steps of virtual time: no batch closes
+// before its oldest request's delay unless it is full, and every request runs.
+TEST(BatchSchedulerTest, DelaysOfManyQueuesInVirtualTime) {
+  testing::FakeClock clock;
+  Recorder rec;
+  std::atomic<int> early{0};
+  std::map<std::string, int64_t> delay_us = {{"a", 300}, {"b", 1'000}, {"c", 0}};
+  Scheduler::Options options;
+  options.clock = &clock;
+  options.worker_threads = 2;
+  auto scheduler = Scheduler::Create(options, [&](const std::string& q, std::vector<Entry> b) {
+    const absl::Time now = clock.Now();
+    if (b.size() < 4 && now - b.front().enqueued < absl::Microseconds(delay_us.at(q))) ++early;
+    rec.Record(q, b);
+  });
+  ASSERT_TRUE(scheduler.ok());
+  Scheduler& s = **scheduler;
+  for (const auto& [name, d] : delay_us) ASSERT_TRUE(s.AddQueue(name, Opts(4, d)).ok());
+  std::mt19937 rng(7);
+  int scheduled = 0;
+  for (int step = 0; step < 300; ++step) {
+    const std::string q = std::string(1, static_cast<char>('a' + rng() % 3));
+    Item item = MakeItem(0, step);
+    ASSERT_TRUE(s.Schedule(q, item, 1).ok());
+    ++scheduled;
+    clock.Advance(absl::Microseconds(rng() % 400));
+  }
+  clock.Advance(absl::Seconds(1));
+  ASSERT_TRUE(rec.WaitForItems(scheduled));
+  EXPECT_EQ(early.load(), 0);
 }
 
 // The same with the real clock: a lone request runs after about the delay, not before.
@@ -501,6 +542,206 @@ TEST(BatchSchedulerTest, DelayTriggeredCloseWithRealClock) {
   ASSERT_TRUE(s.Schedule("layer", item, 1).ok());
   ASSERT_TRUE(rec.WaitForItems(1));
   EXPECT_GE(absl::Now() - start, absl::Milliseconds(20));
+}
+
+// RemoveQueue: refuses new items at once, runs what the queue holds (even behind a delay that would never
+// pass), returns once its last batch is done, and the name can be added again afterwards.
+TEST(BatchSchedulerTest, RemoveQueueRunsWhatItHoldsThenErases) {
+  testing::FakeClock clock;  // never advanced: only the removal can close these batches
+  Recorder rec;
+  Scheduler::Options options;
+  options.clock = &clock;
+  auto scheduler = Scheduler::Create(options, [&](const std::string& q, std::vector<Entry> b) { rec.Record(q, b); });
+  ASSERT_TRUE(scheduler.ok());
+  Scheduler& s = **scheduler;
+  ASSERT_TRUE(s.AddQueue("old", Opts(4, /*max_queue_delay_us=*/3'600'000'000)).ok());
+  ASSERT_TRUE(s.AddQueue("other", Opts(4, 3'600'000'000)).ok());
+  for (int i = 0; i < 10; ++i) {
+    Item item = MakeItem(0, i);
+    ASSERT_TRUE(s.Schedule(i < 7 ? "old" : "other", item, 1).ok());
+  }
+  ASSERT_TRUE(s.RemoveQueue("old").ok());
+  EXPECT_EQ(rec.items(), 7);  // all of "old", in batches of at most 4; "other" untouched
+  for (const auto& b : rec.batches()) {
+    EXPECT_EQ(b.queue, "old");
+    EXPECT_LE(b.requests.size(), 4u);
+  }
+  EXPECT_EQ(s.QueueDepth("other"), 3u);
+  Item late = MakeItem(1, 0);
+  absl::Status st = s.Schedule("old", late, 1);
+  EXPECT_EQ(st.code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(st.message(), "no layer named 'old'");
+  ASSERT_NE(late, nullptr);
+  EXPECT_EQ(s.RemoveQueue("old").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(s.UpdateQueue("old", Opts(8, 0)).code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(s.AddQueue("old", Opts(8, 0)).ok());
+  ASSERT_TRUE(s.Schedule("old", late, 1).ok());
+  ASSERT_TRUE(rec.WaitForItems(8));
+  s.Shutdown();
+  EXPECT_EQ(rec.items(), 11);
+}
+
+// RemoveQueue while its batch runs: it waits for that batch to return.
+TEST(BatchSchedulerTest, RemoveQueueWaitsForTheRunningBatch) {
+  absl::Notification started, gate;
+  std::atomic<bool> batch_done{false};
+  auto scheduler = Scheduler::Create({}, [&](const std::string&, std::vector<Entry>) {
+    if (!started.HasBeenNotified()) started.Notify();
+    gate.WaitForNotification();
+    batch_done.store(true);
+  });
+  ASSERT_TRUE(scheduler.ok());
+  Scheduler& s = **scheduler;
+  ASSERT_TRUE(s.AddQueue("a", Opts(4, 0)).ok());
+  Item item = MakeItem(0, 0);
+  ASSERT_TRUE(s.Schedule("a", item, 1).ok());
+  ASSERT_TRUE(started.WaitForNotificationWithTimeout(kHangTimeout));
+  std::atomic<bool> removed{false};
+  std::thread remover([&] {
+    EXPECT_TRUE(s.RemoveQueue("a").ok());
+    EXPECT_TRUE(batch_done.load());  // never before the batch returned
+    removed.store(true);
+  });
+  Item refused = MakeItem(0, 1);
+  // Refused as soon as the removal began; until then the queue still accepts (and will run) items.
+  absl::Status st;
+  while (true) {
+    st = s.Schedule("a", refused, 1);
+    if (st.ok()) refused = MakeItem(0, 1);
+    if (st.code() == absl::StatusCode::kResourceExhausted) std::this_thread::yield();  // full until removal
+    if (!st.ok() && st.code() != absl::StatusCode::kResourceExhausted) break;
+  }
+  EXPECT_EQ(st.code(), absl::StatusCode::kNotFound);
+  EXPECT_FALSE(removed.load());
+  gate.Notify();
+  remover.join();
+  EXPECT_TRUE(removed.load());
+}
+
+// UpdateQueue: new limits apply to the next batch taken.
+TEST(BatchSchedulerTest, UpdateQueueAppliesToTheNextBatch) {
+  Recorder rec;
+  absl::Notification started, gate;
+  auto scheduler = Scheduler::Create({}, [&](const std::string& q, std::vector<Entry> b) {
+    if (!started.HasBeenNotified()) {
+      started.Notify();
+      gate.WaitForNotification();
+    }
+    rec.Record(q, b);
+  });
+  ASSERT_TRUE(scheduler.ok());
+  Scheduler& s = **scheduler;
+  ASSERT_TRUE(s.AddQueue("a", Opts(2, 0)).ok());
+  Item first = MakeItem(0, 0);
+  ASSERT_TRUE(s.Schedule("a", first, 1).ok());
+  ASSERT_TRUE(started.WaitForNotificationWithTimeout(kHangTimeout));
+  for (int i = 1; i <= 6; ++i) {
+    Item item = MakeItem(0, i);
+    ASSERT_TRUE(s.Schedule("a", item, 1).ok());
+  }
+  absl::Status bad = s.UpdateQueue("a", Opts(0, 0));
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(bad.message(), "layer 'a': max_batch_size must be >= 1, got 0");
+  ASSERT_TRUE(s.UpdateQueue("a", Opts(6, 0)).ok());
+  gate.Notify();
+  ASSERT_TRUE(rec.WaitForItems(7));
+  s.Shutdown();
+  std::vector<size_t> sizes;
+  for (const auto& b : rec.batches()) sizes.push_back(b.requests.size());
+  EXPECT_EQ(sizes, (std::vector<size_t>{1, 6}));
+}
+
+// Producers on several queues while one queue is removed and re-added over and over: every accepted item
+// runs exactly once (for ThreadSanitizer as much as for the counts).
+TEST(BatchSchedulerTest, QueuesAddedAndRemovedUnderLoad) {
+  constexpr int kProducers = 4, kItemsPerProducer = 400, kCycles = 30;
+  Recorder rec;
+  Scheduler::Options options;
+  options.worker_threads = 2;
+  auto scheduler = Scheduler::Create(options, [&](const std::string& q, std::vector<Entry> b) { rec.Record(q, b); });
+  ASSERT_TRUE(scheduler.ok());
+  Scheduler& s = **scheduler;
+  ASSERT_TRUE(s.AddQueue("stable", Opts(8, 0, 4096)).ok());
+  ASSERT_TRUE(s.AddQueue("churn", Opts(8, 0, 4096)).ok());
+  std::atomic<int64_t> accepted{0};
+  std::vector<std::thread> producers;
+  for (int p = 0; p < kProducers; ++p) {
+    producers.emplace_back([&, p] {
+      for (int i = 0; i < kItemsPerProducer; ++i) {
+        Item item = MakeItem(p, i);
+        const absl::Status st = s.Schedule(i % 2 ? "churn" : "stable", item, 1);
+        if (st.ok()) {
+          ++accepted;
+        } else {
+          EXPECT_EQ(st.code(), absl::StatusCode::kNotFound) << st;
+        }
+      }
+    });
+  }
+  for (int c = 0; c < kCycles; ++c) {
+    EXPECT_TRUE(s.RemoveQueue("churn").ok());
+    EXPECT_TRUE(s.AddQueue("churn", Opts(8, 0, 4096)).ok());
+  }
+  for (std::thread& t : producers) t.join();
+  s.Shutdown();
+  EXPECT_EQ(rec.items(), accepted.load());
+  EXPECT_GE(accepted.load(), kProducers * kItemsPerProducer / 2);  // every "stable" item at least
+}
+
+// The observer hears every depth change and the running batches, in order.
+class RecordingObserver : public SchedulerObserver {
+ public:
+  void QueueDepthChanged(const std::string& queue, size_t depth) override {
+    absl::MutexLock lock(&mu_);
+    depths_.push_back(queue + "=" + std::to_string(depth));
+  }
+  void InflightBatchesChanged(int64_t batches) override {
+    absl::MutexLock lock(&mu_);
+    inflight_.push_back(batches);
+  }
+  std::vector<std::string> depths() const {
+    absl::MutexLock lock(&mu_);
+    return depths_;
+  }
+  std::vector<int64_t> inflight() const {
+    absl::MutexLock lock(&mu_);
+    return inflight_;
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::vector<std::string> depths_ ABSL_GUARDED_BY(mu_);
+  std::vector<int64_t> inflight_ ABSL_GUARDED_BY(mu_);
+};
+
+TEST(BatchSchedulerTest, ObserverSeesQueueDepthAndInflightBatches) {
+  RecordingObserver observer;
+  absl::Notification started, gate;
+  Scheduler::Options options;
+  options.observer = &observer;
+  auto scheduler = Scheduler::Create(options, [&](const std::string&, std::vector<Entry>) {
+    if (!started.HasBeenNotified()) {
+      started.Notify();
+      gate.WaitForNotification();
+    }
+  });
+  ASSERT_TRUE(scheduler.ok());
+  Scheduler& s = **scheduler;
+  ASSERT_TRUE(s.AddQueue("a", Opts(2, 0)).ok());
+  Item first = MakeItem(0, 0);
+  ASSERT_TRUE(s.Schedule("a", first, 1).ok());
+  ASSERT_TRUE(started.WaitForNotificationWithTimeout(kHangTimeout));
+  for (int i = 1; i <= 3; ++i) {
+    Item item = MakeItem(0, i);
+    ASSERT_TRUE(s.Schedule("a", item, 1).ok());
+  }
+  gate.Notify();
+  ASSERT_TRUE(s.RemoveQueue("a").ok());
+  s.Shutdown();
+  // Pushed (1), taken (0); three pushed while the first batch runs (1, 2, 3); taken two (1), then one (0);
+  // removed (0).
+  EXPECT_EQ(observer.depths(), (std::vector<std::string>{"a=1", "a=0", "a=1", "a=2", "a=3", "a=1", "a=0", "a=0"}));
+  EXPECT_EQ(observer.inflight(), (std::vector<int64_t>{1, 0, 1, 0, 1, 0}));
 }
 
 }  // namespace

@@ -1,0 +1,166 @@
+// BatchExecutor without threads or gRPC: batches built by hand, run on the test thread, answers compared
+// with each call's own layer version run alone.
+#include "server/runtime/batch_executor.h"
+
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "server/startup/server_config.h"
+#include "tests/testing/fake_clock.h"
+#include "tests/testing/metric_values.h"
+#include "tests/testing/naive_mha.h"
+
+namespace attnserve {
+namespace {
+
+constexpr int64_t kEmbed = 32;
+
+std::shared_ptr<const ServedLayer> Version(uint64_t seed, int64_t version) {
+  v1::LayerConfig c;
+  c.set_name("layer");
+  c.set_embed_dim(kEmbed);
+  c.set_num_heads(4);
+  c.set_seed(seed);
+  EXPECT_TRUE(ApplyLayerDefaultsAndValidate(&c).ok());
+  auto layer = LoadLayer(c);
+  EXPECT_TRUE(layer.ok()) << layer.status();
+  (*layer)->version = version;
+  return std::shared_ptr<const ServedLayer>(std::move(*layer));
+}
+
+// A call with a random [b, l, E] query, validated against `layer`, recording how it was answered (the
+// executor destroys the call once answered: `raw` is for setting it up only).
+struct TestCall {
+  std::vector<float> query;
+  std::unique_ptr<InferenceCall> call = std::make_unique<InferenceCall>();
+  InferenceCall* raw = call.get();
+  std::shared_ptr<const ServedLayer> layer;
+  AttentionInputs inputs;
+  int64_t flops = 0;
+  std::optional<absl::Status> status;  // set by finish
+  AttentionOutputs answer;
+  CallTiming timing;
+};
+
+std::unique_ptr<TestCall> MakeCall(std::shared_ptr<const ServedLayer> layer, std::mt19937_64& rng, int64_t b,
+                                   int64_t l, absl::Time arrival) {
+  auto t = std::make_unique<TestCall>();
+  t->query = testing::RandomValues(rng, b * l * kEmbed);
+  InferenceCall& c = *t->call;
+  c.layer_name = "layer";
+  c.inputs.query = TensorView::F32(t->query.data(), {b, l, kEmbed});
+  c.inputs.need_weights = l % 2 == 0;
+  c.arrival = arrival;
+  c.layer = std::move(layer);
+  auto parsed = c.layer->engine->Validate(c.inputs);
+  EXPECT_TRUE(parsed.ok()) << parsed.status();
+  c.parsed = *parsed;
+  t->layer = c.layer;
+  t->inputs = c.inputs;
+  t->flops = c.parsed.flops;
+  TestCall* self = t.get();
+  c.finish = [self](const absl::Status& s) {
+    self->status = s;
+    if (!s.ok()) return;
+    self->answer = self->raw->outputs;
+    self->timing = self->raw->timing;
+  };
+  return t;
+}
+
+std::vector<CallScheduler::Entry> Batch(std::vector<std::unique_ptr<TestCall>>& calls, absl::Time enqueued) {
+  std::vector<CallScheduler::Entry> batch;
+  for (auto& t : calls) batch.push_back({std::move(t->call), t->raw->parsed.query_tokens(), enqueued});
+  return batch;
+}
+
+TEST(BatchExecutorTest, CreateValidates) {
+  EXPECT_EQ(BatchExecutor::Create({nullptr, nullptr, 1}).status().code(), absl::StatusCode::kInvalidArgument);
+  auto bad = BatchExecutor::Create({nullptr, RealClock(), 0});
+  EXPECT_EQ(bad.status().message(), "threads_per_batch must be >= 1, got 0");
+}
+
+// Calls of two versions of the layer in one batch (it was replaced while they waited): each is computed by
+// the version it holds, equal to that version alone; timing and metrics are filled in.
+TEST(BatchExecutorTest, EachCallComputedByItsOwnVersion) {
+  testing::FakeClock clock;
+  ServerMetrics metrics({"layer"});
+  auto executor = BatchExecutor::Create({&metrics, &clock, 2});
+  ASSERT_TRUE(executor.ok());
+  const auto v1 = Version(1, 1), v2 = Version(2, 2);
+  std::mt19937_64 rng(3);
+  const absl::Time arrival = clock.Now();
+  std::vector<std::unique_ptr<TestCall>> calls;
+  for (int i = 0; i < 6; ++i) calls.push_back(MakeCall(i % 3 == 0 ? v2 : v1, rng, 1 + i % 2, 3 + i, arrival));
+  clock.Advance(absl::Microseconds(250));
+  (*executor)->Run("layer", Batch(calls, arrival));
+  int64_t flops = 0;
+  for (const auto& t : calls) {
+    ASSERT_TRUE(t->status.has_value());
+    ASSERT_TRUE(t->status->ok()) << *t->status;
+    auto alone = t->layer->engine->Forward(t->inputs, 1);
+    ASSERT_TRUE(alone.ok());
+    EXPECT_LE(testing::MaxAbsDiff(t->answer.output.values, alone->output.values), 1e-6);
+    EXPECT_LE(testing::MaxAbsDiff(t->answer.attn_weights.values, alone->attn_weights.values), 1e-6);
+    EXPECT_EQ(t->timing.queue_us, 250);
+    EXPECT_EQ(t->timing.batch_size, t->layer == v2 ? 2 : 4);
+    flops += t->flops;
+  }
+  const auto counted = testing::FindMetric(*metrics.registry(), "attnserve_flops_total", {{"layer", "layer"}});
+  ASSERT_TRUE(counted.has_value());
+  EXPECT_EQ(counted->value, static_cast<double>(flops));
+  const auto batches = testing::FindMetric(*metrics.registry(), "attnserve_batch_size", {{"layer", "layer"}});
+  ASSERT_TRUE(batches.has_value());
+  EXPECT_EQ(batches->sample_count, 2u);  // one engine call per version
+}
+
+// Calls past their deadline or cancelled while queued are answered without compute; the rest run.
+TEST(BatchExecutorTest, ExpiredAndCancelledCallsAreNotComputed) {
+  testing::FakeClock clock;
+  ServerMetrics metrics({"layer"});
+  auto executor = BatchExecutor::Create({&metrics, &clock, 1});
+  ASSERT_TRUE(executor.ok());
+  const auto layer = Version(1, 1);
+  std::mt19937_64 rng(4);
+  const absl::Time arrival = clock.Now();
+  std::vector<std::unique_ptr<TestCall>> calls;
+  for (int i = 0; i < 3; ++i) calls.push_back(MakeCall(layer, rng, 1, 4, arrival));
+  calls[0]->raw->deadline = arrival + absl::Microseconds(100);
+  calls[1]->raw->is_cancelled = [] { return true; };
+  calls[2]->raw->deadline = arrival + absl::Seconds(1);
+  clock.Advance(absl::Microseconds(100));
+  (*executor)->Run("layer", Batch(calls, arrival));
+  EXPECT_EQ(calls[0]->status->code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(calls[0]->status->message(), "deadline passed while queued (waited 100 us)");
+  EXPECT_EQ(calls[1]->status->code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(calls[1]->status->message(), "request cancelled while queued");
+  EXPECT_TRUE(calls[2]->status->ok());
+  EXPECT_EQ(calls[2]->timing.batch_size, 1);
+  const auto counted = testing::FindMetric(*metrics.registry(), "attnserve_flops_total", {{"layer", "layer"}});
+  EXPECT_EQ(counted->value, static_cast<double>(calls[2]->flops));
+}
+
+// The thread budget reaches the engine as an argument: the same batch on 1 and 2 threads gives the same
+// answers (the engine may split the work differently, never the results).
+TEST(BatchExecutorTest, ThreadBudgetDoesNotChangeAnswers) {
+  const auto layer = Version(7, 1);
+  std::vector<std::vector<float>> outputs[2];
+  for (int threads : {1, 2}) {
+    auto executor = BatchExecutor::Create({nullptr, RealClock(), threads});
+    ASSERT_TRUE(executor.ok());
+    std::mt19937_64 rng(9);  // same inputs for both budgets
+    std::vector<std::unique_ptr<TestCall>> calls;
+    for (int i = 0; i < 5; ++i) calls.push_back(MakeCall(layer, rng, 4, 40 + 9 * i, absl::Now()));
+    (*executor)->Run("layer", Batch(calls, absl::Now()));
+    for (const auto& t : calls) {
+      ASSERT_TRUE(t->status->ok()) << *t->status;
+      outputs[threads - 1].push_back(t->answer.output.values);
+    }
+  }
+  for (size_t i = 0; i < outputs[0].size(); ++i) EXPECT_LE(testing::MaxAbsDiff(outputs[0][i], outputs[1][i]), 1e-6);
+}
+
+}  // namespace
+}  // namespace attnserve

@@ -1,0 +1,136 @@
+// LayerRegistry: versions published, replaced and removed while readers hold and use them. Readers run real
+// forwards on the version they found and compare with that version's own answer, so a reader that saw a
+// half-published or freed layer fails (and ThreadSanitizer sees the races, in make test-tsan).
+#include "server/runtime/layer_registry.h"
+
+#include <atomic>
+#include <memory>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "server/startup/server_config.h"
+#include "tests/testing/naive_mha.h"
+
+namespace attnserve {
+namespace {
+
+v1::LayerConfig TinyLayer(const std::string& name, uint64_t seed) {
+  v1::LayerConfig c;
+  c.set_name(name);
+  c.set_embed_dim(16);
+  c.set_num_heads(2);
+  c.set_seed(seed);
+  EXPECT_TRUE(ApplyLayerDefaultsAndValidate(&c).ok());
+  return c;
+}
+
+std::unique_ptr<ServedLayer> Load(const std::string& name, uint64_t seed) {
+  auto layer = LoadLayer(TinyLayer(name, seed));
+  EXPECT_TRUE(layer.ok()) << layer.status();
+  return layer.ok() ? std::move(*layer) : nullptr;
+}
+
+TEST(LayerRegistryTest, CreateLoadsTheConfigInOrder) {
+  v1::ServerConfig config;
+  *config.add_layers() = TinyLayer("b", 1);
+  *config.add_layers() = TinyLayer("a", 2);
+  auto registry = LayerRegistry::Create(config);
+  ASSERT_TRUE(registry.ok()) << registry.status();
+  const auto layers = (*registry)->Layers();
+  ASSERT_EQ(layers.size(), 2u);
+  EXPECT_EQ(layers[0]->config.name(), "b");
+  EXPECT_EQ(layers[1]->config.name(), "a");
+  EXPECT_EQ(layers[0]->version, 1);
+  EXPECT_EQ((*registry)->Find("a"), layers[1]);
+  EXPECT_EQ((*registry)->Find("c"), nullptr);
+}
+
+TEST(LayerRegistryTest, CreateNamesTheLayerThatFailed) {
+  v1::ServerConfig config;
+  *config.add_layers() = TinyLayer("ok", 1);
+  v1::LayerConfig bad = TinyLayer("broken", 2);
+  bad.set_weights_path("/nonexistent/weights.safetensors");
+  *config.add_layers() = bad;
+  auto registry = LayerRegistry::Create(config);
+  ASSERT_FALSE(registry.ok());
+  EXPECT_NE(registry.status().message().find("layers[1] 'broken': "), absl::string_view::npos) << registry.status();
+}
+
+TEST(LayerRegistryTest, VersionsCountUpAndNeverRepeatAfterRemove) {
+  LayerRegistry registry;
+  EXPECT_EQ(registry.Publish(Load("x", 1)), 1);
+  std::shared_ptr<const ServedLayer> v1 = registry.Find("x");
+  EXPECT_EQ(registry.Publish(Load("x", 2)), 2);
+  EXPECT_EQ(registry.Find("x")->version, 2);
+  EXPECT_EQ(v1->version, 1);  // the holder keeps its version
+  EXPECT_EQ(registry.Layers().size(), 1u);
+  ASSERT_TRUE(registry.Remove("x").ok());
+  EXPECT_EQ(registry.Find("x"), nullptr);
+  EXPECT_EQ(registry.Remove("x").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(registry.Publish(Load("x", 3)), 3);
+}
+
+TEST(LayerRegistryTest, AVersionIsFreedWithItsLastHolder) {
+  LayerRegistry registry;
+  registry.Publish(Load("x", 1));
+  std::shared_ptr<const ServedLayer> held = registry.Find("x");
+  std::weak_ptr<const ServedLayer> watch = held;
+  registry.Publish(Load("x", 2));
+  EXPECT_FALSE(watch.expired());  // a request still holds version 1
+  held.reset();
+  EXPECT_TRUE(watch.expired());
+  std::weak_ptr<const ServedLayer> second = registry.Find("x");
+  ASSERT_TRUE(registry.Remove("x").ok());
+  EXPECT_TRUE(second.expired());  // nobody held version 2
+}
+
+// Readers find and run the layer while a writer replaces it and removes and re-adds it: every reader's
+// answer equals the answer of the version it holds (computed once per seed up front).
+TEST(LayerRegistryTest, ReadersUseTheVersionTheyHoldWhileItChanges) {
+  constexpr int kReaders = 3, kIterations = 60, kVersions = 4;
+  std::mt19937_64 rng(5);
+  const std::vector<float> query = testing::RandomValues(rng, 2 * 5 * 16);
+  AttentionInputs in;
+  in.query = TensorView::F32(query.data(), {2, 5, 16});
+  std::vector<std::vector<float>> expected(kVersions + 1);  // by seed
+  for (uint64_t seed = 1; seed <= kVersions; ++seed) {
+    auto out = Load("x", seed)->engine->Forward(in, 1);
+    ASSERT_TRUE(out.ok());
+    expected[seed] = out->output.values;
+  }
+  LayerRegistry registry;
+  registry.Publish(Load("x", 1));
+  std::atomic<bool> stop{false};
+  std::atomic<int> mismatches{0}, found{0};
+  std::vector<std::thread> readers;
+  for (int r = 0; r < kReaders; ++r) {
+    readers.emplace_back([&] {
+      for (int i = 0; i < kIterations || !stop.load(); ++i) {
+        std::shared_ptr<const ServedLayer> layer = registry.Find("x");
+        if (layer == nullptr) continue;  // between a remove and the re-add
+        ++found;
+        auto out = layer->engine->Forward(in, 1);
+        if (!out.ok() || testing::MaxAbsDiff(out->output.values, expected[layer->config.seed()]) > 1e-6) {
+          ++mismatches;
+        }
+        if (i > 10 * kIterations) break;
+      }
+    });
+  }
+  for (int round = 0; round < 20; ++round) {
+    const uint64_t seed = 1 + round % kVersions;
+    if (round % 5 == 4) {
+      ASSERT_TRUE(registry.Remove("x").ok());
+    }
+    registry.Publish(Load("x", seed));
+  }
+  stop.store(true);
+  for (std::thread& t : readers) t.join();
+  EXPECT_EQ(mismatches.load(), 0);
+  EXPECT_GE(found.load(), kReaders * kIterations / 2);
+}
+
+}  // namespace
+}  // namespace attnserve

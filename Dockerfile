@@ -25,13 +25,14 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-# The unit tests (ctest label `unit`), less k8s_manifests_test: it checks deploy/k8s with Node.js and kubectl,
-# which are not part of this image's build, and runs in `make test`.
+# The unit tests (ctest label `unit`), less k8s_manifests_test and structure_test: they check deploy/k8s and
+# the source layout with Node.js, kubectl and Python, which are not part of this image's build, and run in
+# `make test`.
 ARG JOBS=
 RUN cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \
  && cmake --build build -j "${JOBS:-$(nproc)}" \
- && cd build && ctest -L unit -E '^k8s_manifests_test$' --output-on-failure -j 1 \
- && strip --strip-unneeded server/attnserve client/attnctl client/attnbench
+ && cd build && ctest -L unit -E '^(k8s_manifests_test|structure_test)$' --output-on-failure -j 1 \
+ && strip --strip-unneeded server/attnserve tools/attnctl tools/attnbench
 
 FROM ${DEBIAN_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
@@ -47,7 +48,7 @@ RUN apt-get update \
  && groupadd --system --gid 10001 attnserve \
  && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
       --shell /usr/sbin/nologin attnserve
-COPY --from=build /src/build/server/attnserve /src/build/client/attnctl /src/build/client/attnbench /usr/local/bin/
+COPY --from=build /src/build/server/attnserve /src/build/tools/attnctl /src/build/tools/attnbench /usr/local/bin/
 # Every binary finds all its libraries (a package missing from the list above fails the build here).
 RUN for b in attnserve attnctl attnbench; do \
       if ldd "/usr/local/bin/$b" | grep 'not found'; then echo "$b: missing libraries" >&2; exit 1; fi; \

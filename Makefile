@@ -1,10 +1,15 @@
 # The README's commands. Every target installs what it needs first (Debian packages only).
 BUILD ?= build
 ASAN_BUILD ?= build-asan
+TSAN_BUILD ?= build-tsan
+# The tests with threads of their own, run under ThreadSanitizer: the scheduler and queue, the layer registry,
+# the executor and metrics, the engine on many threads, and the in-process server (service, drain, reload).
+TSAN_TESTS ?= batch_queue_test batch_scheduler_test layer_registry_test batch_executor_test metrics_test \
+              mha_threads_test layer_reload_test attention_service_test
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?= -G Ninja -DCMAKE_BUILD_TYPE=Release
 
-.PHONY: deps build test test-asan run bench bench-serving clean
+.PHONY: deps build test test-asan test-tsan run bench bench-serving clean
 
 deps:
 	bash scripts/install-deps.sh
@@ -21,6 +26,14 @@ test-asan: deps
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j 1 -LE perf
 
+# Only the threaded tests' targets are built: the rest has no threads of its own to race. The suppressions
+# file lists only uninstrumented libraries' frames, one comment each.
+test-tsan: deps
+	cmake -S . -B $(TSAN_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DATTNSERVE_SANITIZE=thread
+	cmake --build $(TSAN_BUILD) -j $(JOBS) --target $(TSAN_TESTS)
+	cd $(TSAN_BUILD) && TSAN_OPTIONS="suppressions=$(CURDIR)/tests/tsan.supp halt_on_error=1 second_deadlock_stack=1" \
+	  ctest --output-on-failure -j 1 -R '^($(shell echo $(TSAN_TESTS) | tr ' ' '|'))$$'
+
 run: build
 	./$(BUILD)/server/attnserve $(ARGS)
 
@@ -32,7 +45,7 @@ bench-serving: build
 	/usr/bin/python3 bench/serving_bench.py --build $(BUILD)
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)
 
 # The container test: builds the Dockerfile's image with buildah (no Docker engine needed) and runs it
 # (deploy/test-container.sh). Needs root; installs buildah and debootstrap first.

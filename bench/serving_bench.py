@@ -55,7 +55,7 @@ class Proc:
 
 
 def attnbench(build, target, *args):
-    out = subprocess.run([f"{build}/client/attnbench", "--target", target, "--json", "--quiet", *args],
+    out = subprocess.run([f"{build}/tools/attnbench", "--target", target, "--json", "--quiet", *args],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 

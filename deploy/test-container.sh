@@ -12,7 +12,7 @@
 # base image and the built image stay in buildah's storage (`buildah --storage-driver vfs rmi IMAGE`).
 #
 # Needs root (buildah and debootstrap), buildah and debootstrap (scripts/install-deps.sh --container), and
-# the host's build/client/attnctl and attnbench (built here when missing).
+# the host's build/tools/attnctl and attnbench (built here when missing).
 # Environment: ATTNSERVE_IMAGE (default localhost/attnserve:test), ATTNSERVE_DEBIAN_MIRROR (default
 # http://deb.debian.org/debian), BUILD (the host build directory, default build), ATTNSERVE_BUILD_JOBS
 # (compile jobs in the image's build stage, default all cores).
@@ -24,8 +24,8 @@ IMAGE="${ATTNSERVE_IMAGE:-localhost/attnserve:test}"
 BASE_IMAGE="docker.io/library/debian:bookworm-slim"
 MIRROR="${ATTNSERVE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 BUILD_DIR="${BUILD:-build}"
-ATTNCTL="$ROOT/$BUILD_DIR/client/attnctl"
-ATTNBENCH="$ROOT/$BUILD_DIR/client/attnbench"
+ATTNCTL="$ROOT/$BUILD_DIR/tools/attnctl"
+ATTNBENCH="$ROOT/$BUILD_DIR/tools/attnbench"
 # vfs: works on any filesystem, also inside containers without overlayfs; every command names it so they all
 # use the same store.
 BUILDAH=(buildah --storage-driver vfs)

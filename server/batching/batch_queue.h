@@ -1,6 +1,6 @@
 // The batching policy of one queue (one model layer), apart from threads: which waiting requests close into
 // the next batch, and when. Drivable from one test thread with a fake clock; BatchScheduler
-// (server/batch_scheduler.h) adds the locking and the worker threads.
+// (server/batching/batch_scheduler.h) adds the locking and the worker threads.
 //
 // A batch closes ("Ready") as soon as waiting longer cannot make it any bigger, or the oldest request has
 // waited long enough:

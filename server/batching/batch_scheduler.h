@@ -1,6 +1,6 @@
 // Runs batches from several named queues (one per model layer) on a fixed pool of worker threads.
 //
-// Each queue follows its own BatchingOptions (server/batch_queue.h). An idle worker takes the next Ready batch
+// Each queue follows its own BatchingOptions (server/batching/batch_queue.h). An idle worker takes the next Ready batch
 // among all queues, picking the queue whose oldest entry is the oldest (so no layer starves), and calls
 // run_batch with it outside the lock. With nothing ready it sleeps on a condition variable until a Schedule,
 // a Shutdown, or the earliest time a queue becomes ready through its delay (converted from the injected

@@ -11,8 +11,8 @@
 //   attnserve_inflight_batches                      gauge     batches being computed
 //   attnserve_flops_total{layer}                    counter   useful floating-point operations computed
 //
-// Status codes are labelled with their canonical names (absl::StatusCodeToString: "OK", "NOT_FOUND", ...,
-// the same names as gRPC's). Layers can be added while serving (AddLayer); their series are kept after a
+// Status codes are labelled with their canonical names (absl::StatusCodeToString: "OK", "NOT_FOUND", ...).
+// Layers can be added while serving (AddLayer); their series are kept after a
 // layer is unloaded, so counters never go back.
 //
 // Thread-safety: all methods may be called from any thread (prometheus-cpp metrics are atomic; the per-layer

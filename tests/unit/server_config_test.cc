@@ -1,5 +1,5 @@
-// Config loading/defaulting/validation (server/server_config.h) and command-line flags
-// (server/server_flags.h).
+// Config loading/defaulting/validation (server/startup/server_config.h) and command-line flags
+// (server/startup/server_flags.h).
 #include <cstdio>
 #include <filesystem>
 #include <fstream>

@@ -72,6 +72,7 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD a="${ATTNSERVE_GRPC_ADDRESS:-0.0.0.0:50051}"; exec attnctl --target "127.0.0.1:${a##*:}" health
 
+# Set by deploy/test-container.sh from CMakeLists.txt's project(VERSION); the binaries report it too.
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="attnserve" \

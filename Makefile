@@ -26,10 +26,13 @@ test-asan: deps
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j 1 -LE perf
 
-# Only the threaded tests' targets are built: the rest has no threads of its own to race. The suppressions
-# file lists only uninstrumented libraries' frames, one comment each.
+# Only the threaded tests' targets are built: the rest has no threads of its own to race. abseil's
+# synchronization is compiled in from Debian's source (see CMakeLists.txt); the suppressions file lists only
+# uninstrumented libraries' frames, one comment each.
 test-tsan: deps
-	cmake -S . -B $(TSAN_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DATTNSERVE_SANITIZE=thread
+	bash scripts/install-deps.sh --tsan
+	cmake -S . -B $(TSAN_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DATTNSERVE_SANITIZE=thread \
+	  -DATTNSERVE_ABSEIL_SOURCE_DIR=$(CURDIR)/build-deps/abseil-src
 	cmake --build $(TSAN_BUILD) -j $(JOBS) --target $(TSAN_TESTS)
 	cd $(TSAN_BUILD) && TSAN_OPTIONS="suppressions=$(CURDIR)/tests/tsan.supp halt_on_error=1 second_deadlock_stack=1" \
 	  ctest --output-on-failure -j 1 -R '^($(shell echo $(TSAN_TESTS) | tr ' ' '|'))$$'

@@ -161,9 +161,12 @@ fi
 log "building $IMAGE from Dockerfile"
 t0=$SECONDS
 revision="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
+# The image's version label is the project's version (project(attnserve VERSION ...)), as --version prints.
+version="$(sed -n 's/^project(attnserve VERSION \([0-9.]*\).*/\1/p' "$ROOT/CMakeLists.txt")"
 # The full log goes to a file; the steps, the unit tests' results and errors are shown as they come.
 if ! nice -n 10 "${BUILDAH[@]}" bud --isolation chroot --pull=never --network host --format docker --layers \
     --force-rm --jobs 1 --build-arg "JOBS=${ATTNSERVE_BUILD_JOBS:-}" --build-arg "REVISION=$revision" \
+    --build-arg "VERSION=${version:-unknown}" \
     -f Dockerfile -t "$IMAGE" . 2>&1 | tee "$TMP/build.log" |
     { grep --line-buffered -E '^(STEP|COMMIT|Successfully)|Test +#|tests passed|FAILED|error|Error' >&2 || true; }; then
   tail -n 60 "$TMP/build.log" >&2

@@ -69,6 +69,34 @@ if [ "${1:-}" = "--container" ]; then
   fi
 fi
 
+# --tsan (make test-tsan): abseil's own sources, as Debian ships them (apt-get source, from Debian's archive),
+# for the ThreadSanitizer build. Debian's libabsl is not built for TSan, so absl::Mutex would be invisible to
+# it and every mutex-protected access would be reported; the TSan build compiles abseil's synchronization
+# sources instrumented into the test binaries instead (CMakeLists.txt, ATTNSERVE_ABSEIL_SOURCE_DIR). The
+# source version is the installed libabsl-dev's, unpacked once into build-deps/abseil-src.
+if [ "${1:-}" = "--tsan" ]; then
+  ABSEIL_DIR="$REPO_ROOT/build-deps/abseil-src"
+  if [ ! -f "$ABSEIL_DIR/absl/synchronization/mutex.cc" ]; then
+    if ! dpkg-query -W -f='${Status}' dpkg-dev 2>/dev/null | grep -q "install ok installed"; then
+      $SUDO apt-get install -y -qq --no-install-recommends dpkg-dev
+    fi
+    SRC_LIST=/etc/apt/sources.list.d/attnserve-debian-src.sources
+    if ! grep -rqs '^Types: deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src' /etc/apt/sources.list; then
+      printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb-src\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' |
+        $SUDO tee "$SRC_LIST" >/dev/null
+      $SUDO apt-get update -qq
+    fi
+    version="$(dpkg-query -W -f='${source:Version}' libabsl-dev)"
+    work="$(mktemp -d)"
+    echo "install-deps: apt-get source abseil=$version"
+    (cd "$work" && apt-get source -qq "abseil=$version" >/dev/null 2>&1 || apt-get source -qq abseil >/dev/null)
+    mkdir -p "$REPO_ROOT/build-deps"
+    rm -rf "$ABSEIL_DIR"
+    mv "$work"/abseil-*/ "$ABSEIL_DIR"
+    rm -rf "$work"
+  fi
+fi
+
 # kubectl, whose `kubectl kustomize` renders deploy/k8s for its test (k8s_manifests_test): Debian's
 # kubernetes-client only where no kubectl is on PATH (a kubectl the machine already has is newer, and its
 # package would conflict with Debian's). Without any, the test renders the kustomization's listed files.

@@ -1,11 +1,10 @@
 // attnserve: serves the configured attention layers over gRPC, with dynamic batching, health, reflection
 // and Prometheus metrics (server/server.h). See README.md for flags and behaviour on SIGTERM.
 #include <signal.h>
+#include <spdlog/spdlog.h>
 
 #include <cstdio>
 #include <cstdlib>
-
-#include <spdlog/spdlog.h>
 
 #include "server/server.h"
 #include "server/startup/logging.h"

@@ -28,8 +28,8 @@ std::unique_ptr<InferenceCall> AttentionServiceImpl::MakeCall(grpc::CallbackServ
                                                               const InferRequest& request, InferResponse* response,
                                                               std::function<void(const grpc::Status&)> on_answer) const {
   auto call = std::make_unique<InferenceCall>();
-  DecodeInferRequest(request, call.get());
   call->arrival = clock_->Now();
+  DecodeInferRequest(request, call.get());
   call->deadline = DeadlineOf(*ctx);
   call->is_cancelled = [ctx] { return ctx->IsCancelled(); };
   call->finish = [self = call.get(), response, on_answer = std::move(on_answer)](const absl::Status& status) {

@@ -152,9 +152,10 @@ void Server::LogLayers() const {
 }
 
 void Server::StopAccepting() {
-  if (parts_->grpc_server == nullptr) return;
-  parts_->grpc_server->GetHealthCheckService()->Shutdown();  // NOT_SERVING for every service, at once
-  parts_->dispatcher->StartShutdown();                       // new requests: UNAVAILABLE
+  parts_->dispatcher->StartShutdown();  // new requests: UNAVAILABLE
+  if (parts_->grpc_server != nullptr) {
+    parts_->grpc_server->GetHealthCheckService()->Shutdown();  // NOT_SERVING for every service, at once
+  }
 }
 
 absl::Status Server::Drain(absl::Time deadline) {

@@ -1,5 +1,6 @@
 #include "core/attention_inputs.h"
 
+#include <algorithm>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -98,7 +99,41 @@ absl::Status ParseKeyValue(const AttentionInputs& in, const MhaConfig& config, P
   return CheckDimsAndData("value", in.value);
 }
 
+// The answer's tensors, sized before anything is computed. Sizes are products of dims each checked to be
+// below 2^40, so they are computed in double first: a hostile shape must not overflow int64.
+void SizeAnswer(const MhaConfig& config, ParsedAttention* p) {
+  constexpr double kF32 = 4;
+  const double output = kF32 * static_cast<double>(p->batch) * static_cast<double>(p->q_len) *
+                        static_cast<double>(config.embed_dim);
+  double weights = 0;
+  if (p->inputs->need_weights) {
+    weights = kF32 * static_cast<double>(p->batch) * static_cast<double>(p->q_len) * static_cast<double>(p->kv_len) *
+              (p->inputs->average_attn_weights ? 1.0 : static_cast<double>(config.num_heads));
+  }
+  constexpr double kCap = 9.0e18;  // below INT64_MAX: what is past any limit stays past it
+  p->output_bytes = static_cast<int64_t>(std::min(output, kCap));
+  p->weights_bytes = static_cast<int64_t>(std::min(weights, kCap));
+}
+
+absl::Status CheckAnswerSize(const ParsedAttention& p, const MhaConfig& config, const AttentionLimits& limits) {
+  if (limits.max_answer_bytes <= 0 || p.answer_bytes() <= limits.max_answer_bytes) return absl::OkStatus();
+  std::string what = absl::StrCat("output [", p.batch, ", ", p.q_len, ", ", config.embed_dim, "] is ",
+                                  p.output_bytes, " bytes");
+  if (p.weights_bytes > 0) {
+    const bool averaged = p.inputs->average_attn_weights;
+    what = absl::StrCat("need_weights: the answer would be ", p.answer_bytes(), " bytes (", what,
+                        ", attn_weights [", p.batch, averaged ? "" : absl::StrCat(", ", config.num_heads), ", ",
+                        p.q_len, ", ", p.kv_len, "] with average_attn_weights=", averaged ? "true" : "false", " is ",
+                        p.weights_bytes, " bytes)");
+  } else {
+    what = absl::StrCat("the answer would be ", p.answer_bytes(), " bytes (", what, ")");
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat(what, ", past the layer's max_response_bytes of ", limits.max_answer_bytes));
+}
+
 absl::Status CheckLimits(const ParsedAttention& p, const AttentionLimits& limits) {
+  ATTN_RETURN_IF_ERROR(CheckLimit("batch size B", p.batch, limits.max_batch, "max_batch"));
   ATTN_RETURN_IF_ERROR(CheckLimit("query length L", p.q_len, limits.max_sequence_length, "max_sequence_length"));
   ATTN_RETURN_IF_ERROR(CheckLimit("key length S", p.kv_len, limits.max_sequence_length, "max_sequence_length"));
   ATTN_RETURN_IF_ERROR(CheckLimit("query tokens B*L", p.query_tokens(), limits.max_tokens, "max_tokens"));
@@ -144,6 +179,8 @@ absl::StatusOr<ParsedAttention> ParseAttentionInputs(const AttentionInputs& in, 
   ATTN_RETURN_IF_ERROR(CheckLimits(p, limits));
   ATTN_RETURN_IF_ERROR(ParseKeyPaddingMask(in, &p));
   ATTN_RETURN_IF_ERROR(ParseAttnMask(in, config, &p));
+  SizeAnswer(config, &p);
+  ATTN_RETURN_IF_ERROR(CheckAnswerSize(p, config, limits));
   p.flops = AttentionFlops(config, p.batch, p.q_len, p.kv_len);
   return p;
 }

@@ -27,10 +27,13 @@ struct AttentionOutputs {
   Tensor attn_weights;  // need_weights only: [B, L, S] or [B, H, L, S] (B dropped when unbatched)
 };
 
-// Per-layer limits on what a request may ask for; 0 means no limit.
+// Per-layer limits on what a request may ask for; 0 means no limit. Together they bound what one request
+// can cost before anything is computed: its compute (B*L*S), its workspace and its answer's size.
 struct AttentionLimits {
   int64_t max_sequence_length = 0;  // bound on L and S
   int64_t max_tokens = 0;           // bound on B*L and B*S
+  int64_t max_batch = 0;            // bound on B
+  int64_t max_answer_bytes = 0;     // bound on answer_bytes (output, and attn_weights when asked)
 };
 
 enum class MaskType { kNone, kBool, kFloat };
@@ -47,12 +50,15 @@ struct ParsedAttention {
   MaskType attn_mask = MaskType::kNone;
   bool attn_mask_per_head = false;  // [B*H, L, S] rather than [L, S]
   int64_t flops = 0;                // AttentionFlops of this request, counted once here
+  int64_t output_bytes = 0;         // the output tensor, [B, L, E] FLOAT32
+  int64_t weights_bytes = 0;        // attn_weights when need_weights: [B, L, S] or [B, H, L, S] FLOAT32
 
   bool has_mask() const {
     return key_padding_mask != MaskType::kNone || attn_mask != MaskType::kNone || inputs->is_causal;
   }
   int64_t query_tokens() const { return batch * q_len; }
   int64_t kv_tokens() const { return batch * kv_len; }
+  int64_t answer_bytes() const { return output_bytes + weights_bytes; }
 };
 
 // Checks every tensor against the layer and the limits. InvalidArgument names the field and gives the

@@ -91,6 +91,7 @@ struct MultiheadAttention::Group {
   bool self_attention = false;
   std::vector<const ParsedAttention*> members;
   std::vector<AttentionOutputs*> outputs;  // same order as members
+  std::vector<size_t> index;               // each member's index in the ForwardParsed call
 };
 
 // A group's projections: Q (then the context, written over it) with row stride ldq, K and V; rows of all
@@ -220,7 +221,7 @@ AttentionOutputs AllocateOutputs(const ParsedAttention& p, const MhaConfig& c) {
 }  // namespace
 
 std::vector<absl::StatusOr<AttentionOutputs>> MultiheadAttention::ForwardParsed(
-    absl::Span<const ParsedAttention* const> requests, int max_threads) const {
+    absl::Span<const ParsedAttention* const> requests, int max_threads, const StopFn& stop) const {
   std::vector<absl::StatusOr<AttentionOutputs>> results;
   results.reserve(requests.size());
   Group groups[2];  // [0]: self-attention (fused QKV), [1]: cross-attention
@@ -232,6 +233,7 @@ std::vector<absl::StatusOr<AttentionOutputs>> MultiheadAttention::ForwardParsed(
     Group& g = groups[requests[i]->self_attention ? 0 : 1];
     g.members.push_back(requests[i]);
     g.outputs.push_back(&*results[i]);
+    g.index.push_back(i);
   }
   const int budget = max_threads > 0 ? max_threads : omp_get_max_threads();
   const int threads = flops < options_.single_thread_below_flops ? 1 : budget;
@@ -239,19 +241,26 @@ std::vector<absl::StatusOr<AttentionOutputs>> MultiheadAttention::ForwardParsed(
   const ScopedOmpThreads team(threads);
   for (const Group& g : groups) {
     if (g.members.empty()) continue;
-    absl::Status status = RunGroup(g, threads);
-    if (status.ok()) continue;
-    for (size_t i = 0; i < requests.size(); ++i) {
-      if (requests[i]->self_attention == g.self_attention) results[i] = status;
+    std::vector<absl::Status> member_status(g.members.size());
+    const absl::Status status = RunGroup(g, threads, stop, &member_status);
+    for (size_t m = 0; m < g.members.size(); ++m) {
+      if (!status.ok()) {
+        results[g.index[m]] = status;
+      } else if (!member_status[m].ok()) {
+        results[g.index[m]] = member_status[m];
+      }
     }
   }
   ThreadWorkspace().ReleaseLarge();
   return results;
 }
 
-absl::Status MultiheadAttention::RunGroup(const Group& g, int threads) const {
+absl::Status MultiheadAttention::RunGroup(const Group& g, int threads, const StopFn& stop,
+                                          std::vector<absl::Status>* member_status) const {
   ATTN_ASSIGN_OR_RETURN(const Projected proj, Project(g));
-  ATTN_RETURN_IF_ERROR(AttendGroup(g, proj, threads));
+  *member_status = AttendGroup(g, proj, threads, stop);
+  // Members that stopped still go through the output projection (one matmul for all); their rows are
+  // simply not answered.
   return ProjectOutput(g, proj);
 }
 
@@ -334,7 +343,8 @@ void PlanAttentionUnits(const std::vector<const ParsedAttention*>& members, int6
 
 }  // namespace
 
-absl::Status MultiheadAttention::AttendGroup(const Group& g, const Projected& proj, int threads) const {
+std::vector<absl::Status> MultiheadAttention::AttendGroup(const Group& g, const Projected& proj, int threads,
+                                                          const StopFn& stop) const {
   const size_t n = g.members.size();
   std::vector<int64_t> q_rows(n), kv_rows(n);  // each member's first row in the projections
   for (size_t i = 0, q_row = 0, kv_row = 0; i < n; ++i) {
@@ -349,8 +359,9 @@ absl::Status MultiheadAttention::AttendGroup(const Group& g, const Projected& pr
   auto attend = [&](size_t i, int64_t seq_begin, int64_t seq_end) {
     const ParsedAttention& p = *g.members[i];
     Tensor* weights = p.inputs->need_weights ? &g.outputs[i]->attn_weights : nullptr;
+    auto should_stop = [&] { return stop ? stop(g.index[i]) : absl::OkStatus(); };
     return Attend(p, seq_begin, seq_end, proj.q + q_rows[i] * proj.ldq, proj.ldq, proj.k + kv_rows[i] * proj.ldk,
-                  proj.ldk, proj.v + kv_rows[i] * proj.ldv, proj.ldv, weights);
+                  proj.ldk, proj.v + kv_rows[i] * proj.ldv, proj.ldv, weights, should_stop);
   };
   std::vector<absl::Status> unit_statuses(small.size());
   const int64_t num_small = static_cast<int64_t>(small.size());
@@ -366,9 +377,12 @@ absl::Status MultiheadAttention::AttendGroup(const Group& g, const Projected& pr
       unit_statuses[u] = attend(small[u].member, small[u].seq_begin, small[u].seq_end);
     }
   }
-  for (const absl::Status& status : unit_statuses) ATTN_RETURN_IF_ERROR(status);
-  for (size_t i : large) ATTN_RETURN_IF_ERROR(attend(i, 0, g.members[i]->batch));
-  return absl::OkStatus();
+  std::vector<absl::Status> member_status(n);
+  for (size_t u = 0; u < small.size(); ++u) {
+    if (!unit_statuses[u].ok()) member_status[small[u].member] = unit_statuses[u];
+  }
+  for (size_t i : large) member_status[i] = attend(i, 0, g.members[i]->batch);
+  return member_status;
 }
 
 absl::Status MultiheadAttention::ProjectOutput(const Group& g, const Projected& proj) const {
@@ -387,7 +401,7 @@ absl::Status MultiheadAttention::ProjectOutput(const Group& g, const Projected& 
 
 absl::Status MultiheadAttention::Attend(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end, float* q,
                                         int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
-                                        Tensor* weights) const {
+                                        Tensor* weights, absl::FunctionRef<absl::Status()> should_stop) const {
   const int64_t h = options_.config.num_heads, dh = options_.config.head_dim();
   const int64_t len_q = p.q_len, len_k = p.kv_len;
   Workspace& ws = ThreadWorkspace();
@@ -401,6 +415,7 @@ absl::Status MultiheadAttention::Attend(const ParsedAttention& p, int64_t seq_be
       const float* v_seq = v + b0 * len_k * ldv + h0 * dh;
       for (int64_t l0 = 0; l0 < len_q; l0 += plan.rows) {
         const int64_t lb = std::min(plan.rows, len_q - l0);
+        ATTN_RETURN_IF_ERROR(should_stop());
         // Causal: keys past the block's last query are masked for every row of it, so they are not
         // computed at all (their weights stay zero). Halves the work of a causal self-attention.
         const Block blk{b0, nb, h0, hb, l0, lb, p.inputs->is_causal ? std::min(len_k, l0 + lb) : len_k};

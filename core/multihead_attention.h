@@ -16,10 +16,12 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "core/attention_inputs.h"
@@ -28,6 +30,10 @@
 #include "core/onednn_ops.h"
 
 namespace attnserve {
+
+// Asked before each query block of request `i` (its index in the call): a non-OK status stops that request
+// there (its result is the status; the other requests go on). Called from the engine's threads at once.
+using StopFn = std::function<absl::Status(size_t i)>;
 
 class MultiheadAttention {
  public:
@@ -77,9 +83,9 @@ class MultiheadAttention {
 
   // The same for requests already validated by this layer's Validate (the server validates once, when a
   // request arrives): nothing is parsed or counted again. Each ParsedAttention and the inputs it points to
-  // must stay valid for the call.
+  // must stay valid for the call. `stop` (may be empty) lets a request be abandoned between query blocks.
   std::vector<absl::StatusOr<AttentionOutputs>> ForwardParsed(absl::Span<const ParsedAttention* const> requests,
-                                                              int max_threads) const;
+                                                              int max_threads, const StopFn& stop = nullptr) const;
 
   // impl_info_str() of every oneDNN primitive this layer has built (for every OpenMP team size it ran
   // with), e.g. "gemm:jit".
@@ -93,13 +99,17 @@ class MultiheadAttention {
   absl::Status BuildPrimitives(const MhaWeights& weights);
   // The stages of one group (self- or cross-attention members of a batch): projections, attention per
   // request on `threads` OpenMP threads, output projection.
-  absl::Status RunGroup(const Group& group, int threads) const;
+  // A projection error fails the group; Attend's errors (and stops) fail their own member, in *member_status.
+  absl::Status RunGroup(const Group& group, int threads, const StopFn& stop,
+                        std::vector<absl::Status>* member_status) const;
   absl::StatusOr<Projected> Project(const Group& group) const;
-  absl::Status AttendGroup(const Group& group, const Projected& proj, int threads) const;
+  std::vector<absl::Status> AttendGroup(const Group& group, const Projected& proj, int threads,
+                                        const StopFn& stop) const;
   absl::Status ProjectOutput(const Group& group, const Projected& proj) const;
   // Attention of sequences [seq_begin, seq_end) of one request; q, k, v point at its first token.
   absl::Status Attend(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end, float* q, int64_t ldq,
-                      const float* k, int64_t ldk, const float* v, int64_t ldv, Tensor* weights) const;
+                      const float* k, int64_t ldk, const float* v, int64_t ldv, Tensor* weights,
+                      absl::FunctionRef<absl::Status()> should_stop) const;
   // The parts of one Attend block: additive masks over the block's scores (returns the rows with every key
   // masked, or null when unmasked), and the weights it adds to `weights`.
   const uint8_t* MaskBlock(const ParsedAttention& p, const Block& blk, float* scores) const;

@@ -15,7 +15,11 @@ const char* DTypeName(DType dtype) {
 size_t DTypeSize(DType dtype) { return dtype == DType::kFloat32 ? 4 : 1; }
 
 std::string ShapeToString(absl::Span<const int64_t> shape) {
-  return "[" + absl::StrJoin(shape, ", ") + "]";
+  // Shapes come from clients: a message never echoes more than a bounded number of dims.
+  constexpr size_t kMaxDims = 8;
+  if (shape.size() <= kMaxDims) return "[" + absl::StrJoin(shape, ", ") + "]";
+  return "[" + absl::StrJoin(shape.subspan(0, kMaxDims), ", ") + ", ... (" + std::to_string(shape.size()) +
+         " dims)]";
 }
 
 int64_t NumElements(absl::Span<const int64_t> shape) {

@@ -103,7 +103,8 @@ absl::Status Server::Build() {
   }
   ATTN_ASSIGN_OR_RETURN(p.dispatcher,
                         Dispatcher::Create({p.registry.get(), p.scheduler.get(), p.metrics.get(), options_.clock}));
-  p.service = std::make_unique<AttentionServiceImpl>(p.registry.get(), p.dispatcher.get(), options_.clock);
+  p.service = std::make_unique<AttentionServiceImpl>(p.registry.get(), p.dispatcher.get(), options_.clock,
+                                                     config_.max_inflight_per_stream());
   return absl::OkStatus();
 }
 

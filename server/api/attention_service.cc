@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include "absl/synchronization/mutex.h"
+#include "common/log_string.h"
 #include "server/api/grpc_status.h"
 #include "server/api/infer_request.h"
 
@@ -33,8 +34,16 @@ std::unique_ptr<InferenceCall> AttentionServiceImpl::MakeCall(grpc::CallbackServ
   call->deadline = DeadlineOf(*ctx);
   call->is_cancelled = [ctx] { return ctx->IsCancelled(); };
   call->finish = [self = call.get(), response, on_answer = std::move(on_answer)](const absl::Status& status) {
-    if (status.ok()) EncodeInferResponse(*self, response);
-    on_answer(ToGrpcStatus(status));
+    absl::Status answer = status;
+    if (answer.ok()) {
+      try {
+        EncodeInferResponse(*self, response);
+      } catch (const std::bad_alloc&) {  // a worker must not die of an answer it cannot allocate
+        response->Clear();
+        answer = absl::ResourceExhaustedError("out of memory while encoding the answer");
+      }
+    }
+    on_answer(ToGrpcStatus(answer));
   };
   return call;
 }
@@ -50,9 +59,14 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Infer(grpc::CallbackServerContex
 // One InferStream: each request read is submitted like a unary one; answers are written back in the order
 // they complete (matched by id), one write in flight at a time. The stream finishes once the client has
 // closed its side and every request read has been answered and written.
+//
+// Flow control: at most max_inflight_per_stream requests are read and not yet written back. At that many
+// the stream stops reading until a write completes, so HTTP/2 flow control holds the client back, and a
+// client that never reads its answers costs at most that many of them.
 class AttentionServiceImpl::StreamReactor final : public grpc::ServerBidiReactor<InferRequest, InferResponse> {
  public:
-  StreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* ctx) : service_(service), ctx_(ctx) {
+  StreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* ctx)
+      : service_(service), ctx_(ctx), max_inflight_(service->max_inflight_per_stream_) {
     StartRead(&incoming_);
   }
 
@@ -73,12 +87,21 @@ class AttentionServiceImpl::StreamReactor final : public grpc::ServerBidiReactor
                                    [this, item](const grpc::Status& status) { Answered(item, status); });
     incoming_.Clear();
     service_->dispatcher_->Submit(std::move(call));
-    StartRead(&incoming_);
+    absl::MutexLock lock(&mu_);
+    if (InflightLocked() < max_inflight_) {
+      StartRead(&incoming_);
+    } else {
+      read_paused_ = true;  // resumed by OnWriteDone
+    }
   }
 
   void OnWriteDone(bool /*ok*/) override {
     absl::MutexLock lock(&mu_);
     writes_.pop_front();
+    if (read_paused_ && InflightLocked() < max_inflight_) {
+      read_paused_ = false;
+      StartRead(&incoming_);
+    }
     if (!writes_.empty()) {
       StartWrite(&writes_.front()->response);
     } else {
@@ -107,6 +130,11 @@ class AttentionServiceImpl::StreamReactor final : public grpc::ServerBidiReactor
     if (writes_.size() == 1) StartWrite(&writes_.front()->response);
   }
 
+  // Read and not yet written back: computing, or waiting to be written.
+  int64_t InflightLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return pending_ + static_cast<int64_t>(writes_.size());
+  }
+
   void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (reads_done_ && pending_ == 0 && writes_.empty() && !finished_) {
       finished_ = true;
@@ -116,9 +144,11 @@ class AttentionServiceImpl::StreamReactor final : public grpc::ServerBidiReactor
 
   AttentionServiceImpl* service_;
   grpc::CallbackServerContext* ctx_;
+  const int64_t max_inflight_;
   InferRequest incoming_;  // only touched by the read chain, one read at a time
   absl::Mutex mu_;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool read_paused_ ABSL_GUARDED_BY(mu_) = false;  // no read started: max_inflight_ reached
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   int64_t pending_ ABSL_GUARDED_BY(mu_) = 0;                 // submitted, not yet answered
   std::deque<std::shared_ptr<Item>> writes_ ABSL_GUARDED_BY(mu_);  // front is being written
@@ -148,7 +178,8 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetLayer(grpc::CallbackServerCon
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   const std::shared_ptr<const ServedLayer> layer = registry_->Find(request->name());
   if (layer == nullptr) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND, "name: no layer named '" + request->name() + "'"));
+    reactor->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND,
+                                 "name: no layer named '" + BoundedForLog(request->name()) + "'"));
     return reactor;
   }
   *response->mutable_config() = layer->config;

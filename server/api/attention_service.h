@@ -6,6 +6,7 @@
 // Thread-safety: gRPC calls the handlers from its own threads; workers finish calls from theirs.
 #pragma once
 
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <string>
@@ -21,9 +22,14 @@ namespace attnserve {
 
 class AttentionServiceImpl final : public attnserve::v1::AttentionService::CallbackService {
  public:
-  // None owned; all must outlive the service.
-  AttentionServiceImpl(const LayerRegistry* registry, Dispatcher* dispatcher, const Clock* clock)
-      : registry_(registry), dispatcher_(dispatcher), clock_(clock) {}
+  // None owned; all must outlive the service. `max_inflight_per_stream` >= 1: requests an InferStream
+  // holds read and not yet written back (see StreamReactor).
+  AttentionServiceImpl(const LayerRegistry* registry, Dispatcher* dispatcher, const Clock* clock,
+                       int64_t max_inflight_per_stream)
+      : registry_(registry),
+        dispatcher_(dispatcher),
+        clock_(clock),
+        max_inflight_per_stream_(std::max<int64_t>(1, max_inflight_per_stream)) {}
 
   grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const attnserve::v1::InferRequest* request,
                                   attnserve::v1::InferResponse* response) override;
@@ -46,6 +52,7 @@ class AttentionServiceImpl final : public attnserve::v1::AttentionService::Callb
   const LayerRegistry* registry_;
   Dispatcher* dispatcher_;
   const Clock* clock_;
+  const int64_t max_inflight_per_stream_;
 };
 
 }  // namespace attnserve

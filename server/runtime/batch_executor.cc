@@ -6,6 +6,57 @@
 #include "absl/strings/str_cat.h"
 
 namespace attnserve {
+namespace {
+
+// One engine call that cannot throw: what escapes the engine fails every request of the call.
+std::vector<absl::StatusOr<AttentionOutputs>> ForwardNoThrow(const MultiheadAttention& engine,
+                                                             absl::Span<const ParsedAttention* const> parsed,
+                                                             int threads, const StopFn& stop) {
+  try {
+    return engine.ForwardParsed(parsed, threads, stop);
+  } catch (const std::bad_alloc&) {
+    return std::vector<absl::StatusOr<AttentionOutputs>>(
+        parsed.size(), absl::ResourceExhaustedError("out of memory while computing the batch"));
+  } catch (const std::exception& e) {
+    return std::vector<absl::StatusOr<AttentionOutputs>>(
+        parsed.size(), absl::InternalError(absl::StrCat("engine failure: ", e.what())));
+  }
+}
+
+// Why a call must stop computing, if it must: its deadline passed or its client cancelled it.
+absl::Status StopReason(const InferenceCall& call, const Clock& clock) {
+  if (call.deadline != absl::InfiniteFuture() && clock.Now() >= call.deadline) {
+    return absl::DeadlineExceededError("deadline passed while computing");
+  }
+  if (call.is_cancelled && call.is_cancelled()) return absl::CancelledError("request cancelled while computing");
+  return absl::OkStatus();
+}
+
+bool IsStop(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kCancelled || s.code() == absl::StatusCode::kDeadlineExceeded;
+}
+
+}  // namespace
+
+std::vector<absl::StatusOr<AttentionOutputs>> BatchExecutor::RunEngine(
+    const std::vector<std::unique_ptr<InferenceCall>>& calls) const {
+  const MultiheadAttention& engine = *calls.front()->layer->engine;
+  std::vector<const ParsedAttention*> parsed;
+  for (const auto& call : calls) parsed.push_back(&call->parsed);
+  const Clock& clock = *options_.clock;
+  StopFn stop = [&](size_t i) { return StopReason(*calls[i], clock); };
+  std::vector<absl::StatusOr<AttentionOutputs>> results =
+      ForwardNoThrow(engine, parsed, options_.threads_per_batch, stop);
+  if (calls.size() == 1) return results;
+  // A group's error fails all its requests; run each failed one alone so the error stays with its cause.
+  for (size_t i = 0; i < calls.size(); ++i) {
+    if (results[i].ok() || IsStop(results[i].status())) continue;
+    const ParsedAttention* one[] = {parsed[i]};
+    StopFn stop_one = [&](size_t) { return StopReason(*calls[i], clock); };
+    results[i] = std::move(ForwardNoThrow(engine, one, options_.threads_per_batch, stop_one)[0]);
+  }
+  return results;
+}
 
 absl::StatusOr<std::unique_ptr<BatchExecutor>> BatchExecutor::Create(const Options& options) {
   if (options.clock == nullptr) return absl::InvalidArgumentError("BatchExecutor: clock is required");
@@ -52,17 +103,14 @@ void BatchExecutor::Compute(const std::string& layer_name,
                             std::vector<std::unique_ptr<InferenceCall>> calls) const {
   ServerMetrics* metrics = options_.metrics;
   const absl::Time compute_start = options_.clock->Now();  // after `start` for a second version's calls
-  std::vector<const ParsedAttention*> parsed;
   int64_t tokens = 0;
   double flops = 0;
   for (const auto& call : calls) {
-    parsed.push_back(&call->parsed);
     tokens += call->parsed.query_tokens();
     flops += static_cast<double>(call->parsed.flops);
     if (metrics) metrics->QueueWait(layer_name, absl::ToDoubleSeconds(compute_start - call->arrival));
   }
-  std::vector<absl::StatusOr<AttentionOutputs>> results =
-      calls.front()->layer->engine->ForwardParsed(parsed, options_.threads_per_batch);
+  std::vector<absl::StatusOr<AttentionOutputs>> results = RunEngine(calls);
   const absl::Duration compute = options_.clock->Now() - compute_start;
   if (metrics) {
     metrics->BatchDone(layer_name, static_cast<int>(calls.size()), tokens, absl::ToDoubleSeconds(compute), flops);

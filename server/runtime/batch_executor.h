@@ -38,6 +38,9 @@ class BatchExecutor {
                                                           absl::Time start) const;
   // Computes calls that share one layer version and answers them.
   void Compute(const std::string& layer_name, std::vector<std::unique_ptr<InferenceCall>> calls) const;
+  // The engine on `calls` (one version), exceptions turned into statuses; failed calls run again alone.
+  std::vector<absl::StatusOr<AttentionOutputs>> RunEngine(
+      const std::vector<std::unique_ptr<InferenceCall>>& calls) const;
 
   const Options options_;
 };

@@ -5,6 +5,9 @@
 #include <string>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
+#include "common/log_string.h"
+
 namespace attnserve {
 
 absl::StatusOr<std::unique_ptr<Dispatcher>> Dispatcher::Create(const Options& options) {
@@ -13,6 +16,32 @@ absl::StatusOr<std::unique_ptr<Dispatcher>> Dispatcher::Create(const Options& op
   }
   return std::unique_ptr<Dispatcher>(new Dispatcher(options));
 }
+
+namespace {
+
+// Warnings about failed requests are what a flood of bad requests would multiply.
+LogRateLimiter& FailedRequestLines() {
+  static LogRateLimiter* const limiter = new LogRateLimiter(/*lines_per_second=*/20);
+  return *limiter;
+}
+
+// The request's line: client strings bounded and escaped, failures rate-limited.
+void LogAnswer(const InferenceCall& call, const absl::Status& status, double seconds) {
+  if (status.ok()) {
+    if (!spdlog::should_log(spdlog::level::debug)) return;
+    spdlog::debug("infer layer={} id={} ok total_us={} queue_us={} compute_us={} batch={}",
+                  BoundedForLog(call.layer_name), BoundedForLog(call.id), static_cast<int64_t>(seconds * 1e6),
+                  call.timing.queue_us, call.timing.compute_us, call.timing.batch_size);
+    return;
+  }
+  int64_t dropped = 0;
+  if (!FailedRequestLines().Allow(absl::Now(), &dropped)) return;
+  spdlog::warn("infer layer={} id={} code={} error={}{}", BoundedForLog(call.layer_name), BoundedForLog(call.id),
+               absl::StatusCodeToString(status.code()), BoundedForLog(status.message(), 512),
+               dropped > 0 ? absl::StrCat(" (", dropped, " similar lines dropped)") : "");
+}
+
+}  // namespace
 
 void Dispatcher::Instrument(InferenceCall& call) {
   ServerMetrics* metrics = options_.metrics;
@@ -24,14 +53,7 @@ void Dispatcher::Instrument(InferenceCall& call) {
       metrics->RequestDone(call->layer_name, status.code(), seconds);
       metrics->InflightAdd(-1);
     }
-    if (status.ok()) {
-      spdlog::debug("infer layer={} id={} ok total_us={} queue_us={} compute_us={} batch={}", call->layer_name,
-                    call->id, static_cast<int64_t>(seconds * 1e6), call->timing.queue_us, call->timing.compute_us,
-                    call->timing.batch_size);
-    } else {
-      spdlog::warn("infer layer={} id={} code={} error={}", call->layer_name, call->id,
-                   absl::StatusCodeToString(status.code()), std::string(status.message()));
-    }
+    LogAnswer(*call, status, seconds);
     answer(status);  // last: the call may be destroyed by it
   };
 }

@@ -16,6 +16,9 @@ MultiheadAttention::Options ToEngineOptions(const attnserve::v1::LayerConfig& la
   MultiheadAttention::Options options;
   options.config = ToMhaConfig(layer);
   options.limits.max_sequence_length = layer.max_sequence_length();
+  options.limits.max_batch = layer.max_batch();
+  options.limits.max_tokens = layer.max_tokens();
+  options.limits.max_answer_bytes = layer.max_response_bytes();
   return options;
 }
 

@@ -11,7 +11,8 @@ namespace attnserve {
 // embed_dim, num_heads, kdim, vdim as given (0 = embed_dim), bias unset = true.
 MhaConfig ToMhaConfig(const attnserve::v1::LayerConfig& layer);
 
-// The engine's options: ToMhaConfig and the layer's max_sequence_length; the rest at their defaults.
+// The engine's options: ToMhaConfig and the layer's request limits (max_sequence_length, max_batch,
+// max_tokens, max_response_bytes); the rest at their defaults.
 MultiheadAttention::Options ToEngineOptions(const attnserve::v1::LayerConfig& layer);
 
 // Field by field; zero fields are left to ApplyDefaultsAndValidate, which fills them from BatchingOptions'

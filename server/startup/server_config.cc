@@ -212,11 +212,24 @@ void ApplyLayerDefaults(LayerConfig* layer) {
     if (layer->vdim() == 0) layer->set_vdim(layer->embed_dim());
   }
   if (layer->max_sequence_length() == 0) layer->set_max_sequence_length(kDefaultMaxSequenceLength);
+  if (layer->max_batch() == 0) layer->set_max_batch(kDefaultMaxBatch);
+  if (layer->max_tokens() == 0) layer->set_max_tokens(kDefaultMaxTokens);
+  if (layer->max_response_bytes() == 0) layer->set_max_response_bytes(kDefaultMaxResponseBytes);
   BatchingConfig* b = layer->mutable_batching();
   const BatchingOptions defaults;
   if (b->max_batch_size() == 0) b->set_max_batch_size(defaults.max_batch_size);
   if (b->max_queue_size() == 0) b->set_max_queue_size(defaults.max_queue_size);
   if (b->max_batch_tokens() == 0) b->set_max_batch_tokens(defaults.max_batch_tokens);
+}
+
+// What one request may cost: checked here so that no limit can let an answer reach gRPC's send limit.
+void ValidateRequestLimits(const LayerConfig& layer, const std::string& p, Problems* problems) {
+  if (layer.max_batch() < 0) problems->Add(p, ".max_batch: must be >= 0, got ", layer.max_batch());
+  if (layer.max_tokens() < 0) problems->Add(p, ".max_tokens: must be >= 0, got ", layer.max_tokens());
+  if (layer.max_response_bytes() < 0 || layer.max_response_bytes() > kMaxResponseBytesLimit) {
+    problems->Add(p, ".max_response_bytes: must be between 0 and ", kMaxResponseBytesLimit,
+                  " (the gRPC message limit less framing), got ", layer.max_response_bytes());
+  }
 }
 
 void ValidateLayer(const LayerConfig& layer, const std::string& p, Problems* problems) {
@@ -254,6 +267,8 @@ void ValidateLayer(const LayerConfig& layer, const std::string& p, Problems* pro
     problems->Add(p, ".max_sequence_length: must be <= ", kMaxSequenceLengthLimit, ", got ",
                   layer.max_sequence_length());
   }
+
+  ValidateRequestLimits(layer, p, problems);
 
   const BatchingConfig& b = layer.batching();
   const std::string bp = p + ".batching";
@@ -307,6 +322,7 @@ absl::Status ApplyDefaultsAndValidate(ServerConfig* config) {
   if (config->grpc_address().empty()) config->set_grpc_address(kDefaultGrpcAddress);
   if (config->metrics_address().empty()) config->set_metrics_address(kDefaultMetricsAddress);
   if (config->worker_threads() == 0) config->set_worker_threads(kDefaultWorkerThreads);
+  if (config->max_inflight_per_stream() == 0) config->set_max_inflight_per_stream(kDefaultMaxInflightPerStream);
   for (LayerConfig& layer : *config->mutable_layers()) ApplyLayerDefaults(&layer);
 
   Problems problems;
@@ -324,6 +340,10 @@ absl::Status ApplyDefaultsAndValidate(ServerConfig* config) {
                  config->worker_threads());
   }
 
+  if (config->max_inflight_per_stream() < 0) {
+    problems.Add("max_inflight_per_stream: must be >= 0 (0 = ", kDefaultMaxInflightPerStream, "), got ",
+                 config->max_inflight_per_stream());
+  }
   if (config->layers().empty()) problems.Add("layers: at least one layer is required");
   absl::flat_hash_map<std::string, int> first_index;
   for (int i = 0; i < config->layers_size(); ++i) {

@@ -16,7 +16,13 @@ namespace attnserve {
 inline constexpr char kDefaultGrpcAddress[] = "0.0.0.0:50051";
 inline constexpr char kDefaultMetricsAddress[] = "0.0.0.0:9464";
 inline constexpr int32_t kDefaultWorkerThreads = 1;
+inline constexpr int32_t kDefaultMaxInflightPerStream = 32;
 inline constexpr int64_t kDefaultMaxSequenceLength = 4096;
+inline constexpr int64_t kDefaultMaxBatch = 256;
+inline constexpr int64_t kDefaultMaxTokens = 32768;
+inline constexpr int64_t kDefaultMaxResponseBytes = int64_t{32} << 20;
+// The largest answer a layer may allow: the gRPC send limit (64 MiB) less room for the message's framing.
+inline constexpr int64_t kMaxResponseBytesLimit = int64_t{60} << 20;
 // The batching defaults are BatchingOptions' own (server/batching/batch_queue.h).
 
 // Bounds checked by ApplyDefaultsAndValidate.
@@ -42,7 +48,8 @@ absl::StatusOr<attnserve::v1::ServerConfig> LoadServerConfigFile(const std::stri
 // Defaults: grpc_address "0.0.0.0:50051", metrics_address "0.0.0.0:9464", worker_threads 1; per layer:
 // bias true (set explicitly, so it shows when the config is printed), kdim/vdim = embed_dim (only when
 // embed_dim > 0), max_sequence_length 4096, batching.max_batch_size 32, max_queue_size 1024,
-// max_batch_tokens 8192. batching.max_queue_delay_us 0 stays 0: it means "eager", i.e. a batch closes
+// max_batch_tokens 8192, max_batch 256, max_tokens 32768, max_response_bytes 32 MiB; server:
+// max_inflight_per_stream 32. batching.max_queue_delay_us 0 stays 0: it means "eager", i.e. a batch closes
 // as soon as the worker is free to take it.
 // Validation reports every problem it finds, joined by "; ", each starting with the field's path, e.g.
 // `layers[1].num_heads: 5 does not divide embed_dim 768`. Checks: at least one layer; unique layer

@@ -99,6 +99,50 @@ TEST_F(AttentionInputsTest, Limits) {
   ExpectError(in, "query tokens B*L is 60, past the layer's max_tokens of 50", kConfig, {0, 50});
 }
 
+TEST_F(AttentionInputsTest, BatchLimit) {
+  AttentionInputs in;
+  in.query = TensorView::F32(f_.data(), {9, 3, 16});
+  ExpectError(in, "batch size B is 9, past the layer's max_batch of 8", kConfig, {0, 0, 8, 0});
+}
+
+// The answer is sized before anything is computed: the output, and the weights when asked.
+TEST_F(AttentionInputsTest, AnswerSizeIsKnownAndBounded) {
+  AttentionInputs in;
+  in.query = TensorView::F32(f_.data(), {2, 3, 16});
+  auto p = ParseAttentionInputs(in, kConfig, {});
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ(p->output_bytes, 2 * 3 * 16 * 4);
+  EXPECT_EQ(p->weights_bytes, 0);
+  in.need_weights = true;
+  p = ParseAttentionInputs(in, kConfig, {});
+  EXPECT_EQ(p->weights_bytes, 2 * 3 * 3 * 4);  // averaged [B, L, S]
+  in.average_attn_weights = false;
+  p = ParseAttentionInputs(in, kConfig, {});
+  EXPECT_EQ(p->weights_bytes, 2 * 4 * 3 * 3 * 4);  // per head [B, H, L, S]
+  ExpectError(in, "need_weights: the answer would be 672 bytes (output [2, 3, 16] is 384 bytes, attn_weights "
+                  "[2, 4, 3, 3] with average_attn_weights=false is 288 bytes), past the layer's "
+                  "max_response_bytes of 600", kConfig, {0, 0, 0, 600});
+  in.need_weights = false;
+  ExpectError(in, "the answer would be 384 bytes (output [2, 3, 16] is 384 bytes), past the layer's "
+                  "max_response_bytes of 300", kConfig, {0, 0, 0, 300});
+}
+
+// The request that once aborted the server: [8, 4096, 256] with per-head weights is a 2 GiB answer. It is
+// refused at validation, and sizing it cannot overflow even for absurd dims.
+TEST_F(AttentionInputsTest, TwoGibAnswerIsRefusedUpFront) {
+  const MhaConfig small{256, 4, 0, 0, true};
+  AttentionInputs in;
+  in.query = TensorView::F32(f_.data(), {8, 4096, 256});  // not read: validation only looks at shapes
+  in.need_weights = true;
+  in.average_attn_weights = false;
+  ExpectError(in, "attn_weights [8, 4, 4096, 4096] with average_attn_weights=false is 2147483648 bytes", small,
+              {0, 0, 0, int64_t{32} << 20});
+  in.query = TensorView::F32(f_.data(), {int64_t{1} << 39, int64_t{1} << 39, 256});
+  auto p = ParseAttentionInputs(in, small, {});
+  ASSERT_TRUE(p.ok());
+  EXPECT_GT(p->weights_bytes, int64_t{1} << 62);  // capped, positive: still past any limit
+}
+
 TEST(MhaConfigTest, Validation) {
   EXPECT_NE(MhaConfig({10, 3}).Validate().message().find("divisible"), std::string::npos);
   EXPECT_FALSE(MhaConfig({0, 1}).Validate().ok());

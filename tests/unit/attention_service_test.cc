@@ -8,6 +8,7 @@
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <iterator>
@@ -32,6 +33,7 @@
 #include "google/protobuf/message.h"
 #include "google/protobuf/text_format.h"
 #include "gtest/gtest.h"
+#include "tests/testing/naive_mha.h"
 #include "tests/testing/server_harness.h"
 
 namespace attnserve::testing {
@@ -502,6 +504,49 @@ TEST_F(AttentionServiceTest, InferStreamMatchesById) {
   std::vector<v1::InferResponse> responses;
   const grpc::Status status = RunStream(*server->stub, requests, absl::Seconds(60), &responses);
   EXPECT_TRUE(status.ok()) << Str(status);
+  CheckStreamAnswers(items, responses);
+}
+
+// An answer past the layer's max_response_bytes is refused before it is computed, with a message naming
+// need_weights and the sizes; on a stream only that request fails, and the stream goes on.
+TEST_F(AttentionServiceTest, OversizeAnswerFailsOnlyItsRequest) {
+  START_OR_RETURN(server);
+  std::mt19937_64 rng(43);
+  // [1, 4096, 256] with averaged weights: 64 MiB of attn_weights, past the default 32 MiB.
+  HostRequest huge = SelfAttention(rng, "small", 256, 1, 4096);
+  huge.need_weights = true;
+  huge.id = "huge";
+  grpc::ClientContext ctx;
+  v1::InferResponse resp;
+  const grpc::Status unary = server->stub->Infer(&ctx, huge.ToProto(), &resp);
+  EXPECT_EQ(unary.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << Str(unary);
+  EXPECT_THAT(unary.error_message(),
+              HasSubstr("need_weights: the answer would be 71303168 bytes (output [1, 4096, 256] is 4194304 "
+                        "bytes, attn_weights [1, 4096, 4096] with average_attn_weights=true is 67108864 bytes), "
+                        "past the layer's max_response_bytes of 33554432"));
+  std::vector<Item> items;
+  for (int i = 0; i < 6; ++i) {
+    HostRequest r = SelfAttention(rng, "small", 256, 1, 8 + i);
+    r.id = absl::StrCat("ok", i);
+    items.push_back(GoodItem(r, Small()));
+  }
+  std::vector<v1::InferRequest> requests;
+  for (const Item& item : items) requests.push_back(item.proto);
+  requests.insert(requests.begin() + 3, huge.ToProto());
+  std::vector<v1::InferResponse> responses;
+  ASSERT_TRUE(RunStream(*server->stub, requests, absl::Seconds(60), &responses).ok());
+  ASSERT_EQ(responses.size(), requests.size());
+  int refused = 0;
+  for (const v1::InferResponse& r : responses) {
+    if (r.id() != "huge") continue;
+    ++refused;
+    EXPECT_EQ(r.error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+    EXPECT_THAT(r.error().message(), HasSubstr("max_response_bytes"));
+  }
+  EXPECT_EQ(refused, 1);
+  responses.erase(std::remove_if(responses.begin(), responses.end(),
+                                 [](const v1::InferResponse& r) { return r.id() == "huge"; }),
+                  responses.end());
   CheckStreamAnswers(items, responses);
 }
 

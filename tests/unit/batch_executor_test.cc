@@ -2,6 +2,7 @@
 // with each call's own layer version run alone.
 #include "server/runtime/batch_executor.h"
 
+#include <atomic>
 #include <memory>
 #include <random>
 #include <vector>
@@ -160,6 +161,36 @@ TEST(BatchExecutorTest, ThreadBudgetDoesNotChangeAnswers) {
     }
   }
   for (size_t i = 0; i < outputs[0].size(); ++i) EXPECT_LE(testing::MaxAbsDiff(outputs[0][i], outputs[1][i]), 1e-6);
+}
+
+// A call cancelled, and one whose deadline passes, while the batch computes: each stops at its next query
+// block with its own code; the other call of the batch is answered exactly.
+TEST(BatchExecutorTest, StopsWhileComputingAtTheNextBlock) {
+  testing::FakeClock clock;
+  auto executor = BatchExecutor::Create({nullptr, &clock, 1});
+  ASSERT_TRUE(executor.ok());
+  const auto layer = Version(5, 1);
+  std::mt19937_64 rng(6);
+  const absl::Time arrival = clock.Now();
+  std::vector<std::unique_ptr<TestCall>> calls;
+  // L=1024, E=32, H=4: four query blocks of 256 rows (4 MiB of scores each).
+  calls.push_back(MakeCall(layer, rng, 1, 1024, arrival));
+  calls.push_back(MakeCall(layer, rng, 1, 1024, arrival));
+  calls.push_back(MakeCall(layer, rng, 1, 7, arrival));
+  auto asked = std::make_shared<std::atomic<int>>(0);
+  calls[0]->raw->is_cancelled = [asked] { return ++*asked > 2; };  // before compute, block 1: no; block 2: yes
+  calls[1]->raw->deadline = arrival + absl::Microseconds(1'500);
+  calls[1]->raw->is_cancelled = [&clock] {  // each check moves time 1 ms: past the deadline at block 2
+    clock.Advance(absl::Milliseconds(1));
+    return false;
+  };
+  (*executor)->Run("layer", Batch(calls, arrival));
+  EXPECT_EQ(*calls[0]->status, absl::CancelledError("request cancelled while computing"));
+  EXPECT_EQ(asked->load(), 3);
+  EXPECT_EQ(*calls[1]->status, absl::DeadlineExceededError("deadline passed while computing"));
+  ASSERT_TRUE(calls[2]->status->ok()) << *calls[2]->status;
+  auto alone = layer->engine->Forward(calls[2]->inputs, 1);
+  EXPECT_LE(testing::MaxAbsDiff(calls[2]->answer.output.values, alone->output.values), 1e-6);
 }
 
 }  // namespace

@@ -92,6 +92,25 @@ TEST(DefaultServerConfig, DefaultsAreFilled) {
   EXPECT_EQ(base.batching().max_queue_size(), 1024);
   EXPECT_EQ(base.batching().max_batch_tokens(), 8192);
   EXPECT_EQ(base.batching().max_queue_delay_us(), 0) << "0 means eager and stays 0";
+  EXPECT_EQ(base.max_batch(), 256);
+  EXPECT_EQ(base.max_tokens(), 32768);
+  EXPECT_EQ(base.max_response_bytes(), 32 << 20);
+  EXPECT_EQ(config.max_inflight_per_stream(), 32);
+}
+
+TEST(DefaultServerConfig, RequestLimitsAreChecked) {
+  ServerConfig config = OneLayer();
+  config.mutable_layers(0)->set_max_batch(-1);
+  config.mutable_layers(0)->set_max_response_bytes(int64_t{61} << 20);
+  config.set_max_inflight_per_stream(-3);
+  const absl::Status s = ApplyDefaultsAndValidate(&config);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  for (const char* needle : {"layers[0].max_batch: must be >= 0, got -1",
+                             "layers[0].max_response_bytes: must be between 0 and 62914560 (the gRPC message limit "
+                             "less framing), got 63963136",
+                             "max_inflight_per_stream: must be >= 0 (0 = 32), got -3"}) {
+    EXPECT_NE(s.message().find(needle), absl::string_view::npos) << needle << "\n" << s;
+  }
 }
 
 TEST(DefaultServerConfig, ExplicitValuesAreKept) {
@@ -105,7 +124,11 @@ TEST(DefaultServerConfig, ExplicitValuesAreKept) {
   layer->mutable_batching()->set_max_queue_delay_us(250);
   layer->mutable_batching()->set_max_queue_size(7);
   layer->mutable_batching()->set_max_batch_tokens(99);
+  layer->set_max_batch(5);
+  layer->set_max_tokens(500);
+  layer->set_max_response_bytes(12345);
   config.set_worker_threads(3);
+  config.set_max_inflight_per_stream(2);
   const ServerConfig before = config;
   ASSERT_TRUE(ApplyDefaultsAndValidate(&config).ok());
   config.clear_grpc_address();

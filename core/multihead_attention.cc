@@ -33,10 +33,11 @@ struct Workspace {
     if (buf.size() < n) buf.resize(n);
     return buf.data();
   }
-  void ReleaseLarge() {
+  void ReleaseLarge(size_t keep_bytes = kRetainBytes) {
     for (auto* buf : {&gather_q, &gather_k, &gather_v, &q, &k, &v, &context_out, &scores, &mask_rows}) {
-      if (buf->capacity() * sizeof(float) > kRetainBytes) std::vector<float>().swap(*buf);
+      if (buf->capacity() * sizeof(float) > keep_bytes) std::vector<float>().swap(*buf);
     }
+    if (dead_rows.capacity() > keep_bytes) std::vector<uint8_t>().swap(dead_rows);
   }
 };
 
@@ -86,6 +87,8 @@ BlockPlan PlanBlocks(int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
 }
 
 }  // namespace
+
+void ReleaseThreadScratch(size_t keep_bytes) { ThreadWorkspace().ReleaseLarge(keep_bytes); }
 
 struct MultiheadAttention::Group {
   bool self_attention = false;

@@ -1,6 +1,7 @@
 #include "server/server.h"
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <malloc.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <spdlog/spdlog.h>
@@ -17,6 +18,7 @@
 #include "server/api/attention_service.h"
 #include "server/runtime/batch_executor.h"
 #include "server/runtime/dispatcher.h"
+#include "server/runtime/memory_budget.h"
 #include "server/startup/cpu_budget.h"
 #include "server/startup/layer_options.h"
 #include "server/startup/server_config.h"
@@ -53,6 +55,7 @@ struct Server::Parts {
   std::unique_ptr<LayerRegistry> registry;
   std::unique_ptr<ServerMetrics> metrics;
   std::unique_ptr<MetricsObserver> observer;
+  std::unique_ptr<MemoryBudget> memory;
   std::unique_ptr<BatchExecutor> executor;
   std::unique_ptr<CallScheduler> scheduler;
   std::unique_ptr<Dispatcher> dispatcher;
@@ -60,6 +63,9 @@ struct Server::Parts {
   std::unique_ptr<grpc::Server> grpc_server;
   int grpc_port = 0;
   bool drained = false;
+  // Gives freed heap memory back to the system while the server holds no request (see Start).
+  absl::Notification stop_trimming;
+  std::thread trimmer;
 };
 
 Server::Server(const attnserve::v1::ServerConfig& config, const ServerOptions& options)
@@ -67,6 +73,7 @@ Server::Server(const attnserve::v1::ServerConfig& config, const ServerOptions& o
 
 Server::~Server() {
   if (parts_->grpc_server != nullptr && !parts_->drained) Drain(absl::InfiniteFuture()).IgnoreError();
+  StopTrimmer();
 }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Create(const attnserve::v1::ServerConfig& config,
@@ -87,12 +94,14 @@ absl::Status Server::Build() {
   for (const auto& l : config_.layers()) names.push_back(l.name());
   p.metrics = std::make_unique<ServerMetrics>(names);
   p.observer = std::make_unique<MetricsObserver>(p.metrics.get());
+  BuildMemoryBudget();
   ATTN_ASSIGN_OR_RETURN(p.executor, BatchExecutor::Create({p.metrics.get(), options_.clock, threads_per_batch_}));
   CallScheduler::Options scheduler_options;
   scheduler_options.worker_threads = config_.worker_threads();
   scheduler_options.clock = options_.clock;
   scheduler_options.idle_spin_us = options_.idle_spin_us;
   scheduler_options.observer = p.observer.get();
+  scheduler_options.on_idle = [] { ReleaseThreadScratch(); };  // a burst's scratch goes back when it ends
   BatchExecutor* executor = p.executor.get();
   ATTN_ASSIGN_OR_RETURN(p.scheduler,
                         CallScheduler::Create(scheduler_options, [executor](const std::string& layer, auto batch) {
@@ -101,8 +110,8 @@ absl::Status Server::Build() {
   for (const auto& l : config_.layers()) {
     ATTN_RETURN_IF_ERROR(p.scheduler->AddQueue(l.name(), ToBatchingOptions(l.batching())));
   }
-  ATTN_ASSIGN_OR_RETURN(p.dispatcher,
-                        Dispatcher::Create({p.registry.get(), p.scheduler.get(), p.metrics.get(), options_.clock}));
+  ATTN_ASSIGN_OR_RETURN(p.dispatcher, Dispatcher::Create({p.registry.get(), p.scheduler.get(), p.metrics.get(),
+                                                          p.memory.get(), options_.clock}));
   p.service = std::make_unique<AttentionServiceImpl>(p.registry.get(), p.dispatcher.get(), options_.clock,
                                                      config_.max_inflight_per_stream());
   return absl::OkStatus();
@@ -129,11 +138,44 @@ absl::Status Server::Start() {
   health->SetServingStatus("", true);
   health->SetServingStatus(kServiceName, true);
   LogLayers();
+  StartTrimmer();
   spdlog::info("attnserve {} ready: grpc_port={} metrics_port={} grpc_address={} metrics_address={} workers={} "
                "omp_threads_per_worker={}",
                kAttnserveVersion, p.grpc_port, p.metrics->port(), config_.grpc_address(),
                config_.metrics_address(), config_.worker_threads(), threads_per_batch_);
   return absl::OkStatus();
+}
+
+void Server::BuildMemoryBudget() {
+  Parts& p = *parts_;
+  std::string source = "memory_budget_bytes";
+  const int64_t budget =
+      config_.memory_budget_bytes() > 0 ? config_.memory_budget_bytes() : DefaultMemoryBudgetBytes(&source);
+  ServerMetrics* metrics = p.metrics.get();
+  p.memory = std::make_unique<MemoryBudget>(budget, [metrics](int64_t reserved) { metrics->SetMemoryReserved(reserved); });
+  metrics->SetMemoryBudget(budget);
+  // Buffers of a MiB and more are mapped and unmapped on their own, so that the memory of a flood of large
+  // requests goes back to the system once they are answered (glibc's adaptive threshold would keep them).
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
+  spdlog::info("memory budget: {} bytes ({})", budget, source);
+}
+
+void Server::StartTrimmer() {
+  // A flood's buffers (gRPC's small slices above all) are freed into malloc's arenas, which keep them: once a
+  // second, while no request holds memory, the free pages go back to the system (malloc_trim, ~1 ms).
+  Parts& p = *parts_;
+  p.trimmer = std::thread([&p] {
+    while (!p.stop_trimming.WaitForNotificationWithTimeout(absl::Seconds(1))) {
+      if (p.memory->reserved_bytes() == 0) malloc_trim(0);
+    }
+  });
+}
+
+void Server::StopTrimmer() {
+  Parts& p = *parts_;
+  if (!p.trimmer.joinable()) return;
+  p.stop_trimming.Notify();
+  p.trimmer.join();
 }
 
 void Server::LogLayers() const {
@@ -176,6 +218,7 @@ absl::Status Server::Drain(absl::Time deadline) {
   if (in_time) absl::SleepFor(std::min(start + options_.unavailable_linger, deadline) - absl::Now());
   // Waits for in-flight RPCs (their answers are being written) until the deadline, then cancels the rest.
   p.grpc_server->Shutdown(absl::ToChronoTime(deadline));
+  StopTrimmer();
   if (!in_time) return absl::DeadlineExceededError("batches were still running at the drain deadline");
   p.grpc_server->Wait();
   spdlog::info("stopped after {}", absl::FormatDuration(absl::Now() - start));

@@ -94,6 +94,9 @@ class Server {
   struct Parts;
   Server(const attnserve::v1::ServerConfig& config, const ServerOptions& options);
   absl::Status Build();
+  void BuildMemoryBudget();
+  void StartTrimmer();
+  void StopTrimmer();
   void LogLayers() const;
 
   const attnserve::v1::ServerConfig config_;

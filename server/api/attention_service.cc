@@ -27,9 +27,10 @@ absl::Time DeadlineOf(const grpc::CallbackServerContext& ctx) {
 
 std::unique_ptr<InferenceCall> AttentionServiceImpl::MakeCall(grpc::CallbackServerContext* ctx,
                                                               const InferRequest& request, InferResponse* response,
-                                                              std::function<void(const grpc::Status&)> on_answer) const {
+                                                              OnAnswer on_answer) const {
   auto call = std::make_unique<InferenceCall>();
   call->arrival = clock_->Now();
+  call->request_bytes = static_cast<int64_t>(request.ByteSizeLong());
   DecodeInferRequest(request, call.get());
   call->deadline = DeadlineOf(*ctx);
   call->is_cancelled = [ctx] { return ctx->IsCancelled(); };
@@ -43,16 +44,32 @@ std::unique_ptr<InferenceCall> AttentionServiceImpl::MakeCall(grpc::CallbackServ
         answer = absl::ResourceExhaustedError("out of memory while encoding the answer");
       }
     }
-    on_answer(ToGrpcStatus(answer));
+    on_answer(ToGrpcStatus(answer), std::move(self->memory));
   };
   return call;
 }
 
+// A unary call's reactor: it keeps the call's share of the memory budget until gRPC is done with the call
+// (its response sent), not just until the response was filled.
+class AttentionServiceImpl::UnaryReactor final : public grpc::ServerUnaryReactor {
+ public:
+  void Answer(const grpc::Status& status, MemoryBudget::Reservation memory) {
+    memory_ = std::move(memory);
+    Finish(status);
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  MemoryBudget::Reservation memory_;
+};
+
 grpc::ServerUnaryReactor* AttentionServiceImpl::Infer(grpc::CallbackServerContext* ctx, const InferRequest* request,
                                                       InferResponse* response) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  dispatcher_->Submit(
-      MakeCall(ctx, *request, response, [reactor](const grpc::Status& status) { reactor->Finish(status); }));
+  auto* reactor = new UnaryReactor();
+  dispatcher_->Submit(MakeCall(ctx, *request, response,
+                               [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
+                                 reactor->Answer(status, std::move(memory));
+                               }));
   return reactor;
 }
 
@@ -84,7 +101,10 @@ class AttentionServiceImpl::StreamReactor final : public grpc::ServerBidiReactor
       ++pending_;
     }
     auto call = service_->MakeCall(ctx_, item->request, &item->response,
-                                   [this, item](const grpc::Status& status) { Answered(item, status); });
+                                   [this, item](const grpc::Status& status, MemoryBudget::Reservation memory) {
+                                     item->memory = std::move(memory);  // released once written
+                                     Answered(item, status);
+                                   });
     incoming_.Clear();
     service_->dispatcher_->Submit(std::move(call));
     absl::MutexLock lock(&mu_);
@@ -115,6 +135,7 @@ class AttentionServiceImpl::StreamReactor final : public grpc::ServerBidiReactor
   struct Item {
     InferRequest request;
     InferResponse response;
+    MemoryBudget::Reservation memory;
   };
 
   void Answered(const std::shared_ptr<Item>& item, const grpc::Status& status) {

@@ -43,11 +43,14 @@ class AttentionServiceImpl final : public attnserve::v1::AttentionService::Callb
 
  private:
   class StreamReactor;
-  // A call for `request` (which must outlive it), decoded; `on_answer` gets the final grpc::Status after
-  // the response has been filled on OK.
+  class UnaryReactor;
+  // What the service does with an answer: the final status (the response is filled on OK) and the call's
+  // share of the memory budget, to release once the answer has been written.
+  using OnAnswer = std::function<void(const grpc::Status&, MemoryBudget::Reservation)>;
+  // A call for `request` (which must outlive it), decoded; `on_answer` gets its answer.
   std::unique_ptr<InferenceCall> MakeCall(grpc::CallbackServerContext* ctx, const attnserve::v1::InferRequest& request,
                                           attnserve::v1::InferResponse* response,
-                                          std::function<void(const grpc::Status&)> on_answer) const;
+                                          OnAnswer on_answer) const;
 
   const LayerRegistry* registry_;
   Dispatcher* dispatcher_;

@@ -64,6 +64,9 @@ class BatchScheduler {
     // sleeping thread costs tens of microseconds, a large share of a small request's latency. 0 = never.
     int64_t idle_spin_us = 0;
     SchedulerObserver* observer = nullptr;  // not owned, may be null; must outlive the scheduler
+    // Called on a worker thread (without the scheduler's lock) once it has run out of work, before it
+    // sleeps: e.g. to give the thread's large scratch buffers back. May be empty.
+    std::function<void()> on_idle;
   };
 
   // Called with a non-empty batch, in the queue's FIFO order, and the name of the queue it came from.
@@ -206,6 +209,7 @@ class BatchScheduler {
         idle_spin_us_(options.idle_spin_us),
         clock_(options.clock),
         observer_(options.observer),
+        on_idle_(options.on_idle),
         run_batch_(std::move(run_batch)) {}
 
   void StartWorkers() ABSL_LOCKS_EXCLUDED(join_mu_) {
@@ -270,11 +274,13 @@ class BatchScheduler {
 
   void WorkerLoop() ABSL_LOCKS_EXCLUDED(mu_) {
     bool spun = false;  // whether this worker already polled since it last found work
+    bool idled = true;  // whether on_idle ran since it last found work
     mu_.Lock();
     while (true) {
       absl::Time next_ready;
       if (QueueState* state = PickQueue(&next_ready)) {
         spun = false;
+        idled = false;
         RunOneBatch(state);
         continue;
       }
@@ -284,6 +290,13 @@ class BatchScheduler {
         IdleSpin();
         spun = true;
         continue;
+      }
+      if (next_ready == absl::InfiniteFuture() && !idled && on_idle_) {
+        mu_.Unlock();
+        on_idle_();
+        mu_.Lock();
+        idled = true;
+        continue;  // work may have come meanwhile
       }
       spun = false;
       clock_->WaitUntil(&mu_, &cv_, next_ready);
@@ -296,6 +309,7 @@ class BatchScheduler {
   std::atomic<uint64_t> schedule_epoch_{0};  // bumped by every accepted Schedule; polled by idle workers
   const Clock* const clock_;
   SchedulerObserver* const observer_;
+  const std::function<void()> on_idle_;
   const BatchFn run_batch_;  // called concurrently by the workers
 
   mutable absl::Mutex mu_;

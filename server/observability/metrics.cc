@@ -70,6 +70,16 @@ ServerMetrics::ServerMetrics(const std::vector<std::string>& layers)
                    .Add({});
   inflight_batches_ =
       &prometheus::BuildGauge().Name("attnserve_inflight_batches").Help("Batches being computed").Register(r).Add({});
+  memory_budget_ = &prometheus::BuildGauge()
+                        .Name("attnserve_memory_budget_bytes")
+                        .Help("Bytes admitted requests may hold at once (memory_budget_bytes)")
+                        .Register(r)
+                        .Add({});
+  memory_reserved_ = &prometheus::BuildGauge()
+                          .Name("attnserve_memory_reserved_bytes")
+                          .Help("Bytes of the memory budget held by admitted requests")
+                          .Register(r)
+                          .Add({});
   families_->flops = &prometheus::BuildCounter()
                           .Name("attnserve_flops_total")
                           .Help("Useful floating-point operations computed (projections and attention matmuls)")

@@ -9,6 +9,8 @@
 //   attnserve_queue_depth{layer}                    gauge     requests waiting
 //   attnserve_inflight_requests                     gauge     accepted and not yet answered
 //   attnserve_inflight_batches                      gauge     batches being computed
+//   attnserve_memory_budget_bytes                   gauge     the memory budget
+//   attnserve_memory_reserved_bytes                 gauge     what admitted requests hold of it
 //   attnserve_flops_total{layer}                    counter   useful floating-point operations computed
 //
 // Status codes are labelled with their canonical names (absl::StatusCodeToString: "OK", "NOT_FOUND", ...).
@@ -58,6 +60,8 @@ class ServerMetrics {
   void SetQueueDepth(const std::string& layer, double depth);
   void InflightAdd(double delta) { inflight_->Increment(delta); }
   void SetInflightBatches(int64_t batches) { inflight_batches_->Set(static_cast<double>(batches)); }
+  void SetMemoryBudget(int64_t bytes) { memory_budget_->Set(static_cast<double>(bytes)); }
+  void SetMemoryReserved(int64_t bytes) { memory_reserved_->Set(static_cast<double>(bytes)); }
 
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
 
@@ -80,6 +84,8 @@ class ServerMetrics {
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Gauge* inflight_;
   prometheus::Gauge* inflight_batches_;
+  prometheus::Gauge* memory_budget_;
+  prometheus::Gauge* memory_reserved_;
   mutable absl::Mutex mu_;
   // std::map: a found LayerSeries stays put while other layers are added.
   std::map<std::string, LayerSeries> layers_ ABSL_GUARDED_BY(mu_);

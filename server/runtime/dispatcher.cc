@@ -68,6 +68,17 @@ void Dispatcher::Submit(std::unique_ptr<InferenceCall> call) {
     call->finish(s);
     return;
   }
+  if (options_.memory != nullptr) {
+    const MultiheadAttention& engine = *call->layer->engine;
+    const int64_t cost = RequestCostBytes(call->parsed, engine.config(), engine.options().scores_block_bytes,
+                                          call->request_bytes);
+    absl::StatusOr<MemoryBudget::Reservation> reserved = options_.memory->Reserve(cost);
+    if (!reserved.ok()) {
+      call->finish(reserved.status());
+      return;
+    }
+    call->memory = std::move(*reserved);
+  }
   const std::string& queue = call->layer_name;
   const int64_t tokens = call->parsed.query_tokens();
   if (absl::Status s = options_.scheduler->Schedule(queue, call, tokens); !s.ok()) {

@@ -1,6 +1,7 @@
 // The admit stage, shared by every protocol's service: it instruments each call's answer (the
 // requests_total and duration metrics, the in-flight gauge, the log line), refuses new calls once shutting
-// down (UNAVAILABLE), validates the call against its layer (ValidateCall) and queues it on that layer.
+// down (UNAVAILABLE), validates the call against its layer (ValidateCall), reserves what it may cost from the
+// memory budget (RESOURCE_EXHAUSTED "memory budget: ..." when it does not fit) and queues it on its layer.
 //
 // Thread-safety: Submit and StartShutdown may be called from any thread at once.
 #pragma once
@@ -23,6 +24,7 @@ class Dispatcher {
     const LayerRegistry* registry = nullptr;  // required
     CallScheduler* scheduler = nullptr;       // required
     ServerMetrics* metrics = nullptr;         // may be null
+    MemoryBudget* memory = nullptr;           // may be null: no budget
     const Clock* clock = RealClock();         // required
   };
   // None of the pointers is owned; all must outlive the dispatcher. InvalidArgument for a missing one.

@@ -13,6 +13,7 @@
 #include "core/attention_inputs.h"
 #include "server/batching/batch_scheduler.h"
 #include "server/runtime/layer_registry.h"
+#include "server/runtime/memory_budget.h"
 
 namespace attnserve {
 
@@ -31,6 +32,7 @@ struct InferenceCall {
   // Why the protocol could not decode `inputs`, if it could not: reported by ValidateCall after the layer
   // lookup, so that an unknown layer is NOT_FOUND whatever its tensors.
   absl::Status decode_status;
+  int64_t request_bytes = 0;  // the request message's size, part of what the call reserves
   absl::Time arrival;
   absl::Time deadline = absl::InfiniteFuture();
   std::function<bool()> is_cancelled;  // may be empty
@@ -42,6 +44,9 @@ struct InferenceCall {
   // replaced layer finishes its requests) and the request checked against it (once: the engine reuses it).
   std::shared_ptr<const ServedLayer> layer;
   ParsedAttention parsed;  // parsed.inputs points at `inputs`: the call must not move (it lives in a unique_ptr)
+  // Set by the Dispatcher at admission: the call's share of the memory budget. The protocol's service takes
+  // it over in `finish` and releases it once the answer has been written.
+  MemoryBudget::Reservation memory;
 
   // Set by the executor before finish(OK).
   AttentionOutputs outputs;

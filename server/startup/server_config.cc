@@ -340,6 +340,10 @@ absl::Status ApplyDefaultsAndValidate(ServerConfig* config) {
                  config->worker_threads());
   }
 
+  if (config->memory_budget_bytes() < 0) {
+    problems.Add("memory_budget_bytes: must be >= 0 (0 = half the memory limit), got ",
+                 config->memory_budget_bytes());
+  }
   if (config->max_inflight_per_stream() < 0) {
     problems.Add("max_inflight_per_stream: must be >= 0 (0 = ", kDefaultMaxInflightPerStream, "), got ",
                  config->max_inflight_per_stream());

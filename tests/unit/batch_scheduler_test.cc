@@ -744,5 +744,29 @@ TEST(BatchSchedulerTest, ObserverSeesQueueDepthAndInflightBatches) {
   EXPECT_EQ(observer.inflight(), (std::vector<int64_t>{1, 0, 1, 0, 1, 0}));
 }
 
+// on_idle runs on a worker once it has run out of work (not while work is queued, not again until it worked).
+TEST(BatchSchedulerTest, OnIdleRunsOnceAfterWork) {
+  testing::FakeClock clock;
+  std::atomic<int> idles{0};
+  Recorder rec;
+  Scheduler::Options options;
+  options.clock = &clock;
+  options.on_idle = [&] { ++idles; };
+  auto scheduler = Scheduler::Create(options, [&](const std::string& q, std::vector<Entry> b) { rec.Record(q, b); });
+  ASSERT_TRUE(scheduler.ok());
+  Scheduler& s = **scheduler;
+  ASSERT_TRUE(s.AddQueue("a", Opts(2, 0)).ok());
+  ASSERT_TRUE(clock.AwaitWaiters(1));
+  EXPECT_EQ(idles.load(), 0);  // no work yet: nothing to give back
+  for (int i = 0; i < 5; ++i) {
+    Item item = MakeItem(0, i);
+    ASSERT_TRUE(s.Schedule("a", item, 1).ok());
+  }
+  ASSERT_TRUE(rec.WaitForItems(5));
+  ASSERT_TRUE(clock.AwaitWaiters(1));
+  EXPECT_EQ(idles.load(), 1);
+  s.Shutdown();
+}
+
 }  // namespace
 }  // namespace attnserve

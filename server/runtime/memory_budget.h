@@ -1,0 +1,79 @@
+// The server's memory budget: every admitted request reserves what it may cost (its request message, the
+// engine's workspace for it, its answer, encoded) until its answer has been written, and admission past
+// the budget is refused at once (RESOURCE_EXHAUSTED), so no traffic mix can take the process past
+// baseline + budget, whatever the queues hold.
+//
+// Thread-safety: every method may be called from any thread at once; a Reservation is released by whichever
+// thread destroys it.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "core/attention_inputs.h"
+#include "core/mha_config.h"
+
+namespace attnserve {
+
+class MemoryBudget {
+ public:
+  // Holds `bytes` of the budget until destroyed (or moved from and the target destroyed).
+  class Reservation {
+   public:
+    Reservation() = default;
+    Reservation(Reservation&& other) noexcept : budget_(other.budget_), bytes_(other.bytes_) {
+      other.budget_ = nullptr;
+    }
+    Reservation& operator=(Reservation&& other) noexcept;
+    Reservation(const Reservation&) = delete;
+    Reservation& operator=(const Reservation&) = delete;
+    ~Reservation() { Release(); }
+    int64_t bytes() const { return budget_ ? bytes_ : 0; }
+    void Release();
+
+   private:
+    friend class MemoryBudget;
+    Reservation(MemoryBudget* budget, int64_t bytes) : budget_(budget), bytes_(bytes) {}
+    MemoryBudget* budget_ = nullptr;
+    int64_t bytes_ = 0;
+  };
+
+  // `budget_bytes` > 0. The budget must outlive every Reservation. `on_change` (may be empty) hears the
+  // reserved bytes after every change (a gauge), from any thread.
+  explicit MemoryBudget(int64_t budget_bytes, std::function<void(int64_t reserved_bytes)> on_change = nullptr)
+      : budget_bytes_(budget_bytes), on_change_(std::move(on_change)) {}
+
+  // RESOURCE_EXHAUSTED "memory budget: the request needs N bytes, M of B are reserved" when it does not fit.
+  absl::StatusOr<Reservation> Reserve(int64_t bytes);
+
+  int64_t budget_bytes() const { return budget_bytes_; }
+  int64_t reserved_bytes() const { return reserved_.load(std::memory_order_relaxed); }
+
+ private:
+  void Changed(int64_t reserved) const {
+    if (on_change_) on_change_(reserved);
+  }
+
+  const int64_t budget_bytes_;
+  const std::function<void(int64_t)> on_change_;
+  std::atomic<int64_t> reserved_{0};
+};
+
+// What one validated request may cost while the server holds it, in bytes: its request message as received
+// (`request_bytes`), the engine's workspace for it alone (gathered inputs, projections, one scores block)
+// and its answer twice (the engine's tensors and their encoded copy in the response).
+int64_t RequestCostBytes(const ParsedAttention& parsed, const MhaConfig& config, int64_t scores_block_bytes,
+                         int64_t request_bytes);
+
+// The default budget: half the memory the process may use (the cgroup v2 memory.max, else cgroup v1's
+// memory.limit_in_bytes, else the machine's MemTotal). `source` (may be null) says which it was.
+int64_t DefaultMemoryBudgetBytes(std::string* source);
+
+// The budget from a cgroup limit file's first line ("max" or a number); 0 for no limit or unparsable.
+int64_t MemoryLimitFromCgroup(const std::string& line);
+
+}  // namespace attnserve

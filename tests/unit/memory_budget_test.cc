@@ -1,0 +1,86 @@
+// MemoryBudget: reservations never exceed the budget, even from many threads; release on destruction or
+// move; what a request costs; the default from the cgroup limit.
+#include "server/runtime/memory_budget.h"
+
+#include <atomic>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace attnserve {
+namespace {
+
+TEST(MemoryBudgetTest, ReservesUpToTheBudgetAndReleases) {
+  std::vector<int64_t> seen;
+  MemoryBudget budget(100, [&](int64_t reserved) { seen.push_back(reserved); });
+  auto a = budget.Reserve(60);
+  ASSERT_TRUE(a.ok());
+  auto b = budget.Reserve(41);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status(), absl::ResourceExhaustedError("memory budget: the request needs 41 bytes, 60 of 100 are "
+                                                     "reserved"));
+  auto c = budget.Reserve(40);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(budget.reserved_bytes(), 100);
+  MemoryBudget::Reservation moved = std::move(*a);
+  EXPECT_EQ(a->bytes(), 0);
+  EXPECT_EQ(moved.bytes(), 60);
+  moved.Release();
+  EXPECT_EQ(budget.reserved_bytes(), 40);
+  { MemoryBudget::Reservation dropped = std::move(*c); }
+  EXPECT_EQ(budget.reserved_bytes(), 0);
+  EXPECT_EQ(seen, (std::vector<int64_t>{60, 100, 40, 0}));
+}
+
+TEST(MemoryBudgetTest, ManyThreadsNeverExceedTheBudget) {
+  MemoryBudget budget(1000);
+  std::atomic<int64_t> peak{0};
+  std::atomic<int> refused{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 2000; ++i) {
+        auto r = budget.Reserve(1 + (t * 37 + i * 11) % 300);
+        if (!r.ok()) {
+          ++refused;
+          continue;
+        }
+        int64_t now = budget.reserved_bytes(), old = peak.load();
+        while (now > old && !peak.compare_exchange_weak(old, now)) {
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_LE(peak.load(), 1000);
+  EXPECT_EQ(budget.reserved_bytes(), 0);
+}
+
+TEST(MemoryBudgetTest, RequestCostCoversRequestWorkspaceAndAnswerTwice) {
+  const MhaConfig config{256, 4, 0, 0, true};
+  ParsedAttention p;
+  AttentionInputs in;
+  p.inputs = &in;
+  p.batch = 2;
+  p.q_len = p.kv_len = 100;
+  p.output_bytes = 2 * 100 * 256 * 4;
+  p.weights_bytes = 2 * 100 * 100 * 4;
+  const int64_t cost = RequestCostBytes(p, config, 4 << 20, 123456);
+  EXPECT_GE(cost, 123456 + 2 * p.answer_bytes() + (4 << 20));
+  EXPECT_GE(cost - 123456 - 2 * p.answer_bytes() - (4 << 20), 4 * 200 * 256 * 3);  // inputs and QKV at least
+}
+
+TEST(MemoryBudgetTest, CgroupLimits) {
+  EXPECT_EQ(MemoryLimitFromCgroup("max"), 0);
+  EXPECT_EQ(MemoryLimitFromCgroup(""), 0);
+  EXPECT_EQ(MemoryLimitFromCgroup("2147483648"), int64_t{2} << 30);
+  EXPECT_EQ(MemoryLimitFromCgroup("9223372036854771712"), 0);  // cgroup v1's "no limit"
+  EXPECT_EQ(MemoryLimitFromCgroup("junk"), 0);
+  std::string source;
+  EXPECT_GT(DefaultMemoryBudgetBytes(&source), 0);
+  EXPECT_NE(source.find("half of"), std::string::npos) << source;
+}
+
+}  // namespace
+}  // namespace attnserve

@@ -14,16 +14,20 @@ absl::Status ShapeError(const char* field, const std::string& expected, const Sh
       absl::StrCat(field, ": expected shape ", expected, ", got ", ShapeToString(actual)));
 }
 
-// Dims must be positive, the data present, and the element count sane before anything multiplies it.
+// Dims must be positive, the data present, and the element count sane (at most 2^40, as the wire decoder
+// allows) before anything multiplies it: B*L, B*S and the FLOPs then fit in int64.
 absl::Status CheckDimsAndData(const char* field, const TensorView& t) {
+  constexpr int64_t kMaxElements = int64_t{1} << 40;
+  int64_t count = 1;
   for (int64_t d : t.shape) {
     if (d <= 0) {
       return absl::InvalidArgumentError(
           absl::StrCat(field, ": every dimension must be positive, got shape ", ShapeToString(t.shape)));
     }
-    if (d > (int64_t{1} << 40)) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ": dimension ", d, " is too large"));
+    if (d > kMaxElements || count > kMaxElements / d) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ": shape ", ShapeToString(t.shape), " is too large"));
     }
+    count *= d;
   }
   if (t.data == nullptr) return absl::InvalidArgumentError(absl::StrCat(field, ": has a shape but no data"));
   return absl::OkStatus();
@@ -186,13 +190,14 @@ absl::StatusOr<ParsedAttention> ParseAttentionInputs(const AttentionInputs& in, 
 }
 
 int64_t AttentionFlops(const MhaConfig& config, int64_t batch, int64_t q_len, int64_t kv_len) {
-  const int64_t e = config.embed_dim;
-  const int64_t q_tokens = batch * q_len, kv_tokens = batch * kv_len;
-  const int64_t projections = 2 * q_tokens * e * e                                    // Q
-                              + 2 * kv_tokens * e * (config.key_dim() + config.value_dim())  // K, V
-                              + 2 * q_tokens * e * e;                                 // output
-  const int64_t attention = 2 * 2 * batch * q_len * kv_len * e;  // QK^T and PV over all heads
-  return projections + attention;
+  // In double: shapes that passed validation without a layer's limits can still make B*L*S*E overflow.
+  const double e = static_cast<double>(config.embed_dim), b = static_cast<double>(batch);
+  const double q_tokens = b * static_cast<double>(q_len), kv_tokens = b * static_cast<double>(kv_len);
+  const double projections = 2 * q_tokens * e * e                                                  // Q
+                             + 2 * kv_tokens * e * static_cast<double>(config.key_dim() + config.value_dim())  // K, V
+                             + 2 * q_tokens * e * e;                                                // output
+  const double attention = 2 * 2 * q_tokens * static_cast<double>(kv_len) * e;  // QK^T and PV, all heads
+  return static_cast<int64_t>(std::min(projections + attention, 9.0e18));
 }
 
 }  // namespace attnserve

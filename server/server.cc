@@ -2,6 +2,7 @@
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <malloc.h>
+#include <sys/resource.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <spdlog/spdlog.h>
@@ -117,8 +118,26 @@ absl::Status Server::Build() {
   return absl::OkStatus();
 }
 
+namespace {
+
+// Every connection costs a descriptor: with the usual soft limit of 1024 a flood of idle connections
+// exhausts them long before the hard limit, and gRPC 1.51's accept loop does not recover from EMFILE.
+void RaiseFileLimit() {
+  rlimit limit{};
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur >= limit.rlim_max) return;
+  const rlim_t before = limit.rlim_cur;
+  limit.rlim_cur = limit.rlim_max;
+  if (setrlimit(RLIMIT_NOFILE, &limit) == 0) {
+    spdlog::info("file descriptor limit raised from {} to {}", static_cast<uint64_t>(before),
+                 static_cast<uint64_t>(limit.rlim_max));
+  }
+}
+
+}  // namespace
+
 absl::Status Server::Start() {
   Parts& p = *parts_;
+  RaiseFileLimit();
   ATTN_RETURN_IF_ERROR(p.metrics->Serve(config_.metrics_address()));
   grpc::EnableDefaultHealthCheckService(true);
   if (options_.enable_reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -109,7 +109,10 @@ void ServerMetrics::AddLayerLocked(const std::string& name) {
 
 absl::Status ServerMetrics::Serve(const std::string& address) {
   try {
-    exposer_ = std::make_unique<prometheus::Exposer>(address);
+    // civetweb's defaults (2 threads, no timeout) let four half-sent requests stall every scrape: more
+    // threads, and a read that waits no longer than 5 s.
+    exposer_ = std::make_unique<prometheus::Exposer>(std::vector<std::string>{
+        "listening_ports", address, "num_threads", "16", "request_timeout_ms", "5000"});
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("metrics_address ", address, ": cannot listen: ", e.what()));
   }

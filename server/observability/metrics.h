@@ -49,7 +49,8 @@ class ServerMetrics {
   ServerMetrics(const ServerMetrics&) = delete;
   ServerMetrics& operator=(const ServerMetrics&) = delete;
 
-  // Starts the HTTP endpoint on host:port (port 0 picks one; see port()).
+  // Starts the HTTP endpoint on host:port (port 0 picks one; see port()), with 16 threads and a 5 s read
+  // timeout, so that slow or half-sent requests cannot stall a scrape.
   absl::Status Serve(const std::string& address);
   int port() const;
 

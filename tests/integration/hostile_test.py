@@ -318,7 +318,27 @@ def case_queue_flood_stays_within_the_memory_budget(s):
         expect(after < BUDGET_MIB / 2, f"RSS still {after:.0f} MiB above its baseline")
 
 
-CASES = [case_queue_flood_stays_within_the_memory_budget, case_per_head_weights_of_2_gib_refused, case_oversize_answer_refused_before_compute,
+def case_half_sent_requests_do_not_stall_metrics(s):
+    """Four half-sent HTTP requests held open on the metrics port: once every scrape waited for them (the
+    exposer served with 2 threads and no timeout)."""
+    import socket
+    held = []
+    for _ in range(4):
+        c = socket.create_connection(("127.0.0.1", s.metrics_port))
+        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # no blank line: the request never ends
+        held.append(c)
+    try:
+        t = time.time()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10).read().decode()
+        took = time.time() - t
+        expect("attnserve_requests_total" in text, "no metrics in the scrape")
+        expect(took < 2, f"the scrape took {took:.1f} s behind half-sent requests")
+    finally:
+        for c in held:
+            c.close()
+
+
+CASES = [case_half_sent_requests_do_not_stall_metrics, case_queue_flood_stays_within_the_memory_budget, case_per_head_weights_of_2_gib_refused, case_oversize_answer_refused_before_compute,
          case_oversize_answer_fails_only_its_stream_request, case_never_reading_stream_is_bounded,
          case_huge_layer_name_not_echoed, case_many_dims_shape_not_echoed,
          case_newline_in_id_cannot_forge_a_log_line, case_warning_flood_is_rate_limited,

@@ -137,10 +137,13 @@ TEST_F(AttentionInputsTest, TwoGibAnswerIsRefusedUpFront) {
   in.average_attn_weights = false;
   ExpectError(in, "attn_weights [8, 4, 4096, 4096] with average_attn_weights=false is 2147483648 bytes", small,
               {0, 0, 0, int64_t{32} << 20});
-  in.query = TensorView::F32(f_.data(), {int64_t{1} << 39, int64_t{1} << 39, 256});
+  // 2^40 elements is the most a tensor may hold: products of its dims (B*L, the sizes) then fit in int64.
+  in.query = TensorView::F32(f_.data(), {int64_t{1} << 16, int64_t{1} << 16, 256});
   auto p = ParseAttentionInputs(in, small, {});
-  ASSERT_TRUE(p.ok());
-  EXPECT_GT(p->weights_bytes, int64_t{1} << 62);  // capped, positive: still past any limit
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->weights_bytes, int64_t{1} << 52);  // [B, H, L, S] = 2^16 * 4 * 2^16 * 2^16 floats
+  in.query = TensorView::F32(f_.data(), {int64_t{1} << 39, int64_t{1} << 39, 256});
+  ExpectError(in, "query: shape [549755813888, 549755813888, 256] is too large", small);
 }
 
 TEST(MhaConfigTest, Validation) {

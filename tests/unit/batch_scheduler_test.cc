@@ -744,27 +744,40 @@ TEST(BatchSchedulerTest, ObserverSeesQueueDepthAndInflightBatches) {
   EXPECT_EQ(observer.inflight(), (std::vector<int64_t>{1, 0, 1, 0, 1, 0}));
 }
 
-// on_idle runs on a worker once it has run out of work (not while work is queued, not again until it worked).
+// on_idle runs on a worker once it has run out of work: not before any work, not between batches while work
+// is queued. The first batch is held until everything is queued, so the rest runs back to back.
 TEST(BatchSchedulerTest, OnIdleRunsOnceAfterWork) {
   testing::FakeClock clock;
   std::atomic<int> idles{0};
   Recorder rec;
+  absl::Notification started, gate;
   Scheduler::Options options;
   options.clock = &clock;
   options.on_idle = [&] { ++idles; };
-  auto scheduler = Scheduler::Create(options, [&](const std::string& q, std::vector<Entry> b) { rec.Record(q, b); });
+  auto scheduler = Scheduler::Create(options, [&](const std::string& q, std::vector<Entry> b) {
+    if (!started.HasBeenNotified()) {
+      started.Notify();
+      gate.WaitForNotification();
+    }
+    rec.Record(q, b);
+  });
   ASSERT_TRUE(scheduler.ok());
   Scheduler& s = **scheduler;
   ASSERT_TRUE(s.AddQueue("a", Opts(2, 0)).ok());
   ASSERT_TRUE(clock.AwaitWaiters(1));
   EXPECT_EQ(idles.load(), 0);  // no work yet: nothing to give back
-  for (int i = 0; i < 5; ++i) {
+  Item first = MakeItem(0, 0);
+  ASSERT_TRUE(s.Schedule("a", first, 1).ok());
+  ASSERT_TRUE(started.WaitForNotificationWithTimeout(kHangTimeout));
+  for (int i = 1; i < 5; ++i) {
     Item item = MakeItem(0, i);
     ASSERT_TRUE(s.Schedule("a", item, 1).ok());
   }
+  gate.Notify();
   ASSERT_TRUE(rec.WaitForItems(5));
   ASSERT_TRUE(clock.AwaitWaiters(1));
   EXPECT_EQ(idles.load(), 1);
+  EXPECT_EQ(rec.batches().size(), 3u);  // [0], [1, 2], [3, 4]
   s.Shutdown();
 }
 

@@ -249,11 +249,12 @@ def case_warning_flood_is_rate_limited(s):
 
 def case_cancelled_heavy_work_stops(s):
     """A heavy request (E=768, L=4096: ~70 GFLOP) cancelled by its client once its batch is computing: once
-    computed in full while a small request waited behind it. It now stops at its next query block."""
+    computed in full (and counted OK) while a small request waited behind it. It now stops at its next query
+    block and is answered CANCELLED ("while computing"); the wait of a small request sent after it is
+    printed, not asserted (a timing)."""
     heavy = request("base", [1, 4096, 768])
-    compute_before = s.metric("attnserve_compute_duration_seconds_sum", 'layer="base"')
-    s.stub.Infer(heavy, timeout=120)
-    full = s.metric("attnserve_compute_duration_seconds_sum", 'layer="base"') - compute_before  # compute alone
+    labels = 'code="CANCELLED",layer="base"'
+    cancelled_before = s.metric("attnserve_requests_total", labels)
     call = s.stub.Infer.future(heavy, timeout=120)
     deadline = time.time() + 30
     while s.metric("attnserve_inflight_batches") < 1 and time.time() < deadline:
@@ -265,10 +266,12 @@ def case_cancelled_heavy_work_stops(s):
     pbg.AttentionServiceStub(other).Infer(request("small", [1, 8, 256]), timeout=60)
     latency = time.time() - t
     other.close()
-    print(f"    heavy request computes {full * 1000:.0f} ms; a small one sent once its twin was cancelled while "
-          f"computing waited {latency * 1000:.0f} ms")
-    expect(full > 0.2, f"the heavy request took only {full * 1000:.0f} ms: not heavy enough to tell")
-    expect(latency < full / 2, "the cancelled request was computed in full")
+    print(f"    a small request sent once a heavy one was cancelled while computing waited {latency * 1000:.0f} ms")
+    deadline = time.time() + 30
+    while s.metric("attnserve_requests_total", labels) == cancelled_before and time.time() < deadline:
+        time.sleep(0.01)
+    expect(s.metric("attnserve_requests_total", labels) == cancelled_before + 1,
+           "the cancelled request was not stopped while computing (not counted CANCELLED)")
 
 
 def case_queue_flood_stays_within_the_memory_budget(s):

@@ -6,6 +6,9 @@ TSAN_BUILD ?= build-tsan
 # the executor and metrics, the engine on many threads, and the in-process server (service, drain, reload).
 TSAN_TESTS ?= batch_queue_test batch_scheduler_test layer_registry_test batch_executor_test metrics_test \
               mha_threads_test layer_reload_test attention_service_test
+# Under TSan the two service tests that push hundreds of large messages through gRPC took minutes (overload:
+# 8 s in one run, 214 s in another); the rest of the service tests, the stream among them, run.
+TSAN_GTEST_FILTER ?= -AttentionServiceTest.OverloadGetsResourceExhausted:AttentionServiceTest.MalformedRequestsAmongGoodOnes
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?= -G Ninja -DCMAKE_BUILD_TYPE=Release
 
@@ -35,7 +38,7 @@ test-tsan: deps
 	  -DATTNSERVE_ABSEIL_SOURCE_DIR=$(CURDIR)/build-deps/abseil-src
 	cmake --build $(TSAN_BUILD) -j $(JOBS) --target $(TSAN_TESTS)
 	cd $(TSAN_BUILD) && TSAN_OPTIONS="suppressions=$(CURDIR)/tests/tsan.supp halt_on_error=1 second_deadlock_stack=1" \
-	  ctest --output-on-failure -j 1 -R '^($(shell echo $(TSAN_TESTS) | tr ' ' '|'))$$'
+	  GTEST_FILTER='$(TSAN_GTEST_FILTER)' ctest --output-on-failure -j 1 -R '^($(shell echo $(TSAN_TESTS) | tr ' ' '|'))$$'
 
 run: build
 	./$(BUILD)/server/attnserve $(ARGS)

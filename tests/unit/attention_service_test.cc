@@ -502,7 +502,7 @@ TEST_F(AttentionServiceTest, InferStreamMatchesById) {
   std::vector<v1::InferRequest> requests;
   for (const Item& item : items) requests.push_back(item.proto);
   std::vector<v1::InferResponse> responses;
-  const grpc::Status status = RunStream(*server->stub, requests, absl::Seconds(60), &responses);
+  const grpc::Status status = RunStream(*server->stub, requests, absl::Seconds(300), &responses);
   EXPECT_TRUE(status.ok()) << Str(status);
   CheckStreamAnswers(items, responses);
 }
@@ -534,7 +534,7 @@ TEST_F(AttentionServiceTest, OversizeAnswerFailsOnlyItsRequest) {
   for (const Item& item : items) requests.push_back(item.proto);
   requests.insert(requests.begin() + 3, huge.ToProto());
   std::vector<v1::InferResponse> responses;
-  ASSERT_TRUE(RunStream(*server->stub, requests, absl::Seconds(60), &responses).ok());
+  ASSERT_TRUE(RunStream(*server->stub, requests, absl::Seconds(300), &responses).ok());
   ASSERT_EQ(responses.size(), requests.size());
   int refused = 0;
   for (const v1::InferResponse& r : responses) {

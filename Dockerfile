@@ -70,7 +70,7 @@ STOPSIGNAL SIGTERM
 # grpc.health.v1 through attnctl, on the port of ATTNSERVE_GRPC_ADDRESS (default 50051). A port set only in a
 # mounted config file needs ATTNSERVE_GRPC_ADDRESS as well for this check to follow it.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-  CMD a="${ATTNSERVE_GRPC_ADDRESS:-0.0.0.0:50051}"; exec attnctl --target "127.0.0.1:${a##*:}" health
+  CMD a="${ATTNSERVE_HEALTH_ADDRESS:-${ATTNSERVE_GRPC_ADDRESS:-0.0.0.0:50051}}"; exec attnctl --target "127.0.0.1:${a##*:}" health
 
 # Set by deploy/test-container.sh from CMakeLists.txt's project(VERSION); the binaries report it too.
 ARG VERSION=0.1.0

@@ -2,6 +2,10 @@
 BUILD ?= build
 ASAN_BUILD ?= build-asan
 TSAN_BUILD ?= build-tsan
+FUZZ_BUILD ?= build-fuzz
+# make fuzz: seconds each libFuzzer harness runs (tests/fuzz).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= infer_request_fuzz safetensors_fuzz config_fuzz
 # The tests with threads of their own, run under ThreadSanitizer: the scheduler and queue, the layer registry,
 # the executor and metrics, the engine on many threads, and the in-process server (service, drain, reload).
 TSAN_TESTS ?= batch_queue_test batch_scheduler_test layer_registry_test batch_executor_test metrics_test \
@@ -12,7 +16,7 @@ TSAN_GTEST_FILTER ?= -AttentionServiceTest.OverloadGetsResourceExhausted:Attenti
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?= -G Ninja -DCMAKE_BUILD_TYPE=Release
 
-.PHONY: deps build test test-asan test-tsan run bench bench-serving clean
+.PHONY: deps build test test-asan test-tsan fuzz run bench bench-serving clean
 
 deps:
 	bash scripts/install-deps.sh
@@ -40,6 +44,15 @@ test-tsan: deps
 	cd $(TSAN_BUILD) && TSAN_OPTIONS="suppressions=$(CURDIR)/tests/tsan.supp halt_on_error=1 second_deadlock_stack=1" \
 	  GTEST_FILTER='$(TSAN_GTEST_FILTER)' ctest --output-on-failure -j 1 -R '^($(shell echo $(TSAN_TESTS) | tr ' ' '|'))$$'
 
+# libFuzzer (clang-14, ASan + UBSan) on the request, safetensors and config decoders, FUZZ_SECONDS each, on a
+# copy of tests/fuzz/corpus in $(FUZZ_BUILD); fails on any crash, printing the input's path (see
+# tests/fuzz/regressions/README.md). The normal builds replay the corpus as ctests (label fuzz).
+fuzz:
+	bash scripts/install-deps.sh --fuzz
+	CC=clang-14 CXX=clang++-14 cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DATTNSERVE_FUZZ=ON
+	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target $(FUZZ_TARGETS)
+	bash tests/fuzz/run_fuzzers.sh $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
 run: build
 	./$(BUILD)/server/attnserve $(ARGS)
 
@@ -51,7 +64,7 @@ bench-serving: build
 	/usr/bin/python3 bench/serving_bench.py --build $(BUILD)
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD)
 
 # The container test: builds the Dockerfile's image with buildah (no Docker engine needed) and runs it
 # (deploy/test-container.sh). Needs root; installs buildah and debootstrap first.

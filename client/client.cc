@@ -10,6 +10,7 @@
 #include <grpcpp/generic/generic_stub.h>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
@@ -76,6 +77,14 @@ absl::StatusOr<Client::Tensor> DecodeFloatTensor(const attnserve::v1::Tensor& t,
   return out;
 }
 
+absl::StatusOr<std::string> ReadTextFile(const char* field, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream text;
+  text << in.rdbuf();
+  if (!in || text.str().empty()) return absl::NotFoundError(absl::StrCat(field, ": cannot read \"", path, "\""));
+  return text.str();
+}
+
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeCredentials(const Client::Options& o) {
   if (!o.use_tls) return grpc::InsecureChannelCredentials();
   grpc::SslCredentialsOptions ssl;
@@ -87,6 +96,10 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeCredentials(const 
       return absl::NotFoundError(absl::StrCat("tls_root_certs_path: cannot read \"", o.tls_root_certs_path, "\""));
     }
     ssl.pem_root_certs = pem.str();
+  }
+  if (!o.tls_cert_path.empty()) {
+    ATTN_ASSIGN_OR_RETURN(ssl.pem_cert_chain, ReadTextFile("tls_cert_path", o.tls_cert_path));
+    ATTN_ASSIGN_OR_RETURN(ssl.pem_private_key, ReadTextFile("tls_key_path", o.tls_key_path));
   }
   return grpc::SslCredentials(ssl);
 }
@@ -116,8 +129,11 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const Options& options) {
     return absl::InvalidArgumentError(absl::StrCat("load_balancing: expected round_robin or pick_first, got \"",
                                                    options.load_balancing, "\""));
   }
-  if (!options.use_tls && !options.tls_root_certs_path.empty()) {
-    return absl::InvalidArgumentError("tls_root_certs_path: only meaningful with use_tls");
+  if (!options.use_tls && !(options.tls_root_certs_path.empty() && options.tls_cert_path.empty())) {
+    return absl::InvalidArgumentError("tls_root_certs_path, tls_cert_path: only meaningful with use_tls");
+  }
+  if (options.tls_cert_path.empty() != options.tls_key_path.empty()) {
+    return absl::InvalidArgumentError("tls_cert_path and tls_key_path go together; one is empty");
   }
   ATTN_ASSIGN_OR_RETURN(auto credentials, MakeCredentials(options));
   grpc::ChannelArguments args;
@@ -133,9 +149,22 @@ Client::Client(Options options, std::shared_ptr<grpc::Channel> channel)
       channel_(std::move(channel)),
       stub_(attnserve::v1::AttentionService::NewStub(channel_)) {}
 
-void Client::SetDeadline(grpc::ClientContext* context, std::optional<int64_t> timeout_ms) const {
+void Client::PrepareContext(grpc::ClientContext* context, std::optional<int64_t> timeout_ms) const {
   const int64_t ms = timeout_ms.value_or(options_.default_timeout_ms);
   if (ms > 0) context->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(ms));
+  if (!options_.token.empty()) context->AddMetadata("authorization", "Bearer " + options_.token);
+}
+
+absl::StatusOr<std::string> Client::TokenFromEnvironmentOrFile(
+    const std::string& token_file, const std::function<const char*(const char*)>& getenv_fn) {
+  if (!token_file.empty()) {
+    ATTN_ASSIGN_OR_RETURN(const std::string text, ReadTextFile("--token-file", token_file));
+    const std::string token(absl::StripAsciiWhitespace(text.substr(0, text.find('\n'))));
+    if (token.empty()) return absl::InvalidArgumentError(absl::StrCat("--token-file: \"", token_file, "\" is empty"));
+    return token;
+  }
+  const char* env = getenv_fn ? getenv_fn("ATTNSERVE_TOKEN") : nullptr;
+  return std::string(env == nullptr ? "" : env);
 }
 
 absl::StatusOr<attnserve::v1::InferRequest> Client::MakeInferRequest(const std::string& layer,
@@ -192,7 +221,7 @@ absl::StatusOr<Client::InferResult> Client::Infer(const std::string& layer, absl
 absl::StatusOr<attnserve::v1::InferResponse> Client::InferRaw(const attnserve::v1::InferRequest& request,
                                                               std::optional<int64_t> timeout_ms) const {
   grpc::ClientContext context;
-  SetDeadline(&context, timeout_ms);
+  PrepareContext(&context, timeout_ms);
   attnserve::v1::InferResponse response;
   ATTN_RETURN_IF_ERROR(FromGrpcStatus(stub_->Infer(&context, request, &response)));
   return response;
@@ -204,7 +233,7 @@ absl::StatusOr<Client::HealthStatus> Client::Health(const std::string& service) 
   grpc::ByteBuffer request(&slice, 1);
   grpc::ByteBuffer response;
   grpc::ClientContext context;
-  SetDeadline(&context, std::nullopt);
+  PrepareContext(&context, std::nullopt);
   grpc::GenericStub generic(channel_);
   grpc::Status status;
   absl::Notification done;
@@ -225,7 +254,7 @@ absl::StatusOr<Client::HealthStatus> Client::Health(const std::string& service) 
 
 absl::StatusOr<std::vector<attnserve::v1::Layer>> Client::ListLayers() const {
   grpc::ClientContext context;
-  SetDeadline(&context, std::nullopt);
+  PrepareContext(&context, std::nullopt);
   attnserve::v1::ListLayersResponse response;
   ATTN_RETURN_IF_ERROR(FromGrpcStatus(stub_->ListLayers(&context, attnserve::v1::ListLayersRequest(), &response)));
   return std::vector<attnserve::v1::Layer>(response.layers().begin(), response.layers().end());
@@ -233,7 +262,7 @@ absl::StatusOr<std::vector<attnserve::v1::Layer>> Client::ListLayers() const {
 
 absl::StatusOr<attnserve::v1::Layer> Client::GetLayer(const std::string& name) const {
   grpc::ClientContext context;
-  SetDeadline(&context, std::nullopt);
+  PrepareContext(&context, std::nullopt);
   attnserve::v1::GetLayerRequest request;
   request.set_name(name);
   attnserve::v1::Layer layer;

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -33,6 +34,13 @@ class Client {
     // With use_tls: PEM file of the root certificates the server's certificate must chain to; empty uses
     // gRPC's defaults (GRPC_DEFAULT_SSL_ROOTS_FILE_PATH, else the bundled roots).
     std::string tls_root_certs_path;
+    // With use_tls, for servers that require client certificates (mTLS): PEM files of this client's
+    // certificate chain and private key; both or neither.
+    std::string tls_cert_path;
+    std::string tls_key_path;
+    // Sent as "authorization: Bearer <token>" on every call (servers started with --auth-token-file).
+    // Empty: none. See TokenFromEnvironmentOrFile for the tools' --token-file / ATTNSERVE_TOKEN rule.
+    std::string token;
     // Deadline of every call that does not set its own, in milliseconds; 0 means no deadline.
     int64_t default_timeout_ms = 30'000;
     // Largest message sent or received, in bytes (the server's own limit is 64 MiB).
@@ -139,7 +147,13 @@ class Client {
   // deadline rule of this client applied to a context (`timeout_ms` as in InferOptions).
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
   attnserve::v1::AttentionService::Stub* stub() const { return stub_.get(); }
-  void SetDeadline(grpc::ClientContext* context, std::optional<int64_t> timeout_ms) const;
+  // Sets the deadline (`timeout_ms` as in InferOptions) and the token's authorization metadata.
+  void PrepareContext(grpc::ClientContext* context, std::optional<int64_t> timeout_ms) const;
+
+  // The token of the tools: the file's first line when `token_file` is given (NotFound when it cannot be
+  // read, InvalidArgument when it is empty), else $ATTNSERVE_TOKEN through `getenv_fn`, else "".
+  static absl::StatusOr<std::string> TokenFromEnvironmentOrFile(const std::string& token_file,
+                                                                const std::function<const char*(const char*)>& getenv_fn);
   const Options& options() const { return options_; }
 
  private:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs every build, test and run dependency of attnserve from Debian 12's archive (and npm for the
 # Node example). Idempotent: packages already present are skipped, so a second run costs a dpkg query.
-# Usage: scripts/install-deps.sh [--bench]   (--bench adds PyTorch and OpenBLAS for bench/torch_mha.py)
+# Usage: scripts/install-deps.sh [--bench]   (--bench adds PyTorch and OpenBLAS for bench/torch_mha.py;
+# --container, --tsan and --fuzz add what those make targets need, see below)
 set -euo pipefail
 
 SUDO=""
@@ -14,8 +15,9 @@ PKGS=(
   libspdlog-dev libfmt-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libabsl-dev nlohmann-json3-dev
-  python3 python3-numpy python3-grpcio python3-protobuf
+  python3 python3-numpy python3-grpcio python3-protobuf python3-cryptography
   prometheus curl procps
+  libssl-dev openssl
 )
 if [ "${1:-}" = "--bench" ]; then
   PKGS+=(python3-torch libopenblas0-pthread)
@@ -66,6 +68,23 @@ if [ "${1:-}" = "--container" ]; then
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${container_missing[@]}"
+  fi
+fi
+
+# --fuzz (make fuzz): clang 14 with its sanitizer and libFuzzer runtimes (libclang-rt-14-dev), and LLVM's
+# OpenMP (libomp-14-dev: clang's omp.h, which the engine's sources include).
+if [ "${1:-}" = "--fuzz" ]; then
+  fuzz_missing=()
+  for p in clang-14 libclang-rt-14-dev libomp-14-dev; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+      fuzz_missing+=("$p")
+    fi
+  done
+  if ((${#fuzz_missing[@]})); then
+    echo "install-deps: installing ${fuzz_missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${fuzz_missing[@]}"
   fi
 fi
 

@@ -3,12 +3,21 @@
 #include <signal.h>
 #include <spdlog/spdlog.h>
 
+#include <unistd.h>
+
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 
 #include "server/server.h"
 #include "server/startup/logging.h"
 #include "server/startup/server_flags.h"
+
+namespace {
+// The gRPC port stopped accepting connections (see ServerOptions::on_listener_failure).
+constexpr int kExitListenerFailed = 3;
+}  // namespace
 
 int main(int argc, char** argv) {
   using namespace attnserve;
@@ -36,7 +45,14 @@ int main(int argc, char** argv) {
     spdlog::critical("invalid configuration: {}", std::string(config.status().message()));
     return 2;
   }
-  auto server = Server::Create(*config, ServerOptions{});
+  // A port that stopped accepting is woken up like a SIGTERM, and the exit status then says why.
+  static std::atomic<bool> listener_failed{false};
+  ServerOptions options;
+  options.on_listener_failure = [](const std::string&) {
+    listener_failed = true;
+    kill(getpid(), SIGTERM);
+  };
+  auto server = Server::Create(*config, options);
   if (!server.ok()) {
     spdlog::critical("cannot load layers: {}", std::string(server.status().message()));
     return 2;
@@ -48,12 +64,17 @@ int main(int argc, char** argv) {
   int signal_number = 0;
   sigwait(&signals, &signal_number);
   (*server)->StopAccepting();  // logged after, so whoever sees the line also sees NOT_SERVING
-  spdlog::info("received {}: draining (grace {})", signal_number == SIGTERM ? "SIGTERM" : "SIGINT",
+  spdlog::info("{}: draining (grace {})",
+               listener_failed ? "listener failed" : signal_number == SIGTERM ? "received SIGTERM" : "received SIGINT",
                absl::FormatDuration(flags->shutdown_grace));
   if (absl::Status s = (*server)->Drain(absl::Now() + flags->shutdown_grace); !s.ok()) {
     spdlog::error("shutdown grace of {} ran out before every queued request was answered",
                   absl::FormatDuration(flags->shutdown_grace));
     std::_Exit(1);  // batches still run on the workers: leave without destroying the server under them
+  }
+  if (listener_failed) {
+    spdlog::critical("exiting with status {} after the listener failed, to be restarted", kExitListenerFailed);
+    return kExitListenerFailed;
   }
   return 0;
 }

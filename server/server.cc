@@ -3,8 +3,11 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <malloc.h>
 #include <sys/resource.h>
+#include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/impl/server_builder_option.h>
+#include <grpcpp/impl/server_builder_plugin.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -17,12 +20,18 @@
 #include "common/status_macros.h"
 #include "common/version.h"
 #include "server/api/attention_service.h"
+#include "server/api/authorizer.h"
+#include "server/api/grpc_logging.h"
+#include "server/api/transport_credentials.h"
 #include "server/runtime/batch_executor.h"
 #include "server/runtime/dispatcher.h"
 #include "server/runtime/memory_budget.h"
 #include "server/startup/cpu_budget.h"
 #include "server/startup/layer_options.h"
 #include "server/startup/server_config.h"
+#include "server/startup/transport_config.h"
+#include "server/transport/listener_probe.h"
+#include "server/security/credential_store.h"
 
 namespace attnserve {
 namespace {
@@ -48,20 +57,43 @@ class MetricsObserver final : public SchedulerObserver {
   ServerMetrics* metrics_;
 };
 
+// Removes gRPC's reflection plugin from a builder. Debian's libgrpc++_reflection registers it for every
+// server of the process when the library loads, so not calling InitProtoReflectionServerBuilderPlugin is not
+// enough to serve without reflection.
+class WithoutReflection final : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments* /*args*/) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
+                                  [](const auto& plugin) { return plugin->name() == "proto_server_reflection"; }),
+                   plugins->end());
+  }
+};
+
 }  // namespace
 
 // Declared in the order they are built; destroyed in reverse, so gRPC stops before the services and the
 // scheduler (which runs what is still queued) before the executor.
 struct Server::Parts {
+  std::unique_ptr<CredentialStore> metrics_users;  // before metrics: the exposer's threads ask it
+  std::unique_ptr<CredentialStore> tokens;
+  std::unique_ptr<Authorizer> authorizer;
   std::unique_ptr<LayerRegistry> registry;
   std::unique_ptr<ServerMetrics> metrics;
   std::unique_ptr<MetricsObserver> observer;
   std::unique_ptr<MemoryBudget> memory;
   std::unique_ptr<BatchExecutor> executor;
+  std::unique_ptr<BatchExecutor> express_executor;  // the express lane's: one thread per request
   std::unique_ptr<CallScheduler> scheduler;
   std::unique_ptr<Dispatcher> dispatcher;
   std::unique_ptr<AttentionServiceImpl> service;
   std::unique_ptr<grpc::Server> grpc_server;
+  // The plaintext health-only listener (health_address). Its only service of ours answers every method
+  // UNIMPLEMENTED: gRPC builds no server without one, and adds its health service beside it.
+  grpc::CallbackGenericService health_fallback;
+  std::unique_ptr<grpc::Server> health_server;
+  int health_port = 0;
+  std::unique_ptr<ListenerProbe> listener_probe;  // first to stop
   int grpc_port = 0;
   bool drained = false;
   // Gives freed heap memory back to the system while the server holds no request (see Start).
@@ -90,6 +122,7 @@ absl::Status Server::Build() {
   // Workers x OpenMP threads per worker = CPUs, so the two never oversubscribe the machine.
   const int cpus = options_.cpus > 0 ? options_.cpus : AvailableCpus();
   threads_per_batch_ = std::max(1, cpus / std::max(1, config_.worker_threads()));
+  ATTN_RETURN_IF_ERROR(BuildCredentialStores());
   ATTN_ASSIGN_OR_RETURN(p.registry, LayerRegistry::Create(config_));
   std::vector<std::string> names;
   for (const auto& l : config_.layers()) names.push_back(l.name());
@@ -97,24 +130,45 @@ absl::Status Server::Build() {
   p.observer = std::make_unique<MetricsObserver>(p.metrics.get());
   BuildMemoryBudget();
   ATTN_ASSIGN_OR_RETURN(p.executor, BatchExecutor::Create({p.metrics.get(), options_.clock, threads_per_batch_}));
+  ATTN_ASSIGN_OR_RETURN(p.express_executor, BatchExecutor::Create({p.metrics.get(), options_.clock, 1}));
   CallScheduler::Options scheduler_options;
   scheduler_options.worker_threads = config_.worker_threads();
   scheduler_options.clock = options_.clock;
   scheduler_options.idle_spin_us = options_.idle_spin_us;
   scheduler_options.observer = p.observer.get();
   scheduler_options.on_idle = [] { ReleaseThreadScratch(); };  // a burst's scratch goes back when it ends
-  BatchExecutor* executor = p.executor.get();
-  ATTN_ASSIGN_OR_RETURN(p.scheduler,
-                        CallScheduler::Create(scheduler_options, [executor](const std::string& layer, auto batch) {
-                          executor->Run(layer, std::move(batch));
-                        }));
+  scheduler_options.long_batch_cost = options_.long_batch_flops;
+  scheduler_options.cost = [](const std::unique_ptr<InferenceCall>& call) {
+    return static_cast<double>(call->parsed.flops);
+  };
+  const auto run_on = [](const BatchExecutor* executor) {
+    return [executor](const std::string& layer, auto batch) { executor->Run(layer, std::move(batch)); };
+  };
+  ATTN_ASSIGN_OR_RETURN(p.scheduler, CallScheduler::Create(scheduler_options, run_on(p.executor.get()),
+                                                           run_on(p.express_executor.get())));
   for (const auto& l : config_.layers()) {
     ATTN_RETURN_IF_ERROR(p.scheduler->AddQueue(l.name(), ToBatchingOptions(l.batching())));
   }
   ATTN_ASSIGN_OR_RETURN(p.dispatcher, Dispatcher::Create({p.registry.get(), p.scheduler.get(), p.metrics.get(),
                                                           p.memory.get(), options_.clock}));
   p.service = std::make_unique<AttentionServiceImpl>(p.registry.get(), p.dispatcher.get(), options_.clock,
-                                                     config_.max_inflight_per_stream());
+                                                     config_.max_inflight_per_stream(), p.authorizer.get());
+  return absl::OkStatus();
+}
+
+absl::Status Server::BuildCredentialStores() {
+  Parts& p = *parts_;
+  const auto& security = config_.security();
+  if (!security.auth_token_file().empty()) {
+    ATTN_ASSIGN_OR_RETURN(p.tokens, CredentialStore::Create({security.auth_token_file(), CredentialFileKind::kTokens,
+                                                             options_.credential_reload_interval}));
+  }
+  if (!security.metrics_auth_file().empty()) {
+    ATTN_ASSIGN_OR_RETURN(p.metrics_users,
+                          CredentialStore::Create({security.metrics_auth_file(), CredentialFileKind::kBasicAuth,
+                                                   options_.credential_reload_interval}));
+  }
+  p.authorizer = std::make_unique<Authorizer>(p.tokens.get());
   return absl::OkStatus();
 }
 
@@ -138,30 +192,118 @@ void RaiseFileLimit() {
 absl::Status Server::Start() {
   Parts& p = *parts_;
   RaiseFileLimit();
-  ATTN_RETURN_IF_ERROR(p.metrics->Serve(config_.metrics_address()));
+  RouteGrpcLogsToSpdlog();
+  ServerMetrics::BasicAuthCheck metrics_auth;
+  if (p.metrics_users != nullptr) {
+    metrics_auth = [users = p.metrics_users.get()](const std::string& user, const std::string& password) {
+      return users->ScopesOf(user, password) != kScopeNone;
+    };
+  }
+  ATTN_RETURN_IF_ERROR(p.metrics->Serve(config_.metrics_address(), std::move(metrics_auth)));
+  ATTN_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                        BuildServerCredentials(config_.security()));
   grpc::EnableDefaultHealthCheckService(true);
-  if (options_.enable_reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  const bool reflection = options_.enable_reflection && !config_.security().disable_reflection();
+  if (reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(config_.grpc_address(), grpc::InsecureServerCredentials(), &p.grpc_port);
-  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
-  builder.SetMaxSendMessageSize(kMaxMessageBytes);
-  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, kMaxConnectionAgeMs);
-  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, kMaxConnectionAgeGraceMs);
+  if (!reflection) builder.SetOption(std::make_unique<WithoutReflection>());
+  builder.AddListeningPort(config_.grpc_address(), credentials, &p.grpc_port);
+  ConfigureTransport(&builder);
   builder.RegisterService(p.service.get());
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<ReflectionGuardFactory>(p.authorizer.get()));
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   p.grpc_server = builder.BuildAndStart();
   if (p.grpc_server == nullptr || p.grpc_port == 0) {
     p.grpc_server.reset();
     return absl::UnavailableError(absl::StrCat("grpc_address ", config_.grpc_address(), ": cannot listen"));
   }
-  grpc::HealthCheckServiceInterface* health = p.grpc_server->GetHealthCheckService();
-  health->SetServingStatus("", true);
-  health->SetServingStatus(kServiceName, true);
+  ATTN_RETURN_IF_ERROR(StartHealthServer());
+  SetServing();
   LogLayers();
   StartTrimmer();
+  ATTN_RETURN_IF_ERROR(StartListenerProbe());
   spdlog::info("attnserve {} ready: grpc_port={} metrics_port={} grpc_address={} metrics_address={} workers={} "
-               "omp_threads_per_worker={}",
+               "omp_threads_per_worker={} tls={} mtls={} tokens={} metrics_auth={} reflection={} health_port={}",
                kAttnserveVersion, p.grpc_port, p.metrics->port(), config_.grpc_address(),
-               config_.metrics_address(), config_.worker_threads(), threads_per_batch_);
+               config_.metrics_address(), config_.worker_threads(), threads_per_batch_,
+               !config_.security().tls_cert_file().empty(), !config_.security().tls_client_ca_file().empty(),
+               p.tokens != nullptr, p.metrics_users != nullptr, reflection, p.health_port);
+  return absl::OkStatus();
+}
+
+absl::Status Server::StartHealthServer() {
+  Parts& p = *parts_;
+  if (config_.health_address().empty()) return absl::OkStatus();
+  grpc::ServerBuilder builder;
+  builder.SetOption(std::make_unique<WithoutReflection>());
+  builder.RegisterCallbackGenericService(&p.health_fallback);
+  builder.AddListeningPort(config_.health_address(), grpc::InsecureServerCredentials(), &p.health_port);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 4);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, static_cast<int>(config_.transport().max_connection_idle_ms()));
+  builder.SetMaxReceiveMessageSize(4096);
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<ReflectionGuardFactory>(p.authorizer.get()));
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  p.health_server = builder.BuildAndStart();
+  if (p.health_server == nullptr || p.health_port == 0) {
+    p.health_server.reset();
+    return absl::UnavailableError(absl::StrCat("health_address ", config_.health_address(), ": cannot listen"));
+  }
+  return absl::OkStatus();
+}
+
+void Server::SetServing() {
+  for (grpc::Server* server : {parts_->grpc_server.get(), parts_->health_server.get()}) {
+    if (server == nullptr) continue;
+    server->GetHealthCheckService()->SetServingStatus("", true);
+    server->GetHealthCheckService()->SetServingStatus(kServiceName, true);
+  }
+}
+
+void Server::ConfigureTransport(grpc::ServerBuilder* builder) const {
+  const auto& t = config_.transport();
+  builder->SetMaxReceiveMessageSize(kMaxMessageBytes);
+  builder->SetMaxSendMessageSize(kMaxMessageBytes);
+  builder->AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, kMaxConnectionAgeMs);
+  builder->AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, kMaxConnectionAgeGraceMs);
+  builder->AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, t.max_concurrent_streams());
+  builder->AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, static_cast<int>(t.max_connection_idle_ms()));
+  builder->AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                              static_cast<int>(t.keepalive_min_ping_interval_ms()));
+  builder->AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, t.max_ping_strikes());
+  builder->AddChannelArgument(GRPC_ARG_MAX_METADATA_SIZE, static_cast<int>(t.max_metadata_bytes()));
+  // Identity only: gRPC 1.51 inflates a compressed message whole before checking its size (a 1 MiB gzip
+  // bomb costs 1 GiB); a compressed request is refused (UNIMPLEMENTED) before it is inflated. Float tensors
+  // hardly compress anyway.
+  builder->AddChannelArgument(GRPC_COMPRESSION_CHANNEL_ENABLED_ALGORITHMS_BITSET, 1 << GRPC_COMPRESS_NONE);
+  grpc::ResourceQuota quota("attnserve");
+  const int64_t grpc_memory = GrpcMemoryBytes(t, parts_->memory->budget_bytes());
+  quota.Resize(static_cast<size_t>(grpc_memory));
+  quota.SetMaxThreads(t.grpc_max_threads());
+  builder->SetResourceQuota(quota);
+  spdlog::info("transport: max_concurrent_streams={} max_connection_idle_ms={} keepalive_min_ping_interval_ms={} "
+               "max_ping_strikes={} grpc_memory_bytes={} grpc_max_threads={} max_metadata_bytes={}",
+               t.max_concurrent_streams(), t.max_connection_idle_ms(), t.keepalive_min_ping_interval_ms(),
+               t.max_ping_strikes(), grpc_memory, t.grpc_max_threads(), t.max_metadata_bytes());
+}
+
+absl::Status Server::StartListenerProbe() {
+  const auto& t = config_.transport();
+  if (t.listener_check_interval_ms() <= 0) return absl::OkStatus();
+  ListenerProbe::Options probe;
+  const size_t colon = config_.grpc_address().rfind(':');
+  probe.host = config_.grpc_address().substr(0, colon);
+  probe.port = parts_->grpc_port;
+  probe.tls = !config_.security().tls_cert_file().empty();
+  probe.interval = absl::Milliseconds(t.listener_check_interval_ms());
+  probe.on_failure = [this](const std::string& why) {
+    spdlog::critical("the gRPC port {} no longer accepts connections ({}): NOT_SERVING from now on",
+                     parts_->grpc_port, why);
+    StopAccepting();
+    if (options_.on_listener_failure) options_.on_listener_failure(why);
+  };
+  ATTN_ASSIGN_OR_RETURN(parts_->listener_probe, ListenerProbe::Create(probe));
   return absl::OkStatus();
 }
 
@@ -215,8 +357,8 @@ void Server::LogLayers() const {
 
 void Server::StopAccepting() {
   parts_->dispatcher->StartShutdown();  // new requests: UNAVAILABLE
-  if (parts_->grpc_server != nullptr) {
-    parts_->grpc_server->GetHealthCheckService()->Shutdown();  // NOT_SERVING for every service, at once
+  for (grpc::Server* server : {parts_->grpc_server.get(), parts_->health_server.get()}) {
+    if (server != nullptr) server->GetHealthCheckService()->Shutdown();  // NOT_SERVING for every service, at once
   }
 }
 
@@ -225,6 +367,7 @@ absl::Status Server::Drain(absl::Time deadline) {
   if (p.grpc_server == nullptr || p.drained) return absl::OkStatus();
   p.drained = true;
   const absl::Time start = absl::Now();
+  p.listener_probe.reset();  // a draining port may stop answering; that is no failure
   StopAccepting();
   // Answer everything accepted: the scheduler runs all queued batches, then stops its workers. On a
   // thread of its own, so that a deadline running out leaves it behind rather than blocking here.
@@ -237,6 +380,7 @@ absl::Status Server::Drain(absl::Time deadline) {
   if (in_time) absl::SleepFor(std::min(start + options_.unavailable_linger, deadline) - absl::Now());
   // Waits for in-flight RPCs (their answers are being written) until the deadline, then cancels the rest.
   p.grpc_server->Shutdown(absl::ToChronoTime(deadline));
+  if (p.health_server != nullptr) p.health_server->Shutdown(absl::ToChronoTime(deadline));
   StopTrimmer();
   if (!in_time) return absl::DeadlineExceededError("batches were still running at the drain deadline");
   p.grpc_server->Wait();
@@ -245,7 +389,7 @@ absl::Status Server::Drain(absl::Time deadline) {
 }
 
 Server::Ports Server::ports() const {
-  return Ports{parts_->grpc_port, parts_->metrics->port()};
+  return Ports{parts_->grpc_port, parts_->metrics->port(), parts_->health_port};
 }
 
 absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {

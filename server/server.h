@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -26,6 +27,10 @@
 #include "server/batching/clock.h"
 #include "server/observability/metrics.h"
 #include "server/runtime/layer_registry.h"
+
+namespace grpc {
+class ServerBuilder;
+}  // namespace grpc
 
 namespace attnserve {
 
@@ -41,8 +46,20 @@ struct ServerOptions {
   // After Drain begins, new calls are answered UNAVAILABLE for at least this long before gRPC's own
   // shutdown, which fails late calls with CANCELLED instead (grpc/grpc#41785).
   absl::Duration unavailable_linger = absl::Seconds(1);
-  // Serve the gRPC reflection service (grpcurl-style tools without the .proto files).
+  // Serve the gRPC reflection service (grpcurl-style tools without the .proto files), unless the config's
+  // security.disable_reflection says otherwise.
   bool enable_reflection = true;
+  // Fair share for short requests: while every worker computes and one of them a batch of at least this
+  // many FLOPs, requests below it run one by one on an express worker (one OpenMP thread), so that they do
+  // not wait seconds behind another layer's long request. 0 = no express lane.
+  double long_batch_flops = 2e9;
+  // How often the token and /metrics auth files are checked for changes.
+  absl::Duration credential_reload_interval = absl::Seconds(1);
+  // Called once, from the listener probe's thread, when the gRPC port no longer accepts connections
+  // (transport.listener_check_interval_ms); the server has already turned NOT_SERVING and refuses new
+  // calls. main() drains and exits non-zero so that its supervisor restarts it; it must not call Drain
+  // itself (Drain stops the probe's thread). Empty: only logged.
+  std::function<void(const std::string& why)> on_listener_failure;
 };
 
 class Server {
@@ -71,6 +88,7 @@ class Server {
   struct Ports {
     int grpc = 0;
     int metrics = 0;
+    int health = 0;  // 0 without health_address
   };
   // The bound ports once Start returned OK.
   Ports ports() const;
@@ -95,6 +113,11 @@ class Server {
   Server(const attnserve::v1::ServerConfig& config, const ServerOptions& options);
   absl::Status Build();
   void BuildMemoryBudget();
+  absl::Status BuildCredentialStores();
+  void ConfigureTransport(grpc::ServerBuilder* builder) const;
+  absl::Status StartListenerProbe();
+  absl::Status StartHealthServer();
+  void SetServing();
   void StartTrimmer();
   void StopTrimmer();
   void LogLayers() const;

@@ -14,7 +14,8 @@ constexpr FlagSpec kFlags[] = {
     {"seq", true},          {"seq-dist", true},    {"kv-seq", true},     {"causal", false},
     {"stream", false},      {"streams", true},     {"concurrency", true}, {"rate", true},
     {"duration", true},     {"warmup", true},      {"timeout-ms", true}, {"seed", true},
-    {"json", false},        {"csv", false},        {"quiet", false},
+    {"json", false},        {"csv", false},        {"quiet", false},      {"tls-cert", true},
+    {"tls-key", true},      {"token-file", true},
 };
 
 constexpr int64_t kMaxDim = int64_t{1} << 20;
@@ -35,7 +36,12 @@ absl::StatusOr<BenchArgs> ParseBenchArgs(const std::vector<std::string>& args) {
   if (auto v = get("target")) out.target = *v;
   out.tls = cl.Has("tls");
   if (auto v = get("tls-root-certs")) out.tls_root_certs = *v;
-  if (!out.tls_root_certs.empty() && !out.tls) return absl::InvalidArgumentError("--tls-root-certs needs --tls");
+  if (auto v = get("tls-cert")) out.tls_cert = *v;
+  if (auto v = get("tls-key")) out.tls_key = *v;
+  if (auto v = get("token-file")) out.token_file = *v;
+  if ((!out.tls_root_certs.empty() || !out.tls_cert.empty()) && !out.tls) {
+    return absl::InvalidArgumentError("--tls-root-certs and --tls-cert need --tls");
+  }
   out.echo = cl.Has("echo");
   if (auto v = get("payload-bytes")) {
     ATTN_ASSIGN_OR_RETURN(out.payload_bytes, ParseIntFlag("payload-bytes", *v, 0, 64 << 20));
@@ -104,6 +110,8 @@ Target:
                          ipv4:127.0.0.1:50051,127.0.0.1:50052 or dns:///name:50051
   --tls                  TLS instead of plaintext
   --tls-root-certs FILE  PEM root certificates for --tls (default: gRPC's)
+  --tls-cert FILE        PEM client certificate (mTLS), with --tls-key FILE
+  --token-file FILE      first line: the token sent as "authorization: Bearer" (default: $ATTNSERVE_TOKEN)
   --timeout-ms N         deadline per request, 0 = none (default 30000)
 
 Requests (random float32 values):

@@ -17,6 +17,9 @@ struct BenchArgs {
   std::string target = "127.0.0.1:50051";  // --target: any gRPC target, several addresses round-robin
   bool tls = false;                        // --tls
   std::string tls_root_certs;              // --tls-root-certs PEM
+  std::string tls_cert;                    // --tls-cert PEM (mTLS)
+  std::string tls_key;                     // --tls-key PEM
+  std::string token_file;                  // --token-file; empty: $ATTNSERVE_TOKEN
   // What to send.
   bool echo = false;                       // --echo: attnserve.bench.EchoService instead of attention
   int64_t payload_bytes = 4096;            // --payload-bytes (echo)

@@ -95,7 +95,7 @@ int ProbeFailed(const BenchArgs& args, const absl::Status& status) {
 absl::Status ProbeEcho(const Client& client) {
   auto stub = attnserve::bench::EchoService::NewStub(client.channel());
   grpc::ClientContext context;
-  client.SetDeadline(&context, kProbeTimeoutMs);
+  client.PrepareContext(&context, kProbeTimeoutMs);
   attnserve::bench::EchoMessage request, response;
   return FromGrpcStatus(stub->Echo(&context, request, &response));
 }
@@ -114,6 +114,14 @@ int Run(int argc, char** argv) {
   options.target = args->target;
   options.use_tls = args->tls;
   options.tls_root_certs_path = args->tls_root_certs;
+  options.tls_cert_path = args->tls_cert;
+  options.tls_key_path = args->tls_key;
+  auto token = Client::TokenFromEnvironmentOrFile(args->token_file, std::getenv);
+  if (!token.ok()) {
+    std::fprintf(stderr, "attnbench: %s\n", std::string(token.status().message()).c_str());
+    return 2;
+  }
+  options.token = *token;
   options.default_timeout_ms = args->timeout_ms;
   auto client = Client::Create(options);
   if (!client.ok()) {

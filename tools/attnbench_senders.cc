@@ -38,7 +38,7 @@ void UnaryInferSender::Send(uint64_t seq, uint64_t /*lane*/, std::function<void(
   };
   auto* call = new Call;
   call->request = source_->Get(seq);
-  client_->SetDeadline(&call->context, timeout_ms_);
+  client_->PrepareContext(&call->context, timeout_ms_);
   client_->stub()->async()->Infer(&call->context, call->request.get(), &call->response,
                                   [call, done = std::move(done)](grpc::Status status) {
                                     done(FromResponse(status, call->response));
@@ -198,7 +198,7 @@ void EchoSender::Send(uint64_t /*seq*/, uint64_t /*lane*/, std::function<void(co
     attnserve::bench::EchoMessage response;
   };
   auto* call = new Call;
-  client_->SetDeadline(&call->context, timeout_ms_);
+  client_->PrepareContext(&call->context, timeout_ms_);
   stub_->async()->Echo(&call->context, &message_, &call->response, [call, done = std::move(done)](grpc::Status s) {
     Outcome o;
     o.code = static_cast<int>(s.error_code());

@@ -42,7 +42,7 @@ constexpr FlagSpec kFlags[] = {
     {"seq", true},         {"kv-seq", true},        {"causal", false},       {"need-weights", false},
     {"per-head-weights", false}, {"seed", true},    {"query", true},         {"key", true},
     {"value", true},       {"key-padding-mask", true}, {"attn-mask", true},  {"output", true},
-    {"weights-output", true},
+    {"weights-output", true}, {"tls-cert", true}, {"tls-key", true}, {"token-file", true},
 };
 // Flags only `infer` takes; given to another command they are a usage error rather than silently ignored.
 constexpr const char* kInferFlags[] = {"batch", "seq", "kv-seq", "causal", "need-weights", "per-head-weights",
@@ -63,6 +63,10 @@ Flags:
                          several servers: ipv4:10.0.0.1:50051,10.0.0.2:50051 or dns:///name:50051
   --tls                  TLS instead of plaintext
   --tls-root-certs FILE  PEM root certificates for --tls (default: gRPC's)
+  --tls-cert FILE        PEM client certificate for servers that require one (mTLS); with --tls-key
+  --tls-key FILE         PEM private key of --tls-cert
+  --token-file FILE      file whose first line is the token sent as "authorization: Bearer" (default:
+                         $ATTNSERVE_TOKEN, else none)
   --timeout-ms N         deadline of each call (default 10000; 0 = none)
   --json                 machine-readable output on stdout (errors too, as {"error": {...}})
   --help                 this text
@@ -377,6 +381,11 @@ int Run(int argc, char** argv) {
   options.target = cl.Get("target").value_or(kDefaultTarget);
   options.use_tls = cl.Has("tls");
   options.tls_root_certs_path = cl.Get("tls-root-certs").value_or("");
+  options.tls_cert_path = cl.Get("tls-cert").value_or("");
+  options.tls_key_path = cl.Get("tls-key").value_or("");
+  auto token = Client::TokenFromEnvironmentOrFile(cl.Get("token-file").value_or(""), std::getenv);
+  if (!token.ok()) return UsageError(std::string(token.status().message()));
+  options.token = *token;
   options.default_timeout_ms = 10'000;
   if (auto v = cl.Get("timeout-ms")) {
     auto ms = ParseIntFlag("timeout-ms", *v, 0, 3'600'000);

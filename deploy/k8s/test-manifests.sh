@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# ctest k8s_manifests_test (label unit, run by `make test`): renders deploy/k8s, alone and with the
-# servicemonitor component, and validates every object against the Kubernetes schemas with unknown fields
-# refused (deploy/k8s/validate/validate.mjs). Then proves the validator fails on deliberately broken copies:
-# an unknown field, a wrong type, an unknown field of the ServiceMonitor, a broken reference.
+# ctest k8s_manifests_test (label unit, run by `make test`): renders deploy/k8s, alone and with its
+# components (servicemonitor, networkpolicy, secure, and these together with servicemonitor-basicauth), and
+# validates every object against the Kubernetes schemas with unknown fields refused
+# (deploy/k8s/validate/validate.mjs), as well as the example Secrets of components/secure. Then proves the
+# validator fails on deliberately broken copies: unknown fields (Deployment, ServiceMonitor, NetworkPolicy),
+# wrong types, broken references, a gRPC probe on the TLS port, a Secret mounted with subPath, a server file
+# outside every mount.
 #
-# Renderer: `kubectl kustomize` where kubectl is on PATH ($KUBECTL; empty: none) (kubectl 1.21+ for the component, whose kustomize
-# knows components); otherwise `validate.mjs --render`, which lists the kustomization's files. Where kubectl
-# renders, the fallback's objects are compared with its output, so the fallback stays true.
+# Renderer: `kubectl kustomize` where kubectl is on PATH ($KUBECTL; empty: none) (kubectl 1.21+ for the
+# components, whose kustomize knows components); otherwise `validate.mjs --render`, which lists the
+# kustomization's files and applies its JSON 6902 patches. Where kubectl renders, the fallback's objects are
+# compared with its output, so the fallback stays true.
 # Needs Node.js and deploy/k8s/validate/node_modules (scripts/install-deps.sh runs `npm ci` there).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,17 +29,23 @@ command -v node >/dev/null || { echo "k8s_manifests_test: node is missing: run s
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/attnserve-k8s-test.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT
 
-# An overlay adding the component, as a user would write it (kustomize wants relative paths).
-mkdir -p "$TMP/overlay"
-rel="$(realpath --relative-to="$TMP/overlay" "$K8S")"
-cat >"$TMP/overlay/kustomization.yaml" <<EOF
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources:
-  - $rel
-components:
-  - $rel/components/servicemonitor
-EOF
+# overlay NAME COMPONENT...: an overlay of the base adding the components in that order, as a user would write
+# it (kustomize wants relative paths).
+overlay() {
+  local name=$1 c rel
+  shift
+  mkdir -p "$TMP/$name"
+  rel="$(realpath --relative-to="$TMP/$name" "$K8S")"
+  {
+    printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - %s\ncomponents:\n' "$rel"
+    for c in "$@"; do printf '  - %s/components/%s\n' "$rel" "$c"; done
+  } >"$TMP/$name/kustomization.yaml"
+}
+overlay overlay servicemonitor
+overlay overlay-networkpolicy networkpolicy
+overlay overlay-secure secure
+overlay overlay-secure-servicemonitor servicemonitor secure servicemonitor-basicauth
+overlay overlay-full networkpolicy servicemonitor secure servicemonitor-basicauth
 
 # KUBECTL= (empty) forces the fallback.
 KUBECTL="${KUBECTL-kubectl}"
@@ -80,16 +90,45 @@ validate() {
   fi
 }
 
-render base "$K8S" && validate base "$TMP/base.yaml" "$ALL_KINDS"
+# has NAME FILE WHAT PATTERN / lacks NAME FILE WHAT PATTERN: what the schemas cannot tell, e.g. that a
+# component's patch applied (kustomize skips a JSON patch whose target is missing, as when
+# servicemonitor-basicauth is listed before servicemonitor).
+has() {
+  if grep -q -- "$4" "$2"; then ok "$1: $3"; else bad "$1: not $3 (no line matches '$4')"; fi
+}
+lacks() {
+  if ! grep -q -- "$4" "$2"; then ok "$1: $3"; else bad "$1: not $3 ('$4' is there)"; fi
+}
+
+render base "$K8S" && validate base "$TMP/base.yaml" "$ALL_KINDS" &&
+  lacks base "$TMP/base.yaml" "no NetworkPolicy in the base (an opt-in component)" '^kind: NetworkPolicy$'
 render servicemonitor "$TMP/overlay" components &&
   validate servicemonitor "$TMP/servicemonitor.yaml" "$ALL_KINDS,ServiceMonitor"
+render networkpolicy "$TMP/overlay-networkpolicy" components &&
+  validate networkpolicy "$TMP/networkpolicy.yaml" "$ALL_KINDS,NetworkPolicy"
+if render secure "$TMP/overlay-secure" components; then
+  validate secure "$TMP/secure.yaml" "$ALL_KINDS"
+  has secure "$TMP/secure.yaml" "probes on the plaintext health port" '^ *port: 8081$'
+  lacks secure "$TMP/secure.yaml" "the gRPC Service no longer says h2c" 'kubernetes.io/h2c'
+fi
+if render secure-servicemonitor "$TMP/overlay-secure-servicemonitor" components; then
+  validate secure-servicemonitor "$TMP/secure-servicemonitor.yaml" "$ALL_KINDS,ServiceMonitor"
+  has secure-servicemonitor "$TMP/secure-servicemonitor.yaml" "the ServiceMonitor sends basic auth" '^ *\(- \)\{0,1\}basicAuth:$'
+fi
+if render full "$TMP/overlay-full" components; then
+  validate full "$TMP/full.yaml" "$ALL_KINDS,ServiceMonitor,NetworkPolicy"
+  has full "$TMP/full.yaml" "the ServiceMonitor sends basic auth" '^ *\(- \)\{0,1\}basicAuth:$'
+fi
+# The example Secrets are documentation, outside every kustomization; they still have to be valid Secrets.
+validate example-secrets "$K8S/components/secure/examples/secrets.example.yaml" Secret
 
-# must_fail NAME SED-SCRIPT EXPECTED-MESSAGE: a broken copy of the rendered overlay that must be refused with
-# a message naming the problem.
+# must_fail NAME SED-SCRIPT EXPECTED-MESSAGE [RENDER]: a broken copy of a rendered overlay (default: the
+# servicemonitor one) that must be refused with a message naming the problem.
 must_fail() {
-  local name=$1 script=$2 expected=$3
-  sed "$script" "$TMP/servicemonitor.yaml" >"$TMP/$name.yaml"
-  if cmp -s "$TMP/servicemonitor.yaml" "$TMP/$name.yaml"; then bad "$name: the sed script changed nothing"; return; fi
+  local name=$1 script=$2 expected=$3 from="$TMP/${4:-servicemonitor}.yaml"
+  if [ ! -s "$from" ]; then bad "$name: $from was not rendered"; return; fi
+  sed "$script" "$from" >"$TMP/$name.yaml"
+  if cmp -s "$from" "$TMP/$name.yaml"; then bad "$name: the sed script changed nothing"; return; fi
   if "${VALIDATE[@]}" "$TMP/$name.yaml" >"$TMP/$name.out" 2>&1; then
     bad "$name: the validator accepted it"
   elif grep -qF -- "$expected" "$TMP/$name.out"; then
@@ -113,6 +152,23 @@ if [ -s "$TMP/servicemonitor.yaml" ]; then
   must_fail short-grace 's/^\( *\)terminationGracePeriodSeconds: 45$/\1terminationGracePeriodSeconds: 30/' \
     'terminationGracePeriodSeconds 30 must exceed'
   must_fail wrong-port-name 's/^\( *\)targetPort: metrics$/\1targetPort: metric/' 'targetPort metric is not a named container port'
+fi
+# Broken copies of the overlay with every component. Key order differs between kubectl's output (sorted) and
+# the fallback's (as written): the scripts match both.
+if [ -s "$TMP/full.yaml" ]; then
+  must_fail networkpolicy-unknown-field 's/^\( *\)policyTypes:$/\1policyType:/' \
+    'spec.policyType: unknown field "policyType"' full
+  must_fail networkpolicy-wrong-port 's/^\( *\(- \)\{0,1\}\)port: grpc$/\1port: grcp/' \
+    'NetworkPolicy/attnserve: ingress[0]: port grcp is not a named container port' full
+  must_fail tls-probe-on-grpc-port 's/^\( *\)port: 8081$/\1port: 50051/' \
+    "readinessProbe is a gRPC probe on the TLS port 50051: the kubelet's gRPC probe cannot do TLS" full
+  must_fail secret-subpath \
+    's|^\( *\)- mountPath: /etc/attnserve-tls$|&\n\1  subPath: tls.crt|;t;s|^\( *\)mountPath: /etc/attnserve-tls$|&\n\1subPath: tls.crt|' \
+    'volumeMount tls (Secret) uses subPath: updates of the Secret never reach a subPath mount' full
+  must_fail file-not-mounted 's|--auth-token-file=/etc/attnserve-auth/tokens$|--auth-token-file=/etc/atnserve-auth/tokens|' \
+    '--auth-token-file /etc/atnserve-auth/tokens is not under any volumeMount' full
+  must_fail basicauth-unknown-field 's/^\( *\(- \)\{0,1\}\)basicAuth:$/\1basicauth:/' \
+    'spec.endpoints[0].basicauth: unknown field "basicauth"' full
 fi
 
 echo "k8s_manifests_test: $passed passed, $failed failed"

@@ -82,10 +82,18 @@ function deadline() {
   return new Date(Date.now() + Number(args.timeout) * 1000);
 }
 
+// The bearer token of servers started with --auth-token-file, from $ATTNSERVE_TOKEN (none when unset).
+function authMetadata() {
+  const md = new grpc.Metadata();
+  if (process.env.ATTNSERVE_TOKEN) md.set('authorization', `Bearer ${process.env.ATTNSERVE_TOKEN}`);
+  return md;
+}
+
 // Promise wrapper of a unary call.
 function unary(client, method, request) {
   return new Promise((resolve, reject) => {
-    client[method](request, { deadline: deadline() }, (err, response) => (err ? reject(err) : resolve(response)));
+    client[method](request, authMetadata(), { deadline: deadline() },
+      (err, response) => (err ? reject(err) : resolve(response)));
   });
 }
 
@@ -135,7 +143,7 @@ async function run(client) {
   start = performance.now();
   const responses = await new Promise((resolve, reject) => {
     const received = [];
-    const call = client.InferStream({ deadline: deadline() });
+    const call = client.InferStream(authMetadata(), { deadline: deadline() });
     call.on('data', (r) => received.push(r));
     call.on('error', reject);
     call.on('end', () => resolve(received));

@@ -69,12 +69,18 @@ def describe(response, seconds):
             f"batch of {t.batch_size})")
 
 
+def auth_metadata():
+    """The bearer token of servers started with --auth-token-file, from $ATTNSERVE_TOKEN (none when unset)."""
+    token = os.environ.get("ATTNSERVE_TOKEN", "")
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 def run(args, pb, pb_grpc):
     channel = grpc.insecure_channel(args.target)
     grpc.channel_ready_future(channel).result(timeout=args.timeout)
     stub = pb_grpc.AttentionServiceStub(channel)
 
-    layer = stub.GetLayer(pb.GetLayerRequest(name=args.layer), timeout=args.timeout)
+    layer = stub.GetLayer(pb.GetLayerRequest(name=args.layer), timeout=args.timeout, metadata=auth_metadata())
     E = layer.config.embed_dim
     B, L = args.batch, args.seq
     print(f"layer {args.layer}: embed_dim={E} num_heads={layer.config.num_heads} ready={layer.ready}")
@@ -84,7 +90,7 @@ def run(args, pb, pb_grpc):
 
     # 1. Self-attention (key and value unset), query sent as raw_data.
     start = time.perf_counter()
-    response = stub.Infer(pb.InferRequest(layer=args.layer, query=to_tensor(pb, query)), timeout=args.timeout)
+    response = stub.Infer(pb.InferRequest(layer=args.layer, query=to_tensor(pb, query)), timeout=args.timeout, metadata=auth_metadata())
     elapsed = time.perf_counter() - start
     output = from_tensor(pb, response.output)
     check("output", output, [B, L, E])
@@ -93,7 +99,7 @@ def run(args, pb, pb_grpc):
     # 2. The same with need_weights: attention weights averaged over heads, [B, L, S] with S = L here.
     start = time.perf_counter()
     response = stub.Infer(pb.InferRequest(layer=args.layer, query=to_tensor(pb, query), need_weights=True),
-                          timeout=args.timeout)
+                          timeout=args.timeout, metadata=auth_metadata())
     elapsed = time.perf_counter() - start
     output = from_tensor(pb, response.output)
     weights = from_tensor(pb, response.attn_weights)
@@ -111,7 +117,7 @@ def run(args, pb, pb_grpc):
         q = rng.standard_normal((1, L + i, E), dtype=np.float32)
         requests[f"req-{i}"] = pb.InferRequest(id=f"req-{i}", layer=args.layer, query=to_tensor(pb, q))
     start = time.perf_counter()
-    responses = list(stub.InferStream(iter(requests.values()), timeout=args.timeout))
+    responses = list(stub.InferStream(iter(requests.values()), timeout=args.timeout, metadata=auth_metadata()))
     elapsed = time.perf_counter() - start
     answered = {}
     for response in responses:

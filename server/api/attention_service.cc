@@ -16,6 +16,26 @@ namespace {
 using attnserve::v1::InferRequest;
 using attnserve::v1::InferResponse;
 
+// An InferStream refused before its first read (no token, or one without the infer scope).
+class RefusedStream final : public grpc::ServerBidiReactor<InferRequest, InferResponse> {
+ public:
+  explicit RefusedStream(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
+grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* ctx, const grpc::Status& status) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(status);
+  return reactor;
+}
+
+// A layer as ListLayers and GetLayer show it: the weights file's path only to admins.
+void DescribeLayer(const ServedLayer& layer, bool show_paths, attnserve::v1::Layer* out) {
+  *out->mutable_config() = layer.config;
+  if (!show_paths) out->mutable_config()->clear_weights_path();
+  out->set_ready(true);
+}
+
 absl::Time DeadlineOf(const grpc::CallbackServerContext& ctx) {
   const auto deadline = ctx.deadline();
   // No deadline is reported as a far-away time point; anything beyond a year counts as none.
@@ -65,6 +85,7 @@ class AttentionServiceImpl::UnaryReactor final : public grpc::ServerUnaryReactor
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Infer(grpc::CallbackServerContext* ctx, const InferRequest* request,
                                                       InferResponse* response) {
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   auto* reactor = new UnaryReactor();
   dispatcher_->Submit(MakeCall(ctx, *request, response,
                                [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
@@ -177,36 +198,30 @@ class AttentionServiceImpl::StreamReactor final : public grpc::ServerBidiReactor
 
 grpc::ServerBidiReactor<InferRequest, InferResponse>* AttentionServiceImpl::InferStream(
     grpc::CallbackServerContext* ctx) {
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return new RefusedStream(denied);
   return new StreamReactor(this, ctx);
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::ListLayers(grpc::CallbackServerContext* ctx,
                                                            const attnserve::v1::ListLayersRequest* /*request*/,
                                                            attnserve::v1::ListLayersResponse* response) {
-  for (const auto& layer : registry_->Layers()) {
-    auto* out = response->add_layers();
-    *out->mutable_config() = layer->config;
-    out->set_ready(true);
-  }
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  const bool show_paths = authorizer_->MayShowPaths(*ctx);
+  for (const auto& layer : registry_->Layers()) DescribeLayer(*layer, show_paths, response->add_layers());
+  return FinishNow(ctx, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::GetLayer(grpc::CallbackServerContext* ctx,
                                                          const attnserve::v1::GetLayerRequest* request,
                                                          attnserve::v1::Layer* response) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   const std::shared_ptr<const ServedLayer> layer = registry_->Find(request->name());
   if (layer == nullptr) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND,
-                                 "name: no layer named '" + BoundedForLog(request->name()) + "'"));
-    return reactor;
+    return FinishNow(ctx, grpc::Status(grpc::StatusCode::NOT_FOUND,
+                                       "name: no layer named '" + BoundedForLog(request->name()) + "'"));
   }
-  *response->mutable_config() = layer->config;
-  response->set_ready(true);
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  DescribeLayer(*layer, authorizer_->MayShowPaths(*ctx), response);
+  return FinishNow(ctx, grpc::Status::OK);
 }
 
 }  // namespace attnserve

@@ -14,6 +14,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "attnserve/v1/attention.grpc.pb.h"
+#include "server/api/authorizer.h"
 #include "server/batching/clock.h"
 #include "server/runtime/dispatcher.h"
 #include "server/runtime/layer_registry.h"
@@ -23,13 +24,15 @@ namespace attnserve {
 class AttentionServiceImpl final : public attnserve::v1::AttentionService::CallbackService {
  public:
   // None owned; all must outlive the service. `max_inflight_per_stream` >= 1: requests an InferStream
-  // holds read and not yet written back (see StreamReactor).
+  // holds read and not yet written back (see StreamReactor). Every RPC needs the infer scope of
+  // `authorizer`; layer info shows weights paths only to admin tokens.
   AttentionServiceImpl(const LayerRegistry* registry, Dispatcher* dispatcher, const Clock* clock,
-                       int64_t max_inflight_per_stream)
+                       int64_t max_inflight_per_stream, const Authorizer* authorizer)
       : registry_(registry),
         dispatcher_(dispatcher),
         clock_(clock),
-        max_inflight_per_stream_(std::max<int64_t>(1, max_inflight_per_stream)) {}
+        max_inflight_per_stream_(std::max<int64_t>(1, max_inflight_per_stream)),
+        authorizer_(authorizer) {}
 
   grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const attnserve::v1::InferRequest* request,
                                   attnserve::v1::InferResponse* response) override;
@@ -56,6 +59,7 @@ class AttentionServiceImpl final : public attnserve::v1::AttentionService::Callb
   Dispatcher* dispatcher_;
   const Clock* clock_;
   const int64_t max_inflight_per_stream_;
+  const Authorizer* authorizer_;
 };
 
 }  // namespace attnserve

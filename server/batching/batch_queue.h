@@ -94,6 +94,17 @@ class BatchQueue {
     return false;
   }
 
+  // The oldest entry; null when empty.
+  const Entry* Front() const { return entries_.empty() ? nullptr : &entries_.front(); }
+  // The oldest entry alone, whatever the batching options say (the express lane's batch of one).
+  std::vector<Entry> TakeFront() {
+    std::vector<Entry> batch;
+    if (entries_.empty()) return batch;
+    batch.push_back(std::move(entries_.front()));
+    entries_.pop_front();
+    return batch;
+  }
+
   // Takes the next batch in FIFO order: entries while count < max_batch_size and running tokens +
   // next.tokens <= max_batch_tokens (the first entry is always taken). Returns empty when !Ready(), unless
   // `force` (shutdown flush: take a batch regardless of time; the size and token limits still hold).

@@ -2,7 +2,8 @@
 //
 // Each queue follows its own BatchingOptions (server/batching/batch_queue.h). An idle worker takes the next Ready batch
 // among all queues, picking the queue whose oldest entry is the oldest (so no layer starves), and calls
-// run_batch with it outside the lock. With nothing ready it sleeps on a condition variable until a Schedule,
+// run_batch with it outside the lock. An optional express lane (Options::long_batch_cost) runs short
+// entries on one more thread while every worker is busy and one of them runs a long batch. With nothing ready it sleeps on a condition variable until a Schedule,
 // a Shutdown, or the earliest time a queue becomes ready through its delay (converted from the injected
 // clock to a real deadline: absl::Now() + (next_ready - clock->Now())).
 //
@@ -14,8 +15,8 @@
 //
 // Thread-safety: every public method may be called from any thread at once, except that Shutdown, RemoveQueue
 // (and the destructor) must not be called from inside run_batch (they wait for the workers, one of which is
-// the caller). run_batch runs on the worker threads, up to worker_threads calls at once, possibly for the same
-// queue; it may call Schedule (e.g. to feed the next layer), which returns UNAVAILABLE once Shutdown began.
+// the caller). run_batch runs on the worker threads, up to worker_threads calls at once (and
+// run_express_batch on the express worker), possibly for the same queue; it may call Schedule (e.g. to feed the next layer), which returns UNAVAILABLE once Shutdown began.
 #pragma once
 
 #include <algorithm>
@@ -67,20 +68,34 @@ class BatchScheduler {
     // Called on a worker thread (without the scheduler's lock) once it has run out of work, before it
     // sleeps: e.g. to give the thread's large scratch buffers back. May be empty.
     std::function<void()> on_idle;
+    // The express lane, a fair share for short work: with `long_batch_cost` > 0, one more thread (the express
+    // worker) runs single entries that cost less than long_batch_cost, oldest first and without waiting for
+    // their queue's delay, through `run_express_batch`, while every worker is busy and one of them runs a
+    // batch costing long_batch_cost or more. So a request that costs little never waits behind one that costs
+    // a lot (seconds of another layer's work), for the price of one more thread on the CPUs meanwhile.
+    // `cost` gives an item's cost (e.g. its FLOPs); a batch costs the sum of its items'. 0 = no express lane.
+    double long_batch_cost = 0;
+    std::function<double(const T& item)> cost;
   };
 
   // Called with a non-empty batch, in the queue's FIFO order, and the name of the queue it came from.
   using BatchFn = std::function<void(const std::string& queue_name, std::vector<Entry> batch)>;
 
   // Starts the workers. InvalidArgument when worker_threads < 1, clock is null or run_batch is empty.
-  static absl::StatusOr<std::unique_ptr<BatchScheduler>> Create(const Options& options, BatchFn run_batch) {
+  // `run_express_batch` is the express lane's (see Options::long_batch_cost), called with batches of one.
+  static absl::StatusOr<std::unique_ptr<BatchScheduler>> Create(const Options& options, BatchFn run_batch,
+                                                                BatchFn run_express_batch = nullptr) {
     if (options.worker_threads < 1) {
       return absl::InvalidArgumentError(
           absl::StrCat("worker_threads must be >= 1, got ", options.worker_threads));
     }
     if (options.clock == nullptr) return absl::InvalidArgumentError("clock must not be null");
     if (!run_batch) return absl::InvalidArgumentError("run_batch must not be empty");
-    std::unique_ptr<BatchScheduler> scheduler(new BatchScheduler(options, std::move(run_batch)));
+    if (options.long_batch_cost < 0 || (options.long_batch_cost > 0 && (!options.cost || !run_express_batch))) {
+      return absl::InvalidArgumentError("long_batch_cost must be >= 0; > 0 needs cost and run_express_batch");
+    }
+    std::unique_ptr<BatchScheduler> scheduler(
+        new BatchScheduler(options, std::move(run_batch), std::move(run_express_batch)));
     scheduler->StartWorkers();
     return scheduler;
   }
@@ -153,6 +168,7 @@ class BatchScheduler {
     if (absl::Status s = q.Push(item, tokens); !s.ok()) return s;
     if (observer_) observer_->QueueDepthChanged(queue, q.size());
     schedule_epoch_.fetch_add(1, std::memory_order_release);
+    if (long_running_ > 0) express_cv_.Signal();
     // Wake a worker only if this push changed what the workers wait for: a batch to run now, or a new
     // earliest deadline (a push behind older entries does not move the queue's). One suffices: it rescans
     // every queue, and hands on to another idle worker if work remains.
@@ -181,6 +197,7 @@ class BatchScheduler {
       absl::MutexLock lock(&mu_);
       shutting_down_ = true;
       cv_.SignalAll();
+      express_cv_.SignalAll();
     }
     absl::MutexLock lock(&join_mu_);
     for (std::thread& worker : workers_) worker.join();
@@ -204,8 +221,11 @@ class BatchScheduler {
     return absl::NotFoundError(absl::StrCat("no layer named '", name, "'"));
   }
 
-  BatchScheduler(const Options& options, BatchFn run_batch)
+  BatchScheduler(const Options& options, BatchFn run_batch, BatchFn run_express_batch)
       : worker_threads_(options.worker_threads),
+        long_batch_cost_(options.long_batch_cost),
+        cost_(options.cost),
+        run_express_batch_(std::move(run_express_batch)),
         idle_spin_us_(options.idle_spin_us),
         clock_(options.clock),
         observer_(options.observer),
@@ -215,6 +235,42 @@ class BatchScheduler {
   void StartWorkers() ABSL_LOCKS_EXCLUDED(join_mu_) {
     absl::MutexLock lock(&join_mu_);
     for (int32_t i = 0; i < worker_threads_; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+    if (long_batch_cost_ > 0) workers_.emplace_back([this] { ExpressLoop(); });
+  }
+
+  double BatchCost(const std::vector<Entry>& batch) const {
+    double total = 0;
+    for (const Entry& e : batch) total += cost_(e.item);
+    return total;
+  }
+
+  // The queue whose oldest entry is the oldest among those that cost less than long_batch_cost; null if
+  // none, or while the express lane is closed (a worker is free, or none runs a long batch).
+  QueueState* PickExpress() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (long_running_ == 0 || regular_running_ < worker_threads_) return nullptr;
+    QueueState* best = nullptr;
+    for (auto& [name, state] : queues_) {
+      const Entry* front = state->queue.Front();
+      if (front == nullptr || cost_(front->item) >= long_batch_cost_) continue;
+      if (best == nullptr || front->enqueued < best->queue.Front()->enqueued) best = state.get();
+    }
+    return best;
+  }
+
+  // The express worker: single short entries while the workers are all busy and one runs a long batch.
+  // Waits on its own condition variable (no deadline: it ignores queue delays), so it never takes a
+  // worker's wake-up.
+  void ExpressLoop() ABSL_LOCKS_EXCLUDED(mu_) {
+    mu_.Lock();
+    while (!shutting_down_) {  // once shutting down the workers run what is left
+      QueueState* state = PickExpress();
+      if (state == nullptr) {
+        express_cv_.Wait(&mu_);
+        continue;
+      }
+      RunOneBatch(state, /*express=*/true);
+    }
+    mu_.Unlock();
   }
 
   // The non-empty queue to take a batch from now (every non-empty queue qualifies once shutting down or
@@ -239,11 +295,16 @@ class BatchScheduler {
     return std::any_of(queues_.begin(), queues_.end(), [](const auto& q) { return !q.second->queue.empty(); });
   }
 
-  // Takes a batch from `state` and runs it with mu_ released.
-  void RunOneBatch(QueueState* state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    std::vector<Entry> batch = state->queue.TakeBatch(/*force=*/shutting_down_ || state->removing);
+  // Takes a batch from `state` (the express lane: its oldest entry alone) and runs it with mu_ released.
+  void RunOneBatch(QueueState* state, bool express = false) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<Entry> batch =
+        express ? state->queue.TakeFront() : state->queue.TakeBatch(/*force=*/shutting_down_ || state->removing);
+    const bool long_batch = !express && long_batch_cost_ > 0 && BatchCost(batch) >= long_batch_cost_;
     ++inflight_batches_;
     ++state->running;
+    regular_running_ += express ? 0 : 1;
+    long_running_ += long_batch ? 1 : 0;
+    if (long_batch || (long_running_ > 0 && !state->queue.empty())) express_cv_.Signal();
     if (observer_) {
       observer_->QueueDepthChanged(state->name, state->queue.size());
       observer_->InflightBatchesChanged(inflight_batches_);
@@ -253,10 +314,12 @@ class BatchScheduler {
     if (AnyQueued()) cv_.Signal();
     const std::shared_ptr<QueueState> keep = queues_.at(state->name);  // RemoveQueue may erase it meanwhile
     mu_.Unlock();
-    run_batch_(keep->name, std::move(batch));
+    (express ? run_express_batch_ : run_batch_)(keep->name, std::move(batch));
     mu_.Lock();
     --inflight_batches_;
     --keep->running;
+    regular_running_ -= express ? 0 : 1;
+    long_running_ -= long_batch ? 1 : 0;
     if (observer_) observer_->InflightBatchesChanged(inflight_batches_);
   }
 
@@ -305,6 +368,9 @@ class BatchScheduler {
   }
 
   const int32_t worker_threads_;
+  const double long_batch_cost_;
+  const std::function<double(const T&)> cost_;
+  const BatchFn run_express_batch_;
   const int64_t idle_spin_us_;
   std::atomic<uint64_t> schedule_epoch_{0};  // bumped by every accepted Schedule; polled by idle workers
   const Clock* const clock_;
@@ -317,6 +383,9 @@ class BatchScheduler {
   QueueMap queues_ ABSL_GUARDED_BY(mu_);
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   int64_t inflight_batches_ ABSL_GUARDED_BY(mu_) = 0;
+  int32_t regular_running_ ABSL_GUARDED_BY(mu_) = 0;  // batches the workers (not the express lane) run
+  int32_t long_running_ ABSL_GUARDED_BY(mu_) = 0;     // of those, the ones costing long_batch_cost or more
+  absl::CondVar express_cv_;  // the express worker's: a long batch started, or a Schedule while one runs
 
   // Separate from mu_ so that concurrent Shutdown calls join each worker once, without holding mu_.
   absl::Mutex join_mu_;

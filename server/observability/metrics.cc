@@ -107,15 +107,17 @@ void ServerMetrics::AddLayerLocked(const std::string& name) {
   request_counters_[{name, 0}] = &requests_->Add({{"layer", name}, {"code", "OK"}});
 }
 
-absl::Status ServerMetrics::Serve(const std::string& address) {
+absl::Status ServerMetrics::Serve(const std::string& address, BasicAuthCheck check_basic_auth) {
   try {
-    // civetweb's defaults (2 threads, no timeout) let four half-sent requests stall every scrape: more
-    // threads, and a read that waits no longer than 5 s.
+    // civetweb's defaults (2 threads, no timeout) let four half-sent requests stall every scrape. Its
+    // timeout is per read, so a client trickling a byte at a time holds a thread: enough threads that a
+    // few dozen such clients still leave one for Prometheus (a thread costs only its stack).
     exposer_ = std::make_unique<prometheus::Exposer>(std::vector<std::string>{
-        "listening_ports", address, "num_threads", "16", "request_timeout_ms", "5000"});
+        "listening_ports", address, "num_threads", "64", "request_timeout_ms", "5000"});
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("metrics_address ", address, ": cannot listen: ", e.what()));
   }
+  if (check_basic_auth) exposer_->RegisterAuth(std::move(check_basic_auth), "attnserve");
   exposer_->RegisterCollectable(registry_);
   return absl::OkStatus();
 }

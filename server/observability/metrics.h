@@ -21,6 +21,7 @@
 // handles are found under a mutex).
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -49,9 +50,12 @@ class ServerMetrics {
   ServerMetrics(const ServerMetrics&) = delete;
   ServerMetrics& operator=(const ServerMetrics&) = delete;
 
-  // Starts the HTTP endpoint on host:port (port 0 picks one; see port()), with 16 threads and a 5 s read
+  // Starts the HTTP endpoint on host:port (port 0 picks one; see port()), with 64 threads and a 5 s read
   // timeout, so that slow or half-sent requests cannot stall a scrape.
-  absl::Status Serve(const std::string& address);
+  // `check_basic_auth` (user, password) set: /metrics answers 401 unless it returns true; it must outlive
+  // the metrics. Empty: /metrics is open.
+  using BasicAuthCheck = std::function<bool(const std::string& user, const std::string& password)>;
+  absl::Status Serve(const std::string& address, BasicAuthCheck check_basic_auth = {});
   int port() const;
 
   // Requests for a layer without series are counted under layer="<unknown>" (bounded label set).

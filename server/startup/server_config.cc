@@ -15,6 +15,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "server/startup/layer_options.h"
+#include "server/startup/transport_config.h"
 #include "common/status_macros.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
@@ -246,6 +247,11 @@ void ValidateLayer(const LayerConfig& layer, const std::string& p, Problems* pro
   }
   if (layer.kdim() < 0) problems->Add(p, ".kdim: must be >= 0 (0 = embed_dim), got ", layer.kdim());
   if (layer.vdim() < 0) problems->Add(p, ".vdim: must be >= 0 (0 = embed_dim), got ", layer.vdim());
+  // A dimension's weights are dim x dim floats: past the bound they overflow or cannot be allocated.
+  for (const auto& [field, dim] : {std::pair<const char*, int64_t>{"embed_dim", layer.embed_dim()},
+                                   {"kdim", layer.kdim()}, {"vdim", layer.vdim()}}) {
+    if (dim > kMaxLayerDim) problems->Add(p, ".", field, ": must be at most ", kMaxLayerDim, ", got ", dim);
+  }
 
   if (!layer.weights_path().empty()) {
     std::error_code ec;
@@ -324,8 +330,10 @@ absl::Status ApplyDefaultsAndValidate(ServerConfig* config) {
   if (config->worker_threads() == 0) config->set_worker_threads(kDefaultWorkerThreads);
   if (config->max_inflight_per_stream() == 0) config->set_max_inflight_per_stream(kDefaultMaxInflightPerStream);
   for (LayerConfig& layer : *config->mutable_layers()) ApplyLayerDefaults(&layer);
+  ApplySecurityAndTransportDefaults(config);
 
   Problems problems;
+  for (const std::string& problem : SecurityAndTransportProblems(*config)) problems.Add(problem);
   const absl::StatusOr<HostPort> grpc = ParseHostPort(config->grpc_address());
   if (!grpc.ok()) problems.Add("grpc_address: ", grpc.status().message());
   const absl::StatusOr<HostPort> metrics = ParseHostPort(config->metrics_address());
@@ -334,6 +342,10 @@ absl::Status ApplyDefaultsAndValidate(ServerConfig* config) {
       (grpc->host == metrics->host || IsWildcardHost(grpc->host) || IsWildcardHost(metrics->host))) {
     problems.Add("metrics_address: \"", config->metrics_address(), "\" conflicts with grpc_address \"",
                  config->grpc_address(), "\"");
+  }
+  if (!config->health_address().empty()) {
+    const absl::StatusOr<HostPort> health = ParseHostPort(config->health_address());
+    if (!health.ok()) problems.Add("health_address: ", health.status().message());
   }
   if (config->worker_threads() < kMinWorkerThreads || config->worker_threads() > kMaxWorkerThreads) {
     problems.Add("worker_threads: must be between ", kMinWorkerThreads, " and ", kMaxWorkerThreads, ", got ",

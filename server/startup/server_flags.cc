@@ -43,6 +43,10 @@ absl::Status SetMetricsAddress(const FlagValue& value, ServerFlags* f) {
   return SetAddress(value, &f->metrics_address);
 }
 
+absl::Status SetHealthAddress(const FlagValue& value, ServerFlags* f) {
+  return SetAddress(value, &f->health_address);
+}
+
 absl::Status SetWorkerThreads(const FlagValue& value, ServerFlags* f) {
   int32_t n = 0;
   if (!absl::SimpleAtoi(value.text, &n)) return BadFlagValue(value, "expected an integer");
@@ -78,6 +82,51 @@ absl::Status SetShutdownGrace(const FlagValue& value, ServerFlags* f) {
   return absl::OkStatus();
 }
 
+// A flag's value as a count in [1, max].
+absl::StatusOr<int64_t> PositiveCount(const FlagValue& value, int64_t max) {
+  int64_t n = 0;
+  if (!absl::SimpleAtoi(value.text, &n) || n < 1 || n > max) {
+    return BadFlagValue(value, absl::StrCat("expected an integer between 1 and ", max));
+  }
+  return n;
+}
+
+// A flag's value as a positive duration in milliseconds ("10s", "500ms", "2m").
+absl::StatusOr<int64_t> PositiveMillis(const FlagValue& value) {
+  absl::StatusOr<absl::Duration> d = ParseDuration(value.text);
+  if (!d.ok()) return FlagError(value, d.status());
+  if (*d < absl::Milliseconds(1)) return BadFlagValue(value, "expected at least 1ms");
+  return absl::ToInt64Milliseconds(*d);
+}
+
+// The security and transport flags write straight into the config sections they override.
+using attnserve::v1::SecurityConfig;
+using attnserve::v1::TransportConfig;
+template <void (SecurityConfig::*kSet)(const std::string&)>
+absl::Status SetSecurityPath(const FlagValue& value, ServerFlags* f) {
+  (f->security.*kSet)(value.text);
+  return absl::OkStatus();
+}
+template <typename T, void (TransportConfig::*kSet)(T), int64_t kMax>
+absl::Status SetTransportCount(const FlagValue& value, ServerFlags* f) {
+  ATTN_ASSIGN_OR_RETURN(const int64_t n, PositiveCount(value, kMax));
+  (f->transport.*kSet)(static_cast<T>(n));
+  return absl::OkStatus();
+}
+template <void (TransportConfig::*kSet)(int64_t)>
+absl::Status SetTransportMillis(const FlagValue& value, ServerFlags* f) {
+  ATTN_ASSIGN_OR_RETURN(const int64_t ms, PositiveMillis(value));
+  (f->transport.*kSet)(ms);
+  return absl::OkStatus();
+}
+absl::Status SetListenerCheckInterval(const FlagValue& value, ServerFlags* f) {
+  if (absl::AsciiStrToLower(value.text) == "never") {
+    f->transport.set_listener_check_interval_ms(-1);
+    return absl::OkStatus();
+  }
+  return SetTransportMillis<&TransportConfig::set_listener_check_interval_ms>(value, f);
+}
+
 // The value flags, in --help order.
 const std::vector<ServerFlag>& Flags() {
   static const auto* flags = new std::vector<ServerFlag>{
@@ -87,6 +136,8 @@ const std::vector<ServerFlag>& Flags() {
        "gRPC listen address; overrides the config's grpc_address. Port 0 picks a free port.", &SetGrpcAddress},
       {{"metrics-address", true, "ATTNSERVE_METRICS_ADDRESS", "HOST:PORT"}, kDefaultMetricsAddress,
        "Prometheus /metrics listen address; overrides the config's metrics_address.", &SetMetricsAddress},
+      {{"health-address", true, "ATTNSERVE_HEALTH_ADDRESS", "HOST:PORT"}, "(none)",
+       "Plaintext listener serving only grpc.health.v1 (probes that cannot speak TLS).", &SetHealthAddress},
       {{"worker-threads", true, "ATTNSERVE_WORKER_THREADS", "N"}, "1",
        "Threads computing batches (1-256); overrides the config's worker_threads.", &SetWorkerThreads},
       {{"log-level", true, "ATTNSERVE_LOG_LEVEL", "LEVEL"}, "info", "Log level: trace|debug|info|warn|error|off.",
@@ -96,6 +147,40 @@ const std::vector<ServerFlag>& Flags() {
       {{"shutdown-grace", true, "ATTNSERVE_SHUTDOWN_GRACE", "DURATION"}, "30s",
        "On shutdown, how long in-flight requests may finish: \"30s\", \"500ms\", \"2m\" or seconds.",
        &SetShutdownGrace},
+      {{"tls-cert-file", true, "ATTNSERVE_TLS_CERT_FILE", "FILE"}, "(none: plaintext)",
+       "PEM certificate chain of the gRPC port; with --tls-key-file the port speaks TLS only. Re-read when it "
+       "changes.",
+       &SetSecurityPath<&SecurityConfig::set_tls_cert_file>},
+      {{"tls-key-file", true, "ATTNSERVE_TLS_KEY_FILE", "FILE"}, "(none)", "PEM private key of --tls-cert-file.",
+       &SetSecurityPath<&SecurityConfig::set_tls_key_file>},
+      {{"tls-client-ca-file", true, "ATTNSERVE_TLS_CLIENT_CA_FILE", "FILE"}, "(none: no client certificates)",
+       "PEM CA bundle: every client must present a certificate it signed (mTLS).",
+       &SetSecurityPath<&SecurityConfig::set_tls_client_ca_file>},
+      {{"auth-token-file", true, "ATTNSERVE_AUTH_TOKEN_FILE", "FILE"}, "(none: no tokens)",
+       "Lines \"sha256:<hex of token> infer[,admin]\"; calls then need \"authorization: Bearer <token>\" "
+       "(health checks excepted). Reloaded on change.",
+       &SetSecurityPath<&SecurityConfig::set_auth_token_file>},
+      {{"metrics-auth-file", true, "ATTNSERVE_METRICS_AUTH_FILE", "FILE"}, "(none: /metrics open)",
+       "Lines \"<user> sha256:<hex of password>\": /metrics then needs HTTP basic auth. Reloaded on change.",
+       &SetSecurityPath<&SecurityConfig::set_metrics_auth_file>},
+      {{"max-concurrent-streams", true, "ATTNSERVE_MAX_CONCURRENT_STREAMS", "N"}, "128",
+       "Concurrent calls on one connection.",
+       &SetTransportCount<int32_t, &TransportConfig::set_max_concurrent_streams, 1 << 20>},
+      {{"max-connection-idle", true, "ATTNSERVE_MAX_CONNECTION_IDLE", "DURATION"}, "2m",
+       "Connections without a call for this long are closed (they hold file descriptors).",
+       &SetTransportMillis<&TransportConfig::set_max_connection_idle_ms>},
+      {{"keepalive-min-ping-interval", true, "ATTNSERVE_KEEPALIVE_MIN_PING_INTERVAL", "DURATION"}, "10s",
+       "Client pings closer than this without data are strikes.",
+       &SetTransportMillis<&TransportConfig::set_keepalive_min_ping_interval_ms>},
+      {{"max-ping-strikes", true, "ATTNSERVE_MAX_PING_STRIKES", "N"}, "2",
+       "Strikes before a connection is closed (GOAWAY ENHANCE_YOUR_CALM).",
+       &SetTransportCount<int32_t, &TransportConfig::set_max_ping_strikes, 1000>},
+      {{"grpc-memory-bytes", true, "ATTNSERVE_GRPC_MEMORY_BYTES", "BYTES"}, "(a quarter of the memory budget)",
+       "Bytes gRPC's transport buffers may hold (its resource quota).",
+       &SetTransportCount<int64_t, &TransportConfig::set_grpc_memory_bytes, int64_t{1} << 40>},
+      {{"listener-check-interval", true, "ATTNSERVE_LISTENER_CHECK_INTERVAL", "DURATION"}, "5s",
+       "How often the server checks its gRPC port still accepts; 3 failures: drain and exit 3. \"never\": off.",
+       &SetListenerCheckInterval},
   };
   return *flags;
 }
@@ -103,7 +188,7 @@ const std::vector<ServerFlag>& Flags() {
 // What the parser accepts: the value flags and the two switches.
 const std::vector<FlagSpec>& ParserSpecs() {
   static const auto* specs = [] {
-    auto* out = new std::vector<FlagSpec>{{"help", false}, {"version", false}};
+    auto* out = new std::vector<FlagSpec>{{"help", false}, {"version", false}, {"disable-reflection", false}};
     for (const ServerFlag& flag : Flags()) out->push_back(flag.spec);
     return out;
   }();
@@ -124,6 +209,7 @@ absl::StatusOr<ServerFlags> ParseServerFlags(int argc, const char* const* argv,
   ServerFlags flags;
   flags.help = cl.Has("help");
   flags.version = cl.Has("version");
+  if (cl.Has("disable-reflection")) flags.security.set_disable_reflection(true);
   // Values go unchecked then, so help works with a broken environment; unknown flags were refused above.
   if (flags.help || flags.version) return flags;
 
@@ -147,6 +233,8 @@ std::string ServerUsage() {
                     "      env: ", flag.spec.env, "    default: ", flag.default_text, "\n");
   }
   absl::StrAppend(&out,
+                  "  --disable-reflection\n"
+                  "      Do not serve gRPC reflection.\n"
                   "  -h, --help\n"
                   "      Print this help and exit.\n"
                   "  --version\n"
@@ -159,6 +247,9 @@ void ApplyFlagsToConfig(const ServerFlags& flags, attnserve::v1::ServerConfig* c
   if (flags.grpc_address) config->set_grpc_address(*flags.grpc_address);
   if (flags.metrics_address) config->set_metrics_address(*flags.metrics_address);
   if (flags.worker_threads) config->set_worker_threads(*flags.worker_threads);
+  if (flags.health_address) config->set_health_address(*flags.health_address);
+  config->mutable_security()->MergeFrom(flags.security);  // proto3 merge: only the fields flags set
+  config->mutable_transport()->MergeFrom(flags.transport);
 }
 
 absl::StatusOr<attnserve::v1::ServerConfig> BuildServerConfig(const ServerFlags& flags) {

@@ -19,10 +19,16 @@ struct ServerFlags {
   std::string config_path;                      // --config; empty: the embedded DefaultServerConfig()
   std::optional<std::string> grpc_address;      // --grpc-address host:port
   std::optional<std::string> metrics_address;   // --metrics-address host:port
+  std::optional<std::string> health_address;    // --health-address host:port
   std::optional<int32_t> worker_threads;        // --worker-threads, in [1, 256]
   std::string log_level = "info";               // --log-level trace|debug|info|warn|error|off
   std::string log_format = "text";              // --log-format text|json
   absl::Duration shutdown_grace = absl::Seconds(30);  // --shutdown-grace: "30s", "500ms", "2m" or plain seconds "30"
+  // --tls-*, --auth-token-file, --metrics-auth-file, --disable-reflection: only the fields given are set.
+  attnserve::v1::SecurityConfig security;
+  // --max-concurrent-streams, --max-connection-idle, --keepalive-min-ping-interval, --max-ping-strikes,
+  // --grpc-memory-bytes, --listener-check-interval ("never" = -1): only the fields given are set.
+  attnserve::v1::TransportConfig transport;
   bool help = false;                            // --help / -h
   bool version = false;                         // --version
 };
@@ -31,7 +37,7 @@ struct ServerFlags {
 // flag keeps its last value. Each value flag can also come from an environment variable, read through
 // `getenv_fn` (pass std::getenv; an empty function reads none): ATTNSERVE_CONFIG, ATTNSERVE_GRPC_ADDRESS,
 // ATTNSERVE_METRICS_ADDRESS, ATTNSERVE_WORKER_THREADS, ATTNSERVE_LOG_LEVEL, ATTNSERVE_LOG_FORMAT,
-// ATTNSERVE_SHUTDOWN_GRACE. A variable set to "" counts as unset. A flag on the command line overrides its
+// ATTNSERVE_SHUTDOWN_GRACE, and ATTNSERVE_ with the flag's name for the others (--help lists them). A variable set to "" counts as unset. A flag on the command line overrides its
 // variable, and a bad variable that a flag overrides is not an error.
 // Values are checked here so errors name their source: addresses must be host:port, worker threads an
 // integer in [1, 256], log level/format one of the listed words (case-insensitive; stored lowercase),
@@ -46,7 +52,8 @@ absl::StatusOr<ServerFlags> ParseServerFlags(int argc, const char* const* argv,
 // The --help text: usage line, then every flag with its environment variable and default.
 std::string ServerUsage();
 
-// Flags override the file: sets grpc_address, metrics_address and worker_threads on `config` when given.
+// Flags override the file: grpc_address, metrics_address, worker_threads and the security and transport
+// fields given.
 void ApplyFlagsToConfig(const ServerFlags& flags, attnserve::v1::ServerConfig* config);
 
 // The whole start-up path: flags.config_path's file (or the embedded default when empty), then

@@ -56,10 +56,13 @@ show_server_log() {
 }
 
 # --log-level info: the ready line is an info line, whatever ATTNSERVE_LOG_LEVEL says.
-# ATTNSERVE_CONFIG is dropped so the embedded default config (layers small and base) is served.
+# ATTNSERVE_CONFIG is dropped so the embedded default config (layers small and base) is served. The server
+# requires a token, which the examples read from ATTNSERVE_TOKEN.
 : >"$TMP/server.err"
-env -u ATTNSERVE_CONFIG "$SERVER" --grpc-address 127.0.0.1:0 --metrics-address 127.0.0.1:0 --log-level info \
-  --shutdown-grace 30s >"$TMP/server.out" 2>"$TMP/server.err" &
+TOKEN="examples-$RANDOM-$RANDOM-$RANDOM"
+echo "sha256:$(printf %s "$TOKEN" | sha256sum | cut -d' ' -f1) infer" >"$TMP/tokens"
+env -u ATTNSERVE_CONFIG -u ATTNSERVE_TOKEN "$SERVER" --grpc-address 127.0.0.1:0 --metrics-address 127.0.0.1:0 \
+  --log-level info --shutdown-grace 30s --auth-token-file "$TMP/tokens" >"$TMP/server.out" 2>"$TMP/server.err" &
 SERVER_PID=$!
 
 PORT=""
@@ -84,6 +87,15 @@ TARGET="127.0.0.1:$PORT"
 echo "examples_test: server ready on $TARGET"
 
 failures=()
+export ATTNSERVE_TOKEN="$TOKEN"
+
+echo "== python without the token: must fail with UNAUTHENTICATED"
+if ATTNSERVE_TOKEN= PYTHONDONTWRITEBYTECODE=1 timeout "$EXAMPLE_TIMEOUT_S" \
+    "$PYTHON" "$REPO_ROOT/examples/python/attn_client.py" --target "$TARGET" >"$TMP/no-token.out" 2>&1 ||
+    ! grep -q UNAUTHENTICATED "$TMP/no-token.out"; then
+  cat "$TMP/no-token.out" >&2
+  failures+=(python-without-token)
+fi
 
 echo "== python: examples/python/attn_client.py --target $TARGET"
 if ! PYTHONDONTWRITEBYTECODE=1 timeout "$EXAMPLE_TIMEOUT_S" \

@@ -12,6 +12,7 @@
 #include "gtest/gtest.h"
 #include "server/startup/server_config.h"
 #include "server/startup/server_flags.h"
+#include "server/startup/transport_config.h"
 
 namespace attnserve {
 namespace {
@@ -133,6 +134,8 @@ TEST(DefaultServerConfig, ExplicitValuesAreKept) {
   ASSERT_TRUE(ApplyDefaultsAndValidate(&config).ok());
   config.clear_grpc_address();
   config.clear_metrics_address();
+  config.clear_security();   // defaulted (SecurityAndTransport tests)
+  config.clear_transport();
   EXPECT_TRUE(ProtoEquals(config, before)) << config.DebugString();
 }
 
@@ -645,6 +648,97 @@ TEST(BuildServerConfig, FromParsedCommandLine) {
   EXPECT_EQ(config->metrics_address(), "127.0.0.1:0");
   EXPECT_EQ(config->worker_threads(), 5);
   EXPECT_EQ(config->grpc_address(), "localhost:1234");
+}
+
+}  // namespace
+}  // namespace attnserve
+
+// ---------------------------------------------------------------------------------------------------
+// The security and transport sections, and their flags.
+
+namespace attnserve {
+namespace {
+
+TEST(SecurityAndTransport, DefaultsFillEveryLimit) {
+  ServerConfig config = DefaultServerConfig();
+  ASSERT_TRUE(ApplyDefaultsAndValidate(&config).ok());
+  const auto& t = config.transport();
+  EXPECT_EQ(t.max_concurrent_streams(), 128);
+  EXPECT_EQ(t.max_connection_idle_ms(), 120000);
+  EXPECT_EQ(t.keepalive_min_ping_interval_ms(), 10000);
+  EXPECT_EQ(t.max_ping_strikes(), 2);
+  EXPECT_EQ(t.grpc_memory_bytes(), 0);  // follows the memory budget
+  EXPECT_EQ(t.grpc_max_threads(), 256);
+  EXPECT_EQ(t.max_metadata_bytes(), 16384);
+  EXPECT_EQ(t.listener_check_interval_ms(), 5000);
+  EXPECT_EQ(config.security().tls_reload_interval_ms(), 10000);
+  EXPECT_TRUE(config.security().tls_cert_file().empty());
+  EXPECT_EQ(GrpcMemoryBytes(t, int64_t{8} << 30), int64_t{2} << 30);
+  EXPECT_EQ(GrpcMemoryBytes(t, int64_t{100} << 20), int64_t{64} << 20);  // at least 64 MiB
+}
+
+TEST(SecurityAndTransport, ProblemsNameTheirFields) {
+  ServerConfig config = DefaultServerConfig();
+  config.mutable_security()->set_tls_cert_file("/nonexistent/cert.pem");
+  config.mutable_security()->set_tls_client_ca_file("/nonexistent/ca.pem");
+  config.mutable_security()->set_auth_token_file("/nonexistent/tokens");
+  config.mutable_transport()->set_max_ping_strikes(-1);
+  config.mutable_transport()->set_listener_check_interval_ms(-2);
+  config.set_health_address("nowhere");
+  const absl::Status status = ApplyDefaultsAndValidate(&config);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  for (const char* text : {"security.tls_key_file: tls_cert_file and tls_key_file go together",
+                           "security.tls_cert_file: \"/nonexistent/cert.pem\" is not a readable file",
+                           "security.auth_token_file: \"/nonexistent/tokens\" is not a readable file",
+                           "transport.max_ping_strikes: must be >= 0, got -1",
+                           "transport.listener_check_interval_ms: must be -1 (never) or >= 0, got -2",
+                           "health_address: "}) {
+    EXPECT_THAT(std::string(status.message()), HasSubstr(text));
+  }
+  ServerConfig huge = DefaultServerConfig();
+  huge.mutable_layers(0)->set_embed_dim(int64_t{1} << 32);
+  huge.mutable_layers(0)->set_num_heads(1);
+  EXPECT_THAT(std::string(ApplyDefaultsAndValidate(&huge).message()),
+              HasSubstr("layers[0].embed_dim: must be at most 32768, got 4294967296"));
+  ServerConfig ca_only = DefaultServerConfig();
+  ca_only.mutable_security()->set_tls_client_ca_file(WriteTemp("ca.pem", "x"));
+  EXPECT_THAT(std::string(ApplyDefaultsAndValidate(&ca_only).message()),
+              HasSubstr("security.tls_client_ca_file: needs tls_cert_file"));
+}
+
+TEST_F(FlagsTest, SecurityAndTransportFlagsOverrideTheirFields) {
+  env_["ATTNSERVE_AUTH_TOKEN_FILE"] = "/etc/tokens";
+  absl::StatusOr<ServerFlags> flags =
+      Parse({"--tls-cert-file", "c.pem", "--tls-key-file=k.pem", "--tls-client-ca-file", "ca.pem",
+             "--metrics-auth-file", "m", "--disable-reflection", "--max-concurrent-streams", "64",
+             "--max-connection-idle", "30s", "--keepalive-min-ping-interval=1m", "--max-ping-strikes", "5",
+             "--grpc-memory-bytes", "1048576", "--listener-check-interval", "never", "--health-address",
+             "0.0.0.0:8081"});
+  ASSERT_TRUE(flags.ok()) << flags.status();
+  ServerConfig config = DefaultServerConfig();
+  config.mutable_transport()->set_max_metadata_bytes(999);  // a field no flag set stays
+  ApplyFlagsToConfig(*flags, &config);
+  EXPECT_EQ(config.security().tls_cert_file(), "c.pem");
+  EXPECT_EQ(config.security().tls_key_file(), "k.pem");
+  EXPECT_EQ(config.security().tls_client_ca_file(), "ca.pem");
+  EXPECT_EQ(config.security().auth_token_file(), "/etc/tokens");
+  EXPECT_EQ(config.security().metrics_auth_file(), "m");
+  EXPECT_TRUE(config.security().disable_reflection());
+  EXPECT_EQ(config.transport().max_concurrent_streams(), 64);
+  EXPECT_EQ(config.transport().max_connection_idle_ms(), 30000);
+  EXPECT_EQ(config.transport().keepalive_min_ping_interval_ms(), 60000);
+  EXPECT_EQ(config.transport().max_ping_strikes(), 5);
+  EXPECT_EQ(config.transport().grpc_memory_bytes(), 1048576);
+  EXPECT_EQ(config.transport().listener_check_interval_ms(), -1);
+  EXPECT_EQ(config.transport().max_metadata_bytes(), 999);
+  EXPECT_EQ(config.health_address(), "0.0.0.0:8081");
+}
+
+TEST_F(FlagsTest, BadTransportValuesNameTheFlag) {
+  EXPECT_THAT(ErrorOf({"--max-concurrent-streams", "0"}), HasSubstr("--max-concurrent-streams: expected an integer"));
+  EXPECT_THAT(ErrorOf({"--max-connection-idle", "0"}), HasSubstr("--max-connection-idle: expected at least 1ms"));
+  EXPECT_THAT(ErrorOf({"--listener-check-interval", "soon"}), HasSubstr("--listener-check-interval"));
+  EXPECT_THAT(ErrorOf({"--health-address", "x"}), HasSubstr("--health-address"));
 }
 
 }  // namespace

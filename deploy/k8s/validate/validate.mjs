@@ -13,15 +13,20 @@
 //     therefore also type-checked, as a TypeScript object literal, against the model's own interface
 //     (IDeployment, ...), where every property not in the schema is an excess-property error and every
 //     wrong scalar type a type error. Errors name the object's field path.
-//  3. references between the objects: Service, PodDisruptionBudget and ServiceMonitor selectors match pods
-//     or Services of the set, named target ports exist, the HPA's target and the ConfigMaps that volumes
-//     name are in the set, and a pod's terminationGracePeriodSeconds exceeds its preStop pause plus the
-//     server's --shutdown-grace.
+//  3. references between the objects: Service, PodDisruptionBudget, NetworkPolicy and ServiceMonitor
+//     selectors match pods or Services of the set, named target ports (and a NetworkPolicy's named ports)
+//     exist, the HPA's target and the ConfigMaps that volumes name are in the set, and a pod's
+//     terminationGracePeriodSeconds exceeds its preStop pause plus the server's --shutdown-grace. And the
+//     server's files and probes: every file a flag names (--config, --*-file, ATTNSERVE_*_FILE) lies under a
+//     volumeMount, no Secret or ConfigMap is mounted with subPath (its updates would never reach the pod), and
+//     with TLS on (--tls-cert-file) no kubelet gRPC probe targets the TLS port (the kubelet cannot do TLS).
 //
 // --render is the fallback for machines without kubectl: it prints the resources a kustomization lists
 // (files, directories with their own kustomization, components, and configMapGenerator entries with
-// generatorOptions' labels, without kustomize's name hash) and refuses any other kustomize feature, so its
-// output has the same objects as `kubectl kustomize` (test-manifests.sh compares them where kubectl runs).
+// generatorOptions' labels, without kustomize's name hash), applies `patches` that are JSON 6902 operation
+// lists with a group/version/kind/name target (as kustomize: every object the target selects, none is not an
+// error), and refuses any other kustomize feature (strategic-merge patches among them), so its output has the
+// same objects as `kubectl kustomize` (test-manifests.sh compares them where kubectl runs).
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -159,6 +164,30 @@ function shutdownGraceSeconds(args) {
   return 30; // the server's default
 }
 
+// The server's flags a container sets, as name -> value: its args (--name=value or --name value) and the
+// ATTNSERVE_* variables (ATTNSERVE_TLS_CERT_FILE is --tls-cert-file); args win, as in the server.
+function serverFlags(c) {
+  const flags = new Map();
+  for (const e of c.env ?? []) {
+    const m = /^ATTNSERVE_([A-Z0-9_]+)$/.exec(e.name ?? "");
+    if (m && typeof e.value === "string") flags.set(m[1].toLowerCase().replace(/_/g, "-"), e.value);
+  }
+  const args = c.args ?? [];
+  for (let i = 0; i < args.length; i++) {
+    const m = /^--([a-z0-9-]+)(?:=(.*))?$/.exec(args[i]);
+    if (!m) continue;
+    if (m[2] !== undefined) flags.set(m[1], m[2]);
+    else if (i + 1 < args.length && !args[i + 1].startsWith("--")) flags.set(m[1], args[++i]);
+    else flags.set(m[1], "");
+  }
+  return flags;
+}
+
+const addressPort = (address) => {
+  const m = /:(\d+)$/.exec(address ?? "");
+  return m ? Number(m[1]) : null;
+};
+
 function referenceErrors(objects) {
   const errs = [];
   const err = (o, msg) => errs.push(`${o.obj.kind}/${o.obj.metadata?.name}: ${msg}`);
@@ -184,9 +213,27 @@ function referenceErrors(objects) {
         err(owner, `container ${c.name}: terminationGracePeriodSeconds ${grace} must exceed the preStop pause (${pause} s) plus --shutdown-grace (${need - pause} s)`);
       }
       const ports = new Set((c.ports ?? []).map((p) => p.containerPort));
+      const flags = serverFlags(c);
+      const tlsPort = flags.has("tls-cert-file") ? addressPort(flags.get("grpc-address")) ?? 50051 : null;
       for (const probe of ["startupProbe", "readinessProbe", "livenessProbe"]) {
         const p = c[probe];
         if (p?.grpc && !ports.has(p.grpc.port)) err(owner, `container ${c.name}: ${probe} port ${p.grpc.port} is not a containerPort`);
+        if (p?.grpc && p.grpc.port === tlsPort) {
+          err(owner, `container ${c.name}: ${probe} is a gRPC probe on the TLS port ${tlsPort}: the kubelet's gRPC probe cannot do TLS (probe a plaintext --health-address port)`);
+        }
+      }
+      const volumes = new Map((spec.volumes ?? []).map((v) => [v.name, v]));
+      for (const m of c.volumeMounts ?? []) {
+        const v = volumes.get(m.name);
+        const source = v && (v.secret ? "Secret" : v.configMap ? "ConfigMap" : v.projected ? "projected" : null);
+        if (source && (m.subPath || m.subPathExpr)) {
+          err(owner, `container ${c.name}: volumeMount ${m.name} (${source}) uses subPath: updates of the ${source} never reach a subPath mount; mount the directory`);
+        }
+      }
+      for (const [flag, file] of flags) {
+        if (!(flag === "config" || flag.endsWith("-file")) || !file.startsWith("/")) continue;
+        const under = (c.volumeMounts ?? []).some((m) => (m.subPath || m.subPathExpr ? file === m.mountPath : file.startsWith(`${m.mountPath.replace(/\/+$/, "")}/`)));
+        if (!under) err(owner, `container ${c.name}: --${flag} ${file} is not under any volumeMount of the container`);
       }
     }
   }
@@ -200,6 +247,21 @@ function referenceErrors(objects) {
         err(o, `port ${p.name}: targetPort ${p.targetPort} is not a named container port of the selected pods`);
       }
     }
+  }
+  for (const o of objects.filter((x) => x.obj.kind === "NetworkPolicy")) {
+    const sel = o.obj.spec?.podSelector ?? {};
+    if (sel.matchExpressions) continue; // not evaluated here
+    // An empty podSelector selects every pod of the namespace.
+    const hits = Object.keys(sel.matchLabels ?? {}).length === 0 ? templates
+      : templates.filter((t) => matches(sel.matchLabels, t.template.metadata?.labels));
+    if (hits.length === 0) { err(o, "spec.podSelector matches no pod template in the manifests"); continue; }
+    (o.obj.spec?.ingress ?? []).forEach((rule, i) => {
+      for (const p of rule.ports ?? []) {
+        if (typeof p.port === "string" && !hits.every((t) => portNames(t.template).has(p.port))) {
+          err(o, `ingress[${i}]: port ${p.port} is not a named container port of the selected pods`);
+        }
+      }
+    });
   }
   for (const o of objects.filter((x) => x.obj.kind === "PodDisruptionBudget")) {
     if (!templates.some((t) => matches(o.obj.spec?.selector?.matchLabels, t.template.metadata?.labels))) {
@@ -226,19 +288,30 @@ function referenceErrors(objects) {
 }
 
 // ---- the fallback renderer ----------------------------------------------------------------------------------
-const KNOWN_KUSTOMIZATION_KEYS = new Set(["apiVersion", "kind", "resources", "components", "configMapGenerator", "generatorOptions"]);
+// kustomize's order within one kustomization (or component): its resources, then its components (each adds
+// its resources to, and patches, what has been accumulated so far), then its generators, then its patches.
+// A resource directory is rendered on its own; a component works on its parent's objects.
+const KNOWN_KUSTOMIZATION_KEYS = new Set(["apiVersion", "kind", "resources", "components", "configMapGenerator", "generatorOptions", "patches"]);
 
-function renderDir(dir, docs) {
+function renderDir(dir, docs, asComponent = false) {
   const file = ["kustomization.yaml", "kustomization.yml", "Kustomization"].map((f) => path.join(dir, f)).find((f) => fs.existsSync(f));
   if (!file) throw new Error(`${dir}: no kustomization.yaml`);
   const k = YAML.parse(fs.readFileSync(file, "utf8")) ?? {};
   for (const key of Object.keys(k)) {
-    if (!KNOWN_KUSTOMIZATION_KEYS.has(key)) throw new Error(`${file}: '${key}' needs kustomize (kubectl kustomize); --render only lists resources`);
+    if (!KNOWN_KUSTOMIZATION_KEYS.has(key)) throw new Error(`${file}: '${key}' needs kustomize (kubectl kustomize); --render lists resources and applies JSON 6902 patches`);
   }
-  for (const r of [...(k.resources ?? []), ...(k.components ?? [])]) {
+  const kind = k.kind ?? "Kustomization";
+  if (asComponent && kind !== "Component") throw new Error(`${file}: listed under components, but its kind is ${kind}, not Component`);
+  if (!asComponent && kind !== "Kustomization") throw new Error(`${file}: kind ${kind} where a Kustomization is expected (a Component goes under components)`);
+  for (const r of k.resources ?? []) {
     const p = path.resolve(dir, r);
-    if (fs.statSync(p).isDirectory()) renderDir(p, docs);
+    if (fs.statSync(p).isDirectory()) docs.push(...renderDir(p, []));
     else for (const d of YAML.parseAllDocuments(fs.readFileSync(p, "utf8"))) if (d.contents) docs.push(d.toJS());
+  }
+  for (const c of k.components ?? []) {
+    const p = path.resolve(dir, c);
+    if (!fs.statSync(p).isDirectory()) throw new Error(`${file}: component ${c} is not a directory`);
+    renderDir(p, docs, true);
   }
   for (const g of k.configMapGenerator ?? []) {
     const data = {};
@@ -254,8 +327,95 @@ function renderDir(dir, docs) {
     if (Object.keys(annotations).length) metadata.annotations = annotations;
     docs.push({ apiVersion: "v1", kind: "ConfigMap", metadata, data });
   }
+  (k.patches ?? []).forEach((p, i) => applyPatch(`${file}: patches[${i}]`, dir, p, docs));
   return docs;
 }
+
+// One `patches` entry: JSON 6902 operations (a YAML or JSON list) from `path` or inline `patch`, applied to
+// every object its target selects (group, version and kind exact; name an anchored regular expression, as in
+// kustomize). Strategic-merge patches (a YAML object) and other selectors need kustomize.
+function applyPatch(where, dir, p, docs) {
+  const needsKustomize = (what) => new Error(`${where}: ${what} needs kustomize (kubectl kustomize); --render applies JSON 6902 patches with a group/version/kind/name target`);
+  for (const key of Object.keys(p ?? {})) if (!["path", "patch", "target"].includes(key)) throw needsKustomize(`'${key}'`);
+  if ((p.path === undefined) === (p.patch === undefined)) throw new Error(`${where}: needs exactly one of path and patch`);
+  const text = p.path !== undefined ? fs.readFileSync(path.resolve(dir, p.path), "utf8") : p.patch;
+  const ops = YAML.parse(text);
+  if (!Array.isArray(ops)) throw needsKustomize("a strategic-merge patch");
+  if (!p.target) throw new Error(`${where}: a JSON 6902 patch needs a target`);
+  for (const key of Object.keys(p.target)) if (!["group", "version", "kind", "name"].includes(key)) throw needsKustomize(`target.${key}`);
+  const t = p.target;
+  docs.forEach((d, n) => {
+    const [group, version] = String(d.apiVersion ?? "").includes("/") ? d.apiVersion.split("/") : ["", d.apiVersion];
+    if (t.group !== undefined && t.group !== group) return;
+    if (t.version !== undefined && t.version !== version) return;
+    if (t.kind !== undefined && t.kind !== d.kind) return;
+    if (t.name !== undefined && !new RegExp(`^(?:${t.name})$`).test(d.metadata?.name ?? "")) return;
+    docs[n] = jsonPatch(d, ops, `${where} on ${d.kind}/${d.metadata?.name}`);
+  });
+}
+
+// RFC 6902 on a copy of doc: add, remove, replace, move, copy, test; any failure is an error (as in kustomize).
+function jsonPatch(doc, ops, where) {
+  const root = { doc: structuredClone(doc) };
+  const parse = (pointer, i) => {
+    if (typeof pointer !== "string" || (pointer !== "" && !pointer.startsWith("/"))) throw new Error(`${where}: operation ${i}: bad path ${JSON.stringify(pointer)}`);
+    return ["doc", ...(pointer === "" ? [] : pointer.slice(1).split("/").map((s) => s.replace(/~1/g, "/").replace(/~0/g, "~")))];
+  };
+  // The container of the last token, and that token (an array index as a number, or "-").
+  const locate = (tokens, i, forAdd) => {
+    let cur = root;
+    for (const tok of tokens.slice(0, -1)) {
+      const next = Array.isArray(cur) ? cur[arrayIndex(cur, tok, i, false)] : cur !== null && typeof cur === "object" && Object.hasOwn(cur, tok) ? cur[tok] : undefined;
+      if (next === undefined) throw new Error(`${where}: operation ${i}: path ${tokens.slice(1).join("/")}: ${tok} does not exist`);
+      cur = next;
+    }
+    const last = tokens[tokens.length - 1];
+    if (cur === null || typeof cur !== "object") throw new Error(`${where}: operation ${i}: the parent of ${last} is not an object or array`);
+    return [cur, Array.isArray(cur) ? arrayIndex(cur, last, i, forAdd) : last];
+  };
+  const arrayIndex = (arr, tok, i, forAdd) => {
+    if (forAdd && tok === "-") return arr.length;
+    if (!/^(0|[1-9]\d*)$/.test(tok) || Number(tok) > arr.length - (forAdd ? 0 : 1)) throw new Error(`${where}: operation ${i}: index ${tok} is out of range`);
+    return Number(tok);
+  };
+  const get = (tokens, i) => {
+    const [c, k] = locate(tokens, i, false);
+    if (!Array.isArray(c) && !Object.hasOwn(c, k)) throw new Error(`${where}: operation ${i}: ${tokens.slice(1).join("/")} does not exist`);
+    return c[k];
+  };
+  const add = (tokens, value, i) => {
+    const [c, k] = locate(tokens, i, true);
+    if (Array.isArray(c)) c.splice(k, 0, value); else c[k] = value;
+  };
+  const remove = (tokens, i) => {
+    const [c, k] = locate(tokens, i, false);
+    if (Array.isArray(c)) c.splice(k, 1);
+    else if (Object.hasOwn(c, k)) delete c[k];
+    else throw new Error(`${where}: operation ${i}: ${tokens.slice(1).join("/")} does not exist`);
+  };
+  const equal = (a, b) => JSON.stringify(canonical(a)) === JSON.stringify(canonical(b));
+  ops.forEach((op, i) => {
+    const tokens = parse(op?.path, i);
+    if (tokens.length === 1 && op.op !== "test") throw new Error(`${where}: operation ${i}: --render does not replace a whole object`);
+    switch (op?.op) {
+      case "add": add(tokens, structuredClone(op.value), i); break;
+      case "remove": remove(tokens, i); break;
+      case "replace": get(tokens, i); remove(tokens, i); add(tokens, structuredClone(op.value), i); break;
+      case "move": { const from = parse(op.from, i); const v = get(from, i); remove(from, i); add(tokens, v, i); break; }
+      case "copy": add(tokens, structuredClone(get(parse(op.from, i), i)), i); break;
+      case "test":
+        if (!equal(get(tokens, i), op.value)) throw new Error(`${where}: operation ${i}: test failed: ${op.path} is ${JSON.stringify(get(tokens, i))}, not ${JSON.stringify(op.value)}`);
+        break;
+      default: throw new Error(`${where}: operation ${i}: unknown op ${JSON.stringify(op?.op)}`);
+    }
+  });
+  return root.doc;
+}
+
+const canonical = (v) =>
+  Array.isArray(v) ? v.map(canonical)
+  : v && typeof v === "object" ? Object.fromEntries(Object.keys(v).sort().map((k) => [k, canonical(v[k])]))
+  : v;
 
 // ---- main ---------------------------------------------------------------------------------------------------
 async function main(argv) {

@@ -7,7 +7,9 @@ Makes a CA, a server certificate (SAN localhost, 127.0.0.1) and a client certifi
 command, and a token file; then starts attnserve on loopback once per mode (plaintext, token, TLS,
 TLS + token, mTLS + token) and drives each with attnbench on layer `small` (E=256, H=4, B=1, L=16: small
 requests, where the transport's share is largest): p50 at concurrency 1, requests/s at concurrency 64.
-Modes are interleaved over --rounds rounds and the medians reported, with each mode's ratio to plaintext.
+Modes are interleaved over --rounds rounds and the medians reported, with each mode's ratio to plaintext, and
+the server's own CPU time per request (from /proc: client and server share this machine's cores, so the
+requests/s also pay for the client's encryption).
 """
 
 import argparse
@@ -63,19 +65,29 @@ def modes(d):
     ]
 
 
+def server_cpu_seconds(pid):
+    """User + system CPU time of the server process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_mode(build, d, server_args, client_args, duration):
     proc = Proc([f"{build}/server/attnserve", "--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
                  "--shutdown-grace", "5s", *server_args], READY, os.path.join(d, "server.log"))
     try:
+        cpu_before = server_cpu_seconds(proc.p.pid)
         out = subprocess.run([f"{build}/tools/attnbench", "--target", f"localhost:{proc.ports[0]}", "--json",
                               "--quiet", "--layer", "small", "--seq", "16", "--concurrency", "1,64", "--duration",
                               f"{duration}s", "--warmup", "1s", *client_args],
                              check=True, capture_output=True, text=True).stdout
+        cpu = server_cpu_seconds(proc.p.pid) - cpu_before
     finally:
         proc.stop()
     steps = json.loads(out)
     assert all(s["errors"] == 0 for s in steps), steps
-    return steps[0]["latency_ms"]["p50"], steps[1]["requests_per_second"]
+    requests = sum(s["requests"] for s in steps)  # measured steps only; warm-ups add a little CPU
+    return steps[0]["latency_ms"]["p50"], steps[1]["requests_per_second"], cpu / requests * 1e6
 
 
 def main():
@@ -86,21 +98,24 @@ def main():
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         make_credentials(d)
-        results = {name: ([], []) for name, _, _ in modes(d)}
+        results = {name: ([], [], []) for name, _, _ in modes(d)}
         for r in range(a.rounds):
             for name, server_args, client_args in modes(d):
-                p50, rps = run_mode(a.build, d, server_args, client_args, a.duration)
-                results[name][0].append(p50)
-                results[name][1].append(rps)
-                print(f"round {r + 1} {name}: p50 {p50:.3f} ms, {rps:.0f} requests/s", file=sys.stderr)
+                p50, rps, cpu_us = run_mode(a.build, d, server_args, client_args, a.duration)
+                for column, value in zip(results[name], (p50, rps, cpu_us)):
+                    column.append(value)
+                print(f"round {r + 1} {name}: p50 {p50:.3f} ms, {rps:.0f} requests/s, server CPU {cpu_us:.0f} us "
+                      "per request", file=sys.stderr)
     base_p50 = statistics.median(results["plaintext"][0])
     base_rps = statistics.median(results["plaintext"][1])
-    print("| mode | p50 at c=1 (ms) | vs plaintext | requests/s at c=64 | vs plaintext |")
-    print("|---|---|---|---|---|")
-    for name, (p50s, rpss) in results.items():
-        p50, rps = statistics.median(p50s), statistics.median(rpss)
-        print(f"| {name} | {p50:.3f} | {p50 / base_p50 - 1:+.1%} | {rps:.0f} | {rps / base_rps - 1:+.1%} |"
-              .replace("+-", "-"))
+    base_cpu = statistics.median(results["plaintext"][2])
+    print("| mode | p50 at c=1 (ms) | vs plaintext | requests/s at c=64 | vs plaintext | server CPU per request (us) "
+          "| vs plaintext |")
+    print("|---|---|---|---|---|---|---|")
+    for name, columns in results.items():
+        p50, rps, cpu = (statistics.median(c) for c in columns)
+        print(f"| {name} | {p50:.3f} | {p50 / base_p50 - 1:+.1%} | {rps:.0f} | {rps / base_rps - 1:+.1%} | {cpu:.0f} "
+              f"| {cpu / base_cpu - 1:+.1%} |")
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ absl::Status Server::Build() {
   scheduler_options.idle_spin_us = options_.idle_spin_us;
   scheduler_options.observer = p.observer.get();
   scheduler_options.on_idle = [] { ReleaseThreadScratch(); };  // a burst's scratch goes back when it ends
-  scheduler_options.long_batch_cost = options_.long_batch_flops;
+  scheduler_options.long_item_cost = options_.long_request_flops;
   scheduler_options.cost = [](const std::unique_ptr<InferenceCall>& call) {
     return static_cast<double>(call->parsed.flops);
   };
@@ -240,7 +240,8 @@ absl::Status Server::StartHealthServer() {
   builder.RegisterCallbackGenericService(&p.health_fallback);
   builder.AddListeningPort(config_.health_address(), grpc::InsecureServerCredentials(), &p.health_port);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 4);
-  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, static_cast<int>(config_.transport().max_connection_idle_ms()));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+                             static_cast<int>(config_.transport().max_connection_idle_ms()));
   builder.SetMaxReceiveMessageSize(4096);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<ReflectionGuardFactory>(p.authorizer.get()));

@@ -49,10 +49,10 @@ struct ServerOptions {
   // Serve the gRPC reflection service (grpcurl-style tools without the .proto files), unless the config's
   // security.disable_reflection says otherwise.
   bool enable_reflection = true;
-  // Fair share for short requests: while every worker computes and one of them a batch of at least this
-  // many FLOPs, requests below it run one by one on an express worker (one OpenMP thread), so that they do
-  // not wait seconds behind another layer's long request. 0 = no express lane.
-  double long_batch_flops = 2e9;
+  // Fair share for short requests: while every worker computes and one of them a request of at least this
+  // many FLOPs (about 15 ms of the machine), requests below it run one by one on an express worker (one
+  // OpenMP thread), so that they do not wait seconds behind another layer's long request. 0 = no express lane.
+  double long_request_flops = 2e9;
   // How often the token and /metrics auth files are checked for changes.
   absl::Duration credential_reload_interval = absl::Seconds(1);
   // Called once, from the listener probe's thread, when the gRPC port no longer accepts connections

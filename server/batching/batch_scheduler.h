@@ -2,7 +2,7 @@
 //
 // Each queue follows its own BatchingOptions (server/batching/batch_queue.h). An idle worker takes the next Ready batch
 // among all queues, picking the queue whose oldest entry is the oldest (so no layer starves), and calls
-// run_batch with it outside the lock. An optional express lane (Options::long_batch_cost) runs short
+// run_batch with it outside the lock. An optional express lane (Options::long_item_cost) runs short
 // entries on one more thread while every worker is busy and one of them runs a long batch. With nothing ready it sleeps on a condition variable until a Schedule,
 // a Shutdown, or the earliest time a queue becomes ready through its delay (converted from the injected
 // clock to a real deadline: absl::Now() + (next_ready - clock->Now())).
@@ -68,13 +68,14 @@ class BatchScheduler {
     // Called on a worker thread (without the scheduler's lock) once it has run out of work, before it
     // sleeps: e.g. to give the thread's large scratch buffers back. May be empty.
     std::function<void()> on_idle;
-    // The express lane, a fair share for short work: with `long_batch_cost` > 0, one more thread (the express
-    // worker) runs single entries that cost less than long_batch_cost, oldest first and without waiting for
+    // The express lane, a fair share for short work: with `long_item_cost` > 0, one more thread (the express
+    // worker) runs single entries that cost less than long_item_cost, oldest first and without waiting for
     // their queue's delay, through `run_express_batch`, while every worker is busy and one of them runs a
-    // batch costing long_batch_cost or more. So a request that costs little never waits behind one that costs
-    // a lot (seconds of another layer's work), for the price of one more thread on the CPUs meanwhile.
-    // `cost` gives an item's cost (e.g. its FLOPs); a batch costs the sum of its items'. 0 = no express lane.
-    double long_batch_cost = 0;
+    // batch holding an entry that costs long_item_cost or more. So a request that costs little never waits
+    // behind one that costs a lot (seconds of another layer's work), for the price of one more thread on the
+    // CPUs meanwhile; batches of many short entries never open the lane. `cost` gives an item's cost (e.g. its
+    // FLOPs). 0 = no express lane.
+    double long_item_cost = 0;
     std::function<double(const T& item)> cost;
   };
 
@@ -82,7 +83,7 @@ class BatchScheduler {
   using BatchFn = std::function<void(const std::string& queue_name, std::vector<Entry> batch)>;
 
   // Starts the workers. InvalidArgument when worker_threads < 1, clock is null or run_batch is empty.
-  // `run_express_batch` is the express lane's (see Options::long_batch_cost), called with batches of one.
+  // `run_express_batch` is the express lane's (see Options::long_item_cost), called with batches of one.
   static absl::StatusOr<std::unique_ptr<BatchScheduler>> Create(const Options& options, BatchFn run_batch,
                                                                 BatchFn run_express_batch = nullptr) {
     if (options.worker_threads < 1) {
@@ -91,8 +92,8 @@ class BatchScheduler {
     }
     if (options.clock == nullptr) return absl::InvalidArgumentError("clock must not be null");
     if (!run_batch) return absl::InvalidArgumentError("run_batch must not be empty");
-    if (options.long_batch_cost < 0 || (options.long_batch_cost > 0 && (!options.cost || !run_express_batch))) {
-      return absl::InvalidArgumentError("long_batch_cost must be >= 0; > 0 needs cost and run_express_batch");
+    if (options.long_item_cost < 0 || (options.long_item_cost > 0 && (!options.cost || !run_express_batch))) {
+      return absl::InvalidArgumentError("long_item_cost must be >= 0; > 0 needs cost and run_express_batch");
     }
     std::unique_ptr<BatchScheduler> scheduler(
         new BatchScheduler(options, std::move(run_batch), std::move(run_express_batch)));
@@ -223,7 +224,7 @@ class BatchScheduler {
 
   BatchScheduler(const Options& options, BatchFn run_batch, BatchFn run_express_batch)
       : worker_threads_(options.worker_threads),
-        long_batch_cost_(options.long_batch_cost),
+        long_item_cost_(options.long_item_cost),
         cost_(options.cost),
         run_express_batch_(std::move(run_express_batch)),
         idle_spin_us_(options.idle_spin_us),
@@ -235,23 +236,22 @@ class BatchScheduler {
   void StartWorkers() ABSL_LOCKS_EXCLUDED(join_mu_) {
     absl::MutexLock lock(&join_mu_);
     for (int32_t i = 0; i < worker_threads_; ++i) workers_.emplace_back([this] { WorkerLoop(); });
-    if (long_batch_cost_ > 0) workers_.emplace_back([this] { ExpressLoop(); });
+    if (long_item_cost_ > 0) workers_.emplace_back([this] { ExpressLoop(); });
   }
 
-  double BatchCost(const std::vector<Entry>& batch) const {
-    double total = 0;
-    for (const Entry& e : batch) total += cost_(e.item);
-    return total;
+  bool HoldsLongItem(const std::vector<Entry>& batch) const {
+    return std::any_of(batch.begin(), batch.end(),
+                       [this](const Entry& e) { return cost_(e.item) >= long_item_cost_; });
   }
 
-  // The queue whose oldest entry is the oldest among those that cost less than long_batch_cost; null if
+  // The queue whose oldest entry is the oldest among those that cost less than long_item_cost; null if
   // none, or while the express lane is closed (a worker is free, or none runs a long batch).
   QueueState* PickExpress() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (long_running_ == 0 || regular_running_ < worker_threads_) return nullptr;
     QueueState* best = nullptr;
     for (auto& [name, state] : queues_) {
       const Entry* front = state->queue.Front();
-      if (front == nullptr || cost_(front->item) >= long_batch_cost_) continue;
+      if (front == nullptr || cost_(front->item) >= long_item_cost_) continue;
       if (best == nullptr || front->enqueued < best->queue.Front()->enqueued) best = state.get();
     }
     return best;
@@ -299,7 +299,7 @@ class BatchScheduler {
   void RunOneBatch(QueueState* state, bool express = false) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     std::vector<Entry> batch =
         express ? state->queue.TakeFront() : state->queue.TakeBatch(/*force=*/shutting_down_ || state->removing);
-    const bool long_batch = !express && long_batch_cost_ > 0 && BatchCost(batch) >= long_batch_cost_;
+    const bool long_batch = !express && long_item_cost_ > 0 && HoldsLongItem(batch);
     ++inflight_batches_;
     ++state->running;
     regular_running_ += express ? 0 : 1;
@@ -368,7 +368,7 @@ class BatchScheduler {
   }
 
   const int32_t worker_threads_;
-  const double long_batch_cost_;
+  const double long_item_cost_;
   const std::function<double(const T&)> cost_;
   const BatchFn run_express_batch_;
   const int64_t idle_spin_us_;
@@ -384,7 +384,7 @@ class BatchScheduler {
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   int64_t inflight_batches_ ABSL_GUARDED_BY(mu_) = 0;
   int32_t regular_running_ ABSL_GUARDED_BY(mu_) = 0;  // batches the workers (not the express lane) run
-  int32_t long_running_ ABSL_GUARDED_BY(mu_) = 0;     // of those, the ones costing long_batch_cost or more
+  int32_t long_running_ ABSL_GUARDED_BY(mu_) = 0;     // of those, the ones holding a long item
   absl::CondVar express_cv_;  // the express worker's: a long batch started, or a Schedule while one runs
 
   // Separate from mu_ so that concurrent Shutdown calls join each worker once, without holding mu_.

@@ -28,7 +28,8 @@ void SecurityProblems(const SecurityConfig& s, std::vector<std::string>* problem
     problems->push_back("security.tls_client_ca_file: needs tls_cert_file and tls_key_file (mTLS is TLS)");
   }
   if (s.tls_reload_interval_ms() < 0) {
-    problems->push_back(absl::StrCat("security.tls_reload_interval_ms: must be >= 0, got ", s.tls_reload_interval_ms()));
+    problems->push_back(
+        absl::StrCat("security.tls_reload_interval_ms: must be >= 0, got ", s.tls_reload_interval_ms()));
   }
   CheckFile("tls_cert_file", s.tls_cert_file(), problems);
   CheckFile("tls_key_file", s.tls_key_file(), problems);
@@ -80,7 +81,7 @@ std::vector<std::string> SecurityAndTransportProblems(const attnserve::v1::Serve
 
 int64_t GrpcMemoryBytes(const TransportConfig& transport, int64_t memory_budget_bytes) {
   if (transport.grpc_memory_bytes() > 0) return transport.grpc_memory_bytes();
-  return std::max(kMinGrpcMemoryBytes, memory_budget_bytes / 4);
+  return std::max(kMinGrpcMemoryBytes, memory_budget_bytes);
 }
 
 }  // namespace attnserve

@@ -783,3 +783,81 @@ TEST(BatchSchedulerTest, OnIdleRunsOnceAfterWork) {
 
 }  // namespace
 }  // namespace attnserve
+
+namespace attnserve {
+namespace {
+
+// The express lane: while the only worker runs a long batch, short items (cost = seq here) run one by one on
+// the express worker, oldest first; a long item at a queue's front is left to the workers (FIFO per queue
+// holds), and with no long batch running the express worker takes nothing.
+TEST(BatchSchedulerTest, ExpressLaneRunsShortItemsBesideALongBatch) {
+  Recorder regular, express;
+  absl::Notification long_started, release_long;
+  Scheduler::Options options;
+  options.worker_threads = 1;
+  options.long_item_cost = 100;
+  options.cost = [](const Item& item) { return static_cast<double>(item->seq); };
+  auto scheduler = Scheduler::Create(
+      options,
+      [&](const std::string& queue, std::vector<Entry> batch) {
+        regular.Record(queue, batch);
+        if (batch.front().item->seq >= 100 && !long_started.HasBeenNotified()) {
+          long_started.Notify();
+          EXPECT_TRUE(release_long.WaitForNotificationWithTimeout(kHangTimeout));
+        }
+      },
+      [&](const std::string& queue, std::vector<Entry> batch) {
+        EXPECT_EQ(batch.size(), 1u);
+        express.Record(queue, batch);
+      });
+  ASSERT_TRUE(scheduler.ok()) << scheduler.status();
+  Scheduler& s = **scheduler;
+  ASSERT_TRUE(s.AddQueue("a", Opts(8, 0)).ok());
+  ASSERT_TRUE(s.AddQueue("b", Opts(8, 0)).ok());
+
+  // No long batch: short work goes to the worker.
+  Item warm = MakeItem(0, 1);
+  ASSERT_TRUE(s.Schedule("b", warm, 1).ok());
+  ASSERT_TRUE(regular.WaitForItems(1));
+
+  Item long_item = MakeItem(0, 1000);
+  ASSERT_TRUE(s.Schedule("a", long_item, 1).ok());
+  ASSERT_TRUE(long_started.WaitForNotificationWithTimeout(kHangTimeout));
+  for (int seq : {2, 3, 4}) {
+    Item item = MakeItem(1, seq);
+    ASSERT_TRUE(s.Schedule("b", item, 1).ok());
+  }
+  ASSERT_TRUE(express.WaitForItems(3));  // while the long batch still runs
+  Item long_b = MakeItem(1, 500), short_after = MakeItem(1, 5);
+  ASSERT_TRUE(s.Schedule("b", long_b, 1).ok());
+  ASSERT_TRUE(s.Schedule("b", short_after, 1).ok());
+  EXPECT_EQ(s.QueueDepth("b"), 2u);  // the long front stays for a worker, the short one behind it too
+  release_long.Notify();
+  ASSERT_TRUE(regular.WaitForItems(4));  // warm, the long one of a, then b's [500, 5]
+  s.Shutdown();
+
+  std::vector<int> express_seqs;
+  for (const auto& b : express.batches()) express_seqs.push_back(b.requests[0].seq);
+  EXPECT_EQ(express_seqs, (std::vector<int>{2, 3, 4}));
+  const auto batches = regular.batches();
+  ASSERT_EQ(batches.size(), 3u);
+  EXPECT_EQ(batches[2].queue, "b");
+  ASSERT_EQ(batches[2].requests.size(), 2u);
+  EXPECT_EQ(batches[2].requests[0].seq, 500);
+  EXPECT_EQ(batches[2].requests[1].seq, 5);
+}
+
+TEST(BatchSchedulerTest, ExpressLaneNeedsCostAndItsRunFunction) {
+  auto noop = [](const std::string&, std::vector<Entry>) {};
+  Scheduler::Options options;
+  options.long_item_cost = 1;
+  EXPECT_EQ(Scheduler::Create(options, noop, noop).status().code(), absl::StatusCode::kInvalidArgument);
+  options.cost = [](const Item&) { return 1.0; };
+  EXPECT_EQ(Scheduler::Create(options, noop).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Scheduler::Create(options, noop, noop).ok());
+  options.long_item_cost = -1;
+  EXPECT_EQ(Scheduler::Create(options, noop, noop).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace attnserve

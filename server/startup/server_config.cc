@@ -233,6 +233,17 @@ void ValidateRequestLimits(const LayerConfig& layer, const std::string& p, Probl
   }
 }
 
+// kdim and vdim not negative; embed_dim, kdim and vdim within kMaxLayerDim (a dimension's weights are
+// dim x dim floats: past the bound they overflow or cannot be allocated).
+void ValidateKvDims(const LayerConfig& layer, const std::string& p, Problems* problems) {
+  if (layer.kdim() < 0) problems->Add(p, ".kdim: must be >= 0 (0 = embed_dim), got ", layer.kdim());
+  if (layer.vdim() < 0) problems->Add(p, ".vdim: must be >= 0 (0 = embed_dim), got ", layer.vdim());
+  for (const auto& [field, dim] : {std::pair<const char*, int64_t>{"embed_dim", layer.embed_dim()},
+                                   {"kdim", layer.kdim()}, {"vdim", layer.vdim()}}) {
+    if (dim > kMaxLayerDim) problems->Add(p, ".", field, ": must be at most ", kMaxLayerDim, ", got ", dim);
+  }
+}
+
 void ValidateLayer(const LayerConfig& layer, const std::string& p, Problems* problems) {
   const size_t problems_before = problems->size();
   if (!IsValidLayerName(layer.name())) {
@@ -245,13 +256,7 @@ void ValidateLayer(const LayerConfig& layer, const std::string& p, Problems* pro
   } else if (embed_ok && layer.embed_dim() % layer.num_heads() != 0) {
     problems->Add(p, ".num_heads: ", layer.num_heads(), " does not divide embed_dim ", layer.embed_dim());
   }
-  if (layer.kdim() < 0) problems->Add(p, ".kdim: must be >= 0 (0 = embed_dim), got ", layer.kdim());
-  if (layer.vdim() < 0) problems->Add(p, ".vdim: must be >= 0 (0 = embed_dim), got ", layer.vdim());
-  // A dimension's weights are dim x dim floats: past the bound they overflow or cannot be allocated.
-  for (const auto& [field, dim] : {std::pair<const char*, int64_t>{"embed_dim", layer.embed_dim()},
-                                   {"kdim", layer.kdim()}, {"vdim", layer.vdim()}}) {
-    if (dim > kMaxLayerDim) problems->Add(p, ".", field, ": must be at most ", kMaxLayerDim, ", got ", dim);
-  }
+  ValidateKvDims(layer, p, problems);
 
   if (!layer.weights_path().empty()) {
     std::error_code ec;

@@ -28,10 +28,13 @@ build: deps
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j 1
 
+# listener_recovery_test runs in `make test` only: exhausting the process's descriptors also starves the
+# sanitizer runtime, and UBSan's vptr check then flags a shared_ptr that gRPC's uninstrumented library made.
 test-asan: deps
 	cmake -S . -B $(ASAN_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DATTNSERVE_SANITIZE=address,undefined
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
-	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j 1 -LE perf
+	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp \
+	  ctest --output-on-failure -j 1 -LE perf -E '^listener_recovery_test$$'
 
 # Only the threaded tests' targets are built: the rest has no threads of its own to race. abseil's
 # synchronization is compiled in from Debian's source (see CMakeLists.txt); the suppressions file lists only

@@ -704,28 +704,39 @@ def case_continuation_flood_of_one_huge_value(s):
     if not ended:  # gRPC 1.51 reads the value slowly without a bound on its time; memory stays bounded
         print("    known gap (gRPC 1.51): the header was neither refused nor the connection closed while it came")
 
+class FrameFlood:
+    """A Flood body sending `batch` (`frames` frames) on connection `c` until stopped or `cap` frames went,
+    after `first` (e.g. a call's HEADERS); counts what it sent, and keeps why the server closed it, if it did."""
+
+    def __init__(self, c, batch, frames, cap, first=b""):
+        self.c, self.batch, self.frames, self.cap, self.first = c, batch, frames, cap, first
+        self.sent = 0
+        self.closed = None
+
+    def __call__(self, i, stop):
+        try:
+            if self.first:
+                self.c.send(self.first)
+            while not stop.is_set() and self.sent < self.cap:
+                self.c.send(self.batch)
+                self.sent += self.frames
+        except h2.Closed as e:
+            self.closed = str(e)
+
+    def then(self):
+        return f" (then: {self.closed})" if self.closed else ""
+
+
 def case_settings_flood(s):
     """SETTINGS frames as fast as they go (3 s) on a connection that reads nothing: each needs an ACK."""
     c = h2.Connection(s.port)
-    sent = [0]
-    closed = [None]
-
-    def body(i, stop):
-        batch = b"".join(h2.settings([(h2.SETTINGS_INITIAL_WINDOW_SIZE, 65535 + n), (h2.SETTINGS_ENABLE_PUSH, 0)])
-                         for n in range(1000))
-        try:
-            while not stop.is_set() and sent[0] < 300_000:
-                c.send(batch)
-                sent[0] += 1000
-        except h2.Closed as e:
-            closed[0] = str(e)
-
+    body = FrameFlood(c, b"".join(h2.settings([(h2.SETTINGS_INITIAL_WINDOW_SIZE, 65535 + n),
+                                                (h2.SETTINGS_ENABLE_PUSH, 0)]) for n in range(1000)), 1000, 300_000)
     with RssWatch(s) as rss:
         flood = Flood(s, body, workers=1, seconds=3.0)
     counts = c.drain(1.5)
     c.close()
-    print(f"    settings_flood: {sent[0]} SETTINGS in {flood.seconds:.1f} s"
-          f"{' (then: ' + closed[0] + ')' if closed[0] else ''}; server answered {counts}"
+    print(f"    settings_flood: {body.sent} SETTINGS in {flood.seconds:.1f} s{body.then()}; server answered {counts}"
           f"{', GOAWAY ' + h2.error_name(c.goaway[1]) if c.goaway else ''}; {rss.line()}; {flood.probe_line()}")
     flood.check()
     rss.check("SETTINGS flood")
@@ -735,27 +746,15 @@ def case_window_update_flood(s):
     """WINDOW_UPDATE frames of increment 1 on the connection and on an open stream (3 s)."""
     c = h2.Connection(s.port)
     reader = h2.Reader(c)
-    sent = [0]
-    closed = [None]
-
-    def body(i, stop):
-        try:
-            c.send(h2.headers(1, h2.grpc_request_headers()))
-            batch = b"".join(h2.window_update(n & 1, 1) for n in range(1000))
-            while not stop.is_set() and sent[0] < 300_000:
-                c.send(batch)
-                sent[0] += 1000
-        except h2.Closed as e:
-            closed[0] = str(e)
-
+    body = FrameFlood(c, b"".join(h2.window_update(n & 1, 1) for n in range(1000)), 1000, 300_000,
+                      first=h2.headers(1, h2.grpc_request_headers()))
     with RssWatch(s) as rss:
         flood = Flood(s, body, workers=1, seconds=3.0)
     time.sleep(0.3)
     reader.stop()
     c.close()
-    print(f"    window_update_flood: {sent[0]} WINDOW_UPDATE in {flood.seconds:.1f} s"
-          f"{' (then: ' + closed[0] + ')' if closed[0] else ''}; server: {reader.summary()}; {rss.line()}; "
-          f"{flood.probe_line()}")
+    print(f"    window_update_flood: {body.sent} WINDOW_UPDATE in {flood.seconds:.1f} s{body.then()}; "
+          f"server: {reader.summary()}; {rss.line()}; {flood.probe_line()}")
     flood.check()
     rss.check("WINDOW_UPDATE flood")
 
@@ -764,27 +763,14 @@ def case_empty_data_frame_flood(s):
     """CVE-2019-9518: zero-length DATA frames without END_STREAM on an open call (3 s)."""
     c = h2.Connection(s.port)
     reader = h2.Reader(c)
-    sent = [0]
-    closed = [None]
-
-    def body(i, stop):
-        try:
-            c.send(h2.headers(1, h2.grpc_request_headers()))
-            batch = h2.data(1, b"") * 1000
-            while not stop.is_set() and sent[0] < 1_000_000:
-                c.send(batch)
-                sent[0] += 1000
-        except h2.Closed as e:
-            closed[0] = str(e)
-
+    body = FrameFlood(c, h2.data(1, b"") * 1000, 1000, 1_000_000, first=h2.headers(1, h2.grpc_request_headers()))
     with RssWatch(s) as rss:
         flood = Flood(s, body, workers=1, seconds=3.0)
     time.sleep(0.3)
     reader.stop()
     c.close()
-    print(f"    empty_data_flood: {sent[0]} empty DATA frames in {flood.seconds:.1f} s"
-          f"{' (then: ' + closed[0] + ')' if closed[0] else ''}; server: {reader.summary()}; {rss.line()}; "
-          f"{flood.probe_line()}")
+    print(f"    empty_data_flood: {body.sent} empty DATA frames in {flood.seconds:.1f} s{body.then()}; "
+          f"server: {reader.summary()}; {rss.line()}; {flood.probe_line()}")
     flood.check()
     rss.check("empty DATA flood")
 

@@ -742,37 +742,32 @@ def case_settings_flood(s):
     rss.check("SETTINGS flood")
 
 
-def case_window_update_flood(s):
-    """WINDOW_UPDATE frames of increment 1 on the connection and on an open stream (3 s)."""
+def flood_an_open_call(s, name, what, batch, cap):
+    """`batch` (1,000 frames) as fast as it goes (3 s, at most `cap` frames) after opening a call: the server
+    must keep serving others and hold its memory; what it sent back is printed."""
     c = h2.Connection(s.port)
     reader = h2.Reader(c)
-    body = FrameFlood(c, b"".join(h2.window_update(n & 1, 1) for n in range(1000)), 1000, 300_000,
-                      first=h2.headers(1, h2.grpc_request_headers()))
+    body = FrameFlood(c, batch, 1000, cap, first=h2.headers(1, h2.grpc_request_headers()))
     with RssWatch(s) as rss:
         flood = Flood(s, body, workers=1, seconds=3.0)
     time.sleep(0.3)
     reader.stop()
     c.close()
-    print(f"    window_update_flood: {body.sent} WINDOW_UPDATE in {flood.seconds:.1f} s{body.then()}; "
+    print(f"    {name}: {body.sent} {what} in {flood.seconds:.1f} s{body.then()}; "
           f"server: {reader.summary()}; {rss.line()}; {flood.probe_line()}")
     flood.check()
-    rss.check("WINDOW_UPDATE flood")
+    rss.check(f"{what} flood")
+
+
+def case_window_update_flood(s):
+    """WINDOW_UPDATE frames of increment 1 on the connection and on an open stream (3 s)."""
+    flood_an_open_call(s, "window_update_flood", "WINDOW_UPDATE",
+                       b"".join(h2.window_update(n & 1, 1) for n in range(1000)), 300_000)
 
 
 def case_empty_data_frame_flood(s):
     """CVE-2019-9518: zero-length DATA frames without END_STREAM on an open call (3 s)."""
-    c = h2.Connection(s.port)
-    reader = h2.Reader(c)
-    body = FrameFlood(c, h2.data(1, b"") * 1000, 1000, 1_000_000, first=h2.headers(1, h2.grpc_request_headers()))
-    with RssWatch(s) as rss:
-        flood = Flood(s, body, workers=1, seconds=3.0)
-    time.sleep(0.3)
-    reader.stop()
-    c.close()
-    print(f"    empty_data_flood: {body.sent} empty DATA frames in {flood.seconds:.1f} s{body.then()}; "
-          f"server: {reader.summary()}; {rss.line()}; {flood.probe_line()}")
-    flood.check()
-    rss.check("empty DATA flood")
+    flood_an_open_call(s, "empty_data_flood", "empty DATA frames", h2.data(1, b"") * 1000, 1_000_000)
 
 
 def case_many_streams_on_one_connection(s):

@@ -179,7 +179,8 @@ const std::vector<ServerFlag>& Flags() {
        "Bytes gRPC's transport buffers may hold (its resource quota).",
        &SetTransportCount<int64_t, &TransportConfig::set_grpc_memory_bytes, int64_t{1} << 40>},
       {{"listener-check-interval", true, "ATTNSERVE_LISTENER_CHECK_INTERVAL", "DURATION"}, "5s",
-       "How often the server checks its gRPC port still accepts; 3 failures: drain and exit 3. \"never\": off.",
+       "How often the server checks its gRPC port still accepts (unaccepted for 12 intervals: drain, exit 3); "
+       "\"never\": off.",
        &SetListenerCheckInterval},
   };
   return *flags;

@@ -6,6 +6,7 @@
 #include <netdb.h>
 #include <openssl/ssl.h>
 #include <poll.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -13,6 +14,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "server/transport/accept_state.h"
 
 namespace attnserve {
 namespace {
@@ -27,6 +29,8 @@ class Fd {
   ~Fd() {
     if (fd_ >= 0) close(fd_);
   }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
   int get() const { return fd_; }
 
  private:
@@ -90,27 +94,66 @@ std::string ClientHello() {
   return hello;
 }
 
+int LocalPort(int fd) {
+  sockaddr_storage address{};
+  socklen_t len = sizeof(address);
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&address), &len) != 0) return -1;
+  return ntohs(address.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&address)->sin6_port
+                                             : reinterpret_cast<sockaddr_in*>(&address)->sin_port);
+}
+
+// One probe connection: connected, the first bytes sent, kept open until answered or accepted.
+class ProbeConnection {
+ public:
+  enum class Seen { kAnswered, kAccepted, kNotAccepted };
+
+  static absl::StatusOr<std::unique_ptr<ProbeConnection>> Open(const std::string& host, int port, bool tls,
+                                                               absl::Duration timeout) {
+    absl::StatusOr<int> connected = Connect(host, port, timeout);
+    if (!connected.ok()) return connected.status();
+    std::unique_ptr<ProbeConnection> c(new ProbeConnection(*connected, port));
+    const std::string first_bytes = tls ? ClientHello() : std::string(kHttp2Preface, kHttp2PrefaceBytes);
+    if (send(c->fd_.get(), first_bytes.data(), first_bytes.size(), MSG_NOSIGNAL) < 0) {
+      return absl::UnavailableError(absl::StrCat("send: ", std::strerror(errno)));
+    }
+    return c;
+  }
+
+  // Waits up to `timeout` for an answer, a close or a reset; without one, asks the kernel whether the
+  // server's end was accepted. Unreadable tables count as not accepted (the accept deadline still applies).
+  Seen Check(absl::Duration timeout) {
+    if (WaitFor(fd_.get(), POLLIN, timeout) > 0) return Seen::kAnswered;
+    return ServerSideAcceptState(server_port_, client_port_) == AcceptState::kAccepted ? Seen::kAccepted
+                                                                                      : Seen::kNotAccepted;
+  }
+
+  absl::Time opened() const { return opened_; }
+
+ private:
+  ProbeConnection(int fd, int server_port)
+      : fd_(fd), server_port_(server_port), client_port_(LocalPort(fd)), opened_(absl::Now()) {}
+
+  const Fd fd_;
+  const int server_port_;
+  const int client_port_;
+  const absl::Time opened_;
+};
+
 }  // namespace
 
 absl::Status ListenerProbe::ProbeOnce(const std::string& host, int port, bool tls, absl::Duration timeout) {
-  absl::StatusOr<int> connected = Connect(host, port, timeout);
-  if (!connected.ok()) return connected.status();
-  const Fd fd(*connected);
-  const std::string first_bytes = tls ? ClientHello() : std::string(kHttp2Preface, kHttp2PrefaceBytes);
-  if (send(fd.get(), first_bytes.data(), first_bytes.size(), MSG_NOSIGNAL) < 0) {
-    return absl::UnavailableError(absl::StrCat("send: ", std::strerror(errno)));
-  }
-  if (WaitFor(fd.get(), POLLIN, timeout) <= 0) {
-    return absl::UnavailableError(absl::StrCat("connected to port ", port, " but no answer within ",
-                                               absl::FormatDuration(timeout), ": connections are not accepted"));
-  }
-  return absl::OkStatus();  // an answer, a close or a reset: the listener accepted
+  absl::StatusOr<std::unique_ptr<ProbeConnection>> c = ProbeConnection::Open(host, port, tls, timeout);
+  if (!c.ok()) return c.status();
+  if ((*c)->Check(timeout) != ProbeConnection::Seen::kNotAccepted) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat("connected to port ", port, " but neither answered nor accepted within ",
+                                             absl::FormatDuration(timeout), ": connections are not accepted"));
 }
 
 absl::StatusOr<std::unique_ptr<ListenerProbe>> ListenerProbe::Create(const Options& options) {
   if (options.port <= 0 || options.port > 65535) return absl::InvalidArgumentError("ListenerProbe: bad port");
-  if (options.interval <= absl::ZeroDuration() || options.timeout <= absl::ZeroDuration()) {
-    return absl::InvalidArgumentError("ListenerProbe: interval and timeout must be positive");
+  if (options.interval <= absl::ZeroDuration() || options.timeout <= absl::ZeroDuration() ||
+      options.accept_deadline <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("ListenerProbe: interval, timeout and accept_deadline must be positive");
   }
   if (!options.on_failure || options.failures_to_report < 1) {
     return absl::InvalidArgumentError("ListenerProbe: on_failure and failures_to_report >= 1 are required");
@@ -126,13 +169,26 @@ ListenerProbe::~ListenerProbe() {
 }
 
 void ListenerProbe::Run() {
-  int failures = 0;
+  int connect_failures = 0;
+  std::unique_ptr<ProbeConnection> pending;  // made earlier, neither answered nor accepted yet
   while (!stop_.WaitForNotificationWithTimeout(options_.interval)) {
-    const absl::Status status = ProbeOnce(options_.host, options_.port, options_.tls, options_.timeout);
-    failures = status.ok() ? 0 : failures + 1;
-    if (failures >= options_.failures_to_report) {
-      options_.on_failure(absl::StrCat(failures, " probes in a row failed, the last: ", status.message()));
-      return;
+    if (pending == nullptr) {
+      absl::StatusOr<std::unique_ptr<ProbeConnection>> c =
+          ProbeConnection::Open(options_.host, options_.port, options_.tls, options_.timeout);
+      if (!c.ok() && ++connect_failures >= options_.failures_to_report) {
+        return options_.on_failure(
+            absl::StrCat(connect_failures, " connects in a row failed, the last: ", c.status().message()));
+      }
+      if (!c.ok()) continue;
+      connect_failures = 0;
+      pending = *std::move(c);
+    }
+    if (pending->Check(options_.timeout) != ProbeConnection::Seen::kNotAccepted) {
+      pending.reset();
+    } else if (absl::Now() - pending->opened() >= options_.accept_deadline) {
+      const absl::Duration waited = absl::Trunc(absl::Now() - pending->opened(), absl::Milliseconds(100));
+      return options_.on_failure(
+          absl::StrCat("a connection made ", absl::FormatDuration(waited), " ago is neither answered nor accepted"));
     }
   }
 }

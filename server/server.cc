@@ -22,9 +22,11 @@
 #include "server/api/attention_service.h"
 #include "server/api/authorizer.h"
 #include "server/api/grpc_logging.h"
+#include "server/api/kserve_service.h"
 #include "server/api/transport_credentials.h"
 #include "server/runtime/batch_executor.h"
 #include "server/runtime/dispatcher.h"
+#include "server/runtime/layer_catalog.h"
 #include "server/runtime/memory_budget.h"
 #include "server/startup/cpu_budget.h"
 #include "server/startup/layer_options.h"
@@ -86,7 +88,9 @@ struct Server::Parts {
   std::unique_ptr<BatchExecutor> express_executor;  // the express lane's: one thread per request
   std::unique_ptr<CallScheduler> scheduler;
   std::unique_ptr<Dispatcher> dispatcher;
+  std::unique_ptr<LayerCatalog> catalog;
   std::unique_ptr<AttentionServiceImpl> service;
+  std::unique_ptr<KServeServiceImpl> kserve;  // its control thread may still load: before the catalog goes
   std::unique_ptr<grpc::Server> grpc_server;
   // The plaintext health-only listener (health_address). Its only service of ours answers every method
   // UNIMPLEMENTED: gRPC builds no server without one, and adds its health service beside it.
@@ -153,6 +157,27 @@ absl::Status Server::Build() {
                                                           p.memory.get(), options_.clock}));
   p.service = std::make_unique<AttentionServiceImpl>(p.registry.get(), p.dispatcher.get(), options_.clock,
                                                      config_.max_inflight_per_stream(), p.authorizer.get());
+  return BuildKServe();
+}
+
+absl::Status Server::BuildKServe() {
+  Parts& p = *parts_;
+  LayerCatalog::Options catalog;
+  catalog.configured.assign(config_.layers().begin(), config_.layers().end());
+  catalog.registry = p.registry.get();
+  catalog.load = [this](const attnserve::v1::LayerConfig& layer) { return LoadLayer(layer); };
+  catalog.unload = [this](const std::string& name) { return UnloadLayer(name); };
+  ATTN_ASSIGN_OR_RETURN(p.catalog, LayerCatalog::Create(std::move(catalog)));
+  KServeServiceImpl::Options kserve;
+  kserve.registry = p.registry.get();
+  kserve.dispatcher = p.dispatcher.get();
+  kserve.clock = options_.clock;
+  kserve.authorizer = p.authorizer.get();
+  kserve.catalog = p.catalog.get();
+  kserve.statistics = &p.metrics->statistics();
+  kserve.max_inflight_per_stream = config_.max_inflight_per_stream();
+  kserve.model_control_without_tokens = config_.security().enable_model_control();
+  ATTN_ASSIGN_OR_RETURN(p.kserve, KServeServiceImpl::Create(kserve));
   return absl::OkStatus();
 }
 
@@ -210,6 +235,7 @@ absl::Status Server::Start() {
   builder.AddListeningPort(config_.grpc_address(), credentials, &p.grpc_port);
   ConfigureTransport(&builder);
   builder.RegisterService(p.service.get());
+  builder.RegisterService(p.kserve.get());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<ReflectionGuardFactory>(p.authorizer.get()));
   builder.experimental().SetInterceptorCreators(std::move(interceptors));

@@ -112,6 +112,7 @@ class Server {
   struct Parts;
   Server(const attnserve::v1::ServerConfig& config, const ServerOptions& options);
   absl::Status Build();
+  absl::Status BuildKServe();
   void BuildMemoryBudget();
   absl::Status BuildCredentialStores();
   void ConfigureTransport(grpc::ServerBuilder* builder) const;

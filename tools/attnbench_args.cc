@@ -15,7 +15,7 @@ constexpr FlagSpec kFlags[] = {
     {"stream", false},      {"streams", true},     {"concurrency", true}, {"rate", true},
     {"duration", true},     {"warmup", true},      {"timeout-ms", true}, {"seed", true},
     {"json", false},        {"csv", false},        {"quiet", false},      {"tls-cert", true},
-    {"tls-key", true},      {"token-file", true},
+    {"tls-key", true},      {"token-file", true},  {"kserve", false},
 };
 
 constexpr int64_t kMaxDim = int64_t{1} << 20;
@@ -63,6 +63,10 @@ absl::StatusOr<BenchArgs> ParseBenchArgs(const std::vector<std::string>& args) {
   out.causal = cl.Has("causal");
   out.stream = cl.Has("stream");
   if (out.stream && out.echo) return absl::InvalidArgumentError("--stream: the echo service is unary only");
+  out.kserve = cl.Has("kserve");
+  if (out.kserve && (out.stream || out.echo)) {
+    return absl::InvalidArgumentError("--kserve: unary ModelInfer only (not with --stream or --echo)");
+  }
   if (auto v = get("streams")) {
     ATTN_ASSIGN_OR_RETURN(out.streams, ParseIntFlag("streams", *v, 1, 1024));
   }
@@ -122,6 +126,7 @@ Requests (random float32 values):
   --kv-seq S             separate key/value of length S (cross-attention); default self-attention
   --causal               causal attention
   --stream               send on InferStream (answers matched by id) instead of unary Infer
+  --kserve               send the Open Inference Protocol's ModelInfer (inference.GRPCInferenceService)
   --streams N            streams of an open-loop --stream run (default 4; closed loop: one per worker)
   --seed N               seed of the values and drawn lengths (default 1)
   --echo                 call attnserve.bench.EchoService/Echo (attnserve_echo_server) instead

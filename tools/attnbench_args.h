@@ -30,6 +30,7 @@ struct BenchArgs {
   int64_t kv_seq = 0;                      // --kv-seq S (cross-attention); 0: self-attention
   bool causal = false;                     // --causal
   bool stream = false;                     // --stream: InferStream instead of unary Infer
+  bool kserve = false;                     // --kserve: the Open Inference Protocol's ModelInfer instead
   int64_t streams = 4;                     // --streams: streams of an open-loop --stream run
   // How: one step per concurrency (closed loop), or per rate when --rate is given (open loop).
   std::vector<int64_t> concurrency = {1};  // --concurrency 1,4,16,64

@@ -36,7 +36,7 @@ std::string Workload(const BenchArgs& a) {
                                                 : absl::StrCat(a.seq));
   if (a.kv_seq > 0) absl::StrAppend(&w, " S=", a.kv_seq);
   if (a.causal) absl::StrAppend(&w, " causal");
-  absl::StrAppend(&w, a.stream ? " stream" : " unary");
+  absl::StrAppend(&w, a.stream ? " stream" : a.kserve ? " kserve" : " unary");
   return w;
 }
 
@@ -177,6 +177,8 @@ int Run(int argc, char** argv) {
       sender = std::make_unique<StreamInferSender>(client->get(), source.get(),
                                                    report.open_loop ? args->streams : report.concurrency,
                                                    absl::ToChronoTime(absl::Now() + limit));
+    } else if (args->kserve) {
+      sender = std::make_unique<KServeInferSender>(client->get(), source.get(), args->timeout_ms);
     } else {
       sender = std::make_unique<UnaryInferSender>(client->get(), source.get(), args->timeout_ms);
     }

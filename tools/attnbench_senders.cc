@@ -182,6 +182,67 @@ void StreamInferSender::Send(uint64_t seq, uint64_t lane, std::function<void(con
   done(failed);
 }
 
+namespace {
+
+void AddRawInput(const char* name, const attnserve::v1::Tensor& t, inference::ModelInferRequest* out) {
+  if (t.shape_size() == 0) return;
+  auto* in = out->add_inputs();
+  in->set_name(name);
+  in->set_datatype("FP32");
+  for (int64_t d : t.shape()) in->add_shape(d);
+  out->add_raw_input_contents(t.raw_data());
+}
+
+}  // namespace
+
+KServeInferSender::KServeInferSender(const Client* client, const InferRequestSource* source,
+                                     std::optional<int64_t> timeout_ms)
+    : client_(client),
+      source_(source),
+      timeout_ms_(timeout_ms),
+      stub_(inference::GRPCInferenceService::NewStub(client->channel())) {}
+
+std::shared_ptr<const inference::ModelInferRequest> KServeInferSender::RequestFor(uint64_t seq) {
+  const int64_t len = source_->SeqLenFor(seq);
+  absl::MutexLock lock(&mu_);
+  auto& cached = by_len_[len];
+  if (cached != nullptr) return cached;
+  const std::shared_ptr<const InferRequest> v1 = source_->Get(seq);
+  auto request = std::make_shared<inference::ModelInferRequest>();
+  request->set_model_name(v1->layer());
+  AddRawInput("query", v1->query(), request.get());
+  AddRawInput("key", v1->key(), request.get());
+  AddRawInput("value", v1->value(), request.get());
+  (*request->mutable_parameters())["is_causal"].set_bool_param(v1->is_causal());
+  cached = std::move(request);
+  return cached;
+}
+
+void KServeInferSender::Send(uint64_t seq, uint64_t /*lane*/, std::function<void(const Outcome&)> done) {
+  struct Call {
+    grpc::ClientContext context;
+    std::shared_ptr<const inference::ModelInferRequest> request;
+    inference::ModelInferResponse response;
+  };
+  auto* call = new Call;
+  call->request = RequestFor(seq);
+  client_->PrepareContext(&call->context, timeout_ms_);
+  stub_->async()->ModelInfer(&call->context, call->request.get(), &call->response,
+                             [call, done = std::move(done)](grpc::Status status) {
+                               Outcome o;
+                               o.code = static_cast<int>(status.error_code());
+                               const auto& params = call->response.parameters();
+                               if (status.ok() && params.count("batch_size") > 0) {
+                                 o.has_timing = true;
+                                 o.queue_us = params.at("queue_us").int64_param();
+                                 o.compute_us = params.at("compute_us").int64_param();
+                                 o.batch_size = static_cast<int32_t>(params.at("batch_size").int64_param());
+                               }
+                               done(o);
+                               delete call;
+                             });
+}
+
 EchoSender::EchoSender(const Client* client, int64_t payload_bytes, std::optional<int64_t> timeout_ms)
     : client_(client),
       stub_(attnserve::bench::EchoService::NewStub(client->channel())),

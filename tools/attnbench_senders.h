@@ -4,6 +4,8 @@
 // - StreamInferSender: AttentionService/InferStream, requests written on a few long-lived streams and
 //   answers matched by id. A stream that breaks (e.g. its server died) fails the requests it had in flight
 //   with the stream's status and is replaced by a new one on the next send.
+// - KServeInferSender: the Open Inference Protocol's GRPCInferenceService/ModelInfer with the same tensors
+//   (raw_input_contents, as tritonclient sends them), one call per request.
 // - EchoSender: attnserve.bench.EchoService/Echo with a fixed random payload, the serving floor.
 //
 // Thread-safety: Send may be called from any number of threads at once.
@@ -11,12 +13,14 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
 #include "bench/echo.grpc.pb.h"
+#include "inference/grpc_service.grpc.pb.h"
 #include "tools/attnbench_requests.h"
 #include "tools/attnbench_runner.h"
 #include "client/client.h"
@@ -34,6 +38,24 @@ class UnaryInferSender final : public RequestSender {
   const Client* client_;
   const InferRequestSource* source_;
   std::optional<int64_t> timeout_ms_;
+};
+
+class KServeInferSender final : public RequestSender {
+ public:
+  // Neither owned; both must outlive the sender.
+  KServeInferSender(const Client* client, const InferRequestSource* source, std::optional<int64_t> timeout_ms);
+  void Send(uint64_t seq, uint64_t lane, std::function<void(const Outcome&)> done) override;
+
+ private:
+  // The ModelInferRequest of the source's request `seq`, converted once per query length.
+  std::shared_ptr<const inference::ModelInferRequest> RequestFor(uint64_t seq);
+
+  const Client* client_;
+  const InferRequestSource* source_;
+  std::optional<int64_t> timeout_ms_;
+  std::unique_ptr<inference::GRPCInferenceService::Stub> stub_;
+  absl::Mutex mu_;
+  std::map<int64_t, std::shared_ptr<const inference::ModelInferRequest>> by_len_ ABSL_GUARDED_BY(mu_);
 };
 
 class InferStreamReactor;

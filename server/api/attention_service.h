@@ -1,7 +1,7 @@
 // attnserve.v1.AttentionService on gRPC's callback API. Handlers never block: Infer decodes the request
 // into an InferenceCall and hands it to the Dispatcher (validate, admit, queue); the worker that computes
-// the batch finishes the call, and its `finish` encodes the response here. absl::Status becomes
-// grpc::Status only here (ToGrpcStatus).
+// the batch finishes the call, and its `finish` encodes the response here (call_binding.h). InferStream is
+// an AnsweringStream.
 //
 // Thread-safety: gRPC calls the handlers from its own threads; workers finish calls from theirs.
 #pragma once
@@ -14,6 +14,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "attnserve/v1/attention.grpc.pb.h"
+#include "server/api/answering_stream.h"
 #include "server/api/authorizer.h"
 #include "server/batching/clock.h"
 #include "server/runtime/dispatcher.h"
@@ -24,7 +25,7 @@ namespace attnserve {
 class AttentionServiceImpl final : public attnserve::v1::AttentionService::CallbackService {
  public:
   // None owned; all must outlive the service. `max_inflight_per_stream` >= 1: requests an InferStream
-  // holds read and not yet written back (see StreamReactor). Every RPC needs the infer scope of
+  // holds read and not yet written back (see AnsweringStream). Every RPC needs the infer scope of
   // `authorizer`; layer info shows weights paths only to admin tokens.
   AttentionServiceImpl(const LayerRegistry* registry, Dispatcher* dispatcher, const Clock* clock,
                        int64_t max_inflight_per_stream, const Authorizer* authorizer)
@@ -45,15 +46,9 @@ class AttentionServiceImpl final : public attnserve::v1::AttentionService::Callb
                                      attnserve::v1::Layer* response) override;
 
  private:
-  class StreamReactor;
-  class UnaryReactor;
-  // What the service does with an answer: the final status (the response is filled on OK) and the call's
-  // share of the memory budget, to release once the answer has been written.
-  using OnAnswer = std::function<void(const grpc::Status&, MemoryBudget::Reservation)>;
-  // A call for `request` (which must outlive it), decoded; `on_answer` gets its answer.
-  std::unique_ptr<InferenceCall> MakeCall(grpc::CallbackServerContext* ctx, const attnserve::v1::InferRequest& request,
-                                          attnserve::v1::InferResponse* response,
-                                          OnAnswer on_answer) const;
+  // Decodes `request` (which must outlive the call) into a call and submits it; `on_answer` gets its answer.
+  void Submit(grpc::CallbackServerContext* ctx, const attnserve::v1::InferRequest& request,
+              attnserve::v1::InferResponse* response, OnAnswer on_answer) const;
 
   const LayerRegistry* registry_;
   Dispatcher* dispatcher_;

@@ -9,10 +9,7 @@ namespace attnserve {
 
 using attnserve::v1::DataType;
 
-namespace {
-
-// The shape: positive dims whose product (returned) stays far from overflow.
-absl::StatusOr<int64_t> CheckShape(const Shape& shape, const std::string& field) {
+absl::StatusOr<int64_t> CheckTensorShape(const Shape& shape, const std::string& field) {
   int64_t count = 1;
   for (int64_t d : shape) {
     if (d <= 0) {
@@ -26,6 +23,8 @@ absl::StatusOr<int64_t> CheckShape(const Shape& shape, const std::string& field)
   }
   return count;
 }
+
+namespace {
 
 // The dtype (unspecified: taken from the typed values), checked against what the field accepts.
 absl::StatusOr<DataType> CheckDType(const attnserve::v1::Tensor& t, const std::string& field, AcceptedDTypes accepted) {
@@ -93,7 +92,7 @@ absl::StatusOr<TensorView> DecodeTensor(const attnserve::v1::Tensor& t, const st
     return absl::InvalidArgumentError(absl::StrCat(field, ": has values but no shape"));
   }
   Shape shape(t.shape().begin(), t.shape().end());
-  ATTN_ASSIGN_OR_RETURN(const int64_t count, CheckShape(shape, field));
+  ATTN_ASSIGN_OR_RETURN(const int64_t count, CheckTensorShape(shape, field));
   ATTN_ASSIGN_OR_RETURN(const DataType dtype, CheckDType(t, field, accepted));
   return ViewValues(t, field, std::move(shape), count, dtype);
 }

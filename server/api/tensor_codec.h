@@ -10,6 +10,10 @@
 
 namespace attnserve {
 
+// The element count of `shape`: every dimension positive and the product far from overflow (2^40);
+// InvalidArgument naming `field` and the shape otherwise.
+absl::StatusOr<int64_t> CheckTensorShape(const Shape& shape, const std::string& field);
+
 // Which dtypes a field accepts.
 enum class AcceptedDTypes { kFloat32, kFloat32OrBool };
 

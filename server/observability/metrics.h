@@ -37,6 +37,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "server/observability/layer_statistics.h"
 
 namespace attnserve {
 
@@ -69,6 +70,8 @@ class ServerMetrics {
   void SetMemoryReserved(int64_t bytes) { memory_reserved_->Set(static_cast<double>(bytes)); }
 
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
+  // The same requests and batches per layer version, for ModelStatistics.
+  LayerStatistics& statistics() { return statistics_; }
 
  private:
   struct LayerSeries {
@@ -95,6 +98,7 @@ class ServerMetrics {
   // std::map: a found LayerSeries stays put while other layers are added.
   std::map<std::string, LayerSeries> layers_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<std::string, int>, prometheus::Counter*> request_counters_ ABSL_GUARDED_BY(mu_);
+  LayerStatistics statistics_;
   std::unique_ptr<prometheus::Exposer> exposer_;
 };
 

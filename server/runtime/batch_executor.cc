@@ -114,6 +114,8 @@ void BatchExecutor::Compute(const std::string& layer_name,
   const absl::Duration compute = options_.clock->Now() - compute_start;
   if (metrics) {
     metrics->BatchDone(layer_name, static_cast<int>(calls.size()), tokens, absl::ToDoubleSeconds(compute), flops);
+    metrics->statistics().BatchDone(layer_name, calls.front()->layer->version, static_cast<int>(calls.size()),
+                                    compute);
   }
   for (size_t i = 0; i < calls.size(); ++i) {
     InferenceCall& call = *calls[i];

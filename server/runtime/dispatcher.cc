@@ -41,6 +41,13 @@ void LogAnswer(const InferenceCall& call, const absl::Status& status, double sec
                dropped > 0 ? absl::StrCat(" (", dropped, " similar lines dropped)") : "");
 }
 
+// Only calls that found their layer: unknown names must not grow the statistics.
+void RecordStatistics(const InferenceCall& call, bool ok, double seconds, LayerStatistics& statistics) {
+  statistics.RequestDone(call.layer_name, call.layer->version, ok, absl::Seconds(seconds),
+                         absl::Microseconds(call.timing.queue_us), absl::Microseconds(call.timing.compute_us),
+                         call.parsed.batch, absl::Now());
+}
+
 }  // namespace
 
 void Dispatcher::Instrument(InferenceCall& call) {
@@ -52,6 +59,7 @@ void Dispatcher::Instrument(InferenceCall& call) {
     if (metrics) {
       metrics->RequestDone(call->layer_name, status.code(), seconds);
       metrics->InflightAdd(-1);
+      if (call->layer != nullptr) RecordStatistics(*call, status.ok(), seconds, metrics->statistics());
     }
     LogAnswer(*call, status, seconds);
     answer(status);  // last: the call may be destroyed by it

@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -27,8 +28,12 @@ struct CallTiming {
 struct InferenceCall {
   // Set by the protocol's service when the request arrives.
   std::string layer_name;  // as the client sent it (NOT_FOUND names it; metrics fold unknown ones)
+  const char* layer_field = "layer";  // the request field that named it, for error messages
   std::string id;          // the client's request id, for log lines
+  int64_t version = 0;     // the layer version the client asked for; 0: the newest
   AttentionInputs inputs;  // views into the protocol's request message, which outlives the call
+  // Values the decode stage had to convert (an F16 or BF16 input to f32); `inputs` may view them.
+  std::vector<std::vector<float>> converted;
   // Why the protocol could not decode `inputs`, if it could not: reported by ValidateCall after the layer
   // lookup, so that an unknown layer is NOT_FOUND whatever its tensors.
   absl::Status decode_status;
@@ -57,8 +62,9 @@ struct InferenceCall {
 using CallScheduler = BatchScheduler<std::unique_ptr<InferenceCall>>;
 
 // The validate stage: the newest version of call->layer_name (NOT_FOUND "layer: no layer named 'x'", or
-// "layer: is required"), then decode_status, then the inputs against the layer (INVALID_ARGUMENT naming the
-// field). Sets `layer` and `parsed`.
+// "layer: is required"; NOT_FOUND "version: ..." when call->version is set and is not the one served), then
+// decode_status, then the inputs against the layer (INVALID_ARGUMENT naming the field). Sets `layer` and
+// `parsed`.
 absl::Status ValidateCall(const LayerRegistry& registry, InferenceCall* call);
 
 }  // namespace attnserve

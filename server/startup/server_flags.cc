@@ -189,7 +189,8 @@ const std::vector<ServerFlag>& Flags() {
 // What the parser accepts: the value flags and the two switches.
 const std::vector<FlagSpec>& ParserSpecs() {
   static const auto* specs = [] {
-    auto* out = new std::vector<FlagSpec>{{"help", false}, {"version", false}, {"disable-reflection", false}};
+    auto* out = new std::vector<FlagSpec>{{"help", false}, {"version", false}, {"disable-reflection", false},
+                                          {"enable-model-control", false}};
     for (const ServerFlag& flag : Flags()) out->push_back(flag.spec);
     return out;
   }();
@@ -211,6 +212,7 @@ absl::StatusOr<ServerFlags> ParseServerFlags(int argc, const char* const* argv,
   flags.help = cl.Has("help");
   flags.version = cl.Has("version");
   if (cl.Has("disable-reflection")) flags.security.set_disable_reflection(true);
+  if (cl.Has("enable-model-control")) flags.security.set_enable_model_control(true);
   // Values go unchecked then, so help works with a broken environment; unknown flags were refused above.
   if (flags.help || flags.version) return flags;
 
@@ -236,6 +238,8 @@ std::string ServerUsage() {
   absl::StrAppend(&out,
                   "  --disable-reflection\n"
                   "      Do not serve gRPC reflection.\n"
+                  "  --enable-model-control\n"
+                  "      Allow loading and unloading layers over gRPC without tokens (with tokens: admin only).\n"
                   "  -h, --help\n"
                   "      Print this help and exit.\n"
                   "  --version\n"

@@ -24,7 +24,8 @@ struct ServerFlags {
   std::string log_level = "info";               // --log-level trace|debug|info|warn|error|off
   std::string log_format = "text";              // --log-format text|json
   absl::Duration shutdown_grace = absl::Seconds(30);  // --shutdown-grace: "30s", "500ms", "2m" or plain seconds "30"
-  // --tls-*, --auth-token-file, --metrics-auth-file, --disable-reflection: only the fields given are set.
+  // --tls-*, --auth-token-file, --metrics-auth-file, --disable-reflection, --enable-model-control: only the
+  // fields given are set.
   attnserve::v1::SecurityConfig security;
   // --max-concurrent-streams, --max-connection-idle, --keepalive-min-ping-interval, --max-ping-strikes,
   // --grpc-memory-bytes, --listener-check-interval ("never" = -1): only the fields given are set.

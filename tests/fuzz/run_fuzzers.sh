@@ -12,7 +12,7 @@ shift 2
 # Largest input per harness: a few small InferRequests / state_dicts / configs fit with room to grow.
 max_len() {
   case "$1" in
-    infer_request_fuzz) echo 8192 ;;
+    infer_request_fuzz | kserve_request_fuzz) echo 8192 ;;
     safetensors_fuzz) echo 8192 ;;
     config_fuzz) echo 4096 ;;
     *) echo 4096 ;;

@@ -1,0 +1,159 @@
+// A bidirectional stream of inference requests, whatever the protocol (attnserve.v1's InferStream, the Open
+// Inference Protocol's ModelStreamInfer): each request read is submitted like a unary one; answers are
+// written back in the order they complete (the client matches them by id), one write in flight at a time.
+// The stream finishes once the client has closed its side and every request read has been answered and
+// written. A failed request is answered in its own response (WriteError), and the stream goes on.
+//
+// Flow control: at most `max_inflight` requests are read and not yet written back. At that many the stream
+// stops reading until a write completes, so HTTP/2 flow control holds the client back, and a client that
+// never reads its answers costs at most that many of them.
+//
+// Thread-safety: gRPC calls the reactor methods; answers may arrive from any worker thread.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <utility>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "server/runtime/memory_budget.h"
+
+namespace attnserve {
+
+// What a service does with an answer: the final status (the response is filled on OK) and the call's share
+// of the memory budget, to release once the answer has been written.
+using OnAnswer = std::function<void(const grpc::Status&, MemoryBudget::Reservation)>;
+
+template <typename Request, typename Response>
+class AnsweringStream final : public grpc::ServerBidiReactor<Request, Response> {
+ public:
+  // Submits one request read from the stream (it lives until answered); `on_answer` is called exactly once.
+  using Submit = std::function<void(const Request& request, Response* response, OnAnswer on_answer)>;
+  // Fills `response` for a request that failed with `status`.
+  using WriteError = std::function<void(const Request& request, const grpc::Status& status, Response* response)>;
+
+  AnsweringStream(grpc::CallbackServerContext* ctx, int64_t max_inflight, Submit submit, WriteError write_error)
+      : ctx_(ctx), max_inflight_(max_inflight), submit_(std::move(submit)), write_error_(std::move(write_error)) {
+    this->StartRead(&incoming_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      absl::MutexLock lock(&mu_);
+      reads_done_ = true;
+      MaybeFinishLocked();
+      return;
+    }
+    auto item = std::make_shared<Item>();
+    item->request = std::move(incoming_);
+    incoming_.Clear();
+    {
+      absl::MutexLock lock(&mu_);
+      ++pending_;
+    }
+    submit_(item->request, &item->response, [this, item](const grpc::Status& status, MemoryBudget::Reservation m) {
+      item->memory = std::move(m);  // released once written
+      Answered(item, status);
+    });
+    absl::MutexLock lock(&mu_);
+    if (InflightLocked() < max_inflight_) {
+      this->StartRead(&incoming_);
+    } else {
+      read_paused_ = true;  // resumed by OnWriteDone
+    }
+  }
+
+  void OnWriteDone(bool /*ok*/) override {
+    absl::MutexLock lock(&mu_);
+    writes_.pop_front();
+    if (read_paused_ && InflightLocked() < max_inflight_) {
+      read_paused_ = false;
+      this->StartRead(&incoming_);
+    }
+    if (!writes_.empty()) {
+      this->StartWrite(&writes_.front()->response);
+    } else {
+      MaybeFinishLocked();
+    }
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  struct Item {
+    Request request;
+    Response response;
+    MemoryBudget::Reservation memory;
+  };
+
+  void Answered(const std::shared_ptr<Item>& item, const grpc::Status& status) {
+    if (!status.ok()) {
+      item->response.Clear();
+      write_error_(item->request, status, &item->response);
+    }
+    absl::MutexLock lock(&mu_);
+    --pending_;
+    writes_.push_back(item);
+    if (writes_.size() == 1) this->StartWrite(&writes_.front()->response);
+  }
+
+  // Read and not yet written back: computing, or waiting to be written.
+  int64_t InflightLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return pending_ + static_cast<int64_t>(writes_.size());
+  }
+
+  void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (reads_done_ && pending_ == 0 && writes_.empty() && !finished_) {
+      finished_ = true;
+      this->Finish(ctx_->IsCancelled() ? grpc::Status::CANCELLED : grpc::Status::OK);
+    }
+  }
+
+  grpc::CallbackServerContext* ctx_;
+  const int64_t max_inflight_;
+  const Submit submit_;
+  const WriteError write_error_;
+  Request incoming_;  // only touched by the read chain, one read at a time
+  absl::Mutex mu_;
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool read_paused_ ABSL_GUARDED_BY(mu_) = false;  // no read started: max_inflight_ reached
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t pending_ ABSL_GUARDED_BY(mu_) = 0;                       // submitted, not yet answered
+  std::deque<std::shared_ptr<Item>> writes_ ABSL_GUARDED_BY(mu_);  // front is being written
+};
+
+// A stream refused before its first read (no token, or one without the scope).
+template <typename Request, typename Response>
+class RefusedStream final : public grpc::ServerBidiReactor<Request, Response> {
+ public:
+  explicit RefusedStream(const grpc::Status& status) { this->Finish(status); }
+  void OnDone() override { delete this; }
+};
+
+// A unary call's reactor: it keeps the call's share of the memory budget until gRPC is done with the call
+// (its response sent), not just until the response was filled.
+class AnsweringUnaryReactor final : public grpc::ServerUnaryReactor {
+ public:
+  void Answer(const grpc::Status& status, MemoryBudget::Reservation memory) {
+    memory_ = std::move(memory);
+    Finish(status);
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  MemoryBudget::Reservation memory_;
+};
+
+// A unary reactor already finished with `status`.
+inline grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* ctx, const grpc::Status& status) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(status);
+  return reactor;
+}
+
+}  // namespace attnserve

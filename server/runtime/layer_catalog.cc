@@ -1,0 +1,98 @@
+#include "server/runtime/layer_catalog.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/log_string.h"
+
+namespace attnserve {
+
+const char* LayerStateName(LayerState state) {
+  switch (state) {
+    case LayerState::kReady:
+      return "READY";
+    case LayerState::kLoading:
+      return "LOADING";
+    case LayerState::kUnloading:
+      return "UNLOADING";
+    case LayerState::kUnavailable:
+      return "UNAVAILABLE";
+  }
+  return "UNAVAILABLE";
+}
+
+absl::StatusOr<std::unique_ptr<LayerCatalog>> LayerCatalog::Create(Options options) {
+  if (options.registry == nullptr || !options.load || !options.unload) {
+    return absl::InvalidArgumentError("LayerCatalog: registry, load and unload are required");
+  }
+  return std::unique_ptr<LayerCatalog>(new LayerCatalog(std::move(options)));
+}
+
+LayerCatalog::LayerCatalog(Options options) : options_(std::move(options)) {
+  absl::MutexLock lock(&state_mu_);
+  for (const auto& config : options_.configured) entries_[config.name()].config = config;
+}
+
+std::vector<LayerStatus> LayerCatalog::Index() const {
+  absl::MutexLock lock(&state_mu_);
+  std::vector<LayerStatus> out;
+  for (const auto& [name, entry] : entries_) {
+    const std::shared_ptr<const ServedLayer> serving = options_.registry->Find(name);
+    out.push_back({name, serving ? serving->version : 0, entry.state, entry.reason});
+  }
+  return out;
+}
+
+void LayerCatalog::Set(const std::string& name, LayerState state, const std::string& reason) {
+  absl::MutexLock lock(&state_mu_);
+  entries_[name].state = state;
+  entries_[name].reason = reason;
+}
+
+absl::Status LayerCatalog::Load(const std::string& name, const attnserve::v1::LayerConfig* override_config) {
+  if (override_config != nullptr && override_config->name() != name) {
+    return absl::InvalidArgumentError(absl::StrCat("parameters.config: name '", BoundedForLog(override_config->name()),
+                                                   "' differs from model_name '", BoundedForLog(name), "'"));
+  }
+  absl::MutexLock change(&change_mu_);
+  attnserve::v1::LayerConfig config;
+  {
+    absl::MutexLock lock(&state_mu_);
+    const auto it = entries_.find(name);
+    if (override_config == nullptr && it == entries_.end()) {
+      return absl::NotFoundError(absl::StrCat("model_name: no layer named '", BoundedForLog(name),
+                                              "' in the config; give its config as parameter \"config\""));
+    }
+    config = override_config != nullptr ? *override_config : it->second.config;
+    Entry& entry = entries_[name];
+    entry.state = LayerState::kLoading;
+    entry.reason.clear();
+  }
+  const absl::Status loaded = options_.load(config);
+  absl::MutexLock lock(&state_mu_);
+  Entry& entry = entries_[name];
+  if (loaded.ok()) {
+    entry = Entry{config, LayerState::kReady, ""};
+    return loaded;
+  }
+  const bool still_serving = options_.registry->Find(name) != nullptr;
+  entry.state = still_serving ? LayerState::kReady : LayerState::kUnavailable;
+  entry.reason = absl::StrCat(still_serving ? "the last load failed (the previous version serves): " : "",
+                              loaded.message());
+  return loaded;
+}
+
+absl::Status LayerCatalog::Unload(const std::string& name) {
+  absl::MutexLock change(&change_mu_);
+  if (options_.registry->Find(name) == nullptr) {
+    return absl::NotFoundError(absl::StrCat("model_name: no layer named '", BoundedForLog(name), "' is loaded"));
+  }
+  Set(name, LayerState::kUnloading, "");
+  const absl::Status unloaded = options_.unload(name);
+  const bool still_serving = options_.registry->Find(name) != nullptr;
+  Set(name, still_serving ? LayerState::kReady : LayerState::kUnavailable,
+      unloaded.ok() ? "unloaded" : std::string(unloaded.message()));
+  return unloaded;
+}
+
+}  // namespace attnserve

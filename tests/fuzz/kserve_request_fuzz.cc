@@ -1,0 +1,31 @@
+// Fuzzes the Open Inference Protocol's request path without gRPC: ModelInferRequest wire bytes ->
+// PrepareModelInferCall (decode, FP16/BF16 conversion, validate against a layer) -> the engine ->
+// EncodeModelInferResponse. Any status is fine; a crash, a sanitizer report, a huge allocation, or an answer
+// larger than what validation reserved for it is a bug. The layers: fuzz_layers.h.
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "inference/grpc_service.pb.h"
+#include "server/api/kserve_request.h"
+#include "tests/fuzz/fuzz_layers.h"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  using namespace attnserve;  // NOLINT: a harness of one function
+  inference::ModelInferRequest request;
+  if (!request.ParseFromArray(data, static_cast<int>(size))) return 0;
+  auto call = std::make_unique<InferenceCall>();  // the call must not move once validated
+  call->request_bytes = static_cast<int64_t>(size);
+  const absl::Status status = PrepareModelInferCall(fuzz::Registry(), request, call.get());
+  if (fuzz::Verbose()) std::fprintf(stderr, "  prepare: %s\n", status.ToString().c_str());
+  if (!status.ok() || call->parsed.flops >= fuzz::kMaxComputedFlops || !fuzz::Compute(*call)) return 0;
+  inference::ModelInferResponse response;
+  EncodeModelInferResponse(*call, request, &response);
+  size_t answer_bytes = 0;
+  for (const auto& raw : response.raw_output_contents()) answer_bytes += raw.size();
+  if (answer_bytes > static_cast<size_t>(call->parsed.answer_bytes())) fuzz::Die("answer larger than reserved");
+  (void)response.ByteSizeLong();
+  return 0;
+}

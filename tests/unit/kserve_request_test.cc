@@ -1,0 +1,268 @@
+// The Open Inference Protocol's ModelInferRequest decoded into the same InferenceCall as attnserve.v1's
+// InferRequest (so both take the same stages and batch together), its errors, and the answer's encoding.
+#include "server/api/kserve_request.h"
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/half_float.h"
+#include "gtest/gtest.h"
+#include "server/api/infer_request.h"
+#include "server/startup/server_config.h"
+#include "tests/testing/naive_mha.h"
+
+namespace attnserve {
+namespace {
+
+using inference::ModelInferRequest;
+
+constexpr int kEmbed = 16;
+
+std::unique_ptr<LayerRegistry> TinyRegistry() {
+  v1::ServerConfig config;
+  v1::LayerConfig* layer = config.add_layers();
+  layer->set_name("tiny");
+  layer->set_embed_dim(kEmbed);
+  layer->set_num_heads(2);
+  layer->set_seed(3);
+  EXPECT_TRUE(ApplyLayerDefaultsAndValidate(layer).ok());
+  auto registry = LayerRegistry::Create(config);
+  EXPECT_TRUE(registry.ok()) << registry.status();
+  return std::move(*registry);
+}
+
+std::string Bytes(const void* data, size_t n) { return std::string(static_cast<const char*>(data), n); }
+
+// An input with raw values appended to the request's raw_input_contents.
+void AddRaw(ModelInferRequest* r, const std::string& name, const std::string& datatype, std::vector<int64_t> shape,
+            const std::string& raw) {
+  auto* in = r->add_inputs();
+  in->set_name(name);
+  in->set_datatype(datatype);
+  for (int64_t d : shape) in->add_shape(d);
+  r->add_raw_input_contents(raw);
+}
+
+ModelInferRequest QueryRequest(const std::vector<float>& query, int64_t batch, int64_t len) {
+  ModelInferRequest r;
+  r.set_model_name("tiny");
+  r.set_id("r1");
+  AddRaw(&r, "query", "FP32", {batch, len, kEmbed}, Bytes(query.data(), query.size() * 4));
+  return r;
+}
+
+void SetBool(ModelInferRequest* r, const std::string& name, bool value) {
+  (*r->mutable_parameters())[name].set_bool_param(value);
+}
+
+class KServeRequestTest : public ::testing::Test {
+ protected:
+  absl::Status Prepare(const ModelInferRequest& r, InferenceCall* call) {
+    return PrepareModelInferCall(*registry_, r, call);
+  }
+  void ExpectError(const ModelInferRequest& r, absl::StatusCode code, const std::string& needle) {
+    InferenceCall call;
+    const absl::Status s = Prepare(r, &call);
+    EXPECT_EQ(s.code(), code) << s;
+    EXPECT_NE(s.message().find(needle), std::string::npos) << "wanted '" << needle << "' in: " << s;
+  }
+
+  std::unique_ptr<LayerRegistry> registry_ = TinyRegistry();
+  std::mt19937_64 rng_{11};
+};
+
+TEST_F(KServeRequestTest, DecodesLikeAttnserveV1) {
+  const std::vector<float> q = testing::RandomValues(rng_, 2 * 3 * kEmbed);
+  ModelInferRequest r = QueryRequest(q, 2, 3);
+  SetBool(&r, "is_causal", true);
+  SetBool(&r, "need_weights", true);
+  SetBool(&r, "average_attn_weights", false);
+  InferenceCall call;
+  const absl::Status status = Prepare(r, &call);
+  ASSERT_TRUE(status.ok()) << status;
+
+  v1::InferRequest same;
+  same.set_layer("tiny");
+  same.mutable_query()->add_shape(2);
+  same.mutable_query()->add_shape(3);
+  same.mutable_query()->add_shape(kEmbed);
+  same.mutable_query()->set_dtype(v1::FLOAT32);
+  same.mutable_query()->set_raw_data(Bytes(q.data(), q.size() * 4));
+  same.set_is_causal(true);
+  same.set_need_weights(true);
+  same.set_average_attn_weights(false);
+  InferenceCall v1_call;
+  const absl::Status v1_status = PrepareInferenceCall(*registry_, same, &v1_call);
+  ASSERT_TRUE(v1_status.ok()) << v1_status;
+
+  EXPECT_EQ(call.layer, v1_call.layer);
+  EXPECT_EQ(call.id, "r1");
+  EXPECT_EQ(call.inputs.query.shape, v1_call.inputs.query.shape);
+  EXPECT_EQ(std::memcmp(call.inputs.query.data, v1_call.inputs.query.data, q.size() * 4), 0);
+  EXPECT_EQ(call.inputs.is_causal, v1_call.inputs.is_causal);
+  EXPECT_EQ(call.inputs.need_weights, v1_call.inputs.need_weights);
+  EXPECT_EQ(call.inputs.average_attn_weights, v1_call.inputs.average_attn_weights);
+  EXPECT_EQ(call.parsed.flops, v1_call.parsed.flops);
+  EXPECT_EQ(call.parsed.answer_bytes(), v1_call.parsed.answer_bytes());
+}
+
+TEST_F(KServeRequestTest, TypedContentsAndBoolMasks) {
+  const std::vector<float> q = testing::RandomValues(rng_, 4 * kEmbed);
+  ModelInferRequest r;
+  r.set_model_name("tiny");
+  auto* query = r.add_inputs();
+  query->set_name("query");
+  query->set_datatype("FP32");
+  for (int64_t d : {1, 4, kEmbed}) query->add_shape(d);
+  for (float v : q) query->mutable_contents()->add_fp32_contents(v);
+  auto* mask = r.add_inputs();
+  mask->set_name("key_padding_mask");
+  mask->set_datatype("BOOL");
+  for (int64_t d : {1, 4}) mask->add_shape(d);
+  for (bool b : {false, true, false, true}) mask->mutable_contents()->add_bool_contents(b);
+  InferenceCall call;
+  ASSERT_TRUE(Prepare(r, &call).ok());
+  EXPECT_EQ(std::memcmp(call.inputs.query.data, q.data(), q.size() * 4), 0);
+  EXPECT_EQ(call.inputs.key_padding_mask.dtype, DType::kBool);
+  EXPECT_EQ(static_cast<const uint8_t*>(call.inputs.key_padding_mask.data)[1], 1);
+}
+
+TEST_F(KServeRequestTest, SixteenBitFloatsAreConvertedExactly) {
+  const std::vector<float> q = testing::RandomValues(rng_, 2 * kEmbed);
+  for (const char* type : {"FP16", "BF16"}) {
+    std::vector<uint16_t> bits;
+    for (float v : q) bits.push_back(std::string(type) == "FP16" ? FloatToHalf(v) : FloatToBFloat16(v));
+    ModelInferRequest r;
+    r.set_model_name("tiny");
+    AddRaw(&r, "query", type, {1, 2, kEmbed}, Bytes(bits.data(), bits.size() * 2));
+    InferenceCall call;
+    ASSERT_TRUE(Prepare(r, &call).ok()) << type;
+    const auto* got = static_cast<const float*>(call.inputs.query.data);
+    for (size_t i = 0; i < bits.size(); ++i) {
+      const float want = std::string(type) == "FP16" ? HalfToFloat(bits[i]) : BFloat16ToFloat(bits[i]);
+      ASSERT_EQ(got[i], want) << type << " element " << i;
+    }
+  }
+}
+
+TEST_F(KServeRequestTest, RequestedOutputsImplyWeightsAndKeepTheirOrder) {
+  const std::vector<float> q = testing::RandomValues(rng_, 3 * kEmbed);
+  ModelInferRequest r = QueryRequest(q, 1, 3);
+  r.add_outputs()->set_name("attn_weights");
+  r.add_outputs()->set_name("output");
+  InferenceCall call;
+  ASSERT_TRUE(Prepare(r, &call).ok());
+  EXPECT_TRUE(call.inputs.need_weights);
+  call.outputs.output = Tensor(Shape{1, 3, kEmbed});
+  call.outputs.attn_weights = Tensor(Shape{1, 3, 3});
+  call.outputs.attn_weights.values[4] = 0.5f;
+  call.timing.batch_size = 3;
+  inference::ModelInferResponse response;
+  EncodeModelInferResponse(call, r, &response);
+  ASSERT_EQ(response.outputs_size(), 2);
+  EXPECT_EQ(response.outputs(0).name(), "attn_weights");
+  EXPECT_EQ(response.outputs(0).datatype(), "FP32");
+  EXPECT_EQ(response.outputs(0).shape_size(), 3);
+  EXPECT_EQ(response.outputs(1).name(), "output");
+  ASSERT_EQ(response.raw_output_contents_size(), 2);
+  EXPECT_EQ(response.raw_output_contents(0).size(), 9u * 4);
+  EXPECT_EQ(response.raw_output_contents(1).size(), 3u * kEmbed * 4);
+  float fifth = 0;
+  std::memcpy(&fifth, response.raw_output_contents(0).data() + 16, 4);
+  EXPECT_EQ(fifth, 0.5f);
+  EXPECT_EQ(response.model_name(), "tiny");
+  EXPECT_EQ(response.model_version(), "1");
+  EXPECT_EQ(response.id(), "r1");
+  EXPECT_EQ(response.parameters().at("batch_size").int64_param(), 3);
+}
+
+TEST_F(KServeRequestTest, AllOutputsWhenNoneRequested) {
+  const std::vector<float> q = testing::RandomValues(rng_, 2 * kEmbed);
+  ModelInferRequest r = QueryRequest(q, 1, 2);
+  InferenceCall call;
+  ASSERT_TRUE(Prepare(r, &call).ok());
+  call.outputs.output = Tensor(Shape{1, 2, kEmbed});
+  inference::ModelInferResponse response;
+  EncodeModelInferResponse(call, r, &response);
+  ASSERT_EQ(response.outputs_size(), 1);  // no attn_weights without need_weights
+  EXPECT_EQ(response.outputs(0).name(), "output");
+}
+
+TEST_F(KServeRequestTest, ErrorsNameTheField) {
+  const std::vector<float> q = testing::RandomValues(rng_, 2 * kEmbed);
+  const std::string raw = Bytes(q.data(), q.size() * 4);
+  using Code = absl::StatusCode;
+  ModelInferRequest r = QueryRequest(q, 1, 2);
+  r.mutable_inputs(0)->set_name("qeury");
+  ExpectError(r, Code::kInvalidArgument, "inputs[0].name: unknown input 'qeury'");
+  r = QueryRequest(q, 1, 2);
+  AddRaw(&r, "query", "FP32", {1, 2, kEmbed}, raw);
+  ExpectError(r, Code::kInvalidArgument, "inputs[1].name: 'query' given twice");
+  r = QueryRequest(q, 1, 2);
+  r.mutable_inputs(0)->set_name("key");
+  ExpectError(r, Code::kInvalidArgument, "inputs: 'query' is required");
+  r = QueryRequest(q, 1, 2);
+  r.add_raw_input_contents(raw);
+  ExpectError(r, Code::kInvalidArgument, "raw_input_contents: holds 2 entries, expected one per input (1)");
+  r = QueryRequest(q, 1, 2);
+  r.mutable_inputs(0)->mutable_contents()->add_fp32_contents(1);
+  ExpectError(r, Code::kInvalidArgument, "inputs[0].contents: set although raw_input_contents");
+  r = QueryRequest(q, 1, 2);
+  r.mutable_inputs(0)->set_datatype("INT32");
+  ExpectError(r, Code::kInvalidArgument, "query: datatype must be FP32, FP16 or BF16, got 'INT32'");
+  r = QueryRequest(q, 1, 2);
+  r.mutable_raw_input_contents(0)->pop_back();
+  ExpectError(r, Code::kInvalidArgument, "query: raw_input_contents[0] holds 127 bytes, expected 128");
+  r = QueryRequest(q, 1, 2);
+  (*r.mutable_parameters())["need_weights"].set_int64_param(1);
+  ExpectError(r, Code::kInvalidArgument, "parameters.need_weights: expected a bool_param");
+  r = QueryRequest(q, 1, 2);
+  r.add_outputs()->set_name("logits");
+  ExpectError(r, Code::kInvalidArgument, "outputs[0].name: unknown output 'logits'");
+  r = QueryRequest(q, 1, 2);
+  r.add_outputs()->set_name("output");
+  r.add_outputs()->set_name("output");
+  ExpectError(r, Code::kInvalidArgument, "outputs[1].name: 'output' given twice");
+  r = QueryRequest(q, 1, 2);
+  r.add_outputs()->set_name("attn_weights");
+  SetBool(&r, "need_weights", false);
+  ExpectError(r, Code::kInvalidArgument, "attn_weights requested with parameters.need_weights false");
+  r = QueryRequest(q, 1, 2);
+  r.set_model_version("x1");
+  ExpectError(r, Code::kInvalidArgument, "model_version: expected a positive integer, got 'x1'");
+  r = QueryRequest(q, 1, 2);
+  r.set_model_version("7");
+  ExpectError(r, Code::kNotFound, "version: layer 'tiny' serves version 1, not 7");
+  r = QueryRequest(q, 1, 2);
+  r.set_model_name("nope");
+  ExpectError(r, Code::kNotFound, "model_name: no layer named 'nope'");
+  r.set_model_name("");
+  ExpectError(r, Code::kNotFound, "model_name: is required");
+  r = QueryRequest(q, 1, 2);
+  r.mutable_inputs(0)->set_shape(2, kEmbed / 2);
+  r.mutable_inputs(0)->set_shape(1, 4);
+  ExpectError(r, Code::kInvalidArgument, "query");
+}
+
+TEST_F(KServeRequestTest, SixteenBitValuesMustBeRaw) {
+  ModelInferRequest r;
+  r.set_model_name("tiny");
+  auto* query = r.add_inputs();
+  query->set_name("query");
+  query->set_datatype("BF16");
+  for (int64_t d : {1, 1, kEmbed}) query->add_shape(d);
+  for (int i = 0; i < kEmbed; ++i) query->mutable_contents()->add_fp32_contents(0.5f);
+  ExpectError(r, absl::StatusCode::kInvalidArgument, "query: BF16 values must come in raw_input_contents");
+}
+
+TEST_F(KServeRequestTest, UnknownLayerIsNotFoundWhateverItsTensors) {
+  ModelInferRequest r;
+  r.set_model_name("nope");
+  r.add_inputs()->set_name("garbage");
+  ExpectError(r, absl::StatusCode::kNotFound, "model_name: no layer named 'nope'");
+}
+
+}  // namespace
+}  // namespace attnserve

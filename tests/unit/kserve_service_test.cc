@@ -1,0 +1,280 @@
+// The Open Inference Protocol's service on a whole in-process server, from a C++ client built from
+// proto/inference: answers equal attnserve.v1's on the same layer (and the engine's), streams report errors
+// per request, statistics count what happened, the repository RPCs change layers while serving, and model
+// control is refused unless enabled.
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include <cstring>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "inference/grpc_service.grpc.pb.h"
+#include "tests/testing/server_harness.h"
+
+namespace attnserve::testing {
+namespace {
+
+using inference::GRPCInferenceService;
+using inference::ModelInferRequest;
+using inference::ModelInferResponse;
+
+class QuietServerLogs : public ::testing::Environment {
+ public:
+  void SetUp() override { spdlog::set_level(spdlog::level::err); }
+};
+[[maybe_unused]] ::testing::Environment* const kQuietLogs = ::testing::AddGlobalTestEnvironment(new QuietServerLogs);
+
+constexpr char kConfig[] = R"pb(
+  layers { name: "tiny" embed_dim: 32 num_heads: 4 seed: 5 batching { max_queue_delay_us: 20000 } }
+)pb";
+constexpr char kControlConfig[] = R"pb(
+  layers { name: "tiny" embed_dim: 32 num_heads: 4 seed: 5 }
+  security { enable_model_control: true }
+)pb";
+
+ModelInferRequest ToKServe(const HostRequest& host) {
+  ModelInferRequest r;
+  r.set_model_name(host.layer);
+  r.set_id(host.id);
+  auto* in = r.add_inputs();
+  in->set_name("query");
+  in->set_datatype("FP32");
+  for (int64_t d : host.query.shape) in->add_shape(d);
+  r.add_raw_input_contents(std::string(reinterpret_cast<const char*>(host.query.f.data()), host.query.f.size() * 4));
+  (*r.mutable_parameters())["need_weights"].set_bool_param(host.need_weights);
+  return r;
+}
+
+std::vector<float> Floats(const std::string& raw) {
+  std::vector<float> out(raw.size() / 4);
+  std::memcpy(out.data(), raw.data(), out.size() * 4);
+  return out;
+}
+
+class KServeServiceTest : public ::testing::Test {
+ protected:
+  void Start(const char* config) {
+    auto server = StartInProcessServer(config);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = std::move(*server);
+    kserve_ = GRPCInferenceService::NewStub(server_->channel);
+  }
+  grpc::Status Infer(const ModelInferRequest& r, ModelInferResponse* response) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(In(absl::Seconds(30)));
+    return kserve_->ModelInfer(&ctx, r, response);
+  }
+  template <typename Req, typename Resp>
+  grpc::Status Call(grpc::Status (GRPCInferenceService::Stub::*rpc)(grpc::ClientContext*, const Req&, Resp*),
+                    const Req& request, Resp* response) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(In(absl::Seconds(30)));
+    return ((*kserve_).*rpc)(&ctx, request, response);
+  }
+
+  std::unique_ptr<TestServer> server_;
+  std::unique_ptr<GRPCInferenceService::Stub> kserve_;
+  std::mt19937_64 rng_{21};
+};
+
+TEST_F(KServeServiceTest, AnswersEqualAttnserveV1AndTheEngine) {
+  Start(kConfig);
+  HostRequest host = SelfAttention(rng_, "tiny", 32, 2, 5);
+  host.id = "same";
+  host.need_weights = true;
+  ModelInferResponse kserve;
+  ASSERT_TRUE(Infer(ToKServe(host), &kserve).ok());
+  v1::InferResponse v1_answer;
+  grpc::ClientContext ctx;
+  ASSERT_TRUE(server_->stub->Infer(&ctx, host.ToProto(), &v1_answer).ok());
+  ASSERT_EQ(kserve.raw_output_contents_size(), 2);
+  EXPECT_EQ(kserve.raw_output_contents(0), v1_answer.output().raw_data());  // bit for bit
+  EXPECT_EQ(kserve.raw_output_contents(1), v1_answer.attn_weights().raw_data());
+  EXPECT_EQ(kserve.id(), "same");
+  EXPECT_EQ(kserve.model_version(), "1");
+  const AttentionOutputs want = Expected(Engine(32, 4, 5), host);
+  const std::vector<float> got = Floats(kserve.raw_output_contents(0));
+  ASSERT_EQ(got.size(), want.output.values.size());
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want.output.values[i], kTolerance) << i;
+}
+
+TEST_F(KServeServiceTest, BothProtocolsBatchTogether) {
+  Start(kConfig);
+  std::vector<HostRequest> hosts;
+  for (int i = 0; i < 8; ++i) hosts.push_back(SelfAttention(rng_, "tiny", 32, 1, 3 + i % 3));
+  std::vector<std::string> outputs(hosts.size());
+  std::vector<int64_t> batch_sizes(hosts.size());
+  std::vector<std::thread> clients;
+  for (size_t i = 0; i < hosts.size(); ++i) {
+    clients.emplace_back([&, i] {
+      if (i % 2 == 0) {
+        ModelInferResponse r;
+        if (Infer(ToKServe(hosts[i]), &r).ok() && r.raw_output_contents_size() == 1) {
+          outputs[i] = r.raw_output_contents(0);
+          batch_sizes[i] = r.parameters().at("batch_size").int64_param();
+        }
+      } else {
+        v1::InferResponse r;
+        grpc::ClientContext ctx;
+        if (server_->stub->Infer(&ctx, hosts[i].ToProto(), &r).ok()) {
+          outputs[i] = r.output().raw_data();
+          batch_sizes[i] = r.timing().batch_size();
+        }
+      }
+    });
+  }
+  for (auto& c : clients) c.join();
+  int64_t largest = 0;
+  for (size_t i = 0; i < hosts.size(); ++i) {
+    const AttentionOutputs want = Expected(Engine(32, 4, 5), hosts[i]);
+    const std::vector<float> got = Floats(outputs[i]);
+    ASSERT_EQ(got.size(), want.output.values.size()) << "request " << i;
+    for (size_t j = 0; j < got.size(); ++j) ASSERT_NEAR(got[j], want.output.values[j], kTolerance);
+    largest = std::max(largest, batch_sizes[i]);
+  }
+  EXPECT_GT(largest, 1) << "the 20 ms batching delay should gather concurrent requests of both protocols";
+}
+
+TEST_F(KServeServiceTest, StreamAnswersEachRequestAndReportsErrorsInPlace) {
+  Start(kConfig);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(In(absl::Seconds(30)));
+  auto stream = kserve_->ModelStreamInfer(&ctx);
+  std::map<std::string, HostRequest> valid;
+  for (int i = 0; i < 10; ++i) {
+    HostRequest host = SelfAttention(rng_, "tiny", 32, 1, 2 + i % 4);
+    host.id = "r" + std::to_string(i);
+    ModelInferRequest r = ToKServe(host);
+    if (i % 3 == 1) r.mutable_inputs(0)->set_datatype("INT8");
+    if (i % 3 != 1) valid[host.id] = host;
+    ASSERT_TRUE(stream->Write(r));
+  }
+  stream->WritesDone();
+  inference::ModelStreamInferResponse response;
+  int answered = 0, errors = 0;
+  while (stream->Read(&response)) {
+    ++answered;
+    const std::string& id = response.infer_response().id();
+    if (!response.error_message().empty()) {
+      ++errors;
+      EXPECT_EQ(valid.count(id), 0u) << id;
+      EXPECT_NE(response.error_message().find("query: datatype"), std::string::npos) << response.error_message();
+      continue;
+    }
+    ASSERT_EQ(valid.count(id), 1u) << id;
+    const AttentionOutputs want = Expected(Engine(32, 4, 5), valid[id]);
+    const std::vector<float> got = Floats(response.infer_response().raw_output_contents(0));
+    ASSERT_EQ(got.size(), want.output.values.size());
+    for (size_t j = 0; j < got.size(); ++j) ASSERT_NEAR(got[j], want.output.values[j], kTolerance);
+  }
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(answered, 10);
+  EXPECT_EQ(errors, 3);
+}
+
+TEST_F(KServeServiceTest, StatisticsCountRequestsAndBatches) {
+  Start(kConfig);
+  for (int i = 0; i < 3; ++i) {
+    ModelInferResponse r;
+    ASSERT_TRUE(Infer(ToKServe(SelfAttention(rng_, "tiny", 32, 2, 4)), &r).ok());
+  }
+  ModelInferResponse r;
+  ModelInferRequest wrong = ToKServe(SelfAttention(rng_, "tiny", 16, 1, 4));  // E 16 on a layer of 32
+  EXPECT_EQ(Infer(wrong, &r).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  inference::ModelStatisticsRequest request;
+  request.set_name("tiny");
+  inference::ModelStatisticsResponse stats;
+  ASSERT_TRUE(Call(&GRPCInferenceService::Stub::ModelStatistics, request, &stats).ok());
+  ASSERT_EQ(stats.model_stats_size(), 1);
+  const inference::ModelStatistics& s = stats.model_stats(0);
+  EXPECT_EQ(s.version(), "1");
+  EXPECT_EQ(s.inference_stats().success().count(), 3u);
+  EXPECT_EQ(s.inference_stats().fail().count(), 1u);
+  EXPECT_EQ(s.inference_count(), 6u);  // B = 2 each
+  EXPECT_GE(s.execution_count(), 1u);
+  EXPECT_GT(s.inference_stats().compute_infer().ns(), 0u);
+  ASSERT_GT(s.batch_stats_size(), 0);
+  EXPECT_GE(s.batch_stats(0).batch_size(), 1u);
+  request.set_name("nope");
+  EXPECT_EQ(Call(&GRPCInferenceService::Stub::ModelStatistics, request, &stats).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(KServeServiceTest, MetadataConfigAndReadiness) {
+  Start(kConfig);
+  inference::ModelMetadataRequest request;
+  request.set_name("tiny");
+  inference::ModelMetadataResponse metadata;
+  ASSERT_TRUE(Call(&GRPCInferenceService::Stub::ModelMetadata, request, &metadata).ok());
+  ASSERT_EQ(metadata.inputs_size(), 5);
+  EXPECT_EQ(metadata.inputs(0).name(), "query");
+  EXPECT_EQ(metadata.inputs(0).shape(2), 32);
+  EXPECT_EQ(metadata.outputs(0).name(), "output");
+  inference::ModelConfigRequest config_request;
+  config_request.set_name("tiny");
+  inference::ModelConfigResponse config;
+  ASSERT_TRUE(Call(&GRPCInferenceService::Stub::ModelConfig, config_request, &config).ok());
+  EXPECT_EQ(config.config().dynamic_batching().max_queue_delay_microseconds(), 20000u);
+  EXPECT_FALSE(config.config().input(0).optional());
+  EXPECT_TRUE(config.config().input(1).optional());
+  inference::ServerReadyResponse ready;
+  ASSERT_TRUE(Call(&GRPCInferenceService::Stub::ServerReady, inference::ServerReadyRequest(), &ready).ok());
+  EXPECT_TRUE(ready.ready());
+  server_->server->StopAccepting();
+  ASSERT_TRUE(Call(&GRPCInferenceService::Stub::ServerReady, inference::ServerReadyRequest(), &ready).ok());
+  EXPECT_FALSE(ready.ready()) << "draining";
+}
+
+TEST_F(KServeServiceTest, ModelControlIsOffByDefault) {
+  Start(kConfig);
+  inference::RepositoryModelLoadRequest load;
+  load.set_model_name("tiny");
+  inference::RepositoryModelLoadResponse loaded;
+  const grpc::Status refused = Call(&GRPCInferenceService::Stub::RepositoryModelLoad, load, &loaded);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_NE(refused.error_message().find("--enable-model-control"), std::string::npos) << Str(refused);
+}
+
+TEST_F(KServeServiceTest, RepositoryLoadsReloadsAndUnloadsWhileServing) {
+  Start(kControlConfig);
+  const HostRequest host = SelfAttention(rng_, "tiny", 32, 1, 3);
+  ModelInferResponse before;
+  ASSERT_TRUE(Infer(ToKServe(host), &before).ok());
+  inference::RepositoryModelLoadRequest load;
+  load.set_model_name("tiny");
+  inference::RepositoryModelLoadResponse loaded;
+  ASSERT_TRUE(Call(&GRPCInferenceService::Stub::RepositoryModelLoad, load, &loaded).ok());
+  ModelInferResponse after;
+  ASSERT_TRUE(Infer(ToKServe(host), &after).ok());
+  EXPECT_EQ(after.model_version(), "2");
+  EXPECT_EQ(after.raw_output_contents(0), before.raw_output_contents(0));  // same seed, same answer
+
+  inference::RepositoryModelUnloadRequest unload;
+  unload.set_model_name("tiny");
+  inference::RepositoryModelUnloadResponse unloaded;
+  ASSERT_TRUE(Call(&GRPCInferenceService::Stub::RepositoryModelUnload, unload, &unloaded).ok());
+  EXPECT_EQ(Infer(ToKServe(host), &after).error_code(), grpc::StatusCode::NOT_FOUND);
+  inference::RepositoryIndexResponse index;
+  ASSERT_TRUE(Call(&GRPCInferenceService::Stub::RepositoryIndex, inference::RepositoryIndexRequest(), &index).ok());
+  ASSERT_EQ(index.models_size(), 1);
+  EXPECT_EQ(index.models(0).state(), "UNAVAILABLE");
+  EXPECT_EQ(index.models(0).reason(), "unloaded");
+
+  load.set_model_name("fresh");
+  (*load.mutable_parameters())["config"].set_string_param(R"({"name": "fresh", "embedDim": 16, "numHeads": 2})");
+  ASSERT_TRUE(Call(&GRPCInferenceService::Stub::RepositoryModelLoad, load, &loaded).ok());
+  ASSERT_TRUE(Infer(ToKServe(SelfAttention(rng_, "fresh", 16, 1, 2)), &after).ok());
+  (*load.mutable_parameters())["config"].set_string_param("{not json");
+  const grpc::Status bad_json = Call(&GRPCInferenceService::Stub::RepositoryModelLoad, load, &loaded);
+  EXPECT_EQ(bad_json.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(bad_json.error_message().find("parameters.config"), std::string::npos) << Str(bad_json);
+}
+
+}  // namespace
+}  // namespace attnserve::testing

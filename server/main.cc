@@ -11,23 +11,57 @@
 #include <string>
 
 #include "server/server.h"
+#include "server/startup/config_watcher.h"
 #include "server/startup/logging.h"
 #include "server/startup/server_flags.h"
 
 namespace {
 // The gRPC port stopped accepting connections (see ServerOptions::on_listener_failure).
 constexpr int kExitListenerFailed = 3;
-}  // namespace
 
-int main(int argc, char** argv) {
-  using namespace attnserve;
-  // SIGTERM/SIGINT are taken by sigwait below: blocked before any thread starts, so every thread inherits
-  // the mask.
+// Reloads the layers whenever the config file changes (or on SIGHUP, through Trigger); null without a file.
+absl::StatusOr<std::unique_ptr<attnserve::ConfigWatcher>> WatchConfigFile(const attnserve::ServerFlags& flags,
+                                                                          attnserve::Server* server) {
+  if (flags.config_path.empty()) return nullptr;
+  attnserve::ConfigWatcher::Options options;
+  options.path = flags.config_path;
+  options.on_change = [&flags, server](const std::string& /*content*/, bool triggered) {
+    // SIGHUP reloads every layer: the weights files may have changed under an unchanged config.
+    server->ReloadConfig(attnserve::BuildServerConfig(flags), /*reload_all=*/triggered).IgnoreError();  // logged
+  };
+  return attnserve::ConfigWatcher::Create(options);
+}
+
+// SIGTERM/SIGINT (drain) and SIGHUP (reload the config) are taken by sigwait (WaitForStop): blocked before
+// any thread starts, so every thread inherits the mask.
+sigset_t BlockServerSignals() {
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  return signals;
+}
+
+// Waits for SIGTERM or SIGINT (returned), reloading the config on each SIGHUP meanwhile.
+int WaitForStop(const sigset_t& signals, attnserve::ConfigWatcher* watcher, const std::string& config_path) {
+  int signal_number = 0;
+  while (sigwait(&signals, &signal_number) == 0 && signal_number == SIGHUP) {
+    if (watcher == nullptr) {
+      spdlog::warn("SIGHUP: no config file to reload (the embedded default is served)");
+    } else {
+      spdlog::info("SIGHUP: reloading {}", config_path);
+      watcher->Trigger();
+    }
+  }
+  return signal_number;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace attnserve;
+  const sigset_t signals = BlockServerSignals();
 
   auto flags = ParseServerFlags(argc, argv, [](const char* name) { return std::getenv(name); });
   if (!flags.ok()) {
@@ -61,8 +95,13 @@ int main(int argc, char** argv) {
     spdlog::critical("{}", std::string(s.message()));
     return 2;
   }
-  int signal_number = 0;
-  sigwait(&signals, &signal_number);
+  auto watcher = WatchConfigFile(*flags, server->get());
+  if (!watcher.ok()) {
+    spdlog::critical("cannot watch the config file: {}", std::string(watcher.status().message()));
+    return 2;
+  }
+  const int signal_number = WaitForStop(signals, watcher->get(), flags->config_path);
+  watcher->reset();  // no reload while draining
   (*server)->StopAccepting();  // logged after, so whoever sees the line also sees NOT_SERVING
   spdlog::info("{}: draining (grace {})",
                listener_failed ? "listener failed" : signal_number == SIGTERM ? "received SIGTERM" : "received SIGINT",

@@ -10,6 +10,8 @@
 #include <grpcpp/impl/server_builder_plugin.h>
 #include <spdlog/spdlog.h>
 
+#include <google/protobuf/util/message_differencer.h>
+
 #include <algorithm>
 #include <thread>
 #include <vector>
@@ -27,6 +29,7 @@
 #include "server/runtime/batch_executor.h"
 #include "server/runtime/dispatcher.h"
 #include "server/runtime/layer_catalog.h"
+#include "server/runtime/layer_warmup.h"
 #include "server/runtime/memory_budget.h"
 #include "server/startup/cpu_budget.h"
 #include "server/startup/layer_options.h"
@@ -343,7 +346,8 @@ void Server::BuildMemoryBudget() {
   const int64_t budget =
       config_.memory_budget_bytes() > 0 ? config_.memory_budget_bytes() : DefaultMemoryBudgetBytes(&source);
   ServerMetrics* metrics = p.metrics.get();
-  p.memory = std::make_unique<MemoryBudget>(budget, [metrics](int64_t reserved) { metrics->SetMemoryReserved(reserved); });
+  p.memory = std::make_unique<MemoryBudget>(budget,
+                                            [metrics](int64_t reserved) { metrics->SetMemoryReserved(reserved); });
   metrics->SetMemoryBudget(budget);
   // Buffers of a MiB and more are mapped and unmapped on their own, so that the memory of a flood of large
   // requests goes back to the system once they are answered (glibc's adaptive threshold would keep them).
@@ -426,6 +430,9 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
   attnserve::v1::LayerConfig config = layer;
   ATTN_RETURN_IF_ERROR(ApplyLayerDefaultsAndValidate(&config));
   ATTN_ASSIGN_OR_RETURN(std::unique_ptr<ServedLayer> loaded, attnserve::LoadLayer(config));
+  const absl::Time warm_up_start = absl::Now();
+  ATTN_RETURN_IF_ERROR(WarmUpLayer(*loaded->engine, threads_per_batch_));
+  const absl::Duration warm_up = absl::Now() - warm_up_start;
   Parts& p = *parts_;
   absl::MutexLock lock(&layers_mu_);
   const BatchingOptions batching = ToBatchingOptions(config.batching());
@@ -437,7 +444,7 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
     ATTN_RETURN_IF_ERROR(p.scheduler->AddQueue(config.name(), batching));
   }
   const int64_t version = p.registry->Publish(std::move(loaded));
-  spdlog::info("layer {}: version {} loaded", config.name(), version);
+  spdlog::info("layer {}: version {} loaded (warm-up {})", config.name(), version, absl::FormatDuration(warm_up));
   return absl::OkStatus();
 }
 
@@ -449,6 +456,27 @@ absl::Status Server::UnloadLayer(const std::string& name) {
   ATTN_RETURN_IF_ERROR(p.scheduler->RemoveQueue(name));
   spdlog::info("layer {}: unloaded", name);
   return absl::OkStatus();
+}
+
+absl::Status Server::ReloadConfig(const absl::StatusOr<attnserve::v1::ServerConfig>& config, bool reload_all) {
+  Parts& p = *parts_;
+  absl::Status status = config.status();
+  if (status.ok()) {
+    attnserve::v1::ServerConfig others = *config, served = config_;
+    others.clear_layers();
+    served.clear_layers();
+    if (!google::protobuf::util::MessageDifferencer::Equals(others, served)) {
+      spdlog::warn("config reload: only the layers change while serving; the other fields need a restart");
+    }
+    status = p.catalog->Reconcile({config->layers().begin(), config->layers().end()}, reload_all);
+  }
+  p.metrics->ConfigReloaded(status.ok());
+  if (status.ok()) {
+    spdlog::info("config reload: {} layers as the file says", config->layers_size());
+  } else {
+    spdlog::error("config reload failed: {}", std::string(status.message()));
+  }
+  return status;
 }
 
 const LayerRegistry& Server::registry() const { return *parts_->registry; }

@@ -81,8 +81,9 @@ class Server {
   // callers that log in between). Idempotent.
   void StopAccepting();
 
-  // Stops taking requests (StopAccepting), answers every accepted request, then shuts gRPC down. OK when all of it finished before `deadline`; DEADLINE_EXCEEDED when
-  // batches were still running then (the server must then not be destroyed: the caller exits).
+  // Stops taking requests (StopAccepting), answers every accepted request, then shuts gRPC down. OK when all
+  // of it finished before `deadline`; DEADLINE_EXCEEDED when batches were still running then (the server must
+  // then not be destroyed: the caller exits).
   absl::Status Drain(absl::Time deadline);
 
   struct Ports {
@@ -97,13 +98,20 @@ class Server {
   // OpenMP threads each worker computes a batch with.
   int threads_per_batch() const { return threads_per_batch_; }
 
-  // Loads `layer` (validated like a config entry) off the request path, then publishes it: a new name gets
+  // Loads `layer` (validated like a config entry) and warms it up (layer_warmup.h) off the request path, then
+  // publishes it: a new name gets
   // its queue, metrics and traffic; an existing one gets a new version (its batching options apply to the
   // next batch), requests already admitted finish on the old one. A failed load changes nothing.
   absl::Status LoadLayer(const attnserve::v1::LayerConfig& layer);
   // Stops routing requests to `name` (NOT_FOUND from now on), runs what its queue holds, and returns once
   // its last batch is done. NOT_FOUND for an unknown layer.
   absl::Status UnloadLayer(const std::string& name);
+
+  // Makes the served layers those of `config` (the config file read again, flags applied, validated; an
+  // error when it did not read or validate, which changes nothing): new layers load, changed ones reload
+  // (all when `reload_all`), removed ones unload after their queues drain. Fields other than the layers need
+  // a restart (logged). Counted in attnserve_config_reload_total{result}. Call from one thread at a time.
+  absl::Status ReloadConfig(const absl::StatusOr<attnserve::v1::ServerConfig>& config, bool reload_all);
 
   const LayerRegistry& registry() const;
   ServerMetrics& metrics();

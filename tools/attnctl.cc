@@ -3,7 +3,10 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -17,6 +20,7 @@
 #include "common/command_line.h"
 #include "client/client.h"
 #include "client/grpc_status.h"
+#include "tools/attnctl_models.h"
 #include "tools/npy.h"
 #include "tools/tensor_summary.h"
 #include "common/status_macros.h"
@@ -43,6 +47,7 @@ constexpr FlagSpec kFlags[] = {
     {"per-head-weights", false}, {"seed", true},    {"query", true},         {"key", true},
     {"value", true},       {"key-padding-mask", true}, {"attn-mask", true},  {"output", true},
     {"weights-output", true}, {"tls-cert", true}, {"tls-key", true}, {"token-file", true},
+    {"config-json", true},
 };
 // Flags only `infer` takes; given to another command they are a usage error rather than silently ignored.
 constexpr const char* kInferFlags[] = {"batch", "seq", "kv-seq", "causal", "need-weights", "per-head-weights",
@@ -57,6 +62,11 @@ Commands:
   list                   the layers the server holds
   describe LAYER         one layer's configuration
   infer LAYER            one attention forward pass; prints the output's shape and statistics
+  versions               every layer the server knows: version, state (READY, LOADING, UNAVAILABLE), reason
+  load LAYER             load a configured layer, or a new one with --config-json FILE (a LayerConfig in JSON)
+  reload LAYER           load a new version of a loaded layer (its weights file read again)
+  unload LAYER           stop serving a layer once its queued requests are answered
+                         (load, reload, unload: an admin token, or a server with --enable-model-control)
 
 Flags:
   --target TARGET        gRPC target (default $ATTNSERVE_TARGET, else )", kDefaultTarget, R"();
@@ -70,6 +80,9 @@ Flags:
   --timeout-ms N         deadline of each call (default 10000; 0 = none)
   --json                 machine-readable output on stdout (errors too, as {"error": {...}})
   --help                 this text
+
+load options:
+  --config-json FILE     the layer's config (JSON, attnserve/v1/config.proto's LayerConfig); its name is LAYER
 
 infer inputs: random normal values of a given shape (the layer's dims come from the server) ...
   --batch B              sequences (default 1)
@@ -354,6 +367,39 @@ int Infer(const Context& ctx, const std::string& layer, const CommandLine& cl) {
   return kOk;
 }
 
+// versions, load, reload, unload.
+int Models(const Context& ctx, const std::string& command, const std::string& layer, const CommandLine& cl) {
+  if (command == "versions") {
+    auto versions = ListModelVersions(*ctx.client, ctx.timeout_ms);
+    if (!versions.ok()) return CallFailed(ctx, versions.status(), "");
+    if (!ctx.json) std::printf("%-20s %8s %-12s %s\n", "NAME", "VERSION", "STATE", "REASON");
+    nlohmann::json all = nlohmann::json::array();
+    for (const auto& v : *versions) {
+      if (!ctx.json) std::printf("%-20s %8s %-12s %s\n", v.name.c_str(), v.version.c_str(), v.state.c_str(),
+                                 v.reason.c_str());
+      all.push_back({{"name", v.name}, {"version", v.version}, {"state", v.state}, {"reason", v.reason}});
+    }
+    if (ctx.json) std::printf("%s\n", nlohmann::json{{"layers", all}}.dump(2).c_str());
+    return kOk;
+  }
+  std::string config_json;
+  if (auto path = cl.Get("config-json")) {
+    std::ifstream in(*path);
+    if (!in) return UsageError(absl::StrCat("--config-json: cannot read ", *path));
+    config_json.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  const absl::Status status = command == "unload" ? UnloadModel(*ctx.client, layer, ctx.timeout_ms)
+                                                  : LoadModel(*ctx.client, layer, config_json, ctx.timeout_ms);
+  if (!status.ok()) return CallFailed(ctx, status, NotFoundHint(layer));
+  if (ctx.json) {
+    const nlohmann::json done = {{"layer", layer}, {command == "unload" ? "unloaded" : "loaded", true}};
+    std::printf("%s\n", done.dump(2).c_str());
+  } else {
+    std::printf("%s %s\n", command == "unload" ? "unloaded" : "loaded", layer.c_str());
+  }
+  return kOk;
+}
+
 int Run(int argc, char** argv) {
   auto parsed = ParseCommandLine(std::vector<std::string>(argv + 1, argv + argc), kFlags, std::getenv);
   if (!parsed.ok()) return UsageError(std::string(parsed.status().message()));
@@ -362,12 +408,14 @@ int Run(int argc, char** argv) {
     std::fputs(Usage().c_str(), stdout);
     return kOk;
   }
-  if (cl.positional.empty()) return UsageError("missing COMMAND (health, list, describe LAYER or infer LAYER)");
+  if (cl.positional.empty()) return UsageError("missing COMMAND (see --help)");
   const std::string command = cl.positional[0];
-  const size_t want_args = (command == "describe" || command == "infer") ? 2 : 1;
-  if (command != "health" && command != "list" && command != "describe" && command != "infer") {
-    return UsageError(absl::StrCat("unknown command \"", command, "\" (health, list, describe LAYER, infer LAYER)"));
+  const std::set<std::string> with_layer = {"describe", "infer", "load", "reload", "unload"};
+  const std::set<std::string> without = {"health", "list", "versions"};
+  if (with_layer.count(command) == 0 && without.count(command) == 0) {
+    return UsageError(absl::StrCat("unknown command \"", command, "\" (see --help)"));
   }
+  const size_t want_args = with_layer.count(command) > 0 ? 2 : 1;
   if (cl.positional.size() != want_args) {
     return UsageError(want_args == 2 ? absl::StrCat(command, " takes one LAYER argument")
                                      : absl::StrCat(command, " takes no arguments"));
@@ -376,6 +424,7 @@ int Run(int argc, char** argv) {
     if (command != "infer" && cl.Has(flag)) return UsageError(absl::StrCat("--", flag, " applies to infer only"));
   }
   if (command != "health" && cl.Has("service")) return UsageError("--service applies to health only");
+  if (command != "load" && cl.Has("config-json")) return UsageError("--config-json applies to load only");
 
   Client::Options options;
   options.target = cl.Get("target").value_or(kDefaultTarget);
@@ -399,7 +448,8 @@ int Run(int argc, char** argv) {
   if (command == "health") return Health(ctx, cl);
   if (command == "list") return List(ctx);
   if (command == "describe") return Describe(ctx, cl.positional[1]);
-  return Infer(ctx, cl.positional[1], cl);
+  if (command == "infer") return Infer(ctx, cl.positional[1], cl);
+  return Models(ctx, command, want_args == 2 ? cl.positional[1] : "", cl);
 }
 
 }  // namespace

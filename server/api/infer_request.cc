@@ -1,5 +1,6 @@
 #include "server/api/infer_request.h"
 
+#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "server/api/tensor_codec.h"
 
@@ -25,7 +26,10 @@ absl::Status DecodeInputs(const attnserve::v1::InferRequest& req, AttentionInput
 void DecodeInferRequest(const attnserve::v1::InferRequest& req, InferenceCall* call) {
   call->layer_name = req.layer();
   call->id = req.id();
-  call->decode_status = DecodeInputs(req, call->inputs);
+  call->version = req.version() > 0 ? req.version() : 0;
+  call->decode_status = req.version() < 0
+                            ? absl::InvalidArgumentError(absl::StrCat("version: must be >= 0, got ", req.version()))
+                            : DecodeInputs(req, call->inputs);
 }
 
 absl::Status PrepareInferenceCall(const LayerRegistry& registry, const attnserve::v1::InferRequest& request,

@@ -1,5 +1,6 @@
 #include "server/api/kserve_metadata.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -50,9 +51,10 @@ void SetDuration(const CountAndNanos& from, inference::StatisticDuration* to) {
 
 }  // namespace
 
-void DescribeModelMetadata(const ServedLayer& layer, inference::ModelMetadataResponse* out) {
+void DescribeModelMetadata(const ServedLayer& layer, const std::vector<int64_t>& versions,
+                           inference::ModelMetadataResponse* out) {
   out->set_name(layer.config.name());
-  out->add_versions(absl::StrCat(layer.version));
+  for (int64_t v : versions) out->add_versions(absl::StrCat(v));
   out->set_platform("attnserve");
   auto add = [](const TensorSpec& spec, inference::ModelMetadataResponse::TensorMetadata* t) {
     t->set_name(spec.name);
@@ -68,7 +70,8 @@ void DescribeModelConfig(const ServedLayer& layer, inference::ModelConfig* out) 
   out->set_name(c.name());
   out->set_platform("attnserve");
   out->set_backend("attnserve");
-  out->mutable_version_policy()->mutable_latest()->set_num_versions(1);
+  out->mutable_version_policy()->mutable_latest()->set_num_versions(
+      static_cast<uint32_t>(std::max(1, c.max_versions())));
   out->set_max_batch_size(0);
   ForEachInput(c, [&](const TensorSpec& spec) {
     inference::ModelInput* in = out->add_input();

@@ -3,13 +3,18 @@
 // Triton ModelConfig subset) and ModelStatistics (from LayerStatistics).
 #pragma once
 
+#include <cstdint>
+#include <vector>
+
 #include "inference/grpc_service.pb.h"
 #include "server/observability/layer_statistics.h"
 #include "server/runtime/layer_registry.h"
 
 namespace attnserve {
 
-void DescribeModelMetadata(const ServedLayer& layer, inference::ModelMetadataResponse* out);
+// `versions`: every version of the layer loaded (ModelMetadata lists them all).
+void DescribeModelMetadata(const ServedLayer& layer, const std::vector<int64_t>& versions,
+                           inference::ModelMetadataResponse* out);
 void DescribeModelConfig(const ServedLayer& layer, inference::ModelConfig* out);
 void DescribeModelStatistics(const VersionStatistics& stats, inference::ModelStatistics* out);
 

@@ -226,6 +226,7 @@ void SetInt64(inference::ModelInferResponse* response, const char* name, int64_t
 void DecodeModelInferRequest(const ModelInferRequest& request, InferenceCall* call) {
   call->layer_name = request.model_name();
   call->layer_field = "model_name";
+  call->version_field = "model_version";
   call->id = request.id();
   call->decode_status = DecodeVersion(request, call);
   if (call->decode_status.ok()) call->decode_status = DecodeOptions(request, call->inputs);

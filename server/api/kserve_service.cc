@@ -11,6 +11,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/log_string.h"
 #include "common/status_macros.h"
 #include "common/version.h"
@@ -116,9 +117,11 @@ absl::StatusOr<std::shared_ptr<const ServedLayer>> KServeServiceImpl::FindModel(
     return absl::NotFoundError(absl::StrCat("name: no model named '", BoundedForLog(name), "'"));
   }
   ATTN_ASSIGN_OR_RETURN(const int64_t wanted, ParseVersion(version));
-  if (wanted != 0 && wanted != layer->version) {
-    return absl::NotFoundError(absl::StrCat("version: model '", layer->config.name(), "' serves version ",
-                                            layer->version, ", not ", wanted));
+  if (wanted == 0 || wanted == layer->version) return layer;
+  layer = options_.registry->Find(name, wanted);
+  if (layer == nullptr) {
+    return absl::NotFoundError(absl::StrCat("version: model '", BoundedForLog(name), "' has version(s) ",
+                                            absl::StrJoin(options_.registry->Versions(name), ", "), ", not ", wanted));
   }
   return layer;
 }
@@ -165,7 +168,7 @@ grpc::ServerUnaryReactor* KServeServiceImpl::ModelMetadata(grpc::CallbackServerC
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   const auto layer = FindModel(request->name(), request->version());
   if (!layer.ok()) return FinishNow(ctx, ToGrpcStatus(layer.status()));
-  DescribeModelMetadata(**layer, response);
+  DescribeModelMetadata(**layer, options_.registry->Versions(request->name()), response);
   return FinishNow(ctx, grpc::Status::OK);
 }
 

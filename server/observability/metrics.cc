@@ -53,6 +53,12 @@ ServerMetrics::ServerMetrics(const std::vector<std::string>& layers)
                    .Name("attnserve_requests_total")
                    .Help("Answered inference requests by layer and status code")
                    .Register(r);
+  auto& reloads = prometheus::BuildCounter()
+                      .Name("attnserve_config_reload_total")
+                      .Help("Config file reloads while serving, by result (success: every layer as the file says)")
+                      .Register(r);
+  config_reload_success_ = &reloads.Add({{"result", "success"}});
+  config_reload_failure_ = &reloads.Add({{"result", "failure"}});
   families_->request_duration =
       Histogram(r, "attnserve_request_duration_seconds", "Time from a request's arrival to its answer");
   families_->queue_duration = Histogram(r, "attnserve_queue_duration_seconds",

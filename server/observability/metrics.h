@@ -12,6 +12,7 @@
 //   attnserve_memory_budget_bytes                   gauge     the memory budget
 //   attnserve_memory_reserved_bytes                 gauge     what admitted requests hold of it
 //   attnserve_flops_total{layer}                    counter   useful floating-point operations computed
+//   attnserve_config_reload_total{result}           counter   config file reloads, success or failure
 //
 // Status codes are labelled with their canonical names (absl::StatusCodeToString: "OK", "NOT_FOUND", ...).
 // Layers can be added while serving (AddLayer); their series are kept after a
@@ -65,6 +66,7 @@ class ServerMetrics {
   void BatchDone(const std::string& layer, int requests, int64_t tokens, double compute_s, double flops);
   void SetQueueDepth(const std::string& layer, double depth);
   void InflightAdd(double delta) { inflight_->Increment(delta); }
+  void ConfigReloaded(bool ok) { (ok ? config_reload_success_ : config_reload_failure_)->Increment(); }
   void SetInflightBatches(int64_t batches) { inflight_batches_->Set(static_cast<double>(batches)); }
   void SetMemoryBudget(int64_t bytes) { memory_budget_->Set(static_cast<double>(bytes)); }
   void SetMemoryReserved(int64_t bytes) { memory_reserved_->Set(static_cast<double>(bytes)); }
@@ -91,6 +93,8 @@ class ServerMetrics {
   std::unique_ptr<Families> families_;  // the per-layer families, for AddLayer
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Gauge* inflight_;
+  prometheus::Counter* config_reload_success_;
+  prometheus::Counter* config_reload_failure_;
   prometheus::Gauge* inflight_batches_;
   prometheus::Gauge* memory_budget_;
   prometheus::Gauge* memory_reserved_;

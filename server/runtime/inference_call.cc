@@ -1,6 +1,7 @@
 #include "server/runtime/inference_call.h"
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/log_string.h"
 #include "common/status_macros.h"
 
@@ -14,8 +15,12 @@ absl::Status ValidateCall(const LayerRegistry& registry, InferenceCall* call) {
         absl::StrCat(call->layer_field, ": no layer named '", BoundedForLog(call->layer_name), "'"));
   }
   if (call->version != 0 && call->version != call->layer->version) {
-    return absl::NotFoundError(absl::StrCat("version: layer '", call->layer_name, "' serves version ",
-                                            call->layer->version, ", not ", call->version));
+    call->layer = registry.Find(call->layer_name, call->version);
+    if (call->layer == nullptr) {
+      return absl::NotFoundError(absl::StrCat(call->version_field, ": layer '", call->layer_name, "' has version(s) ",
+                                              absl::StrJoin(registry.Versions(call->layer_name), ", "), ", not ",
+                                              call->version));
+    }
   }
   ATTN_RETURN_IF_ERROR(call->decode_status);
   ATTN_ASSIGN_OR_RETURN(call->parsed, call->layer->engine->Validate(call->inputs));

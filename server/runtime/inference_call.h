@@ -28,7 +28,8 @@ struct CallTiming {
 struct InferenceCall {
   // Set by the protocol's service when the request arrives.
   std::string layer_name;  // as the client sent it (NOT_FOUND names it; metrics fold unknown ones)
-  const char* layer_field = "layer";  // the request field that named it, for error messages
+  const char* layer_field = "layer";      // the request field that named it, for error messages
+  const char* version_field = "version";  // the same for the version
   std::string id;          // the client's request id, for log lines
   int64_t version = 0;     // the layer version the client asked for; 0: the newest
   AttentionInputs inputs;  // views into the protocol's request message, which outlives the call

@@ -1,6 +1,9 @@
 #include "server/runtime/layer_catalog.h"
 
+#include <set>
 #include <utility>
+
+#include <google/protobuf/util/message_differencer.h>
 
 #include "absl/strings/str_cat.h"
 #include "common/log_string.h"
@@ -30,7 +33,12 @@ absl::StatusOr<std::unique_ptr<LayerCatalog>> LayerCatalog::Create(Options optio
 
 LayerCatalog::LayerCatalog(Options options) : options_(std::move(options)) {
   absl::MutexLock lock(&state_mu_);
-  for (const auto& config : options_.configured) entries_[config.name()].config = config;
+  for (const auto& config : options_.configured) {
+    Entry& entry = entries_[config.name()];
+    entry.config = config;
+    entry.in_config_file = true;
+    entry.file_config = config;
+  }
 }
 
 std::vector<LayerStatus> LayerCatalog::Index() const {
@@ -72,7 +80,9 @@ absl::Status LayerCatalog::Load(const std::string& name, const attnserve::v1::La
   absl::MutexLock lock(&state_mu_);
   Entry& entry = entries_[name];
   if (loaded.ok()) {
-    entry = Entry{config, LayerState::kReady, ""};
+    entry.config = config;
+    entry.state = LayerState::kReady;
+    entry.reason.clear();
     return loaded;
   }
   const bool still_serving = options_.registry->Find(name) != nullptr;
@@ -93,6 +103,49 @@ absl::Status LayerCatalog::Unload(const std::string& name) {
   Set(name, still_serving ? LayerState::kReady : LayerState::kUnavailable,
       unloaded.ok() ? "unloaded" : std::string(unloaded.message()));
   return unloaded;
+}
+
+void LayerCatalog::PlanReconcile(const std::vector<attnserve::v1::LayerConfig>& desired, bool reload_all,
+                                 std::vector<std::string>* to_load, std::vector<std::string>* to_unload) {
+  std::set<std::string> names;
+  for (const auto& layer : desired) names.insert(layer.name());
+  for (auto& [name, entry] : entries_) {
+    if (!entry.in_config_file || names.count(name) > 0) continue;
+    entry.in_config_file = false;
+    if (options_.registry->Find(name) != nullptr) to_unload->push_back(name);
+  }
+  for (const auto& layer : desired) {
+    Entry& entry = entries_[layer.name()];
+    const bool changed = !entry.in_config_file ||
+                         !google::protobuf::util::MessageDifferencer::Equals(entry.file_config, layer);
+    entry.in_config_file = true;
+    entry.file_config = layer;
+    if (changed) entry.config = layer;  // a Load without a config now reads the file's entry
+    if (changed || reload_all || options_.registry->Find(layer.name()) == nullptr) {
+      to_load->push_back(layer.name());
+    }
+  }
+}
+
+absl::Status LayerCatalog::Reconcile(const std::vector<attnserve::v1::LayerConfig>& desired, bool reload_all) {
+  std::vector<std::string> to_load, to_unload;
+  {
+    absl::MutexLock lock(&state_mu_);
+    PlanReconcile(desired, reload_all, &to_load, &to_unload);
+  }
+  absl::Status first_error;
+  auto note = [&first_error](const std::string& name, const absl::Status& s) {
+    if (!s.ok() && first_error.ok()) {
+      first_error = absl::Status(s.code(), absl::StrCat("layer '", name, "': ", s.message()));
+    }
+  };
+  for (const std::string& name : to_unload) {
+    const absl::Status s = Unload(name);
+    if (s.ok()) Set(name, LayerState::kUnavailable, "removed from the config file");
+    note(name, s);
+  }
+  for (const std::string& name : to_load) note(name, Load(name, nullptr));
+  return first_error;
 }
 
 }  // namespace attnserve

@@ -58,12 +58,25 @@ class LayerCatalog {
   // Unloads `name`: NOT_FOUND unless it is loaded.
   absl::Status Unload(const std::string& name) ABSL_LOCKS_EXCLUDED(change_mu_, state_mu_);
 
+  // Makes the config file's layers `desired` (validated): layers new to it are loaded, layers whose entry
+  // changed are reloaded (all of them when `reload_all`: the weights files may have changed), layers it no
+  // longer names are unloaded. Layers loaded only through Load with a config are left alone. Every layer
+  // is tried; the first error, naming its layer, is returned.
+  absl::Status Reconcile(const std::vector<attnserve::v1::LayerConfig>& desired, bool reload_all)
+      ABSL_LOCKS_EXCLUDED(change_mu_, state_mu_);
+
  private:
   struct Entry {
-    attnserve::v1::LayerConfig config;
+    attnserve::v1::LayerConfig config;  // what it was last loaded from
     LayerState state = LayerState::kReady;
     std::string reason;
+    bool in_config_file = false;
+    attnserve::v1::LayerConfig file_config;  // its entry in the config file, when in_config_file
   };
+  // Under state_mu_: what Reconcile must load and unload to reach `desired`.
+  void PlanReconcile(const std::vector<attnserve::v1::LayerConfig>& desired, bool reload_all,
+                     std::vector<std::string>* to_load, std::vector<std::string>* to_unload)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_mu_);
   explicit LayerCatalog(Options options);
   void Set(const std::string& name, LayerState state, const std::string& reason) ABSL_LOCKS_EXCLUDED(state_mu_);
 

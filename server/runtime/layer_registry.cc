@@ -41,6 +41,23 @@ std::shared_ptr<const ServedLayer> LayerRegistry::Find(const std::string& name) 
   return it == layers_.end() ? nullptr : it->second.newest;
 }
 
+std::shared_ptr<const ServedLayer> LayerRegistry::Find(const std::string& name, int64_t version) const {
+  absl::ReaderMutexLock lock(&mu_);
+  auto it = layers_.find(name);
+  if (it == layers_.end()) return nullptr;
+  auto v = it->second.versions.find(version);
+  return v == it->second.versions.end() ? nullptr : v->second;
+}
+
+std::vector<int64_t> LayerRegistry::Versions(const std::string& name) const {
+  absl::ReaderMutexLock lock(&mu_);
+  std::vector<int64_t> out;
+  auto it = layers_.find(name);
+  if (it == layers_.end()) return out;
+  for (const auto& [version, layer] : it->second.versions) out.push_back(version);
+  return out;
+}
+
 std::vector<std::shared_ptr<const ServedLayer>> LayerRegistry::Layers() const {
   std::vector<const Entry*> entries;
   std::vector<std::shared_ptr<const ServedLayer>> out;
@@ -52,24 +69,30 @@ std::vector<std::shared_ptr<const ServedLayer>> LayerRegistry::Layers() const {
 }
 
 int64_t LayerRegistry::Publish(std::unique_ptr<ServedLayer> layer) {
-  std::shared_ptr<const ServedLayer> previous;  // freed after the lock, when it was the last reference
+  std::vector<std::shared_ptr<const ServedLayer>> dropped;  // freed after the lock, if the last references
   absl::MutexLock lock(&mu_);
   const std::string name = layer->config.name();
+  const size_t keep = static_cast<size_t>(std::max(1, layer->config.max_versions()));
   layer->version = ++last_version_[name];
   const int64_t version = layer->version;
   auto [it, added] = layers_.try_emplace(name);
   if (added) it->second.order = next_order_++;
-  previous = std::move(it->second.newest);
-  it->second.newest = std::move(layer);
+  Entry& entry = it->second;
+  entry.newest = std::move(layer);
+  entry.versions[version] = entry.newest;
+  while (entry.versions.size() > keep) {
+    dropped.push_back(std::move(entry.versions.begin()->second));
+    entry.versions.erase(entry.versions.begin());
+  }
   return version;
 }
 
 absl::Status LayerRegistry::Remove(const std::string& name) {
-  std::shared_ptr<const ServedLayer> previous;  // freed after the lock, when it was the last reference
+  std::map<int64_t, std::shared_ptr<const ServedLayer>> previous;  // freed after the lock, if the last references
   absl::MutexLock lock(&mu_);
   auto it = layers_.find(name);
   if (it == layers_.end()) return absl::NotFoundError(absl::StrCat("no layer named '", name, "'"));
-  previous = std::move(it->second.newest);
+  previous = std::move(it->second.versions);
   layers_.erase(it);
   return absl::OkStatus();
 }

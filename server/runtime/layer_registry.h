@@ -1,5 +1,5 @@
 // The attention layers the server holds, as immutable versions that can be added, replaced and removed
-// while requests run.
+// while requests run; each name keeps up to its config's max_versions versions.
 //
 // A request takes the layer's newest version when it is validated and holds that shared_ptr until it is
 // answered: a replaced or removed layer's queued and running requests finish on the version they were
@@ -41,11 +41,15 @@ class LayerRegistry {
 
   // The newest version of `name`; null when there is none.
   std::shared_ptr<const ServedLayer> Find(const std::string& name) const ABSL_LOCKS_EXCLUDED(mu_);
+  // Version `version` of `name` if it is still loaded; null otherwise.
+  std::shared_ptr<const ServedLayer> Find(const std::string& name, int64_t version) const ABSL_LOCKS_EXCLUDED(mu_);
+  // The versions of `name` loaded, oldest first; empty when none.
+  std::vector<int64_t> Versions(const std::string& name) const ABSL_LOCKS_EXCLUDED(mu_);
   // The newest version of every layer, in the order they were first published.
   std::vector<std::shared_ptr<const ServedLayer>> Layers() const ABSL_LOCKS_EXCLUDED(mu_);
 
-  // Makes `layer` the newest version of its name (adding the name, or replacing the previous version);
-  // sets layer->version and returns it.
+  // Makes `layer` the newest version of its name (adding the name); the oldest versions beyond its config's
+  // max_versions (at least 1) are dropped. Sets layer->version and returns it.
   int64_t Publish(std::unique_ptr<ServedLayer> layer) ABSL_LOCKS_EXCLUDED(mu_);
   // Removes the name: Find no longer returns it; holders of its versions keep them. NOT_FOUND when absent.
   absl::Status Remove(const std::string& name) ABSL_LOCKS_EXCLUDED(mu_);
@@ -53,6 +57,7 @@ class LayerRegistry {
  private:
   struct Entry {
     std::shared_ptr<const ServedLayer> newest;
+    std::map<int64_t, std::shared_ptr<const ServedLayer>> versions;  // every loaded one, newest included
     int64_t order = 0;  // first publication
   };
   mutable absl::Mutex mu_;

@@ -216,6 +216,7 @@ void ApplyLayerDefaults(LayerConfig* layer) {
   if (layer->max_batch() == 0) layer->set_max_batch(kDefaultMaxBatch);
   if (layer->max_tokens() == 0) layer->set_max_tokens(kDefaultMaxTokens);
   if (layer->max_response_bytes() == 0) layer->set_max_response_bytes(kDefaultMaxResponseBytes);
+  if (layer->max_versions() == 0) layer->set_max_versions(1);
   BatchingConfig* b = layer->mutable_batching();
   const BatchingOptions defaults;
   if (b->max_batch_size() == 0) b->set_max_batch_size(defaults.max_batch_size);
@@ -280,6 +281,9 @@ void ValidateLayer(const LayerConfig& layer, const std::string& p, Problems* pro
   }
 
   ValidateRequestLimits(layer, p, problems);
+  if (layer.max_versions() < 0 || layer.max_versions() > kMaxVersionsLimit) {
+    problems->Add(p, ".max_versions: must be in [0, ", kMaxVersionsLimit, "] (0 = 1), got ", layer.max_versions());
+  }
 
   const BatchingConfig& b = layer.batching();
   const std::string bp = p + ".batching";

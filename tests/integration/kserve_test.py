@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.request
 
 import grpc
 import numpy as np
@@ -351,8 +352,8 @@ def main_config():
 class Server:
     """The binary on loopback ports chosen by the OS, its log in a file."""
 
-    def __init__(self, binary, tmp, name, config, flags=()):
-        cfg = write_file(os.path.join(tmp, f"{name}.pbtxt"), config)
+    def __init__(self, binary, tmp, name, config, flags=(), config_path=None):
+        cfg = config_path or write_file(os.path.join(tmp, f"{name}.pbtxt"), config)
         self.name = name
         self.log_path = os.path.join(tmp, f"{name}.log")
         self.log = open(self.log_path, "w")
@@ -364,7 +365,7 @@ class Server:
             text = self.log_text()
             m = re.search(r"attnserve (\S+) ready: grpc_port=(\d+) metrics_port=(\d+)", text)
             if m:
-                self.version, self.port = m.group(1), int(m.group(2))
+                self.version, self.port, self.metrics_port = m.group(1), int(m.group(2)), int(m.group(3))
                 break
             if self.proc.poll() is not None:
                 raise RuntimeError(f"attnserve ({name}) exited: " + text[-3000:])
@@ -1012,6 +1013,108 @@ def case_model_control_with_tokens(e):
         s.stop()
 
 
+def attnctl(e, *args):
+    """attnctl (next to the server's directory in the build tree) against the main server."""
+    binary = os.path.join(os.path.dirname(os.path.dirname(e.binary)), "tools", "attnctl")
+    return subprocess.run([binary, "--target", f"127.0.0.1:{e.s.port}", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def case_attnctl_model_commands(e):
+    """attnctl versions, reload, unload and load (from a config JSON file) drive the repository RPCs."""
+    r = attnctl(e, "--json", "versions")
+    expect(r.returncode == 0, f"attnctl versions: exit {r.returncode}: {r.stderr}")
+    listed = {m["name"]: m for m in json.loads(r.stdout)["layers"]}
+    expect(listed.get("idle", {}).get("state") == "READY", f"attnctl versions: {listed.get('idle')}")
+    before = index_of(e)["idle"].version
+    r = attnctl(e, "reload", "idle")
+    expect(r.returncode == 0 and "loaded idle" in r.stdout, f"attnctl reload: {r.returncode} {r.stdout} {r.stderr}")
+    expect(int(index_of(e)["idle"].version) == int(before) + 1, "attnctl reload did not make a new version")
+    r = attnctl(e, "unload", "idle")
+    expect(r.returncode == 0, f"attnctl unload: {r.returncode} {r.stderr}")
+    expect(index_of(e)["idle"].state == "UNAVAILABLE", "attnctl unload: idle still ready")
+    r = attnctl(e, "unload", "idle")
+    expect(r.returncode == 3, f"attnctl unload of an unloaded layer: exit {r.returncode}, expected 3 (not found)")
+    cfg = write_file(os.path.join(e.tmp, "ctl.json"), json.dumps({"name": "ctl", "embedDim": 8, "numHeads": 2}))
+    r = attnctl(e, "load", "ctl", "--config-json", cfg)
+    expect(r.returncode == 0, f"attnctl load --config-json: {r.returncode} {r.stderr}")
+    expect(index_of(e)["ctl"].state == "READY", "attnctl load: ctl not ready")
+    r = attnctl(e, "load", "idle")
+    expect(r.returncode == 0 and index_of(e)["idle"].state == "READY", f"attnctl load idle: {r.stderr}")
+
+
+# ---- config reload ------------------------------------------------------------------------------------------
+
+def configmap_swap(root, version, text):
+    """What the kubelet does to a ConfigMap volume: the new files in a directory of their own, then a new
+    `..data` symlink renamed over the old one (config.pbtxt -> ..data/config.pbtxt stays)."""
+    d = os.path.join(root, f"..v{version}")
+    os.mkdir(d)
+    write_file(os.path.join(d, "config.pbtxt"), text)
+    tmp_link = os.path.join(root, "..data_tmp")
+    os.symlink(f"..v{version}", tmp_link)
+    os.rename(tmp_link, os.path.join(root, "..data"))
+    if not os.path.lexists(os.path.join(root, "config.pbtxt")):
+        os.symlink("..data/config.pbtxt", os.path.join(root, "config.pbtxt"))
+
+
+def reload_count(s, result):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10).read().decode()
+    m = re.search(r'attnserve_config_reload_total\{result="%s"\} (\S+)' % result, text)
+    return float(m.group(1)) if m else 0.0
+
+
+def versions_of(s):
+    resp = s.kserve.RepositoryIndex(kpb.RepositoryIndexRequest(), timeout=TIMEOUT)
+    return {m.name: (m.state, m.version) for m in resp.models}
+
+
+def wait_until(what, cond, timeout):
+    start = time.time()
+    while time.time() - start < timeout:
+        if cond():
+            return time.time() - start
+        time.sleep(0.02)
+    raise Failed(f"{what}: not within {timeout} s")
+
+
+def case_config_reload_configmap_swap(e):
+    """The config file changes as a ConfigMap does: new layers load, changed ones reload, removed ones unload,
+    within 2 s; a config that does not validate changes nothing and is counted; SIGHUP reloads every layer."""
+    root = tempfile.mkdtemp(prefix="configmap_", dir=e.tmp)
+    layer = lambda n, seed: f'layers {{ name: "{n}" embed_dim: 16 num_heads: 2 seed: {seed} }}\n'  # noqa: E731
+    configmap_swap(root, 1, layer("kept", 7) + layer("changed", 1) + layer("gone", 3))
+    s = Server(e.binary, e.tmp, "configmap", None, config_path=os.path.join(root, "config.pbtxt"))
+    try:
+        q = [("query", rand((1, 4, 16), 61))]
+        before = answer(s.kserve.ModelInfer(kreq("changed", q), timeout=TIMEOUT))
+        configmap_swap(root, 2, layer("kept", 7) + layer("changed", 2) + layer("added", 9))
+        took = wait_until("the swapped config live", lambda: versions_of(s).get("added", ("", ""))[0] == "READY" and
+                          versions_of(s)["changed"][1] == "2" and versions_of(s)["gone"][0] == "UNAVAILABLE", 2.0)
+        v = versions_of(s)
+        expect(v["kept"] == ("READY", "1"), f"an unchanged layer was reloaded: {v['kept']}")
+        expect(v["gone"][0] == "UNAVAILABLE", f"removed layer: {v['gone']}")
+        expect_error(lambda: s.kserve.ModelInfer(kreq("gone", q), timeout=TIMEOUT), NOT_FOUND, "no layer named",
+                     "a removed layer")
+        after = answer(s.kserve.ModelInfer(kreq("changed", q), timeout=TIMEOUT))
+        expect(max_diff(before, after) > 1e-3, "the changed layer (seed 1 -> 2) answers as before")
+        answer(s.kserve.ModelInfer(kreq("added", q), timeout=TIMEOUT))
+        print(f"    ConfigMap swap live after {took * 1000:.0f} ms")
+        failures = reload_count(s, "failure")
+        configmap_swap(root, 3, layer("kept", 7) + 'layers { name: "bad" embed_dim: 16 num_heads: 3 }\n')
+        wait_until("the bad config counted", lambda: reload_count(s, "failure") == failures + 1, 5.0)
+        expect(versions_of(s) == v, f"a config that does not validate changed the layers: {versions_of(s)} vs {v}")
+        expect("num_heads" in s.log_text(), "the bad config's log line does not name num_heads")
+        s.proc.send_signal(signal.SIGHUP)  # the bad file is still there: refused again, nothing changes
+        wait_until("SIGHUP counted", lambda: reload_count(s, "failure") == failures + 2, 5.0)
+        configmap_swap(root, 4, layer("kept", 7))
+        wait_until("the good config back", lambda: versions_of(s)["added"][0] == "UNAVAILABLE", 2.0)
+        s.proc.send_signal(signal.SIGHUP)  # reloads every configured layer: weights files may have changed
+        wait_until("SIGHUP reload", lambda: versions_of(s)["kept"] == ("READY", "2"), 5.0)
+    finally:
+        s.stop()
+
+
 # ---- batching across protocols -----------------------------------------------------------------------------
 
 def case_cross_protocol_batching(e):
@@ -1054,7 +1157,8 @@ CASES = [
     case_errors_shape, case_stream_infer, case_statistics_counts, case_statistics_every_model,
     case_repository_index, case_repository_reload, case_repository_unload_and_load,
     case_repository_load_config_json, case_repository_load_errors, case_model_control_refused_without_flag,
-    case_model_control_with_tokens, case_cross_protocol_batching,
+    case_model_control_with_tokens, case_attnctl_model_commands, case_config_reload_configmap_swap,
+    case_cross_protocol_batching,
 ]
 
 

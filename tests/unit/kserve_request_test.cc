@@ -234,7 +234,7 @@ TEST_F(KServeRequestTest, ErrorsNameTheField) {
   ExpectError(r, Code::kInvalidArgument, "model_version: expected a positive integer, got 'x1'");
   r = QueryRequest(q, 1, 2);
   r.set_model_version("7");
-  ExpectError(r, Code::kNotFound, "version: layer 'tiny' serves version 1, not 7");
+  ExpectError(r, Code::kNotFound, "model_version: layer 'tiny' has version(s) 1, not 7");
   r = QueryRequest(q, 1, 2);
   r.set_model_name("nope");
   ExpectError(r, Code::kNotFound, "model_name: no layer named 'nope'");

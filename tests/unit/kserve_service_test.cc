@@ -276,5 +276,52 @@ TEST_F(KServeServiceTest, RepositoryLoadsReloadsAndUnloadsWhileServing) {
   EXPECT_NE(bad_json.error_message().find("parameters.config"), std::string::npos) << Str(bad_json);
 }
 
+// max_versions 2: a reload keeps the previous version serving requests that pin it, in both protocols.
+TEST_F(KServeServiceTest, PinnedVersionsServeSideBySide) {
+  Start(R"pb(
+    layers { name: "tiny" embed_dim: 32 num_heads: 4 seed: 5 max_versions: 2 }
+    security { enable_model_control: true }
+  )pb");
+  const HostRequest host = SelfAttention(rng_, "tiny", 32, 1, 3);
+  ModelInferResponse v1_answer;
+  ASSERT_TRUE(Infer(ToKServe(host), &v1_answer).ok());
+  inference::RepositoryModelLoadRequest load;
+  load.set_model_name("tiny");
+  (*load.mutable_parameters())["config"].set_string_param(
+      R"({"name": "tiny", "embedDim": 32, "numHeads": 4, "seed": "6", "maxVersions": 2})");
+  inference::RepositoryModelLoadResponse loaded;
+  ASSERT_TRUE(Call(&GRPCInferenceService::Stub::RepositoryModelLoad, load, &loaded).ok());
+
+  ModelInferResponse newest, pinned;
+  ASSERT_TRUE(Infer(ToKServe(host), &newest).ok());
+  EXPECT_EQ(newest.model_version(), "2");
+  EXPECT_NE(newest.raw_output_contents(0), v1_answer.raw_output_contents(0));  // seed 6, not 5
+  ModelInferRequest old = ToKServe(host);
+  old.set_model_version("1");
+  ASSERT_TRUE(Infer(old, &pinned).ok());
+  EXPECT_EQ(pinned.model_version(), "1");
+  EXPECT_EQ(pinned.raw_output_contents(0), v1_answer.raw_output_contents(0));
+  v1::InferRequest v1_pinned = host.ToProto();
+  v1_pinned.set_version(1);
+  v1::InferResponse v1_response;
+  grpc::ClientContext ctx;
+  ASSERT_TRUE(server_->stub->Infer(&ctx, v1_pinned, &v1_response).ok());
+  EXPECT_EQ(v1_response.output().raw_data(), v1_answer.raw_output_contents(0));
+
+  inference::ModelMetadataRequest metadata_request;
+  metadata_request.set_name("tiny");
+  inference::ModelMetadataResponse metadata;
+  ASSERT_TRUE(Call(&GRPCInferenceService::Stub::ModelMetadata, metadata_request, &metadata).ok());
+  ASSERT_EQ(metadata.versions_size(), 2);
+  EXPECT_EQ(metadata.versions(0), "1");
+  EXPECT_EQ(metadata.versions(1), "2");
+
+  ASSERT_TRUE(Call(&GRPCInferenceService::Stub::RepositoryModelLoad, load, &loaded).ok());  // version 3
+  const grpc::Status gone = Infer(old, &pinned);
+  EXPECT_EQ(gone.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_NE(gone.error_message().find("model_version: layer 'tiny' has version(s) 2, 3, not 1"), std::string::npos)
+      << Str(gone);
+}
+
 }  // namespace
 }  // namespace attnserve::testing

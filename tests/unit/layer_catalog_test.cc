@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/synchronization/notification.h"
 #include "gtest/gtest.h"
@@ -147,6 +148,42 @@ TEST_F(LayerCatalogTest, IndexShowsLoadingWhileALoadRuns) {
   release.Notify();
   loader.join();
   EXPECT_EQ(StatusOf("a").state, LayerState::kReady);
+}
+
+std::vector<v1::LayerConfig> Validated(std::vector<v1::LayerConfig> layers) {
+  for (auto& l : layers) EXPECT_TRUE(ApplyLayerDefaultsAndValidate(&l).ok());
+  return layers;
+}
+
+TEST_F(LayerCatalogTest, ReconcileLoadsNewReloadsChangedUnloadsRemoved) {
+  ASSERT_TRUE(catalog_->Reconcile(Validated({TinyLayer("a", 1), TinyLayer("b", 2)}), false).ok());
+  EXPECT_EQ(StatusOf("a").version, 1);  // unchanged: not reloaded
+  EXPECT_EQ(StatusOf("b").state, LayerState::kReady);
+  ASSERT_TRUE(catalog_->Reconcile(Validated({TinyLayer("b", 3)}), false).ok());
+  EXPECT_EQ(StatusOf("a").state, LayerState::kUnavailable);
+  EXPECT_EQ(StatusOf("a").reason, "removed from the config file");
+  EXPECT_EQ(registry_->Find("a"), nullptr);
+  EXPECT_EQ(StatusOf("b").version, 2);  // its entry changed
+  EXPECT_EQ(registry_->Find("b")->config.seed(), 3u);
+  ASSERT_TRUE(catalog_->Reconcile(Validated({TinyLayer("b", 3)}), true).ok());
+  EXPECT_EQ(StatusOf("b").version, 3);  // reload_all (SIGHUP)
+}
+
+TEST_F(LayerCatalogTest, ReconcileLeavesLayersLoadedByConfigAlone) {
+  const v1::LayerConfig extra = TinyLayer("extra", 4);
+  ASSERT_TRUE(catalog_->Load("extra", &extra).ok());
+  ASSERT_TRUE(catalog_->Reconcile(Validated({TinyLayer("a", 1)}), false).ok());
+  EXPECT_EQ(StatusOf("extra").state, LayerState::kReady);
+}
+
+TEST_F(LayerCatalogTest, ReconcileTriesEveryLayerAndNamesTheOneThatFailed) {
+  v1::LayerConfig broken = TinyLayer("broken", 1);
+  broken.set_weights_path("/nonexistent/attnserve-weights.safetensors");
+  const absl::Status s = catalog_->Reconcile({TinyLayer("a", 1), broken, Validated({TinyLayer("c", 5)})[0]}, false);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("layer 'broken'"), std::string::npos) << s;
+  EXPECT_EQ(StatusOf("c").state, LayerState::kReady);  // loaded although another failed
+  EXPECT_EQ(StatusOf("broken").state, LayerState::kUnavailable);
 }
 
 }  // namespace

@@ -86,6 +86,29 @@ TEST(LayerRegistryTest, AVersionIsFreedWithItsLastHolder) {
   EXPECT_TRUE(second.expired());  // nobody held version 2
 }
 
+TEST(LayerRegistryTest, KeepsMaxVersionsAndDropsTheOldest) {
+  LayerRegistry registry;
+  auto with_versions = [](uint64_t seed) {
+    v1::LayerConfig c = TinyLayer("x", seed);
+    c.set_max_versions(2);
+    auto layer = LoadLayer(c);
+    EXPECT_TRUE(layer.ok()) << layer.status();
+    return std::move(*layer);
+  };
+  registry.Publish(with_versions(1));
+  registry.Publish(with_versions(2));
+  EXPECT_EQ(registry.Versions("x"), (std::vector<int64_t>{1, 2}));
+  EXPECT_EQ(registry.Find("x", 1)->config.seed(), 1u);
+  EXPECT_EQ(registry.Find("x")->version, 2);
+  std::weak_ptr<const ServedLayer> first = registry.Find("x", 1);
+  registry.Publish(with_versions(3));
+  EXPECT_EQ(registry.Versions("x"), (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(registry.Find("x", 1), nullptr);
+  EXPECT_TRUE(first.expired());  // dropped and held by nobody: freed
+  EXPECT_EQ(registry.Find("y", 1), nullptr);
+  EXPECT_TRUE(registry.Versions("y").empty());
+}
+
 // Readers find and run the layer while a writer replaces it and removes and re-adds it: every reader's
 // answer equals the answer of the version it holds (computed once per seed up front).
 TEST(LayerRegistryTest, ReadersUseTheVersionTheyHoldWhileItChanges) {

@@ -103,12 +103,14 @@ TEST(DefaultServerConfig, RequestLimitsAreChecked) {
   ServerConfig config = OneLayer();
   config.mutable_layers(0)->set_max_batch(-1);
   config.mutable_layers(0)->set_max_response_bytes(int64_t{61} << 20);
+  config.mutable_layers(0)->set_max_versions(9);
   config.set_max_inflight_per_stream(-3);
   const absl::Status s = ApplyDefaultsAndValidate(&config);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   for (const char* needle : {"layers[0].max_batch: must be >= 0, got -1",
                              "layers[0].max_response_bytes: must be between 0 and 62914560 (the gRPC message limit "
                              "less framing), got 63963136",
+                             "layers[0].max_versions: must be in [0, 8] (0 = 1), got 9",
                              "max_inflight_per_stream: must be >= 0 (0 = 32), got -3"}) {
     EXPECT_NE(s.message().find(needle), absl::string_view::npos) << needle << "\n" << s;
   }
@@ -128,6 +130,7 @@ TEST(DefaultServerConfig, ExplicitValuesAreKept) {
   layer->set_max_batch(5);
   layer->set_max_tokens(500);
   layer->set_max_response_bytes(12345);
+  layer->set_max_versions(3);
   config.set_worker_threads(3);
   config.set_max_inflight_per_stream(2);
   const ServerConfig before = config;

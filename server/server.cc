@@ -114,6 +114,9 @@ Server::Server(const attnserve::v1::ServerConfig& config, const ServerOptions& o
 Server::~Server() {
   if (parts_->grpc_server != nullptr && !parts_->drained) Drain(absl::InfiniteFuture()).IgnoreError();
   StopTrimmer();
+  // A load still running on the KServe control thread uses the whole server (layers_mu_ too): it finishes
+  // while all of it is alive.
+  parts_->kserve->StopControlThread();
 }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Create(const attnserve::v1::ServerConfig& config,

@@ -251,12 +251,18 @@ grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryIndex(grpc::CallbackServe
 grpc::ServerUnaryReactor* KServeServiceImpl::RunOnControlThread(grpc::CallbackServerContext* ctx,
                                                                 std::function<absl::Status()> work) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  const bool posted = control_.Post([reactor, work = std::move(work)] { reactor->Finish(ToGrpcStatus(work())); });
+  if (control_ == nullptr) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
+    return reactor;
+  }
+  const bool posted = control_->Post([reactor, work = std::move(work)] { reactor->Finish(ToGrpcStatus(work())); });
   if (!posted) {
     reactor->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "16 layer changes are waiting already"));
   }
   return reactor;
 }
+
+void KServeServiceImpl::StopControlThread() { control_.reset(); }
 
 grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryModelLoad(grpc::CallbackServerContext* ctx,
                                                                  const inference::RepositoryModelLoadRequest* request,

@@ -75,8 +75,13 @@ class KServeServiceImpl final : public inference::GRPCInferenceService::Callback
                                                   const inference::RepositoryModelUnloadRequest* request,
                                                   inference::RepositoryModelUnloadResponse* response) override;
 
+  // Runs what the control thread holds and stops it; later loads and unloads are refused UNAVAILABLE. Call
+  // once no handler runs any more (after gRPC's shutdown), before what the loads use goes away.
+  void StopControlThread();
+
  private:
-  explicit KServeServiceImpl(const Options& options) : options_(options), control_(/*max_pending=*/16) {}
+  explicit KServeServiceImpl(const Options& options)
+      : options_(options), control_(std::make_unique<SerialWorker>(/*max_pending=*/16)) {}
   void Submit(grpc::CallbackServerContext* ctx, const inference::ModelInferRequest& request,
               inference::ModelInferResponse* response, OnAnswer on_answer) const;
   grpc::Status CheckModelControl(const grpc::CallbackServerContext& ctx) const;
@@ -88,7 +93,7 @@ class KServeServiceImpl final : public inference::GRPCInferenceService::Callback
   grpc::ServerUnaryReactor* RunOnControlThread(grpc::CallbackServerContext* ctx, std::function<absl::Status()> work);
 
   const Options options_;
-  SerialWorker control_;
+  std::unique_ptr<SerialWorker> control_;  // null once stopped
 };
 
 }  // namespace attnserve

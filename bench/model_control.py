@@ -1,0 +1,133 @@
+#!/usr/bin/python3
+"""Issue #10's numbers for BENCHMARKS.md, all in one run on this machine:
+
+1. The two protocols side by side: attnbench on layer `small` (E=256, H=4, B=1, L=16) with attnserve.v1's
+   unary Infer and with the Open Inference Protocol's ModelInfer (--kserve), p50 at concurrency 1 and
+   requests/s at concurrency 64, interleaved over --rounds rounds, medians.
+2. Layers changing under load: attnbench at concurrency 64 on layer A (`small`) for --duration seconds, once
+   with nothing else happening and once while layer B (`base`, E=768, H=12) is reloaded 20 times and layer C
+   (E=512, H=8) loaded and unloaded 10 times over the repository RPCs (attnctl), in alternating rounds: A's
+   p50/p99 and failed requests in each, and the ratio of the p99s. The server's RSS before C is first loaded and
+   after its last unload says whether an unloaded layer's memory comes back.
+
+    /usr/bin/python3 bench/model_control.py [--build build] [--duration 8] [--rounds 3]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serving_bench import Proc, attnbench  # noqa: E402
+
+READY = r"ready: grpc_port=(\d+) metrics_port=(\d+)"
+LAYER_C = json.dumps({"name": "c", "embedDim": 512, "numHeads": 8, "seed": "3"})
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def attnctl(build, port, *args):
+    subprocess.run([f"{build}/tools/attnctl", "--target", f"127.0.0.1:{port}", "--timeout-ms", "60000", *args],
+                   check=True, capture_output=True, text=True)
+
+
+def protocols(build, port, duration, rounds):
+    rows = {"attnserve.v1 Infer": ([], []), "KServe ModelInfer": ([], [])}
+    for r in range(rounds):
+        for name, extra in (("attnserve.v1 Infer", []), ("KServe ModelInfer", ["--kserve"])):
+            steps = attnbench(build, f"127.0.0.1:{port}", "--layer", "small", "--seq", "16", "--concurrency", "1,64",
+                              "--duration", f"{duration}s", "--warmup", "1s", *extra)
+            assert all(s["errors"] == 0 for s in steps), steps
+            rows[name][0].append(steps[0]["latency_ms"]["p50"])
+            rows[name][1].append(steps[1]["requests_per_second"])
+            print(f"round {r + 1} {name}: p50 {rows[name][0][-1]:.3f} ms, {rows[name][1][-1]:.0f} requests/s",
+                  file=sys.stderr)
+    return {name: (statistics.median(a), statistics.median(b)) for name, (a, b) in rows.items()}
+
+
+def churn(build, port, stop, counts):
+    """Reloads B 20 times and loads/unloads C 10 times, spread over the measured window."""
+    for i in range(20):
+        if stop.is_set():
+            return
+        attnctl(build, port, "reload", "base")
+        counts["reloads"] += 1
+        if i % 2 == 0:
+            attnctl(build, port, "load", "c", "--config-json", counts["c_json"])
+            attnctl(build, port, "unload", "c")
+            counts["c_cycles"] += 1
+        time.sleep(0.15)
+
+
+def under_load(build, port, duration, with_churn, tmp):
+    stop, counts = threading.Event(), {"reloads": 0, "c_cycles": 0, "c_json": os.path.join(tmp, "c.json")}
+    worker = threading.Thread(target=churn, args=(build, port, stop, counts)) if with_churn else None
+    if worker:
+        worker.start()
+    steps = attnbench(build, f"127.0.0.1:{port}", "--layer", "small", "--seq", "16", "--concurrency", "64",
+                      "--duration", f"{duration}s", "--warmup", "0s")
+    stop.set()
+    if worker:
+        worker.join()
+    s = steps[0]
+    return s["latency_ms"]["p50"], s["latency_ms"]["p99"], s["errors"], s["requests"], counts
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--duration", type=float, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "c.json"), "w") as f:
+            f.write(LAYER_C)
+        proc = Proc([f"{a.build}/server/attnserve", "--grpc-address", "127.0.0.1:0", "--metrics-address",
+                     "127.0.0.1:0", "--enable-model-control", "--shutdown-grace", "5s", "--log-level", "warn"],
+                    READY, os.path.join(tmp, "server.log"))
+        try:
+            port = proc.ports[0]
+            table = protocols(a.build, port, min(a.duration, 5), a.rounds)
+            rss_before = rss_mib(proc.p.pid)
+            quiet, churned = [], []
+            for r in range(a.rounds):
+                quiet.append(under_load(a.build, port, a.duration, False, tmp))
+                churned.append(under_load(a.build, port, a.duration, True, tmp))
+                print(f"round {r + 1}: quiet p99 {quiet[-1][1]:.2f} ms, with reloads p99 {churned[-1][1]:.2f} ms "
+                      f"({churned[-1][4]['reloads']} reloads of base, {churned[-1][4]['c_cycles']} load/unload of c, "
+                      f"{churned[-1][2]} errors)", file=sys.stderr)
+            time.sleep(2)  # the trimmer returns freed memory once a second while idle
+            rss_after = rss_mib(proc.p.pid)
+        finally:
+            proc.stop()
+    v1_p50, v1_rps = table["attnserve.v1 Infer"]
+    print("| protocol | p50 at c=1 (ms) | vs attnserve.v1 | requests/s at c=64 | vs attnserve.v1 |")
+    print("|---|---|---|---|---|")
+    for name, (p50, rps) in table.items():
+        print(f"| {name} | {p50:.3f} | {p50 / v1_p50 - 1:+.1%} | {rps:.0f} | {rps / v1_rps - 1:+.1%} |")
+    print()
+    med = lambda runs, i: statistics.median(r[i] for r in runs)  # noqa: E731
+    print("| layer A (`small`, c=64) | p50 (ms) | p99 (ms) | failed requests | requests |")
+    print("|---|---|---|---|---|")
+    for name, runs in (("nothing else happening", quiet), ("B reloaded 20x, C loaded+unloaded 10x", churned)):
+        print(f"| {name} | {med(runs, 0):.2f} | {med(runs, 1):.2f} | {sum(r[2] for r in runs)} | "
+              f"{sum(r[3] for r in runs)} |")
+    print(f"\np99 with reloads / p99 without: {med(churned, 1) / med(quiet, 1):.2f}x (median of {a.rounds} rounds each)")
+    print(f"server RSS: {rss_before:.0f} MiB before the first load of C, {rss_after:.0f} MiB after its last unload "
+          f"and {sum(r[4]['reloads'] for r in churned)} reloads of B")
+
+
+if __name__ == "__main__":
+    main()

@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import h2_raw as h2  # noqa: E402
+from checks import Failed, expect  # noqa: E402
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MAX_MESSAGE = 64 << 20
@@ -147,15 +148,6 @@ def request(layer, shape, rid="", **flags):
 
 def output(resp):
     return np.frombuffer(resp.output.raw_data, np.float32)
-
-
-class Failed(Exception):
-    pass
-
-
-def expect(cond, what):
-    if not cond:
-        raise Failed(what)
 
 
 def expect_code(err, code, needle=""):

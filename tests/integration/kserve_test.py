@@ -30,6 +30,9 @@ import urllib.request
 import grpc
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checks import Failed, expect, stop_process  # noqa: E402
+
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 GOLDEN_DIR = os.path.join(REPO_ROOT, "tests", "golden")
 GOLDEN_CASES = json.load(open(os.path.join(GOLDEN_DIR, "cases.json")))["cases"]
@@ -63,15 +66,6 @@ def generate_stubs(out_dir):
 
 
 # ---- checks ----------------------------------------------------------------------------------------------
-
-class Failed(Exception):
-    pass
-
-
-def expect(cond, what):
-    if not cond:
-        raise Failed(what)
-
 
 def rpc(fn):
     """(status code, message, result) of fn(): OK and its result when it returns."""
@@ -386,13 +380,7 @@ class Server:
 
     def stop(self):
         self.channel.close()
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30)
         self.log.close()
 
 

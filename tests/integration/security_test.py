@@ -33,6 +33,9 @@ import urllib.request
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checks import Failed, expect  # noqa: E402
 import numpy as np  # noqa: E402
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -312,15 +315,6 @@ def expect_reflection_unimplemented(channel, token, what):
     expect(code == grpc.StatusCode.UNIMPLEMENTED,
            f"{what}: expected UNIMPLEMENTED, got {code.name} {details[:200]}".rstrip()
            + (f", listing the services {service_names(answer)}" if code == grpc.StatusCode.OK else ""))
-
-
-class Failed(Exception):
-    pass
-
-
-def expect(cond, what):
-    if not cond:
-        raise Failed(what)
 
 
 def rpc_code(fn):

@@ -137,6 +137,7 @@ absl::Status Server::Build() {
   std::vector<std::string> names;
   for (const auto& l : config_.layers()) names.push_back(l.name());
   p.metrics = std::make_unique<ServerMetrics>(names);
+  for (const auto& layer : p.registry->Layers()) p.metrics->SetLayerVersion(layer->config.name(), layer->version);
   p.observer = std::make_unique<MetricsObserver>(p.metrics.get());
   BuildMemoryBudget();
   ATTN_ASSIGN_OR_RETURN(p.executor, BatchExecutor::Create({p.metrics.get(), options_.clock, threads_per_batch_}));
@@ -447,6 +448,7 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
     ATTN_RETURN_IF_ERROR(p.scheduler->AddQueue(config.name(), batching));
   }
   const int64_t version = p.registry->Publish(std::move(loaded));
+  p.metrics->SetLayerVersion(config.name(), version);
   spdlog::info("layer {}: version {} loaded (warm-up {})", config.name(), version, absl::FormatDuration(warm_up));
   return absl::OkStatus();
 }
@@ -457,6 +459,7 @@ absl::Status Server::UnloadLayer(const std::string& name) {
   ATTN_RETURN_IF_ERROR(p.registry->Remove(name));
   // Requests that found the layer before Remove are in its queue or about to be refused by it (NOT_FOUND).
   ATTN_RETURN_IF_ERROR(p.scheduler->RemoveQueue(name));
+  p.metrics->SetLayerVersion(name, 0);
   spdlog::info("layer {}: unloaded", name);
   return absl::OkStatus();
 }

@@ -35,6 +35,7 @@ struct ServerMetrics::Families {
   prometheus::Family<prometheus::Histogram>* batch_size;
   prometheus::Family<prometheus::Histogram>* batch_tokens;
   prometheus::Family<prometheus::Gauge>* queue_depth;
+  prometheus::Family<prometheus::Gauge>* version;
   prometheus::Family<prometheus::Counter>* flops;
 };
 
@@ -69,6 +70,10 @@ ServerMetrics::ServerMetrics(const std::vector<std::string>& layers)
   families_->batch_tokens = Histogram(r, "attnserve_batch_tokens", "Query tokens per executed batch");
   families_->queue_depth =
       &prometheus::BuildGauge().Name("attnserve_queue_depth").Help("Requests waiting in the layer's queue").Register(r);
+  families_->version = &prometheus::BuildGauge()
+                            .Name("attnserve_layer_version")
+                            .Help("The newest version of the layer serving (0: unloaded)")
+                            .Register(r);
   inflight_ = &prometheus::BuildGauge()
                    .Name("attnserve_inflight_requests")
                    .Help("Requests accepted and not yet answered")
@@ -109,7 +114,7 @@ void ServerMetrics::AddLayerLocked(const std::string& name) {
   layers_[name] = LayerSeries{&f.request_duration->Add(l, *latency), &f.queue_duration->Add(l, *latency),
                               &f.compute_duration->Add(l, *latency), &f.batch_size->Add(l, PowersOfTwo(1024)),
                               &f.batch_tokens->Add(l, PowersOfTwo(1 << 20)), &f.queue_depth->Add(l),
-                              &f.flops->Add(l)};
+                              &f.flops->Add(l), &f.version->Add(l)};
   request_counters_[{name, 0}] = &requests_->Add({{"layer", name}, {"code", "OK"}});
 }
 
@@ -171,6 +176,10 @@ void ServerMetrics::BatchDone(const std::string& layer, int requests, int64_t to
   s->batch_size->Observe(requests);
   s->batch_tokens->Observe(static_cast<double>(tokens));
   s->flops->Increment(flops);
+}
+
+void ServerMetrics::SetLayerVersion(const std::string& layer, int64_t version) {
+  if (const LayerSeries* s = Find(layer)) s->version->Set(static_cast<double>(version));
 }
 
 void ServerMetrics::SetQueueDepth(const std::string& layer, double depth) {

@@ -13,6 +13,7 @@
 //   attnserve_memory_reserved_bytes                 gauge     what admitted requests hold of it
 //   attnserve_flops_total{layer}                    counter   useful floating-point operations computed
 //   attnserve_config_reload_total{result}           counter   config file reloads, success or failure
+//   attnserve_layer_version{layer}                  gauge     the newest version serving (0: unloaded)
 //
 // Status codes are labelled with their canonical names (absl::StatusCodeToString: "OK", "NOT_FOUND", ...).
 // Layers can be added while serving (AddLayer); their series are kept after a
@@ -22,6 +23,7 @@
 // handles are found under a mutex).
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
@@ -65,6 +67,7 @@ class ServerMetrics {
   void QueueWait(const std::string& layer, double seconds);
   void BatchDone(const std::string& layer, int requests, int64_t tokens, double compute_s, double flops);
   void SetQueueDepth(const std::string& layer, double depth);
+  void SetLayerVersion(const std::string& layer, int64_t version);
   void InflightAdd(double delta) { inflight_->Increment(delta); }
   void ConfigReloaded(bool ok) { (ok ? config_reload_success_ : config_reload_failure_)->Increment(); }
   void SetInflightBatches(int64_t batches) { inflight_batches_->Set(static_cast<double>(batches)); }
@@ -84,6 +87,7 @@ class ServerMetrics {
     prometheus::Histogram* batch_tokens;
     prometheus::Gauge* queue_depth;
     prometheus::Counter* flops;
+    prometheus::Gauge* version;
   };
   struct Families;
   const LayerSeries* Find(const std::string& layer) const ABSL_LOCKS_EXCLUDED(mu_);

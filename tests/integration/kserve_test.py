@@ -1046,10 +1046,15 @@ def configmap_swap(root, version, text):
         os.symlink("..data/config.pbtxt", os.path.join(root, "config.pbtxt"))
 
 
-def reload_count(s, result):
+def metric(s, series):
+    """The value of one series (name and labels as /metrics prints them), 0 when absent."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10).read().decode()
-    m = re.search(r'attnserve_config_reload_total\{result="%s"\} (\S+)' % result, text)
+    m = re.search(re.escape(series) + r" (\S+)", text)
     return float(m.group(1)) if m else 0.0
+
+
+def reload_count(s, result):
+    return metric(s, f'attnserve_config_reload_total{{result="{result}"}}')
 
 
 def versions_of(s):
@@ -1099,6 +1104,8 @@ def case_config_reload_configmap_swap(e):
         wait_until("the good config back", lambda: versions_of(s)["added"][0] == "UNAVAILABLE", 2.0)
         s.proc.send_signal(signal.SIGHUP)  # reloads every configured layer: weights files may have changed
         wait_until("SIGHUP reload", lambda: versions_of(s)["kept"] == ("READY", "2"), 5.0)
+        expect(metric(s, 'attnserve_layer_version{layer="kept"}') == 2, "attnserve_layer_version of kept is not 2")
+        expect(metric(s, 'attnserve_layer_version{layer="gone"}') == 0, "attnserve_layer_version of gone is not 0")
     finally:
         s.stop()
 

@@ -6,7 +6,8 @@
    requests/s at concurrency 64, interleaved over --rounds rounds, medians.
 2. Layers changing under load: attnbench at concurrency 64 on layer A (`small`) for --duration seconds, once
    with nothing else happening and once while layer B (`base`, E=768, H=12) is reloaded 20 times and layer C
-   (E=512, H=8) loaded and unloaded 10 times over the repository RPCs (attnctl), in alternating rounds: A's
+   (E=512, H=8) loaded and unloaded 10 times over the repository RPCs (one Python gRPC client, stubs made with
+   protoc, so that no process start-up competes for the cores), in alternating rounds: A's
    p50/p99 and failed requests in each, and the ratio of the p99s. The server's RSS before C is first loaded and
    after its last unload says whether an unloaded layer's memory comes back.
 
@@ -38,15 +39,24 @@ def rss_mib(pid):
     return 0.0
 
 
-def attnctl(build, port, *args):
-    subprocess.run([f"{build}/tools/attnctl", "--target", f"127.0.0.1:{port}", "--timeout-ms", "60000", *args],
-                   check=True, capture_output=True, text=True)
+def repository_stub(port, tmp):
+    """A GRPCInferenceService stub from proto/inference, generated into `tmp`."""
+    proto = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "proto")
+    subprocess.run(["protoc", "-I", proto, f"--python_out={tmp}", f"--grpc_python_out={tmp}",
+                    "--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin", "inference/model_config.proto",
+                    "inference/grpc_service.proto"], check=True)
+    sys.path.insert(0, tmp)
+    import grpc
+    from inference import grpc_service_pb2 as kpb, grpc_service_pb2_grpc as kpbg
+    stub = kpbg.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    return stub, kpb
 
 
 def protocols(build, port, duration, rounds):
     rows = {"attnserve.v1 Infer": ([], []), "KServe ModelInfer": ([], [])}
+    order = [("attnserve.v1 Infer", []), ("KServe ModelInfer", ["--kserve"])]
     for r in range(rounds):
-        for name, extra in (("attnserve.v1 Infer", []), ("KServe ModelInfer", ["--kserve"])):
+        for name, extra in (order if r % 2 == 0 else order[::-1]):  # alternating, so neither always goes first
             steps = attnbench(build, f"127.0.0.1:{port}", "--layer", "small", "--seq", "16", "--concurrency", "1,64",
                               "--duration", f"{duration}s", "--warmup", "1s", *extra)
             assert all(s["errors"] == 0 for s in steps), steps
@@ -57,23 +67,26 @@ def protocols(build, port, duration, rounds):
     return {name: (statistics.median(a), statistics.median(b)) for name, (a, b) in rows.items()}
 
 
-def churn(build, port, stop, counts):
+def churn(control, stop, counts):
     """Reloads B 20 times and loads/unloads C 10 times, spread over the measured window."""
+    stub, kpb = control
     for i in range(20):
         if stop.is_set():
             return
-        attnctl(build, port, "reload", "base")
+        stub.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="base"), timeout=120)
         counts["reloads"] += 1
         if i % 2 == 0:
-            attnctl(build, port, "load", "c", "--config-json", counts["c_json"])
-            attnctl(build, port, "unload", "c")
+            load_c = kpb.RepositoryModelLoadRequest(model_name="c")
+            load_c.parameters["config"].string_param = LAYER_C
+            stub.RepositoryModelLoad(load_c, timeout=120)
+            stub.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name="c"), timeout=120)
             counts["c_cycles"] += 1
         time.sleep(0.15)
 
 
-def under_load(build, port, duration, with_churn, tmp):
-    stop, counts = threading.Event(), {"reloads": 0, "c_cycles": 0, "c_json": os.path.join(tmp, "c.json")}
-    worker = threading.Thread(target=churn, args=(build, port, stop, counts)) if with_churn else None
+def under_load(build, port, duration, control):
+    stop, counts = threading.Event(), {"reloads": 0, "c_cycles": 0}
+    worker = threading.Thread(target=churn, args=(control, stop, counts)) if control else None
     if worker:
         worker.start()
     steps = attnbench(build, f"127.0.0.1:{port}", "--layer", "small", "--seq", "16", "--concurrency", "64",
@@ -92,19 +105,18 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "c.json"), "w") as f:
-            f.write(LAYER_C)
         proc = Proc([f"{a.build}/server/attnserve", "--grpc-address", "127.0.0.1:0", "--metrics-address",
-                     "127.0.0.1:0", "--enable-model-control", "--shutdown-grace", "5s", "--log-level", "warn"],
+                     "127.0.0.1:0", "--enable-model-control", "--shutdown-grace", "5s"],
                     READY, os.path.join(tmp, "server.log"))
         try:
             port = proc.ports[0]
+            control = repository_stub(port, tmp)
             table = protocols(a.build, port, min(a.duration, 5), a.rounds)
             rss_before = rss_mib(proc.p.pid)
             quiet, churned = [], []
             for r in range(a.rounds):
-                quiet.append(under_load(a.build, port, a.duration, False, tmp))
-                churned.append(under_load(a.build, port, a.duration, True, tmp))
+                quiet.append(under_load(a.build, port, a.duration, None))
+                churned.append(under_load(a.build, port, a.duration, control))
                 print(f"round {r + 1}: quiet p99 {quiet[-1][1]:.2f} ms, with reloads p99 {churned[-1][1]:.2f} ms "
                       f"({churned[-1][4]['reloads']} reloads of base, {churned[-1][4]['c_cycles']} load/unload of c, "
                       f"{churned[-1][2]} errors)", file=sys.stderr)

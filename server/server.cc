@@ -29,6 +29,7 @@
 #include "server/runtime/batch_executor.h"
 #include "server/runtime/dispatcher.h"
 #include "server/runtime/layer_catalog.h"
+#include "server/runtime/background_priority.h"
 #include "server/runtime/layer_warmup.h"
 #include "server/runtime/memory_budget.h"
 #include "server/startup/cpu_budget.h"
@@ -433,10 +434,14 @@ Server::Ports Server::ports() const {
 absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
   attnserve::v1::LayerConfig config = layer;
   ATTN_RETURN_IF_ERROR(ApplyLayerDefaultsAndValidate(&config));
-  ATTN_ASSIGN_OR_RETURN(std::unique_ptr<ServedLayer> loaded, attnserve::LoadLayer(config));
-  const absl::Time warm_up_start = absl::Now();
-  ATTN_RETURN_IF_ERROR(WarmUpLayer(*loaded->engine, threads_per_batch_));
-  const absl::Duration warm_up = absl::Now() - warm_up_start;
+  // Built and warmed up at the lowest CPU priority: the workers serving requests come first.
+  std::unique_ptr<ServedLayer> loaded;
+  const absl::Time load_start = absl::Now();
+  ATTN_RETURN_IF_ERROR(RunAtBackgroundPriority([&]() -> absl::Status {
+    ATTN_ASSIGN_OR_RETURN(loaded, attnserve::LoadLayer(config));
+    return WarmUpLayer(*loaded->engine, threads_per_batch_);
+  }));
+  const absl::Duration load_time = absl::Now() - load_start;
   Parts& p = *parts_;
   absl::MutexLock lock(&layers_mu_);
   const BatchingOptions batching = ToBatchingOptions(config.batching());
@@ -449,7 +454,8 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
   }
   const int64_t version = p.registry->Publish(std::move(loaded));
   p.metrics->SetLayerVersion(config.name(), version);
-  spdlog::info("layer {}: version {} loaded (warm-up {})", config.name(), version, absl::FormatDuration(warm_up));
+  spdlog::info("layer {}: version {} loaded (built and warmed up in {})", config.name(), version,
+               absl::FormatDuration(load_time));
   return absl::OkStatus();
 }
 

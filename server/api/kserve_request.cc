@@ -61,15 +61,20 @@ size_t WireSize(WireType type) {
   return 4;
 }
 
-// 16-bit floats to f32, into storage the call owns.
-const float* Converted(const std::string& raw, WireType type, int64_t count, InferenceCall* call) {
-  std::vector<float>& out = call->converted.emplace_back(static_cast<size_t>(count));
-  const auto* bytes = reinterpret_cast<const unsigned char*>(raw.data());
-  for (int64_t i = 0; i < count; ++i) {
-    const uint16_t bits = static_cast<uint16_t>(bytes[2 * i] | (bytes[2 * i + 1] << 8));
-    out[static_cast<size_t>(i)] = type == WireType::kFp16 ? HalfToFloat(bits) : BFloat16ToFloat(bits);
-  }
-  return out.data();
+// Schedules the conversion of 16-bit floats to f32, into storage the call owns, for once the call holds its
+// share of the memory budget (which counts the copy): a request refused at admission never allocates it.
+void ConvertAfterAdmission(const std::string& raw, WireType type, int64_t count, TensorView AttentionInputs::*field,
+                           InferenceCall* call) {
+  call->request_bytes += count * static_cast<int64_t>(sizeof(float));
+  call->after_admission.push_back([bytes = reinterpret_cast<const unsigned char*>(raw.data()), type, count,
+                                   field](InferenceCall& c) {
+    std::vector<float>& out = c.converted.emplace_back(static_cast<size_t>(count));
+    for (int64_t i = 0; i < count; ++i) {
+      const uint16_t bits = static_cast<uint16_t>(bytes[2 * i] | (bytes[2 * i + 1] << 8));
+      out[static_cast<size_t>(i)] = type == WireType::kFp16 ? HalfToFloat(bits) : BFloat16ToFloat(bits);
+    }
+    (c.inputs.*field).data = out.data();
+  });
 }
 
 absl::StatusOr<TensorView> ViewRaw(const std::string& raw, size_t index, const InputSpec& spec, Shape shape,
@@ -81,8 +86,9 @@ absl::StatusOr<TensorView> ViewRaw(const std::string& raw, size_t index, const I
                                                    " x ", datatype, ")"));
   }
   if (type == WireType::kBool) return TensorView{DType::kBool, std::move(shape), raw.data()};
-  if (type == WireType::kFp32) return TensorView{DType::kFloat32, std::move(shape), raw.data()};
-  return TensorView{DType::kFloat32, std::move(shape), Converted(raw, type, count, call)};
+  if (type != WireType::kFp32) ConvertAfterAdmission(raw, type, count, spec.field, call);
+  // For 16-bit types the raw bytes stand in until the conversion: validation reads shapes, not values.
+  return TensorView{DType::kFloat32, std::move(shape), raw.data()};
 }
 
 absl::StatusOr<TensorView> ViewContents(const InputTensor& t, const InputSpec& spec, Shape shape, int64_t count,
@@ -236,7 +242,9 @@ void DecodeModelInferRequest(const ModelInferRequest& request, InferenceCall* ca
 absl::Status PrepareModelInferCall(const LayerRegistry& registry, const ModelInferRequest& request,
                                    InferenceCall* call) {
   DecodeModelInferRequest(request, call);
-  return ValidateCall(registry, call);
+  ATTN_RETURN_IF_ERROR(ValidateCall(registry, call));
+  RunAfterAdmission(call);
+  return absl::OkStatus();
 }
 
 void EncodeModelInferResponse(const InferenceCall& call, const ModelInferRequest& request,

@@ -16,11 +16,14 @@
 namespace attnserve {
 
 // The decode stage: sets call->layer_name, id, version and inputs (views into `request`, which must outlive
-// the call, or into call->converted). What cannot be decoded sets call->decode_status (INVALID_ARGUMENT
-// naming the field, e.g. "query: raw_input_contents[0] holds 6 bytes, expected 8 (shape [1, 2] x FP32)").
+// the call). FP16 and BF16 inputs are converted to f32 only once the call is admitted
+// (call->after_admission, into call->converted; their size is added to call->request_bytes, so the memory
+// budget counts it). What cannot be decoded sets call->decode_status (INVALID_ARGUMENT naming the field,
+// e.g. "query: raw_input_contents[0] holds 6 bytes, expected 8 (shape [1, 2] x FP32)").
 void DecodeModelInferRequest(const inference::ModelInferRequest& request, InferenceCall* call);
 
-// Decode, then the validate stage (ValidateCall).
+// Decode, then the validate stage (ValidateCall), then the conversions admission would run: a call ready for
+// the engine (for tests and the fuzz harness).
 absl::Status PrepareModelInferCall(const LayerRegistry& registry, const inference::ModelInferRequest& request,
                                    InferenceCall* call);
 

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <new>
 #include <string>
 #include <utility>
 
@@ -86,6 +87,12 @@ void Dispatcher::Submit(std::unique_ptr<InferenceCall> call) {
       return;
     }
     call->memory = std::move(*reserved);
+  }
+  try {
+    RunAfterAdmission(call.get());
+  } catch (const std::bad_alloc&) {
+    call->finish(absl::ResourceExhaustedError("out of memory while converting the inputs"));
+    return;
   }
   const std::string& queue = call->layer_name;
   const int64_t tokens = call->parsed.query_tokens();

@@ -27,4 +27,9 @@ absl::Status ValidateCall(const LayerRegistry& registry, InferenceCall* call) {
   return absl::OkStatus();
 }
 
+void RunAfterAdmission(InferenceCall* call) {
+  for (auto& work : call->after_admission) work(*call);
+  call->after_admission.clear();
+}
+
 }  // namespace attnserve

@@ -33,7 +33,10 @@ struct InferenceCall {
   std::string id;          // the client's request id, for log lines
   int64_t version = 0;     // the layer version the client asked for; 0: the newest
   AttentionInputs inputs;  // views into the protocol's request message, which outlives the call
-  // Values the decode stage had to convert (an F16 or BF16 input to f32); `inputs` may view them.
+  // Work the decode stage left for once the call holds its memory reservation (converting an F16 or BF16
+  // input to f32, into `converted`, which `inputs` then views): what it allocates is counted in
+  // request_bytes. Run by RunAfterAdmission; until then such an input's view is a placeholder.
+  std::vector<std::function<void(InferenceCall&)>> after_admission;
   std::vector<std::vector<float>> converted;
   // Why the protocol could not decode `inputs`, if it could not: reported by ValidateCall after the layer
   // lookup, so that an unknown layer is NOT_FOUND whatever its tensors.
@@ -67,5 +70,8 @@ using CallScheduler = BatchScheduler<std::unique_ptr<InferenceCall>>;
 // decode_status, then the inputs against the layer (INVALID_ARGUMENT naming the field). Sets `layer` and
 // `parsed`.
 absl::Status ValidateCall(const LayerRegistry& registry, InferenceCall* call);
+
+// Runs and clears call->after_admission (the admit stage calls it once the call's memory is reserved).
+void RunAfterAdmission(InferenceCall* call);
 
 }  // namespace attnserve

@@ -147,6 +147,28 @@ TEST_F(KServeRequestTest, SixteenBitFloatsAreConvertedExactly) {
   }
 }
 
+// A refused request must not cost the f32 copy: the conversion waits for admission, which reserves it.
+TEST_F(KServeRequestTest, SixteenBitConversionWaitsForAdmissionAndIsCounted) {
+  const std::vector<float> q = testing::RandomValues(rng_, 4 * kEmbed);
+  std::vector<uint16_t> bits;
+  for (float v : q) bits.push_back(FloatToBFloat16(v));
+  ModelInferRequest r;
+  r.set_model_name("tiny");
+  AddRaw(&r, "query", "BF16", {1, 4, kEmbed}, Bytes(bits.data(), bits.size() * 2));
+  InferenceCall call;
+  call.request_bytes = 1000;
+  DecodeModelInferRequest(r, &call);
+  ASSERT_TRUE(ValidateCall(*registry_, &call).ok());
+  EXPECT_TRUE(call.converted.empty());
+  EXPECT_EQ(call.request_bytes, 1000 + 4 * kEmbed * 4);
+  ASSERT_EQ(call.after_admission.size(), 1u);
+  RunAfterAdmission(&call);
+  ASSERT_EQ(call.converted.size(), 1u);
+  EXPECT_EQ(call.inputs.query.data, call.converted[0].data());
+  EXPECT_EQ(static_cast<const float*>(call.inputs.query.data)[5], BFloat16ToFloat(bits[5]));
+  EXPECT_TRUE(call.after_admission.empty());
+}
+
 TEST_F(KServeRequestTest, RequestedOutputsImplyWeightsAndKeepTheirOrder) {
   const std::vector<float> q = testing::RandomValues(rng_, 3 * kEmbed);
   ModelInferRequest r = QueryRequest(q, 1, 3);

@@ -101,8 +101,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   const int signal_number = WaitForStop(signals, watcher->get(), flags->config_path);
-  watcher->reset();  // no reload while draining
   (*server)->StopAccepting();  // logged after, so whoever sees the line also sees NOT_SERVING
+  watcher->reset();            // a reload under way finishes; none starts while draining
   spdlog::info("{}: draining (grace {})",
                listener_failed ? "listener failed" : signal_number == SIGTERM ? "received SIGTERM" : "received SIGINT",
                absl::FormatDuration(flags->shutdown_grace));

@@ -117,7 +117,7 @@ Server::~Server() {
   StopTrimmer();
   // A load still running on the KServe control thread uses the whole server (layers_mu_ too): it finishes
   // while all of it is alive.
-  parts_->kserve->StopControlThread();
+  if (parts_->kserve != nullptr) parts_->kserve->StopControlThread();
 }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Create(const attnserve::v1::ServerConfig& config,
@@ -408,6 +408,8 @@ absl::Status Server::Drain(absl::Time deadline) {
   const absl::Time start = absl::Now();
   p.listener_probe.reset();  // a draining port may stop answering; that is no failure
   StopAccepting();
+  // Layer changes still waiting are refused (UNAVAILABLE); the one running finishes before the queues drain.
+  p.kserve->StopControlThread();
   // Answer everything accepted: the scheduler runs all queued batches, then stops its workers. On a
   // thread of its own, so that a deadline running out leaves it behind rather than blocking here.
   auto drained = std::make_shared<absl::Notification>();

@@ -96,6 +96,7 @@ class AnsweringStream final : public grpc::ServerBidiReactor<Request, Response> 
       item->response.Clear();
       write_error_(item->request, status, &item->response);
     }
+    Request().Swap(&item->request);  // answered: its tensors need not wait for the write (and its memory)
     absl::MutexLock lock(&mu_);
     --pending_;
     writes_.push_back(item);

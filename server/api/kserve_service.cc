@@ -3,8 +3,10 @@
 #include <google/protobuf/util/json_util.h>
 
 #include <algorithm>
+#include <exception>
 #include <map>
 #include <memory>
+#include <new>
 #include <string>
 #include <utility>
 #include <vector>
@@ -237,13 +239,18 @@ grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryIndex(grpc::CallbackServe
                                                              const inference::RepositoryIndexRequest* request,
                                                              inference::RepositoryIndexResponse* response) {
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  // A failed load's reason may name weights files: like layer info's paths, for those who may change layers.
+  const bool show_reasons = options_.authorizer->MayShowPaths(*ctx) ||
+                            (!options_.authorizer->enabled() && options_.model_control_without_tokens);
   for (const LayerStatus& layer : options_.catalog->Index()) {
     if (request->ready() && layer.state != LayerState::kReady) continue;
     auto* model = response->add_models();
     model->set_name(layer.name);
     if (layer.version > 0) model->set_version(absl::StrCat(layer.version));
     model->set_state(LayerStateName(layer.state));
-    model->set_reason(layer.reason);
+    const bool plain = layer.reason == "unloaded" || layer.reason == "removed from the config file";
+    model->set_reason(show_reasons || plain || layer.reason.empty() ? layer.reason
+                                                                    : "the last load failed (the reason: admins only)");
   }
   return FinishNow(ctx, grpc::Status::OK);
 }
@@ -255,7 +262,18 @@ grpc::ServerUnaryReactor* KServeServiceImpl::RunOnControlThread(grpc::CallbackSe
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
     return reactor;
   }
-  const bool posted = control_->Post([reactor, work = std::move(work)] { reactor->Finish(ToGrpcStatus(work())); });
+  const bool posted = control_->Post([reactor, work = std::move(work)](bool run) {
+    if (!run) return reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
+    absl::Status status;
+    try {  // an exception on the control thread would end the process
+      status = work();
+    } catch (const std::bad_alloc&) {
+      status = absl::ResourceExhaustedError("out of memory while changing the layer");
+    } catch (const std::exception& e) {
+      status = absl::InternalError(absl::StrCat("changing the layer failed: ", e.what()));
+    }
+    reactor->Finish(ToGrpcStatus(status));
+  });
   if (!posted) {
     reactor->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "16 layer changes are waiting already"));
   }

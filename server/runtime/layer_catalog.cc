@@ -9,6 +9,13 @@
 #include "common/log_string.h"
 
 namespace attnserve {
+namespace {
+
+// Names the catalog keeps a state for at most: loads of new names beyond it are refused, so that failed
+// loads of ever new names cannot grow it without bound.
+constexpr size_t kMaxLayersKnown = 1024;
+
+}  // namespace
 
 const char* LayerStateName(LayerState state) {
   switch (state) {
@@ -67,9 +74,13 @@ absl::Status LayerCatalog::Load(const std::string& name, const attnserve::v1::La
   {
     absl::MutexLock lock(&state_mu_);
     const auto it = entries_.find(name);
-    if (override_config == nullptr && it == entries_.end()) {
+    // An entry without a config is what a failed first load of a given config left: nothing to load from.
+    if (override_config == nullptr && (it == entries_.end() || it->second.config.name().empty())) {
       return absl::NotFoundError(absl::StrCat("model_name: no layer named '", BoundedForLog(name),
                                               "' in the config; give its config as parameter \"config\""));
+    }
+    if (it == entries_.end() && entries_.size() >= kMaxLayersKnown) {
+      return absl::ResourceExhaustedError(absl::StrCat("the server knows ", kMaxLayersKnown, " layers already"));
     }
     config = override_config != nullptr ? *override_config : it->second.config;
     Entry& entry = entries_[name];

@@ -51,8 +51,9 @@ class LayerCatalog {
 
   // Loads `name` from its last known config (the config file's, or the last override loaded), or from
   // `override_config` when not null (its name must be `name`): a new layer, or a new version of a loaded one.
-  // NOT_FOUND for a name neither known nor given a config; INVALID_ARGUMENT for a name mismatch; the load's
-  // own error otherwise (recorded as the reason).
+  // NOT_FOUND for a name neither known nor given a config; INVALID_ARGUMENT for a name mismatch;
+  // RESOURCE_EXHAUSTED for a new name once 1024 are known; the load's own error otherwise (recorded as the
+  // reason).
   absl::Status Load(const std::string& name, const attnserve::v1::LayerConfig* override_config)
       ABSL_LOCKS_EXCLUDED(change_mu_, state_mu_);
   // Unloads `name`: NOT_FOUND unless it is loaded.

@@ -1,6 +1,7 @@
 // One thread that runs tasks in the order they were posted: slow control work (loading a layer's weights)
-// off the RPC library's threads, whose handlers must not block. At most `max_pending` tasks wait; Post refuses more.
-// The destructor runs what was posted, then joins.
+// off the RPC library's threads, whose handlers must not block. At most `max_pending` tasks wait; Post refuses
+// more. The destructor lets the running task finish, calls each task still waiting with run = false (so that
+// it can answer "shutting down" instead of working), then joins.
 //
 // Thread-safety: Post may be called from any thread.
 #pragma once
@@ -28,7 +29,7 @@ class SerialWorker {
   SerialWorker& operator=(const SerialWorker&) = delete;
 
   // False (and `task` dropped) when max_pending tasks wait already or the worker is stopping.
-  bool Post(std::function<void()> task) ABSL_LOCKS_EXCLUDED(mu_) {
+  bool Post(std::function<void(bool run)> task) ABSL_LOCKS_EXCLUDED(mu_) {
     absl::MutexLock lock(&mu_);
     if (stopping_ || tasks_.size() >= max_pending_) return false;
     tasks_.push_back(std::move(task));
@@ -40,22 +41,24 @@ class SerialWorker {
 
   void Run() {
     while (true) {
-      std::function<void()> task;
+      std::function<void(bool)> task;
+      bool run = false;
       {
         absl::MutexLock lock(&mu_);
         mu_.Await(absl::Condition(this, &SerialWorker::HasWorkOrStopping));
         if (tasks_.empty()) return;  // stopping, and nothing left
         task = std::move(tasks_.front());
         tasks_.pop_front();
+        run = !stopping_;
       }
-      task();
+      task(run);
     }
   }
 
   const size_t max_pending_;
   absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  std::deque<std::function<void()>> tasks_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::function<void(bool)>> tasks_ ABSL_GUARDED_BY(mu_);
   std::thread thread_;  // last: starts once the rest is built
 };
 

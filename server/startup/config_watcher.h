@@ -3,6 +3,8 @@
 // write in place), plus a check every `check_interval` in case an event was missed. `on_change` gets the
 // file's new bytes, once per distinct content, on the watcher's thread; Trigger (SIGHUP) makes it run with
 // the current content even when unchanged (the weights files it names may have changed), `triggered` true.
+// Content is acted on only once two reads `settle` apart agree, so a file rewritten in place is not read
+// half-written.
 //
 // Thread-safety: Create starts the watching thread; Trigger may be called from any thread; the destructor
 // stops the thread (waiting for a running on_change).
@@ -29,7 +31,8 @@ class ConfigWatcher {
     absl::Duration settle = absl::Milliseconds(100);
     std::function<void(const std::string& content, bool triggered)> on_change;  // required
   };
-  // InvalidArgument without path or on_change; the inotify error when the directory cannot be watched.
+  // InvalidArgument without path or on_change, or when the directory cannot be read. Without inotify (its
+  // per-user limits used up) it only checks every check_interval (logged).
   static absl::StatusOr<std::unique_ptr<ConfigWatcher>> Create(const Options& options);
   ~ConfigWatcher();
   ConfigWatcher(const ConfigWatcher&) = delete;
@@ -45,7 +48,7 @@ class ConfigWatcher {
   void Check(bool force);
 
   const Options options_;
-  const int inotify_fd_;
+  const int inotify_fd_;  // -1: inotify unavailable, periodic checks only
   const int wake_fd_;  // eventfd: Trigger and the destructor wake the thread
   std::string last_content_;  // only the watcher's thread touches it
   absl::Mutex mu_;

@@ -16,6 +16,7 @@
 #include "absl/strings/string_view.h"
 #include "server/startup/layer_options.h"
 #include "server/startup/transport_config.h"
+#include "common/log_string.h"
 #include "common/status_macros.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
@@ -181,7 +182,7 @@ absl::StatusOr<HostPort> ParseHostPort(const std::string& address) {
 bool IsWildcardHost(const std::string& host) { return host == "0.0.0.0" || host == "::" || host == "*"; }
 
 bool IsValidLayerName(const std::string& name) {
-  if (name.empty()) return false;
+  if (name.empty() || name.size() > kMaxLayerNameBytes) return false;
   for (char c : name) {
     if (!IsHostNameChar(c)) return false;  // same alphabet: [A-Za-z0-9_.-]
   }
@@ -248,7 +249,8 @@ void ValidateKvDims(const LayerConfig& layer, const std::string& p, Problems* pr
 void ValidateLayer(const LayerConfig& layer, const std::string& p, Problems* problems) {
   const size_t problems_before = problems->size();
   if (!IsValidLayerName(layer.name())) {
-    problems->Add(p, ".name: must match [A-Za-z0-9_.-]+, got \"", layer.name(), "\"");
+    problems->Add(p, ".name: must match [A-Za-z0-9_.-]{1,", kMaxLayerNameBytes, "}, got \"", BoundedForLog(layer.name()),
+                  "\"");
   }
   const bool embed_ok = layer.embed_dim() > 0;
   if (!embed_ok) problems->Add(p, ".embed_dim: must be > 0, got ", layer.embed_dim());

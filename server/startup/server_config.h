@@ -29,6 +29,8 @@ inline constexpr int64_t kMaxResponseBytesLimit = int64_t{60} << 20;
 inline constexpr int32_t kMinWorkerThreads = 1;
 inline constexpr int32_t kMaxWorkerThreads = 256;
 inline constexpr int64_t kMaxSequenceLengthLimit = int64_t{1} << 20;
+// A layer name's length at most (names reach logs, metrics labels and error messages).
+inline constexpr size_t kMaxLayerNameBytes = 128;
 // Versions of one layer kept loaded at most (each holds its weights).
 inline constexpr int32_t kMaxVersionsLimit = 8;
 // embed_dim, kdim and vdim at most (a projection of 32768^2 floats is 4 GiB).

@@ -46,13 +46,17 @@ AcceptState AcceptStateInTable(absl::string_view proc_net_tcp, int server_port, 
 }
 
 AcceptState ServerSideAcceptState(int server_port, int client_port) {
+  // Both tables: a dual-stack listener's connections are in tcp6, and a stale closed row with the same ports
+  // in tcp must not hide a queued one there.
+  AcceptState found = AcceptState::kUnknown;
   for (const char* path : {"/proc/self/net/tcp", "/proc/self/net/tcp6"}) {
     std::ifstream in(path);
     const std::string table((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     const AcceptState state = AcceptStateInTable(table, server_port, client_port);
-    if (state != AcceptState::kUnknown) return state;
+    if (state == AcceptState::kWaiting) return state;
+    if (state == AcceptState::kAccepted) found = state;
   }
-  return AcceptState::kUnknown;
+  return found;
 }
 
 }  // namespace attnserve

@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <random>
@@ -13,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "inference/grpc_service.grpc.pb.h"
 #include "tests/testing/server_harness.h"
@@ -321,6 +323,16 @@ TEST_F(KServeServiceTest, PinnedVersionsServeSideBySide) {
   EXPECT_EQ(gone.error_code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_NE(gone.error_message().find("model_version: layer 'tiny' has version(s) 2, 3, not 1"), std::string::npos)
       << Str(gone);
+}
+
+// A server that fails to build (here: weights that do not parse) reports it; it must not crash on the way
+// out (its destructor ran before the KServe service existed).
+TEST(KServeServerBuildTest, AFailedBuildIsAnErrorNotACrash) {
+  const std::string path = TempPath("corrupt.safetensors");
+  { std::ofstream(path, std::ios::binary) << "not a safetensors file"; }
+  auto server = StartInProcessServer(absl::StrCat(R"pb(layers { name: "x" embed_dim: 8 num_heads: 2 weights_path: ")pb",
+                                                  path, R"pb(" })pb"));
+  EXPECT_FALSE(server.ok());
 }
 
 }  // namespace

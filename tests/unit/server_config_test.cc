@@ -273,9 +273,12 @@ TEST(Validate, NumHeadsMustDivideEmbedDim) {
 TEST(Validate, LayerNameCharacters) {
   ServerConfig config = OneLayer();
   config.mutable_layers(0)->set_name("bad name");
-  EXPECT_THAT(ValidationError(config), HasSubstr(R"(layers[0].name: must match [A-Za-z0-9_.-]+, got "bad name")"));
+  EXPECT_THAT(ValidationError(config),
+              HasSubstr(R"(layers[0].name: must match [A-Za-z0-9_.-]{1,128}, got "bad name")"));
   config.mutable_layers(0)->set_name("");
-  EXPECT_THAT(ValidationError(config), HasSubstr(R"(layers[0].name: must match [A-Za-z0-9_.-]+, got "")"));
+  EXPECT_THAT(ValidationError(config), HasSubstr(R"(layers[0].name: must match [A-Za-z0-9_.-]{1,128}, got "")"));
+  config.mutable_layers(0)->set_name(std::string(129, 'a'));  // names reach logs and labels: bounded
+  EXPECT_THAT(ValidationError(config), HasSubstr("layers[0].name: must match [A-Za-z0-9_.-]{1,128}, got \"aaa"));
   config.mutable_layers(0)->set_name("Enc-1.self_attn");
   EXPECT_TRUE(ApplyDefaultsAndValidate(&config).ok());
 }

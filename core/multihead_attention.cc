@@ -88,6 +88,12 @@ BlockPlan PlanBlocks(int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
 
 }  // namespace
 
+int64_t MultiheadAttention::ScoresBlockBytes(const ParsedAttention& p) const {
+  const BlockPlan plan = PlanBlocks(p.batch, options_.config.num_heads, p.q_len, p.kv_len,
+                                    options_.scores_block_bytes, options_.min_block_rows);
+  return plan.seqs * plan.heads * plan.rows * p.kv_len * static_cast<int64_t>(sizeof(float));
+}
+
 void ReleaseThreadScratch(size_t keep_bytes) { ThreadWorkspace().ReleaseLarge(keep_bytes); }
 
 struct MultiheadAttention::Group {

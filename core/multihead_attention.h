@@ -73,6 +73,11 @@ class MultiheadAttention {
   // Validation alone (what Forward checks first), for callers that reject bad requests before queueing.
   absl::StatusOr<ParsedAttention> Validate(const AttentionInputs& inputs) const;
 
+  // Bytes of the attention scores block the engine holds at once for this request (a few whole sequences
+  // of a short request, a slice of query rows of a long one; at most Options::scores_block_bytes unless
+  // min_block_rows rows of one head need more): what a memory budget must count for it.
+  int64_t ScoresBlockBytes(const ParsedAttention& parsed) const;
+
   // The thread budget of one engine call: `max_threads` is the OpenMP team size the call may use (the
   // caller's share of the CPUs, >= 1); 0 takes omp_get_max_threads() of the calling thread (for tests and
   // benchmarks; the server always passes its budget). A batch below Options::single_thread_below_flops

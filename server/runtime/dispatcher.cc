@@ -79,7 +79,7 @@ void Dispatcher::Submit(std::unique_ptr<InferenceCall> call) {
   }
   if (options_.memory != nullptr) {
     const MultiheadAttention& engine = *call->layer->engine;
-    const int64_t cost = RequestCostBytes(call->parsed, engine.config(), engine.options().scores_block_bytes,
+    const int64_t cost = RequestCostBytes(call->parsed, engine.config(), engine.ScoresBlockBytes(call->parsed),
                                           call->request_bytes);
     absl::StatusOr<MemoryBudget::Reservation> reserved = options_.memory->Reserve(cost);
     if (!reserved.ok()) {

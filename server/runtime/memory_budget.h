@@ -64,8 +64,9 @@ class MemoryBudget {
 };
 
 // What one validated request may cost while the server holds it, in bytes: its request message as received
-// (`request_bytes`), the engine's workspace for it alone (gathered inputs, projections, one scores block)
-// and its answer twice (the engine's tensors and their encoded copy in the response).
+// (`request_bytes`), the engine's workspace for it alone (gathered inputs, projections, one scores block of
+// `scores_block_bytes`: MultiheadAttention::ScoresBlockBytes) and its answer twice (the engine's tensors and
+// their encoded copy in the response).
 int64_t RequestCostBytes(const ParsedAttention& parsed, const MhaConfig& config, int64_t scores_block_bytes,
                          int64_t request_bytes);
 

@@ -127,5 +127,31 @@ TEST(RaggedBatchTest, UnalignedInputDataIsHandled) {
   EXPECT_EQ(a->output.values, u->output.values);
 }
 
+// What the server's memory budget counts for a request's scores: the block the engine plans, not the cap.
+TEST(RaggedBatchTest, ScoresBlockBytesIsTheBlockPlanned) {
+  std::mt19937_64 rng(7);
+  MhaConfig config{64, 4, 0, 0, true};
+  const MhaWeights weights = testing::RandomTestWeights(config, rng);
+  MultiheadAttention::Options options;
+  options.config = config;
+  auto layer = MultiheadAttention::Create(options, weights);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  auto block_bytes = [&](const MultiheadAttention& m, int64_t b, int64_t l) {
+    std::vector<float> q = RandomValues(rng, b * l * 64);
+    AttentionInputs in;
+    in.query = TensorView::F32(q.data(), {b, l, 64});
+    auto parsed = m.Validate(in);
+    EXPECT_TRUE(parsed.ok()) << parsed.status();
+    return m.ScoresBlockBytes(*parsed);
+  };
+  EXPECT_EQ(block_bytes(**layer, 1, 8), 4 * 8 * 8 * 4);            // a short request: its whole scores
+  EXPECT_EQ(block_bytes(**layer, 3, 8), 3 * 4 * 8 * 8 * 4);        // several sequences in one block
+  EXPECT_EQ(block_bytes(**layer, 1, 4096), int64_t{4} << 20);      // a long one: the cap, 64 rows of all heads
+  options.scores_block_bytes = 4096;                               // a cap below min_block_rows of one head
+  auto tiny = MultiheadAttention::Create(options, weights);
+  ASSERT_TRUE(tiny.ok()) << tiny.status();
+  EXPECT_EQ(block_bytes(**tiny, 1, 4096), 64 * 4096 * 4);          // 64 rows of one head, past the cap
+}
+
 }  // namespace
 }  // namespace attnserve

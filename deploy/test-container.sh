@@ -288,7 +288,7 @@ node -e '
 # Six requests of ~0.1-0.3 s compute each; SIGTERM goes once the server has accepted all six (in flight +
 # answered since now = 6) while some are still queued, and each must still get its answer.
 metric() { curl -fsS --max-time 5 "http://127.0.0.1:$metrics_port/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
-ok_metric='attnserve_requests_total{code="OK",layer="encoder"}'
+ok_metric='attnserve_requests_total{code="OK",layer="encoder",version="1"}'
 ok_before=$(metric "$ok_metric")
 DRAIN_PIDS=()
 for i in 1 2 3 4 5 6; do

@@ -20,6 +20,18 @@ prometheus::Histogram::BucketBoundaries LatencyBuckets() {
   return b;
 }
 
+const prometheus::Histogram::BucketBoundaries& LatencyBoundaries() {
+  static const auto* const latency = new prometheus::Histogram::BucketBoundaries(LatencyBuckets());
+  return *latency;
+}
+
+constexpr const char* kUnknownLayer = "<unknown>";
+
+// Version 0 (none chosen) is an empty label, which Prometheus reads as no label.
+prometheus::Labels VersionLabels(const std::string& layer, int64_t version) {
+  return {{"layer", layer}, {"version", version > 0 ? absl::StrCat(version) : ""}};
+}
+
 prometheus::Histogram::BucketBoundaries PowersOfTwo(double max) {
   prometheus::Histogram::BucketBoundaries b;
   for (double v = 1; v <= max; v *= 2) b.push_back(v);
@@ -52,7 +64,7 @@ ServerMetrics::ServerMetrics(const std::vector<std::string>& layers)
   prometheus::Registry& r = *registry_;
   requests_ = &prometheus::BuildCounter()
                    .Name("attnserve_requests_total")
-                   .Help("Answered inference requests by layer and status code")
+                   .Help("Answered inference requests by layer, layer version and status code")
                    .Register(r);
   auto& reloads = prometheus::BuildCounter()
                       .Name("attnserve_config_reload_total")
@@ -108,14 +120,40 @@ void ServerMetrics::AddLayer(const std::string& layer) {
 
 void ServerMetrics::AddLayerLocked(const std::string& name) {
   if (layers_.count(name) > 0) return;
-  static const auto* const latency = new prometheus::Histogram::BucketBoundaries(LatencyBuckets());
   const prometheus::Labels l{{"layer", name}};
   const Families& f = *families_;
-  layers_[name] = LayerSeries{&f.request_duration->Add(l, *latency), &f.queue_duration->Add(l, *latency),
-                              &f.compute_duration->Add(l, *latency), &f.batch_size->Add(l, PowersOfTwo(1024)),
-                              &f.batch_tokens->Add(l, PowersOfTwo(1 << 20)), &f.queue_depth->Add(l),
-                              &f.flops->Add(l), &f.version->Add(l)};
-  request_counters_[{name, 0}] = &requests_->Add({{"layer", name}, {"code", "OK"}});
+  layers_[name] = LayerSeries{&f.queue_duration->Add(l, LatencyBoundaries()),
+                              &f.compute_duration->Add(l, LatencyBoundaries()),
+                              &f.batch_size->Add(l, PowersOfTwo(1024)),
+                              &f.batch_tokens->Add(l, PowersOfTwo(1 << 20)),
+                              &f.queue_depth->Add(l),
+                              &f.flops->Add(l),
+                              &f.version->Add(l)};
+}
+
+ServerMetrics::VersionSeries& ServerMetrics::VersionLocked(const std::string& layer, int64_t version) {
+  std::map<int64_t, VersionSeries>& of_layer = versions_[layer];
+  auto [it, added] = of_layer.try_emplace(version);
+  if (!added) return it->second;
+  if (of_layer.size() > kVersionsKept) {
+    // Version 0 (none chosen) is one series whatever happens: the oldest real version goes.
+    auto oldest = of_layer.upper_bound(0);
+    if (oldest == it) ++oldest;
+    if (oldest->second.request_duration) families_->request_duration->Remove(oldest->second.request_duration);
+    for (auto& [code, counter] : oldest->second.requests) requests_->Remove(counter);
+    of_layer.erase(oldest);
+  }
+  return it->second;
+}
+
+prometheus::Counter& ServerMetrics::CounterLocked(const std::string& layer, int64_t version, absl::StatusCode code) {
+  prometheus::Counter*& counter = VersionLocked(layer, version).requests[static_cast<int>(code)];
+  if (counter == nullptr) {
+    prometheus::Labels labels = VersionLabels(layer, version);
+    labels["code"] = absl::StatusCodeToString(code);
+    counter = &requests_->Add(labels);
+  }
+  return *counter;
 }
 
 absl::Status ServerMetrics::Serve(const std::string& address, BasicAuthCheck check_basic_auth) {
@@ -145,23 +183,18 @@ const ServerMetrics::LayerSeries* ServerMetrics::Find(const std::string& layer) 
   return it == layers_.end() ? nullptr : &it->second;
 }
 
-void ServerMetrics::RequestDone(const std::string& layer, absl::StatusCode code, double duration_s) {
-  prometheus::Counter* counter;
-  const LayerSeries* series;
-  {
-    absl::MutexLock lock(&mu_);
-    auto it = layers_.find(layer);
-    series = it == layers_.end() ? nullptr : &it->second;
-    // Unknown layer names are folded into one series so a client cannot grow the label set without bound.
-    const std::string key_layer = series ? layer : "<unknown>";
-    auto& slot = request_counters_[{key_layer, static_cast<int>(code)}];
-    if (slot == nullptr) {
-      slot = &requests_->Add({{"layer", key_layer}, {"code", absl::StatusCodeToString(code)}});
-    }
-    counter = slot;
-  }
-  counter->Increment();
-  if (series != nullptr) series->request_duration->Observe(duration_s);
+void ServerMetrics::RequestDone(const std::string& layer, int64_t version, absl::StatusCode code,
+                                double duration_s) {
+  absl::MutexLock lock(&mu_);
+  // Unknown layer names are folded into one series so a client cannot grow the label set without bound.
+  const bool known = layers_.count(layer) > 0;
+  const std::string& key_layer = known ? layer : kUnknownLayer;
+  const int64_t key_version = known ? version : 0;
+  CounterLocked(key_layer, key_version, code).Increment();
+  if (!known) return;
+  prometheus::Histogram*& duration = VersionLocked(layer, version).request_duration;
+  if (duration == nullptr) duration = &families_->request_duration->Add(VersionLabels(layer, version), LatencyBoundaries());
+  duration->Observe(duration_s);
 }
 
 void ServerMetrics::QueueWait(const std::string& layer, double seconds) {
@@ -179,7 +212,11 @@ void ServerMetrics::BatchDone(const std::string& layer, int requests, int64_t to
 }
 
 void ServerMetrics::SetLayerVersion(const std::string& layer, int64_t version) {
-  if (const LayerSeries* s = Find(layer)) s->version->Set(static_cast<double>(version));
+  absl::MutexLock lock(&mu_);
+  auto it = layers_.find(layer);
+  if (it == layers_.end()) return;
+  it->second.version->Set(static_cast<double>(version));
+  if (version > 0) CounterLocked(layer, version, absl::StatusCode::kOk);
 }
 
 void ServerMetrics::SetQueueDepth(const std::string& layer, double depth) {

@@ -1,7 +1,7 @@
 // The server's Prometheus metrics (prometheus-cpp), served on --metrics-address at /metrics.
 //
-//   attnserve_requests_total{layer,code}            counter   every answered Infer request, by status code
-//   attnserve_request_duration_seconds{layer}       histogram arrival to answer
+//   attnserve_requests_total{layer,version,code}    counter   every answered request, by status code
+//   attnserve_request_duration_seconds{layer,version} histogram arrival to answer
 //   attnserve_queue_duration_seconds{layer}         histogram arrival to the start of its batch's compute
 //   attnserve_compute_duration_seconds{layer}       histogram per executed batch
 //   attnserve_batch_size{layer}                     histogram requests per executed batch
@@ -16,8 +16,11 @@
 //   attnserve_layer_version{layer}                  gauge     the newest version serving (0: unloaded)
 //
 // Status codes are labelled with their canonical names (absl::StatusCodeToString: "OK", "NOT_FOUND", ...).
-// Layers can be added while serving (AddLayer); their series are kept after a
-// layer is unloaded, so counters never go back.
+// `version` is the layer version that answered (empty for a request refused before one was chosen: an
+// unknown layer or version). Layers can be added while serving (AddLayer); their series are kept after a
+// layer is unloaded, so counters never go back. Per layer, the series of the kVersionsKept newest versions
+// are kept: a layer reloaded every minute for a year does not grow /metrics (older versions' series end,
+// long after their last request was scraped).
 //
 // Thread-safety: all methods may be called from any thread (prometheus-cpp metrics are atomic; the per-layer
 // handles are found under a mutex).
@@ -62,11 +65,16 @@ class ServerMetrics {
   absl::Status Serve(const std::string& address, BasicAuthCheck check_basic_auth = {});
   int port() const;
 
-  // Requests for a layer without series are counted under layer="<unknown>" (bounded label set).
-  void RequestDone(const std::string& layer, absl::StatusCode code, double duration_s);
+  static constexpr int kVersionsKept = 16;
+
+  // Requests for a layer without series are counted under layer="<unknown>" (bounded label set); `version`
+  // 0: none was chosen.
+  void RequestDone(const std::string& layer, int64_t version, absl::StatusCode code, double duration_s);
   void QueueWait(const std::string& layer, double seconds);
   void BatchDone(const std::string& layer, int requests, int64_t tokens, double compute_s, double flops);
   void SetQueueDepth(const std::string& layer, double depth);
+  // The newest version serving (0: unloaded); a new version's OK series start at 0, so rate() sees its
+  // first request.
   void SetLayerVersion(const std::string& layer, int64_t version);
   void InflightAdd(double delta) { inflight_->Increment(delta); }
   void ConfigReloaded(bool ok) { (ok ? config_reload_success_ : config_reload_failure_)->Increment(); }
@@ -79,8 +87,13 @@ class ServerMetrics {
   LayerStatistics& statistics() { return statistics_; }
 
  private:
+  // One layer version's request series; created and removed under mu_, used only under it (so a removed
+  // series is never touched).
+  struct VersionSeries {
+    prometheus::Histogram* request_duration = nullptr;  // null until the version answers a request
+    std::map<int, prometheus::Counter*> requests;       // by absl::StatusCode
+  };
   struct LayerSeries {
-    prometheus::Histogram* request_duration;
     prometheus::Histogram* queue_duration;
     prometheus::Histogram* compute_duration;
     prometheus::Histogram* batch_size;
@@ -92,6 +105,11 @@ class ServerMetrics {
   struct Families;
   const LayerSeries* Find(const std::string& layer) const ABSL_LOCKS_EXCLUDED(mu_);
   void AddLayerLocked(const std::string& layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The series of (layer, version), created on first use; the oldest of the layer's are removed past
+  // kVersionsKept.
+  VersionSeries& VersionLocked(const std::string& layer, int64_t version) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  prometheus::Counter& CounterLocked(const std::string& layer, int64_t version, absl::StatusCode code)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<Families> families_;  // the per-layer families, for AddLayer
@@ -105,7 +123,8 @@ class ServerMetrics {
   mutable absl::Mutex mu_;
   // std::map: a found LayerSeries stays put while other layers are added.
   std::map<std::string, LayerSeries> layers_ ABSL_GUARDED_BY(mu_);
-  std::map<std::pair<std::string, int>, prometheus::Counter*> request_counters_ ABSL_GUARDED_BY(mu_);
+  // By layer name ("<unknown>" included), then version.
+  std::map<std::string, std::map<int64_t, VersionSeries>> versions_ ABSL_GUARDED_BY(mu_);
   LayerStatistics statistics_;
   std::unique_ptr<prometheus::Exposer> exposer_;
 };

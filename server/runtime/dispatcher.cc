@@ -58,7 +58,7 @@ void Dispatcher::Instrument(InferenceCall& call) {
                     const absl::Status& status) {
     const double seconds = absl::ToDoubleSeconds(clock->Now() - call->arrival);
     if (metrics) {
-      metrics->RequestDone(call->layer_name, status.code(), seconds);
+      metrics->RequestDone(call->layer_name, call->layer ? call->layer->version : 0, status.code(), seconds);
       metrics->InflightAdd(-1);
       if (call->layer != nullptr) RecordStatistics(*call, status.ok(), seconds, metrics->statistics());
     }

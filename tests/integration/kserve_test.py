@@ -866,6 +866,12 @@ def case_repository_reload(e):
     expect(not model_ready(e, "repo", str(v)), f"ModelReady of the replaced version {v} true")
     expect_error(lambda: infer(e, kreq("repo", e.repo_inputs, version=str(v))), NOT_FOUND, "version",
                  "ModelInfer of the replaced version")
+    # Metrics carry the version that answered: the old one's requests stay counted under it.
+    for version in (v, v + 1):
+        series = f'attnserve_requests_total{{code="OK",layer="repo",version="{version}"}}'
+        expect(metric(e.s, series) >= 1, f"no {series} on /metrics")
+    refused = 'attnserve_requests_total{code="NOT_FOUND",layer="repo",version=""}'
+    expect(metric(e.s, refused) >= 1, f"the request for a replaced version is not counted as {refused}")
 
 
 def case_repository_unload_and_load(e):

@@ -368,7 +368,8 @@ TEST_F(AttentionServiceTest, DeadlineAndCancellationWhileQueued) {
   )pb");
   const std::shared_ptr<prometheus::Registry> registry = server->server->metrics().registry();
   auto code_count = [&](const char* code) {
-    return CollectedValue(*registry, "attnserve_requests_total", {{"layer", "slow"}, {"code", code}}).value_or(0);
+    return CollectedValue(*registry, "attnserve_requests_total", {{"layer", "slow"}, {"version", "1"}, {"code", code}})
+        .value_or(0);
   };
   std::mt19937_64 rng(31);
   AsyncCall expiring, cancelled;
@@ -558,7 +559,7 @@ void CheckDrainedMetrics(const prometheus::Registry& registry, int ok) {
   EXPECT_EQ(CollectedValue(registry, "attnserve_inflight_requests"), std::optional<double>(0));
   EXPECT_EQ(CollectedValue(registry, "attnserve_inflight_batches"), std::optional<double>(0));
   EXPECT_EQ(CollectedValue(registry, "attnserve_queue_depth", {{"layer", "small"}}), std::optional<double>(0));
-  EXPECT_EQ(CollectedValue(registry, "attnserve_requests_total", {{"layer", "small"}, {"code", "OK"}}),
+  EXPECT_EQ(CollectedValue(registry, "attnserve_requests_total", {{"layer", "small"}, {"version", "1"}, {"code", "OK"}}),
             std::optional<double>(ok))
       << SeriesToString(CollectSeries(registry, "attnserve_requests_total"));
 }
@@ -641,12 +642,14 @@ std::vector<Planned> MixedOutcomes(std::mt19937_64& rng) {
   return plan;
 }
 
-// The requests_total series `plan` adds: unknown (and missing) layer names are folded into "<unknown>".
+// The requests_total series `plan` adds: unknown (and missing) layer names are folded into "<unknown>", with
+// no version; the others were answered by their layer's version 1.
 void Count(const std::vector<Planned>& plan, std::map<Labels, double>* series) {
   for (const Planned& p : plan) {
-    const std::string layer = p.code == grpc::StatusCode::NOT_FOUND ? "<unknown>" : p.proto.layer();
+    const bool unknown = p.code == grpc::StatusCode::NOT_FOUND;
     const std::string code = absl::StatusCodeToString(static_cast<absl::StatusCode>(p.code));
-    (*series)[{{"code", code}, {"layer", layer}}] += 1;
+    (*series)[{{"code", code}, {"layer", unknown ? "<unknown>" : p.proto.layer()}, {"version", unknown ? "" : "1"}}] +=
+        1;
   }
 }
 

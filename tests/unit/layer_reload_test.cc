@@ -160,7 +160,7 @@ TEST(LayerReloadTest, FailedLoadLeavesTheOldVersion) {
   ASSERT_TRUE(stub->Infer(&ctx, Request("fresh", query), &resp).ok());
   EXPECT_LE(testing::MaxAbsDiff(Values(resp.output()), Expected(Layer("fresh", 3), query)), 1e-5);
   const auto count = testing::FindMetric(*server->metrics().registry(), "attnserve_requests_total",
-                                         {{"layer", "fresh"}, {"code", "OK"}});
+                                         {{"layer", "fresh"}, {"version", "1"}, {"code", "OK"}});
   EXPECT_EQ(count->value, 1);
 }
 

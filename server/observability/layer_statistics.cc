@@ -1,5 +1,8 @@
 #include "server/observability/layer_statistics.h"
 
+#include <iterator>
+#include <limits>
+
 namespace attnserve {
 namespace {
 
@@ -8,9 +11,15 @@ uint64_t Nanos(absl::Duration d) { return d > absl::ZeroDuration() ? absl::ToInt
 }  // namespace
 
 VersionStatistics& LayerStatistics::EntryLocked(const std::string& layer, int64_t version) {
-  VersionStatistics& entry = versions_[{layer, version}];
+  auto [it, added] = versions_.try_emplace({layer, version});
+  VersionStatistics& entry = it->second;
+  if (!added) return entry;
   entry.layer = layer;
   entry.version = version;
+  const auto first = versions_.lower_bound({layer, std::numeric_limits<int64_t>::min()});
+  int kept = 0;
+  for (auto i = first; i != versions_.end() && i->first.first == layer; ++i) ++kept;
+  if (kept > kVersionsKept) versions_.erase(first == it ? std::next(first) : first);
   return entry;
 }
 

@@ -2,8 +2,9 @@
 // ModelStatistics reports them (Prometheus gets the same events through ServerMetrics; this keeps totals that
 // can be read back per version).
 //
-// Only requests that found their layer are counted, so unknown names sent by a client cannot grow it: its
-// size is bounded by the versions ever loaded.
+// Only requests that found their layer are counted, so unknown names sent by a client cannot grow it, and
+// each layer keeps its kVersionsKept newest versions (as the Prometheus series do): bounded by the layers
+// ever loaded, however often they are reloaded.
 //
 // Thread-safety: every method may be called from any thread at once.
 #pragma once
@@ -44,6 +45,8 @@ struct VersionStatistics {
 
 class LayerStatistics {
  public:
+  static constexpr int kVersionsKept = 16;
+
   // One answered request. `queue` and `compute` are counted only when `ok`.
   void RequestDone(const std::string& layer, int64_t version, bool ok, absl::Duration total, absl::Duration queue,
                    absl::Duration compute, int64_t sequences, absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);
@@ -55,6 +58,7 @@ class LayerStatistics {
   std::vector<VersionStatistics> Snapshot(const std::string& layer, int64_t version) const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
+  // The entry of (layer, version), added when new; a layer's oldest entry goes past kVersionsKept.
   VersionStatistics& EntryLocked(const std::string& layer, int64_t version) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   mutable absl::Mutex mu_;

@@ -1,9 +1,12 @@
 #!/usr/bin/python3
 """Issue #10's numbers for BENCHMARKS.md, all in one run on this machine:
 
+0. Memory after reloads: with no traffic, --reload-cycles reloads of layer B (`base`) each followed by a load
+   and an unload of layer C; the server's RSS at start and after some of them.
 1. The two protocols side by side: attnbench on layer `small` (E=256, H=4, B=1, L=16) with attnserve.v1's
-   unary Infer and with the Open Inference Protocol's ModelInfer (--kserve), p50 at concurrency 1 and
-   requests/s at concurrency 64, interleaved over --rounds rounds, medians.
+   unary Infer and with the Open Inference Protocol's ModelInfer (--kserve): requests/s at concurrency 64
+   interleaved over --rounds rounds, and p50 at concurrency 1 over --c1-pairs back-to-back pairs of short
+   rounds (the median of the pairs' ratios); medians.
 2. Layers changing under load: attnbench at concurrency 64 on layer A (`small`) for --duration seconds, once
    with nothing else happening and once while layer B (`base`, E=768, H=12) is reloaded 20 times and layer C
    (E=512, H=8) loaded and unloaded 10 times over the repository RPCs (one Python gRPC client, stubs made with
@@ -11,7 +14,7 @@
    p50/p99 and failed requests in each, and the ratio of the p99s. The server's RSS before C is first loaded and
    after its last unload says whether an unloaded layer's memory comes back.
 
-    /usr/bin/python3 bench/model_control.py [--build build] [--duration 8] [--rounds 3]
+    /usr/bin/python3 bench/model_control.py [--build build] [--duration 8] [--rounds 3] [--c1-pairs 12] [--reload-cycles 30]
 """
 
 import argparse
@@ -52,19 +55,48 @@ def repository_stub(port, tmp):
     return stub, kpb
 
 
-def protocols(build, port, duration, rounds):
-    rows = {"attnserve.v1 Infer": ([], []), "KServe ModelInfer": ([], [])}
-    order = [("attnserve.v1 Infer", []), ("KServe ModelInfer", ["--kserve"])]
+def protocols(build, port, duration, rounds, c1_pairs):
+    """Requests/s at c=64 over `rounds` alternating rounds; p50 at c=1 over `c1_pairs` pairs of 2 s rounds, the
+    two protocols back to back in each pair (alternating which goes first): the machine's drift over minutes
+    is larger than the difference measured, so each pair's ratio compares like with like."""
+    names = ["attnserve.v1 Infer", "KServe ModelInfer"]
+    extra = {names[0]: [], names[1]: ["--kserve"]}
+    rps, p50, ratios = {n: [] for n in names}, {n: [] for n in names}, []
     for r in range(rounds):
-        for name, extra in (order if r % 2 == 0 else order[::-1]):  # alternating, so neither always goes first
-            steps = attnbench(build, f"127.0.0.1:{port}", "--layer", "small", "--seq", "16", "--concurrency", "1,64",
-                              "--duration", f"{duration}s", "--warmup", "1s", *extra)
-            assert all(s["errors"] == 0 for s in steps), steps
-            rows[name][0].append(steps[0]["latency_ms"]["p50"])
-            rows[name][1].append(steps[1]["requests_per_second"])
-            print(f"round {r + 1} {name}: p50 {rows[name][0][-1]:.3f} ms, {rows[name][1][-1]:.0f} requests/s",
-                  file=sys.stderr)
-    return {name: (statistics.median(a), statistics.median(b)) for name, (a, b) in rows.items()}
+        for name in (names if r % 2 == 0 else names[::-1]):
+            step = attnbench(build, f"127.0.0.1:{port}", "--layer", "small", "--seq", "16", "--concurrency", "64",
+                             "--duration", f"{duration}s", "--warmup", "1s", *extra[name])[0]
+            assert step["errors"] == 0, step
+            rps[name].append(step["requests_per_second"])
+            print(f"round {r + 1} {name}: {rps[name][-1]:.0f} requests/s at c=64", file=sys.stderr)
+    for r in range(c1_pairs):
+        pair = {}
+        for name in (names if r % 2 == 0 else names[::-1]):
+            step = attnbench(build, f"127.0.0.1:{port}", "--layer", "small", "--seq", "16", "--concurrency", "1",
+                             "--duration", "2s", "--warmup", "0.3s", *extra[name])[0]
+            assert step["errors"] == 0, step
+            pair[name] = step["latency_ms"]["p50"]
+            p50[name].append(pair[name])
+        ratios.append(pair[names[1]] / pair[names[0]])
+        print(f"pair {r + 1}: p50 at c=1 {pair[names[0]]:.3f} vs {pair[names[1]]:.3f} ms", file=sys.stderr)
+    table = {n: (statistics.median(p50[n]), statistics.median(rps[n])) for n in names}
+    return table, statistics.median(ratios), (min(ratios), max(ratios))
+
+
+def reload_memory(control, pid, cycles):
+    """RSS (MiB) with no traffic: at start, then after reloads of B each followed by a load and an unload of C."""
+    stub, kpb = control
+    rss = {0: rss_mib(pid)}
+    for i in range(1, cycles + 1):
+        stub.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="base"), timeout=120)
+        load_c = kpb.RepositoryModelLoadRequest(model_name="c")
+        load_c.parameters["config"].string_param = LAYER_C
+        stub.RepositoryModelLoad(load_c, timeout=120)
+        stub.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name="c"), timeout=120)
+        if i in (1, 2, 5) or i % 10 == 0:
+            time.sleep(1.5)  # the trimmer returns freed heap pages once a second while idle
+            rss[i] = rss_mib(pid)
+    return rss
 
 
 def churn(control, stop, counts):
@@ -103,6 +135,8 @@ def main():
     ap.add_argument("--build", default="build")
     ap.add_argument("--duration", type=float, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--c1-pairs", type=int, default=12)
+    ap.add_argument("--reload-cycles", type=int, default=30)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         proc = Proc([f"{a.build}/server/attnserve", "--grpc-address", "127.0.0.1:0", "--metrics-address",
@@ -111,7 +145,8 @@ def main():
         try:
             port = proc.ports[0]
             control = repository_stub(port, tmp)
-            table = protocols(a.build, port, min(a.duration, 5), a.rounds)
+            memory = reload_memory(control, proc.p.pid, a.reload_cycles)
+            table, c1_ratio, c1_range = protocols(a.build, port, min(a.duration, 5), a.rounds, a.c1_pairs)
             rss_before = rss_mib(proc.p.pid)
             quiet, churned = [], []
             for r in range(a.rounds):
@@ -129,6 +164,10 @@ def main():
     print("|---|---|---|---|---|")
     for name, (p50, rps) in table.items():
         print(f"| {name} | {p50:.3f} | {p50 / v1_p50 - 1:+.1%} | {rps:.0f} | {rps / v1_rps - 1:+.1%} |")
+    print(f"\np50 at c=1, KServe / attnserve.v1, median of {a.c1_pairs} back-to-back pairs: {c1_ratio - 1:+.1%} "
+          f"(pairs from {c1_range[0] - 1:+.1%} to {c1_range[1] - 1:+.1%})")
+    print("\nRSS with no traffic, reloads of B each with a load and unload of C: " +
+          ", ".join(f"{k}: {v:.0f} MiB" for k, v in memory.items()))
     print()
     med = lambda runs, i: statistics.median(r[i] for r in runs)  # noqa: E731
     print("| layer A (`small`, c=64) | p50 (ms) | p99 (ms) | failed requests | requests |")

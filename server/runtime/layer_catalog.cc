@@ -70,6 +70,10 @@ absl::Status LayerCatalog::Load(const std::string& name, const attnserve::v1::La
                                                    "' differs from model_name '", BoundedForLog(name), "'"));
   }
   absl::MutexLock change(&change_mu_);
+  return LoadLocked(name, override_config);
+}
+
+absl::Status LayerCatalog::LoadLocked(const std::string& name, const attnserve::v1::LayerConfig* override_config) {
   attnserve::v1::LayerConfig config;
   {
     absl::MutexLock lock(&state_mu_);
@@ -105,6 +109,10 @@ absl::Status LayerCatalog::Load(const std::string& name, const attnserve::v1::La
 
 absl::Status LayerCatalog::Unload(const std::string& name) {
   absl::MutexLock change(&change_mu_);
+  return UnloadLocked(name);
+}
+
+absl::Status LayerCatalog::UnloadLocked(const std::string& name) {
   if (options_.registry->Find(name) == nullptr) {
     return absl::NotFoundError(absl::StrCat("model_name: no layer named '", BoundedForLog(name), "' is loaded"));
   }
@@ -139,6 +147,9 @@ void LayerCatalog::PlanReconcile(const std::vector<attnserve::v1::LayerConfig>& 
 }
 
 absl::Status LayerCatalog::Reconcile(const std::vector<attnserve::v1::LayerConfig>& desired, bool reload_all) {
+  // Held from the plan to its last step: a load through the RPCs comes before or after, never in between
+  // (it would change what the plan read, e.g. a layer's config).
+  absl::MutexLock change(&change_mu_);
   std::vector<std::string> to_load, to_unload;
   {
     absl::MutexLock lock(&state_mu_);
@@ -151,11 +162,11 @@ absl::Status LayerCatalog::Reconcile(const std::vector<attnserve::v1::LayerConfi
     }
   };
   for (const std::string& name : to_unload) {
-    const absl::Status s = Unload(name);
+    const absl::Status s = UnloadLocked(name);
     if (s.ok()) Set(name, LayerState::kUnavailable, "removed from the config file");
     note(name, s);
   }
-  for (const std::string& name : to_load) note(name, Load(name, nullptr));
+  for (const std::string& name : to_load) note(name, LoadLocked(name, nullptr));
   return first_error;
 }
 

@@ -4,8 +4,8 @@
 // published; see Server::LoadLayer) one at a time, and record the outcome. A failed reload leaves the
 // previous version serving.
 //
-// Thread-safety: every method may be called from any thread; Load and Unload are serialised, Index never
-// waits for them.
+// Thread-safety: every method may be called from any thread; Load, Unload and Reconcile (as a whole) are
+// serialised, Index never waits for them.
 #pragma once
 
 #include <cstdint>
@@ -79,10 +79,14 @@ class LayerCatalog {
                      std::vector<std::string>* to_load, std::vector<std::string>* to_unload)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_mu_);
   explicit LayerCatalog(Options options);
+  absl::Status LoadLocked(const std::string& name, const attnserve::v1::LayerConfig* override_config)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(change_mu_) ABSL_LOCKS_EXCLUDED(state_mu_);
+  absl::Status UnloadLocked(const std::string& name) ABSL_EXCLUSIVE_LOCKS_REQUIRED(change_mu_)
+      ABSL_LOCKS_EXCLUDED(state_mu_);
   void Set(const std::string& name, LayerState state, const std::string& reason) ABSL_LOCKS_EXCLUDED(state_mu_);
 
   const Options options_;
-  absl::Mutex change_mu_;  // one Load or Unload at a time
+  absl::Mutex change_mu_;  // one Load, Unload or Reconcile at a time
   mutable absl::Mutex state_mu_;
   std::map<std::string, Entry> entries_ ABSL_GUARDED_BY(state_mu_);
 };

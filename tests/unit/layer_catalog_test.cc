@@ -3,6 +3,7 @@
 // server's are apart from the queues).
 #include "server/runtime/layer_catalog.h"
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <thread>
@@ -38,7 +39,11 @@ class LayerCatalogTest : public ::testing::Test {
     options.registry = registry_.get();
     options.load = [this](const v1::LayerConfig& layer) -> absl::Status {
       ++loads_;
-      if (block_load_ != nullptr) block_load_->WaitForNotification();
+      {
+        absl::MutexLock lock(&loaded_mu_);
+        loaded_.emplace_back(layer.name(), layer.seed());
+      }
+      if (absl::Notification* block = block_load_.load(); block != nullptr) block->WaitForNotification();
       v1::LayerConfig c = layer;
       if (absl::Status s = ApplyLayerDefaultsAndValidate(&c); !s.ok()) return s;
       auto loaded = LoadLayer(c);
@@ -62,8 +67,10 @@ class LayerCatalogTest : public ::testing::Test {
 
   std::unique_ptr<LayerRegistry> registry_;
   std::unique_ptr<LayerCatalog> catalog_;
-  int loads_ = 0;
-  absl::Notification* block_load_ = nullptr;
+  std::atomic<int> loads_{0};
+  std::atomic<absl::Notification*> block_load_{nullptr};
+  absl::Mutex loaded_mu_;
+  std::vector<std::pair<std::string, uint64_t>> loaded_ ABSL_GUARDED_BY(loaded_mu_);  // (name, seed) in order
 };
 
 TEST_F(LayerCatalogTest, ConfiguredLayersStartReady) {
@@ -174,6 +181,28 @@ TEST_F(LayerCatalogTest, ReconcileLeavesLayersLoadedByConfigAlone) {
   ASSERT_TRUE(catalog_->Load("extra", &extra).ok());
   ASSERT_TRUE(catalog_->Reconcile(Validated({TinyLayer("a", 1)}), false).ok());
   EXPECT_EQ(StatusOf("extra").state, LayerState::kReady);
+}
+
+// A reconcile that starts while a load through the RPCs runs waits for it before it plans: it never plans
+// from state that load is about to change (it would then load the RPC's config as the file's).
+TEST_F(LayerCatalogTest, AReconcileWaitsForALoadRunning) {
+  absl::Notification release;
+  block_load_ = &release;
+  const v1::LayerConfig admin = Validated({TinyLayer("b", 9)})[0];
+  std::thread operator_load([&] { EXPECT_TRUE(catalog_->Load("b", &admin).ok()); });
+  for (int i = 0; i < 2000 && loads_ == 0; ++i) absl::SleepFor(absl::Milliseconds(1));  // blocked in it
+  ASSERT_EQ(loads_, 1);
+  std::thread reconciler(
+      [this] { EXPECT_TRUE(catalog_->Reconcile(Validated({TinyLayer("a", 1), TinyLayer("b", 2)}), false).ok()); });
+  absl::SleepFor(absl::Milliseconds(50));  // time for the reconcile to plan, were it not waiting
+  block_load_ = nullptr;
+  release.Notify();
+  operator_load.join();
+  reconciler.join();
+  absl::MutexLock lock(&loaded_mu_);
+  const std::vector<std::pair<std::string, uint64_t>> want = {{"b", 9}, {"b", 2}};
+  EXPECT_EQ(loaded_, want);  // the operator's b, then the file's
+  EXPECT_EQ(registry_->Find("b")->config.seed(), 2u);
 }
 
 TEST_F(LayerCatalogTest, ReconcileTriesEveryLayerAndNamesTheOneThatFailed) {

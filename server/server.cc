@@ -354,9 +354,6 @@ void Server::BuildMemoryBudget() {
   p.memory = std::make_unique<MemoryBudget>(budget,
                                             [metrics](int64_t reserved) { metrics->SetMemoryReserved(reserved); });
   metrics->SetMemoryBudget(budget);
-  // Buffers of a MiB and more are mapped and unmapped on their own, so that the memory of a flood of large
-  // requests goes back to the system once they are answered (glibc's adaptive threshold would keep them).
-  mallopt(M_MMAP_THRESHOLD, 1 << 20);
   spdlog::info("memory budget: {} bytes ({})", budget, source);
 }
 

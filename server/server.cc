@@ -433,6 +433,9 @@ Server::Ports Server::ports() const {
 absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
   attnserve::v1::LayerConfig config = layer;
   ATTN_RETURN_IF_ERROR(ApplyLayerDefaultsAndValidate(&config));
+  // Refused before anything is allocated: a layer too large for the process must not get it OOM-killed.
+  const int64_t request_budget = parts_->memory != nullptr ? parts_->memory->budget_bytes() : 0;
+  ATTN_RETURN_IF_ERROR(CheckLayerFits(config, ProcessMemoryLimitBytes(nullptr), ResidentBytes(), request_budget));
   // Built and warmed up at the lowest CPU priority: the workers serving requests come first.
   std::unique_ptr<ServedLayer> loaded;
   const absl::Time load_start = absl::Now();

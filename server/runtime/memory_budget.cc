@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
@@ -70,7 +71,7 @@ std::string FirstLine(const char* path) {
 
 }  // namespace
 
-int64_t DefaultMemoryBudgetBytes(std::string* source) {
+int64_t ProcessMemoryLimitBytes(std::string* source) {
   int64_t limit = MemoryLimitFromCgroup(FirstLine("/sys/fs/cgroup/memory.max"));
   std::string from = "cgroup memory.max";
   if (limit == 0) {
@@ -81,8 +82,39 @@ int64_t DefaultMemoryBudgetBytes(std::string* source) {
     limit = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGE_SIZE));
     from = "physical memory";
   }
-  if (source != nullptr) *source = absl::StrCat("half of ", from, " (", limit, " bytes)");
+  if (source != nullptr) *source = absl::StrCat(from, " (", limit, " bytes)");
+  return limit;
+}
+
+int64_t DefaultMemoryBudgetBytes(std::string* source) {
+  const int64_t limit = ProcessMemoryLimitBytes(source);
+  if (source != nullptr) *source = absl::StrCat("half of ", *source);
   return limit / 2;
+}
+
+int64_t ResidentBytes() {
+  std::ifstream in("/proc/self/statm");
+  int64_t size_pages = 0, resident_pages = 0;
+  if (!(in >> size_pages >> resident_pages)) return 0;
+  return resident_pages * static_cast<int64_t>(sysconf(_SC_PAGE_SIZE));
+}
+
+int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer) {
+  constexpr int64_t kF32 = 4;
+  const int64_t e = layer.embed_dim(), k = layer.kdim() > 0 ? layer.kdim() : e, v = layer.vdim() > 0 ? layer.vdim() : e;
+  const int64_t weights = kF32 * (e * (e + k + v) + e * e + 4 * e);  // in_proj (Q, K, V), out_proj, biases
+  return 2 * weights;
+}
+
+absl::Status CheckLayerFits(const attnserve::v1::LayerConfig& layer, int64_t limit_bytes, int64_t resident_bytes,
+                            int64_t request_budget_bytes) {
+  const int64_t need = LayerBuildBytes(layer);
+  const int64_t available = limit_bytes - resident_bytes - request_budget_bytes;
+  if (need <= available) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "layer '", layer.name(), "': building it needs about ", need, " bytes (its weights twice); the process may use ",
+      limit_bytes, ", holds ", resident_bytes, " and keeps ", request_budget_bytes,
+      " for requests (memory_budget_bytes), leaving ", std::max<int64_t>(0, available)));
 }
 
 }  // namespace attnserve

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "attnserve/v1/config.pb.h"
 #include "core/attention_inputs.h"
 #include "core/mha_config.h"
 
@@ -70,9 +71,25 @@ class MemoryBudget {
 int64_t RequestCostBytes(const ParsedAttention& parsed, const MhaConfig& config, int64_t scores_block_bytes,
                          int64_t request_bytes);
 
-// The default budget: half the memory the process may use (the cgroup v2 memory.max, else cgroup v1's
-// memory.limit_in_bytes, else the machine's MemTotal). `source` (may be null) says which it was.
+// The memory the process may use: the cgroup v2 memory.max, else cgroup v1's memory.limit_in_bytes, else the
+// machine's physical memory. `source` (may be null) says which it was.
+int64_t ProcessMemoryLimitBytes(std::string* source);
+
+// The default budget: half of ProcessMemoryLimitBytes.
 int64_t DefaultMemoryBudgetBytes(std::string* source);
+
+// The process's resident set now (/proc/self/statm), in bytes; 0 when unreadable.
+int64_t ResidentBytes();
+
+// What building a layer of `layer` (defaults applied) holds at its peak: its weights twice (as read or
+// generated, and the engine's own copy).
+int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer);
+
+// RESOURCE_EXHAUSTED naming the layer and every number when building it could take the process past
+// `limit_bytes`, counting what it holds (`resident_bytes`) and what admitted requests may hold
+// (`request_budget_bytes`): a layer too large is refused before anything is allocated, never an OOM kill.
+absl::Status CheckLayerFits(const attnserve::v1::LayerConfig& layer, int64_t limit_bytes, int64_t resident_bytes,
+                            int64_t request_budget_bytes);
 
 // The budget from a cgroup limit file's first line ("max" or a number); 0 for no limit or unparsable.
 int64_t MemoryLimitFromCgroup(const std::string& line);

@@ -58,17 +58,22 @@ int WaitForStop(const sigset_t& signals, attnserve::ConfigWatcher* watcher, cons
   }
   return signal_number;
 }
-}  // namespace
 
-int main(int argc, char** argv) {
-  using namespace attnserve;
-  const sigset_t signals = BlockServerSignals();
+void MapLargeBlocksApart() {
   // Buffers of a MiB and more are mapped and unmapped on their own, so that the memory of a flood of large
   // requests, and a replaced layer's weights, go back to the system once freed (glibc's adaptive threshold
   // rises to the largest block freed, up to 32 MiB, and with it the trim threshold, and keeps such blocks in
   // the heap). Set first thing: set only once the configured layers were built, as it was, 20 reloads of a
   // 9 MiB layer still grew RSS from 42 to 95 MiB; set first, 42 to 58 (BENCHMARKS.md, issue #10).
   mallopt(M_MMAP_THRESHOLD, 1 << 20);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace attnserve;
+  const sigset_t signals = BlockServerSignals();
+  MapLargeBlocksApart();
 
   auto flags = ParseServerFlags(argc, argv, [](const char* name) { return std::getenv(name); });
   if (!flags.ok()) {

@@ -1,0 +1,182 @@
+#include "core/kv_cache_pool.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "absl/strings/str_cat.h"
+
+namespace attnserve {
+
+KvBlockRef::KvBlockRef(KvCachePool* pool, KvBlock* block) : pool_(pool), block_(block) {
+  block_->refs.fetch_add(1, std::memory_order_relaxed);
+}
+
+KvBlockRef::KvBlockRef(const KvBlockRef& other) : pool_(other.pool_), block_(other.block_) {
+  if (block_ != nullptr) block_->refs.fetch_add(1, std::memory_order_relaxed);
+}
+
+KvBlockRef& KvBlockRef::operator=(const KvBlockRef& other) {
+  if (this != &other) {
+    KvBlockRef copy(other);
+    *this = std::move(copy);
+  }
+  return *this;
+}
+
+KvBlockRef& KvBlockRef::operator=(KvBlockRef&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    pool_ = other.pool_;
+    block_ = other.block_;
+    other.block_ = nullptr;
+  }
+  return *this;
+}
+
+void KvBlockRef::Reset() {
+  if (block_ == nullptr) return;
+  // acq_rel: the last holder's writes to the block happen before whoever takes it from the pool next.
+  if (block_->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) pool_->Release(block_);
+  block_ = nullptr;
+}
+
+absl::StatusOr<std::unique_ptr<KvCachePool>> KvCachePool::Create(const Options& options) {
+  if (options.kv_cache_bytes <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("kv_cache_bytes must be > 0, got ", options.kv_cache_bytes));
+  }
+  if (options.block_tokens < 1 || options.block_tokens > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv_block_tokens must be between 1 and 4096, got ", options.block_tokens));
+  }
+  return std::unique_ptr<KvCachePool>(new KvCachePool(options));
+}
+
+KvCachePool::~KvCachePool() {
+  absl::MutexLock lock(&mu_);
+  for (auto& [width, blocks] : free_) {
+    for (KvBlock* b : blocks) FreeBlockLocked(b);
+  }
+}
+
+void KvCachePool::FreeBlockLocked(KvBlock* block) {
+  std::free(block->data);
+  held_bytes_ -= BlockBytes(block->width);
+  delete block;
+}
+
+bool KvCachePool::MakeRoomLocked(int64_t bytes, int64_t width) {
+  for (auto it = free_.begin(); it != free_.end() && held_bytes_ + bytes > options_.kv_cache_bytes; ++it) {
+    if (it->first == width) continue;
+    std::vector<KvBlock*>& blocks = it->second;
+    while (!blocks.empty() && held_bytes_ + bytes > options_.kv_cache_bytes) {
+      free_bytes_ -= BlockBytes(blocks.back()->width);
+      FreeBlockLocked(blocks.back());
+      blocks.pop_back();
+    }
+  }
+  return held_bytes_ + bytes <= options_.kv_cache_bytes;
+}
+
+absl::StatusOr<KvBlockRef> KvCachePool::Allocate(int64_t width) {
+  if (width < 1) return absl::InvalidArgumentError(absl::StrCat("KV width must be >= 1, got ", width));
+  const int64_t bytes = BlockBytes(width);
+  absl::MutexLock lock(&mu_);
+  std::vector<KvBlock*>& kept = free_[width];
+  if (!kept.empty()) {
+    KvBlock* block = kept.back();
+    kept.pop_back();
+    free_bytes_ -= bytes;
+    ++blocks_in_use_;
+    return KvBlockRef(this, block);
+  }
+  if (!MakeRoomLocked(bytes, width)) {
+    return absl::ResourceExhaustedError(absl::StrCat("KV cache pool full: a block needs ", bytes, " bytes, ",
+                                                     held_bytes_ - free_bytes_, " of ", options_.kv_cache_bytes,
+                                                     " (kv_cache_bytes) are in use"));
+  }
+  // 64-byte aligned for the matmul kernels; aligned_alloc wants a multiple of the alignment.
+  void* data = std::aligned_alloc(64, static_cast<size_t>((bytes + 63) / 64 * 64));
+  if (data == nullptr) return absl::ResourceExhaustedError("KV cache pool: out of memory for a block");
+  auto* block = new KvBlock;
+  block->data = static_cast<float*>(data);
+  block->width = width;
+  held_bytes_ += bytes;
+  ++blocks_in_use_;
+  ++system_allocations_;
+  return KvBlockRef(this, block);
+}
+
+void KvCachePool::Release(KvBlock* block) {
+  absl::MutexLock lock(&mu_);
+  --blocks_in_use_;
+  free_bytes_ += BlockBytes(block->width);
+  free_[block->width].push_back(block);
+}
+
+int64_t KvCachePool::used_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return held_bytes_ - free_bytes_;
+}
+
+int64_t KvCachePool::free_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return free_bytes_;
+}
+
+int64_t KvCachePool::blocks_in_use() const {
+  absl::MutexLock lock(&mu_);
+  return blocks_in_use_;
+}
+
+int64_t KvCachePool::system_allocations() const {
+  absl::MutexLock lock(&mu_);
+  return system_allocations_;
+}
+
+int64_t KvSequence::shared_blocks() const {
+  return std::count_if(blocks_.begin(), blocks_.end(), [](const KvBlockRef& b) { return b.shared(); });
+}
+
+absl::Status KvSequence::Append(const float* keys, const float* values, int64_t count) {
+  if (count <= 0) return absl::OkStatus();
+  const int64_t bt = block_tokens();
+  const int64_t filled = tokens_ % bt;  // rows used in the last block (0: it is full, or there is none)
+  const bool copy_last = filled > 0 && blocks_.back().shared();
+  const int64_t new_blocks = (tokens_ + count + bt - 1) / bt - num_blocks();
+  // Every block first, so that a full pool leaves the sequence as it was.
+  std::vector<KvBlockRef> taken;
+  for (int64_t i = 0; i < new_blocks + (copy_last ? 1 : 0); ++i) {
+    absl::StatusOr<KvBlockRef> block = pool_->Allocate(width_);
+    if (!block.ok()) return block.status();
+    taken.push_back(std::move(*block));
+  }
+  size_t next = 0;
+  const size_t row_bytes = static_cast<size_t>(width_) * sizeof(float);
+  if (copy_last) {  // copy-on-write: the rows written so far, into a block of its own
+    KvBlockRef& own = taken[next++];
+    std::memcpy(own.keys(), blocks_.back().keys(), filled * row_bytes);
+    std::memcpy(own.values(bt), blocks_.back().values(bt), filled * row_bytes);
+    blocks_.back() = std::move(own);
+  }
+  for (int64_t done = 0; done < count;) {
+    const int64_t row = tokens_ % bt;
+    if (row == 0) blocks_.push_back(std::move(taken[next++]));
+    const int64_t n = std::min(count - done, bt - row);
+    std::memcpy(blocks_.back().keys() + row * width_, keys + done * width_, n * row_bytes);
+    std::memcpy(blocks_.back().values(bt) + row * width_, values + done * width_, n * row_bytes);
+    done += n;
+    tokens_ += n;
+  }
+  return absl::OkStatus();
+}
+
+void KvSequence::Truncate(int64_t tokens) {
+  if (tokens < 0 || tokens >= tokens_) return;
+  const int64_t keep_blocks = (tokens + block_tokens() - 1) / block_tokens();
+  blocks_.resize(static_cast<size_t>(keep_blocks));
+  tokens_ = tokens;
+}
+
+}  // namespace attnserve

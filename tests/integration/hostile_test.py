@@ -326,12 +326,9 @@ def case_short_requests_do_not_wait_behind_a_long_one(s):
     expect(answered_during == 5, f"only {answered_during} of 5 small requests were answered before the long one")
 
 
-def case_queue_flood_stays_within_the_memory_budget(s):
-    """64 concurrent 8 MiB requests (each ~50 MiB with its workspace and answer): once all queued (+2 GiB of
-    RSS). Admission now stops at the budget (256 MiB) with RESOURCE_EXHAUSTED, and the memory goes back."""
-    big = request("small", [8, 1024, 256])
-    s.stub.Infer(big, timeout=60)  # the baseline has served this shape once (its primitives are built)
-    time.sleep(2.5)
+def flood(s, send, n, check_refusal=None):
+    """Sends n calls at once (send() returns a future) and waits for all: ({code name: count}, RSS peak above
+    the RSS before, in MiB), RSS sampled every 10 ms meanwhile. check_refusal(e) sees each RESOURCE_EXHAUSTED."""
     rss_before = s.rss_kib()
     peak = [rss_before]
     stop = threading.Event()
@@ -343,26 +340,39 @@ def case_queue_flood_stays_within_the_memory_budget(s):
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    futures = [s.stub.Infer.future(big, timeout=120) for _ in range(64)]
     codes = {}
     try:
-        for f in futures:
+        for f in [send() for _ in range(n)]:
             try:
                 f.result()
                 code = "OK"
             except grpc.RpcError as e:
                 code = e.code().name
-                if code == "RESOURCE_EXHAUSTED":
-                    # The budget refuses at admission; gRPC's resource quota (transport memory, a quarter of
-                    # the budget) may refuse a stream before that, with RST_STREAM ENHANCE_YOUR_CALM (11).
-                    expect("memory budget" in e.details() or "RST_STREAM with error code 11" in e.details(),
-                           f"RESOURCE_EXHAUSTED but neither the budget nor the transport quota: {e.details()}")
+                if code == "RESOURCE_EXHAUSTED" and check_refusal:
+                    check_refusal(e)
             codes[code] = codes.get(code, 0) + 1
     finally:
         stop.set()
         sampler.join()
+    return codes, (peak[0] - rss_before) / 1024
+
+
+def refused_by_the_budget(e):
+    # The budget refuses at admission; gRPC's resource quota (transport memory, a quarter of the budget) may
+    # refuse a stream before that, with RST_STREAM ENHANCE_YOUR_CALM (11).
+    expect("memory budget" in e.details() or "RST_STREAM with error code 11" in e.details(),
+           f"RESOURCE_EXHAUSTED but neither the budget nor the transport quota: {e.details()}")
+
+
+def case_queue_flood_stays_within_the_memory_budget(s):
+    """64 concurrent 8 MiB requests (each ~50 MiB with its workspace and answer): once all queued (+2 GiB of
+    RSS). Admission now stops at the budget (256 MiB) with RESOURCE_EXHAUSTED, and the memory goes back."""
+    big = request("small", [8, 1024, 256])
+    s.stub.Infer(big, timeout=60)  # the baseline has served this shape once (its primitives are built)
+    time.sleep(2.5)
+    rss_before = s.rss_kib()
+    codes, grown = flood(s, lambda: s.stub.Infer.future(big, timeout=120), 64, refused_by_the_budget)
     time.sleep(2.5)  # the server gives freed memory back once a second while idle
-    grown = (peak[0] - rss_before) / 1024
     after = (s.rss_kib() - rss_before) / 1024
     print(f"    64 x 8 MiB at once: {codes}; RSS peak +{grown:.0f} MiB (budget {BUDGET_MIB}), after +{after:.0f} MiB")
     expect(codes.get("RESOURCE_EXHAUSTED", 0) > 0, "nothing was refused")
@@ -419,30 +429,7 @@ def case_kserve_fp16_flood_stays_within_the_memory_budget(s):
     big = kserve_request("small", [8, 1024, 256], datatype="FP16")
     s.kserve.ModelInfer(big, timeout=60)
     time.sleep(2.5)
-    rss_before = s.rss_kib()
-    peak = [rss_before]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], s.rss_kib())
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    codes = {}
-    try:
-        for f in [s.kserve.ModelInfer.future(big, timeout=120) for _ in range(64)]:
-            try:
-                f.result()
-                code = "OK"
-            except grpc.RpcError as e:
-                code = e.code().name
-            codes[code] = codes.get(code, 0) + 1
-    finally:
-        stop.set()
-        sampler.join()
-    grown = (peak[0] - rss_before) / 1024
+    codes, grown = flood(s, lambda: s.kserve.ModelInfer.future(big, timeout=120), 64, refused_by_the_budget)
     print(f"    64 x 4 MiB FP16 at once: {codes}; RSS peak +{grown:.0f} MiB (budget {BUDGET_MIB})")
     expect(codes.get("RESOURCE_EXHAUSTED", 0) > 0 and codes.get("OK", 0) > 0, f"codes {codes}")
     expect(set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, f"unexpected codes {codes}")

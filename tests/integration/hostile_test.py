@@ -383,8 +383,8 @@ def case_queue_flood_stays_within_the_memory_budget(s):
         # The budget covers what the server holds per request; gRPC's own receive buffers come on top.
         expect(grown < 2 * BUDGET_MIB, f"RSS grew {grown:.0f} MiB under a {BUDGET_MIB} MiB budget")
         # Most of it goes back (the scratch of idle workers, malloc_trim while idle); what stays varies from
-        # run to run (12-87 MiB measured), so the bound is half the budget, not yet the 10 % of baseline the
-        # hardening issue asks.
+        # run to run (12-87 MiB measured; 1-15 MiB since main sets the mmap threshold first), so the bound is
+        # half the budget, not yet the 10 % of baseline the hardening issue asks.
         expect(after < BUDGET_MIB / 2, f"RSS still {after:.0f} MiB above its baseline")
 
 

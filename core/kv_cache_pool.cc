@@ -54,6 +54,7 @@ absl::StatusOr<std::unique_ptr<KvCachePool>> KvCachePool::Create(const Options& 
 }
 
 KvCachePool::~KvCachePool() {
+  // Blocks still referenced (blocks_in_use_ > 0) would be released into a destroyed pool: a caller's bug.
   absl::MutexLock lock(&mu_);
   for (auto& [width, blocks] : free_) {
     for (KvBlock* b : blocks) FreeBlockLocked(b);
@@ -67,6 +68,10 @@ void KvCachePool::FreeBlockLocked(KvBlock* block) {
 }
 
 bool KvCachePool::MakeRoomLocked(int64_t bytes, int64_t width) {
+  if (held_bytes_ + bytes <= options_.kv_cache_bytes) return true;
+  const auto same = free_.find(width);
+  const int64_t same_width_free = same == free_.end() ? 0 : BlockBytes(width) * int64_t(same->second.size());
+  if (held_bytes_ - (free_bytes_ - same_width_free) + bytes > options_.kv_cache_bytes) return false;
   for (auto it = free_.begin(); it != free_.end() && held_bytes_ + bytes > options_.kv_cache_bytes; ++it) {
     if (it->first == width) continue;
     std::vector<KvBlock*>& blocks = it->second;
@@ -76,11 +81,13 @@ bool KvCachePool::MakeRoomLocked(int64_t bytes, int64_t width) {
       blocks.pop_back();
     }
   }
-  return held_bytes_ + bytes <= options_.kv_cache_bytes;
+  return true;
 }
 
 absl::StatusOr<KvBlockRef> KvCachePool::Allocate(int64_t width) {
-  if (width < 1) return absl::InvalidArgumentError(absl::StrCat("KV width must be >= 1, got ", width));
+  if (width < 1 || width > kMaxWidth) {
+    return absl::InvalidArgumentError(absl::StrCat("KV width must be between 1 and ", kMaxWidth, ", got ", width));
+  }
   const int64_t bytes = BlockBytes(width);
   absl::MutexLock lock(&mu_);
   std::vector<KvBlock*>& kept = free_[width];
@@ -97,7 +104,7 @@ absl::StatusOr<KvBlockRef> KvCachePool::Allocate(int64_t width) {
                                                      " (kv_cache_bytes) are in use"));
   }
   // 64-byte aligned for the matmul kernels; aligned_alloc wants a multiple of the alignment.
-  void* data = std::aligned_alloc(64, static_cast<size_t>((bytes + 63) / 64 * 64));
+  void* data = std::aligned_alloc(64, static_cast<size_t>(bytes));  // bytes: a multiple of 64
   if (data == nullptr) return absl::ResourceExhaustedError("KV cache pool: out of memory for a block");
   auto* block = new KvBlock;
   block->data = static_cast<float*>(data);

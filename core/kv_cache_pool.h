@@ -76,11 +76,15 @@ class KvCachePool {
   KvCachePool(const KvCachePool&) = delete;
   KvCachePool& operator=(const KvCachePool&) = delete;
 
-  // A block for keys and values of `width` floats per token (width >= 1), uninitialised. RESOURCE_EXHAUSTED
-  // with the numbers when the budget cannot hold another.
+  static constexpr int64_t kMaxWidth = int64_t{1} << 20;
+
+  // A block for keys and values of `width` floats per token (1 <= width <= kMaxWidth), uninitialised.
+  // RESOURCE_EXHAUSTED with the numbers when the budget cannot hold another.
   absl::StatusOr<KvBlockRef> Allocate(int64_t width) ABSL_LOCKS_EXCLUDED(mu_);
-  // Bytes of a block of `width`.
-  int64_t BlockBytes(int64_t width) const { return 2 * options_.block_tokens * width * int64_t{sizeof(float)}; }
+  // Bytes a block of `width` takes from the budget (its allocation: keys and values, rounded up to 64).
+  int64_t BlockBytes(int64_t width) const {
+    return (2 * options_.block_tokens * width * int64_t{sizeof(float)} + 63) / 64 * 64;
+  }
 
   int64_t block_tokens() const { return options_.block_tokens; }
   int64_t capacity_bytes() const { return options_.kv_cache_bytes; }
@@ -96,7 +100,8 @@ class KvCachePool {
   friend class KvBlockRef;
   explicit KvCachePool(const Options& options) : options_(options) {}
   void Release(KvBlock* block) ABSL_LOCKS_EXCLUDED(mu_);
-  // Frees kept blocks of widths other than `width` until `bytes` more fit; whether they do.
+  // Whether `bytes` more fit, freeing kept blocks of widths other than `width` when that makes room (and only
+  // then).
   bool MakeRoomLocked(int64_t bytes, int64_t width) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FreeBlockLocked(KvBlock* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -89,9 +89,16 @@ BlockPlan PlanBlocks(int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
 }  // namespace
 
 int64_t MultiheadAttention::ScoresBlockBytes(const ParsedAttention& p) const {
-  const BlockPlan plan = PlanBlocks(p.batch, options_.config.num_heads, p.q_len, p.kv_len,
-                                    options_.scores_block_bytes, options_.min_block_rows);
-  return plan.seqs * plan.heads * plan.rows * p.kv_len * static_cast<int64_t>(sizeof(float));
+  constexpr int64_t kF32 = sizeof(float);
+  const int64_t h = options_.config.num_heads;
+  const BlockPlan plan = PlanBlocks(p.batch, h, p.q_len, p.kv_len, options_.scores_block_bytes,
+                                    options_.min_block_rows);
+  const int64_t block = plan.seqs * plan.heads * plan.rows * p.kv_len * kF32;
+  const int64_t attention_flops = 4 * p.batch * p.q_len * p.kv_len * options_.config.embed_dim;
+  if (plan.seqs >= p.batch || attention_flops >= options_.small_attention_flops) return block;
+  // A small request is cut into units that run side by side (PlanAttentionUnits), each thread with a block.
+  const int64_t all_scores = p.batch * h * p.q_len * p.kv_len * kF32;
+  return std::min(all_scores, block * omp_get_max_threads());
 }
 
 void ReleaseThreadScratch(size_t keep_bytes) { ThreadWorkspace().ReleaseLarge(keep_bytes); }

@@ -73,9 +73,10 @@ class MultiheadAttention {
   // Validation alone (what Forward checks first), for callers that reject bad requests before queueing.
   absl::StatusOr<ParsedAttention> Validate(const AttentionInputs& inputs) const;
 
-  // Bytes of the attention scores block the engine holds at once for this request (a few whole sequences
-  // of a short request, a slice of query rows of a long one; at most Options::scores_block_bytes unless
-  // min_block_rows rows of one head need more): what a memory budget must count for it.
+  // Bytes of attention scores the engine holds at once for this request: one block (a few whole sequences of
+  // a short request, a slice of query rows of a long one; at most Options::scores_block_bytes unless
+  // min_block_rows rows of one head need more), or one per thread (omp_get_max_threads() of the caller) for
+  // a small request cut into units that run side by side. What a memory budget must count for it.
   int64_t ScoresBlockBytes(const ParsedAttention& parsed) const;
 
   // The thread budget of one engine call: `max_threads` is the OpenMP team size the call may use (the

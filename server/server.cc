@@ -13,6 +13,7 @@
 #include <google/protobuf/util/message_differencer.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <thread>
 #include <vector>
 
@@ -435,7 +436,12 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
   ATTN_RETURN_IF_ERROR(ApplyLayerDefaultsAndValidate(&config));
   // Refused before anything is allocated: a layer too large for the process must not get it OOM-killed.
   const int64_t request_budget = parts_->memory != nullptr ? parts_->memory->budget_bytes() : 0;
-  ATTN_RETURN_IF_ERROR(CheckLayerFits(config, ProcessMemoryLimitBytes(nullptr), ResidentBytes(), request_budget));
+  std::error_code no_file;
+  const int64_t file_bytes = config.weights_path().empty()
+                                 ? 0
+                                 : static_cast<int64_t>(std::filesystem::file_size(config.weights_path(), no_file));
+  ATTN_RETURN_IF_ERROR(CheckLayerFits(config, no_file ? 0 : file_bytes, ProcessMemoryLimitBytes(nullptr),
+                                      ResidentBytes(), request_budget));
   // Built and warmed up at the lowest CPU priority: the workers serving requests come first.
   std::unique_ptr<ServedLayer> loaded;
   const absl::Time load_start = absl::Now();

@@ -1,6 +1,5 @@
 #include "server/observability/layer_statistics.h"
 
-#include <iterator>
 #include <limits>
 
 namespace attnserve {
@@ -19,7 +18,8 @@ VersionStatistics& LayerStatistics::EntryLocked(const std::string& layer, int64_
   const auto first = versions_.lower_bound({layer, std::numeric_limits<int64_t>::min()});
   int kept = 0;
   for (auto i = first; i != versions_.end() && i->first.first == layer; ++i) ++kept;
-  if (kept > kVersionsKept) versions_.erase(first == it ? std::next(first) : first);
+  // The one added may be the oldest (a request that finished long after 16 reloads): it goes next time.
+  if (kept > kVersionsKept && first != it) versions_.erase(first);
   return entry;
 }
 

@@ -135,10 +135,11 @@ ServerMetrics::VersionSeries& ServerMetrics::VersionLocked(const std::string& la
   std::map<int64_t, VersionSeries>& of_layer = versions_[layer];
   auto [it, added] = of_layer.try_emplace(version);
   if (!added) return it->second;
-  if (of_layer.size() > kVersionsKept) {
-    // Version 0 (none chosen) is one series whatever happens: the oldest real version goes.
-    auto oldest = of_layer.upper_bound(0);
-    if (oldest == it) ++oldest;
+  // Version 0 (none chosen) is one series whatever happens; past kVersionsKept real versions the oldest goes,
+  // unless the one added is it (a request that finished long after 16 reloads): that one goes next time.
+  const auto oldest = of_layer.upper_bound(0);
+  const int64_t real_versions = static_cast<int64_t>(of_layer.size() - of_layer.count(0));
+  if (real_versions > kVersionsKept && oldest != it) {
     if (oldest->second.request_duration) families_->request_duration->Remove(oldest->second.request_duration);
     for (auto& [code, counter] : oldest->second.requests) requests_->Remove(counter);
     of_layer.erase(oldest);

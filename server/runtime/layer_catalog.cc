@@ -140,8 +140,14 @@ void LayerCatalog::PlanReconcile(const std::vector<attnserve::v1::LayerConfig>& 
     entry.in_config_file = true;
     entry.file_config = layer;
     if (changed) entry.config = layer;  // a Load without a config now reads the file's entry
-    if (changed || reload_all || options_.registry->Find(layer.name()) == nullptr) {
+    const bool serving = options_.registry->Find(layer.name()) != nullptr;
+    if (changed || reload_all || !serving) {
       to_load->push_back(layer.name());
+      // Not READY before its turn comes: a layer new to the file serves nothing until it is loaded.
+      if (!serving) {
+        entry.state = LayerState::kLoading;
+        entry.reason.clear();
+      }
     }
   }
 }

@@ -99,22 +99,30 @@ int64_t ResidentBytes() {
   return resident_pages * static_cast<int64_t>(sysconf(_SC_PAGE_SIZE));
 }
 
-int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer) {
+int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer, int64_t weights_file_bytes) {
   constexpr int64_t kF32 = 4;
   const int64_t e = layer.embed_dim(), k = layer.kdim() > 0 ? layer.kdim() : e, v = layer.vdim() > 0 ? layer.vdim() : e;
-  const int64_t weights = kF32 * (e * (e + k + v) + e * e + 4 * e);  // in_proj (Q, K, V), out_proj, biases
-  return 2 * weights;
+  const int64_t weights = e * (e + k + v) + e * e + 4 * e;  // floats: in_proj (Q, K, V), out_proj, biases
+  // MultiheadAttention::BuildPrimitives holds, beside the weights as loaded: the scaled Q copy, each
+  // projection's own copy, and for self-attention the fused QKV weights twice (assembled, then built).
+  const int64_t fused_qkv = (k == e && v == e) ? 2 * 3 * e * e : 0;
+  const int64_t building = kF32 * (2 * weights + e * e + fused_qkv);
+  // From a file: the whole file is read, then the weights are taken from it.
+  const int64_t reading = weights_file_bytes + kF32 * weights;
+  return std::max(building, reading);
 }
 
-absl::Status CheckLayerFits(const attnserve::v1::LayerConfig& layer, int64_t limit_bytes, int64_t resident_bytes,
-                            int64_t request_budget_bytes) {
-  const int64_t need = LayerBuildBytes(layer);
-  const int64_t available = limit_bytes - resident_bytes - request_budget_bytes;
+absl::Status CheckLayerFits(const attnserve::v1::LayerConfig& layer, int64_t weights_file_bytes,
+                            int64_t limit_bytes, int64_t resident_bytes, int64_t request_budget_bytes) {
+  const int64_t need = LayerBuildBytes(layer, weights_file_bytes);
+  // A budget configured past half the limit would leave no layer loadable; half is the default anyway.
+  const int64_t kept = std::min(request_budget_bytes, limit_bytes / 2);
+  const int64_t available = limit_bytes - resident_bytes - kept;
   if (need <= available) return absl::OkStatus();
   return absl::ResourceExhaustedError(absl::StrCat(
-      "layer '", layer.name(), "': building it needs about ", need, " bytes (its weights twice); the process may use ",
-      limit_bytes, ", holds ", resident_bytes, " and keeps ", request_budget_bytes,
-      " for requests (memory_budget_bytes), leaving ", std::max<int64_t>(0, available)));
+      "layer '", layer.name(), "': building it needs about ", need, " bytes; the process may use ", limit_bytes,
+      ", holds ", resident_bytes, " and keeps ", kept, " for requests (memory_budget_bytes, at most half), leaving ",
+      std::max<int64_t>(0, available)));
 }
 
 }  // namespace attnserve

@@ -81,15 +81,17 @@ int64_t DefaultMemoryBudgetBytes(std::string* source);
 // The process's resident set now (/proc/self/statm), in bytes; 0 when unreadable.
 int64_t ResidentBytes();
 
-// What building a layer of `layer` (defaults applied) holds at its peak: its weights twice (as read or
-// generated, and the engine's own copy).
-int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer);
+// What building a layer of `layer` (defaults applied) holds at its peak: the weights as loaded and the engine's
+// copies of them while it builds (about 15 E^2 floats for self-attention), or the weights file read whole
+// (`weights_file_bytes`, 0 for seeded weights) beside the weights taken from it, whichever is more.
+int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer, int64_t weights_file_bytes);
 
 // RESOURCE_EXHAUSTED naming the layer and every number when building it could take the process past
 // `limit_bytes`, counting what it holds (`resident_bytes`) and what admitted requests may hold
-// (`request_budget_bytes`): a layer too large is refused before anything is allocated, never an OOM kill.
-absl::Status CheckLayerFits(const attnserve::v1::LayerConfig& layer, int64_t limit_bytes, int64_t resident_bytes,
-                            int64_t request_budget_bytes);
+// (`request_budget_bytes`, counted up to half the limit): a layer too large is refused before anything is
+// allocated, never an OOM kill.
+absl::Status CheckLayerFits(const attnserve::v1::LayerConfig& layer, int64_t weights_file_bytes,
+                            int64_t limit_bytes, int64_t resident_bytes, int64_t request_budget_bytes);
 
 // The budget from a cgroup limit file's first line ("max" or a number); 0 for no limit or unparsable.
 int64_t MemoryLimitFromCgroup(const std::string& line);

@@ -949,12 +949,15 @@ def case_repository_load_errors(e):
     expect(m.state == "READY" and m.version == v and "num_heads" in m.reason,
            f"repo after a failed reload: {m.state!r} version {m.version!r} reason {m.reason!r}")
     expect_same_bits(answer(infer(e, kreq("repo", e.repo_inputs))), want, "repo after a failed reload")
-    # The largest layer a config may name (E = 32768: 17 GiB of weights, twice while built) is weighed against
-    # the memory the process may use before anything is allocated: refused at once, not an OOM kill.
+    # The largest layer a config may name (E = 32768: 17 GiB of weights, about 15 E^2 floats while built) is
+    # weighed against the memory the process may use before anything is allocated: refused at once, not an
+    # OOM kill, on any machine with less memory than building it takes.
+    e_max = 32768
+    build_bytes = 4 * (2 * (4 * e_max * e_max + 4 * e_max) + 7 * e_max * e_max)
     mem_total = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0]) * 1024
     t = time.time()
-    if mem_total < 34 << 30:
-        expect_error(lambda: load(k, "huge", {"name": "huge", "embedDim": 32768, "numHeads": 8}),
+    if mem_total < build_bytes:
+        expect_error(lambda: load(k, "huge", {"name": "huge", "embedDim": e_max, "numHeads": 8}),
                      grpc.StatusCode.RESOURCE_EXHAUSTED, "building it needs about", "a layer too large to build")
         expect(time.time() - t < 5, f"refusing the huge layer took {time.time() - t:.1f} s")
         m = index_of(e).get("huge")

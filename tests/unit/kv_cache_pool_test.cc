@@ -120,10 +120,20 @@ TEST(KvCachePoolTest, BudgetIsNeverExceededAndARefusedAppendChangesNothing) {
   EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted) << full;
   EXPECT_NE(full.message().find("kv_cache_bytes"), std::string::npos) << full;
   ExpectHolds(a, want.keys, want.values, "after a refused append");
-  ASSERT_TRUE(AppendRandom(rng, 2, &a, &want).ok());  // what still fits in the last block
+  // A fork whose shared last block is partly filled must copy it before writing: with the pool full it is
+  // refused, and neither sequence changes.
   KvSequence b = a.Fork();
-  EXPECT_EQ(AppendRandom(rng, 1, &b, &want).code(), absl::StatusCode::kResourceExhausted);  // a new block
+  Appended want_b = want;
+  EXPECT_EQ(AppendRandom(rng, 1, &b, &want_b).code(), absl::StatusCode::kResourceExhausted);
+  ExpectHolds(a, want.keys, want.values, "a after its fork's refused append");
+  ExpectHolds(b, want_b.keys, want_b.values, "the fork after its refused append");
+  EXPECT_EQ(AppendRandom(rng, 1, &a, &want).code(), absl::StatusCode::kResourceExhausted);  // a shares it too
+  EXPECT_EQ(pool->blocks_in_use(), 5);
+  b.Truncate(0);  // the fork lets go: a's last block is its own again and fills in place
+  ASSERT_TRUE(AppendRandom(rng, 2, &a, &want).ok());
+  ExpectHolds(a, want.keys, want.values, "a after filling its last block in place");
   EXPECT_LE(pool->used_bytes() + pool->free_bytes(), pool->capacity_bytes());
+  EXPECT_EQ(pool->Allocate(8 * 100).status().code(), absl::StatusCode::kResourceExhausted);  // larger than all
 }
 
 TEST(KvCachePoolTest, FreedBlocksAreReusedAndMakeRoomForOtherWidths) {

@@ -205,6 +205,27 @@ TEST_F(LayerCatalogTest, AReconcileWaitsForALoadRunning) {
   EXPECT_EQ(registry_->Find("b")->config.seed(), 2u);
 }
 
+// A layer new to the config file is LOADING from the moment the reload plans it, never READY before it serves
+// (CI: a client saw it READY while the layer before it loaded, and got NOT_FOUND).
+TEST_F(LayerCatalogTest, ALayerNewToTheFileIsNotReadyBeforeItLoads) {
+  absl::Notification release;
+  block_load_ = &release;
+  std::thread reconciler([this] {
+    EXPECT_TRUE(catalog_->Reconcile(Validated({TinyLayer("a", 1), TinyLayer("b", 2), TinyLayer("c", 3)}), false).ok());
+  });
+  for (int i = 0; i < 2000 && loads_ == 0; ++i) absl::SleepFor(absl::Milliseconds(1));  // b's load is blocked
+  ASSERT_EQ(loads_, 1);
+  EXPECT_EQ(StatusOf("b").state, LayerState::kLoading);
+  EXPECT_EQ(StatusOf("c").state, LayerState::kLoading) << "c shown " << LayerStateName(StatusOf("c").state);
+  EXPECT_EQ(registry_->Find("c"), nullptr);
+  EXPECT_EQ(StatusOf("a").state, LayerState::kReady);  // unchanged and serving
+  block_load_ = nullptr;
+  release.Notify();
+  reconciler.join();
+  EXPECT_EQ(StatusOf("c").state, LayerState::kReady);
+  EXPECT_NE(registry_->Find("c"), nullptr);
+}
+
 TEST_F(LayerCatalogTest, ReconcileTriesEveryLayerAndNamesTheOneThatFailed) {
   v1::LayerConfig broken = TinyLayer("broken", 1);
   broken.set_weights_path("/nonexistent/attnserve-weights.safetensors");

@@ -83,30 +83,38 @@ TEST(MemoryBudgetTest, CgroupLimits) {
   EXPECT_NE(source.find("half of"), std::string::npos) << source;
 }
 
-// A layer is weighed before it is built: its weights twice against what the process may still take.
+// A layer is weighed before it is built: what building it holds at its peak against what the process may
+// still take.
 TEST(MemoryBudgetTest, LayerFitsOrIsRefusedWithItsNumbers) {
   attnserve::v1::LayerConfig layer;
   layer.set_name("big");
   layer.set_embed_dim(1024);
   layer.set_num_heads(8);
-  const int64_t weights = 4 * (1024 * 3072 + 1024 * 1024 + 4 * 1024);
-  EXPECT_EQ(LayerBuildBytes(layer), 2 * weights);
-  layer.set_kdim(512);  // cross-attention dims count as given
+  constexpr int64_t kE2 = 1024 * 1024;
+  const int64_t weights = 4 * kE2 + 4 * 1024;  // floats: Q, K, V, out and the biases
+  // The weights as loaded, each projection's copy, the scaled Q copy, the fused QKV assembled and built.
+  const int64_t self_attention = 4 * (2 * weights + kE2 + 6 * kE2);
+  EXPECT_EQ(LayerBuildBytes(layer, 0), self_attention);
+  EXPECT_EQ(LayerBuildBytes(layer, int64_t{1} << 30), (int64_t{1} << 30) + 4 * weights);  // a file read whole
+  layer.set_kdim(512);  // cross-attention: no fused QKV
   layer.set_vdim(256);
-  EXPECT_EQ(LayerBuildBytes(layer), 2 * 4 * (1024 * (1024 + 512 + 256) + 1024 * 1024 + 4 * 1024));
+  const int64_t cross_weights = 1024 * (1024 + 512 + 256) + kE2 + 4 * 1024;
+  EXPECT_EQ(LayerBuildBytes(layer, 0), 4 * (2 * cross_weights + kE2));
   layer.clear_kdim();
   layer.clear_vdim();
   constexpr int64_t kMiB = 1 << 20;
-  EXPECT_TRUE(CheckLayerFits(layer, 1024 * kMiB, 100 * kMiB, 512 * kMiB).ok());
-  const absl::Status refused = CheckLayerFits(layer, 256 * kMiB, 100 * kMiB, 128 * kMiB);
+  EXPECT_TRUE(CheckLayerFits(layer, 0, 1024 * kMiB, 100 * kMiB, 512 * kMiB).ok());
+  // A request budget configured past half the limit is counted as half: layers stay loadable.
+  EXPECT_TRUE(CheckLayerFits(layer, 0, 1024 * kMiB, 100 * kMiB, 4096 * kMiB).ok());
+  const absl::Status refused = CheckLayerFits(layer, 0, 256 * kMiB, 100 * kMiB, 128 * kMiB);
   EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
-  for (const std::string& part : {std::string("layer 'big'"), absl::StrCat(2 * weights), absl::StrCat(256 * kMiB),
+  for (const std::string& part : {std::string("layer 'big'"), absl::StrCat(self_attention), absl::StrCat(256 * kMiB),
                                   absl::StrCat(100 * kMiB), absl::StrCat(128 * kMiB), std::string("leaving ")}) {
     EXPECT_NE(refused.message().find(part), std::string::npos) << part << " not in: " << refused;
   }
-  // The largest layer the config allows (32768 everywhere: 17 GiB of weights) on a 24 GiB machine.
+  // The largest layer the config allows (E = 32768: 17 GiB of weights) on a 24 GiB machine.
   layer.set_embed_dim(32768);
-  EXPECT_EQ(CheckLayerFits(layer, int64_t{24} << 30, 50 * kMiB, int64_t{12} << 30).code(),
+  EXPECT_EQ(CheckLayerFits(layer, 0, int64_t{24} << 30, 50 * kMiB, int64_t{12} << 30).code(),
             absl::StatusCode::kResourceExhausted);
   EXPECT_GT(ResidentBytes(), 0);
   EXPECT_GT(ProcessMemoryLimitBytes(nullptr), 0);

@@ -64,7 +64,13 @@ TEST(ServerMetricsTest, SeriesOfOldVersionsEnd) {
       EXPECT_GT(v, last - ServerMetrics::kVersionsKept) << "an old version kept its series";
     }
   }
-  EXPECT_EQ(versions_with_series, ServerMetrics::kVersionsKept - 2);  // the newest and version "" take two
+  EXPECT_EQ(versions_with_series, ServerMetrics::kVersionsKept - 1);  // and the newest, last + 1
+  // A request that finishes on a version whose series already ended gets one again, and ends nothing newer.
+  metrics.RequestDone("a", 1, absl::StatusCode::kOk, 0.001);
+  EXPECT_EQ(FindMetric(r, "attnserve_requests_total", {{"layer", "a"}, {"version", "1"}, {"code", "OK"}})->value, 1);
+  EXPECT_TRUE(FindMetric(r, "attnserve_requests_total", {{"layer", "a"}, {"version", std::to_string(last - 14)},
+                                                         {"code", "OK"}})
+                  .has_value());
 }
 
 // A client cannot grow the label set: every unknown layer name lands in one series.

@@ -1,5 +1,8 @@
 // A ragged batch (requests of different lengths, masks and kinds run together without padding) gives each
 // request what it gets alone, and a bad request in the batch gets its own error without disturbing the rest.
+#include <omp.h>
+
+#include <algorithm>
 #include <random>
 
 #include "core/multihead_attention.h"
@@ -151,6 +154,8 @@ TEST(RaggedBatchTest, ScoresBlockBytesIsTheBlockPlanned) {
   auto tiny = MultiheadAttention::Create(options, weights);
   ASSERT_TRUE(tiny.ok()) << tiny.status();
   EXPECT_EQ(block_bytes(**tiny, 1, 4096), 64 * 4096 * 4);          // 64 rows of one head, past the cap
+  // 8 short sequences, 4 to a block: a small request, its units side by side, a block per thread.
+  EXPECT_EQ(block_bytes(**tiny, 8, 8), std::min<int64_t>(8 * 4 * 8 * 8 * 4, 4096 * omp_get_max_threads()));
 }
 
 }  // namespace

@@ -137,6 +137,11 @@ int64_t KvCachePool::blocks_in_use() const {
   return blocks_in_use_;
 }
 
+int64_t KvCachePool::blocks_available(int64_t width) const {
+  absl::MutexLock lock(&mu_);
+  return (options_.kv_cache_bytes - (held_bytes_ - free_bytes_)) / BlockBytes(std::max<int64_t>(width, 1));
+}
+
 int64_t KvCachePool::system_allocations() const {
   absl::MutexLock lock(&mu_);
   return system_allocations_;
@@ -146,43 +151,66 @@ int64_t KvSequence::shared_blocks() const {
   return std::count_if(blocks_.begin(), blocks_.end(), [](const KvBlockRef& b) { return b.shared(); });
 }
 
-absl::Status KvSequence::Append(const float* keys, const float* values, int64_t count) {
-  if (count <= 0) return absl::OkStatus();
+int64_t KvSequence::BlocksNeeded(int64_t count) const {
+  if (count <= 0) return 0;
   const int64_t bt = block_tokens();
-  const int64_t filled = tokens_ % bt;  // rows used in the last block (0: it is full, or there is none)
-  const bool copy_last = filled > 0 && blocks_.back().shared();
+  const bool copy_last = tokens_ % bt > 0 && blocks_.back().shared();
   const int64_t new_blocks = (tokens_ + count + bt - 1) / bt - num_blocks();
+  return std::max<int64_t>(0, new_blocks - static_cast<int64_t>(reserved_.size())) + (copy_last ? 1 : 0);
+}
+
+absl::Status KvSequence::Reserve(int64_t count) {
+  const int64_t needed = BlocksNeeded(count);
   // Every block first, so that a full pool leaves the sequence as it was.
   std::vector<KvBlockRef> taken;
-  for (int64_t i = 0; i < new_blocks + (copy_last ? 1 : 0); ++i) {
+  for (int64_t i = 0; i < needed; ++i) {
     absl::StatusOr<KvBlockRef> block = pool_->Allocate(width_);
     if (!block.ok()) return block.status();
     taken.push_back(std::move(*block));
   }
-  size_t next = 0;
-  const size_t row_bytes = static_cast<size_t>(width_) * sizeof(float);
-  if (copy_last) {  // copy-on-write: the rows written so far, into a block of its own
-    KvBlockRef& own = taken[next++];
-    std::memcpy(own.keys(), blocks_.back().keys(), filled * row_bytes);
-    std::memcpy(own.values(bt), blocks_.back().values(bt), filled * row_bytes);
+  const int64_t bt = block_tokens(), filled = tokens_ % bt;
+  if (filled > 0 && blocks_.back().shared()) {  // copy-on-write: the rows written so far, into a block of its own
+    KvBlockRef own = std::move(taken.back());
+    taken.pop_back();
+    const size_t bytes = static_cast<size_t>(filled * width_) * sizeof(float);
+    std::memcpy(own.keys(), blocks_.back().keys(), bytes);
+    std::memcpy(own.values(bt), blocks_.back().values(bt), bytes);
     blocks_.back() = std::move(own);
   }
-  for (int64_t done = 0; done < count;) {
+  for (KvBlockRef& b : taken) reserved_.push_back(std::move(b));
+  return absl::OkStatus();
+}
+
+absl::Status KvSequence::Append(const float* keys, const float* values, int64_t count, int64_t ld) {
+  if (count <= 0) return absl::OkStatus();
+  if (ld == 0) ld = width_;
+  if (absl::Status s = Reserve(count); !s.ok()) return s;
+  const int64_t bt = block_tokens();
+  const size_t row_bytes = static_cast<size_t>(width_) * sizeof(float);
+  for (int64_t done = 0; done < count; ++done, ++tokens_) {
     const int64_t row = tokens_ % bt;
-    if (row == 0) blocks_.push_back(std::move(taken[next++]));
-    const int64_t n = std::min(count - done, bt - row);
-    std::memcpy(blocks_.back().keys() + row * width_, keys + done * width_, n * row_bytes);
-    std::memcpy(blocks_.back().values(bt) + row * width_, values + done * width_, n * row_bytes);
-    done += n;
-    tokens_ += n;
+    if (row == 0) {
+      blocks_.push_back(std::move(reserved_.back()));
+      reserved_.pop_back();
+    }
+    std::memcpy(blocks_.back().keys() + row * width_, keys + done * ld, row_bytes);
+    std::memcpy(blocks_.back().values(bt) + row * width_, values + done * ld, row_bytes);
   }
   return absl::OkStatus();
+}
+
+KvSequence KvSequence::Fork() const {
+  KvSequence fork(pool_, width_);
+  fork.tokens_ = tokens_;
+  fork.blocks_ = blocks_;
+  return fork;
 }
 
 void KvSequence::Truncate(int64_t tokens) {
   if (tokens < 0 || tokens >= tokens_) return;
   const int64_t keep_blocks = (tokens + block_tokens() - 1) / block_tokens();
   blocks_.resize(static_cast<size_t>(keep_blocks));
+  reserved_.clear();
   tokens_ = tokens;
 }
 

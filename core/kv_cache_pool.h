@@ -93,6 +93,8 @@ class KvCachePool {
   // Bytes of blocks kept free for reuse.
   int64_t free_bytes() const ABSL_LOCKS_EXCLUDED(mu_);
   int64_t blocks_in_use() const ABSL_LOCKS_EXCLUDED(mu_);
+  // Blocks of `width` the budget could still give (kept free ones and room for new ones).
+  int64_t blocks_available(int64_t width) const ABSL_LOCKS_EXCLUDED(mu_);
   // Blocks taken from the system since the pool was made (a reused block is not counted).
   int64_t system_allocations() const ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -130,19 +132,30 @@ class KvSequence {
   // Blocks this sequence shares with another (after a fork).
   int64_t shared_blocks() const;
 
-  // Appends `count` tokens: keys [count, width] and values [count, width] (row-major). Takes every block it
-  // needs first: on RESOURCE_EXHAUSTED nothing changed.
-  absl::Status Append(const float* keys, const float* values, int64_t count);
-  // A sequence with the same tokens, sharing every block.
-  KvSequence Fork() const { return *this; }
+  // Takes now every block an Append of `count` more tokens needs (new blocks, and the copy of a shared,
+  // partly filled last block), so that the append itself cannot fail: how a server admits an append before
+  // it computes. RESOURCE_EXHAUSTED (nothing changed) when the pool cannot hold them. Blocks reserved and
+  // not used stay reserved until a Truncate or the sequence's end.
+  absl::Status Reserve(int64_t count);
+  // Blocks the next Append of `count` tokens takes from the pool beyond those reserved.
+  int64_t BlocksNeeded(int64_t count) const;
+  // Appends `count` tokens: keys [count, width] and values [count, width], row-major with row stride `ld`
+  // (0: width). Takes every block it needs (beyond the reserved ones) first: on RESOURCE_EXHAUSTED nothing
+  // changed.
+  absl::Status Append(const float* keys, const float* values, int64_t count, int64_t ld = 0);
+  // A sequence with the same tokens, sharing every block (not the reserved ones).
+  KvSequence Fork() const;
   // Keeps the first `tokens` tokens (no-op when it holds fewer); the blocks past them go back to the pool.
   void Truncate(int64_t tokens);
+  // Bytes of the pool this sequence holds (its blocks, shared ones included, and reserved ones).
+  int64_t bytes() const { return (num_blocks() + static_cast<int64_t>(reserved_.size())) * pool_->BlockBytes(width_); }
 
  private:
   KvCachePool* pool_;
   int64_t width_;
   int64_t tokens_ = 0;
   std::vector<KvBlockRef> blocks_;
+  std::vector<KvBlockRef> reserved_;  // taken by Reserve, used by Append first
 };
 
 }  // namespace attnserve

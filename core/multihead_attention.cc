@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/attention_masks.h"
+#include "core/omp_threads.h"
 #include "common/status_macros.h"
 
 namespace attnserve {
@@ -55,18 +56,6 @@ void Gather(const std::vector<const TensorView*>& views, float* dst) {
     dst += t->num_elements();
   }
 }
-
-// Sets this thread's OpenMP team size (what oneDNN reads at execution) for a scope.
-class ScopedOmpThreads {
- public:
-  explicit ScopedOmpThreads(int threads) : saved_(omp_get_max_threads()) { omp_set_num_threads(threads); }
-  ~ScopedOmpThreads() { omp_set_num_threads(saved_); }
-  ScopedOmpThreads(const ScopedOmpThreads&) = delete;
-  ScopedOmpThreads& operator=(const ScopedOmpThreads&) = delete;
-
- private:
-  const int saved_;
-};
 
 // How Attend cuts a request into blocks whose scores [seqs, heads, rows, S] fit the budget.
 struct BlockPlan {
@@ -184,6 +173,7 @@ absl::Status MultiheadAttention::BuildPrimitives(const MhaWeights& weights) {
   ATTN_ASSIGN_OR_RETURN(out_proj_, LinearOp::Create(e, e, weights.out_proj_weight, weights.out_proj_bias));
   ATTN_ASSIGN_OR_RETURN(scores_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, c.head_dim()));
   ATTN_ASSIGN_OR_RETURN(context_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kContext, c.head_dim()));
+  ATTN_ASSIGN_OR_RETURN(context_add_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kContextAdd, c.head_dim()));
   return absl::OkStatus();
 }
 
@@ -508,7 +498,7 @@ std::vector<std::string> MultiheadAttention::ImplementationsUsed() const {
       for (const std::string& impl : op->Impls()) add(impl);
     }
   }
-  for (const HeadMatmulOp* op : {scores_op_.get(), context_op_.get()}) {
+  for (const HeadMatmulOp* op : {scores_op_.get(), context_op_.get(), context_add_op_.get()}) {
     for (const std::string& impl : op->Impls()) add(impl);
   }
   for (const std::string& s : softmax_.Impls()) add(s);

@@ -25,6 +25,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "core/attention_inputs.h"
+#include "core/kv_cache_pool.h"
 #include "core/mha_config.h"
 #include "core/mha_weights.h"
 #include "core/onednn_ops.h"
@@ -38,6 +39,20 @@ using StopFn = std::function<absl::Status(size_t i)>;
 // Frees the calling thread's scratch buffers larger than `keep_bytes` (the engine keeps them from call to
 // call, up to 256 MiB, to avoid reallocating): for a worker about to idle, so that a burst's memory goes back.
 void ReleaseThreadScratch(size_t keep_bytes = size_t{1} << 20);
+
+// One append of a session to a layer (the sessions' incremental attention): T new tokens attend over what
+// the session's cache holds for the layer.
+struct CachedAppend {
+  const float* query = nullptr;  // [T, E], row-major: the new tokens' inputs
+  int64_t tokens = 0;            // T >= 1
+  // Self-attention: the session's keys and values, [tokens, E] each; the new tokens' are appended (reserve
+  // them first, KvSequence::Reserve(T), so that the engine's append cannot fail) and token i attends over
+  // every cached token and the new ones up to itself. Cross-attention: the projected memory, read as is.
+  KvSequence* cache = nullptr;
+  bool cross_attention = false;
+  bool need_weights = false;        // attn_weights [T, S] averaged, or [H, T, S]; S: the cache's tokens after
+  bool average_attn_weights = true;
+};
 
 class MultiheadAttention {
  public:
@@ -97,6 +112,19 @@ class MultiheadAttention {
   std::vector<absl::StatusOr<AttentionOutputs>> ForwardParsed(absl::Span<const ParsedAttention* const> requests,
                                                               int max_threads, const StopFn& stop = nullptr) const;
 
+  // Appends of sessions (any mix, each with its own cache; no two on one cache) as one batch: one projection
+  // matmul over the new tokens of all of them, then attention per append over its cache blocks, read in
+  // place. Result i answers appends[i]: output [T, E] and the weights it asked for. Equal to a causal
+  // Forward over the whole sequence, restricted to the new rows.
+  std::vector<absl::StatusOr<AttentionOutputs>> ForwardAppends(absl::Span<const CachedAppend* const> appends,
+                                                               int max_threads = 0) const;
+  // A cross-attention session's memory [S, kdim] (kdim == vdim) projected to keys and values, appended to
+  // `cache` (width E).
+  absl::Status ProjectMemory(const float* memory, int64_t tokens, KvSequence* cache) const;
+  // Bytes of scores ForwardAppends holds at once for an append of `tokens` over `context` cached tokens (its
+  // query blocks are planned within Options::scores_block_bytes, as Forward's are).
+  int64_t AppendScoresBytes(int64_t tokens, int64_t context) const;
+
   // impl_info_str() of every oneDNN primitive this layer has built (for every OpenMP team size it ran
   // with), e.g. "gemm:jit".
   std::vector<std::string> ImplementationsUsed() const;
@@ -124,11 +152,22 @@ class MultiheadAttention {
   // masked, or null when unmasked), and the weights it adds to `weights`.
   const uint8_t* MaskBlock(const ParsedAttention& p, const Block& blk, float* scores) const;
   void AddBlockWeights(const ParsedAttention& p, const Block& blk, const float* probs, Tensor* weights) const;
+  // ForwardAppends for appends of one kind (self- or cross-attention): projections, the cache appends,
+  // attention per append, output projection; a status per member.
+  std::vector<absl::Status> RunAppends(const std::vector<const CachedAppend*>& members,
+                                       const std::vector<AttentionOutputs*>& outs, int threads) const;
+  // The attention of one append: its new rows' Q (then the context, written over it) at `q`, row stride ldq,
+  // in query blocks of AppendScoresBytes.
+  absl::Status AttendCached(const CachedAppend& a, float* q, int64_t ldq, Tensor* weights) const;
+  absl::Status AttendCachedRows(const CachedAppend& a, int64_t l0, int64_t lb, float* q, int64_t ldq,
+                                float* scores, Tensor* weights) const;
+  void AddAppendWeights(const CachedAppend& a, int64_t l0, int64_t lb, int64_t cols, const float* probs,
+                        Tensor* weights) const;
 
   Options options_;
   std::unique_ptr<LinearOp> qkv_proj_;  // fused [3E, E], only when kdim == vdim == E
   std::unique_ptr<LinearOp> q_proj_, k_proj_, v_proj_, out_proj_;
-  std::unique_ptr<HeadMatmulOp> scores_op_, context_op_;
+  std::unique_ptr<HeadMatmulOp> scores_op_, context_op_, context_add_op_;
   SoftmaxCache softmax_;
 };
 

@@ -67,7 +67,14 @@ class MatmulVariants {
     dnnl::memory weights;  // LinearOp only: the weights in this primitive's layout
   };
 
-  explicit MatmulVariants(const dnnl::matmul::desc& desc) : desc_(desc) {}
+  explicit MatmulVariants(const dnnl::matmul::desc& desc, bool add_to_dst = false) : desc_(desc) {
+    attr_.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    if (add_to_dst) {
+      dnnl::post_ops ops;
+      ops.append_sum(1.0f);
+      attr_.set_post_ops(ops);
+    }
+  }
 
   // Throws dnnl::error (callers are the ops below, which convert it).
   std::vector<std::string> Impls() {
@@ -83,7 +90,7 @@ class MatmulVariants {
     std::unique_ptr<Variant>& v = variants_[team];
     if (v == nullptr) {
       auto made = std::make_unique<Variant>();
-      made->pd = dnnl::matmul::primitive_desc(desc_, UserScratchpad(), CpuEngine());
+      made->pd = dnnl::matmul::primitive_desc(desc_, attr_, CpuEngine());
       made->prim = dnnl::matmul(made->pd);
       v = std::move(made);
     }
@@ -92,6 +99,7 @@ class MatmulVariants {
 
  private:
   const dnnl::matmul::desc desc_;
+  dnnl::primitive_attr attr_;
   absl::Mutex mu_;
   std::map<int, std::unique_ptr<Variant>> variants_ ABSL_GUARDED_BY(mu_);  // nodes never move
 };
@@ -192,7 +200,7 @@ absl::Status LinearOp::Execute(const float* x, int64_t m, int64_t ldx, float* y,
 // ------------------------------------------------------------------------------------------ HeadMatmulOp
 
 struct HeadMatmulOp::Impl {
-  explicit Impl(const dnnl::matmul::desc& desc) : variants(desc) {}
+  Impl(const dnnl::matmul::desc& desc, bool add_to_dst) : variants(desc, add_to_dst) {}
   MatmulVariants variants;
 };
 
@@ -215,7 +223,7 @@ absl::StatusOr<std::unique_ptr<HeadMatmulOp>> HeadMatmulOp::Create(Kind kind, in
       b_md = dnnl::memory::desc({kRt, h, kRt, d}, dt::f32, {kRt, kRt, kRt, 1});
       c_md = dnnl::memory::desc({kRt, h, kRt, d}, dt::f32, {kRt, kRt, kRt, 1});
     }
-    auto impl = std::make_unique<Impl>(dnnl::matmul::desc(a_md, b_md, c_md));
+    auto impl = std::make_unique<Impl>(dnnl::matmul::desc(a_md, b_md, c_md), kind == Kind::kContextAdd);
     impl->variants.Get();  // build the primitive for the creating thread's team size now
     return std::unique_ptr<HeadMatmulOp>(new HeadMatmulOp(std::move(impl)));
   } catch (const dnnl::error& e) {

@@ -61,6 +61,7 @@ class HeadMatmulOp {
   enum class Kind {
     kScores,   // A = Q [b,h,M,Dh] (inner stride 1), B = K^T [b,h,Dh,N] (stride 1 along Dh), C dense.
     kContext,  // A = P [b,h,M,K] dense, B = V [b,h,K,Dh] (inner stride 1), C [b,h,M,Dh] (inner stride 1).
+    kContextAdd,  // kContext added to what C holds (C += P . V): a context summed over key blocks.
   };
   static absl::StatusOr<std::unique_ptr<HeadMatmulOp>> Create(Kind kind, int64_t head_dim);
   ~HeadMatmulOp();

@@ -26,6 +26,7 @@
 #include "server/api/authorizer.h"
 #include "server/api/grpc_logging.h"
 #include "server/api/kserve_service.h"
+#include "server/api/session_service.h"
 #include "server/api/transport_credentials.h"
 #include "server/runtime/batch_executor.h"
 #include "server/runtime/dispatcher.h"
@@ -93,8 +94,11 @@ struct Server::Parts {
   std::unique_ptr<BatchExecutor> express_executor;  // the express lane's: one thread per request
   std::unique_ptr<CallScheduler> scheduler;
   std::unique_ptr<Dispatcher> dispatcher;
+  std::unique_ptr<KvCachePool> kv_pool;   // outlives the sessions, whose caches it holds
+  std::unique_ptr<SessionStore> sessions;
   std::unique_ptr<LayerCatalog> catalog;
   std::unique_ptr<AttentionServiceImpl> service;
+  std::unique_ptr<SessionServiceImpl> session_service;
   std::unique_ptr<KServeServiceImpl> kserve;  // its control thread may still load: before the catalog goes
   std::unique_ptr<grpc::Server> grpc_server;
   // The plaintext health-only listener (health_address). Its only service of ours answers every method
@@ -166,7 +170,37 @@ absl::Status Server::Build() {
                                                           p.memory.get(), options_.clock}));
   p.service = std::make_unique<AttentionServiceImpl>(p.registry.get(), p.dispatcher.get(), options_.clock,
                                                      config_.max_inflight_per_stream(), p.authorizer.get());
+  ATTN_RETURN_IF_ERROR(BuildSessions());
   return BuildKServe();
+}
+
+absl::Status Server::BuildSessions() {
+  Parts& p = *parts_;
+  const attnserve::v1::SessionsConfig& c = config_.sessions();
+  std::string source = "sessions.kv_cache_bytes";
+  int64_t pool_bytes = c.kv_cache_bytes();
+  if (pool_bytes == 0) {
+    pool_bytes = ProcessMemoryLimitBytes(&source) / 4;
+    source = "a quarter of " + source;
+  }
+  ATTN_ASSIGN_OR_RETURN(p.kv_pool, KvCachePool::Create({pool_bytes, c.kv_block_tokens() > 0 ? c.kv_block_tokens() : 16}));
+  SessionStore::Options store;
+  store.pool = p.kv_pool.get();
+  store.registry = p.registry.get();
+  store.clock = options_.clock;
+  store.metrics = p.metrics.get();
+  store.submit = [dispatcher = p.dispatcher.get()](std::unique_ptr<InferenceCall> call) {
+    dispatcher->Submit(std::move(call));
+  };
+  if (c.idle_timeout_ms() > 0) store.default_idle_timeout_ms = c.idle_timeout_ms();
+  if (c.max_sessions() > 0) store.max_sessions = c.max_sessions();
+  if (c.max_queued_appends() > 0) store.max_queued_appends = c.max_queued_appends();
+  ATTN_ASSIGN_OR_RETURN(p.sessions, SessionStore::Create(store));
+  p.session_service = std::make_unique<SessionServiceImpl>(p.sessions.get(), options_.clock,
+                                                           config_.max_inflight_per_stream(), p.authorizer.get());
+  spdlog::info("sessions: KV cache pool of {} bytes ({}), blocks of {} tokens", pool_bytes, source,
+               p.kv_pool->block_tokens());
+  return absl::OkStatus();
 }
 
 absl::Status Server::BuildKServe() {
@@ -245,6 +279,7 @@ absl::Status Server::Start() {
   ConfigureTransport(&builder);
   builder.RegisterService(p.service.get());
   builder.RegisterService(p.kserve.get());
+  builder.RegisterService(p.session_service.get());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<ReflectionGuardFactory>(p.authorizer.get()));
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
@@ -364,6 +399,7 @@ void Server::StartTrimmer() {
   Parts& p = *parts_;
   p.trimmer = std::thread([&p] {
     while (!p.stop_trimming.WaitForNotificationWithTimeout(absl::Seconds(1))) {
+      p.sessions->EvictIdle("idle_timeout");  // sessions idle past their timeout, pool full or not
       if (p.memory->reserved_bytes() == 0) malloc_trim(0);
     }
   });

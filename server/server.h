@@ -121,6 +121,8 @@ class Server {
   Server(const attnserve::v1::ServerConfig& config, const ServerOptions& options);
   absl::Status Build();
   absl::Status BuildKServe();
+  // The KV cache pool, the session store and SessionService (config sessions).
+  absl::Status BuildSessions();
   void BuildMemoryBudget();
   absl::Status BuildCredentialStores();
   void ConfigureTransport(grpc::ServerBuilder* builder) const;

@@ -103,6 +103,7 @@ ServerMetrics::ServerMetrics(const std::vector<std::string>& layers)
                           .Help("Bytes of the memory budget held by admitted requests")
                           .Register(r)
                           .Add({});
+  RegisterSessionMetrics(r);
   families_->flops = &prometheus::BuildCounter()
                           .Name("attnserve_flops_total")
                           .Help("Useful floating-point operations computed (projections and attention matmuls)")
@@ -222,6 +223,45 @@ void ServerMetrics::SetLayerVersion(const std::string& layer, int64_t version) {
 
 void ServerMetrics::SetQueueDepth(const std::string& layer, double depth) {
   if (const LayerSeries* s = Find(layer)) s->queue_depth->Set(depth);
+}
+
+void ServerMetrics::RegisterSessionMetrics(prometheus::Registry& r) {
+  auto& blocks = prometheus::BuildGauge()
+                     .Name("attnserve_kv_cache_blocks")
+                     .Help("Blocks of the sessions' KV cache pool, in use or kept free for reuse")
+                     .Register(r);
+  kv_blocks_used_ = &blocks.Add({{"state", "used"}});
+  kv_blocks_free_ = &blocks.Add({{"state", "free"}});
+  sessions_active_ =
+      &prometheus::BuildGauge().Name("attnserve_sessions_active").Help("Open sessions").Register(r).Add({});
+  session_evictions_ = &prometheus::BuildCounter()
+                            .Name("attnserve_session_evictions_total")
+                            .Help("Sessions evicted, by reason (idle_timeout, pool_full)")
+                            .Register(r);
+  for (const char* reason : {"idle_timeout", "pool_full"}) session_evictions_->Add({{"reason", reason}});
+  auto& appends = prometheus::BuildHistogram()
+                      .Name("attnserve_append_duration_seconds")
+                      .Help("Session appends, arrival to answer: decode (one token) or prefill (more)")
+                      .Register(r);
+  append_decode_ = &appends.Add({{"phase", "decode"}}, LatencyBuckets());
+  append_prefill_ = &appends.Add({{"phase", "prefill"}}, LatencyBuckets());
+  append_tokens_ = &prometheus::BuildCounter()
+                        .Name("attnserve_append_tokens_total")
+                        .Help("Tokens appended to sessions")
+                        .Register(r)
+                        .Add({});
+}
+
+void ServerMetrics::SetKvCacheBlocks(int64_t used, int64_t free) {
+  kv_blocks_used_->Set(static_cast<double>(used));
+  kv_blocks_free_->Set(static_cast<double>(free));
+}
+
+void ServerMetrics::SessionEvicted(const std::string& reason) { session_evictions_->Add({{"reason", reason}}).Increment(); }
+
+void ServerMetrics::AppendDone(bool prefill, double seconds, int64_t tokens) {
+  (prefill ? append_prefill_ : append_decode_)->Observe(seconds);
+  append_tokens_->Increment(static_cast<double>(tokens));
 }
 
 }  // namespace attnserve

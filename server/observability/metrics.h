@@ -81,6 +81,13 @@ class ServerMetrics {
   void SetInflightBatches(int64_t batches) { inflight_batches_->Set(static_cast<double>(batches)); }
   void SetMemoryBudget(int64_t bytes) { memory_budget_->Set(static_cast<double>(bytes)); }
   void SetMemoryReserved(int64_t bytes) { memory_reserved_->Set(static_cast<double>(bytes)); }
+  // Sessions (the KV cache): blocks of the pool in use and kept free, open sessions, evictions by reason
+  // ("idle_timeout", "pool_full"), and each answered append's duration (phase "decode" for one token,
+  // "prefill" for more) and tokens.
+  void SetKvCacheBlocks(int64_t used, int64_t free);
+  void SetSessionsActive(int64_t sessions) { sessions_active_->Set(static_cast<double>(sessions)); }
+  void SessionEvicted(const std::string& reason);
+  void AppendDone(bool prefill, double seconds, int64_t tokens);
 
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
   // The same requests and batches per layer version, for ModelStatistics.
@@ -103,6 +110,7 @@ class ServerMetrics {
     prometheus::Gauge* version;
   };
   struct Families;
+  void RegisterSessionMetrics(prometheus::Registry& r);
   const LayerSeries* Find(const std::string& layer) const ABSL_LOCKS_EXCLUDED(mu_);
   void AddLayerLocked(const std::string& layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The series of (layer, version), created on first use; the oldest of the layer's are removed past
@@ -120,6 +128,13 @@ class ServerMetrics {
   prometheus::Gauge* inflight_batches_;
   prometheus::Gauge* memory_budget_;
   prometheus::Gauge* memory_reserved_;
+  prometheus::Gauge* kv_blocks_used_;
+  prometheus::Gauge* kv_blocks_free_;
+  prometheus::Gauge* sessions_active_;
+  prometheus::Family<prometheus::Counter>* session_evictions_;
+  prometheus::Histogram* append_decode_;
+  prometheus::Histogram* append_prefill_;
+  prometheus::Counter* append_tokens_;
   mutable absl::Mutex mu_;
   // std::map: a found LayerSeries stays put while other layers are added.
   std::map<std::string, LayerSeries> layers_ ABSL_GUARDED_BY(mu_);

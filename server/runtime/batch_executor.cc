@@ -36,25 +36,64 @@ bool IsStop(const absl::Status& s) {
   return s.code() == absl::StatusCode::kCancelled || s.code() == absl::StatusCode::kDeadlineExceeded;
 }
 
+// Sessions' appends of one batch as one engine call (each has its own cache; nothing to rerun alone: an
+// append's error is its own).
+std::vector<absl::StatusOr<AttentionOutputs>> AppendsNoThrow(const MultiheadAttention& engine,
+                                                             const std::vector<const CachedAppend*>& appends,
+                                                             int threads) {
+  try {
+    return engine.ForwardAppends(appends, threads);
+  } catch (const std::bad_alloc&) {
+    return std::vector<absl::StatusOr<AttentionOutputs>>(
+        appends.size(), absl::ResourceExhaustedError("out of memory while computing the batch"));
+  }
+}
+
 }  // namespace
 
 std::vector<absl::StatusOr<AttentionOutputs>> BatchExecutor::RunEngine(
-    const std::vector<std::unique_ptr<InferenceCall>>& calls) const {
+    const std::vector<std::unique_ptr<InferenceCall>>& all) const {
+  const MultiheadAttention& engine = *all.front()->layer->engine;
+  std::vector<absl::StatusOr<AttentionOutputs>> results(all.size());
+  std::vector<const CachedAppend*> appends;
+  std::vector<size_t> append_index;
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (all[i]->session == nullptr) continue;
+    appends.push_back(&all[i]->session->append);
+    append_index.push_back(i);
+  }
+  if (!appends.empty()) {
+    std::vector<absl::StatusOr<AttentionOutputs>> got =
+        AppendsNoThrow(engine, appends, options_.threads_per_batch);
+    for (size_t m = 0; m < got.size(); ++m) results[append_index[m]] = std::move(got[m]);
+    if (appends.size() == all.size()) return results;
+  }
+  return RunStateless(all, std::move(results));
+}
+
+std::vector<absl::StatusOr<AttentionOutputs>> BatchExecutor::RunStateless(
+    const std::vector<std::unique_ptr<InferenceCall>>& all, std::vector<absl::StatusOr<AttentionOutputs>> results) const {
+  std::vector<const InferenceCall*> calls;
+  std::vector<size_t> index;
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (all[i]->session != nullptr) continue;
+    calls.push_back(all[i].get());
+    index.push_back(i);
+  }
   const MultiheadAttention& engine = *calls.front()->layer->engine;
   std::vector<const ParsedAttention*> parsed;
-  for (const auto& call : calls) parsed.push_back(&call->parsed);
+  for (const InferenceCall* call : calls) parsed.push_back(&call->parsed);
   const Clock& clock = *options_.clock;
   StopFn stop = [&](size_t i) { return StopReason(*calls[i], clock); };
-  std::vector<absl::StatusOr<AttentionOutputs>> results =
-      ForwardNoThrow(engine, parsed, options_.threads_per_batch, stop);
-  if (calls.size() == 1) return results;
+  std::vector<absl::StatusOr<AttentionOutputs>> got = ForwardNoThrow(engine, parsed, options_.threads_per_batch, stop);
   // A group's error fails all its requests; run each failed one alone so the error stays with its cause.
-  for (size_t i = 0; i < calls.size(); ++i) {
-    if (results[i].ok() || IsStop(results[i].status())) continue;
+  for (size_t i = 0; calls.size() > 1 && i < calls.size(); ++i) {
+    if (got[i].ok() || IsStop(got[i].status())) continue;
     const ParsedAttention* one[] = {parsed[i]};
     StopFn stop_one = [&](size_t) { return StopReason(*calls[i], clock); };
-    results[i] = std::move(ForwardNoThrow(engine, one, options_.threads_per_batch, stop_one)[0]);
+    got[i] = std::move(ForwardNoThrow(engine, one, options_.threads_per_batch, stop_one)[0]);
   }
+  for (size_t i = 0; i < calls.size(); ++i) results[index[i]] = std::move(got[i]);
   return results;
 }
 

@@ -39,8 +39,12 @@ class BatchExecutor {
   // Computes calls that share one layer version and answers them.
   void Compute(const std::string& layer_name, std::vector<std::unique_ptr<InferenceCall>> calls) const;
   // The engine on `calls` (one version), exceptions turned into statuses; failed calls run again alone.
+  // Sessions' appends go through ForwardAppends, the stateless calls through ForwardParsed (RunStateless,
+  // which fills their places in `results`).
   std::vector<absl::StatusOr<AttentionOutputs>> RunEngine(
       const std::vector<std::unique_ptr<InferenceCall>>& calls) const;
+  std::vector<absl::StatusOr<AttentionOutputs>> RunStateless(const std::vector<std::unique_ptr<InferenceCall>>& calls,
+                                                              std::vector<absl::StatusOr<AttentionOutputs>> results) const;
 
   const Options options_;
 };

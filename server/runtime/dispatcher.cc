@@ -73,14 +73,18 @@ void Dispatcher::Submit(std::unique_ptr<InferenceCall> call) {
     call->finish(absl::UnavailableError("server is shutting down"));
     return;
   }
-  if (absl::Status s = ValidateCall(*options_.registry, call.get()); !s.ok()) {
-    call->finish(s);
-    return;
+  if (call->session == nullptr) {
+    if (absl::Status s = ValidateCall(*options_.registry, call.get()); !s.ok()) {
+      call->finish(s);
+      return;
+    }
   }
   if (options_.memory != nullptr) {
     const MultiheadAttention& engine = *call->layer->engine;
-    const int64_t cost = RequestCostBytes(call->parsed, engine.config(), engine.ScoresBlockBytes(call->parsed),
-                                          call->request_bytes);
+    const int64_t cost = call->session != nullptr
+                             ? AppendCostBytes(call->session->append, engine, call->request_bytes)
+                             : RequestCostBytes(call->parsed, engine.config(), engine.ScoresBlockBytes(call->parsed),
+                                                call->request_bytes);
     absl::StatusOr<MemoryBudget::Reservation> reserved = options_.memory->Reserve(cost);
     if (!reserved.ok()) {
       call->finish(reserved.status());
@@ -95,7 +99,7 @@ void Dispatcher::Submit(std::unique_ptr<InferenceCall> call) {
     return;
   }
   const std::string& queue = call->layer_name;
-  const int64_t tokens = call->parsed.query_tokens();
+  const int64_t tokens = call->session != nullptr ? call->session->append.tokens : call->parsed.query_tokens();
   if (absl::Status s = options_.scheduler->Schedule(queue, call, tokens); !s.ok()) {
     call->finish(s);  // `call` is left untouched on error
   }

@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "core/attention_inputs.h"
+#include "core/multihead_attention.h"
 #include "server/batching/batch_scheduler.h"
 #include "server/runtime/layer_registry.h"
 #include "server/runtime/memory_budget.h"
@@ -56,6 +57,15 @@ struct InferenceCall {
   // Set by the Dispatcher at admission: the call's share of the memory budget. The protocol's service takes
   // it over in `finish` and releases it once the answer has been written.
   MemoryBudget::Reservation memory;
+
+  // A session's append (SessionService) instead of stateless inputs: the session service sets `layer` (the
+  // version the session holds) and this; the dispatcher admits it without ValidateCall and the executor runs
+  // it through ForwardAppends. `inputs` and `parsed` are unused.
+  struct SessionWork {
+    CachedAppend append;               // its cache has the append's blocks reserved
+    std::shared_ptr<void> keep_alive;  // the session, so the cache outlives the call
+  };
+  std::unique_ptr<SessionWork> session;
 
   // Set by the executor before finish(OK).
   AttentionOutputs outputs;

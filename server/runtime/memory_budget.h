@@ -7,6 +7,8 @@
 // thread destroys it.
 #pragma once
 
+#include "core/multihead_attention.h"
+
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -70,6 +72,11 @@ class MemoryBudget {
 // their encoded copy in the response).
 int64_t RequestCostBytes(const ParsedAttention& parsed, const MhaConfig& config, int64_t scores_block_bytes,
                          int64_t request_bytes);
+
+// The same for a session's append (the cache blocks it reserved are the KV pool's, not counted here): its
+// request, the batch's inputs, projections [T, 3E] and output projection [T, E], its scores block
+// (MultiheadAttention::AppendScoresBytes over the cache after it) and its answer twice.
+int64_t AppendCostBytes(const CachedAppend& append, const MultiheadAttention& engine, int64_t request_bytes);
 
 // The memory the process may use: the cgroup v2 memory.max, else cgroup v1's memory.limit_in_bytes, else the
 // machine's physical memory. `source` (may be null) says which it was.

@@ -335,6 +335,23 @@ absl::StatusOr<ServerConfig> LoadServerConfigFile(const std::string& path) {
 
 absl::Status CheckHostPort(const std::string& address) { return ParseHostPort(address).status(); }
 
+namespace {
+
+void CheckSessions(const attnserve::v1::SessionsConfig& sessions, Problems* problems) {
+  for (const auto& [name, value] : {std::pair<const char*, int64_t>{"kv_cache_bytes", sessions.kv_cache_bytes()},
+                                    {"kv_block_tokens", sessions.kv_block_tokens()},
+                                    {"idle_timeout_ms", sessions.idle_timeout_ms()},
+                                    {"max_sessions", sessions.max_sessions()},
+                                    {"max_queued_appends", sessions.max_queued_appends()}}) {
+    if (value < 0) problems->Add("sessions.", name, ": must be >= 0 (0 = the default), got ", value);
+  }
+  if (sessions.kv_block_tokens() > 4096) {
+    problems->Add("sessions.kv_block_tokens: must be <= 4096, got ", sessions.kv_block_tokens());
+  }
+}
+
+}  // namespace
+
 absl::Status ApplyDefaultsAndValidate(ServerConfig* config) {
   if (config->grpc_address().empty()) config->set_grpc_address(kDefaultGrpcAddress);
   if (config->metrics_address().empty()) config->set_metrics_address(kDefaultMetricsAddress);
@@ -363,6 +380,7 @@ absl::Status ApplyDefaultsAndValidate(ServerConfig* config) {
                  config->worker_threads());
   }
 
+  CheckSessions(config->sessions(), &problems);
   if (config->memory_budget_bytes() < 0) {
     problems.Add("memory_budget_bytes: must be >= 0 (0 = half the memory limit), got ",
                  config->memory_budget_bytes());

@@ -1,0 +1,312 @@
+// MultiheadAttention's incremental attention for sessions: new tokens attend over a paged KV cache
+// (core/kv_cache_pool.h), its blocks read in place. Few query rows (decode steps) go through vector kernels
+// that stream each block's keys and values once; more rows (prefill chunks) through oneDNN matmuls per key
+// block, the context summed over blocks by the matmul itself (kContextAdd).
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "core/multihead_attention.h"
+#include "core/omp_threads.h"
+
+namespace attnserve {
+namespace {
+
+// Query rows at most this many use the vector kernels: a matmul of so few rows would re-read every key
+// block for little work, and oneDNN's per-call cost (per key block) would dominate.
+constexpr int64_t kVectorRows = 4;
+constexpr size_t kRetainBytes = size_t{256} << 20;
+
+// Per-thread scratch, reused across calls.
+struct AppendScratch {
+  std::vector<float> inputs;  // the batch's queries, concatenated [N, E]
+  std::vector<float> proj;    // projections [N, 3E] (self-attention) or [N, E] (cross)
+  std::vector<float> out;     // output projection [N, E]
+  std::vector<float> scores;  // one query block [H, lb, cols]
+
+  static float* Grow(std::vector<float>& buf, int64_t n) {
+    if (buf.size() < static_cast<size_t>(n)) buf.resize(static_cast<size_t>(n));
+    return buf.data();
+  }
+  void ReleaseLarge() {
+    for (auto* buf : {&inputs, &proj, &out, &scores}) {
+      if (buf->capacity() * sizeof(float) > kRetainBytes) std::vector<float>().swap(*buf);
+    }
+  }
+};
+
+AppendScratch& ThreadScratch() {
+  thread_local AppendScratch scratch;
+  return scratch;
+}
+
+// scores[i, j0 + j] = q[i] . keys[j] for rows i < rows, keys j < n of one head (dh floats each).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void HeadScores(const float* q, int64_t ldq, int64_t rows,
+                                                                             const float* keys, int64_t ldk, int64_t n,
+                                                                             int64_t dh, float* scores, int64_t cols,
+                                                                             int64_t j0) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* k = keys + j * ldk;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* qi = q + i * ldq;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < dh; ++d) s += qi[d] * k[d];
+      scores[i * cols + j0 + j] = s;
+    }
+  }
+}
+
+// ctx[i] += sum_j probs[i, j0 + j] * values[j] for one head.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void HeadContext(const float* probs, int64_t cols,
+                                                                              int64_t j0, int64_t rows,
+                                                                              const float* values, int64_t ldv,
+                                                                              int64_t n, int64_t dh, float* ctx,
+                                                                              int64_t ldc) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* v = values + j * ldv;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float p = probs[i * cols + j0 + j];
+      float* c = ctx + i * ldc;
+#pragma omp simd
+      for (int64_t d = 0; d < dh; ++d) c[d] += p * v[d];
+    }
+  }
+}
+
+// The concatenated queries of `members` as one matrix (read in place for a single append).
+const float* BatchInputs(const std::vector<const CachedAppend*>& members, int64_t rows, int64_t e) {
+  // In place when it is one append with aligned data (a protobuf's bytes may not be).
+  if (members.size() == 1 && reinterpret_cast<uintptr_t>(members[0]->query) % alignof(float) == 0) {
+    return members[0]->query;
+  }
+  float* dst = AppendScratch::Grow(ThreadScratch().inputs, rows * e);
+  for (const CachedAppend* a : members) {  // memcpy: the queries may be unaligned
+    std::memcpy(dst, a->query, static_cast<size_t>(a->tokens * e) * sizeof(float));
+    dst += a->tokens * e;
+  }
+  return ThreadScratch().inputs.data();
+}
+
+absl::Status CheckAppend(const CachedAppend& a, const MhaConfig& c) {
+  if (a.query == nullptr || a.cache == nullptr)
+    return absl::InvalidArgumentError("append: query and cache are required");
+  if (a.tokens < 1) return absl::InvalidArgumentError(absl::StrCat("query: expected T >= 1 tokens, got ", a.tokens));
+  if (a.cache->width() != c.embed_dim) {
+    return absl::InvalidArgumentError(absl::StrCat("cache: expected width ", c.embed_dim, ", got ", a.cache->width()));
+  }
+  if (!a.cross_attention && !c.same_qkv_dim()) {
+    return absl::FailedPreconditionError("self-attention sessions need kdim == vdim == embed_dim");
+  }
+  if (a.cross_attention && a.cache->tokens() == 0)
+    return absl::FailedPreconditionError("cross-attention memory is empty");
+  return absl::OkStatus();
+}
+
+int64_t ContextAfter(const CachedAppend& a) {
+  return a.cross_attention ? a.cache->tokens() : a.cache->tokens() + a.tokens;
+}
+
+}  // namespace
+
+int64_t MultiheadAttention::AppendScoresBytes(int64_t tokens, int64_t context) const {
+  const int64_t row_bytes = options_.config.num_heads * context * int64_t{sizeof(float)};
+  const int64_t rows = std::clamp(options_.scores_block_bytes / std::max<int64_t>(row_bytes, 1),
+                                  std::min(tokens, options_.min_block_rows), std::max<int64_t>(tokens, 1));
+  return rows * row_bytes;
+}
+
+absl::Status MultiheadAttention::ProjectMemory(const float* memory, int64_t tokens, KvSequence* cache) const {
+  const MhaConfig& c = options_.config;
+  if (c.key_dim() != c.value_dim()) {
+    return absl::FailedPreconditionError(absl::StrCat("memory: one source for keys and values needs kdim == vdim, got ",
+                                                      c.key_dim(), " and ", c.value_dim()));
+  }
+  const int64_t e = c.embed_dim;
+  std::vector<float> k(static_cast<size_t>(tokens * e)), v(static_cast<size_t>(tokens * e));
+  ATTN_RETURN_IF_ERROR(k_proj_->Execute(memory, tokens, c.key_dim(), k.data(), e));
+  ATTN_RETURN_IF_ERROR(v_proj_->Execute(memory, tokens, c.value_dim(), v.data(), e));
+  return cache->Append(k.data(), v.data(), tokens);
+}
+
+std::vector<absl::StatusOr<AttentionOutputs>> MultiheadAttention::ForwardAppends(
+    absl::Span<const CachedAppend* const> appends, int max_threads) const {
+  const MhaConfig& c = options_.config;
+  const int64_t e = c.embed_dim, h = c.num_heads;
+  std::vector<absl::StatusOr<AttentionOutputs>> results(appends.size());
+  std::vector<const CachedAppend*> groups[2];  // [0]: self-attention, [1]: cross-attention
+  std::vector<size_t> index[2];
+  int64_t flops = 0;
+  for (size_t i = 0; i < appends.size(); ++i) {
+    const CachedAppend& a = *appends[i];
+    if (absl::Status s = CheckAppend(a, c); !s.ok()) {
+      results[i] = s;
+      continue;
+    }
+    const int64_t context = ContextAfter(a);
+    AttentionOutputs out;
+    out.output = Tensor({a.tokens, e});
+    if (a.need_weights) {
+      out.attn_weights = a.average_attn_weights ? Tensor({a.tokens, context}) : Tensor({h, a.tokens, context});
+    }
+    results[i] = std::move(out);
+    flops += 4 * a.tokens * context * e + 8 * a.tokens * e * e;
+    groups[a.cross_attention ? 1 : 0].push_back(&a);
+    index[a.cross_attention ? 1 : 0].push_back(i);
+  }
+  const int budget = max_threads > 0 ? max_threads : omp_get_max_threads();
+  const int threads = flops < options_.single_thread_below_flops ? 1 : budget;
+  const ScopedOmpThreads team(threads);
+  for (int g = 0; g < 2; ++g) {
+    if (groups[g].empty()) continue;
+    std::vector<AttentionOutputs*> outs;
+    for (size_t i : index[g]) outs.push_back(&*results[i]);
+    std::vector<absl::Status> status = RunAppends(groups[g], outs, threads);
+    for (size_t m = 0; m < status.size(); ++m) {
+      if (!status[m].ok()) results[index[g][m]] = status[m];
+    }
+  }
+  ThreadScratch().ReleaseLarge();
+  return results;
+}
+
+std::vector<absl::Status> MultiheadAttention::RunAppends(const std::vector<const CachedAppend*>& members,
+                                                         const std::vector<AttentionOutputs*>& outs,
+                                                         int threads) const {
+  const int64_t e = options_.config.embed_dim;
+  const bool cross = members.front()->cross_attention;
+  std::vector<absl::Status> status(members.size());
+  int64_t rows = 0;
+  for (const CachedAppend* a : members) rows += a->tokens;
+  const int64_t ldq = cross ? e : 3 * e;
+  float* proj = AppendScratch::Grow(ThreadScratch().proj, rows * ldq);
+  const absl::Status projected = cross ? q_proj_->Execute(BatchInputs(members, rows, e), rows, e, proj, ldq)
+                                       : qkv_proj_->Execute(BatchInputs(members, rows, e), rows, e, proj, ldq);
+  if (!projected.ok()) return std::vector<absl::Status>(members.size(), projected);
+  std::vector<int64_t> first_row(members.size());
+  for (size_t m = 0, row = 0; m < members.size(); row += members[m]->tokens, ++m) {
+    first_row[m] = static_cast<int64_t>(row);
+    if (cross) continue;
+    const float* k = proj + first_row[m] * ldq + e;
+    status[m] = members[m]->cache->Append(k, k + e, members[m]->tokens, ldq);
+  }
+  auto attend = [&](size_t m) {
+    if (!status[m].ok()) return;
+    Tensor* weights = members[m]->need_weights ? &outs[m]->attn_weights : nullptr;
+    status[m] = AttendCached(*members[m], proj + first_row[m] * ldq, ldq, weights);
+  };
+  std::vector<size_t> small, large;
+  for (size_t m = 0; m < members.size(); ++m) {
+    const int64_t attention_flops = 4 * members[m]->tokens * ContextAfter(*members[m]) * e;
+    (attention_flops < options_.small_attention_flops ? small : large).push_back(m);
+  }
+  if (threads == 1 || small.size() < 2) {
+    for (size_t m : small) attend(m);
+  } else {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (size_t u = 0; u < small.size(); ++u) attend(small[u]);
+  }
+  for (size_t m : large) attend(m);
+  float* out = AppendScratch::Grow(ThreadScratch().out, rows * e);
+  if (absl::Status s = out_proj_->Execute(proj, rows, ldq, out, e); !s.ok()) {
+    return std::vector<absl::Status>(members.size(), s);
+  }
+  for (size_t m = 0; m < members.size(); ++m) {
+    std::memcpy(outs[m]->output.values.data(), out + first_row[m] * e,
+                static_cast<size_t>(members[m]->tokens * e) * sizeof(float));
+  }
+  return status;
+}
+
+absl::Status MultiheadAttention::AttendCached(const CachedAppend& a, float* q, int64_t ldq, Tensor* weights) const {
+  const int64_t context = a.cache->tokens();
+  const int64_t row_bytes = options_.config.num_heads * context * int64_t{sizeof(float)};
+  const int64_t rows = AppendScoresBytes(a.tokens, context) / std::max<int64_t>(row_bytes, 1);
+  float* scores = AppendScratch::Grow(ThreadScratch().scores, std::max<int64_t>(rows, 1) * row_bytes / 4);
+  for (int64_t l0 = 0; l0 < a.tokens; l0 += rows) {
+    const int64_t lb = std::min(rows, a.tokens - l0);
+    ATTN_RETURN_IF_ERROR(AttendCachedRows(a, l0, lb, q + l0 * ldq, ldq, scores, weights));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MultiheadAttention::AttendCachedRows(const CachedAppend& a, int64_t l0, int64_t lb, float* q, int64_t ldq,
+                                                  float* scores, Tensor* weights) const {
+  const int64_t h = options_.config.num_heads, dh = options_.config.head_dim(), e = options_.config.embed_dim;
+  const KvSequence& cache = *a.cache;
+  const int64_t context = cache.tokens(), bt = cache.block_tokens(), width = cache.width();
+  const int64_t first = context - (a.cross_attention ? 0 : a.tokens) + l0;  // position of row 0 (self)
+  // Causal: keys past the block's last query are not computed at all.
+  const int64_t cols = a.cross_attention ? context : first + lb;
+  const int64_t blocks = (cols + bt - 1) / bt;
+  const bool vector = lb <= kVectorRows;
+  const int head_threads = vector && omp_get_max_threads() > 1 && !omp_in_parallel() ? omp_get_max_threads() : 1;
+#pragma omp parallel for num_threads(head_threads) if (head_threads > 1)
+  for (int64_t hi = 0; hi < (vector ? h : 0); ++hi) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      HeadScores(q + hi * dh, ldq, lb, cache.keys(b) + hi * dh, width, std::min(bt, cols - b * bt), dh,
+                 scores + hi * lb * cols, cols, b * bt);
+    }
+  }
+  for (int64_t b = 0; b < blocks && !vector; ++b) {
+    const int64_t n = std::min(bt, cols - b * bt);
+    const View4 qa{q, {1, h, lb, dh}, {lb * ldq, dh, ldq, 1}};
+    const View4 kb{const_cast<float*>(cache.keys(b)), {1, h, dh, n}, {bt * width, dh, 1, width}};
+    const View4 sc{scores + b * bt, {1, h, lb, n}, {h * lb * cols, lb * cols, cols, 1}};
+    ATTN_RETURN_IF_ERROR(scores_op_->Execute(qa, kb, sc));
+  }
+  if (!a.cross_attention) {
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    for (int64_t r = 0; r < h * lb; ++r) {
+      const int64_t i = r % lb;
+      std::fill(scores + r * cols + first + i + 1, scores + (r + 1) * cols, kNegInf);
+    }
+  }
+  ATTN_RETURN_IF_ERROR(softmax_.Execute(scores, h * lb, cols));
+  if (weights != nullptr) AddAppendWeights(a, l0, lb, cols, scores, weights);
+  // The context over the block's Q columns: Q is no longer needed.
+  if (vector) {
+    for (int64_t i = 0; i < lb; ++i) std::fill_n(q + i * ldq, e, 0.0f);
+#pragma omp parallel for num_threads(head_threads) if (head_threads > 1)
+    for (int64_t hi = 0; hi < h; ++hi) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        HeadContext(scores + hi * lb * cols, cols, b * bt, lb, cache.values(b) + hi * dh, width,
+                    std::min(bt, cols - b * bt), dh, q + hi * dh, ldq);
+      }
+    }
+    return absl::OkStatus();
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t n = std::min(bt, cols - b * bt);
+    const View4 pa{scores + b * bt, {1, h, lb, n}, {h * lb * cols, lb * cols, cols, 1}};
+    const View4 vb{const_cast<float*>(cache.values(b)), {1, h, n, dh}, {bt * width, dh, width, 1}};
+    const View4 ctx{q, {1, h, lb, dh}, {lb * ldq, dh, ldq, 1}};
+    ATTN_RETURN_IF_ERROR((b == 0 ? context_op_ : context_add_op_)->Execute(pa, vb, ctx));
+  }
+  return absl::OkStatus();
+}
+
+void MultiheadAttention::AddAppendWeights(const CachedAppend& a, int64_t l0, int64_t lb, int64_t cols,
+                                          const float* probs, Tensor* weights) const {
+  const int64_t h = options_.config.num_heads, context = a.cache->tokens();
+  const float inv_heads = 1.0f / static_cast<float>(h);
+  float* w = weights->values.data();
+  for (int64_t hi = 0; hi < h; ++hi) {
+    for (int64_t i = 0; i < lb; ++i) {
+      const float* src = probs + (hi * lb + i) * cols;
+      if (a.average_attn_weights) {
+        float* dst = w + (l0 + i) * context;
+        for (int64_t j = 0; j < cols; ++j) dst[j] += src[j] * inv_heads;
+      } else {
+        std::memcpy(w + (hi * a.tokens + l0 + i) * context, src, static_cast<size_t>(cols) * sizeof(float));
+      }
+    }
+  }
+}
+
+}  // namespace attnserve

@@ -1,0 +1,179 @@
+#include "server/api/session_service.h"
+
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "server/api/call_binding.h"
+#include "server/api/grpc_status.h"
+#include "server/api/tensor_codec.h"
+
+namespace attnserve {
+namespace {
+
+using attnserve::v1::AppendRequest;
+using attnserve::v1::AppendResponse;
+
+constexpr char kSessionHeader[] = "x-attnserve-session";
+
+// The request's session id, or the x-attnserve-session metadata's when the field is empty.
+std::string SessionIdOf(const grpc::CallbackServerContext& ctx, const std::string& field) {
+  if (!field.empty()) return field;
+  auto it = ctx.client_metadata().find(kSessionHeader);
+  return it == ctx.client_metadata().end() ? std::string() : std::string(it->second.data(), it->second.size());
+}
+
+void EncodeSession(const SessionInfo& info, attnserve::v1::Session* out) {
+  out->set_session_id(info.id);
+  int64_t tokens = 0, bytes = 0;
+  for (const SessionInfo::Layer& l : info.layers) {
+    attnserve::v1::SessionLayer* layer = out->add_layers();
+    layer->set_layer(l.name);
+    layer->set_tokens(l.tokens);
+    layer->set_bytes(l.bytes);
+    layer->set_cross_attention(l.cross_attention);
+    tokens = std::max(tokens, l.tokens);
+    bytes += l.bytes;
+  }
+  out->set_tokens(tokens);
+  out->set_bytes(bytes);
+  out->set_max_tokens(info.max_tokens);
+  out->set_idle_timeout_ms(info.idle_timeout_ms);
+  out->set_idle_ms(info.idle_ms);
+}
+
+grpc::ServerUnaryReactor* AnswerSession(grpc::CallbackServerContext* ctx, const absl::StatusOr<SessionInfo>& info,
+                                        attnserve::v1::Session* response) {
+  if (!info.ok()) return FinishNow(ctx, ToGrpcStatus(info.status()));
+  EncodeSession(*info, response);
+  return FinishNow(ctx, grpc::Status::OK);
+}
+
+void EncodeAppendResponse(const InferenceCall& call, AppendResponse* response) {
+  response->set_id(call.id);
+  EncodeTensor(call.outputs.output, response->mutable_output());
+  if (call.inputs.need_weights) EncodeTensor(call.outputs.attn_weights, response->mutable_attn_weights());
+  response->set_position(call.session->append.cache->tokens());
+  attnserve::v1::Timing* timing = response->mutable_timing();
+  timing->set_queue_us(call.timing.queue_us);
+  timing->set_compute_us(call.timing.compute_us);
+  timing->set_batch_size(call.timing.batch_size);
+}
+
+void WriteError(const AppendRequest& request, const grpc::Status& status, AppendResponse* response) {
+  response->set_id(request.id());
+  response->mutable_error()->set_code(static_cast<int32_t>(status.error_code()));
+  response->mutable_error()->set_message(status.error_message());
+}
+
+// Cross-attention memories decoded and copied (aligned, for the projection matmuls).
+absl::Status DecodeMemories(const attnserve::v1::CreateSessionRequest& request, SessionStore::OpenArgs* args,
+                            std::vector<std::vector<float>>* storage) {
+  for (const auto& [layer, tensor] : request.memory()) {
+    const std::string field = "memory[" + layer.substr(0, 128) + "]";
+    absl::StatusOr<TensorView> view = DecodeTensor(tensor, field, AcceptedDTypes::kFloat32);
+    if (!view.ok()) return view.status();
+    if (view->shape.size() != 2) {
+      return absl::InvalidArgumentError(field + ": expected [S, kdim], got " + ShapeToString(view->shape));
+    }
+    std::vector<float>& values = storage->emplace_back(static_cast<size_t>(view->num_elements()));
+    std::memcpy(values.data(), view->data, view->num_bytes());
+    args->memory[layer] = {values.data(), view->shape[0], view->shape[1]};
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServerContext* ctx,
+                                                            const attnserve::v1::CreateSessionRequest* request,
+                                                            attnserve::v1::Session* response) {
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  SessionStore::OpenArgs args;
+  args.id = SessionIdOf(*ctx, request->session_id());
+  args.layers.assign(request->layers().begin(), request->layers().end());
+  args.max_tokens = request->max_tokens();
+  args.idle_timeout_ms = request->idle_timeout_ms();
+  std::vector<std::vector<float>> memories;
+  if (absl::Status s = DecodeMemories(*request, &args, &memories); !s.ok()) return FinishNow(ctx, ToGrpcStatus(s));
+  return AnswerSession(ctx, store_->Open(args), response);
+}
+
+void SessionServiceImpl::SubmitAppend(grpc::CallbackServerContext* ctx, const AppendRequest& request,
+                                      AppendResponse* response, OnAnswer on_answer) const {
+  auto call = std::make_unique<InferenceCall>();
+  BindCall(ctx, *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
+  call->id = request.id();
+  call->layer_name = request.layer();
+  absl::StatusOr<TensorView> query = DecodeTensor(request.query(), "query", AcceptedDTypes::kFloat32);
+  if (query.ok()) {
+    call->inputs.query = *query;
+  } else {
+    call->decode_status = query.status();
+  }
+  call->inputs.need_weights = request.need_weights();
+  call->inputs.average_attn_weights = !request.has_average_attn_weights() || request.average_attn_weights();
+  FinishWith(
+      call.get(), [self = call.get(), response] { EncodeAppendResponse(*self, response); }, std::move(on_answer));
+  store_->Append(SessionIdOf(*ctx, request.session_id()), request.layer(), std::move(call));
+}
+
+grpc::ServerUnaryReactor* SessionServiceImpl::Append(grpc::CallbackServerContext* ctx, const AppendRequest* request,
+                                                     AppendResponse* response) {
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  auto* reactor = new AnsweringUnaryReactor();
+  SubmitAppend(ctx, *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
+    reactor->Answer(status, std::move(memory));
+  });
+  return reactor;
+}
+
+grpc::ServerBidiReactor<AppendRequest, AppendResponse>* SessionServiceImpl::AppendStream(
+    grpc::CallbackServerContext* ctx) {
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) {
+    return new RefusedStream<AppendRequest, AppendResponse>(denied);
+  }
+  auto submit = [this, ctx](const AppendRequest& request, AppendResponse* response, OnAnswer on_answer) {
+    SubmitAppend(ctx, request, response, std::move(on_answer));
+  };
+  return new AnsweringStream<AppendRequest, AppendResponse>(ctx, max_inflight_per_stream_, submit, WriteError);
+}
+
+grpc::ServerUnaryReactor* SessionServiceImpl::ForkSession(grpc::CallbackServerContext* ctx,
+                                                          const attnserve::v1::ForkSessionRequest* request,
+                                                          attnserve::v1::Session* response) {
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  return AnswerSession(ctx, store_->Fork(SessionIdOf(*ctx, request->session_id()), request->new_session_id()),
+                       response);
+}
+
+grpc::ServerUnaryReactor* SessionServiceImpl::TruncateSession(grpc::CallbackServerContext* ctx,
+                                                              const attnserve::v1::TruncateSessionRequest* request,
+                                                              attnserve::v1::Session* response) {
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  return AnswerSession(ctx, store_->Truncate(SessionIdOf(*ctx, request->session_id()), request->tokens()), response);
+}
+
+grpc::ServerUnaryReactor* SessionServiceImpl::CloseSession(grpc::CallbackServerContext* ctx,
+                                                           const attnserve::v1::CloseSessionRequest* request,
+                                                           attnserve::v1::CloseSessionResponse* /*response*/) {
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  return FinishNow(ctx, ToGrpcStatus(store_->Close(SessionIdOf(*ctx, request->session_id()))));
+}
+
+grpc::ServerUnaryReactor* SessionServiceImpl::GetSession(grpc::CallbackServerContext* ctx,
+                                                         const attnserve::v1::GetSessionRequest* request,
+                                                         attnserve::v1::Session* response) {
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  return AnswerSession(ctx, store_->Get(SessionIdOf(*ctx, request->session_id())), response);
+}
+
+grpc::ServerUnaryReactor* SessionServiceImpl::ListSessions(grpc::CallbackServerContext* ctx,
+                                                           const attnserve::v1::ListSessionsRequest* /*request*/,
+                                                           attnserve::v1::ListSessionsResponse* response) {
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeAdmin); !denied.ok()) return FinishNow(ctx, denied);
+  for (const SessionInfo& info : store_->List()) EncodeSession(info, response->add_sessions());
+  return FinishNow(ctx, grpc::Status::OK);
+}
+
+}  // namespace attnserve

@@ -1,0 +1,69 @@
+// attnserve.v1.SessionService on gRPC's callback API: decodes requests for the SessionStore (sessions/),
+// whose appends go through the Dispatcher like Infer calls (admit, queue, batch, engine), and encodes the
+// answers. The session id is read from the request, or from the metadata key x-attnserve-session when the
+// request's field is empty (what a proxy hashes on to route a session's calls to one replica).
+//
+// Scopes: every RPC needs infer; ListSessions needs admin.
+//
+// Thread-safety: gRPC calls the handlers from its own threads; workers finish appends from theirs.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+
+#include "attnserve/v1/session.grpc.pb.h"
+#include "server/api/answering_stream.h"
+#include "server/api/authorizer.h"
+#include "server/batching/clock.h"
+#include "server/sessions/session_store.h"
+
+namespace attnserve {
+
+class SessionServiceImpl final : public attnserve::v1::SessionService::CallbackService {
+ public:
+  // None owned; all must outlive the service. `max_inflight_per_stream` >= 1 (see AnsweringStream).
+  SessionServiceImpl(SessionStore* store, const Clock* clock, int64_t max_inflight_per_stream,
+                     const Authorizer* authorizer)
+      : store_(store),
+        clock_(clock),
+        max_inflight_per_stream_(std::max<int64_t>(1, max_inflight_per_stream)),
+        authorizer_(authorizer) {}
+
+  grpc::ServerUnaryReactor* CreateSession(grpc::CallbackServerContext* ctx,
+                                          const attnserve::v1::CreateSessionRequest* request,
+                                          attnserve::v1::Session* response) override;
+  grpc::ServerUnaryReactor* Append(grpc::CallbackServerContext* ctx, const attnserve::v1::AppendRequest* request,
+                                   attnserve::v1::AppendResponse* response) override;
+  grpc::ServerBidiReactor<attnserve::v1::AppendRequest, attnserve::v1::AppendResponse>* AppendStream(
+      grpc::CallbackServerContext* ctx) override;
+  grpc::ServerUnaryReactor* ForkSession(grpc::CallbackServerContext* ctx,
+                                        const attnserve::v1::ForkSessionRequest* request,
+                                        attnserve::v1::Session* response) override;
+  grpc::ServerUnaryReactor* TruncateSession(grpc::CallbackServerContext* ctx,
+                                            const attnserve::v1::TruncateSessionRequest* request,
+                                            attnserve::v1::Session* response) override;
+  grpc::ServerUnaryReactor* CloseSession(grpc::CallbackServerContext* ctx,
+                                         const attnserve::v1::CloseSessionRequest* request,
+                                         attnserve::v1::CloseSessionResponse* response) override;
+  grpc::ServerUnaryReactor* GetSession(grpc::CallbackServerContext* ctx,
+                                       const attnserve::v1::GetSessionRequest* request,
+                                       attnserve::v1::Session* response) override;
+  grpc::ServerUnaryReactor* ListSessions(grpc::CallbackServerContext* ctx,
+                                         const attnserve::v1::ListSessionsRequest* request,
+                                         attnserve::v1::ListSessionsResponse* response) override;
+
+ private:
+  // Decodes `request` (which must outlive the call) into an append and hands it to the store.
+  void SubmitAppend(grpc::CallbackServerContext* ctx, const attnserve::v1::AppendRequest& request,
+                    attnserve::v1::AppendResponse* response, OnAnswer on_answer) const;
+
+  SessionStore* store_;
+  const Clock* clock_;
+  const int64_t max_inflight_per_stream_;
+  const Authorizer* authorizer_;
+};
+
+}  // namespace attnserve

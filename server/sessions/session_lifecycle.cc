@@ -1,0 +1,149 @@
+// SessionStore: opening, forking and truncating sessions.
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/log_string.h"
+#include "server/sessions/session_state.h"
+#include "server/sessions/session_store.h"
+
+namespace attnserve {
+namespace {
+
+std::string Quoted(const std::string& s) { return absl::StrCat("'", BoundedForLog(s), "'"); }
+
+// The lane of `layer` (layers[i] of the request), its memory projected when it has one.
+absl::StatusOr<std::unique_ptr<SessionStore::Lane>> MakeLane(const std::string& field,
+                                                             std::shared_ptr<const ServedLayer> layer,
+                                                             const SessionStore::Memory* memory, KvCachePool* pool) {
+  const MultiheadAttention& engine = *layer->engine;
+  const MhaConfig& c = engine.config();
+  KvSequence cache(pool, c.embed_dim);
+  if (memory == nullptr) {
+    if (!c.same_qkv_dim()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": layer ", Quoted(layer->config.name()),
+                       " has kdim/vdim != embed_dim: open it with a memory (cross-attention)"));
+    }
+  } else {
+    const int64_t limit = layer->config.max_sequence_length();
+    if (memory->dim != c.key_dim() || memory->tokens < 1 || (limit > 0 && memory->tokens > limit)) {
+      return absl::InvalidArgumentError(absl::StrCat("memory[", BoundedForLog(layer->config.name()), "]: expected [S, ",
+                                                     c.key_dim(), "] with 1 <= S <= ", limit, ", got [", memory->tokens,
+                                                     ", ", memory->dim, "]"));
+    }
+    if (absl::Status s = engine.ProjectMemory(memory->data, memory->tokens, &cache); !s.ok()) return s;
+  }
+  auto lane =
+      std::make_unique<SessionStore::Lane>(layer->config.name(), std::move(layer), memory != nullptr, std::move(cache));
+  lane->tokens = lane->cache.tokens();
+  lane->bytes = lane->cache.bytes();
+  return lane;
+}
+
+}  // namespace
+
+absl::StatusOr<SessionInfo> SessionStore::Open(const OpenArgs& args) {
+  if (absl::Status s = CheckId(args.id, "session_id"); !s.ok()) return s;
+  if (args.layers.empty()) return absl::InvalidArgumentError("layers: expected at least one layer name");
+  if (args.max_tokens < 0 || args.idle_timeout_ms < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("max_tokens and idle_timeout_ms: expected >= 0, got ",
+                                                   args.max_tokens, " and ", args.idle_timeout_ms));
+  }
+  for (const auto& [name, memory] : args.memory) {
+    if (std::find(args.layers.begin(), args.layers.end(), name) == args.layers.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("memory: ", Quoted(name), " is not one of the session's layers"));
+    }
+  }
+  {
+    absl::MutexLock lock(&mu_);  // fail early, before projecting memories
+    if (sessions_.contains(args.id))
+      return absl::AlreadyExistsError(absl::StrCat("session_id: session ", Quoted(args.id), " exists"));
+  }
+  auto session = std::make_shared<Session>();
+  session->id = args.id;
+  session->idle_timeout_ms = args.idle_timeout_ms > 0 ? args.idle_timeout_ms : options_.default_idle_timeout_ms;
+  int64_t limit = 0;  // the smallest max_sequence_length of the layers (0: none)
+  for (size_t i = 0; i < args.layers.size(); ++i) {
+    const std::string field = absl::StrCat("layers[", i, "]");
+    std::shared_ptr<const ServedLayer> layer = options_.registry->Find(args.layers[i]);
+    if (layer == nullptr) return absl::NotFoundError(absl::StrCat(field, ": no layer named ", Quoted(args.layers[i])));
+    if (session->lanes.count(args.layers[i]) > 0)
+      return absl::InvalidArgumentError(absl::StrCat(field, ": listed twice"));
+    const int64_t layer_limit = layer->config.max_sequence_length();
+    if (layer_limit > 0) limit = limit == 0 ? layer_limit : std::min(limit, layer_limit);
+    auto memory = args.memory.find(args.layers[i]);
+    widest_.store(std::max(widest_.load(), layer->engine->config().embed_dim));
+    absl::StatusOr<std::unique_ptr<Lane>> lane =
+        MakeLane(field, std::move(layer), memory == args.memory.end() ? nullptr : &memory->second, options_.pool);
+    if (!lane.ok()) return lane.status();
+    session->lanes[args.layers[i]] = std::move(*lane);
+  }
+  if (limit > 0 && args.max_tokens > limit) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens: ", args.max_tokens, " is past the layers' max_sequence_length ", limit));
+  }
+  session->max_tokens = args.max_tokens > 0 ? args.max_tokens : limit;
+  {
+    absl::MutexLock lock(&session->mu);
+    session->last_used = options_.clock->Now();
+  }
+  absl::MutexLock lock(&mu_);
+  return InsertLocked(std::move(session));
+}
+
+absl::StatusOr<SessionInfo> SessionStore::Fork(const std::string& id, const std::string& new_id) {
+  if (absl::Status s = CheckId(new_id, "new_session_id"); !s.ok()) return s;
+  absl::MutexLock lock(&mu_);
+  std::shared_ptr<Session> from = FindLocked(id);
+  if (from == nullptr) return MissingLocked(id);
+  auto fork = std::make_shared<Session>();
+  fork->id = new_id;
+  fork->max_tokens = from->max_tokens;
+  fork->idle_timeout_ms = from->idle_timeout_ms;
+  {
+    absl::MutexLock session_lock(&from->mu);
+    if (from->busy > 0) {
+      return absl::FailedPreconditionError(absl::StrCat("session_id: session ", Quoted(id), " has ", from->busy,
+                                                        " appends in flight: fork it once they are answered"));
+    }
+    for (const auto& [name, lane] : from->lanes) {
+      auto copy = std::make_unique<Lane>(name, lane->layer, lane->cross, lane->cache.Fork());
+      copy->tokens = lane->tokens;
+      copy->bytes = lane->bytes;
+      fork->lanes[name] = std::move(copy);
+    }
+  }
+  {
+    absl::MutexLock fork_lock(&fork->mu);
+    fork->last_used = options_.clock->Now();
+  }
+  return InsertLocked(std::move(fork));
+}
+
+absl::StatusOr<SessionInfo> SessionStore::Truncate(const std::string& id, int64_t tokens) {
+  if (tokens < 0) return absl::InvalidArgumentError(absl::StrCat("tokens: expected >= 0, got ", tokens));
+  std::shared_ptr<Session> s;
+  {
+    absl::MutexLock lock(&mu_);
+    s = FindLocked(id);
+    if (s == nullptr) return MissingLocked(id);
+  }
+  {
+    absl::MutexLock session_lock(&s->mu);
+    if (s->busy > 0) {
+      return absl::FailedPreconditionError(absl::StrCat("session_id: session ", Quoted(id), " has ", s->busy,
+                                                        " appends in flight: truncate it once they are answered"));
+    }
+    for (auto& [name, lane] : s->lanes) {
+      if (lane->cross) continue;
+      lane->cache.Truncate(tokens);
+      lane->tokens = lane->cache.tokens();
+      lane->bytes = lane->cache.bytes();
+    }
+  }
+  ReportPool();
+  return Describe(*s);
+}
+
+}  // namespace attnserve

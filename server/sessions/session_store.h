@@ -1,0 +1,135 @@
+// The sessions of a server: their ids, each session's KV cache per layer (core/kv_cache_pool.h) and the
+// layer version it was opened with, the order of each (session, layer)'s appends, and eviction of idle
+// sessions. No wire protocol here: SessionService (api/) decodes requests into these calls.
+//
+// Appends of one session and layer run one at a time, in arrival order (a lane): the next starts when the
+// previous one is answered. Starting one checks the session's limits, reserves its cache blocks (evicting
+// idle sessions when the pool is full), then hands the call to `submit` (the Dispatcher: admit, queue,
+// batch with other sessions' appends and stateless requests, engine).
+//
+// A session keeps the layer version it was created with until it closes: a replaced or unloaded layer goes
+// on serving its open sessions, so a cache never mixes two versions' keys.
+//
+// Thread-safety: every method may be called from any thread at once.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "core/kv_cache_pool.h"
+#include "server/batching/clock.h"
+#include "server/observability/metrics.h"
+#include "server/runtime/inference_call.h"
+#include "server/runtime/layer_registry.h"
+
+namespace attnserve {
+
+// A session as GetSession shows it.
+struct SessionInfo {
+  struct Layer {
+    std::string name;
+    int64_t tokens = 0;
+    int64_t bytes = 0;
+    bool cross_attention = false;
+  };
+  std::string id;
+  std::vector<Layer> layers;
+  int64_t max_tokens = 0;
+  int64_t idle_timeout_ms = 0;
+  int64_t idle_ms = 0;
+};
+
+class SessionStore {
+ public:
+  struct Options {
+    KvCachePool* pool = nullptr;              // required, not owned
+    const LayerRegistry* registry = nullptr;  // required, not owned
+    const Clock* clock = RealClock();         // required, not owned
+    ServerMetrics* metrics = nullptr;         // may be null, not owned
+    // Admits and queues a started append (the Dispatcher's Submit); required.
+    std::function<void(std::unique_ptr<InferenceCall>)> submit;
+    // A session's idle_timeout_ms when it asks for none (> 0).
+    int64_t default_idle_timeout_ms = 600'000;
+    // Sessions open at once at most (> 0): CreateSession and ForkSession past it are RESOURCE_EXHAUSTED.
+    int64_t max_sessions = 10'000;
+    // Appends of one session and layer waiting behind the running one, at most (>= 0).
+    int64_t max_queued_appends = 64;
+  };
+  static absl::StatusOr<std::unique_ptr<SessionStore>> Create(const Options& options);
+  ~SessionStore();
+
+  // One layer's cross-attention memory: [tokens, kdim] floats, read during Open only.
+  struct Memory {
+    const float* data = nullptr;
+    int64_t tokens = 0;
+    int64_t dim = 0;
+  };
+  struct OpenArgs {
+    std::string id;
+    std::vector<std::string> layers;
+    int64_t max_tokens = 0;       // 0: each layer's max_sequence_length
+    int64_t idle_timeout_ms = 0;  // 0: Options::default_idle_timeout_ms
+    std::map<std::string, Memory> memory;
+  };
+  // INVALID_ARGUMENT naming the field (id, layers, memory), ALREADY_EXISTS, NOT_FOUND for a layer,
+  // RESOURCE_EXHAUSTED (sessions, or the pool for a memory).
+  absl::StatusOr<SessionInfo> Open(const OpenArgs& args);
+  absl::StatusOr<SessionInfo> Fork(const std::string& id, const std::string& new_id);
+  absl::StatusOr<SessionInfo> Truncate(const std::string& id, int64_t tokens);
+  absl::Status Close(const std::string& id);
+  absl::StatusOr<SessionInfo> Get(const std::string& id) const;
+  std::vector<SessionInfo> List() const;
+
+  // Queues an append of `call->inputs.query` ([T, E]) to `layer` of session `id`: `call` is answered through
+  // its finish (set by the caller), now for a refusal or once computed. NOT_FOUND, FAILED_PRECONDITION
+  // "evicted", INVALID_ARGUMENT, OUT_OF_RANGE (past max_tokens), RESOURCE_EXHAUSTED (queue or pool).
+  // `need_weights` and `average_attn_weights` come from call->inputs.
+  void Append(const std::string& id, const std::string& layer, std::unique_ptr<InferenceCall> call);
+
+  // Evicts the sessions idle past their idle_timeout_ms with no append queued or running; returns how many.
+  int64_t EvictIdle(const std::string& reason) ABSL_LOCKS_EXCLUDED(mu_);
+  int64_t size() const ABSL_LOCKS_EXCLUDED(mu_);
+
+  // "1 to 128 bytes of [A-Za-z0-9._:-]", else INVALID_ARGUMENT naming `field`.
+  static absl::Status CheckId(const std::string& id, const char* field);
+
+  // Defined in session_state.h, for the store's own files.
+  struct Lane;
+  struct Session;
+
+ private:
+  explicit SessionStore(const Options& options) : options_(options) {}
+  std::shared_ptr<Session> FindLocked(const std::string& id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status MissingLocked(const std::string& id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<SessionInfo> InsertLocked(std::shared_ptr<Session> session) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RemoveLocked(const std::string& id, const char* evicted_for) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  SessionInfo Describe(const Session& s) const;
+  // Starts an append whose turn it is; when it cannot start, answers it and starts the next.
+  void Start(std::shared_ptr<Session> session, Lane* lane, std::unique_ptr<InferenceCall> call);
+  absl::Status ReserveBlocks(Session& session, Lane& lane, int64_t tokens);
+  // The lane's running append was answered: the next waiting one starts.
+  void TurnDone(std::shared_ptr<Session> session, Lane* lane);
+  void ReportPool() const;
+
+  const Options options_;
+  std::atomic<int64_t> widest_{1};  // the widest cache seen, for the free-blocks gauge
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+  // Ids evicted lately (bounded), so their next call is told "evicted" rather than NOT_FOUND.
+  std::deque<std::string> evicted_order_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, std::string> evicted_ ABSL_GUARDED_BY(mu_);  // id -> reason
+};
+
+}  // namespace attnserve

@@ -1,0 +1,269 @@
+#!/usr/bin/python3
+"""Sessions (attnserve.v1.SessionService) on the attnserve binary: for any split of a sequence into appends
+the outputs equal causal attention over the whole sequence (the float64 reference with PyTorch's golden
+weights, 1e-4; the server's own stateless causal Infer, 1e-6); AppendStream in order; fork and truncate;
+cross-attention memories; the errors and the field each names; idle eviction ("evicted"); the session id
+from metadata; the sessions' metrics.
+
+    /usr/bin/python3 tests/integration/session_test.py path/to/attnserve [case ...]
+"""
+
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kserve_test as kt  # noqa: E402  (stubs, the server harness, the float64 reference)
+from checks import Failed, expect  # noqa: E402
+
+OK = grpc.StatusCode.OK
+TIMEOUT = 30
+
+
+def tensor(a):
+    return kt.pb.Tensor(shape=list(a.shape), dtype=kt.pb.FLOAT32, raw_data=np.ascontiguousarray(a, "<f4").tobytes())
+
+
+def array(t):
+    return np.frombuffer(t.raw_data, "<f4").reshape(tuple(t.shape))
+
+
+def rpc(fn):
+    try:
+        return OK, "", fn()
+    except grpc.RpcError as e:
+        return e.code(), e.details() or "", None
+
+
+class Env:
+    pass
+
+
+def create(e, sid, layers=("g_causal",), **kw):
+    return e.sess.CreateSession(spb.CreateSessionRequest(session_id=sid, layers=list(layers), **kw), timeout=TIMEOUT)
+
+
+def append(e, sid, x, layer="g_causal", **kw):
+    r = e.sess.Append(spb.AppendRequest(session_id=sid, layer=layer, query=tensor(x), **kw), timeout=TIMEOUT)
+    return array(r.output), r
+
+
+def stateless_causal(e, x):
+    r = e.s.v1.Infer(kt.pb.InferRequest(layer="g_causal", query=tensor(x), is_causal=True), timeout=TIMEOUT)
+    return array(r.output)
+
+
+def reference(e, x):
+    out, _ = kt.reference_mha(e.g, x[None], is_causal=True)
+    return out[0]
+
+
+def metric(e, series):
+    """The value of one series (name and labels as /metrics prints them, at a line's start), 0 when absent."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{e.s.metrics_port}/metrics", timeout=10).read().decode()
+    m = re.search("^" + re.escape(series) + r" (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def splits(rng, n):
+    cuts = [0]
+    while cuts[-1] < n:
+        kind = rng.integers(0, 3)
+        cuts.append(min(n, cuts[-1] + (1 if kind == 0 else int(rng.integers(2, 6 if kind == 1 else 30)))))
+    return cuts
+
+
+# ---- cases -----------------------------------------------------------------------------------------------
+
+def case_any_split_equals_causal_attention(e):
+    rng = np.random.default_rng(1)
+    for trial in range(4):
+        n = int(rng.integers(20, 90))
+        x = rng.standard_normal((n, 32)).astype(np.float32)
+        sid = f"split-{trial}"
+        create(e, sid)
+        cuts = [0, 10] + list(range(11, n + 1)) if trial == 0 else splits(rng, n)
+        outs = []
+        for a, b in zip(cuts, cuts[1:]):
+            out, r = append(e, sid, x[a:b])
+            expect(r.position == b, f"position {r.position}, expected {b}")
+            outs.append(out)
+        got = np.concatenate(outs)
+        err_ref = np.abs(got - reference(e, x)).max()
+        err_infer = np.abs(got - stateless_causal(e, x)).max()
+        expect(err_ref <= 1e-4, f"trial {trial}: max abs error {err_ref} against the float64 reference")
+        expect(err_infer <= 1e-6, f"trial {trial}: max abs error {err_infer} against stateless causal Infer")
+        e.sess.CloseSession(spb.CloseSessionRequest(session_id=sid), timeout=TIMEOUT)
+
+
+def case_weights_over_every_cached_key(e):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((12, 32)).astype(np.float32)
+    create(e, "weights")
+    append(e, "weights", x[:7])
+    _, r = append(e, "weights", x[7:], need_weights=True)
+    w = array(r.attn_weights)
+    _, ref = kt.reference_mha(e.g, x[None], is_causal=True, need_weights=True)
+    expect(w.shape == (5, 12), f"attn_weights shape {w.shape}")
+    expect(np.abs(w - ref[0, 7:]).max() <= 1e-5, "averaged weights differ from the reference")
+    _, r = append(e, "weights", x[:1], need_weights=True, average_attn_weights=False)
+    expect(tuple(r.attn_weights.shape) == (4, 1, 13), f"per-head weights shape {list(r.attn_weights.shape)}")
+
+
+def case_append_stream_answers_in_order(e):
+    rng = np.random.default_rng(3)
+    n = 40
+    x = rng.standard_normal((n, 32)).astype(np.float32)
+    create(e, "stream")
+    reqs = [spb.AppendRequest(session_id="stream", layer="g_causal", query=tensor(x[i:i + 1]), id=str(i))
+            for i in range(n)]
+    answers = list(e.sess.AppendStream(iter(reqs), timeout=TIMEOUT))
+    expect([a.id for a in answers] == [str(i) for i in range(n)], "answers out of order")
+    expect([a.position for a in answers] == list(range(1, n + 1)), "positions out of order")
+    got = np.concatenate([array(a.output) for a in answers])
+    expect(np.abs(got - stateless_causal(e, x)).max() <= 1e-6, "stream outputs differ from causal Infer")
+
+
+def case_fork_then_diverge_and_truncate(e):
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((30, 32)).astype(np.float32)
+    b = a.copy()
+    b[20:] = rng.standard_normal((10, 32))
+    create(e, "root")
+    append(e, "root", a[:20])
+    f = e.sess.ForkSession(spb.ForkSessionRequest(session_id="root", new_session_id="fork"), timeout=TIMEOUT)
+    expect(f.tokens == 20, f"fork holds {f.tokens} tokens")
+    got_a = [append(e, "root", a[i:i + 1])[0] for i in range(20, 30)]
+    got_b = [append(e, "fork", b[i:i + 1])[0] for i in range(20, 30)]
+    expect(np.abs(np.concatenate(got_a) - stateless_causal(e, a)[20:]).max() <= 1e-6, "root after fork")
+    expect(np.abs(np.concatenate(got_b) - stateless_causal(e, b)[20:]).max() <= 1e-6, "fork after divergence")
+    t = e.sess.TruncateSession(spb.TruncateSessionRequest(session_id="fork", tokens=20), timeout=TIMEOUT)
+    expect(t.tokens == 20, f"truncated to {t.tokens}")
+    again = append(e, "fork", a[20:])[0]
+    expect(np.abs(again - stateless_causal(e, a)[20:]).max() <= 1e-6, "truncate then re-append")
+
+
+def case_cross_attention_memory(e):
+    rng = np.random.default_rng(5)
+    g = kt.Golden(next(c for c in kt.GOLDEN_CASES if c["name"] == "kdim_vdim"))
+    if g.case["kdim"] != g.case["vdim"]:
+        g = kt.Golden(next(c for c in kt.GOLDEN_CASES if c["name"] == "cross_attention"))
+    mem = rng.standard_normal((9, g.case["kdim"])).astype(np.float32)
+    x = rng.standard_normal((4, g.case["embed_dim"])).astype(np.float32)
+    e.sess.CreateSession(spb.CreateSessionRequest(session_id="cross", layers=[g.layer],
+                                                  memory={g.layer: tensor(mem)}), timeout=TIMEOUT)
+    out, r = append(e, "cross", x, layer=g.layer)
+    expect(r.position == 9, f"a cross-attention append leaves the memory's 9 tokens, got {r.position}")
+    want = array(e.s.v1.Infer(kt.pb.InferRequest(layer=g.layer, query=tensor(x), key=tensor(mem), value=tensor(mem)),
+                              timeout=TIMEOUT).output)
+    expect(np.abs(out - want).max() <= 1e-6, "cross-attention session differs from Infer with the memory")
+
+
+def case_errors_name_the_field(e):
+    x = np.ones((2, 32), np.float32) * 0.5
+    checks = [
+        ("unknown session", lambda: append(e, "nope", x), grpc.StatusCode.NOT_FOUND, "session_id"),
+        ("bad id", lambda: create(e, "bad id!"), grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
+        ("unknown layer", lambda: create(e, "x1", layers=["g_causal", "missing"]), grpc.StatusCode.NOT_FOUND,
+         "layers[1]"),
+        ("no layers", lambda: create(e, "x2", layers=[]), grpc.StatusCode.INVALID_ARGUMENT, "layers"),
+    ]
+    create(e, "errs", max_tokens=5)
+    checks += [
+        ("taken", lambda: create(e, "errs"), grpc.StatusCode.ALREADY_EXISTS, "errs"),
+        ("wrong width", lambda: append(e, "errs", np.ones((2, 16), np.float32)), grpc.StatusCode.INVALID_ARGUMENT,
+         "query"),
+        ("layer not in session", lambda: append(e, "errs", x, layer="g_self_basic"), grpc.StatusCode.NOT_FOUND,
+         "layer"),
+        ("past max_tokens", lambda: append(e, "errs", np.ones((6, 32), np.float32)), grpc.StatusCode.OUT_OF_RANGE,
+         "max_tokens"),
+    ]
+    for what, fn, code, field in checks:
+        got, msg, _ = rpc(fn)
+        expect(got == code and field in msg, f"{what}: {got} {msg!r}, expected {code} naming {field}")
+    out, r = append(e, "errs", x)  # the session still works after its refusals
+    expect(r.position == 2, f"position {r.position} after refusals")
+
+
+def case_session_id_from_metadata(e):
+    x = np.random.default_rng(6).standard_normal((3, 32)).astype(np.float32)
+    create(e, "by-header")
+    md = (("x-attnserve-session", "by-header"),)
+    r = e.sess.Append(spb.AppendRequest(layer="g_causal", query=tensor(x)), metadata=md, timeout=TIMEOUT)
+    expect(r.position == 3, f"position {r.position}")
+    got = e.sess.GetSession(spb.GetSessionRequest(), metadata=md, timeout=TIMEOUT)
+    expect(got.session_id == "by-header" and got.tokens == 3, f"GetSession by header: {got}")
+
+
+def case_idle_sessions_are_evicted(e):
+    create(e, "sleepy", idle_timeout_ms=200)
+    time.sleep(2.5)  # the server sweeps once a second
+    code, msg, _ = rpc(lambda: append(e, "sleepy", np.ones((1, 32), np.float32)))
+    expect(code == grpc.StatusCode.FAILED_PRECONDITION and "evicted" in msg, f"{code} {msg!r}")
+    expect(metric(e, 'attnserve_session_evictions_total{reason="idle_timeout"}') >= 1, "no eviction counted")
+    create(e, "sleepy")  # the id can be used again
+
+
+def case_metrics(e):
+    for series in ('attnserve_kv_cache_blocks{state="used"}', 'attnserve_append_duration_seconds_count{phase="decode"}',
+                   'attnserve_append_duration_seconds_count{phase="prefill"}', "attnserve_append_tokens_total",
+                   "attnserve_sessions_active"):
+        expect(metric(e, series) >= 1, f"{series} is not >= 1")
+    sessions = e.sess.ListSessions(spb.ListSessionsRequest(), timeout=TIMEOUT).sessions
+    expect(len(sessions) == metric(e, "attnserve_sessions_active"), "ListSessions and the gauge disagree")
+
+
+CASES = [v for k, v in list(globals().items()) if k.startswith("case_")]
+
+
+def main():
+    binary = os.path.abspath(sys.argv[1])
+    only = sys.argv[2:]
+    tmp = tempfile.mkdtemp(prefix="attnserve_sessions_")
+    started = time.time()
+    kt.generate_stubs(tmp)
+    global spb, spbg
+    from attnserve.v1 import session_pb2 as spb  # noqa: E402
+    from attnserve.v1 import session_pb2_grpc as spbg  # noqa: E402
+    names = ("causal", "self_basic", "cross_attention", "kdim_vdim")
+    config = "".join(kt.Golden(c).config_text() for c in kt.GOLDEN_CASES if c["name"] in names)
+    e = Env()
+    e.g = kt.Golden(next(c for c in kt.GOLDEN_CASES if c["name"] == "causal"))
+    e.s = kt.Server(binary, tmp, "sessions", config)
+    e.sess = spbg.SessionServiceStub(e.s.channel)
+    passed = failed = 0
+    try:
+        for case in CASES:
+            name = case.__name__[len("case_"):]
+            if only and not any(o in name for o in only):
+                continue
+            t = time.time()
+            try:
+                case(e)
+                expect(e.s.alive(), "the server died")
+                print(f"PASS {name} ({time.time() - t:.1f} s)", flush=True)
+                passed += 1
+            except Exception as ex:  # noqa: BLE001
+                print(f"FAIL {name} ({time.time() - t:.1f} s): {ex}", flush=True)
+                if not isinstance(ex, Failed):
+                    traceback.print_exc()
+                failed += 1
+                if not e.s.alive():
+                    raise RuntimeError("the server died: " + e.s.log_text()[-3000:])
+    finally:
+        e.s.stop()
+        if failed:
+            print("---- server log (tail) ----\n" + e.s.log_text()[-2000:])
+    print(f"{passed} passed, {failed} failed in {time.time() - started:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

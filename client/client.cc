@@ -104,6 +104,14 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeCredentials(const 
   return grpc::SslCredentials(ssl);
 }
 
+grpc::ChannelArguments ChannelArgs(const Client::Options& o, const std::string& load_balancing) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(static_cast<int>(o.max_message_bytes));
+  args.SetMaxSendMessageSize(static_cast<int>(o.max_message_bytes));
+  args.SetLoadBalancingPolicyName(load_balancing);
+  return args;
+}
+
 }  // namespace
 
 const char* Client::HealthStatusName(HealthStatus status) {
@@ -136,16 +144,22 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const Options& options) {
     return absl::InvalidArgumentError("tls_cert_path and tls_key_path go together; one is empty");
   }
   ATTN_ASSIGN_OR_RETURN(auto credentials, MakeCredentials(options));
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
-  args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
-  args.SetLoadBalancingPolicyName(options.load_balancing);
-  auto channel = grpc::CreateCustomChannel(options.target, credentials, args);
-  return std::unique_ptr<Client>(new Client(options, std::move(channel)));
+  auto channel = grpc::CreateCustomChannel(options.target, credentials, ChannelArgs(options, options.load_balancing));
+  return std::unique_ptr<Client>(new Client(options, std::move(credentials), std::move(channel)));
 }
 
-Client::Client(Options options, std::shared_ptr<grpc::Channel> channel)
+std::shared_ptr<grpc::Channel> Client::ChannelTo(const std::string& target) const {
+  return grpc::CreateCustomChannel(target, credentials_, ChannelArgs(options_, "pick_first"));
+}
+
+absl::StatusOr<Client::Tensor> Client::ReadTensor(const attnserve::v1::Tensor& tensor, const std::string& field) {
+  return DecodeFloatTensor(tensor, field);
+}
+
+Client::Client(Options options, std::shared_ptr<grpc::ChannelCredentials> credentials,
+               std::shared_ptr<grpc::Channel> channel)
     : options_(std::move(options)),
+      credentials_(std::move(credentials)),
       channel_(std::move(channel)),
       stub_(attnserve::v1::AttentionService::NewStub(channel_)) {}
 

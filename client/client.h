@@ -150,6 +150,12 @@ class Client {
   // Sets the deadline (`timeout_ms` as in InferOptions) and the token's authorization metadata.
   void PrepareContext(grpc::ClientContext* context, std::optional<int64_t> timeout_ms) const;
 
+  // A channel with this client's credentials and limits to another target (one address: pick_first), for
+  // calls that must reach one server (a session's).
+  std::shared_ptr<grpc::Channel> ChannelTo(const std::string& target) const;
+  // A FLOAT32 tensor of a response (Internal naming `field` when its values do not match its shape).
+  static absl::StatusOr<Tensor> ReadTensor(const attnserve::v1::Tensor& tensor, const std::string& field);
+
   // The token of the tools: the file's first line when `token_file` is given (NotFound when it cannot be
   // read, InvalidArgument when it is empty), else $ATTNSERVE_TOKEN through `getenv_fn`, else "".
   static absl::StatusOr<std::string> TokenFromEnvironmentOrFile(const std::string& token_file,
@@ -157,9 +163,10 @@ class Client {
   const Options& options() const { return options_; }
 
  private:
-  Client(Options options, std::shared_ptr<grpc::Channel> channel);
+  Client(Options options, std::shared_ptr<grpc::ChannelCredentials> credentials, std::shared_ptr<grpc::Channel> channel);
 
   Options options_;
+  std::shared_ptr<grpc::ChannelCredentials> credentials_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<attnserve::v1::AttentionService::Stub> stub_;
 };

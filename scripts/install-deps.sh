@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs every build, test and run dependency of attnserve from Debian 12's archive (and npm for the
 # Node example). Idempotent: packages already present are skipped, so a second run costs a dpkg query.
-# Usage: scripts/install-deps.sh [--bench]   (--bench adds PyTorch and OpenBLAS for bench/torch_mha.py;
+# Usage: scripts/install-deps.sh [--bench]   (--bench: kept for old scripts, PyTorch is always installed now;
 # --container, --tsan and --fuzz add what those make targets need, see below)
 set -euo pipefail
 
@@ -18,10 +18,12 @@ PKGS=(
   python3 python3-numpy python3-grpcio python3-protobuf python3-cryptography
   prometheus curl procps
   libssl-dev openssl
+  # The Python client package (client/python: a venv, pip with no index) and its remote decoder example,
+  # which compares with the same PyTorch model run locally (OpenBLAS: torch's reference BLAS is ~50x slower).
+  python3-venv python3-pip python3-setuptools python3-wheel python3-torch libopenblas0-pthread
+  # The session proxy's test (deploy/session-proxy): nginx with HTTP/2 and grpc_pass.
+  nginx-light
 )
-if [ "${1:-}" = "--bench" ]; then
-  PKGS+=(python3-torch libopenblas0-pthread)
-fi
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -38,7 +40,17 @@ if ((${#missing[@]})); then
   echo "install-deps: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
+  # Packages with a daemon (nginx) must not start it: the tests start their own on loopback ports. A
+  # policy-rc.d that says "no" is Debian's way; one already present is left alone.
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    trap '$SUDO rm -f "$policy"' EXIT
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+    $SUDO chmod +x "$policy"
+  fi
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  if [ -n "$policy" ]; then $SUDO rm -f "$policy"; trap - EXIT; fi
 else
   echo "install-deps: all Debian packages present"
 fi

@@ -195,6 +195,7 @@ absl::Status Server::BuildSessions() {
   if (c.idle_timeout_ms() > 0) store.default_idle_timeout_ms = c.idle_timeout_ms();
   if (c.max_sessions() > 0) store.max_sessions = c.max_sessions();
   if (c.max_queued_appends() > 0) store.max_queued_appends = c.max_queued_appends();
+  if (c.prefill_chunk_tokens() > 0) store.prefill_chunk_tokens = c.prefill_chunk_tokens();
   ATTN_ASSIGN_OR_RETURN(p.sessions, SessionStore::Create(store));
   p.session_service = std::make_unique<SessionServiceImpl>(p.sessions.get(), options_.clock,
                                                            config_.max_inflight_per_stream(), p.authorizer.get());

@@ -8,6 +8,8 @@
 namespace attnserve {
 namespace {
 
+constexpr int64_t kMaxDim = int64_t{1} << 20;
+
 constexpr FlagSpec kFlags[] = {
     {"help", false},        {"target", true},      {"tls", false},       {"tls-root-certs", true},
     {"echo", false},        {"payload-bytes", true}, {"layer", true},    {"batch", true},
@@ -15,10 +17,30 @@ constexpr FlagSpec kFlags[] = {
     {"stream", false},      {"streams", true},     {"concurrency", true}, {"rate", true},
     {"duration", true},     {"warmup", true},      {"timeout-ms", true}, {"seed", true},
     {"json", false},        {"csv", false},        {"quiet", false},      {"tls-cert", true},
-    {"tls-key", true},      {"token-file", true},  {"kserve", false},
+    {"tls-key", true},      {"token-file", true},  {"kserve", false},    {"sessions", true},
+    {"context", true},      {"prefill", true},
 };
 
-constexpr int64_t kMaxDim = int64_t{1} << 20;
+// --sessions N --context C [--prefill T]: decode steps on sessions, N closed-loop workers.
+absl::Status ParseSessionFlags(const CommandLine& cl, BenchArgs* out) {
+  if (!cl.Has("sessions")) {
+    if (cl.Has("context") || cl.Has("prefill")) return absl::InvalidArgumentError("--context and --prefill need --sessions");
+    return absl::OkStatus();
+  }
+  ATTN_ASSIGN_OR_RETURN(out->sessions, ParseIntFlag("sessions", *cl.Get("sessions"), 1, 4096));
+  if (auto v = cl.Get("context")) {
+    ATTN_ASSIGN_OR_RETURN(out->context, ParseIntFlag("context", *v, 1, kMaxDim));
+  }
+  if (auto v = cl.Get("prefill")) {
+    ATTN_ASSIGN_OR_RETURN(out->prefill, ParseIntFlag("prefill", *v, 1, kMaxDim));
+  }
+  if (out->echo || out->stream || out->kserve || cl.Has("rate") || cl.Has("concurrency")) {
+    return absl::InvalidArgumentError(
+        "--sessions: a closed loop of one worker per session (not with --rate, --concurrency, --stream, --kserve, --echo)");
+  }
+  out->concurrency = {out->sessions};
+  return absl::OkStatus();
+}
 
 }  // namespace
 
@@ -98,6 +120,7 @@ absl::StatusOr<BenchArgs> ParseBenchArgs(const std::vector<std::string>& args) {
   if (cl.Has("json")) out.format = BenchArgs::Format::kJson;
   if (cl.Has("csv")) out.format = BenchArgs::Format::kCsv;
   out.quiet = cl.Has("quiet");
+  ATTN_RETURN_IF_ERROR(ParseSessionFlags(cl, &out));
   return out;
 }
 
@@ -129,6 +152,11 @@ Requests (random float32 values):
   --kserve               send the Open Inference Protocol's ModelInfer (inference.GRPCInferenceService)
   --streams N            streams of an open-loop --stream run (default 4; closed loop: one per worker)
   --seed N               seed of the values and drawn lengths (default 1)
+  --sessions N           decode steps on N sessions (attnserve.v1.SessionService), one worker each: each
+                         session is prefilled with --context tokens, then every request appends one token
+                         (the context kept within [C, C+64) by a truncation every 64 steps)
+  --context C            tokens prefilled per session (default 1024)
+  --prefill T            with --sessions: one more session prefills T tokens over and over meanwhile
   --echo                 call attnserve.bench.EchoService/Echo (attnserve_echo_server) instead
   --payload-bytes N      echo payload size (default 4096)
 

@@ -32,6 +32,9 @@ struct BenchArgs {
   bool stream = false;                     // --stream: InferStream instead of unary Infer
   bool kserve = false;                     // --kserve: the Open Inference Protocol's ModelInfer instead
   int64_t streams = 4;                     // --streams: streams of an open-loop --stream run
+  int64_t sessions = 0;                    // --sessions N: decode steps on N sessions (0: stateless calls)
+  int64_t context = 1024;                  // --context C: tokens each session holds
+  int64_t prefill = 0;                     // --prefill T: a background session prefilling T tokens at a time
   // How: one step per concurrency (closed loop), or per rate when --rate is given (open loop).
   std::vector<int64_t> concurrency = {1};  // --concurrency 1,4,16,64
   std::vector<double> rates;               // --rate N[,M...] requests per second

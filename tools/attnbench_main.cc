@@ -18,6 +18,7 @@
 #include "tools/attnbench_requests.h"
 #include "tools/attnbench_runner.h"
 #include "tools/attnbench_senders.h"
+#include "tools/attnbench_sessions.h"
 #include "client/client.h"
 #include "client/grpc_status.h"
 
@@ -31,6 +32,10 @@ constexpr int64_t kProbeTimeoutMs = 10'000;
 
 std::string Workload(const BenchArgs& a) {
   if (a.echo) return absl::StrCat("echo payload=", a.payload_bytes, "B unary");
+  if (a.sessions > 0) {
+    return absl::StrCat(a.layer, " sessions=", a.sessions, " context=", a.context, " decode",
+                        a.prefill > 0 ? absl::StrCat(" +prefill ", a.prefill) : "");
+  }
   std::string w = absl::StrCat(a.layer, " B=", a.batch, " L=",
                                a.seq_dist.drawn ? absl::StrCat("uniform:", a.seq_dist.min, ":", a.seq_dist.max)
                                                 : absl::StrCat(a.seq));
@@ -168,7 +173,16 @@ int Run(int argc, char** argv) {
       report.concurrency = args->concurrency[i];
     }
     std::unique_ptr<RequestSender> sender;
-    if (args->echo) {
+    if (args->sessions > 0) {
+      auto made = SessionAppendSender::Create(
+          client->get(), {args->layer, args->sessions, args->context, args->prefill, args->seed,
+                          absl::StrCat(getpid(), "-", i)});
+      if (!made.ok()) {
+        std::fprintf(stderr, "attnbench: sessions: %s\n", std::string(made.status().message()).c_str());
+        return kExitUnreachable;
+      }
+      sender = std::move(*made);
+    } else if (args->echo) {
       sender = std::make_unique<EchoSender>(client->get(), args->payload_bytes, args->timeout_ms);
     } else if (args->stream) {
       // Streams carry no per-request deadline: the whole stream ends at the latest a timeout after the step.

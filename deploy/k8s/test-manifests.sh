@@ -46,6 +46,7 @@ overlay overlay-networkpolicy networkpolicy
 overlay overlay-secure secure
 overlay overlay-secure-servicemonitor servicemonitor secure servicemonitor-basicauth
 overlay overlay-full networkpolicy servicemonitor secure servicemonitor-basicauth
+overlay overlay-session-proxy session-proxy
 
 # KUBECTL= (empty) forces the fallback.
 KUBECTL="${KUBECTL-kubectl}"
@@ -114,6 +115,10 @@ fi
 if render secure-servicemonitor "$TMP/overlay-secure-servicemonitor" components; then
   validate secure-servicemonitor "$TMP/secure-servicemonitor.yaml" "$ALL_KINDS,ServiceMonitor"
   has secure-servicemonitor "$TMP/secure-servicemonitor.yaml" "the ServiceMonitor sends basic auth" '^ *\(- \)\{0,1\}basicAuth:$'
+fi
+if render session-proxy "$TMP/overlay-session-proxy" components; then
+  validate session-proxy "$TMP/session-proxy.yaml" "$ALL_KINDS"
+  has session-proxy "$TMP/session-proxy.yaml" "the proxy's Deployment" '^  name: attnserve-session-proxy$'
 fi
 if render full "$TMP/overlay-full" components; then
   validate full "$TMP/full.yaml" "$ALL_KINDS,ServiceMonitor,NetworkPolicy"

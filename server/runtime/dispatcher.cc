@@ -68,7 +68,7 @@ void Dispatcher::Instrument(InferenceCall& call) {
 }
 
 void Dispatcher::Submit(std::unique_ptr<InferenceCall> call) {
-  Instrument(*call);
+  if (!call->internal) Instrument(*call);
   if (shutting_down()) {
     call->finish(absl::UnavailableError("server is shutting down"));
     return;

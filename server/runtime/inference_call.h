@@ -66,6 +66,9 @@ struct InferenceCall {
     std::shared_ptr<void> keep_alive;  // the session, so the cache outlives the call
   };
   std::unique_ptr<SessionWork> session;
+  // A call the server made itself (a chunk of a long append): admitted and queued like any call, but not
+  // counted in the request metrics or logged; the client's own call is.
+  bool internal = false;
 
   // Set by the executor before finish(OK).
   AttentionOutputs outputs;

@@ -3,6 +3,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/log_string.h"
+#include "common/status_macros.h"
+#include "server/sessions/prefill_chunks.h"
 #include "server/sessions/session_state.h"
 #include "server/sessions/session_store.h"
 
@@ -24,6 +26,24 @@ absl::Status CheckQuery(const InferenceCall& call, const ServedLayer& layer) {
         absl::StrCat("query: ", q.shape[0], " tokens, past the layer's max_sequence_length ", limit));
   }
   return absl::OkStatus();
+}
+
+// The answer's size, known before anything is computed: output [T, E] and the weights over all `context`
+// keys when asked, within the layer's max_response_bytes (a send limit the answer must not be computed for
+// and then dropped).
+absl::Status CheckAnswerBytes(const InferenceCall& call, const ServedLayer& layer, int64_t context) {
+  const MultiheadAttention& engine = *layer.engine;
+  const int64_t limit = engine.options().limits.max_answer_bytes;
+  const int64_t t = call.inputs.query.shape[0], e = engine.config().embed_dim, h = engine.config().num_heads;
+  const bool averaged = call.inputs.average_attn_weights;
+  const int64_t weights = call.inputs.need_weights ? 4 * t * context * (averaged ? 1 : h) : 0;
+  const int64_t answer = 4 * t * e + weights;
+  if (limit <= 0 || answer <= limit) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      weights > 0 ? "need_weights: " : "query: ", "the answer would be ", answer, " bytes (output [", t, ", ", e, "]",
+      weights > 0 ? absl::StrCat(", attn_weights [", averaged ? "" : absl::StrCat(h, ", "), t, ", ", context, "]")
+                  : "",
+      "), past the layer's max_response_bytes of ", limit));
 }
 
 }  // namespace
@@ -81,9 +101,15 @@ absl::Status SessionStore::ReserveBlocks(Session& session, Lane& lane, int64_t t
   return reserved;
 }
 
+absl::Status SessionStore::Admit(Session& session, Lane& lane, const InferenceCall& call) {
+  ATTN_RETURN_IF_ERROR(CheckQuery(call, *lane.layer));
+  const int64_t t = call.inputs.query.shape[0];
+  ATTN_RETURN_IF_ERROR(CheckAnswerBytes(call, *lane.layer, lane.cache.tokens() + (lane.cross ? 0 : t)));
+  return ReserveBlocks(session, lane, t);
+}
+
 void SessionStore::Start(std::shared_ptr<Session> session, Lane* lane, std::unique_ptr<InferenceCall> call) {
-  absl::Status ready = CheckQuery(*call, *lane->layer);
-  if (ready.ok()) ready = ReserveBlocks(*session, *lane, call->inputs.query.shape[0]);
+  const absl::Status ready = Admit(*session, *lane, *call);
   ReportPool();
   auto answer = std::move(call->finish);
   if (!ready.ok()) {
@@ -91,6 +117,27 @@ void SessionStore::Start(std::shared_ptr<Session> session, Lane* lane, std::uniq
     TurnDone(std::move(session), lane);
     return;
   }
+  const int64_t tokens = call->inputs.query.shape[0], before = lane->cache.tokens();
+  BindAppend(lane, session, call.get());
+  call->finish = [this, session, lane, answer = std::move(answer), tokens, before,
+                  arrival = call->arrival](const absl::Status& status) {
+    if (!status.ok() && !lane->cross) {
+      lane->cache.Truncate(before);  // an append answered with an error leaves the cache as it was
+    } else if (status.ok() && options_.metrics) {
+      options_.metrics->AppendDone(tokens > 1, absl::ToDoubleSeconds(options_.clock->Now() - arrival), tokens);
+    }
+    answer(status);
+    TurnDone(session, lane);
+  };
+  const int64_t chunk = options_.prefill_chunk_tokens;
+  if (lane->cross || chunk <= 0 || tokens <= chunk) {
+    options_.submit(std::move(call));
+    return;
+  }
+  SubmitInChunks(std::move(call), chunk, *options_.clock, options_.submit);
+}
+
+void SessionStore::BindAppend(Lane* lane, std::shared_ptr<Session> session, InferenceCall* call) const {
   const int64_t tokens = call->inputs.query.shape[0];
   call->layer = lane->layer;
   call->layer_name = lane->layer_name;
@@ -102,16 +149,8 @@ void SessionStore::Start(std::shared_ptr<Session> session, Lane* lane, std::uniq
   a.cross_attention = lane->cross;
   a.need_weights = call->inputs.need_weights;
   a.average_attn_weights = call->inputs.average_attn_weights;
-  call->session->keep_alive = session;
-  call->finish = [this, session, lane, answer = std::move(answer), tokens,
-                  arrival = call->arrival](const absl::Status& status) {
-    if (status.ok() && options_.metrics) {
-      options_.metrics->AppendDone(tokens > 1, absl::ToDoubleSeconds(options_.clock->Now() - arrival), tokens);
-    }
-    answer(status);
-    TurnDone(session, lane);
-  };
-  options_.submit(std::move(call));
+  call->session->keep_alive = std::move(session);
+  SizeAppend(*lane->layer->engine, call);
 }
 
 void SessionStore::TurnDone(std::shared_ptr<Session> session, Lane* lane) {

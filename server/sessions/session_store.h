@@ -66,6 +66,10 @@ class SessionStore {
     int64_t max_sessions = 10'000;
     // Appends of one session and layer waiting behind the running one, at most (>= 0).
     int64_t max_queued_appends = 64;
+    // A self-attention append of more tokens than this is computed in chunks of this many, each its own trip
+    // through the layer's queue, so that other sessions' decode steps run between them (chunked prefill).
+    // 0: never chunked.
+    int64_t prefill_chunk_tokens = 512;
   };
   static absl::StatusOr<std::unique_ptr<SessionStore>> Create(const Options& options);
   ~SessionStore();
@@ -119,6 +123,10 @@ class SessionStore {
   // Starts an append whose turn it is; when it cannot start, answers it and starts the next.
   void Start(std::shared_ptr<Session> session, Lane* lane, std::unique_ptr<InferenceCall> call);
   absl::Status ReserveBlocks(Session& session, Lane& lane, int64_t tokens);
+  // The checks of an append whose turn it is (query, answer size, limits) and its cache blocks.
+  absl::Status Admit(Session& session, Lane& lane, const InferenceCall& call);
+  // Sets what the dispatcher and executor need of an admitted append: its layer version and SessionWork.
+  void BindAppend(Lane* lane, std::shared_ptr<Session> session, InferenceCall* call) const;
   // The lane's running append was answered: the next waiting one starts.
   void TurnDone(std::shared_ptr<Session> session, Lane* lane);
   void ReportPool() const;

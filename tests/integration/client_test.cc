@@ -24,6 +24,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "client/client.h"
+#include "client/session_client.h"
 #include "tools/npy.h"
 #include "core/attention_inputs.h"
 #include "core/mha_weights.h"
@@ -475,6 +476,54 @@ TEST_F(ClientIntegrationTest, AttnbenchRoundRobinReachesEveryServer) {
   ExpectSaneSteps(ParseJson(r), 1);
   EXPECT_GT(server_->RequestsTotal(), before[0] + 10);
   EXPECT_GT(second->RequestsTotal(), before[1] + 10);
+}
+
+// Sessions over a two-address target: every call of a session reaches the server that created it (the one
+// its routing key hashes to), outputs equal the engine's causal attention, a "<parent>:<suffix>" fork lives
+// with its parent.
+TEST_F(ClientIntegrationTest, SessionClientKeepsEachSessionOnItsServer) {
+  auto second = StartServer("second");
+  ASSERT_NE(second, nullptr);
+  auto both = NewClient(absl::StrCat("ipv4:127.0.0.1:", server_->grpc_port, ",127.0.0.1:", second->grpc_port));
+  auto sessions = SessionClient::Create(both.get());
+  ASSERT_TRUE(sessions.ok()) << sessions.status();
+  ASSERT_EQ((*sessions)->addresses().size(), 2u);
+  std::unique_ptr<Client> direct[2] = {NewClient(server_->target()), NewClient(second->target())};
+  int held[2] = {0, 0};
+  constexpr int64_t kTokens = 6, kE = 256;
+  for (int i = 0; i < 20; ++i) {
+    const std::string id = absl::StrCat("cpp-", i);
+    ASSERT_TRUE((*sessions)->CreateSession({id, {"small"}}).ok());
+    const std::vector<float> x = RandomValues(kTokens * kE, 100 + i);
+    auto first = (*sessions)->Append(id, "small", absl::MakeConstSpan(x).subspan(0, 5 * kE), 5);
+    auto last = (*sessions)->Append(id, "small", absl::MakeConstSpan(x).subspan(5 * kE), 1);
+    ASSERT_TRUE(first.ok() && last.ok()) << first.status() << " " << last.status();
+    EXPECT_EQ(last->position, kTokens);
+    std::vector<float> got = first->output.values;
+    got.insert(got.end(), last->output.values.begin(), last->output.values.end());
+    AttentionInputs in;
+    in.query = TensorView::F32(x.data(), {kTokens, kE});
+    in.is_causal = true;
+    auto expected = SmallEngine().Forward(in);
+    ASSERT_TRUE(expected.ok());
+    ExpectNear(got, expected->output.values, "session outputs");
+    int holders = 0;
+    for (int s = 0; s < 2; ++s) {
+      auto one = SessionClient::Create(direct[s].get());
+      if ((*one)->Get(id).ok()) {
+        ++holders;
+        ++held[s];
+        EXPECT_EQ((*sessions)->AddressOf(id), static_cast<size_t>(s)) << id;
+      }
+    }
+    EXPECT_EQ(holders, 1) << id << " must live on exactly one server";
+  }
+  EXPECT_GT(held[0], 0);
+  EXPECT_GT(held[1], 0);
+  auto fork = (*sessions)->Fork("cpp-3", "cpp-3:alt");
+  ASSERT_TRUE(fork.ok()) << fork.status();
+  const std::vector<float> next = RandomValues(kE, 7);
+  EXPECT_TRUE((*sessions)->Append("cpp-3:alt", "small", next, 1).ok());
 }
 
 TEST_F(ClientIntegrationTest, AttnbenchErrorsBeforeTheRun) {

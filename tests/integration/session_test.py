@@ -117,6 +117,22 @@ def case_weights_over_every_cached_key(e):
     expect(tuple(r.attn_weights.shape) == (4, 1, 13), f"per-head weights shape {list(r.attn_weights.shape)}")
 
 
+def case_long_prefill_in_chunks_is_exact(e):
+    """1300 tokens in one append: computed as chunks of 512 (sessions.prefill_chunk_tokens), answered whole."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1300, 32)).astype(np.float32)
+    create(e, "long")
+    out, r = append(e, "long", x[:1200], need_weights=True)
+    expect(r.position == 1200 and out.shape == (1200, 32), f"position {r.position}, output {out.shape}")
+    full = stateless_causal(e, x)
+    expect(np.abs(out - full[:1200]).max() <= 1e-5, "a chunked prefill differs from causal Infer")
+    w = array(r.attn_weights)
+    expect(w.shape == (1200, 1200) and np.abs(w.sum(axis=1) - 1).max() <= 1e-4 and np.abs(np.triu(w, 1)).max() == 0,
+           "chunked weights: [T, T], rows summing to 1, nothing past the diagonal")
+    out, r = append(e, "long", x[1200:])
+    expect(np.abs(out - full[1200:]).max() <= 1e-5, "decode after a chunked prefill")
+
+
 def case_append_stream_answers_in_order(e):
     rng = np.random.default_rng(3)
     n = 40

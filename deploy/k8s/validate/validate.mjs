@@ -207,9 +207,11 @@ function referenceErrors(objects) {
       for (const m of c.volumeMounts ?? []) if (!mounts.has(m.name)) err(owner, `container ${c.name}: volumeMount ${m.name} has no volume`);
       const pre = c.lifecycle?.preStop;
       const pause = pre?.sleep?.seconds ?? (pre?.exec?.command && /sleep$/.test(pre.exec.command[0]) ? Number(pre.exec.command[1]) : 0);
+      // The server's drain only (another container, e.g. the session proxy's nginx, has no --shutdown-grace).
+      const isServer = c.name === "attnserve" || /(^|\/)attnserve[:@]/.test(c.image ?? "");
       const need = pause + shutdownGraceSeconds(c.args);
       const grace = spec.terminationGracePeriodSeconds ?? 30;
-      if (!(grace > need)) {
+      if (isServer && !(grace > need)) {
         err(owner, `container ${c.name}: terminationGracePeriodSeconds ${grace} must exceed the preStop pause (${pause} s) plus --shutdown-grace (${need - pause} s)`);
       }
       const ports = new Set((c.ports ?? []).map((p) => p.containerPort));

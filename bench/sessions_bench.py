@@ -1,0 +1,111 @@
+#!/usr/bin/python3
+"""Sessions (issue #11) for BENCHMARKS.md, in one run on this machine, layer E=1024 H=16 (seeded), one
+server with --workers 1 (every core in each batch):
+
+1. Decode: attnbench --sessions 64 --context 1024 (one token per append, closed loop, the context kept within
+   [1024, 1088)): tokens/s and p50/p99 per step; beside it the stateless alternative, each step resending its
+   whole prefix (attnbench --seq 1025 --causal, unary Infer) at concurrency 64. Ratios of tokens/s and of the
+   bytes each step sends.
+2. Bandwidth: K and V bytes the decode steps read per second (tokens/s x 2 x context x E x 4) against the
+   machine's copy bandwidth measured in the same run (bench/memory_bandwidth.cc, STREAM's copy rule: read plus
+   written), and against its read half.
+3. Prefill while decoding: 32 decode sessions, alone and with one more session prefilling 8192 tokens over and
+   over (attnbench --prefill 8192): decode p99 with / without.
+
+    /usr/bin/python3 bench/sessions_bench.py [--build build] [--duration 10] [--rounds 3]
+Rounds alternate the measurements; medians over rounds are reported. Prints a JSON summary.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serving_bench import attnbench, server  # noqa: E402
+
+E, H, CONTEXT = 1024, 16, 1024
+LAYER = f'name: "dec" embed_dim: {E} num_heads: {H} seed: 11 max_sequence_length: 16384'
+
+
+def decode(build, target, dur, sessions, prefill=0):
+    args = ["--layer", "dec", "--sessions", str(sessions), "--context", str(CONTEXT), "--duration", dur,
+            "--warmup", "2s"]
+    if prefill:
+        args += ["--prefill", str(prefill)]
+    return attnbench(build, target, *args)[0]
+
+
+def stateless(build, target, dur):
+    return attnbench(build, target, "--layer", "dec", "--seq", str(CONTEXT + 1), "--causal", "--concurrency", "64",
+                     "--duration", dur, "--warmup", "2s", "--timeout-ms", "120000")[0]
+
+
+def bandwidth(build):
+    out = subprocess.run([f"{build}/bench/attnserve_memory_bandwidth", "512"], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out)
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    dur = f"{args.duration}s"
+    tmp = tempfile.mkdtemp(prefix="attnserve_sessions_bench_")
+    srv = server(args.build, tmp, "sessions", [LAYER])
+    target = f"127.0.0.1:{srv.ports[0]}"
+    rounds = {k: [] for k in ("decode64", "stateless64", "bw", "decode32", "decode32_prefill")}
+    try:
+        for r in range(args.rounds):
+            rounds["bw"].append(bandwidth(args.build))
+            rounds["decode64"].append(decode(args.build, target, dur, 64))
+            rounds["stateless64"].append(stateless(args.build, target, dur))
+            rounds["decode32"].append(decode(args.build, target, dur, 32))
+            rounds["decode32_prefill"].append(decode(args.build, target, dur, 32, prefill=8192))
+            print(f"round {r + 1}/{args.rounds}: decode64 {rounds['decode64'][-1]['ok_per_second']:.0f} tok/s, "
+                  f"stateless {rounds['stateless64'][-1]['ok_per_second']:.1f} tok/s", file=sys.stderr, flush=True)
+    finally:
+        srv.stop()
+    d64, s64 = rounds["decode64"], rounds["stateless64"]
+    tok_s = med([x["ok_per_second"] for x in d64])
+    stateless_tok_s = med([x["ok_per_second"] for x in s64])
+    step_bytes = 4 * E + 64  # one token's query and the message's fields
+    stateless_bytes = 4 * E * (CONTEXT + 1) + 64
+    avg_context = CONTEXT + 32  # the context runs from 1024 to 1087 between truncations
+    kv_bytes_per_s = tok_s * 2 * avg_context * E * 4
+    copy = med([b["copy_gb_per_s"] for b in rounds["bw"]])
+    summary = {
+        "decode64": {"tokens_per_s": tok_s, "p50_ms": med([x["latency_ms"]["p50"] for x in d64]),
+                     "p99_ms": med([x["latency_ms"]["p99"] for x in d64]),
+                     "errors": sum(x["errors"] for x in d64)},
+        "stateless64": {"tokens_per_s": stateless_tok_s, "p50_ms": med([x["latency_ms"]["p50"] for x in s64]),
+                        "p99_ms": med([x["latency_ms"]["p99"] for x in s64]),
+                        "errors": sum(x["errors"] for x in s64)},
+        "tokens_per_s_ratio": tok_s / stateless_tok_s if stateless_tok_s else None,
+        "request_bytes_ratio": stateless_bytes / step_bytes,
+        "kv_read_gb_per_s": kv_bytes_per_s / 1e9,
+        "copy_gb_per_s": copy,
+        "kv_read_share_of_copy": kv_bytes_per_s / 1e9 / copy,
+        "kv_read_share_of_read_half": kv_bytes_per_s / 1e9 / (copy / 2),
+        "decode32_p99_ms": med([x["latency_ms"]["p99"] for x in rounds["decode32"]]),
+        "decode32_with_prefill_p99_ms": med([x["latency_ms"]["p99"] for x in rounds["decode32_prefill"]]),
+        "decode32_tokens_per_s": med([x["ok_per_second"] for x in rounds["decode32"]]),
+        "decode32_with_prefill_tokens_per_s": med([x["ok_per_second"] for x in rounds["decode32_prefill"]]),
+    }
+    summary["prefill_p99_ratio"] = summary["decode32_with_prefill_p99_ms"] / summary["decode32_p99_ms"]
+    summary["rounds"] = rounds
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+#include "server/sessions/prefill_chunks.h"
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace attnserve {
+namespace {
+
+struct ChunkedAppend {
+  std::unique_ptr<InferenceCall> call;  // the client's, until its last chunk is submitted
+  InferenceCall* client_call = nullptr;
+  const float* query = nullptr;  // the whole append's rows
+  int64_t tokens = 0, chunk = 0, done = 0;
+  std::vector<AttentionOutputs> parts;
+  const Clock* clock = nullptr;
+  std::function<void(std::unique_ptr<InferenceCall>)> submit;
+};
+
+// Rows [begin, begin + n) of `part`'s weights ([n, s] or [H, n, s]) into `all` ([T, S] or [H, T, S]).
+void CopyWeights(const Tensor& part, int64_t begin, Tensor* all) {
+  const bool per_head = part.shape.size() == 3;
+  const int64_t heads = per_head ? part.shape[0] : 1, n = part.shape[per_head ? 1 : 0];
+  const int64_t s = part.shape.back(), t = all->shape[per_head ? 1 : 0], total = all->shape.back();
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(all->values.data() + (h * t + begin + i) * total, part.values.data() + (h * n + i) * s,
+                  static_cast<size_t>(s) * sizeof(float));
+    }
+  }
+}
+
+// The client's answer: every chunk's rows in order; weights over the final context (zero past a chunk's).
+void MergeParts(const ChunkedAppend& c, AttentionOutputs* last) {
+  std::vector<AttentionOutputs> parts = c.parts;
+  parts.push_back(std::move(*last));
+  const int64_t e = parts.back().output.shape[1];
+  AttentionOutputs merged;
+  merged.output = Tensor({c.tokens, e});
+  const Tensor& last_w = parts.back().attn_weights;
+  if (!last_w.shape.empty()) {
+    Shape shape = last_w.shape;
+    shape[shape.size() - 2] = c.tokens;
+    merged.attn_weights = Tensor(shape);  // zeros
+  }
+  int64_t row = 0;
+  for (const AttentionOutputs& p : parts) {
+    std::memcpy(merged.output.values.data() + row * e, p.output.values.data(), p.output.values.size() * sizeof(float));
+    if (!merged.attn_weights.shape.empty()) CopyWeights(p.attn_weights, row, &merged.attn_weights);
+    row += p.output.shape[0];
+  }
+  *last = std::move(merged);
+}
+
+void SubmitNext(std::shared_ptr<ChunkedAppend> c);
+
+// An internal call for rows [c->done, c->done + n): admitted and queued like any call, answered to `c`.
+std::unique_ptr<InferenceCall> ChunkCall(const std::shared_ptr<ChunkedAppend>& c, int64_t n) {
+  const InferenceCall& whole = *c->client_call;
+  auto call = std::make_unique<InferenceCall>();
+  call->internal = true;
+  call->layer_name = whole.layer_name;
+  call->id = whole.id;
+  call->arrival = c->clock->Now();
+  call->deadline = whole.deadline;
+  call->is_cancelled = whole.is_cancelled;
+  call->layer = whole.layer;
+  call->session = std::make_unique<InferenceCall::SessionWork>(*whole.session);
+  call->session->append.query = c->query + c->done * whole.layer->engine->config().embed_dim;
+  call->session->append.tokens = n;
+  SizeAppend(*whole.layer->engine, call.get());
+  call->finish = [c, self = call.get(), n](const absl::Status& status) {
+    if (!status.ok()) {
+      c->client_call->finish(status);  // the client's call was not submitted: its finish answers it
+      return;
+    }
+    c->parts.push_back(std::move(self->outputs));
+    c->done += n;
+    SubmitNext(c);
+  };
+  return call;
+}
+
+void SubmitNext(std::shared_ptr<ChunkedAppend> c) {
+  const int64_t n = std::min(c->chunk, c->tokens - c->done);
+  if (c->done + n < c->tokens) {
+    c->submit(ChunkCall(c, n));
+    return;
+  }
+  InferenceCall& last = *c->client_call;
+  last.session->append.query = c->query + c->done * last.layer->engine->config().embed_dim;
+  last.session->append.tokens = n;
+  SizeAppend(*last.layer->engine, &last);
+  last.finish = [c, answer = std::move(last.finish)](const absl::Status& status) {
+    if (status.ok()) MergeParts(*c, &c->client_call->outputs);
+    answer(status);
+  };
+  c->submit(std::move(c->call));
+}
+
+}  // namespace
+
+void SizeAppend(const MultiheadAttention& engine, InferenceCall* call) {
+  const CachedAppend& a = call->session->append;
+  const int64_t e = engine.config().embed_dim;
+  const int64_t context = a.cache->tokens() + (a.cross_attention ? 0 : a.tokens);
+  call->parsed.batch = 1;
+  call->parsed.q_len = a.tokens;
+  call->parsed.kv_len = context;
+  call->parsed.flops = 2 * a.tokens * e * (a.cross_attention ? 2 * e : 4 * e) + 4 * a.tokens * context * e;
+}
+
+void SubmitInChunks(std::unique_ptr<InferenceCall> call, int64_t chunk_tokens, const Clock& clock,
+                    const std::function<void(std::unique_ptr<InferenceCall>)>& submit) {
+  auto c = std::make_shared<ChunkedAppend>();
+  c->client_call = call.get();
+  c->query = call->session->append.query;
+  c->tokens = call->session->append.tokens;
+  c->chunk = chunk_tokens;
+  c->clock = &clock;
+  c->submit = submit;
+  c->call = std::move(call);
+  SubmitNext(std::move(c));
+}
+
+}  // namespace attnserve

@@ -1,0 +1,27 @@
+// Chunked prefill: a long append of a self-attention session computed as chunks, each its own trip through
+// the layer's queue (admit, queue, batch, engine), so that decode steps of other sessions queued meanwhile run
+// between two chunks: a decode step waits behind at most the chunk that is running, never behind a whole
+// 8192-token prompt (vLLM's chunked prefill, on the layer's ordinary queue).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include "server/batching/clock.h"
+#include "server/runtime/inference_call.h"
+
+namespace attnserve {
+
+// Sets the scheduler's view of a session call from its SessionWork: parsed.batch 1, q_len T, kv_len the
+// context after it, and its FLOPs (projections and attention), for the batch's cost, metrics and statistics.
+void SizeAppend(const MultiheadAttention& engine, InferenceCall* call);
+
+// `call` is an admitted append (SessionWork set, blocks reserved, `finish` answers the client and ends the
+// lane's turn) of more than `chunk_tokens` tokens. Its first chunks go through `submit` as internal calls;
+// its last chunk is `call` itself, whose answer then holds every chunk's rows (and weights, padded to the
+// final context). A chunk's error answers `call` with it.
+void SubmitInChunks(std::unique_ptr<InferenceCall> call, int64_t chunk_tokens, const Clock& clock,
+                    const std::function<void(std::unique_ptr<InferenceCall>)>& submit);
+
+}  // namespace attnserve

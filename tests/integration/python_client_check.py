@@ -1,0 +1,122 @@
+"""The Python client package (client/python, module attnserve) against the binary, run inside a venv where it
+was installed with pip (tests/integration/python_client_test.sh): RemoteMultiheadAttention equals PyTorch's
+nn.MultiheadAttention with the same weights, Client.infer, sessions (append, fork, truncate, close) equal to
+causal Infer, SessionEvicted, and the errors gRPC reports.
+
+    venv/bin/python tests/integration/python_client_check.py path/to/attnserve
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+import numpy as np
+import torch
+
+import attnserve
+from attnserve.torch import RemoteMultiheadAttention, save_attention_layers
+
+FAILURES = []
+
+
+def check(cond, what):
+    print(("PASS " if cond else "FAIL ") + what, flush=True)
+    if not cond:
+        FAILURES.append(what)
+
+
+def start_server(binary, tmp, modules):
+    weights = os.path.join(tmp, "layers.safetensors")
+    save_attention_layers(weights, {f"{name}.": m for name, m in modules.items()})
+    config = os.path.join(tmp, "config.pbtxt")
+    with open(config, "w") as f:
+        for name, m in modules.items():
+            kv = f"kdim: {m.kdim} vdim: {m.vdim} " if not m._qkv_same_embed_dim else ""
+            f.write(f'layers {{ name: "{name}" embed_dim: {m.embed_dim} num_heads: {m.num_heads} {kv}'
+                    f'weights_path: "{weights}" weights_prefix: "{name}." }}\n')
+    log_path = os.path.join(tmp, "server.log")
+    proc = subprocess.Popen([binary, "--config", config, "--grpc-address", "127.0.0.1:0", "--metrics-address",
+                             "127.0.0.1:0", "--log-level", "info"], stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    for _ in range(1200):
+        m = re.search(r"ready: grpc_port=(\d+)", open(log_path).read())
+        if m:
+            return proc, f"127.0.0.1:{m.group(1)}"
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError("attnserve did not start: " + open(log_path).read()[-2000:])
+
+
+def check_remote_module(client, mha, cross):
+    torch.manual_seed(1)
+    remote = RemoteMultiheadAttention(client, "mha")
+    q = torch.randn(7, 3, 32)  # [L, B, E]: batch_first=False, PyTorch's default
+    kpm = torch.zeros(3, 7, dtype=torch.bool)
+    kpm[1, 5:] = True
+    want, want_w = mha(q, q, q, key_padding_mask=kpm)
+    got, got_w = remote(q, q, q, key_padding_mask=kpm)
+    check((got - want).abs().max() <= 1e-4 and (got_w - want_w).abs().max() <= 1e-5,
+          "RemoteMultiheadAttention equals nn.MultiheadAttention (self-attention, key_padding_mask, weights)")
+    k, v = torch.randn(9, 3, 24), torch.randn(9, 3, 24)
+    want, _ = cross(q, k, v, need_weights=False)
+    got, none = RemoteMultiheadAttention(client, "cross")(q, k, v, need_weights=False)
+    check(none is None and (got - want).abs().max() <= 1e-4, "RemoteMultiheadAttention with kdim/vdim")
+
+
+def check_sessions(client):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((25, 32)).astype(np.float32)
+    full, _ = client.infer("mha", x, is_causal=True)
+    with client.session("py-1", ["mha"]) as s:
+        outs = [s.append("mha", x[:10])] + [s.append("mha", x[i:i + 1]) for i in range(10, 25)]
+        check(np.abs(np.concatenate(outs) - full).max() <= 1e-6 and s.positions["mha"] == 25,
+              "session appends equal causal Infer, positions tracked")
+        s.truncate(10)
+        fork = s.fork("py-1-fork")
+        y = x.copy()
+        y[10:] = rng.standard_normal((15, 32))
+        fork_out = fork.append("mha", y[10:])
+        want, _ = client.infer("mha", y, is_causal=True)
+        check(np.abs(fork_out - want[10:]).max() <= 1e-6, "truncate, fork, append: equal to causal Infer")
+        out, w = s.append("mha", x[10:12], need_weights=True)
+        check(w.shape == (2, 12), f"append need_weights: [T, tokens] = {w.shape}")
+        fork.close()
+    try:
+        client.session("py-1", ["nope"])
+        check(False, "an unknown layer is refused")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.NOT_FOUND and "layers[0]" in e.details(), f"unknown layer: {e.details()}")
+    s = client.session("py-sleepy", ["mha"], idle_timeout_ms=100)
+    time.sleep(2.5)
+    try:
+        s.append("mha", x[:1])
+        check(False, "an evicted session raises SessionEvicted")
+    except attnserve.SessionEvicted as e:
+        check("evicted" in str(e), f"SessionEvicted: {e}")
+
+
+def main():
+    binary = os.path.abspath(sys.argv[1])
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4).eval()
+    cross = torch.nn.MultiheadAttention(32, 4, kdim=24, vdim=24).eval()
+    tmp = tempfile.mkdtemp(prefix="attnserve_pyclient_")
+    proc, target = start_server(binary, tmp, {"mha": mha, "cross": cross})
+    try:
+        with attnserve.Client(target) as client, torch.no_grad():
+            check(set(client.layers()) == {"mha", "cross"}, "Client.layers")
+            check_remote_module(client, mha, cross)
+            check_sessions(client)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print(f"{len(FAILURES)} failed")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

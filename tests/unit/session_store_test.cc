@@ -1,0 +1,220 @@
+// SessionStore driven from one thread: `submit` collects the started appends, the test runs them through
+// the engine when it chooses, on a fake clock. Lanes keep arrival order and run one append at a time; idle
+// sessions go after their timeout (not before) and when the pool is full; a failed append leaves the cache as
+// it was; a long prefill goes in chunks that let another session's decode step in between; fork and truncate
+// wait for appends in flight.
+#include <deque>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "server/sessions/session_store.h"
+#include "server/startup/server_config.h"
+#include "tests/testing/fake_clock.h"
+#include "tests/testing/naive_mha.h"
+
+namespace attnserve {
+namespace {
+
+namespace v1 = attnserve::v1;
+using testing::MaxAbsDiff;
+
+constexpr int64_t kE = 16;
+
+v1::LayerConfig TinyLayer(const std::string& name) {
+  v1::LayerConfig c;
+  c.set_name(name);
+  c.set_embed_dim(kE);
+  c.set_num_heads(2);
+  c.set_seed(5);
+  EXPECT_TRUE(ApplyLayerDefaultsAndValidate(&c).ok());
+  return c;
+}
+
+// One append's request and what it got back.
+struct Sent {
+  std::vector<float> query;
+  absl::Status status = absl::UnknownError("not answered");
+  bool answered = false;
+  AttentionOutputs outputs;
+};
+
+class SessionStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Build(int64_t{1} << 20, 512); }
+
+  void Build(int64_t pool_bytes, int64_t chunk_tokens) {
+    v1::ServerConfig config;
+    *config.add_layers() = TinyLayer("l");
+    registry_ = std::move(*LayerRegistry::Create(config));
+    pool_ = std::move(*KvCachePool::Create({pool_bytes, 4}));
+    SessionStore::Options o;
+    o.pool = pool_.get();
+    o.registry = registry_.get();
+    o.clock = &clock_;
+    o.submit = [this](std::unique_ptr<InferenceCall> call) { queue_.push_back(std::move(call)); };
+    o.default_idle_timeout_ms = 1000;
+    o.prefill_chunk_tokens = chunk_tokens;
+    store_ = std::move(*SessionStore::Create(o));
+  }
+
+  void Open(const std::string& id, int64_t idle_timeout_ms = 0) {
+    SessionStore::OpenArgs args;
+    args.id = id;
+    args.layers = {"l"};
+    args.idle_timeout_ms = idle_timeout_ms;
+    ASSERT_TRUE(store_->Open(args).ok());
+  }
+
+  // Appends `tokens` random rows; the result is filled when the call is answered.
+  std::shared_ptr<Sent> Append(const std::string& id, int64_t tokens) {
+    auto sent = std::make_shared<Sent>();
+    sent->query = testing::RandomValues(rng_, tokens * kE);
+    auto call = std::make_unique<InferenceCall>();
+    call->arrival = clock_.Now();
+    call->inputs.query = TensorView::F32(sent->query.data(), {tokens, kE});
+    InferenceCall* self = call.get();
+    call->finish = [sent, self](const absl::Status& s) {
+      sent->status = s;
+      sent->answered = true;
+      if (s.ok()) sent->outputs = std::move(self->outputs);
+    };
+    store_->Append(id, "l", std::move(call));
+    return sent;
+  }
+
+  // Runs the oldest started call through the engine (or fails it with `error`).
+  void RunOne(absl::Status error = absl::OkStatus()) {
+    ASSERT_FALSE(queue_.empty());
+    std::unique_ptr<InferenceCall> call = std::move(queue_.front());
+    queue_.pop_front();
+    if (!error.ok()) {
+      call->finish(error);
+      return;
+    }
+    const CachedAppend* one[] = {&call->session->append};
+    auto got = call->layer->engine->ForwardAppends(one, 1);
+    ASSERT_TRUE(got[0].ok()) << got[0].status();
+    call->outputs = std::move(*got[0]);
+    call->finish(absl::OkStatus());
+  }
+  void RunAll() {
+    while (!queue_.empty()) RunOne();
+  }
+
+  // Causal attention over the concatenated queries of `sent`, the rows of the last one.
+  std::vector<float> Reference(const std::vector<std::shared_ptr<Sent>>& sent) {
+    std::vector<float> all;
+    for (const auto& s : sent) all.insert(all.end(), s->query.begin(), s->query.end());
+    AttentionInputs in;
+    in.query = TensorView::F32(all.data(), {static_cast<int64_t>(all.size()) / kE, kE});
+    in.is_causal = true;
+    auto out = registry_->Find("l")->engine->Forward(in);
+    const size_t last = sent.back()->query.size();
+    return std::vector<float>(out->output.values.end() - last, out->output.values.end());
+  }
+
+  std::mt19937_64 rng_{42};
+  testing::FakeClock clock_;
+  std::unique_ptr<LayerRegistry> registry_;
+  std::unique_ptr<KvCachePool> pool_;
+  std::unique_ptr<SessionStore> store_;
+  std::deque<std::unique_ptr<InferenceCall>> queue_;
+};
+
+TEST_F(SessionStoreTest, AppendsOfOneLaneRunInOrderOneAtATime) {
+  Open("a");
+  auto first = Append("a", 5);
+  auto second = Append("a", 1);
+  auto third = Append("a", 2);
+  ASSERT_EQ(queue_.size(), 1u);  // the others wait for their turn
+  RunOne();
+  EXPECT_TRUE(first->status.ok());
+  ASSERT_EQ(queue_.size(), 1u);
+  RunAll();
+  ASSERT_TRUE(second->status.ok() && third->status.ok());
+  EXPECT_LE(MaxAbsDiff(second->outputs.output.values, Reference({first, second})), 1e-6);
+  EXPECT_LE(MaxAbsDiff(third->outputs.output.values, Reference({first, second, third})), 1e-6);
+  EXPECT_EQ(store_->Get("a")->layers[0].tokens, 8);
+}
+
+TEST_F(SessionStoreTest, IdleSessionsGoAfterTheirTimeoutNotBeforeAndNeverWithAppendsInFlight) {
+  Open("idle", 1000);
+  Open("busy", 1000);
+  auto pending = Append("busy", 1);  // started, not answered
+  clock_.Advance(absl::Milliseconds(999));
+  EXPECT_EQ(store_->EvictIdle("idle_timeout"), 0);
+  clock_.Advance(absl::Milliseconds(2));
+  EXPECT_EQ(store_->EvictIdle("idle_timeout"), 1);
+  const auto gone = store_->Get("idle");
+  EXPECT_EQ(gone.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(gone.status().message().find("evicted (idle_timeout)"), std::string::npos) << gone.status();
+  EXPECT_TRUE(store_->Get("busy").ok());
+  RunAll();
+  EXPECT_TRUE(pending->status.ok());
+  auto unknown = Append("never", 1);
+  EXPECT_EQ(unknown->status.code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(SessionStoreTest, AFullPoolEvictsIdleSessionsThenRefuses) {
+  // 16 blocks of 4 tokens x 16 wide: 64 tokens in all.
+  Build(16 * pool_->BlockBytes(kE), 512);
+  Open("old", 10);
+  auto fill = Append("old", 60);
+  RunAll();
+  ASSERT_TRUE(fill->status.ok());
+  Open("new", 10);
+  auto refused = Append("new", 16);  // "old" is not idle long enough yet
+  EXPECT_EQ(refused->status.code(), absl::StatusCode::kResourceExhausted) << refused->status;
+  clock_.Advance(absl::Milliseconds(20));
+  auto admitted = Append("new", 16);  // "new" itself was used just now: only "old" goes
+  RunAll();
+  EXPECT_TRUE(admitted->status.ok()) << admitted->status;
+  EXPECT_NE(store_->Get("old").status().message().find("evicted (pool_full)"), std::string::npos);
+}
+
+TEST_F(SessionStoreTest, AFailedAppendLeavesTheCacheAsItWas) {
+  Open("a");
+  auto first = Append("a", 3);
+  RunAll();
+  auto failed = Append("a", 2);
+  RunOne(absl::DeadlineExceededError("deadline"));
+  EXPECT_EQ(failed->status.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(store_->Get("a")->layers[0].tokens, 3);
+  auto next = Append("a", 2);
+  RunAll();
+  EXPECT_LE(MaxAbsDiff(next->outputs.output.values, Reference({first, next})), 1e-6);
+}
+
+TEST_F(SessionStoreTest, ALongPrefillGoesInChunksWithOtherSessionsDecodeStepsBetween) {
+  Build(int64_t{1} << 20, 4);
+  Open("long");
+  Open("chat");
+  auto prefill = Append("long", 10);  // chunks of 4, 4, 2
+  auto decode = Append("chat", 1);
+  ASSERT_EQ(queue_.size(), 2u);
+  RunOne();  // the first chunk
+  ASSERT_EQ(queue_.size(), 2u);
+  EXPECT_EQ(queue_.front()->session->append.tokens, 1);  // the decode step, then the next chunk
+  RunAll();
+  ASSERT_TRUE(prefill->status.ok()) << prefill->status;
+  EXPECT_EQ(prefill->outputs.output.shape, (Shape{10, kE}));
+  EXPECT_LE(MaxAbsDiff(prefill->outputs.output.values, Reference({prefill})), 1e-6);
+  EXPECT_TRUE(decode->status.ok());
+}
+
+TEST_F(SessionStoreTest, ForkAndTruncateWaitForAppendsInFlight) {
+  Open("a");
+  auto first = Append("a", 6);
+  EXPECT_EQ(store_->Fork("a", "b").status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store_->Truncate("a", 2).status().code(), absl::StatusCode::kFailedPrecondition);
+  RunAll();
+  ASSERT_TRUE(store_->Fork("a", "a:b").ok());
+  EXPECT_EQ(store_->Fork("a", "a:b").status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(store_->Truncate("a", 2)->layers[0].tokens, 2);
+  EXPECT_EQ(store_->Get("a:b")->layers[0].tokens, 6);
+  EXPECT_EQ(store_->Fork("a", "bad id!").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace attnserve

@@ -129,13 +129,22 @@ std::vector<std::unique_ptr<InferenceCall>> BatchExecutor::DropExpired(std::vect
 void BatchExecutor::Run(const std::string& layer_name, std::vector<CallScheduler::Entry> batch) const {
   const absl::Time start = options_.clock->Now();
   std::vector<std::unique_ptr<InferenceCall>> runnable = DropExpired(batch, start);
-  // Nearly always one version; several only right after the layer was replaced.
-  std::map<const ServedLayer*, std::vector<std::unique_ptr<InferenceCall>>> by_version;
+  // Decode first: sessions' decode steps (a few tokens) are computed and answered before the batch's long
+  // members (a prefill chunk, stateless requests), so that they do not wait for them.
+  std::vector<std::unique_ptr<InferenceCall>> decode_steps, rest;
   for (auto& call : runnable) {
-    const ServedLayer* version = call->layer.get();
-    by_version[version].push_back(std::move(call));
+    const bool decode = call->session != nullptr && call->session->append.tokens <= kDecodeStepTokens;
+    (decode ? decode_steps : rest).push_back(std::move(call));
   }
-  for (auto& [version, calls] : by_version) Compute(layer_name, std::move(calls));
+  for (auto* calls : {&decode_steps, &rest}) {
+    // Nearly always one version; several only right after the layer was replaced.
+    std::map<const ServedLayer*, std::vector<std::unique_ptr<InferenceCall>>> by_version;
+    for (auto& call : *calls) {
+      const ServedLayer* version = call->layer.get();
+      by_version[version].push_back(std::move(call));
+    }
+    for (auto& [version, same] : by_version) Compute(layer_name, std::move(same));
+  }
 }
 
 void BatchExecutor::Compute(const std::string& layer_name,

@@ -19,6 +19,9 @@ namespace attnserve {
 
 class BatchExecutor {
  public:
+  // Session appends of at most this many tokens are decode steps: computed and answered first in a batch.
+  static constexpr int64_t kDecodeStepTokens = 4;
+
   struct Options {
     ServerMetrics* metrics = nullptr;  // not owned, may be null
     const Clock* clock = RealClock();  // not owned, required

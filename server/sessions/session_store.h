@@ -69,7 +69,7 @@ class SessionStore {
     // A self-attention append of more tokens than this is computed in chunks of this many, each its own trip
     // through the layer's queue, so that other sessions' decode steps run between them (chunked prefill).
     // 0: never chunked.
-    int64_t prefill_chunk_tokens = 512;
+    int64_t prefill_chunk_tokens = 128;
   };
   static absl::StatusOr<std::unique_ptr<SessionStore>> Create(const Options& options);
   ~SessionStore();

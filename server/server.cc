@@ -189,6 +189,7 @@ absl::Status Server::BuildSessions() {
   store.registry = p.registry.get();
   store.clock = options_.clock;
   store.metrics = p.metrics.get();
+  store.memory = p.memory.get();
   store.submit = [dispatcher = p.dispatcher.get()](std::unique_ptr<InferenceCall> call) {
     dispatcher->Submit(std::move(call));
   };

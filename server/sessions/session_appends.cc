@@ -67,24 +67,39 @@ void SessionStore::Append(const std::string& id, const std::string& layer, std::
     return;
   }
   lane = it->second.get();
+  absl::Status refused;
   {
     absl::MutexLock lock(&session->mu);
     session->last_used = options_.clock->Now();
     if (lane->running) {
-      if (static_cast<int64_t>(lane->waiting.size()) >= options_.max_queued_appends) {
-        call->finish(absl::ResourceExhaustedError(absl::StrCat("session_id: ", lane->waiting.size(),
-                                                               " appends already wait for this session and layer (max ",
-                                                               options_.max_queued_appends, ")")));
-        return;
-      }
+      refused = Enqueue(*session, *lane, call);  // takes `call` unless refused
+      if (refused.ok()) return;
+    } else {
       ++session->busy;
-      lane->waiting.push_back(std::move(call));
-      return;
+      lane->running = true;
     }
-    ++session->busy;
-    lane->running = true;
+  }
+  if (!refused.ok()) {
+    call->finish(refused);  // outside the session's lock
+    return;
   }
   Start(std::move(session), lane, std::move(call));
+}
+
+absl::Status SessionStore::Enqueue(Session& session, Lane& lane, std::unique_ptr<InferenceCall>& call) {
+  if (static_cast<int64_t>(lane.waiting.size()) >= options_.max_queued_appends) {
+    return absl::ResourceExhaustedError(absl::StrCat("session_id: ", lane.waiting.size(),
+                                                     " appends already wait for this session and layer (max ",
+                                                     options_.max_queued_appends, ")"));
+  }
+  if (options_.memory != nullptr) {
+    absl::StatusOr<MemoryBudget::Reservation> held = options_.memory->Reserve(call->request_bytes);
+    if (!held.ok()) return held.status();
+    call->memory = std::move(*held);  // replaced by the dispatcher's reservation when the call starts
+  }
+  ++session.busy;
+  lane.waiting.push_back(std::move(call));
+  return absl::OkStatus();
 }
 
 absl::Status SessionStore::ReserveBlocks(Session& session, Lane& lane, int64_t tokens) {

@@ -33,6 +33,7 @@
 #include "server/observability/metrics.h"
 #include "server/runtime/inference_call.h"
 #include "server/runtime/layer_registry.h"
+#include "server/runtime/memory_budget.h"
 
 namespace attnserve {
 
@@ -58,6 +59,9 @@ class SessionStore {
     const LayerRegistry* registry = nullptr;  // required, not owned
     const Clock* clock = RealClock();         // required, not owned
     ServerMetrics* metrics = nullptr;         // may be null, not owned
+    // An append waiting for its turn holds its request message: it reserves the message's bytes here until it
+    // starts (then the dispatcher reserves all it may cost). May be null: no budget.
+    MemoryBudget* memory = nullptr;
     // Admits and queues a started append (the Dispatcher's Submit); required.
     std::function<void(std::unique_ptr<InferenceCall>)> submit;
     // A session's idle_timeout_ms when it asks for none (> 0).
@@ -123,6 +127,10 @@ class SessionStore {
   // Starts an append whose turn it is; when it cannot start, answers it and starts the next.
   void Start(std::shared_ptr<Session> session, Lane* lane, std::unique_ptr<InferenceCall> call);
   absl::Status ReserveBlocks(Session& session, Lane& lane, int64_t tokens);
+  // Queues `call` behind the lane's running append (taking it), or says why not (the queue's bound, the
+  // memory budget for its request message). Called with the session's mu held.
+  absl::Status Enqueue(Session& session, Lane& lane, std::unique_ptr<InferenceCall>& call)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(session.mu);
   // The checks of an append whose turn it is (query, answer size, limits) and its cache blocks.
   absl::Status Admit(Session& session, Lane& lane, const InferenceCall& call);
   // Sets what the dispatcher and executor need of an admitted append: its layer version and SessionWork.

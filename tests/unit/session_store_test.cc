@@ -43,7 +43,7 @@ class SessionStoreTest : public ::testing::Test {
  protected:
   void SetUp() override { Build(int64_t{1} << 20, 512); }
 
-  void Build(int64_t pool_bytes, int64_t chunk_tokens) {
+  void Build(int64_t pool_bytes, int64_t chunk_tokens, MemoryBudget* memory = nullptr) {
     v1::ServerConfig config;
     *config.add_layers() = TinyLayer("l");
     registry_ = std::move(*LayerRegistry::Create(config));
@@ -55,6 +55,7 @@ class SessionStoreTest : public ::testing::Test {
     o.submit = [this](std::unique_ptr<InferenceCall> call) { queue_.push_back(std::move(call)); };
     o.default_idle_timeout_ms = 1000;
     o.prefill_chunk_tokens = chunk_tokens;
+    o.memory = memory;
     store_ = std::move(*SessionStore::Create(o));
   }
 
@@ -67,11 +68,12 @@ class SessionStoreTest : public ::testing::Test {
   }
 
   // Appends `tokens` random rows; the result is filled when the call is answered.
-  std::shared_ptr<Sent> Append(const std::string& id, int64_t tokens) {
+  std::shared_ptr<Sent> Append(const std::string& id, int64_t tokens, int64_t request_bytes = 0) {
     auto sent = std::make_shared<Sent>();
     sent->query = testing::RandomValues(rng_, tokens * kE);
     auto call = std::make_unique<InferenceCall>();
     call->arrival = clock_.Now();
+    call->request_bytes = request_bytes;
     call->inputs.query = TensorView::F32(sent->query.data(), {tokens, kE});
     InferenceCall* self = call.get();
     call->finish = [sent, self](const absl::Status& s) {
@@ -201,6 +203,21 @@ TEST_F(SessionStoreTest, ALongPrefillGoesInChunksWithOtherSessionsDecodeStepsBet
   EXPECT_EQ(prefill->outputs.output.shape, (Shape{10, kE}));
   EXPECT_LE(MaxAbsDiff(prefill->outputs.output.values, Reference({prefill})), 1e-6);
   EXPECT_TRUE(decode->status.ok());
+}
+
+TEST_F(SessionStoreTest, AWaitingAppendHoldsItsRequestInTheMemoryBudget) {
+  MemoryBudget budget(1000);
+  Build(int64_t{1} << 20, 512, &budget);
+  Open("a");
+  auto running = Append("a", 1, 600);  // starts at once: the dispatcher (here: the test) reserves for it
+  auto waiting = Append("a", 1, 600);  // waits: its 600 bytes are held from now on
+  EXPECT_EQ(budget.reserved_bytes(), 600);
+  auto refused = Append("a", 1, 600);
+  EXPECT_EQ(refused->status.code(), absl::StatusCode::kResourceExhausted) << refused->status;
+  EXPECT_NE(refused->status.message().find("memory budget"), std::string::npos) << refused->status;
+  RunAll();
+  EXPECT_TRUE(running->status.ok() && waiting->status.ok());
+  EXPECT_EQ(budget.reserved_bytes(), 0);
 }
 
 TEST_F(SessionStoreTest, ForkAndTruncateWaitForAppendsInFlight) {

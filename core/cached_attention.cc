@@ -50,7 +50,7 @@ AppendScratch& ThreadScratch() {
 // head down the rows instead would touch a new 4 KiB page per row, which the prefetchers do not follow.
 
 // scores[h][i][j0 + j] = q[i][head h] . keys[j][head h] for heads [h0, h1), rows i < rows, keys j < n.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void BlockScores(
+__attribute__((always_inline)) inline void BlockScoresBody(
     const float* q, int64_t ldq, int64_t rows, const float* keys, int64_t ldk, int64_t n, int64_t h0, int64_t h1,
     int64_t dh, float* scores, int64_t cols, int64_t j0) {
   for (int64_t j = 0; j < n; ++j) {
@@ -70,7 +70,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void BlockScores(
 }
 
 // ctx[i][head h] += sum_j probs[h][i][j0 + j] * values[j][head h] for heads [h0, h1).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void BlockContext(
+__attribute__((always_inline)) inline void BlockContextBody(
     const float* probs, int64_t cols, int64_t j0, int64_t rows, const float* values, int64_t ldv, int64_t n,
     int64_t h0, int64_t h1, int64_t dh, float* ctx, int64_t ldc) {
   for (int64_t j = 0; j < n; ++j) {
@@ -86,6 +86,33 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void BlockContext(
     }
   }
 }
+
+// Each body compiled for AVX-512, AVX2 and the baseline, picked once at run time. Not target_clones: its
+// ifunc resolvers run during relocation, before ThreadSanitizer's runtime is up, and crash the process.
+#define ATTN_KERNEL_VARIANTS(Name, Params, Args)                                         \
+  __attribute__((target("avx512f"))) void Name##Avx512 Params { Name##Body Args; }      \
+  __attribute__((target("avx2,fma"))) void Name##Avx2 Params { Name##Body Args; }       \
+  void Name##Baseline Params { Name##Body Args; }                                         \
+  using Name##Fn = void(*) Params;                                                        \
+  Name##Fn Pick##Name() {                                                                 \
+    __builtin_cpu_init();                                                                 \
+    if (__builtin_cpu_supports("avx512f")) return Name##Avx512;                          \
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Name##Avx2; \
+    return Name##Baseline;                                                                \
+  }
+
+ATTN_KERNEL_VARIANTS(BlockScores,
+                     (const float* q, int64_t ldq, int64_t rows, const float* keys, int64_t ldk, int64_t n,
+                      int64_t h0, int64_t h1, int64_t dh, float* scores, int64_t cols, int64_t j0),
+                     (q, ldq, rows, keys, ldk, n, h0, h1, dh, scores, cols, j0))
+ATTN_KERNEL_VARIANTS(BlockContext,
+                     (const float* probs, int64_t cols, int64_t j0, int64_t rows, const float* values, int64_t ldv,
+                      int64_t n, int64_t h0, int64_t h1, int64_t dh, float* ctx, int64_t ldc),
+                     (probs, cols, j0, rows, values, ldv, n, h0, h1, dh, ctx, ldc))
+#undef ATTN_KERNEL_VARIANTS
+
+const BlockScoresFn BlockScores = PickBlockScores();
+const BlockContextFn BlockContext = PickBlockContext();
 
 // The concatenated queries of `members` as one matrix (read in place for a single append).
 const float* BatchInputs(const std::vector<const CachedAppend*>& members, int64_t rows, int64_t e) {

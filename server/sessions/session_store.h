@@ -129,8 +129,8 @@ class SessionStore {
   absl::Status ReserveBlocks(Session& session, Lane& lane, int64_t tokens);
   // Queues `call` behind the lane's running append (taking it), or says why not (the queue's bound, the
   // memory budget for its request message). Called with the session's mu held.
-  absl::Status Enqueue(Session& session, Lane& lane, std::unique_ptr<InferenceCall>& call)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(session.mu);
+  // (No ABSL_EXCLUSIVE_LOCKS_REQUIRED(session.mu): Session is incomplete here, which clang refuses.)
+  absl::Status Enqueue(Session& session, Lane& lane, std::unique_ptr<InferenceCall>& call);
   // The checks of an append whose turn it is (query, answer size, limits) and its cache blocks.
   absl::Status Admit(Session& session, Lane& lane, const InferenceCall& call);
   // Sets what the dispatcher and executor need of an admitted append: its layer version and SessionWork.

@@ -92,17 +92,19 @@ void BM_PeakSgemm(benchmark::State& state) {
       benchmark::Counter(2.0 * n * n * n / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// Sessions' decode: `sessions` appends of one token each over a cache of `context` tokens, as one batch
-// (ForwardAppends). Args: sessions, context, E, H. Counters: KV bytes read per second (every cached key and
-// value once per step), tokens/s. Each iteration truncates the caches back, so the context stays put.
+// Sessions' appends: `sessions` appends of T tokens each over a cache of `context` tokens, as one batch
+// (ForwardAppends): decode steps (T = 1) or prefill chunks. Args: sessions, context, E, H, T. Counters: KV
+// bytes read per second (every cached key and value once per append), tokens/s. Each iteration truncates the
+// caches back, so the context stays put.
 void BM_DecodeAppends(benchmark::State& state) {
   const int64_t n = state.range(0), context = state.range(1), e = state.range(2), h = state.range(3);
+  const int64_t t = state.range(4);
   MultiheadAttention::Options options;
   options.config = {e, h, 0, 0, true};
   auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
   auto pool = KvCachePool::Create({int64_t{8} << 30, 16});
   std::vector<KvSequence> caches;
-  const std::vector<float> prefix = Random(context * e, 3), token = Random(e, 4);
+  const std::vector<float> prefix = Random(context * e, 3), token = Random(t * e, 4);
   std::vector<CachedAppend> appends(n);
   std::vector<const CachedAppend*> batch;
   caches.reserve(n);
@@ -111,7 +113,7 @@ void BM_DecodeAppends(benchmark::State& state) {
     CachedAppend fill{prefix.data(), context, &caches.back()};
     const CachedAppend* one[] = {&fill};
     (void)(*layer)->ForwardAppends(one);
-    appends[i] = {token.data(), 1, &caches.back()};
+    appends[i] = {token.data(), t, &caches.back()};
     batch.push_back(&appends[i]);
   }
   for (auto _ : state) {
@@ -121,12 +123,20 @@ void BM_DecodeAppends(benchmark::State& state) {
     for (KvSequence& c : caches) c.Truncate(context);
     state.ResumeTiming();
   }
-  const double kv_bytes = 2.0 * static_cast<double>(n * (context + 1) * e) * sizeof(float);
+  const double kv_bytes = 2.0 * static_cast<double>(n * (context + t) * e) * sizeof(float);
   state.counters["KV_GBps"] = benchmark::Counter(kv_bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(n), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(n * t), benchmark::Counter::kIsIterationInvariantRate);
 }
 
-BENCHMARK(BM_DecodeAppends)->Args({32, 1024, 1024, 16})->Args({1, 1024, 1024, 16})->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DecodeAppends)
+    ->Args({32, 1024, 1024, 16, 1})
+    ->Args({1, 1024, 1024, 16, 1})
+    ->Args({1, 8192, 1024, 16, 128})  // prefill chunks late in an 8192-token prompt
+    ->Args({1, 8192, 1024, 16, 27})
+    ->Args({1, 0, 1024, 16, 128})  // the first chunk of a prompt
+    ->ArgNames({"sessions", "context", "E", "H", "T"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_PeakSgemm)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_SelfAttention)
     ->Args({1, 128, 512, 8})

@@ -12,7 +12,7 @@ server with --workers 1 (every core in each batch):
 3. Prefill while decoding: 32 decode sessions, alone and with one more session prefilling 8192 tokens over and
    over (attnbench --prefill 8192): decode p99 with / without.
 
-    /usr/bin/python3 bench/sessions_bench.py [--build build] [--duration 10] [--rounds 3]
+    /usr/bin/python3 bench/sessions_bench.py [--build build] [--duration 10] [--rounds 3] [--only prefill]
 Rounds alternate the measurements; medians over rounds are reported. Prints a JSON summary.
 """
 
@@ -54,11 +54,23 @@ def med(xs):
     return statistics.median(xs)
 
 
+def prefill_summary(rounds):
+    p = {
+        "decode32_p99_ms": med([x["latency_ms"]["p99"] for x in rounds["decode32"]]),
+        "decode32_with_prefill_p99_ms": med([x["latency_ms"]["p99"] for x in rounds["decode32_prefill"]]),
+        "decode32_tokens_per_s": med([x["ok_per_second"] for x in rounds["decode32"]]),
+        "decode32_with_prefill_tokens_per_s": med([x["ok_per_second"] for x in rounds["decode32_prefill"]]),
+    }
+    p["prefill_p99_ratio"] = p["decode32_with_prefill_p99_ms"] / p["decode32_p99_ms"]
+    return p
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", default="build")
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", choices=["prefill"], help="only part 3 (prefill while decoding)")
     args = ap.parse_args()
     dur = f"{args.duration}s"
     tmp = tempfile.mkdtemp(prefix="attnserve_sessions_bench_")
@@ -67,6 +79,10 @@ def main():
     rounds = {k: [] for k in ("decode64", "stateless64", "bw", "decode32", "decode32_prefill")}
     try:
         for r in range(args.rounds):
+            if args.only == "prefill":
+                rounds["decode32"].append(decode(args.build, target, dur, 32))
+                rounds["decode32_prefill"].append(decode(args.build, target, dur, 32, prefill=8192))
+                continue
             rounds["bw"].append(bandwidth(args.build))
             rounds["decode64"].append(decode(args.build, target, dur, 64))
             rounds["stateless64"].append(stateless(args.build, target, dur))
@@ -76,6 +92,9 @@ def main():
                   f"stateless {rounds['stateless64'][-1]['ok_per_second']:.1f} tok/s", file=sys.stderr, flush=True)
     finally:
         srv.stop()
+    if args.only == "prefill":
+        print(json.dumps(dict(prefill_summary(rounds), rounds=rounds), indent=2))
+        return
     d64, s64 = rounds["decode64"], rounds["stateless64"]
     tok_s = med([x["ok_per_second"] for x in d64])
     stateless_tok_s = med([x["ok_per_second"] for x in s64])
@@ -97,12 +116,8 @@ def main():
         "copy_gb_per_s": copy,
         "kv_read_share_of_copy": kv_bytes_per_s / 1e9 / copy,
         "kv_read_share_of_read_half": kv_bytes_per_s / 1e9 / (copy / 2),
-        "decode32_p99_ms": med([x["latency_ms"]["p99"] for x in rounds["decode32"]]),
-        "decode32_with_prefill_p99_ms": med([x["latency_ms"]["p99"] for x in rounds["decode32_prefill"]]),
-        "decode32_tokens_per_s": med([x["ok_per_second"] for x in rounds["decode32"]]),
-        "decode32_with_prefill_tokens_per_s": med([x["ok_per_second"] for x in rounds["decode32_prefill"]]),
     }
-    summary["prefill_p99_ratio"] = summary["decode32_with_prefill_p99_ms"] / summary["decode32_p99_ms"]
+    summary.update(prefill_summary(rounds))
     summary["rounds"] = rounds
     print(json.dumps(summary, indent=2))
 

@@ -1,7 +1,8 @@
 // MultiheadAttention's incremental attention for sessions: new tokens attend over a paged KV cache
 // (core/kv_cache_pool.h), its blocks read in place. Few query rows (decode steps) go through vector kernels
-// that stream each block's keys and values once; more rows (prefill chunks) through oneDNN matmuls per key
-// block, the context summed over blocks by the matmul itself (kContextAdd).
+// that stream each block's keys and values once; more rows (prefill chunks) through oneDNN matmuls over
+// spans of blocks copied together (about 1 MiB of keys or values each), the context summed over spans by the
+// matmul itself (kContextAdd).
 #include <omp.h>
 
 #include <algorithm>
@@ -11,8 +12,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "core/kernel_variants.h"
 #include "core/multihead_attention.h"
 #include "core/omp_threads.h"
+#include "core/row_softmax.h"
 
 // Clang under the sanitizers (the fuzz build) cannot vectorize the kernels' `omp simd` loops and says so as
 // a warning, which -Werror makes fatal; there the scalar loops are what the sanitizers check anyway.
@@ -34,13 +37,16 @@ struct AppendScratch {
   std::vector<float> proj;    // projections [N, 3E] (self-attention) or [N, E] (cross)
   std::vector<float> out;     // output projection [N, E]
   std::vector<float> scores;  // one query block [H, lb, cols]
+  std::vector<float> span;    // keys or values of a span of blocks, contiguous [tokens, width]
 
+  // Geometric growth: a prefill's scores grow with its context chunk after chunk, and reallocating them each
+  // time costs a fresh mapping and its page faults (more than the chunk's attention, in a VM).
   static float* Grow(std::vector<float>& buf, int64_t n) {
-    if (buf.size() < static_cast<size_t>(n)) buf.resize(static_cast<size_t>(n));
+    if (buf.size() < static_cast<size_t>(n)) buf.resize(std::max(static_cast<size_t>(n), buf.size() * 3 / 2));
     return buf.data();
   }
   void ReleaseLarge() {
-    for (auto* buf : {&inputs, &proj, &out, &scores}) {
+    for (auto* buf : {&inputs, &proj, &out, &scores, &span}) {
       if (buf->capacity() * sizeof(float) > kRetainBytes) std::vector<float>().swap(*buf);
     }
   }
@@ -93,20 +99,6 @@ __attribute__((always_inline)) inline void BlockContextBody(
   }
 }
 
-// Each body compiled for AVX-512, AVX2 and the baseline, picked once at run time. Not target_clones: its
-// ifunc resolvers run during relocation, before ThreadSanitizer's runtime is up, and crash the process.
-#define ATTN_KERNEL_VARIANTS(Name, Params, Args)                                         \
-  __attribute__((target("avx512f"))) void Name##Avx512 Params { Name##Body Args; }      \
-  __attribute__((target("avx2,fma"))) void Name##Avx2 Params { Name##Body Args; }       \
-  void Name##Baseline Params { Name##Body Args; }                                         \
-  using Name##Fn = void(*) Params;                                                        \
-  Name##Fn Pick##Name() {                                                                 \
-    __builtin_cpu_init();                                                                 \
-    if (__builtin_cpu_supports("avx512f")) return Name##Avx512;                          \
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Name##Avx2; \
-    return Name##Baseline;                                                                \
-  }
-
 ATTN_KERNEL_VARIANTS(BlockScores,
                      (const float* q, int64_t ldq, int64_t rows, const float* keys, int64_t ldk, int64_t n,
                       int64_t h0, int64_t h1, int64_t dh, float* scores, int64_t cols, int64_t j0),
@@ -115,10 +107,38 @@ ATTN_KERNEL_VARIANTS(BlockContext,
                      (const float* probs, int64_t cols, int64_t j0, int64_t rows, const float* values, int64_t ldv,
                       int64_t n, int64_t h0, int64_t h1, int64_t dh, float* ctx, int64_t ldc),
                      (probs, cols, j0, rows, values, ldv, n, h0, h1, dh, ctx, ldc))
-#undef ATTN_KERNEL_VARIANTS
 
 const BlockScoresFn BlockScores = PickBlockScores();
 const BlockContextFn BlockContext = PickBlockContext();
+
+// Softmax of each of `rows` rows of `scores` [rows, cols] over its first `keys` columns, where row r holds
+// query row r % lb, which sees keys [0, keys + r % lb) (capped at cols); the columns past them become 0
+// (causal). Rows go over the OpenMP team when there are enough and no enclosing parallel region.
+void CausalSoftmax(float* scores, int64_t rows, int64_t lb, int64_t cols, int64_t keys) {
+  const int threads = omp_in_parallel() || rows * cols < (int64_t{1} << 16) ? 1 : omp_get_max_threads();
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = scores + r * cols;
+    const int64_t seen = std::min(cols, keys + r % lb);
+    RowSoftmax(row, 1, seen, cols);
+    std::fill(row + seen, row + cols, 0.0f);
+  }
+}
+
+// Whole blocks of `cache` in a span of at most `span_bytes` of keys (or values), at least one.
+int64_t SpanBlocks(const KvSequence& cache, int64_t span_bytes) {
+  const int64_t block_bytes = cache.block_tokens() * cache.width() * int64_t{sizeof(float)};
+  return std::max<int64_t>(1, span_bytes / block_bytes);
+}
+
+// Rows [0, tokens) of blocks b0, b0 + 1, ... of `cache` (keys or values) into `span` [tokens, width].
+void CopySpan(const KvSequence& cache, bool values, int64_t b0, int64_t tokens, float* span) {
+  const int64_t bt = cache.block_tokens(), width = cache.width();
+  for (int64_t done = 0, b = b0; done < tokens; done += bt, ++b) {
+    const float* src = values ? cache.values(b) : cache.keys(b);
+    std::memcpy(span + done * width, src, static_cast<size_t>(std::min(bt, tokens - done) * width) * sizeof(float));
+  }
+}
 
 // The concatenated queries of `members` as one matrix (read in place for a single append).
 const float* BatchInputs(const std::vector<const CachedAppend*>& members, int64_t rows, int64_t e) {
@@ -298,21 +318,17 @@ absl::Status MultiheadAttention::AttendCachedRows(const CachedAppend& a, int64_t
       }
     }
   }
-  for (int64_t b = 0; b < blocks && !vector; ++b) {
-    const int64_t n = std::min(bt, cols - b * bt);
+  const int64_t span_blocks = SpanBlocks(cache, options_.cache_span_bytes), span_tokens = span_blocks * bt;
+  float* span = vector ? nullptr : AppendScratch::Grow(ThreadScratch().span, span_tokens * width);
+  for (int64_t b = 0; b < blocks && !vector; b += span_blocks) {
+    const int64_t n = std::min(span_tokens, cols - b * bt);
+    CopySpan(cache, /*values=*/false, b, n, span);
     const View4 qa{q, {1, h, lb, dh}, {lb * ldq, dh, ldq, 1}};
-    const View4 kb{const_cast<float*>(cache.keys(b)), {1, h, dh, n}, {bt * width, dh, 1, width}};
+    const View4 kb{span, {1, h, dh, n}, {n * width, dh, 1, width}};
     const View4 sc{scores + b * bt, {1, h, lb, n}, {h * lb * cols, lb * cols, cols, 1}};
     ATTN_RETURN_IF_ERROR(scores_op_->Execute(qa, kb, sc));
   }
-  if (!a.cross_attention) {
-    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-    for (int64_t r = 0; r < h * lb; ++r) {
-      const int64_t i = r % lb;
-      std::fill(scores + r * cols + first + i + 1, scores + (r + 1) * cols, kNegInf);
-    }
-  }
-  ATTN_RETURN_IF_ERROR(softmax_.Execute(scores, h * lb, cols));
+  CausalSoftmax(scores, h * lb, lb, cols, a.cross_attention ? cols : first + 1);
   if (weights != nullptr) AddAppendWeights(a, l0, lb, cols, scores, weights);
   // The context over the block's Q columns: Q is no longer needed.
   if (vector) {
@@ -327,10 +343,11 @@ absl::Status MultiheadAttention::AttendCachedRows(const CachedAppend& a, int64_t
     }
     return absl::OkStatus();
   }
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n = std::min(bt, cols - b * bt);
+  for (int64_t b = 0; b < blocks; b += span_blocks) {
+    const int64_t n = std::min(span_tokens, cols - b * bt);
+    CopySpan(cache, /*values=*/true, b, n, span);
     const View4 pa{scores + b * bt, {1, h, lb, n}, {h * lb * cols, lb * cols, cols, 1}};
-    const View4 vb{const_cast<float*>(cache.values(b)), {1, h, n, dh}, {bt * width, dh, width, 1}};
+    const View4 vb{span, {1, h, n, dh}, {n * width, dh, width, 1}};
     const View4 ctx{q, {1, h, lb, dh}, {lb * ldq, dh, ldq, 1}};
     ATTN_RETURN_IF_ERROR((b == 0 ? context_op_ : context_add_op_)->Execute(pa, vb, ctx));
   }

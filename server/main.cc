@@ -66,6 +66,12 @@ void MapLargeBlocksApart() {
   // the heap). Set first thing: set only once the configured layers were built, as it was, 20 reloads of a
   // 9 MiB layer still grew RSS from 42 to 95 MiB; set first, 42 to 58 (BENCHMARKS.md, issue #10).
   mallopt(M_MMAP_THRESHOLD, 1 << 20);
+  // Fixing the mmap threshold also fixes the trim threshold at its 128 KiB default: every free that left that
+  // much at the top of a thread's heap gave it back (madvise), and the next allocation faulted it in again.
+  // oneDNN allocates and frees inside its parallel matmuls, so a session's prefill chunk (dozens of matmuls)
+  // spent more time in madvise, page faults and the TLB shootdowns they cost than in the matmuls. The heaps
+  // keep up to 16 MiB at their top instead; the trimmer's malloc_trim still returns it once idle.
+  mallopt(M_TRIM_THRESHOLD, 16 << 20);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 #include "server/sessions/prefill_chunks.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -13,6 +14,7 @@ struct ChunkedAppend {
   InferenceCall* client_call = nullptr;
   const float* query = nullptr;  // the whole append's rows
   int64_t tokens = 0, chunk = 0, done = 0;
+  int64_t context = 0;  // tokens cached before the append
   std::vector<AttentionOutputs> parts;
   const Clock* clock = nullptr;
   std::function<void(std::unique_ptr<InferenceCall>)> submit;
@@ -83,7 +85,9 @@ std::unique_ptr<InferenceCall> ChunkCall(const std::shared_ptr<ChunkedAppend>& c
 }
 
 void SubmitNext(std::shared_ptr<ChunkedAppend> c) {
-  const int64_t n = std::min(c->chunk, c->tokens - c->done);
+  const int64_t e = c->client_call->layer->engine->config().embed_dim;
+  const int64_t min_tokens = c->client_call->session->append.cache->block_tokens();
+  const int64_t n = std::min(PrefillChunkTokens(e, c->chunk, c->context + c->done, min_tokens), c->tokens - c->done);
   if (c->done + n < c->tokens) {
     c->submit(ChunkCall(c, n));
     return;
@@ -111,12 +115,30 @@ void SizeAppend(const MultiheadAttention& engine, InferenceCall* call) {
   call->parsed.flops = 2 * a.tokens * e * (a.cross_attention ? 2 * e : 4 * e) + 4 * a.tokens * context * e;
 }
 
+namespace {
+
+// Multiply-adds of an append of n tokens at `context` cached tokens: q, k, v and out projections, scores
+// and context over context + n keys (the causal half is not subtracted: the kernels compute whole blocks).
+double AppendFlops(double e, double n, double context) { return 8 * n * e * e + 4 * n * (context + n) * e; }
+
+}  // namespace
+
+int64_t PrefillChunkTokens(int64_t embed_dim, int64_t chunk_tokens, int64_t context, int64_t min_tokens) {
+  const double e = static_cast<double>(embed_dim);
+  const double budget = AppendFlops(e, chunk_tokens, 0);
+  // Largest n with 4e n^2 + (8e^2 + 4e context) n <= budget.
+  const double a = 4 * e, b = 8 * e * e + 4 * e * static_cast<double>(context);
+  const auto n = static_cast<int64_t>((-b + std::sqrt(b * b + 4 * a * budget)) / (2 * a));
+  return std::clamp(n, std::min(min_tokens, chunk_tokens), chunk_tokens);
+}
+
 void SubmitInChunks(std::unique_ptr<InferenceCall> call, int64_t chunk_tokens, const Clock& clock,
                     const std::function<void(std::unique_ptr<InferenceCall>)>& submit) {
   auto c = std::make_shared<ChunkedAppend>();
   c->client_call = call.get();
   c->query = call->session->append.query;
   c->tokens = call->session->append.tokens;
+  c->context = call->session->append.cache->tokens();
   c->chunk = chunk_tokens;
   c->clock = &clock;
   c->submit = submit;

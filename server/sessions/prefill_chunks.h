@@ -17,9 +17,15 @@ namespace attnserve {
 // context after it, and its FLOPs (projections and attention), for the batch's cost, metrics and statistics.
 void SizeAppend(const MultiheadAttention& engine, InferenceCall* call);
 
+// Tokens of the next chunk of an append at `context` tokens already cached: as many as cost no more FLOPs
+// (projections and attention over the context) than `chunk_tokens` tokens of a fresh session, so a chunk
+// holds the GEMM cores for about the same time at any context (128 tokens at the start of a prompt, 27 at
+// 8192 tokens with E=1024), and never fewer than `min_tokens` (or chunk_tokens when that is less).
+int64_t PrefillChunkTokens(int64_t embed_dim, int64_t chunk_tokens, int64_t context, int64_t min_tokens);
+
 // `call` is an admitted append (SessionWork set, blocks reserved, `finish` answers the client and ends the
-// lane's turn) of more than `chunk_tokens` tokens. Its first chunks go through `submit` as internal calls;
-// its last chunk is `call` itself, whose answer then holds every chunk's rows (and weights, padded to the
+// lane's turn) longer than one chunk (PrefillChunkTokens). Its first chunks go through `submit` as internal
+// calls, each sized by PrefillChunkTokens at the context it starts at; its last chunk is `call` itself, whose answer then holds every chunk's rows (and weights, padded to the
 // final context). A chunk's error answers `call` with it.
 void SubmitInChunks(std::unique_ptr<InferenceCall> call, int64_t chunk_tokens, const Clock& clock,
                     const std::function<void(std::unique_ptr<InferenceCall>)>& submit);

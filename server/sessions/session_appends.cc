@@ -144,8 +144,9 @@ void SessionStore::Start(std::shared_ptr<Session> session, Lane* lane, std::uniq
     answer(status);
     TurnDone(session, lane);
   };
-  const int64_t chunk = options_.prefill_chunk_tokens;
-  if (lane->cross || chunk <= 0 || tokens <= chunk) {
+  const int64_t chunk = options_.prefill_chunk_tokens, e = lane->layer->engine->config().embed_dim;
+  if (lane->cross || chunk <= 0 ||
+      tokens <= PrefillChunkTokens(e, chunk, before, lane->cache.block_tokens())) {
     options_.submit(std::move(call));
     return;
   }

@@ -70,9 +70,10 @@ class SessionStore {
     int64_t max_sessions = 10'000;
     // Appends of one session and layer waiting behind the running one, at most (>= 0).
     int64_t max_queued_appends = 64;
-    // A self-attention append of more tokens than this is computed in chunks of this many, each its own trip
-    // through the layer's queue, so that other sessions' decode steps run between them (chunked prefill).
-    // 0: never chunked.
+    // A self-attention append costing more than this many tokens of a fresh session is computed in chunks
+    // of that cost (this many tokens at the start of a prompt, fewer as the context grows: see
+    // PrefillChunkTokens), each its own trip through the layer's queue, so that other sessions' decode
+    // steps run between them (chunked prefill). 0: never chunked.
     int64_t prefill_chunk_tokens = 128;
   };
   static absl::StatusOr<std::unique_ptr<SessionStore>> Create(const Options& options);

@@ -175,7 +175,7 @@ const std::vector<ServerFlag>& Flags() {
       {{"max-ping-strikes", true, "ATTNSERVE_MAX_PING_STRIKES", "N"}, "2",
        "Strikes before a connection is closed (GOAWAY ENHANCE_YOUR_CALM).",
        &SetTransportCount<int32_t, &TransportConfig::set_max_ping_strikes, 1000>},
-      {{"grpc-memory-bytes", true, "ATTNSERVE_GRPC_MEMORY_BYTES", "BYTES"}, "(the memory budget)",
+      {{"grpc-memory-bytes", true, "ATTNSERVE_GRPC_MEMORY_BYTES", "BYTES"}, "(half the memory budget)",
        "Bytes gRPC's transport buffers may hold (its resource quota).",
        &SetTransportCount<int64_t, &TransportConfig::set_grpc_memory_bytes, int64_t{1} << 40>},
       {{"listener-check-interval", true, "ATTNSERVE_LISTENER_CHECK_INTERVAL", "DURATION"}, "5s",

@@ -81,7 +81,9 @@ std::vector<std::string> SecurityAndTransportProblems(const attnserve::v1::Serve
 
 int64_t GrpcMemoryBytes(const TransportConfig& transport, int64_t memory_budget_bytes) {
   if (transport.grpc_memory_bytes() > 0) return transport.grpc_memory_bytes();
-  return std::max(kMinGrpcMemoryBytes, memory_budget_bytes);
+  // gRPC's quota is soft: it reclaims (resets a stream) asynchronously, and a fast sender keeps landing
+  // bytes until that runs; half the budget leaves the other half for that overshoot on a loaded machine.
+  return std::max(kMinGrpcMemoryBytes, memory_budget_bytes / 2);
 }
 
 }  // namespace attnserve

@@ -29,7 +29,7 @@ void ApplySecurityAndTransportDefaults(attnserve::v1::ServerConfig* config);
 // listener_check_interval_ms -1 or >= 0.
 std::vector<std::string> SecurityAndTransportProblems(const attnserve::v1::ServerConfig& config);
 
-// gRPC's transport memory: the configured bytes, or as much as the memory budget (at least 64 MiB).
+// gRPC's transport memory: the configured bytes, or half the memory budget (at least 64 MiB).
 int64_t GrpcMemoryBytes(const attnserve::v1::TransportConfig& transport, int64_t memory_budget_bytes);
 
 }  // namespace attnserve

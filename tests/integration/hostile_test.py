@@ -367,7 +367,7 @@ def reservations_released(s):
 
 
 def refused_by_the_budget(e):
-    # The budget refuses at admission; gRPC's resource quota (transport memory, a quarter of the budget) may
+    # The budget refuses at admission; gRPC's resource quota (transport memory, half the budget) may
     # refuse a stream before that, with RST_STREAM ENHANCE_YOUR_CALM (11).
     expect("memory budget" in e.details() or "RST_STREAM with error code 11" in e.details(),
            f"RESOURCE_EXHAUSTED but neither the budget nor the transport quota: {e.details()}")
@@ -1004,27 +1004,29 @@ def case_length_prefix_of_2_gib(s):
 
 
 def case_length_prefix_of_2_gib_then_streaming(s):
-    """A length prefix of 2 GiB, then DATA as fast as flow control lets it for up to 8 s or 320 MiB. gRPC 1.51
-    does not refuse the message at its prefix (64 MiB limit): it buffers it, and what stops it is its resource
-    quota (--grpc-memory-bytes, by default the memory budget: 256 MiB here), which resets the stream (or the
-    connection). Refused within the quota, memory within the quota and some slack."""
+    """A length prefix of 2 GiB, then DATA as fast as flow control lets it for up to 8 s or the budget + 64 MiB.
+    gRPC 1.51 does not refuse the message at its prefix (64 MiB limit): it buffers it, and what stops it is
+    its resource quota (--grpc-memory-bytes, by default half the memory budget: 128 MiB here), which resets
+    the stream (or the connection). The quota is enforced asynchronously, so the sender overshoots it by what
+    arrives before the reset runs (a CI run at 67 MiB/s saw over 64 MiB); the other half of the budget is
+    for that. Refused before the budget is reached, and memory within the budget and some slack."""
     c = h2.Connection(s.port, initial_settings=((h2.SETTINGS_ENABLE_PUSH, 0),))
     chunk = b"\0" * 16384
-    quota_mib = BUDGET_MIB
+    budget_mib = BUDGET_MIB
     with RssWatch(s) as rss:
         c.send(h2.headers(1, h2.grpc_request_headers()))
         sent, stopped = c.send_flow_controlled(1, h2.grpc_message(b"", length=(1 << 31) - 1), chunk,
-                                               limit=(quota_mib + 64) << 20, seconds=8.0)
+                                               limit=(budget_mib + 64) << 20, seconds=8.0)
         reply = c.read_call(1, timeout=2.0)
         c.close()
     print(f"    2 GiB prefix then streaming: {sent >> 20} MiB sent in {stopped}; server {h2.describe(reply)}; "
           f"{rss.line()}")
-    expect(sent <= (quota_mib + 16) << 20 or reply["status"] is not None or reply["rst"],
-           f"{sent >> 20} MiB of one message taken without a refusal (quota {quota_mib} MiB)")
+    expect(sent <= (budget_mib + 16) << 20 or reply["status"] is not None or reply["rst"],
+           f"{sent >> 20} MiB of one message taken without a refusal (budget {budget_mib} MiB, quota half)")
     expect(reply["status"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] or reply["rst"] or reply["goaway"],
            f"no refusal: {h2.describe(reply)}")
     if not sanitized():
-        expect(rss.peak_mib() < quota_mib + 64, f"RSS grew {rss.peak_mib():.0f} MiB (quota {quota_mib} MiB)")
+        expect(rss.peak_mib() < budget_mib + 64, f"RSS grew {rss.peak_mib():.0f} MiB (budget {budget_mib} MiB)")
 
 
 def case_many_idle_connections(s):

@@ -24,10 +24,12 @@ std::unique_ptr<KvCachePool> MakePool(int64_t block_tokens) {
 }
 
 std::unique_ptr<MultiheadAttention> MakeLayer(const MhaConfig& config, const MhaWeights& weights,
-                                              int64_t scores_block_bytes = int64_t{4} << 20) {
+                                              int64_t scores_block_bytes = int64_t{4} << 20,
+                                              int64_t cache_span_bytes = int64_t{1} << 20) {
   MultiheadAttention::Options options;
   options.config = config;
   options.scores_block_bytes = scores_block_bytes;
+  options.cache_span_bytes = cache_span_bytes;
   options.min_block_rows = 1;
   auto layer = MultiheadAttention::Create(options, weights);
   EXPECT_TRUE(layer.ok()) << layer.status();
@@ -83,12 +85,15 @@ TEST(CachedAttentionTest, AnySplitEqualsCausalAttentionOverTheWholeSequence) {
     const MhaWeights weights = testing::RandomTestWeights(config, rng);
     const int64_t n = std::uniform_int_distribution<int64_t>(1, 120)(rng);
     const int64_t block_tokens = std::uniform_int_distribution<int64_t>(1, 20)(rng);
-    // Small score blocks in some cases force query blocking inside a long append.
-    const auto layer = MakeLayer(config, weights, iter % 4 == 0 ? 256 : int64_t{4} << 20);
+    // Small score blocks in some cases force query blocking inside a long append; small spans in others make
+    // a chunk's matmuls cross many spans of blocks (1 byte: one block per span).
+    const int64_t span_bytes[] = {int64_t{1} << 20, 1, 3 * block_tokens * config.embed_dim * 4 + 5};
+    const auto layer = MakeLayer(config, weights, iter % 4 == 0 ? 256 : int64_t{4} << 20, span_bytes[iter % 3]);
     const std::vector<float> x = RandomValues(rng, n * config.embed_dim);
     const std::vector<int64_t> cuts = RandomSplit(rng, n);
     SCOPED_TRACE(::testing::Message() << "case " << iter << ": " << config.DebugString() << " n=" << n
-                                      << " block_tokens=" << block_tokens << " appends=" << cuts.size() - 1);
+                                      << " block_tokens=" << block_tokens << " appends=" << cuts.size() - 1
+                                      << " span_bytes=" << span_bytes[iter % 3]);
     auto pool = MakePool(block_tokens);
     KvSequence cache(pool.get(), config.embed_dim);
     std::vector<float> got;

@@ -679,8 +679,8 @@ TEST(SecurityAndTransport, DefaultsFillEveryLimit) {
   EXPECT_EQ(t.listener_check_interval_ms(), 5000);
   EXPECT_EQ(config.security().tls_reload_interval_ms(), 10000);
   EXPECT_TRUE(config.security().tls_cert_file().empty());
-  EXPECT_EQ(GrpcMemoryBytes(t, int64_t{8} << 30), int64_t{8} << 30);
-  EXPECT_EQ(GrpcMemoryBytes(t, int64_t{32} << 20), int64_t{64} << 20);  // at least 64 MiB
+  EXPECT_EQ(GrpcMemoryBytes(t, int64_t{8} << 30), int64_t{4} << 30);    // half the budget
+  EXPECT_EQ(GrpcMemoryBytes(t, int64_t{96} << 20), int64_t{64} << 20);  // at least 64 MiB
 }
 
 TEST(SecurityAndTransport, ProblemsNameTheirFields) {

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "server/sessions/prefill_chunks.h"
 #include "server/sessions/session_store.h"
 #include "server/startup/server_config.h"
 #include "tests/testing/fake_clock.h"
@@ -203,6 +204,39 @@ TEST_F(SessionStoreTest, ALongPrefillGoesInChunksWithOtherSessionsDecodeStepsBet
   EXPECT_EQ(prefill->outputs.output.shape, (Shape{10, kE}));
   EXPECT_LE(MaxAbsDiff(prefill->outputs.output.values, Reference({prefill})), 1e-6);
   EXPECT_TRUE(decode->status.ok());
+}
+
+TEST(PrefillChunkTokens, KeepsEachChunksCostAsTheContextGrows) {
+  EXPECT_EQ(PrefillChunkTokens(1024, 128, 0, 16), 128);  // a fresh session: the configured chunk
+  EXPECT_EQ(PrefillChunkTokens(1024, 128, 8192, 16), 27);
+  int64_t previous = 128;
+  for (int64_t context = 0; context <= 65536; context += 1024) {
+    const int64_t n = PrefillChunkTokens(1024, 128, context, 16);
+    EXPECT_LE(n, previous) << context;
+    const double e = 1024, cost = 8 * n * e * e + 4 * n * (context + n) * e;
+    if (n > 16) {
+      EXPECT_LE(cost, 8 * 128 * e * e + 4 * 128 * 128 * e) << context;  // never past the first's
+    }
+    previous = n;
+  }
+  EXPECT_EQ(PrefillChunkTokens(1024, 128, 1 << 20, 16), 16);  // at least a block
+  EXPECT_EQ(PrefillChunkTokens(1024, 8, 1 << 20, 16), 8);     // or the chunk, when smaller
+}
+
+TEST_F(SessionStoreTest, ChunksShrinkAsTheContextGrows) {
+  Build(int64_t{1} << 22, 64);
+  Open("long");
+  auto prefill = Append("long", 600);
+  std::vector<int64_t> chunks;
+  while (!queue_.empty()) {
+    chunks.push_back(queue_.front()->session->append.tokens);
+    RunOne();
+  }
+  ASSERT_TRUE(prefill->status.ok()) << prefill->status;
+  EXPECT_EQ(chunks.front(), 64);
+  EXPECT_LT(chunks[chunks.size() - 2], 64);  // the last full chunk, sized at a longer context
+  for (size_t i = 1; i + 1 < chunks.size(); ++i) EXPECT_LE(chunks[i], chunks[i - 1]);
+  EXPECT_LE(MaxAbsDiff(prefill->outputs.output.values, Reference({prefill})), 1e-5);
 }
 
 TEST_F(SessionStoreTest, AWaitingAppendHoldsItsRequestInTheMemoryBudget) {

@@ -1,0 +1,69 @@
+// RowSoftmax against a float64 softmax: random rows of several scales and lengths, -inf entries, strides.
+#include "core/row_softmax.h"
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace attnserve {
+namespace {
+
+// In float64 after x - max, which any float softmax rounds to float first (an error of up to |x - max| 2^-24
+// in the exponent that no exp can take back).
+std::vector<double> Reference(const float* row, int64_t cols) {
+  float max = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < cols; ++j) max = std::max(max, row[j]);
+  std::vector<double> out(cols);
+  double sum = 0;
+  for (int64_t j = 0; j < cols; ++j) sum += out[j] = std::exp(static_cast<double>(row[j] - max));
+  for (double& v : out) v /= sum;
+  return out;
+}
+
+TEST(RowSoftmaxTest, MatchesFloat64OnRandomRows) {
+  std::mt19937_64 rng(1202);
+  const float scales[] = {0.1f, 1.0f, 8.0f, 60.0f};  // 60: differences far past exp's float range
+  for (int iter = 0; iter < 200; ++iter) {
+    const int64_t rows = std::uniform_int_distribution<int64_t>(1, 6)(rng);
+    const int64_t cols = std::uniform_int_distribution<int64_t>(1, 300)(rng);
+    const int64_t ld = cols + std::uniform_int_distribution<int64_t>(0, 7)(rng);
+    std::normal_distribution<float> normal(3.0f, scales[iter % 4]);
+    std::vector<float> data(static_cast<size_t>(rows * ld), 123.0f);  // 123: the padding, left alone
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < cols; ++j) data[r * ld + j] = normal(rng);
+      if (cols > 1 && iter % 5 == 0) data[r * ld + cols - 1] = -std::numeric_limits<float>::infinity();
+    }
+    const std::vector<float> input = data;
+    RowSoftmax(data.data(), rows, cols, ld);
+    for (int64_t r = 0; r < rows; ++r) {
+      const std::vector<double> want = Reference(input.data() + r * ld, cols);
+      double sum = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        const float got = data[r * ld + j];
+        sum += got;
+        ASSERT_LE(std::abs(got - want[j]), 1e-6 * want[j] + 1e-30) << "iter " << iter << " row " << r << " col " << j;
+        if (std::isinf(input[r * ld + j])) {
+          ASSERT_EQ(got, 0.0f);
+        }
+      }
+      EXPECT_NEAR(sum, 1.0, 1e-5);
+      for (int64_t j = cols; j < ld; ++j) ASSERT_EQ(data[r * ld + j], 123.0f);
+    }
+  }
+}
+
+TEST(RowSoftmaxTest, ExtremeValues) {
+  std::vector<float> row = {0.0f, -86.9f, -87.1f, -1000.0f, -std::numeric_limits<float>::infinity(), 1e30f};
+  RowSoftmax(row.data(), 1, static_cast<int64_t>(row.size()), static_cast<int64_t>(row.size()));
+  EXPECT_EQ(row[5], 1.0f);  // everything else is at least 1e30 below it
+  for (int j = 0; j < 5; ++j) EXPECT_EQ(row[j], 0.0f) << j;
+  std::vector<float> same(37, -5.0f);
+  RowSoftmax(same.data(), 1, 37, 37);
+  for (float v : same) EXPECT_NEAR(v, 1.0f / 37, 1e-7f);
+}
+
+}  // namespace
+}  // namespace attnserve

@@ -39,10 +39,13 @@ struct AppendScratch {
   std::vector<float> scores;  // one query block [H, lb, cols]
   std::vector<float> span;    // keys or values of a span of blocks, contiguous [tokens, width]
 
-  // Geometric growth: a prefill's scores grow with its context chunk after chunk, and reallocating them each
-  // time costs a fresh mapping and its page faults (more than the chunk's attention, in a VM).
+  // Geometric growth of the capacity: a prefill's scores grow with its context chunk after chunk, and
+  // reallocating them each time costs a fresh mapping and its page faults (more than the chunk's attention, in
+  // a VM). Only the first n are touched: the reserved rest is not resident.
   static float* Grow(std::vector<float>& buf, int64_t n) {
-    if (buf.size() < static_cast<size_t>(n)) buf.resize(std::max(static_cast<size_t>(n), buf.size() * 3 / 2));
+    const auto want = static_cast<size_t>(n);
+    if (buf.capacity() < want) buf.reserve(std::max(want, buf.capacity() * 3 / 2));
+    if (buf.size() < want) buf.resize(want);
     return buf.data();
   }
   void ReleaseLarge() {

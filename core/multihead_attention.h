@@ -75,7 +75,8 @@ class MultiheadAttention {
     int64_t small_attention_flops = int64_t{32} << 20;
     // Sessions' prefill chunks: keys or values of the cache copied together (a span of whole blocks, at
     // least one) for one matmul. A matmul per cache block would be dominated by oneDNN's per-call cost, and
-    // its context sum (C += P V) would rewrite C once per block. Tests set it small to cross many spans.
+    // its context sum (C += P V) would rewrite C once per block. Tests set it small to cross many spans;
+    // <= 0 means one block per span.
     int64_t cache_span_bytes = int64_t{1} << 20;
     // Softmax primitives kept, one per (rows, S) shape seen.
     int64_t softmax_cache_capacity = 512;

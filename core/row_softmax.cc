@@ -7,10 +7,9 @@
 
 #include "core/kernel_variants.h"
 
-// The vector values never cross a call boundary (every function taking one is always_inline).
-#if !defined(__clang__)
+// The vector values never cross a call boundary (every function taking one is always_inline), but GCC and
+// clang warn about the ABI of the baseline variant's calls before inlining them.
 #pragma GCC diagnostic ignored "-Wpsabi"
-#endif
 
 namespace attnserve {
 namespace {
@@ -24,11 +23,12 @@ constexpr int64_t kLanes = 16;
 
 // exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (truncation below
 // 1e-8 relative on that range), 2^n through the exponent bits. Below -87 (exp < 1.7e-38, under the smallest
-// normal float) and for -inf: 0.
+// normal float) and for -inf: 0. NaN stays NaN (and never reaches the float-to-int conversion).
 __attribute__((always_inline)) inline F16 ExpNonPositive(F16 x) {
   const F16 log2e = F16{} + 1.44269504088896341f, ln2_hi = F16{} + 0.693359375f, ln2_lo = F16{} - 2.12194440e-4f;
-  const I16 keep = x >= -87.0f;  // all ones, or 0
-  x = x < -87.0f ? F16{} - 87.0f : x;
+  const F16 input = x;
+  const I16 keep = x >= -87.0f;  // all ones, or 0 (also for NaN)
+  x = x >= -87.0f ? x : F16{} - 87.0f;  // NaN too
   const I16 n = __builtin_convertvector(x * log2e - 0.5f, I16);  // truncation: rounds to nearest for x <= 0
   const F16 nf = __builtin_convertvector(n, F16);
   const F16 r = (x - nf * ln2_hi) - nf * ln2_lo;
@@ -41,7 +41,8 @@ __attribute__((always_inline)) inline F16 ExpNonPositive(F16 x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const I16 scale = ((n + 127) << 23) & keep;  // 0.0f where x was below -87
-  return p * __builtin_bit_cast(F16, scale);
+  const F16 e = p * __builtin_bit_cast(F16, scale);
+  return input == input ? e : input;
 }
 
 // n <= kLanes floats at p; lanes past n hold `fill`. A whole vector is one load (constant-size memcpy).
@@ -93,10 +94,11 @@ __attribute__((always_inline)) inline void RowSoftmaxBody(float* data, int64_t r
 
 ATTN_KERNEL_VARIANTS(RowSoftmax, (float* data, int64_t rows, int64_t cols, int64_t ld), (data, rows, cols, ld))
 
-const RowSoftmaxFn kRowSoftmax = PickRowSoftmax();
-
 }  // namespace
 
-void RowSoftmax(float* data, int64_t rows, int64_t cols, int64_t ld) { kRowSoftmax(data, rows, cols, ld); }
+void RowSoftmax(float* data, int64_t rows, int64_t cols, int64_t ld) {
+  static const RowSoftmaxFn picked = PickRowSoftmax();  // on first use: safe from any static initialiser
+  picked(data, rows, cols, ld);
+}
 
 }  // namespace attnserve

@@ -70,8 +70,9 @@ void MapLargeBlocksApart() {
   // much at the top of a thread's heap gave it back (madvise), and the next allocation faulted it in again.
   // oneDNN allocates and frees inside its parallel matmuls, so a session's prefill chunk (dozens of matmuls)
   // spent more time in madvise, page faults and the TLB shootdowns they cost than in the matmuls. The heaps
-  // keep up to 16 MiB at their top instead; the trimmer's malloc_trim still returns it once idle.
-  mallopt(M_TRIM_THRESHOLD, 16 << 20);
+  // keep up to 4 MiB at their top instead (what they churn is below the 1 MiB mmap threshold; at most 8
+  // arenas per core hold it); the trimmer's malloc_trim still returns it once idle.
+  mallopt(M_TRIM_THRESHOLD, 4 << 20);
 }
 
 }  // namespace

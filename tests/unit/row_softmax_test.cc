@@ -60,6 +60,16 @@ TEST(RowSoftmaxTest, ExtremeValues) {
   RowSoftmax(row.data(), 1, static_cast<int64_t>(row.size()), static_cast<int64_t>(row.size()));
   EXPECT_EQ(row[5], 1.0f);  // everything else is at least 1e30 below it
   for (int j = 0; j < 5; ++j) EXPECT_EQ(row[j], 0.0f) << j;
+  // Around the cutoff: exp(-86.9) is still a normal float, exp(-87.1) becomes 0; NaN stays NaN.
+  std::vector<float> cutoff = {0.0f, -86.9f, -87.1f, -1000.0f, -std::numeric_limits<float>::infinity()};
+  RowSoftmax(cutoff.data(), 1, 5, 5);
+  const double want = std::exp(static_cast<double>(-86.9f));  // over a sum of 1 + that
+  EXPECT_NEAR(cutoff[1], want, 1e-6 * want);
+  EXPECT_GT(cutoff[1], 0.0f);
+  for (int j = 2; j < 5; ++j) EXPECT_EQ(cutoff[j], 0.0f) << j;
+  std::vector<float> nan = {0.0f, std::numeric_limits<float>::quiet_NaN(), -1.0f};
+  RowSoftmax(nan.data(), 1, 3, 3);
+  EXPECT_TRUE(std::isnan(nan[1]));
   std::vector<float> same(37, -5.0f);
   RowSoftmax(same.data(), 1, 37, 37);
   for (float v : same) EXPECT_NEAR(v, 1.0f / 37, 1e-7f);

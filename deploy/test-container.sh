@@ -15,7 +15,8 @@
 # the host's build/tools/attnctl and attnbench (built here when missing).
 # Environment: ATTNSERVE_IMAGE (default localhost/attnserve:test), ATTNSERVE_DEBIAN_MIRROR (default
 # http://deb.debian.org/debian), BUILD (the host build directory, default build), ATTNSERVE_BUILD_JOBS
-# (compile jobs in the image's build stage, default all cores).
+# (compile jobs in the image's build stage, default all cores), ATTNSERVE_UNIT_TESTS (1 runs the unit tests in
+# the image's build stage; default 0, as `make test` runs them before this test in CI).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -165,7 +166,7 @@ revision="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
 version="$(sed -n 's/^project(attnserve VERSION \([0-9.]*\).*/\1/p' "$ROOT/CMakeLists.txt")"
 # The full log goes to a file; the steps, the unit tests' results and errors are shown as they come.
 if ! nice -n 10 "${BUILDAH[@]}" bud --isolation chroot --pull=never --network host --format docker --layers \
-    --force-rm --jobs 1 --build-arg "JOBS=${ATTNSERVE_BUILD_JOBS:-}" --build-arg "REVISION=$revision" \
+    --force-rm --jobs 1 --build-arg "JOBS=${ATTNSERVE_BUILD_JOBS:-}" --build-arg "UNIT_TESTS=${ATTNSERVE_UNIT_TESTS:-0}" --build-arg "REVISION=$revision" \
     --build-arg "VERSION=${version:-unknown}" \
     -f Dockerfile -t "$IMAGE" . 2>&1 | tee "$TMP/build.log" |
     { grep --line-buffered -E '^(STEP|COMMIT|Successfully)|Test +#|tests passed|FAILED|error|Error' >&2 || true; }; then

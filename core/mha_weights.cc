@@ -5,7 +5,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "core/safetensors.h"
+#include "core/safetensors_checkpoint.h"
 #include "common/status_macros.h"
 #include "core/tensor.h"
 
@@ -19,14 +19,16 @@ absl::Status CheckSize(const std::vector<float>& values, size_t expected, const 
 }
 
 // Reads prefix+name as f32 and checks its shape.
-absl::StatusOr<std::vector<float>> ReadTensor(const SafetensorsFile& file, const std::string& prefix,
+absl::StatusOr<std::vector<float>> ReadTensor(const SafetensorsCheckpoint& file, const std::string& prefix,
                                               const std::string& name, const Shape& expected) {
   const std::string key = prefix + name;
-  const SafetensorsEntry* entry = file.Find(key);
-  if (entry == nullptr) {
+  absl::StatusOr<const SafetensorsEntry*> found = file.Find(key);
+  if (absl::IsNotFound(found.status())) {
     return absl::InvalidArgumentError(absl::StrCat(file.source(), ": tensor '", key, "' is missing (expected shape ",
                                                    ShapeToString(expected), ")"));
   }
+  ATTN_RETURN_IF_ERROR(found.status());
+  const SafetensorsEntry* entry = *found;
   if (entry->shape != expected) {
     return absl::InvalidArgumentError(absl::StrCat(file.source(), ": tensor '", key, "' has shape ",
                                                    ShapeToString(entry->shape), ", expected ",
@@ -60,7 +62,7 @@ absl::Status MhaWeights::CheckShapes(const MhaConfig& config) const {
 absl::StatusOr<MhaWeights> LoadMhaWeights(const std::string& path, const std::string& prefix,
                                           const MhaConfig& config) {
   ATTN_RETURN_IF_ERROR(config.Validate());
-  ATTN_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file, SafetensorsFile::Open(path));
+  ATTN_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsCheckpoint> file, SafetensorsCheckpoint::Open(path));
   const int64_t e = config.embed_dim;
 
   // Every tensor under the prefix must be one we know: a stray one means the config does not describe the
@@ -83,7 +85,7 @@ absl::StatusOr<MhaWeights> LoadMhaWeights(const std::string& path, const std::st
   }
 
   MhaWeights w;
-  if (file->Find(prefix + "in_proj_weight") != nullptr) {
+  if (file->Find(prefix + "in_proj_weight").ok()) {
     if (!config.same_qkv_dim()) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", prefix,
                                                      "in_proj_weight' is only valid when kdim == vdim == embed_dim; "

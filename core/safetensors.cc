@@ -1,9 +1,13 @@
 #include "core/safetensors.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <limits>
 #include <filesystem>
 #include <optional>
@@ -62,14 +66,14 @@ std::string Snippet(const Json& value) {
   return text;
 }
 
-uint64_t ReadLittleEndianU64(const std::string& bytes) {
+uint64_t ReadLittleEndianU64(std::string_view bytes) {
   uint64_t value;
   std::memcpy(&value, bytes.data(), sizeof(value));
   return value;
 }
 
 // Checks the length prefix and returns the header's bytes.
-absl::StatusOr<std::string_view> SplitHeader(const std::string& bytes, const std::string& source) {
+absl::StatusOr<std::string_view> SplitHeader(std::string_view bytes, const std::string& source) {
   if (bytes.size() < kLengthPrefixBytes) {
     return Invalid(source, absl::StrCat("file is ", bytes.size(),
                                         " bytes, shorter than the 8-byte header length prefix"));
@@ -85,7 +89,7 @@ absl::StatusOr<std::string_view> SplitHeader(const std::string& bytes, const std
     return Invalid(source, absl::StrCat("header length ", header_length, " exceeds the limit of ",
                                         kMaxHeaderBytes, " bytes"));
   }
-  return std::string_view(bytes).substr(kLengthPrefixBytes, header_length);
+  return bytes.substr(kLengthPrefixBytes, header_length);
 }
 
 // Parses the header as a JSON object. Duplicate top-level keys are rejected: nlohmann keeps only the last
@@ -333,19 +337,28 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   if (status.type() != std::filesystem::file_type::regular) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
   }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::InvalidArgumentError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
-  std::string bytes;
-  in.seekg(0, std::ios::end);
-  const std::streamoff size = in.tellg();
-  in.seekg(0, std::ios::beg);
-  if (size < 0 || !in) return absl::InvalidArgumentError(absl::StrCat(path, ": cannot determine file size"));
-  bytes.resize(static_cast<size_t>(size));
-  in.read(bytes.data(), size);
-  if (in.gcount() != size) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": read ", in.gcount(), " of ", size, " bytes"));
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return absl::InvalidArgumentError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  struct stat st {};
+  const bool sized = ::fstat(fd, &st) == 0;
+  const size_t size = sized ? static_cast<size_t>(st.st_size) : 0;
+  // Mapped, not read: a layer's tensors are read from the pages they occupy, so loading one layer of a
+  // multi-GiB checkpoint touches that layer's bytes and the header, not the rest of the file.
+  void* map = sized && size > 0 ? ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0) : nullptr;
+  const int map_errno = errno;
+  ::close(fd);
+  if (!sized) return absl::InvalidArgumentError(absl::StrCat(path, ": cannot determine file size"));
+  if (map == MAP_FAILED) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": cannot map ", size, " bytes: ", std::strerror(map_errno)));
   }
-  return Parse(std::move(bytes), path);
+  auto file = absl::WrapUnique(new SafetensorsFile());
+  file->source_ = path;
+  file->map_ = map;
+  file->map_bytes_ = size;
+  if (map != nullptr) ::madvise(map, size, MADV_RANDOM);  // no read-ahead past the tensors asked for
+  const std::string_view all(static_cast<const char*>(map), map == nullptr ? 0 : size);
+  ATTN_RETURN_IF_ERROR(file->Index(all));
+  return file;
 }
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Parse(std::string bytes,
@@ -354,8 +367,16 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Parse(std::str
   auto file = absl::WrapUnique(new SafetensorsFile());
   file->source_ = source;
   file->bytes_ = std::move(bytes);
-  const std::string& all = file->bytes_;
+  ATTN_RETURN_IF_ERROR(file->Index(file->bytes_));
+  return file;
+}
 
+SafetensorsFile::~SafetensorsFile() {
+  if (map_ != nullptr) ::munmap(map_, map_bytes_);
+}
+
+absl::Status SafetensorsFile::Index(std::string_view all) {
+  const std::string& source = source_;
   ATTN_ASSIGN_OR_RETURN(const std::string_view header, SplitHeader(all, source));
   ATTN_ASSIGN_OR_RETURN(const Json json, ParseHeaderJson(header, source));
   const size_t data_start = kLengthPrefixBytes + header.size();
@@ -364,13 +385,13 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Parse(std::str
   std::vector<ByteRange> ranges;
   for (const auto& [name, value] : json.items()) {
     if (name == kMetadataKey) {
-      ATTN_ASSIGN_OR_RETURN(file->metadata_, ParseMetadata(value, source));
+      ATTN_ASSIGN_OR_RETURN(metadata_, ParseMetadata(value, source));
       continue;
     }
     ByteRange range;
     ATTN_ASSIGN_OR_RETURN(SafetensorsEntry entry, ParseEntry(name, value, source, &range));
     // JSON object keys are unique (duplicates were rejected), so this always inserts.
-    range.entry = &file->entries_.emplace(name, std::move(entry)).first->second;
+    range.entry = &entries_.emplace(name, std::move(entry)).first->second;
     ranges.push_back(range);
   }
   ATTN_RETURN_IF_ERROR(CheckTiling(&ranges, buffer_size, source));
@@ -378,7 +399,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Parse(std::str
   // Only now is every range known to lie inside the buffer.
   const auto* data = reinterpret_cast<const uint8_t*>(all.data()) + data_start;
   for (const ByteRange& range : ranges) range.entry->data = data + range.begin;
-  return file;
+  return absl::OkStatus();
 }
 
 const SafetensorsEntry* SafetensorsFile::Find(std::string_view name) const {

@@ -11,6 +11,10 @@
 //     end of the file, and no trailing bytes after the last tensor.
 // Data is not assumed aligned: readers copy with memcpy.
 //
+// Open() maps the file (read-only, private) instead of reading it: validation reads the header alone, and a
+// tensor's pages are read when its values are, so one layer of a multi-GiB checkpoint costs that layer's
+// bytes. The mapping lives as long as the object; entries' `data` point into it.
+//
 // Thread-safety: immutable after Open(); all const methods may be called concurrently.
 #pragma once
 
@@ -22,6 +26,7 @@
 #include <string_view>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
 namespace attnserve {
@@ -42,17 +47,18 @@ struct SafetensorsEntry {
 
 class SafetensorsFile {
  public:
-  // Reads and validates a whole file. Errors: NotFound (no such file), InvalidArgument (malformed), with
-  // the path and, where one is at fault, the tensor's name.
+  // Maps and validates a file. Errors: NotFound (no such file), InvalidArgument (malformed, or it cannot be
+  // mapped), with the path and, where one is at fault, the tensor's name.
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
   // The same validation on bytes in memory; `source` names them in errors.
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Parse(std::string bytes,
                                                                  const std::string& source = "<memory>");
 
-  // nullptr when absent.
-  SafetensorsFile(const SafetensorsFile&) = delete;  // entries point into bytes_
+  ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile&) = delete;  // entries point into bytes_ or the mapping
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
 
+  // nullptr when absent.
   const SafetensorsEntry* Find(std::string_view name) const;
   // All tensor names, sorted.
   std::vector<std::string> Names() const;
@@ -67,8 +73,13 @@ class SafetensorsFile {
 
  private:
   SafetensorsFile() = default;
+  // Validates `all` (the whole file: bytes_ or the mapping) and fills entries_ and metadata_.
+  absl::Status Index(std::string_view all);
+
   std::string source_;
-  std::string bytes_;
+  std::string bytes_;         // Parse(): the bytes
+  void* map_ = nullptr;       // Open(): the mapping, map_bytes_ long (nullptr for an empty file)
+  size_t map_bytes_ = 0;
   std::map<std::string, SafetensorsEntry, std::less<>> entries_;
   std::map<std::string, std::string> metadata_;
 };

@@ -20,7 +20,7 @@ using Json = nlohmann::json;
 constexpr std::streamoff kMaxIndexBytes = std::streamoff{64} << 20;
 
 absl::Status BadIndex(const std::string& path, std::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat(path, ": not a safetensors index: ", what));
+  return absl::InvalidArgumentError(absl::StrCat(path, ": not a safetensors index: ", std::string(what)));
 }
 
 absl::StatusOr<std::string> ReadIndex(const std::string& path) {
@@ -101,17 +101,17 @@ absl::StatusOr<const SafetensorsFile*> SafetensorsCheckpoint::Shard(const std::s
 absl::StatusOr<const SafetensorsEntry*> SafetensorsCheckpoint::Find(std::string_view name) const {
   if (single_ != nullptr) {
     const SafetensorsEntry* entry = single_->Find(name);
-    if (entry == nullptr) return absl::NotFoundError(absl::StrCat(source_, ": tensor '", name, "' not found"));
+    if (entry == nullptr) return absl::NotFoundError(absl::StrCat(source_, ": tensor '", std::string(name), "' not found"));
     return entry;
   }
   const auto it = weight_map_.find(name);
   if (it == weight_map_.end()) {
-    return absl::NotFoundError(absl::StrCat(source_, ": tensor '", name, "' is not in the weight_map"));
+    return absl::NotFoundError(absl::StrCat(source_, ": tensor '", std::string(name), "' is not in the weight_map"));
   }
   ATTN_ASSIGN_OR_RETURN(const SafetensorsFile* shard, Shard(it->second));
   const SafetensorsEntry* entry = shard->Find(name);
   if (entry == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(source_, ": the weight_map puts tensor '", name, "' in ",
+    return absl::InvalidArgumentError(absl::StrCat(source_, ": the weight_map puts tensor '", std::string(name), "' in ",
                                                    shard->source(), ", which does not hold it"));
   }
   return entry;

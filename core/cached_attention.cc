@@ -219,7 +219,7 @@ std::vector<absl::StatusOr<AttentionOutputs>> MultiheadAttention::ForwardAppends
       out.attn_weights = a.average_attn_weights ? Tensor({a.tokens, context}) : Tensor({h, a.tokens, context});
     }
     results[i] = std::move(out);
-    flops += 4 * a.tokens * context * e + 8 * a.tokens * e * e;
+    flops += CachedAppendFlops(e, a.tokens, context, a.cross_attention);
     groups[a.cross_attention ? 1 : 0].push_back(&a);
     index[a.cross_attention ? 1 : 0].push_back(i);
   }

@@ -54,6 +54,14 @@ struct CachedAppend {
   bool average_attn_weights = true;
 };
 
+// Multiply-adds x2 of an append of `tokens` new tokens to a cache holding `context_after` tokens once they
+// are in: projections (q, k, v and out; q and out alone for cross-attention) and the attention (scores and
+// context over every cached key; the causal half is not subtracted: the kernels compute whole blocks).
+inline int64_t CachedAppendFlops(int64_t embed_dim, int64_t tokens, int64_t context_after, bool cross_attention) {
+  return 2 * tokens * embed_dim * (cross_attention ? 2 * embed_dim : 4 * embed_dim) +
+         4 * tokens * context_after * embed_dim;
+}
+
 class MultiheadAttention {
  public:
   struct Options {

@@ -112,21 +112,13 @@ void SizeAppend(const MultiheadAttention& engine, InferenceCall* call) {
   call->parsed.batch = 1;
   call->parsed.q_len = a.tokens;
   call->parsed.kv_len = context;
-  call->parsed.flops = 2 * a.tokens * e * (a.cross_attention ? 2 * e : 4 * e) + 4 * a.tokens * context * e;
+  call->parsed.flops = CachedAppendFlops(e, a.tokens, context, a.cross_attention);
 }
-
-namespace {
-
-// Multiply-adds of an append of n tokens at `context` cached tokens: q, k, v and out projections, scores
-// and context over context + n keys (the causal half is not subtracted: the kernels compute whole blocks).
-double AppendFlops(double e, double n, double context) { return 8 * n * e * e + 4 * n * (context + n) * e; }
-
-}  // namespace
 
 int64_t PrefillChunkTokens(int64_t embed_dim, int64_t chunk_tokens, int64_t context, int64_t min_tokens) {
   const double e = static_cast<double>(embed_dim);
-  const double budget = AppendFlops(e, chunk_tokens, 0);
-  // Largest n with 4e n^2 + (8e^2 + 4e context) n <= budget.
+  const auto budget = static_cast<double>(CachedAppendFlops(embed_dim, chunk_tokens, chunk_tokens, false));
+  // Largest n with CachedAppendFlops(e, n, context + n) = 4e n^2 + (8e^2 + 4e context) n <= budget.
   const double a = 4 * e, b = 8 * e * e + 4 * e * static_cast<double>(context);
   const auto n = static_cast<int64_t>((-b + std::sqrt(b * b + 4 * a * budget)) / (2 * a));
   return std::clamp(n, std::min(min_tokens, chunk_tokens), chunk_tokens);

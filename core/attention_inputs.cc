@@ -7,8 +7,6 @@
 #include "common/status_macros.h"
 
 namespace attnserve {
-namespace {
-
 absl::Status ShapeError(const char* field, const std::string& expected, const Shape& actual) {
   return absl::InvalidArgumentError(
       absl::StrCat(field, ": expected shape ", expected, ", got ", ShapeToString(actual)));
@@ -50,6 +48,8 @@ absl::Status CheckLimit(const char* what, int64_t value, int64_t limit, const ch
   return absl::InvalidArgumentError(
       absl::StrCat(what, " is ", value, ", past the layer's ", limit_name, " of ", limit));
 }
+
+namespace {
 
 // query: [B, L, E] or [L, E]. Sets unbatched, batch and q_len.
 absl::Status ParseQuery(const AttentionInputs& in, const MhaConfig& config, ParsedAttention* p) {

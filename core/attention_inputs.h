@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "core/mha_config.h"
@@ -68,5 +69,16 @@ absl::StatusOr<ParsedAttention> ParseAttentionInputs(const AttentionInputs& inpu
 
 // Useful floating-point operations of one request: the four projections and the two attention matmuls.
 int64_t AttentionFlops(const MhaConfig& config, int64_t batch, int64_t q_len, int64_t kv_len);
+
+// Checks shared by the layer kinds' validation; each error names `field`.
+// "field: expected shape <expected>, got [..]".
+absl::Status ShapeError(const char* field, const std::string& expected, const Shape& actual);
+// Dims positive, at most 2^40 elements in all (so products of dims fit in int64), data present.
+absl::Status CheckDimsAndData(const char* field, const TensorView& t);
+// kNone when absent; BOOL or FLOAT32 otherwise.
+absl::StatusOr<MaskType> MaskDType(const char* field, const TensorView& t);
+absl::Status CheckFloat(const char* field, const TensorView& t);
+// "<what> is <value>, past the layer's <limit_name> of <limit>" when limit > 0 and value > limit.
+absl::Status CheckLimit(const char* what, int64_t value, int64_t limit, const char* limit_name);
 
 }  // namespace attnserve

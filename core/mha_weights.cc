@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/safetensors_checkpoint.h"
 #include "common/status_macros.h"
+#include "core/seeded_uniform.h"
 #include "core/tensor.h"
 
 namespace attnserve {
@@ -16,34 +17,6 @@ absl::Status CheckSize(const std::vector<float>& values, size_t expected, const 
   if (values.size() == expected) return absl::OkStatus();
   return absl::InvalidArgumentError(
       absl::StrCat("weight '", name, "' has ", values.size(), " values, expected ", expected));
-}
-
-// Reads prefix+name as f32 and checks its shape.
-absl::StatusOr<std::vector<float>> ReadTensor(const SafetensorsCheckpoint& file, const std::string& prefix,
-                                              const std::string& name, const Shape& expected) {
-  const std::string key = prefix + name;
-  absl::StatusOr<const SafetensorsEntry*> found = file.Find(key);
-  if (absl::IsNotFound(found.status())) {
-    return absl::InvalidArgumentError(absl::StrCat(file.source(), ": tensor '", key, "' is missing (expected shape ",
-                                                   ShapeToString(expected), ")"));
-  }
-  ATTN_RETURN_IF_ERROR(found.status());
-  const SafetensorsEntry* entry = *found;
-  if (entry->shape != expected) {
-    return absl::InvalidArgumentError(absl::StrCat(file.source(), ": tensor '", key, "' has shape ",
-                                                   ShapeToString(entry->shape), ", expected ",
-                                                   ShapeToString(expected)));
-  }
-  return file.ReadFloat32(key);
-}
-
-// Uniform in [-bound, bound) from the top 24 bits of a 64-bit Mersenne twister draw: std's distributions
-// are implementation-defined, and the same seed must give the same weights everywhere.
-void FillUniform(std::mt19937_64& rng, float bound, std::vector<float>& values) {
-  for (float& v : values) {
-    const float unit = static_cast<float>(rng() >> 40) * (1.0f / 16777216.0f);
-    v = (2.0f * unit - 1.0f) * bound;
-  }
 }
 
 }  // namespace
@@ -92,20 +65,20 @@ absl::StatusOr<MhaWeights> LoadMhaWeights(const std::string& path, const std::st
                                                      "expected q_proj_weight, k_proj_weight, v_proj_weight for ",
                                                      config.DebugString()));
     }
-    ATTN_ASSIGN_OR_RETURN(std::vector<float> in_proj, ReadTensor(*file, prefix, "in_proj_weight", {3 * e, e}));
+    ATTN_ASSIGN_OR_RETURN(std::vector<float> in_proj, file->ReadShaped(prefix + "in_proj_weight", {3 * e, e}));
     const auto block = static_cast<ptrdiff_t>(e * e);
     w.q_proj_weight.assign(in_proj.begin(), in_proj.begin() + block);
     w.k_proj_weight.assign(in_proj.begin() + block, in_proj.begin() + 2 * block);
     w.v_proj_weight.assign(in_proj.begin() + 2 * block, in_proj.end());
   } else {
-    ATTN_ASSIGN_OR_RETURN(w.q_proj_weight, ReadTensor(*file, prefix, "q_proj_weight", {e, e}));
-    ATTN_ASSIGN_OR_RETURN(w.k_proj_weight, ReadTensor(*file, prefix, "k_proj_weight", {e, config.key_dim()}));
-    ATTN_ASSIGN_OR_RETURN(w.v_proj_weight, ReadTensor(*file, prefix, "v_proj_weight", {e, config.value_dim()}));
+    ATTN_ASSIGN_OR_RETURN(w.q_proj_weight, file->ReadShaped(prefix + "q_proj_weight", {e, e}));
+    ATTN_ASSIGN_OR_RETURN(w.k_proj_weight, file->ReadShaped(prefix + "k_proj_weight", {e, config.key_dim()}));
+    ATTN_ASSIGN_OR_RETURN(w.v_proj_weight, file->ReadShaped(prefix + "v_proj_weight", {e, config.value_dim()}));
   }
-  ATTN_ASSIGN_OR_RETURN(w.out_proj_weight, ReadTensor(*file, prefix, "out_proj.weight", {e, e}));
+  ATTN_ASSIGN_OR_RETURN(w.out_proj_weight, file->ReadShaped(prefix + "out_proj.weight", {e, e}));
   if (config.bias) {
-    ATTN_ASSIGN_OR_RETURN(w.in_proj_bias, ReadTensor(*file, prefix, "in_proj_bias", {3 * e}));
-    ATTN_ASSIGN_OR_RETURN(w.out_proj_bias, ReadTensor(*file, prefix, "out_proj.bias", {e}));
+    ATTN_ASSIGN_OR_RETURN(w.in_proj_bias, file->ReadShaped(prefix + "in_proj_bias", {3 * e}));
+    ATTN_ASSIGN_OR_RETURN(w.out_proj_bias, file->ReadShaped(prefix + "out_proj.bias", {e}));
   }
   return w;
 }

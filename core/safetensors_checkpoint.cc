@@ -9,6 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "core/tensor.h"
 #include "nlohmann/json.hpp"
 
 namespace attnserve {
@@ -123,6 +124,22 @@ absl::StatusOr<std::vector<float>> SafetensorsCheckpoint::ReadFloat32(std::strin
   absl::StatusOr<const SafetensorsFile*> shard = Shard(weight_map_.find(name)->second);
   ATTN_RETURN_IF_ERROR(shard.status());
   return (*shard)->ReadFloat32(name);
+}
+
+absl::StatusOr<std::vector<float>> SafetensorsCheckpoint::ReadShaped(const std::string& name,
+                                                                   const std::vector<int64_t>& expected) const {
+  absl::StatusOr<const SafetensorsEntry*> found = Find(name);
+  if (absl::IsNotFound(found.status())) {
+    return absl::InvalidArgumentError(absl::StrCat(source_, ": tensor '", name, "' is missing (expected shape ",
+                                                   ShapeToString(expected), ")"));
+  }
+  ATTN_RETURN_IF_ERROR(found.status());
+  if ((*found)->shape != expected) {
+    return absl::InvalidArgumentError(absl::StrCat(source_, ": tensor '", name, "' has shape ",
+                                                   ShapeToString((*found)->shape), ", expected ",
+                                                   ShapeToString(expected)));
+  }
+  return ReadFloat32(name);
 }
 
 }  // namespace attnserve

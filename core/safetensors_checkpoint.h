@@ -35,6 +35,9 @@ class SafetensorsCheckpoint {
   absl::StatusOr<const SafetensorsEntry*> Find(std::string_view name) const;
   // Find, then SafetensorsFile::ReadFloat32 (F32, F16, BF16, F64 as f32).
   absl::StatusOr<std::vector<float>> ReadFloat32(std::string_view name) const;
+  // ReadFloat32 of a tensor that must exist with `expected` shape: InvalidArgument naming the source, the
+  // tensor and both shapes otherwise ("... tensor 'x' is missing (expected shape [4, 8])").
+  absl::StatusOr<std::vector<float>> ReadShaped(const std::string& name, const std::vector<int64_t>& expected) const;
 
  private:
   SafetensorsCheckpoint() = default;

@@ -8,11 +8,19 @@ const char* DTypeName(DType dtype) {
   switch (dtype) {
     case DType::kFloat32: return "FLOAT32";
     case DType::kBool: return "BOOL";
+    case DType::kInt64: return "INT64";
   }
   return "UNKNOWN";
 }
 
-size_t DTypeSize(DType dtype) { return dtype == DType::kFloat32 ? 4 : 1; }
+size_t DTypeSize(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return 4;
+    case DType::kBool: return 1;
+    case DType::kInt64: return 8;
+  }
+  return 1;
+}
 
 std::string ShapeToString(absl::Span<const int64_t> shape) {
   // Shapes come from clients: a message never echoes more than a bounded number of dims.

@@ -11,7 +11,7 @@
 
 namespace attnserve {
 
-enum class DType { kFloat32, kBool };
+enum class DType { kFloat32, kBool, kInt64 };
 
 const char* DTypeName(DType dtype);
 size_t DTypeSize(DType dtype);
@@ -37,6 +37,7 @@ struct TensorView {
   static TensorView F32(const float* data, Shape shape) { return {DType::kFloat32, std::move(shape), data}; }
   // Bool values are one byte each, 0 = false, anything else = true.
   static TensorView Bool(const uint8_t* data, Shape shape) { return {DType::kBool, std::move(shape), data}; }
+  static TensorView I64(const int64_t* data, Shape shape) { return {DType::kInt64, std::move(shape), data}; }
 };
 
 // An owning, row-major f32 tensor.

@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 OUT_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, OUT_DIR)
+import decoder_golden  # noqa: E402  (the decoder layers' cases)
 
 # ----------------------------------------------------------------------------------------------------
 # safetensors writer (from the spec: u64 LE header length N, N bytes of JSON header padded with spaces to a
@@ -45,6 +47,8 @@ def _tensor_bytes(t, dtype):
         return t.to(torch.float16).numpy().astype("<f2").tobytes()
     if dtype == "BF16":
         return t.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes()
+    if dtype == "I64":
+        return t.to(torch.int64).numpy().astype("<i8").tobytes()
     if dtype == "BOOL":
         assert t.dtype == torch.bool
         return t.to(torch.uint8).numpy().astype("u1").tobytes()
@@ -460,6 +464,7 @@ def main():
     worst = max(max(r[5]) for r in rows)
     print(f"max |torch - numpy reference| (float64): {worst:.3g}")
     assert total < 1024 * 1024
+    decoder_golden.main(write_safetensors)
 
 
 if __name__ == "__main__":

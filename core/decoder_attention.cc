@@ -1,0 +1,343 @@
+#include "core/decoder_attention.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#include "absl/memory/memory.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "core/omp_threads.h"
+#include "core/row_softmax.h"
+
+namespace attnserve {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kF32 = sizeof(float);
+
+// Per-thread scratch of one query block and kv head, reused across calls (bounded by the block budget).
+struct BlockScratch {
+  std::vector<float> q;        // the group's queries stacked, [r * rows, D]
+  std::vector<float> scores;   // [r * rows, keys]
+  std::vector<float> context;  // [r * rows, D]
+  std::vector<float> pad;      // the block's additive key padding, [keys]
+  std::vector<uint8_t> dead;   // rows whose keys are all masked, [r * rows]
+};
+
+BlockScratch& ThreadBlockScratch() {
+  thread_local BlockScratch scratch;
+  return scratch;
+}
+
+template <typename T>
+T* Grow(std::vector<T>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
+// A [rows, cols] matrix with row stride ld, as the matmul's rank-4 view.
+View4 Matrix(const float* data, int64_t rows, int64_t cols, int64_t ld) {
+  View4 v;
+  v.data = const_cast<float*>(data);  // NOLINT: the op reads A and B only
+  const int64_t whole = rows * ld;
+  v.dims[0] = v.dims[1] = 1;
+  v.dims[2] = rows;
+  v.dims[3] = cols;
+  v.strides[0] = v.strides[1] = whole;
+  v.strides[2] = ld;
+  v.strides[3] = 1;
+  return v;
+}
+
+// K^T of `keys` rows of D features, row stride ld: element (d, s) at data[s * ld + d].
+View4 KeysTransposed(const float* data, int64_t head_dim, int64_t keys, int64_t ld) {
+  View4 v = Matrix(data, head_dim, keys, 1);
+  v.strides[0] = v.strides[1] = keys * ld;
+  v.strides[2] = 1;
+  v.strides[3] = ld;
+  return v;
+}
+
+template <typename T>
+T LoadUnaligned(const void* base, int64_t i) {
+  T v;
+  std::memcpy(&v, static_cast<const char*>(base) + i * static_cast<int64_t>(sizeof(T)), sizeof(T));
+  return v;
+}
+
+// The bounds of a block's stacked rows: row s is query l0 + s % rows, which sees keys [max(k0, l - window + 1),
+// l] (columns counted from k0).
+struct RowBounds {
+  int64_t l0, rows, k0, keys, window;
+  float softcap;  // 0 = none
+};
+
+// Soft cap, then the causal and window bounds and the additive padding `pad` [keys] over each of the `m`
+// stacked rows of `scores` [m, keys]. A row that sees no key becomes all zero, flagged in dead[s] (the
+// softmax then needs no special case; the caller zeroes its probabilities). Returns whether any row is dead.
+bool MaskGroupScores(const RowBounds& rb, int64_t m, const float* pad, float* scores, uint8_t* dead) {
+  bool any_dead = false;
+  for (int64_t s = 0; s < m; ++s) {
+    float* row = scores + s * rb.keys;
+    const int64_t l = rb.l0 + s % rb.rows;
+    const int64_t lo = (rb.window > 0 ? std::max(rb.k0, l - rb.window + 1) : rb.k0) - rb.k0;
+    const int64_t hi = l + 1 - rb.k0;
+    std::fill(row, row + lo, kNegInf);
+    std::fill(row + hi, row + rb.keys, kNegInf);
+    bool seen = false;
+    for (int64_t k = lo; k < hi; ++k) {
+      float v = row[k];
+      if (rb.softcap > 0) v = rb.softcap * std::tanh(v / rb.softcap);
+      v += pad[k];
+      row[k] = v;
+      seen = seen || v != kNegInf;  // NaN counts as seen: it stays in its own request's output
+    }
+    dead[s] = !seen;
+    if (!seen) std::fill(row, row + rb.keys, 0.0f);
+    any_dead = any_dead || !seen;
+  }
+  return any_dead;
+}
+
+}  // namespace
+
+struct DecoderAttention::Block {
+  int64_t b = 0;              // sequence
+  int64_t l0 = 0, rows = 0;   // query rows [l0, l0 + rows)
+  int64_t k0 = 0, k1 = 0;     // the keys any of them may see (causal, window)
+};
+
+DecoderAttention::~DecoderAttention() = default;
+
+absl::StatusOr<std::unique_ptr<DecoderAttention>> DecoderAttention::Create(const Options& options,
+                                                                           const DecoderWeights& weights) {
+  const DecoderConfig& c = options.config;
+  ATTN_RETURN_IF_ERROR(c.Validate());
+  ATTN_RETURN_IF_ERROR(weights.CheckShapes(c));
+  ATTN_ASSIGN_OR_RETURN(Rope rope, Rope::Create(c.rope));
+  auto layer = absl::WrapUnique(new DecoderAttention(options, std::move(rope)));
+  // One fused projection: rows of Wq, then Wk, then Wv.
+  std::vector<float> fused = weights.q_proj_weight, fused_bias;
+  fused.insert(fused.end(), weights.k_proj_weight.begin(), weights.k_proj_weight.end());
+  fused.insert(fused.end(), weights.v_proj_weight.begin(), weights.v_proj_weight.end());
+  if (c.qkv_bias) {
+    fused_bias = weights.q_proj_bias;
+    fused_bias.insert(fused_bias.end(), weights.k_proj_bias.begin(), weights.k_proj_bias.end());
+    fused_bias.insert(fused_bias.end(), weights.v_proj_bias.begin(), weights.v_proj_bias.end());
+  }
+  const int64_t width = c.q_width() + 2 * c.kv_width();
+  ATTN_ASSIGN_OR_RETURN(layer->qkv_proj_, LinearOp::Create(c.embed_dim, width, fused, fused_bias));
+  ATTN_ASSIGN_OR_RETURN(layer->o_proj_,
+                        LinearOp::Create(c.q_width(), c.embed_dim, weights.o_proj_weight, weights.o_proj_bias));
+  ATTN_ASSIGN_OR_RETURN(layer->scores_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, c.head_dim));
+  ATTN_ASSIGN_OR_RETURN(layer->context_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kContext, c.head_dim));
+  return layer;
+}
+
+std::vector<std::string> DecoderAttention::ImplementationsUsed() const {
+  std::vector<std::string> all;
+  for (const auto* op : {qkv_proj_.get(), o_proj_.get()}) {
+    for (std::string& s : op->Impls()) all.push_back(std::move(s));
+  }
+  for (const auto* op : {scores_op_.get(), context_op_.get()}) {
+    for (std::string& s : op->Impls()) all.push_back(std::move(s));
+  }
+  std::sort(all.begin(), all.end());
+  all.erase(std::unique(all.begin(), all.end()), all.end());
+  return all;
+}
+
+absl::StatusOr<ParsedDecoder> DecoderAttention::Validate(const DecoderInputs& inputs) const {
+  return ParseDecoderInputs(inputs, options_.config, options_.limits);
+}
+
+absl::StatusOr<AttentionOutputs> DecoderAttention::Forward(const DecoderInputs& inputs, int max_threads) const {
+  ATTN_ASSIGN_OR_RETURN(const ParsedDecoder parsed, Validate(inputs));
+  return ForwardParsed(parsed, max_threads);
+}
+
+int64_t DecoderAttention::BlockRows(const ParsedDecoder& p, int threads) const {
+  const DecoderConfig& c = options_.config;
+  const int64_t min_rows = std::min(p.len, std::max<int64_t>(options_.min_block_rows, 1));
+  const int64_t keys = c.sliding_window > 0 ? std::min(p.len, c.sliding_window + min_rows) : p.len;
+  int64_t rows = std::clamp(options_.scores_block_bytes / (c.group_size() * keys * kF32), min_rows, p.len);
+  // Enough blocks for every thread, twice over, when the batch alone does not give them.
+  const int64_t blocks_per_seq = (2 * threads + p.batch - 1) / p.batch;
+  if (threads > 1 && blocks_per_seq > 1) rows = std::min(rows, std::max(min_rows, p.len / blocks_per_seq));
+  return rows;
+}
+
+int64_t DecoderAttention::WorkspaceBytes(const ParsedDecoder& p, int threads) const {
+  const DecoderConfig& c = options_.config;
+  const int64_t qkv = p.batch * p.len * (c.q_width() + 2 * c.kv_width()) * kF32;
+  const int64_t rows = BlockRows(p, threads) * c.group_size();
+  const int64_t keys = std::min(p.len, c.sliding_window > 0 ? c.sliding_window + rows : p.len);
+  const int64_t block = rows * (keys + 2 * c.head_dim) * kF32 + keys * kF32 + rows;
+  return qkv + std::max(threads, 1) * block;
+}
+
+void DecoderAttention::ApplyRope(const ParsedDecoder& p, float* qkv, int threads) const {
+  const DecoderConfig& c = options_.config;
+  const int64_t tokens = p.batch * p.len, width = c.q_width() + 2 * c.kv_width();
+  const DecoderInputs& in = *p.inputs;
+  std::vector<int64_t> positions(static_cast<size_t>(tokens));
+  for (int64_t t = 0; t < tokens; ++t) {
+    positions[t] = in.position_ids.present() ? LoadUnaligned<int64_t>(in.position_ids.data, t)
+                                             : in.position_offset + t % p.len;
+  }
+  constexpr int64_t kChunk = 64;
+  const int64_t chunks = (tokens + kChunk - 1) / kChunk;
+#pragma omp parallel for num_threads(threads) if (threads > 1 && chunks > 1) schedule(static)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t r0 = ch * kChunk, n = std::min(kChunk, tokens - r0);
+    float* rows = qkv + r0 * width;
+    rope_.Apply(rows, n, width, c.num_heads, c.head_dim, positions.data() + r0);
+    rope_.Apply(rows + c.q_width(), n, width, c.num_kv_heads, c.head_dim, positions.data() + r0);
+  }
+}
+
+absl::StatusOr<AttentionOutputs> DecoderAttention::ForwardParsed(const ParsedDecoder& p, int max_threads) const {
+  const DecoderConfig& c = options_.config;
+  const int budget = max_threads > 0 ? max_threads : omp_get_max_threads();
+  const int threads = p.flops < options_.single_thread_below_flops ? 1 : budget;
+  const ScopedOmpThreads team(threads);  // oneDNN reads the calling thread's team size
+  const int64_t tokens = p.batch * p.len, width = c.q_width() + 2 * c.kv_width();
+
+  AttentionOutputs out;
+  out.output = Tensor(p.unbatched ? Shape{p.len, c.embed_dim} : Shape{p.batch, p.len, c.embed_dim});
+  Tensor* weights = nullptr;
+  if (p.inputs->need_weights) {
+    Shape ws = p.inputs->average_attn_weights ? Shape{p.batch, p.len, p.len}
+                                              : Shape{p.batch, c.num_heads, p.len, p.len};
+    if (p.unbatched) ws.erase(ws.begin());
+    out.attn_weights = Tensor(std::move(ws));
+    weights = &out.attn_weights;
+  }
+  // Query data from the wire may be unaligned; oneDNN wants floats where floats are.
+  const float* x = static_cast<const float*>(p.inputs->query.data);
+  std::vector<float> aligned;
+  if (reinterpret_cast<uintptr_t>(x) % alignof(float) != 0) {
+    aligned.resize(static_cast<size_t>(tokens * c.embed_dim));
+    std::memcpy(aligned.data(), x, aligned.size() * sizeof(float));
+    x = aligned.data();
+  }
+  std::vector<float> qkv(static_cast<size_t>(tokens * width));
+  ATTN_RETURN_IF_ERROR(qkv_proj_->Execute(x, tokens, c.embed_dim, qkv.data(), width));
+  ApplyRope(p, qkv.data(), threads);
+
+  std::vector<Block> blocks;
+  const int64_t rows = BlockRows(p, threads);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t l0 = 0; l0 < p.len; l0 += rows) {
+      Block blk{b, l0, std::min(rows, p.len - l0), 0, 0};
+      blk.k0 = c.sliding_window > 0 ? std::max<int64_t>(0, l0 - c.sliding_window + 1) : 0;
+      blk.k1 = l0 + blk.rows;
+      blocks.push_back(blk);
+    }
+  }
+  std::vector<absl::Status> statuses(blocks.size());
+  const auto n = static_cast<int64_t>(blocks.size());
+  if (threads == 1 || n == 1) {
+    // No parallel construct at all: inside one, every oneDNN call would start a nested team.
+    for (int64_t i = 0; i < n; ++i) statuses[i] = AttendBlock(p, blocks[i], qkv.data(), weights);
+  } else {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t i = 0; i < n; ++i) statuses[i] = AttendBlock(p, blocks[i], qkv.data(), weights);
+  }
+  for (const absl::Status& s : statuses) ATTN_RETURN_IF_ERROR(s);
+  ATTN_RETURN_IF_ERROR(o_proj_->Execute(qkv.data(), tokens, width, out.output.values.data(), c.embed_dim));
+  return out;
+}
+
+absl::Status DecoderAttention::AttendBlock(const ParsedDecoder& p, const Block& blk, float* qkv,
+                                           Tensor* weights) const {
+  // The keys' padding as an additive row, shared by every query row and head of the block.
+  const DecoderInputs& in = *p.inputs;
+  BlockScratch& ws = ThreadBlockScratch();
+  const int64_t keys = blk.k1 - blk.k0;
+  float* pad = Grow(ws.pad, keys);
+  for (int64_t k = 0; k < keys; ++k) {
+    const int64_t at = blk.b * p.len + blk.k0 + k;
+    if (p.key_padding_mask == MaskType::kBool) {
+      pad[k] = static_cast<const uint8_t*>(in.key_padding_mask.data)[at] != 0 ? kNegInf : 0.0f;
+    } else if (p.key_padding_mask == MaskType::kFloat) {
+      pad[k] = LoadUnaligned<float>(in.key_padding_mask.data, at);
+    } else {
+      pad[k] = 0.0f;
+    }
+  }
+  for (int64_t g = 0; g < options_.config.num_kv_heads; ++g) ATTN_RETURN_IF_ERROR(AttendGroup(p, blk, g, qkv, weights));
+  return absl::OkStatus();
+}
+
+absl::Status DecoderAttention::AttendGroup(const ParsedDecoder& p, const Block& blk, int64_t g, float* qkv,
+                                           Tensor* weights) const {
+  const DecoderConfig& c = options_.config;
+  BlockScratch& ws = ThreadBlockScratch();
+  const int64_t r = c.group_size(), d = c.head_dim, width = c.q_width() + 2 * c.kv_width();
+  const int64_t m = r * blk.rows, keys = blk.k1 - blk.k0;
+  float* seq = qkv + blk.b * p.len * width;
+  float* q = Grow(ws.q, m * d);
+  const float scale = c.score_scale();
+  for (int64_t j = 0; j < r; ++j) {
+    for (int64_t i = 0; i < blk.rows; ++i) {
+      const float* src = seq + (blk.l0 + i) * width + (g * r + j) * d;
+      float* dst = q + (j * blk.rows + i) * d;
+      for (int64_t e = 0; e < d; ++e) dst[e] = src[e] * scale;
+    }
+  }
+  const float* k = seq + blk.k0 * width + c.q_width() + g * d;
+  const float* v = k + c.kv_width();
+  float* scores = Grow(ws.scores, m * keys);
+  ATTN_RETURN_IF_ERROR(scores_op_->Execute(Matrix(q, m, d, d), KeysTransposed(k, d, keys, width),
+                                           Matrix(scores, m, keys, keys)));
+  uint8_t* dead = Grow(ws.dead, m);
+  const RowBounds bounds{blk.l0, blk.rows, blk.k0, keys, c.sliding_window,
+                         static_cast<float>(c.attn_logit_softcapping)};
+  const bool any_dead = MaskGroupScores(bounds, m, ws.pad.data(), scores, dead);
+  RowSoftmax(scores, m, keys, keys);
+  if (any_dead) {
+    for (int64_t s = 0; s < m; ++s) {
+      if (dead[s]) std::fill(scores + s * keys, scores + (s + 1) * keys, 0.0f);
+    }
+  }
+  if (weights != nullptr) AddGroupWeights(p, blk, g, scores, weights);
+  float* ctx = Grow(ws.context, m * d);
+  ATTN_RETURN_IF_ERROR(context_op_->Execute(Matrix(scores, m, keys, keys), Matrix(v, keys, d, width),
+                                            Matrix(ctx, m, d, d)));
+  // The context replaces the group's q columns, which the output projection reads.
+  for (int64_t j = 0; j < r; ++j) {
+    for (int64_t i = 0; i < blk.rows; ++i) {
+      std::memcpy(seq + (blk.l0 + i) * width + (g * r + j) * d, ctx + (j * blk.rows + i) * d, d * sizeof(float));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void DecoderAttention::AddGroupWeights(const ParsedDecoder& p, const Block& blk, int64_t g, const float* probs,
+                                       Tensor* weights) const {
+  const DecoderConfig& c = options_.config;
+  const int64_t r = c.group_size(), keys = blk.k1 - blk.k0, len = p.len;
+  const bool averaged = p.inputs->average_attn_weights;
+  const float share = 1.0f / static_cast<float>(c.num_heads);
+  for (int64_t j = 0; j < r; ++j) {
+    const int64_t h = g * r + j;
+    for (int64_t i = 0; i < blk.rows; ++i) {
+      const float* src = probs + (j * blk.rows + i) * keys;
+      const int64_t row = averaged ? blk.b * len + blk.l0 + i : (blk.b * c.num_heads + h) * len + blk.l0 + i;
+      float* dst = weights->values.data() + row * len + blk.k0;
+      if (averaged) {
+        for (int64_t k = 0; k < keys; ++k) dst[k] += src[k] * share;
+      } else {
+        std::memcpy(dst, src, keys * sizeof(float));
+      }
+    }
+  }
+}
+
+}  // namespace attnserve

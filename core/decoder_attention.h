@@ -1,0 +1,85 @@
+// One decoder attention layer (Llama, Mistral, Qwen2, Gemma, Phi) in Hugging Face's formulas, eval mode:
+//   q = x Wq^T (+bq) as [B, L, H, D]; k, v = x Wk^T (+bk), x Wv^T (+bv) as [B, L, Hkv, D];
+//   RoPE on q and k at each token's position; head h reads kv head h / (H / Hkv) (K and V are not repeated);
+//   scores = scale * q k^T, soft-capped (c * tanh(scores / c)), then causal, sliding-window and padding
+//   masks; output = concat(softmax(scores) v) Wo^T (+bo): [B, L, E].
+// As MultiheadAttention does, a query row whose keys are all masked (a padding token with only padding before
+// it) gets a zero attention output (output = o_proj.bias there), not NaN.
+//
+// Compute, on oneDNN: one fused [H*D + 2*Hkv*D, E] projection matmul over every token; RoPE in place; then
+// per (sequence, query block) and kv head, the r = H / Hkv query heads of the group stacked into one
+// [r * rows, D] matrix (scaled as it is copied) for a single scores matmul against that kv head's keys, read
+// in place; only the keys the block can see (causal, window) are computed. The context goes back over the
+// block's q columns, which the output projection reads.
+//
+// Thread-safety: immutable after Create(); Forward may run on many threads at once.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/attention_inputs.h"
+#include "core/decoder_config.h"
+#include "core/decoder_inputs.h"
+#include "core/decoder_weights.h"
+#include "core/onednn_ops.h"
+#include "core/rope.h"
+#include "core/tensor.h"
+
+namespace attnserve {
+
+class DecoderAttention {
+ public:
+  struct Options {
+    DecoderConfig config;
+    AttentionLimits limits;
+    // Scores of one kv head's query group for one query block, at most (rows are cut to fit, down to
+    // min_block_rows).
+    int64_t scores_block_bytes = int64_t{2} << 20;
+    int64_t min_block_rows = 16;
+    // A request with fewer FLOPs than this runs on the calling thread alone (see MultiheadAttention).
+    int64_t single_thread_below_flops = int64_t{64} << 20;
+  };
+
+  // InvalidArgument for a bad config or weights that do not match it.
+  static absl::StatusOr<std::unique_ptr<DecoderAttention>> Create(const Options& options,
+                                                                  const DecoderWeights& weights);
+  ~DecoderAttention();
+
+  const DecoderConfig& config() const { return options_.config; }
+  const Options& options() const { return options_; }
+
+  // InvalidArgument naming the field with expected and actual ("query: expected last dim 64 (E), got 32");
+  // the limits' errors as MultiheadAttention's.
+  absl::StatusOr<ParsedDecoder> Validate(const DecoderInputs& inputs) const;
+  // Bytes of scratch one request holds while it runs: its q/k/v projections and the scores of one block
+  // per thread. What a memory budget must count for it besides the answer.
+  int64_t WorkspaceBytes(const ParsedDecoder& parsed, int threads) const;
+
+  // `max_threads`: the OpenMP team size the call may use; 0 takes omp_get_max_threads().
+  absl::StatusOr<AttentionOutputs> Forward(const DecoderInputs& inputs, int max_threads = 0) const;
+  absl::StatusOr<AttentionOutputs> ForwardParsed(const ParsedDecoder& parsed, int max_threads) const;
+
+  // impl_info_str() of every oneDNN primitive this layer has built.
+  std::vector<std::string> ImplementationsUsed() const;
+
+ private:
+  struct Block;
+  DecoderAttention(const Options& options, Rope rope) : options_(options), rope_(std::move(rope)) {}
+  int64_t BlockRows(const ParsedDecoder& p, int threads) const;
+  void ApplyRope(const ParsedDecoder& p, float* qkv, int threads) const;
+  absl::Status AttendBlock(const ParsedDecoder& p, const Block& blk, float* qkv, Tensor* weights) const;
+  absl::Status AttendGroup(const ParsedDecoder& p, const Block& blk, int64_t g, float* qkv, Tensor* weights) const;
+  void AddGroupWeights(const ParsedDecoder& p, const Block& blk, int64_t g, const float* probs,
+                       Tensor* weights) const;
+
+  Options options_;
+  Rope rope_;
+  std::unique_ptr<LinearOp> qkv_proj_, o_proj_;
+  std::unique_ptr<HeadMatmulOp> scores_op_, context_op_;
+};
+
+}  // namespace attnserve

@@ -1,0 +1,280 @@
+// The decoder attention layer (GQA, RoPE, window, soft cap) against the float64 naive reference over random
+// configurations; its validation errors; its weights loaded from a checkpoint under a prefix.
+#include "core/decoder_attention.h"
+
+#include <filesystem>
+#include <random>
+
+#include "gtest/gtest.h"
+#include "tests/testing/naive_decoder.h"
+#include "tests/testing/safetensors_writer.h"
+
+namespace attnserve {
+namespace {
+
+using testing::MaxAbsDiff;
+using testing::RandomValues;
+
+int64_t Pick(std::mt19937_64& rng, int64_t lo, int64_t hi) {
+  return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+}
+
+DecoderConfig RandomConfig(std::mt19937_64& rng) {
+  DecoderConfig c;
+  c.num_kv_heads = Pick(rng, 1, 3);
+  c.num_heads = c.num_kv_heads * std::vector<int64_t>{1, 2, 4}[Pick(rng, 0, 2)];
+  c.head_dim = 2 * Pick(rng, 1, 8);
+  c.embed_dim = Pick(rng, 0, 1) ? c.num_heads * c.head_dim : Pick(rng, 1, 40);  // D != E / H too
+  c.qkv_bias = Pick(rng, 0, 1);
+  c.o_bias = Pick(rng, 0, 1);
+  c.rope.rotary_dim = Pick(rng, 0, 2) ? c.head_dim : 2 * Pick(rng, 1, c.head_dim / 2);
+  c.rope.interleaved = Pick(rng, 0, 1);
+  c.rope.theta = Pick(rng, 0, 1) ? 10000 : 500000;
+  const int64_t scaling = Pick(rng, 0, 2);
+  c.rope.scaling = static_cast<RopeOptions::Scaling>(scaling);
+  c.rope.factor = scaling == 0 ? 1 : 2 + Pick(rng, 0, 6);
+  c.rope.original_max_position_embeddings = 64 * Pick(rng, 1, 16);
+  c.sliding_window = Pick(rng, 0, 1) ? Pick(rng, 1, 12) : 0;
+  c.attn_logit_softcapping = Pick(rng, 0, 2) == 0 ? 0.5 + Pick(rng, 0, 30) : 0;
+  c.scaling = Pick(rng, 0, 3) == 0 ? 0.05 * Pick(rng, 1, 10) : 0;
+  return c;
+}
+
+DecoderWeights RandomWeights(const DecoderConfig& c, std::mt19937_64& rng) {
+  const int64_t e = c.embed_dim, q = c.q_width(), kv = c.kv_width();
+  const float s = 1.0f / std::sqrt(static_cast<float>(e));
+  DecoderWeights w;
+  w.q_proj_weight = RandomValues(rng, q * e, s);
+  w.k_proj_weight = RandomValues(rng, kv * e, s);
+  w.v_proj_weight = RandomValues(rng, kv * e, s);
+  w.o_proj_weight = RandomValues(rng, e * q, 1.0f / std::sqrt(static_cast<float>(q)));
+  if (c.qkv_bias) {
+    w.q_proj_bias = RandomValues(rng, q, 0.1f);
+    w.k_proj_bias = RandomValues(rng, kv, 0.1f);
+    w.v_proj_bias = RandomValues(rng, kv, 0.1f);
+  }
+  if (c.o_bias) w.o_proj_bias = RandomValues(rng, e, 0.1f);
+  return w;
+}
+
+// A request's data, owned; `inputs` points into it.
+struct Request {
+  std::vector<float> query, float_mask;
+  std::vector<uint8_t> bool_mask;
+  std::vector<int64_t> positions;
+  DecoderInputs inputs;
+};
+
+void DrawRequest(std::mt19937_64& rng, const DecoderConfig& c, Request* r) {
+  const bool unbatched = Pick(rng, 0, 5) == 0;
+  const int64_t b = unbatched ? 1 : Pick(rng, 1, 3), l = Pick(rng, 1, 24);
+  r->query = RandomValues(rng, b * l * c.embed_dim);
+  r->inputs.query = TensorView::F32(r->query.data(), unbatched ? Shape{l, c.embed_dim} : Shape{b, l, c.embed_dim});
+  const Shape tokens = unbatched ? Shape{l} : Shape{b, l};
+  switch (Pick(rng, 0, 2)) {
+    case 1:
+      for (int64_t i = 0; i < b * l; ++i) r->bool_mask.push_back(Pick(rng, 0, 3) == 0);
+      r->inputs.key_padding_mask = TensorView::Bool(r->bool_mask.data(), tokens);
+      break;
+    case 2:
+      r->float_mask = RandomValues(rng, b * l);
+      r->float_mask[Pick(rng, 0, b * l - 1)] = -std::numeric_limits<float>::infinity();
+      r->inputs.key_padding_mask = TensorView::F32(r->float_mask.data(), tokens);
+      break;
+  }
+  if (Pick(rng, 0, 2) == 0) {
+    for (int64_t i = 0; i < b * l; ++i) r->positions.push_back(Pick(rng, 0, 3000));
+    r->inputs.position_ids = TensorView::I64(r->positions.data(), tokens);
+  } else {
+    r->inputs.position_offset = Pick(rng, 0, 1) ? 0 : Pick(rng, 0, 2000);
+  }
+  r->inputs.need_weights = Pick(rng, 0, 1);
+  r->inputs.average_attn_weights = Pick(rng, 0, 1);
+}
+
+DecoderConfig Dims(int64_t e, int64_t h, int64_t hkv, int64_t d) {
+  DecoderConfig c;
+  c.embed_dim = e;
+  c.num_heads = h;
+  c.num_kv_heads = hkv;
+  c.head_dim = d;
+  c.rope.rotary_dim = d;
+  return c;
+}
+
+TEST(DecoderAttentionTest, MatchesNaiveReferenceOver200RandomConfigurations) {
+  std::mt19937_64 rng(20261202);
+  for (int trial = 0; trial < 200; ++trial) {
+    DecoderAttention::Options options;
+    options.config = RandomConfig(rng);
+    // Small blocks in some trials: many query blocks, window bounds crossing them.
+    options.scores_block_bytes = Pick(rng, 0, 1) ? 4 * Pick(rng, 1, 200) : int64_t{2} << 20;
+    options.min_block_rows = Pick(rng, 1, 8);
+    options.single_thread_below_flops = Pick(rng, 0, 1) ? 0 : int64_t{64} << 20;
+    const DecoderWeights weights = RandomWeights(options.config, rng);
+    Request req;
+    DrawRequest(rng, options.config, &req);
+    SCOPED_TRACE(::testing::Message() << "trial " << trial << ": " << options.config.DebugString() << " query "
+                                    << ShapeToString(req.inputs.query.shape));
+    auto layer = DecoderAttention::Create(options, weights);
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    auto out = (*layer)->Forward(req.inputs, static_cast<int>(Pick(rng, 1, 2)));
+    ASSERT_TRUE(out.ok()) << out.status();
+    const testing::NaiveOutputs ref = testing::NaiveDecoderAttention(options.config, weights, req.inputs);
+    EXPECT_LT(MaxAbsDiff(out->output.values, ref.output), 1e-4);
+    if (req.inputs.need_weights) {
+      EXPECT_LT(MaxAbsDiff(out->attn_weights.values, ref.attn_weights), 1e-5);
+    }
+  }
+}
+
+TEST(DecoderAttentionTest, GroupedHeadsShareTheirKeyValueHead) {
+  // H=8, Hkv=2: equal to the same layer with Hkv=8 whose K/V weights repeat each kv head 4 times.
+  std::mt19937_64 rng(7);
+  DecoderAttention::Options gqa;
+  gqa.config = Dims(32, 8, 2, 4);
+  const DecoderWeights w = RandomWeights(gqa.config, rng);
+  DecoderAttention::Options mha = gqa;
+  mha.config.num_kv_heads = 8;
+  DecoderWeights repeated = w;
+  repeated.k_proj_weight.clear();
+  repeated.v_proj_weight.clear();
+  const int64_t e = 32, d = 4;
+  for (int64_t h = 0; h < 8; ++h) {
+    const int64_t g = h / 4;
+    repeated.k_proj_weight.insert(repeated.k_proj_weight.end(), w.k_proj_weight.begin() + g * d * e,
+                                  w.k_proj_weight.begin() + (g + 1) * d * e);
+    repeated.v_proj_weight.insert(repeated.v_proj_weight.end(), w.v_proj_weight.begin() + g * d * e,
+                                  w.v_proj_weight.begin() + (g + 1) * d * e);
+  }
+  const std::vector<float> x = RandomValues(rng, 2 * 9 * e);
+  DecoderInputs in;
+  in.query = TensorView::F32(x.data(), {2, 9, e});
+  auto a = (*DecoderAttention::Create(gqa, w))->Forward(in);
+  auto b = (*DecoderAttention::Create(mha, repeated))->Forward(in);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_LT(MaxAbsDiff(a->output.values, b->output.values), 1e-5);
+}
+
+DecoderAttention::Options SmallLayer() {
+  DecoderAttention::Options o;
+  o.config = Dims(16, 4, 2, 4);
+  return o;
+}
+
+std::string ErrorOf(const DecoderAttention& layer, const DecoderInputs& in) {
+  auto parsed = layer.Validate(in);
+  EXPECT_FALSE(parsed.ok());
+  EXPECT_EQ(parsed.status().code(), absl::StatusCode::kInvalidArgument);
+  return std::string(parsed.status().message());
+}
+
+TEST(DecoderAttentionTest, RefusesBadRequestsNamingTheField) {
+  std::mt19937_64 rng(3);
+  DecoderAttention::Options o = SmallLayer();
+  o.limits.max_sequence_length = 64;
+  auto layer = *DecoderAttention::Create(o, RandomWeights(o.config, rng));
+  const std::vector<float> x = RandomValues(rng, 2 * 5 * 16);
+  DecoderInputs in;
+  in.query = TensorView::F32(x.data(), {2, 5, 8});
+  EXPECT_EQ(ErrorOf(*layer, in), "query: expected shape [B, L, 16] or [L, 16] (unbatched), got [2, 5, 8]");
+  in.query = TensorView::F32(x.data(), {2, 5, 16});
+  in.position_offset = -1;
+  EXPECT_EQ(ErrorOf(*layer, in), "position_offset: must be in [0, 16777211] (positions below 2^24 for L=5), got -1");
+  in.position_offset = 0;
+  const std::vector<int64_t> ids = {0, 1, 2, 3, 4, 0, 1, 2, -7, 4};
+  in.position_ids = TensorView::I64(ids.data(), {2, 4});
+  EXPECT_EQ(ErrorOf(*layer, in), "position_ids: expected shape [2, 5] (B, L), got [2, 4]");
+  in.position_ids = TensorView::I64(ids.data(), {2, 5});
+  EXPECT_EQ(ErrorOf(*layer, in), "position_ids: values must be in [0, 16777216), got -7 at [1, 3]");
+  in.position_ids = TensorView::F32(x.data(), {2, 5});
+  EXPECT_EQ(ErrorOf(*layer, in), "position_ids: dtype must be INT64, got FLOAT32");
+  in.position_ids = {};
+  const std::vector<uint8_t> pad(10, 0);
+  in.key_padding_mask = TensorView::Bool(pad.data(), {5});
+  EXPECT_EQ(ErrorOf(*layer, in), "key_padding_mask: expected shape [2, 5] (B, L), got [5]");
+  in.key_padding_mask = {};
+  const std::vector<float> long_x = RandomValues(rng, 65 * 16);
+  in.query = TensorView::F32(long_x.data(), {65, 16});
+  EXPECT_EQ(ErrorOf(*layer, in), "query length L is 65, past the layer's max_sequence_length of 64");
+}
+
+TEST(DecoderAttentionTest, RefusesBadConfigsNamingTheField) {
+  DecoderConfig c = SmallLayer().config;
+  c.num_kv_heads = 3;
+  EXPECT_EQ(c.Validate().message(), "decoder.num_kv_heads: must divide num_heads (4), got 3");
+  c = SmallLayer().config;
+  c.rope.rotary_dim = 6;
+  EXPECT_EQ(c.Validate().message(), "decoder.rope.rotary_dim: must be <= head_dim (4), got 6");
+  c.rope.rotary_dim = 3;
+  EXPECT_EQ(c.Validate().message(), "rope.rotary_dim: must be even and > 0, got 3");
+  c = SmallLayer().config;
+  c.sliding_window = -1;
+  EXPECT_EQ(c.Validate().message(), "decoder.sliding_window: must be >= 0 (0 = none), got -1");
+}
+
+TEST(DecoderAttentionTest, AllPaddedPrefixGivesZeroAttentionNotNaN) {
+  // Left padding: the first two tokens are padding; their rows see no key and get o_proj.bias alone.
+  std::mt19937_64 rng(11);
+  DecoderAttention::Options o = SmallLayer();
+  o.config.o_bias = true;
+  const DecoderWeights w = RandomWeights(o.config, rng);
+  auto layer = *DecoderAttention::Create(o, w);
+  const std::vector<float> x = RandomValues(rng, 6 * 16);
+  const std::vector<uint8_t> pad = {1, 1, 0, 0, 0, 0};
+  DecoderInputs in;
+  in.query = TensorView::F32(x.data(), {6, 16});
+  in.key_padding_mask = TensorView::Bool(pad.data(), {6});
+  auto out = layer->Forward(in);
+  ASSERT_TRUE(out.ok());
+  for (int64_t l = 0; l < 2; ++l) {
+    for (int64_t e = 0; e < 16; ++e) EXPECT_FLOAT_EQ(out->output.values[l * 16 + e], w.o_proj_bias[e]);
+  }
+  EXPECT_LT(MaxAbsDiff(out->output.values, testing::NaiveDecoderAttention(o.config, w, in).output), 1e-4);
+}
+
+TEST(DecoderAttentionTest, LoadsOneLayerOfManyUnderItsPrefixInBf16) {
+  std::mt19937_64 rng(5);
+  DecoderAttention::Options o = SmallLayer();
+  o.config.qkv_bias = true;
+  std::map<std::string, testing::TensorToWrite> tensors;
+  std::vector<DecoderWeights> layers;
+  for (int i = 0; i < 3; ++i) {
+    layers.push_back(RandomWeights(o.config, rng));
+    const DecoderWeights& w = layers.back();
+    const std::string p = "model.layers." + std::to_string(i) + ".self_attn.";
+    tensors[p + "q_proj.weight"] = testing::FloatTensor(w.q_proj_weight, {16, 16}, "BF16");
+    tensors[p + "k_proj.weight"] = testing::FloatTensor(w.k_proj_weight, {8, 16}, "BF16");
+    tensors[p + "v_proj.weight"] = testing::FloatTensor(w.v_proj_weight, {8, 16}, "BF16");
+    tensors[p + "o_proj.weight"] = testing::FloatTensor(w.o_proj_weight, {16, 16}, "BF16");
+    tensors[p + "q_proj.bias"] = testing::FloatTensor(w.q_proj_bias, {16}, "BF16");
+    tensors[p + "k_proj.bias"] = testing::FloatTensor(w.k_proj_bias, {8}, "BF16");
+    tensors[p + "v_proj.bias"] = testing::FloatTensor(w.v_proj_bias, {8}, "BF16");
+    tensors[p + "rotary_emb.inv_freq"] = testing::FloatTensor({1.0f, 0.01f}, {2});
+  }
+  const std::string path = ::testing::TempDir() + "/decoder_layers.safetensors";
+  ASSERT_TRUE(testing::WriteFile(path, testing::SerializeSafetensors(tensors)).ok());
+  auto w = LoadDecoderWeights(path, "model.layers.1.self_attn.", o.config);
+  ASSERT_TRUE(w.ok()) << w.status();
+  // BF16 keeps 8 bits of mantissa: within 2^-8 relative of the f32 originals.
+  for (size_t i = 0; i < w->q_proj_weight.size(); ++i) {
+    EXPECT_NEAR(w->q_proj_weight[i], layers[1].q_proj_weight[i], std::abs(layers[1].q_proj_weight[i]) / 128);
+  }
+  EXPECT_EQ(w->k_proj_bias.size(), 8u);
+  o.config.qkv_bias = false;
+  auto refused = LoadDecoderWeights(path, "model.layers.1.self_attn.", o.config);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("'model.layers.1.self_attn.k_proj.bias' is not part of"),
+            std::string::npos)
+      << refused.status();
+  o.config.qkv_bias = true;
+  o.config.num_kv_heads = 4;
+  auto misshaped = LoadDecoderWeights(path, "model.layers.1.self_attn.", o.config);
+  ASSERT_FALSE(misshaped.ok());
+  EXPECT_NE(misshaped.status().message().find("has shape [8, 16], expected [16, 16]"), std::string::npos)
+      << misshaped.status();
+  std::filesystem::remove(path);
+}
+
+}  // namespace
+}  // namespace attnserve

@@ -178,6 +178,11 @@ absl::StatusOr<ParsedAttention> ParseAttentionInputs(const AttentionInputs& in, 
                                                      const AttentionLimits& limits) {
   ParsedAttention p;
   p.inputs = &in;
+  if (in.position_ids.present() || in.position_offset != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(in.position_ids.present() ? "position_ids" : "position_offset",
+                                                   ": only DECODER_ATTENTION layers take rotary positions; this "
+                                                   "layer is MULTIHEAD_ATTENTION"));
+  }
   ATTN_RETURN_IF_ERROR(ParseQuery(in, config, &p));
   ATTN_RETURN_IF_ERROR(ParseKeyValue(in, config, &p));
   ATTN_RETURN_IF_ERROR(CheckLimits(p, limits));

@@ -21,6 +21,9 @@ struct AttentionInputs {
   bool is_causal = false;       // query i may attend keys j <= i only; combines with the masks above.
   bool need_weights = false;    // also return the attention probabilities
   bool average_attn_weights = true;  // weights [B, L, S] averaged over heads, else [B, H, L, S]
+  // Decoder layers' rotary positions (see DecoderInputs); ParseAttentionInputs refuses them.
+  TensorView position_ids;      // [B, L] / [L] INT64
+  int64_t position_offset = 0;
 };
 
 struct AttentionOutputs {

@@ -164,7 +164,8 @@ absl::StatusOr<AttentionOutputs> DecoderAttention::Forward(const DecoderInputs& 
 int64_t DecoderAttention::BlockRows(const ParsedDecoder& p, int threads) const {
   const DecoderConfig& c = options_.config;
   const int64_t min_rows = std::min(p.len, std::max<int64_t>(options_.min_block_rows, 1));
-  const int64_t keys = c.sliding_window > 0 ? std::min(p.len, c.sliding_window + min_rows) : p.len;
+  // Capped before adding: a window may be as large as int64 allows.
+  const int64_t keys = c.sliding_window > 0 ? std::min(p.len, std::min(p.len, c.sliding_window) + min_rows) : p.len;
   int64_t rows = std::clamp(options_.scores_block_bytes / (c.group_size() * keys * kF32), min_rows, p.len);
   // Enough blocks for every thread, twice over, when the batch alone does not give them.
   const int64_t blocks_per_seq = (2 * threads + p.batch - 1) / p.batch;
@@ -172,13 +173,15 @@ int64_t DecoderAttention::BlockRows(const ParsedDecoder& p, int threads) const {
   return rows;
 }
 
-int64_t DecoderAttention::WorkspaceBytes(const ParsedDecoder& p, int threads) const {
+int64_t DecoderAttention::WorkspaceBytes(const ParsedDecoder& p) const {
   const DecoderConfig& c = options_.config;
-  const int64_t qkv = p.batch * p.len * (c.q_width() + 2 * c.kv_width()) * kF32;
+  const int threads = omp_get_max_threads();
+  // The projections, an aligned copy of the query when the wire's is not, the positions.
+  const int64_t qkv = p.batch * p.len * ((c.q_width() + 2 * c.kv_width() + c.embed_dim) * kF32 + 8);
   const int64_t rows = BlockRows(p, threads) * c.group_size();
-  const int64_t keys = std::min(p.len, c.sliding_window > 0 ? c.sliding_window + rows : p.len);
+  const int64_t keys = std::min(p.len, c.sliding_window > 0 ? std::min(p.len, c.sliding_window) + rows : p.len);
   const int64_t block = rows * (keys + 2 * c.head_dim) * kF32 + keys * kF32 + rows;
-  return qkv + std::max(threads, 1) * block;
+  return qkv + threads * block;
 }
 
 void DecoderAttention::ApplyRope(const ParsedDecoder& p, float* qkv, int threads) const {

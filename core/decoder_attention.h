@@ -55,9 +55,9 @@ class DecoderAttention {
   // InvalidArgument naming the field with expected and actual ("query: expected last dim 64 (E), got 32");
   // the limits' errors as MultiheadAttention's.
   absl::StatusOr<ParsedDecoder> Validate(const DecoderInputs& inputs) const;
-  // Bytes of scratch one request holds while it runs: its q/k/v projections and the scores of one block
-  // per thread. What a memory budget must count for it besides the answer.
-  int64_t WorkspaceBytes(const ParsedDecoder& parsed, int threads) const;
+  // Bytes of scratch one request holds while it runs: its q/k/v projections and one block's scores per
+  // thread (omp_get_max_threads() of the caller). What a memory budget must count for it besides the answer.
+  int64_t WorkspaceBytes(const ParsedDecoder& parsed) const;
 
   // `max_threads`: the OpenMP team size the call may use; 0 takes omp_get_max_threads().
   absl::StatusOr<AttentionOutputs> Forward(const DecoderInputs& inputs, int max_threads = 0) const;

@@ -32,7 +32,9 @@ absl::Status DecoderConfig::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat("decoder.rope.rotary_dim: must be <= head_dim (", head_dim,
                                                    "), got ", rope.rotary_dim));
   }
-  ATTN_RETURN_IF_ERROR(Rope::Create(rope).status());
+  if (absl::Status s = Rope::Create(rope).status(); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("decoder.", s.message()));
+  }
   if (sliding_window < 0) return Bad("decoder.sliding_window", sliding_window, ">= 0 (0 = none)");
   if (!(attn_logit_softcapping >= 0) || std::isinf(attn_logit_softcapping)) {
     return Bad("decoder.attn_logit_softcapping", attn_logit_softcapping, "finite and >= 0 (0 = none)");

@@ -485,7 +485,7 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
   const absl::Time load_start = absl::Now();
   ATTN_RETURN_IF_ERROR(RunAtBackgroundPriority([&]() -> absl::Status {
     ATTN_ASSIGN_OR_RETURN(loaded, attnserve::LoadLayer(config));
-    return WarmUpLayer(*loaded->engine, threads_per_batch_);
+    return WarmUpLayer(*loaded, threads_per_batch_);
   }));
   const absl::Duration load_time = absl::Now() - load_start;
   Parts& p = *parts_;

@@ -18,6 +18,19 @@ absl::Status DecodeInputs(const attnserve::v1::InferRequest& req, AttentionInput
   in.is_causal = req.is_causal();
   in.need_weights = req.need_weights();
   in.average_attn_weights = !req.has_average_attn_weights() || req.average_attn_weights();
+  in.position_offset = req.position_offset();
+  if (req.position_ids_size() > 0) {
+    // Shaped like the query's tokens; the layer checks the count against it.
+    Shape tokens = in.query.shape;
+    if (!tokens.empty()) tokens.pop_back();
+    const int64_t expected = NumElements(tokens);
+    if (tokens.empty() || req.position_ids_size() != expected) {
+      return absl::InvalidArgumentError(absl::StrCat("position_ids: holds ", req.position_ids_size(),
+                                                     " values, expected one per query token (",
+                                                     tokens.empty() ? 0 : expected, ")"));
+    }
+    in.position_ids = TensorView::I64(req.position_ids().data(), std::move(tokens));
+  }
   return absl::OkStatus();
 }
 

@@ -24,14 +24,27 @@ const char* DataTypeName(inference::DataType type) {
       return "BOOL";
     case inference::TYPE_FP32:
       return "FP32";
+    case inference::TYPE_INT64:
+      return "INT64";
     default:
       return "FP32";
   }
 }
 
+bool IsDecoder(const attnserve::v1::LayerConfig& c) {
+  return c.kind() == attnserve::v1::LayerConfig::DECODER_ATTENTION;
+}
+
+// A decoder layer takes the query, its padding and its tokens' positions (parameter position_offset
+// otherwise); a multi-head attention layer the inputs of nn.MultiheadAttention.forward.
 template <typename Fn>
 void ForEachInput(const attnserve::v1::LayerConfig& c, Fn fn) {
   fn(TensorSpec{"query", inference::TYPE_FP32, {-1, -1, c.embed_dim()}, false});
+  if (IsDecoder(c)) {
+    fn(TensorSpec{"key_padding_mask", inference::TYPE_BOOL, {-1, -1}, true});
+    fn(TensorSpec{"position_ids", inference::TYPE_INT64, {-1, -1}, true});
+    return;
+  }
   fn(TensorSpec{"key", inference::TYPE_FP32, {-1, -1, c.kdim()}, true});
   fn(TensorSpec{"value", inference::TYPE_FP32, {-1, -1, c.vdim()}, true});
   fn(TensorSpec{"key_padding_mask", inference::TYPE_BOOL, {-1, -1}, true});
@@ -91,9 +104,19 @@ void DescribeModelConfig(const ServedLayer& layer, inference::ModelConfig* out) 
   auto& params = *out->mutable_parameters();
   params["embed_dim"].set_string_value(absl::StrCat(c.embed_dim()));
   params["num_heads"].set_string_value(absl::StrCat(c.num_heads()));
-  params["kdim"].set_string_value(absl::StrCat(c.kdim()));
-  params["vdim"].set_string_value(absl::StrCat(c.vdim()));
-  params["bias"].set_string_value(c.bias() ? "true" : "false");
+  if (IsDecoder(c)) {
+    const DecoderConfig d = layer.decoder->config();
+    params["kind"].set_string_value("DECODER_ATTENTION");
+    params["num_kv_heads"].set_string_value(absl::StrCat(d.num_kv_heads));
+    params["head_dim"].set_string_value(absl::StrCat(d.head_dim));
+    params["rotary_dim"].set_string_value(absl::StrCat(d.rope.rotary_dim));
+    params["rope_theta"].set_string_value(absl::StrCat(d.rope.theta));
+    params["sliding_window"].set_string_value(absl::StrCat(d.sliding_window));
+  } else {
+    params["kdim"].set_string_value(absl::StrCat(c.kdim()));
+    params["vdim"].set_string_value(absl::StrCat(c.vdim()));
+    params["bias"].set_string_value(c.bias() ? "true" : "false");
+  }
   params["max_batch_size"].set_string_value(absl::StrCat(c.batching().max_batch_size()));
 }
 

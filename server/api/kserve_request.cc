@@ -18,20 +18,24 @@ using inference::InferParameter;
 using inference::ModelInferRequest;
 using InputTensor = inference::ModelInferRequest::InferInputTensor;
 
-enum class WireType { kFp32, kFp16, kBf16, kBool };
+enum class WireType { kFp32, kFp16, kBf16, kBool, kInt64 };
+
+// Activations take FP32, FP16 or BF16; masks FP32 or BOOL; positions INT64.
+enum class InputKind { kActivation, kMask, kPositions };
 
 struct InputSpec {
   const char* name;
   TensorView AttentionInputs::*field;
-  bool is_mask;  // masks take FP32 or BOOL; activations FP32, FP16 or BF16
+  InputKind kind;
 };
 
-constexpr std::array<InputSpec, 5> kInputs = {{
-    {"query", &AttentionInputs::query, false},
-    {"key", &AttentionInputs::key, false},
-    {"value", &AttentionInputs::value, false},
-    {"key_padding_mask", &AttentionInputs::key_padding_mask, true},
-    {"attn_mask", &AttentionInputs::attn_mask, true},
+constexpr std::array<InputSpec, 6> kInputs = {{
+    {"query", &AttentionInputs::query, InputKind::kActivation},
+    {"key", &AttentionInputs::key, InputKind::kActivation},
+    {"value", &AttentionInputs::value, InputKind::kActivation},
+    {"key_padding_mask", &AttentionInputs::key_padding_mask, InputKind::kMask},
+    {"attn_mask", &AttentionInputs::attn_mask, InputKind::kMask},
+    {"position_ids", &AttentionInputs::position_ids, InputKind::kPositions},
 }};
 
 constexpr char kOutput[] = "output";
@@ -39,13 +43,25 @@ constexpr char kAttnWeights[] = "attn_weights";
 
 absl::StatusOr<WireType> ParseWireType(const InputTensor& t, const InputSpec& spec) {
   const std::string& d = t.datatype();
-  if (d == "FP32") return WireType::kFp32;
-  if (!spec.is_mask && d == "FP16") return WireType::kFp16;
-  if (!spec.is_mask && d == "BF16") return WireType::kBf16;
-  if (spec.is_mask && d == "BOOL") return WireType::kBool;
-  return absl::InvalidArgumentError(absl::StrCat(spec.name, ": datatype must be ",
-                                                 spec.is_mask ? "FP32 or BOOL" : "FP32, FP16 or BF16", ", got '",
-                                                 BoundedForLog(d, 16), "'"));
+  const char* accepted = "INT64";
+  switch (spec.kind) {
+    case InputKind::kPositions:
+      if (d == "INT64") return WireType::kInt64;
+      break;
+    case InputKind::kMask:
+      if (d == "FP32") return WireType::kFp32;
+      if (d == "BOOL") return WireType::kBool;
+      accepted = "FP32 or BOOL";
+      break;
+    case InputKind::kActivation:
+      if (d == "FP32") return WireType::kFp32;
+      if (d == "FP16") return WireType::kFp16;
+      if (d == "BF16") return WireType::kBf16;
+      accepted = "FP32, FP16 or BF16";
+      break;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat(spec.name, ": datatype must be ", accepted, ", got '", BoundedForLog(d, 16), "'"));
 }
 
 size_t WireSize(WireType type) {
@@ -57,6 +73,8 @@ size_t WireSize(WireType type) {
       return 2;
     case WireType::kBool:
       return 1;
+    case WireType::kInt64:
+      return 8;
   }
   return 4;
 }
@@ -86,6 +104,7 @@ absl::StatusOr<TensorView> ViewRaw(const std::string& raw, size_t index, const I
                                                    " x ", datatype, ")"));
   }
   if (type == WireType::kBool) return TensorView{DType::kBool, std::move(shape), raw.data()};
+  if (type == WireType::kInt64) return TensorView{DType::kInt64, std::move(shape), raw.data()};
   if (type != WireType::kFp32) ConvertAfterAdmission(raw, type, count, spec.field, call);
   // For 16-bit types the raw bytes stand in until the conversion: validation reads shapes, not values.
   return TensorView{DType::kFloat32, std::move(shape), raw.data()};
@@ -98,13 +117,13 @@ absl::StatusOr<TensorView> ViewContents(const InputTensor& t, const InputSpec& s
         absl::StrCat(spec.name, ": ", t.datatype(), " values must come in raw_input_contents"));
   }
   const auto& c = t.contents();
-  const bool is_bool = type == WireType::kBool;
-  const int64_t got = is_bool ? c.bool_contents_size() : c.fp32_contents_size();
-  const int64_t others = c.int_contents_size() + c.int64_contents_size() + c.uint_contents_size() +
-                         c.uint64_contents_size() + c.fp64_contents_size() + c.bytes_contents_size() +
-                         (is_bool ? c.fp32_contents_size() : c.bool_contents_size());
-  const char* wanted = is_bool ? "contents.bool_contents" : "contents.fp32_contents";
-  if (others > 0) {
+  const bool is_bool = type == WireType::kBool, is_int64 = type == WireType::kInt64;
+  const int64_t got = is_bool ? c.bool_contents_size() : is_int64 ? c.int64_contents_size() : c.fp32_contents_size();
+  const int64_t all = c.int_contents_size() + c.int64_contents_size() + c.uint_contents_size() +
+                      c.uint64_contents_size() + c.fp64_contents_size() + c.bytes_contents_size() +
+                      c.fp32_contents_size() + c.bool_contents_size();
+  const char* wanted = is_bool ? "contents.bool_contents" : is_int64 ? "contents.int64_contents" : "contents.fp32_contents";
+  if (all != got) {
     return absl::InvalidArgumentError(
         absl::StrCat(spec.name, ": datatype ", t.datatype(), " takes its values in ", wanted, " only"));
   }
@@ -114,6 +133,7 @@ absl::StatusOr<TensorView> ViewContents(const InputTensor& t, const InputSpec& s
   }
   static_assert(sizeof(bool) == 1, "bool_contents is viewed as one byte per element");
   if (is_bool) return TensorView{DType::kBool, std::move(shape), c.bool_contents().data()};
+  if (is_int64) return TensorView{DType::kInt64, std::move(shape), c.int64_contents().data()};
   return TensorView{DType::kFloat32, std::move(shape), c.fp32_contents().data()};
 }
 
@@ -158,7 +178,7 @@ absl::Status DecodeInputs(const ModelInferRequest& req, InferenceCall* call) {
     const InputSpec* spec = FindInput(t.name());
     if (spec == nullptr) {
       return absl::InvalidArgumentError(absl::StrCat("inputs[", i, "].name: unknown input '", BoundedForLog(t.name()),
-                                                     "' (expected query, key, value, key_padding_mask, attn_mask)"));
+                                                     "' (expected query, key, value, key_padding_mask, attn_mask, position_ids)"));
     }
     bool& was_seen = seen[static_cast<size_t>(spec - kInputs.data())];
     if (was_seen) {
@@ -182,6 +202,18 @@ absl::StatusOr<bool> BoolParameter(const ModelInferRequest& req, const std::stri
   return it->second.bool_param();
 }
 
+// An int64_param (uint64_param too: Triton's clients send unsigned integers that way), >= 0; 0 when absent.
+absl::StatusOr<int64_t> PositionParameter(const ModelInferRequest& req, const std::string& name) {
+  const auto it = req.parameters().find(name);
+  if (it == req.parameters().end()) return 0;
+  const InferParameter& p = it->second;
+  if (p.parameter_choice_case() == InferParameter::kInt64Param && p.int64_param() >= 0) return p.int64_param();
+  if (p.parameter_choice_case() == InferParameter::kUint64Param && p.uint64_param() < (uint64_t{1} << 62)) {
+    return static_cast<int64_t>(p.uint64_param());
+  }
+  return absl::InvalidArgumentError(absl::StrCat("parameters.", name, ": expected an int64_param >= 0"));
+}
+
 absl::Status DecodeOptions(const ModelInferRequest& req, AttentionInputs& in) {
   bool wants_weights = false, wants_output = false;  // each at most once: the answer's size is bounded
   for (int i = 0; i < req.outputs_size(); ++i) {
@@ -197,6 +229,7 @@ absl::Status DecodeOptions(const ModelInferRequest& req, AttentionInputs& in) {
   ATTN_ASSIGN_OR_RETURN(in.is_causal, BoolParameter(req, "is_causal", false));
   ATTN_ASSIGN_OR_RETURN(in.need_weights, BoolParameter(req, "need_weights", wants_weights));
   ATTN_ASSIGN_OR_RETURN(in.average_attn_weights, BoolParameter(req, "average_attn_weights", true));
+  ATTN_ASSIGN_OR_RETURN(in.position_offset, PositionParameter(req, "position_offset"));
   if (wants_weights && !in.need_weights) {
     return absl::InvalidArgumentError("outputs: attn_weights requested with parameters.need_weights false");
   }

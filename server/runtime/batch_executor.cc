@@ -49,12 +49,35 @@ std::vector<absl::StatusOr<AttentionOutputs>> AppendsNoThrow(const MultiheadAtte
   }
 }
 
+// A decoder layer's requests, one engine call each (the decoder has no ragged batch yet), each skipped once
+// its deadline passed or its client left.
+std::vector<absl::StatusOr<AttentionOutputs>> DecoderNoThrow(const std::vector<const InferenceCall*>& calls,
+                                                             int threads, const Clock& clock) {
+  std::vector<absl::StatusOr<AttentionOutputs>> got;
+  got.reserve(calls.size());
+  for (const InferenceCall* call : calls) {
+    if (absl::Status stop = StopReason(*call, clock); !stop.ok()) {
+      got.emplace_back(stop);
+      continue;
+    }
+    try {
+      got.push_back(call->layer->decoder->ForwardParsed(call->decoder_parsed, threads));
+    } catch (const std::bad_alloc&) {
+      got.emplace_back(absl::ResourceExhaustedError("out of memory while computing the request"));
+    } catch (const std::exception& e) {
+      got.emplace_back(absl::InternalError(absl::StrCat("engine failure: ", e.what())));
+    }
+  }
+  return got;
+}
+
 }  // namespace
 
 std::vector<absl::StatusOr<AttentionOutputs>> BatchExecutor::RunEngine(
     const std::vector<std::unique_ptr<InferenceCall>>& all) const {
-  const MultiheadAttention& engine = *all.front()->layer->engine;
   std::vector<absl::StatusOr<AttentionOutputs>> results(all.size());
+  if (all.front()->layer->decoder != nullptr) return RunStateless(all, std::move(results));
+  const MultiheadAttention& engine = *all.front()->layer->engine;
   std::vector<const CachedAppend*> appends;
   std::vector<size_t> append_index;
   for (size_t i = 0; i < all.size(); ++i) {
@@ -80,10 +103,15 @@ std::vector<absl::StatusOr<AttentionOutputs>> BatchExecutor::RunStateless(
     calls.push_back(all[i].get());
     index.push_back(i);
   }
+  const Clock& clock = *options_.clock;
+  if (calls.front()->layer->decoder != nullptr) {
+    std::vector<absl::StatusOr<AttentionOutputs>> got = DecoderNoThrow(calls, options_.threads_per_batch, clock);
+    for (size_t i = 0; i < calls.size(); ++i) results[index[i]] = std::move(got[i]);
+    return results;
+  }
   const MultiheadAttention& engine = *calls.front()->layer->engine;
   std::vector<const ParsedAttention*> parsed;
   for (const InferenceCall* call : calls) parsed.push_back(&call->parsed);
-  const Clock& clock = *options_.clock;
   StopFn stop = [&](size_t i) { return StopReason(*calls[i], clock); };
   std::vector<absl::StatusOr<AttentionOutputs>> got = ForwardNoThrow(engine, parsed, options_.threads_per_batch, stop);
   // A group's error fails all its requests; run each failed one alone so the error stays with its cause.

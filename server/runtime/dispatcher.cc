@@ -80,11 +80,7 @@ void Dispatcher::Submit(std::unique_ptr<InferenceCall> call) {
     }
   }
   if (options_.memory != nullptr) {
-    const MultiheadAttention& engine = *call->layer->engine;
-    const int64_t cost = call->session != nullptr
-                             ? AppendCostBytes(call->session->append, engine, call->request_bytes)
-                             : RequestCostBytes(call->parsed, engine.config(), engine.ScoresBlockBytes(call->parsed),
-                                                call->request_bytes);
+    const int64_t cost = CallCostBytes(*call);
     absl::StatusOr<MemoryBudget::Reservation> reserved = options_.memory->Reserve(cost);
     if (!reserved.ok()) {
       call->finish(reserved.status());

@@ -6,6 +6,49 @@
 #include "common/status_macros.h"
 
 namespace attnserve {
+namespace {
+
+DecoderInputs ToDecoderInputs(const AttentionInputs& in) {
+  DecoderInputs d;
+  d.query = in.query;
+  d.key_padding_mask = in.key_padding_mask;
+  d.position_offset = in.position_offset;
+  d.position_ids = in.position_ids;
+  d.need_weights = in.need_weights;
+  d.average_attn_weights = in.average_attn_weights;
+  return d;
+}
+
+// A decoder layer is self-attention, causal, with padding alone as its mask: the other inputs are refused
+// rather than ignored. `parsed` gets the summary the later stages read.
+absl::Status ValidateDecoderCall(InferenceCall* call) {
+  const AttentionInputs& in = call->inputs;
+  for (const auto& [field, view] : {std::pair<const char*, const TensorView*>{"key", &in.key},
+                                    {"value", &in.value},
+                                    {"attn_mask", &in.attn_mask}}) {
+    if (view->present()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ": layer '", call->layer_name,
+          "' is DECODER_ATTENTION (causal self-attention; its only mask is key_padding_mask)"));
+    }
+  }
+  call->decoder_inputs = ToDecoderInputs(in);
+  ATTN_ASSIGN_OR_RETURN(call->decoder_parsed, call->layer->decoder->Validate(call->decoder_inputs));
+  const ParsedDecoder& d = call->decoder_parsed;
+  call->parsed = ParsedAttention{};
+  call->parsed.inputs = &call->inputs;
+  call->parsed.unbatched = d.unbatched;
+  call->parsed.self_attention = true;
+  call->parsed.batch = d.batch;
+  call->parsed.q_len = call->parsed.kv_len = d.len;
+  call->parsed.key_padding_mask = d.key_padding_mask;
+  call->parsed.flops = d.flops;
+  call->parsed.output_bytes = d.output_bytes;
+  call->parsed.weights_bytes = d.weights_bytes;
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::Status ValidateCall(const LayerRegistry& registry, InferenceCall* call) {
   if (call->layer_name.empty()) return absl::NotFoundError(absl::StrCat(call->layer_field, ": is required"));
@@ -23,13 +66,24 @@ absl::Status ValidateCall(const LayerRegistry& registry, InferenceCall* call) {
     }
   }
   ATTN_RETURN_IF_ERROR(call->decode_status);
+  if (call->layer->decoder != nullptr) return ValidateDecoderCall(call);
   ATTN_ASSIGN_OR_RETURN(call->parsed, call->layer->engine->Validate(call->inputs));
   return absl::OkStatus();
+}
+
+int64_t CallCostBytes(const InferenceCall& call) {
+  const ServedLayer& layer = *call.layer;
+  if (call.session != nullptr) return AppendCostBytes(call.session->append, *layer.engine, call.request_bytes);
+  if (layer.decoder != nullptr) return DecoderCostBytes(call.decoder_parsed, *layer.decoder, call.request_bytes);
+  return RequestCostBytes(call.parsed, layer.engine->config(), layer.engine->ScoresBlockBytes(call.parsed),
+                          call.request_bytes);
 }
 
 void RunAfterAdmission(InferenceCall* call) {
   for (auto& work : call->after_admission) work(*call);
   call->after_admission.clear();
+  // The conversions replaced views in `inputs`; the decoder's copies of them follow.
+  if (call->layer != nullptr && call->layer->decoder != nullptr) call->decoder_inputs = ToDecoderInputs(call->inputs);
 }
 
 }  // namespace attnserve

@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "core/attention_inputs.h"
+#include "core/decoder_inputs.h"
 #include "core/multihead_attention.h"
 #include "server/batching/batch_scheduler.h"
 #include "server/runtime/layer_registry.h"
@@ -54,6 +55,10 @@ struct InferenceCall {
   // replaced layer finishes its requests) and the request checked against it (once: the engine reuses it).
   std::shared_ptr<const ServedLayer> layer;
   ParsedAttention parsed;  // parsed.inputs points at `inputs`: the call must not move (it lives in a unique_ptr)
+  // A DECODER_ATTENTION layer's request: `inputs` as the decoder takes it, validated by it. `parsed` then holds
+  // only the summary the stages share (batch, lengths, flops, answer bytes).
+  DecoderInputs decoder_inputs;
+  ParsedDecoder decoder_parsed;
   // Set by the Dispatcher at admission: the call's share of the memory budget. The protocol's service takes
   // it over in `finish` and releases it once the answer has been written.
   MemoryBudget::Reservation memory;
@@ -83,6 +88,10 @@ using CallScheduler = BatchScheduler<std::unique_ptr<InferenceCall>>;
 // decode_status, then the inputs against the layer (INVALID_ARGUMENT naming the field). Sets `layer` and
 // `parsed`.
 absl::Status ValidateCall(const LayerRegistry& registry, InferenceCall* call);
+
+// What the admit stage reserves for a validated call: RequestCostBytes, AppendCostBytes or DecoderCostBytes
+// by its kind.
+int64_t CallCostBytes(const InferenceCall& call);
 
 // Runs and clears call->after_admission (the admit stage calls it once the call's memory is reserved).
 void RunAfterAdmission(InferenceCall* call);

@@ -7,7 +7,26 @@
 
 namespace attnserve {
 
+namespace {
+
+absl::StatusOr<std::unique_ptr<ServedLayer>> LoadDecoderLayer(const attnserve::v1::LayerConfig& lc) {
+  const DecoderAttention::Options options = ToDecoderOptions(lc);
+  absl::StatusOr<DecoderWeights> weights =
+      lc.weights_path().empty() ? RandomDecoderWeights(options.config, lc.seed())
+                                : LoadDecoderWeights(lc.weights_path(), lc.weights_prefix(), options.config);
+  if (!weights.ok()) return weights.status();
+  auto decoder = DecoderAttention::Create(options, *weights);
+  if (!decoder.ok()) return decoder.status();
+  auto layer = std::make_unique<ServedLayer>();
+  layer->config = lc;
+  layer->decoder = std::move(*decoder);
+  return layer;
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<ServedLayer>> LoadLayer(const attnserve::v1::LayerConfig& lc) {
+  if (lc.kind() == attnserve::v1::LayerConfig::DECODER_ATTENTION) return LoadDecoderLayer(lc);
   const MultiheadAttention::Options options = ToEngineOptions(lc);
   absl::StatusOr<MhaWeights> weights = lc.weights_path().empty()
                                            ? RandomMhaWeights(options.config, lc.seed())

@@ -19,6 +19,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "attnserve/v1/config.pb.h"
+#include "core/decoder_attention.h"
 #include "core/multihead_attention.h"
 
 namespace attnserve {
@@ -26,7 +27,9 @@ namespace attnserve {
 struct ServedLayer {
   attnserve::v1::LayerConfig config;  // with defaults filled in
   int64_t version = 0;                // 1 for a layer's first version, +1 per replacement; set by Publish
+  // Exactly one of them, by config.kind(): MULTIHEAD_ATTENTION's engine or DECODER_ATTENTION's decoder.
   std::unique_ptr<MultiheadAttention> engine;
+  std::unique_ptr<DecoderAttention> decoder;
 };
 
 // Builds one layer from its config (weights from weights_path, or seeded); slow (reads weights, builds

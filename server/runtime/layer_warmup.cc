@@ -41,4 +41,24 @@ absl::Status WarmUpLayer(const MultiheadAttention& engine, int max_threads) {
   return absl::OkStatus();
 }
 
+absl::Status WarmUpLayer(const DecoderAttention& decoder, int max_threads) {
+  const int64_t e = decoder.config().embed_dim;
+  const int64_t max_len = decoder.options().limits.max_sequence_length;
+  for (int64_t len : {1, 8, 32, 128}) {
+    if (max_len > 0 && len > max_len) break;
+    const std::vector<float> query = Pattern(len * e);
+    DecoderInputs inputs;
+    inputs.query = TensorView::F32(query.data(), {1, len, e});
+    const absl::StatusOr<AttentionOutputs> out = decoder.Forward(inputs, max_threads);
+    if (!out.ok()) {
+      return absl::Status(out.status().code(), absl::StrCat("warm-up forward (L=", len, "): ", out.status().message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WarmUpLayer(const ServedLayer& layer, int max_threads) {
+  return layer.decoder != nullptr ? WarmUpLayer(*layer.decoder, max_threads) : WarmUpLayer(*layer.engine, max_threads);
+}
+
 }  // namespace attnserve

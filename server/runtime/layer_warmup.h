@@ -6,11 +6,17 @@
 #pragma once
 
 #include "absl/status/status.h"
+#include "core/decoder_attention.h"
 #include "core/multihead_attention.h"
+#include "server/runtime/layer_registry.h"
 
 namespace attnserve {
 
 // The engine's error if a warm-up forward fails (the version must then not be published).
 absl::Status WarmUpLayer(const MultiheadAttention& engine, int max_threads);
+// The same for a decoder layer (causal self-attention, positions from 0).
+absl::Status WarmUpLayer(const DecoderAttention& decoder, int max_threads);
+// Whichever of the two `layer` holds.
+absl::Status WarmUpLayer(const ServedLayer& layer, int max_threads);
 
 }  // namespace attnserve

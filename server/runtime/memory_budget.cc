@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "server/startup/layer_options.h"
 
 namespace attnserve {
 
@@ -56,6 +57,10 @@ int64_t AppendCostBytes(const CachedAppend& a, const MultiheadAttention& engine,
   const int64_t workspace = kF32 * a.tokens * 5 * e + engine.AppendScoresBytes(a.tokens, context);
   const int64_t weights = a.need_weights ? kF32 * a.tokens * context * (a.average_attn_weights ? 1 : h) : 0;
   return request_bytes + workspace + 2 * (kF32 * a.tokens * e + weights);
+}
+
+int64_t DecoderCostBytes(const ParsedDecoder& parsed, const DecoderAttention& decoder, int64_t request_bytes) {
+  return request_bytes + decoder.WorkspaceBytes(parsed) + 2 * parsed.answer_bytes();
 }
 
 int64_t MemoryLimitFromCgroup(const std::string& line) {
@@ -110,14 +115,22 @@ int64_t ResidentBytes() {
 
 int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer, int64_t weights_file_bytes) {
   constexpr int64_t kF32 = 4;
+  (void)weights_file_bytes;  // the file is mapped: only the layer's own tensors are read from it
+  if (layer.kind() == attnserve::v1::LayerConfig::DECODER_ATTENTION) {
+    const DecoderConfig c = ToDecoderConfig(layer);
+    const int64_t qkv = c.embed_dim * (c.q_width() + 2 * c.kv_width()), o = c.embed_dim * c.q_width();
+    // DecoderAttention::Create holds the weights as loaded, the fused QKV copy and each op's own layout, and
+    // the mapped pages of the tensors read (at most their f32 size).
+    return kF32 * (4 * qkv + 3 * o + 2 * (c.q_width() + 2 * c.kv_width() + c.embed_dim));
+  }
   const int64_t e = layer.embed_dim(), k = layer.kdim() > 0 ? layer.kdim() : e, v = layer.vdim() > 0 ? layer.vdim() : e;
   const int64_t weights = e * (e + k + v) + e * e + 4 * e;  // floats: in_proj (Q, K, V), out_proj, biases
   // MultiheadAttention::BuildPrimitives holds, beside the weights as loaded: the scaled Q copy, each
   // projection's own copy, and for self-attention the fused QKV weights twice (assembled, then built).
   const int64_t fused_qkv = (k == e && v == e) ? 2 * 3 * e * e : 0;
   const int64_t building = kF32 * (2 * weights + e * e + fused_qkv);
-  // From a file: the whole file is read, then the weights are taken from it.
-  const int64_t reading = weights_file_bytes + kF32 * weights;
+  // The mapped pages of the tensors read, at most their f32 size, beside the weights taken from them.
+  const int64_t reading = 2 * kF32 * weights;
   return std::max(building, reading);
 }
 

@@ -7,6 +7,7 @@
 // thread destroys it.
 #pragma once
 
+#include "core/decoder_attention.h"
 #include "core/multihead_attention.h"
 
 #include <atomic>
@@ -78,6 +79,10 @@ int64_t RequestCostBytes(const ParsedAttention& parsed, const MhaConfig& config,
 // (MultiheadAttention::AppendScoresBytes over the cache after it) and its answer twice.
 int64_t AppendCostBytes(const CachedAppend& append, const MultiheadAttention& engine, int64_t request_bytes);
 
+// The same for a DECODER_ATTENTION layer's request: its request, the decoder's workspace
+// (DecoderAttention::WorkspaceBytes: projections and a scores block per thread) and its answer twice.
+int64_t DecoderCostBytes(const ParsedDecoder& parsed, const DecoderAttention& decoder, int64_t request_bytes);
+
 // The memory the process may use: the cgroup v2 memory.max, else cgroup v1's memory.limit_in_bytes, else the
 // machine's physical memory. `source` (may be null) says which it was.
 int64_t ProcessMemoryLimitBytes(std::string* source);
@@ -89,8 +94,9 @@ int64_t DefaultMemoryBudgetBytes(std::string* source);
 int64_t ResidentBytes();
 
 // What building a layer of `layer` (defaults applied) holds at its peak: the weights as loaded and the engine's
-// copies of them while it builds (about 15 E^2 floats for self-attention), or the weights file read whole
-// (`weights_file_bytes`, 0 for seeded weights) beside the weights taken from it, whichever is more.
+// copies of them while it builds (about 15 E^2 floats for self-attention), or the mapped pages of the tensors
+// read beside the weights taken from them, whichever is more. The weights file is mapped, not read, so its
+// size (`weights_file_bytes`) does not count: a layer of a multi-GiB checkpoint costs its own tensors.
 int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer, int64_t weights_file_bytes);
 
 // RESOURCE_EXHAUSTED naming the layer and every number when building it could take the process past

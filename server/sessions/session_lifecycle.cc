@@ -16,6 +16,11 @@ std::string Quoted(const std::string& s) { return absl::StrCat("'", BoundedForLo
 absl::StatusOr<std::unique_ptr<SessionStore::Lane>> MakeLane(const std::string& field,
                                                              std::shared_ptr<const ServedLayer> layer,
                                                              const SessionStore::Memory* memory, KvCachePool* pool) {
+  if (layer->engine == nullptr) {
+    return absl::UnimplementedError(absl::StrCat(field, ": layer ", Quoted(layer->config.name()),
+                                                 " is DECODER_ATTENTION; sessions hold MULTIHEAD_ATTENTION layers only "
+                                                 "so far"));
+  }
   const MultiheadAttention& engine = *layer->engine;
   const MhaConfig& c = engine.config();
   KvSequence cache(pool, c.embed_dim);
@@ -73,7 +78,7 @@ absl::StatusOr<SessionInfo> SessionStore::Open(const OpenArgs& args) {
     const int64_t layer_limit = layer->config.max_sequence_length();
     if (layer_limit > 0) limit = limit == 0 ? layer_limit : std::min(limit, layer_limit);
     auto memory = args.memory.find(args.layers[i]);
-    widest_.store(std::max(widest_.load(), layer->engine->config().embed_dim));
+    widest_.store(std::max(widest_.load(), layer->config.embed_dim()));
     absl::StatusOr<std::unique_ptr<Lane>> lane =
         MakeLane(field, std::move(layer), memory == args.memory.end() ? nullptr : &memory->second, options_.pool);
     if (!lane.ok()) return lane.status();

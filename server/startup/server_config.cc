@@ -206,10 +206,26 @@ class Problems {
   std::vector<std::string> list_;
 };
 
+// A decoder layer's zero fields as ToDecoderConfig reads them, so that GetLayer and ModelConfig show them.
+void ApplyDecoderDefaults(LayerConfig* layer) {
+  attnserve::v1::DecoderAttentionConfig* d = layer->mutable_decoder();
+  if (layer->num_heads() <= 0) return;  // reported by validation; nothing to derive from
+  if (d->num_kv_heads() == 0) d->set_num_kv_heads(layer->num_heads());
+  if (d->head_dim() == 0 && layer->embed_dim() > 0 && layer->embed_dim() % layer->num_heads() == 0) {
+    d->set_head_dim(layer->embed_dim() / layer->num_heads());
+  }
+  if (d->rope().theta() == 0) d->mutable_rope()->set_theta(10000);
+  if (d->rope().rotary_dim() == 0) d->mutable_rope()->set_rotary_dim(d->head_dim());
+}
+
 void ApplyLayerDefaults(LayerConfig* layer) {
-  if (!layer->has_bias()) layer->set_bias(true);
+  if (layer->kind() == LayerConfig::DECODER_ATTENTION) {
+    ApplyDecoderDefaults(layer);
+  } else if (!layer->has_bias()) {
+    layer->set_bias(true);
+  }
   // Copying a non-positive embed_dim would only add a second, confusing error for the same mistake.
-  if (layer->embed_dim() > 0) {
+  if (layer->embed_dim() > 0 && layer->kind() != LayerConfig::DECODER_ATTENTION) {
     if (layer->kdim() == 0) layer->set_kdim(layer->embed_dim());
     if (layer->vdim() == 0) layer->set_vdim(layer->embed_dim());
   }
@@ -246,20 +262,55 @@ void ValidateKvDims(const LayerConfig& layer, const std::string& p, Problems* pr
   }
 }
 
+bool IsDecoder(const LayerConfig& layer) { return layer.kind() == LayerConfig::DECODER_ATTENTION; }
+
+// The fields of the other kind are refused rather than ignored: a config that sets them describes a
+// different layer than the one it would get. The decoder's own rules are DecoderConfig::Validate's (the
+// backstop below), after the bounds that keep its weights allocatable.
+void ValidateLayerKind(const LayerConfig& layer, const std::string& p, Problems* problems) {
+  if (!IsDecoder(layer)) {
+    if (layer.has_decoder()) problems->Add(p, ".decoder: set, but kind is MULTIHEAD_ATTENTION");
+    return;
+  }
+  if (layer.kdim() != 0 || layer.vdim() != 0 || layer.has_bias()) {
+    problems->Add(p, ".", layer.kdim() != 0 ? "kdim" : layer.vdim() != 0 ? "vdim" : "bias",
+                  ": not used by DECODER_ATTENTION layers (self-attention; biases are decoder.qkv_bias and "
+                  "decoder.o_bias)");
+  }
+  const auto& d = layer.decoder();
+  if (d.head_dim() < 0 || d.head_dim() > kMaxLayerDim) {
+    problems->Add(p, ".decoder.head_dim: must be in [0, ", kMaxLayerDim, "] (0 = embed_dim / num_heads), got ",
+                  d.head_dim());
+  }
+  if (d.num_kv_heads() < 0) problems->Add(p, ".decoder.num_kv_heads: must be >= 0 (0 = num_heads), got ", d.num_kv_heads());
+  const double width = static_cast<double>(layer.num_heads()) * static_cast<double>(d.head_dim());
+  if (width > static_cast<double>(kMaxLayerDim)) {
+    problems->Add(p, ".decoder.head_dim: num_heads * head_dim is ", width, ", past ", kMaxLayerDim);
+  }
+}
+
+// embed_dim > 0, num_heads > 0 dividing it (unless a decoder layer sets its own head_dim).
+void ValidateHeads(const LayerConfig& layer, const std::string& p, Problems* problems) {
+  const bool embed_ok = layer.embed_dim() > 0;
+  if (!embed_ok) problems->Add(p, ".embed_dim: must be > 0, got ", layer.embed_dim());
+  if (layer.num_heads() <= 0) {
+    problems->Add(p, ".num_heads: must be > 0, got ", layer.num_heads());
+  } else if (embed_ok && layer.embed_dim() % layer.num_heads() != 0 &&
+             (!IsDecoder(layer) || layer.decoder().head_dim() == 0)) {
+    problems->Add(p, ".num_heads: ", layer.num_heads(), " does not divide embed_dim ", layer.embed_dim(),
+                  IsDecoder(layer) ? " (set decoder.head_dim)" : "");
+  }
+}
+
 void ValidateLayer(const LayerConfig& layer, const std::string& p, Problems* problems) {
   const size_t problems_before = problems->size();
   if (!IsValidLayerName(layer.name())) {
     problems->Add(p, ".name: must match [A-Za-z0-9_.-]{1,", kMaxLayerNameBytes, "}, got \"", BoundedForLog(layer.name()),
                   "\"");
   }
-  const bool embed_ok = layer.embed_dim() > 0;
-  if (!embed_ok) problems->Add(p, ".embed_dim: must be > 0, got ", layer.embed_dim());
-  if (layer.num_heads() <= 0) {
-    problems->Add(p, ".num_heads: must be > 0, got ", layer.num_heads());
-  } else if (embed_ok && layer.embed_dim() % layer.num_heads() != 0) {
-    problems->Add(p, ".num_heads: ", layer.num_heads(), " does not divide embed_dim ", layer.embed_dim());
-  }
+  ValidateHeads(layer, p, problems);
   ValidateKvDims(layer, p, problems);
+  ValidateLayerKind(layer, p, problems);
 
   if (!layer.weights_path().empty()) {
     std::error_code ec;
@@ -302,8 +353,9 @@ void ValidateLayer(const LayerConfig& layer, const std::string& p, Problems* pro
 
   // Backstop: the engine's own rules, should they ever be stricter than the checks above.
   if (problems->size() == problems_before) {
-    const absl::Status status = ToMhaConfig(layer).Validate();
-    if (!status.ok()) problems->Add(p, ": ", std::string(status.message()));
+    const absl::Status status = IsDecoder(layer) ? ToDecoderConfig(layer).Validate() : ToMhaConfig(layer).Validate();
+    // The decoder's messages start with the field they name.
+    if (!status.ok()) problems->Add(p, IsDecoder(layer) ? "." : ": ", std::string(status.message()));
   }
 }
 

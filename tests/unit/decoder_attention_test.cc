@@ -207,7 +207,7 @@ TEST(DecoderAttentionTest, RefusesBadConfigsNamingTheField) {
   c.rope.rotary_dim = 6;
   EXPECT_EQ(c.Validate().message(), "decoder.rope.rotary_dim: must be <= head_dim (4), got 6");
   c.rope.rotary_dim = 3;
-  EXPECT_EQ(c.Validate().message(), "rope.rotary_dim: must be even and > 0, got 3");
+  EXPECT_EQ(c.Validate().message(), "decoder.rope.rotary_dim: must be even and > 0, got 3");
   c = SmallLayer().config;
   c.sliding_window = -1;
   EXPECT_EQ(c.Validate().message(), "decoder.sliding_window: must be >= 0 (0 = none), got -1");

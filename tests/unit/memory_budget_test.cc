@@ -95,13 +95,22 @@ TEST(MemoryBudgetTest, LayerFitsOrIsRefusedWithItsNumbers) {
   // The weights as loaded, each projection's copy, the scaled Q copy, the fused QKV assembled and built.
   const int64_t self_attention = 4 * (2 * weights + kE2 + 6 * kE2);
   EXPECT_EQ(LayerBuildBytes(layer, 0), self_attention);
-  EXPECT_EQ(LayerBuildBytes(layer, int64_t{1} << 30), (int64_t{1} << 30) + 4 * weights);  // a file read whole
+  // The file is mapped: a 1 GiB checkpoint costs the layer's tensors, not its size.
+  EXPECT_EQ(LayerBuildBytes(layer, int64_t{1} << 30), self_attention);
   layer.set_kdim(512);  // cross-attention: no fused QKV
   layer.set_vdim(256);
   const int64_t cross_weights = 1024 * (1024 + 512 + 256) + kE2 + 4 * 1024;
   EXPECT_EQ(LayerBuildBytes(layer, 0), 4 * (2 * cross_weights + kE2));
   layer.clear_kdim();
   layer.clear_vdim();
+  {
+    // Llama-like GQA: H=8 of D=128 over Hkv=2: q/k/v [(8+2+2)*128, 1024], o [1024, 1024].
+    attnserve::v1::LayerConfig decoder = layer;
+    decoder.set_kind(attnserve::v1::LayerConfig::DECODER_ATTENTION);
+    decoder.mutable_decoder()->set_num_kv_heads(2);
+    const int64_t qkv = 1024 * 12 * 128, o = kE2, biases = 12 * 128 + 1024;
+    EXPECT_EQ(LayerBuildBytes(decoder, int64_t{1} << 30), 4 * (4 * qkv + 3 * o + 2 * biases));
+  }
   constexpr int64_t kMiB = 1 << 20;
   EXPECT_TRUE(CheckLayerFits(layer, 0, 1024 * kMiB, 100 * kMiB, 512 * kMiB).ok());
   // A request budget configured past half the limit is counted as half: layers stay loadable.

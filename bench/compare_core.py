@@ -3,9 +3,11 @@
 
     /usr/bin/python3 bench/compare_core.py [--bench build/bench/attnserve_core_bench] [--rounds 3]
 
-Each round runs attnserve_core_bench (median of its repetitions) and then bench/torch_mha.py on the same
-shapes, so both see the same machine state; the table reports the median over rounds of each. Target per
-shape (issue #2): GFLOP/s >= min(1.5 x PyTorch, 0.85 x the same round's oneDNN sgemm peak).
+Each round runs attnserve_core_bench (median of its repetitions) and then bench/torch_mha.py and
+bench/torch_decoder.py on the same shapes, so both see the same machine state; the tables report the median
+over rounds of each. Target per nn.MultiheadAttention shape (issue #2): GFLOP/s >= min(1.5 x PyTorch, 0.85 x
+the same round's oneDNN sgemm peak). Per decoder-attention shape (issue #12): >= 1.5 x PyTorch's eager
+LlamaAttention, and >= 0.75 x sgemm on the rows without a sliding window.
 """
 
 import argparse
@@ -16,12 +18,14 @@ import subprocess
 import sys
 
 SHAPES = [(1, 128, 512, 8), (8, 512, 1024, 16), (1, 2048, 1024, 16), (32, 64, 512, 8), (64, 16, 256, 4)]
+# B, L, E, H, Hkv, D, W (sliding window, 0 = none)
+DECODER_SHAPES = [(1, 2048, 4096, 32, 8, 128, 0), (8, 512, 2048, 16, 4, 128, 0), (1, 4096, 4096, 32, 8, 128, 1024)]
 
 
 def run_engine(binary, repetitions):
     out = subprocess.run(
         [binary, "--benchmark_format=json", f"--benchmark_repetitions={repetitions}",
-         "--benchmark_filter=BM_(PeakSgemm|SelfAttention|RaggedBatch)",
+         "--benchmark_filter=BM_(PeakSgemm|SelfAttention|RaggedBatch|DecoderAttention)",
          "--benchmark_report_aggregates_only=true"],
         check=True, capture_output=True, text=True).stdout
     results = {}
@@ -30,7 +34,10 @@ def run_engine(binary, repetitions):
             continue
         name = b["run_name"]
         m = re.match(r"BM_SelfAttention/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)", name)
-        if m:
+        d = re.match(r"BM_DecoderAttention/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)/Hkv:(\d+)/D:(\d+)/W:(\d+)", name)
+        if d:
+            results[("decoder",) + tuple(int(x) for x in d.groups())] = b["GFLOPS"]
+        elif m:
             results[tuple(int(x) for x in m.groups())] = b["GFLOPS"]
         elif name.startswith("BM_PeakSgemm"):
             results["sgemm"] = b["GFLOPS"]
@@ -47,10 +54,37 @@ def run_torch(script):
     return {(r["B"], r["L"], r["E"], r["H"]): r["gflops"] for r in json.loads(out)["results"]}
 
 
+def run_torch_decoder(script):
+    shapes = ";".join(",".join(str(x) for x in s) for s in DECODER_SHAPES)
+    out = subprocess.run(["/usr/bin/python3", script, "--json", "--shapes", shapes], check=True,
+                         capture_output=True, text=True).stdout
+    keys = ("B", "L", "E", "H", "Hkv", "D", "W")
+    return {("decoder",) + tuple(r[k] for k in keys): r["gflops"] for r in json.loads(out)["results"]}
+
+
+def print_decoder_table(engine_rounds, torch_rounds, sgemm):
+    def med(rounds, key):
+        return statistics.median(x[key] for x in rounds)
+
+    print("\nDecoder attention (causal, RoPE, GQA; useful FLOPs only):\n")
+    print("| B | L | E | H | Hkv | D | window | attnserve GFLOP/s | PyTorch GFLOP/s | ratio | of sgemm | met |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    all_met = True
+    for s in DECODER_SHAPES:
+        key = ("decoder",) + s
+        ours, theirs = med(engine_rounds, key), med(torch_rounds, key)
+        met = ours >= 1.5 * theirs and (s[6] > 0 or ours >= 0.75 * sgemm)
+        all_met &= met
+        print(f"| {' | '.join(str(x) for x in s[:6])} | {s[6] or '-'} | {ours:.0f} | {theirs:.1f} | "
+              f"{ours / theirs:.1f}x | {100 * ours / sgemm:.0f}% | {'yes' if met else 'NO'} |")
+    return all_met
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", default="build/bench/attnserve_core_bench")
     ap.add_argument("--torch", default="bench/torch_mha.py")
+    ap.add_argument("--torch-decoder", default="bench/torch_decoder.py")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repetitions", type=int, default=3)
     args = ap.parse_args()
@@ -59,7 +93,7 @@ def main():
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
         engine_rounds.append(run_engine(args.bench, args.repetitions))
-        torch_rounds.append(run_torch(args.torch))
+        torch_rounds.append({**run_torch(args.torch), **run_torch_decoder(args.torch_decoder)})
 
     def med(rounds, key):
         return statistics.median(x[key] for x in rounds)
@@ -83,6 +117,7 @@ def main():
         print("|---|---|---|---|---|")
         for k in sorted(ragged):
             print(f"| {k[1]} | {k[2]} | {k[3]} | {k[4]} | {med(engine_rounds, k):.0f} |")
+    all_met &= print_decoder_table(engine_rounds, torch_rounds, sgemm)
     return 0 if all_met else 1
 
 

@@ -7,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "core/decoder_attention.h"
 #include "core/multihead_attention.h"
 
 namespace attnserve {
@@ -136,6 +137,43 @@ BENCHMARK(BM_DecodeAppends)
     ->Args({1, 0, 1024, 16, 128})  // the first chunk of a prompt
     ->ArgNames({"sessions", "context", "E", "H", "T"})
     ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+// Args: B, L, E, H, Hkv, D, W (sliding window, 0 = none). Causal self-attention, positions from 0; GFLOP/s
+// of the useful FLOPs (DecoderFlops: the causal window's pairs only), as bench/torch_decoder.py counts them.
+void BM_DecoderAttention(benchmark::State& state) {
+  DecoderAttention::Options options;
+  DecoderConfig& c = options.config;
+  const int64_t b = state.range(0), l = state.range(1);
+  c.embed_dim = state.range(2);
+  c.num_heads = state.range(3);
+  c.num_kv_heads = state.range(4);
+  c.head_dim = state.range(5);
+  c.sliding_window = state.range(6);
+  c.rope.rotary_dim = c.head_dim;
+  auto layer = DecoderAttention::Create(options, RandomDecoderWeights(c, 1));
+  if (!layer.ok()) {
+    state.SkipWithError(layer.status().ToString().c_str());
+    return;
+  }
+  const std::vector<float> query = Random(b * l * c.embed_dim, 2);
+  DecoderInputs in;
+  in.query = TensorView::F32(query.data(), {b, l, c.embed_dim});
+  for (auto _ : state) {
+    auto out = (*layer)->Forward(in);
+    if (!out.ok()) state.SkipWithError(out.status().ToString().c_str());
+    benchmark::DoNotOptimize(out);
+  }
+  const double flops = static_cast<double>(DecoderFlops(c, b, l));
+  state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+BENCHMARK(BM_DecoderAttention)
+    ->Args({1, 2048, 4096, 32, 8, 128, 0})
+    ->Args({8, 512, 2048, 16, 4, 128, 0})
+    ->Args({1, 4096, 4096, 32, 8, 128, 1024})
+    ->ArgNames({"B", "L", "E", "H", "Hkv", "D", "W"})
+    ->UseRealTime()
+    ->MinTime(2.0)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_PeakSgemm)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_SelfAttention)

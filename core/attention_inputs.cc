@@ -43,6 +43,18 @@ absl::Status CheckFloat(const char* field, const TensorView& t) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": dtype must be FLOAT32, got ", DTypeName(t.dtype)));
 }
 
+absl::StatusOr<QueryShape> ParseQueryShape(const TensorView& query, int64_t embed_dim) {
+  if (!query.present()) return absl::InvalidArgumentError("query: is required");
+  ATTN_RETURN_IF_ERROR(CheckFloat("query", query));
+  const Shape& qs = query.shape;
+  if ((qs.size() != 2 && qs.size() != 3) || qs.back() != embed_dim) {
+    return ShapeError("query", absl::StrCat("[B, L, ", embed_dim, "] or [L, ", embed_dim, "] (unbatched)"), qs);
+  }
+  ATTN_RETURN_IF_ERROR(CheckDimsAndData("query", query));
+  const bool unbatched = qs.size() == 2;
+  return QueryShape{unbatched, unbatched ? 1 : qs[0], qs[qs.size() - 2]};
+}
+
 absl::Status CheckLimit(const char* what, int64_t value, int64_t limit, const char* limit_name) {
   if (limit <= 0 || value <= limit) return absl::OkStatus();
   return absl::InvalidArgumentError(
@@ -53,17 +65,10 @@ namespace {
 
 // query: [B, L, E] or [L, E]. Sets unbatched, batch and q_len.
 absl::Status ParseQuery(const AttentionInputs& in, const MhaConfig& config, ParsedAttention* p) {
-  const int64_t e = config.embed_dim;
-  if (!in.query.present()) return absl::InvalidArgumentError("query: is required");
-  ATTN_RETURN_IF_ERROR(CheckFloat("query", in.query));
-  const Shape& qs = in.query.shape;
-  if ((qs.size() != 2 && qs.size() != 3) || qs.back() != e) {
-    return ShapeError("query", absl::StrCat("[B, L, ", e, "] or [L, ", e, "] (unbatched)"), qs);
-  }
-  ATTN_RETURN_IF_ERROR(CheckDimsAndData("query", in.query));
-  p->unbatched = qs.size() == 2;
-  p->batch = p->unbatched ? 1 : qs[0];
-  p->q_len = qs[qs.size() - 2];
+  ATTN_ASSIGN_OR_RETURN(const QueryShape q, ParseQueryShape(in.query, config.embed_dim));
+  p->unbatched = q.unbatched;
+  p->batch = q.batch;
+  p->q_len = q.len;
   return absl::OkStatus();
 }
 

@@ -81,6 +81,12 @@ absl::Status CheckDimsAndData(const char* field, const TensorView& t);
 // kNone when absent; BOOL or FLOAT32 otherwise.
 absl::StatusOr<MaskType> MaskDType(const char* field, const TensorView& t);
 absl::Status CheckFloat(const char* field, const TensorView& t);
+// query [B, L, E] or [L, E] unbatched, FLOAT32, with its dims checked.
+struct QueryShape {
+  bool unbatched = false;
+  int64_t batch = 0, len = 0;
+};
+absl::StatusOr<QueryShape> ParseQueryShape(const TensorView& query, int64_t embed_dim);
 // "<what> is <value>, past the layer's <limit_name> of <limit>" when limit > 0 and value > limit.
 absl::Status CheckLimit(const char* what, int64_t value, int64_t limit, const char* limit_name);
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <utility>
 
 #include "absl/memory/memory.h"
@@ -26,12 +27,40 @@ struct BlockScratch {
   std::vector<float> scores;   // [r * rows, keys]
   std::vector<float> context;  // [r * rows, D]
   std::vector<float> pad;      // the block's additive key padding, [keys]
-  std::vector<uint8_t> dead;   // rows whose keys are all masked, [r * rows]
 };
 
 BlockScratch& ThreadBlockScratch() {
   thread_local BlockScratch scratch;
   return scratch;
+}
+
+// The calling thread's projection buffer [B*L, H*D + 2*Hkv*D], kept from call to call (a fresh one would be
+// zeroed and page-faulted in every time: a quarter of a call at L=2048) unless it grew past kRetainBytes.
+constexpr size_t kRetainBytes = size_t{256} << 20;
+
+struct ProjectionBuffer {
+  std::unique_ptr<float[]> data;
+  size_t capacity = 0;
+  float* Get(size_t n) {
+    if (n > capacity) {
+      data.reset();  // the old one first: never both at once
+      data.reset(new float[n]);
+      AdviseHugePages(data.get(), n * sizeof(float));
+      capacity = n;
+    }
+    return data.get();
+  }
+  void Trim(size_t keep_bytes = kRetainBytes) {
+    if (capacity * sizeof(float) > keep_bytes) {
+      data.reset();
+      capacity = 0;
+    }
+  }
+};
+
+ProjectionBuffer& ThreadProjectionBuffer() {
+  thread_local ProjectionBuffer buffer;
+  return buffer;
 }
 
 template <typename T>
@@ -75,36 +104,48 @@ T LoadUnaligned(const void* base, int64_t i) {
 struct RowBounds {
   int64_t l0, rows, k0, keys, window;
   float softcap;  // 0 = none
+  bool padded;    // the block's keys have a padding row to add
 };
 
-// Soft cap, then the causal and window bounds and the additive padding `pad` [keys] over each of the `m`
-// stacked rows of `scores` [m, keys]. A row that sees no key becomes all zero, flagged in dead[s] (the
-// softmax then needs no special case; the caller zeroes its probabilities). Returns whether any row is dead.
-bool MaskGroupScores(const RowBounds& rb, int64_t m, const float* pad, float* scores, uint8_t* dead) {
-  bool any_dead = false;
+// Probabilities in place of the scores [m, keys]: each row's softmax over the keys it may see, after the soft
+// cap and the padding, zero elsewhere (the context matmul reads whole rows). Only the visible span is
+// touched before the softmax: the causal and window bounds cost no exp. A row that sees no key (all its keys
+// padding) becomes all zero, as MultiheadAttention's do.
+void SoftmaxGroupRows(const RowBounds& rb, int64_t m, const float* pad, float* scores) {
   for (int64_t s = 0; s < m; ++s) {
     float* row = scores + s * rb.keys;
     const int64_t l = rb.l0 + s % rb.rows;
     const int64_t lo = (rb.window > 0 ? std::max(rb.k0, l - rb.window + 1) : rb.k0) - rb.k0;
     const int64_t hi = l + 1 - rb.k0;
-    std::fill(row, row + lo, kNegInf);
-    std::fill(row + hi, row + rb.keys, kNegInf);
-    bool seen = false;
-    for (int64_t k = lo; k < hi; ++k) {
-      float v = row[k];
-      if (rb.softcap > 0) v = rb.softcap * std::tanh(v / rb.softcap);
-      v += pad[k];
-      row[k] = v;
-      seen = seen || v != kNegInf;  // NaN counts as seen: it stays in its own request's output
+    bool seen = !rb.padded;
+    if (rb.softcap > 0 || rb.padded) {
+      for (int64_t k = lo; k < hi; ++k) {
+        float v = row[k];
+        if (rb.softcap > 0) v = rb.softcap * std::tanh(v / rb.softcap);
+        v += pad[k];
+        row[k] = v;
+        seen = seen || v != kNegInf;  // NaN counts as seen: it stays in its own request's output
+      }
     }
-    dead[s] = !seen;
-    if (!seen) std::fill(row, row + rb.keys, 0.0f);
-    any_dead = any_dead || !seen;
+    std::fill(row, row + lo, 0.0f);
+    std::fill(row + hi, row + rb.keys, 0.0f);
+    if (seen) {
+      RowSoftmax(row + lo, 1, hi - lo, rb.keys);
+    } else {
+      std::fill(row + lo, row + hi, 0.0f);
+    }
   }
-  return any_dead;
 }
 
 }  // namespace
+
+void ReleaseDecoderScratch(size_t keep_bytes) {
+  ThreadProjectionBuffer().Trim(keep_bytes);
+  BlockScratch& s = ThreadBlockScratch();
+  for (std::vector<float>* buf : {&s.q, &s.scores, &s.context, &s.pad}) {
+    if (buf->capacity() * sizeof(float) > keep_bytes) std::vector<float>().swap(*buf);
+  }
+}
 
 struct DecoderAttention::Block {
   int64_t b = 0;              // sequence
@@ -212,13 +253,13 @@ absl::StatusOr<AttentionOutputs> DecoderAttention::ForwardParsed(const ParsedDec
   const int64_t tokens = p.batch * p.len, width = c.q_width() + 2 * c.kv_width();
 
   AttentionOutputs out;
-  out.output = Tensor(p.unbatched ? Shape{p.len, c.embed_dim} : Shape{p.batch, p.len, c.embed_dim});
+  out.output = Tensor::Zeros(p.unbatched ? Shape{p.len, c.embed_dim} : Shape{p.batch, p.len, c.embed_dim});
   Tensor* weights = nullptr;
   if (p.inputs->need_weights) {
     Shape ws = p.inputs->average_attn_weights ? Shape{p.batch, p.len, p.len}
                                               : Shape{p.batch, c.num_heads, p.len, p.len};
     if (p.unbatched) ws.erase(ws.begin());
-    out.attn_weights = Tensor(std::move(ws));
+    out.attn_weights = Tensor::Zeros(std::move(ws));
     weights = &out.attn_weights;
   }
   // Query data from the wire may be unaligned; oneDNN wants floats where floats are.
@@ -229,9 +270,10 @@ absl::StatusOr<AttentionOutputs> DecoderAttention::ForwardParsed(const ParsedDec
     std::memcpy(aligned.data(), x, aligned.size() * sizeof(float));
     x = aligned.data();
   }
-  std::vector<float> qkv(static_cast<size_t>(tokens * width));
-  ATTN_RETURN_IF_ERROR(qkv_proj_->Execute(x, tokens, c.embed_dim, qkv.data(), width));
-  ApplyRope(p, qkv.data(), threads);
+  ProjectionBuffer& buffer = ThreadProjectionBuffer();
+  float* qkv = buffer.Get(static_cast<size_t>(tokens * width));
+  ATTN_RETURN_IF_ERROR(qkv_proj_->Execute(x, tokens, c.embed_dim, qkv, width));
+  ApplyRope(p, qkv, threads);
 
   std::vector<Block> blocks;
   const int64_t rows = BlockRows(p, threads);
@@ -247,13 +289,16 @@ absl::StatusOr<AttentionOutputs> DecoderAttention::ForwardParsed(const ParsedDec
   const auto n = static_cast<int64_t>(blocks.size());
   if (threads == 1 || n == 1) {
     // No parallel construct at all: inside one, every oneDNN call would start a nested team.
-    for (int64_t i = 0; i < n; ++i) statuses[i] = AttendBlock(p, blocks[i], qkv.data(), weights);
+    for (int64_t i = 0; i < n; ++i) statuses[i] = AttendBlock(p, blocks[i], qkv, weights);
   } else {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t i = 0; i < n; ++i) statuses[i] = AttendBlock(p, blocks[i], qkv.data(), weights);
+    for (int64_t i = 0; i < n; ++i) statuses[i] = AttendBlock(p, blocks[i], qkv, weights);
   }
-  for (const absl::Status& s : statuses) ATTN_RETURN_IF_ERROR(s);
-  ATTN_RETURN_IF_ERROR(o_proj_->Execute(qkv.data(), tokens, width, out.output.values.data(), c.embed_dim));
+  absl::Status status = absl::OkStatus();
+  for (const absl::Status& s : statuses) status.Update(s);
+  if (status.ok()) status = o_proj_->Execute(qkv, tokens, width, out.output.values.data(), c.embed_dim);
+  buffer.Trim();
+  if (!status.ok()) return status;
   return out;
 }
 
@@ -299,16 +344,9 @@ absl::Status DecoderAttention::AttendGroup(const ParsedDecoder& p, const Block& 
   float* scores = Grow(ws.scores, m * keys);
   ATTN_RETURN_IF_ERROR(scores_op_->Execute(Matrix(q, m, d, d), KeysTransposed(k, d, keys, width),
                                            Matrix(scores, m, keys, keys)));
-  uint8_t* dead = Grow(ws.dead, m);
   const RowBounds bounds{blk.l0, blk.rows, blk.k0, keys, c.sliding_window,
-                         static_cast<float>(c.attn_logit_softcapping)};
-  const bool any_dead = MaskGroupScores(bounds, m, ws.pad.data(), scores, dead);
-  RowSoftmax(scores, m, keys, keys);
-  if (any_dead) {
-    for (int64_t s = 0; s < m; ++s) {
-      if (dead[s]) std::fill(scores + s * keys, scores + (s + 1) * keys, 0.0f);
-    }
-  }
+                         static_cast<float>(c.attn_logit_softcapping), p.key_padding_mask != MaskType::kNone};
+  SoftmaxGroupRows(bounds, m, ws.pad.data(), scores);
   if (weights != nullptr) AddGroupWeights(p, blk, g, scores, weights);
   float* ctx = Grow(ws.context, m * d);
   ATTN_RETURN_IF_ERROR(context_op_->Execute(Matrix(scores, m, keys, keys), Matrix(v, keys, d, width),

@@ -31,6 +31,10 @@
 
 namespace attnserve {
 
+// Frees the calling thread's decoder scratch (projection buffer, block scratch) larger than `keep_bytes`: for a
+// worker about to idle, as ReleaseThreadScratch does for the multi-head attention engine's.
+void ReleaseDecoderScratch(size_t keep_bytes = size_t{1} << 20);
+
 class DecoderAttention {
  public:
   struct Options {
@@ -38,7 +42,7 @@ class DecoderAttention {
     AttentionLimits limits;
     // Scores of one kv head's query group for one query block, at most (rows are cut to fit, down to
     // min_block_rows).
-    int64_t scores_block_bytes = int64_t{2} << 20;
+    int64_t scores_block_bytes = int64_t{4} << 20;
     int64_t min_block_rows = 16;
     // A request with fewer FLOPs than this runs on the calling thread alone (see MultiheadAttention).
     int64_t single_thread_below_flops = int64_t{64} << 20;

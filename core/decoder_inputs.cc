@@ -10,21 +10,6 @@
 namespace attnserve {
 namespace {
 
-absl::Status ParseQuery(const DecoderInputs& in, const DecoderConfig& config, ParsedDecoder* p) {
-  const int64_t e = config.embed_dim;
-  if (!in.query.present()) return absl::InvalidArgumentError("query: is required");
-  ATTN_RETURN_IF_ERROR(CheckFloat("query", in.query));
-  const Shape& qs = in.query.shape;
-  if ((qs.size() != 2 && qs.size() != 3) || qs.back() != e) {
-    return ShapeError("query", absl::StrCat("[B, L, ", e, "] or [L, ", e, "] (unbatched)"), qs);
-  }
-  ATTN_RETURN_IF_ERROR(CheckDimsAndData("query", in.query));
-  p->unbatched = qs.size() == 2;
-  p->batch = p->unbatched ? 1 : qs[0];
-  p->len = qs[qs.size() - 2];
-  return absl::OkStatus();
-}
-
 // A per-token tensor: [B, L], or [L] unbatched.
 absl::Status CheckTokenShape(const char* field, const TensorView& t, const ParsedDecoder& p) {
   const Shape expected = p.unbatched ? Shape{p.len} : Shape{p.batch, p.len};
@@ -84,7 +69,10 @@ absl::StatusOr<ParsedDecoder> ParseDecoderInputs(const DecoderInputs& in, const 
                                                  const AttentionLimits& limits) {
   ParsedDecoder p;
   p.inputs = &in;
-  ATTN_RETURN_IF_ERROR(ParseQuery(in, config, &p));
+  ATTN_ASSIGN_OR_RETURN(const QueryShape q, ParseQueryShape(in.query, config.embed_dim));
+  p.unbatched = q.unbatched;
+  p.batch = q.batch;
+  p.len = q.len;
   ATTN_RETURN_IF_ERROR(CheckLimit("batch size B", p.batch, limits.max_batch, "max_batch"));
   ATTN_RETURN_IF_ERROR(CheckLimit("query length L", p.len, limits.max_sequence_length, "max_sequence_length"));
   ATTN_RETURN_IF_ERROR(CheckLimit("query tokens B*L", p.batch * p.len, limits.max_tokens, "max_tokens"));

@@ -418,14 +418,32 @@ absl::StatusOr<std::vector<float>> SafetensorsFile::ReadFloat32(std::string_view
   const SafetensorsEntry* entry = Find(name);
   if (entry == nullptr) return absl::NotFoundError(absl::StrCat(source_, ": tensor ", Quoted(name), " not found"));
   const size_t count = entry->num_bytes / SafetensorsDtypeSize(entry->dtype);
-  if (entry->dtype == "F32") return ConvertEach<float>(entry->data, count, [](float v) { return v; });
-  if (entry->dtype == "F16") return ConvertEach<uint16_t>(entry->data, count, HalfToFloat);
-  if (entry->dtype == "BF16") return ConvertEach<uint16_t>(entry->data, count, BFloat16ToFloat);
-  // Out-of-range doubles become +-inf (IEEE conversion).
-  if (entry->dtype == "F64") {
-    return ConvertEach<double>(entry->data, count, [](double v) { return static_cast<float>(v); });
+  AdvisePages(*entry, MADV_SEQUENTIAL);  // read ahead within this tensor (the file is MADV_RANDOM)
+  std::vector<float> out;
+  if (entry->dtype == "F32") {
+    out = ConvertEach<float>(entry->data, count, [](float v) { return v; });
+  } else if (entry->dtype == "F16") {
+    out = ConvertEach<uint16_t>(entry->data, count, HalfToFloat);
+  } else if (entry->dtype == "BF16") {
+    out = ConvertEach<uint16_t>(entry->data, count, BFloat16ToFloat);
+  } else if (entry->dtype == "F64") {
+    // Out-of-range doubles become +-inf (IEEE conversion).
+    out = ConvertEach<double>(entry->data, count, [](double v) { return static_cast<float>(v); });
+  } else {
+    return absl::InvalidArgumentError(DtypeError(*entry, source_, "F32, F16, BF16, F64"));
   }
-  return absl::InvalidArgumentError(DtypeError(*entry, source_, "F32, F16, BF16, F64"));
+  // Unmodified pages of a private file mapping: dropped, read again from the file if touched again.
+  AdvisePages(*entry, MADV_DONTNEED);
+  AdvisePages(*entry, MADV_RANDOM);
+  return out;
+}
+
+void SafetensorsFile::AdvisePages(const SafetensorsEntry& entry, int advice) const {
+  if (map_ == nullptr) return;
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(entry.data), end = begin + entry.num_bytes;
+  const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;
+  if (first < last) ::madvise(reinterpret_cast<void*>(first), last - first, advice);
 }
 
 absl::StatusOr<std::vector<uint8_t>> SafetensorsFile::ReadBool(std::string_view name) const {

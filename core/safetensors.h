@@ -78,6 +78,10 @@ class SafetensorsFile {
 
   std::string source_;
   std::string bytes_;         // Parse(): the bytes
+  // madvise(advice) over the mapped pages wholly inside `entry`. ReadFloat32 reads a tensor sequentially
+  // and then drops its pages (MADV_DONTNEED): a layer of a multi-GiB checkpoint holds its f32 copy and one
+  // tensor's pages at a time, not every page it read.
+  void AdvisePages(const SafetensorsEntry& entry, int advice) const;
   void* map_ = nullptr;       // Open(): the mapping, map_bytes_ long (nullptr for an empty file)
   size_t map_bytes_ = 0;
   std::map<std::string, SafetensorsEntry, std::less<>> entries_;

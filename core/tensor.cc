@@ -1,5 +1,9 @@
 #include "core/tensor.h"
 
+#include <sys/mman.h>
+
+#include <cstdint>
+
 #include "absl/strings/str_join.h"
 
 namespace attnserve {
@@ -34,6 +38,23 @@ int64_t NumElements(absl::Span<const int64_t> shape) {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
   return n;
+}
+
+void AdviseHugePages(void* data, size_t bytes) {
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(data), end = begin + bytes;
+  const uintptr_t first = (begin + kHugePage - 1) / kHugePage * kHugePage, last = end / kHugePage * kHugePage;
+  if (last >= first + 2 * kHugePage) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+}
+
+Tensor Tensor::Zeros(Shape shape) {
+  Tensor t;
+  const auto n = static_cast<size_t>(NumElements(shape));
+  t.shape = std::move(shape);
+  t.values.reserve(n);  // allocated, not yet touched
+  AdviseHugePages(t.values.data(), n * sizeof(float));
+  t.values.resize(n);
+  return t;
 }
 
 }  // namespace attnserve

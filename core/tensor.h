@@ -40,6 +40,10 @@ struct TensorView {
   static TensorView I64(const int64_t* data, Shape shape) { return {DType::kInt64, std::move(shape), data}; }
 };
 
+// Asks for transparent huge pages over the 2 MiB-aligned part of [data, data + bytes) when it holds at least
+// two of them (advice: the kernel may decline). For large buffers before their first touch.
+void AdviseHugePages(void* data, size_t bytes);
+
 // An owning, row-major f32 tensor.
 struct Tensor {
   Shape shape;
@@ -50,6 +54,9 @@ struct Tensor {
   Tensor(Shape s, std::vector<float> v) : shape(std::move(s)), values(std::move(v)) {}
 
   TensorView view() const { return TensorView::F32(values.data(), shape); }
+  // Zeros of `shape`; a large one on transparent huge pages where the kernel allows them (madvise mode):
+  // 4 KiB pages fault in one by one, which on a VM costs more than the matmul that fills an output.
+  static Tensor Zeros(Shape shape);
   int64_t num_elements() const { return NumElements(shape); }
 };
 

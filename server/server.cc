@@ -153,7 +153,10 @@ absl::Status Server::Build() {
   scheduler_options.clock = options_.clock;
   scheduler_options.idle_spin_us = options_.idle_spin_us;
   scheduler_options.observer = p.observer.get();
-  scheduler_options.on_idle = [] { ReleaseThreadScratch(); };  // a burst's scratch goes back when it ends
+  scheduler_options.on_idle = [] {  // a burst's scratch goes back when it ends
+    ReleaseThreadScratch();
+    ReleaseDecoderScratch();
+  };
   scheduler_options.long_item_cost = options_.long_request_flops;
   scheduler_options.cost = [](const std::unique_ptr<InferenceCall>& call) {
     return static_cast<double>(call->parsed.flops);

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/strings/str_cat.h"
 
 namespace attnserve {
@@ -15,15 +16,26 @@ std::vector<float> Pattern(int64_t n) {
   return v;
 }
 
+// One forward per length of the shape classes within max_len (0: no limit), the first error named.
+absl::Status ForEachWarmUpLength(int64_t max_len,
+                                 absl::FunctionRef<absl::StatusOr<AttentionOutputs>(int64_t len)> forward) {
+  for (int64_t len : {1, 8, 32, 128}) {
+    if (max_len > 0 && len > max_len) break;
+    const absl::StatusOr<AttentionOutputs> out = forward(len);
+    if (!out.ok()) {
+      return absl::Status(out.status().code(), absl::StrCat("warm-up forward (L=", len, "): ", out.status().message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status WarmUpLayer(const MultiheadAttention& engine, int max_threads) {
   const MhaConfig& c = engine.config();
   const int64_t kdim = c.kdim > 0 ? c.kdim : c.embed_dim;
   const int64_t vdim = c.vdim > 0 ? c.vdim : c.embed_dim;
-  const int64_t max_len = engine.options().limits.max_sequence_length;
-  for (int64_t len : {1, 8, 32, 128}) {
-    if (max_len > 0 && len > max_len) break;
+  return ForEachWarmUpLength(engine.options().limits.max_sequence_length, [&](int64_t len) {
     const std::vector<float> query = Pattern(len * c.embed_dim);
     const std::vector<float> key = Pattern(len * kdim);
     const std::vector<float> value = Pattern(len * vdim);
@@ -33,28 +45,18 @@ absl::Status WarmUpLayer(const MultiheadAttention& engine, int max_threads) {
       inputs.key = TensorView::F32(key.data(), {1, len, kdim});
       inputs.value = TensorView::F32(value.data(), {1, len, vdim});
     }
-    const absl::StatusOr<AttentionOutputs> out = engine.Forward(inputs, max_threads);
-    if (!out.ok()) {
-      return absl::Status(out.status().code(), absl::StrCat("warm-up forward (L=", len, "): ", out.status().message()));
-    }
-  }
-  return absl::OkStatus();
+    return engine.Forward(inputs, max_threads);
+  });
 }
 
 absl::Status WarmUpLayer(const DecoderAttention& decoder, int max_threads) {
   const int64_t e = decoder.config().embed_dim;
-  const int64_t max_len = decoder.options().limits.max_sequence_length;
-  for (int64_t len : {1, 8, 32, 128}) {
-    if (max_len > 0 && len > max_len) break;
+  return ForEachWarmUpLength(decoder.options().limits.max_sequence_length, [&](int64_t len) {
     const std::vector<float> query = Pattern(len * e);
     DecoderInputs inputs;
     inputs.query = TensorView::F32(query.data(), {1, len, e});
-    const absl::StatusOr<AttentionOutputs> out = decoder.Forward(inputs, max_threads);
-    if (!out.ok()) {
-      return absl::Status(out.status().code(), absl::StrCat("warm-up forward (L=", len, "): ", out.status().message()));
-    }
-  }
-  return absl::OkStatus();
+    return decoder.Forward(inputs, max_threads);
+  });
 }
 
 absl::Status WarmUpLayer(const ServedLayer& layer, int max_threads) {

@@ -97,12 +97,11 @@ void BM_PeakSgemm(benchmark::State& state) {
 // (ForwardAppends): decode steps (T = 1) or prefill chunks. Args: sessions, context, E, H, T. Counters: KV
 // bytes read per second (every cached key and value once per append), tokens/s. Each iteration truncates the
 // caches back, so the context stays put.
-void BM_DecodeAppends(benchmark::State& state) {
-  const int64_t n = state.range(0), context = state.range(1), e = state.range(2), h = state.range(3);
-  const int64_t t = state.range(4);
-  MultiheadAttention::Options options;
-  options.config = {e, h, 0, 0, true};
-  auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
+// `n` appends of `t` tokens each over caches of `context` tokens, as one batch of `layer`'s ForwardAppends.
+// read_GBps adds the weights (`weight_bytes`), read once per batch: what bounds a decode step.
+void RunDecodeAppends(benchmark::State& state, const AppendEngine& layer, int64_t n, int64_t context, int64_t t,
+                      int64_t weight_bytes) {
+  const int64_t e = layer.embed_dim(), width = layer.cache_width();
   auto pool = KvCachePool::Create({int64_t{8} << 30, 16});
   std::vector<KvSequence> caches;
   const std::vector<float> prefix = Random(context * e, 3), token = Random(t * e, 4);
@@ -110,25 +109,56 @@ void BM_DecodeAppends(benchmark::State& state) {
   std::vector<const CachedAppend*> batch;
   caches.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
-    caches.emplace_back(pool->get(), e);
+    caches.emplace_back(pool->get(), width);
     CachedAppend fill{prefix.data(), context, &caches.back()};
     const CachedAppend* one[] = {&fill};
-    (void)(*layer)->ForwardAppends(one);
+    (void)layer.ForwardAppends(one);
     appends[i] = {token.data(), t, &caches.back()};
     batch.push_back(&appends[i]);
   }
   for (auto _ : state) {
-    auto out = (*layer)->ForwardAppends(batch);
+    auto out = layer.ForwardAppends(batch);
     benchmark::DoNotOptimize(out);
     state.PauseTiming();
     for (KvSequence& c : caches) c.Truncate(context);
     state.ResumeTiming();
   }
-  const double kv_bytes = 2.0 * static_cast<double>(n * (context + t) * e) * sizeof(float);
+  const double kv_bytes = 2.0 * static_cast<double>(n * (context + t) * width) * sizeof(float);
   state.counters["KV_GBps"] = benchmark::Counter(kv_bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["read_GBps"] = benchmark::Counter((kv_bytes + static_cast<double>(weight_bytes)) / 1e9,
+                                                   benchmark::Counter::kIsIterationInvariantRate);
   state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(n * t), benchmark::Counter::kIsIterationInvariantRate);
 }
 
+void BM_DecodeAppends(benchmark::State& state) {
+  MultiheadAttention::Options options;
+  options.config = {state.range(2), state.range(3), 0, 0, true};
+  auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
+  RunDecodeAppends(state, **layer, state.range(0), state.range(1), state.range(4), 4 * 4 * state.range(2) * state.range(2));
+}
+
+// Decoder sessions' appends (no window): Args sessions, context, E, H, Hkv, D, T; KV_GBps counts the Hkv * D
+// wide keys and values each append reads.
+void BM_DecoderAppends(benchmark::State& state) {
+  DecoderAttention::Options options;
+  DecoderConfig& c = options.config;
+  c.embed_dim = state.range(2);
+  c.num_heads = state.range(3);
+  c.num_kv_heads = state.range(4);
+  c.head_dim = state.range(5);
+  c.rope.rotary_dim = c.head_dim;
+  auto layer = DecoderAttention::Create(options, RandomDecoderWeights(c, 1));
+  const int64_t weight_bytes = 4 * c.embed_dim * (2 * c.q_width() + 2 * c.kv_width());
+  RunDecodeAppends(state, **layer, state.range(0), state.range(1), state.range(6), weight_bytes);
+}
+
+BENCHMARK(BM_DecoderAppends)
+    ->Args({1, 4096, 4096, 32, 8, 128, 1})
+    ->Args({16, 4096, 4096, 32, 8, 128, 1})
+    ->Args({1, 4096, 4096, 32, 8, 128, 128})
+    ->ArgNames({"sessions", "context", "E", "H", "Hkv", "D", "T"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DecodeAppends)
     ->Args({32, 1024, 1024, 16, 1})
     ->Args({1, 1024, 1024, 16, 1})

@@ -206,6 +206,8 @@ absl::StatusOr<attnserve::v1::InferRequest> Client::MakeInferRequest(const std::
   request.set_is_causal(options.is_causal);
   request.set_need_weights(options.need_weights);
   if (!options.average_attn_weights) request.set_average_attn_weights(false);
+  request.set_position_offset(options.position_offset);
+  for (int64_t p : options.position_ids) request.add_position_ids(p);
   request.set_id(options.id);
   return request;
 }

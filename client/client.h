@@ -81,6 +81,10 @@ class Client {
     bool is_causal = false;
     bool need_weights = false;
     bool average_attn_weights = true;
+    // DECODER_ATTENTION layers: the rotary position of each sequence's first token, or one position per token
+    // ([B, L] row-major; overrides the offset).
+    int64_t position_offset = 0;
+    std::vector<int64_t> position_ids;
     // This call's deadline in milliseconds; unset: Options::default_timeout_ms; 0: none.
     std::optional<int64_t> timeout_ms;
     std::string id;

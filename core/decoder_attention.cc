@@ -12,137 +12,34 @@
 #include "absl/memory/memory.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "core/decoder_kernels.h"
 #include "core/omp_threads.h"
-#include "core/row_softmax.h"
 
 namespace attnserve {
+using decoder_internal::AddGroupWeights;
+using decoder_internal::BlockScratch;
+using decoder_internal::Grow;
+using decoder_internal::KeysTransposed;
+using decoder_internal::kF32;
+using decoder_internal::LoadUnaligned;
+using decoder_internal::Matrix;
+using decoder_internal::ProjectionBuffer;
+using decoder_internal::RowBounds;
+using decoder_internal::SoftmaxGroupRows;
+using decoder_internal::StackGroupQueries;
+using decoder_internal::ThreadBlockScratch;
+using decoder_internal::ThreadProjectionBuffer;
+using decoder_internal::UnstackGroupContext;
+using decoder_internal::WeightsSink;
+
 namespace {
-
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kF32 = sizeof(float);
-
-// Per-thread scratch of one query block and kv head, reused across calls (bounded by the block budget).
-struct BlockScratch {
-  std::vector<float> q;        // the group's queries stacked, [r * rows, D]
-  std::vector<float> scores;   // [r * rows, keys]
-  std::vector<float> context;  // [r * rows, D]
-  std::vector<float> pad;      // the block's additive key padding, [keys]
-};
-
-BlockScratch& ThreadBlockScratch() {
-  thread_local BlockScratch scratch;
-  return scratch;
-}
-
-// The calling thread's projection buffer [B*L, H*D + 2*Hkv*D], kept from call to call (a fresh one would be
-// zeroed and page-faulted in every time: a quarter of a call at L=2048) unless it grew past kRetainBytes.
-constexpr size_t kRetainBytes = size_t{256} << 20;
-
-struct ProjectionBuffer {
-  std::unique_ptr<float[]> data;
-  size_t capacity = 0;
-  float* Get(size_t n) {
-    if (n > capacity) {
-      data.reset();  // the old one first: never both at once
-      data.reset(new float[n]);
-      AdviseHugePages(data.get(), n * sizeof(float));
-      capacity = n;
-    }
-    return data.get();
-  }
-  void Trim(size_t keep_bytes = kRetainBytes) {
-    if (capacity * sizeof(float) > keep_bytes) {
-      data.reset();
-      capacity = 0;
-    }
-  }
-};
-
-ProjectionBuffer& ThreadProjectionBuffer() {
-  thread_local ProjectionBuffer buffer;
-  return buffer;
-}
-
-template <typename T>
-T* Grow(std::vector<T>& buf, int64_t n) {
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
-  return buf.data();
-}
-
-// A [rows, cols] matrix with row stride ld, as the matmul's rank-4 view.
-View4 Matrix(const float* data, int64_t rows, int64_t cols, int64_t ld) {
-  View4 v;
-  v.data = const_cast<float*>(data);  // NOLINT: the op reads A and B only
-  const int64_t whole = rows * ld;
-  v.dims[0] = v.dims[1] = 1;
-  v.dims[2] = rows;
-  v.dims[3] = cols;
-  v.strides[0] = v.strides[1] = whole;
-  v.strides[2] = ld;
-  v.strides[3] = 1;
-  return v;
-}
-
-// K^T of `keys` rows of D features, row stride ld: element (d, s) at data[s * ld + d].
-View4 KeysTransposed(const float* data, int64_t head_dim, int64_t keys, int64_t ld) {
-  View4 v = Matrix(data, head_dim, keys, 1);
-  v.strides[0] = v.strides[1] = keys * ld;
-  v.strides[2] = 1;
-  v.strides[3] = ld;
-  return v;
-}
-
-template <typename T>
-T LoadUnaligned(const void* base, int64_t i) {
-  T v;
-  std::memcpy(&v, static_cast<const char*>(base) + i * static_cast<int64_t>(sizeof(T)), sizeof(T));
-  return v;
-}
-
-// The bounds of a block's stacked rows: row s is query l0 + s % rows, which sees keys [max(k0, l - window + 1),
-// l] (columns counted from k0).
-struct RowBounds {
-  int64_t l0, rows, k0, keys, window;
-  float softcap;  // 0 = none
-  bool padded;    // the block's keys have a padding row to add
-};
-
-// Probabilities in place of the scores [m, keys]: each row's softmax over the keys it may see, after the soft
-// cap and the padding, zero elsewhere (the context matmul reads whole rows). Only the visible span is
-// touched before the softmax: the causal and window bounds cost no exp. A row that sees no key (all its keys
-// padding) becomes all zero, as MultiheadAttention's do.
-void SoftmaxGroupRows(const RowBounds& rb, int64_t m, const float* pad, float* scores) {
-  for (int64_t s = 0; s < m; ++s) {
-    float* row = scores + s * rb.keys;
-    const int64_t l = rb.l0 + s % rb.rows;
-    const int64_t lo = (rb.window > 0 ? std::max(rb.k0, l - rb.window + 1) : rb.k0) - rb.k0;
-    const int64_t hi = l + 1 - rb.k0;
-    bool seen = !rb.padded;
-    if (rb.softcap > 0 || rb.padded) {
-      for (int64_t k = lo; k < hi; ++k) {
-        float v = row[k];
-        if (rb.softcap > 0) v = rb.softcap * std::tanh(v / rb.softcap);
-        v += pad[k];
-        row[k] = v;
-        seen = seen || v != kNegInf;  // NaN counts as seen: it stays in its own request's output
-      }
-    }
-    std::fill(row, row + lo, 0.0f);
-    std::fill(row + hi, row + rb.keys, 0.0f);
-    if (seen) {
-      RowSoftmax(row + lo, 1, hi - lo, rb.keys);
-    } else {
-      std::fill(row + lo, row + hi, 0.0f);
-    }
-  }
-}
-
 }  // namespace
 
 void ReleaseDecoderScratch(size_t keep_bytes) {
   ThreadProjectionBuffer().Trim(keep_bytes);
   BlockScratch& s = ThreadBlockScratch();
-  for (std::vector<float>* buf : {&s.q, &s.scores, &s.context, &s.pad}) {
+  for (std::vector<float>* buf : {&s.q, &s.scores, &s.context, &s.pad, &s.span, &s.inputs, &s.out}) {
     if (buf->capacity() * sizeof(float) > keep_bytes) std::vector<float>().swap(*buf);
   }
 }
@@ -177,6 +74,7 @@ absl::StatusOr<std::unique_ptr<DecoderAttention>> DecoderAttention::Create(const
                         LinearOp::Create(c.q_width(), c.embed_dim, weights.o_proj_weight, weights.o_proj_bias));
   ATTN_ASSIGN_OR_RETURN(layer->scores_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, c.head_dim));
   ATTN_ASSIGN_OR_RETURN(layer->context_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kContext, c.head_dim));
+  ATTN_ASSIGN_OR_RETURN(layer->context_add_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kContextAdd, c.head_dim));
   return layer;
 }
 
@@ -185,7 +83,7 @@ std::vector<std::string> DecoderAttention::ImplementationsUsed() const {
   for (const auto* op : {qkv_proj_.get(), o_proj_.get()}) {
     for (std::string& s : op->Impls()) all.push_back(std::move(s));
   }
-  for (const auto* op : {scores_op_.get(), context_op_.get()}) {
+  for (const auto* op : {scores_op_.get(), context_op_.get(), context_add_op_.get()}) {
     for (std::string& s : op->Impls()) all.push_back(std::move(s));
   }
   std::sort(all.begin(), all.end());
@@ -331,14 +229,7 @@ absl::Status DecoderAttention::AttendGroup(const ParsedDecoder& p, const Block& 
   const int64_t m = r * blk.rows, keys = blk.k1 - blk.k0;
   float* seq = qkv + blk.b * p.len * width;
   float* q = Grow(ws.q, m * d);
-  const float scale = c.score_scale();
-  for (int64_t j = 0; j < r; ++j) {
-    for (int64_t i = 0; i < blk.rows; ++i) {
-      const float* src = seq + (blk.l0 + i) * width + (g * r + j) * d;
-      float* dst = q + (j * blk.rows + i) * d;
-      for (int64_t e = 0; e < d; ++e) dst[e] = src[e] * scale;
-    }
-  }
+  StackGroupQueries(seq + blk.l0 * width, width, blk.rows, g, r, d, c.score_scale(), q);
   const float* k = seq + blk.k0 * width + c.q_width() + g * d;
   const float* v = k + c.kv_width();
   float* scores = Grow(ws.scores, m * keys);
@@ -347,38 +238,24 @@ absl::Status DecoderAttention::AttendGroup(const ParsedDecoder& p, const Block& 
   const RowBounds bounds{blk.l0, blk.rows, blk.k0, keys, c.sliding_window,
                          static_cast<float>(c.attn_logit_softcapping), p.key_padding_mask != MaskType::kNone};
   SoftmaxGroupRows(bounds, m, ws.pad.data(), scores);
-  if (weights != nullptr) AddGroupWeights(p, blk, g, scores, weights);
+  if (weights != nullptr) AddBlockWeights(p, blk, g, scores, weights);
   float* ctx = Grow(ws.context, m * d);
   ATTN_RETURN_IF_ERROR(context_op_->Execute(Matrix(scores, m, keys, keys), Matrix(v, keys, d, width),
                                             Matrix(ctx, m, d, d)));
   // The context replaces the group's q columns, which the output projection reads.
-  for (int64_t j = 0; j < r; ++j) {
-    for (int64_t i = 0; i < blk.rows; ++i) {
-      std::memcpy(seq + (blk.l0 + i) * width + (g * r + j) * d, ctx + (j * blk.rows + i) * d, d * sizeof(float));
-    }
-  }
+  UnstackGroupContext(ctx, blk.rows, g, r, d, seq + blk.l0 * width, width);
   return absl::OkStatus();
 }
 
-void DecoderAttention::AddGroupWeights(const ParsedDecoder& p, const Block& blk, int64_t g, const float* probs,
+void DecoderAttention::AddBlockWeights(const ParsedDecoder& p, const Block& blk, int64_t g, const float* probs,
                                        Tensor* weights) const {
   const DecoderConfig& c = options_.config;
-  const int64_t r = c.group_size(), keys = blk.k1 - blk.k0, len = p.len;
+  const int64_t len = p.len;
   const bool averaged = p.inputs->average_attn_weights;
-  const float share = 1.0f / static_cast<float>(c.num_heads);
-  for (int64_t j = 0; j < r; ++j) {
-    const int64_t h = g * r + j;
-    for (int64_t i = 0; i < blk.rows; ++i) {
-      const float* src = probs + (j * blk.rows + i) * keys;
-      const int64_t row = averaged ? blk.b * len + blk.l0 + i : (blk.b * c.num_heads + h) * len + blk.l0 + i;
-      float* dst = weights->values.data() + row * len + blk.k0;
-      if (averaged) {
-        for (int64_t k = 0; k < keys; ++k) dst[k] += src[k] * share;
-      } else {
-        std::memcpy(dst, src, keys * sizeof(float));
-      }
-    }
-  }
+  const int64_t first_row = averaged ? blk.b * len + blk.l0 : blk.b * c.num_heads * len + blk.l0;
+  const WeightsSink sink{weights->values.data() + first_row * len + blk.k0, len * len, len, averaged,
+                         1.0f / static_cast<float>(c.num_heads)};
+  AddGroupWeights(sink, g, c.group_size(), blk.rows, blk.k1 - blk.k0, probs);
 }
 
 }  // namespace attnserve

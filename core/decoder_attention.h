@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/append_engine.h"
 #include "core/attention_inputs.h"
 #include "core/decoder_config.h"
 #include "core/decoder_inputs.h"
@@ -35,7 +36,7 @@ namespace attnserve {
 // worker about to idle, as ReleaseThreadScratch does for the multi-head attention engine's.
 void ReleaseDecoderScratch(size_t keep_bytes = size_t{1} << 20);
 
-class DecoderAttention {
+class DecoderAttention : public AppendEngine {
  public:
   struct Options {
     DecoderConfig config;
@@ -46,6 +47,9 @@ class DecoderAttention {
     int64_t min_block_rows = 16;
     // A request with fewer FLOPs than this runs on the calling thread alone (see MultiheadAttention).
     int64_t single_thread_below_flops = int64_t{64} << 20;
+    // Sessions' appends: cached keys or values copied together for one matmul (at least one token; tests
+    // set it small to cross many spans).
+    int64_t cache_span_bytes = int64_t{1} << 20;
   };
 
   // InvalidArgument for a bad config or weights that do not match it.
@@ -67,6 +71,19 @@ class DecoderAttention {
   absl::StatusOr<AttentionOutputs> Forward(const DecoderInputs& inputs, int max_threads = 0) const;
   absl::StatusOr<AttentionOutputs> ForwardParsed(const ParsedDecoder& parsed, int max_threads) const;
 
+  // AppendEngine: session appends over a cache of Hkv * D floats of keys (and of values) per token, after
+  // RoPE, at positions continuing the session's (a cache of n tokens places the next token at n). Decoder
+  // sessions are self-attention only.
+  int64_t embed_dim() const override { return options_.config.embed_dim; }
+  int64_t attention_heads() const override { return options_.config.num_heads; }
+  int64_t cache_width() const override { return options_.config.kv_width(); }
+  int64_t sliding_window() const override { return options_.config.sliding_window; }
+  const AttentionLimits& limits() const override { return options_.limits; }
+  int64_t AppendFlops(int64_t tokens, int64_t context_after, bool cross_attention) const override;
+  int64_t AppendWorkspaceBytes(int64_t tokens, int64_t context_after) const override;
+  std::vector<absl::StatusOr<AttentionOutputs>> ForwardAppends(absl::Span<const CachedAppend* const> appends,
+                                                               int max_threads = 0) const override;
+
   // impl_info_str() of every oneDNN primitive this layer has built.
   std::vector<std::string> ImplementationsUsed() const;
 
@@ -77,13 +94,30 @@ class DecoderAttention {
   void ApplyRope(const ParsedDecoder& p, float* qkv, int threads) const;
   absl::Status AttendBlock(const ParsedDecoder& p, const Block& blk, float* qkv, Tensor* weights) const;
   absl::Status AttendGroup(const ParsedDecoder& p, const Block& blk, int64_t g, float* qkv, Tensor* weights) const;
-  void AddGroupWeights(const ParsedDecoder& p, const Block& blk, int64_t g, const float* probs,
+  // Session appends (decoder_cached_attention.cc): query rows per block of an append over `context_after`
+  // keys, and one block's attention over the cache, its context written over its q columns.
+  struct CachedBlock;
+  int64_t AppendBlockRows(int64_t tokens, int64_t context_after) const;
+  absl::Status CheckAppend(const CachedAppend& a) const;
+  // Checks each append and makes its outputs: first_row[m] its first row in the batch's projection (stays -1
+  // when refused, its result the error). Returns the rows; adds their FLOPs to *flops.
+  int64_t PrepareAppends(absl::Span<const CachedAppend* const> appends,
+                         std::vector<absl::StatusOr<AttentionOutputs>>* results, std::vector<int64_t>* first_row,
+                         int64_t* flops) const;
+  // Appends the new keys and values (after RoPE) to their caches and plans the query blocks.
+  std::vector<CachedBlock> CacheAppends(absl::Span<const CachedAppend* const> appends,
+                                        const std::vector<int64_t>& first_row, const float* qkv,
+                                        std::vector<absl::StatusOr<AttentionOutputs>>* results) const;
+  void RopeAppends(absl::Span<const CachedAppend* const> appends, const std::vector<int64_t>& first_row, float* qkv,
+                   int threads) const;
+  absl::Status AttendCachedBlock(const CachedBlock& blk, float* qkv) const;
+  void AddBlockWeights(const ParsedDecoder& p, const Block& blk, int64_t g, const float* probs,
                        Tensor* weights) const;
 
   Options options_;
   Rope rope_;
   std::unique_ptr<LinearOp> qkv_proj_, o_proj_;
-  std::unique_ptr<HeadMatmulOp> scores_op_, context_op_;
+  std::unique_ptr<HeadMatmulOp> scores_op_, context_op_, context_add_op_;
 };
 
 }  // namespace attnserve

@@ -202,6 +202,7 @@ absl::Status KvSequence::Append(const float* keys, const float* values, int64_t 
 KvSequence KvSequence::Fork() const {
   KvSequence fork(pool_, width_);
   fork.tokens_ = tokens_;
+  fork.dropped_blocks_ = dropped_blocks_;
   fork.blocks_ = blocks_;
   return fork;
 }
@@ -210,8 +211,14 @@ void KvSequence::Truncate(int64_t tokens) {
   if (tokens < 0 || tokens >= tokens_) return;
   const int64_t keep_blocks = (tokens + block_tokens() - 1) / block_tokens();
   blocks_.resize(static_cast<size_t>(keep_blocks));
+  dropped_blocks_ = std::min(dropped_blocks_, keep_blocks);
   reserved_.clear();
   tokens_ = tokens;
+}
+
+void KvSequence::DropBefore(int64_t token) {
+  const int64_t last = std::min(token / block_tokens(), num_blocks() - 1);
+  for (; dropped_blocks_ < last; ++dropped_blocks_) blocks_[dropped_blocks_].Reset();
 }
 
 }  // namespace attnserve

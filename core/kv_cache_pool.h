@@ -126,7 +126,8 @@ class KvSequence {
   int64_t width() const { return width_; }
   int64_t num_blocks() const { return static_cast<int64_t>(blocks_.size()); }
   int64_t block_tokens() const { return pool_->block_tokens(); }
-  // Keys [block_tokens, width] and values of block `b`; rows past tokens() are not defined.
+  // Keys [block_tokens, width] and values of block `b` (b >= first_token() / block_tokens()); rows past
+  // tokens() are not defined.
   const float* keys(int64_t b) const { return blocks_[b].keys(); }
   const float* values(int64_t b) const { return blocks_[b].values(block_tokens()); }
   // Blocks this sequence shares with another (after a fork).
@@ -146,14 +147,23 @@ class KvSequence {
   // A sequence with the same tokens, sharing every block (not the reserved ones).
   KvSequence Fork() const;
   // Keeps the first `tokens` tokens (no-op when it holds fewer); the blocks past them go back to the pool.
+  // Tokens before first_token() stay gone: a caller that needs their keys must not truncate below them.
   void Truncate(int64_t tokens);
+  // Gives the pool back the whole blocks before token `token` (a sliding window will not read them again),
+  // never the last block. Token indices do not change: tokens() still counts them.
+  void DropBefore(int64_t token);
+  // The first token whose keys and values are held (0 unless DropBefore freed some).
+  int64_t first_token() const { return dropped_blocks_ * block_tokens(); }
   // Bytes of the pool this sequence holds (its blocks, shared ones included, and reserved ones).
-  int64_t bytes() const { return (num_blocks() + static_cast<int64_t>(reserved_.size())) * pool_->BlockBytes(width_); }
+  int64_t bytes() const {
+    return (num_blocks() - dropped_blocks_ + static_cast<int64_t>(reserved_.size())) * pool_->BlockBytes(width_);
+  }
 
  private:
   KvCachePool* pool_;
   int64_t width_;
   int64_t tokens_ = 0;
+  int64_t dropped_blocks_ = 0;  // blocks_[0, dropped_blocks_) are empty references
   std::vector<KvBlockRef> blocks_;
   std::vector<KvBlockRef> reserved_;  // taken by Reserve, used by Append first
 };

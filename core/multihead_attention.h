@@ -24,6 +24,7 @@
 #include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "core/append_engine.h"
 #include "core/attention_inputs.h"
 #include "core/kv_cache_pool.h"
 #include "core/mha_config.h"
@@ -40,20 +41,6 @@ using StopFn = std::function<absl::Status(size_t i)>;
 // call, up to 256 MiB, to avoid reallocating): for a worker about to idle, so that a burst's memory goes back.
 void ReleaseThreadScratch(size_t keep_bytes = size_t{1} << 20);
 
-// One append of a session to a layer (the sessions' incremental attention): T new tokens attend over what
-// the session's cache holds for the layer.
-struct CachedAppend {
-  const float* query = nullptr;  // [T, E], row-major: the new tokens' inputs
-  int64_t tokens = 0;            // T >= 1
-  // Self-attention: the session's keys and values, [tokens, E] each; the new tokens' are appended (reserve
-  // them first, KvSequence::Reserve(T), so that the engine's append cannot fail) and token i attends over
-  // every cached token and the new ones up to itself. Cross-attention: the projected memory, read as is.
-  KvSequence* cache = nullptr;
-  bool cross_attention = false;
-  bool need_weights = false;        // attn_weights [T, S] averaged, or [H, T, S]; S: the cache's tokens after
-  bool average_attn_weights = true;
-};
-
 // Multiply-adds x2 of an append of `tokens` new tokens to a cache holding `context_after` tokens once they
 // are in: projections (q, k, v and out; q and out alone for cross-attention) and the attention (scores and
 // context over every cached key; the causal half is not subtracted: the kernels compute whole blocks).
@@ -62,7 +49,7 @@ inline int64_t CachedAppendFlops(int64_t embed_dim, int64_t tokens, int64_t cont
          4 * tokens * context_after * embed_dim;
 }
 
-class MultiheadAttention {
+class MultiheadAttention : public AppendEngine {
  public:
   struct Options {
     MhaConfig config;
@@ -130,13 +117,27 @@ class MultiheadAttention {
   // place. Result i answers appends[i]: output [T, E] and the weights it asked for. Equal to a causal
   // Forward over the whole sequence, restricted to the new rows.
   std::vector<absl::StatusOr<AttentionOutputs>> ForwardAppends(absl::Span<const CachedAppend* const> appends,
-                                                               int max_threads = 0) const;
+                                                               int max_threads = 0) const override;
   // A cross-attention session's memory [S, kdim] (kdim == vdim) projected to keys and values, appended to
   // `cache` (width E).
   absl::Status ProjectMemory(const float* memory, int64_t tokens, KvSequence* cache) const;
   // Bytes of scores ForwardAppends holds at once for an append of `tokens` over `context` cached tokens (its
   // query blocks are planned within Options::scores_block_bytes, as Forward's are).
   int64_t AppendScoresBytes(int64_t tokens, int64_t context) const;
+
+  // AppendEngine.
+  int64_t embed_dim() const override { return options_.config.embed_dim; }
+  int64_t attention_heads() const override { return options_.config.num_heads; }
+  int64_t cache_width() const override { return options_.config.embed_dim; }
+  bool supports_cross_attention() const override { return true; }
+  const AttentionLimits& limits() const override { return options_.limits; }
+  int64_t AppendFlops(int64_t tokens, int64_t context_after, bool cross_attention) const override {
+    return CachedAppendFlops(options_.config.embed_dim, tokens, context_after, cross_attention);
+  }
+  // The new rows' inputs, projections and output, and one query block's scores.
+  int64_t AppendWorkspaceBytes(int64_t tokens, int64_t context_after) const override {
+    return int64_t{4} * tokens * 5 * options_.config.embed_dim + AppendScoresBytes(tokens, context_after);
+  }
 
   // impl_info_str() of every oneDNN primitive this layer has built (for every OpenMP team size it ran
   // with), e.g. "gemm:jit".

@@ -47,12 +47,12 @@ constexpr FlagSpec kFlags[] = {
     {"per-head-weights", false}, {"seed", true},    {"query", true},         {"key", true},
     {"value", true},       {"key-padding-mask", true}, {"attn-mask", true},  {"output", true},
     {"weights-output", true}, {"tls-cert", true}, {"tls-key", true}, {"token-file", true},
-    {"config-json", true},
+    {"config-json", true}, {"position-offset", true},
 };
 // Flags only `infer` takes; given to another command they are a usage error rather than silently ignored.
 constexpr const char* kInferFlags[] = {"batch", "seq", "kv-seq", "causal", "need-weights", "per-head-weights",
                                        "seed", "query", "key", "value", "key-padding-mask", "attn-mask",
-                                       "output", "weights-output"};
+                                       "output", "weights-output", "position-offset"};
 
 std::string Usage() {
   return absl::StrCat(R"(Usage: attnctl [flags] COMMAND [ARGS]
@@ -100,6 +100,7 @@ infer options:
   --per-head-weights     with --need-weights: one set per head instead of the average
   --output FILE          save the output as .npy
   --weights-output FILE  save the attention weights as .npy (needs --need-weights)
+  --position-offset N    DECODER_ATTENTION layers: rotary position of the first token (default 0)
 
 Exit status:
   0  success (health: SERVING)
@@ -261,9 +262,10 @@ std::string SummaryText(const char* name, const Client::Tensor& t) {
 
 int Infer(const Context& ctx, const std::string& layer, const CommandLine& cl) {
   // Flags first, so usage errors come before any call.
-  int64_t batch = 1, seq = 16, kv_seq = 0, seed = 1;
+  int64_t batch = 1, seq = 16, kv_seq = 0, seed = 1, position_offset = 0;
   for (const auto& [flag, out, min] : {std::tuple<const char*, int64_t*, int64_t>{"batch", &batch, 1},
-                                       {"seq", &seq, 0}, {"kv-seq", &kv_seq, 0}, {"seed", &seed, 0}}) {
+                                       {"seq", &seq, 0}, {"kv-seq", &kv_seq, 0}, {"seed", &seed, 0},
+                                       {"position-offset", &position_offset, 0}}) {
     if (auto v = cl.Get(flag)) {
       auto parsed = ParseIntFlag(flag, *v, min, int64_t{1} << 40);
       if (!parsed.ok()) return UsageError(std::string(parsed.status().message()));
@@ -328,6 +330,7 @@ int Infer(const Context& ctx, const std::string& layer, const CommandLine& cl) {
   options.is_causal = cl.Has("causal");
   options.need_weights = cl.Has("need-weights");
   options.average_attn_weights = !cl.Has("per-head-weights");
+  options.position_offset = position_offset;
 
   const auto start = std::chrono::steady_clock::now();
   auto result = ctx.client->Infer(layer, query.floats, query.shape, options);

@@ -38,7 +38,7 @@ bool IsStop(const absl::Status& s) {
 
 // Sessions' appends of one batch as one engine call (each has its own cache; nothing to rerun alone: an
 // append's error is its own).
-std::vector<absl::StatusOr<AttentionOutputs>> AppendsNoThrow(const MultiheadAttention& engine,
+std::vector<absl::StatusOr<AttentionOutputs>> AppendsNoThrow(const AppendEngine& engine,
                                                              const std::vector<const CachedAppend*>& appends,
                                                              int threads) {
   try {
@@ -76,8 +76,7 @@ std::vector<absl::StatusOr<AttentionOutputs>> DecoderNoThrow(const std::vector<c
 std::vector<absl::StatusOr<AttentionOutputs>> BatchExecutor::RunEngine(
     const std::vector<std::unique_ptr<InferenceCall>>& all) const {
   std::vector<absl::StatusOr<AttentionOutputs>> results(all.size());
-  if (all.front()->layer->decoder != nullptr) return RunStateless(all, std::move(results));
-  const MultiheadAttention& engine = *all.front()->layer->engine;
+  const AppendEngine& engine = all.front()->layer->appender();
   std::vector<const CachedAppend*> appends;
   std::vector<size_t> append_index;
   for (size_t i = 0; i < all.size(); ++i) {

@@ -73,7 +73,7 @@ absl::Status ValidateCall(const LayerRegistry& registry, InferenceCall* call) {
 
 int64_t CallCostBytes(const InferenceCall& call) {
   const ServedLayer& layer = *call.layer;
-  if (call.session != nullptr) return AppendCostBytes(call.session->append, *layer.engine, call.request_bytes);
+  if (call.session != nullptr) return AppendCostBytes(call.session->append, layer.appender(), call.request_bytes);
   if (layer.decoder != nullptr) return DecoderCostBytes(call.decoder_parsed, *layer.decoder, call.request_bytes);
   return RequestCostBytes(call.parsed, layer.engine->config(), layer.engine->ScoresBlockBytes(call.parsed),
                           call.request_bytes);

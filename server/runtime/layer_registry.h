@@ -30,6 +30,10 @@ struct ServedLayer {
   // Exactly one of them, by config.kind(): MULTIHEAD_ATTENTION's engine or DECODER_ATTENTION's decoder.
   std::unique_ptr<MultiheadAttention> engine;
   std::unique_ptr<DecoderAttention> decoder;
+  // The one that is set, as sessions see it.
+  const AppendEngine& appender() const {
+    return engine != nullptr ? static_cast<const AppendEngine&>(*engine) : *decoder;
+  }
 };
 
 // Builds one layer from its config (weights from weights_path, or seeded); slow (reads weights, builds

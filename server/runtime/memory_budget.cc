@@ -50,11 +50,11 @@ int64_t RequestCostBytes(const ParsedAttention& p, const MhaConfig& c, int64_t s
   return request_bytes + workspace + 2 * p.answer_bytes();
 }
 
-int64_t AppendCostBytes(const CachedAppend& a, const MultiheadAttention& engine, int64_t request_bytes) {
+int64_t AppendCostBytes(const CachedAppend& a, const AppendEngine& engine, int64_t request_bytes) {
   constexpr int64_t kF32 = 4;
-  const int64_t e = engine.config().embed_dim, h = engine.config().num_heads;
+  const int64_t e = engine.embed_dim(), h = engine.attention_heads();
   const int64_t context = a.cache->tokens() + (a.cross_attention ? 0 : a.tokens);
-  const int64_t workspace = kF32 * a.tokens * 5 * e + engine.AppendScoresBytes(a.tokens, context);
+  const int64_t workspace = engine.AppendWorkspaceBytes(a.tokens, context);
   const int64_t weights = a.need_weights ? kF32 * a.tokens * context * (a.average_attn_weights ? 1 : h) : 0;
   return request_bytes + workspace + 2 * (kF32 * a.tokens * e + weights);
 }

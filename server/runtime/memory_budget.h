@@ -77,7 +77,7 @@ int64_t RequestCostBytes(const ParsedAttention& parsed, const MhaConfig& config,
 // The same for a session's append (the cache blocks it reserved are the KV pool's, not counted here): its
 // request, the batch's inputs, projections [T, 3E] and output projection [T, E], its scores block
 // (MultiheadAttention::AppendScoresBytes over the cache after it) and its answer twice.
-int64_t AppendCostBytes(const CachedAppend& append, const MultiheadAttention& engine, int64_t request_bytes);
+int64_t AppendCostBytes(const CachedAppend& append, const AppendEngine& engine, int64_t request_bytes);
 
 // The same for a DECODER_ATTENTION layer's request: its request, the decoder's workspace
 // (DecoderAttention::WorkspaceBytes: projections and a scores block per thread) and its answer twice.

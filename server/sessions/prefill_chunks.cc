@@ -6,6 +6,8 @@
 #include <utility>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
+
 namespace attnserve {
 namespace {
 
@@ -69,9 +71,9 @@ std::unique_ptr<InferenceCall> ChunkCall(const std::shared_ptr<ChunkedAppend>& c
   call->is_cancelled = whole.is_cancelled;
   call->layer = whole.layer;
   call->session = std::make_unique<InferenceCall::SessionWork>(*whole.session);
-  call->session->append.query = c->query + c->done * whole.layer->engine->config().embed_dim;
+  call->session->append.query = c->query + c->done * whole.layer->appender().embed_dim();
   call->session->append.tokens = n;
-  SizeAppend(*whole.layer->engine, call.get());
+  SizeAppend(whole.layer->appender(), call.get());
   call->finish = [c, self = call.get(), n](const absl::Status& status) {
     if (!status.ok()) {
       c->client_call->finish(status);  // the client's call was not submitted: its finish answers it
@@ -85,17 +87,18 @@ std::unique_ptr<InferenceCall> ChunkCall(const std::shared_ptr<ChunkedAppend>& c
 }
 
 void SubmitNext(std::shared_ptr<ChunkedAppend> c) {
-  const int64_t e = c->client_call->layer->engine->config().embed_dim;
+  const AppendEngine& engine = c->client_call->layer->appender();
   const int64_t min_tokens = c->client_call->session->append.cache->block_tokens();
-  const int64_t n = std::min(PrefillChunkTokens(e, c->chunk, c->context + c->done, min_tokens), c->tokens - c->done);
+  const int64_t n =
+      std::min(PrefillChunkTokens(engine, c->chunk, c->context + c->done, min_tokens), c->tokens - c->done);
   if (c->done + n < c->tokens) {
     c->submit(ChunkCall(c, n));
     return;
   }
   InferenceCall& last = *c->client_call;
-  last.session->append.query = c->query + c->done * last.layer->engine->config().embed_dim;
+  last.session->append.query = c->query + c->done * engine.embed_dim();
   last.session->append.tokens = n;
-  SizeAppend(*last.layer->engine, &last);
+  SizeAppend(engine, &last);
   last.finish = [c, answer = std::move(last.finish)](const absl::Status& status) {
     if (status.ok()) MergeParts(*c, &c->client_call->outputs);
     answer(status);
@@ -103,25 +106,45 @@ void SubmitNext(std::shared_ptr<ChunkedAppend> c) {
   c->submit(std::move(c->call));
 }
 
+// The largest n <= chunk_tokens whose append at `context` costs no more than chunk_tokens at 0, at least
+// min(min_tokens, chunk_tokens).
+int64_t LargestChunkWithin(int64_t chunk_tokens, int64_t context, int64_t min_tokens,
+                           absl::FunctionRef<int64_t(int64_t tokens, int64_t context_after)> flops) {
+  const int64_t budget = flops(chunk_tokens, chunk_tokens);
+  // The cost grows with n: the largest n within the budget, by bisection.
+  int64_t lo = 0, hi = chunk_tokens;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (flops(mid, context + mid) <= budget) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return std::clamp(lo, std::min(min_tokens, chunk_tokens), chunk_tokens);
+}
+
 }  // namespace
 
-void SizeAppend(const MultiheadAttention& engine, InferenceCall* call) {
+void SizeAppend(const AppendEngine& engine, InferenceCall* call) {
   const CachedAppend& a = call->session->append;
-  const int64_t e = engine.config().embed_dim;
   const int64_t context = a.cache->tokens() + (a.cross_attention ? 0 : a.tokens);
   call->parsed.batch = 1;
   call->parsed.q_len = a.tokens;
   call->parsed.kv_len = context;
-  call->parsed.flops = CachedAppendFlops(e, a.tokens, context, a.cross_attention);
+  call->parsed.flops = engine.AppendFlops(a.tokens, context, a.cross_attention);
 }
 
 int64_t PrefillChunkTokens(int64_t embed_dim, int64_t chunk_tokens, int64_t context, int64_t min_tokens) {
-  const double e = static_cast<double>(embed_dim);
-  const auto budget = static_cast<double>(CachedAppendFlops(embed_dim, chunk_tokens, chunk_tokens, false));
-  // Largest n with CachedAppendFlops(e, n, context + n) = 4e n^2 + (8e^2 + 4e context) n <= budget.
-  const double a = 4 * e, b = 8 * e * e + 4 * e * static_cast<double>(context);
-  const auto n = static_cast<int64_t>((-b + std::sqrt(b * b + 4 * a * budget)) / (2 * a));
-  return std::clamp(n, std::min(min_tokens, chunk_tokens), chunk_tokens);
+  return LargestChunkWithin(chunk_tokens, context, min_tokens, [&](int64_t tokens, int64_t context_after) {
+    return CachedAppendFlops(embed_dim, tokens, context_after, false);
+  });
+}
+
+int64_t PrefillChunkTokens(const AppendEngine& engine, int64_t chunk_tokens, int64_t context, int64_t min_tokens) {
+  return LargestChunkWithin(chunk_tokens, context, min_tokens, [&](int64_t tokens, int64_t context_after) {
+    return engine.AppendFlops(tokens, context_after, false);
+  });
 }
 
 void SubmitInChunks(std::unique_ptr<InferenceCall> call, int64_t chunk_tokens, const Clock& clock,

@@ -15,12 +15,14 @@ namespace attnserve {
 
 // Sets the scheduler's view of a session call from its SessionWork: parsed.batch 1, q_len T, kv_len the
 // context after it, and its FLOPs (projections and attention), for the batch's cost, metrics and statistics.
-void SizeAppend(const MultiheadAttention& engine, InferenceCall* call);
+void SizeAppend(const AppendEngine& engine, InferenceCall* call);
 
 // Tokens of the next chunk of an append at `context` tokens already cached: as many as cost no more FLOPs
 // (projections and attention over the context) than `chunk_tokens` tokens of a fresh session, so a chunk
 // holds the GEMM cores for about the same time at any context (128 tokens at the start of a prompt, 27 at
 // 8192 tokens with E=1024), and never fewer than `min_tokens` (or chunk_tokens when that is less).
+int64_t PrefillChunkTokens(const AppendEngine& engine, int64_t chunk_tokens, int64_t context, int64_t min_tokens);
+// The same for a MultiheadAttention layer of width `embed_dim`.
 int64_t PrefillChunkTokens(int64_t embed_dim, int64_t chunk_tokens, int64_t context, int64_t min_tokens);
 
 // `call` is an admitted append (SessionWork set, blocks reserved, `finish` answers the client and ends the

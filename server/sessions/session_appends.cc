@@ -15,7 +15,7 @@ namespace {
 absl::Status CheckQuery(const InferenceCall& call, const ServedLayer& layer) {
   if (!call.decode_status.ok()) return call.decode_status;
   const TensorView& q = call.inputs.query;
-  const int64_t e = layer.engine->config().embed_dim;
+  const int64_t e = layer.appender().embed_dim();
   if (q.dtype != DType::kFloat32 || q.shape.size() != 2 || q.shape[1] != e || q.shape[0] < 1) {
     return absl::InvalidArgumentError(absl::StrCat("query: expected FLOAT32 [T, ", e, "] with T >= 1, got ",
                                                    DTypeName(q.dtype), " ", ShapeToString(q.shape)));
@@ -32,9 +32,9 @@ absl::Status CheckQuery(const InferenceCall& call, const ServedLayer& layer) {
 // keys when asked, within the layer's max_response_bytes (a send limit the answer must not be computed for
 // and then dropped).
 absl::Status CheckAnswerBytes(const InferenceCall& call, const ServedLayer& layer, int64_t context) {
-  const MultiheadAttention& engine = *layer.engine;
-  const int64_t limit = engine.options().limits.max_answer_bytes;
-  const int64_t t = call.inputs.query.shape[0], e = engine.config().embed_dim, h = engine.config().num_heads;
+  const AppendEngine& engine = layer.appender();
+  const int64_t limit = engine.limits().max_answer_bytes;
+  const int64_t t = call.inputs.query.shape[0], e = engine.embed_dim(), h = engine.attention_heads();
   const bool averaged = call.inputs.average_attn_weights;
   const int64_t weights = call.inputs.need_weights ? 4 * t * context * (averaged ? 1 : h) : 0;
   const int64_t answer = 4 * t * e + weights;
@@ -44,6 +44,15 @@ absl::Status CheckAnswerBytes(const InferenceCall& call, const ServedLayer& laye
       weights > 0 ? absl::StrCat(", attn_weights [", averaged ? "" : absl::StrCat(h, ", "), t, ", ", context, "]")
                   : "",
       "), past the layer's max_response_bytes of ", limit));
+}
+
+// A sliding-window layer's keys that no later token can see go back to the pool (the next token, at
+// position tokens(), sees the window before it), all but one block more: a truncate of up to a block's
+// tokens (a rejected draft) keeps every key its next token needs.
+void FreeLeftWindow(SessionStore::Lane* lane) {
+  const int64_t window = lane->layer->appender().sliding_window();
+  if (window <= 0 || lane->cross) return;
+  lane->cache.DropBefore(lane->cache.tokens() - window + 1 - lane->cache.block_tokens());
 }
 
 }  // namespace
@@ -138,15 +147,17 @@ void SessionStore::Start(std::shared_ptr<Session> session, Lane* lane, std::uniq
                   arrival = call->arrival](const absl::Status& status) {
     if (!status.ok() && !lane->cross) {
       lane->cache.Truncate(before);  // an append answered with an error leaves the cache as it was
-    } else if (status.ok() && options_.metrics) {
-      options_.metrics->AppendDone(tokens > 1, absl::ToDoubleSeconds(options_.clock->Now() - arrival), tokens);
+    } else if (status.ok()) {
+      FreeLeftWindow(lane);
+      if (options_.metrics)
+        options_.metrics->AppendDone(tokens > 1, absl::ToDoubleSeconds(options_.clock->Now() - arrival), tokens);
     }
     answer(status);
     TurnDone(session, lane);
   };
-  const int64_t chunk = options_.prefill_chunk_tokens, e = lane->layer->engine->config().embed_dim;
+  const int64_t chunk = options_.prefill_chunk_tokens;
   if (lane->cross || chunk <= 0 ||
-      tokens <= PrefillChunkTokens(e, chunk, before, lane->cache.block_tokens())) {
+      tokens <= PrefillChunkTokens(lane->layer->appender(), chunk, before, lane->cache.block_tokens())) {
     options_.submit(std::move(call));
     return;
   }
@@ -166,7 +177,7 @@ void SessionStore::BindAppend(Lane* lane, std::shared_ptr<Session> session, Infe
   a.need_weights = call->inputs.need_weights;
   a.average_attn_weights = call->inputs.average_attn_weights;
   call->session->keep_alive = std::move(session);
-  SizeAppend(*lane->layer->engine, call);
+  SizeAppend(lane->layer->appender(), call);
 }
 
 void SessionStore::TurnDone(std::shared_ptr<Session> session, Lane* lane) {

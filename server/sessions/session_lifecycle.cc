@@ -16,21 +16,21 @@ std::string Quoted(const std::string& s) { return absl::StrCat("'", BoundedForLo
 absl::StatusOr<std::unique_ptr<SessionStore::Lane>> MakeLane(const std::string& field,
                                                              std::shared_ptr<const ServedLayer> layer,
                                                              const SessionStore::Memory* memory, KvCachePool* pool) {
-  if (layer->engine == nullptr) {
-    return absl::UnimplementedError(absl::StrCat(field, ": layer ", Quoted(layer->config.name()),
-                                                 " is DECODER_ATTENTION; sessions hold MULTIHEAD_ATTENTION layers only "
-                                                 "so far"));
+  const AppendEngine& appender = layer->appender();
+  KvSequence cache(pool, appender.cache_width());
+  if (memory != nullptr && !appender.supports_cross_attention()) {
+    return absl::InvalidArgumentError(absl::StrCat("memory[", BoundedForLog(layer->config.name()),
+                                                   "]: a DECODER_ATTENTION layer has no cross-attention sessions"));
   }
-  const MultiheadAttention& engine = *layer->engine;
-  const MhaConfig& c = engine.config();
-  KvSequence cache(pool, c.embed_dim);
   if (memory == nullptr) {
-    if (!c.same_qkv_dim()) {
+    if (layer->engine != nullptr && !layer->engine->config().same_qkv_dim()) {
       return absl::InvalidArgumentError(
           absl::StrCat(field, ": layer ", Quoted(layer->config.name()),
                        " has kdim/vdim != embed_dim: open it with a memory (cross-attention)"));
     }
   } else {
+    const MultiheadAttention& engine = *layer->engine;
+    const MhaConfig& c = engine.config();
     const int64_t limit = layer->config.max_sequence_length();
     if (memory->dim != c.key_dim() || memory->tokens < 1 || (limit > 0 && memory->tokens > limit)) {
       return absl::InvalidArgumentError(absl::StrCat("memory[", BoundedForLog(layer->config.name()), "]: expected [S, ",
@@ -44,6 +44,19 @@ absl::StatusOr<std::unique_ptr<SessionStore::Lane>> MakeLane(const std::string& 
   lane->tokens = lane->cache.tokens();
   lane->bytes = lane->cache.bytes();
   return lane;
+}
+
+// A sliding-window layer frees the keys no later token can see: a truncate must keep those the next token
+// needs (the window before it).
+absl::Status CheckTruncate(const SessionStore::Lane& lane, int64_t tokens) {
+  const int64_t window = lane.layer->appender().sliding_window();
+  if (lane.cross || tokens >= lane.cache.tokens() || lane.cache.first_token() == 0) return absl::OkStatus();
+  const int64_t needed = window > 0 ? std::max<int64_t>(0, tokens - window + 1) : 0;
+  if (needed >= lane.cache.first_token()) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "tokens: layer ", Quoted(lane.layer_name), " has freed the keys before token ", lane.cache.first_token(),
+      " (they left its sliding window of ", window, "): truncate to at least ", lane.cache.first_token() + window - 1,
+      " tokens, got ", tokens));
 }
 
 }  // namespace
@@ -78,7 +91,7 @@ absl::StatusOr<SessionInfo> SessionStore::Open(const OpenArgs& args) {
     const int64_t layer_limit = layer->config.max_sequence_length();
     if (layer_limit > 0) limit = limit == 0 ? layer_limit : std::min(limit, layer_limit);
     auto memory = args.memory.find(args.layers[i]);
-    widest_.store(std::max(widest_.load(), layer->config.embed_dim()));
+    widest_.store(std::max(widest_.load(), layer->appender().cache_width()));
     absl::StatusOr<std::unique_ptr<Lane>> lane =
         MakeLane(field, std::move(layer), memory == args.memory.end() ? nullptr : &memory->second, options_.pool);
     if (!lane.ok()) return lane.status();
@@ -139,6 +152,9 @@ absl::StatusOr<SessionInfo> SessionStore::Truncate(const std::string& id, int64_
     if (s->busy > 0) {
       return absl::FailedPreconditionError(absl::StrCat("session_id: session ", Quoted(id), " has ", s->busy,
                                                         " appends in flight: truncate it once they are answered"));
+    }
+    for (auto& [name, lane] : s->lanes) {  // checked before any lane changes
+      if (absl::Status kept = CheckTruncate(*lane, tokens); !kept.ok()) return kept;
     }
     for (auto& [name, lane] : s->lanes) {
       if (lane->cross) continue;

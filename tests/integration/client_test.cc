@@ -346,6 +346,11 @@ TEST_F(ClientIntegrationTest, AttnctlErrorsTellTheUserWhatIsWrong) {
   EXPECT_THAT(r.err, HasSubstr("INVALID_ARGUMENT"));
   EXPECT_THAT(r.err, HasSubstr("max_sequence_length"));
 
+  // The flag reaches the server: a multi-head attention layer has no rotary positions.
+  r = Attnctl({target, "infer", "small", "--position-offset", "3"});
+  EXPECT_EQ(r.exit_code, 4);
+  EXPECT_THAT(r.err, HasSubstr("position_offset: only DECODER_ATTENTION layers take rotary positions"));
+
   const std::string wrong_e = TempPath("wrong_e.npy");
   ASSERT_TRUE(WriteNpyFloat32(wrong_e, std::vector<float>(2 * 3 * 100), std::vector<int64_t>{2, 3, 100}).ok());
   r = Attnctl({target, "infer", "small", "--query", wrong_e});
@@ -362,6 +367,7 @@ TEST_F(ClientIntegrationTest, AttnctlErrorsTellTheUserWhatIsWrong) {
 
   for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
            {}, {"frobnicate"}, {"infer"}, {"list", "extra"}, {"--nope", "list"}, {"list", "--seq", "4"},
+           {"infer", "small", "--position-offset", "-1"},
            {target, "infer", "small", "--query", TempPath("missing.npy")}, {"infer", "small", "--key", "k.npy"}}) {
     r = Attnctl(args);
     EXPECT_EQ(r.exit_code, 1) << absl::StrJoin(args, " ");

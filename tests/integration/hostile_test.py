@@ -34,11 +34,14 @@ from checks import Failed, expect  # noqa: E402
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MAX_MESSAGE = 64 << 20
 BUDGET_MIB = 256
+KV_POOL_MIB = 32
 CONFIG = f"""
 memory_budget_bytes: {BUDGET_MIB << 20}
 max_inflight_per_stream: 8
 layers {{ name: "small" embed_dim: 256 num_heads: 4 seed: 1 }}
 layers {{ name: "base" embed_dim: 768 num_heads: 12 seed: 2 }}
+layers {{ name: "decoder" embed_dim: 512 num_heads: 8 kind: DECODER_ATTENTION decoder {{ num_kv_heads: 2 }} seed: 3 }}
+sessions {{ kv_cache_bytes: {KV_POOL_MIB << 20} }}
 """
 
 
@@ -445,6 +448,47 @@ def case_kserve_fp16_flood_stays_within_the_memory_budget(s):
     expect(reservations_released(s), "reservations not released")
     if not os.environ.get("ATTNSERVE_SANITIZE"):
         expect(grown < 2 * BUDGET_MIB, f"RSS grew {grown:.0f} MiB under a {BUDGET_MIB} MiB budget")
+
+
+def case_decoder_flood_stays_within_the_memory_budget(s):
+    """A decoder layer's requests cost their projections [N, (H + 2 Hkv) D] and a block of scores per thread:
+    64 concurrent 8 MiB requests are admitted up to the budget and refused past it, as the MHA layers' are."""
+    big = request("decoder", [4, 1024, 512])
+    s.stub.Infer(big, timeout=60)
+    time.sleep(2.5)
+    codes, grown = flood(s, lambda: s.stub.Infer.future(big, timeout=120), 64, refused_by_the_budget)
+    print(f"    64 x 8 MiB decoder requests at once: {codes}; RSS peak +{grown:.0f} MiB (budget {BUDGET_MIB})")
+    expect(codes.get("RESOURCE_EXHAUSTED", 0) > 0 and codes.get("OK", 0) > 0, f"codes {codes}")
+    expect(set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, f"unexpected codes {codes}")
+    expect(reservations_released(s), "reservations not released")
+    if not os.environ.get("ATTNSERVE_SANITIZE"):
+        expect(grown < 2 * BUDGET_MIB, f"RSS grew {grown:.0f} MiB under a {BUDGET_MIB} MiB budget")
+
+
+def case_decoder_sessions_cannot_outgrow_the_kv_pool(s):
+    """64 decoder sessions each appending a 1024-token prompt at once: their keys and values (2 x 1024 x 128
+    floats, 1 MiB each: Hkv * D wide) fill the 32 MiB pool; the appends past it get RESOURCE_EXHAUSTED naming
+    the pool (or the memory budget), the others are answered, and closing the sessions gives the pool back."""
+    from attnserve.v1 import session_pb2 as spb  # noqa: E402
+    from attnserve.v1 import session_pb2_grpc as spbg  # noqa: E402
+    sessions = spbg.SessionServiceStub(s.channel)
+    ids = [f"flood-{i}" for i in range(64)]
+    for sid in ids:
+        sessions.CreateSession(spb.CreateSessionRequest(session_id=sid, layers=["decoder"]), timeout=30)
+    prompt = tensor([1024, 512])
+    codes, grown = flood(s, lambda it=iter(ids): sessions.Append.future(
+        spb.AppendRequest(session_id=next(it), layer="decoder", query=prompt), timeout=120), 64,
+        lambda e: "kv_cache_bytes" in e.details() or refused_by_the_budget(e))
+    held = sum(sessions.GetSession(spb.GetSessionRequest(session_id=sid), timeout=30).bytes for sid in ids)
+    for sid in ids:
+        sessions.CloseSession(spb.CloseSessionRequest(session_id=sid), timeout=30)
+    print(f"    64 x 1024-token decoder prompts at once: {codes}; KV held {held >> 20} MiB of {KV_POOL_MIB}; "
+          f"RSS peak +{grown:.0f} MiB")
+    expect(codes.get("RESOURCE_EXHAUSTED", 0) > 0 and codes.get("OK", 0) > 0, f"codes {codes}")
+    expect(set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, f"unexpected codes {codes}")
+    expect(held <= KV_POOL_MIB << 20, f"sessions hold {held} bytes, past the pool")
+    expect(s.metric("attnserve_kv_cache_blocks", 'state="used"') == 0, "the pool was not given back")
+    expect(reservations_released(s), "reservations not released")
 
 
 def case_half_sent_requests_do_not_stall_metrics(s):
@@ -1221,7 +1265,8 @@ CASES = [case_half_sent_requests_do_not_stall_metrics, case_queue_flood_stays_wi
          case_kserve_never_reading_stream_is_bounded, case_kserve_fp16_flood_stays_within_the_memory_budget,
          case_huge_layer_name_not_echoed, case_many_dims_shape_not_echoed,
          case_newline_in_id_cannot_forge_a_log_line, case_warning_flood_is_rate_limited,
-         case_cancelled_heavy_work_stops,
+         case_cancelled_heavy_work_stops, case_decoder_flood_stays_within_the_memory_budget,
+         case_decoder_sessions_cannot_outgrow_the_kv_pool,
          # raw HTTP/2 and connection-level traffic
          case_short_requests_do_not_wait_behind_a_long_one,
          case_rapid_reset, case_rapid_reset_of_whole_requests, case_ping_flood, case_continuation_flood,

@@ -29,6 +29,11 @@ def check(cond, what):
         FAILURES.append(what)
 
 
+# A seeded decoder layer (Llama-style GQA with a sliding window), next to the PyTorch modules.
+DECODER_LAYER = ('layers { name: "llama" embed_dim: 32 num_heads: 4 kind: DECODER_ATTENTION '
+                 'decoder { num_kv_heads: 2 sliding_window: 8 } seed: 5 }\n')
+
+
 def start_server(binary, tmp, modules):
     weights = os.path.join(tmp, "layers.safetensors")
     save_attention_layers(weights, {f"{name}.": m for name, m in modules.items()})
@@ -38,6 +43,7 @@ def start_server(binary, tmp, modules):
             kv = f"kdim: {m.kdim} vdim: {m.vdim} " if not m._qkv_same_embed_dim else ""
             f.write(f'layers {{ name: "{name}" embed_dim: {m.embed_dim} num_heads: {m.num_heads} {kv}'
                     f'weights_path: "{weights}" weights_prefix: "{name}." }}\n')
+        f.write(DECODER_LAYER)
     log_path = os.path.join(tmp, "server.log")
     proc = subprocess.Popen([binary, "--config", config, "--grpc-address", "127.0.0.1:0", "--metrics-address",
                              "127.0.0.1:0", "--log-level", "info"], stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
@@ -99,6 +105,22 @@ def check_sessions(client):
         check("evicted" in str(e), f"SessionEvicted: {e}")
 
 
+def check_decoder(client):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 20, 32)).astype(np.float32)
+    full, _ = client.infer("llama", x)
+    by_ids, _ = client.infer("llama", x, position_ids=np.arange(20)[None])
+    check(np.abs(by_ids - full).max() == 0, "decoder layer: position_ids 0..L-1 equal the default positions")
+    shifted, _ = client.infer("llama", x, position_offset=100)
+    moved, _ = client.infer("llama", x, position_ids=(np.arange(20) * 2)[None])
+    # RoPE is relative: a shift of every position keeps the answer (up to float32 angles); a stretch does not.
+    check(np.abs(shifted - full).max() <= 1e-4 < np.abs(moved - full).max(), "decoder layer: position_offset")
+    with client.session("py-llama", ["llama"]) as s:
+        outs = [s.append("llama", x[0, a:b]) for a, b in ((0, 7), (7, 8), (8, 20))]
+        check(np.abs(np.concatenate(outs) - full[0]).max() <= 1e-4 and s.positions["llama"] == 20,
+              "decoder session appends across the sliding window equal Infer")
+
+
 def main():
     binary = os.path.abspath(sys.argv[1])
     torch.manual_seed(0)
@@ -108,9 +130,10 @@ def main():
     proc, target = start_server(binary, tmp, {"mha": mha, "cross": cross})
     try:
         with attnserve.Client(target) as client, torch.no_grad():
-            check(set(client.layers()) == {"mha", "cross"}, "Client.layers")
+            check(set(client.layers()) == {"mha", "cross", "llama"}, "Client.layers")
             check_remote_module(client, mha, cross)
             check_sessions(client)
+            check_decoder(client)
     finally:
         proc.terminate()
         proc.wait(30)

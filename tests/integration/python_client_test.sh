@@ -12,6 +12,9 @@ trap 'rm -rf "$TMP"' EXIT
 
 mkdir -p "$TMP/src/client"
 cp -r "$REPO_ROOT/client/python" "$TMP/src/client/python"
+# A build left by an earlier install in the source tree would be taken as up to date (cp gives every file the
+# same new time): install from the sources alone.
+rm -rf "$TMP/src/client/python/build" "$TMP/src/client/python/"*.egg-info
 cp -r "$REPO_ROOT/proto" "$TMP/src/proto"
 /usr/bin/python3 -m venv --system-site-packages "$TMP/venv"
 "$TMP/venv/bin/pip" install --quiet --no-index --no-build-isolation "$TMP/src/client/python"

@@ -1,7 +1,7 @@
 // A DECODER_ATTENTION layer served by a whole in-process server: loaded from a three-layer checkpoint under
 // its prefix, its answers through attnserve.v1 Infer and KServe ModelInfer equal to PyTorch's golden answers
-// (tests/golden/decoder_cases.json), positions by offset and by position_ids, and the inputs it does not take
-// refused naming the field.
+// (tests/golden/decoder_cases.json), positions by offset and by position_ids, sessions appending to it equal to
+// the whole sequence's answer, and the inputs it does not take refused naming the field.
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
 
@@ -48,7 +48,12 @@ constexpr char kConfig[] = R"pb(
     }
     weights_path: "tests/golden/dec_llama3_scaling.weights.safetensors" weights_prefix: "model.layers.1.self_attn."
   }
+  layers {
+    name: "window" embed_dim: 32 num_heads: 4 kind: DECODER_ATTENTION decoder { num_kv_heads: 2 sliding_window: 4 }
+    weights_path: "tests/golden/dec_window.weights.safetensors" weights_prefix: "model.layers.1.self_attn."
+  }
   layers { name: "mha" embed_dim: 32 num_heads: 4 seed: 3 }
+  sessions { kv_block_tokens: 2 }
 )pb";
 
 struct Golden {
@@ -165,15 +170,106 @@ TEST_F(DecoderServingTest, InputsTheLayerDoesNotTakeAreRefused) {
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(s.error_message(),
             "position_offset: only DECODER_ATTENTION layers take rotary positions; this layer is MULTIHEAD_ATTENTION");
-  // Sessions do not hold decoder layers yet: a clear refusal, not a crash.
+  // Decoder sessions are self-attention: a memory is refused naming it.
   auto sessions = v1::SessionService::NewStub(server_->channel);
   v1::CreateSessionRequest create;
   create.set_session_id("s1");
   create.add_layers("gqa");
+  v1::Tensor memory = r.query();
+  memory.clear_shape();
+  memory.add_shape(18);
+  memory.add_shape(32);
+  (*create.mutable_memory())["gqa"] = memory;
   v1::Session session;
   grpc::ClientContext ctx;
   s = sessions->CreateSession(&ctx, create, &session);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED) << Str(s);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << Str(s);
+  EXPECT_EQ(s.error_message(), "memory[gqa]: a DECODER_ATTENTION layer has no cross-attention sessions");
+}
+
+// Sequence `b` of a golden [B, L, E] tensor, rows [from, from + n), as an [n, E] FLOAT32 tensor.
+v1::Tensor SequenceRows(const Golden& g, const std::string& name, int64_t b, int64_t from, int64_t n) {
+  const std::vector<int64_t>& shape = g.Shape(name);
+  const std::vector<float> all = g.Floats(name);
+  v1::Tensor t;
+  t.add_shape(n);
+  t.add_shape(shape[2]);
+  t.set_dtype(v1::FLOAT32);
+  const float* first = all.data() + (b * shape[1] + from) * shape[2];
+  t.set_raw_data(std::string(reinterpret_cast<const char*>(first), static_cast<size_t>(n * shape[2]) * 4));
+  return t;
+}
+
+// A session on a sliding-window GQA layer, fed a golden sequence in appends of 3, 1, 5 and 4 tokens (across
+// the window of 4): each append's output equals PyTorch's rows of the whole sequence's causal forward, and the
+// cache holds Hkv * D floats per token, only for the window's blocks.
+TEST_F(DecoderServingTest, SessionAppendsEqualTheWholeSequenceAcrossTheWindow) {
+  const Golden g = LoadGolden("dec_window");  // E=32, H=4 over Hkv=2 of D=8, window 4, L=13
+  auto sessions = v1::SessionService::NewStub(server_->channel);
+  for (int64_t b = 0; b < 2; ++b) {
+    const std::string id = absl::StrCat("w", b);
+    v1::CreateSessionRequest create;
+    create.set_session_id(id);
+    create.add_layers("window");
+    v1::Session session;
+    {
+      grpc::ClientContext ctx;
+      ASSERT_TRUE(sessions->CreateSession(&ctx, create, &session).ok());
+    }
+    int64_t done = 0;
+    for (int64_t n : {3, 1, 5, 4}) {
+      v1::AppendRequest append;
+      append.set_session_id(id);
+      append.set_layer("window");
+      *append.mutable_query() = SequenceRows(g, "query", b, done, n);
+      v1::AppendResponse out;
+      grpc::ClientContext ctx;
+      const grpc::Status s = sessions->Append(&ctx, append, &out);
+      ASSERT_TRUE(s.ok()) << Str(s);
+      done += n;
+      EXPECT_EQ(out.position(), done);
+      const v1::Tensor want = SequenceRows(g, "output", b, done - n, n);
+      EXPECT_LE(MaxAbsDiff(FromRaw(out.output().raw_data()), FromRaw(want.raw_data())), 1e-4)
+          << "sequence " << b << " rows " << done - n << ".." << done;
+    }
+    v1::GetSessionRequest get;
+    get.set_session_id(id);
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(sessions->GetSession(&ctx, get, &session).ok());
+    EXPECT_EQ(session.tokens(), 13);
+    // Blocks of 2 tokens of 2 * 16 floats (Hkv * D; an MHA cache of these heads would be 32 wide): the window's
+    // keys for token 13 (10..12) and one block more (8..9), in blocks 4, 5 and 6; the first 8 tokens' are freed.
+    EXPECT_EQ(session.bytes(), 3 * 2 * 2 * 16 * 4);
+  }
+  // A truncate keeping the keys its next token needs works; one below the freed keys is refused, saying how far
+  // it may go.
+  auto truncate = [&](int64_t tokens, v1::Session* session) {
+    v1::TruncateSessionRequest request;
+    request.set_session_id("w0");
+    request.set_tokens(tokens);
+    grpc::ClientContext ctx;
+    return sessions->TruncateSession(&ctx, request, session);
+  };
+  v1::Session session;
+  grpc::Status s = truncate(5, &session);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << Str(s);
+  EXPECT_EQ(s.error_message(),
+            "tokens: layer 'window' has freed the keys before token 8 (they left its sliding window of 4): truncate "
+            "to at least 11 tokens, got 5");
+  s = truncate(11, &session);
+  ASSERT_TRUE(s.ok()) << Str(s);
+  EXPECT_EQ(session.tokens(), 11);
+  // The rejected tokens' replacement: the output equals the whole sequence's rows again.
+  v1::AppendRequest append;
+  append.set_session_id("w0");
+  append.set_layer("window");
+  *append.mutable_query() = SequenceRows(g, "query", 0, 11, 2);
+  v1::AppendResponse out;
+  grpc::ClientContext ctx;
+  s = sessions->Append(&ctx, append, &out);
+  ASSERT_TRUE(s.ok()) << Str(s);
+  EXPECT_LE(MaxAbsDiff(FromRaw(out.output().raw_data()), FromRaw(SequenceRows(g, "output", 0, 11, 2).raw_data())),
+            1e-4);
 }
 
 TEST_F(DecoderServingTest, KServeModelInferWithPositionIdsAndMetadata) {

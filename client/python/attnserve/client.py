@@ -1,6 +1,7 @@
 """Client and Session: attnserve.v1's AttentionService and SessionService on numpy arrays."""
 
 import grpc
+import numpy as np
 
 from attnserve.tensors import from_tensor, to_tensor
 from attnserve.v1 import attention_pb2 as pb
@@ -62,10 +63,14 @@ class Client:
         return {layer.config.name: layer.config for layer in r.layers}
 
     def infer(self, layer, query, key=None, value=None, key_padding_mask=None, attn_mask=None, is_causal=False,
-              need_weights=False, average_attn_weights=True):
-        """nn.MultiheadAttention.forward (batch_first) on the server: (output, attn_weights or None)."""
+              need_weights=False, average_attn_weights=True, position_offset=0, position_ids=None):
+        """nn.MultiheadAttention.forward (batch_first) on the server: (output, attn_weights or None).
+        DECODER_ATTENTION layers take position_offset (the first token's rotary position) or position_ids
+        ([B, L] integers), and no key, value or attn_mask."""
         req = pb.InferRequest(layer=layer, query=to_tensor(query), is_causal=is_causal, need_weights=need_weights,
-                              average_attn_weights=average_attn_weights)
+                              average_attn_weights=average_attn_weights, position_offset=position_offset)
+        if position_ids is not None:
+            req.position_ids.extend(int(p) for p in np.asarray(position_ids).reshape(-1))
         for field, value_ in (("key", key), ("value", value), ("key_padding_mask", key_padding_mask),
                               ("attn_mask", attn_mask)):
             if value_ is not None:

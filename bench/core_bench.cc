@@ -197,6 +197,47 @@ void BM_DecoderAttention(benchmark::State& state) {
   state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// Args: R requests of [1, L, E] on a decoder layer (H, Hkv, D), as one ragged batch (ForwardBatch, batched 1)
+// or one call each (batched 0), as the server ran them before the decoder had a batch.
+void BM_DecoderBatch(benchmark::State& state) {
+  DecoderAttention::Options options;
+  DecoderConfig& c = options.config;
+  const int64_t r = state.range(0), l = state.range(1);
+  c.embed_dim = state.range(2);
+  c.num_heads = state.range(3);
+  c.num_kv_heads = state.range(4);
+  c.head_dim = state.range(5);
+  c.rope.rotary_dim = c.head_dim;
+  auto layer = DecoderAttention::Create(options, RandomDecoderWeights(c, 1));
+  const std::vector<float> query = Random(r * l * c.embed_dim, 2);
+  std::vector<DecoderInputs> inputs(r);
+  std::vector<ParsedDecoder> parsed;
+  for (int64_t i = 0; i < r; ++i) {
+    inputs[i].query = TensorView::F32(query.data() + i * l * c.embed_dim, {1, l, c.embed_dim});
+    parsed.push_back(*(*layer)->Validate(inputs[i]));
+  }
+  std::vector<const ParsedDecoder*> batch;
+  for (const ParsedDecoder& p : parsed) batch.push_back(&p);
+  for (auto _ : state) {
+    if (state.range(6)) {
+      benchmark::DoNotOptimize((*layer)->ForwardBatch(batch, 0));
+    } else {
+      for (const ParsedDecoder* p : batch) benchmark::DoNotOptimize((*layer)->ForwardParsed(*p, 0));
+    }
+  }
+  const double flops = static_cast<double>(r * DecoderFlops(c, 1, l));
+  state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["requests_per_s"] =
+      benchmark::Counter(static_cast<double>(r), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+BENCHMARK(BM_DecoderBatch)
+    ->ArgsProduct({{32}, {16}, {2048}, {16}, {4}, {128}, {0, 1}})
+    ->ArgsProduct({{8}, {128}, {2048}, {16}, {4}, {128}, {0, 1}})
+    ->ArgNames({"R", "L", "E", "H", "Hkv", "D", "batched"})
+    ->UseRealTime()
+    ->MinTime(1.0)
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DecoderAttention)
     ->Args({1, 2048, 4096, 32, 8, 128, 0})
     ->Args({8, 512, 2048, 16, 4, 128, 0})

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -25,6 +26,10 @@ struct AttentionInputs {
   TensorView position_ids;      // [B, L] / [L] INT64
   int64_t position_offset = 0;
 };
+
+// Asked before each query block of request `i` (its index in the call): a non-OK status stops that request
+// there (its result is the status; the other requests go on). Called from the engine's threads at once.
+using StopFn = std::function<absl::Status(size_t i)>;
 
 struct AttentionOutputs {
   Tensor output;        // [B, L, E] ([L, E] unbatched)

@@ -45,6 +45,7 @@ void ReleaseDecoderScratch(size_t keep_bytes) {
 }
 
 struct DecoderAttention::Block {
+  size_t request = 0;         // its index in the batch
   int64_t b = 0;              // sequence
   int64_t l0 = 0, rows = 0;   // query rows [l0, l0 + rows)
   int64_t k0 = 0, k1 = 0;     // the keys any of them may see (causal, window)
@@ -115,8 +116,9 @@ int64_t DecoderAttention::BlockRows(const ParsedDecoder& p, int threads) const {
 int64_t DecoderAttention::WorkspaceBytes(const ParsedDecoder& p) const {
   const DecoderConfig& c = options_.config;
   const int threads = omp_get_max_threads();
-  // The projections, an aligned copy of the query when the wire's is not, the positions.
-  const int64_t qkv = p.batch * p.len * ((c.q_width() + 2 * c.kv_width() + c.embed_dim) * kF32 + 8);
+  // The projections, the query gathered with a batch's others (or aligned), the output projection's rows in
+  // a batch, the positions.
+  const int64_t qkv = p.batch * p.len * ((c.q_width() + 2 * c.kv_width() + 2 * c.embed_dim) * kF32 + 8);
   const int64_t rows = BlockRows(p, threads) * c.group_size();
   const int64_t keys = std::min(p.len, c.sliding_window > 0 ? std::min(p.len, c.sliding_window) + rows : p.len);
   const int64_t block = rows * (keys + 2 * c.head_dim) * kF32 + keys * kF32 + rows;
@@ -144,60 +146,119 @@ void DecoderAttention::ApplyRope(const ParsedDecoder& p, float* qkv, int threads
 }
 
 absl::StatusOr<AttentionOutputs> DecoderAttention::ForwardParsed(const ParsedDecoder& p, int max_threads) const {
+  const ParsedDecoder* one[] = {&p};
+  return std::move(ForwardBatch(one, max_threads)[0]);
+}
+
+std::vector<absl::StatusOr<AttentionOutputs>> DecoderAttention::MakeOutputs(
+    absl::Span<const ParsedDecoder* const> requests, std::vector<int64_t>* first_row) const {
   const DecoderConfig& c = options_.config;
-  const int budget = max_threads > 0 ? max_threads : omp_get_max_threads();
-  const int threads = p.flops < options_.single_thread_below_flops ? 1 : budget;
-  const ScopedOmpThreads team(threads);  // oneDNN reads the calling thread's team size
-  const int64_t tokens = p.batch * p.len, width = c.q_width() + 2 * c.kv_width();
-
-  AttentionOutputs out;
-  out.output = Tensor::Zeros(p.unbatched ? Shape{p.len, c.embed_dim} : Shape{p.batch, p.len, c.embed_dim});
-  Tensor* weights = nullptr;
-  if (p.inputs->need_weights) {
-    Shape ws = p.inputs->average_attn_weights ? Shape{p.batch, p.len, p.len}
-                                              : Shape{p.batch, c.num_heads, p.len, p.len};
-    if (p.unbatched) ws.erase(ws.begin());
-    out.attn_weights = Tensor::Zeros(std::move(ws));
-    weights = &out.attn_weights;
+  std::vector<absl::StatusOr<AttentionOutputs>> results;
+  int64_t rows = 0;
+  for (const ParsedDecoder* p : requests) {
+    AttentionOutputs out;
+    out.output = Tensor::Zeros(p->unbatched ? Shape{p->len, c.embed_dim} : Shape{p->batch, p->len, c.embed_dim});
+    if (p->inputs->need_weights) {
+      Shape ws = p->inputs->average_attn_weights ? Shape{p->batch, p->len, p->len}
+                                                 : Shape{p->batch, c.num_heads, p->len, p->len};
+      if (p->unbatched) ws.erase(ws.begin());
+      out.attn_weights = Tensor::Zeros(std::move(ws));
+    }
+    results.push_back(std::move(out));
+    first_row->push_back(rows);
+    rows += p->batch * p->len;
   }
-  // Query data from the wire may be unaligned; oneDNN wants floats where floats are.
-  const float* x = static_cast<const float*>(p.inputs->query.data);
-  std::vector<float> aligned;
-  if (reinterpret_cast<uintptr_t>(x) % alignof(float) != 0) {
-    aligned.resize(static_cast<size_t>(tokens * c.embed_dim));
-    std::memcpy(aligned.data(), x, aligned.size() * sizeof(float));
-    x = aligned.data();
-  }
-  ProjectionBuffer& buffer = ThreadProjectionBuffer();
-  float* qkv = buffer.Get(static_cast<size_t>(tokens * width));
-  ATTN_RETURN_IF_ERROR(qkv_proj_->Execute(x, tokens, c.embed_dim, qkv, width));
-  ApplyRope(p, qkv, threads);
+  first_row->push_back(rows);  // the end
+  return results;
+}
 
+std::vector<DecoderAttention::Block> DecoderAttention::PlanBlocks(absl::Span<const ParsedDecoder* const> requests,
+                                                                  int threads) const {
+  const int64_t window = options_.config.sliding_window;
   std::vector<Block> blocks;
-  const int64_t rows = BlockRows(p, threads);
-  for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t l0 = 0; l0 < p.len; l0 += rows) {
-      Block blk{b, l0, std::min(rows, p.len - l0), 0, 0};
-      blk.k0 = c.sliding_window > 0 ? std::max<int64_t>(0, l0 - c.sliding_window + 1) : 0;
-      blk.k1 = l0 + blk.rows;
-      blocks.push_back(blk);
+  for (size_t r = 0; r < requests.size(); ++r) {
+    const ParsedDecoder& p = *requests[r];
+    const int64_t rows = BlockRows(p, threads);
+    for (int64_t b = 0; b < p.batch; ++b) {
+      for (int64_t l0 = 0; l0 < p.len; l0 += rows) {
+        Block blk{r, b, l0, std::min(rows, p.len - l0), 0, 0};
+        blk.k0 = window > 0 ? std::max<int64_t>(0, l0 - window + 1) : 0;
+        blk.k1 = l0 + blk.rows;
+        blocks.push_back(blk);
+      }
     }
   }
+  return blocks;
+}
+
+void DecoderAttention::AttendBlocks(absl::Span<const ParsedDecoder* const> requests, const std::vector<Block>& blocks,
+                                    const std::vector<int64_t>& first_row, float* qkv, int threads,
+                                    const StopFn& stop, std::vector<absl::StatusOr<AttentionOutputs>>* results) const {
+  const int64_t width = options_.config.q_width() + 2 * options_.config.kv_width();
   std::vector<absl::Status> statuses(blocks.size());
+  auto attend = [&](size_t i) {
+    const Block& blk = blocks[i];
+    if (stop && !(statuses[i] = stop(blk.request)).ok()) return;
+    absl::StatusOr<AttentionOutputs>& result = (*results)[blk.request];
+    Tensor* weights = requests[blk.request]->inputs->need_weights ? &result->attn_weights : nullptr;
+    statuses[i] = AttendBlock(*requests[blk.request], blk, qkv + first_row[blk.request] * width, weights);
+  };
   const auto n = static_cast<int64_t>(blocks.size());
   if (threads == 1 || n == 1) {
     // No parallel construct at all: inside one, every oneDNN call would start a nested team.
-    for (int64_t i = 0; i < n; ++i) statuses[i] = AttendBlock(p, blocks[i], qkv, weights);
+    for (int64_t i = 0; i < n; ++i) attend(static_cast<size_t>(i));
   } else {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t i = 0; i < n; ++i) statuses[i] = AttendBlock(p, blocks[i], qkv, weights);
+    for (int64_t i = 0; i < n; ++i) attend(static_cast<size_t>(i));
   }
-  absl::Status status = absl::OkStatus();
-  for (const absl::Status& s : statuses) status.Update(s);
-  if (status.ok()) status = o_proj_->Execute(qkv, tokens, width, out.output.values.data(), c.embed_dim);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    absl::StatusOr<AttentionOutputs>& result = (*results)[blocks[i].request];
+    if (!statuses[i].ok() && result.ok()) result = statuses[i];
+  }
+}
+
+std::vector<absl::StatusOr<AttentionOutputs>> DecoderAttention::ForwardBatch(
+    absl::Span<const ParsedDecoder* const> requests, int max_threads, const StopFn& stop) const {
+  const DecoderConfig& c = options_.config;
+  const int64_t e = c.embed_dim, width = c.q_width() + 2 * c.kv_width();
+  std::vector<int64_t> first_row;
+  std::vector<absl::StatusOr<AttentionOutputs>> results = MakeOutputs(requests, &first_row);
+  const int64_t tokens = first_row.back();
+  int64_t flops = 0;
+  for (const ParsedDecoder* p : requests) flops += p->flops;
+  const int budget = max_threads > 0 ? max_threads : omp_get_max_threads();
+  const int threads = flops < options_.single_thread_below_flops ? 1 : budget;
+  const ScopedOmpThreads team(threads);  // oneDNN reads the calling thread's team size
+
+  // The queries as one matrix: in place for one request with aligned data (the wire's may not be).
+  const auto* x = static_cast<const float*>(requests.size() == 1 ? requests[0]->inputs->query.data : nullptr);
+  if (x == nullptr || reinterpret_cast<uintptr_t>(x) % alignof(float) != 0) {
+    float* gathered = Grow(ThreadBlockScratch().inputs, tokens * e);
+    for (size_t r = 0; r < requests.size(); ++r) {
+      std::memcpy(gathered + first_row[r] * e, requests[r]->inputs->query.data,
+                  static_cast<size_t>((first_row[r + 1] - first_row[r]) * e) * sizeof(float));
+    }
+    x = gathered;
+  }
+  ProjectionBuffer& buffer = ThreadProjectionBuffer();
+  float* qkv = buffer.Get(static_cast<size_t>(tokens * width));
+  absl::Status status = qkv_proj_->Execute(x, tokens, e, qkv, width);
+  if (status.ok()) {
+    for (size_t r = 0; r < requests.size(); ++r) ApplyRope(*requests[r], qkv + first_row[r] * width, threads);
+    AttendBlocks(requests, PlanBlocks(requests, threads), first_row, qkv, threads, stop, &results);
+  }
+  // One output projection; a single request's straight into its answer.
+  float* out = requests.size() == 1 && results[0].ok() ? results[0]->output.values.data()
+                                                       : Grow(ThreadBlockScratch().out, tokens * e);
+  if (status.ok()) status = o_proj_->Execute(qkv, tokens, width, out, e);
+  for (size_t r = 0; r < requests.size(); ++r) {
+    if (!status.ok() && results[r].ok()) results[r] = status;
+    if (!results[r].ok() || out == results[r]->output.values.data()) continue;
+    std::memcpy(results[r]->output.values.data(), out + first_row[r] * e,
+                static_cast<size_t>((first_row[r + 1] - first_row[r]) * e) * sizeof(float));
+  }
   buffer.Trim();
-  if (!status.ok()) return status;
-  return out;
+  return results;
 }
 
 absl::Status DecoderAttention::AttendBlock(const ParsedDecoder& p, const Block& blk, float* qkv,

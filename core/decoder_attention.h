@@ -70,6 +70,11 @@ class DecoderAttention : public AppendEngine {
   // `max_threads`: the OpenMP team size the call may use; 0 takes omp_get_max_threads().
   absl::StatusOr<AttentionOutputs> Forward(const DecoderInputs& inputs, int max_threads = 0) const;
   absl::StatusOr<AttentionOutputs> ForwardParsed(const ParsedDecoder& parsed, int max_threads) const;
+  // Requests validated by this layer's Validate as one ragged batch: one projection matmul over every token
+  // of all of them, their query blocks on the threads together, one output projection. Result i answers
+  // requests[i], equal to ForwardParsed of it alone. `stop` (may be empty) is asked before each query block.
+  std::vector<absl::StatusOr<AttentionOutputs>> ForwardBatch(absl::Span<const ParsedDecoder* const> requests,
+                                                             int max_threads, const StopFn& stop = nullptr) const;
 
   // AppendEngine: session appends over a cache of Hkv * D floats of keys (and of values) per token, after
   // RoPE, at positions continuing the session's (a cache of n tokens places the next token at n). Decoder
@@ -92,6 +97,15 @@ class DecoderAttention : public AppendEngine {
   DecoderAttention(const Options& options, Rope rope) : options_(options), rope_(std::move(rope)) {}
   int64_t BlockRows(const ParsedDecoder& p, int threads) const;
   void ApplyRope(const ParsedDecoder& p, float* qkv, int threads) const;
+  // The batch's outputs (zeros, weights when asked) and each request's first row in the projection.
+  std::vector<absl::StatusOr<AttentionOutputs>> MakeOutputs(absl::Span<const ParsedDecoder* const> requests,
+                                                            std::vector<int64_t>* first_row) const;
+  // The query blocks of every request, each request's rows cut by BlockRows.
+  std::vector<Block> PlanBlocks(absl::Span<const ParsedDecoder* const> requests, int threads) const;
+  // Each block on the threads; a block's error (or stop) fails its request.
+  void AttendBlocks(absl::Span<const ParsedDecoder* const> requests, const std::vector<Block>& blocks,
+                    const std::vector<int64_t>& first_row, float* qkv, int threads, const StopFn& stop,
+                    std::vector<absl::StatusOr<AttentionOutputs>>* results) const;
   absl::Status AttendBlock(const ParsedDecoder& p, const Block& blk, float* qkv, Tensor* weights) const;
   absl::Status AttendGroup(const ParsedDecoder& p, const Block& blk, int64_t g, float* qkv, Tensor* weights) const;
   // Session appends (decoder_cached_attention.cc): query rows per block of an append over `context_after`

@@ -160,6 +160,11 @@ int64_t KvSequence::BlocksNeeded(int64_t count) const {
 }
 
 absl::Status KvSequence::Reserve(int64_t count) {
+  if (count > 0 && tokens_ % block_tokens() > 0 && !blocks_.back()) {
+    return absl::FailedPreconditionError(absl::StrCat("cache: truncated to ", tokens_,
+                                                      " tokens inside blocks already freed (from token ",
+                                                      first_token(), " on are held): nothing can follow them"));
+  }
   const int64_t needed = BlocksNeeded(count);
   // Every block first, so that a full pool leaves the sequence as it was.
   std::vector<KvBlockRef> taken;

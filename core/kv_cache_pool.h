@@ -147,7 +147,8 @@ class KvSequence {
   // A sequence with the same tokens, sharing every block (not the reserved ones).
   KvSequence Fork() const;
   // Keeps the first `tokens` tokens (no-op when it holds fewer); the blocks past them go back to the pool.
-  // Tokens before first_token() stay gone: a caller that needs their keys must not truncate below them.
+  // Tokens before first_token() stay gone: a caller that needs their keys must not truncate below them (an
+  // append after a truncate inside a freed block is FAILED_PRECONDITION).
   void Truncate(int64_t tokens);
   // Gives the pool back the whole blocks before token `token` (a sliding window will not read them again),
   // never the last block. Token indices do not change: tokens() still counts them.

@@ -33,10 +33,6 @@
 
 namespace attnserve {
 
-// Asked before each query block of request `i` (its index in the call): a non-OK status stops that request
-// there (its result is the status; the other requests go on). Called from the engine's threads at once.
-using StopFn = std::function<absl::Status(size_t i)>;
-
 // Frees the calling thread's scratch buffers larger than `keep_bytes` (the engine keeps them from call to
 // call, up to 256 MiB, to avoid reallocating): for a worker about to idle, so that a burst's memory goes back.
 void ReleaseThreadScratch(size_t keep_bytes = size_t{1} << 20);

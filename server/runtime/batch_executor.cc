@@ -49,26 +49,22 @@ std::vector<absl::StatusOr<AttentionOutputs>> AppendsNoThrow(const AppendEngine&
   }
 }
 
-// A decoder layer's requests, one engine call each (the decoder has no ragged batch yet), each skipped once
-// its deadline passed or its client left.
+// A decoder layer's requests as one ragged batch, each stopped between its query blocks once its deadline
+// passed or its client left.
 std::vector<absl::StatusOr<AttentionOutputs>> DecoderNoThrow(const std::vector<const InferenceCall*>& calls,
                                                              int threads, const Clock& clock) {
-  std::vector<absl::StatusOr<AttentionOutputs>> got;
-  got.reserve(calls.size());
-  for (const InferenceCall* call : calls) {
-    if (absl::Status stop = StopReason(*call, clock); !stop.ok()) {
-      got.emplace_back(stop);
-      continue;
-    }
-    try {
-      got.push_back(call->layer->decoder->ForwardParsed(call->decoder_parsed, threads));
-    } catch (const std::bad_alloc&) {
-      got.emplace_back(absl::ResourceExhaustedError("out of memory while computing the request"));
-    } catch (const std::exception& e) {
-      got.emplace_back(absl::InternalError(absl::StrCat("engine failure: ", e.what())));
-    }
+  std::vector<const ParsedDecoder*> parsed;
+  for (const InferenceCall* call : calls) parsed.push_back(&call->decoder_parsed);
+  const StopFn stop = [&](size_t i) { return StopReason(*calls[i], clock); };
+  try {
+    return calls.front()->layer->decoder->ForwardBatch(parsed, threads, stop);
+  } catch (const std::bad_alloc&) {
+    return std::vector<absl::StatusOr<AttentionOutputs>>(
+        calls.size(), absl::ResourceExhaustedError("out of memory while computing the batch"));
+  } catch (const std::exception& e) {
+    return std::vector<absl::StatusOr<AttentionOutputs>>(
+        calls.size(), absl::InternalError(absl::StrCat("engine failure: ", e.what())));
   }
-  return got;
 }
 
 }  // namespace

@@ -128,6 +128,52 @@ TEST(DecoderAttentionTest, MatchesNaiveReferenceOver200RandomConfigurations) {
   }
 }
 
+// A ragged batch (requests of different B and L, masks, positions, weights) equals each request alone; a
+// stopped request gets its stop, the others their answers.
+TEST(DecoderAttentionTest, RaggedBatchEqualsEachRequestAloneAndStopsOnlyItsOwn) {
+  std::mt19937_64 rng(20261204);
+  for (int trial = 0; trial < 60; ++trial) {
+    DecoderAttention::Options options;
+    options.config = RandomConfig(rng);
+    options.scores_block_bytes = Pick(rng, 0, 1) ? 4 * Pick(rng, 1, 200) : int64_t{2} << 20;
+    options.min_block_rows = Pick(rng, 1, 8);
+    options.single_thread_below_flops = Pick(rng, 0, 1) ? 0 : int64_t{64} << 20;
+    auto layer = DecoderAttention::Create(options, RandomWeights(options.config, rng));
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    std::vector<Request> requests(static_cast<size_t>(Pick(rng, 1, 5)));
+    std::vector<ParsedDecoder> parsed;
+    for (Request& r : requests) {
+      DrawRequest(rng, options.config, &r);
+      auto p = (*layer)->Validate(r.inputs);
+      ASSERT_TRUE(p.ok()) << p.status();
+      parsed.push_back(*p);
+    }
+    std::vector<const ParsedDecoder*> batch;
+    for (const ParsedDecoder& p : parsed) batch.push_back(&p);
+    const size_t stopped = Pick(rng, 0, 2) == 0 ? static_cast<size_t>(Pick(rng, 0, batch.size() - 1)) : batch.size();
+    const StopFn stop = [&](size_t i) {
+      return i == stopped ? absl::CancelledError("stopped") : absl::OkStatus();
+    };
+    SCOPED_TRACE(::testing::Message() << "trial " << trial << ": " << options.config.DebugString() << ", "
+                                    << batch.size() << " requests, stopped " << stopped);
+    auto got = (*layer)->ForwardBatch(batch, static_cast<int>(Pick(rng, 1, 2)), stop);
+    ASSERT_EQ(got.size(), batch.size());
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (i == stopped) {
+        EXPECT_EQ(got[i].status().code(), absl::StatusCode::kCancelled);
+        continue;
+      }
+      ASSERT_TRUE(got[i].ok()) << got[i].status();
+      auto alone = (*layer)->ForwardParsed(parsed[i], 1);
+      ASSERT_TRUE(alone.ok());
+      EXPECT_EQ(got[i]->output.shape, alone->output.shape);
+      EXPECT_LT(MaxAbsDiff(got[i]->output.values, alone->output.values), 1e-5) << "request " << i;
+      EXPECT_EQ(got[i]->attn_weights.shape, alone->attn_weights.shape);
+      EXPECT_LT(MaxAbsDiff(got[i]->attn_weights.values, alone->attn_weights.values), 1e-6) << "request " << i;
+    }
+  }
+}
+
 TEST(DecoderAttentionTest, GroupedHeadsShareTheirKeyValueHead) {
   // H=8, Hkv=2: equal to the same layer with Hkv=8 whose K/V weights repeat each kv head 4 times.
   std::mt19937_64 rng(7);

@@ -110,6 +110,39 @@ TEST(KvCachePoolTest, TruncateThenAppendAgain) {
   EXPECT_EQ(a.tokens(), 0);
 }
 
+TEST(KvCachePoolTest, DropBeforeFreesWholeBlocksButNeverTheLastAndForksKeepTheirs) {
+  std::mt19937_64 rng(9);
+  auto pool = Pool(int64_t{64} << 20, 4);
+  KvSequence a(pool.get(), 8);
+  Appended want;
+  ASSERT_TRUE(AppendRandom(rng, 18, &a, &want).ok());  // 5 blocks, the last holding 2 tokens
+  KvSequence fork = a.Fork();
+  const int64_t block = pool->BlockBytes(8);
+  a.DropBefore(11);  // blocks 0 and 1 (tokens 0..7); block 2 holds token 11
+  EXPECT_EQ(a.first_token(), 8);
+  EXPECT_EQ(a.tokens(), 18);
+  EXPECT_EQ(a.bytes(), 3 * block);
+  EXPECT_EQ(pool->used_bytes(), 5 * block);  // the fork still holds the dropped ones
+  fork = KvSequence(pool.get(), 8);
+  EXPECT_EQ(pool->used_bytes(), 3 * block);
+  for (int64_t t = 8; t < 18; ++t) {
+    EXPECT_EQ(a.keys(t / 4)[(t % 4) * 8], want.keys[t * 8]) << "token " << t;
+  }
+  a.DropBefore(1000);  // never the last block: the next append writes into it
+  EXPECT_EQ(a.first_token(), 16);
+  ASSERT_TRUE(AppendRandom(rng, 3, &a, &want).ok());
+  EXPECT_EQ(a.values(5)[0], want.values[20 * 8]);
+  EXPECT_EQ(a.bytes(), 2 * block);
+  KvSequence copy = a.Fork();  // a fork of a dropped sequence holds the same tokens
+  EXPECT_EQ(copy.first_token(), 16);
+  EXPECT_EQ(copy.bytes(), 2 * block);
+  a.Truncate(6);  // below what it holds: the sequence keeps its count, its dropped blocks stay gone
+  EXPECT_EQ(a.tokens(), 6);
+  EXPECT_EQ(a.bytes(), 0);
+  const absl::Status next = AppendRandom(rng, 1, &a, &want);  // into a freed block: refused, not a crash
+  EXPECT_EQ(next.code(), absl::StatusCode::kFailedPrecondition) << next;
+}
+
 TEST(KvCachePoolTest, BudgetIsNeverExceededAndARefusedAppendChangesNothing) {
   std::mt19937_64 rng(9);
   auto pool = Pool(5 * 2 * 4 * 8 * 4, 4);  // room for 5 blocks of width 8, block_tokens 4

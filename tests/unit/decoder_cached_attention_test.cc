@@ -34,21 +34,9 @@ DecoderConfig RandomConfig(std::mt19937_64& rng) {
   return c;
 }
 
+// Seeded weights (biases as the config asks), from the rng's next draw.
 DecoderWeights RandomWeights(const DecoderConfig& c, std::mt19937_64& rng) {
-  const int64_t e = c.embed_dim, q = c.q_width(), kv = c.kv_width();
-  const float s = 1.0f / std::sqrt(static_cast<float>(e));
-  DecoderWeights w;
-  w.q_proj_weight = RandomValues(rng, q * e, s);
-  w.k_proj_weight = RandomValues(rng, kv * e, s);
-  w.v_proj_weight = RandomValues(rng, kv * e, s);
-  w.o_proj_weight = RandomValues(rng, e * q, 1.0f / std::sqrt(static_cast<float>(q)));
-  if (c.qkv_bias) {
-    w.q_proj_bias = RandomValues(rng, q, 0.1f);
-    w.k_proj_bias = RandomValues(rng, kv, 0.1f);
-    w.v_proj_bias = RandomValues(rng, kv, 0.1f);
-  }
-  if (c.o_bias) w.o_proj_bias = RandomValues(rng, e, 0.1f);
-  return w;
+  return RandomDecoderWeights(c, rng());
 }
 
 std::unique_ptr<KvCachePool> Pool(int64_t block_tokens, int64_t bytes = int64_t{64} << 20) {

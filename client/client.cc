@@ -124,6 +124,16 @@ const char* Client::HealthStatusName(HealthStatus status) {
   return "UNKNOWN";
 }
 
+bool Client::IsTraceparent(absl::string_view value) {
+  if (value.size() != 55 || value.substr(0, 3) != "00-" || value[35] != '-' || value[52] != '-') return false;
+  const auto lower_hex = [](absl::string_view s) {
+    return s.find_first_not_of("0123456789abcdef") == absl::string_view::npos;
+  };
+  const auto not_zero = [](absl::string_view s) { return s.find_first_not_of('0') != absl::string_view::npos; };
+  const absl::string_view trace = value.substr(3, 32), span = value.substr(36, 16), flags = value.substr(53, 2);
+  return lower_hex(trace) && lower_hex(span) && lower_hex(flags) && not_zero(trace) && not_zero(span);
+}
+
 absl::StatusOr<std::unique_ptr<Client>> Client::Create(const Options& options) {
   if (options.target.empty()) return absl::InvalidArgumentError("target: must not be empty");
   if (options.default_timeout_ms < 0) {
@@ -142,6 +152,11 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const Options& options) {
   }
   if (options.tls_cert_path.empty() != options.tls_key_path.empty()) {
     return absl::InvalidArgumentError("tls_cert_path and tls_key_path go together; one is empty");
+  }
+  if (!options.traceparent.empty() && !IsTraceparent(options.traceparent)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "traceparent: expected 00-<32 hex digits>-<16 hex digits>-<2 hex digits> (lower case), got \"",
+        options.traceparent.substr(0, 80), "\""));
   }
   ATTN_ASSIGN_OR_RETURN(auto credentials, MakeCredentials(options));
   auto channel = grpc::CreateCustomChannel(options.target, credentials, ChannelArgs(options, options.load_balancing));
@@ -163,10 +178,13 @@ Client::Client(Options options, std::shared_ptr<grpc::ChannelCredentials> creden
       channel_(std::move(channel)),
       stub_(attnserve::v1::AttentionService::NewStub(channel_)) {}
 
-void Client::PrepareContext(grpc::ClientContext* context, std::optional<int64_t> timeout_ms) const {
+void Client::PrepareContext(grpc::ClientContext* context, std::optional<int64_t> timeout_ms,
+                            const std::string& traceparent) const {
   const int64_t ms = timeout_ms.value_or(options_.default_timeout_ms);
   if (ms > 0) context->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(ms));
   if (!options_.token.empty()) context->AddMetadata("authorization", "Bearer " + options_.token);
+  const std::string& trace = traceparent.empty() ? options_.traceparent : traceparent;
+  if (!trace.empty()) context->AddMetadata("traceparent", trace);
 }
 
 absl::StatusOr<std::string> Client::TokenFromEnvironmentOrFile(
@@ -230,16 +248,18 @@ absl::StatusOr<Client::InferResult> Client::Infer(const std::string& layer, absl
                                                   const std::vector<int64_t>& query_shape,
                                                   const InferOptions& options) const {
   ATTN_ASSIGN_OR_RETURN(const attnserve::v1::InferRequest request, MakeInferRequest(layer, query, query_shape, options));
-  ATTN_ASSIGN_OR_RETURN(const attnserve::v1::InferResponse response, InferRaw(request, options.timeout_ms));
+  ATTN_ASSIGN_OR_RETURN(const attnserve::v1::InferResponse response,
+                        InferRaw(request, options.timeout_ms, options.traceparent));
   return ReadInferResponse(response);
 }
 
 absl::StatusOr<attnserve::v1::InferResponse> Client::InferRaw(const attnserve::v1::InferRequest& request,
-                                                              std::optional<int64_t> timeout_ms) const {
+                                                              std::optional<int64_t> timeout_ms,
+                                                              const std::string& traceparent) const {
   grpc::ClientContext context;
-  PrepareContext(&context, timeout_ms);
+  PrepareContext(&context, timeout_ms, traceparent);
   attnserve::v1::InferResponse response;
-  ATTN_RETURN_IF_ERROR(FromGrpcStatus(stub_->Infer(&context, request, &response)));
+  ATTN_RETURN_IF_ERROR(FromGrpcStatus(stub_->Infer(&context, request, &response), context));
   return response;
 }
 
@@ -272,7 +292,7 @@ absl::StatusOr<std::vector<attnserve::v1::Layer>> Client::ListLayers() const {
   grpc::ClientContext context;
   PrepareContext(&context, std::nullopt);
   attnserve::v1::ListLayersResponse response;
-  ATTN_RETURN_IF_ERROR(FromGrpcStatus(stub_->ListLayers(&context, attnserve::v1::ListLayersRequest(), &response)));
+  ATTN_RETURN_IF_ERROR(FromGrpcStatus(stub_->ListLayers(&context, attnserve::v1::ListLayersRequest(), &response), context));
   return std::vector<attnserve::v1::Layer>(response.layers().begin(), response.layers().end());
 }
 
@@ -282,7 +302,7 @@ absl::StatusOr<attnserve::v1::Layer> Client::GetLayer(const std::string& name) c
   attnserve::v1::GetLayerRequest request;
   request.set_name(name);
   attnserve::v1::Layer layer;
-  ATTN_RETURN_IF_ERROR(FromGrpcStatus(stub_->GetLayer(&context, request, &layer)));
+  ATTN_RETURN_IF_ERROR(FromGrpcStatus(stub_->GetLayer(&context, request, &layer), context));
   return layer;
 }
 

@@ -48,6 +48,10 @@ class Client {
     // gRPC load-balancing policy over the target's addresses: "round_robin" spreads calls over every address
     // (with a single address it behaves as pick_first), "pick_first" uses one until it fails.
     std::string load_balancing = "round_robin";
+    // W3C Trace Context: sent as "traceparent" on every call ("00-<32 hex trace id>-<16 hex span id>-<2 hex
+    // flags>"), so the server's span joins the caller's trace. Empty: none; the server then starts a trace per
+    // call. Either way an error's message ends in the server's " [trace_id <id>]", the id its logs carry.
+    std::string traceparent;
   };
 
   // A caller-owned FLOAT32 input, row-major; absent while `shape` is empty.
@@ -88,6 +92,8 @@ class Client {
     // This call's deadline in milliseconds; unset: Options::default_timeout_ms; 0: none.
     std::optional<int64_t> timeout_ms;
     std::string id;
+    // This call's traceparent; empty: Options::traceparent.
+    std::string traceparent;
   };
 
   // An owning row-major FLOAT32 tensor.
@@ -129,9 +135,10 @@ class Client {
     return Infer(layer, query, query_shape, InferOptions());
   }
 
-  // The same call on protobufs, for tools. `timeout_ms` as in InferOptions.
+  // The same call on protobufs, for tools. `timeout_ms` and `traceparent` as in InferOptions.
   absl::StatusOr<attnserve::v1::InferResponse> InferRaw(const attnserve::v1::InferRequest& request,
-                                                        std::optional<int64_t> timeout_ms = std::nullopt) const;
+                                                        std::optional<int64_t> timeout_ms = std::nullopt,
+                                                        const std::string& traceparent = "") const;
 
   // grpc.health.v1.Health/Check of `service` ("" is the whole server). NotFound for a service the server
   // does not know.
@@ -151,8 +158,13 @@ class Client {
   // deadline rule of this client applied to a context (`timeout_ms` as in InferOptions).
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
   attnserve::v1::AttentionService::Stub* stub() const { return stub_.get(); }
-  // Sets the deadline (`timeout_ms` as in InferOptions) and the token's authorization metadata.
-  void PrepareContext(grpc::ClientContext* context, std::optional<int64_t> timeout_ms) const;
+  // Sets the deadline (`timeout_ms` as in InferOptions), the token's authorization metadata and the
+  // traceparent (`traceparent`, else Options::traceparent).
+  void PrepareContext(grpc::ClientContext* context, std::optional<int64_t> timeout_ms,
+                      const std::string& traceparent = "") const;
+
+  // A well-formed version-00 W3C traceparent (what Create accepts as Options::traceparent).
+  static bool IsTraceparent(absl::string_view value);
 
   // A channel with this client's credentials and limits to another target (one address: pick_first), for
   // calls that must reach one server (a session's).

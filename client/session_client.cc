@@ -57,7 +57,7 @@ absl::StatusOr<attnserve::v1::Session> SessionClient::CreateSession(const Sessio
   Prepare(&context, options.session_id);
   attnserve::v1::Session session;
   grpc::Status s = StubFor(options.session_id)->CreateSession(&context, request, &session);
-  if (!s.ok()) return FromGrpcStatus(s);
+  if (!s.ok()) return FromGrpcStatus(s, context);
   return session;
 }
 
@@ -82,7 +82,7 @@ absl::StatusOr<SessionClient::AppendResult> SessionClient::Append(const std::str
   Prepare(&context, session_id);
   attnserve::v1::AppendResponse response;
   grpc::Status s = StubFor(session_id)->Append(&context, request, &response);
-  if (!s.ok()) return FromGrpcStatus(s);
+  if (!s.ok()) return FromGrpcStatus(s, context);
   AppendResult result;
   ATTN_ASSIGN_OR_RETURN(result.output, Client::ReadTensor(response.output(), "output"));
   if (need_weights) {
@@ -107,7 +107,7 @@ absl::StatusOr<attnserve::v1::Session> SessionClient::Fork(const std::string& se
   Prepare(&context, session_id);
   attnserve::v1::Session session;
   grpc::Status s = StubFor(session_id)->ForkSession(&context, request, &session);
-  if (!s.ok()) return FromGrpcStatus(s);
+  if (!s.ok()) return FromGrpcStatus(s, context);
   return session;
 }
 
@@ -119,7 +119,7 @@ absl::StatusOr<attnserve::v1::Session> SessionClient::Truncate(const std::string
   Prepare(&context, session_id);
   attnserve::v1::Session session;
   grpc::Status s = StubFor(session_id)->TruncateSession(&context, request, &session);
-  if (!s.ok()) return FromGrpcStatus(s);
+  if (!s.ok()) return FromGrpcStatus(s, context);
   return session;
 }
 
@@ -130,7 +130,7 @@ absl::StatusOr<attnserve::v1::Session> SessionClient::Get(const std::string& ses
   Prepare(&context, session_id);
   attnserve::v1::Session session;
   grpc::Status s = StubFor(session_id)->GetSession(&context, request, &session);
-  if (!s.ok()) return FromGrpcStatus(s);
+  if (!s.ok()) return FromGrpcStatus(s, context);
   return session;
 }
 
@@ -141,7 +141,7 @@ absl::Status SessionClient::Close(const std::string& session_id) const {
   Prepare(&context, session_id);
   attnserve::v1::CloseSessionResponse response;
   grpc::Status s = StubFor(session_id)->CloseSession(&context, request, &response);
-  return s.ok() ? absl::OkStatus() : FromGrpcStatus(s);
+  return FromGrpcStatus(s, context);
 }
 
 }  // namespace attnserve

@@ -15,7 +15,7 @@ PKGS=(
   libspdlog-dev libfmt-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libabsl-dev nlohmann-json3-dev
-  python3 python3-numpy python3-grpcio python3-protobuf python3-cryptography
+  python3 python3-numpy python3-grpcio python3-protobuf python3-cryptography python3-yaml
   prometheus curl procps
   libssl-dev openssl
   # The Python client package (client/python: a venv, pip with no index) and its remote decoder example,
@@ -23,6 +23,8 @@ PKGS=(
   python3-venv python3-pip python3-setuptools python3-wheel python3-torch libopenblas0-pthread
   # The session proxy's test (deploy/session-proxy): nginx with HTTP/2 and grpc_pass.
   nginx-light
+  # The dashboard drawn without a Grafana (bench/dashboard_png.py, also run by tests/integration/dashboard_test.py).
+  python3-matplotlib
 )
 
 missing=()

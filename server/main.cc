@@ -101,6 +101,7 @@ int main(int argc, char** argv) {
   // A port that stopped accepting is woken up like a SIGTERM, and the exit status then says why.
   static std::atomic<bool> listener_failed{false};
   ServerOptions options;
+  options.access_log_path = flags->access_log;
   options.on_listener_failure = [](const std::string&) {
     listener_failed = true;
     kill(getpid(), SIGTERM);

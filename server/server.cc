@@ -39,6 +39,8 @@
 #include "server/startup/server_config.h"
 #include "server/startup/transport_config.h"
 #include "server/transport/listener_probe.h"
+#include "server/api/trace_interceptor.h"
+#include "server/observability/access_log.h"
 #include "server/security/credential_store.h"
 
 namespace attnserve {
@@ -65,6 +67,15 @@ class MetricsObserver final : public SchedulerObserver {
   ServerMetrics* metrics_;
 };
 
+// Every RPC's interceptors: the trace first, so that even a refused call returns its trace id.
+std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> Interceptors(
+    const Authorizer* authorizer) {
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<TraceInterceptorFactory>());
+  interceptors.push_back(std::make_unique<ReflectionGuardFactory>(authorizer));
+  return interceptors;
+}
+
 // Removes gRPC's reflection plugin from a builder. Debian's libgrpc++_reflection registers it for every
 // server of the process when the library loads, so not calling InitProtoReflectionServerBuilderPlugin is not
 // enough to serve without reflection.
@@ -88,6 +99,7 @@ struct Server::Parts {
   std::unique_ptr<Authorizer> authorizer;
   std::unique_ptr<LayerRegistry> registry;
   std::unique_ptr<ServerMetrics> metrics;
+  std::unique_ptr<AccessLog> access_log;  // may be null; outlives the dispatcher, which writes to it
   std::unique_ptr<MetricsObserver> observer;
   std::unique_ptr<MemoryBudget> memory;
   std::unique_ptr<BatchExecutor> executor;
@@ -168,9 +180,15 @@ absl::Status Server::Build() {
                                                            run_on(p.express_executor.get())));
   for (const auto& l : config_.layers()) {
     ATTN_RETURN_IF_ERROR(p.scheduler->AddQueue(l.name(), ToBatchingOptions(l.batching())));
+    p.metrics->SetQueueCapacity(l.name(), l.batching().max_queue_size());
+  }
+  if (!options_.access_log_path.empty()) {
+    AccessLog::Options access_log;
+    access_log.path = options_.access_log_path;
+    ATTN_ASSIGN_OR_RETURN(p.access_log, AccessLog::Create(access_log));
   }
   ATTN_ASSIGN_OR_RETURN(p.dispatcher, Dispatcher::Create({p.registry.get(), p.scheduler.get(), p.metrics.get(),
-                                                          p.memory.get(), options_.clock}));
+                                                          p.memory.get(), p.access_log.get(), options_.clock}));
   p.service = std::make_unique<AttentionServiceImpl>(p.registry.get(), p.dispatcher.get(), options_.clock,
                                                      config_.max_inflight_per_stream(), p.authorizer.get());
   ATTN_RETURN_IF_ERROR(BuildSessions());
@@ -285,9 +303,7 @@ absl::Status Server::Start() {
   builder.RegisterService(p.service.get());
   builder.RegisterService(p.kserve.get());
   builder.RegisterService(p.session_service.get());
-  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
-  interceptors.push_back(std::make_unique<ReflectionGuardFactory>(p.authorizer.get()));
-  builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  builder.experimental().SetInterceptorCreators(Interceptors(p.authorizer.get()));
   p.grpc_server = builder.BuildAndStart();
   if (p.grpc_server == nullptr || p.grpc_port == 0) {
     p.grpc_server.reset();
@@ -318,9 +334,7 @@ absl::Status Server::StartHealthServer() {
   builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
                              static_cast<int>(config_.transport().max_connection_idle_ms()));
   builder.SetMaxReceiveMessageSize(4096);
-  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
-  interceptors.push_back(std::make_unique<ReflectionGuardFactory>(p.authorizer.get()));
-  builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  builder.experimental().SetInterceptorCreators(Interceptors(p.authorizer.get()));
   p.health_server = builder.BuildAndStart();
   if (p.health_server == nullptr || p.health_port == 0) {
     p.health_server.reset();
@@ -501,6 +515,7 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
     p.metrics->AddLayer(config.name());
     ATTN_RETURN_IF_ERROR(p.scheduler->AddQueue(config.name(), batching));
   }
+  p.metrics->SetQueueCapacity(config.name(), batching.max_queue_size);
   const int64_t version = p.registry->Publish(std::move(loaded));
   p.metrics->SetLayerVersion(config.name(), version);
   spdlog::info("layer {}: version {} loaded (built and warmed up in {})", config.name(), version,

@@ -60,6 +60,8 @@ struct ServerOptions {
   // calls. main() drains and exits non-zero so that its supervisor restarts it; it must not call Drain
   // itself (Drain stops the probe's thread). Empty: only logged.
   std::function<void(const std::string& why)> on_listener_failure;
+  // The access log (observability/access_log.h): "-" for stdout, or a file appended to. Empty: none.
+  std::string access_log_path;
 };
 
 class Server {

@@ -17,7 +17,7 @@ constexpr FlagSpec kFlags[] = {
     {"stream", false},      {"streams", true},     {"concurrency", true}, {"rate", true},
     {"duration", true},     {"warmup", true},      {"timeout-ms", true}, {"seed", true},
     {"json", false},        {"csv", false},        {"quiet", false},      {"tls-cert", true},
-    {"tls-key", true},      {"token-file", true},  {"kserve", false},    {"sessions", true},
+    {"tls-key", true},      {"token-file", true}, {"traceparent", true},  {"kserve", false},    {"sessions", true},
     {"context", true},      {"prefill", true},
 };
 
@@ -61,6 +61,7 @@ absl::StatusOr<BenchArgs> ParseBenchArgs(const std::vector<std::string>& args) {
   if (auto v = get("tls-cert")) out.tls_cert = *v;
   if (auto v = get("tls-key")) out.tls_key = *v;
   if (auto v = get("token-file")) out.token_file = *v;
+  if (auto v = get("traceparent")) out.traceparent = *v;
   if ((!out.tls_root_certs.empty() || !out.tls_cert.empty()) && !out.tls) {
     return absl::InvalidArgumentError("--tls-root-certs and --tls-cert need --tls");
   }
@@ -139,6 +140,8 @@ Target:
   --tls-root-certs FILE  PEM root certificates for --tls (default: gRPC's)
   --tls-cert FILE        PEM client certificate (mTLS), with --tls-key FILE
   --token-file FILE      first line: the token sent as "authorization: Bearer" (default: $ATTNSERVE_TOKEN)
+  --traceparent TP       W3C traceparent sent on every call (00-<trace id>-<span id>-<flags>); the first
+                         error of each code is reported with the server's trace id either way
   --timeout-ms N         deadline per request, 0 = none (default 30000)
 
 Requests (random float32 values):

@@ -20,6 +20,7 @@ struct BenchArgs {
   std::string tls_cert;                    // --tls-cert PEM (mTLS)
   std::string tls_key;                     // --tls-key PEM
   std::string token_file;                  // --token-file; empty: $ATTNSERVE_TOKEN
+  std::string traceparent;                 // --traceparent: sent on every call; empty: none
   // What to send.
   bool echo = false;                       // --echo: attnserve.bench.EchoService instead of attention
   int64_t payload_bytes = 4096;            // --payload-bytes (echo)

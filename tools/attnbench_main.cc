@@ -128,6 +128,7 @@ int Run(int argc, char** argv) {
     return 2;
   }
   options.token = *token;
+  options.traceparent = args->traceparent;
   options.default_timeout_ms = args->timeout_ms;
   auto client = Client::Create(options);
   if (!client.ok()) {

@@ -30,6 +30,7 @@ StepSummary Summarize(const StepReport& step) {
   out.errors = s.error_count();
   out.requests = out.ok + out.errors;
   out.errors_by_code = s.errors;
+  out.first_error_trace_ids = s.first_error_trace_ids;
   if (step.elapsed_seconds > 0) {
     out.requests_per_second = static_cast<double>(out.requests) / step.elapsed_seconds;
     out.ok_per_second = static_cast<double>(out.ok) / step.elapsed_seconds;
@@ -70,6 +71,9 @@ std::string FormatTable(const std::vector<StepReport>& steps) {
                           timed ? absl::StrFormat("%.2f", s.batch_size_mean) : "-");
     if (s.errors > 0) {
       absl::StrAppend(&error_lines, "errors at ", Load(step), ": ", ErrorList(s.errors_by_code, " ", ", "), "\n");
+      for (const auto& [code, trace_id] : s.first_error_trace_ids) {
+        absl::StrAppend(&error_lines, "  first ", code, ": trace_id ", trace_id, "\n");
+      }
     }
   }
   if (!steps.empty()) absl::StrAppend(&out, "(", steps.front().workload, "; latency of successful requests; ",
@@ -95,6 +99,8 @@ std::string FormatJson(const std::vector<StepReport>& steps) {
     j["errors"] = s.errors;
     j["errors_by_code"] = nlohmann::json::object();
     for (const auto& [code, n] : s.errors_by_code) j["errors_by_code"][code] = n;
+    j["first_error_trace_ids"] = nlohmann::json::object();
+    for (const auto& [code, id] : s.first_error_trace_ids) j["first_error_trace_ids"][code] = id;
     j["requests_per_second"] = s.requests_per_second;
     j["ok_per_second"] = s.ok_per_second;
     j["latency_ms"] = {{"mean", s.latency_mean_ms}, {"min", s.latency_min_ms}, {"p50", s.latency_p50_ms},

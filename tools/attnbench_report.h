@@ -25,6 +25,7 @@ struct StepSummary {
   int64_t ok = 0;
   int64_t errors = 0;
   std::map<std::string, int64_t> errors_by_code;
+  std::map<std::string, std::string> first_error_trace_ids;  // by code: the server's trace id of its first error
   double requests_per_second = 0;  // every answered request
   double ok_per_second = 0;
   // Latency of successful requests, milliseconds.

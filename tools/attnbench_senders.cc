@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "client/grpc_status.h"
 
 namespace attnserve {
 namespace {
@@ -41,7 +42,9 @@ void UnaryInferSender::Send(uint64_t seq, uint64_t /*lane*/, std::function<void(
   client_->PrepareContext(&call->context, timeout_ms_);
   client_->stub()->async()->Infer(&call->context, call->request.get(), &call->response,
                                   [call, done = std::move(done)](grpc::Status status) {
-                                    done(FromResponse(status, call->response));
+                                    Outcome o = FromResponse(status, call->response);
+                                    if (o.code != 0) o.trace_id = ServerTraceId(call->context);
+                                    done(o);
                                     delete call;
                                   });
 }
@@ -238,6 +241,7 @@ void KServeInferSender::Send(uint64_t seq, uint64_t /*lane*/, std::function<void
                                  o.compute_us = params.at("compute_us").int64_param();
                                  o.batch_size = static_cast<int32_t>(params.at("batch_size").int64_param());
                                }
+                               if (o.code != 0) o.trace_id = ServerTraceId(call->context);
                                done(o);
                                delete call;
                              });

@@ -1,5 +1,7 @@
 #include "tools/attnbench_sessions.h"
 
+#include "client/grpc_status.h"
+
 #include <random>
 #include <utility>
 
@@ -104,6 +106,7 @@ void SessionAppendSender::Send(uint64_t /*seq*/, uint64_t lane_index, std::funct
                                                    o.compute_us = call->response.timing().compute_us();
                                                    o.batch_size = call->response.timing().batch_size();
                                                  }
+                                                 if (o.code != 0) o.trace_id = ServerTraceId(call->context);
                                                  done(o);
                                                  delete call;
                                                });

@@ -13,7 +13,8 @@ int64_t StepStats::error_count() const {
 void StepRecorder::Record(int64_t latency_ns, const Outcome& outcome) {
   absl::MutexLock lock(&mu_);
   if (outcome.code != 0) {
-    ++stats_.errors[StatusCodeName(outcome.code)];
+    const std::string code = StatusCodeName(outcome.code);
+    if (++stats_.errors[code] == 1 && !outcome.trace_id.empty()) stats_.first_error_trace_ids[code] = outcome.trace_id;
     return;
   }
   ++stats_.ok;

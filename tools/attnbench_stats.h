@@ -21,11 +21,14 @@ struct Outcome {
   int64_t queue_us = 0;
   int64_t compute_us = 0;
   int32_t batch_size = 0;
+  std::string trace_id;  // an error's: the trace id the server returned (client/grpc_status.h ServerTraceId)
 };
 
 struct StepStats {
   int64_t ok = 0;
   std::map<std::string, int64_t> errors;  // by status code name, e.g. "UNAVAILABLE"
+  // By status code name: the trace id of its first error, for finding it in the server's logs.
+  std::map<std::string, std::string> first_error_trace_ids;
   LatencyHistogram latency_ns;            // successful requests only
   LatencyHistogram queue_us;              // server Timing of successful requests that carry one
   LatencyHistogram compute_us;

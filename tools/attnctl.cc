@@ -46,7 +46,7 @@ constexpr FlagSpec kFlags[] = {
     {"seq", true},         {"kv-seq", true},        {"causal", false},       {"need-weights", false},
     {"per-head-weights", false}, {"seed", true},    {"query", true},         {"key", true},
     {"value", true},       {"key-padding-mask", true}, {"attn-mask", true},  {"output", true},
-    {"weights-output", true}, {"tls-cert", true}, {"tls-key", true}, {"token-file", true},
+    {"weights-output", true}, {"tls-cert", true}, {"tls-key", true}, {"token-file", true}, {"traceparent", true},
     {"config-json", true}, {"position-offset", true},
 };
 // Flags only `infer` takes; given to another command they are a usage error rather than silently ignored.
@@ -77,6 +77,8 @@ Flags:
   --tls-key FILE         PEM private key of --tls-cert
   --token-file FILE      file whose first line is the token sent as "authorization: Bearer" (default:
                          $ATTNSERVE_TOKEN, else none)
+  --traceparent TP       W3C traceparent sent with the call (00-<trace id>-<span id>-<flags>); errors end
+                         in the server's [trace_id ...] either way
   --timeout-ms N         deadline of each call (default 10000; 0 = none)
   --json                 machine-readable output on stdout (errors too, as {"error": {...}})
   --help                 this text
@@ -438,6 +440,7 @@ int Run(int argc, char** argv) {
   auto token = Client::TokenFromEnvironmentOrFile(cl.Get("token-file").value_or(""), std::getenv);
   if (!token.ok()) return UsageError(std::string(token.status().message()));
   options.token = *token;
+  options.traceparent = cl.Get("traceparent").value_or("");
   options.default_timeout_ms = 10'000;
   if (auto v = cl.Get("timeout-ms")) {
     auto ms = ParseIntFlag("timeout-ms", *v, 0, 3'600'000);

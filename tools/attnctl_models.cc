@@ -14,7 +14,7 @@ absl::Status LoadModel(const Client& client, const std::string& name, const std:
   inference::RepositoryModelLoadResponse response;
   grpc::ClientContext context;
   client.PrepareContext(&context, timeout_ms);
-  return FromGrpcStatus(stub->RepositoryModelLoad(&context, request, &response));
+  return FromGrpcStatus(stub->RepositoryModelLoad(&context, request, &response), context);
 }
 
 absl::Status UnloadModel(const Client& client, const std::string& name, std::optional<int64_t> timeout_ms) {
@@ -24,7 +24,7 @@ absl::Status UnloadModel(const Client& client, const std::string& name, std::opt
   inference::RepositoryModelUnloadResponse response;
   grpc::ClientContext context;
   client.PrepareContext(&context, timeout_ms);
-  return FromGrpcStatus(stub->RepositoryModelUnload(&context, request, &response));
+  return FromGrpcStatus(stub->RepositoryModelUnload(&context, request, &response), context);
 }
 
 absl::StatusOr<std::vector<LayerVersionInfo>> ListModelVersions(const Client& client,
@@ -34,7 +34,7 @@ absl::StatusOr<std::vector<LayerVersionInfo>> ListModelVersions(const Client& cl
   grpc::ClientContext context;
   client.PrepareContext(&context, timeout_ms);
   const grpc::Status status = stub->RepositoryIndex(&context, inference::RepositoryIndexRequest(), &response);
-  if (!status.ok()) return FromGrpcStatus(status);
+  if (!status.ok()) return FromGrpcStatus(status, context);
   std::vector<LayerVersionInfo> out;
   for (const auto& m : response.models()) out.push_back({m.name(), m.version(), m.state(), m.reason()});
   return out;

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # ctest k8s_manifests_test (label unit, run by `make test`): renders deploy/k8s, alone and with its
-# components (servicemonitor, networkpolicy, secure, and these together with servicemonitor-basicauth), and
+# components (servicemonitor, prometheusrule, networkpolicy, secure, and these together with
+# servicemonitor-basicauth), and
 # validates every object against the Kubernetes schemas with unknown fields refused
 # (deploy/k8s/validate/validate.mjs), as well as the example Secrets of components/secure. Then proves the
-# validator fails on deliberately broken copies: unknown fields (Deployment, ServiceMonitor, NetworkPolicy),
+# validator fails on deliberately broken copies: unknown fields (Deployment, ServiceMonitor, PrometheusRule,
+# NetworkPolicy),
 # wrong types, broken references, a gRPC probe on the TLS port, a Secret mounted with subPath, a server file
 # outside every mount.
 #
@@ -42,10 +44,11 @@ overlay() {
   } >"$TMP/$name/kustomization.yaml"
 }
 overlay overlay servicemonitor
+overlay overlay-prometheusrule servicemonitor prometheusrule
 overlay overlay-networkpolicy networkpolicy
 overlay overlay-secure secure
 overlay overlay-secure-servicemonitor servicemonitor secure servicemonitor-basicauth
-overlay overlay-full networkpolicy servicemonitor secure servicemonitor-basicauth
+overlay overlay-full networkpolicy servicemonitor prometheusrule secure servicemonitor-basicauth
 overlay overlay-session-proxy session-proxy
 
 # KUBECTL= (empty) forces the fallback.
@@ -104,7 +107,16 @@ lacks() {
 render base "$K8S" && validate base "$TMP/base.yaml" "$ALL_KINDS" &&
   lacks base "$TMP/base.yaml" "no NetworkPolicy in the base (an opt-in component)" '^kind: NetworkPolicy$'
 render servicemonitor "$TMP/overlay" components &&
-  validate servicemonitor "$TMP/servicemonitor.yaml" "$ALL_KINDS,ServiceMonitor"
+  validate servicemonitor "$TMP/servicemonitor.yaml" "$ALL_KINDS,ServiceMonitor" &&
+  has servicemonitor "$TMP/servicemonitor.yaml" "the scrape job is named from app.kubernetes.io/name (attnserve)" \
+    '^ *jobLabel: app.kubernetes.io/name$'
+# The rules' own checks (promtool, the same groups as deploy/observability/rules.yaml) are
+# deploy/observability/test-rules.sh's; here the PrometheusRule is validated as a Kubernetes object.
+if render prometheusrule "$TMP/overlay-prometheusrule" components; then
+  validate prometheusrule "$TMP/prometheusrule.yaml" "$ALL_KINDS,ServiceMonitor,PrometheusRule"
+  has prometheusrule "$TMP/prometheusrule.yaml" "the replica-down alert selects the ServiceMonitor's job" \
+    'up{job="attnserve"} == 0'
+fi
 render networkpolicy "$TMP/overlay-networkpolicy" components &&
   validate networkpolicy "$TMP/networkpolicy.yaml" "$ALL_KINDS,NetworkPolicy"
 if render secure "$TMP/overlay-secure" components; then
@@ -121,7 +133,7 @@ if render session-proxy "$TMP/overlay-session-proxy" components; then
   has session-proxy "$TMP/session-proxy.yaml" "the proxy's Deployment" '^  name: attnserve-session-proxy$'
 fi
 if render full "$TMP/overlay-full" components; then
-  validate full "$TMP/full.yaml" "$ALL_KINDS,ServiceMonitor,NetworkPolicy"
+  validate full "$TMP/full.yaml" "$ALL_KINDS,ServiceMonitor,PrometheusRule,NetworkPolicy"
   has full "$TMP/full.yaml" "the ServiceMonitor sends basic auth" '^ *\(- \)\{0,1\}basicAuth:$'
 fi
 # The example Secrets are documentation, outside every kustomization; they still have to be valid Secrets.
@@ -157,6 +169,12 @@ if [ -s "$TMP/servicemonitor.yaml" ]; then
   must_fail short-grace 's/^\( *\)terminationGracePeriodSeconds: 45$/\1terminationGracePeriodSeconds: 30/' \
     'terminationGracePeriodSeconds 30 must exceed'
   must_fail wrong-port-name 's/^\( *\)targetPort: metrics$/\1targetPort: metric/' 'targetPort metric is not a named container port'
+fi
+# An unknown field in an alert rule (`fore` beside the first `for`; PrometheusRule rules are maps, so only
+# the strict check catches it).
+if [ -s "$TMP/prometheusrule.yaml" ]; then
+  must_fail prometheusrule-unknown-field '0,/^\( *\)for: \(.*\)$/s//\1for: \2\n\1fore: \2/' \
+    'rules[4].fore: unknown field "fore"' prometheusrule
 fi
 # Broken copies of the overlay with every component. Key order differs between kubectl's output (sorted) and
 # the fallback's (as written): the scripts match both.

@@ -28,10 +28,10 @@ void WriteError(const InferRequest& request, const grpc::Status& status, InferRe
 
 }  // namespace
 
-void AttentionServiceImpl::Submit(grpc::CallbackServerContext* ctx, const InferRequest& request,
+void AttentionServiceImpl::Submit(grpc::CallbackServerContext* ctx, const char* rpc, const InferRequest& request,
                                   InferResponse* response, OnAnswer on_answer) const {
   auto call = std::make_unique<InferenceCall>();
-  BindCall(ctx, *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
+  BindCall(ctx, rpc, *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
   DecodeInferRequest(request, call.get());
   FinishWith(call.get(), [self = call.get(), response] { EncodeInferResponse(*self, response); },
              std::move(on_answer));
@@ -42,7 +42,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Infer(grpc::CallbackServerContex
                                                       InferResponse* response) {
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   auto* reactor = new AnsweringUnaryReactor();
-  Submit(ctx, *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
+  Submit(ctx, "Infer", *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
     reactor->Answer(status, std::move(memory));
   });
   return reactor;
@@ -54,7 +54,7 @@ grpc::ServerBidiReactor<InferRequest, InferResponse>* AttentionServiceImpl::Infe
     return new RefusedStream<InferRequest, InferResponse>(denied);
   }
   auto submit = [this, ctx](const InferRequest& request, InferResponse* response, OnAnswer on_answer) {
-    Submit(ctx, request, response, std::move(on_answer));
+    Submit(ctx, "InferStream", request, response, std::move(on_answer));
   };
   return new AnsweringStream<InferRequest, InferResponse>(ctx, max_inflight_per_stream_, submit, WriteError);
 }

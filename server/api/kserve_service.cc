@@ -200,10 +200,10 @@ grpc::ServerUnaryReactor* KServeServiceImpl::ModelStatistics(grpc::CallbackServe
   return FinishNow(ctx, grpc::Status::OK);
 }
 
-void KServeServiceImpl::Submit(grpc::CallbackServerContext* ctx, const ModelInferRequest& request,
+void KServeServiceImpl::Submit(grpc::CallbackServerContext* ctx, const char* rpc, const ModelInferRequest& request,
                                ModelInferResponse* response, OnAnswer on_answer) const {
   auto call = std::make_unique<InferenceCall>();
-  BindCall(ctx, *options_.clock, static_cast<int64_t>(request.ByteSizeLong()), call.get());
+  BindCall(ctx, rpc, *options_.clock, static_cast<int64_t>(request.ByteSizeLong()), call.get());
   DecodeModelInferRequest(request, call.get());
   FinishWith(call.get(),
              [self = call.get(), &request, response] { EncodeModelInferResponse(*self, request, response); },
@@ -216,7 +216,7 @@ grpc::ServerUnaryReactor* KServeServiceImpl::ModelInfer(grpc::CallbackServerCont
                                                         ModelInferResponse* response) {
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   auto* reactor = new AnsweringUnaryReactor();
-  Submit(ctx, *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
+  Submit(ctx, "ModelInfer", *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
     reactor->Answer(status, std::move(memory));
   });
   return reactor;
@@ -229,7 +229,7 @@ grpc::ServerBidiReactor<ModelInferRequest, ModelStreamInferResponse>* KServeServ
   }
   auto submit = [this, ctx](const ModelInferRequest& request, ModelStreamInferResponse* response,
                             OnAnswer on_answer) {
-    Submit(ctx, request, response->mutable_infer_response(), std::move(on_answer));
+    Submit(ctx, "ModelStreamInfer", request, response->mutable_infer_response(), std::move(on_answer));
   };
   return new AnsweringStream<ModelInferRequest, ModelStreamInferResponse>(ctx, options_.max_inflight_per_stream,
                                                                           submit, WriteStreamError);

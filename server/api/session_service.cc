@@ -99,10 +99,10 @@ grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServer
   return AnswerSession(ctx, store_->Open(args), response);
 }
 
-void SessionServiceImpl::SubmitAppend(grpc::CallbackServerContext* ctx, const AppendRequest& request,
+void SessionServiceImpl::SubmitAppend(grpc::CallbackServerContext* ctx, const char* rpc, const AppendRequest& request,
                                       AppendResponse* response, OnAnswer on_answer) const {
   auto call = std::make_unique<InferenceCall>();
-  BindCall(ctx, *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
+  BindCall(ctx, rpc, *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
   call->id = request.id();
   call->layer_name = request.layer();
   absl::StatusOr<TensorView> query = DecodeTensor(request.query(), "query", AcceptedDTypes::kFloat32);
@@ -122,7 +122,7 @@ grpc::ServerUnaryReactor* SessionServiceImpl::Append(grpc::CallbackServerContext
                                                      AppendResponse* response) {
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   auto* reactor = new AnsweringUnaryReactor();
-  SubmitAppend(ctx, *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
+  SubmitAppend(ctx, "Append", *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
     reactor->Answer(status, std::move(memory));
   });
   return reactor;
@@ -134,7 +134,7 @@ grpc::ServerBidiReactor<AppendRequest, AppendResponse>* SessionServiceImpl::Appe
     return new RefusedStream<AppendRequest, AppendResponse>(denied);
   }
   auto submit = [this, ctx](const AppendRequest& request, AppendResponse* response, OnAnswer on_answer) {
-    SubmitAppend(ctx, request, response, std::move(on_answer));
+    SubmitAppend(ctx, "AppendStream", request, response, std::move(on_answer));
   };
   return new AnsweringStream<AppendRequest, AppendResponse>(ctx, max_inflight_per_stream_, submit, WriteError);
 }

@@ -47,6 +47,7 @@ struct ServerMetrics::Families {
   prometheus::Family<prometheus::Histogram>* batch_size;
   prometheus::Family<prometheus::Histogram>* batch_tokens;
   prometheus::Family<prometheus::Gauge>* queue_depth;
+  prometheus::Family<prometheus::Gauge>* queue_capacity;
   prometheus::Family<prometheus::Gauge>* version;
   prometheus::Family<prometheus::Counter>* flops;
 };
@@ -82,6 +83,10 @@ ServerMetrics::ServerMetrics(const std::vector<std::string>& layers)
   families_->batch_tokens = Histogram(r, "attnserve_batch_tokens", "Query tokens per executed batch");
   families_->queue_depth =
       &prometheus::BuildGauge().Name("attnserve_queue_depth").Help("Requests waiting in the layer's queue").Register(r);
+  families_->queue_capacity = &prometheus::BuildGauge()
+                                  .Name("attnserve_queue_capacity")
+                                  .Help("The layer's max_queue_size: requests its queue holds before refusing")
+                                  .Register(r);
   families_->version = &prometheus::BuildGauge()
                             .Name("attnserve_layer_version")
                             .Help("The newest version of the layer serving (0: unloaded)")
@@ -128,6 +133,7 @@ void ServerMetrics::AddLayerLocked(const std::string& name) {
                               &f.batch_size->Add(l, PowersOfTwo(1024)),
                               &f.batch_tokens->Add(l, PowersOfTwo(1 << 20)),
                               &f.queue_depth->Add(l),
+                              &f.queue_capacity->Add(l),
                               &f.flops->Add(l),
                               &f.version->Add(l)};
 }
@@ -223,6 +229,10 @@ void ServerMetrics::SetLayerVersion(const std::string& layer, int64_t version) {
 
 void ServerMetrics::SetQueueDepth(const std::string& layer, double depth) {
   if (const LayerSeries* s = Find(layer)) s->queue_depth->Set(depth);
+}
+
+void ServerMetrics::SetQueueCapacity(const std::string& layer, int64_t requests) {
+  if (const LayerSeries* s = Find(layer)) s->queue_capacity->Set(static_cast<double>(requests));
 }
 
 void ServerMetrics::RegisterSessionMetrics(prometheus::Registry& r) {

@@ -7,6 +7,7 @@
 //   attnserve_batch_size{layer}                     histogram requests per executed batch
 //   attnserve_batch_tokens{layer}                   histogram query tokens per executed batch
 //   attnserve_queue_depth{layer}                    gauge     requests waiting
+//   attnserve_queue_capacity{layer}                 gauge     max_queue_size: waiting requests it holds
 //   attnserve_inflight_requests                     gauge     accepted and not yet answered
 //   attnserve_inflight_batches                      gauge     batches being computed
 //   attnserve_memory_budget_bytes                   gauge     the memory budget
@@ -73,6 +74,7 @@ class ServerMetrics {
   void QueueWait(const std::string& layer, double seconds);
   void BatchDone(const std::string& layer, int requests, int64_t tokens, double compute_s, double flops);
   void SetQueueDepth(const std::string& layer, double depth);
+  void SetQueueCapacity(const std::string& layer, int64_t requests);
   // The newest version serving (0: unloaded); a new version's OK series start at 0, so rate() sees its
   // first request.
   void SetLayerVersion(const std::string& layer, int64_t version);
@@ -106,6 +108,7 @@ class ServerMetrics {
     prometheus::Histogram* batch_size;
     prometheus::Histogram* batch_tokens;
     prometheus::Gauge* queue_depth;
+    prometheus::Gauge* queue_capacity;
     prometheus::Counter* flops;
     prometheus::Gauge* version;
   };

@@ -26,8 +26,10 @@ LogRateLimiter& FailedRequestLines() {
   return *limiter;
 }
 
-// The request's line: client strings bounded and escaped, failures rate-limited.
+// The request's line: client strings bounded and escaped, failures rate-limited, the trace ids added by
+// the log format.
 void LogAnswer(const InferenceCall& call, const absl::Status& status, double seconds) {
+  const ScopedLogTrace trace(call.trace);
   if (status.ok()) {
     if (!spdlog::should_log(spdlog::level::debug)) return;
     spdlog::debug("infer layer={} id={} ok total_us={} queue_us={} compute_us={} batch={}",
@@ -49,13 +51,36 @@ void RecordStatistics(const InferenceCall& call, bool ok, double seconds, LayerS
                          call.parsed.batch, absl::Now());
 }
 
+int64_t AnswerBytes(const AttentionOutputs& outputs) {
+  return static_cast<int64_t>((outputs.output.values.size() + outputs.attn_weights.values.size()) * sizeof(float));
+}
+
+void RecordAccess(const InferenceCall& call, const absl::Status& status, double seconds, AccessLog& log) {
+  AccessRecord r;
+  r.time = absl::Now();
+  r.rpc = call.rpc;
+  r.layer = call.layer_name;
+  r.version = call.layer ? call.layer->version : 0;
+  r.id = call.id;
+  r.code = status.code();
+  r.request_bytes = call.request_bytes;
+  r.answer_bytes = status.ok() ? AnswerBytes(call.outputs) : 0;
+  r.total_us = static_cast<int64_t>(seconds * 1e6);
+  r.queue_us = call.timing.queue_us;
+  r.compute_us = call.timing.compute_us;
+  r.batch = call.timing.batch_size;
+  r.trace_id = call.trace.trace_id;
+  r.span_id = call.trace.span_id;
+  log.Record(std::move(r));
+}
+
 }  // namespace
 
 void Dispatcher::Instrument(InferenceCall& call) {
   ServerMetrics* metrics = options_.metrics;
   if (metrics) metrics->InflightAdd(1);
-  call.finish = [metrics, clock = options_.clock, answer = std::move(call.finish), call = &call](
-                    const absl::Status& status) {
+  call.finish = [metrics, access_log = options_.access_log, clock = options_.clock, answer = std::move(call.finish),
+                 call = &call](const absl::Status& status) {
     const double seconds = absl::ToDoubleSeconds(clock->Now() - call->arrival);
     if (metrics) {
       metrics->RequestDone(call->layer_name, call->layer ? call->layer->version : 0, status.code(), seconds);
@@ -63,6 +88,7 @@ void Dispatcher::Instrument(InferenceCall& call) {
       if (call->layer != nullptr) RecordStatistics(*call, status.ok(), seconds, metrics->statistics());
     }
     LogAnswer(*call, status, seconds);
+    if (access_log) RecordAccess(*call, status, seconds, *access_log);
     answer(status);  // last: the call may be destroyed by it
   };
 }

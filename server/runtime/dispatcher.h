@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "server/batching/clock.h"
 #include "server/observability/metrics.h"
+#include "server/observability/access_log.h"
 #include "server/runtime/inference_call.h"
 #include "server/runtime/layer_registry.h"
 
@@ -25,6 +26,7 @@ class Dispatcher {
     CallScheduler* scheduler = nullptr;       // required
     ServerMetrics* metrics = nullptr;         // may be null
     MemoryBudget* memory = nullptr;           // may be null: no budget
+    AccessLog* access_log = nullptr;          // may be null: no access log
     const Clock* clock = RealClock();         // required
   };
   // None of the pointers is owned; all must outlive the dispatcher. InvalidArgument for a missing one.

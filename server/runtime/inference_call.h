@@ -17,6 +17,7 @@
 #include "server/batching/batch_scheduler.h"
 #include "server/runtime/layer_registry.h"
 #include "server/runtime/memory_budget.h"
+#include "server/observability/trace_context.h"
 
 namespace attnserve {
 
@@ -33,6 +34,8 @@ struct InferenceCall {
   const char* layer_field = "layer";      // the request field that named it, for error messages
   const char* version_field = "version";  // the same for the version
   std::string id;          // the client's request id, for log lines
+  const char* rpc = "";    // the method that brought it ("Infer", "ModelInfer", "Append", ...), a literal
+  TraceContext trace;      // the RPC's trace (W3C traceparent), for its log lines and the access log
   int64_t version = 0;     // the layer version the client asked for; 0: the newest
   AttentionInputs inputs;  // views into the protocol's request message, which outlives the call
   // Work the decode stage left for once the call holds its memory reservation (converting an F16 or BF16

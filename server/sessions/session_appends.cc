@@ -152,6 +152,7 @@ void SessionStore::Start(std::shared_ptr<Session> session, Lane* lane, std::uniq
       if (options_.metrics)
         options_.metrics->AppendDone(tokens > 1, absl::ToDoubleSeconds(options_.clock->Now() - arrival), tokens);
     }
+    PublishLane(*session, lane);  // before the answer: a GetSession sent after it must see these tokens
     answer(status);
     TurnDone(session, lane);
   };
@@ -178,6 +179,12 @@ void SessionStore::BindAppend(Lane* lane, std::shared_ptr<Session> session, Infe
   a.average_attn_weights = call->inputs.average_attn_weights;
   call->session->keep_alive = std::move(session);
   SizeAppend(lane->layer->appender(), call);
+}
+
+void SessionStore::PublishLane(Session& session, Lane* lane) {
+  absl::MutexLock lock(&session.mu);
+  lane->tokens = lane->cache.tokens();
+  lane->bytes = lane->cache.bytes();
 }
 
 void SessionStore::TurnDone(std::shared_ptr<Session> session, Lane* lane) {

@@ -1,5 +1,6 @@
 #include "server/sessions/session_store.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -26,7 +27,13 @@ absl::StatusOr<std::unique_ptr<SessionStore>> SessionStore::Create(const Options
         "SessionStore: default_idle_timeout_ms and max_sessions must be > 0, max_queued_appends >= 0; got ",
         options.default_idle_timeout_ms, ", ", options.max_sessions, ", ", options.max_queued_appends));
   }
-  return std::unique_ptr<SessionStore>(new SessionStore(options));
+  std::unique_ptr<SessionStore> store(new SessionStore(options));
+  // Until a session opens, the free-blocks gauge counts blocks of the widest layer served at start.
+  for (const auto& layer : options.registry->Layers()) {
+    store->widest_.store(std::max(store->widest_.load(), layer->appender().cache_width()));
+  }
+  store->ReportPool();
+  return store;
 }
 
 SessionStore::~SessionStore() = default;

@@ -136,6 +136,8 @@ class SessionStore {
   absl::Status Admit(Session& session, Lane& lane, const InferenceCall& call);
   // Sets what the dispatcher and executor need of an admitted append: its layer version and SessionWork.
   void BindAppend(Lane* lane, std::shared_ptr<Session> session, InferenceCall* call) const;
+  // Copies the lane's cache size (tokens, bytes) to what GetSession and ListSessions report.
+  void PublishLane(Session& session, Lane* lane);
   // The lane's running append was answered: the next waiting one starts.
   void TurnDone(std::shared_ptr<Session> session, Lane* lane);
   void ReportPool() const;

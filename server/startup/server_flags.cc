@@ -74,6 +74,10 @@ absl::Status SetLogLevel(const FlagValue& value, ServerFlags* f) {
 absl::Status SetLogFormat(const FlagValue& value, ServerFlags* f) {
   return SetOneOf(value, {"text", "json"}, &f->log_format);
 }
+absl::Status SetAccessLog(const FlagValue& value, ServerFlags* f) {
+  f->access_log = value.text;
+  return absl::OkStatus();
+}
 
 absl::Status SetShutdownGrace(const FlagValue& value, ServerFlags* f) {
   absl::StatusOr<absl::Duration> grace = ParseDuration(value.text);
@@ -144,6 +148,9 @@ const std::vector<ServerFlag>& Flags() {
        &SetLogLevel},
       {{"log-format", true, "ATTNSERVE_LOG_FORMAT", "FORMAT"}, "text", "Log line format: text|json.",
        &SetLogFormat},
+      {{"access-log", true, "ATTNSERVE_ACCESS_LOG", "PATH"}, "(off)",
+       "One JSON line per inference request (with its trace id): \"-\" for stdout, or a file appended to.",
+       &SetAccessLog},
       {{"shutdown-grace", true, "ATTNSERVE_SHUTDOWN_GRACE", "DURATION"}, "30s",
        "On shutdown, how long in-flight requests may finish: \"30s\", \"500ms\", \"2m\" or seconds.",
        &SetShutdownGrace},

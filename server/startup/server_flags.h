@@ -23,6 +23,7 @@ struct ServerFlags {
   std::optional<int32_t> worker_threads;        // --worker-threads, in [1, 256]
   std::string log_level = "info";               // --log-level trace|debug|info|warn|error|off
   std::string log_format = "text";              // --log-format text|json
+  std::string access_log;                       // --access-log PATH ("-": stdout); empty: off
   absl::Duration shutdown_grace = absl::Seconds(30);  // --shutdown-grace: "30s", "500ms", "2m" or plain seconds "30"
   // --tls-*, --auth-token-file, --metrics-auth-file, --disable-reflection, --enable-model-control: only the
   // fields given are set.

@@ -290,6 +290,34 @@ TEST_F(ClientIntegrationTest, HealthLayersAndErrors) {
   EXPECT_EQ(down->Health().status().code(), absl::StatusCode::kUnavailable);
 }
 
+TEST_F(ClientIntegrationTest, ErrorsEndInTheServersTraceId) {
+  const std::vector<float> q(3 * 256, 0.5f);
+  auto client = NewClient(server_->target());
+  const absl::Status fresh = client->Infer("nope", q, {1, 3, 256}).status();
+  EXPECT_EQ(fresh.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(fresh.message()), ::testing::ContainsRegex("\\[trace_id [0-9a-f]{32}\\]$"));
+
+  Client::Options o;
+  o.target = server_->target();
+  o.traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  auto traced = Client::Create(o);
+  ASSERT_TRUE(traced.ok()) << traced.status();
+  EXPECT_THAT(std::string((*traced)->GetLayer("nope").status().message()),
+              HasSubstr("[trace_id 4bf92f3577b34da6a3ce929d0e0e4736]"));
+  Client::InferOptions per_call;
+  per_call.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+  EXPECT_THAT(std::string((*traced)->Infer("nope", q, {1, 3, 256}, per_call).status().message()),
+              HasSubstr("[trace_id 0af7651916cd43dd8448eb211c80319c]"));
+
+  const std::string target = "--target=" + server_->target();
+  ToolResult r = Attnctl({target, "--traceparent", o.traceparent, "infer", "nope"});
+  EXPECT_EQ(r.exit_code, 3);
+  EXPECT_THAT(r.err, HasSubstr("trace_id 4bf92f3577b34da6a3ce929d0e0e4736"));
+  r = Attnctl({target, "--traceparent", "not-a-trace", "list"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("traceparent: expected"));
+}
+
 // ---------------------------------------------------------------------------------------------------
 // attnctl
 

@@ -121,6 +121,34 @@ def check_decoder(client):
               "decoder session appends across the sliding window equal Infer")
 
 
+def check_traces(client, target):
+    """Errors carry the server's trace id; a given traceparent's trace is the one the server continues."""
+    q = np.random.default_rng(3).standard_normal((1, 2, 32)).astype(np.float32)
+    try:
+        client.infer("nope", q)
+        check(False, "an unknown layer raised")
+    except attnserve.ServerError as e:
+        check(e.code() == grpc.StatusCode.NOT_FOUND and isinstance(e, grpc.RpcError), f"ServerError code: {e}")
+        check(e.trace_id is not None and re.fullmatch(r"[0-9a-f]{32}", e.trace_id) is not None
+              and e.details().endswith(f"[trace_id {e.trace_id}]"), f"ServerError trace id: {e.details()}")
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with attnserve.Client(target, traceparent=f"00-{trace}-00f067aa0ba902b7-01") as traced:
+        try:
+            traced.infer("nope", q)
+        except attnserve.ServerError as e:
+            check(e.trace_id == trace, f"the client's traceparent continued: {e.trace_id}")
+        per_call = "0af7651916cd43dd8448eb211c80319c"
+        try:
+            traced.infer("nope", q, traceparent=f"00-{per_call}-b7ad6b7169203331-01")
+        except attnserve.ServerError as e:
+            check(e.trace_id == per_call, f"the call's traceparent wins: {e.trace_id}")
+    try:
+        attnserve.Client(target, traceparent="00-XYZ")
+        check(False, "a malformed traceparent was accepted")
+    except ValueError as e:
+        check("traceparent: expected" in str(e), f"malformed traceparent: {e}")
+
+
 def main():
     binary = os.path.abspath(sys.argv[1])
     torch.manual_seed(0)
@@ -134,6 +162,7 @@ def main():
             check_remote_module(client, mha, cross)
             check_sessions(client)
             check_decoder(client)
+            check_traces(client, target)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -546,8 +546,13 @@ TEST(ReportTest, JsonCsvAndTableCarryTheSameNumbers) {
     o.batch_size = 2;
     recorder.Record(int64_t{i} * 1'000'000, o);
   }
-  recorder.Record(5, Outcome{14});
-  recorder.Record(5, Outcome{4});
+  Outcome unavailable;
+  unavailable.code = 14;
+  unavailable.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+  recorder.Record(5, unavailable);
+  Outcome deadline;
+  deadline.code = 4;
+  recorder.Record(5, deadline);
   step.stats = recorder.Snapshot();
 
   const nlohmann::json j = nlohmann::json::parse(FormatJson({step}));
@@ -559,6 +564,8 @@ TEST(ReportTest, JsonCsvAndTableCarryTheSameNumbers) {
   EXPECT_EQ(j[0]["errors"], 2);
   EXPECT_EQ(j[0]["errors_by_code"]["UNAVAILABLE"], 1);
   EXPECT_EQ(j[0]["errors_by_code"]["DEADLINE_EXCEEDED"], 1);
+  EXPECT_EQ(j[0]["first_error_trace_ids"]["UNAVAILABLE"], "4bf92f3577b34da6a3ce929d0e0e4736");
+  EXPECT_FALSE(j[0]["first_error_trace_ids"].contains("DEADLINE_EXCEEDED"));
   EXPECT_DOUBLE_EQ(j[0]["requests_per_second"].get<double>(), 51.0);
   EXPECT_NEAR(j[0]["latency_ms"]["p50"].get<double>(), 50.0, 50.0 / 128);
   EXPECT_NEAR(j[0]["latency_ms"]["p99"].get<double>(), 99.0, 99.0 / 128);
@@ -576,6 +583,7 @@ TEST(ReportTest, JsonCsvAndTableCarryTheSameNumbers) {
   const std::string table = FormatTable({step});
   EXPECT_THAT(table, HasSubstr("c=4"));
   EXPECT_THAT(table, HasSubstr("errors at c=4: DEADLINE_EXCEEDED 1, UNAVAILABLE 1"));
+  EXPECT_THAT(table, HasSubstr("first UNAVAILABLE: trace_id 4bf92f3577b34da6a3ce929d0e0e4736"));
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -599,6 +607,19 @@ TEST(ClientTest, CreateValidatesOptions) {
   EXPECT_EQ(Client::Create(o).status().code(), absl::StatusCode::kInvalidArgument);  // without use_tls
   o.use_tls = true;
   EXPECT_EQ(Client::Create(o).status().code(), absl::StatusCode::kNotFound);
+  o.use_tls = false;
+  o.tls_root_certs_path.clear();
+  o.traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  EXPECT_TRUE(Client::Create(o).ok());
+  for (const char* bad : {"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+                          "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                          "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+                          "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "trace-me"}) {
+    o.traceparent = bad;
+    const absl::Status s = Client::Create(o).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("traceparent: expected")) << bad;
+  }
 }
 
 TEST(ClientTest, MakeInferRequestEncodesEveryInput) {

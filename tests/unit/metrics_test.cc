@@ -93,6 +93,7 @@ TEST(ServerMetricsTest, LayersAddedWhileServing) {
   metrics.RequestDone("b", 1, absl::StatusCode::kOk, 0.01);
   metrics.BatchDone("b", 3, 48, 0.002, 1e6);
   metrics.SetQueueDepth("b", 7);
+  metrics.SetQueueCapacity("b", 96);
   metrics.SetInflightBatches(2);
   const prometheus::Registry& r = *metrics.registry();
   EXPECT_EQ(FindMetric(r, "attnserve_requests_total", {{"layer", "b"}, {"version", "1"}, {"code", "OK"}})->value, 1);
@@ -101,6 +102,7 @@ TEST(ServerMetricsTest, LayersAddedWhileServing) {
   EXPECT_EQ(FindMetric(r, "attnserve_flops_total", {{"layer", "b"}})->value, 1e6);
   EXPECT_EQ(FindMetric(r, "attnserve_batch_tokens", {{"layer", "b"}})->value, 48);
   EXPECT_EQ(FindMetric(r, "attnserve_queue_depth", {{"layer", "b"}})->value, 7);
+  EXPECT_EQ(FindMetric(r, "attnserve_queue_capacity", {{"layer", "b"}})->value, 96);
   EXPECT_EQ(FindMetric(r, "attnserve_inflight_batches", {})->value, 2);
 }
 

@@ -451,6 +451,7 @@ TEST_F(FlagsTest, Defaults) {
   EXPECT_EQ(flags->log_level, "info");
   EXPECT_EQ(flags->log_format, "text");
   EXPECT_EQ(flags->shutdown_grace, absl::Seconds(30));
+  EXPECT_EQ(flags->access_log, "");
   EXPECT_FALSE(flags->help);
   EXPECT_FALSE(flags->version);
 }
@@ -458,8 +459,9 @@ TEST_F(FlagsTest, Defaults) {
 TEST_F(FlagsTest, BothForms) {
   absl::StatusOr<ServerFlags> flags =
       Parse({"--config=a.pbtxt", "--grpc-address", "[::]:1", "--metrics-address=localhost:2", "--worker-threads",
-             "4", "--log-level=DEBUG", "--log-format", "json", "--shutdown-grace=500ms"});
+             "4", "--log-level=DEBUG", "--log-format", "json", "--shutdown-grace=500ms", "--access-log", "-"});
   ASSERT_TRUE(flags.ok()) << flags.status();
+  EXPECT_EQ(flags->access_log, "-");
   EXPECT_EQ(flags->config_path, "a.pbtxt");
   EXPECT_EQ(flags->grpc_address, "[::]:1");
   EXPECT_EQ(flags->metrics_address, "localhost:2");
@@ -485,9 +487,10 @@ TEST_F(FlagsTest, EnvironmentVariables) {
   env_ = {{"ATTNSERVE_CONFIG", "e.json"},          {"ATTNSERVE_GRPC_ADDRESS", "localhost:5"},
           {"ATTNSERVE_METRICS_ADDRESS", "localhost:6"}, {"ATTNSERVE_WORKER_THREADS", "8"},
           {"ATTNSERVE_LOG_LEVEL", "warn"},         {"ATTNSERVE_LOG_FORMAT", "json"},
-          {"ATTNSERVE_SHUTDOWN_GRACE", "2m"}};
+          {"ATTNSERVE_SHUTDOWN_GRACE", "2m"},     {"ATTNSERVE_ACCESS_LOG", "/var/log/attnserve/access.jsonl"}};
   absl::StatusOr<ServerFlags> flags = Parse({});
   ASSERT_TRUE(flags.ok()) << flags.status();
+  EXPECT_EQ(flags->access_log, "/var/log/attnserve/access.jsonl");
   EXPECT_EQ(flags->config_path, "e.json");
   EXPECT_EQ(flags->grpc_address, "localhost:5");
   EXPECT_EQ(flags->metrics_address, "localhost:6");

@@ -10,7 +10,7 @@ values on the server (a KV cache) for incremental decoding.
 attnserve.torch.RemoteMultiheadAttention is a drop-in for nn.MultiheadAttention's forward.
 """
 
-from attnserve.client import Client, Session, SessionEvicted
+from attnserve.client import Client, ServerError, Session, SessionEvicted
 from attnserve.tensors import from_tensor, to_tensor
 
-__all__ = ["Client", "Session", "SessionEvicted", "from_tensor", "to_tensor"]
+__all__ = ["Client", "ServerError", "Session", "SessionEvicted", "from_tensor", "to_tensor"]

@@ -1,5 +1,7 @@
 """Client and Session: attnserve.v1's AttentionService and SessionService on numpy arrays."""
 
+import re
+
 import grpc
 import numpy as np
 
@@ -11,11 +13,47 @@ from attnserve.v1 import session_pb2_grpc as spbg
 
 MAX_MESSAGE_BYTES = 64 << 20
 SESSION_HEADER = "x-attnserve-session"
+TRACEPARENT_RE = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 class SessionEvicted(RuntimeError):
     """The server evicted the session (idle past its timeout, or its pool was full): create it again and
     re-append its prefix."""
+
+
+class ServerError(grpc.RpcError):
+    """A call the server answered with an error: code() and details() as grpc.RpcError's, details ending in
+    " [trace_id <id>]", the W3C trace id the server's log lines and access log carry for the call (also in
+    .trace_id; None when the server returned none)."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self._code = error.code()
+        self.trace_id = server_trace_id(error.initial_metadata() or ())
+        details = error.details() or ""
+        self._details = f"{details} [trace_id {self.trace_id}]" if self.trace_id else details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def __str__(self):
+        return f"{self._code.name}: {self._details}"
+
+
+def server_trace_id(metadata):
+    """The trace id of the traceparent in a response's initial metadata, or None."""
+    value = dict(metadata).get("traceparent", "")
+    return value[3:35] if len(value) >= 35 and value[2] == "-" else None
+
+
+def _check_traceparent(traceparent):
+    if traceparent is not None and not TRACEPARENT_RE.match(traceparent):
+        raise ValueError(f"traceparent: expected 00-<32 hex digits>-<16 hex digits>-<2 hex digits> (lower case), "
+                         f"got {traceparent[:80]!r}")
+    return traceparent
 
 
 def _credentials(tls):
@@ -32,15 +70,21 @@ def _credentials(tls):
 
 class Client:
     """One server (or a proxy in front of several: every session call carries its id in the
-    x-attnserve-session metadata, which a proxy can hash on). Thread-safe, as gRPC channels are."""
+    x-attnserve-session metadata, which a proxy can hash on). Thread-safe, as gRPC channels are.
 
-    def __init__(self, target, token=None, tls=None, timeout=60.0, options=()):
+    traceparent: a W3C traceparent sent with every call, so the server's spans join the caller's trace
+    (infer() also takes one per call). Errors are raised as ServerError, whose details end in the server's
+    trace id either way."""
+
+    def __init__(self, target, token=None, tls=None, timeout=60.0, options=(), traceparent=None):
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *options]
         creds = _credentials(tls)
         self.channel = (grpc.secure_channel(target, creds, options=opts) if creds is not None
                         else grpc.insecure_channel(target, options=opts))
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if _check_traceparent(traceparent):
+            self._metadata += (("traceparent", traceparent),)
         self.timeout = timeout
         self.attention = pbg.AttentionServiceStub(self.channel)
         self.sessions = spbg.SessionServiceStub(self.channel)
@@ -54,19 +98,28 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def metadata(self, session_id=None):
-        return self._metadata + (((SESSION_HEADER, session_id),) if session_id else ())
+    def metadata(self, session_id=None, traceparent=None):
+        md = self._metadata
+        if _check_traceparent(traceparent):
+            md = tuple(kv for kv in md if kv[0] != "traceparent") + (("traceparent", traceparent),)
+        return md + (((SESSION_HEADER, session_id),) if session_id else ())
+
+    def _call(self, method, request, metadata):
+        try:
+            return method(request, metadata=metadata, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise ServerError(e) from e
 
     def layers(self):
         """{name: LayerConfig} of the layers served."""
-        r = self.attention.ListLayers(pb.ListLayersRequest(), metadata=self._metadata, timeout=self.timeout)
+        r = self._call(self.attention.ListLayers, pb.ListLayersRequest(), self._metadata)
         return {layer.config.name: layer.config for layer in r.layers}
 
     def infer(self, layer, query, key=None, value=None, key_padding_mask=None, attn_mask=None, is_causal=False,
-              need_weights=False, average_attn_weights=True, position_offset=0, position_ids=None):
+              need_weights=False, average_attn_weights=True, position_offset=0, position_ids=None, traceparent=None):
         """nn.MultiheadAttention.forward (batch_first) on the server: (output, attn_weights or None).
         DECODER_ATTENTION layers take position_offset (the first token's rotary position) or position_ids
-        ([B, L] integers), and no key, value or attn_mask."""
+        ([B, L] integers), and no key, value or attn_mask. traceparent: this call's W3C traceparent."""
         req = pb.InferRequest(layer=layer, query=to_tensor(query), is_causal=is_causal, need_weights=need_weights,
                               average_attn_weights=average_attn_weights, position_offset=position_offset)
         if position_ids is not None:
@@ -75,7 +128,7 @@ class Client:
                               ("attn_mask", attn_mask)):
             if value_ is not None:
                 getattr(req, field).CopyFrom(to_tensor(value_))
-        r = self.attention.Infer(req, metadata=self._metadata, timeout=self.timeout)
+        r = self._call(self.attention.Infer, req, self.metadata(traceparent=traceparent))
         return from_tensor(r.output), (from_tensor(r.attn_weights) if need_weights else None)
 
     def session(self, session_id, layers, max_tokens=0, idle_timeout_ms=0, memory=None):
@@ -90,8 +143,8 @@ class Client:
 
     def _session_call(self, method, request, session_id):
         try:
-            return method(request, metadata=self.metadata(session_id), timeout=self.timeout)
-        except grpc.RpcError as e:
+            return self._call(method, request, self.metadata(session_id))
+        except ServerError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "evicted" in (e.details() or ""):
                 raise SessionEvicted(e.details()) from e
             raise

@@ -5,8 +5,9 @@
 //
 // Each object goes through three checks:
 //  1. schema: the kubernetes-models class of its apiVersion/kind (apps/v1 Deployment, v1 Service, ...;
-//     monitoring.coreos.com/v1 ServiceMonitor from @kubernetes-models/prometheus-operator) and its
-//     .validate(), the Kubernetes OpenAPI schema compiled with ajv: types, required fields, enums, formats.
+//     monitoring.coreos.com/v1 ServiceMonitor and PrometheusRule from @kubernetes-models/prometheus-operator)
+//     and its .validate(), the Kubernetes OpenAPI schema compiled with ajv: types, required fields, enums,
+//     formats.
 //     An apiVersion/kind without a model is an error.
 //  2. unknown fields: the schemas as kubernetes-models compiles them allow additional properties, so a
 //     misspelt field (readOnlyRootFileSystem) would pass 1 and be dropped by the API server. The object is

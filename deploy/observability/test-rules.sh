@@ -129,30 +129,25 @@ if changed "$TMP/prometheusrule.yaml" '0,/^\( *\)for: 5m$/s//\1for: 10m/'; then
   must_fail prometheusrule-out-of-step 'spec.groups differ' \
     "$PYTHON" "$OBS/check-rules.py" --prometheusrule "$TMP/prometheusrule.yaml"
 fi
-# A metric the server does not register (its PrometheusRule regenerated, so only the metric is wrong).
-broken_copy unknown-metric
-if changed "$TMP/unknown-metric/rules.yaml" 's/attnserve_queue_depth \//attnserve_queue_length \//'; then
-  write_component "$TMP/unknown-metric/rules.yaml" "$TMP/unknown-metric/prometheusrule.yaml"
-  must_fail unknown-metric 'reads attnserve_queue_length, which metrics.cc does not register' \
-    "$PYTHON" "$OBS/check-rules.py" --rules "$TMP/unknown-metric/rules.yaml" \
-    --prometheusrule "$TMP/unknown-metric/prometheusrule.yaml" --tests "$TMP/unknown-metric/tests"
-fi
+# broken_rules NAME SED WANT: a copy of rules.yaml edited by SED (its PrometheusRule regenerated, so only the
+# edit is wrong), which check-rules.py must refuse saying WANT.
+broken_rules() {
+  local name=$1 edit=$2 want=$3
+  broken_copy "$name"
+  changed "$TMP/$name/rules.yaml" "$edit" || return 0
+  write_component "$TMP/$name/rules.yaml" "$TMP/$name/prometheusrule.yaml"
+  must_fail "$name" "$want" "$PYTHON" "$OBS/check-rules.py" --rules "$TMP/$name/rules.yaml" \
+    --prometheusrule "$TMP/$name/prometheusrule.yaml" --tests "$TMP/$name/tests"
+}
+# A metric the server does not register.
+broken_rules unknown-metric 's/attnserve_queue_depth \//attnserve_queue_length \//' \
+  'reads attnserve_queue_length, which metrics.cc does not register'
 # A runbook link to a section docs/operations.md does not have.
-broken_copy missing-runbook
-if changed "$TMP/missing-runbook/rules.yaml" 's/#attnservereplicadown$/#attnserve-replica-down/'; then
-  write_component "$TMP/missing-runbook/rules.yaml" "$TMP/missing-runbook/prometheusrule.yaml"
-  must_fail missing-runbook 'anchor #attnserve-replica-down is no heading' \
-    "$PYTHON" "$OBS/check-rules.py" --rules "$TMP/missing-runbook/rules.yaml" \
-    --prometheusrule "$TMP/missing-runbook/prometheusrule.yaml" --tests "$TMP/missing-runbook/tests"
-fi
+broken_rules missing-runbook 's/#attnservereplicadown$/#attnserve-replica-down/' \
+  'anchor #attnserve-replica-down is no heading'
 # An SLO threshold changed in one window only.
-broken_copy split-threshold
-if changed "$TMP/split-threshold/rules.yaml" '0,/le="0\.5"}\[5m\]/s//le="1"}[5m]/'; then
-  write_component "$TMP/split-threshold/rules.yaml" "$TMP/split-threshold/prometheusrule.yaml"
-  must_fail split-threshold 'the four slow_ratio_rate rules must select one le bucket' \
-    "$PYTHON" "$OBS/check-rules.py" --rules "$TMP/split-threshold/rules.yaml" \
-    --prometheusrule "$TMP/split-threshold/prometheusrule.yaml" --tests "$TMP/split-threshold/tests"
-fi
+broken_rules split-threshold '0,/le="0\.5"}\[5m\]/s//le="1"}[5m]/' \
+  'the four slow_ratio_rate rules must select one le bucket'
 
 echo "observability_rules_test: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -24,14 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import urllib.request
 
 import grpc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from checks import Failed, expect, stop_process  # noqa: E402
+from checks import Failed, expect, run_cases, stop_process  # noqa: E402
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 GOLDEN_DIR = os.path.join(REPO_ROOT, "tests", "golden")
@@ -1199,23 +1198,7 @@ def main():
     e = None
     try:
         e = setup(binary, tmp)
-        for case in CASES:
-            name = case.__name__[len("case_"):]
-            if only and not any(o in name for o in only):
-                continue
-            t = time.time()
-            try:
-                case(e)
-                expect(e.s.alive(), "the server died")
-                print(f"PASS {name} ({time.time() - t:.1f} s)", flush=True)
-                passed += 1
-            except Exception as ex:  # noqa: BLE001 (a case fails, the suite goes on)
-                print(f"FAIL {name} ({time.time() - t:.1f} s): {ex}", flush=True)
-                if not isinstance(ex, Failed):
-                    traceback.print_exc()
-                failed += 1
-                if not e.s.alive():
-                    raise RuntimeError("the server died: " + e.s.log_text()[-3000:])
+        passed, failed = run_cases(CASES, e, only, lambda env: expect(env.s.alive(), "the server died"))
     finally:
         if e is not None:
             e.s.stop()

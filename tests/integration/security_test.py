@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import urllib.error
 import urllib.request
 
@@ -35,7 +34,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from checks import Failed, expect  # noqa: E402
+from checks import expect, run_cases  # noqa: E402
 import numpy as np  # noqa: E402
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -699,25 +698,11 @@ def main():
     passed = failed = 0
     try:
         e = setup(binary, attnctl_path, tmp, e)
-        for case in CASES:
-            name = case.__name__[len("case_"):]
-            if only and not any(o in name for o in only):
-                continue
-            t = time.time()
-            try:
-                case(e)
-                for s in (e.tls, e.plain):
-                    expect(s.alive(), f"the {s.name} server died")
-                print(f"PASS {name} ({time.time() - t:.1f} s)", flush=True)
-                passed += 1
-            except Exception as ex:  # noqa: BLE001 (a case fails, the suite goes on)
-                print(f"FAIL {name} ({time.time() - t:.1f} s): {ex}", flush=True)
-                if not isinstance(ex, Failed):
-                    traceback.print_exc()
-                failed += 1
-                for s in (e.tls, e.plain):
-                    if not s.alive():
-                        raise RuntimeError(f"the {s.name} server died: " + s.log_text()[-3000:])
+        def both_alive(env):
+            for srv in (env.tls, env.plain):
+                expect(srv.alive(), f"the {srv.name} server died")
+
+        passed, failed = run_cases(CASES, e, only, both_alive)
         t = time.time()
         codes = {s.name: s.stop() for s in (e.tls, e.plain)}
         if all(c == 0 for c in codes.values()):

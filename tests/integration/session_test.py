@@ -13,7 +13,6 @@ import re
 import sys
 import tempfile
 import time
-import traceback
 import urllib.request
 
 import grpc
@@ -21,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kserve_test as kt  # noqa: E402  (stubs, the server harness, the float64 reference)
-from checks import Failed, expect  # noqa: E402
+from checks import expect, run_cases  # noqa: E402
 
 OK = grpc.StatusCode.OK
 TIMEOUT = 30
@@ -256,23 +255,7 @@ def main():
     e.sess = spbg.SessionServiceStub(e.s.channel)
     passed = failed = 0
     try:
-        for case in CASES:
-            name = case.__name__[len("case_"):]
-            if only and not any(o in name for o in only):
-                continue
-            t = time.time()
-            try:
-                case(e)
-                expect(e.s.alive(), "the server died")
-                print(f"PASS {name} ({time.time() - t:.1f} s)", flush=True)
-                passed += 1
-            except Exception as ex:  # noqa: BLE001
-                print(f"FAIL {name} ({time.time() - t:.1f} s): {ex}", flush=True)
-                if not isinstance(ex, Failed):
-                    traceback.print_exc()
-                failed += 1
-                if not e.s.alive():
-                    raise RuntimeError("the server died: " + e.s.log_text()[-3000:])
+        passed, failed = run_cases(CASES, e, only, lambda env: expect(env.s.alive(), "the server died"))
     finally:
         e.s.stop()
         if failed:

@@ -14,14 +14,13 @@ import re
 import sys
 import tempfile
 import time
-import traceback
 
 import grpc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kserve_test as kt  # noqa: E402  (stubs and the server harness)
-from checks import Failed, expect  # noqa: E402
+from checks import expect, run_cases  # noqa: E402
 
 TIMEOUT = 30
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -235,21 +234,7 @@ def main():
                     flags=("--log-format", "json", "--log-level", "debug", "--access-log", e.access_log))
     passed = failed = 0
     try:
-        for case in CASES:
-            name = case.__name__[len("case_"):]
-            if only and not any(o in name for o in only):
-                continue
-            t = time.time()
-            try:
-                case(e)
-                expect(e.s.alive(), "the server died")
-                print(f"PASS {name} ({time.time() - t:.1f} s)", flush=True)
-                passed += 1
-            except Exception as ex:  # noqa: BLE001
-                print(f"FAIL {name} ({time.time() - t:.1f} s): {ex}", flush=True)
-                if not isinstance(ex, Failed):
-                    traceback.print_exc()
-                failed += 1
+        passed, failed = run_cases(CASES, e, only, lambda env: expect(env.s.alive(), "the server died"))
     finally:
         e.s.stop()
         if failed:

@@ -39,7 +39,6 @@
 #include "server/startup/server_config.h"
 #include "server/startup/transport_config.h"
 #include "server/transport/listener_probe.h"
-#include "server/api/trace_interceptor.h"
 #include "server/observability/access_log.h"
 #include "server/security/credential_store.h"
 
@@ -67,11 +66,10 @@ class MetricsObserver final : public SchedulerObserver {
   ServerMetrics* metrics_;
 };
 
-// Every RPC's interceptors: the trace first, so that even a refused call returns its trace id.
+// Every RPC's interceptors (traces are started by the handlers: api/call_trace.h says why).
 std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> Interceptors(
     const Authorizer* authorizer) {
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
-  interceptors.push_back(std::make_unique<TraceInterceptorFactory>());
   interceptors.push_back(std::make_unique<ReflectionGuardFactory>(authorizer));
   return interceptors;
 }

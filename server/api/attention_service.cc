@@ -5,6 +5,7 @@
 
 #include "common/log_string.h"
 #include "server/api/call_binding.h"
+#include "server/api/call_trace.h"
 #include "server/api/infer_request.h"
 
 namespace attnserve {
@@ -28,10 +29,10 @@ void WriteError(const InferRequest& request, const grpc::Status& status, InferRe
 
 }  // namespace
 
-void AttentionServiceImpl::Submit(grpc::CallbackServerContext* ctx, const char* rpc, const InferRequest& request,
+void AttentionServiceImpl::Submit(grpc::CallbackServerContext* ctx, const char* rpc, const TraceContext& trace, const InferRequest& request,
                                   InferResponse* response, OnAnswer on_answer) const {
   auto call = std::make_unique<InferenceCall>();
-  BindCall(ctx, rpc, *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
+  BindCall(ctx, rpc, trace, *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
   DecodeInferRequest(request, call.get());
   FinishWith(call.get(), [self = call.get(), response] { EncodeInferResponse(*self, response); },
              std::move(on_answer));
@@ -40,9 +41,10 @@ void AttentionServiceImpl::Submit(grpc::CallbackServerContext* ctx, const char* 
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Infer(grpc::CallbackServerContext* ctx, const InferRequest* request,
                                                       InferResponse* response) {
+  const TraceContext trace = StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   auto* reactor = new AnsweringUnaryReactor();
-  Submit(ctx, "Infer", *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
+  Submit(ctx, "Infer", trace, *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
     reactor->Answer(status, std::move(memory));
   });
   return reactor;
@@ -50,11 +52,12 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Infer(grpc::CallbackServerContex
 
 grpc::ServerBidiReactor<InferRequest, InferResponse>* AttentionServiceImpl::InferStream(
     grpc::CallbackServerContext* ctx) {
+  const TraceContext trace = StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) {
     return new RefusedStream<InferRequest, InferResponse>(denied);
   }
-  auto submit = [this, ctx](const InferRequest& request, InferResponse* response, OnAnswer on_answer) {
-    Submit(ctx, "InferStream", request, response, std::move(on_answer));
+  auto submit = [this, ctx, trace](const InferRequest& request, InferResponse* response, OnAnswer on_answer) {
+    Submit(ctx, "InferStream", trace, request, response, std::move(on_answer));
   };
   return new AnsweringStream<InferRequest, InferResponse>(ctx, max_inflight_per_stream_, submit, WriteError);
 }
@@ -62,6 +65,7 @@ grpc::ServerBidiReactor<InferRequest, InferResponse>* AttentionServiceImpl::Infe
 grpc::ServerUnaryReactor* AttentionServiceImpl::ListLayers(grpc::CallbackServerContext* ctx,
                                                            const attnserve::v1::ListLayersRequest* /*request*/,
                                                            attnserve::v1::ListLayersResponse* response) {
+  StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   const bool show_paths = authorizer_->MayShowPaths(*ctx);
   for (const auto& layer : registry_->Layers()) DescribeLayer(*layer, show_paths, response->add_layers());
@@ -71,6 +75,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::ListLayers(grpc::CallbackServerC
 grpc::ServerUnaryReactor* AttentionServiceImpl::GetLayer(grpc::CallbackServerContext* ctx,
                                                          const attnserve::v1::GetLayerRequest* request,
                                                          attnserve::v1::Layer* response) {
+  StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   const std::shared_ptr<const ServedLayer> layer = registry_->Find(request->name());
   if (layer == nullptr) {

@@ -48,7 +48,7 @@ class AttentionServiceImpl final : public attnserve::v1::AttentionService::Callb
  private:
   // Decodes `request` (which must outlive the call) into a call and submits it; `on_answer` gets its answer. `rpc`
   // (a literal) names the method in the access log.
-  void Submit(grpc::CallbackServerContext* ctx, const char* rpc, const attnserve::v1::InferRequest& request,
+  void Submit(grpc::CallbackServerContext* ctx, const char* rpc, const TraceContext& trace, const attnserve::v1::InferRequest& request,
               attnserve::v1::InferResponse* response, OnAnswer on_answer) const;
 
   const LayerRegistry* registry_;

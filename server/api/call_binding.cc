@@ -15,10 +15,10 @@ absl::Time DeadlineOf(const grpc::CallbackServerContext& ctx) {
   return absl::FromChrono(deadline);
 }
 
-void BindCall(grpc::CallbackServerContext* ctx, const char* rpc, const Clock& clock, int64_t request_bytes,
-              InferenceCall* call) {
+void BindCall(grpc::CallbackServerContext* ctx, const char* rpc, const TraceContext& trace, const Clock& clock,
+              int64_t request_bytes, InferenceCall* call) {
   call->rpc = rpc;
-  call->trace = TraceOf(*ctx);
+  call->trace = trace;
   call->arrival = clock.Now();
   call->request_bytes = request_bytes;
   call->deadline = DeadlineOf(*ctx);

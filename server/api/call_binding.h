@@ -11,7 +11,7 @@
 
 #include "absl/time/time.h"
 #include "server/api/answering_stream.h"
-#include "server/api/trace_interceptor.h"
+#include "server/api/call_trace.h"
 #include "server/batching/clock.h"
 #include "server/runtime/inference_call.h"
 
@@ -20,10 +20,10 @@ namespace attnserve {
 // The context's deadline; InfiniteFuture when the client set none.
 absl::Time DeadlineOf(const grpc::CallbackServerContext& ctx);
 
-// Sets call->rpc (a literal naming the method), arrival (from `clock`), request_bytes, deadline, is_cancelled
-// and trace (TraceOf) from `ctx`, which must outlive the call.
-void BindCall(grpc::CallbackServerContext* ctx, const char* rpc, const Clock& clock, int64_t request_bytes,
-              InferenceCall* call);
+// Sets call->rpc (a literal naming the method), trace (the RPC's, from StartTrace), arrival (from `clock`),
+// request_bytes, deadline and is_cancelled from `ctx`, which must outlive the call.
+void BindCall(grpc::CallbackServerContext* ctx, const char* rpc, const TraceContext& trace, const Clock& clock,
+              int64_t request_bytes, InferenceCall* call);
 
 // Sets call->finish: on OK `encode` fills the response (running out of memory doing so is
 // RESOURCE_EXHAUSTED, not a dead worker), then `on_answer` gets the gRPC status and the call's reservation.

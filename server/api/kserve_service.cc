@@ -18,6 +18,7 @@
 #include "common/status_macros.h"
 #include "common/version.h"
 #include "server/api/call_binding.h"
+#include "server/api/call_trace.h"
 #include "server/api/grpc_status.h"
 #include "server/api/kserve_metadata.h"
 #include "server/api/kserve_request.h"
@@ -131,6 +132,7 @@ absl::StatusOr<std::shared_ptr<const ServedLayer>> KServeServiceImpl::FindModel(
 grpc::ServerUnaryReactor* KServeServiceImpl::ServerLive(grpc::CallbackServerContext* ctx,
                                                         const inference::ServerLiveRequest* /*request*/,
                                                         inference::ServerLiveResponse* response) {
+  StartTrace(ctx);
   response->set_live(true);
   return FinishNow(ctx, grpc::Status::OK);
 }
@@ -138,6 +140,7 @@ grpc::ServerUnaryReactor* KServeServiceImpl::ServerLive(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* KServeServiceImpl::ServerReady(grpc::CallbackServerContext* ctx,
                                                          const inference::ServerReadyRequest* /*request*/,
                                                          inference::ServerReadyResponse* response) {
+  StartTrace(ctx);
   response->set_ready(!options_.dispatcher->shutting_down() && !options_.registry->Layers().empty());
   return FinishNow(ctx, grpc::Status::OK);
 }
@@ -145,6 +148,7 @@ grpc::ServerUnaryReactor* KServeServiceImpl::ServerReady(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* KServeServiceImpl::ModelReady(grpc::CallbackServerContext* ctx,
                                                         const inference::ModelReadyRequest* request,
                                                         inference::ModelReadyResponse* response) {
+  StartTrace(ctx);
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   const auto layer = FindModel(request->name(), request->version());
   if (!layer.ok() && layer.status().code() == absl::StatusCode::kInvalidArgument) {
@@ -157,6 +161,7 @@ grpc::ServerUnaryReactor* KServeServiceImpl::ModelReady(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* KServeServiceImpl::ServerMetadata(grpc::CallbackServerContext* ctx,
                                                             const inference::ServerMetadataRequest* /*request*/,
                                                             inference::ServerMetadataResponse* response) {
+  StartTrace(ctx);
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   response->set_name("attnserve");
   response->set_version(kAttnserveVersion);
@@ -167,6 +172,7 @@ grpc::ServerUnaryReactor* KServeServiceImpl::ServerMetadata(grpc::CallbackServer
 grpc::ServerUnaryReactor* KServeServiceImpl::ModelMetadata(grpc::CallbackServerContext* ctx,
                                                            const inference::ModelMetadataRequest* request,
                                                            inference::ModelMetadataResponse* response) {
+  StartTrace(ctx);
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   const auto layer = FindModel(request->name(), request->version());
   if (!layer.ok()) return FinishNow(ctx, ToGrpcStatus(layer.status()));
@@ -177,6 +183,7 @@ grpc::ServerUnaryReactor* KServeServiceImpl::ModelMetadata(grpc::CallbackServerC
 grpc::ServerUnaryReactor* KServeServiceImpl::ModelConfig(grpc::CallbackServerContext* ctx,
                                                          const inference::ModelConfigRequest* request,
                                                          inference::ModelConfigResponse* response) {
+  StartTrace(ctx);
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   const auto layer = FindModel(request->name(), request->version());
   if (!layer.ok()) return FinishNow(ctx, ToGrpcStatus(layer.status()));
@@ -187,6 +194,7 @@ grpc::ServerUnaryReactor* KServeServiceImpl::ModelConfig(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* KServeServiceImpl::ModelStatistics(grpc::CallbackServerContext* ctx,
                                                              const inference::ModelStatisticsRequest* request,
                                                              inference::ModelStatisticsResponse* response) {
+  StartTrace(ctx);
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   const absl::StatusOr<int64_t> version = ParseVersion(request->version());
   if (!version.ok()) return FinishNow(ctx, ToGrpcStatus(version.status()));
@@ -200,10 +208,10 @@ grpc::ServerUnaryReactor* KServeServiceImpl::ModelStatistics(grpc::CallbackServe
   return FinishNow(ctx, grpc::Status::OK);
 }
 
-void KServeServiceImpl::Submit(grpc::CallbackServerContext* ctx, const char* rpc, const ModelInferRequest& request,
+void KServeServiceImpl::Submit(grpc::CallbackServerContext* ctx, const char* rpc, const TraceContext& trace, const ModelInferRequest& request,
                                ModelInferResponse* response, OnAnswer on_answer) const {
   auto call = std::make_unique<InferenceCall>();
-  BindCall(ctx, rpc, *options_.clock, static_cast<int64_t>(request.ByteSizeLong()), call.get());
+  BindCall(ctx, rpc, trace, *options_.clock, static_cast<int64_t>(request.ByteSizeLong()), call.get());
   DecodeModelInferRequest(request, call.get());
   FinishWith(call.get(),
              [self = call.get(), &request, response] { EncodeModelInferResponse(*self, request, response); },
@@ -214,9 +222,10 @@ void KServeServiceImpl::Submit(grpc::CallbackServerContext* ctx, const char* rpc
 grpc::ServerUnaryReactor* KServeServiceImpl::ModelInfer(grpc::CallbackServerContext* ctx,
                                                         const ModelInferRequest* request,
                                                         ModelInferResponse* response) {
+  const TraceContext trace = StartTrace(ctx);
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   auto* reactor = new AnsweringUnaryReactor();
-  Submit(ctx, "ModelInfer", *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
+  Submit(ctx, "ModelInfer", trace, *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
     reactor->Answer(status, std::move(memory));
   });
   return reactor;
@@ -224,12 +233,13 @@ grpc::ServerUnaryReactor* KServeServiceImpl::ModelInfer(grpc::CallbackServerCont
 
 grpc::ServerBidiReactor<ModelInferRequest, ModelStreamInferResponse>* KServeServiceImpl::ModelStreamInfer(
     grpc::CallbackServerContext* ctx) {
+  const TraceContext trace = StartTrace(ctx);
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) {
     return new RefusedStream<ModelInferRequest, ModelStreamInferResponse>(denied);
   }
-  auto submit = [this, ctx](const ModelInferRequest& request, ModelStreamInferResponse* response,
+  auto submit = [this, ctx, trace](const ModelInferRequest& request, ModelStreamInferResponse* response,
                             OnAnswer on_answer) {
-    Submit(ctx, "ModelStreamInfer", request, response->mutable_infer_response(), std::move(on_answer));
+    Submit(ctx, "ModelStreamInfer", trace, request, response->mutable_infer_response(), std::move(on_answer));
   };
   return new AnsweringStream<ModelInferRequest, ModelStreamInferResponse>(ctx, options_.max_inflight_per_stream,
                                                                           submit, WriteStreamError);
@@ -238,6 +248,7 @@ grpc::ServerBidiReactor<ModelInferRequest, ModelStreamInferResponse>* KServeServ
 grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryIndex(grpc::CallbackServerContext* ctx,
                                                              const inference::RepositoryIndexRequest* request,
                                                              inference::RepositoryIndexResponse* response) {
+  StartTrace(ctx);
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   // A failed load's reason may name weights files: like layer info's paths, for those who may change layers.
   const bool show_reasons = options_.authorizer->MayShowPaths(*ctx) ||
@@ -285,6 +296,7 @@ void KServeServiceImpl::StopControlThread() { control_.reset(); }
 grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryModelLoad(grpc::CallbackServerContext* ctx,
                                                                  const inference::RepositoryModelLoadRequest* request,
                                                                  inference::RepositoryModelLoadResponse* /*response*/) {
+  StartTrace(ctx);
   if (grpc::Status denied = CheckModelControl(*ctx); !denied.ok()) return FinishNow(ctx, denied);
   absl::StatusOr<std::unique_ptr<attnserve::v1::LayerConfig>> config = ConfigParameter(*request);
   if (!config.ok()) return FinishNow(ctx, ToGrpcStatus(config.status()));
@@ -297,6 +309,7 @@ grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryModelLoad(grpc::CallbackS
 grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryModelUnload(
     grpc::CallbackServerContext* ctx, const inference::RepositoryModelUnloadRequest* request,
     inference::RepositoryModelUnloadResponse* /*response*/) {
+  StartTrace(ctx);
   if (grpc::Status denied = CheckModelControl(*ctx); !denied.ok()) return FinishNow(ctx, denied);
   return RunOnControlThread(ctx, [catalog = options_.catalog, name = request->model_name()] {
     return catalog->Unload(name);

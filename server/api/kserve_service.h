@@ -82,7 +82,7 @@ class KServeServiceImpl final : public inference::GRPCInferenceService::Callback
  private:
   explicit KServeServiceImpl(const Options& options)
       : options_(options), control_(std::make_unique<SerialWorker>(/*max_pending=*/16)) {}
-  void Submit(grpc::CallbackServerContext* ctx, const char* rpc, const inference::ModelInferRequest& request,
+  void Submit(grpc::CallbackServerContext* ctx, const char* rpc, const TraceContext& trace, const inference::ModelInferRequest& request,
               inference::ModelInferResponse* response, OnAnswer on_answer) const;
   grpc::Status CheckModelControl(const grpc::CallbackServerContext& ctx) const;
   // The layer a metadata request names at the version it asks for; NOT_FOUND / INVALID_ARGUMENT otherwise.

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "server/api/call_binding.h"
+#include "server/api/call_trace.h"
 #include "server/api/grpc_status.h"
 #include "server/api/tensor_codec.h"
 
@@ -88,6 +89,7 @@ absl::Status DecodeMemories(const attnserve::v1::CreateSessionRequest& request, 
 grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServerContext* ctx,
                                                             const attnserve::v1::CreateSessionRequest* request,
                                                             attnserve::v1::Session* response) {
+  StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   SessionStore::OpenArgs args;
   args.id = SessionIdOf(*ctx, request->session_id());
@@ -99,10 +101,10 @@ grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServer
   return AnswerSession(ctx, store_->Open(args), response);
 }
 
-void SessionServiceImpl::SubmitAppend(grpc::CallbackServerContext* ctx, const char* rpc, const AppendRequest& request,
+void SessionServiceImpl::SubmitAppend(grpc::CallbackServerContext* ctx, const char* rpc, const TraceContext& trace, const AppendRequest& request,
                                       AppendResponse* response, OnAnswer on_answer) const {
   auto call = std::make_unique<InferenceCall>();
-  BindCall(ctx, rpc, *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
+  BindCall(ctx, rpc, trace, *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
   call->id = request.id();
   call->layer_name = request.layer();
   absl::StatusOr<TensorView> query = DecodeTensor(request.query(), "query", AcceptedDTypes::kFloat32);
@@ -120,9 +122,10 @@ void SessionServiceImpl::SubmitAppend(grpc::CallbackServerContext* ctx, const ch
 
 grpc::ServerUnaryReactor* SessionServiceImpl::Append(grpc::CallbackServerContext* ctx, const AppendRequest* request,
                                                      AppendResponse* response) {
+  const TraceContext trace = StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   auto* reactor = new AnsweringUnaryReactor();
-  SubmitAppend(ctx, "Append", *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
+  SubmitAppend(ctx, "Append", trace, *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
     reactor->Answer(status, std::move(memory));
   });
   return reactor;
@@ -130,11 +133,12 @@ grpc::ServerUnaryReactor* SessionServiceImpl::Append(grpc::CallbackServerContext
 
 grpc::ServerBidiReactor<AppendRequest, AppendResponse>* SessionServiceImpl::AppendStream(
     grpc::CallbackServerContext* ctx) {
+  const TraceContext trace = StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) {
     return new RefusedStream<AppendRequest, AppendResponse>(denied);
   }
-  auto submit = [this, ctx](const AppendRequest& request, AppendResponse* response, OnAnswer on_answer) {
-    SubmitAppend(ctx, "AppendStream", request, response, std::move(on_answer));
+  auto submit = [this, ctx, trace](const AppendRequest& request, AppendResponse* response, OnAnswer on_answer) {
+    SubmitAppend(ctx, "AppendStream", trace, request, response, std::move(on_answer));
   };
   return new AnsweringStream<AppendRequest, AppendResponse>(ctx, max_inflight_per_stream_, submit, WriteError);
 }
@@ -142,6 +146,7 @@ grpc::ServerBidiReactor<AppendRequest, AppendResponse>* SessionServiceImpl::Appe
 grpc::ServerUnaryReactor* SessionServiceImpl::ForkSession(grpc::CallbackServerContext* ctx,
                                                           const attnserve::v1::ForkSessionRequest* request,
                                                           attnserve::v1::Session* response) {
+  StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   return AnswerSession(ctx, store_->Fork(SessionIdOf(*ctx, request->session_id()), request->new_session_id()),
                        response);
@@ -150,6 +155,7 @@ grpc::ServerUnaryReactor* SessionServiceImpl::ForkSession(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* SessionServiceImpl::TruncateSession(grpc::CallbackServerContext* ctx,
                                                               const attnserve::v1::TruncateSessionRequest* request,
                                                               attnserve::v1::Session* response) {
+  StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   return AnswerSession(ctx, store_->Truncate(SessionIdOf(*ctx, request->session_id()), request->tokens()), response);
 }
@@ -157,6 +163,7 @@ grpc::ServerUnaryReactor* SessionServiceImpl::TruncateSession(grpc::CallbackServ
 grpc::ServerUnaryReactor* SessionServiceImpl::CloseSession(grpc::CallbackServerContext* ctx,
                                                            const attnserve::v1::CloseSessionRequest* request,
                                                            attnserve::v1::CloseSessionResponse* /*response*/) {
+  StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   return FinishNow(ctx, ToGrpcStatus(store_->Close(SessionIdOf(*ctx, request->session_id()))));
 }
@@ -164,6 +171,7 @@ grpc::ServerUnaryReactor* SessionServiceImpl::CloseSession(grpc::CallbackServerC
 grpc::ServerUnaryReactor* SessionServiceImpl::GetSession(grpc::CallbackServerContext* ctx,
                                                          const attnserve::v1::GetSessionRequest* request,
                                                          attnserve::v1::Session* response) {
+  StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
   return AnswerSession(ctx, store_->Get(SessionIdOf(*ctx, request->session_id())), response);
 }
@@ -171,6 +179,7 @@ grpc::ServerUnaryReactor* SessionServiceImpl::GetSession(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* SessionServiceImpl::ListSessions(grpc::CallbackServerContext* ctx,
                                                            const attnserve::v1::ListSessionsRequest* /*request*/,
                                                            attnserve::v1::ListSessionsResponse* response) {
+  StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeAdmin); !denied.ok()) return FinishNow(ctx, denied);
   for (const SessionInfo& info : store_->List()) EncodeSession(info, response->add_sessions());
   return FinishNow(ctx, grpc::Status::OK);

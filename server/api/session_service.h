@@ -58,7 +58,7 @@ class SessionServiceImpl final : public attnserve::v1::SessionService::CallbackS
  private:
   // Decodes `request` (which must outlive the call) into an append and hands it to the store; `rpc` (a
   // literal) names the method in the access log.
-  void SubmitAppend(grpc::CallbackServerContext* ctx, const char* rpc, const attnserve::v1::AppendRequest& request,
+  void SubmitAppend(grpc::CallbackServerContext* ctx, const char* rpc, const TraceContext& trace, const attnserve::v1::AppendRequest& request,
                     attnserve::v1::AppendResponse* response, OnAnswer on_answer) const;
 
   SessionStore* store_;

@@ -2,7 +2,7 @@
 // `tracestate`, parsed and checked, and the server's own span in the same trace. A request without a valid
 // traceparent starts a fresh trace, so every request has ids a client can quote and the logs carry.
 //
-// Wire-free: the service layer reads the metadata (api/trace_interceptor.h) and hands over the strings.
+// Wire-free: the service layer reads the metadata (api/call_trace.h) and hands over the strings.
 #pragma once
 
 #include <cstdint>

@@ -7,7 +7,9 @@ Each round runs attnserve_core_bench (median of its repetitions) and then bench/
 bench/torch_decoder.py on the same shapes, so both see the same machine state; the tables report the median
 over rounds of each. Target per nn.MultiheadAttention shape (issue #2): GFLOP/s >= min(1.5 x PyTorch, 0.85 x
 the same round's oneDNN sgemm peak). Per decoder-attention shape (issue #12): >= 1.5 x PyTorch's eager
-LlamaAttention, and >= 0.75 x sgemm on the rows without a sliding window.
+LlamaAttention, and >= 0.75 x sgemm on the rows without a sliding window. BFLOAT16 layers (issue #13): per
+shape, the bf16 layer's speedup over the f32 layer >= 0.9 x the same round's oneDNN bf16-over-f32 matmul
+speedup (2048^3), and >= 1.5 x PyTorch's own bf16 nn.MultiheadAttention.
 """
 
 import argparse
@@ -25,7 +27,8 @@ DECODER_SHAPES = [(1, 2048, 4096, 32, 8, 128, 0), (8, 512, 2048, 16, 4, 128, 0),
 def run_engine(binary, repetitions):
     out = subprocess.run(
         [binary, "--benchmark_format=json", f"--benchmark_repetitions={repetitions}",
-         "--benchmark_filter=BM_(PeakSgemm|SelfAttention|RaggedBatch|DecoderAttention)",
+         "--benchmark_filter=BM_(PeakSgemm|PeakBf16Matmul|SelfAttention|SelfAttentionBf16|RaggedBatch|"
+         "DecoderAttention)",
          "--benchmark_report_aggregates_only=true"],
         check=True, capture_output=True, text=True).stdout
     results = {}
@@ -34,11 +37,16 @@ def run_engine(binary, repetitions):
             continue
         name = b["run_name"]
         m = re.match(r"BM_SelfAttention/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)", name)
+        m16 = re.match(r"BM_SelfAttentionBf16/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)", name)
         d = re.match(r"BM_DecoderAttention/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)/Hkv:(\d+)/D:(\d+)/W:(\d+)", name)
         if d:
             results[("decoder",) + tuple(int(x) for x in d.groups())] = b["GFLOPS"]
         elif m:
             results[tuple(int(x) for x in m.groups())] = b["GFLOPS"]
+        elif m16:
+            results[("bf16",) + tuple(int(x) for x in m16.groups())] = b["GFLOPS"]
+        elif name.startswith("BM_PeakBf16Matmul"):
+            results["bf16_matmul"] = b["GFLOPS"]
         elif name.startswith("BM_PeakSgemm"):
             results["sgemm"] = b["GFLOPS"]
         elif name.startswith("BM_RaggedBatch"):
@@ -47,11 +55,34 @@ def run_engine(binary, repetitions):
     return results
 
 
-def run_torch(script):
+def run_torch(script, dtype="float32"):
     shapes = ";".join(",".join(str(x) for x in s) for s in SHAPES)
-    out = subprocess.run(["/usr/bin/python3", script, "--json", "--shapes", shapes], check=True,
+    out = subprocess.run(["/usr/bin/python3", script, "--json", "--shapes", shapes, "--dtype", dtype], check=True,
                          capture_output=True, text=True).stdout
-    return {(r["B"], r["L"], r["E"], r["H"]): r["gflops"] for r in json.loads(out)["results"]}
+    prefix = ("bf16",) if dtype == "bfloat16" else ()
+    return {prefix + (r["B"], r["L"], r["E"], r["H"]): r["gflops"] for r in json.loads(out)["results"]}
+
+
+def print_bf16_table(engine_rounds, torch_rounds):
+    def med(rounds, key):
+        return statistics.median(x[key] for x in rounds)
+
+    matmul_speedup = statistics.median(r["bf16_matmul"] / r["sgemm"] for r in engine_rounds)
+    print(f"\nBFLOAT16 compute: oneDNN bf16 matmul 2048^3 {med(engine_rounds, 'bf16_matmul'):.0f} GFLOP/s, "
+          f"{matmul_speedup:.2f}x sgemm (same runs); target per shape: speedup >= {0.9 * matmul_speedup:.2f}x "
+          "and >= 1.5x PyTorch bf16.\n")
+    print("| B | L | E | H | f32 GFLOP/s | bf16 GFLOP/s | bf16 speedup | of target | PyTorch bf16 | ratio | met |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    all_met = True
+    for s in SHAPES:
+        speedup = statistics.median(r[("bf16",) + s] / r[s] for r in engine_rounds)
+        ours, theirs = med(engine_rounds, ("bf16",) + s), med(torch_rounds, ("bf16",) + s)
+        met = speedup >= 0.9 * matmul_speedup and ours >= 1.5 * theirs
+        all_met &= met
+        print(f"| {' | '.join(str(x) for x in s)} | {med(engine_rounds, s):.0f} | {ours:.0f} | {speedup:.2f}x | "
+              f"{100 * speedup / (0.9 * matmul_speedup):.0f}% | {theirs:.0f} | {ours / theirs:.2f}x | "
+              f"{'yes' if met else 'NO'} |")
+    return all_met
 
 
 def run_torch_decoder(script):
@@ -80,6 +111,33 @@ def print_decoder_table(engine_rounds, torch_rounds, sgemm):
     return all_met
 
 
+def engine_chart(path, shapes, engine_rounds, torch_rounds):
+    """GFLOP/s per shape: attnserve f32 and bf16, PyTorch f32 and bf16, with the runs' sgemm and bf16 peaks."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def med(rounds, key):
+        return statistics.median(x[key] for x in rounds)
+
+    series = [("attnserve f32", engine_rounds, ()), ("attnserve bf16", engine_rounds, ("bf16",)),
+              ("PyTorch f32", torch_rounds, ()), ("PyTorch bf16", torch_rounds, ("bf16",))]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    width = 0.2
+    for i, (label, rounds, prefix) in enumerate(series):
+        ax.bar([x + (i - 1.5) * width for x in range(len(shapes))], [med(rounds, prefix + s) for s in shapes],
+               width, label=label)
+    ax.axhline(med(engine_rounds, "sgemm"), color="black", linestyle="--", label="oneDNN sgemm 2048^3")
+    ax.axhline(med(engine_rounds, "bf16_matmul"), color="gray", linestyle=":", label="oneDNN bf16 matmul 2048^3")
+    ax.set_xticks(range(len(shapes)))
+    ax.set_xticklabels([f"B={b} L={l}\nE={e} H={h}" for b, l, e, h in shapes])
+    ax.set_ylabel("GFLOP/s (median of rounds)")
+    ax.set_title("nn.MultiheadAttention forward, self-attention, 2 threads")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", default="build/bench/attnserve_core_bench")
@@ -87,13 +145,15 @@ def main():
     ap.add_argument("--torch-decoder", default="bench/torch_decoder.py")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repetitions", type=int, default=3)
+    ap.add_argument("--png", default="bench/results/engine.png", help="chart to write ('' for none)")
     args = ap.parse_args()
 
     engine_rounds, torch_rounds = [], []
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
         engine_rounds.append(run_engine(args.bench, args.repetitions))
-        torch_rounds.append({**run_torch(args.torch), **run_torch_decoder(args.torch_decoder)})
+        torch_rounds.append({**run_torch(args.torch), **run_torch(args.torch, "bfloat16"),
+                             **run_torch_decoder(args.torch_decoder)})
 
     def med(rounds, key):
         return statistics.median(x[key] for x in rounds)
@@ -117,7 +177,11 @@ def main():
         print("|---|---|---|---|---|")
         for k in sorted(ragged):
             print(f"| {k[1]} | {k[2]} | {k[3]} | {k[4]} | {med(engine_rounds, k):.0f} |")
+    all_met &= print_bf16_table(engine_rounds, torch_rounds)
     all_met &= print_decoder_table(engine_rounds, torch_rounds, sgemm)
+    if args.png:
+        engine_chart(args.png, SHAPES, engine_rounds, torch_rounds)
+        print(f"\nchart: {args.png}")
     return 0 if all_met else 1
 
 

@@ -3,6 +3,7 @@
 // FLOPs counted as in AttentionFlops(): QKV and output projections plus QK^T and PV.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <dnnl.hpp>
 #include <random>
 #include <vector>
@@ -21,11 +22,12 @@ std::vector<float> Random(int64_t n, uint64_t seed) {
   return v;
 }
 
-// Args: B, L, E, H. Self-attention, need_weights=false (what torch_mha.py times).
-void BM_SelfAttention(benchmark::State& state) {
+// Args: B, L, E, H. Self-attention, need_weights=false (what torch_mha.py times), computing in `compute`.
+void RunSelfAttention(benchmark::State& state, ComputeType compute) {
   const int64_t b = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
   MultiheadAttention::Options options;
   options.config = {e, h, 0, 0, true};
+  options.compute = compute;
   auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
   if (!layer.ok()) {
     state.SkipWithError(layer.status().ToString().c_str());
@@ -39,9 +41,13 @@ void BM_SelfAttention(benchmark::State& state) {
     if (!out.ok()) state.SkipWithError(out.status().ToString().c_str());
     benchmark::DoNotOptimize(out);
   }
+  if ((*layer)->compute() != compute) state.SkipWithError("this CPU has no bf16 matmul");
   const double flops = static_cast<double>(AttentionFlops(options.config, b, l, l));
   state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
+
+void BM_SelfAttention(benchmark::State& state) { RunSelfAttention(state, ComputeType::kFloat32); }
+void BM_SelfAttentionBf16(benchmark::State& state) { RunSelfAttention(state, ComputeType::kBFloat16); }
 
 // Times ForwardBatch over separate [1, len, E] self-attention requests, one per entry of `lengths`.
 void RunRequestBatch(benchmark::State& state, int64_t e, int64_t h, const std::vector<int64_t>& lengths) {
@@ -88,6 +94,34 @@ void BM_PeakSgemm(benchmark::State& state) {
   for (auto _ : state) {
     dnnl::sgemm('N', 'N', n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
     benchmark::DoNotOptimize(c.data());
+  }
+  state.counters["GFLOPS"] =
+      benchmark::Counter(2.0 * n * n * n / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// oneDNN's bf16 matmul (bf16 inputs, f32 output, the layout it prefers for B) on the same problem: the
+// machine's bf16 peak, and with BM_PeakSgemm the bf16-over-f32 speedup a BF16 layer is measured against.
+void BM_PeakBf16Matmul(benchmark::State& state) {
+  using dt = dnnl::memory::data_type;
+  const int64_t n = state.range(0);
+  try {
+    const dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    dnnl::stream stream(eng);
+    const dnnl::memory::desc a_md({n, n}, dt::bf16, dnnl::memory::format_tag::ab);
+    const dnnl::memory::desc b_md({n, n}, dt::bf16, dnnl::memory::format_tag::any);
+    const dnnl::memory::desc c_md({n, n}, dt::f32, dnnl::memory::format_tag::ab);
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), eng);
+    const dnnl::matmul prim(pd);
+    dnnl::memory a(a_md, eng), b(pd.weights_desc(), eng), c(c_md, eng);
+    for (dnnl::memory* m : {&a, &b}) std::fill_n(static_cast<uint16_t*>(m->get_data_handle()), n * n, 0x3F80);
+    for (auto _ : state) {
+      prim.execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+      stream.wait();
+    }
+    state.SetLabel(pd.impl_info_str());
+  } catch (const dnnl::error& e) {
+    state.SkipWithError(e.what());
+    return;
   }
   state.counters["GFLOPS"] =
       benchmark::Counter(2.0 * n * n * n / 1e9, benchmark::Counter::kIsIterationInvariantRate);
@@ -247,7 +281,18 @@ BENCHMARK(BM_DecoderAttention)
     ->MinTime(2.0)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_PeakSgemm)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_PeakBf16Matmul)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_SelfAttention)
+    ->Args({1, 128, 512, 8})
+    ->Args({8, 512, 1024, 16})
+    ->Args({1, 2048, 1024, 16})
+    ->Args({32, 64, 512, 8})
+    ->Args({64, 16, 256, 4})
+    ->ArgNames({"B", "L", "E", "H"})
+    ->UseRealTime()
+    ->MinTime(0.5)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SelfAttentionBf16)
     ->Args({1, 128, 512, 8})
     ->Args({8, 512, 1024, 16})
     ->Args({1, 2048, 1024, 16})

@@ -3,10 +3,11 @@
 
 Run with the Debian python that has torch:
 
-    /usr/bin/python3 bench/torch_mha.py [--shapes "B,L,E,H;..."] [--threads 2] [--json]
+    /usr/bin/python3 bench/torch_mha.py [--shapes "B,L,E,H;..."] [--threads 2] [--dtype float32] [--json]
 
 Setup per shape: nn.MultiheadAttention(E, H, batch_first=True) in eval mode under torch.no_grad(),
-float32, self-attention with `query is key is value` (shape [B,L,E]), need_weights=False, no masks.
+float32 (or --dtype bfloat16: module and input converted with .to(torch.bfloat16), PyTorch's own BF16 path,
+its bundled oneDNN), self-attention with `query is key is value` (shape [B,L,E]), need_weights=False, no masks.
 (These are the conditions under which PyTorch may use its native "fast path".) The script runs warm-up
 calls (at least --warmup and 0.2 s), then times single calls until at least --min-time seconds and
 --min-iters iterations have passed, and reports the median.
@@ -94,10 +95,10 @@ def parallel_summary():
     return "; ".join(keep)
 
 
-def time_shape(b, l, e, h, min_time, min_iters, warmup):
+def time_shape(b, l, e, h, min_time, min_iters, warmup, dtype=torch.float32):
     torch.manual_seed(0)
-    mha = nn.MultiheadAttention(e, h, batch_first=True).eval()
-    x = torch.randn(b, l, e)
+    mha = nn.MultiheadAttention(e, h, batch_first=True).eval().to(dtype)
+    x = torch.randn(b, l, e).to(dtype)
     with torch.no_grad():
         # Warm-up: at least `warmup` calls and 0.2 s (thread pools, allocator, lazy library init).
         n, start = 0, time.perf_counter()
@@ -121,6 +122,8 @@ def main(argv=None):
     ap.add_argument("--min-time", type=float, default=0.5, help="minimum timed seconds per shape")
     ap.add_argument("--min-iters", type=int, default=10, help="minimum timed iterations per shape")
     ap.add_argument("--warmup", type=int, default=2, help="minimum warm-up iterations per shape (also >= 0.2 s)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the module's and input's dtype (default float32)")
     ap.add_argument("--json", action="store_true",
                     help="print the results as JSON on stdout (the header and table then go to stderr)")
     args = ap.parse_args(argv)
@@ -133,7 +136,8 @@ def main(argv=None):
     def say(*a):
         print(*a, file=out, flush=True)
 
-    say(f"torch {torch.__version__}, threads={torch.get_num_threads()}")
+    dtype = getattr(torch, args.dtype)
+    say(f"torch {torch.__version__}, threads={torch.get_num_threads()}, dtype={args.dtype}")
     say(f"parallel: {parallel_summary()}")
     say(f"BLAS: BLAS_INFO={build_blas}; loaded: {', '.join(libs) or 'none found'}"
         + (f"; {', '.join(extra)}" if extra else ""))
@@ -144,7 +148,7 @@ def main(argv=None):
     say("-" * len(header))
     results = []
     for b, l, e, h in shapes:
-        times = time_shape(b, l, e, h, args.min_time, args.min_iters, args.warmup)
+        times = time_shape(b, l, e, h, args.min_time, args.min_iters, args.warmup, dtype)
         med = statistics.median(times)
         f = flops(b, l, e, h)
         r = {"B": b, "L": l, "E": e, "H": h, "iters": len(times), "median_ms": med * 1e3,
@@ -157,6 +161,7 @@ def main(argv=None):
         print(json.dumps({
             "torch_version": torch.__version__,
             "threads": torch.get_num_threads(),
+            "dtype": args.dtype,
             "blas": build_blas,
             "blas_libraries": libs,
             "results": results,

@@ -70,12 +70,18 @@ absl::StatusOr<std::unique_ptr<DecoderAttention>> DecoderAttention::Create(const
     fused_bias.insert(fused_bias.end(), weights.v_proj_bias.begin(), weights.v_proj_bias.end());
   }
   const int64_t width = c.q_width() + 2 * c.kv_width();
-  ATTN_ASSIGN_OR_RETURN(layer->qkv_proj_, LinearOp::Create(c.embed_dim, width, fused, fused_bias));
+  const ComputeType ct =
+      options.compute == ComputeType::kBFloat16 && OnednnBf16Support() != Bf16Support::kUnavailable
+          ? ComputeType::kBFloat16
+          : ComputeType::kFloat32;
+  layer->compute_ = ct;
+  ATTN_ASSIGN_OR_RETURN(layer->qkv_proj_, LinearOp::Create(c.embed_dim, width, fused, fused_bias, ct));
   ATTN_ASSIGN_OR_RETURN(layer->o_proj_,
-                        LinearOp::Create(c.q_width(), c.embed_dim, weights.o_proj_weight, weights.o_proj_bias));
-  ATTN_ASSIGN_OR_RETURN(layer->scores_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, c.head_dim));
-  ATTN_ASSIGN_OR_RETURN(layer->context_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kContext, c.head_dim));
-  ATTN_ASSIGN_OR_RETURN(layer->context_add_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kContextAdd, c.head_dim));
+                        LinearOp::Create(c.q_width(), c.embed_dim, weights.o_proj_weight, weights.o_proj_bias, ct));
+  using Kind = HeadMatmulOp::Kind;
+  ATTN_ASSIGN_OR_RETURN(layer->scores_op_, HeadMatmulOp::Create(Kind::kScores, c.head_dim, ct));
+  ATTN_ASSIGN_OR_RETURN(layer->context_op_, HeadMatmulOp::Create(Kind::kContext, c.head_dim, ct));
+  ATTN_ASSIGN_OR_RETURN(layer->context_add_op_, HeadMatmulOp::Create(Kind::kContextAdd, c.head_dim, ct));
   return layer;
 }
 
@@ -122,7 +128,11 @@ int64_t DecoderAttention::WorkspaceBytes(const ParsedDecoder& p) const {
   const int64_t rows = BlockRows(p, threads) * c.group_size();
   const int64_t keys = std::min(p.len, c.sliding_window > 0 ? std::min(p.len, c.sliding_window) + rows : p.len);
   const int64_t block = rows * (keys + 2 * c.head_dim) * kF32 + keys * kF32 + rows;
-  return qkv + threads * block;
+  if (compute_ != ComputeType::kBFloat16) return qkv + threads * block;
+  // bf16 copies: the inputs and the context for the projections, and per thread a block's matmul inputs.
+  const int64_t inputs16 = p.batch * p.len * (c.embed_dim + c.q_width()) * 2;
+  const int64_t block16 = (rows * (keys + c.head_dim) + keys * c.head_dim) * 2;
+  return qkv + inputs16 + threads * (block + block16);
 }
 
 void DecoderAttention::ApplyRope(const ParsedDecoder& p, float* qkv, int threads) const {

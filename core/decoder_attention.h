@@ -50,6 +50,9 @@ class DecoderAttention : public AppendEngine {
     // Sessions' appends: cached keys or values copied together for one matmul (at least one token; tests
     // set it small to cross many spans).
     int64_t cache_span_bytes = int64_t{1} << 20;
+    // What the matmuls multiply in (see MultiheadAttention::Options::compute): bf16 weights, activations
+    // converted at each matmul, f32 accumulation, RoPE, masks and softmax in f32.
+    ComputeType compute = ComputeType::kFloat32;
   };
 
   // InvalidArgument for a bad config or weights that do not match it.
@@ -59,6 +62,8 @@ class DecoderAttention : public AppendEngine {
 
   const DecoderConfig& config() const { return options_.config; }
   const Options& options() const { return options_; }
+  // The compute type in effect (Options::compute unless this CPU has no bf16 matmul).
+  ComputeType compute() const { return compute_; }
 
   // InvalidArgument naming the field with expected and actual ("query: expected last dim 64 (E), got 32");
   // the limits' errors as MultiheadAttention's.
@@ -129,6 +134,7 @@ class DecoderAttention : public AppendEngine {
                        Tensor* weights) const;
 
   Options options_;
+  ComputeType compute_ = ComputeType::kFloat32;
   Rope rope_;
   std::unique_ptr<LinearOp> qkv_proj_, o_proj_;
   std::unique_ptr<HeadMatmulOp> scores_op_, context_op_, context_add_op_;

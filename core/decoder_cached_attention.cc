@@ -78,7 +78,10 @@ int64_t DecoderAttention::AppendWorkspaceBytes(int64_t tokens, int64_t context_a
   const int64_t span = std::max<int64_t>(options_.cache_span_bytes, c.kv_width() * kF32);
   // Inputs, projections and output of the new rows; one block's stacked q, scores and context; a span.
   const int64_t rows_bytes = tokens * (2 * c.embed_dim + c.q_width() + 2 * c.kv_width()) * kF32 + tokens * 8;
-  return rows_bytes + rows * c.num_heads * (keys + 2 * c.head_dim) * kF32 + span;
+  const int64_t f32 = rows_bytes + rows * c.num_heads * (keys + 2 * c.head_dim) * kF32 + span;
+  if (compute_ != ComputeType::kBFloat16) return f32;
+  // bf16 copies of each matmul's inputs: the rows for the projections, a block's q and probabilities, a span.
+  return f32 + tokens * (c.embed_dim + c.q_width()) * 2 + rows * c.num_heads * (keys + c.head_dim) * 2 + span / 2;
 }
 
 absl::Status DecoderAttention::CheckAppend(const CachedAppend& a) const {

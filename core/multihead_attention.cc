@@ -10,7 +10,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/attention_masks.h"
+#include "core/bf16_rows.h"
 #include "core/omp_threads.h"
+#include "core/row_softmax.h"
 #include "common/status_macros.h"
 
 namespace attnserve {
@@ -28,6 +30,8 @@ struct Workspace {
   std::vector<float> scores;                        // one query block, [nb, H, lb, S]
   std::vector<float> mask_rows;                     // combined additive mask of a block, [nb, lb, S]
   std::vector<uint8_t> dead_rows;                   // rows whose keys are all masked, [nb, H, lb]
+  std::vector<uint16_t> q16, k16, v16;              // bf16 layers: the projections in bf16, as q, k, v
+  std::vector<uint16_t> probs16;                    // bf16 layers: one block's probabilities in bf16
 
   template <typename T>
   static T* Grow(std::vector<T>& buf, size_t n) {
@@ -39,6 +43,9 @@ struct Workspace {
       if (buf->capacity() * sizeof(float) > keep_bytes) std::vector<float>().swap(*buf);
     }
     if (dead_rows.capacity() > keep_bytes) std::vector<uint8_t>().swap(dead_rows);
+    for (auto* buf : {&q16, &k16, &v16, &probs16}) {
+      if (buf->capacity() * sizeof(uint16_t) > keep_bytes) std::vector<uint16_t>().swap(*buf);
+    }
   }
 };
 
@@ -90,6 +97,17 @@ int64_t MultiheadAttention::ScoresBlockBytes(const ParsedAttention& p) const {
   return std::min(all_scores, block * omp_get_max_threads());
 }
 
+int64_t MultiheadAttention::Bf16ScratchBytes(const ParsedAttention& p) const {
+  if (compute_ != ComputeType::kBFloat16) return 0;
+  constexpr int64_t kBf16 = 2;
+  const MhaConfig& c = options_.config;
+  const int64_t e = c.embed_dim;
+  // Inputs converted for the projections, Q/K/V in bf16, the scores block's probabilities, the context.
+  const int64_t inputs = kBf16 * (p.query_tokens() * e + p.kv_tokens() * (c.key_dim() + c.value_dim()));
+  const int64_t qkv = kBf16 * (p.query_tokens() * e + p.kv_tokens() * 2 * e);
+  return inputs + qkv + ScoresBlockBytes(p) / 2 + kBf16 * p.query_tokens() * e;
+}
+
 void ReleaseThreadScratch(size_t keep_bytes) { ThreadWorkspace().ReleaseLarge(keep_bytes); }
 
 struct MultiheadAttention::Group {
@@ -107,6 +125,11 @@ struct MultiheadAttention::Projected {
   const float* v = nullptr;
   int64_t ldq = 0, ldk = 0, ldv = 0;
   int64_t q_rows = 0;
+  // bf16 layers: Q, K and V in bf16 (row stride ld16), which the attention matmuls read; null in f32.
+  const uint16_t* q16 = nullptr;
+  const uint16_t* k16 = nullptr;
+  const uint16_t* v16 = nullptr;
+  int64_t ld16 = 0;
 };
 
 // One block of Attend: sequences [b0, b0+nb), heads [h0, h0+hb), query rows [l0, l0+lb), keys [0, cols).
@@ -137,6 +160,9 @@ absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(c
         " and ", options.small_attention_flops));
   }
   auto layer = std::unique_ptr<MultiheadAttention>(new MultiheadAttention(options));
+  layer->compute_ = options.compute == ComputeType::kBFloat16 && OnednnBf16Support() != Bf16Support::kUnavailable
+                        ? ComputeType::kBFloat16
+                        : ComputeType::kFloat32;
   ATTN_RETURN_IF_ERROR(layer->BuildPrimitives(weights));
   return layer;
 }
@@ -155,9 +181,10 @@ absl::Status MultiheadAttention::BuildPrimitives(const MhaWeights& weights) {
     bk.assign(weights.in_proj_bias.begin() + e, weights.in_proj_bias.begin() + 2 * e);
     bv.assign(weights.in_proj_bias.begin() + 2 * e, weights.in_proj_bias.end());
   }
-  ATTN_ASSIGN_OR_RETURN(q_proj_, LinearOp::Create(e, e, wq, bq));
-  ATTN_ASSIGN_OR_RETURN(k_proj_, LinearOp::Create(c.key_dim(), e, weights.k_proj_weight, bk));
-  ATTN_ASSIGN_OR_RETURN(v_proj_, LinearOp::Create(c.value_dim(), e, weights.v_proj_weight, bv));
+  const ComputeType ct = compute_;
+  ATTN_ASSIGN_OR_RETURN(q_proj_, LinearOp::Create(e, e, wq, bq, ct));
+  ATTN_ASSIGN_OR_RETURN(k_proj_, LinearOp::Create(c.key_dim(), e, weights.k_proj_weight, bk, ct));
+  ATTN_ASSIGN_OR_RETURN(v_proj_, LinearOp::Create(c.value_dim(), e, weights.v_proj_weight, bv, ct));
   if (c.same_qkv_dim()) {
     std::vector<float> w_qkv = wq;
     w_qkv.insert(w_qkv.end(), weights.k_proj_weight.begin(), weights.k_proj_weight.end());
@@ -168,12 +195,13 @@ absl::Status MultiheadAttention::BuildPrimitives(const MhaWeights& weights) {
       b_qkv.insert(b_qkv.end(), bk.begin(), bk.end());
       b_qkv.insert(b_qkv.end(), bv.begin(), bv.end());
     }
-    ATTN_ASSIGN_OR_RETURN(qkv_proj_, LinearOp::Create(e, 3 * e, w_qkv, b_qkv));
+    ATTN_ASSIGN_OR_RETURN(qkv_proj_, LinearOp::Create(e, 3 * e, w_qkv, b_qkv, ct));
   }
-  ATTN_ASSIGN_OR_RETURN(out_proj_, LinearOp::Create(e, e, weights.out_proj_weight, weights.out_proj_bias));
-  ATTN_ASSIGN_OR_RETURN(scores_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, c.head_dim()));
-  ATTN_ASSIGN_OR_RETURN(context_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kContext, c.head_dim()));
-  ATTN_ASSIGN_OR_RETURN(context_add_op_, HeadMatmulOp::Create(HeadMatmulOp::Kind::kContextAdd, c.head_dim()));
+  ATTN_ASSIGN_OR_RETURN(out_proj_, LinearOp::Create(e, e, weights.out_proj_weight, weights.out_proj_bias, ct));
+  using Kind = HeadMatmulOp::Kind;
+  ATTN_ASSIGN_OR_RETURN(scores_op_, HeadMatmulOp::Create(Kind::kScores, c.head_dim(), ct));
+  ATTN_ASSIGN_OR_RETURN(context_op_, HeadMatmulOp::Create(Kind::kContext, c.head_dim(), ct));
+  ATTN_ASSIGN_OR_RETURN(context_add_op_, HeadMatmulOp::Create(Kind::kContextAdd, c.head_dim(), ct));
   return absl::OkStatus();
 }
 
@@ -306,6 +334,7 @@ absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::Project(const 
     proj.ldq = proj.ldk = proj.ldv = 3 * e;
     proj.k = proj.q + e;
     proj.v = proj.q + 2 * e;
+    MirrorBf16(n_q, n_q, &proj);
     return proj;
   }
   const float* xk = InputRows(keys, ws.gather_k, n_kv, c.key_dim());
@@ -319,7 +348,33 @@ absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::Project(const 
   proj.ldq = proj.ldk = proj.ldv = e;
   proj.k = kp;
   proj.v = vp;
+  MirrorBf16(n_q, n_kv, &proj);
   return proj;
+}
+
+void MultiheadAttention::MirrorBf16(int64_t q_rows, int64_t kv_rows, Projected* proj) const {
+  if (compute_ != ComputeType::kBFloat16) return;
+  const int64_t e = options_.config.embed_dim;
+  Workspace& ws = ThreadWorkspace();
+  if (proj->k == proj->q + e) {  // fused [N, 3E]: one pass over all three, row stride 3E kept
+    uint16_t* qkv16 = Workspace::Grow(ws.q16, static_cast<size_t>(q_rows * 3 * e));
+    FloatRowsToBf16Parallel(proj->q, q_rows, 3 * e, proj->ldq, qkv16, 3 * e);
+    proj->q16 = qkv16;
+    proj->k16 = qkv16 + e;
+    proj->v16 = qkv16 + 2 * e;
+    proj->ld16 = 3 * e;
+    return;
+  }
+  uint16_t* q16 = Workspace::Grow(ws.q16, static_cast<size_t>(q_rows * e));
+  uint16_t* k16 = Workspace::Grow(ws.k16, static_cast<size_t>(kv_rows * e));
+  uint16_t* v16 = Workspace::Grow(ws.v16, static_cast<size_t>(kv_rows * e));
+  FloatRowsToBf16Parallel(proj->q, q_rows, e, proj->ldq, q16, e);
+  FloatRowsToBf16Parallel(proj->k, kv_rows, e, proj->ldk, k16, e);
+  FloatRowsToBf16Parallel(proj->v, kv_rows, e, proj->ldv, v16, e);
+  proj->q16 = q16;
+  proj->k16 = k16;
+  proj->v16 = v16;
+  proj->ld16 = e;
 }
 
 namespace {
@@ -366,8 +421,7 @@ std::vector<absl::Status> MultiheadAttention::AttendGroup(const Group& g, const 
     const ParsedAttention& p = *g.members[i];
     Tensor* weights = p.inputs->need_weights ? &g.outputs[i]->attn_weights : nullptr;
     auto should_stop = [&] { return stop ? stop(g.index[i]) : absl::OkStatus(); };
-    return Attend(p, seq_begin, seq_end, proj.q + q_rows[i] * proj.ldq, proj.ldq, proj.k + kv_rows[i] * proj.ldk,
-                  proj.ldk, proj.v + kv_rows[i] * proj.ldv, proj.ldv, weights, should_stop);
+    return Attend(p, seq_begin, seq_end, proj, q_rows[i], kv_rows[i], weights, should_stop);
   };
   std::vector<absl::Status> unit_statuses(small.size());
   const int64_t num_small = static_cast<int64_t>(small.size());
@@ -405,10 +459,53 @@ absl::Status MultiheadAttention::ProjectOutput(const Group& g, const Projected& 
   return absl::OkStatus();
 }
 
-absl::Status MultiheadAttention::Attend(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end, float* q,
-                                        int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,
-                                        Tensor* weights, absl::FunctionRef<absl::Status()> should_stop) const {
+namespace {
+
+// The matmul inputs of a block: rows of a projection, f32 or bf16, `row` rows and `col` columns in.
+View4 HeadsView(const float* f32, const uint16_t* bf16, int64_t ld, int64_t row, int64_t col,
+                std::initializer_list<int64_t> dims, std::initializer_list<int64_t> strides) {
+  View4 v;
+  std::copy(dims.begin(), dims.end(), v.dims);
+  std::copy(strides.begin(), strides.end(), v.strides);
+  v.bf16 = bf16 != nullptr;
+  v.data = v.bf16 ? static_cast<void*>(const_cast<uint16_t*>(bf16 + row * ld + col))
+                  : static_cast<void*>(const_cast<float*>(f32 + row * ld + col));
+  return v;
+}
+
+// A block's softmax as bf16 for the context matmul (in this thread's buffer), split over the calling thread's
+// team when large; serially inside a parallel region (no nested team).
+uint16_t* SoftmaxToBf16(float* scores, int64_t rows, int64_t cols, const uint8_t* dead) {
+  uint16_t* out = Workspace::Grow(ThreadWorkspace().probs16, static_cast<size_t>(rows * cols));
+  const int team = omp_in_parallel() ? 1 : omp_get_max_threads();
+  if (team <= 1 || rows < 2 * team || rows * cols < (int64_t{1} << 16)) {
+    RowSoftmaxToBf16(scores, rows, cols, cols, dead, out, cols);
+    return out;
+  }
+  const int64_t per_thread = (rows + team - 1) / team;
+#pragma omp parallel for num_threads(team) schedule(static)
+  for (int t = 0; t < team; ++t) {
+    const int64_t r0 = t * per_thread, r1 = std::min(rows, r0 + per_thread);
+    if (r0 < r1) {
+      RowSoftmaxToBf16(scores + r0 * cols, r1 - r0, cols, cols, dead == nullptr ? nullptr : dead + r0,
+                       out + r0 * cols, cols);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::Status MultiheadAttention::Attend(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end,
+                                        const Projected& proj, int64_t q_row, int64_t kv_row, Tensor* weights,
+                                        absl::FunctionRef<absl::Status()> should_stop) const {
   const int64_t h = options_.config.num_heads, dh = options_.config.head_dim();
+  float* q = proj.q + q_row * proj.ldq;
+  const int64_t ldq = proj.ldq;
+  // bf16 layers read Q, K and V from their bf16 copies; the context goes to the f32 Q columns.
+  const bool bf16 = proj.q16 != nullptr;
+  const int64_t ldq_in = bf16 ? proj.ld16 : proj.ldq, ldk = bf16 ? proj.ld16 : proj.ldk;
+  const int64_t ldv = bf16 ? proj.ld16 : proj.ldv;
   const int64_t len_q = p.q_len, len_k = p.kv_len;
   Workspace& ws = ThreadWorkspace();
   const BlockPlan plan = PlanBlocks(p.batch, h, len_q, len_k, options_.scores_block_bytes, options_.min_block_rows);
@@ -417,8 +514,7 @@ absl::Status MultiheadAttention::Attend(const ParsedAttention& p, int64_t seq_be
     // Heads outer, query blocks inner: one head's K and V stay in cache across its query blocks.
     for (int64_t h0 = 0; h0 < h; h0 += plan.heads) {
       const int64_t hb = std::min(plan.heads, h - h0);
-      const float* k_seq = k + b0 * len_k * ldk + h0 * dh;
-      const float* v_seq = v + b0 * len_k * ldv + h0 * dh;
+      const int64_t kv_first = kv_row + b0 * len_k;
       for (int64_t l0 = 0; l0 < len_q; l0 += plan.rows) {
         const int64_t lb = std::min(plan.rows, len_q - l0);
         ATTN_RETURN_IF_ERROR(should_stop());
@@ -429,19 +525,28 @@ absl::Status MultiheadAttention::Attend(const ParsedAttention& p, int64_t seq_be
         float* scores = Workspace::Grow(ws.scores, static_cast<size_t>(nb * hb * lb * cols));
         float* q_blk = q + (b0 * len_q + l0) * ldq + h0 * dh;
         const View4 probs{scores, {nb, hb, lb, cols}, {hb * lb * cols, lb * cols, cols, 1}};
-        const View4 qa{q_blk, {nb, hb, lb, dh}, {len_q * ldq, dh, ldq, 1}};
-        const View4 kb{const_cast<float*>(k_seq), {nb, hb, dh, cols}, {len_k * ldk, dh, 1, ldk}};
+        const View4 qa = HeadsView(proj.q, proj.q16, ldq_in, q_row + b0 * len_q + l0, h0 * dh, {nb, hb, lb, dh},
+                                   {len_q * ldq_in, dh, ldq_in, 1});
+        const View4 kb = HeadsView(proj.k, proj.k16, ldk, kv_first, h0 * dh, {nb, hb, dh, cols},
+                                   {len_k * ldk, dh, 1, ldk});
         ATTN_RETURN_IF_ERROR(scores_op_->Execute(qa, kb, probs));
         const uint8_t* dead = MaskBlock(p, blk, scores);
-        ATTN_RETURN_IF_ERROR(softmax_.Execute(scores, nb * hb * lb, cols));
-        for (int64_t r = 0; dead != nullptr && r < nb * hb * lb; ++r) {
-          if (dead[r]) std::fill_n(scores + r * cols, cols, 0.0f);
+        View4 probs_in = probs;
+        if (bf16 && weights == nullptr) {
+          probs_in.data = SoftmaxToBf16(scores, nb * hb * lb, cols, dead);
+          probs_in.bf16 = true;
+        } else {
+          ATTN_RETURN_IF_ERROR(softmax_.Execute(scores, nb * hb * lb, cols));
+          for (int64_t r = 0; dead != nullptr && r < nb * hb * lb; ++r) {
+            if (dead[r]) std::fill_n(scores + r * cols, cols, 0.0f);
+          }
         }
         if (weights != nullptr) AddBlockWeights(p, blk, scores, weights);
         // Context over the block's Q columns: Q of these heads and rows is no longer needed.
-        const View4 vb{const_cast<float*>(v_seq), {nb, hb, cols, dh}, {len_k * ldv, dh, ldv, 1}};
+        const View4 vb = HeadsView(proj.v, proj.v16, ldv, kv_first, h0 * dh, {nb, hb, cols, dh},
+                                   {len_k * ldv, dh, ldv, 1});
         const View4 ctx{q_blk, {nb, hb, lb, dh}, {len_q * ldq, dh, ldq, 1}};
-        ATTN_RETURN_IF_ERROR(context_op_->Execute(probs, vb, ctx));
+        ATTN_RETURN_IF_ERROR(context_op_->Execute(probs_in, vb, ctx));
       }
     }
   }

@@ -71,6 +71,10 @@ class MultiheadAttention : public AppendEngine {
     int64_t cache_span_bytes = int64_t{1} << 20;
     // Softmax primitives kept, one per (rows, S) shape seen.
     int64_t softmax_cache_capacity = 512;
+    // What the matmuls multiply in. kBFloat16: weights held in bf16, activations converted at each matmul
+    // (Q, K and V once per batch), f32 accumulation, masks and softmax in f32. Where oneDNN has no bf16 matmul
+    // (OnednnBf16Support() == kUnavailable) the layer computes in f32: compute() says which it does.
+    ComputeType compute = ComputeType::kFloat32;
   };
 
   // InvalidArgument for a bad config or weights that do not match it.
@@ -80,6 +84,8 @@ class MultiheadAttention : public AppendEngine {
 
   const MhaConfig& config() const { return options_.config; }
   const Options& options() const { return options_; }
+  // The compute type in effect (Options::compute unless this CPU has no bf16 matmul).
+  ComputeType compute() const { return compute_; }
 
   // Validation alone (what Forward checks first), for callers that reject bad requests before queueing.
   absl::StatusOr<ParsedAttention> Validate(const AttentionInputs& inputs) const;
@@ -89,6 +95,9 @@ class MultiheadAttention : public AppendEngine {
   // min_block_rows rows of one head need more), or one per thread (omp_get_max_threads() of the caller) for
   // a small request cut into units that run side by side. What a memory budget must count for it.
   int64_t ScoresBlockBytes(const ParsedAttention& parsed) const;
+  // What a request's batch holds besides the f32 inputs, projections and scores a memory budget counts for
+  // it: the bf16 copies of a bf16 layer (inputs, Q/K/V, one scores block, the context); 0 in f32.
+  int64_t Bf16ScratchBytes(const ParsedAttention& parsed) const;
 
   // The thread budget of one engine call: `max_threads` is the OpenMP team size the call may use (the
   // caller's share of the CPUs, >= 1); 0 takes omp_get_max_threads() of the calling thread (for tests and
@@ -130,9 +139,13 @@ class MultiheadAttention : public AppendEngine {
   int64_t AppendFlops(int64_t tokens, int64_t context_after, bool cross_attention) const override {
     return CachedAppendFlops(options_.config.embed_dim, tokens, context_after, cross_attention);
   }
-  // The new rows' inputs, projections and output, and one query block's scores.
+  // The new rows' inputs, projections and output, and one query block's scores; for a bf16 layer also the
+  // bf16 copies each matmul makes of its inputs (rows, a scores block, a span of cached keys or values).
   int64_t AppendWorkspaceBytes(int64_t tokens, int64_t context_after) const override {
-    return int64_t{4} * tokens * 5 * options_.config.embed_dim + AppendScoresBytes(tokens, context_after);
+    const int64_t e = options_.config.embed_dim, scores = AppendScoresBytes(tokens, context_after);
+    const int64_t f32 = int64_t{4} * tokens * 5 * e + scores;
+    if (compute_ != ComputeType::kBFloat16) return f32;
+    return f32 + int64_t{2} * tokens * 2 * e + scores / 2 + options_.cache_span_bytes / 2 + int64_t{2} * tokens * e;
   }
 
   // impl_info_str() of every oneDNN primitive this layer has built (for every OpenMP team size it ran
@@ -154,9 +167,12 @@ class MultiheadAttention : public AppendEngine {
   std::vector<absl::Status> AttendGroup(const Group& group, const Projected& proj, int threads,
                                         const StopFn& stop) const;
   absl::Status ProjectOutput(const Group& group, const Projected& proj) const;
-  // Attention of sequences [seq_begin, seq_end) of one request; q, k, v point at its first token.
-  absl::Status Attend(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end, float* q, int64_t ldq,
-                      const float* k, int64_t ldk, const float* v, int64_t ldv, Tensor* weights,
+  // bf16 layers: Q, K and V copied to bf16 (the attention matmuls' inputs); nothing in f32.
+  void MirrorBf16(int64_t q_rows, int64_t kv_rows, Projected* proj) const;
+  // Attention of sequences [seq_begin, seq_end) of one request whose first query row is `q_row` and first
+  // key/value row `kv_row` of the projections.
+  absl::Status Attend(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end, const Projected& proj,
+                      int64_t q_row, int64_t kv_row, Tensor* weights,
                       absl::FunctionRef<absl::Status()> should_stop) const;
   // The parts of one Attend block: additive masks over the block's scores (returns the rows with every key
   // masked, or null when unmasked), and the weights it adds to `weights`.
@@ -175,6 +191,7 @@ class MultiheadAttention : public AppendEngine {
                         Tensor* weights) const;
 
   Options options_;
+  ComputeType compute_ = ComputeType::kFloat32;
   std::unique_ptr<LinearOp> qkv_proj_;  // fused [3E, E], only when kdim == vdim == E
   std::unique_ptr<LinearOp> q_proj_, k_proj_, v_proj_, out_proj_;
   std::unique_ptr<HeadMatmulOp> scores_op_, context_op_, context_add_op_;

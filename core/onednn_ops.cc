@@ -7,6 +7,7 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "core/bf16_rows.h"
 
 namespace attnserve {
 namespace {
@@ -25,6 +26,7 @@ const dnnl::engine& CpuEngine() {
 struct ThreadState {
   dnnl::stream stream{CpuEngine()};
   std::vector<uint8_t> scratchpad;
+  std::vector<uint16_t> bf16_a, bf16_b;  // bf16 copies of f32 matmul inputs (bf16 ops)
 
   dnnl::memory Scratchpad(const dnnl::memory::desc& md) {
     const size_t size = md.get_size();
@@ -49,8 +51,42 @@ absl::Status FromDnnl(const dnnl::error& e, const char* what) {
 }
 
 dnnl::memory::desc Desc4(const View4& v) {
-  return dnnl::memory::desc({v.dims[0], v.dims[1], v.dims[2], v.dims[3]}, dt::f32,
+  return dnnl::memory::desc({v.dims[0], v.dims[1], v.dims[2], v.dims[3]}, v.bf16 ? dt::bf16 : dt::f32,
                             {v.strides[0], v.strides[1], v.strides[2], v.strides[3]});
+}
+
+dt DataType(ComputeType compute) { return compute == ComputeType::kBFloat16 ? dt::bf16 : dt::f32; }
+
+uint16_t* Grow(std::vector<uint16_t>& buf, size_t n) {
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+// An f32 view converted into a dense bf16 copy in `buf`; its unit-stride axis (3, else 2) stays unit-stride.
+View4 DenseBf16(const View4& v, std::vector<uint16_t>& buf) {
+  const int64_t* d = v.dims;
+  View4 out{Grow(buf, static_cast<size_t>(d[0] * d[1] * d[2] * d[3])), {d[0], d[1], d[2], d[3]}, {}, true};
+  const bool rows_on_2 = v.strides[3] == 1;  // else the unit stride is on axis 2 (K^T)
+  out.strides[0] = d[1] * d[2] * d[3];
+  out.strides[1] = d[2] * d[3];
+  out.strides[2] = rows_on_2 ? d[3] : 1;
+  out.strides[3] = rows_on_2 ? 1 : d[2];
+  const int64_t rows = rows_on_2 ? d[2] : d[3], cols = rows_on_2 ? d[3] : d[2];
+  const int64_t ld_src = rows_on_2 ? v.strides[2] : v.strides[3];
+  const float* src = static_cast<const float*>(v.data);
+  uint16_t* dst = static_cast<uint16_t*>(out.data);
+  // Split over the matrices on the calling thread's team when there is enough work (a large request's
+  // scores block); inside a parallel region or for small views, serially (no nested team).
+  const int64_t matrices = d[0] * d[1];
+  const int team = omp_in_parallel() ? 1 : omp_get_max_threads();
+  const bool parallel = team > 1 && matrices >= team && matrices * rows * cols >= (int64_t{1} << 16);
+#pragma omp parallel for num_threads(team) schedule(static) if (parallel)
+  for (int64_t m = 0; m < matrices; ++m) {
+    const int64_t i0 = m / d[1], i1 = m % d[1];
+    FloatRowsToBf16(src + i0 * v.strides[0] + i1 * v.strides[1], rows, cols, ld_src,
+                    dst + i0 * out.strides[0] + i1 * out.strides[1], cols);
+  }
+  return out;
 }
 
 // oneDNN with the OpenMP runtime fixes a primitive's threading when the primitive is created (from
@@ -106,6 +142,33 @@ class MatmulVariants {
 
 }  // namespace
 
+const char* ComputeTypeName(ComputeType type) {
+  return type == ComputeType::kBFloat16 ? "BFLOAT16" : "FLOAT32";
+}
+
+Bf16Support OnednnBf16Support() {
+  // cpu_isa values are bit masks (avx2_vnni > avx512_core numerically), so test bits, not order.
+  const auto has = [](dnnl::cpu_isa want) {
+    const auto have = static_cast<unsigned>(dnnl::get_effective_cpu_isa()), w = static_cast<unsigned>(want);
+    return (have & w) == w;
+  };
+  if (has(dnnl::cpu_isa::avx512_core_bf16)) return Bf16Support::kNative;
+  if (has(dnnl::cpu_isa::avx512_core)) return Bf16Support::kEmulated;
+  return Bf16Support::kUnavailable;
+}
+
+const char* Bf16SupportName(Bf16Support support) {
+  switch (support) {
+    case Bf16Support::kNative:
+      return "native (AVX512_BF16)";
+    case Bf16Support::kEmulated:
+      return "emulated (AVX-512 without BF16)";
+    case Bf16Support::kUnavailable:
+      break;
+  }
+  return "unavailable (no AVX-512)";
+}
+
 // ---------------------------------------------------------------------------------------------- LinearOp
 
 struct LinearOp::Impl {
@@ -114,6 +177,7 @@ struct LinearOp::Impl {
   dnnl::memory weights_mem;  // in the layout of the first primitive built
   dnnl::memory bias_mem;
   int64_t k = 0, n = 0;
+  ComputeType compute = ComputeType::kFloat32;
 
   // The primitive for the current team size, with the weights in its layout (reordered once if it
   // chose another layout than the first).
@@ -138,9 +202,10 @@ struct LinearOp::Impl {
 LinearOp::LinearOp(std::unique_ptr<Impl> impl) : impl_ptr_(std::move(impl)) {}
 LinearOp::~LinearOp() = default;
 std::vector<std::string> LinearOp::Impls() const { return impl_ptr_->variants.Impls(); }
+ComputeType LinearOp::compute() const { return impl_ptr_->compute; }
 
 absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Create(int64_t k, int64_t n, const std::vector<float>& weight,
-                                                          const std::vector<float>& bias) {
+                                                          const std::vector<float>& bias, ComputeType compute) {
   if (k <= 0 || n <= 0 || weight.size() != static_cast<size_t>(k * n) ||
       (!bias.empty() && bias.size() != static_cast<size_t>(n))) {
     return absl::InvalidArgumentError(absl::StrCat("LinearOp: weight must be [", n, ", ", k, "] and bias [", n,
@@ -148,14 +213,15 @@ absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Create(int64_t k, int64_t n,
                                                    " values"));
   }
   try {
-    const dnnl::memory::desc src_md({kRt, k}, dt::f32, {kRt, 1});
-    const dnnl::memory::desc weights_md({k, n}, dt::f32, tag::any);
+    const dnnl::memory::desc src_md({kRt, k}, DataType(compute), {kRt, 1});
+    const dnnl::memory::desc weights_md({k, n}, DataType(compute), tag::any);
     const dnnl::memory::desc bias_md({1, n}, dt::f32, tag::ab);
     const dnnl::memory::desc dst_md({kRt, n}, dt::f32, {kRt, 1});
     auto impl = std::make_unique<Impl>(bias.empty() ? dnnl::matmul::desc(src_md, weights_md, dst_md)
                                                     : dnnl::matmul::desc(src_md, weights_md, bias_md, dst_md));
     impl->k = k;
     impl->n = n;
+    impl->compute = compute;
     MatmulVariants::Variant& first = impl->variants.Get();
 
     // PyTorch's W [n, k] row-major is W^T [k, n] with strides {1, k}: one reorder into the chosen layout.
@@ -177,12 +243,29 @@ absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Create(int64_t k, int64_t n,
 }
 
 absl::Status LinearOp::Execute(const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const {
+  if (impl_ptr_->compute == ComputeType::kFloat32) return Run(x, m, ldx, y, ldy);
+  if (m == 0) return absl::OkStatus();
+  const int64_t k = impl_ptr_->k;
+  uint16_t* x16 = Grow(ThisThread().bf16_a, static_cast<size_t>(m * k));
+  FloatRowsToBf16Parallel(x, m, k, ldx, x16, k);
+  return Run(x16, m, k, y, ldy);
+}
+
+absl::Status LinearOp::ExecuteBf16(const uint16_t* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const {
+  if (impl_ptr_->compute != ComputeType::kBFloat16) {
+    return absl::FailedPreconditionError("LinearOp: bf16 input given to an f32 op");
+  }
+  return Run(x, m, ldx, y, ldy);
+}
+
+absl::Status LinearOp::Run(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const {
   if (m == 0) return absl::OkStatus();
   Impl& p = *impl_ptr_;
   try {
     MatmulVariants::Variant& v = p.Get();
     ThreadState& ts = ThisThread();
-    dnnl::memory src(dnnl::memory::desc({m, p.k}, dt::f32, {ldx, 1}), CpuEngine(), const_cast<float*>(x));
+    dnnl::memory src(dnnl::memory::desc({m, p.k}, DataType(p.compute), {ldx, 1}), CpuEngine(),
+                     const_cast<void*>(x));
     dnnl::memory dst(dnnl::memory::desc({m, p.n}, dt::f32, {ldy, 1}), CpuEngine(), y);
     std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src},
                                                   {DNNL_ARG_WEIGHTS, v.weights},
@@ -200,30 +283,34 @@ absl::Status LinearOp::Execute(const float* x, int64_t m, int64_t ldx, float* y,
 // ------------------------------------------------------------------------------------------ HeadMatmulOp
 
 struct HeadMatmulOp::Impl {
-  Impl(const dnnl::matmul::desc& desc, bool add_to_dst) : variants(desc, add_to_dst) {}
+  Impl(const dnnl::matmul::desc& desc, bool add_to_dst, ComputeType compute)
+      : variants(desc, add_to_dst), compute(compute) {}
   MatmulVariants variants;
+  ComputeType compute;
 };
 
 HeadMatmulOp::HeadMatmulOp(std::unique_ptr<Impl> impl) : impl_ptr_(std::move(impl)) {}
 HeadMatmulOp::~HeadMatmulOp() = default;
 std::vector<std::string> HeadMatmulOp::Impls() const { return impl_ptr_->variants.Impls(); }
 
-absl::StatusOr<std::unique_ptr<HeadMatmulOp>> HeadMatmulOp::Create(Kind kind, int64_t head_dim) {
+absl::StatusOr<std::unique_ptr<HeadMatmulOp>> HeadMatmulOp::Create(Kind kind, int64_t head_dim,
+                                                                    ComputeType compute) {
   try {
     // A fixed head dim and unit inner strides keep oneDNN 2.6 on gemm:jit; a fully runtime-shaped
     // matmul falls back to ref:any.
     const int64_t h = kRt, d = head_dim;
+    const dt in = DataType(compute);
     dnnl::memory::desc a_md, b_md, c_md;
     if (kind == Kind::kScores) {
-      a_md = dnnl::memory::desc({kRt, h, kRt, d}, dt::f32, {kRt, kRt, kRt, 1});
-      b_md = dnnl::memory::desc({kRt, h, d, kRt}, dt::f32, {kRt, kRt, 1, kRt});
+      a_md = dnnl::memory::desc({kRt, h, kRt, d}, in, {kRt, kRt, kRt, 1});
+      b_md = dnnl::memory::desc({kRt, h, d, kRt}, in, {kRt, kRt, 1, kRt});
       c_md = dnnl::memory::desc({kRt, h, kRt, kRt}, dt::f32, {kRt, kRt, kRt, 1});
     } else {
-      a_md = dnnl::memory::desc({kRt, h, kRt, kRt}, dt::f32, {kRt, kRt, kRt, 1});
-      b_md = dnnl::memory::desc({kRt, h, kRt, d}, dt::f32, {kRt, kRt, kRt, 1});
+      a_md = dnnl::memory::desc({kRt, h, kRt, kRt}, in, {kRt, kRt, kRt, 1});
+      b_md = dnnl::memory::desc({kRt, h, kRt, d}, in, {kRt, kRt, kRt, 1});
       c_md = dnnl::memory::desc({kRt, h, kRt, d}, dt::f32, {kRt, kRt, kRt, 1});
     }
-    auto impl = std::make_unique<Impl>(dnnl::matmul::desc(a_md, b_md, c_md), kind == Kind::kContextAdd);
+    auto impl = std::make_unique<Impl>(dnnl::matmul::desc(a_md, b_md, c_md), kind == Kind::kContextAdd, compute);
     impl->variants.Get();  // build the primitive for the creating thread's team size now
     return std::unique_ptr<HeadMatmulOp>(new HeadMatmulOp(std::move(impl)));
   } catch (const dnnl::error& e) {
@@ -231,10 +318,16 @@ absl::StatusOr<std::unique_ptr<HeadMatmulOp>> HeadMatmulOp::Create(Kind kind, in
   }
 }
 
-absl::Status HeadMatmulOp::Execute(const View4& a, const View4& b, const View4& c) const {
+absl::Status HeadMatmulOp::Execute(const View4& a_in, const View4& b_in, const View4& c) const {
+  const bool bf16 = impl_ptr_->compute == ComputeType::kBFloat16;
+  if (c.bf16 || (!bf16 && (a_in.bf16 || b_in.bf16))) {
+    return absl::FailedPreconditionError("HeadMatmulOp: bf16 view given where f32 is expected");
+  }
   try {
     MatmulVariants::Variant& v = impl_ptr_->variants.Get();
     ThreadState& ts = ThisThread();
+    const View4 a = bf16 && !a_in.bf16 ? DenseBf16(a_in, ts.bf16_a) : a_in;
+    const View4 b = bf16 && !b_in.bf16 ? DenseBf16(b_in, ts.bf16_b) : b_in;
     dnnl::memory a_mem(Desc4(a), CpuEngine(), a.data);
     dnnl::memory b_mem(Desc4(b), CpuEngine(), b.data);
     dnnl::memory c_mem(Desc4(c), CpuEngine(), c.data);

@@ -26,30 +26,51 @@
 
 namespace attnserve {
 
+// The type the matmuls multiply in. kBFloat16 converts both inputs of every matmul to bfloat16 (weights once,
+// activations per call) and accumulates and writes in f32; everything else (bias, masks, softmax) stays f32.
+enum class ComputeType { kFloat32, kBFloat16 };
+const char* ComputeTypeName(ComputeType type);
+
+// What this oneDNN build does with bfloat16 matmuls on this CPU (its effective ISA, so ONEDNN_MAX_CPU_ISA
+// counts): kNative (AVX512_BF16 or AMX), kEmulated (AVX-512 without BF16: correct, often slower than f32) or
+// kUnavailable (oneDNN 2.6 creates no bf16 matmul below AVX-512).
+enum class Bf16Support { kNative, kEmulated, kUnavailable };
+Bf16Support OnednnBf16Support();
+const char* Bf16SupportName(Bf16Support support);
+
 // y[M, N] = x[M, K] . W^T (+ b), PyTorch's nn.Linear: W is [N, K] row-major, b is [N]. M and the row
 // strides of x and y are given per call, so one op serves any number of tokens.
 class LinearOp {
  public:
-  // `weight` [n, k] and `bias` [n] (empty: no bias) are copied into oneDNN's preferred layout.
+  // `weight` [n, k] and `bias` [n] (empty: no bias) are copied into oneDNN's preferred layout (in bf16 for
+  // ComputeType::kBFloat16, rounded to nearest even; the bias stays f32).
   static absl::StatusOr<std::unique_ptr<LinearOp>> Create(int64_t k, int64_t n, const std::vector<float>& weight,
-                                                          const std::vector<float>& bias);
+                                                          const std::vector<float>& bias,
+                                                          ComputeType compute = ComputeType::kFloat32);
   ~LinearOp();
-  // x: m rows of k floats, row stride ldx; y: m rows of n floats, row stride ldy. m == 0 is a no-op.
+  // x: m rows of k floats, row stride ldx; y: m rows of n floats, row stride ldy. m == 0 is a no-op. A bf16
+  // op first converts x into a per-thread buffer (m * k * 2 bytes).
   absl::Status Execute(const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
+  // The same with x already in bf16 (bf16 ops only: FailedPrecondition otherwise).
+  absl::Status ExecuteBf16(const uint16_t* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
+  ComputeType compute() const;
   // impl_info_str() of each primitive built so far (one per OpenMP team size used).
   std::vector<std::string> Impls() const;
 
  private:
   struct Impl;
   explicit LinearOp(std::unique_ptr<Impl> impl);
+  absl::Status Run(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
   std::unique_ptr<Impl> impl_ptr_;
 };
 
-// A rank-4 strided view: element (i0, i1, i2, i3) at data[i0*s0 + i1*s1 + i2*s2 + i3*s3].
+// A rank-4 strided view: element (i0, i1, i2, i3) at data[i0*s0 + i1*s1 + i2*s2 + i3*s3], of f32 values, or of
+// bf16 values (uint16_t bit patterns) when `bf16`.
 struct View4 {
-  float* data = nullptr;
+  void* data = nullptr;
   int64_t dims[4] = {0, 0, 0, 0};
   int64_t strides[4] = {0, 0, 0, 0};
+  bool bf16 = false;
 };
 
 // Batched matmul over [sequences, heads]: C[b, h, M, N] = A[b, h, M, K] . B[b, h, K, N]. The head dim
@@ -63,8 +84,12 @@ class HeadMatmulOp {
     kContext,  // A = P [b,h,M,K] dense, B = V [b,h,K,Dh] (inner stride 1), C [b,h,M,Dh] (inner stride 1).
     kContextAdd,  // kContext added to what C holds (C += P . V): a context summed over key blocks.
   };
-  static absl::StatusOr<std::unique_ptr<HeadMatmulOp>> Create(Kind kind, int64_t head_dim);
+  // kBFloat16: A and B multiply in bf16; C stays f32.
+  static absl::StatusOr<std::unique_ptr<HeadMatmulOp>> Create(Kind kind, int64_t head_dim,
+                                                              ComputeType compute = ComputeType::kFloat32);
   ~HeadMatmulOp();
+  // C must be f32. A and B must be f32 for an f32 op; a bf16 op takes them in bf16 as they are and converts
+  // f32 ones into a dense per-thread copy first (the unit-stride axis kept).
   absl::Status Execute(const View4& a, const View4& b, const View4& c) const;
   // impl_info_str() of each primitive built so far (one per OpenMP team size used).
   std::vector<std::string> Impls() const;

@@ -94,7 +94,67 @@ __attribute__((always_inline)) inline void RowSoftmaxBody(float* data, int64_t r
 
 ATTN_KERNEL_VARIANTS(RowSoftmax, (float* data, int64_t rows, int64_t cols, int64_t ld), (data, rows, cols, ld))
 
+// bf16 bit patterns of 16 finite floats, rounded to nearest even (softmax outputs: no NaN, no infinity).
+__attribute__((always_inline)) inline void StoreBf16(uint16_t* p, int64_t n, F16 v) {
+  const I16 bits = __builtin_bit_cast(I16, v);
+  typedef uint16_t U16 __attribute__((vector_size(32)));
+  const U16 out = __builtin_convertvector((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, U16);
+  if (n == kLanes) {
+    std::memcpy(p, &out, sizeof(out));
+  } else {
+    std::memcpy(p, &out, static_cast<size_t>(n) * sizeof(uint16_t));
+  }
+}
+
+// As RowSoftmaxBody, the normalisation writing bf16 to `out` instead of f32 in place (data keeps exp(x -
+// max), unnormalised); rows flagged in `dead` (may be null) get zeros without being read.
+__attribute__((always_inline)) inline void RowSoftmaxToBf16Body(float* data, int64_t rows, int64_t cols,
+                                                                int64_t ld, const uint8_t* dead, uint16_t* out,
+                                                                int64_t ld_out) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = data + r * ld;
+    uint16_t* dst = out + r * ld_out;
+    if (dead != nullptr && dead[r]) {
+      std::fill_n(dst, cols, uint16_t{0});
+      continue;
+    }
+    F16 max16 = F16{} + kNegInf;
+    for (int64_t j = 0; j < cols; j += kLanes) {
+      const F16 v = Load(row + j, std::min(kLanes, cols - j), kNegInf);
+      max16 = v > max16 ? v : max16;
+    }
+    float max = kNegInf;
+    for (int64_t i = 0; i < kLanes; ++i) max = std::max(max, max16[i]);
+    F16 sum16 = F16{};
+    for (int64_t j = 0; j < cols; j += kLanes) {
+      const int64_t n = std::min(kLanes, cols - j);
+      const F16 e = ExpNonPositive(Load(row + j, n, kNegInf) - max);
+      Store(row + j, n, e);
+      sum16 += e;
+    }
+    float sum = 0.0f;
+    for (int64_t i = 0; i < kLanes; ++i) sum += sum16[i];
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < cols; j += kLanes) {
+      const int64_t n = std::min(kLanes, cols - j);
+      StoreBf16(dst + j, n, Load(row + j, n, 0.0f) * inv);
+    }
+  }
+}
+
+ATTN_KERNEL_VARIANTS(RowSoftmaxToBf16,
+                     (float* data, int64_t rows, int64_t cols, int64_t ld, const uint8_t* dead, uint16_t* out,
+                      int64_t ld_out),
+                     (data, rows, cols, ld, dead, out, ld_out))
+
 }  // namespace
+
+void RowSoftmaxToBf16(float* data, int64_t rows, int64_t cols, int64_t ld, const uint8_t* dead, uint16_t* out,
+                      int64_t ld_out) {
+  static const RowSoftmaxToBf16Fn picked = PickRowSoftmaxToBf16();
+  picked(data, rows, cols, ld, dead, out, ld_out);
+}
 
 void RowSoftmax(float* data, int64_t rows, int64_t cols, int64_t ld) {
   static const RowSoftmaxFn picked = PickRowSoftmax();  // on first use: safe from any static initialiser

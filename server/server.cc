@@ -22,6 +22,7 @@
 #include "absl/synchronization/notification.h"
 #include "common/status_macros.h"
 #include "common/version.h"
+#include "core/bf16_rows.h"
 #include "server/api/attention_service.h"
 #include "server/api/authorizer.h"
 #include "server/api/grpc_logging.h"
@@ -429,6 +430,32 @@ void Server::StopTrimmer() {
   p.trimmer.join();
 }
 
+namespace {
+
+// The layer's compute type as configured and in effect, and its oneDNN implementations after warm-up; a
+// warning when BFLOAT16 is asked for on a CPU that computes it in f32 or emulates it.
+void LogCompute(const ServedLayer& layer) {
+  const std::string& name = layer.config.name();
+  const bool decoder = layer.decoder != nullptr;
+  const ComputeType in_effect = decoder ? layer.decoder->compute() : layer.engine->compute();
+  const std::vector<std::string> impls =
+      decoder ? layer.decoder->ImplementationsUsed() : layer.engine->ImplementationsUsed();
+  const Bf16Support bf16 = OnednnBf16Support();
+  spdlog::info("layer {}: compute_dtype={} implementations={} bf16_matmul={} bf16_conversion={}", name,
+               ComputeTypeName(in_effect), absl::StrJoin(impls, ","), Bf16SupportName(bf16),
+               Bf16ConversionKernel());
+  if (layer.config.compute_dtype() != attnserve::v1::LayerConfig::BFLOAT16) return;
+  if (in_effect != ComputeType::kBFloat16) {
+    spdlog::warn("layer {}: compute_dtype BFLOAT16 asked for, but oneDNN has no bf16 matmul on this CPU ({}): "
+                 "computing in FLOAT32", name, Bf16SupportName(bf16));
+  } else if (bf16 == Bf16Support::kEmulated) {
+    spdlog::warn("layer {}: compute_dtype BFLOAT16 runs emulated on this CPU (AVX-512 without AVX512_BF16): "
+                 "correct, but it may be slower than FLOAT32", name);
+  }
+}
+
+}  // namespace
+
 void Server::LogLayers() const {
   std::vector<std::string> names;
   for (const auto& layer : parts_->registry->Layers()) {
@@ -441,6 +468,7 @@ void Server::LogLayers() const {
                  c.weights_path().empty() ? absl::StrCat("seed:", c.seed()) : c.weights_path(),
                  c.batching().max_batch_size(), c.batching().max_queue_delay_us(), c.batching().max_queue_size(),
                  c.batching().max_batch_tokens(), c.max_sequence_length());
+    LogCompute(*layer);
   }
   spdlog::info("layers={}", absl::StrJoin(names, ","));
 }
@@ -518,6 +546,7 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
   p.metrics->SetLayerVersion(config.name(), version);
   spdlog::info("layer {}: version {} loaded (built and warmed up in {})", config.name(), version,
                absl::FormatDuration(load_time));
+  LogCompute(*p.registry->Find(config.name(), version));
   return absl::OkStatus();
 }
 

@@ -75,7 +75,9 @@ int64_t CallCostBytes(const InferenceCall& call) {
   const ServedLayer& layer = *call.layer;
   if (call.session != nullptr) return AppendCostBytes(call.session->append, layer.appender(), call.request_bytes);
   if (layer.decoder != nullptr) return DecoderCostBytes(call.decoder_parsed, *layer.decoder, call.request_bytes);
-  return RequestCostBytes(call.parsed, layer.engine->config(), layer.engine->ScoresBlockBytes(call.parsed),
+  const MultiheadAttention& engine = *layer.engine;
+  return RequestCostBytes(call.parsed, engine.config(),
+                          engine.ScoresBlockBytes(call.parsed) + engine.Bf16ScratchBytes(call.parsed),
                           call.request_bytes);
 }
 

@@ -38,7 +38,7 @@ absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Reserve(int64_t bytes) {
   return Reservation(this, bytes);
 }
 
-int64_t RequestCostBytes(const ParsedAttention& p, const MhaConfig& c, int64_t scores_block_bytes,
+int64_t RequestCostBytes(const ParsedAttention& p, const MhaConfig& c, int64_t engine_scratch_bytes,
                          int64_t request_bytes) {
   constexpr int64_t kF32 = 4;
   const int64_t e = c.embed_dim;
@@ -46,7 +46,7 @@ int64_t RequestCostBytes(const ParsedAttention& p, const MhaConfig& c, int64_t s
   // self-attention, Q [N, E] and K, V [N_kv, E] otherwise; the output projection's buffer.
   const int64_t gathered = kF32 * (p.query_tokens() * e + p.kv_tokens() * (c.key_dim() + c.value_dim()));
   const int64_t projections = kF32 * (p.query_tokens() * 2 * e + p.kv_tokens() * 2 * e);
-  const int64_t workspace = gathered + projections + scores_block_bytes;
+  const int64_t workspace = gathered + projections + engine_scratch_bytes;
   return request_bytes + workspace + 2 * p.answer_bytes();
 }
 

@@ -68,10 +68,10 @@ class MemoryBudget {
 };
 
 // What one validated request may cost while the server holds it, in bytes: its request message as received
-// (`request_bytes`), the engine's workspace for it alone (gathered inputs, projections, one scores block of
-// `scores_block_bytes`: MultiheadAttention::ScoresBlockBytes) and its answer twice (the engine's tensors and
-// their encoded copy in the response).
-int64_t RequestCostBytes(const ParsedAttention& parsed, const MhaConfig& config, int64_t scores_block_bytes,
+// (`request_bytes`), the engine's workspace for it alone (gathered inputs, projections, and
+// `engine_scratch_bytes`: one scores block, MultiheadAttention::ScoresBlockBytes, plus a bf16 layer's copies,
+// Bf16ScratchBytes) and its answer twice (the engine's tensors and their encoded copy in the response).
+int64_t RequestCostBytes(const ParsedAttention& parsed, const MhaConfig& config, int64_t engine_scratch_bytes,
                          int64_t request_bytes);
 
 // The same for a session's append (the cache blocks it reserved are the KV pool's, not counted here): its

@@ -43,10 +43,16 @@ RopeOptions ToRopeOptions(const attnserve::v1::RopeConfig& rope, int64_t head_di
 
 }  // namespace
 
+ComputeType ToComputeType(const attnserve::v1::LayerConfig& layer) {
+  return layer.compute_dtype() == attnserve::v1::LayerConfig::BFLOAT16 ? ComputeType::kBFloat16
+                                                                      : ComputeType::kFloat32;
+}
+
 MultiheadAttention::Options ToEngineOptions(const attnserve::v1::LayerConfig& layer) {
   MultiheadAttention::Options options;
   options.config = ToMhaConfig(layer);
   options.limits = ToLimits(layer);
+  options.compute = ToComputeType(layer);
   return options;
 }
 
@@ -70,6 +76,7 @@ DecoderAttention::Options ToDecoderOptions(const attnserve::v1::LayerConfig& lay
   DecoderAttention::Options options;
   options.config = ToDecoderConfig(layer);
   options.limits = ToLimits(layer);
+  options.compute = ToComputeType(layer);
   return options;
 }
 

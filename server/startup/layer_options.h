@@ -12,8 +12,10 @@ namespace attnserve {
 // embed_dim, num_heads, kdim, vdim as given (0 = embed_dim), bias unset = true.
 MhaConfig ToMhaConfig(const attnserve::v1::LayerConfig& layer);
 
-// The engine's options: ToMhaConfig and the layer's request limits (max_sequence_length, max_batch,
-// max_tokens, max_response_bytes); the rest at their defaults.
+// LayerConfig.compute_dtype as the engine's ComputeType.
+ComputeType ToComputeType(const attnserve::v1::LayerConfig& layer);
+// The engine's options: ToMhaConfig, the layer's request limits (max_sequence_length, max_batch,
+// max_tokens, max_response_bytes) and compute type; the rest at their defaults.
 MultiheadAttention::Options ToEngineOptions(const attnserve::v1::LayerConfig& layer);
 
 // A DECODER_ATTENTION layer's config: embed_dim, num_heads and the `decoder` section with its zero

@@ -334,6 +334,9 @@ void ValidateLayer(const LayerConfig& layer, const std::string& p, Problems* pro
   }
 
   ValidateRequestLimits(layer, p, problems);
+  if (!LayerConfig::ComputeDtype_IsValid(layer.compute_dtype())) {
+    problems->Add(p, ".compute_dtype: must be FLOAT32 or BFLOAT16, got ", layer.compute_dtype());
+  }
   if (layer.max_versions() < 0 || layer.max_versions() > kMaxVersionsLimit) {
     problems->Add(p, ".max_versions: must be in [0, ", kMaxVersionsLimit, "] (0 = 1), got ", layer.max_versions());
   }

@@ -47,6 +47,48 @@ TEST(LayerRegistryTest, CreateLoadsTheConfigInOrder) {
   EXPECT_EQ((*registry)->Find("c"), nullptr);
 }
 
+// compute_dtype reaches both engines: BFLOAT16 layers compute in bf16 (f32 only where oneDNN has no bf16
+// matmul), and answer within bf16 accuracy of the f32 layer built from the same seed.
+TEST(LayerRegistryTest, ComputeDtypeReachesTheEngines) {
+  for (auto kind : {v1::LayerConfig::MULTIHEAD_ATTENTION, v1::LayerConfig::DECODER_ATTENTION}) {
+    v1::LayerConfig f32;
+    f32.set_name("x");
+    f32.set_embed_dim(16);
+    f32.set_num_heads(2);
+    f32.set_seed(3);
+    f32.set_kind(kind);
+    ASSERT_TRUE(ApplyLayerDefaultsAndValidate(&f32).ok());
+    v1::LayerConfig bf16 = f32;
+    bf16.set_compute_dtype(v1::LayerConfig::BFLOAT16);
+    auto a = LoadLayer(f32), b = LoadLayer(bf16);
+    ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+    const ComputeType want = OnednnBf16Support() == Bf16Support::kUnavailable ? ComputeType::kFloat32
+                                                                              : ComputeType::kBFloat16;
+    const bool decoder = kind == v1::LayerConfig::DECODER_ATTENTION;
+    EXPECT_EQ(decoder ? (*b)->decoder->compute() : (*b)->engine->compute(), want);
+    EXPECT_EQ(decoder ? (*a)->decoder->compute() : (*a)->engine->compute(), ComputeType::kFloat32);
+    std::mt19937_64 rng(4);
+    const std::vector<float> x = testing::RandomValues(rng, 5 * 16);
+    std::vector<float> outs[2];
+    for (int i = 0; i < 2; ++i) {
+      const ServedLayer& layer = i == 0 ? **a : **b;
+      absl::StatusOr<AttentionOutputs> out;
+      if (decoder) {
+        DecoderInputs in;
+        in.query = TensorView::F32(x.data(), {5, 16});
+        out = layer.decoder->Forward(in);
+      } else {
+        AttentionInputs in;
+        in.query = TensorView::F32(x.data(), {5, 16});
+        out = layer.engine->Forward(in);
+      }
+      ASSERT_TRUE(out.ok()) << out.status();
+      outs[i] = out->output.values;
+    }
+    EXPECT_LE(testing::MaxAbsDiff(outs[0], outs[1]), 3e-2);
+  }
+}
+
 TEST(LayerRegistryTest, CreateNamesTheLayerThatFailed) {
   v1::ServerConfig config;
   *config.add_layers() = TinyLayer("ok", 1);

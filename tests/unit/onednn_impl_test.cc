@@ -11,13 +11,15 @@ namespace attnserve {
 namespace {
 
 // Runs masked, causal forwards with weights over several lengths; returns every primitive's impl.
-std::vector<std::string> ImplsAfterForwards(const MhaConfig& config, int64_t single_thread_below_flops) {
+std::vector<std::string> ImplsAfterForwards(const MhaConfig& config, int64_t single_thread_below_flops,
+                                            ComputeType compute) {
   std::mt19937_64 rng(1);
   MultiheadAttention::Options options;
   options.config = config;
   options.single_thread_below_flops = single_thread_below_flops;
   options.scores_block_bytes = 8192;  // exercise query and head blocking too
   options.min_block_rows = 1;
+  options.compute = compute;
   auto layer = MultiheadAttention::Create(options, testing::RandomTestWeights(config, rng));
   EXPECT_TRUE(layer.ok()) << layer.status();
   if (!layer.ok()) return {};
@@ -41,19 +43,24 @@ std::vector<std::string> ImplsAfterForwards(const MhaConfig& config, int64_t sin
   return (*layer)->ImplementationsUsed();
 }
 
+// Both compute types (BFLOAT16's matmuls must be gemm:jit or brgemm, never ref:) and both thread paths:
+// these small batches run single-threaded by default; threshold 0 runs them on every OpenMP thread
+// (primitives are built per team size, so both sets are checked).
 TEST(OnednnImplTest, NoReferenceKernelsOnTheForwardPath) {
+  const int64_t thresholds[] = {MultiheadAttention::Options().single_thread_below_flops, 0};
   for (MhaConfig config : {MhaConfig{64, 4, 0, 0, true}, MhaConfig{48, 6, 20, 28, false}}) {
-    // Both thread paths: these small batches run single-threaded by default; threshold 0 runs them on
-    // every OpenMP thread (primitives are built per team size, so both sets are checked).
-    for (int64_t threshold : {MultiheadAttention::Options().single_thread_below_flops, int64_t{0}}) {
-      const std::vector<std::string> impls = ImplsAfterForwards(config, threshold);
-      EXPECT_GE(impls.size(), 2u);
-      std::string all;
-      for (const std::string& impl : impls) {
-        EXPECT_THAT(impl, ::testing::Not(::testing::StartsWith("ref"))) << config.DebugString();
-        all += impl + " ";
+    for (ComputeType compute : {ComputeType::kFloat32, ComputeType::kBFloat16}) {
+      for (int64_t threshold : thresholds) {
+        const std::vector<std::string> impls = ImplsAfterForwards(config, threshold, compute);
+        EXPECT_GE(impls.size(), 2u);
+        std::string all;
+        for (const std::string& impl : impls) {
+          EXPECT_THAT(impl, ::testing::Not(::testing::StartsWith("ref"))) << config.DebugString();
+          all += impl + " ";
+        }
+        std::cout << config.DebugString() << " compute=" << ComputeTypeName(compute)
+                  << " single_thread_below_flops=" << threshold << ": " << all << "\n";
       }
-      std::cout << config.DebugString() << " single_thread_below_flops=" << threshold << ": " << all << "\n";
     }
   }
 }

@@ -1,4 +1,5 @@
 // RowSoftmax against a float64 softmax: random rows of several scales and lengths, -inf entries, strides.
+// RowSoftmaxToBf16 against the same reference rounded to bf16 (within one bf16 step), dead rows zeroed.
 #include "core/row_softmax.h"
 
 #include <cmath>
@@ -6,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "core/half_float.h"
 #include "gtest/gtest.h"
 
 namespace attnserve {
@@ -73,6 +75,37 @@ TEST(RowSoftmaxTest, ExtremeValues) {
   std::vector<float> same(37, -5.0f);
   RowSoftmax(same.data(), 1, 37, 37);
   for (float v : same) EXPECT_NEAR(v, 1.0f / 37, 1e-7f);
+}
+
+TEST(RowSoftmaxTest, Bf16OutputIsTheRoundedSoftmax) {
+  std::mt19937_64 rng(1203);
+  for (int64_t cols : {1, 5, 16, 17, 100, 513}) {
+    const int64_t rows = 4, ld = cols + 3, ld_out = cols + 2;
+    std::normal_distribution<float> n(0.0f, 4.0f);
+    std::vector<float> data(rows * ld);
+    for (float& x : data) x = n(rng);
+    if (cols > 1) data[ld] = -std::numeric_limits<float>::infinity();  // a masked key in row 1
+    const std::vector<float> original = data;
+    const std::vector<uint8_t> dead = {0, 0, 1, 0};
+    std::vector<uint16_t> out(rows * ld_out, 0xABCD);
+    RowSoftmaxToBf16(data.data(), rows, cols, ld, dead.data(), out.data(), ld_out);
+    for (int64_t r = 0; r < rows; ++r) {
+      const std::vector<double> want = Reference(original.data() + r * ld, cols);
+      for (int64_t j = 0; j < cols; ++j) {
+        const float got = BFloat16ToFloat(out[r * ld_out + j]);
+        if (dead[r]) {
+          EXPECT_EQ(got, 0.0f);
+        } else {
+          // Round-to-nearest of a value within 1e-6 relative: at most one bf16 step (2^-8 relative) away.
+          EXPECT_NEAR(got, want[j], want[j] * (1.0 / 256) + 1e-30) << r << "," << j;
+        }
+      }
+      EXPECT_EQ(out[r * ld_out + cols], 0xABCD) << "wrote past the row";
+    }
+    if (cols > 1) {
+      EXPECT_EQ(BFloat16ToFloat(out[ld_out]), 0.0f);  // exp(-inf) is exactly 0
+    }
+  }
 }
 
 }  // namespace

@@ -104,6 +104,7 @@ TEST(DefaultServerConfig, RequestLimitsAreChecked) {
   config.mutable_layers(0)->set_max_batch(-1);
   config.mutable_layers(0)->set_max_response_bytes(int64_t{61} << 20);
   config.mutable_layers(0)->set_max_versions(9);
+  config.mutable_layers(0)->set_compute_dtype(static_cast<LayerConfig::ComputeDtype>(7));
   config.set_max_inflight_per_stream(-3);
   const absl::Status s = ApplyDefaultsAndValidate(&config);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
@@ -111,6 +112,7 @@ TEST(DefaultServerConfig, RequestLimitsAreChecked) {
                              "layers[0].max_response_bytes: must be between 0 and 62914560 (the gRPC message limit "
                              "less framing), got 63963136",
                              "layers[0].max_versions: must be in [0, 8] (0 = 1), got 9",
+                             "layers[0].compute_dtype: must be FLOAT32 or BFLOAT16, got 7",
                              "max_inflight_per_stream: must be >= 0 (0 = 32), got -3"}) {
     EXPECT_NE(s.message().find(needle), absl::string_view::npos) << needle << "\n" << s;
   }

@@ -10,7 +10,11 @@ attnbench, scrapes /metrics, and checks each target:
   3. batching: concurrency 64, L=32 on E=512, H=8: throughput with dynamic batching >= 2x max_batch_size=1;
   4. efficiency: saturation with B=1, L=128 on E=768, H=12: achieved GFLOP/s (attnserve_flops_total over
      wall time) >= 70% of the engine's in-process GFLOP/s on batches of the size the server formed;
-  5. open loop at 70% of the measured maximum rate: p99 <= 5x p50.
+  5. open loop at 70% of the measured maximum rate: p99 <= 5x p50;
+  6. against PyTorch: attnserve (step 3's dynamic layer) and bench/torch_server.py (grpcio + nn.MultiheadAttention)
+     at step 3's shape and concurrency: attnserve's requests/s >= 2.5x the PyTorch server's; then both swept over
+     concurrency 1, 4, 16, 64 (--sweep-duration per point), drawn to bench/results/serving_throughput.png and
+     serving_latency_cdf.png (--charts-dir).
 """
 
 import argparse
@@ -23,6 +27,11 @@ import sys
 import tempfile
 import time
 import urllib.request
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+SWEEP_CONCURRENCY = (1, 4, 16, 64)
+# attnbench reports percentiles, not samples: the latency CDF is drawn through these (JSON key, fraction) points.
+CDF_POINTS = (("min", 0.0), ("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99_9", 0.999), ("max", 1.0))
 
 
 class Proc:
@@ -94,10 +103,111 @@ def server(build, tmp, name, layers, worker_threads=1):
                 r"ready: grpc_port=(\d+) metrics_port=(\d+)", os.path.join(tmp, f"{name}.log"))
 
 
+def mid_layer(batching):
+    """The layer of the batching and PyTorch steps, E=512 H=8, so both measure the same attnserve."""
+    return f'name: "mid" embed_dim: 512 num_heads: 8 seed: 3 batching {{ {batching} }}'
+
+
+def torch_server(tmp):
+    """bench/torch_server.py with its defaults (as users would run it), serving "mid" (E=512, H=8)."""
+    return Proc(["/usr/bin/python3", os.path.join(BENCH_DIR, "torch_server.py"), "--port", "0",
+                 "--layer", "mid:512:8"],
+                r"torch_server ready: grpc_port=(\d+)", os.path.join(tmp, "torch_server.log"))
+
+
+def compare_with_torch(build, tmp, dur, sweep_dur, procs):
+    """Step 6: each server started on its own, so neither competes for the cores while the other is measured: the
+    concurrency-64 run for `dur`, then the sweep for `sweep_dur` per point.
+    Returns {label: {"c64": attnbench step, "sweep": [steps]}}."""
+    starts = (("attnserve", lambda: server(build, tmp, "vs_torch", [mid_layer("max_batch_size: 64")])),
+               ("PyTorch server", lambda: torch_server(tmp)))
+    runs = {}
+    for label, start in starts:
+        s = start()
+        procs.append(s)
+        target = f"127.0.0.1:{s.ports[0]}"
+        shape = ("--layer", "mid", "--seq", "32")
+        c64 = attnbench(build, target, *shape, "--concurrency", "64", "--duration", dur)[0]
+        sweep = attnbench(build, target, *shape, "--concurrency", ",".join(map(str, SWEEP_CONCURRENCY)),
+                          "--duration", sweep_dur)
+        s.stop()
+        runs[label] = {"c64": c64, "sweep": sweep}
+    return runs
+
+
+def torch_results(runs):
+    """The flat numbers of step 6 for the results JSON and the table row."""
+    ours, theirs = runs["attnserve"]["c64"], runs["PyTorch server"]["c64"]
+    out = {"vs_torch_ratio": ours["requests_per_second"] / theirs["requests_per_second"]}
+    for key, step in (("attnserve", ours), ("torch", theirs)):
+        out[f"vs_torch_{key}_rps"] = step["requests_per_second"]
+        out[f"vs_torch_{key}_p50_ms"] = step["latency_ms"]["p50"]
+        out[f"vs_torch_{key}_errors"] = step["errors"]
+    out["vs_torch_sweep"] = {label: [{"concurrency": s["concurrency"], "rps": s["requests_per_second"],
+                                      "p50_ms": s["latency_ms"]["p50"], "p99_ms": s["latency_ms"]["p99"],
+                                      "errors": s["errors"]} for s in run["sweep"]]
+                             for label, run in runs.items()}
+    return out
+
+
+def sweep_table(runs):
+    """The sweep as markdown lines: per concurrency, each server's requests/s, p50 / p99 and errors."""
+    labels = list(runs)
+    lines = ["| concurrency | " + " | ".join(f"{l} req/s | {l} p50 / p99 ms" for l in labels) + " | ratio |",
+             "|---|" + "---|---|" * len(labels) + "---|"]
+    for steps in zip(*(runs[l]["sweep"] for l in labels)):
+        cells = [f"{s['requests_per_second']:.0f}" + (f" ({s['errors']} errors)" if s["errors"] else "")
+                 + f" | {s['latency_ms']['p50']:.2f} / {s['latency_ms']['p99']:.2f}" for s in steps]
+        ratio = steps[0]["requests_per_second"] / max(steps[-1]["requests_per_second"], 1e-9)
+        lines.append(f"| {steps[0]['concurrency']} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+    return lines
+
+
+def write_charts(runs, out_dir):
+    """Draws serving_throughput.png (requests/s vs concurrency) and serving_latency_cdf.png (the concurrency-64
+    runs' latency percentiles as CDF points) into out_dir; returns their paths. matplotlib is imported here so
+    the benchmark's other steps need only the standard library."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    throughput, cdf = (os.path.join(out_dir, f"serving_{n}.png") for n in ("throughput", "latency_cdf"))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, run in runs.items():
+        xs = [s["concurrency"] for s in run["sweep"]]
+        ax.plot(xs, [s["requests_per_second"] for s in run["sweep"]], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set(xlabel="concurrency (requests in flight)", ylabel="requests/s", ylim=(0, None),
+           title="Serving throughput, E=512 H=8 B=1 L=32")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(throughput, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, run in runs.items():
+        latency = run["c64"]["latency_ms"]
+        ax.plot([latency[k] for k, _ in CDF_POINTS], [q for _, q in CDF_POINTS], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set(xlabel="latency (ms, log scale)", ylabel="fraction of requests", ylim=(0, 1.02),
+           title="Latency CDF at concurrency 64, E=512 H=8 B=1 L=32\n(points: min, p50, p90, p99, p99.9, max)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(cdf, dpi=120)
+    plt.close(fig)
+    return throughput, cdf
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", default="build")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured step")
+    ap.add_argument("--sweep-duration", type=float, default=3.0, help="seconds per point of the concurrency sweep")
+    ap.add_argument("--charts-dir", default=os.path.join(BENCH_DIR, "results"), help="where the PNGs go")
     args = ap.parse_args()
     build, dur = args.build, f"{args.duration}s"
     tmp = tempfile.mkdtemp(prefix="attnserve_bench_")
@@ -132,8 +242,7 @@ def main():
 
         # 3. Batching: dynamic vs max_batch_size 1 at concurrency 64, L=32, E=512 H=8.
         for label, batching in (("dynamic", "max_batch_size: 64"), ("single", "max_batch_size: 1")):
-            s = server(build, tmp, f"batch_{label}",
-                       [f'name: "mid" embed_dim: 512 num_heads: 8 seed: 3 batching {{ {batching} }}'])
+            s = server(build, tmp, f"batch_{label}", [mid_layer(batching)])
             procs.append(s)
             r = attnbench(build, f"127.0.0.1:{s.ports[0]}", "--layer", "mid", "--seq", "32",
                           "--concurrency", "64", "--duration", dur)[0]
@@ -175,6 +284,10 @@ def main():
         eng = engine_bench(build, f"BM_ServerBatch/R:{pow2}/L:128/E:768/H:12")
         results["eff_engine_batch"] = pow2
         results["eff_engine_gflops"] = next(iter(eng.values()))["GFLOPS"]
+
+        # 6. attnserve vs the PyTorch server at concurrency 64, then both over a range of concurrency.
+        runs = compare_with_torch(build, tmp, dur, f"{args.sweep_duration}s", procs)
+        results.update(torch_results(runs))
     finally:
         for p in procs:
             p.stop()
@@ -201,6 +314,17 @@ def main():
     print(f"| open loop at 70% of max ({r['ol_rate']} req/s): p99 / p50 | {r['ol_p99_ms']:.2f} / {r['ol_p50_ms']:.2f} ms "
           f"= {r['ol_p99_ms'] / r['ol_p50_ms']:.1f}x ({r['ol_errors']} errors) | <= 5x | "
           f"{yes(r['ol_p99_ms'] <= 5 * r['ol_p50_ms'])} |")
+    print(f"| vs PyTorch server (grpcio, nn.MultiheadAttention) E=512 H=8 L=32, c=64: attnserve / PyTorch | "
+          f"{r['vs_torch_attnserve_rps']:.0f} / {r['vs_torch_torch_rps']:.0f} req/s = {r['vs_torch_ratio']:.2f}x "
+          f"(p50 {r['vs_torch_attnserve_p50_ms']:.2f} / {r['vs_torch_torch_p50_ms']:.2f} ms; errors "
+          f"{r['vs_torch_attnserve_errors']} / {r['vs_torch_torch_errors']}) | >= 2.5x | "
+          f"{yes(r['vs_torch_ratio'] >= 2.5)} |")
+    print()
+    print(f"Concurrency sweep, E=512 H=8 B=1 L=32, {args.sweep_duration:g} s per point (ratio: attnserve / PyTorch):")
+    print()
+    print("\n".join(sweep_table(runs)))
+    print()
+    print("Charts: " + ", ".join(write_charts(runs, args.charts_dir)))
     return 0
 
 

@@ -13,6 +13,8 @@ const char* DTypeName(DType dtype) {
     case DType::kFloat32: return "FLOAT32";
     case DType::kBool: return "BOOL";
     case DType::kInt64: return "INT64";
+    case DType::kBFloat16: return "BFLOAT16";
+    case DType::kFloat16: return "FLOAT16";
   }
   return "UNKNOWN";
 }
@@ -22,6 +24,8 @@ size_t DTypeSize(DType dtype) {
     case DType::kFloat32: return 4;
     case DType::kBool: return 1;
     case DType::kInt64: return 8;
+    case DType::kBFloat16:
+    case DType::kFloat16: return 2;
   }
   return 1;
 }

@@ -11,7 +11,9 @@
 
 namespace attnserve {
 
-enum class DType { kFloat32, kBool, kInt64 };
+// kBFloat16 and kFloat16 are 16-bit floats as they arrive on the wire (little-endian bit patterns); the
+// engine's inputs are converted to kFloat32 before they reach it.
+enum class DType { kFloat32, kBool, kInt64, kBFloat16, kFloat16 };
 
 const char* DTypeName(DType dtype);
 size_t DTypeSize(DType dtype);

@@ -8,10 +8,40 @@ namespace attnserve {
 
 namespace {
 
-absl::Status DecodeInputs(const attnserve::v1::InferRequest& req, AttentionInputs& in) {
-  ATTN_ASSIGN_OR_RETURN(in.query, DecodeTensor(req.query(), "query", AcceptedDTypes::kFloat32));
-  ATTN_ASSIGN_OR_RETURN(in.key, DecodeTensor(req.key(), "key", AcceptedDTypes::kFloat32));
-  ATTN_ASSIGN_OR_RETURN(in.value, DecodeTensor(req.value(), "value", AcceptedDTypes::kFloat32));
+// query, key or value: FLOAT32 viewed in place; BFLOAT16 / FLOAT16 converted once the call is admitted.
+absl::Status DecodeActivation(const attnserve::v1::Tensor& t, const char* name, TensorView AttentionInputs::*field,
+                              InferenceCall* call) {
+  ATTN_ASSIGN_OR_RETURN(call->inputs.*field, DecodeTensor(t, name, AcceptedDTypes::kActivation));
+  const TensorView& view = call->inputs.*field;
+  if (view.dtype == DType::kBFloat16 || view.dtype == DType::kFloat16) {
+    ConvertHalfAfterAdmission(view.data, view.dtype, view.num_elements(), field, call);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<DType> OutputDType(v1::DataType dtype) {
+  switch (dtype) {
+    case v1::DATA_TYPE_UNSPECIFIED:
+    case v1::FLOAT32:
+      return DType::kFloat32;
+    case v1::BFLOAT16:
+      return DType::kBFloat16;
+    case v1::FLOAT16:
+      return DType::kFloat16;
+    default:
+      break;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("output_dtype: must be FLOAT32, BFLOAT16 or FLOAT16, got ",
+                                                 v1::DataType_Name(dtype).empty() ? absl::StrCat(static_cast<int>(dtype))
+                                                                                  : v1::DataType_Name(dtype)));
+}
+
+absl::Status DecodeInputs(const attnserve::v1::InferRequest& req, InferenceCall* call) {
+  AttentionInputs& in = call->inputs;
+  ATTN_ASSIGN_OR_RETURN(call->output_dtype, OutputDType(req.output_dtype()));
+  ATTN_RETURN_IF_ERROR(DecodeActivation(req.query(), "query", &AttentionInputs::query, call));
+  ATTN_RETURN_IF_ERROR(DecodeActivation(req.key(), "key", &AttentionInputs::key, call));
+  ATTN_RETURN_IF_ERROR(DecodeActivation(req.value(), "value", &AttentionInputs::value, call));
   ATTN_ASSIGN_OR_RETURN(in.key_padding_mask,
                         DecodeTensor(req.key_padding_mask(), "key_padding_mask", AcceptedDTypes::kFloat32OrBool));
   ATTN_ASSIGN_OR_RETURN(in.attn_mask, DecodeTensor(req.attn_mask(), "attn_mask", AcceptedDTypes::kFloat32OrBool));
@@ -42,7 +72,7 @@ void DecodeInferRequest(const attnserve::v1::InferRequest& req, InferenceCall* c
   call->version = req.version() > 0 ? req.version() : 0;
   call->decode_status = req.version() < 0
                             ? absl::InvalidArgumentError(absl::StrCat("version: must be >= 0, got ", req.version()))
-                            : DecodeInputs(req, call->inputs);
+                            : DecodeInputs(req, call);
 }
 
 absl::Status PrepareInferenceCall(const LayerRegistry& registry, const attnserve::v1::InferRequest& request,
@@ -53,8 +83,10 @@ absl::Status PrepareInferenceCall(const LayerRegistry& registry, const attnserve
 
 void EncodeInferResponse(const InferenceCall& call, attnserve::v1::InferResponse* response) {
   response->set_id(call.id);
-  EncodeTensor(call.outputs.output, response->mutable_output());
-  if (call.inputs.need_weights) EncodeTensor(call.outputs.attn_weights, response->mutable_attn_weights());
+  EncodeTensor(call.outputs.output, response->mutable_output(), call.output_dtype);
+  if (call.inputs.need_weights) {
+    EncodeTensor(call.outputs.attn_weights, response->mutable_attn_weights(), call.output_dtype);
+  }
   attnserve::v1::Timing* timing = response->mutable_timing();
   timing->set_queue_us(call.timing.queue_us);
   timing->set_compute_us(call.timing.compute_us);

@@ -8,7 +8,6 @@
 #include "absl/strings/str_cat.h"
 #include "common/log_string.h"
 #include "common/status_macros.h"
-#include "core/half_float.h"
 #include "server/api/tensor_codec.h"
 
 namespace attnserve {
@@ -79,22 +78,6 @@ size_t WireSize(WireType type) {
   return 4;
 }
 
-// Schedules the conversion of 16-bit floats to f32, into storage the call owns, for once the call holds its
-// share of the memory budget (which counts the copy): a request refused at admission never allocates it.
-void ConvertAfterAdmission(const std::string& raw, WireType type, int64_t count, TensorView AttentionInputs::*field,
-                           InferenceCall* call) {
-  call->request_bytes += count * static_cast<int64_t>(sizeof(float));
-  call->after_admission.push_back([bytes = reinterpret_cast<const unsigned char*>(raw.data()), type, count,
-                                   field](InferenceCall& c) {
-    std::vector<float>& out = c.converted.emplace_back(static_cast<size_t>(count));
-    for (int64_t i = 0; i < count; ++i) {
-      const uint16_t bits = static_cast<uint16_t>(bytes[2 * i] | (bytes[2 * i + 1] << 8));
-      out[static_cast<size_t>(i)] = type == WireType::kFp16 ? HalfToFloat(bits) : BFloat16ToFloat(bits);
-    }
-    (c.inputs.*field).data = out.data();
-  });
-}
-
 absl::StatusOr<TensorView> ViewRaw(const std::string& raw, size_t index, const InputSpec& spec, Shape shape,
                                    int64_t count, WireType type, const std::string& datatype, InferenceCall* call) {
   const int64_t expected = count * static_cast<int64_t>(WireSize(type));
@@ -105,7 +88,10 @@ absl::StatusOr<TensorView> ViewRaw(const std::string& raw, size_t index, const I
   }
   if (type == WireType::kBool) return TensorView{DType::kBool, std::move(shape), raw.data()};
   if (type == WireType::kInt64) return TensorView{DType::kInt64, std::move(shape), raw.data()};
-  if (type != WireType::kFp32) ConvertAfterAdmission(raw, type, count, spec.field, call);
+  if (type != WireType::kFp32) {
+    ConvertHalfAfterAdmission(raw.data(), type == WireType::kFp16 ? DType::kFloat16 : DType::kBFloat16, count,
+                              spec.field, call);
+  }
   // For 16-bit types the raw bytes stand in until the conversion: validation reads shapes, not values.
   return TensorView{DType::kFloat32, std::move(shape), raw.data()};
 }

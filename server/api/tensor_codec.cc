@@ -4,6 +4,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "core/bf16_rows.h"
+#include "core/half_float.h"
 
 namespace attnserve {
 
@@ -26,6 +28,24 @@ absl::StatusOr<int64_t> CheckTensorShape(const Shape& shape, const std::string& 
 
 namespace {
 
+const char* AcceptedNames(AcceptedDTypes accepted) {
+  switch (accepted) {
+    case AcceptedDTypes::kFloat32:
+      return "FLOAT32";
+    case AcceptedDTypes::kFloat32OrBool:
+      return "FLOAT32 or BOOL";
+    case AcceptedDTypes::kActivation:
+      break;
+  }
+  return "FLOAT32, BFLOAT16 or FLOAT16";
+}
+
+bool Accepts(AcceptedDTypes accepted, DataType dtype) {
+  if (dtype == v1::FLOAT32) return true;
+  if (dtype == v1::BOOL) return accepted == AcceptedDTypes::kFloat32OrBool;
+  return (dtype == v1::BFLOAT16 || dtype == v1::FLOAT16) && accepted == AcceptedDTypes::kActivation;
+}
+
 // The dtype (unspecified: taken from the typed values), checked against what the field accepts.
 absl::StatusOr<DataType> CheckDType(const attnserve::v1::Tensor& t, const std::string& field, AcceptedDTypes accepted) {
   const bool has_float = t.float_data_size() > 0, has_bool = t.bool_data_size() > 0;
@@ -34,25 +54,37 @@ absl::StatusOr<DataType> CheckDType(const attnserve::v1::Tensor& t, const std::s
     if (has_float) dtype = v1::FLOAT32;
     if (has_bool) dtype = v1::BOOL;
   }
-  if (dtype != v1::FLOAT32 && dtype != v1::BOOL) {
+  if (!Accepts(accepted, dtype)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        field, ": dtype must be ", accepted == AcceptedDTypes::kFloat32 ? "FLOAT32" : "FLOAT32 or BOOL", ", got ",
+        field, ": dtype must be ", AcceptedNames(accepted), ", got ",
         v1::DataType_Name(dtype).empty() ? absl::StrCat(static_cast<int>(dtype)) : v1::DataType_Name(dtype)));
   }
-  if (dtype == v1::BOOL && accepted == AcceptedDTypes::kFloat32) {
-    return absl::InvalidArgumentError(absl::StrCat(field, ": dtype must be FLOAT32, got BOOL"));
-  }
+  const bool half = dtype == v1::BFLOAT16 || dtype == v1::FLOAT16;
   if ((has_float && dtype != v1::FLOAT32) || (has_bool && dtype != v1::BOOL)) {
     return absl::InvalidArgumentError(absl::StrCat(field, ": dtype is ", v1::DataType_Name(dtype),
-                                                   " but values are in ", has_float ? "float_data" : "bool_data"));
+                                                   " but values are in ", has_float ? "float_data" : "bool_data",
+                                                   half ? " (16-bit values come in raw_data)" : ""));
   }
   return dtype;
+}
+
+DType EngineDType(DataType dtype) {
+  switch (dtype) {
+    case v1::BOOL:
+      return DType::kBool;
+    case v1::BFLOAT16:
+      return DType::kBFloat16;
+    case v1::FLOAT16:
+      return DType::kFloat16;
+    default:
+      return DType::kFloat32;
+  }
 }
 
 // The values, whose count must match the shape's.
 absl::StatusOr<TensorView> ViewValues(const attnserve::v1::Tensor& t, const std::string& field, Shape shape,
                                       int64_t count, DataType dtype) {
-  const DType engine_dtype = dtype == v1::FLOAT32 ? DType::kFloat32 : DType::kBool;
+  const DType engine_dtype = EngineDType(dtype);
   if (!t.raw_data().empty()) {
     const int64_t expected = count * static_cast<int64_t>(DTypeSize(engine_dtype));
     if (static_cast<int64_t>(t.raw_data().size()) != expected) {
@@ -97,12 +129,24 @@ absl::StatusOr<TensorView> DecodeTensor(const attnserve::v1::Tensor& t, const st
   return ViewValues(t, field, std::move(shape), count, dtype);
 }
 
-void EncodeTensor(const Tensor& tensor, attnserve::v1::Tensor* out) {
+void EncodeTensor(const Tensor& tensor, attnserve::v1::Tensor* out, DType dtype) {
   out->clear_shape();
   for (int64_t d : tensor.shape) out->add_shape(d);
-  out->set_dtype(v1::FLOAT32);
-  out->mutable_raw_data()->assign(reinterpret_cast<const char*>(tensor.values.data()),
-                                  tensor.values.size() * sizeof(float));
+  const size_t n = tensor.values.size();
+  if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) {
+    out->set_dtype(v1::FLOAT32);
+    out->mutable_raw_data()->assign(reinterpret_cast<const char*>(tensor.values.data()), n * sizeof(float));
+    return;
+  }
+  out->set_dtype(dtype == DType::kBFloat16 ? v1::BFLOAT16 : v1::FLOAT16);
+  std::string* raw = out->mutable_raw_data();
+  raw->resize(n * sizeof(uint16_t));
+  uint16_t* bits = reinterpret_cast<uint16_t*>(raw->data());  // std::string storage is suitably aligned
+  if (dtype == DType::kBFloat16) {
+    FloatRowsToBf16(tensor.values.data(), 1, static_cast<int64_t>(n), static_cast<int64_t>(n), bits, 0);
+  } else {
+    for (size_t i = 0; i < n; ++i) bits[i] = FloatToHalf(tensor.values[i]);
+  }
 }
 
 }  // namespace attnserve

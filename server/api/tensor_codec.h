@@ -14,8 +14,9 @@ namespace attnserve {
 // InvalidArgument naming `field` and the shape otherwise.
 absl::StatusOr<int64_t> CheckTensorShape(const Shape& shape, const std::string& field);
 
-// Which dtypes a field accepts.
-enum class AcceptedDTypes { kFloat32, kFloat32OrBool };
+// Which dtypes a field accepts. kActivation: FLOAT32, or BFLOAT16 / FLOAT16 in raw_data (the view then has
+// that dtype, for the caller to convert).
+enum class AcceptedDTypes { kFloat32, kFloat32OrBool, kActivation };
 
 // An absent field (no shape, no values) gives an absent view. Otherwise the values must come in exactly one
 // of raw_data, float_data, bool_data, agree with dtype, and their count with the shape. InvalidArgument
@@ -23,7 +24,8 @@ enum class AcceptedDTypes { kFloat32, kFloat32OrBool };
 absl::StatusOr<TensorView> DecodeTensor(const attnserve::v1::Tensor& tensor, const std::string& field,
                                         AcceptedDTypes accepted);
 
-// shape and raw_data (little-endian f32), dtype FLOAT32.
-void EncodeTensor(const Tensor& tensor, attnserve::v1::Tensor* out);
+// shape and raw_data, little-endian: f32 with dtype FLOAT32 (the default), or each value rounded to nearest
+// even as BFLOAT16 or FLOAT16 (`dtype` kBFloat16 / kFloat16).
+void EncodeTensor(const Tensor& tensor, attnserve::v1::Tensor* out, DType dtype = DType::kFloat32);
 
 }  // namespace attnserve

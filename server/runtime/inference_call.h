@@ -43,6 +43,8 @@ struct InferenceCall {
   // request_bytes. Run by RunAfterAdmission; until then such an input's view is a placeholder.
   std::vector<std::function<void(InferenceCall&)>> after_admission;
   std::vector<std::vector<float>> converted;
+  // The answer's element type on the wire (the protocol's output_dtype): kFloat32, kBFloat16 or kFloat16.
+  DType output_dtype = DType::kFloat32;
   // Why the protocol could not decode `inputs`, if it could not: reported by ValidateCall after the layer
   // lookup, so that an unknown layer is NOT_FOUND whatever its tensors.
   absl::Status decode_status;
@@ -98,5 +100,12 @@ int64_t CallCostBytes(const InferenceCall& call);
 
 // Runs and clears call->after_admission (the admit stage calls it once the call's memory is reserved).
 void RunAfterAdmission(InferenceCall* call);
+
+// The decode stage's part for a 16-bit float input (`type` kBFloat16 or kFloat16: `count` little-endian
+// values at `bytes`, which must outlive the call): counts its f32 copy in request_bytes and schedules the
+// exact conversion into call->converted for after admission, which then points call->inputs.*field at it.
+// Until then the field's view is a placeholder of dtype kFloat32 (validation reads shapes only).
+void ConvertHalfAfterAdmission(const void* bytes, DType type, int64_t count, TensorView AttentionInputs::*field,
+                               InferenceCall* call);
 
 }  // namespace attnserve

@@ -2,6 +2,7 @@
 #include <cstring>
 #include <random>
 
+#include "core/half_float.h"
 #include "gtest/gtest.h"
 #include "server/api/infer_request.h"
 #include "server/api/tensor_codec.h"
@@ -99,6 +100,107 @@ TEST(TensorCodecTest, EncodeRoundTrips) {
   ASSERT_TRUE(back.ok());
   EXPECT_EQ(back->shape, out.shape);
   EXPECT_EQ(std::memcmp(back->data, out.values.data(), 16), 0);
+}
+
+// 16-bit bit patterns of `values`, little-endian, as a raw_data tensor of `dtype`.
+Tensor Raw16(const std::vector<float>& values, std::vector<int64_t> shape, v1::DataType dtype) {
+  Tensor t;
+  for (int64_t d : shape) t.add_shape(d);
+  t.set_dtype(dtype);
+  std::string raw;
+  for (float v : values) {
+    const uint16_t bits = dtype == v1::BFLOAT16 ? FloatToBFloat16(v) : FloatToHalf(v);
+    raw.push_back(static_cast<char>(bits & 0xFF));
+    raw.push_back(static_cast<char>(bits >> 8));
+  }
+  t.set_raw_data(raw);
+  return t;
+}
+
+TEST(TensorCodecTest, SixteenBitActivationsOnlyInRawDataAndOnlyWhereAccepted) {
+  std::mt19937_64 rng(5);
+  const std::vector<float> values = testing::RandomValues(rng, 6);
+  for (v1::DataType dtype : {v1::BFLOAT16, v1::FLOAT16}) {
+    const Tensor msg = Raw16(values, {2, 3}, dtype);
+    auto view = DecodeTensor(msg, "query", AcceptedDTypes::kActivation);
+    ASSERT_TRUE(view.ok()) << view.status();
+    EXPECT_EQ(view->dtype, dtype == v1::BFLOAT16 ? DType::kBFloat16 : DType::kFloat16);
+    EXPECT_EQ(view->num_bytes(), 12u);
+    ExpectError(msg, AcceptedDTypes::kFloat32, "query: dtype must be FLOAT32, got " + v1::DataType_Name(dtype));
+    ExpectError(msg, AcceptedDTypes::kFloat32OrBool, "dtype must be FLOAT32 or BOOL, got " + v1::DataType_Name(dtype));
+    Tensor short_msg = msg;
+    short_msg.mutable_raw_data()->pop_back();
+    ExpectError(short_msg, AcceptedDTypes::kActivation,
+                "query: raw_data holds 11 bytes, expected 12 (shape [2, 3] x " + v1::DataType_Name(dtype) + ")");
+    Tensor typed;
+    typed.add_shape(1);
+    typed.set_dtype(dtype);
+    typed.add_float_data(1.0f);
+    ExpectError(typed, AcceptedDTypes::kActivation, "values are in float_data (16-bit values come in raw_data)");
+  }
+}
+
+TEST(TensorCodecTest, EncodesBf16AndF16RoundedToNearestEven) {
+  std::mt19937_64 rng(6);
+  attnserve::Tensor out({3, 37}, testing::RandomValues(rng, 3 * 37));
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    Tensor msg;
+    EncodeTensor(out, &msg, dtype);
+    EXPECT_EQ(msg.dtype(), dtype == DType::kBFloat16 ? v1::BFLOAT16 : v1::FLOAT16);
+    EXPECT_EQ(std::vector<int64_t>(msg.shape().begin(), msg.shape().end()), out.shape);
+    ASSERT_EQ(msg.raw_data().size(), out.values.size() * 2);
+    for (size_t i = 0; i < out.values.size(); ++i) {
+      uint16_t bits;
+      std::memcpy(&bits, msg.raw_data().data() + 2 * i, 2);
+      EXPECT_EQ(bits, dtype == DType::kBFloat16 ? FloatToBFloat16(out.values[i]) : FloatToHalf(out.values[i])) << i;
+    }
+  }
+}
+
+TEST(PrepareInferenceCallTest, SixteenBitInputsConvertAfterAdmissionAndOutputDtype) {
+  v1::ServerConfig config;
+  auto* layer = config.add_layers();
+  layer->set_name("tiny");
+  layer->set_embed_dim(8);
+  layer->set_num_heads(2);
+  auto registry = LayerRegistry::Create(config);
+  ASSERT_TRUE(registry.ok()) << registry.status();
+  std::mt19937_64 rng(7);
+  const std::vector<float> x = testing::RandomValues(rng, 2 * 3 * 8);
+  for (v1::DataType dtype : {v1::BFLOAT16, v1::FLOAT16}) {
+    v1::InferRequest req;
+    req.set_layer("tiny");
+    *req.mutable_query() = Raw16(x, {2, 3, 8}, dtype);
+    req.set_output_dtype(dtype);
+    InferenceCall call;
+    call.request_bytes = 100;
+    ASSERT_TRUE(PrepareInferenceCall(**registry, req, &call).ok());
+    EXPECT_EQ(call.request_bytes, 100 + 48 * 4) << "the f32 copy is counted before admission";
+    EXPECT_TRUE(call.converted.empty()) << "nothing allocated before admission";
+    RunAfterAdmission(&call);
+    ASSERT_EQ(call.converted.size(), 1u);
+    EXPECT_EQ(call.inputs.query.dtype, DType::kFloat32);
+    const float* q = static_cast<const float*>(call.inputs.query.data);
+    for (size_t i = 0; i < x.size(); ++i) {
+      const float want = dtype == v1::BFLOAT16 ? BFloat16ToFloat(FloatToBFloat16(x[i])) : HalfToFloat(FloatToHalf(x[i]));
+      ASSERT_EQ(q[i], want) << i;
+    }
+    auto out = call.layer->engine->Forward(call.inputs);
+    ASSERT_TRUE(out.ok()) << out.status();
+    call.outputs = std::move(*out);
+    v1::InferResponse resp;
+    EncodeInferResponse(call, &resp);
+    EXPECT_EQ(resp.output().dtype(), dtype);
+    EXPECT_EQ(resp.output().raw_data().size(), 48u * 2);
+  }
+  v1::InferRequest bad;
+  bad.set_layer("tiny");
+  *bad.mutable_query() = RawF32(x, {2, 3, 8});
+  bad.set_output_dtype(v1::BOOL);
+  InferenceCall call;
+  const absl::Status s = PrepareInferenceCall(**registry, bad, &call);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.message(), "output_dtype: must be FLOAT32, BFLOAT16 or FLOAT16, got BOOL");
 }
 
 TEST(PrepareInferenceCallTest, LayerAndFieldErrors) {

@@ -28,7 +28,7 @@ def run_engine(binary, repetitions):
     out = subprocess.run(
         [binary, "--benchmark_format=json", f"--benchmark_repetitions={repetitions}",
          "--benchmark_filter=BM_(PeakSgemm|PeakBf16Matmul|SelfAttention|SelfAttentionBf16|RaggedBatch|"
-         "DecoderAttention)",
+         "DecoderAttention|DecoderAttentionBf16)",
          "--benchmark_report_aggregates_only=true"],
         check=True, capture_output=True, text=True).stdout
     results = {}
@@ -38,9 +38,11 @@ def run_engine(binary, repetitions):
         name = b["run_name"]
         m = re.match(r"BM_SelfAttention/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)", name)
         m16 = re.match(r"BM_SelfAttentionBf16/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)", name)
-        d = re.match(r"BM_DecoderAttention/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)/Hkv:(\d+)/D:(\d+)/W:(\d+)", name)
+        d = re.match(r"BM_DecoderAttention(Bf16)?/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)/Hkv:(\d+)/D:(\d+)/W:(\d+)",
+                     name)
         if d:
-            results[("decoder",) + tuple(int(x) for x in d.groups())] = b["GFLOPS"]
+            kind = "decoder_bf16" if d.group(1) else "decoder"
+            results[(kind,) + tuple(int(x) for x in d.groups()[1:])] = b["GFLOPS"]
         elif m:
             results[tuple(int(x) for x in m.groups())] = b["GFLOPS"]
         elif m16:
@@ -98,16 +100,19 @@ def print_decoder_table(engine_rounds, torch_rounds, sgemm):
         return statistics.median(x[key] for x in rounds)
 
     print("\nDecoder attention (causal, RoPE, GQA; useful FLOPs only):\n")
-    print("| B | L | E | H | Hkv | D | window | attnserve GFLOP/s | PyTorch GFLOP/s | ratio | of sgemm | met |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| B | L | E | H | Hkv | D | window | attnserve GFLOP/s | PyTorch GFLOP/s | ratio | of sgemm | met | "
+          "BF16 GFLOP/s | BF16 speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     all_met = True
     for s in DECODER_SHAPES:
         key = ("decoder",) + s
         ours, theirs = med(engine_rounds, key), med(torch_rounds, key)
+        bf16 = med(engine_rounds, ("decoder_bf16",) + s)
         met = ours >= 1.5 * theirs and (s[6] > 0 or ours >= 0.75 * sgemm)
         all_met &= met
         print(f"| {' | '.join(str(x) for x in s[:6])} | {s[6] or '-'} | {ours:.0f} | {theirs:.1f} | "
-              f"{ours / theirs:.1f}x | {100 * ours / sgemm:.0f}% | {'yes' if met else 'NO'} |")
+              f"{ours / theirs:.1f}x | {100 * ours / sgemm:.0f}% | {'yes' if met else 'NO'} | {bf16:.0f} | "
+              f"{bf16 / ours:.2f}x |")
     return all_met
 
 

@@ -204,8 +204,9 @@ BENCHMARK(BM_DecodeAppends)
     ->Unit(benchmark::kMillisecond);
 // Args: B, L, E, H, Hkv, D, W (sliding window, 0 = none). Causal self-attention, positions from 0; GFLOP/s
 // of the useful FLOPs (DecoderFlops: the causal window's pairs only), as bench/torch_decoder.py counts them.
-void BM_DecoderAttention(benchmark::State& state) {
+void RunDecoderAttention(benchmark::State& state, ComputeType compute) {
   DecoderAttention::Options options;
+  options.compute = compute;
   DecoderConfig& c = options.config;
   const int64_t b = state.range(0), l = state.range(1);
   c.embed_dim = state.range(2);
@@ -230,6 +231,9 @@ void BM_DecoderAttention(benchmark::State& state) {
   const double flops = static_cast<double>(DecoderFlops(c, b, l));
   state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
+
+void BM_DecoderAttention(benchmark::State& state) { RunDecoderAttention(state, ComputeType::kFloat32); }
+void BM_DecoderAttentionBf16(benchmark::State& state) { RunDecoderAttention(state, ComputeType::kBFloat16); }
 
 // Args: R requests of [1, L, E] on a decoder layer (H, Hkv, D), as one ragged batch (ForwardBatch, batched 1)
 // or one call each (batched 0), as the server ran them before the decoder had a batch.
@@ -273,6 +277,14 @@ BENCHMARK(BM_DecoderBatch)
     ->MinTime(1.0)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DecoderAttention)
+    ->Args({1, 2048, 4096, 32, 8, 128, 0})
+    ->Args({8, 512, 2048, 16, 4, 128, 0})
+    ->Args({1, 4096, 4096, 32, 8, 128, 1024})
+    ->ArgNames({"B", "L", "E", "H", "Hkv", "D", "W"})
+    ->UseRealTime()
+    ->MinTime(2.0)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DecoderAttentionBf16)
     ->Args({1, 2048, 4096, 32, 8, 128, 0})
     ->Args({8, 512, 2048, 16, 4, 128, 0})
     ->Args({1, 4096, 4096, 32, 8, 128, 1024})

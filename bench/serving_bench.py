@@ -170,6 +170,7 @@ def write_charts(runs, out_dir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     os.makedirs(out_dir, exist_ok=True)
     throughput, cdf = (os.path.join(out_dir, f"serving_{n}.png") for n in ("throughput", "latency_cdf"))
@@ -192,6 +193,9 @@ def write_charts(runs, out_dir):
         latency = run["c64"]["latency_ms"]
         ax.plot([latency[k] for k, _ in CDF_POINTS], [q for _, q in CDF_POINTS], marker="o", label=label)
     ax.set_xscale("log")
+    # Labels at 1-2-5 steps: the latencies often span less than a decade, which would leave one label.
+    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     ax.set(xlabel="latency (ms, log scale)", ylabel="fraction of requests", ylim=(0, 1.02),
            title="Latency CDF at concurrency 64, E=512 H=8 B=1 L=32\n(points: min, p50, p90, p99, p99.9, max)")
     ax.grid(True, which="both", alpha=0.3)

@@ -6,13 +6,15 @@ nn.MultiheadAttention, Debian's python3-torch as it comes (its BLAS is printed a
     /usr/bin/python3 bench/torch_server.py [--port 0] [--layer mid:512:8 ...] [--workers 8] [--threads 2]
 
 Each --layer NAME:E:H holds nn.MultiheadAttention(E, H, batch_first=True).eval() (weights from torch's seeded
-default init, not attnserve's). Infer and InferStream decode query, key/value (absent: self-attention),
-key_padding_mask and attn_mask from attnserve.v1 Tensors, add is_causal as a mask (torch 1.13's forward has no
-is_causal), run one request per call under torch.no_grad() (no batching across requests), and answer output
-and, with need_weights, attn_weights in raw_data. Timing carries compute_us of the forward and batch_size 1;
-queue_us is 0 because the handler cannot see how long gRPC's executor queued the call. ListLayers and GetLayer
-describe the layers so attnbench can size its requests. Errors: unknown layer or version NOT_FOUND, bad
-tensors INVALID_ARGUMENT. Prints "torch_server ready: grpc_port=<port>" once listening; SIGTERM stops it.
+default init, not attnserve's). Infer and InferStream decode query, key/value (absent: self-attention; FLOAT32,
+or BFLOAT16 / FLOAT16 widened to float32), key_padding_mask and attn_mask from attnserve.v1 Tensors, add
+is_causal as a mask (torch 1.13's forward has no is_causal), run one request per call in float32 under
+torch.no_grad() (no batching across requests), and answer output and, with need_weights, attn_weights in
+raw_data, in output_dtype (FLOAT32 when unset; BFLOAT16 / FLOAT16 rounded to nearest even). Timing carries
+compute_us of the forward and batch_size 1; queue_us is 0 because the handler cannot see how long gRPC's executor
+queued the call. ListLayers and GetLayer describe the layers so attnbench can size its requests. Errors: unknown
+layer or version NOT_FOUND, bad tensors INVALID_ARGUMENT. Prints "torch_server ready: grpc_port=<port>" once
+listening; SIGTERM stops it.
 """
 
 import argparse
@@ -76,9 +78,29 @@ def parse_layer(text):
     return name, e, h
 
 
-def decode_tensor(pb, t, field):
-    """The Tensor's values as a torch tensor of its shape: float32, or bool for BOOL (any nonzero byte is true),
-    without copying raw float32 data."""
+def raw_values(pb, t, field, halves):
+    """raw_data as a flat numpy array, or None when its length is no whole number of elements: FLOAT32 as a
+    read-only view (no copy), BOOL as nonzero bytes and, when `halves` (query, key, value), BFLOAT16 and FLOAT16
+    widened to float32."""
+    raw = t.raw_data
+    if t.dtype == pb.FLOAT32:
+        return np.frombuffer(raw, dtype="<f4") if len(raw) % 4 == 0 else None
+    if t.dtype == pb.BOOL:
+        return np.frombuffer(raw, dtype=np.uint8) != 0
+    if halves and t.dtype in (pb.BFLOAT16, pb.FLOAT16):
+        if len(raw) % 2:
+            return None
+        bits = np.frombuffer(raw, dtype="<u2")
+        if t.dtype == pb.FLOAT16:
+            return bits.view("<f2").astype(np.float32)
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    allowed = "FLOAT32, BFLOAT16, FLOAT16 or BOOL" if halves else "FLOAT32 or BOOL"
+    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"{field}.dtype: {allowed} needed with raw_data, got {pb.DataType.Name(t.dtype)}")
+
+
+def decode_tensor(pb, t, field, halves=False):
+    """The Tensor's values as a torch tensor of its shape: float32, or bool for BOOL."""
     shape = tuple(t.shape)
     if any(d < 0 for d in shape):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.shape: negative dimension in {list(shape)}")
@@ -90,12 +112,8 @@ def decode_tensor(pb, t, field):
         values = np.asarray(t.float_data, dtype=np.float32)
     elif t.bool_data:
         values = np.asarray(t.bool_data, dtype=np.bool_)
-    elif t.dtype == pb.FLOAT32:
-        values = np.frombuffer(t.raw_data, dtype="<f4") if len(t.raw_data) % 4 == 0 else None
-    elif t.dtype == pb.BOOL:
-        values = np.frombuffer(t.raw_data, dtype=np.uint8) != 0
     else:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.dtype: FLOAT32 or BOOL needed with raw_data")
+        values = raw_values(pb, t, field, halves)
     count = math.prod(shape)
     if values is None or values.size != count:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -106,7 +124,7 @@ def decode_tensor(pb, t, field):
 
 def decode_input(pb, request, field):
     """query, key or value: float32 and [B, N, D] or [N, D], the shapes nn.MultiheadAttention takes."""
-    x = decode_tensor(pb, getattr(request, field), field)
+    x = decode_tensor(pb, getattr(request, field), field, halves=True)
     if x.dtype != torch.float32 or x.dim() not in (2, 3):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{field}: expected FLOAT32 [B, N, D] or [N, D], got {x.dtype} {list(x.shape)}")
@@ -124,10 +142,16 @@ def with_causal(mask, query_len, key_len):
     return mask.masked_fill(causal, float("-inf"))
 
 
-def encode_tensor(pb, x):
-    """A float32 torch tensor as attnserve.v1 answers it: shape and little-endian raw_data."""
-    a = x.detach().numpy()
-    return pb.Tensor(shape=a.shape, dtype=pb.FLOAT32, raw_data=a.astype("<f4", copy=False).tobytes())
+def encode_tensor(pb, x, dtype):
+    """A float32 torch tensor as attnserve.v1 answers it: shape and little-endian raw_data in `dtype` (FLOAT32,
+    BFLOAT16 or FLOAT16; both narrowings round to nearest even)."""
+    if dtype == pb.BFLOAT16:
+        raw = x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
+    elif dtype == pb.FLOAT16:
+        raw = x.numpy().astype("<f2").tobytes()
+    else:
+        raw = x.numpy().astype("<f4", copy=False).tobytes()
+    return pb.Tensor(shape=x.shape, dtype=dtype, raw_data=raw)
 
 
 class AttentionServicer:
@@ -155,6 +179,10 @@ class AttentionServicer:
         if request.position_offset or request.position_ids:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                "position_offset/position_ids: only DECODER_ATTENTION layers take them")
+        answer_dtype = request.output_dtype or pb.FLOAT32
+        if answer_dtype not in (pb.FLOAT32, pb.BFLOAT16, pb.FLOAT16):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"output_dtype: FLOAT32, BFLOAT16 or FLOAT16, got {pb.DataType.Name(answer_dtype)}")
         if request.HasField("key") != request.HasField("value"):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "key and value: set both or neither")
         query = decode_input(pb, request, "query")
@@ -176,10 +204,10 @@ class AttentionServicer:
         except (AssertionError, RuntimeError, ValueError) as e:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:1000])
         compute_us = int((time.perf_counter() - start) * 1e6)
-        response = pb.InferResponse(id=request.id, output=encode_tensor(pb, output),
+        response = pb.InferResponse(id=request.id, output=encode_tensor(pb, output, answer_dtype),
                                     timing=pb.Timing(compute_us=compute_us, batch_size=1))
         if weights is not None:
-            response.attn_weights.CopyFrom(encode_tensor(pb, weights))
+            response.attn_weights.CopyFrom(encode_tensor(pb, weights, answer_dtype))
         return response
 
     def Infer(self, request, context):

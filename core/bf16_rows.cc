@@ -4,11 +4,11 @@
 // reports at -O3 (a known false positive).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
 
 #include "core/half_float.h"
+#include "core/omp_threads.h"
 
 namespace attnserve {
 
@@ -104,18 +104,9 @@ void FloatRowsToBf16(const float* src, int64_t rows, int64_t cols, int64_t ld_sr
 
 void FloatRowsToBf16Parallel(const float* src, int64_t rows, int64_t cols, int64_t ld_src, uint16_t* dst,
                              int64_t ld_dst) {
-  const int threads = omp_get_max_threads();
-  constexpr int64_t kSerialBelowElements = int64_t{1} << 16;
-  if (threads <= 1 || omp_in_parallel() || rows < 2 || rows * cols < kSerialBelowElements) {
-    FloatRowsToBf16(src, rows, cols, ld_src, dst, ld_dst);
-    return;
-  }
-  const int64_t per_thread = (rows + threads - 1) / threads;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int t = 0; t < threads; ++t) {
-    const int64_t r0 = t * per_thread, r1 = std::min(rows, r0 + per_thread);
-    if (r0 < r1) FloatRowsToBf16(src + r0 * ld_src, r1 - r0, cols, ld_src, dst + r0 * ld_dst, ld_dst);
-  }
+  ParallelRanges(rows, cols, [&](int64_t r0, int64_t r1) {
+    FloatRowsToBf16(src + r0 * ld_src, r1 - r0, cols, ld_src, dst + r0 * ld_dst, ld_dst);
+  });
 }
 
 const char* Bf16ConversionKernel() { return Pick().name; }

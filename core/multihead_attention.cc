@@ -474,23 +474,13 @@ View4 HeadsView(const float* f32, const uint16_t* bf16, int64_t ld, int64_t row,
 }
 
 // A block's softmax as bf16 for the context matmul (in this thread's buffer), split over the calling thread's
-// team when large; serially inside a parallel region (no nested team).
+// team when large (ParallelRanges).
 uint16_t* SoftmaxToBf16(float* scores, int64_t rows, int64_t cols, const uint8_t* dead) {
   uint16_t* out = Workspace::Grow(ThreadWorkspace().probs16, static_cast<size_t>(rows * cols));
-  const int team = omp_in_parallel() ? 1 : omp_get_max_threads();
-  if (team <= 1 || rows < 2 * team || rows * cols < (int64_t{1} << 16)) {
-    RowSoftmaxToBf16(scores, rows, cols, cols, dead, out, cols);
-    return out;
-  }
-  const int64_t per_thread = (rows + team - 1) / team;
-#pragma omp parallel for num_threads(team) schedule(static)
-  for (int t = 0; t < team; ++t) {
-    const int64_t r0 = t * per_thread, r1 = std::min(rows, r0 + per_thread);
-    if (r0 < r1) {
-      RowSoftmaxToBf16(scores + r0 * cols, r1 - r0, cols, cols, dead == nullptr ? nullptr : dead + r0,
-                       out + r0 * cols, cols);
-    }
-  }
+  ParallelRanges(rows, cols, [&](int64_t r0, int64_t r1) {
+    RowSoftmaxToBf16(scores + r0 * cols, r1 - r0, cols, cols, dead == nullptr ? nullptr : dead + r0,
+                     out + r0 * cols, cols);
+  });
   return out;
 }
 

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/bf16_rows.h"
+#include "core/omp_threads.h"
 
 namespace attnserve {
 namespace {
@@ -75,17 +76,14 @@ View4 DenseBf16(const View4& v, std::vector<uint16_t>& buf) {
   const int64_t ld_src = rows_on_2 ? v.strides[2] : v.strides[3];
   const float* src = static_cast<const float*>(v.data);
   uint16_t* dst = static_cast<uint16_t*>(out.data);
-  // Split over the matrices on the calling thread's team when there is enough work (a large request's
-  // scores block); inside a parallel region or for small views, serially (no nested team).
-  const int64_t matrices = d[0] * d[1];
-  const int team = omp_in_parallel() ? 1 : omp_get_max_threads();
-  const bool parallel = team > 1 && matrices >= team && matrices * rows * cols >= (int64_t{1} << 16);
-#pragma omp parallel for num_threads(team) schedule(static) if (parallel)
-  for (int64_t m = 0; m < matrices; ++m) {
-    const int64_t i0 = m / d[1], i1 = m % d[1];
-    FloatRowsToBf16(src + i0 * v.strides[0] + i1 * v.strides[1], rows, cols, ld_src,
-                    dst + i0 * out.strides[0] + i1 * out.strides[1], cols);
-  }
+  // A large request's scores block is worth splitting over the calling thread's team.
+  ParallelRanges(d[0] * d[1], rows * cols, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const int64_t i0 = m / d[1], i1 = m % d[1];
+      FloatRowsToBf16(src + i0 * v.strides[0] + i1 * v.strides[1], rows, cols, ld_src,
+                      dst + i0 * out.strides[0] + i1 * out.strides[1], cols);
+    }
+  });
   return out;
 }
 

@@ -31,9 +31,8 @@ absl::StatusOr<DType> OutputDType(v1::DataType dtype) {
     default:
       break;
   }
-  return absl::InvalidArgumentError(absl::StrCat("output_dtype: must be FLOAT32, BFLOAT16 or FLOAT16, got ",
-                                                 v1::DataType_Name(dtype).empty() ? absl::StrCat(static_cast<int>(dtype))
-                                                                                  : v1::DataType_Name(dtype)));
+  return absl::InvalidArgumentError(
+      absl::StrCat("output_dtype: must be FLOAT32, BFLOAT16 or FLOAT16, got ", DataTypeName(dtype)));
 }
 
 absl::Status DecodeInputs(const attnserve::v1::InferRequest& req, InferenceCall* call) {

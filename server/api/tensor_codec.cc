@@ -26,6 +26,11 @@ absl::StatusOr<int64_t> CheckTensorShape(const Shape& shape, const std::string& 
   return count;
 }
 
+std::string DataTypeName(DataType dtype) {
+  const std::string& name = v1::DataType_Name(dtype);
+  return name.empty() ? absl::StrCat(static_cast<int>(dtype)) : name;
+}
+
 namespace {
 
 const char* AcceptedNames(AcceptedDTypes accepted) {
@@ -56,8 +61,7 @@ absl::StatusOr<DataType> CheckDType(const attnserve::v1::Tensor& t, const std::s
   }
   if (!Accepts(accepted, dtype)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        field, ": dtype must be ", AcceptedNames(accepted), ", got ",
-        v1::DataType_Name(dtype).empty() ? absl::StrCat(static_cast<int>(dtype)) : v1::DataType_Name(dtype)));
+        field, ": dtype must be ", AcceptedNames(accepted), ", got ", DataTypeName(dtype)));
   }
   const bool half = dtype == v1::BFLOAT16 || dtype == v1::FLOAT16;
   if ((has_float && dtype != v1::FLOAT32) || (has_bool && dtype != v1::BOOL)) {

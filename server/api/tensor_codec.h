@@ -14,6 +14,9 @@ namespace attnserve {
 // InvalidArgument naming `field` and the shape otherwise.
 absl::StatusOr<int64_t> CheckTensorShape(const Shape& shape, const std::string& field);
 
+// The enum's name, or its number when the client sent a value the proto does not define.
+std::string DataTypeName(attnserve::v1::DataType dtype);
+
 // Which dtypes a field accepts. kActivation: FLOAT32, or BFLOAT16 / FLOAT16 in raw_data (the view then has
 // that dtype, for the caller to convert).
 enum class AcceptedDTypes { kFloat32, kFloat32OrBool, kActivation };

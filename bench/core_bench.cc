@@ -186,6 +186,29 @@ void BM_DecoderAppends(benchmark::State& state) {
   RunDecodeAppends(state, **layer, state.range(0), state.range(1), state.range(6), weight_bytes);
 }
 
+// The shapes of BENCHMARKS.md, for the f32 and BF16 variants alike.
+void EngineShapes(benchmark::internal::Benchmark* b) {
+  b->Args({1, 128, 512, 8})
+      ->Args({8, 512, 1024, 16})
+      ->Args({1, 2048, 1024, 16})
+      ->Args({32, 64, 512, 8})
+      ->Args({64, 16, 256, 4})
+      ->ArgNames({"B", "L", "E", "H"})
+      ->UseRealTime()
+      ->MinTime(0.5)
+      ->Unit(benchmark::kMillisecond);
+}
+
+void DecoderShapes(benchmark::internal::Benchmark* b) {
+  b->Args({1, 2048, 4096, 32, 8, 128, 0})
+      ->Args({8, 512, 2048, 16, 4, 128, 0})
+      ->Args({1, 4096, 4096, 32, 8, 128, 1024})
+      ->ArgNames({"B", "L", "E", "H", "Hkv", "D", "W"})
+      ->UseRealTime()
+      ->MinTime(2.0)
+      ->Unit(benchmark::kMillisecond);
+}
+
 BENCHMARK(BM_DecoderAppends)
     ->Args({1, 4096, 4096, 32, 8, 128, 1})
     ->Args({16, 4096, 4096, 32, 8, 128, 1})
@@ -276,44 +299,12 @@ BENCHMARK(BM_DecoderBatch)
     ->UseRealTime()
     ->MinTime(1.0)
     ->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_DecoderAttention)
-    ->Args({1, 2048, 4096, 32, 8, 128, 0})
-    ->Args({8, 512, 2048, 16, 4, 128, 0})
-    ->Args({1, 4096, 4096, 32, 8, 128, 1024})
-    ->ArgNames({"B", "L", "E", "H", "Hkv", "D", "W"})
-    ->UseRealTime()
-    ->MinTime(2.0)
-    ->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_DecoderAttentionBf16)
-    ->Args({1, 2048, 4096, 32, 8, 128, 0})
-    ->Args({8, 512, 2048, 16, 4, 128, 0})
-    ->Args({1, 4096, 4096, 32, 8, 128, 1024})
-    ->ArgNames({"B", "L", "E", "H", "Hkv", "D", "W"})
-    ->UseRealTime()
-    ->MinTime(2.0)
-    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DecoderAttention)->Apply(DecoderShapes);
+BENCHMARK(BM_DecoderAttentionBf16)->Apply(DecoderShapes);
 BENCHMARK(BM_PeakSgemm)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_PeakBf16Matmul)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_SelfAttention)
-    ->Args({1, 128, 512, 8})
-    ->Args({8, 512, 1024, 16})
-    ->Args({1, 2048, 1024, 16})
-    ->Args({32, 64, 512, 8})
-    ->Args({64, 16, 256, 4})
-    ->ArgNames({"B", "L", "E", "H"})
-    ->UseRealTime()
-    ->MinTime(0.5)
-    ->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_SelfAttentionBf16)
-    ->Args({1, 128, 512, 8})
-    ->Args({8, 512, 1024, 16})
-    ->Args({1, 2048, 1024, 16})
-    ->Args({32, 64, 512, 8})
-    ->Args({64, 16, 256, 4})
-    ->ArgNames({"B", "L", "E", "H"})
-    ->UseRealTime()
-    ->MinTime(0.5)
-    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SelfAttention)->Apply(EngineShapes);
+BENCHMARK(BM_SelfAttentionBf16)->Apply(EngineShapes);
 BENCHMARK(BM_ServerBatch)
     ->ArgsProduct({{1, 2, 4, 8, 16, 32, 64}, {128}, {768}, {12}})
     ->Args({1, 16, 256, 4})

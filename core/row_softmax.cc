@@ -64,27 +64,32 @@ __attribute__((always_inline)) inline void Store(float* p, int64_t n, F16 v) {
   }
 }
 
-__attribute__((always_inline)) inline void RowSoftmaxBody(float* data, int64_t rows, int64_t cols, int64_t ld) {
+// Replaces the row by exp(x - max) and returns 1 / the sum of those.
+__attribute__((always_inline)) inline float ExpRowInPlace(float* row, int64_t cols) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  F16 max16 = F16{} + kNegInf;
+  for (int64_t j = 0; j < cols; j += kLanes) {
+    const F16 v = Load(row + j, std::min(kLanes, cols - j), kNegInf);
+    max16 = v > max16 ? v : max16;
+  }
+  float max = kNegInf;
+  for (int64_t i = 0; i < kLanes; ++i) max = std::max(max, max16[i]);
+  F16 sum16 = F16{};
+  for (int64_t j = 0; j < cols; j += kLanes) {
+    const int64_t n = std::min(kLanes, cols - j);
+    const F16 e = ExpNonPositive(Load(row + j, n, kNegInf) - max);  // the fill lanes: exp(-inf) = 0
+    Store(row + j, n, e);
+    sum16 += e;
+  }
+  float sum = 0.0f;
+  for (int64_t i = 0; i < kLanes; ++i) sum += sum16[i];
+  return 1.0f / sum;
+}
+
+__attribute__((always_inline)) inline void RowSoftmaxBody(float* data, int64_t rows, int64_t cols, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = data + r * ld;
-    F16 max16 = F16{} + kNegInf;
-    for (int64_t j = 0; j < cols; j += kLanes) {
-      const F16 v = Load(row + j, std::min(kLanes, cols - j), kNegInf);
-      max16 = v > max16 ? v : max16;
-    }
-    float max = kNegInf;
-    for (int64_t i = 0; i < kLanes; ++i) max = std::max(max, max16[i]);
-    F16 sum16 = F16{};
-    for (int64_t j = 0; j < cols; j += kLanes) {
-      const int64_t n = std::min(kLanes, cols - j);
-      const F16 e = ExpNonPositive(Load(row + j, n, kNegInf) - max);  // the fill lanes: exp(-inf) = 0
-      Store(row + j, n, e);
-      sum16 += e;
-    }
-    float sum = 0.0f;
-    for (int64_t i = 0; i < kLanes; ++i) sum += sum16[i];
-    const float inv = 1.0f / sum;
+    const float inv = ExpRowInPlace(row, cols);
     for (int64_t j = 0; j < cols; j += kLanes) {
       const int64_t n = std::min(kLanes, cols - j);
       Store(row + j, n, Load(row + j, n, 0.0f) * inv);
@@ -111,7 +116,6 @@ __attribute__((always_inline)) inline void StoreBf16(uint16_t* p, int64_t n, F16
 __attribute__((always_inline)) inline void RowSoftmaxToBf16Body(float* data, int64_t rows, int64_t cols,
                                                                 int64_t ld, const uint8_t* dead, uint16_t* out,
                                                                 int64_t ld_out) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     float* row = data + r * ld;
     uint16_t* dst = out + r * ld_out;
@@ -119,23 +123,7 @@ __attribute__((always_inline)) inline void RowSoftmaxToBf16Body(float* data, int
       std::fill_n(dst, cols, uint16_t{0});
       continue;
     }
-    F16 max16 = F16{} + kNegInf;
-    for (int64_t j = 0; j < cols; j += kLanes) {
-      const F16 v = Load(row + j, std::min(kLanes, cols - j), kNegInf);
-      max16 = v > max16 ? v : max16;
-    }
-    float max = kNegInf;
-    for (int64_t i = 0; i < kLanes; ++i) max = std::max(max, max16[i]);
-    F16 sum16 = F16{};
-    for (int64_t j = 0; j < cols; j += kLanes) {
-      const int64_t n = std::min(kLanes, cols - j);
-      const F16 e = ExpNonPositive(Load(row + j, n, kNegInf) - max);
-      Store(row + j, n, e);
-      sum16 += e;
-    }
-    float sum = 0.0f;
-    for (int64_t i = 0; i < kLanes; ++i) sum += sum16[i];
-    const float inv = 1.0f / sum;
+    const float inv = ExpRowInPlace(row, cols);
     for (int64_t j = 0; j < cols; j += kLanes) {
       const int64_t n = std::min(kLanes, cols - j);
       StoreBf16(dst + j, n, Load(row + j, n, 0.0f) * inv);

@@ -1,8 +1,10 @@
 #include "core/bf16_rows.h"
 
 // GCC 12's AVX-512 intrinsic headers start some results from _mm*_undefined_*(), which -Wmaybe-uninitialized
-// reports at -O3 (a known false positive).
+// reports at -O3 (a known false positive). Clang has no such warning (and would reject the name).
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 
 #include <algorithm>

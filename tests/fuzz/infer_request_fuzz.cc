@@ -1,7 +1,8 @@
 // Fuzzes the request path without gRPC: InferRequest wire bytes -> PrepareInferenceCall (decode, then
 // validate against a layer) -> the engine (ForwardParsed, as the batch executor calls it) -> EncodeInferResponse.
 // Any status is fine; a crash, a sanitizer report, a huge allocation, or an answer whose size differs from
-// what validation reserved for it (ParsedAttention::output_bytes / weights_bytes) is a bug. The layers:
+// what validation reserved for it (ParsedAttention::output_bytes / weights_bytes; half of it in output_dtype
+// BFLOAT16 or FLOAT16) is a bug. The layers:
 // fuzz_layers.h.
 #include <cstddef>
 #include <cstdint>
@@ -21,10 +22,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   call->request_bytes = static_cast<int64_t>(size);
   const absl::Status status = PrepareInferenceCall(fuzz::Registry(), request, call.get());
   if (fuzz::Verbose()) std::fprintf(stderr, "  prepare: %s\n", status.ToString().c_str());
-  if (!status.ok() || call->parsed.flops >= fuzz::kMaxComputedFlops || !fuzz::Compute(*call)) return 0;
+  if (!status.ok() || call->parsed.flops >= fuzz::kMaxComputedFlops) return 0;
+  RunAfterAdmission(call.get());  // as the dispatcher does once admitted: BFLOAT16/FLOAT16 inputs to f32
+  if (!fuzz::Compute(*call)) return 0;
   attnserve::v1::InferResponse response;
   EncodeInferResponse(*call, &response);
-  if (response.output().raw_data().size() != static_cast<size_t>(call->parsed.output_bytes)) {
+  // output_bytes counts f32; a BFLOAT16 or FLOAT16 answer (output_dtype) is half of it.
+  const size_t divisor = call->output_dtype == DType::kFloat32 ? 1 : 2;
+  if (response.output().raw_data().size() != static_cast<size_t>(call->parsed.output_bytes) / divisor) {
     fuzz::Die("encoded output size");
   }
   (void)response.ByteSizeLong();

@@ -27,7 +27,7 @@ DECODER_SHAPES = [(1, 2048, 4096, 32, 8, 128, 0), (8, 512, 2048, 16, 4, 128, 0),
 def run_engine(binary, repetitions):
     out = subprocess.run(
         [binary, "--benchmark_format=json", f"--benchmark_repetitions={repetitions}",
-         "--benchmark_filter=BM_(PeakSgemm|PeakBf16Matmul|SelfAttention|SelfAttentionBf16|RaggedBatch|"
+         "--benchmark_filter=BM_(PeakSgemm|PeakBf16Matmul|SelfAttention|SelfAttentionBf16|RaggedBatch|LongAttention|"
          "DecoderAttention|DecoderAttentionBf16)",
          "--benchmark_report_aggregates_only=true"],
         check=True, capture_output=True, text=True).stdout
@@ -40,7 +40,10 @@ def run_engine(binary, repetitions):
         m16 = re.match(r"BM_SelfAttentionBf16/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)", name)
         d = re.match(r"BM_DecoderAttention(Bf16)?/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)/Hkv:(\d+)/D:(\d+)/W:(\d+)",
                      name)
-        if d:
+        long = re.match(r"BM_LongAttention/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)/causal:(\d)/flash:(\d)", name)
+        if long:
+            results[("long",) + tuple(int(x) for x in long.groups())] = b["GFLOPS"]
+        elif d:
             kind = "decoder_bf16" if d.group(1) else "decoder"
             results[(kind,) + tuple(int(x) for x in d.groups()[1:])] = b["GFLOPS"]
         elif m:
@@ -55,6 +58,27 @@ def run_engine(binary, repetitions):
             m = re.match(r"BM_RaggedBatch/B:(\d+)/L:(\d+)/E:(\d+)/H:(\d+)", name)
             results[("ragged",) + tuple(int(x) for x in m.groups())] = b["GFLOPS"]
     return results
+
+
+def print_long_table(engine_rounds, sgemm):
+    """Long sequences, flash-style path against the blocked one; target: flash >= 80% of sgemm."""
+    def med(key):
+        return statistics.median(x[key] for x in engine_rounds)
+
+    keys = sorted({k[1:6] for k in engine_rounds[0] if isinstance(k, tuple) and k[0] == "long"})
+    if not keys:
+        return True
+    print("\nLong sequences (causal GFLOP/s count the pairs a causal mask keeps; target: flash >= 80% of sgemm):\n")
+    print("| B | L | E | H | causal | blocked GFLOP/s | flash GFLOP/s | flash / blocked | of sgemm | met |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    all_met = True
+    for k in keys:
+        blocked, flash = med(("long",) + k + (0,)), med(("long",) + k + (1,))
+        met = flash >= 0.8 * sgemm
+        all_met &= met
+        print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {'yes' if k[4] else 'no'} | {blocked:.0f} | {flash:.0f} | "
+              f"{flash / blocked:.2f}x | {100 * flash / sgemm:.0f}% | {'yes' if met else 'NO'} |")
+    return all_met
 
 
 def run_torch(script, dtype="float32"):
@@ -182,6 +206,7 @@ def main():
         print("|---|---|---|---|---|")
         for k in sorted(ragged):
             print(f"| {k[1]} | {k[2]} | {k[3]} | {k[4]} | {med(engine_rounds, k):.0f} |")
+    all_met &= print_long_table(engine_rounds, sgemm)
     all_met &= print_bf16_table(engine_rounds, torch_rounds)
     all_met &= print_decoder_table(engine_rounds, torch_rounds, sgemm)
     if args.png:

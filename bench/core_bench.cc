@@ -49,6 +49,34 @@ void RunSelfAttention(benchmark::State& state, ComputeType compute) {
 void BM_SelfAttention(benchmark::State& state) { RunSelfAttention(state, ComputeType::kFloat32); }
 void BM_SelfAttentionBf16(benchmark::State& state) { RunSelfAttention(state, ComputeType::kBFloat16); }
 
+// Long sequences. Args: B, L, E, H, causal (0/1), flash (0: Options::flash_min_keys = 0, the blocked path).
+// Causal GFLOP/s count the useful FLOPs: the projections and the L (L + 1) / 2 pairs a causal mask keeps.
+void BM_LongAttention(benchmark::State& state) {
+  const int64_t b = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
+  const bool causal = state.range(4) != 0;
+  MultiheadAttention::Options options;
+  options.config = {e, h, 0, 0, true};
+  if (state.range(5) == 0) options.flash_min_keys = 0;
+  auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
+  if (!layer.ok()) {
+    state.SkipWithError(layer.status().ToString().c_str());
+    return;
+  }
+  const std::vector<float> query = Random(b * l * e, 2);
+  AttentionInputs in;
+  in.query = TensorView::F32(query.data(), {b, l, e});
+  in.is_causal = causal;
+  for (auto _ : state) {
+    auto out = (*layer)->Forward(in);
+    if (!out.ok()) state.SkipWithError(out.status().ToString().c_str());
+    benchmark::DoNotOptimize(out);
+  }
+  const double pairs = causal ? 0.5 * static_cast<double>(l) * static_cast<double>(l + 1) : static_cast<double>(l) * l;
+  const double all_pairs = static_cast<double>(l) * static_cast<double>(l);
+  const double flops = static_cast<double>(AttentionFlops(options.config, b, l, l)) - 4.0 * b * (all_pairs - pairs) * e;
+  state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 // Times ForwardBatch over separate [1, len, E] self-attention requests, one per entry of `lengths`.
 void RunRequestBatch(benchmark::State& state, int64_t e, int64_t h, const std::vector<int64_t>& lengths) {
   MultiheadAttention::Options options;
@@ -305,6 +333,14 @@ BENCHMARK(BM_PeakSgemm)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond)
 BENCHMARK(BM_PeakBf16Matmul)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_SelfAttention)->Apply(EngineShapes);
 BENCHMARK(BM_SelfAttentionBf16)->Apply(EngineShapes);
+BENCHMARK(BM_LongAttention)
+    ->ArgsProduct({{1}, {2048}, {1024}, {16}, {0, 1}, {0, 1}})
+    ->Args({1, 8192, 1024, 16, 1, 0})
+    ->Args({1, 8192, 1024, 16, 1, 1})
+    ->ArgNames({"B", "L", "E", "H", "causal", "flash"})
+    ->UseRealTime()
+    ->MinTime(1.0)
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_ServerBatch)
     ->ArgsProduct({{1, 2, 4, 8, 16, 32, 64}, {128}, {768}, {12}})
     ->Args({1, 16, 256, 4})

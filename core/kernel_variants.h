@@ -4,12 +4,42 @@
 // `NameBody args`, which must be always_inline so that it is compiled for each target), the pointer type
 // NameFn and NameFn PickName(). Not target_clones: its ifunc resolvers run during relocation, before
 // ThreadSanitizer's runtime is up, and crash the process.
+//
+// ATTN_KERNEL_VARIANTS_BY_WIDTH(Name, (params), (args)) does the same with `NameBody<W> args`, W being
+// VectorWidth16 for AVX-512, VectorWidth8 for AVX2 and VectorWidth4 for the baseline (SSE2): one register
+// each. GCC 12 splits a vector wider than the target's registers for arithmetic, but spills it through the
+// stack around loads and stores and does its comparisons and selects lane by lane in scalar code.
 #pragma once
 
-#define ATTN_KERNEL_VARIANTS(Name, Params, Args)                                           \
-  __attribute__((target("avx512f"))) void Name##Avx512 Params { Name##Body Args; }        \
-  __attribute__((target("avx2,fma"))) void Name##Avx2 Params { Name##Body Args; }         \
-  void Name##Baseline Params { Name##Body Args; }                                           \
+#include <cstdint>
+
+namespace attnserve {
+
+struct VectorWidth16 {
+  static constexpr int64_t kLanes = 16;
+  typedef float F __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  typedef uint16_t U16 __attribute__((vector_size(32)));
+};
+
+struct VectorWidth8 {
+  static constexpr int64_t kLanes = 8;
+  typedef float F __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+  typedef uint16_t U16 __attribute__((vector_size(16)));
+};
+
+struct VectorWidth4 {
+  static constexpr int64_t kLanes = 4;
+  typedef float F __attribute__((vector_size(16)));
+  typedef int32_t I __attribute__((vector_size(16)));
+  typedef uint16_t U16 __attribute__((vector_size(8)));
+};
+
+}  // namespace attnserve
+
+// The pointer type NameFn and PickName(): the variant for the CPU running this.
+#define ATTN_KERNEL_PICK(Name, Params)                                                      \
   using Name##Fn = void (*) Params;                                                         \
   inline Name##Fn Pick##Name() {                                                            \
     __builtin_cpu_init();                                                                   \
@@ -17,3 +47,15 @@
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Name##Avx2; \
     return Name##Baseline;                                                                  \
   }
+
+#define ATTN_KERNEL_VARIANTS(Name, Params, Args)                                    \
+  __attribute__((target("avx512f"))) void Name##Avx512 Params { Name##Body Args; } \
+  __attribute__((target("avx2,fma"))) void Name##Avx2 Params { Name##Body Args; }  \
+  void Name##Baseline Params { Name##Body Args; }                                    \
+  ATTN_KERNEL_PICK(Name, Params)
+
+#define ATTN_KERNEL_VARIANTS_BY_WIDTH(Name, Params, Args)                                                         \
+  __attribute__((target("avx512f"))) void Name##Avx512 Params { Name##Body<::attnserve::VectorWidth16> Args; } \
+  __attribute__((target("avx2,fma"))) void Name##Avx2 Params { Name##Body<::attnserve::VectorWidth8> Args; }   \
+  void Name##Baseline Params { Name##Body<::attnserve::VectorWidth4> Args; }                                    \
+  ATTN_KERNEL_PICK(Name, Params)

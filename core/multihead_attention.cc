@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/attention_masks.h"
 #include "core/bf16_rows.h"
+#include "core/flash_attention.h"
 #include "core/omp_threads.h"
 #include "core/row_softmax.h"
 #include "common/status_macros.h"
@@ -87,10 +88,13 @@ BlockPlan PlanBlocks(int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
 int64_t MultiheadAttention::ScoresBlockBytes(const ParsedAttention& p) const {
   constexpr int64_t kF32 = sizeof(float);
   const int64_t h = options_.config.num_heads;
+  const int64_t attention_flops = 4 * p.batch * p.q_len * p.kv_len * options_.config.embed_dim;
+  if (attention_flops >= options_.small_attention_flops && UsesFlash(p)) {
+    return FlashScratchBytes(FlashShape(p)) * omp_get_max_threads();
+  }
   const BlockPlan plan = PlanBlocks(p.batch, h, p.q_len, p.kv_len, options_.scores_block_bytes,
                                     options_.min_block_rows);
   const int64_t block = plan.seqs * plan.heads * plan.rows * p.kv_len * kF32;
-  const int64_t attention_flops = 4 * p.batch * p.q_len * p.kv_len * options_.config.embed_dim;
   if (plan.seqs >= p.batch || attention_flops >= options_.small_attention_flops) return block;
   // A small request is cut into units that run side by side (PlanAttentionUnits), each thread with a block.
   const int64_t all_scores = p.batch * h * p.q_len * p.kv_len * kF32;
@@ -139,10 +143,10 @@ struct MultiheadAttention::Block {
 
 MultiheadAttention::~MultiheadAttention() = default;
 
-absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(const Options& options,
-                                                                              const MhaWeights& weights) {
-  ATTN_RETURN_IF_ERROR(options.config.Validate());
-  ATTN_RETURN_IF_ERROR(weights.CheckShapes(options.config));
+namespace {
+
+// The options that shape the attention's blocks and threads (every one is a size or a threshold).
+absl::Status CheckBlockOptions(const MultiheadAttention::Options& options) {
   if (options.scores_block_bytes < 4) {
     return absl::InvalidArgumentError(
         absl::StrCat("scores_block_bytes must be >= 4, got ", options.scores_block_bytes));
@@ -159,6 +163,21 @@ absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(c
         "single_thread_below_flops and small_attention_flops must be >= 0, got ", options.single_thread_below_flops,
         " and ", options.small_attention_flops));
   }
+  if (options.flash_min_keys < 0 || options.flash_query_rows < 1 || options.flash_key_cols < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "flash_min_keys must be >= 0 and flash_query_rows, flash_key_cols >= 1, got ", options.flash_min_keys,
+        ", ", options.flash_query_rows, " and ", options.flash_key_cols));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(const Options& options,
+                                                                              const MhaWeights& weights) {
+  ATTN_RETURN_IF_ERROR(options.config.Validate());
+  ATTN_RETURN_IF_ERROR(weights.CheckShapes(options.config));
+  ATTN_RETURN_IF_ERROR(CheckBlockOptions(options));
   auto layer = std::unique_ptr<MultiheadAttention>(new MultiheadAttention(options));
   layer->compute_ = options.compute == ComputeType::kBFloat16 && OnednnBf16Support() != Bf16Support::kUnavailable
                         ? ComputeType::kBFloat16
@@ -441,8 +460,44 @@ std::vector<absl::Status> MultiheadAttention::AttendGroup(const Group& g, const 
   for (size_t u = 0; u < small.size(); ++u) {
     if (!unit_statuses[u].ok()) member_status[small[u].member] = unit_statuses[u];
   }
-  for (size_t i : large) member_status[i] = attend(i, 0, g.members[i]->batch);
+  for (size_t i : large) {
+    const ParsedAttention& p = *g.members[i];
+    auto should_stop = [&] { return stop ? stop(g.index[i]) : absl::OkStatus(); };
+    member_status[i] = UsesFlash(p) ? AttendFlash(p, proj, q_rows[i], kv_rows[i], threads, should_stop)
+                                    : attend(i, 0, p.batch);
+  }
   return member_status;
+}
+
+bool MultiheadAttention::UsesFlash(const ParsedAttention& p) const {
+  return compute_ == ComputeType::kFloat32 && options_.flash_min_keys > 0 && p.kv_len >= options_.flash_min_keys && !p.inputs->need_weights &&
+         p.key_padding_mask == MaskType::kNone && p.attn_mask == MaskType::kNone;
+}
+
+FlashAttentionArgs MultiheadAttention::FlashShape(const ParsedAttention& p) const {
+  FlashAttentionArgs a;
+  a.batch = p.batch;
+  a.heads = options_.config.num_heads;
+  a.q_len = p.q_len;
+  a.kv_len = p.kv_len;
+  a.head_dim = options_.config.head_dim();
+  a.causal = p.inputs->is_causal;
+  a.query_rows = options_.flash_query_rows;
+  a.key_cols = options_.flash_key_cols;
+  return a;
+}
+
+absl::Status MultiheadAttention::AttendFlash(const ParsedAttention& p, const Projected& proj, int64_t q_row,
+                                             int64_t kv_row, int threads,
+                                             absl::FunctionRef<absl::Status()> should_stop) const {
+  FlashAttentionArgs a = FlashShape(p);
+  a.q = {proj.q + q_row * proj.ldq, proj.ldq, p.q_len * proj.ldq};
+  a.k = {proj.k + kv_row * proj.ldk, proj.ldk, p.kv_len * proj.ldk};
+  a.v = {proj.v + kv_row * proj.ldv, proj.ldv, p.kv_len * proj.ldv};
+  a.out = proj.q + q_row * proj.ldq;
+  a.out_ld = proj.ldq;
+  a.out_seq_stride = p.q_len * proj.ldq;
+  return FlashAttention(a, threads, should_stop);
 }
 
 absl::Status MultiheadAttention::ProjectOutput(const Group& g, const Projected& proj) const {

@@ -9,7 +9,9 @@
 // fused [3E, E] matmul for self-attention); attention runs per sequence and per query block, reading the
 // heads in place from the projection output through strided memory descriptors; the scores of one block
 // (bounded by Options::scores_block_bytes) go through the mask pass and the softmax primitive; the context
-// is written over the block's Q columns, which the output projection then reads.
+// is written over the block's Q columns, which the output projection then reads. Long requests without masks
+// (is_causal aside) or weights take FlashAttention instead (Options::flash_min_keys): key blocks in turn with an
+// online softmax, no scores block larger than flash_query_rows x flash_key_cols per thread.
 //
 // Thread-safety: immutable after Create(); Forward and ForwardBatch may run on many threads at once. Each
 // thread keeps its own scratch buffers (grown to the high-water mark, released above 256 MiB).
@@ -26,6 +28,7 @@
 #include "absl/types/span.h"
 #include "core/append_engine.h"
 #include "core/attention_inputs.h"
+#include "core/flash_attention.h"
 #include "core/kv_cache_pool.h"
 #include "core/mha_config.h"
 #include "core/mha_weights.h"
@@ -69,6 +72,15 @@ class MultiheadAttention : public AppendEngine {
     // its context sum (C += P V) would rewrite C once per block. Tests set it small to cross many spans;
     // <= 0 means one block per span.
     int64_t cache_span_bytes = int64_t{1} << 20;
+    // f32 layers: requests with at least this many keys, no attention weights asked and no masks besides is_causal go
+    // through FlashAttention (core/flash_attention.h): key blocks in turn with an online softmax, the
+    // scores never leaving the cache, causal blocks skipped. Others (and all when 0) take the blocked path,
+    // whose whole score rows go through the mask pass and the softmax primitive.
+    int64_t flash_min_keys = 1024;
+    // FlashAttention's blocks: query rows x keys of scores per thread at a time (128 x 512 x 4 bytes = 256
+    // KiB, with K, V and Q blocks within a 1 MiB L2).
+    int64_t flash_query_rows = 128;
+    int64_t flash_key_cols = 256;
     // Softmax primitives kept, one per (rows, S) shape seen.
     int64_t softmax_cache_capacity = 512;
     // What the matmuls multiply in. kBFloat16: weights held in bf16, activations converted at each matmul
@@ -93,7 +105,8 @@ class MultiheadAttention : public AppendEngine {
   // Bytes of attention scores the engine holds at once for this request: one block (a few whole sequences of
   // a short request, a slice of query rows of a long one; at most Options::scores_block_bytes unless
   // min_block_rows rows of one head need more), or one per thread (omp_get_max_threads() of the caller) for
-  // a small request cut into units that run side by side. What a memory budget must count for it.
+  // a small request cut into units that run side by side or a request on the flash path. What a memory
+  // budget must count for it.
   int64_t ScoresBlockBytes(const ParsedAttention& parsed) const;
   // What a request's batch holds besides the f32 inputs, projections and scores a memory budget counts for
   // it: the bf16 copies of a bf16 layer (inputs, Q/K/V, one scores block, the context); 0 in f32.
@@ -167,6 +180,12 @@ class MultiheadAttention : public AppendEngine {
   std::vector<absl::Status> AttendGroup(const Group& group, const Projected& proj, int threads,
                                         const StopFn& stop) const;
   absl::Status ProjectOutput(const Group& group, const Projected& proj) const;
+  bool UsesFlash(const ParsedAttention& p) const;
+  // The sizes and blocks of p's FlashAttention (no operands).
+  FlashAttentionArgs FlashShape(const ParsedAttention& p) const;
+  // Attention of a whole request through FlashAttention on `threads` threads.
+  absl::Status AttendFlash(const ParsedAttention& p, const Projected& proj, int64_t q_row, int64_t kv_row,
+                           int threads, absl::FunctionRef<absl::Status()> should_stop) const;
   // bf16 layers: Q, K and V copied to bf16 (the attention matmuls' inputs); nothing in f32.
   void MirrorBf16(int64_t q_rows, int64_t kv_rows, Projected* proj) const;
   // Attention of sequences [seq_begin, seq_end) of one request whose first query row is `q_row` and first

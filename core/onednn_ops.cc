@@ -340,6 +340,17 @@ absl::Status HeadMatmulOp::Execute(const View4& a_in, const View4& b_in, const V
   }
 }
 
+absl::Status Sgemm(bool transpose_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                   int64_t ldb, float beta, float* c, int64_t ldc) {
+  const dnnl_status_t status =
+      dnnl_sgemm('N', transpose_b ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
+  if (status != dnnl_success) {
+    return absl::InternalError(absl::StrCat("oneDNN sgemm failed: status ", static_cast<int>(status), " (", m, " x ",
+                                            n, " x ", k, ")"));
+  }
+  return absl::OkStatus();
+}
+
 // ------------------------------------------------------------------------------------------ SoftmaxCache
 
 struct SoftmaxCache::Entry {

@@ -1,6 +1,7 @@
 #include "core/row_softmax.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -14,41 +15,45 @@
 namespace attnserve {
 namespace {
 
-// 16 floats as one value: GCC lowers its operations to one AVX-512 register, two AVX2 ones or four SSE ones
-// in each variant. Spelled out because the loop does not auto-vectorize here (GCC turns the underflow
-// select into a branch first).
-typedef float F16 __attribute__((vector_size(64)));
-typedef int I16 __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
+// The kernels are templates over the vector width W (core/kernel_variants.h): W::F holds W::kLanes floats
+// as one value, one register of the variant's target, so that comparisons and selects are single
+// instructions. Spelled out because the loops do not auto-vectorize here (GCC turns the underflow select
+// into a branch first).
+template <typename W>
+__attribute__((always_inline)) inline typename W::F Max(typename W::F a, typename W::F b) {
+  return a > b ? a : b;
+}
 
 // exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (truncation below
 // 1e-8 relative on that range), 2^n through the exponent bits. Below -87 (exp < 1.7e-38, under the smallest
 // normal float) and for -inf: 0. NaN stays NaN (and never reaches the float-to-int conversion).
-__attribute__((always_inline)) inline F16 ExpNonPositive(F16 x) {
-  const F16 log2e = F16{} + 1.44269504088896341f, ln2_hi = F16{} + 0.693359375f, ln2_lo = F16{} - 2.12194440e-4f;
-  const F16 input = x;
-  const I16 keep = x >= -87.0f;  // all ones, or 0 (also for NaN)
-  x = x >= -87.0f ? x : F16{} - 87.0f;  // NaN too
-  const I16 n = __builtin_convertvector(x * log2e - 0.5f, I16);  // truncation: rounds to nearest for x <= 0
-  const F16 nf = __builtin_convertvector(n, F16);
-  const F16 r = (x - nf * ln2_hi) - nf * ln2_lo;
-  F16 p = F16{} + 1.0f / 5040;
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const I16 scale = ((n + 127) << 23) & keep;  // 0.0f where x was below -87
-  const F16 e = p * __builtin_bit_cast(F16, scale);
+template <typename W>
+__attribute__((always_inline)) inline typename W::F ExpNonPositive(typename W::F x) {
+  using F = typename W::F;
+  using I = typename W::I;
+  const F log2e = F{} + 1.44269504088896341f, ln2_hi = F{} + 0.693359375f, ln2_lo = F{} - 2.12194440e-4f;
+  const F input = x;
+  const I keep = x >= -87.0f;  // all ones, or 0 (also for NaN)
+  x = x >= -87.0f ? x : F{} - 87.0f;  // NaN too
+  const I n = __builtin_convertvector(x * log2e - 0.5f, I);  // truncation: rounds to nearest for x <= 0
+  const F nf = __builtin_convertvector(n, F);
+  const F r = (x - nf * ln2_hi) - nf * ln2_lo;
+  // Estrin's scheme: three dependent multiply-adds instead of Horner's seven. The loops are latency-bound
+  // (a vector's chain outlasts what the out-of-order window holds), so the depth is what costs.
+  const F r2 = r * r, r4 = r2 * r2;
+  const F a0 = r + 1.0f, a1 = r * (1.0f / 6) + 0.5f, a2 = r * (1.0f / 120) + 1.0f / 24;
+  const F a3 = r * (1.0f / 5040) + 1.0f / 720;
+  const F p = (a0 + a1 * r2) + (a2 + a3 * r2) * r4;
+  const I scale = ((n + 127) << 23) & keep;  // 0.0f where x was below -87
+  const F e = p * __builtin_bit_cast(F, scale);
   return input == input ? e : input;
 }
 
 // n <= kLanes floats at p; lanes past n hold `fill`. A whole vector is one load (constant-size memcpy).
-__attribute__((always_inline)) inline F16 Load(const float* p, int64_t n, float fill) {
-  F16 v = F16{} + fill;
-  if (n == kLanes) {
+template <typename W>
+__attribute__((always_inline)) inline typename W::F Load(const float* p, int64_t n, float fill) {
+  typename W::F v = typename W::F{} + fill;
+  if (n == W::kLanes) {
     std::memcpy(&v, p, sizeof(v));
   } else {
     std::memcpy(&v, p, static_cast<size_t>(n) * sizeof(float));
@@ -56,55 +61,74 @@ __attribute__((always_inline)) inline F16 Load(const float* p, int64_t n, float 
   return v;
 }
 
-__attribute__((always_inline)) inline void Store(float* p, int64_t n, F16 v) {
-  if (n == kLanes) {
+template <typename W>
+__attribute__((always_inline)) inline void Store(float* p, int64_t n, typename W::F v) {
+  if (n == W::kLanes) {
     std::memcpy(p, &v, sizeof(v));
   } else {
     std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(float));
   }
 }
 
-// Replaces the row by exp(x - max) and returns 1 / the sum of those.
-__attribute__((always_inline)) inline float ExpRowInPlace(float* row, int64_t cols) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  F16 max16 = F16{} + kNegInf;
-  for (int64_t j = 0; j < cols; j += kLanes) {
-    const F16 v = Load(row + j, std::min(kLanes, cols - j), kNegInf);
-    max16 = v > max16 ? v : max16;
-  }
-  float max = kNegInf;
-  for (int64_t i = 0; i < kLanes; ++i) max = std::max(max, max16[i]);
-  F16 sum16 = F16{};
-  for (int64_t j = 0; j < cols; j += kLanes) {
-    const int64_t n = std::min(kLanes, cols - j);
-    const F16 e = ExpNonPositive(Load(row + j, n, kNegInf) - max);  // the fill lanes: exp(-inf) = 0
-    Store(row + j, n, e);
-    sum16 += e;
-  }
+template <typename W>
+__attribute__((always_inline)) inline float Sum(typename W::F v) {
   float sum = 0.0f;
-  for (int64_t i = 0; i < kLanes; ++i) sum += sum16[i];
-  return 1.0f / sum;
+  for (int64_t i = 0; i < W::kLanes; ++i) sum += v[i];
+  return sum;
 }
 
+// Largest of the first n floats of row (n >= 1).
+template <typename W>
+__attribute__((always_inline)) inline float RowMax(const float* row, int64_t n) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  typename W::F max_v = typename W::F{} + kNegInf;
+  for (int64_t j = 0; j < n; j += W::kLanes) max_v = Max<W>(Load<W>(row + j, std::min(W::kLanes, n - j), kNegInf), max_v);
+  float max = kNegInf;
+  for (int64_t i = 0; i < W::kLanes; ++i) max = std::max(max, max_v[i]);
+  return max;
+}
+
+// Replaces the first n floats of row by exp(x - max) (max at least each of them) and returns their sum.
+template <typename W>
+__attribute__((always_inline)) inline float ExpSumInPlace(float* row, int64_t n, float max) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  typename W::F sum = typename W::F{};
+  for (int64_t j = 0; j < n; j += W::kLanes) {
+    const int64_t k = std::min(W::kLanes, n - j);
+    const typename W::F e = ExpNonPositive<W>(Load<W>(row + j, k, kNegInf) - max);  // fill lanes: exp(-inf) = 0
+    Store<W>(row + j, k, e);
+    sum += e;
+  }
+  return Sum<W>(sum);
+}
+
+// Replaces the row by exp(x - max) and returns 1 / the sum of those.
+template <typename W>
+__attribute__((always_inline)) inline float ExpRowInPlace(float* row, int64_t cols) {
+  return 1.0f / ExpSumInPlace<W>(row, cols, RowMax<W>(row, cols));
+}
+
+template <typename W>
 __attribute__((always_inline)) inline void RowSoftmaxBody(float* data, int64_t rows, int64_t cols, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = data + r * ld;
-    const float inv = ExpRowInPlace(row, cols);
-    for (int64_t j = 0; j < cols; j += kLanes) {
-      const int64_t n = std::min(kLanes, cols - j);
-      Store(row + j, n, Load(row + j, n, 0.0f) * inv);
+    const float inv = ExpRowInPlace<W>(row, cols);
+    for (int64_t j = 0; j < cols; j += W::kLanes) {
+      const int64_t n = std::min(W::kLanes, cols - j);
+      Store<W>(row + j, n, Load<W>(row + j, n, 0.0f) * inv);
     }
   }
 }
 
-ATTN_KERNEL_VARIANTS(RowSoftmax, (float* data, int64_t rows, int64_t cols, int64_t ld), (data, rows, cols, ld))
+ATTN_KERNEL_VARIANTS_BY_WIDTH(RowSoftmax, (float* data, int64_t rows, int64_t cols, int64_t ld),
+                              (data, rows, cols, ld))
 
-// bf16 bit patterns of 16 finite floats, rounded to nearest even (softmax outputs: no NaN, no infinity).
-__attribute__((always_inline)) inline void StoreBf16(uint16_t* p, int64_t n, F16 v) {
-  const I16 bits = __builtin_bit_cast(I16, v);
-  typedef uint16_t U16 __attribute__((vector_size(32)));
-  const U16 out = __builtin_convertvector((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, U16);
-  if (n == kLanes) {
+// bf16 bit patterns of kLanes finite floats, rounded to nearest even (softmax outputs: no NaN, no infinity).
+template <typename W>
+__attribute__((always_inline)) inline void StoreBf16(uint16_t* p, int64_t n, typename W::F v) {
+  const typename W::I bits = __builtin_bit_cast(typename W::I, v);
+  const typename W::U16 out = __builtin_convertvector((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, typename W::U16);
+  if (n == W::kLanes) {
     std::memcpy(p, &out, sizeof(out));
   } else {
     std::memcpy(p, &out, static_cast<size_t>(n) * sizeof(uint16_t));
@@ -113,6 +137,7 @@ __attribute__((always_inline)) inline void StoreBf16(uint16_t* p, int64_t n, F16
 
 // As RowSoftmaxBody, the normalisation writing bf16 to `out` instead of f32 in place (data keeps exp(x -
 // max), unnormalised); rows flagged in `dead` (may be null) get zeros without being read.
+template <typename W>
 __attribute__((always_inline)) inline void RowSoftmaxToBf16Body(float* data, int64_t rows, int64_t cols,
                                                                 int64_t ld, const uint8_t* dead, uint16_t* out,
                                                                 int64_t ld_out) {
@@ -123,20 +148,61 @@ __attribute__((always_inline)) inline void RowSoftmaxToBf16Body(float* data, int
       std::fill_n(dst, cols, uint16_t{0});
       continue;
     }
-    const float inv = ExpRowInPlace(row, cols);
-    for (int64_t j = 0; j < cols; j += kLanes) {
-      const int64_t n = std::min(kLanes, cols - j);
-      StoreBf16(dst + j, n, Load(row + j, n, 0.0f) * inv);
+    const float inv = ExpRowInPlace<W>(row, cols);
+    for (int64_t j = 0; j < cols; j += W::kLanes) {
+      const int64_t n = std::min(W::kLanes, cols - j);
+      StoreBf16<W>(dst + j, n, Load<W>(row + j, n, 0.0f) * inv);
     }
   }
 }
 
-ATTN_KERNEL_VARIANTS(RowSoftmaxToBf16,
-                     (float* data, int64_t rows, int64_t cols, int64_t ld, const uint8_t* dead, uint16_t* out,
-                      int64_t ld_out),
-                     (data, rows, cols, ld, dead, out, ld_out))
+ATTN_KERNEL_VARIANTS_BY_WIDTH(RowSoftmaxToBf16,
+                              (float* data, int64_t rows, int64_t cols, int64_t ld, const uint8_t* dead,
+                               uint16_t* out, int64_t ld_out),
+                              (data, rows, cols, ld, dead, out, ld_out))
+
+template <typename W>
+__attribute__((always_inline)) inline void OnlineSoftmaxBlockBody(float* scores, int64_t rows, int64_t cols,
+                                                                  int64_t ld, int64_t open0, float* row_max,
+                                                                  float* row_sum, float* acc, int64_t acc_cols,
+                                                                  int64_t ld_acc) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = scores + r * ld;
+    const int64_t open = std::clamp<int64_t>(open0 + r, 0, cols);
+    const float m = open == 0 ? kNegInf : std::max(row_max[r], RowMax<W>(row, open));
+    if (m == kNegInf) {
+      std::fill_n(row, cols, 0.0f);
+      continue;
+    }
+    const float sum = ExpSumInPlace<W>(row, open, m);
+    std::fill(row + open, row + cols, 0.0f);
+    if (row_max[r] == kNegInf) {
+      row_sum[r] = sum;
+    } else {
+      const float alpha = std::exp(row_max[r] - m);
+      row_sum[r] = row_sum[r] * alpha + sum;
+      float* acc_row = acc + r * ld_acc;
+      if (alpha != 1.0f) {
+        for (int64_t j = 0; j < acc_cols; ++j) acc_row[j] *= alpha;
+      }
+    }
+    row_max[r] = m;
+  }
+}
+
+ATTN_KERNEL_VARIANTS_BY_WIDTH(OnlineSoftmaxBlock,
+                              (float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t open0,
+                               float* row_max, float* row_sum, float* acc, int64_t acc_cols, int64_t ld_acc),
+                              (scores, rows, cols, ld, open0, row_max, row_sum, acc, acc_cols, ld_acc))
 
 }  // namespace
+
+void OnlineSoftmaxBlock(float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t open0, float* row_max,
+                        float* row_sum, float* acc, int64_t acc_cols, int64_t ld_acc) {
+  static const OnlineSoftmaxBlockFn picked = PickOnlineSoftmaxBlock();
+  picked(scores, rows, cols, ld, open0, row_max, row_sum, acc, acc_cols, ld_acc);
+}
 
 void RowSoftmaxToBf16(float* data, int64_t rows, int64_t cols, int64_t ld, const uint8_t* dead, uint16_t* out,
                       int64_t ld_out) {

@@ -19,4 +19,15 @@ void RowSoftmax(float* data, int64_t rows, int64_t cols, int64_t ld);
 void RowSoftmaxToBf16(float* data, int64_t rows, int64_t cols, int64_t ld, const uint8_t* dead, uint16_t* out,
                       int64_t ld_out);
 
+// One key block of an online (flash-style) softmax, over `rows` rows of scores (row stride ld, `cols` keys).
+// Row r keeps its first open(r) = clamp(open0 + r, 0, cols) keys (the causal diagonal; open0 >= cols keeps
+// every key) and the rest become 0. With m = max(row_max[r], the row's largest open score), the open scores
+// become exp(s - m); row_sum[r] = row_sum[r] * exp(row_max[r] - m) + their sum; the accumulated context
+// row r of `acc` (`acc_cols` floats, row stride ld_acc) is scaled by exp(row_max[r] - m) (not touched while
+// row_max[r] is -inf: nothing accumulated yet); row_max[r] = m. A row with no open key, or whose open scores
+// are all -inf, becomes zeros and leaves its state as it was. Start with row_max = -inf, row_sum = 0 and
+// acc = 0. Runs on the calling thread.
+void OnlineSoftmaxBlock(float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t open0, float* row_max,
+                        float* row_sum, float* acc, int64_t acc_cols, int64_t ld_acc);
+
 }  // namespace attnserve

@@ -149,7 +149,12 @@ TEST(RaggedBatchTest, ScoresBlockBytesIsTheBlockPlanned) {
   };
   EXPECT_EQ(block_bytes(**layer, 1, 8), 4 * 8 * 8 * 4);            // a short request: its whole scores
   EXPECT_EQ(block_bytes(**layer, 3, 8), 3 * 4 * 8 * 8 * 4);        // several sequences in one block
-  EXPECT_EQ(block_bytes(**layer, 1, 4096), int64_t{4} << 20);      // a long one: the cap, 64 rows of all heads
+  // A long one on the flash path: a 128 x 256 scores block, a 128 x Dh context and 2 floats a row, per thread.
+  EXPECT_EQ(block_bytes(**layer, 1, 4096), 4 * 128 * (256 + 16 + 2) * omp_get_max_threads());
+  options.flash_min_keys = 0;  // the blocked path from here on
+  auto blocked = MultiheadAttention::Create(options, weights);
+  ASSERT_TRUE(blocked.ok()) << blocked.status();
+  EXPECT_EQ(block_bytes(**blocked, 1, 4096), int64_t{4} << 20);    // a long one: the cap, 64 rows of all heads
   options.scores_block_bytes = 4096;                               // a cap below min_block_rows of one head
   auto tiny = MultiheadAttention::Create(options, weights);
   ASSERT_TRUE(tiny.ok()) << tiny.status();

@@ -1,0 +1,102 @@
+#include "core/flash_attention.h"
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <vector>
+
+#include "common/status_macros.h"
+#include "core/onednn_ops.h"
+#include "core/row_softmax.h"
+
+namespace attnserve {
+namespace {
+
+// One thread's block state: scores [rows, key_cols], context [rows, Dh], running max and sum per row.
+struct FlashScratch {
+  std::vector<float> scores, acc, row_max, row_sum;
+};
+
+FlashScratch& ThreadFlashScratch() {
+  thread_local FlashScratch scratch;
+  return scratch;
+}
+
+float* Sized(std::vector<float>& buf, int64_t n) {
+  if (buf.size() < static_cast<size_t>(n)) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
+// Row `row` of head h of sequence b of `op`.
+const float* Row(const FlashOperand& op, int64_t b, int64_t h, int64_t row, int64_t head_dim) {
+  return op.data + b * op.seq_stride + row * op.ld + h * head_dim;
+}
+
+// A query block of one (sequence, head): every key block up to the causal limit, then context / sum.
+absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t b, int64_t h, int64_t l0) {
+  const int64_t dh = a.head_dim, lb = std::min(a.query_rows, a.q_len - l0);
+  FlashScratch& s = ThreadFlashScratch();
+  float* scores = Sized(s.scores, lb * a.key_cols);
+  float* acc = Sized(s.acc, lb * dh);
+  float* row_max = Sized(s.row_max, lb);
+  float* row_sum = Sized(s.row_sum, lb);
+  std::fill_n(acc, lb * dh, 0.0f);
+  std::fill_n(row_max, lb, -std::numeric_limits<float>::infinity());
+  std::fill_n(row_sum, lb, 0.0f);
+  const int64_t key_end = a.causal ? std::min(a.kv_len, l0 + lb) : a.kv_len;
+  for (int64_t k0 = 0; k0 < key_end; k0 += a.key_cols) {
+    const int64_t kb = std::min(a.key_cols, key_end - k0);
+    // scores [lb, kb] = Q rows [l0, l0 + lb) . K rows [k0, k0 + kb)^T
+    ATTN_RETURN_IF_ERROR(
+        Sgemm(true, lb, kb, dh, Row(a.q, b, h, l0, dh), a.q.ld, Row(a.k, b, h, k0, dh), a.k.ld, 0.0f, scores, kb));
+    // Causal: row r (query l0 + r) sees keys up to l0 + r, the first l0 + r - k0 + 1 of this block.
+    OnlineSoftmaxBlock(scores, lb, kb, kb, a.causal ? l0 - k0 + 1 : kb, row_max, row_sum, acc, dh, dh);
+    // acc [lb, Dh] += probabilities [lb, kb] . V rows [k0, k0 + kb)
+    ATTN_RETURN_IF_ERROR(Sgemm(false, lb, dh, kb, scores, kb, Row(a.v, b, h, k0, dh), a.v.ld, 1.0f, acc, dh));
+  }
+  for (int64_t r = 0; r < lb; ++r) {
+    float* out = a.out + b * a.out_seq_stride + (l0 + r) * a.out_ld + h * dh;
+    const float inv = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;
+    for (int64_t d = 0; d < dh; ++d) out[d] = acc[r * dh + d] * inv;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int64_t FlashScratchBytes(const FlashAttentionArgs& a) {
+  const int64_t rows = std::min(a.query_rows, a.q_len);
+  return static_cast<int64_t>(sizeof(float)) * rows * (std::min(a.key_cols, a.kv_len) + a.head_dim + 2);
+}
+
+absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::FunctionRef<absl::Status()> should_stop) {
+  const int64_t query_blocks = (a.q_len + a.query_rows - 1) / a.query_rows;
+  const int64_t per_block = a.batch * a.heads, items = query_blocks * per_block;
+  std::vector<absl::Status> statuses(static_cast<size_t>(items));
+  std::atomic<bool> failed{false};
+  auto run = [&](int64_t item) {
+    if (failed.load(std::memory_order_relaxed)) return;
+    // Causal blocks cost more the later they sit: those go first, so the last items taken are short.
+    const int64_t qb = a.causal ? query_blocks - 1 - item / per_block : item / per_block;
+    const int64_t b = item % per_block / a.heads, h = item % a.heads;
+    absl::Status status = should_stop();
+    if (status.ok()) status = AttendQueryBlock(a, b, h, qb * a.query_rows);
+    if (!status.ok()) {
+      statuses[static_cast<size_t>(item)] = std::move(status);
+      failed.store(true, std::memory_order_relaxed);
+    }
+  };
+  if (threads <= 1 || items == 1) {
+    // No parallel construct at all: inside one, every oneDNN call would start a nested team.
+    for (int64_t i = 0; i < items; ++i) run(i);
+  } else {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t i = 0; i < items; ++i) run(i);
+  }
+  for (absl::Status& status : statuses) {
+    if (!status.ok()) return status;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace attnserve

@@ -1,0 +1,46 @@
+// Attention for long sequences with the scores kept in cache (flash-style): softmax(Q K^T [+ causal]) V
+// computed per (sequence, head, query block), the key blocks in turn, with an online softmax (a running
+// max and sum per row, the context rescaled as the max grows), so that no scores block larger than
+// query_rows x key_cols ever exists. Causal key blocks past a query block's last row are not computed.
+// Built from oneDNN's sgemm (Sgemm: a primitive's per-call cost is a tenth of a block's time) and the
+// project's OnlineSoftmaxBlock. f32 only: bf16 layers keep the blocked path, measured at 1.8x f32 (the flash
+// path in bf16 has not been measured on a machine with native bf16).
+//
+// The scale (1/sqrt(Dh)) must already be in Q. No masks other than causal, no attention weights: callers
+// send those requests through the blocked path that materialises whole score rows.
+#pragma once
+
+#include <cstdint>
+
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+
+namespace attnserve {
+
+// Rows of one projection: element (b, h, i, d) at data[b * seq_stride + i * ld + h * head_dim + d].
+struct FlashOperand {
+  const float* data = nullptr;
+  int64_t ld = 0, seq_stride = 0;
+};
+
+struct FlashAttentionArgs {
+  int64_t batch = 0, heads = 0, q_len = 0, kv_len = 0, head_dim = 0;
+  bool causal = false;  // query i sees keys j <= i
+  FlashOperand q, k, v;
+  // The context [B, L, H * Dh] as `out` reads it (f32). It may be Q's own f32 rows: a block's context is
+  // written once its Q block is no longer read.
+  float* out = nullptr;
+  int64_t out_ld = 0, out_seq_stride = 0;
+  // Block sizes: one thread holds query_rows x key_cols scores and query_rows x Dh of context at a time.
+  int64_t query_rows = 128, key_cols = 512;
+};
+
+// The scratch one thread holds, in bytes: what a memory budget counts per OpenMP thread.
+int64_t FlashScratchBytes(const FlashAttentionArgs& args);
+
+// Runs on `threads` OpenMP threads (1: on the caller alone, no parallel region), work items (sequence, head,
+// query block) taken in turn, each with single-threaded sgemm calls. `should_stop` (thread-safe) is asked
+// before each item; its first error, or a matmul's, is returned (the context is then partly written).
+absl::Status FlashAttention(const FlashAttentionArgs& args, int threads, absl::FunctionRef<absl::Status()> should_stop);
+
+}  // namespace attnserve

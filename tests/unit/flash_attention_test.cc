@@ -1,0 +1,247 @@
+// The flash-style path (core/flash_attention.h) through MultiheadAttention: against the float64 naive
+// reference and the blocked path, over random shapes, block sizes that cut rows and keys unevenly, causal
+// and not, self- and cross-attention, one thread and several; which requests it takes; stops between blocks.
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <random>
+
+#include "core/flash_attention.h"
+#include "core/multihead_attention.h"
+#include "core/row_softmax.h"
+#include "gtest/gtest.h"
+#include "tests/testing/naive_mha.h"
+
+namespace attnserve {
+namespace {
+
+using testing::MaxAbsDiff;
+using testing::RandomValues;
+
+struct FlashCase {
+  MhaConfig config;
+  int64_t batch, q_len, kv_len, query_rows, key_cols;
+  bool self_attention, is_causal;
+};
+
+FlashCase DrawFlashCase(std::mt19937_64& rng) {
+  auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  FlashCase c{};
+  c.config.num_heads = pick(1, 4);
+  c.config.embed_dim = c.config.num_heads * pick(1, 20);
+  c.config.bias = pick(0, 3) != 0;
+  c.self_attention = pick(0, 2) != 0;
+  c.batch = pick(1, 3);
+  c.q_len = pick(1, 90);
+  c.kv_len = c.self_attention ? c.q_len : pick(1, 90);
+  c.is_causal = pick(0, 1) == 1;
+  c.query_rows = pick(1, 24);
+  c.key_cols = pick(1, 40);
+  return c;
+}
+
+// Options that send every unmasked request without weights through FlashAttention, with `c`'s blocks.
+MultiheadAttention::Options FlashOptions(const FlashCase& c) {
+  MultiheadAttention::Options options;
+  options.config = c.config;
+  options.small_attention_flops = 0;  // every request is "large": attended whole, not cut into units
+  options.single_thread_below_flops = 0;
+  options.flash_min_keys = 1;
+  options.flash_query_rows = c.query_rows;
+  options.flash_key_cols = c.key_cols;
+  return options;
+}
+
+TEST(FlashAttentionTest, RandomShapesMatchFloat64ReferenceAndBlockedPath) {
+  std::mt19937_64 rng(20261203);
+  for (int iter = 0; iter < 150; ++iter) {
+    const FlashCase c = DrawFlashCase(rng);
+    SCOPED_TRACE(::testing::Message() << "case " << iter << ": " << c.config.DebugString() << " B=" << c.batch
+                                      << " L=" << c.q_len << " S=" << c.kv_len << " self=" << c.self_attention
+                                      << " causal=" << c.is_causal << " blocks " << c.query_rows << "x"
+                                      << c.key_cols);
+    const MhaWeights weights = testing::RandomTestWeights(c.config, rng);
+    MultiheadAttention::Options options = FlashOptions(c);
+    auto flash = MultiheadAttention::Create(options, weights);
+    ASSERT_TRUE(flash.ok()) << flash.status();
+    options.flash_min_keys = 0;
+    auto blocked = MultiheadAttention::Create(options, weights);
+    ASSERT_TRUE(blocked.ok()) << blocked.status();
+
+    const int64_t e = c.config.embed_dim;
+    const std::vector<float> query = RandomValues(rng, c.batch * c.q_len * e);
+    const std::vector<float> key = RandomValues(rng, c.batch * c.kv_len * e);
+    const std::vector<float> value = RandomValues(rng, c.batch * c.kv_len * e);
+    AttentionInputs in;
+    in.query = TensorView::F32(query.data(), {c.batch, c.q_len, e});
+    if (!c.self_attention) {
+      in.key = TensorView::F32(key.data(), {c.batch, c.kv_len, e});
+      in.value = TensorView::F32(value.data(), {c.batch, c.kv_len, e});
+    }
+    in.is_causal = c.is_causal;
+    in.need_weights = false;
+    const int threads = iter % 3 == 0 ? 1 : 0;  // 0: every OpenMP thread
+    auto got = (*flash)->Forward(in, threads);
+    ASSERT_TRUE(got.ok()) << got.status();
+    auto other = (*blocked)->Forward(in, threads);
+    ASSERT_TRUE(other.ok()) << other.status();
+    const testing::NaiveOutputs want = testing::NaiveMultiheadAttention(c.config, weights, in);
+    EXPECT_LE(MaxAbsDiff(got->output.values, want.output), 2e-5);
+    EXPECT_LE(MaxAbsDiff(got->output.values, other->output.values), 2e-5);
+    EXPECT_TRUE(got->attn_weights.values.empty());
+  }
+}
+
+// Long enough for the default blocks (128 x 256) to cut rows and keys, with a ragged last block each way.
+TEST(FlashAttentionTest, DefaultBlocksOnALongCausalSequence) {
+  std::mt19937_64 rng(7);
+  MhaConfig config{128, 4, 0, 0, true};
+  const MhaWeights weights = testing::RandomTestWeights(config, rng);
+  MultiheadAttention::Options options;
+  options.config = config;
+  options.flash_min_keys = 512;
+  auto layer = MultiheadAttention::Create(options, weights);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  const int64_t len = 700;
+  const std::vector<float> query = RandomValues(rng, len * config.embed_dim);
+  for (bool causal : {true, false}) {
+    AttentionInputs in;
+    in.query = TensorView::F32(query.data(), {1, len, config.embed_dim});
+    in.is_causal = causal;
+    auto got = (*layer)->Forward(in);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_LE(MaxAbsDiff(got->output.values, testing::NaiveMultiheadAttention(config, weights, in).output), 2e-5)
+        << "causal " << causal;
+  }
+}
+
+// Masks and weights take the blocked path (which returns them exactly), even when flash_min_keys is met.
+TEST(FlashAttentionTest, MasksAndWeightsStillExact) {
+  std::mt19937_64 rng(11);
+  FlashCase c{MhaConfig{24, 3, 0, 0, true}, 2, 40, 40, 5, 7, true, true};
+  const MhaWeights weights = testing::RandomTestWeights(c.config, rng);
+  auto layer = MultiheadAttention::Create(FlashOptions(c), weights);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  const std::vector<float> query = RandomValues(rng, c.batch * c.q_len * c.config.embed_dim);
+  std::vector<uint8_t> padding(c.batch * c.kv_len, 0);
+  padding[3] = padding[50] = 1;
+  for (int variant = 0; variant < 2; ++variant) {
+    AttentionInputs in;
+    in.query = TensorView::F32(query.data(), {c.batch, c.q_len, c.config.embed_dim});
+    in.is_causal = true;
+    if (variant == 0) in.key_padding_mask = TensorView::Bool(padding.data(), {c.batch, c.kv_len});
+    in.need_weights = variant == 1;
+    auto got = (*layer)->Forward(in);
+    ASSERT_TRUE(got.ok()) << got.status();
+    const testing::NaiveOutputs want = testing::NaiveMultiheadAttention(c.config, weights, in);
+    EXPECT_LE(MaxAbsDiff(got->output.values, want.output), 2e-5) << "variant " << variant;
+    if (variant == 1) {
+      EXPECT_LE(MaxAbsDiff(got->attn_weights.values, want.attn_weights), 1e-6);
+    }
+  }
+}
+
+// Requests the flash path takes ask whether to stop once per (sequence, head, query block); the blocked
+// path here once for the whole request (its scores fit one block). So the count tells which path ran.
+TEST(FlashAttentionTest, UnmaskedRequestsWithoutWeightsTakeTheFlashPath) {
+  std::mt19937_64 rng(9);
+  FlashCase c{MhaConfig{32, 2, 0, 0, true}, 3, 20, 20, 8, 16, true, true};
+  const MhaWeights weights = testing::RandomTestWeights(c.config, rng);
+  const std::vector<float> query = RandomValues(rng, c.batch * c.q_len * c.config.embed_dim);
+  AttentionInputs in;
+  in.query = TensorView::F32(query.data(), {c.batch, c.q_len, c.config.embed_dim});
+  in.is_causal = true;
+  for (int64_t min_keys : {int64_t{20}, int64_t{21}, int64_t{0}}) {
+    MultiheadAttention::Options options = FlashOptions(c);
+    options.flash_min_keys = min_keys;
+    auto layer = MultiheadAttention::Create(options, weights);
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    auto parsed = (*layer)->Validate(in);
+    ASSERT_TRUE(parsed.ok()) << parsed.status();
+    std::atomic<int> asked{0};
+    const ParsedAttention* requests[] = {&*parsed};
+    auto results = (*layer)->ForwardParsed(requests, 2, [&](size_t) {
+      ++asked;
+      return absl::OkStatus();
+    });
+    ASSERT_TRUE(results[0].ok()) << results[0].status();
+    EXPECT_EQ(asked.load(), min_keys == 20 ? 3 * 2 * 3 : 1) << "flash_min_keys " << min_keys;
+  }
+  // BFLOAT16 layers keep the blocked path (unless this CPU has no bf16 matmul and they compute in f32).
+  MultiheadAttention::Options options = FlashOptions(c);
+  options.compute = ComputeType::kBFloat16;
+  auto layer = MultiheadAttention::Create(options, weights);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  auto parsed = (*layer)->Validate(in);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  std::atomic<int> asked{0};
+  const ParsedAttention* requests[] = {&*parsed};
+  auto results = (*layer)->ForwardParsed(requests, 2, [&](size_t) {
+    ++asked;
+    return absl::OkStatus();
+  });
+  ASSERT_TRUE(results[0].ok()) << results[0].status();
+  EXPECT_EQ(asked.load(), (*layer)->compute() == ComputeType::kFloat32 ? 3 * 2 * 3 : 1);
+}
+
+// A stop asked for between blocks fails that request with the stop's status.
+TEST(FlashAttentionTest, StopEndsTheRequest) {
+  std::mt19937_64 rng(5);
+  FlashCase c{MhaConfig{32, 2, 0, 0, true}, 1, 64, 64, 8, 16, true, false};
+  const MhaWeights weights = testing::RandomTestWeights(c.config, rng);
+  auto layer = MultiheadAttention::Create(FlashOptions(c), weights);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  const std::vector<float> query = RandomValues(rng, c.q_len * c.config.embed_dim);
+  AttentionInputs in;
+  in.query = TensorView::F32(query.data(), {1, c.q_len, c.config.embed_dim});
+  auto parsed = (*layer)->Validate(in);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  std::atomic<int> asked{0};
+  auto stop = [&](size_t) {
+    return ++asked > 3 ? absl::DeadlineExceededError("deadline") : absl::OkStatus();
+  };
+  const ParsedAttention* requests[] = {&*parsed};
+  auto results = (*layer)->ForwardParsed(requests, 2, stop);
+  ASSERT_EQ(results.size(), 1u);
+  EXPECT_EQ(results[0].status().code(), absl::StatusCode::kDeadlineExceeded);
+}
+
+// The online softmax over key blocks, then normalised, equals one softmax over the whole row (float64),
+// for the causal diagonal's open prefixes too; the accumulated context is rescaled along.
+TEST(FlashAttentionTest, OnlineSoftmaxBlocksEqualOneSoftmax) {
+  std::mt19937_64 rng(3);
+  const int64_t rows = 9, keys = 70, block = 16, dh = 5;
+  const std::vector<float> scores = RandomValues(rng, rows * keys, 4.0f);
+  const std::vector<float> values = RandomValues(rng, keys * dh);
+  for (int64_t open0 : {keys, int64_t{30}}) {  // all keys open; row r sees the first 30 + r
+    std::vector<float> row_max(rows, -std::numeric_limits<float>::infinity()), row_sum(rows, 0.0f);
+    std::vector<float> acc(rows * dh, 0.0f), blk(rows * block);
+    for (int64_t k0 = 0; k0 < keys; k0 += block) {
+      const int64_t kb = std::min(block, keys - k0);
+      for (int64_t r = 0; r < rows; ++r) std::copy_n(&scores[r * keys + k0], kb, &blk[r * kb]);
+      OnlineSoftmaxBlock(blk.data(), rows, kb, kb, open0 - k0, row_max.data(), row_sum.data(), acc.data(), dh, dh);
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t j = 0; j < kb; ++j) {
+          for (int64_t d = 0; d < dh; ++d) acc[r * dh + d] += blk[r * kb + j] * values[(k0 + j) * dh + d];
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t open = std::min(keys, open0 + r);
+      double max = -1e300, sum = 0;
+      for (int64_t j = 0; j < open; ++j) max = std::max(max, double{scores[r * keys + j]});
+      std::vector<double> want(dh, 0.0);
+      for (int64_t j = 0; j < open; ++j) {
+        const double p = std::exp(double{scores[r * keys + j]} - max);
+        sum += p;
+        for (int64_t d = 0; d < dh; ++d) want[d] += p * values[j * dh + d];
+      }
+      for (int64_t d = 0; d < dh; ++d) {
+        EXPECT_NEAR(acc[r * dh + d] / row_sum[r], want[d] / sum, 1e-5) << "open0 " << open0 << " row " << r;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace attnserve

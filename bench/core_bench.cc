@@ -344,7 +344,7 @@ BENCHMARK(BM_LongAttention)
 BENCHMARK(BM_ServerBatch)
     ->ArgsProduct({{1, 2, 4, 8, 16, 32, 64}, {128}, {768}, {12}})
     ->Args({1, 16, 256, 4})
-    ->Args({1, 32, 512, 8})
+    ->ArgsProduct({{1, 16, 32, 64}, {32}, {512}, {8}})  // the serving bench's batching and PyTorch steps
     ->ArgNames({"R", "L", "E", "H"})
     ->UseRealTime()
     ->MinTime(0.3)

@@ -71,14 +71,17 @@ int64_t FlashScratchBytes(const FlashAttentionArgs& a) {
 
 absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::FunctionRef<absl::Status()> should_stop) {
   const int64_t query_blocks = (a.q_len + a.query_rows - 1) / a.query_rows;
-  const int64_t per_block = a.batch * a.heads, items = query_blocks * per_block;
+  const int64_t items = a.batch * a.heads * query_blocks;
   std::vector<absl::Status> statuses(static_cast<size_t>(items));
   std::atomic<bool> failed{false};
   auto run = [&](int64_t item) {
     if (failed.load(std::memory_order_relaxed)) return;
-    // Causal blocks cost more the later they sit: those go first, so the last items taken are short.
-    const int64_t qb = a.causal ? query_blocks - 1 - item / per_block : item / per_block;
-    const int64_t b = item % per_block / a.heads, h = item % a.heads;
+    // A head's query blocks one after another: its K and V (2 x L x Dh floats) stay in the L3 cache for the
+    // threads taking them, where taking every head's block in turn streams all heads' K and V from memory.
+    // Causal: the later blocks cost more, so they go first and the last items taken are short.
+    const int64_t sequence_head = item / query_blocks, block = item % query_blocks;
+    const int64_t qb = a.causal ? query_blocks - 1 - block : block;
+    const int64_t b = sequence_head / a.heads, h = sequence_head % a.heads;
     absl::Status status = should_stop();
     if (status.ok()) status = AttendQueryBlock(a, b, h, qb * a.query_rows);
     if (!status.ok()) {

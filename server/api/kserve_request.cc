@@ -222,6 +222,22 @@ absl::Status DecodeOptions(const ModelInferRequest& req, AttentionInputs& in) {
   return absl::OkStatus();
 }
 
+// parameters.output_dtype (string_param FP32, BF16 or FP16): the type the outputs are answered in.
+absl::Status DecodeOutputDType(const ModelInferRequest& req, InferenceCall* call) {
+  const auto it = req.parameters().find("output_dtype");
+  if (it == req.parameters().end()) return absl::OkStatus();
+  const InferParameter& p = it->second;
+  const std::string& name = p.string_param();
+  if (p.parameter_choice_case() == InferParameter::kStringParam && (name == "FP32" || name == "BF16" || name == "FP16")) {
+    call->output_dtype = name == "BF16" ? DType::kBFloat16 : name == "FP16" ? DType::kFloat16 : DType::kFloat32;
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat("parameters.output_dtype: expected a string_param FP32, BF16 or FP16",
+                                                 p.parameter_choice_case() == InferParameter::kStringParam
+                                                     ? absl::StrCat(", got '", BoundedForLog(name, 16), "'")
+                                                     : ""));
+}
+
 absl::Status DecodeVersion(const ModelInferRequest& req, InferenceCall* call) {
   if (req.model_version().empty()) return absl::OkStatus();
   int64_t version = 0;
@@ -233,13 +249,12 @@ absl::Status DecodeVersion(const ModelInferRequest& req, InferenceCall* call) {
   return absl::OkStatus();
 }
 
-void AddOutput(const char* name, const Tensor& tensor, inference::ModelInferResponse* response) {
+void AddOutput(const char* name, const Tensor& tensor, DType dtype, inference::ModelInferResponse* response) {
   auto* out = response->add_outputs();
   out->set_name(name);
-  out->set_datatype("FP32");
+  out->set_datatype(dtype == DType::kBFloat16 ? "BF16" : dtype == DType::kFloat16 ? "FP16" : "FP32");
   for (int64_t d : tensor.shape) out->add_shape(d);
-  response->add_raw_output_contents()->assign(reinterpret_cast<const char*>(tensor.values.data()),
-                                              tensor.values.size() * sizeof(float));
+  EncodeRawValues(tensor, dtype, response->add_raw_output_contents());
 }
 
 void SetInt64(inference::ModelInferResponse* response, const char* name, int64_t value) {
@@ -255,6 +270,7 @@ void DecodeModelInferRequest(const ModelInferRequest& request, InferenceCall* ca
   call->id = request.id();
   call->decode_status = DecodeVersion(request, call);
   if (call->decode_status.ok()) call->decode_status = DecodeOptions(request, call->inputs);
+  if (call->decode_status.ok()) call->decode_status = DecodeOutputDType(request, call);
   if (call->decode_status.ok()) call->decode_status = DecodeInputs(request, call);
 }
 
@@ -272,12 +288,13 @@ void EncodeModelInferResponse(const InferenceCall& call, const ModelInferRequest
   response->set_model_version(absl::StrCat(call.layer->version));
   response->set_id(call.id);
   if (request.outputs_size() == 0) {
-    AddOutput(kOutput, call.outputs.output, response);
-    if (call.inputs.need_weights) AddOutput(kAttnWeights, call.outputs.attn_weights, response);
+    AddOutput(kOutput, call.outputs.output, call.output_dtype, response);
+    if (call.inputs.need_weights) AddOutput(kAttnWeights, call.outputs.attn_weights, call.output_dtype, response);
   }
   for (const auto& wanted : request.outputs()) {
     const bool weights = wanted.name() == kAttnWeights;
-    AddOutput(weights ? kAttnWeights : kOutput, weights ? call.outputs.attn_weights : call.outputs.output, response);
+    AddOutput(weights ? kAttnWeights : kOutput, weights ? call.outputs.attn_weights : call.outputs.output,
+              call.output_dtype, response);
   }
   SetInt64(response, "queue_us", call.timing.queue_us);
   SetInt64(response, "compute_us", call.timing.compute_us);

@@ -133,17 +133,12 @@ absl::StatusOr<TensorView> DecodeTensor(const attnserve::v1::Tensor& t, const st
   return ViewValues(t, field, std::move(shape), count, dtype);
 }
 
-void EncodeTensor(const Tensor& tensor, attnserve::v1::Tensor* out, DType dtype) {
-  out->clear_shape();
-  for (int64_t d : tensor.shape) out->add_shape(d);
+void EncodeRawValues(const Tensor& tensor, DType dtype, std::string* raw) {
   const size_t n = tensor.values.size();
   if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) {
-    out->set_dtype(v1::FLOAT32);
-    out->mutable_raw_data()->assign(reinterpret_cast<const char*>(tensor.values.data()), n * sizeof(float));
+    raw->assign(reinterpret_cast<const char*>(tensor.values.data()), n * sizeof(float));
     return;
   }
-  out->set_dtype(dtype == DType::kBFloat16 ? v1::BFLOAT16 : v1::FLOAT16);
-  std::string* raw = out->mutable_raw_data();
   raw->resize(n * sizeof(uint16_t));
   uint16_t* bits = reinterpret_cast<uint16_t*>(raw->data());  // std::string storage is suitably aligned
   if (dtype == DType::kBFloat16) {
@@ -151,6 +146,13 @@ void EncodeTensor(const Tensor& tensor, attnserve::v1::Tensor* out, DType dtype)
   } else {
     for (size_t i = 0; i < n; ++i) bits[i] = FloatToHalf(tensor.values[i]);
   }
+}
+
+void EncodeTensor(const Tensor& tensor, attnserve::v1::Tensor* out, DType dtype) {
+  out->clear_shape();
+  for (int64_t d : tensor.shape) out->add_shape(d);
+  out->set_dtype(dtype == DType::kBFloat16 ? v1::BFLOAT16 : dtype == DType::kFloat16 ? v1::FLOAT16 : v1::FLOAT32);
+  EncodeRawValues(tensor, dtype, out->mutable_raw_data());
 }
 
 }  // namespace attnserve

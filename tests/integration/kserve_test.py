@@ -585,6 +585,33 @@ def case_infer_fp16_bf16(e):
             expect(max_diff(unrounded, answer(low)) > 0, f"{types}: the values were not rounded")
 
 
+def case_infer_output_dtype(e):
+    """parameters.output_dtype BF16 / FP16: every output in that type, the FP32 answer rounded to it."""
+    g = golden(e, "kdim_vdim")
+    inputs = [("query", rand((2, 5, 32), 31)), ("key", rand((2, 7, 24), 32)), ("value", rand((2, 7, 40), 33))]
+    ref = infer(e, kreq(g.layer, inputs, {"need_weights": True}))
+    decode = {"BF16": lambda raw: bf16_bits_to_f32(np.frombuffer(raw, "<u2")),
+              "FP16": lambda raw: np.frombuffer(raw, "<f2").astype(np.float32)}
+    round_to = {"BF16": lambda a: bf16_bits_to_f32(f32_to_bf16_bits(a)),
+                "FP16": lambda a: a.astype(np.float16).astype(np.float32)}
+    for dtype in ("BF16", "FP16"):
+        low = infer(e, kreq(g.layer, inputs, {"need_weights": True, "output_dtype": dtype}))
+        expect([t.name for t in low.outputs] == ["output", "attn_weights"], f"{dtype}: outputs {low.outputs}")
+        for t, raw in zip(low.outputs, low.raw_output_contents):
+            expect(t.datatype == dtype, f"{dtype}: {t.name} datatype {t.datatype!r}")
+            shape = [int(d) for d in t.shape]
+            expect(len(raw) == 2 * int(np.prod(shape)), f"{dtype}: {t.name}: {len(raw)} bytes for {shape}")
+            want = round_to[dtype](answer(ref, t.name)).ravel()
+            expect_same_bits(decode[dtype](raw), want, f"{dtype}: {t.name} vs the FP32 answer rounded")
+    r = kreq(g.layer, inputs, {"output_dtype": "INT8"})
+    try:
+        infer(e, r)
+        expect(False, "output_dtype INT8 accepted")
+    except grpc.RpcError as err:
+        expect(err.code() == grpc.StatusCode.INVALID_ARGUMENT and "parameters.output_dtype" in err.details(),
+               f"output_dtype INT8: {err.code()} {err.details()}")
+
+
 def case_infer_matches_attnserve_v1(e):
     """The same tensors on the same layer: KServe and attnserve.v1 answer bit for bit."""
     for name in ("batch_masks_combined", "causal_kpm", "attn_mask_float_3d", "unbatched_cross"):
@@ -1167,7 +1194,8 @@ def case_cross_protocol_batching(e):
 
 CASES = [
     case_server_live_and_ready, case_model_ready, case_server_metadata, case_model_metadata, case_model_config,
-    case_infer_golden, case_infer_typed_contents_equal_raw, case_infer_fp16_bf16, case_infer_matches_attnserve_v1,
+    case_infer_golden, case_infer_typed_contents_equal_raw, case_infer_fp16_bf16, case_infer_output_dtype,
+    case_infer_matches_attnserve_v1,
     case_outputs_selection, case_errors_inputs, case_errors_parameters_and_outputs, case_errors_model_and_version,
     case_errors_shape, case_stream_infer, case_statistics_counts, case_statistics_every_model,
     case_repository_index, case_repository_reload, case_repository_unload_and_load,

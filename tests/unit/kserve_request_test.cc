@@ -2,6 +2,7 @@
 // InferRequest (so both take the same stages and batch together), its errors, and the answer's encoding.
 #include "server/api/kserve_request.h"
 
+#include <cmath>
 #include <cstring>
 #include <random>
 #include <string>
@@ -198,6 +199,46 @@ TEST_F(KServeRequestTest, RequestedOutputsImplyWeightsAndKeepTheirOrder) {
   EXPECT_EQ(response.model_version(), "1");
   EXPECT_EQ(response.id(), "r1");
   EXPECT_EQ(response.parameters().at("batch_size").int64_param(), 3);
+}
+
+// parameters.output_dtype BF16 or FP16: every output at half size in that type, named in its datatype.
+TEST_F(KServeRequestTest, OutputDTypeAnswersInSixteenBits) {
+  const std::vector<float> q = testing::RandomValues(rng_, 2 * kEmbed);
+  for (const std::string dtype : {"BF16", "FP16", "FP32"}) {
+    ModelInferRequest r = QueryRequest(q, 1, 2);
+    (*r.mutable_parameters())["output_dtype"].set_string_param(dtype);
+    SetBool(&r, "need_weights", true);
+    InferenceCall call;
+    ASSERT_TRUE(Prepare(r, &call).ok()) << dtype;
+    call.outputs.output = Tensor(Shape{1, 2, kEmbed});
+    call.outputs.output.values = testing::RandomValues(rng_, 2 * kEmbed);
+    call.outputs.attn_weights = Tensor(Shape{1, 2, 2});
+    call.outputs.attn_weights.values = {0.5f, 0.5f, 0.25f, 0.75f};
+    inference::ModelInferResponse response;
+    EncodeModelInferResponse(call, r, &response);
+    ASSERT_EQ(response.outputs_size(), 2);
+    const size_t width = dtype == "FP32" ? 4 : 2;
+    for (int i = 0; i < 2; ++i) {
+      const Tensor& t = i == 0 ? call.outputs.output : call.outputs.attn_weights;
+      EXPECT_EQ(response.outputs(i).datatype(), dtype);
+      const std::string& raw = response.raw_output_contents(i);
+      ASSERT_EQ(raw.size(), t.values.size() * width) << dtype;
+      for (size_t j = 0; j < t.values.size(); ++j) {
+        uint16_t bits = 0;
+        std::memcpy(&bits, raw.data() + j * width, sizeof(bits));
+        float got = 0;
+        if (dtype == "BF16") got = BFloat16ToFloat(bits);
+        if (dtype == "FP16") got = HalfToFloat(bits);
+        if (dtype == "FP32") std::memcpy(&got, raw.data() + j * 4, 4);
+        EXPECT_NEAR(got, t.values[j], std::abs(t.values[j]) * (dtype == "BF16" ? 4e-3 : 1e-3)) << dtype << " " << j;
+      }
+    }
+  }
+  ModelInferRequest r = QueryRequest(q, 1, 2);
+  (*r.mutable_parameters())["output_dtype"].set_string_param("INT8");
+  ExpectError(r, absl::StatusCode::kInvalidArgument, "parameters.output_dtype: expected a string_param FP32, BF16 or FP16, got 'INT8'");
+  (*r.mutable_parameters())["output_dtype"].set_bool_param(true);
+  ExpectError(r, absl::StatusCode::kInvalidArgument, "parameters.output_dtype: expected a string_param");
 }
 
 TEST_F(KServeRequestTest, AllOutputsWhenNoneRequested) {

@@ -22,41 +22,11 @@ std::vector<float> Random(int64_t n, uint64_t seed) {
   return v;
 }
 
-// Args: B, L, E, H. Self-attention, need_weights=false (what torch_mha.py times), computing in `compute`.
-void RunSelfAttention(benchmark::State& state, ComputeType compute) {
-  const int64_t b = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
-  MultiheadAttention::Options options;
-  options.config = {e, h, 0, 0, true};
-  options.compute = compute;
-  auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
-  if (!layer.ok()) {
-    state.SkipWithError(layer.status().ToString().c_str());
-    return;
-  }
-  const std::vector<float> query = Random(b * l * e, 2);
-  AttentionInputs in;
-  in.query = TensorView::F32(query.data(), {b, l, e});
-  for (auto _ : state) {
-    auto out = (*layer)->Forward(in);
-    if (!out.ok()) state.SkipWithError(out.status().ToString().c_str());
-    benchmark::DoNotOptimize(out);
-  }
-  if ((*layer)->compute() != compute) state.SkipWithError("this CPU has no bf16 matmul");
-  const double flops = static_cast<double>(AttentionFlops(options.config, b, l, l));
-  state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
-}
-
-void BM_SelfAttention(benchmark::State& state) { RunSelfAttention(state, ComputeType::kFloat32); }
-void BM_SelfAttentionBf16(benchmark::State& state) { RunSelfAttention(state, ComputeType::kBFloat16); }
-
-// Long sequences. Args: B, L, E, H, causal (0/1), flash (0: Options::flash_min_keys = 0, the blocked path).
-// Causal GFLOP/s count the useful FLOPs: the projections and the L (L + 1) / 2 pairs a causal mask keeps.
-void BM_LongAttention(benchmark::State& state) {
-  const int64_t b = state.range(0), l = state.range(1), e = state.range(2), h = state.range(3);
-  const bool causal = state.range(4) != 0;
-  MultiheadAttention::Options options;
-  options.config = {e, h, 0, 0, true};
-  if (state.range(5) == 0) options.flash_min_keys = 0;
+// Times Forward of a [B, L, E] self-attention query (need_weights=false, what torch_mha.py times) on a layer
+// built with `options`; GFLOPS counts `flops` per call.
+void TimeSelfAttention(benchmark::State& state, const MultiheadAttention::Options& options, bool causal,
+                       double flops) {
+  const int64_t b = state.range(0), l = state.range(1), e = options.config.embed_dim;
   auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
   if (!layer.ok()) {
     state.SkipWithError(layer.status().ToString().c_str());
@@ -71,10 +41,34 @@ void BM_LongAttention(benchmark::State& state) {
     if (!out.ok()) state.SkipWithError(out.status().ToString().c_str());
     benchmark::DoNotOptimize(out);
   }
-  const double pairs = causal ? 0.5 * static_cast<double>(l) * static_cast<double>(l + 1) : static_cast<double>(l) * l;
-  const double all_pairs = static_cast<double>(l) * static_cast<double>(l);
-  const double flops = static_cast<double>(AttentionFlops(options.config, b, l, l)) - 4.0 * b * (all_pairs - pairs) * e;
+  if ((*layer)->compute() != options.compute) state.SkipWithError("this CPU has no bf16 matmul");
   state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// Args: B, L, E, H. Computing in `compute`.
+void RunSelfAttention(benchmark::State& state, ComputeType compute) {
+  const int64_t b = state.range(0), l = state.range(1);
+  MultiheadAttention::Options options;
+  options.config = {state.range(2), state.range(3), 0, 0, true};
+  options.compute = compute;
+  TimeSelfAttention(state, options, false, static_cast<double>(AttentionFlops(options.config, b, l, l)));
+}
+
+void BM_SelfAttention(benchmark::State& state) { RunSelfAttention(state, ComputeType::kFloat32); }
+void BM_SelfAttentionBf16(benchmark::State& state) { RunSelfAttention(state, ComputeType::kBFloat16); }
+
+// Long sequences. Args: B, L, E, H, causal (0/1), flash (0: Options::flash_min_keys = 0, the blocked path).
+// Causal GFLOP/s count the useful FLOPs: the projections and the L (L + 1) / 2 pairs a causal mask keeps.
+void BM_LongAttention(benchmark::State& state) {
+  const int64_t b = state.range(0), l = state.range(1), e = state.range(2);
+  const bool causal = state.range(4) != 0;
+  MultiheadAttention::Options options;
+  options.config = {e, state.range(3), 0, 0, true};
+  if (state.range(5) == 0) options.flash_min_keys = 0;
+  const double all_pairs = static_cast<double>(l) * static_cast<double>(l);
+  const double pairs = causal ? 0.5 * static_cast<double>(l) * static_cast<double>(l + 1) : all_pairs;
+  const double flops = static_cast<double>(AttentionFlops(options.config, b, l, l)) - 4.0 * b * (all_pairs - pairs) * e;
+  TimeSelfAttention(state, options, causal, flops);
 }
 
 // Times ForwardBatch over separate [1, len, E] self-attention requests, one per entry of `lengths`.

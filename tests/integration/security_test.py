@@ -562,7 +562,11 @@ def case_infer_token_works_for_infer_and_stream(e):
             expect(sorted(r.id for r in answers) == ["s1", "s2"], f"stream answered {[r.id for r in answers]}")
             for r in answers:
                 expect(not r.HasField("error"), f"stream request {r.id} failed: {r.error}")
-                expect(np.array_equal(check_output(r), a), "the stream's answer differs from Infer's")
+                # The stream's two requests may share a batch, and oneDNN's gemm rounds an M=16 projection
+                # differently from an M=8 one (1.5e-7 measured on an AVX2 machine): equal within f32 rounding.
+                got = check_output(r)
+                expect(np.allclose(got, a, rtol=1e-5, atol=1e-6),
+                       f"the stream's answer differs from Infer's (max abs diff {np.abs(got - a).max():.3g})")
         expect_code(lambda: list(stub.InferStream(iter([infer_request(rid="x")]), timeout=10)),
                     grpc.StatusCode.UNAUTHENTICATED, "InferStream without a token")
         # The scheme is case-insensitive.

@@ -23,9 +23,10 @@ std::vector<float> Random(int64_t n, uint64_t seed) {
 }
 
 // Times Forward of a [B, L, E] self-attention query (need_weights=false, what torch_mha.py times) on a layer
-// built with `options`; GFLOPS counts `flops` per call.
+// built with `options`; GFLOPS counts `flops` per call. `padded_keys` > 0: a bool key_padding_mask hides each
+// sequence's last padded_keys keys (a batch of prompts padded to one length).
 void TimeSelfAttention(benchmark::State& state, const MultiheadAttention::Options& options, bool causal,
-                       double flops) {
+                       double flops, int64_t padded_keys = 0) {
   const int64_t b = state.range(0), l = state.range(1), e = options.config.embed_dim;
   auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
   if (!layer.ok()) {
@@ -36,6 +37,9 @@ void TimeSelfAttention(benchmark::State& state, const MultiheadAttention::Option
   AttentionInputs in;
   in.query = TensorView::F32(query.data(), {b, l, e});
   in.is_causal = causal;
+  std::vector<uint8_t> padding(static_cast<size_t>(b * l), 0);
+  for (int64_t i = 0; i < b; ++i) std::fill_n(padding.begin() + i * l + (l - padded_keys), padded_keys, 1);
+  if (padded_keys > 0) in.key_padding_mask = TensorView::Bool(padding.data(), {b, l});
   for (auto _ : state) {
     auto out = (*layer)->Forward(in);
     if (!out.ok()) state.SkipWithError(out.status().ToString().c_str());
@@ -57,8 +61,10 @@ void RunSelfAttention(benchmark::State& state, ComputeType compute) {
 void BM_SelfAttention(benchmark::State& state) { RunSelfAttention(state, ComputeType::kFloat32); }
 void BM_SelfAttentionBf16(benchmark::State& state) { RunSelfAttention(state, ComputeType::kBFloat16); }
 
-// Long sequences. Args: B, L, E, H, causal (0/1), flash (0: Options::flash_min_keys = 0, the blocked path).
-// Causal GFLOP/s count the useful FLOPs: the projections and the L (L + 1) / 2 pairs a causal mask keeps.
+// Long sequences. Args: B, L, E, H, causal (0/1), flash (0: Options::flash_min_keys = 0, the blocked path),
+// padded (1: a key_padding_mask hides the last eighth of the keys).
+// Causal GFLOP/s count the useful FLOPs: the projections and the L (L + 1) / 2 pairs a causal mask keeps; padded
+// ones count every pair (the padded keys are computed, then masked).
 void BM_LongAttention(benchmark::State& state) {
   const int64_t b = state.range(0), l = state.range(1), e = state.range(2);
   const bool causal = state.range(4) != 0;
@@ -68,7 +74,7 @@ void BM_LongAttention(benchmark::State& state) {
   const double all_pairs = static_cast<double>(l) * static_cast<double>(l);
   const double pairs = causal ? 0.5 * static_cast<double>(l) * static_cast<double>(l + 1) : all_pairs;
   const double flops = static_cast<double>(AttentionFlops(options.config, b, l, l)) - 4.0 * b * (all_pairs - pairs) * e;
-  TimeSelfAttention(state, options, causal, flops);
+  TimeSelfAttention(state, options, causal, flops, state.range(6) != 0 ? l / 8 : 0);
 }
 
 // Times ForwardBatch over separate [1, len, E] self-attention requests, one per entry of `lengths`.
@@ -328,10 +334,12 @@ BENCHMARK(BM_PeakBf16Matmul)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillise
 BENCHMARK(BM_SelfAttention)->Apply(EngineShapes);
 BENCHMARK(BM_SelfAttentionBf16)->Apply(EngineShapes);
 BENCHMARK(BM_LongAttention)
-    ->ArgsProduct({{1}, {2048}, {1024}, {16}, {0, 1}, {0, 1}})
-    ->Args({1, 8192, 1024, 16, 1, 0})
-    ->Args({1, 8192, 1024, 16, 1, 1})
-    ->ArgNames({"B", "L", "E", "H", "causal", "flash"})
+    ->ArgsProduct({{1}, {2048}, {1024}, {16}, {0, 1}, {0, 1}, {0}})
+    ->Args({1, 2048, 1024, 16, 0, 0, 1})
+    ->Args({1, 2048, 1024, 16, 0, 1, 1})
+    ->Args({1, 8192, 1024, 16, 1, 0, 0})
+    ->Args({1, 8192, 1024, 16, 1, 1, 0})
+    ->ArgNames({"B", "L", "E", "H", "causal", "flash", "padded"})
     ->UseRealTime()
     ->MinTime(1.0)
     ->Unit(benchmark::kMillisecond);

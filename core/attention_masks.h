@@ -18,4 +18,14 @@ bool BuildSharedMaskRow(const ParsedAttention& p, int64_t b, int64_t l, int64_t 
 bool AddMaskRow(const ParsedAttention& p, int64_t num_heads, int64_t b, int64_t head, int64_t l, int64_t cols,
                 const float* shared, float* scores);
 
+// The key_padding_mask as additive values, bias[b * S + j] (0 or -inf for a bool mask, the values of a
+// float one), [B, S]; zeros when the request has none.
+void KeyPaddingBias(const ParsedAttention& p, float* bias);
+
+// scores[r * ld + j] += the request's attn_mask (2-D, or head `head`'s slice of a [B*H, L, S] one) at query
+// l0 + r and key k0 + j, for r in [0, rows), j in [0, cols): one block of the flash-style path. A bool mask's
+// true becomes -inf. Reads only: safe from many threads on different blocks.
+void AddAttnMaskBlock(const ParsedAttention& p, int64_t num_heads, int64_t b, int64_t head, int64_t l0,
+                      int64_t rows, int64_t k0, int64_t cols, float* scores, int64_t ld);
+
 }  // namespace attnserve

@@ -32,6 +32,27 @@ const float* Row(const FlashOperand& op, int64_t b, int64_t h, int64_t row, int6
   return op.data + b * op.seq_stride + row * op.ld + h * head_dim;
 }
 
+enum class KeyBlock { kOpen, kMixed, kMasked };
+
+// What a key block's bias does: nothing (all 0), mask every key (all -inf), or something to add.
+KeyBlock ClassifyKeyBlock(const float* bias, int64_t n) {
+  if (bias == nullptr) return KeyBlock::kOpen;
+  bool all_zero = true, all_masked = true;
+  for (int64_t j = 0; j < n; ++j) {
+    all_zero &= bias[j] == 0.0f;
+    all_masked &= bias[j] == -std::numeric_limits<float>::infinity();
+  }
+  return all_zero ? KeyBlock::kOpen : all_masked ? KeyBlock::kMasked : KeyBlock::kMixed;
+}
+
+void AddKeyBias(const float* bias, int64_t rows, int64_t cols, float* scores, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = scores + r * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) row[j] += bias[j];
+  }
+}
+
 // A query block of one (sequence, head): every key block up to the causal limit, then context / sum.
 absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t b, int64_t h, int64_t l0) {
   const int64_t dh = a.head_dim, lb = std::min(a.query_rows, a.q_len - l0);
@@ -46,9 +67,14 @@ absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t b, int64_t h,
   const int64_t key_end = a.causal ? std::min(a.kv_len, l0 + lb) : a.kv_len;
   for (int64_t k0 = 0; k0 < key_end; k0 += a.key_cols) {
     const int64_t kb = std::min(a.key_cols, key_end - k0);
+    const float* bias = a.key_bias != nullptr ? a.key_bias + b * a.kv_len + k0 : nullptr;
+    const KeyBlock kind = ClassifyKeyBlock(bias, kb);
+    if (kind == KeyBlock::kMasked) continue;  // adds nothing to any row's sum or context
     // scores [lb, kb] = Q rows [l0, l0 + lb) . K rows [k0, k0 + kb)^T
     ATTN_RETURN_IF_ERROR(
         Sgemm(true, lb, kb, dh, Row(a.q, b, h, l0, dh), a.q.ld, Row(a.k, b, h, k0, dh), a.k.ld, 0.0f, scores, kb));
+    if (kind == KeyBlock::kMixed) AddKeyBias(bias, lb, kb, scores, kb);
+    if (a.add_mask) a.add_mask(b, h, l0, lb, k0, kb, scores, kb);
     // Causal: row r (query l0 + r) sees keys up to l0 + r, the first l0 + r - k0 + 1 of this block.
     OnlineSoftmaxBlock(scores, lb, kb, kb, a.causal ? l0 - k0 + 1 : kb, row_max, row_sum, acc, dh, dh);
     // acc [lb, Dh] += probabilities [lb, kb] . V rows [k0, k0 + kb)

@@ -6,11 +6,13 @@
 // project's OnlineSoftmaxBlock. f32 only: bf16 layers keep the blocked path, measured at 1.8x f32 (the flash
 // path in bf16 has not been measured on a machine with native bf16).
 //
-// The scale (1/sqrt(Dh)) must already be in Q. No masks other than causal, no attention weights: callers
-// send those requests through the blocked path that materialises whole score rows.
+// The scale (1/sqrt(Dh)) must already be in Q. Other masks come in as `key_bias` (key padding) and
+// through `add_mask` (attn_mask), block by block. No attention weights: callers send those requests through the blocked path
+// that materialises whole score rows. A query row whose keys are all masked gets a zero context.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
@@ -26,6 +28,16 @@ struct FlashOperand {
 struct FlashAttentionArgs {
   int64_t batch = 0, heads = 0, q_len = 0, kv_len = 0, head_dim = 0;
   bool causal = false;  // query i sees keys j <= i
+  // Optional [B, S] (row stride kv_len): added to every query's score of key j of sequence b (0 open, -inf
+  // masked: a key padding mask). A key block masked whole is skipped, matmuls included; one with no masked
+  // key costs nothing more.
+  const float* key_bias = nullptr;
+  // When set: adds per-query masks of sequence b, head h to a scores block, rows = queries [l0, l0 + rows),
+  // columns = keys [k0, k0 + cols), row stride ld (-inf where a key is masked). Called from several threads
+  // at once.
+  std::function<void(int64_t b, int64_t h, int64_t l0, int64_t rows, int64_t k0, int64_t cols, float* scores,
+                     int64_t ld)>
+      add_mask;
   FlashOperand q, k, v;
   // The context [B, L, H * Dh] as `out` reads it (f32). It may be Q's own f32 rows: a block's context is
   // written once its Q block is no longer read.

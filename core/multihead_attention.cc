@@ -90,7 +90,8 @@ int64_t MultiheadAttention::ScoresBlockBytes(const ParsedAttention& p) const {
   const int64_t h = options_.config.num_heads;
   const int64_t attention_flops = 4 * p.batch * p.q_len * p.kv_len * options_.config.embed_dim;
   if (attention_flops >= options_.small_attention_flops && UsesFlash(p)) {
-    return FlashScratchBytes(FlashShape(p)) * omp_get_max_threads();
+    const int64_t key_bias = p.key_padding_mask != MaskType::kNone ? p.batch * p.kv_len * kF32 : 0;
+    return FlashScratchBytes(FlashShape(p)) * omp_get_max_threads() + key_bias;
   }
   const BlockPlan plan = PlanBlocks(p.batch, h, p.q_len, p.kv_len, options_.scores_block_bytes,
                                     options_.min_block_rows);
@@ -470,8 +471,8 @@ std::vector<absl::Status> MultiheadAttention::AttendGroup(const Group& g, const 
 }
 
 bool MultiheadAttention::UsesFlash(const ParsedAttention& p) const {
-  return compute_ == ComputeType::kFloat32 && options_.flash_min_keys > 0 && p.kv_len >= options_.flash_min_keys && !p.inputs->need_weights &&
-         p.key_padding_mask == MaskType::kNone && p.attn_mask == MaskType::kNone;
+  return compute_ == ComputeType::kFloat32 && options_.flash_min_keys > 0 && p.kv_len >= options_.flash_min_keys &&
+         !p.inputs->need_weights;
 }
 
 FlashAttentionArgs MultiheadAttention::FlashShape(const ParsedAttention& p) const {
@@ -497,6 +498,18 @@ absl::Status MultiheadAttention::AttendFlash(const ParsedAttention& p, const Pro
   a.out = proj.q + q_row * proj.ldq;
   a.out_ld = proj.ldq;
   a.out_seq_stride = p.q_len * proj.ldq;
+  std::vector<float> key_bias;  // [B, S] floats: within the request's own mask size x 4
+  if (p.key_padding_mask != MaskType::kNone) {
+    key_bias.resize(static_cast<size_t>(p.batch * p.kv_len));
+    KeyPaddingBias(p, key_bias.data());
+    a.key_bias = key_bias.data();
+  }
+  if (p.attn_mask != MaskType::kNone) {
+    a.add_mask = [&p, heads = a.heads](int64_t b, int64_t h, int64_t l0, int64_t rows, int64_t k0, int64_t cols,
+                                       float* scores, int64_t ld) {
+      AddAttnMaskBlock(p, heads, b, h, l0, rows, k0, cols, scores, ld);
+    };
+  }
   return FlashAttention(a, threads, should_stop);
 }
 

@@ -9,9 +9,9 @@
 // fused [3E, E] matmul for self-attention); attention runs per sequence and per query block, reading the
 // heads in place from the projection output through strided memory descriptors; the scores of one block
 // (bounded by Options::scores_block_bytes) go through the mask pass and the softmax primitive; the context
-// is written over the block's Q columns, which the output projection then reads. Long requests without masks
-// (is_causal aside) or weights take FlashAttention instead (Options::flash_min_keys): key blocks in turn with an
-// online softmax, no scores block larger than flash_query_rows x flash_key_cols per thread.
+// is written over the block's Q columns, which the output projection then reads. Long requests that do not
+// ask for weights take FlashAttention instead (Options::flash_min_keys): key blocks in turn with an online
+// softmax, masks added block by block, no scores block larger than flash_query_rows x flash_key_cols per thread.
 //
 // Thread-safety: immutable after Create(); Forward and ForwardBatch may run on many threads at once. Each
 // thread keeps its own scratch buffers (grown to the high-water mark, released above 256 MiB).
@@ -72,7 +72,7 @@ class MultiheadAttention : public AppendEngine {
     // its context sum (C += P V) would rewrite C once per block. Tests set it small to cross many spans;
     // <= 0 means one block per span.
     int64_t cache_span_bytes = int64_t{1} << 20;
-    // f32 layers: requests with at least this many keys, no attention weights asked and no masks besides is_causal go
+    // f32 layers: requests with at least this many keys and no attention weights asked (any masks) go
     // through FlashAttention (core/flash_attention.h): key blocks in turn with an online softmax, the
     // scores never leaving the cache, causal blocks skipped. Others (and all when 0) take the blocked path,
     // whose whole score rows go through the mask pass and the softmax primitive.

@@ -1,6 +1,7 @@
 // The flash-style path (core/flash_attention.h) through MultiheadAttention: against the float64 naive
 // reference and the blocked path, over random shapes, block sizes that cut rows and keys unevenly, causal
-// and not, self- and cross-attention, one thread and several; which requests it takes; stops between blocks.
+// and not, self- and cross-attention, random masks of every kind, one thread and several; which requests it
+// takes; stops between blocks.
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -115,8 +116,86 @@ TEST(FlashAttentionTest, DefaultBlocksOnALongCausalSequence) {
   }
 }
 
-// Masks and weights take the blocked path (which returns them exactly), even when flash_min_keys is met.
-TEST(FlashAttentionTest, MasksAndWeightsStillExact) {
+// The masks a request may carry, drawn: key_padding_mask and attn_mask (2-D or per head), bool or float,
+// with some query rows whose keys are all masked (their context is zero on both paths).
+struct DrawnMasks {
+  std::vector<uint8_t> padding_bool, attn_bool;
+  std::vector<float> padding_float, attn_float;
+
+  void Draw(std::mt19937_64& rng, const FlashCase& c, AttentionInputs* in) {
+    auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+    const int64_t heads = c.config.num_heads;
+    std::uniform_real_distribution<float> bias(-2.0f, 2.0f);
+    const int padding_kind = static_cast<int>(pick(0, 2));  // none, bool, float
+    if (padding_kind == 1) {
+      padding_bool.resize(c.batch * c.kv_len);
+      for (auto& m : padding_bool) m = pick(0, 3) == 0;
+      padding_bool[0] = 0;
+      if (c.batch > 1) std::fill_n(padding_bool.begin() + c.kv_len, c.kv_len, 1);  // sequence 1: all masked
+      in->key_padding_mask = TensorView::Bool(padding_bool.data(), {c.batch, c.kv_len});
+    } else if (padding_kind == 2) {
+      padding_float.resize(c.batch * c.kv_len);
+      for (auto& m : padding_float) m = pick(0, 4) == 0 ? -std::numeric_limits<float>::infinity() : bias(rng);
+      in->key_padding_mask = TensorView::F32(padding_float.data(), {c.batch, c.kv_len});
+    }
+    const int attn_kind = static_cast<int>(pick(0, 4));  // none, 2-D bool, 2-D float, per-head bool, per-head float
+    if (attn_kind == 0) return;
+    const bool per_head = attn_kind >= 3, as_bool = attn_kind % 2 == 1;
+    Shape shape = per_head ? Shape{c.batch * heads, c.q_len, c.kv_len} : Shape{c.q_len, c.kv_len};
+    const int64_t n = (per_head ? c.batch * heads : 1) * c.q_len * c.kv_len;
+    if (as_bool) {
+      attn_bool.resize(n);
+      for (auto& m : attn_bool) m = pick(0, 3) == 0;
+      std::fill_n(attn_bool.begin(), c.kv_len, 1);  // query 0 (of head 0): every key masked
+      in->attn_mask = TensorView::Bool(attn_bool.data(), std::move(shape));
+    } else {
+      attn_float.resize(n);
+      for (auto& m : attn_float) m = pick(0, 4) == 0 ? -std::numeric_limits<float>::infinity() : bias(rng);
+      in->attn_mask = TensorView::F32(attn_float.data(), std::move(shape));
+    }
+  }
+};
+
+// Masked requests take the flash path too: the masks go in block by block, against the float64 reference
+// and the blocked path (which builds whole masked score rows).
+TEST(FlashAttentionTest, RandomMasksMatchFloat64ReferenceAndBlockedPath) {
+  std::mt19937_64 rng(20261204);
+  for (int iter = 0; iter < 150; ++iter) {
+    const FlashCase c = DrawFlashCase(rng);
+    AttentionInputs in;
+    DrawnMasks masks;
+    masks.Draw(rng, c, &in);
+    SCOPED_TRACE(::testing::Message() << "case " << iter << ": " << c.config.DebugString() << " B=" << c.batch
+                                      << " L=" << c.q_len << " S=" << c.kv_len << " causal=" << c.is_causal
+                                      << " blocks " << c.query_rows << "x" << c.key_cols << " padding "
+                                      << in.key_padding_mask.shape.size() << " attn_mask dims "
+                                      << in.attn_mask.shape.size());
+    const MhaWeights weights = testing::RandomTestWeights(c.config, rng);
+    MultiheadAttention::Options options = FlashOptions(c);
+    auto flash = MultiheadAttention::Create(options, weights);
+    ASSERT_TRUE(flash.ok()) << flash.status();
+    options.flash_min_keys = 0;
+    auto blocked = MultiheadAttention::Create(options, weights);
+    ASSERT_TRUE(blocked.ok()) << blocked.status();
+    const int64_t e = c.config.embed_dim;
+    const std::vector<float> query = RandomValues(rng, c.batch * c.q_len * e);
+    const std::vector<float> key = RandomValues(rng, c.batch * c.kv_len * e);
+    in.query = TensorView::F32(query.data(), {c.batch, c.q_len, e});
+    if (!c.self_attention) in.key = in.value = TensorView::F32(key.data(), {c.batch, c.kv_len, e});
+    in.is_causal = c.is_causal;
+    in.need_weights = false;
+    const int threads = iter % 3 == 0 ? 1 : 0;
+    auto got = (*flash)->Forward(in, threads);
+    ASSERT_TRUE(got.ok()) << got.status();
+    auto other = (*blocked)->Forward(in, threads);
+    ASSERT_TRUE(other.ok()) << other.status();
+    EXPECT_LE(MaxAbsDiff(got->output.values, testing::NaiveMultiheadAttention(c.config, weights, in).output), 2e-5);
+    EXPECT_LE(MaxAbsDiff(got->output.values, other->output.values), 2e-5);
+  }
+}
+
+// Weights take the blocked path, which returns them exactly, even when flash_min_keys is met.
+TEST(FlashAttentionTest, WeightsStillExact) {
   std::mt19937_64 rng(11);
   FlashCase c{MhaConfig{24, 3, 0, 0, true}, 2, 40, 40, 5, 7, true, true};
   const MhaWeights weights = testing::RandomTestWeights(c.config, rng);
@@ -125,20 +204,16 @@ TEST(FlashAttentionTest, MasksAndWeightsStillExact) {
   const std::vector<float> query = RandomValues(rng, c.batch * c.q_len * c.config.embed_dim);
   std::vector<uint8_t> padding(c.batch * c.kv_len, 0);
   padding[3] = padding[50] = 1;
-  for (int variant = 0; variant < 2; ++variant) {
-    AttentionInputs in;
-    in.query = TensorView::F32(query.data(), {c.batch, c.q_len, c.config.embed_dim});
-    in.is_causal = true;
-    if (variant == 0) in.key_padding_mask = TensorView::Bool(padding.data(), {c.batch, c.kv_len});
-    in.need_weights = variant == 1;
-    auto got = (*layer)->Forward(in);
-    ASSERT_TRUE(got.ok()) << got.status();
-    const testing::NaiveOutputs want = testing::NaiveMultiheadAttention(c.config, weights, in);
-    EXPECT_LE(MaxAbsDiff(got->output.values, want.output), 2e-5) << "variant " << variant;
-    if (variant == 1) {
-      EXPECT_LE(MaxAbsDiff(got->attn_weights.values, want.attn_weights), 1e-6);
-    }
-  }
+  AttentionInputs in;
+  in.query = TensorView::F32(query.data(), {c.batch, c.q_len, c.config.embed_dim});
+  in.is_causal = true;
+  in.key_padding_mask = TensorView::Bool(padding.data(), {c.batch, c.kv_len});
+  in.need_weights = true;
+  auto got = (*layer)->Forward(in);
+  ASSERT_TRUE(got.ok()) << got.status();
+  const testing::NaiveOutputs want = testing::NaiveMultiheadAttention(c.config, weights, in);
+  EXPECT_LE(MaxAbsDiff(got->output.values, want.output), 2e-5);
+  EXPECT_LE(MaxAbsDiff(got->attn_weights.values, want.attn_weights), 1e-6);
 }
 
 // How many times a request asks whether to stop on a layer built with `options`: the flash path asks once
@@ -158,7 +233,7 @@ int StopsAsked(const MultiheadAttention::Options& options, const MhaWeights& wei
   return results[0].ok() ? asked.load() : -1;
 }
 
-TEST(FlashAttentionTest, UnmaskedRequestsWithoutWeightsTakeTheFlashPath) {
+TEST(FlashAttentionTest, RequestsWithoutWeightsTakeTheFlashPath) {
   std::mt19937_64 rng(9);
   FlashCase c{MhaConfig{32, 2, 0, 0, true}, 3, 20, 20, 8, 16, true, true};
   const MhaWeights weights = testing::RandomTestWeights(c.config, rng);
@@ -172,6 +247,14 @@ TEST(FlashAttentionTest, UnmaskedRequestsWithoutWeightsTakeTheFlashPath) {
     options.flash_min_keys = min_keys;
     EXPECT_EQ(StopsAsked(options, weights, in), min_keys == 20 ? kFlashItems : 1) << "flash_min_keys " << min_keys;
   }
+  // A key padding mask keeps the flash path; asking for the weights does not.
+  std::vector<uint8_t> padding(c.batch * c.kv_len, 0);
+  padding[5] = 1;
+  AttentionInputs masked = in;
+  masked.key_padding_mask = TensorView::Bool(padding.data(), {c.batch, c.kv_len});
+  EXPECT_EQ(StopsAsked(FlashOptions(c), weights, masked), kFlashItems);
+  masked.need_weights = true;
+  EXPECT_EQ(StopsAsked(FlashOptions(c), weights, masked), 1);
   // BFLOAT16 layers keep the blocked path (unless this CPU has no bf16 matmul and they compute in f32).
   MultiheadAttention::Options options = FlashOptions(c);
   options.compute = ComputeType::kBFloat16;

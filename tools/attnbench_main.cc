@@ -1,6 +1,7 @@
 // attnbench: the load generator for attnserve and for the echo server. Wires the pieces together: flags
 // (attnbench_args), requests (attnbench_requests), senders (attnbench_senders), the closed and open loops
 // (attnbench_runner), and the report (attnbench_report); adds the progress line. See BenchUsage().
+#include <malloc.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -12,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "tools/attnbench_args.h"
 #include "tools/attnbench_report.h"
@@ -240,6 +242,13 @@ int Run(int argc, char** argv) {
 // on gRPC's callback threads, and libgrpc's statics torn down under them crashed the tool at exit (SIGSEGV in
 // grpc_completion_queue_next after main returned, with the report already printed).
 int main(int argc, char** argv) {
+  // The load generator's own cost is taken from the server it measures on a shared machine (BENCHMARKS.md):
+  // - glibc's default 128 KiB trim threshold gave every freed answer buffer back to the system and faulted
+  //   it in again for the next one (page faults and zeroing were a tenth of attnbench's time);
+  mallopt(M_MMAP_THRESHOLD, 4 << 20);
+  mallopt(M_TRIM_THRESHOLD, 64 << 20);
+  // - abseil's deadlock detector (on in Debian's build) bookkeeps every Mutex and Notification made.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   const int code = attnserve::Run(argc, argv);
   std::fflush(stdout);
   std::fflush(stderr);

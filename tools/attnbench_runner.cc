@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/blocking_counter.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 
@@ -53,6 +54,64 @@ class LastAnswer {
   BenchTime last_;
 };
 
+// The closed loop's workers as callback chains: each answer is recorded and the worker's next request sent
+// from the answer's callback. An answer that arrives within Send (the callback ran inline) is left for the
+// sending loop to follow up, so the chain never recurses.
+class ChainedWorkers {
+ public:
+  struct Run {
+    RequestSender* sender;
+    BenchClock* clock;
+    BenchTime measure_start, end;
+    StepRecorder* recorder;
+    LastAnswer* last;
+    std::atomic<uint64_t>* seq;
+  };
+  ChainedWorkers(const Run& run, int64_t workers) : run_(run), lanes_(static_cast<size_t>(workers)), done_(workers) {}
+
+  void RunToEnd() {
+    for (size_t i = 0; i < lanes_.size(); ++i) {
+      lanes_[i].index = i;
+      Next(lanes_[i]);
+    }
+    done_.Wait();
+  }
+
+ private:
+  struct Lane {
+    uint64_t index = 0;
+    BenchTime sent;
+    std::atomic<bool> in_send{false};  // Send is running; cleared by whichever of Send and the answer ends last
+  };
+
+  void Next(Lane& lane) {
+    while (true) {
+      lane.sent = run_.clock->Now();
+      if (lane.sent >= run_.end) {
+        done_.DecrementCount();  // the last use of `this` by this lane
+        return;
+      }
+      lane.in_send.store(true);
+      run_.sender->Send(run_.seq->fetch_add(1), lane.index, [this, &lane](const Outcome& o) { Answered(lane, o); });
+      if (lane.in_send.exchange(false)) return;  // not answered yet: the answer sends the next one
+    }
+  }
+
+  void Answered(Lane& lane, const Outcome& outcome) {
+    const BenchTime answered = run_.clock->Now();
+    if (lane.sent >= run_.measure_start) {
+      run_.recorder->Record(Nanos(lane.sent, answered), outcome);
+      run_.last->Update(answered);
+    }
+    if (lane.in_send.exchange(false)) return;  // answered within Send: its loop sends the next one
+    Next(lane);
+  }
+
+  const Run run_;
+  std::vector<Lane> lanes_;
+  absl::BlockingCounter done_;
+};
+
 }  // namespace
 
 BenchClock* RealBenchClock() {
@@ -70,6 +129,11 @@ absl::StatusOr<LoopResult> RunClosedLoop(RequestSender* sender, BenchClock* cloc
   const BenchTime end = measure_start + ToChrono(options.duration);
   std::atomic<uint64_t> seq{0};
   LastAnswer last(end);
+  if (sender->SendNeverBlocks()) {
+    ChainedWorkers({sender, clock, measure_start, end, recorder, &last, &seq}, options.concurrency).RunToEnd();
+    return LoopResult{std::chrono::duration<double>(last.Get() - measure_start).count(),
+                      static_cast<int64_t>(seq.load())};
+  }
 
   // A thread per worker: each waits for its own answer, so at most `concurrency` requests are in flight.
   auto worker = [&](uint64_t lane) {

@@ -1,6 +1,8 @@
 // attnbench's two ways of loading a server, over any RequestSender:
 // - closed loop: `concurrency` workers, each with one request in flight, sending the next when the last one
-//   is answered; latency runs from send to answer.
+//   is answered; latency runs from send to answer. A worker is a thread, or, for senders that never block,
+//   a chain of answer callbacks (no thread to wake per request: the load generator's CPU is the server's
+//   loss on a shared machine).
 // - open loop: requests at fixed intended times, 1/rate apart, whether or not earlier ones were answered;
 //   latency runs from the intended send time to the answer, so a stall (of the server, or of the sender
 //   itself) counts against every request it delayed rather than hiding in fewer, later sends.
@@ -40,6 +42,9 @@ class RequestSender {
  public:
   virtual ~RequestSender() = default;
   virtual void Send(uint64_t seq, uint64_t lane, std::function<void(const Outcome&)> done) = 0;
+  // True when Send returns without waiting on anything (an async call started): the closed loop may then
+  // send a worker's next request from the previous answer's callback instead of from a thread of its own.
+  virtual bool SendNeverBlocks() const { return false; }
 };
 
 struct ClosedLoopOptions {

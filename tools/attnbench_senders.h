@@ -33,6 +33,7 @@ class UnaryInferSender final : public RequestSender {
   UnaryInferSender(const Client* client, const InferRequestSource* source, std::optional<int64_t> timeout_ms)
       : client_(client), source_(source), timeout_ms_(timeout_ms) {}
   void Send(uint64_t seq, uint64_t lane, std::function<void(const Outcome&)> done) override;
+  bool SendNeverBlocks() const override { return true; }  // one async unary call
 
  private:
   const Client* client_;
@@ -45,6 +46,7 @@ class KServeInferSender final : public RequestSender {
   // Neither owned; both must outlive the sender.
   KServeInferSender(const Client* client, const InferRequestSource* source, std::optional<int64_t> timeout_ms);
   void Send(uint64_t seq, uint64_t lane, std::function<void(const Outcome&)> done) override;
+  bool SendNeverBlocks() const override { return true; }  // one async unary call
 
  private:
   // The ModelInferRequest of the source's request `seq`, converted once per query length.
@@ -87,6 +89,7 @@ class EchoSender final : public RequestSender {
   // `client` (not owned) gives the channel and the deadline rule; the payload is `payload_bytes` random bytes.
   EchoSender(const Client* client, int64_t payload_bytes, std::optional<int64_t> timeout_ms);
   void Send(uint64_t seq, uint64_t lane, std::function<void(const Outcome&)> done) override;
+  bool SendNeverBlocks() const override { return true; }  // one async unary call
 
  private:
   const Client* client_;

@@ -437,9 +437,11 @@ TEST(OpenLoopTest, WarmupIsSentButNotRecorded) {
 }
 
 // Takes 1 ms of fake time per request; fails every third one with UNAVAILABLE.
+// `never_blocks`: the closed loop chains the requests through the answers instead of a thread per worker.
 class SteppingSender final : public RequestSender {
  public:
-  explicit SteppingSender(FakeBenchClock* clock) : clock_(clock) {}
+  SteppingSender(FakeBenchClock* clock, bool never_blocks) : clock_(clock), never_blocks_(never_blocks) {}
+  bool SendNeverBlocks() const override { return never_blocks_; }
   void Send(uint64_t seq, uint64_t, std::function<void(const Outcome&)> done) override {
     clock_->Advance(std::chrono::milliseconds(1));
     Outcome o;
@@ -449,11 +451,14 @@ class SteppingSender final : public RequestSender {
 
  private:
   FakeBenchClock* clock_;
+  const bool never_blocks_;
 };
 
-TEST(ClosedLoopTest, OneWorkerMeasuresEachRequestAndCountsErrorsByCode) {
+class ClosedLoopTest : public ::testing::TestWithParam<bool> {};  // the sender never blocks: chained workers
+
+TEST_P(ClosedLoopTest, OneWorkerMeasuresEachRequestAndCountsErrorsByCode) {
   FakeBenchClock clock;
-  SteppingSender sender(&clock);
+  SteppingSender sender(&clock, GetParam());
   StepRecorder recorder;
   auto result = RunClosedLoop(&sender, &clock, {1, absl::Milliseconds(99), absl::Seconds(1)}, &recorder);
   ASSERT_TRUE(result.ok()) << result.status();
@@ -471,7 +476,8 @@ TEST(ClosedLoopTest, OneWorkerMeasuresEachRequestAndCountsErrorsByCode) {
 // are in flight.
 class AsyncSender final : public RequestSender {
  public:
-  AsyncSender() : thread_([this] { Loop(); }) {}
+  explicit AsyncSender(bool never_blocks) : never_blocks_(never_blocks), thread_([this] { Loop(); }) {}
+  bool SendNeverBlocks() const override { return never_blocks_; }
   ~AsyncSender() override {
     {
       absl::MutexLock lock(&mu_);
@@ -514,11 +520,12 @@ class AsyncSender final : public RequestSender {
   int in_flight_ = 0;                                     // sent and not yet answered
   int max_in_flight_ = 0;
   bool stop_ = false;
+  const bool never_blocks_;
   std::thread thread_;
 };
 
-TEST(ClosedLoopTest, EachWorkerKeepsOneRequestInFlight) {
-  AsyncSender sender;
+TEST_P(ClosedLoopTest, EachWorkerKeepsOneRequestInFlight) {
+  AsyncSender sender(GetParam());
   StepRecorder recorder;
   auto result = RunClosedLoop(&sender, RealBenchClock(), {4, absl::ZeroDuration(), absl::Milliseconds(200)}, &recorder);
   ASSERT_TRUE(result.ok());
@@ -528,6 +535,8 @@ TEST(ClosedLoopTest, EachWorkerKeepsOneRequestInFlight) {
   EXPECT_GE(result->elapsed_seconds, 0.2);
   EXPECT_FALSE(RunClosedLoop(&sender, RealBenchClock(), {0, absl::ZeroDuration(), absl::Seconds(1)}, &recorder).ok());
 }
+
+INSTANTIATE_TEST_SUITE_P(ThreadsAndChains, ClosedLoopTest, ::testing::Bool());
 
 // ---------------------------------------------------------------------------------------------------
 // Report.

@@ -53,6 +53,26 @@ MultiheadAttention::Options FlashOptions(const FlashCase& c) {
   return options;
 }
 
+// Runs `in` (need_weights false) through the flash path with c's blocks and through the blocked path of the
+// same layer (flash_min_keys = 0), on `threads` threads (0: all); expects both within 2e-5 of the float64
+// reference and of each other, and no weights.
+void ExpectFlashMatchesReferenceAndBlocked(const FlashCase& c, const MhaWeights& weights, const AttentionInputs& in,
+                                           int threads) {
+  MultiheadAttention::Options options = FlashOptions(c);
+  auto flash = MultiheadAttention::Create(options, weights);
+  ASSERT_TRUE(flash.ok()) << flash.status();
+  options.flash_min_keys = 0;
+  auto blocked = MultiheadAttention::Create(options, weights);
+  ASSERT_TRUE(blocked.ok()) << blocked.status();
+  auto got = (*flash)->Forward(in, threads);
+  ASSERT_TRUE(got.ok()) << got.status();
+  auto other = (*blocked)->Forward(in, threads);
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_LE(MaxAbsDiff(got->output.values, testing::NaiveMultiheadAttention(c.config, weights, in).output), 2e-5);
+  EXPECT_LE(MaxAbsDiff(got->output.values, other->output.values), 2e-5);
+  EXPECT_TRUE(got->attn_weights.values.empty());
+}
+
 TEST(FlashAttentionTest, RandomShapesMatchFloat64ReferenceAndBlockedPath) {
   std::mt19937_64 rng(20261203);
   for (int iter = 0; iter < 150; ++iter) {
@@ -62,13 +82,6 @@ TEST(FlashAttentionTest, RandomShapesMatchFloat64ReferenceAndBlockedPath) {
                                       << " causal=" << c.is_causal << " blocks " << c.query_rows << "x"
                                       << c.key_cols);
     const MhaWeights weights = testing::RandomTestWeights(c.config, rng);
-    MultiheadAttention::Options options = FlashOptions(c);
-    auto flash = MultiheadAttention::Create(options, weights);
-    ASSERT_TRUE(flash.ok()) << flash.status();
-    options.flash_min_keys = 0;
-    auto blocked = MultiheadAttention::Create(options, weights);
-    ASSERT_TRUE(blocked.ok()) << blocked.status();
-
     const int64_t e = c.config.embed_dim;
     const std::vector<float> query = RandomValues(rng, c.batch * c.q_len * e);
     const std::vector<float> key = RandomValues(rng, c.batch * c.kv_len * e);
@@ -81,15 +94,7 @@ TEST(FlashAttentionTest, RandomShapesMatchFloat64ReferenceAndBlockedPath) {
     }
     in.is_causal = c.is_causal;
     in.need_weights = false;
-    const int threads = iter % 3 == 0 ? 1 : 0;  // 0: every OpenMP thread
-    auto got = (*flash)->Forward(in, threads);
-    ASSERT_TRUE(got.ok()) << got.status();
-    auto other = (*blocked)->Forward(in, threads);
-    ASSERT_TRUE(other.ok()) << other.status();
-    const testing::NaiveOutputs want = testing::NaiveMultiheadAttention(c.config, weights, in);
-    EXPECT_LE(MaxAbsDiff(got->output.values, want.output), 2e-5);
-    EXPECT_LE(MaxAbsDiff(got->output.values, other->output.values), 2e-5);
-    EXPECT_TRUE(got->attn_weights.values.empty());
+    ExpectFlashMatchesReferenceAndBlocked(c, weights, in, iter % 3 == 0 ? 1 : 0);
   }
 }
 
@@ -171,12 +176,6 @@ TEST(FlashAttentionTest, RandomMasksMatchFloat64ReferenceAndBlockedPath) {
                                       << in.key_padding_mask.shape.size() << " attn_mask dims "
                                       << in.attn_mask.shape.size());
     const MhaWeights weights = testing::RandomTestWeights(c.config, rng);
-    MultiheadAttention::Options options = FlashOptions(c);
-    auto flash = MultiheadAttention::Create(options, weights);
-    ASSERT_TRUE(flash.ok()) << flash.status();
-    options.flash_min_keys = 0;
-    auto blocked = MultiheadAttention::Create(options, weights);
-    ASSERT_TRUE(blocked.ok()) << blocked.status();
     const int64_t e = c.config.embed_dim;
     const std::vector<float> query = RandomValues(rng, c.batch * c.q_len * e);
     const std::vector<float> key = RandomValues(rng, c.batch * c.kv_len * e);
@@ -184,13 +183,7 @@ TEST(FlashAttentionTest, RandomMasksMatchFloat64ReferenceAndBlockedPath) {
     if (!c.self_attention) in.key = in.value = TensorView::F32(key.data(), {c.batch, c.kv_len, e});
     in.is_causal = c.is_causal;
     in.need_weights = false;
-    const int threads = iter % 3 == 0 ? 1 : 0;
-    auto got = (*flash)->Forward(in, threads);
-    ASSERT_TRUE(got.ok()) << got.status();
-    auto other = (*blocked)->Forward(in, threads);
-    ASSERT_TRUE(other.ok()) << other.status();
-    EXPECT_LE(MaxAbsDiff(got->output.values, testing::NaiveMultiheadAttention(c.config, weights, in).output), 2e-5);
-    EXPECT_LE(MaxAbsDiff(got->output.values, other->output.values), 2e-5);
+    ExpectFlashMatchesReferenceAndBlocked(c, weights, in, iter % 3 == 0 ? 1 : 0);
   }
 }
 

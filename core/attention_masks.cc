@@ -4,6 +4,8 @@
 #include <cstring>
 #include <limits>
 
+#include "core/simd_loops.h"
+
 namespace attnserve {
 namespace {
 

@@ -16,12 +16,7 @@
 #include "core/multihead_attention.h"
 #include "core/omp_threads.h"
 #include "core/row_softmax.h"
-
-// Clang under the sanitizers (the fuzz build) cannot vectorize the kernels' `omp simd` loops and says so as
-// a warning, which -Werror makes fatal; there the scalar loops are what the sanitizers check anyway.
-#if defined(__clang__)
-#pragma clang diagnostic ignored "-Wpass-failed"
-#endif
+#include "core/simd_loops.h"
 
 namespace attnserve {
 namespace {

@@ -8,6 +8,7 @@
 #include "common/status_macros.h"
 #include "core/onednn_ops.h"
 #include "core/row_softmax.h"
+#include "core/simd_loops.h"
 
 namespace attnserve {
 namespace {

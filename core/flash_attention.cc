@@ -13,9 +13,12 @@
 namespace attnserve {
 namespace {
 
-// One thread's block state: scores [rows, key_cols], context [rows, Dh], running max and sum per row.
+// One thread's block state: scores [rows, key_cols], context [rows, Dh], running max and sum per row; and the
+// keys and values of the (call, sequence, head) it works on, copied dense: [S, Dh] each.
 struct FlashScratch {
   std::vector<float> scores, acc, row_max, row_sum;
+  std::vector<float> head_k, head_v;
+  int64_t call = -1, b = -1, h = -1;
 };
 
 FlashScratch& ThreadFlashScratch() {
@@ -54,8 +57,29 @@ void AddKeyBias(const float* bias, int64_t rows, int64_t cols, float* scores, in
   }
 }
 
+// The keys and values of head h of sequence b, rows [0, S), as dense [S, Dh] operands: in the projections
+// their rows are 3E floats apart, so every block's sgemm would pack its operand from as many pages as rows.
+// Copied once per (call, sequence, head) by each thread that takes one of its query blocks.
+void DenseHeadKv(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, FlashScratch& s,
+                 FlashOperand* k, FlashOperand* v) {
+  const int64_t dh = a.head_dim, n = a.kv_len * dh;
+  if (s.call != call || s.b != b || s.h != h) {
+    float* kd = Sized(s.head_k, n);
+    float* vd = Sized(s.head_v, n);
+    for (int64_t j = 0; j < a.kv_len; ++j) {
+      std::copy_n(Row(a.k, b, h, j, dh), dh, kd + j * dh);
+      std::copy_n(Row(a.v, b, h, j, dh), dh, vd + j * dh);
+    }
+    s.call = call;
+    s.b = b;
+    s.h = h;
+  }
+  *k = {s.head_k.data(), dh, n};
+  *v = {s.head_v.data(), dh, n};
+}
+
 // A query block of one (sequence, head): every key block up to the causal limit, then context / sum.
-absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t b, int64_t h, int64_t l0) {
+absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, int64_t l0) {
   const int64_t dh = a.head_dim, lb = std::min(a.query_rows, a.q_len - l0);
   FlashScratch& s = ThreadFlashScratch();
   float* scores = Sized(s.scores, lb * a.key_cols);
@@ -65,6 +89,8 @@ absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t b, int64_t h,
   std::fill_n(acc, lb * dh, 0.0f);
   std::fill_n(row_max, lb, -std::numeric_limits<float>::infinity());
   std::fill_n(row_sum, lb, 0.0f);
+  FlashOperand head_k, head_v;
+  DenseHeadKv(a, call, b, h, s, &head_k, &head_v);
   const int64_t key_end = a.causal ? std::min(a.kv_len, l0 + lb) : a.kv_len;
   for (int64_t k0 = 0; k0 < key_end; k0 += a.key_cols) {
     const int64_t kb = std::min(a.key_cols, key_end - k0);
@@ -72,14 +98,14 @@ absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t b, int64_t h,
     const KeyBlock kind = ClassifyKeyBlock(bias, kb);
     if (kind == KeyBlock::kMasked) continue;  // adds nothing to any row's sum or context
     // scores [lb, kb] = Q rows [l0, l0 + lb) . K rows [k0, k0 + kb)^T
-    ATTN_RETURN_IF_ERROR(
-        Sgemm(true, lb, kb, dh, Row(a.q, b, h, l0, dh), a.q.ld, Row(a.k, b, h, k0, dh), a.k.ld, 0.0f, scores, kb));
+    ATTN_RETURN_IF_ERROR(Sgemm(true, lb, kb, dh, Row(a.q, b, h, l0, dh), a.q.ld, Row(head_k, 0, 0, k0, dh), head_k.ld,
+                               0.0f, scores, kb));
     if (kind == KeyBlock::kMixed) AddKeyBias(bias, lb, kb, scores, kb);
     if (a.add_mask) a.add_mask(b, h, l0, lb, k0, kb, scores, kb);
     // Causal: row r (query l0 + r) sees keys up to l0 + r, the first l0 + r - k0 + 1 of this block.
     OnlineSoftmaxBlock(scores, lb, kb, kb, a.causal ? l0 - k0 + 1 : kb, row_max, row_sum, acc, dh, dh);
     // acc [lb, Dh] += probabilities [lb, kb] . V rows [k0, k0 + kb)
-    ATTN_RETURN_IF_ERROR(Sgemm(false, lb, dh, kb, scores, kb, Row(a.v, b, h, k0, dh), a.v.ld, 1.0f, acc, dh));
+    ATTN_RETURN_IF_ERROR(Sgemm(false, lb, dh, kb, scores, kb, Row(head_v, 0, 0, k0, dh), head_v.ld, 1.0f, acc, dh));
   }
   for (int64_t r = 0; r < lb; ++r) {
     float* out = a.out + b * a.out_seq_stride + (l0 + r) * a.out_ld + h * dh;
@@ -93,7 +119,8 @@ absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t b, int64_t h,
 
 int64_t FlashScratchBytes(const FlashAttentionArgs& a) {
   const int64_t rows = std::min(a.query_rows, a.q_len);
-  return static_cast<int64_t>(sizeof(float)) * rows * (std::min(a.key_cols, a.kv_len) + a.head_dim + 2);
+  return static_cast<int64_t>(sizeof(float)) *
+         (rows * (std::min(a.key_cols, a.kv_len) + a.head_dim + 2) + 2 * a.kv_len * a.head_dim);
 }
 
 absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::FunctionRef<absl::Status()> should_stop) {
@@ -101,6 +128,8 @@ absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::Func
   const int64_t items = a.batch * a.heads * query_blocks;
   std::vector<absl::Status> statuses(static_cast<size_t>(items));
   std::atomic<bool> failed{false};
+  static std::atomic<int64_t> calls{0};
+  const int64_t call = calls.fetch_add(1, std::memory_order_relaxed);
   auto run = [&](int64_t item) {
     if (failed.load(std::memory_order_relaxed)) return;
     // A head's query blocks one after another: its K and V (2 x L x Dh floats) stay in the L3 cache for the
@@ -110,7 +139,7 @@ absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::Func
     const int64_t qb = a.causal ? query_blocks - 1 - block : block;
     const int64_t b = sequence_head / a.heads, h = sequence_head % a.heads;
     absl::Status status = should_stop();
-    if (status.ok()) status = AttendQueryBlock(a, b, h, qb * a.query_rows);
+    if (status.ok()) status = AttendQueryBlock(a, call, b, h, qb * a.query_rows);
     if (!status.ok()) {
       statuses[static_cast<size_t>(item)] = std::move(status);
       failed.store(true, std::memory_order_relaxed);

@@ -2,6 +2,8 @@
 // computed per (sequence, head, query block), the key blocks in turn, with an online softmax (a running
 // max and sum per row, the context rescaled as the max grows), so that no scores block larger than
 // query_rows x key_cols ever exists. Causal key blocks past a query block's last row are not computed.
+// Each thread copies the keys and values of the head it works on into dense [S, Dh] buffers first (rows of
+// the projections are 3E floats apart).
 // Built from oneDNN's sgemm (Sgemm: a primitive's per-call cost is a tenth of a block's time) and the
 // project's OnlineSoftmaxBlock. f32 only: bf16 layers keep the blocked path, measured at 1.8x f32 (the flash
 // path in bf16 has not been measured on a machine with native bf16).
@@ -47,7 +49,8 @@ struct FlashAttentionArgs {
   int64_t query_rows = 128, key_cols = 512;
 };
 
-// The scratch one thread holds, in bytes: what a memory budget counts per OpenMP thread.
+// The scratch one thread holds, in bytes (its blocks and one head's dense keys and values): what a memory
+// budget counts per OpenMP thread.
 int64_t FlashScratchBytes(const FlashAttentionArgs& args);
 
 // Runs on `threads` OpenMP threads (1: on the caller alone, no parallel region), work items (sequence, head,

@@ -164,9 +164,9 @@ absl::Status CheckBlockOptions(const MultiheadAttention::Options& options) {
         "single_thread_below_flops and small_attention_flops must be >= 0, got ", options.single_thread_below_flops,
         " and ", options.small_attention_flops));
   }
-  if (options.flash_min_keys < 0 || options.flash_query_rows < 1 || options.flash_key_cols < 1) {
+  if (options.flash_min_keys < 0 || options.flash_query_rows < 0 || options.flash_key_cols < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "flash_min_keys must be >= 0 and flash_query_rows, flash_key_cols >= 1, got ", options.flash_min_keys,
+        "flash_min_keys, flash_query_rows and flash_key_cols must be >= 0, got ", options.flash_min_keys,
         ", ", options.flash_query_rows, " and ", options.flash_key_cols));
   }
   return absl::OkStatus();
@@ -174,12 +174,22 @@ absl::Status CheckBlockOptions(const MultiheadAttention::Options& options) {
 
 }  // namespace
 
+std::pair<int64_t, int64_t> FlashBlockForCpu() {
+  static const std::pair<int64_t, int64_t> block =
+      OnednnUsesAvx512() ? std::pair<int64_t, int64_t>{512, 512} : std::pair<int64_t, int64_t>{128, 256};
+  return block;
+}
+
 absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(const Options& options,
                                                                               const MhaWeights& weights) {
   ATTN_RETURN_IF_ERROR(options.config.Validate());
   ATTN_RETURN_IF_ERROR(weights.CheckShapes(options.config));
   ATTN_RETURN_IF_ERROR(CheckBlockOptions(options));
-  auto layer = std::unique_ptr<MultiheadAttention>(new MultiheadAttention(options));
+  Options resolved = options;
+  const auto [cpu_rows, cpu_keys] = FlashBlockForCpu();
+  if (resolved.flash_query_rows == 0) resolved.flash_query_rows = cpu_rows;
+  if (resolved.flash_key_cols == 0) resolved.flash_key_cols = cpu_keys;
+  auto layer = std::unique_ptr<MultiheadAttention>(new MultiheadAttention(resolved));
   layer->compute_ = options.compute == ComputeType::kBFloat16 && OnednnBf16Support() != Bf16Support::kUnavailable
                         ? ComputeType::kBFloat16
                         : ComputeType::kFloat32;

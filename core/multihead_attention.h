@@ -21,6 +21,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/functional/function_ref.h"
@@ -47,6 +48,10 @@ inline int64_t CachedAppendFlops(int64_t embed_dim, int64_t tokens, int64_t cont
   return 2 * tokens * embed_dim * (cross_attention ? 2 * embed_dim : 4 * embed_dim) +
          4 * tokens * context_after * embed_dim;
 }
+
+// FlashAttention's blocks (query rows, keys) on this CPU: 512 x 512 where oneDNN runs AVX-512 kernels (1 MiB of
+// scores per thread), 128 x 256 otherwise (128 KiB), the best of the sizes measured on each.
+std::pair<int64_t, int64_t> FlashBlockForCpu();
 
 class MultiheadAttention : public AppendEngine {
  public:
@@ -77,10 +82,11 @@ class MultiheadAttention : public AppendEngine {
     // scores never leaving the cache, causal blocks skipped. Others (and all when 0) take the blocked path,
     // whose whole score rows go through the mask pass and the softmax primitive.
     int64_t flash_min_keys = 1024;
-    // FlashAttention's blocks: query rows x keys of scores per thread at a time (128 x 512 x 4 bytes = 256
-    // KiB, with K, V and Q blocks within a 1 MiB L2).
-    int64_t flash_query_rows = 128;
-    int64_t flash_key_cols = 256;
+    // FlashAttention's blocks: query rows x keys of scores per thread at a time. 0: chosen by the CPU
+    // (FlashBlockForCpu). oneDNN's sgemm packs its operands per call, and its AVX-512 kernels need larger
+    // blocks than its AVX2 ones to amortise that (BENCHMARKS.md has the measurements).
+    int64_t flash_query_rows = 0;
+    int64_t flash_key_cols = 0;
     // Softmax primitives kept, one per (rows, S) shape seen.
     int64_t softmax_cache_capacity = 512;
     // What the matmuls multiply in. kBFloat16: weights held in bf16, activations converted at each matmul

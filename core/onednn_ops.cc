@@ -144,16 +144,23 @@ const char* ComputeTypeName(ComputeType type) {
   return type == ComputeType::kBFloat16 ? "BFLOAT16" : "FLOAT32";
 }
 
+namespace {
+
+// cpu_isa values are bit masks (avx2_vnni > avx512_core numerically), so test bits, not order.
+bool EffectiveIsaHas(dnnl::cpu_isa want) {
+  const auto have = static_cast<unsigned>(dnnl::get_effective_cpu_isa()), w = static_cast<unsigned>(want);
+  return (have & w) == w;
+}
+
+}  // namespace
+
 Bf16Support OnednnBf16Support() {
-  // cpu_isa values are bit masks (avx2_vnni > avx512_core numerically), so test bits, not order.
-  const auto has = [](dnnl::cpu_isa want) {
-    const auto have = static_cast<unsigned>(dnnl::get_effective_cpu_isa()), w = static_cast<unsigned>(want);
-    return (have & w) == w;
-  };
-  if (has(dnnl::cpu_isa::avx512_core_bf16)) return Bf16Support::kNative;
-  if (has(dnnl::cpu_isa::avx512_core)) return Bf16Support::kEmulated;
+  if (EffectiveIsaHas(dnnl::cpu_isa::avx512_core_bf16)) return Bf16Support::kNative;
+  if (EffectiveIsaHas(dnnl::cpu_isa::avx512_core)) return Bf16Support::kEmulated;
   return Bf16Support::kUnavailable;
 }
+
+bool OnednnUsesAvx512() { return EffectiveIsaHas(dnnl::cpu_isa::avx512_core); }
 
 const char* Bf16SupportName(Bf16Support support) {
   switch (support) {

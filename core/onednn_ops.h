@@ -36,6 +36,9 @@ const char* ComputeTypeName(ComputeType type);
 // kUnavailable (oneDNN 2.6 creates no bf16 matmul below AVX-512).
 enum class Bf16Support { kNative, kEmulated, kUnavailable };
 Bf16Support OnednnBf16Support();
+
+// Whether oneDNN runs its AVX-512 kernels here (effective ISA avx512_core or above, ONEDNN_MAX_CPU_ISA counted).
+bool OnednnUsesAvx512();
 const char* Bf16SupportName(Bf16Support support);
 
 // C[M, N] = A[M, K] . B (B[K, N], or B^T with B given as [N, K] when transpose_b) + beta C, row-major with

@@ -98,7 +98,8 @@ TEST(FlashAttentionTest, RandomShapesMatchFloat64ReferenceAndBlockedPath) {
   }
 }
 
-// Long enough for the default blocks (128 x 256) to cut rows and keys, with a ragged last block each way.
+// Long enough for the default blocks (the CPU's: 128 x 256 or 512 x 512) to cut rows and keys, with a ragged
+// last block each way.
 TEST(FlashAttentionTest, DefaultBlocksOnALongCausalSequence) {
   std::mt19937_64 rng(7);
   MhaConfig config{128, 4, 0, 0, true};
@@ -108,6 +109,10 @@ TEST(FlashAttentionTest, DefaultBlocksOnALongCausalSequence) {
   options.flash_min_keys = 512;
   auto layer = MultiheadAttention::Create(options, weights);
   ASSERT_TRUE(layer.ok()) << layer.status();
+  const auto [cpu_rows, cpu_keys] = FlashBlockForCpu();
+  EXPECT_TRUE((cpu_rows == 128 && cpu_keys == 256) || (cpu_rows == 512 && cpu_keys == 512));
+  EXPECT_EQ((*layer)->options().flash_query_rows, cpu_rows);
+  EXPECT_EQ((*layer)->options().flash_key_cols, cpu_keys);
   const int64_t len = 700;
   const std::vector<float> query = RandomValues(rng, len * config.embed_dim);
   for (bool causal : {true, false}) {

@@ -149,8 +149,10 @@ TEST(RaggedBatchTest, ScoresBlockBytesIsTheBlockPlanned) {
   };
   EXPECT_EQ(block_bytes(**layer, 1, 8), 4 * 8 * 8 * 4);            // a short request: its whole scores
   EXPECT_EQ(block_bytes(**layer, 3, 8), 3 * 4 * 8 * 8 * 4);        // several sequences in one block
-  // A long one on the flash path: a 128 x 256 scores block, a 128 x Dh context and 2 floats a row, per thread.
-  EXPECT_EQ(block_bytes(**layer, 1, 4096), 4 * 128 * (256 + 16 + 2) * omp_get_max_threads());
+  // A long one on the flash path, per thread: a scores block (the CPU's size), its rows' context (Dh = 16) and 2
+  // floats a row, and one head's keys and values, dense.
+  const auto [rows, keys] = FlashBlockForCpu();
+  EXPECT_EQ(block_bytes(**layer, 1, 4096), 4 * (rows * (keys + 16 + 2) + 2 * 4096 * 16) * omp_get_max_threads());
   options.flash_min_keys = 0;  // the blocked path from here on
   auto blocked = MultiheadAttention::Create(options, weights);
   ASSERT_TRUE(blocked.ok()) << blocked.status();

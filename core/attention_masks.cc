@@ -62,6 +62,10 @@ void KeyPaddingBias(const ParsedAttention& p, float* bias) {
   ApplyMask(p.key_padding_mask, p.inputs->key_padding_mask.data, 0, p.batch * p.kv_len, bias);
 }
 
+int64_t KeyPaddingBiasFloats(const ParsedAttention& p) {
+  return p.key_padding_mask != MaskType::kNone ? p.batch * p.kv_len : 0;
+}
+
 void AddAttnMaskBlock(const ParsedAttention& p, int64_t num_heads, int64_t b, int64_t head, int64_t l0,
                       int64_t rows, int64_t k0, int64_t cols, float* scores, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {

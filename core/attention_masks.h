@@ -21,6 +21,8 @@ bool AddMaskRow(const ParsedAttention& p, int64_t num_heads, int64_t b, int64_t 
 // The key_padding_mask as additive values, bias[b * S + j] (0 or -inf for a bool mask, the values of a
 // float one), [B, S]; zeros when the request has none.
 void KeyPaddingBias(const ParsedAttention& p, float* bias);
+// The floats of that bias for a request on the flash-style path: B * S with a key_padding_mask, else 0.
+int64_t KeyPaddingBiasFloats(const ParsedAttention& p);
 
 // scores[r * ld + j] += the request's attn_mask (2-D, or head `head`'s slice of a [B*H, L, S] one) at query
 // l0 + r and key k0 + j, for r in [0, rows), j in [0, cols): one block of the flash-style path. A bool mask's

@@ -90,8 +90,7 @@ int64_t MultiheadAttention::ScoresBlockBytes(const ParsedAttention& p) const {
   const int64_t h = options_.config.num_heads;
   const int64_t attention_flops = 4 * p.batch * p.q_len * p.kv_len * options_.config.embed_dim;
   if (attention_flops >= options_.small_attention_flops && UsesFlash(p)) {
-    const int64_t key_bias = p.key_padding_mask != MaskType::kNone ? p.batch * p.kv_len * kF32 : 0;
-    return FlashScratchBytes(FlashShape(p)) * omp_get_max_threads() + key_bias;
+    return FlashScratchBytes(FlashShape(p)) * omp_get_max_threads() + KeyPaddingBiasFloats(p) * kF32;
   }
   const BlockPlan plan = PlanBlocks(p.batch, h, p.q_len, p.kv_len, options_.scores_block_bytes,
                                     options_.min_block_rows);
@@ -509,8 +508,8 @@ absl::Status MultiheadAttention::AttendFlash(const ParsedAttention& p, const Pro
   a.out_ld = proj.ldq;
   a.out_seq_stride = p.q_len * proj.ldq;
   std::vector<float> key_bias;  // [B, S] floats: within the request's own mask size x 4
-  if (p.key_padding_mask != MaskType::kNone) {
-    key_bias.resize(static_cast<size_t>(p.batch * p.kv_len));
+  if (const int64_t bias_floats = KeyPaddingBiasFloats(p); bias_floats > 0) {
+    key_bias.resize(static_cast<size_t>(bias_floats));
     KeyPaddingBias(p, key_bias.data());
     a.key_bias = key_bias.data();
   }

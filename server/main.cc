@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "absl/synchronization/mutex.h"
 #include "server/server.h"
 #include "server/startup/config_watcher.h"
 #include "server/startup/logging.h"
@@ -59,7 +60,13 @@ int WaitForStop(const sigset_t& signals, attnserve::ConfigWatcher* watcher, cons
   return signal_number;
 }
 
-void MapLargeBlocksApart() {
+// Abseil's deadlock detector (on in Debian's build) bookkeeps every Mutex a request touches: about 1% of the
+// served cycles (BENCHMARKS.md). The test binaries keep it.
+void SkipMutexDeadlockDetection() { absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore); }
+
+// Process-wide settings made first thing, before any thread or allocation of the server: malloc thresholds,
+// the deadlock detector.
+void SetProcessDefaults() {
   // Buffers of a MiB and more are mapped and unmapped on their own, so that the memory of a flood of large
   // requests, and a replaced layer's weights, go back to the system once freed (glibc's adaptive threshold
   // rises to the largest block freed, up to 32 MiB, and with it the trim threshold, and keeps such blocks in
@@ -73,6 +80,7 @@ void MapLargeBlocksApart() {
   // keep up to 4 MiB at their top instead (what they churn is below the 1 MiB mmap threshold; at most 8
   // arenas per core hold it); the trimmer's malloc_trim still returns it once idle.
   mallopt(M_TRIM_THRESHOLD, 4 << 20);
+  SkipMutexDeadlockDetection();
 }
 
 }  // namespace
@@ -80,7 +88,7 @@ void MapLargeBlocksApart() {
 int main(int argc, char** argv) {
   using namespace attnserve;
   const sigset_t signals = BlockServerSignals();
-  MapLargeBlocksApart();
+  SetProcessDefaults();
 
   auto flags = ParseServerFlags(argc, argv, [](const char* name) { return std::getenv(name); });
   if (!flags.ok()) {

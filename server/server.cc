@@ -168,6 +168,7 @@ absl::Status Server::Build() {
     ReleaseThreadScratch();
     ReleaseDecoderScratch();
   };
+  scheduler_options.idle_release_delay_us = 200'000;
   scheduler_options.long_item_cost = options_.long_request_flops;
   scheduler_options.cost = [](const std::unique_ptr<InferenceCall>& call) {
     return static_cast<double>(call->parsed.flops);

@@ -68,6 +68,10 @@ class BatchScheduler {
     // Called on a worker thread (without the scheduler's lock) once it has run out of work, before it
     // sleeps: e.g. to give the thread's large scratch buffers back. May be empty.
     std::function<void()> on_idle;
+    // on_idle runs once the worker has found no work for this long: a closed loop of clients leaves the
+    // queues empty for a moment between batches, and scratch given back then is faulted in again by the
+    // next batch (page faults and zeroing were 10% of the served cycles, BENCHMARKS.md). 0: at once.
+    int64_t idle_release_delay_us = 0;
     // The express lane, a fair share for short work: with `long_item_cost` > 0, one more thread (the express
     // worker) runs single entries that cost less than long_item_cost, oldest first and without waiting for
     // their queue's delay, through `run_express_batch`, while every worker is busy and one of them runs a
@@ -91,6 +95,10 @@ class BatchScheduler {
           absl::StrCat("worker_threads must be >= 1, got ", options.worker_threads));
     }
     if (options.clock == nullptr) return absl::InvalidArgumentError("clock must not be null");
+    if (options.idle_release_delay_us < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("idle_release_delay_us must be >= 0, got ", options.idle_release_delay_us));
+    }
     if (!run_batch) return absl::InvalidArgumentError("run_batch must not be empty");
     if (options.long_item_cost < 0 || (options.long_item_cost > 0 && (!options.cost || !run_express_batch))) {
       return absl::InvalidArgumentError("long_item_cost must be >= 0; > 0 needs cost and run_express_batch");
@@ -231,6 +239,7 @@ class BatchScheduler {
         clock_(options.clock),
         observer_(options.observer),
         on_idle_(options.on_idle),
+        idle_release_delay_(absl::Microseconds(options.idle_release_delay_us)),
         run_batch_(std::move(run_batch)) {}
 
   void StartWorkers() ABSL_LOCKS_EXCLUDED(join_mu_) {
@@ -338,12 +347,14 @@ class BatchScheduler {
   void WorkerLoop() ABSL_LOCKS_EXCLUDED(mu_) {
     bool spun = false;  // whether this worker already polled since it last found work
     bool idled = true;  // whether on_idle ran since it last found work
+    absl::Time idle_since = absl::InfiniteFuture();  // when it last found no work at all
     mu_.Lock();
     while (true) {
       absl::Time next_ready;
       if (QueueState* state = PickQueue(&next_ready)) {
         spun = false;
         idled = false;
+        idle_since = absl::InfiniteFuture();
         RunOneBatch(state);
         continue;
       }
@@ -355,6 +366,11 @@ class BatchScheduler {
         continue;
       }
       if (next_ready == absl::InfiniteFuture() && !idled && on_idle_) {
+        if (idle_since == absl::InfiniteFuture()) idle_since = clock_->Now();
+        if (clock_->Now() < idle_since + idle_release_delay_) {
+          clock_->WaitUntil(&mu_, &cv_, idle_since + idle_release_delay_);
+          continue;  // work may have come meanwhile
+        }
         mu_.Unlock();
         on_idle_();
         mu_.Lock();
@@ -376,6 +392,7 @@ class BatchScheduler {
   const Clock* const clock_;
   SchedulerObserver* const observer_;
   const std::function<void()> on_idle_;
+  const absl::Duration idle_release_delay_;
   const BatchFn run_batch_;  // called concurrently by the workers
 
   mutable absl::Mutex mu_;

@@ -781,6 +781,42 @@ TEST(BatchSchedulerTest, OnIdleRunsOnceAfterWork) {
   s.Shutdown();
 }
 
+// With idle_release_delay_us, on_idle waits until the worker has had no work for that long: work arriving
+// within the delay runs on the scratch of before, and the wait starts again after it.
+TEST(BatchSchedulerTest, OnIdleWaitsForTheReleaseDelay) {
+  testing::FakeClock clock;
+  std::atomic<int> idles{0};
+  Recorder rec;
+  Scheduler::Options options;
+  options.clock = &clock;
+  options.on_idle = [&] { ++idles; };
+  options.idle_release_delay_us = 1000;
+  auto scheduler = Scheduler::Create(options, [&](const std::string& q, std::vector<Entry> b) { rec.Record(q, b); });
+  ASSERT_TRUE(scheduler.ok());
+  Scheduler& s = **scheduler;
+  ASSERT_TRUE(s.AddQueue("a", Opts(1, 0)).ok());
+  for (int i = 0; i < 2; ++i) {
+    Item item = MakeItem(0, i);
+    ASSERT_TRUE(s.Schedule("a", item, 1).ok());
+    ASSERT_TRUE(rec.WaitForItems(i + 1));
+    ASSERT_TRUE(clock.AwaitWaiters(1));  // idle, waiting out the delay
+    clock.Advance(absl::Microseconds(999));
+    ASSERT_TRUE(clock.AwaitWaiters(1));
+    EXPECT_EQ(idles.load(), 0);  // not yet: 1 us short (the second time, of the second item's 1000 us)
+  }
+  clock.Advance(absl::Microseconds(1));
+  const absl::Time deadline = absl::Now() + kHangTimeout;
+  while (idles.load() == 0 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
+  EXPECT_EQ(idles.load(), 1);
+  clock.Advance(absl::Seconds(10));
+  absl::SleepFor(absl::Milliseconds(50));
+  EXPECT_EQ(idles.load(), 1);  // once per stretch of idleness
+  s.Shutdown();
+  options.idle_release_delay_us = -1;
+  auto bad = Scheduler::Create(options, [](const std::string&, std::vector<Entry>) {});
+  EXPECT_EQ(bad.status().message(), "idle_release_delay_us must be >= 0, got -1");
+}
+
 }  // namespace
 }  // namespace attnserve
 

@@ -139,10 +139,13 @@ TEST(RaggedBatchTest, ScoresBlockBytesIsTheBlockPlanned) {
   options.config = config;
   auto layer = MultiheadAttention::Create(options, weights);
   ASSERT_TRUE(layer.ok()) << layer.status();
-  auto block_bytes = [&](const MultiheadAttention& m, int64_t b, int64_t l) {
+  auto block_bytes = [&](const MultiheadAttention& m, int64_t b, int64_t l, bool padded = false) {
     std::vector<float> q = RandomValues(rng, b * l * 64);
+    std::vector<uint8_t> padding(static_cast<size_t>(b * l), 0);
+    padding.back() = 1;
     AttentionInputs in;
     in.query = TensorView::F32(q.data(), {b, l, 64});
+    if (padded) in.key_padding_mask = TensorView::Bool(padding.data(), {b, l});
     auto parsed = m.Validate(in);
     EXPECT_TRUE(parsed.ok()) << parsed.status();
     return m.ScoresBlockBytes(*parsed);
@@ -152,7 +155,10 @@ TEST(RaggedBatchTest, ScoresBlockBytesIsTheBlockPlanned) {
   // A long one on the flash path, per thread: a scores block (the CPU's size), its rows' context (Dh = 16) and 2
   // floats a row, and one head's keys and values, dense.
   const auto [rows, keys] = FlashBlockForCpu();
-  EXPECT_EQ(block_bytes(**layer, 1, 4096), 4 * (rows * (keys + 16 + 2) + 2 * 4096 * 16) * omp_get_max_threads());
+  const int64_t flash_bytes = 4 * (rows * (keys + 16 + 2) + 2 * 4096 * 16) * omp_get_max_threads();
+  EXPECT_EQ(block_bytes(**layer, 1, 4096), flash_bytes);
+  // With a key_padding_mask, also the mask as a [B, S] float bias.
+  EXPECT_EQ(block_bytes(**layer, 2, 4096, true), flash_bytes + 2 * 4096 * 4);
   options.flash_min_keys = 0;  // the blocked path from here on
   auto blocked = MultiheadAttention::Create(options, weights);
   ASSERT_TRUE(blocked.ok()) << blocked.status();

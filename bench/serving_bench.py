@@ -8,6 +8,8 @@ attnbench, scrapes /metrics, and checks each target:
   1. floor: echo with a 4 KiB payload, p50 at concurrency 1 and requests/s at concurrency 32;
   2. latency: E=256, H=4, B=1, L=16 at concurrency 1: p50 <= echo p50 + engine in-process time + 50 us;
   3. batching: concurrency 64, L=32 on E=512, H=8: throughput with dynamic batching >= 2x max_batch_size=1;
+  3b. served / engine (issue #13): concurrency 64, L=32 on E=512, H=8, over 1 and 16 connections: achieved GFLOP/s
+     >= 80% of the engine's in-process GFLOP/s on batches of the size the server formed;
   4. efficiency: saturation with B=1, L=128 on E=768, H=12: achieved GFLOP/s (attnserve_flops_total over
      wall time) >= 70% of the engine's in-process GFLOP/s on batches of the size the server formed;
   5. open loop at 70% of the measured maximum rate: p99 <= 5x p50;
@@ -30,6 +32,7 @@ import urllib.request
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 SWEEP_CONCURRENCY = (1, 4, 16, 64)
+SERVED_CONNECTIONS = (1, 16)
 # attnbench reports percentiles, not samples: the latency CDF is drawn through these (JSON key, fraction) points.
 CDF_POINTS = (("min", 0.0), ("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99_9", 0.999), ("max", 1.0))
 
@@ -64,9 +67,11 @@ class Proc:
 
 
 def attnbench(build, target, *args):
-    out = subprocess.run([f"{build}/tools/attnbench", "--target", target, "--json", "--quiet", *args],
-                         check=True, capture_output=True, text=True).stdout
-    return json.loads(out)
+    cmd = [f"{build}/tools/attnbench", "--target", target, "--json", "--quiet", *args]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"{' '.join(cmd)}: exit status {run.returncode}\n{run.stderr}")
+    return json.loads(run.stdout)
 
 
 def metrics(port):
@@ -90,6 +95,33 @@ def engine_bench(build, filt):
                           "--benchmark_report_aggregates_only=true"],
                          check=True, capture_output=True, text=True).stdout
     return {b["run_name"]: b for b in json.loads(out)["benchmarks"] if b.get("aggregate_name") == "median"}
+
+
+def saturate(build, s, shape, dur, connections=1):
+    """A concurrency-64 closed loop of `shape` (attnbench flags) on server `s` after a 2 s warm-up run. Returns the
+    attnbench step with, from the server's /metrics over the measured run: achieved GFLOP/s (flops over wall time),
+    the compute-time rate and the mean batch."""
+    target = f"127.0.0.1:{s.ports[0]}"
+    load = (*shape, "--concurrency", "64", "--connections", str(connections))
+    attnbench(build, target, *load, "--duration", "2s")
+    before, t0 = metrics(s.ports[1]), time.time()
+    step = attnbench(build, target, *load, "--duration", dur, "--warmup", "0s")[0]
+    after, t1 = metrics(s.ports[1]), time.time()
+    delta = {k: metric_sum(after, k) - metric_sum(before, k) for k in (
+        "attnserve_flops_total", "attnserve_compute_duration_seconds_sum", "attnserve_batch_size_count",
+        "attnserve_batch_size_sum")}
+    step["achieved_gflops"] = delta["attnserve_flops_total"] / (t1 - t0) / 1e9
+    step["compute_gflops"] = delta["attnserve_flops_total"] / delta["attnserve_compute_duration_seconds_sum"] / 1e9
+    step["mean_batch"] = delta["attnserve_batch_size_sum"] / delta["attnserve_batch_size_count"]
+    return step
+
+
+def engine_gflops_near(build, mean_batch, sizes, shape):
+    """The engine's in-process GFLOP/s (BM_ServerBatch) on batches of the benchmarked size in `sizes` nearest to
+    `mean_batch`; `shape` is the rest of the benchmark's name, e.g. "L:128/E:768/H:12". Returns (size, GFLOP/s)."""
+    size = min(sizes, key=lambda k: abs(k - mean_batch))
+    eng = engine_bench(build, f"BM_ServerBatch/R:{size}/{shape}")
+    return size, next(iter(eng.values()))["GFLOPS"]
 
 
 def server(build, tmp, name, layers, worker_threads=1):
@@ -256,25 +288,26 @@ def main():
             results[f"batch_{label}_mean_batch"] = r["server"]["batch_size"]["mean"]
         results["batch_ratio"] = results["batch_dynamic_rps"] / results["batch_single_rps"]
 
+        # 3b. Served / engine at step 3's shape, c=64: one connection, and 16 (many clients).
+        s = server(build, tmp, "served", [mid_layer("max_batch_size: 64")])
+        procs.append(s)
+        for conns in SERVED_CONNECTIONS:
+            st = saturate(build, s, ("--layer", "mid", "--seq", "32"), dur, conns)
+            size, gflops = engine_gflops_near(build, st["mean_batch"], (16, 32, 64), "L:32/E:512/H:8")
+            results[f"served_{conns}"] = {"rps": st["requests_per_second"], "achieved_gflops": st["achieved_gflops"],
+                                          "mean_batch": st["mean_batch"], "engine_batch": size,
+                                          "engine_gflops": gflops}
+        s.stop()
+
         # 4. Efficiency at saturation, B=1 L=128 on E=768 H=12; 5. open loop at 70% of the maximum.
         s = server(build, tmp, "efficiency", ['name: "base" embed_dim: 768 num_heads: 12 seed: 2'])
         procs.append(s)
         target = f"127.0.0.1:{s.ports[0]}"
-        attnbench(build, target, "--layer", "base", "--seq", "128", "--concurrency", "64", "--duration", "2s")
-        before, t0 = metrics(s.ports[1]), time.time()
-        sat = attnbench(build, target, "--layer", "base", "--seq", "128", "--concurrency", "64",
-                        "--duration", dur, "--warmup", "0s")[0]
-        after, t1 = metrics(s.ports[1]), time.time()
-        flops = metric_sum(after, "attnserve_flops_total") - metric_sum(before, "attnserve_flops_total")
-        compute = (metric_sum(after, "attnserve_compute_duration_seconds_sum")
-                   - metric_sum(before, "attnserve_compute_duration_seconds_sum"))
-        batches = (metric_sum(after, "attnserve_batch_size_count")
-                   - metric_sum(before, "attnserve_batch_size_count"))
-        requests = (metric_sum(after, "attnserve_batch_size_sum") - metric_sum(before, "attnserve_batch_size_sum"))
-        mean_batch = requests / batches
+        sat = saturate(build, s, ("--layer", "base", "--seq", "128"), dur)
+        mean_batch = sat["mean_batch"]
         results["eff_rps"] = sat["requests_per_second"]
-        results["eff_achieved_gflops"] = flops / (t1 - t0) / 1e9
-        results["eff_compute_gflops"] = flops / compute / 1e9
+        results["eff_achieved_gflops"] = sat["achieved_gflops"]
+        results["eff_compute_gflops"] = sat["compute_gflops"]
         results["eff_mean_batch"] = mean_batch
         max_rate = sat["requests_per_second"]
         rate = int(0.7 * max_rate)
@@ -284,10 +317,8 @@ def main():
         results["ol_p50_ms"] = ol["latency_ms"]["p50"]
         results["ol_p99_ms"] = ol["latency_ms"]["p99"]
         results["ol_errors"] = ol["errors"]
-        pow2 = min((1, 2, 4, 8, 16, 32, 64), key=lambda k: abs(k - mean_batch))
-        eng = engine_bench(build, f"BM_ServerBatch/R:{pow2}/L:128/E:768/H:12")
-        results["eff_engine_batch"] = pow2
-        results["eff_engine_gflops"] = next(iter(eng.values()))["GFLOPS"]
+        results["eff_engine_batch"], results["eff_engine_gflops"] = engine_gflops_near(
+            build, mean_batch, (1, 2, 4, 8, 16, 32, 64), "L:128/E:768/H:12")
 
         # 6. attnserve vs the PyTorch server at concurrency 64, then both over a range of concurrency.
         runs = compare_with_torch(build, tmp, dur, f"{args.sweep_duration}s", procs)
@@ -310,6 +341,13 @@ def main():
     print(f"| batching E=512 H=8 L=32, c=64: dynamic / max_batch_size=1 | {r['batch_dynamic_rps']:.0f} / "
           f"{r['batch_single_rps']:.0f} req/s = {r['batch_ratio']:.2f}x (mean batch {r['batch_dynamic_mean_batch']:.1f}) | "
           f">= 2x | {yes(r['batch_ratio'] >= 2)} |")
+    for conns in SERVED_CONNECTIONS:
+        sv = r[f"served_{conns}"]
+        print(f"| served / engine E=512 H=8 L=32, c=64, {conns} connection{'s' if conns > 1 else ''} | "
+              f"{sv['achieved_gflops']:.0f} / {sv['engine_gflops']:.0f} GFLOP/s = "
+              f"{100 * sv['achieved_gflops'] / sv['engine_gflops']:.0f}% ({sv['rps']:.0f} req/s, mean batch "
+              f"{sv['mean_batch']:.1f}, engine on batches of {sv['engine_batch']}) | >= 80% | "
+              f"{yes(sv['achieved_gflops'] >= 0.8 * sv['engine_gflops'])} |")
     print(f"| efficiency E=768 H=12 B=1 L=128, c=64: achieved / in-process | {r['eff_achieved_gflops']:.0f} / "
           f"{r['eff_engine_gflops']:.0f} GFLOP/s = {100 * r['eff_achieved_gflops'] / r['eff_engine_gflops']:.0f}% "
           f"({r['eff_rps']:.0f} req/s, mean batch {r['eff_mean_batch']:.1f}, engine measured on batches of "

@@ -109,6 +109,7 @@ grpc::ChannelArguments ChannelArgs(const Client::Options& o, const std::string& 
   args.SetMaxReceiveMessageSize(static_cast<int>(o.max_message_bytes));
   args.SetMaxSendMessageSize(static_cast<int>(o.max_message_bytes));
   args.SetLoadBalancingPolicyName(load_balancing);
+  if (o.own_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   return args;
 }
 

@@ -52,6 +52,10 @@ class Client {
     // flags>"), so the server's span joins the caller's trace. Empty: none; the server then starts a trace per
     // call. Either way an error's message ends in the server's " [trace_id <id>]", the id its logs carry.
     std::string traceparent;
+    // True: this client's channel opens connections of its own. gRPC otherwise shares one connection per
+    // address among all channels with the same arguments, so several clients in one process would multiplex
+    // onto a single HTTP/2 connection, which each side processes on one thread at a time.
+    bool own_connection = false;
   };
 
   // A caller-owned FLOAT32 input, row-major; absent while `shape` is empty.

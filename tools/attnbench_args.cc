@@ -18,7 +18,7 @@ constexpr FlagSpec kFlags[] = {
     {"duration", true},     {"warmup", true},      {"timeout-ms", true}, {"seed", true},
     {"json", false},        {"csv", false},        {"quiet", false},      {"tls-cert", true},
     {"tls-key", true},      {"token-file", true}, {"traceparent", true},  {"kserve", false},    {"sessions", true},
-    {"context", true},      {"prefill", true},
+    {"context", true},      {"prefill", true},     {"connections", true},
 };
 
 // --sessions N --context C [--prefill T]: decode steps on sessions, N closed-loop workers.
@@ -34,9 +34,10 @@ absl::Status ParseSessionFlags(const CommandLine& cl, BenchArgs* out) {
   if (auto v = cl.Get("prefill")) {
     ATTN_ASSIGN_OR_RETURN(out->prefill, ParseIntFlag("prefill", *v, 1, kMaxDim));
   }
-  if (out->echo || out->stream || out->kserve || cl.Has("rate") || cl.Has("concurrency")) {
+  if (out->echo || out->stream || out->kserve || cl.Has("rate") || cl.Has("concurrency") || cl.Has("connections")) {
     return absl::InvalidArgumentError(
-        "--sessions: a closed loop of one worker per session (not with --rate, --concurrency, --stream, --kserve, --echo)");
+        "--sessions: a closed loop of one worker per session on one connection (not with --rate, --concurrency, "
+        "--stream, --kserve, --echo, --connections)");
   }
   out->concurrency = {out->sessions};
   return absl::OkStatus();
@@ -92,6 +93,9 @@ absl::StatusOr<BenchArgs> ParseBenchArgs(const std::vector<std::string>& args) {
   }
   if (auto v = get("streams")) {
     ATTN_ASSIGN_OR_RETURN(out.streams, ParseIntFlag("streams", *v, 1, 1024));
+  }
+  if (auto v = get("connections")) {
+    ATTN_ASSIGN_OR_RETURN(out.connections, ParseIntFlag("connections", *v, 1, 256));
   }
   if (auto v = get("concurrency")) {
     if (cl.Has("rate")) {
@@ -169,6 +173,10 @@ Load:
                          intended time, so stalls show in the tail
   --duration D           measured time per step: 10s, 500ms, 2m or seconds (default 10s)
   --warmup D             unrecorded time before each step (default 1s)
+  --connections N        gRPC connections (channels of their own) the requests spread over: worker i
+                         (open loop: request i) uses connection i % N (default 1: every request
+                         multiplexed on one HTTP/2 connection, as one client process would; many
+                         clients come on many connections)
 
 Output:
   (default)              a table on stdout

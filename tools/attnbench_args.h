@@ -33,6 +33,7 @@ struct BenchArgs {
   bool stream = false;                     // --stream: InferStream instead of unary Infer
   bool kserve = false;                     // --kserve: the Open Inference Protocol's ModelInfer instead
   int64_t streams = 4;                     // --streams: streams of an open-loop --stream run
+  int64_t connections = 1;                 // --connections: gRPC connections the requests spread over
   int64_t sessions = 0;                    // --sessions N: decode steps on N sessions (0: stateless calls)
   int64_t context = 1024;                  // --context C: tokens each session holds
   int64_t prefill = 0;                     // --prefill T: a background session prefilling T tokens at a time

@@ -23,6 +23,7 @@
 #include "tools/attnbench_sessions.h"
 #include "client/client.h"
 #include "client/grpc_status.h"
+#include "common/status_macros.h"
 
 namespace attnserve {
 namespace {
@@ -33,7 +34,8 @@ constexpr int kExitUnreachable = 2;
 constexpr int64_t kProbeTimeoutMs = 10'000;
 
 std::string Workload(const BenchArgs& a) {
-  if (a.echo) return absl::StrCat("echo payload=", a.payload_bytes, "B unary");
+  const std::string connections = a.connections > 1 ? absl::StrCat(" connections=", a.connections) : "";
+  if (a.echo) return absl::StrCat("echo payload=", a.payload_bytes, "B unary", connections);
   if (a.sessions > 0) {
     return absl::StrCat(a.layer, " sessions=", a.sessions, " context=", a.context, " decode",
                         a.prefill > 0 ? absl::StrCat(" +prefill ", a.prefill) : "");
@@ -43,7 +45,7 @@ std::string Workload(const BenchArgs& a) {
                                                 : absl::StrCat(a.seq));
   if (a.kv_seq > 0) absl::StrAppend(&w, " S=", a.kv_seq);
   if (a.causal) absl::StrAppend(&w, " causal");
-  absl::StrAppend(&w, a.stream ? " stream" : a.kserve ? " kserve" : " unary");
+  absl::StrAppend(&w, a.stream ? " stream" : a.kserve ? " kserve" : " unary", connections);
   return w;
 }
 
@@ -108,6 +110,23 @@ absl::Status ProbeEcho(const Client& client) {
   return FromGrpcStatus(stub->Echo(&context, request, &response));
 }
 
+// `connections` clients of `options`; with more than one, each opens a connection of its own.
+absl::StatusOr<std::vector<std::unique_ptr<Client>>> CreateClients(Client::Options options, int64_t connections) {
+  options.own_connection = connections > 1;
+  std::vector<std::unique_ptr<Client>> clients;
+  for (int64_t i = 0; i < connections; ++i) {
+    ATTN_ASSIGN_OR_RETURN(auto client, Client::Create(options));
+    clients.push_back(std::move(client));
+  }
+  return clients;
+}
+
+std::vector<const Client*> RawPointers(const std::vector<std::unique_ptr<Client>>& clients) {
+  std::vector<const Client*> out;
+  for (const auto& c : clients) out.push_back(c.get());
+  return out;
+}
+
 int Run(int argc, char** argv) {
   auto args = ParseBenchArgs(std::vector<std::string>(argv + 1, argv + argc));
   if (!args.ok()) {
@@ -132,17 +151,19 @@ int Run(int argc, char** argv) {
   options.token = *token;
   options.traceparent = args->traceparent;
   options.default_timeout_ms = args->timeout_ms;
-  auto client = Client::Create(options);
-  if (!client.ok()) {
-    std::fprintf(stderr, "attnbench: %s\n", std::string(client.status().message()).c_str());
+  auto clients = CreateClients(options, args->connections);
+  if (!clients.ok()) {
+    std::fprintf(stderr, "attnbench: %s\n", std::string(clients.status().message()).c_str());
     return kExitUsage;
   }
+  const Client* client = clients->front().get();
+  const ClientLanes lanes(RawPointers(*clients));
 
   std::unique_ptr<InferRequestSource> source;
   if (args->echo) {
-    if (absl::Status s = ProbeEcho(**client); !s.ok()) return ProbeFailed(*args, s);
+    if (absl::Status s = ProbeEcho(*client); !s.ok()) return ProbeFailed(*args, s);
   } else {
-    auto layer = (*client)->GetLayer(args->layer);
+    auto layer = client->GetLayer(args->layer);
     if (!layer.ok()) return ProbeFailed(*args, layer.status());
     InferRequestSource::Options r;
     r.layer = args->layer;
@@ -178,7 +199,7 @@ int Run(int argc, char** argv) {
     std::unique_ptr<RequestSender> sender;
     if (args->sessions > 0) {
       auto made = SessionAppendSender::Create(
-          client->get(), {args->layer, args->sessions, args->context, args->prefill, args->seed,
+          client, {args->layer, args->sessions, args->context, args->prefill, args->seed,
                           absl::StrCat(getpid(), "-", i)});
       if (!made.ok()) {
         std::fprintf(stderr, "attnbench: sessions: %s\n", std::string(made.status().message()).c_str());
@@ -186,18 +207,18 @@ int Run(int argc, char** argv) {
       }
       sender = std::move(*made);
     } else if (args->echo) {
-      sender = std::make_unique<EchoSender>(client->get(), args->payload_bytes, args->timeout_ms);
+      sender = std::make_unique<EchoSender>(lanes, args->payload_bytes, args->timeout_ms);
     } else if (args->stream) {
       // Streams carry no per-request deadline: the whole stream ends at the latest a timeout after the step.
       const absl::Duration limit = args->warmup + args->duration +
                                    (args->timeout_ms > 0 ? absl::Milliseconds(args->timeout_ms) : absl::Hours(24));
-      sender = std::make_unique<StreamInferSender>(client->get(), source.get(),
+      sender = std::make_unique<StreamInferSender>(lanes, source.get(),
                                                    report.open_loop ? args->streams : report.concurrency,
                                                    absl::ToChronoTime(absl::Now() + limit));
     } else if (args->kserve) {
-      sender = std::make_unique<KServeInferSender>(client->get(), source.get(), args->timeout_ms);
+      sender = std::make_unique<KServeInferSender>(lanes, source.get(), args->timeout_ms);
     } else {
-      sender = std::make_unique<UnaryInferSender>(client->get(), source.get(), args->timeout_ms);
+      sender = std::make_unique<UnaryInferSender>(lanes, source.get(), args->timeout_ms);
     }
 
     StepRecorder recorder;

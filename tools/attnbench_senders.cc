@@ -31,7 +31,7 @@ Outcome FromResponse(const grpc::Status& status, const InferResponse& response) 
 
 }  // namespace
 
-void UnaryInferSender::Send(uint64_t seq, uint64_t /*lane*/, std::function<void(const Outcome&)> done) {
+void UnaryInferSender::Send(uint64_t seq, uint64_t lane, std::function<void(const Outcome&)> done) {
   struct Call {
     grpc::ClientContext context;
     std::shared_ptr<const InferRequest> request;
@@ -39,14 +39,16 @@ void UnaryInferSender::Send(uint64_t seq, uint64_t /*lane*/, std::function<void(
   };
   auto* call = new Call;
   call->request = source_->Get(seq);
-  client_->PrepareContext(&call->context, timeout_ms_);
-  client_->stub()->async()->Infer(&call->context, call->request.get(), &call->response,
-                                  [call, done = std::move(done)](grpc::Status status) {
-                                    Outcome o = FromResponse(status, call->response);
-                                    if (o.code != 0) o.trace_id = ServerTraceId(call->context);
-                                    done(o);
-                                    delete call;
-                                  });
+  const Client& client = clients_.ForLane(lane);
+  client.PrepareContext(&call->context, timeout_ms_);
+  client.stub()->async()->Infer(&call->context, call->request.get(), &call->response,
+                                [call, done = std::move(done)](grpc::Status status) {
+                                  Outcome o = FromResponse(status, call->response);
+                                  if (o.code != 0) o.trace_id = ServerTraceId(call->context);
+                                  // before done: once the last answer is done, the run may end and exit
+                                  delete call;
+                                  done(o);
+                                });
 }
 
 // One InferStream. Writes go out one at a time (the reactor allows one in flight) from a queue; a read is
@@ -153,9 +155,9 @@ class InferStreamReactor final : public grpc::ClientBidiReactor<InferRequest, In
   bool released_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-StreamInferSender::StreamInferSender(const Client* client, const InferRequestSource* source, int64_t streams,
+StreamInferSender::StreamInferSender(ClientLanes clients, const InferRequestSource* source, int64_t streams,
                                      std::chrono::system_clock::time_point deadline)
-    : client_(client), source_(source), deadline_(deadline) {
+    : clients_(std::move(clients)), source_(source), deadline_(deadline) {
   for (int64_t i = 0; i < std::max<int64_t>(1, streams); ++i) slots_.push_back(std::make_unique<Slot>());
 }
 
@@ -170,11 +172,14 @@ StreamInferSender::~StreamInferSender() {
 void StreamInferSender::Send(uint64_t seq, uint64_t lane, std::function<void(const Outcome&)> done) {
   InferRequest request = *source_->Get(seq);  // a copy: each send needs its own id
   request.set_id(absl::StrCat(seq));
-  Slot& slot = *slots_[lane % slots_.size()];
+  const size_t slot_index = lane % slots_.size();
+  Slot& slot = *slots_[slot_index];
   {
     absl::MutexLock lock(&slot.mu);
     for (int attempt = 0; attempt < 2; ++attempt) {
-      if (slot.stream == nullptr) slot.stream = std::make_unique<InferStreamReactor>(client_->stub(), deadline_);
+      if (slot.stream == nullptr) {
+        slot.stream = std::make_unique<InferStreamReactor>(clients_.ForLane(slot_index).stub(), deadline_);
+      }
       if (slot.stream->Send(request, done)) return;
       slot.retired.push_back(std::move(slot.stream));  // ended: the next attempt opens a new stream
     }
@@ -198,12 +203,13 @@ void AddRawInput(const char* name, const attnserve::v1::Tensor& t, inference::Mo
 
 }  // namespace
 
-KServeInferSender::KServeInferSender(const Client* client, const InferRequestSource* source,
+KServeInferSender::KServeInferSender(ClientLanes clients, const InferRequestSource* source,
                                      std::optional<int64_t> timeout_ms)
-    : client_(client),
-      source_(source),
-      timeout_ms_(timeout_ms),
-      stub_(inference::GRPCInferenceService::NewStub(client->channel())) {}
+    : clients_(std::move(clients)), source_(source), timeout_ms_(timeout_ms) {
+  for (size_t i = 0; i < clients_.size(); ++i) {
+    stubs_.push_back(inference::GRPCInferenceService::NewStub(clients_.ForLane(i).channel()));
+  }
+}
 
 std::shared_ptr<const inference::ModelInferRequest> KServeInferSender::RequestFor(uint64_t seq) {
   const int64_t len = source_->SeqLenFor(seq);
@@ -221,7 +227,7 @@ std::shared_ptr<const inference::ModelInferRequest> KServeInferSender::RequestFo
   return cached;
 }
 
-void KServeInferSender::Send(uint64_t seq, uint64_t /*lane*/, std::function<void(const Outcome&)> done) {
+void KServeInferSender::Send(uint64_t seq, uint64_t lane, std::function<void(const Outcome&)> done) {
   struct Call {
     grpc::ClientContext context;
     std::shared_ptr<const inference::ModelInferRequest> request;
@@ -229,8 +235,8 @@ void KServeInferSender::Send(uint64_t seq, uint64_t /*lane*/, std::function<void
   };
   auto* call = new Call;
   call->request = RequestFor(seq);
-  client_->PrepareContext(&call->context, timeout_ms_);
-  stub_->async()->ModelInfer(&call->context, call->request.get(), &call->response,
+  clients_.ForLane(lane).PrepareContext(&call->context, timeout_ms_);
+  stubs_[lane % stubs_.size()]->async()->ModelInfer(&call->context, call->request.get(), &call->response,
                              [call, done = std::move(done)](grpc::Status status) {
                                Outcome o;
                                o.code = static_cast<int>(status.error_code());
@@ -242,33 +248,37 @@ void KServeInferSender::Send(uint64_t seq, uint64_t /*lane*/, std::function<void
                                  o.batch_size = static_cast<int32_t>(params.at("batch_size").int64_param());
                                }
                                if (o.code != 0) o.trace_id = ServerTraceId(call->context);
-                               done(o);
+                               // before done: once the last answer is done, the run may end and exit
                                delete call;
+                               done(o);
                              });
 }
 
-EchoSender::EchoSender(const Client* client, int64_t payload_bytes, std::optional<int64_t> timeout_ms)
-    : client_(client),
-      stub_(attnserve::bench::EchoService::NewStub(client->channel())),
-      timeout_ms_(timeout_ms) {
+EchoSender::EchoSender(ClientLanes clients, int64_t payload_bytes, std::optional<int64_t> timeout_ms)
+    : clients_(std::move(clients)), timeout_ms_(timeout_ms) {
+  for (size_t i = 0; i < clients_.size(); ++i) {
+    stubs_.push_back(attnserve::bench::EchoService::NewStub(clients_.ForLane(i).channel()));
+  }
   std::mt19937_64 rng(1);
   std::string payload(static_cast<size_t>(std::max<int64_t>(0, payload_bytes)), '\0');
   for (char& c : payload) c = static_cast<char>(rng());
   message_.set_payload(std::move(payload));
 }
 
-void EchoSender::Send(uint64_t /*seq*/, uint64_t /*lane*/, std::function<void(const Outcome&)> done) {
+void EchoSender::Send(uint64_t /*seq*/, uint64_t lane, std::function<void(const Outcome&)> done) {
   struct Call {
     grpc::ClientContext context;
     attnserve::bench::EchoMessage response;
   };
   auto* call = new Call;
-  client_->PrepareContext(&call->context, timeout_ms_);
-  stub_->async()->Echo(&call->context, &message_, &call->response, [call, done = std::move(done)](grpc::Status s) {
+  clients_.ForLane(lane).PrepareContext(&call->context, timeout_ms_);
+  stubs_[lane % stubs_.size()]->async()->Echo(&call->context, &message_, &call->response,
+                                              [call, done = std::move(done)](grpc::Status s) {
     Outcome o;
     o.code = static_cast<int>(s.error_code());
-    done(o);
+    // before done: once the last answer is done, the run may end and exit
     delete call;
+    done(o);
   });
 }
 

@@ -8,6 +8,9 @@
 //   (raw_input_contents, as tritonclient sends them), one call per request.
 // - EchoSender: attnserve.bench.EchoService/Echo with a fixed random payload, the serving floor.
 //
+// Every sender takes the clients of the run, one per connection (attnbench --connections): a request of lane
+// i goes through clients[i % size], so a closed loop's workers, and an open loop's requests, spread evenly.
+//
 // Thread-safety: Send may be called from any number of threads at once.
 #pragma once
 
@@ -27,24 +30,36 @@
 
 namespace attnserve {
 
+// The clients a run sends through (not owned; non-empty), and which one serves a lane.
+class ClientLanes {
+ public:
+  explicit ClientLanes(std::vector<const Client*> clients) : clients_(std::move(clients)) {}
+  const Client& ForLane(uint64_t lane) const { return *clients_[lane % clients_.size()]; }
+  size_t size() const { return clients_.size(); }
+
+ private:
+  std::vector<const Client*> clients_;
+};
+
 class UnaryInferSender final : public RequestSender {
  public:
-  // Neither owned; both must outlive the sender. `timeout_ms` as Client::InferOptions::timeout_ms.
-  UnaryInferSender(const Client* client, const InferRequestSource* source, std::optional<int64_t> timeout_ms)
-      : client_(client), source_(source), timeout_ms_(timeout_ms) {}
+  // `source` not owned; it and the clients must outlive the sender. `timeout_ms` as
+  // Client::InferOptions::timeout_ms.
+  UnaryInferSender(ClientLanes clients, const InferRequestSource* source, std::optional<int64_t> timeout_ms)
+      : clients_(std::move(clients)), source_(source), timeout_ms_(timeout_ms) {}
   void Send(uint64_t seq, uint64_t lane, std::function<void(const Outcome&)> done) override;
   bool SendNeverBlocks() const override { return true; }  // one async unary call
 
  private:
-  const Client* client_;
+  ClientLanes clients_;
   const InferRequestSource* source_;
   std::optional<int64_t> timeout_ms_;
 };
 
 class KServeInferSender final : public RequestSender {
  public:
-  // Neither owned; both must outlive the sender.
-  KServeInferSender(const Client* client, const InferRequestSource* source, std::optional<int64_t> timeout_ms);
+  // `source` not owned; it and the clients must outlive the sender.
+  KServeInferSender(ClientLanes clients, const InferRequestSource* source, std::optional<int64_t> timeout_ms);
   void Send(uint64_t seq, uint64_t lane, std::function<void(const Outcome&)> done) override;
   bool SendNeverBlocks() const override { return true; }  // one async unary call
 
@@ -52,10 +67,10 @@ class KServeInferSender final : public RequestSender {
   // The ModelInferRequest of the source's request `seq`, converted once per query length.
   std::shared_ptr<const inference::ModelInferRequest> RequestFor(uint64_t seq);
 
-  const Client* client_;
+  ClientLanes clients_;
   const InferRequestSource* source_;
   std::optional<int64_t> timeout_ms_;
-  std::unique_ptr<inference::GRPCInferenceService::Stub> stub_;
+  std::vector<std::unique_ptr<inference::GRPCInferenceService::Stub>> stubs_;  // one per client
   absl::Mutex mu_;
   std::map<int64_t, std::shared_ptr<const inference::ModelInferRequest>> by_len_ ABSL_GUARDED_BY(mu_);
 };
@@ -64,9 +79,9 @@ class InferStreamReactor;
 
 class StreamInferSender final : public RequestSender {
  public:
-  // Neither owned. `streams` >= 1 streams; a lane always uses stream lane % streams. Every stream ends at
-  // `deadline` at the latest (so a stalled server cannot hang a run).
-  StreamInferSender(const Client* client, const InferRequestSource* source, int64_t streams,
+  // `source` not owned. `streams` >= 1 streams; a lane always uses stream lane % streams, and stream j
+  // client j % clients. Every stream ends at `deadline` at the latest (so a stalled server cannot hang a run).
+  StreamInferSender(ClientLanes clients, const InferRequestSource* source, int64_t streams,
                     std::chrono::system_clock::time_point deadline);
   // Half-closes every stream and waits until each has ended.
   ~StreamInferSender() override;
@@ -78,7 +93,7 @@ class StreamInferSender final : public RequestSender {
     std::unique_ptr<InferStreamReactor> stream ABSL_GUARDED_BY(mu);
     std::vector<std::unique_ptr<InferStreamReactor>> retired ABSL_GUARDED_BY(mu);  // ended; freed at the end
   };
-  const Client* client_;
+  ClientLanes clients_;
   const InferRequestSource* source_;
   std::chrono::system_clock::time_point deadline_;
   std::vector<std::unique_ptr<Slot>> slots_;
@@ -86,14 +101,14 @@ class StreamInferSender final : public RequestSender {
 
 class EchoSender final : public RequestSender {
  public:
-  // `client` (not owned) gives the channel and the deadline rule; the payload is `payload_bytes` random bytes.
-  EchoSender(const Client* client, int64_t payload_bytes, std::optional<int64_t> timeout_ms);
+  // The clients give the channels and the deadline rule; the payload is `payload_bytes` random bytes.
+  EchoSender(ClientLanes clients, int64_t payload_bytes, std::optional<int64_t> timeout_ms);
   void Send(uint64_t seq, uint64_t lane, std::function<void(const Outcome&)> done) override;
   bool SendNeverBlocks() const override { return true; }  // one async unary call
 
  private:
-  const Client* client_;
-  std::unique_ptr<attnserve::bench::EchoService::Stub> stub_;
+  ClientLanes clients_;
+  std::vector<std::unique_ptr<attnserve::bench::EchoService::Stub>> stubs_;  // one per client
   attnserve::bench::EchoMessage message_;
   std::optional<int64_t> timeout_ms_;
 };

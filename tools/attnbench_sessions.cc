@@ -107,8 +107,9 @@ void SessionAppendSender::Send(uint64_t /*seq*/, uint64_t lane_index, std::funct
                                                    o.batch_size = call->response.timing().batch_size();
                                                  }
                                                  if (o.code != 0) o.trace_id = ServerTraceId(call->context);
-                                                 done(o);
+                                                 // before done: once the last answer is done, the run may end and exit
                                                  delete call;
+                                                 done(o);
                                                });
 }
 

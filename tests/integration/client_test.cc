@@ -20,6 +20,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
@@ -510,6 +511,61 @@ TEST_F(ClientIntegrationTest, AttnbenchRoundRobinReachesEveryServer) {
   ExpectSaneSteps(ParseJson(r), 1);
   EXPECT_GT(server_->RequestsTotal(), before[0] + 10);
   EXPECT_GT(second->RequestsTotal(), before[1] + 10);
+}
+
+// Established TCP connections to 127.0.0.1:`port` seen from the client side: entries of /proc/net/tcp and
+// tcp6 (gRPC's sockets are dual-stack, so their IPv4 peers show as v4-mapped) with that remote address and
+// port, in state 01.
+int ConnectionsTo(int port) {
+  int count = 0;
+  for (const auto& [file, address] : {std::pair{"/proc/net/tcp", "0100007F"},
+                                      std::pair{"/proc/net/tcp6", "0000000000000000FFFF00000100007F"}}) {
+    std::ifstream tcp(file);
+    std::string line;
+    std::getline(tcp, line);  // header
+    const std::string remote = absl::StrFormat("%s:%04X", address, port);
+    while (std::getline(tcp, line)) {
+      const std::vector<std::string> f = absl::StrSplit(line, ' ', absl::SkipEmpty());
+      if (f.size() > 3 && f[2] == remote && f[3] == "01") ++count;
+    }
+  }
+  return count;
+}
+
+// own_connection gives each client a TCP connection of its own; without it, clients of one target share one.
+TEST_F(ClientIntegrationTest, OwnConnectionOpensOneConnectionPerClient) {
+  for (const bool own : {false, true}) {
+    const int before = ConnectionsTo(server_->grpc_port);
+    std::vector<std::unique_ptr<Client>> clients;
+    for (int i = 0; i < 3; ++i) {
+      Client::Options o;
+      o.target = server_->target();
+      o.own_connection = own;
+      auto c = Client::Create(o);
+      ASSERT_TRUE(c.ok()) << c.status();
+      ASSERT_TRUE((*c)->Health().ok());
+      clients.push_back(std::move(*c));
+    }
+    const int opened = ConnectionsTo(server_->grpc_port) - before;
+    if (own) {
+      EXPECT_EQ(opened, 3);
+    } else {
+      EXPECT_LE(opened, 1);
+    }
+  }
+}
+
+TEST_F(ClientIntegrationTest, AttnbenchSpreadsWorkersOverConnections) {
+  ToolResult r = Attnbench({"--target", server_->target(), "--connections", "3", "--concurrency", "6", "--duration",
+                            "1", "--warmup", "0.2", "--seq", "8", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const nlohmann::json steps = ParseJson(r);
+  ExpectSaneSteps(steps, 1);
+  EXPECT_THAT(steps[0]["workload"].get<std::string>(), HasSubstr("connections=3"));
+  r = Attnbench({"--target", server_->target(), "--connections", "2", "--kserve", "--rate", "50", "--duration", "1",
+                 "--warmup", "0", "--seq", "8", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ExpectSaneSteps(ParseJson(r), 1);
 }
 
 // Sessions over a two-address target: every call of a session reaches the server that created it (the one

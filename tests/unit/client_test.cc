@@ -278,6 +278,11 @@ TEST(BenchArgsTest, DefaultsAndLists) {
   ASSERT_TRUE(a.ok());
   EXPECT_TRUE(a->echo);
   EXPECT_EQ(a->payload_bytes, 4096);
+  EXPECT_EQ(a->connections, 1);
+
+  a = Parse("--connections 16 --concurrency 64");
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->connections, 16);
 }
 
 TEST(BenchArgsTest, SeqDist) {
@@ -298,7 +303,8 @@ TEST(BenchArgsTest, RefusesContradictionsAndBadValues) {
   for (const char* bad :
        {"--seq 4 --seq-dist uniform:1:2", "--concurrency 4 --rate 10", "--json --csv", "--echo --stream",
         "--concurrency 0", "--concurrency 1,,4", "--concurrency 1,x", "--rate 0", "--rate -5", "--duration 0",
-        "--duration forever", "--batch 0", "--nope", "positional", "--tls-root-certs ca.pem"}) {
+        "--duration forever", "--batch 0", "--nope", "positional", "--tls-root-certs ca.pem", "--connections 0",
+        "--connections 257", "--sessions 2 --connections 2"}) {
     auto r = Parse(bad);
     EXPECT_FALSE(r.ok()) << bad;
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << bad;

@@ -46,6 +46,8 @@ struct FlashAttentionArgs {
   float* out = nullptr;
   int64_t out_ld = 0, out_seq_stride = 0;
   // Block sizes: one thread holds query_rows x key_cols scores and query_rows x Dh of context at a time.
+  // MultiheadAttention passes its resolved Options::flash_query_rows / flash_key_cols (FlashBlockForCpu
+  // unless configured); these defaults serve direct callers such as the tests.
   int64_t query_rows = 128, key_cols = 512;
 };
 

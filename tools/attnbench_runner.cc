@@ -54,6 +54,10 @@ class LastAnswer {
   BenchTime last_;
 };
 
+LoopResult MakeLoopResult(BenchTime last_answer, BenchTime measure_start, int64_t sent) {
+  return LoopResult{std::chrono::duration<double>(last_answer - measure_start).count(), sent};
+}
+
 // The closed loop's workers as callback chains: each answer is recorded and the worker's next request sent
 // from the answer's callback. An answer that arrives within Send (the callback ran inline) is left for the
 // sending loop to follow up, so the chain never recurses.
@@ -131,8 +135,7 @@ absl::StatusOr<LoopResult> RunClosedLoop(RequestSender* sender, BenchClock* cloc
   LastAnswer last(end);
   if (sender->SendNeverBlocks()) {
     ChainedWorkers({sender, clock, measure_start, end, recorder, &last, &seq}, options.concurrency).RunToEnd();
-    return LoopResult{std::chrono::duration<double>(last.Get() - measure_start).count(),
-                      static_cast<int64_t>(seq.load())};
+    return MakeLoopResult(last.Get(), measure_start, static_cast<int64_t>(seq.load()));
   }
 
   // A thread per worker: each waits for its own answer, so at most `concurrency` requests are in flight.
@@ -159,8 +162,7 @@ absl::StatusOr<LoopResult> RunClosedLoop(RequestSender* sender, BenchClock* cloc
   for (int64_t w = 1; w < options.concurrency; ++w) threads.emplace_back(worker, static_cast<uint64_t>(w));
   worker(0);
   for (std::thread& t : threads) t.join();
-  return LoopResult{std::chrono::duration<double>(last.Get() - measure_start).count(),
-                    static_cast<int64_t>(seq.load())};
+  return MakeLoopResult(last.Get(), measure_start, static_cast<int64_t>(seq.load()));
 }
 
 absl::StatusOr<LoopResult> RunOpenLoop(RequestSender* sender, BenchClock* clock, const OpenLoopOptions& options,
@@ -208,7 +210,7 @@ absl::StatusOr<LoopResult> RunOpenLoop(RequestSender* sender, BenchClock* clock,
     outstanding->mu.Await(absl::Condition(
         +[](int64_t* count) { return *count == 0; }, &outstanding->count));
   }
-  return LoopResult{std::chrono::duration<double>(last->Get() - measure_start).count(), static_cast<int64_t>(i)};
+  return MakeLoopResult(last->Get(), measure_start, static_cast<int64_t>(i));
 }
 
 }  // namespace attnserve

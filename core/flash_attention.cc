@@ -78,6 +78,41 @@ void DenseHeadKv(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h
   *v = {s.head_v.data(), dh, n};
 }
 
+// The two matmuls of a key block: scores [lb, kb] = Q rows [l0, l0 + lb) . K rows [k0, k0 + kb)^T, and
+// acc [lb, Dh] += probabilities [lb, kb] . V rows [k0, k0 + kb); in f32 (sgemm on the dense head copies) or,
+// for a bf16 layer, with its bf16 primitives on its bf16 rows.
+struct BlockMatmuls {
+  const FlashAttentionArgs& a;
+  int64_t b, h;
+  FlashOperand head_k, head_v;  // f32 only
+
+  absl::Status Scores(int64_t l0, int64_t lb, int64_t k0, int64_t kb, float* scores) const {
+    const int64_t dh = a.head_dim;
+    if (a.bf16.scores_op == nullptr) {
+      return Sgemm(true, lb, kb, dh, Row(a.q, b, h, l0, dh), a.q.ld, Row(head_k, 0, 0, k0, dh), head_k.ld, 0.0f,
+                   scores, kb);
+    }
+    const FlashBf16& w = a.bf16;
+    const View4 q{const_cast<uint16_t*>(w.q + b * w.q_seq_stride + l0 * w.ld + h * dh), {1, 1, lb, dh},
+                  {0, 0, w.ld, 1}, true};
+    const View4 kt{const_cast<uint16_t*>(w.k + b * w.kv_seq_stride + k0 * w.ld + h * dh), {1, 1, dh, kb},
+                   {0, 0, 1, w.ld}, true};
+    return w.scores_op->Execute(q, kt, View4{scores, {1, 1, lb, kb}, {0, 0, kb, 1}});
+  }
+
+  absl::Status AddContext(int64_t lb, int64_t k0, int64_t kb, float* probs, float* acc) const {
+    const int64_t dh = a.head_dim;
+    if (a.bf16.scores_op == nullptr) {
+      return Sgemm(false, lb, dh, kb, probs, kb, Row(head_v, 0, 0, k0, dh), head_v.ld, 1.0f, acc, dh);
+    }
+    const FlashBf16& w = a.bf16;
+    const View4 v{const_cast<uint16_t*>(w.v + b * w.kv_seq_stride + k0 * w.ld + h * dh), {1, 1, kb, dh},
+                  {0, 0, w.ld, 1}, true};
+    return w.context_add_op->Execute(View4{probs, {1, 1, lb, kb}, {0, 0, kb, 1}}, v,
+                                     View4{acc, {1, 1, lb, dh}, {0, 0, dh, 1}});
+  }
+};
+
 // A query block of one (sequence, head): every key block up to the causal limit, then context / sum.
 absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, int64_t l0) {
   const int64_t dh = a.head_dim, lb = std::min(a.query_rows, a.q_len - l0);
@@ -89,23 +124,20 @@ absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t call, int64_t
   std::fill_n(acc, lb * dh, 0.0f);
   std::fill_n(row_max, lb, -std::numeric_limits<float>::infinity());
   std::fill_n(row_sum, lb, 0.0f);
-  FlashOperand head_k, head_v;
-  DenseHeadKv(a, call, b, h, s, &head_k, &head_v);
+  BlockMatmuls mm{a, b, h, {}, {}};
+  if (a.bf16.scores_op == nullptr) DenseHeadKv(a, call, b, h, s, &mm.head_k, &mm.head_v);
   const int64_t key_end = a.causal ? std::min(a.kv_len, l0 + lb) : a.kv_len;
   for (int64_t k0 = 0; k0 < key_end; k0 += a.key_cols) {
     const int64_t kb = std::min(a.key_cols, key_end - k0);
     const float* bias = a.key_bias != nullptr ? a.key_bias + b * a.kv_len + k0 : nullptr;
     const KeyBlock kind = ClassifyKeyBlock(bias, kb);
     if (kind == KeyBlock::kMasked) continue;  // adds nothing to any row's sum or context
-    // scores [lb, kb] = Q rows [l0, l0 + lb) . K rows [k0, k0 + kb)^T
-    ATTN_RETURN_IF_ERROR(Sgemm(true, lb, kb, dh, Row(a.q, b, h, l0, dh), a.q.ld, Row(head_k, 0, 0, k0, dh), head_k.ld,
-                               0.0f, scores, kb));
+    ATTN_RETURN_IF_ERROR(mm.Scores(l0, lb, k0, kb, scores));
     if (kind == KeyBlock::kMixed) AddKeyBias(bias, lb, kb, scores, kb);
     if (a.add_mask) a.add_mask(b, h, l0, lb, k0, kb, scores, kb);
     // Causal: row r (query l0 + r) sees keys up to l0 + r, the first l0 + r - k0 + 1 of this block.
     OnlineSoftmaxBlock(scores, lb, kb, kb, a.causal ? l0 - k0 + 1 : kb, row_max, row_sum, acc, dh, dh);
-    // acc [lb, Dh] += probabilities [lb, kb] . V rows [k0, k0 + kb)
-    ATTN_RETURN_IF_ERROR(Sgemm(false, lb, dh, kb, scores, kb, Row(head_v, 0, 0, k0, dh), head_v.ld, 1.0f, acc, dh));
+    ATTN_RETURN_IF_ERROR(mm.AddContext(lb, k0, kb, scores, acc));
   }
   for (int64_t r = 0; r < lb; ++r) {
     float* out = a.out + b * a.out_seq_stride + (l0 + r) * a.out_ld + h * dh;
@@ -118,9 +150,11 @@ absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t call, int64_t
 }  // namespace
 
 int64_t FlashScratchBytes(const FlashAttentionArgs& a) {
-  const int64_t rows = std::min(a.query_rows, a.q_len);
-  return static_cast<int64_t>(sizeof(float)) *
-         (rows * (std::min(a.key_cols, a.kv_len) + a.head_dim + 2) + 2 * a.kv_len * a.head_dim);
+  const int64_t rows = std::min(a.query_rows, a.q_len), cols = std::min(a.key_cols, a.kv_len);
+  const int64_t block = static_cast<int64_t>(sizeof(float)) * rows * (cols + a.head_dim + 2);
+  // f32: the dense head keys and values; bf16: the primitive's bf16 copy of a block's probabilities.
+  return block + (a.bf16.scores_op == nullptr ? static_cast<int64_t>(sizeof(float)) * 2 * a.kv_len * a.head_dim
+                                               : static_cast<int64_t>(sizeof(uint16_t)) * rows * cols);
 }
 
 absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::FunctionRef<absl::Status()> should_stop) {

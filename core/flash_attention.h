@@ -5,8 +5,9 @@
 // Each thread copies the keys and values of the head it works on into dense [S, Dh] buffers first (rows of
 // the projections are 3E floats apart).
 // Built from oneDNN's sgemm (Sgemm: a primitive's per-call cost is a tenth of a block's time) and the
-// project's OnlineSoftmaxBlock. f32 only: bf16 layers keep the blocked path, measured at 1.8x f32 (the flash
-// path in bf16 has not been measured on a machine with native bf16).
+// project's OnlineSoftmaxBlock. bf16 layers pass their bf16 copies of Q, K and V and their bf16 matmul
+// primitives (`bf16`): the block matmuls then multiply in bf16 (oneDNN 2.6 has no bf16 gemm function), the
+// softmax stays f32 and each block's probabilities are rounded to bf16 for the context matmul.
 //
 // The scale (1/sqrt(Dh)) must already be in Q. Other masks come in as `key_bias` (key padding) and
 // through `add_mask` (attn_mask), block by block. No attention weights: callers send those requests through the blocked path
@@ -18,6 +19,7 @@
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
+#include "core/onednn_ops.h"
 
 namespace attnserve {
 
@@ -25,6 +27,15 @@ namespace attnserve {
 struct FlashOperand {
   const float* data = nullptr;
   int64_t ld = 0, seq_stride = 0;
+};
+
+// A bf16 layer's operands: its bf16 copies of the projections (same layout as FlashOperand, row stride `ld`),
+// and its bf16 matmuls, kScores and kContextAdd, created for the layer's head_dim (not owned).
+struct FlashBf16 {
+  const uint16_t *q = nullptr, *k = nullptr, *v = nullptr;
+  int64_t ld = 0, q_seq_stride = 0, kv_seq_stride = 0;
+  const HeadMatmulOp* scores_op = nullptr;
+  const HeadMatmulOp* context_add_op = nullptr;
 };
 
 struct FlashAttentionArgs {
@@ -41,6 +52,8 @@ struct FlashAttentionArgs {
                      int64_t ld)>
       add_mask;
   FlashOperand q, k, v;
+  // Set (scores_op non-null): the block matmuls multiply these bf16 operands; q, k and v are then not read.
+  FlashBf16 bf16;
   // The context [B, L, H * Dh] as `out` reads it (f32). It may be Q's own f32 rows: a block's context is
   // written once its Q block is no longer read.
   float* out = nullptr;

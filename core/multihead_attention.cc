@@ -480,8 +480,7 @@ std::vector<absl::Status> MultiheadAttention::AttendGroup(const Group& g, const 
 }
 
 bool MultiheadAttention::UsesFlash(const ParsedAttention& p) const {
-  return compute_ == ComputeType::kFloat32 && options_.flash_min_keys > 0 && p.kv_len >= options_.flash_min_keys &&
-         !p.inputs->need_weights;
+  return options_.flash_min_keys > 0 && p.kv_len >= options_.flash_min_keys && !p.inputs->need_weights;
 }
 
 FlashAttentionArgs MultiheadAttention::FlashShape(const ParsedAttention& p) const {
@@ -494,6 +493,10 @@ FlashAttentionArgs MultiheadAttention::FlashShape(const ParsedAttention& p) cons
   a.causal = p.inputs->is_causal;
   a.query_rows = options_.flash_query_rows;
   a.key_cols = options_.flash_key_cols;
+  if (compute_ == ComputeType::kBFloat16) {
+    a.bf16.scores_op = scores_op_.get();
+    a.bf16.context_add_op = context_add_op_.get();
+  }
   return a;
 }
 
@@ -504,6 +507,14 @@ absl::Status MultiheadAttention::AttendFlash(const ParsedAttention& p, const Pro
   a.q = {proj.q + q_row * proj.ldq, proj.ldq, p.q_len * proj.ldq};
   a.k = {proj.k + kv_row * proj.ldk, proj.ldk, p.kv_len * proj.ldk};
   a.v = {proj.v + kv_row * proj.ldv, proj.ldv, p.kv_len * proj.ldv};
+  if (a.bf16.scores_op != nullptr) {
+    a.bf16.q = proj.q16 + q_row * proj.ld16;
+    a.bf16.k = proj.k16 + kv_row * proj.ld16;
+    a.bf16.v = proj.v16 + kv_row * proj.ld16;
+    a.bf16.ld = proj.ld16;
+    a.bf16.q_seq_stride = p.q_len * proj.ld16;
+    a.bf16.kv_seq_stride = p.kv_len * proj.ld16;
+  }
   a.out = proj.q + q_row * proj.ldq;
   a.out_ld = proj.ldq;
   a.out_seq_stride = p.q_len * proj.ldq;

@@ -77,10 +77,11 @@ class MultiheadAttention : public AppendEngine {
     // its context sum (C += P V) would rewrite C once per block. Tests set it small to cross many spans;
     // <= 0 means one block per span.
     int64_t cache_span_bytes = int64_t{1} << 20;
-    // f32 layers: requests with at least this many keys and no attention weights asked (any masks) go
+    // Requests with at least this many keys and no attention weights asked (any masks) go
     // through FlashAttention (core/flash_attention.h): key blocks in turn with an online softmax, the
     // scores never leaving the cache, causal blocks skipped. Others (and all when 0) take the blocked path,
-    // whose whole score rows go through the mask pass and the softmax primitive.
+    // whose whole score rows go through the mask pass and the softmax primitive. BFLOAT16 layers too: their
+    // block matmuls then run in bf16.
     int64_t flash_min_keys = 1024;
     // FlashAttention's blocks: query rows x keys of scores per thread at a time. 0: chosen by the CPU
     // (FlashBlockForCpu). oneDNN's sgemm packs its operands per call, and its AVX-512 kernels need larger

@@ -54,11 +54,13 @@ MultiheadAttention::Options FlashOptions(const FlashCase& c) {
 }
 
 // Runs `in` (need_weights false) through the flash path with c's blocks and through the blocked path of the
-// same layer (flash_min_keys = 0), on `threads` threads (0: all); expects both within 2e-5 of the float64
-// reference and of each other, and no weights.
+// same layer (flash_min_keys = 0), on `threads` threads (0: all), computing in `compute`; expects both within
+// `tolerance` of the float64 reference and of each other, and no weights.
 void ExpectFlashMatchesReferenceAndBlocked(const FlashCase& c, const MhaWeights& weights, const AttentionInputs& in,
-                                           int threads) {
+                                           int threads, ComputeType compute = ComputeType::kFloat32,
+                                           double tolerance = 2e-5) {
   MultiheadAttention::Options options = FlashOptions(c);
+  options.compute = compute;
   auto flash = MultiheadAttention::Create(options, weights);
   ASSERT_TRUE(flash.ok()) << flash.status();
   options.flash_min_keys = 0;
@@ -68,14 +70,19 @@ void ExpectFlashMatchesReferenceAndBlocked(const FlashCase& c, const MhaWeights&
   ASSERT_TRUE(got.ok()) << got.status();
   auto other = (*blocked)->Forward(in, threads);
   ASSERT_TRUE(other.ok()) << other.status();
-  EXPECT_LE(MaxAbsDiff(got->output.values, testing::NaiveMultiheadAttention(c.config, weights, in).output), 2e-5);
-  EXPECT_LE(MaxAbsDiff(got->output.values, other->output.values), 2e-5);
+  EXPECT_LE(MaxAbsDiff(got->output.values, testing::NaiveMultiheadAttention(c.config, weights, in).output),
+            tolerance);
+  EXPECT_LE(MaxAbsDiff(got->output.values, other->output.values), tolerance);
+  for (const std::string& impl : (*flash)->ImplementationsUsed()) {
+    EXPECT_EQ(impl.find("ref"), std::string::npos) << impl;  // oneDNN's reference kernels: ~1000x slower
+  }
   EXPECT_TRUE(got->attn_weights.values.empty());
 }
 
-TEST(FlashAttentionTest, RandomShapesMatchFloat64ReferenceAndBlockedPath) {
-  std::mt19937_64 rng(20261203);
-  for (int iter = 0; iter < 150; ++iter) {
+// `iterations` random cases (DrawFlashCase) through ExpectFlashMatchesReferenceAndBlocked.
+void ExpectRandomShapesMatch(uint64_t seed, int iterations, ComputeType compute, double tolerance) {
+  std::mt19937_64 rng(seed);
+  for (int iter = 0; iter < iterations; ++iter) {
     const FlashCase c = DrawFlashCase(rng);
     SCOPED_TRACE(::testing::Message() << "case " << iter << ": " << c.config.DebugString() << " B=" << c.batch
                                       << " L=" << c.q_len << " S=" << c.kv_len << " self=" << c.self_attention
@@ -94,8 +101,19 @@ TEST(FlashAttentionTest, RandomShapesMatchFloat64ReferenceAndBlockedPath) {
     }
     in.is_causal = c.is_causal;
     in.need_weights = false;
-    ExpectFlashMatchesReferenceAndBlocked(c, weights, in, iter % 3 == 0 ? 1 : 0);
+    ExpectFlashMatchesReferenceAndBlocked(c, weights, in, iter % 3 == 0 ? 1 : 0, compute, tolerance);
   }
+}
+
+TEST(FlashAttentionTest, RandomShapesMatchFloat64ReferenceAndBlockedPath) {
+  ExpectRandomShapesMatch(20261203, 150, ComputeType::kFloat32, 2e-5);
+}
+
+// BFLOAT16 layers: the block matmuls in bf16 (the layer's primitives on its bf16 copies of Q, K and V), within
+// the bf16 bound of the golden tests (3e-2 for unit-variance inputs) of the float64 reference and of the
+// blocked bf16 path. (A CPU without a bf16 matmul computes these layers in f32.)
+TEST(FlashAttentionTest, Bf16RandomShapesMatchFloat64ReferenceAndBlockedPath) {
+  ExpectRandomShapesMatch(20261204, 60, ComputeType::kBFloat16, 3e-2);
 }
 
 // Long enough for the default blocks (the CPU's: 128 x 256 or 512 x 512) to cut rows and keys, with a ragged
@@ -253,11 +271,10 @@ TEST(FlashAttentionTest, RequestsWithoutWeightsTakeTheFlashPath) {
   EXPECT_EQ(StopsAsked(FlashOptions(c), weights, masked), kFlashItems);
   masked.need_weights = true;
   EXPECT_EQ(StopsAsked(FlashOptions(c), weights, masked), 1);
-  // BFLOAT16 layers keep the blocked path (unless this CPU has no bf16 matmul and they compute in f32).
+  // BFLOAT16 layers take it too.
   MultiheadAttention::Options options = FlashOptions(c);
   options.compute = ComputeType::kBFloat16;
-  const bool native_bf16 = OnednnBf16Support() != Bf16Support::kUnavailable;
-  EXPECT_EQ(StopsAsked(options, weights, in), native_bf16 ? 1 : kFlashItems);
+  EXPECT_EQ(StopsAsked(options, weights, in), kFlashItems);
 }
 
 // A stop asked for between blocks fails that request with the stop's status.

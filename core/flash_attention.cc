@@ -158,6 +158,9 @@ int64_t FlashScratchBytes(const FlashAttentionArgs& a) {
 }
 
 absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::FunctionRef<absl::Status()> should_stop) {
+  if ((a.bf16.scores_op == nullptr) != (a.bf16.context_add_op == nullptr)) {
+    return absl::InvalidArgumentError("bf16.scores_op and bf16.context_add_op: set both or neither");
+  }
   const int64_t query_blocks = (a.q_len + a.query_rows - 1) / a.query_rows;
   const int64_t items = a.batch * a.heads * query_blocks;
   std::vector<absl::Status> statuses(static_cast<size_t>(items));

@@ -2,8 +2,8 @@
 // computed per (sequence, head, query block), the key blocks in turn, with an online softmax (a running
 // max and sum per row, the context rescaled as the max grows), so that no scores block larger than
 // query_rows x key_cols ever exists. Causal key blocks past a query block's last row are not computed.
-// Each thread copies the keys and values of the head it works on into dense [S, Dh] buffers first (rows of
-// the projections are 3E floats apart).
+// In f32 each thread copies the keys and values of the head it works on into dense [S, Dh] buffers first
+// (rows of the projections are 3E floats apart).
 // Built from oneDNN's sgemm (Sgemm: a primitive's per-call cost is a tenth of a block's time) and the
 // project's OnlineSoftmaxBlock. bf16 layers pass their bf16 copies of Q, K and V and their bf16 matmul
 // primitives (`bf16`): the block matmuls then multiply in bf16 (oneDNN 2.6 has no bf16 gemm function), the
@@ -52,7 +52,8 @@ struct FlashAttentionArgs {
                      int64_t ld)>
       add_mask;
   FlashOperand q, k, v;
-  // Set (scores_op non-null): the block matmuls multiply these bf16 operands; q, k and v are then not read.
+  // Set (scores_op and context_add_op both non-null): the block matmuls multiply these bf16 operands; q, k and
+  // v are then not read. One op without the other is InvalidArgument.
   FlashBf16 bf16;
   // The context [B, L, H * Dh] as `out` reads it (f32). It may be Q's own f32 rows: a block's context is
   // written once its Q block is no longer read.

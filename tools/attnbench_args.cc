@@ -174,9 +174,9 @@ Load:
   --duration D           measured time per step: 10s, 500ms, 2m or seconds (default 10s)
   --warmup D             unrecorded time before each step (default 1s)
   --connections N        gRPC connections (channels of their own) the requests spread over: worker i
-                         (open loop: request i) uses connection i % N (default 1: every request
-                         multiplexed on one HTTP/2 connection, as one client process would; many
-                         clients come on many connections)
+                         (open loop: request i; --stream: stream i) uses connection i % N, so at most
+                         that many are used (default 1: every request multiplexed on one HTTP/2
+                         connection, as one client process would; many clients come on many)
 
 Output:
   (default)              a table on stdout

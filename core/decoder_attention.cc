@@ -53,31 +53,46 @@ struct DecoderAttention::Block {
 
 DecoderAttention::~DecoderAttention() = default;
 
+// Each source matrix is freed once its op holds it, so building costs the layer plus its largest source.
+absl::Status DecoderAttention::BuildProjections(DecoderWeights w) {
+  const DecoderConfig& c = options_.config;
+  const int64_t width = c.q_width() + 2 * c.kv_width();
+  // One fused projection: rows of Wq, then Wk, then Wv.
+  std::vector<float> fused_bias = std::move(w.q_proj_bias);
+  fused_bias.insert(fused_bias.end(), w.k_proj_bias.begin(), w.k_proj_bias.end());
+  fused_bias.insert(fused_bias.end(), w.v_proj_bias.begin(), w.v_proj_bias.end());
+  if (w.bf16()) {
+    ATTN_ASSIGN_OR_RETURN(qkv_proj_,
+                          LinearOp::CreateFromBf16(c.embed_dim, width, w.qkv_proj_weight_bf16, fused_bias, compute_));
+    std::vector<uint16_t>().swap(w.qkv_proj_weight_bf16);
+    ATTN_ASSIGN_OR_RETURN(o_proj_,
+                          LinearOp::CreateFromBf16(c.q_width(), c.embed_dim, w.o_proj_weight_bf16, w.o_proj_bias, compute_));
+    return absl::OkStatus();
+  }
+  std::vector<float> fused = std::move(w.q_proj_weight);
+  fused.insert(fused.end(), w.k_proj_weight.begin(), w.k_proj_weight.end());
+  fused.insert(fused.end(), w.v_proj_weight.begin(), w.v_proj_weight.end());
+  std::vector<float>().swap(w.k_proj_weight);
+  std::vector<float>().swap(w.v_proj_weight);
+  ATTN_ASSIGN_OR_RETURN(qkv_proj_, LinearOp::Create(c.embed_dim, width, fused, fused_bias, compute_));
+  std::vector<float>().swap(fused);
+  ATTN_ASSIGN_OR_RETURN(o_proj_, LinearOp::Create(c.q_width(), c.embed_dim, w.o_proj_weight, w.o_proj_bias, compute_));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<DecoderAttention>> DecoderAttention::Create(const Options& options,
-                                                                           const DecoderWeights& weights) {
+                                                                           DecoderWeights weights) {
   const DecoderConfig& c = options.config;
   ATTN_RETURN_IF_ERROR(c.Validate());
   ATTN_RETURN_IF_ERROR(weights.CheckShapes(c));
   ATTN_ASSIGN_OR_RETURN(Rope rope, Rope::Create(c.rope));
   auto layer = absl::WrapUnique(new DecoderAttention(options, std::move(rope)));
-  // One fused projection: rows of Wq, then Wk, then Wv.
-  std::vector<float> fused = weights.q_proj_weight, fused_bias;
-  fused.insert(fused.end(), weights.k_proj_weight.begin(), weights.k_proj_weight.end());
-  fused.insert(fused.end(), weights.v_proj_weight.begin(), weights.v_proj_weight.end());
-  if (c.qkv_bias) {
-    fused_bias = weights.q_proj_bias;
-    fused_bias.insert(fused_bias.end(), weights.k_proj_bias.begin(), weights.k_proj_bias.end());
-    fused_bias.insert(fused_bias.end(), weights.v_proj_bias.begin(), weights.v_proj_bias.end());
-  }
-  const int64_t width = c.q_width() + 2 * c.kv_width();
   const ComputeType ct =
       options.compute == ComputeType::kBFloat16 && OnednnBf16Support() != Bf16Support::kUnavailable
           ? ComputeType::kBFloat16
           : ComputeType::kFloat32;
   layer->compute_ = ct;
-  ATTN_ASSIGN_OR_RETURN(layer->qkv_proj_, LinearOp::Create(c.embed_dim, width, fused, fused_bias, ct));
-  ATTN_ASSIGN_OR_RETURN(layer->o_proj_,
-                        LinearOp::Create(c.q_width(), c.embed_dim, weights.o_proj_weight, weights.o_proj_bias, ct));
+  ATTN_RETURN_IF_ERROR(layer->BuildProjections(std::move(weights)));
   using Kind = HeadMatmulOp::Kind;
   ATTN_ASSIGN_OR_RETURN(layer->scores_op_, HeadMatmulOp::Create(Kind::kScores, c.head_dim, ct));
   ATTN_ASSIGN_OR_RETURN(layer->context_op_, HeadMatmulOp::Create(Kind::kContext, c.head_dim, ct));

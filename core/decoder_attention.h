@@ -56,8 +56,9 @@ class DecoderAttention : public AppendEngine {
   };
 
   // InvalidArgument for a bad config or weights that do not match it.
-  static absl::StatusOr<std::unique_ptr<DecoderAttention>> Create(const Options& options,
-                                                                  const DecoderWeights& weights);
+  // `weights` (f32, or bf16 as LoadDecoderWeights gives a bf16 layer) are consumed: each matrix is freed as soon
+  // as its op holds its own copy.
+  static absl::StatusOr<std::unique_ptr<DecoderAttention>> Create(const Options& options, DecoderWeights weights);
   ~DecoderAttention();
 
   const DecoderConfig& config() const { return options_.config; }
@@ -100,6 +101,8 @@ class DecoderAttention : public AppendEngine {
  private:
   struct Block;
   DecoderAttention(const Options& options, Rope rope) : options_(options), rope_(std::move(rope)) {}
+  // qkv_proj_ and o_proj_ in compute_, from weights checked against the config.
+  absl::Status BuildProjections(DecoderWeights weights);
   int64_t BlockRows(const ParsedDecoder& p, int threads) const;
   void ApplyRope(const ParsedDecoder& p, float* qkv, int threads) const;
   // The batch's outputs (zeros, weights when asked) and each request's first row in the projection.

@@ -12,7 +12,8 @@
 namespace attnserve {
 namespace {
 
-absl::Status CheckSize(const std::vector<float>& values, int64_t expected, const char* name) {
+template <typename T>
+absl::Status CheckSize(const std::vector<T>& values, int64_t expected, const char* name) {
   if (static_cast<int64_t>(values.size()) == expected) return absl::OkStatus();
   return absl::InvalidArgumentError(
       absl::StrCat("weight '", name, "' has ", values.size(), " values, expected ", expected));
@@ -30,10 +31,13 @@ bool KnownTensor(const std::string& local, const DecoderConfig& c) {
 
 absl::Status DecoderWeights::CheckShapes(const DecoderConfig& c) const {
   const int64_t e = c.embed_dim, q = c.q_width(), kv = c.kv_width();
-  ATTN_RETURN_IF_ERROR(CheckSize(q_proj_weight, q * e, "q_proj.weight"));
-  ATTN_RETURN_IF_ERROR(CheckSize(k_proj_weight, kv * e, "k_proj.weight"));
-  ATTN_RETURN_IF_ERROR(CheckSize(v_proj_weight, kv * e, "v_proj.weight"));
-  ATTN_RETURN_IF_ERROR(CheckSize(o_proj_weight, e * q, "o_proj.weight"));
+  const int64_t f32 = bf16() ? 0 : 1, half = 1 - f32;
+  ATTN_RETURN_IF_ERROR(CheckSize(q_proj_weight, f32 * q * e, "q_proj.weight"));
+  ATTN_RETURN_IF_ERROR(CheckSize(k_proj_weight, f32 * kv * e, "k_proj.weight"));
+  ATTN_RETURN_IF_ERROR(CheckSize(v_proj_weight, f32 * kv * e, "v_proj.weight"));
+  ATTN_RETURN_IF_ERROR(CheckSize(o_proj_weight, f32 * e * q, "o_proj.weight"));
+  ATTN_RETURN_IF_ERROR(CheckSize(qkv_proj_weight_bf16, half * (q + 2 * kv) * e, "qkv_proj.weight (bf16)"));
+  ATTN_RETURN_IF_ERROR(CheckSize(o_proj_weight_bf16, half * e * q, "o_proj.weight (bf16)"));
   ATTN_RETURN_IF_ERROR(CheckSize(q_proj_bias, c.qkv_bias ? q : 0, "q_proj.bias"));
   ATTN_RETURN_IF_ERROR(CheckSize(k_proj_bias, c.qkv_bias ? kv : 0, "k_proj.bias"));
   ATTN_RETURN_IF_ERROR(CheckSize(v_proj_bias, c.qkv_bias ? kv : 0, "v_proj.bias"));
@@ -42,7 +46,7 @@ absl::Status DecoderWeights::CheckShapes(const DecoderConfig& c) const {
 }
 
 absl::StatusOr<DecoderWeights> LoadDecoderWeights(const std::string& path, const std::string& prefix,
-                                                  const DecoderConfig& config) {
+                                                  const DecoderConfig& config, ComputeType weights) {
   ATTN_RETURN_IF_ERROR(config.Validate());
   ATTN_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsCheckpoint> file, SafetensorsCheckpoint::Open(path));
   for (const std::string& name : file->Names()) {
@@ -56,10 +60,19 @@ absl::StatusOr<DecoderWeights> LoadDecoderWeights(const std::string& path, const
   }
   const int64_t e = config.embed_dim, q = config.q_width(), kv = config.kv_width();
   DecoderWeights w;
-  ATTN_ASSIGN_OR_RETURN(w.q_proj_weight, file->ReadShaped(prefix + "q_proj.weight", {q, e}));
-  ATTN_ASSIGN_OR_RETURN(w.k_proj_weight, file->ReadShaped(prefix + "k_proj.weight", {kv, e}));
-  ATTN_ASSIGN_OR_RETURN(w.v_proj_weight, file->ReadShaped(prefix + "v_proj.weight", {kv, e}));
-  ATTN_ASSIGN_OR_RETURN(w.o_proj_weight, file->ReadShaped(prefix + "o_proj.weight", {e, q}));
+  if (weights == ComputeType::kBFloat16) {
+    ATTN_ASSIGN_OR_RETURN(w.o_proj_weight_bf16, file->ReadShapedBFloat16(prefix + "o_proj.weight", {e, q}));
+    w.qkv_proj_weight_bf16.reserve(static_cast<size_t>((q + 2 * kv) * e));
+    for (const auto& [name, rows] : {std::pair{"q_proj.weight", q}, {"k_proj.weight", kv}, {"v_proj.weight", kv}}) {
+      ATTN_ASSIGN_OR_RETURN(std::vector<uint16_t> part, file->ReadShapedBFloat16(prefix + name, {rows, e}));
+      w.qkv_proj_weight_bf16.insert(w.qkv_proj_weight_bf16.end(), part.begin(), part.end());
+    }
+  } else {
+    ATTN_ASSIGN_OR_RETURN(w.q_proj_weight, file->ReadShaped(prefix + "q_proj.weight", {q, e}));
+    ATTN_ASSIGN_OR_RETURN(w.k_proj_weight, file->ReadShaped(prefix + "k_proj.weight", {kv, e}));
+    ATTN_ASSIGN_OR_RETURN(w.v_proj_weight, file->ReadShaped(prefix + "v_proj.weight", {kv, e}));
+    ATTN_ASSIGN_OR_RETURN(w.o_proj_weight, file->ReadShaped(prefix + "o_proj.weight", {e, q}));
+  }
   if (config.qkv_bias) {
     ATTN_ASSIGN_OR_RETURN(w.q_proj_bias, file->ReadShaped(prefix + "q_proj.bias", {q}));
     ATTN_ASSIGN_OR_RETURN(w.k_proj_bias, file->ReadShaped(prefix + "k_proj.bias", {kv}));

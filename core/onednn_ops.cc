@@ -211,10 +211,23 @@ ComputeType LinearOp::compute() const { return impl_ptr_->compute; }
 
 absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Create(int64_t k, int64_t n, const std::vector<float>& weight,
                                                           const std::vector<float>& bias, ComputeType compute) {
-  if (k <= 0 || n <= 0 || weight.size() != static_cast<size_t>(k * n) ||
+  return Build(k, n, weight.data(), weight.size(), false, bias, compute);
+}
+
+absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateFromBf16(int64_t k, int64_t n,
+                                                                  const std::vector<uint16_t>& weight,
+                                                                  const std::vector<float>& bias,
+                                                                  ComputeType compute) {
+  return Build(k, n, weight.data(), weight.size(), true, bias, compute);
+}
+
+absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Build(int64_t k, int64_t n, const void* weight,
+                                                         size_t weight_count, bool weight_bf16,
+                                                         const std::vector<float>& bias, ComputeType compute) {
+  if (k <= 0 || n <= 0 || weight_count != static_cast<size_t>(k * n) ||
       (!bias.empty() && bias.size() != static_cast<size_t>(n))) {
     return absl::InvalidArgumentError(absl::StrCat("LinearOp: weight must be [", n, ", ", k, "] and bias [", n,
-                                                   "] or empty; got ", weight.size(), " and ", bias.size(),
+                                                   "] or empty; got ", weight_count, " and ", bias.size(),
                                                    " values"));
   }
   try {
@@ -230,8 +243,8 @@ absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Create(int64_t k, int64_t n,
     MatmulVariants::Variant& first = impl->variants.Get();
 
     // PyTorch's W [n, k] row-major is W^T [k, n] with strides {1, k}: one reorder into the chosen layout.
-    const dnnl::memory::desc torch_md({k, n}, dt::f32, {1, k});
-    dnnl::memory torch_mem(torch_md, CpuEngine(), const_cast<float*>(weight.data()));
+    const dnnl::memory::desc torch_md({k, n}, weight_bf16 ? dt::bf16 : dt::f32, {1, k});
+    dnnl::memory torch_mem(torch_md, CpuEngine(), const_cast<void*>(weight));
     impl->weights_mem = dnnl::memory(first.pd.weights_desc(), CpuEngine());
     first.weights = impl->weights_mem;
     ThreadState& ts = ThisThread();

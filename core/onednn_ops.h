@@ -58,6 +58,12 @@ class LinearOp {
   static absl::StatusOr<std::unique_ptr<LinearOp>> Create(int64_t k, int64_t n, const std::vector<float>& weight,
                                                           const std::vector<float>& bias,
                                                           ComputeType compute = ComputeType::kFloat32);
+  // The same from bf16 weights (bit patterns, [n, k]), which a bf16 op takes as they are and an f32 op widens
+  // (exactly): a bf16 checkpoint's layer is built without an f32 copy of its weights.
+  static absl::StatusOr<std::unique_ptr<LinearOp>> CreateFromBf16(int64_t k, int64_t n,
+                                                                  const std::vector<uint16_t>& weight,
+                                                                  const std::vector<float>& bias,
+                                                                  ComputeType compute = ComputeType::kBFloat16);
   ~LinearOp();
   // x: m rows of k floats, row stride ldx; y: m rows of n floats, row stride ldy. m == 0 is a no-op. A bf16
   // op first converts x into a per-thread buffer (m * k * 2 bytes).
@@ -71,6 +77,10 @@ class LinearOp {
  private:
   struct Impl;
   explicit LinearOp(std::unique_ptr<Impl> impl);
+  // Create's body: `weight` holds weight_count values, bf16 bit patterns when weight_bf16, else f32.
+  static absl::StatusOr<std::unique_ptr<LinearOp>> Build(int64_t k, int64_t n, const void* weight,
+                                                         size_t weight_count, bool weight_bf16,
+                                                         const std::vector<float>& bias, ComputeType compute);
   absl::Status Run(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
   std::unique_ptr<Impl> impl_ptr_;
 };

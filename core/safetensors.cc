@@ -299,10 +299,10 @@ std::string DtypeError(const SafetensorsEntry& entry, const std::string& source,
                       supported);
 }
 
-// Decodes `count` little-endian elements of type T from possibly unaligned memory.
-template <typename T, typename Convert>
-std::vector<float> ConvertEach(const uint8_t* data, size_t count, Convert convert) {
-  std::vector<float> out(count);
+// Decodes `count` little-endian elements of type T from possibly unaligned memory, each converted to Out.
+template <typename T, typename Out = float, typename Convert>
+std::vector<Out> ConvertEach(const uint8_t* data, size_t count, Convert convert) {
+  std::vector<Out> out(count);
   for (size_t i = 0; i < count; ++i) {
     T raw;
     std::memcpy(&raw, data + i * sizeof(T), sizeof(T));
@@ -414,9 +414,17 @@ std::vector<std::string> SafetensorsFile::Names() const {
   return names;
 }
 
-absl::StatusOr<std::vector<float>> SafetensorsFile::ReadFloat32(std::string_view name) const {
+absl::StatusOr<const SafetensorsEntry*> SafetensorsFile::FindFloating(std::string_view name) const {
   const SafetensorsEntry* entry = Find(name);
   if (entry == nullptr) return absl::NotFoundError(absl::StrCat(source_, ": tensor ", Quoted(name), " not found"));
+  for (const char* dtype : {"F32", "F16", "BF16", "F64"}) {
+    if (entry->dtype == dtype) return entry;
+  }
+  return absl::InvalidArgumentError(DtypeError(*entry, source_, "F32, F16, BF16, F64"));
+}
+
+absl::StatusOr<std::vector<float>> SafetensorsFile::ReadFloat32(std::string_view name) const {
+  ATTN_ASSIGN_OR_RETURN(const SafetensorsEntry* entry, FindFloating(name));
   const size_t count = entry->num_bytes / SafetensorsDtypeSize(entry->dtype);
   AdvisePages(*entry, MADV_SEQUENTIAL);  // read ahead within this tensor (the file is MADV_RANDOM)
   std::vector<float> out;
@@ -426,13 +434,32 @@ absl::StatusOr<std::vector<float>> SafetensorsFile::ReadFloat32(std::string_view
     out = ConvertEach<uint16_t>(entry->data, count, HalfToFloat);
   } else if (entry->dtype == "BF16") {
     out = ConvertEach<uint16_t>(entry->data, count, BFloat16ToFloat);
-  } else if (entry->dtype == "F64") {
+  } else {
     // Out-of-range doubles become +-inf (IEEE conversion).
     out = ConvertEach<double>(entry->data, count, [](double v) { return static_cast<float>(v); });
-  } else {
-    return absl::InvalidArgumentError(DtypeError(*entry, source_, "F32, F16, BF16, F64"));
   }
   // Unmodified pages of a private file mapping: dropped, read again from the file if touched again.
+  AdvisePages(*entry, MADV_DONTNEED);
+  AdvisePages(*entry, MADV_RANDOM);
+  return out;
+}
+
+absl::StatusOr<std::vector<uint16_t>> SafetensorsFile::ReadBFloat16(std::string_view name) const {
+  ATTN_ASSIGN_OR_RETURN(const SafetensorsEntry* entry, FindFloating(name));
+  const size_t count = entry->num_bytes / SafetensorsDtypeSize(entry->dtype);
+  AdvisePages(*entry, MADV_SEQUENTIAL);
+  std::vector<uint16_t> out;
+  if (entry->dtype == "BF16") {
+    out.resize(count);
+    std::memcpy(out.data(), entry->data, count * sizeof(uint16_t));  // little-endian, as ConvertEach
+  } else if (entry->dtype == "F32") {
+    out = ConvertEach<float, uint16_t>(entry->data, count, FloatToBFloat16);
+  } else if (entry->dtype == "F16") {
+    out = ConvertEach<uint16_t, uint16_t>(entry->data, count, [](uint16_t v) { return FloatToBFloat16(HalfToFloat(v)); });
+  } else {
+    out = ConvertEach<double, uint16_t>(entry->data, count,
+                                        [](double v) { return FloatToBFloat16(static_cast<float>(v)); });
+  }
   AdvisePages(*entry, MADV_DONTNEED);
   AdvisePages(*entry, MADV_RANDOM);
   return out;

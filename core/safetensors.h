@@ -68,6 +68,9 @@ class SafetensorsFile {
   // The tensor's values as f32, converted from F32, F16, BF16 or F64. InvalidArgument for another dtype,
   // NotFound when absent; both name the tensor.
   absl::StatusOr<std::vector<float>> ReadFloat32(std::string_view name) const;
+  // The tensor's values as bfloat16 bit patterns: BF16 as stored; F32, F16 and F64 through f32, rounded to
+  // nearest even (what a bf16 matmul would make of them). Same errors; the same reading and page dropping.
+  absl::StatusOr<std::vector<uint16_t>> ReadBFloat16(std::string_view name) const;
   // The tensor's values as bytes 0/1, from BOOL or U8. Same errors.
   absl::StatusOr<std::vector<uint8_t>> ReadBool(std::string_view name) const;
 
@@ -75,6 +78,8 @@ class SafetensorsFile {
   SafetensorsFile() = default;
   // Validates `all` (the whole file: bytes_ or the mapping) and fills entries_ and metadata_.
   absl::Status Index(std::string_view all);
+  // The entry of a floating-point tensor: NotFound, or InvalidArgument for another dtype, naming it.
+  absl::StatusOr<const SafetensorsEntry*> FindFloating(std::string_view name) const;
 
   std::string source_;
   std::string bytes_;         // Parse(): the bytes

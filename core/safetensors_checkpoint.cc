@@ -118,16 +118,23 @@ absl::StatusOr<const SafetensorsEntry*> SafetensorsCheckpoint::Find(std::string_
   return entry;
 }
 
-absl::StatusOr<std::vector<float>> SafetensorsCheckpoint::ReadFloat32(std::string_view name) const {
-  if (single_ != nullptr) return single_->ReadFloat32(name);
+absl::StatusOr<const SafetensorsFile*> SafetensorsCheckpoint::FileOf(std::string_view name) const {
+  if (single_ != nullptr) return single_.get();
   ATTN_RETURN_IF_ERROR(Find(name).status());
-  absl::StatusOr<const SafetensorsFile*> shard = Shard(weight_map_.find(name)->second);
-  ATTN_RETURN_IF_ERROR(shard.status());
-  return (*shard)->ReadFloat32(name);
+  return Shard(weight_map_.find(name)->second);
 }
 
-absl::StatusOr<std::vector<float>> SafetensorsCheckpoint::ReadShaped(const std::string& name,
-                                                                   const std::vector<int64_t>& expected) const {
+absl::StatusOr<std::vector<float>> SafetensorsCheckpoint::ReadFloat32(std::string_view name) const {
+  ATTN_ASSIGN_OR_RETURN(const SafetensorsFile* file, FileOf(name));
+  return file->ReadFloat32(name);
+}
+
+absl::StatusOr<std::vector<uint16_t>> SafetensorsCheckpoint::ReadBFloat16(std::string_view name) const {
+  ATTN_ASSIGN_OR_RETURN(const SafetensorsFile* file, FileOf(name));
+  return file->ReadBFloat16(name);
+}
+
+absl::Status SafetensorsCheckpoint::CheckShape(const std::string& name, const std::vector<int64_t>& expected) const {
   absl::StatusOr<const SafetensorsEntry*> found = Find(name);
   if (absl::IsNotFound(found.status())) {
     return absl::InvalidArgumentError(absl::StrCat(source_, ": tensor '", name, "' is missing (expected shape ",
@@ -139,7 +146,19 @@ absl::StatusOr<std::vector<float>> SafetensorsCheckpoint::ReadShaped(const std::
                                                    ShapeToString((*found)->shape), ", expected ",
                                                    ShapeToString(expected)));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<float>> SafetensorsCheckpoint::ReadShaped(const std::string& name,
+                                                                   const std::vector<int64_t>& expected) const {
+  ATTN_RETURN_IF_ERROR(CheckShape(name, expected));
   return ReadFloat32(name);
+}
+
+absl::StatusOr<std::vector<uint16_t>> SafetensorsCheckpoint::ReadShapedBFloat16(
+    const std::string& name, const std::vector<int64_t>& expected) const {
+  ATTN_RETURN_IF_ERROR(CheckShape(name, expected));
+  return ReadBFloat16(name);
 }
 
 }  // namespace attnserve

@@ -38,10 +38,18 @@ class SafetensorsCheckpoint {
   // ReadFloat32 of a tensor that must exist with `expected` shape: InvalidArgument naming the source, the
   // tensor and both shapes otherwise ("... tensor 'x' is missing (expected shape [4, 8])").
   absl::StatusOr<std::vector<float>> ReadShaped(const std::string& name, const std::vector<int64_t>& expected) const;
+  // The same as bfloat16 (SafetensorsFile::ReadBFloat16: BF16 as stored, other types rounded).
+  absl::StatusOr<std::vector<uint16_t>> ReadBFloat16(std::string_view name) const;
+  absl::StatusOr<std::vector<uint16_t>> ReadShapedBFloat16(const std::string& name,
+                                                           const std::vector<int64_t>& expected) const;
 
  private:
   SafetensorsCheckpoint() = default;
   absl::StatusOr<const SafetensorsFile*> Shard(const std::string& file) const;
+  // The file that holds `name` (opened if needed), or Find's error.
+  absl::StatusOr<const SafetensorsFile*> FileOf(std::string_view name) const;
+  // OK when `name` exists with shape `expected`; InvalidArgument naming both otherwise.
+  absl::Status CheckShape(const std::string& name, const std::vector<int64_t>& expected) const;
 
   std::string source_;
   std::string folder_;                                          // of the index, with a trailing '/'

@@ -13,9 +13,10 @@ absl::StatusOr<std::unique_ptr<ServedLayer>> LoadDecoderLayer(const attnserve::v
   const DecoderAttention::Options options = ToDecoderOptions(lc);
   absl::StatusOr<DecoderWeights> weights =
       lc.weights_path().empty() ? RandomDecoderWeights(options.config, lc.seed())
-                                : LoadDecoderWeights(lc.weights_path(), lc.weights_prefix(), options.config);
+                                : LoadDecoderWeights(lc.weights_path(), lc.weights_prefix(), options.config,
+                                                     options.compute);
   if (!weights.ok()) return weights.status();
-  auto decoder = DecoderAttention::Create(options, *weights);
+  auto decoder = DecoderAttention::Create(options, std::move(*weights));
   if (!decoder.ok()) return decoder.status();
   auto layer = std::make_unique<ServedLayer>();
   layer->config = lc;

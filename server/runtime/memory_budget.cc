@@ -119,9 +119,16 @@ int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer, int64_t weights
   if (layer.kind() == attnserve::v1::LayerConfig::DECODER_ATTENTION) {
     const DecoderConfig c = ToDecoderConfig(layer);
     const int64_t qkv = c.embed_dim * (c.q_width() + 2 * c.kv_width()), o = c.embed_dim * c.q_width();
+    const int64_t biases = kF32 * 2 * (c.q_width() + 2 * c.kv_width() + c.embed_dim);
+    if (layer.compute_dtype() == attnserve::v1::LayerConfig::BFLOAT16) {
+      // Loaded straight into bf16: the matrices as loaded, each op's own copy, while loading Wq's part beside
+      // the fused QKV rows, and the mapped pages of one tensor (at most its f32 size).
+      constexpr int64_t kBf16 = 2;
+      return kBf16 * (2 * (qkv + o) + o) + kF32 * o + biases;
+    }
     // DecoderAttention::Create holds the weights as loaded, the fused QKV copy and each op's own layout, and
     // the mapped pages of the tensors read (at most their f32 size).
-    return kF32 * (4 * qkv + 3 * o + 2 * (c.q_width() + 2 * c.kv_width() + c.embed_dim));
+    return kF32 * (4 * qkv + 3 * o) + biases;
   }
   const int64_t e = layer.embed_dim(), k = layer.kdim() > 0 ? layer.kdim() : e, v = layer.vdim() > 0 ? layer.vdim() : e;
   const int64_t weights = e * (e + k + v) + e * e + 4 * e;  // floats: in_proj (Q, K, V), out_proj, biases

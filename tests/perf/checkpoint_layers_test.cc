@@ -1,7 +1,8 @@
 // A Llama-3-8B-sized attention stack as checkpoints ship it: 32 layers of E=4096, H=32 over Hkv=8 (D=128),
 // BF16, in one 2.5 GiB shard with its model.safetensors.index.json. Loading layer 17 alone raises the peak
 // RSS by at most that layer's f32 size + 64 MiB (the file is mapped; each tensor's pages are dropped once
-// converted); loading all 32 through the index gives every value exactly. Measures memory, not time.
+// converted); a BF16 layer built from it (read straight into bf16) at most its bf16 size + 64 MiB; loading all
+// 32 through the index gives every value exactly. Measures memory, not time.
 #include <unistd.h>
 
 #include <cstdint>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/decoder_attention.h"
 #include "core/decoder_weights.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -130,6 +132,31 @@ TEST_F(CheckpointLayersTest, OneLayerOfAMultiGiBShardCostsThatLayer) {
   RecordProperty("peak_growth_mib", static_cast<int>(peak_growth >> 20));
   EXPECT_LE(peak_growth, layer_bytes + (int64_t{64} << 20));
   EXPECT_EQ(weights->q_proj_weight[12345], Pattern(17 * 4 + 0, 12345));
+}
+
+// What a BF16 layer costs to build from the shard: its matrices read straight into bf16 (no f32 copy), each freed
+// once its oneDNN op holds it.
+TEST_F(CheckpointLayersTest, Bf16LayerOfAMultiGiBShardCostsItsBf16Size) {
+  const std::string shard = *dir_ + "/model-00001-of-00001.safetensors";
+  std::ofstream("/proc/self/clear_refs") << "5";
+  const int64_t before_kib = StatusKiB("VmRSS");
+  auto weights = LoadDecoderWeights(shard, "model.layers.17.self_attn.", LlamaAttention(), ComputeType::kBFloat16);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  EXPECT_EQ(weights->qkv_proj_weight_bf16[12345], ToBf16(Pattern(17 * 4 + 0, 12345)));
+  EXPECT_EQ(weights->o_proj_weight_bf16[54321], ToBf16(Pattern(17 * 4 + 3, 54321)));
+  DecoderAttention::Options options;
+  options.config = LlamaAttention();
+  options.compute = ComputeType::kBFloat16;
+  auto layer = DecoderAttention::Create(options, std::move(*weights));
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  const int64_t peak_growth = (StatusKiB("VmHWM") - before_kib) * 1024;
+  const int64_t held = (StatusKiB("VmRSS") - before_kib) * 1024;
+  const int64_t layer_bytes = 2 * (2 * kH * kD * kE + 2 * kHkv * kD * kE);  // bf16
+  std::cout << "layer 17 in BF16: " << (layer_bytes >> 20) << " MiB of bf16 weights, peak RSS grew "
+            << (peak_growth >> 20) << " MiB, " << (held >> 20) << " MiB held after building\n";
+  RecordProperty("bf16_peak_growth_mib", static_cast<int>(peak_growth >> 20));
+  EXPECT_LE(peak_growth, layer_bytes + (int64_t{64} << 20));
+  EXPECT_LE(held, layer_bytes + (int64_t{16} << 20));
 }
 
 TEST_F(CheckpointLayersTest, EveryLayerThroughTheIndexIsExact) {

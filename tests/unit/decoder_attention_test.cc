@@ -2,9 +2,12 @@
 // configurations; its validation errors; its weights loaded from a checkpoint under a prefix.
 #include "core/decoder_attention.h"
 
+#include <cstring>
 #include <filesystem>
 #include <random>
 
+#include "core/half_float.h"
+#include "core/safetensors.h"
 #include "gtest/gtest.h"
 #include "tests/testing/naive_decoder.h"
 #include "tests/testing/safetensors_writer.h"
@@ -318,6 +321,77 @@ TEST(DecoderAttentionTest, LoadsOneLayerOfManyUnderItsPrefixInBf16) {
   auto misshaped = LoadDecoderWeights(path, "model.layers.1.self_attn.", o.config);
   ASSERT_FALSE(misshaped.ok());
   EXPECT_NE(misshaped.status().message().find("has shape [8, 16], expected [16, 16]"), std::string::npos)
+      << misshaped.status();
+  std::filesystem::remove(path);
+}
+
+// A bf16 layer reads its matrices straight into bf16, whatever the checkpoint's dtypes: the values are those a
+// bf16 layer built from the f32 reading computes with, so both answer bit for bit alike.
+TEST(DecoderAttentionTest, Bf16LayerReadsItsCheckpointStraightIntoBf16) {
+  std::mt19937_64 rng(6);
+  DecoderAttention::Options o = SmallLayer();
+  o.config.qkv_bias = true;
+  const DecoderWeights w = RandomWeights(o.config, rng);
+  const std::string p = "model.layers.0.self_attn.";
+  std::map<std::string, testing::TensorToWrite> tensors;
+  tensors[p + "q_proj.weight"] = testing::FloatTensor(w.q_proj_weight, {16, 16}, "F32");
+  tensors[p + "k_proj.weight"] = testing::FloatTensor(w.k_proj_weight, {8, 16}, "F16");
+  tensors[p + "v_proj.weight"] = testing::FloatTensor(w.v_proj_weight, {8, 16}, "BF16");
+  tensors[p + "o_proj.weight"] = testing::FloatTensor(w.o_proj_weight, {16, 16}, "BF16");
+  tensors[p + "q_proj.bias"] = testing::FloatTensor(w.q_proj_bias, {16}, "BF16");
+  tensors[p + "k_proj.bias"] = testing::FloatTensor(w.k_proj_bias, {8});
+  tensors[p + "v_proj.bias"] = testing::FloatTensor(w.v_proj_bias, {8});
+  const std::string path = ::testing::TempDir() + "/decoder_bf16_layer.safetensors";
+  ASSERT_TRUE(testing::WriteFile(path, testing::SerializeSafetensors(tensors)).ok());
+  auto f32 = LoadDecoderWeights(path, p, o.config);
+  auto bf16 = LoadDecoderWeights(path, p, o.config, ComputeType::kBFloat16);
+  ASSERT_TRUE(f32.ok() && bf16.ok()) << f32.status() << bf16.status();
+  EXPECT_TRUE(bf16->q_proj_weight.empty() && bf16->o_proj_weight.empty());
+  EXPECT_EQ(bf16->q_proj_bias, f32->q_proj_bias);
+  std::vector<float> qkv = f32->q_proj_weight;
+  qkv.insert(qkv.end(), f32->k_proj_weight.begin(), f32->k_proj_weight.end());
+  qkv.insert(qkv.end(), f32->v_proj_weight.begin(), f32->v_proj_weight.end());
+  ASSERT_EQ(bf16->qkv_proj_weight_bf16.size(), qkv.size());
+  ASSERT_EQ(bf16->o_proj_weight_bf16.size(), f32->o_proj_weight.size());
+  for (size_t i = 0; i < qkv.size(); ++i) ASSERT_EQ(bf16->qkv_proj_weight_bf16[i], FloatToBFloat16(qkv[i])) << i;
+  for (size_t i = 0; i < f32->o_proj_weight.size(); ++i) {
+    ASSERT_EQ(bf16->o_proj_weight_bf16[i], FloatToBFloat16(f32->o_proj_weight[i])) << i;
+  }
+  // The BF16 tensor's bits as stored: v's rows are the last 8 of the fused matrix.
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok());
+  const SafetensorsEntry* v_entry = (*file)->Find(p + "v_proj.weight");
+  ASSERT_NE(v_entry, nullptr);
+  EXPECT_EQ(std::memcmp(v_entry->data, &bf16->qkv_proj_weight_bf16[24 * 16], 8 * 16 * 2), 0);
+
+  const std::vector<float> x = RandomValues(rng, 2 * 5 * 16, 1.0f);
+  DecoderInputs in;
+  in.query = TensorView::F32(x.data(), {2, 5, 16});
+  o.compute = ComputeType::kBFloat16;
+  auto from_f32 = (*DecoderAttention::Create(o, *f32))->Forward(in);
+  auto from_bf16 = (*DecoderAttention::Create(o, *bf16))->Forward(in);
+  ASSERT_TRUE(from_f32.ok() && from_bf16.ok());
+  if (OnednnBf16Support() != Bf16Support::kUnavailable) {
+    EXPECT_EQ(from_f32->output.values, from_bf16->output.values);
+  }
+  // An f32 layer widens bf16 weights exactly: the same as f32 weights holding the rounded values.
+  o.compute = ComputeType::kFloat32;
+  DecoderWeights rounded = *f32;
+  for (std::vector<float>* m : {&rounded.q_proj_weight, &rounded.k_proj_weight, &rounded.v_proj_weight,
+                                &rounded.o_proj_weight}) {
+    for (float& value : *m) value = BFloat16ToFloat(FloatToBFloat16(value));
+  }
+  auto widened = (*DecoderAttention::Create(o, *bf16))->Forward(in);
+  auto want = (*DecoderAttention::Create(o, rounded))->Forward(in);
+  ASSERT_TRUE(widened.ok() && want.ok());
+  EXPECT_EQ(widened->output.values, want->output.values);
+  EXPECT_LT(MaxAbsDiff(widened->output.values, from_bf16->output.values), 3e-2);
+
+  o.config.num_kv_heads = 4;
+  auto misshaped = LoadDecoderWeights(path, p, o.config, ComputeType::kBFloat16);
+  ASSERT_FALSE(misshaped.ok());
+  EXPECT_NE(misshaped.status().message().find("'model.layers.0.self_attn.k_proj.weight' has shape [8, 16], expected [16, 16]"),
+            std::string::npos)
       << misshaped.status();
   std::filesystem::remove(path);
 }

@@ -110,6 +110,9 @@ TEST(MemoryBudgetTest, LayerFitsOrIsRefusedWithItsNumbers) {
     decoder.mutable_decoder()->set_num_kv_heads(2);
     const int64_t qkv = 1024 * 12 * 128, o = kE2, biases = 12 * 128 + 1024;
     EXPECT_EQ(LayerBuildBytes(decoder, int64_t{1} << 30), 4 * (4 * qkv + 3 * o + 2 * biases));
+    // BF16: read straight into bf16, so about a third of that.
+    decoder.set_compute_dtype(attnserve::v1::LayerConfig::BFLOAT16);
+    EXPECT_EQ(LayerBuildBytes(decoder, 0), 2 * (2 * (qkv + o) + o) + 4 * o + 4 * 2 * biases);
   }
   constexpr int64_t kMiB = 1 << 20;
   EXPECT_TRUE(CheckLayerFits(layer, 0, 1024 * kMiB, 100 * kMiB, 512 * kMiB).ok());

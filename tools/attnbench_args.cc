@@ -45,6 +45,89 @@ absl::Status ParseSessionFlags(const CommandLine& cl, BenchArgs* out) {
 
 }  // namespace
 
+namespace {
+
+// --target, TLS, token and trace context.
+absl::Status ParseConnectionFlags(const CommandLine& cl, BenchArgs* out) {
+  if (auto v = cl.Get("target")) out->target = *v;
+  out->tls = cl.Has("tls");
+  if (auto v = cl.Get("tls-root-certs")) out->tls_root_certs = *v;
+  if (auto v = cl.Get("tls-cert")) out->tls_cert = *v;
+  if (auto v = cl.Get("tls-key")) out->tls_key = *v;
+  if (auto v = cl.Get("token-file")) out->token_file = *v;
+  if (auto v = cl.Get("traceparent")) out->traceparent = *v;
+  if ((!out->tls_root_certs.empty() || !out->tls_cert.empty()) && !out->tls) {
+    return absl::InvalidArgumentError("--tls-root-certs and --tls-cert need --tls");
+  }
+  return absl::OkStatus();
+}
+
+// What each request is: echo payload, or the layer's shapes, and which RPC carries it.
+absl::Status ParseRequestFlags(const CommandLine& cl, BenchArgs* out) {
+  out->echo = cl.Has("echo");
+  if (auto v = cl.Get("payload-bytes")) {
+    ATTN_ASSIGN_OR_RETURN(out->payload_bytes, ParseIntFlag("payload-bytes", *v, 0, 64 << 20));
+  }
+  if (auto v = cl.Get("layer")) out->layer = *v;
+  if (auto v = cl.Get("batch")) {
+    ATTN_ASSIGN_OR_RETURN(out->batch, ParseIntFlag("batch", *v, 1, kMaxDim));
+  }
+  if (auto v = cl.Get("seq")) {
+    ATTN_ASSIGN_OR_RETURN(out->seq, ParseIntFlag("seq", *v, 1, kMaxDim));
+  }
+  if (auto v = cl.Get("seq-dist")) {
+    if (cl.Has("seq")) return absl::InvalidArgumentError("--seq and --seq-dist: give one of them");
+    ATTN_ASSIGN_OR_RETURN(out->seq_dist, ParseSeqDist(*v));
+  }
+  if (auto v = cl.Get("kv-seq")) {
+    ATTN_ASSIGN_OR_RETURN(out->kv_seq, ParseIntFlag("kv-seq", *v, 1, kMaxDim));
+  }
+  out->causal = cl.Has("causal");
+  out->stream = cl.Has("stream");
+  if (out->stream && out->echo) return absl::InvalidArgumentError("--stream: the echo service is unary only");
+  out->kserve = cl.Has("kserve");
+  if (out->kserve && (out->stream || out->echo)) {
+    return absl::InvalidArgumentError("--kserve: unary ModelInfer only (not with --stream or --echo)");
+  }
+  if (auto v = cl.Get("streams")) {
+    ATTN_ASSIGN_OR_RETURN(out->streams, ParseIntFlag("streams", *v, 1, 1024));
+  }
+  return absl::OkStatus();
+}
+
+// How the load is offered: connections, closed or open loop, step timing, deadline, seed.
+absl::Status ParseLoadFlags(const CommandLine& cl, BenchArgs* out) {
+  if (auto v = cl.Get("connections")) {
+    ATTN_ASSIGN_OR_RETURN(out->connections, ParseIntFlag("connections", *v, 1, 256));
+  }
+  if (auto v = cl.Get("concurrency")) {
+    if (cl.Has("rate")) {
+      return absl::InvalidArgumentError("--concurrency (closed loop) and --rate (open loop): give one of them");
+    }
+    ATTN_ASSIGN_OR_RETURN(out->concurrency, ParseIntListFlag("concurrency", *v, 1, 4096));
+  }
+  if (auto v = cl.Get("rate")) {
+    ATTN_ASSIGN_OR_RETURN(out->rates, ParsePositiveDoubleListFlag("rate", *v));
+  }
+  if (auto v = cl.Get("duration")) {
+    ATTN_ASSIGN_OR_RETURN(out->duration, ParseDurationFlag("duration", *v));
+  }
+  if (out->duration <= absl::ZeroDuration()) return absl::InvalidArgumentError("--duration: must be positive");
+  if (auto v = cl.Get("warmup")) {
+    ATTN_ASSIGN_OR_RETURN(out->warmup, ParseDurationFlag("warmup", *v));
+  }
+  if (auto v = cl.Get("timeout-ms")) {
+    ATTN_ASSIGN_OR_RETURN(out->timeout_ms, ParseIntFlag("timeout-ms", *v, 0, 3'600'000));
+  }
+  if (auto v = cl.Get("seed")) {
+    ATTN_ASSIGN_OR_RETURN(const int64_t seed, ParseIntFlag("seed", *v, 0, INT64_MAX));
+    out->seed = static_cast<uint64_t>(seed);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<BenchArgs> ParseBenchArgs(const std::vector<std::string>& args) {
   ATTN_ASSIGN_OR_RETURN(const CommandLine cl, ParseCommandLine(args, kFlags));
   BenchArgs out;
@@ -54,73 +137,9 @@ absl::StatusOr<BenchArgs> ParseBenchArgs(const std::vector<std::string>& args) {
     return absl::InvalidArgumentError(
         absl::StrCat("unexpected argument \"", cl.positional[0], "\" (attnbench takes flags only; see --help)"));
   }
-  auto get = [&](const char* name) { return cl.Get(name); };
-
-  if (auto v = get("target")) out.target = *v;
-  out.tls = cl.Has("tls");
-  if (auto v = get("tls-root-certs")) out.tls_root_certs = *v;
-  if (auto v = get("tls-cert")) out.tls_cert = *v;
-  if (auto v = get("tls-key")) out.tls_key = *v;
-  if (auto v = get("token-file")) out.token_file = *v;
-  if (auto v = get("traceparent")) out.traceparent = *v;
-  if ((!out.tls_root_certs.empty() || !out.tls_cert.empty()) && !out.tls) {
-    return absl::InvalidArgumentError("--tls-root-certs and --tls-cert need --tls");
-  }
-  out.echo = cl.Has("echo");
-  if (auto v = get("payload-bytes")) {
-    ATTN_ASSIGN_OR_RETURN(out.payload_bytes, ParseIntFlag("payload-bytes", *v, 0, 64 << 20));
-  }
-  if (auto v = get("layer")) out.layer = *v;
-  if (auto v = get("batch")) {
-    ATTN_ASSIGN_OR_RETURN(out.batch, ParseIntFlag("batch", *v, 1, kMaxDim));
-  }
-  if (auto v = get("seq")) {
-    ATTN_ASSIGN_OR_RETURN(out.seq, ParseIntFlag("seq", *v, 1, kMaxDim));
-  }
-  if (auto v = get("seq-dist")) {
-    if (cl.Has("seq")) return absl::InvalidArgumentError("--seq and --seq-dist: give one of them");
-    ATTN_ASSIGN_OR_RETURN(out.seq_dist, ParseSeqDist(*v));
-  }
-  if (auto v = get("kv-seq")) {
-    ATTN_ASSIGN_OR_RETURN(out.kv_seq, ParseIntFlag("kv-seq", *v, 1, kMaxDim));
-  }
-  out.causal = cl.Has("causal");
-  out.stream = cl.Has("stream");
-  if (out.stream && out.echo) return absl::InvalidArgumentError("--stream: the echo service is unary only");
-  out.kserve = cl.Has("kserve");
-  if (out.kserve && (out.stream || out.echo)) {
-    return absl::InvalidArgumentError("--kserve: unary ModelInfer only (not with --stream or --echo)");
-  }
-  if (auto v = get("streams")) {
-    ATTN_ASSIGN_OR_RETURN(out.streams, ParseIntFlag("streams", *v, 1, 1024));
-  }
-  if (auto v = get("connections")) {
-    ATTN_ASSIGN_OR_RETURN(out.connections, ParseIntFlag("connections", *v, 1, 256));
-  }
-  if (auto v = get("concurrency")) {
-    if (cl.Has("rate")) {
-      return absl::InvalidArgumentError(
-          "--concurrency (closed loop) and --rate (open loop): give one of them");
-    }
-    ATTN_ASSIGN_OR_RETURN(out.concurrency, ParseIntListFlag("concurrency", *v, 1, 4096));
-  }
-  if (auto v = get("rate")) {
-    ATTN_ASSIGN_OR_RETURN(out.rates, ParsePositiveDoubleListFlag("rate", *v));
-  }
-  if (auto v = get("duration")) {
-    ATTN_ASSIGN_OR_RETURN(out.duration, ParseDurationFlag("duration", *v));
-  }
-  if (out.duration <= absl::ZeroDuration()) return absl::InvalidArgumentError("--duration: must be positive");
-  if (auto v = get("warmup")) {
-    ATTN_ASSIGN_OR_RETURN(out.warmup, ParseDurationFlag("warmup", *v));
-  }
-  if (auto v = get("timeout-ms")) {
-    ATTN_ASSIGN_OR_RETURN(out.timeout_ms, ParseIntFlag("timeout-ms", *v, 0, 3'600'000));
-  }
-  if (auto v = get("seed")) {
-    ATTN_ASSIGN_OR_RETURN(const int64_t seed, ParseIntFlag("seed", *v, 0, INT64_MAX));
-    out.seed = static_cast<uint64_t>(seed);
-  }
+  ATTN_RETURN_IF_ERROR(ParseConnectionFlags(cl, &out));
+  ATTN_RETURN_IF_ERROR(ParseRequestFlags(cl, &out));
+  ATTN_RETURN_IF_ERROR(ParseLoadFlags(cl, &out));
   if (cl.Has("json") && cl.Has("csv")) return absl::InvalidArgumentError("--json and --csv: give one of them");
   if (cl.Has("json")) out.format = BenchArgs::Format::kJson;
   if (cl.Has("csv")) out.format = BenchArgs::Format::kCsv;

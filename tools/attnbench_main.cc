@@ -127,6 +127,99 @@ std::vector<const Client*> RawPointers(const std::vector<std::unique_ptr<Client>
   return out;
 }
 
+// The client options the flags ask for (the token from the environment or --token-file).
+absl::StatusOr<Client::Options> ClientOptions(const BenchArgs& args) {
+  Client::Options options;
+  options.target = args.target;
+  options.use_tls = args.tls;
+  options.tls_root_certs_path = args.tls_root_certs;
+  options.tls_cert_path = args.tls_cert;
+  options.tls_key_path = args.tls_key;
+  ATTN_ASSIGN_OR_RETURN(options.token, Client::TokenFromEnvironmentOrFile(args.token_file, std::getenv));
+  options.traceparent = args.traceparent;
+  options.default_timeout_ms = args.timeout_ms;
+  return options;
+}
+
+// The requests for `layer` as the flags shape them.
+absl::StatusOr<std::unique_ptr<InferRequestSource>> MakeSource(const BenchArgs& args,
+                                                               const attnserve::v1::Layer& layer) {
+  InferRequestSource::Options r;
+  r.layer = args.layer;
+  r.embed_dim = layer.config().embed_dim();
+  r.kdim = layer.config().kdim() > 0 ? layer.config().kdim() : r.embed_dim;
+  r.vdim = layer.config().vdim() > 0 ? layer.config().vdim() : r.embed_dim;
+  r.batch = args.batch;
+  r.seq_len = args.seq;
+  r.seq_dist = args.seq_dist;
+  r.kv_seq_len = args.kv_seq;
+  r.is_causal = args.causal;
+  r.seed = args.seed;
+  return InferRequestSource::Create(r);
+}
+
+// Step `step`'s sender: sessions, echo, streams, KServe or unary Infer.
+absl::StatusOr<std::unique_ptr<RequestSender>> MakeSender(const BenchArgs& args, const ClientLanes& lanes,
+                                                          InferRequestSource* source, const StepReport& report,
+                                                          size_t step) {
+  if (args.sessions > 0) {
+    auto made = SessionAppendSender::Create(
+        &lanes.ForLane(0), {args.layer, args.sessions, args.context, args.prefill, args.seed,
+                          absl::StrCat(getpid(), "-", step)});
+    if (!made.ok()) return absl::Status(made.status().code(), absl::StrCat("sessions: ", made.status().message()));
+    return std::unique_ptr<RequestSender>(std::move(*made));
+  }
+  if (args.echo) return std::make_unique<EchoSender>(lanes, args.payload_bytes, args.timeout_ms);
+  if (args.stream) {
+    // Streams carry no per-request deadline: the whole stream ends at the latest a timeout after the step.
+    const absl::Duration limit = args.warmup + args.duration +
+                                 (args.timeout_ms > 0 ? absl::Milliseconds(args.timeout_ms) : absl::Hours(24));
+    return std::make_unique<StreamInferSender>(lanes, source, report.open_loop ? args.streams : report.concurrency,
+                                               absl::ToChronoTime(absl::Now() + limit));
+  }
+  if (args.kserve) return std::make_unique<KServeInferSender>(lanes, source, args.timeout_ms);
+  return std::make_unique<UnaryInferSender>(lanes, source, args.timeout_ms);
+}
+
+// Runs one step with `sender` (closed or open loop, the progress line meanwhile) and fills report's results.
+absl::Status RunStep(const BenchArgs& args, std::unique_ptr<RequestSender> sender, StepReport* report) {
+  StepRecorder recorder;
+  absl::StatusOr<LoopResult> result;
+  {
+    const std::string label = report->open_loop ? absl::StrFormat("rate=%g", report->target_rate)
+                                                : absl::StrCat("c=", report->concurrency);
+    std::unique_ptr<ProgressLine> progress;
+    if (!args.quiet && args.duration > absl::Seconds(2)) {
+      progress = std::make_unique<ProgressLine>(&recorder, label, args.warmup, args.duration);
+    }
+    if (report->open_loop) {
+      result = RunOpenLoop(sender.get(), RealBenchClock(), {report->target_rate, args.warmup, args.duration},
+                           &recorder);
+    } else {
+      result = RunClosedLoop(sender.get(), RealBenchClock(), {report->concurrency, args.warmup, args.duration},
+                             &recorder);
+    }
+  }
+  sender.reset();  // streams end here, before the next step starts
+  if (!result.ok()) return result.status();
+  report->elapsed_seconds = result->elapsed_seconds;
+  report->stats = recorder.Snapshot();
+  return absl::OkStatus();
+}
+
+int Fail(const absl::Status& status, int exit_code) {
+  std::fprintf(stderr, "attnbench: %s\n", std::string(status.message()).c_str());
+  return exit_code;
+}
+
+void PrintReports(BenchArgs::Format format, const std::vector<StepReport>& reports) {
+  switch (format) {
+    case BenchArgs::Format::kTable: std::fputs(FormatTable(reports).c_str(), stdout); break;
+    case BenchArgs::Format::kJson: std::fputs(FormatJson(reports).c_str(), stdout); break;
+    case BenchArgs::Format::kCsv: std::fputs(FormatCsv(reports).c_str(), stdout); break;
+  }
+}
+
 int Run(int argc, char** argv) {
   auto args = ParseBenchArgs(std::vector<std::string>(argv + 1, argv + argc));
   if (!args.ok()) {
@@ -137,122 +230,37 @@ int Run(int argc, char** argv) {
     std::fputs(BenchUsage().c_str(), stdout);
     return 0;
   }
-  Client::Options options;
-  options.target = args->target;
-  options.use_tls = args->tls;
-  options.tls_root_certs_path = args->tls_root_certs;
-  options.tls_cert_path = args->tls_cert;
-  options.tls_key_path = args->tls_key;
-  auto token = Client::TokenFromEnvironmentOrFile(args->token_file, std::getenv);
-  if (!token.ok()) {
-    std::fprintf(stderr, "attnbench: %s\n", std::string(token.status().message()).c_str());
-    return 2;
-  }
-  options.token = *token;
-  options.traceparent = args->traceparent;
-  options.default_timeout_ms = args->timeout_ms;
-  auto clients = CreateClients(options, args->connections);
-  if (!clients.ok()) {
-    std::fprintf(stderr, "attnbench: %s\n", std::string(clients.status().message()).c_str());
-    return kExitUsage;
-  }
-  const Client* client = clients->front().get();
+  auto options = ClientOptions(*args);
+  if (!options.ok()) return Fail(options.status(), kExitUnreachable);
+  auto clients = CreateClients(*options, args->connections);
+  if (!clients.ok()) return Fail(clients.status(), kExitUsage);
   const ClientLanes lanes(RawPointers(*clients));
-
   std::unique_ptr<InferRequestSource> source;
   if (args->echo) {
-    if (absl::Status s = ProbeEcho(*client); !s.ok()) return ProbeFailed(*args, s);
+    if (absl::Status s = ProbeEcho(lanes.ForLane(0)); !s.ok()) return ProbeFailed(*args, s);
   } else {
-    auto layer = client->GetLayer(args->layer);
+    auto layer = lanes.ForLane(0).GetLayer(args->layer);
     if (!layer.ok()) return ProbeFailed(*args, layer.status());
-    InferRequestSource::Options r;
-    r.layer = args->layer;
-    r.embed_dim = layer->config().embed_dim();
-    r.kdim = layer->config().kdim() > 0 ? layer->config().kdim() : r.embed_dim;
-    r.vdim = layer->config().vdim() > 0 ? layer->config().vdim() : r.embed_dim;
-    r.batch = args->batch;
-    r.seq_len = args->seq;
-    r.seq_dist = args->seq_dist;
-    r.kv_seq_len = args->kv_seq;
-    r.is_causal = args->causal;
-    r.seed = args->seed;
-    auto created = InferRequestSource::Create(r);
-    if (!created.ok()) {
-      std::fprintf(stderr, "attnbench: %s\n", std::string(created.status().message()).c_str());
-      return kExitUsage;
-    }
+    auto created = MakeSource(*args, *layer);
+    if (!created.ok()) return Fail(created.status(), kExitUsage);
     source = std::move(*created);
   }
-
-  const std::string workload = Workload(*args);
   const size_t steps = args->open_loop() ? args->rates.size() : args->concurrency.size();
   std::vector<StepReport> reports;
   for (size_t i = 0; i < steps; ++i) {
-    StepReport report;
-    report.workload = workload;
+    StepReport& report = reports.emplace_back();
+    report.workload = Workload(*args);
     report.open_loop = args->open_loop();
     if (report.open_loop) {
       report.target_rate = args->rates[i];
     } else {
       report.concurrency = args->concurrency[i];
     }
-    std::unique_ptr<RequestSender> sender;
-    if (args->sessions > 0) {
-      auto made = SessionAppendSender::Create(
-          client, {args->layer, args->sessions, args->context, args->prefill, args->seed,
-                          absl::StrCat(getpid(), "-", i)});
-      if (!made.ok()) {
-        std::fprintf(stderr, "attnbench: sessions: %s\n", std::string(made.status().message()).c_str());
-        return kExitUnreachable;
-      }
-      sender = std::move(*made);
-    } else if (args->echo) {
-      sender = std::make_unique<EchoSender>(lanes, args->payload_bytes, args->timeout_ms);
-    } else if (args->stream) {
-      // Streams carry no per-request deadline: the whole stream ends at the latest a timeout after the step.
-      const absl::Duration limit = args->warmup + args->duration +
-                                   (args->timeout_ms > 0 ? absl::Milliseconds(args->timeout_ms) : absl::Hours(24));
-      sender = std::make_unique<StreamInferSender>(lanes, source.get(),
-                                                   report.open_loop ? args->streams : report.concurrency,
-                                                   absl::ToChronoTime(absl::Now() + limit));
-    } else if (args->kserve) {
-      sender = std::make_unique<KServeInferSender>(lanes, source.get(), args->timeout_ms);
-    } else {
-      sender = std::make_unique<UnaryInferSender>(lanes, source.get(), args->timeout_ms);
-    }
-
-    StepRecorder recorder;
-    absl::StatusOr<LoopResult> result;
-    {
-      const std::string label = report.open_loop ? absl::StrFormat("rate=%g", report.target_rate)
-                                                 : absl::StrCat("c=", report.concurrency);
-      std::unique_ptr<ProgressLine> progress;
-      if (!args->quiet && args->duration > absl::Seconds(2)) {
-        progress = std::make_unique<ProgressLine>(&recorder, label, args->warmup, args->duration);
-      }
-      if (report.open_loop) {
-        result = RunOpenLoop(sender.get(), RealBenchClock(), {report.target_rate, args->warmup, args->duration},
-                             &recorder);
-      } else {
-        result = RunClosedLoop(sender.get(), RealBenchClock(), {report.concurrency, args->warmup, args->duration},
-                               &recorder);
-      }
-    }
-    sender.reset();  // streams end here, before the next step starts
-    if (!result.ok()) {
-      std::fprintf(stderr, "attnbench: %s\n", std::string(result.status().message()).c_str());
-      return kExitUsage;
-    }
-    report.elapsed_seconds = result->elapsed_seconds;
-    report.stats = recorder.Snapshot();
-    reports.push_back(std::move(report));
+    auto sender = MakeSender(*args, lanes, source.get(), report, i);
+    if (!sender.ok()) return Fail(sender.status(), kExitUnreachable);
+    if (absl::Status s = RunStep(*args, std::move(*sender), &report); !s.ok()) return Fail(s, kExitUsage);
   }
-
-  switch (args->format) {
-    case BenchArgs::Format::kTable: std::fputs(FormatTable(reports).c_str(), stdout); break;
-    case BenchArgs::Format::kJson: std::fputs(FormatJson(reports).c_str(), stdout); break;
-    case BenchArgs::Format::kCsv: std::fputs(FormatCsv(reports).c_str(), stdout); break;
-  }
+  PrintReports(args->format, reports);
   return 0;
 }
 

@@ -262,86 +262,94 @@ std::string SummaryText(const char* name, const Client::Tensor& t) {
   return out + "\n";
 }
 
-int Infer(const Context& ctx, const std::string& layer, const CommandLine& cl) {
-  // Flags first, so usage errors come before any call.
+struct InferFlags {
   int64_t batch = 1, seq = 16, kv_seq = 0, seed = 1, position_offset = 0;
-  for (const auto& [flag, out, min] : {std::tuple<const char*, int64_t*, int64_t>{"batch", &batch, 1},
-                                       {"seq", &seq, 0}, {"kv-seq", &kv_seq, 0}, {"seed", &seed, 0},
-                                       {"position-offset", &position_offset, 0}}) {
+};
+
+// The numeric flags and the flag combinations infer refuses (InvalidArgument: a usage error).
+absl::StatusOr<InferFlags> ParseInferFlags(const CommandLine& cl) {
+  InferFlags f;
+  for (const auto& [flag, out, min] : {std::tuple<const char*, int64_t*, int64_t>{"batch", &f.batch, 1},
+                                       {"seq", &f.seq, 0}, {"kv-seq", &f.kv_seq, 0}, {"seed", &f.seed, 0},
+                                       {"position-offset", &f.position_offset, 0}}) {
     if (auto v = cl.Get(flag)) {
-      auto parsed = ParseIntFlag(flag, *v, min, int64_t{1} << 40);
-      if (!parsed.ok()) return UsageError(std::string(parsed.status().message()));
-      *out = *parsed;
+      ATTN_ASSIGN_OR_RETURN(*out, ParseIntFlag(flag, *v, min, int64_t{1} << 40));
     }
   }
-  const bool from_file = cl.Has("query");
-  if (from_file && (cl.Has("batch") || cl.Has("seq") || cl.Has("seed"))) {
-    return UsageError("--query takes its shape from the file: drop --batch, --seq and --seed");
+  auto usage = [](const char* message) { return absl::InvalidArgumentError(message); };
+  if (cl.Has("query") && (cl.Has("batch") || cl.Has("seq") || cl.Has("seed"))) {
+    return usage("--query takes its shape from the file: drop --batch, --seq and --seed");
   }
-  if (cl.Has("key") != cl.Has("value")) return UsageError("--key and --value come together");
-  if (cl.Has("key") && cl.Has("kv-seq")) return UsageError("--kv-seq makes random key/value: drop it with --key");
-  if (cl.Has("weights-output") && !cl.Has("need-weights")) return UsageError("--weights-output needs --need-weights");
-  if (cl.Has("per-head-weights") && !cl.Has("need-weights")) return UsageError("--per-head-weights needs --need-weights");
+  if (cl.Has("key") != cl.Has("value")) return usage("--key and --value come together");
+  if (cl.Has("key") && cl.Has("kv-seq")) return usage("--kv-seq makes random key/value: drop it with --key");
+  if (cl.Has("weights-output") && !cl.Has("need-weights")) return usage("--weights-output needs --need-weights");
+  if (cl.Has("per-head-weights") && !cl.Has("need-weights")) return usage("--per-head-weights needs --need-weights");
+  return f;
+}
 
-  // Inputs: .npy files, or random values shaped by the layer's dims (which needs the server's answer).
+struct InferArrays {
   NpyArray query, key, value, key_padding_mask, attn_mask;
+};
+
+// The .npy files the flags name (InvalidArgument: a usage error).
+absl::Status ReadInferFiles(const CommandLine& cl, InferArrays* in) {
   struct FileInput {
     const char* flag;
     NpyArray* array;
     bool float_only;
   };
-  for (const FileInput& f : {FileInput{"query", &query, true}, FileInput{"key", &key, true},
-                             FileInput{"value", &value, true}, FileInput{"key-padding-mask", &key_padding_mask, false},
-                             FileInput{"attn-mask", &attn_mask, false}}) {
+  for (const FileInput& f : {FileInput{"query", &in->query, true}, FileInput{"key", &in->key, true},
+                             FileInput{"value", &in->value, true},
+                             FileInput{"key-padding-mask", &in->key_padding_mask, false},
+                             FileInput{"attn-mask", &in->attn_mask, false}}) {
     if (!cl.Has(f.flag)) continue;
-    auto array = ReadInput(cl, f.flag, f.float_only);
-    if (!array.ok()) return UsageError(std::string(array.status().message()));
-    *f.array = std::move(*array);
+    ATTN_ASSIGN_OR_RETURN(*f.array, ReadInput(cl, f.flag, f.float_only));
   }
-  if (!from_file || kv_seq > 0) {
-    auto info = ctx.client->GetLayer(layer);
-    if (!info.ok()) return CallFailed(ctx, info.status(), NotFoundHint(layer));
-    const auto& c = info->config();
-    std::mt19937_64 rng(static_cast<uint64_t>(seed));
-    if (!from_file) {
-      query.shape = {batch, seq, c.embed_dim()};
-      query.floats = RandomValues(batch * seq * c.embed_dim(), &rng);
-    }
-    if (kv_seq > 0) {
-      const int64_t b = query.shape.size() == 3 ? query.shape[0] : 1;
-      const int64_t kdim = c.kdim() > 0 ? c.kdim() : c.embed_dim();
-      const int64_t vdim = c.vdim() > 0 ? c.vdim() : c.embed_dim();
-      key.shape = {b, kv_seq, kdim};
-      key.floats = RandomValues(b * kv_seq * kdim, &rng);
-      value.shape = {b, kv_seq, vdim};
-      value.floats = RandomValues(b * kv_seq * vdim, &rng);
-      if (query.shape.size() == 2) {  // unbatched query: unbatched key and value too
-        key.shape.erase(key.shape.begin());
-        value.shape.erase(value.shape.begin());
-      }
-    }
-  }
+  return absl::OkStatus();
+}
 
-  Client::InferOptions options;
-  if (!key.shape.empty()) {
-    options.key = {key.floats, key.shape};
-    options.value = {value.floats, value.shape};
+// Random query (unless read from a file) and key/value (--kv-seq), shaped by the layer's dims `c`.
+void RandomInferInputs(const attnserve::v1::LayerConfig& c, const InferFlags& f, bool query_from_file,
+                       InferArrays* in) {
+  std::mt19937_64 rng(static_cast<uint64_t>(f.seed));
+  if (!query_from_file) {
+    in->query.shape = {f.batch, f.seq, c.embed_dim()};
+    in->query.floats = RandomValues(f.batch * f.seq * c.embed_dim(), &rng);
   }
-  if (cl.Has("key-padding-mask")) options.key_padding_mask = MaskOf(key_padding_mask);
-  if (cl.Has("attn-mask")) options.attn_mask = MaskOf(attn_mask);
+  if (f.kv_seq <= 0) return;
+  const int64_t b = in->query.shape.size() == 3 ? in->query.shape[0] : 1;
+  const int64_t kdim = c.kdim() > 0 ? c.kdim() : c.embed_dim();
+  const int64_t vdim = c.vdim() > 0 ? c.vdim() : c.embed_dim();
+  in->key.shape = {b, f.kv_seq, kdim};
+  in->key.floats = RandomValues(b * f.kv_seq * kdim, &rng);
+  in->value.shape = {b, f.kv_seq, vdim};
+  in->value.floats = RandomValues(b * f.kv_seq * vdim, &rng);
+  if (in->query.shape.size() == 2) {  // unbatched query: unbatched key and value too
+    in->key.shape.erase(in->key.shape.begin());
+    in->value.shape.erase(in->value.shape.begin());
+  }
+}
+
+Client::InferOptions InferOptionsOf(const CommandLine& cl, const InferArrays& in, int64_t position_offset) {
+  Client::InferOptions options;
+  if (!in.key.shape.empty()) {
+    options.key = {in.key.floats, in.key.shape};
+    options.value = {in.value.floats, in.value.shape};
+  }
+  if (cl.Has("key-padding-mask")) options.key_padding_mask = MaskOf(in.key_padding_mask);
+  if (cl.Has("attn-mask")) options.attn_mask = MaskOf(in.attn_mask);
   options.is_causal = cl.Has("causal");
   options.need_weights = cl.Has("need-weights");
   options.average_attn_weights = !cl.Has("per-head-weights");
   options.position_offset = position_offset;
+  return options;
+}
 
-  const auto start = std::chrono::steady_clock::now();
-  auto result = ctx.client->Infer(layer, query.floats, query.shape, options);
-  const double round_trip_ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-  if (!result.ok()) return CallFailed(ctx, result.status(), NotFoundHint(layer));
-
-  for (const auto& [flag, tensor] : {std::pair<const char*, const Client::Tensor*>{"output", &result->output},
-                                     {"weights-output", &result->attn_weights}}) {
+// Saves what --output / --weights-output ask for and prints the answer's summary.
+int ReportInfer(const Context& ctx, const std::string& layer, const CommandLine& cl, const Client::InferResult& result,
+                bool need_weights, double round_trip_ms) {
+  for (const auto& [flag, tensor] : {std::pair<const char*, const Client::Tensor*>{"output", &result.output},
+                                     {"weights-output", &result.attn_weights}}) {
     if (auto path = cl.Get(flag)) {
       if (absl::Status s = WriteNpyFloat32(*path, tensor->values, tensor->shape); !s.ok()) {
         std::fprintf(stderr, "attnctl: --%s: %s\n", flag, std::string(s.message()).c_str());
@@ -349,27 +357,47 @@ int Infer(const Context& ctx, const std::string& layer, const CommandLine& cl) {
       }
     }
   }
-
-  const Client::Timing& t = result->timing;
+  const Client::Timing& t = result.timing;
   if (ctx.json) {
     nlohmann::json j = {{"layer", layer},
-                        {"output", SummaryJson(result->output)},
+                        {"output", SummaryJson(result.output)},
                         {"timing", {{"queue_us", t.queue_us}, {"compute_us", t.compute_us}, {"batch_size", t.batch_size}}},
                         {"round_trip_ms", round_trip_ms}};
-    if (options.need_weights) j["attn_weights"] = SummaryJson(result->attn_weights);
+    if (need_weights) j["attn_weights"] = SummaryJson(result.attn_weights);
     if (auto path = cl.Get("output")) j["output_path"] = *path;
     if (auto path = cl.Get("weights-output")) j["weights_output_path"] = *path;
     std::printf("%s\n", j.dump(2).c_str());
     return kOk;
   }
-  std::printf("%s", SummaryText("output", result->output).c_str());
-  if (options.need_weights) std::printf("%s", SummaryText("attn_weights", result->attn_weights).c_str());
+  std::printf("%s", SummaryText("output", result.output).c_str());
+  if (need_weights) std::printf("%s", SummaryText("attn_weights", result.attn_weights).c_str());
   std::printf("timing: queue %lld us, compute %lld us, batch of %d; round trip %.2f ms\n",
               static_cast<long long>(t.queue_us), static_cast<long long>(t.compute_us), t.batch_size, round_trip_ms);
   for (const char* flag : {"output", "weights-output"}) {
     if (auto path = cl.Get(flag)) std::printf("saved %s\n", path->c_str());
   }
   return kOk;
+}
+
+int Infer(const Context& ctx, const std::string& layer, const CommandLine& cl) {
+  // Flags and files first, so usage errors come before any call.
+  const absl::StatusOr<InferFlags> flags = ParseInferFlags(cl);
+  if (!flags.ok()) return UsageError(std::string(flags.status().message()));
+  InferArrays in;
+  if (absl::Status s = ReadInferFiles(cl, &in); !s.ok()) return UsageError(std::string(s.message()));
+  const bool from_file = cl.Has("query");
+  if (!from_file || flags->kv_seq > 0) {  // random values shaped by the layer's dims: ask the server
+    auto info = ctx.client->GetLayer(layer);
+    if (!info.ok()) return CallFailed(ctx, info.status(), NotFoundHint(layer));
+    RandomInferInputs(info->config(), *flags, from_file, &in);
+  }
+  const Client::InferOptions options = InferOptionsOf(cl, in, flags->position_offset);
+  const auto start = std::chrono::steady_clock::now();
+  auto result = ctx.client->Infer(layer, in.query.floats, in.query.shape, options);
+  const double round_trip_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  if (!result.ok()) return CallFailed(ctx, result.status(), NotFoundHint(layer));
+  return ReportInfer(ctx, layer, cl, *result, options.need_weights, round_trip_ms);
 }
 
 // versions, load, reload, unload.

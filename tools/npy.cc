@@ -160,6 +160,43 @@ absl::StatusOr<std::string> Encode(absl::string_view descr, const void* data, si
   return out;
 }
 
+// The array's dtype from the header's descr; returns its item size.
+absl::StatusOr<size_t> SetElementType(const std::string& descr, NpyArray* array) {
+  if (descr == "<f4") {
+    array->dtype = NpyArray::DType::kFloat32;
+    return 4;
+  }
+  if (descr == "|b1") {
+    array->dtype = NpyArray::DType::kBool;
+    return 1;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      ".npy dtype '", descr,
+      "' is not supported: use little-endian float32 ('<f4') or bool ('|b1'), e.g. arr.astype('<f4')"));
+}
+
+// The element count of `shape`, which must fill data_bytes exactly; overflow-safe (stops once the count
+// exceeds what the data can hold).
+absl::StatusOr<size_t> ElementCount(const std::vector<int64_t>& shape, size_t data_bytes, size_t item_size,
+                                    const std::string& descr) {
+  const size_t max_count = data_bytes / item_size;
+  size_t count = 1;
+  bool too_many = false;
+  for (int64_t d : shape) {
+    if (d == 0) count = 0;
+  }
+  for (int64_t d : shape) {
+    if (count == 0 || too_many) break;
+    if (static_cast<size_t>(d) > max_count / count) too_many = true;
+    count *= static_cast<size_t>(d);
+  }
+  if (too_many || count * item_size != data_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(".npy data holds ", data_bytes, " bytes, not what shape ",
+                                                   ShapeTuple(shape), " of '", descr, "' needs"));
+  }
+  return count;
+}
+
 }  // namespace
 
 absl::StatusOr<NpyArray> ParseNpy(absl::string_view bytes) {
@@ -186,40 +223,14 @@ absl::StatusOr<NpyArray> ParseNpy(absl::string_view bytes) {
   NpyArray array;
   HeaderParser parser(bytes.substr(kMagicSize + 2 + len_width, header_len));
   ATTN_RETURN_IF_ERROR(parser.Parse(&descr, &fortran_order, &array.shape));
-  size_t item_size = 0;
-  if (descr == "<f4") {
-    array.dtype = NpyArray::DType::kFloat32;
-    item_size = 4;
-  } else if (descr == "|b1") {
-    array.dtype = NpyArray::DType::kBool;
-    item_size = 1;
-  } else {
-    return absl::InvalidArgumentError(absl::StrCat(
-        ".npy dtype '", descr,
-        "' is not supported: use little-endian float32 ('<f4') or bool ('|b1'), e.g. arr.astype('<f4')"));
-  }
+  ATTN_ASSIGN_OR_RETURN(const size_t item_size, SetElementType(descr, &array));
   if (fortran_order) {
     return absl::InvalidArgumentError(
         ".npy array is in Fortran order: save np.ascontiguousarray(arr) for C (row-major) order");
   }
 
   const absl::string_view data = bytes.substr(data_offset);
-  // The element count, stopping early (overflow-safe) once it exceeds what the data can hold.
-  const size_t max_count = data.size() / item_size;
-  size_t count = 1;
-  bool too_many = false;
-  for (int64_t d : array.shape) {
-    if (d == 0) count = 0;
-  }
-  for (int64_t d : array.shape) {
-    if (count == 0 || too_many) break;
-    if (static_cast<size_t>(d) > max_count / count) too_many = true;
-    count *= static_cast<size_t>(d);
-  }
-  if (too_many || count * item_size != data.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(".npy data holds ", data.size(), " bytes, not what shape ",
-                                                   ShapeTuple(array.shape), " of '", descr, "' needs"));
-  }
+  ATTN_ASSIGN_OR_RETURN(const size_t count, ElementCount(array.shape, data.size(), item_size, descr));
   if (array.dtype == NpyArray::DType::kFloat32) {
     array.floats.resize(count);
     if (count > 0) std::memcpy(array.floats.data(), data.data(), data.size());  // (no null pointers to memcpy)

@@ -6,9 +6,6 @@
 
 namespace attnserve {
 
-namespace {
-
-// query, key or value: FLOAT32 viewed in place; BFLOAT16 / FLOAT16 converted once the call is admitted.
 absl::Status DecodeActivation(const attnserve::v1::Tensor& t, const char* name, TensorView AttentionInputs::*field,
                               InferenceCall* call) {
   ATTN_ASSIGN_OR_RETURN(call->inputs.*field, DecodeTensor(t, name, AcceptedDTypes::kActivation));
@@ -19,7 +16,7 @@ absl::Status DecodeActivation(const attnserve::v1::Tensor& t, const char* name, 
   return absl::OkStatus();
 }
 
-absl::StatusOr<DType> OutputDType(v1::DataType dtype) {
+absl::StatusOr<DType> DecodeOutputDType(v1::DataType dtype) {
   switch (dtype) {
     case v1::DATA_TYPE_UNSPECIFIED:
     case v1::FLOAT32:
@@ -35,9 +32,11 @@ absl::StatusOr<DType> OutputDType(v1::DataType dtype) {
       absl::StrCat("output_dtype: must be FLOAT32, BFLOAT16 or FLOAT16, got ", DataTypeName(dtype)));
 }
 
+namespace {
+
 absl::Status DecodeInputs(const attnserve::v1::InferRequest& req, InferenceCall* call) {
   AttentionInputs& in = call->inputs;
-  ATTN_ASSIGN_OR_RETURN(call->output_dtype, OutputDType(req.output_dtype()));
+  ATTN_ASSIGN_OR_RETURN(call->output_dtype, DecodeOutputDType(req.output_dtype()));
   ATTN_RETURN_IF_ERROR(DecodeActivation(req.query(), "query", &AttentionInputs::query, call));
   ATTN_RETURN_IF_ERROR(DecodeActivation(req.key(), "key", &AttentionInputs::key, call));
   ATTN_RETURN_IF_ERROR(DecodeActivation(req.value(), "value", &AttentionInputs::value, call));

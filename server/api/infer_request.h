@@ -8,6 +8,15 @@
 
 namespace attnserve {
 
+// One activation tensor (query, key or value) into call->inputs.*field: FLOAT32 viewed in place; BFLOAT16 /
+// FLOAT16 converted once the call is admitted (ConvertHalfAfterAdmission). InvalidArgument names `name`.
+absl::Status DecodeActivation(const attnserve::v1::Tensor& t, const char* name, TensorView AttentionInputs::*field,
+                              InferenceCall* call);
+
+// The answer's element type from a request's output_dtype: FLOAT32 when unset, BFLOAT16 or FLOAT16;
+// InvalidArgument naming output_dtype otherwise.
+absl::StatusOr<DType> DecodeOutputDType(attnserve::v1::DataType dtype);
+
 // The decode stage: sets call->layer_name, id and inputs (views into `request`, which must outlive the
 // call) from the request's fields. A tensor that cannot be decoded sets call->decode_status
 // (INVALID_ARGUMENT naming the field), which ValidateCall reports.

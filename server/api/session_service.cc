@@ -7,6 +7,7 @@
 #include "server/api/call_binding.h"
 #include "server/api/call_trace.h"
 #include "server/api/grpc_status.h"
+#include "server/api/infer_request.h"
 #include "server/api/tensor_codec.h"
 
 namespace attnserve {
@@ -52,8 +53,10 @@ grpc::ServerUnaryReactor* AnswerSession(grpc::CallbackServerContext* ctx, const 
 
 void EncodeAppendResponse(const InferenceCall& call, AppendResponse* response) {
   response->set_id(call.id);
-  EncodeTensor(call.outputs.output, response->mutable_output());
-  if (call.inputs.need_weights) EncodeTensor(call.outputs.attn_weights, response->mutable_attn_weights());
+  EncodeTensor(call.outputs.output, response->mutable_output(), call.output_dtype);
+  if (call.inputs.need_weights) {
+    EncodeTensor(call.outputs.attn_weights, response->mutable_attn_weights(), call.output_dtype);
+  }
   response->set_position(call.session->append.cache->tokens());
   attnserve::v1::Timing* timing = response->mutable_timing();
   timing->set_queue_us(call.timing.queue_us);
@@ -107,11 +110,15 @@ void SessionServiceImpl::SubmitAppend(grpc::CallbackServerContext* ctx, const ch
   BindCall(ctx, rpc, trace, *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
   call->id = request.id();
   call->layer_name = request.layer();
-  absl::StatusOr<TensorView> query = DecodeTensor(request.query(), "query", AcceptedDTypes::kFloat32);
-  if (query.ok()) {
-    call->inputs.query = *query;
-  } else {
-    call->decode_status = query.status();
+  // FLOAT32 viewed in place; BFLOAT16 / FLOAT16 converted once the session store has reserved its f32 copy.
+  call->decode_status = DecodeActivation(request.query(), "query", &AttentionInputs::query, call.get());
+  if (call->decode_status.ok()) {
+    absl::StatusOr<DType> output_dtype = DecodeOutputDType(request.output_dtype());
+    if (output_dtype.ok()) {
+      call->output_dtype = *output_dtype;
+    } else {
+      call->decode_status = output_dtype.status();
+    }
   }
   call->inputs.need_weights = request.need_weights();
   call->inputs.average_attn_weights = !request.has_average_attn_weights() || request.average_attn_weights();

@@ -132,8 +132,24 @@ absl::Status SessionStore::Admit(Session& session, Lane& lane, const InferenceCa
   return ReserveBlocks(session, lane, t);
 }
 
+// A 16-bit query's f32 copy, made once its bytes are reserved (a queued append holds them already): the
+// append binds the query's rows before the dispatcher admits it, and a long one is cut into chunks over them.
+absl::Status SessionStore::ConvertQuery(InferenceCall* call) const {
+  if (call->after_admission.empty()) return absl::OkStatus();
+  if (options_.memory != nullptr && call->memory.bytes() == 0) {
+    ATTN_ASSIGN_OR_RETURN(call->memory, options_.memory->Reserve(call->request_bytes));
+  }
+  try {
+    RunAfterAdmission(call);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("out of memory while converting the query");
+  }
+  return absl::OkStatus();
+}
+
 void SessionStore::Start(std::shared_ptr<Session> session, Lane* lane, std::unique_ptr<InferenceCall> call) {
-  const absl::Status ready = Admit(*session, *lane, *call);
+  absl::Status ready = Admit(*session, *lane, *call);
+  if (ready.ok()) ready = ConvertQuery(call.get());
   ReportPool();
   auto answer = std::move(call->finish);
   if (!ready.ok()) {

@@ -181,6 +181,54 @@ def case_cross_attention_memory(e):
     expect(np.abs(out - want).max() <= 1e-6, "cross-attention session differs from Infer with the memory")
 
 
+def half_tensor(a, dtype):
+    """[T, E] as BFLOAT16 or FLOAT16 raw_data; returns the tensor and the f32 values it carries."""
+    if dtype == "BFLOAT16":
+        bits = kt.f32_to_bf16_bits(a)
+        return kt.pb.Tensor(shape=list(a.shape), dtype=kt.pb.BFLOAT16, raw_data=bits.tobytes()), kt.bf16_bits_to_f32(bits)
+    h = a.astype(np.float16)
+    return kt.pb.Tensor(shape=list(a.shape), dtype=kt.pb.FLOAT16, raw_data=h.tobytes()), h.astype(np.float32)
+
+
+def case_16bit_queries_and_answers(e):
+    """BFLOAT16 / FLOAT16 queries equal FLOAT32 appends of the same values (a long one cut into chunks too);
+    output_dtype answers in 16 bits, rounded from the f32 answer; a bad output_dtype names the field."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((300, 32)).astype(np.float32)
+    for dtype in ("BFLOAT16", "FLOAT16"):
+        _, values = half_tensor(x, dtype)
+        sid = f"half-{dtype}"
+        create(e, sid)
+        create(e, sid + "-f32")
+        cuts = [0, 200, 201, 250, 300]  # a 200-token prefill (two chunks), a single token, then 49 and 50
+        for a, b in zip(cuts, cuts[1:]):
+            part, _ = half_tensor(x[a:b], dtype)
+            r = e.sess.Append(spb.AppendRequest(session_id=sid, layer="g_causal", query=part), timeout=TIMEOUT)
+            want, _ = append(e, sid + "-f32", values[a:b])
+            got = array(r.output)
+            expect(r.position == b and np.abs(got - want).max() <= 1e-6,
+                   f"{dtype} append [{a}, {b}): position {r.position}, max diff {np.abs(got - want).max()}")
+    x1 = rng.standard_normal((3, 32)).astype(np.float32)
+    create(e, "half-out")
+    create(e, "half-out-f32")
+    want, want_r = append(e, "half-out-f32", x1, need_weights=True)
+    r = e.sess.Append(spb.AppendRequest(session_id="half-out", layer="g_causal", query=tensor(x1), need_weights=True,
+                                        output_dtype=kt.pb.BFLOAT16), timeout=TIMEOUT)
+    got = kt.bf16_bits_to_f32(np.frombuffer(r.output.raw_data, "<u2")).reshape(tuple(r.output.shape))
+    expect(r.output.dtype == kt.pb.BFLOAT16 and len(r.output.raw_data) == 2 * want.size,
+           f"output dtype {r.output.dtype}, {len(r.output.raw_data)} bytes")
+    expect(np.array_equal(got, kt.bf16_bits_to_f32(kt.f32_to_bf16_bits(want))), "BFLOAT16 output is not the rounded f32")
+    expect(r.attn_weights.dtype == kt.pb.BFLOAT16, f"weights dtype {r.attn_weights.dtype}")
+    code, msg, _ = rpc(lambda: e.sess.Append(spb.AppendRequest(session_id="half-out", layer="g_causal",
+                                                              query=tensor(x1), output_dtype=kt.pb.BOOL),
+                                            timeout=TIMEOUT))
+    expect(code == grpc.StatusCode.INVALID_ARGUMENT and "output_dtype" in msg, f"bad output_dtype: {code} {msg!r}")
+    short = kt.pb.Tensor(shape=[2, 32], dtype=kt.pb.BFLOAT16, raw_data=b"\0" * 100)
+    code, msg, _ = rpc(lambda: e.sess.Append(spb.AppendRequest(session_id="half-out", layer="g_causal", query=short),
+                                            timeout=TIMEOUT))
+    expect(code == grpc.StatusCode.INVALID_ARGUMENT and "query" in msg, f"short BFLOAT16 query: {code} {msg!r}")
+
+
 def case_errors_name_the_field(e):
     x = np.ones((2, 32), np.float32) * 0.5
     checks = [

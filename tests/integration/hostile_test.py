@@ -493,6 +493,33 @@ def case_decoder_sessions_cannot_outgrow_the_kv_pool(s):
     expect(reservations_released(s), "reservations not released")
 
 
+def case_bf16_session_appends_stay_within_the_budget(s):
+    """64 sessions each appending a 2048-token BFLOAT16 prompt at once (1 MiB each, 2 MiB once converted): the
+    f32 copy is reserved before it is made, so the budget and the KV pool refuse the excess (RESOURCE_EXHAUSTED)
+    before any conversion; the others are answered and everything goes back."""
+    from attnserve.v1 import session_pb2 as spb  # noqa: E402
+    from attnserve.v1 import session_pb2_grpc as spbg  # noqa: E402
+    sessions = spbg.SessionServiceStub(s.channel)
+    ids = [f"bf16-{i}" for i in range(64)]
+    for sid in ids:
+        sessions.CreateSession(spb.CreateSessionRequest(session_id=sid, layers=["small"]), timeout=30)
+    values = np.random.default_rng(11).standard_normal((2048, 256), np.float32)
+    prompt = pb.Tensor(shape=[2048, 256], dtype=pb.BFLOAT16,
+                       raw_data=(values.view(np.uint32) >> 16).astype(np.uint16).tobytes())
+    codes, grown = flood(s, lambda it=iter(ids): sessions.Append.future(
+        spb.AppendRequest(session_id=next(it), layer="small", query=prompt), timeout=120), 64,
+        lambda e: "kv_cache_bytes" in e.details() or refused_by_the_budget(e))
+    for sid in ids:
+        sessions.CloseSession(spb.CloseSessionRequest(session_id=sid), timeout=30)
+    print(f"    64 x 2048-token BFLOAT16 prompts at once: {codes}; RSS peak +{grown:.0f} MiB (budget {BUDGET_MIB})")
+    expect(codes.get("RESOURCE_EXHAUSTED", 0) > 0 and codes.get("OK", 0) > 0, f"codes {codes}")
+    expect(set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, f"unexpected codes {codes}")
+    expect(s.metric("attnserve_kv_cache_blocks", 'state="used"') == 0, "the pool was not given back")
+    expect(reservations_released(s), "reservations not released")
+    if not os.environ.get("ATTNSERVE_SANITIZE"):
+        expect(grown < 2 * BUDGET_MIB, f"RSS grew {grown:.0f} MiB under a {BUDGET_MIB} MiB budget")
+
+
 def case_half_sent_requests_do_not_stall_metrics(s):
     """Four half-sent HTTP requests held open on the metrics port: once every scrape waited for them (the
     exposer served with 2 threads and no timeout)."""
@@ -1270,7 +1297,7 @@ CASES = [case_half_sent_requests_do_not_stall_metrics, case_queue_flood_stays_wi
          case_huge_layer_name_not_echoed, case_many_dims_shape_not_echoed,
          case_newline_in_id_cannot_forge_a_log_line, case_warning_flood_is_rate_limited,
          case_cancelled_heavy_work_stops, case_decoder_flood_stays_within_the_memory_budget,
-         case_decoder_sessions_cannot_outgrow_the_kv_pool,
+         case_decoder_sessions_cannot_outgrow_the_kv_pool, case_bf16_session_appends_stay_within_the_budget,
          # raw HTTP/2 and connection-level traffic
          case_short_requests_do_not_wait_behind_a_long_one,
          case_rapid_reset, case_rapid_reset_of_whole_requests, case_ping_flood, case_continuation_flood,

@@ -150,6 +150,8 @@ class KvSequence {
   // Tokens before first_token() stay gone: a caller that needs their keys must not truncate below them (an
   // append after a truncate inside a freed block is FAILED_PRECONDITION).
   void Truncate(int64_t tokens);
+  // Gives the blocks Reserve took and no Append used back to the pool (an append that was refused).
+  void ReleaseReserved() { reserved_.clear(); }
   // Gives the pool back the whole blocks before token `token` (a sliding window will not read them again),
   // never the last block. Token indices do not change: tokens() still counts them.
   void DropBefore(int64_t token);

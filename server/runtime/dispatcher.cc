@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <new>
 #include <string>
 #include <utility>
@@ -106,13 +107,15 @@ void Dispatcher::Submit(std::unique_ptr<InferenceCall> call) {
     }
   }
   if (options_.memory != nullptr) {
+    // A session's append may hold part of it already (its request, its 16-bit query's f32 copy): the rest.
     const int64_t cost = CallCostBytes(*call);
-    absl::StatusOr<MemoryBudget::Reservation> reserved = options_.memory->Reserve(cost);
+    absl::StatusOr<MemoryBudget::Reservation> reserved =
+        options_.memory->Reserve(std::max<int64_t>(0, cost - call->memory.bytes()));
     if (!reserved.ok()) {
       call->finish(reserved.status());
       return;
     }
-    call->memory = std::move(*reserved);
+    call->memory.Absorb(std::move(*reserved));
   }
   try {
     RunAfterAdmission(call.get());

@@ -9,12 +9,17 @@ namespace attnserve {
 
 namespace {
 
+// What the layer will compute in: f32 where oneDNN has no bf16 matmul, whose weights must then stay exact.
+ComputeType EffectiveCompute(ComputeType requested) {
+  return OnednnBf16Support() == Bf16Support::kUnavailable ? ComputeType::kFloat32 : requested;
+}
+
 absl::StatusOr<std::unique_ptr<ServedLayer>> LoadDecoderLayer(const attnserve::v1::LayerConfig& lc) {
   const DecoderAttention::Options options = ToDecoderOptions(lc);
   absl::StatusOr<DecoderWeights> weights =
       lc.weights_path().empty() ? RandomDecoderWeights(options.config, lc.seed())
                                 : LoadDecoderWeights(lc.weights_path(), lc.weights_prefix(), options.config,
-                                                     options.compute);
+                                                     EffectiveCompute(options.compute));
   if (!weights.ok()) return weights.status();
   auto decoder = DecoderAttention::Create(options, std::move(*weights));
   if (!decoder.ok()) return decoder.status();

@@ -26,6 +26,16 @@ void MemoryBudget::Reservation::Release() {
   budget_ = nullptr;
 }
 
+void MemoryBudget::Reservation::Absorb(Reservation&& other) {
+  if (other.budget_ == nullptr) return;
+  if (budget_ == nullptr) {
+    *this = std::move(other);
+    return;
+  }
+  bytes_ += other.bytes_;
+  other.budget_ = nullptr;
+}
+
 absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Reserve(int64_t bytes) {
   int64_t reserved = reserved_.load(std::memory_order_relaxed);
   do {
@@ -120,7 +130,7 @@ int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer, int64_t weights
     const DecoderConfig c = ToDecoderConfig(layer);
     const int64_t qkv = c.embed_dim * (c.q_width() + 2 * c.kv_width()), o = c.embed_dim * c.q_width();
     const int64_t biases = kF32 * 2 * (c.q_width() + 2 * c.kv_width() + c.embed_dim);
-    if (layer.compute_dtype() == attnserve::v1::LayerConfig::BFLOAT16) {
+    if (layer.compute_dtype() == attnserve::v1::LayerConfig::BFLOAT16 && !layer.weights_path().empty()) {
       // Loaded straight into bf16: the matrices as loaded, each op's own copy, while loading Wq's part beside
       // the fused QKV rows, and the mapped pages of one tensor (at most its f32 size).
       constexpr int64_t kBf16 = 2;

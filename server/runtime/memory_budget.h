@@ -38,6 +38,8 @@ class MemoryBudget {
     ~Reservation() { Release(); }
     int64_t bytes() const { return budget_ ? bytes_ : 0; }
     void Release();
+    // Holds `other`'s bytes too (both of the same budget), released together; `other` is left empty.
+    void Absorb(Reservation&& other);
 
    private:
     friend class MemoryBudget;

@@ -16,9 +16,10 @@ absl::Status CheckQuery(const InferenceCall& call, const ServedLayer& layer) {
   if (!call.decode_status.ok()) return call.decode_status;
   const TensorView& q = call.inputs.query;
   const int64_t e = layer.appender().embed_dim();
+  // The decode stage took FLOAT32, BFLOAT16 or FLOAT16 only (16-bit ones viewed as FLOAT32 until converted).
   if (q.dtype != DType::kFloat32 || q.shape.size() != 2 || q.shape[1] != e || q.shape[0] < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("query: expected FLOAT32 [T, ", e, "] with T >= 1, got ",
-                                                   DTypeName(q.dtype), " ", ShapeToString(q.shape)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("query: expected [T, ", e, "] with T >= 1, got ", ShapeToString(q.shape)));
   }
   const int64_t limit = layer.config.max_sequence_length();
   if (limit > 0 && q.shape[0] > limit) {
@@ -125,15 +126,18 @@ absl::Status SessionStore::ReserveBlocks(Session& session, Lane& lane, int64_t t
   return reserved;
 }
 
-absl::Status SessionStore::Admit(Session& session, Lane& lane, const InferenceCall& call) {
-  ATTN_RETURN_IF_ERROR(CheckQuery(call, *lane.layer));
-  const int64_t t = call.inputs.query.shape[0];
-  ATTN_RETURN_IF_ERROR(CheckAnswerBytes(call, *lane.layer, lane.cache.tokens() + (lane.cross ? 0 : t)));
+absl::Status SessionStore::Admit(Session& session, Lane& lane, InferenceCall* call) {
+  ATTN_RETURN_IF_ERROR(CheckQuery(*call, *lane.layer));
+  const int64_t t = call->inputs.query.shape[0];
+  ATTN_RETURN_IF_ERROR(CheckAnswerBytes(*call, *lane.layer, lane.cache.tokens() + (lane.cross ? 0 : t)));
+  // Before the blocks: a conversion refused by the budget must not have taken blocks (or evicted sessions).
+  ATTN_RETURN_IF_ERROR(ConvertQuery(call));
   return ReserveBlocks(session, lane, t);
 }
 
-// A 16-bit query's f32 copy, made once its bytes are reserved (a queued append holds them already): the
-// append binds the query's rows before the dispatcher admits it, and a long one is cut into chunks over them.
+// A 16-bit query's f32 copy, made once its bytes are reserved (a queued append holds them already; the
+// dispatcher tops the reservation up to the append's cost): the append binds the query's rows before the
+// dispatcher admits it, and a long one is cut into chunks over them.
 absl::Status SessionStore::ConvertQuery(InferenceCall* call) const {
   if (call->after_admission.empty()) return absl::OkStatus();
   if (options_.memory != nullptr && call->memory.bytes() == 0) {
@@ -148,8 +152,7 @@ absl::Status SessionStore::ConvertQuery(InferenceCall* call) const {
 }
 
 void SessionStore::Start(std::shared_ptr<Session> session, Lane* lane, std::unique_ptr<InferenceCall> call) {
-  absl::Status ready = Admit(*session, *lane, *call);
-  if (ready.ok()) ready = ConvertQuery(call.get());
+  const absl::Status ready = Admit(*session, *lane, call.get());
   ReportPool();
   auto answer = std::move(call->finish);
   if (!ready.ok()) {
@@ -161,9 +164,11 @@ void SessionStore::Start(std::shared_ptr<Session> session, Lane* lane, std::uniq
   BindAppend(lane, session, call.get());
   call->finish = [this, session, lane, answer = std::move(answer), tokens, before,
                   arrival = call->arrival](const absl::Status& status) {
-    if (!status.ok() && !lane->cross) {
-      lane->cache.Truncate(before);  // an append answered with an error leaves the cache as it was
-    } else if (status.ok()) {
+    if (!status.ok()) {
+      // An append answered with an error leaves the cache as it was, the blocks it reserved given back.
+      if (!lane->cross) lane->cache.Truncate(before);
+      lane->cache.ReleaseReserved();
+    } else {
       FreeLeftWindow(lane);
       if (options_.metrics)
         options_.metrics->AppendDone(tokens > 1, absl::ToDoubleSeconds(options_.clock->Now() - arrival), tokens);

@@ -133,7 +133,8 @@ class SessionStore {
   // (No ABSL_EXCLUSIVE_LOCKS_REQUIRED(session.mu): Session is incomplete here, which clang refuses.)
   absl::Status Enqueue(Session& session, Lane& lane, std::unique_ptr<InferenceCall>& call);
   // The checks of an append whose turn it is (query, answer size, limits) and its cache blocks.
-  absl::Status Admit(Session& session, Lane& lane, const InferenceCall& call);
+  // The query's checks, its 16-bit conversion (ConvertQuery), then the cache blocks it will fill.
+  absl::Status Admit(Session& session, Lane& lane, InferenceCall* call);
   // Converts a BFLOAT16 / FLOAT16 query to f32 (RunAfterAdmission), its request_bytes reserved first unless
   // the call holds a reservation already; RESOURCE_EXHAUSTED when the budget cannot hold it.
   absl::Status ConvertQuery(InferenceCall* call) const;

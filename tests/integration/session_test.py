@@ -208,6 +208,17 @@ def case_16bit_queries_and_answers(e):
             got = array(r.output)
             expect(r.position == b and np.abs(got - want).max() <= 1e-6,
                    f"{dtype} append [{a}, {b}): position {r.position}, max diff {np.abs(got - want).max()}")
+    # AppendStream: one session's appends queue behind each other (their copies reserved while they wait).
+    _, values = half_tensor(x[:40], "BFLOAT16")
+    create(e, "half-stream")
+    create(e, "half-stream-f32")
+    reqs = [spb.AppendRequest(session_id="half-stream", layer="g_causal", id=str(i),
+                              query=half_tensor(x[i * 8:(i + 1) * 8], "BFLOAT16")[0]) for i in range(5)]
+    answers = list(e.sess.AppendStream(iter(reqs), timeout=TIMEOUT))
+    want = np.concatenate([append(e, "half-stream-f32", values[i * 8:(i + 1) * 8])[0] for i in range(5)])
+    got = np.concatenate([array(a.output) for a in answers])
+    expect([a.id for a in answers] == [str(i) for i in range(5)] and np.abs(got - want).max() <= 1e-6,
+           f"BFLOAT16 AppendStream: ids {[a.id for a in answers]}, max diff {np.abs(got - want).max()}")
     x1 = rng.standard_normal((3, 32)).astype(np.float32)
     create(e, "half-out")
     create(e, "half-out-f32")

@@ -169,6 +169,22 @@ TEST(KvCachePoolTest, BudgetIsNeverExceededAndARefusedAppendChangesNothing) {
   EXPECT_EQ(pool->Allocate(8 * 100).status().code(), absl::StatusCode::kResourceExhausted);  // larger than all
 }
 
+// An append refused after it reserved its blocks gives them back without touching the rows held.
+TEST(KvCachePoolTest, ReleaseReservedGivesUnusedBlocksBack) {
+  std::mt19937_64 rng(12);
+  auto pool = Pool(5 * 2 * 4 * 8 * 4, 4);
+  KvSequence a(pool.get(), 8);
+  Appended want;
+  ASSERT_TRUE(AppendRandom(rng, 6, &a, &want).ok());  // 2 blocks
+  ASSERT_TRUE(a.Reserve(9).ok());                      // the second's 2 free rows, then 2 more blocks (7 rows)
+  EXPECT_EQ(pool->blocks_in_use(), 4);
+  a.ReleaseReserved();
+  EXPECT_EQ(pool->blocks_in_use(), 2);
+  ExpectHolds(a, want.keys, want.values, "after releasing the reservation");
+  ASSERT_TRUE(AppendRandom(rng, 3, &a, &want).ok());
+  ExpectHolds(a, want.keys, want.values, "appending after it");
+}
+
 TEST(KvCachePoolTest, FreedBlocksAreReusedAndMakeRoomForOtherWidths) {
   std::mt19937_64 rng(11);
   auto pool = Pool(4 * 2 * 16 * 32 * 4, 16);  // 4 blocks of width 32

@@ -34,6 +34,25 @@ TEST(MemoryBudgetTest, ReservesUpToTheBudgetAndReleases) {
   EXPECT_EQ(seen, (std::vector<int64_t>{60, 100, 40, 0}));
 }
 
+// A session append tops up what it holds (its request) to its whole cost: one reservation, released once.
+TEST(MemoryBudgetTest, AbsorbHoldsBothAndReleasesTogether) {
+  MemoryBudget budget(100);
+  MemoryBudget::Reservation held;
+  auto first = budget.Reserve(30);
+  ASSERT_TRUE(first.ok());
+  held.Absorb(std::move(*first));  // into an empty one: taken over
+  EXPECT_EQ(held.bytes(), 30);
+  auto rest = budget.Reserve(50);
+  ASSERT_TRUE(rest.ok());
+  held.Absorb(std::move(*rest));
+  EXPECT_EQ(held.bytes(), 80);
+  EXPECT_EQ(rest->bytes(), 0);
+  held.Absorb(MemoryBudget::Reservation());  // nothing to take
+  EXPECT_EQ(budget.reserved_bytes(), 80);
+  held.Release();
+  EXPECT_EQ(budget.reserved_bytes(), 0);
+}
+
 TEST(MemoryBudgetTest, ManyThreadsNeverExceedTheBudget) {
   MemoryBudget budget(1000);
   std::atomic<int64_t> peak{0};
@@ -110,8 +129,10 @@ TEST(MemoryBudgetTest, LayerFitsOrIsRefusedWithItsNumbers) {
     decoder.mutable_decoder()->set_num_kv_heads(2);
     const int64_t qkv = 1024 * 12 * 128, o = kE2, biases = 12 * 128 + 1024;
     EXPECT_EQ(LayerBuildBytes(decoder, int64_t{1} << 30), 4 * (4 * qkv + 3 * o + 2 * biases));
-    // BF16: read straight into bf16, so about a third of that.
+    // BF16 from a checkpoint: read straight into bf16, so about a third of that. Seeded weights are f32.
     decoder.set_compute_dtype(attnserve::v1::LayerConfig::BFLOAT16);
+    EXPECT_EQ(LayerBuildBytes(decoder, 0), 4 * (4 * qkv + 3 * o + 2 * biases));
+    decoder.set_weights_path("model.safetensors.index.json");
     EXPECT_EQ(LayerBuildBytes(decoder, 0), 2 * (2 * (qkv + o) + o) + 4 * o + 4 * 2 * biases);
   }
   constexpr int64_t kMiB = 1 << 20;

@@ -7,6 +7,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "core/half_float.h"
 #include "gtest/gtest.h"
 #include "server/sessions/prefill_chunks.h"
 #include "server/sessions/session_store.h"
@@ -78,6 +79,29 @@ class SessionStoreTest : public ::testing::Test {
     call->inputs.query = TensorView::F32(sent->query.data(), {tokens, kE});
     InferenceCall* self = call.get();
     call->finish = [sent, self](const absl::Status& s) {
+      sent->status = s;
+      sent->answered = true;
+      if (s.ok()) sent->outputs = std::move(self->outputs);
+    };
+    store_->Append(id, "l", std::move(call));
+    return sent;
+  }
+
+  // Appends `tokens` random rows sent as bfloat16 (converted after admission, as the service decodes them);
+  // sent->query holds the f32 values they carry.
+  std::shared_ptr<Sent> AppendBf16(const std::string& id, int64_t tokens) {
+    auto sent = std::make_shared<Sent>();
+    auto bits = std::make_shared<std::vector<uint16_t>>();
+    for (float v : testing::RandomValues(rng_, tokens * kE)) {
+      bits->push_back(FloatToBFloat16(v));
+      sent->query.push_back(BFloat16ToFloat(bits->back()));
+    }
+    auto call = std::make_unique<InferenceCall>();
+    call->arrival = clock_.Now();
+    call->inputs.query = {DType::kBFloat16, {tokens, kE}, bits->data()};
+    ConvertHalfAfterAdmission(bits->data(), DType::kBFloat16, tokens * kE, &AttentionInputs::query, call.get());
+    InferenceCall* self = call.get();
+    call->finish = [sent, self, bits](const absl::Status& s) {
       sent->status = s;
       sent->answered = true;
       if (s.ok()) sent->outputs = std::move(self->outputs);
@@ -251,6 +275,33 @@ TEST_F(SessionStoreTest, AWaitingAppendHoldsItsRequestInTheMemoryBudget) {
   EXPECT_NE(refused->status.message().find("memory budget"), std::string::npos) << refused->status;
   RunAll();
   EXPECT_TRUE(running->status.ok() && waiting->status.ok());
+  EXPECT_EQ(budget.reserved_bytes(), 0);
+}
+
+// A 16-bit query's f32 copy is reserved before it is made and before the append takes KV blocks: refused by
+// the budget, it takes none; a queued one is converted on the reservation it waited with, not a second one.
+TEST_F(SessionStoreTest, A16BitQueryIsConvertedWithinTheBudgetBeforeItTakesBlocks) {
+  MemoryBudget budget(2000);
+  Build(int64_t{1} << 20, 512, &budget);
+  Open("a");
+  auto too_big = AppendBf16("a", 40);  // 40 x 16 x 4 = 2560 bytes of f32
+  EXPECT_EQ(too_big->status.code(), absl::StatusCode::kResourceExhausted) << too_big->status;
+  EXPECT_NE(too_big->status.message().find("memory budget"), std::string::npos) << too_big->status;
+  EXPECT_EQ(pool_->blocks_in_use(), 0);
+  EXPECT_EQ(store_->Get("a")->layers[0].bytes, 0);
+  EXPECT_EQ(budget.reserved_bytes(), 0);
+
+  auto first = AppendBf16("a", 10);   // 640 bytes, held by the started call
+  auto second = AppendBf16("a", 12);  // waits behind it, holding its 768
+  EXPECT_EQ(budget.reserved_bytes(), 640 + 768);
+  ASSERT_EQ(queue_.size(), 1u);
+  RunOne();                           // the first is answered; the second starts on its own reservation
+  EXPECT_EQ(budget.reserved_bytes(), 768);
+  ASSERT_EQ(queue_.size(), 1u);
+  EXPECT_EQ(queue_.front()->session->append.query[5], second->query[5]);  // bound to the converted rows
+  RunAll();
+  ASSERT_TRUE(first->status.ok() && second->status.ok()) << first->status << second->status;
+  EXPECT_LE(MaxAbsDiff(second->outputs.output.values, Reference({first, second})), 1e-6);
   EXPECT_EQ(budget.reserved_bytes(), 0);
 }
 

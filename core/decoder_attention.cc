@@ -69,13 +69,12 @@ absl::Status DecoderAttention::BuildProjections(DecoderWeights w) {
                           LinearOp::CreateFromBf16(c.q_width(), c.embed_dim, w.o_proj_weight_bf16, w.o_proj_bias, compute_));
     return absl::OkStatus();
   }
-  std::vector<float> fused = std::move(w.q_proj_weight);
-  fused.insert(fused.end(), w.k_proj_weight.begin(), w.k_proj_weight.end());
-  fused.insert(fused.end(), w.v_proj_weight.begin(), w.v_proj_weight.end());
-  std::vector<float>().swap(w.k_proj_weight);
-  std::vector<float>().swap(w.v_proj_weight);
-  ATTN_ASSIGN_OR_RETURN(qkv_proj_, LinearOp::Create(c.embed_dim, width, fused, fused_bias, compute_));
-  std::vector<float>().swap(fused);
+  ATTN_ASSIGN_OR_RETURN(qkv_proj_, LinearOp::CreateStacked(c.embed_dim,
+                                                           {&w.q_proj_weight, &w.k_proj_weight, &w.v_proj_weight},
+                                                           fused_bias, compute_));
+  for (std::vector<float>* part : {&w.q_proj_weight, &w.k_proj_weight, &w.v_proj_weight}) {
+    std::vector<float>().swap(*part);
+  }
   ATTN_ASSIGN_OR_RETURN(o_proj_, LinearOp::Create(c.q_width(), c.embed_dim, w.o_proj_weight, w.o_proj_bias, compute_));
   return absl::OkStatus();
 }

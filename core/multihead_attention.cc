@@ -180,7 +180,7 @@ std::pair<int64_t, int64_t> FlashBlockForCpu() {
 }
 
 absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(const Options& options,
-                                                                              const MhaWeights& weights) {
+                                                                              MhaWeights weights) {
   ATTN_RETURN_IF_ERROR(options.config.Validate());
   ATTN_RETURN_IF_ERROR(weights.CheckShapes(options.config));
   ATTN_RETURN_IF_ERROR(CheckBlockOptions(options));
@@ -192,39 +192,53 @@ absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(c
   layer->compute_ = options.compute == ComputeType::kBFloat16 && OnednnBf16Support() != Bf16Support::kUnavailable
                         ? ComputeType::kBFloat16
                         : ComputeType::kFloat32;
-  ATTN_RETURN_IF_ERROR(layer->BuildPrimitives(weights));
+  ATTN_RETURN_IF_ERROR(layer->BuildPrimitives(std::move(weights)));
   return layer;
 }
 
-absl::Status MultiheadAttention::BuildPrimitives(const MhaWeights& weights) {
+namespace {
+
+// Q, K or V alone: a slice of the fused projection, sharing its weights, where there is one; else an op of its
+// own.
+absl::StatusOr<std::unique_ptr<LinearOp>> SliceOrBuild(const LinearOp* fused, int64_t n_begin, int64_t k, int64_t n,
+                                                       const std::vector<float>& weight,
+                                                       const std::vector<float>& bias, ComputeType compute) {
+  if (fused != nullptr) {
+    absl::StatusOr<std::unique_ptr<LinearOp>> slice = LinearOp::CreateSlice(*fused, n_begin, n, bias);
+    if (!absl::IsUnimplemented(slice.status())) return slice;
+  }
+  return LinearOp::Create(k, n, weight, bias, compute);
+}
+
+}  // namespace
+
+// Self-attention layers hold 4 E^2 weights: the fused Q/K/V op, the Q, K and V ops as slices of it, the output
+// op. Each source matrix is freed once an op holds it, and none is copied on the way.
+absl::Status MultiheadAttention::BuildPrimitives(MhaWeights weights) {
   const MhaConfig& c = options_.config;
   const int64_t e = c.embed_dim;
   // 1/sqrt(Dh) is folded into the Q weights and bias: the scores matmul then needs no scaling pass.
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim()));
-  std::vector<float> wq = weights.q_proj_weight;
-  for (float& w : wq) w *= scale;
+  for (float& w : weights.q_proj_weight) w *= scale;
   std::vector<float> bq, bk, bv;
   if (c.bias) {
+    for (int64_t i = 0; i < e; ++i) weights.in_proj_bias[i] *= scale;
     bq.assign(weights.in_proj_bias.begin(), weights.in_proj_bias.begin() + e);
-    for (float& b : bq) b *= scale;
     bk.assign(weights.in_proj_bias.begin() + e, weights.in_proj_bias.begin() + 2 * e);
     bv.assign(weights.in_proj_bias.begin() + 2 * e, weights.in_proj_bias.end());
   }
   const ComputeType ct = compute_;
-  ATTN_ASSIGN_OR_RETURN(q_proj_, LinearOp::Create(e, e, wq, bq, ct));
-  ATTN_ASSIGN_OR_RETURN(k_proj_, LinearOp::Create(c.key_dim(), e, weights.k_proj_weight, bk, ct));
-  ATTN_ASSIGN_OR_RETURN(v_proj_, LinearOp::Create(c.value_dim(), e, weights.v_proj_weight, bv, ct));
   if (c.same_qkv_dim()) {
-    std::vector<float> w_qkv = wq;
-    w_qkv.insert(w_qkv.end(), weights.k_proj_weight.begin(), weights.k_proj_weight.end());
-    w_qkv.insert(w_qkv.end(), weights.v_proj_weight.begin(), weights.v_proj_weight.end());
-    std::vector<float> b_qkv;
-    if (c.bias) {
-      b_qkv = bq;
-      b_qkv.insert(b_qkv.end(), bk.begin(), bk.end());
-      b_qkv.insert(b_qkv.end(), bv.begin(), bv.end());
-    }
-    ATTN_ASSIGN_OR_RETURN(qkv_proj_, LinearOp::Create(e, 3 * e, w_qkv, b_qkv, ct));
+    ATTN_ASSIGN_OR_RETURN(
+        qkv_proj_, LinearOp::CreateStacked(e, {&weights.q_proj_weight, &weights.k_proj_weight, &weights.v_proj_weight},
+                                           weights.in_proj_bias, ct));
+  }
+  ATTN_ASSIGN_OR_RETURN(q_proj_, SliceOrBuild(qkv_proj_.get(), 0, e, e, weights.q_proj_weight, bq, ct));
+  ATTN_ASSIGN_OR_RETURN(k_proj_, SliceOrBuild(qkv_proj_.get(), e, c.key_dim(), e, weights.k_proj_weight, bk, ct));
+  ATTN_ASSIGN_OR_RETURN(v_proj_,
+                        SliceOrBuild(qkv_proj_.get(), 2 * e, c.value_dim(), e, weights.v_proj_weight, bv, ct));
+  for (std::vector<float>* part : {&weights.q_proj_weight, &weights.k_proj_weight, &weights.v_proj_weight}) {
+    std::vector<float>().swap(*part);
   }
   ATTN_ASSIGN_OR_RETURN(out_proj_, LinearOp::Create(e, e, weights.out_proj_weight, weights.out_proj_bias, ct));
   using Kind = HeadMatmulOp::Kind;
@@ -669,6 +683,14 @@ void MultiheadAttention::AddBlockWeights(const ParsedAttention& p, const Block& 
       }
     }
   }
+}
+
+int64_t MultiheadAttention::weight_bytes() const {
+  int64_t bytes = 0;
+  for (const LinearOp* op : {qkv_proj_.get(), q_proj_.get(), k_proj_.get(), v_proj_.get(), out_proj_.get()}) {
+    if (op != nullptr) bytes += op->owned_weight_bytes();
+  }
+  return bytes;
 }
 
 std::vector<std::string> MultiheadAttention::ImplementationsUsed() const {

@@ -96,9 +96,9 @@ class MultiheadAttention : public AppendEngine {
     ComputeType compute = ComputeType::kFloat32;
   };
 
-  // InvalidArgument for a bad config or weights that do not match it.
-  static absl::StatusOr<std::unique_ptr<MultiheadAttention>> Create(const Options& options,
-                                                                    const MhaWeights& weights);
+  // InvalidArgument for a bad config or weights that do not match it. The weights are taken by value and
+  // freed as the layer's ops take them: move them in to build without a copy.
+  static absl::StatusOr<std::unique_ptr<MultiheadAttention>> Create(const Options& options, MhaWeights weights);
   ~MultiheadAttention();
 
   const MhaConfig& config() const { return options_.config; }
@@ -168,6 +168,9 @@ class MultiheadAttention : public AppendEngine {
     return f32 + int64_t{2} * tokens * 2 * e + scores / 2 + options_.cache_span_bytes / 2 + int64_t{2} * tokens * e;
   }
 
+  // The bytes of projection weights the layer holds: 4 E^2 floats (or bf16 values) for self-attention.
+  int64_t weight_bytes() const;
+
   // impl_info_str() of every oneDNN primitive this layer has built (for every OpenMP team size it ran
   // with), e.g. "gemm:jit".
   std::vector<std::string> ImplementationsUsed() const;
@@ -177,7 +180,7 @@ class MultiheadAttention : public AppendEngine {
   struct Projected;
   struct Block;
   MultiheadAttention(const Options& options) : options_(options), softmax_(options.softmax_cache_capacity) {}
-  absl::Status BuildPrimitives(const MhaWeights& weights);
+  absl::Status BuildPrimitives(MhaWeights weights);
   // The stages of one group (self- or cross-attention members of a batch): projections, attention per
   // request on `threads` OpenMP threads, output projection.
   // A projection error fails the group; Attend's errors (and stops) fail their own member, in *member_status.

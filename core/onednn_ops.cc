@@ -6,6 +6,7 @@
 #include <dnnl.hpp>
 #include <map>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/bf16_rows.h"
 #include "core/omp_threads.h"
@@ -177,10 +178,12 @@ const char* Bf16SupportName(Bf16Support support) {
 // ---------------------------------------------------------------------------------------------- LinearOp
 
 struct LinearOp::Impl {
-  explicit Impl(const dnnl::matmul::desc& desc) : variants(desc) {}
+  Impl(const dnnl::matmul::desc& desc, int64_t k, int64_t n, ComputeType compute)
+      : variants(desc), k(k), n(n), compute(compute) {}
   MatmulVariants variants;
-  dnnl::memory weights_mem;  // in the layout of the first primitive built
+  dnnl::memory weights_mem;  // in the layout of the first primitive built (or a view of another op's)
   dnnl::memory bias_mem;
+  dnnl::memory shared_weights;  // a slice: the whole op's weights, which weights_mem points into
   int64_t k = 0, n = 0;
   ComputeType compute = ComputeType::kFloat32;
 
@@ -204,59 +207,148 @@ struct LinearOp::Impl {
   absl::Mutex weights_mu;
 };
 
+namespace {
+
+// y [M, n] = x [M, k] . W^T (+ bias), M a runtime dimension; weights_md may be tag::any.
+std::unique_ptr<LinearOp::Impl> NewLinearImpl(int64_t k, int64_t n, const dnnl::memory::desc& weights_md,
+                                              const std::vector<float>& bias, ComputeType compute) {
+  const dnnl::memory::desc src_md({kRt, k}, DataType(compute), {kRt, 1});
+  const dnnl::memory::desc bias_md({1, n}, dt::f32, tag::ab);
+  const dnnl::memory::desc dst_md({kRt, n}, dt::f32, {kRt, 1});
+  auto impl = std::make_unique<LinearOp::Impl>(bias.empty() ? dnnl::matmul::desc(src_md, weights_md, dst_md)
+                                                            : dnnl::matmul::desc(src_md, weights_md, bias_md, dst_md),
+                                               k, n, compute);
+  if (!bias.empty()) {
+    impl->bias_mem = dnnl::memory(bias_md, CpuEngine());
+    std::copy(bias.begin(), bias.end(), static_cast<float*>(impl->bias_mem.get_data_handle()));
+  }
+  return impl;
+}
+
+// Whether `md` is W^T [k, n] row-major ({n, 1} strides, no blocks): then any column block of it is a matrix
+// a matmul can read in place.
+bool IsPlainRowMajor(const dnnl::memory::desc& md, int64_t n) {
+  const dnnl_memory_desc_t& d = md.data;
+  return d.format_kind == dnnl_blocked && d.ndims == 2 && d.format_desc.blocking.inner_nblks == 0 &&
+         d.format_desc.blocking.strides[1] == 1 && d.format_desc.blocking.strides[0] == n && d.offset0 == 0;
+}
+
+}  // namespace
+
 LinearOp::LinearOp(std::unique_ptr<Impl> impl) : impl_ptr_(std::move(impl)) {}
 LinearOp::~LinearOp() = default;
 std::vector<std::string> LinearOp::Impls() const { return impl_ptr_->variants.Impls(); }
 ComputeType LinearOp::compute() const { return impl_ptr_->compute; }
+int64_t LinearOp::owned_weight_bytes() const {
+  const Impl& p = *impl_ptr_;
+  return p.shared_weights ? 0 : static_cast<int64_t>(p.weights_mem.get_desc().get_size());
+}
 
 absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Create(int64_t k, int64_t n, const std::vector<float>& weight,
                                                           const std::vector<float>& bias, ComputeType compute) {
-  return Build(k, n, weight.data(), weight.size(), false, bias, compute);
+  if (k <= 0 || n <= 0 || weight.size() != static_cast<size_t>(k * n)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LinearOp: weight must be [", n, ", ", k, "]; got ", weight.size(), " values"));
+  }
+  return Build(k, {{weight.data(), n, false}}, bias, compute);
 }
 
 absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateFromBf16(int64_t k, int64_t n,
                                                                   const std::vector<uint16_t>& weight,
                                                                   const std::vector<float>& bias,
                                                                   ComputeType compute) {
-  return Build(k, n, weight.data(), weight.size(), true, bias, compute);
+  if (k <= 0 || n <= 0 || weight.size() != static_cast<size_t>(k * n)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LinearOp: weight must be [", n, ", ", k, "]; got ", weight.size(), " values"));
+  }
+  return Build(k, {{weight.data(), n, true}}, bias, compute);
 }
 
-absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Build(int64_t k, int64_t n, const void* weight,
-                                                         size_t weight_count, bool weight_bf16,
+absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateStacked(int64_t k,
+                                                                 const std::vector<const std::vector<float>*>& parts,
+                                                                 const std::vector<float>& bias,
+                                                                 ComputeType compute) {
+  std::vector<WeightPart> stacked;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const size_t size = parts[i]->size();
+    if (k <= 0 || size == 0 || size % static_cast<size_t>(k) != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("LinearOp: part ", i, " must be [n_", i, ", ", k, "]; got ", size, " values"));
+    }
+    stacked.push_back({parts[i]->data(), static_cast<int64_t>(size) / k, false});
+  }
+  return Build(k, stacked, bias, compute);
+}
+
+absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Build(int64_t k, const std::vector<WeightPart>& parts,
                                                          const std::vector<float>& bias, ComputeType compute) {
-  if (k <= 0 || n <= 0 || weight_count != static_cast<size_t>(k * n) ||
-      (!bias.empty() && bias.size() != static_cast<size_t>(n))) {
-    return absl::InvalidArgumentError(absl::StrCat("LinearOp: weight must be [", n, ", ", k, "] and bias [", n,
-                                                   "] or empty; got ", weight_count, " and ", bias.size(),
-                                                   " values"));
+  int64_t n = 0;
+  for (const WeightPart& part : parts) n += part.rows;
+  if (k <= 0 || n <= 0 || (!bias.empty() && bias.size() != static_cast<size_t>(n))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LinearOp: bias must be [", n, "] or empty; got ", bias.size(), " values (k = ", k, ")"));
   }
   try {
-    const dnnl::memory::desc src_md({kRt, k}, DataType(compute), {kRt, 1});
-    const dnnl::memory::desc weights_md({k, n}, DataType(compute), tag::any);
-    const dnnl::memory::desc bias_md({1, n}, dt::f32, tag::ab);
-    const dnnl::memory::desc dst_md({kRt, n}, dt::f32, {kRt, 1});
-    auto impl = std::make_unique<Impl>(bias.empty() ? dnnl::matmul::desc(src_md, weights_md, dst_md)
-                                                    : dnnl::matmul::desc(src_md, weights_md, bias_md, dst_md));
-    impl->k = k;
-    impl->n = n;
-    impl->compute = compute;
+    std::unique_ptr<Impl> impl = NewLinearImpl(k, n, dnnl::memory::desc({k, n}, DataType(compute), tag::any), bias,
+                                               compute);
     MatmulVariants::Variant& first = impl->variants.Get();
-
-    // PyTorch's W [n, k] row-major is W^T [k, n] with strides {1, k}: one reorder into the chosen layout.
-    const dnnl::memory::desc torch_md({k, n}, weight_bf16 ? dt::bf16 : dt::f32, {1, k});
-    dnnl::memory torch_mem(torch_md, CpuEngine(), const_cast<void*>(weight));
     impl->weights_mem = dnnl::memory(first.pd.weights_desc(), CpuEngine());
     first.weights = impl->weights_mem;
     ThreadState& ts = ThisThread();
-    dnnl::reorder(torch_mem, impl->weights_mem).execute(ts.stream, torch_mem, impl->weights_mem);
-    if (!bias.empty()) {
-      impl->bias_mem = dnnl::memory(bias_md, CpuEngine());
-      std::copy(bias.begin(), bias.end(), static_cast<float*>(impl->bias_mem.get_data_handle()));
+    std::vector<uint8_t> stacked;  // only for a blocked layout, whose row blocks may not be addressable
+    const bool in_place = parts.size() == 1 || IsPlainRowMajor(impl->weights_mem.get_desc(), n);
+    int64_t row = 0;
+    for (const WeightPart& part : parts) {
+      // PyTorch's W [rows, k] row-major is W^T [k, rows] with strides {1, k}: one reorder into the op's rows.
+      const dnnl::memory::desc torch_md({k, part.rows}, part.bf16 ? dt::bf16 : dt::f32, {1, k});
+      dnnl::memory torch_mem(torch_md, CpuEngine(), const_cast<void*>(part.data));
+      const dnnl::memory::desc rows_md =
+          in_place ? impl->weights_mem.get_desc().submemory_desc({k, part.rows}, {0, row})
+                   : dnnl::memory::desc({k, n}, part.bf16 ? dt::bf16 : dt::f32, {1, k}).submemory_desc(
+                         {k, part.rows}, {0, row});
+      if (!in_place && stacked.empty()) stacked.resize(rows_md.get_size());
+      dnnl::memory rows_mem(rows_md, CpuEngine(), in_place ? impl->weights_mem.get_data_handle() : stacked.data());
+      dnnl::reorder(torch_mem, rows_mem).execute(ts.stream, torch_mem, rows_mem);
+      row += part.rows;
+    }
+    if (!in_place) {
+      dnnl::memory stacked_mem(dnnl::memory::desc({k, n}, parts[0].bf16 ? dt::bf16 : dt::f32, {1, k}), CpuEngine(),
+                               stacked.data());
+      dnnl::reorder(stacked_mem, impl->weights_mem).execute(ts.stream, stacked_mem, impl->weights_mem);
     }
     ts.stream.wait();
     return std::unique_ptr<LinearOp>(new LinearOp(std::move(impl)));
   } catch (const dnnl::error& e) {
     return FromDnnl(e, "linear layer creation");
+  }
+}
+
+absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateSlice(const LinearOp& whole, int64_t n_begin, int64_t n,
+                                                               const std::vector<float>& bias) {
+  const Impl& w = *whole.impl_ptr_;
+  if (n_begin < 0 || n <= 0 || n_begin + n > w.n || (!bias.empty() && bias.size() != static_cast<size_t>(n))) {
+    return absl::InvalidArgumentError(absl::StrCat("LinearOp: slice [", n_begin, ", ", n_begin + n, ") of ", w.n,
+                                                   " outputs with ", bias.size(), " bias values"));
+  }
+  if (!IsPlainRowMajor(w.weights_mem.get_desc(), w.n)) {
+    return absl::UnimplementedError("LinearOp: the whole op's weights are in a blocked layout");
+  }
+  try {
+    // Columns [n_begin, n_begin + n) of W^T [k, N]: row stride N.
+    const dnnl::memory::desc weights_md({w.k, n}, DataType(w.compute), {w.n, 1});
+    std::unique_ptr<Impl> impl = NewLinearImpl(w.k, n, weights_md, bias, w.compute);
+    const size_t element_bytes = w.compute == ComputeType::kBFloat16 ? 2 : 4;
+    char* data = static_cast<char*>(w.weights_mem.get_data_handle());
+    impl->weights_mem = dnnl::memory(weights_md, CpuEngine(), data + n_begin * element_bytes);
+    impl->shared_weights = w.weights_mem;
+    // The first primitive, built now as Build does: a strided layout only oneDNN's reference kernel takes
+    // would cost more than a copy of the weights.
+    if (absl::StartsWith(impl->Get().pd.impl_info_str(), "ref")) {
+      return absl::UnimplementedError("LinearOp: only the reference matmul reads a weights slice");
+    }
+    return std::unique_ptr<LinearOp>(new LinearOp(std::move(impl)));
+  } catch (const dnnl::error& e) {
+    return FromDnnl(e, "linear layer slice");
   }
 }
 

@@ -64,6 +64,19 @@ class LinearOp {
                                                                   const std::vector<uint16_t>& weight,
                                                                   const std::vector<float>& bias,
                                                                   ComputeType compute = ComputeType::kBFloat16);
+  // One op over weight matrices stacked along n (the fused Q/K/V projection): parts[i] [n_i, k] in PyTorch's
+  // layout, each reordered straight into its rows of the op's weights (no stacked copy where the op's layout
+  // is plain, as oneDNN's gemm-based matmul chooses). bias [sum n_i] or empty.
+  static absl::StatusOr<std::unique_ptr<LinearOp>> CreateStacked(int64_t k,
+                                                                 const std::vector<const std::vector<float>*>& parts,
+                                                                 const std::vector<float>& bias,
+                                                                 ComputeType compute = ComputeType::kFloat32);
+  // The op of outputs [n_begin, n_begin + n) of `whole` (Q, K or V of the fused projection), reading whole's
+  // weights in place: no copy; it keeps them alive, so it may outlive `whole`. bias [n] or empty.
+  // Unimplemented when whole's weights are in a blocked layout (no such column block): build the op from its
+  // own weights then.
+  static absl::StatusOr<std::unique_ptr<LinearOp>> CreateSlice(const LinearOp& whole, int64_t n_begin, int64_t n,
+                                                               const std::vector<float>& bias);
   ~LinearOp();
   // x: m rows of k floats, row stride ldx; y: m rows of n floats, row stride ldy. m == 0 is a no-op. A bf16
   // op first converts x into a per-thread buffer (m * k * 2 bytes).
@@ -71,15 +84,23 @@ class LinearOp {
   // The same with x already in bf16 (bf16 ops only: FailedPrecondition otherwise).
   absl::Status ExecuteBf16(const uint16_t* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
   ComputeType compute() const;
+  // The bytes of weights this op holds itself: 0 for a slice, which reads another op's.
+  int64_t owned_weight_bytes() const;
   // impl_info_str() of each primitive built so far (one per OpenMP team size used).
   std::vector<std::string> Impls() const;
 
- private:
   struct Impl;
+
+ private:
   explicit LinearOp(std::unique_ptr<Impl> impl);
-  // Create's body: `weight` holds weight_count values, bf16 bit patterns when weight_bf16, else f32.
-  static absl::StatusOr<std::unique_ptr<LinearOp>> Build(int64_t k, int64_t n, const void* weight,
-                                                         size_t weight_count, bool weight_bf16,
+  // One weight matrix [rows, k] in PyTorch's layout: bf16 bit patterns when bf16, else f32.
+  struct WeightPart {
+    const void* data;
+    int64_t rows;
+    bool bf16;
+  };
+  // The factories' body: the parts stacked along n into the op's weights.
+  static absl::StatusOr<std::unique_ptr<LinearOp>> Build(int64_t k, const std::vector<WeightPart>& parts,
                                                          const std::vector<float>& bias, ComputeType compute);
   absl::Status Run(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
   std::unique_ptr<Impl> impl_ptr_;

@@ -38,7 +38,7 @@ absl::StatusOr<std::unique_ptr<ServedLayer>> LoadLayer(const attnserve::v1::Laye
                                            ? RandomMhaWeights(options.config, lc.seed())
                                            : LoadMhaWeights(lc.weights_path(), lc.weights_prefix(), options.config);
   if (!weights.ok()) return weights.status();
-  auto engine = MultiheadAttention::Create(options, *weights);
+  auto engine = MultiheadAttention::Create(options, std::move(*weights));
   if (!engine.ok()) return engine.status();
   auto layer = std::make_unique<ServedLayer>();
   layer->config = lc;

@@ -142,11 +142,10 @@ int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer, int64_t weights
   }
   const int64_t e = layer.embed_dim(), k = layer.kdim() > 0 ? layer.kdim() : e, v = layer.vdim() > 0 ? layer.vdim() : e;
   const int64_t weights = e * (e + k + v) + e * e + 4 * e;  // floats: in_proj (Q, K, V), out_proj, biases
-  // MultiheadAttention::BuildPrimitives holds, beside the weights as loaded: the scaled Q copy, each
-  // projection's own copy, and for self-attention the fused QKV weights twice (assembled, then built).
-  const int64_t fused_qkv = (k == e && v == e) ? 2 * 3 * e * e : 0;
-  const int64_t building = kF32 * (2 * weights + e * e + fused_qkv);
-  // The mapped pages of the tensors read, at most their f32 size, beside the weights taken from them.
+  // MultiheadAttention::BuildPrimitives holds, beside the weights as loaded, the input projections' own layout
+  // (the fused Q/K/V op, or Q, K and V apart), and frees each matrix as an op takes it: less than reading,
+  // which holds the mapped pages of the tensors read (at most their f32 size) beside the weights taken from them.
+  const int64_t building = kF32 * (weights + e * (e + k + v));
   const int64_t reading = 2 * kF32 * weights;
   return std::max(building, reading);
 }

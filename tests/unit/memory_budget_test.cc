@@ -111,15 +111,16 @@ TEST(MemoryBudgetTest, LayerFitsOrIsRefusedWithItsNumbers) {
   layer.set_num_heads(8);
   constexpr int64_t kE2 = 1024 * 1024;
   const int64_t weights = 4 * kE2 + 4 * 1024;  // floats: Q, K, V, out and the biases
-  // The weights as loaded, each projection's copy, the scaled Q copy, the fused QKV assembled and built.
-  const int64_t self_attention = 4 * (2 * weights + kE2 + 6 * kE2);
+  // The weights as loaded and the mapped pages they were read from; building holds less (the weights and the
+  // fused QKV op: Q, K and V read it in place).
+  const int64_t self_attention = 4 * 2 * weights;
   EXPECT_EQ(LayerBuildBytes(layer, 0), self_attention);
   // The file is mapped: a 1 GiB checkpoint costs the layer's tensors, not its size.
   EXPECT_EQ(LayerBuildBytes(layer, int64_t{1} << 30), self_attention);
   layer.set_kdim(512);  // cross-attention: no fused QKV
   layer.set_vdim(256);
   const int64_t cross_weights = 1024 * (1024 + 512 + 256) + kE2 + 4 * 1024;
-  EXPECT_EQ(LayerBuildBytes(layer, 0), 4 * (2 * cross_weights + kE2));
+  EXPECT_EQ(LayerBuildBytes(layer, 0), 4 * 2 * cross_weights);
   layer.clear_kdim();
   layer.clear_vdim();
   {

@@ -1,0 +1,138 @@
+// LinearOp's stacked and sliced forms, against a float64 reference: the fused Q/K/V projection built from its
+// parts without a stacked copy, and Q, K and V as slices reading its weights in place.
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "core/half_float.h"
+#include "core/multihead_attention.h"
+#include "core/onednn_ops.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/naive_mha.h"
+
+namespace attnserve {
+namespace {
+
+using testing::RandomValues;
+
+std::vector<ComputeType> ComputeTypesHere() {
+  if (OnednnBf16Support() == Bf16Support::kUnavailable) return {ComputeType::kFloat32};
+  return {ComputeType::kFloat32, ComputeType::kBFloat16};
+}
+
+// What the op multiplies: the value itself in f32, its bf16 rounding in bf16.
+double AsComputed(float x, ComputeType compute) {
+  return compute == ComputeType::kBFloat16 ? BFloat16ToFloat(FloatToBFloat16(x)) : x;
+}
+
+// y [m, n] = x [m, k] . W^T + b in float64, W [n, k] rows of `rows` from row `row0`.
+std::vector<double> Reference(const std::vector<float>& x, int64_t m, int64_t k, const std::vector<float>& w,
+                              int64_t row0, int64_t n, const std::vector<float>& bias, ComputeType compute) {
+  std::vector<double> y(static_cast<size_t>(m * n));
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double sum = bias.empty() ? 0.0 : bias[j];
+      for (int64_t t = 0; t < k; ++t) {
+        sum += AsComputed(x[i * k + t], compute) * AsComputed(w[(row0 + j) * k + t], compute);
+      }
+      y[i * n + j] = sum;
+    }
+  }
+  return y;
+}
+
+std::vector<float> Concat(const std::vector<std::vector<float>>& parts) {
+  std::vector<float> all;
+  for (const auto& p : parts) all.insert(all.end(), p.begin(), p.end());
+  return all;
+}
+
+std::vector<float> Apply(const LinearOp& op, const std::vector<float>& x, int64_t m, int64_t k, int64_t n) {
+  std::vector<float> y(static_cast<size_t>(m * n), -7.0f);
+  const absl::Status status = op.Execute(x.data(), m, k, y.data(), n);
+  EXPECT_TRUE(status.ok()) << status;
+  return y;
+}
+
+// Parts of unequal heights, some not a multiple of any kernel block, stacked into one op.
+TEST(LinearOpTest, StackedPartsEqualTheStackedMatrix) {
+  std::mt19937_64 rng(11);
+  const int64_t k = 40, m = 9;
+  const std::vector<int64_t> heights = {24, 7, 40};
+  std::vector<std::vector<float>> parts;
+  for (int64_t h : heights) parts.push_back(RandomValues(rng, h * k));
+  const std::vector<float> all = Concat(parts), bias = RandomValues(rng, 71), x = RandomValues(rng, m * k);
+  for (ComputeType compute : ComputeTypesHere()) {
+    auto op = LinearOp::CreateStacked(k, {&parts[0], &parts[1], &parts[2]}, bias, compute);
+    ASSERT_TRUE(op.ok()) << op.status();
+    EXPECT_LE(testing::MaxAbsDiff(Apply(**op, x, m, k, 71), Reference(x, m, k, all, 0, 71, bias, compute)), 1e-4);
+    EXPECT_EQ((*op)->owned_weight_bytes(), 71 * k * (compute == ComputeType::kBFloat16 ? 2 : 4));
+  }
+}
+
+// Each slice equals its part's own op; it holds no weights of its own and works after the whole op is gone.
+TEST(LinearOpTest, SlicesReadTheWholeOpsWeightsInPlace) {
+  std::mt19937_64 rng(12);
+  const int64_t k = 48, n = 32, m = 5;
+  std::vector<std::vector<float>> parts = {RandomValues(rng, n * k), RandomValues(rng, n * k), RandomValues(rng, n * k)};
+  const std::vector<float> all = Concat(parts), bias = RandomValues(rng, 3 * n), x = RandomValues(rng, m * k);
+  for (ComputeType compute : ComputeTypesHere()) {
+    auto whole = LinearOp::CreateStacked(k, {&parts[0], &parts[1], &parts[2]}, bias, compute);
+    ASSERT_TRUE(whole.ok()) << whole.status();
+    std::vector<std::unique_ptr<LinearOp>> slices;
+    for (int64_t i = 0; i < 3; ++i) {
+      const std::vector<float> part_bias(bias.begin() + i * n, bias.begin() + (i + 1) * n);
+      auto slice = LinearOp::CreateSlice(**whole, i * n, n, part_bias);
+      ASSERT_TRUE(slice.ok()) << slice.status();
+      EXPECT_EQ((*slice)->owned_weight_bytes(), 0);
+      slices.push_back(std::move(*slice));
+    }
+    whole->reset();  // the slices keep the weights alive (ASan checks the reads)
+    for (int64_t i = 0; i < 3; ++i) {
+      const std::vector<float> part_bias(bias.begin() + i * n, bias.begin() + (i + 1) * n);
+      EXPECT_LE(testing::MaxAbsDiff(Apply(*slices[i], x, m, k, n), Reference(x, m, k, all, i * n, n, part_bias, compute)),
+                1e-4)
+          << "slice " << i << " " << ComputeTypeName(compute);
+      EXPECT_THAT(slices[i]->Impls(), ::testing::Each(::testing::Not(::testing::StartsWith("ref"))));
+    }
+  }
+}
+
+TEST(LinearOpTest, BadShapesAreRefusedWithTheirSizes) {
+  std::mt19937_64 rng(13);
+  const std::vector<float> a = RandomValues(rng, 8 * 4), b = RandomValues(rng, 10);
+  auto ragged = LinearOp::CreateStacked(4, {&a, &b}, {});
+  ASSERT_FALSE(ragged.ok());
+  EXPECT_THAT(std::string(ragged.status().message()), ::testing::HasSubstr("part 1 must be [n_1, 4]; got 10"));
+  auto whole = LinearOp::CreateStacked(4, {&a}, {});
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  for (auto [begin, n] : {std::pair<int64_t, int64_t>{-1, 2}, {0, 0}, {6, 3}}) {
+    auto slice = LinearOp::CreateSlice(**whole, begin, n, {});
+    EXPECT_EQ(slice.status().code(), absl::StatusCode::kInvalidArgument) << begin << " " << n;
+  }
+  auto bias_mismatch = LinearOp::CreateSlice(**whole, 0, 4, std::vector<float>(3, 1.0f));
+  EXPECT_THAT(std::string(bias_mismatch.status().message()), ::testing::HasSubstr("3 bias values"));
+}
+
+// A self-attention layer holds its fused Q/K/V weights once (Q, K and V alone are slices of it) and the output
+// projection: 4 E^2; a cross-attention layer with other key/value widths holds each projection apart.
+TEST(LinearOpTest, LayersHoldEachWeightOnce) {
+  std::mt19937_64 rng(14);
+  for (ComputeType compute : ComputeTypesHere()) {
+    const int64_t bytes = compute == ComputeType::kBFloat16 ? 2 : 4;
+    MultiheadAttention::Options options;
+    options.compute = compute;
+    options.config = MhaConfig{64, 4, 0, 0, true};
+    auto self = MultiheadAttention::Create(options, testing::RandomTestWeights(options.config, rng));
+    ASSERT_TRUE(self.ok()) << self.status();
+    EXPECT_EQ((*self)->weight_bytes(), 4 * 64 * 64 * bytes);
+    options.config = MhaConfig{64, 4, 20, 28, true};
+    auto cross = MultiheadAttention::Create(options, testing::RandomTestWeights(options.config, rng));
+    ASSERT_TRUE(cross.ok()) << cross.status();
+    EXPECT_EQ((*cross)->weight_bytes(), (64 * (64 + 20 + 28) + 64 * 64) * bytes);
+  }
+}
+
+}  // namespace
+}  // namespace attnserve

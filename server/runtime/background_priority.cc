@@ -8,25 +8,77 @@
 #include <new>
 #include <thread>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 
 namespace attnserve {
 
-absl::Status RunAtBackgroundPriority(const std::function<absl::Status()>& work) {
-  absl::Status result;
-  std::thread runner([&] {
-    // Per thread on Linux; raising one's own nice needs no privilege (never lowered back: the thread ends).
+namespace {
+
+absl::Status RunCatching(const std::function<absl::Status()>& work) {
+  try {  // an exception on this thread would end the process: a failed load must change nothing
+    return work();
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("out of memory while building the layer");
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("building the layer failed: ", e.what()));
+  }
+}
+
+// The one background thread, started on first use and kept for the process's life (never joined: it waits for
+// work and holds nothing). Work items run one at a time, in the order their callers got the turn.
+class BackgroundThread {
+ public:
+  static BackgroundThread& Get() {
+    static BackgroundThread* const thread = new BackgroundThread();
+    return *thread;
+  }
+
+  absl::Status Run(const std::function<absl::Status()>& work) {
+    absl::MutexLock turn(&turn_mu_);
+    Job job;
+    job.work = &work;
+    absl::MutexLock lock(&mu_);
+    job_ = &job;
+    mu_.Await(absl::Condition(&job.done));
+    return job.result;
+  }
+
+ private:
+  struct Job {
+    const std::function<absl::Status()>* work = nullptr;
+    absl::Status result;
+    bool done = false;
+  };
+
+  BackgroundThread() { std::thread([this] { Loop(); }).detach(); }
+
+  void Loop() {
+    // Per thread on Linux; raising one's own nice needs no privilege.
     (void)setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 19);
-    try {  // an exception on this thread would end the process: a failed load must change nothing
-      result = work();
-    } catch (const std::bad_alloc&) {
-      result = absl::ResourceExhaustedError("out of memory while building the layer");
-    } catch (const std::exception& e) {
-      result = absl::InternalError(absl::StrCat("building the layer failed: ", e.what()));
+    for (;;) {
+      mu_.LockWhen(absl::Condition(this, &BackgroundThread::HasJob));
+      Job* job = job_;
+      mu_.Unlock();
+      absl::Status result = RunCatching(*job->work);
+      absl::MutexLock lock(&mu_);
+      job->result = std::move(result);
+      job->done = true;
+      job_ = nullptr;
     }
-  });
-  runner.join();
-  return result;
+  }
+  bool HasJob() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return job_ != nullptr; }
+
+  absl::Mutex turn_mu_;  // held by the caller whose work is handed over or running
+  absl::Mutex mu_;
+  Job* job_ ABSL_GUARDED_BY(mu_) = nullptr;
+};
+
+}  // namespace
+
+absl::Status RunAtBackgroundPriority(const std::function<absl::Status()>& work) {
+  return BackgroundThread::Get().Run(work);
 }
 
 }  // namespace attnserve

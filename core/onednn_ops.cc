@@ -1,6 +1,7 @@
 #include "core/onednn_ops.h"
 
 #include <algorithm>
+#include <cstring>
 #include <omp.h>
 
 #include <dnnl.hpp>
@@ -268,9 +269,10 @@ absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateStacked(int64_t k,
                                                                  const std::vector<const std::vector<float>*>& parts,
                                                                  const std::vector<float>& bias,
                                                                  ComputeType compute) {
+  if (parts.empty()) return absl::InvalidArgumentError("LinearOp: no weight matrices to stack");
   std::vector<WeightPart> stacked;
   for (size_t i = 0; i < parts.size(); ++i) {
-    const size_t size = parts[i]->size();
+    const size_t size = parts[i] == nullptr ? 0 : parts[i]->size();
     if (k <= 0 || size == 0 || size % static_cast<size_t>(k) != 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("LinearOp: part ", i, " must be [n_", i, ", ", k, "]; got ", size, " values"));
@@ -280,10 +282,55 @@ absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateStacked(int64_t k,
   return Build(k, stacked, bias, compute);
 }
 
+namespace {
+
+// Reorders parts (PyTorch's W [rows, k] row-major, all of one type `src_type`), stacked along n, into
+// `weights`: each straight into its columns of W^T where the layout is plain, else through one stacked copy
+// (a blocked layout's column blocks may not be addressable).
+void ReorderStackedParts(const std::vector<std::pair<const void*, int64_t>>& parts, int64_t k, int64_t n,
+                         dt src_type, dnnl::memory& weights, dnnl::stream& stream) {
+  const size_t element_bytes = src_type == dt::bf16 ? 2 : 4;
+  // W [n, k] row-major is W^T [k, n] with strides {1, k}; part i is its rows [row, row + rows).
+  const dnnl::memory::desc torch_md({k, n}, src_type, {1, k});
+  if (parts.size() == 1) {
+    dnnl::memory torch_mem(torch_md, CpuEngine(), const_cast<void*>(parts[0].first));
+    dnnl::reorder(torch_mem, weights).execute(stream, torch_mem, weights);
+    return;
+  }
+  if (IsPlainRowMajor(weights.get_desc(), n)) {
+    int64_t row = 0;
+    for (const auto& [data, rows] : parts) {
+      dnnl::memory part_mem(dnnl::memory::desc({k, rows}, src_type, {1, k}), CpuEngine(), const_cast<void*>(data));
+      dnnl::memory columns(weights.get_desc().submemory_desc({k, rows}, {0, row}), CpuEngine(),
+                           weights.get_data_handle());
+      dnnl::reorder(part_mem, columns).execute(stream, part_mem, columns);
+      row += rows;
+    }
+    return;
+  }
+  std::vector<uint8_t> stacked(static_cast<size_t>(k * n) * element_bytes);
+  size_t offset = 0;
+  for (const auto& [data, rows] : parts) {
+    const size_t bytes = static_cast<size_t>(rows * k) * element_bytes;
+    std::memcpy(stacked.data() + offset, data, bytes);
+    offset += bytes;
+  }
+  dnnl::memory stacked_mem(torch_md, CpuEngine(), stacked.data());
+  dnnl::reorder(stacked_mem, weights).execute(stream, stacked_mem, weights);
+  stream.wait();  // before `stacked` goes
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Build(int64_t k, const std::vector<WeightPart>& parts,
                                                          const std::vector<float>& bias, ComputeType compute) {
   int64_t n = 0;
-  for (const WeightPart& part : parts) n += part.rows;
+  std::vector<std::pair<const void*, int64_t>> sources;
+  for (const WeightPart& part : parts) {
+    if (part.bf16 != parts[0].bf16) return absl::InvalidArgumentError("LinearOp: parts of mixed types");
+    n += part.rows;
+    sources.emplace_back(part.data, part.rows);
+  }
   if (k <= 0 || n <= 0 || (!bias.empty() && bias.size() != static_cast<size_t>(n))) {
     return absl::InvalidArgumentError(
         absl::StrCat("LinearOp: bias must be [", n, "] or empty; got ", bias.size(), " values (k = ", k, ")"));
@@ -295,27 +342,7 @@ absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Build(int64_t k, const std::
     impl->weights_mem = dnnl::memory(first.pd.weights_desc(), CpuEngine());
     first.weights = impl->weights_mem;
     ThreadState& ts = ThisThread();
-    std::vector<uint8_t> stacked;  // only for a blocked layout, whose row blocks may not be addressable
-    const bool in_place = parts.size() == 1 || IsPlainRowMajor(impl->weights_mem.get_desc(), n);
-    int64_t row = 0;
-    for (const WeightPart& part : parts) {
-      // PyTorch's W [rows, k] row-major is W^T [k, rows] with strides {1, k}: one reorder into the op's rows.
-      const dnnl::memory::desc torch_md({k, part.rows}, part.bf16 ? dt::bf16 : dt::f32, {1, k});
-      dnnl::memory torch_mem(torch_md, CpuEngine(), const_cast<void*>(part.data));
-      const dnnl::memory::desc rows_md =
-          in_place ? impl->weights_mem.get_desc().submemory_desc({k, part.rows}, {0, row})
-                   : dnnl::memory::desc({k, n}, part.bf16 ? dt::bf16 : dt::f32, {1, k}).submemory_desc(
-                         {k, part.rows}, {0, row});
-      if (!in_place && stacked.empty()) stacked.resize(rows_md.get_size());
-      dnnl::memory rows_mem(rows_md, CpuEngine(), in_place ? impl->weights_mem.get_data_handle() : stacked.data());
-      dnnl::reorder(torch_mem, rows_mem).execute(ts.stream, torch_mem, rows_mem);
-      row += part.rows;
-    }
-    if (!in_place) {
-      dnnl::memory stacked_mem(dnnl::memory::desc({k, n}, parts[0].bf16 ? dt::bf16 : dt::f32, {1, k}), CpuEngine(),
-                               stacked.data());
-      dnnl::reorder(stacked_mem, impl->weights_mem).execute(ts.stream, stacked_mem, impl->weights_mem);
-    }
+    ReorderStackedParts(sources, k, n, parts[0].bf16 ? dt::bf16 : dt::f32, impl->weights_mem, ts.stream);
     ts.stream.wait();
     return std::unique_ptr<LinearOp>(new LinearOp(std::move(impl)));
   } catch (const dnnl::error& e) {
@@ -340,7 +367,7 @@ absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateSlice(const LinearOp& 
     const size_t element_bytes = w.compute == ComputeType::kBFloat16 ? 2 : 4;
     char* data = static_cast<char*>(w.weights_mem.get_data_handle());
     impl->weights_mem = dnnl::memory(weights_md, CpuEngine(), data + n_begin * element_bytes);
-    impl->shared_weights = w.weights_mem;
+    impl->shared_weights = w.shared_weights ? w.shared_weights : w.weights_mem;  // the owner, for a slice's slice
     // The first primitive, built now as Build does: a strided layout only oneDNN's reference kernel takes
     // would cost more than a copy of the weights.
     if (absl::StartsWith(impl->Get().pd.impl_info_str(), "ref")) {

@@ -36,6 +36,7 @@ class BackgroundThread {
   }
 
   absl::Status Run(const std::function<absl::Status()>& work) {
+    if (on_background_thread) return RunCatching(work);  // nested: handing it over would wait on itself
     absl::MutexLock turn(&turn_mu_);
     Job job;
     job.work = &work;
@@ -57,6 +58,7 @@ class BackgroundThread {
   void Loop() {
     // Per thread on Linux; raising one's own nice needs no privilege.
     (void)setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 19);
+    on_background_thread = true;
     for (;;) {
       mu_.LockWhen(absl::Condition(this, &BackgroundThread::HasJob));
       Job* job = job_;
@@ -68,12 +70,15 @@ class BackgroundThread {
       job_ = nullptr;
     }
   }
+  static thread_local bool on_background_thread;
   bool HasJob() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return job_ != nullptr; }
 
   absl::Mutex turn_mu_;  // held by the caller whose work is handed over or running
   absl::Mutex mu_;
   Job* job_ ABSL_GUARDED_BY(mu_) = nullptr;
 };
+
+thread_local bool BackgroundThread::on_background_thread = false;
 
 }  // namespace
 

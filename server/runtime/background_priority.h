@@ -6,7 +6,8 @@
 // process takes) and a new team each time (BENCHMARKS.md, issue #10). The caller waits for the result; an
 // exception thrown by `work` becomes its status (RESOURCE_EXHAUSTED for bad_alloc, INTERNAL otherwise).
 //
-// Thread-safety: any thread may call it; calls run one at a time, each caller waiting its turn.
+// Thread-safety: any thread may call it; calls run one at a time, each caller waiting its turn (one slow
+// build holds up the loads behind it). Work that calls it again runs the inner work inline.
 #pragma once
 
 #include <functional>

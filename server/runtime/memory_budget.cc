@@ -136,14 +136,16 @@ int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer, int64_t weights
       constexpr int64_t kBf16 = 2;
       return kBf16 * (2 * (qkv + o) + o) + kF32 * o + biases;
     }
-    // DecoderAttention::Create holds the weights as loaded, the fused QKV copy and each op's own layout, and
-    // the mapped pages of the tensors read (at most their f32 size).
+    // DecoderAttention::Create holds the weights as loaded and each op's own layout, and the mapped pages of
+    // the tensors read (at most their f32 size); one fused QKV copy more is counted, as a margin.
     return kF32 * (4 * qkv + 3 * o) + biases;
   }
   const int64_t e = layer.embed_dim(), k = layer.kdim() > 0 ? layer.kdim() : e, v = layer.vdim() > 0 ? layer.vdim() : e;
   const int64_t weights = e * (e + k + v) + e * e + 4 * e;  // floats: in_proj (Q, K, V), out_proj, biases
   // MultiheadAttention::BuildPrimitives holds, beside the weights as loaded, the input projections' own layout
-  // (the fused Q/K/V op, or Q, K and V apart), and frees each matrix as an op takes it: less than reading,
+  // (the fused Q/K/V op, or Q, K and V apart), and frees each matrix as an op takes it: less than reading
+  // (this assumes the plain weights layout oneDNN 2.6's runtime-M matmuls take; a blocked one would add a
+  // stacked copy and Q, K and V ops of their own, 6 E^2 more),
   // which holds the mapped pages of the tensors read (at most their f32 size) beside the weights taken from them.
   const int64_t building = kF32 * (weights + e * (e + k + v));
   const int64_t reading = 2 * kF32 * weights;

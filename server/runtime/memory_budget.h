@@ -96,7 +96,7 @@ int64_t DefaultMemoryBudgetBytes(std::string* source);
 int64_t ResidentBytes();
 
 // What building a layer of `layer` (defaults applied) holds at its peak: the weights as loaded and the engine's
-// copies of them while it builds (about 7 E^2 floats for self-attention), or the mapped pages of the tensors
+// copies of them while it builds (8 E^2 floats for self-attention), or the mapped pages of the tensors
 // read beside the weights taken from them, whichever is more. The weights file is mapped, not read, so its
 // size (`weights_file_bytes`) does not count: a layer of a multi-GiB checkpoint costs its own tensors.
 int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer, int64_t weights_file_bytes);

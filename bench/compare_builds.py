@@ -3,7 +3,7 @@
 benchmark of `make bench` and two serving points, alternating the builds within each round so both see the
 same machine state, medians over rounds.
 
-    /usr/bin/python3 bench/compare_builds.py --old OLD_BUILD --new build [--rounds 3] [--duration 5]
+    /usr/bin/python3 bench/compare_builds.py --old OLD_BUILD --new build [--rounds 3] [--duration 5] [--serving-only]
 
 A build directory holds bench/attnserve_core_bench and server/attnserve. The load generator is the new
 build's tools/attnbench for both, so only the server differs. Serving points: concurrency 1, E=256 H=4 B=1
@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--new", required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per serving point")
+    ap.add_argument("--serving-only", action="store_true", help="skip the engine benchmark (a server-only change)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="attnserve_compare_")
     samples = {"old": {}, "new": {}}
@@ -61,7 +62,9 @@ def main():
         order = ["old", "new"] if r % 2 == 0 else ["new", "old"]
         for which in order:
             build = getattr(args, which)
-            for k, v in {**engine(build), **serving(build, args.new, tmp, args.duration)}.items():
+            measured = {} if args.serving_only else engine(build)
+            measured.update(serving(build, args.new, tmp, args.duration))
+            for k, v in measured.items():
                 samples[which].setdefault(k, []).append(v)
             print(f"round {r + 1}/{args.rounds}: {which} done", file=sys.stderr)
     print("| measure | old | new | new / old |")

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <initializer_list>
 #include <thread>
 #include <vector>
 
@@ -300,9 +301,12 @@ absl::Status Server::Start() {
   if (!reflection) builder.SetOption(std::make_unique<WithoutReflection>());
   builder.AddListeningPort(config_.grpc_address(), credentials, &p.grpc_port);
   ConfigureTransport(&builder);
-  builder.RegisterService(p.service.get());
-  builder.RegisterService(p.kserve.get());
-  builder.RegisterService(p.session_service.get());
+  for (grpc::Service* service : std::initializer_list<grpc::Service*>{p.service.get(), p.kserve.get(),
+                                                                     p.session_service.get()}) {
+    // A method left synchronous (its service's base composed by hand) would start gRPC's sync thread pool.
+    if (service->has_synchronous_methods()) return absl::InternalError("a gRPC service has a synchronous method");
+    builder.RegisterService(service);
+  }
   builder.experimental().SetInterceptorCreators(Interceptors(p.authorizer.get()));
   p.grpc_server = builder.BuildAndStart();
   if (p.grpc_server == nullptr || p.grpc_port == 0) {

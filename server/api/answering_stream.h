@@ -2,7 +2,9 @@
 // Inference Protocol's ModelStreamInfer): each request read is submitted like a unary one; answers are
 // written back in the order they complete (the client matches them by id), one write in flight at a time.
 // The stream finishes once the client has closed its side and every request read has been answered and
-// written. A failed request is answered in its own response (WriteError), and the stream goes on.
+// written. A failed request is answered in its own response (WriteError), and the stream goes on. The stream
+// reads and writes bytes (its method is marked raw) and parses them here (wire_message.h): a message that is
+// not a Request ends the stream INVALID_ARGUMENT, once every request read before it has been answered.
 //
 // Flow control: at most `max_inflight` requests are read and not yet written back. At that many the stream
 // stops reading until a write completes, so HTTP/2 flow control holds the client back, and a client that
@@ -21,6 +23,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "server/api/wire_message.h"
 #include "server/runtime/memory_budget.h"
 
 namespace attnserve {
@@ -30,7 +33,7 @@ namespace attnserve {
 using OnAnswer = std::function<void(const grpc::Status&, MemoryBudget::Reservation)>;
 
 template <typename Request, typename Response>
-class AnsweringStream final : public grpc::ServerBidiReactor<Request, Response> {
+class AnsweringStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   // Submits one request read from the stream (it lives until answered); `on_answer` is called exactly once.
   using Submit = std::function<void(const Request& request, Response* response, OnAnswer on_answer)>;
@@ -50,8 +53,13 @@ class AnsweringStream final : public grpc::ServerBidiReactor<Request, Response> 
       return;
     }
     auto item = std::make_shared<Item>();
-    item->request = std::move(incoming_);
-    incoming_.Clear();
+    if (grpc::Status unparsed = ParseWire(&incoming_, &item->request); !unparsed.ok()) {
+      absl::MutexLock lock(&mu_);
+      reads_done_ = true;  // the client's messages can no longer be trusted to be requests
+      ending_ = unparsed;
+      MaybeFinishLocked();
+      return;
+    }
     {
       absl::MutexLock lock(&mu_);
       ++pending_;
@@ -76,7 +84,7 @@ class AnsweringStream final : public grpc::ServerBidiReactor<Request, Response> 
       this->StartRead(&incoming_);
     }
     if (!writes_.empty()) {
-      this->StartWrite(&writes_.front()->response);
+      this->StartWrite(&writes_.front()->wire);
     } else {
       MaybeFinishLocked();
     }
@@ -88,19 +96,25 @@ class AnsweringStream final : public grpc::ServerBidiReactor<Request, Response> 
   struct Item {
     Request request;
     Response response;
+    grpc::ByteBuffer wire;  // the response serialized, what is written
     MemoryBudget::Reservation memory;
   };
 
   void Answered(const std::shared_ptr<Item>& item, const grpc::Status& status) {
-    if (!status.ok()) {
+    grpc::Status failed = status;
+    if (failed.ok()) failed = SerializeWire(item->response, &item->wire);
+    if (!failed.ok()) {
       item->response.Clear();
-      write_error_(item->request, status, &item->response);
+      write_error_(item->request, failed, &item->response);
+      SerializeWire(item->response, &item->wire).IgnoreError();  // an error response: a few bytes
     }
-    Request().Swap(&item->request);  // answered: its tensors need not wait for the write (and its memory)
+    // Answered and serialized: its tensors need not wait for the write (nor their memory).
+    Request().Swap(&item->request);
+    Response().Swap(&item->response);
     absl::MutexLock lock(&mu_);
     --pending_;
     writes_.push_back(item);
-    if (writes_.size() == 1) this->StartWrite(&writes_.front()->response);
+    if (writes_.size() == 1) this->StartWrite(&writes_.front()->wire);
   }
 
   // Read and not yet written back: computing, or waiting to be written.
@@ -111,7 +125,7 @@ class AnsweringStream final : public grpc::ServerBidiReactor<Request, Response> 
   void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (reads_done_ && pending_ == 0 && writes_.empty() && !finished_) {
       finished_ = true;
-      this->Finish(ctx_->IsCancelled() ? grpc::Status::CANCELLED : grpc::Status::OK);
+      this->Finish(ctx_->IsCancelled() ? grpc::Status::CANCELLED : ending_);
     }
   }
 
@@ -119,35 +133,21 @@ class AnsweringStream final : public grpc::ServerBidiReactor<Request, Response> 
   const int64_t max_inflight_;
   const Submit submit_;
   const WriteError write_error_;
-  Request incoming_;  // only touched by the read chain, one read at a time
+  grpc::ByteBuffer incoming_;  // only touched by the read chain, one read at a time
   absl::Mutex mu_;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool read_paused_ ABSL_GUARDED_BY(mu_) = false;  // no read started: max_inflight_ reached
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status ending_ ABSL_GUARDED_BY(mu_);  // the stream's status once all is answered: OK unless a read failed
   int64_t pending_ ABSL_GUARDED_BY(mu_) = 0;                       // submitted, not yet answered
   std::deque<std::shared_ptr<Item>> writes_ ABSL_GUARDED_BY(mu_);  // front is being written
 };
 
 // A stream refused before its first read (no token, or one without the scope).
-template <typename Request, typename Response>
-class RefusedStream final : public grpc::ServerBidiReactor<Request, Response> {
+class RefusedStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   explicit RefusedStream(const grpc::Status& status) { this->Finish(status); }
   void OnDone() override { delete this; }
-};
-
-// A unary call's reactor: it keeps the call's share of the memory budget until gRPC is done with the call
-// (its response sent), not just until the response was filled.
-class AnsweringUnaryReactor final : public grpc::ServerUnaryReactor {
- public:
-  void Answer(const grpc::Status& status, MemoryBudget::Reservation memory) {
-    memory_ = std::move(memory);
-    Finish(status);
-  }
-  void OnDone() override { delete this; }
-
- private:
-  MemoryBudget::Reservation memory_;
 };
 
 // A unary reactor already finished with `status`.

@@ -7,6 +7,7 @@
 #include "server/api/call_binding.h"
 #include "server/api/call_trace.h"
 #include "server/api/infer_request.h"
+#include "server/api/parsed_unary.h"
 
 namespace attnserve {
 namespace {
@@ -39,22 +40,21 @@ void AttentionServiceImpl::Submit(grpc::CallbackServerContext* ctx, const char* 
   dispatcher_->Submit(std::move(call));
 }
 
-grpc::ServerUnaryReactor* AttentionServiceImpl::Infer(grpc::CallbackServerContext* ctx, const InferRequest* request,
-                                                      InferResponse* response) {
+grpc::ServerUnaryReactor* AttentionServiceImpl::Infer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
+                                                      grpc::ByteBuffer* response) {
   const TraceContext trace = StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
-  auto* reactor = new AnsweringUnaryReactor();
-  Submit(ctx, "Infer", trace, *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
-    reactor->Answer(status, std::move(memory));
-  });
-  return reactor;
+  return ParseAndSubmit<InferRequest, InferResponse>(
+      ctx, request, response, [&](const InferRequest& parsed, InferResponse* answer, OnAnswer on_answer) {
+        Submit(ctx, "Infer", trace, parsed, answer, std::move(on_answer));
+      });
 }
 
-grpc::ServerBidiReactor<InferRequest, InferResponse>* AttentionServiceImpl::InferStream(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionServiceImpl::InferStream(
     grpc::CallbackServerContext* ctx) {
   const TraceContext trace = StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) {
-    return new RefusedStream<InferRequest, InferResponse>(denied);
+    return new RefusedStream(denied);
   }
   auto submit = [this, ctx, trace](const InferRequest& request, InferResponse* response, OnAnswer on_answer) {
     Submit(ctx, "InferStream", trace, request, response, std::move(on_answer));

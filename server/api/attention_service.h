@@ -22,7 +22,15 @@
 
 namespace attnserve {
 
-class AttentionServiceImpl final : public attnserve::v1::AttentionService::CallbackService {
+// gRPC's CallbackService with Infer and InferStream raw: their requests are parsed here (parsed_unary.h,
+// answering_stream.h), so that bytes that are not an InferRequest get INVALID_ARGUMENT. Every method is a
+// callback method (a synchronous one would need gRPC's thread pool).
+using AttentionServiceBase = attnserve::v1::AttentionService::WithRawCallbackMethod_Infer<
+    attnserve::v1::AttentionService::WithRawCallbackMethod_InferStream<
+        attnserve::v1::AttentionService::WithCallbackMethod_ListLayers<
+            attnserve::v1::AttentionService::WithCallbackMethod_GetLayer<attnserve::v1::AttentionService::Service>>>>;
+
+class AttentionServiceImpl final : public AttentionServiceBase {
  public:
   // None owned; all must outlive the service. `max_inflight_per_stream` >= 1: requests an InferStream
   // holds read and not yet written back (see AnsweringStream). Every RPC needs the infer scope of
@@ -35,10 +43,9 @@ class AttentionServiceImpl final : public attnserve::v1::AttentionService::Callb
         max_inflight_per_stream_(std::max<int64_t>(1, max_inflight_per_stream)),
         authorizer_(authorizer) {}
 
-  grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const attnserve::v1::InferRequest* request,
-                                  attnserve::v1::InferResponse* response) override;
-  grpc::ServerBidiReactor<attnserve::v1::InferRequest, attnserve::v1::InferResponse>* InferStream(
-      grpc::CallbackServerContext* ctx) override;
+  grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
+                                  grpc::ByteBuffer* response) override;
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* InferStream(grpc::CallbackServerContext* ctx) override;
   grpc::ServerUnaryReactor* ListLayers(grpc::CallbackServerContext* ctx,
                                        const attnserve::v1::ListLayersRequest* request,
                                        attnserve::v1::ListLayersResponse* response) override;

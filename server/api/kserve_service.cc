@@ -22,6 +22,7 @@
 #include "server/api/grpc_status.h"
 #include "server/api/kserve_metadata.h"
 #include "server/api/kserve_request.h"
+#include "server/api/parsed_unary.h"
 
 namespace attnserve {
 namespace {
@@ -220,22 +221,20 @@ void KServeServiceImpl::Submit(grpc::CallbackServerContext* ctx, const char* rpc
 }
 
 grpc::ServerUnaryReactor* KServeServiceImpl::ModelInfer(grpc::CallbackServerContext* ctx,
-                                                        const ModelInferRequest* request,
-                                                        ModelInferResponse* response) {
+                                                        const grpc::ByteBuffer* request, grpc::ByteBuffer* response) {
   const TraceContext trace = StartTrace(ctx);
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
-  auto* reactor = new AnsweringUnaryReactor();
-  Submit(ctx, "ModelInfer", trace, *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
-    reactor->Answer(status, std::move(memory));
-  });
-  return reactor;
+  return ParseAndSubmit<ModelInferRequest, ModelInferResponse>(
+      ctx, request, response, [&](const ModelInferRequest& parsed, ModelInferResponse* answer, OnAnswer on_answer) {
+        Submit(ctx, "ModelInfer", trace, parsed, answer, std::move(on_answer));
+      });
 }
 
-grpc::ServerBidiReactor<ModelInferRequest, ModelStreamInferResponse>* KServeServiceImpl::ModelStreamInfer(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KServeServiceImpl::ModelStreamInfer(
     grpc::CallbackServerContext* ctx) {
   const TraceContext trace = StartTrace(ctx);
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) {
-    return new RefusedStream<ModelInferRequest, ModelStreamInferResponse>(denied);
+    return new RefusedStream(denied);
   }
   auto submit = [this, ctx, trace](const ModelInferRequest& request, ModelStreamInferResponse* response,
                             OnAnswer on_answer) {

@@ -26,7 +26,18 @@
 
 namespace attnserve {
 
-class KServeServiceImpl final : public inference::GRPCInferenceService::CallbackService {
+// gRPC's CallbackService with ModelInfer and ModelStreamInfer raw: their requests are parsed here
+// (parsed_unary.h, answering_stream.h), so that bytes that are not a ModelInferRequest get INVALID_ARGUMENT.
+// Every method is a callback method (a synchronous one would need gRPC's thread pool).
+using KServeServiceBase = inference::GRPCInferenceService::WithCallbackMethod_ServerLive<
+    inference::GRPCInferenceService::WithCallbackMethod_ServerReady<inference::GRPCInferenceService::WithCallbackMethod_ModelReady<
+        inference::GRPCInferenceService::WithCallbackMethod_ServerMetadata<inference::GRPCInferenceService::WithCallbackMethod_ModelMetadata<
+            inference::GRPCInferenceService::WithRawCallbackMethod_ModelInfer<inference::GRPCInferenceService::WithRawCallbackMethod_ModelStreamInfer<
+                inference::GRPCInferenceService::WithCallbackMethod_ModelConfig<inference::GRPCInferenceService::WithCallbackMethod_ModelStatistics<
+                    inference::GRPCInferenceService::WithCallbackMethod_RepositoryIndex<inference::GRPCInferenceService::WithCallbackMethod_RepositoryModelLoad<
+                        inference::GRPCInferenceService::WithCallbackMethod_RepositoryModelUnload<inference::GRPCInferenceService::Service>>>>>>>>>>>>;
+
+class KServeServiceImpl final : public KServeServiceBase {
  public:
   struct Options {
     // None owned; all required, and must outlive the service.
@@ -61,10 +72,9 @@ class KServeServiceImpl final : public inference::GRPCInferenceService::Callback
   grpc::ServerUnaryReactor* ModelStatistics(grpc::CallbackServerContext* ctx,
                                             const inference::ModelStatisticsRequest* request,
                                             inference::ModelStatisticsResponse* response) override;
-  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx, const inference::ModelInferRequest* request,
-                                       inference::ModelInferResponse* response) override;
-  grpc::ServerBidiReactor<inference::ModelInferRequest, inference::ModelStreamInferResponse>* ModelStreamInfer(
-      grpc::CallbackServerContext* ctx) override;
+  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* ModelStreamInfer(grpc::CallbackServerContext* ctx) override;
   grpc::ServerUnaryReactor* RepositoryIndex(grpc::CallbackServerContext* ctx,
                                             const inference::RepositoryIndexRequest* request,
                                             inference::RepositoryIndexResponse* response) override;

@@ -8,6 +8,7 @@
 #include "server/api/call_trace.h"
 #include "server/api/grpc_status.h"
 #include "server/api/infer_request.h"
+#include "server/api/parsed_unary.h"
 #include "server/api/tensor_codec.h"
 
 namespace attnserve {
@@ -127,22 +128,21 @@ void SessionServiceImpl::SubmitAppend(grpc::CallbackServerContext* ctx, const ch
   store_->Append(SessionIdOf(*ctx, request.session_id()), request.layer(), std::move(call));
 }
 
-grpc::ServerUnaryReactor* SessionServiceImpl::Append(grpc::CallbackServerContext* ctx, const AppendRequest* request,
-                                                     AppendResponse* response) {
+grpc::ServerUnaryReactor* SessionServiceImpl::Append(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
+                                                     grpc::ByteBuffer* response) {
   const TraceContext trace = StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
-  auto* reactor = new AnsweringUnaryReactor();
-  SubmitAppend(ctx, "Append", trace, *request, response, [reactor](const grpc::Status& status, MemoryBudget::Reservation memory) {
-    reactor->Answer(status, std::move(memory));
-  });
-  return reactor;
+  return ParseAndSubmit<AppendRequest, AppendResponse>(
+      ctx, request, response, [&](const AppendRequest& parsed, AppendResponse* answer, OnAnswer on_answer) {
+        SubmitAppend(ctx, "Append", trace, parsed, answer, std::move(on_answer));
+      });
 }
 
-grpc::ServerBidiReactor<AppendRequest, AppendResponse>* SessionServiceImpl::AppendStream(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* SessionServiceImpl::AppendStream(
     grpc::CallbackServerContext* ctx) {
   const TraceContext trace = StartTrace(ctx);
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) {
-    return new RefusedStream<AppendRequest, AppendResponse>(denied);
+    return new RefusedStream(denied);
   }
   auto submit = [this, ctx, trace](const AppendRequest& request, AppendResponse* response, OnAnswer on_answer) {
     SubmitAppend(ctx, "AppendStream", trace, request, response, std::move(on_answer));

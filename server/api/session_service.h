@@ -22,7 +22,16 @@
 
 namespace attnserve {
 
-class SessionServiceImpl final : public attnserve::v1::SessionService::CallbackService {
+// gRPC's CallbackService with Append and AppendStream raw: their requests are parsed here (parsed_unary.h,
+// answering_stream.h), so that bytes that are not an AppendRequest get INVALID_ARGUMENT. Every method is a
+// callback method (a synchronous one would need gRPC's thread pool).
+using SessionServiceBase = attnserve::v1::SessionService::WithCallbackMethod_CreateSession<
+    attnserve::v1::SessionService::WithRawCallbackMethod_Append<attnserve::v1::SessionService::WithRawCallbackMethod_AppendStream<
+        attnserve::v1::SessionService::WithCallbackMethod_ForkSession<attnserve::v1::SessionService::WithCallbackMethod_TruncateSession<
+            attnserve::v1::SessionService::WithCallbackMethod_CloseSession<attnserve::v1::SessionService::WithCallbackMethod_GetSession<
+                attnserve::v1::SessionService::WithCallbackMethod_ListSessions<attnserve::v1::SessionService::Service>>>>>>>>;
+
+class SessionServiceImpl final : public SessionServiceBase {
  public:
   // None owned; all must outlive the service. `max_inflight_per_stream` >= 1 (see AnsweringStream).
   SessionServiceImpl(SessionStore* store, const Clock* clock, int64_t max_inflight_per_stream,
@@ -35,10 +44,9 @@ class SessionServiceImpl final : public attnserve::v1::SessionService::CallbackS
   grpc::ServerUnaryReactor* CreateSession(grpc::CallbackServerContext* ctx,
                                           const attnserve::v1::CreateSessionRequest* request,
                                           attnserve::v1::Session* response) override;
-  grpc::ServerUnaryReactor* Append(grpc::CallbackServerContext* ctx, const attnserve::v1::AppendRequest* request,
-                                   attnserve::v1::AppendResponse* response) override;
-  grpc::ServerBidiReactor<attnserve::v1::AppendRequest, attnserve::v1::AppendResponse>* AppendStream(
-      grpc::CallbackServerContext* ctx) override;
+  grpc::ServerUnaryReactor* Append(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) override;
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AppendStream(grpc::CallbackServerContext* ctx) override;
   grpc::ServerUnaryReactor* ForkSession(grpc::CallbackServerContext* ctx,
                                         const attnserve::v1::ForkSessionRequest* request,
                                         attnserve::v1::Session* response) override;

@@ -1061,20 +1061,40 @@ def raw_call(s, header_block, body, timeout=10.0):
 
 
 def case_invalid_protobuf_in_a_raw_data_frame(s):
-    """gRPC messages that are not an InferRequest (a truncated varint; a field with a length past the end; a
-    wrong wire type), each on its own call: INTERNAL or INVALID_ARGUMENT (a parse failure), not an answer
-    and not UNIMPLEMENTED, which would tell the client the method does not exist."""
+    """gRPC messages that are not the method's request (a truncated varint; a field with a length past the end;
+    a wrong wire type), each on its own call to each method that computes (Infer, KServe's ModelInfer, Append
+    and their streams): INVALID_ARGUMENT naming the message. Not UNIMPLEMENTED, which gRPC 1.51's callback API
+    answers a unary call when it parses the request itself (telling the client the method does not exist), and
+    not OK, with which it ends such a stream (the request silently dropped)."""
     bodies = {"0xff x 5": b"\xff" * 5, "length past the end": b"\x0a\xff\xff\x03abc", "wrong wire type": b"\x0d\x01"}
-    results = {}
-    for name, payload in bodies.items():
-        reply = raw_call(s, h2.grpc_request_headers(), h2.grpc_message(payload))
-        results[name] = reply["status"]
-        print(f"    invalid protobuf ({name}): {h2.describe(reply)}")
-    for name, status in results.items():
-        # gRPC 1.51's callback API answers a request it cannot parse UNIMPLEMENTED (12), before our code sees it.
-        expect(status in (grpc.StatusCode.INTERNAL.value[0], grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                          grpc.StatusCode.UNIMPLEMENTED.value[0]),
-               f"{name}: grpc-status {status}, expected an error: INTERNAL (13), INVALID_ARGUMENT (3), UNIMPLEMENTED (12)")
+    methods = {h2.INFER_PATH: "attnserve.v1.InferRequest",
+               "/inference.GRPCInferenceService/ModelInfer": "inference.ModelInferRequest",
+               "/attnserve.v1.SessionService/Append": "attnserve.v1.AppendRequest",
+               h2.INFER_STREAM_PATH: "attnserve.v1.InferRequest",
+               "/inference.GRPCInferenceService/ModelStreamInfer": "inference.ModelInferRequest",
+               "/attnserve.v1.SessionService/AppendStream": "attnserve.v1.AppendRequest"}
+    bad = []
+    for path, message in methods.items():
+        for name, payload in bodies.items():
+            reply = raw_call(s, h2.grpc_request_headers(path), h2.grpc_message(payload))
+            print(f"    invalid protobuf to {path.rsplit('/', 1)[1]} ({name}): {h2.describe(reply)}")
+            if reply["status"] != grpc.StatusCode.INVALID_ARGUMENT.value[0] or message not in reply["message"]:
+                bad.append(f"{path} {name}: {h2.describe(reply)}")
+    expect(not bad, "expected INVALID_ARGUMENT naming the message: " + "; ".join(bad))
+    # On a stream, a good request then bad bytes: the good one is answered before the stream ends.
+    good = request("small", [1, 4, 256], "good").SerializeToString()
+    reply = raw_call(s, h2.grpc_request_headers(h2.INFER_STREAM_PATH),
+                     h2.grpc_message(good) + h2.grpc_message(b"\xff" * 5))
+    answers = []
+    data = reply["data"]
+    while len(data) >= 5:
+        n = int.from_bytes(data[1:5], "big")
+        answers.append(pb.InferResponse.FromString(data[5:5 + n]))
+        data = data[5 + n:]
+    print(f"    InferStream, a request then bad bytes: answers {[a.id for a in answers]}; {h2.describe(reply)}")
+    expect(len(answers) == 1 and answers[0].id == "good" and len(answers[0].output.raw_data) == 4 * 256 * 4,
+           f"the request before the bad bytes was not answered: {answers}")
+    expect(reply["status"] == grpc.StatusCode.INVALID_ARGUMENT.value[0], f"stream ended {h2.describe(reply)}")
 
 
 def case_length_prefix_of_2_gib(s):

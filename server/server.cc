@@ -14,8 +14,8 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <initializer_list>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -301,10 +301,13 @@ absl::Status Server::Start() {
   if (!reflection) builder.SetOption(std::make_unique<WithoutReflection>());
   builder.AddListeningPort(config_.grpc_address(), credentials, &p.grpc_port);
   ConfigureTransport(&builder);
-  for (grpc::Service* service : std::initializer_list<grpc::Service*>{p.service.get(), p.kserve.get(),
-                                                                     p.session_service.get()}) {
-    // A method left synchronous (its service's base composed by hand) would start gRPC's sync thread pool.
-    if (service->has_synchronous_methods()) return absl::InternalError("a gRPC service has a synchronous method");
+  const std::pair<const char*, grpc::Service*> services[] = {{"attnserve.v1.AttentionService", p.service.get()},
+                                                             {"inference.GRPCInferenceService", p.kserve.get()},
+                                                             {"attnserve.v1.SessionService", p.session_service.get()}};
+  for (const auto& [name, service] : services) {
+    // Each base is composed by hand (raw methods beside callback ones): a method left synchronous would be
+    // served by gRPC's sync thread pool, outside the server's admission.
+    if (service->has_synchronous_methods()) return absl::InternalError(absl::StrCat(name, " has a synchronous method"));
     builder.RegisterService(service);
   }
   builder.experimental().SetInterceptorCreators(Interceptors(p.authorizer.get()));

@@ -71,12 +71,13 @@ grpc::ServerUnaryReactor* ParseAndSubmit(grpc::CallbackServerContext* ctx, const
   grpc::Status unparsed;
   auto reactor = ParsedUnaryReactor<Request, Response>::Parse(request, response, &unparsed);
   if (reactor == nullptr) return FinishNow(ctx, unparsed);
-  auto* answering = reactor.get();
+  // Released before submitting: once the answer callback is handed over, only gRPC's OnDone may free it.
+  auto* answering = reactor.release();
   submit(answering->request(), answering->response(),
          [answering](const grpc::Status& status, MemoryBudget::Reservation memory) {
            answering->Answer(status, std::move(memory));
          });
-  return reactor.release();
+  return answering;
 }
 
 }  // namespace attnserve

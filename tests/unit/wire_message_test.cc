@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "attnserve/v1/attention.pb.h"
+#include "attnserve/v1/session.pb.h"
 #include "inference/grpc_service.pb.h"
 
 namespace attnserve {
@@ -68,10 +69,18 @@ TEST(WireMessageTest, BytesThatAreNotTheMessageAreInvalidArgumentNamingItAndThei
     inference::ModelInferRequest parsed;
     const grpc::Status status = ParseWire(&wire, &parsed);
     EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-    EXPECT_EQ(status.error_message(), "request: " + std::to_string(bytes.size()) +
-                                          " bytes are not a valid inference.ModelInferRequest message");
+    EXPECT_EQ(status.error_message(), "request: expected an inference.ModelInferRequest message, got " +
+                                          std::to_string(bytes.size()) + " bytes that do not parse as one");
     EXPECT_FALSE(wire.Valid());
   }
+}
+
+TEST(WireMessageTest, NoMessageAtAllIsInvalidArgument) {
+  grpc::ByteBuffer wire;  // what gRPC hands a unary handler whose call closed without a message
+  attnserve::v1::AppendRequest parsed;
+  const grpc::Status status = ParseWire(&wire, &parsed);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(status.error_message(), "request: expected one attnserve.v1.AppendRequest message, got none");
 }
 
 TEST(WireMessageTest, AnEmptyMessageParses) {

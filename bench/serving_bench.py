@@ -130,11 +130,14 @@ def engine_gflops_near(build, mean_batch, sizes, shape):
     return size, next(iter(eng.values()))["GFLOPS"]
 
 
-def server(build, tmp, name, layers, worker_threads=1):
+def server(build, tmp, name, layers, worker_threads=1, extra=""):
+    """attnserve with these layers (text-format LayerConfig bodies) and `extra` config text."""
     cfg = os.path.join(tmp, f"{name}.pbtxt")
     with open(cfg, "w") as f:
         f.write('grpc_address: "127.0.0.1:0"\nmetrics_address: "127.0.0.1:0"\n')
         f.write(f"worker_threads: {worker_threads}\n")
+        if extra:
+            f.write(extra + "\n")
         for layer in layers:
             f.write("layers { " + layer + " }\n")
     return Proc([f"{build}/server/attnserve", "--config", cfg],

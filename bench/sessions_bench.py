@@ -13,7 +13,10 @@ server with --workers 1 (every core in each batch):
    over (attnbench --prefill 8192): decode p99 with / without.
 
     /usr/bin/python3 bench/sessions_bench.py [--build build] [--duration 10] [--rounds 3] [--only prefill]
-Rounds alternate the measurements; medians over rounds are reported. Prints a JSON summary.
+    /usr/bin/python3 bench/sessions_bench.py --prefill-chunks 128,64 [--duration 20] [--rounds 2]
+Rounds alternate the measurements; medians over rounds are reported. Prints a JSON summary. --prefill-chunks
+runs part 3 once per `sessions.prefill_chunk_tokens` value (a server each, their order alternating by round),
+with the background prefill's mean time (steps of 10 s hold about one 8192-token prefill: use 20 s).
 """
 
 import argparse
@@ -62,7 +65,26 @@ def prefill_summary(rounds):
         "decode32_with_prefill_tokens_per_s": med([x["ok_per_second"] for x in rounds["decode32_prefill"]]),
     }
     p["prefill_p99_ratio"] = p["decode32_with_prefill_p99_ms"] / p["decode32_p99_ms"]
+    seconds = [x["prefill"]["seconds_mean"] for x in rounds["decode32_prefill"] if "prefill" in x]
+    p["prefill_8192_seconds"] = med(seconds) if seconds else None  # None: none completed within a step
     return p
+
+
+def compare_chunks(build, chunks, rounds, dur):
+    """Part 3 per prefill_chunk_tokens value: {chunk: prefill_summary}."""
+    tmp = tempfile.mkdtemp(prefix="attnserve_sessions_chunks_")
+    per_chunk = {c: {"decode32": [], "decode32_prefill": []} for c in chunks}
+    for r in range(rounds):
+        for c in chunks if r % 2 == 0 else chunks[::-1]:
+            srv = server(build, tmp, f"chunk{c}", [LAYER], extra=f"sessions {{ prefill_chunk_tokens: {c} }}")
+            try:
+                target = f"127.0.0.1:{srv.ports[0]}"
+                per_chunk[c]["decode32"].append(decode(build, target, dur, 32))
+                per_chunk[c]["decode32_prefill"].append(decode(build, target, dur, 32, prefill=8192))
+            finally:
+                srv.stop()
+            print(f"round {r + 1}/{rounds}: chunk {c} done", file=sys.stderr, flush=True)
+    return {c: prefill_summary(v) for c, v in per_chunk.items()}
 
 
 def main():
@@ -71,8 +93,13 @@ def main():
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", choices=["prefill"], help="only part 3 (prefill while decoding)")
+    ap.add_argument("--prefill-chunks", help="part 3 for each of these sessions.prefill_chunk_tokens, e.g. 128,64")
     args = ap.parse_args()
     dur = f"{args.duration}s"
+    if args.prefill_chunks:
+        chunks = [int(c) for c in args.prefill_chunks.split(",")]
+        print(json.dumps(compare_chunks(args.build, chunks, args.rounds, dur), indent=2))
+        return
     tmp = tempfile.mkdtemp(prefix="attnserve_sessions_bench_")
     srv = server(args.build, tmp, "sessions", [LAYER])
     target = f"127.0.0.1:{srv.ports[0]}"

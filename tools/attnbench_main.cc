@@ -200,6 +200,10 @@ absl::Status RunStep(const BenchArgs& args, std::unique_ptr<RequestSender> sende
                              &recorder);
     }
   }
+  if (const auto* sessions = dynamic_cast<const SessionAppendSender*>(sender.get())) {
+    report->prefills = sessions->prefills_done();
+    report->prefill_seconds_mean = sessions->prefill_seconds_mean();
+  }
   sender.reset();  // streams end here, before the next step starts
   if (!result.ok()) return result.status();
   report->elapsed_seconds = result->elapsed_seconds;

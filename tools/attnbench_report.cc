@@ -110,6 +110,7 @@ std::string FormatJson(const std::vector<StepReport>& steps) {
                    {"queue_us", {{"mean", s.queue_mean_us}, {"p50", s.queue_p50_us}, {"p99", s.queue_p99_us}}},
                    {"compute_us", {{"mean", s.compute_mean_us}, {"p50", s.compute_p50_us}, {"p99", s.compute_p99_us}}},
                    {"batch_size", {{"mean", s.batch_size_mean}, {"max", s.batch_size_max}}}};
+    if (step.prefills > 0) j["prefill"] = {{"completed", step.prefills}, {"seconds_mean", step.prefill_seconds_mean}};
     array.push_back(std::move(j));
   }
   return array.dump(2) + "\n";

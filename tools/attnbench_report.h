@@ -17,6 +17,9 @@ struct StepReport {
   double target_rate = 0;     // open loop: intended requests per second
   double elapsed_seconds = 0;  // measured time (LoopResult::elapsed_seconds)
   StepStats stats;
+  // --sessions with --prefill: background prefills completed (warm-up included) and their mean seconds.
+  int64_t prefills = 0;
+  double prefill_seconds_mean = 0;
 };
 
 // The numbers reported for a step, derived once for every format.

@@ -6,6 +6,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/status_macros.h"
 
 namespace attnserve {
@@ -72,7 +74,11 @@ void SessionAppendSender::PrefillLoop() {
   for (int64_t n = 0; !stop_.load(); ++n) {
     const std::string id = absl::StrCat("attnbench-", options_.run_id, "-prefill-", n);
     if (!sessions_->CreateSession({id, {options_.layer}}).ok()) return;
-    if (Prefill(id, options_.prefill).ok()) prefills_done_.fetch_add(1);
+    const absl::Time start = absl::Now();
+    if (Prefill(id, options_.prefill).ok()) {
+      prefill_us_total_.fetch_add(absl::ToInt64Microseconds(absl::Now() - start));
+      prefills_done_.fetch_add(1);
+    }
     (void)sessions_->Close(id);
   }
 }

@@ -40,7 +40,12 @@ class SessionAppendSender final : public RequestSender {
 
   // Bytes of one decode step's request (what a stateless client would send instead: the whole context).
   int64_t step_request_bytes() const { return step_bytes_; }
+  // Background prefills completed so far (warm-up included), and their mean time from first chunk to answer.
   int64_t prefills_done() const { return prefills_done_.load(); }
+  double prefill_seconds_mean() const {
+    const int64_t done = prefills_done_.load();
+    return done > 0 ? 1e-6 * static_cast<double>(prefill_us_total_.load()) / static_cast<double>(done) : 0.0;
+  }
 
  private:
   struct Lane;
@@ -57,6 +62,7 @@ class SessionAppendSender final : public RequestSender {
   std::vector<float> token_;  // the decode step's input [1, E]
   std::atomic<bool> stop_{false};
   std::atomic<int64_t> prefills_done_{0};
+  std::atomic<int64_t> prefill_us_total_{0};
   std::thread prefiller_;
 };
 

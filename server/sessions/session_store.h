@@ -73,8 +73,10 @@ class SessionStore {
     // A self-attention append costing more than this many tokens of a fresh session is computed in chunks
     // of that cost (this many tokens at the start of a prompt, fewer as the context grows: see
     // PrefillChunkTokens), each its own trip through the layer's queue, so that other sessions' decode
-    // steps run between them (chunked prefill). 0: never chunked.
-    int64_t prefill_chunk_tokens = 128;
+    // steps run between them (chunked prefill). 0: never chunked. 64, not 128: with 32 sessions decoding
+    // beside an 8192-token prefill, decode p99 rose 1.6x instead of 2.1-3.4x, and the prefill took 1.5x as
+    // long (BENCHMARKS.md, issue #11).
+    int64_t prefill_chunk_tokens = 64;
   };
   static absl::StatusOr<std::unique_ptr<SessionStore>> Create(const Options& options);
   ~SessionStore();

@@ -117,7 +117,7 @@ def case_weights_over_every_cached_key(e):
 
 
 def case_long_prefill_in_chunks_is_exact(e):
-    """1200 tokens in one append: computed as chunks of 128 (sessions.prefill_chunk_tokens), answered whole."""
+    """1200 tokens in one append: computed as chunks (sessions.prefill_chunk_tokens), answered whole."""
     rng = np.random.default_rng(8)
     x = rng.standard_normal((1300, 32)).astype(np.float32)
     create(e, "long")

@@ -41,6 +41,7 @@
 #include "server/startup/server_config.h"
 #include "server/startup/transport_config.h"
 #include "server/transport/listener_probe.h"
+#include "server/transport/memory_guard.h"
 #include "server/observability/access_log.h"
 #include "server/security/credential_store.h"
 
@@ -119,6 +120,7 @@ struct Server::Parts {
   std::unique_ptr<grpc::Server> health_server;
   int health_port = 0;
   std::unique_ptr<ListenerProbe> listener_probe;  // first to stop
+  std::unique_ptr<MemoryGuard> memory_guard;
   int grpc_port = 0;
   bool drained = false;
   // Gives freed heap memory back to the system while the server holds no request (see Start).
@@ -321,6 +323,7 @@ absl::Status Server::Start() {
   LogLayers();
   StartTrimmer();
   ATTN_RETURN_IF_ERROR(StartListenerProbe());
+  ATTN_RETURN_IF_ERROR(StartMemoryGuard());
   spdlog::info("attnserve {} ready: grpc_port={} metrics_port={} grpc_address={} metrics_address={} workers={} "
                "omp_threads_per_worker={} tls={} mtls={} tokens={} metrics_auth={} reflection={} health_port={}",
                kAttnserveVersion, p.grpc_port, p.metrics->port(), config_.grpc_address(),
@@ -404,6 +407,37 @@ absl::Status Server::StartListenerProbe() {
     if (options_.on_listener_failure) options_.on_listener_failure(why);
   };
   ATTN_ASSIGN_OR_RETURN(parts_->listener_probe, ListenerProbe::Create(probe));
+  return absl::OkStatus();
+}
+
+absl::Status Server::StartMemoryGuard() {
+  Parts& p = *parts_;
+  const auto& t = config_.transport();
+  if (t.memory_guard_interval_ms() <= 0) return absl::OkStatus();
+  MemoryGuard::Options guard;
+  // What the server may hold beyond what it holds once serving (weights, warm primitives): admitted requests,
+  // gRPC's buffers (its quota, and as much again for the quota's lag), the sessions' KV cache (its pages are
+  // touched as sessions grow).
+  const int64_t headroom = t.memory_guard_headroom_bytes() > 0
+                               ? t.memory_guard_headroom_bytes()
+                               : p.memory->budget_bytes() + 2 * GrpcMemoryBytes(t, p.memory->budget_bytes()) +
+                                     p.kv_pool->capacity_bytes();
+  guard.rss_limit_bytes = ProcessRssBytes() + headroom;
+  // More than one largest message: a client uploading one is never shed.
+  guard.min_undelivered_bytes = kMaxMessageBytes + (int64_t{16} << 20);
+  guard.interval = absl::Milliseconds(t.memory_guard_interval_ms());
+  guard.local_ports = {p.grpc_port};
+  guard.delivered = &DeliveredBytes::Process();
+  guard.on_shed = [metrics = p.metrics.get()](const ShedConnection& shed) {
+    metrics->ConnectionShed();
+    spdlog::warn("memory guard: RSS {} MiB, over its limit of {} MiB; shut down the connection from {}, which "
+                 "sent {} MiB of which {} MiB arrived as messages",
+                 shed.rss_bytes >> 20, shed.rss_limit_bytes >> 20, shed.peer_key, shed.received_bytes >> 20,
+                 shed.delivered_bytes >> 20);
+  };
+  ATTN_ASSIGN_OR_RETURN(p.memory_guard, MemoryGuard::Create(std::move(guard)));
+  spdlog::info("memory guard: RSS limit {} MiB, checked every {} ms", p.memory_guard->rss_limit_bytes() >> 20,
+               t.memory_guard_interval_ms());
   return absl::OkStatus();
 }
 
@@ -494,6 +528,7 @@ absl::Status Server::Drain(absl::Time deadline) {
   p.drained = true;
   const absl::Time start = absl::Now();
   p.listener_probe.reset();  // a draining port may stop answering; that is no failure
+  p.memory_guard.reset();
   StopAccepting();
   // Layer changes still waiting are refused (UNAVAILABLE); the one running finishes before the queues drain.
   p.kserve->StopControlThread();

@@ -129,6 +129,7 @@ class Server {
   absl::Status BuildCredentialStores();
   void ConfigureTransport(grpc::ServerBuilder* builder) const;
   absl::Status StartListenerProbe();
+  absl::Status StartMemoryGuard();
   absl::Status StartHealthServer();
   void SetServing();
   void StartTrimmer();

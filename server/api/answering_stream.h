@@ -25,6 +25,7 @@
 #include "absl/synchronization/mutex.h"
 #include "server/api/wire_message.h"
 #include "server/runtime/memory_budget.h"
+#include "server/transport/delivered_bytes.h"
 
 namespace attnserve {
 
@@ -52,6 +53,7 @@ class AnsweringStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, g
       MaybeFinishLocked();
       return;
     }
+    DeliveredBytes::Process().Record(ctx_->peer(), static_cast<int64_t>(incoming_.Length()));
     auto item = std::make_shared<Item>();
     if (grpc::Status unparsed = ParseWire(&incoming_, &item->request); !unparsed.ok()) {
       absl::MutexLock lock(&mu_);

@@ -16,6 +16,7 @@
 #include "server/api/answering_stream.h"
 #include "server/api/wire_message.h"
 #include "server/runtime/memory_budget.h"
+#include "server/transport/delivered_bytes.h"
 
 namespace attnserve {
 
@@ -64,6 +65,7 @@ class ParsedUnaryReactor final : public grpc::ServerUnaryReactor {
 template <class Request, class Response, class SubmitFn>
 grpc::ServerUnaryReactor* ParseAndSubmit(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                          grpc::ByteBuffer* response, SubmitFn submit) {
+  DeliveredBytes::Process().Record(ctx->peer(), static_cast<int64_t>(request->Length()));
   grpc::Status unparsed;
   auto reactor = ParsedUnaryReactor<Request, Response>::Parse(request, response, &unparsed);
   if (reactor == nullptr) return FinishNow(ctx, unparsed);

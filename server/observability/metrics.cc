@@ -109,6 +109,7 @@ ServerMetrics::ServerMetrics(const std::vector<std::string>& layers)
                           .Register(r)
                           .Add({});
   RegisterSessionMetrics(r);
+  RegisterTransportMetrics(r);
   families_->flops = &prometheus::BuildCounter()
                           .Name("attnserve_flops_total")
                           .Help("Useful floating-point operations computed (projections and attention matmuls)")
@@ -118,6 +119,15 @@ ServerMetrics::ServerMetrics(const std::vector<std::string>& layers)
 }
 
 ServerMetrics::~ServerMetrics() = default;
+
+void ServerMetrics::RegisterTransportMetrics(prometheus::Registry& r) {
+  connections_shed_ = &prometheus::BuildCounter()
+                           .Name("attnserve_connections_shed_total")
+                           .Help("Connections the memory guard shut down: RSS over its limit, and they held the "
+                                 "most bytes not delivered as messages")
+                           .Register(r)
+                           .Add({});
+}
 
 void ServerMetrics::AddLayer(const std::string& layer) {
   absl::MutexLock lock(&mu_);

@@ -80,6 +80,7 @@ class ServerMetrics {
   void SetLayerVersion(const std::string& layer, int64_t version);
   void InflightAdd(double delta) { inflight_->Increment(delta); }
   void ConfigReloaded(bool ok) { (ok ? config_reload_success_ : config_reload_failure_)->Increment(); }
+  void ConnectionShed() { connections_shed_->Increment(); }
   void SetInflightBatches(int64_t batches) { inflight_batches_->Set(static_cast<double>(batches)); }
   void SetMemoryBudget(int64_t bytes) { memory_budget_->Set(static_cast<double>(bytes)); }
   void SetMemoryReserved(int64_t bytes) { memory_reserved_->Set(static_cast<double>(bytes)); }
@@ -114,6 +115,7 @@ class ServerMetrics {
   };
   struct Families;
   void RegisterSessionMetrics(prometheus::Registry& r);
+  void RegisterTransportMetrics(prometheus::Registry& r);
   const LayerSeries* Find(const std::string& layer) const ABSL_LOCKS_EXCLUDED(mu_);
   void AddLayerLocked(const std::string& layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The series of (layer, version), created on first use; the oldest of the layer's are removed past
@@ -128,6 +130,7 @@ class ServerMetrics {
   prometheus::Gauge* inflight_;
   prometheus::Counter* config_reload_success_;
   prometheus::Counter* config_reload_failure_;
+  prometheus::Counter* connections_shed_;
   prometheus::Gauge* inflight_batches_;
   prometheus::Gauge* memory_budget_;
   prometheus::Gauge* memory_reserved_;

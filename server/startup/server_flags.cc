@@ -123,17 +123,48 @@ absl::Status SetTransportMillis(const FlagValue& value, ServerFlags* f) {
   (f->transport.*kSet)(ms);
   return absl::OkStatus();
 }
-absl::Status SetListenerCheckInterval(const FlagValue& value, ServerFlags* f) {
+// A duration, or "never" (-1).
+template <void (TransportConfig::*kSet)(int64_t)>
+absl::Status SetTransportIntervalOrNever(const FlagValue& value, ServerFlags* f) {
   if (absl::AsciiStrToLower(value.text) == "never") {
-    f->transport.set_listener_check_interval_ms(-1);
+    (f->transport.*kSet)(-1);
     return absl::OkStatus();
   }
-  return SetTransportMillis<&TransportConfig::set_listener_check_interval_ms>(value, f);
+  return SetTransportMillis<kSet>(value, f);
 }
 
-// The value flags, in --help order.
-const std::vector<ServerFlag>& Flags() {
-  static const auto* flags = new std::vector<ServerFlag>{
+// The transport's flags (config.proto's TransportConfig), last in --help.
+std::vector<ServerFlag> TransportFlags() {
+  return {
+      {{"max-concurrent-streams", true, "ATTNSERVE_MAX_CONCURRENT_STREAMS", "N"}, "128",
+       "Concurrent calls on one connection.",
+       &SetTransportCount<int32_t, &TransportConfig::set_max_concurrent_streams, 1 << 20>},
+      {{"max-connection-idle", true, "ATTNSERVE_MAX_CONNECTION_IDLE", "DURATION"}, "2m",
+       "Connections without a call for this long are closed (they hold file descriptors).",
+       &SetTransportMillis<&TransportConfig::set_max_connection_idle_ms>},
+      {{"keepalive-min-ping-interval", true, "ATTNSERVE_KEEPALIVE_MIN_PING_INTERVAL", "DURATION"}, "10s",
+       "Client pings closer than this without data are strikes.",
+       &SetTransportMillis<&TransportConfig::set_keepalive_min_ping_interval_ms>},
+      {{"max-ping-strikes", true, "ATTNSERVE_MAX_PING_STRIKES", "N"}, "2",
+       "Strikes before a connection is closed (GOAWAY ENHANCE_YOUR_CALM).",
+       &SetTransportCount<int32_t, &TransportConfig::set_max_ping_strikes, 1000>},
+      {{"grpc-memory-bytes", true, "ATTNSERVE_GRPC_MEMORY_BYTES", "BYTES"}, "(half the memory budget)",
+       "Bytes gRPC's transport buffers may hold (its resource quota).",
+       &SetTransportCount<int64_t, &TransportConfig::set_grpc_memory_bytes, int64_t{1} << 40>},
+      {{"listener-check-interval", true, "ATTNSERVE_LISTENER_CHECK_INTERVAL", "DURATION"}, "5s",
+       "How often the server checks its gRPC port still accepts (unaccepted for 12 intervals: drain, exit 3); "
+       "\"never\": off.",
+       &SetTransportIntervalOrNever<&TransportConfig::set_listener_check_interval_ms>},
+      {{"memory-guard-interval", true, "ATTNSERVE_MEMORY_GUARD_INTERVAL", "DURATION"}, "50ms",
+       "How often RSS is checked against RSS at start + budget + 2 x gRPC memory + KV cache; above it, the "
+       "connection holding the most undelivered bytes is shut down; \"never\": off.",
+       &SetTransportIntervalOrNever<&TransportConfig::set_memory_guard_interval_ms>},
+  };
+}
+
+// The flags of what the server serves, where, how it logs, and who may call.
+std::vector<ServerFlag> ServingFlags() {
+  return {
       {{"config", true, "ATTNSERVE_CONFIG", "FILE"}, "(embedded: small + base layers)",
        "Config file: .pbtxt/.textproto/.txtpb (protobuf text) or .json.", &SetConfig},
       {{"grpc-address", true, "ATTNSERVE_GRPC_ADDRESS", "HOST:PORT"}, kDefaultGrpcAddress,
@@ -170,26 +201,16 @@ const std::vector<ServerFlag>& Flags() {
       {{"metrics-auth-file", true, "ATTNSERVE_METRICS_AUTH_FILE", "FILE"}, "(none: /metrics open)",
        "Lines \"<user> sha256:<hex of password>\": /metrics then needs HTTP basic auth. Reloaded on change.",
        &SetSecurityPath<&SecurityConfig::set_metrics_auth_file>},
-      {{"max-concurrent-streams", true, "ATTNSERVE_MAX_CONCURRENT_STREAMS", "N"}, "128",
-       "Concurrent calls on one connection.",
-       &SetTransportCount<int32_t, &TransportConfig::set_max_concurrent_streams, 1 << 20>},
-      {{"max-connection-idle", true, "ATTNSERVE_MAX_CONNECTION_IDLE", "DURATION"}, "2m",
-       "Connections without a call for this long are closed (they hold file descriptors).",
-       &SetTransportMillis<&TransportConfig::set_max_connection_idle_ms>},
-      {{"keepalive-min-ping-interval", true, "ATTNSERVE_KEEPALIVE_MIN_PING_INTERVAL", "DURATION"}, "10s",
-       "Client pings closer than this without data are strikes.",
-       &SetTransportMillis<&TransportConfig::set_keepalive_min_ping_interval_ms>},
-      {{"max-ping-strikes", true, "ATTNSERVE_MAX_PING_STRIKES", "N"}, "2",
-       "Strikes before a connection is closed (GOAWAY ENHANCE_YOUR_CALM).",
-       &SetTransportCount<int32_t, &TransportConfig::set_max_ping_strikes, 1000>},
-      {{"grpc-memory-bytes", true, "ATTNSERVE_GRPC_MEMORY_BYTES", "BYTES"}, "(half the memory budget)",
-       "Bytes gRPC's transport buffers may hold (its resource quota).",
-       &SetTransportCount<int64_t, &TransportConfig::set_grpc_memory_bytes, int64_t{1} << 40>},
-      {{"listener-check-interval", true, "ATTNSERVE_LISTENER_CHECK_INTERVAL", "DURATION"}, "5s",
-       "How often the server checks its gRPC port still accepts (unaccepted for 12 intervals: drain, exit 3); "
-       "\"never\": off.",
-       &SetListenerCheckInterval},
   };
+}
+
+// The value flags, in --help order.
+const std::vector<ServerFlag>& Flags() {
+  static const auto* flags = [] {
+    auto* all = new std::vector<ServerFlag>(ServingFlags());
+    for (ServerFlag& flag : TransportFlags()) all->push_back(std::move(flag));
+    return all;
+  }();
   return *flags;
 }
 

@@ -49,10 +49,12 @@ void TransportProblems(const TransportConfig& t, std::vector<std::string>* probl
   negative("grpc_memory_bytes", t.grpc_memory_bytes());
   negative("grpc_max_threads", t.grpc_max_threads());
   negative("max_metadata_bytes", t.max_metadata_bytes());
-  if (t.listener_check_interval_ms() < -1) {
-    problems->push_back(absl::StrCat("transport.listener_check_interval_ms: must be -1 (never) or >= 0, got ",
-                                     t.listener_check_interval_ms()));
-  }
+  negative("memory_guard_headroom_bytes", t.memory_guard_headroom_bytes());
+  const auto interval = [problems](const char* field, int64_t value) {
+    if (value < -1) problems->push_back(absl::StrCat("transport.", field, ": must be -1 (never) or >= 0, got ", value));
+  };
+  interval("listener_check_interval_ms", t.listener_check_interval_ms());
+  interval("memory_guard_interval_ms", t.memory_guard_interval_ms());
 }
 
 }  // namespace
@@ -70,6 +72,7 @@ void ApplySecurityAndTransportDefaults(attnserve::v1::ServerConfig* config) {
   if (t->grpc_max_threads() == 0) t->set_grpc_max_threads(kDefaultGrpcMaxThreads);
   if (t->max_metadata_bytes() == 0) t->set_max_metadata_bytes(kDefaultMaxMetadataBytes);
   if (t->listener_check_interval_ms() == 0) t->set_listener_check_interval_ms(kDefaultListenerCheckIntervalMs);
+  if (t->memory_guard_interval_ms() == 0) t->set_memory_guard_interval_ms(kDefaultMemoryGuardIntervalMs);
 }
 
 std::vector<std::string> SecurityAndTransportProblems(const attnserve::v1::ServerConfig& config) {

@@ -19,6 +19,7 @@ inline constexpr int64_t kMinGrpcMemoryBytes = int64_t{64} << 20;
 inline constexpr int32_t kDefaultGrpcMaxThreads = 256;
 inline constexpr int64_t kDefaultMaxMetadataBytes = 16384;
 inline constexpr int64_t kDefaultListenerCheckIntervalMs = 5000;
+inline constexpr int64_t kDefaultMemoryGuardIntervalMs = 50;
 
 // Fills the zero fields of both sections (grpc_memory_bytes stays 0: it follows the memory budget, known
 // only once the server starts; see GrpcMemoryBytes).
@@ -26,7 +27,7 @@ void ApplySecurityAndTransportDefaults(attnserve::v1::ServerConfig* config);
 
 // Problems found, each starting with the field's path ("security.tls_key_file: ..."): TLS key and
 // certificate given together, a client CA only with them, files that exist, no negative limits,
-// listener_check_interval_ms -1 or >= 0.
+// listener_check_interval_ms and memory_guard_interval_ms -1 or >= 0.
 std::vector<std::string> SecurityAndTransportProblems(const attnserve::v1::ServerConfig& config);
 
 // gRPC's transport memory: the configured bytes, or half the memory budget (at least 64 MiB).

@@ -682,6 +682,7 @@ TEST(SecurityAndTransport, DefaultsFillEveryLimit) {
   EXPECT_EQ(t.grpc_max_threads(), 256);
   EXPECT_EQ(t.max_metadata_bytes(), 16384);
   EXPECT_EQ(t.listener_check_interval_ms(), 5000);
+  EXPECT_EQ(t.memory_guard_interval_ms(), 50);
   EXPECT_EQ(config.security().tls_reload_interval_ms(), 10000);
   EXPECT_TRUE(config.security().tls_cert_file().empty());
   EXPECT_EQ(GrpcMemoryBytes(t, int64_t{8} << 30), int64_t{4} << 30);    // half the budget
@@ -695,6 +696,7 @@ TEST(SecurityAndTransport, ProblemsNameTheirFields) {
   config.mutable_security()->set_auth_token_file("/nonexistent/tokens");
   config.mutable_transport()->set_max_ping_strikes(-1);
   config.mutable_transport()->set_listener_check_interval_ms(-2);
+  config.mutable_transport()->set_memory_guard_interval_ms(-3);
   config.set_health_address("nowhere");
   const absl::Status status = ApplyDefaultsAndValidate(&config);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
@@ -703,6 +705,7 @@ TEST(SecurityAndTransport, ProblemsNameTheirFields) {
                            "security.auth_token_file: \"/nonexistent/tokens\" is not a readable file",
                            "transport.max_ping_strikes: must be >= 0, got -1",
                            "transport.listener_check_interval_ms: must be -1 (never) or >= 0, got -2",
+                           "transport.memory_guard_interval_ms: must be -1 (never) or >= 0, got -3",
                            "health_address: "}) {
     EXPECT_THAT(std::string(status.message()), HasSubstr(text));
   }
@@ -723,8 +726,8 @@ TEST_F(FlagsTest, SecurityAndTransportFlagsOverrideTheirFields) {
       Parse({"--tls-cert-file", "c.pem", "--tls-key-file=k.pem", "--tls-client-ca-file", "ca.pem",
              "--metrics-auth-file", "m", "--disable-reflection", "--max-concurrent-streams", "64",
              "--max-connection-idle", "30s", "--keepalive-min-ping-interval=1m", "--max-ping-strikes", "5",
-             "--grpc-memory-bytes", "1048576", "--listener-check-interval", "never", "--health-address",
-             "0.0.0.0:8081"});
+             "--grpc-memory-bytes", "1048576", "--listener-check-interval", "never", "--memory-guard-interval",
+             "20ms", "--health-address", "0.0.0.0:8081"});
   ASSERT_TRUE(flags.ok()) << flags.status();
   ServerConfig config = DefaultServerConfig();
   config.mutable_transport()->set_max_metadata_bytes(999);  // a field no flag set stays
@@ -741,6 +744,7 @@ TEST_F(FlagsTest, SecurityAndTransportFlagsOverrideTheirFields) {
   EXPECT_EQ(config.transport().max_ping_strikes(), 5);
   EXPECT_EQ(config.transport().grpc_memory_bytes(), 1048576);
   EXPECT_EQ(config.transport().listener_check_interval_ms(), -1);
+  EXPECT_EQ(config.transport().memory_guard_interval_ms(), 20);
   EXPECT_EQ(config.transport().max_metadata_bytes(), 999);
   EXPECT_EQ(config.health_address(), "0.0.0.0:8081");
 }
@@ -749,6 +753,7 @@ TEST_F(FlagsTest, BadTransportValuesNameTheFlag) {
   EXPECT_THAT(ErrorOf({"--max-concurrent-streams", "0"}), HasSubstr("--max-concurrent-streams: expected an integer"));
   EXPECT_THAT(ErrorOf({"--max-connection-idle", "0"}), HasSubstr("--max-connection-idle: expected at least 1ms"));
   EXPECT_THAT(ErrorOf({"--listener-check-interval", "soon"}), HasSubstr("--listener-check-interval"));
+  EXPECT_THAT(ErrorOf({"--memory-guard-interval", "0"}), HasSubstr("--memory-guard-interval"));
   EXPECT_THAT(ErrorOf({"--health-address", "x"}), HasSubstr("--health-address"));
 }
 

@@ -1,0 +1,34 @@
+// The process's own accepted TCP connections on given local ports, as the kernel counts them: found through
+// /proc/self/fd, measured with TCP_INFO (bytes received), and shut down by descriptor. For the memory guard,
+// which must act on connections that gRPC 1.51's public API does not show.
+//
+// Thread-safety: free functions; they only read the process's descriptors, except ShutDownTcpConnection.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace attnserve {
+
+struct TcpConnection {
+  int fd = -1;
+  uint64_t inode = 0;        // the socket's, to tell a reused descriptor apart
+  std::string peer_key;      // peer_address.h
+  int64_t received_bytes = 0;  // payload bytes the kernel received on it (tcpi_bytes_received)
+};
+
+// Connected TCP sockets of this process whose local port is one of `local_ports` (listening ones excluded).
+std::vector<TcpConnection> ListTcpConnections(const std::vector<int>& local_ports);
+
+// Shuts `connection` down in both directions, if its descriptor still holds that socket (same inode and
+// peer): its owner (gRPC) then sees the connection fail and closes it, freeing what it buffered. The
+// descriptor is not closed here (it is not ours). NOT_FOUND when the descriptor changed meanwhile.
+absl::Status ShutDownTcpConnection(const TcpConnection& connection);
+
+// The process's resident memory (/proc/self/statm); -1 when unreadable.
+int64_t ProcessRssBytes();
+
+}  // namespace attnserve

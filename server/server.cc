@@ -40,6 +40,7 @@
 #include "server/startup/layer_options.h"
 #include "server/startup/server_config.h"
 #include "server/startup/transport_config.h"
+#include "server/transport/connection_cap.h"
 #include "server/transport/listener_probe.h"
 #include "server/transport/memory_guard.h"
 #include "server/observability/access_log.h"
@@ -121,6 +122,7 @@ struct Server::Parts {
   int health_port = 0;
   std::unique_ptr<ListenerProbe> listener_probe;  // first to stop
   std::unique_ptr<MemoryGuard> memory_guard;
+  std::unique_ptr<ConnectionCap> connection_cap;
   int grpc_port = 0;
   bool drained = false;
   // Gives freed heap memory back to the system while the server holds no request (see Start).
@@ -324,6 +326,7 @@ absl::Status Server::Start() {
   StartTrimmer();
   ATTN_RETURN_IF_ERROR(StartListenerProbe());
   ATTN_RETURN_IF_ERROR(StartMemoryGuard());
+  ATTN_RETURN_IF_ERROR(StartConnectionCap());
   spdlog::info("attnserve {} ready: grpc_port={} metrics_port={} grpc_address={} metrics_address={} workers={} "
                "omp_threads_per_worker={} tls={} mtls={} tokens={} metrics_auth={} reflection={} health_port={}",
                kAttnserveVersion, p.grpc_port, p.metrics->port(), config_.grpc_address(),
@@ -441,6 +444,27 @@ absl::Status Server::StartMemoryGuard() {
   return absl::OkStatus();
 }
 
+absl::Status Server::StartConnectionCap() {
+  Parts& p = *parts_;
+  rlimit files{};
+  getrlimit(RLIMIT_NOFILE, &files);
+  const int64_t file_limit =
+      files.rlim_cur == RLIM_INFINITY ? int64_t{1} << 30 : static_cast<int64_t>(files.rlim_cur);
+  ConnectionCap::Options cap;
+  cap.max_connections = MaxConnections(config_.transport(), file_limit);
+  if (cap.max_connections < 0) return absl::OkStatus();
+  cap.local_ports = {p.grpc_port};
+  cap.on_shed = [metrics = p.metrics.get(), max = cap.max_connections](int64_t shed, int64_t found) {
+    metrics->ConnectionsCapped(shed);
+    spdlog::warn("connection cap: {} connections to the gRPC port, at most {}: shut down the {} that sent least",
+                 found, max, shed);
+  };
+  spdlog::info("connection cap: at most {} connections to the gRPC port (file limit {})", cap.max_connections,
+               file_limit);
+  ATTN_ASSIGN_OR_RETURN(p.connection_cap, ConnectionCap::Create(std::move(cap)));
+  return absl::OkStatus();
+}
+
 void Server::BuildMemoryBudget() {
   Parts& p = *parts_;
   std::string source = "memory_budget_bytes";
@@ -529,6 +553,7 @@ absl::Status Server::Drain(absl::Time deadline) {
   const absl::Time start = absl::Now();
   p.listener_probe.reset();  // a draining port may stop answering; that is no failure
   p.memory_guard.reset();
+  p.connection_cap.reset();
   StopAccepting();
   // Layer changes still waiting are refused (UNAVAILABLE); the one running finishes before the queues drain.
   p.kserve->StopControlThread();

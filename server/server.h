@@ -130,6 +130,7 @@ class Server {
   void ConfigureTransport(grpc::ServerBuilder* builder) const;
   absl::Status StartListenerProbe();
   absl::Status StartMemoryGuard();
+  absl::Status StartConnectionCap();
   absl::Status StartHealthServer();
   void SetServing();
   void StartTrimmer();

@@ -127,6 +127,11 @@ void ServerMetrics::RegisterTransportMetrics(prometheus::Registry& r) {
                                  "most bytes not delivered as messages")
                            .Register(r)
                            .Add({});
+  connections_capped_ = &prometheus::BuildCounter()
+                             .Name("attnserve_connections_capped_total")
+                             .Help("Connections shut down beyond transport.max_connections (those that sent least)")
+                             .Register(r)
+                             .Add({});
 }
 
 void ServerMetrics::AddLayer(const std::string& layer) {

@@ -155,6 +155,9 @@ std::vector<ServerFlag> TransportFlags() {
        "How often the server checks its gRPC port still accepts (unaccepted for 12 intervals: drain, exit 3); "
        "\"never\": off.",
        &SetTransportIntervalOrNever<&TransportConfig::set_listener_check_interval_ms>},
+      {{"max-connections", true, "ATTNSERVE_MAX_CONNECTIONS", "N"}, "(10000, or 3/4 of the file limit)",
+       "Connections to the gRPC port at most; beyond, those that sent least are shut down (checked each second).",
+       &SetTransportCount<int64_t, &TransportConfig::set_max_connections, int64_t{1} << 30>},
       {{"memory-guard-interval", true, "ATTNSERVE_MEMORY_GUARD_INTERVAL", "DURATION"}, "50ms",
        "How often RSS is checked against RSS at start + budget + 2 x gRPC memory + KV cache; above it, the "
        "connection holding the most undelivered bytes is shut down; \"never\": off.",

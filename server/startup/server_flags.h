@@ -29,8 +29,8 @@ struct ServerFlags {
   // fields given are set.
   attnserve::v1::SecurityConfig security;
   // --max-concurrent-streams, --max-connection-idle, --keepalive-min-ping-interval, --max-ping-strikes,
-  // --grpc-memory-bytes, --listener-check-interval, --memory-guard-interval ("never" = -1): only the fields
-  // given are set.
+  // --grpc-memory-bytes, --listener-check-interval, --memory-guard-interval ("never" = -1), --max-connections:
+  // only the fields given are set.
   attnserve::v1::TransportConfig transport;
   bool help = false;                            // --help / -h
   bool version = false;                         // --version

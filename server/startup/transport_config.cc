@@ -55,6 +55,9 @@ void TransportProblems(const TransportConfig& t, std::vector<std::string>* probl
   };
   interval("listener_check_interval_ms", t.listener_check_interval_ms());
   interval("memory_guard_interval_ms", t.memory_guard_interval_ms());
+  if (t.max_connections() < -1) {
+    problems->push_back(absl::StrCat("transport.max_connections: must be -1 (no cap) or >= 0, got ", t.max_connections()));
+  }
 }
 
 }  // namespace
@@ -80,6 +83,11 @@ std::vector<std::string> SecurityAndTransportProblems(const attnserve::v1::Serve
   SecurityProblems(config.security(), &problems);
   TransportProblems(config.transport(), &problems);
   return problems;
+}
+
+int64_t MaxConnections(const TransportConfig& transport, int64_t file_limit) {
+  if (transport.max_connections() != 0) return transport.max_connections();
+  return std::min(kDefaultMaxConnections, file_limit / 4 * 3);
 }
 
 int64_t GrpcMemoryBytes(const TransportConfig& transport, int64_t memory_budget_bytes) {

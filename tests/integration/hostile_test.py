@@ -79,7 +79,7 @@ def transport_flags(binary):
 class Server:
     """The binary on loopback ports chosen by the OS, its log in a file."""
 
-    def __init__(self, binary, tmp, config=CONFIG, name="hostile"):
+    def __init__(self, binary, tmp, config=CONFIG, name="hostile", flags=None):
         self.binary, self.tmp = binary, tmp
         cfg = os.path.join(tmp, f"{name}.pbtxt")
         with open(cfg, "w") as f:
@@ -87,7 +87,8 @@ class Server:
         self.log_path = os.path.join(tmp, f"{name}.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([binary, "--config", cfg, "--grpc-address", "127.0.0.1:0",
-                                      "--metrics-address", "127.0.0.1:0", *transport_flags(binary)],
+                                      "--metrics-address", "127.0.0.1:0",
+                                      *(transport_flags(binary) if flags is None else flags)],
                                      stdout=self.log, stderr=self.log)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -1211,6 +1212,66 @@ def case_memory_guard_sheds_a_message_grpc_buffers_whole(s):
         guarded.kill()
 
 
+def case_connection_cap(s):
+    """gRPC 1.51 has no bound on connections. A second server with --max-connections 40: 80
+    connections that send the HTTP/2 preface and then nothing, while a client on a connection of its own
+    keeps sending requests. Within the cap's check (once a second) the 40 beyond it are shut down, idle ones
+    only: the client is answered every time, and the count (attnserve_connections_capped_total) says 40."""
+    capped = Server(s.binary, s.tmp, name="capped", flags=["--max-connections", "40"])
+    stop = threading.Event()
+    codes = {}
+
+    def legit():
+        ch = grpc.insecure_channel(f"127.0.0.1:{capped.port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        stub = pbg.AttentionServiceStub(ch)
+        while not stop.is_set():
+            try:
+                stub.Infer(request("small", [1, 16, 256]), timeout=10)
+                codes["OK"] = codes.get("OK", 0) + 1
+            except grpc.RpcError as e:
+                codes[e.code().name] = codes.get(e.code().name, 0) + 1
+            time.sleep(0.01)
+        ch.close()
+
+    idle = []
+    try:
+        client = threading.Thread(target=legit, daemon=True)
+        client.start()
+        time.sleep(0.3)
+        for _ in range(80):
+            conn = socket.create_connection(("127.0.0.1", capped.port), timeout=5)
+            conn.sendall(h2.PREFACE)
+            idle.append(conn)
+        time.sleep(3.0)
+        closed = 0
+        for conn in idle:
+            conn.setblocking(False)
+            try:
+                while True:
+                    chunk = conn.recv(65536)  # the server's SETTINGS, then the end if it shut us down
+                    if not chunk:
+                        closed += 1
+                        break
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+        stop.set()
+        client.join(timeout=30)
+        capped_count = capped.metric("attnserve_connections_capped_total")
+        print(f"    80 idle connections to a server capped at 40: {closed} closed by it ({capped_count:.0f} counted); "
+              f"the client beside them: {codes}")
+        expect(closed >= 39, f"only {closed} of 80 idle connections were shut down (cap 40)")
+        expect(closed <= 41, f"{closed} of 80 idle connections were shut down (cap 40)")
+        expect(set(codes) == {"OK"}, f"the client beside them was not answered every time: {codes}")
+        served_on_new_connection(capped, 10.0)
+    finally:
+        stop.set()
+        for conn in idle:
+            conn.close()
+        capped.kill()
+
+
 def case_many_idle_connections(s):
     """800 TCP connections that never send a byte, held 3 s, then closed: the server must serve during and
     after, and give their descriptors back."""
@@ -1414,7 +1475,7 @@ CASES = [case_half_sent_requests_do_not_stall_metrics, case_queue_flood_stays_wi
          case_slow_connections_do_not_stall_metrics, case_huge_metadata_value_refused,
          case_ten_thousand_headers_refused, case_invalid_protobuf_in_a_raw_data_frame,
          case_length_prefix_of_2_gib, case_length_prefix_of_2_gib_then_streaming,
-         case_memory_guard_sheds_a_message_grpc_buffers_whole, case_many_idle_connections,
+         case_memory_guard_sheds_a_message_grpc_buffers_whole, case_connection_cap, case_many_idle_connections,
          case_streams_cancelled_midway, case_gzip_bomb, case_unknown_or_missing_grpc_encoding,
          case_bad_metadata_cannot_flood_the_log, case_protocol_violations_close_the_connection]
 

@@ -683,6 +683,9 @@ TEST(SecurityAndTransport, DefaultsFillEveryLimit) {
   EXPECT_EQ(t.max_metadata_bytes(), 16384);
   EXPECT_EQ(t.listener_check_interval_ms(), 5000);
   EXPECT_EQ(t.memory_guard_interval_ms(), 50);
+  EXPECT_EQ(t.max_connections(), 0);  // follows the file limit
+  EXPECT_EQ(MaxConnections(t, 1 << 20), 10000);
+  EXPECT_EQ(MaxConnections(t, 1024), 768);
   EXPECT_EQ(config.security().tls_reload_interval_ms(), 10000);
   EXPECT_TRUE(config.security().tls_cert_file().empty());
   EXPECT_EQ(GrpcMemoryBytes(t, int64_t{8} << 30), int64_t{4} << 30);    // half the budget
@@ -697,6 +700,7 @@ TEST(SecurityAndTransport, ProblemsNameTheirFields) {
   config.mutable_transport()->set_max_ping_strikes(-1);
   config.mutable_transport()->set_listener_check_interval_ms(-2);
   config.mutable_transport()->set_memory_guard_interval_ms(-3);
+  config.mutable_transport()->set_max_connections(-2);
   config.set_health_address("nowhere");
   const absl::Status status = ApplyDefaultsAndValidate(&config);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
@@ -706,6 +710,7 @@ TEST(SecurityAndTransport, ProblemsNameTheirFields) {
                            "transport.max_ping_strikes: must be >= 0, got -1",
                            "transport.listener_check_interval_ms: must be -1 (never) or >= 0, got -2",
                            "transport.memory_guard_interval_ms: must be -1 (never) or >= 0, got -3",
+                           "transport.max_connections: must be -1 (no cap) or >= 0, got -2",
                            "health_address: "}) {
     EXPECT_THAT(std::string(status.message()), HasSubstr(text));
   }
@@ -727,7 +732,7 @@ TEST_F(FlagsTest, SecurityAndTransportFlagsOverrideTheirFields) {
              "--metrics-auth-file", "m", "--disable-reflection", "--max-concurrent-streams", "64",
              "--max-connection-idle", "30s", "--keepalive-min-ping-interval=1m", "--max-ping-strikes", "5",
              "--grpc-memory-bytes", "1048576", "--listener-check-interval", "never", "--memory-guard-interval",
-             "20ms", "--health-address", "0.0.0.0:8081"});
+             "20ms", "--max-connections", "500", "--health-address", "0.0.0.0:8081"});
   ASSERT_TRUE(flags.ok()) << flags.status();
   ServerConfig config = DefaultServerConfig();
   config.mutable_transport()->set_max_metadata_bytes(999);  // a field no flag set stays
@@ -745,6 +750,7 @@ TEST_F(FlagsTest, SecurityAndTransportFlagsOverrideTheirFields) {
   EXPECT_EQ(config.transport().grpc_memory_bytes(), 1048576);
   EXPECT_EQ(config.transport().listener_check_interval_ms(), -1);
   EXPECT_EQ(config.transport().memory_guard_interval_ms(), 20);
+  EXPECT_EQ(config.transport().max_connections(), 500);
   EXPECT_EQ(config.transport().max_metadata_bytes(), 999);
   EXPECT_EQ(config.health_address(), "0.0.0.0:8081");
 }

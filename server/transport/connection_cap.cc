@@ -1,0 +1,58 @@
+#include "server/transport/connection_cap.h"
+
+#include <algorithm>
+#include <numeric>
+#include <utility>
+
+namespace attnserve {
+
+std::vector<size_t> ConnectionsOverCap(const std::vector<TcpConnection>& connections, int64_t max_connections) {
+  const int64_t excess = static_cast<int64_t>(connections.size()) - max_connections;
+  if (excess <= 0) return {};
+  std::vector<size_t> order(connections.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    const TcpConnection& x = connections[a];
+    const TcpConnection& y = connections[b];
+    if (x.received_bytes != y.received_bytes) return x.received_bytes < y.received_bytes;
+    return x.inode > y.inode;
+  });
+  order.resize(static_cast<size_t>(excess));
+  return order;
+}
+
+absl::StatusOr<std::unique_ptr<ConnectionCap>> ConnectionCap::Create(Options options) {
+  if (options.max_connections <= 0) return absl::InvalidArgumentError("connection cap: max_connections must be > 0");
+  if (options.interval <= absl::ZeroDuration()) return absl::InvalidArgumentError("connection cap: interval must be > 0");
+  if (options.local_ports.empty()) return absl::InvalidArgumentError("connection cap: no port to watch");
+  if (!options.list_connections) {
+    options.list_connections = [ports = options.local_ports] { return ListTcpConnections(ports); };
+  }
+  if (!options.shut_down) options.shut_down = ShutDownTcpConnection;
+  const bool start_thread = options.start_thread;
+  std::unique_ptr<ConnectionCap> cap(new ConnectionCap(std::move(options)));
+  if (start_thread) cap->thread_ = std::thread([c = cap.get()] { c->Run(); });
+  return cap;
+}
+
+ConnectionCap::~ConnectionCap() {
+  stop_.Notify();
+  if (thread_.joinable()) thread_.join();
+}
+
+void ConnectionCap::Run() {
+  while (!stop_.WaitForNotificationWithTimeout(options_.interval)) CheckOnce();
+}
+
+int64_t ConnectionCap::CheckOnce() {
+  absl::MutexLock lock(&mu_);
+  const std::vector<TcpConnection> connections = options_.list_connections();
+  int64_t shed = 0;
+  for (size_t i : ConnectionsOverCap(connections, options_.max_connections)) {
+    if (options_.shut_down(connections[i]).ok()) ++shed;
+  }
+  if (shed > 0 && options_.on_shed) options_.on_shed(shed, static_cast<int64_t>(connections.size()));
+  return shed;
+}
+
+}  // namespace attnserve

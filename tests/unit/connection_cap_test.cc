@@ -2,10 +2,9 @@
 // newest among equals; never one sending requests while idle ones exceed the cap), driven with fake
 // connections, and once against real loopback connections.
 #include "server/transport/connection_cap.h"
+#include "tests/testing/loopback_socket.h"
 
-#include <arpa/inet.h>
 #include <gtest/gtest.h>
-#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -84,19 +83,10 @@ TEST(ConnectionCap, RefusesBadOptions) {
 // Six clients on a real listener of this process, three of which sent bytes: with a cap of 4, the two newest
 // silent ones are shut down (their clients read the end), the rest stay open.
 TEST(ConnectionCap, OnRealConnections) {
-  const int listener = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  ASSERT_EQ(listen(listener, 8), 0);
-  socklen_t len = sizeof(addr);
-  getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len);
-  std::vector<int> clients, accepted;
+  testing::LoopbackListener listener;
+  std::vector<int> clients;
   for (int i = 0; i < 6; ++i) {
-    clients.push_back(socket(AF_INET, SOCK_STREAM, 0));
-    ASSERT_EQ(connect(clients.back(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-    accepted.push_back(accept(listener, nullptr, nullptr));
+    clients.push_back(listener.Connect().client);
     if (i % 2 == 0) {
       ASSERT_EQ(send(clients.back(), "request", 7, 0), 7);  // 0, 2, 4 send
     }
@@ -104,7 +94,7 @@ TEST(ConnectionCap, OnRealConnections) {
   usleep(50 * 1000);
   ConnectionCap::Options o;
   o.max_connections = 4;
-  o.local_ports = {ntohs(addr.sin_port)};
+  o.local_ports = {listener.port()};
   o.start_thread = false;
   auto cap = ConnectionCap::Create(o);
   ASSERT_TRUE(cap.ok());
@@ -116,9 +106,6 @@ TEST(ConnectionCap, OnRealConnections) {
   }
   // The silent ones are 1, 3 and 5; the newest two of them (5, 3) are shut.
   EXPECT_EQ(ended, (std::vector<bool>{false, false, false, true, false, true}));
-  for (int fd : clients) close(fd);
-  for (int fd : accepted) close(fd);
-  close(listener);
 }
 
 }  // namespace

@@ -24,6 +24,7 @@
 #include "server/transport/connection_table.h"
 #include "server/transport/delivered_bytes.h"
 #include "server/transport/peer_address.h"
+#include "tests/testing/loopback_socket.h"
 
 namespace attnserve {
 namespace {
@@ -207,28 +208,17 @@ TEST(MemoryGuardCreate, RefusesBadOptions) {
 
 // A loopback listener of this process and one client connected to it.
 struct LoopbackPair {
-  LoopbackPair() {
-    listener = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    EXPECT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-    EXPECT_EQ(listen(listener, 4), 0);
-    socklen_t len = sizeof(addr);
-    getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len);
-    port = ntohs(addr.sin_port);
-    client = socket(AF_INET, SOCK_STREAM, 0);
-    EXPECT_EQ(connect(client, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-    server = accept(listener, nullptr, nullptr);
+  LoopbackPair() : connection(listener.Connect()), port(listener.port()) {
     sockaddr_storage client_address = {};
-    len = sizeof(client_address);
-    getsockname(client, reinterpret_cast<sockaddr*>(&client_address), &len);
+    socklen_t len = sizeof(client_address);
+    getsockname(connection.client, reinterpret_cast<sockaddr*>(&client_address), &len);
     client_key = PeerKeyFromSockaddr(client_address);
+    client = connection.client;
+    server = connection.accepted;
   }
-  ~LoopbackPair() {
-    for (int fd : {client, server, listener}) close(fd);
-  }
-  int listener = -1, client = -1, server = -1, port = 0;
+  testing::LoopbackListener listener;
+  testing::LoopbackListener::Pair connection;
+  int port = 0, client = -1, server = -1;
   std::string client_key;
 };
 

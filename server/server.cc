@@ -430,6 +430,7 @@ absl::Status Server::StartMemoryGuard() {
   guard.min_undelivered_bytes = kMaxMessageBytes + (int64_t{16} << 20);
   guard.interval = absl::Milliseconds(t.memory_guard_interval_ms());
   guard.local_ports = {p.grpc_port};
+  if (p.health_port != 0) guard.local_ports.push_back(p.health_port);  // gRPC 1.51 too, without a quota
   guard.delivered = &DeliveredBytes::Process();
   guard.on_shed = [metrics = p.metrics.get()](const ShedConnection& shed) {
     metrics->ConnectionShed();
@@ -454,9 +455,11 @@ absl::Status Server::StartConnectionCap() {
   cap.max_connections = MaxConnections(config_.transport(), file_limit);
   if (cap.max_connections < 0) return absl::OkStatus();
   cap.local_ports = {p.grpc_port};
+  if (p.health_port != 0) cap.local_ports.push_back(p.health_port);
+  cap.delivered = &DeliveredBytes::Process();
   cap.on_shed = [metrics = p.metrics.get(), max = cap.max_connections](int64_t shed, int64_t found) {
     metrics->ConnectionsCapped(shed);
-    spdlog::warn("connection cap: {} connections to the gRPC port, at most {}: shut down the {} that sent least",
+    spdlog::warn("connection cap: {} connections to the gRPC port, at most {}: shut down {}, the least busy",
                  found, max, shed);
   };
   spdlog::info("connection cap: at most {} connections to the gRPC port (file limit {})", cap.max_connections,
@@ -552,8 +555,6 @@ absl::Status Server::Drain(absl::Time deadline) {
   p.drained = true;
   const absl::Time start = absl::Now();
   p.listener_probe.reset();  // a draining port may stop answering; that is no failure
-  p.memory_guard.reset();
-  p.connection_cap.reset();
   StopAccepting();
   // Layer changes still waiting are refused (UNAVAILABLE); the one running finishes before the queues drain.
   p.kserve->StopControlThread();
@@ -569,6 +570,8 @@ absl::Status Server::Drain(absl::Time deadline) {
   // Waits for in-flight RPCs (their answers are being written) until the deadline, then cancels the rest.
   p.grpc_server->Shutdown(absl::ToChronoTime(deadline));
   if (p.health_server != nullptr) p.health_server->Shutdown(absl::ToChronoTime(deadline));
+  p.connection_cap.reset();  // the ports accept no more: nothing left to bound
+  p.memory_guard.reset();
   StopTrimmer();
   if (!in_time) return absl::DeadlineExceededError("batches were still running at the drain deadline");
   p.grpc_server->Wait();

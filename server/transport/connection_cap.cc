@@ -6,12 +6,14 @@
 
 namespace attnserve {
 
-std::vector<size_t> ConnectionsOverCap(const std::vector<TcpConnection>& connections, int64_t max_connections) {
+std::vector<size_t> ConnectionsOverCap(const std::vector<TcpConnection>& connections,
+                                       const std::vector<int64_t>& delivered_bytes, int64_t max_connections) {
   const int64_t excess = static_cast<int64_t>(connections.size()) - max_connections;
   if (excess <= 0) return {};
   std::vector<size_t> order(connections.size());
   std::iota(order.begin(), order.end(), 0);
   std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    if (delivered_bytes[a] != delivered_bytes[b]) return delivered_bytes[a] < delivered_bytes[b];
     const TcpConnection& x = connections[a];
     const TcpConnection& y = connections[b];
     if (x.received_bytes != y.received_bytes) return x.received_bytes < y.received_bytes;
@@ -46,12 +48,18 @@ void ConnectionCap::Run() {
 
 int64_t ConnectionCap::CheckOnce() {
   absl::MutexLock lock(&mu_);
-  const std::vector<TcpConnection> connections = options_.list_connections();
-  int64_t shed = 0;
-  for (size_t i : ConnectionsOverCap(connections, options_.max_connections)) {
-    if (options_.shut_down(connections[i]).ok()) ++shed;
+  const absl::StatusOr<std::vector<TcpConnection>> connections = options_.list_connections();
+  if (!connections.ok()) return 0;
+  std::vector<int64_t> delivered;
+  delivered.reserve(connections->size());
+  for (const TcpConnection& c : *connections) {
+    delivered.push_back(options_.delivered == nullptr ? 0 : options_.delivered->Of(c.peer_key));
   }
-  if (shed > 0 && options_.on_shed) options_.on_shed(shed, static_cast<int64_t>(connections.size()));
+  int64_t shed = 0;
+  for (size_t i : ConnectionsOverCap(*connections, delivered, options_.max_connections)) {
+    if (options_.shut_down((*connections)[i]).ok()) ++shed;
+  }
+  if (shed > 0 && options_.on_shed) options_.on_shed(shed, static_cast<int64_t>(connections->size()));
   return shed;
 }
 

@@ -1,8 +1,9 @@
 // A bound on the connections to the gRPC port, which gRPC 1.51 does not have (no
 // GRPC_ARG_MAX_ALLOWED_INCOMING_CONNECTIONS before 1.55): every `interval` the connections are counted
-// (connection_table.h) and those beyond `max_connections` are shut down, the ones that have sent least first
-// (idle connections holding a descriptor, not clients sending requests), the newest first among equals
-// (sockets' inode numbers grow with their creation). Idle ones are also closed by gRPC after
+// (connection_table.h) and those beyond `max_connections` are shut down: first those with the fewest bytes
+// delivered as messages (delivered_bytes.h), then those that sent least (idle connections holding a descriptor,
+// before clients sending requests), then roughly the newest (sockets' inode numbers grow with their creation,
+// in per-CPU batches). Idle ones are also closed by gRPC after
 // max_connection_idle_ms; this acts within an interval, and keeps the descriptors below the file limit so that
 // gRPC's accept loop does not meet EMFILE (the listener probe covers a burst faster than the interval).
 //
@@ -22,23 +23,28 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "server/transport/connection_table.h"
+#include "server/transport/delivered_bytes.h"
 
 namespace attnserve {
 
-// Which of `connections` to shut down so that at most `max_connections` remain: indices, least received first,
-// the newest (highest inode) first among equals.
-std::vector<size_t> ConnectionsOverCap(const std::vector<TcpConnection>& connections, int64_t max_connections);
+// Which of `connections` to shut down so that at most `max_connections` remain: indices, fewest
+// `delivered_bytes` (one per connection) first, then least received, then the highest inode.
+std::vector<size_t> ConnectionsOverCap(const std::vector<TcpConnection>& connections,
+                                       const std::vector<int64_t>& delivered_bytes, int64_t max_connections);
 
 class ConnectionCap {
  public:
   struct Options {
     int64_t max_connections = 0;  // required, > 0
+    // How often the connections are counted.
     absl::Duration interval = absl::Seconds(1);
+    // What each connection had delivered as messages; null: ranked by bytes received alone. Not owned.
+    const DeliveredBytes* delivered = nullptr;
     std::vector<int> local_ports;  // the gRPC listening ports; at least one
     // Called after each check that shut connections down, with how many (from the checking thread).
     std::function<void(int64_t shed, int64_t found)> on_shed;
     // The process's own unless set (tests set them).
-    std::function<std::vector<TcpConnection>()> list_connections;
+    std::function<absl::StatusOr<std::vector<TcpConnection>>()> list_connections;
     std::function<absl::Status(const TcpConnection&)> shut_down;
     bool start_thread = true;
   };
@@ -48,7 +54,7 @@ class ConnectionCap {
   ConnectionCap(const ConnectionCap&) = delete;
   ConnectionCap& operator=(const ConnectionCap&) = delete;
 
-  // One check: the number of connections shut down.
+  // One check: the number of connections shut down (0 when they could not be listed).
   int64_t CheckOnce();
 
  private:

@@ -19,6 +19,10 @@
 namespace attnserve {
 namespace {
 
+// The kernel's TCP states (include/net/tcp_states.h), which linux/tcp.h does not name.
+constexpr uint8_t kTcpEstablished = 1;
+constexpr uint8_t kTcpCloseWait = 8;
+
 int LocalPort(const sockaddr_storage& address) {
   if (address.ss_family == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in&>(address).sin_port);
   if (address.ss_family == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6&>(address).sin6_port);
@@ -42,6 +46,8 @@ bool ReadConnection(int fd, const std::vector<int>& local_ports, TcpConnection* 
   tcp_info info = {};
   len = sizeof(info);
   if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0) return false;
+  // After our shutdown the socket is in FIN_WAIT until gRPC closes it: no longer a connection to count.
+  if (info.tcpi_state != kTcpEstablished && info.tcpi_state != kTcpCloseWait) return false;
   out->fd = fd;
   out->inode = st.st_ino;
   out->peer_key = PeerKeyFromSockaddr(peer);
@@ -51,10 +57,10 @@ bool ReadConnection(int fd, const std::vector<int>& local_ports, TcpConnection* 
 
 }  // namespace
 
-std::vector<TcpConnection> ListTcpConnections(const std::vector<int>& local_ports) {
+absl::StatusOr<std::vector<TcpConnection>> ListTcpConnections(const std::vector<int>& local_ports) {
   std::vector<TcpConnection> connections;
   DIR* dir = opendir("/proc/self/fd");
-  if (dir == nullptr) return connections;
+  if (dir == nullptr) return absl::UnavailableError(absl::StrCat("/proc/self/fd: ", std::strerror(errno)));
   const int own_fd = dirfd(dir);
   while (dirent* entry = readdir(dir)) {
     char* end = nullptr;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace attnserve {
 
@@ -20,8 +21,10 @@ struct TcpConnection {
   int64_t received_bytes = 0;  // payload bytes the kernel received on it (tcpi_bytes_received)
 };
 
-// Connected TCP sockets of this process whose local port is one of `local_ports` (listening ones excluded).
-std::vector<TcpConnection> ListTcpConnections(const std::vector<int>& local_ports);
+// Established TCP connections of this process whose local port is one of `local_ports` (not listening
+// sockets, nor ones already shut down and waiting for their owner to close them). UNAVAILABLE when the
+// process's descriptors cannot be read (at EMFILE opening /proc/self/fd fails): never an empty list then.
+absl::StatusOr<std::vector<TcpConnection>> ListTcpConnections(const std::vector<int>& local_ports);
 
 // Shuts `connection` down in both directions, if its descriptor still holds that socket (same inode and
 // peer): its owner (gRPC) then sees the connection fail and closes it, freeing what it buffered. The

@@ -5,17 +5,29 @@
 namespace attnserve {
 
 DeliveredBytes& DeliveredBytes::Process() {
-  static DeliveredBytes* const process = new DeliveredBytes();  // never destroyed: gRPC threads may outlive main
+  static DeliveredBytes* const process = [] {
+    auto* table = new DeliveredBytes();  // never destroyed: gRPC threads may outlive main
+    table->SetEnabled(false);            // until a memory guard reads it
+    return table;
+  }();
   return *process;
 }
 
 void DeliveredBytes::Record(absl::string_view grpc_peer, int64_t bytes) {
+  if (!enabled_.load(std::memory_order_relaxed)) return;
   std::string key = PeerKeyFromGrpcPeer(grpc_peer);
   if (key.empty()) return;
   absl::MutexLock lock(&mu_);
   Entry& entry = entries_[std::move(key)];
   entry.bytes += bytes;
   entry.round = round_;
+}
+
+void DeliveredBytes::SetEnabled(bool enabled) {
+  enabled_.store(enabled, std::memory_order_relaxed);
+  if (enabled) return;
+  absl::MutexLock lock(&mu_);
+  entries_.clear();
 }
 
 int64_t DeliveredBytes::Of(const std::string& peer_key) const {

@@ -4,11 +4,13 @@
 //
 // Entries live while their connection does: Prune drops those of connections gone, so a client that opens
 // connection after connection cannot grow the table. One server per process (as main runs it): a second
-// one's guard would prune the first one's connections too (tests that start several only undercount).
+// one's guard would prune the first one's connections too, which then look undelivered to it (tests that
+// start several servers never go over the guard's limit).
 //
 // Thread-safety: all methods may be called from any thread.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -26,8 +28,10 @@ class DeliveredBytes {
   static DeliveredBytes& Process();
 
   // A message of `bytes` delivered from `grpc_peer` (gRPC's peer URI). Peers without a key (unix sockets)
-  // are not recorded.
+  // are not recorded, nor anything while no guard reads the table (nothing would prune it).
   void Record(absl::string_view grpc_peer, int64_t bytes);
+  // Whether Record records: set by the memory guard for its lifetime. Turning it off empties the table.
+  void SetEnabled(bool enabled);
   // What `peer_key`'s connection had delivered (0 when never recorded).
   int64_t Of(const std::string& peer_key) const;
 
@@ -45,6 +49,7 @@ class DeliveredBytes {
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, Entry> entries_ ABSL_GUARDED_BY(mu_);
   uint64_t round_ ABSL_GUARDED_BY(mu_) = 0;
+  std::atomic<bool> enabled_{true};
 };
 
 }  // namespace attnserve

@@ -39,6 +39,7 @@ absl::StatusOr<std::unique_ptr<MemoryGuard>> MemoryGuard::Create(Options options
   if (!options.shut_down) options.shut_down = ShutDownTcpConnection;
   if (!options.now) options.now = [] { return absl::Now(); };
   const bool start_thread = options.start_thread;
+  options.delivered->SetEnabled(true);
   std::unique_ptr<MemoryGuard> guard(new MemoryGuard(std::move(options)));
   if (start_thread) guard->thread_ = std::thread([g = guard.get()] { g->Run(); });
   return guard;
@@ -47,17 +48,19 @@ absl::StatusOr<std::unique_ptr<MemoryGuard>> MemoryGuard::Create(Options options
 MemoryGuard::~MemoryGuard() {
   stop_.Notify();
   if (thread_.joinable()) thread_.join();
+  options_.delivered->SetEnabled(false);
 }
 
 void MemoryGuard::Run() {
   while (!stop_.WaitForNotificationWithTimeout(options_.interval)) CheckOnce();
 }
 
-std::vector<TcpConnection> MemoryGuard::ListAndPrune() {
+absl::StatusOr<std::vector<TcpConnection>> MemoryGuard::ListAndPrune() {
   const uint64_t round = options_.delivered->BeginPrune();
-  std::vector<TcpConnection> connections = options_.list_connections();
+  absl::StatusOr<std::vector<TcpConnection>> connections = options_.list_connections();
+  if (!connections.ok()) return connections;  // unread is not "none": the table stays as it is
   absl::flat_hash_set<std::string> live;
-  for (const TcpConnection& c : connections) live.insert(c.peer_key);
+  for (const TcpConnection& c : *connections) live.insert(c.peer_key);
   options_.delivered->Prune(round, live);
   next_prune_ = options_.now() + options_.prune_interval;
   return connections;
@@ -67,23 +70,23 @@ MemoryGuard::Outcome MemoryGuard::CheckOnce() {
   absl::MutexLock lock(&mu_);
   const absl::Time now = options_.now();
   const int64_t rss = options_.rss_bytes();
+  if (rss < 0) return Outcome::kUnreadable;
   if (rss <= options_.rss_limit_bytes) {
-    if (now >= next_prune_) ListAndPrune();
+    if (now >= next_prune_) ListAndPrune().IgnoreError();
     return Outcome::kUnderLimit;
   }
   if (now < cooling_until_) return Outcome::kCoolingDown;
-  const std::vector<TcpConnection> connections = ListAndPrune();
-  std::vector<ConnectionLoad> loads;
-  loads.reserve(connections.size());
-  for (const TcpConnection& c : connections) {
-    loads.push_back({c.received_bytes, options_.delivered->Of(c.peer_key)});
-  }
-  const std::optional<size_t> worst = ConnectionToShed(loads, options_.min_undelivered_bytes);
-  if (!worst.has_value() || !options_.shut_down(connections[*worst]).ok()) return Outcome::kNoneQualifies;
   cooling_until_ = now + options_.cooldown;
+  const absl::StatusOr<std::vector<TcpConnection>> connections = ListAndPrune();
+  if (!connections.ok()) return Outcome::kUnreadable;
+  std::vector<ConnectionLoad> loads;
+  loads.reserve(connections->size());
+  for (const TcpConnection& c : *connections) loads.push_back({c.received_bytes, options_.delivered->Of(c.peer_key)});
+  const std::optional<size_t> worst = ConnectionToShed(loads, options_.min_undelivered_bytes);
+  if (!worst.has_value() || !options_.shut_down((*connections)[*worst]).ok()) return Outcome::kNoneQualifies;
   if (options_.on_shed) {
-    options_.on_shed({connections[*worst].peer_key, loads[*worst].received_bytes, loads[*worst].delivered_bytes, rss,
-                      options_.rss_limit_bytes});
+    options_.on_shed({(*connections)[*worst].peer_key, loads[*worst].received_bytes, loads[*worst].delivered_bytes,
+                      rss, options_.rss_limit_bytes});
   }
   return Outcome::kShed;
 }

@@ -8,7 +8,11 @@
 // ports and shuts down (connection_table.h) the one holding the most bytes the kernel received but the
 // services were never delivered as messages (delivered_bytes.h), if those are at least
 // `min_undelivered_bytes` and at least half of all it sent: a client whose bytes arrive as messages, however
-// many, is never the one. Then it waits `cooldown` for gRPC to free what that connection held.
+// many, is rarely the one: only while RSS is over the limit, and only if it has more than `min_undelivered_bytes`
+// of messages in progress at once (several of the largest uploads in parallel). Then it waits `cooldown` for
+// gRPC to free what that connection held; when no connection qualifies it also waits `cooldown` before
+// listing again (listing costs a few syscalls per descriptor). It does nothing while the process's
+// descriptors or RSS cannot be read (at EMFILE).
 //
 // Policy apart from threads: CheckOnce() does one check and can be driven from a test with fakes for the
 // RSS, the connections, the shutdown and the clock.
@@ -60,20 +64,21 @@ class MemoryGuard {
     int64_t rss_limit_bytes = 0;
     // Undelivered bytes a connection must hold to be shed. > 0.
     int64_t min_undelivered_bytes = int64_t{32} << 20;
+    // How often the RSS is read.
     absl::Duration interval = absl::Milliseconds(50);
-    // After a shed, how long before another.
+    // After a shed, or a listing that found no connection to shed, how long before listing again.
     absl::Duration cooldown = absl::Milliseconds(500);
     // How often the delivered-bytes table is pruned of connections gone.
     absl::Duration prune_interval = absl::Seconds(5);
     // The gRPC listening ports whose connections are watched. At least one.
     std::vector<int> local_ports;
-    // Required; not owned, must outlive the guard.
+    // Required; not owned, must outlive the guard. Enabled while the guard lives.
     DeliveredBytes* delivered = nullptr;
     // Called after each shed (from the guard's thread).
     std::function<void(const ShedConnection&)> on_shed;
     // The process's own unless set (tests set them).
     std::function<int64_t()> rss_bytes;
-    std::function<std::vector<TcpConnection>()> list_connections;
+    std::function<absl::StatusOr<std::vector<TcpConnection>>()> list_connections;
     std::function<absl::Status(const TcpConnection&)> shut_down;
     std::function<absl::Time()> now;
     bool start_thread = true;
@@ -85,14 +90,14 @@ class MemoryGuard {
   MemoryGuard(const MemoryGuard&) = delete;
   MemoryGuard& operator=(const MemoryGuard&) = delete;
 
-  enum class Outcome { kUnderLimit, kCoolingDown, kNoneQualifies, kShed };
+  enum class Outcome { kUnderLimit, kCoolingDown, kNoneQualifies, kShed, kUnreadable };
   // One check (the thread's body). Serialized with itself.
   Outcome CheckOnce();
   int64_t rss_limit_bytes() const { return options_.rss_limit_bytes; }
 
  private:
   explicit MemoryGuard(Options options) : options_(std::move(options)) {}
-  std::vector<TcpConnection> ListAndPrune() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<std::vector<TcpConnection>> ListAndPrune() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Run();
 
   const Options options_;

@@ -31,7 +31,13 @@ std::string PercentDecoded(absl::string_view text) {
 
 std::string PeerKeyFromGrpcPeer(absl::string_view grpc_peer) {
   if (absl::ConsumePrefix(&grpc_peer, "ipv4:")) return std::string(grpc_peer);
-  if (absl::ConsumePrefix(&grpc_peer, "ipv6:")) return PercentDecoded(grpc_peer);
+  if (absl::ConsumePrefix(&grpc_peer, "ipv6:")) {
+    std::string key = PercentDecoded(grpc_peer);
+    // A link-local address carries its zone ("[fe80::1%2]:5000"); the socket's address, as printed, does not.
+    const size_t zone = key.find('%'), bracket = key.find(']');
+    if (zone != std::string::npos && bracket != std::string::npos && zone < bracket) key.erase(zone, bracket - zone);
+    return key;
+  }
   return "";
 }
 

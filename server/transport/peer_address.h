@@ -12,7 +12,8 @@
 namespace attnserve {
 
 // From gRPC's peer URI: "ipv4:127.0.0.1:5000", "ipv6:%5B::1%5D:5000" (1.51 percent-encodes the brackets)
-// or "ipv6:[::1]:5000". "" for any other scheme (unix sockets carry no port to match).
+// or "ipv6:[::1]:5000"; a link-local address without its zone. "" for any other scheme (unix sockets carry no
+// port to match).
 std::string PeerKeyFromGrpcPeer(absl::string_view grpc_peer);
 
 // From a socket's peer address (getpeername). "" for families other than AF_INET and AF_INET6.

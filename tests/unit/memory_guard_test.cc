@@ -37,6 +37,7 @@ TEST(PeerKey, FromGrpcPeerUris) {
   EXPECT_EQ(PeerKeyFromGrpcPeer("ipv4:127.0.0.1:5000"), "127.0.0.1:5000");
   EXPECT_EQ(PeerKeyFromGrpcPeer("ipv6:%5B::1%5D:5000"), "[::1]:5000");
   EXPECT_EQ(PeerKeyFromGrpcPeer("ipv6:[fe80::1]:65535"), "[fe80::1]:65535");
+  EXPECT_EQ(PeerKeyFromGrpcPeer("ipv6:%5Bfe80::1%252%5D:5000"), "[fe80::1]:5000");  // its zone dropped
   EXPECT_EQ(PeerKeyFromGrpcPeer("unix:/tmp/socket"), "");
   EXPECT_EQ(PeerKeyFromGrpcPeer(""), "");
 }
@@ -97,6 +98,10 @@ TEST(DeliveredBytes, RecordsByPeerKeyAndPrunesConnectionsGone) {
   EXPECT_EQ(delivered.Of("[::1]:4001"), 0);  // gone
   EXPECT_EQ(delivered.Of("127.0.0.1:4002"), 1);
   EXPECT_EQ(delivered.size(), 2u);
+  // Off (no guard to prune it): emptied, and nothing more is recorded.
+  delivered.SetEnabled(false);
+  delivered.Record("ipv4:127.0.0.1:4003", 5);
+  EXPECT_EQ(delivered.size(), 0u);
 }
 
 // A guard driven by hand: fake RSS, connections, shutdown and clock.
@@ -111,7 +116,8 @@ class GuardTest : public ::testing::Test {
     o.delivered = &delivered_;
     o.start_thread = false;
     o.rss_bytes = [this] { return rss_; };
-    o.list_connections = [this] {
+    o.list_connections = [this]() -> absl::StatusOr<std::vector<TcpConnection>> {
+      if (fail_listing_) return absl::UnavailableError("/proc/self/fd: Too many open files");
       ++listings_;
       return connections_;
     };
@@ -132,6 +138,7 @@ class GuardTest : public ::testing::Test {
                                              {11, 2, "127.0.0.1:1001", 900 * kMiB}};
   absl::Time now_ = absl::FromUnixSeconds(1000);
   int listings_ = 0;
+  bool fail_listing_ = false;
   std::vector<std::string> shut_;
   std::vector<ShedConnection> sheds_;
 };
@@ -177,11 +184,41 @@ TEST_F(GuardTest, AConnectionGoneBeforeItsShutdownIsNoShed) {
   gone.delivered = &delivered_;
   gone.start_thread = false;
   gone.rss_bytes = [this] { return rss_; };
-  gone.list_connections = [this] { return connections_; };
+  gone.list_connections = [this]() -> absl::StatusOr<std::vector<TcpConnection>> { return connections_; };
   gone.shut_down = [](const TcpConnection&) { return absl::NotFoundError("gone"); };
   auto guard_gone = MemoryGuard::Create(std::move(gone));
   ASSERT_TRUE(guard_gone.ok());
   EXPECT_EQ((*guard_gone)->CheckOnce(), MemoryGuard::Outcome::kNoneQualifies);
+}
+
+TEST_F(GuardTest, NothingIsDoneWhatCannotBeRead) {
+  delivered_.Record("ipv4:127.0.0.1:1001", 880 * kMiB);
+  auto guard = MakeGuard();
+  rss_ = -1;  // /proc/self/statm unreadable
+  EXPECT_EQ(guard->CheckOnce(), MemoryGuard::Outcome::kUnreadable);
+  EXPECT_EQ(listings_, 0);
+  // Over the limit, and the descriptors cannot be listed (EMFILE): no shed, and the table is not pruned as if
+  // every connection were gone.
+  rss_ = 600 * kMiB;
+  fail_listing_ = true;
+  EXPECT_EQ(guard->CheckOnce(), MemoryGuard::Outcome::kUnreadable);
+  EXPECT_TRUE(shut_.empty());
+  EXPECT_EQ(delivered_.Of("127.0.0.1:1001"), 880 * kMiB);
+}
+
+TEST_F(GuardTest, NoneQualifyingBacksOffBeforeListingAgain) {
+  delivered_.Record("ipv4:127.0.0.1:1000", 500 * kMiB);
+  delivered_.Record("ipv4:127.0.0.1:1001", 900 * kMiB);
+  auto guard = MakeGuard();
+  rss_ = 600 * kMiB;
+  EXPECT_EQ(guard->CheckOnce(), MemoryGuard::Outcome::kNoneQualifies);
+  const int listed = listings_;
+  now_ += absl::Milliseconds(50);
+  EXPECT_EQ(guard->CheckOnce(), MemoryGuard::Outcome::kCoolingDown);
+  EXPECT_EQ(listings_, listed);
+  now_ += absl::Milliseconds(500);
+  EXPECT_EQ(guard->CheckOnce(), MemoryGuard::Outcome::kNoneQualifies);
+  EXPECT_EQ(listings_, listed + 1);
 }
 
 TEST(MemoryGuardCreate, RefusesBadOptions) {
@@ -235,21 +272,23 @@ TEST(ConnectionTable, SeesAcceptedConnectionsAndTheirBytes) {
     const ssize_t got = recv(pair.server, sink.data(), sink.size(), MSG_DONTWAIT);
     if (got > 0) read += static_cast<size_t>(got);
   }
-  std::vector<TcpConnection> found = ListTcpConnections({pair.port});
+  std::vector<TcpConnection> found = *ListTcpConnections({pair.port});
   ASSERT_EQ(found.size(), 1u);  // the accepted end only: not the listener, not the client's end
   EXPECT_EQ(found[0].fd, pair.server);
   EXPECT_EQ(found[0].peer_key, pair.client_key);
   EXPECT_GE(found[0].received_bytes, int64_t{3} << 20);
-  EXPECT_TRUE(ListTcpConnections({pair.port + 1}).empty() || pair.port == 65535);
+  EXPECT_TRUE(ListTcpConnections({pair.port + 1})->empty() || pair.port == 65535);
 
   ASSERT_TRUE(ShutDownTcpConnection(found[0]).ok());
   char byte;
   EXPECT_EQ(recv(pair.client, &byte, 1, 0), 0);  // the client sees the end of the stream
+  // Shut down but not yet closed by its owner: no longer counted.
+  EXPECT_TRUE(ListTcpConnections({pair.port})->empty());
 }
 
 TEST(ConnectionTable, ARecycledDescriptorIsNotShutDown) {
   LoopbackPair pair;
-  std::vector<TcpConnection> found = ListTcpConnections({pair.port});
+  std::vector<TcpConnection> found = *ListTcpConnections({pair.port});
   ASSERT_EQ(found.size(), 1u);
   TcpConnection stale = found[0];
   stale.inode += 1;  // as if the descriptor now held another socket
@@ -317,7 +356,9 @@ TEST(PeerKey, GrpcPeersMatchTheSocketsTheGuardFinds) {
     const std::vector<std::string> peers = recorder.peers();
     ASSERT_EQ(peers.size(), 1u);
     std::vector<std::string> keys;
-    for (const TcpConnection& connection : ListTcpConnections({port})) keys.push_back(connection.peer_key);
+    const absl::StatusOr<std::vector<TcpConnection>> connections = ListTcpConnections({port});
+    ASSERT_TRUE(connections.ok()) << connections.status();
+    for (const TcpConnection& connection : *connections) keys.push_back(connection.peer_key);
     EXPECT_THAT(keys, Contains(PeerKeyFromGrpcPeer(peers[0]))) << "gRPC's peer: " << peers[0];
     server->Shutdown();
   }

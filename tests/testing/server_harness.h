@@ -86,7 +86,8 @@ struct TestServer {
 };
 
 // A server in this process: `config_pbtxt` (a ServerConfig in text format; empty: DefaultServerConfig()) on
-// 127.0.0.1:0 for gRPC and /metrics, defaults applied, created with `options`, started and connected.
+// 127.0.0.1:0 for gRPC and /metrics, without the memory guard and the connection cap (see the .cc), defaults
+// applied, created with `options`, started and connected.
 absl::StatusOr<std::unique_ptr<TestServer>> StartInProcessServer(const std::string& config_pbtxt = "",
                                                                  const ServerOptions& options = ServerOptions{});
 

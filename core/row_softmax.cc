@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "core/kernel_variants.h"
+#include "core/vector_ops.h"
 
 // The vector values never cross a call boundary (every function taking one is always_inline), but GCC and
 // clang warn about the ABI of the baseline variant's calls before inlining them.
@@ -14,6 +15,9 @@
 
 namespace attnserve {
 namespace {
+
+using simd::Load;
+using simd::Store;
 
 // The kernels are templates over the vector width W (core/kernel_variants.h): W::F holds W::kLanes floats
 // as one value, one register of the variant's target, so that comparisons and selects are single
@@ -47,27 +51,6 @@ __attribute__((always_inline)) inline typename W::F ExpNonPositive(typename W::F
   const I scale = ((n + 127) << 23) & keep;  // 0.0f where x was below -87
   const F e = p * __builtin_bit_cast(F, scale);
   return input == input ? e : input;
-}
-
-// n <= kLanes floats at p; lanes past n hold `fill`. A whole vector is one load (constant-size memcpy).
-template <typename W>
-__attribute__((always_inline)) inline typename W::F Load(const float* p, int64_t n, float fill) {
-  typename W::F v = typename W::F{} + fill;
-  if (n == W::kLanes) {
-    std::memcpy(&v, p, sizeof(v));
-  } else {
-    std::memcpy(&v, p, static_cast<size_t>(n) * sizeof(float));
-  }
-  return v;
-}
-
-template <typename W>
-__attribute__((always_inline)) inline void Store(float* p, int64_t n, typename W::F v) {
-  if (n == W::kLanes) {
-    std::memcpy(p, &v, sizeof(v));
-  } else {
-    std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(float));
-  }
 }
 
 template <typename W>

@@ -80,7 +80,8 @@ TEST(CachedAttentionTest, AnySplitEqualsCausalAttentionOverTheWholeSequence) {
   for (int iter = 0; iter < 24; ++iter) {
     MhaConfig config;
     config.num_heads = std::uniform_int_distribution<int64_t>(1, 4)(rng);
-    config.embed_dim = config.num_heads * std::uniform_int_distribution<int64_t>(2, 16)(rng);
+    // Head dims past two vectors of 16 lanes, with and without a tail, reach each path of the decode kernels.
+    config.embed_dim = config.num_heads * std::uniform_int_distribution<int64_t>(2, 80)(rng);
     config.bias = iter % 3 != 0;
     const MhaWeights weights = testing::RandomTestWeights(config, rng);
     const int64_t n = std::uniform_int_distribution<int64_t>(1, 120)(rng);

@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
+#include "common/process_memory.h"
 #include "common/status_macros.h"
 #include "common/version.h"
 #include "core/bf16_rows.h"
@@ -425,7 +426,7 @@ absl::Status Server::StartMemoryGuard() {
                                ? t.memory_guard_headroom_bytes()
                                : p.memory->budget_bytes() + 2 * GrpcMemoryBytes(t, p.memory->budget_bytes()) +
                                      p.kv_pool->capacity_bytes();
-  guard.rss_limit_bytes = ProcessRssBytes() + headroom;
+  guard.rss_limit_bytes = std::max<int64_t>(0, ResidentSetBytes()) + headroom;
   // More than one largest message: a client uploading one is never shed.
   guard.min_undelivered_bytes = kMaxMessageBytes + (int64_t{16} << 20);
   guard.interval = absl::Milliseconds(t.memory_guard_interval_ms());
@@ -593,7 +594,7 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
                                  ? 0
                                  : static_cast<int64_t>(std::filesystem::file_size(config.weights_path(), no_file));
   ATTN_RETURN_IF_ERROR(CheckLayerFits(config, no_file ? 0 : file_bytes, ProcessMemoryLimitBytes(nullptr),
-                                      ResidentBytes(), request_budget));
+                                      std::max<int64_t>(0, ResidentSetBytes()), request_budget));
   // Built and warmed up at the lowest CPU priority: the workers serving requests come first.
   std::unique_ptr<ServedLayer> loaded;
   const absl::Time load_start = absl::Now();

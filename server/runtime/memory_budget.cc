@@ -116,13 +116,6 @@ int64_t DefaultMemoryBudgetBytes(std::string* source) {
   return limit / 2;
 }
 
-int64_t ResidentBytes() {
-  std::ifstream in("/proc/self/statm");
-  int64_t size_pages = 0, resident_pages = 0;
-  if (!(in >> size_pages >> resident_pages)) return 0;
-  return resident_pages * static_cast<int64_t>(sysconf(_SC_PAGE_SIZE));
-}
-
 int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer, int64_t weights_file_bytes) {
   constexpr int64_t kF32 = 4;
   (void)weights_file_bytes;  // the file is mapped: only the layer's own tensors are read from it

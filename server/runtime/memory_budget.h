@@ -92,9 +92,6 @@ int64_t ProcessMemoryLimitBytes(std::string* source);
 // The default budget: half of ProcessMemoryLimitBytes.
 int64_t DefaultMemoryBudgetBytes(std::string* source);
 
-// The process's resident set now (/proc/self/statm), in bytes; 0 when unreadable.
-int64_t ResidentBytes();
-
 // What building a layer of `layer` (defaults applied) holds at its peak: the weights as loaded and the engine's
 // copies of them while it builds (8 E^2 floats for self-attention), or the mapped pages of the tensors
 // read beside the weights taken from them, whichever is more. The weights file is mapped, not read, so its

@@ -31,7 +31,4 @@ absl::StatusOr<std::vector<TcpConnection>> ListTcpConnections(const std::vector<
 // descriptor is not closed here (it is not ours). NOT_FOUND when the descriptor changed meanwhile.
 absl::Status ShutDownTcpConnection(const TcpConnection& connection);
 
-// The process's resident memory (/proc/self/statm); -1 when unreadable.
-int64_t ProcessRssBytes();
-
 }  // namespace attnserve

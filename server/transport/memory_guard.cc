@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
+#include "common/process_memory.h"
 
 namespace attnserve {
 
@@ -32,7 +33,7 @@ absl::StatusOr<std::unique_ptr<MemoryGuard>> MemoryGuard::Create(Options options
   }
   if (options.local_ports.empty()) return absl::InvalidArgumentError("memory guard: no port to watch");
   if (options.delivered == nullptr) return absl::InvalidArgumentError("memory guard: no delivered-bytes table");
-  if (!options.rss_bytes) options.rss_bytes = ProcessRssBytes;
+  if (!options.rss_bytes) options.rss_bytes = ResidentSetBytes;
   if (!options.list_connections) {
     options.list_connections = [ports = options.local_ports] { return ListTcpConnections(ports); };
   }

@@ -21,6 +21,7 @@
 
 #include "absl/synchronization/mutex.h"
 #include "attnserve/v1/attention.grpc.pb.h"
+#include "common/process_memory.h"
 #include "server/transport/connection_table.h"
 #include "server/transport/delivered_bytes.h"
 #include "server/transport/peer_address.h"
@@ -298,7 +299,7 @@ TEST(ConnectionTable, ARecycledDescriptorIsNotShutDown) {
   EXPECT_EQ(ShutDownTcpConnection(stale).code(), absl::StatusCode::kNotFound);
   char byte;
   EXPECT_EQ(recv(pair.client, &byte, 1, MSG_DONTWAIT), -1);  // still open: nothing to read, no end
-  EXPECT_GT(ProcessRssBytes(), 0);
+  EXPECT_GT(ResidentSetBytes(), 0);
 }
 
 // Records the peer of every call and answers UNIMPLEMENTED.

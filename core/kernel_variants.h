@@ -12,6 +12,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace attnserve {
 
@@ -36,16 +38,31 @@ struct VectorWidth4 {
   typedef uint16_t U16 __attribute__((vector_size(8)));
 };
 
+// The widest variant the environment allows: ATTNSERVE_MAX_KERNEL_ISA=AVX2 or BASELINE caps it (as
+// ONEDNN_MAX_CPU_ISA caps oneDNN's), so that tests run the narrower variants on any machine.
+enum class KernelIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline KernelIsa MaxKernelIsa() {
+  const char* cap = std::getenv("ATTNSERVE_MAX_KERNEL_ISA");
+  if (cap != nullptr && std::strcmp(cap, "BASELINE") == 0) return KernelIsa::kBaseline;
+  if (cap != nullptr && std::strcmp(cap, "AVX2") == 0) return KernelIsa::kAvx2;
+  return KernelIsa::kAvx512;
+}
+
 }  // namespace attnserve
 
-// The pointer type NameFn and PickName(): the variant for the CPU running this.
-#define ATTN_KERNEL_PICK(Name, Params)                                                      \
-  using Name##Fn = void (*) Params;                                                         \
-  inline Name##Fn Pick##Name() {                                                            \
-    __builtin_cpu_init();                                                                   \
-    if (__builtin_cpu_supports("avx512f")) return Name##Avx512;                            \
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Name##Avx2; \
-    return Name##Baseline;                                                                  \
+// The pointer type NameFn and PickName(): the variant for the CPU running this, within MaxKernelIsa().
+#define ATTN_KERNEL_PICK(Name, Params)                                                                      \
+  using Name##Fn = void (*) Params;                                                                         \
+  inline Name##Fn Pick##Name() {                                                                            \
+    __builtin_cpu_init();                                                                                   \
+    const ::attnserve::KernelIsa cap = ::attnserve::MaxKernelIsa();                                         \
+    if (cap >= ::attnserve::KernelIsa::kAvx512 && __builtin_cpu_supports("avx512f")) return Name##Avx512; \
+    if (cap >= ::attnserve::KernelIsa::kAvx2 && __builtin_cpu_supports("avx2") &&                         \
+        __builtin_cpu_supports("fma")) {                                                                    \
+      return Name##Avx2;                                                                                    \
+    }                                                                                                       \
+    return Name##Baseline;                                                                                  \
   }
 
 #define ATTN_KERNEL_VARIANTS(Name, Params, Args)                                    \

@@ -8,7 +8,7 @@ server with --workers 1 (every core in each batch):
    bytes each step sends.
 2. Bandwidth: K and V bytes the decode steps read per second (tokens/s x 2 x context x E x 4) against the
    machine's copy bandwidth measured in the same run (bench/memory_bandwidth.cc, STREAM's copy rule: read plus
-   written), and against its read half.
+   written), against its read half, and against a sum of one array (reads alone, as the decode steps do).
 3. Prefill while decoding: 32 decode sessions, alone and with one more session prefilling 8192 tokens over and
    over (attnbench --prefill 8192): decode p99 with / without.
 
@@ -130,6 +130,7 @@ def main():
     avg_context = CONTEXT + 32  # the context runs from 1024 to 1087 between truncations
     kv_bytes_per_s = tok_s * 2 * avg_context * E * 4
     copy = med([b["copy_gb_per_s"] for b in rounds["bw"]])
+    read_only = med([b["read_only_gb_per_s"] for b in rounds["bw"]])
     summary = {
         "decode64": {"tokens_per_s": tok_s, "p50_ms": med([x["latency_ms"]["p50"] for x in d64]),
                      "p99_ms": med([x["latency_ms"]["p99"] for x in d64]),
@@ -143,6 +144,8 @@ def main():
         "copy_gb_per_s": copy,
         "kv_read_share_of_copy": kv_bytes_per_s / 1e9 / copy,
         "kv_read_share_of_read_half": kv_bytes_per_s / 1e9 / (copy / 2),
+        "read_only_gb_per_s": read_only,
+        "kv_read_share_of_read_only": kv_bytes_per_s / 1e9 / read_only,
     }
     summary.update(prefill_summary(rounds))
     summary["rounds"] = rounds

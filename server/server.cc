@@ -27,6 +27,7 @@
 #include "core/bf16_rows.h"
 #include "server/api/attention_service.h"
 #include "server/api/authorizer.h"
+#include "server/api/call_counter.h"
 #include "server/api/grpc_logging.h"
 #include "server/api/kserve_service.h"
 #include "server/api/session_service.h"
@@ -73,9 +74,10 @@ class MetricsObserver final : public SchedulerObserver {
 
 // Every RPC's interceptors (traces are started by the handlers: api/call_trace.h says why).
 std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> Interceptors(
-    const Authorizer* authorizer) {
+    const Authorizer* authorizer, CallCounts* call_counts) {
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<ReflectionGuardFactory>(authorizer));
+  interceptors.push_back(std::make_unique<CallCounterFactory>(call_counts));  // last: counts the status sent
   return interceptors;
 }
 
@@ -102,6 +104,7 @@ struct Server::Parts {
   std::unique_ptr<Authorizer> authorizer;
   std::unique_ptr<LayerRegistry> registry;
   std::unique_ptr<ServerMetrics> metrics;
+  std::unique_ptr<CallCounts> call_counts;  // in metrics' registry; outlives the gRPC servers that count
   std::unique_ptr<AccessLog> access_log;  // may be null; outlives the dispatcher, which writes to it
   std::unique_ptr<MetricsObserver> observer;
   std::unique_ptr<MemoryBudget> memory;
@@ -160,6 +163,9 @@ absl::Status Server::Build() {
   std::vector<std::string> names;
   for (const auto& l : config_.layers()) names.push_back(l.name());
   p.metrics = std::make_unique<ServerMetrics>(names);
+  p.call_counts = std::make_unique<CallCounts>(
+      *p.metrics->registry(), ServedMethodPaths({"attnserve.v1.AttentionService", "attnserve.v1.SessionService",
+                                                 "inference.GRPCInferenceService"}));
   for (const auto& layer : p.registry->Layers()) p.metrics->SetLayerVersion(layer->config.name(), layer->version);
   p.observer = std::make_unique<MetricsObserver>(p.metrics.get());
   BuildMemoryBudget();
@@ -315,7 +321,7 @@ absl::Status Server::Start() {
     if (service->has_synchronous_methods()) return absl::InternalError(absl::StrCat(name, " has a synchronous method"));
     builder.RegisterService(service);
   }
-  builder.experimental().SetInterceptorCreators(Interceptors(p.authorizer.get()));
+  builder.experimental().SetInterceptorCreators(Interceptors(p.authorizer.get(), p.call_counts.get()));
   p.grpc_server = builder.BuildAndStart();
   if (p.grpc_server == nullptr || p.grpc_port == 0) {
     p.grpc_server.reset();
@@ -348,7 +354,7 @@ absl::Status Server::StartHealthServer() {
   builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
                              static_cast<int>(config_.transport().max_connection_idle_ms()));
   builder.SetMaxReceiveMessageSize(4096);
-  builder.experimental().SetInterceptorCreators(Interceptors(p.authorizer.get()));
+  builder.experimental().SetInterceptorCreators(Interceptors(p.authorizer.get(), p.call_counts.get()));
   p.health_server = builder.BuildAndStart();
   if (p.health_server == nullptr || p.health_port == 0) {
     p.health_server.reset();

@@ -727,6 +727,61 @@ TEST_F(AttentionServiceTest, RequestsTotalCountsEveryOutcome) {
   CheckAtRest(*registry);
 }
 
+// One unary call of `method` whose request is `bytes` as they are (parsed, or not, by the server).
+grpc::Status RawUnaryCall(const std::shared_ptr<grpc::Channel>& channel, const std::string& method,
+                          const std::string& bytes) {
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(In(absl::Seconds(30)));
+  const grpc::Slice slice(bytes);
+  const grpc::ByteBuffer request(&slice, 1);
+  grpc::ByteBuffer response;
+  absl::Notification done;
+  grpc::Status status;
+  stub.UnaryCall(&ctx, method, grpc::StubOptions(), &request, &response, [&](grpc::Status s) {
+    status = std::move(s);
+    done.Notify();
+  });
+  done.WaitForNotification();
+  return status;
+}
+
+// attnserve_grpc_calls_total sees the calls refused before the dispatcher, which attnserve_requests_total does
+// not: a request that does not parse, an unknown method (under method="other", whatever its path).
+TEST_F(AttentionServiceTest, GrpcCallsCountsRefusedCalls) {
+  START_OR_RETURN(server);
+  const std::string infer = "/attnserve.v1.AttentionService/Infer";
+  std::mt19937_64 rng(62);
+  std::string garbage(64, '\0');
+  for (char& c : garbage) c = static_cast<char>(rng() | 0x80);  // never a valid tag and length
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(RawUnaryCall(server->channel, infer, garbage).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  EXPECT_EQ(RawUnaryCall(server->channel, "/attnserve.v1.AttentionService/NoSuchMethod", "").error_code(),
+            grpc::StatusCode::UNIMPLEMENTED);
+  EXPECT_EQ(RawUnaryCall(server->channel, "/made.up.Service/" + std::string(200, 'x'), "").error_code(),
+            grpc::StatusCode::UNIMPLEMENTED);
+  EXPECT_EQ(RawUnaryCall(server->channel, "/attnserve.v1.AttentionService/ListLayers", "").error_code(),
+            grpc::StatusCode::OK);
+
+  const std::map<Labels, double> got =
+      CollectSeries(*server->server->metrics().registry(), "attnserve_grpc_calls_total");
+  auto count = [&](const std::string& method, const std::string& code) {
+    const auto it = got.find(Labels{{"method", method}, {"code", code}});
+    return it == got.end() ? 0.0 : it->second;
+  };
+  EXPECT_EQ(count("attnserve.v1.AttentionService/Infer", "INVALID_ARGUMENT"), 3) << SeriesToString(got);
+  EXPECT_EQ(count("other", "UNIMPLEMENTED"), 2) << SeriesToString(got);
+  EXPECT_EQ(count("attnserve.v1.AttentionService/ListLayers", "OK"), 1) << SeriesToString(got);
+  for (const auto& [labels, value] : got) {
+    EXPECT_EQ(labels.at("method").find("made.up"), std::string::npos) << "a client's path became a label";
+  }
+  // Not requests of a layer: attnserve_requests_total counts none of them.
+  for (const auto& [labels, value] : CollectSeries(*server->server->metrics().registry(), "attnserve_requests_total")) {
+    EXPECT_EQ(value, 0) << SeriesToString({{labels, value}});
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // i. Health, reflection, ListLayers, GetLayer.
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Checks deploy/observability/rules.yaml beyond what promtool checks (run by test-rules.sh).
 
-  check-rules.py [--rules F] [--prometheusrule F] [--servicemonitor F] [--docs F] [--metrics-source F] [--tests DIR]
+  check-rules.py [--rules F] [--prometheusrule F] [--servicemonitor F] [--docs F] [--metrics-source F ...]
+                 [--tests DIR]
 
 - The PrometheusRule of deploy/k8s/components/prometheusrule holds exactly rules.yaml's groups (parsed, so
   comments and layout may differ), with the ServiceMonitor's labels.
-- Every metric a rule reads is one server/observability/metrics.cc registers (histograms with their _bucket,
+- Every metric a rule reads is one the server registers (server/observability/metrics.cc, and
+  server/api/call_counts.cc for attnserve_grpc_calls_total; histograms with their _bucket,
   _count and _sum series), every label value it selects on is one the server writes (code: the canonical
   status names; state, reason, result: literals of metrics.cc; le: a latency bucket bound as /metrics writes
   it), and every recording rule it reads is defined earlier in its own group (a group's rules run in order;
@@ -47,9 +49,9 @@ def load(path):
         return yaml.safe_load(f)
 
 
-def registered_metrics(source):
-    """Names metrics.cc registers, and which of them are histograms."""
-    text = open(source, encoding="utf-8").read()
+def registered_metrics(sources):
+    """Names the sources (metrics.cc, call_counts.cc) register, and which of them are histograms."""
+    text = "\n".join(open(source, encoding="utf-8").read() for source in sources)
     names = set(re.findall(r'"(attnserve_[a-z0-9_]+)"', text))
     histograms = set(re.findall(r'Histogram\(\s*r,\s*"(attnserve_[a-z0-9_]+)"', text))
     histograms |= set(re.findall(r'BuildHistogram\(\)\s*\.Name\("(attnserve_[a-z0-9_]+)"\)', text))
@@ -105,7 +107,8 @@ def main():
     ap.add_argument("--prometheusrule", default=os.path.join(root, "deploy/k8s/components/prometheusrule/prometheusrule.yaml"))
     ap.add_argument("--servicemonitor", default=os.path.join(root, "deploy/k8s/components/servicemonitor/servicemonitor.yaml"))
     ap.add_argument("--docs", default=os.path.join(root, "docs/operations.md"))
-    ap.add_argument("--metrics-source", default=os.path.join(root, "server/observability/metrics.cc"))
+    ap.add_argument("--metrics-source", nargs="+", default=[os.path.join(root, "server/observability/metrics.cc"),
+                                                            os.path.join(root, "server/api/call_counts.cc")])
     ap.add_argument("--tests", default=os.path.join(here, "tests"))
     args = ap.parse_args()
 

@@ -130,7 +130,7 @@ def main():
     avg_context = CONTEXT + 32  # the context runs from 1024 to 1087 between truncations
     kv_bytes_per_s = tok_s * 2 * avg_context * E * 4
     copy = med([b["copy_gb_per_s"] for b in rounds["bw"]])
-    read_only = med([b["read_only_gb_per_s"] for b in rounds["bw"]])
+    read_only = med([b.get("read_only_gb_per_s", 0) for b in rounds["bw"]])  # 0: a build without it
     summary = {
         "decode64": {"tokens_per_s": tok_s, "p50_ms": med([x["latency_ms"]["p50"] for x in d64]),
                      "p99_ms": med([x["latency_ms"]["p99"] for x in d64]),
@@ -145,7 +145,7 @@ def main():
         "kv_read_share_of_copy": kv_bytes_per_s / 1e9 / copy,
         "kv_read_share_of_read_half": kv_bytes_per_s / 1e9 / (copy / 2),
         "read_only_gb_per_s": read_only,
-        "kv_read_share_of_read_only": kv_bytes_per_s / 1e9 / read_only,
+        "kv_read_share_of_read_only": kv_bytes_per_s / 1e9 / read_only if read_only else None,
     }
     summary.update(prefill_summary(rounds))
     summary["rounds"] = rounds

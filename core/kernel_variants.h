@@ -13,7 +13,7 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
+#include <strings.h>
 
 namespace attnserve {
 
@@ -38,31 +38,41 @@ struct VectorWidth4 {
   typedef uint16_t U16 __attribute__((vector_size(8)));
 };
 
-// The widest variant the environment allows: ATTNSERVE_MAX_KERNEL_ISA=AVX2 or BASELINE caps it (as
-// ONEDNN_MAX_CPU_ISA caps oneDNN's), so that tests run the narrower variants on any machine.
 enum class KernelIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
+// The widest variant the environment allows: ATTNSERVE_MAX_KERNEL_ISA=AVX2 or BASELINE (any case) caps it, as
+// ONEDNN_MAX_CPU_ISA caps oneDNN's, so that tests run the narrower variants on any machine; unset or any other
+// value caps nothing. (bf16_rows.cc's conversions pick by CPU feature alone.)
 inline KernelIsa MaxKernelIsa() {
   const char* cap = std::getenv("ATTNSERVE_MAX_KERNEL_ISA");
-  if (cap != nullptr && std::strcmp(cap, "BASELINE") == 0) return KernelIsa::kBaseline;
-  if (cap != nullptr && std::strcmp(cap, "AVX2") == 0) return KernelIsa::kAvx2;
+  if (cap != nullptr && strcasecmp(cap, "BASELINE") == 0) return KernelIsa::kBaseline;
+  if (cap != nullptr && strcasecmp(cap, "AVX2") == 0) return KernelIsa::kAvx2;
   return KernelIsa::kAvx512;
+}
+
+// The variant every ATTN_KERNEL_VARIANTS kernel runs here: the widest this CPU has, within MaxKernelIsa().
+inline KernelIsa PickedKernelIsa() {
+  __builtin_cpu_init();
+  const KernelIsa cap = MaxKernelIsa();
+  if (cap >= KernelIsa::kAvx512 && __builtin_cpu_supports("avx512f")) return KernelIsa::kAvx512;
+  if (cap >= KernelIsa::kAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return KernelIsa::kAvx2;
+  }
+  return KernelIsa::kBaseline;
 }
 
 }  // namespace attnserve
 
-// The pointer type NameFn and PickName(): the variant for the CPU running this, within MaxKernelIsa().
-#define ATTN_KERNEL_PICK(Name, Params)                                                                      \
-  using Name##Fn = void (*) Params;                                                                         \
-  inline Name##Fn Pick##Name() {                                                                            \
-    __builtin_cpu_init();                                                                                   \
-    const ::attnserve::KernelIsa cap = ::attnserve::MaxKernelIsa();                                         \
-    if (cap >= ::attnserve::KernelIsa::kAvx512 && __builtin_cpu_supports("avx512f")) return Name##Avx512; \
-    if (cap >= ::attnserve::KernelIsa::kAvx2 && __builtin_cpu_supports("avx2") &&                         \
-        __builtin_cpu_supports("fma")) {                                                                    \
-      return Name##Avx2;                                                                                    \
-    }                                                                                                       \
-    return Name##Baseline;                                                                                  \
+// The pointer type NameFn and PickName(): the variant PickedKernelIsa() names.
+#define ATTN_KERNEL_PICK(Name, Params)                              \
+  using Name##Fn = void (*) Params;                                 \
+  inline Name##Fn Pick##Name() {                                    \
+    switch (::attnserve::PickedKernelIsa()) {                       \
+      case ::attnserve::KernelIsa::kAvx512: return Name##Avx512;    \
+      case ::attnserve::KernelIsa::kAvx2: return Name##Avx2;        \
+      case ::attnserve::KernelIsa::kBaseline: break;                \
+    }                                                               \
+    return Name##Baseline;                                          \
   }
 
 #define ATTN_KERNEL_VARIANTS(Name, Params, Args)                                    \

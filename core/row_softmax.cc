@@ -9,10 +9,6 @@
 #include "core/kernel_variants.h"
 #include "core/vector_ops.h"
 
-// The vector values never cross a call boundary (every function taking one is always_inline), but GCC and
-// clang warn about the ABI of the baseline variant's calls before inlining them.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace attnserve {
 namespace {
 

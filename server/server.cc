@@ -432,7 +432,13 @@ absl::Status Server::StartMemoryGuard() {
                                ? t.memory_guard_headroom_bytes()
                                : p.memory->budget_bytes() + 2 * GrpcMemoryBytes(t, p.memory->budget_bytes()) +
                                      p.kv_pool->capacity_bytes();
-  guard.rss_limit_bytes = std::max<int64_t>(0, ResidentSetBytes()) + headroom;
+  const int64_t rss_bytes = ResidentSetBytes();
+  if (rss_bytes < 0) {
+    spdlog::warn("memory guard: off, /proc/self/statm is unreadable (the limit is the RSS once serving plus {} MiB)",
+                 headroom >> 20);
+    return absl::OkStatus();
+  }
+  guard.rss_limit_bytes = rss_bytes + headroom;
   // More than one largest message: a client uploading one is never shed.
   guard.min_undelivered_bytes = kMaxMessageBytes + (int64_t{16} << 20);
   guard.interval = absl::Milliseconds(t.memory_guard_interval_ms());

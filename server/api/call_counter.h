@@ -2,8 +2,9 @@
 // for every gRPC server of ours: what reaches the dispatcher and what is refused before it.
 //
 // The status counted is the one sent (seen at PRE_SEND_STATUS, after the interceptors before this one have
-// changed it: install it last). A call that ends without the server sending one (the client cancelled, the
-// transport reset the stream) counts as CANCELLED.
+// changed it: install it last), or CANCELLED when the client cancelled the call first (its handler still
+// finishes it) or the call ended without a status (a stream reset). Calls gRPC refuses before any interceptor
+// runs (while the server shuts down, streams over its limits) are not counted.
 #pragma once
 
 #include <string>

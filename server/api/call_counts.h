@@ -1,4 +1,4 @@
-// attnserve_grpc_calls_total{method, code}: every call a gRPC server of ours ended, by method and status code,
+// attnserve_grpc_calls_total{method, code}: the calls a gRPC server of ours ended, by method and status code,
 // those refused before they reach a layer included (authentication, a request that does not parse, an unknown
 // layer or method), which attnserve_requests_total does not see.
 //

@@ -34,6 +34,7 @@
 #include "google/protobuf/text_format.h"
 #include "gtest/gtest.h"
 #include "tests/testing/naive_mha.h"
+#include "grpc_health_v1.grpc.pb.h"
 #include "tests/testing/server_harness.h"
 
 namespace attnserve::testing {
@@ -763,9 +764,26 @@ TEST_F(AttentionServiceTest, GrpcCallsCountsRefusedCalls) {
             grpc::StatusCode::UNIMPLEMENTED);
   EXPECT_EQ(RawUnaryCall(server->channel, "/attnserve.v1.AttentionService/ListLayers", "").error_code(),
             grpc::StatusCode::OK);
+  EXPECT_EQ(HealthStatus(server->channel, ""), "SERVING");
+  {
+    // A Watch its client cancels: gRPC's health service then finishes it UNKNOWN; counted as CANCELLED.
+    auto health = grpc::health::v1::Health::NewStub(server->channel);
+    grpc::ClientContext ctx;
+    grpc::health::v1::HealthCheckRequest request;
+    auto watch = health->Watch(&ctx, request);
+    grpc::health::v1::HealthCheckResponse response;
+    EXPECT_TRUE(watch->Read(&response));
+    ctx.TryCancel();
+    EXPECT_EQ(watch->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
 
-  const std::map<Labels, double> got =
-      CollectSeries(*server->server->metrics().registry(), "attnserve_grpc_calls_total");
+  const Labels watch_cancelled = {{"method", "grpc.health.v1.Health/Watch"}, {"code", "CANCELLED"}};
+  std::map<Labels, double> got;
+  for (int wait_ms = 0; wait_ms < 10000; wait_ms += 10) {  // the server ends the cancelled Watch on its own time
+    got = CollectSeries(*server->server->metrics().registry(), "attnserve_grpc_calls_total");
+    if (got.count(watch_cancelled)) break;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
   auto count = [&](const std::string& method, const std::string& code) {
     const auto it = got.find(Labels{{"method", method}, {"code", code}});
     return it == got.end() ? 0.0 : it->second;
@@ -773,9 +791,9 @@ TEST_F(AttentionServiceTest, GrpcCallsCountsRefusedCalls) {
   EXPECT_EQ(count("attnserve.v1.AttentionService/Infer", "INVALID_ARGUMENT"), 3) << SeriesToString(got);
   EXPECT_EQ(count("other", "UNIMPLEMENTED"), 2) << SeriesToString(got);
   EXPECT_EQ(count("attnserve.v1.AttentionService/ListLayers", "OK"), 1) << SeriesToString(got);
-  for (const auto& [labels, value] : got) {
-    EXPECT_EQ(labels.at("method").find("made.up"), std::string::npos) << "a client's path became a label";
-  }
+  EXPECT_EQ(count("grpc.health.v1.Health/Check", "OK"), 1) << SeriesToString(got);
+  EXPECT_EQ(got[watch_cancelled], 1) << SeriesToString(got);
+  EXPECT_EQ(got.size(), 5u) << "no other series: " << SeriesToString(got);
   // Not requests of a layer: attnserve_requests_total counts none of them.
   for (const auto& [labels, value] : CollectSeries(*server->server->metrics().registry(), "attnserve_requests_total")) {
     EXPECT_EQ(value, 0) << SeriesToString({{labels, value}});

@@ -150,7 +150,7 @@ TEST(MemoryBudgetTest, LayerFitsOrIsRefusedWithItsNumbers) {
   layer.set_embed_dim(32768);
   EXPECT_EQ(CheckLayerFits(layer, 0, int64_t{24} << 30, 50 * kMiB, int64_t{12} << 30).code(),
             absl::StatusCode::kResourceExhausted);
-    EXPECT_GT(ProcessMemoryLimitBytes(nullptr), 0);
+  EXPECT_GT(ProcessMemoryLimitBytes(nullptr), 0);
 }
 
 }  // namespace

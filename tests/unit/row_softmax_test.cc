@@ -3,11 +3,14 @@
 #include "core/row_softmax.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <limits>
 #include <random>
 #include <vector>
 
 #include "core/half_float.h"
+#include "core/kernel_variants.h"
 #include "gtest/gtest.h"
 
 namespace attnserve {
@@ -23,6 +26,35 @@ std::vector<double> Reference(const float* row, int64_t cols) {
   for (int64_t j = 0; j < cols; ++j) sum += out[j] = std::exp(static_cast<double>(row[j] - max));
   for (double& v : out) v /= sum;
   return out;
+}
+
+// This binary also runs with ATTNSERVE_MAX_KERNEL_ISA=AVX2 and BASELINE (tests/CMakeLists.txt): the variant
+// every kernel picks is the widest the CPU has within that cap.
+TEST(KernelVariantsTest, PickFollowsTheCap) {
+  const char* env = std::getenv("ATTNSERVE_MAX_KERNEL_ISA");
+  const std::string cap = env == nullptr ? "" : env;
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  KernelIsa want = avx2 ? KernelIsa::kAvx2 : KernelIsa::kBaseline;
+  if (__builtin_cpu_supports("avx512f")) want = KernelIsa::kAvx512;
+  if (cap == "AVX2") want = avx2 ? KernelIsa::kAvx2 : KernelIsa::kBaseline;
+  if (cap == "BASELINE") want = KernelIsa::kBaseline;
+  EXPECT_EQ(PickedKernelIsa(), want) << "ATTNSERVE_MAX_KERNEL_ISA=" << cap;
+}
+
+TEST(KernelVariantsTest, CapValuesInAnyCaseOthersCapNothing) {
+  const char* env = std::getenv("ATTNSERVE_MAX_KERNEL_ISA");
+  const std::string saved = env == nullptr ? "" : env;
+  const std::pair<const char*, KernelIsa> cases[] = {{"AVX2", KernelIsa::kAvx2}, {"avx2", KernelIsa::kAvx2},
+                                                     {"Baseline", KernelIsa::kBaseline},
+                                                     {"sse4", KernelIsa::kAvx512}, {"", KernelIsa::kAvx512}};
+  for (const auto& [value, want] : cases) {
+    setenv("ATTNSERVE_MAX_KERNEL_ISA", value, 1);
+    EXPECT_EQ(MaxKernelIsa(), want) << value;
+  }
+  unsetenv("ATTNSERVE_MAX_KERNEL_ISA");
+  EXPECT_EQ(MaxKernelIsa(), KernelIsa::kAvx512);
+  if (env != nullptr) setenv("ATTNSERVE_MAX_KERNEL_ISA", saved.c_str(), 1);
 }
 
 TEST(RowSoftmaxTest, MatchesFloat64OnRandomRows) {

@@ -27,7 +27,7 @@
 #include "core/bf16_rows.h"
 #include "server/api/attention_service.h"
 #include "server/api/authorizer.h"
-#include "server/api/call_counter.h"
+#include "server/api/served_rpc.h"
 #include "server/api/grpc_logging.h"
 #include "server/api/kserve_service.h"
 #include "server/api/session_service.h"
@@ -43,6 +43,7 @@
 #include "server/startup/server_config.h"
 #include "server/startup/transport_config.h"
 #include "server/transport/connection_cap.h"
+#include "server/transport/reset_flood_guard.h"
 #include "server/transport/listener_probe.h"
 #include "server/transport/memory_guard.h"
 #include "server/observability/access_log.h"
@@ -72,12 +73,17 @@ class MetricsObserver final : public SchedulerObserver {
   ServerMetrics* metrics_;
 };
 
-// Every RPC's interceptors (traces are started by the handlers: api/call_trace.h says why).
+// The services of ours on the gRPC port (gRPC's health and reflection services beside them).
+constexpr const char* kServedServices[] = {"attnserve.v1.AttentionService", "inference.GRPCInferenceService",
+                                           "attnserve.v1.SessionService"};
+
+// The only interceptor: reflection behind tokens, which has no handler of ours. Installed only then: gRPC 1.51
+// does per-stream work for every stream once any interceptor factory is installed (api/served_rpc.h says why
+// the handlers count calls and start traces themselves).
 std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> Interceptors(
-    const Authorizer* authorizer, CallCounts* call_counts) {
+    const Authorizer* authorizer) {
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
-  interceptors.push_back(std::make_unique<ReflectionGuardFactory>(authorizer));
-  interceptors.push_back(std::make_unique<CallCounterFactory>(call_counts));  // last: counts the status sent
+  if (authorizer->enabled()) interceptors.push_back(std::make_unique<ReflectionGuardFactory>(authorizer));
   return interceptors;
 }
 
@@ -119,14 +125,18 @@ struct Server::Parts {
   std::unique_ptr<SessionServiceImpl> session_service;
   std::unique_ptr<KServeServiceImpl> kserve;  // its control thread may still load: before the catalog goes
   std::unique_ptr<grpc::Server> grpc_server;
-  // The plaintext health-only listener (health_address). Its only service of ours answers every method
-  // UNIMPLEMENTED: gRPC builds no server without one, and adds its health service beside it.
-  grpc::CallbackGenericService health_fallback;
+  // Every other method: UNIMPLEMENTED, counted; one for each port (gRPC registers a generic service with one
+  // server only). On the health-only port it is also the one service of ours, without which gRPC builds no
+  // server (it adds its health service beside it).
+  std::unique_ptr<UnknownMethodService> unknown_methods;
+  std::unique_ptr<UnknownMethodService> health_unknown_methods;
+  // The plaintext health-only listener (health_address).
   std::unique_ptr<grpc::Server> health_server;
   int health_port = 0;
   std::unique_ptr<ListenerProbe> listener_probe;  // first to stop
   std::unique_ptr<MemoryGuard> memory_guard;
   std::unique_ptr<ConnectionCap> connection_cap;
+  std::unique_ptr<ResetFloodGuard> reset_flood_guard;
   int grpc_port = 0;
   bool drained = false;
   // Gives freed heap memory back to the system while the server holds no request (see Start).
@@ -164,8 +174,9 @@ absl::Status Server::Build() {
   for (const auto& l : config_.layers()) names.push_back(l.name());
   p.metrics = std::make_unique<ServerMetrics>(names);
   p.call_counts = std::make_unique<CallCounts>(
-      *p.metrics->registry(), ServedMethodPaths({"attnserve.v1.AttentionService", "attnserve.v1.SessionService",
-                                                 "inference.GRPCInferenceService"}));
+      *p.metrics->registry(), ServedMethodPaths({std::begin(kServedServices), std::end(kServedServices)}));
+  p.unknown_methods = std::make_unique<UnknownMethodService>(p.call_counts.get());
+  p.health_unknown_methods = std::make_unique<UnknownMethodService>(p.call_counts.get());
   for (const auto& layer : p.registry->Layers()) p.metrics->SetLayerVersion(layer->config.name(), layer->version);
   p.observer = std::make_unique<MetricsObserver>(p.metrics.get());
   BuildMemoryBudget();
@@ -202,7 +213,8 @@ absl::Status Server::Build() {
   ATTN_ASSIGN_OR_RETURN(p.dispatcher, Dispatcher::Create({p.registry.get(), p.scheduler.get(), p.metrics.get(),
                                                           p.memory.get(), p.access_log.get(), options_.clock}));
   p.service = std::make_unique<AttentionServiceImpl>(p.registry.get(), p.dispatcher.get(), options_.clock,
-                                                     config_.max_inflight_per_stream(), p.authorizer.get());
+                                                     config_.max_inflight_per_stream(), p.authorizer.get(),
+                                                     p.call_counts.get());
   ATTN_RETURN_IF_ERROR(BuildSessions());
   return BuildKServe();
 }
@@ -232,7 +244,8 @@ absl::Status Server::BuildSessions() {
   if (c.prefill_chunk_tokens() > 0) store.prefill_chunk_tokens = c.prefill_chunk_tokens();
   ATTN_ASSIGN_OR_RETURN(p.sessions, SessionStore::Create(store));
   p.session_service = std::make_unique<SessionServiceImpl>(p.sessions.get(), options_.clock,
-                                                           config_.max_inflight_per_stream(), p.authorizer.get());
+                                                           config_.max_inflight_per_stream(), p.authorizer.get(),
+                                                           p.call_counts.get());
   spdlog::info("sessions: KV cache pool of {} bytes ({}), blocks of {} tokens", pool_bytes, source,
                p.kv_pool->block_tokens());
   return absl::OkStatus();
@@ -255,6 +268,7 @@ absl::Status Server::BuildKServe() {
   kserve.statistics = &p.metrics->statistics();
   kserve.max_inflight_per_stream = config_.max_inflight_per_stream();
   kserve.model_control_without_tokens = config_.security().enable_model_control();
+  kserve.calls = p.call_counts.get();
   ATTN_ASSIGN_OR_RETURN(p.kserve, KServeServiceImpl::Create(kserve));
   return absl::OkStatus();
 }
@@ -312,16 +326,17 @@ absl::Status Server::Start() {
   if (!reflection) builder.SetOption(std::make_unique<WithoutReflection>());
   builder.AddListeningPort(config_.grpc_address(), credentials, &p.grpc_port);
   ConfigureTransport(&builder);
-  const std::pair<const char*, grpc::Service*> services[] = {{"attnserve.v1.AttentionService", p.service.get()},
-                                                             {"inference.GRPCInferenceService", p.kserve.get()},
-                                                             {"attnserve.v1.SessionService", p.session_service.get()}};
+  const std::pair<const char*, grpc::Service*> services[] = {{kServedServices[0], p.service.get()},
+                                                             {kServedServices[1], p.kserve.get()},
+                                                             {kServedServices[2], p.session_service.get()}};
   for (const auto& [name, service] : services) {
     // Each base is composed by hand (raw methods beside callback ones): a method left synchronous would be
     // served by gRPC's sync thread pool, outside the server's admission.
     if (service->has_synchronous_methods()) return absl::InternalError(absl::StrCat(name, " has a synchronous method"));
     builder.RegisterService(service);
   }
-  builder.experimental().SetInterceptorCreators(Interceptors(p.authorizer.get(), p.call_counts.get()));
+  builder.RegisterCallbackGenericService(p.unknown_methods.get());
+  builder.experimental().SetInterceptorCreators(Interceptors(p.authorizer.get()));
   p.grpc_server = builder.BuildAndStart();
   if (p.grpc_server == nullptr || p.grpc_port == 0) {
     p.grpc_server.reset();
@@ -334,6 +349,7 @@ absl::Status Server::Start() {
   ATTN_RETURN_IF_ERROR(StartListenerProbe());
   ATTN_RETURN_IF_ERROR(StartMemoryGuard());
   ATTN_RETURN_IF_ERROR(StartConnectionCap());
+  ATTN_RETURN_IF_ERROR(StartResetFloodGuard());
   spdlog::info("attnserve {} ready: grpc_port={} metrics_port={} grpc_address={} metrics_address={} workers={} "
                "omp_threads_per_worker={} tls={} mtls={} tokens={} metrics_auth={} reflection={} health_port={}",
                kAttnserveVersion, p.grpc_port, p.metrics->port(), config_.grpc_address(),
@@ -348,13 +364,12 @@ absl::Status Server::StartHealthServer() {
   if (config_.health_address().empty()) return absl::OkStatus();
   grpc::ServerBuilder builder;
   builder.SetOption(std::make_unique<WithoutReflection>());
-  builder.RegisterCallbackGenericService(&p.health_fallback);
+  builder.RegisterCallbackGenericService(p.health_unknown_methods.get());
   builder.AddListeningPort(config_.health_address(), grpc::InsecureServerCredentials(), &p.health_port);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 4);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
                              static_cast<int>(config_.transport().max_connection_idle_ms()));
   builder.SetMaxReceiveMessageSize(4096);
-  builder.experimental().SetInterceptorCreators(Interceptors(p.authorizer.get(), p.call_counts.get()));
   p.health_server = builder.BuildAndStart();
   if (p.health_server == nullptr || p.health_port == 0) {
     p.health_server.reset();
@@ -455,6 +470,26 @@ absl::Status Server::StartMemoryGuard() {
   ATTN_ASSIGN_OR_RETURN(p.memory_guard, MemoryGuard::Create(std::move(guard)));
   spdlog::info("memory guard: RSS limit {} MiB, checked every {} ms", p.memory_guard->rss_limit_bytes() >> 20,
                t.memory_guard_interval_ms());
+  return absl::OkStatus();
+}
+
+absl::Status Server::StartResetFloodGuard() {
+  Parts& p = *parts_;
+  const auto& t = config_.transport();
+  if (t.reset_flood_check_interval_ms() <= 0) return absl::OkStatus();
+  ResetFloodGuard::Options guard;
+  guard.interval = absl::Milliseconds(t.reset_flood_check_interval_ms());
+  guard.min_streams = t.reset_flood_min_streams();
+  guard.local_ports = {p.grpc_port};
+  if (p.health_port != 0) guard.local_ports.push_back(p.health_port);
+  guard.on_shed = [metrics = p.metrics.get()](const SocketStreams& s) {
+    metrics->ResetFloodStopped();
+    spdlog::warn("reset flood: shut down the connection from {}, which opened {} streams and sent messages on {}",
+                 s.peer_key, s.streams_started, s.messages_received);
+  };
+  ATTN_ASSIGN_OR_RETURN(p.reset_flood_guard, ResetFloodGuard::Create(std::move(guard)));
+  spdlog::info("reset flood guard: a connection that opens {} streams, fewer than half with a message, is shut "
+               "down; checked every {} ms", t.reset_flood_min_streams(), t.reset_flood_check_interval_ms());
   return absl::OkStatus();
 }
 
@@ -585,6 +620,7 @@ absl::Status Server::Drain(absl::Time deadline) {
   if (p.health_server != nullptr) p.health_server->Shutdown(absl::ToChronoTime(deadline));
   p.connection_cap.reset();  // the ports accept no more: nothing left to bound
   p.memory_guard.reset();
+  p.reset_flood_guard.reset();
   StopTrimmer();
   if (!in_time) return absl::DeadlineExceededError("batches were still running at the drain deadline");
   p.grpc_server->Wait();

@@ -131,6 +131,7 @@ class Server {
   absl::Status StartListenerProbe();
   absl::Status StartMemoryGuard();
   absl::Status StartConnectionCap();
+  absl::Status StartResetFloodGuard();
   absl::Status StartHealthServer();
   void SetServing();
   void StartTrimmer();

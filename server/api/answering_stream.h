@@ -23,6 +23,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "server/api/served_rpc.h"
 #include "server/api/wire_message.h"
 #include "server/runtime/memory_budget.h"
 #include "server/transport/delivered_bytes.h"
@@ -41,8 +42,13 @@ class AnsweringStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, g
   // Fills `response` for a request that failed with `status`.
   using WriteError = std::function<void(const Request& request, const grpc::Status& status, Response* response)>;
 
-  AnsweringStream(grpc::CallbackServerContext* ctx, int64_t max_inflight, Submit submit, WriteError write_error)
-      : ctx_(ctx), max_inflight_(max_inflight), submit_(std::move(submit)), write_error_(std::move(write_error)) {
+  // `rpc` is the stream's (its context must outlive the stream, as gRPC's does).
+  AnsweringStream(const ServedRpc& rpc, int64_t max_inflight, Submit submit, WriteError write_error)
+      : rpc_(rpc),
+        ctx_(rpc.ctx()),
+        max_inflight_(max_inflight),
+        submit_(std::move(submit)),
+        write_error_(std::move(write_error)) {
     this->StartRead(&incoming_);
   }
 
@@ -127,10 +133,11 @@ class AnsweringStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, g
   void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (reads_done_ && pending_ == 0 && writes_.empty() && !finished_) {
       finished_ = true;
-      this->Finish(ctx_->IsCancelled() ? grpc::Status::CANCELLED : ending_);
+      this->Finish(rpc_.Ended(ctx_->IsCancelled() ? grpc::Status::CANCELLED : ending_));
     }
   }
 
+  const ServedRpc rpc_;
   grpc::CallbackServerContext* ctx_;
   const int64_t max_inflight_;
   const Submit submit_;
@@ -144,19 +151,5 @@ class AnsweringStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, g
   int64_t pending_ ABSL_GUARDED_BY(mu_) = 0;                       // submitted, not yet answered
   std::deque<std::shared_ptr<Item>> writes_ ABSL_GUARDED_BY(mu_);  // front is being written
 };
-
-// A stream refused before its first read (no token, or one without the scope).
-class RefusedStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
- public:
-  explicit RefusedStream(const grpc::Status& status) { this->Finish(status); }
-  void OnDone() override { delete this; }
-};
-
-// A unary reactor already finished with `status`.
-inline grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* ctx, const grpc::Status& status) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  reactor->Finish(status);
-  return reactor;
-}
 
 }  // namespace attnserve

@@ -5,7 +5,6 @@
 
 #include "common/log_string.h"
 #include "server/api/call_binding.h"
-#include "server/api/call_trace.h"
 #include "server/api/infer_request.h"
 #include "server/api/parsed_unary.h"
 
@@ -30,10 +29,10 @@ void WriteError(const InferRequest& request, const grpc::Status& status, InferRe
 
 }  // namespace
 
-void AttentionServiceImpl::Submit(grpc::CallbackServerContext* ctx, const char* rpc, const TraceContext& trace, const InferRequest& request,
+void AttentionServiceImpl::Submit(const ServedRpc& rpc, const char* rpc_name, const InferRequest& request,
                                   InferResponse* response, OnAnswer on_answer) const {
   auto call = std::make_unique<InferenceCall>();
-  BindCall(ctx, rpc, trace, *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
+  BindCall(rpc.ctx(), rpc_name, rpc.trace(), *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
   DecodeInferRequest(request, call.get());
   FinishWith(call.get(), [self = call.get(), response] { EncodeInferResponse(*self, response); },
              std::move(on_answer));
@@ -42,48 +41,48 @@ void AttentionServiceImpl::Submit(grpc::CallbackServerContext* ctx, const char* 
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Infer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                                       grpc::ByteBuffer* response) {
-  const TraceContext trace = StartTrace(ctx);
-  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  const ServedRpc rpc(ctx, calls_, "/attnserve.v1.AttentionService/Infer");
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
   return ParseAndSubmit<InferRequest, InferResponse>(
-      ctx, request, response, [&](const InferRequest& parsed, InferResponse* answer, OnAnswer on_answer) {
-        Submit(ctx, "Infer", trace, parsed, answer, std::move(on_answer));
+      rpc, request, response, [&](const InferRequest& parsed, InferResponse* answer, OnAnswer on_answer) {
+        Submit(rpc, "Infer", parsed, answer, std::move(on_answer));
       });
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionServiceImpl::InferStream(
     grpc::CallbackServerContext* ctx) {
-  const TraceContext trace = StartTrace(ctx);
+  const ServedRpc rpc(ctx, calls_, "/attnserve.v1.AttentionService/InferStream");
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) {
-    return new RefusedStream(denied);
+    return new RefusedStream(rpc, denied);
   }
-  auto submit = [this, ctx, trace](const InferRequest& request, InferResponse* response, OnAnswer on_answer) {
-    Submit(ctx, "InferStream", trace, request, response, std::move(on_answer));
+  auto submit = [this, rpc](const InferRequest& request, InferResponse* response, OnAnswer on_answer) {
+    Submit(rpc, "InferStream", request, response, std::move(on_answer));
   };
-  return new AnsweringStream<InferRequest, InferResponse>(ctx, max_inflight_per_stream_, submit, WriteError);
+  return new AnsweringStream<InferRequest, InferResponse>(rpc, max_inflight_per_stream_, submit, WriteError);
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::ListLayers(grpc::CallbackServerContext* ctx,
                                                            const attnserve::v1::ListLayersRequest* /*request*/,
                                                            attnserve::v1::ListLayersResponse* response) {
-  StartTrace(ctx);
-  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  const ServedRpc rpc(ctx, calls_, "/attnserve.v1.AttentionService/ListLayers");
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
   const bool show_paths = authorizer_->MayShowPaths(*ctx);
   for (const auto& layer : registry_->Layers()) DescribeLayer(*layer, show_paths, response->add_layers());
-  return FinishNow(ctx, grpc::Status::OK);
+  return FinishNow(rpc, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::GetLayer(grpc::CallbackServerContext* ctx,
                                                          const attnserve::v1::GetLayerRequest* request,
                                                          attnserve::v1::Layer* response) {
-  StartTrace(ctx);
-  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  const ServedRpc rpc(ctx, calls_, "/attnserve.v1.AttentionService/GetLayer");
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
   const std::shared_ptr<const ServedLayer> layer = registry_->Find(request->name());
   if (layer == nullptr) {
-    return FinishNow(ctx, grpc::Status(grpc::StatusCode::NOT_FOUND,
+    return FinishNow(rpc, grpc::Status(grpc::StatusCode::NOT_FOUND,
                                        "name: no layer named '" + BoundedForLog(request->name()) + "'"));
   }
   DescribeLayer(*layer, authorizer_->MayShowPaths(*ctx), response);
-  return FinishNow(ctx, grpc::Status::OK);
+  return FinishNow(rpc, grpc::Status::OK);
 }
 
 }  // namespace attnserve

@@ -16,6 +16,8 @@
 #include "attnserve/v1/attention.grpc.pb.h"
 #include "server/api/answering_stream.h"
 #include "server/api/authorizer.h"
+#include "server/api/call_counts.h"
+#include "server/api/served_rpc.h"
 #include "server/batching/clock.h"
 #include "server/runtime/dispatcher.h"
 #include "server/runtime/layer_registry.h"
@@ -34,14 +36,16 @@ class AttentionServiceImpl final : public AttentionServiceBase {
  public:
   // None owned; all must outlive the service. `max_inflight_per_stream` >= 1: requests an InferStream
   // holds read and not yet written back (see AnsweringStream). Every RPC needs the infer scope of
-  // `authorizer`; layer info shows weights paths only to admin tokens.
+  // `authorizer`; layer info shows weights paths only to admin tokens. `calls` (may be null) counts every
+  // call (served_rpc.h).
   AttentionServiceImpl(const LayerRegistry* registry, Dispatcher* dispatcher, const Clock* clock,
-                       int64_t max_inflight_per_stream, const Authorizer* authorizer)
+                       int64_t max_inflight_per_stream, const Authorizer* authorizer, CallCounts* calls)
       : registry_(registry),
         dispatcher_(dispatcher),
         clock_(clock),
         max_inflight_per_stream_(std::max<int64_t>(1, max_inflight_per_stream)),
-        authorizer_(authorizer) {}
+        authorizer_(authorizer),
+        calls_(calls) {}
 
   grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                   grpc::ByteBuffer* response) override;
@@ -55,7 +59,7 @@ class AttentionServiceImpl final : public AttentionServiceBase {
  private:
   // Decodes `request` (which must outlive the call) into a call and submits it; `on_answer` gets its answer. `rpc`
   // (a literal) names the method in the access log.
-  void Submit(grpc::CallbackServerContext* ctx, const char* rpc, const TraceContext& trace, const attnserve::v1::InferRequest& request,
+  void Submit(const ServedRpc& rpc, const char* rpc_name, const attnserve::v1::InferRequest& request,
               attnserve::v1::InferResponse* response, OnAnswer on_answer) const;
 
   const LayerRegistry* registry_;
@@ -63,6 +67,7 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   const Clock* clock_;
   const int64_t max_inflight_per_stream_;
   const Authorizer* authorizer_;
+  CallCounts* calls_;
 };
 
 }  // namespace attnserve

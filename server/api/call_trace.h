@@ -1,6 +1,7 @@
-// W3C Trace Context on every RPC: each RPC handler first calls StartTrace, which reads the client's
-// `traceparent` and `tracestate`, starts the server's span (observability/trace_context.h) and returns its
-// `traceparent` (and the client's `tracestate`) in the response's initial metadata, errors included. A
+// W3C Trace Context on every RPC: each RPC handler first calls StartTrace (through ServedRpc, served_rpc.h),
+// which reads the client's `traceparent` and `tracestate`, starts the server's span
+// (observability/trace_context.h) and returns its `traceparent` (and the client's `tracestate`) in the
+// response's initial metadata, errors included. A
 // malformed or missing traceparent is never an error: the RPC gets a fresh trace id.
 //
 // A handler call rather than a server interceptor: gRPC 1.51 builds an interceptor for every stream, also for

@@ -18,7 +18,6 @@
 #include "common/status_macros.h"
 #include "common/version.h"
 #include "server/api/call_binding.h"
-#include "server/api/call_trace.h"
 #include "server/api/grpc_status.h"
 #include "server/api/kserve_metadata.h"
 #include "server/api/kserve_request.h"
@@ -133,86 +132,86 @@ absl::StatusOr<std::shared_ptr<const ServedLayer>> KServeServiceImpl::FindModel(
 grpc::ServerUnaryReactor* KServeServiceImpl::ServerLive(grpc::CallbackServerContext* ctx,
                                                         const inference::ServerLiveRequest* /*request*/,
                                                         inference::ServerLiveResponse* response) {
-  StartTrace(ctx);
+  const ServedRpc rpc(ctx, options_.calls, "/inference.GRPCInferenceService/ServerLive");
   response->set_live(true);
-  return FinishNow(ctx, grpc::Status::OK);
+  return FinishNow(rpc, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* KServeServiceImpl::ServerReady(grpc::CallbackServerContext* ctx,
                                                          const inference::ServerReadyRequest* /*request*/,
                                                          inference::ServerReadyResponse* response) {
-  StartTrace(ctx);
+  const ServedRpc rpc(ctx, options_.calls, "/inference.GRPCInferenceService/ServerReady");
   response->set_ready(!options_.dispatcher->shutting_down() && !options_.registry->Layers().empty());
-  return FinishNow(ctx, grpc::Status::OK);
+  return FinishNow(rpc, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* KServeServiceImpl::ModelReady(grpc::CallbackServerContext* ctx,
                                                         const inference::ModelReadyRequest* request,
                                                         inference::ModelReadyResponse* response) {
-  StartTrace(ctx);
-  if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  const ServedRpc rpc(ctx, options_.calls, "/inference.GRPCInferenceService/ModelReady");
+  if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
   const auto layer = FindModel(request->name(), request->version());
   if (!layer.ok() && layer.status().code() == absl::StatusCode::kInvalidArgument) {
-    return FinishNow(ctx, ToGrpcStatus(layer.status()));
+    return FinishNow(rpc, ToGrpcStatus(layer.status()));
   }
   response->set_ready(layer.ok() && !options_.dispatcher->shutting_down());
-  return FinishNow(ctx, grpc::Status::OK);
+  return FinishNow(rpc, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* KServeServiceImpl::ServerMetadata(grpc::CallbackServerContext* ctx,
                                                             const inference::ServerMetadataRequest* /*request*/,
                                                             inference::ServerMetadataResponse* response) {
-  StartTrace(ctx);
-  if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  const ServedRpc rpc(ctx, options_.calls, "/inference.GRPCInferenceService/ServerMetadata");
+  if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
   response->set_name("attnserve");
   response->set_version(kAttnserveVersion);
   for (const char* extension : kExtensions) response->add_extensions(extension);
-  return FinishNow(ctx, grpc::Status::OK);
+  return FinishNow(rpc, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* KServeServiceImpl::ModelMetadata(grpc::CallbackServerContext* ctx,
                                                            const inference::ModelMetadataRequest* request,
                                                            inference::ModelMetadataResponse* response) {
-  StartTrace(ctx);
-  if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  const ServedRpc rpc(ctx, options_.calls, "/inference.GRPCInferenceService/ModelMetadata");
+  if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
   const auto layer = FindModel(request->name(), request->version());
-  if (!layer.ok()) return FinishNow(ctx, ToGrpcStatus(layer.status()));
+  if (!layer.ok()) return FinishNow(rpc, ToGrpcStatus(layer.status()));
   DescribeModelMetadata(**layer, options_.registry->Versions(request->name()), response);
-  return FinishNow(ctx, grpc::Status::OK);
+  return FinishNow(rpc, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* KServeServiceImpl::ModelConfig(grpc::CallbackServerContext* ctx,
                                                          const inference::ModelConfigRequest* request,
                                                          inference::ModelConfigResponse* response) {
-  StartTrace(ctx);
-  if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  const ServedRpc rpc(ctx, options_.calls, "/inference.GRPCInferenceService/ModelConfig");
+  if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
   const auto layer = FindModel(request->name(), request->version());
-  if (!layer.ok()) return FinishNow(ctx, ToGrpcStatus(layer.status()));
+  if (!layer.ok()) return FinishNow(rpc, ToGrpcStatus(layer.status()));
   DescribeModelConfig(**layer, response->mutable_config());
-  return FinishNow(ctx, grpc::Status::OK);
+  return FinishNow(rpc, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* KServeServiceImpl::ModelStatistics(grpc::CallbackServerContext* ctx,
                                                              const inference::ModelStatisticsRequest* request,
                                                              inference::ModelStatisticsResponse* response) {
-  StartTrace(ctx);
-  if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  const ServedRpc rpc(ctx, options_.calls, "/inference.GRPCInferenceService/ModelStatistics");
+  if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
   const absl::StatusOr<int64_t> version = ParseVersion(request->version());
-  if (!version.ok()) return FinishNow(ctx, ToGrpcStatus(version.status()));
+  if (!version.ok()) return FinishNow(rpc, ToGrpcStatus(version.status()));
   const std::vector<VersionStatistics> stats = WithServingVersions(
       options_.statistics->Snapshot(request->name(), *version), *options_.registry, request->name(), *version);
   if (!request->name().empty() && stats.empty()) {
-    return FinishNow(ctx, grpc::Status(grpc::StatusCode::NOT_FOUND,
+    return FinishNow(rpc, grpc::Status(grpc::StatusCode::NOT_FOUND,
                                        "name: no model named '" + BoundedForLog(request->name()) + "'"));
   }
   for (const VersionStatistics& s : stats) DescribeModelStatistics(s, response->add_model_stats());
-  return FinishNow(ctx, grpc::Status::OK);
+  return FinishNow(rpc, grpc::Status::OK);
 }
 
-void KServeServiceImpl::Submit(grpc::CallbackServerContext* ctx, const char* rpc, const TraceContext& trace, const ModelInferRequest& request,
+void KServeServiceImpl::Submit(const ServedRpc& rpc, const char* rpc_name, const ModelInferRequest& request,
                                ModelInferResponse* response, OnAnswer on_answer) const {
   auto call = std::make_unique<InferenceCall>();
-  BindCall(ctx, rpc, trace, *options_.clock, static_cast<int64_t>(request.ByteSizeLong()), call.get());
+  BindCall(rpc.ctx(), rpc_name, rpc.trace(), *options_.clock, static_cast<int64_t>(request.ByteSizeLong()), call.get());
   DecodeModelInferRequest(request, call.get());
   FinishWith(call.get(),
              [self = call.get(), &request, response] { EncodeModelInferResponse(*self, request, response); },
@@ -222,33 +221,33 @@ void KServeServiceImpl::Submit(grpc::CallbackServerContext* ctx, const char* rpc
 
 grpc::ServerUnaryReactor* KServeServiceImpl::ModelInfer(grpc::CallbackServerContext* ctx,
                                                         const grpc::ByteBuffer* request, grpc::ByteBuffer* response) {
-  const TraceContext trace = StartTrace(ctx);
-  if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  const ServedRpc rpc(ctx, options_.calls, "/inference.GRPCInferenceService/ModelInfer");
+  if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
   return ParseAndSubmit<ModelInferRequest, ModelInferResponse>(
-      ctx, request, response, [&](const ModelInferRequest& parsed, ModelInferResponse* answer, OnAnswer on_answer) {
-        Submit(ctx, "ModelInfer", trace, parsed, answer, std::move(on_answer));
+      rpc, request, response, [&](const ModelInferRequest& parsed, ModelInferResponse* answer, OnAnswer on_answer) {
+        Submit(rpc, "ModelInfer", parsed, answer, std::move(on_answer));
       });
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KServeServiceImpl::ModelStreamInfer(
     grpc::CallbackServerContext* ctx) {
-  const TraceContext trace = StartTrace(ctx);
+  const ServedRpc rpc(ctx, options_.calls, "/inference.GRPCInferenceService/ModelStreamInfer");
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) {
-    return new RefusedStream(denied);
+    return new RefusedStream(rpc, denied);
   }
-  auto submit = [this, ctx, trace](const ModelInferRequest& request, ModelStreamInferResponse* response,
+  auto submit = [this, rpc](const ModelInferRequest& request, ModelStreamInferResponse* response,
                             OnAnswer on_answer) {
-    Submit(ctx, "ModelStreamInfer", trace, request, response->mutable_infer_response(), std::move(on_answer));
+    Submit(rpc, "ModelStreamInfer", request, response->mutable_infer_response(), std::move(on_answer));
   };
-  return new AnsweringStream<ModelInferRequest, ModelStreamInferResponse>(ctx, options_.max_inflight_per_stream,
+  return new AnsweringStream<ModelInferRequest, ModelStreamInferResponse>(rpc, options_.max_inflight_per_stream,
                                                                           submit, WriteStreamError);
 }
 
 grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryIndex(grpc::CallbackServerContext* ctx,
                                                              const inference::RepositoryIndexRequest* request,
                                                              inference::RepositoryIndexResponse* response) {
-  StartTrace(ctx);
-  if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  const ServedRpc rpc(ctx, options_.calls, "/inference.GRPCInferenceService/RepositoryIndex");
+  if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
   // A failed load's reason may name weights files: like layer info's paths, for those who may change layers.
   const bool show_reasons = options_.authorizer->MayShowPaths(*ctx) ||
                             (!options_.authorizer->enabled() && options_.model_control_without_tokens);
@@ -262,18 +261,19 @@ grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryIndex(grpc::CallbackServe
     model->set_reason(show_reasons || plain || layer.reason.empty() ? layer.reason
                                                                     : "the last load failed (the reason: admins only)");
   }
-  return FinishNow(ctx, grpc::Status::OK);
+  return FinishNow(rpc, grpc::Status::OK);
 }
 
-grpc::ServerUnaryReactor* KServeServiceImpl::RunOnControlThread(grpc::CallbackServerContext* ctx,
+grpc::ServerUnaryReactor* KServeServiceImpl::RunOnControlThread(const ServedRpc& rpc,
                                                                 std::function<absl::Status()> work) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   if (control_ == nullptr) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
-    return reactor;
+    return FinishNow(rpc, grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
   }
-  const bool posted = control_->Post([reactor, work = std::move(work)](bool run) {
-    if (!run) return reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
+  grpc::ServerUnaryReactor* reactor = rpc.ctx()->DefaultReactor();
+  const bool posted = control_->Post([rpc, reactor, work = std::move(work)](bool run) {
+    if (!run) {
+      return reactor->Finish(rpc.Ended(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down")));
+    }
     absl::Status status;
     try {  // an exception on the control thread would end the process
       status = work();
@@ -282,10 +282,11 @@ grpc::ServerUnaryReactor* KServeServiceImpl::RunOnControlThread(grpc::CallbackSe
     } catch (const std::exception& e) {
       status = absl::InternalError(absl::StrCat("changing the layer failed: ", e.what()));
     }
-    reactor->Finish(ToGrpcStatus(status));
+    reactor->Finish(rpc.Ended(ToGrpcStatus(status)));
   });
   if (!posted) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "16 layer changes are waiting already"));
+    reactor->Finish(
+        rpc.Ended(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "16 layer changes are waiting already")));
   }
   return reactor;
 }
@@ -295,12 +296,12 @@ void KServeServiceImpl::StopControlThread() { control_.reset(); }
 grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryModelLoad(grpc::CallbackServerContext* ctx,
                                                                  const inference::RepositoryModelLoadRequest* request,
                                                                  inference::RepositoryModelLoadResponse* /*response*/) {
-  StartTrace(ctx);
-  if (grpc::Status denied = CheckModelControl(*ctx); !denied.ok()) return FinishNow(ctx, denied);
+  const ServedRpc rpc(ctx, options_.calls, "/inference.GRPCInferenceService/RepositoryModelLoad");
+  if (grpc::Status denied = CheckModelControl(*ctx); !denied.ok()) return FinishNow(rpc, denied);
   absl::StatusOr<std::unique_ptr<attnserve::v1::LayerConfig>> config = ConfigParameter(*request);
-  if (!config.ok()) return FinishNow(ctx, ToGrpcStatus(config.status()));
+  if (!config.ok()) return FinishNow(rpc, ToGrpcStatus(config.status()));
   std::shared_ptr<attnserve::v1::LayerConfig> override_config = std::move(*config);
-  return RunOnControlThread(ctx, [catalog = options_.catalog, name = request->model_name(), override_config] {
+  return RunOnControlThread(rpc, [catalog = options_.catalog, name = request->model_name(), override_config] {
     return catalog->Load(name, override_config.get());
   });
 }
@@ -308,9 +309,9 @@ grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryModelLoad(grpc::CallbackS
 grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryModelUnload(
     grpc::CallbackServerContext* ctx, const inference::RepositoryModelUnloadRequest* request,
     inference::RepositoryModelUnloadResponse* /*response*/) {
-  StartTrace(ctx);
-  if (grpc::Status denied = CheckModelControl(*ctx); !denied.ok()) return FinishNow(ctx, denied);
-  return RunOnControlThread(ctx, [catalog = options_.catalog, name = request->model_name()] {
+  const ServedRpc rpc(ctx, options_.calls, "/inference.GRPCInferenceService/RepositoryModelUnload");
+  if (grpc::Status denied = CheckModelControl(*ctx); !denied.ok()) return FinishNow(rpc, denied);
+  return RunOnControlThread(rpc, [catalog = options_.catalog, name = request->model_name()] {
     return catalog->Unload(name);
   });
 }

@@ -17,6 +17,8 @@
 #include "inference/grpc_service.grpc.pb.h"
 #include "server/api/answering_stream.h"
 #include "server/api/authorizer.h"
+#include "server/api/call_counts.h"
+#include "server/api/served_rpc.h"
 #include "server/batching/clock.h"
 #include "server/observability/layer_statistics.h"
 #include "server/runtime/dispatcher.h"
@@ -51,6 +53,8 @@ class KServeServiceImpl final : public KServeServiceBase {
     int64_t max_inflight_per_stream = 64;
     // security.enable_model_control: load and unload without tokens.
     bool model_control_without_tokens = false;
+    // Counts every call (served_rpc.h); optional, must outlive the service.
+    CallCounts* calls = nullptr;
   };
   // InvalidArgument for a missing dependency.
   static absl::StatusOr<std::unique_ptr<KServeServiceImpl>> Create(const Options& options);
@@ -92,7 +96,8 @@ class KServeServiceImpl final : public KServeServiceBase {
  private:
   explicit KServeServiceImpl(const Options& options)
       : options_(options), control_(std::make_unique<SerialWorker>(/*max_pending=*/16)) {}
-  void Submit(grpc::CallbackServerContext* ctx, const char* rpc, const TraceContext& trace, const inference::ModelInferRequest& request,
+  // `rpc_name` (a literal) names the method in the access log.
+  void Submit(const ServedRpc& rpc, const char* rpc_name, const inference::ModelInferRequest& request,
               inference::ModelInferResponse* response, OnAnswer on_answer) const;
   grpc::Status CheckModelControl(const grpc::CallbackServerContext& ctx) const;
   // The layer a metadata request names at the version it asks for; NOT_FOUND / INVALID_ARGUMENT otherwise.
@@ -100,7 +105,7 @@ class KServeServiceImpl final : public KServeServiceBase {
                                                                const std::string& version) const;
   // Runs `work` on the control thread and finishes the call with its status (RESOURCE_EXHAUSTED when 16
   // changes wait already).
-  grpc::ServerUnaryReactor* RunOnControlThread(grpc::CallbackServerContext* ctx, std::function<absl::Status()> work);
+  grpc::ServerUnaryReactor* RunOnControlThread(const ServedRpc& rpc, std::function<absl::Status()> work);
 
   const Options options_;
   std::unique_ptr<SerialWorker> control_;  // null once stopped

@@ -26,9 +26,9 @@ class ParsedUnaryReactor final : public grpc::ServerUnaryReactor {
   // Parses `wire` (gRPC's; emptied once parsed, so that its bytes are not held twice). nullptr, with
   // `*error` set to INVALID_ARGUMENT, when it is not a Request. `answer` (gRPC's) receives the serialized
   // response and must outlive the call, as gRPC's response buffer does.
-  static std::unique_ptr<ParsedUnaryReactor> Parse(const grpc::ByteBuffer* wire, grpc::ByteBuffer* answer,
-                                                   grpc::Status* error) {
-    std::unique_ptr<ParsedUnaryReactor> reactor(new ParsedUnaryReactor(answer));
+  static std::unique_ptr<ParsedUnaryReactor> Parse(const ServedRpc& rpc, const grpc::ByteBuffer* wire,
+                                                   grpc::ByteBuffer* answer, grpc::Status* error) {
+    std::unique_ptr<ParsedUnaryReactor> reactor(new ParsedUnaryReactor(rpc, answer));
     *error = ParseWire(const_cast<grpc::ByteBuffer*>(wire), &reactor->request_);  // gRPC's own, made non-const
     if (!error->ok()) return nullptr;
     return reactor;
@@ -42,18 +42,19 @@ class ParsedUnaryReactor final : public grpc::ServerUnaryReactor {
   void Answer(const grpc::Status& status, MemoryBudget::Reservation memory) {
     memory_ = std::move(memory);
     if (!status.ok()) {
-      Finish(status);
+      Finish(rpc_.Ended(status));
       return;
     }
     grpc::Status serialized = SerializeWire(response_, answer_);
-    Finish(serialized.ok() ? status : serialized);
+    Finish(rpc_.Ended(serialized.ok() ? status : serialized));
   }
 
   void OnDone() override { delete this; }
 
  private:
-  explicit ParsedUnaryReactor(grpc::ByteBuffer* answer) : answer_(answer) {}
+  ParsedUnaryReactor(const ServedRpc& rpc, grpc::ByteBuffer* answer) : rpc_(rpc), answer_(answer) {}
 
+  const ServedRpc rpc_;
   grpc::ByteBuffer* const answer_;
   Request request_;
   Response response_;
@@ -63,12 +64,12 @@ class ParsedUnaryReactor final : public grpc::ServerUnaryReactor {
 // Parses `request` into a Request and calls `submit(const Request&, Response*, OnAnswer)`, whose answer
 // finishes the call; or finishes it INVALID_ARGUMENT. Returns the call's reactor, as a raw handler must.
 template <class Request, class Response, class SubmitFn>
-grpc::ServerUnaryReactor* ParseAndSubmit(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
+grpc::ServerUnaryReactor* ParseAndSubmit(const ServedRpc& rpc, const grpc::ByteBuffer* request,
                                          grpc::ByteBuffer* response, SubmitFn submit) {
-  DeliveredBytes::Process().Record(ctx->peer(), static_cast<int64_t>(request->Length()));
+  DeliveredBytes::Process().Record(rpc.ctx()->peer(), static_cast<int64_t>(request->Length()));
   grpc::Status unparsed;
-  auto reactor = ParsedUnaryReactor<Request, Response>::Parse(request, response, &unparsed);
-  if (reactor == nullptr) return FinishNow(ctx, unparsed);
+  auto reactor = ParsedUnaryReactor<Request, Response>::Parse(rpc, request, response, &unparsed);
+  if (reactor == nullptr) return FinishNow(rpc, unparsed);
   // Released before submitting: once the answer callback is handed over, only gRPC's OnDone may free it.
   auto* answering = reactor.release();
   submit(answering->request(), answering->response(),

@@ -5,7 +5,6 @@
 #include <vector>
 
 #include "server/api/call_binding.h"
-#include "server/api/call_trace.h"
 #include "server/api/grpc_status.h"
 #include "server/api/infer_request.h"
 #include "server/api/parsed_unary.h"
@@ -45,11 +44,11 @@ void EncodeSession(const SessionInfo& info, attnserve::v1::Session* out) {
   out->set_idle_ms(info.idle_ms);
 }
 
-grpc::ServerUnaryReactor* AnswerSession(grpc::CallbackServerContext* ctx, const absl::StatusOr<SessionInfo>& info,
+grpc::ServerUnaryReactor* AnswerSession(const ServedRpc& rpc, const absl::StatusOr<SessionInfo>& info,
                                         attnserve::v1::Session* response) {
-  if (!info.ok()) return FinishNow(ctx, ToGrpcStatus(info.status()));
+  if (!info.ok()) return FinishNow(rpc, ToGrpcStatus(info.status()));
   EncodeSession(*info, response);
-  return FinishNow(ctx, grpc::Status::OK);
+  return FinishNow(rpc, grpc::Status::OK);
 }
 
 void EncodeAppendResponse(const InferenceCall& call, AppendResponse* response) {
@@ -93,22 +92,22 @@ absl::Status DecodeMemories(const attnserve::v1::CreateSessionRequest& request, 
 grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServerContext* ctx,
                                                             const attnserve::v1::CreateSessionRequest* request,
                                                             attnserve::v1::Session* response) {
-  StartTrace(ctx);
-  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  const ServedRpc rpc(ctx, calls_, "/attnserve.v1.SessionService/CreateSession");
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
   SessionStore::OpenArgs args;
   args.id = SessionIdOf(*ctx, request->session_id());
   args.layers.assign(request->layers().begin(), request->layers().end());
   args.max_tokens = request->max_tokens();
   args.idle_timeout_ms = request->idle_timeout_ms();
   std::vector<std::vector<float>> memories;
-  if (absl::Status s = DecodeMemories(*request, &args, &memories); !s.ok()) return FinishNow(ctx, ToGrpcStatus(s));
-  return AnswerSession(ctx, store_->Open(args), response);
+  if (absl::Status s = DecodeMemories(*request, &args, &memories); !s.ok()) return FinishNow(rpc, ToGrpcStatus(s));
+  return AnswerSession(rpc, store_->Open(args), response);
 }
 
-void SessionServiceImpl::SubmitAppend(grpc::CallbackServerContext* ctx, const char* rpc, const TraceContext& trace, const AppendRequest& request,
+void SessionServiceImpl::SubmitAppend(const ServedRpc& rpc, const char* rpc_name, const AppendRequest& request,
                                       AppendResponse* response, OnAnswer on_answer) const {
   auto call = std::make_unique<InferenceCall>();
-  BindCall(ctx, rpc, trace, *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
+  BindCall(rpc.ctx(), rpc_name, rpc.trace(), *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
   call->id = request.id();
   call->layer_name = request.layer();
   // FLOAT32 viewed in place; BFLOAT16 / FLOAT16 converted once the session store has reserved its f32 copy.
@@ -125,71 +124,71 @@ void SessionServiceImpl::SubmitAppend(grpc::CallbackServerContext* ctx, const ch
   call->inputs.average_attn_weights = !request.has_average_attn_weights() || request.average_attn_weights();
   FinishWith(
       call.get(), [self = call.get(), response] { EncodeAppendResponse(*self, response); }, std::move(on_answer));
-  store_->Append(SessionIdOf(*ctx, request.session_id()), request.layer(), std::move(call));
+  store_->Append(SessionIdOf(*rpc.ctx(), request.session_id()), request.layer(), std::move(call));
 }
 
 grpc::ServerUnaryReactor* SessionServiceImpl::Append(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                                      grpc::ByteBuffer* response) {
-  const TraceContext trace = StartTrace(ctx);
-  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
+  const ServedRpc rpc(ctx, calls_, "/attnserve.v1.SessionService/Append");
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
   return ParseAndSubmit<AppendRequest, AppendResponse>(
-      ctx, request, response, [&](const AppendRequest& parsed, AppendResponse* answer, OnAnswer on_answer) {
-        SubmitAppend(ctx, "Append", trace, parsed, answer, std::move(on_answer));
+      rpc, request, response, [&](const AppendRequest& parsed, AppendResponse* answer, OnAnswer on_answer) {
+        SubmitAppend(rpc, "Append", parsed, answer, std::move(on_answer));
       });
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* SessionServiceImpl::AppendStream(
     grpc::CallbackServerContext* ctx) {
-  const TraceContext trace = StartTrace(ctx);
+  const ServedRpc rpc(ctx, calls_, "/attnserve.v1.SessionService/AppendStream");
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) {
-    return new RefusedStream(denied);
+    return new RefusedStream(rpc, denied);
   }
-  auto submit = [this, ctx, trace](const AppendRequest& request, AppendResponse* response, OnAnswer on_answer) {
-    SubmitAppend(ctx, "AppendStream", trace, request, response, std::move(on_answer));
+  auto submit = [this, rpc](const AppendRequest& request, AppendResponse* response, OnAnswer on_answer) {
+    SubmitAppend(rpc, "AppendStream", request, response, std::move(on_answer));
   };
-  return new AnsweringStream<AppendRequest, AppendResponse>(ctx, max_inflight_per_stream_, submit, WriteError);
+  return new AnsweringStream<AppendRequest, AppendResponse>(rpc, max_inflight_per_stream_, submit, WriteError);
 }
 
 grpc::ServerUnaryReactor* SessionServiceImpl::ForkSession(grpc::CallbackServerContext* ctx,
                                                           const attnserve::v1::ForkSessionRequest* request,
                                                           attnserve::v1::Session* response) {
-  StartTrace(ctx);
-  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
-  return AnswerSession(ctx, store_->Fork(SessionIdOf(*ctx, request->session_id()), request->new_session_id()),
+  const ServedRpc rpc(ctx, calls_, "/attnserve.v1.SessionService/ForkSession");
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
+  return AnswerSession(rpc, store_->Fork(SessionIdOf(*ctx, request->session_id()), request->new_session_id()),
                        response);
 }
 
 grpc::ServerUnaryReactor* SessionServiceImpl::TruncateSession(grpc::CallbackServerContext* ctx,
                                                               const attnserve::v1::TruncateSessionRequest* request,
                                                               attnserve::v1::Session* response) {
-  StartTrace(ctx);
-  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
-  return AnswerSession(ctx, store_->Truncate(SessionIdOf(*ctx, request->session_id()), request->tokens()), response);
+  const ServedRpc rpc(ctx, calls_, "/attnserve.v1.SessionService/TruncateSession");
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
+  return AnswerSession(rpc, store_->Truncate(SessionIdOf(*ctx, request->session_id()), request->tokens()), response);
 }
 
 grpc::ServerUnaryReactor* SessionServiceImpl::CloseSession(grpc::CallbackServerContext* ctx,
                                                            const attnserve::v1::CloseSessionRequest* request,
                                                            attnserve::v1::CloseSessionResponse* /*response*/) {
-  StartTrace(ctx);
-  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
-  return FinishNow(ctx, ToGrpcStatus(store_->Close(SessionIdOf(*ctx, request->session_id()))));
+  const ServedRpc rpc(ctx, calls_, "/attnserve.v1.SessionService/CloseSession");
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
+  return FinishNow(rpc, ToGrpcStatus(store_->Close(SessionIdOf(*ctx, request->session_id()))));
 }
 
 grpc::ServerUnaryReactor* SessionServiceImpl::GetSession(grpc::CallbackServerContext* ctx,
                                                          const attnserve::v1::GetSessionRequest* request,
                                                          attnserve::v1::Session* response) {
-  StartTrace(ctx);
-  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(ctx, denied);
-  return AnswerSession(ctx, store_->Get(SessionIdOf(*ctx, request->session_id())), response);
+  const ServedRpc rpc(ctx, calls_, "/attnserve.v1.SessionService/GetSession");
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
+  return AnswerSession(rpc, store_->Get(SessionIdOf(*ctx, request->session_id())), response);
 }
 
 grpc::ServerUnaryReactor* SessionServiceImpl::ListSessions(grpc::CallbackServerContext* ctx,
                                                            const attnserve::v1::ListSessionsRequest* /*request*/,
                                                            attnserve::v1::ListSessionsResponse* response) {
-  StartTrace(ctx);
-  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeAdmin); !denied.ok()) return FinishNow(ctx, denied);
+  const ServedRpc rpc(ctx, calls_, "/attnserve.v1.SessionService/ListSessions");
+  if (grpc::Status denied = authorizer_->Check(*ctx, kScopeAdmin); !denied.ok()) return FinishNow(rpc, denied);
   for (const SessionInfo& info : store_->List()) EncodeSession(info, response->add_sessions());
-  return FinishNow(ctx, grpc::Status::OK);
+  return FinishNow(rpc, grpc::Status::OK);
 }
 
 }  // namespace attnserve

@@ -17,6 +17,8 @@
 #include "attnserve/v1/session.grpc.pb.h"
 #include "server/api/answering_stream.h"
 #include "server/api/authorizer.h"
+#include "server/api/call_counts.h"
+#include "server/api/served_rpc.h"
 #include "server/batching/clock.h"
 #include "server/sessions/session_store.h"
 
@@ -34,12 +36,14 @@ using SessionServiceBase = attnserve::v1::SessionService::WithCallbackMethod_Cre
 class SessionServiceImpl final : public SessionServiceBase {
  public:
   // None owned; all must outlive the service. `max_inflight_per_stream` >= 1 (see AnsweringStream).
+  // `calls` (may be null) counts every call (served_rpc.h).
   SessionServiceImpl(SessionStore* store, const Clock* clock, int64_t max_inflight_per_stream,
-                     const Authorizer* authorizer)
+                     const Authorizer* authorizer, CallCounts* calls)
       : store_(store),
         clock_(clock),
         max_inflight_per_stream_(std::max<int64_t>(1, max_inflight_per_stream)),
-        authorizer_(authorizer) {}
+        authorizer_(authorizer),
+        calls_(calls) {}
 
   grpc::ServerUnaryReactor* CreateSession(grpc::CallbackServerContext* ctx,
                                           const attnserve::v1::CreateSessionRequest* request,
@@ -64,15 +68,16 @@ class SessionServiceImpl final : public SessionServiceBase {
                                          attnserve::v1::ListSessionsResponse* response) override;
 
  private:
-  // Decodes `request` (which must outlive the call) into an append and hands it to the store; `rpc` (a
+  // Decodes `request` (which must outlive the call) into an append and hands it to the store; `rpc_name` (a
   // literal) names the method in the access log.
-  void SubmitAppend(grpc::CallbackServerContext* ctx, const char* rpc, const TraceContext& trace, const attnserve::v1::AppendRequest& request,
+  void SubmitAppend(const ServedRpc& rpc, const char* rpc_name, const attnserve::v1::AppendRequest& request,
                     attnserve::v1::AppendResponse* response, OnAnswer on_answer) const;
 
   SessionStore* store_;
   const Clock* clock_;
   const int64_t max_inflight_per_stream_;
   const Authorizer* authorizer_;
+  CallCounts* calls_;
 };
 
 }  // namespace attnserve

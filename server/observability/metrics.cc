@@ -132,6 +132,12 @@ void ServerMetrics::RegisterTransportMetrics(prometheus::Registry& r) {
                              .Help("Connections shut down beyond transport.max_connections (those that sent least)")
                              .Register(r)
                              .Add({});
+  reset_floods_stopped_ = &prometheus::BuildCounter()
+                               .Name("attnserve_reset_floods_stopped_total")
+                               .Help("Connections shut down for opening streams and resetting them before any "
+                                     "message (rapid reset, CVE-2023-44487)")
+                               .Register(r)
+                               .Add({});
 }
 
 void ServerMetrics::AddLayer(const std::string& layer) {

@@ -50,11 +50,13 @@ void TransportProblems(const TransportConfig& t, std::vector<std::string>* probl
   negative("grpc_max_threads", t.grpc_max_threads());
   negative("max_metadata_bytes", t.max_metadata_bytes());
   negative("memory_guard_headroom_bytes", t.memory_guard_headroom_bytes());
+  negative("reset_flood_min_streams", t.reset_flood_min_streams());
   const auto interval = [problems](const char* field, int64_t value) {
     if (value < -1) problems->push_back(absl::StrCat("transport.", field, ": must be -1 (never) or >= 0, got ", value));
   };
   interval("listener_check_interval_ms", t.listener_check_interval_ms());
   interval("memory_guard_interval_ms", t.memory_guard_interval_ms());
+  interval("reset_flood_check_interval_ms", t.reset_flood_check_interval_ms());
   if (t.max_connections() < -1) {
     problems->push_back(absl::StrCat("transport.max_connections: must be -1 (no cap) or >= 0, got ", t.max_connections()));
   }
@@ -76,6 +78,10 @@ void ApplySecurityAndTransportDefaults(attnserve::v1::ServerConfig* config) {
   if (t->max_metadata_bytes() == 0) t->set_max_metadata_bytes(kDefaultMaxMetadataBytes);
   if (t->listener_check_interval_ms() == 0) t->set_listener_check_interval_ms(kDefaultListenerCheckIntervalMs);
   if (t->memory_guard_interval_ms() == 0) t->set_memory_guard_interval_ms(kDefaultMemoryGuardIntervalMs);
+  if (t->reset_flood_check_interval_ms() == 0) {
+    t->set_reset_flood_check_interval_ms(kDefaultResetFloodCheckIntervalMs);
+  }
+  if (t->reset_flood_min_streams() == 0) t->set_reset_flood_min_streams(kDefaultResetFloodMinStreams);
 }
 
 std::vector<std::string> SecurityAndTransportProblems(const attnserve::v1::ServerConfig& config) {

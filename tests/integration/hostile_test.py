@@ -678,12 +678,9 @@ class Flood:
 
 def known_rapid_reset_gap(s, flood, rss, what):
     """gRPC 1.51 (Debian 12) predates the rapid-reset fixes (CVE-2023-44487, gRPC 1.56.3+): reset streams
-    queue inside gRPC faster than it retires them, beyond any limit it has, and others may wait until the flood
-    ends. What we hold it to: it survives and serves again right after; the memory it took and whether others
-    were served meanwhile are printed, not bounded
-    (README "Security and limits" and BENCHMARKS.md say so and what to put in front)."""
-    # How long gRPC takes to retire the queued resets varies with how many the client got in (up to ~250,000
-    # in 5 s here, then 5-40 s of draining on 2 cores); a server that never recovers still fails.
+    queue inside gRPC faster than it retires them. The server's reset-flood guard shuts down a connection whose
+    streams mostly carry no message; one whose every stream carries a whole request (the case below) is
+    bounded by admission instead, and what it took is printed, not bounded."""
     latency = served_on_new_connection(s, timeout=180.0 if sanitized() else 60.0)
     if flood.probe_error:
         print(f"    known gap (gRPC 1.51, CVE-2023-44487): during the {what}, {flood.probe_error}")
@@ -694,7 +691,9 @@ def known_rapid_reset_gap(s, flood, rss, what):
 
 def case_rapid_reset(s):
     """CVE-2023-44487: HEADERS + RST_STREAM pairs as fast as they go on 3 connections for 5 s (reconnecting
-    when the server closes one). The server must keep answering others and hold its memory."""
+    when the server closes one). gRPC 1.51 alone queued 4-7 GiB and answered no one for 20-40 s; the server's
+    reset-flood guard must shut the flooding connections down, keep answering others during the flood and
+    hold its memory near the budget (twice it: the guard acts every 100 ms, the flood allocates meanwhile)."""
     block = h2.grpc_request_headers()
     pairs = [0, 0, 0]
     reconnects = [0]
@@ -723,15 +722,22 @@ def case_rapid_reset(s):
                 key = reader.summary()
                 endings[key] = endings.get(key, 0) + 1
 
+    stopped_before = s.metric("attnserve_reset_floods_stopped_total")
     with RssWatch(s) as rss:
         flood = Flood(s, body, workers=3, seconds=5.0)
     rss.settle(3.0)
     total = sum(pairs)
+    stopped = s.metric("attnserve_reset_floods_stopped_total") - stopped_before
     print(f"    rapid_reset: {total} HEADERS+RST_STREAM pairs on 3 connections in {flood.seconds:.1f} s "
-          f"({total / flood.seconds:.0f}/s), {reconnects[0]} reconnects {endings or ''}; {rss.line()}; "
-          f"{flood.probe_line()}")
-    expect(not flood.errors, f"flood thread failed: {flood.errors[:2]}")
-    known_rapid_reset_gap(s, flood, rss, "rapid reset")
+          f"({total / flood.seconds:.0f}/s), {reconnects[0]} reconnects {endings or ''}; {stopped:.0f} connections "
+          f"shut down by the reset-flood guard; {rss.line()}; {flood.probe_line()}")
+    flood.check()
+    expect(stopped >= 1, "the reset-flood guard shut no flooding connection down")
+    latency = served_on_new_connection(s, timeout=30.0 if sanitized() else 5.0)
+    print(f"    served {latency * 1000:.0f} ms after it")
+    if not sanitized():
+        expect(rss.peak_mib() < 2 * BUDGET_MIB,
+               f"rapid reset: RSS grew {rss.peak_mib():.0f} MiB (at most twice the {BUDGET_MIB} MiB budget)")
 
 
 def case_rapid_reset_of_whole_requests(s):

@@ -159,11 +159,12 @@ absl::StatusOr<std::unique_ptr<TestServer>> StartInProcessServer(const std::stri
   if (!config.ok()) return config.status();
   config->set_grpc_address("127.0.0.1:0");
   config->set_metrics_address("127.0.0.1:0");
-  // No memory guard, no connection cap: they read and shut down the process's sockets, which here are also
-  // the test's clients' and other servers' (the guard's delivered-bytes table is the process's: one server per
-  // process). The binary's tests (hostile_test) cover them.
+  // No memory guard, connection cap or reset-flood guard: they read and shut down the process's sockets, which
+  // here are also the test's clients' and other servers' (the guard's delivered-bytes table is the process's:
+  // one server per process). The binary's tests (hostile_test) cover them.
   config->mutable_transport()->set_memory_guard_interval_ms(-1);
   config->mutable_transport()->set_max_connections(-1);
+  config->mutable_transport()->set_reset_flood_check_interval_ms(-1);
   if (absl::Status s = ApplyDefaultsAndValidate(&*config); !s.ok()) return s;
   auto server = std::make_unique<TestServer>();
   absl::StatusOr<std::unique_ptr<Server>> created = Server::Create(*config, options);

@@ -77,13 +77,15 @@ class MetricsObserver final : public SchedulerObserver {
 constexpr const char* kServedServices[] = {"attnserve.v1.AttentionService", "inference.GRPCInferenceService",
                                            "attnserve.v1.SessionService"};
 
-// The only interceptor: reflection behind tokens, which has no handler of ours. Installed only then: gRPC 1.51
-// does per-stream work for every stream once any interceptor factory is installed (api/served_rpc.h says why
-// the handlers count calls and start traces themselves).
+// The only interceptor: reflection behind tokens, which has no handler of ours. Installed only then (tokens
+// and reflection on): gRPC 1.51 does per-stream work for every stream once any interceptor factory is
+// installed (api/served_rpc.h says why the handlers count calls and start traces themselves).
 std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> Interceptors(
-    const Authorizer* authorizer) {
+    const Authorizer* authorizer, bool reflection) {
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
-  if (authorizer->enabled()) interceptors.push_back(std::make_unique<ReflectionGuardFactory>(authorizer));
+  if (authorizer->enabled() && reflection) {
+    interceptors.push_back(std::make_unique<ReflectionGuardFactory>(authorizer));
+  }
   return interceptors;
 }
 
@@ -336,7 +338,7 @@ absl::Status Server::Start() {
     builder.RegisterService(service);
   }
   builder.RegisterCallbackGenericService(p.unknown_methods.get());
-  builder.experimental().SetInterceptorCreators(Interceptors(p.authorizer.get()));
+  builder.experimental().SetInterceptorCreators(Interceptors(p.authorizer.get(), reflection));
   p.grpc_server = builder.BuildAndStart();
   if (p.grpc_server == nullptr || p.grpc_port == 0) {
     p.grpc_server.reset();
@@ -484,12 +486,13 @@ absl::Status Server::StartResetFloodGuard() {
   if (p.health_port != 0) guard.local_ports.push_back(p.health_port);
   guard.on_shed = [metrics = p.metrics.get()](const SocketStreams& s) {
     metrics->ResetFloodStopped();
-    spdlog::warn("reset flood: shut down the connection from {}, which opened {} streams and sent messages on {}",
-                 s.peer_key, s.streams_started, s.messages_received);
+    spdlog::warn("reset flood: shut down the connection from {}, which opened {} streams of which the server "
+                 "finished {}", s.peer_key, s.streams_started, s.streams_succeeded);
   };
   ATTN_ASSIGN_OR_RETURN(p.reset_flood_guard, ResetFloodGuard::Create(std::move(guard)));
-  spdlog::info("reset flood guard: a connection that opens {} streams, fewer than half with a message, is shut "
-               "down; checked every {} ms", t.reset_flood_min_streams(), t.reset_flood_check_interval_ms());
+  spdlog::info("reset flood guard: a connection that opens {} streams, more than half of them reset before the "
+               "server finished them, is shut down; checked every {} ms", t.reset_flood_min_streams(),
+               t.reset_flood_check_interval_ms());
   return absl::OkStatus();
 }
 

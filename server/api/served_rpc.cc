@@ -22,7 +22,7 @@ const grpc::Status& ServedRpc::Ended(const grpc::Status& status) const {
 }
 
 grpc::ServerGenericBidiReactor* UnknownMethodService::CreateReactor(grpc::GenericCallbackServerContext* ctx) {
-  const ServedRpc rpc(ctx, counts_, ctx->method().c_str());
+  const ServedRpc rpc(ctx, counts_, nullptr);  // "other", whatever the path (a served one on the health port)
   return new RefusedStream(rpc, grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
                                              "method: this server has no method '" + BoundedForLog(ctx->method()) + "'"));
 }

@@ -26,7 +26,8 @@ namespace attnserve {
 class ServedRpc {
  public:
   // Starts the RPC's trace (adds its traceparent to `ctx`'s initial metadata: call before anything is sent).
-  // `path` is gRPC's name of the method, "/package.Service/Method"; `counts` may be null (nothing is counted).
+  // `path` is gRPC's name of the method, "/package.Service/Method" (null: "other"); `counts` may be null
+  // (nothing is counted).
   // `ctx` must outlive every copy.
   ServedRpc(grpc::CallbackServerContext* ctx, CallCounts* counts, const char* path);
 

@@ -164,7 +164,7 @@ std::vector<ServerFlag> TransportFlags() {
        &SetTransportIntervalOrNever<&TransportConfig::set_memory_guard_interval_ms>},
       {{"reset-flood-check-interval", true, "ATTNSERVE_RESET_FLOOD_CHECK_INTERVAL", "DURATION"}, "100ms",
        "How often each connection's stream counts are read; one that opened --reset-flood-min-streams streams, "
-       "fewer than half with a message (rapid reset), is shut down; \"never\": off.",
+       "more than half reset before the server finished them (rapid reset), is shut down; \"never\": off.",
        &SetTransportIntervalOrNever<&TransportConfig::set_reset_flood_check_interval_ms>},
       {{"reset-flood-min-streams", true, "ATTNSERVE_RESET_FLOOD_MIN_STREAMS", "N"}, "1000",
        "Streams a connection must have opened before it can be judged a reset flood.",

@@ -132,11 +132,12 @@ absl::StatusOr<SocketStreams> ParseChannelzSocket(absl::string_view json) {
   absl::string_view name = StringAfter(json.substr(ref), "\"name\":\"");
   if (const size_t space = name.rfind(' '); space != absl::string_view::npos) name.remove_prefix(space + 1);
   out.peer_key = PeerKeyFromGrpcPeer(name);
+  out.socket_id = Int64After(json.substr(ref), "\"socketId\":\"");
   const size_t data = json.find("\"data\":{", socket);
   if (data != absl::string_view::npos) {
     const absl::string_view fields = json.substr(data, json.find('}', data) - data);
     out.streams_started = Int64After(fields, "\"streamsStarted\":\"");
-    out.messages_received = Int64After(fields, "\"messagesReceived\":\"");
+    out.streams_succeeded = Int64After(fields, "\"streamsSucceeded\":\"");
   }
   return out;
 }
@@ -151,8 +152,9 @@ absl::StatusOr<std::vector<SocketStreams>> ListServerSockets() {
   std::vector<SocketStreams> sockets;
   ATTN_ASSIGN_OR_RETURN(const std::vector<int64_t> servers, ServerIds(nullptr));
   for (const int64_t server : servers) {
-    ATTN_ASSIGN_OR_RETURN(const std::vector<int64_t> ids, SocketIds(server));
-    for (const int64_t id : ids) {
+    const absl::StatusOr<std::vector<int64_t>> ids = SocketIds(server);
+    if (!ids.ok()) continue;  // gone meanwhile: the others are still worth reading
+    for (const int64_t id : *ids) {
       char* json = grpc_channelz_get_socket(static_cast<intptr_t>(id));
       if (json == nullptr) continue;  // closed since it was listed
       const std::unique_ptr<char, void (*)(void*)> owned(json, gpr_free);

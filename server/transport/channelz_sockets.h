@@ -1,7 +1,7 @@
 // What gRPC's own channelz counts for each connection of this process's gRPC servers: the HTTP/2 streams the
-// client opened and the messages that arrived on them. gRPC 1.51's public C++ API shows neither, and they
-// are what tells a rapid-reset client (CVE-2023-44487: streams opened and reset before any message) from
-// every other (a call carries at least one message).
+// client opened and those the server finished (sent its trailers on). gRPC 1.51's public C++ API shows
+// neither, and they are what tells a rapid-reset client (CVE-2023-44487: streams opened and reset before the
+// server answers) from every other (a call the server answers, refused or not, is finished).
 //
 // Read through gRPC core's channelz C API (JSON), which is on by default (grpc.enable_channelz).
 //
@@ -20,11 +20,12 @@ namespace attnserve {
 struct SocketStreams {
   std::string peer_key;            // peer_address.h; "" for a peer without a port (a unix socket)
   int64_t streams_started = 0;     // HTTP/2 streams the client opened
-  int64_t messages_received = 0;   // messages that arrived on them
+  int64_t streams_succeeded = 0;   // of those, the ones the server finished (counted once gRPC frees them)
+  int64_t socket_id = 0;           // channelz's, never reused in the process
 };
 
-// Every connection accepted by a gRPC server of this process that has not been closed yet. INTERNAL when
-// channelz's answer cannot be read.
+// Every connection accepted by a gRPC server of this process that has not been closed yet (a server whose
+// connections cannot be listed is skipped). INTERNAL when channelz's list of servers cannot be read.
 absl::StatusOr<std::vector<SocketStreams>> ListServerSockets();
 
 // The calls (streams) every gRPC server of the process has started, all connections together: one cheap read,

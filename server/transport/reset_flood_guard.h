@@ -1,15 +1,17 @@
 // Stops rapid-reset floods (CVE-2023-44487), which gRPC 1.51 does not: a client that opens HTTP/2 streams and
 // resets them at once makes gRPC create and queue a call for each faster than it retires them (4-7 GiB and
 // 20-40 s without answering anyone, measured), and never reaches a handler of ours. Envoy's premature-reset
-// rule is the model: a connection whose client opened at least `min_streams` streams, fewer than half of
-// which carried a message (every real call carries one), is shut down (connection_table.h). Its client may
-// reconnect, and is shut down again once it has opened `min_streams` more.
+// rule is the model: a connection whose client opened at least `min_streams` streams, more than half of which
+// the server never finished (a call it answers, refused or not, is finished: its trailers sent; a stream the
+// client resets first is not), is shut down (connection_table.h). Its client may reconnect, and is shut down
+// again once it has opened `min_streams` more. A client that reconnects before each `min_streams` escapes it.
 //
 // Every `interval` the guard reads how many calls the servers have started, all connections together (gRPC's
 // channelz, channelz_sockets.h). Only once `min_streams` more have started since it last did does it read
 // each connection's counts (15 us a connection), and only when one floods does it list the process's sockets
 // to find its descriptor. So a server with few calls pays almost nothing, and one with many reads each
-// connection at most every interval.
+// connection at most every interval, and spends at most a tenth of a core on it (with many connections the
+// reads are spaced out).
 //
 // Policy apart from threads: CheckOnce() does one check and can be driven from a test with fakes for the
 // counts, the connections and the shutdown.
@@ -25,6 +27,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
@@ -34,8 +37,8 @@
 
 namespace attnserve {
 
-// Whether a connection's counts are a reset flood: at least `min_streams` streams opened, and messages on
-// fewer than half of them.
+// Whether a connection's counts are a reset flood: at least `min_streams` streams opened, and more than half
+// of them never finished by the server.
 bool IsResetFlood(const SocketStreams& socket, int64_t min_streams);
 
 class ResetFloodGuard {
@@ -54,6 +57,7 @@ class ResetFloodGuard {
     std::function<absl::StatusOr<std::vector<SocketStreams>>()> list_sockets;
     std::function<absl::StatusOr<std::vector<TcpConnection>>()> list_connections;
     std::function<absl::Status(const TcpConnection&)> shut_down;
+    std::function<absl::Time()> now;
     bool start_thread = true;
   };
   // InvalidArgument for a non-positive interval or minimum, or no port.
@@ -63,7 +67,7 @@ class ResetFloodGuard {
   ResetFloodGuard& operator=(const ResetFloodGuard&) = delete;
 
   // One check (the thread's body): the number of connections shut down. Serialized with itself.
-  int CheckOnce();
+  int CheckOnce() ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   explicit ResetFloodGuard(Options options) : options_(std::move(options)) {}
@@ -72,6 +76,8 @@ class ResetFloodGuard {
   const Options options_;
   absl::Mutex mu_;  // serializes CheckOnce
   int64_t calls_at_last_read_ ABSL_GUARDED_BY(mu_) = 0;  // calls_started when the connections were last read
+  absl::Time next_read_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();  // reads spaced to a tenth of a core
+  absl::flat_hash_set<int64_t> shut_ids_ ABSL_GUARDED_BY(mu_);  // channelz ids of sockets shut, still listed
   absl::Notification stop_;
   std::thread thread_;
 };

@@ -1,7 +1,7 @@
-// The reset-flood guard and what it reads: which connections it judges a flood (many streams, messages on
-// fewer than half), gRPC's channelz counts as parsed, and against a real gRPC server: a client's calls counted
-// on its own socket, and a raw HTTP/2 client resetting every stream it opens shut down while a client making
-// real calls on the same server is left alone.
+// The reset-flood guard and what it reads: which connections it judges a flood (many streams, most never
+// finished by the server), gRPC's channelz counts as parsed, and against a real gRPC server: a client's calls,
+// refused without their message being read, counted as finished on its own socket, and a raw HTTP/2 client
+// resetting every stream it opens shut down while that client is left alone.
 #include "server/transport/reset_flood_guard.h"
 
 #include <arpa/inet.h>
@@ -29,26 +29,26 @@ namespace {
 
 using ::testing::ElementsAre;
 
-TEST(IsResetFlood, ManyStreamsFewerThanHalfWithAMessage) {
+TEST(IsResetFlood, ManyStreamsMostNeverFinished) {
   EXPECT_TRUE(IsResetFlood({"a:1", 1000, 0}, 1000));
   EXPECT_TRUE(IsResetFlood({"a:1", 5000, 2499}, 1000));
-  EXPECT_FALSE(IsResetFlood({"a:1", 5000, 2500}, 1000));   // half carried a message
-  EXPECT_FALSE(IsResetFlood({"a:1", 999, 0}, 1000));       // too few to judge
-  EXPECT_FALSE(IsResetFlood({"a:1", 100000, 100000}, 1000));  // a busy client: a message on every stream
-  EXPECT_FALSE(IsResetFlood({"a:1", 1, 1000000}, 1000));      // one long stream
+  EXPECT_FALSE(IsResetFlood({"a:1", 5000, 2500}, 1000));      // half finished
+  EXPECT_FALSE(IsResetFlood({"a:1", 999, 0}, 1000));          // too few to judge
+  EXPECT_FALSE(IsResetFlood({"a:1", 100000, 99900}, 1000));   // a busy client, 100 calls in flight
 }
 
 TEST(ParseChannelzSocket, ReadsPeerAndCounts) {
   // As gRPC 1.51's grpc_channelz_get_socket renders it (int64 values as strings).
   const char* json = R"({"socket":{"ref":{"socketId":"12","name":"chttp2 ipv4:127.0.0.1:41234"},
-      "data":{"streamsStarted":"5000","streamsFailed":"4990","messagesReceived":"3",
-              "lastRemoteStreamCreatedTimestamp":"2026-12-04T23:00:00Z"},
+      "data":{"lastRemoteStreamCreatedTimestamp":"2026-12-04T23:00:00Z","messagesReceived":"3",
+              "streamsFailed":"4990","streamsStarted":"5000","streamsSucceeded":"7"},
       "remote":{"tcpipAddress":{"port":41234,"ipAddress":"fwAAAQ=="}}}})";
   const absl::StatusOr<SocketStreams> s = ParseChannelzSocket(json);
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->peer_key, "127.0.0.1:41234");
   EXPECT_EQ(s->streams_started, 5000);
-  EXPECT_EQ(s->messages_received, 3);
+  EXPECT_EQ(s->streams_succeeded, 7);
+  EXPECT_EQ(s->socket_id, 12);
 
   const absl::StatusOr<SocketStreams> fresh =  // no data yet: channelz leaves zero counts out
       ParseChannelzSocket(R"({"socket":{"ref":{"socketId":"3","name":"chttp2 ipv6:%5B::1%5D:5000"},"data":{}}})");
@@ -104,14 +104,15 @@ struct Fakes {
       return absl::OkStatus();
     };
     o.on_shed = [this](const SocketStreams& s) { reported.push_back(s.peer_key); };
+    o.now = [] { return absl::UnixEpoch(); };  // reads take no time: never spaced out
     return *ResetFloodGuard::Create(std::move(o));
   }
 };
 
 TEST(ResetFloodGuard, ShutsDownOnlyTheFloodingConnections) {
   Fakes f;
-  f.sockets = {{"10.0.0.1:1000", 200000, 0}, {"10.0.0.2:2000", 200000, 200000}, {"10.0.0.3:3000", 10, 0},
-               {"10.0.0.4:4000", 3000, 1}};
+  f.sockets = {{"10.0.0.1:1000", 200000, 0, 1}, {"10.0.0.2:2000", 200000, 200000, 2}, {"10.0.0.3:3000", 10, 0, 3},
+               {"10.0.0.4:4000", 3000, 1, 4}};
   f.connections = {{7, 1, "10.0.0.2:2000", 1}, {8, 2, "10.0.0.1:1000", 1}, {9, 3, "10.0.0.3:3000", 1},
                    {10, 4, "10.0.0.4:4000", 1}};
   f.calls = 403010;
@@ -123,7 +124,7 @@ TEST(ResetFloodGuard, ShutsDownOnlyTheFloodingConnections) {
 
 TEST(ResetFloodGuard, ListsNoDescriptorsWhenNoneFloods) {
   Fakes f;
-  f.sockets = {{"10.0.0.2:2000", 200000, 200000}, {"10.0.0.3:3000", 999, 0}};
+  f.sockets = {{"10.0.0.2:2000", 200000, 200000, 2}, {"10.0.0.3:3000", 999, 0, 3}};
   f.calls = 200999;
   auto guard = f.Guard(1000);
   EXPECT_EQ(guard->CheckOnce(), 0);
@@ -139,7 +140,7 @@ TEST(ResetFloodGuard, ListsNoDescriptorsWhenNoneFloods) {
 
 TEST(ResetFloodGuard, ReadsConnectionsOnlyOnceEnoughCallsStarted) {
   Fakes f;
-  f.sockets = {{"10.0.0.1:1000", 1500, 0}};
+  f.sockets = {{"10.0.0.1:1000", 1500, 0, 1}};
   f.connections = {{7, 1, "10.0.0.1:1000", 1}};
   f.calls = 999;  // fewer than min_streams since the start: no connection can have opened that many
   auto guard = f.Guard(1000);
@@ -153,9 +154,67 @@ TEST(ResetFloodGuard, ReadsConnectionsOnlyOnceEnoughCallsStarted) {
   EXPECT_EQ(f.socket_reads, 1);
 }
 
+TEST(ResetFloodGuard, AFailedReadKeepsTheGateOpen) {
+  Fakes f;
+  f.sockets = {{"10.0.0.1:1000", 1500, 0, 1}};
+  f.connections = {{7, 1, "10.0.0.1:1000", 1}};
+  f.calls = 1500;
+  f.sockets_status = absl::InternalError("channelz unreadable");
+  auto guard = f.Guard(1000);
+  EXPECT_EQ(guard->CheckOnce(), 0);
+  f.sockets_status = absl::OkStatus();  // no new call since: read again all the same
+  EXPECT_EQ(guard->CheckOnce(), 1);
+  f.calls = 10;  // a server went away with its counts: the gate follows the total down
+  EXPECT_EQ(guard->CheckOnce(), 0);
+  f.calls = 1010;
+  f.sockets = {{"10.0.0.1:1001", 1000, 0, 2}};
+  f.connections = {{8, 2, "10.0.0.1:1001", 1}};
+  EXPECT_EQ(guard->CheckOnce(), 1);
+}
+
+TEST(ResetFloodGuard, SlowReadsAreSpacedToATenthOfACore) {
+  Fakes f;
+  f.sockets = {{"10.0.0.2:2000", 200000, 200000, 2}};
+  f.calls = 200000;
+  absl::Time now = absl::UnixEpoch();
+  ResetFloodGuard::Options o;  // a clock that each read moves by 20 ms
+  o.min_streams = 1000;
+  o.local_ports = {1};
+  o.start_thread = false;
+  o.calls_started = [&f]() -> absl::StatusOr<int64_t> { return f.calls += 1000; };
+  o.list_sockets = [&]() -> absl::StatusOr<std::vector<SocketStreams>> {
+    now += absl::Milliseconds(20);
+    ++f.socket_reads;
+    return f.sockets;
+  };
+  o.now = [&] { return now; };
+  auto paced = *ResetFloodGuard::Create(std::move(o));
+  EXPECT_EQ(paced->CheckOnce(), 0);
+  EXPECT_EQ(f.socket_reads, 1);
+  now += absl::Milliseconds(170);  // 190 ms after that read began: not yet
+  EXPECT_EQ(paced->CheckOnce(), 0);
+  EXPECT_EQ(f.socket_reads, 1);
+  now += absl::Milliseconds(10);  // 200 ms: ten times the read
+  EXPECT_EQ(paced->CheckOnce(), 0);
+  EXPECT_EQ(f.socket_reads, 2);
+}
+
+TEST(ResetFloodGuard, ASocketShutDownIsNotJudgedAgainWhileGrpcDrainsIt) {
+  Fakes f;
+  f.sockets = {{"10.0.0.1:1000", 1500, 0, 1}};
+  f.connections = {{7, 1, "10.0.0.1:1000", 1}};
+  f.calls = 1500;
+  auto guard = f.Guard(1000);
+  EXPECT_EQ(guard->CheckOnce(), 1);
+  f.calls = 3000;  // channelz still lists it; a new connection happens to have the same address
+  f.connections = {{9, 5, "10.0.0.1:1000", 1}};
+  EXPECT_EQ(guard->CheckOnce(), 0);
+  EXPECT_THAT(f.shut, ElementsAre("10.0.0.1:1000"));
+}
+
 TEST(ResetFloodGuard, AFloodGoneFromTheSocketsIsNotShutDown) {
   Fakes f;  // channelz still shows it, the kernel no longer does (closed meanwhile)
-  f.sockets = {{"10.0.0.1:1000", 200000, 0}};
+  f.sockets = {{"10.0.0.1:1000", 200000, 0, 1}};
   f.calls = 200000;
   f.connections = {{7, 1, "10.0.0.9:9000", 1}};
   auto guard = f.Guard(1000);
@@ -172,8 +231,9 @@ TEST(ResetFloodGuard, ItsThreadAndACallerCheckInTurn) {
   o.min_streams = 10;
   o.local_ports = {50051};
   o.calls_started = [&]() -> absl::StatusOr<int64_t> { return calls.fetch_add(10) + 10; };
-  o.list_sockets = []() -> absl::StatusOr<std::vector<SocketStreams>> {
-    return std::vector<SocketStreams>{{"10.0.0.1:1000", 20, 0}};
+  std::atomic<int64_t> socket_ids{0};  // a new connection each time: the last one was shut down
+  o.list_sockets = [&]() -> absl::StatusOr<std::vector<SocketStreams>> {
+    return std::vector<SocketStreams>{{"10.0.0.1:1000", 20, 0, socket_ids.fetch_add(1)}};
   };
   o.list_connections = []() -> absl::StatusOr<std::vector<TcpConnection>> {
     return std::vector<TcpConnection>{{7, 1, "10.0.0.1:1000", 1}};
@@ -191,17 +251,14 @@ TEST(ResetFloodGuard, ItsThreadAndACallerCheckInTurn) {
   EXPECT_GT(by_caller, 0);
 }
 
-// Reads each call's message, then answers UNIMPLEMENTED (the calls of the well-behaved client).
-class ReadThenRefuse : public grpc::CallbackGenericService {
+// Answers every call UNIMPLEMENTED at once, without reading its message (as the server refuses a call without
+// a token, or an unknown method): the calls of the well-behaved client.
+class Refuse : public grpc::CallbackGenericService {
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* /*ctx*/) override {
     class Reactor : public grpc::ServerGenericBidiReactor {
      public:
-      Reactor() { StartRead(&message_); }
-      void OnReadDone(bool /*ok*/) override { Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "")); }
+      Reactor() { Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "")); }
       void OnDone() override { delete this; }
-
-     private:
-      grpc::ByteBuffer message_;
     };
     return new Reactor;
   }
@@ -278,12 +335,12 @@ bool EndedByServer(int fd, absl::Duration timeout) {
 }
 
 TEST(ResetFloodGuard, ShutsDownARawRapidResetBesideARealClient) {
-  ReadThenRefuse service;
+  Refuse service;
   int port = 0;
   std::unique_ptr<grpc::Server> server = StartOnLoopback(&service, &port);
   ASSERT_NE(server, nullptr);
 
-  // The real client: 20 calls, each with its message, on one connection.
+  // The real client: 20 calls on one connection, each refused.
   auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials());
   auto stub = attnserve::v1::AttentionService::NewStub(channel);
   for (int i = 0; i < 20; ++i) {
@@ -300,13 +357,13 @@ TEST(ResetFloodGuard, ShutsDownARawRapidResetBesideARealClient) {
   for (int wait_ms = 0; wait_ms < 10000 && flooding.streams_started < 3000; wait_ms += 10) {
     const absl::StatusOr<std::vector<SocketStreams>> sockets = ListServerSockets();
     ASSERT_TRUE(sockets.ok()) << sockets.status();
-    for (const SocketStreams& s : *sockets) (s.messages_received > 0 ? real : flooding) = s;
+    for (const SocketStreams& s : *sockets) (s.streams_succeeded > 0 ? real : flooding) = s;
     absl::SleepFor(absl::Milliseconds(10));
   }
   EXPECT_EQ(real.streams_started, 20);
-  EXPECT_EQ(real.messages_received, 20);
+  EXPECT_EQ(real.streams_succeeded, 20);
   EXPECT_EQ(flooding.streams_started, 3000);
-  EXPECT_EQ(flooding.messages_received, 0);
+  EXPECT_EQ(flooding.streams_succeeded, 0);
   const absl::StatusOr<std::vector<TcpConnection>> connections = ListTcpConnections({port});
   ASSERT_TRUE(connections.ok()) << connections.status();
   std::vector<std::string> keys;
@@ -340,7 +397,7 @@ TEST(ResetFloodGuard, ShutsDownARawRapidResetBesideARealClient) {
 // What a check costs when no connection floods (the common case: channelz only), printed for
 // BENCHMARKS.md.
 TEST(ResetFloodGuard, CostOfACheckWith100Connections) {
-  ReadThenRefuse service;
+  Refuse service;
   int port = 0;
   std::unique_ptr<grpc::Server> server = StartOnLoopback(&service, &port);
   ASSERT_NE(server, nullptr);

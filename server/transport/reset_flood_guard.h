@@ -8,7 +8,7 @@
 //
 // Every `interval` the guard reads how many calls the servers have started, all connections together (gRPC's
 // channelz, channelz_sockets.h). Only once `min_streams` more have started since it last did does it read
-// each connection's counts (15 us a connection), and only when one floods does it list the process's sockets
+// each connection's counts (8 us a connection), and only when one floods does it list the process's sockets
 // to find its descriptor. So a server with few calls pays almost nothing, and one with many reads each
 // connection at most every interval, and spends at most a tenth of a core on it (with many connections the
 // reads are spaced out).

@@ -38,9 +38,11 @@ std::unique_ptr<Server> StartServer() {
   config.set_metrics_address("127.0.0.1:0");
   *config.add_layers() = Layer("steady", 1);
   *config.add_layers() = Layer("churn", 10);
-  // As the in-process harness: no memory guard or connection cap on the test process's own sockets.
+  // As the in-process harness: no memory guard, connection cap or reset-flood guard on the test process's own
+  // sockets.
   config.mutable_transport()->set_memory_guard_interval_ms(-1);
   config.mutable_transport()->set_max_connections(-1);
+  config.mutable_transport()->set_reset_flood_check_interval_ms(-1);
   EXPECT_TRUE(ApplyDefaultsAndValidate(&config).ok());
   ServerOptions options;
   options.cpus = 2;

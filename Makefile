@@ -10,7 +10,7 @@ FUZZ_TARGETS ?= infer_request_fuzz kserve_request_fuzz safetensors_fuzz config_f
 # the layer registry, the executor and metrics, the engine on many threads, the in-process server (service,
 # drain, reload), the Open Inference Protocol's service and layer catalog (streams, control thread), and the
 # reset-flood guard's thread beside a caller.
-TSAN_TESTS ?= kv_cache_pool_test background_priority_test batch_queue_test batch_scheduler_test layer_registry_test batch_executor_test metrics_test \
+TSAN_TESTS ?= kv_cache_pool_test background_priority_test load_heap_pad_test batch_queue_test batch_scheduler_test layer_registry_test batch_executor_test metrics_test \
               call_counts_test reset_flood_guard_test \
               mha_threads_test layer_reload_test attention_service_test credential_store_test listener_probe_test \
               kserve_service_test layer_catalog_test

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "absl/synchronization/mutex.h"
+#include "server/runtime/load_heap_pad.h"
 #include "server/server.h"
 #include "server/startup/config_watcher.h"
 #include "server/startup/logging.h"
@@ -72,7 +73,7 @@ void SetProcessDefaults() {
   // rises to the largest block freed, up to 32 MiB, and with it the trim threshold, and keeps such blocks in
   // the heap). Set first thing: set only once the configured layers were built, as it was, 20 reloads of a
   // 9 MiB layer still grew RSS from 42 to 95 MiB; set first, 42 to 58 (BENCHMARKS.md, issue #10).
-  mallopt(M_MMAP_THRESHOLD, 1 << 20);
+  mallopt(M_MMAP_THRESHOLD, attnserve::kServerMmapThresholdBytes);  // raised while layers load: runtime/load_heap_pad.h
   // Fixing the mmap threshold also fixes the trim threshold at its 128 KiB default: every free that left that
   // much at the top of a thread's heap gave it back (madvise), and the next allocation faulted it in again.
   // oneDNN allocates and frees inside its parallel matmuls, so a session's prefill chunk (dozens of matmuls)

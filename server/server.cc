@@ -37,6 +37,7 @@
 #include "server/runtime/layer_catalog.h"
 #include "server/runtime/background_priority.h"
 #include "server/runtime/layer_warmup.h"
+#include "server/runtime/load_heap_pad.h"
 #include "server/runtime/memory_budget.h"
 #include "server/startup/cpu_budget.h"
 #include "server/startup/layer_options.h"
@@ -111,6 +112,7 @@ struct Server::Parts {
   std::unique_ptr<CredentialStore> tokens;
   std::unique_ptr<Authorizer> authorizer;
   std::unique_ptr<LayerRegistry> registry;
+  std::unique_ptr<LoadHeapPad> load_heap_pad;
   std::unique_ptr<ServerMetrics> metrics;
   std::unique_ptr<CallCounts> call_counts;  // in metrics' registry; outlives the gRPC servers that count
   std::unique_ptr<AccessLog> access_log;  // may be null; outlives the dispatcher, which writes to it
@@ -172,6 +174,11 @@ absl::Status Server::Build() {
   threads_per_batch_ = std::max(1, cpus / std::max(1, config_.worker_threads()));
   ATTN_RETURN_IF_ERROR(BuildCredentialStores());
   ATTN_ASSIGN_OR_RETURN(p.registry, LayerRegistry::Create(config_));
+  LoadHeapPad::Options pad;
+  pad.pad_bytes = options_.load_heap_pad_bytes;
+  pad.hold = options_.load_heap_pad_hold;
+  pad.clock = options_.clock;
+  ATTN_ASSIGN_OR_RETURN(p.load_heap_pad, LoadHeapPad::Create(std::move(pad)));
   std::vector<std::string> names;
   for (const auto& l : config_.layers()) names.push_back(l.name());
   p.metrics = std::make_unique<ServerMetrics>(names);
@@ -538,6 +545,8 @@ void Server::StartTrimmer() {
   p.trimmer = std::thread([&p] {
     while (!p.stop_trimming.WaitForNotificationWithTimeout(absl::Seconds(1))) {
       p.sessions->EvictIdle("idle_timeout");  // sessions idle past their timeout, pool full or not
+      // Not while layers load: the pages kept for the next build would go (the release trims them).
+      if (p.load_heap_pad->ReleaseIfIdle() || p.load_heap_pad->raised()) continue;
       if (p.memory->reserved_bytes() == 0) malloc_trim(0);
     }
   });
@@ -646,7 +655,9 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
                                  : static_cast<int64_t>(std::filesystem::file_size(config.weights_path(), no_file));
   ATTN_RETURN_IF_ERROR(CheckLayerFits(config, no_file ? 0 : file_bytes, ProcessMemoryLimitBytes(nullptr),
                                       std::max<int64_t>(0, ResidentSetBytes()), request_budget));
-  // Built and warmed up at the lowest CPU priority: the workers serving requests come first.
+  // Built and warmed up at the lowest CPU priority, in pages earlier builds freed: the workers serving requests
+  // come first.
+  const std::unique_ptr<LoadHeapPad::Scope> in_kept_pages = parts_->load_heap_pad->LoadStarting();
   std::unique_ptr<ServedLayer> loaded;
   const absl::Time load_start = absl::Now();
   ATTN_RETURN_IF_ERROR(RunAtBackgroundPriority([&]() -> absl::Status {
@@ -675,6 +686,9 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
 
 absl::Status Server::UnloadLayer(const std::string& name) {
   Parts& p = *parts_;
+  // Its weights may sit in the heaps (built while the pad was up): the pad's release trims them, soon after
+  // the last request holding them is answered, whether or not requests keep the server busy.
+  const std::unique_ptr<LoadHeapPad::Scope> until_trimmed = p.load_heap_pad->LoadStarting();
   absl::MutexLock lock(&layers_mu_);
   ATTN_RETURN_IF_ERROR(p.registry->Remove(name));
   // Requests that found the layer before Remove are in its queue or about to be refused by it (NOT_FOUND).

@@ -62,6 +62,11 @@ struct ServerOptions {
   std::function<void(const std::string& why)> on_listener_failure;
   // The access log (observability/access_log.h): "-" for stdout, or a file appended to. Empty: none.
   std::string access_log_path;
+  // While layers load (the repository RPCs, config reloads), heaps keep this much freed memory at their top for
+  // the next build instead of returning it, until `load_heap_pad_hold` after the last load
+  // (runtime/load_heap_pad.h: what it saves the layers being served); 0 = off.
+  int64_t load_heap_pad_bytes = int64_t{64} << 20;
+  absl::Duration load_heap_pad_hold = absl::Seconds(5);
 };
 
 class Server {

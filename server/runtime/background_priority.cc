@@ -38,12 +38,18 @@ class BackgroundThread {
   absl::Status Run(const std::function<absl::Status()>& work) {
     if (on_background_thread) return RunCatching(work);  // nested: handing it over would wait on itself
     absl::MutexLock turn(&turn_mu_);
-    Job job;
-    job.work = &work;
-    absl::MutexLock lock(&mu_);
-    job_ = &job;
-    mu_.Await(absl::Condition(&job.done));
-    return job.result;
+    return HandOver(work);
+  }
+
+  bool TryRun(const std::function<absl::Status()>& work) {
+    if (on_background_thread) {
+      RunCatching(work).IgnoreError();
+      return true;
+    }
+    if (!turn_mu_.TryLock()) return false;
+    HandOver(work).IgnoreError();
+    turn_mu_.Unlock();
+    return true;
   }
 
  private:
@@ -52,6 +58,15 @@ class BackgroundThread {
     absl::Status result;
     bool done = false;
   };
+
+  absl::Status HandOver(const std::function<absl::Status()>& work) ABSL_EXCLUSIVE_LOCKS_REQUIRED(turn_mu_) {
+    Job job;
+    job.work = &work;
+    absl::MutexLock lock(&mu_);
+    job_ = &job;
+    mu_.Await(absl::Condition(&job.done));
+    return job.result;
+  }
 
   BackgroundThread() { std::thread([this] { Loop(); }).detach(); }
 
@@ -84,6 +99,10 @@ thread_local bool BackgroundThread::on_background_thread = false;
 
 absl::Status RunAtBackgroundPriority(const std::function<absl::Status()>& work) {
   return BackgroundThread::Get().Run(work);
+}
+
+bool TryRunAtBackgroundPriority(const std::function<absl::Status()>& work) {
+  return BackgroundThread::Get().TryRun(work);
 }
 
 }  // namespace attnserve

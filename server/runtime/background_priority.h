@@ -18,4 +18,7 @@ namespace attnserve {
 
 absl::Status RunAtBackgroundPriority(const std::function<absl::Status()>& work);
 
+// The same, but only if no other work runs or waits: false (and `work` not run) when the thread is busy.
+bool TryRunAtBackgroundPriority(const std::function<absl::Status()>& work);
+
 }  // namespace attnserve

@@ -733,6 +733,51 @@ def case_rapid_reset(s):
     check_reset_flood_stopped(s, flood, rss, stopped, "rapid reset")
 
 
+def case_rapid_reset_reconnecting(s):
+    """The rapid reset that escapes the reset-flood guard: each connection sends 900 HEADERS + RST_STREAM pairs
+    (below the guard's 1000 streams) and is closed, and the next one opened, on 3 threads for 5 s. The guard
+    cannot see it (channelz forgets a closed connection); what bounds it is that closing a connection ends its
+    streams. Others must be served during it and right after it, and the memory must come back."""
+    block = h2.grpc_request_headers()
+    pairs = [0, 0, 0]
+    connections = [0]
+
+    def body(i, stop):
+        while not stop.is_set():
+            try:
+                c = h2.Connection(s.port, timeout=2)
+            except OSError:
+                continue  # the connection cap refused it: try again
+            reader = h2.Reader(c)
+            try:
+                batch = []
+                for sid in range(1, 1800, 2):
+                    batch.append(h2.headers(sid, block))
+                    batch.append(h2.rst_stream(sid))
+                c.send(b"".join(batch))
+                pairs[i] += 900
+            except h2.Closed:
+                pass
+            reader.stop()
+            c.close()
+            connections[0] += 1
+
+    with RssWatch(s) as rss:
+        flood = Flood(s, body, workers=3, seconds=5.0)
+    rss.settle(3.0)
+    total = sum(pairs)
+    print(f"    rapid reset, reconnecting: {total} HEADERS+RST_STREAM pairs on {connections[0]} connections in "
+          f"{flood.seconds:.1f} s ({total / flood.seconds:.0f}/s); {rss.line()}; {flood.probe_line()}")
+    flood.check()
+    latency = served_on_new_connection(s, timeout=30.0 if sanitized() else 5.0)
+    print(f"    served {latency * 1000:.0f} ms after it")
+    # Its peak is not bounded by the budget (+202 to +579 MiB here; what remains of issue #9): what is required is
+    # that others are served and that the memory comes back.
+    if not sanitized():
+        returned = (rss.after - rss.before) / 1024
+        expect(returned < 64, f"rapid reset, reconnecting: RSS still +{returned:.0f} MiB 3 s after")
+
+
 def case_rapid_reset_of_whole_requests(s):
     """HEADERS + a whole small request (DATA, END_STREAM) + RST_STREAM, 4 s on 2 connections: each request
     is admitted, maybe queued or computing, when its reset comes; all must be released (in-flight back to
@@ -1486,7 +1531,8 @@ CASES = [case_half_sent_requests_do_not_stall_metrics, case_queue_flood_stays_wi
          case_decoder_sessions_cannot_outgrow_the_kv_pool, case_bf16_session_appends_stay_within_the_budget,
          # raw HTTP/2 and connection-level traffic
          case_short_requests_do_not_wait_behind_a_long_one,
-         case_rapid_reset, case_rapid_reset_of_whole_requests, case_ping_flood, case_continuation_flood,
+         case_rapid_reset, case_rapid_reset_reconnecting, case_rapid_reset_of_whole_requests, case_ping_flood,
+         case_continuation_flood,
          case_continuation_flood_of_one_huge_value,
          case_settings_flood, case_window_update_flood, case_empty_data_frame_flood,
          case_many_streams_on_one_connection, case_slowloris_on_the_grpc_port,

@@ -690,6 +690,16 @@ def check_reset_flood_stopped(s, flood, rss, stopped, what):
                f"{what}: RSS grew {rss.peak_mib():.0f} MiB (at most twice the {BUDGET_MIB} MiB budget)")
 
 
+def reset_pairs(first_stream, count, block):
+    """`count` HEADERS (header block `block`) each followed by its RST_STREAM, on client streams from
+    `first_stream` (odd) on: the bytes of one write."""
+    frames = []
+    for sid in range(first_stream, first_stream + 2 * count, 2):
+        frames.append(h2.headers(sid, block))
+        frames.append(h2.rst_stream(sid))
+    return b"".join(frames)
+
+
 def case_rapid_reset(s):
     """CVE-2023-44487: HEADERS + RST_STREAM pairs as fast as they go on 3 connections for 5 s (reconnecting
     when the server closes one): check_reset_flood_stopped."""
@@ -705,12 +715,8 @@ def case_rapid_reset(s):
             sid = 1
             try:
                 while not stop.is_set() and sid < (1 << 31) - 400:
-                    batch = []
-                    for _ in range(100):
-                        batch.append(h2.headers(sid, block))
-                        batch.append(h2.rst_stream(sid))
-                        sid += 2
-                    c.send(b"".join(batch))
+                    c.send(reset_pairs(sid, 100, block))
+                    sid += 200
                     pairs[i] += 100
             except h2.Closed:
                 pass
@@ -750,11 +756,7 @@ def case_rapid_reset_reconnecting(s):
                 continue  # the connection cap refused it: try again
             reader = h2.Reader(c)
             try:
-                batch = []
-                for sid in range(1, 1800, 2):
-                    batch.append(h2.headers(sid, block))
-                    batch.append(h2.rst_stream(sid))
-                c.send(b"".join(batch))
+                c.send(reset_pairs(1, 900, block))
                 pairs[i] += 900
             except h2.Closed:
                 pass

@@ -8,6 +8,7 @@
 #include <random>
 #include <vector>
 
+#include "common/half_float.h"
 #include "core/decoder_attention.h"
 #include "core/multihead_attention.h"
 
@@ -77,18 +78,27 @@ void BM_LongAttention(benchmark::State& state) {
   TimeSelfAttention(state, options, causal, flops, state.range(6) != 0 ? l / 8 : 0);
 }
 
-// Times ForwardBatch over separate [1, len, E] self-attention requests, one per entry of `lengths`.
-void RunRequestBatch(benchmark::State& state, int64_t e, int64_t h, const std::vector<int64_t>& lengths) {
+// Times ForwardBatch over separate [1, len, E] self-attention requests, one per entry of `lengths`, on a layer
+// computing in `compute`, their queries in `input`: f32, or the bf16 / f16 values a client may send.
+void RunRequestBatch(benchmark::State& state, int64_t e, int64_t h, const std::vector<int64_t>& lengths,
+                     ComputeType compute = ComputeType::kFloat32, DType input = DType::kFloat32) {
   MultiheadAttention::Options options;
   options.config = {e, h, 0, 0, true};
+  options.compute = compute;
   auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
   std::vector<std::vector<float>> queries;
+  std::vector<std::vector<uint16_t>> queries16;
   std::vector<AttentionInputs> inputs(lengths.size());
   std::vector<const AttentionInputs*> batch;
   double flops = 0;
   for (size_t i = 0; i < lengths.size(); ++i) {
     queries.push_back(Random(lengths[i] * e, 10 + i));
     inputs[i].query = TensorView::F32(queries.back().data(), {1, lengths[i], e});
+    if (input != DType::kFloat32) {
+      std::vector<uint16_t>& bits = queries16.emplace_back();
+      for (float v : queries.back()) bits.push_back(input == DType::kBFloat16 ? FloatToBFloat16(v) : FloatToHalf(v));
+      inputs[i].query = {input, {1, lengths[i], e}, bits.data()};
+    }
     batch.push_back(&inputs[i]);
     flops += static_cast<double>(AttentionFlops(options.config, 1, lengths[i], lengths[i]));
   }
@@ -112,6 +122,14 @@ void BM_RaggedBatch(benchmark::State& state) {
 // bench/serving_bench.py compares the server's achieved rate with this.
 void BM_ServerBatch(benchmark::State& state) {
   RunRequestBatch(state, state.range(2), state.range(3), std::vector<int64_t>(state.range(0), state.range(1)));
+}
+
+// The same on a layer of compute type C (0 f32, 1 bf16) with inputs of type In (0 f32, 1 bf16, 2 f16), as a
+// client sending 16-bit tensors gives them. Args: R, L, E, H, C, In.
+void BM_ServerBatchInputs(benchmark::State& state) {
+  const DType inputs[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
+  RunRequestBatch(state, state.range(2), state.range(3), std::vector<int64_t>(state.range(0), state.range(1)),
+                  state.range(4) != 0 ? ComputeType::kBFloat16 : ComputeType::kFloat32, inputs[state.range(5)]);
 }
 
 // oneDNN's sgemm on a large square problem: what the machine's f32 matmul reaches.
@@ -348,6 +366,13 @@ BENCHMARK(BM_ServerBatch)
     ->Args({1, 16, 256, 4})
     ->ArgsProduct({{1, 16, 32, 64}, {32}, {512}, {8}})  // the serving bench's batching and PyTorch steps
     ->ArgNames({"R", "L", "E", "H"})
+    ->UseRealTime()
+    ->MinTime(0.3)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_ServerBatchInputs)
+    ->ArgsProduct({{64}, {32}, {512}, {8}, {0, 1}, {0, 1, 2}})
+    ->ArgsProduct({{8}, {128}, {768}, {12}, {0, 1}, {0, 1, 2}})
+    ->ArgNames({"R", "L", "E", "H", "C", "In"})
     ->UseRealTime()
     ->MinTime(0.3)
     ->Unit(benchmark::kMicrosecond);

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "core/activation_rows.h"
 
 namespace attnserve {
 absl::Status ShapeError(const char* field, const std::string& expected, const Shape& actual) {
@@ -38,14 +39,15 @@ absl::StatusOr<MaskType> MaskDType(const char* field, const TensorView& t) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": dtype must be BOOL or FLOAT32"));
 }
 
-absl::Status CheckFloat(const char* field, const TensorView& t) {
-  if (t.dtype == DType::kFloat32) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(field, ": dtype must be FLOAT32, got ", DTypeName(t.dtype)));
+absl::Status CheckActivation(const char* field, const TensorView& t) {
+  if (IsActivationDType(t.dtype)) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(field, ": dtype must be FLOAT32, BFLOAT16 or FLOAT16, got ", DTypeName(t.dtype)));
 }
 
 absl::StatusOr<QueryShape> ParseQueryShape(const TensorView& query, int64_t embed_dim) {
   if (!query.present()) return absl::InvalidArgumentError("query: is required");
-  ATTN_RETURN_IF_ERROR(CheckFloat("query", query));
+  ATTN_RETURN_IF_ERROR(CheckActivation("query", query));
   const Shape& qs = query.shape;
   if ((qs.size() != 2 && qs.size() != 3) || qs.back() != embed_dim) {
     return ShapeError("query", absl::StrCat("[B, L, ", embed_dim, "] or [L, ", embed_dim, "] (unbatched)"), qs);
@@ -90,8 +92,8 @@ absl::Status ParseKeyValue(const AttentionInputs& in, const MhaConfig& config, P
     p->kv_len = p->q_len;
     return absl::OkStatus();
   }
-  ATTN_RETURN_IF_ERROR(CheckFloat("key", in.key));
-  ATTN_RETURN_IF_ERROR(CheckFloat("value", in.value));
+  ATTN_RETURN_IF_ERROR(CheckActivation("key", in.key));
+  ATTN_RETURN_IF_ERROR(CheckActivation("value", in.value));
   const Shape& qs = in.query.shape;
   const std::string bdim = p->unbatched ? "" : absl::StrCat(p->batch, ", ");
   const Shape& ks = in.key.shape;

@@ -13,7 +13,7 @@
 namespace attnserve {
 
 struct AttentionInputs {
-  TensorView query;             // [B, L, E], or [L, E] unbatched. FLOAT32.
+  TensorView query;             // [B, L, E], or [L, E] unbatched. FLOAT32, BFLOAT16 or FLOAT16 (as key, value).
   TensorView key;               // [B, S, kdim] / [S, kdim]. Absent with value: self-attention (key = query).
   TensorView value;             // [B, S, vdim] / [S, vdim].
   TensorView key_padding_mask;  // [B, S] / [S]. BOOL (true = ignore that key) or FLOAT32 (added to scores).
@@ -85,8 +85,9 @@ absl::Status ShapeError(const char* field, const std::string& expected, const Sh
 absl::Status CheckDimsAndData(const char* field, const TensorView& t);
 // kNone when absent; BOOL or FLOAT32 otherwise.
 absl::StatusOr<MaskType> MaskDType(const char* field, const TensorView& t);
-absl::Status CheckFloat(const char* field, const TensorView& t);
-// query [B, L, E] or [L, E] unbatched, FLOAT32, with its dims checked.
+// FLOAT32, BFLOAT16 or FLOAT16 (IsActivationDType): the engines convert 16-bit rows as they gather them.
+absl::Status CheckActivation(const char* field, const TensorView& t);
+// query [B, L, E] or [L, E] unbatched, an activation dtype, with its dims checked.
 struct QueryShape {
   bool unbatched = false;
   int64_t batch = 0, len = 0;

@@ -9,7 +9,7 @@
 
 #include <algorithm>
 
-#include "core/half_float.h"
+#include "common/half_float.h"
 #include "core/omp_threads.h"
 
 namespace attnserve {

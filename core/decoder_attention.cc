@@ -12,6 +12,7 @@
 #include "absl/memory/memory.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "core/activation_rows.h"
 #include "core/decoder_kernels.h"
 #include "core/omp_threads.h"
 
@@ -42,6 +43,7 @@ void ReleaseDecoderScratch(size_t keep_bytes) {
   for (std::vector<float>* buf : {&s.q, &s.scores, &s.context, &s.pad, &s.span, &s.inputs, &s.out}) {
     if (buf->capacity() * sizeof(float) > keep_bytes) std::vector<float>().swap(*buf);
   }
+  if (s.inputs16.capacity() * sizeof(uint16_t) > keep_bytes) std::vector<uint16_t>().swap(s.inputs16);
 }
 
 struct DecoderAttention::Block {
@@ -241,6 +243,19 @@ void DecoderAttention::AttendBlocks(absl::Span<const ParsedDecoder* const> reque
   }
 }
 
+absl::Status DecoderAttention::ProjectQueries(absl::Span<const ParsedDecoder* const> requests, int64_t tokens,
+                                             float* qkv) const {
+  const DecoderConfig& c = options_.config;
+  const int64_t e = c.embed_dim, width = c.q_width() + 2 * c.kv_width();
+  std::vector<const TensorView*> queries;
+  for (const ParsedDecoder* p : requests) queries.push_back(&p->inputs->query);
+  BlockScratch& scratch = ThreadBlockScratch();
+  if (qkv_proj_->compute() == ComputeType::kBFloat16) {
+    return qkv_proj_->ExecuteBf16(ActivationRowsBf16(queries, tokens, e, scratch.inputs16), tokens, e, qkv, width);
+  }
+  return qkv_proj_->Execute(ActivationRowsF32(queries, tokens, e, scratch.inputs), tokens, e, qkv, width);
+}
+
 std::vector<absl::StatusOr<AttentionOutputs>> DecoderAttention::ForwardBatch(
     absl::Span<const ParsedDecoder* const> requests, int max_threads, const StopFn& stop) const {
   const DecoderConfig& c = options_.config;
@@ -254,19 +269,9 @@ std::vector<absl::StatusOr<AttentionOutputs>> DecoderAttention::ForwardBatch(
   const int threads = flops < options_.single_thread_below_flops ? 1 : budget;
   const ScopedOmpThreads team(threads);  // oneDNN reads the calling thread's team size
 
-  // The queries as one matrix: in place for one request with aligned data (the wire's may not be).
-  const auto* x = static_cast<const float*>(requests.size() == 1 ? requests[0]->inputs->query.data : nullptr);
-  if (x == nullptr || reinterpret_cast<uintptr_t>(x) % alignof(float) != 0) {
-    float* gathered = Grow(ThreadBlockScratch().inputs, tokens * e);
-    for (size_t r = 0; r < requests.size(); ++r) {
-      std::memcpy(gathered + first_row[r] * e, requests[r]->inputs->query.data,
-                  static_cast<size_t>((first_row[r + 1] - first_row[r]) * e) * sizeof(float));
-    }
-    x = gathered;
-  }
   ProjectionBuffer& buffer = ThreadProjectionBuffer();
   float* qkv = buffer.Get(static_cast<size_t>(tokens * width));
-  absl::Status status = qkv_proj_->Execute(x, tokens, e, qkv, width);
+  absl::Status status = ProjectQueries(requests, tokens, qkv);
   if (status.ok()) {
     for (size_t r = 0; r < requests.size(); ++r) ApplyRope(*requests[r], qkv + first_row[r] * width, threads);
     AttendBlocks(requests, PlanBlocks(requests, threads), first_row, qkv, threads, stop, &results);

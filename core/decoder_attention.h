@@ -105,6 +105,9 @@ class DecoderAttention : public AppendEngine {
   absl::Status BuildProjections(DecoderWeights weights);
   int64_t BlockRows(const ParsedDecoder& p, int threads) const;
   void ApplyRope(const ParsedDecoder& p, float* qkv, int threads) const;
+  // qkv [tokens, q_width + 2 kv_width] = the batch's queries (f32, bf16 or f16 rows, gathered and converted
+  // as the projection multiplies, core/activation_rows.h) through qkv_proj_.
+  absl::Status ProjectQueries(absl::Span<const ParsedDecoder* const> requests, int64_t tokens, float* qkv) const;
   // The batch's outputs (zeros, weights when asked) and each request's first row in the projection.
   std::vector<absl::StatusOr<AttentionOutputs>> MakeOutputs(absl::Span<const ParsedDecoder* const> requests,
                                                             std::vector<int64_t>* first_row) const;

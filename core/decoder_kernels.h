@@ -24,6 +24,7 @@ struct BlockScratch {
   std::vector<float> pad;      // the block's additive key padding, [keys]
   std::vector<float> span;     // keys or values of a span of cached tokens, [n, Hkv*D] (appends)
   std::vector<float> inputs;   // appends' query rows gathered [N, E]
+  std::vector<uint16_t> inputs16;  // the same for a bf16 layer's projection
   std::vector<float> out;      // appends' output projection [N, E]
 };
 BlockScratch& ThreadBlockScratch();

@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "core/activation_rows.h"
 #include "core/attention_masks.h"
 #include "core/bf16_rows.h"
 #include "core/flash_attention.h"
@@ -26,6 +27,7 @@ constexpr size_t kRetainBytes = size_t{256} << 20;
 // Per-thread scratch, reused across calls and layers.
 struct Workspace {
   std::vector<float> gather_q, gather_k, gather_v;  // inputs of a group, concatenated
+  std::vector<uint16_t> gather16_q, gather16_k, gather16_v;  // the same for a bf16 layer's matmuls
   std::vector<float> q, k, v;                       // projections: q is [N, 3E] (fused) or [N, E]
   std::vector<float> context_out;                   // output projection of a multi-request group
   std::vector<float> scores;                        // one query block, [nb, H, lb, S]
@@ -44,7 +46,7 @@ struct Workspace {
       if (buf->capacity() * sizeof(float) > keep_bytes) std::vector<float>().swap(*buf);
     }
     if (dead_rows.capacity() > keep_bytes) std::vector<uint8_t>().swap(dead_rows);
-    for (auto* buf : {&q16, &k16, &v16, &probs16}) {
+    for (auto* buf : {&gather16_q, &gather16_k, &gather16_v, &q16, &k16, &v16, &probs16}) {
       if (buf->capacity() * sizeof(uint16_t) > keep_bytes) std::vector<uint16_t>().swap(*buf);
     }
   }
@@ -53,16 +55,6 @@ struct Workspace {
 Workspace& ThreadWorkspace() {
   thread_local Workspace ws;
   return ws;
-}
-
-bool Aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % alignof(float) == 0; }
-
-// Copies the float data of `views` one after another into `dst`.
-void Gather(const std::vector<const TensorView*>& views, float* dst) {
-  for (const TensorView* t : views) {
-    std::memcpy(dst, t->data, t->num_bytes());
-    dst += t->num_elements();
-  }
 }
 
 // How Attend cuts a request into blocks whose scores [seqs, heads, rows, S] fit the budget.
@@ -343,14 +335,14 @@ absl::Status MultiheadAttention::RunGroup(const Group& g, int threads, const Sto
 
 namespace {
 
-// The rows of `views` as one matrix: read in place for one request with aligned data, otherwise
-// concatenated into `buf`, so that each projection is one matmul over every token of the batch.
-const float* InputRows(const std::vector<const TensorView*>& views, std::vector<float>& buf, int64_t rows,
-                       int64_t cols) {
-  if (views.size() == 1 && Aligned(views[0]->data)) return static_cast<const float*>(views[0]->data);
-  float* dst = Workspace::Grow(buf, static_cast<size_t>(rows * cols));
-  Gather(views, dst);
-  return dst;
+// y [rows, ldy] = op(the rows of `views` as one matrix [rows, cols]): gathered (and converted from the wire's
+// 16-bit types) into `f32` or `bf16` as the op multiplies, or read in place when one request's rows already are.
+absl::Status ProjectRows(const LinearOp& op, const std::vector<const TensorView*>& views, int64_t rows, int64_t cols,
+                         std::vector<float>& f32, std::vector<uint16_t>& bf16, float* y, int64_t ldy) {
+  if (op.compute() == ComputeType::kBFloat16) {
+    return op.ExecuteBf16(ActivationRowsBf16(views, rows, cols, bf16), rows, cols, y, ldy);
+  }
+  return op.Execute(ActivationRowsF32(views, rows, cols, f32), rows, cols, y, ldy);
 }
 
 }  // namespace
@@ -370,24 +362,21 @@ absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::Project(const 
   }
   Projected proj;
   proj.q_rows = n_q;
-  const float* xq = InputRows(queries, ws.gather_q, n_q, e);
   if (g.self_attention) {
     proj.q = Workspace::Grow(ws.q, static_cast<size_t>(n_q * 3 * e));
-    ATTN_RETURN_IF_ERROR(qkv_proj_->Execute(xq, n_q, e, proj.q, 3 * e));
+    ATTN_RETURN_IF_ERROR(ProjectRows(*qkv_proj_, queries, n_q, e, ws.gather_q, ws.gather16_q, proj.q, 3 * e));
     proj.ldq = proj.ldk = proj.ldv = 3 * e;
     proj.k = proj.q + e;
     proj.v = proj.q + 2 * e;
     MirrorBf16(n_q, n_q, &proj);
     return proj;
   }
-  const float* xk = InputRows(keys, ws.gather_k, n_kv, c.key_dim());
-  const float* xv = InputRows(values, ws.gather_v, n_kv, c.value_dim());
   proj.q = Workspace::Grow(ws.q, static_cast<size_t>(n_q * e));
   float* kp = Workspace::Grow(ws.k, static_cast<size_t>(n_kv * e));
   float* vp = Workspace::Grow(ws.v, static_cast<size_t>(n_kv * e));
-  ATTN_RETURN_IF_ERROR(q_proj_->Execute(xq, n_q, e, proj.q, e));
-  ATTN_RETURN_IF_ERROR(k_proj_->Execute(xk, n_kv, c.key_dim(), kp, e));
-  ATTN_RETURN_IF_ERROR(v_proj_->Execute(xv, n_kv, c.value_dim(), vp, e));
+  ATTN_RETURN_IF_ERROR(ProjectRows(*q_proj_, queries, n_q, e, ws.gather_q, ws.gather16_q, proj.q, e));
+  ATTN_RETURN_IF_ERROR(ProjectRows(*k_proj_, keys, n_kv, c.key_dim(), ws.gather_k, ws.gather16_k, kp, e));
+  ATTN_RETURN_IF_ERROR(ProjectRows(*v_proj_, values, n_kv, c.value_dim(), ws.gather_v, ws.gather16_v, vp, e));
   proj.ldq = proj.ldk = proj.ldv = e;
   proj.k = kp;
   proj.v = vp;

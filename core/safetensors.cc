@@ -19,7 +19,7 @@
 #include "absl/memory/memory.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "core/half_float.h"
+#include "common/half_float.h"
 #include "common/status_macros.h"
 #include "core/tensor.h"
 #include "nlohmann/json.hpp"

@@ -11,8 +11,8 @@
 
 namespace attnserve {
 
-// kBFloat16 and kFloat16 are 16-bit floats as they arrive on the wire (little-endian bit patterns); the
-// engine's inputs are converted to kFloat32 before they reach it.
+// kBFloat16 and kFloat16 are 16-bit floats as they arrive on the wire (little-endian bit patterns): the
+// engines take them as query, key and value and convert them while gathering a batch (core/activation_rows.h).
 enum class DType { kFloat32, kBool, kInt64, kBFloat16, kFloat16 };
 
 const char* DTypeName(DType dtype);

@@ -18,7 +18,7 @@ constexpr FlagSpec kFlags[] = {
     {"duration", true},     {"warmup", true},      {"timeout-ms", true}, {"seed", true},
     {"json", false},        {"csv", false},        {"quiet", false},      {"tls-cert", true},
     {"tls-key", true},      {"token-file", true}, {"traceparent", true},  {"kserve", false},    {"sessions", true},
-    {"context", true},      {"prefill", true},     {"connections", true},
+    {"context", true},      {"prefill", true},     {"connections", true}, {"input-dtype", true},
 };
 
 // --sessions N --context C [--prefill T]: decode steps on sessions, N closed-loop workers.
@@ -83,6 +83,12 @@ absl::Status ParseRequestFlags(const CommandLine& cl, BenchArgs* out) {
     ATTN_ASSIGN_OR_RETURN(out->kv_seq, ParseIntFlag("kv-seq", *v, 1, kMaxDim));
   }
   out->causal = cl.Has("causal");
+  if (auto v = cl.Get("input-dtype")) {
+    if (*v != "FP32" && *v != "BF16" && *v != "FP16") {
+      return absl::InvalidArgumentError(absl::StrCat("--input-dtype: expected FP32, BF16 or FP16, got \"", *v, "\""));
+    }
+    out->input_dtype = *v;
+  }
   out->stream = cl.Has("stream");
   if (out->stream && out->echo) return absl::InvalidArgumentError("--stream: the echo service is unary only");
   out->kserve = cl.Has("kserve");
@@ -151,10 +157,9 @@ absl::StatusOr<BenchArgs> ParseBenchArgs(const std::vector<std::string>& args) {
 std::string BenchUsage() {
   return R"(Usage: attnbench [flags]
 
-Load generator for attnserve (and for the echo server, the gRPC serving floor). Runs one step per
---concurrency value (closed loop) or per --rate value (open loop), each a --warmup then a --duration,
-and reports per step: requests/s, latency percentiles, errors by status code, and the server's split
-of its time (queue, compute, batch size) from the responses' timing.
+Load generator for attnserve (and for the echo server, the gRPC serving floor). One step per --concurrency
+(closed loop) or --rate (open loop) value, each a --warmup then a --duration; per step: requests/s, latency
+percentiles, errors by status code, the server's split of its time (queue, compute, batch size).
 
 Target:
   --target TARGET        gRPC target (default 127.0.0.1:50051). Several servers round-robin:
@@ -167,13 +172,14 @@ Target:
                          error of each code is reported with the server's trace id either way
   --timeout-ms N         deadline per request, 0 = none (default 30000)
 
-Requests (random float32 values):
+Requests (random values):
   --layer NAME           layer to call (default small); its dims come from GetLayer
   --batch B              sequences per request (default 1)
   --seq L                query length (default 128)
   --seq-dist uniform:A:B draw L per request, uniformly in [A, B] (ragged batching)
   --kv-seq S             separate key/value of length S (cross-attention); default self-attention
   --causal               causal attention
+  --input-dtype T        FP32 (default), BF16 or FP16: query, key and value sent in that type (rounded)
   --stream               send on InferStream (answers matched by id) instead of unary Infer
   --kserve               send the Open Inference Protocol's ModelInfer (inference.GRPCInferenceService)
   --streams N            streams of an open-loop --stream run (default 4; closed loop: one per worker)

@@ -30,6 +30,7 @@ struct BenchArgs {
   SeqDist seq_dist;                        // --seq-dist uniform:A:B (instead of --seq)
   int64_t kv_seq = 0;                      // --kv-seq S (cross-attention); 0: self-attention
   bool causal = false;                     // --causal
+  std::string input_dtype = "FP32";        // --input-dtype FP32, BF16 or FP16: the wire type of the inputs
   bool stream = false;                     // --stream: InferStream instead of unary Infer
   bool kserve = false;                     // --kserve: the Open Inference Protocol's ModelInfer instead
   int64_t streams = 4;                     // --streams: streams of an open-loop --stream run

@@ -154,6 +154,7 @@ absl::StatusOr<std::unique_ptr<InferRequestSource>> MakeSource(const BenchArgs& 
   r.seq_dist = args.seq_dist;
   r.kv_seq_len = args.kv_seq;
   r.is_causal = args.causal;
+  r.input_dtype = args.input_dtype;
   r.seed = args.seed;
   return InferRequestSource::Create(r);
 }

@@ -1,12 +1,14 @@
 #include "tools/attnbench_requests.h"
 
 #include <algorithm>
+#include <cstring>
 #include <random>
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/half_float.h"
 
 namespace attnserve {
 namespace {
@@ -29,14 +31,27 @@ std::vector<float> RandomValues(int64_t n, uint64_t seed) {
   return v;
 }
 
-void SetTensor(const std::vector<float>& values, std::vector<int64_t> shape, attnserve::v1::Tensor* out) {
+// The first (product of shape) values, as `dtype` ("FP32", "BF16" or "FP16") little-endian raw data.
+void SetTensor(const std::vector<float>& values, std::vector<int64_t> shape, const std::string& dtype,
+               attnserve::v1::Tensor* out) {
   int64_t n = 1;
   for (int64_t d : shape) {
     n *= d;
     out->add_shape(d);
   }
-  out->set_dtype(attnserve::v1::FLOAT32);
-  out->set_raw_data(reinterpret_cast<const char*>(values.data()), static_cast<size_t>(n) * sizeof(float));
+  if (dtype == "FP32") {
+    out->set_dtype(attnserve::v1::FLOAT32);
+    out->set_raw_data(reinterpret_cast<const char*>(values.data()), static_cast<size_t>(n) * sizeof(float));
+    return;
+  }
+  const bool bf16 = dtype == "BF16";
+  out->set_dtype(bf16 ? attnserve::v1::BFLOAT16 : attnserve::v1::FLOAT16);
+  std::string* raw = out->mutable_raw_data();
+  raw->resize(static_cast<size_t>(n) * 2);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t bits = bf16 ? FloatToBFloat16(values[i]) : FloatToHalf(values[i]);
+    std::memcpy(raw->data() + 2 * i, &bits, 2);
+  }
 }
 
 }  // namespace
@@ -61,6 +76,10 @@ absl::StatusOr<std::unique_ptr<InferRequestSource>> InferRequestSource::Create(c
     return absl::InvalidArgumentError(absl::StrCat(
         "request shape: every dimension must be positive (embed_dim ", options.embed_dim, ", batch ", options.batch,
         ", seq ", max_len, ", kv_seq ", options.kv_seq_len, ", kdim ", options.kdim, ", vdim ", options.vdim, ")"));
+  }
+  if (options.input_dtype != "FP32" && options.input_dtype != "BF16" && options.input_dtype != "FP16") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("input_dtype: expected FP32, BF16 or FP16, got \"", options.input_dtype, "\""));
   }
   const int64_t max_features = std::max({options.embed_dim, cross ? options.kdim : 0, cross ? options.vdim : 0});
   const int64_t max_tokens = options.batch * std::max(max_len, options.kv_seq_len);
@@ -92,10 +111,11 @@ std::shared_ptr<const attnserve::v1::InferRequest> InferRequestSource::Build(int
   auto request = std::make_shared<attnserve::v1::InferRequest>();
   request->set_layer(options_.layer);
   const int64_t b = options_.batch;
-  SetTensor(query_values_, {b, seq_len, options_.embed_dim}, request->mutable_query());
+  SetTensor(query_values_, {b, seq_len, options_.embed_dim}, options_.input_dtype, request->mutable_query());
   if (options_.kv_seq_len > 0) {
-    SetTensor(key_values_, {b, options_.kv_seq_len, options_.kdim}, request->mutable_key());
-    SetTensor(value_values_, {b, options_.kv_seq_len, options_.vdim}, request->mutable_value());
+    SetTensor(key_values_, {b, options_.kv_seq_len, options_.kdim}, options_.input_dtype, request->mutable_key());
+    SetTensor(value_values_, {b, options_.kv_seq_len, options_.vdim}, options_.input_dtype,
+              request->mutable_value());
   }
   request->set_is_causal(options_.is_causal);
   return request;

@@ -1,7 +1,7 @@
-// The requests attnbench sends: random FLOAT32 tensors of a fixed shape (built once, shared by every send),
-// or with the query length drawn per request to exercise ragged batching (then each send copies a prefix of
-// pre-generated random values: memcpy speed, small next to the attention it asks for; caching every length
-// instead could take hundreds of MiB).
+// The requests attnbench sends: random tensors (FLOAT32, or rounded to BFLOAT16 / FLOAT16) of a fixed shape
+// (built once, shared by every send), or with the query length drawn per request to exercise ragged batching
+// (then each send copies a prefix of pre-generated random values: memcpy speed, small next to the attention it
+// asks for; caching every length instead could take hundreds of MiB).
 //
 // Thread-safety: immutable after Create; Get may run on any number of threads at once.
 #pragma once
@@ -37,10 +37,11 @@ class InferRequestSource {
     SeqDist seq_dist;       // L per request when drawn
     int64_t kv_seq_len = 0;  // S of a separate key/value (cross-attention); 0: self-attention
     bool is_causal = false;
+    std::string input_dtype = "FP32";  // FP32, BF16 or FP16: query, key and value rounded to it on the wire
     uint64_t seed = 1;      // the random values, and which L each request number draws
   };
 
-  // InvalidArgument for non-positive dimensions, or more than 2^31 elements in one tensor.
+  // InvalidArgument for non-positive dimensions, more than 2^31 elements in one tensor, or another input_dtype.
   static absl::StatusOr<std::unique_ptr<InferRequestSource>> Create(const Options& options);
 
   // The request to send as number `seq`; the same `seq` and seed always give the same L.

@@ -196,7 +196,9 @@ void AddRawInput(const char* name, const attnserve::v1::Tensor& t, inference::Mo
   if (t.shape_size() == 0) return;
   auto* in = out->add_inputs();
   in->set_name(name);
-  in->set_datatype("FP32");
+  in->set_datatype(t.dtype() == attnserve::v1::BFLOAT16  ? "BF16"
+                   : t.dtype() == attnserve::v1::FLOAT16 ? "FP16"
+                                                         : "FP32");
   for (int64_t d : t.shape()) in->add_shape(d);
   out->add_raw_input_contents(t.raw_data());
 }

@@ -9,10 +9,6 @@ namespace attnserve {
 absl::Status DecodeActivation(const attnserve::v1::Tensor& t, const char* name, TensorView AttentionInputs::*field,
                               InferenceCall* call) {
   ATTN_ASSIGN_OR_RETURN(call->inputs.*field, DecodeTensor(t, name, AcceptedDTypes::kActivation));
-  const TensorView& view = call->inputs.*field;
-  if (view.dtype == DType::kBFloat16 || view.dtype == DType::kFloat16) {
-    ConvertHalfAfterAdmission(view.data, view.dtype, view.num_elements(), field, call);
-  }
   return absl::OkStatus();
 }
 

@@ -8,8 +8,9 @@
 
 namespace attnserve {
 
-// One activation tensor (query, key or value) into call->inputs.*field: FLOAT32 viewed in place; BFLOAT16 /
-// FLOAT16 converted once the call is admitted (ConvertHalfAfterAdmission). InvalidArgument names `name`.
+// One activation tensor (query, key or value) into call->inputs.*field, viewed in place whatever its type:
+// FLOAT32, or BFLOAT16 / FLOAT16, which the engines convert as they gather a batch (core/activation_rows.h).
+// InvalidArgument names `name`.
 absl::Status DecodeActivation(const attnserve::v1::Tensor& t, const char* name, TensorView AttentionInputs::*field,
                               InferenceCall* call);
 

@@ -79,7 +79,7 @@ size_t WireSize(WireType type) {
 }
 
 absl::StatusOr<TensorView> ViewRaw(const std::string& raw, size_t index, const InputSpec& spec, Shape shape,
-                                   int64_t count, WireType type, const std::string& datatype, InferenceCall* call) {
+                                   int64_t count, WireType type, const std::string& datatype) {
   const int64_t expected = count * static_cast<int64_t>(WireSize(type));
   if (static_cast<int64_t>(raw.size()) != expected) {
     return absl::InvalidArgumentError(absl::StrCat(spec.name, ": raw_input_contents[", index, "] holds ", raw.size(),
@@ -88,12 +88,10 @@ absl::StatusOr<TensorView> ViewRaw(const std::string& raw, size_t index, const I
   }
   if (type == WireType::kBool) return TensorView{DType::kBool, std::move(shape), raw.data()};
   if (type == WireType::kInt64) return TensorView{DType::kInt64, std::move(shape), raw.data()};
-  if (type != WireType::kFp32) {
-    ConvertHalfAfterAdmission(raw.data(), type == WireType::kFp16 ? DType::kFloat16 : DType::kBFloat16, count,
-                              spec.field, call);
-  }
-  // For 16-bit types the raw bytes stand in until the conversion: validation reads shapes, not values.
-  return TensorView{DType::kFloat32, std::move(shape), raw.data()};
+  // 16-bit types too: the engines convert them as they gather a batch.
+  const DType dtype = type == WireType::kFp16 ? DType::kFloat16 : type == WireType::kBf16 ? DType::kBFloat16
+                                                                                          : DType::kFloat32;
+  return TensorView{dtype, std::move(shape), raw.data()};
 }
 
 absl::StatusOr<TensorView> ViewContents(const InputTensor& t, const InputSpec& spec, Shape shape, int64_t count,
@@ -125,12 +123,12 @@ absl::StatusOr<TensorView> ViewContents(const InputTensor& t, const InputSpec& s
 
 // One input; `raw` is its raw_input_contents entry, or null when values come in `contents`.
 absl::StatusOr<TensorView> DecodeInput(const InputTensor& t, const std::string* raw, size_t index,
-                                       const InputSpec& spec, InferenceCall* call) {
+                                       const InputSpec& spec) {
   ATTN_ASSIGN_OR_RETURN(const WireType type, ParseWireType(t, spec));
   if (t.shape_size() == 0) return absl::InvalidArgumentError(absl::StrCat(spec.name, ": shape is required"));
   Shape shape(t.shape().begin(), t.shape().end());
   ATTN_ASSIGN_OR_RETURN(const int64_t count, CheckTensorShape(shape, spec.name));
-  if (raw != nullptr) return ViewRaw(*raw, index, spec, std::move(shape), count, type, t.datatype(), call);
+  if (raw != nullptr) return ViewRaw(*raw, index, spec, std::move(shape), count, type, t.datatype());
   return ViewContents(t, spec, std::move(shape), count, type);
 }
 
@@ -172,7 +170,7 @@ absl::Status DecodeInputs(const ModelInferRequest& req, InferenceCall* call) {
     }
     was_seen = true;
     const std::string* raw = req.raw_input_contents_size() > 0 ? &req.raw_input_contents(i) : nullptr;
-    ATTN_ASSIGN_OR_RETURN(call->inputs.*(spec->field), DecodeInput(t, raw, static_cast<size_t>(i), *spec, call));
+    ATTN_ASSIGN_OR_RETURN(call->inputs.*(spec->field), DecodeInput(t, raw, static_cast<size_t>(i), *spec));
   }
   if (!seen[0]) return absl::InvalidArgumentError("inputs: 'query' is required");
   return absl::OkStatus();

@@ -5,7 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "core/bf16_rows.h"
-#include "core/half_float.h"
+#include "common/half_float.h"
 
 namespace attnserve {
 

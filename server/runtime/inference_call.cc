@@ -4,7 +4,7 @@
 #include "absl/strings/str_join.h"
 #include "common/log_string.h"
 #include "common/status_macros.h"
-#include "core/half_float.h"
+#include "core/activation_rows.h"
 
 namespace attnserve {
 namespace {
@@ -86,13 +86,9 @@ void ConvertHalfAfterAdmission(const void* bytes, DType type, int64_t count, Ten
                                InferenceCall* call) {
   call->request_bytes += count * static_cast<int64_t>(sizeof(float));
   (call->inputs.*field).dtype = DType::kFloat32;
-  call->after_admission.push_back([raw = static_cast<const unsigned char*>(bytes), type, count,
-                                   field](InferenceCall& c) {
+  call->after_admission.push_back([bytes, type, count, field](InferenceCall& c) {
     std::vector<float>& out = c.converted.emplace_back(static_cast<size_t>(count));
-    for (int64_t i = 0; i < count; ++i) {
-      const uint16_t bits = static_cast<uint16_t>(raw[2 * i] | (raw[2 * i + 1] << 8));
-      out[static_cast<size_t>(i)] = type == DType::kFloat16 ? HalfToFloat(bits) : BFloat16ToFloat(bits);
-    }
+    type == DType::kFloat16 ? HalfToFloatValues(bytes, count, out.data()) : Bf16ToFloatValues(bytes, count, out.data());
     (c.inputs.*field).data = out.data();
   });
 }

@@ -73,6 +73,25 @@ def check_remote_module(client, mha, cross):
     check(none is None and (got - want).abs().max() <= 1e-4, "RemoteMultiheadAttention with kdim/vdim")
 
 
+def check_sixteen_bit(client, mha):
+    """bfloat16 and float16 modules' tensors go as they are and come back in their type, each value the f32
+    answer to the same (16-bit) inputs, rounded."""
+    torch.manual_seed(4)
+    remote = RemoteMultiheadAttention(client, "mha")
+    for dtype, rtol in ((torch.bfloat16, 2.0 ** -7), (torch.float16, 2.0 ** -10)):
+        q = torch.randn(5, 2, 32).to(dtype)
+        want, want_w = mha(q.float(), q.float(), q.float())
+        got, got_w = remote(q, q, q)
+        check(got.dtype == dtype and got_w.dtype == dtype and torch.allclose(got.float(), want, rtol=rtol, atol=1e-5)
+              and torch.allclose(got_w.float(), want_w, rtol=rtol, atol=1e-5),
+              f"RemoteMultiheadAttention in {dtype}: sent and answered in {dtype}, the f32 answer rounded")
+    x = np.random.default_rng(5).standard_normal((1, 6, 32)).astype(np.float16)
+    want, _ = client.infer("mha", x.astype(np.float32))
+    got, _ = client.infer("mha", x, output_dtype="float16")
+    check(got.dtype == np.float32 and np.allclose(got, want, rtol=2.0 ** -10, atol=1e-5),
+          "Client.infer: a float16 array goes as FLOAT16; output_dtype float16 comes back widened to float32")
+
+
 def check_sessions(client):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((25, 32)).astype(np.float32)
@@ -160,6 +179,7 @@ def main():
         with attnserve.Client(target) as client, torch.no_grad():
             check(set(client.layers()) == {"mha", "cross", "llama"}, "Client.layers")
             check_remote_module(client, mha, cross)
+            check_sixteen_bit(client, mha)
             check_sessions(client)
             check_decoder(client)
             check_traces(client, target)

@@ -6,7 +6,7 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
-#include "core/half_float.h"
+#include "common/half_float.h"
 #include "nlohmann/json.hpp"
 
 namespace attnserve::testing {

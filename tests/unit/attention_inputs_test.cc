@@ -59,7 +59,7 @@ TEST_F(AttentionInputsTest, ErrorsNameFieldExpectedAndActual) {
   in.query = TensorView::F32(f_.data(), {2, 3, 1, 16});
   ExpectError(in, "got [2, 3, 1, 16]");
   in.query = TensorView::Bool(b_.data(), {2, 3, 16});
-  ExpectError(in, "query: dtype must be FLOAT32, got BOOL");
+  ExpectError(in, "query: dtype must be FLOAT32, BFLOAT16 or FLOAT16, got BOOL");
   in.query = TensorView::F32(f_.data(), {0, 3, 16});
   ExpectError(in, "query: every dimension must be positive, got shape [0, 3, 16]");
   in.query = TensorView::F32(nullptr, {1, 3, 16});

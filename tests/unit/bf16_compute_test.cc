@@ -10,7 +10,7 @@
 
 #include "core/bf16_rows.h"
 #include "core/decoder_attention.h"
-#include "core/half_float.h"
+#include "common/half_float.h"
 #include "core/kv_cache_pool.h"
 #include "core/multihead_attention.h"
 #include "gmock/gmock.h"

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <string>
 #include <thread>
@@ -21,6 +22,7 @@
 #include "client/health_wire.h"
 #include "tools/npy.h"
 #include "tools/tensor_summary.h"
+#include "common/half_float.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -348,6 +350,38 @@ TEST(InferRequestSourceTest, FixedAndDrawnShapes) {
 
   o.embed_dim = 0;
   EXPECT_FALSE(InferRequestSource::Create(o).ok());
+}
+
+TEST(InferRequestSourceTest, SixteenBitInputsRoundEachValue) {
+  InferRequestSource::Options o;
+  o.layer = "small";
+  o.embed_dim = 8;
+  o.seq_len = 3;
+  o.kv_seq_len = 2;
+  o.kdim = o.vdim = 8;
+  const auto f32 = (*InferRequestSource::Create(o))->Get(0);
+  for (const char* dtype : {"BF16", "FP16"}) {
+    o.input_dtype = dtype;
+    auto source = InferRequestSource::Create(o);
+    ASSERT_TRUE(source.ok()) << source.status();
+    const auto r = (*source)->Get(0);
+    const bool bf16 = std::string(dtype) == "BF16";
+    for (const auto* t : {&r->query(), &r->key(), &r->value()}) {
+      EXPECT_EQ(t->dtype(), bf16 ? attnserve::v1::BFLOAT16 : attnserve::v1::FLOAT16) << dtype;
+    }
+    ASSERT_EQ(r->query().raw_data().size(), 3u * 8 * 2);
+    for (int i = 0; i < 24; ++i) {
+      float want;
+      uint16_t got;
+      std::memcpy(&want, f32->query().raw_data().data() + 4 * i, 4);
+      std::memcpy(&got, r->query().raw_data().data() + 2 * i, 2);
+      EXPECT_EQ(got, bf16 ? FloatToBFloat16(want) : FloatToHalf(want)) << dtype << " element " << i;
+    }
+  }
+  o.input_dtype = "FP64";
+  EXPECT_FALSE(InferRequestSource::Create(o).ok());
+  EXPECT_EQ(Parse("--input-dtype BF16")->input_dtype, "BF16");
+  EXPECT_FALSE(Parse("--input-dtype bf16").ok());
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 #include <filesystem>
 #include <random>
 
-#include "core/half_float.h"
+#include "common/half_float.h"
 #include "core/safetensors.h"
 #include "gtest/gtest.h"
 #include "tests/testing/naive_decoder.h"

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "core/half_float.h"
+#include "common/half_float.h"
 #include "gtest/gtest.h"
 #include "server/api/infer_request.h"
 #include "server/startup/server_config.h"
@@ -130,26 +130,40 @@ TEST_F(KServeRequestTest, TypedContentsAndBoolMasks) {
   EXPECT_EQ(static_cast<const uint8_t*>(call.inputs.key_padding_mask.data)[1], 1);
 }
 
-TEST_F(KServeRequestTest, SixteenBitFloatsAreConvertedExactly) {
+// 16-bit inputs reach the engine as they came (it converts them while gathering its batch) and are answered
+// as their exact f32 values would be.
+TEST_F(KServeRequestTest, SixteenBitFloatsReachTheEngineAsTheyCame) {
   const std::vector<float> q = testing::RandomValues(rng_, 2 * kEmbed);
   for (const char* type : {"FP16", "BF16"}) {
+    const bool fp16 = std::string(type) == "FP16";
     std::vector<uint16_t> bits;
-    for (float v : q) bits.push_back(std::string(type) == "FP16" ? FloatToHalf(v) : FloatToBFloat16(v));
+    std::vector<float> widened;
+    for (float v : q) {
+      bits.push_back(fp16 ? FloatToHalf(v) : FloatToBFloat16(v));
+      widened.push_back(fp16 ? HalfToFloat(bits.back()) : BFloat16ToFloat(bits.back()));
+    }
     ModelInferRequest r;
     r.set_model_name("tiny");
     AddRaw(&r, "query", type, {1, 2, kEmbed}, Bytes(bits.data(), bits.size() * 2));
     InferenceCall call;
     ASSERT_TRUE(Prepare(r, &call).ok()) << type;
-    const auto* got = static_cast<const float*>(call.inputs.query.data);
-    for (size_t i = 0; i < bits.size(); ++i) {
-      const float want = std::string(type) == "FP16" ? HalfToFloat(bits[i]) : BFloat16ToFloat(bits[i]);
-      ASSERT_EQ(got[i], want) << type << " element " << i;
-    }
+    EXPECT_EQ(call.inputs.query.dtype, fp16 ? DType::kFloat16 : DType::kBFloat16);
+    EXPECT_EQ(call.inputs.query.data, r.raw_input_contents(0).data());
+    const MultiheadAttention& engine = *call.layer->engine;
+    const ParsedAttention* one[] = {&call.parsed};
+    auto got = engine.ForwardParsed(one, 1);
+    AttentionInputs f32;
+    f32.query = TensorView::F32(widened.data(), {1, 2, kEmbed});
+    auto want = engine.Forward(f32, 1);
+    ASSERT_TRUE(got[0].ok()) << got[0].status();
+    ASSERT_TRUE(want.ok()) << want.status();
+    EXPECT_EQ(got[0]->output.values, want->output.values) << type;
   }
 }
 
-// A refused request must not cost the f32 copy: the conversion waits for admission, which reserves it.
-TEST_F(KServeRequestTest, SixteenBitConversionWaitsForAdmissionAndIsCounted) {
+// No f32 copy is made or reserved for a 16-bit input: the engine's gather buffer, which every batched request
+// has and the cost counts, holds its converted rows.
+TEST_F(KServeRequestTest, SixteenBitInputsCostNoCopyOfTheirOwn) {
   const std::vector<float> q = testing::RandomValues(rng_, 4 * kEmbed);
   std::vector<uint16_t> bits;
   for (float v : q) bits.push_back(FloatToBFloat16(v));
@@ -160,14 +174,14 @@ TEST_F(KServeRequestTest, SixteenBitConversionWaitsForAdmissionAndIsCounted) {
   call.request_bytes = 1000;
   DecodeModelInferRequest(r, &call);
   ASSERT_TRUE(ValidateCall(*registry_, &call).ok());
-  EXPECT_TRUE(call.converted.empty());
-  EXPECT_EQ(call.request_bytes, 1000 + 4 * kEmbed * 4);
-  ASSERT_EQ(call.after_admission.size(), 1u);
-  RunAfterAdmission(&call);
-  ASSERT_EQ(call.converted.size(), 1u);
-  EXPECT_EQ(call.inputs.query.data, call.converted[0].data());
-  EXPECT_EQ(static_cast<const float*>(call.inputs.query.data)[5], BFloat16ToFloat(bits[5]));
+  EXPECT_EQ(call.request_bytes, 1000);
   EXPECT_TRUE(call.after_admission.empty());
+  const ModelInferRequest f32_request = QueryRequest(q, 1, 4);
+  InferenceCall f32_call;
+  f32_call.request_bytes = 1000;
+  DecodeModelInferRequest(f32_request, &f32_call);
+  ASSERT_TRUE(ValidateCall(*registry_, &f32_call).ok());
+  EXPECT_EQ(CallCostBytes(call), CallCostBytes(f32_call));
 }
 
 TEST_F(KServeRequestTest, RequestedOutputsImplyWeightsAndKeepTheirOrder) {

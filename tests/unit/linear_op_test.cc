@@ -4,7 +4,7 @@
 #include <random>
 #include <vector>
 
-#include "core/half_float.h"
+#include "common/half_float.h"
 #include "core/multihead_attention.h"
 #include "core/onednn_ops.h"
 #include "gmock/gmock.h"

@@ -9,7 +9,7 @@
 #include <random>
 #include <vector>
 
-#include "core/half_float.h"
+#include "common/half_float.h"
 #include "core/kernel_variants.h"
 #include "gtest/gtest.h"
 

@@ -10,7 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "core/half_float.h"
+#include "common/half_float.h"
 #include "gtest/gtest.h"
 #include "tests/testing/safetensors_writer.h"
 

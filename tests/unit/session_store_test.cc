@@ -7,7 +7,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
-#include "core/half_float.h"
+#include "common/half_float.h"
 #include "gtest/gtest.h"
 #include "server/sessions/prefill_chunks.h"
 #include "server/sessions/session_store.h"

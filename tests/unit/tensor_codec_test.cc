@@ -2,7 +2,7 @@
 #include <cstring>
 #include <random>
 
-#include "core/half_float.h"
+#include "common/half_float.h"
 #include "gtest/gtest.h"
 #include "server/api/infer_request.h"
 #include "server/api/tensor_codec.h"
@@ -157,7 +157,7 @@ TEST(TensorCodecTest, EncodesBf16AndF16RoundedToNearestEven) {
   }
 }
 
-TEST(PrepareInferenceCallTest, SixteenBitInputsConvertAfterAdmissionAndOutputDtype) {
+TEST(PrepareInferenceCallTest, SixteenBitInputsReachTheEngineAndOutputDtype) {
   v1::ServerConfig config;
   auto* layer = config.add_layers();
   layer->set_name("tiny");
@@ -175,18 +175,21 @@ TEST(PrepareInferenceCallTest, SixteenBitInputsConvertAfterAdmissionAndOutputDty
     InferenceCall call;
     call.request_bytes = 100;
     ASSERT_TRUE(PrepareInferenceCall(**registry, req, &call).ok());
-    EXPECT_EQ(call.request_bytes, 100 + 48 * 4) << "the f32 copy is counted before admission";
-    EXPECT_TRUE(call.converted.empty()) << "nothing allocated before admission";
-    RunAfterAdmission(&call);
-    ASSERT_EQ(call.converted.size(), 1u);
-    EXPECT_EQ(call.inputs.query.dtype, DType::kFloat32);
-    const float* q = static_cast<const float*>(call.inputs.query.data);
-    for (size_t i = 0; i < x.size(); ++i) {
-      const float want = dtype == v1::BFLOAT16 ? BFloat16ToFloat(FloatToBFloat16(x[i])) : HalfToFloat(FloatToHalf(x[i]));
-      ASSERT_EQ(q[i], want) << i;
+    EXPECT_EQ(call.request_bytes, 100) << "no f32 copy: the engine converts while it gathers";
+    EXPECT_TRUE(call.after_admission.empty());
+    EXPECT_EQ(call.inputs.query.dtype, dtype == v1::BFLOAT16 ? DType::kBFloat16 : DType::kFloat16);
+    EXPECT_EQ(call.inputs.query.data, req.query().raw_data().data()) << "viewed in the message";
+    std::vector<float> widened;
+    for (float v : x) {
+      widened.push_back(dtype == v1::BFLOAT16 ? BFloat16ToFloat(FloatToBFloat16(v)) : HalfToFloat(FloatToHalf(v)));
     }
+    AttentionInputs f32;
+    f32.query = TensorView::F32(widened.data(), {2, 3, 8});
     auto out = call.layer->engine->Forward(call.inputs);
     ASSERT_TRUE(out.ok()) << out.status();
+    auto want = call.layer->engine->Forward(f32);
+    ASSERT_TRUE(want.ok()) << want.status();
+    EXPECT_EQ(out->output.values, want->output.values);
     call.outputs = std::move(*out);
     v1::InferResponse resp;
     EncodeInferResponse(call, &resp);

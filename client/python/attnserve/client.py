@@ -5,7 +5,7 @@ import re
 import grpc
 import numpy as np
 
-from attnserve.tensors import from_tensor, to_tensor
+from attnserve.tensors import DTYPES, from_tensor, to_tensor
 from attnserve.v1 import attention_pb2 as pb
 from attnserve.v1 import attention_pb2_grpc as pbg
 from attnserve.v1 import session_pb2 as spb
@@ -116,12 +116,20 @@ class Client:
         return {layer.config.name: layer.config for layer in r.layers}
 
     def infer(self, layer, query, key=None, value=None, key_padding_mask=None, attn_mask=None, is_causal=False,
-              need_weights=False, average_attn_weights=True, position_offset=0, position_ids=None, traceparent=None):
-        """nn.MultiheadAttention.forward (batch_first) on the server: (output, attn_weights or None).
-        DECODER_ATTENTION layers take position_offset (the first token's rotary position) or position_ids
-        ([B, L] integers), and no key, value or attn_mask. traceparent: this call's W3C traceparent."""
+              need_weights=False, average_attn_weights=True, position_offset=0, position_ids=None, traceparent=None,
+              output_dtype=None):
+        """nn.MultiheadAttention.forward (batch_first) on the server: (output, attn_weights or None), float32
+        arrays. Tensors go as to_tensor sends them: float16 arrays as FLOAT16, Tensor messages (e.g.
+        to_tensor(bits, dtype="bfloat16")) as they are. output_dtype "bfloat16" or "float16" halves the answer's
+        bytes (its values rounded to that type). DECODER_ATTENTION layers take position_offset (the first
+        token's rotary position) or position_ids ([B, L] integers), and no key, value or attn_mask.
+        traceparent: this call's W3C traceparent."""
         req = pb.InferRequest(layer=layer, query=to_tensor(query), is_causal=is_causal, need_weights=need_weights,
                               average_attn_weights=average_attn_weights, position_offset=position_offset)
+        if output_dtype is not None:
+            if output_dtype not in DTYPES:
+                raise ValueError(f"output_dtype: expected one of {sorted(DTYPES)}, got {output_dtype!r}")
+            req.output_dtype = DTYPES[output_dtype]
         if position_ids is not None:
             req.position_ids.extend(int(p) for p in np.asarray(position_ids).reshape(-1))
         for field, value_ in (("key", key), ("value", value), ("key_padding_mask", key_padding_mask),

@@ -11,6 +11,7 @@ import struct
 import torch
 
 from attnserve.client import Client
+from attnserve.tensors import to_tensor
 
 
 def _numpy(t):
@@ -18,6 +19,18 @@ def _numpy(t):
         return None
     t = t.detach().cpu()
     return t.numpy() if t.dtype == torch.bool else t.float().numpy()
+
+
+# 16-bit activations go as they are (half the bytes; a BFLOAT16 layer multiplies BF16 ones without a
+# conversion), and their answer comes back in the same type.
+_WIRE_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _activation(t):
+    if t is None or t.dtype not in _WIRE_DTYPES:
+        return _numpy(t)
+    t = t.detach().cpu().contiguous()
+    return to_tensor(t.view(torch.int16).numpy(), dtype="bfloat16") if t.dtype == torch.bfloat16 else t.numpy()
 
 
 class RemoteMultiheadAttention(torch.nn.Module):
@@ -34,9 +47,10 @@ class RemoteMultiheadAttention(torch.nn.Module):
         self_attention = key is query and value is query
         q, k, v = ((t.transpose(0, 1) if transpose else t) for t in (query, key, value))
         out, weights = self.client.infer(
-            self.layer, _numpy(q), key=None if self_attention else _numpy(k), value=None if self_attention else _numpy(v),
-            key_padding_mask=_numpy(key_padding_mask), attn_mask=_numpy(attn_mask), is_causal=is_causal,
-            need_weights=need_weights, average_attn_weights=average_attn_weights)
+            self.layer, _activation(q), key=None if self_attention else _activation(k),
+            value=None if self_attention else _activation(v), key_padding_mask=_numpy(key_padding_mask),
+            attn_mask=_numpy(attn_mask), is_causal=is_causal, need_weights=need_weights,
+            average_attn_weights=average_attn_weights, output_dtype=_WIRE_DTYPES.get(query.dtype))
         out = torch.from_numpy(out).to(query.dtype)
         if transpose:
             out = out.transpose(0, 1)

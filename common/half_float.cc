@@ -1,4 +1,4 @@
-#include "core/half_float.h"
+#include "common/half_float.h"
 
 #include <cstring>
 

@@ -23,17 +23,8 @@ using ::attnserve::testing::TensorToWrite;
 
 constexpr char kSource[] = "corrupt.safetensors";
 
-float BitsToFloat(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-
-uint32_t FloatToBits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-}
+float BitsToFloat(uint32_t bits) { return __builtin_bit_cast(float, bits); }
+uint32_t FloatToBits(float value) { return __builtin_bit_cast(uint32_t, value); }
 
 bool IsHalfNaN(uint16_t bits) { return (bits & 0x7C00) == 0x7C00 && (bits & 0x3FF) != 0; }
 bool IsBFloat16NaN(uint16_t bits) { return (bits & 0x7F80) == 0x7F80 && (bits & 0x7F) != 0; }

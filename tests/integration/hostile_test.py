@@ -605,6 +605,19 @@ class RssWatch:
         time.sleep(seconds)
         self.after = self.s.rss_kib()
 
+    def returned_within(self, limit_mib, seconds):
+        """Seconds until the RSS is back within limit_mib of where it was before (sampled every 250 ms), or
+        None if it is not within `seconds`; `after` is the last sample."""
+        start = time.monotonic()
+        while True:
+            self.after = self.s.rss_kib()
+            waited = time.monotonic() - start
+            if (self.after - self.before) / 1024 < limit_mib:
+                return waited
+            if waited >= seconds:
+                return None
+            time.sleep(0.25)
+
     def peak_mib(self):
         return (self.peak - self.before) / 1024
 
@@ -774,10 +787,14 @@ def case_rapid_reset_reconnecting(s):
     latency = served_on_new_connection(s, timeout=30.0 if sanitized() else 5.0)
     print(f"    served {latency * 1000:.0f} ms after it")
     # Its peak is not bounded by the budget (+202 to +579 MiB here; what remains of issue #9): what is required is
-    # that others are served and that the memory comes back.
+    # that others are served and that the memory comes back. Within 3 s in most runs; in about one of four, gRPC
+    # is still retiring the streams' calls then, so it gets up to 20 s more.
     if not sanitized():
-        returned = (rss.after - rss.before) / 1024
-        expect(returned < 64, f"rapid reset, reconnecting: RSS still +{returned:.0f} MiB 3 s after")
+        waited = rss.returned_within(64, 20.0)
+        left = (rss.after - rss.before) / 1024
+        print(f"    RSS within 64 MiB of before {'after %.1f s more' % waited if waited is not None else 'never'}"
+              f" (+{left:.0f} MiB)")
+        expect(waited is not None, f"rapid reset, reconnecting: RSS still +{left:.0f} MiB 23 s after")
 
 
 def case_rapid_reset_of_whole_requests(s):

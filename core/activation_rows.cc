@@ -83,7 +83,8 @@ template <typename T, typename Convert>
 void GatherRows(absl::Span<const TensorView* const> views, int64_t rows, int64_t cols, T* dst, Convert convert) {
   std::vector<int64_t> first_row(views.size() + 1, 0);
   for (size_t i = 0; i < views.size(); ++i) first_row[i + 1] = first_row[i] + views[i]->num_elements() / cols;
-  ParallelRanges(rows, cols, [&](int64_t r0, int64_t r1) {
+  // `rows` is their sum; the smaller of the two bounds both the reads and the writes all the same.
+  ParallelRanges(std::min(rows, first_row.back()), cols, [&](int64_t r0, int64_t r1) {
     size_t i = static_cast<size_t>(std::upper_bound(first_row.begin(), first_row.end(), r0) - first_row.begin()) - 1;
     for (int64_t r = r0; r < r1; ++i) {
       const int64_t end = std::min(r1, first_row[i + 1]);

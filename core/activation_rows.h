@@ -30,8 +30,8 @@ const float* ActivationRowsF32(absl::Span<const TensorView* const> views, int64_
 const uint16_t* ActivationRowsBf16(absl::Span<const TensorView* const> views, int64_t rows, int64_t cols,
                                    std::vector<uint16_t>& buf);
 
-// Element conversions of `count` values from `src` (any alignment), on the calling thread, by the best
-// variant this CPU has (F16C / AVX2 / AVX-512, or scalar).
+// Element conversions of `count` values from `src` (any alignment), on the calling thread: F16C (f16) and
+// AVX2 (bf16) widening where the CPU has them, else scalar; the bf16 rounding is FloatRowsToBf16's.
 void HalfToFloatValues(const void* src, int64_t count, float* dst);
 void Bf16ToFloatValues(const void* src, int64_t count, float* dst);
 void HalfToBf16Values(const void* src, int64_t count, uint16_t* dst);

@@ -1,7 +1,9 @@
 // Attention for long sequences with the scores kept in cache (flash-style): softmax(Q K^T [+ causal]) V
 // computed per (sequence, head, query block), the key blocks in turn, with an online softmax (a running
 // max and sum per row, the context rescaled as the max grows), so that no scores block larger than
-// query_rows x key_cols ever exists. Causal key blocks past a query block's last row are not computed.
+// query_rows x key_cols ever exists. Causal key blocks past a query block's last row are not computed, and the
+// diagonal block, which its rows see only in part, is taken in quarters of the rows, each over the keys its last
+// row sees.
 // In f32 each thread copies the keys and values of the head it works on into dense [S, Dh] buffers first
 // (rows of the projections are 3E floats apart).
 // Built from oneDNN's sgemm (Sgemm: a primitive's per-call cost is a tenth of a block's time) and the

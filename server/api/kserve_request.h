@@ -2,9 +2,9 @@
 // protocol-free InferenceCall, so that KServe requests go through the same validate, admit, batch and engine
 // stages as attnserve.v1's, and batch with them.
 //
-// Inputs by name: query, key, value (FP32, or FP16 / BF16 converted to f32), key_padding_mask and attn_mask
-// (FP32 or BOOL), with values either all in raw_input_contents (in the order of `inputs`) or each in its
-// `contents` (fp32_contents, bool_contents). Parameters is_causal, need_weights, average_attn_weights
+// Inputs by name: query, key, value (FP32, or FP16 / BF16 handed to the engine as they are), key_padding_mask
+// and attn_mask (FP32 or BOOL), with values either all in raw_input_contents (in the order of `inputs`) or each
+// in its `contents` (fp32_contents, bool_contents). Parameters is_causal, need_weights, average_attn_weights
 // (bool_param). Outputs `output` and `attn_weights`; requesting attn_weights implies need_weights.
 #pragma once
 
@@ -16,10 +16,10 @@
 namespace attnserve {
 
 // The decode stage: sets call->layer_name, id, version and inputs (views into `request`, which must outlive
-// the call). FP16 and BF16 inputs are converted to f32 only once the call is admitted
-// (call->after_admission, into call->converted; their size is added to call->request_bytes, so the memory
-// budget counts it). What cannot be decoded sets call->decode_status (INVALID_ARGUMENT naming the field,
-// e.g. "query: raw_input_contents[0] holds 6 bytes, expected 8 (shape [1, 2] x FP32)").
+// the call). FP16 and BF16 inputs are views of dtype kFloat16 / kBFloat16: the engine converts them as it
+// gathers its batch (no copy of their own). What cannot be decoded sets call->decode_status
+// (INVALID_ARGUMENT naming the field, e.g. "query: raw_input_contents[0] holds 6 bytes, expected 8 (shape
+// [1, 2] x FP32)").
 void DecodeModelInferRequest(const inference::ModelInferRequest& request, InferenceCall* call);
 
 // Decode, then the validate stage (ValidateCall), then the conversions admission would run: a call ready for

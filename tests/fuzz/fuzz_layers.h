@@ -2,8 +2,9 @@
 // engine run on a validated call with the checks that its answer is the size validation reserved, and the
 // harness's own failure and verbosity switches.
 //
-// Two small layers, so that valid requests are cheap: "mha16" (E=16, H=4, self- and cross-attention, the
-// default limits) and "cross8" (E=8, H=2, kdim=6, vdim=4, no bias, small limits).
+// Small layers, so that valid requests are cheap: "mha16" (E=16, H=4, self- and cross-attention, the
+// default limits), "bf16x16" (the same computing in BFLOAT16: the engine's 16-bit input paths) and "cross8"
+// (E=8, H=2, kdim=6, vdim=4, no bias, small limits).
 // ATTNSERVE_FUZZ_VERBOSE=1 prints each input's status (to check what the seeds reach).
 #pragma once
 
@@ -22,6 +23,7 @@ namespace attnserve::fuzz {
 
 inline constexpr char kLayers[] = R"pb(
   layers { name: "mha16" embed_dim: 16 num_heads: 4 seed: 1 }
+  layers { name: "bf16x16" embed_dim: 16 num_heads: 4 seed: 3 compute_dtype: BFLOAT16 }
   layers {
     name: "cross8" embed_dim: 8 num_heads: 2 kdim: 6 vdim: 4 bias: false seed: 2
     max_sequence_length: 64 max_batch: 8 max_tokens: 256 max_response_bytes: 65536

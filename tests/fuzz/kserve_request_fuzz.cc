@@ -1,5 +1,5 @@
 // Fuzzes the Open Inference Protocol's request path without gRPC: ModelInferRequest wire bytes ->
-// PrepareModelInferCall (decode, FP16/BF16 conversion, validate against a layer) -> the engine ->
+// PrepareModelInferCall (decode, validate against a layer; FP16/BF16 inputs viewed as they are) -> the engine ->
 // EncodeModelInferResponse. Any status is fine; a crash, a sanitizer report, a huge allocation, or an answer
 // larger than what validation reserved for it is a bug. The layers: fuzz_layers.h.
 #include <cstddef>

@@ -35,7 +35,8 @@ def load_protos(tmp):
             importlib.import_module("inference.grpc_service_pb2"))
 
 
-# ---- InferRequest seeds: layers "mha16" (E=16, H=4) and "cross8" (E=8, H=2, kdim=6, vdim=4, small limits).
+# ---- InferRequest seeds: layers "mha16" (E=16, H=4), "bf16x16" (the same in BFLOAT16) and "cross8" (E=8, H=2,
+# kdim=6, vdim=4, small limits).
 
 def floats(rng, n):
     return [round(rng.uniform(-2, 2), 3) for _ in range(n)]
@@ -120,6 +121,23 @@ def request_seeds(pb):
     r = req("kpm_wrong_shape", "mha16"); tensor(r, "query", [2, 3, 16]); tensor(r, "key_padding_mask", [2, 4])
     r = req("key_without_value", "mha16"); tensor(r, "query", [1, 2, 16]); tensor(r, "key", [1, 2, 16])
     r = req("bad_dtype_enum", "mha16"); tensor(r, "query", [1, 16], dtype=7)
+
+    # 16-bit inputs as the engines take them: BFLOAT16 (3) and FLOAT16 (4) raw_data, on the bf16 layer too.
+    def half(r, field, shape, dtype):
+        values = floats(rng, numel(shape))
+        t = getattr(r, field)
+        t.shape.extend(shape)
+        t.dtype = dtype
+        t.raw_data = (b"".join(struct.pack("<f", v)[2:] for v in values) if dtype == 3
+                      else struct.pack(f"<{len(values)}e", *values))
+
+    r = req("bf16x16_bf16_query", "bf16x16", is_causal=True); half(r, "query", [2, 3, 16], 3)
+    r = req("bf16x16_f16_cross", "bf16x16", need_weights=True); half(r, "query", [1, 2, 16], 4)
+    half(r, "key", [1, 5, 16], 3); half(r, "value", [1, 5, 16], 4)
+    r = req("mha16_bf16_query_f32_key", "mha16"); half(r, "query", [2, 2, 16], 3); tensor(r, "key", [2, 3, 16])
+    half(r, "value", [2, 3, 16], 4)
+    r = req("bf16x16_bf16_odd_bytes", "bf16x16"); half(r, "query", [1, 2, 16], 3)
+    r.query.raw_data = r.query.raw_data[:-1]
     return {name: r.SerializeToString() for name, r in seeds.items()}
 
 
@@ -178,6 +196,10 @@ def kserve_seeds(ipb):
     r = req("raw_and_contents", "mha16"); add(r, "query", [1, 2, 16]); add(r, "key", [1, 2, 16], how="contents")
     r = req("int_param", "mha16", {"need_weights": 1}); add(r, "query", [1, 2, 16])
     r = req("output_twice", "mha16", outputs=("output", "output")); add(r, "query", [1, 2, 16])
+    # The bf16 layer with 16-bit inputs (read as they are) and FP32 ones (rounded as gathered).
+    r = req("bf16x16_bf16", "bf16x16", {"is_causal": True}); add(r, "query", [2, 3, 16], "BF16")
+    r = req("bf16x16_fp16_cross", "bf16x16"); add(r, "query", [1, 2, 16], "FP16"); add(r, "key", [1, 4, 16], "BF16")
+    add(r, "value", [1, 4, 16])
     r = req("bad_version", "mha16"); r.model_version = "x"; add(r, "query", [1, 2, 16])
     r = req("huge_dims", "mha16"); r.inputs.add(name="query", datatype="FP32", shape=[1 << 30, 1 << 30, 16])
     r.raw_input_contents.append(b"\0" * 64)

@@ -90,6 +90,10 @@ def check_sixteen_bit(client, mha):
     got, _ = client.infer("mha", x, output_dtype="float16")
     check(got.dtype == np.float32 and np.allclose(got, want, rtol=2.0 ** -10, atol=1e-5),
           "Client.infer: a float16 array goes as FLOAT16; output_dtype float16 comes back widened to float32")
+    mask = np.where(np.arange(6) < 4, 0.0, -np.inf).astype(np.float16)[None]  # masks stay FLOAT32 on the wire
+    want, _ = client.infer("mha", x.astype(np.float32), key_padding_mask=mask.astype(np.float32))
+    got, _ = client.infer("mha", x, key_padding_mask=mask)
+    check(np.allclose(got, want, rtol=1e-6, atol=1e-6), "Client.infer: a float16 mask is sent as FLOAT32")
 
 
 def check_sessions(client):

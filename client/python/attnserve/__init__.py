@@ -11,6 +11,6 @@ attnserve.torch.RemoteMultiheadAttention is a drop-in for nn.MultiheadAttention'
 """
 
 from attnserve.client import Client, ServerError, Session, SessionEvicted
-from attnserve.tensors import from_tensor, to_tensor
+from attnserve.tensors import from_tensor, to_activation, to_tensor
 
-__all__ = ["Client", "ServerError", "Session", "SessionEvicted", "from_tensor", "to_tensor"]
+__all__ = ["Client", "ServerError", "Session", "SessionEvicted", "from_tensor", "to_activation", "to_tensor"]

@@ -5,7 +5,7 @@ import re
 import grpc
 import numpy as np
 
-from attnserve.tensors import DTYPES, from_tensor, to_tensor
+from attnserve.tensors import DTYPES, from_tensor, to_activation, to_tensor
 from attnserve.v1 import attention_pb2 as pb
 from attnserve.v1 import attention_pb2_grpc as pbg
 from attnserve.v1 import session_pb2 as spb
@@ -119,12 +119,12 @@ class Client:
               need_weights=False, average_attn_weights=True, position_offset=0, position_ids=None, traceparent=None,
               output_dtype=None):
         """nn.MultiheadAttention.forward (batch_first) on the server: (output, attn_weights or None), float32
-        arrays. Tensors go as to_tensor sends them: float16 arrays as FLOAT16, Tensor messages (e.g.
-        to_tensor(bits, dtype="bfloat16")) as they are. output_dtype "bfloat16" or "float16" halves the answer's
-        bytes (its values rounded to that type). DECODER_ATTENTION layers take position_offset (the first
-        token's rotary position) or position_ids ([B, L] integers), and no key, value or attn_mask.
-        traceparent: this call's W3C traceparent."""
-        req = pb.InferRequest(layer=layer, query=to_tensor(query), is_causal=is_causal, need_weights=need_weights,
+        arrays. query, key and value go as to_activation sends them: float16 arrays as FLOAT16, Tensor messages
+        (e.g. to_activation(bits, dtype="bfloat16")) as they are; masks as FLOAT32 or BOOL. output_dtype
+        "bfloat16" or "float16" halves the answer's bytes (its values rounded to that type). DECODER_ATTENTION
+        layers take position_offset (the first token's rotary position) or position_ids ([B, L] integers), and
+        no key, value or attn_mask. traceparent: this call's W3C traceparent."""
+        req = pb.InferRequest(layer=layer, query=to_activation(query), is_causal=is_causal, need_weights=need_weights,
                               average_attn_weights=average_attn_weights, position_offset=position_offset)
         if output_dtype is not None:
             if output_dtype not in DTYPES:
@@ -132,10 +132,11 @@ class Client:
             req.output_dtype = DTYPES[output_dtype]
         if position_ids is not None:
             req.position_ids.extend(int(p) for p in np.asarray(position_ids).reshape(-1))
-        for field, value_ in (("key", key), ("value", value), ("key_padding_mask", key_padding_mask),
-                              ("attn_mask", attn_mask)):
+        for field, value_, encode in (("key", key, to_activation), ("value", value, to_activation),
+                                      ("key_padding_mask", key_padding_mask, to_tensor),
+                                      ("attn_mask", attn_mask, to_tensor)):
             if value_ is not None:
-                getattr(req, field).CopyFrom(to_tensor(value_))
+                getattr(req, field).CopyFrom(encode(value_))
         r = self._call(self.attention.Infer, req, self.metadata(traceparent=traceparent))
         return from_tensor(r.output), (from_tensor(r.attn_weights) if need_weights else None)
 
@@ -175,7 +176,7 @@ class Session:
 
     def append(self, layer, x, need_weights=False, average_attn_weights=True):
         """x [T, E]: T new tokens. Returns output [T, E], or (output, attn_weights) with need_weights."""
-        req = spb.AppendRequest(session_id=self.id, layer=layer, query=to_tensor(x), need_weights=need_weights,
+        req = spb.AppendRequest(session_id=self.id, layer=layer, query=to_activation(x), need_weights=need_weights,
                                 average_attn_weights=average_attn_weights)
         r = self.client._session_call(self.client.sessions.Append, req, self.id)
         self.positions[layer] = r.position

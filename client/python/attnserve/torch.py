@@ -11,7 +11,7 @@ import struct
 import torch
 
 from attnserve.client import Client
-from attnserve.tensors import to_tensor
+from attnserve.tensors import to_activation
 
 
 def _numpy(t):
@@ -30,7 +30,7 @@ def _activation(t):
     if t is None or t.dtype not in _WIRE_DTYPES:
         return _numpy(t)
     t = t.detach().cpu().contiguous()
-    return to_tensor(t.view(torch.int16).numpy(), dtype="bfloat16") if t.dtype == torch.bfloat16 else t.numpy()
+    return to_activation(t.view(torch.int16).numpy(), dtype="bfloat16") if t.dtype == torch.bfloat16 else t.numpy()
 
 
 class RemoteMultiheadAttention(torch.nn.Module):

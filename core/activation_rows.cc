@@ -1,5 +1,6 @@
 #include "core/activation_rows.h"
 
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -40,9 +41,11 @@ __attribute__((target("avx2"))) void Bf16ToFloatAvx2(const void* src, int64_t co
   Bf16ToFloatValuesScalar(p + 2 * i, count - i, dst + i);
 }
 
+// CPUID rather than __builtin_cpu_supports("f16c"), which clang 14 (the fuzz build's compiler) does not know.
 bool CpuHasF16c() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __builtin_cpu_supports("avx") && __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
 }
 
 bool CpuHasAvx2() {

@@ -153,4 +153,19 @@ const uint16_t* ActivationRowsBf16(absl::Span<const TensorView* const> views, in
   return MatmulRows(views, rows, cols, DType::kBFloat16, buf, ToBf16Values);
 }
 
+absl::Status ProjectRows(const LinearOp& op, absl::Span<const TensorView* const> views, int64_t rows, int64_t cols,
+                         std::vector<float>& f32, std::vector<uint16_t>& bf16, float* y, int64_t ldy) {
+  if (op.compute() == ComputeType::kBFloat16) {
+    return op.ExecuteBf16(ActivationRowsBf16(views, rows, cols, bf16), rows, cols, y, ldy);
+  }
+  return op.Execute(ActivationRowsF32(views, rows, cols, f32), rows, cols, y, ldy);
+}
+
+absl::Status ProjectRows(const LinearOp& op, absl::Span<const TensorView> views, int64_t rows, int64_t cols,
+                         std::vector<float>& f32, std::vector<uint16_t>& bf16, float* y, int64_t ldy) {
+  std::vector<const TensorView*> of(views.size());
+  for (size_t i = 0; i < views.size(); ++i) of[i] = &views[i];
+  return ProjectRows(op, absl::Span<const TensorView* const>(of), rows, cols, f32, bf16, y, ldy);
+}
+
 }  // namespace attnserve

@@ -13,7 +13,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/types/span.h"
+#include "core/onednn_ops.h"
 #include "core/tensor.h"
 
 namespace attnserve {
@@ -29,6 +31,14 @@ const float* ActivationRowsF32(absl::Span<const TensorView* const> views, int64_
 // The same as bf16 bit patterns [rows, cols]: the only view's data itself when it is bf16 and 2-byte aligned.
 const uint16_t* ActivationRowsBf16(absl::Span<const TensorView* const> views, int64_t rows, int64_t cols,
                                    std::vector<uint16_t>& buf);
+
+// y [rows, ldy] = op(the rows of `views` as one matrix [rows, cols]), gathered into `f32` or `bf16` as the op
+// multiplies (ActivationRowsF32 / ActivationRowsBf16).
+absl::Status ProjectRows(const LinearOp& op, absl::Span<const TensorView* const> views, int64_t rows, int64_t cols,
+                         std::vector<float>& f32, std::vector<uint16_t>& bf16, float* y, int64_t ldy);
+// The same for views held by value.
+absl::Status ProjectRows(const LinearOp& op, absl::Span<const TensorView> views, int64_t rows, int64_t cols,
+                         std::vector<float>& f32, std::vector<uint16_t>& bf16, float* y, int64_t ldy);
 
 // Element conversions of `count` values from `src` (any alignment), on the calling thread: F16C (f16) and
 // AVX2 (bf16) widening where the CPU has them, else scalar; the bf16 rounding is FloatRowsToBf16's.

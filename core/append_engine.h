@@ -13,13 +13,16 @@
 #include "absl/types/span.h"
 #include "core/attention_inputs.h"
 #include "core/kv_cache_pool.h"
+#include "core/tensor.h"
 
 namespace attnserve {
 
 // One append of a session to a layer: T new tokens attend over what the session's cache holds for the layer.
 struct CachedAppend {
-  const float* query = nullptr;  // [T, E], row-major: the new tokens' inputs
-  int64_t tokens = 0;            // T >= 1
+  // [T, E], row-major: the new tokens' inputs as they came, f32, bf16 or f16 (query_dtype) at any alignment:
+  // the engine converts them while it gathers a batch's rows for its projection (core/activation_rows.h).
+  const void* query = nullptr;
+  int64_t tokens = 0;  // T >= 1
   // Self-attention: the session's keys and values, [tokens, cache_width()] each; the new tokens' are appended
   // (reserve them first, KvSequence::Reserve(T), so that the engine's append cannot fail) and token i attends
   // over every cached token and the new ones up to itself (within the layer's sliding window, if any).
@@ -28,6 +31,14 @@ struct CachedAppend {
   bool cross_attention = false;
   bool need_weights = false;        // attn_weights [T, S] averaged, or [H, T, S]; S: the cache's tokens after
   bool average_attn_weights = true;
+  DType query_dtype = DType::kFloat32;  // of `query`: kFloat32, kBFloat16 or kFloat16
+
+  // The query as a view [T, E].
+  TensorView query_view(int64_t embed_dim) const { return {query_dtype, {tokens, embed_dim}, query}; }
+  // Where row `row` of the query starts.
+  const void* query_row(int64_t row, int64_t embed_dim) const {
+    return static_cast<const unsigned char*>(query) + row * embed_dim * static_cast<int64_t>(DTypeSize(query_dtype));
+  }
 };
 
 class AppendEngine {

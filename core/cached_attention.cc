@@ -12,6 +12,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "core/activation_rows.h"
+#include "core/attention_inputs.h"
 #include "core/kernel_variants.h"
 #include "core/multihead_attention.h"
 #include "core/omp_threads.h"
@@ -29,7 +31,8 @@ constexpr size_t kRetainBytes = size_t{256} << 20;
 
 // Per-thread scratch, reused across calls.
 struct AppendScratch {
-  std::vector<float> inputs;  // the batch's queries, concatenated [N, E]
+  std::vector<float> inputs;       // the batch's queries, concatenated [N, E] (f32 layers)
+  std::vector<uint16_t> inputs16;  // the same in bf16 (bf16 layers)
   std::vector<float> proj;    // projections [N, 3E] (self-attention) or [N, E] (cross)
   std::vector<float> out;     // output projection [N, E]
   std::vector<float> scores;  // one query block [H, lb, cols]
@@ -48,6 +51,7 @@ struct AppendScratch {
     for (auto* buf : {&inputs, &proj, &out, &scores, &span}) {
       if (buf->capacity() * sizeof(float) > kRetainBytes) std::vector<float>().swap(*buf);
     }
+    if (inputs16.capacity() * sizeof(uint16_t) > kRetainBytes) std::vector<uint16_t>().swap(inputs16);
   }
 };
 
@@ -162,24 +166,22 @@ void CopySpan(const KvSequence& cache, bool values, int64_t b0, int64_t tokens, 
   }
 }
 
-// The concatenated queries of `members` as one matrix (read in place for a single append).
-const float* BatchInputs(const std::vector<const CachedAppend*>& members, int64_t rows, int64_t e) {
-  // In place when it is one append with aligned data (a protobuf's bytes may not be).
-  if (members.size() == 1 && reinterpret_cast<uintptr_t>(members[0]->query) % alignof(float) == 0) {
-    return members[0]->query;
-  }
-  float* dst = AppendScratch::Grow(ThreadScratch().inputs, rows * e);
-  for (const CachedAppend* a : members) {  // memcpy: the queries may be unaligned
-    std::memcpy(dst, a->query, static_cast<size_t>(a->tokens * e) * sizeof(float));
-    dst += a->tokens * e;
-  }
-  return ThreadScratch().inputs.data();
+// proj [rows, ldq] = op(the queries of `members` one after another [rows, E]): f32, bf16 or f16 rows as they
+// came, converted while they are gathered (read in place for one append already in the op's type).
+absl::Status ProjectQueries(const LinearOp& op, const std::vector<const CachedAppend*>& members, int64_t rows,
+                            int64_t e, float* proj, int64_t ldq) {
+  std::vector<TensorView> views;
+  views.reserve(members.size());
+  for (const CachedAppend* a : members) views.push_back(a->query_view(e));
+  AppendScratch& scratch = ThreadScratch();
+  return ProjectRows(op, views, rows, e, scratch.inputs, scratch.inputs16, proj, ldq);
 }
 
 absl::Status CheckAppend(const CachedAppend& a, const MhaConfig& c) {
   if (a.query == nullptr || a.cache == nullptr)
     return absl::InvalidArgumentError("append: query and cache are required");
   if (a.tokens < 1) return absl::InvalidArgumentError(absl::StrCat("query: expected T >= 1 tokens, got ", a.tokens));
+  ATTN_RETURN_IF_ERROR(CheckActivation("query", a.query_view(c.embed_dim)));
   if (a.cache->width() != c.embed_dim) {
     return absl::InvalidArgumentError(absl::StrCat("cache: expected width ", c.embed_dim, ", got ", a.cache->width()));
   }
@@ -268,8 +270,7 @@ std::vector<absl::Status> MultiheadAttention::RunAppends(const std::vector<const
   for (const CachedAppend* a : members) rows += a->tokens;
   const int64_t ldq = cross ? e : 3 * e;
   float* proj = AppendScratch::Grow(ThreadScratch().proj, rows * ldq);
-  const absl::Status projected = cross ? q_proj_->Execute(BatchInputs(members, rows, e), rows, e, proj, ldq)
-                                       : qkv_proj_->Execute(BatchInputs(members, rows, e), rows, e, proj, ldq);
+  const absl::Status projected = ProjectQueries(cross ? *q_proj_ : *qkv_proj_, members, rows, e, proj, ldq);
   if (!projected.ok()) return std::vector<absl::Status>(members.size(), projected);
   std::vector<int64_t> first_row(members.size());
   for (size_t m = 0, row = 0; m < members.size(); row += members[m]->tokens, ++m) {

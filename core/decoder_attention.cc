@@ -250,10 +250,7 @@ absl::Status DecoderAttention::ProjectQueries(absl::Span<const ParsedDecoder* co
   std::vector<const TensorView*> queries;
   for (const ParsedDecoder* p : requests) queries.push_back(&p->inputs->query);
   BlockScratch& scratch = ThreadBlockScratch();
-  if (qkv_proj_->compute() == ComputeType::kBFloat16) {
-    return qkv_proj_->ExecuteBf16(ActivationRowsBf16(queries, tokens, e, scratch.inputs16), tokens, e, qkv, width);
-  }
-  return qkv_proj_->Execute(ActivationRowsF32(queries, tokens, e, scratch.inputs), tokens, e, qkv, width);
+  return ProjectRows(*qkv_proj_, queries, tokens, e, scratch.inputs, scratch.inputs16, qkv, width);
 }
 
 std::vector<absl::StatusOr<AttentionOutputs>> DecoderAttention::ForwardBatch(

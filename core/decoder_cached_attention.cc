@@ -11,6 +11,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "core/activation_rows.h"
+#include "core/attention_inputs.h"
 #include "core/decoder_attention.h"
 #include "core/decoder_kernels.h"
 #include "core/omp_threads.h"
@@ -88,6 +90,7 @@ absl::Status DecoderAttention::CheckAppend(const CachedAppend& a) const {
   const DecoderConfig& c = options_.config;
   if (a.query == nullptr || a.cache == nullptr) return absl::InvalidArgumentError("append: query and cache are required");
   if (a.tokens < 1) return absl::InvalidArgumentError(absl::StrCat("query: expected T >= 1 tokens, got ", a.tokens));
+  ATTN_RETURN_IF_ERROR(CheckActivation("query", a.query_view(c.embed_dim)));
   if (a.cross_attention) {
     return absl::InvalidArgumentError("memory: decoder layers have no cross-attention sessions");
   }
@@ -188,14 +191,14 @@ std::vector<absl::StatusOr<AttentionOutputs>> DecoderAttention::ForwardAppends(
   const int threads = flops < options_.single_thread_below_flops ? 1 : budget;
   const ScopedOmpThreads team(threads);
 
-  // One projection over every append's rows (the queries may be unaligned: a protobuf's bytes).
-  float* x = Grow(ThreadBlockScratch().inputs, rows * e);
+  // One projection over every accepted append's rows, in order (f32, bf16 or f16 as they came).
+  std::vector<TensorView> views;
   for (size_t m = 0; m < appends.size(); ++m) {
-    if (first_row[m] < 0) continue;
-    std::memcpy(x + first_row[m] * e, appends[m]->query, static_cast<size_t>(appends[m]->tokens * e) * sizeof(float));
+    if (first_row[m] >= 0) views.push_back(appends[m]->query_view(e));
   }
   float* qkv = ThreadProjectionBuffer().Get(static_cast<size_t>(rows * width));
-  absl::Status status = qkv_proj_->Execute(x, rows, e, qkv, width);
+  decoder_internal::BlockScratch& scratch = ThreadBlockScratch();
+  absl::Status status = ProjectRows(*qkv_proj_, views, rows, e, scratch.inputs, scratch.inputs16, qkv, width);
   std::vector<CachedBlock> blocks;
   if (status.ok()) {
     RopeAppends(appends, first_row, qkv, threads);

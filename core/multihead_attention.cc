@@ -333,20 +333,6 @@ absl::Status MultiheadAttention::RunGroup(const Group& g, int threads, const Sto
   return ProjectOutput(g, proj);
 }
 
-namespace {
-
-// y [rows, ldy] = op(the rows of `views` as one matrix [rows, cols]): gathered (and converted from the wire's
-// 16-bit types) into `f32` or `bf16` as the op multiplies, or read in place when one request's rows already are.
-absl::Status ProjectRows(const LinearOp& op, const std::vector<const TensorView*>& views, int64_t rows, int64_t cols,
-                         std::vector<float>& f32, std::vector<uint16_t>& bf16, float* y, int64_t ldy) {
-  if (op.compute() == ComputeType::kBFloat16) {
-    return op.ExecuteBf16(ActivationRowsBf16(views, rows, cols, bf16), rows, cols, y, ldy);
-  }
-  return op.Execute(ActivationRowsF32(views, rows, cols, f32), rows, cols, y, ldy);
-}
-
-}  // namespace
-
 absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::Project(const Group& g) const {
   const MhaConfig& c = options_.config;
   const int64_t e = c.embed_dim;

@@ -275,9 +275,7 @@ void DecodeModelInferRequest(const ModelInferRequest& request, InferenceCall* ca
 absl::Status PrepareModelInferCall(const LayerRegistry& registry, const ModelInferRequest& request,
                                    InferenceCall* call) {
   DecodeModelInferRequest(request, call);
-  ATTN_RETURN_IF_ERROR(ValidateCall(registry, call));
-  RunAfterAdmission(call);
-  return absl::OkStatus();
+  return ValidateCall(registry, call);
 }
 
 void EncodeModelInferResponse(const InferenceCall& call, const ModelInferRequest& request,

@@ -110,12 +110,8 @@ void SessionServiceImpl::SubmitAppend(const ServedRpc& rpc, const char* rpc_name
   BindCall(rpc.ctx(), rpc_name, rpc.trace(), *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
   call->id = request.id();
   call->layer_name = request.layer();
-  // FLOAT32 viewed in place; BFLOAT16 / FLOAT16 converted once the session store has reserved its f32 copy
-  // (appends compute from f32 rows: their queries are cut into chunks over the cache).
+  // FLOAT32, BFLOAT16 or FLOAT16 viewed in place: the engine converts 16-bit rows as it gathers them.
   call->decode_status = DecodeActivation(request.query(), "query", &AttentionInputs::query, call.get());
-  if (const TensorView& q = call->inputs.query; call->decode_status.ok() && q.dtype != DType::kFloat32) {
-    ConvertHalfAfterAdmission(q.data, q.dtype, q.num_elements(), &AttentionInputs::query, call.get());
-  }
   if (call->decode_status.ok()) {
     absl::StatusOr<DType> output_dtype = DecodeOutputDType(request.output_dtype());
     if (output_dtype.ok()) {

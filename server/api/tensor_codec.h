@@ -18,7 +18,7 @@ absl::StatusOr<int64_t> CheckTensorShape(const Shape& shape, const std::string& 
 std::string DataTypeName(attnserve::v1::DataType dtype);
 
 // Which dtypes a field accepts. kActivation: FLOAT32, or BFLOAT16 / FLOAT16 in raw_data (the view then has
-// that dtype: the engines convert it as they gather a batch, the session store before an append).
+// that dtype: the engines convert it as they gather a batch's rows, a session append's included).
 enum class AcceptedDTypes { kFloat32, kFloat32OrBool, kActivation };
 
 // An absent field (no shape, no values) gives an absent view. Otherwise the values must come in exactly one

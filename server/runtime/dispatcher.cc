@@ -3,7 +3,6 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <new>
 #include <string>
 #include <utility>
 
@@ -107,7 +106,7 @@ void Dispatcher::Submit(std::unique_ptr<InferenceCall> call) {
     }
   }
   if (options_.memory != nullptr) {
-    // A session's append may hold part of it already (its request, its 16-bit query's f32 copy): the rest.
+    // A session's append may hold part of it already (the request it queued with): the rest.
     const int64_t cost = CallCostBytes(*call);
     absl::StatusOr<MemoryBudget::Reservation> reserved =
         options_.memory->Reserve(std::max<int64_t>(0, cost - call->memory.bytes()));
@@ -116,12 +115,6 @@ void Dispatcher::Submit(std::unique_ptr<InferenceCall> call) {
       return;
     }
     call->memory.Absorb(std::move(*reserved));
-  }
-  try {
-    RunAfterAdmission(call.get());
-  } catch (const std::bad_alloc&) {
-    call->finish(absl::ResourceExhaustedError("out of memory while converting the inputs"));
-    return;
   }
   const std::string& queue = call->layer_name;
   const int64_t tokens = call->session != nullptr ? call->session->append.tokens : call->parsed.query_tokens();

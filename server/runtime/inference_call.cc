@@ -82,22 +82,4 @@ int64_t CallCostBytes(const InferenceCall& call) {
                           call.request_bytes);
 }
 
-void ConvertHalfAfterAdmission(const void* bytes, DType type, int64_t count, TensorView AttentionInputs::*field,
-                               InferenceCall* call) {
-  call->request_bytes += count * static_cast<int64_t>(sizeof(float));
-  (call->inputs.*field).dtype = DType::kFloat32;
-  call->after_admission.push_back([bytes, type, count, field](InferenceCall& c) {
-    std::vector<float>& out = c.converted.emplace_back(static_cast<size_t>(count));
-    type == DType::kFloat16 ? HalfToFloatValues(bytes, count, out.data()) : Bf16ToFloatValues(bytes, count, out.data());
-    (c.inputs.*field).data = out.data();
-  });
-}
-
-void RunAfterAdmission(InferenceCall* call) {
-  for (auto& work : call->after_admission) work(*call);
-  call->after_admission.clear();
-  // The conversions replaced views in `inputs`; the decoder's copies of them follow.
-  if (call->layer != nullptr && call->layer->decoder != nullptr) call->decoder_inputs = ToDecoderInputs(call->inputs);
-}
-
 }  // namespace attnserve

@@ -38,12 +38,6 @@ struct InferenceCall {
   TraceContext trace;      // the RPC's trace (W3C traceparent), for its log lines and the access log
   int64_t version = 0;     // the layer version the client asked for; 0: the newest
   AttentionInputs inputs;  // views into the protocol's request message, which outlives the call
-  // Work the decode stage left for once the call holds its memory reservation (a session append's F16 or
-  // BF16 query converted to f32, into `converted`, which `inputs` then views; stateless calls hand 16-bit
-  // inputs to the engine as they are): what it allocates is counted in request_bytes. Run by
-  // RunAfterAdmission; until then such an input's view is a placeholder.
-  std::vector<std::function<void(InferenceCall&)>> after_admission;
-  std::vector<std::vector<float>> converted;
   // The answer's element type on the wire (the protocol's output_dtype): kFloat32, kBFloat16 or kFloat16.
   DType output_dtype = DType::kFloat32;
   // Why the protocol could not decode `inputs`, if it could not: reported by ValidateCall after the layer
@@ -99,14 +93,5 @@ absl::Status ValidateCall(const LayerRegistry& registry, InferenceCall* call);
 // by its kind.
 int64_t CallCostBytes(const InferenceCall& call);
 
-// Runs and clears call->after_admission (the admit stage calls it once the call's memory is reserved).
-void RunAfterAdmission(InferenceCall* call);
-
-// For a session append's 16-bit float query (`type` kBFloat16 or kFloat16: `count` little-endian
-// values at `bytes`, which must outlive the call): counts its f32 copy in request_bytes and schedules the
-// exact conversion into call->converted for after admission, which then points call->inputs.*field at it.
-// Until then the field's view is a placeholder of dtype kFloat32 (validation reads shapes only).
-void ConvertHalfAfterAdmission(const void* bytes, DType type, int64_t count, TensorView AttentionInputs::*field,
-                               InferenceCall* call);
 
 }  // namespace attnserve

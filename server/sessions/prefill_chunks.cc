@@ -14,7 +14,7 @@ namespace {
 struct ChunkedAppend {
   std::unique_ptr<InferenceCall> call;  // the client's, until its last chunk is submitted
   InferenceCall* client_call = nullptr;
-  const float* query = nullptr;  // the whole append's rows
+  CachedAppend whole;  // the whole append (its query's rows, of any dtype)
   int64_t tokens = 0, chunk = 0, done = 0;
   int64_t context = 0;  // tokens cached before the append
   std::vector<AttentionOutputs> parts;
@@ -71,7 +71,7 @@ std::unique_ptr<InferenceCall> ChunkCall(const std::shared_ptr<ChunkedAppend>& c
   call->is_cancelled = whole.is_cancelled;
   call->layer = whole.layer;
   call->session = std::make_unique<InferenceCall::SessionWork>(*whole.session);
-  call->session->append.query = c->query + c->done * whole.layer->appender().embed_dim();
+  call->session->append.query = c->whole.query_row(c->done, whole.layer->appender().embed_dim());
   call->session->append.tokens = n;
   SizeAppend(whole.layer->appender(), call.get());
   call->finish = [c, self = call.get(), n](const absl::Status& status) {
@@ -96,7 +96,7 @@ void SubmitNext(std::shared_ptr<ChunkedAppend> c) {
     return;
   }
   InferenceCall& last = *c->client_call;
-  last.session->append.query = c->query + c->done * engine.embed_dim();
+  last.session->append.query = c->whole.query_row(c->done, engine.embed_dim());
   last.session->append.tokens = n;
   SizeAppend(engine, &last);
   last.finish = [c, answer = std::move(last.finish)](const absl::Status& status) {
@@ -151,7 +151,7 @@ void SubmitInChunks(std::unique_ptr<InferenceCall> call, int64_t chunk_tokens, c
                     const std::function<void(std::unique_ptr<InferenceCall>)>& submit) {
   auto c = std::make_shared<ChunkedAppend>();
   c->client_call = call.get();
-  c->query = call->session->append.query;
+  c->whole = call->session->append;
   c->tokens = call->session->append.tokens;
   c->context = call->session->append.cache->tokens();
   c->chunk = chunk_tokens;

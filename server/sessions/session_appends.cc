@@ -11,13 +11,13 @@
 namespace attnserve {
 namespace {
 
-// The query of an append to `engine`'s layer: [T, E] FLOAT32 with T >= 1 (and T <= the layer's limit).
+// The query of an append to `engine`'s layer: [T, E] with T >= 1 (and T <= the layer's limit), FLOAT32,
+// BFLOAT16 or FLOAT16 (the decode stage took no other type; the engine converts 16-bit rows as it gathers them).
 absl::Status CheckQuery(const InferenceCall& call, const ServedLayer& layer) {
   if (!call.decode_status.ok()) return call.decode_status;
   const TensorView& q = call.inputs.query;
   const int64_t e = layer.appender().embed_dim();
-  // The decode stage took FLOAT32, BFLOAT16 or FLOAT16 only (16-bit ones viewed as FLOAT32 until converted).
-  if (q.dtype != DType::kFloat32 || q.shape.size() != 2 || q.shape[1] != e || q.shape[0] < 1) {
+  if (q.shape.size() != 2 || q.shape[1] != e || q.shape[0] < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("query: expected [T, ", e, "] with T >= 1, got ", ShapeToString(q.shape)));
   }
@@ -130,25 +130,7 @@ absl::Status SessionStore::Admit(Session& session, Lane& lane, InferenceCall* ca
   ATTN_RETURN_IF_ERROR(CheckQuery(*call, *lane.layer));
   const int64_t t = call->inputs.query.shape[0];
   ATTN_RETURN_IF_ERROR(CheckAnswerBytes(*call, *lane.layer, lane.cache.tokens() + (lane.cross ? 0 : t)));
-  // Before the blocks: a conversion refused by the budget must not have taken blocks (or evicted sessions).
-  ATTN_RETURN_IF_ERROR(ConvertQuery(call));
   return ReserveBlocks(session, lane, t);
-}
-
-// A 16-bit query's f32 copy, made once its bytes are reserved (a queued append holds them already; the
-// dispatcher tops the reservation up to the append's cost): the append binds the query's rows before the
-// dispatcher admits it, and a long one is cut into chunks over them.
-absl::Status SessionStore::ConvertQuery(InferenceCall* call) const {
-  if (call->after_admission.empty()) return absl::OkStatus();
-  if (options_.memory != nullptr && call->memory.bytes() == 0) {
-    ATTN_ASSIGN_OR_RETURN(call->memory, options_.memory->Reserve(call->request_bytes));
-  }
-  try {
-    RunAfterAdmission(call);
-  } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError("out of memory while converting the query");
-  }
-  return absl::OkStatus();
 }
 
 void SessionStore::Start(std::shared_ptr<Session> session, Lane* lane, std::unique_ptr<InferenceCall> call) {
@@ -192,7 +174,8 @@ void SessionStore::BindAppend(Lane* lane, std::shared_ptr<Session> session, Infe
   call->layer_name = lane->layer_name;
   call->session = std::make_unique<InferenceCall::SessionWork>();
   CachedAppend& a = call->session->append;
-  a.query = static_cast<const float*>(call->inputs.query.data);
+  a.query = call->inputs.query.data;
+  a.query_dtype = call->inputs.query.dtype;
   a.tokens = tokens;
   a.cache = &lane->cache;
   a.cross_attention = lane->cross;

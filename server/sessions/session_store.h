@@ -134,12 +134,8 @@ class SessionStore {
   // memory budget for its request message). Called with the session's mu held.
   // (No ABSL_EXCLUSIVE_LOCKS_REQUIRED(session.mu): Session is incomplete here, which clang refuses.)
   absl::Status Enqueue(Session& session, Lane& lane, std::unique_ptr<InferenceCall>& call);
-  // The checks of an append whose turn it is (query, answer size, limits) and its cache blocks.
-  // The query's checks, its 16-bit conversion (ConvertQuery), then the cache blocks it will fill.
+  // The checks of an append whose turn it is (query, answer size, limits), then the cache blocks it will fill.
   absl::Status Admit(Session& session, Lane& lane, InferenceCall* call);
-  // Converts a BFLOAT16 / FLOAT16 query to f32 (RunAfterAdmission), its request_bytes reserved first unless
-  // the call holds a reservation already; RESOURCE_EXHAUSTED when the budget cannot hold it.
-  absl::Status ConvertQuery(InferenceCall* call) const;
   // Sets what the dispatcher and executor need of an admitted append: its layer version and SessionWork.
   void BindAppend(Lane* lane, std::shared_ptr<Session> session, InferenceCall* call) const;
   // Copies the lane's cache size (tokens, bytes) to what GetSession and ListSessions report.

@@ -23,7 +23,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const absl::Status status = PrepareInferenceCall(fuzz::Registry(), request, call.get());
   if (fuzz::Verbose()) std::fprintf(stderr, "  prepare: %s\n", status.ToString().c_str());
   if (!status.ok() || call->parsed.flops >= fuzz::kMaxComputedFlops) return 0;
-  RunAfterAdmission(call.get());  // as the dispatcher does (16-bit inputs go to the engine as they are)
   if (!fuzz::Compute(*call)) return 0;
   attnserve::v1::InferResponse response;
   EncodeInferResponse(*call, &response);

@@ -511,9 +511,8 @@ def case_decoder_sessions_cannot_outgrow_the_kv_pool(s):
 
 
 def case_bf16_session_appends_stay_within_the_budget(s):
-    """64 sessions each appending a 2048-token BFLOAT16 prompt to `base` (E=768) at once: 3 MiB each, 9 MiB with
-    its f32 copy, reserved before it is made (session_store_test checks that order and that a refused copy
-    takes no KV blocks). The KV pool (32 MiB) holds two such prompts: the rest are refused RESOURCE_EXHAUSTED,
+    """64 sessions each appending a 2048-token BFLOAT16 prompt to `base` (E=768) at once: 3 MiB each, used as
+    sent (no f32 copy; session_store_test checks that a queued one holds its request's bytes only). The KV pool (32 MiB) holds two such prompts: the rest are refused RESOURCE_EXHAUSTED,
     hold no blocks, and RSS stays within the budget; everything goes back."""
     from attnserve.v1 import session_pb2 as spb  # noqa: E402
     from attnserve.v1 import session_pb2_grpc as spbg  # noqa: E402

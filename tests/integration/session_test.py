@@ -208,7 +208,7 @@ def case_16bit_queries_and_answers(e):
             got = array(r.output)
             expect(r.position == b and np.abs(got - want).max() <= 1e-6,
                    f"{dtype} append [{a}, {b}): position {r.position}, max diff {np.abs(got - want).max()}")
-    # AppendStream: one session's appends queue behind each other (their copies reserved while they wait).
+    # AppendStream: one session's appends queue behind each other (their requests reserved while they wait).
     _, values = half_tensor(x[:40], "BFLOAT16")
     create(e, "half-stream")
     create(e, "half-stream-f32")

@@ -1,7 +1,8 @@
 // Activations as they come on the wire (core/activation_rows.h): the vector conversions against the scalar
 // ones on every 16-bit pattern, the gathers of mixed f32 / bf16 / f16 rows at any alignment, and the engines
 // (multi-head in f32 and bf16, flash path included; decoder) given 16-bit inputs: the same answers as for
-// the same values widened to f32, request by request inside ragged batches.
+// the same values widened to f32, request by request inside ragged batches; session appends (both layer
+// kinds) likewise, batched and alone.
 #include "core/activation_rows.h"
 
 #include <omp.h>
@@ -12,6 +13,7 @@
 
 #include "core/bf16_rows.h"
 #include "core/decoder_attention.h"
+#include "core/kv_cache_pool.h"
 #include "common/half_float.h"
 #include "core/multihead_attention.h"
 #include "gtest/gtest.h"
@@ -236,18 +238,23 @@ TEST(ActivationRowsTest, MultiheadLayersAnswer16BitInputsAsTheirF32Values) {
   }
 }
 
+// A GQA layer (E=64, 4 query heads over 2 kv heads, RoPE) with random weights.
+absl::StatusOr<std::unique_ptr<DecoderAttention>> SmallDecoder(ComputeType compute, uint64_t seed) {
+  DecoderAttention::Options o;
+  o.config.embed_dim = 64;
+  o.config.num_heads = 4;
+  o.config.num_kv_heads = 2;
+  o.config.head_dim = 16;
+  o.config.rope.rotary_dim = 16;
+  o.compute = compute;
+  o.single_thread_below_flops = 0;
+  return DecoderAttention::Create(o, RandomDecoderWeights(o.config, seed));
+}
+
 TEST(ActivationRowsTest, DecoderLayersAnswer16BitQueriesAsTheirF32Values) {
   std::mt19937_64 rng(14);
   for (ComputeType compute : {ComputeType::kFloat32, ComputeType::kBFloat16}) {
-    DecoderAttention::Options o;
-    o.config.embed_dim = 64;
-    o.config.num_heads = 4;
-    o.config.num_kv_heads = 2;
-    o.config.head_dim = 16;
-    o.config.rope.rotary_dim = 16;
-    o.compute = compute;
-    o.single_thread_below_flops = 0;
-    auto layer = DecoderAttention::Create(o, RandomDecoderWeights(o.config, 15));
+    auto layer = SmallDecoder(compute, 15);
     ASSERT_TRUE(layer.ok()) << layer.status();
     std::vector<StoredRows> stored;
     std::vector<DecoderInputs> wire(4), widened(4);
@@ -274,6 +281,64 @@ TEST(ActivationRowsTest, DecoderLayersAnswer16BitQueriesAsTheirF32Values) {
     ExpectSameAnswers((*layer)->ForwardBatch(a, 2), (*layer)->ForwardBatch(b, 2), ComputeTypeName(compute));
     // Alone, a bf16 query is read in place by a bf16 layer.
     ExpectSameAnswers((*layer)->ForwardBatch({a.data(), 1}, 2), (*layer)->ForwardBatch({b.data(), 1}, 2), "alone");
+  }
+}
+
+// Appends of sessions (AppendEngine::ForwardAppends) whose queries come as bf16, f16 or f32 at odd offsets,
+// batched and then alone: the answers, and the caches they leave (the next append reads them), of the same
+// appends in f32.
+void ExpectAppendsAsTheirF32Values(const AppendEngine& engine, std::mt19937_64& rng, const std::string& what) {
+  auto pool = KvCachePool::Create({.kv_cache_bytes = int64_t{64} << 20, .block_tokens = 8});
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  const int64_t e = engine.embed_dim();
+  const DType dtypes[] = {DType::kBFloat16, DType::kFloat16, DType::kFloat32, DType::kBFloat16};
+  const int64_t lens[] = {1, 13, 4, 30};
+  const std::vector<float> prefix = RandomValues(rng, 10 * e);
+  std::vector<KvSequence> caches;  // [2i]: appends of 16-bit rows, [2i + 1]: of their f32 values
+  caches.reserve(8);
+  for (int i = 0; i < 8; ++i) {
+    caches.emplace_back(pool->get(), engine.cache_width());
+    CachedAppend p{.query = prefix.data(), .tokens = 10, .cache = &caches.back()};
+    const CachedAppend* one[] = {&p};
+    ASSERT_TRUE(engine.ForwardAppends(one)[0].ok());
+  }
+  std::vector<StoredRows> stored;
+  stored.reserve(5);
+  std::vector<CachedAppend> wire(4), widened(4);
+  std::vector<const CachedAppend*> a, b;
+  for (size_t i = 0; i < 4; ++i) {
+    const size_t offset = i % 2;
+    stored.push_back(Store(RandomValues(rng, lens[i] * e), dtypes[i], offset));
+    wire[i] = {.query = stored.back().data(offset), .tokens = lens[i], .cache = &caches[2 * i],
+               .need_weights = i == 1, .query_dtype = dtypes[i]};
+    widened[i] = {.query = stored.back().widened.data(), .tokens = lens[i], .cache = &caches[2 * i + 1],
+                  .need_weights = i == 1};
+    a.push_back(&wire[i]);
+    b.push_back(&widened[i]);
+  }
+  ExpectSameAnswers(engine.ForwardAppends(a, 2), engine.ForwardAppends(b, 2), what + ", batched");
+  // Alone, an aligned bf16 query (read in place by a bf16 layer) over the caches the batch left.
+  stored.push_back(Store(RandomValues(rng, 6 * e), DType::kBFloat16, 0));
+  CachedAppend alone{.query = stored.back().data(0), .tokens = 6, .cache = &caches[6], .query_dtype = DType::kBFloat16};
+  CachedAppend alone_f32{.query = stored.back().widened.data(), .tokens = 6, .cache = &caches[7]};
+  const CachedAppend* one[] = {&alone};
+  const CachedAppend* one_f32[] = {&alone_f32};
+  ExpectSameAnswers(engine.ForwardAppends(one, 2), engine.ForwardAppends(one_f32, 2), what + ", alone");
+}
+
+TEST(ActivationRowsTest, SessionAppendsAnswer16BitQueriesAsTheirF32Values) {
+  std::mt19937_64 rng(16);
+  for (ComputeType compute : {ComputeType::kFloat32, ComputeType::kBFloat16}) {
+    MultiheadAttention::Options mo;
+    mo.config = MhaConfig{64, 4, 0, 0, true};
+    mo.compute = compute;
+    mo.single_thread_below_flops = 0;
+    auto mha = MultiheadAttention::Create(mo, testing::RandomTestWeights(mo.config, rng));
+    ASSERT_TRUE(mha.ok()) << mha.status();
+    ExpectAppendsAsTheirF32Values(**mha, rng, std::string("multi-head in ") + ComputeTypeName(compute));
+    auto decoder = SmallDecoder(compute, 17);
+    ASSERT_TRUE(decoder.ok()) << decoder.status();
+    ExpectAppendsAsTheirF32Values(**decoder, rng, std::string("decoder in ") + ComputeTypeName(compute));
   }
 }
 

@@ -36,6 +36,7 @@ v1::LayerConfig TinyLayer(const std::string& name) {
 // One append's request and what it got back.
 struct Sent {
   std::vector<float> query;
+  std::vector<uint16_t> bits;  // the rows as sent, when they were 16-bit
   absl::Status status = absl::UnknownError("not answered");
   bool answered = false;
   AttentionOutputs outputs;
@@ -87,21 +88,22 @@ class SessionStoreTest : public ::testing::Test {
     return sent;
   }
 
-  // Appends `tokens` random rows sent as bfloat16 (converted after admission, as the service decodes them);
-  // sent->query holds the f32 values they carry.
-  std::shared_ptr<Sent> AppendBf16(const std::string& id, int64_t tokens) {
+  // Appends `tokens` random rows sent as bfloat16 or float16 bits (`dtype`), which the call views as the
+  // service does (the request's bytes, counted in request_bytes); sent->query holds the f32 values they carry
+  // and sent->bits the rows themselves.
+  std::shared_ptr<Sent> AppendHalf(const std::string& id, int64_t tokens, DType dtype) {
     auto sent = std::make_shared<Sent>();
-    auto bits = std::make_shared<std::vector<uint16_t>>();
     for (float v : testing::RandomValues(rng_, tokens * kE)) {
-      bits->push_back(FloatToBFloat16(v));
-      sent->query.push_back(BFloat16ToFloat(bits->back()));
+      sent->bits.push_back(dtype == DType::kBFloat16 ? FloatToBFloat16(v) : FloatToHalf(v));
+      sent->query.push_back(dtype == DType::kBFloat16 ? BFloat16ToFloat(sent->bits.back())
+                                                      : HalfToFloat(sent->bits.back()));
     }
     auto call = std::make_unique<InferenceCall>();
     call->arrival = clock_.Now();
-    call->inputs.query = {DType::kBFloat16, {tokens, kE}, bits->data()};
-    ConvertHalfAfterAdmission(bits->data(), DType::kBFloat16, tokens * kE, &AttentionInputs::query, call.get());
+    call->request_bytes = tokens * kE * 2;
+    call->inputs.query = {dtype, {tokens, kE}, sent->bits.data()};
     InferenceCall* self = call.get();
-    call->finish = [sent, self, bits](const absl::Status& s) {
+    call->finish = [sent, self](const absl::Status& s) {
       sent->status = s;
       sent->answered = true;
       if (s.ok()) sent->outputs = std::move(self->outputs);
@@ -119,6 +121,7 @@ class SessionStoreTest : public ::testing::Test {
       call->finish(error);
       return;
     }
+    ++runs_;
     const CachedAppend* one[] = {&call->session->append};
     auto got = call->layer->engine->ForwardAppends(one, 1);
     ASSERT_TRUE(got[0].ok()) << got[0].status();
@@ -147,6 +150,7 @@ class SessionStoreTest : public ::testing::Test {
   std::unique_ptr<KvCachePool> pool_;
   std::unique_ptr<SessionStore> store_;
   std::deque<std::unique_ptr<InferenceCall>> queue_;
+  int runs_ = 0;  // calls run through the engine
 };
 
 TEST_F(SessionStoreTest, AppendsOfOneLaneRunInOrderOneAtATime) {
@@ -278,31 +282,34 @@ TEST_F(SessionStoreTest, AWaitingAppendHoldsItsRequestInTheMemoryBudget) {
   EXPECT_EQ(budget.reserved_bytes(), 0);
 }
 
-// A 16-bit query's f32 copy is reserved before it is made and before the append takes KV blocks: refused by
-// the budget, it takes none; a queued one is converted on the reservation it waited with, not a second one.
-TEST_F(SessionStoreTest, A16BitQueryIsConvertedWithinTheBudgetBeforeItTakesBlocks) {
-  MemoryBudget budget(2000);
-  Build(int64_t{1} << 20, 512, &budget);
-  Open("a");
-  auto too_big = AppendBf16("a", 40);  // 40 x 16 x 4 = 2560 bytes of f32
-  EXPECT_EQ(too_big->status.code(), absl::StatusCode::kResourceExhausted) << too_big->status;
-  EXPECT_NE(too_big->status.message().find("memory budget"), std::string::npos) << too_big->status;
-  EXPECT_EQ(pool_->blocks_in_use(), 0);
-  EXPECT_EQ(store_->Get("a")->layers[0].bytes, 0);
-  EXPECT_EQ(budget.reserved_bytes(), 0);
-
-  auto first = AppendBf16("a", 10);   // 640 bytes, held by the started call
-  auto second = AppendBf16("a", 12);  // waits behind it, holding its 768
-  EXPECT_EQ(budget.reserved_bytes(), 640 + 768);
-  ASSERT_EQ(queue_.size(), 1u);
-  RunOne();                           // the first is answered; the second starts on its own reservation
-  EXPECT_EQ(budget.reserved_bytes(), 768);
-  ASSERT_EQ(queue_.size(), 1u);
-  EXPECT_EQ(queue_.front()->session->append.query[5], second->query[5]);  // bound to the converted rows
-  RunAll();
-  ASSERT_TRUE(first->status.ok() && second->status.ok()) << first->status << second->status;
-  EXPECT_LE(MaxAbsDiff(second->outputs.output.values, Reference({first, second})), 1e-6);
-  EXPECT_EQ(budget.reserved_bytes(), 0);
+// A 16-bit query goes to the engine as it came: no f32 copy is reserved or made (a queued append holds its
+// request's bytes only), the append views the request's rows, and its prefill chunks (rows of 2 bytes per
+// value) answer as the f32 values they carry do.
+TEST_F(SessionStoreTest, SixteenBitQueriesAreReadAsTheyCameChunksIncluded) {
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    SCOPED_TRACE(DTypeName(dtype));
+    MemoryBudget budget(int64_t{1} << 20);
+    queue_.clear();
+    store_.reset();  // before the pool and registry it uses are replaced
+    Build(int64_t{1} << 20, /*chunk_tokens=*/8, &budget);
+    Open("a");
+    auto first = AppendHalf("a", 30, dtype);  // in chunks of at most 8 tokens
+    auto second = AppendHalf("a", 12, dtype);  // waits behind it, holding its 12 x 16 x 2 bytes
+    EXPECT_EQ(budget.reserved_bytes(), 12 * kE * 2);
+    ASSERT_EQ(queue_.size(), 1u);
+    EXPECT_EQ(queue_.front()->session->append.query_dtype, dtype);
+    EXPECT_EQ(queue_.front()->session->append.query, first->bits.data()) << "the request's rows, in place";
+    runs_ = 0;
+    while (!first->answered) RunOne();
+    EXPECT_GE(runs_, 4) << "30 tokens in chunks of at most 8";
+    ASSERT_TRUE(first->status.ok()) << first->status;
+    EXPECT_LE(MaxAbsDiff(first->outputs.output.values, Reference({first})), 1e-5);
+    RunAll();
+    ASSERT_TRUE(second->status.ok()) << second->status;
+    EXPECT_LE(MaxAbsDiff(second->outputs.output.values, Reference({first, second})), 1e-5);
+    EXPECT_EQ(budget.reserved_bytes(), 0);
+    store_.reset();
+  }
 }
 
 TEST_F(SessionStoreTest, ForkAndTruncateWaitForAppendsInFlight) {

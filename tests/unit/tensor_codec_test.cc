@@ -176,7 +176,6 @@ TEST(PrepareInferenceCallTest, SixteenBitInputsReachTheEngineAndOutputDtype) {
     call.request_bytes = 100;
     ASSERT_TRUE(PrepareInferenceCall(**registry, req, &call).ok());
     EXPECT_EQ(call.request_bytes, 100) << "no f32 copy: the engine converts while it gathers";
-    EXPECT_TRUE(call.after_admission.empty());
     EXPECT_EQ(call.inputs.query.dtype, dtype == v1::BFLOAT16 ? DType::kBFloat16 : DType::kFloat16);
     EXPECT_EQ(call.inputs.query.data, req.query().raw_data().data()) << "viewed in the message";
     std::vector<float> widened;

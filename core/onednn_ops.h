@@ -102,7 +102,11 @@ class LinearOp {
   // The factories' body: the parts stacked along n into the op's weights.
   static absl::StatusOr<std::unique_ptr<LinearOp>> Build(int64_t k, const std::vector<WeightPart>& parts,
                                                          const std::vector<float>& bias, ComputeType compute);
+  // x in the op's compute type. Outside a parallel region with a team of threads, m >= 128 rows go in pieces of
+  // 64 rows shared out dynamically over the team, each through the single-thread primitive (RunTeam).
   absl::Status Run(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
+  // The whole of x through the primitive of the calling thread's team size.
+  absl::Status RunTeam(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
   std::unique_ptr<Impl> impl_ptr_;
 };
 

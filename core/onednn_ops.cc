@@ -397,19 +397,25 @@ absl::Status LinearOp::ExecuteBf16(const uint16_t* x, int64_t m, int64_t ldx, fl
   return Run(x, m, ldx, y, ldy);
 }
 
-// Rows per piece when a team of threads shares one linear op. On these 2-vCPU machines the team's cores are
+// Pieces of rows when a team of threads shares one f32 linear op. On these 2-vCPU machines the team's cores are
 // shared with gRPC's threads and the load: a oneDNN primitive split statically over the team stalls as a whole
 // while any one of its threads is preempted, whereas single-threaded pieces taken in turn let the running
-// thread take the preempted one's share. Measured (BENCHMARKS.md): the same speed alone, +13-20% beside a
-// bursty load of a quarter of a core, +8% served at concurrency 64; 32-row pieces were slower than 64.
+// thread take the preempted one's share. Measured (BENCHMARKS.md): 64-row pieces did best (32: slower);
+// ops whose 64 rows carry less than 32 MFLOP (E=256) lost 6% alone and gained nothing beside other load, and
+// bf16 ops lost 8-15% alone: those run whole.
 constexpr int64_t kPieceRows = 64;
+constexpr int64_t kMinPieceFlops = 32'000'000;
 
 absl::Status LinearOp::Run(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const {
   if (m == 0) return absl::OkStatus();
   const int team = omp_in_parallel() ? 1 : omp_get_max_threads();
-  if (team == 1 || m < 2 * kPieceRows) return RunTeam(x, m, ldx, y, ldy);
+  const Impl& p = *impl_ptr_;
+  if (team == 1 || p.compute == ComputeType::kBFloat16 || 2 * kPieceRows * p.k * p.n < kMinPieceFlops ||
+      m < 2 * kPieceRows) {
+    return RunTeam(x, m, ldx, y, ldy);
+  }
   const int64_t pieces = (m + kPieceRows - 1) / kPieceRows;
-  const int64_t x_row_bytes = ldx * (impl_ptr_->compute == ComputeType::kBFloat16 ? 2 : 4);
+  const int64_t x_row_bytes = ldx * int64_t{sizeof(float)};
   std::vector<absl::Status> status(static_cast<size_t>(pieces));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team)
   for (int64_t i = 0; i < pieces; ++i) {

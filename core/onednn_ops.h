@@ -102,8 +102,9 @@ class LinearOp {
   // The factories' body: the parts stacked along n into the op's weights.
   static absl::StatusOr<std::unique_ptr<LinearOp>> Build(int64_t k, const std::vector<WeightPart>& parts,
                                                          const std::vector<float>& bias, ComputeType compute);
-  // x in the op's compute type. Outside a parallel region with a team of threads, m >= 128 rows go in pieces of
-  // 64 rows shared out dynamically over the team, each through the single-thread primitive (RunTeam).
+  // x in the op's compute type. An f32 op of k x n >= 250k (64 rows: 32 MFLOP) called outside a parallel region
+  // with a team of threads shares m >= 128 rows out in 64-row pieces dynamically over the team, each piece
+  // through the single-thread primitive (RunTeam).
   absl::Status Run(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
   // The whole of x through the primitive of the calling thread's team size.
   absl::Status RunTeam(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;

@@ -6,7 +6,6 @@
 
 #include <dnnl.hpp>
 #include <map>
-#include <new>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -125,14 +124,13 @@ class MatmulVariants {
   Variant& Get() {
     const int team = TeamSize();
     absl::MutexLock lock(&mu_);
-    std::unique_ptr<Variant>& v = variants_[team];
-    if (v == nullptr) {
-      auto made = std::make_unique<Variant>();
-      made->pd = dnnl::matmul::primitive_desc(desc_, attr_, CpuEngine());
-      made->prim = dnnl::matmul(made->pd);
-      v = std::move(made);
-    }
-    return *v;
+    auto found = variants_.find(team);
+    if (found != variants_.end()) return *found->second;
+    // Built before it is stored: a build that throws leaves no empty entry behind.
+    auto made = std::make_unique<Variant>();
+    made->pd = dnnl::matmul::primitive_desc(desc_, attr_, CpuEngine());
+    made->prim = dnnl::matmul(made->pd);
+    return *variants_.emplace(team, std::move(made)).first->second;
   }
 
  private:
@@ -198,11 +196,12 @@ struct LinearOp::Impl {
     if (!v.weights) {
       if (v.pd.weights_desc() == weights_mem.get_desc()) {
         v.weights = weights_mem;
-      } else {
-        v.weights = dnnl::memory(v.pd.weights_desc(), CpuEngine());
+      } else {  // published only once filled: a reorder that throws leaves none behind
+        dnnl::memory reordered(v.pd.weights_desc(), CpuEngine());
         dnnl::stream& stream = ThisThread().stream;
-        dnnl::reorder(weights_mem, v.weights).execute(stream, weights_mem, v.weights);
+        dnnl::reorder(weights_mem, reordered).execute(stream, weights_mem, reordered);
         stream.wait();
+        v.weights = reordered;
       }
     }
     return v;
@@ -415,20 +414,24 @@ absl::Status LinearOp::Run(const void* x, int64_t m, int64_t ldx, float* y, int6
     return RunTeam(x, m, ldx, y, ldy);
   }
   const int64_t pieces = (m + kPieceRows - 1) / kPieceRows;
-  const int64_t x_row_bytes = ldx * int64_t{sizeof(float)};
+  const int64_t x_row_bytes = ldx * int64_t{sizeof(float)};  // f32 ops only (bf16 ones run whole, above)
   std::vector<absl::Status> status(static_cast<size_t>(pieces));
+  std::vector<uint8_t> threw(static_cast<size_t>(pieces), 0);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team)
   for (int64_t i = 0; i < pieces; ++i) {
     const ScopedOmpThreads one(1);  // each piece runs the op's single-thread primitive
     const int64_t r0 = i * kPieceRows;
-    try {
+    try {  // nothing may leave a parallel region (the scratchpad's growth may throw std::bad_alloc)
       status[i] = RunTeam(static_cast<const char*>(x) + r0 * x_row_bytes, std::min(kPieceRows, m - r0), ldx,
                           y + r0 * ldy, ldy);
-    } catch (const std::bad_alloc&) {  // nothing may leave a parallel region: the scratchpad's growth
-      status[i] = absl::ResourceExhaustedError("linear layer: out of memory for oneDNN's scratchpad");
+    } catch (...) {
+      threw[i] = 1;
     }
   }
-  for (const absl::Status& piece : status) ATTN_RETURN_IF_ERROR(piece);
+  for (int64_t i = 0; i < pieces; ++i) {
+    if (threw[i] != 0) return absl::ResourceExhaustedError("linear layer: out of memory in a piece of rows");
+    ATTN_RETURN_IF_ERROR(status[i]);
+  }
   return absl::OkStatus();
 }
 

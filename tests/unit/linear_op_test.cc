@@ -136,6 +136,14 @@ TEST(LinearOpTest, RowsSharedOutInPiecesEqualTheReference) {
       }
     }
   }
+  // An op whose 64 rows carry less than 32 MFLOP (256 x 768: 25 MFLOP, E=256's Q/K/V) runs whole.
+  const ScopedOmpThreads two(2);
+  const std::vector<float> w_small = RandomValues(rng, 768 * k), x = RandomValues(rng, 300 * k);
+  auto small = LinearOp::Create(k, 768, w_small, {});
+  ASSERT_TRUE(small.ok()) << small.status();
+  EXPECT_LE(testing::MaxAbsDiff(Apply(**small, x, 300, k, 768),
+                                Reference(x, 300, k, w_small, 0, 768, {}, ComputeType::kFloat32)), 1e-3);
+  EXPECT_EQ((*small)->Impls().size(), 1u);
 }
 
 TEST(LinearOpTest, BadShapesAreRefusedWithTheirSizes) {

@@ -101,6 +101,10 @@ absl::StatusOr<std::unique_ptr<DecoderAttention>> DecoderAttention::Create(const
   return layer;
 }
 
+int64_t DecoderAttention::weight_bytes() const {
+  return qkv_proj_->owned_weight_bytes() + o_proj_->owned_weight_bytes();
+}
+
 std::vector<std::string> DecoderAttention::ImplementationsUsed() const {
   std::vector<std::string> all;
   for (const auto* op : {qkv_proj_.get(), o_proj_.get()}) {

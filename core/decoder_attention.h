@@ -95,6 +95,8 @@ class DecoderAttention : public AppendEngine {
   std::vector<absl::StatusOr<AttentionOutputs>> ForwardAppends(absl::Span<const CachedAppend* const> appends,
                                                                int max_threads = 0) const override;
 
+  // The bytes of projection weights the layer holds: its fused qkv and output projections, f32 or bf16.
+  int64_t weight_bytes() const;
   // impl_info_str() of every oneDNN primitive this layer has built.
   std::vector<std::string> ImplementationsUsed() const;
 

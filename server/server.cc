@@ -37,6 +37,7 @@
 #include "server/runtime/layer_catalog.h"
 #include "server/runtime/background_priority.h"
 #include "server/runtime/layer_warmup.h"
+#include "server/runtime/live_layer_bytes.h"
 #include "server/runtime/load_heap_pad.h"
 #include "server/runtime/memory_budget.h"
 #include "server/startup/cpu_budget.h"
@@ -463,6 +464,7 @@ absl::Status Server::StartMemoryGuard() {
     return absl::OkStatus();
   }
   guard.rss_limit_bytes = rss_bytes + headroom;
+  guard.loaded_layer_bytes = LiveLayerWeightBytes;  // layers loaded or freed later move the limit
   // More than one largest message: a client uploading one is never shed.
   guard.min_undelivered_bytes = kMaxMessageBytes + (int64_t{16} << 20);
   guard.interval = absl::Milliseconds(t.memory_guard_interval_ms());
@@ -681,6 +683,7 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
   spdlog::info("layer {}: version {} loaded (built and warmed up in {})", config.name(), version,
                absl::FormatDuration(load_time));
   LogCompute(*p.registry->Find(config.name(), version));
+  LogMemoryGuardLimit();
   return absl::OkStatus();
 }
 
@@ -695,7 +698,14 @@ absl::Status Server::UnloadLayer(const std::string& name) {
   ATTN_RETURN_IF_ERROR(p.scheduler->RemoveQueue(name));
   p.metrics->SetLayerVersion(name, 0);
   spdlog::info("layer {}: unloaded", name);
+  LogMemoryGuardLimit();  // lowered already unless a request still holds the layer
   return absl::OkStatus();
+}
+
+void Server::LogMemoryGuardLimit() const {
+  if (parts_->memory_guard == nullptr) return;
+  spdlog::info("memory guard: RSS limit {} MiB (layers hold {} MiB)", parts_->memory_guard->rss_limit_bytes() >> 20,
+               LiveLayerWeightBytes() >> 20);
 }
 
 absl::Status Server::ReloadConfig(const absl::StatusOr<attnserve::v1::ServerConfig>& config, bool reload_all) {

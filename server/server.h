@@ -135,6 +135,8 @@ class Server {
   void ConfigureTransport(grpc::ServerBuilder* builder) const;
   absl::Status StartListenerProbe();
   absl::Status StartMemoryGuard();
+  // Logs the memory guard's limit as the layers loaded now have moved it (after a load or unload).
+  void LogMemoryGuardLimit() const;
   absl::Status StartConnectionCap();
   absl::Status StartResetFloodGuard();
   absl::Status StartHealthServer();

@@ -29,10 +29,7 @@ absl::StatusOr<std::unique_ptr<ServedLayer>> LoadDecoderLayer(const attnserve::v
   return layer;
 }
 
-}  // namespace
-
-absl::StatusOr<std::unique_ptr<ServedLayer>> LoadLayer(const attnserve::v1::LayerConfig& lc) {
-  if (lc.kind() == attnserve::v1::LayerConfig::DECODER_ATTENTION) return LoadDecoderLayer(lc);
+absl::StatusOr<std::unique_ptr<ServedLayer>> LoadMultiheadLayer(const attnserve::v1::LayerConfig& lc) {
   const MultiheadAttention::Options options = ToEngineOptions(lc);
   absl::StatusOr<MhaWeights> weights = lc.weights_path().empty()
                                            ? RandomMhaWeights(options.config, lc.seed())
@@ -43,6 +40,17 @@ absl::StatusOr<std::unique_ptr<ServedLayer>> LoadLayer(const attnserve::v1::Laye
   auto layer = std::make_unique<ServedLayer>();
   layer->config = lc;
   layer->engine = std::move(*engine);
+  return layer;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ServedLayer>> LoadLayer(const attnserve::v1::LayerConfig& lc) {
+  absl::StatusOr<std::unique_ptr<ServedLayer>> layer =
+      lc.kind() == attnserve::v1::LayerConfig::DECODER_ATTENTION ? LoadDecoderLayer(lc) : LoadMultiheadLayer(lc);
+  if (!layer.ok()) return layer;
+  ServedLayer& l = **layer;
+  l.weights_counted = LiveLayerBytes(l.engine != nullptr ? l.engine->weight_bytes() : l.decoder->weight_bytes());
   return layer;
 }
 

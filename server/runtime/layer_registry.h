@@ -21,6 +21,7 @@
 #include "attnserve/v1/config.pb.h"
 #include "core/decoder_attention.h"
 #include "core/multihead_attention.h"
+#include "server/runtime/live_layer_bytes.h"
 
 namespace attnserve {
 
@@ -30,6 +31,8 @@ struct ServedLayer {
   // Exactly one of them, by config.kind(): MULTIHEAD_ATTENTION's engine or DECODER_ATTENTION's decoder.
   std::unique_ptr<MultiheadAttention> engine;
   std::unique_ptr<DecoderAttention> decoder;
+  // The engine's weight bytes, counted in LiveLayerWeightBytes() while this version lives (set by LoadLayer).
+  LiveLayerBytes weights_counted;
   // The one that is set, as sessions see it.
   const AppendEngine& appender() const {
     return engine != nullptr ? static_cast<const AppendEngine&>(*engine) : *decoder;

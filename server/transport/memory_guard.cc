@@ -52,6 +52,11 @@ MemoryGuard::~MemoryGuard() {
   options_.delivered->SetEnabled(false);
 }
 
+int64_t MemoryGuard::rss_limit_bytes() const {
+  if (!options_.loaded_layer_bytes) return options_.rss_limit_bytes;
+  return options_.rss_limit_bytes + options_.loaded_layer_bytes() - layer_bytes_at_create_;
+}
+
 void MemoryGuard::Run() {
   while (!stop_.WaitForNotificationWithTimeout(options_.interval)) CheckOnce();
 }
@@ -72,7 +77,8 @@ MemoryGuard::Outcome MemoryGuard::CheckOnce() {
   const absl::Time now = options_.now();
   const int64_t rss = options_.rss_bytes();
   if (rss < 0) return Outcome::kUnreadable;
-  if (rss <= options_.rss_limit_bytes) {
+  const int64_t limit = rss_limit_bytes();
+  if (rss <= limit) {
     if (now >= next_prune_) ListAndPrune().IgnoreError();
     return Outcome::kUnderLimit;
   }
@@ -87,7 +93,7 @@ MemoryGuard::Outcome MemoryGuard::CheckOnce() {
   if (!worst.has_value() || !options_.shut_down((*connections)[*worst]).ok()) return Outcome::kNoneQualifies;
   if (options_.on_shed) {
     options_.on_shed({(*connections)[*worst].peer_key, loads[*worst].received_bytes, loads[*worst].delivered_bytes,
-                      rss, options_.rss_limit_bytes});
+                      rss, limit});
   }
   return Outcome::kShed;
 }

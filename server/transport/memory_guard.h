@@ -4,7 +4,8 @@
 // on a busy machine the stream is reset late or never (a CI run buffered 1 GiB of one message). Envoy's
 // overload manager is the model: past a memory threshold, act on the connection holding the most.
 //
-// Every `interval` the guard reads the RSS. Above `rss_limit_bytes` it lists the connections on the gRPC
+// Every `interval` the guard reads the RSS. Above its limit (`rss_limit_bytes`, moved by what the layers loaded
+// since have added or freed: `loaded_layer_bytes`) it lists the connections on the gRPC
 // ports and shuts down (connection_table.h) the one holding the most bytes the kernel received but the
 // services were never delivered as messages (delivered_bytes.h), if those are at least
 // `min_undelivered_bytes` and at least half of all it sent: a client whose bytes arrive as messages, however
@@ -60,8 +61,12 @@ struct ShedConnection {
 class MemoryGuard {
  public:
   struct Options {
-    // Resident bytes above which the guard acts. Required, > 0.
+    // Resident bytes above which the guard acts, as the process holds its layers when the guard is created.
+    // Required, > 0.
     int64_t rss_limit_bytes = 0;
+    // The bytes the process's layers hold now (live_layer_bytes.h). The limit moves with it: a layer loaded
+    // after Create raises it by its bytes, one freed lowers it. Unset: the limit stays where it was created.
+    std::function<int64_t()> loaded_layer_bytes;
     // Undelivered bytes a connection must hold to be shed. > 0.
     int64_t min_undelivered_bytes = int64_t{32} << 20;
     // How often the RSS is read.
@@ -93,14 +98,18 @@ class MemoryGuard {
   enum class Outcome { kUnderLimit, kCoolingDown, kNoneQualifies, kShed, kUnreadable };
   // One check (the thread's body). Serialized with itself.
   Outcome CheckOnce();
-  int64_t rss_limit_bytes() const { return options_.rss_limit_bytes; }
+  // The limit now: rss_limit_bytes moved by the layer bytes loaded or freed since Create.
+  int64_t rss_limit_bytes() const;
 
  private:
-  explicit MemoryGuard(Options options) : options_(std::move(options)) {}
+  explicit MemoryGuard(Options options)
+      : options_(std::move(options)),
+        layer_bytes_at_create_(options_.loaded_layer_bytes ? options_.loaded_layer_bytes() : 0) {}
   absl::StatusOr<std::vector<TcpConnection>> ListAndPrune() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Run();
 
   const Options options_;
+  const int64_t layer_bytes_at_create_;
   absl::Mutex mu_;
   absl::Time cooling_until_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   absl::Time next_prune_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();

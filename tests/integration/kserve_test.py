@@ -947,6 +947,27 @@ def case_repository_load_config_json(e):
     expect(cfg.parameters["embed_dim"].string_value == "16", f"ModelConfig embed_dim {cfg.parameters['embed_dim']}")
 
 
+def guard_limit_mib(e):
+    """The memory guard's RSS limit, as the server last logged it (at start, then after each load and unload)."""
+    limits = re.findall(r"memory guard: RSS limit (\d+) MiB", e.s.log_text())
+    expect(limits, "the server logged no memory guard limit")
+    return int(limits[-1])
+
+
+def case_repository_load_moves_the_memory_guard(e):
+    """A layer loaded while serving raises the memory guard's limit by its weights (E=1024: four 1024 x 1024 f32
+    projections, 16 MiB), so that its memory is not taken for a flood; unloaded, it lowers it again."""
+    before = guard_limit_mib(e)
+    load(e.s.kserve, "wide", {"name": "wide", "embedDim": 1024, "numHeads": 8, "seed": 5})
+    loaded = guard_limit_mib(e)
+    unload(e.s.kserve, "wide")
+    after = guard_limit_mib(e)
+    print(f"    memory guard limit: {before} MiB, {loaded} MiB with the E=1024 layer loaded, {after} MiB unloaded")
+    expect(15 <= loaded - before <= 17, f"loading 16 MiB of weights moved the limit by {loaded - before} MiB")
+    expect(abs(after - before) <= 1, f"unloading them left the limit at {after} MiB, not {before}")
+    still_serving(e)
+
+
 def case_repository_load_errors(e):
     k = e.s.kserve
     expect_error(lambda: load(k, "fresh3", dict(SEEDED, name="other")), INVALID, "parameters.config",
@@ -1199,7 +1220,8 @@ CASES = [
     case_outputs_selection, case_errors_inputs, case_errors_parameters_and_outputs, case_errors_model_and_version,
     case_errors_shape, case_stream_infer, case_statistics_counts, case_statistics_every_model,
     case_repository_index, case_repository_reload, case_repository_unload_and_load,
-    case_repository_load_config_json, case_repository_load_errors, case_model_control_refused_without_flag,
+    case_repository_load_config_json, case_repository_load_moves_the_memory_guard, case_repository_load_errors,
+    case_model_control_refused_without_flag,
     case_model_control_with_tokens, case_attnctl_model_commands, case_config_reload_configmap_swap,
     case_cross_protocol_batching,
 ]

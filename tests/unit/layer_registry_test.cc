@@ -128,6 +128,49 @@ TEST(LayerRegistryTest, AVersionIsFreedWithItsLastHolder) {
   EXPECT_TRUE(second.expired());  // nobody held version 2
 }
 
+// What the memory guard moves its limit by: a layer's weights count from its load until its last holder lets
+// go, whichever engine it has and whatever it computes in.
+TEST(LayerRegistryTest, LiveLayerBytesCountEachVersionUntilItIsFreed) {
+  const int64_t before = LiveLayerWeightBytes();
+  LayerRegistry registry;
+  registry.Publish(Load("x", 1));
+  const int64_t one = LiveLayerWeightBytes() - before;
+  EXPECT_EQ(one, 4 * 16 * 16 * 4);  // E=16 self-attention: four E x E f32 projections
+  EXPECT_EQ(one, registry.Find("x")->engine->weight_bytes());
+  std::shared_ptr<const ServedLayer> held = registry.Find("x");
+  registry.Publish(Load("x", 2));
+  EXPECT_EQ(LiveLayerWeightBytes() - before, 2 * one);
+  ASSERT_TRUE(registry.Remove("x").ok());
+  EXPECT_EQ(LiveLayerWeightBytes() - before, one);  // version 1 still answers a request
+  held.reset();
+  EXPECT_EQ(LiveLayerWeightBytes(), before);
+
+  v1::LayerConfig decoder;  // GQA, in bf16 where this CPU has it
+  decoder.set_name("d");
+  decoder.set_embed_dim(16);
+  decoder.set_num_heads(2);
+  decoder.set_seed(3);
+  decoder.set_kind(v1::LayerConfig::DECODER_ATTENTION);
+  decoder.mutable_decoder()->set_num_kv_heads(1);
+  decoder.set_compute_dtype(v1::LayerConfig::BFLOAT16);
+  ASSERT_TRUE(ApplyLayerDefaultsAndValidate(&decoder).ok());
+  {
+    absl::StatusOr<std::unique_ptr<ServedLayer>> d = LoadLayer(decoder);
+    ASSERT_TRUE(d.ok()) << d.status();
+    const int64_t value_bytes = (*d)->decoder->compute() == ComputeType::kBFloat16 ? 2 : 4;
+    // [E + 2 Hkv D, E] fused q/k/v (D = 8) and [E, E] out.
+    EXPECT_EQ((*d)->decoder->weight_bytes(), ((16 + 2 * 8) * 16 + 16 * 16) * value_bytes);
+    EXPECT_EQ(LiveLayerWeightBytes() - before, (*d)->decoder->weight_bytes());
+    std::unique_ptr<ServedLayer> moved = std::move(*d);  // the count moves with the layer, once
+    EXPECT_EQ(LiveLayerWeightBytes() - before, moved->decoder->weight_bytes());
+  }
+  EXPECT_EQ(LiveLayerWeightBytes(), before);
+  v1::LayerConfig missing = TinyLayer("missing", 5);  // a failed load counts nothing
+  missing.set_weights_path("/nonexistent/weights.safetensors");
+  EXPECT_FALSE(LoadLayer(missing).ok());
+  EXPECT_EQ(LiveLayerWeightBytes(), before);
+}
+
 TEST(LayerRegistryTest, KeepsMaxVersionsAndDropsTheOldest) {
   LayerRegistry registry;
   auto with_versions = [](uint64_t seed) {

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <functional>
 #include <iostream>
 #include <random>
 #include <string>
@@ -128,6 +129,7 @@ class GuardTest : public ::testing::Test {
     };
     o.now = [this] { return now_; };
     o.on_shed = [this](const ShedConnection& s) { sheds_.push_back(s); };
+    o.loaded_layer_bytes = loaded_layer_bytes_;
     auto guard = MemoryGuard::Create(std::move(o));
     EXPECT_TRUE(guard.ok()) << guard.status();
     return std::move(*guard);
@@ -142,6 +144,7 @@ class GuardTest : public ::testing::Test {
   bool fail_listing_ = false;
   std::vector<std::string> shut_;
   std::vector<ShedConnection> sheds_;
+  std::function<int64_t()> loaded_layer_bytes_;  // unset: the limit stays put
 };
 
 TEST_F(GuardTest, UnderTheLimitNothingIsShed) {
@@ -220,6 +223,27 @@ TEST_F(GuardTest, NoneQualifyingBacksOffBeforeListingAgain) {
   now_ += absl::Milliseconds(500);
   EXPECT_EQ(guard->CheckOnce(), MemoryGuard::Outcome::kNoneQualifies);
   EXPECT_EQ(listings_, listed + 1);
+}
+
+TEST_F(GuardTest, TheLimitMovesWithTheLayersLoadedAndFreed) {
+  int64_t layer_bytes = 300 * kMiB;  // the layers loaded at start: already in the RSS the limit was set from
+  loaded_layer_bytes_ = [&] { return layer_bytes; };
+  auto guard = MakeGuard();
+  EXPECT_EQ(guard->rss_limit_bytes(), 512 * kMiB);
+  layer_bytes += 200 * kMiB;  // a layer loaded while serving
+  rss_ = 650 * kMiB;          // its weights, not a flood
+  EXPECT_EQ(guard->rss_limit_bytes(), 712 * kMiB);
+  EXPECT_EQ(guard->CheckOnce(), MemoryGuard::Outcome::kUnderLimit);
+  EXPECT_TRUE(shut_.empty());
+  rss_ = 800 * kMiB;  // past the moved limit: a flood after all
+  EXPECT_EQ(guard->CheckOnce(), MemoryGuard::Outcome::kShed);
+  ASSERT_EQ(sheds_.size(), 1u);
+  EXPECT_EQ(sheds_[0].rss_limit_bytes, 712 * kMiB);
+  layer_bytes -= 350 * kMiB;  // that layer and one from start unloaded: what they held is not flood room
+  EXPECT_EQ(guard->rss_limit_bytes(), 362 * kMiB);
+  rss_ = 400 * kMiB;
+  now_ += absl::Seconds(1);
+  EXPECT_NE(guard->CheckOnce(), MemoryGuard::Outcome::kUnderLimit);
 }
 
 TEST(MemoryGuardCreate, RefusesBadOptions) {

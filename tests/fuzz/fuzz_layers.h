@@ -3,8 +3,10 @@
 // harness's own failure and verbosity switches.
 //
 // Small layers, so that valid requests are cheap: "mha16" (E=16, H=4, self- and cross-attention, the
-// default limits), "bf16x16" (the same computing in BFLOAT16: the engine's 16-bit input paths) and "cross8"
-// (E=8, H=2, kdim=6, vdim=4, no bias, small limits).
+// default limits), "bf16x16" (the same computing in BFLOAT16: the engine's 16-bit input paths), "cross8"
+// (E=8, H=2, kdim=6, vdim=4, no bias, small limits), and two decoder layers (DECODER_ATTENTION: positions,
+// RoPE, causal): "gqa16" (E=16, H=4, Hkv=2, q/k/v biases, partial rotary) and "mqa16" (E=16, H=4, Hkv=1,
+// D=6, a sliding window of 5, soft-capped scores, BFLOAT16, small limits).
 // ATTNSERVE_FUZZ_VERBOSE=1 prints each input's status (to check what the seeds reach).
 #pragma once
 
@@ -26,6 +28,15 @@ inline constexpr char kLayers[] = R"pb(
   layers { name: "bf16x16" embed_dim: 16 num_heads: 4 seed: 3 compute_dtype: BFLOAT16 }
   layers {
     name: "cross8" embed_dim: 8 num_heads: 2 kdim: 6 vdim: 4 bias: false seed: 2
+    max_sequence_length: 64 max_batch: 8 max_tokens: 256 max_response_bytes: 65536
+  }
+  layers {
+    name: "gqa16" embed_dim: 16 num_heads: 4 seed: 4 kind: DECODER_ATTENTION
+    decoder { num_kv_heads: 2 qkv_bias: true rope { rotary_dim: 2 } }
+  }
+  layers {
+    name: "mqa16" embed_dim: 16 num_heads: 4 seed: 5 kind: DECODER_ATTENTION compute_dtype: BFLOAT16
+    decoder { num_kv_heads: 1 head_dim: 6 sliding_window: 5 attn_logit_softcapping: 30 }
     max_sequence_length: 64 max_batch: 8 max_tokens: 256 max_response_bytes: 65536
   }
 )pb";
@@ -58,12 +69,21 @@ inline const LayerRegistry& Registry() {
 // The engine on one validated call (as the batch executor runs it); true with call.outputs set when it
 // computed. Dies when the answer's size differs from what validation reserved for it.
 inline bool Compute(InferenceCall& call) {
-  const ParsedAttention* one[] = {&call.parsed};
-  auto results = call.layer->engine->ForwardParsed(one, /*max_threads=*/1);
-  if (results.size() != 1) Die("ForwardParsed returned the wrong number of results");
-  if (Verbose()) std::fprintf(stderr, "  engine: %s\n", results[0].status().ToString().c_str());
-  if (!results[0].ok()) return false;
-  call.outputs = std::move(*results[0]);
+  absl::StatusOr<AttentionOutputs> result;
+  if (call.layer->decoder != nullptr) {
+    const ParsedDecoder* one[] = {&call.decoder_parsed};
+    auto results = call.layer->decoder->ForwardBatch(one, /*max_threads=*/1);
+    if (results.size() != 1) Die("ForwardBatch returned the wrong number of results");
+    result = std::move(results[0]);
+  } else {
+    const ParsedAttention* one[] = {&call.parsed};
+    auto results = call.layer->engine->ForwardParsed(one, /*max_threads=*/1);
+    if (results.size() != 1) Die("ForwardParsed returned the wrong number of results");
+    result = std::move(results[0]);
+  }
+  if (Verbose()) std::fprintf(stderr, "  engine: %s\n", result.status().ToString().c_str());
+  if (!result.ok()) return false;
+  call.outputs = std::move(*result);
   const auto output_bytes = static_cast<int64_t>(call.outputs.output.values.size() * sizeof(float));
   const auto weights_bytes = static_cast<int64_t>(call.outputs.attn_weights.values.size() * sizeof(float));
   if (output_bytes != call.parsed.output_bytes) Die("output size differs from parsed.output_bytes");

@@ -35,8 +35,8 @@ def load_protos(tmp):
             importlib.import_module("inference.grpc_service_pb2"))
 
 
-# ---- InferRequest seeds: layers "mha16" (E=16, H=4), "bf16x16" (the same in BFLOAT16) and "cross8" (E=8, H=2,
-# kdim=6, vdim=4, small limits).
+# ---- InferRequest seeds: layers "mha16" (E=16, H=4), "bf16x16" (the same in BFLOAT16), "cross8" (E=8, H=2,
+# kdim=6, vdim=4, small limits) and the decoder layers "gqa16" and "mqa16" (fuzz_layers.h).
 
 def floats(rng, n):
     return [round(rng.uniform(-2, 2), 3) for _ in range(n)]
@@ -138,7 +138,26 @@ def request_seeds(pb):
     half(r, "value", [2, 3, 16], 4)
     r = req("bf16x16_bf16_odd_bytes", "bf16x16"); half(r, "query", [1, 2, 16], 3)
     r.query.raw_data = r.query.raw_data[:-1]
-    return {name: r.SerializeToString() for name, r in seeds.items()}
+
+    # Decoder layers (gqa16, mqa16): causal self-attention with RoPE at positions from position_offset or
+    # position_ids; key_padding_mask is their only mask.
+    r = req("gqa16_b2_l3", "gqa16"); tensor(r, "query", [2, 3, 16])
+    r = req("gqa16_offset_weights", "gqa16", position_offset=7, need_weights=True); tensor(r, "query", [1, 4, 16])
+    r = req("gqa16_position_ids_per_head", "gqa16", need_weights=True, average_attn_weights=False)
+    tensor(r, "query", [2, 3, 16]); r.position_ids.extend([0, 1, 2, 5, 3, 9])
+    r = req("gqa16_kpm_unbatched", "gqa16"); tensor(r, "query", [5, 16], how="float")
+    tensor(r, "key_padding_mask", [5], kind="bool")
+    r = req("mqa16_window", "mqa16", need_weights=True); tensor(r, "query", [1, 9, 16])
+    tensor(r, "key_padding_mask", [1, 9])
+    r = req("mqa16_bf16_query", "mqa16", position_offset=3); half(r, "query", [2, 6, 16], 3)
+    r = req("mqa16_f16_query_ids", "mqa16"); half(r, "query", [1, 3, 16], 4); r.position_ids.extend([4, 4, 4])
+    # Refused: a key, a wrong count of positions, a negative one, one past the RoPE range, too long.
+    r = req("gqa16_with_key", "gqa16"); tensor(r, "query", [1, 2, 16]); tensor(r, "key", [1, 2, 16])
+    r = req("gqa16_position_ids_short", "gqa16"); tensor(r, "query", [1, 3, 16]); r.position_ids.extend([0, 1])
+    r = req("gqa16_negative_position", "gqa16"); tensor(r, "query", [1, 2, 16]); r.position_ids.extend([0, -1])
+    r = req("gqa16_offset_too_far", "gqa16", position_offset=1 << 24); tensor(r, "query", [1, 2, 16])
+    r = req("mqa16_too_long", "mqa16"); tensor(r, "query", [65, 16])
+    return {name: r.SerializeToString(deterministic=True) for name, r in seeds.items()}
 
 
 # ---- ModelInferRequest seeds (the Open Inference Protocol), same layers.
@@ -204,7 +223,14 @@ def kserve_seeds(ipb):
     r = req("huge_dims", "mha16"); r.inputs.add(name="query", datatype="FP32", shape=[1 << 30, 1 << 30, 16])
     r.raw_input_contents.append(b"\0" * 64)
     r = req("unknown_model", "nope"); add(r, "query", [1, 1, 16])
-    return {name: r.SerializeToString() for name, r in seeds.items()}
+    # Decoder layers: positions as a parameter or an INT64 input.
+    r = req("gqa16_offset", "gqa16", {"position_offset": 5, "need_weights": True}); add(r, "query", [2, 3, 16])
+    r = req("gqa16_position_ids", "gqa16"); add(r, "query", [1, 3, 16])
+    r.inputs.add(name="position_ids", datatype="INT64", shape=[1, 3])
+    r.raw_input_contents.append(struct.pack("<3q", 2, 0, 7))
+    r = req("mqa16_bf16_kpm", "mqa16"); add(r, "query", [1, 7, 16], "BF16"); add(r, "key_padding_mask", [1, 7], "BOOL")
+    r = req("gqa16_attn_mask", "gqa16"); add(r, "query", [1, 2, 16]); add(r, "attn_mask", [2, 2], "BOOL")
+    return {name: r.SerializeToString(deterministic=True) for name, r in seeds.items()}
 
 
 # ---- safetensors seeds.

@@ -23,6 +23,7 @@
 #include "absl/synchronization/notification.h"
 #include "common/process_memory.h"
 #include "common/status_macros.h"
+#include "common/thread_name.h"
 #include "common/version.h"
 #include "core/bf16_rows.h"
 #include "server/api/attention_service.h"
@@ -545,6 +546,7 @@ void Server::StartTrimmer() {
   // second, while no request holds memory, the free pages go back to the system (malloc_trim, ~1 ms).
   Parts& p = *parts_;
   p.trimmer = std::thread([&p] {
+    NameThisThread("attn-trim");
     while (!p.stop_trimming.WaitForNotificationWithTimeout(absl::Seconds(1))) {
       p.sessions->EvictIdle("idle_timeout");  // sessions idle past their timeout, pool full or not
       // Not while layers load: the pages kept for the next build would go (the release trims them).
@@ -624,6 +626,7 @@ absl::Status Server::Drain(absl::Time deadline) {
   // thread of its own, so that a deadline running out leaves it behind rather than blocking here.
   auto drained = std::make_shared<absl::Notification>();
   std::thread([scheduler = p.scheduler.get(), drained] {
+    NameThisThread("attn-drain");
     scheduler->Shutdown();
     drained->Notify();
   }).detach();

@@ -37,6 +37,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/thread_name.h"
 #include "server/batching/batch_queue.h"
 #include "server/batching/clock.h"
 
@@ -244,8 +245,19 @@ class BatchScheduler {
 
   void StartWorkers() ABSL_LOCKS_EXCLUDED(join_mu_) {
     absl::MutexLock lock(&join_mu_);
-    for (int32_t i = 0; i < worker_threads_; ++i) workers_.emplace_back([this] { WorkerLoop(); });
-    if (long_item_cost_ > 0) workers_.emplace_back([this] { ExpressLoop(); });
+    // Named before their first parallel region: their OpenMP teams take the name too.
+    for (int32_t i = 0; i < worker_threads_; ++i) {
+      workers_.emplace_back([this] {
+        NameThisThread("attn-batch");
+        WorkerLoop();
+      });
+    }
+    if (long_item_cost_ > 0) {
+      workers_.emplace_back([this] {
+        NameThisThread("attn-express");
+        ExpressLoop();
+      });
+    }
   }
 
   bool HoldsLongItem(const std::vector<Entry>& batch) const {

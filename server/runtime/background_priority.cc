@@ -11,6 +11,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "common/thread_name.h"
 
 namespace attnserve {
 
@@ -68,7 +69,12 @@ class BackgroundThread {
     return job.result;
   }
 
-  BackgroundThread() { std::thread([this] { Loop(); }).detach(); }
+  BackgroundThread() {
+    std::thread([this] {
+      NameThisThread("attn-load");  // its OpenMP team too: layers build and warm up here
+      Loop();
+    }).detach();
+  }
 
   void Loop() {
     // Per thread on Linux; raising one's own nice needs no privilege.

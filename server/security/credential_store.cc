@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/thread_name.h"
 
 namespace attnserve {
 namespace {
@@ -31,7 +32,10 @@ absl::StatusOr<std::unique_ptr<CredentialStore>> CredentialStore::Create(const O
   std::unique_ptr<CredentialStore> store(new CredentialStore(options));
   absl::Status loaded = store->Load();
   if (!loaded.ok()) return loaded;
-  store->watcher_ = std::thread([s = store.get()] { s->Watch(); });
+  store->watcher_ = std::thread([s = store.get()] {
+    NameThisThread("attn-credwatch");
+    s->Watch();
+  });
   return store;
 }
 

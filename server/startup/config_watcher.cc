@@ -13,6 +13,7 @@
 #include <spdlog/spdlog.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/thread_name.h"
 
 namespace attnserve {
 namespace {
@@ -61,7 +62,10 @@ absl::StatusOr<std::unique_ptr<ConfigWatcher>> ConfigWatcher::Create(const Optio
 
 ConfigWatcher::ConfigWatcher(const Options& options, int inotify_fd, int wake_fd)
     : options_(options), inotify_fd_(inotify_fd), wake_fd_(wake_fd), last_content_(ReadAll(options.path)) {
-  thread_ = std::thread([this] { Run(); });
+  thread_ = std::thread([this] {
+    NameThisThread("attn-config");
+    Run();
+  });
 }
 
 ConfigWatcher::~ConfigWatcher() {

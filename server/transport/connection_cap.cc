@@ -4,6 +4,8 @@
 #include <numeric>
 #include <utility>
 
+#include "common/thread_name.h"
+
 namespace attnserve {
 
 std::vector<size_t> ConnectionsOverCap(const std::vector<TcpConnection>& connections,
@@ -33,7 +35,10 @@ absl::StatusOr<std::unique_ptr<ConnectionCap>> ConnectionCap::Create(Options opt
   if (!options.shut_down) options.shut_down = ShutDownTcpConnection;
   const bool start_thread = options.start_thread;
   std::unique_ptr<ConnectionCap> cap(new ConnectionCap(std::move(options)));
-  if (start_thread) cap->thread_ = std::thread([c = cap.get()] { c->Run(); });
+  if (start_thread) cap->thread_ = std::thread([c = cap.get()] {
+    NameThisThread("attn-conncap");
+    c->Run();
+  });
   return cap;
 }
 

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "common/thread_name.h"
 #include "server/transport/accept_state.h"
 
 namespace attnserve {
@@ -159,7 +160,10 @@ absl::StatusOr<std::unique_ptr<ListenerProbe>> ListenerProbe::Create(const Optio
     return absl::InvalidArgumentError("ListenerProbe: on_failure and failures_to_report >= 1 are required");
   }
   std::unique_ptr<ListenerProbe> probe(new ListenerProbe(options));
-  probe->thread_ = std::thread([p = probe.get()] { p->Run(); });
+  probe->thread_ = std::thread([p = probe.get()] {
+    NameThisThread("attn-listener");
+    p->Run();
+  });
   return probe;
 }
 

@@ -4,6 +4,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "common/process_memory.h"
+#include "common/thread_name.h"
 
 namespace attnserve {
 
@@ -42,7 +43,10 @@ absl::StatusOr<std::unique_ptr<MemoryGuard>> MemoryGuard::Create(Options options
   const bool start_thread = options.start_thread;
   options.delivered->SetEnabled(true);
   std::unique_ptr<MemoryGuard> guard(new MemoryGuard(std::move(options)));
-  if (start_thread) guard->thread_ = std::thread([g = guard.get()] { g->Run(); });
+  if (start_thread) guard->thread_ = std::thread([g = guard.get()] {
+    NameThisThread("attn-memguard");
+    g->Run();
+  });
   return guard;
 }
 

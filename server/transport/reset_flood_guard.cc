@@ -5,6 +5,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
+#include "common/thread_name.h"
 
 namespace attnserve {
 
@@ -26,7 +27,10 @@ absl::StatusOr<std::unique_ptr<ResetFloodGuard>> ResetFloodGuard::Create(Options
   if (!options.now) options.now = [] { return absl::Now(); };
   const bool start_thread = options.start_thread;
   std::unique_ptr<ResetFloodGuard> guard(new ResetFloodGuard(std::move(options)));
-  if (start_thread) guard->thread_ = std::thread([g = guard.get()] { g->Run(); });
+  if (start_thread) guard->thread_ = std::thread([g = guard.get()] {
+    NameThisThread("attn-resetguard");
+    g->Run();
+  });
   return guard;
 }
 

@@ -968,6 +968,17 @@ def case_repository_load_moves_the_memory_guard(e):
     still_serving(e)
 
 
+def case_threads_are_named(e):
+    """The server's own threads carry names (top -H, ps -L, perf): its batch worker, whose OpenMP team inherits
+    the name, and its guards."""
+    infer(e, kreq("seeded", [("query", rand((4, 32, 16), 41))]))  # the worker's team exists once it computed
+    task = f"/proc/{e.s.proc.pid}/task"
+    names = [open(os.path.join(task, t, "comm")).read().strip() for t in os.listdir(task)]
+    print(f"    threads: {', '.join(sorted(set(n for n in names if n.startswith('attn-'))))}")
+    for want in ("attn-batch", "attn-memguard", "attn-resetguard", "attn-listener", "attn-trim"):
+        expect(want in names, f"no thread named {want} among {sorted(set(names))}")
+
+
 def case_repository_load_errors(e):
     k = e.s.kserve
     expect_error(lambda: load(k, "fresh3", dict(SEEDED, name="other")), INVALID, "parameters.config",
@@ -1221,7 +1232,7 @@ CASES = [
     case_errors_shape, case_stream_infer, case_statistics_counts, case_statistics_every_model,
     case_repository_index, case_repository_reload, case_repository_unload_and_load,
     case_repository_load_config_json, case_repository_load_moves_the_memory_guard, case_repository_load_errors,
-    case_model_control_refused_without_flag,
+    case_model_control_refused_without_flag, case_threads_are_named,
     case_model_control_with_tokens, case_attnctl_model_commands, case_config_reload_configmap_swap,
     case_cross_protocol_batching,
 ]

@@ -523,6 +523,16 @@ absl::Status Server::StartConnectionCap() {
     spdlog::warn("connection cap: {} connections to the gRPC port, at most {}: shut down {}, the least busy",
                  found, max, shed);
   };
+  if (config_.transport().stalled_read_timeout_ms() > 0) {
+    cap.stalled = StalledReads::Options{};
+    cap.stalled->stall_duration = absl::Milliseconds(config_.transport().stalled_read_timeout_ms());
+    cap.on_stalled = [metrics = p.metrics.get(), timeout = cap.stalled->stall_duration](const TcpConnection& c) {
+      metrics->ConnectionStalled();
+      spdlog::warn("connection from {}: {} bytes unread by gRPC for {} with nothing delivered as a message (a "
+                   "header sent in endless CONTINUATION frames?); shut down",
+                   c.peer_key, c.unread_bytes, absl::FormatDuration(timeout));
+    };
+  }
   spdlog::info("connection cap: at most {} connections to the gRPC port (file limit {})", cap.max_connections,
                file_limit);
   ATTN_ASSIGN_OR_RETURN(p.connection_cap, ConnectionCap::Create(std::move(cap)));

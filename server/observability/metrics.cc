@@ -132,6 +132,12 @@ void ServerMetrics::RegisterTransportMetrics(prometheus::Registry& r) {
                              .Help("Connections shut down beyond transport.max_connections (those that sent least)")
                              .Register(r)
                              .Add({});
+  connections_stalled_ = &prometheus::BuildCounter()
+                             .Name("attnserve_connections_stalled_total")
+                             .Help("Connections shut down for bytes gRPC stopped reading, none delivered as a "
+                                   "message (transport.stalled_read_timeout_ms)")
+                             .Register(r)
+                             .Add({});
   reset_floods_stopped_ = &prometheus::BuildCounter()
                                .Name("attnserve_reset_floods_stopped_total")
                                .Help("Connections shut down for opening streams and resetting them before any "

@@ -82,6 +82,7 @@ class ServerMetrics {
   void ConfigReloaded(bool ok) { (ok ? config_reload_success_ : config_reload_failure_)->Increment(); }
   void ConnectionShed() { connections_shed_->Increment(); }
   void ConnectionsCapped(int64_t n) { connections_capped_->Increment(static_cast<double>(n)); }
+  void ConnectionStalled() { connections_stalled_->Increment(); }
   void ResetFloodStopped() { reset_floods_stopped_->Increment(); }
   void SetInflightBatches(int64_t batches) { inflight_batches_->Set(static_cast<double>(batches)); }
   void SetMemoryBudget(int64_t bytes) { memory_budget_->Set(static_cast<double>(bytes)); }
@@ -134,6 +135,7 @@ class ServerMetrics {
   prometheus::Counter* config_reload_failure_;
   prometheus::Counter* connections_shed_;
   prometheus::Counter* connections_capped_;
+  prometheus::Counter* connections_stalled_;
   prometheus::Counter* reset_floods_stopped_;
   prometheus::Gauge* inflight_batches_;
   prometheus::Gauge* memory_budget_;

@@ -169,6 +169,10 @@ std::vector<ServerFlag> TransportFlags() {
       {{"reset-flood-min-streams", true, "ATTNSERVE_RESET_FLOOD_MIN_STREAMS", "N"}, "1000",
        "Streams a connection must have opened before it can be judged a reset flood.",
        &SetTransportCount<int64_t, &TransportConfig::set_reset_flood_min_streams, int64_t{1} << 40>},
+      {{"stalled-read-timeout", true, "ATTNSERVE_STALLED_READ_TIMEOUT", "DURATION"}, "3s",
+       "How long a connection may keep 16 KiB+ unread by gRPC with nothing delivered as a message before it is "
+       "shut down (a header value in endless CONTINUATION frames); checked each second; \"never\": off.",
+       &SetTransportIntervalOrNever<&TransportConfig::set_stalled_read_timeout_ms>},
   };
 }
 

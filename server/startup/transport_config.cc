@@ -57,6 +57,7 @@ void TransportProblems(const TransportConfig& t, std::vector<std::string>* probl
   interval("listener_check_interval_ms", t.listener_check_interval_ms());
   interval("memory_guard_interval_ms", t.memory_guard_interval_ms());
   interval("reset_flood_check_interval_ms", t.reset_flood_check_interval_ms());
+  interval("stalled_read_timeout_ms", t.stalled_read_timeout_ms());
   if (t.max_connections() < -1) {
     problems->push_back(absl::StrCat("transport.max_connections: must be -1 (no cap) or >= 0, got ", t.max_connections()));
   }
@@ -82,6 +83,7 @@ void ApplySecurityAndTransportDefaults(attnserve::v1::ServerConfig* config) {
     t->set_reset_flood_check_interval_ms(kDefaultResetFloodCheckIntervalMs);
   }
   if (t->reset_flood_min_streams() == 0) t->set_reset_flood_min_streams(kDefaultResetFloodMinStreams);
+  if (t->stalled_read_timeout_ms() == 0) t->set_stalled_read_timeout_ms(kDefaultStalledReadTimeoutMs);
 }
 
 std::vector<std::string> SecurityAndTransportProblems(const attnserve::v1::ServerConfig& config) {

@@ -22,6 +22,7 @@ inline constexpr int64_t kDefaultListenerCheckIntervalMs = 5000;
 inline constexpr int64_t kDefaultMemoryGuardIntervalMs = 50;
 inline constexpr int64_t kDefaultResetFloodCheckIntervalMs = 100;
 inline constexpr int64_t kDefaultResetFloodMinStreams = 1000;
+inline constexpr int64_t kDefaultStalledReadTimeoutMs = 3000;
 inline constexpr int64_t kDefaultMaxConnections = 10000;
 
 // Fills the zero fields of both sections (grpc_memory_bytes stays 0: it follows the memory budget, known

@@ -33,6 +33,11 @@ absl::StatusOr<std::unique_ptr<ConnectionCap>> ConnectionCap::Create(Options opt
     options.list_connections = [ports = options.local_ports] { return ListTcpConnections(ports); };
   }
   if (!options.shut_down) options.shut_down = ShutDownTcpConnection;
+  if (!options.now) options.now = [] { return absl::Now(); };
+  if (options.stalled.has_value() &&
+      (options.stalled->min_unread_bytes <= 0 || options.stalled->stall_duration <= absl::ZeroDuration())) {
+    return absl::InvalidArgumentError("connection cap: stalled min_unread_bytes and stall_duration must be > 0");
+  }
   const bool start_thread = options.start_thread;
   std::unique_ptr<ConnectionCap> cap(new ConnectionCap(std::move(options)));
   if (start_thread) cap->thread_ = std::thread([c = cap.get()] {
@@ -40,6 +45,10 @@ absl::StatusOr<std::unique_ptr<ConnectionCap>> ConnectionCap::Create(Options opt
     c->Run();
   });
   return cap;
+}
+
+ConnectionCap::ConnectionCap(Options options) : options_(std::move(options)) {
+  if (options_.stalled.has_value()) stalled_.emplace(*options_.stalled);
 }
 
 ConnectionCap::~ConnectionCap() {
@@ -65,6 +74,18 @@ int64_t ConnectionCap::CheckOnce() {
     if (options_.shut_down((*connections)[i]).ok()) ++shed;
   }
   if (shed > 0 && options_.on_shed) options_.on_shed(shed, static_cast<int64_t>(connections->size()));
+  return shed + ShutDownStalled(*connections, delivered);
+}
+
+int64_t ConnectionCap::ShutDownStalled(const std::vector<TcpConnection>& connections,
+                                       const std::vector<int64_t>& delivered) {
+  if (!stalled_.has_value()) return 0;
+  int64_t shed = 0;
+  for (size_t i : stalled_->Check(connections, delivered, options_.now())) {
+    if (!options_.shut_down(connections[i]).ok()) continue;  // gone, or already shut as over the cap
+    ++shed;
+    if (options_.on_stalled) options_.on_stalled(connections[i]);
+  }
   return shed;
 }
 

@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <linux/tcp.h>
 #include <netinet/in.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -51,6 +52,8 @@ bool ReadConnection(int fd, const std::vector<int>& local_ports, TcpConnection* 
   out->inode = st.st_ino;
   out->peer_key = PeerKeyFromSockaddr(peer);
   out->received_bytes = static_cast<int64_t>(info.tcpi_bytes_received);
+  int unread = 0;
+  out->unread_bytes = ioctl(fd, FIONREAD, &unread) == 0 ? unread : 0;
   return !out->peer_key.empty();
 }
 

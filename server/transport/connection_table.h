@@ -19,6 +19,7 @@ struct TcpConnection {
   uint64_t inode = 0;        // the socket's, to tell a reused descriptor apart
   std::string peer_key;      // peer_address.h
   int64_t received_bytes = 0;  // payload bytes the kernel received on it (tcpi_bytes_received)
+  int64_t unread_bytes = 0;    // of those, the ones the process has not read yet (its receive queue)
 };
 
 // Established TCP connections of this process whose local port is one of `local_ports` (not listening

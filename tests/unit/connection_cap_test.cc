@@ -1,6 +1,7 @@
 // The connection cap: which connections it shuts down beyond max_connections (those that sent least, the
-// newest among equals; never one sending requests while idle ones exceed the cap), driven with fake
-// connections, and once against real loopback connections.
+// newest among equals; never one sending requests while idle ones exceed the cap), and which it shuts down
+// as stalled (bytes left unread, nothing delivered, for the stall duration), driven with fake connections and
+// a fake clock, and against real loopback connections.
 #include "server/transport/connection_cap.h"
 #include "tests/testing/loopback_socket.h"
 
@@ -10,6 +11,8 @@
 
 #include <string>
 #include <vector>
+
+#include "absl/time/time.h"
 
 namespace attnserve {
 namespace {
@@ -96,6 +99,65 @@ TEST(ConnectionCap, NothingShutWhenTheConnectionsCannotBeListed) {
   EXPECT_EQ(shut, 0);
 }
 
+TcpConnection Unread(uint64_t inode, int64_t unread) {
+  TcpConnection c = Conn(inode, 1 << 20);
+  c.unread_bytes = unread;
+  return c;
+}
+
+constexpr int64_t kKiB = 1024;
+
+TEST(StalledReads, UnreadForTheStallDurationWithNothingDelivered) {
+  StalledReads stalled({16 * kKiB, absl::Seconds(3)});
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  // 1: stays unread; 2: never over the minimum; 3: read between checks; 4: delivers messages meanwhile.
+  const auto at = [&](int s, int64_t third, int64_t fourth_delivered) {
+    return stalled.Check({Unread(1, 100 * kKiB), Unread(2, 16 * kKiB - 1), Unread(3, third), Unread(4, 64 * kKiB)},
+                         {0, 0, 0, fourth_delivered}, t0 + absl::Seconds(s));
+  };
+  EXPECT_TRUE(at(0, 64 * kKiB, 0).empty());
+  EXPECT_TRUE(at(1, 0, 10).empty());          // 3 read once (a lone miss); 4 delivered a message
+  EXPECT_TRUE(at(2, 0, 20).empty());          // 3 read at two checks in a row: cleared; 4 starts over
+  EXPECT_EQ(at(3, 64 * kKiB, 30), (std::vector<size_t>{0}));  // 1: 3 s unread, nothing delivered
+  EXPECT_TRUE(at(4, 64 * kKiB, 30).empty());  // 1 starts over once reported; 3 unread since 3 s, 4 since 3 s
+  EXPECT_TRUE(at(5, 0, 30).empty());          // a lone read of 3: its stall goes on
+  EXPECT_EQ(at(6, 64 * kKiB, 30), (std::vector<size_t>{2, 3}));  // 3: unread since 3 s; 4: since its last message
+}
+
+TEST(StalledReads, AConnectionGoneIsForgotten) {
+  StalledReads stalled({16 * kKiB, absl::Seconds(3)});
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  EXPECT_TRUE(stalled.Check({Unread(7, 64 * kKiB)}, {0}, t0).empty());
+  EXPECT_TRUE(stalled.Check({}, {}, t0 + absl::Seconds(1)).empty());
+  // A socket listed again (the same inode, as a reused one would be) starts over.
+  EXPECT_TRUE(stalled.Check({Unread(7, 64 * kKiB)}, {0}, t0 + absl::Seconds(3)).empty());
+  EXPECT_EQ(stalled.Check({Unread(7, 64 * kKiB)}, {0}, t0 + absl::Seconds(6)), (std::vector<size_t>{0}));
+}
+
+TEST(ConnectionCap, ShutsDownStalledConnectionsWhenAsked) {
+  std::vector<TcpConnection> connections = {Unread(1, 128 * kKiB), Unread(2, 0)};
+  absl::Time now = absl::FromUnixSeconds(1000);
+  std::vector<uint64_t> shut, reported;
+  ConnectionCap::Options o;
+  o.max_connections = 100;
+  o.local_ports = {50051};
+  o.start_thread = false;
+  o.stalled = StalledReads::Options{16 * kKiB, absl::Seconds(3)};
+  o.now = [&] { return now; };
+  o.list_connections = [&]() -> absl::StatusOr<std::vector<TcpConnection>> { return connections; };
+  o.shut_down = [&](const TcpConnection& c) {
+    shut.push_back(c.inode);
+    return absl::OkStatus();
+  };
+  o.on_stalled = [&](const TcpConnection& c) { reported.push_back(c.inode); };
+  auto cap = ConnectionCap::Create(o);
+  ASSERT_TRUE(cap.ok()) << cap.status();
+  for (int s = 0; s < 3; ++s, now += absl::Seconds(1)) EXPECT_EQ((*cap)->CheckOnce(), 0);
+  EXPECT_EQ((*cap)->CheckOnce(), 1);
+  EXPECT_EQ(shut, (std::vector<uint64_t>{1}));
+  EXPECT_EQ(reported, (std::vector<uint64_t>{1}));
+}
+
 TEST(ConnectionCap, RefusesBadOptions) {
   ConnectionCap::Options o;
   o.local_ports = {1};
@@ -105,8 +167,54 @@ TEST(ConnectionCap, RefusesBadOptions) {
   o.interval = absl::ZeroDuration();
   EXPECT_EQ(ConnectionCap::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
   o.interval = absl::Seconds(1);
+  o.stalled = StalledReads::Options{0, absl::Seconds(3)};
+  EXPECT_EQ(ConnectionCap::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.stalled = StalledReads::Options{16 * kKiB, absl::ZeroDuration()};
+  EXPECT_EQ(ConnectionCap::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.stalled.reset();
   o.local_ports.clear();
   EXPECT_EQ(ConnectionCap::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A client whose 256 KiB the server side never reads: the kernel's count of unread bytes (what fits its receive
+// buffer), and the cap shutting
+// the connection down once it stayed so (a fake clock), while a connection whose bytes were read stays.
+TEST(ConnectionCap, OnARealConnectionLeftUnread) {
+  testing::LoopbackListener listener;
+  const testing::LoopbackListener::Pair unread = listener.Connect();
+  const testing::LoopbackListener::Pair read = listener.Connect();
+  const std::string bytes(256 * kKiB, 'x');
+  ASSERT_EQ(send(unread.client, bytes.data(), bytes.size(), MSG_DONTWAIT), static_cast<ssize_t>(bytes.size()));
+  ASSERT_EQ(send(read.client, bytes.data(), 1000, 0), 1000);
+  usleep(50 * 1000);
+  std::string sink(1000, '\0');
+  ASSERT_EQ(recv(read.accepted, sink.data(), sink.size(), MSG_WAITALL), 1000);
+  const absl::StatusOr<std::vector<TcpConnection>> listed = ListTcpConnections({listener.port()});
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->size(), 2u);
+  for (const TcpConnection& c : *listed) {
+    if (c.fd == unread.accepted) {  // as much as its receive buffer holds; the rest waits in the client's
+      EXPECT_GE(c.unread_bytes, 64 * kKiB);
+      EXPECT_LE(c.unread_bytes, static_cast<int64_t>(bytes.size()));
+    } else {
+      EXPECT_EQ(c.unread_bytes, 0);
+    }
+  }
+  absl::Time now = absl::Now();
+  ConnectionCap::Options o;
+  o.max_connections = 100;
+  o.local_ports = {listener.port()};
+  o.start_thread = false;
+  o.stalled = StalledReads::Options{16 * kKiB, absl::Seconds(3)};
+  o.now = [&] { return now; };
+  auto cap = ConnectionCap::Create(o);
+  ASSERT_TRUE(cap.ok());
+  EXPECT_EQ((*cap)->CheckOnce(), 0);
+  now += absl::Seconds(3);
+  EXPECT_EQ((*cap)->CheckOnce(), 1);
+  char byte;
+  EXPECT_EQ(recv(unread.client, &byte, 1, MSG_DONTWAIT), 0);  // its client reads the end
+  EXPECT_EQ(recv(read.client, &byte, 1, MSG_DONTWAIT), -1);   // still open, nothing to read
 }
 
 // Six clients on a real listener of this process, three of which sent bytes: with a cap of 4, two of the

@@ -683,6 +683,7 @@ TEST(SecurityAndTransport, DefaultsFillEveryLimit) {
   EXPECT_EQ(t.max_metadata_bytes(), 16384);
   EXPECT_EQ(t.listener_check_interval_ms(), 5000);
   EXPECT_EQ(t.memory_guard_interval_ms(), 50);
+  EXPECT_EQ(t.stalled_read_timeout_ms(), 3000);
   EXPECT_EQ(t.max_connections(), 0);  // follows the file limit
   EXPECT_EQ(MaxConnections(t, 1 << 20), 10000);
   EXPECT_EQ(MaxConnections(t, 1024), 768);
@@ -701,6 +702,7 @@ TEST(SecurityAndTransport, ProblemsNameTheirFields) {
   config.mutable_transport()->set_listener_check_interval_ms(-2);
   config.mutable_transport()->set_memory_guard_interval_ms(-3);
   config.mutable_transport()->set_max_connections(-2);
+  config.mutable_transport()->set_stalled_read_timeout_ms(-4);
   config.set_health_address("nowhere");
   const absl::Status status = ApplyDefaultsAndValidate(&config);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
@@ -711,6 +713,7 @@ TEST(SecurityAndTransport, ProblemsNameTheirFields) {
                            "transport.listener_check_interval_ms: must be -1 (never) or >= 0, got -2",
                            "transport.memory_guard_interval_ms: must be -1 (never) or >= 0, got -3",
                            "transport.max_connections: must be -1 (no cap) or >= 0, got -2",
+                           "transport.stalled_read_timeout_ms: must be -1 (never) or >= 0, got -4",
                            "health_address: "}) {
     EXPECT_THAT(std::string(status.message()), HasSubstr(text));
   }
@@ -732,7 +735,8 @@ TEST_F(FlagsTest, SecurityAndTransportFlagsOverrideTheirFields) {
              "--metrics-auth-file", "m", "--disable-reflection", "--max-concurrent-streams", "64",
              "--max-connection-idle", "30s", "--keepalive-min-ping-interval=1m", "--max-ping-strikes", "5",
              "--grpc-memory-bytes", "1048576", "--listener-check-interval", "never", "--memory-guard-interval",
-             "20ms", "--max-connections", "500", "--health-address", "0.0.0.0:8081"});
+             "20ms", "--max-connections", "500", "--health-address", "0.0.0.0:8081", "--stalled-read-timeout",
+             "never"});
   ASSERT_TRUE(flags.ok()) << flags.status();
   ServerConfig config = DefaultServerConfig();
   config.mutable_transport()->set_max_metadata_bytes(999);  // a field no flag set stays
@@ -751,6 +755,7 @@ TEST_F(FlagsTest, SecurityAndTransportFlagsOverrideTheirFields) {
   EXPECT_EQ(config.transport().listener_check_interval_ms(), -1);
   EXPECT_EQ(config.transport().memory_guard_interval_ms(), 20);
   EXPECT_EQ(config.transport().max_connections(), 500);
+  EXPECT_EQ(config.transport().stalled_read_timeout_ms(), -1);
   EXPECT_EQ(config.transport().max_metadata_bytes(), 999);
   EXPECT_EQ(config.health_address(), "0.0.0.0:8081");
 }

@@ -134,7 +134,7 @@ void ServerMetrics::RegisterTransportMetrics(prometheus::Registry& r) {
                              .Add({});
   connections_stalled_ = &prometheus::BuildCounter()
                              .Name("attnserve_connections_stalled_total")
-                             .Help("Connections shut down for bytes gRPC stopped reading, none delivered as a "
+                             .Help("Connections shut down for bytes the server stopped reading, none delivered as a "
                                    "message (transport.stalled_read_timeout_ms)")
                              .Register(r)
                              .Add({});

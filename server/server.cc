@@ -533,8 +533,12 @@ absl::Status Server::StartConnectionCap() {
                    c.peer_key, c.unread_bytes, absl::FormatDuration(timeout));
     };
   }
-  spdlog::info("connection cap: at most {} connections to the gRPC port (file limit {})", cap.max_connections,
-               file_limit);
+  spdlog::info("connection cap: at most {} connections to the gRPC port (file limit {}); stalled reads: {}",
+               cap.max_connections, file_limit,
+               cap.stalled.has_value()
+                   ? absl::StrCat("a connection with 16 KiB unread and nothing delivered for ",
+                                  absl::FormatDuration(cap.stalled->stall_duration), " is shut down")
+                   : std::string("off"));
   ATTN_ASSIGN_OR_RETURN(p.connection_cap, ConnectionCap::Create(std::move(cap)));
   return absl::OkStatus();
 }

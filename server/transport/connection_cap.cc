@@ -1,9 +1,12 @@
 #include "server/transport/connection_cap.h"
 
 #include <algorithm>
+#include <chrono>
 #include <numeric>
+#include <string>
 #include <utility>
 
+#include "absl/container/flat_hash_set.h"
 #include "common/thread_name.h"
 
 namespace attnserve {
@@ -33,10 +36,16 @@ absl::StatusOr<std::unique_ptr<ConnectionCap>> ConnectionCap::Create(Options opt
     options.list_connections = [ports = options.local_ports] { return ListTcpConnections(ports); };
   }
   if (!options.shut_down) options.shut_down = ShutDownTcpConnection;
-  if (!options.now) options.now = [] { return absl::Now(); };
+  if (!options.now) {
+    options.now = [] {
+      return absl::UnixEpoch() + absl::FromChrono(std::chrono::steady_clock::now().time_since_epoch());
+    };
+  }
   if (options.stalled.has_value() &&
-      (options.stalled->min_unread_bytes <= 0 || options.stalled->stall_duration <= absl::ZeroDuration())) {
-    return absl::InvalidArgumentError("connection cap: stalled min_unread_bytes and stall_duration must be > 0");
+      (options.stalled->min_unread_bytes <= 0 || options.stalled->stall_duration <= absl::ZeroDuration() ||
+       options.delivered == nullptr)) {
+    return absl::InvalidArgumentError(
+        "connection cap: the stalled rule needs min_unread_bytes and stall_duration > 0 and a delivered table");
   }
   const bool start_thread = options.start_thread;
   std::unique_ptr<ConnectionCap> cap(new ConnectionCap(std::move(options)));
@@ -48,12 +57,16 @@ absl::StatusOr<std::unique_ptr<ConnectionCap>> ConnectionCap::Create(Options opt
 }
 
 ConnectionCap::ConnectionCap(Options options) : options_(std::move(options)) {
-  if (options_.stalled.has_value()) stalled_.emplace(*options_.stalled);
+  if (!options_.stalled.has_value()) return;
+  absl::MutexLock lock(&mu_);
+  stalled_.emplace(*options_.stalled);
+  options_.delivered->AddReader();
 }
 
 ConnectionCap::~ConnectionCap() {
   stop_.Notify();
   if (thread_.joinable()) thread_.join();
+  if (options_.stalled.has_value()) options_.delivered->RemoveReader();
 }
 
 void ConnectionCap::Run() {
@@ -62,27 +75,35 @@ void ConnectionCap::Run() {
 
 int64_t ConnectionCap::CheckOnce() {
   absl::MutexLock lock(&mu_);
+  // The stalled rule holds the delivered table, so it prunes it too (as the memory guard does).
+  const uint64_t round = stalled_.has_value() ? options_.delivered->BeginPrune() : 0;
   const absl::StatusOr<std::vector<TcpConnection>> connections = options_.list_connections();
   if (!connections.ok()) return 0;
   std::vector<int64_t> delivered;
   delivered.reserve(connections->size());
+  absl::flat_hash_set<std::string> live;
   for (const TcpConnection& c : *connections) {
     delivered.push_back(options_.delivered == nullptr ? 0 : options_.delivered->Of(c.peer_key));
+    if (stalled_.has_value()) live.insert(c.peer_key);
   }
+  if (stalled_.has_value()) options_.delivered->Prune(round, live);
   int64_t shed = 0;
-  for (size_t i : ConnectionsOverCap(*connections, delivered, options_.max_connections)) {
+  const std::vector<size_t> over_cap = ConnectionsOverCap(*connections, delivered, options_.max_connections);
+  for (size_t i : over_cap) {
     if (options_.shut_down((*connections)[i]).ok()) ++shed;
   }
   if (shed > 0 && options_.on_shed) options_.on_shed(shed, static_cast<int64_t>(connections->size()));
-  return shed + ShutDownStalled(*connections, delivered);
+  return shed + ShutDownStalled(*connections, delivered, over_cap);
 }
 
 int64_t ConnectionCap::ShutDownStalled(const std::vector<TcpConnection>& connections,
-                                       const std::vector<int64_t>& delivered) {
+                                       const std::vector<int64_t>& delivered,
+                                       const std::vector<size_t>& shut_over_cap) {
   if (!stalled_.has_value()) return 0;
   int64_t shed = 0;
   for (size_t i : stalled_->Check(connections, delivered, options_.now())) {
-    if (!options_.shut_down(connections[i]).ok()) continue;  // gone, or already shut as over the cap
+    if (std::find(shut_over_cap.begin(), shut_over_cap.end(), i) != shut_over_cap.end()) continue;
+    if (!options_.shut_down(connections[i]).ok()) continue;  // gone meanwhile
     ++shed;
     if (options_.on_stalled) options_.on_stalled(connections[i]);
   }

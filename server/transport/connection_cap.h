@@ -43,21 +43,24 @@ class ConnectionCap {
     int64_t max_connections = 0;  // required, > 0
     // How often the connections are counted.
     absl::Duration interval = absl::Seconds(1);
-    // What each connection had delivered as messages; null: ranked by bytes received alone. Not owned.
-    const DeliveredBytes* delivered = nullptr;
+    // What each connection had delivered as messages; null: ranked by bytes received alone. Not owned; must
+    // outlive the cap. With `stalled` it is required, held as a reader (recording) and pruned at each check.
+    DeliveredBytes* delivered = nullptr;
     std::vector<int> local_ports;  // the gRPC listening ports; at least one
     // Called after each check that shut connections down, with how many (from the checking thread).
     std::function<void(int64_t shed, int64_t found)> on_shed;
-    // When set, stalled connections (stalled_reads.h) are shut down too, each reported to on_stalled.
+    // When set, stalled connections (stalled_reads.h) are shut down too, each reported to on_stalled (a
+    // connection shut over the cap in the same check is not shut again).
     std::optional<StalledReads::Options> stalled;
     std::function<void(const TcpConnection&)> on_stalled;
     // The process's own unless set (tests set them).
     std::function<absl::StatusOr<std::vector<TcpConnection>>()> list_connections;
     std::function<absl::Status(const TcpConnection&)> shut_down;
-    std::function<absl::Time()> now;
+    std::function<absl::Time()> now;  // default: a monotonic clock, so that a clock step stalls no one
     bool start_thread = true;
   };
-  // InvalidArgument for max_connections or interval <= 0, no port, or a stalled rule with a value <= 0.
+  // InvalidArgument for max_connections or interval <= 0, no port, or a stalled rule with a value <= 0 or
+  // without a delivered table.
   static absl::StatusOr<std::unique_ptr<ConnectionCap>> Create(Options options);
   ~ConnectionCap();
   ConnectionCap(const ConnectionCap&) = delete;
@@ -69,8 +72,8 @@ class ConnectionCap {
  private:
   explicit ConnectionCap(Options options);
   void Run();
-  int64_t ShutDownStalled(const std::vector<TcpConnection>& connections, const std::vector<int64_t>& delivered)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int64_t ShutDownStalled(const std::vector<TcpConnection>& connections, const std::vector<int64_t>& delivered,
+                          const std::vector<size_t>& shut_over_cap) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const Options options_;
   absl::Mutex mu_;  // serializes CheckOnce

@@ -7,7 +7,7 @@ namespace attnserve {
 DeliveredBytes& DeliveredBytes::Process() {
   static DeliveredBytes* const process = [] {
     auto* table = new DeliveredBytes();  // never destroyed: gRPC threads may outlive main
-    table->SetEnabled(false);            // until a memory guard reads it
+    table->enabled_.store(false);        // until a reader holds it
     return table;
   }();
   return *process;
@@ -23,10 +23,17 @@ void DeliveredBytes::Record(absl::string_view grpc_peer, int64_t bytes) {
   entry.round = round_;
 }
 
-void DeliveredBytes::SetEnabled(bool enabled) {
-  enabled_.store(enabled, std::memory_order_relaxed);
-  if (enabled) return;
+void DeliveredBytes::AddReader() {
   absl::MutexLock lock(&mu_);
+  ++readers_;
+  enabled_.store(true, std::memory_order_relaxed);
+}
+
+void DeliveredBytes::RemoveReader() {
+  absl::MutexLock lock(&mu_);
+  if (--readers_ > 0) return;
+  readers_ = 0;
+  enabled_.store(false, std::memory_order_relaxed);
   entries_.clear();
 }
 

@@ -28,10 +28,13 @@ class DeliveredBytes {
   static DeliveredBytes& Process();
 
   // A message of `bytes` delivered from `grpc_peer` (gRPC's peer URI). Peers without a key (unix sockets)
-  // are not recorded, nor anything while no guard reads the table (nothing would prune it).
+  // are not recorded, nor anything while no reader holds the table (nothing would prune it).
   void Record(absl::string_view grpc_peer, int64_t bytes);
-  // Whether Record records: set by the memory guard for its lifetime. Turning it off empties the table.
-  void SetEnabled(bool enabled);
+  // Readers (the memory guard; the connection cap when it shuts down stalled connections) hold the table on
+  // for their lifetimes, and each prunes it. A table records from construction; the process's only once a
+  // reader is added. Removing the last reader empties it and stops recording.
+  void AddReader() ABSL_LOCKS_EXCLUDED(mu_);
+  void RemoveReader() ABSL_LOCKS_EXCLUDED(mu_);
   // What `peer_key`'s connection had delivered (0 when never recorded).
   int64_t Of(const std::string& peer_key) const;
 
@@ -49,6 +52,7 @@ class DeliveredBytes {
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, Entry> entries_ ABSL_GUARDED_BY(mu_);
   uint64_t round_ ABSL_GUARDED_BY(mu_) = 0;
+  int readers_ ABSL_GUARDED_BY(mu_) = 0;
   std::atomic<bool> enabled_{true};
 };
 

@@ -41,7 +41,7 @@ absl::StatusOr<std::unique_ptr<MemoryGuard>> MemoryGuard::Create(Options options
   if (!options.shut_down) options.shut_down = ShutDownTcpConnection;
   if (!options.now) options.now = [] { return absl::Now(); };
   const bool start_thread = options.start_thread;
-  options.delivered->SetEnabled(true);
+  options.delivered->AddReader();
   std::unique_ptr<MemoryGuard> guard(new MemoryGuard(std::move(options)));
   if (start_thread) guard->thread_ = std::thread([g = guard.get()] {
     NameThisThread("attn-memguard");
@@ -53,7 +53,7 @@ absl::StatusOr<std::unique_ptr<MemoryGuard>> MemoryGuard::Create(Options options
 MemoryGuard::~MemoryGuard() {
   stop_.Notify();
   if (thread_.joinable()) thread_.join();
-  options_.delivered->SetEnabled(false);
+  options_.delivered->RemoveReader();
 }
 
 int64_t MemoryGuard::rss_limit_bytes() const {

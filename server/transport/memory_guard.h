@@ -77,7 +77,7 @@ class MemoryGuard {
     absl::Duration prune_interval = absl::Seconds(5);
     // The gRPC listening ports whose connections are watched. At least one.
     std::vector<int> local_ports;
-    // Required; not owned, must outlive the guard. Enabled while the guard lives.
+    // Required; not owned, must outlive the guard. Held as a reader (recording) while the guard lives.
     DeliveredBytes* delivered = nullptr;
     // Called after each shed (from the guard's thread).
     std::function<void(const ShedConnection&)> on_shed;

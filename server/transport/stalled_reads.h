@@ -1,12 +1,16 @@
 // Tells the connections whose bytes gRPC has stopped reading. gRPC 1.51 parses a header value sent in
-// CONTINUATION frames again from its start as each frame arrives: a client declaring one 64 MiB value and
-// sending it 16 KiB at a time keeps a core busy for minutes per connection (measured: one connection, one core;
-// two, both) while its bytes wait in the kernel. Every other client's bytes are read as they come: gRPC applies
-// HTTP/2 flow control to DATA, not by leaving bytes unread, and requests it reads are delivered as messages.
+// CONTINUATION frames again from its start as each frame arrives (CVE-2023-33953, fixed in 1.53.2): a client
+// declaring one 64 MiB value and sending it 16 KiB at a time keeps a core busy for minutes per connection
+// (measured: one connection, one core; two, both) while its bytes wait in the kernel. Every other client's bytes
+// are read as they come: gRPC applies HTTP/2 flow control to DATA, not by leaving bytes unread, and requests it
+// reads are delivered as messages.
 //
 // A connection is stalled when, for `stall_duration`, the kernel held at least `min_unread_bytes` of it unread
 // at every check but lone ones (a slow parse still reads now and then; two checks in a row that find it read
 // clear it), and none of its bytes reached a service as a message in that time (delivered_bytes.h).
+// What it misses: a client that sends each frame only once the last was read keeps the queue short (it burns
+// less, but is not caught). What it could catch wrongly: an upload that gRPC reads slower than it arrives, with
+// no message complete, for the whole duration (a process starved of CPU for seconds).
 //
 // Policy apart from threads and time: Check() is given each check's connections, what each delivered and the
 // time. Thread-safety: not thread-safe; ConnectionCap calls it from its one thread.

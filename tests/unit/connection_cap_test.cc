@@ -138,10 +138,12 @@ TEST(ConnectionCap, ShutsDownStalledConnectionsWhenAsked) {
   std::vector<TcpConnection> connections = {Unread(1, 128 * kKiB), Unread(2, 0)};
   absl::Time now = absl::FromUnixSeconds(1000);
   std::vector<uint64_t> shut, reported;
+  DeliveredBytes delivered;
   ConnectionCap::Options o;
   o.max_connections = 100;
   o.local_ports = {50051};
   o.start_thread = false;
+  o.delivered = &delivered;
   o.stalled = StalledReads::Options{16 * kKiB, absl::Seconds(3)};
   o.now = [&] { return now; };
   o.list_connections = [&]() -> absl::StatusOr<std::vector<TcpConnection>> { return connections; };
@@ -156,6 +158,39 @@ TEST(ConnectionCap, ShutsDownStalledConnectionsWhenAsked) {
   EXPECT_EQ((*cap)->CheckOnce(), 1);
   EXPECT_EQ(shut, (std::vector<uint64_t>{1}));
   EXPECT_EQ(reported, (std::vector<uint64_t>{1}));
+  // While it holds the table, the table records; gone, it stops (the process's table has no other reader).
+  delivered.Record("ipv4:10.0.0.1:1", 10);
+  EXPECT_EQ(delivered.Of("10.0.0.1:1"), 10);
+  cap->reset();
+  EXPECT_EQ(delivered.size(), 0u);
+}
+
+TEST(ConnectionCap, AStalledConnectionShutOverTheCapIsNotShutAgain) {
+  // 9 sent as much as the others and is the newest: the cap sheds it at every check (a fake shutdown leaves it
+  // listed); once it is stalled too, it is still asked to shut down once a check.
+  const std::vector<TcpConnection> connections = {Unread(2, 0), Unread(3, 0), Unread(9, 128 * kKiB)};
+  absl::Time now = absl::FromUnixSeconds(1000);
+  std::vector<uint64_t> shut;
+  int stalled = 0;
+  DeliveredBytes delivered;
+  ConnectionCap::Options o;
+  o.max_connections = 2;
+  o.local_ports = {50051};
+  o.start_thread = false;
+  o.delivered = &delivered;
+  o.stalled = StalledReads::Options{16 * kKiB, absl::Seconds(3)};
+  o.now = [&] { return now; };
+  o.list_connections = [&]() -> absl::StatusOr<std::vector<TcpConnection>> { return connections; };
+  o.shut_down = [&](const TcpConnection& c) {
+    shut.push_back(c.inode);
+    return absl::OkStatus();
+  };
+  o.on_stalled = [&](const TcpConnection&) { ++stalled; };
+  auto cap = ConnectionCap::Create(o);
+  ASSERT_TRUE(cap.ok()) << cap.status();
+  for (int s = 0; s <= 3; ++s, now += absl::Seconds(1)) EXPECT_EQ((*cap)->CheckOnce(), 1);
+  EXPECT_EQ(shut, (std::vector<uint64_t>{9, 9, 9, 9}));
+  EXPECT_EQ(stalled, 0);
 }
 
 TEST(ConnectionCap, RefusesBadOptions) {
@@ -170,6 +205,8 @@ TEST(ConnectionCap, RefusesBadOptions) {
   o.stalled = StalledReads::Options{0, absl::Seconds(3)};
   EXPECT_EQ(ConnectionCap::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
   o.stalled = StalledReads::Options{16 * kKiB, absl::ZeroDuration()};
+  EXPECT_EQ(ConnectionCap::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.stalled = StalledReads::Options{16 * kKiB, absl::Seconds(3)};  // and no delivered table
   EXPECT_EQ(ConnectionCap::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
   o.stalled.reset();
   o.local_ports.clear();
@@ -201,10 +238,12 @@ TEST(ConnectionCap, OnARealConnectionLeftUnread) {
     }
   }
   absl::Time now = absl::Now();
+  DeliveredBytes delivered;
   ConnectionCap::Options o;
   o.max_connections = 100;
   o.local_ports = {listener.port()};
   o.start_thread = false;
+  o.delivered = &delivered;
   o.stalled = StalledReads::Options{16 * kKiB, absl::Seconds(3)};
   o.now = [&] { return now; };
   auto cap = ConnectionCap::Create(o);

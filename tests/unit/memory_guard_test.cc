@@ -100,8 +100,15 @@ TEST(DeliveredBytes, RecordsByPeerKeyAndPrunesConnectionsGone) {
   EXPECT_EQ(delivered.Of("[::1]:4001"), 0);  // gone
   EXPECT_EQ(delivered.Of("127.0.0.1:4002"), 1);
   EXPECT_EQ(delivered.size(), 2u);
-  // Off (no guard to prune it): emptied, and nothing more is recorded.
-  delivered.SetEnabled(false);
+  // Held by two readers (the memory guard and the connection cap): one gone, it still records.
+  delivered.AddReader();
+  delivered.AddReader();
+  delivered.RemoveReader();
+  delivered.Record("ipv4:127.0.0.1:4003", 5);
+  EXPECT_EQ(delivered.Of("127.0.0.1:4003"), 5);
+  // The last reader gone (nothing would prune it): emptied, and nothing more is recorded.
+  delivered.RemoveReader();
+  EXPECT_EQ(delivered.size(), 0u);
   delivered.Record("ipv4:127.0.0.1:4003", 5);
   EXPECT_EQ(delivered.size(), 0u);
 }

@@ -9,7 +9,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/time/time.h"
@@ -134,63 +136,57 @@ TEST(StalledReads, AConnectionGoneIsForgotten) {
   EXPECT_EQ(stalled.Check({Unread(7, 64 * kKiB)}, {0}, t0 + absl::Seconds(6)), (std::vector<size_t>{0}));
 }
 
-TEST(ConnectionCap, ShutsDownStalledConnectionsWhenAsked) {
-  std::vector<TcpConnection> connections = {Unread(1, 128 * kKiB), Unread(2, 0)};
+// A cap with the stalled rule (16 KiB, 3 s) over fixed fake connections, a fake clock and a fake shutdown
+// that records what it was asked to shut (and leaves it listed).
+struct StalledCap {
+  StalledCap(std::vector<TcpConnection> listed, int64_t max_connections) : connections(std::move(listed)) {
+    ConnectionCap::Options o;
+    o.max_connections = max_connections;
+    o.local_ports = {50051};
+    o.start_thread = false;
+    o.delivered = &delivered;
+    o.stalled = StalledReads::Options{16 * kKiB, absl::Seconds(3)};
+    o.now = [this] { return now; };
+    o.list_connections = [this]() -> absl::StatusOr<std::vector<TcpConnection>> { return connections; };
+    o.shut_down = [this](const TcpConnection& c) {
+      shut.push_back(c.inode);
+      return absl::OkStatus();
+    };
+    o.on_stalled = [this](const TcpConnection& c) { reported.push_back(c.inode); };
+    auto created = ConnectionCap::Create(o);
+    EXPECT_TRUE(created.ok()) << created.status();
+    if (created.ok()) cap = std::move(*created);
+  }
+
+  const std::vector<TcpConnection> connections;
   absl::Time now = absl::FromUnixSeconds(1000);
   std::vector<uint64_t> shut, reported;
   DeliveredBytes delivered;
-  ConnectionCap::Options o;
-  o.max_connections = 100;
-  o.local_ports = {50051};
-  o.start_thread = false;
-  o.delivered = &delivered;
-  o.stalled = StalledReads::Options{16 * kKiB, absl::Seconds(3)};
-  o.now = [&] { return now; };
-  o.list_connections = [&]() -> absl::StatusOr<std::vector<TcpConnection>> { return connections; };
-  o.shut_down = [&](const TcpConnection& c) {
-    shut.push_back(c.inode);
-    return absl::OkStatus();
-  };
-  o.on_stalled = [&](const TcpConnection& c) { reported.push_back(c.inode); };
-  auto cap = ConnectionCap::Create(o);
-  ASSERT_TRUE(cap.ok()) << cap.status();
-  for (int s = 0; s < 3; ++s, now += absl::Seconds(1)) EXPECT_EQ((*cap)->CheckOnce(), 0);
-  EXPECT_EQ((*cap)->CheckOnce(), 1);
-  EXPECT_EQ(shut, (std::vector<uint64_t>{1}));
-  EXPECT_EQ(reported, (std::vector<uint64_t>{1}));
+  std::unique_ptr<ConnectionCap> cap;
+};
+
+TEST(ConnectionCap, ShutsDownStalledConnectionsWhenAsked) {
+  StalledCap c({Unread(1, 128 * kKiB), Unread(2, 0)}, 100);
+  ASSERT_NE(c.cap, nullptr);
+  for (int s = 0; s < 3; ++s, c.now += absl::Seconds(1)) EXPECT_EQ(c.cap->CheckOnce(), 0);
+  EXPECT_EQ(c.cap->CheckOnce(), 1);
+  EXPECT_EQ(c.shut, (std::vector<uint64_t>{1}));
+  EXPECT_EQ(c.reported, (std::vector<uint64_t>{1}));
   // While it holds the table, the table records; gone, it stops (the process's table has no other reader).
-  delivered.Record("ipv4:10.0.0.1:1", 10);
-  EXPECT_EQ(delivered.Of("10.0.0.1:1"), 10);
-  cap->reset();
-  EXPECT_EQ(delivered.size(), 0u);
+  c.delivered.Record("ipv4:10.0.0.1:1", 10);
+  EXPECT_EQ(c.delivered.Of("10.0.0.1:1"), 10);
+  c.cap.reset();
+  EXPECT_EQ(c.delivered.size(), 0u);
 }
 
 TEST(ConnectionCap, AStalledConnectionShutOverTheCapIsNotShutAgain) {
   // 9 sent as much as the others and is the newest: the cap sheds it at every check (a fake shutdown leaves it
   // listed); once it is stalled too, it is still asked to shut down once a check.
-  const std::vector<TcpConnection> connections = {Unread(2, 0), Unread(3, 0), Unread(9, 128 * kKiB)};
-  absl::Time now = absl::FromUnixSeconds(1000);
-  std::vector<uint64_t> shut;
-  int stalled = 0;
-  DeliveredBytes delivered;
-  ConnectionCap::Options o;
-  o.max_connections = 2;
-  o.local_ports = {50051};
-  o.start_thread = false;
-  o.delivered = &delivered;
-  o.stalled = StalledReads::Options{16 * kKiB, absl::Seconds(3)};
-  o.now = [&] { return now; };
-  o.list_connections = [&]() -> absl::StatusOr<std::vector<TcpConnection>> { return connections; };
-  o.shut_down = [&](const TcpConnection& c) {
-    shut.push_back(c.inode);
-    return absl::OkStatus();
-  };
-  o.on_stalled = [&](const TcpConnection&) { ++stalled; };
-  auto cap = ConnectionCap::Create(o);
-  ASSERT_TRUE(cap.ok()) << cap.status();
-  for (int s = 0; s <= 3; ++s, now += absl::Seconds(1)) EXPECT_EQ((*cap)->CheckOnce(), 1);
-  EXPECT_EQ(shut, (std::vector<uint64_t>{9, 9, 9, 9}));
-  EXPECT_EQ(stalled, 0);
+  StalledCap c({Unread(2, 0), Unread(3, 0), Unread(9, 128 * kKiB)}, 2);
+  ASSERT_NE(c.cap, nullptr);
+  for (int s = 0; s <= 3; ++s, c.now += absl::Seconds(1)) EXPECT_EQ(c.cap->CheckOnce(), 1);
+  EXPECT_EQ(c.shut, (std::vector<uint64_t>{9, 9, 9, 9}));
+  EXPECT_TRUE(c.reported.empty());
 }
 
 TEST(ConnectionCap, RefusesBadOptions) {

@@ -39,6 +39,8 @@ Bf16Support OnednnBf16Support();
 
 // Whether oneDNN runs its AVX-512 kernels here (effective ISA avx512_core or above, ONEDNN_MAX_CPU_ISA counted).
 bool OnednnUsesAvx512();
+// Whether oneDNN runs AMX kernels here (effective ISA avx512_core_amx): bf16 linear ops then run on AMX tiles.
+bool OnednnUsesAmx();
 const char* Bf16SupportName(Bf16Support support);
 
 // C[M, N] = A[M, K] . B (B[K, N], or B^T with B given as [N, K] when transpose_b) + beta C, row-major with
@@ -50,7 +52,9 @@ absl::Status Sgemm(bool transpose_b, int64_t m, int64_t n, int64_t k, const floa
                    int64_t ldb, float beta, float* c, int64_t ldc);
 
 // y[M, N] = x[M, K] . W^T (+ b), PyTorch's nn.Linear: W is [N, K] row-major, b is [N]. M and the row
-// strides of x and y are given per call, so one op serves any number of tokens.
+// strides of x and y are given per call, so one op serves any number of tokens. On a CPU with AMX, a bf16 op
+// of whole blocks (k % 32 == 0, n % 64 == 0) and at most 4 MiB of weights runs on AMX tiles: its weights in
+// oneDNN's blocked layout and primitives of fixed row counts, built on first use (see onednn_ops.cc).
 class LinearOp {
  public:
   // `weight` [n, k] and `bias` [n] (empty: no bias) are copied into oneDNN's preferred layout (in bf16 for
@@ -102,9 +106,13 @@ class LinearOp {
   // The factories' body: the parts stacked along n into the op's weights.
   static absl::StatusOr<std::unique_ptr<LinearOp>> Build(int64_t k, const std::vector<WeightPart>& parts,
                                                          const std::vector<float>& bias, ComputeType compute);
-  // x in the op's compute type. An f32 op of k x n >= 250k (64 rows: 32 MFLOP) called outside a parallel region
-  // with a team of threads shares m >= 128 rows out in 64-row pieces dynamically over the team, each piece
-  // through the single-thread primitive (RunTeam).
+  // CreateSlice of an op on AMX tiles: whole blocks of 64 outputs only (Unimplemented otherwise).
+  static absl::StatusOr<std::unique_ptr<LinearOp>> CreateFixedRowsSlice(const Impl& whole, int64_t n_begin, int64_t n,
+                                                                        const std::vector<float>& bias);
+  // x in the op's compute type. A bf16 op on AMX tiles runs x in fixed-size pieces (onednn_ops.cc). An f32 op of
+  // k x n >= 250k (64 rows: 32 MFLOP) called outside a parallel region with a team of threads shares m >= 128
+  // rows out in 64-row pieces dynamically over the team, each piece through the single-thread primitive
+  // (RunTeam).
   absl::Status Run(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
   // The whole of x through the primitive of the calling thread's team size.
   absl::Status RunTeam(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;

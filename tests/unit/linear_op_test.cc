@@ -122,7 +122,8 @@ TEST(LinearOpTest, RowsSharedOutInPiecesEqualTheReference) {
         auto op = LinearOp::Create(k, n, w, bias, compute);
         ASSERT_TRUE(op.ok()) << op.status();
         std::vector<float> y(static_cast<size_t>(m * ldy), -7.0f);
-        ASSERT_TRUE((*op)->Execute(x.data(), m, ldx, y.data(), ldy).ok());
+        const absl::Status status = (*op)->Execute(x.data(), m, ldx, y.data(), ldy);
+        ASSERT_TRUE(status.ok()) << status << " " << ComputeTypeName(compute) << " team " << team << " m " << m;
         std::vector<float> got, past_n;
         for (int64_t i = 0; i < m; ++i) {
           got.insert(got.end(), y.begin() + i * ldy, y.begin() + i * ldy + n);
@@ -131,8 +132,9 @@ TEST(LinearOpTest, RowsSharedOutInPiecesEqualTheReference) {
         const std::string what = absl::StrCat(ComputeTypeName(compute), " team ", team, " m ", m);
         EXPECT_LE(testing::MaxAbsDiff(got, want), 1e-3) << what;
         EXPECT_EQ(past_n, std::vector<float>(past_n.size(), -7.0f)) << what;
-        const bool pieces = team > 1 && compute == ComputeType::kFloat32 && m >= 128;
-        EXPECT_EQ((*op)->Impls().size(), pieces ? 2u : 1u) << what;
+        if (compute == ComputeType::kFloat32) {  // bf16: whole, or in fixed-size pieces on AMX (below)
+          EXPECT_EQ((*op)->Impls().size(), team > 1 && m >= 128 ? 2u : 1u) << what;
+        }
       }
     }
   }
@@ -144,6 +146,50 @@ TEST(LinearOpTest, RowsSharedOutInPiecesEqualTheReference) {
   EXPECT_LE(testing::MaxAbsDiff(Apply(**small, x, 300, k, 768),
                                 Reference(x, 300, k, w_small, 0, 768, {}, ComputeType::kFloat32)), 1e-3);
   EXPECT_EQ((*small)->Impls().size(), 1u);
+}
+
+// A bf16 op of whole blocks (k % 32, n % 64) on a CPU with AMX runs fixed-size brgemm primitives: row counts in
+// powers of two up to 128, other counts through a padded copy, more rows in pieces of 128 in turn. Every
+// row count, team and stride equals the reference, from f32 and from strided bf16 rows; columns past n are not
+// written. Elsewhere the same op runs oneDNN's runtime-M kernel, and the same rows hold.
+TEST(LinearOpTest, Bf16RowsInFixedPiecesEqualTheReference) {
+  if (OnednnBf16Support() == Bf16Support::kUnavailable) GTEST_SKIP() << "no bf16 matmul on this CPU";
+  std::mt19937_64 rng(16);
+  const int64_t k = 256, n = 768, ldx = k + 7, ldy = n + 5;
+  const std::vector<float> w = RandomValues(rng, n * k), bias = RandomValues(rng, n);
+  for (int team : {1, 2}) {
+    const ScopedOmpThreads threads(team);
+    auto op = LinearOp::Create(k, n, w, bias, ComputeType::kBFloat16);
+    ASSERT_TRUE(op.ok()) << op.status();
+    for (int64_t m : {1, 2, 3, 16, 63, 64, 100, 127, 128, 129, 255, 300, 513, 700}) {
+      const std::vector<float> x = RandomValues(rng, m * ldx);
+      std::vector<float> packed;
+      std::vector<uint16_t> x16(x.size());
+      for (size_t i = 0; i < x.size(); ++i) x16[i] = FloatToBFloat16(x[i]);
+      for (int64_t i = 0; i < m; ++i) packed.insert(packed.end(), x.begin() + i * ldx, x.begin() + i * ldx + k);
+      const std::vector<double> want = Reference(packed, m, k, w, 0, n, bias, ComputeType::kBFloat16);
+      for (bool from_bf16 : {false, true}) {
+        std::vector<float> y(static_cast<size_t>(m * ldy), -7.0f);
+        const absl::Status status = from_bf16 ? (*op)->ExecuteBf16(x16.data(), m, ldx, y.data(), ldy)
+                                              : (*op)->Execute(x.data(), m, ldx, y.data(), ldy);
+        const std::string what = absl::StrCat("team ", team, " m ", m, from_bf16 ? " from bf16" : " from f32");
+        ASSERT_TRUE(status.ok()) << status << " " << what;
+        std::vector<float> got, past_n;
+        for (int64_t i = 0; i < m; ++i) {
+          got.insert(got.end(), y.begin() + i * ldy, y.begin() + i * ldy + n);
+          past_n.insert(past_n.end(), y.begin() + i * ldy + n, y.begin() + (i + 1) * ldy);
+        }
+        EXPECT_LE(testing::MaxAbsDiff(got, want), 1e-3) << what;
+        EXPECT_EQ(past_n, std::vector<float>(past_n.size(), -7.0f)) << what;
+      }
+    }
+    const std::vector<std::string> impls = (*op)->Impls();
+    EXPECT_THAT(impls, ::testing::Each(::testing::Not(::testing::StartsWith("ref"))));
+    if (OnednnUsesAmx()) {
+      EXPECT_THAT(impls, ::testing::Each(::testing::StartsWith("brg")));
+      EXPECT_THAT(impls, ::testing::Contains(::testing::HasSubstr("amx")));
+    }
+  }
 }
 
 TEST(LinearOpTest, BadShapesAreRefusedWithTheirSizes) {

@@ -5,42 +5,23 @@
 #include <omp.h>
 
 #include <dnnl.hpp>
-#include <functional>
 #include <map>
+#include <new>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "core/bf16_rows.h"
 #include "core/omp_threads.h"
+#include "core/onednn_internal.h"
 
 namespace attnserve {
-namespace {
-
-using dt = dnnl::memory::data_type;
-using tag = dnnl::memory::format_tag;
-constexpr dnnl::memory::dim kRt = DNNL_RUNTIME_DIM_VAL;
+namespace onednn_internal {
 
 const dnnl::engine& CpuEngine() {
   static const dnnl::engine* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
   return *engine;
 }
-
-// Per calling thread: a stream (streams are not thread-safe) and a scratchpad that grows to the largest
-// request of any op run on this thread.
-struct ThreadState {
-  dnnl::stream stream{CpuEngine()};
-  std::vector<uint8_t> scratchpad;
-  std::vector<uint16_t> bf16_a, bf16_b;  // bf16 copies of f32 matmul inputs (bf16 ops)
-  std::vector<uint16_t> padded_x;        // a fixed-rows piece's rows, padded to its primitive's
-  std::vector<float> padded_y;
-
-  dnnl::memory Scratchpad(const dnnl::memory::desc& md) {
-    const size_t size = md.get_size();
-    if (scratchpad.size() < size) scratchpad.resize(size);
-    return dnnl::memory(md, CpuEngine(), size ? scratchpad.data() : nullptr);
-  }
-};
 
 ThreadState& ThisThread() {
   thread_local ThreadState state;
@@ -57,16 +38,30 @@ absl::Status FromDnnl(const dnnl::error& e, const char* what) {
   return absl::InternalError(absl::StrCat("oneDNN ", what, " failed: ", e.what(), " (status ", e.status, ")"));
 }
 
-dnnl::memory::desc Desc4(const View4& v) {
-  return dnnl::memory::desc({v.dims[0], v.dims[1], v.dims[2], v.dims[3]}, v.bf16 ? dt::bf16 : dt::f32,
-                            {v.strides[0], v.strides[1], v.strides[2], v.strides[3]});
-}
-
 dt DataType(ComputeType compute) { return compute == ComputeType::kBFloat16 ? dt::bf16 : dt::f32; }
 
 uint16_t* Grow(std::vector<uint16_t>& buf, size_t n) {
   if (buf.size() < n) buf.resize(n);
   return buf.data();
+}
+
+int TeamSize() { return omp_get_max_threads(); }
+
+// cpu_isa values are bit masks (avx2_vnni > avx512_core numerically), so test bits, not order.
+bool EffectiveIsaHas(dnnl::cpu_isa want) {
+  const auto have = static_cast<unsigned>(dnnl::get_effective_cpu_isa()), w = static_cast<unsigned>(want);
+  return (have & w) == w;
+}
+
+}  // namespace onednn_internal
+
+using namespace onednn_internal;  // NOLINT: the adapter's own helpers
+
+namespace {
+
+dnnl::memory::desc Desc4(const View4& v) {
+  return dnnl::memory::desc({v.dims[0], v.dims[1], v.dims[2], v.dims[3]}, v.bf16 ? dt::bf16 : dt::f32,
+                            {v.strides[0], v.strides[1], v.strides[2], v.strides[3]});
 }
 
 // An f32 view converted into a dense bf16 copy in `buf`; its unit-stride axis (3, else 2) stays unit-stride.
@@ -93,71 +88,11 @@ View4 DenseBf16(const View4& v, std::vector<uint16_t>& buf) {
   return out;
 }
 
-// oneDNN with the OpenMP runtime fixes a primitive's threading when the primitive is created (from
-// omp_get_max_threads() then); run under a smaller team it still wakes the threads it was built for, which
-// costs more than a small matmul itself. So each op keeps one primitive per team size it is executed with.
-int TeamSize() { return omp_get_max_threads(); }
-
-// The matmul primitives of one op, by team size, built on first use from one descriptor.
-class MatmulVariants {
- public:
-  struct Variant {
-    dnnl::matmul::primitive_desc pd;
-    dnnl::matmul prim;
-    dnnl::memory weights;  // LinearOp only: the weights in this primitive's layout
-  };
-
-  explicit MatmulVariants(const dnnl::matmul::desc& desc, bool add_to_dst = false) : desc_(desc) {
-    attr_.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    if (add_to_dst) {
-      dnnl::post_ops ops;
-      ops.append_sum(1.0f);
-      attr_.set_post_ops(ops);
-    }
-  }
-
-  // Throws dnnl::error (callers are the ops below, which convert it).
-  std::vector<std::string> Impls() {
-    absl::MutexLock lock(&mu_);
-    std::vector<std::string> impls;
-    for (const auto& [team, v] : variants_) impls.push_back(v->pd.impl_info_str());
-    return impls;
-  }
-
-  Variant& Get() {
-    const int team = TeamSize();
-    absl::MutexLock lock(&mu_);
-    auto found = variants_.find(team);
-    if (found != variants_.end()) return *found->second;
-    // Built before it is stored: a build that throws leaves no empty entry behind.
-    auto made = std::make_unique<Variant>();
-    made->pd = dnnl::matmul::primitive_desc(desc_, attr_, CpuEngine());
-    made->prim = dnnl::matmul(made->pd);
-    return *variants_.emplace(team, std::move(made)).first->second;
-  }
-
- private:
-  const dnnl::matmul::desc desc_;
-  dnnl::primitive_attr attr_;
-  absl::Mutex mu_;
-  std::map<int, std::unique_ptr<Variant>> variants_ ABSL_GUARDED_BY(mu_);  // nodes never move
-};
-
 }  // namespace
 
 const char* ComputeTypeName(ComputeType type) {
   return type == ComputeType::kBFloat16 ? "BFLOAT16" : "FLOAT32";
 }
-
-namespace {
-
-// cpu_isa values are bit masks (avx2_vnni > avx512_core numerically), so test bits, not order.
-bool EffectiveIsaHas(dnnl::cpu_isa want) {
-  const auto have = static_cast<unsigned>(dnnl::get_effective_cpu_isa()), w = static_cast<unsigned>(want);
-  return (have & w) == w;
-}
-
-}  // namespace
 
 Bf16Support OnednnBf16Support() {
   if (EffectiveIsaHas(dnnl::cpu_isa::avx512_core_bf16)) return Bf16Support::kNative;
@@ -178,470 +113,6 @@ const char* Bf16SupportName(Bf16Support support) {
       break;
   }
   return "unavailable (no AVX-512)";
-}
-
-// ------------------------------------------------------------------------------ bf16 linear ops on AMX tiles
-//
-// oneDNN 2.6 runs a bf16 matmul on AMX tiles (its brgemm kernels) only when every size and stride is fixed when
-// the primitive is created; with M a runtime dimension it takes its gemm kernels, 1.3-2.7x slower on these ops
-// (BENCHMARKS.md). So on a CPU with AMX, a bf16 op whose k and n are whole blocks, of at most 4 MiB of weights,
-// keeps its weights in brgemm's layout (BA16a64b2a: blocks of 64 outputs, each contiguous, so a slice of whole
-// blocks reads them in place) and runs fixed-size primitives: row counts in powers of two up to kFixedRowsMax,
-// each built on first use per row strides and team size. A piece of rows that is no power of two goes through a
-// padded copy.
-constexpr int64_t kFixedRowsMax = 128;
-constexpr int64_t kFixedColumnBlock = 64;
-constexpr int64_t kFixedDepthBlock = 32;
-// Ops of larger weights (E=1024's fused Q/K/V, 6 MiB; a decoder's at E=2048 and up) ran slower in fixed pieces
-// than on oneDNN's runtime-M gemm, which reuses the weights across all the rows (BENCHMARKS.md).
-constexpr int64_t kMaxFixedRowsWeightBytes = int64_t{4} << 20;
-constexpr size_t kMaxFixedRowsPrimitives = 256;  // per op; the strides come from code, not from requests
-
-dnnl::memory::desc FixedRowsWeightsMd(int64_t k, int64_t n) { return {{k, n}, dt::bf16, tag::BA16a64b2a}; }
-
-int64_t PowerOfTwoAtLeast(int64_t rows) {
-  int64_t p = 1;
-  while (p < rows) p *= 2;
-  return p;
-}
-
-class FixedRowsMatmuls {
- public:
-  using Variant = MatmulVariants::Variant;
-
-  FixedRowsMatmuls(int64_t k, int64_t n, bool has_bias) : k_(k), n_(n), has_bias_(has_bias) {
-    attr_.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  }
-
-  // The primitive of `rows` rows (a power of two, <= kFixedRowsMax) with row strides ldx and ldy for the calling
-  // thread's team, or nullptr: past the cap (strides other than k and n only), or when oneDNN has no brgemm
-  // kernel for it. Throws dnnl::error.
-  const Variant* Get(int64_t rows, int64_t ldx, int64_t ldy) {
-    const auto key = std::make_tuple(rows, ldx, ldy, TeamSize());
-    absl::MutexLock lock(&mu_);
-    auto found = variants_.find(key);
-    if (found != variants_.end()) return found->second->prim ? found->second.get() : nullptr;
-    if (variants_.size() >= kMaxFixedRowsPrimitives && (ldx != k_ || ldy != n_)) return nullptr;
-    const dnnl::memory::desc src_md({rows, k_}, dt::bf16, {ldx, 1}), dst_md({rows, n_}, dt::f32, {ldy, 1});
-    const dnnl::memory::desc weights_md = FixedRowsWeightsMd(k_, n_), bias_md({1, n_}, dt::f32, tag::ab);
-    auto made = std::make_unique<Variant>();
-    made->pd = dnnl::matmul::primitive_desc(has_bias_ ? dnnl::matmul::desc(src_md, weights_md, bias_md, dst_md)
-                                                      : dnnl::matmul::desc(src_md, weights_md, dst_md),
-                                            attr_, CpuEngine());
-    if (absl::StartsWith(made->pd.impl_info_str(), "brg")) made->prim = dnnl::matmul(made->pd);
-    Variant* stored = variants_.emplace(key, std::move(made)).first->second.get();
-    return stored->prim ? stored : nullptr;
-  }
-
-  std::vector<std::string> Impls() {
-    absl::MutexLock lock(&mu_);
-    std::vector<std::string> impls;
-    for (const auto& [key, v] : variants_) {
-      if (v->prim) impls.push_back(v->pd.impl_info_str());  // not those refused for want of a brgemm kernel
-    }
-    return impls;
-  }
-
- private:
-  const int64_t k_, n_;
-  const bool has_bias_;
-  dnnl::primitive_attr attr_;
-  absl::Mutex mu_;
-  std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::unique_ptr<Variant>> variants_ ABSL_GUARDED_BY(mu_);
-};
-
-// ---------------------------------------------------------------------------------------------- LinearOp
-
-struct LinearOp::Impl {
-  Impl(const dnnl::matmul::desc& desc, int64_t k, int64_t n, ComputeType compute)
-      : variants(desc), k(k), n(n), compute(compute) {}
-  MatmulVariants variants;
-  dnnl::memory weights_mem;  // in the layout of the first primitive built (or a view of another op's)
-  dnnl::memory bias_mem;
-  dnnl::memory shared_weights;  // a slice: the whole op's weights, which weights_mem points into
-  std::unique_ptr<FixedRowsMatmuls> fixed;  // AMX: run through these instead of `variants`
-  int64_t k = 0, n = 0;
-  ComputeType compute = ComputeType::kFloat32;
-
-  // The primitive for the current team size, with the weights in its layout (reordered once if it
-  // chose another layout than the first).
-  MatmulVariants::Variant& Get() {
-    MatmulVariants::Variant& v = variants.Get();
-    absl::MutexLock lock(&weights_mu);
-    if (!v.weights) {
-      if (v.pd.weights_desc() == weights_mem.get_desc()) {
-        v.weights = weights_mem;
-      } else {  // published only once filled: a reorder that throws leaves none behind
-        dnnl::memory reordered(v.pd.weights_desc(), CpuEngine());
-        dnnl::stream& stream = ThisThread().stream;
-        dnnl::reorder(weights_mem, reordered).execute(stream, weights_mem, reordered);
-        stream.wait();
-        v.weights = reordered;
-      }
-    }
-    return v;
-  }
-  absl::Mutex weights_mu;
-};
-
-namespace {
-
-// y [M, n] = x [M, k] . W^T (+ bias), M a runtime dimension; weights_md may be tag::any.
-std::unique_ptr<LinearOp::Impl> NewLinearImpl(int64_t k, int64_t n, const dnnl::memory::desc& weights_md,
-                                              const std::vector<float>& bias, ComputeType compute) {
-  const dnnl::memory::desc src_md({kRt, k}, DataType(compute), {kRt, 1});
-  const dnnl::memory::desc bias_md({1, n}, dt::f32, tag::ab);
-  const dnnl::memory::desc dst_md({kRt, n}, dt::f32, {kRt, 1});
-  auto impl = std::make_unique<LinearOp::Impl>(bias.empty() ? dnnl::matmul::desc(src_md, weights_md, dst_md)
-                                                            : dnnl::matmul::desc(src_md, weights_md, bias_md, dst_md),
-                                               k, n, compute);
-  if (!bias.empty()) {
-    impl->bias_mem = dnnl::memory(bias_md, CpuEngine());
-    std::copy(bias.begin(), bias.end(), static_cast<float*>(impl->bias_mem.get_data_handle()));
-  }
-  return impl;
-}
-
-// Whether `md` is W^T [k, n] row-major ({n, 1} strides, no blocks): then any column block of it is a matrix
-// a matmul can read in place.
-bool IsPlainRowMajor(const dnnl::memory::desc& md, int64_t n) {
-  const dnnl_memory_desc_t& d = md.data;
-  return d.format_kind == dnnl_blocked && d.ndims == 2 && d.format_desc.blocking.inner_nblks == 0 &&
-         d.format_desc.blocking.strides[1] == 1 && d.format_desc.blocking.strides[0] == n && d.offset0 == 0;
-}
-
-// The op on AMX tiles (see FixedRowsMatmuls) when this CPU, the compute type and the shape allow it and oneDNN
-// runs its largest piece on brgemm; else nullptr. Its weights_mem is left to the caller. Throws dnnl::error.
-std::unique_ptr<LinearOp::Impl> NewFixedRowsImpl(int64_t k, int64_t n, const std::vector<float>& bias,
-                                                 ComputeType compute) {
-  if (compute != ComputeType::kBFloat16 || !OnednnUsesAmx() ||
-      k % kFixedDepthBlock != 0 || n % kFixedColumnBlock != 0 || 2 * k * n > kMaxFixedRowsWeightBytes) {
-    return nullptr;
-  }
-  std::unique_ptr<LinearOp::Impl> impl = NewLinearImpl(k, n, FixedRowsWeightsMd(k, n), bias, compute);
-  impl->fixed = std::make_unique<FixedRowsMatmuls>(k, n, !bias.empty());
-  if (impl->fixed->Get(kFixedRowsMax, k, n) == nullptr) return nullptr;
-  return impl;
-}
-
-}  // namespace
-
-LinearOp::LinearOp(std::unique_ptr<Impl> impl) : impl_ptr_(std::move(impl)) {}
-LinearOp::~LinearOp() = default;
-std::vector<std::string> LinearOp::Impls() const {
-  return impl_ptr_->fixed ? impl_ptr_->fixed->Impls() : impl_ptr_->variants.Impls();
-}
-ComputeType LinearOp::compute() const { return impl_ptr_->compute; }
-int64_t LinearOp::owned_weight_bytes() const {
-  const Impl& p = *impl_ptr_;
-  return p.shared_weights ? 0 : static_cast<int64_t>(p.weights_mem.get_desc().get_size());
-}
-
-absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Create(int64_t k, int64_t n, const std::vector<float>& weight,
-                                                          const std::vector<float>& bias, ComputeType compute) {
-  if (k <= 0 || n <= 0 || weight.size() != static_cast<size_t>(k * n)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("LinearOp: weight must be [", n, ", ", k, "]; got ", weight.size(), " values"));
-  }
-  return Build(k, {{weight.data(), n, false}}, bias, compute);
-}
-
-absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateFromBf16(int64_t k, int64_t n,
-                                                                  const std::vector<uint16_t>& weight,
-                                                                  const std::vector<float>& bias,
-                                                                  ComputeType compute) {
-  if (k <= 0 || n <= 0 || weight.size() != static_cast<size_t>(k * n)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("LinearOp: weight must be [", n, ", ", k, "]; got ", weight.size(), " values"));
-  }
-  return Build(k, {{weight.data(), n, true}}, bias, compute);
-}
-
-absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateStacked(int64_t k,
-                                                                 const std::vector<const std::vector<float>*>& parts,
-                                                                 const std::vector<float>& bias,
-                                                                 ComputeType compute) {
-  if (parts.empty()) return absl::InvalidArgumentError("LinearOp: no weight matrices to stack");
-  std::vector<WeightPart> stacked;
-  for (size_t i = 0; i < parts.size(); ++i) {
-    const size_t size = parts[i] == nullptr ? 0 : parts[i]->size();
-    if (k <= 0 || size == 0 || size % static_cast<size_t>(k) != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("LinearOp: part ", i, " must be [n_", i, ", ", k, "]; got ", size, " values"));
-    }
-    stacked.push_back({parts[i]->data(), static_cast<int64_t>(size) / k, false});
-  }
-  return Build(k, stacked, bias, compute);
-}
-
-namespace {
-
-// Reorders parts (PyTorch's W [rows, k] row-major, all of one type `src_type`), stacked along n, into
-// `weights`: each straight into its columns of W^T where the layout is plain, else through one stacked copy
-// (a blocked layout's column blocks may not be addressable).
-void ReorderStackedParts(const std::vector<std::pair<const void*, int64_t>>& parts, int64_t k, int64_t n,
-                         dt src_type, dnnl::memory& weights, dnnl::stream& stream) {
-  const size_t element_bytes = src_type == dt::bf16 ? 2 : 4;
-  // W [n, k] row-major is W^T [k, n] with strides {1, k}; part i is its rows [row, row + rows).
-  const dnnl::memory::desc torch_md({k, n}, src_type, {1, k});
-  if (parts.size() == 1) {
-    dnnl::memory torch_mem(torch_md, CpuEngine(), const_cast<void*>(parts[0].first));
-    dnnl::reorder(torch_mem, weights).execute(stream, torch_mem, weights);
-    return;
-  }
-  if (IsPlainRowMajor(weights.get_desc(), n)) {
-    int64_t row = 0;
-    for (const auto& [data, rows] : parts) {
-      dnnl::memory part_mem(dnnl::memory::desc({k, rows}, src_type, {1, k}), CpuEngine(), const_cast<void*>(data));
-      dnnl::memory columns(weights.get_desc().submemory_desc({k, rows}, {0, row}), CpuEngine(),
-                           weights.get_data_handle());
-      dnnl::reorder(part_mem, columns).execute(stream, part_mem, columns);
-      row += rows;
-    }
-    return;
-  }
-  std::vector<uint8_t> stacked(static_cast<size_t>(k * n) * element_bytes);
-  size_t offset = 0;
-  for (const auto& [data, rows] : parts) {
-    const size_t bytes = static_cast<size_t>(rows * k) * element_bytes;
-    std::memcpy(stacked.data() + offset, data, bytes);
-    offset += bytes;
-  }
-  dnnl::memory stacked_mem(torch_md, CpuEngine(), stacked.data());
-  dnnl::reorder(stacked_mem, weights).execute(stream, stacked_mem, weights);
-  stream.wait();  // before `stacked` goes
-}
-
-}  // namespace
-
-absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Build(int64_t k, const std::vector<WeightPart>& parts,
-                                                         const std::vector<float>& bias, ComputeType compute) {
-  int64_t n = 0;
-  std::vector<std::pair<const void*, int64_t>> sources;
-  for (const WeightPart& part : parts) {
-    if (part.bf16 != parts[0].bf16) return absl::InvalidArgumentError("LinearOp: parts of mixed types");
-    n += part.rows;
-    sources.emplace_back(part.data, part.rows);
-  }
-  if (k <= 0 || n <= 0 || (!bias.empty() && bias.size() != static_cast<size_t>(n))) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("LinearOp: bias must be [", n, "] or empty; got ", bias.size(), " values (k = ", k, ")"));
-  }
-  try {
-    std::unique_ptr<Impl> impl = NewFixedRowsImpl(k, n, bias, compute);
-    if (impl) {
-      impl->weights_mem = dnnl::memory(FixedRowsWeightsMd(k, n), CpuEngine());
-    } else {
-      impl = NewLinearImpl(k, n, dnnl::memory::desc({k, n}, DataType(compute), tag::any), bias, compute);
-      MatmulVariants::Variant& first = impl->variants.Get();
-      impl->weights_mem = dnnl::memory(first.pd.weights_desc(), CpuEngine());
-      first.weights = impl->weights_mem;
-    }
-    ThreadState& ts = ThisThread();
-    ReorderStackedParts(sources, k, n, parts[0].bf16 ? dt::bf16 : dt::f32, impl->weights_mem, ts.stream);
-    ts.stream.wait();
-    return std::unique_ptr<LinearOp>(new LinearOp(std::move(impl)));
-  } catch (const dnnl::error& e) {
-    return FromDnnl(e, "linear layer creation");
-  }
-}
-
-absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateSlice(const LinearOp& whole, int64_t n_begin, int64_t n,
-                                                               const std::vector<float>& bias) {
-  const Impl& w = *whole.impl_ptr_;
-  if (n_begin < 0 || n <= 0 || n_begin + n > w.n || (!bias.empty() && bias.size() != static_cast<size_t>(n))) {
-    return absl::InvalidArgumentError(absl::StrCat("LinearOp: slice [", n_begin, ", ", n_begin + n, ") of ", w.n,
-                                                   " outputs with ", bias.size(), " bias values"));
-  }
-  if (w.fixed) return CreateFixedRowsSlice(w, n_begin, n, bias);
-  if (!IsPlainRowMajor(w.weights_mem.get_desc(), w.n)) {
-    return absl::UnimplementedError("LinearOp: the whole op's weights are in a blocked layout");
-  }
-  try {
-    // Columns [n_begin, n_begin + n) of W^T [k, N]: row stride N.
-    const dnnl::memory::desc weights_md({w.k, n}, DataType(w.compute), {w.n, 1});
-    std::unique_ptr<Impl> impl = NewLinearImpl(w.k, n, weights_md, bias, w.compute);
-    const size_t element_bytes = w.compute == ComputeType::kBFloat16 ? 2 : 4;
-    char* data = static_cast<char*>(w.weights_mem.get_data_handle());
-    impl->weights_mem = dnnl::memory(weights_md, CpuEngine(), data + n_begin * element_bytes);
-    impl->shared_weights = w.shared_weights ? w.shared_weights : w.weights_mem;  // the owner, for a slice's slice
-    // The first primitive, built now as Build does: a strided layout only oneDNN's reference kernel takes
-    // would cost more than a copy of the weights.
-    if (absl::StartsWith(impl->Get().pd.impl_info_str(), "ref")) {
-      return absl::UnimplementedError("LinearOp: only the reference matmul reads a weights slice");
-    }
-    return std::unique_ptr<LinearOp>(new LinearOp(std::move(impl)));
-  } catch (const dnnl::error& e) {
-    return FromDnnl(e, "linear layer slice");
-  }
-}
-
-// A slice of whole blocks of 64 outputs of an op on AMX tiles: those blocks are contiguous in its weights.
-absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateFixedRowsSlice(const Impl& w, int64_t n_begin, int64_t n,
-                                                                         const std::vector<float>& bias) {
-  if (n_begin % kFixedColumnBlock != 0 || n % kFixedColumnBlock != 0) {
-    return absl::UnimplementedError("LinearOp: a slice of the AMX layout must be whole blocks of 64 outputs");
-  }
-  try {
-    std::unique_ptr<Impl> impl = NewFixedRowsImpl(w.k, n, bias, w.compute);
-    if (!impl) return absl::UnimplementedError("LinearOp: no AMX kernel for the slice");
-    char* data = static_cast<char*>(w.weights_mem.get_data_handle());
-    impl->weights_mem = dnnl::memory(FixedRowsWeightsMd(w.k, n), CpuEngine(), data + n_begin * w.k * 2);
-    impl->shared_weights = w.shared_weights ? w.shared_weights : w.weights_mem;
-    return std::unique_ptr<LinearOp>(new LinearOp(std::move(impl)));
-  } catch (const dnnl::error& e) {
-    return FromDnnl(e, "linear layer slice");
-  }
-}
-
-absl::Status LinearOp::Execute(const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const {
-  if (impl_ptr_->compute == ComputeType::kFloat32) return Run(x, m, ldx, y, ldy);
-  if (m == 0) return absl::OkStatus();
-  const int64_t k = impl_ptr_->k;
-  uint16_t* x16 = Grow(ThisThread().bf16_a, static_cast<size_t>(m * k));
-  FloatRowsToBf16Parallel(x, m, k, ldx, x16, k);
-  return Run(x16, m, k, y, ldy);
-}
-
-absl::Status LinearOp::ExecuteBf16(const uint16_t* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const {
-  if (impl_ptr_->compute != ComputeType::kBFloat16) {
-    return absl::FailedPreconditionError("LinearOp: bf16 input given to an f32 op");
-  }
-  return Run(x, m, ldx, y, ldy);
-}
-
-// Pieces of rows when a team of threads shares one f32 linear op. On these 2-vCPU machines the team's cores are
-// shared with gRPC's threads and the load: a oneDNN primitive split statically over the team stalls as a whole
-// while any one of its threads is preempted, whereas single-threaded pieces taken in turn let the running
-// thread take the preempted one's share. Measured (BENCHMARKS.md): 64-row pieces did best (32: slower);
-// ops whose 64 rows carry less than 32 MFLOP (E=256) lost 6% alone and gained nothing beside other load, and
-// bf16 ops lost 8-15% alone: those run whole.
-constexpr int64_t kPieceRows = 64;
-constexpr int64_t kMinPieceFlops = 32'000'000;
-
-namespace {
-
-// Runs piece(r0, rows) for each piece of `piece_rows` rows of m, taken in turn by a team of `team` threads, each
-// piece single-threaded (its op's single-thread primitive).
-absl::Status ForEachPiece(int team, int64_t m, int64_t piece_rows,
-                          const std::function<absl::Status(int64_t, int64_t)>& piece) {
-  const int64_t pieces = (m + piece_rows - 1) / piece_rows;
-  std::vector<absl::Status> status(static_cast<size_t>(pieces));
-  std::vector<uint8_t> threw(static_cast<size_t>(pieces), 0);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
-  for (int64_t i = 0; i < pieces; ++i) {
-    const ScopedOmpThreads one(1);
-    const int64_t r0 = i * piece_rows;
-    try {  // nothing may leave a parallel region (the scratchpad's growth may throw std::bad_alloc)
-      status[i] = piece(r0, std::min(piece_rows, m - r0));
-    } catch (...) {
-      threw[i] = 1;
-    }
-  }
-  for (int64_t i = 0; i < pieces; ++i) {
-    if (threw[i] != 0) return absl::ResourceExhaustedError("linear layer: out of memory in a piece of rows");
-    ATTN_RETURN_IF_ERROR(status[i]);
-  }
-  return absl::OkStatus();
-}
-
-// One linear primitive on src into dst, with the op's weights (in v's layout) and bias. Throws dnnl::error.
-void ExecuteLinear(const MatmulVariants::Variant& v, const dnnl::memory& weights, const dnnl::memory& bias,
-                   const dnnl::memory& src, const dnnl::memory& dst) {
-  ThreadState& ts = ThisThread();
-  std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src},
-                                                {DNNL_ARG_WEIGHTS, weights},
-                                                {DNNL_ARG_DST, dst},
-                                                {DNNL_ARG_SCRATCHPAD, ts.Scratchpad(v.pd.scratchpad_desc())}};
-  if (bias) args.emplace(DNNL_ARG_BIAS, bias);
-  v.prim.execute(ts.stream, args);
-  ts.stream.wait();
-}
-
-void ExecuteFixed(const FixedRowsMatmuls::Variant& v, const LinearOp::Impl& p, const void* x, float* y) {
-  ExecuteLinear(v, p.weights_mem, p.bias_mem, dnnl::memory(v.pd.src_desc(), CpuEngine(), const_cast<void*>(x)),
-                dnnl::memory(v.pd.dst_desc(), CpuEngine(), y));
-}
-
-// rows <= kFixedRowsMax of bf16 x through the fixed primitive of their count, or of the next power of two on a
-// padded copy (the pad rows zero, so they cost no special values).
-absl::Status RunFixedRowsPiece(const LinearOp::Impl& p, const uint16_t* x, int64_t rows, int64_t ldx, float* y,
-                               int64_t ldy) {
-  try {
-    const int64_t padded = PowerOfTwoAtLeast(rows);
-    if (padded == rows) {
-      if (const FixedRowsMatmuls::Variant* v = p.fixed->Get(rows, ldx, ldy)) {
-        ExecuteFixed(*v, p, x, y);
-        return absl::OkStatus();
-      }
-    }
-    const int64_t k = p.k, n = p.n;
-    const FixedRowsMatmuls::Variant* v = nullptr;
-    int64_t size = padded;  // the next size with a brgemm kernel (kFixedRowsMax has one)
-    while ((v = p.fixed->Get(size, k, n)) == nullptr && size < kFixedRowsMax) size *= 2;
-    if (v == nullptr) return absl::InternalError("linear layer: no AMX primitive for a piece of rows");
-    ThreadState& ts = ThisThread();
-    uint16_t* xp = Grow(ts.padded_x, static_cast<size_t>(size * k));
-    for (int64_t i = 0; i < rows; ++i) std::memcpy(xp + i * k, x + i * ldx, static_cast<size_t>(k) * 2);
-    std::memset(xp + rows * k, 0, static_cast<size_t>((size - rows) * k) * 2);
-    if (ts.padded_y.size() < static_cast<size_t>(size * n)) ts.padded_y.resize(static_cast<size_t>(size * n));
-    ExecuteFixed(*v, p, xp, ts.padded_y.data());
-    for (int64_t i = 0; i < rows; ++i) {
-      std::memcpy(y + i * ldy, ts.padded_y.data() + i * n, static_cast<size_t>(n) * sizeof(float));
-    }
-    return absl::OkStatus();
-  } catch (const dnnl::error& e) {
-    return FromDnnl(e, "linear layer");
-  }
-}
-
-// Fewer than 2 x kPieceRows rows, or no team: pieces of up to kFixedRowsMax rows in turn, each on the whole team.
-// Else pieces taken in turn by the team's threads as f32 ops do, of kFixedRowsMax rows (the fastest per thread,
-// measured) where there are 4 of those or more, else of kPieceRows, so that both threads get work. Each
-// single-thread piece reads all of the weights, which is why only ops of small weights run here (NewFixedRowsImpl).
-absl::Status RunFixedRows(const LinearOp::Impl& p, const uint16_t* x, int64_t m, int64_t ldx, float* y,
-                          int64_t ldy, int team) {
-  if (team == 1 || m < 2 * kPieceRows) {
-    for (int64_t r0 = 0; r0 < m; r0 += kFixedRowsMax) {
-      ATTN_RETURN_IF_ERROR(RunFixedRowsPiece(p, x + r0 * ldx, std::min(kFixedRowsMax, m - r0), ldx, y + r0 * ldy, ldy));
-    }
-    return absl::OkStatus();
-  }
-  const int64_t piece_rows = m >= 4 * kFixedRowsMax ? kFixedRowsMax : kPieceRows;
-  return ForEachPiece(team, m, piece_rows, [&](int64_t r0, int64_t rows) {
-    return RunFixedRowsPiece(p, x + r0 * ldx, rows, ldx, y + r0 * ldy, ldy);
-  });
-}
-
-}  // namespace
-
-absl::Status LinearOp::Run(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const {
-  if (m == 0) return absl::OkStatus();
-  const int team = omp_in_parallel() ? 1 : omp_get_max_threads();
-  const Impl& p = *impl_ptr_;
-  if (p.fixed) return RunFixedRows(p, static_cast<const uint16_t*>(x), m, ldx, y, ldy, team);
-  if (team == 1 || p.compute == ComputeType::kBFloat16 || 2 * kPieceRows * p.k * p.n < kMinPieceFlops ||
-      m < 2 * kPieceRows) {
-    return RunTeam(x, m, ldx, y, ldy);
-  }
-  const int64_t x_row_bytes = ldx * int64_t{sizeof(float)};  // f32 ops only (bf16 ones run whole, above)
-  return ForEachPiece(team, m, kPieceRows, [&](int64_t r0, int64_t rows) {
-    return RunTeam(static_cast<const char*>(x) + r0 * x_row_bytes, rows, ldx, y + r0 * ldy, ldy);
-  });
-}
-
-absl::Status LinearOp::RunTeam(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const {
-  Impl& p = *impl_ptr_;
-  try {
-    MatmulVariants::Variant& v = p.Get();
-    dnnl::memory src(dnnl::memory::desc({m, p.k}, DataType(p.compute), {ldx, 1}), CpuEngine(),
-                     const_cast<void*>(x));
-    dnnl::memory dst(dnnl::memory::desc({m, p.n}, dt::f32, {ldy, 1}), CpuEngine(), y);
-    ExecuteLinear(v, v.weights, p.bias_mem, src, dst);
-    return absl::OkStatus();
-  } catch (const dnnl::error& e) {
-    return FromDnnl(e, "linear layer");
-  }
 }
 
 // ------------------------------------------------------------------------------------------ HeadMatmulOp
@@ -703,6 +174,8 @@ absl::Status HeadMatmulOp::Execute(const View4& a_in, const View4& b_in, const V
     return absl::OkStatus();
   } catch (const dnnl::error& e) {
     return FromDnnl(e, "attention matmul");
+  } catch (const std::bad_alloc&) {  // bf16 copies or the scratchpad; callers may be inside a parallel region
+    return absl::ResourceExhaustedError("attention matmul: out of memory for its bf16 copies or scratchpad");
   }
 }
 

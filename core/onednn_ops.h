@@ -1,5 +1,6 @@
-// The oneDNN adapter: the only code that includes dnnl.hpp or sees dnnl::error. Each op is built once (with
-// oneDNN runtime dimensions where a size changes from call to call) and then executed many times.
+// The oneDNN adapter (onednn_ops.cc, onednn_linear_op.cc and their onednn_internal.h): the only code that
+// includes dnnl.hpp or sees dnnl::error. Each op is built once (with oneDNN runtime dimensions where a size
+// changes from call to call, or per fixed size where only that reaches a kernel) and then executed many times.
 //
 // oneDNN (OpenMP runtime) fixes a primitive's threading when it is created, so every op builds one
 // primitive per OpenMP team size it is executed with (omp_get_max_threads() of the calling thread), on

@@ -1,0 +1,101 @@
+// The oneDNN adapter's own helpers, shared by its files (onednn_ops.cc, onednn_linear_op.cc) and by nothing
+// else: with onednn_ops.h's ops they are the only code that sees dnnl.hpp or dnnl::error.
+#pragma once
+
+#include <dnnl.hpp>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "core/onednn_ops.h"
+
+namespace attnserve::onednn_internal {
+
+using dt = dnnl::memory::data_type;
+using tag = dnnl::memory::format_tag;
+constexpr dnnl::memory::dim kRt = DNNL_RUNTIME_DIM_VAL;
+
+const dnnl::engine& CpuEngine();
+
+// Per calling thread: a stream (streams are not thread-safe) and a scratchpad that grows to the largest
+// request of any op run on this thread.
+struct ThreadState {
+  dnnl::stream stream{CpuEngine()};
+  std::vector<uint8_t> scratchpad;
+  std::vector<uint16_t> bf16_a, bf16_b;  // bf16 copies of f32 matmul inputs (bf16 ops)
+  std::vector<uint16_t> padded_x;        // a fixed-rows piece's rows, padded to its primitive's
+  std::vector<float> padded_y;
+
+  dnnl::memory Scratchpad(const dnnl::memory::desc& md) {
+    const size_t size = md.get_size();
+    if (scratchpad.size() < size) scratchpad.resize(size);
+    return dnnl::memory(md, CpuEngine(), size ? scratchpad.data() : nullptr);
+  }
+};
+
+ThreadState& ThisThread();
+dnnl::primitive_attr UserScratchpad();
+// A oneDNN error as an Internal status naming `what` failed.
+absl::Status FromDnnl(const dnnl::error& e, const char* what);
+dt DataType(ComputeType compute);
+uint16_t* Grow(std::vector<uint16_t>& buf, size_t n);
+// Whether oneDNN's effective ISA (ONEDNN_MAX_CPU_ISA counted) includes `want`.
+bool EffectiveIsaHas(dnnl::cpu_isa want);
+
+// oneDNN with the OpenMP runtime fixes a primitive's threading when the primitive is created (from
+// omp_get_max_threads() then); run under a smaller team it still wakes the threads it was built for, which
+// costs more than a small matmul itself. So each op keeps one primitive per team size it is executed with.
+int TeamSize();
+
+// The matmul primitives of one op, by team size, built on first use from one descriptor.
+class MatmulVariants {
+ public:
+  struct Variant {
+    dnnl::matmul::primitive_desc pd;
+    dnnl::matmul prim;
+    dnnl::memory weights;  // LinearOp only: the weights in this primitive's layout
+  };
+
+  explicit MatmulVariants(const dnnl::matmul::desc& desc, bool add_to_dst = false) : desc_(desc) {
+    attr_.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    if (add_to_dst) {
+      dnnl::post_ops ops;
+      ops.append_sum(1.0f);
+      attr_.set_post_ops(ops);
+    }
+  }
+
+  // Throws dnnl::error (callers are the ops below, which convert it).
+  std::vector<std::string> Impls() {
+    absl::MutexLock lock(&mu_);
+    std::vector<std::string> impls;
+    for (const auto& [team, v] : variants_) impls.push_back(v->pd.impl_info_str());
+    return impls;
+  }
+
+  Variant& Get() {
+    const int team = TeamSize();
+    absl::MutexLock lock(&mu_);
+    auto found = variants_.find(team);
+    if (found != variants_.end()) return *found->second;
+    // Built before it is stored: a build that throws leaves no empty entry behind.
+    auto made = std::make_unique<Variant>();
+    made->pd = dnnl::matmul::primitive_desc(desc_, attr_, CpuEngine());
+    made->prim = dnnl::matmul(made->pd);
+    return *variants_.emplace(team, std::move(made)).first->second;
+  }
+
+ private:
+  const dnnl::matmul::desc desc_;
+  dnnl::primitive_attr attr_;
+  absl::Mutex mu_;
+  std::map<int, std::unique_ptr<Variant>> variants_ ABSL_GUARDED_BY(mu_);  // nodes never move
+};
+
+}  // namespace attnserve::onednn_internal

@@ -6,11 +6,13 @@
 #include <algorithm>
 #include <dnnl.hpp>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/half_float.h"
 #include "core/decoder_attention.h"
 #include "core/multihead_attention.h"
+#include "core/onednn_ops.h"
 
 namespace attnserve {
 namespace {
@@ -171,6 +173,32 @@ void BM_PeakBf16Matmul(benchmark::State& state) {
   }
   state.counters["GFLOPS"] =
       benchmark::Counter(2.0 * n * n * n / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// One bf16 projection (LinearOp, as layers run it: f32 rows in, converted, f32 out) of M rows, k x n weights with
+// a bias: on CPUs with AMX, ops of at most 4 MiB of weights run in fixed-size pieces, larger ones on oneDNN's
+// runtime-M gemm (the label lists the kernels). Args: M, k, n.
+void BM_LinearOpBf16(benchmark::State& state) {
+  const int64_t m = state.range(0), k = state.range(1), n = state.range(2);
+  auto op = LinearOp::Create(k, n, Random(n * k, 1), Random(n, 2), ComputeType::kBFloat16);
+  if (!op.ok()) {
+    state.SkipWithError(op.status().ToString().c_str());
+    return;
+  }
+  const std::vector<float> x = Random(m * k, 3);
+  std::vector<float> y(static_cast<size_t>(m * n));
+  for (auto _ : state) {
+    const absl::Status status = (*op)->Execute(x.data(), m, k, y.data(), n);
+    if (!status.ok()) {
+      state.SkipWithError(status.ToString().c_str());
+      return;
+    }
+    benchmark::DoNotOptimize(y.data());
+  }
+  std::string impls;
+  for (const std::string& impl : (*op)->Impls()) impls += (impls.empty() ? "" : ",") + impl;
+  state.SetLabel(impls);
+  state.counters["GFLOPS"] = benchmark::Counter(2.0 * m * k * n / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // Sessions' appends: `sessions` appends of T tokens each over a cache of `context` tokens, as one batch
@@ -349,6 +377,10 @@ BENCHMARK(BM_DecoderAttention)->Apply(DecoderShapes);
 BENCHMARK(BM_DecoderAttentionBf16)->Apply(DecoderShapes);
 BENCHMARK(BM_PeakSgemm)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_PeakBf16Matmul)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_LinearOpBf16)
+    ->ArgsProduct({{16, 64, 128, 1024, 4096}, {512}, {1536}})  // E=512's fused Q/K/V: on AMX tiles
+    ->ArgsProduct({{16, 128, 1024}, {1024}, {3072}})           // E=1024's: over 4 MiB, runtime-M gemm
+    ->UseRealTime();
 BENCHMARK(BM_SelfAttention)->Apply(EngineShapes);
 BENCHMARK(BM_SelfAttentionBf16)->Apply(EngineShapes);
 BENCHMARK(BM_LongAttention)

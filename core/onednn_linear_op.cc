@@ -29,17 +29,23 @@ namespace {
 //
 // oneDNN 2.6 runs a bf16 matmul on AMX tiles (its brgemm kernels) only when every size and stride is fixed when
 // the primitive is created; with M a runtime dimension it takes its gemm kernels, 1.3-2.7x slower on these ops
-// (BENCHMARKS.md). So on a CPU with AMX, a bf16 op whose k and n are whole blocks, of at most 4 MiB of weights,
-// keeps its weights in brgemm's layout (BA16a64b2a: blocks of 64 outputs, each contiguous, so a slice of whole
-// blocks reads them in place) and runs fixed-size primitives: row counts in powers of two up to kFixedRowsMax,
-// each built on first use per row strides and team size. A piece of rows that is no power of two goes through a
-// padded copy.
+// (BENCHMARKS.md). So on a CPU with AMX, a bf16 op whose k and n are whole blocks keeps its weights in brgemm's
+// layout (BA16a64b2a: blocks of 64 outputs, each contiguous, so a slice of whole blocks reads them in place) and
+// runs fixed-size primitives: row counts in powers of two up to kFixedRowsMax, each built on first use per row
+// strides and team size. A piece of rows that is no power of two goes through a padded copy.
+//
+// Each single-thread piece reads the weights it multiplies. Up to kMaxFixedRowsWeightBytes they stay in a core's
+// L2 across pieces; larger ops are cut into column panels of at most kPanelWeightBytes, and the team takes
+// (panel, rows) pieces panel by panel, so that a panel's weights are read from memory once per call rather
+// than once per piece of rows (which lost 9-17% on decoders against oneDNN's gemm: BENCHMARKS.md).
 constexpr int64_t kFixedRowsMax = 128;
 constexpr int64_t kFixedColumnBlock = 64;
 constexpr int64_t kFixedDepthBlock = 32;
-// Ops of larger weights (E=1024's fused Q/K/V, 6 MiB; a decoder's at E=2048 and up) ran slower in fixed pieces
-// than on oneDNN's runtime-M gemm, which reuses the weights across all the rows (BENCHMARKS.md).
 constexpr int64_t kMaxFixedRowsWeightBytes = int64_t{4} << 20;
+constexpr int64_t kPanelWeightBytes = int64_t{1} << 20;
+// Panels narrower than this (k > 1024 at 1 MiB) lost to oneDNN's gemm from 2048 rows (1.0-1.2 against 1.4
+// TFLOP/s at 4096 x 6144) and at one row (33 against 53 GFLOP/s): those ops stay on it.
+constexpr int64_t kMinPanelColumns = 512;
 constexpr size_t kMaxFixedRowsPrimitives = 256;  // per op; the strides come from code, not from requests
 
 dnnl::memory::desc FixedRowsWeightsMd(int64_t k, int64_t n) { return {{k, n}, dt::bf16, tag::BA16a64b2a}; }
@@ -95,6 +101,13 @@ class FixedRowsMatmuls {
   std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::unique_ptr<Variant>> variants_ ABSL_GUARDED_BY(mu_);
 };
 
+// Outputs [n_begin, n_begin + n) of an op on AMX tiles, with views of its weights and bias.
+struct FixedRowsPanel {
+  int64_t n_begin = 0, n = 0;
+  std::shared_ptr<FixedRowsMatmuls> matmuls;  // shared by the op's panels of one width
+  dnnl::memory weights, bias;                 // bias empty when the op has none
+};
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------- LinearOp
@@ -106,7 +119,7 @@ struct LinearOp::Impl {
   dnnl::memory weights_mem;  // in the layout of the first primitive built (or a view of another op's)
   dnnl::memory bias_mem;
   dnnl::memory shared_weights;  // a slice: the whole op's weights, which weights_mem points into
-  std::unique_ptr<FixedRowsMatmuls> fixed;  // AMX: run through these instead of `variants`
+  std::vector<FixedRowsPanel> panels;  // AMX: run through these instead of `variants` (AttachFixedRowsWeights)
   int64_t k = 0, n = 0;
   ComputeType compute = ComputeType::kFloat32;
 
@@ -157,24 +170,61 @@ bool IsPlainRowMajor(const dnnl::memory::desc& md, int64_t n) {
          d.format_desc.blocking.strides[1] == 1 && d.format_desc.blocking.strides[0] == n && d.offset0 == 0;
 }
 
+// The op's column panels: the whole op up to kMaxFixedRowsWeightBytes, else panels of kPanelWeightBytes (whole
+// blocks of 64 outputs; the last may be narrower). Panels of one width share their primitives.
+int64_t PanelWidth(int64_t k, int64_t n) {
+  if (2 * k * n <= kMaxFixedRowsWeightBytes) return n;
+  return kPanelWeightBytes / (2 * k) / kFixedColumnBlock * kFixedColumnBlock;
+}
+
+std::vector<FixedRowsPanel> FixedRowsPanels(int64_t k, int64_t n, bool has_bias) {
+  const int64_t width = PanelWidth(k, n);
+  std::vector<FixedRowsPanel> panels;
+  std::map<int64_t, std::shared_ptr<FixedRowsMatmuls>> by_width;
+  for (int64_t n_begin = 0; n_begin < n; n_begin += width) {
+    const int64_t cols = std::min(width, n - n_begin);
+    std::shared_ptr<FixedRowsMatmuls>& matmuls = by_width[cols];
+    if (!matmuls) matmuls = std::make_shared<FixedRowsMatmuls>(k, cols, has_bias);
+    panels.push_back({n_begin, cols, matmuls, {}, {}});
+  }
+  return panels;
+}
+
 // The op on AMX tiles (see FixedRowsMatmuls) when this CPU, the compute type and the shape allow it and oneDNN
-// runs its largest piece on an AMX kernel (not when the OS denies the tiles and brgemm falls back to AVX-512,
-// which was never measured for this); else nullptr, and the op takes the runtime-M path. Its weights_mem is
-// left to the caller.
+// runs the largest piece of each panel width on an AMX kernel (not when the OS denies the tiles and brgemm falls
+// back to AVX-512, which was never measured for this); else nullptr, and the op takes the runtime-M path. Its
+// weights are left to the caller (AttachFixedRowsWeights).
 std::unique_ptr<LinearOp::Impl> NewFixedRowsImpl(int64_t k, int64_t n, const std::vector<float>& bias,
                                                  ComputeType compute) {
-  if (compute != ComputeType::kBFloat16 || !OnednnUsesAmx() ||
-      k % kFixedDepthBlock != 0 || n % kFixedColumnBlock != 0 || 2 * k * n > kMaxFixedRowsWeightBytes) {
+  if (compute != ComputeType::kBFloat16 || !OnednnUsesAmx() || k % kFixedDepthBlock != 0 ||
+      n % kFixedColumnBlock != 0 ||
+      PanelWidth(k, n) < kMinPanelColumns) {
     return nullptr;
   }
   try {
     std::unique_ptr<LinearOp::Impl> impl = NewLinearImpl(k, n, FixedRowsWeightsMd(k, n), bias, compute);
-    impl->fixed = std::make_unique<FixedRowsMatmuls>(k, n, !bias.empty());
-    const MatmulVariants::Variant* largest = impl->fixed->Get(kFixedRowsMax, k, n);
-    if (largest == nullptr || !absl::StrContains(largest->pd.impl_info_str(), "amx")) return nullptr;
+    impl->panels = FixedRowsPanels(k, n, !bias.empty());
+    for (const FixedRowsPanel& panel : impl->panels) {
+      const MatmulVariants::Variant* largest = panel.matmuls->Get(kFixedRowsMax, k, panel.n);
+      if (largest == nullptr || !absl::StrContains(largest->pd.impl_info_str(), "amx")) return nullptr;
+    }
     return impl;
   } catch (const dnnl::error&) {
     return nullptr;
+  }
+}
+
+// Points an AMX op's weights (and its panels' views) at `data`, k x n bf16 values in FixedRowsWeightsMd's layout
+// (owned by the caller or by the op `data` is a slice of), and its panels' bias at their part of the op's.
+void AttachFixedRowsWeights(LinearOp::Impl& impl, char* data) {
+  const int64_t k = impl.k;
+  impl.weights_mem = dnnl::memory(FixedRowsWeightsMd(k, impl.n), CpuEngine(), data);
+  for (FixedRowsPanel& panel : impl.panels) {
+    panel.weights = dnnl::memory(FixedRowsWeightsMd(k, panel.n), CpuEngine(), data + panel.n_begin * k * 2);
+    if (impl.bias_mem) {
+      float* bias = static_cast<float*>(impl.bias_mem.get_data_handle()) + panel.n_begin;
+      panel.bias = dnnl::memory(dnnl::memory::desc({1, panel.n}, dt::f32, tag::ab), CpuEngine(), bias);
+    }
   }
 }
 
@@ -183,7 +233,14 @@ std::unique_ptr<LinearOp::Impl> NewFixedRowsImpl(int64_t k, int64_t n, const std
 LinearOp::LinearOp(std::unique_ptr<Impl> impl) : impl_ptr_(std::move(impl)) {}
 LinearOp::~LinearOp() = default;
 std::vector<std::string> LinearOp::Impls() const {
-  return impl_ptr_->fixed ? impl_ptr_->fixed->Impls() : impl_ptr_->variants.Impls();
+  if (impl_ptr_->panels.empty()) return impl_ptr_->variants.Impls();
+  std::vector<std::string> impls;
+  for (const FixedRowsPanel& panel : impl_ptr_->panels) {
+    for (std::string& impl : panel.matmuls->Impls()) {
+      if (std::find(impls.begin(), impls.end(), impl) == impls.end()) impls.push_back(std::move(impl));
+    }
+  }
+  return impls;
 }
 ComputeType LinearOp::compute() const { return impl_ptr_->compute; }
 int64_t LinearOp::owned_weight_bytes() const {
@@ -284,7 +341,9 @@ absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::Build(int64_t k, const std::
   try {
     std::unique_ptr<Impl> impl = NewFixedRowsImpl(k, n, bias, compute);
     if (impl) {
-      impl->weights_mem = dnnl::memory(FixedRowsWeightsMd(k, n), CpuEngine());
+      dnnl::memory owned(FixedRowsWeightsMd(k, n), CpuEngine());
+      AttachFixedRowsWeights(*impl, static_cast<char*>(owned.get_data_handle()));
+      impl->weights_mem = owned;  // the same bytes, now owned by the op
     } else {
       impl = NewLinearImpl(k, n, dnnl::memory::desc({k, n}, DataType(compute), tag::any), bias, compute);
       MatmulVariants::Variant& first = impl->variants.Get();
@@ -307,7 +366,7 @@ absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateSlice(const LinearOp& 
     return absl::InvalidArgumentError(absl::StrCat("LinearOp: slice [", n_begin, ", ", n_begin + n, ") of ", w.n,
                                                    " outputs with ", bias.size(), " bias values"));
   }
-  if (w.fixed) return CreateFixedRowsSlice(w, n_begin, n, bias);
+  if (!w.panels.empty()) return CreateFixedRowsSlice(w, n_begin, n, bias);
   if (!IsPlainRowMajor(w.weights_mem.get_desc(), w.n)) {
     return absl::UnimplementedError("LinearOp: the whole op's weights are in a blocked layout");
   }
@@ -340,7 +399,7 @@ absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateFixedRowsSlice(const I
     std::unique_ptr<Impl> impl = NewFixedRowsImpl(w.k, n, bias, w.compute);
     if (!impl) return absl::UnimplementedError("LinearOp: no AMX kernel for the slice");
     char* data = static_cast<char*>(w.weights_mem.get_data_handle());
-    impl->weights_mem = dnnl::memory(FixedRowsWeightsMd(w.k, n), CpuEngine(), data + n_begin * w.k * 2);
+    AttachFixedRowsWeights(*impl, data + n_begin * w.k * 2);
     impl->shared_weights = w.shared_weights ? w.shared_weights : w.weights_mem;
     return std::unique_ptr<LinearOp>(new LinearOp(std::move(impl)));
   } catch (const dnnl::error& e) {
@@ -380,28 +439,34 @@ constexpr int64_t kMinPieceFlops = 32'000'000;
 
 namespace {
 
-// Runs piece(r0, rows) for each piece of `piece_rows` rows of m, taken in turn by a team of `team` threads, each
-// piece single-threaded (its op's single-thread primitive).
-absl::Status ForEachPiece(int team, int64_t m, int64_t piece_rows,
-                          const std::function<absl::Status(int64_t, int64_t)>& piece) {
-  const int64_t pieces = (m + piece_rows - 1) / piece_rows;
-  std::vector<absl::Status> status(static_cast<size_t>(pieces));
-  std::vector<uint8_t> threw(static_cast<size_t>(pieces), 0);
+// Runs task(i) for i in [0, count), taken in turn by a team of `team` threads, each task single-threaded (its
+// op's single-thread primitive).
+absl::Status ForEachTask(int team, int64_t count, const std::function<absl::Status(int64_t)>& task) {
+  std::vector<absl::Status> status(static_cast<size_t>(count));
+  std::vector<uint8_t> threw(static_cast<size_t>(count), 0);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team)
-  for (int64_t i = 0; i < pieces; ++i) {
+  for (int64_t i = 0; i < count; ++i) {
     const ScopedOmpThreads one(1);
-    const int64_t r0 = i * piece_rows;
     try {  // nothing may leave a parallel region (the scratchpad's growth may throw std::bad_alloc)
-      status[i] = piece(r0, std::min(piece_rows, m - r0));
+      status[i] = task(i);
     } catch (...) {
       threw[i] = 1;
     }
   }
-  for (int64_t i = 0; i < pieces; ++i) {
+  for (int64_t i = 0; i < count; ++i) {
     if (threw[i] != 0) return absl::ResourceExhaustedError("linear layer: out of memory in a piece of rows");
     ATTN_RETURN_IF_ERROR(status[i]);
   }
   return absl::OkStatus();
+}
+
+// Runs piece(r0, rows) for each piece of `piece_rows` rows of m, as tasks of ForEachTask.
+absl::Status ForEachPiece(int team, int64_t m, int64_t piece_rows,
+                          const std::function<absl::Status(int64_t, int64_t)>& piece) {
+  return ForEachTask(team, (m + piece_rows - 1) / piece_rows, [&](int64_t i) {
+    const int64_t r0 = i * piece_rows;
+    return piece(r0, std::min(piece_rows, m - r0));
+  });
 }
 
 // One linear primitive on src into dst, with the op's weights (in v's layout) and bias. Throws dnnl::error.
@@ -417,34 +482,33 @@ void ExecuteLinear(const MatmulVariants::Variant& v, const dnnl::memory& weights
   ts.stream.wait();
 }
 
-void ExecuteFixed(const FixedRowsMatmuls::Variant& v, const LinearOp::Impl& p, const void* x, float* y) {
-  ExecuteLinear(v, p.weights_mem, p.bias_mem, dnnl::memory(v.pd.src_desc(), CpuEngine(), const_cast<void*>(x)),
+void ExecuteFixed(const FixedRowsMatmuls::Variant& v, const FixedRowsPanel& panel, const void* x, float* y) {
+  ExecuteLinear(v, panel.weights, panel.bias, dnnl::memory(v.pd.src_desc(), CpuEngine(), const_cast<void*>(x)),
                 dnnl::memory(v.pd.dst_desc(), CpuEngine(), y));
 }
 
-// rows <= kFixedRowsMax of bf16 x through the fixed primitive of their count, or of the next power of two on a
-// padded copy (the pad rows zero, so they cost no special values).
-absl::Status RunFixedRowsPiece(const LinearOp::Impl& p, const uint16_t* x, int64_t rows, int64_t ldx, float* y,
-                               int64_t ldy) {
+// rows <= kFixedRowsMax of bf16 x [rows, k] through the panel's fixed primitive of their count, or of the next
+// power of two on a padded copy (the pad rows zero, so they cost no special values), into y [rows, panel.n].
+absl::Status RunFixedRowsPiece(const FixedRowsPanel& panel, int64_t k, const uint16_t* x, int64_t rows, int64_t ldx,
+                               float* y, int64_t ldy) {
   try {
-    const int64_t padded = PowerOfTwoAtLeast(rows);
+    const int64_t padded = PowerOfTwoAtLeast(rows), n = panel.n;
     if (padded == rows) {
-      if (const FixedRowsMatmuls::Variant* v = p.fixed->Get(rows, ldx, ldy)) {
-        ExecuteFixed(*v, p, x, y);
+      if (const FixedRowsMatmuls::Variant* v = panel.matmuls->Get(rows, ldx, ldy)) {
+        ExecuteFixed(*v, panel, x, y);
         return absl::OkStatus();
       }
     }
-    const int64_t k = p.k, n = p.n;
     const FixedRowsMatmuls::Variant* v = nullptr;
     int64_t size = padded;  // the next size with a brgemm kernel (kFixedRowsMax has one)
-    while ((v = p.fixed->Get(size, k, n)) == nullptr && size < kFixedRowsMax) size *= 2;
+    while ((v = panel.matmuls->Get(size, k, n)) == nullptr && size < kFixedRowsMax) size *= 2;
     if (v == nullptr) return absl::InternalError("linear layer: no AMX primitive for a piece of rows");
     ThreadState& ts = ThisThread();
     uint16_t* xp = Grow(ts.padded_x, static_cast<size_t>(size * k));
     for (int64_t i = 0; i < rows; ++i) std::memcpy(xp + i * k, x + i * ldx, static_cast<size_t>(k) * 2);
     std::memset(xp + rows * k, 0, static_cast<size_t>((size - rows) * k) * 2);
     if (ts.padded_y.size() < static_cast<size_t>(size * n)) ts.padded_y.resize(static_cast<size_t>(size * n));
-    ExecuteFixed(*v, p, xp, ts.padded_y.data());
+    ExecuteFixed(*v, panel, xp, ts.padded_y.data());
     for (int64_t i = 0; i < rows; ++i) {
       std::memcpy(y + i * ldy, ts.padded_y.data() + i * n, static_cast<size_t>(n) * sizeof(float));
     }
@@ -456,21 +520,28 @@ absl::Status RunFixedRowsPiece(const LinearOp::Impl& p, const uint16_t* x, int64
   }
 }
 
-// Fewer than 2 x kPieceRows rows, or no team: pieces of up to kFixedRowsMax rows in turn, each on the whole team.
-// Else pieces taken in turn by the team's threads as f32 ops do, of kFixedRowsMax rows (the fastest per thread,
-// measured) where there are 4 of those or more, else of kPieceRows, so that both threads get work. Each
-// single-thread piece reads all of the weights, which is why only ops of small weights run here (NewFixedRowsImpl).
+// An op of one panel, with fewer than 2 x kPieceRows rows or no team: pieces of up to kFixedRowsMax rows in turn,
+// each on the whole team. Else (panel, rows) pieces taken in turn by the team's threads as f32 ops do, panel by
+// panel: of kFixedRowsMax rows (the fastest per thread, measured) where there are 4 of those or more, else of
+// kPieceRows, so that both threads get work; with several panels, fewer rows make one piece per panel.
 absl::Status RunFixedRows(const LinearOp::Impl& p, const uint16_t* x, int64_t m, int64_t ldx, float* y,
                           int64_t ldy, int team) {
-  if (team == 1 || m < 2 * kPieceRows) {
+  auto piece = [&](const FixedRowsPanel& panel, int64_t r0, int64_t rows) {
+    return RunFixedRowsPiece(panel, p.k, x + r0 * ldx, rows, ldx, y + r0 * ldy + panel.n_begin, ldy);
+  };
+  if (p.panels.size() == 1 && (team == 1 || m < 2 * kPieceRows)) {
     for (int64_t r0 = 0; r0 < m; r0 += kFixedRowsMax) {
-      ATTN_RETURN_IF_ERROR(RunFixedRowsPiece(p, x + r0 * ldx, std::min(kFixedRowsMax, m - r0), ldx, y + r0 * ldy, ldy));
+      ATTN_RETURN_IF_ERROR(piece(p.panels[0], r0, std::min(kFixedRowsMax, m - r0)));
     }
     return absl::OkStatus();
   }
-  const int64_t piece_rows = m >= 4 * kFixedRowsMax ? kFixedRowsMax : kPieceRows;
-  return ForEachPiece(team, m, piece_rows, [&](int64_t r0, int64_t rows) {
-    return RunFixedRowsPiece(p, x + r0 * ldx, rows, ldx, y + r0 * ldy, ldy);
+  const int64_t piece_rows = m >= 4 * kFixedRowsMax                          ? kFixedRowsMax
+                             : m >= 2 * kPieceRows || p.panels.size() == 1 ? kPieceRows
+                                                                             : m;
+  const int64_t pieces = (m + piece_rows - 1) / piece_rows;
+  return ForEachTask(team, pieces * static_cast<int64_t>(p.panels.size()), [&](int64_t i) {
+    const int64_t r0 = i % pieces * piece_rows;
+    return piece(p.panels[static_cast<size_t>(i / pieces)], r0, std::min(piece_rows, m - r0));
   });
 }
 
@@ -480,7 +551,7 @@ absl::Status LinearOp::Run(const void* x, int64_t m, int64_t ldx, float* y, int6
   if (m == 0) return absl::OkStatus();
   const int team = omp_in_parallel() ? 1 : omp_get_max_threads();
   const Impl& p = *impl_ptr_;
-  if (p.fixed) return RunFixedRows(p, static_cast<const uint16_t*>(x), m, ldx, y, ldy, team);
+  if (!p.panels.empty()) return RunFixedRows(p, static_cast<const uint16_t*>(x), m, ldx, y, ldy, team);
   if (team == 1 || p.compute == ComputeType::kBFloat16 || 2 * kPieceRows * p.k * p.n < kMinPieceFlops ||
       m < 2 * kPieceRows) {
     return RunTeam(x, m, ldx, y, ldy);

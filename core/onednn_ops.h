@@ -54,8 +54,9 @@ absl::Status Sgemm(bool transpose_b, int64_t m, int64_t n, int64_t k, const floa
 
 // y[M, N] = x[M, K] . W^T (+ b), PyTorch's nn.Linear: W is [N, K] row-major, b is [N]. M and the row
 // strides of x and y are given per call, so one op serves any number of tokens. On a CPU with AMX, a bf16 op
-// of whole blocks (k % 32 == 0, n % 64 == 0) and at most 4 MiB of weights runs on AMX tiles: its weights in
-// oneDNN's blocked layout and primitives of fixed row counts, built on first use (see onednn_ops.cc).
+// of whole blocks (k % 32 == 0, n % 64 == 0) runs on AMX tiles: its weights in oneDNN's blocked layout and
+// primitives of fixed row counts, built on first use; ops over 4 MiB in column panels of 1 MiB when k <= 1024,
+// while larger k stays on the runtime-M gemm (see onednn_linear_op.cc).
 class LinearOp {
  public:
   // `weight` [n, k] and `bias` [n] (empty: no bias) are copied into oneDNN's preferred layout (in bf16 for
@@ -110,9 +111,9 @@ class LinearOp {
   // CreateSlice of an op on AMX tiles: whole blocks of 64 outputs only (Unimplemented otherwise).
   static absl::StatusOr<std::unique_ptr<LinearOp>> CreateFixedRowsSlice(const Impl& whole, int64_t n_begin, int64_t n,
                                                                         const std::vector<float>& bias);
-  // x in the op's compute type. A bf16 op on AMX tiles runs x in fixed-size pieces (onednn_ops.cc). An f32 op of
-  // k x n >= 250k (64 rows: 32 MFLOP) called outside a parallel region with a team of threads shares m >= 128
-  // rows out in 64-row pieces dynamically over the team, each piece through the single-thread primitive
+  // x in the op's compute type. A bf16 op on AMX tiles runs x in fixed-size pieces (onednn_linear_op.cc). An f32
+  // op of k x n >= 250k (64 rows: 32 MFLOP) called outside a parallel region with a team of threads shares
+  // m >= 128 rows out in 64-row pieces dynamically over the team, each piece through the single-thread primitive
   // (RunTeam).
   absl::Status Run(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
   // The whole of x through the primitive of the calling thread's team size.

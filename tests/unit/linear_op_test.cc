@@ -32,13 +32,13 @@ double AsComputed(float x, ComputeType compute) {
 // y [m, n] = x [m, k] . W^T + b in float64, W [n, k] rows of `rows` from row `row0`.
 std::vector<double> Reference(const std::vector<float>& x, int64_t m, int64_t k, const std::vector<float>& w,
                               int64_t row0, int64_t n, const std::vector<float>& bias, ComputeType compute) {
-  std::vector<double> y(static_cast<size_t>(m * n));
+  std::vector<double> y(static_cast<size_t>(m * n)), xd(static_cast<size_t>(m * k)), wd(static_cast<size_t>(n * k));
+  for (size_t i = 0; i < xd.size(); ++i) xd[i] = AsComputed(x[i], compute);
+  for (size_t i = 0; i < wd.size(); ++i) wd[i] = AsComputed(w[row0 * k + i], compute);
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
       double sum = bias.empty() ? 0.0 : bias[j];
-      for (int64_t t = 0; t < k; ++t) {
-        sum += AsComputed(x[i * k + t], compute) * AsComputed(w[(row0 + j) * k + t], compute);
-      }
+      for (int64_t t = 0; t < k; ++t) sum += xd[i * k + t] * wd[j * k + t];
       y[i * n + j] = sum;
     }
   }
@@ -188,6 +188,48 @@ TEST(LinearOpTest, Bf16RowsInFixedPiecesEqualTheReference) {
     if (OnednnUsesAmx()) {
       EXPECT_THAT(impls, ::testing::Each(::testing::StartsWith("brg")));
       EXPECT_THAT(impls, ::testing::Contains(::testing::HasSubstr("amx")));
+    }
+  }
+}
+
+// An AMX op over 4 MiB of weights (k <= 1024) runs in column panels of 1 MiB (here 4 of 512 outputs and one of
+// 64), its (panel, rows) pieces shared over the team: every output column equals the reference, for one row, a
+// padded piece and several pieces, teams of 1 and 2; a slice of it (one panel's worth, across a panel boundary)
+// reads its weights in place and equals the same columns. Elsewhere the same op runs oneDNN's runtime-M kernel.
+TEST(LinearOpTest, Bf16OpInColumnPanelsEqualsTheReference) {
+  if (OnednnBf16Support() == Bf16Support::kUnavailable) GTEST_SKIP() << "no bf16 matmul on this CPU";
+  std::mt19937_64 rng(17);
+  const int64_t k = 1024, n = 2112, ldy = n + 3, slice_begin = 768, slice_n = 1088;
+  const std::vector<float> w = RandomValues(rng, n * k), bias = RandomValues(rng, n);
+  const std::vector<float> slice_bias(bias.begin() + slice_begin, bias.begin() + slice_begin + slice_n);
+  for (int64_t m : {1, 17, 200}) {
+    const std::vector<float> x = RandomValues(rng, m * k);
+    const std::vector<double> want = Reference(x, m, k, w, 0, n, bias, ComputeType::kBFloat16);
+    for (int team : {1, 2}) {
+      const ScopedOmpThreads threads(team);
+      auto op = LinearOp::Create(k, n, w, bias, ComputeType::kBFloat16);
+      ASSERT_TRUE(op.ok()) << op.status();
+      auto slice = LinearOp::CreateSlice(**op, slice_begin, slice_n, slice_bias);
+      ASSERT_TRUE(slice.ok()) << slice.status();
+      EXPECT_EQ((*slice)->owned_weight_bytes(), 0);
+      std::vector<float> y(static_cast<size_t>(m * ldy), -7.0f), y_slice(static_cast<size_t>(m * slice_n));
+      ASSERT_TRUE((*op)->Execute(x.data(), m, k, y.data(), ldy).ok());
+      ASSERT_TRUE((*slice)->Execute(x.data(), m, k, y_slice.data(), slice_n).ok());
+      std::vector<float> got, past_n;
+      std::vector<double> want_slice;
+      for (int64_t i = 0; i < m; ++i) {
+        got.insert(got.end(), y.begin() + i * ldy, y.begin() + i * ldy + n);
+        past_n.insert(past_n.end(), y.begin() + i * ldy + n, y.begin() + (i + 1) * ldy);
+        want_slice.insert(want_slice.end(), want.begin() + i * n + slice_begin,
+                          want.begin() + i * n + slice_begin + slice_n);
+      }
+      const std::string what = absl::StrCat("team ", team, " m ", m);
+      EXPECT_LE(testing::MaxAbsDiff(got, want), 2e-3) << what;
+      EXPECT_LE(testing::MaxAbsDiff(y_slice, want_slice), 2e-3) << what;
+      EXPECT_EQ(past_n, std::vector<float>(past_n.size(), -7.0f)) << what;
+      if (OnednnUsesAmx()) {
+        EXPECT_THAT((*op)->Impls(), ::testing::Contains(::testing::HasSubstr("amx"))) << what;
+      }
     }
   }
 }

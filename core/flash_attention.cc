@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/status_macros.h"
+#include "core/bf16_rows.h"
 #include "core/onednn_ops.h"
 #include "core/row_softmax.h"
 #include "core/simd_loops.h"
@@ -14,10 +15,12 @@ namespace attnserve {
 namespace {
 
 // One thread's block state: scores [rows, key_cols], context [rows, Dh], running max and sum per row; and the
-// keys and values of the (call, sequence, head) it works on, copied dense: [S, Dh] each.
+// keys and values of the (call, sequence, head) it works on, copied dense: [S, Dh] each (f32, or bf16 for the
+// block matmuls on AMX tiles, with the query block [rows, Dh] and its probabilities [rows, key_cols]).
 struct FlashScratch {
   std::vector<float> scores, acc, row_max, row_sum;
   std::vector<float> head_k, head_v;
+  std::vector<uint16_t> head_k16, head_v16, q16, probs16;
   int64_t call = -1, b = -1, h = -1;
 };
 
@@ -26,9 +29,28 @@ FlashScratch& ThreadFlashScratch() {
   return scratch;
 }
 
-float* Sized(std::vector<float>& buf, int64_t n) {
+template <typename T>
+T* Sized(std::vector<T>& buf, int64_t n) {
   if (buf.size() < static_cast<size_t>(n)) buf.resize(static_cast<size_t>(n));
   return buf.data();
+}
+
+// Rows [0, rows) of head h of sequence b (at src + b * seq_stride + row * ld + h * dh) into dense [rows, dh].
+template <typename T>
+void CopyHeadRows(const T* src, int64_t seq_stride, int64_t ld, int64_t b, int64_t h, int64_t rows, int64_t dh,
+                  T* dst) {
+  const T* first = src + b * seq_stride + h * dh;
+  for (int64_t j = 0; j < rows; ++j) std::copy_n(first + j * ld, dh, dst + j * dh);
+}
+
+// Whether this thread's dense head copies are of another (call, sequence, head) than (call, b, h); they are
+// marked as (call, b, h) then, for the caller to fill.
+bool NewHead(FlashScratch& s, int64_t call, int64_t b, int64_t h) {
+  if (s.call == call && s.b == b && s.h == h) return false;
+  s.call = call;
+  s.b = b;
+  s.h = h;
+  return true;
 }
 
 // Row `row` of head h of sequence b of `op`.
@@ -63,31 +85,45 @@ void AddKeyBias(const float* bias, int64_t rows, int64_t cols, float* scores, in
 void DenseHeadKv(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, FlashScratch& s,
                  FlashOperand* k, FlashOperand* v) {
   const int64_t dh = a.head_dim, n = a.kv_len * dh;
-  if (s.call != call || s.b != b || s.h != h) {
-    float* kd = Sized(s.head_k, n);
-    float* vd = Sized(s.head_v, n);
-    for (int64_t j = 0; j < a.kv_len; ++j) {
-      std::copy_n(Row(a.k, b, h, j, dh), dh, kd + j * dh);
-      std::copy_n(Row(a.v, b, h, j, dh), dh, vd + j * dh);
-    }
-    s.call = call;
-    s.b = b;
-    s.h = h;
+  if (NewHead(s, call, b, h)) {
+    CopyHeadRows(a.k.data, a.k.seq_stride, a.k.ld, b, h, a.kv_len, dh, Sized(s.head_k, n));
+    CopyHeadRows(a.v.data, a.v.seq_stride, a.v.ld, b, h, a.kv_len, dh, Sized(s.head_v, n));
   }
   *k = {s.head_k.data(), dh, n};
   *v = {s.head_v.data(), dh, n};
 }
 
+// The same in bf16 for the block matmuls on AMX tiles (which take only dense operands).
+void DenseHeadKvBf16(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, FlashScratch& s) {
+  const FlashBf16& w = a.bf16;
+  const int64_t dh = a.head_dim, n = a.kv_len * dh;
+  if (NewHead(s, call, b, h)) {
+    CopyHeadRows(w.k, w.kv_seq_stride, w.ld, b, h, a.kv_len, dh, Sized(s.head_k16, n));
+    CopyHeadRows(w.v, w.kv_seq_stride, w.ld, b, h, a.kv_len, dh, Sized(s.head_v16, n));
+  }
+}
+
 // The two matmuls of a key block: scores [lb, kb] = Q rows [l0, l0 + lb) . K rows [k0, k0 + kb)^T, and
 // acc [lb, Dh] += probabilities [lb, kb] . V rows [k0, k0 + kb); in f32 (sgemm on the dense head copies) or,
-// for a bf16 layer, with its bf16 primitives on its bf16 rows.
+// for a bf16 layer, with its bf16 primitives on its bf16 rows, whole blocks on AMX tiles where it has those.
 struct BlockMatmuls {
   const FlashAttentionArgs& a;
   int64_t b, h;
   FlashOperand head_k, head_v;  // f32 only
+  // bf16 with block matmuls: the dense copies of the head's keys and values and, for a whole query block, of
+  // its rows (null otherwise; the block is at query row q_l0); probs16 holds a block's probabilities.
+  const uint16_t *k16 = nullptr, *v16 = nullptr, *q16 = nullptr;
+  uint16_t* probs16 = nullptr;
+  int64_t q_l0 = 0;
+
+  // Whether [lb, kb] is a whole block of a whole query block, which the block matmuls take.
+  bool OnTiles(int64_t lb, int64_t kb) const {
+    return q16 != nullptr && lb == a.query_rows && kb == a.key_cols;
+  }
 
   absl::Status Scores(int64_t l0, int64_t lb, int64_t k0, int64_t kb, float* scores) const {
     const int64_t dh = a.head_dim;
+    if (OnTiles(lb, kb)) return a.bf16.block_scores->Execute(q16 + (l0 - q_l0) * dh, k16 + k0 * dh, scores);
     if (a.bf16.scores_op == nullptr) {
       return Sgemm(true, lb, kb, dh, Row(a.q, b, h, l0, dh), a.q.ld, Row(head_k, 0, 0, k0, dh), head_k.ld, 0.0f,
                    scores, kb);
@@ -102,6 +138,10 @@ struct BlockMatmuls {
 
   absl::Status AddContext(int64_t lb, int64_t k0, int64_t kb, float* probs, float* acc) const {
     const int64_t dh = a.head_dim;
+    if (OnTiles(lb, kb)) {
+      FloatRowsToBf16(probs, lb, kb, kb, probs16, kb);
+      return a.bf16.block_context->Execute(probs16, v16 + k0 * dh, acc);
+    }
     if (a.bf16.scores_op == nullptr) {
       return Sgemm(false, lb, dh, kb, probs, kb, Row(head_v, 0, 0, k0, dh), head_v.ld, 1.0f, acc, dh);
     }
@@ -149,6 +189,17 @@ absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t call, int64_t
   std::fill_n(st.row_sum, lb, 0.0f);
   BlockMatmuls mm{a, b, h, {}, {}};
   if (a.bf16.scores_op == nullptr) DenseHeadKv(a, call, b, h, s, &mm.head_k, &mm.head_v);
+  if (a.bf16.block_scores != nullptr && lb == a.query_rows) {
+    const FlashBf16& w = a.bf16;
+    DenseHeadKvBf16(a, call, b, h, s);
+    mm.k16 = s.head_k16.data();
+    mm.v16 = s.head_v16.data();
+    uint16_t* q16 = Sized(s.q16, lb * dh);
+    CopyHeadRows(w.q + l0 * w.ld, w.q_seq_stride, w.ld, b, h, lb, dh, q16);
+    mm.q16 = q16;
+    mm.probs16 = Sized(s.probs16, lb * a.key_cols);
+    mm.q_l0 = l0;
+  }
   const int64_t key_end = a.causal ? std::min(a.kv_len, l0 + lb) : a.kv_len;
   const int64_t chunk = DiagonalChunkRows(a);
   for (int64_t k0 = 0; k0 < key_end; k0 += a.key_cols) {
@@ -179,14 +230,21 @@ absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t call, int64_t
 int64_t FlashScratchBytes(const FlashAttentionArgs& a) {
   const int64_t rows = std::min(a.query_rows, a.q_len), cols = std::min(a.key_cols, a.kv_len);
   const int64_t block = static_cast<int64_t>(sizeof(float)) * rows * (cols + a.head_dim + 2);
-  // f32: the dense head keys and values; bf16: the primitive's bf16 copy of a block's probabilities.
-  return block + (a.bf16.scores_op == nullptr ? static_cast<int64_t>(sizeof(float)) * 2 * a.kv_len * a.head_dim
-                                               : static_cast<int64_t>(sizeof(uint16_t)) * rows * cols);
+  // f32: the dense head keys and values; bf16: the primitive's bf16 copy of a block's probabilities, and with
+  // block matmuls the dense bf16 head keys and values and query block.
+  if (a.bf16.scores_op == nullptr) return block + static_cast<int64_t>(sizeof(float)) * 2 * a.kv_len * a.head_dim;
+  const int64_t bf16 = static_cast<int64_t>(sizeof(uint16_t)) * rows * cols;
+  if (a.bf16.block_scores == nullptr) return block + bf16;
+  return block + 2 * bf16 + static_cast<int64_t>(sizeof(uint16_t)) * (2 * a.kv_len + rows) * a.head_dim;
 }
 
 absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::FunctionRef<absl::Status()> should_stop) {
-  if ((a.bf16.scores_op == nullptr) != (a.bf16.context_add_op == nullptr)) {
-    return absl::InvalidArgumentError("bf16.scores_op and bf16.context_add_op: set both or neither");
+  if ((a.bf16.scores_op == nullptr) != (a.bf16.context_add_op == nullptr) ||
+      (a.bf16.block_scores == nullptr) != (a.bf16.block_context == nullptr) ||
+      (a.bf16.block_scores != nullptr && a.bf16.scores_op == nullptr)) {
+    return absl::InvalidArgumentError(
+        "bf16.scores_op and bf16.context_add_op: set both or neither; block_scores and block_context likewise, "
+        "and only with the first two");
   }
   const int64_t query_blocks = (a.q_len + a.query_rows - 1) / a.query_rows;
   const int64_t items = a.batch * a.heads * query_blocks;

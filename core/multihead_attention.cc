@@ -165,9 +165,10 @@ absl::Status CheckBlockOptions(const MultiheadAttention::Options& options) {
 
 }  // namespace
 
-std::pair<int64_t, int64_t> FlashBlockForCpu() {
+std::pair<int64_t, int64_t> FlashBlockForCpu(ComputeType compute) {
   static const std::pair<int64_t, int64_t> block =
       OnednnUsesAvx512() ? std::pair<int64_t, int64_t>{512, 512} : std::pair<int64_t, int64_t>{128, 256};
+  if (compute == ComputeType::kBFloat16 && OnednnUsesAmx()) return {256, 256};
   return block;
 }
 
@@ -177,7 +178,7 @@ absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(c
   ATTN_RETURN_IF_ERROR(weights.CheckShapes(options.config));
   ATTN_RETURN_IF_ERROR(CheckBlockOptions(options));
   Options resolved = options;
-  const auto [cpu_rows, cpu_keys] = FlashBlockForCpu();
+  const auto [cpu_rows, cpu_keys] = FlashBlockForCpu(options.compute);
   if (resolved.flash_query_rows == 0) resolved.flash_query_rows = cpu_rows;
   if (resolved.flash_key_cols == 0) resolved.flash_key_cols = cpu_keys;
   auto layer = std::unique_ptr<MultiheadAttention>(new MultiheadAttention(resolved));
@@ -237,6 +238,21 @@ absl::Status MultiheadAttention::BuildPrimitives(MhaWeights weights) {
   ATTN_ASSIGN_OR_RETURN(scores_op_, HeadMatmulOp::Create(Kind::kScores, c.head_dim(), ct));
   ATTN_ASSIGN_OR_RETURN(context_op_, HeadMatmulOp::Create(Kind::kContext, c.head_dim(), ct));
   ATTN_ASSIGN_OR_RETURN(context_add_op_, HeadMatmulOp::Create(Kind::kContextAdd, c.head_dim(), ct));
+  return BuildBlockMatmuls();
+}
+
+absl::Status MultiheadAttention::BuildBlockMatmuls() {
+  if (compute_ != ComputeType::kBFloat16 || options_.flash_min_keys == 0) return absl::OkStatus();
+  const int64_t rows = options_.flash_query_rows, keys = options_.flash_key_cols, dh = options_.config.head_dim();
+  absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> scores = Bf16BlockMatmul::Create(rows, keys, dh, true, false);
+  absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> context = Bf16BlockMatmul::Create(rows, dh, keys, false, true);
+  for (const auto* op : {&scores, &context}) {  // Unimplemented: no AMX kernel, the blocks stay on HeadMatmulOp
+    if (!op->ok() && !absl::IsUnimplemented(op->status())) return op->status();
+  }
+  if (scores.ok() && context.ok()) {
+    block_scores_ = *std::move(scores);
+    block_context_ = *std::move(context);
+  }
   return absl::OkStatus();
 }
 
@@ -485,6 +501,8 @@ FlashAttentionArgs MultiheadAttention::FlashShape(const ParsedAttention& p) cons
   if (compute_ == ComputeType::kBFloat16) {
     a.bf16.scores_op = scores_op_.get();
     a.bf16.context_add_op = context_add_op_.get();
+    a.bf16.block_scores = block_scores_.get();
+    a.bf16.block_context = block_context_.get();
   }
   return a;
 }
@@ -680,6 +698,11 @@ std::vector<std::string> MultiheadAttention::ImplementationsUsed() const {
   }
   for (const HeadMatmulOp* op : {scores_op_.get(), context_op_.get(), context_add_op_.get()}) {
     for (const std::string& impl : op->Impls()) add(impl);
+  }
+  for (const Bf16BlockMatmul* op : {block_scores_.get(), block_context_.get()}) {
+    if (op != nullptr) {
+      for (const std::string& impl : op->Impls()) add(impl);
+    }
   }
   for (const std::string& s : softmax_.Impls()) add(s);
   return impls;

@@ -50,8 +50,9 @@ inline int64_t CachedAppendFlops(int64_t embed_dim, int64_t tokens, int64_t cont
 }
 
 // FlashAttention's blocks (query rows, keys) on this CPU: 512 x 512 where oneDNN runs AVX-512 kernels (1 MiB of
-// scores per thread), 128 x 256 otherwise (128 KiB), the best of the sizes measured on each.
-std::pair<int64_t, int64_t> FlashBlockForCpu();
+// scores per thread), 128 x 256 otherwise (128 KiB), the best of the sizes measured on each; for bf16 layers on
+// AMX tiles (Bf16BlockMatmul), 256 x 256, where their scores matmul runs fastest (BENCHMARKS.md).
+std::pair<int64_t, int64_t> FlashBlockForCpu(ComputeType compute = ComputeType::kFloat32);
 
 class MultiheadAttention : public AppendEngine {
  public:
@@ -174,6 +175,8 @@ class MultiheadAttention : public AppendEngine {
   // impl_info_str() of every oneDNN primitive this layer has built (for every OpenMP team size it ran
   // with), e.g. "gemm:jit".
   std::vector<std::string> ImplementationsUsed() const;
+  // Whether this (bf16) layer's FlashAttention runs its whole blocks on AMX tiles (Bf16BlockMatmul).
+  bool flash_blocks_on_amx() const { return block_scores_ != nullptr; }
 
  private:
   struct Group;
@@ -181,6 +184,8 @@ class MultiheadAttention : public AppendEngine {
   struct Block;
   MultiheadAttention(const Options& options) : options_(options), softmax_(options.softmax_cache_capacity) {}
   absl::Status BuildPrimitives(MhaWeights weights);
+  // block_scores_ and block_context_ for the resolved flash blocks, where bf16 has AMX kernels for them.
+  absl::Status BuildBlockMatmuls();
   // The stages of one group (self- or cross-attention members of a batch): projections, attention per
   // request on `threads` OpenMP threads, output projection.
   // A projection error fails the group; Attend's errors (and stops) fail their own member, in *member_status.
@@ -224,6 +229,8 @@ class MultiheadAttention : public AppendEngine {
   std::unique_ptr<LinearOp> qkv_proj_;  // fused [3E, E], only when kdim == vdim == E
   std::unique_ptr<LinearOp> q_proj_, k_proj_, v_proj_, out_proj_;
   std::unique_ptr<HeadMatmulOp> scores_op_, context_op_, context_add_op_;
+  // bf16 layers on AMX tiles: FlashAttention's whole blocks (FlashBf16::block_scores, block_context); else null.
+  std::unique_ptr<Bf16BlockMatmul> block_scores_, block_context_;
   SoftmaxCache softmax_;
 };
 

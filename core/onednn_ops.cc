@@ -179,6 +179,56 @@ absl::Status HeadMatmulOp::Execute(const View4& a_in, const View4& b_in, const V
   }
 }
 
+// ------------------------------------------------------------------------------------------ Bf16BlockMatmul
+
+struct Bf16BlockMatmul::Impl {
+  Impl(const dnnl::matmul::desc& desc, bool accumulate) : variants(desc, accumulate) {}
+  MatmulVariants variants;
+};
+
+Bf16BlockMatmul::Bf16BlockMatmul(std::unique_ptr<Impl> impl) : impl_ptr_(std::move(impl)) {}
+Bf16BlockMatmul::~Bf16BlockMatmul() = default;
+std::vector<std::string> Bf16BlockMatmul::Impls() const { return impl_ptr_->variants.Impls(); }
+
+absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> Bf16BlockMatmul::Create(int64_t m, int64_t n, int64_t k,
+                                                                          bool transpose_b, bool accumulate) {
+  if (m <= 0 || n <= 0 || k <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("Bf16BlockMatmul: sizes must be > 0, got ", m, " x ", n, " x ", k));
+  }
+  if (!OnednnUsesAmx()) return absl::UnimplementedError("Bf16BlockMatmul: no AMX on this CPU");
+  try {
+    const dnnl::memory::desc a_md({m, k}, dt::bf16, tag::ab), b_md({k, n}, dt::bf16, transpose_b ? tag::ba : tag::ab);
+    const dnnl::memory::desc c_md({m, n}, dt::f32, tag::ab);
+    auto impl = std::make_unique<Impl>(dnnl::matmul::desc(a_md, b_md, c_md), accumulate);
+    if (!absl::StrContains(impl->variants.Get().pd.impl_info_str(), "amx")) {
+      return absl::UnimplementedError(absl::StrCat("Bf16BlockMatmul: no AMX kernel for ", m, " x ", n, " x ", k));
+    }
+    return std::unique_ptr<Bf16BlockMatmul>(new Bf16BlockMatmul(std::move(impl)));
+  } catch (const dnnl::error& e) {
+    return FromDnnl(e, "bf16 block matmul creation");
+  }
+}
+
+absl::Status Bf16BlockMatmul::Execute(const uint16_t* a, const uint16_t* b, float* c) const {
+  try {
+    MatmulVariants::Variant& v = impl_ptr_->variants.Get();
+    ThreadState& ts = ThisThread();
+    dnnl::memory a_mem(v.pd.src_desc(), CpuEngine(), const_cast<uint16_t*>(a));
+    dnnl::memory b_mem(v.pd.weights_desc(), CpuEngine(), const_cast<uint16_t*>(b));
+    dnnl::memory c_mem(v.pd.dst_desc(), CpuEngine(), c);
+    v.prim.execute(ts.stream, {{DNNL_ARG_SRC, a_mem},
+                               {DNNL_ARG_WEIGHTS, b_mem},
+                               {DNNL_ARG_DST, c_mem},
+                               {DNNL_ARG_SCRATCHPAD, ts.Scratchpad(v.pd.scratchpad_desc())}});
+    ts.stream.wait();
+    return absl::OkStatus();
+  } catch (const dnnl::error& e) {
+    return FromDnnl(e, "bf16 block matmul");
+  } catch (const std::bad_alloc&) {  // the scratchpad; callers are inside a parallel region
+    return absl::ResourceExhaustedError("bf16 block matmul: out of memory for its scratchpad");
+  }
+}
+
 absl::Status Sgemm(bool transpose_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                    int64_t ldb, float beta, float* c, int64_t ldc) {
   const dnnl_status_t status =

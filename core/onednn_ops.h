@@ -157,6 +157,25 @@ class HeadMatmulOp {
   std::unique_ptr<Impl> impl_ptr_;
 };
 
+// C[M, N] = A[M, K] . B[K, N] (+ C when `accumulate`): bf16 A and B, f32 C, all dense row-major (B given as
+// B^T [N, K] when `transpose_b`), with M, N and K fixed at creation. oneDNN 2.6 reaches its AMX kernels only when every size and stride is fixed: a bf16 layer's
+// FlashAttention runs its whole blocks here (scores: a Q block . a K^T block; context: probabilities . a V block),
+// on dense copies. Create is Unimplemented where the kernel would not be AMX (callers keep HeadMatmulOp then).
+class Bf16BlockMatmul {
+ public:
+  static absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> Create(int64_t m, int64_t n, int64_t k, bool transpose_b,
+                                                                 bool accumulate);
+  ~Bf16BlockMatmul();
+  // a [M, K], b [K, N] or [N, K] (bf16 bit patterns), c [M, N] f32.
+  absl::Status Execute(const uint16_t* a, const uint16_t* b, float* c) const;
+  std::vector<std::string> Impls() const;
+
+ private:
+  struct Impl;
+  explicit Bf16BlockMatmul(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_ptr_;
+};
+
 // In-place softmax over the last axis of a dense [rows, cols] matrix, with the softmax primitive. oneDNN's
 // softmax has no runtime dimensions, so primitives are cached per (rows, cols, OpenMP team size), least
 // recently used first out once `capacity` is reached.

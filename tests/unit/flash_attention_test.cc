@@ -144,6 +144,52 @@ TEST(FlashAttentionTest, DefaultBlocksOnALongCausalSequence) {
   }
 }
 
+// A BFLOAT16 layer on a CPU with AMX takes 256 x 256 flash blocks, whole ones on AMX tiles (Bf16BlockMatmul, from
+// dense bf16 copies), ragged and causal-diagonal ones on its runtime-size matmuls: L=700 has both kinds each
+// way. Within the bf16 bound of the float64 reference and of the blocked path, with and without a float key
+// padding mask that masks a whole block of keys (skipped) and scattered keys.
+TEST(FlashAttentionTest, Bf16WholeBlocksOnAmxTilesMatchTheReference) {
+  if (OnednnBf16Support() == Bf16Support::kUnavailable) GTEST_SKIP() << "no bf16 matmul on this CPU";
+  std::mt19937_64 rng(9);
+  MhaConfig config{256, 4, 0, 0, true};
+  const MhaWeights weights = testing::RandomTestWeights(config, rng);
+  MultiheadAttention::Options options;
+  options.config = config;
+  options.compute = ComputeType::kBFloat16;
+  options.flash_min_keys = 512;
+  auto flash = MultiheadAttention::Create(options, weights);
+  ASSERT_TRUE(flash.ok()) << flash.status();
+  options.flash_min_keys = 0;
+  auto blocked = MultiheadAttention::Create(options, weights);
+  ASSERT_TRUE(blocked.ok()) << blocked.status();
+  EXPECT_EQ((*flash)->flash_blocks_on_amx(), OnednnUsesAmx());
+  if (OnednnUsesAmx()) {
+    EXPECT_EQ((*flash)->options().flash_query_rows, 256);
+  }
+  const int64_t b = 2, len = 700;
+  const std::vector<float> query = RandomValues(rng, b * len * config.embed_dim);
+  std::vector<float> padding(static_cast<size_t>(b * len), 0.0f);
+  std::uniform_real_distribution<float> bias(-1.0f, 1.0f);
+  for (int64_t j = 0; j < len; ++j) padding[len + j] = j < 256 ? -INFINITY : j % 5 == 0 ? bias(rng) : 0.0f;
+  for (bool causal : {false, true}) {
+    for (bool masked : {false, true}) {
+      AttentionInputs in;
+      in.query = TensorView::F32(query.data(), {b, len, config.embed_dim});
+      in.is_causal = causal;
+      in.need_weights = false;
+      if (masked) in.key_padding_mask = TensorView::F32(padding.data(), {b, len});
+      auto got = (*flash)->Forward(in);
+      ASSERT_TRUE(got.ok()) << got.status();
+      auto other = (*blocked)->Forward(in);
+      ASSERT_TRUE(other.ok()) << other.status();
+      const std::string what = ::testing::PrintToString(std::vector<bool>{causal, masked});
+      EXPECT_LE(MaxAbsDiff(got->output.values, testing::NaiveMultiheadAttention(config, weights, in).output), 3e-2)
+          << what;
+      EXPECT_LE(MaxAbsDiff(got->output.values, other->output.values), 3e-2) << what;
+    }
+  }
+}
+
 // The masks a request may carry, drawn: key_padding_mask and attn_mask (2-D or per head), bool or float,
 // with some query rows whose keys are all masked (their context is zero on both paths).
 struct DrawnMasks {

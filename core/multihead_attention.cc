@@ -485,7 +485,11 @@ std::vector<absl::Status> MultiheadAttention::AttendGroup(const Group& g, const 
 }
 
 bool MultiheadAttention::UsesFlash(const ParsedAttention& p) const {
-  return options_.flash_min_keys > 0 && p.kv_len >= options_.flash_min_keys && !p.inputs->need_weights;
+  if (options_.flash_min_keys == 0 || p.inputs->need_weights) return false;
+  // Whole blocks on AMX tiles beat the blocked path from one whole key block up (BENCHMARKS.md: +33% at 512).
+  const int64_t min_keys =
+      flash_blocks_on_amx() ? std::min(options_.flash_min_keys, options_.flash_key_cols) : options_.flash_min_keys;
+  return p.kv_len >= min_keys;
 }
 
 FlashAttentionArgs MultiheadAttention::FlashShape(const ParsedAttention& p) const {

@@ -82,7 +82,8 @@ class MultiheadAttention : public AppendEngine {
     // through FlashAttention (core/flash_attention.h): key blocks in turn with an online softmax, the
     // scores never leaving the cache, causal blocks skipped. Others (and all when 0) take the blocked path,
     // whose whole score rows go through the mask pass and the softmax primitive. BFLOAT16 layers too: their
-    // block matmuls then run in bf16.
+    // block matmuls then run in bf16, and where those run on AMX tiles (flash_blocks_on_amx()) from one whole
+    // key block (flash_key_cols) up when that is fewer.
     int64_t flash_min_keys = 1024;
     // FlashAttention's blocks: query rows x keys of scores per thread at a time. 0: chosen by the CPU
     // (FlashBlockForCpu). oneDNN's sgemm packs its operands per call, and its AVX-512 kernels need larger

@@ -317,10 +317,23 @@ TEST(FlashAttentionTest, RequestsWithoutWeightsTakeTheFlashPath) {
   EXPECT_EQ(StopsAsked(FlashOptions(c), weights, masked), kFlashItems);
   masked.need_weights = true;
   EXPECT_EQ(StopsAsked(FlashOptions(c), weights, masked), 1);
-  // BFLOAT16 layers take it too.
+  // BFLOAT16 layers take it too; on AMX tiles (the CPU's 256 x 256 blocks, Dh = 64) from one whole key block up,
+  // under flash_min_keys: 300 keys, 2 heads x 2 query blocks.
   MultiheadAttention::Options options = FlashOptions(c);
   options.compute = ComputeType::kBFloat16;
   EXPECT_EQ(StopsAsked(options, weights, in), kFlashItems);
+  options = MultiheadAttention::Options();
+  options.config = MhaConfig{128, 2, 0, 0, true};
+  options.compute = ComputeType::kBFloat16;
+  options.small_attention_flops = 0;
+  const MhaWeights bf16_weights = testing::RandomTestWeights(options.config, rng);
+  auto layer = MultiheadAttention::Create(options, bf16_weights);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  EXPECT_EQ((*layer)->flash_blocks_on_amx(), OnednnUsesAmx());
+  const std::vector<float> tokens = RandomValues(rng, 300 * 128);
+  AttentionInputs longer;
+  longer.query = TensorView::F32(tokens.data(), {1, 300, 128});
+  EXPECT_EQ(StopsAsked(options, bf16_weights, longer), OnednnUsesAmx() ? 4 : 1);
 }
 
 // A stop asked for between blocks fails that request with the stop's status.

@@ -197,8 +197,7 @@ std::vector<FixedRowsPanel> FixedRowsPanels(int64_t k, int64_t n, bool has_bias)
 std::unique_ptr<LinearOp::Impl> NewFixedRowsImpl(int64_t k, int64_t n, const std::vector<float>& bias,
                                                  ComputeType compute) {
   if (compute != ComputeType::kBFloat16 || !OnednnUsesAmx() || k % kFixedDepthBlock != 0 ||
-      n % kFixedColumnBlock != 0 ||
-      PanelWidth(k, n) < kMinPanelColumns) {
+      n % kFixedColumnBlock != 0 || (PanelWidth(k, n) < n && PanelWidth(k, n) < kMinPanelColumns)) {
     return nullptr;
   }
   try {

@@ -190,6 +190,16 @@ TEST(LinearOpTest, Bf16RowsInFixedPiecesEqualTheReference) {
       EXPECT_THAT(impls, ::testing::Contains(::testing::HasSubstr("amx")));
     }
   }
+  // One block of outputs (E=256's Q, K or V slice and output projection are 4): on AMX tiles too.
+  auto narrow = LinearOp::Create(k, 64, std::vector<float>(w.begin(), w.begin() + 64 * k), {}, ComputeType::kBFloat16);
+  ASSERT_TRUE(narrow.ok()) << narrow.status();
+  const std::vector<float> x = RandomValues(rng, 128 * k);
+  std::vector<float> y(128 * 64);
+  ASSERT_TRUE((*narrow)->Execute(x.data(), 128, k, y.data(), 64).ok());
+  EXPECT_LE(testing::MaxAbsDiff(y, Reference(x, 128, k, w, 0, 64, {}, ComputeType::kBFloat16)), 1e-3);
+  if (OnednnUsesAmx()) {
+    EXPECT_THAT((*narrow)->Impls(), ::testing::Contains(::testing::HasSubstr("amx")));
+  }
 }
 
 // An AMX op over 4 MiB of weights (k <= 1024) runs in column panels of 1 MiB (here 4 of 512 outputs and one of

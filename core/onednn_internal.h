@@ -40,6 +40,10 @@ struct ThreadState {
 };
 
 ThreadState& ThisThread();
+// Executes a matmul primitive on the calling thread's stream and scratchpad and waits for it; `bias` may be
+// empty. Throws dnnl::error (and std::bad_alloc when the scratchpad grows).
+void ExecuteMatmul(const dnnl::matmul::primitive_desc& pd, const dnnl::matmul& prim, const dnnl::memory& src,
+                   const dnnl::memory& weights, const dnnl::memory& dst, const dnnl::memory& bias = {});
 dnnl::primitive_attr UserScratchpad();
 // A oneDNN error as an Internal status naming `what` failed.
 absl::Status FromDnnl(const dnnl::error& e, const char* what);

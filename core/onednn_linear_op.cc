@@ -10,7 +10,6 @@
 #include <map>
 #include <new>
 #include <tuple>
-#include <unordered_map>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -471,14 +470,7 @@ absl::Status ForEachPiece(int team, int64_t m, int64_t piece_rows,
 // One linear primitive on src into dst, with the op's weights (in v's layout) and bias. Throws dnnl::error.
 void ExecuteLinear(const MatmulVariants::Variant& v, const dnnl::memory& weights, const dnnl::memory& bias,
                    const dnnl::memory& src, const dnnl::memory& dst) {
-  ThreadState& ts = ThisThread();
-  std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src},
-                                                {DNNL_ARG_WEIGHTS, weights},
-                                                {DNNL_ARG_DST, dst},
-                                                {DNNL_ARG_SCRATCHPAD, ts.Scratchpad(v.pd.scratchpad_desc())}};
-  if (bias) args.emplace(DNNL_ARG_BIAS, bias);
-  v.prim.execute(ts.stream, args);
-  ts.stream.wait();
+  ExecuteMatmul(v.pd, v.prim, src, weights, dst, bias);
 }
 
 void ExecuteFixed(const FixedRowsMatmuls::Variant& v, const FixedRowsPanel& panel, const void* x, float* y) {

@@ -7,6 +7,7 @@
 #include <dnnl.hpp>
 #include <map>
 #include <new>
+#include <unordered_map>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -26,6 +27,18 @@ const dnnl::engine& CpuEngine() {
 ThreadState& ThisThread() {
   thread_local ThreadState state;
   return state;
+}
+
+void ExecuteMatmul(const dnnl::matmul::primitive_desc& pd, const dnnl::matmul& prim, const dnnl::memory& src,
+                   const dnnl::memory& weights, const dnnl::memory& dst, const dnnl::memory& bias) {
+  ThreadState& ts = ThisThread();
+  std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src},
+                                                {DNNL_ARG_WEIGHTS, weights},
+                                                {DNNL_ARG_DST, dst},
+                                                {DNNL_ARG_SCRATCHPAD, ts.Scratchpad(pd.scratchpad_desc())}};
+  if (bias) args.emplace(DNNL_ARG_BIAS, bias);
+  prim.execute(ts.stream, args);
+  ts.stream.wait();
 }
 
 dnnl::primitive_attr UserScratchpad() {
@@ -163,14 +176,8 @@ absl::Status HeadMatmulOp::Execute(const View4& a_in, const View4& b_in, const V
     ThreadState& ts = ThisThread();
     const View4 a = bf16 && !a_in.bf16 ? DenseBf16(a_in, ts.bf16_a) : a_in;
     const View4 b = bf16 && !b_in.bf16 ? DenseBf16(b_in, ts.bf16_b) : b_in;
-    dnnl::memory a_mem(Desc4(a), CpuEngine(), a.data);
-    dnnl::memory b_mem(Desc4(b), CpuEngine(), b.data);
-    dnnl::memory c_mem(Desc4(c), CpuEngine(), c.data);
-    v.prim.execute(ts.stream, {{DNNL_ARG_SRC, a_mem},
-                               {DNNL_ARG_WEIGHTS, b_mem},
-                               {DNNL_ARG_DST, c_mem},
-                               {DNNL_ARG_SCRATCHPAD, ts.Scratchpad(v.pd.scratchpad_desc())}});
-    ts.stream.wait();
+    ExecuteMatmul(v.pd, v.prim, dnnl::memory(Desc4(a), CpuEngine(), a.data),
+                  dnnl::memory(Desc4(b), CpuEngine(), b.data), dnnl::memory(Desc4(c), CpuEngine(), c.data));
     return absl::OkStatus();
   } catch (const dnnl::error& e) {
     return FromDnnl(e, "attention matmul");
@@ -212,15 +219,9 @@ absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> Bf16BlockMatmul::Create(int64_t
 absl::Status Bf16BlockMatmul::Execute(const uint16_t* a, const uint16_t* b, float* c) const {
   try {
     MatmulVariants::Variant& v = impl_ptr_->variants.Get();
-    ThreadState& ts = ThisThread();
-    dnnl::memory a_mem(v.pd.src_desc(), CpuEngine(), const_cast<uint16_t*>(a));
-    dnnl::memory b_mem(v.pd.weights_desc(), CpuEngine(), const_cast<uint16_t*>(b));
-    dnnl::memory c_mem(v.pd.dst_desc(), CpuEngine(), c);
-    v.prim.execute(ts.stream, {{DNNL_ARG_SRC, a_mem},
-                               {DNNL_ARG_WEIGHTS, b_mem},
-                               {DNNL_ARG_DST, c_mem},
-                               {DNNL_ARG_SCRATCHPAD, ts.Scratchpad(v.pd.scratchpad_desc())}});
-    ts.stream.wait();
+    ExecuteMatmul(v.pd, v.prim, dnnl::memory(v.pd.src_desc(), CpuEngine(), const_cast<uint16_t*>(a)),
+                  dnnl::memory(v.pd.weights_desc(), CpuEngine(), const_cast<uint16_t*>(b)),
+                  dnnl::memory(v.pd.dst_desc(), CpuEngine(), c));
     return absl::OkStatus();
   } catch (const dnnl::error& e) {
     return FromDnnl(e, "bf16 block matmul");

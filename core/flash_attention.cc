@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <new>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "core/bf16_rows.h"
 #include "core/onednn_ops.h"
@@ -43,14 +45,16 @@ void CopyHeadRows(const T* src, int64_t seq_stride, int64_t ld, int64_t b, int64
   for (int64_t j = 0; j < rows; ++j) std::copy_n(first + j * ld, dh, dst + j * dh);
 }
 
-// Whether this thread's dense head copies are of another (call, sequence, head) than (call, b, h); they are
-// marked as (call, b, h) then, for the caller to fill.
-bool NewHead(FlashScratch& s, int64_t call, int64_t b, int64_t h) {
-  if (s.call == call && s.b == b && s.h == h) return false;
+// Whether this thread's dense head copies are of (call, b, h) already; MarkHead records them once filled (not
+// before: a fill that throws leaves no stale mark).
+bool SameHead(const FlashScratch& s, int64_t call, int64_t b, int64_t h) {
+  return s.call == call && s.b == b && s.h == h;
+}
+
+void MarkHead(FlashScratch& s, int64_t call, int64_t b, int64_t h) {
   s.call = call;
   s.b = b;
   s.h = h;
-  return true;
 }
 
 // Row `row` of head h of sequence b of `op`.
@@ -85,9 +89,10 @@ void AddKeyBias(const float* bias, int64_t rows, int64_t cols, float* scores, in
 void DenseHeadKv(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, FlashScratch& s,
                  FlashOperand* k, FlashOperand* v) {
   const int64_t dh = a.head_dim, n = a.kv_len * dh;
-  if (NewHead(s, call, b, h)) {
+  if (!SameHead(s, call, b, h)) {
     CopyHeadRows(a.k.data, a.k.seq_stride, a.k.ld, b, h, a.kv_len, dh, Sized(s.head_k, n));
     CopyHeadRows(a.v.data, a.v.seq_stride, a.v.ld, b, h, a.kv_len, dh, Sized(s.head_v, n));
+    MarkHead(s, call, b, h);
   }
   *k = {s.head_k.data(), dh, n};
   *v = {s.head_v.data(), dh, n};
@@ -97,9 +102,10 @@ void DenseHeadKv(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h
 void DenseHeadKvBf16(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, FlashScratch& s) {
   const FlashBf16& w = a.bf16;
   const int64_t dh = a.head_dim, n = a.kv_len * dh;
-  if (NewHead(s, call, b, h)) {
+  if (!SameHead(s, call, b, h)) {
     CopyHeadRows(w.k, w.kv_seq_stride, w.ld, b, h, a.kv_len, dh, Sized(s.head_k16, n));
     CopyHeadRows(w.v, w.kv_seq_stride, w.ld, b, h, a.kv_len, dh, Sized(s.head_v16, n));
+    MarkHead(s, call, b, h);
   }
 }
 
@@ -153,6 +159,22 @@ struct BlockMatmuls {
   }
 };
 
+// A whole query block (lb == query_rows) that meets a whole key block: the dense bf16 copies for the block
+// matmuls on AMX tiles (its query rows, the head's keys and values) and their probabilities' buffer, in mm.
+void SetUpTiles(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, int64_t l0, FlashScratch& s,
+                BlockMatmuls* mm) {
+  const FlashBf16& w = a.bf16;
+  const int64_t dh = a.head_dim, lb = a.query_rows;
+  DenseHeadKvBf16(a, call, b, h, s);
+  uint16_t* q16 = Sized(s.q16, lb * dh);
+  CopyHeadRows(w.q + l0 * w.ld, w.q_seq_stride, w.ld, b, h, lb, dh, q16);
+  mm->k16 = s.head_k16.data();
+  mm->v16 = s.head_v16.data();
+  mm->q16 = q16;
+  mm->probs16 = Sized(s.probs16, lb * a.key_cols);
+  mm->q_l0 = l0;
+}
+
 // One query block's running state: its scores block, context accumulator and per-row max and sum.
 struct QueryBlockState {
   float *scores, *acc, *row_max, *row_sum;
@@ -182,25 +204,17 @@ int64_t DiagonalChunkRows(const FlashAttentionArgs& a) { return std::max<int64_t
 absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, int64_t l0) {
   const int64_t dh = a.head_dim, lb = std::min(a.query_rows, a.q_len - l0);
   FlashScratch& s = ThreadFlashScratch();
-  const QueryBlockState st{Sized(s.scores, lb * a.key_cols), Sized(s.acc, lb * dh), Sized(s.row_max, lb),
-                           Sized(s.row_sum, lb)};
+  const QueryBlockState st{Sized(s.scores, lb * std::min(a.key_cols, a.kv_len)), Sized(s.acc, lb * dh),
+                           Sized(s.row_max, lb), Sized(s.row_sum, lb)};
   std::fill_n(st.acc, lb * dh, 0.0f);
   std::fill_n(st.row_max, lb, -std::numeric_limits<float>::infinity());
   std::fill_n(st.row_sum, lb, 0.0f);
   BlockMatmuls mm{a, b, h, {}, {}};
   if (a.bf16.scores_op == nullptr) DenseHeadKv(a, call, b, h, s, &mm.head_k, &mm.head_v);
-  if (a.bf16.block_scores != nullptr && lb == a.query_rows) {
-    const FlashBf16& w = a.bf16;
-    DenseHeadKvBf16(a, call, b, h, s);
-    mm.k16 = s.head_k16.data();
-    mm.v16 = s.head_v16.data();
-    uint16_t* q16 = Sized(s.q16, lb * dh);
-    CopyHeadRows(w.q + l0 * w.ld, w.q_seq_stride, w.ld, b, h, lb, dh, q16);
-    mm.q16 = q16;
-    mm.probs16 = Sized(s.probs16, lb * a.key_cols);
-    mm.q_l0 = l0;
-  }
   const int64_t key_end = a.causal ? std::min(a.kv_len, l0 + lb) : a.kv_len;
+  if (a.bf16.block_scores != nullptr && lb == a.query_rows && key_end >= a.key_cols) {
+    SetUpTiles(a, call, b, h, l0, s, &mm);
+  }
   const int64_t chunk = DiagonalChunkRows(a);
   for (int64_t k0 = 0; k0 < key_end; k0 += a.key_cols) {
     const int64_t kb = std::min(a.key_cols, key_end - k0);
@@ -221,6 +235,21 @@ absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t call, int64_t
     float* out = a.out + b * a.out_seq_stride + (l0 + r) * a.out_ld + h * dh;
     const float inv = st.row_sum[r] > 0.0f ? 1.0f / st.row_sum[r] : 0.0f;
     for (int64_t d = 0; d < dh; ++d) out[d] = st.acc[r * dh + d] * inv;
+  }
+  return absl::OkStatus();
+}
+
+// The block matmuls, when set, must be of the blocks' sizes: they read and write whole blocks.
+absl::Status CheckBlockMatmuls(const FlashAttentionArgs& a) {
+  const Bf16BlockMatmul *scores = a.bf16.block_scores, *context = a.bf16.block_context;
+  if (scores == nullptr) return absl::OkStatus();
+  const int64_t rows = a.query_rows, keys = a.key_cols, dh = a.head_dim;
+  if (scores->m() != rows || scores->n() != keys || scores->k() != dh || context->m() != rows ||
+      context->n() != dh || context->k() != keys) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "bf16 block matmuls must be [", rows, ", ", keys, "] x ", dh, " and [", rows, ", ", dh, "] x ", keys,
+        " (query_rows, key_cols, head_dim); got [", scores->m(), ", ", scores->n(), "] x ", scores->k(), " and [",
+        context->m(), ", ", context->n(), "] x ", context->k()));
   }
   return absl::OkStatus();
 }
@@ -246,6 +275,7 @@ absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::Func
         "bf16.scores_op and bf16.context_add_op: set both or neither; block_scores and block_context likewise, "
         "and only with the first two");
   }
+  ATTN_RETURN_IF_ERROR(CheckBlockMatmuls(a));
   const int64_t query_blocks = (a.q_len + a.query_rows - 1) / a.query_rows;
   const int64_t items = a.batch * a.heads * query_blocks;
   std::vector<absl::Status> statuses(static_cast<size_t>(items));
@@ -261,7 +291,11 @@ absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::Func
     const int64_t qb = a.causal ? query_blocks - 1 - block : block;
     const int64_t b = sequence_head / a.heads, h = sequence_head % a.heads;
     absl::Status status = should_stop();
-    if (status.ok()) status = AttendQueryBlock(a, call, b, h, qb * a.query_rows);
+    try {  // nothing may leave the parallel region: a thread's block buffers grow with the request's keys
+      if (status.ok()) status = AttendQueryBlock(a, call, b, h, qb * a.query_rows);
+    } catch (const std::bad_alloc&) {
+      status = absl::ResourceExhaustedError("flash attention: out of memory for a thread's blocks");
+    }
     if (!status.ok()) {
       statuses[static_cast<size_t>(item)] = std::move(status);
       failed.store(true, std::memory_order_relaxed);

@@ -690,6 +690,10 @@ int64_t MultiheadAttention::weight_bytes() const {
   return bytes;
 }
 
+int64_t MultiheadAttention::flash_amx_block_matmuls() const {
+  return block_scores_ == nullptr ? 0 : block_scores_->executions() + block_context_->executions();
+}
+
 std::vector<std::string> MultiheadAttention::ImplementationsUsed() const {
   std::vector<std::string> impls;
   auto add = [&](const std::string& s) {

@@ -176,8 +176,10 @@ class MultiheadAttention : public AppendEngine {
   // impl_info_str() of every oneDNN primitive this layer has built (for every OpenMP team size it ran
   // with), e.g. "gemm:jit".
   std::vector<std::string> ImplementationsUsed() const;
-  // Whether this (bf16) layer's FlashAttention runs its whole blocks on AMX tiles (Bf16BlockMatmul).
+  // Whether this (bf16) layer's FlashAttention runs its whole blocks on AMX tiles (Bf16BlockMatmul), and how many
+  // (scores and context) it has run there so far.
   bool flash_blocks_on_amx() const { return block_scores_ != nullptr; }
+  int64_t flash_amx_block_matmuls() const;
 
  private:
   struct Group;

@@ -440,6 +440,10 @@ namespace {
 // Runs task(i) for i in [0, count), taken in turn by a team of `team` threads, each task single-threaded (its
 // op's single-thread primitive).
 absl::Status ForEachTask(int team, int64_t count, const std::function<absl::Status(int64_t)>& task) {
+  if (team == 1) {  // on the calling thread, which may be inside a parallel region: no nested one
+    for (int64_t i = 0; i < count; ++i) ATTN_RETURN_IF_ERROR(task(i));
+    return absl::OkStatus();
+  }
   std::vector<absl::Status> status(static_cast<size_t>(count));
   std::vector<uint8_t> threw(static_cast<size_t>(count), 0);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team)

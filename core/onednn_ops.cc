@@ -1,6 +1,7 @@
 #include "core/onednn_ops.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <omp.h>
 
@@ -189,13 +190,20 @@ absl::Status HeadMatmulOp::Execute(const View4& a_in, const View4& b_in, const V
 // ------------------------------------------------------------------------------------------ Bf16BlockMatmul
 
 struct Bf16BlockMatmul::Impl {
-  Impl(const dnnl::matmul::desc& desc, bool accumulate) : variants(desc, accumulate) {}
+  Impl(const dnnl::matmul::desc& desc, bool accumulate, int64_t m, int64_t n, int64_t k)
+      : variants(desc, accumulate), m(m), n(n), k(k) {}
   MatmulVariants variants;
+  const int64_t m, n, k;
+  std::atomic<int64_t> executions{0};
 };
 
 Bf16BlockMatmul::Bf16BlockMatmul(std::unique_ptr<Impl> impl) : impl_ptr_(std::move(impl)) {}
 Bf16BlockMatmul::~Bf16BlockMatmul() = default;
 std::vector<std::string> Bf16BlockMatmul::Impls() const { return impl_ptr_->variants.Impls(); }
+int64_t Bf16BlockMatmul::m() const { return impl_ptr_->m; }
+int64_t Bf16BlockMatmul::n() const { return impl_ptr_->n; }
+int64_t Bf16BlockMatmul::k() const { return impl_ptr_->k; }
+int64_t Bf16BlockMatmul::executions() const { return impl_ptr_->executions.load(std::memory_order_relaxed); }
 
 absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> Bf16BlockMatmul::Create(int64_t m, int64_t n, int64_t k,
                                                                           bool transpose_b, bool accumulate) {
@@ -206,7 +214,7 @@ absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> Bf16BlockMatmul::Create(int64_t
   try {
     const dnnl::memory::desc a_md({m, k}, dt::bf16, tag::ab), b_md({k, n}, dt::bf16, transpose_b ? tag::ba : tag::ab);
     const dnnl::memory::desc c_md({m, n}, dt::f32, tag::ab);
-    auto impl = std::make_unique<Impl>(dnnl::matmul::desc(a_md, b_md, c_md), accumulate);
+    auto impl = std::make_unique<Impl>(dnnl::matmul::desc(a_md, b_md, c_md), accumulate, m, n, k);
     if (!absl::StrContains(impl->variants.Get().pd.impl_info_str(), "amx")) {
       return absl::UnimplementedError(absl::StrCat("Bf16BlockMatmul: no AMX kernel for ", m, " x ", n, " x ", k));
     }
@@ -222,6 +230,7 @@ absl::Status Bf16BlockMatmul::Execute(const uint16_t* a, const uint16_t* b, floa
     ExecuteMatmul(v.pd, v.prim, dnnl::memory(v.pd.src_desc(), CpuEngine(), const_cast<uint16_t*>(a)),
                   dnnl::memory(v.pd.weights_desc(), CpuEngine(), const_cast<uint16_t*>(b)),
                   dnnl::memory(v.pd.dst_desc(), CpuEngine(), c));
+    impl_ptr_->executions.fetch_add(1, std::memory_order_relaxed);
     return absl::OkStatus();
   } catch (const dnnl::error& e) {
     return FromDnnl(e, "bf16 block matmul");

@@ -169,6 +169,11 @@ class Bf16BlockMatmul {
   // a [M, K], b [K, N] or [N, K] (bf16 bit patterns), c [M, N] f32.
   absl::Status Execute(const uint16_t* a, const uint16_t* b, float* c) const;
   std::vector<std::string> Impls() const;
+  int64_t m() const;
+  int64_t n() const;
+  int64_t k() const;
+  // Executions so far (every thread's): what shows a layer's blocks ran here.
+  int64_t executions() const;
 
  private:
   struct Impl;

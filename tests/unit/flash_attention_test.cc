@@ -6,10 +6,13 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 
 #include "core/flash_attention.h"
 #include "core/multihead_attention.h"
+#include "core/onednn_ops.h"
 #include "core/row_softmax.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/naive_mha.h"
 
@@ -188,6 +191,27 @@ TEST(FlashAttentionTest, Bf16WholeBlocksOnAmxTilesMatchTheReference) {
       EXPECT_LE(MaxAbsDiff(got->output.values, other->output.values), 3e-2) << what;
     }
   }
+  EXPECT_EQ((*flash)->flash_amx_block_matmuls() > 0, OnednnUsesAmx());
+  if (!OnednnUsesAmx()) return;
+  // Block matmuls of other sizes than the blocks are refused, not run out of bounds.
+  auto scores = Bf16BlockMatmul::Create(256, 256, 64, true, false);
+  auto context = Bf16BlockMatmul::Create(256, 64, 256, false, true);
+  auto scores_op = HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, 64, ComputeType::kBFloat16);
+  auto context_op = HeadMatmulOp::Create(HeadMatmulOp::Kind::kContextAdd, 64, ComputeType::kBFloat16);
+  ASSERT_TRUE(scores.ok() && context.ok() && scores_op.ok() && context_op.ok());
+  FlashAttentionArgs a;
+  a.batch = a.heads = 1;
+  a.q_len = a.kv_len = 4;
+  a.head_dim = 64;
+  a.query_rows = 128;
+  a.key_cols = 256;
+  a.bf16.scores_op = scores_op->get();
+  a.bf16.context_add_op = context_op->get();
+  a.bf16.block_scores = scores->get();
+  a.bf16.block_context = context->get();
+  const absl::Status refused = FlashAttention(a, 1, [] { return absl::OkStatus(); });
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.message()), ::testing::HasSubstr("must be [128, 256] x 64"));
 }
 
 // The masks a request may carry, drawn: key_padding_mask and attn_mask (2-D or per head), bool or float,

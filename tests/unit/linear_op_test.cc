@@ -203,16 +203,17 @@ TEST(LinearOpTest, Bf16RowsInFixedPiecesEqualTheReference) {
 }
 
 // An AMX op over 4 MiB of weights (k <= 1024) runs in column panels of 1 MiB (here 4 of 512 outputs and one of
-// 64), its (panel, rows) pieces shared over the team: every output column equals the reference, for one row, a
-// padded piece and several pieces, teams of 1 and 2; a slice of it (one panel's worth, across a panel boundary)
-// reads its weights in place and equals the same columns. Elsewhere the same op runs oneDNN's runtime-M kernel.
+// 320), its (panel, rows) pieces shared over the team: every output column equals the reference, for one row, a
+// padded piece and pieces of 128 rows, teams of 1 and 2; a slice of it over 4 MiB (panels of its own, starting
+// one block in) reads its weights in place and equals the same columns. Elsewhere the same op runs oneDNN's
+// runtime-M kernel.
 TEST(LinearOpTest, Bf16OpInColumnPanelsEqualsTheReference) {
   if (OnednnBf16Support() == Bf16Support::kUnavailable) GTEST_SKIP() << "no bf16 matmul on this CPU";
   std::mt19937_64 rng(17);
-  const int64_t k = 1024, n = 2112, ldy = n + 3, slice_begin = 768, slice_n = 1088;
+  const int64_t k = 1024, n = 2368, ldy = n + 3, slice_begin = 64, slice_n = 2240;
   const std::vector<float> w = RandomValues(rng, n * k), bias = RandomValues(rng, n);
   const std::vector<float> slice_bias(bias.begin() + slice_begin, bias.begin() + slice_begin + slice_n);
-  for (int64_t m : {1, 17, 200}) {
+  for (int64_t m : {1, 17, 513}) {
     const std::vector<float> x = RandomValues(rng, m * k);
     const std::vector<double> want = Reference(x, m, k, w, 0, n, bias, ComputeType::kBFloat16);
     for (int team : {1, 2}) {

@@ -102,7 +102,6 @@ TEST(OnednnImplTest, Bf16BlockMatmulEqualsTheReference) {
                         Case{24, 20, 32, false, true}, Case{7, 40, 13, true, false}}) {
     const std::string what = ::testing::PrintToString(std::vector<int64_t>{c.m, c.n, c.k, c.transpose_b, c.accumulate});
     auto op = Bf16BlockMatmul::Create(c.m, c.n, c.k, c.transpose_b, c.accumulate);
-    std::cout << what << ": " << (op.ok() ? (*op)->Impls()[0] : op.status().ToString()) << "\n";
     if (!OnednnUsesAmx()) {
       EXPECT_EQ(op.status().code(), absl::StatusCode::kUnimplemented) << what;
       continue;

@@ -80,6 +80,7 @@ BlockPlan PlanBlocks(int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
 int64_t MultiheadAttention::ScoresBlockBytes(const ParsedAttention& p) const {
   constexpr int64_t kF32 = sizeof(float);
   const int64_t h = options_.config.num_heads;
+  if (UsesShort(p)) return short_attention_->ScratchBytes(h, p.q_len, p.kv_len) * omp_get_max_threads();
   const int64_t attention_flops = 4 * p.batch * p.q_len * p.kv_len * options_.config.embed_dim;
   if (attention_flops >= options_.small_attention_flops && UsesFlash(p)) {
     return FlashScratchBytes(FlashShape(p)) * omp_get_max_threads() + KeyPaddingBiasFloats(p) * kF32;
@@ -159,6 +160,10 @@ absl::Status CheckBlockOptions(const MultiheadAttention::Options& options) {
     return absl::InvalidArgumentError(absl::StrCat(
         "flash_min_keys, flash_query_rows and flash_key_cols must be >= 0, got ", options.flash_min_keys,
         ", ", options.flash_query_rows, " and ", options.flash_key_cols));
+  }
+  if (options.short_attention_max_len < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("short_attention_max_len must be >= 0, got ", options.short_attention_max_len));
   }
   return absl::OkStatus();
 }
@@ -242,7 +247,14 @@ absl::Status MultiheadAttention::BuildPrimitives(MhaWeights weights) {
 }
 
 absl::Status MultiheadAttention::BuildBlockMatmuls() {
-  if (compute_ != ComputeType::kBFloat16 || options_.flash_min_keys == 0) return absl::OkStatus();
+  if (compute_ != ComputeType::kBFloat16) return absl::OkStatus();
+  if (options_.short_attention_max_len > 0) {
+    absl::StatusOr<std::unique_ptr<ShortAttention>> short_attention =
+        ShortAttention::Create({options_.config.head_dim(), options_.short_attention_max_len});
+    if (!short_attention.ok() && !absl::IsUnimplemented(short_attention.status())) return short_attention.status();
+    if (short_attention.ok()) short_attention_ = *std::move(short_attention);
+  }
+  if (options_.flash_min_keys == 0) return absl::OkStatus();
   const int64_t rows = options_.flash_query_rows, keys = options_.flash_key_cols, dh = options_.config.head_dim();
   absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> scores = Bf16BlockMatmul::Create(rows, keys, dh, true, false);
   absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> context = Bf16BlockMatmul::Create(rows, dh, keys, false, true);
@@ -370,7 +382,7 @@ absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::Project(const 
     proj.ldq = proj.ldk = proj.ldv = 3 * e;
     proj.k = proj.q + e;
     proj.v = proj.q + 2 * e;
-    MirrorBf16(n_q, n_q, &proj);
+    if (NeedsBf16Mirror(g)) MirrorBf16(n_q, n_q, &proj);
     return proj;
   }
   proj.q = Workspace::Grow(ws.q, static_cast<size_t>(n_q * e));
@@ -382,8 +394,12 @@ absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::Project(const 
   proj.ldq = proj.ldk = proj.ldv = e;
   proj.k = kp;
   proj.v = vp;
-  MirrorBf16(n_q, n_kv, &proj);
+  if (NeedsBf16Mirror(g)) MirrorBf16(n_q, n_kv, &proj);
   return proj;
+}
+
+bool MultiheadAttention::NeedsBf16Mirror(const Group& g) const {
+  return std::any_of(g.members.begin(), g.members.end(), [&](const ParsedAttention* p) { return !UsesShort(*p); });
 }
 
 void MultiheadAttention::MirrorBf16(int64_t q_rows, int64_t kv_rows, Projected* proj) const {
@@ -413,26 +429,37 @@ void MultiheadAttention::MirrorBf16(int64_t q_rows, int64_t kv_rows, Projected* 
 
 namespace {
 
-// Sequences [seq_begin, seq_end) of one member of a group: the unit of attention work.
+// Sequences [seq_begin, seq_end), heads [h_begin, h_end) of one member of a group: the unit of attention work.
 struct AttentionUnit {
   size_t member;
-  int64_t seq_begin, seq_end;
+  int64_t seq_begin, seq_end, h_begin, h_end;
 };
 
 // Small requests (attention below `small_flops`) are cut into units of a few sequences, about four per
 // thread from one request so that a lone request still spreads over the threads; large ones are listed
-// whole, to run one after another with every thread inside oneDNN.
-void PlanAttentionUnits(const std::vector<const ParsedAttention*>& members, int64_t embed_dim, int64_t threads,
-                        int64_t small_flops, std::vector<AttentionUnit>* small, std::vector<size_t>* large) {
+// whole, to run one after another with every thread inside oneDNN. Requests on the short path (`is_short`)
+// are units whatever their size (their matmuls are single-threaded), with the heads of a sequence split in
+// groups when there are fewer than two sequences per thread.
+void PlanAttentionUnits(const std::vector<const ParsedAttention*>& members, int64_t embed_dim, int64_t heads,
+                        int64_t threads, int64_t small_flops, absl::FunctionRef<bool(const ParsedAttention&)> is_short,
+                        std::vector<AttentionUnit>* small, std::vector<size_t>* large) {
   for (size_t i = 0; i < members.size(); ++i) {
     const ParsedAttention& p = *members[i];
     const int64_t attention_flops = 4 * p.batch * p.q_len * p.kv_len * embed_dim;
-    if (attention_flops >= small_flops) {
+    const bool short_path = is_short(p);
+    if (attention_flops >= small_flops && !short_path) {
       large->push_back(i);
       continue;
     }
-    const int64_t per_unit = std::max<int64_t>(1, p.batch / (4 * threads));
-    for (int64_t b = 0; b < p.batch; b += per_unit) small->push_back({i, b, std::min(p.batch, b + per_unit)});
+    const int64_t head_groups =
+        short_path && p.batch < 2 * threads ? std::min(heads, (2 * threads + p.batch - 1) / p.batch) : 1;
+    const int64_t per_group = (heads + head_groups - 1) / head_groups;
+    const int64_t per_unit = head_groups > 1 ? 1 : std::max<int64_t>(1, p.batch / (4 * threads));
+    for (int64_t b = 0; b < p.batch; b += per_unit) {
+      for (int64_t h = 0; h < heads; h += per_group) {
+        small->push_back({i, b, std::min(p.batch, b + per_unit), h, std::min(heads, h + per_group)});
+      }
+    }
   }
 }
 
@@ -450,26 +477,30 @@ std::vector<absl::Status> MultiheadAttention::AttendGroup(const Group& g, const 
   }
   std::vector<AttentionUnit> small;
   std::vector<size_t> large;
-  PlanAttentionUnits(g.members, options_.config.embed_dim, threads, options_.small_attention_flops, &small, &large);
-  auto attend = [&](size_t i, int64_t seq_begin, int64_t seq_end) {
-    const ParsedAttention& p = *g.members[i];
-    Tensor* weights = p.inputs->need_weights ? &g.outputs[i]->attn_weights : nullptr;
-    auto should_stop = [&] { return stop ? stop(g.index[i]) : absl::OkStatus(); };
-    return Attend(p, seq_begin, seq_end, proj, q_rows[i], kv_rows[i], weights, should_stop);
+  const int64_t heads = options_.config.num_heads;
+  PlanAttentionUnits(
+      g.members, options_.config.embed_dim, heads, threads, options_.small_attention_flops,
+      [this](const ParsedAttention& p) { return UsesShort(p); }, &small, &large);
+  auto attend = [&](const AttentionUnit& u) {
+    const ParsedAttention& p = *g.members[u.member];
+    auto should_stop = [&] { return stop ? stop(g.index[u.member]) : absl::OkStatus(); };
+    if (UsesShort(p)) {
+      return AttendShort(p, u.seq_begin, u.seq_end, u.h_begin, u.h_end, proj, q_rows[u.member], kv_rows[u.member],
+                         should_stop);
+    }
+    Tensor* weights = p.inputs->need_weights ? &g.outputs[u.member]->attn_weights : nullptr;
+    return Attend(p, u.seq_begin, u.seq_end, u.h_begin, u.h_end, proj, q_rows[u.member], kv_rows[u.member], weights,
+                  should_stop);
   };
   std::vector<absl::Status> unit_statuses(small.size());
   const int64_t num_small = static_cast<int64_t>(small.size());
   if (num_small == 1 || threads == 1) {
     // No parallel construct at all: even a serialized one (`if` false) would make every oneDNN call
     // inside it a nested region, and libgomp starts fresh threads for each nested team.
-    for (int64_t u = 0; u < num_small; ++u) {
-      unit_statuses[u] = attend(small[u].member, small[u].seq_begin, small[u].seq_end);
-    }
+    for (int64_t u = 0; u < num_small; ++u) unit_statuses[u] = attend(small[u]);
   } else {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t u = 0; u < num_small; ++u) {
-      unit_statuses[u] = attend(small[u].member, small[u].seq_begin, small[u].seq_end);
-    }
+    for (int64_t u = 0; u < num_small; ++u) unit_statuses[u] = attend(small[u]);
   }
   std::vector<absl::Status> member_status(n);
   for (size_t u = 0; u < small.size(); ++u) {
@@ -479,9 +510,13 @@ std::vector<absl::Status> MultiheadAttention::AttendGroup(const Group& g, const 
     const ParsedAttention& p = *g.members[i];
     auto should_stop = [&] { return stop ? stop(g.index[i]) : absl::OkStatus(); };
     member_status[i] = UsesFlash(p) ? AttendFlash(p, proj, q_rows[i], kv_rows[i], threads, should_stop)
-                                    : attend(i, 0, p.batch);
+                                    : attend({i, 0, p.batch, 0, heads});
   }
   return member_status;
+}
+
+bool MultiheadAttention::UsesShort(const ParsedAttention& p) const {
+  return short_attention_ != nullptr && !p.inputs->need_weights && short_attention_->Serves(p.q_len, p.kv_len);
 }
 
 bool MultiheadAttention::UsesFlash(const ParsedAttention& p) const {
@@ -544,6 +579,34 @@ absl::Status MultiheadAttention::AttendFlash(const ParsedAttention& p, const Pro
   return FlashAttention(a, threads, should_stop);
 }
 
+absl::Status MultiheadAttention::AttendShort(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end,
+                                             int64_t h_begin, int64_t h_end, const Projected& proj, int64_t q_row,
+                                             int64_t kv_row, absl::FunctionRef<absl::Status()> should_stop) const {
+  ShortAttention::Args a;
+  a.q_len = p.q_len;
+  a.kv_len = p.kv_len;
+  a.q = {proj.q + q_row * proj.ldq, proj.ldq, p.q_len * proj.ldq};
+  a.k = {proj.k + kv_row * proj.ldk, proj.ldk, p.kv_len * proj.ldk};
+  a.v = {proj.v + kv_row * proj.ldv, proj.ldv, p.kv_len * proj.ldv};
+  a.out = proj.q + q_row * proj.ldq;
+  a.out_ld = proj.ldq;
+  a.out_seq_stride = p.q_len * proj.ldq;
+  auto add_masks = [&](int64_t b, int64_t h0, int64_t hb, float* scores, int64_t ld, int64_t head_rows) {
+    return MaskBlock(p, Block{b, 1, h0, hb, 0, p.q_len, p.kv_len}, scores, ld, head_rows);
+  };
+  const ShortAttention::MaskFn mask = add_masks;
+  for (int64_t b = seq_begin; b < seq_end; ++b) {
+    ATTN_RETURN_IF_ERROR(should_stop());
+    absl::Status status =
+        short_attention_->Run(a, b, h_begin, h_end - h_begin, p.has_mask() ? &mask : nullptr);
+    if (absl::IsUnimplemented(status)) {  // no AMX kernel for this shape: nothing was written
+      status = Attend(p, b, b + 1, h_begin, h_end, proj, q_row, kv_row, nullptr, should_stop);
+    }
+    ATTN_RETURN_IF_ERROR(status);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status MultiheadAttention::ProjectOutput(const Group& g, const Projected& proj) const {
   const int64_t e = options_.config.embed_dim;
   if (g.members.size() == 1) {
@@ -586,9 +649,10 @@ uint16_t* SoftmaxToBf16(float* scores, int64_t rows, int64_t cols, const uint8_t
 }  // namespace
 
 absl::Status MultiheadAttention::Attend(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end,
-                                        const Projected& proj, int64_t q_row, int64_t kv_row, Tensor* weights,
+                                        int64_t h_begin, int64_t h_end, const Projected& proj, int64_t q_row,
+                                        int64_t kv_row, Tensor* weights,
                                         absl::FunctionRef<absl::Status()> should_stop) const {
-  const int64_t h = options_.config.num_heads, dh = options_.config.head_dim();
+  const int64_t dh = options_.config.head_dim();
   float* q = proj.q + q_row * proj.ldq;
   const int64_t ldq = proj.ldq;
   // bf16 layers read Q, K and V from their bf16 copies; the context goes to the f32 Q columns.
@@ -597,12 +661,13 @@ absl::Status MultiheadAttention::Attend(const ParsedAttention& p, int64_t seq_be
   const int64_t ldv = bf16 ? proj.ld16 : proj.ldv;
   const int64_t len_q = p.q_len, len_k = p.kv_len;
   Workspace& ws = ThreadWorkspace();
-  const BlockPlan plan = PlanBlocks(p.batch, h, len_q, len_k, options_.scores_block_bytes, options_.min_block_rows);
+  const BlockPlan plan =
+      PlanBlocks(p.batch, h_end - h_begin, len_q, len_k, options_.scores_block_bytes, options_.min_block_rows);
   for (int64_t b0 = seq_begin; b0 < seq_end; b0 += plan.seqs) {
     const int64_t nb = std::min(plan.seqs, seq_end - b0);
     // Heads outer, query blocks inner: one head's K and V stay in cache across its query blocks.
-    for (int64_t h0 = 0; h0 < h; h0 += plan.heads) {
-      const int64_t hb = std::min(plan.heads, h - h0);
+    for (int64_t h0 = h_begin; h0 < h_end; h0 += plan.heads) {
+      const int64_t hb = std::min(plan.heads, h_end - h0);
       const int64_t kv_first = kv_row + b0 * len_k;
       for (int64_t l0 = 0; l0 < len_q; l0 += plan.rows) {
         const int64_t lb = std::min(plan.rows, len_q - l0);
@@ -643,6 +708,11 @@ absl::Status MultiheadAttention::Attend(const ParsedAttention& p, int64_t seq_be
 }
 
 const uint8_t* MultiheadAttention::MaskBlock(const ParsedAttention& p, const Block& blk, float* scores) const {
+  return MaskBlock(p, blk, scores, blk.cols, blk.lb);
+}
+
+const uint8_t* MultiheadAttention::MaskBlock(const ParsedAttention& p, const Block& blk, float* scores, int64_t ld,
+                                             int64_t head_rows) const {
   if (!p.has_mask()) return nullptr;
   Workspace& ws = ThreadWorkspace();
   const int64_t h = options_.config.num_heads, cols = blk.cols;
@@ -652,7 +722,7 @@ const uint8_t* MultiheadAttention::MaskBlock(const ParsedAttention& p, const Blo
     for (int64_t i = 0; i < blk.lb; ++i) {
       const bool any_open = BuildSharedMaskRow(p, blk.b0 + sb, blk.l0 + i, cols, shared);
       for (int64_t hi = 0; hi < blk.hb; ++hi) {
-        float* row = scores + ((sb * blk.hb + hi) * blk.lb + i) * cols;
+        float* row = scores + ((sb * blk.hb + hi) * head_rows + i) * ld;
         const bool open = AddMaskRow(p, h, blk.b0 + sb, blk.h0 + hi, blk.l0 + i, cols, shared, row);
         dead[(sb * blk.hb + hi) * blk.lb + i] = !(any_open && open);
       }
@@ -711,6 +781,9 @@ std::vector<std::string> MultiheadAttention::ImplementationsUsed() const {
     if (op != nullptr) {
       for (const std::string& impl : op->Impls()) add(impl);
     }
+  }
+  if (short_attention_ != nullptr) {
+    for (const std::string& impl : short_attention_->Impls()) add(impl);
   }
   for (const std::string& s : softmax_.Impls()) add(s);
   return impls;

@@ -34,6 +34,7 @@
 #include "core/mha_config.h"
 #include "core/mha_weights.h"
 #include "core/onednn_ops.h"
+#include "core/short_attention.h"
 
 namespace attnserve {
 
@@ -90,6 +91,10 @@ class MultiheadAttention : public AppendEngine {
     // blocks than its AVX2 ones to amortise that (BENCHMARKS.md has the measurements).
     int64_t flash_query_rows = 0;
     int64_t flash_key_cols = 0;
+    // bf16 layers on AMX tiles: requests whose query and key lengths are both at most this many tokens and that
+    // ask no weights run ShortAttention (core/short_attention.h): per sequence, all heads in two fixed-size bf16
+    // matmuls on AMX tiles, ahead of the blocked and flash paths. 0 disables.
+    int64_t short_attention_max_len = 256;
     // Softmax primitives kept, one per (rows, S) shape seen.
     int64_t softmax_cache_capacity = 512;
     // What the matmuls multiply in. kBFloat16: weights held in bf16, activations converted at each matmul
@@ -180,6 +185,10 @@ class MultiheadAttention : public AppendEngine {
   // (scores and context) it has run there so far.
   bool flash_blocks_on_amx() const { return block_scores_ != nullptr; }
   int64_t flash_amx_block_matmuls() const;
+  // Whether this (bf16) layer runs short requests through ShortAttention, and how many sequences (or head
+  // groups of one) it has run there so far.
+  bool short_attention_on_amx() const { return short_attention_ != nullptr; }
+  int64_t short_attention_runs() const { return short_attention_ == nullptr ? 0 : short_attention_->executions(); }
 
  private:
   struct Group;
@@ -187,7 +196,8 @@ class MultiheadAttention : public AppendEngine {
   struct Block;
   MultiheadAttention(const Options& options) : options_(options), softmax_(options.softmax_cache_capacity) {}
   absl::Status BuildPrimitives(MhaWeights weights);
-  // block_scores_ and block_context_ for the resolved flash blocks, where bf16 has AMX kernels for them.
+  // block_scores_ and block_context_ for the resolved flash blocks, and short_attention_, where bf16 has AMX
+  // kernels for them.
   absl::Status BuildBlockMatmuls();
   // The stages of one group (self- or cross-attention members of a batch): projections, attention per
   // request on `threads` OpenMP threads, output projection.
@@ -199,21 +209,32 @@ class MultiheadAttention : public AppendEngine {
                                         const StopFn& stop) const;
   absl::Status ProjectOutput(const Group& group, const Projected& proj) const;
   bool UsesFlash(const ParsedAttention& p) const;
+  bool UsesShort(const ParsedAttention& p) const;
   // The sizes and blocks of p's FlashAttention (no operands).
   FlashAttentionArgs FlashShape(const ParsedAttention& p) const;
   // Attention of a whole request through FlashAttention on `threads` threads.
   absl::Status AttendFlash(const ParsedAttention& p, const Projected& proj, int64_t q_row, int64_t kv_row,
                            int threads, absl::FunctionRef<absl::Status()> should_stop) const;
-  // bf16 layers: Q, K and V copied to bf16 (the attention matmuls' inputs); nothing in f32.
+  // bf16 layers: Q, K and V copied to bf16 (the attention matmuls' inputs); nothing in f32. Not needed when
+  // every member takes ShortAttention, which makes its own copies from the f32 rows.
+  bool NeedsBf16Mirror(const Group& group) const;
   void MirrorBf16(int64_t q_rows, int64_t kv_rows, Projected* proj) const;
-  // Attention of sequences [seq_begin, seq_end) of one request whose first query row is `q_row` and first
-  // key/value row `kv_row` of the projections.
-  absl::Status Attend(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end, const Projected& proj,
-                      int64_t q_row, int64_t kv_row, Tensor* weights,
+  // Attention of sequences [seq_begin, seq_end), heads [h_begin, h_end) of one request whose first query row is
+  // `q_row` and first key/value row `kv_row` of the projections.
+  absl::Status Attend(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end, int64_t h_begin, int64_t h_end,
+                      const Projected& proj, int64_t q_row, int64_t kv_row, Tensor* weights,
                       absl::FunctionRef<absl::Status()> should_stop) const;
+  // The same through ShortAttention (no weights); sequences whose shape has no AMX kernel go through Attend.
+  absl::Status AttendShort(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end, int64_t h_begin,
+                           int64_t h_end, const Projected& proj, int64_t q_row, int64_t kv_row,
+                           absl::FunctionRef<absl::Status()> should_stop) const;
   // The parts of one Attend block: additive masks over the block's scores (returns the rows with every key
-  // masked, or null when unmasked), and the weights it adds to `weights`.
+  // masked, [nb, hb, lb], or null when unmasked), and the weights it adds to `weights`. Row i of head hi of
+  // sequence sb at scores[((sb * hb + hi) * head_rows + i) * ld]: MaskBlock(p, blk, scores) is a dense block
+  // (ld = cols, head_rows = lb).
   const uint8_t* MaskBlock(const ParsedAttention& p, const Block& blk, float* scores) const;
+  const uint8_t* MaskBlock(const ParsedAttention& p, const Block& blk, float* scores, int64_t ld,
+                           int64_t head_rows) const;
   void AddBlockWeights(const ParsedAttention& p, const Block& blk, const float* probs, Tensor* weights) const;
   // ForwardAppends for appends of one kind (self- or cross-attention): projections, the cache appends,
   // attention per append, output projection; a status per member.
@@ -234,6 +255,8 @@ class MultiheadAttention : public AppendEngine {
   std::unique_ptr<HeadMatmulOp> scores_op_, context_op_, context_add_op_;
   // bf16 layers on AMX tiles: FlashAttention's whole blocks (FlashBf16::block_scores, block_context); else null.
   std::unique_ptr<Bf16BlockMatmul> block_scores_, block_context_;
+  // bf16 layers on AMX tiles: short requests' attention (Options::short_attention_max_len); else null.
+  std::unique_ptr<ShortAttention> short_attention_;
   SoftmaxCache softmax_;
 };
 

@@ -478,8 +478,7 @@ void ExecuteLinear(const MatmulVariants::Variant& v, const dnnl::memory& weights
 }
 
 void ExecuteFixed(const FixedRowsMatmuls::Variant& v, const FixedRowsPanel& panel, const void* x, float* y) {
-  ExecuteLinear(v, panel.weights, panel.bias, dnnl::memory(v.pd.src_desc(), CpuEngine(), const_cast<void*>(x)),
-                dnnl::memory(v.pd.dst_desc(), CpuEngine(), y));
+  ExecuteFixedMatmul(v, x, panel.weights.get_data_handle(), y, panel.bias ? panel.bias.get_data_handle() : nullptr);
 }
 
 // rows <= kFixedRowsMax of bf16 x [rows, k] through the panel's fixed primitive of their count, or of the next

@@ -42,6 +42,53 @@ void ExecuteMatmul(const dnnl::matmul::primitive_desc& pd, const dnnl::matmul& p
   ts.stream.wait();
 }
 
+uint64_t NextVariantId() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+namespace {
+
+FixedMatmulArgs& ArgsOf(ThreadState& ts, const MatmulVariants::Variant& v) {
+  auto found = ts.fixed_args.find(v.id);
+  if (found != ts.fixed_args.end()) return found->second;
+  if (ts.fixed_args.size() >= ThreadState::kMaxFixedMatmulArgs) ts.fixed_args.clear();
+  FixedMatmulArgs args;
+  args.src = dnnl::memory(v.pd.src_desc(), CpuEngine(), nullptr);
+  args.weights = dnnl::memory(v.pd.weights_desc(), CpuEngine(), nullptr);
+  args.dst = dnnl::memory(v.pd.dst_desc(), CpuEngine(), nullptr);
+  if (v.pd.bias_desc().get_size() > 0) args.bias = dnnl::memory(v.pd.bias_desc(), CpuEngine(), nullptr);
+  args.scratchpad = dnnl::memory(v.pd.scratchpad_desc(), CpuEngine(), nullptr);
+  return ts.fixed_args.emplace(v.id, std::move(args)).first->second;
+}
+
+}  // namespace
+
+void ExecuteFixedMatmul(const MatmulVariants::Variant& v, const void* src, const void* weights, void* dst,
+                        const void* bias) {
+  ThreadState& ts = ThisThread();
+  FixedMatmulArgs& args = ArgsOf(ts, v);
+  const size_t scratch_bytes = v.pd.scratchpad_desc().get_size();
+  if (ts.scratchpad.size() < scratch_bytes) ts.scratchpad.resize(scratch_bytes);
+  args.src.set_data_handle(const_cast<void*>(src));
+  args.weights.set_data_handle(const_cast<void*>(weights));
+  args.dst.set_data_handle(dst);
+  args.scratchpad.set_data_handle(scratch_bytes > 0 ? ts.scratchpad.data() : nullptr);
+  dnnl_exec_arg_t exec_args[5] = {{DNNL_ARG_SRC, args.src.get()},
+                                  {DNNL_ARG_WEIGHTS, args.weights.get()},
+                                  {DNNL_ARG_DST, args.dst.get()},
+                                  {DNNL_ARG_SCRATCHPAD, args.scratchpad.get()},
+                                  {DNNL_ARG_BIAS, nullptr}};
+  int nargs = 4;
+  if (bias != nullptr) {
+    args.bias.set_data_handle(const_cast<void*>(bias));
+    exec_args[nargs++].memory = args.bias.get();
+  }
+  dnnl::error::wrap_c_api(dnnl_primitive_execute(v.prim.get(), ts.stream.get(), nargs, exec_args),
+                          "could not execute a fixed-size matmul");
+  ts.stream.wait();
+}
+
 dnnl::primitive_attr UserScratchpad() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -190,33 +237,38 @@ absl::Status HeadMatmulOp::Execute(const View4& a_in, const View4& b_in, const V
 // ------------------------------------------------------------------------------------------ Bf16BlockMatmul
 
 struct Bf16BlockMatmul::Impl {
-  Impl(const dnnl::matmul::desc& desc, bool accumulate, int64_t m, int64_t n, int64_t k)
-      : variants(desc, accumulate), m(m), n(n), k(k) {}
+  Impl(const dnnl::matmul::desc& desc, bool accumulate, int64_t batch, int64_t m, int64_t n, int64_t k)
+      : variants(desc, accumulate), batch(batch), m(m), n(n), k(k) {}
   MatmulVariants variants;
-  const int64_t m, n, k;
+  const int64_t batch, m, n, k;
   std::atomic<int64_t> executions{0};
 };
 
 Bf16BlockMatmul::Bf16BlockMatmul(std::unique_ptr<Impl> impl) : impl_ptr_(std::move(impl)) {}
 Bf16BlockMatmul::~Bf16BlockMatmul() = default;
 std::vector<std::string> Bf16BlockMatmul::Impls() const { return impl_ptr_->variants.Impls(); }
+int64_t Bf16BlockMatmul::batch() const { return impl_ptr_->batch; }
 int64_t Bf16BlockMatmul::m() const { return impl_ptr_->m; }
 int64_t Bf16BlockMatmul::n() const { return impl_ptr_->n; }
 int64_t Bf16BlockMatmul::k() const { return impl_ptr_->k; }
 int64_t Bf16BlockMatmul::executions() const { return impl_ptr_->executions.load(std::memory_order_relaxed); }
 
 absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> Bf16BlockMatmul::Create(int64_t m, int64_t n, int64_t k,
-                                                                          bool transpose_b, bool accumulate) {
-  if (m <= 0 || n <= 0 || k <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("Bf16BlockMatmul: sizes must be > 0, got ", m, " x ", n, " x ", k));
+                                                                          bool transpose_b, bool accumulate,
+                                                                          int64_t batch) {
+  if (m <= 0 || n <= 0 || k <= 0 || batch <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("Bf16BlockMatmul: sizes must be > 0, got ", batch, " x ", m, " x ",
+                                                   n, " x ", k, " (batch x m x n x k)"));
   }
   if (!OnednnUsesAmx()) return absl::UnimplementedError("Bf16BlockMatmul: no AMX on this CPU");
   try {
-    const dnnl::memory::desc a_md({m, k}, dt::bf16, tag::ab), b_md({k, n}, dt::bf16, transpose_b ? tag::ba : tag::ab);
-    const dnnl::memory::desc c_md({m, n}, dt::f32, tag::ab);
-    auto impl = std::make_unique<Impl>(dnnl::matmul::desc(a_md, b_md, c_md), accumulate, m, n, k);
+    const dnnl::memory::desc a_md({batch, m, k}, dt::bf16, tag::abc);
+    const dnnl::memory::desc b_md({batch, k, n}, dt::bf16, transpose_b ? tag::acb : tag::abc);
+    const dnnl::memory::desc c_md({batch, m, n}, dt::f32, tag::abc);
+    auto impl = std::make_unique<Impl>(dnnl::matmul::desc(a_md, b_md, c_md), accumulate, batch, m, n, k);
     if (!absl::StrContains(impl->variants.Get().pd.impl_info_str(), "amx")) {
-      return absl::UnimplementedError(absl::StrCat("Bf16BlockMatmul: no AMX kernel for ", m, " x ", n, " x ", k));
+      return absl::UnimplementedError(
+          absl::StrCat("Bf16BlockMatmul: no AMX kernel for ", batch, " x ", m, " x ", n, " x ", k));
     }
     return std::unique_ptr<Bf16BlockMatmul>(new Bf16BlockMatmul(std::move(impl)));
   } catch (const dnnl::error& e) {
@@ -227,9 +279,7 @@ absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> Bf16BlockMatmul::Create(int64_t
 absl::Status Bf16BlockMatmul::Execute(const uint16_t* a, const uint16_t* b, float* c) const {
   try {
     MatmulVariants::Variant& v = impl_ptr_->variants.Get();
-    ExecuteMatmul(v.pd, v.prim, dnnl::memory(v.pd.src_desc(), CpuEngine(), const_cast<uint16_t*>(a)),
-                  dnnl::memory(v.pd.weights_desc(), CpuEngine(), const_cast<uint16_t*>(b)),
-                  dnnl::memory(v.pd.dst_desc(), CpuEngine(), c));
+    ExecuteFixedMatmul(v, a, b, c);
     impl_ptr_->executions.fetch_add(1, std::memory_order_relaxed);
     return absl::OkStatus();
   } catch (const dnnl::error& e) {
@@ -257,41 +307,28 @@ struct SoftmaxCache::Entry {
   dnnl::softmax_forward prim;
 };
 
-SoftmaxCache::SoftmaxCache(size_t capacity) : capacity_(std::max<size_t>(capacity, 1)) {}
+SoftmaxCache::SoftmaxCache(size_t capacity) : cache_(capacity) {}
 SoftmaxCache::~SoftmaxCache() = default;
 
 absl::StatusOr<std::shared_ptr<const SoftmaxCache::Entry>> SoftmaxCache::Get(int64_t rows, int64_t cols) const {
-  const Key key{rows, cols, TeamSize()};
-  {
-    absl::MutexLock lock(&mu_);
-    auto it = map_.find(key);
-    if (it != map_.end()) {
-      lru_.splice(lru_.begin(), lru_, it->second.second);
-      return it->second.first;
+  auto build = [&]() -> absl::StatusOr<std::shared_ptr<Entry>> {
+    auto entry = std::make_shared<Entry>();
+    try {
+      const dnnl::memory::desc md({rows, cols}, dt::f32, tag::ab);
+      entry->pd = dnnl::softmax_forward::primitive_desc(
+          dnnl::softmax_forward::desc(dnnl::prop_kind::forward_inference, md, 1), UserScratchpad(), CpuEngine());
+      entry->prim = dnnl::softmax_forward(entry->pd);
+    } catch (const dnnl::error& e) {
+      return FromDnnl(e, "softmax creation");
     }
-  }
-  // Built outside the lock: creation takes tens of microseconds and other shapes need not wait for it.
-  auto entry = std::make_shared<Entry>();
-  try {
-    const dnnl::memory::desc md({rows, cols}, dt::f32, tag::ab);
-    entry->pd = dnnl::softmax_forward::primitive_desc(
-        dnnl::softmax_forward::desc(dnnl::prop_kind::forward_inference, md, 1), UserScratchpad(), CpuEngine());
-    entry->prim = dnnl::softmax_forward(entry->pd);
-  } catch (const dnnl::error& e) {
-    return FromDnnl(e, "softmax creation");
-  }
-  absl::MutexLock lock(&mu_);
-  auto it = map_.find(key);
-  if (it != map_.end()) return it->second.first;  // another thread built it meanwhile
-  const std::string impl = entry->pd.impl_info_str();
-  if (std::find(impls_seen_.begin(), impls_seen_.end(), impl) == impls_seen_.end()) impls_seen_.push_back(impl);
-  lru_.push_front(key);
-  map_.emplace(key, std::make_pair(entry, lru_.begin()));
-  while (map_.size() > capacity_) {
-    map_.erase(lru_.back());
-    lru_.pop_back();
-  }
-  return std::shared_ptr<const Entry>(entry);
+    return entry;
+  };
+  auto record_impl = [&](const Entry& entry) {
+    absl::MutexLock lock(&impls_mu_);
+    const std::string impl = entry.pd.impl_info_str();
+    if (std::find(impls_seen_.begin(), impls_seen_.end(), impl) == impls_seen_.end()) impls_seen_.push_back(impl);
+  };
+  return cache_.GetOrBuild(Key{rows, cols, TeamSize()}, build, record_impl);
 }
 
 absl::Status SoftmaxCache::Execute(float* data, int64_t rows, int64_t cols) const {
@@ -312,13 +349,10 @@ absl::Status SoftmaxCache::Execute(float* data, int64_t rows, int64_t cols) cons
 }
 
 std::vector<std::string> SoftmaxCache::Impls() const {
-  absl::MutexLock lock(&mu_);
+  absl::MutexLock lock(&impls_mu_);
   return impls_seen_;
 }
 
-size_t SoftmaxCache::size() const {
-  absl::MutexLock lock(&mu_);
-  return map_.size();
-}
+size_t SoftmaxCache::size() const { return cache_.size(); }
 
 }  // namespace attnserve

@@ -13,7 +13,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <list>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -21,9 +20,9 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "core/lru_cache.h"
 
 namespace attnserve {
 
@@ -158,17 +157,20 @@ class HeadMatmulOp {
 };
 
 // C[M, N] = A[M, K] . B[K, N] (+ C when `accumulate`): bf16 A and B, f32 C, all dense row-major (B given as
-// B^T [N, K] when `transpose_b`), with M, N and K fixed at creation. oneDNN 2.6 reaches its AMX kernels only when every size and stride is fixed: a bf16 layer's
+// B^T [N, K] when `transpose_b`), with M, N and K fixed at creation; `batch` such products at once, each operand
+// [batch, ...] dense. oneDNN 2.6 reaches its AMX kernels only when every size and stride is fixed: a bf16 layer's
 // FlashAttention runs its whole blocks here (scores: a Q block . a K^T block; context: probabilities . a V block),
-// on dense copies. Create is Unimplemented where the kernel would not be AMX (callers keep HeadMatmulOp then).
+// and ShortAttention all the heads of a short sequence at once, on dense copies. Create is Unimplemented where
+// the kernel would not be AMX (callers keep HeadMatmulOp then).
 class Bf16BlockMatmul {
  public:
   static absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> Create(int64_t m, int64_t n, int64_t k, bool transpose_b,
-                                                                 bool accumulate);
+                                                                 bool accumulate, int64_t batch = 1);
   ~Bf16BlockMatmul();
-  // a [M, K], b [K, N] or [N, K] (bf16 bit patterns), c [M, N] f32.
+  // a [batch, M, K], b [batch, K, N] or [batch, N, K] (bf16 bit patterns), c [batch, M, N] f32.
   absl::Status Execute(const uint16_t* a, const uint16_t* b, float* c) const;
   std::vector<std::string> Impls() const;
+  int64_t batch() const;
   int64_t m() const;
   int64_t n() const;
   int64_t k() const;
@@ -198,12 +200,9 @@ class SoftmaxCache {
   using Key = std::tuple<int64_t, int64_t, int>;  // rows, cols, OpenMP team size
   absl::StatusOr<std::shared_ptr<const Entry>> Get(int64_t rows, int64_t cols) const;
 
-  const size_t capacity_;
-  mutable absl::Mutex mu_;
-  mutable std::list<Key> lru_ ABSL_GUARDED_BY(mu_);  // front = most recently used
-  mutable absl::flat_hash_map<Key, std::pair<std::shared_ptr<const Entry>, std::list<Key>::iterator>> map_
-      ABSL_GUARDED_BY(mu_);
-  mutable std::vector<std::string> impls_seen_ ABSL_GUARDED_BY(mu_);
+  mutable LruCache<Key, Entry> cache_;
+  mutable absl::Mutex impls_mu_;
+  mutable std::vector<std::string> impls_seen_ ABSL_GUARDED_BY(impls_mu_);
 };
 
 }  // namespace attnserve

@@ -121,5 +121,44 @@ TEST(OnednnImplTest, Bf16BlockMatmulEqualsTheReference) {
   }
 }
 
+// Fixed-size matmuls keep their memory objects per thread and op (only the data handles change per call), at
+// most 1024 ops' worth per thread, then start over. Batched ops (all heads of a sequence), 1,100 ops used in
+// turn on one thread and then the first ones again: each call reads its own operands and writes its own C.
+TEST(OnednnImplTest, FixedMatmulsKeepTheirOwnArgumentsPerThread) {
+  if (!OnednnUsesAmx()) {
+    EXPECT_EQ(Bf16BlockMatmul::Create(16, 16, 32, true, false, 3).status().code(), absl::StatusCode::kUnimplemented);
+    return;
+  }
+  std::mt19937_64 rng(4);
+  constexpr int64_t kBatch = 3, kM = 16, kN = 16, kK = 32;
+  std::vector<std::unique_ptr<Bf16BlockMatmul>> ops;
+  for (int i = 0; i < 1100; ++i) {
+    auto op = Bf16BlockMatmul::Create(kM, kN, kK, /*transpose_b=*/i % 2 == 0, false, kBatch);
+    ASSERT_TRUE(op.ok()) << op.status();
+    ASSERT_EQ((*op)->batch(), kBatch);
+    ops.push_back(std::move(*op));
+  }
+  auto run = [&](size_t i) {
+    const bool transpose_b = i % 2 == 0;
+    std::vector<uint16_t> a(kBatch * kM * kK), b(kBatch * kK * kN);
+    const std::vector<float> af = testing::RandomValues(rng, a.size()), bf = testing::RandomValues(rng, b.size());
+    for (size_t j = 0; j < a.size(); ++j) a[j] = FloatToBFloat16(af[j]);
+    for (size_t j = 0; j < b.size(); ++j) b[j] = FloatToBFloat16(bf[j]);
+    std::vector<float> got(kBatch * kM * kN, NAN);
+    ASSERT_TRUE(ops[i]->Execute(a.data(), b.data(), got.data()).ok());
+    for (int64_t t = 0; t < kBatch; ++t) {
+      const std::vector<uint16_t> at(a.begin() + t * kM * kK, a.begin() + (t + 1) * kM * kK);
+      const std::vector<uint16_t> bt(b.begin() + t * kK * kN, b.begin() + (t + 1) * kK * kN);
+      const std::vector<float> ct(got.begin() + t * kM * kN, got.begin() + (t + 1) * kM * kN);
+      ASSERT_LE(testing::MaxAbsDiff(ct, BlockReference(at, bt, std::vector<float>(kM * kN, 0.0f), kM, kN, kK,
+                                                       transpose_b, false)),
+                1e-3)
+          << "op " << i << ", product " << t;
+    }
+  };
+  for (size_t i = 0; i < ops.size(); ++i) run(i);
+  for (size_t i = 0; i < 8; ++i) run(i);
+}
+
 }  // namespace
 }  // namespace attnserve

@@ -1,0 +1,142 @@
+#include "core/short_attention.h"
+
+#include <algorithm>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/bf16_rows.h"
+#include "core/row_softmax.h"
+#include "common/status_macros.h"
+
+namespace attnserve {
+namespace {
+
+constexpr int64_t kPad = 16;  // rows of an AMX tile; also a bf16 tile's pairs of 16 keys
+constexpr int64_t kBf16 = 2, kF32 = 4;
+
+int64_t Padded(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
+
+// One thread's buffers, grown to the largest shape it has run (at most ScratchBytes of max_len).
+struct ShortBuffers {
+  std::vector<uint16_t> q, k, v, probs;  // [hb, Lp, Dh], [hb, Sp, Dh] twice, [hb, Lp, Sp]
+  std::vector<float> scores, context;    // [hb, Lp, Sp], [hb, Lp, Dh]
+
+  template <typename T>
+  static T* Grow(std::vector<T>& buf, int64_t n) {
+    if (buf.size() < static_cast<size_t>(n)) buf.resize(static_cast<size_t>(n));
+    return buf.data();
+  }
+};
+
+ShortBuffers& ThreadBuffers() {
+  thread_local ShortBuffers buffers;
+  return buffers;
+}
+
+// Rows [0, rows) of heads [h0, h0 + hb) of one sequence's f32 projection into dense bf16 [hb, padded_rows, Dh];
+// rows [rows, padded_rows) are zeroed when `zero_padding` (V: padded keys must add nothing, even where a
+// thread's previous request left NaN there).
+void CopyHeads(const FlashOperand& src, int64_t b, int64_t h0, int64_t hb, int64_t dh, int64_t rows,
+               int64_t padded_rows, bool zero_padding, uint16_t* dst) {
+  const float* seq = src.data + b * src.seq_stride;
+  for (int64_t hi = 0; hi < hb; ++hi) {
+    uint16_t* head = dst + hi * padded_rows * dh;
+    FloatRowsToBf16(seq + (h0 + hi) * dh, rows, dh, src.ld, head, dh);
+    if (zero_padding) std::fill(head + rows * dh, head + padded_rows * dh, uint16_t{0});
+  }
+}
+
+}  // namespace
+
+// The two matmuls of one (hb, Lp, Sp).
+struct ShortAttention::Shape {
+  std::unique_ptr<Bf16BlockMatmul> scores, context;
+};
+
+absl::StatusOr<std::unique_ptr<ShortAttention>> ShortAttention::Create(const Options& options) {
+  if (options.head_dim <= 0 || options.max_len < 1 || options.shape_capacity < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("ShortAttention: head_dim (", options.head_dim, ") and max_len (",
+                                                   options.max_len, ") must be >= 1, shape_capacity (",
+                                                   options.shape_capacity, ") >= 1"));
+  }
+  if (!OnednnUsesAmx()) return absl::UnimplementedError("ShortAttention: no AMX on this CPU");
+  if (options.head_dim % kPad != 0) {
+    return absl::UnimplementedError(
+        absl::StrCat("ShortAttention: head_dim ", options.head_dim, " is not a multiple of ", kPad));
+  }
+  return std::unique_ptr<ShortAttention>(new ShortAttention(options));
+}
+
+int64_t ShortAttention::ScratchBytes(int64_t hb, int64_t q_len, int64_t kv_len) const {
+  const int64_t lp = Padded(q_len), sp = Padded(kv_len), dh = options_.head_dim;
+  return hb * (kBf16 * (lp * dh + 2 * sp * dh + lp * sp) + kF32 * (lp * sp + lp * dh));
+}
+
+size_t ShortAttention::cached_shapes() const { return shapes_.size(); }
+
+std::vector<std::string> ShortAttention::Impls() const {
+  absl::MutexLock lock(&impls_mu_);
+  return impls_seen_;
+}
+
+absl::StatusOr<std::shared_ptr<const ShortAttention::Shape>> ShortAttention::GetShape(int64_t hb, int64_t lp,
+                                                                                      int64_t sp) const {
+  const int64_t dh = options_.head_dim;
+  auto build = [&]() -> absl::StatusOr<std::shared_ptr<Shape>> {
+    auto shape = std::make_shared<Shape>();
+    ATTN_ASSIGN_OR_RETURN(shape->scores, Bf16BlockMatmul::Create(lp, sp, dh, /*transpose_b=*/true, false, hb));
+    ATTN_ASSIGN_OR_RETURN(shape->context, Bf16BlockMatmul::Create(lp, dh, sp, /*transpose_b=*/false, false, hb));
+    return shape;
+  };
+  auto record_impls = [&](const Shape& shape) {
+    absl::MutexLock lock(&impls_mu_);
+    for (const Bf16BlockMatmul* op : {shape.scores.get(), shape.context.get()}) {
+      for (const std::string& impl : op->Impls()) {
+        if (std::find(impls_seen_.begin(), impls_seen_.end(), impl) == impls_seen_.end()) impls_seen_.push_back(impl);
+      }
+    }
+  };
+  return shapes_.GetOrBuild(Key{hb, lp, sp}, build, record_impls);
+}
+
+absl::Status ShortAttention::Run(const Args& a, int64_t b, int64_t h0, int64_t hb, const MaskFn* mask) const {
+  const int64_t dh = options_.head_dim, l = a.q_len, s = a.kv_len;
+  const int64_t lp = Padded(l), sp = Padded(s);
+  ATTN_ASSIGN_OR_RETURN(std::shared_ptr<const Shape> shape, GetShape(hb, lp, sp));
+  try {
+    ShortBuffers& buf = ThreadBuffers();
+    uint16_t* q16 = ShortBuffers::Grow(buf.q, hb * lp * dh);
+    uint16_t* k16 = ShortBuffers::Grow(buf.k, hb * sp * dh);
+    uint16_t* v16 = ShortBuffers::Grow(buf.v, hb * sp * dh);
+    uint16_t* probs = ShortBuffers::Grow(buf.probs, hb * lp * sp);
+    float* scores = ShortBuffers::Grow(buf.scores, hb * lp * sp);
+    float* context = ShortBuffers::Grow(buf.context, hb * lp * dh);
+    // Padded Q rows and K rows only make scores that are never read: left as they are.
+    CopyHeads(a.q, b, h0, hb, dh, l, lp, /*zero_padding=*/false, q16);
+    CopyHeads(a.k, b, h0, hb, dh, s, sp, /*zero_padding=*/false, k16);
+    CopyHeads(a.v, b, h0, hb, dh, s, sp, /*zero_padding=*/true, v16);
+    ATTN_RETURN_IF_ERROR(shape->scores->Execute(q16, k16, scores));
+    const uint8_t* dead = mask == nullptr ? nullptr : (*mask)(b, h0, hb, scores, sp, lp);
+    for (int64_t hi = 0; hi < hb; ++hi) {
+      uint16_t* head_probs = probs + hi * lp * sp;
+      RowSoftmaxToBf16(scores + hi * lp * sp, l, s, sp, dead == nullptr ? nullptr : dead + hi * l, head_probs, sp);
+      for (int64_t i = 0; sp > s && i < l; ++i) std::fill_n(head_probs + i * sp + s, sp - s, uint16_t{0});
+    }
+    ATTN_RETURN_IF_ERROR(shape->context->Execute(probs, v16, context));
+    float* out = a.out + b * a.out_seq_stride + h0 * dh;
+    for (int64_t hi = 0; hi < hb; ++hi) {
+      for (int64_t i = 0; i < l; ++i) {
+        std::memcpy(out + i * a.out_ld + hi * dh, context + (hi * lp + i) * dh, dh * sizeof(float));
+      }
+    }
+  } catch (const std::bad_alloc&) {  // callers are inside a parallel region
+    return absl::ResourceExhaustedError(
+        absl::StrCat("short attention: out of memory for ", ScratchBytes(hb, l, s), " bytes of buffers"));
+  }
+  executions_.fetch_add(1, std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+}  // namespace attnserve

@@ -1,0 +1,252 @@
+// ShortAttention (core/short_attention.h): short sequences' heads through two fixed-size batched bf16 matmuls on
+// AMX tiles. Against a float64 reference over Q, K and V rounded to bf16, on lengths that pad (1, 15, 17, 61)
+// and that do not, head groups in the middle of the heads, masks with rows masked whole, NaN left in a thread's
+// buffers by an earlier request, the shape cache's bound; and through MultiheadAttention: which requests take
+// it, head groups over the threads, against the float64 reference and the layer without it.
+#include "core/short_attention.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "core/multihead_attention.h"
+#include "core/onednn_ops.h"
+#include "gtest/gtest.h"
+#include "tests/testing/naive_mha.h"
+
+namespace attnserve {
+namespace {
+
+using testing::RandomValues;
+
+float RoundToBf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits += 0x7fff + ((bits >> 16) & 1);
+  bits &= 0xffff0000u;
+  std::memcpy(&x, &bits, sizeof(bits));
+  return x;
+}
+
+// Q, K and V of `batch` sequences as one fused projection: rows of 3E floats (Q, K, V side by side).
+struct Fused {
+  int64_t batch, len, heads, dh;
+  std::vector<float> rows;  // [batch * len, 3E]
+  int64_t e() const { return heads * dh; }
+  ShortAttention::Args Args(std::vector<float>* out) const {
+    ShortAttention::Args a;
+    a.q_len = a.kv_len = len;
+    const int64_t ld = 3 * e();
+    a.q = {rows.data(), ld, len * ld};
+    a.k = {rows.data() + e(), ld, len * ld};
+    a.v = {rows.data() + 2 * e(), ld, len * ld};
+    out->assign(static_cast<size_t>(batch * len * e()), -7.0f);  // -7: not written
+    a.out = out->data();
+    a.out_ld = e();
+    a.out_seq_stride = len * e();
+    return a;
+  }
+};
+
+// Causal masks, and row 0 of every head masked whole when `kill_row0`: the reference's masks.
+bool Masked(int64_t i, int64_t j, bool kill_row0) { return j > i || (kill_row0 && i == 0); }
+
+// Context of sequence b, head h from bf16-rounded operands in float64: [len, dh].
+std::vector<double> Reference(const Fused& f, int64_t b, int64_t h, bool masked, bool kill_row0) {
+  const int64_t ld = 3 * f.e(), dh = f.dh;
+  auto at = [&](int64_t part, int64_t i, int64_t d) {
+    return static_cast<double>(RoundToBf16(f.rows[(b * f.len + i) * ld + part * f.e() + h * dh + d]));
+  };
+  std::vector<double> ctx(static_cast<size_t>(f.len * dh), 0.0);
+  for (int64_t i = 0; i < f.len; ++i) {
+    std::vector<double> p(static_cast<size_t>(f.len));
+    double max = -INFINITY, sum = 0;
+    for (int64_t j = 0; j < f.len; ++j) {
+      double s = 0;
+      for (int64_t d = 0; d < dh; ++d) s += at(0, i, d) * at(1, j, d);
+      p[j] = masked && Masked(i, j, kill_row0) ? -INFINITY : s;
+      max = std::max(max, p[j]);
+    }
+    if (max == -INFINITY) continue;  // every key masked: zero context
+    for (double& x : p) sum += x = std::exp(x - max);
+    for (int64_t j = 0; j < f.len; ++j) {
+      for (int64_t d = 0; d < dh; ++d) ctx[i * dh + d] += p[j] / sum * at(2, j, d);
+    }
+  }
+  return ctx;
+}
+
+// The test's masks through ShortAttention's callback: adds -inf where Masked, names the rows masked whole.
+struct TestMask {
+  bool kill_row0;
+  int64_t len;
+  std::vector<uint8_t> dead;
+  const uint8_t* operator()(int64_t, int64_t, int64_t hb, float* scores, int64_t ld, int64_t head_rows) {
+    dead.assign(static_cast<size_t>(hb * len), 0);
+    for (int64_t hi = 0; hi < hb; ++hi) {
+      for (int64_t i = 0; i < len; ++i) {
+        bool open = false;
+        for (int64_t j = 0; j < len; ++j) {
+          if (Masked(i, j, kill_row0)) scores[(hi * head_rows + i) * ld + j] = -INFINITY;
+          open = open || !Masked(i, j, kill_row0);
+        }
+        dead[hi * len + i] = !open;
+      }
+    }
+    return dead.data();
+  }
+};
+
+std::unique_ptr<ShortAttention> MakeShort(int64_t dh, size_t capacity = 64) {
+  auto attention = ShortAttention::Create({dh, 256, capacity});
+  EXPECT_TRUE(attention.ok()) << attention.status();
+  return attention.ok() ? std::move(*attention) : nullptr;
+}
+
+// Runs heads [h0, h0 + hb) of every sequence and checks them against Reference; the other heads' columns
+// must be left as they were.
+void ExpectHeadsNearReference(const ShortAttention& attention, const Fused& f, int64_t h0, int64_t hb, bool masked,
+                              bool kill_row0) {
+  std::vector<float> out;
+  const ShortAttention::Args a = f.Args(&out);
+  TestMask mask_state{kill_row0, f.len, {}};
+  auto add_masks = [&](int64_t b, int64_t h, int64_t n, float* s, int64_t ld, int64_t rows) {
+    return mask_state(b, h, n, s, ld, rows);
+  };
+  const ShortAttention::MaskFn mask = add_masks;
+  for (int64_t b = 0; b < f.batch; ++b) ASSERT_TRUE(attention.Run(a, b, h0, hb, masked ? &mask : nullptr).ok());
+  double max_diff = 0;
+  for (int64_t b = 0; b < f.batch; ++b) {
+    for (int64_t h = 0; h < f.heads; ++h) {
+      const bool ran = h >= h0 && h < h0 + hb;
+      const std::vector<double> want = ran ? Reference(f, b, h, masked, kill_row0) : std::vector<double>();
+      for (int64_t i = 0; i < f.len; ++i) {
+        for (int64_t d = 0; d < f.dh; ++d) {
+          const float got = out[(b * f.len + i) * f.e() + h * f.dh + d];
+          if (!ran) {
+            ASSERT_EQ(got, -7.0f) << "head " << h << " was not asked for";
+          } else {
+            max_diff = std::max(max_diff, std::abs(got - want[i * f.dh + d]));
+          }
+          if (ran && masked && kill_row0 && i == 0) {
+            ASSERT_EQ(got, 0.0f) << "a row masked whole answers zero";
+          }
+        }
+      }
+    }
+  }
+  // Only P's rounding to bf16 is left (relative 2^-9 of each probability): well under 1e-2 for values in [-1, 1].
+  EXPECT_LE(max_diff, 1e-2) << "len " << f.len << " heads [" << h0 << ", " << h0 + hb << ")";
+  if (f.len > 1) {
+    EXPECT_GT(max_diff, 0.0) << "no bf16 rounding seen";
+  }
+}
+
+Fused RandomFused(std::mt19937_64& rng, int64_t batch, int64_t len, int64_t heads, int64_t dh) {
+  Fused f{batch, len, heads, dh, RandomValues(rng, batch * len * 3 * heads * dh)};
+  for (float& x : f.rows) x *= 0.5f;  // scores of a few units: softmax neither flat nor one-hot
+  return f;
+}
+
+TEST(ShortAttentionTest, CreateChecksOptionsAndTheCpu) {
+  EXPECT_TRUE(absl::IsInvalidArgument(ShortAttention::Create({0, 256, 64}).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(ShortAttention::Create({64, 0, 64}).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(ShortAttention::Create({64, 256, 0}).status()));
+  EXPECT_TRUE(absl::IsUnimplemented(ShortAttention::Create({24, 256, 64}).status())) << "Dh not a multiple of 16";
+  auto attention = ShortAttention::Create({64, 256, 64});
+  if (!OnednnUsesAmx()) {  // the layers keep their blocked path: nothing else to test on this CPU
+    EXPECT_TRUE(absl::IsUnimplemented(attention.status())) << attention.status();
+    return;
+  }
+  ASSERT_TRUE(attention.ok()) << attention.status();
+  EXPECT_TRUE((*attention)->Serves(1, 256));
+  EXPECT_FALSE((*attention)->Serves(257, 16));
+  EXPECT_FALSE((*attention)->Serves(16, 0));
+}
+
+TEST(ShortAttentionTest, HeadsNearTheFloat64Reference) {
+  if (!OnednnUsesAmx()) GTEST_SKIP() << "no AMX: CreateChecksOptionsAndTheCpu covers this CPU";
+  std::mt19937_64 rng(11);
+  for (int64_t dh : {int64_t{16}, int64_t{64}}) {
+    auto attention = MakeShort(dh);
+    ASSERT_NE(attention, nullptr);
+    for (int64_t len : {int64_t{1}, int64_t{15}, int64_t{16}, int64_t{17}, int64_t{61}, int64_t{128}}) {
+      const Fused f = RandomFused(rng, 2, len, 4, dh);
+      ExpectHeadsNearReference(*attention, f, 0, 4, /*masked=*/false, false);
+      ExpectHeadsNearReference(*attention, f, 1, 2, /*masked=*/true, /*kill_row0=*/len > 1);
+    }
+    EXPECT_GT(attention->executions(), 0);
+    for (const std::string& impl : attention->Impls()) EXPECT_NE(impl.find("amx"), std::string::npos) << impl;
+  }
+}
+
+TEST(ShortAttentionTest, NanInAnEarlierRequestStaysThere) {
+  if (!OnednnUsesAmx()) GTEST_SKIP() << "no AMX: CreateChecksOptionsAndTheCpu covers this CPU";
+  std::mt19937_64 rng(12);
+  auto attention = MakeShort(64);
+  ASSERT_NE(attention, nullptr);
+  // 32 keys fill this thread's padded V rows with NaN; 17 keys then pad to 32 over them.
+  Fused poisoned = RandomFused(rng, 1, 32, 2, 64);
+  for (float& x : poisoned.rows) x = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> out;
+  ASSERT_TRUE(attention->Run(poisoned.Args(&out), 0, 0, 2, nullptr).ok());
+  EXPECT_TRUE(std::isnan(out[0]));
+  const Fused clean = RandomFused(rng, 1, 17, 2, 64);
+  ExpectHeadsNearReference(*attention, clean, 0, 2, false, false);
+}
+
+TEST(ShortAttentionTest, ShapeCacheKeepsItsBound) {
+  if (!OnednnUsesAmx()) GTEST_SKIP() << "no AMX: CreateChecksOptionsAndTheCpu covers this CPU";
+  std::mt19937_64 rng(13);
+  auto attention = MakeShort(16, /*capacity=*/2);
+  ASSERT_NE(attention, nullptr);
+  for (int64_t len : {int64_t{3}, int64_t{20}, int64_t{40}, int64_t{3}}) {  // three shapes, then the first again
+    ExpectHeadsNearReference(*attention, RandomFused(rng, 1, len, 2, 16), 0, 2, true, false);
+    EXPECT_LE(attention->cached_shapes(), 2u);
+  }
+}
+
+// Through the layer: short requests take it (head groups when the sequences are fewer than the threads), and
+// answer as the reference and as the layer without it; long ones and those asking weights do not.
+TEST(ShortAttentionTest, LayersSendShortRequestsHere) {
+  std::mt19937_64 rng(14);
+  const MhaConfig c{128, 2, 0, 0, true};
+  const MhaWeights w = testing::RandomTestWeights(c, rng);
+  MultiheadAttention::Options o;
+  o.config = c;
+  o.compute = ComputeType::kBFloat16;
+  auto layer = MultiheadAttention::Create(o, w);
+  o.short_attention_max_len = 0;
+  auto blocked = MultiheadAttention::Create(o, w);
+  ASSERT_TRUE(layer.ok() && blocked.ok());
+  const bool on_amx = OnednnUsesAmx() && (*layer)->compute() == ComputeType::kBFloat16;
+  EXPECT_EQ((*layer)->short_attention_on_amx(), on_amx);
+  EXPECT_FALSE((*blocked)->short_attention_on_amx());
+  struct Request {
+    int64_t batch, len;
+    bool need_weights, takes_it;
+  };
+  for (const Request& r : {Request{1, 45, false, true}, Request{3, 256, false, true}, Request{2, 30, true, false},
+                           Request{1, 257, false, false}}) {
+    const std::vector<float> q = RandomValues(rng, r.batch * r.len * c.embed_dim);
+    AttentionInputs in;
+    in.query = TensorView::F32(q.data(), {r.batch, r.len, c.embed_dim});
+    in.is_causal = true;
+    in.need_weights = r.need_weights;
+    const int64_t runs_before = (*layer)->short_attention_runs();
+    for (int threads : {1, 2}) {
+      auto got = (*layer)->Forward(in, threads);
+      auto without = (*blocked)->Forward(in, threads);
+      ASSERT_TRUE(got.ok() && without.ok());
+      const testing::NaiveOutputs want = testing::NaiveMultiheadAttention(c, w, in);
+      EXPECT_LE(testing::MaxAbsDiff(got->output.values, want.output), 3e-2) << r.len;
+      EXPECT_LE(testing::MaxAbsDiff(got->output.values, without->output.values), 3e-2) << r.len;
+    }
+    EXPECT_EQ((*layer)->short_attention_runs() > runs_before, on_amx && r.takes_it) << r.len;
+  }
+}
+
+}  // namespace
+}  // namespace attnserve

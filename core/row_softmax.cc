@@ -49,11 +49,21 @@ __attribute__((always_inline)) inline typename W::F ExpNonPositive(typename W::F
   return input == input ? e : input;
 }
 
+// A vector's lanes folded pairwise, halves onto halves: log2(lanes) steps deep, where a lane-by-lane chain of 16
+// dependent adds (or maxes) cost as much as a 64-key row's exponentials.
+template <typename W, typename Op>
+__attribute__((always_inline)) inline float FoldLanes(typename W::F v, Op op) {
+  float lanes[W::kLanes];
+  std::memcpy(lanes, &v, sizeof(lanes));
+  for (int64_t half = W::kLanes / 2; half >= 1; half /= 2) {
+    for (int64_t i = 0; i < half; ++i) lanes[i] = op(lanes[i], lanes[i + half]);
+  }
+  return lanes[0];
+}
+
 template <typename W>
 __attribute__((always_inline)) inline float Sum(typename W::F v) {
-  float sum = 0.0f;
-  for (int64_t i = 0; i < W::kLanes; ++i) sum += v[i];
-  return sum;
+  return FoldLanes<W>(v, [](float a, float b) { return a + b; });
 }
 
 // Largest of the first n floats of row (n >= 1).
@@ -62,9 +72,7 @@ __attribute__((always_inline)) inline float RowMax(const float* row, int64_t n) 
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   typename W::F max_v = typename W::F{} + kNegInf;
   for (int64_t j = 0; j < n; j += W::kLanes) max_v = Max<W>(Load<W>(row + j, std::min(W::kLanes, n - j), kNegInf), max_v);
-  float max = kNegInf;
-  for (int64_t i = 0; i < W::kLanes; ++i) max = std::max(max, max_v[i]);
-  return max;
+  return FoldLanes<W>(max_v, [](float a, float b) { return std::max(a, b); });
 }
 
 // Replaces the first n floats of row by exp(x - max) (max at least each of them) and returns their sum.

@@ -35,6 +35,7 @@ struct Workspace {
   std::vector<uint8_t> dead_rows;                   // rows whose keys are all masked, [nb, H, lb]
   std::vector<uint16_t> q16, k16, v16;              // bf16 layers: the projections in bf16, as q, k, v
   std::vector<uint16_t> probs16;                    // bf16 layers: one block's probabilities in bf16
+  std::vector<uint16_t> context16;                  // bf16 layers on the short path: the context, [N, E]
 
   template <typename T>
   static T* Grow(std::vector<T>& buf, size_t n) {
@@ -46,7 +47,7 @@ struct Workspace {
       if (buf->capacity() * sizeof(float) > keep_bytes) std::vector<float>().swap(*buf);
     }
     if (dead_rows.capacity() > keep_bytes) std::vector<uint8_t>().swap(dead_rows);
-    for (auto* buf : {&gather16_q, &gather16_k, &gather16_v, &q16, &k16, &v16, &probs16}) {
+    for (auto* buf : {&gather16_q, &gather16_k, &gather16_v, &q16, &k16, &v16, &probs16, &context16}) {
       if (buf->capacity() * sizeof(uint16_t) > keep_bytes) std::vector<uint16_t>().swap(*buf);
     }
   }
@@ -127,6 +128,9 @@ struct MultiheadAttention::Projected {
   const uint16_t* k16 = nullptr;
   const uint16_t* v16 = nullptr;
   int64_t ld16 = 0;
+  // bf16 layers whose members all take ShortAttention: the context in bf16 [q_rows, E], which the output
+  // projection reads (no f32 context, no conversion); null otherwise (the context is written over Q).
+  uint16_t* context16 = nullptr;
 };
 
 // One block of Attend: sequences [b0, b0+nb), heads [h0, h0+hb), query rows [l0, l0+lb), keys [0, cols).
@@ -382,7 +386,7 @@ absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::Project(const 
     proj.ldq = proj.ldk = proj.ldv = 3 * e;
     proj.k = proj.q + e;
     proj.v = proj.q + 2 * e;
-    if (NeedsBf16Mirror(g)) MirrorBf16(n_q, n_q, &proj);
+    PrepareBf16(g, n_q, n_q, &proj);
     return proj;
   }
   proj.q = Workspace::Grow(ws.q, static_cast<size_t>(n_q * e));
@@ -394,12 +398,17 @@ absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::Project(const 
   proj.ldq = proj.ldk = proj.ldv = e;
   proj.k = kp;
   proj.v = vp;
-  if (NeedsBf16Mirror(g)) MirrorBf16(n_q, n_kv, &proj);
+  PrepareBf16(g, n_q, n_kv, &proj);
   return proj;
 }
 
-bool MultiheadAttention::NeedsBf16Mirror(const Group& g) const {
-  return std::any_of(g.members.begin(), g.members.end(), [&](const ParsedAttention* p) { return !UsesShort(*p); });
+void MultiheadAttention::PrepareBf16(const Group& g, int64_t q_rows, int64_t kv_rows, Projected* proj) const {
+  if (compute_ != ComputeType::kBFloat16) return;
+  const bool all_short =
+      std::all_of(g.members.begin(), g.members.end(), [&](const ParsedAttention* p) { return UsesShort(*p); });
+  if (!all_short) return MirrorBf16(q_rows, kv_rows, proj);
+  const size_t context_values = static_cast<size_t>(q_rows * options_.config.embed_dim);
+  proj->context16 = Workspace::Grow(ThreadWorkspace().context16, context_values);
 }
 
 void MultiheadAttention::MirrorBf16(int64_t q_rows, int64_t kv_rows, Projected* proj) const {
@@ -588,9 +597,14 @@ absl::Status MultiheadAttention::AttendShort(const ParsedAttention& p, int64_t s
   a.q = {proj.q + q_row * proj.ldq, proj.ldq, p.q_len * proj.ldq};
   a.k = {proj.k + kv_row * proj.ldk, proj.ldk, p.kv_len * proj.ldk};
   a.v = {proj.v + kv_row * proj.ldv, proj.ldv, p.kv_len * proj.ldv};
+  const int64_t e = options_.config.embed_dim, dh = options_.config.head_dim();
   a.out = proj.q + q_row * proj.ldq;
   a.out_ld = proj.ldq;
-  a.out_seq_stride = p.q_len * proj.ldq;
+  if (proj.context16 != nullptr) {
+    a.out16 = proj.context16 + q_row * e;
+    a.out_ld = e;
+  }
+  a.out_seq_stride = p.q_len * a.out_ld;
   auto add_masks = [&](int64_t b, int64_t h0, int64_t hb, float* scores, int64_t ld, int64_t head_rows) {
     return MaskBlock(p, Block{b, 1, h0, hb, 0, p.q_len, p.kv_len}, scores, ld, head_rows);
   };
@@ -601,6 +615,10 @@ absl::Status MultiheadAttention::AttendShort(const ParsedAttention& p, int64_t s
         short_attention_->Run(a, b, h_begin, h_end - h_begin, p.has_mask() ? &mask : nullptr);
     if (absl::IsUnimplemented(status)) {  // no AMX kernel for this shape: nothing was written
       status = Attend(p, b, b + 1, h_begin, h_end, proj, q_row, kv_row, nullptr, should_stop);
+      if (status.ok() && a.out16 != nullptr) {  // Attend wrote the f32 context over Q
+        FloatRowsToBf16(a.out + b * p.q_len * proj.ldq + h_begin * dh, p.q_len, (h_end - h_begin) * dh, proj.ldq,
+                        a.out16 + b * a.out_seq_stride + h_begin * dh, e);
+      }
     }
     ATTN_RETURN_IF_ERROR(status);
   }
@@ -609,11 +627,13 @@ absl::Status MultiheadAttention::AttendShort(const ParsedAttention& p, int64_t s
 
 absl::Status MultiheadAttention::ProjectOutput(const Group& g, const Projected& proj) const {
   const int64_t e = options_.config.embed_dim;
-  if (g.members.size() == 1) {
-    return out_proj_->Execute(proj.q, proj.q_rows, proj.ldq, g.outputs[0]->output.values.data(), e);
-  }
+  auto project = [&](float* out) {
+    return proj.context16 != nullptr ? out_proj_->ExecuteBf16(proj.context16, proj.q_rows, e, out, e)
+                                     : out_proj_->Execute(proj.q, proj.q_rows, proj.ldq, out, e);
+  };
+  if (g.members.size() == 1) return project(g.outputs[0]->output.values.data());
   float* out = Workspace::Grow(ThreadWorkspace().context_out, static_cast<size_t>(proj.q_rows * e));
-  ATTN_RETURN_IF_ERROR(out_proj_->Execute(proj.q, proj.q_rows, proj.ldq, out, e));
+  ATTN_RETURN_IF_ERROR(project(out));
   for (AttentionOutputs* o : g.outputs) {
     std::memcpy(o->output.values.data(), out, o->output.values.size() * sizeof(float));
     out += o->output.values.size();

@@ -215,9 +215,10 @@ class MultiheadAttention : public AppendEngine {
   // Attention of a whole request through FlashAttention on `threads` threads.
   absl::Status AttendFlash(const ParsedAttention& p, const Projected& proj, int64_t q_row, int64_t kv_row,
                            int threads, absl::FunctionRef<absl::Status()> should_stop) const;
-  // bf16 layers: Q, K and V copied to bf16 (the attention matmuls' inputs); nothing in f32. Not needed when
-  // every member takes ShortAttention, which makes its own copies from the f32 rows.
-  bool NeedsBf16Mirror(const Group& group) const;
+  // bf16 layers: Q, K and V copied to bf16 (the attention matmuls' inputs, MirrorBf16); nothing in f32. When
+  // every member takes ShortAttention, which makes its own copies from the f32 rows, no mirror but a bf16 context
+  // buffer (Projected::context16).
+  void PrepareBf16(const Group& group, int64_t q_rows, int64_t kv_rows, Projected* proj) const;
   void MirrorBf16(int64_t q_rows, int64_t kv_rows, Projected* proj) const;
   // Attention of sequences [seq_begin, seq_end), heads [h_begin, h_end) of one request whose first query row is
   // `q_row` and first key/value row `kv_row` of the projections.

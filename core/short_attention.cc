@@ -48,6 +48,20 @@ void CopyHeads(const FlashOperand& src, int64_t b, int64_t h0, int64_t hb, int64
   }
 }
 
+// Rows [0, L) of each head's context [hb, Lp, Dh] into the context rows of sequence b, in f32 or bf16.
+void WriteContext(const ShortAttention::Args& a, int64_t b, int64_t h0, int64_t hb, int64_t dh, int64_t lp,
+                  const float* context) {
+  for (int64_t hi = 0; hi < hb; ++hi) {
+    const float* head = context + hi * lp * dh;
+    const int64_t offset = b * a.out_seq_stride + (h0 + hi) * dh;
+    if (a.out16 != nullptr) {
+      FloatRowsToBf16(head, a.q_len, dh, dh, a.out16 + offset, a.out_ld);
+      continue;
+    }
+    for (int64_t i = 0; i < a.q_len; ++i) std::memcpy(a.out + offset + i * a.out_ld, head + i * dh, dh * sizeof(float));
+  }
+}
+
 }  // namespace
 
 // The two matmuls of one (hb, Lp, Sp).
@@ -125,12 +139,7 @@ absl::Status ShortAttention::Run(const Args& a, int64_t b, int64_t h0, int64_t h
       for (int64_t i = 0; sp > s && i < l; ++i) std::fill_n(head_probs + i * sp + s, sp - s, uint16_t{0});
     }
     ATTN_RETURN_IF_ERROR(shape->context->Execute(probs, v16, context));
-    float* out = a.out + b * a.out_seq_stride + h0 * dh;
-    for (int64_t hi = 0; hi < hb; ++hi) {
-      for (int64_t i = 0; i < l; ++i) {
-        std::memcpy(out + i * a.out_ld + hi * dh, context + (hi * lp + i) * dh, dh * sizeof(float));
-      }
-    }
+    WriteContext(a, b, h0, hb, dh, lp, context);
   } catch (const std::bad_alloc&) {  // callers are inside a parallel region
     return absl::ResourceExhaustedError(
         absl::StrCat("short attention: out of memory for ", ScratchBytes(hb, l, s), " bytes of buffers"));

@@ -52,7 +52,9 @@ class ShortAttention {
     int64_t q_len = 0, kv_len = 0;
     FlashOperand q, k, v;  // f32 projections: element (b, h, i, d) at data[b * seq_stride + i * ld + h * Dh + d]
     // The context [B, L, H * Dh] (f32), as FlashAttentionArgs::out: may be Q's own rows, which are read first.
+    // Or, when out16 is set, in bf16 there instead (rounded to nearest even): the output projection's input.
     float* out = nullptr;
+    uint16_t* out16 = nullptr;
     int64_t out_ld = 0, out_seq_stride = 0;
   };
   // Adds sequence b's masks (causal included) to the scores of heads [h0, h0 + hb): row i of head hi at

@@ -106,7 +106,10 @@ int64_t MultiheadAttention::Bf16ScratchBytes(const ParsedAttention& p) const {
   return inputs + qkv + ScoresBlockBytes(p) / 2 + kBf16 * p.query_tokens() * e;
 }
 
-void ReleaseThreadScratch(size_t keep_bytes) { ThreadWorkspace().ReleaseLarge(keep_bytes); }
+void ReleaseThreadScratch(size_t keep_bytes) {
+  ThreadWorkspace().ReleaseLarge(keep_bytes);
+  ReleaseShortAttentionBuffers(keep_bytes);
+}
 
 struct MultiheadAttention::Group {
   bool self_attention = false;

@@ -35,6 +35,11 @@ ShortBuffers& ThreadBuffers() {
   return buffers;
 }
 
+size_t HeldBytes(const ShortBuffers& b) {
+  return (b.q.capacity() + b.k.capacity() + b.v.capacity() + b.probs.capacity()) * kBf16 +
+         (b.scores.capacity() + b.context.capacity()) * kF32;
+}
+
 // Rows [0, rows) of heads [h0, h0 + hb) of one sequence's f32 projection into dense bf16 [hb, padded_rows, Dh];
 // rows [rows, padded_rows) are zeroed when `zero_padding` (V: padded keys must add nothing, even where a
 // thread's previous request left NaN there).
@@ -63,6 +68,11 @@ void WriteContext(const ShortAttention::Args& a, int64_t b, int64_t h0, int64_t 
 }
 
 }  // namespace
+
+void ReleaseShortAttentionBuffers(size_t keep_bytes) {
+  ShortBuffers& buffers = ThreadBuffers();
+  if (HeldBytes(buffers) > keep_bytes) buffers = ShortBuffers();
+}
 
 // The two matmuls of one (hb, Lp, Sp).
 struct ShortAttention::Shape {

@@ -33,6 +33,9 @@
 
 namespace attnserve {
 
+// Frees the calling thread's ShortAttention buffers when they hold more than `keep_bytes` (ReleaseThreadScratch).
+void ReleaseShortAttentionBuffers(size_t keep_bytes);
+
 class ShortAttention {
  public:
   struct Options {

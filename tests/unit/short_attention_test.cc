@@ -206,6 +206,8 @@ TEST(ShortAttentionTest, ShapeCacheKeepsItsBound) {
     ExpectHeadsNearReference(*attention, RandomFused(rng, 1, len, 2, 16), 0, 2, true, false);
     EXPECT_LE(attention->cached_shapes(), 2u);
   }
+  ReleaseShortAttentionBuffers(0);  // a worker about to idle; the next request grows them again
+  ExpectHeadsNearReference(*attention, RandomFused(rng, 2, 33, 2, 16), 0, 2, true, true);
 }
 
 // Through the layer: short requests take it (head groups when the sequences are fewer than the threads), and

@@ -245,11 +245,12 @@ absl::Status CheckBlockMatmuls(const FlashAttentionArgs& a) {
   if (scores == nullptr) return absl::OkStatus();
   const int64_t rows = a.query_rows, keys = a.key_cols, dh = a.head_dim;
   if (scores->m() != rows || scores->n() != keys || scores->k() != dh || context->m() != rows ||
-      context->n() != dh || context->k() != keys) {
+      context->n() != dh || context->k() != keys || scores->batch() != 1 || context->batch() != 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "bf16 block matmuls must be [", rows, ", ", keys, "] x ", dh, " and [", rows, ", ", dh, "] x ", keys,
-        " (query_rows, key_cols, head_dim); got [", scores->m(), ", ", scores->n(), "] x ", scores->k(), " and [",
-        context->m(), ", ", context->n(), "] x ", context->k()));
+        " (query_rows, key_cols, head_dim), one product each; got [", scores->m(), ", ", scores->n(), "] x ",
+        scores->k(), " and [", context->m(), ", ", context->n(), "] x ", context->k(), ", batches ", scores->batch(),
+        " and ", context->batch()));
   }
   return absl::OkStatus();
 }

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <list>
 #include <memory>
+#include <new>
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
@@ -23,7 +24,9 @@ class LruCache {
   explicit LruCache(size_t capacity) : capacity_(std::max<size_t>(capacity, 1)) {}
 
   // The value of `key`, built by build() (absl::StatusOr<std::shared_ptr<Value>>) when missing; its error is
-  // returned and nothing stored. on_store(const Value&) runs once for each value stored, under the mutex.
+  // returned and nothing stored (a value that records a failure is the way to remember one). on_store(const
+  // Value&) runs once for each value stored, under the mutex. Out of memory (callers run inside OpenMP regions,
+  // which no exception may leave) is ResourceExhausted, the cache left as it was.
   template <typename Build, typename OnStore>
   absl::StatusOr<std::shared_ptr<const Value>> GetOrBuild(const Key& key, Build build, OnStore on_store) {
     {
@@ -33,19 +36,28 @@ class LruCache {
         return it->second.first;
       }
     }
-    absl::StatusOr<std::shared_ptr<Value>> built = build();
-    if (!built.ok()) return built.status();
-    absl::MutexLock lock(&mu_);
-    if (auto it = map_.find(key); it != map_.end()) return it->second.first;  // another thread's, stored first
-    on_store(**built);
-    std::shared_ptr<const Value> value = *std::move(built);
-    lru_.push_front(key);
-    map_.emplace(key, std::make_pair(value, lru_.begin()));
-    while (map_.size() > capacity_) {
-      map_.erase(lru_.back());
-      lru_.pop_back();
+    try {
+      absl::StatusOr<std::shared_ptr<Value>> built = build();
+      if (!built.ok()) return built.status();
+      absl::MutexLock lock(&mu_);
+      if (auto it = map_.find(key); it != map_.end()) return it->second.first;  // another thread's, stored first
+      std::shared_ptr<const Value> value = *std::move(built);
+      lru_.push_front(key);
+      try {
+        map_.emplace(key, std::make_pair(value, lru_.begin()));
+      } catch (const std::bad_alloc&) {
+        lru_.pop_front();
+        throw;
+      }
+      on_store(*value);
+      while (map_.size() > capacity_) {
+        map_.erase(lru_.back());
+        lru_.pop_back();
+      }
+      return value;
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError("out of memory building a cached primitive");
     }
-    return value;
   }
 
   size_t size() const {

@@ -81,6 +81,7 @@ BlockPlan PlanBlocks(int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
 int64_t MultiheadAttention::ScoresBlockBytes(const ParsedAttention& p) const {
   constexpr int64_t kF32 = sizeof(float);
   const int64_t h = options_.config.num_heads;
+  // Each thread holds a whole sequence's heads (or a group of them) at a time: no block plan.
   if (UsesShort(p)) return short_attention_->ScratchBytes(h, p.q_len, p.kv_len) * omp_get_max_threads();
   const int64_t attention_flops = 4 * p.batch * p.q_len * p.kv_len * options_.config.embed_dim;
   if (attention_flops >= options_.small_attention_flops && UsesFlash(p)) {
@@ -145,6 +146,10 @@ MultiheadAttention::~MultiheadAttention() = default;
 
 namespace {
 
+// ShortAttention holds [hb, L, S] scores per thread and caches a shape per (L, S) in 16s: past 512 tokens both
+// grow beyond what its per-sequence design is for (FlashAttention takes such lengths).
+constexpr int64_t kMaxShortAttentionLen = 512;
+
 // The options that shape the attention's blocks and threads (every one is a size or a threshold).
 absl::Status CheckBlockOptions(const MultiheadAttention::Options& options) {
   if (options.scores_block_bytes < 4) {
@@ -168,9 +173,9 @@ absl::Status CheckBlockOptions(const MultiheadAttention::Options& options) {
         "flash_min_keys, flash_query_rows and flash_key_cols must be >= 0, got ", options.flash_min_keys,
         ", ", options.flash_query_rows, " and ", options.flash_key_cols));
   }
-  if (options.short_attention_max_len < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("short_attention_max_len must be >= 0, got ", options.short_attention_max_len));
+  if (options.short_attention_max_len < 0 || options.short_attention_max_len > kMaxShortAttentionLen) {
+    return absl::InvalidArgumentError(absl::StrCat("short_attention_max_len must be in [0, ", kMaxShortAttentionLen,
+                                                   "], got ", options.short_attention_max_len));
   }
   return absl::OkStatus();
 }
@@ -409,13 +414,15 @@ void MultiheadAttention::PrepareBf16(const Group& g, int64_t q_rows, int64_t kv_
   if (compute_ != ComputeType::kBFloat16) return;
   const bool all_short =
       std::all_of(g.members.begin(), g.members.end(), [&](const ParsedAttention* p) { return UsesShort(*p); });
-  if (!all_short) return MirrorBf16(q_rows, kv_rows, proj);
+  if (!all_short) {
+    MirrorBf16(q_rows, kv_rows, proj);
+    return;
+  }
   const size_t context_values = static_cast<size_t>(q_rows * options_.config.embed_dim);
   proj->context16 = Workspace::Grow(ThreadWorkspace().context16, context_values);
 }
 
 void MultiheadAttention::MirrorBf16(int64_t q_rows, int64_t kv_rows, Projected* proj) const {
-  if (compute_ != ComputeType::kBFloat16) return;
   const int64_t e = options_.config.embed_dim;
   Workspace& ws = ThreadWorkspace();
   if (proj->k == proj->q + e) {  // fused [N, 3E]: one pass over all three, row stride 3E kept
@@ -463,8 +470,9 @@ void PlanAttentionUnits(const std::vector<const ParsedAttention*>& members, int6
       large->push_back(i);
       continue;
     }
-    const int64_t head_groups =
-        short_path && p.batch < 2 * threads ? std::min(heads, (2 * threads + p.batch - 1) / p.batch) : 1;
+    const int64_t head_groups = short_path && threads > 1 && p.batch < 2 * threads
+                                    ? std::min(heads, (2 * threads + p.batch - 1) / p.batch)
+                                    : 1;
     const int64_t per_group = (heads + head_groups - 1) / head_groups;
     const int64_t per_unit = head_groups > 1 ? 1 : std::max<int64_t>(1, p.batch / (4 * threads));
     for (int64_t b = 0; b < p.batch; b += per_unit) {

@@ -24,13 +24,15 @@ constexpr dnnl::memory::dim kRt = DNNL_RUNTIME_DIM_VAL;
 
 const dnnl::engine& CpuEngine();
 
-// Per calling thread: a stream (streams are not thread-safe) and a scratchpad that grows to the largest
-// request of any op run on this thread.
 // One fixed-size matmul's arguments on one thread: memory objects made once, their data handles set per call.
+// Only for descriptors without padding: set_data_handle zero-pads a padded one on every call, which would write
+// into weights other threads read (fixed-rows weights are whole blocks, block matmuls plain).
 struct FixedMatmulArgs {
   dnnl::memory src, weights, dst, bias, scratchpad;
 };
 
+// Per calling thread: a stream (streams are not thread-safe) and a scratchpad that grows to the largest
+// request of any op run on this thread.
 struct ThreadState {
   dnnl::stream stream{CpuEngine()};
   // By MatmulVariants::Variant::id (ids are never reused, so an entry cannot outlive its primitive's meaning);

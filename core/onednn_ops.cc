@@ -273,6 +273,8 @@ absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> Bf16BlockMatmul::Create(int64_t
     return std::unique_ptr<Bf16BlockMatmul>(new Bf16BlockMatmul(std::move(impl)));
   } catch (const dnnl::error& e) {
     return FromDnnl(e, "bf16 block matmul creation");
+  } catch (const std::bad_alloc&) {  // built on first use, inside parallel regions
+    return absl::ResourceExhaustedError("bf16 block matmul creation: out of memory");
   }
 }
 

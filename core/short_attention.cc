@@ -74,7 +74,8 @@ void ReleaseShortAttentionBuffers(size_t keep_bytes) {
   if (HeldBytes(buffers) > keep_bytes) buffers = ShortBuffers();
 }
 
-// The two matmuls of one (hb, Lp, Sp).
+// The two matmuls of one (hb, Lp, Sp); both null when oneDNN has no AMX kernel for them (remembered, so that
+// the shape's requests do not try again each time).
 struct ShortAttention::Shape {
   std::unique_ptr<Bf16BlockMatmul> scores, context;
 };
@@ -90,6 +91,10 @@ absl::StatusOr<std::unique_ptr<ShortAttention>> ShortAttention::Create(const Opt
     return absl::UnimplementedError(
         absl::StrCat("ShortAttention: head_dim ", options.head_dim, " is not a multiple of ", kPad));
   }
+  // AMX in the CPU's flags is not AMX in oneDNN's kernels (the OS may deny the tiles): one small shape tells.
+  absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> probe =
+      Bf16BlockMatmul::Create(kPad, kPad, options.head_dim, /*transpose_b=*/true, false);
+  if (!probe.ok()) return probe.status();
   return std::unique_ptr<ShortAttention>(new ShortAttention(options));
 }
 
@@ -110,13 +115,23 @@ absl::StatusOr<std::shared_ptr<const ShortAttention::Shape>> ShortAttention::Get
   const int64_t dh = options_.head_dim;
   auto build = [&]() -> absl::StatusOr<std::shared_ptr<Shape>> {
     auto shape = std::make_shared<Shape>();
-    ATTN_ASSIGN_OR_RETURN(shape->scores, Bf16BlockMatmul::Create(lp, sp, dh, /*transpose_b=*/true, false, hb));
-    ATTN_ASSIGN_OR_RETURN(shape->context, Bf16BlockMatmul::Create(lp, dh, sp, /*transpose_b=*/false, false, hb));
+    absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> scores =
+        Bf16BlockMatmul::Create(lp, sp, dh, /*transpose_b=*/true, false, hb);
+    absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> context =
+        Bf16BlockMatmul::Create(lp, dh, sp, /*transpose_b=*/false, false, hb);
+    for (const auto* op : {&scores, &context}) {
+      if (!op->ok() && !absl::IsUnimplemented(op->status())) return op->status();
+    }
+    if (scores.ok() && context.ok()) {
+      shape->scores = *std::move(scores);
+      shape->context = *std::move(context);
+    }
     return shape;
   };
   auto record_impls = [&](const Shape& shape) {
     absl::MutexLock lock(&impls_mu_);
     for (const Bf16BlockMatmul* op : {shape.scores.get(), shape.context.get()}) {
+      if (op == nullptr) continue;
       for (const std::string& impl : op->Impls()) {
         if (std::find(impls_seen_.begin(), impls_seen_.end(), impl) == impls_seen_.end()) impls_seen_.push_back(impl);
       }
@@ -129,6 +144,10 @@ absl::Status ShortAttention::Run(const Args& a, int64_t b, int64_t h0, int64_t h
   const int64_t dh = options_.head_dim, l = a.q_len, s = a.kv_len;
   const int64_t lp = Padded(l), sp = Padded(s);
   ATTN_ASSIGN_OR_RETURN(std::shared_ptr<const Shape> shape, GetShape(hb, lp, sp));
+  if (shape->scores == nullptr) {
+    return absl::UnimplementedError(absl::StrCat("short attention: no AMX kernel for ", hb, " heads of ", lp, " x ",
+                                                 sp, " (padded lengths)"));
+  }
   try {
     ShortBuffers& buf = ThreadBuffers();
     uint16_t* q16 = ShortBuffers::Grow(buf.q, hb * lp * dh);

@@ -123,6 +123,8 @@ std::unique_ptr<MultiheadAttention> MhaLayer(const MhaConfig& c, const MhaWeight
   o.config = c;
   o.compute = ComputeType::kBFloat16;
   o.scores_block_bytes = scores_block_bytes;
+  // Small blocks keep the blocked path's bf16 matmuls covered where short requests would take ShortAttention.
+  if (scores_block_bytes < 4096) o.short_attention_max_len = 0;
   o.min_block_rows = 1;
   o.cache_span_bytes = 4096;
   auto layer = MultiheadAttention::Create(o, w);

@@ -210,43 +210,85 @@ TEST(ShortAttentionTest, ShapeCacheKeepsItsBound) {
   ExpectHeadsNearReference(*attention, RandomFused(rng, 2, 33, 2, 16), 0, 2, true, true);
 }
 
+std::unique_ptr<MultiheadAttention> Bf16Layer(const MhaConfig& c, const MhaWeights& w, int64_t short_max_len = 256) {
+  MultiheadAttention::Options o;
+  o.config = c;
+  o.compute = ComputeType::kBFloat16;
+  o.short_attention_max_len = short_max_len;
+  auto layer = MultiheadAttention::Create(o, w);
+  EXPECT_TRUE(layer.ok()) << layer.status();
+  return layer.ok() ? std::move(*layer) : nullptr;
+}
+
 // Through the layer: short requests take it (head groups when the sequences are fewer than the threads), and
 // answer as the reference and as the layer without it; long ones and those asking weights do not.
 TEST(ShortAttentionTest, LayersSendShortRequestsHere) {
   std::mt19937_64 rng(14);
   const MhaConfig c{128, 2, 0, 0, true};
   const MhaWeights w = testing::RandomTestWeights(c, rng);
-  MultiheadAttention::Options o;
-  o.config = c;
-  o.compute = ComputeType::kBFloat16;
-  auto layer = MultiheadAttention::Create(o, w);
-  o.short_attention_max_len = 0;
-  auto blocked = MultiheadAttention::Create(o, w);
-  ASSERT_TRUE(layer.ok() && blocked.ok());
-  const bool on_amx = OnednnUsesAmx() && (*layer)->compute() == ComputeType::kBFloat16;
-  EXPECT_EQ((*layer)->short_attention_on_amx(), on_amx);
-  EXPECT_FALSE((*blocked)->short_attention_on_amx());
+  const std::unique_ptr<MultiheadAttention> layer = Bf16Layer(c, w), blocked = Bf16Layer(c, w, 0);
+  ASSERT_TRUE(layer != nullptr && blocked != nullptr);
+  const bool on_amx = OnednnUsesAmx() && layer->compute() == ComputeType::kBFloat16;
+  EXPECT_EQ(layer->short_attention_on_amx(), on_amx);
+  EXPECT_FALSE(blocked->short_attention_on_amx());
   struct Request {
-    int64_t batch, len;
+    int64_t batch, len, kv_len;  // kv_len 0: self-attention
     bool need_weights, takes_it;
   };
-  for (const Request& r : {Request{1, 45, false, true}, Request{3, 256, false, true}, Request{2, 30, true, false},
-                           Request{1, 257, false, false}}) {
+  for (const Request& r : {Request{1, 45, 0, false, true}, Request{3, 256, 0, false, true},
+                           Request{2, 30, 0, true, false}, Request{1, 257, 0, false, false},
+                           Request{2, 20, 37, false, true}}) {
     const std::vector<float> q = RandomValues(rng, r.batch * r.len * c.embed_dim);
+    const std::vector<float> kv = RandomValues(rng, r.batch * r.kv_len * c.embed_dim);
     AttentionInputs in;
     in.query = TensorView::F32(q.data(), {r.batch, r.len, c.embed_dim});
+    if (r.kv_len > 0) {  // cross-attention, causal over more keys than queries
+      in.key = TensorView::F32(kv.data(), {r.batch, r.kv_len, c.embed_dim});
+      in.value = in.key;
+    }
     in.is_causal = true;
     in.need_weights = r.need_weights;
-    const int64_t runs_before = (*layer)->short_attention_runs();
+    const int64_t runs_before = layer->short_attention_runs();
     for (int threads : {1, 2}) {
-      auto got = (*layer)->Forward(in, threads);
-      auto without = (*blocked)->Forward(in, threads);
+      auto got = layer->Forward(in, threads);
+      auto without = blocked->Forward(in, threads);
       ASSERT_TRUE(got.ok() && without.ok());
       const testing::NaiveOutputs want = testing::NaiveMultiheadAttention(c, w, in);
       EXPECT_LE(testing::MaxAbsDiff(got->output.values, want.output), 3e-2) << r.len;
       EXPECT_LE(testing::MaxAbsDiff(got->output.values, without->output.values), 3e-2) << r.len;
     }
-    EXPECT_EQ((*layer)->short_attention_runs() > runs_before, on_amx && r.takes_it) << r.len;
+    EXPECT_EQ(layer->short_attention_runs() > runs_before, on_amx && r.takes_it) << r.len;
+  }
+}
+
+// One batch of a short request, one asking weights and one too long: the group keeps the bf16 mirror and the f32
+// context over Q (ShortAttention writing into the fused projection's rows, row stride 3E); each member answers
+// as its reference.
+TEST(ShortAttentionTest, MixedGroupsAnswerEachMember) {
+  std::mt19937_64 rng(15);
+  const MhaConfig c{64, 4, 0, 0, true};
+  const MhaWeights w = testing::RandomTestWeights(c, rng);
+  const std::unique_ptr<MultiheadAttention> layer = Bf16Layer(c, w);
+  ASSERT_NE(layer, nullptr);
+  const int64_t lens[] = {33, 40, 300};
+  std::vector<std::vector<float>> data;
+  std::vector<AttentionInputs> inputs(3);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    data.push_back(RandomValues(rng, 2 * lens[i] * c.embed_dim));
+    inputs[i].query = TensorView::F32(data.back().data(), {2, lens[i], c.embed_dim});
+    inputs[i].is_causal = i != 1;
+    inputs[i].need_weights = i == 1;
+  }
+  const std::vector<const AttentionInputs*> ptrs = {&inputs[0], &inputs[1], &inputs[2]};
+  for (int threads : {1, 2}) {
+    const int64_t runs_before = layer->short_attention_runs();
+    auto got = layer->ForwardBatch(ptrs, threads);
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      ASSERT_TRUE(got[i].ok()) << got[i].status();
+      const testing::NaiveOutputs want = testing::NaiveMultiheadAttention(c, w, inputs[i]);
+      EXPECT_LE(testing::MaxAbsDiff(got[i]->output.values, want.output), 3e-2) << "member " << i;
+    }
+    EXPECT_EQ(layer->short_attention_runs() > runs_before, layer->short_attention_on_amx());
   }
 }
 

@@ -32,6 +32,29 @@ FlashScratch& ThreadFlashScratch() {
 }
 
 template <typename T>
+int64_t CapacityBytes(const std::vector<T>& buf) {
+  return static_cast<int64_t>(buf.capacity() * sizeof(T));
+}
+
+}  // namespace
+
+int64_t FlashScratchHeldBytes() {
+  const FlashScratch& s = ThreadFlashScratch();
+  int64_t bytes = 0;
+  for (const std::vector<float>* buf : {&s.scores, &s.acc, &s.row_max, &s.row_sum, &s.head_k, &s.head_v}) {
+    bytes += CapacityBytes(*buf);
+  }
+  for (const std::vector<uint16_t>* buf : {&s.head_k16, &s.head_v16, &s.q16, &s.probs16}) bytes += CapacityBytes(*buf);
+  return bytes;
+}
+
+void ReleaseFlashScratch(size_t keep_bytes) {
+  if (FlashScratchHeldBytes() > static_cast<int64_t>(keep_bytes)) ThreadFlashScratch() = FlashScratch();
+}
+
+namespace {
+
+template <typename T>
 T* Sized(std::vector<T>& buf, int64_t n) {
   if (buf.size() < static_cast<size_t>(n)) buf.resize(static_cast<size_t>(n));
   return buf.data();

@@ -77,6 +77,11 @@ struct FlashAttentionArgs {
 // budget counts per OpenMP thread.
 int64_t FlashScratchBytes(const FlashAttentionArgs& args);
 
+// What the calling thread's FlashAttention buffers hold now (kept from call to call, grown to the largest), and
+// freeing them when that is more than keep_bytes (ReleaseTeamScratch).
+int64_t FlashScratchHeldBytes();
+void ReleaseFlashScratch(size_t keep_bytes);
+
 // Runs on `threads` OpenMP threads (1: on the caller alone, no parallel region), work items (sequence, head,
 // query block) taken in turn, each with single-threaded sgemm calls. `should_stop` (thread-safe) is asked
 // before each item; its first error, or a matmul's, is returned (the context is then partly written).

@@ -30,6 +30,19 @@ ThreadState& ThisThread() {
   return state;
 }
 
+}  // namespace onednn_internal
+
+void ReleaseOnednnThreadScratch(size_t keep_bytes) {
+  onednn_internal::ThreadState& ts = onednn_internal::ThisThread();
+  if (ts.scratchpad.capacity() > keep_bytes) std::vector<uint8_t>().swap(ts.scratchpad);
+  for (std::vector<uint16_t>* buf : {&ts.bf16_a, &ts.bf16_b, &ts.padded_x}) {
+    if (buf->capacity() * sizeof(uint16_t) > keep_bytes) std::vector<uint16_t>().swap(*buf);
+  }
+  if (ts.padded_y.capacity() * sizeof(float) > keep_bytes) std::vector<float>().swap(ts.padded_y);
+}
+
+namespace onednn_internal {
+
 void ExecuteMatmul(const dnnl::matmul::primitive_desc& pd, const dnnl::matmul& prim, const dnnl::memory& src,
                    const dnnl::memory& weights, const dnnl::memory& dst, const dnnl::memory& bias) {
   ThreadState& ts = ThisThread();

@@ -31,6 +31,10 @@ namespace attnserve {
 enum class ComputeType { kFloat32, kBFloat16 };
 const char* ComputeTypeName(ComputeType type);
 
+// Frees the calling thread's oneDNN scratchpad and conversion buffers when they hold more than keep_bytes
+// (ReleaseTeamScratch).
+void ReleaseOnednnThreadScratch(size_t keep_bytes);
+
 // What this oneDNN build does with bfloat16 matmuls on this CPU (its effective ISA, so ONEDNN_MAX_CPU_ISA
 // counts): kNative (AVX512_BF16 or AMX), kEmulated (AVX-512 without BF16: correct, often slower than f32) or
 // kUnavailable (oneDNN 2.6 creates no bf16 matmul below AVX-512).

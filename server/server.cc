@@ -26,6 +26,7 @@
 #include "common/thread_name.h"
 #include "common/version.h"
 #include "core/bf16_rows.h"
+#include "core/team_scratch.h"
 #include "server/api/attention_service.h"
 #include "server/api/authorizer.h"
 #include "server/api/served_rpc.h"
@@ -198,9 +199,8 @@ absl::Status Server::Build() {
   scheduler_options.clock = options_.clock;
   scheduler_options.idle_spin_us = options_.idle_spin_us;
   scheduler_options.observer = p.observer.get();
-  scheduler_options.on_idle = [] {  // a burst's scratch goes back when it ends
-    ReleaseThreadScratch();
-    ReleaseDecoderScratch();
+  scheduler_options.on_idle = [threads = threads_per_batch_] {  // a burst's scratch goes back when it ends
+    ReleaseTeamScratch(threads);
   };
   scheduler_options.idle_release_delay_us = 200'000;
   scheduler_options.long_item_cost = options_.long_request_flops;

@@ -620,14 +620,15 @@ absl::Status MultiheadAttention::AttendShort(const ParsedAttention& p, int64_t s
     return MaskBlock(p, Block{b, 1, h0, hb, 0, p.q_len, p.kv_len}, scores, ld, head_rows);
   };
   const ShortAttention::MaskFn mask = add_masks;
-  for (int64_t b = seq_begin; b < seq_end; ++b) {
+  const int64_t hb = h_end - h_begin;
+  for (int64_t b = seq_begin, nb = 0; b < seq_end; b += nb) {
     ATTN_RETURN_IF_ERROR(should_stop());
-    absl::Status status =
-        short_attention_->Run(a, b, h_begin, h_end - h_begin, p.has_mask() ? &mask : nullptr);
+    nb = short_attention_->SequencesPerCall(hb, p.q_len, p.kv_len, seq_end - b);
+    absl::Status status = short_attention_->Run(a, b, nb, h_begin, hb, p.has_mask() ? &mask : nullptr);
     if (absl::IsUnimplemented(status)) {  // no AMX kernel for this shape: nothing was written
-      status = Attend(p, b, b + 1, h_begin, h_end, proj, q_row, kv_row, nullptr, should_stop);
-      if (status.ok() && a.out16 != nullptr) {  // Attend wrote the f32 context over Q
-        FloatRowsToBf16(a.out + b * p.q_len * proj.ldq + h_begin * dh, p.q_len, (h_end - h_begin) * dh, proj.ldq,
+      status = Attend(p, b, b + nb, h_begin, h_end, proj, q_row, kv_row, nullptr, should_stop);
+      if (status.ok() && a.out16 != nullptr) {  // Attend wrote the f32 context over Q (sequences' rows in a row)
+        FloatRowsToBf16(a.out + b * p.q_len * proj.ldq + h_begin * dh, nb * p.q_len, hb * dh, proj.ldq,
                         a.out16 + b * a.out_seq_stride + h_begin * dh, e);
       }
     }

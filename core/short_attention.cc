@@ -20,8 +20,9 @@ int64_t Padded(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
 
 // One thread's buffers, grown to the largest shape it has run (at most ScratchBytes of max_len).
 struct ShortBuffers {
-  std::vector<uint16_t> q, k, v, probs;  // [hb, Lp, Dh], [hb, Sp, Dh] twice, [hb, Lp, Sp]
-  std::vector<float> scores, context;    // [hb, Lp, Sp], [hb, Lp, Dh]
+  // Heads of the call's sequences one after another (nb * hb of them):
+  std::vector<uint16_t> q, k, v, probs;  // [nb * hb, Lp, Dh], [nb * hb, Sp, Dh] twice, [nb * hb, Lp, Sp]
+  std::vector<float> scores, context;    // [nb * hb, Lp, Sp], [nb * hb, Lp, Dh]
 
   template <typename T>
   static T* Grow(std::vector<T>& buf, int64_t n) {
@@ -74,7 +75,7 @@ void ReleaseShortAttentionBuffers(size_t keep_bytes) {
   if (HeldBytes(buffers) > keep_bytes) buffers = ShortBuffers();
 }
 
-// The two matmuls of one (hb, Lp, Sp); both null when oneDNN has no AMX kernel for them (remembered, so that
+// The two matmuls of one (nb * hb, Lp, Sp); both null when oneDNN has no AMX kernel for them (remembered, so that
 // the shape's requests do not try again each time).
 struct ShortAttention::Shape {
   std::unique_ptr<Bf16BlockMatmul> scores, context;
@@ -98,9 +99,20 @@ absl::StatusOr<std::unique_ptr<ShortAttention>> ShortAttention::Create(const Opt
   return std::unique_ptr<ShortAttention>(new ShortAttention(options));
 }
 
-int64_t ShortAttention::ScratchBytes(int64_t hb, int64_t q_len, int64_t kv_len) const {
+int64_t ShortAttention::SequenceBytes(int64_t hb, int64_t q_len, int64_t kv_len) const {
   const int64_t lp = Padded(q_len), sp = Padded(kv_len), dh = options_.head_dim;
   return hb * (kBf16 * (lp * dh + 2 * sp * dh + lp * sp) + kF32 * (lp * sp + lp * dh));
+}
+
+int64_t ShortAttention::SequencesPerCall(int64_t hb, int64_t q_len, int64_t kv_len, int64_t available) const {
+  const int64_t per_sequence = SequenceBytes(hb, q_len, kv_len);
+  int64_t nb = 1;
+  while (2 * nb <= std::min(available, kMaxSequencesPerCall) && 2 * nb * per_sequence <= kCallBytes) nb *= 2;
+  return nb;
+}
+
+int64_t ShortAttention::ScratchBytes(int64_t hb, int64_t q_len, int64_t kv_len) const {
+  return SequencesPerCall(hb, q_len, kv_len, kMaxSequencesPerCall) * SequenceBytes(hb, q_len, kv_len);
 }
 
 size_t ShortAttention::cached_shapes() const { return shapes_.size(); }
@@ -110,15 +122,15 @@ std::vector<std::string> ShortAttention::Impls() const {
   return impls_seen_;
 }
 
-absl::StatusOr<std::shared_ptr<const ShortAttention::Shape>> ShortAttention::GetShape(int64_t hb, int64_t lp,
+absl::StatusOr<std::shared_ptr<const ShortAttention::Shape>> ShortAttention::GetShape(int64_t heads, int64_t lp,
                                                                                       int64_t sp) const {
   const int64_t dh = options_.head_dim;
   auto build = [&]() -> absl::StatusOr<std::shared_ptr<Shape>> {
     auto shape = std::make_shared<Shape>();
     absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> scores =
-        Bf16BlockMatmul::Create(lp, sp, dh, /*transpose_b=*/true, false, hb);
+        Bf16BlockMatmul::Create(lp, sp, dh, /*transpose_b=*/true, false, heads);
     absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> context =
-        Bf16BlockMatmul::Create(lp, dh, sp, /*transpose_b=*/false, false, hb);
+        Bf16BlockMatmul::Create(lp, dh, sp, /*transpose_b=*/false, false, heads);
     for (const auto* op : {&scores, &context}) {
       if (!op->ok() && !absl::IsUnimplemented(op->status())) return op->status();
     }
@@ -137,43 +149,54 @@ absl::StatusOr<std::shared_ptr<const ShortAttention::Shape>> ShortAttention::Get
       }
     }
   };
-  return shapes_.GetOrBuild(Key{hb, lp, sp}, build, record_impls);
+  return shapes_.GetOrBuild(Key{heads, lp, sp}, build, record_impls);
 }
 
-absl::Status ShortAttention::Run(const Args& a, int64_t b, int64_t h0, int64_t hb, const MaskFn* mask) const {
+absl::Status ShortAttention::Run(const Args& a, int64_t b0, int64_t nb, int64_t h0, int64_t hb,
+                                 const MaskFn* mask) const {
+  if (nb < 1 || nb > kMaxSequencesPerCall) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("short attention: ", nb, " sequences in one call, expected 1 to ", kMaxSequencesPerCall));
+  }
   const int64_t dh = options_.head_dim, l = a.q_len, s = a.kv_len;
-  const int64_t lp = Padded(l), sp = Padded(s);
-  ATTN_ASSIGN_OR_RETURN(std::shared_ptr<const Shape> shape, GetShape(hb, lp, sp));
+  const int64_t lp = Padded(l), sp = Padded(s), heads = nb * hb;
+  ATTN_ASSIGN_OR_RETURN(std::shared_ptr<const Shape> shape, GetShape(heads, lp, sp));
   if (shape->scores == nullptr) {
-    return absl::UnimplementedError(absl::StrCat("short attention: no AMX kernel for ", hb, " heads of ", lp, " x ",
-                                                 sp, " (padded lengths)"));
+    return absl::UnimplementedError(absl::StrCat("short attention: no AMX kernel for ", heads, " heads of ", lp,
+                                                 " x ", sp, " (padded lengths)"));
   }
   try {
     ShortBuffers& buf = ThreadBuffers();
-    uint16_t* q16 = ShortBuffers::Grow(buf.q, hb * lp * dh);
-    uint16_t* k16 = ShortBuffers::Grow(buf.k, hb * sp * dh);
-    uint16_t* v16 = ShortBuffers::Grow(buf.v, hb * sp * dh);
-    uint16_t* probs = ShortBuffers::Grow(buf.probs, hb * lp * sp);
-    float* scores = ShortBuffers::Grow(buf.scores, hb * lp * sp);
-    float* context = ShortBuffers::Grow(buf.context, hb * lp * dh);
+    uint16_t* q16 = ShortBuffers::Grow(buf.q, heads * lp * dh);
+    uint16_t* k16 = ShortBuffers::Grow(buf.k, heads * sp * dh);
+    uint16_t* v16 = ShortBuffers::Grow(buf.v, heads * sp * dh);
+    uint16_t* probs = ShortBuffers::Grow(buf.probs, heads * lp * sp);
+    float* scores = ShortBuffers::Grow(buf.scores, heads * lp * sp);
+    float* context = ShortBuffers::Grow(buf.context, heads * lp * dh);
     // Padded Q rows and K rows only make scores that are never read: left as they are.
-    CopyHeads(a.q, b, h0, hb, dh, l, lp, /*zero_padding=*/false, q16);
-    CopyHeads(a.k, b, h0, hb, dh, s, sp, /*zero_padding=*/false, k16);
-    CopyHeads(a.v, b, h0, hb, dh, s, sp, /*zero_padding=*/true, v16);
+    for (int64_t sb = 0; sb < nb; ++sb) {
+      CopyHeads(a.q, b0 + sb, h0, hb, dh, l, lp, /*zero_padding=*/false, q16 + sb * hb * lp * dh);
+      CopyHeads(a.k, b0 + sb, h0, hb, dh, s, sp, /*zero_padding=*/false, k16 + sb * hb * sp * dh);
+      CopyHeads(a.v, b0 + sb, h0, hb, dh, s, sp, /*zero_padding=*/true, v16 + sb * hb * sp * dh);
+    }
     ATTN_RETURN_IF_ERROR(shape->scores->Execute(q16, k16, scores));
-    const uint8_t* dead = mask == nullptr ? nullptr : (*mask)(b, h0, hb, scores, sp, lp);
-    for (int64_t hi = 0; hi < hb; ++hi) {
-      uint16_t* head_probs = probs + hi * lp * sp;
-      RowSoftmaxToBf16(scores + hi * lp * sp, l, s, sp, dead == nullptr ? nullptr : dead + hi * l, head_probs, sp);
-      for (int64_t i = 0; sp > s && i < l; ++i) std::fill_n(head_probs + i * sp + s, sp - s, uint16_t{0});
+    for (int64_t sb = 0; sb < nb; ++sb) {  // each sequence's masks, then its softmax: the dead rows are per call
+      float* seq_scores = scores + sb * hb * lp * sp;
+      const uint8_t* dead = mask == nullptr ? nullptr : (*mask)(b0 + sb, h0, hb, seq_scores, sp, lp);
+      for (int64_t hi = 0; hi < hb; ++hi) {
+        uint16_t* head_probs = probs + (sb * hb + hi) * lp * sp;
+        RowSoftmaxToBf16(seq_scores + hi * lp * sp, l, s, sp, dead == nullptr ? nullptr : dead + hi * l, head_probs,
+                         sp);
+        for (int64_t i = 0; sp > s && i < l; ++i) std::fill_n(head_probs + i * sp + s, sp - s, uint16_t{0});
+      }
     }
     ATTN_RETURN_IF_ERROR(shape->context->Execute(probs, v16, context));
-    WriteContext(a, b, h0, hb, dh, lp, context);
+    for (int64_t sb = 0; sb < nb; ++sb) WriteContext(a, b0 + sb, h0, hb, dh, lp, context + sb * hb * lp * dh);
   } catch (const std::bad_alloc&) {  // callers are inside a parallel region
-    return absl::ResourceExhaustedError(
-        absl::StrCat("short attention: out of memory for ", ScratchBytes(hb, l, s), " bytes of buffers"));
+    return absl::ResourceExhaustedError(absl::StrCat("short attention: out of memory for ",
+                                                     nb * SequenceBytes(hb, l, s), " bytes of buffers"));
   }
-  executions_.fetch_add(1, std::memory_order_relaxed);
+  executions_.fetch_add(nb, std::memory_order_relaxed);
   return absl::OkStatus();
 }
 

@@ -53,6 +53,9 @@ struct Fused {
 // Causal masks, and row 0 of every head masked whole when `kill_row0`: the reference's masks.
 bool Masked(int64_t i, int64_t j, bool kill_row0) { return j > i || (kill_row0 && i == 0); }
 
+// Row 0 is masked whole in even sequences only, so that a call of several sequences must give each its own.
+bool KillsRow0(bool kill_row0, int64_t b) { return kill_row0 && b % 2 == 0; }
+
 // Context of sequence b, head h from bf16-rounded operands in float64: [len, dh].
 std::vector<double> Reference(const Fused& f, int64_t b, int64_t h, bool masked, bool kill_row0) {
   const int64_t ld = 3 * f.e(), dh = f.dh;
@@ -83,14 +86,15 @@ struct TestMask {
   bool kill_row0;
   int64_t len;
   std::vector<uint8_t> dead;
-  const uint8_t* operator()(int64_t, int64_t, int64_t hb, float* scores, int64_t ld, int64_t head_rows) {
+  const uint8_t* operator()(int64_t b, int64_t, int64_t hb, float* scores, int64_t ld, int64_t head_rows) {
+    const bool kill = KillsRow0(kill_row0, b);
     dead.assign(static_cast<size_t>(hb * len), 0);
     for (int64_t hi = 0; hi < hb; ++hi) {
       for (int64_t i = 0; i < len; ++i) {
         bool open = false;
         for (int64_t j = 0; j < len; ++j) {
-          if (Masked(i, j, kill_row0)) scores[(hi * head_rows + i) * ld + j] = -INFINITY;
-          open = open || !Masked(i, j, kill_row0);
+          if (Masked(i, j, kill)) scores[(hi * head_rows + i) * ld + j] = -INFINITY;
+          open = open || !Masked(i, j, kill);
         }
         dead[hi * len + i] = !open;
       }
@@ -105,10 +109,10 @@ std::unique_ptr<ShortAttention> MakeShort(int64_t dh, size_t capacity = 64) {
   return attention.ok() ? std::move(*attention) : nullptr;
 }
 
-// Runs heads [h0, h0 + hb) of every sequence and checks them against Reference; the other heads' columns
-// must be left as they were.
+// Runs heads [h0, h0 + hb) of every sequence, `seqs_per_call` sequences a call (fewer in the last), and checks
+// them against Reference; the other heads' columns must be left as they were.
 void ExpectHeadsNearReference(const ShortAttention& attention, const Fused& f, int64_t h0, int64_t hb, bool masked,
-                              bool kill_row0) {
+                              bool kill_row0, int64_t seqs_per_call = 1) {
   std::vector<float> out;
   const ShortAttention::Args a = f.Args(&out);
   TestMask mask_state{kill_row0, f.len, {}};
@@ -116,12 +120,17 @@ void ExpectHeadsNearReference(const ShortAttention& attention, const Fused& f, i
     return mask_state(b, h, n, s, ld, rows);
   };
   const ShortAttention::MaskFn mask = add_masks;
-  for (int64_t b = 0; b < f.batch; ++b) ASSERT_TRUE(attention.Run(a, b, h0, hb, masked ? &mask : nullptr).ok());
+  for (int64_t b = 0; b < f.batch; b += seqs_per_call) {
+    const absl::Status status =
+        attention.Run(a, b, std::min(seqs_per_call, f.batch - b), h0, hb, masked ? &mask : nullptr);
+    ASSERT_TRUE(status.ok()) << status;
+  }
   double max_diff = 0;
   for (int64_t b = 0; b < f.batch; ++b) {
     for (int64_t h = 0; h < f.heads; ++h) {
       const bool ran = h >= h0 && h < h0 + hb;
-      const std::vector<double> want = ran ? Reference(f, b, h, masked, kill_row0) : std::vector<double>();
+      const bool kill = KillsRow0(kill_row0, b);
+      const std::vector<double> want = ran ? Reference(f, b, h, masked, kill) : std::vector<double>();
       for (int64_t i = 0; i < f.len; ++i) {
         for (int64_t d = 0; d < f.dh; ++d) {
           const float got = out[(b * f.len + i) * f.e() + h * f.dh + d];
@@ -130,7 +139,7 @@ void ExpectHeadsNearReference(const ShortAttention& attention, const Fused& f, i
           } else {
             max_diff = std::max(max_diff, std::abs(got - want[i * f.dh + d]));
           }
-          if (ran && masked && kill_row0 && i == 0) {
+          if (ran && masked && kill && i == 0) {
             ASSERT_EQ(got, 0.0f) << "a row masked whole answers zero";
           }
         }
@@ -191,10 +200,61 @@ TEST(ShortAttentionTest, NanInAnEarlierRequestStaysThere) {
   Fused poisoned = RandomFused(rng, 1, 32, 2, 64);
   for (float& x : poisoned.rows) x = std::numeric_limits<float>::quiet_NaN();
   std::vector<float> out;
-  ASSERT_TRUE(attention->Run(poisoned.Args(&out), 0, 0, 2, nullptr).ok());
+  ASSERT_TRUE(attention->Run(poisoned.Args(&out), 0, 1, 0, 2, nullptr).ok());
   EXPECT_TRUE(std::isnan(out[0]));
   const Fused clean = RandomFused(rng, 1, 17, 2, 64);
   ExpectHeadsNearReference(*attention, clean, 0, 2, false, false);
+}
+
+// Several sequences in one call: each its own rows, heads and masks (row 0 masked whole in even sequences only),
+// whole calls and a shorter last one, padded lengths and not.
+TEST(ShortAttentionTest, SeveralSequencesInOneCall) {
+  if (!OnednnUsesAmx()) GTEST_SKIP() << "no AMX: CreateChecksOptionsAndTheCpu covers this CPU";
+  std::mt19937_64 rng(16);
+  auto attention = MakeShort(64);
+  ASSERT_NE(attention, nullptr);
+  for (int64_t len : {int64_t{9}, int64_t{16}, int64_t{33}}) {
+    const Fused f = RandomFused(rng, 7, len, 4, 64);
+    for (int64_t per_call : {int64_t{2}, int64_t{4}, int64_t{8}}) {
+      const int64_t runs_before = attention->executions();
+      ExpectHeadsNearReference(*attention, f, 0, 4, /*masked=*/true, /*kill_row0=*/true, per_call);
+      ExpectHeadsNearReference(*attention, f, 1, 2, /*masked=*/false, false, per_call);
+      EXPECT_EQ(attention->executions() - runs_before, 2 * f.batch) << "executions count sequences";
+    }
+  }
+  std::vector<float> out;
+  const Fused f = RandomFused(rng, 9, 16, 4, 64);
+  for (int64_t bad : {int64_t{0}, ShortAttention::kMaxSequencesPerCall + 1}) {
+    EXPECT_TRUE(absl::IsInvalidArgument(attention->Run(f.Args(&out), 0, bad, 0, 4, nullptr))) << bad;
+  }
+}
+
+// How many sequences a call takes: powers of two within what is left and within the call's byte bound; the
+// memory estimate covers the largest call.
+TEST(ShortAttentionTest, SequencesPerCallKeepsItsBounds) {
+  if (!OnednnUsesAmx()) GTEST_SKIP() << "no AMX: CreateChecksOptionsAndTheCpu covers this CPU";
+  auto attention = MakeShort(64);
+  ASSERT_NE(attention, nullptr);
+  // One sequence's buffers: bf16 Q, K, V and P, f32 scores and context, lengths padded to 16.
+  auto per_sequence = [](int64_t hb, int64_t len) {
+    const int64_t lp = (len + 15) / 16 * 16;
+    return hb * (2 * (3 * lp * 64 + lp * lp) + 4 * (lp * lp + lp * 64));
+  };
+  EXPECT_EQ(attention->SequencesPerCall(4, 16, 16, 100), 8);
+  EXPECT_EQ(attention->SequencesPerCall(4, 16, 16, 7), 4);
+  EXPECT_EQ(attention->SequencesPerCall(4, 16, 16, 1), 1);
+  EXPECT_EQ(attention->SequencesPerCall(4, 9, 12, 3), 2) << "lengths pad to 16";
+  EXPECT_EQ(attention->SequencesPerCall(8, 64, 64, 8), 1) << "512 KiB a sequence";
+  EXPECT_EQ(attention->SequencesPerCall(8, 256, 256, 8), 1);
+  for (int64_t hb : {int64_t{1}, int64_t{4}, int64_t{16}}) {
+    for (int64_t len = 1; len <= 256; len += 17) {
+      const int64_t nb = attention->SequencesPerCall(hb, len, len, 8), bytes = per_sequence(hb, len);
+      EXPECT_EQ(nb & (nb - 1), 0) << len;
+      EXPECT_TRUE(nb == 1 || nb * bytes <= (int64_t{512} << 10)) << "hb " << hb << " len " << len;
+      EXPECT_TRUE(nb == 8 || 2 * nb * bytes > (int64_t{512} << 10)) << "hb " << hb << " len " << len;
+      EXPECT_EQ(attention->ScratchBytes(hb, len, len), nb * bytes) << "hb " << hb << " len " << len;
+    }
+  }
 }
 
 TEST(ShortAttentionTest, ShapeCacheKeepsItsBound) {
@@ -236,6 +296,7 @@ TEST(ShortAttentionTest, LayersSendShortRequestsHere) {
     bool need_weights, takes_it;
   };
   for (const Request& r : {Request{1, 45, 0, false, true}, Request{3, 256, 0, false, true},
+                           Request{24, 16, 0, false, true}, Request{13, 9, 0, false, true},
                            Request{2, 30, 0, true, false}, Request{1, 257, 0, false, false},
                            Request{2, 20, 37, false, true}}) {
     const std::vector<float> q = RandomValues(rng, r.batch * r.len * c.embed_dim);
@@ -248,6 +309,10 @@ TEST(ShortAttentionTest, LayersSendShortRequestsHere) {
     }
     in.is_causal = true;
     in.need_weights = r.need_weights;
+    // Batches of many sequences (several a call): keys padded differently in each sequence, key 0 always open.
+    std::vector<uint8_t> padding(static_cast<size_t>(r.batch * (r.kv_len > 0 ? r.kv_len : r.len)));
+    for (size_t j = 0; j < padding.size(); ++j) padding[j] = j % (r.kv_len > 0 ? r.kv_len : r.len) != 0 && rng() % 3 == 0;
+    if (r.batch > 8) in.key_padding_mask = TensorView::Bool(padding.data(), {r.batch, r.kv_len > 0 ? r.kv_len : r.len});
     const int64_t runs_before = layer->short_attention_runs();
     for (int threads : {1, 2}) {
       auto got = layer->Forward(in, threads);

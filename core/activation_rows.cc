@@ -161,6 +161,12 @@ absl::Status ProjectRows(const LinearOp& op, absl::Span<const TensorView* const>
   return op.Execute(ActivationRowsF32(views, rows, cols, f32), rows, cols, y, ldy);
 }
 
+absl::Status ProjectRowsToBf16(const LinearOp& op, absl::Span<const TensorView* const> views, int64_t rows,
+                               int64_t cols, std::vector<uint16_t>& bf16, uint16_t* y, int64_t ldy) {
+  if (!op.writes_bf16()) return absl::FailedPreconditionError("linear layer: no bf16 outputs from this op");
+  return op.ExecuteBf16ToBf16(ActivationRowsBf16(views, rows, cols, bf16), rows, cols, y, ldy);
+}
+
 absl::Status ProjectRows(const LinearOp& op, absl::Span<const TensorView> views, int64_t rows, int64_t cols,
                          std::vector<float>& f32, std::vector<uint16_t>& bf16, float* y, int64_t ldy) {
   std::vector<const TensorView*> of(views.size());

@@ -36,6 +36,9 @@ const uint16_t* ActivationRowsBf16(absl::Span<const TensorView* const> views, in
 // multiplies (ActivationRowsF32 / ActivationRowsBf16).
 absl::Status ProjectRows(const LinearOp& op, absl::Span<const TensorView* const> views, int64_t rows, int64_t cols,
                          std::vector<float>& f32, std::vector<uint16_t>& bf16, float* y, int64_t ldy);
+// The same with y in bf16, for an op that writes_bf16() (FailedPrecondition otherwise).
+absl::Status ProjectRowsToBf16(const LinearOp& op, absl::Span<const TensorView* const> views, int64_t rows,
+                               int64_t cols, std::vector<uint16_t>& bf16, uint16_t* y, int64_t ldy);
 // The same for views held by value.
 absl::Status ProjectRows(const LinearOp& op, absl::Span<const TensorView> views, int64_t rows, int64_t cols,
                          std::vector<float>& f32, std::vector<uint16_t>& bf16, float* y, int64_t ldy);

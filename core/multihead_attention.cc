@@ -386,6 +386,9 @@ absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::Project(const 
     keys.push_back(&p->inputs->key);
     values.push_back(&p->inputs->value);
   }
+  if (absl::StatusOr<Projected> direct = ProjectShortToBf16(g); !absl::IsUnimplemented(direct.status())) {
+    return direct;
+  }
   Projected proj;
   proj.q_rows = n_q;
   if (g.self_attention) {
@@ -410,11 +413,43 @@ absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::Project(const 
   return proj;
 }
 
+bool MultiheadAttention::AllShort(const Group& g) const {
+  return std::all_of(g.members.begin(), g.members.end(), [&](const ParsedAttention* p) { return UsesShort(*p); });
+}
+
+absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::ProjectShortToBf16(const Group& g) const {
+  if (!g.self_attention || qkv_proj_ == nullptr || !qkv_proj_->writes_bf16() || !AllShort(g)) {
+    return absl::UnimplementedError("Q, K and V are projected in f32 here");
+  }
+  const int64_t e = options_.config.embed_dim;
+  Workspace& ws = ThreadWorkspace();
+  std::vector<const TensorView*> queries;
+  int64_t n_q = 0;
+  for (const ParsedAttention* p : g.members) {
+    n_q += p->query_tokens();
+    queries.push_back(&p->inputs->query);
+  }
+  Projected proj;
+  proj.q_rows = n_q;
+  uint16_t* qkv16 = Workspace::Grow(ws.q16, static_cast<size_t>(n_q * 3 * e));
+  ATTN_RETURN_IF_ERROR(ProjectRowsToBf16(*qkv_proj_, queries, n_q, e, ws.gather16_q, qkv16, 3 * e));
+  proj.q16 = qkv16;
+  proj.k16 = qkv16 + e;
+  proj.v16 = qkv16 + 2 * e;
+  proj.ld16 = 3 * e;
+  // The f32 rows are never written but where AttendShort falls back to the blocked path, which writes its context
+  // over Q there (reading the bf16 rows): room without a pass over it (grown once, kept).
+  proj.q = Workspace::Grow(ws.q, static_cast<size_t>(n_q * 3 * e));
+  proj.k = proj.q + e;
+  proj.v = proj.q + 2 * e;
+  proj.ldq = proj.ldk = proj.ldv = 3 * e;
+  proj.context16 = Workspace::Grow(ws.context16, static_cast<size_t>(n_q * e));
+  return proj;
+}
+
 void MultiheadAttention::PrepareBf16(const Group& g, int64_t q_rows, int64_t kv_rows, Projected* proj) const {
   if (compute_ != ComputeType::kBFloat16) return;
-  const bool all_short =
-      std::all_of(g.members.begin(), g.members.end(), [&](const ParsedAttention* p) { return UsesShort(*p); });
-  if (!all_short) {
+  if (!AllShort(g)) {
     MirrorBf16(q_rows, kv_rows, proj);
     return;
   }
@@ -609,6 +644,11 @@ absl::Status MultiheadAttention::AttendShort(const ParsedAttention& p, int64_t s
   a.k = {proj.k + kv_row * proj.ldk, proj.ldk, p.kv_len * proj.ldk};
   a.v = {proj.v + kv_row * proj.ldv, proj.ldv, p.kv_len * proj.ldv};
   const int64_t e = options_.config.embed_dim, dh = options_.config.head_dim();
+  if (proj.q16 != nullptr) {  // the bf16 projections or their mirror: read as they are
+    a.q16 = {proj.q16 + q_row * proj.ld16, proj.ld16, p.q_len * proj.ld16};
+    a.k16 = {proj.k16 + kv_row * proj.ld16, proj.ld16, p.kv_len * proj.ld16};
+    a.v16 = {proj.v16 + kv_row * proj.ld16, proj.ld16, p.kv_len * proj.ld16};
+  }
   a.out = proj.q + q_row * proj.ldq;
   a.out_ld = proj.ldq;
   if (proj.context16 != nullptr) {

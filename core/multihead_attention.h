@@ -210,6 +210,10 @@ class MultiheadAttention : public AppendEngine {
   absl::Status ProjectOutput(const Group& group, const Projected& proj) const;
   bool UsesFlash(const ParsedAttention& p) const;
   bool UsesShort(const ParsedAttention& p) const;
+  bool AllShort(const Group& group) const;
+  // A self-attention group whose members all take ShortAttention, on a QKV projection on AMX tiles: Q, K and V
+  // projected straight to bf16 (no f32 rows, no conversion pass); Unimplemented where that does not apply.
+  absl::StatusOr<Projected> ProjectShortToBf16(const Group& group) const;
   // The sizes and blocks of p's FlashAttention (no operands).
   FlashAttentionArgs FlashShape(const ParsedAttention& p) const;
   // Attention of a whole request through FlashAttention on `threads` threads.
@@ -217,7 +221,7 @@ class MultiheadAttention : public AppendEngine {
                            int threads, absl::FunctionRef<absl::Status()> should_stop) const;
   // bf16 layers: Q, K and V copied to bf16 (the attention matmuls' inputs, MirrorBf16); nothing in f32. When
   // every member takes ShortAttention, which makes its own copies from the f32 rows, no mirror but a bf16 context
-  // buffer (Projected::context16).
+  // buffer (Projected::context16, also ProjectShortToBf16's).
   void PrepareBf16(const Group& group, int64_t q_rows, int64_t kv_rows, Projected* proj) const;
   void MirrorBf16(int64_t q_rows, int64_t kv_rows, Projected* proj) const;
   // Attention of sequences [seq_begin, seq_end), heads [h_begin, h_end) of one request whose first query row is

@@ -63,16 +63,16 @@ class FixedRowsMatmuls {
     attr_.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   }
 
-  // The primitive of `rows` rows (a power of two, <= kFixedRowsMax) with row strides ldx and ldy for the calling
-  // thread's team, or nullptr: past the cap (strides other than k and n only), or when oneDNN has no brgemm
-  // kernel for it. Throws dnnl::error.
-  const Variant* Get(int64_t rows, int64_t ldx, int64_t ldy) {
-    const auto key = std::make_tuple(rows, ldx, ldy, TeamSize());
+  // The primitive of `rows` rows (a power of two, <= kFixedRowsMax) with row strides ldx and ldy and outputs of
+  // type y_type (f32 or bf16) for the calling thread's team, or nullptr: past the cap (strides other than k and n
+  // only), or when oneDNN has no brgemm kernel for it. Throws dnnl::error.
+  const Variant* Get(int64_t rows, int64_t ldx, int64_t ldy, dt y_type) {
+    const auto key = std::make_tuple(rows, ldx, ldy, TeamSize(), y_type);
     absl::MutexLock lock(&mu_);
     auto found = variants_.find(key);
     if (found != variants_.end()) return found->second->prim ? found->second.get() : nullptr;
     if (variants_.size() >= kMaxFixedRowsPrimitives && (ldx != k_ || ldy != n_)) return nullptr;
-    const dnnl::memory::desc src_md({rows, k_}, dt::bf16, {ldx, 1}), dst_md({rows, n_}, dt::f32, {ldy, 1});
+    const dnnl::memory::desc src_md({rows, k_}, dt::bf16, {ldx, 1}), dst_md({rows, n_}, y_type, {ldy, 1});
     const dnnl::memory::desc weights_md = FixedRowsWeightsMd(k_, n_), bias_md({1, n_}, dt::f32, tag::ab);
     auto made = std::make_unique<Variant>();
     made->pd = dnnl::matmul::primitive_desc(has_bias_ ? dnnl::matmul::desc(src_md, weights_md, bias_md, dst_md)
@@ -97,7 +97,7 @@ class FixedRowsMatmuls {
   const bool has_bias_;
   dnnl::primitive_attr attr_;
   absl::Mutex mu_;
-  std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::unique_ptr<Variant>> variants_ ABSL_GUARDED_BY(mu_);
+  std::map<std::tuple<int64_t, int64_t, int64_t, int, dt>, std::unique_ptr<Variant>> variants_ ABSL_GUARDED_BY(mu_);
 };
 
 // Outputs [n_begin, n_begin + n) of an op on AMX tiles, with views of its weights and bias.
@@ -203,7 +203,7 @@ std::unique_ptr<LinearOp::Impl> NewFixedRowsImpl(int64_t k, int64_t n, const std
     std::unique_ptr<LinearOp::Impl> impl = NewLinearImpl(k, n, FixedRowsWeightsMd(k, n), bias, compute);
     impl->panels = FixedRowsPanels(k, n, !bias.empty());
     for (const FixedRowsPanel& panel : impl->panels) {
-      const MatmulVariants::Variant* largest = panel.matmuls->Get(kFixedRowsMax, k, panel.n);
+      const MatmulVariants::Variant* largest = panel.matmuls->Get(kFixedRowsMax, k, panel.n, dt::f32);
       if (largest == nullptr || !absl::StrContains(largest->pd.impl_info_str(), "amx")) return nullptr;
     }
     return impl;
@@ -477,34 +477,47 @@ void ExecuteLinear(const MatmulVariants::Variant& v, const dnnl::memory& weights
   ExecuteMatmul(v.pd, v.prim, src, weights, dst, bias);
 }
 
-void ExecuteFixed(const FixedRowsMatmuls::Variant& v, const FixedRowsPanel& panel, const void* x, float* y) {
+void ExecuteFixed(const FixedRowsMatmuls::Variant& v, const FixedRowsPanel& panel, const void* x, void* y) {
   ExecuteFixedMatmul(v, x, panel.weights.get_data_handle(), y, panel.bias ? panel.bias.get_data_handle() : nullptr);
 }
+
+// Where a fixed-rows op writes: f32, or bf16 (rounded to nearest even) for a bf16 consumer; ld in elements.
+struct FixedRowsOut {
+  void* data;
+  int64_t ld;
+  dt type;
+  size_t element_bytes() const { return type == dt::bf16 ? 2 : 4; }
+  // Row r, column c.
+  void* At(int64_t r, int64_t c) const {
+    return static_cast<char*>(data) + (r * ld + c) * static_cast<int64_t>(element_bytes());
+  }
+};
 
 // rows <= kFixedRowsMax of bf16 x [rows, k] through the panel's fixed primitive of their count, or of the next
 // power of two on a padded copy (the pad rows zero, so they cost no special values), into y [rows, panel.n].
 absl::Status RunFixedRowsPiece(const FixedRowsPanel& panel, int64_t k, const uint16_t* x, int64_t rows, int64_t ldx,
-                               float* y, int64_t ldy) {
+                               const FixedRowsOut& y) {
   try {
     const int64_t padded = PowerOfTwoAtLeast(rows), n = panel.n;
     if (padded == rows) {
-      if (const FixedRowsMatmuls::Variant* v = panel.matmuls->Get(rows, ldx, ldy)) {
-        ExecuteFixed(*v, panel, x, y);
+      if (const FixedRowsMatmuls::Variant* v = panel.matmuls->Get(rows, ldx, y.ld, y.type)) {
+        ExecuteFixed(*v, panel, x, y.data);
         return absl::OkStatus();
       }
     }
     const FixedRowsMatmuls::Variant* v = nullptr;
     int64_t size = padded;  // the next size with a brgemm kernel (kFixedRowsMax has one)
-    while ((v = panel.matmuls->Get(size, k, n)) == nullptr && size < kFixedRowsMax) size *= 2;
+    while ((v = panel.matmuls->Get(size, k, n, y.type)) == nullptr && size < kFixedRowsMax) size *= 2;
     if (v == nullptr) return absl::InternalError("linear layer: no AMX primitive for a piece of rows");
     ThreadState& ts = ThisThread();
     uint16_t* xp = Grow(ts.padded_x, static_cast<size_t>(size * k));
     for (int64_t i = 0; i < rows; ++i) std::memcpy(xp + i * k, x + i * ldx, static_cast<size_t>(k) * 2);
     std::memset(xp + rows * k, 0, static_cast<size_t>((size - rows) * k) * 2);
     if (ts.padded_y.size() < static_cast<size_t>(size * n)) ts.padded_y.resize(static_cast<size_t>(size * n));
-    ExecuteFixed(*v, panel, xp, ts.padded_y.data());
+    ExecuteFixed(*v, panel, xp, ts.padded_y.data());  // dense [size, n] of y.type
+    const FixedRowsOut padded_y{ts.padded_y.data(), n, y.type};
     for (int64_t i = 0; i < rows; ++i) {
-      std::memcpy(y + i * ldy, ts.padded_y.data() + i * n, static_cast<size_t>(n) * sizeof(float));
+      std::memcpy(y.At(i, 0), padded_y.At(i, 0), static_cast<size_t>(n) * y.element_bytes());
     }
     return absl::OkStatus();
   } catch (const dnnl::error& e) {
@@ -518,10 +531,10 @@ absl::Status RunFixedRowsPiece(const FixedRowsPanel& panel, int64_t k, const uin
 // each on the whole team. Else (panel, rows) pieces taken in turn by the team's threads as f32 ops do, panel by
 // panel: of kFixedRowsMax rows (the fastest per thread, measured) where there are 4 of those or more, else of
 // kPieceRows, so that both threads get work; with several panels, fewer rows make one piece per panel.
-absl::Status RunFixedRows(const LinearOp::Impl& p, const uint16_t* x, int64_t m, int64_t ldx, float* y,
-                          int64_t ldy, int team) {
+absl::Status RunFixedRows(const LinearOp::Impl& p, const uint16_t* x, int64_t m, int64_t ldx, const FixedRowsOut& y,
+                          int team) {
   auto piece = [&](const FixedRowsPanel& panel, int64_t r0, int64_t rows) {
-    return RunFixedRowsPiece(panel, p.k, x + r0 * ldx, rows, ldx, y + r0 * ldy + panel.n_begin, ldy);
+    return RunFixedRowsPiece(panel, p.k, x + r0 * ldx, rows, ldx, {y.At(r0, panel.n_begin), y.ld, y.type});
   };
   if (p.panels.size() == 1 && (team == 1 || m < 2 * kPieceRows)) {
     for (int64_t r0 = 0; r0 < m; r0 += kFixedRowsMax) {
@@ -545,7 +558,7 @@ absl::Status LinearOp::Run(const void* x, int64_t m, int64_t ldx, float* y, int6
   if (m == 0) return absl::OkStatus();
   const int team = omp_in_parallel() ? 1 : omp_get_max_threads();
   const Impl& p = *impl_ptr_;
-  if (!p.panels.empty()) return RunFixedRows(p, static_cast<const uint16_t*>(x), m, ldx, y, ldy, team);
+  if (!p.panels.empty()) return RunFixedRows(p, static_cast<const uint16_t*>(x), m, ldx, {y, ldy, dt::f32}, team);
   if (team == 1 || p.compute == ComputeType::kBFloat16 || 2 * kPieceRows * p.k * p.n < kMinPieceFlops ||
       m < 2 * kPieceRows) {
     return RunTeam(x, m, ldx, y, ldy);
@@ -555,6 +568,17 @@ absl::Status LinearOp::Run(const void* x, int64_t m, int64_t ldx, float* y, int6
     return RunTeam(static_cast<const char*>(x) + r0 * x_row_bytes, rows, ldx, y + r0 * ldy, ldy);
   });
 }
+
+absl::Status LinearOp::ExecuteBf16ToBf16(const uint16_t* x, int64_t m, int64_t ldx, uint16_t* y, int64_t ldy) const {
+  if (!writes_bf16()) {
+    return absl::FailedPreconditionError("LinearOp: bf16 outputs from an op not on AMX tiles");
+  }
+  if (m == 0) return absl::OkStatus();
+  const int team = omp_in_parallel() ? 1 : omp_get_max_threads();
+  return RunFixedRows(*impl_ptr_, x, m, ldx, {y, ldy, dt::bf16}, team);
+}
+
+bool LinearOp::writes_bf16() const { return !impl_ptr_->panels.empty(); }
 
 absl::Status LinearOp::RunTeam(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const {
   Impl& p = *impl_ptr_;

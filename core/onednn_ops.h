@@ -92,6 +92,11 @@ class LinearOp {
   absl::Status Execute(const float* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
   // The same with x already in bf16 (bf16 ops only: FailedPrecondition otherwise).
   absl::Status ExecuteBf16(const uint16_t* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
+  // The same with y in bf16 too (rounded to nearest even from the f32 sums), for a consumer that reads bf16: half
+  // the bytes written and no conversion pass. Ops on AMX tiles only (writes_bf16(); FailedPrecondition otherwise).
+  absl::Status ExecuteBf16ToBf16(const uint16_t* x, int64_t m, int64_t ldx, uint16_t* y, int64_t ldy) const;
+  // Whether ExecuteBf16ToBf16 runs: a bf16 op on AMX tiles (fixed-rows primitives).
+  bool writes_bf16() const;
   ComputeType compute() const;
   // The bytes of weights this op holds itself: 0 for a slice, which reads another op's.
   int64_t owned_weight_bytes() const;

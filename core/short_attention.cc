@@ -54,6 +54,39 @@ void CopyHeads(const FlashOperand& src, int64_t b, int64_t h0, int64_t hb, int64
   }
 }
 
+// The same from bf16 projections: rows copied as they are.
+void CopyHeads(const ShortAttention::Args::Bf16Operand& src, int64_t b, int64_t h0, int64_t hb, int64_t dh,
+               int64_t rows, int64_t padded_rows, bool zero_padding, uint16_t* dst) {
+  const uint16_t* seq = src.data + b * src.seq_stride;
+  for (int64_t hi = 0; hi < hb; ++hi) {
+    uint16_t* head = dst + hi * padded_rows * dh;
+    for (int64_t i = 0; i < rows; ++i) {
+      std::memcpy(head + i * dh, seq + i * src.ld + (h0 + hi) * dh, static_cast<size_t>(dh) * sizeof(uint16_t));
+    }
+    if (zero_padding) std::fill(head + rows * dh, head + padded_rows * dh, uint16_t{0});
+  }
+}
+
+// Q, K and V of sequences [b0, b0 + nb), heads [h0, h0 + hb) into the call's dense buffers, from the bf16
+// projections when the call has them, else from the f32 ones.
+void CopyOperands(const ShortAttention::Args& a, int64_t b0, int64_t nb, int64_t h0, int64_t hb, int64_t dh,
+                  int64_t lp, int64_t sp, uint16_t* q16, uint16_t* k16, uint16_t* v16) {
+  const int64_t l = a.q_len, s = a.kv_len;
+  for (int64_t sb = 0; sb < nb; ++sb) {
+    uint16_t *q = q16 + sb * hb * lp * dh, *k = k16 + sb * hb * sp * dh, *v = v16 + sb * hb * sp * dh;
+    // Padded Q rows and K rows only make scores that are never read: left as they are.
+    if (a.q16.data != nullptr) {
+      CopyHeads(a.q16, b0 + sb, h0, hb, dh, l, lp, /*zero_padding=*/false, q);
+      CopyHeads(a.k16, b0 + sb, h0, hb, dh, s, sp, /*zero_padding=*/false, k);
+      CopyHeads(a.v16, b0 + sb, h0, hb, dh, s, sp, /*zero_padding=*/true, v);
+    } else {
+      CopyHeads(a.q, b0 + sb, h0, hb, dh, l, lp, /*zero_padding=*/false, q);
+      CopyHeads(a.k, b0 + sb, h0, hb, dh, s, sp, /*zero_padding=*/false, k);
+      CopyHeads(a.v, b0 + sb, h0, hb, dh, s, sp, /*zero_padding=*/true, v);
+    }
+  }
+}
+
 // Rows [0, L) of each head's context [hb, Lp, Dh] into the context rows of sequence b, in f32 or bf16.
 void WriteContext(const ShortAttention::Args& a, int64_t b, int64_t h0, int64_t hb, int64_t dh, int64_t lp,
                   const float* context) {
@@ -173,12 +206,7 @@ absl::Status ShortAttention::Run(const Args& a, int64_t b0, int64_t nb, int64_t 
     uint16_t* probs = ShortBuffers::Grow(buf.probs, heads * lp * sp);
     float* scores = ShortBuffers::Grow(buf.scores, heads * lp * sp);
     float* context = ShortBuffers::Grow(buf.context, heads * lp * dh);
-    // Padded Q rows and K rows only make scores that are never read: left as they are.
-    for (int64_t sb = 0; sb < nb; ++sb) {
-      CopyHeads(a.q, b0 + sb, h0, hb, dh, l, lp, /*zero_padding=*/false, q16 + sb * hb * lp * dh);
-      CopyHeads(a.k, b0 + sb, h0, hb, dh, s, sp, /*zero_padding=*/false, k16 + sb * hb * sp * dh);
-      CopyHeads(a.v, b0 + sb, h0, hb, dh, s, sp, /*zero_padding=*/true, v16 + sb * hb * sp * dh);
-    }
+    CopyOperands(a, b0, nb, h0, hb, dh, lp, sp, q16, k16, v16);
     ATTN_RETURN_IF_ERROR(shape->scores->Execute(q16, k16, scores));
     for (int64_t sb = 0; sb < nb; ++sb) {  // each sequence's masks, then its softmax: the dead rows are per call
       float* seq_scores = scores + sb * hb * lp * sp;

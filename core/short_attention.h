@@ -60,6 +60,12 @@ class ShortAttention {
   struct Args {
     int64_t q_len = 0, kv_len = 0;
     FlashOperand q, k, v;  // f32 projections: element (b, h, i, d) at data[b * seq_stride + i * ld + h * Dh + d]
+    // Or the projections in bf16, laid out the same, read instead when q16.data is set (no conversion pass).
+    struct Bf16Operand {
+      const uint16_t* data = nullptr;
+      int64_t ld = 0, seq_stride = 0;
+    };
+    Bf16Operand q16, k16, v16;
     // The context [B, L, H * Dh] (f32), as FlashAttentionArgs::out: may be Q's own rows, which are read first.
     // Or, when out16 is set, in bf16 there instead (rounded to nearest even): the output projection's input.
     float* out = nullptr;

@@ -245,6 +245,56 @@ TEST(LinearOpTest, Bf16OpInColumnPanelsEqualsTheReference) {
   }
 }
 
+// bf16 outputs (ExecuteBf16ToBf16, what ShortAttention's groups project Q, K and V with): each the reference
+// rounded to bf16 (within one bf16 step and the f32 sums' error), for one op of one panel and one in column
+// panels, pieces of every kind (one row, padded, whole), teams of 1 and 2, a row stride past n left untouched.
+// f32 ops, and bf16 ops off AMX tiles, refuse it.
+TEST(LinearOpTest, Bf16OutputsAreTheRoundedSums) {
+  std::mt19937_64 rng(18);
+  auto f32_op = LinearOp::Create(64, 64, RandomValues(rng, 64 * 64), {}, ComputeType::kFloat32);
+  ASSERT_TRUE(f32_op.ok()) << f32_op.status();
+  EXPECT_FALSE((*f32_op)->writes_bf16());
+  std::vector<uint16_t> x16(64, 0), y16(64);
+  EXPECT_TRUE(absl::IsFailedPrecondition((*f32_op)->ExecuteBf16ToBf16(x16.data(), 1, 64, y16.data(), 64)));
+  if (OnednnBf16Support() == Bf16Support::kUnavailable) return;
+  struct Shape {
+    int64_t k, n;
+  };
+  for (const Shape& shape : {Shape{256, 768}, Shape{1024, 2368}}) {
+    const int64_t k = shape.k, n = shape.n, ldy = n + 5;
+    const std::vector<float> w = RandomValues(rng, n * k), bias = RandomValues(rng, n);
+    auto op = LinearOp::Create(k, n, w, bias, ComputeType::kBFloat16);
+    ASSERT_TRUE(op.ok()) << op.status();
+    ASSERT_EQ((*op)->writes_bf16(), OnednnUsesAmx());
+    if (!OnednnUsesAmx()) {
+      EXPECT_TRUE(absl::IsFailedPrecondition((*op)->ExecuteBf16ToBf16(x16.data(), 1, 64, y16.data(), 64)));
+      continue;
+    }
+    for (int64_t m : {1, 17, 128, 300}) {
+      const std::vector<float> x = RandomValues(rng, m * k);
+      std::vector<uint16_t> x_bf16(x.size());
+      for (size_t i = 0; i < x.size(); ++i) x_bf16[i] = FloatToBFloat16(x[i]);
+      const std::vector<double> want = Reference(x, m, k, w, 0, n, bias, ComputeType::kBFloat16);
+      for (int team : {1, 2}) {
+        const ScopedOmpThreads threads(team);
+        std::vector<uint16_t> y(static_cast<size_t>(m * ldy), 0xABCD);
+        const std::string what = absl::StrCat("k ", k, " n ", n, " m ", m, " team ", team);
+        ASSERT_TRUE((*op)->ExecuteBf16ToBf16(x_bf16.data(), m, k, y.data(), ldy).ok()) << what;
+        double worst = 0;  // in units of what the rounding allows
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < n; ++j) {
+            const double got = BFloat16ToFloat(y[i * ldy + j]), ref = want[i * n + j];
+            worst = std::max(worst, std::abs(got - ref) / (std::abs(ref) / 256 + 2e-3));
+          }
+          for (int64_t j = n; j < ldy; ++j) ASSERT_EQ(y[i * ldy + j], 0xABCD) << what << " wrote past n";
+        }
+        EXPECT_LE(worst, 1.0) << what;
+        EXPECT_GT(worst, 0.0) << what << ": no rounding seen";
+      }
+    }
+  }
+}
+
 TEST(LinearOpTest, BadShapesAreRefusedWithTheirSizes) {
   std::mt19937_64 rng(13);
   const std::vector<float> a = RandomValues(rng, 8 * 4), b = RandomValues(rng, 10);

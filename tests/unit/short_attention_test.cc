@@ -11,6 +11,7 @@
 #include <random>
 #include <vector>
 
+#include "common/half_float.h"
 #include "core/multihead_attention.h"
 #include "core/onednn_ops.h"
 #include "gtest/gtest.h"
@@ -226,6 +227,34 @@ TEST(ShortAttentionTest, SeveralSequencesInOneCall) {
   const Fused f = RandomFused(rng, 9, 16, 4, 64);
   for (int64_t bad : {int64_t{0}, ShortAttention::kMaxSequencesPerCall + 1}) {
     EXPECT_TRUE(absl::IsInvalidArgument(attention->Run(f.Args(&out), 0, bad, 0, 4, nullptr))) << bad;
+  }
+}
+
+// Q, K and V given in bf16 (a projection that writes bf16, or the bf16 mirror) answer exactly as the f32 rows they
+// round: the same values reach the matmuls.
+TEST(ShortAttentionTest, Bf16OperandsAnswerAsTheF32Ones) {
+  if (!OnednnUsesAmx()) GTEST_SKIP() << "no AMX: CreateChecksOptionsAndTheCpu covers this CPU";
+  std::mt19937_64 rng(17);
+  auto attention = MakeShort(64);
+  ASSERT_NE(attention, nullptr);
+  for (int64_t len : {int64_t{16}, int64_t{23}}) {
+    const Fused f = RandomFused(rng, 5, len, 4, 64);
+    std::vector<uint16_t> rows16(f.rows.size());
+    for (size_t i = 0; i < rows16.size(); ++i) rows16[i] = FloatToBFloat16(f.rows[i]);
+    std::vector<float> from_f32, from_bf16;
+    const ShortAttention::Args a32 = f.Args(&from_f32);
+    ShortAttention::Args a16 = f.Args(&from_bf16);
+    const int64_t ld = 3 * f.e();
+    a16.q16 = {rows16.data(), ld, len * ld};
+    a16.k16 = {rows16.data() + f.e(), ld, len * ld};
+    a16.v16 = {rows16.data() + 2 * f.e(), ld, len * ld};
+    for (int64_t b = 0; b < f.batch; b += 2) {
+      const int64_t nb = std::min<int64_t>(2, f.batch - b);
+      ASSERT_TRUE(attention->Run(a32, b, nb, 1, 3, nullptr).ok());
+      ASSERT_TRUE(attention->Run(a16, b, nb, 1, 3, nullptr).ok());
+    }
+    EXPECT_EQ(from_f32, from_bf16) << "len " << len;
+    EXPECT_NE(from_f32, std::vector<float>(from_f32.size(), -7.0f));
   }
 }
 

@@ -132,6 +132,7 @@ struct MultiheadAttention::Projected {
   const uint16_t* k16 = nullptr;
   const uint16_t* v16 = nullptr;
   int64_t ld16 = 0;
+  uint16_t* qkv16 = nullptr;  // ProjectShortToBf16Buffers: the rows of q16, k16 and v16, to be written
   // bf16 layers whose members all take ShortAttention: the context in bf16 [q_rows, E], which the output
   // projection reads (no f32 context, no conversion); null otherwise (the context is written over Q).
   uint16_t* context16 = nullptr;
@@ -366,6 +367,12 @@ std::vector<absl::StatusOr<AttentionOutputs>> MultiheadAttention::ForwardParsed(
 
 absl::Status MultiheadAttention::RunGroup(const Group& g, int threads, const StopFn& stop,
                                           std::vector<absl::Status>* member_status) const {
+  if (absl::StatusOr<std::vector<absl::Status>> fused = RunShortFused(g, threads, stop);
+      !absl::IsUnimplemented(fused.status())) {
+    ATTN_RETURN_IF_ERROR(fused.status());
+    *member_status = *std::move(fused);
+    return absl::OkStatus();
+  }
   ATTN_ASSIGN_OR_RETURN(const Projected proj, Project(g));
   *member_status = AttendGroup(g, proj, threads, stop);
   // Members that stopped still go through the output projection (one matmul for all); their rows are
@@ -417,22 +424,17 @@ bool MultiheadAttention::AllShort(const Group& g) const {
   return std::all_of(g.members.begin(), g.members.end(), [&](const ParsedAttention* p) { return UsesShort(*p); });
 }
 
-absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::ProjectShortToBf16(const Group& g) const {
+absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::ProjectShortToBf16Buffers(const Group& g) const {
   if (!g.self_attention || qkv_proj_ == nullptr || !qkv_proj_->writes_bf16() || !AllShort(g)) {
     return absl::UnimplementedError("Q, K and V are projected in f32 here");
   }
   const int64_t e = options_.config.embed_dim;
   Workspace& ws = ThreadWorkspace();
-  std::vector<const TensorView*> queries;
-  int64_t n_q = 0;
-  for (const ParsedAttention* p : g.members) {
-    n_q += p->query_tokens();
-    queries.push_back(&p->inputs->query);
-  }
   Projected proj;
-  proj.q_rows = n_q;
+  for (const ParsedAttention* p : g.members) proj.q_rows += p->query_tokens();
+  const int64_t n_q = proj.q_rows;
   uint16_t* qkv16 = Workspace::Grow(ws.q16, static_cast<size_t>(n_q * 3 * e));
-  ATTN_RETURN_IF_ERROR(ProjectRowsToBf16(*qkv_proj_, queries, n_q, e, ws.gather16_q, qkv16, 3 * e));
+  proj.qkv16 = qkv16;
   proj.q16 = qkv16;
   proj.k16 = qkv16 + e;
   proj.v16 = qkv16 + 2 * e;
@@ -445,6 +447,95 @@ absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::ProjectShortTo
   proj.ldq = proj.ldk = proj.ldv = 3 * e;
   proj.context16 = Workspace::Grow(ws.context16, static_cast<size_t>(n_q * e));
   return proj;
+}
+
+absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::ProjectShortToBf16(const Group& g) const {
+  ATTN_ASSIGN_OR_RETURN(Projected proj, ProjectShortToBf16Buffers(g));
+  std::vector<const TensorView*> queries;
+  for (const ParsedAttention* p : g.members) queries.push_back(&p->inputs->query);
+  const int64_t e = options_.config.embed_dim;
+  ATTN_RETURN_IF_ERROR(
+      ProjectRowsToBf16(*qkv_proj_, queries, proj.q_rows, e, ThreadWorkspace().gather16_q, proj.qkv16, proj.ld16));
+  return proj;
+}
+
+namespace {
+
+// Sequences [seq_begin, seq_end) of one member of a group: a chunk of RunShortFused's work.
+struct ShortChunk {
+  size_t member;
+  int64_t seq_begin, seq_end;
+  int64_t q_row;  // the chunk's first row in the group's projections
+};
+
+// Rows per chunk: 128-row pieces ran the projections fastest (onednn_linear_op.cc); a longer sequence is a chunk.
+constexpr int64_t kFusedChunkRows = 128;
+
+std::vector<ShortChunk> ShortChunks(const std::vector<const ParsedAttention*>& members) {
+  std::vector<ShortChunk> chunks;
+  int64_t row = 0;
+  for (size_t i = 0; i < members.size(); ++i) {
+    const ParsedAttention& p = *members[i];
+    const int64_t per_chunk = std::max<int64_t>(1, kFusedChunkRows / p.q_len);
+    for (int64_t b = 0; b < p.batch; b += per_chunk) {
+      chunks.push_back({i, b, std::min(p.batch, b + per_chunk), row + b * p.q_len});
+    }
+    row += p.query_tokens();
+  }
+  return chunks;
+}
+
+// Rows [b0 * L, b1 * L) of a request's query [B, L, E] as a view of their own.
+TensorView QueryRows(const ParsedAttention& p, int64_t b0, int64_t b1, int64_t e) {
+  const TensorView& q = p.inputs->query;
+  const size_t offset = static_cast<size_t>(b0 * p.q_len * e) * DTypeSize(q.dtype);
+  return TensorView{q.dtype, {(b1 - b0) * p.q_len, e}, static_cast<const char*>(q.data) + offset};
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<absl::Status>> MultiheadAttention::RunShortFused(const Group& g, int threads,
+                                                                           const StopFn& stop) const {
+  const std::vector<ShortChunk> chunks = ShortChunks(g.members);
+  if (threads < 2 || static_cast<int64_t>(chunks.size()) < 2 * threads || !out_proj_->writes_bf16()) {
+    return absl::UnimplementedError("not fused: too few chunks for the team, or no bf16 output projection");
+  }
+  ATTN_ASSIGN_OR_RETURN(Projected proj, ProjectShortToBf16Buffers(g));
+  const int64_t e = options_.config.embed_dim, heads = options_.config.num_heads;
+  auto run_chunk = [&](const ShortChunk& c) -> absl::Status {
+    const ParsedAttention& p = *g.members[c.member];
+    auto should_stop = [&] { return stop ? stop(g.index[c.member]) : absl::OkStatus(); };
+    ATTN_RETURN_IF_ERROR(should_stop());
+    const int64_t rows = (c.seq_end - c.seq_begin) * p.q_len, member_row = c.q_row - c.seq_begin * p.q_len;
+    const TensorView input = QueryRows(p, c.seq_begin, c.seq_end, e);
+    const TensorView* inputs[] = {&input};
+    ATTN_RETURN_IF_ERROR(ProjectRowsToBf16(*qkv_proj_, inputs, rows, e, ThreadWorkspace().gather16_q,
+                                           proj.qkv16 + c.q_row * proj.ld16, proj.ld16));
+    ATTN_RETURN_IF_ERROR(
+        AttendShort(p, c.seq_begin, c.seq_end, 0, heads, proj, member_row, member_row, should_stop));
+    float* out = g.outputs[c.member]->output.values.data() + c.seq_begin * p.q_len * e;
+    return out_proj_->ExecuteBf16(proj.context16 + c.q_row * e, rows, e, out, e);
+  };
+  std::vector<absl::Status> chunk_status(chunks.size());
+  std::vector<uint8_t> threw(chunks.size(), 0);
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t i = 0; i < num_chunks; ++i) {
+    try {  // nothing may leave a parallel region (buffers grown on first use may throw std::bad_alloc)
+      chunk_status[i] = run_chunk(chunks[i]);
+    } catch (...) {
+      threw[i] = 1;
+    }
+  }
+  fused_short_chunks_.fetch_add(num_chunks, std::memory_order_relaxed);
+  std::vector<absl::Status> member_status(g.members.size());
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    if (threw[i] != 0) chunk_status[i] = absl::ResourceExhaustedError("attention: out of memory in a chunk of rows");
+    if (!chunk_status[i].ok() && member_status[chunks[i].member].ok()) {
+      member_status[chunks[i].member] = chunk_status[i];
+    }
+  }
+  return member_status;
 }
 
 void MultiheadAttention::PrepareBf16(const Group& g, int64_t q_rows, int64_t kv_rows, Projected* proj) const {

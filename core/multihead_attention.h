@@ -17,6 +17,7 @@
 // thread keeps its own scratch buffers (grown to the high-water mark, released above 256 MiB).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -189,6 +190,8 @@ class MultiheadAttention : public AppendEngine {
   // groups of one) it has run there so far.
   bool short_attention_on_amx() const { return short_attention_ != nullptr; }
   int64_t short_attention_runs() const { return short_attention_ == nullptr ? 0 : short_attention_->executions(); }
+  // Chunks of sequences run projection to output projection by one thread (RunShortFused) so far.
+  int64_t fused_short_chunks() const { return fused_short_chunks_.load(std::memory_order_relaxed); }
 
  private:
   struct Group;
@@ -214,6 +217,13 @@ class MultiheadAttention : public AppendEngine {
   // A self-attention group whose members all take ShortAttention, on a QKV projection on AMX tiles: Q, K and V
   // projected straight to bf16 (no f32 rows, no conversion pass); Unimplemented where that does not apply.
   absl::StatusOr<Projected> ProjectShortToBf16(const Group& group) const;
+  // Its buffers (Q, K and V in bf16, the f32 room of the fallback, the bf16 context), not yet written.
+  absl::StatusOr<Projected> ProjectShortToBf16Buffers(const Group& group) const;
+  // Such a group on a team of threads, its sequences cut into chunks of about kFusedChunkRows rows, each
+  // projected, attended and projected out by one thread in turn (ShortChunks): a chunk's Q, K and V are read back
+  // from that thread's cache, not from memory after the whole group's projection, and the team waits once, not
+  // after each stage. Unimplemented (nothing done) where the group does not qualify.
+  absl::StatusOr<std::vector<absl::Status>> RunShortFused(const Group& group, int threads, const StopFn& stop) const;
   // The sizes and blocks of p's FlashAttention (no operands).
   FlashAttentionArgs FlashShape(const ParsedAttention& p) const;
   // Attention of a whole request through FlashAttention on `threads` threads.
@@ -262,6 +272,7 @@ class MultiheadAttention : public AppendEngine {
   std::unique_ptr<Bf16BlockMatmul> block_scores_, block_context_;
   // bf16 layers on AMX tiles: short requests' attention (Options::short_attention_max_len); else null.
   std::unique_ptr<ShortAttention> short_attention_;
+  mutable std::atomic<int64_t> fused_short_chunks_{0};
   SoftmaxCache softmax_;
 };
 

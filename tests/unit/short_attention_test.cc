@@ -309,13 +309,27 @@ std::unique_ptr<MultiheadAttention> Bf16Layer(const MhaConfig& c, const MhaWeigh
   return layer.ok() ? std::move(*layer) : nullptr;
 }
 
+// A bf16 layer of E=128, 2 heads, and the same layer without ShortAttention.
+struct LayerPair {
+  MhaConfig c;
+  MhaWeights w;
+  std::unique_ptr<MultiheadAttention> layer, blocked;
+};
+
+LayerPair MakeLayerPair(std::mt19937_64& rng) {
+  LayerPair pair{MhaConfig{128, 2, 0, 0, true}, {}, nullptr, nullptr};
+  pair.w = testing::RandomTestWeights(pair.c, rng);
+  pair.layer = Bf16Layer(pair.c, pair.w);
+  pair.blocked = Bf16Layer(pair.c, pair.w, 0);
+  return pair;
+}
+
 // Through the layer: short requests take it (head groups when the sequences are fewer than the threads), and
 // answer as the reference and as the layer without it; long ones and those asking weights do not.
 TEST(ShortAttentionTest, LayersSendShortRequestsHere) {
   std::mt19937_64 rng(14);
-  const MhaConfig c{128, 2, 0, 0, true};
-  const MhaWeights w = testing::RandomTestWeights(c, rng);
-  const std::unique_ptr<MultiheadAttention> layer = Bf16Layer(c, w), blocked = Bf16Layer(c, w, 0);
+  const LayerPair pair = MakeLayerPair(rng);
+  const auto& [c, w, layer, blocked] = pair;
   ASSERT_TRUE(layer != nullptr && blocked != nullptr);
   const bool on_amx = OnednnUsesAmx() && layer->compute() == ComputeType::kBFloat16;
   EXPECT_EQ(layer->short_attention_on_amx(), on_amx);
@@ -383,6 +397,62 @@ TEST(ShortAttentionTest, MixedGroupsAnswerEachMember) {
       EXPECT_LE(testing::MaxAbsDiff(got[i]->output.values, want.output), 3e-2) << "member " << i;
     }
     EXPECT_EQ(layer->short_attention_runs() > runs_before, layer->short_attention_on_amx());
+  }
+}
+
+// A self-attention batch of short requests on two threads runs in chunks, each projected, attended and projected
+// out by one thread: every member answers as its reference and as the blocked layer (causal, per-sequence key
+// padding, lengths that pad), one thread runs it unfused, and a member stopped midway fails alone.
+TEST(ShortAttentionTest, FusedChunksAnswerEachMember) {
+  std::mt19937_64 rng(18);
+  const LayerPair pair = MakeLayerPair(rng);
+  const auto& [c, w, layer, blocked] = pair;
+  ASSERT_TRUE(layer != nullptr && blocked != nullptr);
+  struct Member {
+    int64_t batch, len;
+    bool causal;
+  };
+  const Member members[] = {{40, 16, true}, {9, 33, false}, {3, 100, true}};  // 5 + 3 + 3 chunks of <= 128 rows
+  std::vector<std::vector<float>> data;
+  std::vector<std::vector<uint8_t>> padding;
+  std::vector<AttentionInputs> inputs(3);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const Member& m = members[i];
+    data.push_back(RandomValues(rng, m.batch * m.len * c.embed_dim));
+    padding.emplace_back(static_cast<size_t>(m.batch * m.len));
+    for (size_t j = 0; j < padding.back().size(); ++j) padding.back()[j] = j % m.len != 0 && rng() % 4 == 0;
+    inputs[i].query = TensorView::F32(data.back().data(), {m.batch, m.len, c.embed_dim});
+    inputs[i].key_padding_mask = TensorView::Bool(padding.back().data(), {m.batch, m.len});
+    inputs[i].is_causal = m.causal;
+  }
+  const std::vector<const AttentionInputs*> ptrs = {&inputs[0], &inputs[1], &inputs[2]};
+  const bool on_amx = layer->short_attention_on_amx();
+  for (int threads : {2, 1}) {
+    const int64_t chunks_before = layer->fused_short_chunks();
+    auto got = layer->ForwardBatch(ptrs, threads);
+    auto without = blocked->ForwardBatch(ptrs, threads);
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      ASSERT_TRUE(got[i].ok() && without[i].ok()) << got[i].status() << without[i].status();
+      const testing::NaiveOutputs want = testing::NaiveMultiheadAttention(c, w, inputs[i]);
+      EXPECT_LE(testing::MaxAbsDiff(got[i]->output.values, want.output), 3e-2) << "member " << i;
+      EXPECT_LE(testing::MaxAbsDiff(got[i]->output.values, without[i]->output.values), 3e-2) << "member " << i;
+    }
+    EXPECT_EQ(layer->fused_short_chunks() - chunks_before, on_amx && threads == 2 ? 11 : 0) << threads;
+  }
+  std::vector<ParsedAttention> parsed;
+  for (const AttentionInputs& in : inputs) {
+    auto p = layer->Validate(in);
+    ASSERT_TRUE(p.ok()) << p.status();
+    parsed.push_back(*std::move(p));
+  }
+  const std::vector<const ParsedAttention*> parsed_ptrs = {&parsed[0], &parsed[1], &parsed[2]};
+  auto stop_member_1 = [](size_t i) { return i == 1 ? absl::CancelledError("stopped") : absl::OkStatus(); };
+  auto stopped = layer->ForwardParsed(parsed_ptrs, 2, stop_member_1);
+  EXPECT_TRUE(absl::IsCancelled(stopped[1].status())) << stopped[1].status();
+  for (size_t i : {size_t{0}, size_t{2}}) {
+    ASSERT_TRUE(stopped[i].ok()) << stopped[i].status();
+    const testing::NaiveOutputs want = testing::NaiveMultiheadAttention(c, w, inputs[i]);
+    EXPECT_LE(testing::MaxAbsDiff(stopped[i]->output.values, want.output), 3e-2) << "member " << i;
   }
 }
 

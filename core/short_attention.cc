@@ -54,16 +54,31 @@ void CopyHeads(const FlashOperand& src, int64_t b, int64_t h0, int64_t hb, int64
   }
 }
 
-// The same from bf16 projections: rows copied as they are.
+// Row i of heads [h0, h0 + hb): kHeadBytes (a head's row, a constant the compiler copies inline) or `bytes`.
+template <size_t kHeadBytes>
+void CopyHeadRows(const uint16_t* row, int64_t hb, int64_t dh, size_t bytes, uint16_t* dst, int64_t dst_head_stride) {
+  for (int64_t hi = 0; hi < hb; ++hi) {
+    std::memcpy(dst + hi * dst_head_stride, row + hi * dh, kHeadBytes > 0 ? kHeadBytes : bytes);
+  }
+}
+
+// The same from bf16 projections, rows copied as they are, each row's heads in turn (the projection read in
+// order). A memcpy call per head row cost more than its 128 bytes: the usual head sizes are copied inline.
 void CopyHeads(const ShortAttention::Args::Bf16Operand& src, int64_t b, int64_t h0, int64_t hb, int64_t dh,
                int64_t rows, int64_t padded_rows, bool zero_padding, uint16_t* dst) {
-  const uint16_t* seq = src.data + b * src.seq_stride;
-  for (int64_t hi = 0; hi < hb; ++hi) {
-    uint16_t* head = dst + hi * padded_rows * dh;
-    for (int64_t i = 0; i < rows; ++i) {
-      std::memcpy(head + i * dh, seq + i * src.ld + (h0 + hi) * dh, static_cast<size_t>(dh) * sizeof(uint16_t));
+  const uint16_t* seq = src.data + b * src.seq_stride + h0 * dh;
+  const size_t bytes = static_cast<size_t>(dh) * sizeof(uint16_t);
+  const int64_t head_stride = padded_rows * dh;
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint16_t* row = seq + i * src.ld;
+    switch (dh) {
+      case 64: CopyHeadRows<128>(row, hb, dh, bytes, dst + i * dh, head_stride); break;
+      case 128: CopyHeadRows<256>(row, hb, dh, bytes, dst + i * dh, head_stride); break;
+      default: CopyHeadRows<0>(row, hb, dh, bytes, dst + i * dh, head_stride); break;
     }
-    if (zero_padding) std::fill(head + rows * dh, head + padded_rows * dh, uint16_t{0});
+  }
+  for (int64_t hi = 0; zero_padding && hi < hb; ++hi) {
+    std::fill(dst + hi * head_stride + rows * dh, dst + (hi + 1) * head_stride, uint16_t{0});
   }
 }
 

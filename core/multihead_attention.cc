@@ -439,12 +439,11 @@ absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::ProjectShortTo
   proj.k16 = qkv16 + e;
   proj.v16 = qkv16 + 2 * e;
   proj.ld16 = 3 * e;
-  // The f32 rows are never written but where AttendShort falls back to the blocked path, which writes its context
-  // over Q there (reading the bf16 rows): room without a pass over it (grown once, kept).
-  proj.q = Workspace::Grow(ws.q, static_cast<size_t>(n_q * 3 * e));
-  proj.k = proj.q + e;
-  proj.v = proj.q + 2 * e;
-  proj.ldq = proj.ldk = proj.ldv = 3 * e;
+  // f32 rows [n_q, E] that only AttendShort's fallback to the blocked path writes (its context, reading the
+  // bf16 rows); K and V are never read in f32 here. Zeroed when first grown (std::vector), then kept.
+  proj.q = Workspace::Grow(ws.q, static_cast<size_t>(n_q * e));
+  proj.k = proj.v = proj.q;
+  proj.ldq = proj.ldk = proj.ldv = e;
   proj.context16 = Workspace::Grow(ws.context16, static_cast<size_t>(n_q * e));
   return proj;
 }
@@ -470,6 +469,8 @@ struct ShortChunk {
 
 // Rows per chunk: 128-row pieces ran the projections fastest (onednn_linear_op.cc); a longer sequence is a chunk.
 constexpr int64_t kFusedChunkRows = 128;
+// Weights (QKV and output projections) a fused group may have: a core's L2 here, 2 MiB (E=512 in bf16: exactly).
+constexpr int64_t kFusedWeightBytes = int64_t{2} << 20;
 
 std::vector<ShortChunk> ShortChunks(const std::vector<const ParsedAttention*>& members) {
   std::vector<ShortChunk> chunks;
@@ -496,10 +497,14 @@ TensorView QueryRows(const ParsedAttention& p, int64_t b0, int64_t b1, int64_t e
 
 absl::StatusOr<std::vector<absl::Status>> MultiheadAttention::RunShortFused(const Group& g, int threads,
                                                                            const StopFn& stop) const {
-  const std::vector<ShortChunk> chunks = ShortChunks(g.members);
-  if (threads < 2 || static_cast<int64_t>(chunks.size()) < 2 * threads || !out_proj_->writes_bf16()) {
-    return absl::UnimplementedError("not fused: too few chunks for the team, or no bf16 output projection");
+  // Each chunk reads the QKV and output weights: only while they stay in a core's L2 (the column-panel ops above
+  // 4 MiB are read once per call instead, onednn_linear_op.cc).
+  if (threads < 2 || compute_ != ComputeType::kBFloat16 || !out_proj_->writes_bf16() ||
+      qkv_proj_ == nullptr || qkv_proj_->owned_weight_bytes() + out_proj_->owned_weight_bytes() > kFusedWeightBytes) {
+    return absl::UnimplementedError("not fused: one thread, or weights past a core's L2");
   }
+  const std::vector<ShortChunk> chunks = ShortChunks(g.members);
+  if (static_cast<int64_t>(chunks.size()) < 2 * threads) return absl::UnimplementedError("not fused: too few chunks");
   ATTN_ASSIGN_OR_RETURN(Projected proj, ProjectShortToBf16Buffers(g));
   const int64_t e = options_.config.embed_dim, heads = options_.config.num_heads;
   auto run_chunk = [&](const ShortChunk& c) -> absl::Status {
@@ -522,6 +527,7 @@ absl::StatusOr<std::vector<absl::Status>> MultiheadAttention::RunShortFused(cons
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t i = 0; i < num_chunks; ++i) {
     try {  // nothing may leave a parallel region (buffers grown on first use may throw std::bad_alloc)
+      const ScopedOmpThreads one(1);  // the chunk's primitives single-threaded, as ForEachTask's pieces
       chunk_status[i] = run_chunk(chunks[i]);
     } catch (...) {
       threw[i] = 1;
@@ -756,6 +762,10 @@ absl::Status MultiheadAttention::AttendShort(const ParsedAttention& p, int64_t s
     ATTN_RETURN_IF_ERROR(should_stop());
     nb = short_attention_->SequencesPerCall(hb, p.q_len, p.kv_len, seq_end - b);
     absl::Status status = short_attention_->Run(a, b, nb, h_begin, hb, p.has_mask() ? &mask : nullptr);
+    if (absl::IsUnimplemented(status) && nb > 1) {  // no AMX kernel for nb * hb heads: one sequence may have one
+      nb = 1;
+      status = short_attention_->Run(a, b, nb, h_begin, hb, p.has_mask() ? &mask : nullptr);
+    }
     if (absl::IsUnimplemented(status)) {  // no AMX kernel for this shape: nothing was written
       status = Attend(p, b, b + nb, h_begin, h_end, proj, q_row, kv_row, nullptr, should_stop);
       if (status.ok() && a.out16 != nullptr) {  // Attend wrote the f32 context over Q (sequences' rows in a row)

@@ -190,7 +190,8 @@ class MultiheadAttention : public AppendEngine {
   // groups of one) it has run there so far.
   bool short_attention_on_amx() const { return short_attention_ != nullptr; }
   int64_t short_attention_runs() const { return short_attention_ == nullptr ? 0 : short_attention_->executions(); }
-  // Chunks of sequences run projection to output projection by one thread (RunShortFused) so far.
+  // Chunks of sequences taken projection to output projection by one thread (RunShortFused) so far, including
+  // those that failed or stopped.
   int64_t fused_short_chunks() const { return fused_short_chunks_.load(std::memory_order_relaxed); }
 
  private:

@@ -11,6 +11,7 @@
 #include <new>
 #include <tuple>
 
+#include "absl/base/call_once.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -141,6 +142,9 @@ struct LinearOp::Impl {
     return v;
   }
   absl::Mutex weights_mu;
+  // Whether every panel has a brgemm kernel with a bf16 destination (writes_bf16), found on first ask.
+  absl::once_flag bf16_out_once;
+  bool bf16_out = false;
 };
 
 namespace {
@@ -578,7 +582,22 @@ absl::Status LinearOp::ExecuteBf16ToBf16(const uint16_t* x, int64_t m, int64_t l
   return RunFixedRows(*impl_ptr_, x, m, ldx, {y, ldy, dt::bf16}, team);
 }
 
-bool LinearOp::writes_bf16() const { return !impl_ptr_->panels.empty(); }
+bool LinearOp::writes_bf16() const {
+  Impl& p = *impl_ptr_;
+  if (p.panels.empty()) return false;
+  // The f32 destination's kernel was checked when the op was built; the bf16 one is checked here, once (its
+  // primitive is kept for the calls).
+  absl::call_once(p.bf16_out_once, [&p] {
+    try {
+      p.bf16_out = std::all_of(p.panels.begin(), p.panels.end(), [&](const FixedRowsPanel& panel) {
+        return panel.matmuls->Get(kFixedRowsMax, p.k, panel.n, dt::bf16) != nullptr;
+      });
+    } catch (...) {  // dnnl::error or std::bad_alloc: the f32 destination then
+      p.bf16_out = false;
+    }
+  });
+  return p.bf16_out;
+}
 
 absl::Status LinearOp::RunTeam(const void* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const {
   Impl& p = *impl_ptr_;

@@ -52,30 +52,39 @@ __attribute__((always_inline)) inline typename W::F ExpNonPositive(typename W::F
 
 // A vector's lanes folded pairwise, halves onto halves, in registers: log2(lanes) shuffles and ops deep. A
 // lane-by-lane chain of 16 dependent adds cost as much as a 64-key row's exponentials, and folding through a
-// stack array stalled on store forwarding (the two folds were a third of a 64-key row's softmax, perf).
-// Lane i meets lane i + half at each step as before, so the sums are the same bits.
-template <typename W, typename Op>
-__attribute__((always_inline)) inline float FoldLanes(typename W::F v, Op op) {
+// stack array stalled on store forwarding. Lane i meets lane i + half at each step as before, so the sums are the
+// same bits. kMax: the largest lane, else the sum (no callable: a vector never crosses a call, vector_ops.h).
+template <typename W, bool kMax>
+__attribute__((always_inline)) inline typename W::F FoldStep(typename W::F a, typename W::F b) {
+  if constexpr (kMax) {
+    return Max<W>(a, b);
+  } else {
+    return a + b;
+  }
+}
+
+template <typename W, bool kMax>
+__attribute__((always_inline)) inline float FoldLanes(typename W::F v) {
   if constexpr (W::kLanes == 16) {
-    v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-    v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-    v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-    v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+    v = FoldStep<W, kMax>(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    v = FoldStep<W, kMax>(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    v = FoldStep<W, kMax>(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    v = FoldStep<W, kMax>(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
   } else if constexpr (W::kLanes == 8) {
-    v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
-    v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
-    v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+    v = FoldStep<W, kMax>(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+    v = FoldStep<W, kMax>(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+    v = FoldStep<W, kMax>(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
   } else {
     static_assert(W::kLanes == 4, "vector widths of kernel_variants.h");
-    v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1));
-    v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2));
+    v = FoldStep<W, kMax>(v, __builtin_shufflevector(v, v, 2, 3, 0, 1));
+    v = FoldStep<W, kMax>(v, __builtin_shufflevector(v, v, 1, 0, 3, 2));
   }
   return v[0];
 }
 
 template <typename W>
 __attribute__((always_inline)) inline float Sum(typename W::F v) {
-  return FoldLanes<W>(v, [](typename W::F a, typename W::F b) { return a + b; });
+  return FoldLanes<W, false>(v);
 }
 
 // Largest of the first n floats of row (n >= 1).
@@ -84,7 +93,7 @@ __attribute__((always_inline)) inline float RowMax(const float* row, int64_t n) 
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   typename W::F max_v = typename W::F{} + kNegInf;
   for (int64_t j = 0; j < n; j += W::kLanes) max_v = Max<W>(Load<W>(row + j, std::min(W::kLanes, n - j), kNegInf), max_v);
-  return FoldLanes<W>(max_v, [](typename W::F a, typename W::F b) { return Max<W>(a, b); });
+  return FoldLanes<W, true>(max_v);
 }
 
 // Replaces the first n floats of row by exp(x - max) (max at least each of them) and returns their sum.

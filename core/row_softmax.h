@@ -15,7 +15,7 @@ void RowSoftmax(float* data, int64_t rows, int64_t cols, int64_t ld);
 
 // The same softmax written as bf16 (rounded to nearest even) to `out` (row stride ld_out), for a bf16
 // matmul: one pass fewer than softmax then conversion. `data` is scratch: its rows may be left holding
-// unnormalised exponentials (rows over 256 keys) or as they were (shorter ones, row_softmax_avx512.h).
+// unnormalised exponentials, or as they were (up to 256 keys on AVX-512: row_softmax_avx512.h).
 // Rows with dead[r] != 0 (`dead` may be null) are written as zeros and not read: rows whose keys are all masked.
 void RowSoftmaxToBf16(float* data, int64_t rows, int64_t cols, int64_t ld, const uint8_t* dead, uint16_t* out,
                       int64_t ld_out);

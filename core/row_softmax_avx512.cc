@@ -18,9 +18,10 @@ namespace {
 #define ATTN_AVX512_INLINE __attribute__((target("avx512f"), always_inline)) inline
 
 // exp(x) for x <= 0 (or NaN, kept): 2^n . p(r), x = n ln2 + r, p the Taylor series to r^7 (Estrin), as
-// row_softmax.cc's ExpNonPositive, with 2^n by vscalefps, which also takes -inf and huge n to 0 without the
-// clamps and selects. x below -110 is raised to -110 (2^-159: 0), -inf included; max(-110, NaN) keeps the NaN.
+// row_softmax.cc's ExpNonPositive, with 2^n by vscalefps. Below -87 (-inf included) 0, as there: no denormals.
+// max(-110, NaN) keeps the NaN, and NaN is not below -87.
 ATTN_AVX512_INLINE __m512 ExpNonPositive(__m512 x) {
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
   x = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -32,7 +33,7 @@ ATTN_AVX512_INLINE __m512 ExpNonPositive(__m512 x) {
   const __m512 a2 = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 120), _mm512_set1_ps(1.0f / 24));
   const __m512 a3 = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 5040), _mm512_set1_ps(1.0f / 720));
   const __m512 p = _mm512_fmadd_ps(_mm512_fmadd_ps(a3, r2, a2), r4, _mm512_fmadd_ps(a1, r2, a0));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(kept, p, n);
 }
 
 // 16 floats (no NaN: softmax outputs of a finite row) as bf16, rounded to nearest even, `mask` lanes stored.

@@ -14,8 +14,7 @@ constexpr int64_t kMaxRegisterSoftmaxCols = 256;  // 16 registers of 16 floats
 bool RegisterSoftmaxAvailable();
 
 // As RowSoftmaxToBf16, for 1 <= cols <= kMaxRegisterSoftmaxCols, where RegisterSoftmaxAvailable(). `data` is only
-// read. Exponentials of x - max below -110 are 0 (denormal between -110 and -87, where the general kernel
-// flushes: a weight under 1e-38 either way).
+// read. Exponentials of x - max below -87 are 0, as in the general kernel.
 void RowSoftmaxToBf16InRegisters(const float* data, int64_t rows, int64_t cols, int64_t ld, const uint8_t* dead,
                                  uint16_t* out, int64_t ld_out);
 

@@ -208,12 +208,12 @@ absl::Status ShortAttention::Run(const Args& a, int64_t b0, int64_t nb, int64_t 
   }
   const int64_t dh = options_.head_dim, l = a.q_len, s = a.kv_len;
   const int64_t lp = Padded(l), sp = Padded(s), heads = nb * hb;
-  ATTN_ASSIGN_OR_RETURN(std::shared_ptr<const Shape> shape, GetShape(heads, lp, sp));
-  if (shape->scores == nullptr) {
-    return absl::UnimplementedError(absl::StrCat("short attention: no AMX kernel for ", heads, " heads of ", lp,
-                                                 " x ", sp, " (padded lengths)"));
-  }
-  try {
+  try {  // callers are inside a parallel region: std::bad_alloc from the shape cache or the buffers stays here
+    ATTN_ASSIGN_OR_RETURN(std::shared_ptr<const Shape> shape, GetShape(heads, lp, sp));
+    if (shape->scores == nullptr) {
+      return absl::UnimplementedError(absl::StrCat("short attention: no AMX kernel for ", heads, " heads of ", lp,
+                                                   " x ", sp, " (padded lengths)"));
+    }
     ShortBuffers& buf = ThreadBuffers();
     uint16_t* q16 = ShortBuffers::Grow(buf.q, heads * lp * dh);
     uint16_t* k16 = ShortBuffers::Grow(buf.k, heads * sp * dh);
@@ -235,7 +235,7 @@ absl::Status ShortAttention::Run(const Args& a, int64_t b0, int64_t nb, int64_t 
     }
     ATTN_RETURN_IF_ERROR(shape->context->Execute(probs, v16, context));
     for (int64_t sb = 0; sb < nb; ++sb) WriteContext(a, b0 + sb, h0, hb, dh, lp, context + sb * hb * lp * dh);
-  } catch (const std::bad_alloc&) {  // callers are inside a parallel region
+  } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError(absl::StrCat("short attention: out of memory for ",
                                                      nb * SequenceBytes(hb, l, s), " bytes of buffers"));
   }

@@ -3,8 +3,8 @@
 // runtime-size head matmuls run `gemm:jit` at 13-300 GFLOP/s on such shapes, BENCHMARKS.md):
 //   scores  [nb * hb, Lp, Sp] = Q [nb * hb, Lp, Dh] . K^T (K [nb * hb, Sp, Dh]),
 //   context [nb * hb, Lp, Dh] = P [nb * hb, Lp, Sp] . V [nb * hb, Sp, Dh],
-// on dense bf16 copies made from the f32 projections. L and S are padded to Lp and Sp, multiples of 16, which
-// bounds the shapes to (max_len / 16)^2 per head count and avoids oneDNN's ragged blockings (a 61-row block ran
+// on dense bf16 copies made from the projections (f32, or bf16 as they are). L and S are padded to Lp and Sp, multiples of 16, which
+// bounds the shapes to (max_len / 16)^2 per count of heads in a call and avoids oneDNN's ragged blockings (a 61-row block ran
 // 3.7x slower than a 64-row one). Padded key rows of V and padded columns of P are zeroed, so padding adds
 // nothing to the context; padded query rows are computed and dropped. Several sequences go in one call when they
 // are short (SequencesPerCall): a 4 x 16 x 16 x 64 matmul costs its overhead, not its arithmetic (1.2-1.7 us for
@@ -43,7 +43,7 @@ class ShortAttention {
   struct Options {
     int64_t head_dim = 0;         // Dh, a multiple of 16 (AMX tiles)
     int64_t max_len = 256;        // longest query and key lengths served (tokens; Serves)
-    size_t shape_capacity = 64;   // (hb, Lp, Sp) shapes whose matmuls are kept
+    size_t shape_capacity = 64;   // (nb * hb, Lp, Sp) shapes whose matmuls are kept
   };
   // Unimplemented where oneDNN has no AMX kernels here or Dh is not a multiple of 16 (callers keep the blocked
   // path); InvalidArgument for options out of range.
@@ -60,7 +60,8 @@ class ShortAttention {
   struct Args {
     int64_t q_len = 0, kv_len = 0;
     FlashOperand q, k, v;  // f32 projections: element (b, h, i, d) at data[b * seq_stride + i * ld + h * Dh + d]
-    // Or the projections in bf16, laid out the same, read instead when q16.data is set (no conversion pass).
+    // Or the projections in bf16, laid out the same, read instead when q16.data is set (no conversion pass); then
+    // k16 and v16 must be set too.
     struct Bf16Operand {
       const uint16_t* data = nullptr;
       int64_t ld = 0, seq_stride = 0;

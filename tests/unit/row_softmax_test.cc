@@ -143,5 +143,30 @@ TEST(RowSoftmaxTest, Bf16OutputIsTheRoundedSoftmax) {
   }
 }
 
+// The bf16 softmax's edges, on rows short enough for the register kernel and past it (300 keys): exp(x - max)
+// above -87 is kept, below it (and -inf) exactly 0; NaN makes the row NaN; equal scores share the weight evenly.
+TEST(RowSoftmaxTest, Bf16OutputsKeepTheEdges) {
+  for (int64_t cols : {int64_t{5}, int64_t{300}}) {
+    std::vector<float> cutoff(static_cast<size_t>(cols), -std::numeric_limits<float>::infinity());
+    cutoff[0] = 0.0f;
+    cutoff[1] = -86.9f;
+    cutoff[2] = -87.1f;
+    cutoff[3] = -1000.0f;
+    std::vector<float> nan(static_cast<size_t>(cols), -1.0f), same(static_cast<size_t>(cols), -5.0f);
+    nan[1] = std::numeric_limits<float>::quiet_NaN();
+    std::vector<float> rows = cutoff;
+    rows.insert(rows.end(), nan.begin(), nan.end());
+    rows.insert(rows.end(), same.begin(), same.end());
+    std::vector<uint16_t> out(rows.size());
+    RowSoftmaxToBf16(rows.data(), 3, cols, cols, nullptr, out.data(), cols);
+    EXPECT_EQ(BFloat16ToFloat(out[0]), 1.0f) << cols;
+    EXPECT_GT(BFloat16ToFloat(out[1]), 0.0f) << cols << ": exp(-86.9) is a normal float";
+    for (int64_t j = 2; j < cols; ++j) EXPECT_EQ(BFloat16ToFloat(out[j]), 0.0f) << cols << "," << j;
+    for (int64_t j = 0; j < cols; ++j) EXPECT_TRUE(std::isnan(BFloat16ToFloat(out[cols + j]))) << cols << "," << j;
+    const float even = BFloat16ToFloat(FloatToBFloat16(1.0f / static_cast<float>(cols)));
+    for (int64_t j = 0; j < cols; ++j) EXPECT_EQ(BFloat16ToFloat(out[2 * cols + j]), even) << cols << "," << j;
+  }
+}
+
 }  // namespace
 }  // namespace attnserve

@@ -5,6 +5,7 @@
 // it, head groups over the threads, against the float64 reference and the layer without it.
 #include "core/short_attention.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -446,8 +447,14 @@ TEST(ShortAttentionTest, FusedChunksAnswerEachMember) {
     parsed.push_back(*std::move(p));
   }
   const std::vector<const ParsedAttention*> parsed_ptrs = {&parsed[0], &parsed[1], &parsed[2]};
-  auto stop_member_1 = [](size_t i) { return i == 1 ? absl::CancelledError("stopped") : absl::OkStatus(); };
+  // Member 1 stopped after its first check: chunks of it may have finished by then, and must not matter.
+  std::atomic<int> member_1_checks{0};
+  auto stop_member_1 = [&](size_t i) {
+    return i == 1 && member_1_checks.fetch_add(1) >= 1 ? absl::CancelledError("stopped") : absl::OkStatus();
+  };
+  const int64_t chunks_before = layer->fused_short_chunks();
   auto stopped = layer->ForwardParsed(parsed_ptrs, 2, stop_member_1);
+  EXPECT_EQ(layer->fused_short_chunks() - chunks_before, on_amx ? 11 : 0);
   EXPECT_TRUE(absl::IsCancelled(stopped[1].status())) << stopped[1].status();
   for (size_t i : {size_t{0}, size_t{2}}) {
     ASSERT_TRUE(stopped[i].ok()) << stopped[i].status();

@@ -175,9 +175,9 @@ void BM_PeakBf16Matmul(benchmark::State& state) {
       benchmark::Counter(2.0 * n * n * n / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// One bf16 projection (LinearOp, as layers run it: f32 rows in, converted, f32 out) of M rows, k x n weights with
-// a bias: on CPUs with AMX, ops of at most 4 MiB of weights run in fixed-size pieces, larger ones of k <= 1024 in
-// column panels, the rest on oneDNN's runtime-M gemm (the label lists the kernels). Args: M, k, n.
+// One bf16 projection (LinearOp, as layers run it: f32 rows in, converted, f32 out) of M rows, k x n weights with a
+// bias: where bf16 has brgemm kernels, ops of at most 4 MiB of weights run in fixed-size pieces, larger ones of k <=
+// 1024 in column panels, the rest on oneDNN's runtime-M gemm (the label lists the kernels). Args: M, k, n.
 void BM_LinearOpBf16(benchmark::State& state) {
   const int64_t m = state.range(0), k = state.range(1), n = state.range(2);
   auto op = LinearOp::Create(k, n, Random(n * k, 1), Random(n, 2), ComputeType::kBFloat16);
@@ -378,7 +378,7 @@ BENCHMARK(BM_DecoderAttentionBf16)->Apply(DecoderShapes);
 BENCHMARK(BM_PeakSgemm)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_PeakBf16Matmul)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LinearOpBf16)
-    ->ArgsProduct({{16, 64, 128, 1024, 4096}, {512}, {1536}})  // E=512's fused Q/K/V: on AMX tiles
+    ->ArgsProduct({{16, 64, 128, 1024, 4096}, {512}, {1536}})  // E=512's fused Q/K/V: on brgemm kernels
     ->ArgsProduct({{1, 16, 128, 1024}, {1024}, {3072}})        // E=1024's: 6 MiB, in column panels
     ->ArgsProduct({{1, 16, 128, 2048}, {4096}, {6144}})        // a decoder's (E=4096, GQA): 48 MiB
     ->UseRealTime();

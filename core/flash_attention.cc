@@ -18,7 +18,7 @@ namespace {
 
 // One thread's block state: scores [rows, key_cols], context [rows, Dh], running max and sum per row; and the
 // keys and values of the (call, sequence, head) it works on, copied dense: [S, Dh] each (f32, or bf16 for the
-// block matmuls on AMX tiles, with the query block [rows, Dh] and its probabilities [rows, key_cols]).
+// block matmuls on brgemm kernels, with the query block [rows, Dh] and its probabilities [rows, key_cols]).
 struct FlashScratch {
   std::vector<float> scores, acc, row_max, row_sum;
   std::vector<float> head_k, head_v;
@@ -121,7 +121,7 @@ void DenseHeadKv(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h
   *v = {s.head_v.data(), dh, n};
 }
 
-// The same in bf16 for the block matmuls on AMX tiles (which take only dense operands).
+// The same in bf16 for the block matmuls on brgemm kernels (which take only dense operands).
 void DenseHeadKvBf16(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, FlashScratch& s) {
   const FlashBf16& w = a.bf16;
   const int64_t dh = a.head_dim, n = a.kv_len * dh;
@@ -134,7 +134,7 @@ void DenseHeadKvBf16(const FlashAttentionArgs& a, int64_t call, int64_t b, int64
 
 // The two matmuls of a key block: scores [lb, kb] = Q rows [l0, l0 + lb) . K rows [k0, k0 + kb)^T, and
 // acc [lb, Dh] += probabilities [lb, kb] . V rows [k0, k0 + kb); in f32 (sgemm on the dense head copies) or,
-// for a bf16 layer, with its bf16 primitives on its bf16 rows, whole blocks on AMX tiles where it has those.
+// for a bf16 layer, with its bf16 primitives on its bf16 rows, whole blocks on brgemm kernels where it has those.
 struct BlockMatmuls {
   const FlashAttentionArgs& a;
   int64_t b, h;
@@ -183,7 +183,7 @@ struct BlockMatmuls {
 };
 
 // A whole query block (lb == query_rows) that meets a whole key block: the dense bf16 copies for the block
-// matmuls on AMX tiles (its query rows, the head's keys and values) and their probabilities' buffer, in mm.
+// matmuls on brgemm kernels (its query rows, the head's keys and values) and their probabilities' buffer, in mm.
 void SetUpTiles(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, int64_t l0, FlashScratch& s,
                 BlockMatmuls* mm) {
   const FlashBf16& w = a.bf16;

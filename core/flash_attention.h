@@ -5,16 +5,16 @@
 // diagonal block, which its rows see only in part, is taken in quarters of the rows, each over the keys its last
 // row sees.
 // In f32 each thread copies the keys and values of the head it works on into dense [S, Dh] buffers first
-// (rows of the projections are 3E floats apart); so does a bf16 layer with block matmuls on AMX tiles (in bf16),
+// (rows of the projections are 3E floats apart); so does a bf16 layer with block matmuls on brgemm kernels (in bf16),
 // which also copies each query block dense.
 // Built from oneDNN's sgemm (Sgemm: a primitive's per-call cost is a tenth of a block's time) and the
 // project's OnlineSoftmaxBlock. bf16 layers pass their bf16 copies of Q, K and V and their bf16 matmul
 // primitives (`bf16`): the block matmuls then multiply in bf16 (oneDNN 2.6 has no bf16 gemm function), the
 // softmax stays f32 and each block's probabilities are rounded to bf16 for the context matmul.
 //
-// The scale (1/sqrt(Dh)) must already be in Q. Other masks come in as `key_bias` (key padding) and
-// through `add_mask` (attn_mask), block by block. No attention weights: callers send those requests through the blocked path
-// that materialises whole score rows. A query row whose keys are all masked gets a zero context.
+// The scale (1/sqrt(Dh)) must already be in Q. Other masks come in as `key_bias` (key padding) and through `add_mask`
+// (attn_mask), block by block. No attention weights: callers send those requests through the blocked path that
+// materialises whole score rows. A query row whose keys are all masked gets a zero context.
 #pragma once
 
 #include <cstdint>
@@ -39,8 +39,8 @@ struct FlashBf16 {
   int64_t ld = 0, q_seq_stride = 0, kv_seq_stride = 0;
   const HeadMatmulOp* scores_op = nullptr;
   const HeadMatmulOp* context_add_op = nullptr;
-  // Optional, both or neither (on CPUs with AMX): whole blocks on AMX tiles, from dense bf16 copies of a query
-  // block and of the head's keys and values. block_scores: [query_rows, key_cols] = Q [query_rows, Dh] . K^T
+  // Optional, both or neither (where bf16 has brgemm kernels): whole blocks on those, from dense bf16 copies of
+  // a query block and of the head's keys and values. block_scores: [query_rows, key_cols] = Q [query_rows, Dh] . K^T
   // (K rows [key_cols, Dh]); block_context: [query_rows, Dh] += P [query_rows, key_cols] . V [key_cols, Dh].
   const Bf16BlockMatmul* block_scores = nullptr;
   const Bf16BlockMatmul* block_context = nullptr;

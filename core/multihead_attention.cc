@@ -186,7 +186,7 @@ absl::Status CheckBlockOptions(const MultiheadAttention::Options& options) {
 std::pair<int64_t, int64_t> FlashBlockForCpu(ComputeType compute) {
   static const std::pair<int64_t, int64_t> block =
       OnednnUsesAvx512() ? std::pair<int64_t, int64_t>{512, 512} : std::pair<int64_t, int64_t>{128, 256};
-  if (compute == ComputeType::kBFloat16 && OnednnUsesAmx()) return {256, 256};
+  if (compute == ComputeType::kBFloat16 && OnednnHasBf16Brgemm()) return {256, 256};
   return block;
 }
 
@@ -271,7 +271,7 @@ absl::Status MultiheadAttention::BuildBlockMatmuls() {
   const int64_t rows = options_.flash_query_rows, keys = options_.flash_key_cols, dh = options_.config.head_dim();
   absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> scores = Bf16BlockMatmul::Create(rows, keys, dh, true, false);
   absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> context = Bf16BlockMatmul::Create(rows, dh, keys, false, true);
-  for (const auto* op : {&scores, &context}) {  // Unimplemented: no AMX kernel, the blocks stay on HeadMatmulOp
+  for (const auto* op : {&scores, &context}) {  // Unimplemented: no brgemm kernel, the blocks stay on HeadMatmulOp
     if (!op->ok() && !absl::IsUnimplemented(op->status())) return op->status();
   }
   if (scores.ok() && context.ok()) {
@@ -673,9 +673,9 @@ bool MultiheadAttention::UsesShort(const ParsedAttention& p) const {
 
 bool MultiheadAttention::UsesFlash(const ParsedAttention& p) const {
   if (options_.flash_min_keys == 0 || p.inputs->need_weights) return false;
-  // Whole blocks on AMX tiles beat the blocked path from one whole key block up (BENCHMARKS.md: +33% at 512).
+  // Whole blocks on brgemm kernels beat the blocked path from one whole key block up (BENCHMARKS.md: +33% at 512).
   const int64_t min_keys =
-      flash_blocks_on_amx() ? std::min(options_.flash_min_keys, options_.flash_key_cols) : options_.flash_min_keys;
+      flash_blocks_on_brgemm() ? std::min(options_.flash_min_keys, options_.flash_key_cols) : options_.flash_min_keys;
   return p.kv_len >= min_keys;
 }
 
@@ -762,11 +762,11 @@ absl::Status MultiheadAttention::AttendShort(const ParsedAttention& p, int64_t s
     ATTN_RETURN_IF_ERROR(should_stop());
     nb = short_attention_->SequencesPerCall(hb, p.q_len, p.kv_len, seq_end - b);
     absl::Status status = short_attention_->Run(a, b, nb, h_begin, hb, p.has_mask() ? &mask : nullptr);
-    if (absl::IsUnimplemented(status) && nb > 1) {  // no AMX kernel for nb * hb heads: one sequence may have one
+    if (absl::IsUnimplemented(status) && nb > 1) {  // no brgemm kernel for nb * hb heads: one sequence may have one
       nb = 1;
       status = short_attention_->Run(a, b, nb, h_begin, hb, p.has_mask() ? &mask : nullptr);
     }
-    if (absl::IsUnimplemented(status)) {  // no AMX kernel for this shape: nothing was written
+    if (absl::IsUnimplemented(status)) {  // no brgemm kernel for this shape: nothing was written
       status = Attend(p, b, b + nb, h_begin, h_end, proj, q_row, kv_row, nullptr, should_stop);
       if (status.ok() && a.out16 != nullptr) {  // Attend wrote the f32 context over Q (sequences' rows in a row)
         FloatRowsToBf16(a.out + b * p.q_len * proj.ldq + h_begin * dh, nb * p.q_len, hb * dh, proj.ldq,
@@ -933,7 +933,7 @@ int64_t MultiheadAttention::weight_bytes() const {
   return bytes;
 }
 
-int64_t MultiheadAttention::flash_amx_block_matmuls() const {
+int64_t MultiheadAttention::flash_brgemm_block_matmuls() const {
   return block_scores_ == nullptr ? 0 : block_scores_->executions() + block_context_->executions();
 }
 

@@ -53,7 +53,7 @@ inline int64_t CachedAppendFlops(int64_t embed_dim, int64_t tokens, int64_t cont
 
 // FlashAttention's blocks (query rows, keys) on this CPU: 512 x 512 where oneDNN runs AVX-512 kernels (1 MiB of
 // scores per thread), 128 x 256 otherwise (128 KiB), the best of the sizes measured on each; for bf16 layers on
-// AMX tiles (Bf16BlockMatmul), 256 x 256, where their scores matmul runs fastest (BENCHMARKS.md).
+// bf16 brgemm kernels (Bf16BlockMatmul), 256 x 256, where their scores matmul runs fastest (BENCHMARKS.md).
 std::pair<int64_t, int64_t> FlashBlockForCpu(ComputeType compute = ComputeType::kFloat32);
 
 class MultiheadAttention : public AppendEngine {
@@ -84,7 +84,7 @@ class MultiheadAttention : public AppendEngine {
     // through FlashAttention (core/flash_attention.h): key blocks in turn with an online softmax, the
     // scores never leaving the cache, causal blocks skipped. Others (and all when 0) take the blocked path,
     // whose whole score rows go through the mask pass and the softmax primitive. BFLOAT16 layers too: their
-    // block matmuls then run in bf16, and where those run on AMX tiles (flash_blocks_on_amx()) from one whole
+    // block matmuls then run in bf16, and where those run on brgemm kernels (flash_blocks_on_brgemm()) from one whole
     // key block (flash_key_cols) up when that is fewer.
     int64_t flash_min_keys = 1024;
     // FlashAttention's blocks: query rows x keys of scores per thread at a time. 0: chosen by the CPU
@@ -92,9 +92,9 @@ class MultiheadAttention : public AppendEngine {
     // blocks than its AVX2 ones to amortise that (BENCHMARKS.md has the measurements).
     int64_t flash_query_rows = 0;
     int64_t flash_key_cols = 0;
-    // bf16 layers on AMX tiles: requests whose query and key lengths are both at most this many tokens and that
+    // bf16 layers on brgemm kernels: requests whose query and key lengths are both at most this many tokens and that
     // ask no weights run ShortAttention (core/short_attention.h): per sequence, all heads in two fixed-size bf16
-    // matmuls on AMX tiles, ahead of the blocked and flash paths. 0 disables.
+    // matmuls on brgemm kernels, ahead of the blocked and flash paths. 0 disables.
     int64_t short_attention_max_len = 256;
     // Softmax primitives kept, one per (rows, S) shape seen.
     int64_t softmax_cache_capacity = 512;
@@ -182,13 +182,13 @@ class MultiheadAttention : public AppendEngine {
   // impl_info_str() of every oneDNN primitive this layer has built (for every OpenMP team size it ran
   // with), e.g. "gemm:jit".
   std::vector<std::string> ImplementationsUsed() const;
-  // Whether this (bf16) layer's FlashAttention runs its whole blocks on AMX tiles (Bf16BlockMatmul), and how many
+  // Whether this (bf16) layer's FlashAttention runs its whole blocks on brgemm kernels (Bf16BlockMatmul), and how many
   // (scores and context) it has run there so far.
-  bool flash_blocks_on_amx() const { return block_scores_ != nullptr; }
-  int64_t flash_amx_block_matmuls() const;
+  bool flash_blocks_on_brgemm() const { return block_scores_ != nullptr; }
+  int64_t flash_brgemm_block_matmuls() const;
   // Whether this (bf16) layer runs short requests through ShortAttention, and how many sequences (or head
   // groups of one) it has run there so far.
-  bool short_attention_on_amx() const { return short_attention_ != nullptr; }
+  bool short_attention_on_brgemm() const { return short_attention_ != nullptr; }
   int64_t short_attention_runs() const { return short_attention_ == nullptr ? 0 : short_attention_->executions(); }
   // Chunks of sequences taken projection to output projection by one thread (RunShortFused) so far, including
   // those that failed or stopped.
@@ -200,7 +200,7 @@ class MultiheadAttention : public AppendEngine {
   struct Block;
   MultiheadAttention(const Options& options) : options_(options), softmax_(options.softmax_cache_capacity) {}
   absl::Status BuildPrimitives(MhaWeights weights);
-  // block_scores_ and block_context_ for the resolved flash blocks, and short_attention_, where bf16 has AMX
+  // block_scores_ and block_context_ for the resolved flash blocks, and short_attention_, where bf16 has brgemm
   // kernels for them.
   absl::Status BuildBlockMatmuls();
   // The stages of one group (self- or cross-attention members of a batch): projections, attention per
@@ -215,7 +215,7 @@ class MultiheadAttention : public AppendEngine {
   bool UsesFlash(const ParsedAttention& p) const;
   bool UsesShort(const ParsedAttention& p) const;
   bool AllShort(const Group& group) const;
-  // A self-attention group whose members all take ShortAttention, on a QKV projection on AMX tiles: Q, K and V
+  // A self-attention group whose members all take ShortAttention, on a QKV projection on brgemm kernels: Q, K and V
   // projected straight to bf16 (no f32 rows, no conversion pass); Unimplemented where that does not apply.
   absl::StatusOr<Projected> ProjectShortToBf16(const Group& group) const;
   // Its buffers (Q, K and V in bf16, the f32 room of the fallback, the bf16 context), not yet written.
@@ -240,7 +240,7 @@ class MultiheadAttention : public AppendEngine {
   absl::Status Attend(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end, int64_t h_begin, int64_t h_end,
                       const Projected& proj, int64_t q_row, int64_t kv_row, Tensor* weights,
                       absl::FunctionRef<absl::Status()> should_stop) const;
-  // The same through ShortAttention (no weights); sequences whose shape has no AMX kernel go through Attend.
+  // The same through ShortAttention (no weights); sequences whose shape has no brgemm kernel go through Attend.
   absl::Status AttendShort(const ParsedAttention& p, int64_t seq_begin, int64_t seq_end, int64_t h_begin,
                            int64_t h_end, const Projected& proj, int64_t q_row, int64_t kv_row,
                            absl::FunctionRef<absl::Status()> should_stop) const;
@@ -269,9 +269,9 @@ class MultiheadAttention : public AppendEngine {
   std::unique_ptr<LinearOp> qkv_proj_;  // fused [3E, E], only when kdim == vdim == E
   std::unique_ptr<LinearOp> q_proj_, k_proj_, v_proj_, out_proj_;
   std::unique_ptr<HeadMatmulOp> scores_op_, context_op_, context_add_op_;
-  // bf16 layers on AMX tiles: FlashAttention's whole blocks (FlashBf16::block_scores, block_context); else null.
+  // bf16 layers on brgemm kernels: FlashAttention's whole blocks (FlashBf16::block_scores, block_context); else null.
   std::unique_ptr<Bf16BlockMatmul> block_scores_, block_context_;
-  // bf16 layers on AMX tiles: short requests' attention (Options::short_attention_max_len); else null.
+  // bf16 layers on brgemm kernels: short requests' attention (Options::short_attention_max_len); else null.
   std::unique_ptr<ShortAttention> short_attention_;
   mutable std::atomic<int64_t> fused_short_chunks_{0};
   SoftmaxCache softmax_;

@@ -63,6 +63,9 @@ dt DataType(ComputeType compute);
 uint16_t* Grow(std::vector<uint16_t>& buf, size_t n);
 // Whether oneDNN's effective ISA (ONEDNN_MAX_CPU_ISA counted) includes `want`.
 bool EffectiveIsaHas(dnnl::cpu_isa want);
+// Whether a primitive's impl_info_str() names one of oneDNN's brgemm kernels ("brg:avx512_core_amx",
+// "brg:avx512_core_bf16"), which the fixed-size bf16 paths are built for; gemm:jit is not.
+bool IsBrgemmImpl(const std::string& impl_info);
 
 // oneDNN with the OpenMP runtime fixes a primitive's threading when the primitive is created (from
 // omp_get_max_threads() then); run under a smaller team it still wakes the threads it was built for, which
@@ -121,7 +124,7 @@ class MatmulVariants {
 // ExecuteMatmul for a primitive whose memory descriptors are all fully defined (no runtime dimension), from raw
 // pointers (`bias` null: none): memory objects are kept per thread and variant and only their data handles set
 // per call, through the C API (no argument map). Making four memory objects and a map per call cost 1.3 us, more
-// than a 4 x 16 x 16 x 64 bf16 matmul on AMX tiles. Throws dnnl::error (and std::bad_alloc).
+// than a 4 x 16 x 16 x 64 bf16 matmul on brgemm kernels. Throws dnnl::error (and std::bad_alloc).
 void ExecuteFixedMatmul(const MatmulVariants::Variant& v, const void* src, const void* weights, void* dst,
                         const void* bias = nullptr);
 

@@ -1,5 +1,5 @@
 // LinearOp (onednn_ops.h): y = x . W^T (+ b) on oneDNN matmul primitives, in pieces of rows over a team of
-// threads, and for bf16 on CPUs with AMX through primitives of fixed row counts.
+// threads, and for bf16 through fixed-row-count primitives where oneDNN has bf16 brgemm kernels.
 #include "core/onednn_ops.h"
 
 #include <omp.h>
@@ -25,11 +25,12 @@ using namespace onednn_internal;  // NOLINT: the adapter's own helpers
 
 namespace {
 
-// ------------------------------------------------------------------------------ bf16 linear ops on AMX tiles
+// ------------------------------------------------------------------------------ bf16 linear ops on brgemm kernels
 //
-// oneDNN 2.6 runs a bf16 matmul on AMX tiles (its brgemm kernels) only when every size and stride is fixed when
-// the primitive is created; with M a runtime dimension it takes its gemm kernels, 1.3-2.7x slower on these ops
-// (BENCHMARKS.md). So on a CPU with AMX, a bf16 op whose k and n are whole blocks keeps its weights in brgemm's
+// oneDNN 2.6 runs a bf16 matmul on its brgemm kernels (AMX tiles, or AVX512_BF16's dot products) only when every
+// size and stride is fixed when the primitive is created; with M a runtime dimension it takes its gemm kernels,
+// 1.3-2.7x slower on these ops on AMX, up to 1.4x on AVX512_BF16 (BENCHMARKS.md). So where bf16 has brgemm
+// kernels, a bf16 op whose k and n are whole blocks keeps its weights in brgemm's
 // layout (BA16a64b2a: blocks of 64 outputs, each contiguous, so a slice of whole blocks reads them in place) and
 // runs fixed-size primitives: row counts in powers of two up to kFixedRowsMax, each built on first use per row
 // strides and team size. A piece of rows that is no power of two goes through a padded copy.
@@ -101,7 +102,7 @@ class FixedRowsMatmuls {
   std::map<std::tuple<int64_t, int64_t, int64_t, int, dt>, std::unique_ptr<Variant>> variants_ ABSL_GUARDED_BY(mu_);
 };
 
-// Outputs [n_begin, n_begin + n) of an op on AMX tiles, with views of its weights and bias.
+// Outputs [n_begin, n_begin + n) of an op on brgemm kernels, with views of its weights and bias.
 struct FixedRowsPanel {
   int64_t n_begin = 0, n = 0;
   std::shared_ptr<FixedRowsMatmuls> matmuls;  // shared by the op's panels of one width
@@ -119,7 +120,7 @@ struct LinearOp::Impl {
   dnnl::memory weights_mem;  // in the layout of the first primitive built (or a view of another op's)
   dnnl::memory bias_mem;
   dnnl::memory shared_weights;  // a slice: the whole op's weights, which weights_mem points into
-  std::vector<FixedRowsPanel> panels;  // AMX: run through these instead of `variants` (AttachFixedRowsWeights)
+  std::vector<FixedRowsPanel> panels;  // brgemm: run through these instead of `variants` (AttachFixedRowsWeights)
   int64_t k = 0, n = 0;
   ComputeType compute = ComputeType::kFloat32;
 
@@ -193,13 +194,13 @@ std::vector<FixedRowsPanel> FixedRowsPanels(int64_t k, int64_t n, bool has_bias)
   return panels;
 }
 
-// The op on AMX tiles (see FixedRowsMatmuls) when this CPU, the compute type and the shape allow it and oneDNN
-// runs the largest piece of each panel width on an AMX kernel (not when the OS denies the tiles and brgemm falls
-// back to AVX-512, which was never measured for this); else nullptr, and the op takes the runtime-M path. Its
+// The op on brgemm kernels (see FixedRowsMatmuls) when this CPU, the compute type and the shape allow it and oneDNN
+// runs the largest piece of each panel width on a brgemm kernel (AMX, or AVX512_BF16 where the CPU or the OS has
+// no tiles); else nullptr, and the op takes the runtime-M path. Its
 // weights are left to the caller (AttachFixedRowsWeights).
 std::unique_ptr<LinearOp::Impl> NewFixedRowsImpl(int64_t k, int64_t n, const std::vector<float>& bias,
                                                  ComputeType compute) {
-  if (compute != ComputeType::kBFloat16 || !OnednnUsesAmx() || k % kFixedDepthBlock != 0 ||
+  if (compute != ComputeType::kBFloat16 || !OnednnHasBf16Brgemm() || k % kFixedDepthBlock != 0 ||
       n % kFixedColumnBlock != 0 || (PanelWidth(k, n) < n && PanelWidth(k, n) < kMinPanelColumns)) {
     return nullptr;
   }
@@ -208,7 +209,7 @@ std::unique_ptr<LinearOp::Impl> NewFixedRowsImpl(int64_t k, int64_t n, const std
     impl->panels = FixedRowsPanels(k, n, !bias.empty());
     for (const FixedRowsPanel& panel : impl->panels) {
       const MatmulVariants::Variant* largest = panel.matmuls->Get(kFixedRowsMax, k, panel.n, dt::f32);
-      if (largest == nullptr || !absl::StrContains(largest->pd.impl_info_str(), "amx")) return nullptr;
+      if (largest == nullptr || !IsBrgemmImpl(largest->pd.impl_info_str())) return nullptr;
     }
     return impl;
   } catch (const dnnl::error&) {
@@ -216,7 +217,7 @@ std::unique_ptr<LinearOp::Impl> NewFixedRowsImpl(int64_t k, int64_t n, const std
   }
 }
 
-// Points an AMX op's weights (and its panels' views) at `data`, k x n bf16 values in FixedRowsWeightsMd's layout
+// Points a brgemm op's weights (and its panels' views) at `data`, k x n bf16 values in FixedRowsWeightsMd's layout
 // (owned by the caller or by the op `data` is a slice of), and its panels' bias at their part of the op's.
 void AttachFixedRowsWeights(LinearOp::Impl& impl, char* data) {
   const int64_t k = impl.k;
@@ -391,15 +392,15 @@ absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateSlice(const LinearOp& 
   }
 }
 
-// A slice of whole blocks of 64 outputs of an op on AMX tiles: those blocks are contiguous in its weights.
+// A slice of whole blocks of 64 outputs of an op on brgemm kernels: those blocks are contiguous in its weights.
 absl::StatusOr<std::unique_ptr<LinearOp>> LinearOp::CreateFixedRowsSlice(const Impl& w, int64_t n_begin, int64_t n,
                                                                          const std::vector<float>& bias) {
   if (n_begin % kFixedColumnBlock != 0 || n % kFixedColumnBlock != 0) {
-    return absl::UnimplementedError("LinearOp: a slice of the AMX layout must be whole blocks of 64 outputs");
+    return absl::UnimplementedError("LinearOp: a slice of the brgemm layout must be whole blocks of 64 outputs");
   }
   try {
     std::unique_ptr<Impl> impl = NewFixedRowsImpl(w.k, n, bias, w.compute);
-    if (!impl) return absl::UnimplementedError("LinearOp: no AMX kernel for the slice");
+    if (!impl) return absl::UnimplementedError("LinearOp: no brgemm kernel for the slice");
     char* data = static_cast<char*>(w.weights_mem.get_data_handle());
     AttachFixedRowsWeights(*impl, data + n_begin * w.k * 2);
     impl->shared_weights = w.shared_weights ? w.shared_weights : w.weights_mem;
@@ -512,7 +513,7 @@ absl::Status RunFixedRowsPiece(const FixedRowsPanel& panel, int64_t k, const uin
     const FixedRowsMatmuls::Variant* v = nullptr;
     int64_t size = padded;  // the next size with a brgemm kernel (kFixedRowsMax has one)
     while ((v = panel.matmuls->Get(size, k, n, y.type)) == nullptr && size < kFixedRowsMax) size *= 2;
-    if (v == nullptr) return absl::InternalError("linear layer: no AMX primitive for a piece of rows");
+    if (v == nullptr) return absl::InternalError("linear layer: no brgemm primitive for a piece of rows");
     ThreadState& ts = ThisThread();
     uint16_t* xp = Grow(ts.padded_x, static_cast<size_t>(size * k));
     for (int64_t i = 0; i < rows; ++i) std::memcpy(xp + i * k, x + i * ldx, static_cast<size_t>(k) * 2);
@@ -575,7 +576,7 @@ absl::Status LinearOp::Run(const void* x, int64_t m, int64_t ldx, float* y, int6
 
 absl::Status LinearOp::ExecuteBf16ToBf16(const uint16_t* x, int64_t m, int64_t ldx, uint16_t* y, int64_t ldy) const {
   if (!writes_bf16()) {
-    return absl::FailedPreconditionError("LinearOp: bf16 outputs from an op not on AMX tiles");
+    return absl::FailedPreconditionError("LinearOp: bf16 outputs from an op not on brgemm kernels");
   }
   if (m == 0) return absl::OkStatus();
   const int team = omp_in_parallel() ? 1 : omp_get_max_threads();

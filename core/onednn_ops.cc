@@ -127,6 +127,8 @@ bool EffectiveIsaHas(dnnl::cpu_isa want) {
   return (have & w) == w;
 }
 
+bool IsBrgemmImpl(const std::string& impl_info) { return absl::StartsWith(impl_info, "brg:"); }
+
 }  // namespace onednn_internal
 
 using namespace onednn_internal;  // NOLINT: the adapter's own helpers
@@ -176,6 +178,7 @@ Bf16Support OnednnBf16Support() {
 
 bool OnednnUsesAvx512() { return EffectiveIsaHas(dnnl::cpu_isa::avx512_core); }
 bool OnednnUsesAmx() { return EffectiveIsaHas(dnnl::cpu_isa::avx512_core_amx); }
+bool OnednnHasBf16Brgemm() { return EffectiveIsaHas(dnnl::cpu_isa::avx512_core_bf16); }
 
 const char* Bf16SupportName(Bf16Support support) {
   switch (support) {
@@ -273,15 +276,15 @@ absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> Bf16BlockMatmul::Create(int64_t
     return absl::InvalidArgumentError(absl::StrCat("Bf16BlockMatmul: sizes must be > 0, got ", batch, " x ", m, " x ",
                                                    n, " x ", k, " (batch x m x n x k)"));
   }
-  if (!OnednnUsesAmx()) return absl::UnimplementedError("Bf16BlockMatmul: no AMX on this CPU");
+  if (!OnednnHasBf16Brgemm()) return absl::UnimplementedError("Bf16BlockMatmul: no bf16 brgemm kernels here");
   try {
     const dnnl::memory::desc a_md({batch, m, k}, dt::bf16, tag::abc);
     const dnnl::memory::desc b_md({batch, k, n}, dt::bf16, transpose_b ? tag::acb : tag::abc);
     const dnnl::memory::desc c_md({batch, m, n}, dt::f32, tag::abc);
     auto impl = std::make_unique<Impl>(dnnl::matmul::desc(a_md, b_md, c_md), accumulate, batch, m, n, k);
-    if (!absl::StrContains(impl->variants.Get().pd.impl_info_str(), "amx")) {
+    if (!IsBrgemmImpl(impl->variants.Get().pd.impl_info_str())) {
       return absl::UnimplementedError(
-          absl::StrCat("Bf16BlockMatmul: no AMX kernel for ", batch, " x ", m, " x ", n, " x ", k));
+          absl::StrCat("Bf16BlockMatmul: no brgemm kernel for ", batch, " x ", m, " x ", n, " x ", k));
     }
     return std::unique_ptr<Bf16BlockMatmul>(new Bf16BlockMatmul(std::move(impl)));
   } catch (const dnnl::error& e) {

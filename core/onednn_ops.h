@@ -43,8 +43,13 @@ Bf16Support OnednnBf16Support();
 
 // Whether oneDNN runs its AVX-512 kernels here (effective ISA avx512_core or above, ONEDNN_MAX_CPU_ISA counted).
 bool OnednnUsesAvx512();
-// Whether oneDNN runs AMX kernels here (effective ISA avx512_core_amx): bf16 linear ops then run on AMX tiles.
+// Whether oneDNN runs AMX kernels here (effective ISA avx512_core_amx); for Bf16SupportName's label.
 bool OnednnUsesAmx();
+// Whether oneDNN has its bf16 brgemm kernels here (effective ISA avx512_core_bf16 or above: AVX512_BF16
+// instructions or AMX tiles). Fixed-size bf16 matmuls (bf16 linear ops in fixed-rows pieces, Bf16BlockMatmul,
+// ShortAttention) are built only then: oneDNN 2.6 gives brgemm nothing of runtime sizes, and its gemm:jit for
+// bf16 ran up to 1.4x slower on AVX512_BF16 and 1.3-2.7x slower on AMX (BENCHMARKS.md).
+bool OnednnHasBf16Brgemm();
 const char* Bf16SupportName(Bf16Support support);
 
 // C[M, N] = A[M, K] . B (B[K, N], or B^T with B given as [N, K] when transpose_b) + beta C, row-major with
@@ -55,11 +60,11 @@ const char* Bf16SupportName(Bf16Support support);
 absl::Status Sgemm(bool transpose_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                    int64_t ldb, float beta, float* c, int64_t ldc);
 
-// y[M, N] = x[M, K] . W^T (+ b), PyTorch's nn.Linear: W is [N, K] row-major, b is [N]. M and the row
-// strides of x and y are given per call, so one op serves any number of tokens. On a CPU with AMX, a bf16 op
-// of whole blocks (k % 32 == 0, n % 64 == 0) runs on AMX tiles: its weights in oneDNN's blocked layout and
-// primitives of fixed row counts, built on first use; ops over 4 MiB in column panels of 1 MiB when k <= 1024,
-// while larger k stays on the runtime-M gemm (see onednn_linear_op.cc).
+// y[M, N] = x[M, K] . W^T (+ b), PyTorch's nn.Linear: W is [N, K] row-major, b is [N]. M and the row strides of x and y
+// are given per call, so one op serves any number of tokens. Where bf16 has brgemm kernels, a bf16 op of whole blocks
+// (k % 32 == 0, n % 64 == 0) runs on them: its weights in oneDNN's blocked layout and primitives of fixed row counts,
+// built on first use; ops over 4 MiB in column panels of 1 MiB when k <= 1024, while larger k stays on the runtime-M
+// gemm (see onednn_linear_op.cc).
 class LinearOp {
  public:
   // `weight` [n, k] and `bias` [n] (empty: no bias) are copied into oneDNN's preferred layout (in bf16 for
@@ -93,9 +98,9 @@ class LinearOp {
   // The same with x already in bf16 (bf16 ops only: FailedPrecondition otherwise).
   absl::Status ExecuteBf16(const uint16_t* x, int64_t m, int64_t ldx, float* y, int64_t ldy) const;
   // The same with y in bf16 too (rounded to nearest even from the f32 sums), for a consumer that reads bf16: half
-  // the bytes written and no conversion pass. Ops on AMX tiles only (writes_bf16(); FailedPrecondition otherwise).
+  // the bytes written and no conversion pass. Ops on brgemm kernels only (writes_bf16(); FailedPrecondition otherwise).
   absl::Status ExecuteBf16ToBf16(const uint16_t* x, int64_t m, int64_t ldx, uint16_t* y, int64_t ldy) const;
-  // Whether ExecuteBf16ToBf16 runs: a bf16 op on AMX tiles (fixed-rows primitives).
+  // Whether ExecuteBf16ToBf16 runs: a bf16 op on brgemm kernels (fixed-rows primitives).
   bool writes_bf16() const;
   ComputeType compute() const;
   // The bytes of weights this op holds itself: 0 for a slice, which reads another op's.
@@ -116,10 +121,10 @@ class LinearOp {
   // The factories' body: the parts stacked along n into the op's weights.
   static absl::StatusOr<std::unique_ptr<LinearOp>> Build(int64_t k, const std::vector<WeightPart>& parts,
                                                          const std::vector<float>& bias, ComputeType compute);
-  // CreateSlice of an op on AMX tiles: whole blocks of 64 outputs only (Unimplemented otherwise).
+  // CreateSlice of an op on brgemm kernels: whole blocks of 64 outputs only (Unimplemented otherwise).
   static absl::StatusOr<std::unique_ptr<LinearOp>> CreateFixedRowsSlice(const Impl& whole, int64_t n_begin, int64_t n,
                                                                         const std::vector<float>& bias);
-  // x in the op's compute type. A bf16 op on AMX tiles runs x in fixed-size pieces (onednn_linear_op.cc). An f32
+  // x in the op's compute type. A bf16 op on brgemm kernels runs x in fixed-size pieces (onednn_linear_op.cc). An f32
   // op of k x n >= 250k (64 rows: 32 MFLOP) called outside a parallel region with a team of threads shares
   // m >= 128 rows out in 64-row pieces dynamically over the team, each piece through the single-thread primitive
   // (RunTeam).
@@ -167,10 +172,10 @@ class HeadMatmulOp {
 
 // C[M, N] = A[M, K] . B[K, N] (+ C when `accumulate`): bf16 A and B, f32 C, all dense row-major (B given as
 // B^T [N, K] when `transpose_b`), with M, N and K fixed at creation; `batch` such products at once, each operand
-// [batch, ...] dense. oneDNN 2.6 reaches its AMX kernels only when every size and stride is fixed: a bf16 layer's
+// [batch, ...] dense. oneDNN 2.6 reaches its brgemm kernels only when every size and stride is fixed: a bf16 layer's
 // FlashAttention runs its whole blocks here (scores: a Q block . a K^T block; context: probabilities . a V block),
 // and ShortAttention all the heads of a short sequence at once, on dense copies. Create is Unimplemented where
-// the kernel would not be AMX (callers keep HeadMatmulOp then).
+// the kernel would not be brgemm (callers keep HeadMatmulOp then).
 class Bf16BlockMatmul {
  public:
   static absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> Create(int64_t m, int64_t n, int64_t k, bool transpose_b,

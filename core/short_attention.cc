@@ -13,7 +13,7 @@
 namespace attnserve {
 namespace {
 
-constexpr int64_t kPad = 16;  // rows of an AMX tile; also a bf16 tile's pairs of 16 keys
+constexpr int64_t kPad = 16;  // rows of an AMX tile; also a bf16 tile's pairs of 16 keys (brgemm's blocks)
 constexpr int64_t kBf16 = 2, kF32 = 4;
 
 int64_t Padded(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
@@ -123,7 +123,7 @@ void ReleaseShortAttentionBuffers(size_t keep_bytes) {
   if (HeldBytes(buffers) > keep_bytes) buffers = ShortBuffers();
 }
 
-// The two matmuls of one (nb * hb, Lp, Sp); both null when oneDNN has no AMX kernel for them (remembered, so that
+// The two matmuls of one (nb * hb, Lp, Sp); both null when oneDNN has no brgemm kernel for them (remembered, so that
 // the shape's requests do not try again each time).
 struct ShortAttention::Shape {
   std::unique_ptr<Bf16BlockMatmul> scores, context;
@@ -135,12 +135,12 @@ absl::StatusOr<std::unique_ptr<ShortAttention>> ShortAttention::Create(const Opt
                                                    options.max_len, ") must be >= 1, shape_capacity (",
                                                    options.shape_capacity, ") >= 1"));
   }
-  if (!OnednnUsesAmx()) return absl::UnimplementedError("ShortAttention: no AMX on this CPU");
+  if (!OnednnHasBf16Brgemm()) return absl::UnimplementedError("ShortAttention: no bf16 brgemm kernels here");
   if (options.head_dim % kPad != 0) {
     return absl::UnimplementedError(
         absl::StrCat("ShortAttention: head_dim ", options.head_dim, " is not a multiple of ", kPad));
   }
-  // AMX in the CPU's flags is not AMX in oneDNN's kernels (the OS may deny the tiles): one small shape tells.
+  // The ISA is not the kernel (oneDNN may have none for a bf16 shape): one small shape tells.
   absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> probe =
       Bf16BlockMatmul::Create(kPad, kPad, options.head_dim, /*transpose_b=*/true, false);
   if (!probe.ok()) return probe.status();
@@ -211,7 +211,7 @@ absl::Status ShortAttention::Run(const Args& a, int64_t b0, int64_t nb, int64_t 
   try {  // callers are inside a parallel region: std::bad_alloc from the shape cache or the buffers stays here
     ATTN_ASSIGN_OR_RETURN(std::shared_ptr<const Shape> shape, GetShape(heads, lp, sp));
     if (shape->scores == nullptr) {
-      return absl::UnimplementedError(absl::StrCat("short attention: no AMX kernel for ", heads, " heads of ", lp,
+      return absl::UnimplementedError(absl::StrCat("short attention: no brgemm kernel for ", heads, " heads of ", lp,
                                                    " x ", sp, " (padded lengths)"));
     }
     ShortBuffers& buf = ThreadBuffers();

@@ -1,14 +1,14 @@
-// Attention of short sequences on AMX tiles, for bf16 layers: heads [h0, h0 + hb) of nb sequences at a time,
-// through two batched bf16 matmuls of fixed sizes (oneDNN 2.6 gives its AMX kernels to nothing else; the
+// Attention of short sequences on brgemm kernels, for bf16 layers: heads [h0, h0 + hb) of nb sequences at a time,
+// through two batched bf16 matmuls of fixed sizes (oneDNN 2.6 gives its brgemm kernels to nothing else; the
 // runtime-size head matmuls run `gemm:jit` at 13-300 GFLOP/s on such shapes, BENCHMARKS.md):
 //   scores  [nb * hb, Lp, Sp] = Q [nb * hb, Lp, Dh] . K^T (K [nb * hb, Sp, Dh]),
 //   context [nb * hb, Lp, Dh] = P [nb * hb, Lp, Sp] . V [nb * hb, Sp, Dh],
-// on dense bf16 copies made from the projections (f32, or bf16 as they are). L and S are padded to Lp and Sp, multiples of 16, which
-// bounds the shapes to (max_len / 16)^2 per count of heads in a call and avoids oneDNN's ragged blockings (a 61-row block ran
-// 3.7x slower than a 64-row one). Padded key rows of V and padded columns of P are zeroed, so padding adds
-// nothing to the context; padded query rows are computed and dropped. Several sequences go in one call when they
-// are short (SequencesPerCall): a 4 x 16 x 16 x 64 matmul costs its overhead, not its arithmetic (1.2-1.7 us for
-// 0.5 MFLOP).
+// on dense bf16 copies made from the projections (f32, or bf16 as they are). L and S are padded to Lp and Sp, multiples
+// of 16, which bounds the shapes to (max_len / 16)^2 per count of heads in a call and avoids oneDNN's ragged blockings
+// (a 61-row block ran 3.7x slower than a 64-row one). Padded key rows of V and padded columns of P are zeroed, so
+// padding adds nothing to the context; padded query rows are computed and dropped. Several sequences go in one call
+// when they are short (SequencesPerCall): a 4 x 16 x 16 x 64 matmul costs its overhead, not its arithmetic (1.2-1.7 us
+// for 0.5 MFLOP).
 //
 // The scale (1/sqrt(Dh)) must already be in Q. Masks come through a callback over the scores, which also names
 // the rows whose keys are all masked: their context is zero, as in the blocked path and FlashAttention.
@@ -41,11 +41,11 @@ void ReleaseShortAttentionBuffers(size_t keep_bytes);
 class ShortAttention {
  public:
   struct Options {
-    int64_t head_dim = 0;         // Dh, a multiple of 16 (AMX tiles)
+    int64_t head_dim = 0;         // Dh, a multiple of 16 (brgemm blocks)
     int64_t max_len = 256;        // longest query and key lengths served (tokens; Serves)
     size_t shape_capacity = 64;   // (nb * hb, Lp, Sp) shapes whose matmuls are kept
   };
-  // Unimplemented where oneDNN has no AMX kernels here or Dh is not a multiple of 16 (callers keep the blocked
+  // Unimplemented where oneDNN has no brgemm kernels here or Dh is not a multiple of 16 (callers keep the blocked
   // path); InvalidArgument for options out of range.
   static absl::StatusOr<std::unique_ptr<ShortAttention>> Create(const Options& options);
 
@@ -81,7 +81,7 @@ class ShortAttention {
 
   // Sequences [b0, b0 + nb), heads [h0, h0 + hb), on the calling thread (its OpenMP team inside oneDNN when called
   // outside a parallel region); nb in [1, kMaxSequencesPerCall]. `mask` null: no mask. ResourceExhausted when its
-  // buffers cannot be allocated; Unimplemented when oneDNN has no AMX kernel for the shape (nothing was written
+  // buffers cannot be allocated; Unimplemented when oneDNN has no brgemm kernel for the shape (nothing was written
   // then); InvalidArgument for nb out of range.
   absl::Status Run(const Args& args, int64_t b0, int64_t nb, int64_t h0, int64_t hb, const MaskFn* mask) const;
 

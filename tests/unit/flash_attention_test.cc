@@ -147,11 +147,11 @@ TEST(FlashAttentionTest, DefaultBlocksOnALongCausalSequence) {
   }
 }
 
-// A BFLOAT16 layer on a CPU with AMX takes 256 x 256 flash blocks, whole ones on AMX tiles (Bf16BlockMatmul, from
-// dense bf16 copies), ragged and causal-diagonal ones on its runtime-size matmuls: L=700 has both kinds each
-// way. Within the bf16 bound of the float64 reference and of the blocked path, with and without a float key
-// padding mask that masks a whole block of keys (skipped) and scattered keys.
-TEST(FlashAttentionTest, Bf16WholeBlocksOnAmxTilesMatchTheReference) {
+// A BFLOAT16 layer with bf16 brgemm kernels takes 256 x 256 flash blocks, whole ones on brgemm kernels
+// (Bf16BlockMatmul, from dense bf16 copies), ragged and causal-diagonal ones on its runtime-size matmuls: L=700 has
+// both kinds each way. Within the bf16 bound of the float64 reference and of the blocked path, with and without a float
+// key padding mask that masks a whole block of keys (skipped) and scattered keys.
+TEST(FlashAttentionTest, Bf16WholeBrgemmBlocksMatchTheReference) {
   if (OnednnBf16Support() == Bf16Support::kUnavailable) GTEST_SKIP() << "no bf16 matmul on this CPU";
   std::mt19937_64 rng(9);
   MhaConfig config{256, 4, 0, 0, true};
@@ -165,8 +165,8 @@ TEST(FlashAttentionTest, Bf16WholeBlocksOnAmxTilesMatchTheReference) {
   options.flash_min_keys = 0;
   auto blocked = MultiheadAttention::Create(options, weights);
   ASSERT_TRUE(blocked.ok()) << blocked.status();
-  EXPECT_EQ((*flash)->flash_blocks_on_amx(), OnednnUsesAmx());
-  if (OnednnUsesAmx()) {
+  EXPECT_EQ((*flash)->flash_blocks_on_brgemm(), OnednnHasBf16Brgemm());
+  if (OnednnHasBf16Brgemm()) {
     EXPECT_EQ((*flash)->options().flash_query_rows, 256);
   }
   const int64_t b = 2, len = 700;
@@ -191,8 +191,8 @@ TEST(FlashAttentionTest, Bf16WholeBlocksOnAmxTilesMatchTheReference) {
       EXPECT_LE(MaxAbsDiff(got->output.values, other->output.values), 3e-2) << what;
     }
   }
-  EXPECT_EQ((*flash)->flash_amx_block_matmuls() > 0, OnednnUsesAmx());
-  if (!OnednnUsesAmx()) return;
+  EXPECT_EQ((*flash)->flash_brgemm_block_matmuls() > 0, OnednnHasBf16Brgemm());
+  if (!OnednnHasBf16Brgemm()) return;
   // Block matmuls of other sizes than the blocks are refused, not run out of bounds.
   auto scores = Bf16BlockMatmul::Create(256, 256, 64, true, false);
   auto context = Bf16BlockMatmul::Create(256, 64, 256, false, true);
@@ -341,11 +341,11 @@ TEST(FlashAttentionTest, RequestsWithoutWeightsTakeTheFlashPath) {
   EXPECT_EQ(StopsAsked(FlashOptions(c), weights, masked), kFlashItems);
   masked.need_weights = true;
   EXPECT_EQ(StopsAsked(FlashOptions(c), weights, masked), 1);
-  // BFLOAT16 layers take it too; on AMX tiles (the CPU's 256 x 256 blocks, Dh = 64) from one whole key block up,
+  // BFLOAT16 layers take it too; on brgemm kernels (the CPU's 256 x 256 blocks, Dh = 64) from one whole key block up,
   // under flash_min_keys: 300 keys, 2 heads x 2 query blocks.
   MultiheadAttention::Options options = FlashOptions(c);
   options.compute = ComputeType::kBFloat16;
-  options.short_attention_max_len = 0;  // 20 tokens would take ShortAttention on AMX tiles
+  options.short_attention_max_len = 0;  // 20 tokens would take ShortAttention on brgemm kernels
   EXPECT_EQ(StopsAsked(options, weights, in), kFlashItems);
   options = MultiheadAttention::Options();
   options.config = MhaConfig{128, 2, 0, 0, true};
@@ -354,11 +354,11 @@ TEST(FlashAttentionTest, RequestsWithoutWeightsTakeTheFlashPath) {
   const MhaWeights bf16_weights = testing::RandomTestWeights(options.config, rng);
   auto layer = MultiheadAttention::Create(options, bf16_weights);
   ASSERT_TRUE(layer.ok()) << layer.status();
-  EXPECT_EQ((*layer)->flash_blocks_on_amx(), OnednnUsesAmx());
+  EXPECT_EQ((*layer)->flash_blocks_on_brgemm(), OnednnHasBf16Brgemm());
   const std::vector<float> tokens = RandomValues(rng, 300 * 128);
   AttentionInputs longer;
   longer.query = TensorView::F32(tokens.data(), {1, 300, 128});
-  EXPECT_EQ(StopsAsked(options, bf16_weights, longer), OnednnUsesAmx() ? 4 : 1);
+  EXPECT_EQ(StopsAsked(options, bf16_weights, longer), OnednnHasBf16Brgemm() ? 4 : 1);
 }
 
 // A stop asked for between blocks fails that request with the stop's status.

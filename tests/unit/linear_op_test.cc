@@ -132,7 +132,7 @@ TEST(LinearOpTest, RowsSharedOutInPiecesEqualTheReference) {
         const std::string what = absl::StrCat(ComputeTypeName(compute), " team ", team, " m ", m);
         EXPECT_LE(testing::MaxAbsDiff(got, want), 1e-3) << what;
         EXPECT_EQ(past_n, std::vector<float>(past_n.size(), -7.0f)) << what;
-        if (compute == ComputeType::kFloat32) {  // bf16: whole, or in fixed-size pieces on AMX (below)
+        if (compute == ComputeType::kFloat32) {  // bf16: whole, or in fixed-size pieces on brgemm (below)
           EXPECT_EQ((*op)->Impls().size(), team > 1 && m >= 128 ? 2u : 1u) << what;
         }
       }
@@ -148,10 +148,10 @@ TEST(LinearOpTest, RowsSharedOutInPiecesEqualTheReference) {
   EXPECT_EQ((*small)->Impls().size(), 1u);
 }
 
-// A bf16 op of whole blocks (k % 32, n % 64) on a CPU with AMX runs fixed-size brgemm primitives: row counts in
-// powers of two up to 128, other counts through a padded copy, more rows in pieces of 128 in turn. Every
-// row count, team and stride equals the reference, from f32 and from strided bf16 rows; columns past n are not
-// written. Elsewhere the same op runs oneDNN's runtime-M kernel, and the same rows hold.
+// A bf16 op of whole blocks (k % 32, n % 64) where bf16 has brgemm kernels runs fixed-size brgemm primitives: row
+// counts in powers of two up to 128, other counts through a padded copy, more rows in pieces of 128 in turn. Every row
+// count, team and stride equals the reference, from f32 and from strided bf16 rows; columns past n are not written.
+// Elsewhere the same op runs oneDNN's runtime-M kernel, and the same rows hold.
 TEST(LinearOpTest, Bf16RowsInFixedPiecesEqualTheReference) {
   if (OnednnBf16Support() == Bf16Support::kUnavailable) GTEST_SKIP() << "no bf16 matmul on this CPU";
   std::mt19937_64 rng(16);
@@ -185,24 +185,24 @@ TEST(LinearOpTest, Bf16RowsInFixedPiecesEqualTheReference) {
     }
     const std::vector<std::string> impls = (*op)->Impls();
     EXPECT_THAT(impls, ::testing::Each(::testing::Not(::testing::StartsWith("ref"))));
-    if (OnednnUsesAmx()) {
+    if (OnednnHasBf16Brgemm()) {
       EXPECT_THAT(impls, ::testing::Each(::testing::StartsWith("brg")));
-      EXPECT_THAT(impls, ::testing::Contains(::testing::HasSubstr("amx")));
+      EXPECT_THAT(impls, ::testing::Contains(::testing::HasSubstr("brg:")));
     }
   }
-  // One block of outputs (E=256's Q, K or V slice and output projection are 4): on AMX tiles too.
+  // One block of outputs (E=256's Q, K or V slice and output projection are 4): on brgemm kernels too.
   auto narrow = LinearOp::Create(k, 64, std::vector<float>(w.begin(), w.begin() + 64 * k), {}, ComputeType::kBFloat16);
   ASSERT_TRUE(narrow.ok()) << narrow.status();
   const std::vector<float> x = RandomValues(rng, 128 * k);
   std::vector<float> y(128 * 64);
   ASSERT_TRUE((*narrow)->Execute(x.data(), 128, k, y.data(), 64).ok());
   EXPECT_LE(testing::MaxAbsDiff(y, Reference(x, 128, k, w, 0, 64, {}, ComputeType::kBFloat16)), 1e-3);
-  if (OnednnUsesAmx()) {
-    EXPECT_THAT((*narrow)->Impls(), ::testing::Contains(::testing::HasSubstr("amx")));
+  if (OnednnHasBf16Brgemm()) {
+    EXPECT_THAT((*narrow)->Impls(), ::testing::Contains(::testing::HasSubstr("brg:")));
   }
 }
 
-// An AMX op over 4 MiB of weights (k <= 1024) runs in column panels of 1 MiB (here 4 of 512 outputs and one of
+// A brgemm op over 4 MiB of weights (k <= 1024) runs in column panels of 1 MiB (here 4 of 512 outputs and one of
 // 320), its (panel, rows) pieces shared over the team: every output column equals the reference, for one row, a
 // padded piece and pieces of 128 rows, teams of 1 and 2; a slice of it over 4 MiB (panels of its own, starting
 // one block in) reads its weights in place and equals the same columns. Elsewhere the same op runs oneDNN's
@@ -238,8 +238,8 @@ TEST(LinearOpTest, Bf16OpInColumnPanelsEqualsTheReference) {
       EXPECT_LE(testing::MaxAbsDiff(got, want), 2e-3) << what;
       EXPECT_LE(testing::MaxAbsDiff(y_slice, want_slice), 2e-3) << what;
       EXPECT_EQ(past_n, std::vector<float>(past_n.size(), -7.0f)) << what;
-      if (OnednnUsesAmx()) {
-        EXPECT_THAT((*op)->Impls(), ::testing::Contains(::testing::HasSubstr("amx"))) << what;
+      if (OnednnHasBf16Brgemm()) {
+        EXPECT_THAT((*op)->Impls(), ::testing::Contains(::testing::HasSubstr("brg:"))) << what;
       }
     }
   }
@@ -248,7 +248,7 @@ TEST(LinearOpTest, Bf16OpInColumnPanelsEqualsTheReference) {
 // bf16 outputs (ExecuteBf16ToBf16, what ShortAttention's groups project Q, K and V with): each the reference
 // rounded to bf16 (within one bf16 step and the f32 sums' error), for one op of one panel and one in column
 // panels, pieces of every kind (one row, padded, whole), teams of 1 and 2, a row stride past n left untouched.
-// f32 ops, and bf16 ops off AMX tiles, refuse it.
+// f32 ops, and bf16 ops off brgemm kernels, refuse it.
 TEST(LinearOpTest, Bf16OutputsAreTheRoundedSums) {
   std::mt19937_64 rng(18);
   auto f32_op = LinearOp::Create(64, 64, RandomValues(rng, 64 * 64), {}, ComputeType::kFloat32);
@@ -265,8 +265,8 @@ TEST(LinearOpTest, Bf16OutputsAreTheRoundedSums) {
     const std::vector<float> w = RandomValues(rng, n * k), bias = RandomValues(rng, n);
     auto op = LinearOp::Create(k, n, w, bias, ComputeType::kBFloat16);
     ASSERT_TRUE(op.ok()) << op.status();
-    ASSERT_EQ((*op)->writes_bf16(), OnednnUsesAmx());
-    if (!OnednnUsesAmx()) {
+    ASSERT_EQ((*op)->writes_bf16(), OnednnHasBf16Brgemm());
+    if (!OnednnHasBf16Brgemm()) {
       EXPECT_TRUE(absl::IsFailedPrecondition((*op)->ExecuteBf16ToBf16(x16.data(), 1, 64, y16.data(), 64)));
       continue;
     }

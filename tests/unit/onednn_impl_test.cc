@@ -1,6 +1,6 @@
 // oneDNN 2.6 silently falls back to reference kernels (ref:*, ~1000x slower) for some shapes and layouts.
 // Every primitive on the forward path must be a real one; this fails if any reports a ref: implementation.
-// And the fixed-size bf16 block matmul, which exists only for AMX kernels, is checked against a reference.
+// And the fixed-size bf16 block matmul, which exists only for brgemm kernels, is checked against a reference.
 #include <iostream>
 #include <random>
 #include <string>
@@ -88,9 +88,9 @@ std::vector<double> BlockReference(const std::vector<uint16_t>& a, const std::ve
   return c;
 }
 
-// FlashAttention's whole bf16 blocks on AMX tiles: scores (B given as K's rows) and the accumulating context, at
-// the layers' 256 x 256 blocks (which must have AMX kernels) and at odd sizes (which may not: Unimplemented),
-// equal a float64 reference on the same bf16 values; off AMX, Create is Unimplemented (the layer keeps its
+// FlashAttention's whole bf16 blocks on brgemm kernels: scores (B given as K's rows) and the accumulating context, at
+// the layers' 256 x 256 blocks (which must have brgemm kernels) and at odd sizes (which may not: Unimplemented),
+// equal a float64 reference on the same bf16 values; without bf16 brgemm, Create is Unimplemented (the layer keeps its
 // runtime-size matmuls).
 TEST(OnednnImplTest, Bf16BlockMatmulEqualsTheReference) {
   struct Case {
@@ -102,11 +102,11 @@ TEST(OnednnImplTest, Bf16BlockMatmulEqualsTheReference) {
                         Case{24, 20, 32, false, true}, Case{7, 40, 13, true, false}}) {
     const std::string what = ::testing::PrintToString(std::vector<int64_t>{c.m, c.n, c.k, c.transpose_b, c.accumulate});
     auto op = Bf16BlockMatmul::Create(c.m, c.n, c.k, c.transpose_b, c.accumulate);
-    if (!OnednnUsesAmx()) {
+    if (!OnednnHasBf16Brgemm()) {
       EXPECT_EQ(op.status().code(), absl::StatusCode::kUnimplemented) << what;
       continue;
     }
-    if (c.m != 256 && absl::IsUnimplemented(op.status())) continue;  // odd sizes may have no AMX kernel
+    if (c.m != 256 && absl::IsUnimplemented(op.status())) continue;  // odd sizes may have no brgemm kernel
     ASSERT_TRUE(op.ok()) << op.status() << " " << what;
     std::vector<uint16_t> a(static_cast<size_t>(c.m * c.k)), b(static_cast<size_t>(c.k * c.n));
     const std::vector<float> af = testing::RandomValues(rng, c.m * c.k), bf = testing::RandomValues(rng, c.k * c.n);
@@ -117,7 +117,7 @@ TEST(OnednnImplTest, Bf16BlockMatmulEqualsTheReference) {
     ASSERT_TRUE((*op)->Execute(a.data(), b.data(), got.data()).ok()) << what;
     EXPECT_LE(testing::MaxAbsDiff(got, BlockReference(a, b, c0, c.m, c.n, c.k, c.transpose_b, c.accumulate)), 1e-3)
         << what;
-    EXPECT_THAT((*op)->Impls(), ::testing::Each(::testing::HasSubstr("amx"))) << what;
+    EXPECT_THAT((*op)->Impls(), ::testing::Each(::testing::HasSubstr("brg:"))) << what;
   }
 }
 
@@ -125,7 +125,7 @@ TEST(OnednnImplTest, Bf16BlockMatmulEqualsTheReference) {
 // most 1024 ops' worth per thread, then start over. Batched ops (all heads of a sequence), 1,100 ops used in
 // turn on one thread and then the first ones again: each call reads its own operands and writes its own C.
 TEST(OnednnImplTest, FixedMatmulsKeepTheirOwnArgumentsPerThread) {
-  if (!OnednnUsesAmx()) {
+  if (!OnednnHasBf16Brgemm()) {
     EXPECT_EQ(Bf16BlockMatmul::Create(16, 16, 32, true, false, 3).status().code(), absl::StatusCode::kUnimplemented);
     return;
   }

@@ -1,7 +1,7 @@
-// ShortAttention (core/short_attention.h): short sequences' heads through two fixed-size batched bf16 matmuls on
-// AMX tiles. Against a float64 reference over Q, K and V rounded to bf16, on lengths that pad (1, 15, 17, 61)
-// and that do not, head groups in the middle of the heads, masks with rows masked whole, NaN left in a thread's
-// buffers by an earlier request, the shape cache's bound; and through MultiheadAttention: which requests take
+// ShortAttention (core/short_attention.h): short sequences' heads through two fixed-size batched bf16 matmuls on bf16
+// brgemm kernels (AMX or AVX512_BF16). Against a float64 reference over Q, K and V rounded to bf16, on lengths that pad
+// (1, 15, 17, 61) and that do not, head groups in the middle of the heads, masks with rows masked whole, NaN left in a
+// thread's buffers by an earlier request, the shape cache's bound; and through MultiheadAttention: which requests take
 // it, head groups over the threads, against the float64 reference and the layer without it.
 #include "core/short_attention.h"
 
@@ -167,7 +167,7 @@ TEST(ShortAttentionTest, CreateChecksOptionsAndTheCpu) {
   EXPECT_TRUE(absl::IsInvalidArgument(ShortAttention::Create({64, 256, 0}).status()));
   EXPECT_TRUE(absl::IsUnimplemented(ShortAttention::Create({24, 256, 64}).status())) << "Dh not a multiple of 16";
   auto attention = ShortAttention::Create({64, 256, 64});
-  if (!OnednnUsesAmx()) {  // the layers keep their blocked path: nothing else to test on this CPU
+  if (!OnednnHasBf16Brgemm()) {  // the layers keep their blocked path: nothing else to test on this CPU
     EXPECT_TRUE(absl::IsUnimplemented(attention.status())) << attention.status();
     return;
   }
@@ -178,7 +178,7 @@ TEST(ShortAttentionTest, CreateChecksOptionsAndTheCpu) {
 }
 
 TEST(ShortAttentionTest, HeadsNearTheFloat64Reference) {
-  if (!OnednnUsesAmx()) GTEST_SKIP() << "no AMX: CreateChecksOptionsAndTheCpu covers this CPU";
+  if (!OnednnHasBf16Brgemm()) GTEST_SKIP() << "no bf16 brgemm: CreateChecksOptionsAndTheCpu covers this CPU";
   std::mt19937_64 rng(11);
   for (int64_t dh : {int64_t{16}, int64_t{64}}) {
     auto attention = MakeShort(dh);
@@ -189,12 +189,12 @@ TEST(ShortAttentionTest, HeadsNearTheFloat64Reference) {
       ExpectHeadsNearReference(*attention, f, 1, 2, /*masked=*/true, /*kill_row0=*/len > 1);
     }
     EXPECT_GT(attention->executions(), 0);
-    for (const std::string& impl : attention->Impls()) EXPECT_NE(impl.find("amx"), std::string::npos) << impl;
+    for (const std::string& impl : attention->Impls()) EXPECT_NE(impl.find("brg:"), std::string::npos) << impl;
   }
 }
 
 TEST(ShortAttentionTest, NanInAnEarlierRequestStaysThere) {
-  if (!OnednnUsesAmx()) GTEST_SKIP() << "no AMX: CreateChecksOptionsAndTheCpu covers this CPU";
+  if (!OnednnHasBf16Brgemm()) GTEST_SKIP() << "no bf16 brgemm: CreateChecksOptionsAndTheCpu covers this CPU";
   std::mt19937_64 rng(12);
   auto attention = MakeShort(64);
   ASSERT_NE(attention, nullptr);
@@ -211,7 +211,7 @@ TEST(ShortAttentionTest, NanInAnEarlierRequestStaysThere) {
 // Several sequences in one call: each its own rows, heads and masks (row 0 masked whole in even sequences only),
 // whole calls and a shorter last one, padded lengths and not.
 TEST(ShortAttentionTest, SeveralSequencesInOneCall) {
-  if (!OnednnUsesAmx()) GTEST_SKIP() << "no AMX: CreateChecksOptionsAndTheCpu covers this CPU";
+  if (!OnednnHasBf16Brgemm()) GTEST_SKIP() << "no bf16 brgemm: CreateChecksOptionsAndTheCpu covers this CPU";
   std::mt19937_64 rng(16);
   auto attention = MakeShort(64);
   ASSERT_NE(attention, nullptr);
@@ -234,7 +234,7 @@ TEST(ShortAttentionTest, SeveralSequencesInOneCall) {
 // Q, K and V given in bf16 (a projection that writes bf16, or the bf16 mirror) answer exactly as the f32 rows they
 // round: the same values reach the matmuls.
 TEST(ShortAttentionTest, Bf16OperandsAnswerAsTheF32Ones) {
-  if (!OnednnUsesAmx()) GTEST_SKIP() << "no AMX: CreateChecksOptionsAndTheCpu covers this CPU";
+  if (!OnednnHasBf16Brgemm()) GTEST_SKIP() << "no bf16 brgemm: CreateChecksOptionsAndTheCpu covers this CPU";
   std::mt19937_64 rng(17);
   auto attention = MakeShort(64);
   ASSERT_NE(attention, nullptr);
@@ -262,7 +262,7 @@ TEST(ShortAttentionTest, Bf16OperandsAnswerAsTheF32Ones) {
 // How many sequences a call takes: powers of two within what is left and within the call's byte bound; the
 // memory estimate covers the largest call.
 TEST(ShortAttentionTest, SequencesPerCallKeepsItsBounds) {
-  if (!OnednnUsesAmx()) GTEST_SKIP() << "no AMX: CreateChecksOptionsAndTheCpu covers this CPU";
+  if (!OnednnHasBf16Brgemm()) GTEST_SKIP() << "no bf16 brgemm: CreateChecksOptionsAndTheCpu covers this CPU";
   auto attention = MakeShort(64);
   ASSERT_NE(attention, nullptr);
   // One sequence's buffers: bf16 Q, K, V and P, f32 scores and context, lengths padded to 16.
@@ -288,7 +288,7 @@ TEST(ShortAttentionTest, SequencesPerCallKeepsItsBounds) {
 }
 
 TEST(ShortAttentionTest, ShapeCacheKeepsItsBound) {
-  if (!OnednnUsesAmx()) GTEST_SKIP() << "no AMX: CreateChecksOptionsAndTheCpu covers this CPU";
+  if (!OnednnHasBf16Brgemm()) GTEST_SKIP() << "no bf16 brgemm: CreateChecksOptionsAndTheCpu covers this CPU";
   std::mt19937_64 rng(13);
   auto attention = MakeShort(16, /*capacity=*/2);
   ASSERT_NE(attention, nullptr);
@@ -332,9 +332,9 @@ TEST(ShortAttentionTest, LayersSendShortRequestsHere) {
   const LayerPair pair = MakeLayerPair(rng);
   const auto& [c, w, layer, blocked] = pair;
   ASSERT_TRUE(layer != nullptr && blocked != nullptr);
-  const bool on_amx = OnednnUsesAmx() && layer->compute() == ComputeType::kBFloat16;
-  EXPECT_EQ(layer->short_attention_on_amx(), on_amx);
-  EXPECT_FALSE(blocked->short_attention_on_amx());
+  const bool on_brgemm = OnednnHasBf16Brgemm() && layer->compute() == ComputeType::kBFloat16;
+  EXPECT_EQ(layer->short_attention_on_brgemm(), on_brgemm);
+  EXPECT_FALSE(blocked->short_attention_on_brgemm());
   struct Request {
     int64_t batch, len, kv_len;  // kv_len 0: self-attention
     bool need_weights, takes_it;
@@ -366,7 +366,7 @@ TEST(ShortAttentionTest, LayersSendShortRequestsHere) {
       EXPECT_LE(testing::MaxAbsDiff(got->output.values, want.output), 3e-2) << r.len;
       EXPECT_LE(testing::MaxAbsDiff(got->output.values, without->output.values), 3e-2) << r.len;
     }
-    EXPECT_EQ(layer->short_attention_runs() > runs_before, on_amx && r.takes_it) << r.len;
+    EXPECT_EQ(layer->short_attention_runs() > runs_before, on_brgemm && r.takes_it) << r.len;
   }
 }
 
@@ -397,7 +397,7 @@ TEST(ShortAttentionTest, MixedGroupsAnswerEachMember) {
       const testing::NaiveOutputs want = testing::NaiveMultiheadAttention(c, w, inputs[i]);
       EXPECT_LE(testing::MaxAbsDiff(got[i]->output.values, want.output), 3e-2) << "member " << i;
     }
-    EXPECT_EQ(layer->short_attention_runs() > runs_before, layer->short_attention_on_amx());
+    EXPECT_EQ(layer->short_attention_runs() > runs_before, layer->short_attention_on_brgemm());
   }
 }
 
@@ -427,7 +427,7 @@ TEST(ShortAttentionTest, FusedChunksAnswerEachMember) {
     inputs[i].is_causal = m.causal;
   }
   const std::vector<const AttentionInputs*> ptrs = {&inputs[0], &inputs[1], &inputs[2]};
-  const bool on_amx = layer->short_attention_on_amx();
+  const bool on_brgemm = layer->short_attention_on_brgemm();
   for (int threads : {2, 1}) {
     const int64_t chunks_before = layer->fused_short_chunks();
     auto got = layer->ForwardBatch(ptrs, threads);
@@ -438,7 +438,7 @@ TEST(ShortAttentionTest, FusedChunksAnswerEachMember) {
       EXPECT_LE(testing::MaxAbsDiff(got[i]->output.values, want.output), 3e-2) << "member " << i;
       EXPECT_LE(testing::MaxAbsDiff(got[i]->output.values, without[i]->output.values), 3e-2) << "member " << i;
     }
-    EXPECT_EQ(layer->fused_short_chunks() - chunks_before, on_amx && threads == 2 ? 11 : 0) << threads;
+    EXPECT_EQ(layer->fused_short_chunks() - chunks_before, on_brgemm && threads == 2 ? 11 : 0) << threads;
   }
   std::vector<ParsedAttention> parsed;
   for (const AttentionInputs& in : inputs) {
@@ -454,7 +454,7 @@ TEST(ShortAttentionTest, FusedChunksAnswerEachMember) {
   };
   const int64_t chunks_before = layer->fused_short_chunks();
   auto stopped = layer->ForwardParsed(parsed_ptrs, 2, stop_member_1);
-  EXPECT_EQ(layer->fused_short_chunks() - chunks_before, on_amx ? 11 : 0);
+  EXPECT_EQ(layer->fused_short_chunks() - chunks_before, on_brgemm ? 11 : 0);
   EXPECT_TRUE(absl::IsCancelled(stopped[1].status())) << stopped[1].status();
   for (size_t i : {size_t{0}, size_t{2}}) {
     ASSERT_TRUE(stopped[i].ok()) << stopped[i].status();

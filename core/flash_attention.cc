@@ -146,13 +146,13 @@ struct BlockMatmuls {
   int64_t q_l0 = 0;
 
   // Whether [lb, kb] is a whole block of a whole query block, which the block matmuls take.
-  bool OnTiles(int64_t lb, int64_t kb) const {
+  bool OnWholeBlocks(int64_t lb, int64_t kb) const {
     return q16 != nullptr && lb == a.query_rows && kb == a.key_cols;
   }
 
   absl::Status Scores(int64_t l0, int64_t lb, int64_t k0, int64_t kb, float* scores) const {
     const int64_t dh = a.head_dim;
-    if (OnTiles(lb, kb)) return a.bf16.block_scores->Execute(q16 + (l0 - q_l0) * dh, k16 + k0 * dh, scores);
+    if (OnWholeBlocks(lb, kb)) return a.bf16.block_scores->Execute(q16 + (l0 - q_l0) * dh, k16 + k0 * dh, scores);
     if (a.bf16.scores_op == nullptr) {
       return Sgemm(true, lb, kb, dh, Row(a.q, b, h, l0, dh), a.q.ld, Row(head_k, 0, 0, k0, dh), head_k.ld, 0.0f,
                    scores, kb);
@@ -167,7 +167,7 @@ struct BlockMatmuls {
 
   absl::Status AddContext(int64_t lb, int64_t k0, int64_t kb, float* probs, float* acc) const {
     const int64_t dh = a.head_dim;
-    if (OnTiles(lb, kb)) {
+    if (OnWholeBlocks(lb, kb)) {
       FloatRowsToBf16(probs, lb, kb, kb, probs16, kb);
       return a.bf16.block_context->Execute(probs16, v16 + k0 * dh, acc);
     }
@@ -184,7 +184,7 @@ struct BlockMatmuls {
 
 // A whole query block (lb == query_rows) that meets a whole key block: the dense bf16 copies for the block
 // matmuls on brgemm kernels (its query rows, the head's keys and values) and their probabilities' buffer, in mm.
-void SetUpTiles(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, int64_t l0, FlashScratch& s,
+void SetUpWholeBlocks(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, int64_t l0, FlashScratch& s,
                 BlockMatmuls* mm) {
   const FlashBf16& w = a.bf16;
   const int64_t dh = a.head_dim, lb = a.query_rows;
@@ -236,7 +236,7 @@ absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t call, int64_t
   if (a.bf16.scores_op == nullptr) DenseHeadKv(a, call, b, h, s, &mm.head_k, &mm.head_v);
   const int64_t key_end = a.causal ? std::min(a.kv_len, l0 + lb) : a.kv_len;
   if (a.bf16.block_scores != nullptr && lb == a.query_rows && key_end >= a.key_cols) {
-    SetUpTiles(a, call, b, h, l0, s, &mm);
+    SetUpWholeBlocks(a, call, b, h, l0, s, &mm);
   }
   const int64_t chunk = DiagonalChunkRows(a);
   for (int64_t k0 = 0; k0 < key_end; k0 += a.key_cols) {

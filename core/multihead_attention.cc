@@ -15,6 +15,7 @@
 #include "core/flash_attention.h"
 #include "core/omp_threads.h"
 #include "core/row_softmax.h"
+#include "core/tasks_in_turn.h"
 #include "common/status_macros.h"
 
 namespace attnserve {
@@ -380,22 +381,31 @@ absl::Status MultiheadAttention::RunGroup(const Group& g, int threads, const Sto
   return ProjectOutput(g, proj);
 }
 
+namespace {
+
+// One of the members' input tensors (query, key or value: `field`), in the members' order.
+std::vector<const TensorView*> MemberTensors(const std::vector<const ParsedAttention*>& members,
+                                             TensorView AttentionInputs::*field) {
+  std::vector<const TensorView*> tensors;
+  for (const ParsedAttention* p : members) tensors.push_back(&(p->inputs->*field));
+  return tensors;
+}
+
+}  // namespace
+
 absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::Project(const Group& g) const {
   const MhaConfig& c = options_.config;
   const int64_t e = c.embed_dim;
   Workspace& ws = ThreadWorkspace();
-  int64_t n_q = 0, n_kv = 0;
-  std::vector<const TensorView*> queries, keys, values;
-  for (const ParsedAttention* p : g.members) {
-    n_q += p->query_tokens();
-    n_kv += p->kv_tokens();
-    queries.push_back(&p->inputs->query);
-    keys.push_back(&p->inputs->key);
-    values.push_back(&p->inputs->value);
-  }
   if (absl::StatusOr<Projected> direct = ProjectShortToBf16(g); !absl::IsUnimplemented(direct.status())) {
     return direct;
   }
+  int64_t n_q = 0, n_kv = 0;
+  for (const ParsedAttention* p : g.members) {
+    n_q += p->query_tokens();
+    n_kv += p->kv_tokens();
+  }
+  const std::vector<const TensorView*> queries = MemberTensors(g.members, &AttentionInputs::query);
   Projected proj;
   proj.q_rows = n_q;
   if (g.self_attention) {
@@ -411,6 +421,8 @@ absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::Project(const 
   float* kp = Workspace::Grow(ws.k, static_cast<size_t>(n_kv * e));
   float* vp = Workspace::Grow(ws.v, static_cast<size_t>(n_kv * e));
   ATTN_RETURN_IF_ERROR(ProjectRows(*q_proj_, queries, n_q, e, ws.gather_q, ws.gather16_q, proj.q, e));
+  const std::vector<const TensorView*> keys = MemberTensors(g.members, &AttentionInputs::key);
+  const std::vector<const TensorView*> values = MemberTensors(g.members, &AttentionInputs::value);
   ATTN_RETURN_IF_ERROR(ProjectRows(*k_proj_, keys, n_kv, c.key_dim(), ws.gather_k, ws.gather16_k, kp, e));
   ATTN_RETURN_IF_ERROR(ProjectRows(*v_proj_, values, n_kv, c.value_dim(), ws.gather_v, ws.gather16_v, vp, e));
   proj.ldq = proj.ldk = proj.ldv = e;
@@ -450,9 +462,8 @@ absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::ProjectShortTo
 
 absl::StatusOr<MultiheadAttention::Projected> MultiheadAttention::ProjectShortToBf16(const Group& g) const {
   ATTN_ASSIGN_OR_RETURN(Projected proj, ProjectShortToBf16Buffers(g));
-  std::vector<const TensorView*> queries;
-  for (const ParsedAttention* p : g.members) queries.push_back(&p->inputs->query);
   const int64_t e = options_.config.embed_dim;
+  const std::vector<const TensorView*> queries = MemberTensors(g.members, &AttentionInputs::query);
   ATTN_RETURN_IF_ERROR(
       ProjectRowsToBf16(*qkv_proj_, queries, proj.q_rows, e, ThreadWorkspace().gather16_q, proj.qkv16, proj.ld16));
   return proj;
@@ -469,7 +480,8 @@ struct ShortChunk {
 
 // Rows per chunk: 128-row pieces ran the projections fastest (onednn_linear_op.cc); a longer sequence is a chunk.
 constexpr int64_t kFusedChunkRows = 128;
-// Weights (QKV and output projections) a fused group may have: a core's L2 here, 2 MiB (E=512 in bf16: exactly).
+// Weights (QKV and output projections) a fused group may have: 2 MiB, a core's L2 on the AMX Xeons (E=512 in bf16:
+// exactly). On 1 MiB of L2 (AMD EPYC, AVX512_BF16) E=512 still ran 2-6% faster fused than staged (BENCHMARKS.md).
 constexpr int64_t kFusedWeightBytes = int64_t{2} << 20;
 
 std::vector<ShortChunk> ShortChunks(const std::vector<const ParsedAttention*>& members) {
@@ -497,11 +509,11 @@ TensorView QueryRows(const ParsedAttention& p, int64_t b0, int64_t b1, int64_t e
 
 absl::StatusOr<std::vector<absl::Status>> MultiheadAttention::RunShortFused(const Group& g, int threads,
                                                                            const StopFn& stop) const {
-  // Each chunk reads the QKV and output weights: only while they stay in a core's L2 (the column-panel ops above
-  // 4 MiB are read once per call instead, onednn_linear_op.cc).
+  // Each chunk reads the QKV and output weights: only while they stay near a core's L2 (the column-panel ops
+  // above 4 MiB are read once per call instead, onednn_linear_op.cc).
   if (threads < 2 || compute_ != ComputeType::kBFloat16 || !out_proj_->writes_bf16() ||
       qkv_proj_ == nullptr || qkv_proj_->owned_weight_bytes() + out_proj_->owned_weight_bytes() > kFusedWeightBytes) {
-    return absl::UnimplementedError("not fused: one thread, or weights past a core's L2");
+    return absl::UnimplementedError("not fused: one thread, or weights over kFusedWeightBytes");
   }
   const std::vector<ShortChunk> chunks = ShortChunks(g.members);
   if (static_cast<int64_t>(chunks.size()) < 2 * threads) return absl::UnimplementedError("not fused: too few chunks");
@@ -521,22 +533,13 @@ absl::StatusOr<std::vector<absl::Status>> MultiheadAttention::RunShortFused(cons
     float* out = g.outputs[c.member]->output.values.data() + c.seq_begin * p.q_len * e;
     return out_proj_->ExecuteBf16(proj.context16 + c.q_row * e, rows, e, out, e);
   };
-  std::vector<absl::Status> chunk_status(chunks.size());
-  std::vector<uint8_t> threw(chunks.size(), 0);
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t i = 0; i < num_chunks; ++i) {
-    try {  // nothing may leave a parallel region (buffers grown on first use may throw std::bad_alloc)
-      const ScopedOmpThreads one(1);  // the chunk's primitives single-threaded, as ForEachTask's pieces
-      chunk_status[i] = run_chunk(chunks[i]);
-    } catch (...) {
-      threw[i] = 1;
-    }
-  }
+  const std::vector<absl::Status> chunk_status =
+      RunTasksInTurn(threads, num_chunks, [&](int64_t i) { return run_chunk(chunks[i]); },
+                     "attention: out of memory in a chunk of rows");
   fused_short_chunks_.fetch_add(num_chunks, std::memory_order_relaxed);
   std::vector<absl::Status> member_status(g.members.size());
   for (size_t i = 0; i < chunks.size(); ++i) {
-    if (threw[i] != 0) chunk_status[i] = absl::ResourceExhaustedError("attention: out of memory in a chunk of rows");
     if (!chunk_status[i].ok() && member_status[chunks[i].member].ok()) {
       member_status[chunks[i].member] = chunk_status[i];
     }

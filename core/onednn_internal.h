@@ -63,8 +63,9 @@ dt DataType(ComputeType compute);
 uint16_t* Grow(std::vector<uint16_t>& buf, size_t n);
 // Whether oneDNN's effective ISA (ONEDNN_MAX_CPU_ISA counted) includes `want`.
 bool EffectiveIsaHas(dnnl::cpu_isa want);
-// Whether a primitive's impl_info_str() names one of oneDNN's brgemm kernels ("brg:avx512_core_amx",
-// "brg:avx512_core_bf16"), which the fixed-size bf16 paths are built for; gemm:jit is not.
+// Whether a primitive's impl_info_str() names oneDNN's bf16 brgemm kernel of the best ISA here, which the
+// fixed-size bf16 paths are built for: "brg:avx512_core_amx_bf16" where oneDNN runs AMX (an AVX512_BF16 brgemm on
+// such a CPU was never measured against the runtime-size gemm), else "brg:avx512_core_bf16". gemm:jit is not.
 bool IsBrgemmImpl(const std::string& impl_info);
 
 // oneDNN with the OpenMP runtime fixes a primitive's threading when the primitive is created (from

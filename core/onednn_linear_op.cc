@@ -16,8 +16,8 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "core/bf16_rows.h"
-#include "core/omp_threads.h"
 #include "core/onednn_internal.h"
+#include "core/tasks_in_turn.h"
 
 namespace attnserve {
 
@@ -80,7 +80,7 @@ class FixedRowsMatmuls {
     made->pd = dnnl::matmul::primitive_desc(has_bias_ ? dnnl::matmul::desc(src_md, weights_md, bias_md, dst_md)
                                                       : dnnl::matmul::desc(src_md, weights_md, dst_md),
                                             attr_, CpuEngine());
-    if (absl::StartsWith(made->pd.impl_info_str(), "brg")) made->prim = dnnl::matmul(made->pd);
+    if (IsBrgemmImpl(made->pd.impl_info_str())) made->prim = dnnl::matmul(made->pd);
     Variant* stored = variants_.emplace(key, std::move(made)).first->second.get();
     return stored->prim ? stored : nullptr;
   }
@@ -449,21 +449,9 @@ absl::Status ForEachTask(int team, int64_t count, const std::function<absl::Stat
     for (int64_t i = 0; i < count; ++i) ATTN_RETURN_IF_ERROR(task(i));
     return absl::OkStatus();
   }
-  std::vector<absl::Status> status(static_cast<size_t>(count));
-  std::vector<uint8_t> threw(static_cast<size_t>(count), 0);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
-  for (int64_t i = 0; i < count; ++i) {
-    const ScopedOmpThreads one(1);
-    try {  // nothing may leave a parallel region (the scratchpad's growth may throw std::bad_alloc)
-      status[i] = task(i);
-    } catch (...) {
-      threw[i] = 1;
-    }
-  }
-  for (int64_t i = 0; i < count; ++i) {
-    if (threw[i] != 0) return absl::ResourceExhaustedError("linear layer: out of memory in a piece of rows");
-    ATTN_RETURN_IF_ERROR(status[i]);
-  }
+  const std::vector<absl::Status> status =
+      RunTasksInTurn(team, count, task, "linear layer: out of memory in a piece of rows");
+  for (const absl::Status& s : status) ATTN_RETURN_IF_ERROR(s);
   return absl::OkStatus();
 }
 

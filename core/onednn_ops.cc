@@ -127,7 +127,9 @@ bool EffectiveIsaHas(dnnl::cpu_isa want) {
   return (have & w) == w;
 }
 
-bool IsBrgemmImpl(const std::string& impl_info) { return absl::StartsWith(impl_info, "brg:"); }
+bool IsBrgemmImpl(const std::string& impl_info) {
+  return absl::StartsWith(impl_info, "brg:") && (!OnednnUsesAmx() || absl::StrContains(impl_info, "amx"));
+}
 
 }  // namespace onednn_internal
 

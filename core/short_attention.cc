@@ -13,7 +13,7 @@
 namespace attnserve {
 namespace {
 
-constexpr int64_t kPad = 16;  // rows of an AMX tile; also a bf16 tile's pairs of 16 keys (brgemm's blocks)
+constexpr int64_t kPad = 16;  // brgemm's row blocks (an AMX tile's rows; 16 bf16 pairs of keys on both ISAs)
 constexpr int64_t kBf16 = 2, kF32 = 4;
 
 int64_t Padded(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
@@ -41,17 +41,23 @@ size_t HeldBytes(const ShortBuffers& b) {
          (b.scores.capacity() + b.context.capacity()) * kF32;
 }
 
-// Rows [0, rows) of heads [h0, h0 + hb) of one sequence's f32 projection into dense bf16 [hb, padded_rows, Dh];
-// rows [rows, padded_rows) are zeroed when `zero_padding` (V: padded keys must add nothing, even where a
-// thread's previous request left NaN there).
+// Rows [rows, padded_rows) of each of the hb heads of dst [hb, padded_rows, Dh] to zero, when `zero_padding`
+// (V: padded keys must add nothing, even where a thread's previous request left NaN there).
+void ZeroPaddedRows(bool zero_padding, int64_t hb, int64_t dh, int64_t rows, int64_t padded_rows, uint16_t* dst) {
+  for (int64_t hi = 0; zero_padding && hi < hb; ++hi) {
+    std::fill(dst + (hi * padded_rows + rows) * dh, dst + (hi + 1) * padded_rows * dh, uint16_t{0});
+  }
+}
+
+// Rows [0, rows) of heads [h0, h0 + hb) of one sequence's f32 projection into dense bf16 [hb, padded_rows, Dh],
+// the padded rows as ZeroPaddedRows leaves them.
 void CopyHeads(const FlashOperand& src, int64_t b, int64_t h0, int64_t hb, int64_t dh, int64_t rows,
                int64_t padded_rows, bool zero_padding, uint16_t* dst) {
   const float* seq = src.data + b * src.seq_stride;
   for (int64_t hi = 0; hi < hb; ++hi) {
-    uint16_t* head = dst + hi * padded_rows * dh;
-    FloatRowsToBf16(seq + (h0 + hi) * dh, rows, dh, src.ld, head, dh);
-    if (zero_padding) std::fill(head + rows * dh, head + padded_rows * dh, uint16_t{0});
+    FloatRowsToBf16(seq + (h0 + hi) * dh, rows, dh, src.ld, dst + hi * padded_rows * dh, dh);
   }
+  ZeroPaddedRows(zero_padding, hb, dh, rows, padded_rows, dst);
 }
 
 // Row i of heads [h0, h0 + hb): kHeadBytes (a head's row, a constant the compiler copies inline) or `bytes`.
@@ -77,9 +83,7 @@ void CopyHeads(const ShortAttention::Args::Bf16Operand& src, int64_t b, int64_t 
       default: CopyHeadRows<0>(row, hb, dh, bytes, dst + i * dh, head_stride); break;
     }
   }
-  for (int64_t hi = 0; zero_padding && hi < hb; ++hi) {
-    std::fill(dst + hi * head_stride + rows * dh, dst + (hi + 1) * head_stride, uint16_t{0});
-  }
+  ZeroPaddedRows(zero_padding, hb, dh, rows, padded_rows, dst);
 }
 
 // Q, K and V of sequences [b0, b0 + nb), heads [h0, h0 + hb) into the call's dense buffers, from the bf16

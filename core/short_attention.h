@@ -100,7 +100,7 @@ class ShortAttention {
  private:
   struct Shape;
   using Key = std::tuple<int64_t, int64_t, int64_t>;  // nb * hb, Lp, Sp
-  // Buffers of one call with several sequences stay within this (a quarter of a 2 MiB L2).
+  // Buffers of one call with several sequences stay within this (a quarter of a 2 MiB L2, half of a 1 MiB one).
   static constexpr int64_t kCallBytes = int64_t{512} << 10;
   int64_t SequenceBytes(int64_t hb, int64_t q_len, int64_t kv_len) const;
   explicit ShortAttention(const Options& options) : options_(options), shapes_(options.shape_capacity) {}

@@ -15,8 +15,10 @@
 #include "common/half_float.h"
 #include "core/multihead_attention.h"
 #include "core/onednn_ops.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/naive_mha.h"
+#include "tests/testing/bf16_brgemm.h"
 
 namespace attnserve {
 namespace {
@@ -189,7 +191,7 @@ TEST(ShortAttentionTest, HeadsNearTheFloat64Reference) {
       ExpectHeadsNearReference(*attention, f, 1, 2, /*masked=*/true, /*kill_row0=*/len > 1);
     }
     EXPECT_GT(attention->executions(), 0);
-    for (const std::string& impl : attention->Impls()) EXPECT_NE(impl.find("brg:"), std::string::npos) << impl;
+    EXPECT_THAT(attention->Impls(), ::testing::Each(::testing::StartsWith(testing::ExpectedBf16Brgemm())));
   }
 }
 

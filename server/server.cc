@@ -40,6 +40,7 @@
 #include "server/runtime/background_priority.h"
 #include "server/runtime/layer_warmup.h"
 #include "server/runtime/live_layer_bytes.h"
+#include "server/runtime/heap_trim_policy.h"
 #include "server/runtime/load_heap_pad.h"
 #include "server/runtime/memory_budget.h"
 #include "server/startup/cpu_budget.h"
@@ -146,7 +147,8 @@ struct Server::Parts {
   std::unique_ptr<ResetFloodGuard> reset_flood_guard;
   int grpc_port = 0;
   bool drained = false;
-  // Gives freed heap memory back to the system while the server holds no request (see Start).
+  // Gives freed heap memory back to the system as the RSS grows and while idle (StartTrimmer).
+  std::unique_ptr<HeapTrimPolicy> heap_trim;
   absl::Notification stop_trimming;
   std::thread trimmer;
 };
@@ -191,7 +193,7 @@ absl::Status Server::Build() {
   p.health_unknown_methods = std::make_unique<UnknownMethodService>(p.call_counts.get());
   for (const auto& layer : p.registry->Layers()) p.metrics->SetLayerVersion(layer->config.name(), layer->version);
   p.observer = std::make_unique<MetricsObserver>(p.metrics.get());
-  BuildMemoryBudget();
+  ATTN_RETURN_IF_ERROR(BuildMemoryBudget());
   ATTN_ASSIGN_OR_RETURN(p.executor, BatchExecutor::Create({p.metrics.get(), options_.clock, threads_per_batch_}));
   ATTN_ASSIGN_OR_RETURN(p.express_executor, BatchExecutor::Create({p.metrics.get(), options_.clock, 1}));
   CallScheduler::Options scheduler_options;
@@ -543,7 +545,7 @@ absl::Status Server::StartConnectionCap() {
   return absl::OkStatus();
 }
 
-void Server::BuildMemoryBudget() {
+absl::Status Server::BuildMemoryBudget() {
   Parts& p = *parts_;
   std::string source = "memory_budget_bytes";
   const int64_t budget =
@@ -552,20 +554,37 @@ void Server::BuildMemoryBudget() {
   p.memory = std::make_unique<MemoryBudget>(budget,
                                             [metrics](int64_t reserved) { metrics->SetMemoryReserved(reserved); });
   metrics->SetMemoryBudget(budget);
-  spdlog::info("memory budget: {} bytes ({})", budget, source);
+  HeapTrimPolicy::Options trim;
+  trim.growth_trim_bytes = HeapGrowthTrimBytes(budget);
+  ATTN_ASSIGN_OR_RETURN(p.heap_trim, HeapTrimPolicy::Create(trim));
+  spdlog::info("memory budget: {} bytes ({}); heaps trimmed on {} bytes of RSS growth and once a second idle",
+               budget, source, trim.growth_trim_bytes);
+  return absl::OkStatus();
 }
 
 void Server::StartTrimmer() {
-  // A flood's buffers (gRPC's small slices above all) are freed into malloc's arenas, which keep them: once a
-  // second, while no request holds memory, the free pages go back to the system (malloc_trim, ~1 ms).
+  // Every 50 ms the policy looks at the RSS (heap_trim_policy.h: growth from a flood's allocator churn is
+  // trimmed before it adds up); once a second, idle sessions are evicted and a layer load's heap pad released.
   Parts& p = *parts_;
   p.trimmer = std::thread([&p] {
     NameThisThread("attn-trim");
-    while (!p.stop_trimming.WaitForNotificationWithTimeout(absl::Seconds(1))) {
-      p.sessions->EvictIdle("idle_timeout");  // sessions idle past their timeout, pool full or not
-      // Not while layers load: the pages kept for the next build would go (the release trims them).
-      if (p.load_heap_pad->ReleaseIfIdle() || p.load_heap_pad->raised()) continue;
-      if (p.memory->reserved_bytes() == 0) malloc_trim(0);
+    absl::Time last_housekeeping = absl::Now();
+    while (!p.stop_trimming.WaitForNotificationWithTimeout(absl::Milliseconds(50))) {
+      absl::Time now = absl::Now();
+      if (now - last_housekeeping >= absl::Seconds(1)) {
+        last_housekeeping = now;
+        p.sessions->EvictIdle("idle_timeout");  // sessions idle past their timeout, pool full or not
+        if (p.load_heap_pad->ReleaseIfIdle()) {  // which trimmed the heaps
+          p.heap_trim->Trimmed(now, ResidentSetBytes());
+          continue;
+        }
+      }
+      const HeapTrimPolicy::Trim trim = p.heap_trim->Check(now, ResidentSetBytes(), p.memory->reserved_bytes() > 0,
+                                                           p.load_heap_pad->raised());
+      if (trim == HeapTrimPolicy::Trim::kNone) continue;
+      malloc_trim(0);
+      p.heap_trim->Trimmed(absl::Now(), ResidentSetBytes());
+      p.metrics->HeapTrimmed(HeapTrimName(trim));
     }
   });
 }

@@ -130,7 +130,7 @@ class Server {
   absl::Status BuildKServe();
   // The KV cache pool, the session store and SessionService (config sessions).
   absl::Status BuildSessions();
-  void BuildMemoryBudget();
+  absl::Status BuildMemoryBudget();
   absl::Status BuildCredentialStores();
   void ConfigureTransport(grpc::ServerBuilder* builder) const;
   absl::Status StartListenerProbe();

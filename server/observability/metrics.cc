@@ -98,16 +98,7 @@ ServerMetrics::ServerMetrics(const std::vector<std::string>& layers)
                    .Add({});
   inflight_batches_ =
       &prometheus::BuildGauge().Name("attnserve_inflight_batches").Help("Batches being computed").Register(r).Add({});
-  memory_budget_ = &prometheus::BuildGauge()
-                        .Name("attnserve_memory_budget_bytes")
-                        .Help("Bytes admitted requests may hold at once (memory_budget_bytes)")
-                        .Register(r)
-                        .Add({});
-  memory_reserved_ = &prometheus::BuildGauge()
-                          .Name("attnserve_memory_reserved_bytes")
-                          .Help("Bytes of the memory budget held by admitted requests")
-                          .Register(r)
-                          .Add({});
+  RegisterMemoryMetrics(r);
   RegisterSessionMetrics(r);
   RegisterTransportMetrics(r);
   families_->flops = &prometheus::BuildCounter()
@@ -119,6 +110,25 @@ ServerMetrics::ServerMetrics(const std::vector<std::string>& layers)
 }
 
 ServerMetrics::~ServerMetrics() = default;
+
+void ServerMetrics::RegisterMemoryMetrics(prometheus::Registry& r) {
+  memory_budget_ = &prometheus::BuildGauge()
+                        .Name("attnserve_memory_budget_bytes")
+                        .Help("Bytes admitted requests may hold at once (memory_budget_bytes)")
+                        .Register(r)
+                        .Add({});
+  memory_reserved_ = &prometheus::BuildGauge()
+                          .Name("attnserve_memory_reserved_bytes")
+                          .Help("Bytes of the memory budget held by admitted requests")
+                          .Register(r)
+                          .Add({});
+  heap_trims_ = &prometheus::BuildCounter()
+                     .Name("attnserve_heap_trims_total")
+                     .Help("Times malloc's free pages were given back to the system: reason=\"growth\" (the RSS "
+                           "rose past its step), \"idle\" (no request held memory)")
+                     .Register(r);
+  for (const char* reason : {"growth", "idle"}) heap_trims_->Add({{"reason", reason}});
+}
 
 void ServerMetrics::RegisterTransportMetrics(prometheus::Registry& r) {
   connections_shed_ = &prometheus::BuildCounter()
@@ -295,6 +305,8 @@ void ServerMetrics::SetKvCacheBlocks(int64_t used, int64_t free) {
 }
 
 void ServerMetrics::SessionEvicted(const std::string& reason) { session_evictions_->Add({{"reason", reason}}).Increment(); }
+
+void ServerMetrics::HeapTrimmed(const std::string& reason) { heap_trims_->Add({{"reason", reason}}).Increment(); }
 
 void ServerMetrics::AppendDone(bool prefill, double seconds, int64_t tokens) {
   (prefill ? append_prefill_ : append_decode_)->Observe(seconds);

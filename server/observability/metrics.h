@@ -87,6 +87,8 @@ class ServerMetrics {
   void SetInflightBatches(int64_t batches) { inflight_batches_->Set(static_cast<double>(batches)); }
   void SetMemoryBudget(int64_t bytes) { memory_budget_->Set(static_cast<double>(bytes)); }
   void SetMemoryReserved(int64_t bytes) { memory_reserved_->Set(static_cast<double>(bytes)); }
+  // A malloc_trim by the server's trimmer, by reason ("growth", "idle": runtime/heap_trim_policy.h).
+  void HeapTrimmed(const std::string& reason);
   // Sessions (the KV cache): blocks of the pool in use and kept free, open sessions, evictions by reason
   // ("idle_timeout", "pool_full"), and each answered append's duration (phase "decode" for one token,
   // "prefill" for more) and tokens.
@@ -118,6 +120,7 @@ class ServerMetrics {
   };
   struct Families;
   void RegisterSessionMetrics(prometheus::Registry& r);
+  void RegisterMemoryMetrics(prometheus::Registry& r);
   void RegisterTransportMetrics(prometheus::Registry& r);
   const LayerSeries* Find(const std::string& layer) const ABSL_LOCKS_EXCLUDED(mu_);
   void AddLayerLocked(const std::string& layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -140,6 +143,7 @@ class ServerMetrics {
   prometheus::Gauge* inflight_batches_;
   prometheus::Gauge* memory_budget_;
   prometheus::Gauge* memory_reserved_;
+  prometheus::Family<prometheus::Counter>* heap_trims_;
   prometheus::Gauge* kv_blocks_used_;
   prometheus::Gauge* kv_blocks_free_;
   prometheus::Gauge* sessions_active_;

@@ -85,6 +85,19 @@ TEST(ServerMetricsTest, UnknownLayersShareOneSeries) {
       FindMetric(r, "attnserve_requests_total", {{"layer", "nope1"}, {"version", ""}, {"code", "NOT_FOUND"}}).has_value());
 }
 
+// Both reasons are exported from the start (rate() sees the first trim), each counted apart.
+TEST(ServerMetricsTest, HeapTrimsByReason) {
+  ServerMetrics metrics({"a"});
+  const prometheus::Registry& r = *metrics.registry();
+  EXPECT_EQ(FindMetric(r, "attnserve_heap_trims_total", {{"reason", "growth"}})->value, 0);
+  EXPECT_EQ(FindMetric(r, "attnserve_heap_trims_total", {{"reason", "idle"}})->value, 0);
+  metrics.HeapTrimmed("growth");
+  metrics.HeapTrimmed("growth");
+  metrics.HeapTrimmed("idle");
+  EXPECT_EQ(FindMetric(r, "attnserve_heap_trims_total", {{"reason", "growth"}})->value, 2);
+  EXPECT_EQ(FindMetric(r, "attnserve_heap_trims_total", {{"reason", "idle"}})->value, 1);
+}
+
 TEST(ServerMetricsTest, LayersAddedWhileServing) {
   ServerMetrics metrics({"a"});
   metrics.RequestDone("b", 1, absl::StatusCode::kOk, 0.01);  // not yet a layer

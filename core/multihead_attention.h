@@ -189,6 +189,7 @@ class MultiheadAttention : public AppendEngine {
   // Whether this (bf16) layer runs short requests through ShortAttention, and how many sequences (or head
   // groups of one) it has run there so far.
   bool short_attention_on_brgemm() const { return short_attention_ != nullptr; }
+  const ShortAttention* short_attention() const { return short_attention_.get(); }  // null: not on brgemm
   int64_t short_attention_runs() const { return short_attention_ == nullptr ? 0 : short_attention_->executions(); }
   // Chunks of sequences taken projection to output projection by one thread (RunShortFused) so far, including
   // those that failed or stopped.

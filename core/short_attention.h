@@ -96,6 +96,9 @@ class ShortAttention {
   int64_t executions() const { return executions_.load(std::memory_order_relaxed); }
   size_t cached_shapes() const;
   std::vector<std::string> Impls() const;
+  // Tests: shapes built from now on have no kernel (Run is Unimplemented, as where oneDNN has none), so that the
+  // callers' fallback runs on a machine where every shape has one. Shapes already built keep theirs.
+  void DenyKernelsForTesting() const { deny_kernels_for_testing_.store(true, std::memory_order_relaxed); }
 
  private:
   struct Shape;
@@ -108,6 +111,7 @@ class ShortAttention {
 
   const Options options_;
   mutable std::atomic<int64_t> executions_{0};
+  mutable std::atomic<bool> deny_kernels_for_testing_{false};
   mutable LruCache<Key, Shape> shapes_;
   mutable absl::Mutex impls_mu_;
   mutable std::vector<std::string> impls_seen_ ABSL_GUARDED_BY(impls_mu_);

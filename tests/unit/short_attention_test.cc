@@ -465,5 +465,56 @@ TEST(ShortAttentionTest, FusedChunksAnswerEachMember) {
   }
 }
 
+// Where oneDNN has no kernel for a shape, its sequences go through the blocked Attend instead (after a call of
+// several sequences, again with one, then blocked). With every kernel denied, a self-attention batch in chunks
+// (bf16 projections, the context in bf16), the same unfused on one thread, and a cross-attention request (f32
+// projections and their bf16 mirror) in the same call answer as the reference and as the blocked layer, and no
+// sequence ran ShortAttention.
+TEST(ShortAttentionTest, ShapesWithoutAKernelTakeTheBlockedPath) {
+  std::mt19937_64 rng(19);
+  const LayerPair pair = MakeLayerPair(rng);
+  const auto& [c, w, layer, blocked] = pair;
+  ASSERT_TRUE(layer != nullptr && blocked != nullptr);
+  if (layer->short_attention() == nullptr) GTEST_SKIP() << "no bf16 brgemm: the layer has only the blocked path";
+  layer->short_attention()->DenyKernelsForTesting();
+  struct Member {
+    int64_t batch, len, kv_len;  // kv_len 0: self-attention
+    bool causal;
+  };
+  const Member members[] = {{40, 16, 0, true}, {9, 33, 0, false}, {3, 100, 0, true}, {5, 20, 37, true}};
+  std::vector<std::vector<float>> data, kv_data;
+  std::vector<std::vector<uint8_t>> padding;
+  std::vector<AttentionInputs> inputs(4);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const Member& m = members[i];
+    const int64_t keys = m.kv_len > 0 ? m.kv_len : m.len;
+    data.push_back(RandomValues(rng, m.batch * m.len * c.embed_dim));
+    kv_data.push_back(RandomValues(rng, m.batch * m.kv_len * c.embed_dim));
+    padding.emplace_back(static_cast<size_t>(m.batch * keys));
+    for (size_t j = 0; j < padding.back().size(); ++j) padding.back()[j] = j % keys != 0 && rng() % 4 == 0;
+    inputs[i].query = TensorView::F32(data.back().data(), {m.batch, m.len, c.embed_dim});
+    if (m.kv_len > 0) {
+      inputs[i].key = TensorView::F32(kv_data.back().data(), {m.batch, m.kv_len, c.embed_dim});
+      inputs[i].value = inputs[i].key;
+    }
+    inputs[i].key_padding_mask = TensorView::Bool(padding.back().data(), {m.batch, keys});
+    inputs[i].is_causal = m.causal;
+  }
+  const std::vector<const AttentionInputs*> ptrs = {&inputs[0], &inputs[1], &inputs[2], &inputs[3]};
+  for (int threads : {2, 1}) {
+    const int64_t runs_before = layer->short_attention_runs(), chunks_before = layer->fused_short_chunks();
+    auto got = layer->ForwardBatch(ptrs, threads);
+    auto without = blocked->ForwardBatch(ptrs, threads);
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      ASSERT_TRUE(got[i].ok() && without[i].ok()) << got[i].status() << without[i].status();
+      const testing::NaiveOutputs want = testing::NaiveMultiheadAttention(c, w, inputs[i]);
+      EXPECT_LE(testing::MaxAbsDiff(got[i]->output.values, want.output), 3e-2) << "member " << i << ", " << threads;
+      EXPECT_LE(testing::MaxAbsDiff(got[i]->output.values, without[i]->output.values), 3e-2) << "member " << i;
+    }
+    EXPECT_EQ(layer->short_attention_runs(), runs_before) << threads;
+    EXPECT_EQ(layer->fused_short_chunks() - chunks_before, threads == 2 ? 11 : 0) << threads;  // chunks still ran
+  }
+}
+
 }  // namespace
 }  // namespace attnserve

@@ -288,7 +288,10 @@ node -e '
 # ---- SIGTERM: every accepted request is answered, then exit 0 ----------------------------------------------
 # Six requests of ~0.1-0.3 s compute each; SIGTERM goes once the server has accepted all six (in flight +
 # answered since now = 6) while some are still queued, and each must still get its answer.
-metric() { curl -fsS --max-time 5 "http://127.0.0.1:$metrics_port/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+scrape() { curl -fsS --max-time 5 "http://127.0.0.1:$metrics_port/metrics"; }
+metric() { scrape | awk -v m="$1" '$1 == m { print $2 }'; }
+# Both counts from one scrape: from two, a request answered between them would count twice.
+metric_in() { awk -v m="$1" '$1 == m { print $2 }' <<<"$2"; }
 ok_metric='attnserve_requests_total{code="OK",layer="encoder",version="1"}'
 ok_before=$(metric "$ok_metric")
 DRAIN_PIDS=()
@@ -299,8 +302,9 @@ for i in 1 2 3 4 5 6; do
 done
 accepted=0 inflight=0
 for _ in $(seq 400); do
-  inflight=$(metric attnserve_inflight_requests); inflight=${inflight%.*}
-  answered=$(metric "$ok_metric"); answered=$(( ${answered%.*} - ${ok_before%.*} ))
+  page=$(scrape)
+  inflight=$(metric_in attnserve_inflight_requests "$page"); inflight=${inflight%.*}
+  answered=$(metric_in "$ok_metric" "$page"); answered=$(( ${answered%.*} - ${ok_before%.*} ))
   accepted=$(( inflight + answered ))
   [ "$accepted" -ge 6 ] && break
   sleep 0.05

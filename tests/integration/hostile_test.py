@@ -379,9 +379,9 @@ def flood(s, send, n, check_refusal=None):
 
 
 def reservations_released(s):
-    """Whether every memory reservation is released within 10 s: a request's goes once its answer is written,
+    """Whether every memory reservation is released within 10 s (50 under a sanitizer): a request's goes once its answer is written,
     which the server learns a little after the client has it (slowly under a sanitizer)."""
-    deadline = time.time() + 10
+    deadline = time.time() + (50 if sanitized() else 10)
     while s.metric("attnserve_memory_reserved_bytes") != 0 and time.time() < deadline:
         time.sleep(0.05)
     return s.metric("attnserve_memory_reserved_bytes") == 0
@@ -561,7 +561,7 @@ def case_half_sent_requests_do_not_stall_metrics(s):
         text = urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10).read().decode()
         took = time.time() - t
         expect("attnserve_requests_total" in text, "no metrics in the scrape")
-        expect(took < 2, f"the scrape took {took:.1f} s behind half-sent requests")
+        expect(took < scrape_bound_s(), f"the scrape took {took:.1f} s behind half-sent requests")
     finally:
         for c in held:
             c.close()
@@ -571,6 +571,12 @@ def case_half_sent_requests_do_not_stall_metrics(s):
 
 def sanitized():
     return bool(os.environ.get("ATTNSERVE_SANITIZE"))
+
+
+def scrape_bound_s():
+    """How long a /metrics scrape may take behind slow connections: they must not stall it (a stall lasts
+    until they close); a sanitized server formats the page several times slower."""
+    return 10.0 if sanitized() else 2.0
 
 
 class RssWatch:
@@ -634,9 +640,12 @@ class RssWatch:
                    f"{what}: RSS grew {self.peak_mib():.0f} MiB (budget {BUDGET_MIB} MiB)")
 
 
-def served_on_new_connection(s, timeout=5.0):
+def served_on_new_connection(s, timeout=None):
     """The known-shaped small request on a connection of its own (not shared with the suite's channel):
-    its latency in seconds; raises Failed when it is not answered within `timeout`."""
+    its latency in seconds; raises Failed when it is not answered within `timeout` (default 5 s; 30 s under a
+    sanitizer, where gRPC works through what a flood left several times slower)."""
+    if timeout is None:
+        timeout = 30.0 if sanitized() else 5.0
     ch = grpc.insecure_channel(f"127.0.0.1:{s.port}", options=[("grpc.use_local_subchannel_pool", 1)])
     try:
         t = time.time()
@@ -650,9 +659,11 @@ def served_on_new_connection(s, timeout=5.0):
 
 class Flood:
     """`workers` threads running body(i, stop) until `seconds` pass or they return; meanwhile, after `probe_at`
-    seconds, a normal request on a new connection (its latency or its failure is kept, not raised)."""
+    seconds, a normal request on a new connection (its latency or its failure is kept, not raised), given
+    `probe_timeout` seconds (default 5; 30 under a sanitizer, where gRPC works through a flood several times
+    slower)."""
 
-    def __init__(self, s, body, workers, seconds, probe_at=1.0, probe_timeout=5.0):
+    def __init__(self, s, body, workers, seconds, probe_at=1.0, probe_timeout=None):
         self.stop = threading.Event()
         self.errors = []
         threads = [threading.Thread(target=self._run, args=(body, i), daemon=True) for i in range(workers)]
@@ -696,7 +707,7 @@ def check_reset_flood_stopped(s, flood, rss, stopped, what):
     flood allocates meanwhile)."""
     flood.check()
     expect(stopped >= 1, f"{what}: the reset-flood guard shut no flooding connection down")
-    latency = served_on_new_connection(s, timeout=30.0 if sanitized() else 5.0)
+    latency = served_on_new_connection(s)
     print(f"    served {latency * 1000:.0f} ms after it")
     if not sanitized():
         expect(rss.peak_mib() < 2 * BUDGET_MIB,
@@ -784,7 +795,7 @@ def case_rapid_reset_reconnecting(s):
     print(f"    rapid reset, reconnecting: {total} HEADERS+RST_STREAM pairs on {connections[0]} connections in "
           f"{flood.seconds:.1f} s ({total / flood.seconds:.0f}/s); {rss.line()}; {flood.probe_line()}")
     flood.check()
-    latency = served_on_new_connection(s, timeout=30.0 if sanitized() else 5.0)
+    latency = served_on_new_connection(s)
     print(f"    served {latency * 1000:.0f} ms after it")
     # Its peak is not bounded by the budget (+202 to +579 MiB here; what remains of issue #9): what is required is
     # that others are served and that the memory comes back. Within 3 s in most runs; in about one of four, gRPC
@@ -1067,7 +1078,7 @@ def case_slowloris_on_the_grpc_port(s):
         c.sendall(h2.PREFACE[:12])
         conns.append(c)
     t = time.time()
-    latency = served_on_new_connection(s, 5.0)
+    latency = served_on_new_connection(s)
     time.sleep(max(0.0, 4.0 - (time.time() - t)))
     closed = 0
     for c in conns:
@@ -1120,7 +1131,7 @@ def case_slow_connections_do_not_stall_metrics(s):
         for c in held:
             c.close()
     print(f"    32 slow metrics connections: {len(took)} scrapes, slowest {max(took) * 1000:.0f} ms")
-    expect(max(took) < 2, f"a scrape took {max(took):.1f} s behind 32 slow connections")
+    expect(max(took) < scrape_bound_s(), f"a scrape took {max(took):.1f} s behind 32 slow connections")
 
 
 def case_huge_metadata_value_refused(s):
@@ -1371,7 +1382,9 @@ def case_connection_cap(s):
         print(f"    80 idle connections to a server capped at 40: {closed} closed by it ({capped_count:.0f} counted); "
               f"the client beside them: {codes}")
         expect(closed >= 39, f"only {closed} of 80 idle connections were shut down (cap 40)")
-        expect(closed <= 41, f"{closed} of 80 idle connections were shut down (cap 40)")
+        # 41 connections more than the cap with the client's; 42 while the listener probe's is open (every 5 s,
+        # its 33 bytes sent rank it after the idle ones' 24).
+        expect(closed <= 42, f"{closed} of 80 idle connections were shut down (cap 40)")
         expect(set(codes) == {"OK"}, f"the client beside them was not answered every time: {codes}")
         served_on_new_connection(capped, 10.0)
     finally:
@@ -1394,7 +1407,7 @@ def case_many_idle_connections(s):
             refused += 1
     time.sleep(0.5)
     fds_during = len(os.listdir(f"/proc/{s.proc.pid}/fd"))
-    during = served_on_new_connection(s, 5.0)
+    during = served_on_new_connection(s)
     time.sleep(2.5)
     for c in conns:
         c.close()
@@ -1402,7 +1415,7 @@ def case_many_idle_connections(s):
     while len(os.listdir(f"/proc/{s.proc.pid}/fd")) > fds_before + 16 and time.time() < deadline:
         time.sleep(0.1)
     fds_after = len(os.listdir(f"/proc/{s.proc.pid}/fd"))
-    after = served_on_new_connection(s, 5.0)
+    after = served_on_new_connection(s)
     print(f"    800 idle connections ({refused} refused): server fds {fds_before} -> {fds_during} -> {fds_after}; "
           f"served during ({during * 1000:.0f} ms) and after ({after * 1000:.0f} ms)")
     expect(fds_after <= fds_before + 16, f"{fds_after - fds_before} descriptors not given back")
@@ -1430,7 +1443,7 @@ def case_streams_cancelled_midway(s):
                 break
         answered += got
     took = time.time() - t
-    deadline = time.time() + 10
+    deadline = time.time() + (50 if sanitized() else 10)
     while s.metric("attnserve_inflight_requests") != 0 and time.time() < deadline:
         time.sleep(0.05)
     left = s.metric("attnserve_inflight_requests")
@@ -1602,7 +1615,7 @@ def still_serving(s, known, want):
         expect(e.code() == grpc.StatusCode.UNAVAILABLE, f"the known request failed: {e.code().name}")
         got = output(s.stub.Infer(known, timeout=timeout, wait_for_ready=True))
     expect(np.max(np.abs(got - want)) <= 1e-5, "the known request's answer changed")
-    deadline = time.time() + 10
+    deadline = time.time() + (50 if sanitized() else 10)
     while s.metric("attnserve_inflight_requests") != 0 and time.time() < deadline:
         time.sleep(0.05)
     expect(s.metric("attnserve_inflight_requests") == 0, "attnserve_inflight_requests did not return to 0")
@@ -1647,7 +1660,7 @@ def main():
                 passed += 1
                 if s.rss_kib() >> 10 >= BUDGET_MIB:  # a known gap left it swollen: the next case gets a new one
                     s.stop()
-                    s = Server(binary, tempfile.mkdtemp(prefix="restart_", dir=tmp))
+                    s = Server(binary, tempfile.mkdtemp(prefix="restart_", dir=tmp), config=suite_config())
             except Exception as e:  # noqa: BLE001 (a case fails, the suite goes on)
                 print(f"FAIL {name} ({time.time() - t:.1f} s): {e}", flush=True)
                 if not isinstance(e, Failed):
@@ -1661,7 +1674,7 @@ def main():
                 elif not recovered(s, known, want, 10):
                     print(f"    (the server did not serve again within 10 s; RSS {s.rss_kib() >> 10} MiB)")
                 s.kill()
-                s = Server(binary, tempfile.mkdtemp(prefix="restart_", dir=tmp))
+                s = Server(binary, tempfile.mkdtemp(prefix="restart_", dir=tmp), config=suite_config())
     finally:
         s.stop()
     print(f"{passed} passed, {failed} failed in {time.time() - started:.0f} s")

@@ -94,8 +94,9 @@ std::string HealthAfterSigterm(TestServer& server, absl::Time signal_time, int* 
   const std::shared_ptr<grpc::Channel> channel = MakeChannel(server.grpc_port);
   while (absl::Now() - signal_time < absl::Seconds(15)) {
     const bool logged = server.process->ReadLog().find("received SIGTERM") != std::string::npos;
-    const std::string status = HealthStatus(channel, "", absl::Seconds(2));
+    const std::string status = HealthStatus(channel, "", absl::Seconds(5));
     ++*checks;
+    if (status.rfind("DEADLINE_EXCEEDED", 0) == 0) continue;  // 16 clients and the drain share 2 cores: ask again
     if (status == "NOT_SERVING") return status;
     if (status.rfind("UNAVAILABLE:", 0) == 0) return "UNAVAILABLE";
     if (status != "SERVING") return absl::StrCat("unexpected ", status);

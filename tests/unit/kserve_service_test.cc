@@ -80,6 +80,47 @@ class KServeServiceTest : public ::testing::Test {
     return ((*kserve_).*rpc)(&ctx, request, response);
   }
 
+  // Sends `hosts` at once, even ones over KServe and odd ones over attnserve.v1, each from its own thread;
+  // checks every answer against the engine; returns the largest batch any of them was computed in.
+  int64_t InferBothProtocolsAtOnce(const std::vector<HostRequest>& hosts) {
+    std::vector<std::string> outputs(hosts.size());
+    std::vector<int64_t> batch_sizes(hosts.size());
+    std::vector<std::thread> clients;
+    for (size_t i = 0; i < hosts.size(); ++i) {
+      clients.emplace_back([&, i] {
+        if (i % 2 == 0) {
+          ModelInferResponse r;
+          if (Infer(ToKServe(hosts[i]), &r).ok() && r.raw_output_contents_size() == 1) {
+            outputs[i] = r.raw_output_contents(0);
+            batch_sizes[i] = r.parameters().at("batch_size").int64_param();
+          }
+        } else {
+          v1::InferResponse r;
+          grpc::ClientContext ctx;
+          ctx.set_deadline(In(absl::Seconds(30)));
+          if (server_->stub->Infer(&ctx, hosts[i].ToProto(), &r).ok()) {
+            outputs[i] = r.output().raw_data();
+            batch_sizes[i] = r.timing().batch_size();
+          }
+        }
+      });
+    }
+    for (auto& c : clients) c.join();
+    int64_t largest = 0;
+    for (size_t i = 0; i < hosts.size(); ++i) {
+      const AttentionOutputs want = Expected(Engine(32, 4, 5), hosts[i]);
+      const std::vector<float> got = Floats(outputs[i]);
+      EXPECT_EQ(got.size(), want.output.values.size()) << "request " << i;
+      if (got.size() != want.output.values.size()) return 0;
+      for (size_t j = 0; j < got.size(); ++j) {
+        EXPECT_NEAR(got[j], want.output.values[j], kTolerance) << "request " << i << ", element " << j;
+        if (HasFailure()) return 0;
+      }
+      largest = std::max(largest, batch_sizes[i]);
+    }
+    return largest;
+  }
+
   std::unique_ptr<TestServer> server_;
   std::unique_ptr<GRPCInferenceService::Stub> kserve_;
   std::mt19937_64 rng_{21};
@@ -110,35 +151,10 @@ TEST_F(KServeServiceTest, BothProtocolsBatchTogether) {
   Start(kConfig);
   std::vector<HostRequest> hosts;
   for (int i = 0; i < 8; ++i) hosts.push_back(SelfAttention(rng_, "tiny", 32, 1, 3 + i % 3));
-  std::vector<std::string> outputs(hosts.size());
-  std::vector<int64_t> batch_sizes(hosts.size());
-  std::vector<std::thread> clients;
-  for (size_t i = 0; i < hosts.size(); ++i) {
-    clients.emplace_back([&, i] {
-      if (i % 2 == 0) {
-        ModelInferResponse r;
-        if (Infer(ToKServe(hosts[i]), &r).ok() && r.raw_output_contents_size() == 1) {
-          outputs[i] = r.raw_output_contents(0);
-          batch_sizes[i] = r.parameters().at("batch_size").int64_param();
-        }
-      } else {
-        v1::InferResponse r;
-        grpc::ClientContext ctx;
-        if (server_->stub->Infer(&ctx, hosts[i].ToProto(), &r).ok()) {
-          outputs[i] = r.output().raw_data();
-          batch_sizes[i] = r.timing().batch_size();
-        }
-      }
-    });
-  }
-  for (auto& c : clients) c.join();
+  // Up to three rounds: on a loaded machine (or under TSan) the threads may each reach the queue alone.
   int64_t largest = 0;
-  for (size_t i = 0; i < hosts.size(); ++i) {
-    const AttentionOutputs want = Expected(Engine(32, 4, 5), hosts[i]);
-    const std::vector<float> got = Floats(outputs[i]);
-    ASSERT_EQ(got.size(), want.output.values.size()) << "request " << i;
-    for (size_t j = 0; j < got.size(); ++j) ASSERT_NEAR(got[j], want.output.values[j], kTolerance);
-    largest = std::max(largest, batch_sizes[i]);
+  for (int round = 0; round < 3 && largest <= 1 && !HasFailure(); ++round) {
+    largest = InferBothProtocolsAtOnce(hosts);
   }
   EXPECT_GT(largest, 1) << "the 20 ms batching delay should gather concurrent requests of both protocols";
 }

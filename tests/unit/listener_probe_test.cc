@@ -190,10 +190,14 @@ TEST(ListenerProbeTest, ReportsRefusedConnectsInARow) {
 // and answers come late or not at all. That is no reason to restart it.
 TEST(ListenerProbeTest, BusyListenerThatAcceptsLateIsNeverReported) {
   TestListener listener(Behaviour::kAcceptSilently, absl::Milliseconds(250));
-  auto probe = ListenerProbe::Create(
-      FastOptions(listener.port(), [](const std::string& why) { ADD_FAILURE() << "reported: " << why; }));
+  ListenerProbe::Options options =
+      FastOptions(listener.port(), [](const std::string& why) { ADD_FAILURE() << "reported: " << why; });
+  // Accepted at 250 ms, well inside the deadline even when the listener's thread starts late (TSan, a busy
+  // machine); a probe that missed the accept would report at 1.5 s, within the test's 2.5 s.
+  options.accept_deadline = absl::Milliseconds(1500);
+  auto probe = ListenerProbe::Create(options);
   ASSERT_TRUE(probe.ok()) << probe.status();
-  absl::SleepFor(absl::Milliseconds(1200));
+  absl::SleepFor(absl::Milliseconds(2500));
 }
 
 TEST(ListenerProbeTest, HealthyListenerIsNeverReported) {

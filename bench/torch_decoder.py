@@ -21,10 +21,14 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn as nn
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import openblas_core  # noqa: E402
+
+openblas_core.pin()  # before torch loads OpenBLAS: see openblas_core.py
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
 from torch_mha import blas_info, parallel_summary  # noqa: E402
 
 DEFAULT_SHAPES = "1,2048,4096,32,8,128,0;8,512,2048,16,4,128,0;1,4096,4096,32,8,128,1024"

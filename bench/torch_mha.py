@@ -28,8 +28,12 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn as nn
+import openblas_core
+
+openblas_core.pin()  # before torch loads OpenBLAS: see openblas_core.py
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
 DEFAULT_SHAPES = "1,128,512,8;8,512,1024,16;1,2048,1024,16;32,64,512,8;64,16,256,4"
 
@@ -77,7 +81,7 @@ def blas_info():
                     libs.add(os.path.realpath(path))
     except OSError:
         pass
-    extra = []
+    extra = [openblas_core.describe()]
     if "MKL-DNN" in config or "oneDNN" in config:
         m = re.search(r"Intel\(R\) MKL-DNN v[\d.]+|oneDNN v[\d.]+", config)
         extra.append(m.group(0) if m else "MKL-DNN")
@@ -164,6 +168,7 @@ def main(argv=None):
             "dtype": args.dtype,
             "blas": build_blas,
             "blas_libraries": libs,
+            "openblas_core": openblas_core.describe(),
             "results": results,
         }, indent=2))
     return 0

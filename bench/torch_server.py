@@ -28,11 +28,15 @@ import tempfile
 import time
 import warnings
 
-import grpc
-import numpy as np
-import torch
+import openblas_core
 
-from torch_mha import blas_info
+openblas_core.pin()  # before numpy or torch loads OpenBLAS: see openblas_core.py
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from torch_mha import blas_info  # noqa: E402
 
 PROTO_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "proto")
 MAX_MESSAGE_BYTES = 64 << 20

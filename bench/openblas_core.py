@@ -7,7 +7,7 @@ threads runs at ~30 GFLOP/s instead of ~195 with its SkylakeX kernels (measured 
 slow, which would make every ratio against PyTorch meaningless.
 
 pin() reads the core OpenBLAS would choose (in a child process: the choice is made once, at load) and, only
-when that core has no AVX2 kernels on a CPU that has AVX2, sets OPENBLAS_CORETYPE to the best family the CPU
+when that core is not one of its AVX2 ones on a CPU that has AVX2, sets OPENBLAS_CORETYPE to the best family the CPU
 supports (SkylakeX with AVX-512, else Haswell) for this process and the torch it imports. A core OpenBLAS
 knows (Haswell, Zen, SkylakeX, SapphireRapids...) is left alone, and so is an OPENBLAS_CORETYPE already set.
 """
@@ -16,15 +16,14 @@ import os
 import subprocess
 import sys
 
-# OpenBLAS core names without AVX2 kernels (its x86-64 targets before Haswell).
-_PRE_AVX2_CORES = {"prescott", "core2", "penryn", "dunnington", "nehalem", "atom", "sandybridge", "opteron",
-                   "barcelona", "bobcat", "bulldozer", "piledriver", "steamroller", "excavator", "katmai",
-                   "coppermine", "northwood", "banias", "athlon", "unknown"}
+# OpenBLAS 0.3.21's x86-64 cores with AVX2 kernels; any other it picks on an AVX2 CPU is a fallback.
+AVX2_CORES = {"haswell", "zen", "skylakex", "cooperlake", "sapphirerapids"}
 _AVX512_FLAGS = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
 _PROBE = ("import ctypes; lib = ctypes.CDLL('libopenblas.so.0'); "
           "lib.openblas_get_corename.restype = ctypes.c_char_p; print(lib.openblas_get_corename().decode())")
 
 _note = "not checked"
+_pinned = False
 
 
 def cpu_flags():
@@ -52,14 +51,17 @@ def detected_core():
 
 def better_core(detected, flags):
     """The OPENBLAS_CORETYPE to force instead of `detected` on a CPU with `flags`, or None to keep it."""
-    if detected is None or detected.lower() not in _PRE_AVX2_CORES or not {"avx2", "fma"} <= flags:
+    if detected is None or detected.lower() in AVX2_CORES or not {"avx2", "fma"} <= flags:
         return None
     return "SkylakeX" if _AVX512_FLAGS <= flags else "Haswell"
 
 
 def pin():
     """Forces OpenBLAS's kernels where it would fall back below the CPU (see above); returns describe()."""
-    global _note
+    global _note, _pinned
+    if _pinned:  # a second call (a baseline importing another) would take our own setting for the caller's
+        return _note
+    _pinned = True
     if os.environ.get("OPENBLAS_CORETYPE"):
         _note = f"OpenBLAS core {os.environ['OPENBLAS_CORETYPE']} (OPENBLAS_CORETYPE set by the caller)"
         return _note
@@ -74,9 +76,20 @@ def pin():
     return _note
 
 
+def loaded_core():
+    """The core of the OpenBLAS this process has loaded (loads it when nothing has), or None."""
+    try:
+        import ctypes
+        lib = ctypes.CDLL("libopenblas.so.0")
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        return lib.openblas_get_corename().decode()
+    except (OSError, AttributeError):
+        return None
+
+
 def describe():
-    """What pin() found and did, for the baseline's report."""
-    return _note
+    """What pin() found and did, and the core this process runs on, for the baseline's report."""
+    return f"{_note}; this process runs OpenBLAS core {loaded_core() or 'unknown'}"
 
 
 if __name__ == "__main__":

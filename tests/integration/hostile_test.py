@@ -574,9 +574,10 @@ def sanitized():
 
 
 def scrape_bound_s():
-    """How long a /metrics scrape may take behind slow connections: they must not stall it (a stall lasts
-    until they close); a sanitized server formats the page several times slower."""
-    return 10.0 if sanitized() else 2.0
+    """How long a /metrics scrape may take behind slow connections: they must not stall it. 4 s under a
+    sanitizer, which formats the page several times slower: still below the exposer's 5 s request timeout, after
+    which a half-sent request frees its thread anyway (a scrape that waited for that is a stall)."""
+    return 4.0 if sanitized() else 2.0
 
 
 class RssWatch:
@@ -661,28 +662,43 @@ class Flood:
     """`workers` threads running body(i, stop) until `seconds` pass or they return; meanwhile, after `probe_at`
     seconds, a normal request on a new connection (its latency or its failure is kept, not raised), given
     `probe_timeout` seconds (default 5; 30 under a sanitizer, where gRPC works through a flood several times
-    slower)."""
+    slower). The flood goes on while the probe waits, for up to 5 s after it started: a sanitized server's probe
+    may be answered after the flood, which a longer flood would only delay further."""
 
     def __init__(self, s, body, workers, seconds, probe_at=1.0, probe_timeout=None):
         self.stop = threading.Event()
         self.errors = []
         threads = [threading.Thread(target=self._run, args=(body, i), daemon=True) for i in range(workers)]
+        probe = threading.Thread(target=self._probe, args=(s, probe_timeout), daemon=True)
         t0 = time.time()
         for t in threads:
             t.start()
         self.probe = None
         self.probe_error = None
         self.stop.wait(probe_at)
-        try:
-            self.probe = served_on_new_connection(s, probe_timeout)
-        except Failed as e:
-            self.probe_error = str(e)
-        while time.time() - t0 < seconds and any(t.is_alive() for t in threads):
+        probe_started = time.time()
+        probe.start()
+
+        def flooding():
+            if not any(t.is_alive() for t in threads):
+                return False
+            return time.time() - t0 < seconds or (probe.is_alive() and time.time() - probe_started < 5.0)
+
+        while flooding():
             time.sleep(0.05)
         self.stop.set()
         for t in threads:
             t.join(30)
         self.seconds = time.time() - t0
+        probe.join(60)
+        if self.probe is None and self.probe_error is None:
+            self.probe_error = "the probe did not return within 60 s of the flood's end"
+
+    def _probe(self, s, timeout):
+        try:
+            self.probe = served_on_new_connection(s, timeout)
+        except Failed as e:
+            self.probe_error = str(e)
 
     def _run(self, body, i):
         try:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Scale-out: three attnserve replicas on loopback behind one round_robin target (as a client sees the pods
-# of a headless Kubernetes Service). attnbench runs a ~6 s closed loop across them; every replica must
+# of a headless Kubernetes Service). attnbench runs a ~9 s closed loop across them; every replica must
 # serve part of it; then one replica is SIGKILLed mid-run. attnbench must finish and report only the
 # requests that were in flight on the killed replica as failed, and the other two must keep answering.
 #
@@ -10,7 +10,7 @@ set -euo pipefail
 ATTNSERVE=${1:?usage: scale_out_test.sh ATTNSERVE_BINARY ATTNBENCH_BINARY}
 ATTNBENCH=${2:?usage: scale_out_test.sh ATTNSERVE_BINARY ATTNBENCH_BINARY}
 CONCURRENCY=6
-DURATION_S=6
+DURATION_S=9  # room for the polls below (up to 3 s, then 1 + 2 s) before the run ends
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/attnserve_scale_out.XXXXXX")
 PIDS=()

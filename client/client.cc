@@ -26,13 +26,17 @@ namespace {
 
 using attnserve::v1::DataType;
 
-std::string ShapeString(const std::vector<int64_t>& shape) { return absl::StrCat("[", absl::StrJoin(shape, ", "), "]"); }
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
 
 // Element count of `shape`, or InvalidArgument naming `field` for a negative dimension.
 absl::StatusOr<int64_t> CountElements(const std::vector<int64_t>& shape, const std::string& field) {
   int64_t n = 1;
   for (int64_t d : shape) {
-    if (d < 0) return absl::InvalidArgumentError(absl::StrCat(field, ": negative dimension in shape ", ShapeString(shape)));
+    if (d < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ": negative dimension in shape ", ShapeString(shape)));
+    }
     n *= d;
   }
   return n;
@@ -138,7 +142,8 @@ bool Client::IsTraceparent(absl::string_view value) {
 absl::StatusOr<std::unique_ptr<Client>> Client::Create(const Options& options) {
   if (options.target.empty()) return absl::InvalidArgumentError("target: must not be empty");
   if (options.default_timeout_ms < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("default_timeout_ms: must be >= 0, got ", options.default_timeout_ms));
+    return absl::InvalidArgumentError(
+        absl::StrCat("default_timeout_ms: must be >= 0, got ", options.default_timeout_ms));
   }
   if (options.max_message_bytes < 1 || options.max_message_bytes > INT_MAX) {
     return absl::InvalidArgumentError(
@@ -248,7 +253,8 @@ absl::StatusOr<Client::InferResult> Client::ReadInferResponse(const attnserve::v
 absl::StatusOr<Client::InferResult> Client::Infer(const std::string& layer, absl::Span<const float> query,
                                                   const std::vector<int64_t>& query_shape,
                                                   const InferOptions& options) const {
-  ATTN_ASSIGN_OR_RETURN(const attnserve::v1::InferRequest request, MakeInferRequest(layer, query, query_shape, options));
+  ATTN_ASSIGN_OR_RETURN(const attnserve::v1::InferRequest request,
+                        MakeInferRequest(layer, query, query_shape, options));
   ATTN_ASSIGN_OR_RETURN(const attnserve::v1::InferResponse response,
                         InferRaw(request, options.timeout_ms, options.traceparent));
   return ReadInferResponse(response);
@@ -293,7 +299,8 @@ absl::StatusOr<std::vector<attnserve::v1::Layer>> Client::ListLayers() const {
   grpc::ClientContext context;
   PrepareContext(&context, std::nullopt);
   attnserve::v1::ListLayersResponse response;
-  ATTN_RETURN_IF_ERROR(FromGrpcStatus(stub_->ListLayers(&context, attnserve::v1::ListLayersRequest(), &response), context));
+  ATTN_RETURN_IF_ERROR(
+      FromGrpcStatus(stub_->ListLayers(&context, attnserve::v1::ListLayersRequest(), &response), context));
   return std::vector<attnserve::v1::Layer>(response.layers().begin(), response.layers().end());
 }
 

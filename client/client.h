@@ -178,12 +178,13 @@ class Client {
 
   // The token of the tools: the file's first line when `token_file` is given (NotFound when it cannot be
   // read, InvalidArgument when it is empty), else $ATTNSERVE_TOKEN through `getenv_fn`, else "".
-  static absl::StatusOr<std::string> TokenFromEnvironmentOrFile(const std::string& token_file,
-                                                                const std::function<const char*(const char*)>& getenv_fn);
+  static absl::StatusOr<std::string> TokenFromEnvironmentOrFile(
+      const std::string& token_file, const std::function<const char*(const char*)>& getenv_fn);
   const Options& options() const { return options_; }
 
  private:
-  Client(Options options, std::shared_ptr<grpc::ChannelCredentials> credentials, std::shared_ptr<grpc::Channel> channel);
+  Client(Options options, std::shared_ptr<grpc::ChannelCredentials> credentials,
+         std::shared_ptr<grpc::Channel> channel);
 
   Options options_;
   std::shared_ptr<grpc::ChannelCredentials> credentials_;

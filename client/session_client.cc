@@ -97,8 +97,9 @@ absl::StatusOr<attnserve::v1::Session> SessionClient::Fork(const std::string& se
   // The fork lives where its parent does, so its calls must go there too: with several addresses its routing
   // key must lead to the same one ("<parent>:<suffix>" does).
   if (AddressOf(new_session_id) != AddressOf(session_id)) {
-    return absl::InvalidArgumentError(absl::StrCat("new_session_id: '", new_session_id, "' routes to another server than '",
-                                                   session_id, "'; name it '", RoutingKey(session_id), ":<suffix>'"));
+    return absl::InvalidArgumentError(absl::StrCat("new_session_id: '", new_session_id,
+                                                   "' routes to another server than '", session_id, "'; name it '",
+                                                   RoutingKey(session_id), ":<suffix>'"));
   }
   attnserve::v1::ForkSessionRequest request;
   request.set_session_id(session_id);

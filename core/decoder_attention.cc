@@ -67,8 +67,8 @@ absl::Status DecoderAttention::BuildProjections(DecoderWeights w) {
     ATTN_ASSIGN_OR_RETURN(qkv_proj_,
                           LinearOp::CreateFromBf16(c.embed_dim, width, w.qkv_proj_weight_bf16, fused_bias, compute_));
     std::vector<uint16_t>().swap(w.qkv_proj_weight_bf16);
-    ATTN_ASSIGN_OR_RETURN(o_proj_,
-                          LinearOp::CreateFromBf16(c.q_width(), c.embed_dim, w.o_proj_weight_bf16, w.o_proj_bias, compute_));
+    ATTN_ASSIGN_OR_RETURN(
+        o_proj_, LinearOp::CreateFromBf16(c.q_width(), c.embed_dim, w.o_proj_weight_bf16, w.o_proj_bias, compute_));
     return absl::OkStatus();
   }
   ATTN_ASSIGN_OR_RETURN(qkv_proj_, LinearOp::CreateStacked(c.embed_dim,

@@ -88,7 +88,9 @@ int64_t DecoderAttention::AppendWorkspaceBytes(int64_t tokens, int64_t context_a
 
 absl::Status DecoderAttention::CheckAppend(const CachedAppend& a) const {
   const DecoderConfig& c = options_.config;
-  if (a.query == nullptr || a.cache == nullptr) return absl::InvalidArgumentError("append: query and cache are required");
+  if (a.query == nullptr || a.cache == nullptr) {
+    return absl::InvalidArgumentError("append: query and cache are required");
+  }
   if (a.tokens < 1) return absl::InvalidArgumentError(absl::StrCat("query: expected T >= 1 tokens, got ", a.tokens));
   ATTN_RETURN_IF_ERROR(CheckActivation("query", a.query_view(c.embed_dim)));
   if (a.cross_attention) {
@@ -250,7 +252,8 @@ absl::Status DecoderAttention::AttendCachedBlock(const CachedBlock& blk, float* 
     const int64_t n = std::min(span_tokens, k1 - s0);
     CopyCachedRows(cache, /*values=*/false, s0, n, span);
     for (int64_t g = 0; g < hkv; ++g) {
-      ATTN_RETURN_IF_ERROR(scores_op_->Execute(Matrix(q + g * m * d, m, d, d), KeysTransposed(span + g * d, d, n, kv_width),
+      ATTN_RETURN_IF_ERROR(scores_op_->Execute(Matrix(q + g * m * d, m, d, d),
+                                               KeysTransposed(span + g * d, d, n, kv_width),
                                                Matrix(scores + g * m * keys + (s0 - k0), m, n, keys)));
     }
   }

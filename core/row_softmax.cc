@@ -92,7 +92,9 @@ template <typename W>
 __attribute__((always_inline)) inline float RowMax(const float* row, int64_t n) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   typename W::F max_v = typename W::F{} + kNegInf;
-  for (int64_t j = 0; j < n; j += W::kLanes) max_v = Max<W>(Load<W>(row + j, std::min(W::kLanes, n - j), kNegInf), max_v);
+  for (int64_t j = 0; j < n; j += W::kLanes) {
+    max_v = Max<W>(Load<W>(row + j, std::min(W::kLanes, n - j), kNegInf), max_v);
+  }
   return FoldLanes<W, true>(max_v);
 }
 

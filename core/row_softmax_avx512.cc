@@ -42,7 +42,8 @@ ATTN_AVX512_INLINE __m512 ExpNonPositive(__m512 x) {
 ATTN_AVX512_INLINE void StoreBf16(uint16_t* p, __mmask16 mask, __m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd), 16);
   _mm512_mask_cvtepi32_storeu_epi16(p, mask, rounded);
 }
 

@@ -455,7 +455,8 @@ absl::StatusOr<std::vector<uint16_t>> SafetensorsFile::ReadBFloat16(std::string_
   } else if (entry->dtype == "F32") {
     out = ConvertEach<float, uint16_t>(entry->data, count, FloatToBFloat16);
   } else if (entry->dtype == "F16") {
-    out = ConvertEach<uint16_t, uint16_t>(entry->data, count, [](uint16_t v) { return FloatToBFloat16(HalfToFloat(v)); });
+    out =
+        ConvertEach<uint16_t, uint16_t>(entry->data, count, [](uint16_t v) { return FloatToBFloat16(HalfToFloat(v)); });
   } else {
     out = ConvertEach<double, uint16_t>(entry->data, count,
                                         [](double v) { return FloatToBFloat16(static_cast<float>(v)); });

@@ -102,7 +102,9 @@ absl::StatusOr<const SafetensorsFile*> SafetensorsCheckpoint::Shard(const std::s
 absl::StatusOr<const SafetensorsEntry*> SafetensorsCheckpoint::Find(std::string_view name) const {
   if (single_ != nullptr) {
     const SafetensorsEntry* entry = single_->Find(name);
-    if (entry == nullptr) return absl::NotFoundError(absl::StrCat(source_, ": tensor '", std::string(name), "' not found"));
+    if (entry == nullptr) {
+      return absl::NotFoundError(absl::StrCat(source_, ": tensor '", std::string(name), "' not found"));
+    }
     return entry;
   }
   const auto it = weight_map_.find(name);
@@ -112,8 +114,8 @@ absl::StatusOr<const SafetensorsEntry*> SafetensorsCheckpoint::Find(std::string_
   ATTN_ASSIGN_OR_RETURN(const SafetensorsFile* shard, Shard(it->second));
   const SafetensorsEntry* entry = shard->Find(name);
   if (entry == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(source_, ": the weight_map puts tensor '", std::string(name), "' in ",
-                                                   shard->source(), ", which does not hold it"));
+    return absl::InvalidArgumentError(absl::StrCat(source_, ": the weight_map puts tensor '", std::string(name),
+                                                   "' in ", shard->source(), ", which does not hold it"));
   }
   return entry;
 }

@@ -24,7 +24,9 @@ constexpr FlagSpec kFlags[] = {
 // --sessions N --context C [--prefill T]: decode steps on sessions, N closed-loop workers.
 absl::Status ParseSessionFlags(const CommandLine& cl, BenchArgs* out) {
   if (!cl.Has("sessions")) {
-    if (cl.Has("context") || cl.Has("prefill")) return absl::InvalidArgumentError("--context and --prefill need --sessions");
+    if (cl.Has("context") || cl.Has("prefill")) {
+      return absl::InvalidArgumentError("--context and --prefill need --sessions");
+    }
     return absl::OkStatus();
   }
   ATTN_ASSIGN_OR_RETURN(out->sessions, ParseIntFlag("sessions", *cl.Get("sessions"), 1, 4096));

@@ -176,7 +176,9 @@ std::string ToJson(const google::protobuf::Message& message) {
 int Health(const Context& ctx, const CommandLine& cl) {
   const std::string service = cl.Get("service").value_or("");
   auto status = ctx.client->Health(service);
-  if (!status.ok()) return CallFailed(ctx, status.status(), absl::StrCat("the server has no health service \"", service, "\""));
+  if (!status.ok()) {
+    return CallFailed(ctx, status.status(), absl::StrCat("the server has no health service \"", service, "\""));
+  }
   const char* name = Client::HealthStatusName(*status);
   if (ctx.json) {
     std::printf("%s\n", nlohmann::json({{"service", service}, {"status", name}}).dump(2).c_str());
@@ -238,7 +240,8 @@ absl::StatusOr<NpyArray> ReadInput(const CommandLine& cl, const std::string& fla
   auto array = ReadNpy(*cl.Get(flag));
   if (!array.ok()) return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", array.status().message()));
   if (float_only && array->dtype != NpyArray::DType::kFloat32) {
-    return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", *cl.Get(flag), " holds bool values; float32 needed"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, ": ", *cl.Get(flag), " holds bool values; float32 needed"));
   }
   return array;
 }
@@ -359,10 +362,11 @@ int ReportInfer(const Context& ctx, const std::string& layer, const CommandLine&
   }
   const Client::Timing& t = result.timing;
   if (ctx.json) {
-    nlohmann::json j = {{"layer", layer},
-                        {"output", SummaryJson(result.output)},
-                        {"timing", {{"queue_us", t.queue_us}, {"compute_us", t.compute_us}, {"batch_size", t.batch_size}}},
-                        {"round_trip_ms", round_trip_ms}};
+    nlohmann::json j = {
+        {"layer", layer},
+        {"output", SummaryJson(result.output)},
+        {"timing", {{"queue_us", t.queue_us}, {"compute_us", t.compute_us}, {"batch_size", t.batch_size}}},
+        {"round_trip_ms", round_trip_ms}};
     if (need_weights) j["attn_weights"] = SummaryJson(result.attn_weights);
     if (auto path = cl.Get("output")) j["output_path"] = *path;
     if (auto path = cl.Get("weights-output")) j["weights_output_path"] = *path;

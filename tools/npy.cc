@@ -98,7 +98,9 @@ class HeaderParser {
     while (true) {
       SkipSpace();
       if (Peek() == ')') break;
-      if (!std::isdigit(static_cast<unsigned char>(Peek()))) return Error(absl::StrCat("expected a dimension at offset ", pos_));
+      if (!std::isdigit(static_cast<unsigned char>(Peek()))) {
+        return Error(absl::StrCat("expected a dimension at offset ", pos_));
+      }
       int64_t d = 0;
       while (std::isdigit(static_cast<unsigned char>(Peek()))) {
         if (d > (int64_t{1} << 50)) return Error("dimension too large");

@@ -106,7 +106,9 @@ absl::StatusOr<TensorView> ViewContents(const InputTensor& t, const InputSpec& s
   const int64_t all = c.int_contents_size() + c.int64_contents_size() + c.uint_contents_size() +
                       c.uint64_contents_size() + c.fp64_contents_size() + c.bytes_contents_size() +
                       c.fp32_contents_size() + c.bool_contents_size();
-  const char* wanted = is_bool ? "contents.bool_contents" : is_int64 ? "contents.int64_contents" : "contents.fp32_contents";
+  const char* wanted = is_bool    ? "contents.bool_contents"
+                       : is_int64 ? "contents.int64_contents"
+                                  : "contents.fp32_contents";
   if (all != got) {
     return absl::InvalidArgumentError(
         absl::StrCat(spec.name, ": datatype ", t.datatype(), " takes its values in ", wanted, " only"));
@@ -161,8 +163,9 @@ absl::Status DecodeInputs(const ModelInferRequest& req, InferenceCall* call) {
     const InputTensor& t = req.inputs(i);
     const InputSpec* spec = FindInput(t.name());
     if (spec == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat("inputs[", i, "].name: unknown input '", BoundedForLog(t.name()),
-                                                     "' (expected query, key, value, key_padding_mask, attn_mask, position_ids)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("inputs[", i, "].name: unknown input '", BoundedForLog(t.name()),
+                       "' (expected query, key, value, key_padding_mask, attn_mask, position_ids)"));
     }
     bool& was_seen = seen[static_cast<size_t>(spec - kInputs.data())];
     if (was_seen) {
@@ -226,7 +229,8 @@ absl::Status DecodeOutputDType(const ModelInferRequest& req, InferenceCall* call
   if (it == req.parameters().end()) return absl::OkStatus();
   const InferParameter& p = it->second;
   const std::string& name = p.string_param();
-  if (p.parameter_choice_case() == InferParameter::kStringParam && (name == "FP32" || name == "BF16" || name == "FP16")) {
+  if (p.parameter_choice_case() == InferParameter::kStringParam &&
+      (name == "FP32" || name == "BF16" || name == "FP16")) {
     call->output_dtype = name == "BF16" ? DType::kBFloat16 : name == "FP16" ? DType::kFloat16 : DType::kFloat32;
     return absl::OkStatus();
   }

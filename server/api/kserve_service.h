@@ -31,13 +31,16 @@ namespace attnserve {
 // gRPC's CallbackService with ModelInfer and ModelStreamInfer raw: their requests are parsed here
 // (parsed_unary.h, answering_stream.h), so that bytes that are not a ModelInferRequest get INVALID_ARGUMENT.
 // Every method is a callback method (a synchronous one would need gRPC's thread pool).
-using KServeServiceBase = inference::GRPCInferenceService::WithCallbackMethod_ServerLive<
-    inference::GRPCInferenceService::WithCallbackMethod_ServerReady<inference::GRPCInferenceService::WithCallbackMethod_ModelReady<
-        inference::GRPCInferenceService::WithCallbackMethod_ServerMetadata<inference::GRPCInferenceService::WithCallbackMethod_ModelMetadata<
-            inference::GRPCInferenceService::WithRawCallbackMethod_ModelInfer<inference::GRPCInferenceService::WithRawCallbackMethod_ModelStreamInfer<
-                inference::GRPCInferenceService::WithCallbackMethod_ModelConfig<inference::GRPCInferenceService::WithCallbackMethod_ModelStatistics<
-                    inference::GRPCInferenceService::WithCallbackMethod_RepositoryIndex<inference::GRPCInferenceService::WithCallbackMethod_RepositoryModelLoad<
-                        inference::GRPCInferenceService::WithCallbackMethod_RepositoryModelUnload<inference::GRPCInferenceService::Service>>>>>>>>>>>>;
+namespace kserve_base {
+using G = inference::GRPCInferenceService;
+using Service = G::WithCallbackMethod_ServerLive<G::WithCallbackMethod_ServerReady<G::WithCallbackMethod_ModelReady<
+    G::WithCallbackMethod_ServerMetadata<G::WithCallbackMethod_ModelMetadata<G::WithRawCallbackMethod_ModelInfer<
+        G::WithRawCallbackMethod_ModelStreamInfer<G::WithCallbackMethod_ModelConfig<
+            G::WithCallbackMethod_ModelStatistics<G::WithCallbackMethod_RepositoryIndex<
+                G::WithCallbackMethod_RepositoryModelLoad<G::WithCallbackMethod_RepositoryModelUnload<
+                    G::Service>>>>>>>>>>>>;
+}  // namespace kserve_base
+using KServeServiceBase = kserve_base::Service;
 
 class KServeServiceImpl final : public KServeServiceBase {
  public:
@@ -78,7 +81,8 @@ class KServeServiceImpl final : public KServeServiceBase {
                                             inference::ModelStatisticsResponse* response) override;
   grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                        grpc::ByteBuffer* response) override;
-  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* ModelStreamInfer(grpc::CallbackServerContext* ctx) override;
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* ModelStreamInfer(
+      grpc::CallbackServerContext* ctx) override;
   grpc::ServerUnaryReactor* RepositoryIndex(grpc::CallbackServerContext* ctx,
                                             const inference::RepositoryIndexRequest* request,
                                             inference::RepositoryIndexResponse* response) override;

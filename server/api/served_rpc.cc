@@ -23,8 +23,8 @@ const grpc::Status& ServedRpc::Ended(const grpc::Status& status) const {
 
 grpc::ServerGenericBidiReactor* UnknownMethodService::CreateReactor(grpc::GenericCallbackServerContext* ctx) {
   const ServedRpc rpc(ctx, counts_, nullptr);  // "other", whatever the path (a served one on the health port)
-  return new RefusedStream(rpc, grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                                             "method: this server has no method '" + BoundedForLog(ctx->method()) + "'"));
+  return new RefusedStream(rpc, grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "method: this server has no method '" +
+                                                                                  BoundedForLog(ctx->method()) + "'"));
 }
 
 std::vector<std::string> ServedMethodPaths(const std::vector<std::string>& services) {

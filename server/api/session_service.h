@@ -28,10 +28,14 @@ namespace attnserve {
 // answering_stream.h), so that bytes that are not an AppendRequest get INVALID_ARGUMENT. Every method is a
 // callback method (a synchronous one would need gRPC's thread pool).
 using SessionServiceBase = attnserve::v1::SessionService::WithCallbackMethod_CreateSession<
-    attnserve::v1::SessionService::WithRawCallbackMethod_Append<attnserve::v1::SessionService::WithRawCallbackMethod_AppendStream<
-        attnserve::v1::SessionService::WithCallbackMethod_ForkSession<attnserve::v1::SessionService::WithCallbackMethod_TruncateSession<
-            attnserve::v1::SessionService::WithCallbackMethod_CloseSession<attnserve::v1::SessionService::WithCallbackMethod_GetSession<
-                attnserve::v1::SessionService::WithCallbackMethod_ListSessions<attnserve::v1::SessionService::Service>>>>>>>>;
+    attnserve::v1::SessionService::WithRawCallbackMethod_Append<
+        attnserve::v1::SessionService::WithRawCallbackMethod_AppendStream<
+            attnserve::v1::SessionService::WithCallbackMethod_ForkSession<
+                attnserve::v1::SessionService::WithCallbackMethod_TruncateSession<
+                    attnserve::v1::SessionService::WithCallbackMethod_CloseSession<
+                        attnserve::v1::SessionService::WithCallbackMethod_GetSession<
+                            attnserve::v1::SessionService::WithCallbackMethod_ListSessions<
+                                attnserve::v1::SessionService::Service>>>>>>>>;
 
 class SessionServiceImpl final : public SessionServiceBase {
  public:

@@ -42,9 +42,9 @@ inline grpc::Status SerializeWire(const google::protobuf::MessageLite& message, 
   grpc::Status serialized =
       grpc::SerializationTraits<google::protobuf::MessageLite>::Serialize(message, &bytes, &own_buffer);
   if (!serialized.ok()) {
-    return grpc::Status(grpc::StatusCode::INTERNAL, "response: the " + message.GetTypeName() + " of " +
-                                                        std::to_string(message.ByteSizeLong()) +
-                                                        " bytes could not be serialized: " + serialized.error_message());
+    return grpc::Status(grpc::StatusCode::INTERNAL,
+                        "response: the " + message.GetTypeName() + " of " + std::to_string(message.ByteSizeLong()) +
+                            " bytes could not be serialized: " + serialized.error_message());
   }
   wire->Swap(&bytes);
   return grpc::Status::OK;

@@ -3,9 +3,9 @@
 // Each queue follows its own BatchingOptions (server/batching/batch_queue.h). An idle worker takes the next Ready batch
 // among all queues, picking the queue whose oldest entry is the oldest (so no layer starves), and calls
 // run_batch with it outside the lock. An optional express lane (Options::long_item_cost) runs short
-// entries on one more thread while every worker is busy and one of them runs a long batch. With nothing ready it sleeps on a condition variable until a Schedule,
-// a Shutdown, or the earliest time a queue becomes ready through its delay (converted from the injected
-// clock to a real deadline: absl::Now() + (next_ready - clock->Now())).
+// entries on one more thread while every worker is busy and one of them runs a long batch. With nothing ready it sleeps
+// on a condition variable until a Schedule, a Shutdown, or the earliest time a queue becomes ready through its delay
+// (converted from the injected clock to a real deadline: absl::Now() + (next_ready - clock->Now())).
 //
 // Guarantee: nothing accepted is dropped. Every item for which Schedule returned OK reaches run_batch
 // exactly once, including the items still queued when Shutdown begins or when their queue is removed (they
@@ -16,7 +16,8 @@
 // Thread-safety: every public method may be called from any thread at once, except that Shutdown, RemoveQueue
 // (and the destructor) must not be called from inside run_batch (they wait for the workers, one of which is
 // the caller). run_batch runs on the worker threads, up to worker_threads calls at once (and
-// run_express_batch on the express worker), possibly for the same queue; it may call Schedule (e.g. to feed the next layer), which returns UNAVAILABLE once Shutdown began.
+// run_express_batch on the express worker), possibly for the same queue; it may call Schedule (e.g. to feed the next
+// layer), which returns UNAVAILABLE once Shutdown began.
 #pragma once
 
 #include <algorithm>

@@ -238,7 +238,9 @@ void ServerMetrics::RequestDone(const std::string& layer, int64_t version, absl:
   CounterLocked(key_layer, key_version, code).Increment();
   if (!known) return;
   prometheus::Histogram*& duration = VersionLocked(layer, version).request_duration;
-  if (duration == nullptr) duration = &families_->request_duration->Add(VersionLabels(layer, version), LatencyBoundaries());
+  if (duration == nullptr) {
+    duration = &families_->request_duration->Add(VersionLabels(layer, version), LatencyBoundaries());
+  }
   duration->Observe(duration_s);
 }
 
@@ -304,7 +306,9 @@ void ServerMetrics::SetKvCacheBlocks(int64_t used, int64_t free) {
   kv_blocks_free_->Set(static_cast<double>(free));
 }
 
-void ServerMetrics::SessionEvicted(const std::string& reason) { session_evictions_->Add({{"reason", reason}}).Increment(); }
+void ServerMetrics::SessionEvicted(const std::string& reason) {
+  session_evictions_->Add({{"reason", reason}}).Increment();
+}
 
 void ServerMetrics::HeapTrimmed(const std::string& reason) { heap_trims_->Add({{"reason", reason}}).Increment(); }
 

@@ -4,8 +4,8 @@
 // free space in the heaps (a reconnecting rapid reset: hundreds of MiB), any allocator churn touches it anew:
 // Debian 12's HTTP/2 transport copies a header value sent in CONTINUATION frames at each frame, into a new
 // buffer each time a bit larger, and each landed on pages not yet touched, up to +341 MiB RSS for a 15 MiB
-// value per connection, where the same flood on a fresh process grew +37 MiB. Envoy's overload manager shrinks its heap past a
-// threshold; this does the same on growth:
+// value per connection, where the same flood on a fresh process grew +37 MiB. Envoy's overload manager shrinks its heap
+// past a threshold; this does the same on growth:
 //  - growth: the RSS rose `growth_trim_bytes` above its lowest since the last trim: trim now, requests in
 //    flight or not. Steady serving does not grow, so it does not trim; a flood's churn is trimmed as it grows.
 //  - idle: every `idle_interval` while no request holds memory (what a flood's slices left).

@@ -27,8 +27,8 @@ int64_t PrefillChunkTokens(int64_t embed_dim, int64_t chunk_tokens, int64_t cont
 
 // `call` is an admitted append (SessionWork set, blocks reserved, `finish` answers the client and ends the
 // lane's turn) longer than one chunk (PrefillChunkTokens). Its first chunks go through `submit` as internal
-// calls, each sized by PrefillChunkTokens at the context it starts at; its last chunk is `call` itself, whose answer then holds every chunk's rows (and weights, padded to the
-// final context). A chunk's error answers `call` with it.
+// calls, each sized by PrefillChunkTokens at the context it starts at; its last chunk is `call` itself, whose answer
+// then holds every chunk's rows (and weights, padded to the final context). A chunk's error answers `call` with it.
 void SubmitInChunks(std::unique_ptr<InferenceCall> call, int64_t chunk_tokens, const Clock& clock,
                     const std::function<void(std::unique_ptr<InferenceCall>)>& submit);
 

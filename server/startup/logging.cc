@@ -46,8 +46,9 @@ class TraceIds final : public spdlog::custom_flag_formatter {
   void format(const spdlog::details::log_msg&, const std::tm&, spdlog::memory_buf_t& dest) override {
     const TraceContext* trace = ScopedLogTrace::Current();
     if (trace == nullptr) return;
-    const std::string ids = json_ ? absl::StrCat("\"trace_id\":\"", trace->trace_id, "\",\"span_id\":\"", trace->span_id, "\",")
-                                  : absl::StrCat(" trace_id=", trace->trace_id, " span_id=", trace->span_id);
+    const std::string ids =
+        json_ ? absl::StrCat("\"trace_id\":\"", trace->trace_id, "\",\"span_id\":\"", trace->span_id, "\",")
+              : absl::StrCat(" trace_id=", trace->trace_id, " span_id=", trace->span_id);
     dest.append(ids.data(), ids.data() + ids.size());
   }
   std::unique_ptr<custom_flag_formatter> clone() const override { return std::make_unique<TraceIds>(json_); }

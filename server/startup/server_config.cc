@@ -282,7 +282,9 @@ void ValidateLayerKind(const LayerConfig& layer, const std::string& p, Problems*
     problems->Add(p, ".decoder.head_dim: must be in [0, ", kMaxLayerDim, "] (0 = embed_dim / num_heads), got ",
                   d.head_dim());
   }
-  if (d.num_kv_heads() < 0) problems->Add(p, ".decoder.num_kv_heads: must be >= 0 (0 = num_heads), got ", d.num_kv_heads());
+  if (d.num_kv_heads() < 0) {
+    problems->Add(p, ".decoder.num_kv_heads: must be >= 0 (0 = num_heads), got ", d.num_kv_heads());
+  }
   const double width = static_cast<double>(layer.num_heads()) * static_cast<double>(d.head_dim());
   if (width > static_cast<double>(kMaxLayerDim)) {
     problems->Add(p, ".decoder.head_dim: num_heads * head_dim is ", width, ", past ", kMaxLayerDim);
@@ -305,8 +307,8 @@ void ValidateHeads(const LayerConfig& layer, const std::string& p, Problems* pro
 void ValidateLayer(const LayerConfig& layer, const std::string& p, Problems* problems) {
   const size_t problems_before = problems->size();
   if (!IsValidLayerName(layer.name())) {
-    problems->Add(p, ".name: must match [A-Za-z0-9_.-]{1,", kMaxLayerNameBytes, "}, got \"", BoundedForLog(layer.name()),
-                  "\"");
+    problems->Add(p, ".name: must match [A-Za-z0-9_.-]{1,", kMaxLayerNameBytes, "}, got \"",
+                  BoundedForLog(layer.name()), "\"");
   }
   ValidateHeads(layer, p, problems);
   ValidateKvDims(layer, p, problems);

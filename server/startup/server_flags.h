@@ -40,9 +40,9 @@ struct ServerFlags {
 // flag keeps its last value. Each value flag can also come from an environment variable, read through
 // `getenv_fn` (pass std::getenv; an empty function reads none): ATTNSERVE_CONFIG, ATTNSERVE_GRPC_ADDRESS,
 // ATTNSERVE_METRICS_ADDRESS, ATTNSERVE_WORKER_THREADS, ATTNSERVE_LOG_LEVEL, ATTNSERVE_LOG_FORMAT,
-// ATTNSERVE_SHUTDOWN_GRACE, and ATTNSERVE_ with the flag's name for the others (--help lists them). A variable set to "" counts as unset. A flag on the command line overrides its
-// variable, and a bad variable that a flag overrides is not an error.
-// Values are checked here so errors name their source: addresses must be host:port, worker threads an
+// ATTNSERVE_SHUTDOWN_GRACE, and ATTNSERVE_ with the flag's name for the others (--help lists them). A variable set to
+// "" counts as unset. A flag on the command line overrides its variable, and a bad variable that a flag overrides is
+// not an error. Values are checked here so errors name their source: addresses must be host:port, worker threads an
 // integer in [1, 256], log level/format one of the listed words (case-insensitive; stored lowercase),
 // the grace a non-negative finite duration.
 // Errors (InvalidArgument, naming the flag or variable and the bad value): unknown flags, positional

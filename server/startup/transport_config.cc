@@ -59,7 +59,8 @@ void TransportProblems(const TransportConfig& t, std::vector<std::string>* probl
   interval("reset_flood_check_interval_ms", t.reset_flood_check_interval_ms());
   interval("stalled_read_timeout_ms", t.stalled_read_timeout_ms());
   if (t.max_connections() < -1) {
-    problems->push_back(absl::StrCat("transport.max_connections: must be -1 (no cap) or >= 0, got ", t.max_connections()));
+    problems->push_back(
+        absl::StrCat("transport.max_connections: must be -1 (no cap) or >= 0, got ", t.max_connections()));
   }
 }
 

@@ -30,7 +30,9 @@ std::vector<size_t> ConnectionsOverCap(const std::vector<TcpConnection>& connect
 
 absl::StatusOr<std::unique_ptr<ConnectionCap>> ConnectionCap::Create(Options options) {
   if (options.max_connections <= 0) return absl::InvalidArgumentError("connection cap: max_connections must be > 0");
-  if (options.interval <= absl::ZeroDuration()) return absl::InvalidArgumentError("connection cap: interval must be > 0");
+  if (options.interval <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("connection cap: interval must be > 0");
+  }
   if (options.local_ports.empty()) return absl::InvalidArgumentError("connection cap: no port to watch");
   if (!options.list_connections) {
     options.list_connections = [ports = options.local_ports] { return ListTcpConnections(ports); };

@@ -171,7 +171,8 @@ absl::StatusOr<std::string> HttpGet(const std::string& host, int port, const std
     body = std::move(*dechunked);
   }
   if (code != 200) {
-    return absl::FailedPreconditionError(absl::StrCat("HTTP ", status_line.substr(sp1 + 1), ": ", body.substr(0, 2000)));
+    return absl::FailedPreconditionError(
+        absl::StrCat("HTTP ", status_line.substr(sp1 + 1), ": ", body.substr(0, 2000)));
   }
   return body;
 }

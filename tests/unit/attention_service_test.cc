@@ -561,8 +561,9 @@ void CheckDrainedMetrics(const prometheus::Registry& registry, int ok) {
   EXPECT_EQ(CollectedValue(registry, "attnserve_inflight_requests"), std::optional<double>(0));
   EXPECT_EQ(CollectedValue(registry, "attnserve_inflight_batches"), std::optional<double>(0));
   EXPECT_EQ(CollectedValue(registry, "attnserve_queue_depth", {{"layer", "small"}}), std::optional<double>(0));
-  EXPECT_EQ(CollectedValue(registry, "attnserve_requests_total", {{"layer", "small"}, {"version", "1"}, {"code", "OK"}}),
-            std::optional<double>(ok))
+  EXPECT_EQ(
+      CollectedValue(registry, "attnserve_requests_total", {{"layer", "small"}, {"version", "1"}, {"code", "OK"}}),
+      std::optional<double>(ok))
       << SeriesToString(CollectSeries(registry, "attnserve_requests_total"));
 }
 

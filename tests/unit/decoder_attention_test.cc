@@ -390,7 +390,8 @@ TEST(DecoderAttentionTest, Bf16LayerReadsItsCheckpointStraightIntoBf16) {
   o.config.num_kv_heads = 4;
   auto misshaped = LoadDecoderWeights(path, p, o.config, ComputeType::kBFloat16);
   ASSERT_FALSE(misshaped.ok());
-  EXPECT_NE(misshaped.status().message().find("'model.layers.0.self_attn.k_proj.weight' has shape [8, 16], expected [16, 16]"),
+  EXPECT_NE(misshaped.status().message().find(
+                "'model.layers.0.self_attn.k_proj.weight' has shape [8, 16], expected [16, 16]"),
             std::string::npos)
       << misshaped.status();
   std::filesystem::remove(path);

@@ -249,7 +249,8 @@ TEST_F(KServeRequestTest, OutputDTypeAnswersInSixteenBits) {
   }
   ModelInferRequest r = QueryRequest(q, 1, 2);
   (*r.mutable_parameters())["output_dtype"].set_string_param("INT8");
-  ExpectError(r, absl::StatusCode::kInvalidArgument, "parameters.output_dtype: expected a string_param FP32, BF16 or FP16, got 'INT8'");
+  ExpectError(r, absl::StatusCode::kInvalidArgument,
+              "parameters.output_dtype: expected a string_param FP32, BF16 or FP16, got 'INT8'");
   (*r.mutable_parameters())["output_dtype"].set_bool_param(true);
   ExpectError(r, absl::StatusCode::kInvalidArgument, "parameters.output_dtype: expected a string_param");
 }

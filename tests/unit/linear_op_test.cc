@@ -80,7 +80,8 @@ TEST(LinearOpTest, StackedPartsEqualTheStackedMatrix) {
 TEST(LinearOpTest, SlicesReadTheWholeOpsWeightsInPlace) {
   std::mt19937_64 rng(12);
   const int64_t k = 512, n = 512, m = 3;
-  std::vector<std::vector<float>> parts = {RandomValues(rng, n * k), RandomValues(rng, n * k), RandomValues(rng, n * k)};
+  std::vector<std::vector<float>> parts = {RandomValues(rng, n * k), RandomValues(rng, n * k),
+                                           RandomValues(rng, n * k)};
   const std::vector<float> all = Concat(parts), bias = RandomValues(rng, 3 * n), x = RandomValues(rng, m * k);
   for (ComputeType compute : ComputeTypesHere()) {
     auto whole = LinearOp::CreateStacked(k, {&parts[0], &parts[1], &parts[2]}, bias, compute);
@@ -96,8 +97,9 @@ TEST(LinearOpTest, SlicesReadTheWholeOpsWeightsInPlace) {
     whole->reset();  // the slices keep the weights alive (ASan checks the reads)
     for (int64_t i = 0; i < 3; ++i) {
       const std::vector<float> part_bias(bias.begin() + i * n, bias.begin() + (i + 1) * n);
-      EXPECT_LE(testing::MaxAbsDiff(Apply(*slices[i], x, m, k, n), Reference(x, m, k, all, i * n, n, part_bias, compute)),
-                1e-4)
+      EXPECT_LE(
+          testing::MaxAbsDiff(Apply(*slices[i], x, m, k, n), Reference(x, m, k, all, i * n, n, part_bias, compute)),
+          1e-4)
           << "slice " << i << " " << ComputeTypeName(compute);
       EXPECT_THAT(slices[i]->Impls(), ::testing::Each(::testing::Not(::testing::StartsWith("ref"))));
     }

@@ -1,5 +1,5 @@
-// ServerMetrics: series by layer, version and status code, a bounded number of versions per layer, layers added while serving, unknown layers folded into
-// one series, and the /metrics endpoint.
+// ServerMetrics: series by layer, version and status code, a bounded number of versions per layer, layers added while
+// serving, unknown layers folded into one series, and the /metrics endpoint.
 #include "server/observability/metrics.h"
 
 #include "gtest/gtest.h"
@@ -20,9 +20,10 @@ TEST(ServerMetricsTest, RequestsByLayerVersionAndCodeName) {
   metrics.RequestDone("a", 0, absl::StatusCode::kNotFound, 0);  // a version that is not loaded
   const prometheus::Registry& r = *metrics.registry();
   EXPECT_EQ(FindMetric(r, "attnserve_requests_total", {{"layer", "a"}, {"version", "1"}, {"code", "OK"}})->value, 2);
-  EXPECT_EQ(FindMetric(r, "attnserve_requests_total", {{"layer", "a"}, {"version", "1"}, {"code", "RESOURCE_EXHAUSTED"}})
-                ->value,
-            1);
+  EXPECT_EQ(
+      FindMetric(r, "attnserve_requests_total", {{"layer", "a"}, {"version", "1"}, {"code", "RESOURCE_EXHAUSTED"}})
+          ->value,
+      1);
   EXPECT_EQ(FindMetric(r, "attnserve_requests_total", {{"layer", "a"}, {"version", "2"}, {"code", "OK"}})->value, 1);
   EXPECT_EQ(FindMetric(r, "attnserve_requests_total", {{"layer", "a"}, {"version", ""}, {"code", "NOT_FOUND"}})->value,
             1);
@@ -78,11 +79,11 @@ TEST(ServerMetricsTest, UnknownLayersShareOneSeries) {
   ServerMetrics metrics({"a"});
   for (int i = 0; i < 100; ++i) metrics.RequestDone("nope" + std::to_string(i), i, absl::StatusCode::kNotFound, 0);
   const prometheus::Registry& r = *metrics.registry();
-  EXPECT_EQ(
-      FindMetric(r, "attnserve_requests_total", {{"layer", "<unknown>"}, {"version", ""}, {"code", "NOT_FOUND"}})->value,
-      100);
-  EXPECT_FALSE(
-      FindMetric(r, "attnserve_requests_total", {{"layer", "nope1"}, {"version", ""}, {"code", "NOT_FOUND"}}).has_value());
+  EXPECT_EQ(FindMetric(r, "attnserve_requests_total", {{"layer", "<unknown>"}, {"version", ""}, {"code", "NOT_FOUND"}})
+                ->value,
+            100);
+  EXPECT_FALSE(FindMetric(r, "attnserve_requests_total", {{"layer", "nope1"}, {"version", ""}, {"code", "NOT_FOUND"}})
+                   .has_value());
 }
 
 // Both reasons are exported from the start (rate() sees the first trim), each counted apart.

@@ -451,7 +451,8 @@ TEST(SafetensorsCorruptTest, BadEntries) {
        {"'w'", "data_offsets"}},
       {"entry not object", R"({"w":[1,2]})", d16, {"'w'", "object"}},
       {"duplicate name",
-       R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+       R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+       R"("w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
        d16, {"duplicate", "'w'"}},
       {"metadata value not string", R"({"__metadata__":{"format":"pt","k":3}})", "", {"__metadata__", "'k'"}},
       {"metadata not object", R"({"__metadata__":["a"]})", "", {"__metadata__"}},
@@ -465,10 +466,12 @@ TEST(SafetensorsCorruptTest, LayoutMustTileTheBuffer) {
   const std::string d24(24, '\x33');
   const std::vector<BadHeaderCase> cases = {
       {"overlap",
-       R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}})",
+       R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
+       R"("b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}})",
        d24, {"overlap", "'a'", "'b'"}},
       {"gap",
-       R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}})",
+       R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+       R"("b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}})",
        d24.substr(0, 20), {"gap of 4 bytes", "'a'", "'b'"}},
       {"gap before first", R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", d24.substr(0, 12),
        {"gap of 4 bytes", "before the first tensor 'a'"}},
@@ -476,12 +479,14 @@ TEST(SafetensorsCorruptTest, LayoutMustTileTheBuffer) {
        {"4 trailing bytes", "'a'"}},
       {"trailing bytes, no tensors", R"({})", d24.substr(0, 5), {"5 trailing bytes"}},
       {"past the end",
-       R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+       R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+       R"("b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
        d24.substr(0, 12), {"'b'", "past the end"}},
       {"huge offsets", R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[18446744073709551614,18446744073709551615]}})",
        d24, {"'a'"}},
       {"empty tensor inside another",
-       R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"e":{"dtype":"F32","shape":[0],"data_offsets":[4,4]}})",
+       R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
+       R"("e":{"dtype":"F32","shape":[0],"data_offsets":[4,4]}})",
        d24.substr(0, 16), {"overlap", "'a'", "'e'"}},
   };
   for (const BadHeaderCase& c : cases) {

@@ -357,7 +357,9 @@ TEST(ShortAttentionTest, LayersSendShortRequestsHere) {
     in.need_weights = r.need_weights;
     // Batches of many sequences (several a call): keys padded differently in each sequence, key 0 always open.
     std::vector<uint8_t> padding(static_cast<size_t>(r.batch * (r.kv_len > 0 ? r.kv_len : r.len)));
-    for (size_t j = 0; j < padding.size(); ++j) padding[j] = j % (r.kv_len > 0 ? r.kv_len : r.len) != 0 && rng() % 3 == 0;
+    for (size_t j = 0; j < padding.size(); ++j) {
+      padding[j] = j % (r.kv_len > 0 ? r.kv_len : r.len) != 0 && rng() % 3 == 0;
+    }
     if (r.batch > 8) in.key_padding_mask = TensorView::Bool(padding.data(), {r.batch, r.kv_len > 0 ? r.kv_len : r.len});
     const int64_t runs_before = layer->short_attention_runs();
     for (int threads : {1, 2}) {

@@ -19,8 +19,9 @@ import sys
 # OpenBLAS 0.3.21's x86-64 cores with AVX2 kernels; any other it picks on an AVX2 CPU is a fallback.
 AVX2_CORES = {"haswell", "zen", "skylakex", "cooperlake", "sapphirerapids"}
 _AVX512_FLAGS = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
-_PROBE = ("import ctypes; lib = ctypes.CDLL('libopenblas.so.0'); "
-          "lib.openblas_get_corename.restype = ctypes.c_char_p; print(lib.openblas_get_corename().decode())")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# The child loads nothing but this module and OpenBLAS: loaded_core(), printed.
+_PROBE = f"import sys; sys.path.insert(0, {_HERE!r}); import openblas_core; print(openblas_core.loaded_core() or '')"
 
 _note = "not checked"
 _pinned = False

@@ -83,7 +83,8 @@ void BM_LongAttention(benchmark::State& state) {
 // Times ForwardBatch over separate [1, len, E] self-attention requests, one per entry of `lengths`, on a layer
 // computing in `compute`, their queries in `input`: f32, or the bf16 / f16 values a client may send.
 void RunRequestBatch(benchmark::State& state, int64_t e, int64_t h, const std::vector<int64_t>& lengths,
-                     ComputeType compute = ComputeType::kFloat32, DType input = DType::kFloat32) {
+                     ComputeType compute = ComputeType::kFloat32, DType input = DType::kFloat32,
+                     int max_threads = 0) {
   MultiheadAttention::Options options;
   options.config = {e, h, 0, 0, true};
   options.compute = compute;
@@ -105,10 +106,14 @@ void RunRequestBatch(benchmark::State& state, int64_t e, int64_t h, const std::v
     flops += static_cast<double>(AttentionFlops(options.config, 1, lengths[i], lengths[i]));
   }
   for (auto _ : state) {
-    auto out = (*layer)->ForwardBatch(batch);
+    auto out = (*layer)->ForwardBatch(batch, max_threads);
     benchmark::DoNotOptimize(out);
   }
-  state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  // With several threads each counts its own iterations and the rate is over the run's wall time: averaging
+  // the threads' counters gives all of them together.
+  state.counters["GFLOPS"] = benchmark::Counter(
+      flops / 1e9, benchmark::Counter::Flags(benchmark::Counter::kIsIterationInvariantRate |
+                                             (state.threads() > 1 ? benchmark::Counter::kAvgThreads : 0)));
 }
 
 // A ragged batch: B single sequences with lengths uniform in [L/2, 3L/2]. Args: B, L, E, H.
@@ -124,6 +129,13 @@ void BM_RaggedBatch(benchmark::State& state) {
 // bench/serving_bench.py compares the server's achieved rate with this.
 void BM_ServerBatch(benchmark::State& state) {
   RunRequestBatch(state, state.range(2), state.range(3), std::vector<int64_t>(state.range(0), state.range(1)));
+}
+
+// The same batches computed as a server with one worker per CPU runs them: one batch per CPU at once, each on
+// one thread (GFLOPS: all of them together). Args: R, L, E, H.
+void BM_ServerBatchPerWorker(benchmark::State& state) {
+  RunRequestBatch(state, state.range(2), state.range(3), std::vector<int64_t>(state.range(0), state.range(1)),
+                  ComputeType::kFloat32, DType::kFloat32, /*max_threads=*/1);
 }
 
 // The same on a layer of compute type C (0 f32, 1 bf16) with inputs of type In (0 f32, 1 bf16, 2 f16), as a
@@ -235,14 +247,16 @@ void RunDecodeAppends(benchmark::State& state, const AppendEngine& layer, int64_
   state.counters["KV_GBps"] = benchmark::Counter(kv_bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["read_GBps"] = benchmark::Counter((kv_bytes + static_cast<double>(weight_bytes)) / 1e9,
                                                    benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(n * t), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(static_cast<double>(n * t), benchmark::Counter::kIsIterationInvariantRate);
 }
 
 void BM_DecodeAppends(benchmark::State& state) {
   MultiheadAttention::Options options;
   options.config = {state.range(2), state.range(3), 0, 0, true};
   auto layer = MultiheadAttention::Create(options, RandomMhaWeights(options.config, 1));
-  RunDecodeAppends(state, **layer, state.range(0), state.range(1), state.range(4), 4 * 4 * state.range(2) * state.range(2));
+  RunDecodeAppends(state, **layer, state.range(0), state.range(1), state.range(4),
+                   4 * 4 * state.range(2) * state.range(2));
 }
 
 // Decoder sessions' appends (no window): Args sessions, context, E, H, Hkv, D, T; KV_GBps counts the Hkv * D
@@ -399,6 +413,13 @@ BENCHMARK(BM_ServerBatch)
     ->Args({1, 16, 256, 4})
     ->ArgsProduct({{1, 16, 32, 64}, {32}, {512}, {8}})  // the serving bench's batching and PyTorch steps
     ->ArgNames({"R", "L", "E", "H"})
+    ->UseRealTime()
+    ->MinTime(0.3)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_ServerBatchPerWorker)
+    ->ArgsProduct({{8, 16, 32}, {32}, {512}, {8}})
+    ->ArgNames({"R", "L", "E", "H"})
+    ->ThreadPerCpu()
     ->UseRealTime()
     ->MinTime(0.3)
     ->Unit(benchmark::kMicrosecond);

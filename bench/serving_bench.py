@@ -10,6 +10,9 @@ attnbench, scrapes /metrics, and checks each target:
   3. batching: concurrency 64, L=32 on E=512, H=8: throughput with dynamic batching >= 2x max_batch_size=1;
   3b. served / engine (issue #13): concurrency 64, L=32 on E=512, H=8, over 1 and 16 connections: achieved GFLOP/s
      >= 80% of the engine's in-process GFLOP/s on batches of the size the server formed;
+  3c. the same over 16 connections with one worker per CPU (worker_threads, not the default: batches computing at
+     once share the CPUs, one thread each when all run),
+     against the engine computing one such batch per CPU at once (BM_ServerBatchPerWorker);
   4. efficiency: saturation with B=1, L=128 on E=768, H=12: achieved GFLOP/s (attnserve_flops_total over
      wall time) >= 70% of the engine's in-process GFLOP/s on batches of the size the server formed;
   5. open loop at 70% of the measured maximum rate: p99 <= 5x p50;
@@ -119,11 +122,12 @@ def saturate(build, s, shape, dur, connections=1):
     return step
 
 
-def engine_gflops_near(build, mean_batch, sizes, shape):
-    """The engine's in-process GFLOP/s (BM_ServerBatch) on batches of the benchmarked size in `sizes` nearest to
-    `mean_batch`; `shape` is the rest of the benchmark's name, e.g. "L:128/E:768/H:12". Returns (size, GFLOP/s)."""
+def engine_gflops_near(build, mean_batch, sizes, shape, bench="BM_ServerBatch"):
+    """The engine's in-process GFLOP/s (`bench`: BM_ServerBatch, or BM_ServerBatchPerWorker for one batch per CPU
+    at once) on batches of the benchmarked size in `sizes` nearest to `mean_batch`; `shape` is the rest of the
+    benchmark's name, e.g. "L:128/E:768/H:12". Returns (size, GFLOP/s)."""
     size = min(sizes, key=lambda k: abs(k - mean_batch))
-    name = f"BM_ServerBatch/R:{size}/{shape}"
+    name = f"{bench}/R:{size}/{shape}"
     eng = engine_bench(build, name)
     if not eng:
         sys.exit(f"{name}: no such benchmark in {build}/bench/attnserve_core_bench")
@@ -308,6 +312,18 @@ def main():
                                           "engine_gflops": gflops}
         s.stop()
 
+        # 3c. The same with one worker per CPU: under load each batch on one thread (no team to stall when a gRPC
+        # or client thread preempts one of its threads), against the engine computing one batch per CPU at once.
+        workers = len(os.sched_getaffinity(0))
+        s = server(build, tmp, "served_per_worker", [mid_layer("max_batch_size: 64")], worker_threads=workers)
+        procs.append(s)
+        st = saturate(build, s, ("--layer", "mid", "--seq", "32"), dur, SERVED_CONNECTIONS[-1])
+        s.stop()
+        size, gflops = engine_gflops_near(build, st["mean_batch"], (8, 16, 32), "L:32/E:512/H:8", "BM_ServerBatchPerWorker")
+        results["served_per_worker"] = {"workers": workers, "rps": st["requests_per_second"],
+                                        "achieved_gflops": st["achieved_gflops"], "mean_batch": st["mean_batch"],
+                                        "engine_batch": size, "engine_gflops": gflops}
+
         # 4. Efficiency at saturation, B=1 L=128 on E=768 H=12; 5. open loop at 70% of the maximum.
         s = server(build, tmp, "efficiency", ['name: "base" embed_dim: 768 num_heads: 12 seed: 2'])
         procs.append(s)
@@ -357,6 +373,11 @@ def main():
               f"{100 * sv['achieved_gflops'] / sv['engine_gflops']:.0f}% ({sv['rps']:.0f} req/s, mean batch "
               f"{sv['mean_batch']:.1f}, engine on batches of {sv['engine_batch']}) | >= 80% | "
               f"{yes(sv['achieved_gflops'] >= 0.8 * sv['engine_gflops'])} |")
+    pw = r["served_per_worker"]
+    print(f"| served / engine, {pw['workers']} workers sharing the CPUs (not the default), c=64, "
+          f"{SERVED_CONNECTIONS[-1]} connections | {pw['achieved_gflops']:.0f} / {pw['engine_gflops']:.0f} GFLOP/s = "
+          f"{100 * pw['achieved_gflops'] / pw['engine_gflops']:.0f}% ({pw['rps']:.0f} req/s, mean batch "
+          f"{pw['mean_batch']:.1f}, engine on {pw['workers']} batches of {pw['engine_batch']} at once) | - | - |")
     print(f"| efficiency E=768 H=12 B=1 L=128, c=64: achieved / in-process | {r['eff_achieved_gflops']:.0f} / "
           f"{r['eff_engine_gflops']:.0f} GFLOP/s = {100 * r['eff_achieved_gflops'] / r['eff_engine_gflops']:.0f}% "
           f"({r['eff_rps']:.0f} req/s, mean batch {r['eff_mean_batch']:.1f}, engine measured on batches of "

@@ -35,6 +35,7 @@
 #include "server/api/session_service.h"
 #include "server/api/transport_credentials.h"
 #include "server/runtime/batch_executor.h"
+#include "server/runtime/cpu_shares.h"
 #include "server/runtime/dispatcher.h"
 #include "server/runtime/layer_catalog.h"
 #include "server/runtime/background_priority.h"
@@ -122,6 +123,7 @@ struct Server::Parts {
   std::unique_ptr<AccessLog> access_log;  // may be null; outlives the dispatcher, which writes to it
   std::unique_ptr<MetricsObserver> observer;
   std::unique_ptr<MemoryBudget> memory;
+  std::unique_ptr<CpuShares> cpu_shares;  // the workers' batches divide the CPUs among them
   std::unique_ptr<BatchExecutor> executor;
   std::unique_ptr<BatchExecutor> express_executor;  // the express lane's: one thread per request
   std::unique_ptr<CallScheduler> scheduler;
@@ -174,9 +176,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const attnserve::v1::Serv
 
 absl::Status Server::Build() {
   Parts& p = *parts_;
-  // Workers x OpenMP threads per worker = CPUs, so the two never oversubscribe the machine.
-  const int cpus = options_.cpus > 0 ? options_.cpus : AvailableCpus();
-  threads_per_batch_ = std::max(1, cpus / std::max(1, config_.worker_threads()));
+  // A batch computing alone uses every CPU; batches computing at once divide them (runtime/cpu_shares.h).
+  threads_per_batch_ = options_.cpus > 0 ? options_.cpus : AvailableCpus();
   ATTN_RETURN_IF_ERROR(BuildCredentialStores());
   ATTN_ASSIGN_OR_RETURN(p.registry, LayerRegistry::Create(config_));
   LoadHeapPad::Options pad;
@@ -194,7 +195,9 @@ absl::Status Server::Build() {
   for (const auto& layer : p.registry->Layers()) p.metrics->SetLayerVersion(layer->config.name(), layer->version);
   p.observer = std::make_unique<MetricsObserver>(p.metrics.get());
   ATTN_RETURN_IF_ERROR(BuildMemoryBudget());
-  ATTN_ASSIGN_OR_RETURN(p.executor, BatchExecutor::Create({p.metrics.get(), options_.clock, threads_per_batch_}));
+  ATTN_ASSIGN_OR_RETURN(p.cpu_shares, CpuShares::Create({threads_per_batch_}));
+  BatchExecutor::Options executor{p.metrics.get(), options_.clock, threads_per_batch_, p.cpu_shares.get()};
+  ATTN_ASSIGN_OR_RETURN(p.executor, BatchExecutor::Create(executor));
   ATTN_ASSIGN_OR_RETURN(p.express_executor, BatchExecutor::Create({p.metrics.get(), options_.clock, 1}));
   CallScheduler::Options scheduler_options;
   scheduler_options.worker_threads = config_.worker_threads();
@@ -241,7 +244,8 @@ absl::Status Server::BuildSessions() {
     pool_bytes = ProcessMemoryLimitBytes(&source) / 4;
     source = "a quarter of " + source;
   }
-  ATTN_ASSIGN_OR_RETURN(p.kv_pool, KvCachePool::Create({pool_bytes, c.kv_block_tokens() > 0 ? c.kv_block_tokens() : 16}));
+  ATTN_ASSIGN_OR_RETURN(p.kv_pool,
+                        KvCachePool::Create({pool_bytes, c.kv_block_tokens() > 0 ? c.kv_block_tokens() : 16}));
   SessionStore::Options store;
   store.pool = p.kv_pool.get();
   store.registry = p.registry.get();
@@ -364,7 +368,7 @@ absl::Status Server::Start() {
   ATTN_RETURN_IF_ERROR(StartConnectionCap());
   ATTN_RETURN_IF_ERROR(StartResetFloodGuard());
   spdlog::info("attnserve {} ready: grpc_port={} metrics_port={} grpc_address={} metrics_address={} workers={} "
-               "omp_threads_per_worker={} tls={} mtls={} tokens={} metrics_auth={} reflection={} health_port={}",
+               "omp_threads_per_batch={} tls={} mtls={} tokens={} metrics_auth={} reflection={} health_port={}",
                kAttnserveVersion, p.grpc_port, p.metrics->port(), config_.grpc_address(),
                config_.metrics_address(), config_.worker_threads(), threads_per_batch_,
                !config_.security().tls_cert_file().empty(), !config_.security().tls_client_ca_file().empty(),

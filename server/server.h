@@ -37,8 +37,9 @@ namespace attnserve {
 struct ServerOptions {
   // The time source of the batcher and the request timings; not owned, must outlive the server.
   const Clock* clock = RealClock();
-  // CPUs the server may use; 0 = AvailableCpus() (affinity mask capped by the cgroup quota). Each of the
-  // config's worker_threads computes its batches on max(1, cpus / worker_threads) OpenMP threads.
+  // CPUs the server may use; 0 = AvailableCpus() (affinity mask capped by the cgroup quota). A batch computing
+  // alone uses them all; batches computing at once divide them: cpus / running, at least 1 thread each
+  // (runtime/cpu_shares.h).
   int32_t cpus = 0;
   // An idle worker polls its queues this long before sleeping (takes a thread wake-up off a lone request's
   // latency; costs at most this much of one core after each batch).
@@ -102,7 +103,7 @@ class Server {
   Ports ports() const;
   // The config served, with defaults applied (layers as created; LoadLayer/UnloadLayer do not change it).
   const attnserve::v1::ServerConfig& config() const { return config_; }
-  // OpenMP threads each worker computes a batch with.
+  // OpenMP threads a batch computing alone uses (the CPUs); batches computing at once divide them.
   int threads_per_batch() const { return threads_per_batch_; }
 
   // Loads `layer` (validated like a config entry) and warms it up (layer_warmup.h) off the request path, then

@@ -1,6 +1,8 @@
 #include "server/runtime/batch_executor.h"
 
+#include <algorithm>
 #include <map>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -70,7 +72,7 @@ std::vector<absl::StatusOr<AttentionOutputs>> DecoderNoThrow(const std::vector<c
 }  // namespace
 
 std::vector<absl::StatusOr<AttentionOutputs>> BatchExecutor::RunEngine(
-    const std::vector<std::unique_ptr<InferenceCall>>& all) const {
+    const std::vector<std::unique_ptr<InferenceCall>>& all, int threads) const {
   std::vector<absl::StatusOr<AttentionOutputs>> results(all.size());
   const AppendEngine& engine = all.front()->layer->appender();
   std::vector<const CachedAppend*> appends;
@@ -82,15 +84,16 @@ std::vector<absl::StatusOr<AttentionOutputs>> BatchExecutor::RunEngine(
   }
   if (!appends.empty()) {
     std::vector<absl::StatusOr<AttentionOutputs>> got =
-        AppendsNoThrow(engine, appends, options_.threads_per_batch);
+        AppendsNoThrow(engine, appends, threads);
     for (size_t m = 0; m < got.size(); ++m) results[append_index[m]] = std::move(got[m]);
     if (appends.size() == all.size()) return results;
   }
-  return RunStateless(all, std::move(results));
+  return RunStateless(all, std::move(results), threads);
 }
 
 std::vector<absl::StatusOr<AttentionOutputs>> BatchExecutor::RunStateless(
-    const std::vector<std::unique_ptr<InferenceCall>>& all, std::vector<absl::StatusOr<AttentionOutputs>> results) const {
+    const std::vector<std::unique_ptr<InferenceCall>>& all, std::vector<absl::StatusOr<AttentionOutputs>> results,
+    int threads) const {
   std::vector<const InferenceCall*> calls;
   std::vector<size_t> index;
   for (size_t i = 0; i < all.size(); ++i) {
@@ -100,7 +103,7 @@ std::vector<absl::StatusOr<AttentionOutputs>> BatchExecutor::RunStateless(
   }
   const Clock& clock = *options_.clock;
   if (calls.front()->layer->decoder != nullptr) {
-    std::vector<absl::StatusOr<AttentionOutputs>> got = DecoderNoThrow(calls, options_.threads_per_batch, clock);
+    std::vector<absl::StatusOr<AttentionOutputs>> got = DecoderNoThrow(calls, threads, clock);
     for (size_t i = 0; i < calls.size(); ++i) results[index[i]] = std::move(got[i]);
     return results;
   }
@@ -108,13 +111,13 @@ std::vector<absl::StatusOr<AttentionOutputs>> BatchExecutor::RunStateless(
   std::vector<const ParsedAttention*> parsed;
   for (const InferenceCall* call : calls) parsed.push_back(&call->parsed);
   StopFn stop = [&](size_t i) { return StopReason(*calls[i], clock); };
-  std::vector<absl::StatusOr<AttentionOutputs>> got = ForwardNoThrow(engine, parsed, options_.threads_per_batch, stop);
+  std::vector<absl::StatusOr<AttentionOutputs>> got = ForwardNoThrow(engine, parsed, threads, stop);
   // A group's error fails all its requests; run each failed one alone so the error stays with its cause.
   for (size_t i = 0; calls.size() > 1 && i < calls.size(); ++i) {
     if (got[i].ok() || IsStop(got[i].status())) continue;
     const ParsedAttention* one[] = {parsed[i]};
     StopFn stop_one = [&](size_t) { return StopReason(*calls[i], clock); };
-    got[i] = std::move(ForwardNoThrow(engine, one, options_.threads_per_batch, stop_one)[0]);
+    got[i] = std::move(ForwardNoThrow(engine, one, threads, stop_one)[0]);
   }
   for (size_t i = 0; i < calls.size(); ++i) results[index[i]] = std::move(got[i]);
   return results;
@@ -152,6 +155,10 @@ std::vector<std::unique_ptr<InferenceCall>> BatchExecutor::DropExpired(std::vect
 void BatchExecutor::Run(const std::string& layer_name, std::vector<CallScheduler::Entry> batch) const {
   const absl::Time start = options_.clock->Now();
   std::vector<std::unique_ptr<InferenceCall>> runnable = DropExpired(batch, start);
+  if (runnable.empty()) return;
+  std::optional<CpuShares::Share> share;
+  if (options_.shares != nullptr) share.emplace(options_.shares->Take());
+  const int threads = share ? std::min(options_.threads_per_batch, share->threads()) : options_.threads_per_batch;
   // Decode first: sessions' decode steps (a few tokens) are computed and answered before the batch's long
   // members (a prefill chunk, stateless requests), so that they do not wait for them.
   std::vector<std::unique_ptr<InferenceCall>> decode_steps, rest;
@@ -166,12 +173,12 @@ void BatchExecutor::Run(const std::string& layer_name, std::vector<CallScheduler
       const ServedLayer* version = call->layer.get();
       by_version[version].push_back(std::move(call));
     }
-    for (auto& [version, same] : by_version) Compute(layer_name, std::move(same));
+    for (auto& [version, same] : by_version) Compute(layer_name, std::move(same), threads);
   }
 }
 
-void BatchExecutor::Compute(const std::string& layer_name,
-                            std::vector<std::unique_ptr<InferenceCall>> calls) const {
+void BatchExecutor::Compute(const std::string& layer_name, std::vector<std::unique_ptr<InferenceCall>> calls,
+                            int threads) const {
   ServerMetrics* metrics = options_.metrics;
   const absl::Time compute_start = options_.clock->Now();  // after `start` for a second version's calls
   int64_t tokens = 0;
@@ -181,7 +188,7 @@ void BatchExecutor::Compute(const std::string& layer_name,
     flops += static_cast<double>(call->parsed.flops);
     if (metrics) metrics->QueueWait(layer_name, absl::ToDoubleSeconds(compute_start - call->arrival));
   }
-  std::vector<absl::StatusOr<AttentionOutputs>> results = RunEngine(calls);
+  std::vector<absl::StatusOr<AttentionOutputs>> results = RunEngine(calls, threads);
   const absl::Duration compute = options_.clock->Now() - compute_start;
   if (metrics) {
     metrics->BatchDone(layer_name, static_cast<int>(calls.size()), tokens, absl::ToDoubleSeconds(compute), flops);
@@ -191,7 +198,7 @@ void BatchExecutor::Compute(const std::string& layer_name,
   // Answering (encoding each answer, handing it to the transport) is serial work per call: spread over the batch's
   // threads, rather than leaving all but one of its cores idle until the next batch.
   const int64_t n = static_cast<int64_t>(calls.size());
-#pragma omp parallel for schedule(dynamic, 1) num_threads(options_.threads_per_batch) if (n > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n > 1)
   for (int64_t i = 0; i < n; ++i) {
     InferenceCall& call = *calls[i];
     if (!results[i].ok()) {

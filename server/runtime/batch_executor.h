@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "server/batching/clock.h"
 #include "server/observability/metrics.h"
+#include "server/runtime/cpu_shares.h"
 #include "server/runtime/inference_call.h"
 
 namespace attnserve {
@@ -25,8 +26,11 @@ class BatchExecutor {
   struct Options {
     ServerMetrics* metrics = nullptr;  // not owned, may be null
     const Clock* clock = RealClock();  // not owned, required
-    // OpenMP threads one batch may use (the worker's share of the CPUs), >= 1.
+    // OpenMP threads one batch may use at most, >= 1.
     int threads_per_batch = 1;
+    // Not owned, may be null. When set, each batch takes its share of the CPUs while it computes and uses
+    // min(threads_per_batch, share) threads (cpu_shares.h).
+    CpuShares* shares = nullptr;
   };
   // InvalidArgument for a null clock or threads_per_batch < 1.
   static absl::StatusOr<std::unique_ptr<BatchExecutor>> Create(const Options& options);
@@ -39,15 +43,16 @@ class BatchExecutor {
   // Answers the calls that must not be computed; returns the others, in batch order.
   std::vector<std::unique_ptr<InferenceCall>> DropExpired(std::vector<CallScheduler::Entry>& batch,
                                                           absl::Time start) const;
-  // Computes calls that share one layer version and answers them.
-  void Compute(const std::string& layer_name, std::vector<std::unique_ptr<InferenceCall>> calls) const;
+  // Computes calls that share one layer version on `threads` OpenMP threads and answers them.
+  void Compute(const std::string& layer_name, std::vector<std::unique_ptr<InferenceCall>> calls, int threads) const;
   // The engine on `calls` (one version), exceptions turned into statuses; failed calls run again alone.
   // Sessions' appends go through ForwardAppends, the stateless calls through ForwardParsed (RunStateless,
   // which fills their places in `results`).
-  std::vector<absl::StatusOr<AttentionOutputs>> RunEngine(
-      const std::vector<std::unique_ptr<InferenceCall>>& calls) const;
-  std::vector<absl::StatusOr<AttentionOutputs>> RunStateless(const std::vector<std::unique_ptr<InferenceCall>>& calls,
-                                                              std::vector<absl::StatusOr<AttentionOutputs>> results) const;
+  std::vector<absl::StatusOr<AttentionOutputs>> RunEngine(const std::vector<std::unique_ptr<InferenceCall>>& calls,
+                                                          int threads) const;
+  std::vector<absl::StatusOr<AttentionOutputs>> RunStateless(
+      const std::vector<std::unique_ptr<InferenceCall>>& calls, std::vector<absl::StatusOr<AttentionOutputs>> results,
+      int threads) const;
 
   const Options options_;
 };

@@ -9,9 +9,9 @@
 namespace attnserve {
 
 // Frees the scratch above keep_bytes of every engine kernel on the calling thread and, when threads > 1, on each
-// thread of the OpenMP team of that size it runs its batches with (libgomp keeps one pool of team threads per
-// calling thread, so these are the threads its batches ran on). Call it outside a parallel region, while no batch
-// of this thread runs.
+// thread of an OpenMP team of that size: pass the largest team its batches ran with since it last released
+// (libgomp keeps one pool of team threads per calling thread, so these are the threads its batches ran on). Call
+// it outside a parallel region, while no batch of this thread runs.
 void ReleaseTeamScratch(int threads, size_t keep_bytes = size_t{1} << 20);
 
 }  // namespace attnserve

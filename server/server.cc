@@ -204,8 +204,8 @@ absl::Status Server::Build() {
   scheduler_options.clock = options_.clock;
   scheduler_options.idle_spin_us = options_.idle_spin_us;
   scheduler_options.observer = p.observer.get();
-  scheduler_options.on_idle = [threads = threads_per_batch_] {  // a burst's scratch goes back when it ends
-    ReleaseTeamScratch(threads);
+  scheduler_options.on_idle = [] {  // a burst's scratch goes back when it ends, on the largest team it ran
+    ReleaseTeamScratch(std::max(1, CpuShares::TakeLargestTeamOnThisThread()));
   };
   scheduler_options.idle_release_delay_us = 200'000;
   scheduler_options.long_item_cost = options_.long_request_flops;
@@ -704,7 +704,10 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
   const absl::Time load_start = absl::Now();
   ATTN_RETURN_IF_ERROR(RunAtBackgroundPriority([&]() -> absl::Status {
     ATTN_ASSIGN_OR_RETURN(loaded, attnserve::LoadLayer(config));
-    return WarmUpLayer(*loaded, threads_per_batch_);
+    for (int team : CpuShares::TeamSizes(threads_per_batch_, config_.worker_threads())) {
+      ATTN_RETURN_IF_ERROR(WarmUpLayer(*loaded, team));  // each team size a batch's share of the CPUs can have
+    }
+    return absl::OkStatus();
   }));
   const absl::Duration load_time = absl::Now() - load_start;
   Parts& p = *parts_;

@@ -31,7 +31,7 @@ namespace attnserve {
 // gRPC's CallbackService with ModelInfer and ModelStreamInfer raw: their requests are parsed here
 // (parsed_unary.h, answering_stream.h), so that bytes that are not a ModelInferRequest get INVALID_ARGUMENT.
 // Every method is a callback method (a synchronous one would need gRPC's thread pool).
-namespace kserve_base {
+namespace kserve_internal {
 using G = inference::GRPCInferenceService;
 using Service = G::WithCallbackMethod_ServerLive<G::WithCallbackMethod_ServerReady<G::WithCallbackMethod_ModelReady<
     G::WithCallbackMethod_ServerMetadata<G::WithCallbackMethod_ModelMetadata<G::WithRawCallbackMethod_ModelInfer<
@@ -39,8 +39,8 @@ using Service = G::WithCallbackMethod_ServerLive<G::WithCallbackMethod_ServerRea
             G::WithCallbackMethod_ModelStatistics<G::WithCallbackMethod_RepositoryIndex<
                 G::WithCallbackMethod_RepositoryModelLoad<G::WithCallbackMethod_RepositoryModelUnload<
                     G::Service>>>>>>>>>>>>;
-}  // namespace kserve_base
-using KServeServiceBase = kserve_base::Service;
+}  // namespace kserve_internal
+using KServeServiceBase = kserve_internal::Service;
 
 class KServeServiceImpl final : public KServeServiceBase {
  public:

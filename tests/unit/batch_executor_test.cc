@@ -2,6 +2,8 @@
 // with each call's own layer version run alone.
 #include "server/runtime/batch_executor.h"
 
+#include <omp.h>
+
 #include <atomic>
 #include <memory>
 #include <random>
@@ -163,9 +165,9 @@ TEST(BatchExecutorTest, ThreadBudgetDoesNotChangeAnswers) {
   for (size_t i = 0; i < outputs[0].size(); ++i) EXPECT_LE(testing::MaxAbsDiff(outputs[0][i], outputs[1][i]), 1e-6);
 }
 
-// With CPU shares, a batch holds its share until its calls are answered, and one that starts while another
-// batch holds a share computes on fewer threads with the same answers (the threads change the split, not the
-// result: within 1e-6 of the batch computing alone).
+// With CPU shares, a batch holds its share until its calls are answered, on a team of its share's size (the
+// answers are handed over inside that team), and one that starts while another batch holds every CPU runs on
+// one thread. These requests are below the engine's single-thread size, so its answers are equal either way.
 TEST(BatchExecutorTest, BatchesHoldTheirShareOfTheCpusWhileAnswering) {
   const auto layer = Version(7, 1);
   auto shares = CpuShares::Create({2});
@@ -179,11 +181,12 @@ TEST(BatchExecutorTest, BatchesHoldTheirShareOfTheCpusWhileAnswering) {
     std::mt19937_64 rng(9);  // the same inputs both times
     std::vector<std::unique_ptr<TestCall>> calls;
     for (int i = 0; i < 5; ++i) calls.push_back(MakeCall(layer, rng, 4, 40 + 9 * i, absl::Now()));
-    std::vector<int> running_at_answer(calls.size(), -1);
+    std::vector<int> running_at_answer(calls.size(), -1), team_at_answer(calls.size(), -1);
     for (size_t i = 0; i < calls.size(); ++i) {
       auto record = std::move(calls[i]->raw->finish);
       calls[i]->raw->finish = [&, i, record = std::move(record)](const absl::Status& s) {
-        running_at_answer[i] = (*shares)->running();
+        running_at_answer[i] = (*shares)->held().running;
+        team_at_answer[i] = omp_get_num_threads();
         record(s);
       };
     }
@@ -191,9 +194,10 @@ TEST(BatchExecutorTest, BatchesHoldTheirShareOfTheCpusWhileAnswering) {
     for (size_t i = 0; i < calls.size(); ++i) {
       ASSERT_TRUE(calls[i]->status->ok()) << *calls[i]->status;
       EXPECT_EQ(running_at_answer[i], others + 1) << "call " << i << ", other batches " << others;
+      EXPECT_EQ(team_at_answer[i], others == 0 ? 2 : 1) << "call " << i << ", other batches " << others;
       outputs[others].push_back(calls[i]->answer.output.values);
     }
-    EXPECT_EQ((*shares)->running(), others) << "the batch's share is released once it is answered";
+    EXPECT_EQ((*shares)->held().running, others) << "the batch's share is released once it is answered";
   }
   for (size_t i = 0; i < outputs[0].size(); ++i) EXPECT_LE(testing::MaxAbsDiff(outputs[0][i], outputs[1][i]), 1e-6);
 }

@@ -411,13 +411,14 @@ BENCHMARK(BM_LongAttention)
 BENCHMARK(BM_ServerBatch)
     ->ArgsProduct({{1, 2, 4, 8, 16, 32, 64}, {128}, {768}, {12}})
     ->Args({1, 16, 256, 4})
-    ->ArgsProduct({{1, 16, 32, 64}, {32}, {512}, {8}})  // the serving bench's batching and PyTorch steps
+    ->ArgsProduct({{1, 8, 16, 32, 64}, {32}, {512}, {8}})  // the serving bench's batching and PyTorch steps
     ->ArgNames({"R", "L", "E", "H"})
     ->UseRealTime()
     ->MinTime(0.3)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_ServerBatchPerWorker)
     ->ArgsProduct({{8, 16, 32}, {32}, {512}, {8}})
+    ->ArgsProduct({{1, 2, 4, 8, 16, 32}, {128}, {768}, {12}})
     ->ArgNames({"R", "L", "E", "H"})
     ->ThreadPerCpu()
     ->UseRealTime()

@@ -7,14 +7,17 @@ Starts the servers itself on loopback (attnserve with generated configs, the ech
 attnbench, scrapes /metrics, and checks each target:
   1. floor: echo with a 4 KiB payload, p50 at concurrency 1 and requests/s at concurrency 32;
   2. latency: E=256, H=4, B=1, L=16 at concurrency 1: p50 <= echo p50 + engine in-process time + 50 us;
-  3. batching: concurrency 64, L=32 on E=512, H=8: throughput with dynamic batching >= 2x max_batch_size=1;
+  3. batching: concurrency 64, L=32 on E=512, H=8: throughput with dynamic batching >= 2x max_batch_size=1 with one
+     worker (`worker_threads: 1`, the default when the target was set), and the same ratio with the default (one
+     worker per CPU, where unbatched requests also run side by side, one per CPU);
   3b. served / engine (issue #13): concurrency 64, L=32 on E=512, H=8, over 1 and 16 connections: achieved GFLOP/s
-     >= 80% of the engine's in-process GFLOP/s on batches of the size the server formed;
-  3c. the same over 16 connections with one worker per CPU (worker_threads, not the default: batches computing at
-     once share the CPUs, one thread each when all run),
-     against the engine computing one such batch per CPU at once (BM_ServerBatchPerWorker);
+     >= 80% of the engine's in-process GFLOP/s on batches of the size the server formed. The engine's rate is the
+     better of its two layouts in the same run: one batch at a time on every CPU (BM_ServerBatch), and, when the
+     server runs more than one worker (the default: one per CPU), one batch per CPU at once on one thread each
+     (BM_ServerBatchPerWorker), as the server computes them under load;
+  3c. the same over 16 connections with `worker_threads: 1` (every batch on every CPU, one at a time);
   4. efficiency: saturation with B=1, L=128 on E=768, H=12: achieved GFLOP/s (attnserve_flops_total over
-     wall time) >= 70% of the engine's in-process GFLOP/s on batches of the size the server formed;
+     wall time) >= 70% of the engine's in-process GFLOP/s on batches of the size the server formed (as in 3b);
   5. open loop at 70% of the measured maximum rate: p99 <= 5x p50;
   6. against PyTorch: attnserve (step 3's dynamic layer) and bench/torch_server.py (grpcio + nn.MultiheadAttention)
      at step 3's shape and concurrency: attnserve's requests/s >= 2.5x the PyTorch server's; then both swept over
@@ -134,18 +137,63 @@ def engine_gflops_near(build, mean_batch, sizes, shape, bench="BM_ServerBatch"):
     return size, next(iter(eng.values()))["GFLOPS"]
 
 
-def server(build, tmp, name, layers, worker_threads=1, extra=""):
-    """attnserve with these layers (text-format LayerConfig bodies) and `extra` config text."""
+def server(build, tmp, name, layers, worker_threads=None, extra=""):
+    """attnserve with these layers (text-format LayerConfig bodies) and `extra` config text; `worker_threads` None
+    leaves the default (one per CPU). Its `workers` are the ones it reports at start-up."""
     cfg = os.path.join(tmp, f"{name}.pbtxt")
     with open(cfg, "w") as f:
         f.write('grpc_address: "127.0.0.1:0"\nmetrics_address: "127.0.0.1:0"\n')
-        f.write(f"worker_threads: {worker_threads}\n")
+        if worker_threads is not None:
+            f.write(f"worker_threads: {worker_threads}\n")
         if extra:
             f.write(extra + "\n")
         for layer in layers:
             f.write("layers { " + layer + " }\n")
-    return Proc([f"{build}/server/attnserve", "--config", cfg],
-                r"ready: grpc_port=(\d+) metrics_port=(\d+)", os.path.join(tmp, f"{name}.log"))
+    s = Proc([f"{build}/server/attnserve", "--config", cfg],
+             r"ready: grpc_port=(\d+) metrics_port=(\d+)", os.path.join(tmp, f"{name}.log"))
+    with open(s.log_path) as f:
+        s.workers = int(re.search(r" workers=(\d+)", f.read()).group(1))
+    return s
+
+
+# The batch sizes benchmarked per shape: one batch on every CPU (BM_ServerBatch), one per CPU (BM_ServerBatchPerWorker).
+ENGINE_SIZES = {"L:32/E:512/H:8": ((1, 8, 16, 32, 64), (8, 16, 32)),
+                "L:128/E:768/H:12": ((1, 2, 4, 8, 16, 32, 64), (1, 2, 4, 8, 16, 32))}
+
+
+def engine_for(build, workers, mean_batch, shape):
+    """The engine's in-process GFLOP/s on batches of the benchmarked size nearest the served `mean_batch`, in each
+    layout the server's `workers` can compute them: one batch at a time on every CPU and, for more than one worker,
+    one per CPU at once. Returns {"layouts": {label: (size, GFLOP/s)}, "gflops": the better, "label": its label}."""
+    team_sizes, worker_sizes = ENGINE_SIZES[shape]
+    layouts = {"one batch on every CPU": engine_gflops_near(build, mean_batch, team_sizes, shape)}
+    if workers > 1:
+        layouts["one batch per CPU at once"] = engine_gflops_near(build, mean_batch, worker_sizes, shape,
+                                                                  "BM_ServerBatchPerWorker")
+    label = max(layouts, key=lambda k: layouts[k][1])
+    return {"layouts": layouts, "gflops": layouts[label][1], "label": label}
+
+
+def engine_text(engine):
+    """The engine's layouts for a table cell: "one batch on every CPU, batches of 16: 190 GFLOP/s; ..."."""
+    return "; ".join(f"{label}, batches of {size}: {gflops:.0f}" for label, (size, gflops) in engine["layouts"].items())
+
+
+def served_row(label, sv, target):
+    """A served / engine table row from a `served_step` result; `target` a fraction of the engine, or None."""
+    share = sv["achieved_gflops"] / sv["engine"]["gflops"]
+    met = "-" if target is None else ("yes" if share >= target else "NO")
+    return (f"| {label} | {sv['achieved_gflops']:.0f} / {sv['engine']['gflops']:.0f} GFLOP/s = {100 * share:.0f}% "
+            f"({sv['rps']:.0f} req/s, {sv['workers']} worker{'s' if sv['workers'] > 1 else ''}, mean batch "
+            f"{sv['mean_batch']:.1f}; engine in-process GFLOP/s, {engine_text(sv['engine'])}) | "
+            f"{'-' if target is None else f'>= {100 * target:.0f}%'} | {met} |")
+
+
+def served_step(build, s, shape, dur, connections=1):
+    """Saturates server `s` with `shape` (attnbench flags ending in --seq L) and compares it with its engine."""
+    st = saturate(build, s, shape, dur, connections)
+    return {"rps": st["requests_per_second"], "achieved_gflops": st["achieved_gflops"],
+            "compute_gflops": st["compute_gflops"], "mean_batch": st["mean_batch"], "workers": s.workers, "step": st}
 
 
 def mid_layer(batching):
@@ -290,61 +338,50 @@ def main():
         results["lat_bound_ms"] = results["echo_c1_p50_ms"] + engine_us / 1000 + 0.05
 
         # 3. Batching: dynamic vs max_batch_size 1 at concurrency 64, L=32, E=512 H=8.
-        for label, batching in (("dynamic", "max_batch_size: 64"), ("single", "max_batch_size: 1")):
-            s = server(build, tmp, f"batch_{label}", [mid_layer(batching)])
-            procs.append(s)
-            r = attnbench(build, f"127.0.0.1:{s.ports[0]}", "--layer", "mid", "--seq", "32",
-                          "--concurrency", "64", "--duration", dur)[0]
-            s.stop()
-            results[f"batch_{label}_rps"] = r["requests_per_second"]
-            results[f"batch_{label}_p50_ms"] = r["latency_ms"]["p50"]
-            results[f"batch_{label}_mean_batch"] = r["server"]["batch_size"]["mean"]
-        results["batch_ratio"] = results["batch_dynamic_rps"] / results["batch_single_rps"]
+        for layout, workers in (("one_worker", 1), ("default", None)):
+            for label, batching in (("dynamic", "max_batch_size: 64"), ("single", "max_batch_size: 1")):
+                s = server(build, tmp, f"batch_{label}_{layout}", [mid_layer(batching)], worker_threads=workers)
+                procs.append(s)
+                r = attnbench(build, f"127.0.0.1:{s.ports[0]}", "--layer", "mid", "--seq", "32",
+                              "--concurrency", "64", "--duration", dur)[0]
+                s.stop()
+                results[f"batch_{layout}_{label}"] = {"rps": r["requests_per_second"], "workers": s.workers,
+                                                      "p50_ms": r["latency_ms"]["p50"],
+                                                      "mean_batch": r["server"]["batch_size"]["mean"]}
+            results[f"batch_{layout}_ratio"] = (results[f"batch_{layout}_dynamic"]["rps"]
+                                                / results[f"batch_{layout}_single"]["rps"])
 
         # 3b. Served / engine at step 3's shape, c=64: one connection, and 16 (many clients).
         s = server(build, tmp, "served", [mid_layer("max_batch_size: 64")])
         procs.append(s)
         for conns in SERVED_CONNECTIONS:
-            st = saturate(build, s, ("--layer", "mid", "--seq", "32"), dur, conns)
-            size, gflops = engine_gflops_near(build, st["mean_batch"], (16, 32, 64), "L:32/E:512/H:8")
-            results[f"served_{conns}"] = {"rps": st["requests_per_second"], "achieved_gflops": st["achieved_gflops"],
-                                          "mean_batch": st["mean_batch"], "engine_batch": size,
-                                          "engine_gflops": gflops}
+            results[f"served_{conns}"] = served_step(build, s, ("--layer", "mid", "--seq", "32"), dur, conns)
         s.stop()
 
-        # 3c. The same with one worker per CPU: under load each batch on one thread (no team to stall when a gRPC
-        # or client thread preempts one of its threads), against the engine computing one batch per CPU at once.
-        workers = min(256, len(os.sched_getaffinity(0)))  # the config's worker_threads allows up to 256
-        s = server(build, tmp, "served_per_worker", [mid_layer("max_batch_size: 64")], worker_threads=workers)
+        # 3c. The same with one worker: every batch on every CPU, one at a time.
+        s = server(build, tmp, "served_one_worker", [mid_layer("max_batch_size: 64")], worker_threads=1)
         procs.append(s)
-        st = saturate(build, s, ("--layer", "mid", "--seq", "32"), dur, SERVED_CONNECTIONS[-1])
+        results["served_one_worker"] = served_step(build, s, ("--layer", "mid", "--seq", "32"), dur,
+                                                   SERVED_CONNECTIONS[-1])
         s.stop()
-        size, gflops = engine_gflops_near(build, st["mean_batch"], (8, 16, 32), "L:32/E:512/H:8",
-                                          "BM_ServerBatchPerWorker")
-        results["served_per_worker"] = {"workers": workers, "rps": st["requests_per_second"],
-                                        "achieved_gflops": st["achieved_gflops"], "mean_batch": st["mean_batch"],
-                                        "engine_batch": size, "engine_gflops": gflops}
 
         # 4. Efficiency at saturation, B=1 L=128 on E=768 H=12; 5. open loop at 70% of the maximum.
         s = server(build, tmp, "efficiency", ['name: "base" embed_dim: 768 num_heads: 12 seed: 2'])
         procs.append(s)
         target = f"127.0.0.1:{s.ports[0]}"
-        sat = saturate(build, s, ("--layer", "base", "--seq", "128"), dur)
-        mean_batch = sat["mean_batch"]
-        results["eff_rps"] = sat["requests_per_second"]
-        results["eff_achieved_gflops"] = sat["achieved_gflops"]
-        results["eff_compute_gflops"] = sat["compute_gflops"]
-        results["eff_mean_batch"] = mean_batch
-        max_rate = sat["requests_per_second"]
-        rate = int(0.7 * max_rate)
+        results["efficiency"] = served_step(build, s, ("--layer", "base", "--seq", "128"), dur)
+        rate = int(0.7 * results["efficiency"]["rps"])
         ol = attnbench(build, target, "--layer", "base", "--seq", "128", "--rate", str(rate), "--duration", dur)[0]
         s.stop()
         results["ol_rate"] = rate
         results["ol_p50_ms"] = ol["latency_ms"]["p50"]
         results["ol_p99_ms"] = ol["latency_ms"]["p99"]
         results["ol_errors"] = ol["errors"]
-        results["eff_engine_batch"], results["eff_engine_gflops"] = engine_gflops_near(
-            build, mean_batch, (1, 2, 4, 8, 16, 32, 64), "L:128/E:768/H:12")
+        # The engine's runs come after the servers', so that no server is measured while it warms up its layers.
+        for key, shape in (("served_1", "L:32/E:512/H:8"), ("served_16", "L:32/E:512/H:8"),
+                           ("served_one_worker", "L:32/E:512/H:8"), ("efficiency", "L:128/E:768/H:12")):
+            sv = results[key]
+            sv["engine"] = engine_for(build, sv["workers"], sv["mean_batch"], shape)
 
         # 6. attnserve vs the PyTorch server at concurrency 64, then both over a range of concurrency.
         runs = compare_with_torch(build, tmp, dur, f"{args.sweep_duration}s", procs)
@@ -364,26 +401,18 @@ def main():
     print(f"| latency E=256 H=4 B=1 L=16, c=1: p50 | {r['lat_p50_ms'] * 1000:.0f} us (p99 {r['lat_p99_ms'] * 1000:.0f} us; "
           f"engine in-process {r['lat_engine_us']:.0f} us, server compute p50 {r['lat_server_compute_p50_us']:.0f} us) | "
           f"<= {r['lat_bound_ms'] * 1000:.0f} us | {yes(r['lat_p50_ms'] <= r['lat_bound_ms'])} |")
-    print(f"| batching E=512 H=8 L=32, c=64: dynamic / max_batch_size=1 | {r['batch_dynamic_rps']:.0f} / "
-          f"{r['batch_single_rps']:.0f} req/s = {r['batch_ratio']:.2f}x (mean batch {r['batch_dynamic_mean_batch']:.1f}) | "
-          f">= 2x | {yes(r['batch_ratio'] >= 2)} |")
+    for layout, target in (("one_worker", 2.0), ("default", None)):
+        dyn, single, ratio = r[f"batch_{layout}_dynamic"], r[f"batch_{layout}_single"], r[f"batch_{layout}_ratio"]
+        workers = "`worker_threads: 1`" if layout == "one_worker" else f"default, {dyn['workers']} workers"
+        print(f"| batching E=512 H=8 L=32, c=64 ({workers}): dynamic / max_batch_size=1 | {dyn['rps']:.0f} / "
+              f"{single['rps']:.0f} req/s = {ratio:.2f}x (mean batch {dyn['mean_batch']:.1f}) | "
+              f"{'-' if target is None else f'>= {target:g}x'} | {'-' if target is None else yes(ratio >= target)} |")
     for conns in SERVED_CONNECTIONS:
-        sv = r[f"served_{conns}"]
-        print(f"| served / engine E=512 H=8 L=32, c=64, {conns} connection{'s' if conns > 1 else ''} | "
-              f"{sv['achieved_gflops']:.0f} / {sv['engine_gflops']:.0f} GFLOP/s = "
-              f"{100 * sv['achieved_gflops'] / sv['engine_gflops']:.0f}% ({sv['rps']:.0f} req/s, mean batch "
-              f"{sv['mean_batch']:.1f}, engine on batches of {sv['engine_batch']}) | >= 80% | "
-              f"{yes(sv['achieved_gflops'] >= 0.8 * sv['engine_gflops'])} |")
-    pw = r["served_per_worker"]
-    print(f"| served / engine, {pw['workers']} workers sharing the CPUs (not the default), c=64, "
-          f"{SERVED_CONNECTIONS[-1]} connections | {pw['achieved_gflops']:.0f} / {pw['engine_gflops']:.0f} GFLOP/s = "
-          f"{100 * pw['achieved_gflops'] / pw['engine_gflops']:.0f}% ({pw['rps']:.0f} req/s, mean batch "
-          f"{pw['mean_batch']:.1f}, engine on {pw['workers']} batches of {pw['engine_batch']} at once) | - | - |")
-    print(f"| efficiency E=768 H=12 B=1 L=128, c=64: achieved / in-process | {r['eff_achieved_gflops']:.0f} / "
-          f"{r['eff_engine_gflops']:.0f} GFLOP/s = {100 * r['eff_achieved_gflops'] / r['eff_engine_gflops']:.0f}% "
-          f"({r['eff_rps']:.0f} req/s, mean batch {r['eff_mean_batch']:.1f}, engine measured on batches of "
-          f"{r['eff_engine_batch']}; server compute-time rate {r['eff_compute_gflops']:.0f}) | >= 70% | "
-          f"{yes(r['eff_achieved_gflops'] >= 0.7 * r['eff_engine_gflops'])} |")
+        print(served_row(f"served / engine E=512 H=8 L=32, c=64, {conns} connection{'s' if conns > 1 else ''}",
+                         r[f"served_{conns}"], 0.8))
+    print(served_row(f"served / engine, `worker_threads: 1` (not the default), c=64, {SERVED_CONNECTIONS[-1]} "
+                     "connections", r["served_one_worker"], None))
+    print(served_row("efficiency E=768 H=12 B=1 L=128, c=64: achieved / in-process", r["efficiency"], 0.7))
     print(f"| open loop at 70% of max ({r['ol_rate']} req/s): p99 / p50 | {r['ol_p99_ms']:.2f} / {r['ol_p50_ms']:.2f} ms "
           f"= {r['ol_p99_ms'] / r['ol_p50_ms']:.1f}x ({r['ol_errors']} errors) | <= 5x | "
           f"{yes(r['ol_p99_ms'] <= 5 * r['ol_p50_ms'])} |")

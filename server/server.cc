@@ -156,7 +156,12 @@ struct Server::Parts {
 };
 
 Server::Server(const attnserve::v1::ServerConfig& config, const ServerOptions& options)
-    : config_(config), options_(options), parts_(std::make_unique<Parts>()) {}
+    : config_(config),
+      options_(options),
+      // A batch alone uses every CPU; batches at once divide them (runtime/cpu_shares.h).
+      threads_per_batch_(options.cpus > 0 ? options.cpus : AvailableCpus()),
+      worker_threads_(WorkerThreadsFor(config.worker_threads(), threads_per_batch_, kMaxAutoWorkerThreads)),
+      parts_(std::make_unique<Parts>()) {}
 
 Server::~Server() {
   if (parts_->grpc_server != nullptr && !parts_->drained) Drain(absl::InfiniteFuture()).IgnoreError();
@@ -176,8 +181,6 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const attnserve::v1::Serv
 
 absl::Status Server::Build() {
   Parts& p = *parts_;
-  // A batch computing alone uses every CPU; batches computing at once divide them (runtime/cpu_shares.h).
-  threads_per_batch_ = options_.cpus > 0 ? options_.cpus : AvailableCpus();
   ATTN_RETURN_IF_ERROR(BuildCredentialStores());
   ATTN_ASSIGN_OR_RETURN(p.registry, LayerRegistry::Create(config_));
   LoadHeapPad::Options pad;
@@ -200,7 +203,7 @@ absl::Status Server::Build() {
   ATTN_ASSIGN_OR_RETURN(p.executor, BatchExecutor::Create(executor));
   ATTN_ASSIGN_OR_RETURN(p.express_executor, BatchExecutor::Create({p.metrics.get(), options_.clock, 1}));
   CallScheduler::Options scheduler_options;
-  scheduler_options.worker_threads = config_.worker_threads();
+  scheduler_options.worker_threads = worker_threads_;
   scheduler_options.clock = options_.clock;
   scheduler_options.idle_spin_us = options_.idle_spin_us;
   scheduler_options.observer = p.observer.get();
@@ -370,7 +373,7 @@ absl::Status Server::Start() {
   spdlog::info("attnserve {} ready: grpc_port={} metrics_port={} grpc_address={} metrics_address={} workers={} "
                "omp_threads_per_batch={} tls={} mtls={} tokens={} metrics_auth={} reflection={} health_port={}",
                kAttnserveVersion, p.grpc_port, p.metrics->port(), config_.grpc_address(),
-               config_.metrics_address(), config_.worker_threads(), threads_per_batch_,
+               config_.metrics_address(), worker_threads_, threads_per_batch_,
                !config_.security().tls_cert_file().empty(), !config_.security().tls_client_ca_file().empty(),
                p.tokens != nullptr, p.metrics_users != nullptr, reflection, p.health_port);
   return absl::OkStatus();
@@ -704,7 +707,7 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
   const absl::Time load_start = absl::Now();
   ATTN_RETURN_IF_ERROR(RunAtBackgroundPriority([&]() -> absl::Status {
     ATTN_ASSIGN_OR_RETURN(loaded, attnserve::LoadLayer(config));
-    for (int team : CpuShares::TeamSizes(threads_per_batch_, config_.worker_threads())) {
+    for (int team : CpuShares::TeamSizes(threads_per_batch_, worker_threads_)) {
       ATTN_RETURN_IF_ERROR(WarmUpLayer(*loaded, team));  // each team size a batch's share of the CPUs can have
     }
     return absl::OkStatus();

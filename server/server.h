@@ -105,6 +105,8 @@ class Server {
   const attnserve::v1::ServerConfig& config() const { return config_; }
   // OpenMP threads a batch computing alone uses (the CPUs); batches computing at once divide them.
   int threads_per_batch() const { return threads_per_batch_; }
+  // Workers computing batches: the config's worker_threads, or for 0 one per CPU (up to kMaxAutoWorkerThreads).
+  int worker_threads() const { return worker_threads_; }
 
   // Loads `layer` (validated like a config entry) and warms it up (layer_warmup.h) off the request path, then
   // publishes it: a new name gets
@@ -148,7 +150,8 @@ class Server {
 
   const attnserve::v1::ServerConfig config_;
   const ServerOptions options_;
-  int threads_per_batch_ = 1;
+  const int threads_per_batch_;
+  const int worker_threads_;
   std::unique_ptr<Parts> parts_;
   absl::Mutex layers_mu_;  // serialises LoadLayer / UnloadLayer (each is a registry + scheduler change)
 };

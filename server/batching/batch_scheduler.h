@@ -38,6 +38,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "server/batching/idle_workers.h"
 #include "common/thread_name.h"
 #include "server/batching/batch_queue.h"
 #include "server/batching/clock.h"
@@ -142,7 +143,7 @@ class BatchScheduler {
     auto it = queues_.find(name);
     if (it == queues_.end() || it->second->removing) return NoQueue(name);
     it->second->queue.SetOptions(options);
-    cv_.Signal();  // a smaller batch or delay may make it ready now
+    idle_.WakeOne();  // a smaller batch or delay may make it ready now
     return absl::OkStatus();
   }
 
@@ -155,7 +156,7 @@ class BatchScheduler {
     if (it == queues_.end() || it->second->removing) return NoQueue(name);
     std::shared_ptr<QueueState> state = it->second;
     state->removing = true;
-    cv_.SignalAll();
+    idle_.WakeAll();
     auto drained = [&state]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       return state->queue.empty() && state->running == 0;
     };
@@ -182,8 +183,10 @@ class BatchScheduler {
     if (long_running_ > 0) express_cv_.Signal();
     // Wake a worker only if this push changed what the workers wait for: a batch to run now, or a new
     // earliest deadline (a push behind older entries does not move the queue's). One suffices: it rescans
-    // every queue, and hands on to another idle worker if work remains.
-    if (was_empty || q.Ready()) cv_.Signal();
+    // every queue, and hands on to another idle worker if work remains. None while one polls: it rescans
+    // when it sees the epoch move, and a woken one would only start polling too, on a CPU the request's
+    // answer needs.
+    if ((was_empty || q.Ready()) && spinning_workers_ == 0) idle_.WakeOne();
     return absl::OkStatus();
   }
 
@@ -192,6 +195,12 @@ class BatchScheduler {
     absl::MutexLock lock(&mu_);
     auto it = queues_.find(queue);
     return it == queues_.end() ? 0 : it->second->queue.size();
+  }
+
+  // Workers polling their queues after a batch (idle_spin_us), before they sleep.
+  int32_t PollingWorkers() const ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    return spinning_workers_;
   }
 
   // Batches taken from their queue whose run_batch has not returned yet.
@@ -207,7 +216,8 @@ class BatchScheduler {
     {
       absl::MutexLock lock(&mu_);
       shutting_down_ = true;
-      cv_.SignalAll();
+      schedule_epoch_.fetch_add(1, std::memory_order_release);  // ends the idle workers' polls
+      idle_.WakeAll();
       express_cv_.SignalAll();
     }
     absl::MutexLock lock(&join_mu_);
@@ -242,15 +252,16 @@ class BatchScheduler {
         observer_(options.observer),
         on_idle_(options.on_idle),
         idle_release_delay_(absl::Microseconds(options.idle_release_delay_us)),
-        run_batch_(std::move(run_batch)) {}
+        run_batch_(std::move(run_batch)),
+        idle_(options.worker_threads) {}
 
   void StartWorkers() ABSL_LOCKS_EXCLUDED(join_mu_) {
     absl::MutexLock lock(&join_mu_);
     // Named before their first parallel region: their OpenMP teams take the name too.
     for (int32_t i = 0; i < worker_threads_; ++i) {
-      workers_.emplace_back([this] {
+      workers_.emplace_back([this, i] {
         NameThisThread("attn-batch");
-        WorkerLoop();
+        WorkerLoop(i);
       });
     }
     if (long_item_cost_ > 0) {
@@ -333,7 +344,7 @@ class BatchScheduler {
     }
     // Whoever was signalled for the rest of the work may be this worker: pass it on so that another idle
     // worker runs it, or at least sleeps with the right deadline.
-    if (AnyQueued()) cv_.Signal();
+    if (AnyQueued()) idle_.WakeOne();
     const std::shared_ptr<QueueState> keep = queues_.at(state->name);  // RemoveQueue may erase it meanwhile
     mu_.Unlock();
     (express ? run_express_batch_ : run_batch_)(keep->name, std::move(batch));
@@ -349,15 +360,23 @@ class BatchScheduler {
   // wake-up.
   void IdleSpin() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const uint64_t epoch = schedule_epoch_.load(std::memory_order_acquire);
+    ++spinning_workers_;
     mu_.Unlock();
     const absl::Time until = absl::Now() + absl::Microseconds(idle_spin_us_);
     while (schedule_epoch_.load(std::memory_order_acquire) == epoch && absl::Now() < until) {
       __builtin_ia32_pause();
     }
     mu_.Lock();
+    --spinning_workers_;
   }
 
-  void WorkerLoop() ABSL_LOCKS_EXCLUDED(mu_) {
+  // Waits until `deadline` (of clock_) or a wake-up.
+  void Sleep(int worker, absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    clock_->WaitUntil(&mu_, idle_.Sleeping(worker), deadline);
+    idle_.Awake(worker);
+  }
+
+  void WorkerLoop(int worker) ABSL_LOCKS_EXCLUDED(mu_) {
     bool spun = false;  // whether this worker already polled since it last found work
     bool idled = true;  // whether on_idle ran since it last found work
     absl::Time idle_since = absl::InfiniteFuture();  // when it last found no work at all
@@ -381,7 +400,7 @@ class BatchScheduler {
       if (next_ready == absl::InfiniteFuture() && !idled && on_idle_) {
         if (idle_since == absl::InfiniteFuture()) idle_since = clock_->Now();
         if (clock_->Now() < idle_since + idle_release_delay_) {
-          clock_->WaitUntil(&mu_, &cv_, idle_since + idle_release_delay_);
+          Sleep(worker, idle_since + idle_release_delay_);
           continue;  // work may have come meanwhile
         }
         mu_.Unlock();
@@ -391,7 +410,7 @@ class BatchScheduler {
         continue;  // work may have come meanwhile
       }
       spun = false;
-      clock_->WaitUntil(&mu_, &cv_, next_ready);
+      Sleep(worker, next_ready);
     }
     mu_.Unlock();
   }
@@ -402,6 +421,7 @@ class BatchScheduler {
   const BatchFn run_express_batch_;
   const int64_t idle_spin_us_;
   std::atomic<uint64_t> schedule_epoch_{0};  // bumped by every accepted Schedule; polled by idle workers
+  int32_t spinning_workers_ ABSL_GUARDED_BY(mu_) = 0;  // in IdleSpin: each rescans the queues when it ends
   const Clock* const clock_;
   SchedulerObserver* const observer_;
   const std::function<void()> on_idle_;
@@ -409,7 +429,9 @@ class BatchScheduler {
   const BatchFn run_batch_;  // called concurrently by the workers
 
   mutable absl::Mutex mu_;
-  absl::CondVar cv_;  // signalled on Schedule, Shutdown, queue changes, and by a worker leaving work behind
+  // The workers asleep; one is woken on Schedule, queue changes and by a worker leaving work behind, all on
+  // Shutdown and RemoveQueue.
+  IdleWorkers idle_ ABSL_GUARDED_BY(mu_);
   QueueMap queues_ ABSL_GUARDED_BY(mu_);
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   int64_t inflight_batches_ ABSL_GUARDED_BY(mu_) = 0;

@@ -44,6 +44,11 @@ int CpusFromCgroupV1(const std::string& quota_us, const std::string& period_us) 
   }
 }
 
+int WorkerThreadsFor(int configured, int cpus, int max_auto) {
+  if (configured > 0) return configured;
+  return std::clamp(cpus, 1, std::max(1, max_auto));
+}
+
 int AvailableCpus() {
   int cpus = static_cast<int>(std::thread::hardware_concurrency());
   cpu_set_t set;

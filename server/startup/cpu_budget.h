@@ -10,6 +10,10 @@ namespace attnserve {
 // rounded up; at least 1.
 int AvailableCpus();
 
+// The workers computing batches: `configured` when > 0, else one per CPU up to `max_auto` (each worker keeps
+// an OpenMP team of its own, so on large machines more workers would mostly add idle threads).
+int WorkerThreadsFor(int configured, int cpus, int max_auto);
+
 // The CPUs a cgroup v2 "cpu.max" line allows ("150000 100000" -> 2, rounded up); 0 for "max" (no limit)
 // or anything unparsable.
 int CpusFromCgroupV2(const std::string& cpu_max);

@@ -38,8 +38,9 @@ constexpr char kDefaultServerConfigPbtxt[] =
 grpc_address: "0.0.0.0:50051"
 # host:port for Prometheus /metrics; --metrics-address / ATTNSERVE_METRICS_ADDRESS override it.
 metrics_address: "0.0.0.0:9464"
-# Threads computing batches; each batch already uses every core through oneDNN.
-worker_threads: 1
+# Threads computing batches; 0 = one per CPU. A batch computing alone uses every CPU through oneDNN;
+# batches computing at once divide them.
+worker_threads: 0
 
 layers {
   name: "small"
@@ -413,7 +414,6 @@ void CheckSessions(const attnserve::v1::SessionsConfig& sessions, Problems* prob
 absl::Status ApplyDefaultsAndValidate(ServerConfig* config) {
   if (config->grpc_address().empty()) config->set_grpc_address(kDefaultGrpcAddress);
   if (config->metrics_address().empty()) config->set_metrics_address(kDefaultMetricsAddress);
-  if (config->worker_threads() == 0) config->set_worker_threads(kDefaultWorkerThreads);
   if (config->max_inflight_per_stream() == 0) config->set_max_inflight_per_stream(kDefaultMaxInflightPerStream);
   for (LayerConfig& layer : *config->mutable_layers()) ApplyLayerDefaults(&layer);
   ApplySecurityAndTransportDefaults(config);
@@ -433,8 +433,8 @@ absl::Status ApplyDefaultsAndValidate(ServerConfig* config) {
     const absl::StatusOr<HostPort> health = ParseHostPort(config->health_address());
     if (!health.ok()) problems.Add("health_address: ", health.status().message());
   }
-  if (config->worker_threads() < kMinWorkerThreads || config->worker_threads() > kMaxWorkerThreads) {
-    problems.Add("worker_threads: must be between ", kMinWorkerThreads, " and ", kMaxWorkerThreads, ", got ",
+  if (config->worker_threads() < 0 || config->worker_threads() > kMaxWorkerThreads) {
+    problems.Add("worker_threads: must be between 0 (one per CPU) and ", kMaxWorkerThreads, ", got ",
                  config->worker_threads());
   }
 

@@ -15,7 +15,9 @@ namespace attnserve {
 // Defaults filled by ApplyDefaultsAndValidate for fields left at proto3's zero value.
 inline constexpr char kDefaultGrpcAddress[] = "0.0.0.0:50051";
 inline constexpr char kDefaultMetricsAddress[] = "0.0.0.0:9464";
-inline constexpr int32_t kDefaultWorkerThreads = 1;
+// worker_threads 0 (the default) = one worker per CPU the server may use, at most this many
+// (WorkerThreadsFor in cpu_budget.h): each worker keeps its own OpenMP team.
+inline constexpr int32_t kMaxAutoWorkerThreads = 16;
 inline constexpr int32_t kDefaultMaxInflightPerStream = 32;
 inline constexpr int64_t kDefaultMaxSequenceLength = 4096;
 inline constexpr int64_t kDefaultMaxBatch = 256;
@@ -26,7 +28,6 @@ inline constexpr int64_t kMaxResponseBytesLimit = int64_t{60} << 20;
 // The batching defaults are BatchingOptions' own (server/batching/batch_queue.h).
 
 // Bounds checked by ApplyDefaultsAndValidate.
-inline constexpr int32_t kMinWorkerThreads = 1;
 inline constexpr int32_t kMaxWorkerThreads = 256;
 inline constexpr int64_t kMaxSequenceLengthLimit = int64_t{1} << 20;
 // A layer name's length at most (names reach logs, metrics labels and error messages).
@@ -51,7 +52,8 @@ attnserve::v1::ServerConfig DefaultServerConfig();
 absl::StatusOr<attnserve::v1::ServerConfig> LoadServerConfigFile(const std::string& path);
 
 // Fills defaults for fields left at zero, then validates the whole config.
-// Defaults: grpc_address "0.0.0.0:50051", metrics_address "0.0.0.0:9464", worker_threads 1; per layer:
+// Defaults: grpc_address "0.0.0.0:50051", metrics_address "0.0.0.0:9464"; worker_threads 0 stays 0 (one per
+// CPU, resolved by the Server); per layer:
 // bias true (set explicitly, so it shows when the config is printed), kdim/vdim = embed_dim (only when
 // embed_dim > 0), max_sequence_length 4096, batching.max_batch_size 32, max_queue_size 1024,
 // max_batch_tokens 8192, max_batch 256, max_tokens 32768, max_response_bytes 32 MiB; server:
@@ -60,7 +62,7 @@ absl::StatusOr<attnserve::v1::ServerConfig> LoadServerConfigFile(const std::stri
 // Validation reports every problem it finds, joined by "; ", each starting with the field's path, e.g.
 // `layers[1].num_heads: 5 does not divide embed_dim 768`. Checks: at least one layer; unique layer
 // names matching [A-Za-z0-9_.-]+; positive dims with num_heads | embed_dim; no negative values;
-// worker_threads in [1, 256]; max_sequence_length <= 1<<20; max_batch_size <= max_queue_size;
+// worker_threads in [0, 256]; max_sequence_length <= 1<<20; max_batch_size <= max_queue_size;
 // weights_path (relative to the working directory) names an existing regular file; weights_prefix only
 // with weights_path; addresses of the form host:port (see CheckHostPort), grpc and metrics not the same.
 // Returns InvalidArgument on any problem; `config` keeps its defaulted values either way.

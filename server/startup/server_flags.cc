@@ -50,9 +50,8 @@ absl::Status SetHealthAddress(const FlagValue& value, ServerFlags* f) {
 absl::Status SetWorkerThreads(const FlagValue& value, ServerFlags* f) {
   int32_t n = 0;
   if (!absl::SimpleAtoi(value.text, &n)) return BadFlagValue(value, "expected an integer");
-  // Checked here too: 0 would otherwise be taken by the config as "unset" and silently become 1.
-  if (n < kMinWorkerThreads || n > kMaxWorkerThreads) {
-    return BadFlagValue(value, absl::StrCat("must be between ", kMinWorkerThreads, " and ", kMaxWorkerThreads));
+  if (n < 0 || n > kMaxWorkerThreads) {
+    return BadFlagValue(value, absl::StrCat("must be between 0 (one per CPU) and ", kMaxWorkerThreads));
   }
   f->worker_threads = n;
   return absl::OkStatus();
@@ -187,8 +186,8 @@ std::vector<ServerFlag> ServingFlags() {
        "Prometheus /metrics listen address; overrides the config's metrics_address.", &SetMetricsAddress},
       {{"health-address", true, "ATTNSERVE_HEALTH_ADDRESS", "HOST:PORT"}, "(none)",
        "Plaintext listener serving only grpc.health.v1 (probes that cannot speak TLS).", &SetHealthAddress},
-      {{"worker-threads", true, "ATTNSERVE_WORKER_THREADS", "N"}, "1",
-       "Threads computing batches (1-256); overrides the config's worker_threads.", &SetWorkerThreads},
+      {{"worker-threads", true, "ATTNSERVE_WORKER_THREADS", "N"}, "0",
+       "Threads computing batches (0-256, 0 = one per CPU); overrides the config's worker_threads.", &SetWorkerThreads},
       {{"log-level", true, "ATTNSERVE_LOG_LEVEL", "LEVEL"}, "info", "Log level: trace|debug|info|warn|error|off.",
        &SetLogLevel},
       {{"log-format", true, "ATTNSERVE_LOG_FORMAT", "FORMAT"}, "text", "Log line format: text|json.",

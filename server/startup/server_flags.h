@@ -20,7 +20,7 @@ struct ServerFlags {
   std::optional<std::string> grpc_address;      // --grpc-address host:port
   std::optional<std::string> metrics_address;   // --metrics-address host:port
   std::optional<std::string> health_address;    // --health-address host:port
-  std::optional<int32_t> worker_threads;        // --worker-threads, in [1, 256]
+  std::optional<int32_t> worker_threads;        // --worker-threads, in [0, 256]
   std::string log_level = "info";               // --log-level trace|debug|info|warn|error|off
   std::string log_format = "text";              // --log-format text|json
   std::string access_log;                       // --access-log PATH ("-": stdout); empty: off
@@ -43,7 +43,7 @@ struct ServerFlags {
 // ATTNSERVE_SHUTDOWN_GRACE, and ATTNSERVE_ with the flag's name for the others (--help lists them). A variable set to
 // "" counts as unset. A flag on the command line overrides its variable, and a bad variable that a flag overrides is
 // not an error. Values are checked here so errors name their source: addresses must be host:port, worker threads an
-// integer in [1, 256], log level/format one of the listed words (case-insensitive; stored lowercase),
+// integer in [0, 256], log level/format one of the listed words (case-insensitive; stored lowercase),
 // the grace a non-negative finite duration.
 // Errors (InvalidArgument, naming the flag or variable and the bad value): unknown flags, positional
 // arguments, missing or empty values, a value given to --help/--version, bad values.

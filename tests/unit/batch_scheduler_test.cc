@@ -744,6 +744,110 @@ TEST(BatchSchedulerTest, ObserverSeesQueueDepthAndInflightBatches) {
   EXPECT_EQ(observer.inflight(), (std::vector<int64_t>{1, 0, 1, 0, 1, 0}));
 }
 
+// A lone client: one request at a time on queue "a" (batches of 1), each sent once the one before has run and
+// its worker is idle again; records the thread each ran on.
+class LoneClient {
+ public:
+  explicit LoneClient(const Scheduler::Options& options) {
+    auto scheduler = Scheduler::Create(options, [this](const std::string&, std::vector<Entry>) {
+      absl::MutexLock lock(&mu_);
+      ran_on_.push_back(std::this_thread::get_id());
+    });
+    EXPECT_TRUE(scheduler.ok()) << scheduler.status();
+    scheduler_ = std::move(*scheduler);
+    EXPECT_TRUE(scheduler_->AddQueue("a", Opts(1, 0)).ok());
+  }
+  Scheduler& scheduler() { return *scheduler_; }
+
+  // Sends request `i`; returns once nothing is queued or in flight, so that its worker polls or sleeps again
+  // (it starts either before it releases the lock it ended the batch under). False on a hang.
+  bool Send(int i) {
+    Item item = MakeItem(0, i);
+    if (!scheduler_->Schedule("a", item, 1).ok()) return false;
+    const absl::Time deadline = absl::Now() + kHangTimeout;
+    while (scheduler_->InflightBatches() > 0 || scheduler_->QueueDepth("a") > 0) {
+      if (absl::Now() > deadline) return false;
+      std::this_thread::yield();
+    }
+    return true;
+  }
+
+  // Shuts the scheduler down; every one of `requests` ran on the first one's thread.
+  void ExpectAllOnOneThread(int requests) {
+    scheduler_->Shutdown();
+    absl::MutexLock lock(&mu_);
+    ASSERT_EQ(ran_on_.size(), static_cast<size_t>(requests));
+    for (int i = 1; i < requests; ++i) EXPECT_EQ(ran_on_[i], ran_on_[0]) << "request " << i;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<std::thread::id> ran_on_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<Scheduler> scheduler_;
+};
+
+// One request at a time: each goes to the worker polling since it answered the last one. The other stays
+// asleep: waking it would only have it poll too, on a CPU the answer needs. The polls last the whole test
+// (Shutdown ends them), so which worker polls is never a matter of timing. With a push signalling a sleeping
+// worker while one polls, the woken one took some of the requests in 4 of 5 runs.
+TEST(BatchSchedulerTest, ARequestGoesToThePollingWorkerAndWakesNoOther) {
+  testing::FakeClock clock;
+  Scheduler::Options options;
+  options.clock = &clock;
+  options.worker_threads = 2;
+  options.idle_spin_us = absl::ToInt64Microseconds(kHangTimeout);
+  LoneClient client(options);
+  // Both workers poll from the start: the one the first request does not go to sees it gone and sleeps.
+  const absl::Time both_poll_by = absl::Now() + kHangTimeout;
+  while (client.scheduler().PollingWorkers() < 2) {
+    ASSERT_LT(absl::Now(), both_poll_by);
+    std::this_thread::yield();
+  }
+  constexpr int kRequests = 50;
+  for (int i = 0; i < kRequests; ++i) {
+    ASSERT_TRUE(client.Send(i));
+    if (i == 0) {
+      ASSERT_TRUE(clock.AwaitWaiters(1));
+    }
+  }
+  client.ExpectAllOnOneThread(kRequests);
+}
+
+// With no polling, every worker sleeps between a lone client's requests; each request still goes to the worker
+// that ran the last one (the last to fall asleep), whose core has the layer's weights in its caches. A single
+// condition variable for all wakes the one asleep the longest instead: the requests alternated workers.
+TEST(BatchSchedulerTest, ARequestWakesTheWorkerAsleepTheShortestTime) {
+  testing::FakeClock clock;
+  Scheduler::Options options;
+  options.clock = &clock;
+  options.worker_threads = 3;
+  LoneClient client(options);
+  constexpr int kRequests = 20;
+  for (int i = 0; i < kRequests; ++i) {
+    ASSERT_TRUE(clock.AwaitWaiters(3));  // every worker asleep, the one that ran last the last to sleep
+    ASSERT_TRUE(client.Send(i));
+  }
+  client.ExpectAllOnOneThread(kRequests);
+}
+
+TEST(IdleWorkersTest, WakesTheLastAsleepFirstAndEachOnce) {
+  absl::Mutex mu;
+  absl::MutexLock lock(&mu);
+  IdleWorkers idle(3);
+  EXPECT_NE(idle.Sleeping(0), idle.Sleeping(1));
+  idle.Sleeping(2);
+  idle.Awake(1);  // its wait ended on its own (a deadline)
+  EXPECT_EQ(idle.asleep(), 2u);
+  idle.WakeOne();  // worker 2
+  EXPECT_EQ(idle.asleep(), 1u);
+  idle.Awake(2);  // no-op: already taken off
+  EXPECT_EQ(idle.asleep(), 1u);
+  idle.WakeAll();
+  EXPECT_EQ(idle.asleep(), 0u);
+  idle.WakeOne();  // none asleep: nothing to do
+  EXPECT_EQ(idle.asleep(), 0u);
+}
+
 // on_idle runs on a worker once it has run out of work: not before any work, not between batches while work
 // is queued. The first batch is held until everything is queued, so the rest runs back to back.
 TEST(BatchSchedulerTest, OnIdleRunsOnceAfterWork) {

@@ -29,5 +29,13 @@ TEST(CpuBudgetTest, AvailableCpusIsWithinTheMachine) {
   EXPECT_LE(cpus, static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
 }
 
+TEST(CpuBudgetTest, WorkerThreadsOnePerCpuUnlessConfigured) {
+  EXPECT_EQ(WorkerThreadsFor(3, 2, 16), 3);   // configured: as given, whatever the CPUs
+  EXPECT_EQ(WorkerThreadsFor(0, 2, 16), 2);   // 0: one per CPU
+  EXPECT_EQ(WorkerThreadsFor(0, 1, 16), 1);
+  EXPECT_EQ(WorkerThreadsFor(0, 64, 16), 16);  // capped on large machines
+  EXPECT_EQ(WorkerThreadsFor(0, 0, 16), 1);    // at least one
+}
+
 }  // namespace
 }  // namespace attnserve

@@ -82,7 +82,7 @@ TEST(DefaultServerConfig, DefaultsAreFilled) {
   ASSERT_TRUE(ApplyDefaultsAndValidate(&config).ok());
   EXPECT_EQ(config.grpc_address(), "0.0.0.0:50051");
   EXPECT_EQ(config.metrics_address(), "0.0.0.0:9464");
-  EXPECT_EQ(config.worker_threads(), 1);
+  EXPECT_EQ(config.worker_threads(), 0);  // one per CPU, resolved by the Server
   const LayerConfig& base = config.layers(1);
   ASSERT_TRUE(base.has_bias());
   EXPECT_TRUE(base.bias());
@@ -294,11 +294,14 @@ TEST(Validate, DuplicateLayerNames) {
 TEST(Validate, WorkerThreadsRange) {
   ServerConfig config = OneLayer();
   config.set_worker_threads(-1);
-  EXPECT_THAT(ValidationError(config), HasSubstr("worker_threads: must be between 1 and 256, got -1"));
+  EXPECT_THAT(ValidationError(config), HasSubstr("worker_threads: must be between 0 (one per CPU) and 256, got -1"));
   config.set_worker_threads(257);
-  EXPECT_THAT(ValidationError(config), HasSubstr("worker_threads: must be between 1 and 256, got 257"));
+  EXPECT_THAT(ValidationError(config), HasSubstr("worker_threads: must be between 0 (one per CPU) and 256, got 257"));
   config.set_worker_threads(256);
   EXPECT_TRUE(ApplyDefaultsAndValidate(&config).ok());
+  config.set_worker_threads(0);
+  EXPECT_TRUE(ApplyDefaultsAndValidate(&config).ok());
+  EXPECT_EQ(config.worker_threads(), 0);
 }
 
 TEST(Validate, DimensionsMustBePositive) {
@@ -526,10 +529,23 @@ TEST_F(FlagsTest, LastRepeatedFlagWins) {
   EXPECT_EQ(flags->worker_threads, 3);
 }
 
+TEST_F(FlagsTest, ZeroWorkerThreadsMeansOnePerCpu) {
+  absl::StatusOr<ServerFlags> flags = Parse({"--worker-threads=0"});
+  ASSERT_TRUE(flags.ok()) << flags.status();
+  EXPECT_EQ(flags->worker_threads, 0);
+  ServerConfig config = OneLayer();
+  config.set_worker_threads(4);
+  ApplyFlagsToConfig(*flags, &config);
+  EXPECT_EQ(config.worker_threads(), 0);
+}
+
 TEST_F(FlagsTest, BadInteger) {
   EXPECT_THAT(ErrorOf({"--worker-threads=abc"}), AllOf(HasSubstr("--worker-threads"), HasSubstr("\"abc\"")));
   EXPECT_THAT(ErrorOf({"--worker-threads", "3x"}), AllOf(HasSubstr("--worker-threads"), HasSubstr("\"3x\"")));
-  EXPECT_THAT(ErrorOf({"--worker-threads=0"}), AllOf(HasSubstr("between 1 and 256"), HasSubstr("\"0\"")));
+  EXPECT_THAT(ErrorOf({"--worker-threads=-1"}),
+              AllOf(HasSubstr("between 0 (one per CPU) and 256"), HasSubstr("\"-1\"")));
+  EXPECT_THAT(ErrorOf({"--worker-threads=257"}),
+              AllOf(HasSubstr("between 0 (one per CPU) and 256"), HasSubstr("\"257\"")));
   EXPECT_THAT(ErrorOf({"--worker-threads=99999999999"}), HasSubstr("--worker-threads"));
   env_ = {{"ATTNSERVE_WORKER_THREADS", "many"}};
   EXPECT_THAT(ErrorOf({}), AllOf(HasSubstr("ATTNSERVE_WORKER_THREADS"), HasSubstr("\"many\"")));

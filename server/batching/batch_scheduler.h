@@ -143,7 +143,7 @@ class BatchScheduler {
     auto it = queues_.find(name);
     if (it == queues_.end() || it->second->removing) return NoQueue(name);
     it->second->queue.SetOptions(options);
-    idle_.WakeOne();  // a smaller batch or delay may make it ready now
+    NotifyOne();  // a smaller batch or delay may make it ready now
     return absl::OkStatus();
   }
 
@@ -156,7 +156,7 @@ class BatchScheduler {
     if (it == queues_.end() || it->second->removing) return NoQueue(name);
     std::shared_ptr<QueueState> state = it->second;
     state->removing = true;
-    idle_.WakeAll();
+    NotifyAll();
     auto drained = [&state]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       return state->queue.empty() && state->running == 0;
     };
@@ -179,14 +179,15 @@ class BatchScheduler {
     const bool was_empty = q.empty();
     if (absl::Status s = q.Push(item, tokens); !s.ok()) return s;
     if (observer_) observer_->QueueDepthChanged(queue, q.size());
-    schedule_epoch_.fetch_add(1, std::memory_order_release);
     if (long_running_ > 0) express_cv_.Signal();
     // Wake a worker only if this push changed what the workers wait for: a batch to run now, or a new
     // earliest deadline (a push behind older entries does not move the queue's). One suffices: it rescans
-    // every queue, and hands on to another idle worker if work remains. None while one polls: it rescans
-    // when it sees the epoch move, and a woken one would only start polling too, on a CPU the request's
-    // answer needs.
-    if ((was_empty || q.Ready()) && spinning_workers_ == 0) idle_.WakeOne();
+    // every queue, and hands on to another idle worker if work remains.
+    if (was_empty || q.Ready()) {
+      NotifyOne();
+    } else {
+      schedule_epoch_.fetch_add(1, std::memory_order_release);
+    }
     return absl::OkStatus();
   }
 
@@ -195,6 +196,12 @@ class BatchScheduler {
     absl::MutexLock lock(&mu_);
     auto it = queues_.find(queue);
     return it == queues_.end() ? 0 : it->second->queue.size();
+  }
+
+  // Sleeping workers woken so far (by a Schedule, a queue change or a worker leaving work behind).
+  int64_t WorkersWoken() const ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    return idle_.woken();
   }
 
   // Workers polling their queues after a batch (idle_spin_us), before they sleep.
@@ -216,8 +223,7 @@ class BatchScheduler {
     {
       absl::MutexLock lock(&mu_);
       shutting_down_ = true;
-      schedule_epoch_.fetch_add(1, std::memory_order_release);  // ends the idle workers' polls
-      idle_.WakeAll();
+      NotifyAll();
       express_cv_.SignalAll();
     }
     absl::MutexLock lock(&join_mu_);
@@ -344,7 +350,7 @@ class BatchScheduler {
     }
     // Whoever was signalled for the rest of the work may be this worker: pass it on so that another idle
     // worker runs it, or at least sleeps with the right deadline.
-    if (AnyQueued()) idle_.WakeOne();
+    if (AnyQueued()) NotifyOne();
     const std::shared_ptr<QueueState> keep = queues_.at(state->name);  // RemoveQueue may erase it meanwhile
     mu_.Unlock();
     (express ? run_express_batch_ : run_batch_)(keep->name, std::move(batch));
@@ -368,6 +374,17 @@ class BatchScheduler {
     }
     mu_.Lock();
     --spinning_workers_;
+  }
+
+  // Tells one idle worker that there may be work: a polling one sees the epoch move and rescans; only if none
+  // polls is a sleeping one woken (a woken one would only start polling too, on a CPU the work's answer needs).
+  void NotifyOne() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    schedule_epoch_.fetch_add(1, std::memory_order_release);
+    if (spinning_workers_ == 0) idle_.WakeOne();
+  }
+  void NotifyAll() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    schedule_epoch_.fetch_add(1, std::memory_order_release);
+    idle_.WakeAll();
   }
 
   // Waits until `deadline` (of clock_) or a wake-up.
@@ -420,7 +437,7 @@ class BatchScheduler {
   const std::function<double(const T&)> cost_;
   const BatchFn run_express_batch_;
   const int64_t idle_spin_us_;
-  std::atomic<uint64_t> schedule_epoch_{0};  // bumped by every accepted Schedule; polled by idle workers
+  std::atomic<uint64_t> schedule_epoch_{0};  // bumped by every Schedule and Notify; polled by idle workers
   int32_t spinning_workers_ ABSL_GUARDED_BY(mu_) = 0;  // in IdleSpin: each rescans the queues when it ends
   const Clock* const clock_;
   SchedulerObserver* const observer_;

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
@@ -36,16 +37,21 @@ class IdleWorkers {
     if (asleep_.empty()) return;
     cvs_[asleep_.back()].Signal();
     asleep_.pop_back();
+    ++woken_;
   }
   void WakeAll() {
     for (int worker : asleep_) cvs_[worker].Signal();
+    woken_ += static_cast<int64_t>(asleep_.size());
     asleep_.clear();
   }
   size_t asleep() const { return asleep_.size(); }
+  // Workers taken off the list by WakeOne and WakeAll so far.
+  int64_t woken() const { return woken_; }
 
  private:
   std::vector<absl::CondVar> cvs_;  // one per worker, never resized
   std::vector<int> asleep_;         // in the order they went to sleep
+  int64_t woken_ = 0;
 };
 
 }  // namespace attnserve

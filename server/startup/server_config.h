@@ -58,7 +58,7 @@ absl::StatusOr<attnserve::v1::ServerConfig> LoadServerConfigFile(const std::stri
 // embed_dim > 0), max_sequence_length 4096, batching.max_batch_size 32, max_queue_size 1024,
 // max_batch_tokens 8192, max_batch 256, max_tokens 32768, max_response_bytes 32 MiB; server:
 // max_inflight_per_stream 32. batching.max_queue_delay_us 0 stays 0: it means "eager", i.e. a batch closes
-// as soon as the worker is free to take it.
+// as soon as a worker is free to take it.
 // Validation reports every problem it finds, joined by "; ", each starting with the field's path, e.g.
 // `layers[1].num_heads: 5 does not divide embed_dim 768`. Checks: at least one layer; unique layer
 // names matching [A-Za-z0-9_.-]+; positive dims with num_heads | embed_dim; no negative values;

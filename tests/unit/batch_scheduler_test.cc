@@ -760,12 +760,14 @@ class LoneClient {
   Scheduler& scheduler() { return *scheduler_; }
 
   // Sends request `i`; returns once nothing is queued or in flight, so that its worker polls or sleeps again
-  // (it starts either before it releases the lock it ended the batch under). False on a hang.
+  // (it starts either before it releases the lock it ended the batch under). False on a hang. The queue is
+  // read first: a worker takes the request off it and counts its batch in flight under one lock, so the
+  // other order could see neither (the first form of this test did, once in a few hundred runs).
   bool Send(int i) {
     Item item = MakeItem(0, i);
     if (!scheduler_->Schedule("a", item, 1).ok()) return false;
     const absl::Time deadline = absl::Now() + kHangTimeout;
-    while (scheduler_->InflightBatches() > 0 || scheduler_->QueueDepth("a") > 0) {
+    while (scheduler_->QueueDepth("a") > 0 || scheduler_->InflightBatches() > 0) {
       if (absl::Now() > deadline) return false;
       std::this_thread::yield();
     }
@@ -788,8 +790,7 @@ class LoneClient {
 
 // One request at a time: each goes to the worker polling since it answered the last one. The other stays
 // asleep: waking it would only have it poll too, on a CPU the answer needs. The polls last the whole test
-// (Shutdown ends them), so which worker polls is never a matter of timing. With a push signalling a sleeping
-// worker while one polls, the woken one took some of the requests in 4 of 5 runs.
+// (Shutdown ends them), so which worker polls is never a matter of timing.
 TEST(BatchSchedulerTest, ARequestGoesToThePollingWorkerAndWakesNoOther) {
   testing::FakeClock clock;
   Scheduler::Options options;
@@ -803,12 +804,13 @@ TEST(BatchSchedulerTest, ARequestGoesToThePollingWorkerAndWakesNoOther) {
     ASSERT_LT(absl::Now(), both_poll_by);
     std::this_thread::yield();
   }
+  ASSERT_TRUE(client.Send(0));
+  ASSERT_TRUE(clock.AwaitWaiters(1));
+  const int64_t woken = client.scheduler().WorkersWoken();
   constexpr int kRequests = 50;
-  for (int i = 0; i < kRequests; ++i) {
+  for (int i = 1; i < kRequests; ++i) {
     ASSERT_TRUE(client.Send(i));
-    if (i == 0) {
-      ASSERT_TRUE(clock.AwaitWaiters(1));
-    }
+    ASSERT_EQ(client.scheduler().WorkersWoken(), woken) << "request " << i << " woke the sleeping worker";
   }
   client.ExpectAllOnOneThread(kRequests);
 }
@@ -834,7 +836,8 @@ TEST(IdleWorkersTest, WakesTheLastAsleepFirstAndEachOnce) {
   absl::Mutex mu;
   absl::MutexLock lock(&mu);
   IdleWorkers idle(3);
-  EXPECT_NE(idle.Sleeping(0), idle.Sleeping(1));
+  absl::CondVar* first = idle.Sleeping(0);
+  EXPECT_NE(first, idle.Sleeping(1));
   idle.Sleeping(2);
   idle.Awake(1);  // its wait ended on its own (a deadline)
   EXPECT_EQ(idle.asleep(), 2u);
@@ -846,6 +849,7 @@ TEST(IdleWorkersTest, WakesTheLastAsleepFirstAndEachOnce) {
   EXPECT_EQ(idle.asleep(), 0u);
   idle.WakeOne();  // none asleep: nothing to do
   EXPECT_EQ(idle.asleep(), 0u);
+  EXPECT_EQ(idle.woken(), 2);
 }
 
 // on_idle runs on a worker once it has run out of work: not before any work, not between batches while work

@@ -80,12 +80,15 @@ std::vector<float> Values(const v1::Tensor& t) {
   return v;
 }
 
-// worker_threads 0 (the default) becomes one worker per CPU the server may use; the config keeps its 0, so
-// that a reloaded file with the same 0 is not a change of the server's fields.
+// worker_threads 0 (the default) becomes one worker per CPU the server may use; the served config keeps its 0,
+// which is what a reload of the same file compares with.
 TEST(LayerReloadTest, DefaultWorkersAreOnePerCpu) {
   std::unique_ptr<Server> server = StartServer();
   EXPECT_EQ(server->config().worker_threads(), 0);
   EXPECT_EQ(server->threads_per_batch(), 2);
+  EXPECT_EQ(server->worker_threads(), 2);
+  const v1::ServerConfig same = server->config();
+  EXPECT_TRUE(server->ReloadConfig(same, /*reload_all=*/false).ok());
   EXPECT_EQ(server->worker_threads(), 2);
 }
 

@@ -199,7 +199,8 @@ absl::Status Server::Build() {
   p.observer = std::make_unique<MetricsObserver>(p.metrics.get());
   ATTN_RETURN_IF_ERROR(BuildMemoryBudget());
   ATTN_ASSIGN_OR_RETURN(p.cpu_shares, CpuShares::Create({threads_per_batch_}));
-  BatchExecutor::Options executor{p.metrics.get(), options_.clock, threads_per_batch_, p.cpu_shares.get()};
+  BatchExecutor::Options executor{p.metrics.get(), options_.clock, threads_per_batch_, p.cpu_shares.get(),
+                                  &CallScheduler::ThisWorkerLooksForWorkSoon};
   ATTN_ASSIGN_OR_RETURN(p.executor, BatchExecutor::Create(executor));
   ATTN_ASSIGN_OR_RETURN(p.express_executor, BatchExecutor::Create({p.metrics.get(), options_.clock, 1}));
   CallScheduler::Options scheduler_options;

@@ -166,6 +166,7 @@ void BatchExecutor::Run(const std::string& layer_name, std::vector<CallScheduler
     const bool decode = call->session != nullptr && call->session->append.tokens <= kDecodeStepTokens;
     (decode ? decode_steps : rest).push_back(std::move(call));
   }
+  std::vector<std::vector<std::unique_ptr<InferenceCall>>> groups;  // computed in turn
   for (auto* calls : {&decode_steps, &rest}) {
     // Nearly always one version; several only right after the layer was replaced.
     std::map<const ServedLayer*, std::vector<std::unique_ptr<InferenceCall>>> by_version;
@@ -173,12 +174,15 @@ void BatchExecutor::Run(const std::string& layer_name, std::vector<CallScheduler
       const ServedLayer* version = call->layer.get();
       by_version[version].push_back(std::move(call));
     }
-    for (auto& [version, same] : by_version) Compute(layer_name, std::move(same), threads);
+    for (auto& [version, same] : by_version) groups.push_back(std::move(same));
+  }
+  for (size_t g = 0; g < groups.size(); ++g) {
+    Compute(layer_name, std::move(groups[g]), threads, /*last_group=*/g + 1 == groups.size());
   }
 }
 
 void BatchExecutor::Compute(const std::string& layer_name, std::vector<std::unique_ptr<InferenceCall>> calls,
-                            int threads) const {
+                            int threads, bool last_group) const {
   ServerMetrics* metrics = options_.metrics;
   const absl::Time compute_start = options_.clock->Now();  // after `start` for a second version's calls
   int64_t tokens = 0;
@@ -195,22 +199,33 @@ void BatchExecutor::Compute(const std::string& layer_name, std::vector<std::uniq
     metrics->statistics().BatchDone(layer_name, calls.front()->layer->version, static_cast<int>(calls.size()),
                                     compute);
   }
+  CallTiming timing;  // queue_us is each call's own
+  timing.compute_us = absl::ToInt64Microseconds(compute);
+  timing.batch_size = static_cast<int32_t>(calls.size());
   // Answering (encoding each answer, handing it to the transport) is serial work per call: spread over the batch's
-  // threads, rather than leaving all but one of its cores idle until the next batch.
-  const int64_t n = static_cast<int64_t>(calls.size());
+  // threads, rather than leaving all but one of its cores idle until the next batch. The batch's last answer goes
+  // out on this thread, after before_last_answer.
+  const bool hook = last_group && options_.before_last_answer;
+  const int64_t n = static_cast<int64_t>(calls.size()) - (hook ? 1 : 0);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n > 1)
-  for (int64_t i = 0; i < n; ++i) {
-    InferenceCall& call = *calls[i];
-    if (!results[i].ok()) {
-      call.finish(results[i].status());
-      continue;
-    }
-    call.outputs = std::move(*results[i]);
-    call.timing.queue_us = absl::ToInt64Microseconds(compute_start - call.arrival);
-    call.timing.compute_us = absl::ToInt64Microseconds(compute);
-    call.timing.batch_size = static_cast<int32_t>(n);
-    call.finish(absl::OkStatus());
+  for (int64_t i = 0; i < n; ++i) Answer(*calls[i], std::move(results[i]), timing, compute_start);
+  if (hook) {
+    options_.before_last_answer();
+    Answer(*calls.back(), std::move(results.back()), timing, compute_start);
   }
+}
+
+void BatchExecutor::Answer(InferenceCall& call, absl::StatusOr<AttentionOutputs> result, const CallTiming& timing,
+                           absl::Time compute_start) {
+  if (!result.ok()) {
+    call.finish(result.status());
+    return;
+  }
+  call.outputs = std::move(*result);
+  call.timing.queue_us = absl::ToInt64Microseconds(compute_start - call.arrival);
+  call.timing.compute_us = timing.compute_us;
+  call.timing.batch_size = timing.batch_size;
+  call.finish(absl::OkStatus());
 }
 
 }  // namespace attnserve

@@ -6,6 +6,7 @@
 // Thread-safety: Run may be called from several worker threads at once.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -31,6 +32,9 @@ class BatchExecutor {
     // Not owned, may be null. When set, each batch takes its share of the CPUs while it computes and uses
     // min(threads_per_batch, share) threads (cpu_shares.h).
     CpuShares* shares = nullptr;
+    // May be empty. Called on the thread that called Run, once all that is left of the batch is handing over
+    // its last answer (CallScheduler::ThisWorkerLooksForWorkSoon: the worker will look for work right after).
+    std::function<void()> before_last_answer = nullptr;
   };
   // InvalidArgument for a null clock or threads_per_batch < 1.
   static absl::StatusOr<std::unique_ptr<BatchExecutor>> Create(const Options& options);
@@ -43,8 +47,13 @@ class BatchExecutor {
   // Answers the calls that must not be computed; returns the others, in batch order.
   std::vector<std::unique_ptr<InferenceCall>> DropExpired(std::vector<CallScheduler::Entry>& batch,
                                                           absl::Time start) const;
-  // Computes calls that share one layer version on `threads` OpenMP threads and answers them.
-  void Compute(const std::string& layer_name, std::vector<std::unique_ptr<InferenceCall>> calls, int threads) const;
+  // Computes calls that share one layer version on `threads` OpenMP threads and answers them; the batch's
+  // `last_group` calls before_last_answer before its last answer.
+  void Compute(const std::string& layer_name, std::vector<std::unique_ptr<InferenceCall>> calls, int threads,
+               bool last_group) const;
+  // Hands `call` its result (timing: its batch's; the queue time is the call's own).
+  static void Answer(InferenceCall& call, absl::StatusOr<AttentionOutputs> result, const CallTiming& timing,
+                     absl::Time compute_start);
   // The engine on `calls` (one version), exceptions turned into statuses; failed calls run again alone.
   // Sessions' appends go through ForwardAppends, the stateless calls through ForwardParsed (RunStateless,
   // which fills their places in `results`).

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <memory>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -117,6 +118,41 @@ TEST(BatchExecutorTest, EachCallComputedByItsOwnVersion) {
   const auto batches = testing::FindMetric(*metrics.registry(), "attnserve_batch_size", {{"layer", "layer"}});
   ASSERT_TRUE(batches.has_value());
   EXPECT_EQ(batches->sample_count, 2u);  // one engine call per version
+}
+
+// before_last_answer runs once per batch, on the thread that runs it, when every call but one is answered (the
+// last group's last call: a batch of two versions computes them in turn). So the scheduler knows the worker is
+// about to look for work while the last answer's client may already send its next request.
+TEST(BatchExecutorTest, BeforeLastAnswerRunsOnceWithOneAnswerLeft) {
+  testing::FakeClock clock;
+  const auto v1 = Version(1, 1), v2 = Version(2, 2);
+  std::mt19937_64 rng(5);
+  std::vector<std::unique_ptr<TestCall>> calls;
+  for (int i = 0; i < 7; ++i) calls.push_back(MakeCall(i % 3 == 0 ? v2 : v1, rng, 1, 2 + i, clock.Now()));
+  std::vector<int> answered_before_hook;
+  const std::thread::id runner = std::this_thread::get_id();
+  BatchExecutor::Options options{nullptr, &clock, 2};
+  options.before_last_answer = [&] {
+    EXPECT_EQ(std::this_thread::get_id(), runner);
+    int answered = 0;
+    for (const auto& t : calls) answered += t->status.has_value() ? 1 : 0;
+    answered_before_hook.push_back(answered);
+  };
+  auto executor = BatchExecutor::Create(options);
+  ASSERT_TRUE(executor.ok());
+  (*executor)->Run("layer", Batch(calls, clock.Now()));
+  EXPECT_EQ(answered_before_hook, std::vector<int>{6});
+  for (const auto& t : calls) {
+    ASSERT_TRUE(t->status.has_value() && t->status->ok());
+    EXPECT_EQ(t->timing.batch_size, t->layer == v2 ? 3 : 4);
+  }
+  answered_before_hook.clear();
+  std::vector<std::unique_ptr<TestCall>> one;
+  one.push_back(MakeCall(v1, rng, 1, 3, clock.Now()));
+  calls = std::move(one);
+  (*executor)->Run("layer", Batch(calls, clock.Now()));
+  EXPECT_EQ(answered_before_hook, std::vector<int>{0});
+  EXPECT_TRUE(calls[0]->status.has_value());
 }
 
 // Calls past their deadline or cancelled while queued are answered without compute; the rest run.

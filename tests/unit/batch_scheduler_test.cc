@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
@@ -830,6 +831,78 @@ TEST(BatchSchedulerTest, ARequestWakesTheWorkerAsleepTheShortestTime) {
     ASSERT_TRUE(client.Send(i));
   }
   client.ExpectAllOnOneThread(kRequests);
+}
+
+// A lone client's next request arrives while the worker that answered the last one still finishes its batch
+// (it answers inside run_batch). Past ThisWorkerLooksForWorkSoon, that worker takes it when run_batch returns,
+// and the other stays asleep; without the call, the push wakes the sleeper (the check below failed at request 1).
+TEST(BatchSchedulerTest, ARequestSentWhileItsWorkerFinishesWaitsForItAndWakesNoOther) {
+  testing::FakeClock clock;
+  Scheduler::Options options;
+  options.clock = &clock;
+  options.worker_threads = 2;
+  absl::Mutex mu;
+  std::vector<std::thread::id> ran_on;
+  int sent = 1;  // requests scheduled; each batch returns only once the next one is (or all are)
+  constexpr int kRequests = 20;
+  auto scheduler = Scheduler::Create(options, [&](const std::string&, std::vector<Entry>) {
+    Scheduler::ThisWorkerLooksForWorkSoon();
+    Scheduler::ThisWorkerLooksForWorkSoon();  // once counts
+    absl::MutexLock lock(&mu);
+    ran_on.push_back(std::this_thread::get_id());
+    const size_t ran = ran_on.size();
+    auto next_sent = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+      return sent > static_cast<int>(ran) || sent == kRequests;
+    };
+    mu.Await(absl::Condition(&next_sent));
+  });
+  ASSERT_TRUE(scheduler.ok());
+  Scheduler& s = **scheduler;
+  // On a failed check, lets the batch waiting in run_batch return before the scheduler's destructor waits for it.
+  absl::Cleanup release = [&] {
+    absl::MutexLock lock(&mu);
+    sent = kRequests;
+  };
+  ASSERT_TRUE(s.AddQueue("a", Opts(1, 0)).ok());
+  ASSERT_TRUE(clock.AwaitWaiters(2));
+  Item first = MakeItem(0, 0);
+  ASSERT_TRUE(s.Schedule("a", first, 1).ok());
+  const int64_t woken = s.WorkersWoken();  // the first request woke one
+  for (int i = 1; i < kRequests; ++i) {
+    {
+      absl::MutexLock lock(&mu);  // request i - 1 is in run_batch, past the call
+      auto running = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return ran_on.size() == static_cast<size_t>(i); };
+      ASSERT_TRUE(mu.AwaitWithTimeout(absl::Condition(&running), kHangTimeout)) << "request " << i - 1;
+    }
+    ASSERT_TRUE(clock.AwaitWaiters(1));  // the other worker asleep
+    Item item = MakeItem(0, i);
+    ASSERT_TRUE(s.Schedule("a", item, 1).ok());
+    ASSERT_EQ(s.WorkersWoken(), woken) << "request " << i << " woke the sleeping worker";
+    absl::MutexLock lock(&mu);
+    ++sent;
+  }
+  absl::MutexLock lock(&mu);
+  auto all_ran = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return ran_on.size() == static_cast<size_t>(kRequests); };
+  ASSERT_TRUE(mu.AwaitWithTimeout(absl::Condition(&all_ran), kHangTimeout));  // before Shutdown wakes the other
+  for (int i = 1; i < kRequests; ++i) EXPECT_EQ(ran_on[i], ran_on[0]) << "request " << i;
+}
+
+// Outside a worker's batch (here on the test's thread) the call does nothing: a push still wakes a sleeping
+// worker.
+TEST(BatchSchedulerTest, LooksForWorkSoonIsANoOpOffTheWorkers) {
+  testing::FakeClock clock;
+  Scheduler::Options options;
+  options.clock = &clock;
+  Recorder rec;
+  auto scheduler = Scheduler::Create(options, [&](const std::string& q, std::vector<Entry> b) { rec.Record(q, b); });
+  ASSERT_TRUE(scheduler.ok());
+  ASSERT_TRUE((*scheduler)->AddQueue("a", Opts(1, 0)).ok());
+  ASSERT_TRUE(clock.AwaitWaiters(1));
+  Scheduler::ThisWorkerLooksForWorkSoon();
+  Item item = MakeItem(0, 0);
+  ASSERT_TRUE((*scheduler)->Schedule("a", item, 1).ok());
+  EXPECT_EQ((*scheduler)->WorkersWoken(), 1);
+  ASSERT_TRUE(rec.WaitForItems(1));
 }
 
 TEST(IdleWorkersTest, WakesTheLastAsleepFirstAndEachOnce) {

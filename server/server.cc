@@ -10,8 +10,6 @@
 #include <grpcpp/impl/server_builder_plugin.h>
 #include <spdlog/spdlog.h>
 
-#include <google/protobuf/util/message_differencer.h>
-
 #include <algorithm>
 #include <filesystem>
 #include <thread>
@@ -45,6 +43,7 @@
 #include "server/runtime/load_heap_pad.h"
 #include "server/runtime/memory_budget.h"
 #include "server/startup/cpu_budget.h"
+#include "server/startup/restart_fields.h"
 #include "server/startup/layer_options.h"
 #include "server/startup/server_config.h"
 #include "server/startup/transport_config.h"
@@ -759,11 +758,10 @@ absl::Status Server::ReloadConfig(const absl::StatusOr<attnserve::v1::ServerConf
   Parts& p = *parts_;
   absl::Status status = config.status();
   if (status.ok()) {
-    attnserve::v1::ServerConfig others = *config, served = config_;
-    others.clear_layers();
-    served.clear_layers();
-    if (!google::protobuf::util::MessageDifferencer::Equals(others, served)) {
-      spdlog::warn("config reload: only the layers change while serving; the other fields need a restart");
+    const std::vector<std::string> fixed = FieldsNeedingRestart(config_, *config, worker_threads_, threads_per_batch_);
+    if (!fixed.empty()) {
+      spdlog::warn("config reload: {} changed, which takes a restart (only the layers change while serving)",
+                   absl::StrJoin(fixed, ", "));
     }
     status = p.catalog->Reconcile({config->layers().begin(), config->layers().end()}, reload_all);
   }

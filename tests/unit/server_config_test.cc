@@ -10,6 +10,7 @@
 #include "gmock/gmock.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "gtest/gtest.h"
+#include "server/startup/restart_fields.h"
 #include "server/startup/server_config.h"
 #include "server/startup/server_flags.h"
 #include "server/startup/transport_config.h"
@@ -782,6 +783,34 @@ TEST_F(FlagsTest, BadTransportValuesNameTheFlag) {
   EXPECT_THAT(ErrorOf({"--listener-check-interval", "soon"}), HasSubstr("--listener-check-interval"));
   EXPECT_THAT(ErrorOf({"--memory-guard-interval", "0"}), HasSubstr("--memory-guard-interval"));
   EXPECT_THAT(ErrorOf({"--health-address", "x"}), HasSubstr("--health-address"));
+}
+
+}  // namespace
+}  // namespace attnserve
+
+namespace attnserve {
+namespace {
+
+// A reload applies the layers only; the warning names the other fields it changed. worker_threads compares by
+// the count it resolves to: 0 (one per CPU) on 2 CPUs and an explicit 2 are the same layout.
+TEST(FieldsNeedingRestart, NamesChangedFieldsButNotLayersOrEqualWorkerCounts) {
+  v1::ServerConfig served;
+  served.set_grpc_address("0.0.0.0:50051");
+  served.add_layers()->set_name("a");
+  v1::ServerConfig loaded = served;
+  loaded.add_layers()->set_name("b");
+  EXPECT_THAT(FieldsNeedingRestart(served, loaded, /*resolved_workers=*/2, /*cpus=*/2), testing::IsEmpty());
+  loaded.set_worker_threads(2);
+  EXPECT_THAT(FieldsNeedingRestart(served, loaded, 2, 2), testing::IsEmpty());
+  loaded.set_worker_threads(1);
+  loaded.set_grpc_address("0.0.0.0:50052");
+  loaded.mutable_transport()->set_max_connections(7);
+  EXPECT_THAT(FieldsNeedingRestart(served, loaded, 2, 2),
+              testing::UnorderedElementsAre("grpc_address", "worker_threads", "transport"));
+  served.set_worker_threads(1);
+  loaded = served;
+  loaded.set_worker_threads(0);  // back to one per CPU: 2 on 2 CPUs, not the 1 served
+  EXPECT_THAT(FieldsNeedingRestart(served, loaded, 1, 2), testing::ElementsAre("worker_threads"));
 }
 
 }  // namespace

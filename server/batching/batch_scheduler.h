@@ -17,8 +17,8 @@
 // (and the destructor) must not be called from inside run_batch (they wait for the workers, one of which is
 // the caller). run_batch runs on the worker threads, up to worker_threads calls at once (and
 // run_express_batch on the express worker), possibly for the same queue; it may call Schedule (e.g. to feed the next
-// layer), which returns UNAVAILABLE once Shutdown began, and ThisWorkerLooksForWorkSoon once only its last answer
-// is left to hand over.
+// layer; UNAVAILABLE once Shutdown began), and ThisWorkerLooksForWorkSoon once only its last answer is left to
+// hand over.
 #pragma once
 
 #include <algorithm>
@@ -197,7 +197,7 @@ class BatchScheduler {
   // sleeping worker, as if this one polled: that answer's client sends its next request at once, and a woken
   // worker would compute it on another core's caches while this one found nothing. (That happened to ~5% of a
   // lone client's requests with two workers.) A no-op on any other thread (the express worker's, OpenMP's).
-  static void ThisWorkerLooksForWorkSoon() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  static void ThisWorkerLooksForWorkSoon() {
     BatchScheduler* scheduler = scheduler_of_this_batch_;
     if (scheduler == nullptr || finishing_on_this_worker_) return;
     finishing_on_this_worker_ = true;
@@ -300,7 +300,8 @@ class BatchScheduler {
   // The queue whose oldest entry is the oldest among those that cost less than long_item_cost; null if
   // none, or while the express lane is closed (a worker is free, or none runs a long batch).
   QueueState* PickExpress() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (long_running_ == 0 || regular_running_ < worker_threads_) return nullptr;
+    // A worker finishing its batch takes the work itself in a moment.
+    if (long_running_ == 0 || regular_running_ - finishing_workers_ < worker_threads_) return nullptr;
     QueueState* best = nullptr;
     for (auto& [name, state] : queues_) {
       const Entry* front = state->queue.Front();
@@ -473,8 +474,8 @@ class BatchScheduler {
   const BatchFn run_batch_;  // called concurrently by the workers
 
   mutable absl::Mutex mu_;
-  // The workers asleep; one is woken on Schedule, queue changes and by a worker leaving work behind, all on
-  // Shutdown and RemoveQueue.
+  // The workers asleep; one is woken on Schedule, queue changes and by a worker leaving work behind (unless a
+  // worker polls or finishes its batch), all on Shutdown and RemoveQueue.
   IdleWorkers idle_ ABSL_GUARDED_BY(mu_);
   QueueMap queues_ ABSL_GUARDED_BY(mu_);
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;

@@ -203,13 +203,17 @@ void BatchExecutor::Compute(const std::string& layer_name, std::vector<std::uniq
   timing.compute_us = absl::ToInt64Microseconds(compute);
   timing.batch_size = static_cast<int32_t>(calls.size());
   // Answering (encoding each answer, handing it to the transport) is serial work per call: spread over the batch's
-  // threads, rather than leaving all but one of its cores idle until the next batch. The batch's last answer goes
-  // out on this thread, after before_last_answer.
+  // threads, rather than leaving all but one of its cores idle until the next batch. before_last_answer comes
+  // once the answers left are one per thread: before all of them if there are no more, else before the last
+  // one, which goes out on this thread.
   const bool hook = last_group && options_.before_last_answer;
-  const int64_t n = static_cast<int64_t>(calls.size()) - (hook ? 1 : 0);
+  const int64_t all = static_cast<int64_t>(calls.size());
+  const bool hook_first = hook && all <= threads;
+  if (hook_first) options_.before_last_answer();
+  const int64_t n = hook && !hook_first ? all - 1 : all;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n > 1)
   for (int64_t i = 0; i < n; ++i) Answer(*calls[i], std::move(results[i]), timing, compute_start);
-  if (hook) {
+  if (n < all) {
     options_.before_last_answer();
     Answer(*calls.back(), std::move(results.back()), timing, compute_start);
   }

@@ -33,7 +33,8 @@ class BatchExecutor {
     // min(threads_per_batch, share) threads (cpu_shares.h).
     CpuShares* shares = nullptr;
     // May be empty. Called on the thread that called Run, once all that is left of the batch is handing over
-    // its last answer (CallScheduler::ThisWorkerLooksForWorkSoon: the worker will look for work right after).
+    // its last answers, at most one per thread (CallScheduler::ThisWorkerLooksForWorkSoon: the worker will look
+    // for work right after). Not called when no call of the batch is computed (all expired or cancelled).
     std::function<void()> before_last_answer = nullptr;
   };
   // InvalidArgument for a null clock or threads_per_batch < 1.

@@ -120,9 +120,10 @@ TEST(BatchExecutorTest, EachCallComputedByItsOwnVersion) {
   EXPECT_EQ(batches->sample_count, 2u);  // one engine call per version
 }
 
-// before_last_answer runs once per batch, on the thread that runs it, when every call but one is answered (the
-// last group's last call: a batch of two versions computes them in turn). So the scheduler knows the worker is
-// about to look for work while the last answer's client may already send its next request.
+// before_last_answer runs once per batch, on the thread that runs it, once the answers left are at most one per
+// thread: before the last group's last answer (a batch of two versions computes them in turn), or before all of
+// them when there are no more than threads. So the scheduler knows the worker is about to look for work while
+// the last answers' clients may already send their next requests.
 TEST(BatchExecutorTest, BeforeLastAnswerRunsOnceWithOneAnswerLeft) {
   testing::FakeClock clock;
   const auto v1 = Version(1, 1), v2 = Version(2, 2);
@@ -147,12 +148,12 @@ TEST(BatchExecutorTest, BeforeLastAnswerRunsOnceWithOneAnswerLeft) {
     EXPECT_EQ(t->timing.batch_size, t->layer == v2 ? 3 : 4);
   }
   answered_before_hook.clear();
-  std::vector<std::unique_ptr<TestCall>> one;
-  one.push_back(MakeCall(v1, rng, 1, 3, clock.Now()));
-  calls = std::move(one);
+  std::vector<std::unique_ptr<TestCall>> two;  // one per thread
+  for (int i = 0; i < 2; ++i) two.push_back(MakeCall(v1, rng, 1, 3, clock.Now()));
+  calls = std::move(two);
   (*executor)->Run("layer", Batch(calls, clock.Now()));
   EXPECT_EQ(answered_before_hook, std::vector<int>{0});
-  EXPECT_TRUE(calls[0]->status.has_value());
+  for (const auto& t : calls) EXPECT_TRUE(t->status.has_value());
 }
 
 // Calls past their deadline or cancelled while queued are answered without compute; the rest run.

@@ -193,7 +193,7 @@ class BatchScheduler {
   }
 
   // Called by run_batch on the worker thread running it, when all that is left of the batch is handing over its
-  // last answer (and freeing it): the worker looks for work right after. Until it does, a push wakes no
+  // last answers, a few at most (and freeing it): the worker looks for work right after. Until it does, a push wakes no
   // sleeping worker, as if this one polled: that answer's client sends its next request at once, and a woken
   // worker would compute it on another core's caches while this one found nothing. (That happened to ~5% of a
   // lone client's requests with two workers.) A no-op on any other thread (the express worker's, OpenMP's).

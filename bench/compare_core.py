@@ -71,7 +71,8 @@ def print_long_table(engine_rounds, sgemm):
     if not keys:
         return True
     print("\nLong sequences (causal GFLOP/s count the pairs a causal mask keeps; target: flash >= 80% of sgemm):\n")
-    print("| B | L | E | H | causal | key padding | blocked GFLOP/s | flash GFLOP/s | flash / blocked | of sgemm | met |")
+    print("| B | L | E | H | causal | key padding | blocked GFLOP/s | flash GFLOP/s | flash / blocked | of sgemm "
+          "| met |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     all_met = True
     for k in keys:

@@ -5,12 +5,15 @@
 
 #include <algorithm>
 #include <dnnl.hpp>
+#include <omp.h>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/half_float.h"
 #include "core/decoder_attention.h"
+#include "core/flash_attention.h"
 #include "core/multihead_attention.h"
 #include "core/onednn_ops.h"
 
@@ -78,6 +81,37 @@ void BM_LongAttention(benchmark::State& state) {
   const double pairs = causal ? 0.5 * static_cast<double>(l) * static_cast<double>(l + 1) : all_pairs;
   const double flops = static_cast<double>(AttentionFlops(options.config, b, l, l)) - 4.0 * b * (all_pairs - pairs) * e;
   TimeSelfAttention(state, options, causal, flops, state.range(6) != 0 ? l / 8 : 0);
+}
+
+// FlashAttention alone, on projections laid out as a self-attention layer's ([L, 3E] rows) on all threads:
+// the attention part of BM_LongAttention without its projections. GFLOPS counts QK^T and PV (4 L^2 E, the
+// pairs a causal mask keeps when causal). Args: L, E, H, causal (0/1), strips (0: f32 blocks on sgemm).
+void BM_FlashAttention(benchmark::State& state) {
+  const int64_t l = state.range(0), e = state.range(1), h = state.range(2);
+  const bool causal = state.range(3) != 0;
+  const std::vector<float> qkv = Random(l * 3 * e, 5);
+  std::vector<float> out(l * e);
+  FlashAttentionArgs args;
+  args.batch = 1;
+  args.heads = h;
+  args.q_len = args.kv_len = l;
+  args.head_dim = e / h;
+  args.causal = causal;
+  args.q = {qkv.data(), 3 * e, l * 3 * e};
+  args.k = {qkv.data() + e, 3 * e, l * 3 * e};
+  args.v = {qkv.data() + 2 * e, 3 * e, l * 3 * e};
+  args.out = out.data();
+  args.out_ld = e;
+  args.out_seq_stride = l * e;
+  args.f32_strips = state.range(4) != 0;
+  std::tie(args.query_rows, args.key_cols) = FlashBlockForCpu();
+  for (auto _ : state) {
+    const absl::Status status = FlashAttention(args, omp_get_max_threads(), [] { return absl::OkStatus(); });
+    if (!status.ok()) state.SkipWithError(status.ToString().c_str());
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double pairs = causal ? 0.5 * static_cast<double>(l) * static_cast<double>(l + 1) : 1.0 * l * l;
+  state.counters["GFLOPS"] = benchmark::Counter(4.0 * pairs * e / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // Times ForwardBatch over separate [1, len, E] self-attention requests, one per entry of `lengths`, on a layer
@@ -405,6 +439,13 @@ BENCHMARK(BM_LongAttention)
     ->Args({1, 8192, 1024, 16, 1, 0, 0})
     ->Args({1, 8192, 1024, 16, 1, 1, 0})
     ->ArgNames({"B", "L", "E", "H", "causal", "flash", "padded"})
+    ->UseRealTime()
+    ->MinTime(1.0)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_FlashAttention)
+    ->ArgsProduct({{2048}, {1024}, {16}, {0, 1}, {0, 1}})
+    ->ArgsProduct({{8192}, {1024}, {16}, {1}, {0, 1}})
+    ->ArgNames({"L", "E", "H", "causal", "strips"})
     ->UseRealTime()
     ->MinTime(1.0)
     ->Unit(benchmark::kMillisecond);

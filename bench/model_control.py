@@ -15,7 +15,8 @@
    p50/p99 and failed requests in each, and the ratio of the p99s. The server's RSS before C is first loaded and
    after its last unload says whether an unloaded layer's memory comes back.
 
-    /usr/bin/python3 bench/model_control.py [--build build] [--duration 8] [--rounds 3] [--c1-pairs 12] [--reload-cycles 30]
+    /usr/bin/python3 bench/model_control.py [--build build] [--duration 8] [--rounds 3] [--c1-pairs 12] \
+        [--reload-cycles 30]
 """
 
 import argparse
@@ -185,7 +186,8 @@ def main():
     for name, runs in (("nothing else happening", quiet), ("B reloaded 20x, C loaded+unloaded 10x", churned)):
         print(f"| {name} | {med(runs, 0):.2f} | {med(runs, 1):.2f} | {sum(r[2] for r in runs)} | "
               f"{sum(r[3] for r in runs)} |")
-    print(f"\np99 with reloads / p99 without: {med(churned, 1) / med(quiet, 1):.2f}x (median of {a.rounds} rounds each)")
+    print(f"\np99 with reloads / p99 without: {med(churned, 1) / med(quiet, 1):.2f}x "
+          f"(median of {a.rounds} rounds each)")
     print(f"server RSS: {rss_before:.0f} MiB before the first load of C, {rss_after:.0f} MiB after its last unload "
           f"and {sum(r[4]['reloads'] for r in churned)} reloads of B")
 

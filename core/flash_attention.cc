@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "core/bf16_rows.h"
+#include "core/flash_strips_avx512.h"
 #include "core/onednn_ops.h"
 #include "core/row_softmax.h"
 #include "core/simd_loops.h"
@@ -54,10 +55,21 @@ void ReleaseFlashScratch(size_t keep_bytes) {
 
 namespace {
 
+// At least n elements; grown to exactly n (reserve first: resize alone may double the capacity, and a causal
+// call's first block, the last rows, is often the shorter one), so that FlashScratchBytes bounds what is held.
 template <typename T>
 T* Sized(std::vector<T>& buf, int64_t n) {
-  if (buf.size() < static_cast<size_t>(n)) buf.resize(static_cast<size_t>(n));
+  if (buf.size() < static_cast<size_t>(n)) {
+    buf.reserve(static_cast<size_t>(n));
+    buf.resize(static_cast<size_t>(n));
+  }
   return buf.data();
+}
+
+// As Sized, the first element on a 64-byte boundary (a cache line; whole AVX-512 registers): n + 15 held.
+float* AlignedSized(std::vector<float>& buf, int64_t n) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(Sized(buf, n + 15));
+  return reinterpret_cast<float*>((at + 63) & ~uintptr_t{63});
 }
 
 // Rows [0, rows) of head h of sequence b (at src + b * seq_stride + row * ld + h * dh) into dense [rows, dh].
@@ -198,6 +210,22 @@ void SetUpWholeBlocks(const FlashAttentionArgs& a, int64_t call, int64_t b, int6
   mm->q_l0 = l0;
 }
 
+// The f32 strip path's operands of head h of sequence b: its keys packed as panels (PackKeyPanels) and its values
+// dense [S, Dh], once per (call, sequence, head) by each thread that takes one of its query blocks.
+void PackedHeadKv(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, FlashScratch& s,
+                  const float** panels, const float** values) {
+  const int64_t dh = a.head_dim;
+  float* k = AlignedSized(s.head_k, PackedKeyFloats(a.kv_len, dh));
+  float* v = AlignedSized(s.head_v, a.kv_len * dh);
+  if (!SameHead(s, call, b, h)) {
+    PackKeyPanels(Row(a.k, b, h, 0, dh), a.kv_len, a.k.ld, dh, k);
+    CopyHeadRows(a.v.data, a.v.seq_stride, a.v.ld, b, h, a.kv_len, dh, v);
+    MarkHead(s, call, b, h);
+  }
+  *panels = k;
+  *values = v;
+}
+
 // One query block's running state: its scores block, context accumulator and per-row max and sum.
 struct QueryBlockState {
   float *scores, *acc, *row_max, *row_sum;
@@ -223,18 +251,39 @@ absl::Status KeyBlockStep(const FlashAttentionArgs& a, const BlockMatmuls& mm, i
 // in quarters, 25% more on the diagonal.
 int64_t DiagonalChunkRows(const FlashAttentionArgs& a) { return std::max<int64_t>(1, a.query_rows / 4); }
 
+// Zeroed context, running max -inf and sum 0 for lb rows, in buffers of the scratch; `scores` as given.
+QueryBlockState StartQueryBlock(FlashScratch& s, int64_t lb, int64_t dh, float* scores) {
+  const QueryBlockState st{scores, AlignedSized(s.acc, lb * dh), Sized(s.row_max, lb), Sized(s.row_sum, lb)};
+  std::fill_n(st.acc, lb * dh, 0.0f);
+  std::fill_n(st.row_max, lb, -std::numeric_limits<float>::infinity());
+  std::fill_n(st.row_sum, lb, 0.0f);
+  return st;
+}
+
+// The query block's context rows, each its accumulated context / sum (zero where no key was open).
+void WriteContext(const FlashAttentionArgs& a, int64_t b, int64_t h, int64_t l0, int64_t lb,
+                  const QueryBlockState& st) {
+  const int64_t dh = a.head_dim;
+  for (int64_t r = 0; r < lb; ++r) {
+    float* out = a.out + b * a.out_seq_stride + (l0 + r) * a.out_ld + h * dh;
+    const float inv = st.row_sum[r] > 0.0f ? 1.0f / st.row_sum[r] : 0.0f;
+    for (int64_t d = 0; d < dh; ++d) out[d] = st.acc[r * dh + d] * inv;
+  }
+}
+
+// The key blocks a query block at l0 of lb rows meets: keys [0, key_end).
+int64_t KeyEnd(const FlashAttentionArgs& a, int64_t l0, int64_t lb) {
+  return a.causal ? std::min(a.kv_len, l0 + lb) : a.kv_len;
+}
+
 // A query block of one (sequence, head): every key block up to the causal limit, then context / sum.
 absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, int64_t l0) {
   const int64_t dh = a.head_dim, lb = std::min(a.query_rows, a.q_len - l0);
   FlashScratch& s = ThreadFlashScratch();
-  const QueryBlockState st{Sized(s.scores, lb * std::min(a.key_cols, a.kv_len)), Sized(s.acc, lb * dh),
-                           Sized(s.row_max, lb), Sized(s.row_sum, lb)};
-  std::fill_n(st.acc, lb * dh, 0.0f);
-  std::fill_n(st.row_max, lb, -std::numeric_limits<float>::infinity());
-  std::fill_n(st.row_sum, lb, 0.0f);
+  const QueryBlockState st = StartQueryBlock(s, lb, dh, Sized(s.scores, lb * std::min(a.key_cols, a.kv_len)));
   BlockMatmuls mm{a, b, h, {}, {}};
   if (a.bf16.scores_op == nullptr) DenseHeadKv(a, call, b, h, s, &mm.head_k, &mm.head_v);
-  const int64_t key_end = a.causal ? std::min(a.kv_len, l0 + lb) : a.kv_len;
+  const int64_t key_end = KeyEnd(a, l0, lb);
   if (a.bf16.block_scores != nullptr && lb == a.query_rows && key_end >= a.key_cols) {
     SetUpWholeBlocks(a, call, b, h, l0, s, &mm);
   }
@@ -254,11 +303,48 @@ absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t call, int64_t
       ATTN_RETURN_IF_ERROR(KeyBlockStep(a, mm, l0, r0, rb, k0, seen, bias, kind, st));
     }
   }
-  for (int64_t r = 0; r < lb; ++r) {
-    float* out = a.out + b * a.out_seq_stride + (l0 + r) * a.out_ld + h * dh;
-    const float inv = st.row_sum[r] > 0.0f ? 1.0f / st.row_sum[r] : 0.0f;
-    for (int64_t d = 0; d < dh; ++d) out[d] = st.acc[r * dh + d] * inv;
+  WriteContext(a, b, h, l0, lb, st);
+  return absl::OkStatus();
+}
+
+// Whether f32 blocks take the strip kernels (core/flash_strips_avx512.h) rather than sgemm.
+bool OnStrips(const FlashAttentionArgs& a) {
+  return a.f32_strips && a.bf16.scores_op == nullptr && FlashStripsAvailable(a.head_dim);
+}
+
+// The strip path's key chunk: key_cols rounded up to whole key panels.
+int64_t StripKeyChunk(const FlashAttentionArgs& a) {
+  return (std::min(a.key_cols, a.kv_len) + kKeyPanelKeys - 1) / kKeyPanelKeys * kKeyPanelKeys;
+}
+
+// AttendQueryBlock on the strip kernels (f32): per key chunk, each strip of kFlashStripRows query rows takes its
+// scores, masks, online softmax step and context while its scores stay in the L1 cache. A causal strip stops
+// at the last key its last row sees.
+absl::Status AttendQueryBlockInStrips(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, int64_t l0) {
+  const int64_t dh = a.head_dim, lb = std::min(a.query_rows, a.q_len - l0), kc = StripKeyChunk(a);
+  FlashScratch& s = ThreadFlashScratch();
+  const QueryBlockState st = StartQueryBlock(s, lb, dh, AlignedSized(s.scores, kFlashStripRows * kc));
+  const float *panels = nullptr, *values = nullptr;
+  PackedHeadKv(a, call, b, h, s, &panels, &values);
+  const int64_t key_end = KeyEnd(a, l0, lb);
+  for (int64_t k0 = 0; k0 < key_end; k0 += kc) {
+    const int64_t kb = std::min(kc, key_end - k0);
+    const float* bias = a.key_bias != nullptr ? a.key_bias + b * a.kv_len + k0 : nullptr;
+    const KeyBlock kind = ClassifyKeyBlock(bias, kb);
+    if (kind == KeyBlock::kMasked) continue;  // adds nothing to any row's sum or context
+    for (int64_t r0 = 0; r0 < lb; r0 += kFlashStripRows) {
+      const int64_t rb = std::min(kFlashStripRows, lb - r0), row = l0 + r0;
+      const int64_t seen = a.causal ? std::min(kb, row + rb - k0) : kb;
+      if (seen <= 0) continue;  // rows before the chunk's first key
+      StripScores(Row(a.q, b, h, row, dh), a.q.ld, rb, panels, k0, seen, dh, st.scores, kc);
+      if (kind == KeyBlock::kMixed) AddKeyBias(bias, rb, seen, st.scores, kc);
+      if (a.add_mask) a.add_mask(b, h, row, rb, k0, seen, st.scores, kc);
+      StripOnlineSoftmax(st.scores, rb, seen, kc, a.causal ? row - k0 + 1 : seen, st.row_max + r0, st.row_sum + r0,
+                         st.acc + r0 * dh, dh, dh);
+      StripAddContext(st.scores, kc, rb, values + k0 * dh, seen, dh, st.acc + r0 * dh, dh);
+    }
   }
+  WriteContext(a, b, h, l0, lb, st);
   return absl::OkStatus();
 }
 
@@ -281,8 +367,14 @@ absl::Status CheckBlockMatmuls(const FlashAttentionArgs& a) {
 }  // namespace
 
 int64_t FlashScratchBytes(const FlashAttentionArgs& a) {
+  if (OnStrips(a)) {  // a strip's scores, the block's context and row state, the packed keys and the values
+    const int64_t rows = std::min(a.query_rows, a.q_len), aligned = 15;
+    const int64_t floats = kFlashStripRows * StripKeyChunk(a) + aligned + rows * (a.head_dim + 2) + aligned +
+                           PackedKeyFloats(a.kv_len, a.head_dim) + aligned + a.kv_len * a.head_dim + aligned;
+    return static_cast<int64_t>(sizeof(float)) * floats;
+  }
   const int64_t rows = std::min(a.query_rows, a.q_len), cols = std::min(a.key_cols, a.kv_len);
-  const int64_t block = static_cast<int64_t>(sizeof(float)) * rows * (cols + a.head_dim + 2);
+  const int64_t block = static_cast<int64_t>(sizeof(float)) * (rows * (cols + a.head_dim + 2) + 15);  // acc aligned
   // f32: the dense head keys and values; bf16: the primitive's bf16 copy of a block's probabilities, and with
   // block matmuls the dense bf16 head keys and values and query block.
   if (a.bf16.scores_op == nullptr) return block + static_cast<int64_t>(sizeof(float)) * 2 * a.kv_len * a.head_dim;
@@ -306,6 +398,7 @@ absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::Func
   std::atomic<bool> failed{false};
   static std::atomic<int64_t> calls{0};
   const int64_t call = calls.fetch_add(1, std::memory_order_relaxed);
+  const bool strips = OnStrips(a);
   auto run = [&](int64_t item) {
     if (failed.load(std::memory_order_relaxed)) return;
     // A head's query blocks one after another: its K and V (2 x L x Dh floats) stay in the L3 cache for the
@@ -316,7 +409,10 @@ absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::Func
     const int64_t b = sequence_head / a.heads, h = sequence_head % a.heads;
     absl::Status status = should_stop();
     try {  // nothing may leave the parallel region: a thread's block buffers grow with the request's keys
-      if (status.ok()) status = AttendQueryBlock(a, call, b, h, qb * a.query_rows);
+      if (status.ok()) {
+        status = strips ? AttendQueryBlockInStrips(a, call, b, h, qb * a.query_rows)
+                        : AttendQueryBlock(a, call, b, h, qb * a.query_rows);
+      }
     } catch (const std::bad_alloc&) {
       status = absl::ResourceExhaustedError("flash attention: out of memory for a thread's blocks");
     }

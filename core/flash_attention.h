@@ -4,13 +4,17 @@
 // query_rows x key_cols ever exists. Causal key blocks past a query block's last row are not computed, and the
 // diagonal block, which its rows see only in part, is taken in quarters of the rows, each over the keys its last
 // row sees.
-// In f32 each thread copies the keys and values of the head it works on into dense [S, Dh] buffers first
-// (rows of the projections are 3E floats apart); so does a bf16 layer with block matmuls on brgemm kernels (in bf16),
-// which also copies each query block dense.
-// Built from oneDNN's sgemm (Sgemm: a primitive's per-call cost is a tenth of a block's time) and the
-// project's OnlineSoftmaxBlock. bf16 layers pass their bf16 copies of Q, K and V and their bf16 matmul
-// primitives (`bf16`): the block matmuls then multiply in bf16 (oneDNN 2.6 has no bf16 gemm function), the
-// softmax stays f32 and each block's probabilities are rounded to bf16 for the context matmul.
+// In f32 on AVX-512 (head_dim <= 128) the blocks run on the project's strip kernels (core/flash_strips_avx512.h):
+// each thread packs the keys of the head it works on as panels and copies its values dense once, then takes a
+// query block in strips of 6 rows per key chunk (key_cols rounded up to 16), whose scores stay in the L1 cache
+// from the matmul through the softmax step to the context. A causal strip stops at its last row's last key.
+// Elsewhere in f32 each thread copies the head's keys and values into dense [S, Dh] buffers (rows of the
+// projections are 3E floats apart) for oneDNN's sgemm (Sgemm: a primitive's per-call cost is a tenth of a
+// block's time); so does a bf16 layer with block matmuls on brgemm kernels (in bf16), which also copies each
+// query block dense. The softmax is the project's OnlineSoftmaxBlock. bf16 layers pass their bf16 copies of
+// Q, K and V and their bf16 matmul primitives (`bf16`): the block matmuls then multiply in bf16 (oneDNN 2.6 has
+// no bf16 gemm function), the softmax stays f32 and each block's probabilities are rounded to bf16 for the
+// context matmul.
 //
 // The scale (1/sqrt(Dh)) must already be in Q. Other masks come in as `key_bias` (key padding) and through `add_mask`
 // (attn_mask), block by block. No attention weights: callers send those requests through the blocked path that
@@ -67,6 +71,9 @@ struct FlashAttentionArgs {
   // written once its Q block is no longer read.
   float* out = nullptr;
   int64_t out_ld = 0, out_seq_stride = 0;
+  // f32 blocks on the strip kernels where FlashStripsAvailable(head_dim); false: on sgemm everywhere (for tests
+  // and benchmarks to compare the two on one machine).
+  bool f32_strips = true;
   // Block sizes: one thread holds query_rows x key_cols scores and query_rows x Dh of context at a time.
   // MultiheadAttention passes its resolved Options::flash_query_rows / flash_key_cols (FlashBlockForCpu
   // unless configured); these defaults serve direct callers such as the tests.

@@ -187,17 +187,7 @@ __attribute__((always_inline)) inline void OnlineSoftmaxBlockBody(float* scores,
     }
     const float sum = ExpSumInPlace<W>(row, open, m);
     std::fill(row + open, row + cols, 0.0f);
-    if (row_max[r] == kNegInf) {
-      row_sum[r] = sum;
-    } else {
-      const float alpha = std::exp(row_max[r] - m);
-      row_sum[r] = row_sum[r] * alpha + sum;
-      float* acc_row = acc + r * ld_acc;
-      if (alpha != 1.0f) {
-        for (int64_t j = 0; j < acc_cols; ++j) acc_row[j] *= alpha;
-      }
-    }
-    row_max[r] = m;
+    FoldBlockIntoRow(m, sum, row_max + r, row_sum + r, acc + r * ld_acc, acc_cols);
   }
 }
 
@@ -207,6 +197,20 @@ ATTN_KERNEL_VARIANTS_BY_WIDTH(OnlineSoftmaxBlock,
                               (scores, rows, cols, ld, open0, row_max, row_sum, acc, acc_cols, ld_acc))
 
 }  // namespace
+
+void FoldBlockIntoRow(float block_max, float block_sum, float* row_max, float* row_sum, float* acc_row,
+                      int64_t acc_cols) {
+  if (*row_max == -std::numeric_limits<float>::infinity()) {
+    *row_sum = block_sum;
+  } else {
+    const float alpha = std::exp(*row_max - block_max);
+    *row_sum = *row_sum * alpha + block_sum;
+    if (alpha != 1.0f) {
+      for (int64_t j = 0; j < acc_cols; ++j) acc_row[j] *= alpha;
+    }
+  }
+  *row_max = block_max;
+}
 
 void OnlineSoftmaxBlock(float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t open0, float* row_max,
                         float* row_sum, float* acc, int64_t acc_cols, int64_t ld_acc) {

@@ -1,42 +1,14 @@
 #include "core/row_softmax_avx512.h"
 
-// GCC 12's AVX-512 intrinsic headers start some results from _mm*_undefined_*(), which -Wmaybe-uninitialized
-// reports once inlined (as in bf16_rows.cc). Clang has no such warning (and would reject the name).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
-#include <immintrin.h>
-
 #include <algorithm>
 #include <limits>
 
+#include "core/avx512_target.h"
+#include "core/exp_avx512.h"
 #include "core/kernel_variants.h"
 
 namespace attnserve {
 namespace {
-
-#define ATTN_AVX512 __attribute__((target("avx512f")))
-#define ATTN_AVX512_INLINE __attribute__((target("avx512f"), always_inline)) inline
-
-// exp(x) for x <= 0 (or NaN, kept): 2^n . p(r), x = n ln2 + r, p the Taylor series to r^7 (Estrin), as
-// row_softmax.cc's ExpNonPositive, with 2^n by vscalefps. Below -87 (-inf included) 0, as there: no denormals.
-// max(-110, NaN) keeps the NaN, and NaN is not below -87.
-ATTN_AVX512_INLINE __m512 ExpNonPositive(__m512 x) {
-  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
-  x = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  const __m512 r2 = _mm512_mul_ps(r, r), r4 = _mm512_mul_ps(r2, r2);
-  const __m512 a0 = _mm512_add_ps(r, _mm512_set1_ps(1.0f));
-  const __m512 a1 = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 6), _mm512_set1_ps(0.5f));
-  const __m512 a2 = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 120), _mm512_set1_ps(1.0f / 24));
-  const __m512 a3 = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 5040), _mm512_set1_ps(1.0f / 720));
-  const __m512 p = _mm512_fmadd_ps(_mm512_fmadd_ps(a3, r2, a2), r4, _mm512_fmadd_ps(a1, r2, a0));
-  return _mm512_maskz_scalef_ps(kept, p, n);
-}
 
 // 16 floats (no NaN: softmax outputs of a finite row) as bf16, rounded to nearest even, `mask` lanes stored.
 ATTN_AVX512_INLINE void StoreBf16(uint16_t* p, __mmask16 mask, __m512 v) {
@@ -69,7 +41,7 @@ ATTN_AVX512 void SoftmaxRows(const float* data, int64_t rows, int64_t cols, int6
     const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
     __m512 sum = _mm512_setzero_ps();
     for (int i = 0; i < kVectors; ++i) {
-      v[i] = ExpNonPositive(_mm512_sub_ps(v[i], row_max));
+      v[i] = ExpNonPositiveAvx512(_mm512_sub_ps(v[i], row_max));
       sum = _mm512_add_ps(sum, v[i]);
     }
     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));

@@ -383,6 +383,56 @@ TEST(FlashAttentionTest, StopEndsTheRequest) {
   EXPECT_EQ(results[0].status().code(), absl::StatusCode::kDeadlineExceeded);
 }
 
+// FlashAttention called directly on projections laid out as a self-attention layer's: B sequences of L rows of
+// 3E floats (Q, K, V), the context [B, L, E].
+struct DirectFlash {
+  std::vector<float> qkv, out;
+  FlashAttentionArgs args;
+
+  DirectFlash(std::mt19937_64& rng, int64_t batch, int64_t heads, int64_t head_dim, int64_t len, bool causal) {
+    const int64_t e = heads * head_dim;
+    qkv = RandomValues(rng, batch * len * 3 * e);
+    out.assign(batch * len * e, 0.0f);
+    args.batch = batch;
+    args.heads = heads;
+    args.q_len = args.kv_len = len;
+    args.head_dim = head_dim;
+    args.causal = causal;
+    args.q = {qkv.data(), 3 * e, len * 3 * e};
+    args.k = {qkv.data() + e, 3 * e, len * 3 * e};
+    args.v = {qkv.data() + 2 * e, 3 * e, len * 3 * e};
+    args.out = out.data();
+    args.out_ld = e;
+    args.out_seq_stride = len * e;
+  }
+};
+
+// The f32 blocks on the strip kernels and on sgemm give the same context, with block sizes that cut strips,
+// panels and the causal diagonal unevenly; and what a thread holds afterwards is within FlashScratchBytes, the
+// figure the memory budget counts per thread, on either path.
+TEST(FlashAttentionTest, StripKernelsMatchSgemmBlocksAndStayWithinTheirScratch) {
+  std::mt19937_64 rng(20261206);
+  auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  for (int iter = 0; iter < 60; ++iter) {
+    const int64_t head_dim = iter < 4 ? 64 : pick(1, 130), len = pick(1, 300);
+    DirectFlash flash(rng, pick(1, 2), pick(1, 3), head_dim, len, pick(0, 1) == 1);
+    flash.args.query_rows = pick(1, 80);
+    flash.args.key_cols = pick(1, 200);
+    SCOPED_TRACE(::testing::Message() << "case " << iter << ": Dh " << head_dim << " L " << len << " causal "
+                                      << flash.args.causal << " blocks " << flash.args.query_rows << "x"
+                                      << flash.args.key_cols);
+    std::vector<float> outs[2];
+    for (bool strips : {false, true}) {
+      flash.args.f32_strips = strips;
+      ReleaseFlashScratch(0);
+      ASSERT_TRUE(FlashAttention(flash.args, 1, [] { return absl::OkStatus(); }).ok());
+      EXPECT_LE(FlashScratchHeldBytes(), FlashScratchBytes(flash.args)) << "strips " << strips;
+      outs[strips] = flash.out;
+    }
+    EXPECT_LE(MaxAbsDiff(outs[true], outs[false]), 2e-5);
+  }
+}
+
 // The online softmax over key blocks, then normalised, equals one softmax over the whole row (float64),
 // for the causal diagonal's open prefixes too; the accumulated context is rescaled along.
 TEST(FlashAttentionTest, OnlineSoftmaxBlocksEqualOneSoftmax) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <random>
 
+#include "core/flash_strips_avx512.h"
 #include "core/multihead_attention.h"
 #include "gtest/gtest.h"
 #include "tests/testing/naive_mha.h"
@@ -152,10 +153,14 @@ TEST(RaggedBatchTest, ScoresBlockBytesIsTheBlockPlanned) {
   };
   EXPECT_EQ(block_bytes(**layer, 1, 8), 4 * 8 * 8 * 4);            // a short request: its whole scores
   EXPECT_EQ(block_bytes(**layer, 3, 8), 3 * 4 * 8 * 8 * 4);        // several sequences in one block
-  // A long one on the flash path, per thread: a scores block (the CPU's size), its rows' context (Dh = 16) and 2
-  // floats a row, and one head's keys and values, dense.
+  // A long one on the flash path, per thread: its rows' context (Dh = 16) and 2 floats a row, and one head's keys
+  // and values; with the strip kernels a strip's scores (6 rows of the CPU's key block), the keys packed, each
+  // buffer with 15 floats to align it; on sgemm a whole scores block (the CPU's size), the context aligned.
   const auto [rows, keys] = FlashBlockForCpu();
-  const int64_t flash_bytes = 4 * (rows * (keys + 16 + 2) + 2 * 4096 * 16) * omp_get_max_threads();
+  const int64_t per_thread_floats = FlashStripsAvailable(16)
+                                        ? 6 * keys + rows * (16 + 2) + 2 * 4096 * 16 + 4 * 15
+                                        : rows * (keys + 16 + 2) + 15 + 2 * 4096 * 16;
+  const int64_t flash_bytes = 4 * per_thread_floats * omp_get_max_threads();
   EXPECT_EQ(block_bytes(**layer, 1, 4096), flash_bytes);
   // With a key_padding_mask, also the mask as a [B, S] float bias.
   EXPECT_EQ(block_bytes(**layer, 2, 4096, true), flash_bytes + 2 * 4096 * 4);

@@ -1,0 +1,231 @@
+#include "core/flash_strips_avx512.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "core/avx512_target.h"
+#include "core/exp_avx512.h"
+#include "core/kernel_variants.h"
+#include "core/row_softmax.h"
+
+namespace attnserve {
+namespace {
+
+constexpr int kMaxKeyVectors = 4;  // a scores tile is at most 64 keys wide: 6 x 4 accumulators
+
+// Lanes [0, n) of a register, 1 <= n <= 16.
+inline __mmask16 FirstLanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+
+// scores [R, 16 * kVectors] (the last register masked to `last`) = Q [R, Dh] . the kVectors panels from `panel`.
+// Per head dimension: kVectors panel loads and R broadcasts of Q for R x kVectors FMAs.
+template <int R, int kVectors>
+ATTN_AVX512 void ScoresTile(const float* q, int64_t ld_q, const float* panel, int64_t dh, float* scores,
+                            int64_t ld_scores, __mmask16 last) {
+  __m512 acc[R][kVectors];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int t = 0; t < kVectors; ++t) acc[r][t] = _mm512_setzero_ps();
+  }
+  const int64_t panel_floats = kKeyPanelKeys * dh;
+  for (int64_t d = 0; d < dh; ++d) {
+    __m512 keys[kVectors];
+#pragma GCC unroll 4
+    for (int t = 0; t < kVectors; ++t) keys[t] = _mm512_loadu_ps(panel + t * panel_floats + d * kKeyPanelKeys);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 qd = _mm512_set1_ps(q[r * ld_q + d]);
+#pragma GCC unroll 4
+      for (int t = 0; t < kVectors; ++t) acc[r][t] = _mm512_fmadd_ps(qd, keys[t], acc[r][t]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int t = 0; t < kVectors; ++t) {
+      _mm512_mask_storeu_ps(scores + r * ld_scores + t * 16, t + 1 < kVectors ? __mmask16{0xFFFF} : last, acc[r][t]);
+    }
+  }
+}
+
+using ScoresTileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, __mmask16);
+
+template <int R>
+constexpr ScoresTileFn kScoresByWidth[kMaxKeyVectors] = {ScoresTile<R, 1>, ScoresTile<R, 2>, ScoresTile<R, 3>,
+                                                         ScoresTile<R, 4>};
+constexpr const ScoresTileFn* kScoresTiles[kFlashStripRows] = {kScoresByWidth<1>, kScoresByWidth<2>, kScoresByWidth<3>,
+                                                               kScoresByWidth<4>, kScoresByWidth<5>, kScoresByWidth<6>};
+
+// Rows per context tile for a head of kVectors registers: at most 24 accumulators, leaving registers for a
+// value row and a broadcast.
+constexpr int ContextTileRows(int vectors) { return vectors <= 4 ? 6 : vectors <= 6 ? 4 : 3; }
+
+// acc [R, Dh] += P [R, cols] . V [cols, Dh], Dh = 16 * kVectors with the last register masked to `last`: the
+// accumulators stay in registers over all `cols` keys. Per key: kVectors value loads and R broadcasts of P.
+template <int R, int kVectors>
+ATTN_AVX512 void ContextTile(const float* probs, int64_t ld_probs, const float* values, int64_t cols, int64_t dh,
+                             float* acc, int64_t ld_acc, __mmask16 last) {
+  __m512 sum[R][kVectors];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int i = 0; i < kVectors; ++i) {
+      sum[r][i] = _mm512_maskz_loadu_ps(i + 1 < kVectors ? __mmask16{0xFFFF} : last, acc + r * ld_acc + 16 * i);
+    }
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    const float* row = values + j * dh;
+    __m512 v[kVectors];
+#pragma GCC unroll 8
+    for (int i = 0; i < kVectors; ++i) {
+      v[i] = _mm512_maskz_loadu_ps(i + 1 < kVectors ? __mmask16{0xFFFF} : last, row + 16 * i);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 p = _mm512_set1_ps(probs[r * ld_probs + j]);
+#pragma GCC unroll 8
+      for (int i = 0; i < kVectors; ++i) sum[r][i] = _mm512_fmadd_ps(p, v[i], sum[r][i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int i = 0; i < kVectors; ++i) {
+      _mm512_mask_storeu_ps(acc + r * ld_acc + 16 * i, i + 1 < kVectors ? __mmask16{0xFFFF} : last, sum[r][i]);
+    }
+  }
+}
+
+// ContextTile for `rows` rows (1 <= rows <= ContextTileRows(kVectors)).
+template <int kVectors>
+ATTN_AVX512 void ContextTileOf(int64_t rows, const float* probs, int64_t ld_probs, const float* values, int64_t cols,
+                               int64_t dh, float* acc, int64_t ld_acc, __mmask16 last) {
+  constexpr int kRows = ContextTileRows(kVectors);
+  switch (rows) {
+    case 1:
+      return ContextTile<1, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
+    case 2:
+      return ContextTile<2, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
+    case 3:
+      return ContextTile<3, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
+    case 4:
+      if constexpr (kRows >= 4) return ContextTile<4, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
+      break;
+    case 5:
+      if constexpr (kRows >= 5) return ContextTile<5, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
+      break;
+    case 6:
+      if constexpr (kRows >= 6) return ContextTile<6, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
+      break;
+  }
+}
+
+// A strip's context in tiles of ContextTileRows(kVectors) rows.
+template <int kVectors>
+ATTN_AVX512 void StripContext(const float* probs, int64_t ld_probs, int64_t rows, const float* values, int64_t cols,
+                              int64_t dh, float* acc, int64_t ld_acc) {
+  constexpr int kRows = ContextTileRows(kVectors);
+  const __mmask16 last = FirstLanes(dh - 16 * (kVectors - 1));
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    ContextTileOf<kVectors>(std::min<int64_t>(kRows, rows - r0), probs + r0 * ld_probs, ld_probs, values, cols, dh,
+                            acc + r0 * ld_acc, ld_acc, last);
+  }
+}
+
+using StripContextFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+
+constexpr StripContextFn kStripContexts[kFlashStripMaxHeadDim / 16] = {
+    StripContext<1>, StripContext<2>, StripContext<3>, StripContext<4>,
+    StripContext<5>, StripContext<6>, StripContext<7>, StripContext<8>};
+
+// The largest of row's first `open` floats (>= 1), NaN skipped (vmaxps returns its second operand then).
+ATTN_AVX512_INLINE float OpenMax(const float* row, int64_t open) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 max = neg_inf;
+  int64_t j = 0;
+  for (; j + 16 <= open; j += 16) max = _mm512_max_ps(_mm512_loadu_ps(row + j), max);
+  if (j < open) max = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, FirstLanes(open - j), row + j), max);
+  return _mm512_reduce_max_ps(max);
+}
+
+// Row's first `open` floats x become exp(x - max) and the rest of its `cols` zeros; returns the sum of the
+// exponentials. Lanes past `open` read -inf, whose exp is 0.
+ATTN_AVX512_INLINE float ExpOpenZeroRest(float* row, int64_t open, int64_t cols, float max) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), m = _mm512_set1_ps(max);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= open; j += 16) {
+    const __m512 e = ExpNonPositiveAvx512(_mm512_sub_ps(_mm512_loadu_ps(row + j), m));
+    _mm512_storeu_ps(row + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (j < open) {
+    const __m512 e =
+        ExpNonPositiveAvx512(_mm512_sub_ps(_mm512_mask_loadu_ps(neg_inf, FirstLanes(open - j), row + j), m));
+    _mm512_mask_storeu_ps(row + j, FirstLanes(std::min<int64_t>(16, cols - j)), e);
+    sum = _mm512_add_ps(sum, e);
+    j += 16;
+  }
+  for (; j < cols; j += 16)
+    _mm512_mask_storeu_ps(row + j, FirstLanes(std::min<int64_t>(16, cols - j)), _mm512_setzero_ps());
+  return _mm512_reduce_add_ps(sum);
+}
+
+ATTN_AVX512 void StripOnlineSoftmaxAvx512(float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t open0,
+                                          float* row_max, float* row_sum, float* acc, int64_t acc_cols,
+                                          int64_t ld_acc) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = scores + r * ld;
+    const int64_t open = std::clamp<int64_t>(open0 + r, 0, cols);
+    const float m = open == 0 ? kNegInf : std::max(row_max[r], OpenMax(row, open));
+    if (m == kNegInf) {
+      std::fill_n(row, cols, 0.0f);
+      continue;
+    }
+    FoldBlockIntoRow(m, ExpOpenZeroRest(row, open, cols, m), row_max + r, row_sum + r, acc + r * ld_acc, acc_cols);
+  }
+}
+
+}  // namespace
+
+void StripOnlineSoftmax(float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t open0, float* row_max,
+                        float* row_sum, float* acc, int64_t acc_cols, int64_t ld_acc) {
+  StripOnlineSoftmaxAvx512(scores, rows, cols, ld, open0, row_max, row_sum, acc, acc_cols, ld_acc);
+}
+
+bool FlashStripsAvailable(int64_t head_dim) {
+  static const bool avx512 = PickedKernelIsa() == KernelIsa::kAvx512;
+  return avx512 && head_dim >= 1 && head_dim <= kFlashStripMaxHeadDim;
+}
+
+int64_t PackedKeyFloats(int64_t keys, int64_t head_dim) {
+  return (keys + kKeyPanelKeys - 1) / kKeyPanelKeys * kKeyPanelKeys * head_dim;
+}
+
+void PackKeyPanels(const float* keys, int64_t num_keys, int64_t ld, int64_t head_dim, float* panels) {
+  const int64_t padded = PackedKeyFloats(num_keys, head_dim) / head_dim;
+  for (int64_t j = 0; j < padded; ++j) {
+    float* dst = panels + (j / kKeyPanelKeys) * kKeyPanelKeys * head_dim + j % kKeyPanelKeys;
+    const float* src = keys + j * ld;
+    for (int64_t d = 0; d < head_dim; ++d) dst[d * kKeyPanelKeys] = j < num_keys ? src[d] : 0.0f;
+  }
+}
+
+void StripScores(const float* q, int64_t ld_q, int64_t rows, const float* panels, int64_t k0, int64_t cols,
+                 int64_t head_dim, float* scores, int64_t ld_scores) {
+  const ScoresTileFn* by_width = kScoresTiles[rows - 1];
+  constexpr int64_t kTileKeys = 16 * kMaxKeyVectors;
+  for (int64_t j = 0; j < cols; j += kTileKeys) {
+    const int64_t width = std::min(kTileKeys, cols - j), vectors = (width + 15) / 16;
+    by_width[vectors - 1](q, ld_q, panels + (k0 + j) * head_dim, head_dim, scores + j, ld_scores,
+                          FirstLanes(width - 16 * (vectors - 1)));
+  }
+}
+
+void StripAddContext(const float* probs, int64_t ld_probs, int64_t rows, const float* values, int64_t cols,
+                     int64_t head_dim, float* acc, int64_t ld_acc) {
+  kStripContexts[(head_dim + 15) / 16 - 1](probs, ld_probs, rows, values, cols, head_dim, acc, ld_acc);
+}
+
+}  // namespace attnserve

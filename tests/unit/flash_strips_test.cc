@@ -1,0 +1,151 @@
+// FlashAttention's f32 strip kernels (core/flash_strips_avx512.h): the matmuls against float64 products (every
+// head size they take, every strip height, key ranges that start on panels and end mid-panel, strided operands,
+// nothing written outside their rows and columns) and the softmax step against the portable one.
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "core/flash_strips_avx512.h"
+#include "core/row_softmax.h"
+#include "gtest/gtest.h"
+#include "tests/testing/naive_mha.h"
+
+namespace attnserve {
+namespace {
+
+using testing::RandomValues;
+
+constexpr float kCanary = 1234.5f;  // what the kernels must leave alone outside their outputs
+
+int64_t Pick(std::mt19937_64& rng, int64_t lo, int64_t hi) {
+  return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+}
+
+// Fails (rather than skips) where the kernels cannot run: this project's CI machines have AVX-512.
+void RequireStrips(int64_t head_dim) {
+  ASSERT_TRUE(FlashStripsAvailable(head_dim)) << "no AVX-512 F here, or ATTNSERVE_MAX_KERNEL_ISA caps it";
+}
+
+TEST(FlashStripsTest, PackKeyPanelsLaysKeysOutInPanelsOfSixteenZeroPadded) {
+  std::mt19937_64 rng(1);
+  const int64_t keys = 37, dh = 5, ld = 9;
+  const std::vector<float> k = RandomValues(rng, keys * ld);
+  std::vector<float> panels(PackedKeyFloats(keys, dh), kCanary);
+  ASSERT_EQ(panels.size(), 48u * dh);
+  PackKeyPanels(k.data(), keys, ld, dh, panels.data());
+  for (int64_t j = 0; j < 48; ++j) {
+    for (int64_t d = 0; d < dh; ++d) {
+      const float want = j < keys ? k[j * ld + d] : 0.0f;
+      EXPECT_EQ(panels[(j / 16) * 16 * dh + d * 16 + j % 16], want) << "key " << j << " dim " << d;
+    }
+  }
+}
+
+TEST(FlashStripsTest, ScoresMatchFloat64) {
+  std::mt19937_64 rng(20261206);
+  for (int iter = 0; iter < 400; ++iter) {
+    const int64_t dh = iter < 128 ? iter + 1 : Pick(rng, 1, kFlashStripMaxHeadDim);
+    RequireStrips(dh);
+    const int64_t rows = Pick(rng, 1, kFlashStripRows), keys = Pick(rng, 1, 300);
+    const int64_t k0 = Pick(rng, 0, (keys - 1) / 16) * 16, cols = Pick(rng, 1, keys - k0);
+    const int64_t ld_q = dh + Pick(rng, 0, 40), ld_k = dh + Pick(rng, 0, 40), ld_s = cols + Pick(rng, 0, 20);
+    SCOPED_TRACE(::testing::Message() << "dh " << dh << " rows " << rows << " keys " << keys << " k0 " << k0
+                                      << " cols " << cols);
+    const std::vector<float> q = RandomValues(rng, rows * ld_q), k = RandomValues(rng, keys * ld_k);
+    std::vector<float> panels(PackedKeyFloats(keys, dh));
+    PackKeyPanels(k.data(), keys, ld_k, dh, panels.data());
+    std::vector<float> scores(rows * ld_s, kCanary);
+    StripScores(q.data(), ld_q, rows, panels.data(), k0, cols, dh, scores.data(), ld_s);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < ld_s; ++j) {
+        const float got = scores[r * ld_s + j];
+        if (j >= cols) {
+          ASSERT_EQ(got, kCanary) << "wrote past its columns at row " << r << " col " << j;
+          continue;
+        }
+        double want = 0.0;
+        for (int64_t d = 0; d < dh; ++d) want += double{q[r * ld_q + d]} * k[(k0 + j) * ld_k + d];
+        ASSERT_NEAR(got, want, 1e-5 * std::sqrt(static_cast<double>(dh)) * 4) << "row " << r << " key " << j;
+      }
+    }
+  }
+}
+
+TEST(FlashStripsTest, ContextAddsToTheAccumulatorAsFloat64) {
+  std::mt19937_64 rng(20261207);
+  for (int iter = 0; iter < 400; ++iter) {
+    const int64_t dh = iter < 128 ? iter + 1 : Pick(rng, 1, kFlashStripMaxHeadDim);
+    RequireStrips(dh);
+    const int64_t rows = Pick(rng, 1, kFlashStripRows), cols = Pick(rng, 1, 300);
+    const int64_t ld_p = cols + Pick(rng, 0, 20), ld_acc = dh + Pick(rng, 0, 20);
+    SCOPED_TRACE(::testing::Message() << "dh " << dh << " rows " << rows << " cols " << cols);
+    std::vector<float> probs = RandomValues(rng, rows * ld_p);
+    for (float& p : probs) p = std::abs(p) / static_cast<float>(cols);  // softmax-sized weights
+    const std::vector<float> v = RandomValues(rng, cols * dh), start = RandomValues(rng, rows * ld_acc);
+    std::vector<float> acc = start;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t d = dh; d < ld_acc; ++d) acc[r * ld_acc + d] = kCanary;
+    }
+    StripAddContext(probs.data(), ld_p, rows, v.data(), cols, dh, acc.data(), ld_acc);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t d = 0; d < ld_acc; ++d) {
+        const float got = acc[r * ld_acc + d];
+        if (d >= dh) {
+          ASSERT_EQ(got, kCanary) << "wrote past the head at row " << r << " dim " << d;
+          continue;
+        }
+        double want = start[r * ld_acc + d];
+        for (int64_t j = 0; j < cols; ++j) want += double{probs[r * ld_p + j]} * v[j * dh + d];
+        ASSERT_NEAR(got, want, 2e-5) << "row " << r << " dim " << d;
+      }
+    }
+  }
+}
+
+// StripOnlineSoftmax against the portable OnlineSoftmaxBlock: the same probabilities, running max and sum and
+// rescaled context, for rows with an earlier state and without, causal prefixes of every length (none open,
+// part, all), masked keys (-inf), a row masked whole, and row tails that end mid-register.
+TEST(FlashStripsTest, StripSoftmaxMatchesTheOnlineSoftmaxBlock) {
+  RequireStrips(64);
+  std::mt19937_64 rng(20261208);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int iter = 0; iter < 300; ++iter) {
+    const int64_t rows = Pick(rng, 1, 8), cols = Pick(rng, 1, 300), ld = cols + Pick(rng, 0, 17);
+    const int64_t dh = Pick(rng, 1, 70), open0 = Pick(rng, -rows - 2, cols + 2);
+    SCOPED_TRACE(::testing::Message() << "rows " << rows << " cols " << cols << " open0 " << open0);
+    std::vector<float> scores = RandomValues(rng, rows * ld, 3.0f);
+    for (float& x : scores) {
+      if (Pick(rng, 0, 9) == 0) x = kNegInf;
+    }
+    if (Pick(rng, 0, 3) == 0) std::fill_n(scores.begin() + Pick(rng, 0, rows - 1) * ld, cols, kNegInf);
+    std::vector<float> row_max(rows), row_sum(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      const bool started = Pick(rng, 0, 2) != 0;
+      row_max[r] = started ? RandomValues(rng, 1, 3.0f)[0] : kNegInf;
+      row_sum[r] = started ? 1.0f + std::abs(RandomValues(rng, 1)[0]) : 0.0f;
+    }
+    const std::vector<float> acc = RandomValues(rng, rows * dh);
+    std::vector<float> want_scores = scores, want_max = row_max, want_sum = row_sum, want_acc = acc;
+    OnlineSoftmaxBlock(want_scores.data(), rows, cols, ld, open0, want_max.data(), want_sum.data(), want_acc.data(),
+                       dh, dh);
+    std::vector<float> got_acc = acc;
+    StripOnlineSoftmax(scores.data(), rows, cols, ld, open0, row_max.data(), row_sum.data(), got_acc.data(), dh, dh);
+    for (int64_t r = 0; r < rows; ++r) {
+      ASSERT_EQ(row_max[r], want_max[r]) << "row " << r;
+      ASSERT_NEAR(row_sum[r], want_sum[r], 1e-6 * std::abs(want_sum[r])) << "row " << r;
+      for (int64_t j = 0; j < cols; ++j) {
+        ASSERT_NEAR(scores[r * ld + j], want_scores[r * ld + j], 1e-6) << "row " << r << " key " << j;
+      }
+      for (int64_t d = 0; d < dh; ++d) ASSERT_NEAR(got_acc[r * dh + d], want_acc[r * dh + d], 1e-6) << "row " << r;
+    }
+  }
+}
+
+TEST(FlashStripsTest, HeadsWiderThanTheKernelsAreNotAvailable) {
+  EXPECT_FALSE(FlashStripsAvailable(kFlashStripMaxHeadDim + 1));
+  EXPECT_FALSE(FlashStripsAvailable(0));
+}
+
+}  // namespace
+}  // namespace attnserve

@@ -4,7 +4,8 @@
 #pragma once
 
 // GCC 12's AVX-512 intrinsic headers start some results from _mm*_undefined_*(), which -Wmaybe-uninitialized
-// reports once inlined (as in bf16_rows.cc). Clang has no such warning (and would reject the name).
+// reports once inlined (as in bf16_rows.cc). Clang has no such warning (and would reject the name). The warning
+// stays off for the rest of the including file: include this header only from the kernel files.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif

@@ -1,9 +1,9 @@
 // Attention for long sequences with the scores kept in cache (flash-style): softmax(Q K^T [+ causal]) V
 // computed per (sequence, head, query block), the key blocks in turn, with an online softmax (a running
 // max and sum per row, the context rescaled as the max grows), so that no scores block larger than
-// query_rows x key_cols ever exists. Causal key blocks past a query block's last row are not computed, and the
-// diagonal block, which its rows see only in part, is taken in quarters of the rows, each over the keys its last
-// row sees.
+// query_rows x key_cols ever exists. Causal key blocks past a query block's last row are not computed, and on
+// sgemm the diagonal block, which its rows see only in part, is taken in quarters of the rows, each over the keys
+// its last row sees.
 // In f32 on AVX-512 (head_dim <= 128) the blocks run on the project's strip kernels (core/flash_strips_avx512.h):
 // each thread packs the keys of the head it works on as panels and copies its values dense once, then takes a
 // query block in strips of 6 rows per key chunk (key_cols rounded up to 16), whose scores stay in the L1 cache
@@ -11,7 +11,7 @@
 // Elsewhere in f32 each thread copies the head's keys and values into dense [S, Dh] buffers (rows of the
 // projections are 3E floats apart) for oneDNN's sgemm (Sgemm: a primitive's per-call cost is a tenth of a
 // block's time); so does a bf16 layer with block matmuls on brgemm kernels (in bf16), which also copies each
-// query block dense. The softmax is the project's OnlineSoftmaxBlock. bf16 layers pass their bf16 copies of
+// query block dense; their softmax is the project's OnlineSoftmaxBlock. bf16 layers pass their bf16 copies of
 // Q, K and V and their bf16 matmul primitives (`bf16`): the block matmuls then multiply in bf16 (oneDNN 2.6 has
 // no bf16 gemm function), the softmax stays f32 and each block's probabilities are rounded to bf16 for the
 // context matmul.
@@ -74,14 +74,15 @@ struct FlashAttentionArgs {
   // f32 blocks on the strip kernels where FlashStripsAvailable(head_dim); false: on sgemm everywhere (for tests
   // and benchmarks to compare the two on one machine).
   bool f32_strips = true;
-  // Block sizes: one thread holds query_rows x key_cols scores and query_rows x Dh of context at a time.
+  // Block sizes: one thread holds query_rows x key_cols scores (on the strip kernels 6 x key_cols, rounded up to
+  // 16) and query_rows x Dh of context at a time.
   // MultiheadAttention passes its resolved Options::flash_query_rows / flash_key_cols (FlashBlockForCpu
   // unless configured); these defaults serve direct callers such as the tests.
   int64_t query_rows = 128, key_cols = 512;
 };
 
-// The scratch one thread holds, in bytes (its blocks and one head's dense keys and values): what a memory
-// budget counts per OpenMP thread.
+// The scratch one thread holds, in bytes (its blocks and one head's keys and values, dense or packed): what a
+// memory budget counts per OpenMP thread.
 int64_t FlashScratchBytes(const FlashAttentionArgs& args);
 
 // What the calling thread's FlashAttention buffers hold now (kept from call to call, grown to the largest), and
@@ -90,8 +91,9 @@ int64_t FlashScratchHeldBytes();
 void ReleaseFlashScratch(size_t keep_bytes);
 
 // Runs on `threads` OpenMP threads (1: on the caller alone, no parallel region), work items (sequence, head,
-// query block) taken in turn, each with single-threaded sgemm calls. `should_stop` (thread-safe) is asked
-// before each item; its first error, or a matmul's, is returned (the context is then partly written).
+// query block) taken in turn, each on the calling thread's strip kernels or single-threaded sgemm calls. `should_stop`
+// (thread-safe) is asked before each item; its first error, or a matmul's, is returned (the context is then partly
+// written).
 absl::Status FlashAttention(const FlashAttentionArgs& args, int threads, absl::FunctionRef<absl::Status()> should_stop);
 
 }  // namespace attnserve

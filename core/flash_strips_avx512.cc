@@ -1,6 +1,7 @@
 #include "core/flash_strips_avx512.h"
 
 #include <algorithm>
+#include <cassert>
 #include <limits>
 
 #include "core/avx512_target.h"
@@ -56,9 +57,10 @@ constexpr ScoresTileFn kScoresByWidth[kMaxKeyVectors] = {ScoresTile<R, 1>, Score
 constexpr const ScoresTileFn* kScoresTiles[kFlashStripRows] = {kScoresByWidth<1>, kScoresByWidth<2>, kScoresByWidth<3>,
                                                                kScoresByWidth<4>, kScoresByWidth<5>, kScoresByWidth<6>};
 
-// Rows per context tile for a head of kVectors registers: at most 24 accumulators, leaving registers for a
-// value row and a broadcast.
-constexpr int ContextTileRows(int vectors) { return vectors <= 4 ? 6 : vectors <= 6 ? 4 : 3; }
+// Rows per context tile for a head of kVectors registers: rows x kVectors accumulators, a value row (kVectors) and
+// a broadcast within the 32 registers, at most 6 rows (a strip).
+constexpr int ContextTileRows(int vectors) { return std::min(6, (32 - 1 - vectors) / vectors); }
+static_assert(ContextTileRows(4) == 6 && ContextTileRows(8) == 2, "registers of a context tile");
 
 // acc [R, Dh] += P [R, cols] . V [cols, Dh], Dh = 16 * kVectors with the last register masked to `last`: the
 // accumulators stay in registers over all `cols` keys. Per key: kVectors value loads and R broadcasts of P.
@@ -96,18 +98,20 @@ ATTN_AVX512 void ContextTile(const float* probs, int64_t ld_probs, const float* 
   }
 }
 
-// ContextTile for `rows` rows (1 <= rows <= ContextTileRows(kVectors)).
+// ContextTile for `rows` rows (1 <= rows <= ContextTileRows(kVectors): StripContext's tiles).
 template <int kVectors>
 ATTN_AVX512 void ContextTileOf(int64_t rows, const float* probs, int64_t ld_probs, const float* values, int64_t cols,
                                int64_t dh, float* acc, int64_t ld_acc, __mmask16 last) {
   constexpr int kRows = ContextTileRows(kVectors);
+  assert(rows >= 1 && rows <= kRows);
   switch (rows) {
     case 1:
       return ContextTile<1, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
     case 2:
       return ContextTile<2, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
     case 3:
-      return ContextTile<3, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
+      if constexpr (kRows >= 3) return ContextTile<3, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
+      break;
     case 4:
       if constexpr (kRows >= 4) return ContextTile<4, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
       break;
@@ -207,8 +211,7 @@ void PackKeyPanels(const float* keys, int64_t num_keys, int64_t ld, int64_t head
   const int64_t padded = PackedKeyFloats(num_keys, head_dim) / head_dim;
   for (int64_t j = 0; j < padded; ++j) {
     float* dst = panels + (j / kKeyPanelKeys) * kKeyPanelKeys * head_dim + j % kKeyPanelKeys;
-    const float* src = keys + j * ld;
-    for (int64_t d = 0; d < head_dim; ++d) dst[d * kKeyPanelKeys] = j < num_keys ? src[d] : 0.0f;
+    for (int64_t d = 0; d < head_dim; ++d) dst[d * kKeyPanelKeys] = j < num_keys ? keys[j * ld + d] : 0.0f;
   }
 }
 

@@ -32,7 +32,7 @@ void OnlineSoftmaxBlock(float* scores, int64_t rows, int64_t cols, int64_t ld, i
                         float* row_sum, float* acc, int64_t acc_cols, int64_t ld_acc);
 
 // One row's running state after a key block of the online softmax, its open scores already exp(s - block_max):
-// block_max is the new running max (>= *row_max, finite) and block_sum the sum of those exponentials.
+// block_max is the new running max (>= *row_max, not -inf) and block_sum the sum of those exponentials.
 // *row_sum = *row_sum * exp(*row_max - block_max) + block_sum, the row's context (acc_cols floats) scaled by
 // the same factor (not touched while *row_max is -inf: nothing accumulated yet), *row_max = block_max.
 void FoldBlockIntoRow(float block_max, float block_sum, float* row_max, float* row_sum, float* acc_row,

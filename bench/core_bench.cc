@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/half_float.h"
+#include "common/status_macros.h"
 #include "core/decoder_attention.h"
 #include "core/flash_attention.h"
 #include "core/multihead_attention.h"
@@ -83,9 +84,36 @@ void BM_LongAttention(benchmark::State& state) {
   TimeSelfAttention(state, options, causal, flops, state.range(6) != 0 ? l / 8 : 0);
 }
 
+// A bf16 layer's FlashAttention operands for `args`: bf16 copies of its projections and its bf16 matmuls, with whole
+// blocks on brgemm kernels where it has them (as MultiheadAttention builds them, at FlashBlockForCpu(kBFloat16)).
+struct FlashBf16Operands {
+  std::vector<uint16_t> qkv16;
+  std::unique_ptr<HeadMatmulOp> scores_op, context_op;
+  std::unique_ptr<Bf16BlockMatmul> block_scores, block_context;
+
+  absl::Status Attach(const std::vector<float>& qkv, FlashAttentionArgs& args) {
+    for (float x : qkv) qkv16.push_back(FloatToBFloat16(x));
+    const int64_t dh = args.head_dim, e = args.heads * dh, l = args.q_len;
+    std::tie(args.query_rows, args.key_cols) = FlashBlockForCpu(ComputeType::kBFloat16);
+    ATTN_ASSIGN_OR_RETURN(scores_op, HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, dh, ComputeType::kBFloat16));
+    ATTN_ASSIGN_OR_RETURN(context_op,
+                          HeadMatmulOp::Create(HeadMatmulOp::Kind::kContextAdd, dh, ComputeType::kBFloat16));
+    auto scores = Bf16BlockMatmul::Create(args.query_rows, args.key_cols, dh, true, false);
+    auto context = Bf16BlockMatmul::Create(args.query_rows, dh, args.key_cols, false, true);
+    if (scores.ok() && context.ok()) {
+      block_scores = *std::move(scores);
+      block_context = *std::move(context);
+    }
+    args.bf16 = {qkv16.data(), qkv16.data() + e, qkv16.data() + 2 * e, 3 * e, l * 3 * e, l * 3 * e,
+                 scores_op.get(), context_op.get(), block_scores.get(), block_context.get()};
+    return absl::OkStatus();
+  }
+};
+
 // FlashAttention alone, on projections laid out as a self-attention layer's ([L, 3E] rows) on all threads:
 // the attention part of BM_LongAttention without its projections. GFLOPS counts QK^T and PV (4 L^2 E, the
-// pairs a causal mask keeps when causal). Args: L, E, H, causal (0/1), strips (0: f32 blocks on sgemm).
+// pairs a causal mask keeps when causal). Args: L, E, H, causal (0/1), strips (0: blocks on sgemm, or for bf16 on
+// the layer's bf16 matmuls and brgemm blocks), bf16 (1: a BFLOAT16 layer's operands, FlashBf16Operands).
 void BM_FlashAttention(benchmark::State& state) {
   const int64_t l = state.range(0), e = state.range(1), h = state.range(2);
   const bool causal = state.range(3) != 0;
@@ -103,8 +131,13 @@ void BM_FlashAttention(benchmark::State& state) {
   args.out = out.data();
   args.out_ld = e;
   args.out_seq_stride = l * e;
-  args.f32_strips = state.range(4) != 0;
+  args.strips = state.range(4) != 0;
   std::tie(args.query_rows, args.key_cols) = FlashBlockForCpu();
+  FlashBf16Operands bf16;
+  if (state.range(5) != 0) {
+    const absl::Status attached = bf16.Attach(qkv, args);
+    if (!attached.ok()) return state.SkipWithError(attached.ToString().c_str());
+  }
   for (auto _ : state) {
     const absl::Status status = FlashAttention(args, omp_get_max_threads(), [] { return absl::OkStatus(); });
     if (!status.ok()) state.SkipWithError(status.ToString().c_str());
@@ -112,6 +145,7 @@ void BM_FlashAttention(benchmark::State& state) {
   }
   const double pairs = causal ? 0.5 * static_cast<double>(l) * static_cast<double>(l + 1) : 1.0 * l * l;
   state.counters["GFLOPS"] = benchmark::Counter(4.0 * pairs * e / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel(FlashOnStrips(args) ? "strips" : "matmuls");
 }
 
 // Times ForwardBatch over separate [1, len, E] self-attention requests, one per entry of `lengths`, on a layer
@@ -443,9 +477,9 @@ BENCHMARK(BM_LongAttention)
     ->MinTime(1.0)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_FlashAttention)
-    ->ArgsProduct({{2048}, {1024}, {16}, {0, 1}, {0, 1}})
-    ->ArgsProduct({{8192}, {1024}, {16}, {1}, {0, 1}})
-    ->ArgNames({"L", "E", "H", "causal", "strips"})
+    ->ArgsProduct({{2048}, {1024}, {16}, {0, 1}, {0, 1}, {0, 1}})
+    ->ArgsProduct({{8192}, {1024}, {16}, {1}, {0, 1}, {0, 1}})
+    ->ArgNames({"L", "E", "H", "causal", "strips", "bf16"})
     ->UseRealTime()
     ->MinTime(1.0)
     ->Unit(benchmark::kMillisecond);

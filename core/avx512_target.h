@@ -14,3 +14,8 @@
 
 #define ATTN_AVX512 __attribute__((target("avx512f")))
 #define ATTN_AVX512_INLINE __attribute__((target("avx512f"), always_inline)) inline
+
+// Kernels using AVX512_BF16 (vdpbf16ps, vcvtne2ps2bf16) with AVX-512 BW/VL's 16-bit masked stores: called only
+// where the CPU has AVX512_BF16 (CpuHasAvx512Bf16, core/bf16_rows.h), which every such CPU pairs with BW and VL.
+#define ATTN_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define ATTN_AVX512_BF16_INLINE __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline)) inline

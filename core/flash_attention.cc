@@ -10,6 +10,7 @@
 #include "common/status_macros.h"
 #include "core/bf16_rows.h"
 #include "core/flash_strips_avx512.h"
+#include "core/flash_strips_bf16.h"
 #include "core/onednn_ops.h"
 #include "core/row_softmax.h"
 #include "core/simd_loops.h"
@@ -66,10 +67,15 @@ T* Sized(std::vector<T>& buf, int64_t n) {
   return buf.data();
 }
 
-// As Sized, the first element on a 64-byte boundary (a cache line; whole AVX-512 registers): n + 15 held.
-float* AlignedSized(std::vector<float>& buf, int64_t n) {
-  const uintptr_t at = reinterpret_cast<uintptr_t>(Sized(buf, n + 15));
-  return reinterpret_cast<float*>((at + 63) & ~uintptr_t{63});
+// Elements AlignedSized holds beyond n: up to a 64-byte boundary.
+template <typename T>
+constexpr int64_t kAlignPad = 64 / sizeof(T) - 1;
+
+// As Sized, the first element on a 64-byte boundary (a cache line; whole AVX-512 registers): n + kAlignPad held.
+template <typename T>
+T* AlignedSized(std::vector<T>& buf, int64_t n) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(Sized(buf, n + kAlignPad<T>));
+  return reinterpret_cast<T*>((at + 63) & ~uintptr_t{63});
 }
 
 // Rows [0, rows) of head h of sequence b (at src + b * seq_stride + row * ld + h * dh) into dense [rows, dh].
@@ -197,7 +203,7 @@ struct BlockMatmuls {
 // A whole query block (lb == query_rows) that meets a whole key block: the dense bf16 copies for the block
 // matmuls on brgemm kernels (its query rows, the head's keys and values) and their probabilities' buffer, in mm.
 void SetUpWholeBlocks(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, int64_t l0, FlashScratch& s,
-                BlockMatmuls* mm) {
+                      BlockMatmuls* mm) {
   const FlashBf16& w = a.bf16;
   const int64_t dh = a.head_dim, lb = a.query_rows;
   DenseHeadKvBf16(a, call, b, h, s);
@@ -210,20 +216,75 @@ void SetUpWholeBlocks(const FlashAttentionArgs& a, int64_t call, int64_t b, int6
   mm->q_l0 = l0;
 }
 
-// The f32 strip path's operands of head h of sequence b: its keys packed as panels (PackKeyPanels) and its values
-// dense [S, Dh], once per (call, sequence, head) by each thread that takes one of its query blocks.
-void PackedHeadKv(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, FlashScratch& s,
-                  const float** panels, const float** values) {
+// A head's operands on the strip kernels: f32 keys as panels (PackKeyPanels) and values dense [S, Dh]; or, for a
+// bf16 layer, its bf16 keys as pair panels (PackKeyPairPanels), values as key pairs (PackValuePairs) and a strip's
+// bf16 probabilities. Packed once per (call, sequence, head) by each thread that takes one of its query blocks.
+struct StripHead {
+  const FlashAttentionArgs& a;
+  int64_t b, h;
+  const float *panels = nullptr, *values = nullptr;
+  const uint16_t *panels16 = nullptr, *pairs16 = nullptr;
+  uint16_t* probs16 = nullptr;
+  int64_t ld_probs16 = 0;
+
+  // scores [rb, cols] (row stride ld) = query rows [row, row + rb) . keys [k0, k0 + cols)^T.
+  void Scores(int64_t row, int64_t rb, int64_t k0, int64_t cols, float* scores, int64_t ld) const {
+    const int64_t dh = a.head_dim;
+    if (panels16 == nullptr) return StripScores(Row(a.q, b, h, row, dh), a.q.ld, rb, panels, k0, cols, dh, scores, ld);
+    const FlashBf16& w = a.bf16;
+    StripScoresBf16(w.q + b * w.q_seq_stride + row * w.ld + h * dh, w.ld, rb, panels16, k0, cols, dh, scores, ld);
+  }
+
+  // acc [rb, Dh] += probs [rb, cols] (row stride ld) . values [k0, k0 + cols), in bf16 for a bf16 layer.
+  void AddContext(const float* probs, int64_t ld, int64_t rb, int64_t k0, int64_t cols, float* acc) const {
+    const int64_t dh = a.head_dim;
+    if (panels16 == nullptr) return StripAddContext(probs, ld, rb, values + k0 * dh, cols, dh, acc, dh);
+    StripProbsToBf16(probs, ld, rb, cols, probs16, ld_probs16);
+    StripAddContextBf16(probs16, ld_probs16, rb, pairs16, k0, cols, dh, acc, dh);
+  }
+};
+
+void PackHeadF32(FlashScratch& s, bool fill, StripHead* head) {
+  const FlashAttentionArgs& a = head->a;
   const int64_t dh = a.head_dim;
   float* k = AlignedSized(s.head_k, PackedKeyFloats(a.kv_len, dh));
   float* v = AlignedSized(s.head_v, a.kv_len * dh);
-  if (!SameHead(s, call, b, h)) {
-    PackKeyPanels(Row(a.k, b, h, 0, dh), a.kv_len, a.k.ld, dh, k);
-    CopyHeadRows(a.v.data, a.v.seq_stride, a.v.ld, b, h, a.kv_len, dh, v);
-    MarkHead(s, call, b, h);
+  if (fill) {
+    PackKeyPanels(Row(a.k, head->b, head->h, 0, dh), a.kv_len, a.k.ld, dh, k);
+    CopyHeadRows(a.v.data, a.v.seq_stride, a.v.ld, head->b, head->h, a.kv_len, dh, v);
   }
-  *panels = k;
-  *values = v;
+  head->panels = k;
+  head->values = v;
+}
+
+void PackHeadBf16(FlashScratch& s, bool fill, int64_t strip_keys, StripHead* head) {
+  const FlashAttentionArgs& a = head->a;
+  const FlashBf16& w = a.bf16;
+  const int64_t dh = a.head_dim, first = head->b * w.kv_seq_stride + head->h * dh;
+  uint16_t* k = AlignedSized(s.head_k16, PackedKeyPairElems(a.kv_len, dh));
+  uint16_t* v = AlignedSized(s.head_v16, PackedValuePairElems(a.kv_len, dh));
+  if (fill) {
+    PackKeyPairPanels(w.k + first, a.kv_len, w.ld, dh, k);
+    PackValuePairs(w.v + first, a.kv_len, w.ld, dh, v);
+  }
+  head->panels16 = k;
+  head->pairs16 = v;
+  head->probs16 = AlignedSized(s.probs16, kFlashStripRows * strip_keys);
+  head->ld_probs16 = strip_keys;
+}
+
+// Head h of sequence b's strip operands in this thread's scratch, packed unless they are already.
+StripHead PackedHead(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, int64_t strip_keys,
+                     FlashScratch& s) {
+  StripHead head{a, b, h};
+  const bool fill = !SameHead(s, call, b, h);
+  if (a.bf16.scores_op == nullptr) {
+    PackHeadF32(s, fill, &head);
+  } else {
+    PackHeadBf16(s, fill, strip_keys, &head);
+  }
+  if (fill) MarkHead(s, call, b, h);
+  return head;
 }
 
 // One query block's running state: its scores block, context accumulator and per-row max and sum.
@@ -307,25 +368,19 @@ absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t call, int64_t
   return absl::OkStatus();
 }
 
-// Whether f32 blocks take the strip kernels (core/flash_strips_avx512.h) rather than sgemm.
-bool OnStrips(const FlashAttentionArgs& a) {
-  return a.f32_strips && a.bf16.scores_op == nullptr && FlashStripsAvailable(a.head_dim);
-}
-
 // The strip path's key chunk: key_cols rounded up to whole key panels.
 int64_t StripKeyChunk(const FlashAttentionArgs& a) {
   return (std::min(a.key_cols, a.kv_len) + kKeyPanelKeys - 1) / kKeyPanelKeys * kKeyPanelKeys;
 }
 
-// AttendQueryBlock on the strip kernels (f32): per key chunk, each strip of kFlashStripRows query rows takes its
+// AttendQueryBlock on the strip kernels: per key chunk, each strip of kFlashStripRows query rows takes its
 // scores, masks, online softmax step and context while its scores stay in the L1 cache. A causal strip stops
 // at the last key its last row sees.
 absl::Status AttendQueryBlockInStrips(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, int64_t l0) {
   const int64_t dh = a.head_dim, lb = std::min(a.query_rows, a.q_len - l0), kc = StripKeyChunk(a);
   FlashScratch& s = ThreadFlashScratch();
   const QueryBlockState st = StartQueryBlock(s, lb, dh, AlignedSized(s.scores, kFlashStripRows * kc));
-  const float *panels = nullptr, *values = nullptr;
-  PackedHeadKv(a, call, b, h, s, &panels, &values);
+  const StripHead head = PackedHead(a, call, b, h, kc, s);
   const int64_t key_end = KeyEnd(a, l0, lb);
   for (int64_t k0 = 0; k0 < key_end; k0 += kc) {
     const int64_t kb = std::min(kc, key_end - k0);
@@ -336,12 +391,12 @@ absl::Status AttendQueryBlockInStrips(const FlashAttentionArgs& a, int64_t call,
       const int64_t rb = std::min(kFlashStripRows, lb - r0), row = l0 + r0;
       const int64_t seen = a.causal ? std::min(kb, row + rb - k0) : kb;
       if (seen <= 0) continue;  // rows before the chunk's first key
-      StripScores(Row(a.q, b, h, row, dh), a.q.ld, rb, panels, k0, seen, dh, st.scores, kc);
+      head.Scores(row, rb, k0, seen, st.scores, kc);
       if (kind == KeyBlock::kMixed) AddKeyBias(bias, rb, seen, st.scores, kc);
       if (a.add_mask) a.add_mask(b, h, row, rb, k0, seen, st.scores, kc);
       StripOnlineSoftmax(st.scores, rb, seen, kc, a.causal ? row - k0 + 1 : seen, st.row_max + r0, st.row_sum + r0,
                          st.acc + r0 * dh, dh, dh);
-      StripAddContext(st.scores, kc, rb, values + k0 * dh, seen, dh, st.acc + r0 * dh, dh);
+      head.AddContext(st.scores, kc, rb, k0, seen, st.acc + r0 * dh);
     }
   }
   WriteContext(a, b, h, l0, lb, st);
@@ -366,12 +421,24 @@ absl::Status CheckBlockMatmuls(const FlashAttentionArgs& a) {
 
 }  // namespace
 
+bool FlashBf16OnStrips(int64_t head_dim) { return FlashBf16StripsAvailable(head_dim) && !OnednnUsesAmx(); }
+
+bool FlashOnStrips(const FlashAttentionArgs& a) {
+  if (!a.strips) return false;
+  return a.bf16.scores_op == nullptr ? FlashStripsAvailable(a.head_dim) : FlashBf16OnStrips(a.head_dim);
+}
+
 int64_t FlashScratchBytes(const FlashAttentionArgs& a) {
-  if (OnStrips(a)) {  // a strip's scores, the block's context and row state, the packed keys and the values
-    const int64_t rows = std::min(a.query_rows, a.q_len), aligned = 15;
-    const int64_t floats = kFlashStripRows * StripKeyChunk(a) + aligned + rows * (a.head_dim + 2) + aligned +
-                           PackedKeyFloats(a.kv_len, a.head_dim) + aligned + a.kv_len * a.head_dim + aligned;
-    return static_cast<int64_t>(sizeof(float)) * floats;
+  if (FlashOnStrips(a)) {  // a strip's scores, the block's context and row state, the packed keys and the values
+    const int64_t rows = std::min(a.query_rows, a.q_len), kc = StripKeyChunk(a), dh = a.head_dim;
+    const int64_t floats = kFlashStripRows * kc + rows * dh + 2 * rows + 2 * kAlignPad<float>;
+    if (a.bf16.scores_op == nullptr) {
+      const int64_t head = PackedKeyFloats(a.kv_len, dh) + a.kv_len * dh + 2 * kAlignPad<float>;
+      return static_cast<int64_t>(sizeof(float)) * (floats + head);
+    }
+    const int64_t head16 = PackedKeyPairElems(a.kv_len, dh) + PackedValuePairElems(a.kv_len, dh) +
+                           kFlashStripRows * kc + 3 * kAlignPad<uint16_t>;  // with a strip's bf16 probabilities
+    return static_cast<int64_t>(sizeof(float)) * floats + static_cast<int64_t>(sizeof(uint16_t)) * head16;
   }
   const int64_t rows = std::min(a.query_rows, a.q_len), cols = std::min(a.key_cols, a.kv_len);
   const int64_t block = static_cast<int64_t>(sizeof(float)) * (rows * (cols + a.head_dim + 2) + 15);  // acc aligned
@@ -398,7 +465,7 @@ absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::Func
   std::atomic<bool> failed{false};
   static std::atomic<int64_t> calls{0};
   const int64_t call = calls.fetch_add(1, std::memory_order_relaxed);
-  const bool strips = OnStrips(a);
+  const bool strips = FlashOnStrips(a);
   auto run = [&](int64_t item) {
     if (failed.load(std::memory_order_relaxed)) return;
     // A head's query blocks one after another: its K and V (2 x L x Dh floats) stay in the L3 cache for the
@@ -425,7 +492,10 @@ absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::Func
     // No parallel construct at all: inside one, every oneDNN call would start a nested team.
     for (int64_t i = 0; i < items; ++i) run(i);
   } else {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    // Whole heads per thread where there are enough to share out: each thread taking blocks of a head packs or copies
+    // that head's keys and values, which on the strip kernels costs about as much as an eighth of its blocks.
+    const int64_t chunk = a.batch * a.heads >= 4 * threads ? query_blocks : 1;
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads)
     for (int64_t i = 0; i < items; ++i) run(i);
   }
   for (absl::Status& status : statuses) {

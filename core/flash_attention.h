@@ -7,8 +7,11 @@
 // In f32 on AVX-512 (head_dim <= 128) the blocks run on the project's strip kernels (core/flash_strips_avx512.h):
 // each thread packs the keys of the head it works on as panels and copies its values dense once, then takes a
 // query block in strips of 6 rows per key chunk (key_cols rounded up to 16), whose scores stay in the L1 cache
-// from the matmul through the softmax step to the context. A causal strip stops at its last row's last key.
-// Elsewhere in f32 each thread copies the head's keys and values into dense [S, Dh] buffers (rows of the
+// from the matmul through the softmax step to the context. A causal strip stops at its last row's last key. bf16
+// layers on AVX512_BF16 without AMX take the same strips on bf16 kernels (core/flash_strips_bf16.h): keys and
+// values packed in pairs from the layer's bf16 rows, products in bf16, the softmax in f32, each strip's
+// probabilities rounded to bf16 for its context.
+// Elsewhere each f32 thread copies the head's keys and values into dense [S, Dh] buffers (rows of the
 // projections are 3E floats apart) for oneDNN's sgemm (Sgemm: a primitive's per-call cost is a tenth of a
 // block's time); so does a bf16 layer with block matmuls on brgemm kernels (in bf16), which also copies each
 // query block dense; their softmax is the project's OnlineSoftmaxBlock. bf16 layers pass their bf16 copies of
@@ -71,15 +74,22 @@ struct FlashAttentionArgs {
   // written once its Q block is no longer read.
   float* out = nullptr;
   int64_t out_ld = 0, out_seq_stride = 0;
-  // f32 blocks on the strip kernels where FlashStripsAvailable(head_dim); false: on sgemm everywhere (for tests
+  // Blocks on the strip kernels where FlashOnStrips; false: on sgemm or the bf16 matmuls everywhere (for tests
   // and benchmarks to compare the two on one machine).
-  bool f32_strips = true;
+  bool strips = true;
   // Block sizes: one thread holds query_rows x key_cols scores (on the strip kernels 6 x key_cols, rounded up to
   // 16) and query_rows x Dh of context at a time.
   // MultiheadAttention passes its resolved Options::flash_query_rows / flash_key_cols (FlashBlockForCpu
   // unless configured); these defaults serve direct callers such as the tests.
   int64_t query_rows = 128, key_cols = 512;
 };
+
+// Whether `a`'s blocks run on the strip kernels here: `strips`, and in f32 FlashStripsAvailable(head_dim); for a bf16
+// layer FlashBf16StripsAvailable(head_dim) where oneDNN does not run AMX (there its brgemm blocks stay: AMX tiles
+// multiply 16 times the pairs of a vdpbf16ps per instruction).
+bool FlashOnStrips(const FlashAttentionArgs& a);
+// The same for a bf16 layer of head_dim (with `strips` set).
+bool FlashBf16OnStrips(int64_t head_dim);
 
 // The scratch one thread holds, in bytes (its blocks and one head's keys and values, dense or packed): what a
 // memory budget counts per OpenMP thread.

@@ -8,14 +8,12 @@
 #include "core/exp_avx512.h"
 #include "core/kernel_variants.h"
 #include "core/row_softmax.h"
+#include "core/strip_tiles.h"
 
 namespace attnserve {
 namespace {
 
 constexpr int kMaxKeyVectors = 4;  // a scores tile is at most 64 keys wide: 6 x 4 accumulators
-
-// Lanes [0, n) of a register, 1 <= n <= 16.
-inline __mmask16 FirstLanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
 
 // scores [R, 16 * kVectors] (the last register masked to `last`) = Q [R, Dh] . the kVectors panels from `panel`.
 // Per head dimension: kVectors panel loads and R broadcasts of Q for R x kVectors FMAs.
@@ -40,13 +38,7 @@ ATTN_AVX512 void ScoresTile(const float* q, int64_t ld_q, const float* panel, in
       for (int t = 0; t < kVectors; ++t) acc[r][t] = _mm512_fmadd_ps(qd, keys[t], acc[r][t]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int t = 0; t < kVectors; ++t) {
-      _mm512_mask_storeu_ps(scores + r * ld_scores + t * 16, t + 1 < kVectors ? __mmask16{0xFFFF} : last, acc[r][t]);
-    }
-  }
+  StoreTile(acc, last, scores, ld_scores);
 }
 
 using ScoresTileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, __mmask16);
@@ -57,30 +49,19 @@ constexpr ScoresTileFn kScoresByWidth[kMaxKeyVectors] = {ScoresTile<R, 1>, Score
 constexpr const ScoresTileFn* kScoresTiles[kFlashStripRows] = {kScoresByWidth<1>, kScoresByWidth<2>, kScoresByWidth<3>,
                                                                kScoresByWidth<4>, kScoresByWidth<5>, kScoresByWidth<6>};
 
-// Rows per context tile for a head of kVectors registers: rows x kVectors accumulators, a value row (kVectors) and
-// a broadcast within the 32 registers, at most 6 rows (a strip).
-constexpr int ContextTileRows(int vectors) { return std::min(6, (32 - 1 - vectors) / vectors); }
-static_assert(ContextTileRows(4) == 6 && ContextTileRows(8) == 2, "registers of a context tile");
-
 // acc [R, Dh] += P [R, cols] . V [cols, Dh], Dh = 16 * kVectors with the last register masked to `last`: the
 // accumulators stay in registers over all `cols` keys. Per key: kVectors value loads and R broadcasts of P.
 template <int R, int kVectors>
 ATTN_AVX512 void ContextTile(const float* probs, int64_t ld_probs, const float* values, int64_t cols, int64_t dh,
                              float* acc, int64_t ld_acc, __mmask16 last) {
   __m512 sum[R][kVectors];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int i = 0; i < kVectors; ++i) {
-      sum[r][i] = _mm512_maskz_loadu_ps(i + 1 < kVectors ? __mmask16{0xFFFF} : last, acc + r * ld_acc + 16 * i);
-    }
-  }
+  LoadTile(acc, ld_acc, last, sum);
   for (int64_t j = 0; j < cols; ++j) {
     const float* row = values + j * dh;
     __m512 v[kVectors];
 #pragma GCC unroll 8
     for (int i = 0; i < kVectors; ++i) {
-      v[i] = _mm512_maskz_loadu_ps(i + 1 < kVectors ? __mmask16{0xFFFF} : last, row + 16 * i);
+      v[i] = _mm512_maskz_loadu_ps(TileMask<kVectors>(i, last), row + 16 * i);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -89,39 +70,7 @@ ATTN_AVX512 void ContextTile(const float* probs, int64_t ld_probs, const float* 
       for (int i = 0; i < kVectors; ++i) sum[r][i] = _mm512_fmadd_ps(p, v[i], sum[r][i]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int i = 0; i < kVectors; ++i) {
-      _mm512_mask_storeu_ps(acc + r * ld_acc + 16 * i, i + 1 < kVectors ? __mmask16{0xFFFF} : last, sum[r][i]);
-    }
-  }
-}
-
-// ContextTile for `rows` rows (1 <= rows <= ContextTileRows(kVectors): StripContext's tiles).
-template <int kVectors>
-ATTN_AVX512 void ContextTileOf(int64_t rows, const float* probs, int64_t ld_probs, const float* values, int64_t cols,
-                               int64_t dh, float* acc, int64_t ld_acc, __mmask16 last) {
-  constexpr int kRows = ContextTileRows(kVectors);
-  assert(rows >= 1 && rows <= kRows);
-  switch (rows) {
-    case 1:
-      return ContextTile<1, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
-    case 2:
-      return ContextTile<2, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
-    case 3:
-      if constexpr (kRows >= 3) return ContextTile<3, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
-      break;
-    case 4:
-      if constexpr (kRows >= 4) return ContextTile<4, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
-      break;
-    case 5:
-      if constexpr (kRows >= 5) return ContextTile<5, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
-      break;
-    case 6:
-      if constexpr (kRows >= 6) return ContextTile<6, kVectors>(probs, ld_probs, values, cols, dh, acc, ld_acc, last);
-      break;
-  }
+  StoreTile(sum, last, acc, ld_acc);
 }
 
 // A strip's context in tiles of ContextTileRows(kVectors) rows.
@@ -131,8 +80,10 @@ ATTN_AVX512 void StripContext(const float* probs, int64_t ld_probs, int64_t rows
   constexpr int kRows = ContextTileRows(kVectors);
   const __mmask16 last = FirstLanes(dh - 16 * (kVectors - 1));
   for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-    ContextTileOf<kVectors>(std::min<int64_t>(kRows, rows - r0), probs + r0 * ld_probs, ld_probs, values, cols, dh,
-                            acc + r0 * ld_acc, ld_acc, last);
+    WithCount<kRows>(std::min<int64_t>(kRows, rows - r0), [&](auto tile_rows) {
+      ContextTile<decltype(tile_rows)::value, kVectors>(probs + r0 * ld_probs, ld_probs, values, cols, dh,
+                                                        acc + r0 * ld_acc, ld_acc, last);
+    });
   }
 }
 

@@ -693,6 +693,7 @@ FlashAttentionArgs MultiheadAttention::FlashShape(const ParsedAttention& p) cons
   a.causal = p.inputs->is_causal;
   a.query_rows = options_.flash_query_rows;
   a.key_cols = options_.flash_key_cols;
+  a.strips = options_.flash_strips;
   if (compute_ == ComputeType::kBFloat16) {
     a.bf16.scores_op = scores_op_.get();
     a.bf16.context_add_op = context_add_op_.get();

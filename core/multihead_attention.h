@@ -92,6 +92,9 @@ class MultiheadAttention : public AppendEngine {
     // blocks than its AVX2 ones to amortise that (BENCHMARKS.md has the measurements).
     int64_t flash_query_rows = 0;
     int64_t flash_key_cols = 0;
+    // FlashAttention's blocks on the project's strip kernels where it has them (FlashOnStrips: f32 on AVX-512, bf16
+    // on AVX512_BF16 without AMX); false: on sgemm or the layer's bf16 matmuls (to compare the two in one run).
+    bool flash_strips = true;
     // bf16 layers on brgemm kernels: requests whose query and key lengths are both at most this many tokens and that
     // ask no weights run ShortAttention (core/short_attention.h): per sequence, all heads in two fixed-size bf16
     // matmuls on brgemm kernels, ahead of the blocked and flash paths. 0 disables.

@@ -9,6 +9,8 @@
 #include <random>
 #include <string>
 
+#include "absl/strings/str_cat.h"
+#include "common/half_float.h"
 #include "core/flash_attention.h"
 #include "core/flash_strips_avx512.h"
 #include "core/multihead_attention.h"
@@ -152,9 +154,9 @@ TEST(FlashAttentionTest, DefaultBlocksOnALongCausalSequence) {
 // A BFLOAT16 layer with bf16 brgemm kernels takes 256 x 256 flash blocks, whole ones on brgemm kernels
 // (Bf16BlockMatmul, from dense bf16 copies), ragged and causal-diagonal ones on its runtime-size matmuls: L=700 has
 // both kinds each way. Within the bf16 bound of the float64 reference and of the blocked path, with and without a float
-// key padding mask that masks a whole block of keys (skipped) and scattered keys.
-TEST(FlashAttentionTest, Bf16WholeBrgemmBlocksMatchTheReference) {
-  if (OnednnBf16Support() == Bf16Support::kUnavailable) GTEST_SKIP() << "no bf16 matmul on this CPU";
+// key padding mask that masks a whole block of keys (skipped) and scattered keys. With flash_strips, where the bf16
+// strip kernels run (AVX512_BF16 without AMX) they take every block instead, and the brgemm blocks none.
+void ExpectBf16FlashBlocksMatchTheReference(bool strips) {
   std::mt19937_64 rng(9);
   MhaConfig config{256, 4, 0, 0, true};
   const MhaWeights weights = testing::RandomTestWeights(config, rng);
@@ -162,6 +164,7 @@ TEST(FlashAttentionTest, Bf16WholeBrgemmBlocksMatchTheReference) {
   options.config = config;
   options.compute = ComputeType::kBFloat16;
   options.flash_min_keys = 512;
+  options.flash_strips = strips;
   auto flash = MultiheadAttention::Create(options, weights);
   ASSERT_TRUE(flash.ok()) << flash.status();
   options.flash_min_keys = 0;
@@ -193,9 +196,23 @@ TEST(FlashAttentionTest, Bf16WholeBrgemmBlocksMatchTheReference) {
       EXPECT_LE(MaxAbsDiff(got->output.values, other->output.values), 3e-2) << what;
     }
   }
-  EXPECT_EQ((*flash)->flash_brgemm_block_matmuls() > 0, OnednnHasBf16Brgemm());
-  if (!OnednnHasBf16Brgemm()) return;
-  // Block matmuls of other sizes than the blocks are refused, not run out of bounds.
+  const bool on_strips = strips && FlashBf16OnStrips(config.head_dim());
+  EXPECT_EQ((*flash)->flash_brgemm_block_matmuls() > 0, OnednnHasBf16Brgemm() && !on_strips);
+}
+
+TEST(FlashAttentionTest, Bf16WholeBrgemmBlocksMatchTheReference) {
+  if (OnednnBf16Support() == Bf16Support::kUnavailable) GTEST_SKIP() << "no bf16 matmul on this CPU";
+  ExpectBf16FlashBlocksMatchTheReference(false);
+}
+
+TEST(FlashAttentionTest, Bf16StripKernelsMatchTheReference) {
+  if (OnednnBf16Support() == Bf16Support::kUnavailable) GTEST_SKIP() << "no bf16 matmul on this CPU";
+  ExpectBf16FlashBlocksMatchTheReference(true);
+}
+
+// Block matmuls of other sizes than the blocks are refused, not run out of bounds.
+TEST(FlashAttentionTest, Bf16BlockMatmulsOfOtherSizesAreRefused) {
+  if (!OnednnHasBf16Brgemm()) GTEST_SKIP() << "no bf16 brgemm kernels on this CPU";
   auto scores = Bf16BlockMatmul::Create(256, 256, 64, true, false);
   auto context = Bf16BlockMatmul::Create(256, 64, 256, false, true);
   auto scores_op = HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, 64, ComputeType::kBFloat16);
@@ -258,7 +275,8 @@ struct DrawnMasks {
 
 // Masked requests take the flash path too: the masks go in block by block, against the float64 reference
 // and the blocked path (which builds whole masked score rows).
-void ExpectRandomMasksMatch(uint64_t seed, int iterations, int64_t min_head_dim, int64_t max_head_dim) {
+void ExpectRandomMasksMatch(uint64_t seed, int iterations, int64_t min_head_dim, int64_t max_head_dim,
+                            ComputeType compute = ComputeType::kFloat32, double tolerance = 2e-5) {
   std::mt19937_64 rng(seed);
   for (int iter = 0; iter < iterations; ++iter) {
     const FlashCase c = DrawFlashCase(rng, min_head_dim, max_head_dim);
@@ -278,7 +296,7 @@ void ExpectRandomMasksMatch(uint64_t seed, int iterations, int64_t min_head_dim,
     if (!c.self_attention) in.key = in.value = TensorView::F32(key.data(), {c.batch, c.kv_len, e});
     in.is_causal = c.is_causal;
     in.need_weights = false;
-    ExpectFlashMatchesReferenceAndBlocked(c, weights, in, iter % 3 == 0 ? 1 : 0);
+    ExpectFlashMatchesReferenceAndBlocked(c, weights, in, iter % 3 == 0 ? 1 : 0, compute, tolerance);
   }
 }
 
@@ -290,6 +308,11 @@ TEST(FlashAttentionTest, RandomMasksMatchFloat64ReferenceAndBlockedPath) {
 // with masks, cross-attention, causal over unequal lengths and several threads.
 TEST(FlashAttentionTest, WideHeadsWithMasksMatchFloat64ReferenceAndBlockedPath) {
   ExpectRandomMasksMatch(20261209, 40, 17, 130);
+}
+
+// The same for BFLOAT16 layers (on the bf16 strip kernels where they run), within the bf16 bound.
+TEST(FlashAttentionTest, Bf16MasksAndWideHeadsMatchFloat64ReferenceAndBlockedPath) {
+  ExpectRandomMasksMatch(20261210, 40, 1, 130, ComputeType::kBFloat16, 3e-2);
 }
 
 // Weights take the blocked path, which returns them exactly, even when flash_min_keys is met.
@@ -421,38 +444,91 @@ struct DirectFlash {
     args.out_ld = e;
     args.out_seq_stride = len * e;
   }
-};
 
-// The f32 blocks on the strip kernels and on sgemm give the same context, with block sizes that cut strips,
-// panels and the causal diagonal unevenly; and what a thread holds afterwards is within FlashScratchBytes, the
-// figure the memory budget counts per thread, on either path.
-TEST(FlashAttentionTest, StripKernelsMatchSgemmBlocksAndStayWithinTheirScratch) {
-  std::mt19937_64 rng(20261206);
-  auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
-  for (int iter = 0; iter < 60; ++iter) {
+  // A case whose block sizes cut strips, panels, pairs and the causal diagonal unevenly: head sizes 1-130 (64 in the
+  // first 4 iterations), up to 300 tokens, 2 sequences and 3 heads.
+  static DirectFlash Draw(std::mt19937_64& rng, int iter) {
+    auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
     const int64_t head_dim = iter < 4 ? 64 : pick(1, 130), len = pick(1, 300);
     DirectFlash flash(rng, pick(1, 2), pick(1, 3), head_dim, len, pick(0, 1) == 1);
     flash.args.query_rows = pick(1, 80);
     flash.args.key_cols = pick(1, 200);
-    SCOPED_TRACE(::testing::Message() << "case " << iter << ": Dh " << head_dim << " L " << len << " causal "
-                                      << flash.args.causal << " blocks " << flash.args.query_rows << "x"
-                                      << flash.args.key_cols);
-    std::vector<float> outs[2];
-    for (bool strips : {false, true}) {
-      flash.args.f32_strips = strips;
-      std::fill(flash.out.begin(), flash.out.end(), std::numeric_limits<float>::quiet_NaN());  // all rows written
-      ReleaseFlashScratch(0);
-      ASSERT_TRUE(FlashAttention(flash.args, 1, [] { return absl::OkStatus(); }).ok());
-      EXPECT_LE(FlashScratchHeldBytes(), FlashScratchBytes(flash.args)) << "strips " << strips;
-      EXPECT_TRUE(std::none_of(flash.out.begin(), flash.out.end(), [](float x) { return std::isnan(x); }))
-          << "a context row left unwritten, strips " << strips;
-      outs[strips] = flash.out;
-    }
-    // Where the strips cannot run (head_dim > 128, or ATTNSERVE_MAX_KERNEL_ISA=AVX2) both runs took sgemm: only the
-    // scratch bound is checked then.
-    if (FlashStripsAvailable(head_dim)) {
-      EXPECT_LE(MaxAbsDiff(outs[true], outs[false]), 2e-5);
-    }
+    return flash;
+  }
+
+  std::string Describe() const {
+    return absl::StrCat("Dh ", args.head_dim, " L ", args.q_len, " causal ", args.causal, " blocks ", args.query_rows,
+                        "x", args.key_cols);
+  }
+
+  // The context with args.strips = strips, from NaN everywhere (a row left unwritten fails the comparisons), on one
+  // thread whose scratch starts empty and ends within FlashScratchBytes: the figure the memory budget counts.
+  std::vector<float> Run(bool strips) {
+    args.strips = strips;
+    std::fill(out.begin(), out.end(), std::numeric_limits<float>::quiet_NaN());
+    ReleaseFlashScratch(0);
+    EXPECT_TRUE(FlashAttention(args, 1, [] { return absl::OkStatus(); }).ok());
+    EXPECT_LE(FlashScratchHeldBytes(), FlashScratchBytes(args)) << "strips " << strips;
+    return out;
+  }
+};
+
+// The f32 blocks on the strip kernels and on sgemm give the same context (DirectFlash::Draw's cases), and what a
+// thread holds afterwards is within FlashScratchBytes on either path.
+TEST(FlashAttentionTest, StripKernelsMatchSgemmBlocksAndStayWithinTheirScratch) {
+  std::mt19937_64 rng(20261206);
+  for (int iter = 0; iter < 60; ++iter) {
+    DirectFlash flash = DirectFlash::Draw(rng, iter);
+    SCOPED_TRACE(::testing::Message() << "case " << iter << ": " << flash.Describe());
+    const std::vector<float> sgemm = flash.Run(false), strips = flash.Run(true);
+    EXPECT_TRUE(std::none_of(sgemm.begin(), sgemm.end(), [](float x) { return std::isnan(x); }));
+    // Where the strips cannot run (head_dim > 128, or ATTNSERVE_MAX_KERNEL_ISA=AVX2) both runs took sgemm.
+    EXPECT_LE(MaxAbsDiff(strips, sgemm), 2e-5);  // NaN fails it
+  }
+}
+
+// bf16 operands for `flash`: its Q, K and V rows rounded to bf16 (same layout), and the bf16 matmuls.
+struct DirectBf16 {
+  std::vector<uint16_t> qkv16;
+  std::unique_ptr<HeadMatmulOp> scores_op, context_op;
+
+  absl::Status Attach(DirectFlash& flash) {
+    for (float x : flash.qkv) qkv16.push_back(FloatToBFloat16(x));
+    const int64_t dh = flash.args.head_dim, e = flash.args.heads * dh, len = flash.args.q_len;
+    auto scores = HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, dh, ComputeType::kBFloat16);
+    auto context = HeadMatmulOp::Create(HeadMatmulOp::Kind::kContextAdd, dh, ComputeType::kBFloat16);
+    if (!scores.ok()) return scores.status();
+    if (!context.ok()) return context.status();
+    scores_op = *std::move(scores);
+    context_op = *std::move(context);
+    FlashBf16& w = flash.args.bf16;
+    w.q = qkv16.data();
+    w.k = qkv16.data() + e;
+    w.v = qkv16.data() + 2 * e;
+    w.ld = 3 * e;
+    w.q_seq_stride = w.kv_seq_stride = len * 3 * e;
+    w.scores_op = scores_op.get();
+    w.context_add_op = context_op.get();
+    return absl::OkStatus();
+  }
+};
+
+// The bf16 strip kernels against the layer's bf16 matmuls (runtime sizes) and the f32 strips, on DirectFlash::Draw's
+// cases (odd head sizes included), each within FlashScratchBytes.
+TEST(FlashAttentionTest, Bf16StripKernelsMatchBf16MatmulsAndStayWithinTheirScratch) {
+  if (OnednnBf16Support() == Bf16Support::kUnavailable) GTEST_SKIP() << "no bf16 matmul on this CPU";
+  std::mt19937_64 rng(20261207);
+  for (int iter = 0; iter < 40; ++iter) {
+    DirectFlash flash = DirectFlash::Draw(rng, iter);
+    SCOPED_TRACE(::testing::Message() << "case " << iter << ": " << flash.Describe());
+    const std::vector<float> f32 = flash.Run(true);
+    DirectBf16 bf16;
+    ASSERT_TRUE(bf16.Attach(flash).ok());
+    const std::vector<float> matmuls = flash.Run(false), strips = flash.Run(true);
+    EXPECT_LE(MaxAbsDiff(matmuls, f32), 3e-2);  // NaN fails it
+    EXPECT_LE(MaxAbsDiff(strips, f32), 3e-2);
+    // Both round the same bf16 products; their probabilities are rounded at different running maxima.
+    EXPECT_LE(MaxAbsDiff(strips, matmuls), 1e-2);
   }
 }
 

@@ -10,17 +10,17 @@
 #include "core/row_softmax.h"
 #include "gtest/gtest.h"
 #include "tests/testing/naive_mha.h"
+#include "tests/testing/strip_cases.h"
 
 namespace attnserve {
 namespace {
 
+using testing::ExpectStripOutput;
+using testing::Pick;
 using testing::RandomValues;
+using testing::StripScoresCase;
 
-constexpr float kCanary = 1234.5f;  // what the kernels must leave alone outside their outputs
-
-int64_t Pick(std::mt19937_64& rng, int64_t lo, int64_t hi) {
-  return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
-}
+constexpr float kCanary = testing::kStripCanary;
 
 // Each test fails (rather than skips) where the kernels cannot run: this project's CI machines have AVX-512.
 #define ASSERT_STRIPS_RUN_HERE()                                                      \
@@ -46,29 +46,20 @@ TEST(FlashStripsTest, ScoresMatchFloat64) {
   ASSERT_STRIPS_RUN_HERE();
   std::mt19937_64 rng(20261206);
   for (int iter = 0; iter < 400; ++iter) {
-    const int64_t dh = iter < 128 ? iter + 1 : Pick(rng, 1, kFlashStripMaxHeadDim);
-    const int64_t rows = Pick(rng, 1, kFlashStripRows), keys = Pick(rng, 1, 300);
-    const int64_t k0 = Pick(rng, 0, (keys - 1) / 16) * 16, cols = Pick(rng, 1, keys - k0);
-    const int64_t ld_q = dh + Pick(rng, 0, 40), ld_k = dh + Pick(rng, 0, 40), ld_s = cols + Pick(rng, 0, 20);
-    SCOPED_TRACE(::testing::Message() << "dh " << dh << " rows " << rows << " keys " << keys << " k0 " << k0 << " cols "
-                                      << cols);
-    const std::vector<float> q = RandomValues(rng, rows * ld_q), k = RandomValues(rng, keys * ld_k);
-    std::vector<float> panels(PackedKeyFloats(keys, dh));
-    PackKeyPanels(k.data(), keys, ld_k, dh, panels.data());
-    std::vector<float> scores(rows * ld_s, kCanary);
-    StripScores(q.data(), ld_q, rows, panels.data(), k0, cols, dh, scores.data(), ld_s);
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t j = 0; j < ld_s; ++j) {
-        const float got = scores[r * ld_s + j];
-        if (j >= cols) {
-          ASSERT_EQ(got, kCanary) << "wrote past its columns at row " << r << " col " << j;
-          continue;
-        }
-        double want = 0.0;
-        for (int64_t d = 0; d < dh; ++d) want += double{q[r * ld_q + d]} * k[(k0 + j) * ld_k + d];
-        ASSERT_NEAR(got, want, 1e-5 * std::sqrt(static_cast<double>(dh)) * 4) << "row " << r << " key " << j;
-      }
-    }
+    const StripScoresCase c = StripScoresCase::Draw(rng, iter);
+    SCOPED_TRACE(::testing::Message() << c);
+    const std::vector<float> q = RandomValues(rng, c.rows * c.ld_q), k = RandomValues(rng, c.keys * c.ld_k);
+    std::vector<float> panels(PackedKeyFloats(c.keys, c.dh));
+    PackKeyPanels(k.data(), c.keys, c.ld_k, c.dh, panels.data());
+    std::vector<float> scores(c.rows * c.ld_s, kCanary);
+    StripScores(q.data(), c.ld_q, c.rows, panels.data(), c.k0, c.cols, c.dh, scores.data(), c.ld_s);
+    auto want = [&](int64_t r, int64_t j) {
+      double dot = 0.0;
+      for (int64_t d = 0; d < c.dh; ++d) dot += double{q[r * c.ld_q + d]} * k[(c.k0 + j) * c.ld_k + d];
+      return dot;
+    };
+    ExpectStripOutput(scores, c.rows, c.cols, c.ld_s, 4e-5 * std::sqrt(static_cast<double>(c.dh)), want,
+                      [](int64_t, int64_t) { return kCanary; });
   }
 }
 
@@ -88,18 +79,12 @@ TEST(FlashStripsTest, ContextAddsToTheAccumulatorAsFloat64) {
       for (int64_t d = dh; d < ld_acc; ++d) acc[r * ld_acc + d] = kCanary;
     }
     StripAddContext(probs.data(), ld_p, rows, v.data(), cols, dh, acc.data(), ld_acc);
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t d = 0; d < ld_acc; ++d) {
-        const float got = acc[r * ld_acc + d];
-        if (d >= dh) {
-          ASSERT_EQ(got, kCanary) << "wrote past the head at row " << r << " dim " << d;
-          continue;
-        }
-        double want = start[r * ld_acc + d];
-        for (int64_t j = 0; j < cols; ++j) want += double{probs[r * ld_p + j]} * v[j * dh + d];
-        ASSERT_NEAR(got, want, 2e-5) << "row " << r << " dim " << d;
-      }
-    }
+    auto want = [&](int64_t r, int64_t d) {
+      double sum = start[r * ld_acc + d];
+      for (int64_t j = 0; j < cols; ++j) sum += double{probs[r * ld_p + j]} * v[j * dh + d];
+      return sum;
+    };
+    ExpectStripOutput(acc, rows, dh, ld_acc, 2e-5, want, [](int64_t, int64_t) { return kCanary; });
   }
 }
 

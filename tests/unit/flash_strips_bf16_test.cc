@@ -1,0 +1,150 @@
+// FlashAttention's bf16 strip kernels (core/flash_strips_bf16.h): the pair layouts element by element, the matmuls
+// against float64 products of the same bf16 values (every head size they take, odd ones included, every strip
+// height, key ranges that start on panels and end mid-panel or mid-pair, strided operands, nothing written outside
+// their rows and columns), and the probabilities' rounding against the scalar round-to-nearest-even.
+#include "core/flash_strips_bf16.h"
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "common/half_float.h"
+#include "core/flash_strips_avx512.h"
+#include "gtest/gtest.h"
+#include "tests/testing/naive_mha.h"
+#include "tests/testing/strip_cases.h"
+
+namespace attnserve {
+namespace {
+
+using testing::ExpectStripOutput;
+using testing::Pick;
+using testing::RandomValues;
+using testing::StripScoresCase;
+
+constexpr float kCanary = testing::kStripCanary;
+constexpr uint16_t kCanary16 = 0x7E7E;  // the same for bf16 outputs
+
+std::vector<uint16_t> RandomBf16(std::mt19937_64& rng, int64_t n) {
+  std::vector<uint16_t> out;
+  for (float x : RandomValues(rng, n)) out.push_back(FloatToBFloat16(x));
+  return out;
+}
+
+double Value(uint16_t bits) { return BFloat16ToFloat(bits); }
+
+// Each test fails (rather than skips) where the kernels cannot run: this project's CI machines have AVX512_BF16.
+#define ASSERT_BF16_STRIPS_RUN_HERE()                                                         \
+  ASSERT_TRUE(FlashBf16StripsAvailable(1) && FlashBf16StripsAvailable(kFlashStripMaxHeadDim)) \
+      << "no AVX512_BF16 here, or ATTNSERVE_MAX_KERNEL_ISA caps AVX-512"
+
+TEST(FlashStripsBf16Test, PackKeyPairPanelsLaysPairsOfDimensionsOutPerKeyZeroPadded) {
+  std::mt19937_64 rng(1);
+  const int64_t keys = 37, dh = 5, ld = 9, dh2 = 6;
+  const std::vector<uint16_t> k = RandomBf16(rng, keys * ld);
+  std::vector<uint16_t> panels(PackedKeyPairElems(keys, dh), kCanary16);
+  ASSERT_EQ(panels.size(), 48u * dh2);
+  PackKeyPairPanels(k.data(), keys, ld, dh, panels.data());
+  for (int64_t j = 0; j < 48; ++j) {
+    for (int64_t d = 0; d < dh2; ++d) {
+      const uint16_t want = j < keys && d < dh ? k[j * ld + d] : 0;
+      EXPECT_EQ(panels[(j / 16) * 16 * dh2 + (d / 2) * 32 + (j % 16) * 2 + d % 2], want) << "key " << j << " dim " << d;
+    }
+  }
+}
+
+TEST(FlashStripsBf16Test, PackValuePairsLaysPairsOfKeysOutPerDimensionZeroPadded) {
+  std::mt19937_64 rng(2);
+  const int64_t keys = 7, dh = 20, ld = 23, dh16 = 32;
+  const std::vector<uint16_t> v = RandomBf16(rng, keys * ld);
+  std::vector<uint16_t> pairs(PackedValuePairElems(keys, dh), kCanary16);
+  ASSERT_EQ(pairs.size(), 8u * dh16);
+  PackValuePairs(v.data(), keys, ld, dh, pairs.data());
+  for (int64_t j = 0; j < 8; ++j) {
+    for (int64_t d = 0; d < dh16; ++d) {
+      const uint16_t want = j < keys && d < dh ? v[j * ld + d] : 0;
+      EXPECT_EQ(pairs[(j / 2) * 2 * dh16 + d * 2 + j % 2], want) << "key " << j << " dim " << d;
+    }
+  }
+}
+
+TEST(FlashStripsBf16Test, ScoresMatchFloat64OfTheBf16Operands) {
+  ASSERT_BF16_STRIPS_RUN_HERE();
+  std::mt19937_64 rng(20261207);
+  for (int iter = 0; iter < 400; ++iter) {
+    const StripScoresCase c = StripScoresCase::Draw(rng, iter);
+    SCOPED_TRACE(::testing::Message() << c);
+    // Q's rows end where the buffer ends: an odd head's last pair must not be read past it.
+    const std::vector<uint16_t> q = RandomBf16(rng, (c.rows - 1) * c.ld_q + c.dh);
+    const std::vector<uint16_t> k = RandomBf16(rng, c.keys * c.ld_k);
+    std::vector<uint16_t> panels(PackedKeyPairElems(c.keys, c.dh));
+    PackKeyPairPanels(k.data(), c.keys, c.ld_k, c.dh, panels.data());
+    std::vector<float> scores(c.rows * c.ld_s, kCanary);
+    StripScoresBf16(q.data(), c.ld_q, c.rows, panels.data(), c.k0, c.cols, c.dh, scores.data(), c.ld_s);
+    auto want = [&](int64_t r, int64_t j) {
+      double dot = 0.0;
+      for (int64_t d = 0; d < c.dh; ++d) dot += Value(q[r * c.ld_q + d]) * Value(k[(c.k0 + j) * c.ld_k + d]);
+      return dot;
+    };
+    ExpectStripOutput(scores, c.rows, c.cols, c.ld_s, 4e-5 * std::sqrt(static_cast<double>(c.dh)), want,
+                      [](int64_t, int64_t) { return kCanary; });
+  }
+}
+
+TEST(FlashStripsBf16Test, ProbabilitiesRoundToNearestEvenWithAZeroPadColumn) {
+  ASSERT_BF16_STRIPS_RUN_HERE();
+  std::mt19937_64 rng(3);
+  for (int iter = 0; iter < 200; ++iter) {
+    const int64_t rows = Pick(rng, 1, kFlashStripRows), cols = Pick(rng, 1, 200), ld = cols + Pick(rng, 0, 9);
+    const int64_t cols2 = (cols + 1) / 2 * 2, ld16 = cols2 + 2 * Pick(rng, 0, 9);
+    SCOPED_TRACE(::testing::Message() << "rows " << rows << " cols " << cols);
+    std::vector<float> probs = RandomValues(rng, rows * ld);
+    for (float& p : probs) p = std::abs(p) * 1e-3f * static_cast<float>(Pick(rng, 1, 1000));  // spread exponents
+    std::vector<uint16_t> out(rows * ld16, kCanary16);
+    StripProbsToBf16(probs.data(), ld, rows, cols, out.data(), ld16);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < ld16; ++j) {
+        const uint16_t want = j < cols ? FloatToBFloat16(probs[r * ld + j]) : j < cols2 ? 0 : kCanary16;
+        ASSERT_EQ(out[r * ld16 + j], want) << "row " << r << " col " << j;
+      }
+    }
+  }
+}
+
+TEST(FlashStripsBf16Test, ContextAddsToTheAccumulatorAsFloat64) {
+  ASSERT_BF16_STRIPS_RUN_HERE();
+  std::mt19937_64 rng(20261208);
+  for (int iter = 0; iter < 400; ++iter) {
+    const int64_t dh = iter < 128 ? iter + 1 : Pick(rng, 1, kFlashStripMaxHeadDim);
+    const int64_t rows = Pick(rng, 1, kFlashStripRows), keys = Pick(rng, 1, 300);
+    const int64_t k0 = Pick(rng, 0, (keys - 1) / 2) * 2, cols = Pick(rng, 1, keys - k0);
+    const int64_t ld_v = dh + Pick(rng, 0, 40), ld_acc = dh + Pick(rng, 0, 20),
+                  ld_p = (cols + 1) / 2 * 2 + 2 * Pick(rng, 0, 8);
+    SCOPED_TRACE(::testing::Message() << "dh " << dh << " rows " << rows << " keys " << keys << " k0 " << k0 << " cols "
+                                      << cols);
+    const std::vector<uint16_t> v = RandomBf16(rng, keys * ld_v);
+    std::vector<float> probs_f32 = RandomValues(rng, rows * cols);
+    std::vector<uint16_t> probs(rows * ld_p);
+    StripProbsToBf16(probs_f32.data(), cols, rows, cols, probs.data(), ld_p);
+    std::vector<uint16_t> pairs(PackedValuePairElems(keys, dh));
+    PackValuePairs(v.data(), keys, ld_v, dh, pairs.data());
+    std::vector<float> acc = RandomValues(rng, rows * ld_acc);
+    const std::vector<float> before = acc;
+    StripAddContextBf16(probs.data(), ld_p, rows, pairs.data(), k0, cols, dh, acc.data(), ld_acc);
+    auto want = [&](int64_t r, int64_t d) {
+      double sum = before[r * ld_acc + d];
+      for (int64_t j = 0; j < cols; ++j) sum += Value(probs[r * ld_p + j]) * Value(v[(k0 + j) * ld_v + d]);
+      return sum;
+    };
+    ExpectStripOutput(acc, rows, dh, ld_acc, 4e-5 * std::sqrt(static_cast<double>(cols)), want,
+                      [&](int64_t r, int64_t d) { return before[r * ld_acc + d]; });
+  }
+}
+
+TEST(FlashStripsBf16Test, HeadsWiderThanTheKernelsAreNotAvailable) {
+  EXPECT_FALSE(FlashBf16StripsAvailable(0));
+  EXPECT_FALSE(FlashBf16StripsAvailable(kFlashStripMaxHeadDim + 1));
+}
+
+}  // namespace
+}  // namespace attnserve

@@ -244,6 +244,7 @@ struct StripHead {
   }
 };
 
+// The f32 strip operands of head->(b, h) in this thread's scratch: keys as panels, values dense (packed when `fill`).
 void PackHeadF32(FlashScratch& s, bool fill, StripHead* head) {
   const FlashAttentionArgs& a = head->a;
   const int64_t dh = a.head_dim;
@@ -257,15 +258,17 @@ void PackHeadF32(FlashScratch& s, bool fill, StripHead* head) {
   head->values = v;
 }
 
+// The bf16 strip operands of head->(b, h): keys as pair panels, values as key pairs (packed when `fill`), and a
+// strip's bf16 probabilities [kFlashStripRows, strip_keys].
 void PackHeadBf16(FlashScratch& s, bool fill, int64_t strip_keys, StripHead* head) {
   const FlashAttentionArgs& a = head->a;
   const FlashBf16& w = a.bf16;
-  const int64_t dh = a.head_dim, first = head->b * w.kv_seq_stride + head->h * dh;
+  const int64_t dh = a.head_dim, head_offset = head->b * w.kv_seq_stride + head->h * dh;
   uint16_t* k = AlignedSized(s.head_k16, PackedKeyPairElems(a.kv_len, dh));
   uint16_t* v = AlignedSized(s.head_v16, PackedValuePairElems(a.kv_len, dh));
   if (fill) {
-    PackKeyPairPanels(w.k + first, a.kv_len, w.ld, dh, k);
-    PackValuePairs(w.v + first, a.kv_len, w.ld, dh, v);
+    PackKeyPairPanels(w.k + head_offset, a.kv_len, w.ld, dh, k);
+    PackValuePairs(w.v + head_offset, a.kv_len, w.ld, dh, v);
   }
   head->panels16 = k;
   head->pairs16 = v;
@@ -419,6 +422,16 @@ absl::Status CheckBlockMatmuls(const FlashAttentionArgs& a) {
   return absl::OkStatus();
 }
 
+// Work items a thread takes at a time: a whole head's query blocks where the heads share out evenly (a multiple of
+// the threads, or at least 16 per thread: at most 1/16 of a thread's work left over), so that each head's keys and
+// values are packed or copied by one thread only (on the strip kernels about as much as an eighth of a head's
+// blocks at L = 2048); else one block, the finest balance.
+int64_t ItemsPerChunk(const FlashAttentionArgs& a, int threads, int64_t query_blocks) {
+  const int64_t heads = a.batch * a.heads;
+  const bool even = heads >= 4 * threads && (heads % threads == 0 || heads >= 16 * threads);
+  return even ? std::max<int64_t>(1, query_blocks) : 1;
+}
+
 }  // namespace
 
 bool FlashBf16OnStrips(int64_t head_dim) { return FlashBf16StripsAvailable(head_dim) && !OnednnUsesAmx(); }
@@ -492,9 +505,7 @@ absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::Func
     // No parallel construct at all: inside one, every oneDNN call would start a nested team.
     for (int64_t i = 0; i < items; ++i) run(i);
   } else {
-    // Whole heads per thread where there are enough to share out: each thread taking blocks of a head packs or copies
-    // that head's keys and values, which on the strip kernels costs about as much as an eighth of its blocks.
-    const int64_t chunk = a.batch * a.heads >= 4 * threads ? query_blocks : 1;
+    const int64_t chunk = ItemsPerChunk(a, threads, query_blocks);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads)
     for (int64_t i = 0; i < items; ++i) run(i);
   }

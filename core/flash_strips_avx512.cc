@@ -13,8 +13,6 @@
 namespace attnserve {
 namespace {
 
-constexpr int kMaxKeyVectors = 4;  // a scores tile is at most 64 keys wide: 6 x 4 accumulators
-
 // scores [R, 16 * kVectors] (the last register masked to `last`) = Q [R, Dh] . the kVectors panels from `panel`.
 // Per head dimension: kVectors panel loads and R broadcasts of Q for R x kVectors FMAs.
 template <int R, int kVectors>

@@ -12,10 +12,6 @@
 namespace attnserve {
 namespace {
 
-constexpr int kMaxKeyVectors = 4;  // a scores tile is at most 64 keys wide: 6 x 4 accumulators
-
-int64_t RoundUp(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
 // The bf16 pair at `at` (two elements) in every lane.
 ATTN_AVX512_BF16_INLINE __m512bh PairOf(const uint16_t* at) {
   uint32_t bits;
@@ -67,38 +63,52 @@ ATTN_AVX512_BF16 void ScoresTileBf16(const uint16_t* q, int64_t ld_q, const uint
   StoreTile(acc, last, scores, ld_scores);
 }
 
-// acc [R, Dh] += P [R, 2 * num_pairs] . V (num_pairs key pairs from `pairs`, each [Dh16][2]), Dh16 = 16 *
-// kVectors, the last register masked to `last` in acc: the accumulators stay in registers over all the keys. Per
-// key pair: kVectors value loads and R broadcasts of a pair of P.
+// sum [R][kVectors] += a pair of P's columns of R rows . a key pair's kVectors value registers; kSingle: the pair's
+// first key alone (its partner's lanes not loaded: a key some rows may not see, whose value could be inf).
+template <int R, int kVectors, bool kSingle>
+ATTN_AVX512_BF16_INLINE void ContextPairStep(const uint16_t* probs, int64_t ld_probs, const uint16_t* pair,
+                                             __m512 (&sum)[R][kVectors]) {
+  __m512bh v[kVectors];
+#pragma GCC unroll 8
+  for (int i = 0; i < kVectors; ++i) {
+    v[i] = reinterpret_cast<__m512bh>(kSingle ? _mm512_maskz_loadu_epi16(0x55555555u, pair + 32 * i)
+                                              : _mm512_loadu_si512(pair + 32 * i));
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m512bh pp = PairOf(probs + r * ld_probs);
+#pragma GCC unroll 8
+    for (int i = 0; i < kVectors; ++i) sum[r][i] = _mm512_dpbf16_ps(sum[r][i], pp, v[i]);
+  }
+}
+
+// acc [R, Dh] += P [R, cols] . V (keys [0, cols) of `pairs`, each key pair [Dh16][2]), Dh16 = 16 * kVectors, the
+// last register masked to `last` in acc: the accumulators stay in registers over all the keys. Per key pair:
+// kVectors value loads and R broadcasts of a pair of P.
 template <int R, int kVectors>
-ATTN_AVX512_BF16 void ContextTileBf16(const uint16_t* probs, int64_t ld_probs, const uint16_t* pairs, int64_t num_pairs,
+ATTN_AVX512_BF16 void ContextTileBf16(const uint16_t* probs, int64_t ld_probs, const uint16_t* pairs, int64_t cols,
                                       float* acc, int64_t ld_acc, __mmask16 last) {
   __m512 sum[R][kVectors];
   LoadTile(acc, ld_acc, last, sum);
-  for (int64_t p = 0; p < num_pairs; ++p) {
-    const uint16_t* pair = pairs + p * 32 * kVectors;
-    __m512bh v[kVectors];
-#pragma GCC unroll 8
-    for (int i = 0; i < kVectors; ++i) v[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pair + 32 * i));
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512bh pp = PairOf(probs + r * ld_probs + 2 * p);
-#pragma GCC unroll 8
-      for (int i = 0; i < kVectors; ++i) sum[r][i] = _mm512_dpbf16_ps(sum[r][i], pp, v[i]);
-    }
+  const int64_t full_pairs = cols / 2;
+  for (int64_t p = 0; p < full_pairs; ++p) {
+    ContextPairStep<R, kVectors, false>(probs + 2 * p, ld_probs, pairs + p * 32 * kVectors, sum);
+  }
+  if (cols % 2 != 0) {
+    ContextPairStep<R, kVectors, true>(probs + 2 * full_pairs, ld_probs, pairs + full_pairs * 32 * kVectors, sum);
   }
   StoreTile(sum, last, acc, ld_acc);
 }
 
 // A strip's context in tiles of ContextTileRows(kVectors) rows.
 template <int kVectors>
-void StripContextBf16(const uint16_t* probs, int64_t ld_probs, int64_t rows, const uint16_t* pairs, int64_t num_pairs,
+void StripContextBf16(const uint16_t* probs, int64_t ld_probs, int64_t rows, const uint16_t* pairs, int64_t cols,
                       int64_t dh, float* acc, int64_t ld_acc) {
   constexpr int kRows = ContextTileRows(kVectors);
   const __mmask16 last = FirstLanes(dh - 16 * (kVectors - 1));
   for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
     WithCount<kRows>(std::min<int64_t>(kRows, rows - r0), [&](auto tile_rows) {
-      ContextTileBf16<decltype(tile_rows)::value, kVectors>(probs + r0 * ld_probs, ld_probs, pairs, num_pairs,
+      ContextTileBf16<decltype(tile_rows)::value, kVectors>(probs + r0 * ld_probs, ld_probs, pairs, cols,
                                                             acc + r0 * ld_acc, ld_acc, last);
     });
   }
@@ -188,7 +198,7 @@ void StripProbsToBf16(const float* probs, int64_t ld, int64_t rows, int64_t cols
 void StripAddContextBf16(const uint16_t* probs, int64_t ld_probs, int64_t rows, const uint16_t* pairs, int64_t k0,
                          int64_t cols, int64_t head_dim, float* acc, int64_t ld_acc) {
   const int64_t dh16 = RoundUp(head_dim, 16);
-  kStripContexts[dh16 / 16 - 1](probs, ld_probs, rows, pairs + k0 * dh16, (cols + 1) / 2, head_dim, acc, ld_acc);
+  kStripContexts[dh16 / 16 - 1](probs, ld_probs, rows, pairs + k0 * dh16, cols, head_dim, acc, ld_acc);
 }
 
 }  // namespace attnserve

@@ -44,9 +44,9 @@ void StripScoresBf16(const uint16_t* q, int64_t ld_q, int64_t rows, const uint16
 // cols2 = cols rounded up to 2 (the pad column zero, as StripAddContextBf16 reads whole pairs).
 void StripProbsToBf16(const float* probs, int64_t ld, int64_t rows, int64_t cols, uint16_t* probs16, int64_t ld16);
 
-// acc [rows, Dh] f32 (row stride ld_acc) += P [rows, cols] . V, P bf16 (row stride ld_probs, even; whole pairs,
-// StripProbsToBf16), V being values [k0, k0 + cols) of `pairs` (PackValuePairs). 1 <= rows <= kFlashStripRows;
-// k0 even.
+// acc [rows, Dh] f32 (row stride ld_acc) += P [rows, cols] . V, P bf16 (row stride ld_probs; its pairs read whole,
+// StripProbsToBf16), V being values [k0, k0 + cols) of `pairs` (PackValuePairs; of an odd last pair, the first key's
+// lanes alone). 1 <= rows <= kFlashStripRows; k0 even.
 void StripAddContextBf16(const uint16_t* probs, int64_t ld_probs, int64_t rows, const uint16_t* pairs, int64_t k0,
                          int64_t cols, int64_t head_dim, float* acc, int64_t ld_acc);
 

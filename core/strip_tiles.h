@@ -3,12 +3,17 @@
 #pragma once
 
 #include <algorithm>
+#include <cassert>
 #include <cstdint>
 #include <type_traits>
 
 #include "core/avx512_target.h"
 
 namespace attnserve {
+
+constexpr int kMaxKeyVectors = 4;  // a scores tile is at most 64 keys wide: 6 x 4 accumulators
+
+constexpr int64_t RoundUp(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
 // Lanes [0, n) of a register, 1 <= n <= 16.
 inline __mmask16 FirstLanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
@@ -49,6 +54,8 @@ ATTN_AVX512_INLINE void StoreTile(const __m512 (&tile)[R][kVectors], __mmask16 l
 // tile(std::integral_constant<int, n>{}), 1 <= n <= kMax <= 6: a tile's rows or registers as a template argument.
 template <int kMax, typename Tile>
 void WithCount(int64_t n, Tile&& tile) {
+  static_assert(kMax >= 1 && kMax <= 6, "tiles of 1 to 6 rows or registers");
+  assert(n >= 1 && n <= kMax);
   switch (n) {
     case 1:
       return tile(std::integral_constant<int, 1>{});

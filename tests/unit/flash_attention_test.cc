@@ -12,7 +12,9 @@
 #include "absl/strings/str_cat.h"
 #include "common/half_float.h"
 #include "core/flash_attention.h"
+#include "core/bf16_rows.h"
 #include "core/flash_strips_avx512.h"
+#include "core/kernel_variants.h"
 #include "core/multihead_attention.h"
 #include "core/onednn_ops.h"
 #include "core/row_softmax.h"
@@ -312,6 +314,7 @@ TEST(FlashAttentionTest, WideHeadsWithMasksMatchFloat64ReferenceAndBlockedPath) 
 
 // The same for BFLOAT16 layers (on the bf16 strip kernels where they run), within the bf16 bound.
 TEST(FlashAttentionTest, Bf16MasksAndWideHeadsMatchFloat64ReferenceAndBlockedPath) {
+  if (OnednnBf16Support() == Bf16Support::kUnavailable) GTEST_SKIP() << "no bf16 matmul on this CPU";
   ExpectRandomMasksMatch(20261210, 40, 1, 130, ComputeType::kBFloat16, 3e-2);
 }
 
@@ -461,13 +464,14 @@ struct DirectFlash {
                         "x", args.key_cols);
   }
 
-  // The context with args.strips = strips, from NaN everywhere (a row left unwritten fails the comparisons), on one
-  // thread whose scratch starts empty and ends within FlashScratchBytes: the figure the memory budget counts.
-  std::vector<float> Run(bool strips) {
+  // The context with args.strips = strips, from NaN everywhere (a row left unwritten fails the comparisons), on
+  // `threads` threads; the calling thread's scratch starts empty and ends within FlashScratchBytes, the figure the
+  // memory budget counts.
+  std::vector<float> Run(bool strips, int threads = 1) {
     args.strips = strips;
     std::fill(out.begin(), out.end(), std::numeric_limits<float>::quiet_NaN());
     ReleaseFlashScratch(0);
-    EXPECT_TRUE(FlashAttention(args, 1, [] { return absl::OkStatus(); }).ok());
+    EXPECT_TRUE(FlashAttention(args, threads, [] { return absl::OkStatus(); }).ok());
     EXPECT_LE(FlashScratchHeldBytes(), FlashScratchBytes(args)) << "strips " << strips;
     return out;
   }
@@ -525,11 +529,43 @@ TEST(FlashAttentionTest, Bf16StripKernelsMatchBf16MatmulsAndStayWithinTheirScrat
     DirectBf16 bf16;
     ASSERT_TRUE(bf16.Attach(flash).ok());
     const std::vector<float> matmuls = flash.Run(false), strips = flash.Run(true);
+    EXPECT_EQ(FlashOnStrips(flash.args), FlashBf16OnStrips(flash.args.head_dim));
     EXPECT_LE(MaxAbsDiff(matmuls, f32), 3e-2);  // NaN fails it
     EXPECT_LE(MaxAbsDiff(strips, f32), 3e-2);
     // Both round the same bf16 products; their probabilities are rounded at different running maxima.
     EXPECT_LE(MaxAbsDiff(strips, matmuls), 1e-2);
   }
+}
+
+// With at least four (sequence, head) pairs per thread each thread takes whole heads: every query block still runs
+// once, and the context is the one thread's, bit for bit (each block's arithmetic does not depend on the thread).
+TEST(FlashAttentionTest, WholeHeadsPerThreadGiveTheOneThreadContext) {
+  std::mt19937_64 rng(20261211);
+  for (bool causal : {false, true}) {
+    DirectFlash flash(rng, 2, 4, 64, 300, causal);
+    flash.args.query_rows = 48;
+    flash.args.key_cols = 100;
+    DirectBf16 bf16;
+    for (bool bf16_layer : {false, true}) {
+      if (bf16_layer && OnednnBf16Support() == Bf16Support::kUnavailable) continue;
+      if (bf16_layer) {
+        ASSERT_TRUE(bf16.Attach(flash).ok());
+      }
+      for (bool strips : {false, true}) {
+        const std::vector<float> one = flash.Run(strips, 1), two = flash.Run(strips, 2);
+        EXPECT_EQ(MaxAbsDiff(two, one), 0.0) << "causal " << causal << " bf16 " << bf16_layer << " strips " << strips;
+      }
+    }
+  }
+}
+
+// Where the CPU has AVX512_BF16, oneDNN no AMX and ATTNSERVE_MAX_KERNEL_ISA allows AVX-512 (the CI machines), bf16
+// layers' flash blocks take the bf16 strip kernels, so that the bf16 tests above run them.
+TEST(FlashAttentionTest, Bf16StripsRunWhereTheCpuHasThem) {
+  const bool expected = CpuHasAvx512Bf16() && !OnednnUsesAmx() && PickedKernelIsa() == KernelIsa::kAvx512;
+  EXPECT_EQ(FlashBf16OnStrips(64), expected);
+  EXPECT_EQ(FlashBf16OnStrips(128), expected);
+  EXPECT_FALSE(FlashBf16OnStrips(129));
 }
 
 // The online softmax over key blocks, then normalised, equals one softmax over the whole row (float64),

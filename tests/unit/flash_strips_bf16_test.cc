@@ -25,9 +25,11 @@ using testing::StripScoresCase;
 constexpr float kCanary = testing::kStripCanary;
 constexpr uint16_t kCanary16 = 0x7E7E;  // the same for bf16 outputs
 
+// Exactly n elements (capacity n: a read past them is past the allocation).
 std::vector<uint16_t> RandomBf16(std::mt19937_64& rng, int64_t n) {
-  std::vector<uint16_t> out;
-  for (float x : RandomValues(rng, n)) out.push_back(FloatToBFloat16(x));
+  const std::vector<float> values = RandomValues(rng, n);
+  std::vector<uint16_t> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) out[i] = FloatToBFloat16(values[i]);
   return out;
 }
 
@@ -86,8 +88,9 @@ TEST(FlashStripsBf16Test, ScoresMatchFloat64OfTheBf16Operands) {
       for (int64_t d = 0; d < c.dh; ++d) dot += Value(q[r * c.ld_q + d]) * Value(k[(c.k0 + j) * c.ld_k + d]);
       return dot;
     };
-    ExpectStripOutput(scores, c.rows, c.cols, c.ld_s, 4e-5 * std::sqrt(static_cast<double>(c.dh)), want,
-                      [](int64_t, int64_t) { return kCanary; });
+    ASSERT_NO_FATAL_FAILURE(ExpectStripOutput(scores, c.rows, c.cols, c.ld_s,
+                                              4e-5 * std::sqrt(static_cast<double>(c.dh)), want,
+                                              [](int64_t, int64_t) { return kCanary; }));
   }
 }
 
@@ -136,8 +139,8 @@ TEST(FlashStripsBf16Test, ContextAddsToTheAccumulatorAsFloat64) {
       for (int64_t j = 0; j < cols; ++j) sum += Value(probs[r * ld_p + j]) * Value(v[(k0 + j) * ld_v + d]);
       return sum;
     };
-    ExpectStripOutput(acc, rows, dh, ld_acc, 4e-5 * std::sqrt(static_cast<double>(cols)), want,
-                      [&](int64_t r, int64_t d) { return before[r * ld_acc + d]; });
+    ASSERT_NO_FATAL_FAILURE(ExpectStripOutput(acc, rows, dh, ld_acc, 4e-5 * std::sqrt(static_cast<double>(cols)), want,
+                                              [&](int64_t r, int64_t d) { return before[r * ld_acc + d]; }));
   }
 }
 

@@ -58,8 +58,9 @@ TEST(FlashStripsTest, ScoresMatchFloat64) {
       for (int64_t d = 0; d < c.dh; ++d) dot += double{q[r * c.ld_q + d]} * k[(c.k0 + j) * c.ld_k + d];
       return dot;
     };
-    ExpectStripOutput(scores, c.rows, c.cols, c.ld_s, 4e-5 * std::sqrt(static_cast<double>(c.dh)), want,
-                      [](int64_t, int64_t) { return kCanary; });
+    ASSERT_NO_FATAL_FAILURE(ExpectStripOutput(scores, c.rows, c.cols, c.ld_s,
+                                              4e-5 * std::sqrt(static_cast<double>(c.dh)), want,
+                                              [](int64_t, int64_t) { return kCanary; }));
   }
 }
 
@@ -84,7 +85,8 @@ TEST(FlashStripsTest, ContextAddsToTheAccumulatorAsFloat64) {
       for (int64_t j = 0; j < cols; ++j) sum += double{probs[r * ld_p + j]} * v[j * dh + d];
       return sum;
     };
-    ExpectStripOutput(acc, rows, dh, ld_acc, 2e-5, want, [](int64_t, int64_t) { return kCanary; });
+    ASSERT_NO_FATAL_FAILURE(
+        ExpectStripOutput(acc, rows, dh, ld_acc, 2e-5, want, [](int64_t, int64_t) { return kCanary; }));
   }
 }
 

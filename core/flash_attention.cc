@@ -422,10 +422,10 @@ absl::Status CheckBlockMatmuls(const FlashAttentionArgs& a) {
   return absl::OkStatus();
 }
 
-// Work items a thread takes at a time: a whole head's query blocks where the heads share out evenly (a multiple of
-// the threads, or at least 16 per thread: at most 1/16 of a thread's work left over), so that each head's keys and
-// values are packed or copied by one thread only (on the strip kernels about as much as an eighth of a head's
-// blocks at L = 2048); else one block, the finest balance.
+// Work items a thread takes at a time: a whole head's query blocks where the (sequence, head) pairs share out evenly
+// (at least 4 per thread, and a multiple of the threads or at least 16 per thread: at most 1/16 of a thread's work
+// left over), so that each head's keys and values are packed or copied by one thread only (on the strip kernels
+// about as much as an eighth of a head's blocks at L = 2048); else one block, the finest balance.
 int64_t ItemsPerChunk(const FlashAttentionArgs& a, int threads, int64_t query_blocks) {
   const int64_t heads = a.batch * a.heads;
   const bool even = heads >= 4 * threads && (heads % threads == 0 || heads >= 16 * threads);

@@ -85,8 +85,8 @@ struct FlashAttentionArgs {
 };
 
 // Whether `a`'s blocks run on the strip kernels here: `strips`, and in f32 FlashStripsAvailable(head_dim); for a bf16
-// layer FlashBf16StripsAvailable(head_dim) where oneDNN does not run AMX (there its brgemm blocks stay: AMX tiles
-// multiply 16 times the pairs of a vdpbf16ps per instruction).
+// layer FlashBf16StripsAvailable(head_dim) where oneDNN does not run AMX (there its brgemm blocks stay: a TDPBF16PS
+// does 4,096 bf16 pairs against a vdpbf16ps's 16; not measured against the strips).
 bool FlashOnStrips(const FlashAttentionArgs& a);
 // The same for a bf16 layer of head_dim (with `strips` set).
 bool FlashBf16OnStrips(int64_t head_dim);

@@ -12,9 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/half_float.h"
 #include "core/flash_attention.h"
-#include "core/bf16_rows.h"
 #include "core/flash_strips_avx512.h"
-#include "core/kernel_variants.h"
 #include "core/multihead_attention.h"
 #include "core/onednn_ops.h"
 #include "core/row_softmax.h"
@@ -427,6 +425,10 @@ struct DirectFlash {
   std::vector<float> qkv, out;
   FlashAttentionArgs args;
 
+  // args points into qkv and out: moved, not copied.
+  DirectFlash(const DirectFlash&) = delete;
+  DirectFlash(DirectFlash&&) = default;
+
   DirectFlash(std::mt19937_64& rng, int64_t batch, int64_t heads, int64_t head_dim, int64_t len, bool causal) {
     const int64_t e = heads * head_dim;
     qkv = RandomValues(rng, batch * len * 3 * e);
@@ -497,7 +499,8 @@ struct DirectBf16 {
   std::unique_ptr<HeadMatmulOp> scores_op, context_op;
 
   absl::Status Attach(DirectFlash& flash) {
-    for (float x : flash.qkv) qkv16.push_back(FloatToBFloat16(x));
+    qkv16.resize(flash.qkv.size());
+    std::transform(flash.qkv.begin(), flash.qkv.end(), qkv16.begin(), FloatToBFloat16);
     const int64_t dh = flash.args.head_dim, e = flash.args.heads * dh, len = flash.args.q_len;
     auto scores = HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, dh, ComputeType::kBFloat16);
     auto context = HeadMatmulOp::Create(HeadMatmulOp::Kind::kContextAdd, dh, ComputeType::kBFloat16);
@@ -537,8 +540,10 @@ TEST(FlashAttentionTest, Bf16StripKernelsMatchBf16MatmulsAndStayWithinTheirScrat
   }
 }
 
-// With at least four (sequence, head) pairs per thread each thread takes whole heads: every query block still runs
-// once, and the context is the one thread's, bit for bit (each block's arithmetic does not depend on the thread).
+// With 8 (sequence, head) pairs on 2 threads (ItemsPerChunk: whole heads) every query block still runs once (the
+// context starts as NaN), and the context is the one thread's: bit for bit on the strip kernels, whose arithmetic
+// does not depend on the thread; within rounding on the matmuls, which oneDNN may split otherwise outside a
+// parallel region than inside one.
 TEST(FlashAttentionTest, WholeHeadsPerThreadGiveTheOneThreadContext) {
   std::mt19937_64 rng(20261211);
   for (bool causal : {false, true}) {
@@ -553,19 +558,12 @@ TEST(FlashAttentionTest, WholeHeadsPerThreadGiveTheOneThreadContext) {
       }
       for (bool strips : {false, true}) {
         const std::vector<float> one = flash.Run(strips, 1), two = flash.Run(strips, 2);
-        EXPECT_EQ(MaxAbsDiff(two, one), 0.0) << "causal " << causal << " bf16 " << bf16_layer << " strips " << strips;
+        const bool on_strips = FlashOnStrips(flash.args);
+        EXPECT_LE(MaxAbsDiff(two, one), on_strips ? 0.0 : 1e-5)
+            << "causal " << causal << " bf16 " << bf16_layer << " strips " << on_strips;
       }
     }
   }
-}
-
-// Where the CPU has AVX512_BF16, oneDNN no AMX and ATTNSERVE_MAX_KERNEL_ISA allows AVX-512 (the CI machines), bf16
-// layers' flash blocks take the bf16 strip kernels, so that the bf16 tests above run them.
-TEST(FlashAttentionTest, Bf16StripsRunWhereTheCpuHasThem) {
-  const bool expected = CpuHasAvx512Bf16() && !OnednnUsesAmx() && PickedKernelIsa() == KernelIsa::kAvx512;
-  EXPECT_EQ(FlashBf16OnStrips(64), expected);
-  EXPECT_EQ(FlashBf16OnStrips(128), expected);
-  EXPECT_FALSE(FlashBf16OnStrips(129));
 }
 
 // The online softmax over key blocks, then normalised, equals one softmax over the whole row (float64),

@@ -5,10 +5,11 @@
 #include <limits>
 
 #include "core/avx512_target.h"
-#include "core/exp_avx512.h"
 #include "core/kernel_variants.h"
-#include "core/row_softmax.h"
 #include "core/strip_tiles.h"
+
+#define ATTN_STRIP_SOFTMAX_INLINE ATTN_AVX512_INLINE
+#include "core/strip_softmax_inl.h"
 
 namespace attnserve {
 namespace {
@@ -91,53 +92,25 @@ constexpr StripContextFn kStripContexts[kFlashStripMaxHeadDim / 16] = {
     StripContext<1>, StripContext<2>, StripContext<3>, StripContext<4>,
     StripContext<5>, StripContext<6>, StripContext<7>, StripContext<8>};
 
-// The largest of row's first `open` floats (>= 1), NaN skipped (vmaxps returns its second operand then).
-ATTN_AVX512_INLINE float OpenMax(const float* row, int64_t open) {
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 max = neg_inf;
-  int64_t j = 0;
-  for (; j + 16 <= open; j += 16) max = _mm512_max_ps(_mm512_loadu_ps(row + j), max);
-  if (j < open) max = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, FirstLanes(open - j), row + j), max);
-  return _mm512_reduce_max_ps(max);
-}
-
-// Row's first `open` floats x become exp(x - max) and the rest of its `cols` zeros; returns the sum of the
-// exponentials. Lanes past `open` read -inf, whose exp is 0.
-ATTN_AVX512_INLINE float ExpOpenZeroRest(float* row, int64_t open, int64_t cols, float max) {
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), m = _mm512_set1_ps(max);
-  __m512 sum = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= open; j += 16) {
-    const __m512 e = ExpNonPositiveAvx512(_mm512_sub_ps(_mm512_loadu_ps(row + j), m));
-    _mm512_storeu_ps(row + j, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  if (j < open) {
-    const __m512 e =
-        ExpNonPositiveAvx512(_mm512_sub_ps(_mm512_mask_loadu_ps(neg_inf, FirstLanes(open - j), row + j), m));
-    _mm512_mask_storeu_ps(row + j, FirstLanes(std::min<int64_t>(16, cols - j)), e);
-    sum = _mm512_add_ps(sum, e);
-    j += 16;
-  }
-  for (; j < cols; j += 16)
-    _mm512_mask_storeu_ps(row + j, FirstLanes(std::min<int64_t>(16, cols - j)), _mm512_setzero_ps());
-  return _mm512_reduce_add_ps(sum);
-}
+// The probabilities back over the scores.
+struct OverScores {
+  float* scores;
+  int64_t ld;
+  struct Store {
+    float* row;
+    ATTN_AVX512_INLINE static __m512 Exp(__m512 x) { return ExpNonPositiveAvx512(x); }
+    ATTN_AVX512_INLINE void operator()(int64_t j, __m512 e, __mmask16 lanes) const {
+      _mm512_mask_storeu_ps(row + j, lanes, e);
+    }
+  };
+  Store Row(int64_t r) const { return {scores + r * ld}; }
+};
 
 ATTN_AVX512 void StripOnlineSoftmaxAvx512(float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t open0,
                                           float* row_max, float* row_sum, float* acc, int64_t acc_cols,
                                           int64_t ld_acc) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = scores + r * ld;
-    const int64_t open = std::clamp<int64_t>(open0 + r, 0, cols);
-    const float m = open == 0 ? kNegInf : std::max(row_max[r], OpenMax(row, open));
-    if (m == kNegInf) {
-      std::fill_n(row, cols, 0.0f);
-      continue;
-    }
-    FoldBlockIntoRow(m, ExpOpenZeroRest(row, open, cols, m), row_max + r, row_sum + r, acc + r * ld_acc, acc_cols);
-  }
+  strip_softmax::Step(scores, rows, cols, cols, ld, open0, row_max, row_sum, acc, acc_cols, ld_acc,
+                      OverScores{scores, ld});
 }
 
 }  // namespace

@@ -9,6 +9,9 @@
 #include "core/kernel_variants.h"
 #include "core/strip_tiles.h"
 
+#define ATTN_STRIP_SOFTMAX_INLINE ATTN_AVX512_BF16_INLINE
+#include "core/strip_softmax_inl.h"
+
 namespace attnserve {
 namespace {
 
@@ -121,16 +124,26 @@ constexpr StripContextBf16Fn kStripContexts[kFlashStripMaxHeadDim / 16] = {
     StripContextBf16<1>, StripContextBf16<2>, StripContextBf16<3>, StripContextBf16<4>,
     StripContextBf16<5>, StripContextBf16<6>, StripContextBf16<7>, StripContextBf16<8>};
 
-ATTN_AVX512_BF16 void ProbsRowToBf16(const float* row, int64_t cols, uint16_t* out) {
-  const int64_t cols2 = RoundUp(cols, 2);
-  for (int64_t j = 0; j < cols2; j += 32) {
-    const int64_t lo = std::min<int64_t>(16, cols - j), hi = std::clamp<int64_t>(cols - j - 16, 0, 16);
-    const __m512 lo_floats = _mm512_maskz_loadu_ps(FirstLanes(lo), row + j);  // lanes past cols read as 0
-    const __m512 hi_floats = hi > 0 ? _mm512_maskz_loadu_ps(FirstLanes(hi), row + j + 16) : _mm512_setzero_ps();
-    const __m512bh both = _mm512_cvtne2ps_pbh(hi_floats, lo_floats);
-    const int64_t n = std::min<int64_t>(32, cols2 - j);
-    _mm512_mask_storeu_epi16(out + j, static_cast<__mmask32>((uint64_t{1} << n) - 1), reinterpret_cast<__m512i>(both));
-  }
+// The probabilities rounded to bf16 (to nearest even) into the rows of probs16, their exponentials as accurate
+// as that needs.
+struct ToBf16 {
+  uint16_t* probs16;
+  int64_t ld16;
+  struct Store {
+    uint16_t* row;
+    ATTN_AVX512_INLINE static __m512 Exp(__m512 x) { return ExpNonPositiveForBf16Avx512(x); }
+    ATTN_AVX512_BF16_INLINE void operator()(int64_t j, __m512 e, __mmask16 lanes) const {
+      _mm256_mask_storeu_epi16(row + j, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+    }
+  };
+  Store Row(int64_t r) const { return {probs16 + r * ld16}; }
+};
+
+ATTN_AVX512_BF16 void StripOnlineSoftmaxToBf16(const float* scores, int64_t rows, int64_t cols, int64_t ld,
+                                               int64_t open0, float* row_max, float* row_sum, float* acc,
+                                               int64_t acc_cols, int64_t ld_acc, uint16_t* probs16, int64_t ld16) {
+  strip_softmax::Step(scores, rows, cols, RoundUp(cols, 2), ld, open0, row_max, row_sum, acc, acc_cols, ld_acc,
+                      ToBf16{probs16, ld16});
 }
 
 }  // namespace
@@ -191,8 +204,10 @@ void StripScoresBf16(const uint16_t* q, int64_t ld_q, int64_t rows, const uint16
   }
 }
 
-void StripProbsToBf16(const float* probs, int64_t ld, int64_t rows, int64_t cols, uint16_t* probs16, int64_t ld16) {
-  for (int64_t r = 0; r < rows; ++r) ProbsRowToBf16(probs + r * ld, cols, probs16 + r * ld16);
+void StripOnlineSoftmaxBf16(const float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t open0,
+                            float* row_max, float* row_sum, float* acc, int64_t acc_cols, int64_t ld_acc,
+                            uint16_t* probs16, int64_t ld16) {
+  StripOnlineSoftmaxToBf16(scores, rows, cols, ld, open0, row_max, row_sum, acc, acc_cols, ld_acc, probs16, ld16);
 }
 
 void StripAddContextBf16(const uint16_t* probs, int64_t ld_probs, int64_t rows, const uint16_t* pairs, int64_t k0,

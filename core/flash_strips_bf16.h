@@ -6,7 +6,8 @@
 // A head's keys are packed once per (sequence, head) as panels of 16 keys whose head dimensions come in pairs
 // (one register: 16 keys x 2 dims, against a broadcast pair of Q), its values as pairs of keys (one register: 16
 // dims x 2 keys, against a broadcast pair of probabilities). A strip's probabilities are rounded to bf16 (as the
-// brgemm blocks round theirs) in the L1 cache before its context. Products accumulate in f32.
+// brgemm blocks round theirs) by its online softmax step, which writes them straight to the context's operand.
+// Products accumulate in f32.
 //
 // Every function runs on the calling thread and is safe to call from many threads on different outputs. Call
 // them only where FlashBf16StripsAvailable(head_dim).
@@ -40,13 +41,18 @@ void PackValuePairs(const uint16_t* values, int64_t num_keys, int64_t ld, int64_
 void StripScoresBf16(const uint16_t* q, int64_t ld_q, int64_t rows, const uint16_t* panels, int64_t k0, int64_t cols,
                      int64_t head_dim, float* scores, int64_t ld_scores);
 
-// probs16 [rows, cols2] (row stride ld16) = bf16(probs [rows, cols]) (row stride ld), rounded to nearest even,
-// cols2 = cols rounded up to 2 (the pad column zero, as StripAddContextBf16 reads whole pairs).
-void StripProbsToBf16(const float* probs, int64_t ld, int64_t rows, int64_t cols, uint16_t* probs16, int64_t ld16);
+// StripOnlineSoftmax (core/flash_strips_avx512.h) with the probabilities written to probs16 [rows, cols2] bf16
+// (row stride ld16) instead of over the scores: rounded to nearest even, cols2 = cols rounded up to 2, the pad
+// column zero (StripAddContextBf16 reads whole pairs). Its exponentials are ExpNonPositiveForBf16Avx512's (within
+// 3e-6 of exp, core/exp_avx512.h): StripOnlineSoftmax's maxima and context rescaling bit for bit, its sums within
+// 1e-5, its probabilities rounded to the nearest bf16 within that accuracy.
+void StripOnlineSoftmaxBf16(const float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t open0,
+                            float* row_max, float* row_sum, float* acc, int64_t acc_cols, int64_t ld_acc,
+                            uint16_t* probs16, int64_t ld16);
 
-// acc [rows, Dh] f32 (row stride ld_acc) += P [rows, cols] . V, P bf16 (row stride ld_probs; its pairs read whole,
-// StripProbsToBf16), V being values [k0, k0 + cols) of `pairs` (PackValuePairs; of an odd last pair, the first key's
-// lanes alone). 1 <= rows <= kFlashStripRows; k0 even.
+// acc [rows, Dh] f32 (row stride ld_acc) += P [rows, cols] . V, P bf16 (row stride ld_probs; its pairs read
+// whole, StripOnlineSoftmaxBf16), V being values [k0, k0 + cols) of `pairs` (PackValuePairs; of an odd last pair,
+// the first key's lanes alone). 1 <= rows <= kFlashStripRows; k0 even.
 void StripAddContextBf16(const uint16_t* probs, int64_t ld_probs, int64_t rows, const uint16_t* pairs, int64_t k0,
                          int64_t cols, int64_t head_dim, float* acc, int64_t ld_acc);
 

@@ -1,10 +1,11 @@
 // FlashAttention's bf16 strip kernels (core/flash_strips_bf16.h): the pair layouts element by element, the matmuls
 // against float64 products of the same bf16 values (every head size they take, odd ones included, every strip
 // height, key ranges that start on panels and end mid-panel or mid-pair, strided operands, nothing written outside
-// their rows and columns), and the probabilities' rounding against the scalar round-to-nearest-even.
+// their rows and columns), and the softmax step against the f32 one, its probabilities rounded to the nearest bf16.
 #include "core/flash_strips_bf16.h"
 
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -94,21 +95,55 @@ TEST(FlashStripsBf16Test, ScoresMatchFloat64OfTheBf16Operands) {
   }
 }
 
-TEST(FlashStripsBf16Test, ProbabilitiesRoundToNearestEvenWithAZeroPadColumn) {
+// The f32 step's state after a random earlier block: row maxima (some rows saw nothing yet), sums and context.
+struct SoftmaxState {
+  std::vector<float> row_max, row_sum, acc;
+
+  static SoftmaxState Draw(std::mt19937_64& rng, int64_t rows, int64_t acc_cols) {
+    SoftmaxState st{RandomValues(rng, rows), RandomValues(rng, rows), RandomValues(rng, rows * acc_cols)};
+    for (int64_t r = 0; r < rows; ++r) {
+      if (Pick(rng, 0, 3) == 0) st.row_max[r] = -std::numeric_limits<float>::infinity();
+      st.row_sum[r] = std::abs(st.row_sum[r]) + 0.5f;
+    }
+    return st;
+  }
+};
+
+// The bf16 step against the f32 one: the same maxima and context rescaling (both from the maxima), sums within its
+// exponentials' accuracy (ExpNonPositiveForBf16Avx512), each probability bf16's nearest to the f32 one (within half
+// a bf16 ulp and that accuracy), zero where the f32 step's is, the pad column zero, nothing written past.
+TEST(FlashStripsBf16Test, SoftmaxStepIsTheF32StepWithItsProbabilitiesRoundedToNearest) {
   ASSERT_BF16_STRIPS_RUN_HERE();
   std::mt19937_64 rng(3);
-  for (int iter = 0; iter < 200; ++iter) {
+  for (int iter = 0; iter < 300; ++iter) {
     const int64_t rows = Pick(rng, 1, kFlashStripRows), cols = Pick(rng, 1, 200), ld = cols + Pick(rng, 0, 9);
+    const int64_t open0 = Pick(rng, 0, 2) == 0 ? Pick(rng, -rows, cols) : cols, acc_cols = Pick(rng, 1, 40);
     const int64_t cols2 = (cols + 1) / 2 * 2, ld16 = cols2 + 2 * Pick(rng, 0, 9);
-    SCOPED_TRACE(::testing::Message() << "rows " << rows << " cols " << cols);
-    std::vector<float> probs = RandomValues(rng, rows * ld);
-    for (float& p : probs) p = std::abs(p) * 1e-3f * static_cast<float>(Pick(rng, 1, 1000));  // spread exponents
+    SCOPED_TRACE(::testing::Message() << "rows " << rows << " cols " << cols << " open0 " << open0);
+    std::vector<float> scores = RandomValues(rng, rows * ld);
+    for (float& x : scores) x *= static_cast<float>(Pick(rng, 1, 30));  // spread the probabilities' exponents
+    if (iter % 5 == 0) scores[Pick(rng, 0, rows * ld - 1)] = -std::numeric_limits<float>::infinity();
+    const std::vector<float> given = scores;
+    SoftmaxState f32 = SoftmaxState::Draw(rng, rows, acc_cols), bf16 = f32;
+    StripOnlineSoftmax(scores.data(), rows, cols, ld, open0, f32.row_max.data(), f32.row_sum.data(), f32.acc.data(),
+                       acc_cols, acc_cols);
     std::vector<uint16_t> out(rows * ld16, kCanary16);
-    StripProbsToBf16(probs.data(), ld, rows, cols, out.data(), ld16);
+    StripOnlineSoftmaxBf16(given.data(), rows, cols, ld, open0, bf16.row_max.data(), bf16.row_sum.data(),
+                           bf16.acc.data(), acc_cols, acc_cols, out.data(), ld16);
+    EXPECT_EQ(bf16.row_max, f32.row_max);
+    EXPECT_EQ(bf16.acc, f32.acc);
     for (int64_t r = 0; r < rows; ++r) {
+      EXPECT_NEAR(bf16.row_sum[r], f32.row_sum[r], 1e-5 * f32.row_sum[r]) << "row " << r;
       for (int64_t j = 0; j < ld16; ++j) {
-        const uint16_t want = j < cols ? FloatToBFloat16(probs[r * ld + j]) : j < cols2 ? 0 : kCanary16;
-        ASSERT_EQ(out[r * ld16 + j], want) << "row " << r << " col " << j;
+        const uint16_t got = out[r * ld16 + j];
+        if (j >= cols) {
+          ASSERT_EQ(got, j < cols2 ? 0 : kCanary16) << "row " << r << " col " << j;
+          continue;
+        }
+        const double p = scores[r * ld + j];
+        const double half_ulp = p == 0.0 ? 0.0 : std::ldexp(1.0, std::ilogb(p) - 8);
+        ASSERT_NEAR(Value(got), p, half_ulp + 1e-5 * p) << "row " << r << " col " << j;
+        ASSERT_EQ(got == 0, p == 0.0) << "row " << r << " col " << j;
       }
     }
   }
@@ -129,8 +164,10 @@ TEST(FlashStripsBf16Test, ContextAddsToTheAccumulatorAsFloat64) {
     // An odd count's last pair holds a key past `cols`: its lanes must not be read (an inf there would make 0 x inf).
     if (cols % 2 != 0 && k0 + cols < keys) std::fill_n(v.begin() + (k0 + cols) * ld_v, dh, uint16_t{0x7F80});
     std::vector<float> probs_f32 = RandomValues(rng, rows * cols);
-    std::vector<uint16_t> probs(rows * ld_p);
-    StripProbsToBf16(probs_f32.data(), cols, rows, cols, probs.data(), ld_p);
+    std::vector<uint16_t> probs(rows * ld_p);  // the pad column zero
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < cols; ++j) probs[r * ld_p + j] = FloatToBFloat16(probs_f32[r * cols + j]);
+    }
     std::vector<uint16_t> pairs(PackedValuePairElems(keys, dh));
     PackValuePairs(v.data(), keys, ld_v, dh, pairs.data());
     std::vector<float> acc = RandomValues(rng, rows * ld_acc);

@@ -235,16 +235,18 @@ struct StripHead {
     StripScoresBf16(w.q + b * w.q_seq_stride + row * w.ld + h * dh, w.ld, rb, panels16, k0, cols, dh, scores, ld);
   }
 
-  // The online softmax step of rows [r0, r0 + rb) of the block state (row r0 + r sees its first open0 + r keys):
-  // its probabilities over the scores, or for a bf16 layer rounded into probs16.
-  void Softmax(float* scores, int64_t ld, int64_t rb, int64_t cols, int64_t open0, float* row_max, float* row_sum,
+  // The online softmax step of scores [rb, cols] (row stride ld; row r sees its first open0 + r keys) on rows
+  // [r0, r0 + rb) of the block state (their max, sum and context): its probabilities over the scores, or for a
+  // bf16 layer rounded into probs16, where AddContext reads them.
+  void Softmax(float* scores, int64_t rb, int64_t cols, int64_t ld, int64_t open0, float* row_max, float* row_sum,
                float* acc) const {
     const int64_t dh = a.head_dim;
     if (panels16 == nullptr) return StripOnlineSoftmax(scores, rb, cols, ld, open0, row_max, row_sum, acc, dh, dh);
     StripOnlineSoftmaxBf16(scores, rb, cols, ld, open0, row_max, row_sum, acc, dh, dh, probs16, ld_probs16);
   }
 
-  // acc [rb, Dh] += the step's probabilities [rb, cols] (f32: `probs`, row stride ld) . values [k0, k0 + cols).
+  // acc [rb, Dh] += the last Softmax's probabilities [rb, cols] . values [k0, k0 + cols): f32 `probs` (row stride
+  // ld), the scores Softmax wrote over; for a bf16 layer probs16, and `probs` is not read.
   void AddContext(const float* probs, int64_t ld, int64_t rb, int64_t k0, int64_t cols, float* acc) const {
     const int64_t dh = a.head_dim;
     if (panels16 == nullptr) return StripAddContext(probs, ld, rb, values + k0 * dh, cols, dh, acc, dh);
@@ -405,7 +407,7 @@ absl::Status AttendQueryBlockInStrips(const FlashAttentionArgs& a, int64_t call,
       head.Scores(row, rb, k0, seen, st.scores, kc);
       if (kind == KeyBlock::kMixed) AddKeyBias(bias, rb, seen, st.scores, kc);
       if (a.add_mask) a.add_mask(b, h, row, rb, k0, seen, st.scores, kc);
-      head.Softmax(st.scores, kc, rb, seen, a.causal ? row - k0 + 1 : seen, st.row_max + r0, st.row_sum + r0,
+      head.Softmax(st.scores, rb, seen, kc, a.causal ? row - k0 + 1 : seen, st.row_max + r0, st.row_sum + r0,
                    st.acc + r0 * dh);
       head.AddContext(st.scores, kc, rb, k0, seen, st.acc + r0 * dh);
     }

@@ -2,9 +2,9 @@
 
 #include <algorithm>
 #include <cassert>
-#include <limits>
 
 #include "core/avx512_target.h"
+#include "core/exp_avx512.h"
 #include "core/kernel_variants.h"
 #include "core/strip_tiles.h"
 
@@ -92,6 +92,63 @@ constexpr StripContextFn kStripContexts[kFlashStripMaxHeadDim / 16] = {
     StripContext<1>, StripContext<2>, StripContext<3>, StripContext<4>,
     StripContext<5>, StripContext<6>, StripContext<7>, StripContext<8>};
 
+// 64-bit lanes of two registers of floats, interleaved: _mm512_unpack{lo,hi}_pd on floats.
+ATTN_AVX512_INLINE __m512 UnpackLo64(__m512 a, __m512 b) {
+  return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+}
+ATTN_AVX512_INLINE __m512 UnpackHi64(__m512 a, __m512 b) {
+  return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+}
+
+// rows[i][j] -> rows[j][i] for a 16 x 16 block of floats: pairs of floats, then pairs of pairs, within each
+// 128-bit lane; then the lanes, in two rounds of vshuff32x4.
+ATTN_AVX512_INLINE void Transpose16x16(__m512 (&rows)[16]) {
+  __m512 pairs[16], quads[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    pairs[i] = _mm512_unpacklo_ps(rows[i], rows[i + 1]);      // per lane: columns 0, 1 of rows i, i + 1
+    pairs[i + 1] = _mm512_unpackhi_ps(rows[i], rows[i + 1]);  // columns 2, 3
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {  // quads[i + c]: per lane, column c of rows i .. i + 3
+    quads[i] = UnpackLo64(pairs[i], pairs[i + 2]);
+    quads[i + 1] = UnpackHi64(pairs[i], pairs[i + 2]);
+    quads[i + 2] = UnpackLo64(pairs[i + 1], pairs[i + 3]);
+    quads[i + 3] = UnpackHi64(pairs[i + 1], pairs[i + 3]);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {  // lane l of quads[4g + c] holds column 4l + c of rows 4g .. 4g + 3
+    const __m512 even01 = _mm512_shuffle_f32x4(quads[c], quads[4 + c], 0x88);  // lanes 0, 2 of groups 0, 1
+    const __m512 odd01 = _mm512_shuffle_f32x4(quads[c], quads[4 + c], 0xDD);   // lanes 1, 3
+    const __m512 even23 = _mm512_shuffle_f32x4(quads[8 + c], quads[12 + c], 0x88);
+    const __m512 odd23 = _mm512_shuffle_f32x4(quads[8 + c], quads[12 + c], 0xDD);
+    rows[c] = _mm512_shuffle_f32x4(even01, even23, 0x88);
+    rows[8 + c] = _mm512_shuffle_f32x4(even01, even23, 0xDD);
+    rows[4 + c] = _mm512_shuffle_f32x4(odd01, odd23, 0x88);
+    rows[12 + c] = _mm512_shuffle_f32x4(odd01, odd23, 0xDD);
+  }
+}
+
+// PackKeyPanels by 16 x 16 blocks transposed in registers: each panel's keys read a row of 16 dimensions at a
+// time (masked at the head's end), missing keys as zero rows.
+ATTN_AVX512 void PackKeyPanelsAvx512(const float* keys, int64_t num_keys, int64_t ld, int64_t dh, float* panels) {
+  for (int64_t j0 = 0; j0 < num_keys; j0 += kKeyPanelKeys) {
+    const int64_t present = std::min<int64_t>(kKeyPanelKeys, num_keys - j0);
+    float* panel = panels + j0 * dh;
+    for (int64_t d0 = 0; d0 < dh; d0 += 16) {
+      const int64_t dims = std::min<int64_t>(16, dh - d0);
+      __m512 block[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        block[i] =
+            i < present ? _mm512_maskz_loadu_ps(FirstLanes(dims), keys + (j0 + i) * ld + d0) : _mm512_setzero_ps();
+      }
+      Transpose16x16(block);
+      for (int64_t d = 0; d < dims; ++d) _mm512_storeu_ps(panel + (d0 + d) * kKeyPanelKeys, block[d]);
+    }
+  }
+}
+
 // The probabilities back over the scores.
 struct OverScores {
   float* scores;
@@ -130,11 +187,7 @@ int64_t PackedKeyFloats(int64_t keys, int64_t head_dim) {
 }
 
 void PackKeyPanels(const float* keys, int64_t num_keys, int64_t ld, int64_t head_dim, float* panels) {
-  const int64_t padded = PackedKeyFloats(num_keys, head_dim) / head_dim;
-  for (int64_t j = 0; j < padded; ++j) {
-    float* dst = panels + (j / kKeyPanelKeys) * kKeyPanelKeys * head_dim + j % kKeyPanelKeys;
-    for (int64_t d = 0; d < head_dim; ++d) dst[d * kKeyPanelKeys] = j < num_keys ? keys[j * ld + d] : 0.0f;
-  }
+  PackKeyPanelsAvx512(keys, num_keys, ld, head_dim, panels);
 }
 
 void StripScores(const float* q, int64_t ld_q, int64_t rows, const float* panels, int64_t k0, int64_t cols,

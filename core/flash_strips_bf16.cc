@@ -1,10 +1,12 @@
 #include "core/flash_strips_bf16.h"
 
 #include <algorithm>
+#include <cassert>
 #include <cstring>
 
 #include "core/avx512_target.h"
 #include "core/bf16_rows.h"
+#include "core/exp_avx512.h"
 #include "core/flash_strips_avx512.h"
 #include "core/kernel_variants.h"
 #include "core/strip_tiles.h"
@@ -207,6 +209,7 @@ void StripScoresBf16(const uint16_t* q, int64_t ld_q, int64_t rows, const uint16
 void StripOnlineSoftmaxBf16(const float* scores, int64_t rows, int64_t cols, int64_t ld, int64_t open0,
                             float* row_max, float* row_sum, float* acc, int64_t acc_cols, int64_t ld_acc,
                             uint16_t* probs16, int64_t ld16) {
+  assert(ld16 >= RoundUp(cols, 2));
   StripOnlineSoftmaxToBf16(scores, rows, cols, ld, open0, row_max, row_sum, acc, acc_cols, ld_acc, probs16, ld16);
 }
 

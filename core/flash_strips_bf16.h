@@ -6,8 +6,8 @@
 // A head's keys are packed once per (sequence, head) as panels of 16 keys whose head dimensions come in pairs
 // (one register: 16 keys x 2 dims, against a broadcast pair of Q), its values as pairs of keys (one register: 16
 // dims x 2 keys, against a broadcast pair of probabilities). A strip's probabilities are rounded to bf16 (as the
-// brgemm blocks round theirs) by its online softmax step, which writes them straight to the context's operand.
-// Products accumulate in f32.
+// brgemm blocks round theirs, though from exponentials within 3e-6 of exact where theirs are within float rounding)
+// by its online softmax step, which writes them straight to the context's operand. Products accumulate in f32.
 //
 // Every function runs on the calling thread and is safe to call from many threads on different outputs. Call
 // them only where FlashBf16StripsAvailable(head_dim).

@@ -6,6 +6,9 @@
 // ATTN_AVX512_BF16_INLINE) and include this once, at namespace scope outside any namespace. GCC inlines a callee
 // only into a caller of its target or wider, so the step must have the target of the store it inlines (bf16's
 // vcvtneps2bf16); its definitions have internal linkage, one copy per target.
+#if __INCLUDE_LEVEL__ != 1
+#error "include core/strip_softmax_inl.h only from a kernel's .cc file: its definitions are internal, one per target"
+#endif
 #ifndef ATTN_STRIP_SOFTMAX_INLINE
 #error "define ATTN_STRIP_SOFTMAX_INLINE to the including kernels' target before including this file"
 #endif

@@ -2,6 +2,7 @@
 // and at its edges: below -87 (and -inf) 0, NaN kept. Their accuracy bounds are what the softmax kernels document.
 #include "core/exp_avx512.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>

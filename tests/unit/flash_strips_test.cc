@@ -27,18 +27,26 @@ constexpr float kCanary = testing::kStripCanary;
   ASSERT_TRUE(FlashStripsAvailable(1) && FlashStripsAvailable(kFlashStripMaxHeadDim)) \
       << "no AVX-512 F here, or ATTNSERVE_MAX_KERNEL_ISA caps it"
 
+// Every head size the kernels take, key counts that end mid-panel, strided rows; the keys' buffer ends at the last
+// key's last element (a read past it is past the allocation).
 TEST(FlashStripsTest, PackKeyPanelsLaysKeysOutInPanelsOfSixteenZeroPadded) {
+  ASSERT_STRIPS_RUN_HERE();
   std::mt19937_64 rng(1);
-  const int64_t keys = 37, dh = 5, ld = 9;
-  const std::vector<float> k = RandomValues(rng, keys * ld);
-  std::vector<float> panels(PackedKeyFloats(keys, dh), kCanary);
-  ASSERT_EQ(panels.size(), 48u * dh);
-  PackKeyPanels(k.data(), keys, ld, dh, panels.data());
-  for (int64_t j = 0; j < 48; ++j) {
-    for (int64_t d = 0; d < dh; ++d) {
-      const float want = j < keys ? k[j * ld + d] : 0.0f;
-      EXPECT_EQ(panels[(j / 16) * 16 * dh + d * 16 + j % 16], want) << "key " << j << " dim " << d;
+  for (int iter = 0; iter < 300; ++iter) {
+    const int64_t dh = iter < kFlashStripMaxHeadDim ? iter + 1 : Pick(rng, 1, kFlashStripMaxHeadDim);
+    const int64_t keys = Pick(rng, 1, 70), ld = dh + Pick(rng, 0, 20), padded = (keys + 15) / 16 * 16;
+    SCOPED_TRACE(::testing::Message() << "dh " << dh << " keys " << keys << " ld " << ld);
+    const std::vector<float> k = RandomValues(rng, (keys - 1) * ld + dh);
+    std::vector<float> panels(PackedKeyFloats(keys, dh) + 16, kCanary);
+    ASSERT_EQ(panels.size(), static_cast<size_t>(padded * dh + 16));
+    PackKeyPanels(k.data(), keys, ld, dh, panels.data());
+    for (int64_t j = 0; j < padded; ++j) {
+      for (int64_t d = 0; d < dh; ++d) {
+        const float want = j < keys ? k[j * ld + d] : 0.0f;
+        ASSERT_EQ(panels[(j / 16) * 16 * dh + d * 16 + j % 16], want) << "key " << j << " dim " << d;
+      }
     }
+    for (size_t i = padded * dh; i < panels.size(); ++i) ASSERT_EQ(panels[i], kCanary) << "past the panels: " << i;
   }
 }
 

@@ -51,14 +51,11 @@ void AdviseHugePages(void* data, size_t bytes) {
   if (last >= first + 2 * kHugePage) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 }
 
-Tensor Tensor::Zeros(Shape shape) {
-  Tensor t;
+Tensor::Tensor(Shape s) : shape(std::move(s)) {
   const auto n = static_cast<size_t>(NumElements(shape));
-  t.shape = std::move(shape);
-  t.values.reserve(n);  // allocated, not yet touched
-  AdviseHugePages(t.values.data(), n * sizeof(float));
-  t.values.resize(n);
-  return t;
+  values.reserve(n);  // allocated, not yet touched
+  AdviseHugePages(values.data(), n * sizeof(float));
+  values.resize(n);
 }
 
 }  // namespace attnserve

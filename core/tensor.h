@@ -52,13 +52,14 @@ struct Tensor {
   std::vector<float> values;
 
   Tensor() = default;
-  explicit Tensor(Shape s) : shape(std::move(s)), values(static_cast<size_t>(NumElements(shape))) {}
+  // Zeros of `shape`; a large one on transparent huge pages where the kernel allows them (madvise mode): 4 KiB
+  // pages fault in one by one, which on a VM costs more than the matmul that fills an output (a fresh 32 MiB
+  // output: 90 ms on 4 KiB pages, 8 ms on huge pages; BENCHMARKS.md, sixteenth session).
+  explicit Tensor(Shape s);
   Tensor(Shape s, std::vector<float> v) : shape(std::move(s)), values(std::move(v)) {}
 
   TensorView view() const { return TensorView::F32(values.data(), shape); }
-  // Zeros of `shape`; a large one on transparent huge pages where the kernel allows them (madvise mode):
-  // 4 KiB pages fault in one by one, which on a VM costs more than the matmul that fills an output.
-  static Tensor Zeros(Shape shape);
+  static Tensor Zeros(Shape shape) { return Tensor(std::move(shape)); }
   int64_t num_elements() const { return NumElements(shape); }
 };
 

@@ -19,6 +19,7 @@ BlockScratch& ThreadBlockScratch() {
 
 float* ProjectionBuffer::Get(size_t n) {
   if (n > capacity) {
+    UnadviseHugePages(data.get(), capacity * sizeof(float));
     data.reset();  // the old one first: never both at once
     data.reset(new float[n]);
     AdviseHugePages(data.get(), n * sizeof(float));
@@ -29,6 +30,7 @@ float* ProjectionBuffer::Get(size_t n) {
 
 void ProjectionBuffer::Trim(size_t keep_bytes) {
   if (capacity * sizeof(float) > keep_bytes) {
+    UnadviseHugePages(data.get(), capacity * sizeof(float));
     data.reset();
     capacity = 0;
   }

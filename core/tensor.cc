@@ -44,12 +44,21 @@ int64_t NumElements(absl::Span<const int64_t> shape) {
   return n;
 }
 
-void AdviseHugePages(void* data, size_t bytes) {
+namespace {
+
+// madvise(advice) over the 2 MiB-aligned interior of [data, data + bytes) when it holds two huge pages or more.
+void AdviseInterior(void* data, size_t bytes, int advice) {
   constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
   const auto begin = reinterpret_cast<uintptr_t>(data), end = begin + bytes;
   const uintptr_t first = (begin + kHugePage - 1) / kHugePage * kHugePage, last = end / kHugePage * kHugePage;
-  if (last >= first + 2 * kHugePage) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  if (last >= first + 2 * kHugePage) ::madvise(reinterpret_cast<void*>(first), last - first, advice);
 }
+
+}  // namespace
+
+void AdviseHugePages(void* data, size_t bytes) { AdviseInterior(data, bytes, MADV_HUGEPAGE); }
+
+void UnadviseHugePages(void* data, size_t bytes) { AdviseInterior(data, bytes, MADV_NOHUGEPAGE); }
 
 Tensor::Tensor(Shape s) : shape(std::move(s)) {
   const auto n = static_cast<size_t>(NumElements(shape));
@@ -57,5 +66,7 @@ Tensor::Tensor(Shape s) : shape(std::move(s)) {
   AdviseHugePages(values.data(), n * sizeof(float));
   values.resize(n);
 }
+
+Tensor::~Tensor() { UnadviseHugePages(values.data(), values.capacity() * sizeof(float)); }
 
 }  // namespace attnserve

@@ -42,9 +42,14 @@ struct TensorView {
   static TensorView I64(const int64_t* data, Shape shape) { return {DType::kInt64, std::move(shape), data}; }
 };
 
-// Asks for transparent huge pages over the 2 MiB-aligned part of [data, data + bytes) when it holds at least
+// Asks for transparent huge pages over the 2 MiB-aligned interior of [data, data + bytes) when it holds at least
 // two of them (advice: the kernel may decline). For large buffers before their first touch.
 void AdviseHugePages(void* data, size_t bytes);
+
+// Takes the advice back (MADV_NOHUGEPAGE over the same interior) before such a buffer is freed. The advice belongs
+// to the address range, not the allocation: on memory malloc keeps in a heap it would outlive the buffer, and
+// khugepaged could then fault in whole 2 MiB pages around the few 4 KiB pages the heap's next blocks touch.
+void UnadviseHugePages(void* data, size_t bytes);
 
 // An owning, row-major f32 tensor.
 struct Tensor {
@@ -52,11 +57,16 @@ struct Tensor {
   std::vector<float> values;
 
   Tensor() = default;
-  // Zeros of `shape`; a large one on transparent huge pages where the kernel allows them (madvise mode): 4 KiB
+  // Zeros of `shape`; a large one on transparent huge pages where the kernel allows them (AdviseHugePages): 4 KiB
   // pages fault in one by one, which on a VM costs more than the matmul that fills an output (a fresh 32 MiB
   // output: 90 ms on 4 KiB pages, 8 ms on huge pages; BENCHMARKS.md, sixteenth session).
   explicit Tensor(Shape s);
   Tensor(Shape s, std::vector<float> v) : shape(std::move(s)), values(std::move(v)) {}
+  Tensor(const Tensor&) = default;
+  Tensor(Tensor&&) noexcept = default;
+  Tensor& operator=(const Tensor&) = default;
+  Tensor& operator=(Tensor&&) noexcept = default;
+  ~Tensor();  // takes the huge-page advice back (UnadviseHugePages) before the values are freed
 
   TensorView view() const { return TensorView::F32(values.data(), shape); }
   static Tensor Zeros(Shape shape) { return Tensor(std::move(shape)); }

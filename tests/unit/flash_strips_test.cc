@@ -28,7 +28,7 @@ constexpr float kCanary = testing::kStripCanary;
       << "no AVX-512 F here, or ATTNSERVE_MAX_KERNEL_ISA caps it"
 
 // Every head size the kernels take, key counts that end mid-panel, strided rows; the keys' buffer ends at the last
-// key's last element (a read past it is past the allocation).
+// key's last element, so that a plain (unmasked) read past it is past the allocation for ASan.
 TEST(FlashStripsTest, PackKeyPanelsLaysKeysOutInPanelsOfSixteenZeroPadded) {
   ASSERT_STRIPS_RUN_HERE();
   std::mt19937_64 rng(1);

@@ -36,6 +36,7 @@ struct ProjectionBuffer {
   size_t capacity = 0;
   float* Get(size_t n);
   void Trim(size_t keep_bytes = kRetainBytes);
+  ~ProjectionBuffer() { Trim(0); }  // takes the huge-page advice back (a thread's buffer, freed at its exit)
 };
 ProjectionBuffer& ThreadProjectionBuffer();
 

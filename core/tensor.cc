@@ -67,6 +67,20 @@ Tensor::Tensor(Shape s) : shape(std::move(s)) {
   values.resize(n);
 }
 
+Tensor& Tensor::operator=(Tensor&& other) noexcept {
+  if (this != &other) {
+    UnadviseHugePages(values.data(), values.capacity() * sizeof(float));
+    shape = std::move(other.shape);
+    values = std::move(other.values);
+  }
+  return *this;
+}
+
+Tensor& Tensor::operator=(const Tensor& other) {
+  if (this != &other) *this = Tensor(other);
+  return *this;
+}
+
 Tensor::~Tensor() { UnadviseHugePages(values.data(), values.capacity() * sizeof(float)); }
 
 }  // namespace attnserve

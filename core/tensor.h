@@ -64,9 +64,11 @@ struct Tensor {
   Tensor(Shape s, std::vector<float> v) : shape(std::move(s)), values(std::move(v)) {}
   Tensor(const Tensor&) = default;
   Tensor(Tensor&&) noexcept = default;
-  Tensor& operator=(const Tensor&) = default;
-  Tensor& operator=(Tensor&&) noexcept = default;
-  ~Tensor();  // takes the huge-page advice back (UnadviseHugePages) before the values are freed
+  // Both take this tensor's advice back before its values are replaced; so does the destructor, before they are
+  // freed. (A caller that reallocates `values` itself frees the old ones advised: do not, on a large tensor.)
+  Tensor& operator=(const Tensor& other);
+  Tensor& operator=(Tensor&& other) noexcept;
+  ~Tensor();
 
   TensorView view() const { return TensorView::F32(values.data(), shape); }
   static Tensor Zeros(Shape shape) { return Tensor(std::move(shape)); }

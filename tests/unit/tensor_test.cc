@@ -1,8 +1,9 @@
 // Tensor's allocation (core/tensor.h): tensors hold exactly their shape's elements, all zero; a large one's
-// pages are advised huge while it lives (the mapping's VmFlags in /proc/self/smaps show `hg`), and the advice
-// is taken back from a range before it is freed (`nh`).
+// pages are advised huge while it lives (the mapping's VmFlags in /proc/self/smaps show `hg`), and the advice is
+// taken back (`nh`) before its values are freed or replaced.
 #include "core/tensor.h"
 
+#include <malloc.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -42,6 +43,13 @@ std::string VmFlagsAt(uintptr_t address) {
 
 bool KernelHasHugePages() { return std::ifstream("/sys/kernel/mm/transparent_hugepage/enabled").good(); }
 
+uintptr_t FirstHugePage(const Tensor& t) {
+  return (reinterpret_cast<uintptr_t>(t.values.data()) + kHugePage - 1) / kHugePage * kHugePage;
+}
+
+bool Advised(uintptr_t address) { return VmFlagsAt(address).find(" hg ") != std::string::npos; }
+bool Unadvised(uintptr_t address) { return VmFlagsAt(address).find(" nh ") != std::string::npos; }
+
 TEST(TensorTest, ShapedTensorsAreZerosOfTheirShape) {
   for (const Shape& shape : {Shape{3, 5}, Shape{1, 2048, 1024}, Shape{2, 4096, 1024}, Shape{0, 7}}) {
     const Tensor t(shape);
@@ -52,14 +60,39 @@ TEST(TensorTest, ShapedTensorsAreZerosOfTheirShape) {
   }
 }
 
-TEST(TensorTest, ALargeTensorLivesOnAdvisedHugePages) {
+TEST(TensorTest, ALargeTensorIsAdvisedOntoHugePages) {
   if (!KernelHasHugePages()) GTEST_SKIP() << "no transparent huge pages in this kernel";
   Tensor t({2, 4096, 1024});  // 32 MiB
-  const uintptr_t first = (reinterpret_cast<uintptr_t>(t.values.data()) + kHugePage - 1) / kHugePage * kHugePage;
-  EXPECT_NE(VmFlagsAt(first).find(" hg "), std::string::npos) << VmFlagsAt(first);
+  const uintptr_t first = FirstHugePage(t);
+  EXPECT_TRUE(Advised(first)) << VmFlagsAt(first);
   const Tensor moved(std::move(t));  // the values move, and their advice stays (the moved-from one has none)
   EXPECT_EQ(moved.values.size(), size_t{8} << 20);
-  EXPECT_NE(VmFlagsAt(first).find(" hg "), std::string::npos) << VmFlagsAt(first);
+  EXPECT_TRUE(Advised(first)) << VmFlagsAt(first);
+}
+
+// With large blocks from malloc's heap and its top never trimmed, a freed or replaced tensor's pages stay mapped:
+// the advice must be gone from them (nh), or khugepaged could fill them in 2 MiB at a time for the heap's next
+// blocks.
+TEST(TensorTest, FreedOrReplacedValuesKeepNoAdviceOnHeapMemory) {
+  if (!KernelHasHugePages()) GTEST_SKIP() << "no transparent huge pages in this kernel";
+  if (mallopt(M_MMAP_THRESHOLD, 32 << 20) == 0 || mallopt(M_TRIM_THRESHOLD, 1 << 30) == 0) {
+    GTEST_SKIP() << "this allocator takes no mallopt (a sanitizer's)";
+  }
+  uintptr_t freed = 0, replaced = 0;
+  {
+    const Tensor t({4, 1024, 1024});  // 16 MiB, from the heap
+    freed = FirstHugePage(t);
+    EXPECT_TRUE(Advised(freed)) << VmFlagsAt(freed);
+  }
+  EXPECT_FALSE(Advised(freed)) << VmFlagsAt(freed);
+  EXPECT_TRUE(Unadvised(freed)) << VmFlagsAt(freed);
+  Tensor kept({4, 1024, 1024});
+  replaced = FirstHugePage(kept);
+  EXPECT_TRUE(Advised(replaced)) << VmFlagsAt(replaced);
+  kept = Tensor({3, 5});
+  EXPECT_TRUE(Unadvised(replaced)) << VmFlagsAt(replaced);
+  mallopt(M_MMAP_THRESHOLD, 128 << 10);  // glibc's defaults
+  mallopt(M_TRIM_THRESHOLD, 128 << 10);
 }
 
 TEST(TensorTest, AdviceIsTakenBackFromTheSameRange) {

@@ -48,6 +48,8 @@ class InferRequestSource {
   std::shared_ptr<const attnserve::v1::InferRequest> Get(uint64_t seq) const;
   // The query length request `seq` has.
   int64_t SeqLenFor(uint64_t seq) const;
+  // True when every request is the same one (the query length is not drawn).
+  bool Fixed() const { return fixed_ != nullptr; }
 
  private:
   explicit InferRequestSource(Options options) : options_(std::move(options)) {}

@@ -1,5 +1,10 @@
 #include "tools/attnbench_senders.h"
 
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/wire_format_lite.h>
+#include <grpcpp/support/proto_buffer_reader.h>
+
+#include <climits>
 #include <deque>
 #include <map>
 #include <random>
@@ -31,24 +36,89 @@ Outcome FromResponse(const grpc::Status& status, const InferResponse& response) 
 
 }  // namespace
 
+namespace {
+
+constexpr char kInferMethod[] = "/attnserve.v1.AttentionService/Infer";
+
+grpc::ByteBuffer RequestWire(const InferRequest& request) {
+  grpc::ByteBuffer wire;
+  bool own_buffer = false;
+  grpc::SerializationTraits<InferRequest>::Serialize(request, &wire, &own_buffer).IgnoreError();  // < 2 GiB
+  return wire;
+}
+
+// Reads the length-delimited field at `in` into `message`.
+bool ReadSubMessage(google::protobuf::io::CodedInputStream* in, google::protobuf::MessageLite* message) {
+  uint32_t length = 0;
+  if (!in->ReadVarint32(&length)) return false;
+  const auto limit = in->PushLimit(static_cast<int>(length));
+  const bool parsed = message->MergePartialFromCodedStream(in) && in->ConsumedEntireMessage();
+  in->PopLimit(limit);
+  return parsed;
+}
+
+// The answer's fields FromResponse reads, into `head`; false when the bytes are not an InferResponse.
+bool ParseAnswerHead(grpc::ByteBuffer* wire, InferResponse* head) {
+  using google::protobuf::internal::WireFormatLite;
+  if (!wire->Valid()) return false;
+  grpc::ProtoBufferReader reader(wire);
+  if (!reader.status().ok()) return false;
+  google::protobuf::io::CodedInputStream in(&reader);
+  in.SetTotalBytesLimit(INT_MAX);
+  while (const uint32_t tag = in.ReadTag()) {
+    const bool delimited = WireFormatLite::GetTagWireType(tag) == WireFormatLite::WIRETYPE_LENGTH_DELIMITED;
+    const int field = WireFormatLite::GetTagFieldNumber(tag);
+    bool ok = true;
+    if (delimited && field == InferResponse::kTimingFieldNumber) {
+      ok = ReadSubMessage(&in, head->mutable_timing());
+    } else if (delimited && field == InferResponse::kErrorFieldNumber) {
+      ok = ReadSubMessage(&in, head->mutable_error());
+    } else if (delimited && field == InferResponse::kIdFieldNumber) {
+      ok = WireFormatLite::ReadString(&in, head->mutable_id());
+    } else {
+      ok = WireFormatLite::SkipField(&in, tag);  // the tensors: skipped in gRPC's slices, not copied
+    }
+    if (!ok) return false;
+  }
+  return in.ConsumedEntireMessage();
+}
+
+}  // namespace
+
+Outcome FromWire(const grpc::Status& status, grpc::ByteBuffer* wire) {
+  InferResponse head;
+  if (status.ok() && !ParseAnswerHead(wire, &head)) {
+    return FromResponse(grpc::Status(grpc::StatusCode::INTERNAL, "answer: not an InferResponse"), head);
+  }
+  return FromResponse(status, head);
+}
+
+UnaryInferSender::UnaryInferSender(ClientLanes clients, const InferRequestSource* source,
+                                   std::optional<int64_t> timeout_ms)
+    : clients_(std::move(clients)), source_(source), timeout_ms_(timeout_ms) {
+  for (size_t i = 0; i < clients_.size(); ++i) {
+    stubs_.push_back(std::make_unique<grpc::GenericStub>(clients_.ForLane(i).channel()));
+  }
+  if (source_->Fixed()) fixed_wire_ = RequestWire(*source_->Get(0));
+}
+
 void UnaryInferSender::Send(uint64_t seq, uint64_t lane, std::function<void(const Outcome&)> done) {
   struct Call {
     grpc::ClientContext context;
-    std::shared_ptr<const InferRequest> request;
-    InferResponse response;
+    grpc::ByteBuffer request;  // shares the fixed request's slices: no copy
+    grpc::ByteBuffer response;
   };
   auto* call = new Call;
-  call->request = source_->Get(seq);
-  const Client& client = clients_.ForLane(lane);
-  client.PrepareContext(&call->context, timeout_ms_);
-  client.stub()->async()->Infer(&call->context, call->request.get(), &call->response,
-                                [call, done = std::move(done)](grpc::Status status) {
-                                  Outcome o = FromResponse(status, call->response);
-                                  if (o.code != 0) o.trace_id = ServerTraceId(call->context);
-                                  // before done: once the last answer is done, the run may end and exit
-                                  delete call;
-                                  done(o);
-                                });
+  call->request = fixed_wire_.has_value() ? *fixed_wire_ : RequestWire(*source_->Get(seq));
+  clients_.ForLane(lane).PrepareContext(&call->context, timeout_ms_);
+  stubs_[lane % stubs_.size()]->UnaryCall(&call->context, kInferMethod, grpc::StubOptions(), &call->request,
+                                          &call->response, [call, done = std::move(done)](grpc::Status status) {
+                                            Outcome o = FromWire(status, &call->response);
+                                            if (o.code != 0) o.trace_id = ServerTraceId(call->context);
+                                            // before done: once the last answer is done, the run may end and exit
+                                            delete call;
+                                            done(o);
+                                          });
 }
 
 // One InferStream. Writes go out one at a time (the reactor allows one in flight) from a queue; a read is

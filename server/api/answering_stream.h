@@ -112,13 +112,13 @@ class AnsweringStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, g
     grpc::Status failed = status;
     if (failed.ok()) failed = SerializeWire(item->response, &item->wire);
     if (!failed.ok()) {
-      item->response.Clear();
+      item->response = Response();
       write_error_(item->request, failed, &item->response);
       SerializeWire(item->response, &item->wire).IgnoreError();  // an error response: a few bytes
     }
     // Answered and serialized: its tensors need not wait for the write (nor their memory).
     Request().Swap(&item->request);
-    Response().Swap(&item->response);
+    item->response = Response();
     absl::MutexLock lock(&mu_);
     --pending_;
     writes_.push_back(item);

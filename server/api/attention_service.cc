@@ -21,7 +21,8 @@ void DescribeLayer(const ServedLayer& layer, bool show_paths, attnserve::v1::Lay
   out->set_ready(true);
 }
 
-void WriteError(const InferRequest& request, const grpc::Status& status, InferResponse* response) {
+void WriteError(const InferRequest& request, const grpc::Status& status, InferAnswer* answer) {
+  InferResponse* response = &answer->message;
   response->set_id(request.id());
   response->mutable_error()->set_code(static_cast<int32_t>(status.error_code()));
   response->mutable_error()->set_message(status.error_message());
@@ -30,12 +31,12 @@ void WriteError(const InferRequest& request, const grpc::Status& status, InferRe
 }  // namespace
 
 void AttentionServiceImpl::Submit(const ServedRpc& rpc, const char* rpc_name, const InferRequest& request,
-                                  InferResponse* response, OnAnswer on_answer) const {
+                                  InferAnswer* answer, OnAnswer on_answer) const {
   auto call = std::make_unique<InferenceCall>();
   BindCall(rpc.ctx(), rpc_name, rpc.trace(), *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
   DecodeInferRequest(request, call.get());
-  FinishWith(call.get(), [self = call.get(), response] { EncodeInferResponse(*self, response); },
-             std::move(on_answer));
+  FinishWith(
+      call.get(), [self = call.get(), answer] { EncodeInferAnswer(self, answer); }, std::move(on_answer));
   dispatcher_->Submit(std::move(call));
 }
 
@@ -43,8 +44,8 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Infer(grpc::CallbackServerContex
                                                       grpc::ByteBuffer* response) {
   const ServedRpc rpc(ctx, calls_, "/attnserve.v1.AttentionService/Infer");
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
-  return ParseAndSubmit<InferRequest, InferResponse>(
-      rpc, request, response, [&](const InferRequest& parsed, InferResponse* answer, OnAnswer on_answer) {
+  return ParseAndSubmit<InferRequest, InferAnswer>(
+      rpc, request, response, [&](const InferRequest& parsed, InferAnswer* answer, OnAnswer on_answer) {
         Submit(rpc, "Infer", parsed, answer, std::move(on_answer));
       });
 }
@@ -55,10 +56,10 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionServiceImp
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) {
     return new RefusedStream(rpc, denied);
   }
-  auto submit = [this, rpc](const InferRequest& request, InferResponse* response, OnAnswer on_answer) {
-    Submit(rpc, "InferStream", request, response, std::move(on_answer));
+  auto submit = [this, rpc](const InferRequest& request, InferAnswer* answer, OnAnswer on_answer) {
+    Submit(rpc, "InferStream", request, answer, std::move(on_answer));
   };
-  return new AnsweringStream<InferRequest, InferResponse>(rpc, max_inflight_per_stream_, submit, WriteError);
+  return new AnsweringStream<InferRequest, InferAnswer>(rpc, max_inflight_per_stream_, submit, WriteError);
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::ListLayers(grpc::CallbackServerContext* ctx,

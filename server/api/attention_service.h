@@ -6,17 +6,18 @@
 // Thread-safety: gRPC calls the handlers from its own threads; workers finish calls from theirs.
 #pragma once
 
+#include <grpcpp/grpcpp.h>
+
 #include <algorithm>
 #include <functional>
 #include <memory>
 #include <string>
 
-#include <grpcpp/grpcpp.h>
-
 #include "attnserve/v1/attention.grpc.pb.h"
 #include "server/api/answering_stream.h"
 #include "server/api/authorizer.h"
 #include "server/api/call_counts.h"
+#include "server/api/infer_answer.h"
 #include "server/api/served_rpc.h"
 #include "server/batching/clock.h"
 #include "server/runtime/dispatcher.h"
@@ -57,10 +58,10 @@ class AttentionServiceImpl final : public AttentionServiceBase {
                                      attnserve::v1::Layer* response) override;
 
  private:
-  // Decodes `request` (which must outlive the call) into a call and submits it; `on_answer` gets its answer. `rpc`
-  // (a literal) names the method in the access log.
+  // Decodes `request` (which must outlive the call) into a call and submits it; `on_answer` gets its answer,
+  // encoded into `answer`. `rpc` (a literal) names the method in the access log.
   void Submit(const ServedRpc& rpc, const char* rpc_name, const attnserve::v1::InferRequest& request,
-              attnserve::v1::InferResponse* response, OnAnswer on_answer) const;
+              InferAnswer* answer, OnAnswer on_answer) const;
 
   const LayerRegistry* registry_;
   Dispatcher* dispatcher_;

@@ -1,5 +1,8 @@
 #include "server/api/infer_request.h"
 
+#include <utility>
+
+#include "absl/base/config.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "server/api/tensor_codec.h"
@@ -75,9 +78,17 @@ absl::Status PrepareInferenceCall(const LayerRegistry& registry, const attnserve
   return ValidateCall(registry, call);
 }
 
-void EncodeInferResponse(const InferenceCall& call, attnserve::v1::InferResponse* response) {
+namespace {
+
+#ifdef ABSL_IS_LITTLE_ENDIAN
+constexpr bool kHostIsLittleEndian = true;
+#else
+constexpr bool kHostIsLittleEndian = false;
+#endif
+
+// Every field of the answer but its output.
+void EncodeAnswerFields(const InferenceCall& call, attnserve::v1::InferResponse* response) {
   response->set_id(call.id);
-  EncodeTensor(call.outputs.output, response->mutable_output(), call.output_dtype);
   if (call.inputs.need_weights) {
     EncodeTensor(call.outputs.attn_weights, response->mutable_attn_weights(), call.output_dtype);
   }
@@ -85,6 +96,24 @@ void EncodeInferResponse(const InferenceCall& call, attnserve::v1::InferResponse
   timing->set_queue_us(call.timing.queue_us);
   timing->set_compute_us(call.timing.compute_us);
   timing->set_batch_size(call.timing.batch_size);
+}
+
+}  // namespace
+
+void EncodeInferResponse(const InferenceCall& call, attnserve::v1::InferResponse* response) {
+  EncodeAnswerFields(call, response);
+  EncodeTensor(call.outputs.output, response->mutable_output(), call.output_dtype);
+}
+
+void EncodeInferAnswer(InferenceCall* call, InferAnswer* answer) {
+  // raw_data is little-endian: the values are sent as they lie in memory only on a little-endian host.
+  if (call->output_dtype != DType::kFloat32 || call->outputs.output.values.empty() || !kHostIsLittleEndian) {
+    EncodeInferResponse(*call, &answer->message);
+    return;
+  }
+  EncodeAnswerFields(*call, &answer->message);
+  EncodeTensorHead(call->outputs.output, answer->message.mutable_output(), DType::kFloat32);
+  answer->output = std::move(call->outputs.output);
 }
 
 }  // namespace attnserve

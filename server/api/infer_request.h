@@ -3,6 +3,7 @@
 
 #include "absl/status/status.h"
 #include "attnserve/v1/attention.pb.h"
+#include "server/api/infer_answer.h"
 #include "server/runtime/inference_call.h"
 #include "server/runtime/layer_registry.h"
 
@@ -29,5 +30,8 @@ absl::Status PrepareInferenceCall(const LayerRegistry& registry, const attnserve
 
 // The answer of a call finished OK: id, output, attn_weights when asked, timing.
 void EncodeInferResponse(const InferenceCall& call, attnserve::v1::InferResponse* response);
+// The same as it is served: a FLOAT32 output's values are moved from call->outputs into answer->output, to be
+// sent from there (infer_answer.h); other dtypes are encoded into the message as EncodeInferResponse does.
+void EncodeInferAnswer(InferenceCall* call, InferAnswer* answer);
 
 }  // namespace attnserve

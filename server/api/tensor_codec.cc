@@ -148,10 +148,14 @@ void EncodeRawValues(const Tensor& tensor, DType dtype, std::string* raw) {
   }
 }
 
-void EncodeTensor(const Tensor& tensor, attnserve::v1::Tensor* out, DType dtype) {
+void EncodeTensorHead(const Tensor& tensor, attnserve::v1::Tensor* out, DType dtype) {
   out->clear_shape();
   for (int64_t d : tensor.shape) out->add_shape(d);
   out->set_dtype(dtype == DType::kBFloat16 ? v1::BFLOAT16 : dtype == DType::kFloat16 ? v1::FLOAT16 : v1::FLOAT32);
+}
+
+void EncodeTensor(const Tensor& tensor, attnserve::v1::Tensor* out, DType dtype) {
+  EncodeTensorHead(tensor, out, dtype);
   EncodeRawValues(tensor, dtype, out->mutable_raw_data());
 }
 

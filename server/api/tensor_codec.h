@@ -30,6 +30,8 @@ absl::StatusOr<TensorView> DecodeTensor(const attnserve::v1::Tensor& tensor, con
 // shape and raw_data, little-endian: f32 with dtype FLOAT32 (the default), or each value rounded to nearest
 // even as BFLOAT16 or FLOAT16 (`dtype` kBFloat16 / kFloat16).
 void EncodeTensor(const Tensor& tensor, attnserve::v1::Tensor* out, DType dtype = DType::kFloat32);
+// EncodeTensor without raw_data: the shape and dtype.
+void EncodeTensorHead(const Tensor& tensor, attnserve::v1::Tensor* out, DType dtype);
 // The tensor's values as raw little-endian bytes of `dtype` (kFloat32, kBFloat16 rounded to nearest even, or
 // kFloat16) into *raw: what both protocols put on the wire.
 void EncodeRawValues(const Tensor& tensor, DType dtype, std::string* raw);

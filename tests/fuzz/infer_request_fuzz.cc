@@ -1,5 +1,6 @@
 // Fuzzes the request path without gRPC: InferRequest wire bytes -> PrepareInferenceCall (decode, then
-// validate against a layer) -> the engine (ForwardParsed, as the batch executor calls it) -> EncodeInferResponse.
+// validate against a layer) -> the engine (ForwardParsed, as the batch executor calls it) -> EncodeInferResponse,
+// and the answer as it is served (EncodeInferAnswer, SerializeWire), parsed back: the same message.
 // Any status is fine; a crash, a sanitizer report, a huge allocation, or an answer whose size differs from
 // what validation reserved for it (ParsedAttention::output_bytes / weights_bytes; half of it in output_dtype
 // BFLOAT16 or FLOAT16) is a bug. The layers:
@@ -12,6 +13,7 @@
 #include "absl/status/status.h"
 #include "attnserve/v1/attention.pb.h"
 #include "server/api/infer_request.h"
+#include "server/api/wire_message.h"
 #include "tests/fuzz/fuzz_layers.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -31,6 +33,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (response.output().raw_data().size() != static_cast<size_t>(call->parsed.output_bytes) / divisor) {
     fuzz::Die("encoded output size");
   }
-  (void)response.ByteSizeLong();
+  InferAnswer served;
+  EncodeInferAnswer(call.get(), &served);
+  grpc::ByteBuffer wire;
+  attnserve::v1::InferResponse parsed;
+  if (!SerializeWire(served, &wire).ok() || !ParseWire(&wire, &parsed).ok()) fuzz::Die("served answer");
+  if (parsed.SerializeAsString() != response.SerializeAsString()) fuzz::Die("served answer differs");
   return 0;
 }

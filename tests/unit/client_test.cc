@@ -1,10 +1,14 @@
 // The client side without a server: .npy files, the health wire format, attnbench's histogram, arguments,
 // request generation, report, and its closed and open loops on a fake clock (no sleeps, exact numbers).
+#include "client/client.h"
+
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -12,20 +16,20 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "client/health_wire.h"
+#include "common/half_float.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "tools/attnbench_args.h"
 #include "tools/attnbench_histogram.h"
 #include "tools/attnbench_report.h"
 #include "tools/attnbench_requests.h"
 #include "tools/attnbench_runner.h"
+#include "tools/attnbench_senders.h"
 #include "tools/attnbench_stats.h"
-#include "client/client.h"
-#include "client/health_wire.h"
 #include "tools/npy.h"
 #include "tools/tensor_summary.h"
-#include "common/half_float.h"
-#include "gmock/gmock.h"
-#include "gtest/gtest.h"
-#include "nlohmann/json.hpp"
 
 namespace attnserve {
 namespace {
@@ -580,6 +584,66 @@ INSTANTIATE_TEST_SUITE_P(ThreadsAndChains, ClosedLoopTest, ::testing::Bool());
 
 // ---------------------------------------------------------------------------------------------------
 // Report.
+
+// An answer's bytes cut into `pieces` slices at random points, as gRPC receives them.
+grpc::ByteBuffer SlicedWire(const std::string& bytes, int pieces, std::mt19937* rng) {
+  std::vector<size_t> cuts = {0, bytes.size()};
+  for (int i = 1; i < pieces; ++i) cuts.push_back((*rng)() % (bytes.size() + 1));
+  std::sort(cuts.begin(), cuts.end());
+  std::vector<grpc::Slice> slices;
+  for (size_t i = 0; i + 1 < cuts.size(); ++i) slices.emplace_back(bytes.substr(cuts[i], cuts[i + 1] - cuts[i]));
+  return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
+TEST(AttnbenchWireTest, ReadsIdTimingAndErrorAndSkipsTheTensors) {
+  std::mt19937 rng(21);
+  for (int round = 0; round < 20; ++round) {
+    // The tensors first, then id and timing, as the server sends an answer (infer_answer.h); concatenated
+    // messages parse as one.
+    attnserve::v1::InferResponse tensors, rest;
+    const size_t values = 1 + rng() % 20000;
+    tensors.mutable_output()->add_shape(static_cast<int64_t>(values));
+    std::string raw(values * 4, '\0');
+    for (char& c : raw) c = static_cast<char>(rng());
+    tensors.mutable_output()->set_raw_data(raw);
+    if (round % 2 == 1) tensors.mutable_attn_weights()->set_raw_data(raw.substr(0, raw.size() / 3));
+    rest.set_id("r" + std::to_string(round));
+    rest.mutable_timing()->set_queue_us(1 + rng() % 1000000);
+    rest.mutable_timing()->set_compute_us(1 + rng() % 1000000);
+    rest.mutable_timing()->set_batch_size(1 + rng() % 64);
+    const std::string bytes = tensors.SerializeAsString() + rest.SerializeAsString();
+    grpc::ByteBuffer wire = SlicedWire(bytes, 1 + round % 4, &rng);
+    const Outcome o = FromWire(grpc::Status::OK, &wire);
+    EXPECT_EQ(o.code, 0);
+    ASSERT_TRUE(o.has_timing);
+    EXPECT_EQ(o.queue_us, rest.timing().queue_us());
+    EXPECT_EQ(o.compute_us, rest.timing().compute_us());
+    EXPECT_EQ(o.batch_size, rest.timing().batch_size());
+
+    // Cut short inside the output: not an answer.
+    grpc::ByteBuffer truncated = SlicedWire(bytes.substr(0, 2 + rng() % (raw.size() - 1)), 2, &rng);
+    EXPECT_EQ(FromWire(grpc::Status::OK, &truncated).code, static_cast<int>(grpc::StatusCode::INTERNAL));
+  }
+}
+
+TEST(AttnbenchWireTest, ErrorsComeFromTheStatusOrTheAnswer) {
+  std::mt19937 rng(23);
+  attnserve::v1::InferResponse failed;
+  failed.set_id("f");
+  failed.mutable_error()->set_code(static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  failed.mutable_error()->set_message("query: bad");
+  grpc::ByteBuffer wire = SlicedWire(failed.SerializeAsString(), 2, &rng);
+  const Outcome o = FromWire(grpc::Status::OK, &wire);
+  EXPECT_EQ(o.code, static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_FALSE(o.has_timing);
+
+  grpc::ByteBuffer none;
+  EXPECT_EQ(FromWire(grpc::Status(grpc::StatusCode::UNAVAILABLE, "down"), &none).code,
+            static_cast<int>(grpc::StatusCode::UNAVAILABLE));
+  EXPECT_EQ(FromWire(grpc::Status::OK, &none).code, static_cast<int>(grpc::StatusCode::INTERNAL));  // no bytes
+  grpc::ByteBuffer garbage = SlicedWire(std::string("\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", 11), 1, &rng);
+  EXPECT_EQ(FromWire(grpc::Status::OK, &garbage).code, static_cast<int>(grpc::StatusCode::INTERNAL));
+}
 
 TEST(ReportTest, JsonCsvAndTableCarryTheSameNumbers) {
   StepReport step;

@@ -57,7 +57,8 @@ bool ReadSubMessage(google::protobuf::io::CodedInputStream* in, google::protobuf
   return parsed;
 }
 
-// The answer's fields FromResponse reads, into `head`; false when the bytes are not an InferResponse.
+// The answer's fields FromResponse reads (timing, error), into `head`; false when the bytes are not an
+// InferResponse.
 bool ParseAnswerHead(grpc::ByteBuffer* wire, InferResponse* head) {
   using google::protobuf::internal::WireFormatLite;
   if (!wire->Valid()) return false;
@@ -73,8 +74,6 @@ bool ParseAnswerHead(grpc::ByteBuffer* wire, InferResponse* head) {
       ok = ReadSubMessage(&in, head->mutable_timing());
     } else if (delimited && field == InferResponse::kErrorFieldNumber) {
       ok = ReadSubMessage(&in, head->mutable_error());
-    } else if (delimited && field == InferResponse::kIdFieldNumber) {
-      ok = WireFormatLite::ReadString(&in, head->mutable_id());
     } else {
       ok = WireFormatLite::SkipField(&in, tag);  // the tensors: skipped in gRPC's slices, not copied
     }

@@ -43,9 +43,10 @@ class ClientLanes {
   std::vector<const Client*> clients_;
 };
 
-// Sends each request as bytes serialized once (for a fixed shape: once for the whole run) and reads from each
-// answer only its id, timing and error (FromWire), not its tensors: attnbench runs on the server's CPUs, and
-// serializing each request and parsing each answer's output took 14 % of its CPU at c=64, E=512, L=32.
+// Sends a fixed-shape run's request as bytes serialized once for the whole run (with --seq-dist, each request's
+// own bytes) and reads from each answer only its timing and error (FromWire), not its tensors: attnbench runs on the
+// server's CPUs, and serializing each request and parsing each answer's output took 14 % of its CPU at c=64, E=512,
+// L=32.
 class UnaryInferSender final : public RequestSender {
  public:
   // `source` not owned; it and the clients must outlive the sender. `timeout_ms` as
@@ -62,8 +63,8 @@ class UnaryInferSender final : public RequestSender {
   std::optional<grpc::ByteBuffer> fixed_wire_;             // the request's bytes when every request is the same
 };
 
-// The outcome of an Infer answer from its bytes: the status, then the answer's error and timing. Only id,
-// timing and error are parsed; the tensors are skipped without being copied. Bytes that do not parse are
+// The outcome of an Infer answer from its bytes: the status, then the answer's error and timing. Only timing
+// and error are parsed; the rest (the tensors) is skipped without being copied. Bytes that do not parse are
 // INTERNAL.
 Outcome FromWire(const grpc::Status& status, grpc::ByteBuffer* wire);
 

@@ -13,13 +13,14 @@
 // Thread-safety: gRPC calls the reactor methods; answers may arrive from any worker thread.
 #pragma once
 
+#include <grpcpp/grpcpp.h>
+
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
+#include <new>
 #include <utility>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
@@ -113,8 +114,13 @@ class AnsweringStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, g
     if (failed.ok()) failed = SerializeWire(item->response, &item->wire);
     if (!failed.ok()) {
       item->response = Response();
-      write_error_(item->request, failed, &item->response);
-      SerializeWire(item->response, &item->wire).IgnoreError();  // an error response: a few bytes
+      try {  // on a worker's OpenMP thread, where an escaping exception would end the process
+        write_error_(item->request, failed, &item->response);
+        SerializeWire(item->response, &item->wire).IgnoreError();  // an error response: a few bytes
+      } catch (const std::bad_alloc&) {
+        grpc::Slice none;  // an empty message (gRPC aborts rather than throws if even this fails)
+        item->wire = grpc::ByteBuffer(&none, 1);
+      }
     }
     // Answered and serialized: its tensors need not wait for the write (nor their memory).
     Request().Swap(&item->request);

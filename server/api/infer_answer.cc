@@ -61,13 +61,15 @@ grpc::Status SpliceOutput(InferAnswer& answer, grpc::ByteBuffer* wire) {
                                                         std::to_string(total_bytes) +
                                                         " bytes could not be serialized: over 2 GiB");
   }
-  auto owner = std::make_unique<Tensor>(std::move(answer.output));
-  void* values = owner->values.data();
-  slices.emplace_back(values, data_bytes, DeleteTensor, owner.release());
   std::vector<grpc::Slice> rest_slices;
   if (rest.Valid() && !rest.Dump(&rest_slices).ok()) {
     return grpc::Status(grpc::StatusCode::INTERNAL, "response: the serialized message could not be read back");
   }
+  slices.reserve(2 + rest_slices.size());  // nothing below allocates once the slice owns the tensor
+  auto owner = std::make_unique<Tensor>(std::move(answer.output));
+  grpc::Slice values(owner->values.data(), data_bytes, DeleteTensor, owner.get());
+  owner.release();  // the slice's now: freed by DeleteTensor
+  slices.push_back(std::move(values));
   slices.insert(slices.end(), rest_slices.begin(), rest_slices.end());
   grpc::ByteBuffer bytes(slices.data(), slices.size());
   wire->Swap(&bytes);

@@ -383,9 +383,11 @@ BENCHMARK(BM_DecodeAppends)
     ->Unit(benchmark::kMillisecond);
 // Args: B, L, E, H, Hkv, D, W (sliding window, 0 = none). Causal self-attention, positions from 0; GFLOP/s
 // of the useful FLOPs (DecoderFlops: the causal window's pairs only), as bench/torch_decoder.py counts them.
-void RunDecoderAttention(benchmark::State& state, ComputeType compute) {
+// flash_min_keys: the layer's (-1: the default).
+void RunDecoderAttention(benchmark::State& state, ComputeType compute, int64_t flash_min_keys = -1) {
   DecoderAttention::Options options;
   options.compute = compute;
+  if (flash_min_keys >= 0) options.flash_min_keys = flash_min_keys;
   DecoderConfig& c = options.config;
   const int64_t b = state.range(0), l = state.range(1);
   c.embed_dim = state.range(2);
@@ -413,6 +415,11 @@ void RunDecoderAttention(benchmark::State& state, ComputeType compute) {
 
 void BM_DecoderAttention(benchmark::State& state) { RunDecoderAttention(state, ComputeType::kFloat32); }
 void BM_DecoderAttentionBf16(benchmark::State& state) { RunDecoderAttention(state, ComputeType::kBFloat16); }
+// The decoder shapes, and shorter ones about the default flash_min_keys (Args as BM_DecoderAttention, then flash,
+// bf16), on the blocked path (flash:0) and on FlashAttention (flash:1).
+void BM_DecoderFlash(benchmark::State& state) {
+  RunDecoderAttention(state, state.range(8) ? ComputeType::kBFloat16 : ComputeType::kFloat32, state.range(7));
+}
 
 // Args: R requests of [1, L, E] on a decoder layer (H, Hkv, D), as one ragged batch (ForwardBatch, batched 1)
 // or one call each (batched 0), as the server ran them before the decoder had a batch.
@@ -454,6 +461,16 @@ BENCHMARK(BM_DecoderBatch)
     ->ArgNames({"R", "L", "E", "H", "Hkv", "D", "batched"})
     ->UseRealTime()
     ->MinTime(1.0)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DecoderFlash)
+    ->ArgsProduct({{1}, {2048}, {4096}, {32}, {8}, {128}, {0}, {0, 1}, {0, 1}})
+    ->ArgsProduct({{1}, {4096}, {4096}, {32}, {8}, {128}, {1024}, {0, 1}, {0, 1}})
+    ->ArgsProduct({{8}, {512}, {2048}, {16}, {4}, {128}, {0}, {0, 1}, {0, 1}})
+    ->ArgsProduct({{4}, {256}, {2048}, {16}, {4}, {128}, {0}, {0, 1}, {0, 1}})
+    ->ArgsProduct({{8}, {128}, {2048}, {16}, {4}, {128}, {0}, {0, 1}, {0, 1}})
+    ->ArgNames({"B", "L", "E", "H", "Hkv", "D", "W", "flash", "bf16"})
+    ->UseRealTime()
+    ->MinTime(2.0)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DecoderAttention)->Apply(DecoderShapes);
 BENCHMARK(BM_DecoderAttentionBf16)->Apply(DecoderShapes);

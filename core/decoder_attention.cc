@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "core/activation_rows.h"
+#include "core/bf16_rows.h"
 #include "core/decoder_kernels.h"
 #include "core/omp_threads.h"
 
@@ -35,6 +36,38 @@ using decoder_internal::WeightsSink;
 
 namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Elements [at, at + n) of p's key padding mask ([B, L] flattened) as additive floats: 0 open, -inf masked (a
+// bool mask), the value itself (a float mask), all 0 without a mask.
+void KeyPaddingRow(const ParsedDecoder& p, int64_t at, int64_t n, float* bias) {
+  const DecoderInputs& in = *p.inputs;
+  for (int64_t k = 0; k < n; ++k) {
+    if (p.key_padding_mask == MaskType::kBool) {
+      bias[k] = static_cast<const uint8_t*>(in.key_padding_mask.data)[at + k] != 0 ? kNegInf : 0.0f;
+    } else if (p.key_padding_mask == MaskType::kFloat) {
+      bias[k] = LoadUnaligned<float>(in.key_padding_mask.data, at + k);
+    } else {
+      bias[k] = 0.0f;
+    }
+  }
+}
+
+// Soft-caps FlashAttention's scores (cap * tanh(score / cap)) block by block, then adds a's key padding: a masked key
+// must stay -inf, which capping would make -cap (FlashAttention adds key_bias before add_mask, so the padding moves
+// into add_mask here). `len`: the keys of a sequence.
+void SoftCapScores(float cap, int64_t len, FlashAttentionArgs* a) {
+  const float* bias = a->key_bias;
+  a->key_bias = nullptr;
+  a->add_mask = [cap, bias, len](int64_t b, int64_t, int64_t, int64_t rows, int64_t k0, int64_t cols, float* scores,
+                                 int64_t ld) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = scores + r * ld;
+      for (int64_t j = 0; j < cols; ++j) row[j] = cap * std::tanh(row[j] / cap);
+      if (bias == nullptr) continue;
+      for (int64_t j = 0; j < cols; ++j) row[j] += bias[b * len + k0 + j];
+    }
+  };
+}
 }  // namespace
 
 void ReleaseDecoderScratch(size_t keep_bytes) {
@@ -43,7 +76,9 @@ void ReleaseDecoderScratch(size_t keep_bytes) {
   for (std::vector<float>* buf : {&s.q, &s.scores, &s.context, &s.pad, &s.span, &s.inputs, &s.out}) {
     if (buf->capacity() * sizeof(float) > keep_bytes) std::vector<float>().swap(*buf);
   }
-  if (s.inputs16.capacity() * sizeof(uint16_t) > keep_bytes) std::vector<uint16_t>().swap(s.inputs16);
+  for (std::vector<uint16_t>* buf : {&s.inputs16, &s.rows16}) {
+    if (buf->capacity() * sizeof(uint16_t) > keep_bytes) std::vector<uint16_t>().swap(*buf);
+  }
 }
 
 struct DecoderAttention::Block {
@@ -87,7 +122,16 @@ absl::StatusOr<std::unique_ptr<DecoderAttention>> DecoderAttention::Create(const
   ATTN_RETURN_IF_ERROR(c.Validate());
   ATTN_RETURN_IF_ERROR(weights.CheckShapes(c));
   ATTN_ASSIGN_OR_RETURN(Rope rope, Rope::Create(c.rope));
-  auto layer = absl::WrapUnique(new DecoderAttention(options, std::move(rope)));
+  if (options.flash_min_keys < 0 || options.flash_query_rows < 0 || options.flash_key_cols < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("flash_min_keys, flash_query_rows and flash_key_cols must be >= 0, got ", options.flash_min_keys,
+                     ", ", options.flash_query_rows, " and ", options.flash_key_cols));
+  }
+  Options resolved = options;
+  const auto [cpu_rows, cpu_keys] = FlashBlockForCpu(options.compute);
+  if (resolved.flash_query_rows == 0) resolved.flash_query_rows = cpu_rows;
+  if (resolved.flash_key_cols == 0) resolved.flash_key_cols = cpu_keys;
+  auto layer = absl::WrapUnique(new DecoderAttention(resolved, std::move(rope)));
   const ComputeType ct =
       options.compute == ComputeType::kBFloat16 && OnednnBf16Support() != Bf16Support::kUnavailable
           ? ComputeType::kBFloat16
@@ -98,6 +142,10 @@ absl::StatusOr<std::unique_ptr<DecoderAttention>> DecoderAttention::Create(const
   ATTN_ASSIGN_OR_RETURN(layer->scores_op_, HeadMatmulOp::Create(Kind::kScores, c.head_dim, ct));
   ATTN_ASSIGN_OR_RETURN(layer->context_op_, HeadMatmulOp::Create(Kind::kContext, c.head_dim, ct));
   ATTN_ASSIGN_OR_RETURN(layer->context_add_op_, HeadMatmulOp::Create(Kind::kContextAdd, c.head_dim, ct));
+  if (ct == ComputeType::kBFloat16 && resolved.flash_min_keys > 0) {
+    ATTN_ASSIGN_OR_RETURN(layer->flash_blocks_,
+                          CreateFlashBlockMatmuls(resolved.flash_query_rows, resolved.flash_key_cols, c.head_dim));
+  }
   return layer;
 }
 
@@ -111,6 +159,10 @@ std::vector<std::string> DecoderAttention::ImplementationsUsed() const {
     for (std::string& s : op->Impls()) all.push_back(std::move(s));
   }
   for (const auto* op : {scores_op_.get(), context_op_.get(), context_add_op_.get()}) {
+    for (std::string& s : op->Impls()) all.push_back(std::move(s));
+  }
+  for (const Bf16BlockMatmul* op : {flash_blocks_.scores.get(), flash_blocks_.context.get()}) {
+    if (op == nullptr) continue;
     for (std::string& s : op->Impls()) all.push_back(std::move(s));
   }
   std::sort(all.begin(), all.end());
@@ -142,20 +194,25 @@ int64_t DecoderAttention::BlockRows(const ParsedDecoder& p, int threads) const {
 int64_t DecoderAttention::WorkspaceBytes(const ParsedDecoder& p) const {
   const DecoderConfig& c = options_.config;
   const int threads = omp_get_max_threads();
+  const int64_t tokens = p.batch * p.len, width = c.q_width() + 2 * c.kv_width();
+  const bool bf16 = compute_ == ComputeType::kBFloat16;
   // The projections, the query gathered with a batch's others (or aligned), the output projection's rows in
-  // a batch, the positions.
-  const int64_t qkv = p.batch * p.len * ((c.q_width() + 2 * c.kv_width() + 2 * c.embed_dim) * kF32 + 8);
+  // a batch, the positions; a bf16 layer's copies of the inputs and the context for the projections.
+  const int64_t qkv =
+      tokens * ((width + 2 * c.embed_dim) * kF32 + 8) + (bf16 ? tokens * (c.embed_dim + c.q_width()) * 2 : 0);
+  if (UsesFlash(p)) {  // per thread its blocks; the key padding as a bias; a bf16 layer's copy of the rows
+    return qkv + threads * FlashScratchBytes(FlashShape(p)) + tokens * kF32 + (bf16 ? tokens * width * 2 : 0);
+  }
   const int64_t rows = BlockRows(p, threads) * c.group_size();
   const int64_t keys = std::min(p.len, c.sliding_window > 0 ? std::min(p.len, c.sliding_window) + rows : p.len);
   const int64_t block = rows * (keys + 2 * c.head_dim) * kF32 + keys * kF32 + rows;
-  if (compute_ != ComputeType::kBFloat16) return qkv + threads * block;
-  // bf16 copies: the inputs and the context for the projections, and per thread a block's matmul inputs.
-  const int64_t inputs16 = p.batch * p.len * (c.embed_dim + c.q_width()) * 2;
+  if (!bf16) return qkv + threads * block;
+  // A block's matmul inputs in bf16.
   const int64_t block16 = (rows * (keys + c.head_dim) + keys * c.head_dim) * 2;
-  return qkv + inputs16 + threads * (block + block16);
+  return qkv + threads * (block + block16);
 }
 
-void DecoderAttention::ApplyRope(const ParsedDecoder& p, float* qkv, int threads) const {
+void DecoderAttention::ApplyRope(const ParsedDecoder& p, float* qkv, int threads, const FlashRows* flash) const {
   const DecoderConfig& c = options_.config;
   const int64_t tokens = p.batch * p.len, width = c.q_width() + 2 * c.kv_width();
   const DecoderInputs& in = *p.inputs;
@@ -172,6 +229,13 @@ void DecoderAttention::ApplyRope(const ParsedDecoder& p, float* qkv, int threads
     float* rows = qkv + r0 * width;
     rope_.Apply(rows, n, width, c.num_heads, c.head_dim, positions.data() + r0);
     rope_.Apply(rows + c.q_width(), n, width, c.num_kv_heads, c.head_dim, positions.data() + r0);
+    if (flash == nullptr) continue;
+    for (int64_t t = 0; t < n; ++t) {  // FlashAttention takes the scale in Q
+      float* q = rows + t * width;
+#pragma omp simd
+      for (int64_t j = 0; j < c.q_width(); ++j) q[j] *= flash->q_scale;
+    }
+    if (flash->rows16 != nullptr) FloatRowsToBf16(rows, n, width, width, flash->rows16 + r0 * width, width);
   }
 }
 
@@ -208,6 +272,7 @@ std::vector<DecoderAttention::Block> DecoderAttention::PlanBlocks(absl::Span<con
   std::vector<Block> blocks;
   for (size_t r = 0; r < requests.size(); ++r) {
     const ParsedDecoder& p = *requests[r];
+    if (UsesFlash(p)) continue;
     const int64_t rows = BlockRows(p, threads);
     for (int64_t b = 0; b < p.batch; ++b) {
       for (int64_t l0 = 0; l0 < p.len; l0 += rows) {
@@ -224,6 +289,7 @@ std::vector<DecoderAttention::Block> DecoderAttention::PlanBlocks(absl::Span<con
 void DecoderAttention::AttendBlocks(absl::Span<const ParsedDecoder* const> requests, const std::vector<Block>& blocks,
                                     const std::vector<int64_t>& first_row, float* qkv, int threads,
                                     const StopFn& stop, std::vector<absl::StatusOr<AttentionOutputs>>* results) const {
+  if (blocks.empty()) return;  // every request on FlashAttention
   const int64_t width = options_.config.q_width() + 2 * options_.config.kv_width();
   std::vector<absl::Status> statuses(blocks.size());
   auto attend = [&](size_t i) {
@@ -245,6 +311,80 @@ void DecoderAttention::AttendBlocks(absl::Span<const ParsedDecoder* const> reque
     absl::StatusOr<AttentionOutputs>& result = (*results)[blocks[i].request];
     if (!statuses[i].ok() && result.ok()) result = statuses[i];
   }
+}
+
+void DecoderAttention::Attend(absl::Span<const ParsedDecoder* const> requests, const std::vector<int64_t>& first_row,
+                              float* qkv, int threads, const StopFn& stop,
+                              std::vector<absl::StatusOr<AttentionOutputs>>* results) const {
+  const int64_t width = options_.config.q_width() + 2 * options_.config.kv_width();
+  for (size_t r = 0; r < requests.size(); ++r) {
+    float* rows = qkv + first_row[r] * width;
+    if (!UsesFlash(*requests[r])) {
+      ApplyRope(*requests[r], rows, threads);
+      continue;
+    }
+    auto should_stop = [&] { return stop ? stop(r) : absl::OkStatus(); };
+    absl::Status status = AttendFlash(*requests[r], rows, threads, should_stop);
+    if (!status.ok()) (*results)[r] = std::move(status);
+  }
+  AttendBlocks(requests, PlanBlocks(requests, threads), first_row, qkv, threads, stop, results);
+}
+
+bool DecoderAttention::UsesFlash(const ParsedDecoder& p) const {
+  return options_.flash_min_keys > 0 && p.len >= options_.flash_min_keys && !p.inputs->need_weights;
+}
+
+FlashAttentionArgs DecoderAttention::FlashShape(const ParsedDecoder& p) const {
+  const DecoderConfig& c = options_.config;
+  FlashAttentionArgs a;
+  a.batch = p.batch;
+  a.heads = c.num_heads;
+  a.kv_heads = c.num_kv_heads;
+  a.q_len = a.kv_len = p.len;
+  a.head_dim = c.head_dim;
+  a.causal = true;
+  a.window = std::max<int64_t>(0, c.sliding_window);
+  a.query_rows = options_.flash_query_rows;
+  a.key_cols = options_.flash_key_cols;
+  a.strips = options_.flash_strips;
+  if (compute_ == ComputeType::kBFloat16) {
+    a.bf16.scores_op = scores_op_.get();
+    a.bf16.context_add_op = context_add_op_.get();
+    a.bf16.block_scores = flash_blocks_.scores.get();
+    a.bf16.block_context = flash_blocks_.context.get();
+  }
+  return a;
+}
+
+absl::Status DecoderAttention::AttendFlash(const ParsedDecoder& p, float* qkv, int threads,
+                                           absl::FunctionRef<absl::Status()> should_stop) const {
+  const DecoderConfig& c = options_.config;
+  const int64_t tokens = p.batch * p.len, width = c.q_width() + 2 * c.kv_width(), stride = p.len * width;
+  FlashAttentionArgs a = FlashShape(p);
+  FlashRows rows{c.score_scale(), nullptr};
+  if (a.bf16.scores_op != nullptr) rows.rows16 = Grow(ThreadBlockScratch().rows16, tokens * width);
+  ApplyRope(p, qkv, threads, &rows);
+  a.q = {qkv, width, stride};
+  a.k = {qkv + c.q_width(), width, stride};
+  a.v = {qkv + c.q_width() + c.kv_width(), width, stride};
+  if (rows.rows16 != nullptr) {
+    a.bf16.q = rows.rows16;
+    a.bf16.k = rows.rows16 + c.q_width();
+    a.bf16.v = rows.rows16 + c.q_width() + c.kv_width();
+    a.bf16.ld = width;
+    a.bf16.q_seq_stride = a.bf16.kv_seq_stride = stride;
+  }
+  a.out = qkv;  // the context over the q columns, which the output projection reads
+  a.out_ld = width;
+  a.out_seq_stride = stride;
+  std::vector<float> key_bias;  // [B, L]
+  if (p.key_padding_mask != MaskType::kNone) {
+    key_bias.resize(static_cast<size_t>(tokens));
+    KeyPaddingRow(p, 0, tokens, key_bias.data());
+    a.key_bias = key_bias.data();
+  }
+  if (c.attn_logit_softcapping > 0) SoftCapScores(static_cast<float>(c.attn_logit_softcapping), p.len, &a);
+  return FlashAttention(a, threads, should_stop);
 }
 
 absl::Status DecoderAttention::ProjectQueries(absl::Span<const ParsedDecoder* const> requests, int64_t tokens,
@@ -273,10 +413,7 @@ std::vector<absl::StatusOr<AttentionOutputs>> DecoderAttention::ForwardBatch(
   ProjectionBuffer& buffer = ThreadProjectionBuffer();
   float* qkv = buffer.Get(static_cast<size_t>(tokens * width));
   absl::Status status = ProjectQueries(requests, tokens, qkv);
-  if (status.ok()) {
-    for (size_t r = 0; r < requests.size(); ++r) ApplyRope(*requests[r], qkv + first_row[r] * width, threads);
-    AttendBlocks(requests, PlanBlocks(requests, threads), first_row, qkv, threads, stop, &results);
-  }
+  if (status.ok()) Attend(requests, first_row, qkv, threads, stop, &results);
   // One output projection; a single request's straight into its answer.
   float* out = requests.size() == 1 && results[0].ok() ? results[0]->output.values.data()
                                                        : Grow(ThreadBlockScratch().out, tokens * e);
@@ -294,20 +431,9 @@ std::vector<absl::StatusOr<AttentionOutputs>> DecoderAttention::ForwardBatch(
 absl::Status DecoderAttention::AttendBlock(const ParsedDecoder& p, const Block& blk, float* qkv,
                                            Tensor* weights) const {
   // The keys' padding as an additive row, shared by every query row and head of the block.
-  const DecoderInputs& in = *p.inputs;
   BlockScratch& ws = ThreadBlockScratch();
   const int64_t keys = blk.k1 - blk.k0;
-  float* pad = Grow(ws.pad, keys);
-  for (int64_t k = 0; k < keys; ++k) {
-    const int64_t at = blk.b * p.len + blk.k0 + k;
-    if (p.key_padding_mask == MaskType::kBool) {
-      pad[k] = static_cast<const uint8_t*>(in.key_padding_mask.data)[at] != 0 ? kNegInf : 0.0f;
-    } else if (p.key_padding_mask == MaskType::kFloat) {
-      pad[k] = LoadUnaligned<float>(in.key_padding_mask.data, at);
-    } else {
-      pad[k] = 0.0f;
-    }
-  }
+  KeyPaddingRow(p, blk.b * p.len + blk.k0, keys, Grow(ws.pad, keys));
   for (int64_t g = 0; g < options_.config.num_kv_heads; ++g) ATTN_RETURN_IF_ERROR(AttendGroup(p, blk, g, qkv, weights));
   return absl::OkStatus();
 }

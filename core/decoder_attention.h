@@ -10,7 +10,11 @@
 // per (sequence, query block) and kv head, the r = H / Hkv query heads of the group stacked into one
 // [r * rows, D] matrix (scaled as it is copied) for a single scores matmul against that kv head's keys, read
 // in place; only the keys the block can see (causal, window) are computed. The context goes back over the
-// block's q columns, which the output projection reads.
+// block's q columns, which the output projection reads. Long requests (Options::flash_min_keys) take
+// FlashAttention instead (core/flash_attention.h): per (sequence, query head, query block) the key blocks in turn
+// with an online softmax, the scores of a few query rows at a time kept in the L1 cache on its strip kernels, each
+// kv head's keys and values packed once per thread for the query heads of its group, the keys outside a sliding
+// window skipped by whole panels, soft caps applied block by block.
 //
 // Thread-safety: immutable after Create(); Forward may run on many threads at once.
 #pragma once
@@ -20,12 +24,14 @@
 #include <string>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "core/append_engine.h"
 #include "core/attention_inputs.h"
 #include "core/decoder_config.h"
 #include "core/decoder_inputs.h"
 #include "core/decoder_weights.h"
+#include "core/flash_attention.h"
 #include "core/onednn_ops.h"
 #include "core/rope.h"
 #include "core/tensor.h"
@@ -53,6 +59,16 @@ class DecoderAttention : public AppendEngine {
     // What the matmuls multiply in (see MultiheadAttention::Options::compute): bf16 weights, activations
     // converted at each matmul, f32 accumulation, RoPE, masks and softmax in f32.
     ComputeType compute = ComputeType::kFloat32;
+    // Requests of at least this many tokens take FlashAttention when they ask for no weights (sliding windows and
+    // soft caps included). 0 disables.
+    // Measured (BENCHMARKS.md, BM_DecoderFlash): FlashAttention was faster from 256 tokens up in f32 and bf16, on
+    // the AVX-512 strips and on AVX2's sgemm blocks; about even with the blocked path at 128 tokens.
+    int64_t flash_min_keys = 256;
+    // FlashAttention's blocks: query rows x keys per thread at a time. 0: FlashBlockForCpu(compute).
+    int64_t flash_query_rows = 0;
+    int64_t flash_key_cols = 0;
+    // false: FlashAttention's blocks on sgemm or the bf16 matmuls, never its strip kernels (tests, benchmarks).
+    bool flash_strips = true;
   };
 
   // InvalidArgument for a bad config or weights that do not match it.
@@ -62,6 +78,7 @@ class DecoderAttention : public AppendEngine {
   ~DecoderAttention();
 
   const DecoderConfig& config() const { return options_.config; }
+  // As given, with the flash blocks resolved.
   const Options& options() const { return options_; }
   // The compute type in effect (Options::compute unless this CPU has no bf16 matmul).
   ComputeType compute() const { return compute_; }
@@ -106,7 +123,23 @@ class DecoderAttention : public AppendEngine {
   // qkv_proj_ and o_proj_ in compute_, from weights checked against the config.
   absl::Status BuildProjections(DecoderWeights weights);
   int64_t BlockRows(const ParsedDecoder& p, int threads) const;
-  void ApplyRope(const ParsedDecoder& p, float* qkv, int threads) const;
+  // RoPE on p's q and k columns of qkv; for a request on FlashAttention (`flash` set) also the score scale on its
+  // q columns, and for a bf16 layer the rows' bf16 copy into flash->rows16 ([tokens, width]).
+  struct FlashRows {
+    float q_scale = 1.0f;
+    uint16_t* rows16 = nullptr;
+  };
+  void ApplyRope(const ParsedDecoder& p, float* qkv, int threads, const FlashRows* flash = nullptr) const;
+  // Whether p's attention runs on FlashAttention, and its sizes and blocks there (no operands).
+  bool UsesFlash(const ParsedDecoder& p) const;
+  FlashAttentionArgs FlashShape(const ParsedDecoder& p) const;
+  // RoPE and the attention of each request, those on FlashAttention one after another on `threads` threads, then
+  // the others' query blocks together; an error (or stop) fails its request in *results.
+  void Attend(absl::Span<const ParsedDecoder* const> requests, const std::vector<int64_t>& first_row, float* qkv,
+              int threads, const StopFn& stop, std::vector<absl::StatusOr<AttentionOutputs>>* results) const;
+  // A whole request on FlashAttention: qkv is its first row (RoPE applied here); the context over its q columns.
+  absl::Status AttendFlash(const ParsedDecoder& p, float* qkv, int threads,
+                           absl::FunctionRef<absl::Status()> should_stop) const;
   // qkv [tokens, q_width + 2 kv_width] = the batch's queries (f32, bf16 or f16 rows, gathered and converted
   // as the projection multiplies, core/activation_rows.h) through qkv_proj_.
   absl::Status ProjectQueries(absl::Span<const ParsedDecoder* const> requests, int64_t tokens, float* qkv) const;
@@ -146,6 +179,8 @@ class DecoderAttention : public AppendEngine {
   Rope rope_;
   std::unique_ptr<LinearOp> qkv_proj_, o_proj_;
   std::unique_ptr<HeadMatmulOp> scores_op_, context_op_, context_add_op_;
+  // A bf16 layer's FlashAttention whole blocks on brgemm kernels where oneDNN has them (else null).
+  FlashBlockMatmuls flash_blocks_;
 };
 
 }  // namespace attnserve

@@ -25,6 +25,7 @@ struct BlockScratch {
   std::vector<float> span;     // keys or values of a span of cached tokens, [n, Hkv*D] (appends)
   std::vector<float> inputs;   // appends' query rows gathered [N, E]
   std::vector<uint16_t> inputs16;  // the same for a bf16 layer's projection
+  std::vector<uint16_t> rows16;    // a bf16 layer's projected rows for FlashAttention, [N, H*D + 2*Hkv*D]
   std::vector<float> out;      // appends' output projection [N, E]
 };
 BlockScratch& ThreadBlockScratch();

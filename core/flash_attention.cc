@@ -98,9 +98,28 @@ void MarkHead(FlashScratch& s, int64_t call, int64_t b, int64_t h) {
   s.h = h;
 }
 
+// The key and value head query head h reads: h itself, or its group's under grouped-query attention.
+int64_t KvHead(const FlashAttentionArgs& a, int64_t h) { return a.kv_heads > 0 ? h / (a.heads / a.kv_heads) : h; }
+
 // Row `row` of head h of sequence b of `op`.
 const float* Row(const FlashOperand& op, int64_t b, int64_t h, int64_t row, int64_t head_dim) {
   return op.data + b * op.seq_stride + row * op.ld + h * head_dim;
+}
+
+// The first key query row `row` sees: under a sliding window row - window + 1, else 0.
+int64_t FirstKey(const FlashAttentionArgs& a, int64_t row) {
+  return a.window > 0 ? std::max<int64_t>(0, row - a.window + 1) : 0;
+}
+
+// Under a sliding window, -inf over the keys of scores [rows, cols] (keys from k0, row stride ld) that query rows
+// [row, row + rows) no longer see; the rest of a block that some of them see.
+void MaskBeforeWindow(const FlashAttentionArgs& a, int64_t row, int64_t rows, int64_t k0, int64_t cols, float* scores,
+                      int64_t ld) {
+  if (a.window <= 0) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = std::clamp<int64_t>(FirstKey(a, row + r) - k0, 0, cols);
+    std::fill_n(scores + r * ld, n, -std::numeric_limits<float>::infinity());
+  }
 }
 
 enum class KeyBlock { kOpen, kMixed, kMasked };
@@ -130,6 +149,7 @@ void AddKeyBias(const float* bias, int64_t rows, int64_t cols, float* scores, in
 void DenseHeadKv(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, FlashScratch& s,
                  FlashOperand* k, FlashOperand* v) {
   const int64_t dh = a.head_dim, n = a.kv_len * dh;
+  h = KvHead(a, h);
   if (!SameHead(s, call, b, h)) {
     CopyHeadRows(a.k.data, a.k.seq_stride, a.k.ld, b, h, a.kv_len, dh, Sized(s.head_k, n));
     CopyHeadRows(a.v.data, a.v.seq_stride, a.v.ld, b, h, a.kv_len, dh, Sized(s.head_v, n));
@@ -143,6 +163,7 @@ void DenseHeadKv(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h
 void DenseHeadKvBf16(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, FlashScratch& s) {
   const FlashBf16& w = a.bf16;
   const int64_t dh = a.head_dim, n = a.kv_len * dh;
+  h = KvHead(a, h);
   if (!SameHead(s, call, b, h)) {
     CopyHeadRows(w.k, w.kv_seq_stride, w.ld, b, h, a.kv_len, dh, Sized(s.head_k16, n));
     CopyHeadRows(w.v, w.kv_seq_stride, w.ld, b, h, a.kv_len, dh, Sized(s.head_v16, n));
@@ -178,8 +199,10 @@ struct BlockMatmuls {
     const FlashBf16& w = a.bf16;
     const View4 q{const_cast<uint16_t*>(w.q + b * w.q_seq_stride + l0 * w.ld + h * dh), {1, 1, lb, dh},
                   {0, 0, w.ld, 1}, true};
-    const View4 kt{const_cast<uint16_t*>(w.k + b * w.kv_seq_stride + k0 * w.ld + h * dh), {1, 1, dh, kb},
-                   {0, 0, 1, w.ld}, true};
+    const View4 kt{const_cast<uint16_t*>(w.k + b * w.kv_seq_stride + k0 * w.ld + KvHead(a, h) * dh),
+                   {1, 1, dh, kb},
+                   {0, 0, 1, w.ld},
+                   true};
     return w.scores_op->Execute(q, kt, View4{scores, {1, 1, lb, kb}, {0, 0, kb, 1}});
   }
 
@@ -193,8 +216,10 @@ struct BlockMatmuls {
       return Sgemm(false, lb, dh, kb, probs, kb, Row(head_v, 0, 0, k0, dh), head_v.ld, 1.0f, acc, dh);
     }
     const FlashBf16& w = a.bf16;
-    const View4 v{const_cast<uint16_t*>(w.v + b * w.kv_seq_stride + k0 * w.ld + h * dh), {1, 1, kb, dh},
-                  {0, 0, w.ld, 1}, true};
+    const View4 v{const_cast<uint16_t*>(w.v + b * w.kv_seq_stride + k0 * w.ld + KvHead(a, h) * dh),
+                  {1, 1, kb, dh},
+                  {0, 0, w.ld, 1},
+                  true};
     return w.context_add_op->Execute(View4{probs, {1, 1, lb, kb}, {0, 0, kb, 1}}, v,
                                      View4{acc, {1, 1, lb, dh}, {0, 0, dh, 1}});
   }
@@ -261,8 +286,9 @@ void PackHeadF32(FlashScratch& s, bool fill, StripHead* head) {
   float* k = AlignedSized(s.head_k, PackedKeyFloats(a.kv_len, dh));
   float* v = AlignedSized(s.head_v, a.kv_len * dh);
   if (fill) {
-    PackKeyPanels(Row(a.k, head->b, head->h, 0, dh), a.kv_len, a.k.ld, dh, k);
-    CopyHeadRows(a.v.data, a.v.seq_stride, a.v.ld, head->b, head->h, a.kv_len, dh, v);
+    const int64_t kvh = KvHead(a, head->h);
+    PackKeyPanels(Row(a.k, head->b, kvh, 0, dh), a.kv_len, a.k.ld, dh, k);
+    CopyHeadRows(a.v.data, a.v.seq_stride, a.v.ld, head->b, kvh, a.kv_len, dh, v);
   }
   head->panels = k;
   head->values = v;
@@ -273,7 +299,7 @@ void PackHeadF32(FlashScratch& s, bool fill, StripHead* head) {
 void PackHeadBf16(FlashScratch& s, bool fill, int64_t strip_keys, StripHead* head) {
   const FlashAttentionArgs& a = head->a;
   const FlashBf16& w = a.bf16;
-  const int64_t dh = a.head_dim, head_offset = head->b * w.kv_seq_stride + head->h * dh;
+  const int64_t dh = a.head_dim, head_offset = head->b * w.kv_seq_stride + KvHead(a, head->h) * dh;
   uint16_t* k = AlignedSized(s.head_k16, PackedKeyPairElems(a.kv_len, dh));
   uint16_t* v = AlignedSized(s.head_v16, PackedValuePairElems(a.kv_len, dh));
   if (fill) {
@@ -290,13 +316,14 @@ void PackHeadBf16(FlashScratch& s, bool fill, int64_t strip_keys, StripHead* hea
 StripHead PackedHead(const FlashAttentionArgs& a, int64_t call, int64_t b, int64_t h, int64_t strip_keys,
                      FlashScratch& s) {
   StripHead head{a, b, h};
-  const bool fill = !SameHead(s, call, b, h);
+  const int64_t kvh = KvHead(a, h);  // query heads of one group share its packed keys and values
+  const bool fill = !SameHead(s, call, b, kvh);
   if (a.bf16.scores_op == nullptr) {
     PackHeadF32(s, fill, &head);
   } else {
     PackHeadBf16(s, fill, strip_keys, &head);
   }
-  if (fill) MarkHead(s, call, b, h);
+  if (fill) MarkHead(s, call, b, kvh);
   return head;
 }
 
@@ -313,6 +340,7 @@ absl::Status KeyBlockStep(const FlashAttentionArgs& a, const BlockMatmuls& mm, i
   ATTN_RETURN_IF_ERROR(mm.Scores(row, rb, k0, kb, st.scores));
   if (kind == KeyBlock::kMixed) AddKeyBias(bias, rb, kb, st.scores, kb);
   if (a.add_mask) a.add_mask(mm.b, mm.h, row, rb, k0, kb, st.scores, kb);
+  MaskBeforeWindow(a, row, rb, k0, kb, st.scores, kb);
   // Causal: row r (query row + r) sees keys up to row + r, the first row + r - k0 + 1 of this block.
   OnlineSoftmaxBlock(st.scores, rb, kb, kb, a.causal ? row - k0 + 1 : kb, st.row_max + r0, st.row_sum + r0,
                      st.acc + r0 * dh, dh, dh);
@@ -362,7 +390,7 @@ absl::Status AttendQueryBlock(const FlashAttentionArgs& a, int64_t call, int64_t
     SetUpWholeBlocks(a, call, b, h, l0, s, &mm);
   }
   const int64_t chunk = DiagonalChunkRows(a);
-  for (int64_t k0 = 0; k0 < key_end; k0 += a.key_cols) {
+  for (int64_t k0 = FirstKey(a, l0); k0 < key_end; k0 += a.key_cols) {
     const int64_t kb = std::min(a.key_cols, key_end - k0);
     const float* bias = a.key_bias != nullptr ? a.key_bias + b * a.kv_len + k0 : nullptr;
     const KeyBlock kind = ClassifyKeyBlock(bias, kb);
@@ -395,21 +423,25 @@ absl::Status AttendQueryBlockInStrips(const FlashAttentionArgs& a, int64_t call,
   const QueryBlockState st = StartQueryBlock(s, lb, dh, AlignedSized(s.scores, kFlashStripRows * kc));
   const StripHead head = PackedHead(a, call, b, h, kc, s);
   const int64_t key_end = KeyEnd(a, l0, lb);
-  for (int64_t k0 = 0; k0 < key_end; k0 += kc) {
+  auto panel_start = [](int64_t key) { return key / kKeyPanelKeys * kKeyPanelKeys; };
+  for (int64_t k0 = panel_start(FirstKey(a, l0)); k0 < key_end; k0 += kc) {
     const int64_t kb = std::min(kc, key_end - k0);
     const float* bias = a.key_bias != nullptr ? a.key_bias + b * a.kv_len + k0 : nullptr;
     const KeyBlock kind = ClassifyKeyBlock(bias, kb);
     if (kind == KeyBlock::kMasked) continue;  // adds nothing to any row's sum or context
     for (int64_t r0 = 0; r0 < lb; r0 += kFlashStripRows) {
       const int64_t rb = std::min(kFlashStripRows, lb - r0), row = l0 + r0;
-      const int64_t seen = a.causal ? std::min(kb, row + rb - k0) : kb;
-      if (seen <= 0) continue;  // rows before the chunk's first key
-      head.Scores(row, rb, k0, seen, st.scores, kc);
-      if (kind == KeyBlock::kMixed) AddKeyBias(bias, rb, seen, st.scores, kc);
-      if (a.add_mask) a.add_mask(b, h, row, rb, k0, seen, st.scores, kc);
-      head.Softmax(st.scores, rb, seen, kc, a.causal ? row - k0 + 1 : seen, st.row_max + r0, st.row_sum + r0,
+      // Keys [ks, end): from the panel of the strip's first row's first key to its last row's last.
+      const int64_t ks = std::max(k0, panel_start(FirstKey(a, row)));
+      const int64_t seen = (a.causal ? std::min(k0 + kb, row + rb) : k0 + kb) - ks;
+      if (seen <= 0) continue;  // rows before the chunk's first key, or whose window starts after its last
+      head.Scores(row, rb, ks, seen, st.scores, kc);
+      if (kind == KeyBlock::kMixed) AddKeyBias(bias + (ks - k0), rb, seen, st.scores, kc);
+      if (a.add_mask) a.add_mask(b, h, row, rb, ks, seen, st.scores, kc);
+      MaskBeforeWindow(a, row, rb, ks, seen, st.scores, kc);
+      head.Softmax(st.scores, rb, seen, kc, a.causal ? row - ks + 1 : seen, st.row_max + r0, st.row_sum + r0,
                    st.acc + r0 * dh);
-      head.AddContext(st.scores, kc, rb, k0, seen, st.acc + r0 * dh);
+      head.AddContext(st.scores, kc, rb, ks, seen, st.acc + r0 * dh);
     }
   }
   WriteContext(a, b, h, l0, lb, st);
@@ -443,6 +475,29 @@ int64_t ItemsPerChunk(const FlashAttentionArgs& a, int threads, int64_t query_bl
 }
 
 }  // namespace
+
+std::pair<int64_t, int64_t> FlashBlockForCpu(ComputeType compute) {
+  static const std::pair<int64_t, int64_t> block =
+      OnednnUsesAvx512() ? std::pair<int64_t, int64_t>{512, 512} : std::pair<int64_t, int64_t>{128, 256};
+  if (compute == ComputeType::kBFloat16 && OnednnHasBf16Brgemm()) return {256, 256};
+  return block;
+}
+
+absl::StatusOr<FlashBlockMatmuls> CreateFlashBlockMatmuls(int64_t query_rows, int64_t key_cols, int64_t head_dim) {
+  absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> scores =
+      Bf16BlockMatmul::Create(query_rows, key_cols, head_dim, true, false);
+  absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> context =
+      Bf16BlockMatmul::Create(query_rows, head_dim, key_cols, false, true);
+  for (const auto* op : {&scores, &context}) {  // Unimplemented: no brgemm kernel, the blocks stay on HeadMatmulOp
+    if (!op->ok() && !absl::IsUnimplemented(op->status())) return op->status();
+  }
+  FlashBlockMatmuls ops;
+  if (scores.ok() && context.ok()) {
+    ops.scores = *std::move(scores);
+    ops.context = *std::move(context);
+  }
+  return ops;
+}
 
 bool FlashBf16OnStrips(int64_t head_dim) { return FlashBf16StripsAvailable(head_dim) && !OnednnUsesAmx(); }
 
@@ -482,6 +537,14 @@ absl::Status FlashAttention(const FlashAttentionArgs& a, int threads, absl::Func
         "and only with the first two");
   }
   ATTN_RETURN_IF_ERROR(CheckBlockMatmuls(a));
+  if (a.kv_heads < 0 || (a.kv_heads > 0 && a.heads % a.kv_heads != 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv_heads must be 0 or divide heads (", a.heads, "), got ", a.kv_heads));
+  }
+  if (a.window < 0 || (a.window > 0 && !a.causal)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("window must be 0, or > 0 with causal; got ", a.window, a.causal ? " (causal)" : " (not causal)"));
+  }
   const int64_t query_blocks = (a.q_len + a.query_rows - 1) / a.query_rows;
   const int64_t items = a.batch * a.heads * query_blocks;
   std::vector<absl::Status> statuses(static_cast<size_t>(items));

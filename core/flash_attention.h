@@ -1,7 +1,8 @@
 // Attention for long sequences with the scores kept in cache (flash-style): softmax(Q K^T [+ causal]) V
 // computed per (sequence, head, query block), the key blocks in turn, with an online softmax (a running
 // max and sum per row, the context rescaled as the max grows), so that no scores block larger than
-// query_rows x key_cols ever exists. Causal key blocks past a query block's last row are not computed, and on
+// query_rows x key_cols ever exists. Causal key blocks past a query block's last row (and, under a sliding window,
+// before its first row's window) are not computed, and on
 // sgemm the diagonal block, which its rows see only in part, is taken in quarters of the rows, each over the keys
 // its last row sees.
 // In f32 on AVX-512 (head_dim <= 128) the blocks run on the project's strip kernels (core/flash_strips_avx512.h):
@@ -26,14 +27,18 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <utility>
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "core/onednn_ops.h"
 
 namespace attnserve {
 
-// Rows of one projection: element (b, h, i, d) at data[b * seq_stride + i * ld + h * head_dim + d].
+// Rows of one projection: element (b, h, i, d) at data[b * seq_stride + i * ld + h * head_dim + d]; for k and v,
+// h is the kv head (FlashAttentionArgs::kv_heads).
 struct FlashOperand {
   const float* data = nullptr;
   int64_t ld = 0, seq_stride = 0;
@@ -55,7 +60,13 @@ struct FlashBf16 {
 
 struct FlashAttentionArgs {
   int64_t batch = 0, heads = 0, q_len = 0, kv_len = 0, head_dim = 0;
+  // Grouped-query attention: K and V have kv_heads heads, query head h reads kv head h / (heads / kv_heads), and a
+  // thread packs a group's keys once for its query heads in turn. 0: as many as the query heads. Must divide heads.
+  int64_t kv_heads = 0;
   bool causal = false;  // query i sees keys j <= i
+  // A sliding window (with causal only): query i sees keys (i - window, i]; key blocks a query block's rows no
+  // longer see are not computed. 0: none.
+  int64_t window = 0;
   // Optional [B, S] (row stride kv_len): added to every query's score of key j of sequence b (0 open, -inf
   // masked: a key padding mask). A key block masked whole is skipped, matmuls included; one with no masked
   // key costs nothing more.
@@ -83,6 +94,19 @@ struct FlashAttentionArgs {
   // unless configured); these defaults serve direct callers such as the tests.
   int64_t query_rows = 128, key_cols = 512;
 };
+
+// FlashAttention's blocks (query rows, keys) on this CPU: 512 x 512 where oneDNN runs AVX-512 kernels (1 MiB of
+// scores per thread), 128 x 256 otherwise (128 KiB), the best of the sizes measured on each; for bf16 layers on
+// bf16 brgemm kernels (Bf16BlockMatmul), 256 x 256, where their scores matmul runs fastest (BENCHMARKS.md).
+std::pair<int64_t, int64_t> FlashBlockForCpu(ComputeType compute = ComputeType::kFloat32);
+
+// A bf16 layer's whole-block matmuls for FlashBf16::block_scores and block_context, at its blocks (query_rows x
+// key_cols) and head_dim, on oneDNN's brgemm kernels; both null where oneDNN has none for these sizes (the blocks then
+// stay on the layer's HeadMatmulOps).
+struct FlashBlockMatmuls {
+  std::unique_ptr<Bf16BlockMatmul> scores, context;
+};
+absl::StatusOr<FlashBlockMatmuls> CreateFlashBlockMatmuls(int64_t query_rows, int64_t key_cols, int64_t head_dim);
 
 // Whether `a`'s blocks run on the strip kernels here: `strips`, and in f32 FlashStripsAvailable(head_dim); for a bf16
 // layer FlashBf16StripsAvailable(head_dim) where oneDNN does not run AMX (there its brgemm blocks stay: a TDPBF16PS

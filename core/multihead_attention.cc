@@ -184,13 +184,6 @@ absl::Status CheckBlockOptions(const MultiheadAttention::Options& options) {
 
 }  // namespace
 
-std::pair<int64_t, int64_t> FlashBlockForCpu(ComputeType compute) {
-  static const std::pair<int64_t, int64_t> block =
-      OnednnUsesAvx512() ? std::pair<int64_t, int64_t>{512, 512} : std::pair<int64_t, int64_t>{128, 256};
-  if (compute == ComputeType::kBFloat16 && OnednnHasBf16Brgemm()) return {256, 256};
-  return block;
-}
-
 absl::StatusOr<std::unique_ptr<MultiheadAttention>> MultiheadAttention::Create(const Options& options,
                                                                               MhaWeights weights) {
   ATTN_RETURN_IF_ERROR(options.config.Validate());
@@ -269,16 +262,11 @@ absl::Status MultiheadAttention::BuildBlockMatmuls() {
     if (short_attention.ok()) short_attention_ = *std::move(short_attention);
   }
   if (options_.flash_min_keys == 0) return absl::OkStatus();
-  const int64_t rows = options_.flash_query_rows, keys = options_.flash_key_cols, dh = options_.config.head_dim();
-  absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> scores = Bf16BlockMatmul::Create(rows, keys, dh, true, false);
-  absl::StatusOr<std::unique_ptr<Bf16BlockMatmul>> context = Bf16BlockMatmul::Create(rows, dh, keys, false, true);
-  for (const auto* op : {&scores, &context}) {  // Unimplemented: no brgemm kernel, the blocks stay on HeadMatmulOp
-    if (!op->ok() && !absl::IsUnimplemented(op->status())) return op->status();
-  }
-  if (scores.ok() && context.ok()) {
-    block_scores_ = *std::move(scores);
-    block_context_ = *std::move(context);
-  }
+  ATTN_ASSIGN_OR_RETURN(
+      FlashBlockMatmuls blocks,
+      CreateFlashBlockMatmuls(options_.flash_query_rows, options_.flash_key_cols, options_.config.head_dim()));
+  block_scores_ = std::move(blocks.scores);
+  block_context_ = std::move(blocks.context);
   return absl::OkStatus();
 }
 

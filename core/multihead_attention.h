@@ -51,11 +51,6 @@ inline int64_t CachedAppendFlops(int64_t embed_dim, int64_t tokens, int64_t cont
          4 * tokens * context_after * embed_dim;
 }
 
-// FlashAttention's blocks (query rows, keys) on this CPU: 512 x 512 where oneDNN runs AVX-512 kernels (1 MiB of
-// scores per thread), 128 x 256 otherwise (128 KiB), the best of the sizes measured on each; for bf16 layers on
-// bf16 brgemm kernels (Bf16BlockMatmul), 256 x 256, where their scores matmul runs fastest (BENCHMARKS.md).
-std::pair<int64_t, int64_t> FlashBlockForCpu(ComputeType compute = ComputeType::kFloat32);
-
 class MultiheadAttention : public AppendEngine {
  public:
   struct Options {

@@ -2,6 +2,7 @@
 // configurations; its validation errors; its weights loaded from a checkpoint under a prefix.
 #include "core/decoder_attention.h"
 
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <random>
@@ -68,9 +69,9 @@ struct Request {
   DecoderInputs inputs;
 };
 
-void DrawRequest(std::mt19937_64& rng, const DecoderConfig& c, Request* r) {
+void DrawRequest(std::mt19937_64& rng, const DecoderConfig& c, Request* r, int64_t max_len = 24) {
   const bool unbatched = Pick(rng, 0, 5) == 0;
-  const int64_t b = unbatched ? 1 : Pick(rng, 1, 3), l = Pick(rng, 1, 24);
+  const int64_t b = unbatched ? 1 : Pick(rng, 1, 3), l = Pick(rng, 1, max_len);
   r->query = RandomValues(rng, b * l * c.embed_dim);
   r->inputs.query = TensorView::F32(r->query.data(), unbatched ? Shape{l, c.embed_dim} : Shape{b, l, c.embed_dim});
   const Shape tokens = unbatched ? Shape{l} : Shape{b, l};
@@ -203,6 +204,147 @@ TEST(DecoderAttentionTest, GroupedHeadsShareTheirKeyValueHead) {
   auto b = (*DecoderAttention::Create(mha, repeated))->Forward(in);
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_LT(MaxAbsDiff(a->output.values, b->output.values), 1e-5);
+}
+
+// A layer on FlashAttention from one token up (RandomConfig's: soft caps, windows up to max_len), with blocks of
+// random sizes that cut the causal diagonal, the windows and the kv groups' heads unevenly.
+DecoderAttention::Options FlashLayer(std::mt19937_64& rng, int64_t max_len) {
+  DecoderAttention::Options o;
+  o.config = RandomConfig(rng);
+  if (o.config.sliding_window > 0) o.config.sliding_window = Pick(rng, 1, max_len);
+  if (Pick(rng, 0, 3) == 0) {
+    o.config.head_dim = std::vector<int64_t>{64, 96, 128}[Pick(rng, 0, 2)];
+    o.config.rope.rotary_dim = o.config.head_dim;
+  }
+  o.flash_min_keys = 1;
+  o.flash_query_rows = Pick(rng, 1, 20);
+  o.flash_key_cols = Pick(rng, 1, 40);
+  o.flash_strips = Pick(rng, 0, 3) != 0;
+  o.single_thread_below_flops = Pick(rng, 0, 1) ? 0 : int64_t{64} << 20;
+  return o;
+}
+
+// Requests on FlashAttention (GQA groups, RoPE, windows, soft caps, padding masks, positions, random blocks, strips
+// or sgemm, 1 or 2 threads; up to 24 tokens, or 160 in a third of the trials, where windows start past whole key
+// panels) against the float64 reference and the same layer's blocked path (flash_min_keys 0); bf16 layers against
+// the f32 blocked path within bf16's rounding.
+TEST(DecoderAttentionTest, FlashAttentionMatchesTheReferenceAndTheBlockedPath) {
+  std::mt19937_64 rng(20261208);
+  for (int trial = 0; trial < 120; ++trial) {
+    const int64_t max_len = trial % 3 == 1 ? 160 : 24;  // with trial % 4 == 3 (bf16): long bf16 trials too
+    DecoderAttention::Options options = FlashLayer(rng, max_len);
+    const bool bf16 = trial % 4 == 3 && OnednnBf16Support() != Bf16Support::kUnavailable;
+    if (bf16) options.compute = ComputeType::kBFloat16;
+    const DecoderWeights weights = RandomWeights(options.config, rng);
+    Request req;
+    DrawRequest(rng, options.config, &req, max_len);
+    req.inputs.need_weights = false;
+    SCOPED_TRACE(::testing::Message() << "trial " << trial << ": " << options.config.DebugString() << " query "
+                                      << ShapeToString(req.inputs.query.shape) << " blocks " << options.flash_query_rows
+                                      << "x" << options.flash_key_cols << " strips " << options.flash_strips << " bf16 "
+                                      << bf16);
+    auto layer = DecoderAttention::Create(options, weights);
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    auto out = (*layer)->Forward(req.inputs, static_cast<int>(Pick(rng, 1, 2)));
+    ASSERT_TRUE(out.ok()) << out.status();
+    DecoderAttention::Options blocked = options;
+    blocked.flash_min_keys = 0;
+    blocked.compute = ComputeType::kFloat32;
+    auto blocked_out = (*DecoderAttention::Create(blocked, weights))->Forward(req.inputs, 1);
+    ASSERT_TRUE(blocked_out.ok()) << blocked_out.status();
+    if (bf16) {
+      EXPECT_LT(MaxAbsDiff(out->output.values, blocked_out->output.values), 3e-2);  // NaN fails it
+      continue;
+    }
+    const testing::NaiveOutputs ref = testing::NaiveDecoderAttention(options.config, weights, req.inputs);
+    EXPECT_LT(MaxAbsDiff(out->output.values, ref.output), 1e-4);
+    EXPECT_LT(MaxAbsDiff(out->output.values, blocked_out->output.values), 1e-5);
+  }
+}
+
+// How many times a request's attention asks `stop`: once per (sequence, head, query block) on FlashAttention, once
+// per (sequence, query block) of all heads on the blocked path.
+int StopsAsked(const DecoderAttention& layer, const DecoderInputs& in) {
+  auto parsed = layer.Validate(in);
+  EXPECT_TRUE(parsed.ok()) << parsed.status();
+  std::atomic<int> asked{0};
+  const ParsedDecoder* batch[] = {&*parsed};
+  const auto got = layer.ForwardBatch(batch, 1, [&](size_t) {
+    asked.fetch_add(1);
+    return absl::OkStatus();
+  });
+  EXPECT_TRUE(got[0].ok()) << got[0].status();
+  return asked.load();
+}
+
+// Which requests take FlashAttention: at least flash_min_keys tokens and no weights asked (windows and soft caps
+// included); the others keep the blocked path, which alone returns weights.
+TEST(DecoderAttentionTest, LongRequestsWithoutWeightsTakeFlashAttention) {
+  std::mt19937_64 rng(11);
+  DecoderAttention::Options o;
+  o.config = Dims(64, 4, 2, 16);
+  o.flash_min_keys = 32;
+  o.flash_query_rows = 8;
+  o.scores_block_bytes = int64_t{1} << 30;  // the blocked path: one block per sequence
+  o.single_thread_below_flops = 0;
+  const DecoderWeights w = RandomWeights(o.config, rng);
+  const std::vector<float> x = RandomValues(rng, 2 * 40 * 64);
+  DecoderInputs in;
+  in.query = TensorView::F32(x.data(), {2, 40, 64});
+  const int flash = 2 * 4 * 5, blocked = 2;  // (sequence, head, 5 query blocks of 8); (sequence)
+  auto stops = [&](const DecoderAttention::Options& options, const DecoderInputs& inputs) {
+    auto layer = DecoderAttention::Create(options, w);
+    EXPECT_TRUE(layer.ok()) << layer.status();
+    return layer.ok() ? StopsAsked(**layer, inputs) : -1;
+  };
+  EXPECT_EQ(stops(o, in), flash);
+  DecoderAttention::Options windowed = o;
+  windowed.config.sliding_window = 7;
+  EXPECT_EQ(stops(windowed, in), flash) << "a window shorter than the request";
+  DecoderAttention::Options capped = o;
+  capped.config.attn_logit_softcapping = 30;
+  EXPECT_EQ(stops(capped, in), flash) << "soft-capped scores";
+  DecoderAttention::Options longer = o;
+  longer.flash_min_keys = 41;
+  EXPECT_EQ(stops(longer, in), blocked) << "fewer tokens than flash_min_keys";
+  longer.flash_min_keys = 0;
+  EXPECT_EQ(stops(longer, in), blocked) << "flash_min_keys 0";
+  DecoderInputs weights = in;
+  weights.need_weights = true;
+  EXPECT_EQ(stops(o, weights), blocked) << "weights asked";
+  DecoderAttention::Options bad = o;
+  bad.flash_key_cols = -1;
+  EXPECT_EQ(DecoderAttention::Create(bad, w).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A stop on FlashAttention fails its own request of a ragged batch; the others (one on FlashAttention, one on the
+// blocked path) are answered as when alone.
+TEST(DecoderAttentionTest, StopOnFlashAttentionFailsOnlyItsRequest) {
+  std::mt19937_64 rng(12);
+  DecoderAttention::Options o;
+  o.config = Dims(64, 4, 2, 16);
+  o.flash_min_keys = 16;
+  o.single_thread_below_flops = 0;
+  auto layer = DecoderAttention::Create(o, RandomWeights(o.config, rng));
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  std::vector<Request> requests(3);
+  std::vector<ParsedDecoder> parsed;
+  for (int64_t len : {40, 20, 8}) {  // flash, flash, blocked
+    Request& r = requests[parsed.size()];
+    r.query = RandomValues(rng, len * 64);
+    r.inputs.query = TensorView::F32(r.query.data(), {1, len, 64});
+    parsed.push_back(*(*layer)->Validate(r.inputs));
+  }
+  const ParsedDecoder* batch[] = {&parsed[0], &parsed[1], &parsed[2]};
+  auto got = (*layer)->ForwardBatch(
+      batch, 2, [](size_t i) { return i == 0 ? absl::DeadlineExceededError("deadline") : absl::OkStatus(); });
+  EXPECT_EQ(got[0].status().code(), absl::StatusCode::kDeadlineExceeded);
+  for (size_t i : {1, 2}) {
+    ASSERT_TRUE(got[i].ok()) << got[i].status();
+    auto alone = (*layer)->ForwardParsed(parsed[i], 1);
+    ASSERT_TRUE(alone.ok());
+    EXPECT_LT(MaxAbsDiff(got[i]->output.values, alone->output.values), 1e-5) << "request " << i;
+  }
 }
 
 DecoderAttention::Options SmallLayer() {

@@ -1,17 +1,19 @@
 // The flash-style path (core/flash_attention.h) through MultiheadAttention: against the float64 naive
 // reference and the blocked path, over random shapes, block sizes that cut rows and keys unevenly, causal
 // and not, self- and cross-attention, random masks of every kind, one thread and several; which requests it
-// takes; stops between blocks.
+// takes; stops between blocks; grouped kv heads against repeated ones.
+#include "core/flash_attention.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "common/half_float.h"
-#include "core/flash_attention.h"
 #include "core/flash_strips_avx512.h"
 #include "core/multihead_attention.h"
 #include "core/onednn_ops.h"
@@ -564,6 +566,157 @@ TEST(FlashAttentionTest, WholeHeadsPerThreadGiveTheOneThreadContext) {
             << "causal " << causal << " bf16 " << bf16_layer << " strips " << on_strips;
       }
     }
+  }
+}
+
+// Grouped-query attention: `heads` query heads over kv_heads key and value heads, each read by heads / kv_heads
+// query heads in turn.
+struct GroupedCase {
+  int64_t batch, heads, kv_heads, head_dim, len, query_rows, key_cols;
+  bool causal;
+};
+
+// Rows [Q (heads) | K (kv_heads) | V (kv_heads)] of head_dim floats each, with K and V repeated per query head:
+// [Q | K (heads) | V (heads)], what the same attention reads without groups.
+std::vector<float> RepeatKvHeads(const std::vector<float>& rows, const GroupedCase& c) {
+  const int64_t dh = c.head_dim, q = c.heads * dh, kv = c.kv_heads * dh, group = c.heads / c.kv_heads;
+  const int64_t in_width = q + 2 * kv, out_width = 3 * q;
+  std::vector<float> out(static_cast<size_t>(c.batch * c.len * out_width));
+  for (int64_t t = 0; t < c.batch * c.len; ++t) {
+    const float* src = rows.data() + t * in_width;
+    float* dst = out.data() + t * out_width;
+    std::copy_n(src, q, dst);
+    for (int64_t h = 0; h < c.heads; ++h) {
+      std::copy_n(src + q + h / group * dh, dh, dst + q + h * dh);
+      std::copy_n(src + q + kv + h / group * dh, dh, dst + 2 * q + h * dh);
+    }
+  }
+  return out;
+}
+
+// The bf16 matmuls of a head size, for a bf16 layer's FlashAttention, and its whole blocks' where oneDNN has brgemm
+// kernels for them (else null).
+struct Bf16HeadOps {
+  std::unique_ptr<HeadMatmulOp> scores, context_add;
+  FlashBlockMatmuls blocks;
+};
+
+// FlashAttention's context [B, L, heads * Dh] (from NaN everywhere) on rows [Q | K | V] holding kv_in_rows kv heads,
+// args.kv_heads = kv_heads_arg; with `bf16` set, on the rows rounded to bf16 and its matmuls.
+std::vector<float> RunGrouped(const GroupedCase& c, const std::vector<float>& rows, int64_t kv_in_rows,
+                              int64_t kv_heads_arg, const Bf16HeadOps* bf16, bool strips, int threads) {
+  const int64_t dh = c.head_dim, q = c.heads * dh, kv = kv_in_rows * dh, width = q + 2 * kv, stride = c.len * width;
+  FlashAttentionArgs a;
+  a.batch = c.batch;
+  a.heads = c.heads;
+  a.kv_heads = kv_heads_arg;
+  a.q_len = a.kv_len = c.len;
+  a.head_dim = dh;
+  a.causal = c.causal;
+  a.query_rows = c.query_rows;
+  a.key_cols = c.key_cols;
+  a.strips = strips;
+  a.q = {rows.data(), width, stride};
+  a.k = {rows.data() + q, width, stride};
+  a.v = {rows.data() + q + kv, width, stride};
+  std::vector<uint16_t> rows16(rows.size());
+  if (bf16 != nullptr) {
+    std::transform(rows.begin(), rows.end(), rows16.begin(), FloatToBFloat16);
+    a.bf16.q = rows16.data();
+    a.bf16.k = rows16.data() + q;
+    a.bf16.v = rows16.data() + q + kv;
+    a.bf16.ld = width;
+    a.bf16.q_seq_stride = a.bf16.kv_seq_stride = stride;
+    a.bf16.scores_op = bf16->scores.get();
+    a.bf16.context_add_op = bf16->context_add.get();
+    a.bf16.block_scores = bf16->blocks.scores.get();
+    a.bf16.block_context = bf16->blocks.context.get();
+  }
+  std::vector<float> out(static_cast<size_t>(c.batch * c.len * q), std::numeric_limits<float>::quiet_NaN());
+  a.out = out.data();
+  a.out_ld = q;
+  a.out_seq_stride = c.len * q;
+  const absl::Status status = FlashAttention(a, threads, [] { return absl::OkStatus(); });
+  EXPECT_TRUE(status.ok()) << status;
+  return out;
+}
+
+// kv_heads groups: the context equals that of the same attention with each kv head repeated for its query heads
+// (random group sizes 1-4, head sizes 1-130, blocks cutting rows and keys unevenly, causal and not; strips and
+// sgemm, f32 and bf16 (whole blocks on brgemm kernels in half the bf16 cases, where oneDNN has them), 1 and 2
+// threads, whose threads each pack a group's keys once for its heads): bit for bit on the strip kernels, whose
+// arithmetic does not depend on where the rows are.
+TEST(FlashAttentionTest, GroupedKvHeadsEqualEachRepeatedForItsGroup) {
+  std::mt19937_64 rng(20261208);
+  auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  const bool has_bf16 = OnednnBf16Support() != Bf16Support::kUnavailable;
+  int on_brgemm_blocks = 0;
+  for (int iter = 0; iter < 30; ++iter) {
+    GroupedCase c;
+    c.kv_heads = pick(1, 3);
+    c.heads = c.kv_heads * std::vector<int64_t>{1, 2, 4}[pick(0, 2)];
+    c.head_dim = iter < 4 ? 64 : pick(1, 130);
+    c.batch = pick(1, 2);
+    c.len = pick(1, 200);
+    c.query_rows = pick(1, 80);
+    c.key_cols = pick(1, 200);
+    c.causal = pick(0, 1) == 1;
+    Bf16HeadOps ops;
+    const bool bf16 = has_bf16 && iter % 3 == 2;
+    if (bf16) {
+      ops.scores = *HeadMatmulOp::Create(HeadMatmulOp::Kind::kScores, c.head_dim, ComputeType::kBFloat16);
+      ops.context_add = *HeadMatmulOp::Create(HeadMatmulOp::Kind::kContextAdd, c.head_dim, ComputeType::kBFloat16);
+      if (iter % 2 == 0) {  // sizes brgemm takes, as a layer's 256 x 256 are
+        c.query_rows = 32;
+        c.key_cols = 64;
+        ops.blocks = *CreateFlashBlockMatmuls(c.query_rows, c.key_cols, c.head_dim);
+        on_brgemm_blocks += ops.blocks.scores != nullptr;
+      }
+    }
+    SCOPED_TRACE(::testing::Message() << "case " << iter << ": H " << c.heads << " Hkv " << c.kv_heads << " Dh "
+                                      << c.head_dim << " B " << c.batch << " L " << c.len << " causal " << c.causal
+                                      << " blocks " << c.query_rows << "x" << c.key_cols << " bf16 " << bf16);
+    const std::vector<float> rows = RandomValues(rng, c.batch * c.len * (c.heads + 2 * c.kv_heads) * c.head_dim);
+    const std::vector<float> repeated = RepeatKvHeads(rows, c);
+    for (bool strips : {false, true}) {
+      const std::vector<float> want = RunGrouped(c, repeated, c.heads, 0, bf16 ? &ops : nullptr, strips, 1);
+      for (int threads : {1, 2}) {
+        const std::vector<float> got =
+            RunGrouped(c, rows, c.kv_heads, c.kv_heads, bf16 ? &ops : nullptr, strips, threads);
+        const bool exact = strips && (bf16 ? FlashBf16OnStrips(c.head_dim) : FlashStripsAvailable(c.head_dim));
+        EXPECT_LE(MaxAbsDiff(got, want), exact ? 0.0 : 1e-5) << "strips " << strips << " threads " << threads;
+      }
+    }
+  }
+  if (OnednnHasBf16Brgemm()) {
+    EXPECT_GT(on_brgemm_blocks, 0);
+  }
+}
+
+TEST(FlashAttentionTest, WindowsOnlyWithCausalAndNeverNegative) {
+  FlashAttentionArgs a;
+  a.batch = a.q_len = a.kv_len = 1;
+  a.heads = 4;
+  a.head_dim = 8;
+  for (const auto& [window, causal] : {std::pair<int64_t, bool>{8, false}, {-1, true}}) {
+    a.window = window;
+    a.causal = causal;
+    const absl::Status status = FlashAttention(a, 1, [] { return absl::OkStatus(); });
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << window;
+    EXPECT_THAT(std::string(status.message()), ::testing::HasSubstr("window")) << window;
+  }
+}
+
+TEST(FlashAttentionTest, KvHeadsThatDoNotDivideTheHeadsAreRefused) {
+  FlashAttentionArgs a;
+  a.batch = a.q_len = a.kv_len = 1;
+  a.heads = 4;
+  a.head_dim = 8;
+  for (int64_t kv_heads : {3, -1, 5}) {
+    a.kv_heads = kv_heads;
+    const absl::Status status = FlashAttention(a, 1, [] { return absl::OkStatus(); });
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << kv_heads;
+    EXPECT_THAT(std::string(status.message()), ::testing::HasSubstr("kv_heads")) << kv_heads;
   }
 }
 

@@ -16,6 +16,7 @@
 #include "core/bf16_rows.h"
 #include "core/decoder_kernels.h"
 #include "core/omp_threads.h"
+#include "core/row_softmax.h"
 
 namespace attnserve {
 using decoder_internal::AddGroupWeights;
@@ -60,10 +61,10 @@ void SoftCapScores(float cap, int64_t len, FlashAttentionArgs* a) {
   a->key_bias = nullptr;
   a->add_mask = [cap, bias, len](int64_t b, int64_t, int64_t, int64_t rows, int64_t k0, int64_t cols, float* scores,
                                  int64_t ld) {
+    SoftCapRows(scores, rows, cols, ld, cap);
+    if (bias == nullptr) return;
     for (int64_t r = 0; r < rows; ++r) {
       float* row = scores + r * ld;
-      for (int64_t j = 0; j < cols; ++j) row[j] = cap * std::tanh(row[j] / cap);
-      if (bias == nullptr) continue;
       for (int64_t j = 0; j < cols; ++j) row[j] += bias[b * len + k0 + j];
     }
   };

@@ -89,13 +89,11 @@ void SoftmaxGroupRows(const RowBounds& rb, int64_t m, const float* pad, float* s
     const int64_t lo = (rb.window > 0 ? std::max(rb.k0, l - rb.window + 1) : rb.k0) - rb.k0;
     const int64_t hi = l + 1 - rb.k0;
     bool seen = !rb.padded;
-    if (rb.softcap > 0 || rb.padded) {
+    if (rb.softcap > 0 && hi > lo) SoftCapRows(row + lo, 1, hi - lo, rb.keys, rb.softcap);
+    if (rb.padded) {
       for (int64_t k = lo; k < hi; ++k) {
-        float v = row[k];
-        if (rb.softcap > 0) v = rb.softcap * std::tanh(v / rb.softcap);
-        if (rb.padded) v += pad[k];
-        row[k] = v;
-        seen = seen || v != kNegInf;  // NaN counts as seen: it stays in its own request's output
+        row[k] += pad[k];
+        seen = seen || row[k] != kNegInf;  // NaN counts as seen: it stays in its own request's output
       }
     }
     std::fill(row, row + lo, 0.0f);

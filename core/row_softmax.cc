@@ -196,6 +196,40 @@ ATTN_KERNEL_VARIANTS_BY_WIDTH(OnlineSoftmaxBlock,
                                float* row_max, float* row_sum, float* acc, int64_t acc_cols, int64_t ld_acc),
                               (scores, rows, cols, ld, open0, row_max, row_sum, acc, acc_cols, ld_acc))
 
+// tanh(x) for x >= 0 (or NaN, kept): below 1/4 its odd Taylor series to x^9 (truncation below 3e-9), where
+// 1 - exp(-2x) would cancel; above, (1 - e) / (1 + e) with e = exp(-2x) (1 at +inf).
+template <typename W>
+__attribute__((always_inline)) inline typename W::F TanhNonNegative(typename W::F x) {
+  using F = typename W::F;
+  const F x2 = x * x;
+  const F series = x + x * x2 * (-1.0f / 3 + x2 * (2.0f / 15 + x2 * (-17.0f / 315 + x2 * (62.0f / 2835))));
+  const F e = ExpNonPositive<W>(x * -2.0f);
+  const F ratio = (1.0f - e) / (1.0f + e);
+  return x < 0.25f ? series : ratio;
+}
+
+template <typename W>
+__attribute__((always_inline)) inline void SoftCapRowsBody(float* data, int64_t rows, int64_t cols, int64_t ld,
+                                                           float cap) {
+  using F = typename W::F;
+  using I = typename W::I;
+  const float inv_cap = 1.0f / cap;
+  const I sign_bit = I{} + static_cast<int32_t>(0x80000000u);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = data + r * ld;
+    for (int64_t j = 0; j < cols; j += W::kLanes) {
+      const int64_t k = std::min<int64_t>(W::kLanes, cols - j);
+      const I bits = __builtin_bit_cast(I, Load<W>(row + j, k, 0.0f) * inv_cap);
+      // tanh is odd: of |x|, the sign put back (-0 stays -0; NaN stays NaN).
+      const F t = TanhNonNegative<W>(__builtin_bit_cast(F, bits & ~sign_bit)) * cap;
+      Store<W>(row + j, k, __builtin_bit_cast(F, __builtin_bit_cast(I, t) | (bits & sign_bit)));
+    }
+  }
+}
+
+ATTN_KERNEL_VARIANTS_BY_WIDTH(SoftCapRows, (float* data, int64_t rows, int64_t cols, int64_t ld, float cap),
+                              (data, rows, cols, ld, cap))
+
 }  // namespace
 
 void FoldBlockIntoRow(float block_max, float block_sum, float* row_max, float* row_sum, float* acc_row,
@@ -226,6 +260,11 @@ void RowSoftmaxToBf16(float* data, int64_t rows, int64_t cols, int64_t ld, const
   }
   static const RowSoftmaxToBf16Fn picked = PickRowSoftmaxToBf16();
   picked(data, rows, cols, ld, dead, out, ld_out);
+}
+
+void SoftCapRows(float* data, int64_t rows, int64_t cols, int64_t ld, float cap) {
+  static const SoftCapRowsFn picked = PickSoftCapRows();
+  picked(data, rows, cols, ld, cap);
 }
 
 void RowSoftmax(float* data, int64_t rows, int64_t cols, int64_t ld) {

@@ -13,6 +13,11 @@ namespace attnserve {
 // 1e-6. Runs on the calling thread; safe to call from many threads on different rows.
 void RowSoftmax(float* data, int64_t rows, int64_t cols, int64_t ld);
 
+// In place: each of `rows` rows of `cols` floats (row stride `ld`) becomes cap * tanh(x / cap) (a logit soft cap,
+// Gemma 2's; cap > 0), vectorised: within 5e-7 relative of float64 tanh's (3.6e-7 measured), +-inf give +-cap and
+// NaN stays NaN. Runs on the calling thread.
+void SoftCapRows(float* data, int64_t rows, int64_t cols, int64_t ld, float cap);
+
 // The same softmax written as bf16 (rounded to nearest even) to `out` (row stride ld_out), for a bf16
 // matmul: one pass fewer than softmax then conversion. `data` is scratch: its rows may be left holding
 // unnormalised exponentials, or as they were (up to 256 keys on AVX-512: row_softmax_avx512.h).

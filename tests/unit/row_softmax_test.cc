@@ -1,4 +1,5 @@
 // RowSoftmax against a float64 softmax: random rows of several scales and lengths, -inf entries, strides.
+// SoftCapRows against float64 tanh.
 // RowSoftmaxToBf16 against the same reference rounded to bf16 (within one bf16 step), dead rows zeroed: rows of up
 // to 256 keys in registers on AVX-512, longer ones (and the AVX2 and baseline runs) through the general kernel.
 #include "core/row_softmax.h"
@@ -88,6 +89,59 @@ TEST(RowSoftmaxTest, MatchesFloat64OnRandomRows) {
       for (int64_t j = cols; j < ld; ++j) ASSERT_EQ(data[r * ld + j], 123.0f);
     }
   }
+}
+
+// SoftCapRows against cap * tanh(x / cap) in float64: random rows of scores around the cap and far from it (both
+// sides of the series' 1/4 and tiny values, whose relative error the series keeps), strided, the padding untouched;
+// +-inf to +-cap, NaN kept, 0 stays 0.
+TEST(SoftCapRowsTest, MatchesFloat64Tanh) {
+  std::mt19937_64 rng(1207);
+  const float scales[] = {1e-3f, 0.3f, 5.0f, 60.0f};
+  double worst = 0;
+  for (int iter = 0; iter < 200; ++iter) {
+    const int64_t rows = std::uniform_int_distribution<int64_t>(1, 6)(rng);
+    const int64_t cols = std::uniform_int_distribution<int64_t>(1, 300)(rng);
+    const int64_t ld = cols + std::uniform_int_distribution<int64_t>(0, 7)(rng);
+    const float cap = std::uniform_real_distribution<float>(0.5f, 50.0f)(rng);
+    std::normal_distribution<float> normal(0.0f, scales[iter % 4] * cap);
+    std::vector<float> data(static_cast<size_t>(rows * ld), 123.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < cols; ++j) data[r * ld + j] = normal(rng);
+    }
+    const std::vector<float> input = data;
+    SoftCapRows(data.data(), rows, cols, ld, cap);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < cols; ++j) {
+        const double want = cap * std::tanh(static_cast<double>(input[r * ld + j]) / cap);
+        const double err = std::abs(data[r * ld + j] - want) / std::max(std::abs(want), 1e-30);
+        worst = std::max(worst, err);
+        ASSERT_LE(err, 5e-7) << "iter " << iter << " x " << input[r * ld + j] << " cap " << cap;
+      }
+      for (int64_t j = cols; j < ld; ++j) ASSERT_EQ(data[r * ld + j], 123.0f);
+    }
+  }
+  RecordProperty("worst_relative_error", ::testing::PrintToString(worst));
+  // The top of the series' range, where its last term counts most (3.4e-7 at 1/4 without it): 2 steps of float.
+  for (float t = 0.2f; t < 0.25f; t += 1e-4f) {
+    for (float sign : {1.0f, -1.0f}) {
+      float x = sign * t;
+      SoftCapRows(&x, 1, 1, 1, 1.0f);
+      const double want = std::tanh(static_cast<double>(sign * t));
+      ASSERT_LE(std::abs(x - want), 2.5e-7 * std::abs(want)) << "t " << sign * t;
+    }
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> edges = {inf, -inf, std::numeric_limits<float>::quiet_NaN(), 0.0f, -0.0f, 1e-30f, 1e30f};
+  SoftCapRows(edges.data(), 1, static_cast<int64_t>(edges.size()), static_cast<int64_t>(edges.size()), 30.0f);
+  EXPECT_EQ(edges[0], 30.0f);
+  EXPECT_EQ(edges[1], -30.0f);
+  EXPECT_TRUE(std::isnan(edges[2]));
+  EXPECT_EQ(edges[3], 0.0f);
+  EXPECT_EQ(edges[4], 0.0f);
+  EXPECT_FALSE(std::signbit(edges[3]));
+  EXPECT_TRUE(std::signbit(edges[4]));
+  EXPECT_NEAR(edges[5], 1e-30f, 1e-36f);
+  EXPECT_EQ(edges[6], 30.0f);
 }
 
 TEST(RowSoftmaxTest, ExtremeValues) {

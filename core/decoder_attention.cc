@@ -231,10 +231,11 @@ void DecoderAttention::ApplyRope(const ParsedDecoder& p, float* qkv, int threads
     rope_.Apply(rows, n, width, c.num_heads, c.head_dim, positions.data() + r0);
     rope_.Apply(rows + c.q_width(), n, width, c.num_kv_heads, c.head_dim, positions.data() + r0);
     if (flash == nullptr) continue;
+    const int64_t q_width = c.q_width();
+    const float q_scale = flash->q_scale;
     for (int64_t t = 0; t < n; ++t) {  // FlashAttention takes the scale in Q
       float* q = rows + t * width;
-#pragma omp simd
-      for (int64_t j = 0; j < c.q_width(); ++j) q[j] *= flash->q_scale;
+      for (int64_t j = 0; j < q_width; ++j) q[j] *= q_scale;
     }
     if (flash->rows16 != nullptr) FloatRowsToBf16(rows, n, width, width, flash->rows16 + r0 * width, width);
   }

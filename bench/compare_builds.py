@@ -4,10 +4,12 @@ benchmark of `make bench` and two serving points, alternating the builds within 
 same machine state, medians over rounds.
 
     /usr/bin/python3 bench/compare_builds.py --old OLD_BUILD --new build [--rounds 3] [--duration 5] [--serving-only]
+        [--kserve]
 
 A build directory holds bench/attnserve_core_bench and server/attnserve. The load generator is the new
 build's tools/attnbench for both, so only the server differs. Serving points: concurrency 1, E=256 H=4 B=1
-L=16 (latency); concurrency 64, E=512 H=8 L=32 (throughput, dynamic batching).
+L=16 (latency); concurrency 64, E=512 H=8 L=32 (throughput, dynamic batching); concurrency 8, E=768 H=12 L=512
+(1.5 MiB answers). --kserve sends them as the Open Inference Protocol's ModelInfer instead of attnserve.v1's Infer.
 """
 
 import argparse
@@ -31,16 +33,17 @@ def engine(build):
     return {b["run_name"]: b["GFLOPS"] for b in json.loads(out)["benchmarks"] if b.get("aggregate_name") == "median"}
 
 
-def serving(build, tools_build, tmp, duration):
+def serving(build, tools_build, tmp, duration, protocol_args):
     results = {}
     points = [("c1 E=256 L=16", 'name: "x" embed_dim: 256 num_heads: 4 seed: 1', "16", "1"),
               ("c64 E=512 L=32", 'name: "x" embed_dim: 512 num_heads: 8 seed: 3 batching { max_batch_size: 64 }',
-               "32", "64")]
+               "32", "64"),
+              ("c8 E=768 L=512", 'name: "x" embed_dim: 768 num_heads: 12 seed: 5', "512", "8")]
     for label, layer, seq, conc in points:
         s = serving_bench.server(build, tmp, label.replace(" ", "_"), [layer])
         try:
             r = serving_bench.attnbench(tools_build, f"127.0.0.1:{s.ports[0]}", "--layer", "x", "--seq", seq,
-                                        "--concurrency", conc, "--duration", f"{duration}s")[0]
+                                        "--concurrency", conc, "--duration", f"{duration}s", *protocol_args)[0]
         finally:
             s.stop()
         results[f"{label} p50 ms"] = r["latency_ms"]["p50"]
@@ -55,6 +58,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per serving point")
     ap.add_argument("--serving-only", action="store_true", help="skip the engine benchmark (a server-only change)")
+    ap.add_argument("--kserve", action="store_true", help="serve the Open Inference Protocol's ModelInfer")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="attnserve_compare_")
     samples = {"old": {}, "new": {}}
@@ -63,7 +67,7 @@ def main():
         for which in order:
             build = getattr(args, which)
             measured = {} if args.serving_only else engine(build)
-            measured.update(serving(build, args.new, tmp, args.duration))
+            measured.update(serving(build, args.new, tmp, args.duration, ["--kserve"] if args.kserve else []))
             for k, v in measured.items():
                 samples[which].setdefault(k, []).append(v)
             print(f"round {r + 1}/{args.rounds}: {which} done", file=sys.stderr)

@@ -7,7 +7,9 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "absl/memory/memory.h"
 #include "absl/strings/str_cat.h"
@@ -53,33 +55,26 @@ void KeyPaddingRow(const ParsedDecoder& p, int64_t at, int64_t n, float* bias) {
   }
 }
 
-// Soft-caps FlashAttention's scores (cap * tanh(score / cap)) block by block, then adds a's key padding: a masked key
-// must stay -inf, which capping would make -cap (FlashAttention adds key_bias before add_mask, so the padding moves
-// into add_mask here). `len`: the keys of a sequence.
-void SoftCapScores(float cap, int64_t len, FlashAttentionArgs* a) {
-  const float* bias = a->key_bias;
-  a->key_bias = nullptr;
-  a->add_mask = [cap, bias, len](int64_t b, int64_t, int64_t, int64_t rows, int64_t k0, int64_t cols, float* scores,
-                                 int64_t ld) {
+// Soft-caps FlashAttention's scores (cap * tanh(score / cap)) block by block. FlashAttention adds the key padding
+// (key_bias) after add_mask, so a masked key stays -inf, and key blocks padded whole are still skipped.
+void SoftCapScores(float cap, FlashAttentionArgs* a) {
+  a->add_mask = [cap](int64_t, int64_t, int64_t, int64_t rows, int64_t, int64_t cols, float* scores, int64_t ld) {
     SoftCapRows(scores, rows, cols, ld, cap);
-    if (bias == nullptr) return;
-    for (int64_t r = 0; r < rows; ++r) {
-      float* row = scores + r * ld;
-      for (int64_t j = 0; j < cols; ++j) row[j] += bias[b * len + k0 + j];
-    }
   };
 }
 }  // namespace
 
 void ReleaseDecoderScratch(size_t keep_bytes) {
   ThreadProjectionBuffer().Trim(keep_bytes);
-  BlockScratch& s = ThreadBlockScratch();
-  for (std::vector<float>* buf : {&s.q, &s.scores, &s.context, &s.pad, &s.span, &s.inputs, &s.out}) {
-    if (buf->capacity() * sizeof(float) > keep_bytes) std::vector<float>().swap(*buf);
-  }
-  for (std::vector<uint16_t>* buf : {&s.inputs16, &s.rows16}) {
-    if (buf->capacity() * sizeof(uint16_t) > keep_bytes) std::vector<uint16_t>().swap(*buf);
-  }
+  ThreadBlockScratch().ForEachBuffer([keep_bytes](auto& buf) {
+    if (buf.capacity() * sizeof(buf[0]) > keep_bytes) std::decay_t<decltype(buf)>().swap(buf);
+  });
+}
+
+int64_t DecoderScratchHeldBytes() {
+  size_t bytes = ThreadProjectionBuffer().capacity * sizeof(float);
+  ThreadBlockScratch().ForEachBuffer([&bytes](auto& buf) { bytes += buf.capacity() * sizeof(buf[0]); });
+  return static_cast<int64_t>(bytes) + FlashScratchHeldBytes();
 }
 
 struct DecoderAttention::Block {
@@ -385,7 +380,7 @@ absl::Status DecoderAttention::AttendFlash(const ParsedDecoder& p, float* qkv, i
     KeyPaddingRow(p, 0, tokens, key_bias.data());
     a.key_bias = key_bias.data();
   }
-  if (c.attn_logit_softcapping > 0) SoftCapScores(static_cast<float>(c.attn_logit_softcapping), p.len, &a);
+  if (c.attn_logit_softcapping > 0) SoftCapScores(static_cast<float>(c.attn_logit_softcapping), &a);
   return FlashAttention(a, threads, should_stop);
 }
 

@@ -41,6 +41,9 @@ namespace attnserve {
 // Frees the calling thread's decoder scratch (projection buffer, block scratch) larger than `keep_bytes`: for a
 // worker about to idle, as ReleaseThreadScratch does for the multi-head attention engine's.
 void ReleaseDecoderScratch(size_t keep_bytes = size_t{1} << 20);
+// What the calling thread's decoder buffers hold now (projection buffer, block scratch, FlashAttention's scratch), in
+// bytes: the per-thread part of what WorkspaceBytes counts.
+int64_t DecoderScratchHeldBytes();
 
 class DecoderAttention : public AppendEngine {
  public:

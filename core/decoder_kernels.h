@@ -27,6 +27,13 @@ struct BlockScratch {
   std::vector<uint16_t> inputs16;  // the same for a bf16 layer's projection
   std::vector<uint16_t> rows16;    // a bf16 layer's projected rows for FlashAttention, [N, H*D + 2*Hkv*D]
   std::vector<float> out;      // appends' output projection [N, E]
+
+  // Calls visit(buffer) on each of them.
+  template <typename Visit>
+  void ForEachBuffer(Visit visit) {
+    for (std::vector<float>* buf : {&q, &scores, &context, &pad, &span, &inputs, &out}) visit(*buf);
+    for (std::vector<uint16_t>* buf : {&inputs16, &rows16}) visit(*buf);
+  }
 };
 BlockScratch& ThreadBlockScratch();
 
@@ -41,9 +48,13 @@ struct ProjectionBuffer {
 };
 ProjectionBuffer& ThreadProjectionBuffer();
 
+// `buf` with room for n values; grown to exactly n (not the vector's doubling), which the budget counts.
 template <typename T>
 T* Grow(std::vector<T>& buf, int64_t n) {
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  if (static_cast<int64_t>(buf.size()) < n) {
+    buf.reserve(static_cast<size_t>(n));
+    buf.resize(static_cast<size_t>(n));
+  }
   return buf.data();
 }
 

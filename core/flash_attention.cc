@@ -338,8 +338,8 @@ absl::Status KeyBlockStep(const FlashAttentionArgs& a, const BlockMatmuls& mm, i
                           int64_t k0, int64_t kb, const float* bias, KeyBlock kind, const QueryBlockState& st) {
   const int64_t dh = a.head_dim, row = l0 + r0;
   ATTN_RETURN_IF_ERROR(mm.Scores(row, rb, k0, kb, st.scores));
-  if (kind == KeyBlock::kMixed) AddKeyBias(bias, rb, kb, st.scores, kb);
   if (a.add_mask) a.add_mask(mm.b, mm.h, row, rb, k0, kb, st.scores, kb);
+  if (kind == KeyBlock::kMixed) AddKeyBias(bias, rb, kb, st.scores, kb);
   MaskBeforeWindow(a, row, rb, k0, kb, st.scores, kb);
   // Causal: row r (query row + r) sees keys up to row + r, the first row + r - k0 + 1 of this block.
   OnlineSoftmaxBlock(st.scores, rb, kb, kb, a.causal ? row - k0 + 1 : kb, st.row_max + r0, st.row_sum + r0,
@@ -436,8 +436,8 @@ absl::Status AttendQueryBlockInStrips(const FlashAttentionArgs& a, int64_t call,
       const int64_t seen = (a.causal ? std::min(k0 + kb, row + rb) : k0 + kb) - ks;
       if (seen <= 0) continue;  // rows before the chunk's first key, or whose window starts after its last
       head.Scores(row, rb, ks, seen, st.scores, kc);
-      if (kind == KeyBlock::kMixed) AddKeyBias(bias + (ks - k0), rb, seen, st.scores, kc);
       if (a.add_mask) a.add_mask(b, h, row, rb, ks, seen, st.scores, kc);
+      if (kind == KeyBlock::kMixed) AddKeyBias(bias + (ks - k0), rb, seen, st.scores, kc);
       MaskBeforeWindow(a, row, rb, ks, seen, st.scores, kc);
       head.Softmax(st.scores, rb, seen, kc, a.causal ? row - ks + 1 : seen, st.row_max + r0, st.row_sum + r0,
                    st.acc + r0 * dh);

@@ -68,8 +68,8 @@ struct FlashAttentionArgs {
   // longer see are not computed. 0: none.
   int64_t window = 0;
   // Optional [B, S] (row stride kv_len): added to every query's score of key j of sequence b (0 open, -inf
-  // masked: a key padding mask). A key block masked whole is skipped, matmuls included; one with no masked
-  // key costs nothing more.
+  // masked: a key padding mask), after add_mask (so a mask that transforms scores, a soft cap, leaves masked keys
+  // -inf). A key block masked whole is skipped, matmuls included; one with no masked key costs nothing more.
   const float* key_bias = nullptr;
   // When set: adds per-query masks of sequence b, head h to a scores block, rows = queries [l0, l0 + rows),
   // columns = keys [k0, k0 + cols), row stride ld (-inf where a key is masked). Called from several threads

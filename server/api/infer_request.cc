@@ -2,9 +2,9 @@
 
 #include <utility>
 
-#include "absl/base/config.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/api/spliced_wire.h"
 #include "server/api/tensor_codec.h"
 
 namespace attnserve {
@@ -67,6 +67,7 @@ void DecodeInferRequest(const attnserve::v1::InferRequest& req, InferenceCall* c
   call->layer_name = req.layer();
   call->id = req.id();
   call->version = req.version() > 0 ? req.version() : 0;
+  call->answer_values_in_place = kHostIsLittleEndian;  // EncodeInferAnswer
   call->decode_status = req.version() < 0
                             ? absl::InvalidArgumentError(absl::StrCat("version: must be >= 0, got ", req.version()))
                             : DecodeInputs(req, call);
@@ -80,18 +81,9 @@ absl::Status PrepareInferenceCall(const LayerRegistry& registry, const attnserve
 
 namespace {
 
-#ifdef ABSL_IS_LITTLE_ENDIAN
-constexpr bool kHostIsLittleEndian = true;
-#else
-constexpr bool kHostIsLittleEndian = false;
-#endif
-
-// Every field of the answer but its output.
+// Every field of the answer but its tensors.
 void EncodeAnswerFields(const InferenceCall& call, attnserve::v1::InferResponse* response) {
   response->set_id(call.id);
-  if (call.inputs.need_weights) {
-    EncodeTensor(call.outputs.attn_weights, response->mutable_attn_weights(), call.output_dtype);
-  }
   attnserve::v1::Timing* timing = response->mutable_timing();
   timing->set_queue_us(call.timing.queue_us);
   timing->set_compute_us(call.timing.compute_us);
@@ -103,17 +95,24 @@ void EncodeAnswerFields(const InferenceCall& call, attnserve::v1::InferResponse*
 void EncodeInferResponse(const InferenceCall& call, attnserve::v1::InferResponse* response) {
   EncodeAnswerFields(call, response);
   EncodeTensor(call.outputs.output, response->mutable_output(), call.output_dtype);
+  if (call.inputs.need_weights) {
+    EncodeTensor(call.outputs.attn_weights, response->mutable_attn_weights(), call.output_dtype);
+  }
 }
 
 void EncodeInferAnswer(InferenceCall* call, InferAnswer* answer) {
-  // raw_data is little-endian: the values are sent as they lie in memory only on a little-endian host.
-  if (call->output_dtype != DType::kFloat32 || call->outputs.output.values.empty() || !kHostIsLittleEndian) {
+  if (!AnswerSentInPlace(*call)) {
     EncodeInferResponse(*call, &answer->message);
+    call->outputs = AttentionOutputs();  // held once encoded: the budget counts the tensors and one copy
     return;
   }
   EncodeAnswerFields(*call, &answer->message);
   EncodeTensorHead(call->outputs.output, answer->message.mutable_output(), DType::kFloat32);
   answer->output = std::move(call->outputs.output);
+  if (call->inputs.need_weights) {
+    EncodeTensorHead(call->outputs.attn_weights, answer->message.mutable_attn_weights(), DType::kFloat32);
+    answer->weights = std::move(call->outputs.attn_weights);
+  }
 }
 
 }  // namespace attnserve

@@ -30,8 +30,9 @@ absl::Status PrepareInferenceCall(const LayerRegistry& registry, const attnserve
 
 // The answer of a call finished OK: id, output, attn_weights when asked, timing.
 void EncodeInferResponse(const InferenceCall& call, attnserve::v1::InferResponse* response);
-// The same as it is served: a FLOAT32 output's values are moved from call->outputs into answer->output, to be
-// sent from there (infer_answer.h); other dtypes are encoded into the message as EncodeInferResponse does.
+// The same as it is served: when AnswerSentInPlace, the output's and attention weights' values are moved from
+// call->outputs into the answer, to be sent from there (infer_answer.h); otherwise they are encoded into the
+// message as EncodeInferResponse does.
 void EncodeInferAnswer(InferenceCall* call, InferAnswer* answer);
 
 }  // namespace attnserve

@@ -2,12 +2,14 @@
 
 #include <array>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/log_string.h"
 #include "common/status_macros.h"
+#include "server/api/spliced_wire.h"
 #include "server/api/tensor_codec.h"
 
 namespace attnserve {
@@ -251,16 +253,38 @@ absl::Status DecodeVersion(const ModelInferRequest& req, InferenceCall* call) {
   return absl::OkStatus();
 }
 
-void AddOutput(const char* name, const Tensor& tensor, DType dtype, inference::ModelInferResponse* response) {
+// Adds output `name`'s description (name, datatype, shape) to the response.
+void AddOutputHead(const char* name, const Tensor& tensor, DType dtype, inference::ModelInferResponse* response) {
   auto* out = response->add_outputs();
   out->set_name(name);
   out->set_datatype(dtype == DType::kBFloat16 ? "BF16" : dtype == DType::kFloat16 ? "FP16" : "FP32");
   for (int64_t d : tensor.shape) out->add_shape(d);
-  EncodeRawValues(tensor, dtype, response->add_raw_output_contents());
+}
+
+// The outputs the answer holds, in order: those `request` names, or all (attn_weights when computed) when it
+// names none. Validation has refused a name given twice.
+std::vector<const char*> AnsweredOutputs(const InferenceCall& call, const ModelInferRequest& request) {
+  std::vector<const char*> names;
+  if (request.outputs_size() == 0) {
+    names.push_back(kOutput);
+    if (call.inputs.need_weights) names.push_back(kAttnWeights);
+  }
+  for (const auto& wanted : request.outputs()) names.push_back(wanted.name() == kAttnWeights ? kAttnWeights : kOutput);
+  return names;
 }
 
 void SetInt64(inference::ModelInferResponse* response, const char* name, int64_t value) {
   (*response->mutable_parameters())[name].set_int64_param(value);
+}
+
+// Every field of the answer but its outputs.
+void EncodeAnswerFields(const InferenceCall& call, inference::ModelInferResponse* response) {
+  response->set_model_name(call.layer_name);
+  response->set_model_version(absl::StrCat(call.layer->version));
+  response->set_id(call.id);
+  SetInt64(response, "queue_us", call.timing.queue_us);
+  SetInt64(response, "compute_us", call.timing.compute_us);
+  SetInt64(response, "batch_size", call.timing.batch_size);
 }
 
 }  // namespace
@@ -268,6 +292,7 @@ void SetInt64(inference::ModelInferResponse* response, const char* name, int64_t
 void DecodeModelInferRequest(const ModelInferRequest& request, InferenceCall* call) {
   call->layer_name = request.model_name();
   call->layer_field = "model_name";
+  call->answer_values_in_place = kHostIsLittleEndian;  // EncodeModelInferAnswer
   call->version_field = "model_version";
   call->id = request.id();
   call->decode_status = DecodeVersion(request, call);
@@ -284,21 +309,27 @@ absl::Status PrepareModelInferCall(const LayerRegistry& registry, const ModelInf
 
 void EncodeModelInferResponse(const InferenceCall& call, const ModelInferRequest& request,
                               inference::ModelInferResponse* response) {
-  response->set_model_name(call.layer_name);
-  response->set_model_version(absl::StrCat(call.layer->version));
-  response->set_id(call.id);
-  if (request.outputs_size() == 0) {
-    AddOutput(kOutput, call.outputs.output, call.output_dtype, response);
-    if (call.inputs.need_weights) AddOutput(kAttnWeights, call.outputs.attn_weights, call.output_dtype, response);
+  EncodeAnswerFields(call, response);
+  for (const char* name : AnsweredOutputs(call, request)) {
+    const Tensor& tensor = name == kAttnWeights ? call.outputs.attn_weights : call.outputs.output;
+    AddOutputHead(name, tensor, call.output_dtype, response);
+    EncodeRawValues(tensor, call.output_dtype, response->add_raw_output_contents());
   }
-  for (const auto& wanted : request.outputs()) {
-    const bool weights = wanted.name() == kAttnWeights;
-    AddOutput(weights ? kAttnWeights : kOutput, weights ? call.outputs.attn_weights : call.outputs.output,
-              call.output_dtype, response);
+}
+
+void EncodeModelInferAnswer(InferenceCall* call, const ModelInferRequest& request,
+                            inference::ModelInferResponse* response, std::vector<Tensor>* raw_outputs) {
+  if (!AnswerSentInPlace(*call)) {
+    EncodeModelInferResponse(*call, request, response);
+    call->outputs = AttentionOutputs();  // held once encoded: the budget counts the tensors and one copy
+    return;
   }
-  SetInt64(response, "queue_us", call.timing.queue_us);
-  SetInt64(response, "compute_us", call.timing.compute_us);
-  SetInt64(response, "batch_size", call.timing.batch_size);
+  EncodeAnswerFields(*call, response);
+  for (const char* name : AnsweredOutputs(*call, request)) {
+    Tensor& tensor = name == kAttnWeights ? call->outputs.attn_weights : call->outputs.output;
+    AddOutputHead(name, tensor, DType::kFloat32, response);
+    raw_outputs->push_back(std::move(tensor));
+  }
 }
 
 }  // namespace attnserve

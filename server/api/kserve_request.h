@@ -8,6 +8,8 @@
 // (bool_param). Outputs `output` and `attn_weights`; requesting attn_weights implies need_weights.
 #pragma once
 
+#include <vector>
+
 #include "absl/status/status.h"
 #include "inference/grpc_service.pb.h"
 #include "server/runtime/inference_call.h"
@@ -28,8 +30,15 @@ absl::Status PrepareModelInferCall(const LayerRegistry& registry, const inferenc
                                    InferenceCall* call);
 
 // The answer of a call finished OK: model name and version, id, the outputs `request` asked for (all when
-// it names none) as FP32 in raw_output_contents, and queue_us, compute_us, batch_size parameters.
+// it names none) in raw_output_contents, in the call's output_dtype (FP32, BF16 or FP16), and queue_us,
+// compute_us, batch_size parameters.
 void EncodeModelInferResponse(const InferenceCall& call, const inference::ModelInferRequest& request,
                               inference::ModelInferResponse* response);
+
+// The same as it is served: when AnswerSentInPlace, the outputs' values are moved from call->outputs into
+// `raw_outputs` (in the order of response->outputs), to be sent from there as raw_output_contents
+// (kserve_answer.h); otherwise they are encoded into the message as EncodeModelInferResponse does.
+void EncodeModelInferAnswer(InferenceCall* call, const inference::ModelInferRequest& request,
+                            inference::ModelInferResponse* response, std::vector<Tensor>* raw_outputs);
 
 }  // namespace attnserve

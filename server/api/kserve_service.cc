@@ -19,6 +19,7 @@
 #include "common/version.h"
 #include "server/api/call_binding.h"
 #include "server/api/grpc_status.h"
+#include "server/api/kserve_answer.h"
 #include "server/api/kserve_metadata.h"
 #include "server/api/kserve_request.h"
 #include "server/api/parsed_unary.h"
@@ -62,8 +63,8 @@ std::vector<VersionStatistics> WithServingVersions(std::vector<VersionStatistics
   return out;
 }
 
-void WriteStreamError(const ModelInferRequest& request, const grpc::Status& status,
-                      ModelStreamInferResponse* response) {
+void WriteStreamError(const ModelInferRequest& request, const grpc::Status& status, KServeStreamAnswer* answer) {
+  ModelStreamInferResponse* response = &answer->message;
   response->set_error_message(absl::StrCat(absl::StatusCodeToString(static_cast<absl::StatusCode>(
                                                status.error_code())),
                                            ": ", status.error_message()));
@@ -209,13 +210,17 @@ grpc::ServerUnaryReactor* KServeServiceImpl::ModelStatistics(grpc::CallbackServe
 }
 
 void KServeServiceImpl::Submit(const ServedRpc& rpc, const char* rpc_name, const ModelInferRequest& request,
-                               ModelInferResponse* response, OnAnswer on_answer) const {
+                               ModelInferResponse* response, std::vector<Tensor>* raw_outputs,
+                               OnAnswer on_answer) const {
   auto call = std::make_unique<InferenceCall>();
   BindCall(rpc.ctx(), rpc_name, rpc.trace(), *options_.clock, static_cast<int64_t>(request.ByteSizeLong()), call.get());
   DecodeModelInferRequest(request, call.get());
-  FinishWith(call.get(),
-             [self = call.get(), &request, response] { EncodeModelInferResponse(*self, request, response); },
-             std::move(on_answer));
+  FinishWith(
+      call.get(),
+      [self = call.get(), &request, response, raw_outputs] {
+        EncodeModelInferAnswer(self, request, response, raw_outputs);
+      },
+      std::move(on_answer));
   options_.dispatcher->Submit(std::move(call));
 }
 
@@ -223,9 +228,9 @@ grpc::ServerUnaryReactor* KServeServiceImpl::ModelInfer(grpc::CallbackServerCont
                                                         const grpc::ByteBuffer* request, grpc::ByteBuffer* response) {
   const ServedRpc rpc(ctx, options_.calls, "/inference.GRPCInferenceService/ModelInfer");
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
-  return ParseAndSubmit<ModelInferRequest, ModelInferResponse>(
-      rpc, request, response, [&](const ModelInferRequest& parsed, ModelInferResponse* answer, OnAnswer on_answer) {
-        Submit(rpc, "ModelInfer", parsed, answer, std::move(on_answer));
+  return ParseAndSubmit<ModelInferRequest, KServeAnswer>(
+      rpc, request, response, [&](const ModelInferRequest& parsed, KServeAnswer* answer, OnAnswer on_answer) {
+        Submit(rpc, "ModelInfer", parsed, &answer->message, &answer->raw_outputs, std::move(on_answer));
       });
 }
 
@@ -235,12 +240,12 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KServeServiceImpl::
   if (grpc::Status denied = options_.authorizer->Check(*ctx, kScopeInfer); !denied.ok()) {
     return new RefusedStream(rpc, denied);
   }
-  auto submit = [this, rpc](const ModelInferRequest& request, ModelStreamInferResponse* response,
-                            OnAnswer on_answer) {
-    Submit(rpc, "ModelStreamInfer", request, response->mutable_infer_response(), std::move(on_answer));
+  auto submit = [this, rpc](const ModelInferRequest& request, KServeStreamAnswer* answer, OnAnswer on_answer) {
+    Submit(rpc, "ModelStreamInfer", request, answer->message.mutable_infer_response(), &answer->raw_outputs,
+           std::move(on_answer));
   };
-  return new AnsweringStream<ModelInferRequest, ModelStreamInferResponse>(rpc, options_.max_inflight_per_stream,
-                                                                          submit, WriteStreamError);
+  return new AnsweringStream<ModelInferRequest, KServeStreamAnswer>(rpc, options_.max_inflight_per_stream, submit,
+                                                                    WriteStreamError);
 }
 
 grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryIndex(grpc::CallbackServerContext* ctx,

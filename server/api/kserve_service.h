@@ -9,11 +9,13 @@
 // Thread-safety: gRPC calls the handlers from its own threads; workers finish calls from theirs.
 #pragma once
 
-#include <cstdint>
-#include <memory>
-
 #include <grpcpp/grpcpp.h>
 
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/tensor.h"
 #include "inference/grpc_service.grpc.pb.h"
 #include "server/api/answering_stream.h"
 #include "server/api/authorizer.h"
@@ -100,9 +102,10 @@ class KServeServiceImpl final : public KServeServiceBase {
  private:
   explicit KServeServiceImpl(const Options& options)
       : options_(options), control_(std::make_unique<SerialWorker>(/*max_pending=*/16)) {}
-  // `rpc_name` (a literal) names the method in the access log.
+  // `rpc_name` (a literal) names the method in the access log. The answer fills `response` and `raw_outputs`
+  // (EncodeModelInferAnswer); both must outlive the call.
   void Submit(const ServedRpc& rpc, const char* rpc_name, const inference::ModelInferRequest& request,
-              inference::ModelInferResponse* response, OnAnswer on_answer) const;
+              inference::ModelInferResponse* response, std::vector<Tensor>* raw_outputs, OnAnswer on_answer) const;
   grpc::Status CheckModelControl(const grpc::CallbackServerContext& ctx) const;
   // The layer a metadata request names at the version it asks for; NOT_FOUND / INVALID_ARGUMENT otherwise.
   absl::StatusOr<std::shared_ptr<const ServedLayer>> FindModel(const std::string& name,

@@ -46,6 +46,7 @@ class ParsedUnaryReactor final : public grpc::ServerUnaryReactor {
       return;
     }
     grpc::Status serialized = SerializeWire(response_, answer_);
+    response_ = Response();  // serialized into `answer_`: not held twice while it is sent
     Finish(rpc_.Ended(serialized.ok() ? status : serialized));
   }
 

@@ -64,6 +64,12 @@ void EncodeAppendResponse(const InferenceCall& call, AppendResponse* response) {
   timing->set_batch_size(call.timing.batch_size);
 }
 
+// Encodes the answer and frees the engine's tensors: the budget counts them and one copy (AnswerHeldBytes).
+void EncodeAppendAnswer(InferenceCall* call, AppendResponse* response) {
+  EncodeAppendResponse(*call, response);
+  call->outputs = AttentionOutputs();
+}
+
 void WriteError(const AppendRequest& request, const grpc::Status& status, AppendResponse* response) {
   response->set_id(request.id());
   response->mutable_error()->set_code(static_cast<int32_t>(status.error_code()));
@@ -123,7 +129,7 @@ void SessionServiceImpl::SubmitAppend(const ServedRpc& rpc, const char* rpc_name
   call->inputs.need_weights = request.need_weights();
   call->inputs.average_attn_weights = !request.has_average_attn_weights() || request.average_attn_weights();
   FinishWith(
-      call.get(), [self = call.get(), response] { EncodeAppendResponse(*self, response); }, std::move(on_answer));
+      call.get(), [self = call.get(), response] { EncodeAppendAnswer(self, response); }, std::move(on_answer));
   store_->Append(SessionIdOf(*rpc.ctx(), request.session_id()), request.layer(), std::move(call));
 }
 

@@ -74,12 +74,15 @@ absl::Status ValidateCall(const LayerRegistry& registry, InferenceCall* call) {
 
 int64_t CallCostBytes(const InferenceCall& call) {
   const ServedLayer& layer = *call.layer;
-  if (call.session != nullptr) return AppendCostBytes(call.session->append, layer.appender(), call.request_bytes);
-  if (layer.decoder != nullptr) return DecoderCostBytes(call.decoder_parsed, *layer.decoder, call.request_bytes);
+  const AnswerWire wire{call.output_dtype, call.answer_values_in_place};
+  if (call.session != nullptr) {
+    return AppendCostBytes(call.session->append, layer.appender(), call.request_bytes, wire);
+  }
+  if (layer.decoder != nullptr) return DecoderCostBytes(call.decoder_parsed, *layer.decoder, call.request_bytes, wire);
   const MultiheadAttention& engine = *layer.engine;
   return RequestCostBytes(call.parsed, engine.config(),
                           engine.ScoresBlockBytes(call.parsed) + engine.Bf16ScratchBytes(call.parsed),
-                          call.request_bytes);
+                          call.request_bytes, wire);
 }
 
 }  // namespace attnserve

@@ -40,6 +40,9 @@ struct InferenceCall {
   AttentionInputs inputs;  // views into the protocol's request message, which outlives the call
   // The answer's element type on the wire (the protocol's output_dtype): kFloat32, kBFloat16 or kFloat16.
   DType output_dtype = DType::kFloat32;
+  // Whether the protocol sends a FLOAT32 answer's values from the engine's tensors (held once until written)
+  // rather than encoding them into its message (held twice); AnswerHeldBytes counts by it.
+  bool answer_values_in_place = false;
   // Why the protocol could not decode `inputs`, if it could not: reported by ValidateCall after the layer
   // lookup, so that an unknown layer is NOT_FOUND whatever its tensors.
   absl::Status decode_status;
@@ -89,9 +92,14 @@ using CallScheduler = BatchScheduler<std::unique_ptr<InferenceCall>>;
 // `parsed`.
 absl::Status ValidateCall(const LayerRegistry& registry, InferenceCall* call);
 
+// Whether the call's answer goes on the wire from the engine's tensors: a FLOAT32 answer of a protocol that
+// sends values in place.
+inline bool AnswerSentInPlace(const InferenceCall& call) {
+  return call.answer_values_in_place && call.output_dtype == DType::kFloat32;
+}
+
 // What the admit stage reserves for a validated call: RequestCostBytes, AppendCostBytes or DecoderCostBytes
 // by its kind.
 int64_t CallCostBytes(const InferenceCall& call);
-
 
 }  // namespace attnserve

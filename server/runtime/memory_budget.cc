@@ -48,8 +48,13 @@ absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Reserve(int64_t bytes) {
   return Reservation(this, bytes);
 }
 
+int64_t AnswerHeldBytes(int64_t answer_bytes, AnswerWire wire) {
+  if (wire.dtype == DType::kFloat32) return wire.in_place ? answer_bytes : 2 * answer_bytes;
+  return answer_bytes + answer_bytes / 4 * static_cast<int64_t>(DTypeSize(wire.dtype));
+}
+
 int64_t RequestCostBytes(const ParsedAttention& p, const MhaConfig& c, int64_t engine_scratch_bytes,
-                         int64_t request_bytes) {
+                         int64_t request_bytes, AnswerWire answer_wire) {
   constexpr int64_t kF32 = 4;
   const int64_t e = c.embed_dim;
   // Inputs gathered into one matrix (when batched with others), and the projections: fused [N, 3E] for
@@ -57,20 +62,22 @@ int64_t RequestCostBytes(const ParsedAttention& p, const MhaConfig& c, int64_t e
   const int64_t gathered = kF32 * (p.query_tokens() * e + p.kv_tokens() * (c.key_dim() + c.value_dim()));
   const int64_t projections = kF32 * (p.query_tokens() * 2 * e + p.kv_tokens() * 2 * e);
   const int64_t workspace = gathered + projections + engine_scratch_bytes;
-  return request_bytes + workspace + 2 * p.answer_bytes();
+  return request_bytes + workspace + AnswerHeldBytes(p.answer_bytes(), answer_wire);
 }
 
-int64_t AppendCostBytes(const CachedAppend& a, const AppendEngine& engine, int64_t request_bytes) {
+int64_t AppendCostBytes(const CachedAppend& a, const AppendEngine& engine, int64_t request_bytes,
+                        AnswerWire answer_wire) {
   constexpr int64_t kF32 = 4;
   const int64_t e = engine.embed_dim(), h = engine.attention_heads();
   const int64_t context = a.cache->tokens() + (a.cross_attention ? 0 : a.tokens);
   const int64_t workspace = engine.AppendWorkspaceBytes(a.tokens, context);
   const int64_t weights = a.need_weights ? kF32 * a.tokens * context * (a.average_attn_weights ? 1 : h) : 0;
-  return request_bytes + workspace + 2 * (kF32 * a.tokens * e + weights);
+  return request_bytes + workspace + AnswerHeldBytes(kF32 * a.tokens * e + weights, answer_wire);
 }
 
-int64_t DecoderCostBytes(const ParsedDecoder& parsed, const DecoderAttention& decoder, int64_t request_bytes) {
-  return request_bytes + decoder.WorkspaceBytes(parsed) + 2 * parsed.answer_bytes();
+int64_t DecoderCostBytes(const ParsedDecoder& parsed, const DecoderAttention& decoder, int64_t request_bytes,
+                         AnswerWire answer_wire) {
+  return request_bytes + decoder.WorkspaceBytes(parsed) + AnswerHeldBytes(parsed.answer_bytes(), answer_wire);
 }
 
 int64_t MemoryLimitFromCgroup(const std::string& line) {

@@ -69,21 +69,36 @@ class MemoryBudget {
   std::atomic<int64_t> reserved_{0};
 };
 
+// How a call's answer is written: its element type on the wire, and whether a FLOAT32 answer's values go on the
+// wire from the engine's tensors (`in_place`) or are copied into the response message.
+struct AnswerWire {
+  DType dtype = DType::kFloat32;
+  bool in_place = false;
+};
+
+// What an answer of `answer_bytes` (the engine's FLOAT32 tensors) holds until it has been written: those
+// tensors, and their encoded copy in the response unless they are sent in place (a 16-bit type's copy is half
+// their size). A protocol that copies frees the tensors once encoded, and the response once serialized, so no
+// more than two of the tensors, the copy and the serialized bytes are held at once.
+int64_t AnswerHeldBytes(int64_t answer_bytes, AnswerWire wire);
+
 // What one validated request may cost while the server holds it, in bytes: its request message as received
 // (`request_bytes`), the engine's workspace for it alone (gathered inputs, projections, and
 // `engine_scratch_bytes`: one scores block, MultiheadAttention::ScoresBlockBytes, plus a bf16 layer's copies,
-// Bf16ScratchBytes) and its answer twice (the engine's tensors and their encoded copy in the response).
+// Bf16ScratchBytes) and its answer as written (AnswerHeldBytes).
 int64_t RequestCostBytes(const ParsedAttention& parsed, const MhaConfig& config, int64_t engine_scratch_bytes,
-                         int64_t request_bytes);
+                         int64_t request_bytes, AnswerWire answer_wire);
 
 // The same for a session's append (the cache blocks it reserved are the KV pool's, not counted here): its
 // request, the batch's inputs, projections [T, 3E] and output projection [T, E], its scores block
-// (MultiheadAttention::AppendScoresBytes over the cache after it) and its answer twice.
-int64_t AppendCostBytes(const CachedAppend& append, const AppendEngine& engine, int64_t request_bytes);
+// (MultiheadAttention::AppendScoresBytes over the cache after it) and its answer as written.
+int64_t AppendCostBytes(const CachedAppend& append, const AppendEngine& engine, int64_t request_bytes,
+                        AnswerWire answer_wire);
 
 // The same for a DECODER_ATTENTION layer's request: its request, the decoder's workspace
-// (DecoderAttention::WorkspaceBytes: projections and a scores block per thread) and its answer twice.
-int64_t DecoderCostBytes(const ParsedDecoder& parsed, const DecoderAttention& decoder, int64_t request_bytes);
+// (DecoderAttention::WorkspaceBytes: projections and a scores block per thread) and its answer as written.
+int64_t DecoderCostBytes(const ParsedDecoder& parsed, const DecoderAttention& decoder, int64_t request_bytes,
+                         AnswerWire answer_wire);
 
 // The memory the process may use: the cgroup v2 memory.max, else cgroup v1's memory.limit_in_bytes, else the
 // machine's physical memory. `source` (may be null) says which it was.

@@ -8,6 +8,8 @@
 #include <random>
 
 #include "common/half_float.h"
+#include "core/flash_attention.h"
+#include "core/omp_threads.h"
 #include "core/safetensors.h"
 #include "gtest/gtest.h"
 #include "tests/testing/naive_decoder.h"
@@ -260,6 +262,40 @@ TEST(DecoderAttentionTest, FlashAttentionMatchesTheReferenceAndTheBlockedPath) {
     EXPECT_LT(MaxAbsDiff(out->output.values, ref.output), 1e-4);
     EXPECT_LT(MaxAbsDiff(out->output.values, blocked_out->output.values), 1e-5);
   }
+}
+
+// What a request holds while it is computed is what the memory budget reserves for it: on one thread, the scratch
+// the calling thread holds after the call (projection buffer, block scratch, FlashAttention's) is within
+// WorkspaceBytes, on FlashAttention and on the blocked path (weights asked, or flash off), f32 and bf16.
+TEST(DecoderAttentionTest, WhatACallHoldsIsWithinWorkspaceBytes) {
+  std::mt19937_64 rng(20261207);
+  const ScopedOmpThreads one(1);  // WorkspaceBytes counts per thread what this thread alone then holds
+  for (int trial = 0; trial < 80; ++trial) {
+    const int64_t max_len = trial % 2 == 0 ? 200 : 40;
+    DecoderAttention::Options options = FlashLayer(rng, max_len);
+    if (Pick(rng, 0, 2) == 0) options.flash_query_rows = options.flash_key_cols = 0;  // FlashBlockForCpu's
+    if (trial % 3 == 2) options.flash_min_keys = 0;                                   // the blocked path
+    options.scores_block_bytes = Pick(rng, 1, 64) << 10;                              // blocks cut unevenly
+    if (trial % 4 == 3 && OnednnBf16Support() != Bf16Support::kUnavailable) options.compute = ComputeType::kBFloat16;
+    const DecoderWeights weights = RandomWeights(options.config, rng);
+    Request req;
+    DrawRequest(rng, options.config, &req, max_len);
+    SCOPED_TRACE(::testing::Message() << "trial " << trial << ": " << options.config.DebugString() << " query "
+                                      << ShapeToString(req.inputs.query.shape) << " weights "
+                                      << req.inputs.need_weights);
+    auto layer = DecoderAttention::Create(options, weights);
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    auto parsed = (*layer)->Validate(req.inputs);
+    ASSERT_TRUE(parsed.ok()) << parsed.status();
+    ReleaseDecoderScratch(0);
+    ReleaseFlashScratch(0);
+    ASSERT_EQ(DecoderScratchHeldBytes(), 0);
+    ASSERT_TRUE((*layer)->Forward(req.inputs, 1).ok());
+    EXPECT_GT(DecoderScratchHeldBytes(), 0);
+    EXPECT_LE(DecoderScratchHeldBytes(), (*layer)->WorkspaceBytes(*parsed));
+  }
+  ReleaseDecoderScratch(0);
+  ReleaseFlashScratch(0);
 }
 
 // How many times a request's attention asks `stop`: once per (sequence, head, query block) on FlashAttention, once

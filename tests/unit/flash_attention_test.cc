@@ -495,6 +495,59 @@ TEST(FlashAttentionTest, StripKernelsMatchSgemmBlocksAndStayWithinTheirScratch) 
   }
 }
 
+// key_bias is added after add_mask, so a mask that transforms scores cannot reopen a padded key, and key chunks
+// padded whole are skipped (add_mask never sees them): an add_mask that sets every score to 0 leaves each row the
+// mean of the values of the keys it sees unpadded. Key chunks of a multiple of 16 keys, so that both paths (sgemm
+// blocks, strips) chunk keys alike; a run of padded keys covering whole chunks, and scattered padded keys.
+TEST(FlashAttentionTest, KeyBiasComesAfterAddMaskAndSkipsChunksPaddedWhole) {
+  std::mt19937_64 rng(20261209);
+  auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  for (int iter = 0; iter < 30; ++iter) {
+    const int64_t cols = 16 * pick(1, 4), len = pick(1, 6) * cols + pick(0, cols - 1), dh = pick(1, 40);
+    DirectFlash flash(rng, pick(1, 2), pick(1, 3), dh, len, pick(0, 1) == 1);
+    FlashAttentionArgs& a = flash.args;
+    a.query_rows = pick(1, 40);
+    a.key_cols = cols;
+    const int64_t chunks = len / cols, m0 = cols * pick(1, std::max<int64_t>(1, chunks)),
+                  m1 = std::min(len / cols * cols, m0 + cols * pick(0, 2));  // [m0, m1): whole chunks, key 0 open
+    std::vector<float> bias(a.batch * len, 0.0f);
+    for (int64_t b = 0; b < a.batch; ++b) {
+      for (int64_t j = 1; j < len; ++j) {
+        if ((j >= m0 && j < m1) || pick(0, 5) == 0) bias[b * len + j] = -std::numeric_limits<float>::infinity();
+      }
+    }
+    a.key_bias = bias.data();
+    std::atomic<int> in_padded_run{0};
+    a.add_mask = [&](int64_t, int64_t, int64_t, int64_t rows, int64_t k0, int64_t n, float* scores, int64_t ld) {
+      if (k0 >= m0 && k0 + n <= m1) in_padded_run.fetch_add(1);
+      for (int64_t r = 0; r < rows; ++r) std::fill_n(scores + r * ld, n, 0.0f);
+    };
+    SCOPED_TRACE(::testing::Message() << "case " << iter << ": " << flash.Describe() << " padded run [" << m0 << ", "
+                                      << m1 << ")");
+    // Row i of (b, h): the mean of V over the unpadded keys it sees.
+    const int64_t e = a.heads * dh;
+    std::vector<float> want(flash.out.size());
+    for (int64_t b = 0; b < a.batch; ++b) {
+      for (int64_t i = 0; i < len; ++i) {
+        for (int64_t c = 0; c < e; ++c) {
+          double sum = 0;
+          int64_t open = 0;
+          for (int64_t j = 0; j < (a.causal ? i + 1 : len); ++j) {
+            if (std::isinf(bias[b * len + j])) continue;
+            sum += flash.qkv[(b * len + j) * 3 * e + 2 * e + c];
+            ++open;
+          }
+          want[(b * len + i) * e + c] = static_cast<float>(sum / static_cast<double>(open));
+        }
+      }
+    }
+    for (bool strips : {false, true}) {
+      EXPECT_LE(MaxAbsDiff(flash.Run(strips), want), 1e-5) << "strips " << strips;  // NaN fails it
+    }
+    EXPECT_EQ(in_padded_run.load(), 0) << "add_mask saw keys of a chunk padded whole";
+  }
+}
+
 // bf16 operands for `flash`: its Q, K and V rows rounded to bf16 (same layout), and the bf16 matmuls.
 struct DirectBf16 {
   std::vector<uint16_t> qkv16;

@@ -1,5 +1,5 @@
-// InferAnswer (server/api/infer_answer.h): a served answer whose FLOAT32 output goes on the wire from the tensor
-// the engine wrote, parsed back by protobuf as the InferResponse the copying encoder makes.
+// InferAnswer (server/api/infer_answer.h): a served answer whose FLOAT32 output and weights go on the wire from
+// the tensors the engine wrote, parsed back by protobuf as the InferResponse the copying encoder makes.
 #include "server/api/infer_answer.h"
 
 #include <gtest/gtest.h>
@@ -13,31 +13,18 @@
 
 #include "server/api/infer_request.h"
 #include "server/api/wire_message.h"
+#include "tests/testing/answer_wire.h"
 
 namespace attnserve {
 namespace {
+
+using testing::FinishedCall;
+using testing::SentFrom;
 
 std::string BytesOf(grpc::ByteBuffer* wire) {
   grpc::Slice all;
   EXPECT_TRUE(wire->DumpToSingleSlice(&all).ok());
   return std::string(reinterpret_cast<const char*>(all.begin()), all.size());
-}
-
-// A finished call with random outputs of `shape` (and averaged weights of `weights_shape` when not empty).
-std::unique_ptr<InferenceCall> FinishedCall(const Shape& shape, const Shape& weights_shape, std::mt19937* rng) {
-  auto call = std::make_unique<InferenceCall>();
-  call->id = "req-" + std::to_string((*rng)());
-  std::normal_distribution<float> normal;
-  call->outputs.output = Tensor(shape);
-  for (float& v : call->outputs.output.values) v = normal(*rng);
-  if (!weights_shape.empty()) {
-    call->inputs.need_weights = true;
-    call->outputs.attn_weights = Tensor(weights_shape);
-    for (float& v : call->outputs.attn_weights.values) v = normal(*rng);
-  }
-  call->timing = {static_cast<int64_t>((*rng)() % 100000), static_cast<int64_t>((*rng)() % 100000),
-                  static_cast<int32_t>(1 + (*rng)() % 64)};
-  return call;
 }
 
 // What the copying encoder makes of `call`, as bytes in field order.
@@ -47,20 +34,21 @@ std::string CopiedAnswer(const InferenceCall& call) {
   return response.SerializeAsString();
 }
 
-// The spliced answer's bytes, parsed and serialized again in field order; `values_at` receives the address its
-// output's values were sent from.
-std::string SplicedAnswer(InferenceCall* call, const void** values_at) {
+// The spliced answer's bytes, parsed and serialized again in field order; `values_at` and `weights_at` receive
+// the addresses its output's and weights' values were sent from (null when not sent in place).
+std::string SplicedAnswer(InferenceCall* call, const void** values_at, const void** weights_at = nullptr) {
   InferAnswer answer;
   EncodeInferAnswer(call, &answer);
   *values_at = answer.output.values.data();
+  const void* weights = answer.weights.values.data();
+  if (weights_at != nullptr) *weights_at = weights;
   grpc::ByteBuffer wire;
   EXPECT_TRUE(SerializeWire(answer, &wire).ok());
-  EXPECT_TRUE(answer.output.values.empty()) << "moved into the wire's slice";
-  std::vector<grpc::Slice> slices;
-  EXPECT_TRUE(wire.Dump(&slices).ok());
   if (*values_at != nullptr) {
-    EXPECT_EQ(slices.size(), 3u);
-    EXPECT_TRUE(slices.size() == 3 && slices[1].begin() == *values_at) << "the values are sent where they are";
+    EXPECT_TRUE(SentFrom(wire, *values_at)) << "the output is sent where it is";
+  }
+  if (weights != nullptr) {
+    EXPECT_TRUE(SentFrom(wire, weights)) << "the weights are sent where they are";
   }
   attnserve::v1::InferResponse parsed;
   EXPECT_TRUE(ParseWire(&wire, &parsed).ok());
@@ -78,8 +66,10 @@ TEST(InferAnswerTest, ParsesAsTheCopiedAnswerForEveryShape) {
     auto call = FinishedCall(shape, weights, &rng);
     const std::string copied = CopiedAnswer(*call);
     const void* values_at = nullptr;
-    const std::string spliced = SplicedAnswer(call.get(), &values_at);
+    const void* weights_at = nullptr;
+    const std::string spliced = SplicedAnswer(call.get(), &values_at, &weights_at);
     EXPECT_NE(values_at, nullptr);
+    EXPECT_EQ(weights_at != nullptr, !weights.empty());
     EXPECT_EQ(spliced, copied) << "output shape of " << shape.size() << " dims, " << NumElements(shape) << " values";
   }
 }
@@ -87,17 +77,29 @@ TEST(InferAnswerTest, ParsesAsTheCopiedAnswerForEveryShape) {
 TEST(InferAnswerTest, SixteenBitOutputsAreEncodedIntoTheMessage) {
   std::mt19937 rng(9);
   for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
-    auto call = FinishedCall({2, 5, 40}, {}, &rng);
+    auto call = FinishedCall({2, 5, 40}, {2, 5, 7}, &rng);
     call->output_dtype = dtype;
     const std::string copied = CopiedAnswer(*call);
     InferAnswer answer;
     EncodeInferAnswer(call.get(), &answer);
-    EXPECT_TRUE(answer.output.values.empty());
+    EXPECT_TRUE(answer.output.values.empty() && answer.weights.values.empty());
     EXPECT_EQ(answer.message.output().raw_data().size(), 2u * 5 * 40 * 2);
+    EXPECT_EQ(answer.message.attn_weights().raw_data().size(), 2u * 5 * 7 * 2);
     grpc::ByteBuffer wire;
     ASSERT_TRUE(SerializeWire(answer, &wire).ok());
     EXPECT_EQ(BytesOf(&wire), copied);
   }
+}
+
+TEST(InferAnswerTest, AProtocolThatCopiesGetsTheValuesInTheMessage) {
+  std::mt19937 rng(11);
+  auto call = FinishedCall({2, 6, 24}, {2, 6, 6}, &rng);
+  call->answer_values_in_place = false;
+  const std::string copied = CopiedAnswer(*call);
+  InferAnswer answer;
+  EncodeInferAnswer(call.get(), &answer);
+  EXPECT_TRUE(answer.output.values.empty() && answer.weights.values.empty());
+  EXPECT_EQ(answer.message.SerializeAsString(), copied);
 }
 
 TEST(InferAnswerTest, AnEmptyOutputAndAnErrorAreTheMessageAlone) {

@@ -11,6 +11,7 @@
 #include "common/half_float.h"
 #include "gtest/gtest.h"
 #include "server/api/infer_request.h"
+#include "server/api/spliced_wire.h"
 #include "server/startup/server_config.h"
 #include "tests/testing/naive_mha.h"
 
@@ -181,6 +182,35 @@ TEST_F(KServeRequestTest, SixteenBitInputsCostNoCopyOfTheirOwn) {
   DecodeModelInferRequest(f32_request, &f32_call);
   ASSERT_TRUE(ValidateCall(*registry_, &f32_call).ok());
   EXPECT_EQ(CallCostBytes(call), CallCostBytes(f32_call));
+}
+
+// attnserve.v1 and KServe send FP32 answers from the engine's tensors (infer_answer.h, kserve_answer.h), so both
+// reserve the answer once; a 16-bit answer adds its half-size copy, and a protocol that copies (sessions) the whole.
+TEST_F(KServeRequestTest, AnswersSentInPlaceAreReservedOnce) {
+  const std::vector<float> q = testing::RandomValues(rng_, 2 * 5 * kEmbed);
+  ModelInferRequest kserve = QueryRequest(q, 2, 5);
+  SetBool(&kserve, "need_weights", true);
+  attnserve::v1::InferRequest v1;
+  v1.set_layer("tiny");
+  v1.set_need_weights(true);
+  v1.mutable_query()->set_dtype(attnserve::v1::FLOAT32);
+  for (int64_t d : {int64_t{2}, int64_t{5}, int64_t{kEmbed}}) v1.mutable_query()->add_shape(d);
+  v1.mutable_query()->set_raw_data(Bytes(q.data(), q.size() * 4));
+  InferenceCall kserve_call, v1_call;
+  kserve_call.request_bytes = v1_call.request_bytes = 1000;
+  ASSERT_TRUE(Prepare(kserve, &kserve_call).ok());
+  ASSERT_TRUE(PrepareInferenceCall(*registry_, v1, &v1_call).ok());
+  EXPECT_EQ(kserve_call.answer_values_in_place, kHostIsLittleEndian);
+  EXPECT_EQ(v1_call.answer_values_in_place, kHostIsLittleEndian);
+  const int64_t answer = kserve_call.parsed.answer_bytes();
+  EXPECT_EQ(answer, (2 * 5 * kEmbed + 2 * 5 * 5) * 4);
+  EXPECT_EQ(CallCostBytes(kserve_call), CallCostBytes(v1_call));
+  const int64_t in_place = CallCostBytes(kserve_call);
+  kserve_call.output_dtype = DType::kBFloat16;
+  EXPECT_EQ(CallCostBytes(kserve_call) - in_place, answer / 2);
+  kserve_call.output_dtype = DType::kFloat32;
+  kserve_call.answer_values_in_place = false;
+  EXPECT_EQ(CallCostBytes(kserve_call) - in_place, answer);
 }
 
 TEST_F(KServeRequestTest, RequestedOutputsImplyWeightsAndKeepTheirOrder) {

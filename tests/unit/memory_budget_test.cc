@@ -77,7 +77,7 @@ TEST(MemoryBudgetTest, ManyThreadsNeverExceedTheBudget) {
   EXPECT_EQ(budget.reserved_bytes(), 0);
 }
 
-TEST(MemoryBudgetTest, RequestCostCoversRequestWorkspaceAndAnswerTwice) {
+TEST(MemoryBudgetTest, RequestCostCoversRequestWorkspaceAndAnswerAsWritten) {
   const MhaConfig config{256, 4, 0, 0, true};
   ParsedAttention p;
   AttentionInputs in;
@@ -86,9 +86,17 @@ TEST(MemoryBudgetTest, RequestCostCoversRequestWorkspaceAndAnswerTwice) {
   p.q_len = p.kv_len = 100;
   p.output_bytes = 2 * 100 * 256 * 4;
   p.weights_bytes = 2 * 100 * 100 * 4;
-  const int64_t cost = RequestCostBytes(p, config, 4 << 20, 123456);
+  const AnswerWire copied{DType::kFloat32, false}, in_place{DType::kFloat32, true}, bf16{DType::kBFloat16, true};
+  const int64_t cost = RequestCostBytes(p, config, 4 << 20, 123456, copied);
   EXPECT_GE(cost, 123456 + 2 * p.answer_bytes() + (4 << 20));
   EXPECT_GE(cost - 123456 - 2 * p.answer_bytes() - (4 << 20), 4 * 200 * 256 * 3);  // inputs and QKV at least
+  // Sent from the engine's tensors, the answer is held once; a BF16 answer is the tensors and a half-size copy.
+  EXPECT_EQ(cost - RequestCostBytes(p, config, 4 << 20, 123456, in_place), p.answer_bytes());
+  EXPECT_EQ(RequestCostBytes(p, config, 4 << 20, 123456, bf16) - RequestCostBytes(p, config, 4 << 20, 123456, in_place),
+            p.answer_bytes() / 2);
+  EXPECT_EQ(AnswerHeldBytes(1000, {DType::kFloat16, false}), 1500);
+  EXPECT_EQ(AnswerHeldBytes(1000, in_place), 1000);
+  EXPECT_EQ(AnswerHeldBytes(1000, copied), 2000);
 }
 
 TEST(MemoryBudgetTest, CgroupLimits) {

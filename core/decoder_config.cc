@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -36,8 +37,10 @@ absl::Status DecoderConfig::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat("decoder.", s.message()));
   }
   if (sliding_window < 0) return Bad("decoder.sliding_window", sliding_window, ">= 0 (0 = none)");
-  if (!(attn_logit_softcapping >= 0) || std::isinf(attn_logit_softcapping)) {
-    return Bad("decoder.attn_logit_softcapping", attn_logit_softcapping, "finite and >= 0 (0 = none)");
+  // The cap is applied in float, through 1 / c: below 1e-6 or past float's range it would give NaN scores.
+  const double cap = attn_logit_softcapping;
+  if (!(cap == 0 || (cap >= kMinSoftCap && cap <= std::numeric_limits<float>::max()))) {
+    return Bad("decoder.attn_logit_softcapping", cap, "0 (none) or in [1e-06, 3.4e+38]");
   }
   if (!(scaling >= 0) || std::isinf(scaling)) return Bad("decoder.scaling", scaling, "finite and >= 0");
   return absl::OkStatus();

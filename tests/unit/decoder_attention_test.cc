@@ -5,12 +5,14 @@
 #include <atomic>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <random>
 
 #include "common/half_float.h"
 #include "core/flash_attention.h"
 #include "core/omp_threads.h"
 #include "core/safetensors.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/naive_decoder.h"
 #include "tests/testing/safetensors_writer.h"
@@ -438,6 +440,18 @@ TEST(DecoderAttentionTest, RefusesBadConfigsNamingTheField) {
   c = SmallLayer().config;
   c.sliding_window = -1;
   EXPECT_EQ(c.Validate().message(), "decoder.sliding_window: must be >= 0 (0 = none), got -1");
+  c = SmallLayer().config;
+  for (double cap :
+       {-1.0, 1e-7, 1e-40, 1e39, std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()}) {
+    c.attn_logit_softcapping = cap;
+    EXPECT_THAT(std::string(c.Validate().message()),
+                ::testing::StartsWith("decoder.attn_logit_softcapping: must be 0 (none) or in [1e-06, 3.4e+38], got"))
+        << cap;
+  }
+  for (double cap : {0.0, 1e-6, 50.0, 3e38}) {
+    c.attn_logit_softcapping = cap;
+    EXPECT_TRUE(c.Validate().ok()) << cap;
+  }
 }
 
 TEST(DecoderAttentionTest, AllPaddedPrefixGivesZeroAttentionNotNaN) {

@@ -108,7 +108,10 @@ const T* MatmulRows(absl::Span<const TensorView* const> views, int64_t rows, int
   if (views.size() == 1 && views[0]->dtype == native && AlignedTo(views[0]->data, alignof(T))) {
     return static_cast<const T*>(views[0]->data);
   }
-  if (buf.size() < static_cast<size_t>(rows * cols)) buf.resize(static_cast<size_t>(rows * cols));
+  if (buf.size() < static_cast<size_t>(rows * cols)) {  // exactly what is needed (the budget counts it), not doubled
+    std::vector<T>().swap(buf);
+    buf.resize(static_cast<size_t>(rows * cols));
+  }
   GatherRows(views, rows, cols, buf.data(), convert);
   return buf.data();
 }

@@ -37,10 +37,10 @@ absl::Status DecoderConfig::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat("decoder.", s.message()));
   }
   if (sliding_window < 0) return Bad("decoder.sliding_window", sliding_window, ">= 0 (0 = none)");
-  // The cap is applied in float, through 1 / c: below 1e-6 or past float's range it would give NaN scores.
+  // The cap is applied in float, through 1 / c: near float's limits 1 / c overflows (NaN scores) or is subnormal.
   const double cap = attn_logit_softcapping;
-  if (!(cap == 0 || (cap >= kMinSoftCap && cap <= std::numeric_limits<float>::max()))) {
-    return Bad("decoder.attn_logit_softcapping", cap, "0 (none) or in [1e-06, 3.4e+38]");
+  if (!(cap == 0 || (cap >= kMinSoftCap && cap <= kMaxSoftCap))) {
+    return Bad("decoder.attn_logit_softcapping", cap, "0 (none) or in [1e-06, 1e+30]");
   }
   if (!(scaling >= 0) || std::isinf(scaling)) return Bad("decoder.scaling", scaling, "finite and >= 0");
   return absl::OkStatus();

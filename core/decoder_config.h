@@ -11,8 +11,10 @@
 
 namespace attnserve {
 
-// The smallest soft cap a decoder takes (Gemma 2's are 30 and 50): the cap is applied in float through 1 / c.
+// The soft caps a decoder takes (Gemma 2's are 30 and 50), well inside float's range: the cap is applied in float
+// through 1 / c.
 inline constexpr double kMinSoftCap = 1e-6;
+inline constexpr double kMaxSoftCap = 1e30;
 
 struct DecoderConfig {
   int64_t embed_dim = 0;     // E: input and output feature size
@@ -24,7 +26,7 @@ struct DecoderConfig {
   RopeOptions rope;          // rope.rotary_dim <= head_dim
   // A token attends to at most this many tokens, itself included (Mistral); 0 = no window.
   int64_t sliding_window = 0;
-  // scores = c * tanh(scores / c) before the masks (Gemma 2); 0 = none, else in [kMinSoftCap, float's max].
+  // scores = c * tanh(scores / c) before the masks (Gemma 2); 0 = none, else in [kMinSoftCap, kMaxSoftCap].
   double attn_logit_softcapping = 0;
   double scaling = 0;  // of q k^T; 0 = 1 / sqrt(D)
 

@@ -48,11 +48,12 @@ struct ProjectionBuffer {
 };
 ProjectionBuffer& ThreadProjectionBuffer();
 
-// `buf` with room for n values; grown to exactly n (not the vector's doubling), which the budget counts.
+// `buf` with room for n values, its contents not kept. Grown to exactly n (not the vector's doubling), which the
+// budget counts, with the old buffer freed first: never both at once.
 template <typename T>
 T* Grow(std::vector<T>& buf, int64_t n) {
   if (static_cast<int64_t>(buf.size()) < n) {
-    buf.reserve(static_cast<size_t>(n));
+    std::vector<T>().swap(buf);
     buf.resize(static_cast<size_t>(n));
   }
   return buf.data();

@@ -71,9 +71,9 @@ struct FlashAttentionArgs {
   // masked: a key padding mask), after add_mask (so a mask that transforms scores, a soft cap, leaves masked keys
   // -inf). A key block masked whole is skipped, matmuls included; one with no masked key costs nothing more.
   const float* key_bias = nullptr;
-  // When set: adds per-query masks of sequence b, head h to a scores block, rows = queries [l0, l0 + rows),
-  // columns = keys [k0, k0 + cols), row stride ld (-inf where a key is masked). Called from several threads
-  // at once.
+  // When set: applies per-query masks of sequence b, head h to a scores block, rows = queries [l0, l0 + rows),
+  // columns = keys [k0, k0 + cols), row stride ld (adds them, -inf where a key is masked; or transforms the scores,
+  // as a soft cap does), before key_bias is added. Called from several threads at once.
   std::function<void(int64_t b, int64_t h, int64_t l0, int64_t rows, int64_t k0, int64_t cols, float* scores,
                      int64_t ld)>
       add_mask;

@@ -503,13 +503,14 @@ TEST(FlashAttentionTest, KeyBiasComesAfterAddMaskAndSkipsChunksPaddedWhole) {
   std::mt19937_64 rng(20261209);
   auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
   for (int iter = 0; iter < 30; ++iter) {
-    const int64_t cols = 16 * pick(1, 4), len = pick(1, 6) * cols + pick(0, cols - 1), dh = pick(1, 40);
+    const int64_t cols = 16 * pick(1, 4), len = pick(2, 6) * cols + pick(0, cols - 1), dh = pick(1, 40);
     DirectFlash flash(rng, pick(1, 2), pick(1, 3), dh, len, pick(0, 1) == 1);
     FlashAttentionArgs& a = flash.args;
     a.query_rows = pick(1, 40);
     a.key_cols = cols;
-    const int64_t chunks = len / cols, m0 = cols * pick(1, std::max<int64_t>(1, chunks)),
-                  m1 = std::min(len / cols * cols, m0 + cols * pick(0, 2));  // [m0, m1): whole chunks, key 0 open
+    // [m0, m1): one to three whole chunks after the first (key 0 open).
+    const int64_t chunks = len / cols, m0 = cols * pick(1, chunks - 1),
+                  m1 = std::min(chunks, m0 / cols + pick(1, 3)) * cols;
     std::vector<float> bias(a.batch * len, 0.0f);
     for (int64_t b = 0; b < a.batch; ++b) {
       for (int64_t j = 1; j < len; ++j) {

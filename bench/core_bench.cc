@@ -381,6 +381,24 @@ BENCHMARK(BM_DecodeAppends)
     ->ArgNames({"sessions", "context", "E", "H", "T"})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
+// Times Forward of `in` ([b, l] tokens) on a decoder layer built with `options` (random weights); GFLOP/s of
+// DecoderFlops.
+void TimeDecoderForward(benchmark::State& state, const DecoderAttention::Options& options, const DecoderInputs& in,
+                        int64_t b, int64_t l) {
+  auto layer = DecoderAttention::Create(options, RandomDecoderWeights(options.config, 1));
+  if (!layer.ok()) {
+    state.SkipWithError(layer.status().ToString().c_str());
+    return;
+  }
+  for (auto _ : state) {
+    auto out = (*layer)->Forward(in);
+    if (!out.ok()) state.SkipWithError(out.status().ToString().c_str());
+    benchmark::DoNotOptimize(out);
+  }
+  const double flops = static_cast<double>(DecoderFlops(options.config, b, l));
+  state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 // Args: B, L, E, H, Hkv, D, W (sliding window, 0 = none). Causal self-attention, positions from 0; GFLOP/s
 // of the useful FLOPs (DecoderFlops: the causal window's pairs only), as bench/torch_decoder.py counts them.
 // flash_min_keys: the layer's (-1: the default).
@@ -396,21 +414,10 @@ void RunDecoderAttention(benchmark::State& state, ComputeType compute, int64_t f
   c.head_dim = state.range(5);
   c.sliding_window = state.range(6);
   c.rope.rotary_dim = c.head_dim;
-  auto layer = DecoderAttention::Create(options, RandomDecoderWeights(c, 1));
-  if (!layer.ok()) {
-    state.SkipWithError(layer.status().ToString().c_str());
-    return;
-  }
   const std::vector<float> query = Random(b * l * c.embed_dim, 2);
   DecoderInputs in;
   in.query = TensorView::F32(query.data(), {b, l, c.embed_dim});
-  for (auto _ : state) {
-    auto out = (*layer)->Forward(in);
-    if (!out.ok()) state.SkipWithError(out.status().ToString().c_str());
-    benchmark::DoNotOptimize(out);
-  }
-  const double flops = static_cast<double>(DecoderFlops(c, b, l));
-  state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  TimeDecoderForward(state, options, in, b, l);
 }
 
 void BM_DecoderAttention(benchmark::State& state) { RunDecoderAttention(state, ComputeType::kFloat32); }
@@ -436,11 +443,6 @@ void BM_DecoderPadded(benchmark::State& state) {
   c.head_dim = 128;
   c.rope.rotary_dim = c.head_dim;
   if (state.range(2)) c.attn_logit_softcapping = 50;
-  auto layer = DecoderAttention::Create(options, RandomDecoderWeights(c, 1));
-  if (!layer.ok()) {
-    state.SkipWithError(layer.status().ToString().c_str());
-    return;
-  }
   const std::vector<float> query = Random(b * l * c.embed_dim, 2);
   std::vector<uint8_t> padding(static_cast<size_t>(b * l), 0);
   for (int64_t i = 0; i < b; ++i) {
@@ -449,13 +451,7 @@ void BM_DecoderPadded(benchmark::State& state) {
   DecoderInputs in;
   in.query = TensorView::F32(query.data(), {b, l, c.embed_dim});
   in.key_padding_mask = TensorView::Bool(padding.data(), {b, l});
-  for (auto _ : state) {
-    auto out = (*layer)->Forward(in);
-    if (!out.ok()) state.SkipWithError(out.status().ToString().c_str());
-    benchmark::DoNotOptimize(out);
-  }
-  const double flops = static_cast<double>(DecoderFlops(c, b, l));
-  state.counters["GFLOPS"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  TimeDecoderForward(state, options, in, b, l);
 }
 
 BENCHMARK(BM_DecoderPadded)

@@ -9,8 +9,6 @@
 namespace attnserve {
 namespace {
 
-constexpr int kOutputField = attnserve::v1::InferResponse::kOutputFieldNumber;
-constexpr int kWeightsField = attnserve::v1::InferResponse::kAttnWeightsFieldNumber;
 constexpr int kRawDataField = attnserve::v1::Tensor::kRawDataFieldNumber;
 
 // Appends field `field` of the response: the tensor message `head` (shape, dtype) with `values` as its raw_data.
@@ -24,8 +22,11 @@ grpc::Status SpliceTensor(int field, const attnserve::v1::Tensor& head, Tensor v
 
 // SerializeWire of an answer with values: output and attn_weights with their values, then the rest of the
 // message (id, timing) serialized straight into gRPC's slices.
-grpc::Status SpliceAnswer(InferAnswer& answer, grpc::ByteBuffer* wire) {
-  attnserve::v1::InferResponse& message = answer.message;
+template <typename Message>
+grpc::Status SpliceAnswer(TensorAnswer<Message>& answer, grpc::ByteBuffer* wire) {
+  constexpr int kOutputField = Message::kOutputFieldNumber;
+  constexpr int kWeightsField = Message::kAttnWeightsFieldNumber;
+  Message& message = answer.message;
   SplicedWire whole;
   if (!answer.output.values.empty()) {
     message.mutable_output()->clear_raw_data();
@@ -43,9 +44,8 @@ grpc::Status SpliceAnswer(InferAnswer& answer, grpc::ByteBuffer* wire) {
   return whole.Finish(message.GetTypeName(), wire);
 }
 
-}  // namespace
-
-grpc::Status SerializeWire(InferAnswer& answer, grpc::ByteBuffer* wire) {
+template <typename Message>
+grpc::Status SerializeAnswer(TensorAnswer<Message>& answer, grpc::ByteBuffer* wire) {
   if (answer.output.values.empty() && answer.weights.values.empty()) return SerializeWire(answer.message, wire);
   try {
     return SpliceAnswer(answer, wire);
@@ -53,5 +53,11 @@ grpc::Status SerializeWire(InferAnswer& answer, grpc::ByteBuffer* wire) {
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "out of memory while serializing the answer");
   }
 }
+
+}  // namespace
+
+grpc::Status SerializeWire(InferAnswer& answer, grpc::ByteBuffer* wire) { return SerializeAnswer(answer, wire); }
+
+grpc::Status SerializeWire(AppendAnswer& answer, grpc::ByteBuffer* wire) { return SerializeAnswer(answer, wire); }
 
 }  // namespace attnserve

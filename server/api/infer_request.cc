@@ -84,13 +84,16 @@ namespace {
 // Every field of the answer but its tensors.
 void EncodeAnswerFields(const InferenceCall& call, attnserve::v1::InferResponse* response) {
   response->set_id(call.id);
-  attnserve::v1::Timing* timing = response->mutable_timing();
-  timing->set_queue_us(call.timing.queue_us);
-  timing->set_compute_us(call.timing.compute_us);
-  timing->set_batch_size(call.timing.batch_size);
+  EncodeTiming(call.timing, response->mutable_timing());
 }
 
 }  // namespace
+
+void EncodeTiming(const CallTiming& timing, attnserve::v1::Timing* out) {
+  out->set_queue_us(timing.queue_us);
+  out->set_compute_us(timing.compute_us);
+  out->set_batch_size(timing.batch_size);
+}
 
 void EncodeInferResponse(const InferenceCall& call, attnserve::v1::InferResponse* response) {
   EncodeAnswerFields(call, response);
@@ -100,19 +103,35 @@ void EncodeInferResponse(const InferenceCall& call, attnserve::v1::InferResponse
   }
 }
 
-void EncodeInferAnswer(InferenceCall* call, InferAnswer* answer) {
+namespace {
+
+template <typename Message>
+void EncodeTensors(InferenceCall* call, TensorAnswer<Message>* answer) {
+  Message& message = answer->message;
+  const bool weights = call->inputs.need_weights;
   if (!AnswerSentInPlace(*call)) {
-    EncodeInferResponse(*call, &answer->message);
-    call->outputs = AttentionOutputs();  // held once encoded: the budget counts the tensors and one copy
+    EncodeTensor(call->outputs.output, message.mutable_output(), call->output_dtype);
+    if (weights) EncodeTensor(call->outputs.attn_weights, message.mutable_attn_weights(), call->output_dtype);
+    call->outputs = AttentionOutputs();  // held once encoded
     return;
   }
-  EncodeAnswerFields(*call, &answer->message);
-  EncodeTensorHead(call->outputs.output, answer->message.mutable_output(), DType::kFloat32);
+  EncodeTensorHead(call->outputs.output, message.mutable_output(), DType::kFloat32);
   answer->output = std::move(call->outputs.output);
-  if (call->inputs.need_weights) {
-    EncodeTensorHead(call->outputs.attn_weights, answer->message.mutable_attn_weights(), DType::kFloat32);
+  if (weights) {
+    EncodeTensorHead(call->outputs.attn_weights, message.mutable_attn_weights(), DType::kFloat32);
     answer->weights = std::move(call->outputs.attn_weights);
   }
+}
+
+}  // namespace
+
+void EncodeAnswerTensors(InferenceCall* call, InferAnswer* answer) { EncodeTensors(call, answer); }
+
+void EncodeAnswerTensors(InferenceCall* call, AppendAnswer* answer) { EncodeTensors(call, answer); }
+
+void EncodeInferAnswer(InferenceCall* call, InferAnswer* answer) {
+  EncodeAnswerFields(*call, &answer->message);
+  EncodeAnswerTensors(call, answer);
 }
 
 }  // namespace attnserve

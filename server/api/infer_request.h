@@ -28,11 +28,18 @@ void DecodeInferRequest(const attnserve::v1::InferRequest& request, InferenceCal
 absl::Status PrepareInferenceCall(const LayerRegistry& registry, const attnserve::v1::InferRequest& request,
                                   InferenceCall* call);
 
+void EncodeTiming(const CallTiming& timing, attnserve::v1::Timing* out);
+
+// The tensors of a call finished OK as they are served: when AnswerSentInPlace, their shapes and dtype in the
+// message and their values moved from call->outputs into the answer, to be sent from there (infer_answer.h);
+// otherwise encoded into the message, and call->outputs freed (the budget counts the tensors and one copy:
+// AnswerHeldBytes). attn_weights only when asked.
+void EncodeAnswerTensors(InferenceCall* call, InferAnswer* answer);
+void EncodeAnswerTensors(InferenceCall* call, AppendAnswer* answer);
+
 // The answer of a call finished OK: id, output, attn_weights when asked, timing.
 void EncodeInferResponse(const InferenceCall& call, attnserve::v1::InferResponse* response);
-// The same as it is served: when AnswerSentInPlace, the output's and attention weights' values are moved from
-// call->outputs into the answer, to be sent from there (infer_answer.h); otherwise they are encoded into the
-// message as EncodeInferResponse does.
+// The same as it is served (EncodeAnswerTensors).
 void EncodeInferAnswer(InferenceCall* call, InferAnswer* answer);
 
 }  // namespace attnserve

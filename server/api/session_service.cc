@@ -4,17 +4,18 @@
 #include <utility>
 #include <vector>
 
+#include "server/api/append_answer.h"
 #include "server/api/call_binding.h"
 #include "server/api/grpc_status.h"
 #include "server/api/infer_request.h"
 #include "server/api/parsed_unary.h"
+#include "server/api/spliced_wire.h"
 #include "server/api/tensor_codec.h"
 
 namespace attnserve {
 namespace {
 
 using attnserve::v1::AppendRequest;
-using attnserve::v1::AppendResponse;
 
 constexpr char kSessionHeader[] = "x-attnserve-session";
 
@@ -51,29 +52,10 @@ grpc::ServerUnaryReactor* AnswerSession(const ServedRpc& rpc, const absl::Status
   return FinishNow(rpc, grpc::Status::OK);
 }
 
-void EncodeAppendResponse(const InferenceCall& call, AppendResponse* response) {
-  response->set_id(call.id);
-  EncodeTensor(call.outputs.output, response->mutable_output(), call.output_dtype);
-  if (call.inputs.need_weights) {
-    EncodeTensor(call.outputs.attn_weights, response->mutable_attn_weights(), call.output_dtype);
-  }
-  response->set_position(call.session->append.cache->tokens());
-  attnserve::v1::Timing* timing = response->mutable_timing();
-  timing->set_queue_us(call.timing.queue_us);
-  timing->set_compute_us(call.timing.compute_us);
-  timing->set_batch_size(call.timing.batch_size);
-}
-
-// Encodes the answer and frees the engine's tensors: the budget counts them and one copy (AnswerHeldBytes).
-void EncodeAppendAnswer(InferenceCall* call, AppendResponse* response) {
-  EncodeAppendResponse(*call, response);
-  call->outputs = AttentionOutputs();
-}
-
-void WriteError(const AppendRequest& request, const grpc::Status& status, AppendResponse* response) {
-  response->set_id(request.id());
-  response->mutable_error()->set_code(static_cast<int32_t>(status.error_code()));
-  response->mutable_error()->set_message(status.error_message());
+void WriteError(const AppendRequest& request, const grpc::Status& status, AppendAnswer* answer) {
+  answer->message.set_id(request.id());
+  answer->message.mutable_error()->set_code(static_cast<int32_t>(status.error_code()));
+  answer->message.mutable_error()->set_message(status.error_message());
 }
 
 // Cross-attention memories decoded and copied (aligned, for the projection matmuls).
@@ -111,11 +93,12 @@ grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServer
 }
 
 void SessionServiceImpl::SubmitAppend(const ServedRpc& rpc, const char* rpc_name, const AppendRequest& request,
-                                      AppendResponse* response, OnAnswer on_answer) const {
+                                      AppendAnswer* answer, OnAnswer on_answer) const {
   auto call = std::make_unique<InferenceCall>();
   BindCall(rpc.ctx(), rpc_name, rpc.trace(), *clock_, static_cast<int64_t>(request.ByteSizeLong()), call.get());
   call->id = request.id();
   call->layer_name = request.layer();
+  call->answer_values_in_place = kHostIsLittleEndian;  // EncodeAppendAnswer
   // FLOAT32, BFLOAT16 or FLOAT16 viewed in place: the engine converts 16-bit rows as it gathers them.
   call->decode_status = DecodeActivation(request.query(), "query", &AttentionInputs::query, call.get());
   if (call->decode_status.ok()) {
@@ -129,7 +112,9 @@ void SessionServiceImpl::SubmitAppend(const ServedRpc& rpc, const char* rpc_name
   call->inputs.need_weights = request.need_weights();
   call->inputs.average_attn_weights = !request.has_average_attn_weights() || request.average_attn_weights();
   FinishWith(
-      call.get(), [self = call.get(), response] { EncodeAppendAnswer(self, response); }, std::move(on_answer));
+      call.get(),
+      [self = call.get(), answer] { EncodeAppendAnswer(self, self->session->append.cache->tokens(), answer); },
+      std::move(on_answer));
   store_->Append(SessionIdOf(*rpc.ctx(), request.session_id()), request.layer(), std::move(call));
 }
 
@@ -137,8 +122,8 @@ grpc::ServerUnaryReactor* SessionServiceImpl::Append(grpc::CallbackServerContext
                                                      grpc::ByteBuffer* response) {
   const ServedRpc rpc(ctx, calls_, "/attnserve.v1.SessionService/Append");
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
-  return ParseAndSubmit<AppendRequest, AppendResponse>(
-      rpc, request, response, [&](const AppendRequest& parsed, AppendResponse* answer, OnAnswer on_answer) {
+  return ParseAndSubmit<AppendRequest, AppendAnswer>(
+      rpc, request, response, [&](const AppendRequest& parsed, AppendAnswer* answer, OnAnswer on_answer) {
         SubmitAppend(rpc, "Append", parsed, answer, std::move(on_answer));
       });
 }
@@ -149,10 +134,10 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* SessionServiceImpl:
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) {
     return new RefusedStream(rpc, denied);
   }
-  auto submit = [this, rpc](const AppendRequest& request, AppendResponse* response, OnAnswer on_answer) {
-    SubmitAppend(rpc, "AppendStream", request, response, std::move(on_answer));
+  auto submit = [this, rpc](const AppendRequest& request, AppendAnswer* answer, OnAnswer on_answer) {
+    SubmitAppend(rpc, "AppendStream", request, answer, std::move(on_answer));
   };
-  return new AnsweringStream<AppendRequest, AppendResponse>(rpc, max_inflight_per_stream_, submit, WriteError);
+  return new AnsweringStream<AppendRequest, AppendAnswer>(rpc, max_inflight_per_stream_, submit, WriteError);
 }
 
 grpc::ServerUnaryReactor* SessionServiceImpl::ForkSession(grpc::CallbackServerContext* ctx,

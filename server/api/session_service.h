@@ -18,6 +18,7 @@
 #include "server/api/answering_stream.h"
 #include "server/api/authorizer.h"
 #include "server/api/call_counts.h"
+#include "server/api/infer_answer.h"
 #include "server/api/served_rpc.h"
 #include "server/batching/clock.h"
 #include "server/sessions/session_store.h"
@@ -75,7 +76,7 @@ class SessionServiceImpl final : public SessionServiceBase {
   // Decodes `request` (which must outlive the call) into an append and hands it to the store; `rpc_name` (a
   // literal) names the method in the access log.
   void SubmitAppend(const ServedRpc& rpc, const char* rpc_name, const attnserve::v1::AppendRequest& request,
-                    attnserve::v1::AppendResponse* response, OnAnswer on_answer) const;
+                    AppendAnswer* answer, OnAnswer on_answer) const;
 
   SessionStore* store_;
   const Clock* clock_;

@@ -65,14 +65,24 @@ int64_t RequestCostBytes(const ParsedAttention& p, const MhaConfig& c, int64_t e
   return request_bytes + workspace + AnswerHeldBytes(p.answer_bytes(), answer_wire);
 }
 
+int64_t AppendAnswerBytes(const CachedAppend& a, const AppendEngine& engine) {
+  constexpr int64_t kF32 = 4;
+  const int64_t context = a.cache->tokens() + (a.cross_attention ? 0 : a.tokens);
+  const int64_t heads = a.average_attn_weights ? 1 : engine.attention_heads();
+  const int64_t weights = a.need_weights ? kF32 * a.tokens * context * heads : 0;
+  return kF32 * a.tokens * engine.embed_dim() + weights;
+}
+
 int64_t AppendCostBytes(const CachedAppend& a, const AppendEngine& engine, int64_t request_bytes,
                         AnswerWire answer_wire) {
-  constexpr int64_t kF32 = 4;
-  const int64_t e = engine.embed_dim(), h = engine.attention_heads();
   const int64_t context = a.cache->tokens() + (a.cross_attention ? 0 : a.tokens);
   const int64_t workspace = engine.AppendWorkspaceBytes(a.tokens, context);
-  const int64_t weights = a.need_weights ? kF32 * a.tokens * context * (a.average_attn_weights ? 1 : h) : 0;
-  return request_bytes + workspace + AnswerHeldBytes(kF32 * a.tokens * e + weights, answer_wire);
+  return request_bytes + workspace + AnswerHeldBytes(AppendAnswerBytes(a, engine), answer_wire);
+}
+
+int64_t ChunkedAnswerHeldBytes(const CachedAppend& a, const AppendEngine& engine, AnswerWire answer_wire) {
+  const int64_t answer = AppendAnswerBytes(a, engine);
+  return answer + AnswerHeldBytes(answer, answer_wire);
 }
 
 int64_t DecoderCostBytes(const ParsedDecoder& parsed, const DecoderAttention& decoder, int64_t request_bytes,

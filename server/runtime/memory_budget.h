@@ -95,6 +95,15 @@ int64_t RequestCostBytes(const ParsedAttention& parsed, const MhaConfig& config,
 int64_t AppendCostBytes(const CachedAppend& append, const AppendEngine& engine, int64_t request_bytes,
                         AnswerWire answer_wire);
 
+// The FLOAT32 answer of a session's append, computed from its cache's tokens before it: output [T, E] and,
+// when asked, the weights over the context after it ([T, S], or [H, T, S] per head).
+int64_t AppendAnswerBytes(const CachedAppend& append, const AppendEngine& engine);
+
+// What an append computed in chunks (SubmitInChunks) holds beyond its last chunk's cost, from its first chunk
+// until its answer has been written: the earlier chunks' answers (at most the whole answer), then their merge,
+// the whole answer, as written.
+int64_t ChunkedAnswerHeldBytes(const CachedAppend& append, const AppendEngine& engine, AnswerWire answer_wire);
+
 // The same for a DECODER_ATTENTION layer's request: its request, the decoder's workspace
 // (DecoderAttention::WorkspaceBytes: projections and a scores block per thread) and its answer as written.
 int64_t DecoderCostBytes(const ParsedDecoder& parsed, const DecoderAttention& decoder, int64_t request_bytes,

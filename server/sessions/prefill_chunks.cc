@@ -18,6 +18,9 @@ struct ChunkedAppend {
   int64_t tokens = 0, chunk = 0, done = 0;
   int64_t context = 0;  // tokens cached before the append
   std::vector<AttentionOutputs> parts;
+  // The earlier chunks' answers and then their merge (ChunkedAnswerHeldBytes), handed to the client's call
+  // with the merged answer; empty without a budget.
+  MemoryBudget::Reservation held;
   const Clock* clock = nullptr;
   std::function<void(std::unique_ptr<InferenceCall>)> submit;
 };
@@ -36,8 +39,9 @@ void CopyWeights(const Tensor& part, int64_t begin, Tensor* all) {
 }
 
 // The client's answer: every chunk's rows in order; weights over the final context (zero past a chunk's).
-void MergeParts(const ChunkedAppend& c, AttentionOutputs* last) {
-  std::vector<AttentionOutputs> parts = c.parts;
+// Each part is freed once copied.
+void MergeParts(ChunkedAppend& c, AttentionOutputs* last) {
+  std::vector<AttentionOutputs> parts = std::move(c.parts);
   parts.push_back(std::move(*last));
   const int64_t e = parts.back().output.shape[1];
   AttentionOutputs merged;
@@ -49,10 +53,11 @@ void MergeParts(const ChunkedAppend& c, AttentionOutputs* last) {
     merged.attn_weights = Tensor(shape);  // zeros
   }
   int64_t row = 0;
-  for (const AttentionOutputs& p : parts) {
+  for (AttentionOutputs& p : parts) {
     std::memcpy(merged.output.values.data() + row * e, p.output.values.data(), p.output.values.size() * sizeof(float));
     if (!merged.attn_weights.shape.empty()) CopyWeights(p.attn_weights, row, &merged.attn_weights);
     row += p.output.shape[0];
+    p = AttentionOutputs();
   }
   *last = std::move(merged);
 }
@@ -73,6 +78,7 @@ std::unique_ptr<InferenceCall> ChunkCall(const std::shared_ptr<ChunkedAppend>& c
   call->session = std::make_unique<InferenceCall::SessionWork>(*whole.session);
   call->session->append.query = c->whole.query_row(c->done, whole.layer->appender().embed_dim());
   call->session->append.tokens = n;
+  call->answer_values_in_place = true;  // kept as computed, a part of the client's answer
   SizeAppend(whole.layer->appender(), call.get());
   call->finish = [c, self = call.get(), n](const absl::Status& status) {
     if (!status.ok()) {
@@ -100,7 +106,10 @@ void SubmitNext(std::shared_ptr<ChunkedAppend> c) {
   last.session->append.tokens = n;
   SizeAppend(engine, &last);
   last.finish = [c, answer = std::move(last.finish)](const absl::Status& status) {
-    if (status.ok()) MergeParts(*c, &c->client_call->outputs);
+    if (status.ok()) {
+      MergeParts(*c, &c->client_call->outputs);
+      c->client_call->memory.Absorb(std::move(c->held));  // held with the answer until it has been written
+    }
     answer(status);
   };
   c->submit(std::move(c->call));
@@ -147,9 +156,19 @@ int64_t PrefillChunkTokens(const AppendEngine& engine, int64_t chunk_tokens, int
   });
 }
 
-void SubmitInChunks(std::unique_ptr<InferenceCall> call, int64_t chunk_tokens, const Clock& clock,
+void SubmitInChunks(std::unique_ptr<InferenceCall> call, int64_t chunk_tokens, const Clock& clock, MemoryBudget* memory,
                     const std::function<void(std::unique_ptr<InferenceCall>)>& submit) {
   auto c = std::make_shared<ChunkedAppend>();
+  if (memory != nullptr) {
+    const AnswerWire wire{call->output_dtype, call->answer_values_in_place};
+    absl::StatusOr<MemoryBudget::Reservation> held =
+        memory->Reserve(ChunkedAnswerHeldBytes(call->session->append, call->layer->appender(), wire));
+    if (!held.ok()) {
+      call->finish(held.status());
+      return;
+    }
+    c->held = std::move(*held);
+  }
   c->client_call = call.get();
   c->whole = call->session->append;
   c->tokens = call->session->append.tokens;

@@ -29,7 +29,10 @@ int64_t PrefillChunkTokens(int64_t embed_dim, int64_t chunk_tokens, int64_t cont
 // lane's turn) longer than one chunk (PrefillChunkTokens). Its first chunks go through `submit` as internal
 // calls, each sized by PrefillChunkTokens at the context it starts at; its last chunk is `call` itself, whose answer
 // then holds every chunk's rows (and weights, padded to the final context). A chunk's error answers `call` with it.
-void SubmitInChunks(std::unique_ptr<InferenceCall> call, int64_t chunk_tokens, const Clock& clock,
+// With a `memory` budget (may be null), the chunks' answers and their merge are reserved first
+// (ChunkedAnswerHeldBytes; past the budget, `call` is answered RESOURCE_EXHAUSTED before any chunk runs) and
+// handed to `call` with its answer: each chunk's own cost is reserved as it is admitted, like any call's.
+void SubmitInChunks(std::unique_ptr<InferenceCall> call, int64_t chunk_tokens, const Clock& clock, MemoryBudget* memory,
                     const std::function<void(std::unique_ptr<InferenceCall>)>& submit);
 
 }  // namespace attnserve

@@ -165,7 +165,7 @@ void SessionStore::Start(std::shared_ptr<Session> session, Lane* lane, std::uniq
     options_.submit(std::move(call));
     return;
   }
-  SubmitInChunks(std::move(call), chunk, *options_.clock, options_.submit);
+  SubmitInChunks(std::move(call), chunk, *options_.clock, options_.memory, options_.submit);
 }
 
 void SessionStore::BindAppend(Lane* lane, std::shared_ptr<Session> session, InferenceCall* call) const {

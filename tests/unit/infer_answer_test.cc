@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "server/api/append_answer.h"
 #include "server/api/infer_request.h"
 #include "server/api/wire_message.h"
 #include "tests/testing/answer_wire.h"
@@ -34,25 +35,33 @@ std::string CopiedAnswer(const InferenceCall& call) {
   return response.SerializeAsString();
 }
 
-// The spliced answer's bytes, parsed and serialized again in field order; `values_at` and `weights_at` receive
-// the addresses its output's and weights' values were sent from (null when not sent in place).
+// `answer`'s wire bytes, parsed and serialized again in field order, once checked that its tensors' values went
+// on the wire from where they lie.
+template <typename Message>
+std::string ServedBytes(TensorAnswer<Message>& answer) {
+  const void* values_at = answer.output.values.data();
+  const void* weights_at = answer.weights.values.data();
+  grpc::ByteBuffer wire;
+  EXPECT_TRUE(SerializeWire(answer, &wire).ok());
+  if (values_at != nullptr) {
+    EXPECT_TRUE(SentFrom(wire, values_at)) << "the output is sent where it is";
+  }
+  if (weights_at != nullptr) {
+    EXPECT_TRUE(SentFrom(wire, weights_at)) << "the weights are sent where they are";
+  }
+  Message parsed;
+  EXPECT_TRUE(ParseWire(&wire, &parsed).ok());
+  return parsed.SerializeAsString();
+}
+
+// The served answer's bytes (ServedBytes); `values_at` and `weights_at` receive the addresses its output's and
+// weights' values were sent from (null when not sent in place).
 std::string SplicedAnswer(InferenceCall* call, const void** values_at, const void** weights_at = nullptr) {
   InferAnswer answer;
   EncodeInferAnswer(call, &answer);
   *values_at = answer.output.values.data();
-  const void* weights = answer.weights.values.data();
-  if (weights_at != nullptr) *weights_at = weights;
-  grpc::ByteBuffer wire;
-  EXPECT_TRUE(SerializeWire(answer, &wire).ok());
-  if (*values_at != nullptr) {
-    EXPECT_TRUE(SentFrom(wire, *values_at)) << "the output is sent where it is";
-  }
-  if (weights != nullptr) {
-    EXPECT_TRUE(SentFrom(wire, weights)) << "the weights are sent where they are";
-  }
-  attnserve::v1::InferResponse parsed;
-  EXPECT_TRUE(ParseWire(&wire, &parsed).ok());
-  return parsed.SerializeAsString();
+  if (weights_at != nullptr) *weights_at = answer.weights.values.data();
+  return ServedBytes(answer);
 }
 
 TEST(InferAnswerTest, ParsesAsTheCopiedAnswerForEveryShape) {
@@ -137,6 +146,46 @@ TEST(InferAnswerTest, TheWireOwnsTheValuesAfterTheAnswerIsGone) {
   ASSERT_EQ(parsed.output().raw_data().size(), expected.size() * sizeof(float));
   EXPECT_EQ(0, std::memcmp(parsed.output().raw_data().data(), expected.data(), expected.size() * sizeof(float)));
   EXPECT_EQ(parsed.output().shape_size(), 3);
+}
+
+// A session's append answer is served the same way, its position and timing beside the tensors.
+TEST(InferAnswerTest, AnAppendAnswerParsesAsTheCopiedOne) {
+  std::mt19937 rng(23);
+  // One decode step, a prompt with averaged weights, per-head weights, a long prompt past the varint steps.
+  const std::vector<std::pair<Shape, Shape>> cases = {
+      {{1, 64}, {}}, {{5, 48}, {5, 11}}, {{7, 32}, {2, 7, 9}}, {{300, 64}, {300, 300}}};
+  for (const auto& [shape, weights] : cases) {
+    auto call = FinishedCall(shape, weights, &rng);
+    const int64_t position = 1000 + NumElements(shape);
+    attnserve::v1::AppendResponse copied;
+    EncodeAppendResponse(*call, position, &copied);
+    AppendAnswer answer;
+    EncodeAppendAnswer(call.get(), position, &answer);
+    EXPECT_EQ(answer.output.values.size(), static_cast<size_t>(NumElements(shape)));
+    EXPECT_EQ(answer.weights.values.size(), static_cast<size_t>(weights.empty() ? 0 : NumElements(weights)));
+    EXPECT_TRUE(call->outputs.output.values.empty()) << "moved, not copied";
+    EXPECT_EQ(ServedBytes(answer), copied.SerializeAsString()) << NumElements(shape) << " values";
+  }
+}
+
+TEST(InferAnswerTest, ASixteenBitOrCopiedAppendAnswerIsTheMessageAloneItsTensorsFreed) {
+  std::mt19937 rng(29);
+  for (const DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
+    auto call = FinishedCall({6, 40}, {6, 6}, &rng);
+    call->output_dtype = dtype;
+    call->answer_values_in_place = dtype != DType::kFloat32;  // f32 here: a protocol that copies
+    attnserve::v1::AppendResponse copied;
+    EncodeAppendResponse(*call, 6, &copied);
+    AppendAnswer answer;
+    EncodeAppendAnswer(call.get(), 6, &answer);
+    EXPECT_TRUE(answer.output.values.empty() && answer.weights.values.empty());
+    EXPECT_TRUE(call->outputs.output.values.empty() && call->outputs.attn_weights.values.empty())
+        << "freed once encoded";
+    EXPECT_EQ(answer.message.output().raw_data().size(), 6u * 40 * DTypeSize(dtype));
+    grpc::ByteBuffer wire;
+    ASSERT_TRUE(SerializeWire(answer, &wire).ok());
+    EXPECT_EQ(BytesOf(&wire), copied.SerializeAsString());
+  }
 }
 
 }  // namespace

@@ -40,6 +40,7 @@ struct Sent {
   absl::Status status = absl::UnknownError("not answered");
   bool answered = false;
   AttentionOutputs outputs;
+  int64_t held_bytes = 0;  // of the memory budget, by the call as it was answered
 };
 
 class SessionStoreTest : public ::testing::Test {
@@ -71,17 +72,20 @@ class SessionStoreTest : public ::testing::Test {
   }
 
   // Appends `tokens` random rows; the result is filled when the call is answered.
-  std::shared_ptr<Sent> Append(const std::string& id, int64_t tokens, int64_t request_bytes = 0) {
+  std::shared_ptr<Sent> Append(const std::string& id, int64_t tokens, int64_t request_bytes = 0,
+                               bool need_weights = false) {
     auto sent = std::make_shared<Sent>();
     sent->query = testing::RandomValues(rng_, tokens * kE);
     auto call = std::make_unique<InferenceCall>();
     call->arrival = clock_.Now();
     call->request_bytes = request_bytes;
     call->inputs.query = TensorView::F32(sent->query.data(), {tokens, kE});
+    call->inputs.need_weights = need_weights;
     InferenceCall* self = call.get();
     call->finish = [sent, self](const absl::Status& s) {
       sent->status = s;
       sent->answered = true;
+      sent->held_bytes = self->memory.bytes();
       if (s.ok()) sent->outputs = std::move(self->outputs);
     };
     store_->Append(id, "l", std::move(call));
@@ -282,6 +286,43 @@ TEST_F(SessionStoreTest, AWaitingAppendHoldsItsRequestInTheMemoryBudget) {
   EXPECT_EQ(budget.reserved_bytes(), 0);
 }
 
+// A chunked append holds its earlier chunks' answers until the last chunk, then their merge: both are reserved
+// before its first chunk runs (no budget counted them before), and held with its answer until it is written.
+TEST_F(SessionStoreTest, AChunkedAppendReservesItsChunksAnswersBeforeTheFirstRuns) {
+  MemoryBudget budget(int64_t{1} << 30);
+  Build(int64_t{1} << 20, 4, &budget);
+  Open("long");
+  auto prefill = Append("long", 10, 0, /*need_weights=*/true);  // chunks of 4, 4, 2
+  const int64_t answer = 4 * (10 * kE + 10 * 10);               // output [10, E], averaged weights [10, 10]
+  // The chunks' answers, then the merged answer and the copy its service encodes (this call is not sent in
+  // place); the test's submit stands for the dispatcher, which reserves no chunk's own cost here.
+  EXPECT_EQ(budget.reserved_bytes(), answer + 2 * answer);
+  RunOne();
+  EXPECT_EQ(budget.reserved_bytes(), 3 * answer);
+  RunAll();
+  ASSERT_TRUE(prefill->status.ok()) << prefill->status;
+  EXPECT_EQ(prefill->held_bytes, 3 * answer) << "handed to the client's call with its answer";
+  EXPECT_EQ(prefill->outputs.attn_weights.shape, (Shape{10, 10}));
+  EXPECT_LE(MaxAbsDiff(prefill->outputs.output.values, Reference({prefill})), 1e-6);
+  EXPECT_EQ(budget.reserved_bytes(), 0);
+}
+
+TEST_F(SessionStoreTest, AChunkedAppendPastTheBudgetIsRefusedBeforeAnyChunkRuns) {
+  const int64_t answer = 4 * (10 * kE + 10 * 10);
+  MemoryBudget budget(3 * answer - 1);
+  Build(int64_t{1} << 20, 4, &budget);
+  Open("long");
+  auto refused = Append("long", 10, 0, /*need_weights=*/true);
+  EXPECT_EQ(refused->status.code(), absl::StatusCode::kResourceExhausted) << refused->status;
+  EXPECT_NE(refused->status.message().find("memory budget"), std::string::npos) << refused->status;
+  EXPECT_TRUE(queue_.empty());
+  EXPECT_EQ(budget.reserved_bytes(), 0);
+  auto next = Append("long", 3);  // the cache as it was: the lane goes on from 0 tokens
+  RunAll();
+  ASSERT_TRUE(next->status.ok()) << next->status;
+  EXPECT_LE(MaxAbsDiff(next->outputs.output.values, Reference({next})), 1e-6);
+}
+
 // A 16-bit query goes to the engine as it came: no f32 copy is reserved or made (a queued append holds its
 // request's bytes only), the append views the request's rows, and its prefill chunks (rows of 2 bytes per
 // value) answer as the f32 values they carry do.
@@ -295,7 +336,8 @@ TEST_F(SessionStoreTest, SixteenBitQueriesAreReadAsTheyCameChunksIncluded) {
     Open("a");
     auto first = AppendHalf("a", 30, dtype);  // in chunks of at most 8 tokens
     auto second = AppendHalf("a", 12, dtype);  // waits behind it, holding its 12 x 16 x 2 bytes
-    EXPECT_EQ(budget.reserved_bytes(), 12 * kE * 2);
+    // ... beside the first's chunked answer (ChunkedAnswerHeldBytes: its parts, its merge and the copy sent).
+    EXPECT_EQ(budget.reserved_bytes(), 12 * kE * 2 + 3 * (30 * kE * 4));
     ASSERT_EQ(queue_.size(), 1u);
     EXPECT_EQ(queue_.front()->session->append.query_dtype, dtype);
     EXPECT_EQ(queue_.front()->session->append.query, first->bits.data()) << "the request's rows, in place";

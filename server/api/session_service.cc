@@ -87,6 +87,14 @@ grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServer
   args.layers.assign(request->layers().begin(), request->layers().end());
   args.max_tokens = request->max_tokens();
   args.idle_timeout_ms = request->idle_timeout_ms();
+  // The request and its memories' aligned copy, held until the session is open.
+  MemoryBudget::Reservation held;
+  if (MemoryBudget* budget = store_->memory_budget(); budget != nullptr && request->memory_size() > 0) {
+    absl::StatusOr<MemoryBudget::Reservation> reserved =
+        budget->Reserve(2 * static_cast<int64_t>(request->ByteSizeLong()));
+    if (!reserved.ok()) return FinishNow(rpc, ToGrpcStatus(reserved.status()));
+    held = std::move(*reserved);
+  }
   std::vector<std::vector<float>> memories;
   if (absl::Status s = DecodeMemories(*request, &args, &memories); !s.ok()) return FinishNow(rpc, ToGrpcStatus(s));
   return AnswerSession(rpc, store_->Open(args), response);

@@ -7,20 +7,21 @@
 #include <vector>
 
 #include "absl/functional/function_ref.h"
+#include "common/status_macros.h"
 
 namespace attnserve {
 namespace {
 
 struct ChunkedAppend {
+  // The earlier chunks' answers and then their merge (ChunkedAnswerHeldBytes), handed to the client's call
+  // with the merged answer; empty without a budget. Released last.
+  MemoryBudget::Reservation held;
   std::unique_ptr<InferenceCall> call;  // the client's, until its last chunk is submitted
   InferenceCall* client_call = nullptr;
   CachedAppend whole;  // the whole append (its query's rows, of any dtype)
   int64_t tokens = 0, chunk = 0, done = 0;
   int64_t context = 0;  // tokens cached before the append
   std::vector<AttentionOutputs> parts;
-  // The earlier chunks' answers and then their merge (ChunkedAnswerHeldBytes), handed to the client's call
-  // with the merged answer; empty without a budget.
-  MemoryBudget::Reservation held;
   const Clock* clock = nullptr;
   std::function<void(std::unique_ptr<InferenceCall>)> submit;
 };
@@ -133,6 +134,19 @@ int64_t LargestChunkWithin(int64_t chunk_tokens, int64_t context, int64_t min_to
   return std::clamp(lo, std::min(min_tokens, chunk_tokens), chunk_tokens);
 }
 
+// Reserves before any chunk runs: the chunks' answers and their merge (c.held), and the client's request unless
+// it holds it already (it waited for its turn), which is read until its last chunk runs: into the call, whose
+// last chunk's cost counts it.
+absl::Status ReserveChunked(MemoryBudget& memory, InferenceCall& call, ChunkedAppend& c) {
+  const AnswerWire wire{call.output_dtype, call.answer_values_in_place};
+  ATTN_ASSIGN_OR_RETURN(c.held,
+                        memory.Reserve(ChunkedAnswerHeldBytes(call.session->append, call.layer->appender(), wire)));
+  ATTN_ASSIGN_OR_RETURN(MemoryBudget::Reservation request,
+                        memory.Reserve(std::max<int64_t>(0, call.request_bytes - call.memory.bytes())));
+  call.memory.Absorb(std::move(request));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 void SizeAppend(const AppendEngine& engine, InferenceCall* call) {
@@ -160,14 +174,10 @@ void SubmitInChunks(std::unique_ptr<InferenceCall> call, int64_t chunk_tokens, c
                     const std::function<void(std::unique_ptr<InferenceCall>)>& submit) {
   auto c = std::make_shared<ChunkedAppend>();
   if (memory != nullptr) {
-    const AnswerWire wire{call->output_dtype, call->answer_values_in_place};
-    absl::StatusOr<MemoryBudget::Reservation> held =
-        memory->Reserve(ChunkedAnswerHeldBytes(call->session->append, call->layer->appender(), wire));
-    if (!held.ok()) {
-      call->finish(held.status());
+    if (absl::Status reserved = ReserveChunked(*memory, *call, *c); !reserved.ok()) {
+      call->finish(reserved);
       return;
     }
-    c->held = std::move(*held);
   }
   c->client_call = call.get();
   c->whole = call->session->append;

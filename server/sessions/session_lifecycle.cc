@@ -91,6 +91,13 @@ absl::StatusOr<SessionInfo> SessionStore::Open(const OpenArgs& args) {
     const int64_t layer_limit = layer->config.max_sequence_length();
     if (layer_limit > 0) limit = limit == 0 ? layer_limit : std::min(limit, layer_limit);
     auto memory = args.memory.find(args.layers[i]);
+    MemoryBudget::Reservation projecting;  // a memory's keys and values [S, E] each, until they are cached
+    if (memory != args.memory.end() && options_.memory != nullptr) {
+      const int64_t bytes = 2 * memory->second.tokens * layer->appender().embed_dim() * int64_t{sizeof(float)};
+      absl::StatusOr<MemoryBudget::Reservation> reserved = options_.memory->Reserve(bytes);
+      if (!reserved.ok()) return reserved.status();
+      projecting = std::move(*reserved);
+    }
     widest_.store(std::max(widest_.load(), layer->appender().cache_width()));
     absl::StatusOr<std::unique_ptr<Lane>> lane =
         MakeLane(field, std::move(layer), memory == args.memory.end() ? nullptr : &memory->second, options_.pool);

@@ -79,6 +79,9 @@ class SessionStore {
     int64_t prefill_chunk_tokens = 64;
   };
   static absl::StatusOr<std::unique_ptr<SessionStore>> Create(const Options& options);
+
+  // Options::memory (may be null), for what the service holds of a request before it reaches the store.
+  MemoryBudget* memory_budget() const { return options_.memory; }
   ~SessionStore();
 
   // One layer's cross-attention memory: [tokens, kdim] floats, read during Open only.
@@ -95,7 +98,8 @@ class SessionStore {
     std::map<std::string, Memory> memory;
   };
   // INVALID_ARGUMENT naming the field (id, layers, memory), ALREADY_EXISTS, NOT_FOUND for a layer,
-  // RESOURCE_EXHAUSTED (sessions, or the pool for a memory).
+  // RESOURCE_EXHAUSTED (sessions, the pool for a memory, or the memory budget for its projection: its keys and
+  // values [S, E], reserved while it runs).
   absl::StatusOr<SessionInfo> Open(const OpenArgs& args);
   absl::StatusOr<SessionInfo> Fork(const std::string& id, const std::string& new_id);
   absl::StatusOr<SessionInfo> Truncate(const std::string& id, int64_t tokens);

@@ -547,6 +547,35 @@ def case_bf16_session_appends_stay_within_the_budget(s):
         expect(grown < 2 * BUDGET_MIB, f"RSS grew {grown:.0f} MiB under a {BUDGET_MIB} MiB budget")
 
 
+def case_chunked_prefills_stay_within_the_budget(s):
+    """11 sessions each prefilling 1400 tokens on `small` at once, asking per-head weights: a 31 MiB answer each,
+    computed in 64-token chunks whose answers were held outside the budget until the last chunk merged them
+    (with a copy of them all), and the answer encoded (a copy more): all 11 admitted, RSS +307 MiB over the
+    256 MiB budget. The chunks' answers and their merge are now reserved before the first chunk runs, and the
+    answer goes out from the merge: 3 admitted, the rest refused, +117 MiB."""
+    from attnserve.v1 import session_pb2 as spb  # noqa: E402
+    from attnserve.v1 import session_pb2_grpc as spbg  # noqa: E402
+    sessions = spbg.SessionServiceStub(s.channel)
+    ids = [f"chunked-{i}" for i in range(11)]  # 11 x 1400 tokens of E=256 fill the 32 MiB KV pool
+    for sid in ids:
+        sessions.CreateSession(spb.CreateSessionRequest(session_id=sid, layers=["small"]), timeout=30)
+    prompt = tensor([1400, 256])
+    time.sleep(2.5)  # the server gives freed memory back once a second while idle
+    codes, grown = flood(s, lambda it=iter(ids): sessions.Append.future(
+        spb.AppendRequest(session_id=next(it), layer="small", query=prompt, need_weights=True,
+                          average_attn_weights=False), timeout=120), len(ids), refused_by_the_budget)
+    for sid in ids:
+        sessions.CloseSession(spb.CloseSessionRequest(session_id=sid), timeout=30)
+    print(f"    11 x 1400-token prefills with per-head weights (31 MiB answers) at once: {codes}; "
+          f"RSS peak +{grown:.0f} MiB (budget {BUDGET_MIB})")
+    expect(codes.get("OK", 0) > 0 and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, f"codes {codes}")
+    expect(codes.get("RESOURCE_EXHAUSTED", 0) > 0, "11 x 62 MiB of answers held at once, none refused")
+    expect(reservations_released(s), "reservations not released")
+    if not os.environ.get("ATTNSERVE_SANITIZE"):
+        # The requests are 15 MiB in all: nothing else the server holds comes near the budget.
+        expect(grown < BUDGET_MIB, f"RSS grew {grown:.0f} MiB under a {BUDGET_MIB} MiB budget")
+
+
 def case_half_sent_requests_do_not_stall_metrics(s):
     """Four half-sent HTTP requests held open on the metrics port: once every scrape waited for them (the
     exposer served with 2 threads and no timeout)."""
@@ -1604,6 +1633,7 @@ CASES = [case_half_sent_requests_do_not_stall_metrics, case_queue_flood_stays_wi
          case_newline_in_id_cannot_forge_a_log_line, case_warning_flood_is_rate_limited,
          case_cancelled_heavy_work_stops, case_decoder_flood_stays_within_the_memory_budget,
          case_decoder_sessions_cannot_outgrow_the_kv_pool, case_bf16_session_appends_stay_within_the_budget,
+         case_chunked_prefills_stay_within_the_budget,
          # raw HTTP/2 and connection-level traffic
          case_short_requests_do_not_wait_behind_a_long_one,
          case_rapid_reset, case_rapid_reset_reconnecting, case_rapid_reset_of_whole_requests, case_ping_flood,

@@ -292,16 +292,17 @@ TEST_F(SessionStoreTest, AChunkedAppendReservesItsChunksAnswersBeforeTheFirstRun
   MemoryBudget budget(int64_t{1} << 30);
   Build(int64_t{1} << 20, 4, &budget);
   Open("long");
-  auto prefill = Append("long", 10, 0, /*need_weights=*/true);  // chunks of 4, 4, 2
-  const int64_t answer = 4 * (10 * kE + 10 * 10);               // output [10, E], averaged weights [10, 10]
-  // The chunks' answers, then the merged answer and the copy its service encodes (this call is not sent in
-  // place); the test's submit stands for the dispatcher, which reserves no chunk's own cost here.
-  EXPECT_EQ(budget.reserved_bytes(), answer + 2 * answer);
+  auto prefill = Append("long", 10, 500, /*need_weights=*/true);  // chunks of 4, 4, 2
+  const int64_t answer = 4 * (10 * kE + 10 * 10);                 // output [10, E], averaged weights [10, 10]
+  // Its request (it did not wait: nothing held it), the chunks' answers, then the merged answer and the copy its
+  // service encodes (this call is not sent in place); the test's submit stands for the dispatcher, which
+  // reserves no chunk's own cost here.
+  EXPECT_EQ(budget.reserved_bytes(), 500 + answer + 2 * answer);
   RunOne();
-  EXPECT_EQ(budget.reserved_bytes(), 3 * answer);
+  EXPECT_EQ(budget.reserved_bytes(), 500 + 3 * answer);
   RunAll();
   ASSERT_TRUE(prefill->status.ok()) << prefill->status;
-  EXPECT_EQ(prefill->held_bytes, 3 * answer) << "handed to the client's call with its answer";
+  EXPECT_EQ(prefill->held_bytes, 500 + 3 * answer) << "handed to the client's call with its answer";
   EXPECT_EQ(prefill->outputs.attn_weights.shape, (Shape{10, 10}));
   EXPECT_LE(MaxAbsDiff(prefill->outputs.output.values, Reference({prefill})), 1e-6);
   EXPECT_EQ(budget.reserved_bytes(), 0);
@@ -323,6 +324,40 @@ TEST_F(SessionStoreTest, AChunkedAppendPastTheBudgetIsRefusedBeforeAnyChunkRuns)
   EXPECT_LE(MaxAbsDiff(next->outputs.output.values, Reference({next})), 1e-6);
 }
 
+TEST_F(SessionStoreTest, AChunkedAppendFailingMidwayGivesItsReservationBack) {
+  MemoryBudget budget(int64_t{1} << 30);
+  Build(int64_t{1} << 20, 4, &budget);
+  Open("long");
+  auto failed = Append("long", 10, 500, /*need_weights=*/true);
+  EXPECT_GT(budget.reserved_bytes(), 500);
+  RunOne();
+  RunOne(absl::DeadlineExceededError("deadline"));  // the second chunk
+  EXPECT_EQ(failed->status.code(), absl::StatusCode::kDeadlineExceeded) << failed->status;
+  EXPECT_TRUE(queue_.empty());
+  EXPECT_EQ(budget.reserved_bytes(), 0);
+}
+
+// A cross-attention memory's keys and values ([S, E] each) are reserved while they are projected: past the budget
+// the session is not opened.
+TEST_F(SessionStoreTest, AMemorysProjectionIsReservedWhileItRuns) {
+  MemoryBudget budget(2 * 40 * kE * 4 - 1);
+  Build(int64_t{1} << 20, 512, &budget);
+  const std::vector<float> memory = testing::RandomValues(rng_, 40 * kE);
+  SessionStore::OpenArgs args;
+  args.id = "x";
+  args.layers = {"l"};
+  args.memory["l"] = {memory.data(), 40, kE};
+  const absl::StatusOr<SessionInfo> refused = store_->Open(args);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("memory budget"), std::string::npos) << refused.status();
+  EXPECT_EQ(store_->Get("x").status().code(), absl::StatusCode::kNotFound);
+  args.memory["l"].tokens = 39;
+  const absl::StatusOr<SessionInfo> opened = store_->Open(args);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  EXPECT_EQ(opened->layers[0].tokens, 39);
+  EXPECT_EQ(budget.reserved_bytes(), 0);
+}
+
 // A 16-bit query goes to the engine as it came: no f32 copy is reserved or made (a queued append holds its
 // request's bytes only), the append views the request's rows, and its prefill chunks (rows of 2 bytes per
 // value) answer as the f32 values they carry do.
@@ -336,8 +371,9 @@ TEST_F(SessionStoreTest, SixteenBitQueriesAreReadAsTheyCameChunksIncluded) {
     Open("a");
     auto first = AppendHalf("a", 30, dtype);  // in chunks of at most 8 tokens
     auto second = AppendHalf("a", 12, dtype);  // waits behind it, holding its 12 x 16 x 2 bytes
-    // ... beside the first's chunked answer (ChunkedAnswerHeldBytes: its parts, its merge and the copy sent).
-    EXPECT_EQ(budget.reserved_bytes(), 12 * kE * 2 + 3 * (30 * kE * 4));
+    // ... beside the first's request and chunked answer (ChunkedAnswerHeldBytes: its parts, its merge and the
+    // copy sent), reserved as its chunks start.
+    EXPECT_EQ(budget.reserved_bytes(), 12 * kE * 2 + 30 * kE * 2 + 3 * (30 * kE * 4));
     ASSERT_EQ(queue_.size(), 1u);
     EXPECT_EQ(queue_.front()->session->append.query_dtype, dtype);
     EXPECT_EQ(queue_.front()->session->append.query, first->bits.data()) << "the request's rows, in place";

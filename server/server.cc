@@ -258,6 +258,7 @@ absl::Status Server::BuildSessions() {
   store.submit = [dispatcher = p.dispatcher.get()](std::unique_ptr<InferenceCall> call) {
     dispatcher->Submit(std::move(call));
   };
+  store.instrument = [dispatcher = p.dispatcher.get()](InferenceCall& call) { dispatcher->Instrument(call); };
   if (c.idle_timeout_ms() > 0) store.default_idle_timeout_ms = c.idle_timeout_ms();
   if (c.max_sessions() > 0) store.max_sessions = c.max_sessions();
   if (c.max_queued_appends() > 0) store.max_queued_appends = c.max_queued_appends();

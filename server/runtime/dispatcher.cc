@@ -77,6 +77,8 @@ void RecordAccess(const InferenceCall& call, const absl::Status& status, double 
 }  // namespace
 
 void Dispatcher::Instrument(InferenceCall& call) {
+  if (call.instrumented) return;
+  call.instrumented = true;
   ServerMetrics* metrics = options_.metrics;
   if (metrics) metrics->InflightAdd(1);
   call.finish = [metrics, access_log = options_.access_log, clock = options_.clock, answer = std::move(call.finish),

@@ -33,8 +33,14 @@ class Dispatcher {
   static absl::StatusOr<std::unique_ptr<Dispatcher>> Create(const Options& options);
 
   // Validates and queues `call`; its `finish` is called exactly once, now (a rejection) or by the worker
-  // that computes it.
+  // that computes it. A client's call is instrumented first, unless it was already.
   void Submit(std::unique_ptr<InferenceCall> call);
+
+  // Wraps call->finish with the requests metrics, the in-flight gauge, the log line and the access log, once (a
+  // call instrumented already is left as it is). For a call that may be answered before it reaches Submit, or
+  // whose answer is put together after its finish is wrapped (a session's append: refused or queued by its
+  // session, or computed in chunks).
+  void Instrument(InferenceCall& call);
 
   // From now on Submit answers UNAVAILABLE; calls already queued are still computed.
   void StartShutdown() { shutting_down_.store(true); }
@@ -42,8 +48,6 @@ class Dispatcher {
 
  private:
   explicit Dispatcher(const Options& options) : options_(options) {}
-  // Wraps call->finish with the metrics and the log line.
-  void Instrument(InferenceCall& call);
 
   const Options options_;
   std::atomic<bool> shutting_down_{false};

@@ -77,6 +77,8 @@ struct InferenceCall {
   // A call the server made itself (a chunk of a long append): admitted and queued like any call, but not
   // counted in the request metrics or logged; the client's own call is.
   bool internal = false;
+  // Its finish counts and logs it already (Dispatcher::Instrument).
+  bool instrumented = false;
 
   // Set by the executor before finish(OK).
   AttentionOutputs outputs;

@@ -59,6 +59,7 @@ void FreeLeftWindow(SessionStore::Lane* lane) {
 }  // namespace
 
 void SessionStore::Append(const std::string& id, const std::string& layer, std::unique_ptr<InferenceCall> call) {
+  if (options_.instrument) options_.instrument(*call);
   std::shared_ptr<Session> session;
   Lane* lane = nullptr;
   {

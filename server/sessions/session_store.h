@@ -64,6 +64,9 @@ class SessionStore {
     MemoryBudget* memory = nullptr;
     // Admits and queues a started append (the Dispatcher's Submit); required.
     std::function<void(std::unique_ptr<InferenceCall>)> submit;
+    // Wraps an append's finish with its metrics and logs (the Dispatcher's Instrument) as it arrives, so that
+    // one refused or failed here is counted, and a chunked one's log sees its whole answer. May be empty.
+    std::function<void(InferenceCall&)> instrument;
     // A session's idle_timeout_ms when it asks for none (> 0).
     int64_t default_idle_timeout_ms = 600'000;
     // Sessions open at once at most (> 0): CreateSession and ForkSession past it are RESOURCE_EXHAUSTED.

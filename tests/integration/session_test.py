@@ -71,6 +71,13 @@ def metric(e, series):
     return float(m.group(1)) if m else 0.0
 
 
+def requests_total(e, layer, code):
+    """attnserve_requests_total of `layer` answered `code`, over its versions."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{e.s.metrics_port}/metrics", timeout=10).read().decode()
+    series = re.findall(r'^attnserve_requests_total\{([^}]*)\} (\S+)$', text, re.M)
+    return sum(float(v) for labels, v in series if f'code="{code}"' in labels and f'layer="{layer}"' in labels)
+
+
 def splits(rng, n):
     cuts = [0]
     while cuts[-1] < n:
@@ -264,6 +271,9 @@ def case_errors_name_the_field(e):
         expect(got == code and field in msg, f"{what}: {got} {msg!r}, expected {code} naming {field}")
     out, r = append(e, "errs", x)  # the session still works after its refusals
     expect(r.position == 2, f"position {r.position} after refusals")
+    # Appends refused by their session are counted as every request is.
+    for code in ("OUT_OF_RANGE", "INVALID_ARGUMENT"):
+        expect(requests_total(e, "g_causal", code) >= 1, f"no {code} append of g_causal in attnserve_requests_total")
 
 
 def case_session_id_from_metadata(e):

@@ -57,6 +57,13 @@ class SessionStoreTest : public ::testing::Test {
     o.registry = registry_.get();
     o.clock = &clock_;
     o.submit = [this](std::unique_ptr<InferenceCall> call) { queue_.push_back(std::move(call)); };
+    o.instrument = [this](InferenceCall& call) {
+      call.finish = [this, self = &call, answer = std::move(call.finish)](const absl::Status& status) {
+        const Shape& output = self->outputs.output.shape;
+        instrumented_.push_back({status.code(), output.empty() ? -1 : output[0]});
+        answer(status);
+      };
+    };
     o.default_idle_timeout_ms = 1000;
     o.prefill_chunk_tokens = chunk_tokens;
     o.memory = memory;
@@ -155,6 +162,8 @@ class SessionStoreTest : public ::testing::Test {
   std::unique_ptr<SessionStore> store_;
   std::deque<std::unique_ptr<InferenceCall>> queue_;
   int runs_ = 0;  // calls run through the engine
+  // What the instrumented finish saw of each answered append: its code and output rows (-1: none).
+  std::vector<std::pair<absl::StatusCode, int64_t>> instrumented_;
 };
 
 TEST_F(SessionStoreTest, AppendsOfOneLaneRunInOrderOneAtATime) {
@@ -236,6 +245,19 @@ TEST_F(SessionStoreTest, ALongPrefillGoesInChunksWithOtherSessionsDecodeStepsBet
   EXPECT_EQ(prefill->outputs.output.shape, (Shape{10, kE}));
   EXPECT_LE(MaxAbsDiff(prefill->outputs.output.values, Reference({prefill})), 1e-6);
   EXPECT_TRUE(decode->status.ok());
+}
+
+// Every append is instrumented as it arrives (metrics, logs): one refused by the store is counted, and a chunked
+// one's instrumented finish sees its whole answer, not its last chunk's.
+TEST_F(SessionStoreTest, AppendsAreInstrumentedAsTheyArriveChunkedOnesWithTheirWholeAnswer) {
+  Build(int64_t{1} << 20, 4);
+  Open("long");
+  auto missing = Append("nope", 1);
+  auto prefill = Append("long", 10);  // chunks of 4, 4, 2
+  RunAll();
+  ASSERT_TRUE(prefill->status.ok()) << prefill->status;
+  using Seen = std::pair<absl::StatusCode, int64_t>;
+  EXPECT_EQ(instrumented_, (std::vector<Seen>{{absl::StatusCode::kNotFound, -1}, {absl::StatusCode::kOk, 10}}));
 }
 
 TEST(PrefillChunkTokens, KeepsEachChunksCostAsTheContextGrows) {

@@ -62,14 +62,15 @@ void SessionStore::Append(const std::string& id, const std::string& layer, std::
   if (options_.instrument) options_.instrument(*call);
   std::shared_ptr<Session> session;
   Lane* lane = nullptr;
+  absl::Status missing;
   {
     absl::MutexLock lock(&mu_);
     session = FindLocked(id);
-    if (session == nullptr) {
-      const absl::Status missing = MissingLocked(id);
-      call->finish(missing);
-      return;
-    }
+    if (session == nullptr) missing = MissingLocked(id);
+  }
+  if (session == nullptr) {
+    call->finish(missing);  // outside the store's lock: an answer logs and records
+    return;
   }
   auto it = session->lanes.find(layer);
   if (it == session->lanes.end()) {
@@ -135,6 +136,7 @@ absl::Status SessionStore::Admit(Session& session, Lane& lane, InferenceCall* ca
 }
 
 void SessionStore::Start(std::shared_ptr<Session> session, Lane* lane, std::unique_ptr<InferenceCall> call) {
+  call->layer = lane->layer;  // a refusal is counted with the version the session holds
   const absl::Status ready = Admit(*session, *lane, call.get());
   ReportPool();
   auto answer = std::move(call->finish);

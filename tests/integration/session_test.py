@@ -128,8 +128,11 @@ def case_long_prefill_in_chunks_is_exact(e):
     rng = np.random.default_rng(8)
     x = rng.standard_normal((1300, 32)).astype(np.float32)
     create(e, "long")
+    answered = requests_total(e, "g_causal", "OK")
     out, r = append(e, "long", x[:1200], need_weights=True)
     expect(r.position == 1200 and out.shape == (1200, 32), f"position {r.position}, output {out.shape}")
+    counted = requests_total(e, "g_causal", "OK") - answered
+    expect(counted == 1, f"one chunked append counted as {counted} requests")
     full = stateless_causal(e, x)
     expect(np.abs(out - full[:1200]).max() <= 1e-5, "a chunked prefill differs from causal Infer")
     w = array(r.attn_weights)

@@ -28,6 +28,7 @@ void DecodeInferRequest(const attnserve::v1::InferRequest& request, InferenceCal
 absl::Status PrepareInferenceCall(const LayerRegistry& registry, const attnserve::v1::InferRequest& request,
                                   InferenceCall* call);
 
+// Where an answered call's time went, as its response reports it.
 void EncodeTiming(const CallTiming& timing, attnserve::v1::Timing* out);
 
 // The tensors of a call finished OK as they are served: when AnswerSentInPlace, their shapes and dtype in the

@@ -65,12 +65,14 @@ int64_t RequestCostBytes(const ParsedAttention& p, const MhaConfig& c, int64_t e
   return request_bytes + workspace + AnswerHeldBytes(p.answer_bytes(), answer_wire);
 }
 
+int64_t AppendWeightsBytes(const AppendEngine& engine, int64_t tokens, int64_t context, bool averaged) {
+  return int64_t{4} * tokens * context * (averaged ? 1 : engine.attention_heads());
+}
+
 int64_t AppendAnswerBytes(const CachedAppend& a, const AppendEngine& engine) {
-  constexpr int64_t kF32 = 4;
   const int64_t context = a.cache->tokens() + (a.cross_attention ? 0 : a.tokens);
-  const int64_t heads = a.average_attn_weights ? 1 : engine.attention_heads();
-  const int64_t weights = a.need_weights ? kF32 * a.tokens * context * heads : 0;
-  return kF32 * a.tokens * engine.embed_dim() + weights;
+  const int64_t weights = a.need_weights ? AppendWeightsBytes(engine, a.tokens, context, a.average_attn_weights) : 0;
+  return int64_t{4} * a.tokens * engine.embed_dim() + weights;
 }
 
 int64_t AppendCostBytes(const CachedAppend& a, const AppendEngine& engine, int64_t request_bytes,

@@ -95,8 +95,11 @@ int64_t RequestCostBytes(const ParsedAttention& parsed, const MhaConfig& config,
 int64_t AppendCostBytes(const CachedAppend& append, const AppendEngine& engine, int64_t request_bytes,
                         AnswerWire answer_wire);
 
+// The FLOAT32 attention weights of an append of `tokens` over `context` keys: [T, S] averaged, else [H, T, S].
+int64_t AppendWeightsBytes(const AppendEngine& engine, int64_t tokens, int64_t context, bool averaged);
+
 // The FLOAT32 answer of a session's append, computed from its cache's tokens before it: output [T, E] and,
-// when asked, the weights over the context after it ([T, S], or [H, T, S] per head).
+// when asked, the weights over the context after it (AppendWeightsBytes).
 int64_t AppendAnswerBytes(const CachedAppend& append, const AppendEngine& engine);
 
 // What an append computed in chunks (SubmitInChunks) holds beyond its last chunk's cost, from its first chunk

@@ -37,7 +37,7 @@ absl::Status CheckAnswerBytes(const InferenceCall& call, const ServedLayer& laye
   const int64_t limit = engine.limits().max_answer_bytes;
   const int64_t t = call.inputs.query.shape[0], e = engine.embed_dim(), h = engine.attention_heads();
   const bool averaged = call.inputs.average_attn_weights;
-  const int64_t weights = call.inputs.need_weights ? 4 * t * context * (averaged ? 1 : h) : 0;
+  const int64_t weights = call.inputs.need_weights ? AppendWeightsBytes(engine, t, context, averaged) : 0;
   const int64_t answer = 4 * t * e + weights;
   if (limit <= 0 || answer <= limit) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat(

@@ -206,7 +206,8 @@ int64_t MultiheadAttention::AppendScoresBytes(int64_t tokens, int64_t context) c
   return rows * row_bytes;
 }
 
-absl::Status MultiheadAttention::ProjectMemory(const float* memory, int64_t tokens, KvSequence* cache) const {
+absl::Status MultiheadAttention::ProjectMemory(const float* memory, int64_t tokens, KvSequence* cache,
+                                               int max_threads) const {
   const MhaConfig& c = options_.config;
   if (c.key_dim() != c.value_dim()) {
     return absl::FailedPreconditionError(absl::StrCat("memory: one source for keys and values needs kdim == vdim, got ",
@@ -214,6 +215,7 @@ absl::Status MultiheadAttention::ProjectMemory(const float* memory, int64_t toke
   }
   const int64_t e = c.embed_dim;
   std::vector<float> k(static_cast<size_t>(tokens * e)), v(static_cast<size_t>(tokens * e));
+  const ScopedOmpThreads team(max_threads > 0 ? max_threads : omp_get_max_threads());
   ATTN_RETURN_IF_ERROR(k_proj_->Execute(memory, tokens, c.key_dim(), k.data(), e));
   ATTN_RETURN_IF_ERROR(v_proj_->Execute(memory, tokens, c.value_dim(), v.data(), e));
   return cache->Append(k.data(), v.data(), tokens);

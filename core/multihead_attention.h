@@ -150,8 +150,9 @@ class MultiheadAttention : public AppendEngine {
   std::vector<absl::StatusOr<AttentionOutputs>> ForwardAppends(absl::Span<const CachedAppend* const> appends,
                                                                int max_threads = 0) const override;
   // A cross-attention session's memory [S, kdim] (kdim == vdim) projected to keys and values, appended to
-  // `cache` (width E).
-  absl::Status ProjectMemory(const float* memory, int64_t tokens, KvSequence* cache) const;
+  // `cache` (width E), on at most `max_threads` OpenMP threads (0: the caller's default). A memory projected
+  // in parts, in order, gives the cache the rows projected whole would, up to float rounding.
+  absl::Status ProjectMemory(const float* memory, int64_t tokens, KvSequence* cache, int max_threads = 0) const;
   // Bytes of scores ForwardAppends holds at once for an append of `tokens` over `context` cached tokens (its
   // query blocks are planned within Options::scores_block_bytes, as Forward's are).
   int64_t AppendScoresBytes(int64_t tokens, int64_t context) const;

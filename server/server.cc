@@ -122,7 +122,7 @@ struct Server::Parts {
   std::unique_ptr<AccessLog> access_log;  // may be null; outlives the dispatcher, which writes to it
   std::unique_ptr<MetricsObserver> observer;
   std::unique_ptr<MemoryBudget> memory;
-  std::unique_ptr<CpuShares> cpu_shares;  // the workers' batches divide the CPUs among them
+  std::unique_ptr<CpuShares> cpu_shares;  // the workers' batches and memory projections divide the CPUs
   std::unique_ptr<BatchExecutor> executor;
   std::unique_ptr<BatchExecutor> express_executor;  // the express lane's: one thread per request
   std::unique_ptr<CallScheduler> scheduler;
@@ -168,6 +168,7 @@ Server::~Server() {
   // A load still running on the KServe control thread uses the whole server (layers_mu_ too): it finishes
   // while all of it is alive.
   if (parts_->kserve != nullptr) parts_->kserve->StopControlThread();
+  if (parts_->session_service != nullptr) parts_->session_service->StopOpener();
 }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Create(const attnserve::v1::ServerConfig& config,
@@ -255,6 +256,7 @@ absl::Status Server::BuildSessions() {
   store.clock = options_.clock;
   store.metrics = p.metrics.get();
   store.memory = p.memory.get();
+  store.shares = p.cpu_shares.get();
   store.submit = [dispatcher = p.dispatcher.get()](std::unique_ptr<InferenceCall> call) {
     dispatcher->Submit(std::move(call));
   };
@@ -661,8 +663,10 @@ absl::Status Server::Drain(absl::Time deadline) {
   const absl::Time start = absl::Now();
   p.listener_probe.reset();  // a draining port may stop answering; that is no failure
   StopAccepting();
-  // Layer changes still waiting are refused (UNAVAILABLE); the one running finishes before the queues drain.
+  // Layer changes and session opens still waiting are refused (UNAVAILABLE); the ones running finish before
+  // the queues drain.
   p.kserve->StopControlThread();
+  p.session_service->StopOpener();
   // Answer everything accepted: the scheduler runs all queued batches, then stops its workers. On a
   // thread of its own, so that a deadline running out leaves it behind rather than blocking here.
   auto drained = std::make_shared<absl::Notification>();
@@ -708,8 +712,9 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
   const absl::Time load_start = absl::Now();
   ATTN_RETURN_IF_ERROR(RunAtBackgroundPriority([&]() -> absl::Status {
     ATTN_ASSIGN_OR_RETURN(loaded, attnserve::LoadLayer(config));
-    for (int team : CpuShares::TeamSizes(threads_per_batch_, worker_threads_)) {
-      ATTN_RETURN_IF_ERROR(WarmUpLayer(*loaded, team));  // each team size a batch's share of the CPUs can have
+    // Each team size a batch's share of the CPUs can have: the workers' and the session opener's shares.
+    for (int team : CpuShares::TeamSizes(threads_per_batch_, worker_threads_ + 1)) {
+      ATTN_RETURN_IF_ERROR(WarmUpLayer(*loaded, team));
     }
     return absl::OkStatus();
   }));

@@ -101,7 +101,7 @@ class KServeServiceImpl final : public KServeServiceBase {
 
  private:
   explicit KServeServiceImpl(const Options& options)
-      : options_(options), control_(std::make_unique<SerialWorker>(/*max_pending=*/16)) {}
+      : options_(options), control_(std::make_unique<SerialWorker>(/*max_pending=*/16, "attn-control")) {}
   // `rpc_name` (a literal) names the method in the access log. The answer fills `response` and `raw_outputs`
   // (EncodeModelInferAnswer); both must outlive the call.
   void Submit(const ServedRpc& rpc, const char* rpc_name, const inference::ModelInferRequest& request,

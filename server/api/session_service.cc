@@ -1,9 +1,12 @@
 #include "server/api/session_service.h"
 
 #include <memory>
+#include <new>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "server/api/append_answer.h"
 #include "server/api/call_binding.h"
 #include "server/api/grpc_status.h"
@@ -45,11 +48,18 @@ void EncodeSession(const SessionInfo& info, attnserve::v1::Session* out) {
   out->set_idle_ms(info.idle_ms);
 }
 
+grpc::Status ShuttingDown() { return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"); }
+
+// The status to finish with, `response` filled when OK.
+grpc::Status SessionAnswer(const absl::StatusOr<SessionInfo>& info, attnserve::v1::Session* response) {
+  if (!info.ok()) return ToGrpcStatus(info.status());
+  EncodeSession(*info, response);
+  return grpc::Status::OK;
+}
+
 grpc::ServerUnaryReactor* AnswerSession(const ServedRpc& rpc, const absl::StatusOr<SessionInfo>& info,
                                         attnserve::v1::Session* response) {
-  if (!info.ok()) return FinishNow(rpc, ToGrpcStatus(info.status()));
-  EncodeSession(*info, response);
-  return FinishNow(rpc, grpc::Status::OK);
+  return FinishNow(rpc, SessionAnswer(info, response));
 }
 
 void WriteError(const AppendRequest& request, const grpc::Status& status, AppendAnswer* answer) {
@@ -87,17 +97,55 @@ grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServer
   args.layers.assign(request->layers().begin(), request->layers().end());
   args.max_tokens = request->max_tokens();
   args.idle_timeout_ms = request->idle_timeout_ms();
+  if (request->memory_size() == 0) return AnswerSession(rpc, store_->Open(args), response);
   // The request and its memories' aligned copy, held until the session is open.
   MemoryBudget::Reservation held;
-  if (MemoryBudget* budget = store_->memory_budget(); budget != nullptr && request->memory_size() > 0) {
+  if (MemoryBudget* budget = store_->memory_budget(); budget != nullptr) {
     absl::StatusOr<MemoryBudget::Reservation> reserved =
         budget->Reserve(2 * static_cast<int64_t>(request->ByteSizeLong()));
     if (!reserved.ok()) return FinishNow(rpc, ToGrpcStatus(reserved.status()));
     held = std::move(*reserved);
   }
-  std::vector<std::vector<float>> memories;
-  if (absl::Status s = DecodeMemories(*request, &args, &memories); !s.ok()) return FinishNow(rpc, ToGrpcStatus(s));
-  return AnswerSession(rpc, store_->Open(args), response);
+  // Decoded here, so that the opener's thread only projects (a copy of at most the message limit, a few ms).
+  auto memories = std::make_shared<std::vector<std::vector<float>>>();
+  if (absl::Status s = DecodeMemories(*request, &args, memories.get()); !s.ok()) {
+    return FinishNow(rpc, ToGrpcStatus(s));
+  }
+  args.deadline = DeadlineOf(*ctx);
+  // The drain stops a running open too, at its next block.
+  args.is_cancelled = [ctx, opener = &opener_] { return ctx->IsCancelled() || opener->stopping(); };
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  auto held_until_open = std::make_shared<MemoryBudget::Reservation>(std::move(held));
+  auto open = [this, rpc, reactor, response, args = std::move(args), memories, held_until_open](bool run) mutable {
+    const grpc::Status status = run ? OpenWithMemories(args, response) : ShuttingDown();
+    memories.reset();
+    held_until_open->Release();
+    reactor->Finish(rpc.Ended(status));
+  };
+  const bool posted = opener_.Post(std::move(open));
+  if (!posted) {
+    reactor->Finish(rpc.Ended(
+        opener_.stopping() ? ShuttingDown()
+                           : grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                          absl::StrCat("memory: ", kMaxOpensWaiting,
+                                                       " sessions with memories are waiting to be opened already"))));
+  }
+  return reactor;
+}
+
+grpc::Status SessionServiceImpl::OpenWithMemories(const SessionStore::OpenArgs& args,
+                                                  attnserve::v1::Session* response) const {
+  try {  // an exception on the opener's thread would end the process
+    absl::StatusOr<SessionInfo> info = store_->Open(args);
+    if (!info.ok() && info.status().code() == absl::StatusCode::kCancelled && opener_.stopping()) {
+      return ShuttingDown();
+    }
+    return SessionAnswer(info, response);
+  } catch (const std::bad_alloc&) {
+    return ToGrpcStatus(absl::ResourceExhaustedError("out of memory while projecting the session's memories"));
+  } catch (const std::exception& e) {
+    return ToGrpcStatus(absl::InternalError(absl::StrCat("projecting the session's memories failed: ", e.what())));
+  }
 }
 
 void SessionServiceImpl::SubmitAppend(const ServedRpc& rpc, const char* rpc_name, const AppendRequest& request,

@@ -5,7 +5,8 @@
 //
 // Scopes: every RPC needs infer; ListSessions needs admin.
 //
-// Thread-safety: gRPC calls the handlers from its own threads; workers finish appends from theirs.
+// Thread-safety: gRPC calls the handlers from its own threads; workers finish appends from theirs, and the
+// opener's thread CreateSession calls with memories.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -21,6 +22,7 @@
 #include "server/api/infer_answer.h"
 #include "server/api/served_rpc.h"
 #include "server/batching/clock.h"
+#include "server/runtime/serial_worker.h"
 #include "server/sessions/session_store.h"
 
 namespace attnserve {
@@ -48,7 +50,16 @@ class SessionServiceImpl final : public SessionServiceBase {
         clock_(clock),
         max_inflight_per_stream_(std::max<int64_t>(1, max_inflight_per_stream)),
         authorizer_(authorizer),
-        calls_(calls) {}
+        calls_(calls),
+        opener_(kMaxOpensWaiting, "attn-open") {}
+
+  // CreateSession calls with memories wait for the one being projected; past this many waiting, one is
+  // RESOURCE_EXHAUSTED. Each holds its request in the memory budget while it waits.
+  static constexpr size_t kMaxOpensWaiting = 64;
+
+  // The open running stops at its next block, those waiting and later ones are answered UNAVAILABLE. For the
+  // drain, before gRPC stops: nothing is left to finish a call once it has.
+  void StopOpener() { opener_.Stop(); }
 
   grpc::ServerUnaryReactor* CreateSession(grpc::CallbackServerContext* ctx,
                                           const attnserve::v1::CreateSessionRequest* request,
@@ -77,12 +88,19 @@ class SessionServiceImpl final : public SessionServiceBase {
   // literal) names the method in the access log.
   void SubmitAppend(const ServedRpc& rpc, const char* rpc_name, const attnserve::v1::AppendRequest& request,
                     AppendAnswer* answer, OnAnswer on_answer) const;
+  // On the opener's thread: the session opened, its memories projected, `response` filled; the status to finish
+  // with (UNAVAILABLE when the drain stopped it; an exception becomes RESOURCE_EXHAUSTED or INTERNAL).
+  grpc::Status OpenWithMemories(const SessionStore::OpenArgs& args, attnserve::v1::Session* response) const;
 
   SessionStore* store_;
   const Clock* clock_;
   const int64_t max_inflight_per_stream_;
   const Authorizer* authorizer_;
   CallCounts* calls_;
+  // Opens sessions with cross-attention memories, one at a time: projecting a memory is a matmul over up to
+  // max_sequence_length rows per layer, which a handler on gRPC's threads must not run (nor a flood of them
+  // at once, each with its own OpenMP team).
+  SerialWorker opener_;
 };
 
 }  // namespace attnserve

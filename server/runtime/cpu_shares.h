@@ -1,4 +1,5 @@
-// The CPUs divided among the batches computing at once. A batch that computes alone takes every CPU (its OpenMP
+// The CPUs divided among the batches computing at once (a session's memory projection takes a share as a batch
+// does: sessions/session_store.h). A batch that computes alone takes every CPU (its OpenMP
 // team spans them, which is what a lone large request needs); a batch that starts while others compute takes
 // its fair part, cpus / running, of the CPUs no batch holds, rounded down to a power of two (so that few team
 // sizes exist, each warmed up: TeamSizes), and at least 1. Under load the workers so compute side by side on

@@ -1,4 +1,6 @@
 // SessionStore: opening, forking and truncating sessions.
+#include <algorithm>
+#include <optional>
 #include <set>
 #include <utility>
 
@@ -12,10 +14,44 @@ namespace {
 
 std::string Quoted(const std::string& s) { return absl::StrCat("'", BoundedForLog(s), "'"); }
 
+// What projecting a memory takes besides the memory: the CPUs' shares (may be null) and when to stop.
+struct Projection {
+  CpuShares* shares;
+  const Clock* clock;
+  const SessionStore::OpenArgs* args;
+};
+
+// `memory` projected into `cache` kMemoryBlockTokens rows at a time, each block on its own CPU share (a batch
+// starting meanwhile gets its part of the CPUs at the next block), stopping between blocks once the open is
+// cancelled or past its deadline.
+absl::Status ProjectInBlocks(const MultiheadAttention& engine, const std::string& layer,
+                             const SessionStore::Memory& memory, const Projection& projection, KvSequence* cache) {
+  for (int64_t row = 0; row < memory.tokens; row += SessionStore::kMemoryBlockTokens) {
+    std::optional<CpuShares::Share> share;
+    if (projection.shares != nullptr) share.emplace(projection.shares->Take());
+    const SessionStore::OpenArgs& args = *projection.args;
+    const bool cancelled = args.is_cancelled && args.is_cancelled();
+    if (cancelled || projection.clock->Now() >= args.deadline) {
+      const std::string done = absl::StrCat(" after projecting ", row, " of the ", memory.tokens, " rows of memory[",
+                                            BoundedForLog(layer), "]");
+      return cancelled ? absl::CancelledError("session open cancelled" + done)
+                       : absl::DeadlineExceededError("deadline passed" + done);
+    }
+    const int64_t rows = std::min(SessionStore::kMemoryBlockTokens, memory.tokens - row);
+    if (absl::Status s =
+            engine.ProjectMemory(memory.data + row * memory.dim, rows, cache, share ? share->threads() : 0);
+        !s.ok()) {
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
 // The lane of `layer` (layers[i] of the request), its memory projected when it has one.
 absl::StatusOr<std::unique_ptr<SessionStore::Lane>> MakeLane(const std::string& field,
                                                              std::shared_ptr<const ServedLayer> layer,
-                                                             const SessionStore::Memory* memory, KvCachePool* pool) {
+                                                             const SessionStore::Memory* memory, KvCachePool* pool,
+                                                             const Projection& projection) {
   const AppendEngine& appender = layer->appender();
   KvSequence cache(pool, appender.cache_width());
   if (memory != nullptr && !appender.supports_cross_attention()) {
@@ -37,7 +73,9 @@ absl::StatusOr<std::unique_ptr<SessionStore::Lane>> MakeLane(const std::string& 
                                                      c.key_dim(), "] with 1 <= S <= ", limit, ", got [", memory->tokens,
                                                      ", ", memory->dim, "]"));
     }
-    if (absl::Status s = engine.ProjectMemory(memory->data, memory->tokens, &cache); !s.ok()) return s;
+    if (absl::Status s = ProjectInBlocks(engine, layer->config.name(), *memory, projection, &cache); !s.ok()) {
+      return s;
+    }
   }
   auto lane =
       std::make_unique<SessionStore::Lane>(layer->config.name(), std::move(layer), memory != nullptr, std::move(cache));
@@ -91,16 +129,19 @@ absl::StatusOr<SessionInfo> SessionStore::Open(const OpenArgs& args) {
     const int64_t layer_limit = layer->config.max_sequence_length();
     if (layer_limit > 0) limit = limit == 0 ? layer_limit : std::min(limit, layer_limit);
     auto memory = args.memory.find(args.layers[i]);
-    MemoryBudget::Reservation projecting;  // a memory's keys and values [S, E] each, until they are cached
+    // A block of a memory's keys and values ([kMemoryBlockTokens, E] each at most), until it is cached.
+    MemoryBudget::Reservation projecting;
     if (memory != args.memory.end() && options_.memory != nullptr) {
-      const int64_t bytes = 2 * memory->second.tokens * layer->appender().embed_dim() * int64_t{sizeof(float)};
+      const int64_t rows = std::min(memory->second.tokens, kMemoryBlockTokens);
+      const int64_t bytes = 2 * rows * layer->appender().embed_dim() * int64_t{sizeof(float)};
       absl::StatusOr<MemoryBudget::Reservation> reserved = options_.memory->Reserve(bytes);
       if (!reserved.ok()) return reserved.status();
       projecting = std::move(*reserved);
     }
     widest_.store(std::max(widest_.load(), layer->appender().cache_width()));
     absl::StatusOr<std::unique_ptr<Lane>> lane =
-        MakeLane(field, std::move(layer), memory == args.memory.end() ? nullptr : &memory->second, options_.pool);
+        MakeLane(field, std::move(layer), memory == args.memory.end() ? nullptr : &memory->second, options_.pool,
+                 Projection{options_.shares, options_.clock, &args});
     if (!lane.ok()) return lane.status();
     session->lanes[args.layers[i]] = std::move(*lane);
   }

@@ -31,6 +31,7 @@
 #include "core/kv_cache_pool.h"
 #include "server/batching/clock.h"
 #include "server/observability/metrics.h"
+#include "server/runtime/cpu_shares.h"
 #include "server/runtime/inference_call.h"
 #include "server/runtime/layer_registry.h"
 #include "server/runtime/memory_budget.h"
@@ -67,6 +68,10 @@ class SessionStore {
     // Wraps an append's finish with its metrics and logs (the Dispatcher's Instrument) as it arrives, so that
     // one refused or failed here is counted, and a chunked one's log sees its whole answer. May be empty.
     std::function<void(InferenceCall&)> instrument;
+    // A memory's projection takes a share of the CPUs from here for each of its blocks, as a batch does, so
+    // that it divides the CPUs with the batches computing meanwhile. May be null: each block uses the calling
+    // thread's OpenMP default.
+    CpuShares* shares = nullptr;
     // A session's idle_timeout_ms when it asks for none (> 0).
     int64_t default_idle_timeout_ms = 600'000;
     // Sessions open at once at most (> 0): CreateSession and ForkSession past it are RESOURCE_EXHAUSTED.
@@ -99,10 +104,18 @@ class SessionStore {
     int64_t max_tokens = 0;       // 0: each layer's max_sequence_length
     int64_t idle_timeout_ms = 0;  // 0: Options::default_idle_timeout_ms
     std::map<std::string, Memory> memory;
+    // Checked before each block of a memory's projection (kMemoryBlockTokens rows): an open whose caller
+    // cancelled it or whose deadline passed stops there, and nothing of it is kept.
+    absl::Time deadline = absl::InfiniteFuture();
+    std::function<bool()> is_cancelled;  // may be empty
   };
+  // Rows of a memory projected at a time: about 5 ms of a 2-CPU team at E=768, the longest a batch starting
+  // meanwhile shares the CPUs with it, and how soon a cancelled open stops.
+  static constexpr int64_t kMemoryBlockTokens = 512;
   // INVALID_ARGUMENT naming the field (id, layers, memory), ALREADY_EXISTS, NOT_FOUND for a layer,
-  // RESOURCE_EXHAUSTED (sessions, the pool for a memory, or the memory budget for its projection: its keys and
-  // values [S, E], reserved while it runs).
+  // RESOURCE_EXHAUSTED (sessions, the pool for a memory, or the memory budget for its projection: a block's keys
+  // and values, [min(S, kMemoryBlockTokens), E] each, reserved while it runs), CANCELLED or DEADLINE_EXCEEDED
+  // (while projecting a memory).
   absl::StatusOr<SessionInfo> Open(const OpenArgs& args);
   absl::StatusOr<SessionInfo> Fork(const std::string& id, const std::string& new_id);
   absl::StatusOr<SessionInfo> Truncate(const std::string& id, int64_t tokens);

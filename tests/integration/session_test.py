@@ -176,19 +176,25 @@ def case_fork_then_diverge_and_truncate(e):
 
 
 def case_cross_attention_memory(e):
+    """A memory of 9 rows, and one of 1101, which the server projects in blocks of 512 rows (on its opener
+    thread, a share of the CPUs each): the session's appends answer as Infer with the memory as key and value."""
     rng = np.random.default_rng(5)
     g = kt.Golden(next(c for c in kt.GOLDEN_CASES if c["name"] == "kdim_vdim"))
     if g.case["kdim"] != g.case["vdim"]:
         g = kt.Golden(next(c for c in kt.GOLDEN_CASES if c["name"] == "cross_attention"))
-    mem = rng.standard_normal((9, g.case["kdim"])).astype(np.float32)
-    x = rng.standard_normal((4, g.case["embed_dim"])).astype(np.float32)
-    e.sess.CreateSession(spb.CreateSessionRequest(session_id="cross", layers=[g.layer],
-                                                  memory={g.layer: tensor(mem)}), timeout=TIMEOUT)
-    out, r = append(e, "cross", x, layer=g.layer)
-    expect(r.position == 9, f"a cross-attention append leaves the memory's 9 tokens, got {r.position}")
-    want = array(e.s.v1.Infer(kt.pb.InferRequest(layer=g.layer, query=tensor(x), key=tensor(mem), value=tensor(mem)),
-                              timeout=TIMEOUT).output)
-    expect(np.abs(out - want).max() <= 1e-6, "cross-attention session differs from Infer with the memory")
+    for rows in (9, 2 * 512 + 77):
+        sid = f"cross-{rows}"
+        mem = rng.standard_normal((rows, g.case["kdim"])).astype(np.float32)
+        x = rng.standard_normal((4, g.case["embed_dim"])).astype(np.float32)
+        e.sess.CreateSession(spb.CreateSessionRequest(session_id=sid, layers=[g.layer],
+                                                      memory={g.layer: tensor(mem)}), timeout=TIMEOUT)
+        out, r = append(e, sid, x, layer=g.layer)
+        expect(r.position == rows, f"a cross-attention append leaves the memory's {rows} tokens, got {r.position}")
+        want = array(e.s.v1.Infer(kt.pb.InferRequest(layer=g.layer, query=tensor(x), key=tensor(mem),
+                                                     value=tensor(mem)), timeout=TIMEOUT).output)
+        diff = np.abs(out - want).max()
+        expect(diff <= 1e-6, f"a cross-attention session over {rows} rows differs from Infer with the memory: {diff}")
+        e.sess.CloseSession(spb.CloseSessionRequest(session_id=sid), timeout=TIMEOUT)
 
 
 def half_tensor(a, dtype):

@@ -3,14 +3,16 @@
 // sessions go after their timeout (not before) and when the pool is full; a failed append leaves the cache as
 // it was; a long prefill goes in chunks that let another session's decode step in between; fork and truncate
 // wait for appends in flight.
+#include "server/sessions/session_store.h"
+
 #include <deque>
+#include <optional>
 #include <random>
 
 #include "absl/strings/str_cat.h"
 #include "common/half_float.h"
 #include "gtest/gtest.h"
 #include "server/sessions/prefill_chunks.h"
-#include "server/sessions/session_store.h"
 #include "server/startup/server_config.h"
 #include "tests/testing/fake_clock.h"
 #include "tests/testing/naive_mha.h"
@@ -67,6 +69,7 @@ class SessionStoreTest : public ::testing::Test {
     o.default_idle_timeout_ms = 1000;
     o.prefill_chunk_tokens = chunk_tokens;
     o.memory = memory;
+    o.shares = shares_;
     store_ = std::move(*SessionStore::Create(o));
   }
 
@@ -159,6 +162,7 @@ class SessionStoreTest : public ::testing::Test {
   testing::FakeClock clock_;
   std::unique_ptr<LayerRegistry> registry_;
   std::unique_ptr<KvCachePool> pool_;
+  CpuShares* shares_ = nullptr;  // Options::shares of the next Build
   std::unique_ptr<SessionStore> store_;
   std::deque<std::unique_ptr<InferenceCall>> queue_;
   int runs_ = 0;  // calls run through the engine
@@ -378,6 +382,104 @@ TEST_F(SessionStoreTest, AMemorysProjectionIsReservedWhileItRuns) {
   ASSERT_TRUE(opened.ok()) << opened.status();
   EXPECT_EQ(opened->layers[0].tokens, 39);
   EXPECT_EQ(budget.reserved_bytes(), 0);
+}
+
+// A memory longer than a block reserves one block's keys and values: the rest are in the KV pool once projected.
+TEST_F(SessionStoreTest, ALongMemoryReservesOneBlockOfItsProjection) {
+  constexpr int64_t kRows = 2 * SessionStore::kMemoryBlockTokens + 77;
+  const std::vector<float> memory = testing::RandomValues(rng_, kRows * kE);
+  for (const int64_t budget_bytes :
+       {2 * SessionStore::kMemoryBlockTokens * kE * 4 - 1, 2 * SessionStore::kMemoryBlockTokens * kE * 4}) {
+    MemoryBudget budget(budget_bytes);
+    store_.reset();
+    Build(int64_t{1} << 20, 512, &budget);
+    SessionStore::OpenArgs args;
+    args.id = "x";
+    args.layers = {"l"};
+    args.memory["l"] = {memory.data(), kRows, kE};
+    const absl::StatusOr<SessionInfo> opened = store_->Open(args);
+    EXPECT_EQ(opened.status().code(),
+              budget_bytes % 2 == 0 ? absl::StatusCode::kOk : absl::StatusCode::kResourceExhausted)
+        << opened.status();
+    EXPECT_EQ(budget.reserved_bytes(), 0);
+  }
+}
+
+// A memory is projected kMemoryBlockTokens rows at a time, each block on a share of the CPUs taken as a batch
+// takes one; the cache holds what projecting it whole gives: an append over it answers as attention over the
+// memory itself (key = value = memory) does.
+TEST_F(SessionStoreTest, AMemoryIsProjectedInBlocksEachOnACpuShare) {
+  std::unique_ptr<CpuShares> shares = std::move(*CpuShares::Create({2}));
+  shares_ = shares.get();
+  Build(int64_t{1} << 20, 512);
+  constexpr int64_t kRows = 2 * SessionStore::kMemoryBlockTokens + 77;
+  const std::vector<float> memory = testing::RandomValues(rng_, kRows * kE);
+  SessionStore::OpenArgs args;
+  args.id = "x";
+  args.layers = {"l"};
+  args.memory["l"] = {memory.data(), kRows, kE};
+  // As each block is about to be projected: the shares held and their threads. After the first block a batch
+  // starts (a share taken and held to the end): each later block takes its part of what that batch left, so
+  // the threads handed out stay 2 (a share held across blocks would keep 2 threads beside the batch's 1: 3).
+  std::vector<int> running, threads;
+  std::optional<CpuShares::Share> batch;
+  args.is_cancelled = [&] {
+    running.push_back(shares->held().running);
+    threads.push_back(shares->held().threads);
+    if (!batch) batch.emplace(shares->Take());
+    return false;
+  };
+  const absl::StatusOr<SessionInfo> opened = store_->Open(args);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  EXPECT_EQ(opened->layers[0].tokens, kRows);
+  EXPECT_EQ(running, std::vector<int>({1, 2, 2}));
+  EXPECT_EQ(threads, std::vector<int>({2, 2, 2}));
+  batch.reset();
+  EXPECT_EQ(shares->held().running, 0);
+
+  auto sent = Append("x", 5);
+  RunAll();
+  ASSERT_TRUE(sent->status.ok()) << sent->status;
+  AttentionInputs in;
+  in.query = TensorView::F32(sent->query.data(), {5, kE});
+  in.key = in.value = TensorView::F32(memory.data(), {kRows, kE});
+  const absl::StatusOr<AttentionOutputs> want = registry_->Find("l")->engine->Forward(in);
+  ASSERT_TRUE(want.ok()) << want.status();
+  EXPECT_LE(MaxAbsDiff(sent->outputs.output.values, want->output.values), 1e-5);
+}
+
+// An open cancelled, or whose deadline passes, while its memory is projected stops at the next block: nothing
+// of it is kept (no session, no cache blocks, no reservation), and the error says how far it got.
+TEST_F(SessionStoreTest, AnOpenStopsBetweenBlocksOnceCancelledOrPastItsDeadline) {
+  MemoryBudget budget(int64_t{1} << 30);
+  Build(int64_t{1} << 20, 512, &budget);
+  constexpr int64_t kRows = 2 * SessionStore::kMemoryBlockTokens + 77;
+  const std::vector<float> memory = testing::RandomValues(rng_, kRows * kE);
+  for (const bool cancel : {true, false}) {
+    SCOPED_TRACE(cancel ? "cancelled" : "deadline");
+    SessionStore::OpenArgs args;
+    args.id = "x";
+    args.layers = {"l"};
+    args.memory["l"] = {memory.data(), kRows, kE};
+    args.deadline = clock_.Now() + absl::Seconds(1);
+    int checks = 0;
+    args.is_cancelled = [&] {
+      if (++checks < 2) return false;
+      if (!cancel) clock_.Advance(absl::Seconds(2));  // the deadline passes before the second block
+      return cancel;
+    };
+    const absl::StatusOr<SessionInfo> stopped = store_->Open(args);
+    EXPECT_EQ(stopped.status().code(), cancel ? absl::StatusCode::kCancelled : absl::StatusCode::kDeadlineExceeded)
+        << stopped.status();
+    EXPECT_NE(stopped.status().message().find(absl::StrCat("after projecting ", SessionStore::kMemoryBlockTokens,
+                                                           " of the ", kRows, " rows of memory[l]")),
+              std::string::npos)
+        << stopped.status();
+    EXPECT_EQ(checks, 2);
+    EXPECT_EQ(store_->Get("x").status().code(), absl::StatusCode::kNotFound);
+    EXPECT_EQ(pool_->blocks_in_use(), 0);
+    EXPECT_EQ(budget.reserved_bytes(), 0);
+  }
 }
 
 // A 16-bit query goes to the engine as it came: no f32 copy is reserved or made (a queued append holds its

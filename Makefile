@@ -8,12 +8,12 @@ FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= infer_request_fuzz kserve_request_fuzz safetensors_fuzz config_fuzz
 # The tests with threads of their own, run under ThreadSanitizer: the KV cache pool, the scheduler and queue,
 # the layer registry, the executor and metrics, the engine on many threads, the in-process server (service,
-# drain, reload), the Open Inference Protocol's service and layer catalog (streams, control thread), and the
-# reset-flood guard's thread beside a caller.
+# drain, reload), the Open Inference Protocol's service and layer catalog (streams, control thread), the
+# reset-flood guard's thread beside a caller, and the session opener's thread (its worker, the drain).
 TSAN_TESTS ?= kv_cache_pool_test background_priority_test load_heap_pad_test batch_queue_test batch_scheduler_test layer_registry_test batch_executor_test metrics_test \
               call_counts_test reset_flood_guard_test \
               mha_threads_test layer_reload_test attention_service_test credential_store_test listener_probe_test \
-              kserve_service_test layer_catalog_test cpu_shares_test
+              kserve_service_test layer_catalog_test cpu_shares_test serial_worker_test session_service_test
 # Under TSan the two service tests that push hundreds of large messages through gRPC took minutes (overload:
 # 8 s in one run, 214 s in another); the rest of the service tests, the stream among them, run.
 TSAN_GTEST_FILTER ?= -AttentionServiceTest.OverloadGetsResourceExhausted:AttentionServiceTest.MalformedRequestsAmongGoodOnes

@@ -271,11 +271,8 @@ grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryIndex(grpc::CallbackServe
 
 grpc::ServerUnaryReactor* KServeServiceImpl::RunOnControlThread(const ServedRpc& rpc,
                                                                 std::function<absl::Status()> work) {
-  if (control_ == nullptr) {
-    return FinishNow(rpc, grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
-  }
   grpc::ServerUnaryReactor* reactor = rpc.ctx()->DefaultReactor();
-  const bool posted = control_->Post([rpc, reactor, work = std::move(work)](bool run) {
+  const bool posted = control_.Post([rpc, reactor, work = std::move(work)](bool run) {
     if (!run) {
       return reactor->Finish(rpc.Ended(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down")));
     }
@@ -291,12 +288,14 @@ grpc::ServerUnaryReactor* KServeServiceImpl::RunOnControlThread(const ServedRpc&
   });
   if (!posted) {
     reactor->Finish(
-        rpc.Ended(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "16 layer changes are waiting already")));
+        rpc.Ended(control_.stopping()
+                      ? grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down")
+                      : grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "16 layer changes are waiting already")));
   }
   return reactor;
 }
 
-void KServeServiceImpl::StopControlThread() { control_.reset(); }
+void KServeServiceImpl::StopControlThread() { control_.Stop(); }
 
 grpc::ServerUnaryReactor* KServeServiceImpl::RepositoryModelLoad(grpc::CallbackServerContext* ctx,
                                                                  const inference::RepositoryModelLoadRequest* request,

@@ -95,13 +95,13 @@ class KServeServiceImpl final : public KServeServiceBase {
                                                   const inference::RepositoryModelUnloadRequest* request,
                                                   inference::RepositoryModelUnloadResponse* response) override;
 
-  // Runs what the control thread holds and stops it; later loads and unloads are refused UNAVAILABLE. Call
-  // once no handler runs any more (after gRPC's shutdown), before what the loads use goes away.
+  // Lets the running change finish and stops the control thread: changes waiting and later ones are refused
+  // UNAVAILABLE. Any thread, handlers running or not; before what the loads use goes away. Idempotent.
   void StopControlThread();
 
  private:
   explicit KServeServiceImpl(const Options& options)
-      : options_(options), control_(std::make_unique<SerialWorker>(/*max_pending=*/16, "attn-control")) {}
+      : options_(options), control_(/*max_pending=*/16, "attn-control") {}
   // `rpc_name` (a literal) names the method in the access log. The answer fills `response` and `raw_outputs`
   // (EncodeModelInferAnswer); both must outlive the call.
   void Submit(const ServedRpc& rpc, const char* rpc_name, const inference::ModelInferRequest& request,
@@ -115,7 +115,7 @@ class KServeServiceImpl final : public KServeServiceBase {
   grpc::ServerUnaryReactor* RunOnControlThread(const ServedRpc& rpc, std::function<absl::Status()> work);
 
   const Options options_;
-  std::unique_ptr<SerialWorker> control_;  // null once stopped
+  SerialWorker control_;
 };
 
 }  // namespace attnserve

@@ -111,6 +111,8 @@ grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServer
   if (absl::Status s = DecodeMemories(*request, &args, memories.get()); !s.ok()) {
     return FinishNow(rpc, ToGrpcStatus(s));
   }
+  // Refused now rather than after the memories before it (the opener checks again: a session may open meanwhile).
+  if (absl::Status s = store_->CheckOpen(args); !s.ok()) return FinishNow(rpc, ToGrpcStatus(s));
   args.deadline = DeadlineOf(*ctx);
   // The drain stops a running open too, at its next block.
   args.is_cancelled = [ctx, opener = &opener_] { return ctx->IsCancelled() || opener->stopping(); };

@@ -47,33 +47,37 @@ absl::Status ProjectInBlocks(const MultiheadAttention& engine, const std::string
   return absl::OkStatus();
 }
 
-// The lane of `layer` (layers[i] of the request), its memory projected when it has one.
-absl::StatusOr<std::unique_ptr<SessionStore::Lane>> MakeLane(const std::string& field,
-                                                             std::shared_ptr<const ServedLayer> layer,
-                                                             const SessionStore::Memory* memory, KvCachePool* pool,
-                                                             const Projection& projection) {
-  const AppendEngine& appender = layer->appender();
-  KvSequence cache(pool, appender.cache_width());
-  if (memory != nullptr && !appender.supports_cross_attention()) {
-    return absl::InvalidArgumentError(absl::StrCat("memory[", BoundedForLog(layer->config.name()),
+// Whether `layer` (layers[i] of the request, `field`) can hold a lane with `memory` (may be null).
+absl::Status CheckLane(const std::string& field, const ServedLayer& layer, const SessionStore::Memory* memory) {
+  if (memory != nullptr && !layer.appender().supports_cross_attention()) {
+    return absl::InvalidArgumentError(absl::StrCat("memory[", BoundedForLog(layer.config.name()),
                                                    "]: a DECODER_ATTENTION layer has no cross-attention sessions"));
   }
   if (memory == nullptr) {
-    if (layer->engine != nullptr && !layer->engine->config().same_qkv_dim()) {
+    if (layer.engine != nullptr && !layer.engine->config().same_qkv_dim()) {
       return absl::InvalidArgumentError(
-          absl::StrCat(field, ": layer ", Quoted(layer->config.name()),
+          absl::StrCat(field, ": layer ", Quoted(layer.config.name()),
                        " has kdim/vdim != embed_dim: open it with a memory (cross-attention)"));
     }
-  } else {
-    const MultiheadAttention& engine = *layer->engine;
-    const MhaConfig& c = engine.config();
-    const int64_t limit = layer->config.max_sequence_length();
-    if (memory->dim != c.key_dim() || memory->tokens < 1 || (limit > 0 && memory->tokens > limit)) {
-      return absl::InvalidArgumentError(absl::StrCat("memory[", BoundedForLog(layer->config.name()), "]: expected [S, ",
-                                                     c.key_dim(), "] with 1 <= S <= ", limit, ", got [", memory->tokens,
-                                                     ", ", memory->dim, "]"));
-    }
-    if (absl::Status s = ProjectInBlocks(engine, layer->config.name(), *memory, projection, &cache); !s.ok()) {
+    return absl::OkStatus();
+  }
+  const int64_t key_dim = layer.engine->config().key_dim();
+  const int64_t limit = layer.config.max_sequence_length();
+  if (memory->dim != key_dim || memory->tokens < 1 || (limit > 0 && memory->tokens > limit)) {
+    return absl::InvalidArgumentError(absl::StrCat("memory[", BoundedForLog(layer.config.name()), "]: expected [S, ",
+                                                   key_dim, "] with 1 <= S <= ", limit, ", got [", memory->tokens, ", ",
+                                                   memory->dim, "]"));
+  }
+  return absl::OkStatus();
+}
+
+// The lane of `layer` (checked by CheckLane), its memory projected when it has one.
+absl::StatusOr<std::unique_ptr<SessionStore::Lane>> MakeLane(std::shared_ptr<const ServedLayer> layer,
+                                                             const SessionStore::Memory* memory, KvCachePool* pool,
+                                                             const Projection& projection) {
+  KvSequence cache(pool, layer->appender().cache_width());
+  if (memory != nullptr) {
+    if (absl::Status s = ProjectInBlocks(*layer->engine, layer->config.name(), *memory, projection, &cache); !s.ok()) {
       return s;
     }
   }
@@ -99,7 +103,7 @@ absl::Status CheckTruncate(const SessionStore::Lane& lane, int64_t tokens) {
 
 }  // namespace
 
-absl::StatusOr<SessionInfo> SessionStore::Open(const OpenArgs& args) {
+absl::StatusOr<SessionStore::OpenPlan> SessionStore::PlanOpen(const OpenArgs& args) const {
   if (absl::Status s = CheckId(args.id, "session_id"); !s.ok()) return s;
   if (args.layers.empty()) return absl::InvalidArgumentError("layers: expected at least one layer name");
   if (args.max_tokens < 0 || args.idle_timeout_ms < 0) {
@@ -112,22 +116,45 @@ absl::StatusOr<SessionInfo> SessionStore::Open(const OpenArgs& args) {
     }
   }
   {
-    absl::MutexLock lock(&mu_);  // fail early, before projecting memories
+    absl::MutexLock lock(&mu_);  // Open checks both again as it inserts the session
     if (sessions_.contains(args.id))
       return absl::AlreadyExistsError(absl::StrCat("session_id: session ", Quoted(args.id), " exists"));
+    if (static_cast<int64_t>(sessions_.size()) >= options_.max_sessions) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("sessions: ", sessions_.size(), " open, the server's max_sessions is ", options_.max_sessions));
+    }
   }
-  auto session = std::make_shared<Session>();
-  session->id = args.id;
-  session->idle_timeout_ms = args.idle_timeout_ms > 0 ? args.idle_timeout_ms : options_.default_idle_timeout_ms;
-  int64_t limit = 0;  // the smallest max_sequence_length of the layers (0: none)
+  OpenPlan plan;
+  std::set<std::string> listed;
   for (size_t i = 0; i < args.layers.size(); ++i) {
     const std::string field = absl::StrCat("layers[", i, "]");
     std::shared_ptr<const ServedLayer> layer = options_.registry->Find(args.layers[i]);
     if (layer == nullptr) return absl::NotFoundError(absl::StrCat(field, ": no layer named ", Quoted(args.layers[i])));
-    if (session->lanes.count(args.layers[i]) > 0)
-      return absl::InvalidArgumentError(absl::StrCat(field, ": listed twice"));
+    if (!listed.insert(args.layers[i]).second) return absl::InvalidArgumentError(absl::StrCat(field, ": listed twice"));
+    auto memory = args.memory.find(args.layers[i]);
+    if (absl::Status s = CheckLane(field, *layer, memory == args.memory.end() ? nullptr : &memory->second); !s.ok()) {
+      return s;
+    }
     const int64_t layer_limit = layer->config.max_sequence_length();
-    if (layer_limit > 0) limit = limit == 0 ? layer_limit : std::min(limit, layer_limit);
+    if (layer_limit > 0) plan.limit = plan.limit == 0 ? layer_limit : std::min(plan.limit, layer_limit);
+    plan.layers.push_back(std::move(layer));
+  }
+  if (plan.limit > 0 && args.max_tokens > plan.limit) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens: ", args.max_tokens, " is past the layers' max_sequence_length ", plan.limit));
+  }
+  return plan;
+}
+
+absl::StatusOr<SessionInfo> SessionStore::Open(const OpenArgs& args) {
+  absl::StatusOr<OpenPlan> plan = PlanOpen(args);
+  if (!plan.ok()) return plan.status();
+  auto session = std::make_shared<Session>();
+  session->id = args.id;
+  session->idle_timeout_ms = args.idle_timeout_ms > 0 ? args.idle_timeout_ms : options_.default_idle_timeout_ms;
+  session->max_tokens = args.max_tokens > 0 ? args.max_tokens : plan->limit;
+  for (size_t i = 0; i < plan->layers.size(); ++i) {
+    std::shared_ptr<const ServedLayer>& layer = plan->layers[i];
     auto memory = args.memory.find(args.layers[i]);
     // A block of a memory's keys and values ([kMemoryBlockTokens, E] each at most), until it is cached.
     MemoryBudget::Reservation projecting;
@@ -140,16 +167,11 @@ absl::StatusOr<SessionInfo> SessionStore::Open(const OpenArgs& args) {
     }
     widest_.store(std::max(widest_.load(), layer->appender().cache_width()));
     absl::StatusOr<std::unique_ptr<Lane>> lane =
-        MakeLane(field, std::move(layer), memory == args.memory.end() ? nullptr : &memory->second, options_.pool,
+        MakeLane(std::move(layer), memory == args.memory.end() ? nullptr : &memory->second, options_.pool,
                  Projection{options_.shares, options_.clock, &args});
     if (!lane.ok()) return lane.status();
     session->lanes[args.layers[i]] = std::move(*lane);
   }
-  if (limit > 0 && args.max_tokens > limit) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_tokens: ", args.max_tokens, " is past the layers' max_sequence_length ", limit));
-  }
-  session->max_tokens = args.max_tokens > 0 ? args.max_tokens : limit;
   {
     absl::MutexLock lock(&session->mu);
     session->last_used = options_.clock->Now();

@@ -117,6 +117,10 @@ class SessionStore {
   // and values, [min(S, kMemoryBlockTokens), E] each, reserved while it runs), CANCELLED or DEADLINE_EXCEEDED
   // (while projecting a memory).
   absl::StatusOr<SessionInfo> Open(const OpenArgs& args);
+  // What Open would refuse before it projects anything (every error above but the pool, the budget, CANCELLED
+  // and DEADLINE_EXCEEDED): so that an open refused for its request or the sessions open now does not wait for
+  // the memories before it (SessionService checks a CreateSession with memories here before it queues it).
+  absl::Status CheckOpen(const OpenArgs& args) const { return PlanOpen(args).status(); }
   absl::StatusOr<SessionInfo> Fork(const std::string& id, const std::string& new_id);
   absl::StatusOr<SessionInfo> Truncate(const std::string& id, int64_t tokens);
   absl::Status Close(const std::string& id);
@@ -141,6 +145,13 @@ class SessionStore {
   struct Session;
 
  private:
+  // An open's layers, looked up (args.layers[i]), and their smallest max_sequence_length (0: none).
+  struct OpenPlan {
+    std::vector<std::shared_ptr<const ServedLayer>> layers;
+    int64_t limit = 0;
+  };
+  absl::StatusOr<OpenPlan> PlanOpen(const OpenArgs& args) const ABSL_LOCKS_EXCLUDED(mu_);
+
   explicit SessionStore(const Options& options) : options_(options) {}
   std::shared_ptr<Session> FindLocked(const std::string& id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status MissingLocked(const std::string& id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

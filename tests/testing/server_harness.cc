@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <omp.h>
+#include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -152,6 +153,8 @@ TestServer::~TestServer() {
 }
 
 absl::StatusOr<std::string> TestServer::Metrics() const { return HttpGet("127.0.0.1", metrics_port, "/metrics"); }
+
+void QuietServerLogs::SetUp() { spdlog::set_level(spdlog::level::err); }
 
 absl::StatusOr<std::unique_ptr<TestServer>> StartInProcessServer(const std::string& config_pbtxt,
                                                                  const ServerOptions& options) {

@@ -63,6 +63,15 @@ int FreePort();
 bool WaitFor(const std::function<bool()>& condition, absl::Duration timeout,
              absl::Duration interval = absl::Milliseconds(10));
 
+// A test environment under which a server logs errors only: it logs a warning for every refused request, and
+// the service tests send hundreds on purpose. A test file registers it at namespace scope:
+//   [[maybe_unused]] ::testing::Environment* const kQuietLogs = ::testing::AddGlobalTestEnvironment(new
+//   QuietServerLogs);
+class QuietServerLogs : public ::testing::Environment {
+ public:
+  void SetUp() override;
+};
+
 // ---------------------------------------------------------------------------------------------------
 // The server under test.
 

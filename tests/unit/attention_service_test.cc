@@ -6,7 +6,6 @@
 // Loops are bounded in count, not in wall time, and small: these tests also run under ThreadSanitizer.
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
-#include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -43,11 +42,6 @@ namespace {
 
 using ::testing::HasSubstr;
 
-// The server logs a warning for every refused request, and these tests send hundreds on purpose.
-class QuietServerLogs : public ::testing::Environment {
- public:
-  void SetUp() override { spdlog::set_level(spdlog::level::err); }
-};
 [[maybe_unused]] ::testing::Environment* const kQuietLogs = ::testing::AddGlobalTestEnvironment(new QuietServerLogs);
 
 class AttentionServiceTest : public ::testing::Test {

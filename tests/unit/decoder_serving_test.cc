@@ -3,7 +3,6 @@
 // (tests/golden/decoder_cases.json), positions by offset and by position_ids, sessions appending to it equal to
 // the whole sequence's answer, and the inputs it does not take refused naming the field.
 #include <grpcpp/grpcpp.h>
-#include <spdlog/spdlog.h>
 
 #include <cstring>
 #include <string>
@@ -20,10 +19,6 @@
 namespace attnserve::testing {
 namespace {
 
-class QuietServerLogs : public ::testing::Environment {
- public:
-  void SetUp() override { spdlog::set_level(spdlog::level::err); }
-};
 [[maybe_unused]] ::testing::Environment* const kQuietLogs = ::testing::AddGlobalTestEnvironment(new QuietServerLogs);
 
 // dec_gqa: E=32, H=8 of D=8 over Hkv=2; dec_position_ids: E=32, H=4, Hkv=2, D=8, B=3 with position_ids.

@@ -3,7 +3,6 @@
 // per request, statistics count what happened, the repository RPCs change layers while serving, and model
 // control is refused unless enabled.
 #include <grpcpp/grpcpp.h>
-#include <spdlog/spdlog.h>
 
 #include <cstring>
 #include <fstream>
@@ -26,10 +25,6 @@ using inference::GRPCInferenceService;
 using inference::ModelInferRequest;
 using inference::ModelInferResponse;
 
-class QuietServerLogs : public ::testing::Environment {
- public:
-  void SetUp() override { spdlog::set_level(spdlog::level::err); }
-};
 [[maybe_unused]] ::testing::Environment* const kQuietLogs = ::testing::AddGlobalTestEnvironment(new QuietServerLogs);
 
 constexpr char kConfig[] = R"pb(

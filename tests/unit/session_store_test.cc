@@ -70,6 +70,7 @@ class SessionStoreTest : public ::testing::Test {
     o.prefill_chunk_tokens = chunk_tokens;
     o.memory = memory;
     o.shares = shares_;
+    o.max_sessions = max_sessions_;
     store_ = std::move(*SessionStore::Create(o));
   }
 
@@ -162,7 +163,8 @@ class SessionStoreTest : public ::testing::Test {
   testing::FakeClock clock_;
   std::unique_ptr<LayerRegistry> registry_;
   std::unique_ptr<KvCachePool> pool_;
-  CpuShares* shares_ = nullptr;  // Options::shares of the next Build
+  CpuShares* shares_ = nullptr;    // Options::shares of the next Build
+  int64_t max_sessions_ = 10'000;  // Options::max_sessions of the next Build
   std::unique_ptr<SessionStore> store_;
   std::deque<std::unique_ptr<InferenceCall>> queue_;
   int runs_ = 0;  // calls run through the engine
@@ -482,6 +484,59 @@ TEST_F(SessionStoreTest, AnOpenStopsBetweenBlocksOnceCancelledOrPastItsDeadline)
   }
 }
 
+// Whatever an open can be refused for besides the pool and the budget is found before any memory is projected
+// (CheckOpen, which the service calls before it queues the open): a later layer unknown, a later memory of the
+// wrong width, max_tokens past the layers' limit, an id taken, max_sessions reached.
+TEST_F(SessionStoreTest, AnOpenIsRefusedBeforeAnyMemoryIsProjected) {
+  max_sessions_ = 2;
+  Build(int64_t{1} << 20, 512);
+  Open("taken");
+  const std::vector<float> memory = testing::RandomValues(rng_, 40 * kE);
+  struct Case {
+    const char* what;
+    std::function<void(SessionStore::OpenArgs*)> change;
+    absl::StatusCode code;
+    const char* message;
+  };
+  const Case cases[] = {
+      {"a later layer unknown", [](auto* a) { a->layers.push_back("nope"); }, absl::StatusCode::kNotFound,
+       "layers[1]: no layer named 'nope'"},
+      {"listed twice", [](auto* a) { a->layers.push_back("l"); }, absl::StatusCode::kInvalidArgument,
+       "layers[1]: listed twice"},
+      {"a memory of the wrong width", [](auto* a) { a->memory["l"].dim = kE + 1; }, absl::StatusCode::kInvalidArgument,
+       "memory[l]: expected [S, 16]"},
+      {"max_tokens past the limit", [](auto* a) { a->max_tokens = 1 << 30; }, absl::StatusCode::kInvalidArgument,
+       "max_tokens: 1073741824 is past"},
+      {"the id taken", [](auto* a) { a->id = "taken"; }, absl::StatusCode::kAlreadyExists, "exists"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    SessionStore::OpenArgs args;
+    args.id = "x";
+    args.layers = {"l"};
+    args.memory["l"] = {memory.data(), 40, kE};
+    int blocks = 0;
+    args.is_cancelled = [&] { return ++blocks < 0; };
+    c.change(&args);
+    const absl::Status checked = store_->CheckOpen(args);
+    EXPECT_EQ(checked.code(), c.code) << checked;
+    EXPECT_NE(checked.message().find(c.message), std::string::npos) << checked;
+    EXPECT_EQ(store_->Open(args).status(), checked);
+    EXPECT_EQ(blocks, 0);
+    EXPECT_EQ(pool_->blocks_in_use(), 0);
+  }
+  Open("second");
+  SessionStore::OpenArgs args;
+  args.id = "x";
+  args.layers = {"l"};
+  args.memory["l"] = {memory.data(), 40, kE};
+  const absl::Status full = store_->CheckOpen(args);
+  EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted) << full;
+  EXPECT_NE(full.message().find("max_sessions is 2"), std::string::npos) << full;
+  EXPECT_TRUE(store_->Close("second").ok());
+  EXPECT_TRUE(store_->CheckOpen(args).ok());
+}
+
 // A 16-bit query goes to the engine as it came: no f32 copy is reserved or made (a queued append holds its
 // request's bytes only), the append views the request's rows, and its prefill chunks (rows of 2 bytes per
 // value) answer as the f32 values they carry do.
@@ -493,7 +548,7 @@ TEST_F(SessionStoreTest, SixteenBitQueriesAreReadAsTheyCameChunksIncluded) {
     store_.reset();  // before the pool and registry it uses are replaced
     Build(int64_t{1} << 20, /*chunk_tokens=*/8, &budget);
     Open("a");
-    auto first = AppendHalf("a", 30, dtype);  // in chunks of at most 8 tokens
+    auto first = AppendHalf("a", 30, dtype);   // in chunks of at most 8 tokens
     auto second = AppendHalf("a", 12, dtype);  // waits behind it, holding its 12 x 16 x 2 bytes
     // ... beside the first's request and chunked answer (ChunkedAnswerHeldBytes: its parts, its merge and the
     // copy sent), reserved as its chunks start.

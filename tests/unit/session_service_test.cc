@@ -1,0 +1,115 @@
+// attnserve.v1.SessionService's CreateSession with cross-attention memories, in a whole in-process server: such an
+// open holds twice its request in the memory budget until the session is open, is refused before it queues for
+// what the store can tell without projecting (a session id taken), waits for the one opener thread, and is
+// answered when the server drains (OK once projected, UNAVAILABLE while it waited), so that the drain ends.
+#include <grpcpp/grpcpp.h>
+
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "attnserve/v1/session.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "tests/testing/naive_mha.h"
+#include "tests/testing/server_harness.h"
+
+namespace attnserve::testing {
+namespace {
+
+[[maybe_unused]] ::testing::Environment* const kQuietLogs = ::testing::AddGlobalTestEnvironment(new QuietServerLogs);
+
+// A memory [rows, dim] of random values.
+v1::Tensor Memory(int64_t rows, int64_t dim, std::mt19937_64& rng) {
+  const std::vector<float> values = RandomValues(rng, rows * dim);
+  v1::Tensor t;
+  t.add_shape(rows);
+  t.add_shape(dim);
+  t.set_dtype(v1::FLOAT32);
+  t.set_raw_data(std::string(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float)));
+  return t;
+}
+
+v1::CreateSessionRequest OpenWith(const std::string& id, const std::string& layer, const v1::Tensor& memory) {
+  v1::CreateSessionRequest create;
+  create.set_session_id(id);
+  create.add_layers(layer);
+  (*create.mutable_memory())[layer] = memory;
+  return create;
+}
+
+grpc::Status Create(v1::SessionService::Stub& sessions, const v1::CreateSessionRequest& create) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  v1::Session session;
+  return sessions.CreateSession(&ctx, create, &session);
+}
+
+// Under a 4 MiB budget, a [2000, 256] memory (a 2 MiB request) is refused: twice its request and a block of its
+// projection (1 MiB) do not fit, where the request once would. [1000, 256] fits.
+TEST(SessionServiceTest, AnOpenHoldsTwiceItsRequestInTheBudget) {
+  absl::StatusOr<std::unique_ptr<TestServer>> server = StartInProcessServer(R"pb(
+    memory_budget_bytes: 4194304
+    layers { name: "small" embed_dim: 256 num_heads: 4 seed: 1 }
+  )pb");
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto sessions = v1::SessionService::NewStub((*server)->channel);
+  std::mt19937_64 rng(3);
+  const grpc::Status refused = Create(*sessions, OpenWith("big", "small", Memory(2000, 256, rng)));
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  EXPECT_NE(refused.error_message().find("memory budget"), std::string::npos) << refused.error_message();
+  const grpc::Status opened = Create(*sessions, OpenWith("fits", "small", Memory(1000, 256, rng)));
+  EXPECT_TRUE(opened.ok()) << opened.error_message();
+  // The id is taken: refused before it waits for its turn, and without touching the budget.
+  const grpc::Status taken = Create(*sessions, OpenWith("fits", "small", Memory(1000, 256, rng)));
+  EXPECT_EQ(taken.error_code(), grpc::StatusCode::ALREADY_EXISTS) << taken.error_message();
+}
+
+// Six opens of [4096, 768] memories at once (about 50 ms of projection each on 2 CPUs), the server drained
+// once the first is answered: the drain ends in time, every open is answered, OK or UNAVAILABLE (waiting, or
+// stopped at its next block).
+TEST(SessionServiceTest, TheDrainAnswersEveryOpenWaitingOrRunning) {
+  absl::StatusOr<std::unique_ptr<TestServer>> server = StartInProcessServer(R"pb(
+    layers { name: "base" embed_dim: 768 num_heads: 12 seed: 2 }
+  )pb");
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto sessions = v1::SessionService::NewStub((*server)->channel);
+  std::mt19937_64 rng(4);
+  const v1::Tensor memory = Memory(4096, 768, rng);
+  constexpr int kOpens = 6;
+  absl::Mutex mu;
+  std::map<grpc::StatusCode, int> codes;
+  absl::Notification first_answered;
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kOpens; ++i) {
+    clients.emplace_back([&, i] {
+      const grpc::Status status = Create(*sessions, OpenWith("s" + std::to_string(i), "base", memory));
+      absl::MutexLock lock(&mu);
+      ++codes[status.error_code()];
+      if (!first_answered.HasBeenNotified()) first_answered.Notify();
+    });
+  }
+  first_answered.WaitForNotification();
+  const absl::Status drained = (*server)->server->Drain(absl::Now() + absl::Seconds(60));
+  for (std::thread& t : clients) t.join();
+  EXPECT_TRUE(drained.ok()) << drained;
+  int answered = 0;
+  for (const auto& [code, n] : codes) {
+    EXPECT_TRUE(code == grpc::StatusCode::OK || code == grpc::StatusCode::UNAVAILABLE) << code << " x " << n;
+    answered += n;
+  }
+  EXPECT_EQ(answered, kOpens);
+  EXPECT_GE(codes[grpc::StatusCode::OK], 1);
+  // The others need 5 x 50 ms more than the first: the drain stopped some of them.
+  EXPECT_GE(codes[grpc::StatusCode::UNAVAILABLE], 1);
+  std::printf("    %d opens, the drain after the first: %d OK, %d UNAVAILABLE\n", kOpens, codes[grpc::StatusCode::OK],
+              codes[grpc::StatusCode::UNAVAILABLE]);
+}
+
+}  // namespace
+}  // namespace attnserve::testing

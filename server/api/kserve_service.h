@@ -96,7 +96,8 @@ class KServeServiceImpl final : public KServeServiceBase {
                                                   inference::RepositoryModelUnloadResponse* response) override;
 
   // Lets the running change finish and stops the control thread: changes waiting and later ones are refused
-  // UNAVAILABLE. Any thread, handlers running or not; before what the loads use goes away. Idempotent.
+  // UNAVAILABLE. Any thread but the control thread, handlers running or not; before what the loads use goes
+  // away. Idempotent.
   void StopControlThread();
 
  private:

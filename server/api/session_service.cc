@@ -68,9 +68,8 @@ void WriteError(const AppendRequest& request, const grpc::Status& status, Append
   answer->message.mutable_error()->set_message(status.error_message());
 }
 
-// Cross-attention memories decoded and copied (aligned, for the projection matmuls).
-absl::Status DecodeMemories(const attnserve::v1::CreateSessionRequest& request, SessionStore::OpenArgs* args,
-                            std::vector<std::vector<float>>* storage) {
+// Cross-attention memories viewed in the request (FLOAT32 [S, kdim] each) into args->memory: what CheckOpen reads.
+absl::Status ViewMemories(const attnserve::v1::CreateSessionRequest& request, SessionStore::OpenArgs* args) {
   for (const auto& [layer, tensor] : request.memory()) {
     const std::string field = "memory[" + layer.substr(0, 128) + "]";
     absl::StatusOr<TensorView> view = DecodeTensor(tensor, field, AcceptedDTypes::kFloat32);
@@ -78,11 +77,18 @@ absl::Status DecodeMemories(const attnserve::v1::CreateSessionRequest& request, 
     if (view->shape.size() != 2) {
       return absl::InvalidArgumentError(field + ": expected [S, kdim], got " + ShapeToString(view->shape));
     }
-    std::vector<float>& values = storage->emplace_back(static_cast<size_t>(view->num_elements()));
-    std::memcpy(values.data(), view->data, view->num_bytes());
-    args->memory[layer] = {values.data(), view->shape[0], view->shape[1]};
+    args->memory[layer] = {static_cast<const float*>(view->data), view->shape[0], view->shape[1]};
   }
   return absl::OkStatus();
+}
+
+// args->memory's values copied into `storage` (aligned, for the projection matmuls), and pointed at there.
+void CopyMemories(SessionStore::OpenArgs* args, std::vector<std::vector<float>>* storage) {
+  for (auto& [layer, memory] : args->memory) {
+    std::vector<float>& values = storage->emplace_back(static_cast<size_t>(memory.tokens * memory.dim));
+    std::memcpy(values.data(), memory.data, values.size() * sizeof(float));  // the request's bytes: any alignment
+    memory.data = values.data();
+  }
 }
 
 }  // namespace
@@ -98,6 +104,9 @@ grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServer
   args.max_tokens = request->max_tokens();
   args.idle_timeout_ms = request->idle_timeout_ms();
   if (request->memory_size() == 0) return AnswerSession(rpc, store_->Open(args), response);
+  if (absl::Status s = ViewMemories(*request, &args); !s.ok()) return FinishNow(rpc, ToGrpcStatus(s));
+  // Refused now rather than after the memories before it (the opener checks again: a session may open meanwhile).
+  if (absl::Status s = store_->CheckOpen(args); !s.ok()) return FinishNow(rpc, ToGrpcStatus(s));
   // The request and its memories' aligned copy, held until the session is open.
   MemoryBudget::Reservation held;
   if (MemoryBudget* budget = store_->memory_budget(); budget != nullptr) {
@@ -106,13 +115,9 @@ grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServer
     if (!reserved.ok()) return FinishNow(rpc, ToGrpcStatus(reserved.status()));
     held = std::move(*reserved);
   }
-  // Decoded here, so that the opener's thread only projects (a copy of at most the message limit, a few ms).
+  // Copied here, so that the opener's thread only projects (at most the message limit, a few ms).
   auto memories = std::make_shared<std::vector<std::vector<float>>>();
-  if (absl::Status s = DecodeMemories(*request, &args, memories.get()); !s.ok()) {
-    return FinishNow(rpc, ToGrpcStatus(s));
-  }
-  // Refused now rather than after the memories before it (the opener checks again: a session may open meanwhile).
-  if (absl::Status s = store_->CheckOpen(args); !s.ok()) return FinishNow(rpc, ToGrpcStatus(s));
+  CopyMemories(&args, memories.get());
   args.deadline = DeadlineOf(*ctx);
   // The drain stops a running open too, at its next block.
   args.is_cancelled = [ctx, opener = &opener_] { return ctx->IsCancelled() || opener->stopping(); };

@@ -22,6 +22,8 @@
 namespace attnserve {
 
 // Where an answered request's time went, for its response and its log line.
+// A chunked append's (sessions/prefill_chunks.h): compute_us is its chunks' batches' engine time, and queue_us
+// the rest of the time from its arrival to the start of its last chunk's compute.
 struct CallTiming {
   int64_t queue_us = 0;    // arrival to the start of its batch's compute
   int64_t compute_us = 0;  // its batch's engine time

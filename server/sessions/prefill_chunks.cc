@@ -22,6 +22,7 @@ struct ChunkedAppend {
   int64_t tokens = 0, chunk = 0, done = 0;
   int64_t context = 0;  // tokens cached before the append
   std::vector<AttentionOutputs> parts;
+  int64_t parts_compute_us = 0;  // the earlier chunks' batches' engine time
   const Clock* clock = nullptr;
   std::function<void(std::unique_ptr<InferenceCall>)> submit;
 };
@@ -87,6 +88,7 @@ std::unique_ptr<InferenceCall> ChunkCall(const std::shared_ptr<ChunkedAppend>& c
       return;
     }
     c->parts.push_back(std::move(self->outputs));
+    c->parts_compute_us += self->timing.compute_us;
     c->done += n;
     SubmitNext(c);
   };
@@ -108,6 +110,10 @@ void SubmitNext(std::shared_ptr<ChunkedAppend> c) {
   SizeAppend(engine, &last);
   last.finish = [c, answer = std::move(last.finish)](const absl::Status& status) {
     if (status.ok()) {
+      // The client's timing covers every chunk: the earlier chunks' compute was queue time of its last chunk.
+      CallTiming& timing = c->client_call->timing;
+      timing.compute_us += c->parts_compute_us;
+      timing.queue_us = std::max<int64_t>(0, timing.queue_us - c->parts_compute_us);
       MergeParts(*c, &c->client_call->outputs);
       c->client_call->memory.Absorb(std::move(c->held));  // held with the answer until it has been written
     }

@@ -116,13 +116,9 @@ absl::StatusOr<SessionStore::OpenPlan> SessionStore::PlanOpen(const OpenArgs& ar
     }
   }
   {
-    absl::MutexLock lock(&mu_);  // Open checks both again as it inserts the session
+    absl::MutexLock lock(&mu_);  // Open checks again as it inserts the session
     if (sessions_.contains(args.id))
       return absl::AlreadyExistsError(absl::StrCat("session_id: session ", Quoted(args.id), " exists"));
-    if (static_cast<int64_t>(sessions_.size()) >= options_.max_sessions) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("sessions: ", sessions_.size(), " open, the server's max_sessions is ", options_.max_sessions));
-    }
   }
   OpenPlan plan;
   std::set<std::string> listed;
@@ -142,6 +138,12 @@ absl::StatusOr<SessionStore::OpenPlan> SessionStore::PlanOpen(const OpenArgs& ar
   if (plan.limit > 0 && args.max_tokens > plan.limit) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_tokens: ", args.max_tokens, " is past the layers' max_sequence_length ", plan.limit));
+  }
+  // Last, as InsertLocked checks it: a request that can never open gets its own error, not a retryable one.
+  absl::MutexLock lock(&mu_);
+  if (static_cast<int64_t>(sessions_.size()) >= options_.max_sessions) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("sessions: ", sessions_.size(), " open, the server's max_sessions is ", options_.max_sessions));
   }
   return plan;
 }

@@ -51,7 +51,8 @@ grpc::Status Create(v1::SessionService::Stub& sessions, const v1::CreateSessionR
 }
 
 // Under a 4 MiB budget, a [2000, 256] memory (a 2 MiB request) is refused: twice its request and a block of its
-// projection (1 MiB) do not fit, where the request once would. [1000, 256] fits.
+// projection (1 MiB) do not fit, where the request once would. [1000, 256] fits. An open the store refuses anyway
+// (an id taken) is refused for that, even when it would not fit.
 TEST(SessionServiceTest, AnOpenHoldsTwiceItsRequestInTheBudget) {
   absl::StatusOr<std::unique_ptr<TestServer>> server = StartInProcessServer(R"pb(
     memory_budget_bytes: 4194304
@@ -65,8 +66,8 @@ TEST(SessionServiceTest, AnOpenHoldsTwiceItsRequestInTheBudget) {
   EXPECT_NE(refused.error_message().find("memory budget"), std::string::npos) << refused.error_message();
   const grpc::Status opened = Create(*sessions, OpenWith("fits", "small", Memory(1000, 256, rng)));
   EXPECT_TRUE(opened.ok()) << opened.error_message();
-  // The id is taken: refused before it waits for its turn, and without touching the budget.
-  const grpc::Status taken = Create(*sessions, OpenWith("fits", "small", Memory(1000, 256, rng)));
+  // The id is taken: refused before the budget is asked and before the open waits for its turn.
+  const grpc::Status taken = Create(*sessions, OpenWith("fits", "small", Memory(2000, 256, rng)));
   EXPECT_EQ(taken.error_code(), grpc::StatusCode::ALREADY_EXISTS) << taken.error_message();
 }
 
@@ -75,6 +76,8 @@ TEST(SessionServiceTest, AnOpenHoldsTwiceItsRequestInTheBudget) {
 // stopped at its next block).
 TEST(SessionServiceTest, TheDrainAnswersEveryOpenWaitingOrRunning) {
   absl::StatusOr<std::unique_ptr<TestServer>> server = StartInProcessServer(R"pb(
+    memory_budget_bytes: 1073741824
+    sessions { kv_cache_bytes: 268435456 }
     layers { name: "base" embed_dim: 768 num_heads: 12 seed: 2 }
   )pb");
   ASSERT_TRUE(server.ok()) << server.status();
@@ -100,7 +103,10 @@ TEST(SessionServiceTest, TheDrainAnswersEveryOpenWaitingOrRunning) {
   EXPECT_TRUE(drained.ok()) << drained;
   int answered = 0;
   for (const auto& [code, n] : codes) {
-    EXPECT_TRUE(code == grpc::StatusCode::OK || code == grpc::StatusCode::UNAVAILABLE) << code << " x " << n;
+    // CANCELLED: gRPC's own shutdown, for an open whose request was still arriving when it came.
+    EXPECT_TRUE(code == grpc::StatusCode::OK || code == grpc::StatusCode::UNAVAILABLE ||
+                code == grpc::StatusCode::CANCELLED)
+        << code << " x " << n;
     answered += n;
   }
   EXPECT_EQ(answered, kOpens);

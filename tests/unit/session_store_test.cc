@@ -43,6 +43,7 @@ struct Sent {
   bool answered = false;
   AttentionOutputs outputs;
   int64_t held_bytes = 0;  // of the memory budget, by the call as it was answered
+  CallTiming timing;       // as answered
 };
 
 class SessionStoreTest : public ::testing::Test {
@@ -97,6 +98,7 @@ class SessionStoreTest : public ::testing::Test {
       sent->status = s;
       sent->answered = true;
       sent->held_bytes = self->memory.bytes();
+      sent->timing = self->timing;
       if (s.ok()) sent->outputs = std::move(self->outputs);
     };
     store_->Append(id, "l", std::move(call));
@@ -141,6 +143,11 @@ class SessionStoreTest : public ::testing::Test {
     auto got = call->layer->engine->ForwardAppends(one, 1);
     ASSERT_TRUE(got[0].ok()) << got[0].status();
     call->outputs = std::move(*got[0]);
+    if (compute_us_per_run_ > 0) {  // as the executor times a batch, the fake clock moving by its compute
+      call->timing.queue_us = absl::ToInt64Microseconds(clock_.Now() - call->arrival);
+      call->timing.compute_us = compute_us_per_run_;
+      clock_.Advance(absl::Microseconds(compute_us_per_run_));
+    }
     call->finish(absl::OkStatus());
   }
   void RunAll() {
@@ -165,6 +172,7 @@ class SessionStoreTest : public ::testing::Test {
   std::unique_ptr<KvCachePool> pool_;
   CpuShares* shares_ = nullptr;    // Options::shares of the next Build
   int64_t max_sessions_ = 10'000;  // Options::max_sessions of the next Build
+  int64_t compute_us_per_run_ = 0;  // > 0: RunOne times each call as the executor would, the clock moving
   std::unique_ptr<SessionStore> store_;
   std::deque<std::unique_ptr<InferenceCall>> queue_;
   int runs_ = 0;  // calls run through the engine
@@ -251,6 +259,24 @@ TEST_F(SessionStoreTest, ALongPrefillGoesInChunksWithOtherSessionsDecodeStepsBet
   EXPECT_EQ(prefill->outputs.output.shape, (Shape{10, kE}));
   EXPECT_LE(MaxAbsDiff(prefill->outputs.output.values, Reference({prefill})), 1e-6);
   EXPECT_TRUE(decode->status.ok());
+}
+
+// A chunked append's timing covers its chunks: their compute is compute, the rest since it arrived is queue (its
+// last chunk alone would say 1 chunk's compute after 2 chunks' "queue").
+TEST_F(SessionStoreTest, AChunkedAppendsTimingCoversEveryChunk) {
+  Build(int64_t{1} << 20, 4);
+  compute_us_per_run_ = 100;
+  Open("long");
+  Open("chat");
+  auto prefill = Append("long", 10);  // chunks of 4, 4, 2
+  auto decode = Append("chat", 1);    // runs between the first two chunks
+  RunAll();
+  ASSERT_TRUE(prefill->status.ok()) << prefill->status;
+  EXPECT_EQ(runs_, 4);
+  EXPECT_EQ(prefill->timing.compute_us, 300);
+  EXPECT_EQ(prefill->timing.queue_us, 100);  // the decode step's compute, between its chunks
+  EXPECT_EQ(decode->timing.compute_us, 100);
+  EXPECT_EQ(decode->timing.queue_us, 100);
 }
 
 // Every append is instrumented as it arrives (metrics, logs): one refused by the store is counted, and a chunked

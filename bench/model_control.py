@@ -23,13 +23,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import python_stubs  # noqa: E402
 from serving_bench import Proc, attnbench  # noqa: E402
 
 READY = r"ready: grpc_port=(\d+) metrics_port=(\d+)"
@@ -46,10 +46,7 @@ def rss_mib(pid):
 
 def repository_stub(port, tmp):
     """A GRPCInferenceService stub from proto/inference, generated into `tmp`."""
-    proto = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "proto")
-    subprocess.run(["protoc", "-I", proto, f"--python_out={tmp}", f"--grpc_python_out={tmp}",
-                    "--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin", "inference/model_config.proto",
-                    "inference/grpc_service.proto"], check=True)
+    python_stubs.generate(tmp, ["inference/model_config.proto", "inference/grpc_service.proto"])
     sys.path.insert(0, tmp)
     import grpc
     from inference import grpc_service_pb2 as kpb, grpc_service_pb2_grpc as kpbg

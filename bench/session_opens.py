@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,19 +26,16 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import python_stubs  # noqa: E402
 from serving_bench import server  # noqa: E402
 
-PROTO_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "proto")
 LAYERS = ['name: "small" embed_dim: 256 num_heads: 4 seed: 1', 'name: "base" embed_dim: 768 num_heads: 12 seed: 2']
 ROOMY = "memory_budget_bytes: 8589934592\nsessions { kv_cache_bytes: 8589934592 }"
 MEMORY_ROWS = 4096
 
 
 def load_stubs(out):
-    protos = [os.path.join(PROTO_ROOT, "attnserve", "v1", f) for f in sorted(os.listdir(
-        os.path.join(PROTO_ROOT, "attnserve", "v1"))) if f.endswith(".proto")]
-    subprocess.run(["protoc", "-I", PROTO_ROOT, f"--python_out={out}", f"--grpc_python_out={out}",
-                    "--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin", *protos], check=True)
+    python_stubs.generate(out, python_stubs.directory("attnserve/v1"))
     sys.path.insert(0, out)
     global pb, pbg, spb, spbg
     from attnserve.v1 import attention_pb2 as pb, attention_pb2_grpc as pbg  # noqa: E402

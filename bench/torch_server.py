@@ -22,7 +22,6 @@ import concurrent.futures
 import math
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,9 +35,9 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import python_stubs  # noqa: E402
 from torch_mha import blas_info  # noqa: E402
 
-PROTO_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "proto")
 MAX_MESSAGE_BYTES = 64 << 20
 
 # Request tensors are read-only views of the request's bytes (no copy); the model never writes its inputs.
@@ -59,9 +58,7 @@ def load_stubs():
     python3-grpc-tools, so protoc with Debian's grpc_python_plugin, as tests/integration/kserve_test.py does;
     the files are only needed until they are imported."""
     with tempfile.TemporaryDirectory(prefix="torch_server_stubs_") as out:
-        protos = [os.path.join(PROTO_ROOT, "attnserve", "v1", f) for f in ("attention.proto", "config.proto")]
-        subprocess.run(["protoc", "-I", PROTO_ROOT, f"--python_out={out}", f"--grpc_python_out={out}",
-                        "--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin", *protos], check=True)
+        python_stubs.generate(out, ["attnserve/v1/attention.proto", "attnserve/v1/config.proto"])
         sys.path.insert(0, out)
         try:
             from attnserve.v1 import attention_pb2, attention_pb2_grpc

@@ -1,16 +1,17 @@
 #include "server/server.h"
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <malloc.h>
-#include <sys/resource.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/impl/server_builder_option.h>
 #include <grpcpp/impl/server_builder_plugin.h>
+#include <malloc.h>
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
 
 #include <algorithm>
+#include <atomic>
 #include <filesystem>
 #include <thread>
 #include <utility>
@@ -27,32 +28,32 @@
 #include "core/team_scratch.h"
 #include "server/api/attention_service.h"
 #include "server/api/authorizer.h"
-#include "server/api/served_rpc.h"
 #include "server/api/grpc_logging.h"
 #include "server/api/kserve_service.h"
+#include "server/api/served_rpc.h"
 #include "server/api/session_service.h"
 #include "server/api/transport_credentials.h"
+#include "server/observability/access_log.h"
+#include "server/runtime/background_priority.h"
 #include "server/runtime/batch_executor.h"
 #include "server/runtime/cpu_shares.h"
 #include "server/runtime/dispatcher.h"
+#include "server/runtime/heap_trim_policy.h"
 #include "server/runtime/layer_catalog.h"
-#include "server/runtime/background_priority.h"
 #include "server/runtime/layer_warmup.h"
 #include "server/runtime/live_layer_bytes.h"
-#include "server/runtime/heap_trim_policy.h"
 #include "server/runtime/load_heap_pad.h"
 #include "server/runtime/memory_budget.h"
+#include "server/security/credential_store.h"
 #include "server/startup/cpu_budget.h"
-#include "server/startup/restart_fields.h"
 #include "server/startup/layer_options.h"
+#include "server/startup/restart_fields.h"
 #include "server/startup/server_config.h"
 #include "server/startup/transport_config.h"
 #include "server/transport/connection_cap.h"
-#include "server/transport/reset_flood_guard.h"
 #include "server/transport/listener_probe.h"
 #include "server/transport/memory_guard.h"
-#include "server/observability/access_log.h"
-#include "server/security/credential_store.h"
+#include "server/transport/reset_flood_guard.h"
 
 namespace attnserve {
 namespace {
@@ -148,6 +149,7 @@ struct Server::Parts {
   std::unique_ptr<ResetFloodGuard> reset_flood_guard;
   int grpc_port = 0;
   bool drained = false;
+  std::atomic<bool> loads_abandoned{false};  // set by Drain: a load running stops at its next step
   // Gives freed heap memory back to the system as the RSS grows and while idle (StartTrimmer).
   std::unique_ptr<HeapTrimPolicy> heap_trim;
   absl::Notification stop_trimming;
@@ -266,9 +268,9 @@ absl::Status Server::BuildSessions() {
   if (c.max_queued_appends() > 0) store.max_queued_appends = c.max_queued_appends();
   if (c.prefill_chunk_tokens() > 0) store.prefill_chunk_tokens = c.prefill_chunk_tokens();
   ATTN_ASSIGN_OR_RETURN(p.sessions, SessionStore::Create(store));
-  p.session_service = std::make_unique<SessionServiceImpl>(p.sessions.get(), options_.clock,
-                                                           config_.max_inflight_per_stream(), p.authorizer.get(),
-                                                           p.call_counts.get());
+  p.session_service = std::make_unique<SessionServiceImpl>(
+      p.sessions.get(), options_.clock, config_.max_inflight_per_stream(), p.authorizer.get(), p.call_counts.get(),
+      c.max_opens_waiting() > 0 ? c.max_opens_waiting() : SessionServiceImpl::kMaxOpensWaiting);
   spdlog::info("sessions: KV cache pool of {} bytes ({}), blocks of {} tokens", pool_bytes, source,
                p.kv_pool->block_tokens());
   return absl::OkStatus();
@@ -663,8 +665,9 @@ absl::Status Server::Drain(absl::Time deadline) {
   const absl::Time start = absl::Now();
   p.listener_probe.reset();  // a draining port may stop answering; that is no failure
   StopAccepting();
-  // Layer changes and session opens still waiting are refused (UNAVAILABLE); the ones running finish before
-  // the queues drain.
+  // Layer changes and session opens still waiting are refused (UNAVAILABLE); a running load stops at its next
+  // step, a running open at its next block.
+  p.loads_abandoned = true;
   p.kserve->StopControlThread();
   p.session_service->StopOpener();
   // Answer everything accepted: the scheduler runs all queued batches, then stops its workers. On a
@@ -712,15 +715,12 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
   const absl::Time load_start = absl::Now();
   ATTN_RETURN_IF_ERROR(RunAtBackgroundPriority([&]() -> absl::Status {
     ATTN_ASSIGN_OR_RETURN(loaded, attnserve::LoadLayer(config));
-    // Each team size a batch's share of the CPUs can have: the workers' and the session opener's shares.
-    for (int team : CpuShares::TeamSizes(threads_per_batch_, worker_threads_ + 1)) {
-      ATTN_RETURN_IF_ERROR(WarmUpLayer(*loaded, team));
-    }
-    return absl::OkStatus();
+    return WarmUpUnlessDraining(*loaded);
   }));
   const absl::Duration load_time = absl::Now() - load_start;
   Parts& p = *parts_;
   absl::MutexLock lock(&layers_mu_);
+  ATTN_RETURN_IF_ERROR(LoadMayGoOn(config.name()));  // the scheduler may be shutting down
   const BatchingOptions batching = ToBatchingOptions(config.batching());
   if (p.registry->Find(config.name()) != nullptr) {
     ATTN_RETURN_IF_ERROR(p.scheduler->UpdateQueue(config.name(), batching));
@@ -737,6 +737,21 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
   LogCompute(*p.registry->Find(config.name(), version));
   LogMemoryGuardLimit();
   return absl::OkStatus();
+}
+
+absl::Status Server::WarmUpUnlessDraining(const ServedLayer& loaded) const {
+  // Each team size a batch's share of the CPUs can have: the workers' and the session opener's shares.
+  for (int team : CpuShares::TeamSizes(threads_per_batch_, worker_threads_ + 1)) {
+    ATTN_RETURN_IF_ERROR(LoadMayGoOn(loaded.config.name()));
+    ATTN_RETURN_IF_ERROR(WarmUpLayer(loaded, team));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Server::LoadMayGoOn(const std::string& layer) const {
+  if (!parts_->loads_abandoned) return absl::OkStatus();
+  return absl::UnavailableError(
+      absl::StrCat("the server is shutting down: the load of layer \"", layer, "\" was abandoned"));
 }
 
 absl::Status Server::UnloadLayer(const std::string& name) {

@@ -111,7 +111,8 @@ class Server {
   // Loads `layer` (validated like a config entry) and warms it up (layer_warmup.h) off the request path, then
   // publishes it: a new name gets
   // its queue, metrics and traffic; an existing one gets a new version (its batching options apply to the
-  // next batch), requests already admitted finish on the old one. A failed load changes nothing.
+  // next batch), requests already admitted finish on the old one. A failed load changes nothing. Once Drain has
+  // begun, a load stops at its next step (built, each warm-up, publishing): UNAVAILABLE, nothing published.
   absl::Status LoadLayer(const attnserve::v1::LayerConfig& layer);
   // Stops routing requests to `name` (NOT_FOUND from now on), runs what its queue holds, and returns once
   // its last batch is done. NOT_FOUND for an unknown layer.
@@ -147,6 +148,10 @@ class Server {
   void StartTrimmer();
   void StopTrimmer();
   void LogLayers() const;
+  // The built layer warmed up for every team size a batch's share can have; UNAVAILABLE once draining.
+  absl::Status WarmUpUnlessDraining(const ServedLayer& loaded) const;
+  // UNAVAILABLE naming `layer` once Drain has begun: a load must not hold the drain nor publish after it.
+  absl::Status LoadMayGoOn(const std::string& layer) const;
 
   const attnserve::v1::ServerConfig config_;
   const ServerOptions options_;

@@ -107,6 +107,7 @@ grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServer
   if (absl::Status s = ViewMemories(*request, &args); !s.ok()) return FinishNow(rpc, ToGrpcStatus(s));
   // Refused now rather than after the memories before it (the opener checks again: a session may open meanwhile).
   if (absl::Status s = store_->CheckOpen(args); !s.ok()) return FinishNow(rpc, ToGrpcStatus(s));
+  if (opener_.full()) return FinishNow(rpc, OpenerRefusal());  // before it holds or copies anything
   // The request and its memories' aligned copy, held until the session is open.
   MemoryBudget::Reservation held;
   if (MemoryBudget* budget = store_->memory_budget(); budget != nullptr) {
@@ -129,15 +130,16 @@ grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServer
     held_until_open->Release();
     reactor->Finish(rpc.Ended(status));
   };
-  const bool posted = opener_.Post(std::move(open));
-  if (!posted) {
-    reactor->Finish(rpc.Ended(
-        opener_.stopping() ? ShuttingDown()
-                           : grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                                          absl::StrCat("memory: ", kMaxOpensWaiting,
-                                                       " sessions with memories are waiting to be opened already"))));
-  }
+  if (!opener_.Post(std::move(open))) reactor->Finish(rpc.Ended(OpenerRefusal()));
   return reactor;
+}
+
+grpc::Status SessionServiceImpl::OpenerRefusal() const {
+  if (opener_.stopping()) return ShuttingDown();
+  return grpc::Status(
+      grpc::StatusCode::RESOURCE_EXHAUSTED,
+      absl::StrCat("memory: ", max_opens_waiting_,
+                   " sessions with memories are waiting to be opened already (sessions.max_opens_waiting)"));
 }
 
 grpc::Status SessionServiceImpl::OpenWithMemories(const SessionStore::OpenArgs& args,

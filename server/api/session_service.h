@@ -43,19 +43,21 @@ using SessionServiceBase = attnserve::v1::SessionService::WithCallbackMethod_Cre
 class SessionServiceImpl final : public SessionServiceBase {
  public:
   // None owned; all must outlive the service. `max_inflight_per_stream` >= 1 (see AnsweringStream).
-  // `calls` (may be null) counts every call (served_rpc.h).
+  // `calls` (may be null) counts every call (served_rpc.h). CreateSession calls with memories wait for the one
+  // being projected; past `max_opens_waiting` (>= 1) waiting, one is RESOURCE_EXHAUSTED before it reserves or
+  // copies anything. Each that waits holds twice its request in the memory budget.
   SessionServiceImpl(SessionStore* store, const Clock* clock, int64_t max_inflight_per_stream,
-                     const Authorizer* authorizer, CallCounts* calls)
+                     const Authorizer* authorizer, CallCounts* calls, int64_t max_opens_waiting = kMaxOpensWaiting)
       : store_(store),
         clock_(clock),
         max_inflight_per_stream_(std::max<int64_t>(1, max_inflight_per_stream)),
         authorizer_(authorizer),
         calls_(calls),
-        opener_(kMaxOpensWaiting, "attn-open") {}
+        max_opens_waiting_(std::max<int64_t>(1, max_opens_waiting)),
+        opener_(static_cast<size_t>(max_opens_waiting_), "attn-open") {}
 
-  // CreateSession calls with memories wait for the one being projected; past this many waiting, one is
-  // RESOURCE_EXHAUSTED. Each holds its request in the memory budget while it waits.
-  static constexpr size_t kMaxOpensWaiting = 64;
+  // The default of max_opens_waiting (config: sessions.max_opens_waiting).
+  static constexpr int64_t kMaxOpensWaiting = 64;
 
   // The open running stops at its next block, those waiting and later ones are answered UNAVAILABLE. For the
   // drain, before gRPC stops: nothing is left to finish a call once it has.
@@ -91,12 +93,15 @@ class SessionServiceImpl final : public SessionServiceBase {
   // On the opener's thread: the session opened, its memories projected, `response` filled; the status to finish
   // with (UNAVAILABLE when the drain stopped it; an exception becomes RESOURCE_EXHAUSTED or INTERNAL).
   grpc::Status OpenWithMemories(const SessionStore::OpenArgs& args, attnserve::v1::Session* response) const;
+  // Why the opener takes no more: UNAVAILABLE once draining, else RESOURCE_EXHAUSTED (max_opens_waiting wait).
+  grpc::Status OpenerRefusal() const;
 
   SessionStore* store_;
   const Clock* clock_;
   const int64_t max_inflight_per_stream_;
   const Authorizer* authorizer_;
   CallCounts* calls_;
+  const int64_t max_opens_waiting_;
   // Opens sessions with cross-attention memories, one at a time: projecting a memory is a matmul over up to
   // max_sequence_length rows per layer, which a handler on gRPC's threads must not run (nor a flood of them
   // at once, each with its own OpenMP team).

@@ -53,6 +53,13 @@ class SerialWorker {
     return stopping_;
   }
 
+  // Whether a Post now would be refused (max_pending tasks wait, or stopping): for a caller that would prepare
+  // its task at a cost first. A task taken meanwhile may make room again; Post decides.
+  bool full() const ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    return stopping_ || tasks_.size() >= max_pending_;
+  }
+
  private:
   bool HasWorkOrStopping() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_ || !tasks_.empty(); }
 

@@ -401,7 +401,8 @@ void CheckSessions(const attnserve::v1::SessionsConfig& sessions, Problems* prob
                                     {"idle_timeout_ms", sessions.idle_timeout_ms()},
                                     {"max_sessions", sessions.max_sessions()},
                                     {"max_queued_appends", sessions.max_queued_appends()},
-                                    {"prefill_chunk_tokens", sessions.prefill_chunk_tokens()}}) {
+                                    {"prefill_chunk_tokens", sessions.prefill_chunk_tokens()},
+                                    {"max_opens_waiting", sessions.max_opens_waiting()}}) {
     if (value < 0) problems->Add("sessions.", name, ": must be >= 0 (0 = the default), got ", value);
   }
   if (sessions.kv_block_tokens() > 4096) {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "inference/grpc_service.grpc.pb.h"
 #include "tests/testing/server_harness.h"
@@ -339,6 +340,38 @@ TEST_F(KServeServiceTest, PinnedVersionsServeSideBySide) {
   EXPECT_EQ(gone.error_code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_NE(gone.error_message().find("model_version: layer 'tiny' has version(s) 2, 3, not 1"), std::string::npos)
       << Str(gone);
+}
+
+// A drain that begins while a layer loads (E=4096: 256 MiB of weights built, then a warm-up per team size)
+// does not wait for the whole load: the load stops at its next step, answered UNAVAILABLE, and is not published
+// into a scheduler that is shutting down.
+TEST_F(KServeServiceTest, ADrainAbandonsARunningLoadAtItsNextStep) {
+  Start(kControlConfig);
+  inference::RepositoryModelLoadRequest load;
+  load.set_model_name("big");
+  (*load.mutable_parameters())["config"].set_string_param(R"({"name": "big", "embedDim": 4096, "numHeads": 32})");
+  grpc::Status loaded_status;
+  std::thread loader([&] {
+    inference::RepositoryModelLoadResponse loaded;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(In(absl::Seconds(120)));
+    loaded_status = kserve_->RepositoryModelLoad(&ctx, load, &loaded);
+  });
+  bool loading = false;
+  for (const absl::Time give_up = absl::Now() + absl::Seconds(30); !loading && absl::Now() < give_up;) {
+    inference::RepositoryIndexResponse index;
+    ASSERT_TRUE(Call(&GRPCInferenceService::Stub::RepositoryIndex, inference::RepositoryIndexRequest(), &index).ok());
+    for (const auto& model : index.models()) loading |= model.name() == "big" && model.state() == "LOADING";
+    if (!loading) absl::SleepFor(absl::Milliseconds(2));
+  }
+  ASSERT_TRUE(loading) << "the load never showed as LOADING";
+  const absl::Status drained = server_->server->Drain(absl::Now() + absl::Seconds(60));
+  loader.join();
+  EXPECT_TRUE(drained.ok()) << drained;
+  EXPECT_EQ(loaded_status.error_code(), grpc::StatusCode::UNAVAILABLE) << Str(loaded_status);
+  EXPECT_NE(loaded_status.error_message().find("the load of layer \"big\" was abandoned"), std::string::npos)
+      << Str(loaded_status);
+  EXPECT_EQ(server_->server->registry().Find("big"), nullptr);
 }
 
 // A server that fails to build (here: weights that do not parse) reports it; it must not crash on the way

@@ -56,12 +56,15 @@ TEST(SerialWorkerTest, TasksRunInOrderAndPostRefusesPastMaxPending) {
   ASSERT_TRUE(worker.Post(Blocking(&started, &release)));
   started.WaitForNotification();  // running, so no longer waiting
   EXPECT_TRUE(worker.Post(calls.Task(1)));
+  EXPECT_FALSE(worker.full());
   EXPECT_TRUE(worker.Post(calls.Task(2)));
+  EXPECT_TRUE(worker.full());
   EXPECT_FALSE(worker.Post(calls.Task(3)));  // two wait already
   EXPECT_FALSE(worker.stopping());
   release.Notify();
   calls.WaitFor(2);
   EXPECT_EQ(calls.seen(), (std::vector<std::pair<int, bool>>{{1, true}, {2, true}}));
+  EXPECT_FALSE(worker.full());
   EXPECT_TRUE(worker.Post(calls.Task(4)));  // room again
   calls.WaitFor(3);
   EXPECT_EQ(calls.seen().back(), std::make_pair(4, true));
@@ -81,7 +84,8 @@ TEST(SerialWorkerTest, StopFinishesTheRunningTaskAndAnswersTheWaitingOnesWithout
     stopped.store(true);
   });
   while (!worker.stopping()) absl::SleepFor(absl::Milliseconds(1));
-  EXPECT_FALSE(worker.Post(calls.Task(3)));  // refused: stopping, though only two wait
+  EXPECT_TRUE(worker.full());                // stopping, though only two wait
+  EXPECT_FALSE(worker.Post(calls.Task(3)));  // refused
   EXPECT_FALSE(stopped.load());              // the running task holds Stop
   release.Notify();
   stopper.join();

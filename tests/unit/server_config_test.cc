@@ -107,6 +107,7 @@ TEST(DefaultServerConfig, RequestLimitsAreChecked) {
   config.mutable_layers(0)->set_max_versions(9);
   config.mutable_layers(0)->set_compute_dtype(static_cast<LayerConfig::ComputeDtype>(7));
   config.set_max_inflight_per_stream(-3);
+  config.mutable_sessions()->set_max_opens_waiting(-2);
   const absl::Status s = ApplyDefaultsAndValidate(&config);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   for (const char* needle : {"layers[0].max_batch: must be >= 0, got -1",
@@ -114,7 +115,8 @@ TEST(DefaultServerConfig, RequestLimitsAreChecked) {
                              "less framing), got 63963136",
                              "layers[0].max_versions: must be in [0, 8] (0 = 1), got 9",
                              "layers[0].compute_dtype: must be FLOAT32 or BFLOAT16, got 7",
-                             "max_inflight_per_stream: must be >= 0 (0 = 32), got -3"}) {
+                             "max_inflight_per_stream: must be >= 0 (0 = 32), got -3",
+                             "sessions.max_opens_waiting: must be >= 0 (0 = the default), got -2"}) {
     EXPECT_NE(s.message().find(needle), absl::string_view::npos) << needle << "\n" << s;
   }
 }

@@ -1,7 +1,8 @@
 // attnserve.v1.SessionService's CreateSession with cross-attention memories, in a whole in-process server: such an
 // open holds twice its request in the memory budget until the session is open, is refused before it queues for
-// what the store can tell without projecting (a session id taken), waits for the one opener thread, and is
-// answered when the server drains (OK once projected, UNAVAILABLE while it waited), so that the drain ends.
+// what the store can tell without projecting (a session id taken), waits for the one opener thread (refused at
+// once past sessions.max_opens_waiting), and is answered when the server drains (OK once projected, UNAVAILABLE while
+// it waited), so that the drain ends.
 #include <grpcpp/grpcpp.h>
 
 #include <map>
@@ -115,6 +116,49 @@ TEST(SessionServiceTest, TheDrainAnswersEveryOpenWaitingOrRunning) {
   EXPECT_GE(codes[grpc::StatusCode::UNAVAILABLE], 1);
   std::printf("    %d opens, the drain after the first: %d OK, %d UNAVAILABLE\n", kOpens, codes[grpc::StatusCode::OK],
               codes[grpc::StatusCode::UNAVAILABLE]);
+}
+
+// sessions.max_opens_waiting 1: of ten [4096, 768] opens sent at once (about 50 ms of projection each), at most
+// one runs and one waits at any time; the rest are refused at once, RESOURCE_EXHAUSTED naming the limit. Every
+// open the opener took is OK, and the sessions open are those.
+TEST(SessionServiceTest, PastMaxOpensWaitingAnOpenIsRefusedAtOnce) {
+  absl::StatusOr<std::unique_ptr<TestServer>> server = StartInProcessServer(R"pb(
+    memory_budget_bytes: 1073741824
+    sessions { kv_cache_bytes: 536870912 max_opens_waiting: 1 }
+    layers { name: "base" embed_dim: 768 num_heads: 12 seed: 2 }
+  )pb");
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto sessions = v1::SessionService::NewStub((*server)->channel);
+  std::mt19937_64 rng(5);
+  const v1::Tensor memory = Memory(4096, 768, rng);
+  constexpr int kOpens = 10;
+  absl::Mutex mu;
+  std::map<grpc::StatusCode, int> codes;
+  std::vector<std::string> refusals;
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kOpens; ++i) {
+    clients.emplace_back([&, i] {
+      const grpc::Status status = Create(*sessions, OpenWith("s" + std::to_string(i), "base", memory));
+      absl::MutexLock lock(&mu);
+      ++codes[status.error_code()];
+      if (!status.ok()) refusals.push_back(status.error_message());
+    });
+  }
+  for (std::thread& t : clients) t.join();
+  EXPECT_EQ(codes[grpc::StatusCode::OK] + codes[grpc::StatusCode::RESOURCE_EXHAUSTED], kOpens);
+  EXPECT_GE(codes[grpc::StatusCode::OK], 1);
+  EXPECT_GE(codes[grpc::StatusCode::RESOURCE_EXHAUSTED], 1);
+  for (const std::string& message : refusals) {
+    EXPECT_NE(message.find("1 sessions with memories are waiting to be opened already (sessions.max_opens_waiting)"),
+              std::string::npos)
+        << message;
+  }
+  v1::ListSessionsResponse listed;
+  grpc::ClientContext ctx;
+  ASSERT_TRUE(sessions->ListSessions(&ctx, v1::ListSessionsRequest(), &listed).ok());
+  EXPECT_EQ(listed.sessions_size(), codes[grpc::StatusCode::OK]);
+  std::printf("    %d opens at once, one may wait: %d OK, %d RESOURCE_EXHAUSTED\n", kOpens, codes[grpc::StatusCode::OK],
+              codes[grpc::StatusCode::RESOURCE_EXHAUSTED]);
 }
 
 }  // namespace

@@ -185,6 +185,7 @@ absl::Status Server::Build() {
   Parts& p = *parts_;
   ATTN_RETURN_IF_ERROR(BuildCredentialStores());
   ATTN_ASSIGN_OR_RETURN(p.registry, LayerRegistry::Create(config_));
+  ATTN_RETURN_IF_ERROR(WarmUpConfiguredLayers());
   LoadHeapPad::Options pad;
   pad.pad_bytes = options_.load_heap_pad_bytes;
   pad.hold = options_.load_heap_pad_hold;
@@ -736,6 +737,17 @@ absl::Status Server::LoadLayer(const attnserve::v1::LayerConfig& layer) {
                absl::FormatDuration(load_time));
   LogCompute(*p.registry->Find(config.name(), version));
   LogMemoryGuardLimit();
+  return absl::OkStatus();
+}
+
+absl::Status Server::WarmUpConfiguredLayers() const {
+  // As a loaded layer is: its first requests must not pay for oneDNN's JIT, and its start-up log line names the
+  // implementations it runs.
+  for (const auto& layer : parts_->registry->Layers()) {
+    if (absl::Status warm = WarmUpUnlessDraining(*layer); !warm.ok()) {
+      return absl::Status(warm.code(), absl::StrCat("layer '", layer->config.name(), "': warm-up: ", warm.message()));
+    }
+  }
   return absl::OkStatus();
 }
 

@@ -148,6 +148,8 @@ class Server {
   void StartTrimmer();
   void StopTrimmer();
   void LogLayers() const;
+  // The layers of the config, built by the registry, warmed up before the server starts.
+  absl::Status WarmUpConfiguredLayers() const;
   // The built layer warmed up for every team size a batch's share can have; UNAVAILABLE once draining.
   absl::Status WarmUpUnlessDraining(const ServedLayer& loaded) const;
   // UNAVAILABLE naming `layer` once Drain has begun: a load must not hold the drain nor publish after it.

@@ -125,9 +125,11 @@ void UnaryInferSender::Send(uint64_t seq, uint64_t lane, std::function<void(cons
 // write from outside the reactor's own callbacks, and is released once the stream stops taking requests.
 class InferStreamReactor final : public grpc::ClientBidiReactor<InferRequest, InferResponse> {
  public:
-  InferStreamReactor(attnserve::v1::AttentionService::Stub* stub, std::chrono::system_clock::time_point deadline) {
+  // `client`'s token and traceparent go with the stream; its deadline is the run's.
+  InferStreamReactor(const Client& client, std::chrono::system_clock::time_point deadline) {
+    client.PrepareContext(&context_, std::nullopt);
     context_.set_deadline(deadline);
-    stub->async()->InferStream(&context_, this);
+    client.stub()->async()->InferStream(&context_, this);
     StartRead(&response_);
     AddHold();
     StartCall();
@@ -247,7 +249,7 @@ void StreamInferSender::Send(uint64_t seq, uint64_t lane, std::function<void(con
     absl::MutexLock lock(&slot.mu);
     for (int attempt = 0; attempt < 2; ++attempt) {
       if (slot.stream == nullptr) {
-        slot.stream = std::make_unique<InferStreamReactor>(clients_.ForLane(slot_index).stub(), deadline_);
+        slot.stream = std::make_unique<InferStreamReactor>(clients_.ForLane(slot_index), deadline_);
       }
       if (slot.stream->Send(request, done)) return;
       slot.retired.push_back(std::move(slot.stream));  // ended: the next attempt opens a new stream

@@ -483,6 +483,33 @@ def case_attnctl_without_token(e):
     expect("UNAUTHENTICATED" in r.stderr, f"stderr lacks UNAUTHENTICATED: {r.stderr.strip()[:300]}")
 
 
+def attnbench(e, token_file, stream):
+    """attnbench for a second on the plain server (tokens required); the CSV row's requests and errors."""
+    args = [os.path.join(os.path.dirname(e.attnctl), "attnbench"), "--target", f"127.0.0.1:{e.plain.port}",
+            "--concurrency", "2", "--duration", "1", "--warmup", "0", "--seq", "8", "--csv"]
+    if token_file:
+        args += ["--token-file", token_file]
+    if stream:
+        args.append("--stream")
+    env = {k: v for k, v in os.environ.items() if k != "ATTNSERVE_TOKEN"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+
+
+def case_attnbench_sends_its_token_unary_and_stream(e):
+    tf = write_file(os.path.join(e.tmp, "attnbench_token"), e.tokens["infer"] + "\n")
+    for stream in (False, True):
+        what = "InferStream" if stream else "Infer"
+        r = attnbench(e, tf, stream)
+        expect(r.returncode == 0, f"attnbench {what} exit {r.returncode}: {r.stderr.strip()[:300]}")
+        row = r.stdout.strip().splitlines()[-1].split(",")
+        requests, errors = int(row[5]), int(row[7])
+        print(f"    attnbench {what} with --token-file: {requests} requests, {errors} errors")
+        expect(requests > 0 and errors == 0, f"{what} with a token: {requests} requests, {errors} errors")
+    r = attnbench(e, None, stream=True)  # refused at its first call, the layer lookup
+    expect(r.returncode != 0 and "UNAUTHENTICATED" in r.stderr,
+           f"attnbench without a token: exit {r.returncode}, {r.stderr.strip()[:300]}")
+
+
 def case_tls_rotation_while_serving(e):
     """The server's cert/key files replaced by a pair of the unrelated CA: new connections must verify with
     that CA (and no longer with the old one) within 5 s, with the server running throughout."""
@@ -685,6 +712,7 @@ CASES = [
     case_infer_token_works_for_infer_and_stream, case_health_without_token_serving, case_weights_path_only_for_admin,
     case_token_file_reload_add, case_token_file_reload_remove, case_token_file_garbage_keeps_old_tokens,
     case_metrics_basic_auth, case_metrics_auth_reload, case_disable_reflection,
+    case_attnbench_sends_its_token_unary_and_stream,
 ]
 
 

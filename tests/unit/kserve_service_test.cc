@@ -4,6 +4,7 @@
 // control is refused unless enabled.
 #include <grpcpp/grpcpp.h>
 
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -365,7 +366,10 @@ TEST_F(KServeServiceTest, ADrainAbandonsARunningLoadAtItsNextStep) {
     if (!loading) absl::SleepFor(absl::Milliseconds(2));
   }
   ASSERT_TRUE(loading) << "the load never showed as LOADING";
-  const absl::Status drained = server_->server->Drain(absl::Now() + absl::Seconds(60));
+  const absl::Time drain_start = absl::Now();
+  const absl::Status drained = server_->server->Drain(drain_start + absl::Seconds(60));
+  std::printf("    drained in %s while the layer was loading\n",
+              absl::FormatDuration(absl::Now() - drain_start).c_str());
   loader.join();
   EXPECT_TRUE(drained.ok()) << drained;
   EXPECT_EQ(loaded_status.error_code(), grpc::StatusCode::UNAVAILABLE) << Str(loaded_status);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "attnserve/v1/attention.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "server/server.h"
@@ -90,6 +91,23 @@ TEST(LayerReloadTest, DefaultWorkersAreOnePerCpu) {
   const v1::ServerConfig same = server->config();
   EXPECT_TRUE(server->ReloadConfig(same, /*reload_all=*/false).ok());
   EXPECT_EQ(server->worker_threads(), 2);
+}
+
+// The configured layers are warmed up before the server starts, as a loaded layer is: a first request builds no
+// oneDNN primitive of a kind the layer had not run (the softmax's was built by the first request before), and
+// the start-up log line, which lists them, is complete.
+TEST(LayerReloadTest, ConfiguredLayersAreWarmedUpBeforeTheyServe) {
+  std::unique_ptr<Server> server = StartServer();
+  const std::vector<std::string> at_start = server->registry().Find("steady")->engine->ImplementationsUsed();
+  std::mt19937_64 rng(5);
+  auto channel =
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", server->ports().grpc), grpc::InsecureChannelCredentials());
+  auto stub = v1::AttentionService::NewStub(channel);
+  grpc::ClientContext ctx;
+  v1::InferResponse resp;
+  ASSERT_TRUE(stub->Infer(&ctx, Request("steady", testing::RandomValues(rng, kLen * kEmbed)), &resp).ok());
+  EXPECT_EQ(absl::StrJoin(server->registry().Find("steady")->engine->ImplementationsUsed(), ","),
+            absl::StrJoin(at_start, ","));
 }
 
 TEST(LayerReloadTest, ReplaceAndUnloadUnderTraffic) {

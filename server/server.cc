@@ -481,6 +481,10 @@ absl::Status Server::StartMemoryGuard() {
   }
   guard.rss_limit_bytes = rss_bytes + headroom;
   guard.loaded_layer_bytes = LiveLayerWeightBytes;  // layers loaded or freed later move the limit
+  // The budget, the KV pool and gRPC's quota, each derived from the memory limit, may add up past it: the guard
+  // must act before the kernel's OOM killer does.
+  std::string process_limit;
+  guard.rss_cap_bytes = MemoryGuardCapBytes(ProcessMemoryLimitBytes(&process_limit));
   // More than one largest message: a client uploading one is never shed.
   guard.min_undelivered_bytes = kMaxMessageBytes + (int64_t{16} << 20);
   guard.interval = absl::Milliseconds(t.memory_guard_interval_ms());
@@ -495,8 +499,11 @@ absl::Status Server::StartMemoryGuard() {
                  shed.delivered_bytes >> 20);
   };
   ATTN_ASSIGN_OR_RETURN(p.memory_guard, MemoryGuard::Create(std::move(guard)));
-  spdlog::info("memory guard: RSS limit {} MiB, checked every {} ms", p.memory_guard->rss_limit_bytes() >> 20,
-               t.memory_guard_interval_ms());
+  spdlog::info(
+      "memory guard: RSS limit {} MiB (the RSS once serving, {} MiB, plus {} MiB; at most {} MiB, "
+      "below the {}), checked every {} ms",
+      p.memory_guard->rss_limit_bytes() >> 20, rss_bytes >> 20, headroom >> 20,
+      MemoryGuardCapBytes(ProcessMemoryLimitBytes(nullptr)) >> 20, process_limit, t.memory_guard_interval_ms());
   return absl::OkStatus();
 }
 

@@ -1,5 +1,6 @@
 #include "server/transport/memory_guard.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
@@ -56,9 +57,15 @@ MemoryGuard::~MemoryGuard() {
   options_.delivered->RemoveReader();
 }
 
+int64_t MemoryGuardCapBytes(int64_t process_limit_bytes) {
+  const int64_t margin = std::min(process_limit_bytes / 2, std::max(process_limit_bytes / 8, int64_t{64} << 20));
+  return process_limit_bytes - margin;
+}
+
 int64_t MemoryGuard::rss_limit_bytes() const {
-  if (!options_.loaded_layer_bytes) return options_.rss_limit_bytes;
-  return options_.rss_limit_bytes + options_.loaded_layer_bytes() - layer_bytes_at_create_;
+  int64_t limit = options_.rss_limit_bytes;
+  if (options_.loaded_layer_bytes) limit += options_.loaded_layer_bytes() - layer_bytes_at_create_;
+  return options_.rss_cap_bytes > 0 ? std::min(limit, options_.rss_cap_bytes) : limit;
 }
 
 void MemoryGuard::Run() {

@@ -49,6 +49,11 @@ struct ConnectionLoad {
 // they are at least `min_undelivered_bytes` and at least half of what it received. nullopt when none is.
 std::optional<size_t> ConnectionToShed(absl::Span<const ConnectionLoad> loads, int64_t min_undelivered_bytes);
 
+// Options::rss_cap_bytes for a process the kernel lets hold `process_limit_bytes` (its cgroup's limit, else
+// physical memory): an eighth of it (at least 64 MiB, at most half of it) is left for the guard to act in, at
+// its interval, before the OOM killer would.
+int64_t MemoryGuardCapBytes(int64_t process_limit_bytes);
+
 // A connection the guard shut down, for the log and metrics.
 struct ShedConnection {
   std::string peer_key;
@@ -67,6 +72,9 @@ class MemoryGuard {
     // The bytes the process's layers hold now (live_layer_bytes.h). The limit moves with it: a layer loaded
     // after Create raises it by its bytes, one freed lowers it. Unset: the limit stays where it was created.
     std::function<int64_t()> loaded_layer_bytes;
+    // The limit never rises above this, however layers move it: the memory the kernel lets the process hold
+    // (its cgroup's limit) less a margin, so that the guard acts before the OOM killer does. 0: no cap.
+    int64_t rss_cap_bytes = 0;
     // Undelivered bytes a connection must hold to be shed. > 0.
     int64_t min_undelivered_bytes = int64_t{32} << 20;
     // How often the RSS is read.

@@ -137,6 +137,7 @@ class GuardTest : public ::testing::Test {
     o.now = [this] { return now_; };
     o.on_shed = [this](const ShedConnection& s) { sheds_.push_back(s); };
     o.loaded_layer_bytes = loaded_layer_bytes_;
+    o.rss_cap_bytes = rss_cap_bytes_;
     auto guard = MemoryGuard::Create(std::move(o));
     EXPECT_TRUE(guard.ok()) << guard.status();
     return std::move(*guard);
@@ -152,6 +153,7 @@ class GuardTest : public ::testing::Test {
   std::vector<std::string> shut_;
   std::vector<ShedConnection> sheds_;
   std::function<int64_t()> loaded_layer_bytes_;  // unset: the limit stays put
+  int64_t rss_cap_bytes_ = 0;                    // 0: no cap
 };
 
 TEST_F(GuardTest, UnderTheLimitNothingIsShed) {
@@ -251,6 +253,28 @@ TEST_F(GuardTest, TheLimitMovesWithTheLayersLoadedAndFreed) {
   rss_ = 400 * kMiB;
   now_ += absl::Seconds(1);
   EXPECT_NE(guard->CheckOnce(), MemoryGuard::Outcome::kUnderLimit);
+}
+
+// The cap (the cgroup's limit less a margin) bounds the limit however layers move it: a layer loaded while
+// serving does not lift the guard's limit past where the kernel would OOM-kill the process first.
+TEST_F(GuardTest, TheLimitNeverRisesAboveTheCap) {
+  int64_t layer_bytes = 300 * kMiB;
+  loaded_layer_bytes_ = [&] { return layer_bytes; };
+  rss_cap_bytes_ = 600 * kMiB;
+  auto guard = MakeGuard();
+  EXPECT_EQ(guard->rss_limit_bytes(), 512 * kMiB);
+  layer_bytes += 200 * kMiB;
+  EXPECT_EQ(guard->rss_limit_bytes(), 600 * kMiB);  // 712 uncapped
+  rss_ = 650 * kMiB;
+  EXPECT_EQ(guard->CheckOnce(), MemoryGuard::Outcome::kShed);
+  ASSERT_EQ(sheds_.size(), 1u);
+  EXPECT_EQ(sheds_[0].rss_limit_bytes, 600 * kMiB);
+}
+
+TEST(MemoryGuardCapBytes, AnEighthBelowTheProcessLimitAtLeast64MiBAtMostHalf) {
+  EXPECT_EQ(MemoryGuardCapBytes(2048 * kMiB), 1792 * kMiB);  // the Kubernetes Deployment's 2Gi
+  EXPECT_EQ(MemoryGuardCapBytes(256 * kMiB), 192 * kMiB);
+  EXPECT_EQ(MemoryGuardCapBytes(100 * kMiB), 50 * kMiB);
 }
 
 TEST(MemoryGuardCreate, RefusesBadOptions) {

@@ -1,8 +1,11 @@
 // Config loading/defaulting/validation (server/startup/server_config.h) and command-line flags
 // (server/startup/server_flags.h).
+#include "server/startup/server_config.h"
+
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <string>
 #include <vector>
@@ -11,9 +14,9 @@
 #include "google/protobuf/util/message_differencer.h"
 #include "gtest/gtest.h"
 #include "server/startup/restart_fields.h"
-#include "server/startup/server_config.h"
 #include "server/startup/server_flags.h"
 #include "server/startup/transport_config.h"
+#include "server/transport/memory_guard.h"
 
 namespace attnserve {
 namespace {
@@ -152,6 +155,30 @@ TEST(DeployConfig, DefaultPbtxtMatchesEmbeddedDefault) {
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   EXPECT_TRUE(ProtoEquals(*loaded, DefaultServerConfig())) << loaded->DebugString();
   EXPECT_TRUE(ApplyDefaultsAndValidate(&*loaded).ok());
+}
+
+// The Kubernetes config's memory, set rather than derived, adds up below where the memory guard acts in a pod of
+// deployment.yaml's limit: the budget, the KV cache, twice gRPC's quota (as the guard counts it) and 256 MiB for
+// the process itself (48 MiB measured with the config's layers).
+TEST(DeployConfig, KubernetesMemoryAddsUpWithinThePodLimit) {
+  absl::StatusOr<ServerConfig> config = LoadServerConfigFile("deploy/k8s/config.pbtxt");
+  ASSERT_TRUE(config.ok()) << config.status();
+  std::ifstream deployment("deploy/k8s/deployment.yaml");
+  const std::string yaml((std::istreambuf_iterator<char>(deployment)), std::istreambuf_iterator<char>());
+  const size_t limits = yaml.find("limits:");
+  ASSERT_NE(limits, std::string::npos);
+  const size_t memory = yaml.find("memory: ", limits);
+  ASSERT_NE(memory, std::string::npos);
+  const size_t gi = yaml.find("Gi", memory);
+  ASSERT_NE(gi, std::string::npos);
+  const int64_t pod_limit_bytes = std::stoll(yaml.substr(memory + 8, gi - memory - 8)) << 30;
+  EXPECT_GT(config->memory_budget_bytes(), 0);
+  EXPECT_GT(config->sessions().kv_cache_bytes(), 0);
+  EXPECT_GT(config->transport().grpc_memory_bytes(), 0);
+  const int64_t held = config->memory_budget_bytes() + config->sessions().kv_cache_bytes() +
+                       2 * config->transport().grpc_memory_bytes() + (int64_t{256} << 20);
+  EXPECT_LE(held, MemoryGuardCapBytes(pod_limit_bytes)) << "pod limit " << pod_limit_bytes;
+  EXPECT_TRUE(ApplyDefaultsAndValidate(&*config).ok());
 }
 
 TEST(DeployConfig, ExampleJsonValidates) {

@@ -1,6 +1,7 @@
 #include "server/runtime/batch_executor.h"
 
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <optional>
 #include <utility>
@@ -48,6 +49,9 @@ std::vector<absl::StatusOr<AttentionOutputs>> AppendsNoThrow(const AppendEngine&
   } catch (const std::bad_alloc&) {
     return std::vector<absl::StatusOr<AttentionOutputs>>(
         appends.size(), absl::ResourceExhaustedError("out of memory while computing the batch"));
+  } catch (const std::exception& e) {
+    return std::vector<absl::StatusOr<AttentionOutputs>>(
+        appends.size(), absl::InternalError(absl::StrCat("engine failure: ", e.what())));
   }
 }
 
@@ -69,7 +73,30 @@ std::vector<absl::StatusOr<AttentionOutputs>> DecoderNoThrow(const std::vector<c
   }
 }
 
+// A group's error fails all its requests: each failed one (not stopped) runs again alone, so that the error stays
+// with the request that caused it and the others get their answers.
+void RerunFailedAlone(std::vector<absl::StatusOr<AttentionOutputs>>& got,
+                      const std::function<absl::StatusOr<AttentionOutputs>(size_t)>& run_alone) {
+  for (size_t i = 0; got.size() > 1 && i < got.size(); ++i) {
+    if (!got[i].ok() && !IsStop(got[i].status())) got[i] = run_alone(i);
+  }
+}
+
 }  // namespace
+
+std::vector<absl::StatusOr<AttentionOutputs>> BatchExecutor::RunEngineNoThrow(
+    const std::vector<std::unique_ptr<InferenceCall>>& calls, int threads) const {
+  // The engine calls catch their own; this is for what is around them (the batch's own vectors).
+  absl::Status failed;
+  try {
+    return RunEngine(calls, threads);
+  } catch (const std::bad_alloc&) {
+    failed = absl::ResourceExhaustedError("out of memory while computing the batch");
+  } catch (const std::exception& e) {
+    failed = absl::InternalError(absl::StrCat("batch failure: ", e.what()));
+  }
+  return std::vector<absl::StatusOr<AttentionOutputs>>(calls.size(), failed);
+}
 
 std::vector<absl::StatusOr<AttentionOutputs>> BatchExecutor::RunEngine(
     const std::vector<std::unique_ptr<InferenceCall>>& all, int threads) const {
@@ -102,22 +129,21 @@ std::vector<absl::StatusOr<AttentionOutputs>> BatchExecutor::RunStateless(
     index.push_back(i);
   }
   const Clock& clock = *options_.clock;
+  std::vector<absl::StatusOr<AttentionOutputs>> got;
   if (calls.front()->layer->decoder != nullptr) {
-    std::vector<absl::StatusOr<AttentionOutputs>> got = DecoderNoThrow(calls, threads, clock);
-    for (size_t i = 0; i < calls.size(); ++i) results[index[i]] = std::move(got[i]);
-    return results;
-  }
-  const MultiheadAttention& engine = *calls.front()->layer->engine;
-  std::vector<const ParsedAttention*> parsed;
-  for (const InferenceCall* call : calls) parsed.push_back(&call->parsed);
-  StopFn stop = [&](size_t i) { return StopReason(*calls[i], clock); };
-  std::vector<absl::StatusOr<AttentionOutputs>> got = ForwardNoThrow(engine, parsed, threads, stop);
-  // A group's error fails all its requests; run each failed one alone so the error stays with its cause.
-  for (size_t i = 0; calls.size() > 1 && i < calls.size(); ++i) {
-    if (got[i].ok() || IsStop(got[i].status())) continue;
-    const ParsedAttention* one[] = {parsed[i]};
-    StopFn stop_one = [&](size_t) { return StopReason(*calls[i], clock); };
-    got[i] = std::move(ForwardNoThrow(engine, one, threads, stop_one)[0]);
+    got = DecoderNoThrow(calls, threads, clock);
+    RerunFailedAlone(got, [&](size_t i) { return std::move(DecoderNoThrow({calls[i]}, threads, clock)[0]); });
+  } else {
+    const MultiheadAttention& engine = *calls.front()->layer->engine;
+    std::vector<const ParsedAttention*> parsed;
+    for (const InferenceCall* call : calls) parsed.push_back(&call->parsed);
+    StopFn stop = [&](size_t i) { return StopReason(*calls[i], clock); };
+    got = ForwardNoThrow(engine, parsed, threads, stop);
+    RerunFailedAlone(got, [&](size_t i) {
+      const ParsedAttention* one[] = {parsed[i]};
+      StopFn stop_one = [&](size_t) { return StopReason(*calls[i], clock); };
+      return std::move(ForwardNoThrow(engine, one, threads, stop_one)[0]);
+    });
   }
   for (size_t i = 0; i < calls.size(); ++i) results[index[i]] = std::move(got[i]);
   return results;
@@ -192,7 +218,7 @@ void BatchExecutor::Compute(const std::string& layer_name, std::vector<std::uniq
     flops += static_cast<double>(call->parsed.flops);
     if (metrics) metrics->QueueWait(layer_name, absl::ToDoubleSeconds(compute_start - call->arrival));
   }
-  std::vector<absl::StatusOr<AttentionOutputs>> results = RunEngine(calls, threads);
+  std::vector<absl::StatusOr<AttentionOutputs>> results = RunEngineNoThrow(calls, threads);
   const absl::Duration compute = options_.clock->Now() - compute_start;
   if (metrics) {
     metrics->BatchDone(layer_name, static_cast<int>(calls.size()), tokens, absl::ToDoubleSeconds(compute), flops);

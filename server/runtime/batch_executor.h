@@ -55,6 +55,10 @@ class BatchExecutor {
   // Hands `call` its result (timing: its batch's; the queue time is the call's own).
   static void Answer(InferenceCall& call, absl::StatusOr<AttentionOutputs> result, const CallTiming& timing,
                      absl::Time compute_start);
+  // RunEngine, and what escapes it (an allocation around the engine calls) failing every call of the group:
+  // a worker never dies of a batch.
+  std::vector<absl::StatusOr<AttentionOutputs>> RunEngineNoThrow(
+      const std::vector<std::unique_ptr<InferenceCall>>& calls, int threads) const;
   // The engine on `calls` (one version), exceptions turned into statuses; failed calls run again alone.
   // Sessions' appends go through ForwardAppends, the stateless calls through ForwardParsed (RunStateless,
   // which fills their places in `results`).

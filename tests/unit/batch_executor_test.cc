@@ -7,6 +7,7 @@
 #include <atomic>
 #include <memory>
 #include <random>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -267,6 +268,99 @@ TEST(BatchExecutorTest, StopsWhileComputingAtTheNextBlock) {
   ASSERT_TRUE(calls[2]->status->ok()) << *calls[2]->status;
   auto alone = layer->engine->Forward(calls[2]->inputs, 1);
   EXPECT_LE(testing::MaxAbsDiff(calls[2]->answer.output.values, alone->output.values), 1e-6);
+}
+
+// Makes `call`'s cancellation check throw `fault` from its second ask on: the first is the executor's, before the
+// batch computes; the later ones are the engine's, between query blocks, where a fault inside the engine would
+// surface.
+template <typename Fault>
+void FailInsideTheEngine(InferenceCall& call, Fault fault) {
+  auto asked = std::make_shared<std::atomic<int>>(0);
+  call.is_cancelled = [asked, fault] {
+    if (++*asked > 1) throw fault;
+    return false;
+  };
+}
+
+// An exception inside the engine (std::bad_alloc, or any other) fails the call that caused it, with
+// RESOURCE_EXHAUSTED or INTERNAL; the others of its batch, which it failed with it, run again alone and are
+// answered exactly; the worker goes on to the next batch.
+TEST(BatchExecutorTest, AnEngineExceptionFailsOnlyTheCallThatCausedIt) {
+  testing::FakeClock clock;
+  auto executor = BatchExecutor::Create({nullptr, &clock, 2});
+  ASSERT_TRUE(executor.ok());
+  const auto layer = Version(7, 1);
+  std::mt19937_64 rng(8);
+  for (const bool out_of_memory : {true, false}) {
+    std::vector<std::unique_ptr<TestCall>> calls;
+    calls.push_back(MakeCall(layer, rng, 1, 7, clock.Now()));
+    calls.push_back(MakeCall(layer, rng, 1, 1024, clock.Now()));  // asked before each of its 4 query blocks
+    calls.push_back(MakeCall(layer, rng, 2, 8, clock.Now()));
+    if (out_of_memory) {
+      FailInsideTheEngine(*calls[1]->raw, std::bad_alloc());
+    } else {
+      FailInsideTheEngine(*calls[1]->raw, std::runtime_error("injected fault"));
+    }
+    (*executor)->Run("layer", Batch(calls, clock.Now()));
+    ASSERT_TRUE(calls[1]->status.has_value());
+    EXPECT_EQ(*calls[1]->status, out_of_memory ? absl::ResourceExhaustedError("out of memory while computing the batch")
+                                               : absl::InternalError("engine failure: injected fault"));
+    for (int i : {0, 2}) {
+      ASSERT_TRUE(calls[i]->status.has_value());
+      ASSERT_TRUE(calls[i]->status->ok()) << *calls[i]->status;
+      auto alone = layer->engine->Forward(calls[i]->inputs, 1);
+      EXPECT_LE(testing::MaxAbsDiff(calls[i]->answer.output.values, alone->output.values), 1e-6) << i;
+    }
+  }
+}
+
+// The same for a decoder layer's ragged batch: before, one request's exception failed all of them.
+TEST(BatchExecutorTest, ADecoderExceptionFailsOnlyTheCallThatCausedIt) {
+  testing::FakeClock clock;
+  auto executor = BatchExecutor::Create({nullptr, &clock, 2});
+  ASSERT_TRUE(executor.ok());
+  v1::ServerConfig config;
+  v1::LayerConfig& c = *config.add_layers();
+  c.set_name("layer");
+  c.set_embed_dim(kEmbed);
+  c.set_num_heads(4);
+  c.set_kind(v1::LayerConfig::DECODER_ATTENTION);
+  c.mutable_decoder()->set_num_kv_heads(2);
+  c.set_seed(9);
+  ASSERT_TRUE(ApplyLayerDefaultsAndValidate(&c).ok());
+  auto registry = LayerRegistry::Create(config);
+  ASSERT_TRUE(registry.ok()) << registry.status();
+  std::mt19937_64 rng(10);
+  std::vector<std::unique_ptr<TestCall>> calls;
+  for (int64_t len : {5, 64, 9}) {
+    auto t = std::make_unique<TestCall>();
+    t->query = testing::RandomValues(rng, len * kEmbed);
+    InferenceCall& call = *t->call;
+    call.layer_name = "layer";
+    call.inputs.query = TensorView::F32(t->query.data(), {1, len, kEmbed});
+    call.arrival = clock.Now();
+    ASSERT_TRUE(ValidateCall(**registry, &call).ok());
+    t->layer = call.layer;
+    TestCall* self = t.get();
+    call.finish = [self](const absl::Status& s) {
+      self->status = s;
+      if (s.ok()) self->answer = self->raw->outputs;
+    };
+    calls.push_back(std::move(t));
+  }
+  FailInsideTheEngine(*calls[1]->raw, std::runtime_error("injected fault"));
+  std::vector<DecoderInputs> inputs;
+  for (const auto& t : calls) inputs.push_back(t->raw->decoder_inputs);
+  (*executor)->Run("layer", Batch(calls, clock.Now()));
+  ASSERT_TRUE(calls[1]->status.has_value());
+  EXPECT_EQ(*calls[1]->status, absl::InternalError("engine failure: injected fault"));
+  for (int i : {0, 2}) {
+    ASSERT_TRUE(calls[i]->status.has_value());
+    ASSERT_TRUE(calls[i]->status->ok()) << *calls[i]->status;
+    auto alone = calls[i]->layer->decoder->Forward(inputs[i], 1);
+    ASSERT_TRUE(alone.ok());
+    EXPECT_LE(testing::MaxAbsDiff(calls[i]->answer.output.values, alone->output.values), 1e-6) << i;
+  }
 }
 
 }  // namespace

@@ -48,6 +48,14 @@ class ReflectionGuard final : public grpc::experimental::Interceptor {
 
 }  // namespace
 
+std::string Authorizer::TokenDigest(const grpc::ServerContextBase& ctx) const {
+  if (tokens_ == nullptr) return {};
+  const absl::string_view token = BearerToken(ctx.client_metadata());
+  if (token.empty()) return {};
+  const Sha256Digest digest = Sha256(token);
+  return std::string(reinterpret_cast<const char*>(digest.data()), digest.size());
+}
+
 uint32_t Authorizer::ScopesOf(const std::multimap<grpc::string_ref, grpc::string_ref>& metadata) const {
   if (tokens_ == nullptr) return kScopeInfer | kScopeAdmin;
   const absl::string_view token = BearerToken(metadata);

@@ -4,11 +4,12 @@
 // Thread-safety: immutable after construction; the store reloads itself.
 #pragma once
 
-#include <cstdint>
-#include <memory>
-
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/support/server_interceptor.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
 
 #include "server/security/credential_store.h"
 
@@ -27,6 +28,9 @@ class Authorizer {
   grpc::Status Check(const grpc::ServerContextBase& ctx, Scope scope) const {
     return Check(ctx.client_metadata(), scope);
   }
+  // The SHA-256 of the call's bearer token (32 bytes), what identifies a caller (its sessions are its own);
+  // empty without a token or with authentication off.
+  std::string TokenDigest(const grpc::ServerContextBase& ctx) const;
   // Whether layer info may show file paths: only to an admin token (never with authentication off).
   bool MayShowPaths(const grpc::ServerContextBase& ctx) const {
     return enabled() && (ScopesOf(ctx.client_metadata()) & kScopeAdmin) != 0;

@@ -103,6 +103,7 @@ grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServer
   args.layers.assign(request->layers().begin(), request->layers().end());
   args.max_tokens = request->max_tokens();
   args.idle_timeout_ms = request->idle_timeout_ms();
+  args.caller = CallerOf(*ctx);
   if (request->memory_size() == 0) return AnswerSession(rpc, store_->Open(args), response);
   if (absl::Status s = ViewMemories(*request, &args); !s.ok()) return FinishNow(rpc, ToGrpcStatus(s));
   // Refused now rather than after the memories before it (the opener checks again: a session may open meanwhile).
@@ -132,6 +133,11 @@ grpc::ServerUnaryReactor* SessionServiceImpl::CreateSession(grpc::CallbackServer
   };
   if (!opener_.Post(std::move(open))) reactor->Finish(rpc.Ended(OpenerRefusal()));
   return reactor;
+}
+
+SessionStore::Caller SessionServiceImpl::CallerOf(const grpc::ServerContextBase& ctx) const {
+  if (!authorizer_->enabled()) return {};
+  return {authorizer_->TokenDigest(ctx), (authorizer_->ScopesOf(ctx.client_metadata()) & kScopeAdmin) != 0};
 }
 
 grpc::Status SessionServiceImpl::OpenerRefusal() const {
@@ -180,7 +186,7 @@ void SessionServiceImpl::SubmitAppend(const ServedRpc& rpc, const char* rpc_name
       call.get(),
       [self = call.get(), answer] { EncodeAppendAnswer(self, self->session->append.cache->tokens(), answer); },
       std::move(on_answer));
-  store_->Append(SessionIdOf(*rpc.ctx(), request.session_id()), request.layer(), std::move(call));
+  store_->Append(SessionIdOf(*rpc.ctx(), request.session_id()), request.layer(), std::move(call), CallerOf(*rpc.ctx()));
 }
 
 grpc::ServerUnaryReactor* SessionServiceImpl::Append(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
@@ -210,8 +216,8 @@ grpc::ServerUnaryReactor* SessionServiceImpl::ForkSession(grpc::CallbackServerCo
                                                           attnserve::v1::Session* response) {
   const ServedRpc rpc(ctx, calls_, "/attnserve.v1.SessionService/ForkSession");
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
-  return AnswerSession(rpc, store_->Fork(SessionIdOf(*ctx, request->session_id()), request->new_session_id()),
-                       response);
+  return AnswerSession(
+      rpc, store_->Fork(SessionIdOf(*ctx, request->session_id()), request->new_session_id(), CallerOf(*ctx)), response);
 }
 
 grpc::ServerUnaryReactor* SessionServiceImpl::TruncateSession(grpc::CallbackServerContext* ctx,
@@ -219,7 +225,8 @@ grpc::ServerUnaryReactor* SessionServiceImpl::TruncateSession(grpc::CallbackServ
                                                               attnserve::v1::Session* response) {
   const ServedRpc rpc(ctx, calls_, "/attnserve.v1.SessionService/TruncateSession");
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
-  return AnswerSession(rpc, store_->Truncate(SessionIdOf(*ctx, request->session_id()), request->tokens()), response);
+  return AnswerSession(
+      rpc, store_->Truncate(SessionIdOf(*ctx, request->session_id()), request->tokens(), CallerOf(*ctx)), response);
 }
 
 grpc::ServerUnaryReactor* SessionServiceImpl::CloseSession(grpc::CallbackServerContext* ctx,
@@ -227,7 +234,7 @@ grpc::ServerUnaryReactor* SessionServiceImpl::CloseSession(grpc::CallbackServerC
                                                            attnserve::v1::CloseSessionResponse* /*response*/) {
   const ServedRpc rpc(ctx, calls_, "/attnserve.v1.SessionService/CloseSession");
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
-  return FinishNow(rpc, ToGrpcStatus(store_->Close(SessionIdOf(*ctx, request->session_id()))));
+  return FinishNow(rpc, ToGrpcStatus(store_->Close(SessionIdOf(*ctx, request->session_id()), CallerOf(*ctx))));
 }
 
 grpc::ServerUnaryReactor* SessionServiceImpl::GetSession(grpc::CallbackServerContext* ctx,
@@ -235,7 +242,7 @@ grpc::ServerUnaryReactor* SessionServiceImpl::GetSession(grpc::CallbackServerCon
                                                          attnserve::v1::Session* response) {
   const ServedRpc rpc(ctx, calls_, "/attnserve.v1.SessionService/GetSession");
   if (grpc::Status denied = authorizer_->Check(*ctx, kScopeInfer); !denied.ok()) return FinishNow(rpc, denied);
-  return AnswerSession(rpc, store_->Get(SessionIdOf(*ctx, request->session_id())), response);
+  return AnswerSession(rpc, store_->Get(SessionIdOf(*ctx, request->session_id()), CallerOf(*ctx)), response);
 }
 
 grpc::ServerUnaryReactor* SessionServiceImpl::ListSessions(grpc::CallbackServerContext* ctx,

@@ -93,6 +93,9 @@ class SessionServiceImpl final : public SessionServiceBase {
   // On the opener's thread: the session opened, its memories projected, `response` filled; the status to finish
   // with (UNAVAILABLE when the drain stopped it; an exception becomes RESOURCE_EXHAUSTED or INTERNAL).
   grpc::Status OpenWithMemories(const SessionStore::OpenArgs& args, attnserve::v1::Session* response) const;
+  // Who calls (SessionStore::Caller): its token's digest, and whether it may use every session (no tokens, or an
+  // admin token).
+  SessionStore::Caller CallerOf(const grpc::ServerContextBase& ctx) const;
   // Why the opener takes no more: UNAVAILABLE once draining, else RESOURCE_EXHAUSTED (max_opens_waiting wait).
   grpc::Status OpenerRefusal() const;
 

@@ -58,15 +58,20 @@ void FreeLeftWindow(SessionStore::Lane* lane) {
 
 }  // namespace
 
-void SessionStore::Append(const std::string& id, const std::string& layer, std::unique_ptr<InferenceCall> call) {
+void SessionStore::Append(const std::string& id, const std::string& layer, std::unique_ptr<InferenceCall> call,
+                          const Caller& caller) {
   if (options_.instrument) options_.instrument(*call);
   std::shared_ptr<Session> session;
   Lane* lane = nullptr;
   absl::Status missing;
   {
     absl::MutexLock lock(&mu_);
-    session = FindLocked(id);
-    if (session == nullptr) missing = MissingLocked(id);
+    absl::StatusOr<std::shared_ptr<Session>> found = FindForLocked(id, caller);
+    if (found.ok()) {
+      session = std::move(*found);
+    } else {
+      missing = found.status();
+    }
   }
   if (session == nullptr) {
     call->finish(missing);  // outside the store's lock: an answer logs and records

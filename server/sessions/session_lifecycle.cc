@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/log_string.h"
+#include "common/status_macros.h"
 #include "server/sessions/session_state.h"
 #include "server/sessions/session_store.h"
 
@@ -153,6 +154,7 @@ absl::StatusOr<SessionInfo> SessionStore::Open(const OpenArgs& args) {
   if (!plan.ok()) return plan.status();
   auto session = std::make_shared<Session>();
   session->id = args.id;
+  session->owner = args.caller.token_digest;
   session->idle_timeout_ms = args.idle_timeout_ms > 0 ? args.idle_timeout_ms : options_.default_idle_timeout_ms;
   session->max_tokens = args.max_tokens > 0 ? args.max_tokens : plan->limit;
   for (size_t i = 0; i < plan->layers.size(); ++i) {
@@ -182,13 +184,13 @@ absl::StatusOr<SessionInfo> SessionStore::Open(const OpenArgs& args) {
   return InsertLocked(std::move(session));
 }
 
-absl::StatusOr<SessionInfo> SessionStore::Fork(const std::string& id, const std::string& new_id) {
+absl::StatusOr<SessionInfo> SessionStore::Fork(const std::string& id, const std::string& new_id, const Caller& caller) {
   if (absl::Status s = CheckId(new_id, "new_session_id"); !s.ok()) return s;
   absl::MutexLock lock(&mu_);
-  std::shared_ptr<Session> from = FindLocked(id);
-  if (from == nullptr) return MissingLocked(id);
+  ATTN_ASSIGN_OR_RETURN(std::shared_ptr<Session> from, FindForLocked(id, caller));
   auto fork = std::make_shared<Session>();
   fork->id = new_id;
+  fork->owner = caller.token_digest;
   fork->max_tokens = from->max_tokens;
   fork->idle_timeout_ms = from->idle_timeout_ms;
   {
@@ -211,13 +213,12 @@ absl::StatusOr<SessionInfo> SessionStore::Fork(const std::string& id, const std:
   return InsertLocked(std::move(fork));
 }
 
-absl::StatusOr<SessionInfo> SessionStore::Truncate(const std::string& id, int64_t tokens) {
+absl::StatusOr<SessionInfo> SessionStore::Truncate(const std::string& id, int64_t tokens, const Caller& caller) {
   if (tokens < 0) return absl::InvalidArgumentError(absl::StrCat("tokens: expected >= 0, got ", tokens));
   std::shared_ptr<Session> s;
   {
     absl::MutexLock lock(&mu_);
-    s = FindLocked(id);
-    if (s == nullptr) return MissingLocked(id);
+    ATTN_ASSIGN_OR_RETURN(s, FindForLocked(id, caller));
   }
   {
     absl::MutexLock session_lock(&s->mu);

@@ -33,6 +33,7 @@ struct SessionStore::Lane {
 
 struct SessionStore::Session {
   std::string id;
+  std::string owner;  // Caller::token_digest of who opened (or forked) it; empty: anyone's
   int64_t max_tokens = 0;
   int64_t idle_timeout_ms = 0;
   std::map<std::string, std::unique_ptr<Lane>> lanes;  // fixed once the session is inserted

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/log_string.h"
+#include "common/status_macros.h"
 #include "server/sessions/session_state.h"
 
 namespace attnserve {
@@ -54,6 +55,17 @@ absl::Status SessionStore::CheckId(const std::string& id, const char* field) {
 std::shared_ptr<SessionStore::Session> SessionStore::FindLocked(const std::string& id) const {
   auto it = sessions_.find(id);
   return it == sessions_.end() ? nullptr : it->second;
+}
+
+absl::StatusOr<std::shared_ptr<SessionStore::Session>> SessionStore::FindForLocked(const std::string& id,
+                                                                                   const Caller& caller) const {
+  std::shared_ptr<Session> s = FindLocked(id);
+  if (s == nullptr) return MissingLocked(id);
+  if (!caller.any_session && s->owner != caller.token_digest) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("session_id: session ", Quoted(id), " was opened with another token (an admin token may use it)"));
+  }
+  return s;
 }
 
 absl::Status SessionStore::MissingLocked(const std::string& id) const {
@@ -126,20 +138,19 @@ std::vector<SessionInfo> SessionStore::List() const {
   return infos;
 }
 
-absl::StatusOr<SessionInfo> SessionStore::Get(const std::string& id) const {
+absl::StatusOr<SessionInfo> SessionStore::Get(const std::string& id, const Caller& caller) const {
   std::shared_ptr<Session> s;
   {
     absl::MutexLock lock(&mu_);
-    s = FindLocked(id);
-    if (s == nullptr) return MissingLocked(id);
+    ATTN_ASSIGN_OR_RETURN(s, FindForLocked(id, caller));
   }
   return Describe(*s);
 }
 
-absl::Status SessionStore::Close(const std::string& id) {
+absl::Status SessionStore::Close(const std::string& id, const Caller& caller) {
   {
     absl::MutexLock lock(&mu_);
-    if (FindLocked(id) == nullptr) return MissingLocked(id);
+    ATTN_RETURN_IF_ERROR(FindForLocked(id, caller).status());
     RemoveLocked(id, nullptr);
   }
   ReportPool();

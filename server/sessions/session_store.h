@@ -53,6 +53,14 @@ struct SessionInfo {
   int64_t idle_ms = 0;
 };
 
+// Who calls the session store: what it opens or forks is its own, and the others' sessions are refused to it
+// (PERMISSION_DENIED naming session_id) unless `any_session`. The default, for a server without tokens: anyone
+// may use any session.
+struct SessionCaller {
+  std::string token_digest;  // SHA-256 of the caller's token; empty without tokens
+  bool any_session = true;   // authentication off, or an admin token
+};
+
 class SessionStore {
  public:
   struct Options {
@@ -92,6 +100,7 @@ class SessionStore {
   MemoryBudget* memory_budget() const { return options_.memory; }
   ~SessionStore();
 
+  using Caller = SessionCaller;
   // One layer's cross-attention memory: [tokens, kdim] floats, read during Open only.
   struct Memory {
     const float* data = nullptr;
@@ -108,6 +117,7 @@ class SessionStore {
     // cancelled it or whose deadline passed stops there, and nothing of it is kept.
     absl::Time deadline = absl::InfiniteFuture();
     std::function<bool()> is_cancelled;  // may be empty
+    Caller caller;                       // the session's owner
   };
   // Rows of a memory projected at a time: about 5 ms of a 2-CPU team at E=768, the longest a batch starting
   // meanwhile shares the CPUs with it, and how soon a cancelled open stops.
@@ -121,17 +131,19 @@ class SessionStore {
   // and DEADLINE_EXCEEDED): so that an open refused for its request or the sessions open now does not wait for
   // the memories before it (SessionService checks a CreateSession with memories here before it queues it).
   absl::Status CheckOpen(const OpenArgs& args) const { return PlanOpen(args).status(); }
-  absl::StatusOr<SessionInfo> Fork(const std::string& id, const std::string& new_id);
-  absl::StatusOr<SessionInfo> Truncate(const std::string& id, int64_t tokens);
-  absl::Status Close(const std::string& id);
-  absl::StatusOr<SessionInfo> Get(const std::string& id) const;
+  // Each refuses a session that is not `caller`'s (Caller). The fork is the caller's.
+  absl::StatusOr<SessionInfo> Fork(const std::string& id, const std::string& new_id, const Caller& caller = {});
+  absl::StatusOr<SessionInfo> Truncate(const std::string& id, int64_t tokens, const Caller& caller = {});
+  absl::Status Close(const std::string& id, const Caller& caller = {});
+  absl::StatusOr<SessionInfo> Get(const std::string& id, const Caller& caller = {}) const;
   std::vector<SessionInfo> List() const;
 
   // Queues an append of `call->inputs.query` ([T, E]) to `layer` of session `id`: `call` is answered through
   // its finish (set by the caller), now for a refusal or once computed. NOT_FOUND, FAILED_PRECONDITION
   // "evicted", INVALID_ARGUMENT, OUT_OF_RANGE (past max_tokens), RESOURCE_EXHAUSTED (queue or pool).
   // `need_weights` and `average_attn_weights` come from call->inputs.
-  void Append(const std::string& id, const std::string& layer, std::unique_ptr<InferenceCall> call);
+  void Append(const std::string& id, const std::string& layer, std::unique_ptr<InferenceCall> call,
+              const Caller& caller = {});
 
   // Evicts the sessions idle past their idle_timeout_ms with no append queued or running; returns how many.
   int64_t EvictIdle(const std::string& reason) ABSL_LOCKS_EXCLUDED(mu_);
@@ -155,6 +167,9 @@ class SessionStore {
   explicit SessionStore(const Options& options) : options_(options) {}
   std::shared_ptr<Session> FindLocked(const std::string& id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status MissingLocked(const std::string& id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Session `id` if `caller` may use it; else why not (MissingLocked, or PERMISSION_DENIED).
+  absl::StatusOr<std::shared_ptr<Session>> FindForLocked(const std::string& id, const Caller& caller) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<SessionInfo> InsertLocked(std::shared_ptr<Session> session) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RemoveLocked(const std::string& id, const char* evicted_for) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   SessionInfo Describe(const Session& s) const;

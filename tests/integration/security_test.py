@@ -59,9 +59,11 @@ def generate_stubs(out_dir):
     subprocess.run(["protoc", "-I", health_dir, f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", plugin,
                     os.path.join(health_dir, "grpc_health_v1.proto")], check=True)
     sys.path.insert(0, out_dir)
-    global pb, pbg, hpb, hpbg
+    global pb, pbg, spb, spbg, hpb, hpbg
     from attnserve.v1 import attention_pb2 as pb  # noqa: E402
     from attnserve.v1 import attention_pb2_grpc as pbg  # noqa: E402
+    from attnserve.v1 import session_pb2 as spb  # noqa: E402
+    from attnserve.v1 import session_pb2_grpc as spbg  # noqa: E402
     import grpc_health_v1_pb2 as hpb  # noqa: E402
     import grpc_health_v1_pb2_grpc as hpbg  # noqa: E402
 
@@ -351,7 +353,7 @@ def setup(binary, attnctl, tmp, e):
     e.tmp, e.binary, e.attnctl = tmp, binary, attnctl
     e.pki = Pki(tmp)
     e.tokens = {name: "tok-" + base64.urlsafe_b64encode(os.urandom(18)).decode()
-                for name in ("infer", "admin", "both", "new", "never")}
+                for name in ("infer", "admin", "both", "new", "never", "owner", "other")}
     # The tls server's tokens: fixed for the whole run.
     e.tls_token_file = write_file(os.path.join(tmp, "tls_tokens"),
                                   f"# test tokens\nsha256:{sha256_hex(e.tokens['infer'])} infer\n"
@@ -359,7 +361,9 @@ def setup(binary, attnctl, tmp, e):
     # The plain server's tokens: rewritten by the reload cases.
     e.plain_token_lines = [f"sha256:{sha256_hex(e.tokens['infer'])} infer",
                            f"sha256:{sha256_hex(e.tokens['admin'])} admin",
-                           f"sha256:{sha256_hex(e.tokens['both'])} infer,admin"]
+                           f"sha256:{sha256_hex(e.tokens['both'])} infer,admin",
+                           f"sha256:{sha256_hex(e.tokens['owner'])} infer",
+                           f"sha256:{sha256_hex(e.tokens['other'])} infer"]
     e.plain_token_file = write_file(os.path.join(tmp, "plain_tokens"), "\n".join(e.plain_token_lines) + "\n")
     e.metrics_user = ("prom", "pw-" + base64.urlsafe_b64encode(os.urandom(12)).decode())
     e.metrics_auth_file = write_file(os.path.join(tmp, "metrics_users"),
@@ -601,6 +605,47 @@ def case_infer_token_works_for_infer_and_stream(e):
                                 timeout=10))
 
 
+def case_sessions_are_their_openers(e):
+    """A session opened with one infer token is refused to another (PERMISSION_DENIED); an admin token may use it;
+    ListSessions needs admin."""
+    def append(stub, token, sid="sec-s1"):
+        q = np.random.default_rng(3).standard_normal((2, 64), dtype=np.float32)
+        r = spb.AppendRequest(session_id=sid, layer="small")
+        r.query.shape.extend(q.shape)
+        r.query.dtype = pb.FLOAT32
+        r.query.raw_data = q.tobytes()
+        return stub.Append(r, metadata=bearer(e.tokens[token]), timeout=10)
+
+    with plain_channel(e.plain.port) as ch:
+        stub = spbg.SessionServiceStub(ch)
+        expect_code(lambda: stub.CreateSession(spb.CreateSessionRequest(session_id="sec-s1", layers=["small"]),
+                                               timeout=10), grpc.StatusCode.UNAUTHENTICATED, "CreateSession without a token")
+        stub.CreateSession(spb.CreateSessionRequest(session_id="sec-s1", layers=["small"]),
+                           metadata=bearer(e.tokens["owner"]), timeout=10)
+        other = bearer(e.tokens["other"])
+        for what, call in (("Append", lambda: append(stub, "other")),
+                           ("GetSession", lambda: stub.GetSession(spb.GetSessionRequest(session_id="sec-s1"),
+                                                                  metadata=other, timeout=10)),
+                           ("ForkSession", lambda: stub.ForkSession(
+                               spb.ForkSessionRequest(session_id="sec-s1", new_session_id="sec-s2"), metadata=other,
+                               timeout=10)),
+                           ("CloseSession", lambda: stub.CloseSession(spb.CloseSessionRequest(session_id="sec-s1"),
+                                                                      metadata=other, timeout=10))):
+            code, details = rpc_code(call)
+            expect(code == grpc.StatusCode.PERMISSION_DENIED and "was opened with another token" in details,
+                   f"{what} with another infer token: {code.name} {details[:200]}")
+        answer = append(stub, "owner")
+        expect(list(answer.output.shape) == [2, 64], f"the opener's append: {answer.output.shape}")
+        got = stub.GetSession(spb.GetSessionRequest(session_id="sec-s1"), metadata=bearer(e.tokens["both"]), timeout=10)
+        expect(got.layers[0].tokens == 2, f"the admin token's GetSession: {got}")
+        expect_code(lambda: stub.ListSessions(spb.ListSessionsRequest(), metadata=bearer(e.tokens["owner"]),
+                                              timeout=10), grpc.StatusCode.PERMISSION_DENIED,
+                    "ListSessions with an infer token")
+        listed = stub.ListSessions(spb.ListSessionsRequest(), metadata=bearer(e.tokens["both"]), timeout=10)
+        expect("sec-s1" in [s.session_id for s in listed.sessions], f"ListSessions: {listed}")
+        stub.CloseSession(spb.CloseSessionRequest(session_id="sec-s1"), metadata=bearer(e.tokens["owner"]), timeout=10)
+
+
 def case_health_without_token_serving(e):
     with plain_channel(e.plain.port) as ch:
         expect(health(ch) == hpb.HealthCheckResponse.SERVING, "not SERVING")
@@ -712,7 +757,7 @@ CASES = [
     case_infer_token_works_for_infer_and_stream, case_health_without_token_serving, case_weights_path_only_for_admin,
     case_token_file_reload_add, case_token_file_reload_remove, case_token_file_garbage_keeps_old_tokens,
     case_metrics_basic_auth, case_metrics_auth_reload, case_disable_reflection,
-    case_attnbench_sends_its_token_unary_and_stream,
+    case_attnbench_sends_its_token_unary_and_stream, case_sessions_are_their_openers,
 ]
 
 

@@ -9,6 +9,7 @@
 #include <optional>
 #include <random>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/half_float.h"
 #include "gtest/gtest.h"
@@ -85,7 +86,7 @@ class SessionStoreTest : public ::testing::Test {
 
   // Appends `tokens` random rows; the result is filled when the call is answered.
   std::shared_ptr<Sent> Append(const std::string& id, int64_t tokens, int64_t request_bytes = 0,
-                               bool need_weights = false) {
+                               bool need_weights = false, const SessionStore::Caller& caller = {}) {
     auto sent = std::make_shared<Sent>();
     sent->query = testing::RandomValues(rng_, tokens * kE);
     auto call = std::make_unique<InferenceCall>();
@@ -101,7 +102,7 @@ class SessionStoreTest : public ::testing::Test {
       sent->timing = self->timing;
       if (s.ok()) sent->outputs = std::move(self->outputs);
     };
-    store_->Append(id, "l", std::move(call));
+    store_->Append(id, "l", std::move(call), caller);
     return sent;
   }
 
@@ -593,6 +594,39 @@ TEST_F(SessionStoreTest, SixteenBitQueriesAreReadAsTheyCameChunksIncluded) {
     EXPECT_EQ(budget.reserved_bytes(), 0);
     store_.reset();
   }
+}
+
+// With tokens, a session is its opener's: another token's Get, Append, Fork, Truncate and Close are refused
+// (PERMISSION_DENIED naming session_id), an admin token may use it, and a fork is its forker's.
+TEST_F(SessionStoreTest, ASessionIsItsOpenersUnlessTheCallerMayUseAny) {
+  const SessionStore::Caller alice{"alice's digest", false}, bob{"bob's digest", false}, admin{"admin", true};
+  SessionStore::OpenArgs args;
+  args.id = "a";
+  args.layers = {"l"};
+  args.caller = alice;
+  ASSERT_TRUE(store_->Open(args).ok());
+  const auto refused = [](const absl::Status& s) {
+    return s.code() == absl::StatusCode::kPermissionDenied && absl::StrContains(s.message(), "session_id: session") &&
+           absl::StrContains(s.message(), "was opened with another token");
+  };
+  EXPECT_TRUE(refused(store_->Get("a", bob).status()));
+  EXPECT_TRUE(refused(store_->Fork("a", "b", bob).status()));
+  EXPECT_TRUE(refused(store_->Truncate("a", 0, bob).status()));
+  EXPECT_TRUE(refused(store_->Close("a", bob)));
+  const std::shared_ptr<Sent> theirs = Append("a", 2, 0, false, bob);
+  EXPECT_TRUE(theirs->answered);
+  EXPECT_TRUE(refused(theirs->status)) << theirs->status;
+  EXPECT_TRUE(queue_.empty());
+
+  EXPECT_TRUE(store_->Get("a", admin).ok());
+  const std::shared_ptr<Sent> mine = Append("a", 2, 0, false, alice);
+  RunOne();
+  EXPECT_TRUE(mine->status.ok()) << mine->status;
+  EXPECT_EQ(store_->Get("a", alice)->layers[0].tokens, 2);
+  ASSERT_TRUE(store_->Fork("a", "a2", admin).ok());
+  EXPECT_TRUE(refused(store_->Get("a2", alice).status()));
+  EXPECT_TRUE(store_->Close("a2", admin).ok());
+  EXPECT_TRUE(store_->Close("a", alice).ok());
 }
 
 TEST_F(SessionStoreTest, ForkAndTruncateWaitForAppendsInFlight) {

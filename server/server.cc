@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
+#include "common/log_string.h"
 #include "common/process_memory.h"
 #include "common/status_macros.h"
 #include "common/thread_name.h"
@@ -93,6 +94,16 @@ std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterfac
     interceptors.push_back(std::make_unique<ReflectionGuardFactory>(authorizer));
   }
   return interceptors;
+}
+
+// A connection the transport's defences shut down: one line each, at most 10 a second with a count of those
+// dropped, so that a client opening connection after connection cannot flood the log (they are all counted in
+// the metrics).
+void WarnConnectionShut(const std::string& line) {
+  static LogRateLimiter* const limiter = new LogRateLimiter(/*lines_per_second=*/10);
+  int64_t dropped = 0;
+  if (!limiter->Allow(absl::Now(), &dropped)) return;
+  spdlog::warn("{}{}", line, dropped > 0 ? absl::StrCat(" (", dropped, " similar lines dropped)") : "");
 }
 
 // Removes gRPC's reflection plugin from a builder. Debian's libgrpc++_reflection registers it for every
@@ -493,10 +504,11 @@ absl::Status Server::StartMemoryGuard() {
   guard.delivered = &DeliveredBytes::Process();
   guard.on_shed = [metrics = p.metrics.get()](const ShedConnection& shed) {
     metrics->ConnectionShed();
-    spdlog::warn("memory guard: RSS {} MiB, over its limit of {} MiB; shut down the connection from {}, which "
-                 "sent {} MiB of which {} MiB arrived as messages",
-                 shed.rss_bytes >> 20, shed.rss_limit_bytes >> 20, shed.peer_key, shed.received_bytes >> 20,
-                 shed.delivered_bytes >> 20);
+    WarnConnectionShut(
+        fmt::format("memory guard: RSS {} MiB, over its limit of {} MiB; shut down the connection "
+                    "from {}, which sent {} MiB of which {} MiB arrived as messages",
+                    shed.rss_bytes >> 20, shed.rss_limit_bytes >> 20, shed.peer_key, shed.received_bytes >> 20,
+                    shed.delivered_bytes >> 20));
   };
   ATTN_ASSIGN_OR_RETURN(p.memory_guard, MemoryGuard::Create(std::move(guard)));
   spdlog::info(
@@ -518,8 +530,10 @@ absl::Status Server::StartResetFloodGuard() {
   if (p.health_port != 0) guard.local_ports.push_back(p.health_port);
   guard.on_shed = [metrics = p.metrics.get()](const SocketStreams& s) {
     metrics->ResetFloodStopped();
-    spdlog::warn("reset flood: shut down the connection from {}, which opened {} streams of which the server "
-                 "finished {}", s.peer_key, s.streams_started, s.streams_succeeded);
+    WarnConnectionShut(
+        fmt::format("reset flood: shut down the connection from {}, which opened {} streams of "
+                    "which the server finished {}",
+                    s.peer_key, s.streams_started, s.streams_succeeded));
   };
   ATTN_ASSIGN_OR_RETURN(p.reset_flood_guard, ResetFloodGuard::Create(std::move(guard)));
   spdlog::info("reset flood guard: a connection that opens {} streams, more than half of them reset before the "
@@ -542,17 +556,20 @@ absl::Status Server::StartConnectionCap() {
   cap.delivered = &DeliveredBytes::Process();
   cap.on_shed = [metrics = p.metrics.get(), max = cap.max_connections](int64_t shed, int64_t found) {
     metrics->ConnectionsCapped(shed);
-    spdlog::warn("connection cap: {} connections to the gRPC port, at most {}: shut down {}, the least busy",
-                 found, max, shed);
+    WarnConnectionShut(
+        fmt::format("connection cap: {} connections to the gRPC port, at most {}: shut down {}, the "
+                    "least busy",
+                    found, max, shed));
   };
   if (config_.transport().stalled_read_timeout_ms() > 0) {
     cap.stalled = StalledReads::Options{};
     cap.stalled->stall_duration = absl::Milliseconds(config_.transport().stalled_read_timeout_ms());
     cap.on_stalled = [metrics = p.metrics.get(), timeout = cap.stalled->stall_duration](const TcpConnection& c) {
       metrics->ConnectionStalled();
-      spdlog::warn("connection from {}: {} bytes unread by gRPC for {} with nothing delivered as a message (a "
-                   "header sent in endless CONTINUATION frames?); shut down",
-                   c.peer_key, c.unread_bytes, absl::FormatDuration(timeout));
+      WarnConnectionShut(
+          fmt::format("connection from {}: {} bytes unread by gRPC for {} with nothing delivered as "
+                      "a message (a header sent in endless CONTINUATION frames?); shut down",
+                      c.peer_key, c.unread_bytes, absl::FormatDuration(timeout)));
     };
   }
   spdlog::info("connection cap: at most {} connections to the gRPC port (file limit {}); stalled reads: {}",

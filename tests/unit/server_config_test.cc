@@ -776,13 +776,35 @@ TEST(SecurityAndTransport, ProblemsNameTheirFields) {
 
 TEST_F(FlagsTest, SecurityAndTransportFlagsOverrideTheirFields) {
   env_["ATTNSERVE_AUTH_TOKEN_FILE"] = "/etc/tokens";
-  absl::StatusOr<ServerFlags> flags =
-      Parse({"--tls-cert-file", "c.pem", "--tls-key-file=k.pem", "--tls-client-ca-file", "ca.pem",
-             "--metrics-auth-file", "m", "--disable-reflection", "--max-concurrent-streams", "64",
-             "--max-connection-idle", "30s", "--keepalive-min-ping-interval=1m", "--max-ping-strikes", "5",
-             "--grpc-memory-bytes", "1048576", "--listener-check-interval", "never", "--memory-guard-interval",
-             "20ms", "--max-connections", "500", "--health-address", "0.0.0.0:8081", "--stalled-read-timeout",
-             "never"});
+  absl::StatusOr<ServerFlags> flags = Parse({"--tls-cert-file",
+                                             "c.pem",
+                                             "--tls-key-file=k.pem",
+                                             "--tls-client-ca-file",
+                                             "ca.pem",
+                                             "--metrics-auth-file",
+                                             "m",
+                                             "--disable-reflection",
+                                             "--max-concurrent-streams",
+                                             "64",
+                                             "--max-connection-idle",
+                                             "30s",
+                                             "--keepalive-min-ping-interval=1m",
+                                             "--max-ping-strikes",
+                                             "5",
+                                             "--grpc-memory-bytes",
+                                             "1048576",
+                                             "--listener-check-interval",
+                                             "never",
+                                             "--memory-guard-interval",
+                                             "20ms",
+                                             "--max-connections",
+                                             "500",
+                                             "--health-address",
+                                             "0.0.0.0:8081",
+                                             "--stalled-read-timeout",
+                                             "never",
+                                             "--grpc-max-threads",
+                                             "32"});
   ASSERT_TRUE(flags.ok()) << flags.status();
   ServerConfig config = DefaultServerConfig();
   config.mutable_transport()->set_max_metadata_bytes(999);  // a field no flag set stays
@@ -803,6 +825,11 @@ TEST_F(FlagsTest, SecurityAndTransportFlagsOverrideTheirFields) {
   EXPECT_EQ(config.transport().max_connections(), 500);
   EXPECT_EQ(config.transport().stalled_read_timeout_ms(), -1);
   EXPECT_EQ(config.transport().max_metadata_bytes(), 999);
+  EXPECT_EQ(config.transport().grpc_max_threads(), 32);
+  absl::StatusOr<ServerFlags> metadata = Parse({"--max-metadata-bytes", "8192"});
+  ASSERT_TRUE(metadata.ok()) << metadata.status();
+  ApplyFlagsToConfig(*metadata, &config);
+  EXPECT_EQ(config.transport().max_metadata_bytes(), 8192);
   EXPECT_EQ(config.health_address(), "0.0.0.0:8081");
 }
 

@@ -131,6 +131,8 @@ fi
 if render session-proxy "$TMP/overlay-session-proxy" components; then
   validate session-proxy "$TMP/session-proxy.yaml" "$ALL_KINDS"
   has session-proxy "$TMP/session-proxy.yaml" "the proxy's Deployment" '^  name: attnserve-session-proxy$'
+  has session-proxy "$TMP/session-proxy.yaml" "the proxy's pods labelled as the NetworkPolicy's clients" \
+    '^ *attnserve-client: "true"$'
 fi
 if render full "$TMP/overlay-full" components; then
   validate full "$TMP/full.yaml" "$ALL_KINDS,ServiceMonitor,PrometheusRule,NetworkPolicy"

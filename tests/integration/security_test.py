@@ -34,7 +34,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from checks import expect, run_cases  # noqa: E402
+from checks import expect, run_cases, stop_process  # noqa: E402
 import numpy as np  # noqa: E402
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -514,6 +514,40 @@ def case_attnbench_sends_its_token_unary_and_stream(e):
            f"attnbench without a token: exit {r.returncode}, {r.stderr.strip()[:300]}")
 
 
+def case_session_proxy_over_tls(e):
+    """The session proxy (deploy/session-proxy/nginx.conf) speaking TLS to the TLS + mTLS + tokens server, with the
+    directives deploy/k8s/SECURITY.md gives (grpcs, the CA, a client certificate): the client's token passes
+    through it, a session opens and appends; without a token the call is still refused."""
+    import session_proxy_test as spt  # noqa: E402  (its nginx harness)
+    f = e.pki.files
+    upstream_tls = (f"      grpc_ssl_trusted_certificate {f['ca.pem']};\n      grpc_ssl_verify on;\n"
+                    "      grpc_ssl_name localhost;\n"
+                    f"      grpc_ssl_certificate {f['client.pem']};\n      grpc_ssl_certificate_key {f['client.key']};\n")
+    tmp = tempfile.mkdtemp(dir=e.tmp, prefix="proxy_")
+    nginx, port = spt.start_nginx(tmp, [e.tls.port], upstream_tls=upstream_tls)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = spbg.SessionServiceStub(ch)
+            route = ((spt.HEADER, "tls-s1"),)
+            md = tuple(bearer(e.tokens["infer"])) + route
+            stub.CreateSession(spb.CreateSessionRequest(session_id="tls-s1", layers=["small"]), metadata=md,
+                               timeout=10)
+            q = np.random.default_rng(4).standard_normal((2, 64), dtype=np.float32)
+            r = spb.AppendRequest(session_id="tls-s1", layer="small")
+            r.query.shape.extend(q.shape)
+            r.query.dtype = pb.FLOAT32
+            r.query.raw_data = q.tobytes()
+            answer = stub.Append(r, metadata=md, timeout=10)
+            expect(list(answer.output.shape) == [2, 64], f"append through the proxy: {answer.output.shape}")
+            expect_code(lambda: stub.GetSession(spb.GetSessionRequest(session_id="tls-s1"), metadata=route,
+                                                timeout=10), grpc.StatusCode.UNAUTHENTICATED,
+                        "GetSession through the proxy without a token")
+            stub.CloseSession(spb.CloseSessionRequest(session_id="tls-s1"), metadata=md, timeout=10)
+    finally:
+        stop_process(nginx, 10)
+    print("    a session opened and appended through nginx over TLS with a client certificate")
+
+
 def case_tls_rotation_while_serving(e):
     """The server's cert/key files replaced by a pair of the unrelated CA: new connections must verify with
     that CA (and no longer with the old one) within 5 s, with the server running throughout."""
@@ -751,7 +785,7 @@ CASES = [
     case_mtls_client_cert_from_wrong_ca_fails, case_mtls_expired_client_cert_fails,
     case_mtls_valid_client_cert_works, case_tls_health_without_token_serving, case_health_port_plaintext,
     case_reflection_guarded_by_tokens, case_attnctl_with_token_file, case_attnctl_with_env_token,
-    case_attnctl_without_token, case_tls_rotation_while_serving,
+    case_attnctl_without_token, case_session_proxy_over_tls, case_tls_rotation_while_serving,
     # plain server
     case_no_token_unauthenticated, case_bad_token_unauthenticated, case_admin_only_token_on_infer_permission_denied,
     case_infer_token_works_for_infer_and_stream, case_health_without_token_serving, case_weights_path_only_for_admin,

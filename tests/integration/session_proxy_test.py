@@ -35,9 +35,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_nginx(tmp, replicas):
-    """The shipped config with our replicas and a free port, in the foreground, one process."""
+def start_nginx(tmp, replicas, upstream_tls=None):
+    """The shipped config with our replicas and a free port, in the foreground, one process. `upstream_tls`:
+    nginx directives that make it speak TLS to the replicas (grpcs), as deploy/k8s/SECURITY.md shows."""
     text = open(os.path.join(kt.REPO_ROOT, "deploy", "session-proxy", "nginx.conf")).read()
+    if upstream_tls:
+        text, n = re.subn(r"grpc_pass grpc://attnserve;\n", "grpc_pass grpcs://attnserve;\n" + upstream_tls, text)
+        expect(n == 1, "nginx.conf has its grpc_pass line")
     servers = "".join(f"    server 127.0.0.1:{p};\n" for p in replicas)
     text, n = re.subn(r"    # replicas begin\n.*?    # replicas end\n", servers, text, flags=re.S)
     expect(n == 1, "nginx.conf has its replicas block")

@@ -13,16 +13,37 @@
 namespace attnserve {
 namespace {
 
-absl::Status CheckSize(const std::vector<float>& values, size_t expected, const char* name) {
+template <typename T>
+absl::Status CheckSize(const std::vector<T>& values, size_t expected, const char* name) {
   if (values.size() == expected) return absl::OkStatus();
   return absl::InvalidArgumentError(
       absl::StrCat("weight '", name, "' has ", values.size(), " values, expected ", expected));
+}
+
+// in_proj_weight [3E, E] as bf16: the fused tensor, or q_proj_weight, k_proj_weight and v_proj_weight stacked.
+absl::StatusOr<std::vector<uint16_t>> ReadInProjBf16(const SafetensorsCheckpoint& file, const std::string& prefix,
+                                                     int64_t e) {
+  if (file.Find(prefix + "in_proj_weight").ok()) return file.ReadShapedBFloat16(prefix + "in_proj_weight", {3 * e, e});
+  std::vector<uint16_t> fused;
+  fused.reserve(static_cast<size_t>(3 * e * e));
+  for (const char* name : {"q_proj_weight", "k_proj_weight", "v_proj_weight"}) {
+    ATTN_ASSIGN_OR_RETURN(std::vector<uint16_t> part, file.ReadShapedBFloat16(prefix + name, {e, e}));
+    fused.insert(fused.end(), part.begin(), part.end());
+  }
+  return fused;
 }
 
 }  // namespace
 
 absl::Status MhaWeights::CheckShapes(const MhaConfig& config) const {
   const size_t e = config.embed_dim;
+  if (bf16()) {
+    if (!config.same_qkv_dim()) return absl::InvalidArgumentError("bf16 weights need kdim == vdim == embed_dim");
+    ATTN_RETURN_IF_ERROR(CheckSize(in_proj_weight_bf16, 3 * e * e, "in_proj_weight"));
+    ATTN_RETURN_IF_ERROR(CheckSize(out_proj_weight_bf16, e * e, "out_proj.weight"));
+    ATTN_RETURN_IF_ERROR(CheckSize(in_proj_bias, config.bias ? 3 * e : 0, "in_proj_bias"));
+    return CheckSize(out_proj_bias, config.bias ? e : 0, "out_proj.bias");
+  }
   ATTN_RETURN_IF_ERROR(CheckSize(q_proj_weight, e * e, "q_proj_weight"));
   ATTN_RETURN_IF_ERROR(CheckSize(k_proj_weight, e * config.key_dim(), "k_proj_weight"));
   ATTN_RETURN_IF_ERROR(CheckSize(v_proj_weight, e * config.value_dim(), "v_proj_weight"));
@@ -32,8 +53,8 @@ absl::Status MhaWeights::CheckShapes(const MhaConfig& config) const {
   return absl::OkStatus();
 }
 
-absl::StatusOr<MhaWeights> LoadMhaWeights(const std::string& path, const std::string& prefix,
-                                          const MhaConfig& config) {
+absl::StatusOr<MhaWeights> LoadMhaWeights(const std::string& path, const std::string& prefix, const MhaConfig& config,
+                                          ComputeType weights) {
   ATTN_RETURN_IF_ERROR(config.Validate());
   ATTN_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsCheckpoint> file, SafetensorsCheckpoint::Open(path));
   const int64_t e = config.embed_dim;
@@ -58,7 +79,10 @@ absl::StatusOr<MhaWeights> LoadMhaWeights(const std::string& path, const std::st
   }
 
   MhaWeights w;
-  if (file->Find(prefix + "in_proj_weight").ok()) {
+  if (weights == ComputeType::kBFloat16 && config.same_qkv_dim()) {
+    ATTN_ASSIGN_OR_RETURN(w.in_proj_weight_bf16, ReadInProjBf16(*file, prefix, e));
+    ATTN_ASSIGN_OR_RETURN(w.out_proj_weight_bf16, file->ReadShapedBFloat16(prefix + "out_proj.weight", {e, e}));
+  } else if (file->Find(prefix + "in_proj_weight").ok()) {
     if (!config.same_qkv_dim()) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", prefix,
                                                      "in_proj_weight' is only valid when kdim == vdim == embed_dim; "
@@ -75,7 +99,9 @@ absl::StatusOr<MhaWeights> LoadMhaWeights(const std::string& path, const std::st
     ATTN_ASSIGN_OR_RETURN(w.k_proj_weight, file->ReadShaped(prefix + "k_proj_weight", {e, config.key_dim()}));
     ATTN_ASSIGN_OR_RETURN(w.v_proj_weight, file->ReadShaped(prefix + "v_proj_weight", {e, config.value_dim()}));
   }
-  ATTN_ASSIGN_OR_RETURN(w.out_proj_weight, file->ReadShaped(prefix + "out_proj.weight", {e, e}));
+  if (!w.bf16()) {
+    ATTN_ASSIGN_OR_RETURN(w.out_proj_weight, file->ReadShaped(prefix + "out_proj.weight", {e, e}));
+  }
   if (config.bias) {
     ATTN_ASSIGN_OR_RETURN(w.in_proj_bias, file->ReadShaped(prefix + "in_proj_bias", {3 * e}));
     ATTN_ASSIGN_OR_RETURN(w.out_proj_bias, file->ReadShaped(prefix + "out_proj.bias", {e}));

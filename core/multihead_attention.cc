@@ -9,6 +9,8 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "common/half_float.h"
+#include "common/status_macros.h"
 #include "core/activation_rows.h"
 #include "core/attention_masks.h"
 #include "core/bf16_rows.h"
@@ -16,7 +18,6 @@
 #include "core/omp_threads.h"
 #include "core/row_softmax.h"
 #include "core/tasks_in_turn.h"
-#include "common/status_macros.h"
 
 namespace attnserve {
 namespace {
@@ -224,7 +225,6 @@ absl::Status MultiheadAttention::BuildPrimitives(MhaWeights weights) {
   const int64_t e = c.embed_dim;
   // 1/sqrt(Dh) is folded into the Q weights and bias: the scores matmul then needs no scaling pass.
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim()));
-  for (float& w : weights.q_proj_weight) w *= scale;
   std::vector<float> bq, bk, bv;
   if (c.bias) {
     for (int64_t i = 0; i < e; ++i) weights.in_proj_bias[i] *= scale;
@@ -232,25 +232,62 @@ absl::Status MultiheadAttention::BuildPrimitives(MhaWeights weights) {
     bk.assign(weights.in_proj_bias.begin() + e, weights.in_proj_bias.begin() + 2 * e);
     bv.assign(weights.in_proj_bias.begin() + 2 * e, weights.in_proj_bias.end());
   }
+  ATTN_RETURN_IF_ERROR(weights.bf16() ? BuildProjectionsFromBf16(weights, scale, {&bq, &bk, &bv})
+                                      : BuildProjections(weights, scale, {&bq, &bk, &bv}));
+  using Kind = HeadMatmulOp::Kind;
+  const ComputeType ct = compute_;
+  ATTN_ASSIGN_OR_RETURN(scores_op_, HeadMatmulOp::Create(Kind::kScores, c.head_dim(), ct));
+  ATTN_ASSIGN_OR_RETURN(context_op_, HeadMatmulOp::Create(Kind::kContext, c.head_dim(), ct));
+  ATTN_ASSIGN_OR_RETURN(context_add_op_, HeadMatmulOp::Create(Kind::kContextAdd, c.head_dim(), ct));
+  return BuildBlockMatmuls();
+}
+
+absl::Status MultiheadAttention::BuildProjections(MhaWeights& weights, float scale,
+                                                  const std::array<const std::vector<float>*, 3>& qkv_bias) {
+  const MhaConfig& c = options_.config;
+  const int64_t e = c.embed_dim;
+  for (float& w : weights.q_proj_weight) w *= scale;
   const ComputeType ct = compute_;
   if (c.same_qkv_dim()) {
     ATTN_ASSIGN_OR_RETURN(
         qkv_proj_, LinearOp::CreateStacked(e, {&weights.q_proj_weight, &weights.k_proj_weight, &weights.v_proj_weight},
                                            weights.in_proj_bias, ct));
   }
-  ATTN_ASSIGN_OR_RETURN(q_proj_, SliceOrBuild(qkv_proj_.get(), 0, e, e, weights.q_proj_weight, bq, ct));
-  ATTN_ASSIGN_OR_RETURN(k_proj_, SliceOrBuild(qkv_proj_.get(), e, c.key_dim(), e, weights.k_proj_weight, bk, ct));
-  ATTN_ASSIGN_OR_RETURN(v_proj_,
-                        SliceOrBuild(qkv_proj_.get(), 2 * e, c.value_dim(), e, weights.v_proj_weight, bv, ct));
+  ATTN_ASSIGN_OR_RETURN(q_proj_, SliceOrBuild(qkv_proj_.get(), 0, e, e, weights.q_proj_weight, *qkv_bias[0], ct));
+  ATTN_ASSIGN_OR_RETURN(k_proj_,
+                        SliceOrBuild(qkv_proj_.get(), e, c.key_dim(), e, weights.k_proj_weight, *qkv_bias[1], ct));
+  ATTN_ASSIGN_OR_RETURN(
+      v_proj_, SliceOrBuild(qkv_proj_.get(), 2 * e, c.value_dim(), e, weights.v_proj_weight, *qkv_bias[2], ct));
   for (std::vector<float>* part : {&weights.q_proj_weight, &weights.k_proj_weight, &weights.v_proj_weight}) {
     std::vector<float>().swap(*part);
   }
   ATTN_ASSIGN_OR_RETURN(out_proj_, LinearOp::Create(e, e, weights.out_proj_weight, weights.out_proj_bias, ct));
-  using Kind = HeadMatmulOp::Kind;
-  ATTN_ASSIGN_OR_RETURN(scores_op_, HeadMatmulOp::Create(Kind::kScores, c.head_dim(), ct));
-  ATTN_ASSIGN_OR_RETURN(context_op_, HeadMatmulOp::Create(Kind::kContext, c.head_dim(), ct));
-  ATTN_ASSIGN_OR_RETURN(context_add_op_, HeadMatmulOp::Create(Kind::kContextAdd, c.head_dim(), ct));
-  return BuildBlockMatmuls();
+  return absl::OkStatus();
+}
+
+// A bf16 checkpoint's matrices as loaded, with no f32 copy: only Wq's rows are rescaled (exactly when Dh is a
+// power of 4, 1/sqrt(Dh) then being a power of 2; else rounded once to nearest even, within bf16's own error).
+absl::Status MultiheadAttention::BuildProjectionsFromBf16(MhaWeights& weights, float scale,
+                                                          const std::array<const std::vector<float>*, 3>& qkv_bias) {
+  const int64_t e = options_.config.embed_dim;
+  std::vector<uint16_t>& in_proj = weights.in_proj_weight_bf16;
+  for (int64_t i = 0; i < e * e; ++i) in_proj[i] = FloatToBFloat16(BFloat16ToFloat(in_proj[i]) * scale);
+  ATTN_ASSIGN_OR_RETURN(qkv_proj_, LinearOp::CreateFromBf16(e, 3 * e, in_proj, weights.in_proj_bias, compute_));
+  std::unique_ptr<LinearOp>* parts[] = {&q_proj_, &k_proj_, &v_proj_};
+  for (int64_t p = 0; p < 3; ++p) {
+    absl::StatusOr<std::unique_ptr<LinearOp>> slice = LinearOp::CreateSlice(*qkv_proj_, p * e, e, *qkv_bias[p]);
+    if (absl::IsUnimplemented(slice.status())) {  // a blocked layout: an op of its own rows
+      const std::vector<uint16_t> rows(in_proj.begin() + p * e * e, in_proj.begin() + (p + 1) * e * e);
+      slice = LinearOp::CreateFromBf16(e, e, rows, *qkv_bias[p], compute_);
+    }
+    if (!slice.ok()) return slice.status();
+    *parts[p] = std::move(*slice);
+  }
+  std::vector<uint16_t>().swap(in_proj);
+  ATTN_ASSIGN_OR_RETURN(out_proj_,
+                        LinearOp::CreateFromBf16(e, e, weights.out_proj_weight_bf16, weights.out_proj_bias, compute_));
+  std::vector<uint16_t>().swap(weights.out_proj_weight_bf16);
+  return absl::OkStatus();
 }
 
 absl::Status MultiheadAttention::BuildBlockMatmuls() {

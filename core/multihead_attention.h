@@ -17,6 +17,7 @@
 // thread keeps its own scratch buffers (grown to the high-water mark, released above 256 MiB).
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -200,6 +201,12 @@ class MultiheadAttention : public AppendEngine {
   struct Block;
   MultiheadAttention(const Options& options) : options_(options), softmax_(options.softmax_cache_capacity) {}
   absl::Status BuildPrimitives(MhaWeights weights);
+  // The Q, K, V (and fused) and output projections from f32 weights or a bf16 checkpoint's (MhaWeights::bf16),
+  // with 1/sqrt(Dh) (`scale`) folded into Wq; `qkv_bias` are Q's (scaled), K's and V's biases (empty: none).
+  absl::Status BuildProjections(MhaWeights& weights, float scale,
+                                const std::array<const std::vector<float>*, 3>& qkv_bias);
+  absl::Status BuildProjectionsFromBf16(MhaWeights& weights, float scale,
+                                        const std::array<const std::vector<float>*, 3>& qkv_bias);
   // block_scores_ and block_context_ for the resolved flash blocks, and short_attention_, where bf16 has brgemm
   // kernels for them.
   absl::Status BuildBlockMatmuls();

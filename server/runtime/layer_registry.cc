@@ -31,9 +31,10 @@ absl::StatusOr<std::unique_ptr<ServedLayer>> LoadDecoderLayer(const attnserve::v
 
 absl::StatusOr<std::unique_ptr<ServedLayer>> LoadMultiheadLayer(const attnserve::v1::LayerConfig& lc) {
   const MultiheadAttention::Options options = ToEngineOptions(lc);
-  absl::StatusOr<MhaWeights> weights = lc.weights_path().empty()
-                                           ? RandomMhaWeights(options.config, lc.seed())
-                                           : LoadMhaWeights(lc.weights_path(), lc.weights_prefix(), options.config);
+  absl::StatusOr<MhaWeights> weights =
+      lc.weights_path().empty()
+          ? RandomMhaWeights(options.config, lc.seed())
+          : LoadMhaWeights(lc.weights_path(), lc.weights_prefix(), options.config, EffectiveCompute(options.compute));
   if (!weights.ok()) return weights.status();
   auto engine = MultiheadAttention::Create(options, std::move(*weights));
   if (!engine.ok()) return engine.status();

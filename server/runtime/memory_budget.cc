@@ -153,6 +153,14 @@ int64_t LayerBuildBytes(const attnserve::v1::LayerConfig& layer, int64_t weights
     return kF32 * (4 * qkv + 3 * o) + biases;
   }
   const int64_t e = layer.embed_dim(), k = layer.kdim() > 0 ? layer.kdim() : e, v = layer.vdim() > 0 ? layer.vdim() : e;
+  if (layer.compute_dtype() == attnserve::v1::LayerConfig::BFLOAT16 && !layer.weights_path().empty() && k == e &&
+      v == e) {
+    // Loaded straight into bf16 (LoadMhaWeights): the matrices as loaded, the fused and output ops' own copies,
+    // Q, K and V ops of their own where the layout is blocked, and the mapped pages of the largest tensor read
+    // (in_proj_weight, at most its f32 size).
+    constexpr int64_t kBf16 = 2;
+    return kBf16 * (4 * e * e + 4 * e * e + 3 * e * e) + kF32 * (3 * e * e + 4 * e);
+  }
   const int64_t weights = e * (e + k + v) + e * e + 4 * e;  // floats: in_proj (Q, K, V), out_proj, biases
   // MultiheadAttention::BuildPrimitives holds, beside the weights as loaded, the input projections' own layout
   // (the fused Q/K/V op, or Q, K and V apart), and frees each matrix as an op takes it: less than reading

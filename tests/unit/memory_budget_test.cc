@@ -125,6 +125,13 @@ TEST(MemoryBudgetTest, LayerFitsOrIsRefusedWithItsNumbers) {
   EXPECT_EQ(LayerBuildBytes(layer, 0), self_attention);
   // The file is mapped: a 1 GiB checkpoint costs the layer's tensors, not its size.
   EXPECT_EQ(LayerBuildBytes(layer, int64_t{1} << 30), self_attention);
+  // A bf16 layer from a checkpoint reads its matrices into bf16: as loaded, its ops' copies (Q, K and V apart
+  // too, in a blocked layout) and the pages of in_proj_weight mapped.
+  layer.set_compute_dtype(attnserve::v1::LayerConfig::BFLOAT16);
+  layer.set_weights_path("w.safetensors");
+  EXPECT_EQ(LayerBuildBytes(layer, 0), 2 * 11 * kE2 + 4 * (3 * kE2 + 4 * 1024));
+  layer.clear_compute_dtype();
+  layer.clear_weights_path();
   layer.set_kdim(512);  // cross-attention: no fused QKV
   layer.set_vdim(256);
   const int64_t cross_weights = 1024 * (1024 + 512 + 256) + kE2 + 4 * 1024;

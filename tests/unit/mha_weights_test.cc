@@ -1,9 +1,11 @@
 // Loading a PyTorch state_dict from .safetensors, and seeded initialisation.
+#include "core/mha_weights.h"
+
 #include <cmath>
 #include <cstdio>
 #include <random>
 
-#include "core/mha_weights.h"
+#include "common/half_float.h"
 #include "core/multihead_attention.h"
 #include "gtest/gtest.h"
 #include "tests/testing/naive_mha.h"
@@ -72,6 +74,54 @@ TEST_F(MhaWeightsTest, HalfAndBFloat16AreKeptAsF32) {
     auto w = LoadMhaWeights(Write(StateDict(c, "", dtype)), "", c);
     ASSERT_TRUE(w.ok()) << dtype << ": " << w.status();
     EXPECT_EQ(w->out_proj_weight.size(), 64u);
+  }
+}
+
+// A layer computing in bf16 reads a checkpoint's matrices into bf16 (a BF16 one as stored, with no f32 copy; an
+// F32 one rounded), fused or as separate q/k/v tensors, and builds the same layer as from f32 weights: with
+// Dh = 16, 1/sqrt(Dh) is a power of 2, so even Wq's rescaling is exact and the outputs are equal bit for bit.
+TEST_F(MhaWeightsTest, ABFloat16LayerReadsItsCheckpointIntoBf16) {
+  MhaConfig c{64, 4, 0, 0, true};
+  for (const char* dtype : {"BF16", "F32"}) {
+    for (const bool fused : {true, false}) {
+      std::map<std::string, TensorToWrite> dict = StateDict(c, "", dtype);
+      if (!fused) {
+        const std::vector<float> in_proj = RandomValues(rng_, 3 * 64 * 64);
+        dict.erase("in_proj_weight");
+        for (int p = 0; p < 3; ++p) {
+          const std::vector<float> part(in_proj.begin() + p * 64 * 64, in_proj.begin() + (p + 1) * 64 * 64);
+          dict[std::string("qkv").substr(p, 1) + "_proj_weight"] = FloatTensor(part, {64, 64}, dtype);
+        }
+      }
+      const std::string path = Write(dict);
+      const std::string what = std::string(dtype) + (fused ? ", fused" : ", q/k/v apart");
+      absl::StatusOr<MhaWeights> as_bf16 = LoadMhaWeights(path, "", c, ComputeType::kBFloat16);
+      absl::StatusOr<MhaWeights> as_f32 = LoadMhaWeights(path, "", c);
+      ASSERT_TRUE(as_bf16.ok() && as_f32.ok()) << what << ": " << as_bf16.status() << " " << as_f32.status();
+      ASSERT_TRUE(as_bf16->bf16()) << what;
+      EXPECT_TRUE(as_bf16->q_proj_weight.empty() && as_bf16->out_proj_weight.empty()) << what;
+      ASSERT_TRUE(as_bf16->CheckShapes(c).ok()) << what;
+      std::vector<float> qkv = as_f32->q_proj_weight;
+      qkv.insert(qkv.end(), as_f32->k_proj_weight.begin(), as_f32->k_proj_weight.end());
+      qkv.insert(qkv.end(), as_f32->v_proj_weight.begin(), as_f32->v_proj_weight.end());
+      for (size_t i = 0; i < qkv.size(); ++i) {
+        ASSERT_EQ(as_bf16->in_proj_weight_bf16[i], FloatToBFloat16(qkv[i])) << what << ", element " << i;
+      }
+      MultiheadAttention::Options o;
+      o.config = c;
+      o.compute = ComputeType::kBFloat16;
+      auto from_bf16 = MultiheadAttention::Create(o, *as_bf16);
+      auto from_f32 = MultiheadAttention::Create(o, *as_f32);
+      ASSERT_TRUE(from_bf16.ok() && from_f32.ok()) << what;
+      const std::vector<float> x = RandomValues(rng_, 2 * 24 * 64);
+      AttentionInputs in;
+      in.query = TensorView::F32(x.data(), {2, 24, 64});
+      auto a = (*from_bf16)->Forward(in, 1);
+      auto b = (*from_f32)->Forward(in, 1);
+      ASSERT_TRUE(a.ok() && b.ok()) << what;
+      EXPECT_EQ(a->output.values, b->output.values) << what;
+      EXPECT_EQ((*from_bf16)->weight_bytes(), (*from_f32)->weight_bytes()) << what;
+    }
   }
 }
 

@@ -69,18 +69,25 @@ def describe(response, seconds):
             f"batch of {t.batch_size})")
 
 
-def auth_metadata():
-    """The bearer token of servers started with --auth-token-file, from $ATTNSERVE_TOKEN (none when unset)."""
-    token = os.environ.get("ATTNSERVE_TOKEN", "")
+def auth_metadata(token_file):
+    """The bearer token of servers started with --auth-token-file: token_file's first line, whitespace-stripped
+    (as attnctl's --token-file), else $ATTNSERVE_TOKEN; none when neither is given."""
+    if token_file:
+        with open(token_file, encoding="utf-8") as f:
+            token = f.readline().strip()
+        if not token:
+            raise ValueError(f"{token_file!r} is empty")
+    else:
+        token = os.environ.get("ATTNSERVE_TOKEN", "")
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def run(args, pb, pb_grpc):
+def run(args, pb, pb_grpc, metadata):
     channel = grpc.insecure_channel(args.target)
     grpc.channel_ready_future(channel).result(timeout=args.timeout)
     stub = pb_grpc.AttentionServiceStub(channel)
 
-    layer = stub.GetLayer(pb.GetLayerRequest(name=args.layer), timeout=args.timeout, metadata=auth_metadata())
+    layer = stub.GetLayer(pb.GetLayerRequest(name=args.layer), timeout=args.timeout, metadata=metadata)
     E = layer.config.embed_dim
     B, L = args.batch, args.seq
     print(f"layer {args.layer}: embed_dim={E} num_heads={layer.config.num_heads} ready={layer.ready}")
@@ -90,7 +97,8 @@ def run(args, pb, pb_grpc):
 
     # 1. Self-attention (key and value unset), query sent as raw_data.
     start = time.perf_counter()
-    response = stub.Infer(pb.InferRequest(layer=args.layer, query=to_tensor(pb, query)), timeout=args.timeout, metadata=auth_metadata())
+    response = stub.Infer(pb.InferRequest(layer=args.layer, query=to_tensor(pb, query)), timeout=args.timeout,
+                          metadata=metadata)
     elapsed = time.perf_counter() - start
     output = from_tensor(pb, response.output)
     check("output", output, [B, L, E])
@@ -99,7 +107,7 @@ def run(args, pb, pb_grpc):
     # 2. The same with need_weights: attention weights averaged over heads, [B, L, S] with S = L here.
     start = time.perf_counter()
     response = stub.Infer(pb.InferRequest(layer=args.layer, query=to_tensor(pb, query), need_weights=True),
-                          timeout=args.timeout, metadata=auth_metadata())
+                          timeout=args.timeout, metadata=metadata)
     elapsed = time.perf_counter() - start
     output = from_tensor(pb, response.output)
     weights = from_tensor(pb, response.attn_weights)
@@ -117,7 +125,7 @@ def run(args, pb, pb_grpc):
         q = rng.standard_normal((1, L + i, E), dtype=np.float32)
         requests[f"req-{i}"] = pb.InferRequest(id=f"req-{i}", layer=args.layer, query=to_tensor(pb, q))
     start = time.perf_counter()
-    responses = list(stub.InferStream(iter(requests.values()), timeout=args.timeout, metadata=auth_metadata()))
+    responses = list(stub.InferStream(iter(requests.values()), timeout=args.timeout, metadata=metadata))
     elapsed = time.perf_counter() - start
     answered = {}
     for response in responses:
@@ -145,12 +153,18 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     parser.add_argument("--proto-dir", default=os.path.join(REPO_ROOT, "proto"))
+    parser.add_argument("--token-file", help="bearer token for a server with --auth-token-file: the file's first "
+                                             "line (default: $ATTNSERVE_TOKEN, if set)")
     args = parser.parse_args()
+    try:
+        metadata = auth_metadata(args.token_file)
+    except (OSError, ValueError) as e:
+        parser.error(f"--token-file: {e}")
 
     with tempfile.TemporaryDirectory(prefix="attnserve-stubs-") as stubs_dir:
         pb, pb_grpc = generate_stubs(args.proto_dir, stubs_dir)
         try:
-            run(args, pb, pb_grpc)
+            run(args, pb, pb_grpc, metadata)
         except CheckFailed as e:
             print(f"FAIL: {e}", file=sys.stderr)
             return 1

@@ -13,7 +13,8 @@ at every step must give the same logits (1e-4) and the same tokens.
     venv/bin/python examples/python/remote_decoder.py --target HOST:PORT --weights-out DIR # a server of yours
 
 Without --attnserve it writes the weights and a config to --weights-out and expects a server started with
-that config at --target. Exits 0 when every step matches, 1 otherwise.
+that config at --target; if that server was started with --auth-token-file, give the token with --token-file
+FILE (its first line) or $ATTNSERVE_TOKEN. Exits 0 when every step matches, 1 otherwise.
 """
 
 import argparse
@@ -123,6 +124,8 @@ def main():
     ap.add_argument("--attnserve", help="path to the attnserve binary: start a server for the model")
     ap.add_argument("--target", default="127.0.0.1:50051", help="a server already serving --weights-out's config")
     ap.add_argument("--weights-out", help="where to write the weights and config (default: a temporary directory)")
+    ap.add_argument("--token-file", help="bearer token for a server with --auth-token-file: the file's first line "
+                                         "(default: $ATTNSERVE_TOKEN, if set)")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--heads", type=int, default=4)
@@ -139,7 +142,7 @@ def main():
     if args.attnserve:
         proc, target = start_server(args.attnserve, config, os.path.join(out_dir, "attnserve.log"))
     try:
-        client = attnserve.Client(target)
+        client = attnserve.Client(target, token_file=args.token_file)
         prompt = torch.randint(0, 97, (args.prompt,))
         with torch.no_grad():
             worst, same, tokens = generate(model, client, prompt, args.steps, args.layers)

@@ -1,11 +1,13 @@
 """The Python client package (client/python, module attnserve) against the binary, run inside a venv where it
 was installed with pip (tests/integration/python_client_test.sh): RemoteMultiheadAttention equals PyTorch's
 nn.MultiheadAttention with the same weights, Client.infer, sessions (append, fork, truncate, close) equal to
-causal Infer, SessionEvicted, and the errors gRPC reports.
+causal Infer, SessionEvicted, the errors gRPC reports, and the bearer token (token, token_file, ATTNSERVE_TOKEN)
+against a second server started with --auth-token-file.
 
     venv/bin/python tests/integration/python_client_check.py path/to/attnserve
 """
 
+import hashlib
 import os
 import re
 import subprocess
@@ -34,7 +36,7 @@ DECODER_LAYER = ('layers { name: "llama" embed_dim: 32 num_heads: 4 kind: DECODE
                  'decoder { num_kv_heads: 2 sliding_window: 8 } seed: 5 }\n')
 
 
-def start_server(binary, tmp, modules):
+def start_server(binary, tmp, modules, extra_args=()):
     weights = os.path.join(tmp, "layers.safetensors")
     save_attention_layers(weights, {f"{name}.": m for name, m in modules.items()})
     config = os.path.join(tmp, "config.pbtxt")
@@ -46,7 +48,8 @@ def start_server(binary, tmp, modules):
         f.write(DECODER_LAYER)
     log_path = os.path.join(tmp, "server.log")
     proc = subprocess.Popen([binary, "--config", config, "--grpc-address", "127.0.0.1:0", "--metrics-address",
-                             "127.0.0.1:0", "--log-level", "info"], stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+                             "127.0.0.1:0", "--log-level", "info", *extra_args], stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT)
     for _ in range(1200):
         m = re.search(r"ready: grpc_port=(\d+)", open(log_path).read())
         if m:
@@ -172,6 +175,66 @@ def check_traces(client, target):
         check("traceparent: expected" in str(e), f"malformed traceparent: {e}")
 
 
+def layers_with(target, **client_args):
+    """The layer names a Client(target, **client_args) lists, else the status code of its error, else the
+    exception its construction raised."""
+    try:
+        with attnserve.Client(target, **client_args) as client:
+            return set(client.layers())
+    except grpc.RpcError as e:
+        return e.code()
+    except Exception as e:  # noqa: BLE001 (reported by the check that expected layers)
+        return e
+
+
+def check_tokens(binary, modules):
+    """A server with --auth-token-file: the client sends `token`, else token_file's first line, else
+    $ATTNSERVE_TOKEN, and no token without any of them."""
+    tmp = tempfile.mkdtemp(prefix="attnserve_pyclient_tokens_")
+    token = "py-client-" + os.urandom(12).hex()
+
+    def write(name, text):
+        path = os.path.join(tmp, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    listed = write("tokens", f"sha256:{hashlib.sha256(token.encode()).hexdigest()} infer\n")
+    token_file = write("token", f"  {token} \nnot the token\n")  # only the first line counts, stripped
+    wrong_file = write("wrong_token", "not-listed\n")
+    empty_file = write("empty_token", " \t\nlater lines do not count\n")
+    missing_file = os.path.join(tmp, "no_such_token")
+    want = set(modules) | {"llama"}
+    saved_env = os.environ.pop("ATTNSERVE_TOKEN", None)
+    proc, target = start_server(binary, tmp, modules, ["--auth-token-file", listed])
+    try:
+        got = layers_with(target)
+        check(got == grpc.StatusCode.UNAUTHENTICATED, f"no token, token_file or ATTNSERVE_TOKEN: {got}")
+        got = layers_with(target, token_file=token_file)
+        check(got == want, f"token_file: its first line, stripped, is the token: {got}")
+        got = layers_with(target, token=token, token_file=wrong_file)
+        check(got == want, f"token wins over token_file: {got}")
+        os.environ["ATTNSERVE_TOKEN"] = token
+        got = layers_with(target)
+        check(got == want, f"ATTNSERVE_TOKEN when neither token nor token_file is given: {got}")
+        os.environ["ATTNSERVE_TOKEN"] = "not-listed"
+        got = layers_with(target, token_file=token_file)
+        check(got == want, f"token_file wins over ATTNSERVE_TOKEN: {got}")
+        got = layers_with(target, token_file=empty_file)
+        check(isinstance(got, ValueError) and empty_file in str(got) and "empty" in str(got),
+              f"an empty token file: ValueError naming it: {got!r}")
+        got = layers_with(target, token_file=missing_file)
+        check(isinstance(got, OSError) and missing_file in str(got),
+              f"a missing token file: OSError naming it: {got!r}")
+    finally:
+        if saved_env is None:
+            os.environ.pop("ATTNSERVE_TOKEN", None)
+        else:
+            os.environ["ATTNSERVE_TOKEN"] = saved_env
+        proc.terminate()
+        proc.wait(30)
+
+
 def main():
     binary = os.path.abspath(sys.argv[1])
     torch.manual_seed(0)
@@ -190,6 +253,7 @@ def main():
     finally:
         proc.terminate()
         proc.wait(30)
+    check_tokens(binary, {"mha": mha})
     print(f"{len(FAILURES)} failed")
     return 1 if FAILURES else 0
 

@@ -1,5 +1,6 @@
 """Client and Session: attnserve.v1's AttentionService and SessionService on numpy arrays."""
 
+import os
 import re
 
 import grpc
@@ -13,6 +14,7 @@ from attnserve.v1 import session_pb2_grpc as spbg
 
 MAX_MESSAGE_BYTES = 64 << 20
 SESSION_HEADER = "x-attnserve-session"
+TOKEN_ENV = "ATTNSERVE_TOKEN"
 TRACEPARENT_RE = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
@@ -56,6 +58,27 @@ def _check_traceparent(traceparent):
     return traceparent
 
 
+def _read_token_file(path):
+    """The token in `path`: its first line, whitespace-stripped, as attnctl's --token-file reads it (later
+    lines are ignored). ValueError naming the file when that line is empty; the OSError of an unreadable
+    file, which names it, goes through."""
+    with open(path, encoding="utf-8") as f:
+        token = f.readline().strip(" \t\r\n\v\f")
+    if not token:
+        raise ValueError(f"token_file: {os.fspath(path)!r} is empty")
+    return token
+
+
+def _resolve_token(token=None, token_file=None):
+    """The bearer token to send, or None: `token`, else `token_file`'s, else $ATTNSERVE_TOKEN (the order of
+    attnctl's --token-file and ATTNSERVE_TOKEN). Empty values count as not given."""
+    if token:
+        return token
+    if token_file is not None:
+        return _read_token_file(token_file)
+    return os.environ.get(TOKEN_ENV) or None
+
+
 def _credentials(tls):
     """tls: None (plaintext), True (the system's roots), a grpc.ChannelCredentials, or a dict of
     grpc.ssl_channel_credentials' arguments (root_certificates, private_key, certificate_chain: bytes)."""
@@ -72,11 +95,17 @@ class Client:
     """One server (or a proxy in front of several: every session call carries its id in the
     x-attnserve-session metadata, which a proxy can hash on). Thread-safe, as gRPC channels are.
 
+    token: the bearer token of a server started with --auth-token-file, sent as "authorization: Bearer
+    <token>" on every call. Without it, token_file (a path: the file's first line, whitespace-stripped;
+    ValueError when that is empty), else the ATTNSERVE_TOKEN environment variable when set and non-empty;
+    no token at all when none of them gives one. The file and the variable are read once, here.
+
     traceparent: a W3C traceparent sent with every call, so the server's spans join the caller's trace
     (infer() also takes one per call). Errors are raised as ServerError, whose details end in the server's
     trace id either way."""
 
-    def __init__(self, target, token=None, tls=None, timeout=60.0, options=(), traceparent=None):
+    def __init__(self, target, token=None, tls=None, timeout=60.0, options=(), traceparent=None, token_file=None):
+        token = _resolve_token(token, token_file)  # before the channel: a bad token file leaves nothing to close
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *options]
         creds = _credentials(tls)

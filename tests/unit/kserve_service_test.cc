@@ -352,11 +352,13 @@ TEST_F(KServeServiceTest, ADrainAbandonsARunningLoadAtItsNextStep) {
   load.set_model_name("big");
   (*load.mutable_parameters())["config"].set_string_param(R"({"name": "big", "embedDim": 4096, "numHeads": 32})");
   grpc::Status loaded_status;
+  absl::Time load_answered;
   std::thread loader([&] {
     inference::RepositoryModelLoadResponse loaded;
     grpc::ClientContext ctx;
     ctx.set_deadline(In(absl::Seconds(120)));
     loaded_status = kserve_->RepositoryModelLoad(&ctx, load, &loaded);
+    load_answered = absl::Now();
   });
   bool loading = false;
   for (const absl::Time give_up = absl::Now() + absl::Seconds(30); !loading && absl::Now() < give_up;) {
@@ -368,9 +370,11 @@ TEST_F(KServeServiceTest, ADrainAbandonsARunningLoadAtItsNextStep) {
   ASSERT_TRUE(loading) << "the load never showed as LOADING";
   const absl::Time drain_start = absl::Now();
   const absl::Status drained = server_->server->Drain(drain_start + absl::Seconds(60));
-  std::printf("    drained in %s while the layer was loading\n",
-              absl::FormatDuration(absl::Now() - drain_start).c_str());
+  const absl::Time drained_at = absl::Now();
   loader.join();
+  std::printf("    the load answered %s after the drain began; the drain (with its 1 s linger) took %s\n",
+              absl::FormatDuration(load_answered - drain_start).c_str(),
+              absl::FormatDuration(drained_at - drain_start).c_str());
   EXPECT_TRUE(drained.ok()) << drained;
   EXPECT_EQ(loaded_status.error_code(), grpc::StatusCode::UNAVAILABLE) << Str(loaded_status);
   EXPECT_NE(loaded_status.error_message().find("the load of layer \"big\" was abandoned"), std::string::npos)

@@ -5,6 +5,7 @@
 // it waited), so that the drain ends.
 #include <grpcpp/grpcpp.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <random>
@@ -51,6 +52,36 @@ grpc::Status Create(v1::SessionService::Stub& sessions, const v1::CreateSessionR
   return sessions.CreateSession(&ctx, create, &session);
 }
 
+// `n` opens of `memory` on layer "base" at once (ids s0, s1, ...), each from its own thread; `on_answer` (may be
+// empty) sees each status as it comes, one at a time.
+class ConcurrentOpens {
+ public:
+  ConcurrentOpens(v1::SessionService::Stub& sessions, int n, const v1::Tensor& memory,
+                  std::function<void(const grpc::Status&)> on_answer = nullptr)
+      : on_answer_(std::move(on_answer)) {
+    for (int i = 0; i < n; ++i) {
+      threads_.emplace_back([this, &sessions, &memory, i] {
+        const grpc::Status status = Create(sessions, OpenWith("s" + std::to_string(i), "base", memory));
+        absl::MutexLock lock(&mu_);
+        ++codes_[status.error_code()];
+        if (on_answer_) on_answer_(status);
+      });
+    }
+  }
+  // Once every open is answered: how many got each code.
+  std::map<grpc::StatusCode, int> Join() {
+    for (std::thread& t : threads_) t.join();
+    absl::MutexLock lock(&mu_);
+    return codes_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::map<grpc::StatusCode, int> codes_ ABSL_GUARDED_BY(mu_);
+  const std::function<void(const grpc::Status&)> on_answer_;
+  std::vector<std::thread> threads_;
+};
+
 // Under a 4 MiB budget, a [2000, 256] memory (a 2 MiB request) is refused: twice its request and a block of its
 // projection (1 MiB) do not fit, where the request once would. [1000, 256] fits. An open the store refuses anyway
 // (an id taken) is refused for that, even when it would not fit.
@@ -86,21 +117,13 @@ TEST(SessionServiceTest, TheDrainAnswersEveryOpenWaitingOrRunning) {
   std::mt19937_64 rng(4);
   const v1::Tensor memory = Memory(4096, 768, rng);
   constexpr int kOpens = 6;
-  absl::Mutex mu;
-  std::map<grpc::StatusCode, int> codes;
   absl::Notification first_answered;
-  std::vector<std::thread> clients;
-  for (int i = 0; i < kOpens; ++i) {
-    clients.emplace_back([&, i] {
-      const grpc::Status status = Create(*sessions, OpenWith("s" + std::to_string(i), "base", memory));
-      absl::MutexLock lock(&mu);
-      ++codes[status.error_code()];
-      if (!first_answered.HasBeenNotified()) first_answered.Notify();
-    });
-  }
+  ConcurrentOpens opens(*sessions, kOpens, memory, [&](const grpc::Status&) {
+    if (!first_answered.HasBeenNotified()) first_answered.Notify();
+  });
   first_answered.WaitForNotification();
   const absl::Status drained = (*server)->server->Drain(absl::Now() + absl::Seconds(60));
-  for (std::thread& t : clients) t.join();
+  std::map<grpc::StatusCode, int> codes = opens.Join();
   EXPECT_TRUE(drained.ok()) << drained;
   int answered = 0;
   for (const auto& [code, n] : codes) {
@@ -132,19 +155,11 @@ TEST(SessionServiceTest, PastMaxOpensWaitingAnOpenIsRefusedAtOnce) {
   std::mt19937_64 rng(5);
   const v1::Tensor memory = Memory(4096, 768, rng);
   constexpr int kOpens = 10;
-  absl::Mutex mu;
-  std::map<grpc::StatusCode, int> codes;
-  std::vector<std::string> refusals;
-  std::vector<std::thread> clients;
-  for (int i = 0; i < kOpens; ++i) {
-    clients.emplace_back([&, i] {
-      const grpc::Status status = Create(*sessions, OpenWith("s" + std::to_string(i), "base", memory));
-      absl::MutexLock lock(&mu);
-      ++codes[status.error_code()];
-      if (!status.ok()) refusals.push_back(status.error_message());
-    });
-  }
-  for (std::thread& t : clients) t.join();
+  std::vector<std::string> refusals;  // written by one open at a time, read once all are answered
+  ConcurrentOpens opens(*sessions, kOpens, memory, [&](const grpc::Status& status) {
+    if (!status.ok()) refusals.push_back(status.error_message());
+  });
+  std::map<grpc::StatusCode, int> codes = opens.Join();
   EXPECT_EQ(codes[grpc::StatusCode::OK] + codes[grpc::StatusCode::RESOURCE_EXHAUSTED], kOpens);
   EXPECT_GE(codes[grpc::StatusCode::OK], 1);
   EXPECT_GE(codes[grpc::StatusCode::RESOURCE_EXHAUSTED], 1);
